@@ -1,0 +1,109 @@
+"""Tiny RCP-LLaVA configs and inputs built in code: no network, seconds per test."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the Hub pair lives flat at the repo root
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(2)
+
+from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
+
+
+IMAGE_TOKEN = 99
+PAD = 0
+VOCAB = 100
+NUM_VISUAL = 16  # image 16 px, patch 4
+
+
+def tiny_config(**overrides):
+    """Llama 4x32 (GQA 4 heads / 2 kv heads) + CLIP 2x32, 16 visual tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    text = LlamaConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4,
+    )
+    kwargs = dict(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=IMAGE_TOKEN,
+        image_seq_length=NUM_VISUAL, pruning_layers=[1, 2], repair_layers=[2, 3], pruning_keep_counts=[10, 5],
+        pruner_hidden_size=16, repair_bottleneck_size=8,
+    )
+    kwargs.update(overrides)
+    return RcpLlavaConfig(**kwargs)
+
+
+def make_model(seed=0, randomize_plugins=False, attn_implementation="sdpa", dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    config._attn_implementation = attn_implementation
+    model = RcpLlavaForConditionalGeneration(config).to(dtype).eval()
+    if randomize_plugins:
+        randomize_plugin_parameters(model, seed)
+    return model
+
+
+def randomize_plugin_parameters(model, seed=0, scale=0.5):
+    """Give every plug-in tensor a non-trivial value, as after training (gates open, FiLM non-zero)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for _, p in model.model.rcp_plugins.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+
+
+def stock_copy(model):
+    """A stock LlavaForConditionalGeneration with the same backbone weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    stock = LlavaForConditionalGeneration(model.config).to(model.dtype).eval()
+    backbone = {k: v for k, v in model.state_dict().items() if ".rcp_plugins." not in k}
+    stock.load_state_dict(backbone, strict=True)
+    return stock
+
+
+def make_batch(specs, seed=0, dtype=torch.float32):
+    """Left-padded batch. specs: list of (prefix_len, question_len, has_image)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for prefix, question, has_image in specs:
+        ids = [1] + torch.randint(3, 90, (prefix,), generator=g).tolist()
+        if has_image:
+            ids += [IMAGE_TOKEN] * NUM_VISUAL
+        ids += torch.randint(3, 90, (question,), generator=g).tolist()
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+    n_images = sum(1 for s in specs if s[2])
+    pixel_values = torch.randn(n_images, 3, 16, 16, generator=g).to(dtype) if n_images else None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def row_inputs(batch, i, specs):
+    """Row i of a batch made by make_batch, unpadded."""
+    valid = batch["attention_mask"][i].bool()
+    image_index = sum(1 for s in specs[:i] if s[2])
+    out = {
+        "input_ids": batch["input_ids"][i][valid].unsqueeze(0),
+        "attention_mask": batch["attention_mask"][i][valid].unsqueeze(0),
+        "pixel_values": batch["pixel_values"][image_index: image_index + 1] if specs[i][2] else None,
+    }
+    return out
+
+
+@pytest.fixture
+def tiny():
+    return make_model()

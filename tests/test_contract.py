@@ -1,0 +1,314 @@
+"""The correctness contract of in-decoder pruning (issue 2, acceptance 1-6)."""
+
+import pytest
+import torch
+from conftest import (
+    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, row_inputs, stock_copy,
+)
+
+SINGLE = [(3, 4, True)]
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+
+
+def valid_logits(logits, positions, ref_logits):
+    """Reference logits gathered at the surviving positions, and the model's, on valid slots only."""
+    valid = positions >= 0
+    ref = ref_logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref_logits.shape[-1]))
+    return logits[valid], ref[valid]
+
+
+# 1. No-op ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("specs", [SINGLE, PADDED], ids=["single", "left-padded"])
+def test_method_none_equals_stock_llava(specs):
+    model = make_model(pruning_method="none")
+    assert len(model.model.rcp_plugins.pruners) == 0
+    batch = make_batch(specs)
+    with torch.no_grad():
+        ours = model(**batch).logits
+        ref = stock_copy(model)(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert (ours - ref)[valid].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("specs", [SINGLE, PADDED], ids=["single", "left-padded"])
+def test_rcp_with_pruning_disabled_equals_stock_llava(specs):
+    model = make_model()
+    batch = make_batch(specs)
+    with torch.no_grad():
+        ref = stock_copy(model)(**batch).logits
+        with model.plugins_disabled(pruning=True, repair=False):
+            ours = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert (ours - ref)[valid].abs().max() <= 1e-5
+
+
+def test_fresh_plugins_are_exact_identity_init():
+    model = make_model()
+    for adapter in model.model.rcp_plugins.repair_adapters.values():
+        assert adapter.gate.item() == 0.0
+        assert adapter.film_gamma.weight.abs().max() == 0 and adapter.film_beta.weight.abs().max() == 0
+        assert adapter.down.weight.abs().max() > 0  # the LoRA-B pattern: only the gate and FiLM start at zero
+    for pruner in model.model.rcp_plugins.pruners.values():
+        assert pruner.cross_scale.item() == 0.0 and pruner.token_out.weight.abs().max() == 0
+
+
+def test_fresh_repair_adapters_do_not_change_pruned_logits():
+    model = make_model()
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        with_repair = model(**batch).logits
+        with model.plugins_disabled(pruning=False, repair=True):
+            without = model(**batch).logits
+    assert torch.equal(with_repair, without)
+    randomize_plugin_parameters(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, without, atol=1e-3)  # non-vacuous: trained ones do
+
+
+def test_keeping_every_token_equals_stock():
+    model = make_model(pruning_keep_counts=[NUM_VISUAL, NUM_VISUAL], repair_layers=[])
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        out = model(**batch)
+        ref = stock_copy(model)(**batch).logits
+    assert out.kept_counts.tolist() == [[NUM_VISUAL] * 2] * 3
+    ours, theirs = valid_logits(out.logits, out.token_positions, ref)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+# 2. Discard == mask -----------------------------------------------------------------------------
+
+
+def with_positions(batch):
+    """RoPE positions as `generate` builds them (RoPE is shift-invariant only up to fp32 cos/sin rounding)."""
+    return {**batch, "position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)}
+
+
+def masked_reference(model, batch, keep_masks):
+    """Full-length forward through the same layers, the dropped tokens masked out of attention (as keys) from
+    their drop layer on. Independent of the pruned loop: no gather, no compaction, no cache."""
+    inner = model.model
+    lm = inner.language_model
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    h = inner.get_input_embeddings()(ids)
+    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
+    image = ids == IMAGE_TOKEN
+    h = h.masked_scatter(image.unsqueeze(-1), feats.to(h.dtype))
+    cos_sin = lm.rotary_emb(h, batch["position_ids"])
+    bsz, seq = ids.shape
+    vis_id = torch.where(image, image.long().cumsum(1) - 1, 0)
+    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    alive = mask.clone()
+    layers = model.config.pruning_layers
+    for idx, layer in enumerate(lm.layers):
+        if idx in layers:
+            keep = keep_masks[:, layers.index(idx)]  # (B, N)
+            alive &= ~image | keep.gather(1, vis_id)
+        allowed = causal.unsqueeze(0) & alive.unsqueeze(1)  # (B, T, T)
+        allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)  # dead rows: no NaN
+        h = layer(h, attention_mask=allowed.unsqueeze(1), position_embeddings=cos_sin)
+    return model.lm_head(lm.norm(h))
+
+
+@pytest.mark.parametrize("specs", [SINGLE, PADDED], ids=["single", "left-padded"])
+@pytest.mark.parametrize("counts", [[10, 5], None], ids=["fixed", "adaptive"])
+def test_discard_equals_mask_fp32(specs, counts):
+    model = make_model(repair_layers=[], pruning_keep_counts=counts, randomize_plugins=True)
+    batch = with_positions(make_batch(specs))
+    with torch.no_grad():
+        out = model(**batch)
+        ref = masked_reference(model, batch, out.keep_masks)
+        unpruned = stock_copy(model)(**batch).logits
+    if counts is not None:
+        assert out.kept_counts.tolist() == [counts] * len(specs)
+    ours, theirs = valid_logits(out.logits, out.token_positions, ref)
+    assert (ours - theirs).abs().max() <= 1e-4
+    # Non-vacuous: pruning changed the prediction of the last prompt token.
+    ours_full, _ = valid_logits(out.logits, out.token_positions, unpruned)
+    assert (out.logits[:, -1] - unpruned[:, -1]).abs().max() > 1e-3
+
+
+def test_discard_equals_mask_fp64_to_rounding():
+    """fp64: equal up to ~1 ulp. Not bit-exact: sdpa sums a row over T' keys instead of T keys with zeros."""
+    model = make_model(repair_layers=[], randomize_plugins=True, dtype=torch.float64)
+    batch = with_positions(make_batch(PADDED, dtype=torch.float64))
+    with torch.no_grad():
+        out = model(**batch)
+        ref = masked_reference(model, batch, out.keep_masks)
+    ours, theirs = valid_logits(out.logits, out.token_positions, ref)
+    assert (ours - theirs).abs().max() <= 1e-14
+
+
+# 3. Cache == recompute --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts", [[10, 5], None], ids=["fixed", "adaptive"])
+def test_generate_with_cache_equals_no_cache_recompute(counts):
+    model = make_model(randomize_plugins=True, pruning_keep_counts=counts)
+    specs = PADDED
+    batch = make_batch(specs)
+    steps = 5
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    info = model.last_pruning_info
+    bsz, prompt_len = batch["input_ids"].shape
+    sequences = gen.sequences
+    question = torch.zeros(bsz, prompt_len + steps, dtype=torch.bool)
+    image = batch["input_ids"] == IMAGE_TOKEN
+    last_image = torch.where(image, torch.arange(prompt_len), -1).max(1).values
+    question[:, :prompt_len] = (torch.arange(prompt_len) > last_image.unsqueeze(1)) & batch["attention_mask"].bool()
+    for step in range(steps):
+        length = prompt_len + step
+        answer = torch.zeros(bsz, length, dtype=torch.bool)
+        answer[:, prompt_len - 1:] = True
+        mask = torch.cat([batch["attention_mask"], torch.ones(bsz, step, dtype=torch.long)], 1)
+        with torch.no_grad():
+            out = model(input_ids=sequences[:, :length], pixel_values=batch["pixel_values"], attention_mask=mask,
+                        position_ids=(mask.cumsum(1) - 1).clamp_min(0), use_cache=False,
+                        question_mask=question[:, :length], answer_mask=answer, visual_keep_masks=info.keep_masks)
+        assert torch.equal(out.keep_masks, info.keep_masks)
+        assert (out.logits[:, -1] - gen.logits[step]).abs().max() <= 1e-4
+        assert torch.equal(out.logits[:, -1].argmax(-1), sequences[:, length])
+
+    # Per-layer cache lengths: prompt - dropped before that layer + generated (the last token is not cached).
+    cache = gen.past_key_values
+    state = cache.rcp_state
+    prompt_rows = batch["attention_mask"].sum(1)  # (B,)
+    dropped_rows = NUM_VISUAL - info.kept_counts  # (B, P)
+    for layer in range(model.config.text_config.num_hidden_layers):
+        preceding = [p for p, l in enumerate(model.config.pruning_layers) if l <= layer]
+        dropped = dropped_rows[:, preceding[-1]] if preceding else torch.zeros_like(prompt_rows)
+        per_row = prompt_rows - dropped  # real tokens of each row in this layer's cache after the prefill
+        # Rows are re-padded on the left to the longest row after each discard.
+        assert cache.layers[layer].keys.shape[-2] == int(per_row.max()) + steps - 1
+        if preceding:
+            segment = state.segment_masks[model.config.pruning_layers[preceding[-1]]]
+            assert torch.equal(segment.sum(1), per_row)
+
+
+def test_cache_lengths_single_prompt_fixed_counts():
+    model = make_model(pruning_keep_counts=[10, 5])
+    batch = make_batch(SINGLE)
+    prompt_len = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True)
+    lengths = [layer.keys.shape[-2] for layer in gen.past_key_values.layers]
+    generated = 3
+    assert lengths == [prompt_len + generated, prompt_len - 6 + generated, prompt_len - 11 + generated,
+                       prompt_len - 11 + generated]
+
+
+# 4. Batch == single -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts", [[10, 5], None], ids=["fixed", "adaptive"])
+def test_left_padded_batch_equals_single_runs(counts):
+    model = make_model(randomize_plugins=True, pruning_keep_counts=counts)
+    specs = PADDED
+    batch = make_batch(specs)
+    with torch.no_grad():
+        out = model(**batch)
+        gen = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        batch_counts = out.kept_counts
+        for i in range(len(specs)):
+            single = row_inputs(batch, i, specs)
+            ref = model(**single)
+            assert torch.equal(ref.kept_counts[0], batch_counts[i])
+            for p in range(len(model.config.pruning_layers)):
+                assert torch.equal(out.kept_indices[p][i], ref.kept_indices[p][0])
+            valid = out.token_positions[i] >= 0
+            ours = out.logits[i][valid]
+            assert ours.shape == ref.logits[0].shape
+            assert (ours - ref.logits[0]).abs().max() <= 1e-4
+            single_gen = model.generate(**single, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            assert torch.equal(gen[i, -4:], single_gen[0, -4:])
+    if counts is None:  # adaptive mode: rows really keep different numbers of tokens
+        assert len(set(batch_counts[:, -1].tolist())) > 1
+
+
+def test_prompt_without_image_goes_through_unpruned():
+    model = make_model(randomize_plugins=True)
+    specs = [(2, 3, True), (4, 5, False)]
+    batch = make_batch(specs)
+    with torch.no_grad():
+        out = model(**batch)
+        text_only = row_inputs(batch, 1, specs)
+        ref = stock_copy(model)(input_ids=text_only["input_ids"]).logits
+    assert out.kept_counts[1].tolist() == [0, 0] and not model.last_pruning_info.has_image[1]
+    valid = out.token_positions[1] >= 0
+    assert (out.logits[1][valid] - ref[0]).abs().max() <= 1e-5
+
+
+# 5. The recomputed attention prior equals eager attention ----------------------------------------
+
+
+def test_question_attention_equals_eager_output_attentions():
+    from modeling_rcp_llava import question_attention_probs
+
+    model = make_model(attn_implementation="eager")
+    stock = stock_copy(model)
+    stock.config._attn_implementation = "eager"
+    stock.config.text_config._attn_implementation = "eager"
+    batch = make_batch(PADDED)
+    positions = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = stock(**batch, position_ids=positions, output_attentions=True, output_hidden_states=True)
+    lm = model.model.language_model
+    bsz, seq = batch["input_ids"].shape
+    q_slots = torch.arange(seq - 5, seq).expand(bsz, -1)  # the last 5 rows: question tokens of every row
+    for layer_idx in (1, 2):
+        layer = lm.layers[layer_idx]
+        h = out.hidden_states[layer_idx]
+        cos, sin = lm.rotary_emb(h, positions)
+        with torch.no_grad():
+            probs = question_attention_probs(layer.self_attn, layer.input_layernorm(h), cos, sin,
+                                             batch["attention_mask"].bool(), q_slots)
+        eager = out.attentions[layer_idx][:, :, -5:, :]  # (B, H, 5, T)
+        assert lm.config.num_key_value_heads < lm.config.num_attention_heads  # GQA is exercised
+        assert (probs - eager).abs().max() <= 1e-5
+
+
+# 6. Beam search and sampling --------------------------------------------------------------------
+
+
+def test_beam_search_and_sampling_run():
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        beams = model.generate(**batch, max_new_tokens=4, num_beams=3, do_sample=False)
+        sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5)
+    assert beams.shape[0] == 3 and sampled.shape[0] == 3
+
+
+def test_repair_state_follows_beam_reordering():
+    from modeling_rcp_llava import RcpDecodeState, RcpDynamicCache
+
+    contexts = torch.arange(12.0).view(3, 4)
+    state = RcpDecodeState(7, {2: torch.tensor([[1, 0], [1, 1], [0, 1]]).bool()}, {3: contexts},
+                           torch.tensor([True, False, True]))
+    cache = RcpDynamicCache()
+    cache.rcp_state = state
+    beam_idx = torch.tensor([2, 2, 0])
+    cache.reorder_cache(beam_idx)
+    assert torch.equal(state.repair_contexts[3], contexts[beam_idx])
+    assert state.has_image.tolist() == [True, True, True]
+    assert state.segment_masks[2].tolist() == [[False, True], [False, True], [True, False]]
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(state.repair_contexts[3], contexts[[2]])
+
+
+def test_beam_search_batch_equals_single_with_trained_adapters():
+    """If the adapters' per-sample state did not follow the beams, rows would read each other's context."""
+    model = make_model(randomize_plugins=True, seed=3)
+    specs = [(2, 3, True), (5, 6, True)]
+    batch = make_batch(specs, seed=5)
+    with torch.no_grad():
+        beams = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False)
+        for i in range(len(specs)):
+            single = model.generate(**row_inputs(batch, i, specs), max_new_tokens=5, min_new_tokens=5,
+                                    num_beams=3, do_sample=False)
+            assert torch.equal(beams[i, -5:], single[0, -5:])
