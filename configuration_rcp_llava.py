@@ -16,6 +16,12 @@ PRUNING_METHODS = ("none", "rcp")
 DEFAULT_PRUNING_LAYERS = (2, 14, 26)
 DEFAULT_REPAIR_LAYERS = (23, 30)
 
+PRUNING_FIELDS = (
+    "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
+    "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size",
+    "repair_bottleneck_size", "pruning_seed",
+)
+
 
 class RcpLlavaConfig(LlavaConfig):
     r"""
@@ -82,6 +88,20 @@ class RcpLlavaConfig(LlavaConfig):
         self.repair_layers = _as_int_list(self.repair_layers, "repair_layers")
         if self.pruning_keep_counts is not None:
             self.pruning_keep_counts = _as_int_list(self.pruning_keep_counts, "pruning_keep_counts")
+        self._validate_pruning_fields()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(dir, pruning_layers=...)` would set the overrides only after building the config from
+        # config.json, i.e. after validating the defaults against the wrong model: merge them in first.
+        config_dict = dict(config_dict)
+        for name in PRUNING_FIELDS:
+            if name in kwargs:
+                config_dict[name] = kwargs.pop(name)
+        return super().from_dict(config_dict, **kwargs)
+
+    def validate_pruning(self):
+        """Re-check the pruning fields (the model calls this, so fields edited after construction are checked)."""
         self._validate_pruning_fields()
 
     @property

@@ -407,6 +407,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     config_class = RcpLlavaConfig
 
     def __init__(self, config):
+        config.validate_pruning()
         super().__init__(config)
         self.rcp_plugins = RcpPlugins(config)
         # Runtime switches (not saved): the training teacher runs with both off.
