@@ -57,7 +57,7 @@ class RcpLlavaConfig(LlavaConfig):
         pruning_seed (`int`, *optional*, defaults to 0):
             Seed for the methods that draw random numbers at inference (the `"random"` baseline).
 
-    The default plug-in sizes put the LLaVA-1.5-7B plug-ins at 16.55M (3 pruners) + 20.16M (2 adapters)
+    The default plug-in sizes put the LLaVA-1.5-7B plug-ins at 16.54M (3 pruners) + 20.16M (2 adapters)
     parameters, next to the paper's 16.56M + 20.15M.
     """
 
