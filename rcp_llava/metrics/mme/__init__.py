@@ -1,0 +1,1 @@
+"""The `mme` evaluate module (load it with `rcp_llava.metrics.load_metric("mme")`)."""

@@ -1,0 +1,661 @@
+# Copyright 2025 The rcp-llava authors. Licensed under the Apache License, Version 2.0.
+"""Readers for locally held VQA benchmark files.
+
+Every reader turns one benchmark, in the layout it is distributed in, into a list of
+uniform :class:`VqaRecord` objects; images stay lazy (a path, or encoded bytes for
+MMBench) until :meth:`VqaRecord.load_image` is called::
+
+    from rcp_llava.readers import read_benchmark, to_hf_dataset
+    records = read_benchmark("pope", "data/pope/coco_pope_random.json", image_dir="data/coco/val2014")
+    ds = to_hf_dataset(records)   # columns: image, question, answers, family, ...
+
+Bad input raises ``FileNotFoundError`` (missing file or folder) or ``ValueError``
+(malformed content), naming the path and the layout that was expected.
+"""
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+PathLike = Union[str, Path]
+
+BENCHMARKS: List[str] = ["vqav2", "gqa", "pope", "scienceqa_img", "vizwiz", "mme", "mmbench"]
+
+# The shipped metric (``rcp_llava.metrics.load_metric`` name) that scores each benchmark.
+BENCHMARK_METRIC: Dict[str, str] = {
+    "vqav2": "vqa_accuracy",
+    "gqa": "exact_match",
+    "pope": "pope",
+    "scienceqa_img": "exact_match",
+    "vizwiz": "vqa_accuracy",
+    "mme": "mme",
+    "mmbench": "exact_match",
+}
+
+LAYOUTS: Dict[str, str] = {
+    "vqav2": (
+        "VQAv2: a questions JSON {'questions': [{'question_id', 'image_id', 'question'}, ...], 'data_subtype': "
+        "'val2014'} (or a folder holding one '*questions*.json' and optionally one '*annotations*.json'), an "
+        "annotations JSON {'annotations': [{'question_id', 'answers': [{'answer', ...}], 'answer_type', ...}]} "
+        "and an image folder with COCO_<subtype>_<12-digit image_id>.jpg files"
+    ),
+    "gqa": (
+        "GQA: a questions JSON (e.g. testdev_balanced_questions.json) mapping question id -> {'imageId', "
+        "'question', 'answer', 'types': {...}, ...}, images as <image_dir>/<imageId>.jpg (default image_dir: "
+        "'images/' next to the JSON)"
+    ),
+    "pope": (
+        "POPE: JSON-lines files (e.g. coco_pope_random.json) with one {'question_id', 'image', 'text', "
+        "'label': 'yes'|'no'} object per line, the split (random/popular/adversarial) in the file name, or a "
+        "folder of such files; images in image_dir"
+    ),
+    "scienceqa_img": (
+        "ScienceQA: a folder with problems.json (pid -> {'question', 'choices', 'answer': int, 'hint', "
+        "'image', 'subject', ...}) and pid_splits.json ({'train': [pid, ...], 'test': [...], ...}); images "
+        "as <image_dir>/<pid>/image.png (default image_dir: images/<split>/ or <split>/ in that folder)"
+    ),
+    "vizwiz": (
+        "VizWiz: an annotation JSON (e.g. val.json) holding a list of {'image', 'question', 'answers': "
+        "[{'answer', 'answer_confidence'}], 'answerable', 'answer_type'} objects; images in image_dir "
+        "(default: 'val/' next to the JSON)"
+    ),
+    "mme": (
+        "MME: a folder with one sub-folder per sub-task, either <subtask>/images/<img> + "
+        "<subtask>/questions_answer_YES_NO/<img stem>.txt, or flat <subtask>/<img>.png|jpg + "
+        "<subtask>/<img stem>.txt; each txt line is 'question<TAB>Yes|No'"
+    ),
+    "mmbench": (
+        "MMBench: a TSV file with a header row and columns index, question, hint, A, B, C, D, answer, "
+        "category, l2-category, image (base64-encoded)"
+    ),
+}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp")
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class VqaRecord:
+    """One benchmark question with a lazily loaded image.
+
+    Attributes:
+        question_id: unique id within the benchmark (always a string).
+        image: path to the image file, or the encoded image bytes (MMBench).
+        question: the question text; for multiple choice it already lists the lettered options.
+        answers: reference answers (10 annotators for VQAv2 / VizWiz, the option letter for
+            multiple choice, "yes"/"no" for POPE / MME); empty when the split has none.
+        family: question family / category used for breakdowns (answer type, POPE split,
+            MME sub-task, ScienceQA subject, MMBench category, ...).
+        choices: option texts for multiple-choice benchmarks, else ``None``.
+        benchmark: the benchmark name (one of ``BENCHMARKS``).
+        image_id: image identifier (groups the questions of one image, e.g. for MME acc+).
+    """
+
+    question_id: str
+    image: Union[str, bytes]
+    question: str
+    answers: List[str]
+    family: str = ""
+    choices: Optional[List[str]] = None
+    benchmark: str = ""
+    image_id: str = ""
+
+    def load_image(self):
+        """Open the image as an RGB ``PIL.Image.Image``."""
+        from PIL import Image
+
+        if isinstance(self.image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(self.image)) as img:
+                return img.convert("RGB")
+        path = Path(self.image)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Image file not found: {path} (question {self.question_id!r} of {self.benchmark or 'a benchmark'}); "
+                f"expected layout -- {LAYOUTS.get(self.benchmark, 'an image file at that path')}"
+            )
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def format_multiple_choice(question: str, choices: Sequence[str], hint: Optional[str] = None,
+                           hint_prefix: str = "") -> str:
+    """Multiple-choice prompt: optional hint line, the question, then "A. option" lines."""
+    lines = []
+    if hint:
+        lines.append(f"{hint_prefix}{hint}")
+    lines.append(question)
+    lines.extend(f"{OPTION_LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+    return "\n".join(lines)
+
+
+def _require_file(path: Path, benchmark: str, what: str = "file") -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{benchmark}: {what} not found: {path}. Expected layout -- {LAYOUTS[benchmark]}")
+    return path
+
+
+def _require_dir(path: Path, benchmark: str, what: str = "folder") -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{benchmark}: {what} not found: {path}. Expected layout -- {LAYOUTS[benchmark]}")
+    return path
+
+
+def _load_json(path: Path, benchmark: str):
+    _require_file(path, benchmark, "JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{benchmark}: {path} is not valid JSON ({err}). Expected layout -- {LAYOUTS[benchmark]}")
+
+
+def _bad(benchmark: str, path: Path, problem: str) -> ValueError:
+    return ValueError(f"{benchmark}: {path}: {problem}. Expected layout -- {LAYOUTS[benchmark]}")
+
+
+def _find_image(folder: Path, stem: str) -> Optional[Path]:
+    for ext in IMAGE_EXTENSIONS:
+        candidate = folder / f"{stem}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _glob_one(folder: Path, pattern: str, benchmark: str, required: bool) -> Optional[Path]:
+    found = sorted(folder.glob(pattern))
+    if not found:
+        if required:
+            raise FileNotFoundError(
+                f"{benchmark}: no file matching {pattern!r} in {folder}. Expected layout -- {LAYOUTS[benchmark]}"
+            )
+        return None
+    if len(found) > 1:
+        raise _bad(benchmark, folder, f"several files match {pattern!r} ({', '.join(p.name for p in found)}); "
+                                      "pass the file path instead of the folder")
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- VQAv2
+
+
+def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir: Optional[PathLike] = None,
+               data_subtype: Optional[str] = None) -> List[VqaRecord]:
+    """Read VQAv2 (official JSON files).
+
+    Args:
+        path: the questions JSON, or a folder holding exactly one ``*questions*.json`` (and
+            optionally one ``*annotations*.json``, used when ``annotations`` is not given).
+        annotations: the annotations JSON; without it records have no answers (test splits).
+        image_dir: folder of ``COCO_<subtype>_<image_id:012d>.jpg``; default ``<folder>/<subtype>``
+            if it exists, else the folder of the questions file.
+        data_subtype: e.g. ``"val2014"``; default: the questions file's ``data_subtype``.
+    """
+    path = Path(path)
+    name = "vqav2"
+    if path.is_dir():
+        root = path
+        questions_file = _glob_one(path, "*questions*.json", name, required=True)
+        if annotations is None:
+            annotations = _glob_one(path, "*annotations*.json", name, required=False)
+    else:
+        root = path.parent
+        questions_file = path
+    data = _load_json(questions_file, name)
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise _bad(name, questions_file, "expected a JSON object with a 'questions' list")
+    subtype = data_subtype or data.get("data_subtype") or "val2014"
+    # test-dev questions (data_subtype "test-dev2015") use the test2015 images.
+    subtype = "test2015" if subtype == "test-dev2015" else subtype
+
+    answers_by_qid: Optional[Dict[int, dict]] = None
+    if annotations is not None:
+        ann_file = Path(annotations)
+        ann = _load_json(ann_file, name)
+        if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
+            raise _bad(name, ann_file, "expected a JSON object with an 'annotations' list")
+        try:
+            answers_by_qid = {a["question_id"]: a for a in ann["annotations"]}
+        except (KeyError, TypeError):
+            raise _bad(name, ann_file, "every annotation needs a 'question_id'")
+
+    if image_dir is None:
+        image_dir = root / subtype if (root / subtype).is_dir() else root
+    image_dir = _require_dir(Path(image_dir), name, "image folder")
+
+    records = []
+    for q in data["questions"]:
+        try:
+            qid, image_id, question = q["question_id"], q["image_id"], q["question"]
+        except (KeyError, TypeError):
+            raise _bad(name, questions_file, f"question entry {q!r} lacks 'question_id'/'image_id'/'question'")
+        answers, family = [], ""
+        if answers_by_qid is not None:
+            if qid not in answers_by_qid:
+                raise _bad(name, Path(annotations), f"no annotation for question_id {qid}")
+            a = answers_by_qid[qid]
+            answers = [x["answer"] for x in a.get("answers", [])]
+            family = a.get("answer_type", "")
+        records.append(VqaRecord(
+            question_id=str(qid),
+            image=str(image_dir / f"COCO_{subtype}_{int(image_id):012d}.jpg"),
+            question=question,
+            answers=answers,
+            family=family,
+            benchmark=name,
+            image_id=str(image_id),
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------- GQA
+
+
+def read_gqa(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRecord]:
+    """Read GQA balanced questions (e.g. ``testdev_balanced_questions.json``).
+
+    Args:
+        path: the questions JSON, or a folder holding ``testdev_balanced_questions.json``.
+        image_dir: folder of ``<imageId>.jpg``; default ``images/`` next to the JSON.
+    Family is the structural question type (``types['structural']``: query, verify, ...).
+    """
+    name = "gqa"
+    path = Path(path)
+    if path.is_dir():
+        path = path / "testdev_balanced_questions.json"
+    data = _load_json(path, name)
+    if not isinstance(data, dict):
+        raise _bad(name, path, "expected a JSON object mapping question id -> question entry")
+    image_dir = _require_dir(Path(image_dir) if image_dir is not None else path.parent / "images", name,
+                             "image folder")
+    records = []
+    for qid, q in data.items():
+        if not isinstance(q, dict) or "imageId" not in q or "question" not in q:
+            raise _bad(name, path, f"entry {qid!r} lacks 'imageId'/'question'")
+        types = q.get("types") or {}
+        records.append(VqaRecord(
+            question_id=str(qid),
+            image=str(image_dir / f"{q['imageId']}.jpg"),
+            question=q["question"],
+            answers=[q["answer"]] if "answer" in q else [],
+            family=types.get("structural", "") if isinstance(types, dict) else "",
+            benchmark=name,
+            image_id=str(q["imageId"]),
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------- POPE
+
+POPE_CATEGORIES = ("random", "popular", "adversarial")
+
+
+def _pope_category(file: Path) -> str:
+    for cat in POPE_CATEGORIES:
+        if re.search(rf"(^|[^a-z]){cat}([^a-z]|$)", file.stem.lower()):
+            return cat
+    logger.warning(f"pope: no random/popular/adversarial in file name {file.name}; using {file.stem!r} as category")
+    return file.stem
+
+
+def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
+    name = "pope"
+    category = _pope_category(file)
+    text = _require_file(file, name).read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise _bad(name, file, f"not JSON lines ({err})")
+    records = []
+    for row in rows:
+        if not isinstance(row, dict) or not {"question_id", "image", "text", "label"} <= row.keys():
+            raise _bad(name, file, f"line {row!r} lacks one of 'question_id', 'image', 'text', 'label'")
+        records.append(VqaRecord(
+            question_id=f"{category}/{row['question_id']}",
+            image=str(image_dir / row["image"]),
+            question=row["text"],
+            answers=[str(row["label"]).strip().lower()],
+            family=category,
+            benchmark=name,
+            image_id=str(row["image"]),
+        ))
+    return records
+
+
+def read_pope(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRecord]:
+    """Read POPE question files.
+
+    Args:
+        path: one JSON-lines file (``coco_pope_<split>.json``), or a folder: every
+            ``*.json`` / ``*.jsonl`` file in it whose name has random / popular / adversarial.
+        image_dir: COCO val2014 image folder; default: the folder of the files.
+    Family is the split from the file name; question ids are ``"<split>/<question_id>"``.
+    """
+    name = "pope"
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir())
+                 if p.suffix in (".json", ".jsonl") and any(c in p.stem.lower() for c in POPE_CATEGORIES)]
+        if not files:
+            raise FileNotFoundError(f"pope: no random/popular/adversarial .json/.jsonl files in {path}. "
+                                    f"Expected layout -- {LAYOUTS[name]}")
+        root = path
+    else:
+        _require_file(path, name)
+        files, root = [path], path.parent
+    image_dir = _require_dir(Path(image_dir) if image_dir is not None else root, name, "image folder")
+    return [record for file in files for record in _read_pope_file(file, image_dir)]
+
+
+# ----------------------------------------------------------------------------- ScienceQA-IMG
+
+
+def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[PathLike] = None) -> List[VqaRecord]:
+    """Read the image subset of ScienceQA (``problems.json`` + ``pid_splits.json``).
+
+    Only problems with an image are kept. The question lists the lettered choices
+    (``"Context: <hint>"`` first when there is a hint); the answer is the option letter;
+    family is the subject (natural / social / language science).
+
+    Args:
+        path: the folder holding both JSON files (or the path of ``problems.json``).
+        split: a key of ``pid_splits.json`` (``"test"``, ``"val"``, ``"minival"``, ...).
+        image_dir: folder of ``<pid>/image.png``; default ``images/<split>`` or ``<split>``
+            inside the folder.
+    """
+    name = "scienceqa_img"
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    problems = _load_json(root / "problems.json", name)
+    splits = _load_json(root / "pid_splits.json", name)
+    if not isinstance(problems, dict):
+        raise _bad(name, root / "problems.json", "expected a JSON object mapping pid -> problem")
+    if not isinstance(splits, dict) or split not in splits:
+        available = sorted(splits) if isinstance(splits, dict) else []
+        raise _bad(name, root / "pid_splits.json", f"no split {split!r} (available: {available})")
+    if image_dir is None:
+        candidates = [root / "images" / split, root / split]
+        image_dir = next((c for c in candidates if c.is_dir()), None)
+        if image_dir is None:
+            raise FileNotFoundError(f"scienceqa_img: image folder not found: tried {', '.join(map(str, candidates))}. "
+                                    f"Expected layout -- {LAYOUTS[name]}")
+    image_dir = _require_dir(Path(image_dir), name, "image folder")
+
+    records = []
+    for pid in splits[split]:
+        pid = str(pid)
+        if pid not in problems:
+            raise _bad(name, root / "problems.json", f"pid {pid} of split {split!r} is missing")
+        prob = problems[pid]
+        if not prob.get("image"):
+            continue
+        try:
+            choices = [str(c) for c in prob["choices"]]
+            letter = OPTION_LETTERS[int(prob["answer"])]
+            question = prob["question"]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise _bad(name, root / "problems.json", f"problem {pid} lacks a valid 'question'/'choices'/'answer'")
+        records.append(VqaRecord(
+            question_id=pid,
+            image=str(image_dir / pid / prob["image"]),
+            question=format_multiple_choice(question, choices, prob.get("hint"), hint_prefix="Context: "),
+            answers=[letter],
+            family=prob.get("subject", ""),
+            choices=choices,
+            benchmark=name,
+            image_id=pid,
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------- VizWiz
+
+
+def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRecord]:
+    """Read VizWiz-VQA annotations (``val.json``).
+
+    Args:
+        path: the annotation JSON, or a folder holding ``val.json`` (or ``Annotations/val.json``).
+        image_dir: image folder; default ``val/`` next to the JSON (or the JSON's folder).
+    Family is ``answer_type`` (``yes/no``, ``number``, ``other``, ``unanswerable``), or
+    answerable / unanswerable when absent. The question id is the image file name.
+    """
+    name = "vizwiz"
+    path = Path(path)
+    if path.is_dir():
+        path = next((p for p in (path / "val.json", path / "Annotations" / "val.json") if p.is_file()),
+                    path / "val.json")
+    data = _load_json(path, name)
+    if not isinstance(data, list):
+        raise _bad(name, path, "expected a JSON list of question objects")
+    if image_dir is None:
+        image_dir = path.parent / "val" if (path.parent / "val").is_dir() else path.parent
+    image_dir = _require_dir(Path(image_dir), name, "image folder")
+    records = []
+    for row in data:
+        if not isinstance(row, dict) or "image" not in row or "question" not in row:
+            raise _bad(name, path, f"entry {str(row)[:200]!r} lacks 'image'/'question'")
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in row.get("answers", [])]
+        family = row.get("answer_type") or ("" if "answerable" not in row
+                                            else "answerable" if row["answerable"] else "unanswerable")
+        records.append(VqaRecord(
+            question_id=str(row["image"]),
+            image=str(image_dir / row["image"]),
+            question=row["question"],
+            answers=answers,
+            family=family,
+            benchmark=name,
+            image_id=str(row["image"]),
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------- MME
+
+
+def _parse_mme_txt(txt: Path) -> List[tuple]:
+    pairs = []
+    for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) < 2 or not parts[0].strip() or not parts[-1].strip():
+            raise _bad("mme", txt, f"line {lineno} is not 'question<TAB>answer': {line!r}")
+        pairs.append((parts[0].strip(), parts[-1].strip()))
+    return pairs
+
+
+def read_mme(path: PathLike, subtasks: Optional[Sequence[str]] = None) -> List[VqaRecord]:
+    """Read MME from its release folder (``MME_Benchmark_release_version``).
+
+    Both layouts are accepted per sub-task: ``images/`` + ``questions_answer_YES_NO/``,
+    or flat ``<image>.png|jpg`` + ``<image>.txt`` pairs. Family is the sub-task (folder
+    name); ``image_id`` is ``"<subtask>/<image file>"`` (the acc+ group).
+
+    Args:
+        path: the MME root folder (one sub-folder per sub-task).
+        subtasks: optional subset of sub-task folder names to read.
+    """
+    name = "mme"
+    root = _require_dir(Path(path), name, "MME root folder")
+    wanted = set(subtasks) if subtasks is not None else None
+    records = []
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        task = task_dir.name
+        if wanted is not None and task not in wanted:
+            continue
+        if (task_dir / "questions_answer_YES_NO").is_dir():
+            txt_dir, img_dir = task_dir / "questions_answer_YES_NO", task_dir / "images"
+            _require_dir(img_dir, name, f"image folder of sub-task {task!r}")
+        else:
+            txt_dir = img_dir = task_dir
+        txts = sorted(txt_dir.glob("*.txt"))
+        if not txts:
+            logger.debug(f"mme: skipping {task_dir} (no question txt files)")
+            continue
+        for txt in txts:
+            image = _find_image(img_dir, txt.stem)
+            if image is None:
+                raise FileNotFoundError(f"mme: no image for {txt} (looked for {img_dir / txt.stem}"
+                                        f"{{{','.join(IMAGE_EXTENSIONS)}}}). Expected layout -- {LAYOUTS[name]}")
+            for i, (question, answer) in enumerate(_parse_mme_txt(txt)):
+                records.append(VqaRecord(
+                    question_id=f"{task}/{image.name}/{i}",
+                    image=str(image),
+                    question=question,
+                    answers=[answer],
+                    family=task,
+                    benchmark=name,
+                    image_id=f"{task}/{image.name}",
+                ))
+    if wanted is not None and wanted - {r.family for r in records}:
+        raise _bad(name, root, f"sub-task(s) {sorted(wanted - {r.family for r in records})} not found")
+    if not records:
+        raise _bad(name, root, "no sub-task folder with question txt files")
+    return records
+
+
+# ----------------------------------------------------------------------------- MMBench
+
+
+def read_mmbench(path: PathLike) -> List[VqaRecord]:
+    """Read an MMBench TSV (e.g. ``mmbench_dev_20230712.tsv``).
+
+    Options are the non-empty ``A``..``D`` (and ``E``.. when present) columns; the question
+    is ``hint`` (if any), the question and the lettered options; the answer is the letter
+    (no answers on the test split). Family is ``category``. Images are the base64-decoded
+    bytes; an ``image`` cell holding another row's ``index`` reuses that row's image.
+    """
+    import pandas as pd
+
+    name = "mmbench"
+    path = _require_file(Path(path), name, "TSV file")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise _bad(name, path, f"cannot be parsed as TSV ({err})")
+    missing = [c for c in ("index", "question", "A", "B", "image") if c not in table.columns]
+    if missing:
+        raise _bad(name, path, f"missing column(s) {missing} (found {list(table.columns)})")
+    letters = [c for c in OPTION_LETTERS if c in table.columns]
+    images_by_index = {row["index"]: row["image"] for _, row in table.iterrows() if len(row["image"]) > 64}
+
+    records = []
+    for _, row in table.iterrows():
+        cell = row["image"]
+        if len(cell) <= 64 and cell in images_by_index:
+            cell = images_by_index[cell]
+        try:
+            image = base64.b64decode(cell, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad(name, path, f"row index {row['index']}: 'image' is not base64")
+        if not image:
+            raise _bad(name, path, f"row index {row['index']}: empty 'image'")
+        choices, used = [], []
+        for letter in letters:
+            option = row[letter].strip()
+            if option and option.lower() != "nan":
+                choices.append(option)
+                used.append(letter)
+        if used != list(OPTION_LETTERS[: len(used)]):
+            raise _bad(name, path, f"row index {row['index']}: options {used} are not contiguous from A")
+        hint = row.get("hint", "").strip()
+        hint = "" if hint.lower() == "nan" else hint
+        answer = row.get("answer", "").strip()
+        records.append(VqaRecord(
+            question_id=str(row["index"]),
+            image=image,
+            question=format_multiple_choice(row["question"], choices, hint or None),
+            answers=[answer] if answer else [],
+            family=row.get("category", ""),
+            choices=choices,
+            benchmark=name,
+            image_id=str(row["index"]),
+        ))
+    return records
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+_READERS: Dict[str, Callable[..., List[VqaRecord]]] = {
+    "vqav2": read_vqav2,
+    "gqa": read_gqa,
+    "pope": read_pope,
+    "scienceqa_img": read_scienceqa_img,
+    "vizwiz": read_vizwiz,
+    "mme": read_mme,
+    "mmbench": read_mmbench,
+}
+_ALIASES = {"vqa_v2": "vqav2", "scienceqa": "scienceqa_img", "sqa": "scienceqa_img", "sqa_img": "scienceqa_img",
+            "vizwiz_vqa": "vizwiz"}
+
+
+def canonical_benchmark(name: str) -> str:
+    """Canonical benchmark name (case-insensitive, ``-`` = ``_``, a few aliases)."""
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in _READERS:
+        raise ValueError(f"Unknown benchmark {name!r}; available benchmarks: {', '.join(BENCHMARKS)}")
+    return key
+
+
+def read_benchmark(name: str, path: PathLike, limit: Optional[int] = None, **kwargs) -> List[VqaRecord]:
+    """Read benchmark ``name`` from ``path`` with its reader (``kwargs`` go to the reader).
+
+    ``limit`` keeps only the first ``limit`` records (quick runs).
+    """
+    records = _READERS[canonical_benchmark(name)](path, **kwargs)
+    return records if limit is None else records[:limit]
+
+
+def to_hf_dataset(records: Sequence[VqaRecord]):
+    """Build a ``datasets.Dataset`` (columns question_id, image, question, answers, family,
+    benchmark, choices, image_id); the ``image`` column is a lazily decoded ``Image``."""
+    import datasets
+
+    features = datasets.Features({
+        "question_id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "question": datasets.Value("string"),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "family": datasets.Value("string"),
+        "benchmark": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "image_id": datasets.Value("string"),
+    })
+    columns = {key: [] for key in features}
+    for r in records:
+        columns["question_id"].append(r.question_id)
+        if isinstance(r.image, (bytes, bytearray)):
+            columns["image"].append({"path": None, "bytes": bytes(r.image)})
+        else:
+            columns["image"].append({"path": str(r.image), "bytes": None})
+        columns["question"].append(r.question)
+        columns["answers"].append(list(r.answers))
+        columns["family"].append(r.family)
+        columns["benchmark"].append(r.benchmark)
+        columns["choices"].append(list(r.choices) if r.choices is not None else None)
+        columns["image_id"].append(r.image_id)
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+__all__ = [
+    "BENCHMARKS", "BENCHMARK_METRIC", "LAYOUTS", "VqaRecord", "canonical_benchmark", "format_multiple_choice",
+    "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope", "read_scienceqa_img", "read_vizwiz",
+    "read_vqav2", "to_hf_dataset",
+]

@@ -1,0 +1,334 @@
+"""Tests of the benchmark readers on tiny files written in each benchmark's exact layout."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from rcp_llava.readers import (
+    BENCHMARK_METRIC,
+    BENCHMARKS,
+    VqaRecord,
+    format_multiple_choice,
+    read_benchmark,
+    read_gqa,
+    read_mmbench,
+    read_mme,
+    read_pope,
+    read_scienceqa_img,
+    read_vizwiz,
+    read_vqav2,
+    to_hf_dataset,
+)
+
+
+def make_image(path, size=(4, 3), color=(255, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def png_bytes(size=(5, 2), color=(0, 0, 255)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+# ----------------------------------------------------------------------------- VQAv2
+
+
+@pytest.fixture
+def vqav2_dir(tmp_path):
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {
+        "data_subtype": "val2014",
+        "questions": [
+            {"image_id": 42, "question": "How many cats?", "question_id": 42000},
+            {"image_id": 7, "question": "Is it red?", "question_id": 7001},
+        ],
+    })
+    write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
+        {"question_id": 42000, "image_id": 42, "answer_type": "number", "question_type": "how many",
+         "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]},
+        {"question_id": 7001, "image_id": 7, "answer_type": "yes/no", "question_type": "is it",
+         "answers": [{"answer": "yes" if i < 8 else "no", "answer_confidence": "yes", "answer_id": i + 1}
+                     for i in range(10)]},
+    ]})
+    make_image(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg", size=(6, 4))
+    return tmp_path
+
+
+def test_vqav2_folder(vqav2_dir):
+    records = read_vqav2(vqav2_dir)
+    assert [r.question_id for r in records] == ["42000", "7001"]
+    first = records[0]
+    assert first.image.endswith("val2014/COCO_val2014_000000000042.jpg")
+    assert first.answers == ["2"] * 10 and first.family == "number" and first.benchmark == "vqav2"
+    assert records[1].answers.count("yes") == 8 and records[1].family == "yes/no"
+    assert first.load_image().size == (6, 4)
+    # the image of the second question is not on disk: the error names its path
+    with pytest.raises(FileNotFoundError, match="COCO_val2014_000000000007.jpg"):
+        records[1].load_image()
+
+
+def test_vqav2_questions_file_without_annotations(vqav2_dir):
+    records = read_vqav2(vqav2_dir / "v2_OpenEnded_mscoco_val2014_questions.json",
+                         image_dir=vqav2_dir / "val2014")
+    assert [r.answers for r in records] == [[], []]
+
+
+def test_vqav2_bad_input(tmp_path, vqav2_dir):
+    write_json(tmp_path / "bad" / "questions.json", [{"question": "?"}])
+    with pytest.raises(ValueError, match=r"questions.json: expected a JSON object with a 'questions' list"):
+        read_vqav2(tmp_path / "bad" / "questions.json")
+    with pytest.raises(FileNotFoundError, match=r"no file matching '\*questions\*.json' in .*empty"):
+        (tmp_path / "empty").mkdir()
+        read_vqav2(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*nowhere"):
+        read_vqav2(vqav2_dir, image_dir=vqav2_dir / "nowhere")
+
+
+# ----------------------------------------------------------------------------- GQA
+
+
+def test_gqa(tmp_path):
+    path = write_json(tmp_path / "testdev_balanced_questions.json", {
+        "201307251": {"imageId": "n161313", "question": "Is it overcast?", "answer": "no",
+                      "fullAnswer": "No, it is clear.", "types": {"structural": "verify", "semantic": "attr"}},
+        "201640614": {"imageId": "n235859", "question": "Who is wearing the shirt?", "answer": "girl",
+                      "types": {"structural": "query"}},
+    })
+    make_image(tmp_path / "images" / "n161313.jpg")
+    records = read_gqa(path)
+    assert [(r.question_id, r.answers, r.family) for r in records] == [
+        ("201307251", ["no"], "verify"), ("201640614", ["girl"], "query")]
+    assert records[0].image_id == "n161313" and records[0].load_image().size == (4, 3)
+    assert read_benchmark("GQA", tmp_path)[1].question == "Who is wearing the shirt?"
+
+
+def test_gqa_bad_input(tmp_path):
+    write_json(tmp_path / "q.json", {"1": {"question": "no image id"}})
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"q.json: entry '1' lacks 'imageId'"):
+        read_gqa(tmp_path / "q.json")
+    with pytest.raises(FileNotFoundError, match="JSON file not found: .*missing.json.*GQA:"):
+        read_gqa(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        read_gqa(tmp_path / "broken.json")
+
+
+# ----------------------------------------------------------------------------- POPE
+
+
+def write_pope(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_pope_folder_categories(tmp_path):
+    img = "COCO_val2014_000000310196.jpg"
+    write_pope(tmp_path / "coco_pope_random.json", [
+        {"question_id": 1, "image": img, "text": "Is there a snowboard in the image?", "label": "yes"},
+        {"question_id": 2, "image": img, "text": "Is there a cat in the image?", "label": "no"},
+    ])
+    write_pope(tmp_path / "coco_pope_adversarial.json", [
+        {"question_id": 1, "image": img, "text": "Is there a skis in the image?", "label": "no"},
+    ])
+    (tmp_path / "notes.json").write_text("{}")  # ignored: no split in its name
+    make_image(tmp_path / "val2014" / img)
+    records = read_pope(tmp_path, image_dir=tmp_path / "val2014")
+    assert [(r.question_id, r.family, r.answers) for r in records] == [
+        ("adversarial/1", "adversarial", ["no"]), ("random/1", "random", ["yes"]), ("random/2", "random", ["no"])]
+    assert records[0].question == "Is there a skis in the image?"
+    assert records[0].load_image().size == (4, 3)
+    single = read_pope(tmp_path / "coco_pope_random.json", image_dir=tmp_path / "val2014")
+    assert {r.family for r in single} == {"random"} and len(single) == 2
+
+
+def test_pope_bad_input(tmp_path):
+    write_pope(tmp_path / "coco_pope_popular.json", [{"question_id": 1, "image": "x.jpg", "text": "?"}])
+    with pytest.raises(ValueError, match=r"coco_pope_popular.json: line .* lacks one of .*'label'"):
+        read_pope(tmp_path / "coco_pope_popular.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no random/popular/adversarial .* in .*empty"):
+        read_pope(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- ScienceQA-IMG
+
+
+def test_scienceqa_img(tmp_path):
+    write_json(tmp_path / "problems.json", {
+        "5": {"question": "Which of these states is farthest north?", "choices": ["Ohio", "Maine", "Texas"],
+              "answer": 1, "hint": "", "image": "image.png", "subject": "social science", "split": "test"},
+        "6": {"question": "Which word is a noun?", "choices": ["run", "dog"], "answer": 1, "hint": "",
+              "image": None, "subject": "language science", "split": "test"},
+        "9": {"question": "Which magnet pair attracts?", "choices": ["pair 1", "pair 2"], "answer": 0,
+              "hint": "Two pairs of magnets are shown.", "image": "image.png", "subject": "natural science",
+              "split": "test"},
+        "11": {"question": "Train question", "choices": ["a", "b"], "answer": 0, "hint": "",
+               "image": "image.png", "subject": "natural science", "split": "train"},
+    })
+    write_json(tmp_path / "pid_splits.json", {"train": ["11"], "test": ["5", "6", "9"]})
+    make_image(tmp_path / "images" / "test" / "5" / "image.png", size=(8, 8))
+    records = read_scienceqa_img(tmp_path)
+    assert [r.question_id for r in records] == ["5", "9"]  # "6" has no image, "11" is train
+    sqa5, sqa9 = records
+    assert sqa5.answers == ["B"] and sqa5.choices == ["Ohio", "Maine", "Texas"]
+    assert sqa5.question == "Which of these states is farthest north?\nA. Ohio\nB. Maine\nC. Texas"
+    assert sqa9.question == "Context: Two pairs of magnets are shown.\nWhich magnet pair attracts?\nA. pair 1\nB. pair 2"
+    assert sqa9.answers == ["A"] and sqa9.family == "natural science"
+    assert sqa5.load_image().size == (8, 8)
+    with pytest.raises(ValueError, match=r"pid_splits.json: no split 'dev' \(available: \['test', 'train'\]\)"):
+        read_scienceqa_img(tmp_path, split="dev")
+    with pytest.raises(FileNotFoundError, match="image folder not found: tried .*images/train"):
+        read_scienceqa_img(tmp_path, split="train")
+    with pytest.raises(FileNotFoundError, match="JSON file not found: .*problems.json"):
+        read_scienceqa_img(tmp_path / "images")
+
+
+# ----------------------------------------------------------------------------- VizWiz
+
+
+def test_vizwiz(tmp_path):
+    answers = [{"answer": "coffee", "answer_confidence": "yes"}] * 7 + \
+              [{"answer": "tea", "answer_confidence": "maybe"}] * 3
+    path = write_json(tmp_path / "val.json", [
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answers": answers,
+         "answer_type": "other", "answerable": 1},
+        {"image": "VizWiz_val_00000001.jpg", "question": "Can you read it?",
+         "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10, "answerable": 0},
+    ])
+    make_image(tmp_path / "val" / "VizWiz_val_00000000.jpg", size=(3, 7))
+    records = read_benchmark("vizwiz", path)
+    assert records[0].answers == ["coffee"] * 7 + ["tea"] * 3
+    assert records[0].family == "other" and records[1].family == "unanswerable"
+    assert records[0].question_id == "VizWiz_val_00000000.jpg"
+    assert records[0].load_image().size == (3, 7)
+    write_json(tmp_path / "bad.json", {"images": []})
+    with pytest.raises(ValueError, match="bad.json: expected a JSON list"):
+        read_vizwiz(tmp_path / "bad.json")
+
+
+# ----------------------------------------------------------------------------- MME
+
+
+@pytest.fixture
+def mme_root(tmp_path):
+    root = tmp_path / "MME_Benchmark_release_version"
+    # nested layout
+    make_image(root / "artwork" / "images" / "10002.jpg", size=(5, 5))
+    (root / "artwork" / "questions_answer_YES_NO").mkdir(parents=True)
+    (root / "artwork" / "questions_answer_YES_NO" / "10002.txt").write_text(
+        "Is this artwork created by Moretto?\tYes\nIs this artwork created by Bosch?\tNo\n")
+    # flat layout
+    make_image(root / "OCR" / "0001.png", size=(2, 9))
+    (root / "OCR" / "0001.txt").write_text("Is the word in the logo \"high\"?\tYes\nIs it \"low\"?\tNo")
+    (root / "eval_tool").mkdir()  # not a sub-task: skipped
+    return root
+
+
+def test_mme_both_layouts(mme_root):
+    records = read_mme(mme_root)
+    assert [(r.family, r.question_id, r.answers) for r in records] == [
+        ("OCR", "OCR/0001.png/0", ["Yes"]), ("OCR", "OCR/0001.png/1", ["No"]),
+        ("artwork", "artwork/10002.jpg/0", ["Yes"]), ("artwork", "artwork/10002.jpg/1", ["No"])]
+    assert records[0].question == 'Is the word in the logo "high"?'
+    assert records[2].image_id == records[3].image_id == "artwork/10002.jpg"
+    assert records[2].load_image().size == (5, 5) and records[0].load_image().size == (2, 9)
+    assert [r.family for r in read_mme(mme_root, subtasks=["artwork"])] == ["artwork", "artwork"]
+
+
+def test_mme_bad_input(mme_root, tmp_path):
+    (mme_root / "OCR" / "0002.txt").write_text("Is there text?\tYes\n")
+    with pytest.raises(FileNotFoundError, match="mme: no image for .*0002.txt"):
+        read_mme(mme_root)
+    (mme_root / "OCR" / "0002.txt").unlink()
+    (mme_root / "artwork" / "questions_answer_YES_NO" / "10002.txt").write_text("Is this by Bosch? Yes\n")
+    with pytest.raises(ValueError, match=r"10002.txt: line 1 is not 'question<TAB>answer'"):
+        read_mme(mme_root)
+    (tmp_path / "flat_empty").mkdir()
+    with pytest.raises(ValueError, match="no sub-task folder with question txt files.*MME:"):
+        read_mme(tmp_path / "flat_empty")
+    with pytest.raises(FileNotFoundError, match="MME root folder not found"):
+        read_mme(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- MMBench
+
+
+def write_tsv(path, header, rows):
+    path.write_text("\n".join("\t".join(map(str, r)) for r in [header] + rows) + "\n")
+    return path
+
+
+MMB_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+
+
+def test_mmbench(tmp_path):
+    img = base64.b64encode(png_bytes()).decode()
+    path = write_tsv(tmp_path / "mmbench_dev_20230712.tsv", MMB_HEADER, [
+        [241, "What is the color of the sky?", "Look at the picture.", "red", "blue", "green", "", "B",
+         "attribute_recognition", "finegrained_perception", img],
+        [1000241, "Which is a fruit?", "", "car", "apple", "", "", "B", "object_localization",
+         "coarse_perception", "241"],  # image cell refers to row 241
+    ])
+    records = read_mmbench(path)
+    first, second = records
+    assert first.question_id == "241" and first.answers == ["B"] and first.choices == ["red", "blue", "green"]
+    assert first.question == "Look at the picture.\nWhat is the color of the sky?\nA. red\nB. blue\nC. green"
+    assert first.family == "attribute_recognition" and isinstance(first.image, bytes)
+    assert first.load_image().size == (5, 2)
+    assert second.question == "Which is a fruit?\nA. car\nB. apple" and second.image == first.image
+
+
+def test_mmbench_bad_input(tmp_path):
+    path = write_tsv(tmp_path / "bad.tsv", ["index", "question", "A"], [[1, "q", "x"]])
+    with pytest.raises(ValueError, match=r"bad.tsv: missing column\(s\) \['B', 'image'\]"):
+        read_mmbench(path)
+    path = write_tsv(tmp_path / "bad_image.tsv", MMB_HEADER,
+                     [[1, "q", "", "x", "y", "", "", "A", "c", "l2", "not*base64"]])
+    with pytest.raises(ValueError, match="row index 1: 'image' is not base64"):
+        read_mmbench(path)
+    with pytest.raises(FileNotFoundError, match="TSV file not found: .*none.tsv"):
+        read_mmbench(tmp_path / "none.tsv")
+
+
+# ----------------------------------------------------------------------------- dispatch + HF dataset
+
+
+def test_dispatch_names():
+    assert BENCHMARKS == ["vqav2", "gqa", "pope", "scienceqa_img", "vizwiz", "mme", "mmbench"]
+    assert set(BENCHMARK_METRIC) == set(BENCHMARKS)
+    with pytest.raises(ValueError, match="Unknown benchmark 'coco'; available benchmarks: vqav2, gqa"):
+        read_benchmark("coco", ".")
+
+
+def test_read_benchmark_alias_and_limit(mme_root):
+    assert len(read_benchmark("MME", mme_root, limit=3)) == 3
+
+
+def test_format_multiple_choice():
+    assert format_multiple_choice("Q?", ["x", "y"], "H", hint_prefix="Context: ") == "Context: H\nQ?\nA. x\nB. y"
+
+
+def test_to_hf_dataset(mme_root, tmp_path):
+    records = read_mme(mme_root)[:2] + [
+        VqaRecord(question_id="m1", image=png_bytes(size=(3, 3)), question="Q?\nA. x\nB. y", answers=["A"],
+                  family="cat", choices=["x", "y"], benchmark="mmbench")]
+    ds = to_hf_dataset(records)
+    assert set(ds.column_names) == {"question_id", "image", "question", "answers", "family", "benchmark",
+                                    "choices", "image_id"}
+    assert len(ds) == 3
+    assert ds[0]["image"].size == (2, 9)  # lazily decoded from the path
+    assert ds[2]["image"].size == (3, 3)  # decoded from bytes
+    assert ds[0]["choices"] is None and ds[2]["choices"] == ["x", "y"]
+    assert ds[1]["answers"] == ["No"] and ds[2]["family"] == "cat"
