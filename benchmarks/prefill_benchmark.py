@@ -1,0 +1,129 @@
+"""Prefill time and KV cache, full vs RCP-pruned, beside the analytic FLOPs ratio (a benchmark, not a test).
+
+    python benchmarks/prefill_benchmark.py                 # mid CPU config: CLIP 2x128, Llama 8x512, 576 tokens
+    python benchmarks/prefill_benchmark.py --repeats 20 --batch_size 4
+
+The paper's 64-token schedule (Table VI: 96 / 26 / 8 tokens kept after layers 2 / 14 / 26 of 32) is scaled
+to the 8-layer decoder as pruners before layers 1 / 4 / 7. Every timing is the median of `--repeats` runs
+after warm-up, full and pruned interleaved in one process so that the ratio is measured side by side.
+"pruner overhead" is the time spent choosing the tokens (attention prior + pruner + top-k), measured
+inside the pruned runs.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
+from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer  # noqa: E402
+
+
+def mid_config(pruning_layers, keep_counts):
+    return RcpLlavaConfig(
+        text_config=LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376,
+                                vocab_size=1000, pad_token_id=0).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=512, image_size=336, patch_size=14).to_dict(),
+        image_token_index=999, image_seq_length=576, pruning_layers=pruning_layers, repair_layers=[6],
+        pruning_keep_counts=keep_counts, pruner_hidden_size=56, repair_bottleneck_size=64,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--text_tokens", type=int, default=40, help="prompt tokens besides the image")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    layers, counts = [1, 4, 7], [96, 26, 8]
+    config = mid_config(layers, counts)
+    model = RcpLlavaForConditionalGeneration(config).eval()
+    stock = LlavaForConditionalGeneration(config).eval()
+    stock.load_state_dict({k: v for k, v in model.state_dict().items() if "rcp_plugins" not in k})
+    n, bsz, t = config.num_visual_tokens, args.batch_size, args.text_tokens
+    ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), 999),
+                     torch.randint(3, 900, (bsz, t - 1))], dim=1)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(bsz, 3, 336, 336), use_cache=True, logits_to_keep=1)
+
+    selection = []
+    original_select = model.model._select_tokens
+
+    def timed_select(*a, **kw):
+        start = time.perf_counter()
+        out = original_select(*a, **kw)
+        selection[-1] += time.perf_counter() - start
+        return out
+
+    model.model._select_tokens = timed_select
+
+    def run(kind):
+        start = time.perf_counter()
+        if kind == "stock":
+            out = stock(**inputs)
+        elif kind == "full":
+            with model.plugins_disabled():
+                out = model(**inputs)
+        else:
+            selection.append(0.0)
+            out = model(**inputs)
+        return time.perf_counter() - start, out
+
+    kinds = ["stock", "full", "pruned"]
+    times = {k: [] for k in kinds}
+    caches = {}
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            for k in kinds:
+                run(k)
+        selection.clear()
+        for _ in range(args.repeats):
+            for k in kinds:
+                dt, out = run(k)
+                times[k].append(dt)
+                caches[k] = out.past_key_values
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = statistics.median(selection)
+
+    full_sched = [n + t] * config.text_config.num_hidden_layers
+    pruned_sched = schedule_tokens_per_layer(config.text_config.num_hidden_layers, t, n, layers, counts)
+    f_full = llava_flops(config, num_text_tokens=t, batch_size=bsz).total
+    f_pruned = llava_flops(config, num_text_tokens=t, decoder_tokens_per_layer=pruned_sched, batch_size=bsz).total
+    kv_full, kv_pruned = kv_cache_bytes(caches["full"]), kv_cache_bytes(caches["pruned"])
+
+    print(f"mid config: CLIP 2x128 (576 visual tokens) + Llama 8x512, batch {bsz}, {t} text tokens, "
+          f"{args.threads} threads, median of {args.repeats}")
+    print(f"schedule: pruners before layers {layers} keep {counts}; tokens per layer {pruned_sched} "
+          f"(full {full_sched[0]})\n")
+    print(f"| {'run':<22} | {'prefill ms':>10} | {'KV cache':>10} | {'analytic GFLOPs':>15} |")
+    print(f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 17}|")
+    print(f"| {'stock LLaVA':<22} | {med['stock'] * 1e3:>10.1f} | {'':>10} | {f_full / 1e9:>15.2f} |")
+    print(f"| {'RCP model, pruning off':<22} | {med['full'] * 1e3:>10.1f} | {kv_full / 2**20:>7.2f} MiB | "
+          f"{f_full / 1e9:>15.2f} |")
+    print(f"| {'RCP 64-token schedule':<22} | {med['pruned'] * 1e3:>10.1f} | {kv_pruned / 2**20:>7.2f} MiB | "
+          f"{f_pruned / 1e9:>15.2f} |")
+    time_ratio, flops_ratio = med["pruned"] / med["full"], f_pruned / f_full
+    print(f"\nmeasured prefill-time ratio pruned/full: {time_ratio:.3f}")
+    print(f"analytic FLOPs ratio pruned/full:        {flops_ratio:.3f}")
+    print(f"time ratio / FLOPs ratio:                {time_ratio / flops_ratio:.3f}   (target <= 1.15)")
+    print(f"pruner overhead: {overhead * 1e3:.2f} ms = {overhead / med['pruned']:.1%} of the pruned prefill "
+          "(target < 5%)")
+    print(f"KV cache pruned/full: {kv_pruned / kv_full:.3f}; loop overhead of the RCP model vs stock LLaVA with "
+          f"pruning off: {med['full'] / med['stock']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
