@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaModel, LlavaPreTrainedModel
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaPreTrainedModel,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput, logging
 
@@ -202,6 +208,45 @@ def grid_positional_encoding(num_tokens, dim, device=None, dtype=None):
 # ------------------------------------------------------------------------------------------------
 
 
+SOFT_KEY_MASK_ATTENTION = "rcp_soft_key_mask"
+
+
+def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            rcp_key_keep=None, **kwargs):
+    """Attention with a multiplicative, differentiable 0/1 weight per key (training, mask mode).
+
+    out_i = sum_j w_ij M_j v_j / sum_j w_ij M_j with w = softmax over the allowed keys: for M in {0, 1} this
+    is exactly attention over the kept keys (physical discard), while dL/dM_j exists even for a dropped
+    token. Computed with one sdpa call on values augmented by the weight channel M.
+
+    query: (B, H, L, hd); key/value: (B, Hkv, S, hd); rcp_key_keep: (B, S) -> ((B, L, H, hd), None)
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    keep = rcp_key_keep.to(value.dtype).view(value.shape[0], 1, -1, 1).expand(-1, value.shape[1], -1, -1)
+    augmented = torch.cat([value * keep, keep], dim=-1)  # (B, H, S, hd + 1)
+    is_causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, augmented, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=is_causal)  # (B, H, L, hd + 1)
+    out = out[..., :-1] / out[..., -1:].clamp_min(torch.finfo(out.dtype).tiny)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SOFT_KEY_MASK_ATTENTION, soft_key_mask_attention)
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name):
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -358,6 +403,8 @@ class RcpLlavaModelOutputWithPast(ModelOutput):
     kept_counts: torch.LongTensor | None = None
     keep_masks: torch.BoolTensor | None = None
     hidden_state_positions: tuple | None = None
+    layer_retention: torch.FloatTensor | None = None
+    has_image: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -368,6 +415,9 @@ class RcpLlavaCausalLMOutputWithPast(ModelOutput):
         logits of a pruned prefill cover the surviving tokens only, left-padded.
     kept_indices / kept_counts / keep_masks: see `RcpPruningInfo`.
     hidden_state_positions: with `output_hidden_states`, the `token_positions` of each hidden state.
+    layer_retention: (B, num_layers) fraction of the visual tokens each decoder layer processes; carries the
+        straight-through gradients in the "mask" layout (the sparsity loss reads it).
+    has_image: (B,) rows with an image (the only ones pruned).
     """
 
     loss: torch.FloatTensor | None = None
@@ -381,6 +431,8 @@ class RcpLlavaCausalLMOutputWithPast(ModelOutput):
     kept_counts: torch.LongTensor | None = None
     keep_masks: torch.BoolTensor | None = None
     hidden_state_positions: tuple | None = None
+    layer_retention: torch.FloatTensor | None = None
+    has_image: torch.BoolTensor | None = None
 
 
 class RcpInitMixin:
@@ -413,6 +465,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         # Runtime switches (not saved): the training teacher runs with both off.
         self.pruning_enabled = True
         self.repair_enabled = True
+        # "discard" (inference), "mask" (training: tokens stay in place, differentiable masks) or None: mask
+        # while `self.training`, discard otherwise.
+        self.pruning_layout = None
         self._positional_cache = {}
         self.post_init()
 
@@ -479,12 +534,19 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
 
     def _select_tokens(self, p, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid, vis_ids):
         """Keep mask (B, K) over the alive visual tokens before decoder layer `layer_idx` (pruning layer #p)."""
-        config = self.config
+        logits = self._retention_logits(layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid)
+        counts = self.config.pruning_keep_counts
+        if counts is None:
+            return logits > 0  # Eq. (8)
+        return _top_k_mask(logits, vis_valid, counts[p])
+
+    def _retention_logits(self, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid):
+        """RCP's retention logits (B, K) for the alive visual tokens at `vis_slots` (Eqs. 4-5)."""
         hidden_norm = layer.input_layernorm(hidden)  # (B, T', d)
         cos, sin = position_embeddings
         slot_q = torch.where(run.slot_valid, run.question_mask.gather(1, run.slot_orig.clamp_min(0)), False)
         q_slots, q_valid = _first_slots(slot_q)  # (B, Lq)
-        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, run.slot_valid, q_slots)
+        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, run.key_alive(), q_slots)
         to_visual = probs.gather(3, vis_slots.view(vis_slots.shape[0], 1, 1, -1).expand(
             -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
         qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
@@ -497,12 +559,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         pruner = self.rcp_plugins.pruners[str(layer_idx)]
         visual = _gather_seq(hidden_norm, vis_slots)  # (B, K, d)
         question = _gather_seq(hidden_norm, q_slots)  # (B, Lq, d)
-        logits = pruner(visual, vis_valid, question, q_valid, prior)  # (B, K)
-
-        counts = config.pruning_keep_counts
-        if counts is None:
-            return logits > 0  # Eq. (8)
-        return _top_k_mask(logits, vis_valid, counts[p])
+        return pruner(visual, vis_valid, question, q_valid, prior)  # (B, K)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -587,11 +644,22 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             attention_mask.bool() if attention_mask is not None else torch.ones(bsz, seq, dtype=torch.bool,
                                                                                  device=hidden.device)
         )
+        run = None
         if prune_now:
+            layout = self.pruning_layout or ("mask" if self.training else "discard")
+            if layout not in ("mask", "discard"):
+                raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
+            if layout == "mask" and any(getattr(l, "gradient_checkpointing", False) for l in lm.layers):
+                raise ValueError(
+                    "Gradient checkpointing is not supported in the differentiable ('mask') pruning layout: the "
+                    "recomputation in backward would run without the differentiable key mask. Disable it with "
+                    "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
+                )
             run = _PrunedPrefill(self, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                                 question_mask, answer_mask, visual_keep_masks)
-        else:
-            run = None
+                                 question_mask, answer_mask, visual_keep_masks, differentiable=layout == "mask")
+            if run.differentiable and past_key_values is not None:
+                # The mask layout keeps every token, so a cache filled now could not be decoded from.
+                past_key_values, use_cache = None, False
 
         all_hidden, all_positions = [], []
         slot_orig = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
@@ -600,21 +668,29 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             all_positions.append(slot_orig)
         decode_answer_mask = None
         mask = self._layer_mask(hidden, attention_mask, past_key_values, 0)
+        if run is not None:
+            run.mask = mask
         for idx, layer in enumerate(lm.layers[: text_config.num_hidden_layers]):
-            if run is not None and idx in run.pruning_layers:
-                hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings,
-                                                              past_key_values)
-            elif run is None and state is not None and idx in state.segment_masks:
+            extra = {}
+            if run is not None:
+                if idx in run.pruning_layers:
+                    hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings,
+                                                                  past_key_values)
+                run.record_retention()
+                extra = run.layer_kwargs()
+            elif state is not None and idx in state.segment_masks:
                 mask = self._decode_segment_mask(hidden, attention_mask, past_key_values, state, idx)
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=None,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
+            with _attention_implementation(lm.config, SOFT_KEY_MASK_ATTENTION) if extra else contextlib.nullcontext():
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=None,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **extra,
+                    **kwargs,
+                )
             adapter = self.rcp_plugins.repair_adapters[str(idx)] if str(idx) in self.rcp_plugins.repair_adapters \
                 else None
             if adapter is not None and self.repair_enabled:
@@ -631,10 +707,12 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
 
         info = None
         token_positions = slot_orig
+        layer_retention = None
         if run is not None:
             info = run.info()
             token_positions = run.slot_orig
-            if past_key_values is not None:
+            layer_retention = torch.stack(run.retention, dim=1)  # (B, num_layers)
+            if past_key_values is not None and not run.differentiable:
                 past_key_values.rcp_state = run.decode_state(seq)
             self.last_pruning_info = info
         elif past_key_values is not None and past_length == 0:
@@ -650,6 +728,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             kept_counts=info.kept_counts if info else None,
             keep_masks=info.keep_masks if info else None,
             hidden_state_positions=tuple(all_positions) if output_hidden_states else None,
+            layer_retention=layer_retention,
+            has_image=info.has_image if info else None,
         )
 
     def _decode_segment_mask(self, hidden, attention_mask, cache, state, layer_idx):
@@ -670,9 +750,10 @@ class _PrunedPrefill:
     """
 
     def __init__(self, model, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                 question_mask, answer_mask, visual_keep_masks):
+                 question_mask, answer_mask, visual_keep_masks, differentiable=False):
         config = model.config
         self.model = model
+        self.differentiable = differentiable
         self.config = config
         self.pruning_layers = list(config.pruning_layers)
         bsz, seq, _ = hidden.shape
@@ -721,8 +802,14 @@ class _PrunedPrefill:
         self.slot_orig = positions.expand(bsz, -1)  # (B, T)
         self.slot_valid = key_valid  # (B, T)
         self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
-        self.keep_history = []  # per pruning layer, (B, N)
+        self.keep_history = []  # per pruning layer, (B, N) bool
+        self.context_masks = []  # per pruning layer, (B, N) float: the cumulative mask M the adapters read
         self.dropped_means = []  # per pruning layer, (B, d)
+        self.retention = []  # per decoder layer, (B,) visual tokens alive / N (differentiable in mask mode)
+        # Mask mode: every token stays in place; `key_keep` (B, T) is each key's 0/1 weight in attention, and
+        # `soft_alive` (B, N) the cumulative mask M with straight-through gradients (Eqs. 6-7).
+        self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if differentiable else None
+        self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if differentiable else None
         self.segment_masks = {}
         self.repair_contexts = {}
         self.position_embeddings = position_embeddings
@@ -730,8 +817,23 @@ class _PrunedPrefill:
     def _slot_vis(self):
         return torch.where(self.slot_valid, self.vis_id.gather(1, self.slot_orig.clamp_min(0)), -1)  # (B, T')
 
+    def key_alive(self):
+        """(B, T') keys a query may attend to: valid slots, minus the tokens dropped in mask mode."""
+        if not self.differentiable:
+            return self.slot_valid
+        return self.slot_valid & (self.key_keep > 0)
+
+    def record_retention(self):
+        n = self.config.num_visual_tokens
+        if self.differentiable:
+            self.retention.append(self.soft_alive.sum(1) / n)
+        else:
+            self.retention.append(self.alive.sum(1).to(torch.float32) / n)
+
     def prune(self, layer_idx, layer, hidden, position_embeddings, cache):
-        """Decide the kept visual tokens before `layer`, then discard the others physically."""
+        """Decide the kept visual tokens before `layer`, then drop the others (physically, or by mask)."""
+        if self.differentiable:
+            return self._prune_mask(layer_idx, layer, hidden, position_embeddings, cache)
         p = self.pruning_layers.index(layer_idx)
         slot_vis = self._slot_vis()  # (B, T')
         vis_slots, vis_valid = _first_slots(slot_vis >= 0)  # (B, K)
@@ -755,6 +857,7 @@ class _PrunedPrefill:
         self.dropped_means.append((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, d), 0 if none dropped
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
+        self.context_masks.append(keep_raster.to(hidden.dtype))
 
         stay = self.slot_valid & ~dropped_slots
         src, valid = _compact(stay)
@@ -766,11 +869,59 @@ class _PrunedPrefill:
         mask = self.model._layer_mask(hidden, valid, cache, layer_idx)
         return hidden, position_embeddings, mask
 
+    def _prune_mask(self, layer_idx, layer, hidden, position_embeddings, cache):
+        """Training layout: sample a hard Gumbel-Sigmoid mask with straight-through gradients (Eqs. 6-7) and
+        zero the dropped tokens' weight as keys; nothing moves, so the student lines up with the teacher."""
+        p = self.pruning_layers.index(layer_idx)
+        n = self.config.num_visual_tokens
+        bsz = hidden.shape[0]
+        image_slots = self.vis_id >= 0  # (B, T): mask mode keeps the original layout
+        vis_slots, _ = _first_slots(image_slots)  # (B, N) for rows with an image; others are masked below
+        vis_valid = self.alive & self.has_image.unsqueeze(1)  # (B, N) hard-alive tokens
+        if vis_slots.shape[1] < n:  # no row has an image
+            return hidden, position_embeddings, self.mask
+        if self.forced is not None:
+            layer_mask = self.forced[:, p].to(hidden.dtype)
+        else:
+            logits = self.model._retention_logits(layer_idx, layer, hidden, position_embeddings, self, vis_slots,
+                                                  vis_valid)
+            tau = self.config.gumbel_temperature
+            if self.model.training:
+                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+                logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
+            y_soft = torch.sigmoid(logits / tau)  # Eq. (6)
+            counts = self.config.pruning_keep_counts
+            hard = (y_soft > 0.5) if counts is None else _top_k_mask(logits, vis_valid, counts[p])
+            y_soft = torch.where(vis_valid, y_soft, torch.zeros_like(y_soft))
+            layer_mask = hard.to(y_soft.dtype) - y_soft.detach() + y_soft  # Eq. (7), straight-through
+        previous = self.soft_alive
+        self.soft_alive = previous * layer_mask  # cumulative, M(l) = M(l-1) * m(l)
+        keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
+        dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
+        visual_hidden = _gather_seq(hidden, vis_slots)  # (B, N, d)
+        self.dropped_means.append(
+            (dropped.unsqueeze(-1) * visual_hidden).sum(1) / dropped.sum(1, keepdim=True).clamp_min(1.0)
+        )
+        self.alive = keep_raster
+        self.keep_history.append(keep_raster)
+        self.context_masks.append(self.soft_alive)
+        rows = torch.arange(bsz, device=hidden.device).unsqueeze(1).expand(-1, n)
+        key_keep = self.key_keep.clone()
+        key_keep[rows[self.has_image], vis_slots[self.has_image]] = self.soft_alive[self.has_image].to(key_keep.dtype)
+        self.key_keep = key_keep
+        return hidden, position_embeddings, self.mask
+
+    def layer_kwargs(self):
+        """Extra kwargs for a decoder layer: the differentiable key weights in mask mode."""
+        if self.differentiable and self.keep_history:
+            return {"rcp_key_keep": self.key_keep}
+        return {}
+
     def repair(self, layer_idx, adapter, hidden):
         preceding = [i for i, layer in enumerate(self.pruning_layers) if layer <= layer_idx]
         if not preceding:
             return hidden
-        keep = torch.stack([self.keep_history[i] for i in preceding], dim=1)  # (B, P', N)
+        keep = torch.stack([self.context_masks[i] for i in preceding], dim=1)  # (B, P', N)
         dropped = torch.stack([self.dropped_means[i] for i in preceding], dim=1)  # (B, P', d)
         context = adapter.context(self.model._positional(hidden.device, hidden.dtype), keep, dropped)
         self.repair_contexts[layer_idx] = context
@@ -906,6 +1057,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             kept_counts=outputs.kept_counts,
             keep_masks=outputs.keep_masks,
             hidden_state_positions=outputs.hidden_state_positions,
+            layer_retention=outputs.layer_retention,
+            has_image=outputs.has_image,
         )
 
     # -- generate -------------------------------------------------------------------------------

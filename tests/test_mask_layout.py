@@ -1,0 +1,94 @@
+"""The differentiable ("mask") layout used in training equals physical discard, and trains the plug-ins."""
+
+import pytest
+import torch
+from conftest import NUM_VISUAL, make_batch, make_model
+
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+
+
+@pytest.mark.parametrize("counts", [[10, 5], None], ids=["fixed", "adaptive"])
+def test_mask_layout_forward_equals_physical_discard(counts):
+    model = make_model(randomize_plugins=True, pruning_keep_counts=counts)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        discard = model(**batch)
+        model.model.pruning_layout = "mask"
+        masked = model(**batch)
+    assert torch.equal(masked.keep_masks, discard.keep_masks)
+    assert masked.logits.shape[1] == batch["input_ids"].shape[1]  # nothing moved
+    positions = discard.token_positions
+    valid = positions >= 0
+    ref = masked.logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, masked.logits.shape[-1]))
+    assert (discard.logits[valid] - ref[valid]).abs().max() <= 1e-4
+    # Retention per layer is the kept fraction, exactly 0/1 masks in the forward pass.
+    counts_per_layer = masked.layer_retention * NUM_VISUAL
+    assert torch.equal(counts_per_layer, counts_per_layer.round())
+    assert torch.equal(masked.layer_retention, discard.layer_retention)
+
+
+def test_mask_layout_with_forced_masks_equals_discard_with_the_same_masks():
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    g = torch.Generator().manual_seed(0)
+    first = torch.rand(3, NUM_VISUAL, generator=g) < 0.6
+    forced = torch.stack([first, first & (torch.rand(3, NUM_VISUAL, generator=g) < 0.5)], dim=1)
+    with torch.no_grad():
+        discard = model(**batch, visual_keep_masks=forced)
+        model.model.pruning_layout = "mask"
+        masked = model(**batch, visual_keep_masks=forced)
+    positions = discard.token_positions
+    valid = positions >= 0
+    ref = masked.logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, masked.logits.shape[-1]))
+    assert (discard.logits[valid] - ref[valid]).abs().max() <= 1e-4
+
+
+def test_training_forward_samples_masks_and_sends_gradients_to_the_plugins_only():
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".rcp_plugins." in name)
+    model.train()
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].clone()
+    labels[:, :-2] = -100
+    torch.manual_seed(0)
+    out = model(**batch, labels=labels)
+    torch.manual_seed(1)
+    other = model(**batch, labels=labels)
+    assert not torch.equal(out.keep_masks, other.keep_masks)  # Gumbel noise
+    (out.loss + out.layer_retention.mean()).backward()
+    for layer, pruner in model.model.rcp_plugins.pruners.items():
+        assert pruner.bias.grad is not None and pruner.bias.grad.abs() > 0, layer
+        assert pruner.token_out.weight.grad.abs().max() > 0, layer
+    for layer, adapter in model.model.rcp_plugins.repair_adapters.items():
+        assert adapter.gate.grad.abs() > 0, layer
+        assert adapter.pruned_proj.weight.grad.abs().max() > 0, layer
+    assert all(p.grad is None for n, p in model.named_parameters() if ".rcp_plugins." not in n)
+
+
+def test_dropped_tokens_receive_task_gradient_through_the_soft_key_mask():
+    """The multiplicative key mask gives dL/dM_j != 0 even where M_j = 0 (a dropped token)."""
+    from modeling_rcp_llava import soft_key_mask_attention
+
+    torch.manual_seed(0)
+
+    class Module:
+        num_key_value_groups = 1
+
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0]], requires_grad=True)
+    out, _ = soft_key_mask_attention(Module(), q, k, v, None, scaling=8 ** -0.5, rcp_key_keep=keep)
+    # Forward: attention over the kept keys only. Without a mask, a 4-query, 6-key call is causal with the keys aligned to the top-left (torch's rule).
+    top_left = torch.tril(torch.ones(4, 6, dtype=torch.bool)) & keep.detach().bool().view(1, 6)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=top_left, scale=8 ** -0.5)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+    out.sum().backward()
+    assert keep.grad[0, 1] != 0  # dropped token 1 is visible to queries 1..3 causally
+
+
+def test_gradient_checkpointing_is_refused_in_mask_layout():
+    model = make_model()
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="Gradient checkpointing is not supported in the differentiable"):
+        model(**make_batch(PADDED))
