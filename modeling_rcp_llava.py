@@ -44,6 +44,26 @@ logger = logging.get_logger(__name__)
 PLUGIN_PREFIX = "model.rcp_plugins."
 
 
+def _register_llava_checkpoint_layout():
+    """Read and write the llava-hf checkpoint layout (`language_model.model.*`, `vision_tower.*`, ...).
+
+    transformers 5.x converts those keys only for `model_type="llava"`; without this, a stock llava-hf checkpoint
+    would load into `rcp_llava` with a silently random backbone. Registered by name, so remote code gets it too.
+    """
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for source, target in (("llava", "rcp_llava"), ("LlavaModel", "RcpLlavaModel")):
+        mapping = get_checkpoint_conversion_mapping(source)
+        if mapping is not None:
+            register_checkpoint_conversion_mapping(target, mapping, overwrite=True)
+
+
+_register_llava_checkpoint_layout()
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Plug-ins
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +339,93 @@ def _gather_seq(x, src):
     return torch.gather(x, 1, index)
 
 
+# -- training-free baselines: VisPruner, FastV, random, attention top-k ------------------------------
+
+
+def vispruner_cls_attention(vision_tower, hidden_states, vision_feature_layer):
+    """The [CLS] query's attention to the patch tokens at the vision layer whose output LLaVA reads, averaged over
+    heads, from that layer's q/k projections (no eager attention needed).
+
+    `hidden_states` is the CLIP encoder's tuple (entry i is the input of layer i; the last is the output), so the
+    feature `hidden_states[f]` is the output of layer `f - 1` (for f = -2 with L layers: layer L-2, whose input
+    is `hidden_states[L-2]`). The softmax runs over all keys ([CLS] included, as `output_attentions` reports);
+    the [CLS] column is then dropped.
+
+    returns (num_images, N) in at least float32
+    """
+    layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+    num_states = len(layers) + 1
+    feature = vision_feature_layer % num_states if -num_states <= vision_feature_layer < num_states else None
+    if feature is None or feature == 0:
+        raise ValueError(
+            f"`pruning_method='vispruner'` needs the attention of the vision layer that produces the features, but "
+            f"`vision_feature_layer={vision_feature_layer}` selects "
+            f"{'the embeddings' if feature == 0 else 'no hidden state'} of a {len(layers)}-layer vision tower."
+        )
+    layer = layers[feature - 1]
+    attn = layer.self_attn
+    h = layer.layer_norm1(hidden_states[feature - 1])  # (B, 1 + N, c)
+    bsz, seq, _ = h.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(h[:, :1]).view(bsz, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    k = attn.k_proj(h).view(bsz, seq, heads, head_dim).transpose(1, 2)  # (B, H, 1 + N, hd)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    probs = ((q.to(compute) @ k.to(compute).transpose(-1, -2)) * attn.scale).softmax(-1)  # (B, H, 1, 1 + N)
+    return probs[:, :, 0, 1:].mean(1)  # (B, N)
+
+
+def vispruner_keep_mask(cls_attention, features, budget, important_ratio):
+    """VisPruner's kept set (num_images, N) bool, in raster order.
+
+    Important tokens: the `int(budget * important_ratio)` patches with the highest [CLS] attention. Diverse
+    tokens: the others, ordered by attention, are repeatedly split alternately into two halves (even / odd
+    positions of the list); the up to `min(8, excess)` tokens of the first half whose best cosine similarity to the
+    second half is highest are dropped, the first half's survivors are re-listed by decreasing similarity before
+    the second half, until `budget - important` remain. Unlike the reference, an odd list (first half one longer),
+    a single remaining token (no second half: it is dropped) and more tokens to drop than the first half holds
+    are handled. Ties keep the lower position (stable sorts). `budget >= N` keeps everything.
+
+    cls_attention: (B, N); features: (B, N, c) pre-projector features of the patches
+    """
+    bsz, n = cls_attention.shape
+    device = cls_attention.device
+    if budget >= n:
+        return torch.ones(bsz, n, dtype=torch.bool, device=device)
+    important = int(budget * important_ratio)
+    diverse = budget - important
+    order = torch.sort(cls_attention, dim=1, descending=True, stable=True).indices  # (B, N)
+    residual = order[:, important:]  # (B, R)
+    compute = torch.promote_types(features.dtype, torch.float32)
+    normed = F.normalize(features.to(compute), dim=-1)
+    rows = torch.arange(bsz, device=device).unsqueeze(1)
+    while True:
+        size = residual.shape[1]
+        excess = size - diverse
+        if excess <= 0:
+            break
+        first, second = residual[:, 0::2], residual[:, 1::2]  # (B, ceil(R/2)), (B, floor(R/2))
+        drop = min(8, excess, first.shape[1])
+        if second.shape[1] == 0:
+            residual = first[:, drop:]
+            continue
+        sim = normed[rows, first] @ normed[rows, second].transpose(1, 2)  # (B, R1, R2)
+        best = sim.max(-1).values  # (B, R1)
+        by_sim = torch.sort(best, dim=1, descending=True, stable=True).indices[:, drop:]
+        residual = torch.cat([first.gather(1, by_sim), second], dim=1)
+    keep = torch.zeros(bsz, n, dtype=torch.bool, device=device)
+    keep.scatter_(1, order[:, :important], True)
+    keep.scatter_(1, residual, True)
+    return keep
+
+
+def random_point_scores(seed, num_points, num_tokens):
+    """The "random" baseline's scores (num_points, N): `torch.rand` from a CPU generator seeded with
+    `pruning_seed`; at point p a row keeps the top-k alive tokens by `scores[p]`, i.e. a uniform k-subset of them
+    that depends only on the seed (the same for every row, so batch == single)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_points, num_tokens, generator=g, dtype=torch.float64)
+
+
 @dataclass
 class RcpPruningInfo:
     """Which visual tokens (raster indices 0..N-1) survive each pruning layer, per sample."""
@@ -341,14 +448,17 @@ class RcpPruningInfo:
 class RcpDecodeState:
     """Per-sample state that decode steps need after a pruned prefill; lives on the cache.
 
-    prefill_length: T, the prompt length at layer 0.
-    segment_masks: {first layer of a pruned segment: (B, T_s) bool key mask of its prefill tokens}.
+    prefill_length: the prompt's length in layer 0's cache (T, or less after a pre-LLM prune).
+    segment_masks: {first layer of a pruned segment (0 after a pre-LLM prune): (B, T_s) bool key mask of its
+        prefill tokens}.
     repair_contexts: {repair layer: (B, b) context of Eq. 11}.
     has_image: (B,) bool.
+    input_length: T, the prompt length in input tokens (positions continue from it); default prefill_length.
     """
 
-    def __init__(self, prefill_length, segment_masks, repair_contexts, has_image):
+    def __init__(self, prefill_length, segment_masks, repair_contexts, has_image, input_length=None):
         self.prefill_length = prefill_length
+        self.input_length = prefill_length if input_length is None else input_length
         self.segment_masks = segment_masks
         self.repair_contexts = repair_contexts
         self.has_image = has_image
@@ -468,6 +578,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         # "discard" (inference), "mask" (training: tokens stay in place, differentiable masks) or None: mask
         # while `self.training`, discard otherwise.
         self.pruning_layout = None
+        # Logistic noise on the training masks (Eq. 6); off makes a training step deterministic.
+        self.gumbel_noise = True
         self._positional_cache = {}
         self.post_init()
 
@@ -487,15 +599,27 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_features = None
+        image_features = vision_keep = None
         if pixel_values is not None:
-            image_features = self.get_image_features(
+            vispruner = self._pruning_active() and self.config.pruning_method == "vispruner"
+            extra = {}
+            if vispruner and isinstance(vision_feature_layer, int):
+                # Capture the feature layer's input too (transformers keeps only the selected hidden states).
+                num_states = self.config.vision_config.num_hidden_layers + 1
+                feature = vision_feature_layer % num_states
+                extra["output_hidden_states"] = sorted({feature, max(feature - 1, 0)})
+            image_outputs = self.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
                 return_dict=True,
-            ).pooler_output
+                **extra,
+            )
+            if vispruner:
+                vision_keep = self._vispruner_keep(image_outputs.hidden_states, vision_feature_layer,
+                                                   vision_feature_select_strategy)
+            image_features = image_outputs.pooler_output
             image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self._image_token_mask(input_ids, inputs_embeds)
             n_tokens, n_features = int(image_mask.sum()), image_features.shape[0]
@@ -507,7 +631,26 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     "which expands each <image> into one token per visual feature."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        return inputs_embeds, image_features
+        return inputs_embeds, image_features, vision_keep
+
+    def _vispruner_keep(self, vision_hidden_states, vision_feature_layer, vision_feature_select_strategy):
+        """VisPruner's kept patches (num_images, N), from the vision tower's hidden states."""
+        if not isinstance(vision_feature_layer, int) or vision_feature_select_strategy != "default":
+            raise ValueError(
+                "`pruning_method='vispruner'` needs one int `vision_feature_layer` and "
+                f"`vision_feature_select_strategy='default'`, got {vision_feature_layer!r} and "
+                f"{vision_feature_select_strategy!r}."
+            )
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        if not hasattr(getattr(tower, "encoder", None), "layers") or vision_hidden_states is None:
+            raise ValueError(
+                f"`pruning_method='vispruner'` needs a CLIP-style vision tower with a [CLS] token; got "
+                f"{type(self.vision_tower).__name__}."
+            )
+        cls_attention = vispruner_cls_attention(self.vision_tower, vision_hidden_states, vision_feature_layer)
+        features = vision_hidden_states[vision_feature_layer][:, 1:]  # pre-projector patch features
+        return vispruner_keep_mask(cls_attention, features, self.config.pre_llm_keep_count,
+                                   self.config.vispruner_important_ratio)
 
     def _image_token_mask(self, input_ids, inputs_embeds):
         if input_ids is not None:
@@ -533,28 +676,58 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         )
 
     def _select_tokens(self, p, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid, vis_ids):
-        """Keep mask (B, K) over the alive visual tokens before decoder layer `layer_idx` (pruning layer #p)."""
-        logits = self._retention_logits(layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid)
-        counts = self.config.pruning_keep_counts
-        if counts is None:
-            return logits > 0  # Eq. (8)
-        return _top_k_mask(logits, vis_valid, counts[p])
+        """Keep mask (B, K) over the alive visual tokens at pruning point #p: before decoder layer `layer_idx`
+        (0 = before the LLM, for the methods that prune there)."""
+        method = self.config.pruning_method
+        count = run.keep_counts[p] if run.keep_counts is not None else None
+        if method == "rcp":
+            logits = self._retention_logits(layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid)
+            if count is None:
+                return logits > 0  # Eq. (8)
+            return _top_k_mask(logits, vis_valid, count)
+        if method == "vispruner":
+            return run.vision_keep.gather(1, vis_ids) & vis_valid
+        if method == "random":
+            scores = random_point_scores(self.config.pruning_seed, len(run.pruning_layers), self.config.num_visual_tokens)
+            scores = scores[p].to(vis_ids.device).unsqueeze(0).expand(vis_ids.shape[0], -1).gather(1, vis_ids)
+            return _top_k_mask(scores, vis_valid, count)
+        if method == "attention_topk":
+            hidden_norm = layer.input_layernorm(hidden)
+            q_slots, q_valid = _first_slots(run.slot_question())
+            a = self._visual_attention(layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid)
+            return _top_k_mask(_centred_log(a, vis_valid), vis_valid, count)
+        if method == "fastv":
+            prev_idx, prev_hidden = run.previous_input
+            if prev_idx != layer_idx - 1 or prev_hidden.shape[1] != hidden.shape[1]:
+                raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
+            prev = self.language_model.layers[prev_idx]
+            if self.config.fastv_query == "last":  # rows are right-aligned: the last slot is the last prompt token
+                q_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, dtype=torch.long,
+                                     device=hidden.device)
+                q_valid = torch.ones_like(q_slots, dtype=torch.bool)
+            else:
+                q_slots, q_valid = _first_slots(run.slot_question())
+            a = self._visual_attention(prev, prev.input_layernorm(prev_hidden), position_embeddings, run, vis_slots,
+                                       q_slots, q_valid)
+            return _top_k_mask(a, vis_valid, count)
+        raise ValueError(f"`pruning_method` {method!r} cannot select tokens.")
 
-    def _retention_logits(self, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid):
-        """RCP's retention logits (B, K) for the alive visual tokens at `vis_slots` (Eqs. 4-5)."""
-        hidden_norm = layer.input_layernorm(hidden)  # (B, T', d)
+    def _visual_attention(self, layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid):
+        """Attention (B, K) the query rows `q_slots` pay to the visual tokens at `vis_slots` in `layer` (whose
+        normalised input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = position_embeddings
-        slot_q = torch.where(run.slot_valid, run.question_mask.gather(1, run.slot_orig.clamp_min(0)), False)
-        q_slots, q_valid = _first_slots(slot_q)  # (B, Lq)
         probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, run.key_alive(), q_slots)
         to_visual = probs.gather(3, vis_slots.view(vis_slots.shape[0], 1, 1, -1).expand(
             -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
         qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
-        a = (to_visual * qw).sum(2).mean(1) / qw.sum(2).mean(1).clamp_min(1.0)  # (B, K), Eq. (4)'s a_i
-        log_a = torch.log(a.clamp_min(1e-30))
-        alive = vis_valid.to(log_a.dtype)
-        prior = log_a - ((log_a * alive).sum(1, keepdim=True) / alive.sum(1, keepdim=True).clamp_min(1.0))  # A
-        prior = prior.to(hidden.dtype)
+        return (to_visual * qw).sum(2).mean(1) / qw.sum(2).mean(1).clamp_min(1.0)  # (B, K)
+
+    def _retention_logits(self, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid):
+        """RCP's retention logits (B, K) for the alive visual tokens at `vis_slots` (Eqs. 4-5)."""
+        hidden_norm = layer.input_layernorm(hidden)  # (B, T', d)
+        q_slots, q_valid = _first_slots(run.slot_question())  # (B, Lq)
+        a = self._visual_attention(layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid)
+        prior = _centred_log(a, vis_valid).to(hidden.dtype)  # A, Eq. (4)
 
         pruner = self.rcp_plugins.pruners[str(layer_idx)]
         visual = _gather_seq(hidden_norm, vis_slots)  # (B, K, d)
@@ -609,23 +782,25 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         kwargs.pop("output_attentions", None)
         kwargs.pop("return_dict", None)
 
-        inputs_embeds, image_features = self._embed(
+        inputs_embeds, image_features, vision_keep = self._embed(
             input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy, image_sizes
         )
         bsz, seq, _ = inputs_embeds.shape
         lm = self.language_model
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A state left on a cache that is empty again belongs to an older prompt.
+        state = getattr(past_key_values, "rcp_state", None) if past_length > 0 else None
         if position_ids is None:
-            position_ids = torch.arange(seq, device=inputs_embeds.device) + past_length
+            # After a pre-LLM prune, layer 0's cache is shorter than the prompt: count positions in input tokens.
+            offset = past_length if state is None else past_length - state.prefill_length + state.input_length
+            position_ids = torch.arange(seq, device=inputs_embeds.device) + offset
             position_ids = position_ids.unsqueeze(0).expand(bsz, -1)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         position_ids = position_ids.expand(bsz, -1)
 
-        # A state left on a cache that is empty again belongs to an older prompt.
-        state = getattr(past_key_values, "rcp_state", None) if past_length > 0 else None
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
-        prune_now = self._pruning_active() and bool(image_mask.any()) and self.config.pruning_layers
+        prune_now = self._pruning_active() and bool(image_mask.any()) and self.config.pruning_points
         if prune_now and past_length > 0:
             raise ValueError(
                 "Pruning needs the image in a prefill that starts from an empty cache, but `past_key_values` already "
@@ -649,6 +824,12 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             layout = self.pruning_layout or ("mask" if self.training else "discard")
             if layout not in ("mask", "discard"):
                 raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
+            if layout == "mask" and self.config.pruning_method != "rcp" and visual_keep_masks is None:
+                raise ValueError(
+                    f"The differentiable ('mask') pruning layout trains RCP's plug-ins, but "
+                    f"`pruning_method={self.config.pruning_method!r}` has none. Call `model.eval()` or set "
+                    "`model.model.pruning_layout = 'discard'`."
+                )
             if layout == "mask" and any(getattr(l, "gradient_checkpointing", False) for l in lm.layers):
                 raise ValueError(
                     "Gradient checkpointing is not supported in the differentiable ('mask') pruning layout: the "
@@ -656,7 +837,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
                 )
             run = _PrunedPrefill(self, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                                 question_mask, answer_mask, visual_keep_masks, differentiable=layout == "mask")
+                                 question_mask, answer_mask, visual_keep_masks, differentiable=layout == "mask",
+                                 vision_keep=vision_keep)
             if run.differentiable and past_key_values is not None:
                 # The mask layout keeps every token, so a cache filled now could not be decoded from.
                 past_key_values, use_cache = None, False
@@ -667,7 +849,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             all_hidden.append(hidden)
             all_positions.append(slot_orig)
         decode_answer_mask = None
-        mask = self._layer_mask(hidden, attention_mask, past_key_values, 0)
+        if state is not None and 0 in state.segment_masks:
+            mask = None  # layer 0 is a pruned segment: its mask is built in the loop
+        else:
+            mask = self._layer_mask(hidden, attention_mask, past_key_values, 0)
         if run is not None:
             run.mask = mask
         for idx, layer in enumerate(lm.layers[: text_config.num_hidden_layers]):
@@ -677,6 +862,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings,
                                                                   past_key_values)
                 run.record_retention()
+                run.previous_input = (idx, hidden)  # FastV reads the input of the layer before its pruning layer
                 extra = run.layer_kwargs()
             elif state is not None and idx in state.segment_masks:
                 mask = self._decode_segment_mask(hidden, attention_mask, past_key_values, state, idx)
@@ -713,7 +899,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             token_positions = run.slot_orig
             layer_retention = torch.stack(run.retention, dim=1)  # (B, num_layers)
             if past_key_values is not None and not run.differentiable:
-                past_key_values.rcp_state = run.decode_state(seq)
+                past_key_values.rcp_state = run.decode_state(run.prefill_length, seq)
             self.last_pruning_info = info
         elif past_key_values is not None and past_length == 0:
             past_key_values.rcp_state = None  # a new prompt without pruning: forget an older state
@@ -750,12 +936,16 @@ class _PrunedPrefill:
     """
 
     def __init__(self, model, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                 question_mask, answer_mask, visual_keep_masks, differentiable=False):
+                 question_mask, answer_mask, visual_keep_masks, differentiable=False, vision_keep=None):
         config = model.config
         self.model = model
         self.differentiable = differentiable
         self.config = config
-        self.pruning_layers = list(config.pruning_layers)
+        # Pruning points: decoder layers before which tokens are dropped; 0 = before the LLM (pre-LLM methods).
+        self.pruning_layers = list(config.pruning_points)
+        self.keep_counts = config.point_keep_counts
+        self.prefill_length = hidden.shape[1]  # layer 0's cache length after this prefill
+        self.previous_input = None  # (layer index, hidden entering it), for FastV
         bsz, seq, _ = hidden.shape
         device = hidden.device
         n = config.num_visual_tokens
@@ -767,6 +957,10 @@ class _PrunedPrefill:
                 "Pass one image per prompt (or run with `pruning_method='none'`)."
             )
         self.has_image = per_row == n  # (B,)
+        self.vision_keep = None  # (B, N) VisPruner's choice per row (rows without an image: all False)
+        if vision_keep is not None:
+            self.vision_keep = torch.zeros(bsz, n, dtype=torch.bool, device=device)
+            self.vision_keep[self.has_image] = vision_keep.to(device)
         # Raster index of each original visual token, -1 elsewhere.
         self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T)
 
@@ -813,6 +1007,10 @@ class _PrunedPrefill:
         self.segment_masks = {}
         self.repair_contexts = {}
         self.position_embeddings = position_embeddings
+
+    def slot_question(self):
+        """(B, T') question tokens among the current slots."""
+        return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
 
     def _slot_vis(self):
         return torch.where(self.slot_valid, self.vis_id.gather(1, self.slot_orig.clamp_min(0)), -1)  # (B, T')
@@ -866,6 +1064,8 @@ class _PrunedPrefill:
         self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
         self.slot_valid = valid
         self.segment_masks[layer_idx] = valid
+        if layer_idx == 0:
+            self.prefill_length = valid.shape[1]
         mask = self.model._layer_mask(hidden, valid, cache, layer_idx)
         return hidden, position_embeddings, mask
 
@@ -886,7 +1086,7 @@ class _PrunedPrefill:
             logits = self.model._retention_logits(layer_idx, layer, hidden, position_embeddings, self, vis_slots,
                                                   vis_valid)
             tau = self.config.gumbel_temperature
-            if self.model.training:
+            if self.model.training and self.model.gumbel_noise:
                 u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
                 logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
             y_soft = torch.sigmoid(logits / tau)  # Eq. (6)
@@ -937,8 +1137,105 @@ class _PrunedPrefill:
         )
         return RcpPruningInfo.from_masks(masks, self.has_image, self.pruning_layers)
 
-    def decode_state(self, prefill_length):
-        return RcpDecodeState(prefill_length, dict(self.segment_masks), dict(self.repair_contexts), self.has_image)
+    def decode_state(self, prefill_length, input_length=None):
+        return RcpDecodeState(prefill_length, dict(self.segment_masks), dict(self.repair_contexts), self.has_image,
+                              input_length)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub files and plug-in-only checkpoints (used by the model class below)
+# ------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402  (kept next to their only users)
+import os  # noqa: E402
+
+
+try:  # loaded as a Hub module (flat folder, relative import) ...
+    from .configuration_rcp_llava import PRUNING_FIELDS
+except ImportError:  # ... or as an installed top-level module
+    from configuration_rcp_llava import PRUNING_FIELDS
+
+try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
+    # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
+    from safetensors.torch import load_file as _load_safetensors
+    from safetensors.torch import save_file as _save_safetensors
+except ImportError:  # pragma: no cover
+    _load_safetensors = _save_safetensors = None
+
+RCP_LLAVA_VERSION = "0.1.0"
+# A plug-in-only checkpoint (PEFT-style): these two files, nothing else.
+RCP_CONFIG_NAME = "rcp_config.json"
+RCP_PLUGINS_NAME = "rcp_plugins.safetensors"
+RCP_PLUGINS_FORMAT = "rcp_plugins"
+# What `save_pretrained` writes into config.json: the classes each Auto class resolves to with
+# `trust_remote_code=True`. AutoModel gives the bare decoder (last_hidden_state), the other two the LM.
+RCP_AUTO_MAP = {
+    "AutoConfig": "configuration_rcp_llava.RcpLlavaConfig",
+    "AutoModel": "modeling_rcp_llava.RcpLlavaModel",
+    "AutoModelForCausalLM": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
+}
+# Keys of rcp_config.json besides the pruning fields of the config.
+_PLUGIN_META_KEYS = (
+    "format", "base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens",
+    "library_version", "transformers_version",
+)
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def _resolve_plugin_file(path_or_repo_id, filename, hub_kwargs):
+    """Local folder or Hub repo id -> local path of `filename` (the Hub is only contacted for a repo id)."""
+    if os.path.isdir(path_or_repo_id):
+        path = os.path.join(path_or_repo_id, hub_kwargs.get("subfolder") or "", filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path_or_repo_id!r} has no {filename}: it is not an RCP plug-in folder (written by "
+                "`model.save_plugins(folder)`)."
+            )
+        return path
+    from transformers.utils import cached_file
+
+    return cached_file(path_or_repo_id, filename, **hub_kwargs)
+
+
+def read_plugin_config(path_or_repo_id, **hub_kwargs):
+    """The rcp_config.json of a plug-in checkpoint as a dict; unknown keys are reported with a warning."""
+    path = _resolve_plugin_file(path_or_repo_id, RCP_CONFIG_NAME, hub_kwargs)
+    with open(path, encoding="utf-8") as f:
+        plugin_config = json.load(f)
+    if plugin_config.get("format", RCP_PLUGINS_FORMAT) != RCP_PLUGINS_FORMAT:
+        raise ValueError(f"{path} has `format` {plugin_config['format']!r}, expected {RCP_PLUGINS_FORMAT!r}.")
+    unknown = sorted(set(plugin_config) - set(PRUNING_FIELDS) - set(_PLUGIN_META_KEYS))
+    if unknown:
+        logger.warning(f"{RCP_CONFIG_NAME} of {path_or_repo_id!r} has unknown keys {unknown}; they are ignored.")
+    return plugin_config
+
+
+@contextlib.contextmanager
+def _quiet_logger(name):
+    """Raise logger `name` to ERROR for the duration of the block."""
+    target = logging.get_logger(name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugins_name):
+    """ValueError unless plug-ins built for (hidden_size, num_layers) fit; called before any tensor is read."""
+    problems = []
+    for key, actual in (("hidden_size", hidden_size), ("num_hidden_layers", num_layers)):
+        expected = plugin_config.get(key)
+        if expected is not None and expected != actual:
+            problems.append(f"`{key}` {expected} (plug-ins) != {actual} (base)")
+    if problems:
+        raise ValueError(
+            f"The RCP plug-ins {plugins_name!r} were trained for another text model than {base_name!r}: "
+            f"{'; '.join(problems)}. Use the base model named in its {RCP_CONFIG_NAME} "
+            f"(`base_model_name_or_path`: {plugin_config.get('base_model_name_or_path')!r})."
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1104,6 +1401,155 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         if state is not None and not isinstance(past_key_values, RcpDynamicCache):
             state.reorder(beam_idx)  # a plain cache passed by the user: carry the state along ourselves
         return past_key_values
+
+    # -- Hub folders and plug-in-only checkpoints -----------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
+        (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) and `config.auto_map` = `RCP_AUTO_MAP`, so that
+        `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
+        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
+        owner = type(self)
+        if owner._auto_class is not None:  # loaded as remote code: transformers already copies the module files
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        owner._auto_class = "AutoModelForImageTextToText"  # what makes `save_pretrained` copy the module files
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del owner._auto_class
+
+    def save_plugins(self, save_directory, base_model_name_or_path=None):
+        """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields
+        of the config, the base model, its hidden size and layer count, the library versions) and
+        `rcp_plugins.safetensors` (the tensors of `plugin_state_dict()`). Load it with
+        `RcpLlavaForConditionalGeneration.from_base(base, plugins=save_directory)`. Returns the two paths.
+
+        `base_model_name_or_path` defaults to the checkpoint this model was built from.
+        """
+        if _save_safetensors is None:  # pragma: no cover
+            raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
+        from transformers import __version__ as transformers_version
+
+        config, text = self.config, self.config.text_config
+        base = (
+            base_model_name_or_path
+            or getattr(self, "rcp_base_model_name_or_path", None)
+            or getattr(config, "_name_or_path", None)
+            or None
+        )
+        record = {name: getattr(config, name) for name in PRUNING_FIELDS}
+        record.update(
+            format=RCP_PLUGINS_FORMAT,
+            base_model_name_or_path=str(base) if base is not None else None,
+            hidden_size=text.hidden_size,
+            num_hidden_layers=text.num_hidden_layers,
+            num_visual_tokens=config.num_visual_tokens,
+            library_version=RCP_LLAVA_VERSION,
+            transformers_version=transformers_version,
+        )
+        os.makedirs(save_directory, exist_ok=True)
+        config_path = os.path.join(save_directory, RCP_CONFIG_NAME)
+        with open(config_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
+        _save_safetensors(tensors, weights_path, metadata={"format": "pt"})
+        return [config_path, weights_path]
+
+    def load_plugins(self, plugins, **hub_kwargs):
+        """Copy the tensors of a plug-in checkpoint (folder or Hub repo id) into this model's plug-ins.
+
+        A checkpoint built for another hidden size or layer count, or holding a tensor of another shape, raises a
+        `ValueError` before any tensor is copied; unknown config keys, missing plug-in keys (they keep their
+        initial values) and unexpected keys are reported with a warning. Returns `(missing, unexpected)`.
+        """
+        if _load_safetensors is None:  # pragma: no cover
+            raise ImportError("Loading RCP plug-ins needs `safetensors` (`pip install safetensors`).")
+        plugin_config = read_plugin_config(plugins, **hub_kwargs)
+        text = self.config.text_config
+        _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins)
+        tensors = _load_safetensors(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs))
+        own = self.plugin_state_dict()
+        mismatched = [
+            f"{k}: {tuple(tensors[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+            for k in sorted(set(tensors) & set(own))
+            if tensors[k].shape != own[k].shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"The RCP plug-ins {plugins!r} do not fit this model's plug-in sizes (check `pruner_hidden_size`, "
+                f"`num_pruning_queries`, `repair_bottleneck_size`): " + "; ".join(mismatched)
+            )
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing:
+            logger.warning(
+                f"The RCP plug-ins {plugins!r} have no tensor for {len(missing)} plug-in parameter(s), which keep their "
+                f"initial values (check `pruning_layers` / `repair_layers`): {missing}"
+            )
+        if unexpected:
+            logger.warning(f"The RCP plug-ins {plugins!r} hold tensors this model has no use for: {unexpected}")
+        with torch.no_grad():
+            for k in sorted(set(tensors) & set(own)):
+                own[k].copy_(tensors[k])
+        return missing, unexpected
+
+    @classmethod
+    def from_base(cls, base_model_name_or_path, plugins=None, **kwargs):
+        """A full RCP model from a stock LLaVA checkpoint plus, optionally, a plug-in-only checkpoint.
+
+        ```python
+        model = RcpLlavaForConditionalGeneration.from_base("llava-hf/llava-1.5-7b-hf", plugins="user/rcp-plugins")
+        ```
+
+        The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
+        pruning field of `RcpLlavaConfig` overrides it (e.g. `pruning_keep_counts=[96, 26, 8]`), every other kwarg
+        goes to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...). Plug-ins built for another
+        hidden size or layer count raise a `ValueError` before any weight is read.
+        """
+        from transformers import LlavaConfig
+
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "subfolder"}
+        plugin_config = read_plugin_config(plugins, **hub_kwargs) if plugins is not None else {}
+        base_dict, _ = RcpLlavaConfig.get_config_dict(base_model_name_or_path, **hub_kwargs)
+        drop = set(PRUNING_FIELDS) | {"model_type", "auto_map", "architectures"}
+        stock_text = LlavaConfig.from_dict({k: v for k, v in base_dict.items() if k not in drop}).text_config
+        if plugins is not None:
+            _check_plugin_shape(
+                plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_model_name_or_path, plugins
+            )
+        fields = {k: plugin_config[k] for k in PRUNING_FIELDS if k in plugin_config}
+        fields.update(overrides)
+        config = RcpLlavaConfig.from_pretrained(base_model_name_or_path, **fields, **hub_kwargs)
+        if plugins is None:
+            model = cls.from_pretrained(base_model_name_or_path, config=config, **kwargs)
+        else:
+            # The stock load report would list every plug-in tensor as "newly initialised" just before they are
+            # loaded: quiet it and report only what concerns the base weights.
+            kwargs.pop("output_loading_info", None)
+            with _quiet_logger("transformers.modeling_utils"):
+                model, info = cls.from_pretrained(
+                    base_model_name_or_path, config=config, output_loading_info=True, **kwargs
+                )
+            missing = [k for k in info["missing_keys"] if not k.startswith(PLUGIN_PREFIX)]
+            if missing or info["unexpected_keys"] or info["mismatched_keys"]:
+                logger.warning(
+                    f"Loading the base {base_model_name_or_path!r}: missing {missing}, unexpected "
+                    f"{info['unexpected_keys']}, mismatched {info['mismatched_keys']}."
+                )
+        model.rcp_base_model_name_or_path = str(base_model_name_or_path)
+        if plugins is not None:
+            model.load_plugins(plugins, **hub_kwargs)
+        return model
+
+
+def _centred_log(a, valid):
+    """Eq. (4)'s prior A: log a, centred over the valid (alive) tokens of each row."""
+    log_a = torch.log(a.clamp_min(1e-30))
+    alive = valid.to(log_a.dtype)
+    return log_a - ((log_a * alive).sum(1, keepdim=True) / alive.sum(1, keepdim=True).clamp_min(1.0))
 
 
 def _top_k_mask(scores, valid, k):

@@ -102,7 +102,11 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     model = make_model(visual_token_budget=6.0)
     randomize_plugin_parameters(model)
     model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # backbone keys as llava-hf writes them
+        keys = set(f.keys())
+    assert "language_model.model.embed_tokens.weight" in keys and "model.rcp_plugins.pruners.1.bias" in keys
     loaded = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     # Everything but the load metadata transformers adds (`_name_or_path`, the sub-configs' `dtype`) is equal.
     assert without_load_metadata(loaded.config.to_dict()) == without_load_metadata(model.config.to_dict())
@@ -118,13 +122,16 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
 
 
 def test_from_pretrained_on_a_stock_llava_checkpoint(tmp_path, caplog):
-    from transformers import LlavaConfig
+    from safetensors import safe_open
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     model = make_model()
-    stock = stock_copy(model)
     stock_config = LlavaConfig(**{k: v for k, v in model.config.to_dict().items() if k in LlavaConfig().to_dict()})
-    stock.config = stock_config
+    stock = LlavaForConditionalGeneration(stock_config).eval()
+    stock.load_state_dict({k: v for k, v in model.state_dict().items() if ".rcp_plugins." not in k})
     stock.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the llava-hf layout on disk
+        assert "language_model.model.embed_tokens.weight" in set(f.keys())
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addHandler(caplog.handler)
     try:

@@ -1,0 +1,262 @@
+"""Training: the loss terms (pure functions) and the Trainer mechanics (issue 4)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train_rcp
+from train_rcp import (
+    RcpDataCollator, RcpTrainer, RcpTrainingArguments, gaussian_w2, sparsity_loss, task_loss, w2_repair_loss,
+)
+
+
+# -- loss terms ------------------------------------------------------------------------------------
+
+
+def test_task_loss_hand_computed():
+    # One target: position 0 predicts label[1] = 2 with logits [0, 0, ln 3] -> p = 3/5.
+    logits = torch.zeros(1, 2, 3)
+    logits[0, 0, 2] = math.log(3.0)
+    labels = torch.tensor([[-100, 2]])
+    assert torch.isclose(task_loss(logits, labels), torch.tensor(-math.log(3 / 5)))
+    # Normalised by the window's token count when given.
+    assert torch.isclose(task_loss(logits, labels, num_items=4), torch.tensor(-math.log(3 / 5) / 4))
+
+
+def test_w2_zero_for_identical_and_hand_computed():
+    h = torch.randn(2, 5, 4)
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]]).bool()
+    assert torch.allclose(gaussian_w2(h, h, mask), torch.zeros(2), atol=1e-5)
+    # Sample 0 only: teacher positions [0, 2] in every dim (mu 1, std 1), student [1, 1] (mu 1, std 0).
+    teacher = torch.tensor([[[0.0] * 4, [2.0] * 4]])
+    student = torch.tensor([[[1.0] * 4, [1.0] * 4]])
+    w2 = gaussian_w2(student, teacher, torch.ones(1, 2, dtype=torch.bool))
+    assert torch.allclose(w2, torch.tensor([1.0]), atol=1e-5)  # (0 + 4 * (0 - 1)^2) / 4
+    # Shifted means: (4 * 3^2) / 4 = 9.
+    assert torch.allclose(gaussian_w2(student + 3, student, torch.ones(1, 2, dtype=torch.bool)),
+                          torch.tensor([9.0]), atol=1e-4)
+
+
+def test_w2_repair_loss_gradients_flow_and_average():
+    s = torch.randn(3, 4, 8, requires_grad=True)
+    t = torch.randn(3, 4, 8)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    loss = w2_repair_loss([s, s * 2], [t, t], mask)
+    loss.backward()
+    assert s.grad.abs().sum() > 0
+    per_layer = (gaussian_w2(s, t, mask) + gaussian_w2(s * 2, t, mask)) / 2
+    assert torch.isclose(loss, per_layer.mean())
+    # A window of 6 samples: this batch's share is sum / 6.
+    assert torch.isclose(w2_repair_loss([s], [t], mask, num_samples=6), gaussian_w2(s, t, mask).sum() / 6)
+    # Mean-only variant ignores the spread.
+    spread = torch.tensor([[[0.0], [2.0]]])
+    flat = torch.tensor([[[1.0], [1.0]]])
+    assert w2_repair_loss([flat], [spread], torch.ones(1, 2, dtype=torch.bool), mean_only=True) == 0
+
+
+def test_sparsity_loss_hand_computed():
+    retention = torch.tensor([[1.0, 0.5, 0.25, 0.25], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    loss = sparsity_loss(retention, target=0.25, has_image=torch.tensor([True, False]))
+    assert torch.isclose(loss, torch.tensor(abs(0.5 - 0.25) / 2))  # only row 0 counts, / 2 samples
+    loss.backward()
+    assert torch.allclose(retention.grad[0], torch.full((4,), 0.25 / 2))
+    assert torch.equal(retention.grad[1], torch.zeros(4))
+
+
+def test_annealing_schedule():
+    assert train_rcp.annealed(1.5, 0.2, 0.0) == 1.5
+    assert math.isclose(train_rcp.annealed(1.5, 0.2, 1.0), 0.2)
+    assert math.isclose(train_rcp.annealed(1.5, 0.2, 0.5), math.sqrt(1.5 * 0.2))
+
+
+def test_training_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="`lambda_repair` must be >= 0"):
+        RcpTrainingArguments(output_dir=str(tmp_path), lambda_repair=-1)
+    with pytest.raises(ValueError, match="`sparsity_layers` is 'some'"):
+        RcpTrainingArguments(output_dir=str(tmp_path), sparsity_layers="some")
+    with pytest.raises(ValueError, match="`gradient_checkpointing=True` is not supported"):
+        RcpTrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="`repair_loss_layers` must be comma-separated integers"):
+        RcpTrainingArguments(output_dir=str(tmp_path), repair_loss_layers="a,b")
+    args = RcpTrainingArguments(output_dir=str(tmp_path))
+    assert (args.lambda_task, args.lambda_repair, args.lambda_sparse) == (1.5, 40.0, 200.0)
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+# -- Trainer mechanics on the micro testbed --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """A micro testbed (random stock LLaVA + processor + 8 generated samples) as an RCP model factory."""
+    from configuration_rcp_llava import RcpLlavaConfig
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.testbed import build_dataset, build_model_config, build_processor, get_preset
+
+    preset = get_preset("micro")
+    processor = build_processor(preset)
+    stock = build_model_config(preset, processor.tokenizer).to_dict()
+    dataset = build_dataset("micro", seed=0)["train"]
+
+    def make(seed=0, **overrides):
+        kwargs = dict(pruning_layers=[1], repair_layers=[1], pruner_hidden_size=8, repair_bottleneck_size=8,
+                      visual_token_budget=preset.num_visual_tokens / 4, query_dropout=0.0)
+        kwargs.update(overrides)
+        torch.manual_seed(seed)
+        config = RcpLlavaConfig(**{k: v for k, v in stock.items() if k != "model_type"}, **kwargs)
+        return RcpLlavaForConditionalGeneration(config)
+
+    return make, processor, dataset
+
+
+def make_trainer(micro, out, model=None, **arg_overrides):
+    make, processor, dataset = micro
+    kwargs = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                  logging_steps=1, save_steps=2, save_strategy="steps", report_to=[], seed=0,
+                  disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    kwargs.update(arg_overrides)
+    args = RcpTrainingArguments(**kwargs)
+    collator = RcpDataCollator(processor)
+    return RcpTrainer(model=model or make(), args=args, train_dataset=dataset, data_collator=collator)
+
+
+def test_collator_builds_labels_and_masks(micro):
+    _, processor, dataset = micro
+    batch = RcpDataCollator(processor)([dataset[0], dataset[1]])
+    tok = processor.tokenizer
+    for i in range(2):
+        answer_ids = batch["input_ids"][i][batch["labels"][i] != -100].tolist()
+        assert tok.decode(answer_ids[:-1]).strip() == dataset[i]["answer"]
+        assert answer_ids[-1] == tok.eos_token_id
+        # answer_mask marks the positions that predict the answer tokens
+        predicted = batch["input_ids"][i][1:][batch["answer_mask"][i][:-1]]
+        assert predicted.tolist() == answer_ids
+        question = tok.decode(batch["input_ids"][i][batch["question_mask"][i]].tolist())
+        assert dataset[i]["question"].split()[0] in question and "ASSISTANT" in question
+        assert not (batch["question_mask"][i] & (batch["labels"][i] != -100)).any()
+
+
+def test_training_smoke_writes_plugin_only_checkpoints_and_keeps_backbone_bit_identical(micro, tmp_path):
+    make, _, _ = micro
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(train_rcp.PLUGIN_PREFIX)}
+    plugins_before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    trainer = make_trainer(micro, tmp_path, model=model)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-4"
+    files = set(os.listdir(ckpt))
+    assert {"rcp_plugins.safetensors", "rcp_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            "rng_state.pth"} <= files
+    assert not any(f.startswith("model") for f in files)  # plug-ins only
+    for key, value in model.state_dict().items():
+        if key in before:
+            assert torch.equal(value, before[key]), key
+    assert any(not torch.equal(v, plugins_before[k]) for k, v in model.plugin_state_dict().items())
+    logs = [entry for entry in trainer.state.log_history if "task_loss" in entry]
+    assert len(logs) == 4
+    for key in ("task_loss", "repair_loss", "sparsity_loss", "retention", "target_retention", "gumbel_temperature"):
+        assert key in logs[0], key
+    assert logs[0]["gumbel_temperature"] == pytest.approx(1.5) and logs[-1]["gumbel_temperature"] < 1.5
+    config = json.loads((ckpt / "rcp_config.json").read_text())
+    assert config["pruning_layers"] == [1] and config["hidden_size"] == model.config.text_config.hidden_size
+
+
+def test_resume_reproduces_the_uninterrupted_run(micro, tmp_path):
+    make, _, _ = micro
+    full = make_trainer(micro, tmp_path / "full", model=make())
+    full.train()
+    first = make_trainer(micro, tmp_path / "part", model=make(), max_steps=4)
+    first.train()
+    # Same backbone (it comes from the base checkpoint), scrambled plug-ins: they must come from the checkpoint.
+    scrambled = make()
+    with torch.no_grad():
+        for p in scrambled.plugin_parameters():
+            p.add_(torch.randn_like(p))
+    resumed = make_trainer(micro, tmp_path / "part", model=scrambled)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+    a, b = full.model.plugin_state_dict(), resumed.model.plugin_state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_gradient_accumulation_equals_the_larger_batch(micro, tmp_path):
+    make, _, _ = micro
+    common = dict(max_steps=1, optim="sgd", learning_rate=1.0, gumbel_noise=False, save_strategy="no",
+                  lr_scheduler_type="constant", lr_scheduler_kwargs={})
+    big = make_trainer(micro, tmp_path / "big", model=make(), per_device_train_batch_size=4, **common)
+    big.train()
+    small = make_trainer(micro, tmp_path / "small", model=make(), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, **common)
+    small.train()
+    start = make().plugin_state_dict()
+    a, b = big.model.plugin_state_dict(), small.model.plugin_state_dict()
+    moved = 0
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        moved += int(not torch.equal(a[key], start[key]))
+    assert moved > 0
+
+
+def test_trainer_refuses_a_model_without_plugins(micro, tmp_path):
+    make, _, _ = micro
+    with pytest.raises(ValueError, match="no plug-in parameters to train"):
+        make_trainer(micro, tmp_path, model=make(pruning_method="none"))
+
+
+def test_missing_columns_are_reported_before_training(micro):
+    _, processor, dataset = micro
+    collator = RcpDataCollator(processor, question_column="prompt")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['prompt'\]"):
+        train_rcp.check_dataset(dataset, collator)
+
+
+def test_answers_longer_than_max_length_are_reported(micro):
+    _, processor, dataset = micro
+    with pytest.raises(ValueError, match=r"Example 0 .* above `max_length=10`"):
+        train_rcp.check_dataset(dataset, RcpDataCollator(processor), max_length=10)
+
+
+def test_main_job_end_to_end_on_a_micro_testbed(tmp_path):
+    """`train_rcp.main` on a stock LLaVA folder + dataset folder: trains, evaluates, writes the output folder."""
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    out = tmp_path / "run"
+    metrics = train_rcp.main([
+        "--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+        "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8", "--repair_bottleneck_size",
+        "8", "--budget_fraction", "0.25", "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+    ])
+    assert {"rcp_plugins.safetensors", "rcp_config.json"} <= set(os.listdir(out / "plugins"))
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(out / "model"))
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("full", "rcp", "rcp_fixed_counts", "untrained_fixed_counts", "random_fixed_counts"):
+        assert 0.0 <= saved[key]["accuracy"] <= 1.0 and saved[key]["n"] == 8, key
+    assert saved["rcp"]["kept_per_pruning_layer"] and saved == metrics
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    reloaded = RcpLlavaForConditionalGeneration.from_pretrained(out / "model")
+    assert reloaded.config.visual_token_budget == pytest.approx(0.25 * 64)
+
+
+def test_a_base_model_that_is_not_llava_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                vocab_size=10).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a 'llama' model; RCP needs a LLaVA checkpoint"):
+        train_rcp.main(["--base_model", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+
+
+def test_a_budget_above_the_visual_tokens_is_refused(micro, tmp_path):
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    with pytest.raises(ValueError, match=r"--visual_token_budget 100.0 is outside \(0, 64\]"):
+        train_rcp.main(["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+                        "--pruning_layers", "1", "--repair_layers", "1", "--visual_token_budget", "100",
+                        "--output_dir", str(tmp_path / "o"), "--report_to", "none"])

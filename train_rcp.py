@@ -1,0 +1,824 @@
+"""Train RCP plug-ins (pruners + delayed repair adapters) against the frozen full-token teacher.
+
+    python train_rcp.py                                   # the main job: tiny testbed, 1/9 budget, evaluate
+    python train_rcp.py --max_steps 50 --output_dir runs/quick
+    python train_rcp.py --base_model llava-hf/llava-1.5-7b-hf --dataset_name_or_path my_vqa \
+        --image_column image --question_column question --answer_column answer \
+        --pruning_layers 2,14,26 --repair_layers 23,30 --visual_token_budget 64 --output_dir runs/7b
+    python train_rcp.py --llava_json data/llava_instruct.json --image_folder data/images ...
+    accelerate launch --num_processes 2 train_rcp.py ...  # DDP (the Trainer handles DeepSpeed/FSDP too)
+
+Only the plug-ins train; the backbone stays frozen, and it is also the teacher: the same model run with
+pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
+
+    L = 1.5 * L_task + 40 * L_repair + 200 * L_sparse
+
+L_task: next-token cross-entropy on the answer tokens; L_repair: W2 distance between diagonal Gaussians fitted
+to the student's and the teacher's answer-position hidden states at the repair-loss layers; L_sparse: distance
+of each sample's mean visual-token retention from the target, annealed from 1 to `visual_token_budget / N`.
+The loss terms are the pure functions `task_loss`, `w2_repair_loss` and `sparsity_loss` below.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
+from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration  # noqa: E402
+
+
+logger = logging.get_logger(__name__)
+
+PLUGIN_WEIGHTS_NAME = "rcp_plugins.safetensors"
+PLUGIN_CONFIG_NAME = "rcp_config.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss terms: pure functions
+# ------------------------------------------------------------------------------------------------
+
+
+def task_loss(logits, labels, num_items=None):
+    """Next-token cross-entropy on the answer tokens.
+
+    logits: (B, T, V); labels: (B, T), -100 where there is no target (shifted inside, as in HF causal LMs).
+    num_items: the number of target tokens to normalise by (the whole gradient-accumulation window);
+        default: the targets in this batch. Returns a scalar.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if num_items is None:
+        num_items = (shift_labels != -100).sum()
+    return total / torch.as_tensor(num_items, device=total.device).clamp_min(1)
+
+
+def gaussian_w2(student, teacher, mask):
+    """Per-sample W2 distance between diagonal Gaussians fitted to the masked positions (Eq. 18).
+
+    student/teacher: (B, T, D) hidden states; mask: (B, T) bool, the positions of each sample's Gaussian.
+    W2 = (||mu_s - mu_t||^2 + ||sqrt(v_s) - sqrt(v_t)||^2) / D with mu = E[h], v = E[h*h] - mu*mu over the
+    masked positions. Returns (B,); samples without a masked position give 0.
+    """
+    w = mask.unsqueeze(-1).to(student.dtype)  # (B, T, 1)
+    count = w.sum(1).clamp_min(1.0)  # (B, 1)
+
+    def moments(h):
+        mu = (h * w).sum(1) / count  # (B, D)
+        var = ((h * h) * w).sum(1) / count - mu * mu
+        return mu, var.clamp_min(0.0)
+
+    mu_s, var_s = moments(student.float())
+    mu_t, var_t = moments(teacher.float())
+    # sqrt has an infinite slope at 0: a tiny floor keeps one-position samples (variance 0) differentiable.
+    std_s, std_t = torch.sqrt(var_s + 1e-12), torch.sqrt(var_t + 1e-12)
+    dim = student.shape[-1]
+    w2 = ((mu_s - mu_t) ** 2).sum(-1) / dim + ((std_s - std_t) ** 2).sum(-1) / dim
+    return torch.where(mask.any(1), w2, torch.zeros_like(w2))
+
+
+def w2_repair_loss(student_layers, teacher_layers, answer_mask, num_samples=None, mean_only=False):
+    """Repair loss: per-sample W2 at each designated layer, averaged over layers, summed over samples and
+    divided by `num_samples` (default: the samples in this batch).
+
+    student_layers / teacher_layers: sequences of (B, T, D) hidden states (same layouts); answer_mask: (B, T).
+    mean_only: match the means only (the paper's "mean-only repair loss" ablation).
+    """
+    per_layer = []
+    for s, t in zip(student_layers, teacher_layers, strict=True):
+        if mean_only:
+            w = answer_mask.unsqueeze(-1).to(torch.float32)
+            count = w.sum(1).clamp_min(1.0)
+            mu_s, mu_t = (s.float() * w).sum(1) / count, (t.float() * w).sum(1) / count
+            per_layer.append(((mu_s - mu_t) ** 2).mean(-1) * answer_mask.any(1))
+        else:
+            per_layer.append(gaussian_w2(s, t, answer_mask))
+    per_sample = torch.stack(per_layer, 0).mean(0)  # (B,)
+    if num_samples is None:
+        num_samples = per_sample.shape[0]
+    return per_sample.sum() / num_samples
+
+
+def sparsity_loss(layer_retention, target, has_image=None, num_samples=None):
+    """L_sparse = |r_bar - r*| per sample (Eqs. 19-21), summed and divided by `num_samples`.
+
+    layer_retention: (B, L) fraction of the visual tokens each decoder layer processes (1 before the first
+    pruner); r_bar is its mean over the given layers. Per sample rather than over the batch mean, so that
+    gradient accumulation gives exactly the update of the larger batch. Rows without an image count 0.
+    """
+    r_bar = layer_retention.mean(1)  # (B,)
+    per_sample = (r_bar - target).abs()
+    if has_image is not None:
+        per_sample = torch.where(has_image, per_sample, torch.zeros_like(per_sample))
+    if num_samples is None:
+        num_samples = per_sample.shape[0]
+    return per_sample.sum() / num_samples
+
+
+def annealed(start, end, progress):
+    """Geometric interpolation from `start` to `end` as `progress` goes 0 -> 1 (clamped)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start * (end / start) ** progress
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RcpTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the RCP losses and schedules (defaults: the paper's recipe, RCP.md section 5)."""
+
+    lambda_task: float = field(default=1.5, metadata={"help": "Weight of the task (answer CE) loss."})
+    lambda_repair: float = field(default=40.0, metadata={"help": "Weight of the W2 repair loss."})
+    lambda_sparse: float = field(default=200.0, metadata={"help": "Weight of the sparsity loss."})
+    repair_loss_layers: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated decoder layers whose outputs the repair loss matches to the teacher "
+                          "(default: every repair layer and the last layer)."},
+    )
+    repair_loss_mean_only: bool = field(
+        default=False, metadata={"help": "Match only the means in the repair loss (ablation)."}
+    )
+    gumbel_noise: bool = field(
+        default=True, metadata={"help": "Logistic noise on the training masks (off: deterministic steps)."}
+    )
+    gumbel_temperature_start: float = field(default=1.5, metadata={"help": "Gumbel-Sigmoid temperature at step 0."})
+    gumbel_temperature_end: float = field(default=0.2, metadata={"help": "Gumbel-Sigmoid temperature at the end."})
+    sparsity_warmup_ratio: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of training over which the target retention anneals from 1 to its target."},
+    )
+    sparsity_layers: str = field(
+        default="all",
+        metadata={"help": "Decoder layers the retention is averaged over: 'all' (the paper) or 'from_first_pruner' "
+                          "(for shallow models, where layers before the first pruner put a floor under the "
+                          "all-layer average)."},
+    )
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "LR schedule (paper: cosine)."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr_rate": 0.1}, metadata={"help": "Cosine down to 0.1x the peak LR."}
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (paper: 5e-5)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep raw columns: the collator builds the prompts itself."}
+    )
+    save_safetensors: bool = field(default=True, metadata={"help": "Plug-in checkpoints are always safetensors."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("lambda_task", "lambda_repair", "lambda_sparse"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name in ("gumbel_temperature_start", "gumbel_temperature_end"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.sparsity_warmup_ratio <= 1.0:
+            raise ValueError(f"`sparsity_warmup_ratio` must be in [0, 1], got {self.sparsity_warmup_ratio}.")
+        if self.sparsity_layers not in ("all", "from_first_pruner"):
+            raise ValueError(
+                f"`sparsity_layers` is {self.sparsity_layers!r}; use 'all' or 'from_first_pruner'."
+            )
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "`gradient_checkpointing=True` is not supported: the student's differentiable key mask would be "
+                "lost in the backward recomputation. Only the small plug-ins train; leave it off."
+            )
+        self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
+
+
+def _parse_int_list(value, name):
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    try:
+        return [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"`{name}` must be comma-separated integers, got {value!r}.") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+
+
+def freeze_backbone(model):
+    """Only the plug-ins (parameters under `PLUGIN_PREFIX`) train."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(PLUGIN_PREFIX))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "The model has no plug-in parameters to train: use `pruning_method='rcp'` with at least one pruning "
+            "layer."
+        )
+
+
+class RcpTrainer(Trainer):
+    """Trains the plug-ins of an `RcpLlavaForConditionalGeneration` with the RCP loss.
+
+    The student runs in the differentiable "mask" layout (tokens stay in place, so its hidden states line up
+    with the teacher's, in training and in evaluation alike); the teacher is the same model with its plug-ins
+    disabled, under `no_grad`. Checkpoints hold only the plug-ins (+ optimizer, scheduler and RNG states).
+    """
+
+    # compute_loss normalises every term by the gradient-accumulation window's totals itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, **kwargs):
+        if model is None or not hasattr(model, "plugin_state_dict"):
+            raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
+        freeze_backbone(model)
+        model.model.pruning_layout = "mask"
+        model.model.gumbel_noise = args.gumbel_noise
+        super().__init__(model=model, args=args, **kwargs)
+        self.target_retention = 1.0
+        self._window_samples = None
+        self._metrics = {"train": {}, "eval": {}}
+        self.add_callback(GumbelTemperatureCallback(args.gumbel_temperature_start, args.gumbel_temperature_end))
+        self.add_callback(TargetRetentionCallback(self))
+
+    # -- loss -----------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window_samples = sum(int(b["input_ids"].shape[0]) for b in batch_samples)
+        return batch_samples, num_items
+
+    def repair_layers_for_loss(self, config):
+        layers = self.args.parsed_repair_loss_layers
+        if layers is None:
+            layers = sorted(set(config.repair_layers) | {config.text_config.num_hidden_layers - 1})
+        bad = [i for i in layers if not 0 <= i < config.text_config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"`repair_loss_layers` contains {bad}, outside the text model's layers.")
+        return layers
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        config = unwrapped.config
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        answer_mask = inputs.get("answer_mask")
+        if answer_mask is None:
+            answer_mask = torch.zeros_like(labels, dtype=torch.bool)
+            answer_mask[:, :-1] = labels[:, 1:] != -100
+        loss_layers = self.repair_layers_for_loss(config)
+
+        with torch.no_grad(), unwrapped.plugins_disabled():
+            teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
+        student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False)
+
+        training = model.training
+        num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
+        num_items = num_items_in_batch if training else None
+        l_task = task_loss(student.logits, labels, num_items)
+        l_repair = w2_repair_loss(
+            [student.hidden_states[i + 1] for i in loss_layers],
+            [teacher.hidden_states[i + 1] for i in loss_layers],
+            answer_mask, num_samples, mean_only=args.repair_loss_mean_only,
+        )
+        retention = student.layer_retention
+        has_image = student.has_image
+        if retention is None:  # no image in the batch: nothing was pruned
+            retention = torch.ones(labels.shape[0], config.text_config.num_hidden_layers, device=labels.device)
+            has_image = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        if args.sparsity_layers == "from_first_pruner":
+            retention = retention[:, config.pruning_layers[0]:]
+        l_sparse = sparsity_loss(retention, self.target_retention, has_image, num_samples)
+        loss = args.lambda_task * l_task + args.lambda_repair * l_repair + args.lambda_sparse * l_sparse
+
+        self._record("train" if training else "eval", {
+            "task_loss": l_task, "repair_loss": l_repair, "sparsity_loss": l_sparse,
+            "retention": retention[has_image].mean() if has_image.any() else retention.new_tensor(1.0),
+            "retention_all_layers": (student.layer_retention[has_image].mean()
+                                     if student.layer_retention is not None and has_image.any()
+                                     else retention.new_tensor(1.0)),
+            "target_retention": torch.tensor(self.target_retention),
+            "gumbel_temperature": torch.tensor(float(config.gumbel_temperature)),
+        })
+        return (loss, student) if return_outputs else loss
+
+    def _record(self, split, values):
+        store = self._metrics[split]
+        for key, value in values.items():
+            store.setdefault(key, []).append(float(value.detach().float()) if torch.is_tensor(value) else float(value))
+
+    def log(self, logs, *args, **kwargs):
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._metrics[split].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[split] = {}
+        super().log(logs, *args, **kwargs)
+
+    # -- plug-in-only checkpoints ------------------------------------------------------------------
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        save_plugin_folder(self.accelerator.unwrap_model(self.model), output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_plugin_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def _load_best_model(self):
+        load_plugin_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def save_plugin_folder(model, folder):
+    """Write the plug-in weights (safetensors) and their config (JSON) into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    if hasattr(model, "save_plugins"):
+        model.save_plugins(folder)
+        return
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.plugin_state_dict().items()}
+    save_file(tensors, os.path.join(folder, PLUGIN_WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(folder, PLUGIN_CONFIG_NAME), "w") as f:
+        json.dump(plugin_config_dict(model), f, indent=2, sort_keys=True)
+
+
+def plugin_config_dict(model):
+    config = model.config
+    fields = ("pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
+              "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size",
+              "repair_bottleneck_size")
+    out = {name: getattr(config, name) for name in fields}
+    out.update(base_model_name_or_path=getattr(config, "_name_or_path", None) or None,
+               hidden_size=config.text_config.hidden_size,
+               num_hidden_layers=config.text_config.num_hidden_layers,
+               library="rcp-llava")
+    return out
+
+
+def load_plugin_weights(model, folder):
+    """Load plug-in weights saved by `save_plugin_folder` (strict: every plug-in tensor must be there)."""
+    path = os.path.join(folder, PLUGIN_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No plug-in weights at {path}: is {folder!r} an RCP checkpoint folder?")
+    tensors = load_file(path)
+    expected = set(model.plugin_state_dict())
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"Plug-in checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}. Was it trained with other `pruning_layers`/`repair_layers`?"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        for key, value in tensors.items():
+            target = params.get(key, buffers.get(key))
+            target.copy_(value.to(target.device, target.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules
+# ------------------------------------------------------------------------------------------------
+
+
+class GumbelTemperatureCallback(TrainerCallback):
+    """Anneals `config.gumbel_temperature` geometrically from `start` to `end` over training."""
+
+    def __init__(self, start=1.5, end=0.2):
+        self.start, self.end = start, end
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.max_steps:
+            model.config.gumbel_temperature = annealed(self.start, self.end, state.global_step / state.max_steps)
+
+
+class TargetRetentionCallback(TrainerCallback):
+    """Anneals the trainer's target retention from 1 to `visual_token_budget / N` over the warm-up fraction."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        config = self.trainer.accelerator.unwrap_model(self.trainer.model).config
+        final = target_retention(config)
+        warmup = args.sparsity_warmup_ratio * (state.max_steps or 1)
+        progress = 1.0 if warmup == 0 else min(1.0, state.global_step / warmup)
+        self.trainer.target_retention = 1.0 + (final - 1.0) * progress
+
+
+def target_retention(config):
+    if config.visual_token_budget is None:
+        raise ValueError("Training needs `visual_token_budget` (the target average visual tokens per layer).")
+    return config.visual_token_budget / config.num_visual_tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+class RcpDataCollator:
+    """Builds chat prompts with the processor's template, and the labels and masks RCP trains with.
+
+    Each example is a dict with an image (PIL image or path), a question and an answer. Output: `input_ids`,
+    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer), `question_mask` (the text tokens
+    after the image, before the answer) and `answer_mask` (positions whose next token is an answer token).
+    """
+
+    def __init__(self, processor, image_column="image", question_column="question", answer_column="answer",
+                 max_length=None, image_folder=None):
+        self.processor = processor
+        self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
+        self.max_length = max_length
+        self.image_folder = image_folder
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def messages(self, question, answer=None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return messages
+
+    def texts(self, example):
+        question, answer = example[self.question_column], example[self.answer_column]
+        prompt = self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True)
+        full = self.processor.apply_chat_template(self.messages(question, answer))
+        if not full.startswith(prompt):
+            raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
+        return prompt, full
+
+    def load_image(self, image):
+        from PIL import Image
+
+        if isinstance(image, str):
+            path = os.path.join(self.image_folder, image) if self.image_folder else image
+            return Image.open(path).convert("RGB")
+        return image.convert("RGB") if hasattr(image, "convert") else image
+
+    def __call__(self, examples):
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        prompts, fulls = zip(*(self.texts(e) for e in examples))
+        images = [self.load_image(e[self.image_column]) for e in examples]
+        batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
+        prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
+        input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+        bsz, seq = input_ids.shape
+        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
+        lengths = attention.sum(1)
+        if self.max_length is not None and int(lengths.max()) > self.max_length:
+            raise ValueError(
+                f"A prompt + answer is {int(lengths.max())} tokens, above `max_length={self.max_length}`."
+            )
+        start = seq - lengths  # first real token (left padding)
+        positions = torch.arange(seq).unsqueeze(0)
+        answer_start = (start + prompt_lengths).unsqueeze(1)
+        is_answer = (positions >= answer_start) & attention
+        labels = torch.where(is_answer, input_ids, -100)
+        image = input_ids == self.image_token_id
+        last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)
+        question_mask = (positions > last_image) & (positions < answer_start) & attention
+        answer_mask = torch.zeros_like(attention)
+        answer_mask[:, :-1] = labels[:, 1:] != -100
+        out = dict(batch)
+        # RoPE positions as generate builds them, so that left padding never shifts a sample's positions.
+        position_ids = (attention.long().cumsum(1) - 1).clamp_min(0)
+        out.update(labels=labels, question_mask=question_mask, answer_mask=answer_mask, position_ids=position_ids)
+        return out
+
+
+def check_dataset(dataset, collator, max_length=None, name="dataset"):
+    """Fail before training on missing columns or answers that do not fit `max_length`."""
+    columns = set(dataset.column_names)
+    needed = [collator.image_column, collator.question_column, collator.answer_column]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(
+            f"The {name} has no column(s) {missing}; it has {sorted(columns)}. Name the right ones with "
+            "--image_column / --question_column / --answer_column."
+        )
+    if max_length is None:
+        return
+    tokenizer = collator.processor.tokenizer
+    image_tokens = getattr(collator.processor, "num_image_tokens", None) or 0
+    for index in range(len(dataset)):
+        row = dataset[index]
+        _, full = collator.texts(row)
+        text_tokens = len(tokenizer(full.replace(collator.processor.image_token, ""))["input_ids"])
+        total = text_tokens + image_tokens
+        if total > max_length:
+            raise ValueError(
+                f"Example {index} of the {name} is {total} tokens long (answer {row[collator.answer_column]!r}), "
+                f"above `max_length={max_length}`: raise --max_length or drop long answers."
+            )
+
+
+def load_llava_json(path, image_folder=None):
+    """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
+    (image, question, answer) rows, one per human/gpt turn pair."""
+    from datasets import Dataset
+
+    with open(path) as f:
+        records = json.load(f)
+    rows = []
+    for i, record in enumerate(records):
+        if "image" not in record or "conversations" not in record:
+            raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
+        turns = record["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            question = human["value"].replace("<image>", "").strip()
+            image = os.path.join(image_folder, record["image"]) if image_folder else record["image"]
+            rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
+    return Dataset.from_list(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# The main job
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RcpJobArguments:
+    """Model, data and pruning configuration of the main job (defaults: the tiny testbed at the 1/9 budget)."""
+
+    base_model: str | None = field(
+        default=None, metadata={"help": "A stock LLaVA (or RCP) checkpoint: Hub id or folder. Default: the tiny "
+                                        "testbed, built on first use."}
+    )
+    dataset_name_or_path: str | None = field(
+        default=None, metadata={"help": "A HF dataset name or a `save_to_disk` folder. Default: the testbed's."}
+    )
+    train_split: str = field(default="train")
+    eval_split: str | None = field(default="validation")
+    test_split: str | None = field(default="test")
+    image_column: str = field(default="image")
+    question_column: str = field(default="question")
+    answer_column: str = field(default="answer")
+    llava_json: str | None = field(default=None, metadata={"help": "A LLaVA-style JSON instead of a dataset."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths live in."})
+    max_length: int | None = field(default=None, metadata={"help": "Refuse examples longer than this."})
+    pruning_layers: str | None = field(default=None, metadata={"help": "e.g. '2,14,26' (default: testbed's)."})
+    repair_layers: str | None = field(default=None, metadata={"help": "e.g. '23,30'."})
+    visual_token_budget: float | None = field(
+        default=None, metadata={"help": "Target average visual tokens per layer (default: 1/9 of N)."}
+    )
+    budget_fraction: float = field(default=1 / 9, metadata={"help": "Budget as a fraction of N if none given."})
+    pruner_hidden_size: int | None = field(default=None)
+    repair_bottleneck_size: int | None = field(default=None)
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=500)
+    push_to_hub_repo: str | None = field(default=None, metadata={"help": "Upload the output folder there."})
+    testbed_preset: str = field(default="tiny")
+
+
+# Defaults of the embedded main job (the tiny testbed on a 2-core CPU), applied where the user left the
+# generic TrainingArguments default untouched.
+TESTBED_JOB_DEFAULTS = {
+    "output_dir": "outputs/rcp_tiny",
+    "max_steps": 400,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-3,
+    "logging_steps": 20,
+    "save_steps": 200,
+    "warmup_steps": 20,
+    "sparsity_layers": "from_first_pruner",
+}
+TESTBED_PRUNING = {"pruning_layers": [1, 2, 3], "repair_layers": [2, 3], "pruner_hidden_size": 32,
+                   "repair_bottleneck_size": 32}
+
+
+def main(argv=None):
+    parser = HfArgumentParser((RcpJobArguments, RcpTrainingArguments))
+    job, args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    return run_job(job, args, explicit=set(_explicit_flags(sys.argv[1:] if argv is None else argv)))
+
+
+def _explicit_flags(argv):
+    return [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
+def run_job(job, args, explicit=()):
+    """Build or load the base model and data, train the plug-ins, evaluate full vs pruned, write the folder."""
+    from datasets import load_dataset, load_from_disk
+    from transformers import AutoConfig, AutoProcessor
+
+    started = time.time()
+    testbed = job.base_model is None
+    if testbed:
+        for key, value in TESTBED_JOB_DEFAULTS.items():
+            if key not in explicit:
+                setattr(args, key, value)
+        args.output_dir = os.path.abspath(args.output_dir)
+        from rcp_llava.testbed import build_testbed, default_cache_dir
+
+        with args.main_process_first(desc="building the testbed"):
+            cache = default_cache_dir(job.testbed_preset)
+            if not (cache / "metrics.json").exists():
+                print(f"[train_rcp] The {job.testbed_preset!r} testbed is not built yet: building it into {cache} "
+                      "first (one time, about an hour on 2 CPU cores; progress below).", flush=True)
+            folder = build_testbed(job.testbed_preset)
+        base_model = str(folder / "model")
+        dataset_path = job.dataset_name_or_path or str(folder / "dataset")
+    else:
+        base_model = job.base_model
+        dataset_path = job.dataset_name_or_path
+
+    base_config = AutoConfig.from_pretrained(base_model)
+    if base_config.model_type not in ("llava", "rcp_llava"):
+        raise ValueError(
+            f"--base_model {base_model!r} is a {base_config.model_type!r} model; RCP needs a LLaVA checkpoint "
+            "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)."
+        )
+    processor = AutoProcessor.from_pretrained(base_model)
+
+    overrides = dict(TESTBED_PRUNING) if testbed else {}
+    for name in ("pruning_layers", "repair_layers"):
+        value = _parse_int_list(getattr(job, name), name)
+        if value is not None:
+            overrides[name] = value
+    for name in ("pruner_hidden_size", "repair_bottleneck_size"):
+        if getattr(job, name) is not None:
+            overrides[name] = getattr(job, name)
+    num_visual = (base_config.vision_config.image_size // base_config.vision_config.patch_size) ** 2
+    budget = job.visual_token_budget if job.visual_token_budget is not None else job.budget_fraction * num_visual
+    if not 0 < budget <= num_visual:
+        raise ValueError(
+            f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
+        )
+    overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=None)
+    model = RcpLlavaForConditionalGeneration.from_pretrained(base_model, **overrides)
+
+    collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
+                               max_length=job.max_length, image_folder=job.image_folder)
+    if job.llava_json:
+        splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder)}
+    elif dataset_path is None:
+        raise ValueError("Give --dataset_name_or_path or --llava_json (or no --base_model for the testbed).")
+    elif os.path.isdir(dataset_path):
+        splits = load_from_disk(dataset_path)
+    else:
+        splits = load_dataset(dataset_path)
+    if job.train_split not in splits:
+        raise ValueError(f"The dataset has no split {job.train_split!r}; it has {list(splits)}.")
+    train = splits[job.train_split]
+    if job.max_train_samples:
+        train = train.select(range(min(job.max_train_samples, len(train))))
+    check_dataset(train, collator, job.max_length, name=f"{job.train_split!r} split")
+
+    trainer = RcpTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if not trainer.is_world_process_zero():
+        return None
+
+    test_name = job.test_split if job.test_split in splits else None
+    metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
+               "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,
+               "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps}
+    if test_name is not None:
+        metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples))
+    out = args.output_dir
+    save_plugin_folder(model, os.path.join(out, "plugins"))
+    model.model.pruning_layout = None
+    model.save_pretrained(os.path.join(out, "model"))
+    processor.save_pretrained(os.path.join(out, "model"))
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(format_report(metrics), flush=True)
+    if job.push_to_hub_repo:
+        from rcp_llava.hub import push_rcp_folder
+
+        push_rcp_folder(os.path.join(out, "model"), job.push_to_hub_repo)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation of the trained plug-ins (full vs pruned, one-word answers)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_accuracy(model, processor, dataset, collator, keep_masks_fn=None, batch_size=32, max_samples=None):
+    """Greedy first-token accuracy (the testbed's answers are one word) with physical discard.
+
+    keep_masks_fn(batch_index, batch_size) -> (B, P, N) bool forces the kept sets (e.g. random pruning).
+    Returns accuracy, per-family accuracy, mean kept tokens per pruning layer and mean retention.
+    """
+    model.eval()
+    model.model.pruning_layout = "discard"
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    correct, families, kept, retention = [], {}, [], []
+    for b, start in enumerate(range(0, n, batch_size)):
+        rows = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        prompts = [processor.apply_chat_template(collator.messages(r[collator.question_column]),
+                                                 add_generation_prompt=True) for r in rows]
+        images = [collator.load_image(r[collator.image_column]) for r in rows]
+        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        positions = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        forced = keep_masks_fn(b, len(rows)) if keep_masks_fn is not None else None
+        out = model(**batch, position_ids=positions, visual_keep_masks=forced, use_cache=False, logits_to_keep=1)
+        predictions = tokenizer.batch_decode(out.logits[:, -1].argmax(-1, keepdim=True))
+        for row, pred in zip(rows, predictions):
+            ok = float(pred.strip() == str(row[collator.answer_column]).strip())
+            correct.append(ok)
+            families.setdefault(row.get("family", "all"), []).append(ok)
+        if out.kept_counts is not None:
+            kept.append(out.kept_counts.float())
+            retention.append(out.layer_retention)
+    result = {"accuracy": sum(correct) / len(correct), "n": len(correct),
+              "families": {k: sum(v) / len(v) for k, v in sorted(families.items())}}
+    if kept:
+        kept = torch.cat(kept)
+        retention = torch.cat(retention)
+        first = model.config.pruning_layers[0]
+        result.update(kept_per_pruning_layer=kept.mean(0).tolist(),
+                      retention_all_layers=float(retention.mean()),
+                      retention_from_first_pruner=float(retention[:, first:].mean()),
+                      avg_visual_tokens_per_layer=float(retention.mean() * model.config.num_visual_tokens))
+    return result
+
+
+def nested_random_masks(counts, num_visual, num_layers_kept, seed):
+    """keep_masks_fn for random pruning at fixed per-layer counts: nested uniform subsets (cumulative)."""
+
+    def fn(batch_index, batch_size):
+        g = torch.Generator().manual_seed(seed + batch_index)
+        masks = torch.zeros(batch_size, len(counts), num_visual, dtype=torch.bool)
+        for row in range(batch_size):
+            order = torch.randperm(num_visual, generator=g)
+            for p, count in enumerate(counts):
+                masks[row, p, order[:count]] = True
+        return masks
+
+    return fn
+
+
+def evaluate_methods(model, processor, dataset, collator, max_samples=None):
+    """Full model, trained RCP, untrained plug-ins at RCP's mean counts, random at RCP's mean counts."""
+    results = {}
+    with model.plugins_disabled():
+        results["full"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
+    results["rcp"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
+    counts = [max(1, round(c)) for c in results["rcp"]["kept_per_pruning_layer"]]
+    counts = [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]  # non-increasing
+    trained = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    saved_counts = model.config.pruning_keep_counts
+    try:
+        model.config.pruning_keep_counts = counts
+        results["rcp_fixed_counts"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
+        with torch.no_grad():  # untrained plug-ins: a fresh initialisation, as from_pretrained(stock) gives
+            model.model.rcp_plugins.apply(model._init_weights)
+        results["untrained_fixed_counts"] = answer_accuracy(model, processor, dataset, collator,
+                                                            max_samples=max_samples)
+    finally:
+        model.config.pruning_keep_counts = saved_counts
+        model.load_state_dict(trained, strict=False)
+    results["random_fixed_counts"] = answer_accuracy(
+        model, processor, dataset, collator, max_samples=max_samples,
+        keep_masks_fn=nested_random_masks(counts, model.config.num_visual_tokens, len(counts), seed=0))
+    results["fixed_counts"] = counts
+    return results
+
+
+def format_report(metrics):
+    lines = [f"\nRCP on {metrics['base_model']} — budget {metrics['visual_token_budget']:.1f} of "
+             f"{metrics['num_visual_tokens']} visual tokens (target retention {metrics['target_retention']:.3f} "
+             f"over {metrics['sparsity_layers']} layers)", ""]
+    if "full" in metrics:
+        full = metrics["full"]["accuracy"]
+        lines.append(f"| {'model':<34} | {'accuracy':>8} | {'% of full':>9} | {'kept per pruning layer':<24} |")
+        lines.append(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 26}|")
+        names = {"full": "full tokens", "rcp": "RCP, trained (adaptive threshold)",
+                 "rcp_fixed_counts": "RCP, trained, fixed counts",
+                 "untrained_fixed_counts": "untrained plug-ins, fixed counts",
+                 "random_fixed_counts": "random, fixed counts"}
+        for key, name in names.items():
+            r = metrics[key]
+            kept = ", ".join(f"{c:.1f}" for c in r.get("kept_per_pruning_layer", [])) or "all"
+            relative = f"{r['accuracy'] / full:>8.1%}" if full else f"{'n/a':>9}"
+            lines.append(f"| {name:<34} | {r['accuracy']:>8.3f} | {relative} | {kept:<24} |")
+        rcp = metrics["rcp"]
+        lines += ["", f"retention: {rcp['retention_from_first_pruner']:.3f} over the layers from the first pruner, "
+                  f"{rcp['retention_all_layers']:.3f} over all layers "
+                  f"({rcp['avg_visual_tokens_per_layer']:.1f} visual tokens per layer on average)",
+                  "per family (full / RCP): " + ", ".join(
+                      f"{f} {metrics['full']['families'][f]:.2f}/{rcp['families'][f]:.2f}" for f in rcp["families"])]
+    lines.append(f"time: {metrics['total_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
