@@ -677,6 +677,10 @@ def run_job(job, args, explicit=()):
     check_dataset(train, collator, job.max_length, name=f"{job.train_split!r} split")
 
     trainer = RcpTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    if trainer.is_world_process_zero():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
+              f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if not trainer.is_world_process_zero():
         return None

@@ -260,3 +260,38 @@ def test_a_budget_above_the_visual_tokens_is_refused(micro, tmp_path):
         train_rcp.main(["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
                         "--pruning_layers", "1", "--repair_layers", "1", "--visual_token_budget", "100",
                         "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    """DDP over gloo with two CPU processes.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 (its CPU launcher needs an
+    mpirun hostfile for more), so the torchrun-based launcher is used with the Trainer on the CPU and gloo.
+    """
+    import subprocess
+    import sys
+
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    out = tmp_path / "ddp"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(root, "train_rcp.py"),
+        "--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+        "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8",
+        "--budget_fraction", "0.25", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
+        "2", "--report_to", "none", "--disable_tqdm", "true", "--max_eval_samples", "4", "--use_cpu",
+        "--ddp_backend", "gloo",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rcp"]["n"] == 4
+    assert "[train_rcp] training the plug-ins on 2 process(es)" in result.stdout
+    assert (out / "plugins" / "rcp_plugins.safetensors").exists()
