@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
@@ -36,13 +36,15 @@ from transformers.utils import logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration  # noqa: E402
+from modeling_rcp_llava import (  # noqa: E402
+    PLUGIN_PREFIX,
+    RCP_PLUGINS_NAME,
+    RcpLlavaForConditionalGeneration,
+)
 
 
 logger = logging.get_logger(__name__)
 
-PLUGIN_WEIGHTS_NAME = "rcp_plugins.safetensors"
-PLUGIN_CONFIG_NAME = "rcp_config.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,33 +344,14 @@ class RcpTrainer(Trainer):
 
 
 def save_plugin_folder(model, folder):
-    """Write the plug-in weights (safetensors) and their config (JSON) into `folder`."""
+    """Write the plug-in weights (safetensors) and their config (JSON) into `folder` (`model.save_plugins`)."""
     os.makedirs(folder, exist_ok=True)
-    if hasattr(model, "save_plugins"):
-        model.save_plugins(folder)
-        return
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.plugin_state_dict().items()}
-    save_file(tensors, os.path.join(folder, PLUGIN_WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(folder, PLUGIN_CONFIG_NAME), "w") as f:
-        json.dump(plugin_config_dict(model), f, indent=2, sort_keys=True)
-
-
-def plugin_config_dict(model):
-    config = model.config
-    fields = ("pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
-              "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size",
-              "repair_bottleneck_size")
-    out = {name: getattr(config, name) for name in fields}
-    out.update(base_model_name_or_path=getattr(config, "_name_or_path", None) or None,
-               hidden_size=config.text_config.hidden_size,
-               num_hidden_layers=config.text_config.num_hidden_layers,
-               library="rcp-llava")
-    return out
+    model.save_plugins(folder)
 
 
 def load_plugin_weights(model, folder):
     """Load plug-in weights saved by `save_plugin_folder` (strict: every plug-in tensor must be there)."""
-    path = os.path.join(folder, PLUGIN_WEIGHTS_NAME)
+    path = os.path.join(folder, RCP_PLUGINS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No plug-in weights at {path}: is {folder!r} an RCP checkpoint folder?")
     tensors = load_file(path)
@@ -578,7 +561,9 @@ class RcpJobArguments:
     repair_bottleneck_size: int | None = field(default=None)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=500)
-    push_to_hub_repo: str | None = field(default=None, metadata={"help": "Upload the output folder there."})
+    push_plugins_only: bool = field(
+        default=False, metadata={"help": "With --push_to_hub: upload only the plug-in folder (PEFT-style)."}
+    )
     testbed_preset: str = field(default="tiny")
 
 
@@ -676,6 +661,10 @@ def run_job(job, args, explicit=()):
         train = train.select(range(min(job.max_train_samples, len(train))))
     check_dataset(train, collator, job.max_length, name=f"{job.train_split!r} split")
 
+    # The folder is pushed once, complete, at the end (with its model card); the Trainer must not push checkpoints.
+    push, args.push_to_hub = args.push_to_hub, False
+    if push and not (args.hub_model_id):
+        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
     trainer = RcpTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -700,11 +689,23 @@ def run_job(job, args, explicit=()):
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(format_report(metrics), flush=True)
-    if job.push_to_hub_repo:
-        from rcp_llava.hub import push_rcp_folder
-
-        push_rcp_folder(os.path.join(out, "model"), job.push_to_hub_repo)
+    if push:
+        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only)
     return metrics
+
+
+def push_output(model, out, base_model, args, plugins_only=False):
+    """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`)."""
+    from rcp_llava.hub import build_model_card, push_rcp_folder
+
+    folder = os.path.join(out, "plugins" if plugins_only else "model")
+    settings = {k: getattr(args, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed",
+                                              "lambda_task", "lambda_repair", "lambda_sparse")}
+    build_model_card(model.config, repo_id=args.hub_model_id, base_model=base_model, plugins_only=plugins_only,
+                     eval_results=os.path.join(out, "metrics.json"), training_args=settings,
+                     ).save(os.path.join(folder, "README.md"))
+    return push_rcp_folder(folder, args.hub_model_id, plugins_only=plugins_only, token=args.hub_token,
+                           private=args.hub_private_repo)
 
 
 # ------------------------------------------------------------------------------------------------

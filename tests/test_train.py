@@ -295,3 +295,26 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert metrics["rcp"]["n"] == 4
     assert "[train_rcp] training the plug-ins on 2 process(es)" in result.stdout
     assert (out / "plugins" / "rcp_plugins.safetensors").exists()
+
+
+def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeypatch):
+    from huggingface_hub import constants, ModelCard
+
+    from rcp_llava.hub import HubUnreachableError
+    from rcp_llava.testbed import build_testbed
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    out = tmp_path / "run"
+    argv = ["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+            "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8",
+            "--repair_bottleneck_size", "8", "--budget_fraction", "0.25", "--output_dir", str(out), "--max_steps",
+            "1", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "--max_eval_samples", "2",
+            "--push_to_hub", "--hub_model_id", "someone/rcp-micro", "--push_plugins_only"]
+    with pytest.raises(HubUnreachableError, match=r"offline mode is on .*someone/rcp-micro"):
+        train_rcp.main(argv)
+    card = ModelCard.load(out / "plugins" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert (out / "plugins" / "rcp_plugins.safetensors").exists()  # the folder stays complete
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        train_rcp.main([a for a in argv if a not in ("--hub_model_id", "someone/rcp-micro")])

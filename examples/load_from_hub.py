@@ -1,0 +1,71 @@
+"""Load a saved RCP-LLaVA folder (or Hub repo) through the Auto classes with remote code, and answer a question.
+
+    python examples/load_from_hub.py                      # builds a tiny random RCP model into a temp folder first
+    python examples/load_from_hub.py --model DIR_OR_REPO  # a real folder written by `save_pretrained`, or a repo id
+    HF_HUB_OFFLINE=1 python examples/load_from_hub.py --model DIR --image cat.jpg --question "What is this?"
+
+Loading needs only `torch` and `transformers`: the folder carries `configuration_rcp_llava.py`,
+`modeling_rcp_llava.py` and an `auto_map` in `config.json`, so `trust_remote_code=True` rebuilds the model even
+where rcp-llava is not installed (this script never imports the model classes itself).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def build_demo_folder():
+    """Save a tiny random RCP model + processor to a temp folder, in a child process: this process never imports
+    rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "rcp_llava.hub", "--demo-folder"], cwd=root, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="folder written by save_pretrained, or a Hub repo id (default: tiny demo)")
+    parser.add_argument("--image", help="image file (default: a random 16x16 image for the demo)")
+    parser.add_argument("--question", default="What is in the image?")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_id = args.model
+    if model_id is None:
+        model_id = build_demo_folder()
+        print(f"saved a tiny random RCP model to {model_id}")
+
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    print(f"loaded {type(model).__name__} from module {type(model).__module__}")
+
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image)
+    else:
+        import numpy as np
+        from PIL import Image
+
+        size = model.config.vision_config.image_size
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    info = model.last_pruning_info
+    print(f"answer: {answer!r}")
+    print(f"visual tokens kept after pruning layers {model.config.pruning_layers}: {info.kept_counts.tolist()[0]} "
+          f"of {model.config.num_visual_tokens}")
+    return answer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Answer a question about an image with `pipeline("image-text-to-text")`, pruning active.
+
+    python examples/pipeline.py                       # builds a tiny random RCP model into a temp folder first
+    python examples/pipeline.py --model DIR_OR_REPO --image cat.jpg --question "What is this?"
+
+The pipeline loads the model through `AutoModelForImageTextToText` with `trust_remote_code=True` (the folder's
+`auto_map`) and the processor with `AutoProcessor`; `pipe.model.last_pruning_info` tells how many visual tokens
+the last prompt kept after each pruning layer.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def build_demo_folder():
+    """Save a tiny random RCP model + processor to a temp folder, in a child process: this process never imports
+    rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "rcp_llava.hub", "--demo-folder"], cwd=root, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="folder written by save_pretrained, or a Hub repo id (default: tiny demo)")
+    parser.add_argument("--image", help="image file or URL (default: a random image for the demo)")
+    parser.add_argument("--question", default="What is in the image?")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from transformers import pipeline
+
+    model_id = args.model
+    if model_id is None:
+        model_id = build_demo_folder()
+        print(f"saved a tiny random RCP model to {model_id}")
+
+    pipe = pipeline("image-text-to-text", model=model_id, trust_remote_code=True)
+    if args.image:
+        image = args.image
+    else:
+        import numpy as np
+        from PIL import Image
+
+        size = pipe.model.config.vision_config.image_size
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": args.question}]}]
+    out = pipe(text=messages, return_full_text=False,
+               generate_kwargs={"max_new_tokens": args.max_new_tokens, "do_sample": False})
+    answer = out[0]["generated_text"]
+    print(f"answer: {answer!r}")
+    print(f"visual tokens kept after pruning layers {pipe.model.config.pruning_layers}: "
+          f"{pipe.model.last_pruning_info.kept_counts.tolist()[0]} of {pipe.model.config.num_visual_tokens}")
+    return answer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""Hub integration: remote code in a fresh offline process, Auto registration, pipelines, plug-in-only checkpoints,
+model cards and the push helper (up to the upload call; the Hub is never contacted)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+
+import modeling_rcp_llava  # noqa: E402
+from modeling_rcp_llava import (  # noqa: E402
+    PLUGIN_PREFIX,
+    PRUNING_FIELDS,
+    RCP_AUTO_MAP,
+    RCP_CONFIG_NAME,
+    RCP_PLUGINS_NAME,
+    RcpLlavaForConditionalGeneration,
+)
+from rcp_llava import hub  # noqa: E402
+
+
+QUESTION = "what is in the image?"
+
+
+def folder_bytes(path):
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def demo_inputs(processor, size=16, seed=0):
+    image = hub.demo_image(size, seed)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return image, processor(images=image, text=prompt, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved demo folder (model + processor + card) and the in-process model it came from."""
+    folder = tmp_path_factory.mktemp("hub") / "rcp-demo"
+    folder, model, processor = hub.save_demo_folder(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def plugin_setup(tmp_path_factory):
+    """A 'trained' RCP model (random plug-ins), the stock LLaVA base it was built on (saved), and its plug-ins."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("plugins")
+    trained = hub.build_demo_model(seed=3, randomize_plugins=True)
+    stock_config = LlavaConfig.from_dict(
+        {k: v for k, v in trained.config.to_dict().items() if k in LlavaConfig().to_dict()}
+    )
+    base = LlavaForConditionalGeneration(stock_config).eval()
+    base.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith(PLUGIN_PREFIX)})
+    base.save_pretrained(root / "base")
+    files = trained.save_plugins(root / "plugins", base_model_name_or_path=str(root / "base"))
+    trained.save_pretrained(root / "full")
+    return trained, root, files
+
+
+# ------------------------------------------------------------------------------------------------
+# Remote-code files
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["configuration_rcp_llava.py", "modeling_rcp_llava.py"])
+def test_hub_files_import_only_stdlib_torch_transformers(name):
+    from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
+
+    path = os.path.join(ROOT, name)
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    assert set(get_imports(path)) <= allowed, set(get_imports(path)) - allowed
+    expected = {"modeling_rcp_llava.py": ["configuration_rcp_llava"], "configuration_rcp_llava.py": []}[name]
+    assert get_relative_imports(path) == expected
+    assert check_imports(path) == expected  # the loader's own check (raises ImportError on a missing package)
+
+
+def test_save_pretrained_writes_a_hub_folder(saved):
+    folder, model, _ = saved
+    names = set(os.listdir(folder))
+    assert {*hub.FULL_MODEL_FILES, "model.safetensors", "README.md", "processor_config.json",
+            "tokenizer.json"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == RCP_AUTO_MAP
+    assert config["model_type"] == "rcp_llava"
+    for name in ("configuration_rcp_llava.py", "modeling_rcp_llava.py"):  # byte-identical copies of the repo files
+        assert (folder / name).read_bytes() == Path(ROOT, name).read_bytes()
+    assert RcpLlavaForConditionalGeneration._auto_class is None  # the temporary marking is undone
+
+
+def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
+    """save -> a fresh `python -I` process, package not importable, HF_HUB_OFFLINE=1, private HF_MODULES_CACHE:
+    AutoConfig, AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel, AutoProcessor, the pipeline and the
+    model card's usage snippet; logits and `generate` identical to the in-process model."""
+    folder, model, processor = saved
+    image, inputs = demo_inputs(processor)
+    image.save(tmp_path / "image.jpg")  # the card snippet opens "image.jpg"
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_hidden = model.model(**inputs).last_hidden_state
+        ref_tokens = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    ref_kept = model.last_pruning_info.kept_counts
+    ref_answer = processor.decode(ref_tokens[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    card_snippet = hub.usage_snippet(str(folder))
+
+    script = textwrap.dedent(f"""
+        import importlib, json, sys, os
+        for name in ("modeling_rcp_llava", "configuration_rcp_llava", "rcp_llava"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+            else:
+                raise SystemExit(f"{{name}} is importable: the test must run without the project")
+        import torch
+        torch.set_num_threads(2)
+        from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                                  AutoProcessor, pipeline)
+        folder = {str(folder)!r}
+        inputs = torch.load("inputs.pt")
+        out = {{}}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        out["config_class"] = type(config).__module__ + "." + type(config).__name__
+        config.validate_pruning()
+        for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+            out[auto.__name__ + "_class"] = type(model).__module__ + "." + type(model).__name__
+            out[auto.__name__ + "_file"] = sys.modules[type(model).__module__].__file__
+            with torch.no_grad():
+                out[auto.__name__ + "_logits"] = model(**inputs).logits
+                out[auto.__name__ + "_tokens"] = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6,
+                                                                do_sample=False)
+            out[auto.__name__ + "_kept"] = model.last_pruning_info.kept_counts
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        out["AutoModel_class"] = type(base).__name__
+        with torch.no_grad():
+            out["AutoModel_hidden"] = base(**inputs).last_hidden_state
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        out["processor_class"] = type(processor).__name__
+        from PIL import Image
+        messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {QUESTION!r}}}]}}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        out["processor_ids"] = processor(images=Image.open("image.png"), text=prompt, return_tensors="pt")["input_ids"]
+        pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.open("image.png")}},
+                                                 {{"type": "text", "text": {QUESTION!r}}}]}}]
+        res = pipe(text=messages, return_full_text=False,
+                   generate_kwargs=dict(max_new_tokens=6, min_new_tokens=6, do_sample=False))
+        out["pipeline_answer"] = res[0]["generated_text"]
+        out["pipeline_kept"] = pipe.model.last_pruning_info.kept_counts
+        namespace = {{}}
+        exec({card_snippet!r}, namespace)  # the model card's usage snippet, verbatim
+        out["snippet_kept"] = namespace["model"].last_pruning_info.kept_counts
+        torch.save(out, "out.pt")
+    """)
+    (tmp_path / "check.py").write_text(script)
+    image.save(tmp_path / "image.png")  # lossless copy for the pipeline comparison
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-I", "check.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = torch.load(tmp_path / "out.pt")
+
+    assert out["config_class"].startswith("transformers_modules.") and out["config_class"].endswith(".RcpLlavaConfig")
+    for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
+        assert out[auto + "_class"].startswith("transformers_modules.")
+        assert out[auto + "_class"].endswith(".RcpLlavaForConditionalGeneration")
+        assert out[auto + "_file"].startswith(str(tmp_path / "modules"))
+        assert torch.equal(out[auto + "_logits"], ref_logits), auto
+        assert torch.equal(out[auto + "_tokens"], ref_tokens), auto
+        assert torch.equal(out[auto + "_kept"], ref_kept), auto
+    assert out["AutoModel_class"] == "RcpLlavaModel"
+    assert torch.equal(out["AutoModel_hidden"], ref_hidden)
+    assert out["processor_class"] == "LlavaProcessor"
+    assert torch.equal(out["processor_ids"], inputs["input_ids"])  # `<image>` expanded to the visual tokens
+    assert out["pipeline_answer"].strip() == ref_answer.strip()
+    assert torch.equal(out["pipeline_kept"], ref_kept)  # pruning active in the pipeline
+    assert out["snippet_kept"].shape == ref_kept.shape
+
+
+def test_installed_package_registers_the_auto_classes(saved):
+    """`import rcp_llava` registers the classes: no trust_remote_code, no remote module."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    import rcp_llava
+
+    folder, model, processor = saved
+    assert isinstance(AutoConfig.from_pretrained(folder), rcp_llava.RcpLlavaConfig)
+    loaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert type(loaded) is RcpLlavaForConditionalGeneration
+    assert type(AutoModelForCausalLM.from_pretrained(folder)) is RcpLlavaForConditionalGeneration
+    assert type(AutoModel.from_pretrained(folder)) is rcp_llava.RcpLlavaModel
+    _, inputs = demo_inputs(processor)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plug-in-only checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plugin_folder_files_and_format(plugin_setup):
+    from safetensors import safe_open
+
+    trained, root, files = plugin_setup
+    plugins = root / "plugins"
+    assert sorted(os.listdir(plugins)) == sorted(hub.PLUGIN_FILES) == [RCP_CONFIG_NAME, RCP_PLUGINS_NAME]
+    assert [Path(f).name for f in files] == [RCP_CONFIG_NAME, RCP_PLUGINS_NAME]
+    text = (plugins / RCP_CONFIG_NAME).read_text()
+    record = json.loads(text)
+    assert text == json.dumps(record, indent=2, sort_keys=True) + "\n"
+    assert {*PRUNING_FIELDS, "base_model_name_or_path", "library_version", "hidden_size",
+            "num_hidden_layers"} <= set(record)
+    assert record["base_model_name_or_path"] == str(root / "base")
+    assert record["library_version"] == modeling_rcp_llava.RCP_LLAVA_VERSION
+    assert record["pruning_layers"] == [1, 2] and record["hidden_size"] == 128
+    with safe_open(plugins / RCP_PLUGINS_NAME, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(trained.plugin_state_dict())
+    # Plug-ins are <= 1% of the full model folder.
+    assert folder_bytes(plugins) <= 0.01 * folder_bytes(root / "full"), (folder_bytes(plugins),
+                                                                          folder_bytes(root / "full"))
+
+
+def test_version_matches_setup_cfg():
+    import configparser
+
+    import rcp_llava
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    assert rcp_llava.__version__ == modeling_rcp_llava.RCP_LLAVA_VERSION == cfg["metadata"]["version"]
+
+
+def test_from_base_round_trip_identical_logits(plugin_setup):
+    trained, root, _ = plugin_setup
+    model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins")).eval()
+    for name in PRUNING_FIELDS:
+        assert getattr(model.config, name) == getattr(trained.config, name), name
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    processor = hub.build_demo_processor(trained.config)
+    _, inputs = demo_inputs(processor, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, trained(**inputs).logits)
+        a = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        b = trained.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
+    # save_plugins defaults to the base it was built from.
+    model.save_plugins(root / "again")
+    assert json.loads((root / "again" / RCP_CONFIG_NAME).read_text())["base_model_name_or_path"] == str(root / "base")
+
+
+def test_from_base_overrides_and_no_plugins(plugin_setup):
+    trained, root, _ = plugin_setup
+    model = RcpLlavaForConditionalGeneration.from_base(
+        str(root / "base"), plugins=str(root / "plugins"), pruning_keep_counts=[6, 2], dtype=torch.float64
+    )
+    assert model.config.pruning_keep_counts == [6, 2] and model.dtype == torch.float64
+    fresh = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), pruning_layers=[1], repair_layers=[],
+                                                       pruning_keep_counts=[3])
+    assert fresh.config.pruning_layers == [1] and fresh.model.rcp_plugins.pruners["1"].bias.item() == 0.0
+
+
+def _edit_plugins(root, name, edit_config=None, drop_keys=()):
+    from safetensors.torch import load_file, save_file
+
+    src, dst = root / "plugins", root / name
+    dst.mkdir()
+    record = json.loads((src / RCP_CONFIG_NAME).read_text())
+    if edit_config:
+        edit_config(record)
+    (dst / RCP_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+    tensors = {k: v for k, v in load_file(src / RCP_PLUGINS_NAME).items() if k not in drop_keys}
+    save_file(tensors, dst / RCP_PLUGINS_NAME, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden_size", 256, r"`hidden_size` 256 \(plug-ins\) != 128 \(base\)"),
+    ("num_hidden_layers", 32, r"`num_hidden_layers` 32 \(plug-ins\) != 4 \(base\)"),
+])
+def test_from_base_mismatch_fails_before_any_tensor(plugin_setup, monkeypatch, field, value, match):
+    _, root, _ = plugin_setup
+    bad = _edit_plugins(root, f"bad_{field}", lambda r: r.update({field: value}))
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError("a tensor was read before the compatibility check")
+
+    monkeypatch.setattr(modeling_rcp_llava, "_load_safetensors", no_tensor)
+    monkeypatch.setattr(RcpLlavaForConditionalGeneration, "from_pretrained", no_tensor)
+    with pytest.raises(ValueError, match=match):
+        RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(bad))
+
+
+def test_load_plugins_shape_mismatch_fails_before_copy(plugin_setup):
+    trained, root, _ = plugin_setup
+    model = hub.build_demo_model(seed=5, randomize_plugins=False, pruner_hidden_size=16)
+    before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    with pytest.raises(ValueError, match="do not fit this model's plug-in sizes"):
+        model.load_plugins(str(root / "plugins"))
+    assert all(torch.equal(before[k], v) for k, v in model.plugin_state_dict().items())
+
+
+def test_unknown_config_keys_and_missing_plugin_keys_warn(plugin_setup, caplog):
+    _, root, _ = plugin_setup
+    dropped = sorted(k for k in plugin_setup[0].plugin_state_dict() if ".repair_adapters.3.up." in k)
+    folder = _edit_plugins(root, "partial", lambda r: r.update(lora_alpha=8), drop_keys=dropped)
+    with caplog.at_level(logging.WARNING):
+        model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(folder))
+    assert "unknown keys ['lora_alpha']" in caplog.text
+    assert "have no tensor for 2 plug-in parameter(s)" in caplog.text
+    for key in dropped:
+        assert key in caplog.text
+    assert "LOAD REPORT" not in caplog.text  # the misleading "newly initialised plug-ins" report is quieted
+    assert model.model.rcp_plugins.repair_adapters["3"].up.bias.abs().sum() == 0  # kept its initial value
+
+
+def test_plugins_folder_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an RCP plug-in folder"):
+        modeling_rcp_llava.read_plugin_config(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------------
+
+
+EVAL_JSON = {
+    "average_kept_tokens": 64.0,
+    "results": [
+        {"dataset": "VQAv2", "dataset_type": "HuggingFaceM4/VQAv2", "split": "testdev", "metric": "accuracy",
+         "value": 75.4, "kept_tokens": 64},
+        {"dataset": "POPE", "dataset_type": "lmms-lab/POPE", "metric": "f1", "value": 85.9},
+    ],
+}
+
+
+@pytest.mark.parametrize("plugins_only", [False, True])
+def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL_JSON))
+    config = hub.demo_config()
+    card = hub.build_model_card(
+        config, repo_id="someone/rcp-llava-demo", base_model="llava-hf/llava-1.5-7b-hf", plugins_only=plugins_only,
+        eval_results=tmp_path / "eval.json", training_args={"learning_rate": 1e-4, "num_train_epochs": 1},
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    data = loaded.data
+    assert data.base_model == "llava-hf/llava-1.5-7b-hf"
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
+    assert {"rcp-llava", "visual-token-pruning"} <= set(data.tags)
+    assert ("rcp-plugins" in data.tags) == plugins_only
+    results = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("VQAv2", "accuracy"): 75.4, ("POPE", "f1"): 85.9}
+    assert data.to_dict()["model-index"][0]["name"] == "rcp-llava-demo"
+    assert data.to_dict()["rcp_llava"]["pruning_layers"] == [1, 2]
+    assert data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 64.0
+    text = loaded.text
+    assert "| VQAv2 | testdev | accuracy | 75.4 | 64 |" in text
+    assert "| `pruning_keep_counts` | [8, 4] |" in text
+    assert "**Average kept visual tokens per decoder layer:** 64.0" in text
+    assert "- `learning_rate`: 0.0001" in text
+    if plugins_only:
+        assert "RcpLlavaForConditionalGeneration.from_base(base_id, plugins='someone/rcp-llava-demo')" in text
+        assert RCP_PLUGINS_NAME in text and "AutoModelForImageTextToText" not in text
+    else:
+        assert "AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True)" in text
+        assert "AutoProcessor.from_pretrained(model_id, trust_remote_code=True)" in text
+    assert str(loaded) == str(card)  # the round trip keeps the card unchanged
+
+
+@pytest.mark.parametrize("content, expected, kept", [
+    ({"VQAv2": {"accuracy": 75.4}, "kept_visual_tokens": 60}, [("VQAv2", "accuracy", 75.4)], 60.0),
+    ({"overall": 0.9, "n": 10, "families": {}, "kept_visual_tokens": 12.5},
+     [("rcp-llava testbed", "accuracy", 0.9)], 12.5),
+    ([{"dataset": "GQA", "metric": "accuracy", "value": 61.0}], [("GQA", "accuracy", 61.0)], None),
+    ({"base_model": "b", "full": {"accuracy": 0.8, "n": 5}, "rcp": {"accuracy": 0.7, "avg_visual_tokens_per_layer": 9.5},
+      "random_fixed_counts": {"accuracy": 0.5}},
+     [("rcp-llava testbed", "accuracy", 0.7), ("rcp-llava testbed", "accuracy", 0.8)], 9.5),
+])
+def test_load_eval_results_shapes(content, expected, kept):
+    entries, avg = hub.load_eval_results(content)
+    assert [(e["dataset"], e["metric"], e["value"]) for e in entries] == expected and avg == kept
+
+
+def test_card_without_results_uses_keep_counts():
+    card = hub.build_model_card(hub.demo_config(), repo_id="x/y")
+    assert "No evaluation results were recorded" in card.text
+    assert "model-index" not in str(card)
+    kept = hub.demo_config().pruned_average_tokens()
+    assert f"**Average kept visual tokens per decoder layer:** {kept:.1f}" in card.text
+
+
+# ------------------------------------------------------------------------------------------------
+# Push (never reaches the network)
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeApi:
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        if self.fail:
+            raise self.fail
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return "commit"
+
+
+@pytest.fixture
+def online(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("plugins_only", [False, True])
+def test_push_uploads_the_right_files(saved, plugin_setup, online, plugins_only):
+    folder = plugin_setup[1] / "plugins" if plugins_only else saved[0]
+    api = FakeApi()
+    assert hub.push_rcp_folder(folder, "me/rcp", plugins_only=plugins_only, private=True, api=api) == "commit"
+    (_, repo, create_kwargs), (_, upload) = api.calls
+    assert repo == "me/rcp" and create_kwargs["private"] is True and create_kwargs["exist_ok"] is True
+    assert upload["folder_path"] == str(folder) and upload["repo_id"] == "me/rcp"
+    if plugins_only:
+        assert upload["allow_patterns"] == [RCP_CONFIG_NAME, RCP_PLUGINS_NAME, "README.md"]
+    else:
+        assert upload["allow_patterns"] is None
+
+
+def test_push_offline_is_a_clear_error(saved, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    api = FakeApi()
+    with pytest.raises(hub.HubUnreachableError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
+        hub.push_rcp_folder(saved[0], "me/rcp", api=api)
+    assert api.calls == []
+
+
+def test_push_unreachable_hub_is_a_clear_error(saved, online):
+    with pytest.raises(hub.HubUnreachableError, match="Cannot reach the Hub"):
+        hub.push_rcp_folder(saved[0], "me/rcp", api=FakeApi(fail=ConnectionError("name resolution failed")))
+
+
+@pytest.mark.parametrize("plugins_only, match", [(False, "model.save_pretrained"), (True, "model.save_plugins")])
+def test_push_checks_the_folder_first(tmp_path, online, plugins_only, match):
+    (tmp_path / "config.json").write_text("{}")
+    api = FakeApi()
+    with pytest.raises(FileNotFoundError, match=match):
+        hub.push_rcp_folder(tmp_path, "me/rcp", plugins_only=plugins_only, api=api)
+    assert api.calls == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Examples
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example, expect", [
+    ("load_from_hub.py", "from module transformers_modules."),
+    ("pipeline.py", "visual tokens kept after pruning layers [1, 2]: [8, 4] of 16"),
+    ("load_plugins.py", "logits identical to the model the plug-ins were saved from: True"),
+])
+def test_examples_run_with_no_arguments(tmp_path, example, expect):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"),
+               TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example), "--max_new_tokens", "4"]
+                          if example != "load_plugins.py" else [sys.executable, os.path.join(ROOT, "examples", example)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert expect in proc.stdout, proc.stdout
