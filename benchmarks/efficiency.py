@@ -1,0 +1,294 @@
+"""Efficiency benchmark: prefill, decode, end-to-end time, memory, KV cache and FLOPs, every method side by side.
+
+    python benchmarks/efficiency.py                                   # mid CPU preset, batch 1 and 8
+    python benchmarks/efficiency.py --preset tiny --batch_sizes 1 --repeats 2      # smoke run
+    python benchmarks/efficiency.py --preset llava-1.5-7b --batch_sizes 1,8        # GPU, bf16, random weights
+
+Methods: the full model; RCP at the paper's three schedules (fixed keep counts, so that timing does not depend
+on what random weights would keep); the *ideal* for each RCP schedule — the same model and the same per-layer
+token counts with the kept sets given, i.e. no token selection at all; VisPruner and random pruning before the
+LLM and FastV after layer 2 (scaled) at the matching budget. Each number is the median of `--repeats` runs after
+warm-up, all methods interleaved round by round in one process, so ratios are measured side by side.
+
+Schedules. The paper's counts are those of LLaVA-1.5-7B (32 layers): "64" keeps 96 / 26 / 8 visual tokens after
+layers 2 / 14 / 26 (Table VI); "192" and "128" keep 285 / 35 / 9 and 101 / 15 / 8 after layers 5 / 15 / 25 (the
+counts that average 192 and 128 tokens per layer with Table VI's stage proportions). On a shallower model the
+layers are scaled (l * L / 32, at least 1) and the counts kept, so the average tokens per layer (reported) is
+higher than the name says.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
+
+from configuration_rcp_llava import RcpLlavaConfig, visual_tokens_per_layer  # noqa: E402
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins  # noqa: E402
+from rcp_llava.flops import kv_cache_bytes, llava_flops  # noqa: E402
+
+
+PRESETS = {
+    "tiny": dict(vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=48, patch_size=4),
+                 text=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128),
+                 text_tokens=20, dtype="float32"),
+    "mid": dict(vision=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                            image_size=336, patch_size=14),
+                text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
+                text_tokens=40, dtype="float32"),
+    "llava-1.5-7b": dict(vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768),
+                         text=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                   intermediate_size=11008),
+                         text_tokens=64, dtype="bfloat16"),
+}
+# The paper's schedules on the 32-layer LLaVA-1.5-7B: (pruning layers, keep counts).
+PAPER_SCHEDULES = {192: ([5, 15, 25], [285, 35, 9]), 128: ([5, 15, 25], [101, 15, 8]), 64: ([2, 14, 26], [96, 26, 8])}
+VOCAB = 32064
+
+
+def scaled_layers(layers, num_layers):
+    out = []
+    for layer in layers:
+        value = max(1, round(layer * num_layers / 32))
+        if out and value <= out[-1]:
+            value = out[-1] + 1
+        out.append(min(value, num_layers - 1))
+    return out
+
+
+def build_config(preset, **pruning):
+    spec = PRESETS[preset]
+    text = LlamaConfig(vocab_size=VOCAB, pad_token_id=0, **spec["text"])
+    return RcpLlavaConfig(
+        text_config=text.to_dict(), vision_config=CLIPVisionConfig(**spec["vision"]).to_dict(),
+        image_token_index=VOCAB - 1, image_seq_length=(spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
+        **pruning,
+    )
+
+
+def method_configs(preset, budgets):
+    """name -> (config overrides, per-layer visual token counts, forced-masks flag, budget)."""
+    layers_total = PRESETS[preset]["text"]["num_hidden_layers"]
+    n = (PRESETS[preset]["vision"]["image_size"] // PRESETS[preset]["vision"]["patch_size"]) ** 2
+    methods = {"full": (dict(pruning_method="none", pruning_layers=[1], repair_layers=[]), [n] * layers_total,
+                        False, n)}
+    fastv_layer = scaled_layers([2], layers_total)[0]
+    for budget in budgets:
+        paper_layers, paper_counts = PAPER_SCHEDULES[budget]
+        layers = scaled_layers(paper_layers, layers_total)
+        counts = [min(c, n) for c in paper_counts]
+        if budget > n:
+            continue
+        rcp = dict(pruning_method="rcp", pruning_layers=layers, repair_layers=[layers[-1]],
+                   pruning_keep_counts=counts, pruner_hidden_size=max(8, PRESETS[preset]["text"]["hidden_size"] // 9),
+                   repair_bottleneck_size=max(8, PRESETS[preset]["text"]["hidden_size"] // 9))
+        per_layer = visual_tokens_per_layer(layers_total, n, layers, counts)
+        methods[f"rcp-{budget}"] = (rcp, per_layer, False, budget)
+        methods[f"ideal-{budget}"] = (rcp, per_layer, True, budget)
+        methods[f"vispruner-{budget}"] = (dict(pruning_method="vispruner", pre_llm_keep_count=budget),
+                                          [budget] * layers_total, False, budget)
+        methods[f"random-{budget}"] = (dict(pruning_method="random", pre_llm_keep_count=budget),
+                                       [budget] * layers_total, False, budget)
+        methods[f"fastv-{budget}"] = (dict(pruning_method="fastv", pruning_layers=[fastv_layer],
+                                           pruning_keep_counts=[budget]),
+                                      visual_tokens_per_layer(layers_total, n, [fastv_layer], [budget]), False, budget)
+    return methods
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
+    parser.add_argument("--batch_sizes", default="1,8")
+    parser.add_argument("--budgets", default="192,128,64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
+    budgets = [int(b) for b in args.budgets.split(",")]
+    spec = PRESETS[args.preset]
+    methods = method_configs(args.preset, budgets)
+
+    # One backbone for every method (a 7B model fits once, not 16 times): each method's model is built on the
+    # meta device, then takes the base model's backbone modules and builds only its own plug-ins.
+    base = RcpLlavaForConditionalGeneration(build_config(args.preset, **methods["full"][0])).to(device, dtype).eval()
+    base.generation_config.pad_token_id = 0
+    models = {}
+    for name, (overrides, _, _, _) in methods.items():
+        if name == "full":
+            models[name] = base
+            continue
+        config = build_config(args.preset, **overrides)
+        with torch.device("meta"):
+            model = RcpLlavaForConditionalGeneration(config)
+        for attr in ("vision_tower", "multi_modal_projector", "language_model"):
+            setattr(model.model, attr, getattr(base.model, attr))
+        model.lm_head = base.lm_head
+        model.model.rcp_plugins = RcpPlugins(config).to(device, dtype)
+        with torch.no_grad():
+            model.model.rcp_plugins.apply(model._init_weights)
+        model.generation_config.pad_token_id = 0
+        models[name] = model.eval()
+
+    n = base.config.num_visual_tokens
+    text_tokens = spec["text_tokens"]
+    results = []
+    for bsz in [int(b) for b in args.batch_sizes.split(",")]:
+        ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), VOCAB - 1),
+                         torch.randint(3, 1000, (bsz, text_tokens - 1))], dim=1).to(device)
+        pixels = torch.randn(bsz, 3, spec["vision"]["image_size"], spec["vision"]["image_size"]).to(device, dtype)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+        forced = {}
+        for name, (overrides, _, is_ideal, _) in methods.items():
+            if is_ideal:  # the kept sets RCP chose, given to the same model: no selection
+                with torch.no_grad():
+                    rcp = models[name.replace("ideal", "rcp")](**inputs, use_cache=False, logits_to_keep=1)
+                forced[name] = rcp.keep_masks
+
+        selection = {}
+
+        def timed_selection(model, name):
+            original = model.model._select_tokens
+
+            def wrapped(*a, **kw):
+                sync(device)
+                start = time.perf_counter()
+                out = original(*a, **kw)
+                sync(device)
+                selection.setdefault(name, []).append(time.perf_counter() - start)
+                return out
+
+            model.model._select_tokens = wrapped
+            return original
+
+        originals = {name: timed_selection(models[name], name) for name in methods if name.startswith("rcp")}
+        prefill, e2e, kv, peak, sel_per_run = {}, {}, {}, {}, {}
+        with torch.no_grad():
+            for round_index in range(args.repeats + 1):  # round 0 is the warm-up
+                for name in methods:
+                    model = models[name]
+                    kwargs = dict(inputs)
+                    if name in forced:
+                        kwargs["visual_keep_masks"] = forced[name]
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    selection.pop(name, None)
+                    sync(device)
+                    start = time.perf_counter()
+                    out = model(**kwargs, use_cache=True, logits_to_keep=1)
+                    sync(device)
+                    t_prefill = time.perf_counter() - start
+                    sel = sum(selection.get(name, []))
+                    start = time.perf_counter()
+                    model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   do_sample=False)
+                    sync(device)
+                    t_e2e = time.perf_counter() - start
+                    if round_index == 0:
+                        kv[name] = kv_cache_bytes(out.past_key_values)
+                        continue
+                    prefill.setdefault(name, []).append(t_prefill)
+                    e2e.setdefault(name, []).append(t_e2e)
+                    sel_per_run.setdefault(name, []).append(sel)
+                    if device.type == "cuda":
+                        peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+        for name, original in originals.items():
+            models[name].model._select_tokens = original
+
+        full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
+        for name, (overrides, per_layer, is_ideal, budget) in methods.items():
+            tokens = [v + text_tokens for v in per_layer]
+            flops = llava_flops(base.config, num_text_tokens=text_tokens, decoder_tokens_per_layer=tokens,
+                                batch_size=bsz).total
+            p, e = statistics.median(prefill[name]), statistics.median(e2e[name])
+            results.append({
+                "method": name, "batch_size": bsz, "budget": budget,
+                "avg_visual_tokens_per_layer": sum(per_layer) / len(per_layer),
+                "prefill_ms": p * 1e3, "decode_ms_per_token": (e - p) / max(1, args.new_tokens - 1) * 1e3,
+                "end_to_end_ms": e * 1e3, "kv_cache_mib": kv[name] / 2**20,
+                "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
+                "selection_ms": statistics.median(sel_per_run[name]) * 1e3,
+                "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
+            })
+    write_outputs(results, args, device)
+
+
+def write_outputs(results, args, device):
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
+    stem = os.path.join(args.output_dir, f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
+    lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
+             f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved; random "
+             f"weights; {args.new_tokens} new tokens. Ratios are against `full` at the same batch size.", ""]
+    for bsz in sorted({r["batch_size"] for r in results}):
+        rows = [r for r in results if r["batch_size"] == bsz]
+        full = next(r for r in rows if r["method"] == "full")
+        lines += [f"## Batch size {bsz}", "",
+                  "| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | 32-tok e2e ms | KV MiB | "
+                  "peak MiB | select ms (% prefill) | TFLOPs | FLOPs ×full |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ideal = next((x for x in rows if x["method"] == r["method"].replace("rcp", "ideal")), None)
+            note = f" (×ideal {r['prefill_ms'] / ideal['prefill_ms']:.2f})" if r["method"].startswith("rcp") else ""
+            peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
+            share = f"{r['selection_ms']:.1f} ({r['selection_ms'] / r['prefill_ms']:.1%})" if r["selection_ms"] else "–"
+            lines.append(
+                f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
+                f"{r['prefill_ms'] / full['prefill_ms']:.3f} | {r['decode_ms_per_token']:.2f} | "
+                f"{r['decode_ms_per_token'] / full['decode_ms_per_token']:.3f} | {r['end_to_end_ms']:.0f} | "
+                f"{r['kv_cache_mib']:.2f} | {peak} | {share} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
+        lines.append("")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+    with open(stem + ".json", "w") as f:
+        json.dump({"command": command, "device": device_name, "results": results}, f, indent=2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bsz = min(r["batch_size"] for r in results)
+        for family in ("full", "rcp", "ideal", "vispruner", "fastv", "random"):
+            rows = sorted((r for r in results if r["batch_size"] == bsz and r["method"].split("-")[0] == family),
+                          key=lambda r: r["avg_visual_tokens_per_layer"])
+            if rows:
+                ax.plot([r["avg_visual_tokens_per_layer"] for r in rows], [r["prefill_ms"] for r in rows],
+                        marker="o", label=family)
+        ax.set_xlabel("visual tokens per decoder layer (average)")
+        ax.set_ylabel(f"prefill ms (batch {bsz})")
+        ax.set_title(f"{args.preset} on {device_name}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=110)
+    except ImportError:
+        pass
+    print("\n".join(lines))
+    print(f"\nwrote {stem}.md / .json / .png")
+
+
+if __name__ == "__main__":
+    main()
