@@ -1,0 +1,120 @@
+"""Presets of the synthetic VQA testbed: image geometry, scene density, model sizes, recipe lengths."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Length and optimiser settings of one training stage (see `rcp_llava.testbed.train`)."""
+
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    turns: int = 5  # questions asked about each training image (a multi-turn conversation)
+    warmup_ratio: float = 0.05
+    curriculum: float = 0.0  # share of the stage during which scenes grow from 1 object to max_objects
+
+
+@dataclass(frozen=True)
+class TestbedPreset:
+    r"""
+    One size of the testbed. The image is a `grid x grid` raster of patches (`grid = image_size // patch_size`);
+    every object covers an `object_cells x object_cells` block of patches snapped to the grid, never crosses the
+    image midlines and keeps one empty cell to its neighbours.
+
+    The model is a stock LLaVA: a CLIP vision tower (`vision_*`), the two-layer projector and a Llama decoder
+    (`text_*`). `stages` holds the recipe lengths of `rcp_llava.testbed.train.train_testbed_model`.
+    """
+
+    name: str
+    image_size: int
+    patch_size: int
+    object_cells: int = 2
+    min_objects: int = 6
+    max_objects: int = 8
+    noise_std: float = 0.02
+    # model
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate_size: int = 256
+    text_hidden_size: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate_size: int = 384
+    # dataset saved to disk (training itself streams fresh scenes from the same generator)
+    num_train: int = 2000
+    num_validation: int = 500
+    num_test: int = 1000
+    # recipe: stage name -> StageSpec
+    stages: dict = field(default_factory=dict)
+    eval_batch_size: int = 64
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.grid_size**2
+
+    def budget(self, fraction: float) -> int:
+        """Number of visual tokens kept at a budget `fraction` (1/3, 2/9, 1/9 -> 48, 32, 16 for 144 tokens)."""
+        return max(1, round(fraction * self.num_visual_tokens))
+
+
+BUDGET_FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
+
+PRESETS = {
+    # A few seconds on a CPU: the tests' smoke preset.
+    "micro": TestbedPreset(
+        name="micro", image_size=32, patch_size=4, min_objects=2, max_objects=4,
+        vision_hidden_size=32, vision_layers=1, vision_heads=2, vision_intermediate_size=64,
+        text_hidden_size=32, text_layers=2, text_heads=2, text_intermediate_size=64,
+        num_train=8, num_validation=4, num_test=8, eval_batch_size=8,
+        stages={
+            "vision": StageSpec(max_steps=2, batch_size=4, learning_rate=2e-3),
+            "warmup": StageSpec(max_steps=2, batch_size=2, learning_rate=2e-3, turns=2, curriculum=0.5),
+            "full": StageSpec(max_steps=2, batch_size=2, learning_rate=1e-3, turns=2),
+        },
+    ),
+    # CPU / CI: 96 px, patch 8 -> 144 visual tokens, ~2M parameters.
+    "tiny": TestbedPreset(
+        name="tiny", image_size=96, patch_size=8,
+        stages={
+            "vision": StageSpec(max_steps=150, batch_size=32, learning_rate=2e-3),
+            "warmup": StageSpec(max_steps=2000, batch_size=24, learning_rate=1e-3, turns=3, curriculum=0.3,
+                                warmup_ratio=0.02),
+            "full": StageSpec(max_steps=300, batch_size=12, learning_rate=3e-4, turns=3),
+        },
+    ),
+    # GPU: 336 px, patch 14 -> 576 visual tokens (the LLaVA-1.5 geometry).
+    "paper": TestbedPreset(
+        name="paper", image_size=336, patch_size=14, min_objects=20, max_objects=28, noise_std=0.02,
+        vision_hidden_size=256, vision_layers=6, vision_heads=8, vision_intermediate_size=1024,
+        text_hidden_size=512, text_layers=8, text_heads=8, text_intermediate_size=1536,
+        num_train=20000, num_validation=1000, num_test=2000,
+        stages={
+            "vision": StageSpec(max_steps=2000, batch_size=64, learning_rate=1e-3),
+            "warmup": StageSpec(max_steps=6000, batch_size=32, learning_rate=5e-4, turns=3, curriculum=0.4),
+            "full": StageSpec(max_steps=6000, batch_size=32, learning_rate=2e-4, turns=6),
+        },
+    ),
+}
+
+
+def get_preset(preset) -> TestbedPreset:
+    if isinstance(preset, TestbedPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown testbed preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[preset]
+
+
+def default_cache_dir(preset="tiny") -> Path:
+    """`$RCP_LLAVA_CACHE/testbed/<preset>`, with `RCP_LLAVA_CACHE` defaulting to `~/.cache/rcp_llava`."""
+    name = preset.name if isinstance(preset, TestbedPreset) else str(preset)
+    root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rcp_llava")
+    return Path(root) / "testbed" / name

@@ -1,0 +1,286 @@
+r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in three HF-`Trainer` stages.
+
+1. `vision`: the CLIP vision tower learns per-patch labels (colour, shape, size, which cell of the object, image
+   quadrant) through linear heads on the very hidden state LLaVA feeds its projector (patch-level supervision).
+   The projector is then initialised from those heads (`align_projector`): each patch enters the decoder as
+   roughly the sum of the word embeddings of its attributes.
+2. `warmup`: vision tower frozen; projector + Llama learn to answer multi-turn conversations (several questions
+   per image, loss on the answers) from token SUBSETS: every object patch plus a random share of the background,
+   original position ids (input-level pruning), with a density curriculum (scenes grow from 1 object).
+3. `full`: all parameters, all visual tokens, stock LLaVA forward. The build ends here, on unpruned images.
+
+Training scenes are streamed from the generator (`split="stream"`, disjoint from the saved splits); each stage
+is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists.
+"""
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .evaluate import pruned_inputs
+from .presets import StageSpec, TestbedPreset, get_preset
+from .scenes import COLOURS, FAMILIES, QUADRANTS, SHAPES, SIZES, make_sample, sample_rng
+from .text import build_model_config, build_processor
+
+
+logger = logging.get_logger(__name__)
+
+STAGES = ("vision", "warmup", "full")
+# Families asked in each training conversation; existence (binding colour to shape) is oversampled.
+TRAIN_FAMILIES = ("attribute", "existence", "identity", "counting", "existence", "position")
+PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "part": 5,
+               "quadrant": len(QUADRANTS)}
+_STAGE_OFFSET = {"vision": 0, "warmup": 50_000_000, "full": 100_000_000}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class SceneStream(torch.utils.data.Dataset):
+    """Lazily generated training scenes: item `i` is a pure function of `(seed, stage, i)`, so the Trainer's
+    sampler (and its resume logic) sees an ordinary map-style dataset."""
+
+    def __init__(self, preset: TestbedPreset, seed: int, stage: str, length: int, turns: int = 1,
+                 families=TRAIN_FAMILIES, subset: bool = False, curriculum: float = 0.0):
+        self.preset, self.seed, self.stage, self.length = preset, seed, stage, length
+        self.turns, self.families, self.subset, self.curriculum = turns, families, subset, curriculum
+
+    def _num_objects(self, i):
+        """Curriculum over scene density: during the first `curriculum` share of the stage the largest scene
+        grows from 1 object to `max_objects` (sizes drawn uniformly up to it), then the preset's range."""
+        hi = self.preset.max_objects
+        progress = i / max(1, self.length)
+        if progress >= self.curriculum:
+            return None
+        top = 1 + int((hi - 1) * progress / self.curriculum)
+        return lambda rng: int(rng.integers(1, top + 1))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        index = _STAGE_OFFSET[self.stage] + int(i)
+        scene, questions = make_sample(self.preset, self.seed, "stream", index, self.families, self.turns,
+                                       num_objects=self._num_objects(int(i)))
+        item = {"image": scene.image, "questions": questions, "patch_labels": scene.patch_labels}
+        if self.subset:
+            # every object cell plus a random share of the background (skewed small): a curriculum over density
+            rng = sample_rng(self.seed + 1, "stream", index)
+            on_object = scene.patch_labels["colour"] > 0
+            keep = on_object | (rng.random(on_object.shape) < rng.random() ** 2)
+            item["keep"] = keep
+        return item
+
+
+class PatchCollator:
+    def __init__(self, processor):
+        self.image_processor = processor.image_processor
+
+    def __call__(self, items):
+        batch = {"pixel_values": self.image_processor([it["image"] for it in items], return_tensors="pt")[
+            "pixel_values"]}
+        for name in PATCH_HEADS:
+            batch[name] = torch.as_tensor(np.stack([it["patch_labels"][name] for it in items]))
+        return batch
+
+
+class ChatCollator:
+    """Multi-turn conversations about one image each; labels on every answer word and its `</s>`."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        tok = processor.tokenizer
+        self.assistant_id = tok.convert_tokens_to_ids("ASSISTANT")
+        self.colon_id = tok.convert_tokens_to_ids(":")
+        self.eos_id = tok.eos_token_id
+
+    def __call__(self, items):
+        texts = []
+        for it in items:
+            messages = []
+            for j, q in enumerate(it["questions"]):
+                content = [{"type": "text", "text": q["question"]}]
+                if j == 0:
+                    content.insert(0, {"type": "image"})
+                messages += [{"role": "user", "content": content},
+                             {"role": "assistant", "content": [{"type": "text", "text": q["answer"]}]}]
+            texts.append(self.processor.apply_chat_template(messages))
+        self.processor.tokenizer.padding_side = "right"
+        batch = dict(self.processor(text=texts, images=[it["image"] for it in items], return_tensors="pt",
+                                    padding=True))
+        ids = batch["input_ids"]
+        answer = torch.zeros_like(ids, dtype=torch.bool)
+        answer[:, 2:] = (ids[:, :-2] == self.assistant_id) & (ids[:, 1:-1] == self.colon_id)
+        is_eos = torch.zeros_like(answer)
+        is_eos[:, 1:] = answer[:, :-1] & (ids[:, 1:] == self.eos_id)
+        batch["labels"] = torch.where(answer | is_eos, ids, torch.full_like(ids, -100))
+        if "keep" in items[0]:
+            batch["keep"] = torch.as_tensor(np.stack([it["keep"] for it in items]))
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+class PatchProbe(nn.Module):
+    """The LLaVA vision tower plus one linear head per patch label, read from the hidden state LLaVA projects."""
+
+    def __init__(self, llava: LlavaForConditionalGeneration):
+        super().__init__()
+        self.vision_tower = llava.model.vision_tower
+        self.feature_layer = llava.config.vision_feature_layer
+        hidden = llava.config.vision_config.hidden_size
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in PATCH_HEADS.items()})
+
+    def forward(self, pixel_values, **labels):
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        h = out.hidden_states[self.feature_layer][:, 1:]  # (B, N, H), CLS dropped as in LLaVA's "default"
+        losses = {name: F.cross_entropy(head(h).flatten(0, 1), labels[name].flatten())
+                  for name, head in self.heads.items()}
+        return {"loss": sum(losses.values())}
+
+
+# Word whose embedding stands for each class of a patch head (None: no word, e.g. background or object part).
+_HEAD_WORDS = {
+    "colour": [None, *COLOURS], "shape": [None, *SHAPES], "size": [None, *SIZES], "part": [None] * 5,
+    "quadrant": list(QUADRANTS),
+}
+
+
+@torch.no_grad()
+def align_projector(llava: LlavaForConditionalGeneration, probe: PatchProbe, processor, pixel_values):
+    r"""
+    Initialise the stock 2-layer projector from the patch heads (LLaVA's "align the projector" step, done in
+    closed form): `linear_1`'s first units are the heads' logits, so after GELU a patch activates one unit per
+    attribute; `linear_2` sends each attribute unit to the word embedding of that attribute's name. A red small
+    circle patch then enters the decoder as ~ E[red] + E[circle] + E[small] + E[top-left]: the words its
+    questions use. Remaining units start at zero input weight and learn freely.
+    """
+    proj = llava.model.multi_modal_projector
+    emb = llava.get_input_embeddings().weight  # (V, D)
+    weights = torch.cat([h.weight for h in probe.heads.values()])  # (U, H)
+    biases = torch.cat([h.bias for h in probe.heads.values()])  # (U,)
+    units = weights.shape[0]
+    if units > proj.linear_1.out_features:
+        logger.warning("[testbed] projector narrower than the patch heads: keeping its random init")
+        return
+    hidden = probe.vision_tower(pixel_values, output_hidden_states=True).hidden_states[probe.feature_layer][:, 1:]
+    logits = hidden @ weights.T + biases  # (B, N, U)
+    scale = 4.0 / logits.max(-1).values.mean()  # winning logits land near 4: GELU ~ identity there, ~0 below 0
+    proj.linear_1.weight.zero_()
+    proj.linear_1.bias.zero_()
+    proj.linear_1.weight[:units] = weights * scale
+    proj.linear_1.bias[:units] = biases * scale
+    tok = processor.tokenizer
+    unit = 0
+    for name in probe.heads:
+        for word in _HEAD_WORDS[name]:
+            if word is not None:
+                proj.linear_2.weight[:, unit] = emb[tok.convert_tokens_to_ids(word)]
+            unit += 1
+    proj.linear_2.bias.zero_()
+    out = proj(hidden)  # (B, N, D)
+    ratio = emb.norm(dim=-1).mean() * 2 / out.norm(dim=-1).mean()  # visual tokens ~2x a word embedding
+    proj.linear_2.weight.mul_(ratio)
+
+
+class TestbedTrainer(Trainer):
+    """`Trainer` whose batches may carry `keep (B, N)`: then the loss runs on input-level pruned sequences."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
+
+    def _get_train_sampler(self, *args, **kwargs):
+        # items are already random draws; reading them in order keeps the density curriculum in order
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep = inputs.pop("keep", None)
+        if keep is not None:
+            inputs = pruned_inputs(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                   keep, labels=inputs["labels"], padding_side="right")
+        outputs = model(**inputs)
+        loss = outputs["loss"]
+        return (loss, outputs) if return_outputs else loss
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def new_model(preset: TestbedPreset, processor, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(build_model_config(preset, processor.tokenizer))
+
+
+def _training_args(out_dir: Path, spec: StageSpec, seed: int, save_steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out_dir), max_steps=spec.max_steps, per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate, lr_scheduler_type="cosine", warmup_steps=int(spec.warmup_ratio *
+        spec.max_steps), weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, min(50, spec.max_steps // 10)),
+        save_steps=save_steps, save_total_limit=1, report_to="none", use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False, seed=seed, data_seed=seed,
+        disable_tqdm=False, save_only_model=False,
+    )
+
+
+def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=None, save_steps: int = 200,
+              spec: StageSpec = None) -> Path:
+    """Run (or resume, or skip if finished) one stage; returns its `final/` folder (a LLaVA checkpoint)."""
+    preset = get_preset(preset)
+    spec = spec or preset.stages[stage]
+    stage_dir = Path(work_dir) / stage
+    final = stage_dir / "final"
+    if (final / "config.json").exists():
+        logger.warning(f"[testbed] stage {stage!r}: reusing {final}")
+        return final
+    if init_dir is None:
+        llava = new_model(preset, processor, seed)
+    else:
+        llava = LlavaForConditionalGeneration.from_pretrained(init_dir)
+    n_items = spec.max_steps * spec.batch_size
+    if stage == "vision":
+        model = PatchProbe(llava)
+        dataset = SceneStream(preset, seed, stage, n_items)
+        collator = PatchCollator(processor)
+    else:
+        model = llava
+        if stage == "warmup":
+            llava.model.vision_tower.requires_grad_(False)
+        dataset = SceneStream(preset, seed, stage, n_items, turns=spec.turns, subset=(stage == "warmup"),
+                              curriculum=spec.curriculum)
+        collator = ChatCollator(processor)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.warning(f"[testbed] stage {stage!r}: {spec.max_steps} steps x batch {spec.batch_size}, "
+                   f"{trainable / 1e6:.2f}M trainable parameters, lr {spec.learning_rate}")
+    trainer = TestbedTrainer(model=model, args=_training_args(stage_dir, spec, seed, save_steps),
+                             train_dataset=dataset, data_collator=collator)
+    resume = get_last_checkpoint(str(stage_dir)) if stage_dir.exists() else None
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    if stage == "vision":
+        items = [dataset[i] for i in range(min(len(dataset), 64))]
+        align_projector(llava, model, processor, PatchCollator(processor)(items)["pixel_values"])
+    llava.requires_grad_(True)
+    llava.save_pretrained(final)
+    processor.save_pretrained(final)
+    logger.warning(f"[testbed] stage {stage!r} done in {time.time() - t0:.0f}s")
+    return final
+
+
+def train_testbed_model(preset="tiny", work_dir=None, seed: int = 0, stages=STAGES, save_steps: int = 200,
+                        specs=None) -> Path:
+    """Run the stages in order, each starting from the previous one's weights; returns the last `final/`."""
+    preset = get_preset(preset)
+    processor = build_processor(preset)
+    previous = None
+    for stage in stages:
+        previous = run_stage(stage, preset, work_dir, processor, seed=seed, init_dir=previous,
+                             save_steps=save_steps, spec=(specs or {}).get(stage))
+    return previous

@@ -1,0 +1,216 @@
+"""Fast tests of the synthetic-VQA testbed (`rcp_llava.testbed`): generator, text side, pruning eval, micro build."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from rcp_llava.testbed import (
+    FAMILIES,
+    PRESETS,
+    build_processor,
+    build_testbed,
+    default_cache_dir,
+    evaluate_accuracy,
+    generate_scene,
+    make_sample,
+    oracle_keep,
+    prompt_messages,
+    pruned_inputs,
+    random_keep,
+    saliency_keep,
+)
+from rcp_llava.testbed.scenes import COLOURS, COUNT_WORDS, PLURALS
+
+
+torch.set_num_threads(2)
+TINY = PRESETS["tiny"]
+
+
+def _samples(preset=TINY, n=40, split="test"):
+    return [make_sample(preset, 0, split, i, FAMILIES, num_questions=5) for i in range(n)]
+
+
+def test_generator_is_deterministic():
+    for i in range(5):
+        (s1, q1), (s2, q2) = make_sample(TINY, 7, "train", i), make_sample(TINY, 7, "train", i)
+        assert np.array_equal(np.asarray(s1.image), np.asarray(s2.image))
+        assert q1 == q2
+    s3, _ = make_sample(TINY, 8, "train", 0)
+    assert not np.array_equal(np.asarray(make_sample(TINY, 7, "train", 0)[0].image), np.asarray(s3.image))
+
+
+def test_scene_density_and_layout():
+    for scene, _ in _samples(n=30):
+        assert TINY.min_objects <= len(scene.objects) <= TINY.max_objects
+        assert len({(o.colour, o.shape) for o in scene.objects}) == len(scene.objects)
+        n_object = sum(len(o.patches) for o in scene.objects)
+        assert n_object > TINY.budget(1 / 9), "scenes must hold more object patches than the 1/9 budget"
+
+
+def _expected_answer(scene, q):
+    """Re-derive the answer of a question from the scene's object list."""
+    objs, text = scene.objects, q["question"]
+
+    def match(ref):
+        words = ref.split()
+        return [o for o in objs if all(w in (o.colour, o.shape, o.size, "object") for w in words)]
+
+    if m := re.fullmatch(r"what colour is the (.+)\?", text):
+        (o,) = match(m[1])
+        return o.colour
+    if m := re.fullmatch(r"what size is the (.+)\?", text):
+        (o,) = match(m[1])
+        return o.size
+    if m := re.fullmatch(r"what shape is the (.+)\?", text):
+        (o,) = match(m[1])
+        return o.shape
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", text):
+        return "yes" if any(o.colour == m[1] and o.shape == m[2] for o in objs) else "no"
+    if m := re.fullmatch(r"how many (\w+) objects are there\?", text):
+        return COUNT_WORDS[sum(o.colour == m[1] for o in objs)]
+    if m := re.fullmatch(r"how many (\w+) are there\?", text):
+        shape = {v: k for k, v in PLURALS.items()}[m[1]]
+        return COUNT_WORDS[sum(o.shape == shape for o in objs)]
+    if m := re.fullmatch(r"where is the (.+)\?", text):
+        (o,) = match(m[1])
+        return o.quadrant
+    raise AssertionError(f"unparsed question {text!r}")
+
+
+def test_answers_consistent_with_scene():
+    seen = set()
+    for scene, questions in _samples(n=60):
+        for q in questions:
+            assert _expected_answer(scene, q) == q["answer"], q
+            assert len(q["answer"].split()) == 1
+            seen.add(q["family"])
+            if q["family"] == "existence":
+                assert (q["answer"] == "no") == bool(q["negative_type"])
+    assert seen == set(FAMILIES)
+
+
+def test_evidence_patches_match_drawn_objects():
+    g, p = TINY.grid_size, TINY.patch_size
+    for scene, questions in _samples(n=20):
+        x = np.asarray(scene.image, dtype=np.float32) / 255
+        patches = x.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p, 3)  # (N, p*p, 3)
+        all_object = set()
+        for o in scene.objects:
+            rgb = np.array(COLOURS[o.colour]) / 255
+            for i in o.patches:
+                close = np.abs(patches[i] - rgb).max(-1) < 0.2  # pixels painted in the object's colour
+                assert close.sum() >= 3, (o, i)
+                r, c = divmod(i, g)
+                assert o.row <= r < o.row + TINY.object_cells and o.col <= c < o.col + TINY.object_cells
+            all_object |= set(o.patches)
+        # no other patch holds an object colour
+        for i in set(range(g * g)) - all_object:
+            for rgb in COLOURS.values():
+                assert (np.abs(patches[i] - np.array(rgb) / 255).max(-1) < 0.2).sum() < 3
+        for q in questions:
+            assert set(q["evidence_patches"]) <= all_object
+            if q["family"] in ("attribute", "identity", "position") or q["answer"] == "yes":
+                assert q["evidence_patches"], q
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "paper"])
+def test_processor_image_token_count(name):
+    preset = PRESETS[name]
+    processor = build_processor(preset)
+    scene = generate_scene(np.random.default_rng(0), preset, num_objects=2)
+    prompt = processor.apply_chat_template(prompt_messages("where is the red circle?"), add_generation_prompt=True)
+    batch = processor(text=[prompt], images=[scene.image], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == preset.num_visual_tokens
+    assert batch["pixel_values"].shape[-1] == preset.image_size
+    assert processor.tokenizer.unk_token_id not in batch["input_ids"][0].tolist()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    assert default_cache_dir("tiny") == tmp_path / "testbed" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def micro_testbed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro_testbed")
+    build_testbed("micro", out, seed=0, command="pytest")
+    return out
+
+
+def test_micro_build_writes_loadable_llava(micro_testbed):
+    out = micro_testbed
+    assert (out / "work" / "full" / "checkpoint-2").is_dir()  # Trainer checkpoints, resumable
+    model = LlavaForConditionalGeneration.from_pretrained(out / "model")
+    processor = AutoProcessor.from_pretrained(out / "model")
+    assert model.config.image_seq_length == PRESETS["micro"].num_visual_tokens
+    assert processor.chat_template
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]["families"]) == set(FAMILIES)
+    assert set(metrics["pruning"]) == {"random", "oracle", "saliency"}
+    mtime = (out / "model" / "model.safetensors").stat().st_mtime
+    build_testbed("micro", out, seed=0)  # reuses everything
+    assert (out / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_pruned_inputs_keep_all_matches_stock_forward(micro_testbed):
+    from datasets import load_from_disk
+
+    model = LlavaForConditionalGeneration.from_pretrained(micro_testbed / "model").eval()
+    processor = AutoProcessor.from_pretrained(micro_testbed / "model")
+    rows = [r for r in load_from_disk(str(micro_testbed / "dataset"))["test"]][:4]
+    prompts = [processor.apply_chat_template(prompt_messages(r["question"]), add_generation_prompt=True)
+               for r in rows]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=prompts, images=[r["image"] for r in rows], return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any(), "the test needs left padding"
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        stock = model(**batch, position_ids=position_ids).logits[:, -1]
+        n = PRESETS["micro"].num_visual_tokens
+        ours = model(**pruned_inputs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                     torch.ones(len(rows), n, dtype=torch.bool))).logits[:, -1]
+        # dropping tokens changes the answer logits, keeps the sequence length bookkeeping right
+        keep = oracle_keep(1 / 9)(rows)
+        pruned = pruned_inputs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], keep)
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
+    assert pruned["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] - n + int(keep.sum(-1).max())
+
+
+def test_keep_functions(micro_testbed):
+    from datasets import load_from_disk
+
+    rows = [r for r in load_from_disk(str(micro_testbed / "dataset"))["test"]]
+    n = PRESETS["micro"].num_visual_tokens
+    for make in (random_keep, oracle_keep, saliency_keep):
+        keep = make(2 / 9)(rows)
+        assert keep.shape == (len(rows), n) and keep.dtype == torch.bool
+        assert (keep.sum(-1) == PRESETS["micro"].budget(2 / 9)).all()
+        assert torch.equal(keep, make(2 / 9)(rows)), "keep functions are deterministic"
+    keep = oracle_keep(1 / 3)(rows)
+    for b, r in enumerate(rows):
+        kept = set(keep[b].nonzero().flatten().tolist())
+        ev = set(r["evidence_patches"])
+        assert ev <= kept or len(kept & ev) == len(kept), "evidence comes first"
+        others = set(r["object_patches"]) - ev
+        if len(ev) + len(others) <= len(kept):
+            assert others <= kept, "then the other objects"
+    # saliency picks object patches before background
+    sal = saliency_keep(1 / 9)(rows)
+    for b, r in enumerate(rows):
+        assert set(sal[b].nonzero().flatten().tolist()) <= set(r["object_patches"])
+
+
+def test_evaluate_accuracy_keys(micro_testbed):
+    from datasets import load_from_disk
+
+    model = LlavaForConditionalGeneration.from_pretrained(micro_testbed / "model")
+    processor = AutoProcessor.from_pretrained(micro_testbed / "model")
+    ds = load_from_disk(str(micro_testbed / "dataset"))["validation"]
+    acc = evaluate_accuracy(model, processor, ds, batch_size=3, keep_fn=random_keep(1 / 3), max_samples=4)
+    assert acc["n"] == 4 and 0 <= acc["overall"] <= 1
+    assert acc["kept_visual_tokens"] == PRESETS["micro"].budget(1 / 3)
