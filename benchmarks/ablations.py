@@ -1,0 +1,257 @@
+"""Ablation runner (the paper's Tables IV, V, VI, VII): train each variant with `train_rcp.py`, evaluate all at the
+same budget, write one markdown table + JSON.
+
+    python benchmarks/ablations.py                                    # tiny testbed, every variant (hours on CPU)
+    python benchmarks/ablations.py --variants full no_repair_loss attention_topk --max_steps 150 \
+        --max_eval_samples 300 --name ablations_tiny
+    python benchmarks/ablations.py --variants full pruners=1 pruners=1,2 adapters=3 adapters=   # Tables V / VII
+    python benchmarks/ablations.py --train_args "--base_model DIR --dataset_name_or_path DATA ..." --dataset DATA
+
+Variants (each a `train_rcp` run = the main job's flags + the variant's, in OUTPUT_DIR/work/NAME_VARIANT):
+
+| variant | what changes | paper |
+|---|---|---|
+| `full` | nothing (the main job) | RCP |
+| `no_repair_loss` | `--lambda_repair 0` | w/o repair loss |
+| `mean_only_repair` | `--repair_loss_mean_only true` | mean-only repair loss |
+| `no_adapters` | no repair adapters (`repair_layers=[]`; the repair loss still acts on the last layer) | w/o adapter |
+| `adapters_off` | `full`'s model evaluated with its adapters disabled (no training) | (inference-only) |
+| `attention_topk` | no training: `pruning_method="attention_topk"`, `full`'s layers and counts, no adapters | Top-K |
+| `pruners=A,B` | `--pruning_layers A,B` | Table V (pruner count/placement) |
+| `adapters=A,B`, `adapters=` | `--repair_layers A,B`; empty: none | Table VII (adapter placement) |
+
+`train_rcp.py --repair_layers ''` cannot express "no adapters" (an empty value means "the default"), so the runner
+calls `train_rcp.run_job` with `repair_layers=[]` set on the parsed arguments: the same code path as `main`.
+
+Every trained variant is evaluated (first-token accuracy on the test split) at the FIXED counts of `--budget`
+(`rcp_llava.evaluation.rcp_keep_counts`: the average over the layers from the first pruner is k = budget * N)
+and with its adaptive threshold; "Table VI" is the `full` variant's adaptive kept tokens per pruning layer, % of N.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TRAINED = {
+    "full": [],
+    "no_repair_loss": ["--lambda_repair", "0"],
+    "mean_only_repair": ["--repair_loss_mean_only", "true"],
+    "no_adapters": None,  # repair_layers=[] on the parsed job arguments
+}
+UNTRAINED = {"adapters_off", "attention_topk"}  # derived from `full`
+DEFAULT_VARIANTS = ["full", "no_repair_loss", "mean_only_repair", "no_adapters", "adapters_off", "attention_topk",
+                    "pruners=1", "pruners=1,2", "adapters=3", "adapters=2"]
+
+
+def variant_spec(name):
+    """`(train flags, job overrides, needs training)` of a variant name."""
+    if name in TRAINED:
+        if name == "no_adapters":
+            return [], {"repair_layers": []}, True
+        return list(TRAINED[name]), {}, True
+    if name in UNTRAINED:
+        return [], {}, False
+    if name.startswith("pruners="):
+        layers = name.split("=", 1)[1]
+        if not layers:
+            raise ValueError("`pruners=` needs at least one layer (RCP needs a pruner).")
+        return ["--pruning_layers", layers], {}, True
+    if name.startswith("adapters="):
+        layers = name.split("=", 1)[1]
+        return ([], {"repair_layers": []}, True) if not layers else (["--repair_layers", layers], {}, True)
+    raise ValueError(f"Unknown variant {name!r}; use {sorted(TRAINED) + sorted(UNTRAINED)}, pruners=A,B or "
+                     "adapters=A,B.")
+
+
+def slug(name):
+    return name.replace("=", "_").replace(",", "-") or "none"
+
+
+def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
+    """Train one variant with `train_rcp.run_job`; returns (model folder, seconds, argv). Reuses a finished run."""
+    import train_rcp
+    from transformers import HfArgumentParser
+
+    flags, job_overrides, _ = variant_spec(name)
+    argv = list(base_args) + flags + ["--output_dir", out_dir, "--test_split", "none", "--report_to", "none"]
+    if max_steps is not None:
+        argv += ["--max_steps", str(max_steps)]
+    model_dir = os.path.join(out_dir, "model")
+    if reuse and os.path.isfile(os.path.join(model_dir, "config.json")):
+        return model_dir, None, argv
+    parser = HfArgumentParser((train_rcp.RcpJobArguments, train_rcp.RcpTrainingArguments))
+    job, args = parser.parse_args_into_dataclasses(args=argv)
+    for key, value in job_overrides.items():
+        setattr(job, key, value)
+    started = time.time()
+    train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))
+    return model_dir, round(time.time() - started, 1), argv
+
+
+def evaluate_variant(base, processor, data, budget, batch_size, repair=True, method="rcp"):
+    """Fixed counts at `budget` and (for RCP) the adaptive threshold. Returns a dict."""
+    from rcp_llava.evaluation import (
+        average_tokens,
+        budget_count,
+        evaluate_model,
+        method_model,
+        method_overrides,
+        parse_budget,
+    )
+
+    _, fraction = parse_budget(budget)
+    k = budget_count(fraction, base.config.num_visual_tokens)
+    out = {}
+    modes = {"fixed": method_overrides(method, k, base.config)}
+    if method == "rcp":
+        modes["adaptive"] = dict(pruning_keep_counts=None)
+    for mode, overrides in modes.items():
+        model = method_model(base, **overrides)
+        if repair:
+            result = evaluate_model(model, processor, data, batch_size)
+        else:
+            with model.plugins_disabled(pruning=False, repair=True):
+                result = evaluate_model(model, processor, data, batch_size)
+        first = model.config.pruning_points[0]
+        out[mode] = {"score": result["score"], "groups": result["groups"], "n": result["n"],
+                     "keep_counts": model.config.pruning_keep_counts, "kept_per_point": result["kept_per_point"],
+                     "pruning_layers": list(model.config.pruning_layers),
+                     "repair_layers": list(model.config.repair_layers) if repair else [],
+                     "avg_tokens_all_layers": average_tokens(result["tokens_per_layer"]),
+                     "avg_tokens_from_first_point": average_tokens(result["tokens_per_layer"], first)}
+    return out
+
+
+def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max_eval_samples=None, dataset=None,
+        batch_size=32, reuse=True, command=None):
+    from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
+
+    if dataset is None:
+        from rcp_llava.testbed import default_cache_dir
+
+        preset = "tiny"
+        if "--testbed_preset" in base_args:
+            preset = base_args[base_args.index("--testbed_preset") + 1]
+        dataset = str(default_cache_dir(preset) / "dataset")
+    data = load_data(dataset, split="test", max_samples=max_eval_samples)
+    variants = list(dict.fromkeys(variants))
+    if any(v in UNTRAINED for v in variants) and "full" not in variants:
+        variants.insert(0, "full")
+    for v in variants:
+        variant_spec(v)  # fail on a bad name before any training
+    trained_order = [v for v in variants if v not in UNTRAINED] + [v for v in variants if v in UNTRAINED]
+    work = os.path.join(output_dir, "work", name)
+    rows, full_score = {}, None
+    for v in trained_order:
+        source = "full" if v in UNTRAINED else v
+        model_dir, seconds, argv = train_variant(source, base_args, os.path.join(work, slug(source)), max_steps,
+                                                 reuse=reuse or v in UNTRAINED)
+        base, processor = load_base_model(model_dir)
+        if full_score is None:
+            none = method_model(base, **method_overrides("none", base.config.num_visual_tokens, base.config))
+            full_score = evaluate_model(none, processor, data, batch_size)
+        if v == "attention_topk":
+            result = evaluate_variant(base, processor, data, budget, batch_size, method="attention_topk")
+        else:
+            result = evaluate_variant(base, processor, data, budget, batch_size, repair=v != "adapters_off")
+        rows[v] = {"variant": v, "trained": v not in UNTRAINED, "train_seconds": seconds,
+                   "train_argv": argv if v not in UNTRAINED else None,
+                   "max_steps": max_steps, **result}
+    n = data.rows[0]["grid_size"] ** 2 if data.kind == "testbed" else None
+    ordered = [rows[v] for v in variants]
+    table6 = None
+    if "full" in rows and rows["full"].get("adaptive", {}).get("kept_per_point"):
+        kept = rows["full"]["adaptive"]["kept_per_point"]
+        table6 = {"pruning_layers": rows["full"]["adaptive"]["pruning_layers"], "kept": kept,
+                  "percent_of_n": [100 * c / n for c in kept]}
+    result = {"command": command, "budget": budget, "max_steps": max_steps, "num_eval_samples": len(data),
+              "num_visual_tokens": n, "full_model": {"score": full_score["score"], "groups": full_score["groups"]},
+              "variants": ordered, "table6": table6}
+    os.makedirs(output_dir, exist_ok=True)
+    stem = os.path.join(output_dir, name)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(format_ablations(result))
+    return result
+
+
+def format_ablations(result):
+    full = result["full_model"]["score"]
+    steps = result["max_steps"] if result["max_steps"] is not None else "the main job's"
+
+    def rel(score):
+        return f"{score / full:.1%}" if full else "–"
+
+    lines = [f"# Ablations (Tables IV / V / VII analogs), budget {result['budget']} of "
+             f"N = {result['num_visual_tokens']}",
+             "", f"Command: `{result['command']}`", "",
+             f"Each trained variant: `train_rcp.py` with {steps} steps (labelled below), evaluated on "
+             f"{result['num_eval_samples']} test samples (first-token accuracy). *fixed*: keep counts whose average "
+             "over the layers from the first pruner is k; *adaptive*: the trained threshold. Full model: "
+             f"{full:.3f}.", "",
+             "| variant | trained | pruning layers | repair layers | fixed counts | acc (fixed) | % of full | "
+             "acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["variants"]:
+        fixed = r["fixed"]
+        adaptive = r.get("adaptive")
+        trained = f"yes ({r['max_steps']} steps)" if r["trained"] and r["max_steps"] else (
+            "yes" if r["trained"] else "no (uses `full`)")
+        cells = [r["variant"], trained, str(fixed["pruning_layers"]), str(fixed["repair_layers"] or "none"),
+                 str(fixed["keep_counts"]), f"{fixed['score']:.3f}", rel(fixed["score"])]
+        if adaptive:
+            kept = ", ".join(f"{c:.1f}" for c in adaptive["kept_per_point"])
+            cells += [f"{adaptive['score']:.3f}", rel(adaptive["score"]), kept,
+                      f"{adaptive['avg_tokens_from_first_point']:.1f} / {adaptive['avg_tokens_all_layers']:.1f}"]
+        else:
+            cells += ["–", "–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table6 = result.get("table6")
+    if table6:
+        lines += ["", "## Per-layer retention (Table VI analog): `full`, adaptive threshold", "",
+                  "| pruning layer | " + " | ".join(str(p) for p in table6["pruning_layers"]) + " |",
+                  "|---|" + "---|" * len(table6["pruning_layers"]),
+                  "| kept tokens | " + " | ".join(f"{c:.1f}" for c in table6["kept"]) + " |",
+                  "| % of N | " + " | ".join(f"{p:.2f}%" for p in table6["percent_of_n"]) + " |",
+                  "", "Paper (LLaVA-1.5-7B, 64 of 576): 16.72% / 4.59% / 1.44% after layers 2 / 14 / 26."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    parser.add_argument("--budget", default="1/9", help="Evaluation budget (fraction of N).")
+    parser.add_argument("--max_steps", type=int, default=None, help="Training steps per variant (default: the job's).")
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
+    parser.add_argument("--dataset", default=None, help="Evaluation data (default: the testbed's dataset folder).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--name", default="ablations")
+    parser.add_argument("--no_reuse", action="store_true", help="Retrain variants whose folder already exists.")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/ablations.py " + " ".join(shlex.quote(a) for a in argv)
+    result = run(args.variants, shlex.split(args.train_args), args.output_dir, args.name, budget=args.budget,
+                 max_steps=args.max_steps, max_eval_samples=args.max_eval_samples, dataset=args.dataset,
+                 batch_size=args.batch_size, reuse=not args.no_reuse, command=command)
+    print(format_ablations(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Figures (PNG, matplotlib): representation drift (the paper's Figs. 1 and 3), pruning masks (Fig. 4) and
+accuracy vs. kept tokens.
+
+    python benchmarks/figures.py --model outputs/rcp_tiny/model --name tiny            # drift + masks
+    python benchmarks/figures.py --table benchmarks/results/table1_tiny.json --name tiny   # accuracy vs tokens
+
+* drift_NAME.png: per decoder layer, W2 (Eq. 18) between the answer-position hidden states of the pruned model
+  and of the full model, mean over `--num_samples` testbed samples, in the "mask" layout (positions line up).
+  Lines: RCP with its repair adapters, RCP without them (same kept sets), and the same model without repair given
+  attention top-k and random kept sets at the same counts. All at the fixed counts of `--budget`
+  (`rcp_llava.evaluation.rcp_keep_counts`).
+* masks_NAME.png: for `--num_images` test images, the patches kept after each pruning layer (dropped patches
+  dimmed), the answer's evidence patches outlined in red.
+* accuracy_vs_tokens_NAME.png: from an `evaluate_methods.py` JSON, score vs. average visual tokens per layer,
+  over all layers (left) and over the layers from the first pruning point (right).
+Each run also writes figures_NAME.md (or accuracy_vs_tokens_NAME.md) with the command and the plotted numbers.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_drift(curves, path, title=None):
+    """curves: `{label: [W2 per decoder layer]}` -> a line plot (log y when all values are positive)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = ["-o", "--s", ":^", "-.v", "-x"]
+    for (label, values), style in zip(curves.items(), styles * 3):
+        ax.plot(range(len(values)), values, style, label=label)
+    values = [v for vs in curves.values() for v in vs]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("W2 to the full model (answer positions)")
+    ax.set_xticks(range(max(len(v) for v in curves.values())))
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_masks(rows, keep_masks, pruning_points, path, title=None):
+    """rows: testbed rows (image, question, answer, evidence_patches, grid_size); keep_masks: (B, P, N)."""
+    import numpy as np
+
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    batch, num_points = len(rows), len(pruning_points)
+    fig, axes = plt.subplots(batch, num_points + 1, figsize=(2.3 * (num_points + 1), 2.5 * batch), squeeze=False)
+    for b, row in enumerate(rows):
+        image = np.asarray(row["image"].convert("RGB"), dtype=np.float32) / 255
+        grid = int(row["grid_size"])
+        cell = image.shape[0] / grid
+        columns = [("input", None)] + [
+            (f"after {'the projector (pre-LLM)' if p == 0 else f'pruner @ layer {p}'}", keep_masks[b, i])
+            for i, p in enumerate(pruning_points)]
+        for c, (name, mask) in enumerate(columns):
+            ax = axes[b, c]
+            shown = image.copy()
+            if mask is not None:
+                keep = mask.reshape(grid, grid).cpu().numpy().astype(bool)
+                dim = np.kron(keep, np.ones((int(cell), int(cell)), dtype=bool))[..., None]
+                shown = np.where(dim, shown, 0.15 + 0.25 * shown)
+                name += f": {int(keep.sum())} kept"
+            ax.imshow(shown, interpolation="nearest")
+            for patch in row["evidence_patches"]:
+                r, col = divmod(int(patch), grid)
+                ax.add_patch(Rectangle((col * cell - 0.5, r * cell - 0.5), cell, cell, fill=False, edgecolor="red",
+                                       linewidth=1.2))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(name, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{row['question']}\n-> {row['answer']}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_tokens(result, path, title=None):
+    """result: one `evaluate_grid` result (a dict with "rows")."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    rows = result["rows"]
+    for ax, key, name in ((axes[0], "avg_tokens_all_layers", "over all layers"),
+                          (axes[1], "avg_tokens_from_first_point", "from the first pruning point")):
+        for method in dict.fromkeys(r["label"] for r in rows):
+            points = sorted(((r[key], r["score"]) for r in rows if r["label"] == method))
+            if method == "none":
+                ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="full (none)")
+                continue
+            marker = "*" if "adaptive" in method else "o"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=9 if marker == "*" else 5,
+                    label=method, linestyle="-" if len(points) > 1 else "none")
+        ax.set_xlabel(f"visual tokens per decoder layer ({name})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(result.get("metric", "score"))
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title or f"{result['data']}: score vs. kept visual tokens (N = {result['num_visual_tokens']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def drift_and_masks(base, processor, rows, budget="1/9", mask_rows=None, seed=0):
+    """Compute the drift curves and the RCP masks at the fixed counts of `budget`. Returns a dict."""
+    from rcp_llava.evaluation import (
+        budget_count,
+        keep_masks_of,
+        method_model,
+        method_overrides,
+        nested_random_masks,
+        parse_budget,
+        representation_drift,
+    )
+
+    config = base.config
+    label, fraction = parse_budget(budget)
+    k = budget_count(fraction, config.num_visual_tokens)
+    rcp = method_model(base, **method_overrides("rcp", k, config))
+    topk = method_model(base, **method_overrides("attention_topk", k, config))
+    counts = rcp.config.pruning_keep_counts
+    topk_masks, _ = keep_masks_of(topk, processor, rows)
+    forced = {"attention top-k, no repair": topk_masks,
+              "random, no repair": nested_random_masks(counts, len(rows), config.num_visual_tokens, seed)}
+    drift = representation_drift(rcp, processor, rows, forced=forced)
+    curves = {"RCP with repair adapters": drift["with_repair"], "RCP without repair": drift["without_repair"],
+              **drift["forced"]}
+    out = {"budget": label, "k": k, "counts": counts, "pruning_layers": list(rcp.config.pruning_layers),
+           "repair_layers": list(rcp.config.repair_layers), "num_samples": len(rows), "curves": curves}
+    if mask_rows is not None:
+        masks, points = keep_masks_of(rcp, processor, mask_rows)
+        out["masks"], out["mask_points"] = masks, points
+    return out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="RCP folder (drift + masks).")
+    parser.add_argument("--plugins", default=None)
+    parser.add_argument("--data", default="testbed", help="testbed or a dataset folder in the testbed format.")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--budget", default="1/9")
+    parser.add_argument("--num_samples", type=int, default=64, help="Samples the drift is averaged over.")
+    parser.add_argument("--num_images", type=int, default=3)
+    parser.add_argument("--table", default=None, help="An evaluate_methods.py JSON: accuracy vs tokens.")
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--name", default="figures")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/figures.py " + " ".join(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    written = []
+    if args.model:
+        import torch
+
+        from rcp_llava.evaluation import load_base_model, load_data
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        base, processor = load_base_model(args.model, plugins=args.plugins)
+        data = load_data(args.data, split=args.split, max_samples=args.num_samples)
+        rows = [data.rows[i] for i in range(len(data))]
+        # Mask examples: the first rows of distinct families.
+        seen, picks = set(), []
+        for r in rows:
+            if r["family"] not in seen and len(picks) < args.num_images:
+                seen.add(r["family"])
+                picks.append(r)
+        result = drift_and_masks(base, processor, rows, args.budget, mask_rows=picks)
+        title = (f"{len(rows)} samples, budget {result['budget']} (k={result['k']}): keep {result['counts']} after "
+                 f"layers {result['pruning_layers']}, repair after {result['repair_layers']}")
+        drift_path = os.path.join(args.output_dir, f"drift_{args.name}.png")
+        masks_path = os.path.join(args.output_dir, f"masks_{args.name}.png")
+        plot_drift(result["curves"], drift_path, title=title)
+        plot_masks(picks, result["masks"], result["mask_points"], masks_path,
+                   title=f"RCP kept patches at budget {result['budget']} (counts {result['counts']}); red: evidence")
+        layers = len(next(iter(result["curves"].values())))
+        lines = [f"# Figures: drift_{args.name}.png, masks_{args.name}.png", "", f"Command: `{command}`", "",
+                 f"Model `{args.model}`. {title}.", "",
+                 "W2 (Eq. 18) to the full model at the answer positions, mean over samples, per decoder layer:", "",
+                 "| curve | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+                 "|---|" + "---|" * layers]
+        for name, values in result["curves"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+        lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
+        with open(os.path.join(args.output_dir, f"figures_{args.name}.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        written += [drift_path, masks_path]
+    if args.table:
+        with open(args.table) as f:
+            table = json.load(f)
+        path = os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.png")
+        plot_accuracy_vs_tokens(table["results"][0], path)
+        with open(os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.md"), "w") as f:
+            f.write(f"# accuracy_vs_tokens_{args.name}.png\n\nCommand: `{command}` (data: `{table['command']}`)\n")
+        written.append(path)
+    if not written:
+        parser.error("Give --model (drift + masks) and/or --table (accuracy vs tokens).")
+    print("wrote " + ", ".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""Evaluate pruning methods side by side: methods x budgets on one shared backbone (the paper's Table I).
+
+    from rcp_llava.evaluation import load_base_model, evaluate_grid, format_table
+    base, processor = load_base_model("outputs/rcp_tiny/model")
+    result = evaluate_grid(base, processor, load_data("testbed"), methods=["none", "rcp", "vispruner"],
+                           budgets=["1/3", "2/9", "1/9"], max_samples=500)
+    print(format_table(result))
+
+Budgets are fractions of the N visual tokens of an image; a method at budget b keeps k = round(b * N):
+
+* `vispruner`, `random`: k tokens before the LLM (`pre_llm_keep_count=k`): every decoder layer sees k.
+* `fastv`: k tokens after the layer K (`pruning_layers=[K]`, `pruning_keep_counts=[k]`); layers before K see N.
+* `attention_topk`: the RCP model's pruning layers with the counts below, ranked by the LLM's own attention.
+* `rcp`: the trained plug-ins with FIXED keep counts whose average over the layers from the first pruner equals
+  k (`rcp_keep_counts`): the proportions between stages are those of the paper's Table VI (16.72 : 4.59 : 1.44
+  % retained after its three pruners), interpolated log-linearly over the relative pruner index when the model
+  has another number of pruning layers; counts are integers, non-increasing, at most N and at least 1, chosen so
+  that the average is as close to k as integers allow. Plus one row `rcp (adaptive)`: the trained threshold
+  (Eq. 8), keeping whatever it keeps.
+* `none`: once, all N tokens.
+
+Every row reports the average visual tokens per decoder layer over ALL layers and over the layers from the first
+pruning point on (identical for pre-LLM methods); a method that prunes late at k keeps more tokens in total than
+one that prunes before the LLM at k, and the two columns say so.
+
+Scoring: on the testbed (one-word answers) the greedy first token, read from one prefill with physical discard
+(`first_token_accuracy`); on a reader benchmark (`rcp_llava.readers`) `generate` with left padding, decoded and
+scored with the benchmark's metric (`BENCHMARK_METRIC`).
+"""
+
+import copy
+import math
+import os
+from fractions import Fraction
+
+import torch
+
+from configuration_rcp_llava import visual_tokens_per_layer
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+
+
+# Table VI of the paper: % of the 576 visual tokens kept after the pruners at layers 2 / 14 / 26 (64-token budget).
+TABLE_VI_RETENTION = (16.72, 4.59, 1.44)
+METHODS = ("none", "rcp", "vispruner", "fastv", "random", "attention_topk")
+DEFAULT_BUDGETS = ("1/3", "2/9", "1/9")
+# Headline number of each reader metric (the table's score for that benchmark).
+METRIC_KEY = {"vqa_accuracy": "vqa_accuracy", "exact_match": "exact_match", "pope": "f1", "mme": "perception_score"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Budgets -> per-method configurations
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_budget(text):
+    """`"1/3"`, `"0.25"` -> a fraction in (0, 1]. Returns `(label, fraction)`."""
+    label = str(text).strip()
+    try:
+        value = float(Fraction(label))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"Budget {text!r} is not a fraction like '1/3' or '0.25'.") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"Budget {text!r} must be a fraction of the visual tokens in (0, 1].")
+    return label, value
+
+
+def budget_count(fraction, num_visual_tokens):
+    """k = round(fraction * N), at least 1 (1/3, 2/9, 1/9 of 144 -> 48, 32, 16)."""
+    return max(1, int(math.floor(fraction * num_visual_tokens + 0.5)))
+
+
+def stage_proportions(num_pruning_layers):
+    """Relative retention after each pruner: Table VI's three values, log-linearly interpolated over the relative
+    pruner index t = i / (P - 1) (P = 1: the first value; P = 3: Table VI itself)."""
+    if num_pruning_layers < 1:
+        raise ValueError("At least one pruning layer is needed.")
+    logs = [math.log(v) for v in TABLE_VI_RETENTION]
+    out = []
+    for i in range(num_pruning_layers):
+        t = 0.0 if num_pruning_layers == 1 else i / (num_pruning_layers - 1)
+        x = t * (len(logs) - 1)
+        lo = min(int(math.floor(x)), len(logs) - 2)
+        frac = x - lo
+        out.append(math.exp(logs[lo] * (1 - frac) + logs[lo + 1] * frac))
+    return out
+
+
+def average_tokens(per_layer, first_layer=0):
+    layers = per_layer[first_layer:]
+    return sum(layers) / len(layers)
+
+
+def rcp_keep_counts(k, pruning_layers, num_layers, num_visual_tokens):
+    """Fixed per-pruner counts whose average over the layers from the first pruner is k (see the module doc).
+
+    The real-valued solution c_i = a * w_i (w: `stage_proportions`) is capped at N (the excess goes to the other
+    stages), rounded, made non-increasing, then nudged by +-1 while that brings the average closer to k.
+    """
+    layers = list(pruning_layers)
+    if not layers:
+        raise ValueError("RCP needs at least one pruning layer.")
+    n = num_visual_tokens
+    if not 0 < k <= n:
+        raise ValueError(f"Keep count {k} is outside (0, {n}].")
+    spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
+    weights = stage_proportions(len(layers))
+    target = k * sum(spans)
+    capped = set()
+    while True:
+        free = [i for i in range(len(layers)) if i not in capped]
+        rest = target - sum(spans[i] * n for i in capped)
+        if not free:
+            real = [float(n)] * len(layers)
+            break
+        scale = rest / sum(spans[i] * weights[i] for i in free)
+        real = [float(n) if i in capped else scale * weights[i] for i in range(len(layers))]
+        over = [i for i in free if real[i] > n]
+        if not over:
+            break
+        capped.update(over)
+    counts = [min(n, max(1, int(math.floor(c + 0.5)))) for c in real]
+    for i in range(1, len(counts)):
+        counts[i] = min(counts[i], counts[i - 1])
+
+    def error(c):
+        return abs(sum(s * x for s, x in zip(spans, c)) - target)
+
+    improved = True
+    while improved:
+        improved = False
+        for i in range(len(counts)):
+            for step in (1, -1):
+                trial = list(counts)
+                trial[i] += step
+                if not 1 <= trial[i] <= n or any(b > a for a, b in zip(trial, trial[1:])):
+                    continue
+                if error(trial) < error(counts) - 1e-9:
+                    counts, improved = trial, True
+    return counts
+
+
+def default_fastv_layer(num_layers):
+    """FastV's K: 2 as in the FastV paper, 1 on shallow models (<= 8 layers)."""
+    return 1 if num_layers <= 8 else 2
+
+
+def method_overrides(method, k, config, fastv_layer=None):
+    """Config overrides of `method` at k kept visual tokens, for a model shaped like `config`.
+
+    `config` is the loaded (RCP) model's config: its pruning / repair layers are RCP's placement.
+    """
+    num_layers = config.text_config.num_hidden_layers
+    n = config.num_visual_tokens
+    baseline = dict(repair_layers=[], pruning_keep_counts=None, pre_llm_keep_count=None)
+    if method == "none":
+        return dict(baseline, pruning_method="none", pruning_layers=[])
+    if method in ("vispruner", "random"):
+        return dict(baseline, pruning_method=method, pruning_layers=[], pre_llm_keep_count=k)
+    if method == "fastv":
+        layer = default_fastv_layer(num_layers) if fastv_layer is None else fastv_layer
+        return dict(baseline, pruning_method="fastv", pruning_layers=[layer], pruning_keep_counts=[k])
+    if method in ("rcp", "attention_topk"):
+        layers = list(config.pruning_layers)
+        if not layers:
+            raise ValueError(f"{method!r} needs the model's RCP pruning layers, but the model has none.")
+        counts = rcp_keep_counts(k, layers, num_layers, n)
+        if method == "attention_topk":
+            return dict(baseline, pruning_method="attention_topk", pruning_layers=layers, pruning_keep_counts=counts)
+        return dict(pruning_method="rcp", pruning_layers=layers, repair_layers=list(config.repair_layers),
+                    pruning_keep_counts=counts, pre_llm_keep_count=None)
+    raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}.")
+
+
+def scheduled_tokens_per_layer(config):
+    """Visual tokens per decoder layer that `config`'s fixed counts give (None for the adaptive threshold)."""
+    num_layers = config.text_config.num_hidden_layers
+    n = config.num_visual_tokens
+    if config.pruning_method == "none":
+        return [n] * num_layers
+    counts = config.point_keep_counts
+    if counts is None:
+        return None
+    return visual_tokens_per_layer(num_layers, n, config.pruning_points, counts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: one backbone, one model per method
+# ------------------------------------------------------------------------------------------------
+
+
+_STRUCTURAL = ("pruning_layers", "repair_layers", "pruner_hidden_size", "repair_bottleneck_size",
+               "num_pruning_queries")
+
+
+def method_model(base, **overrides):
+    """A model with `base`'s config changed by `overrides` that SHARES `base`'s backbone modules.
+
+    Built on the meta device; the vision tower, projector, language model and LM head are `base`'s own modules
+    (no copy). An RCP model with `base`'s plug-in placement shares `base`'s plug-ins too (trained weights, other
+    keep counts); any other RCP placement gets freshly initialised plug-ins (= attention top-k pruners, no-op
+    adapters). Baselines have no plug-ins.
+    """
+    config = copy.deepcopy(base.config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"Unknown config field {key!r}.")
+        setattr(config, key, list(value) if isinstance(value, tuple) else value)
+    if config.pruning_method != "rcp":
+        config.repair_layers = []
+    config.validate_pruning()
+    with torch.device("meta"):
+        model = RcpLlavaForConditionalGeneration(config)
+    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
+        setattr(model.model, attr, getattr(base.model, attr))
+    model.lm_head = base.lm_head
+    param = next(base.parameters())
+    same_plugins = (config.pruning_method == "rcp" and base.config.pruning_method == "rcp"
+                    and all(getattr(config, f) == getattr(base.config, f) for f in _STRUCTURAL))
+    if same_plugins:
+        model.model.rcp_plugins = base.model.rcp_plugins
+    else:
+        model.model.rcp_plugins = RcpPlugins(config).to(param.device, param.dtype)
+        with torch.no_grad():
+            model.model.rcp_plugins.apply(model._init_weights)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"method_model left tensors on the meta device: {leftover[:5]}")
+    model.generation_config = copy.deepcopy(base.generation_config)
+    return model.eval()
+
+
+def load_base_model(model_dir, plugins=None, dtype=None, device=None):
+    """`(model, processor)` from an RCP folder (`train_rcp.py`'s `OUT/model`), or a stock LLaVA folder (+ an
+    optional plug-in folder). A stock folder without plug-ins loads with `pruning_method="none"` (no RCP rows)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if plugins is not None:
+        model = RcpLlavaForConditionalGeneration.from_base(model_dir, plugins=plugins, **kwargs)
+    elif AutoConfig.from_pretrained(model_dir).model_type == "rcp_llava":
+        model = RcpLlavaForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+    else:
+        model = RcpLlavaForConditionalGeneration.from_pretrained(
+            model_dir, pruning_method="none", pruning_layers=[], repair_layers=[], **kwargs)
+    if device is not None:
+        model = model.to(device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model.eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+class EvalData:
+    """Rows to evaluate: `kind` "testbed" (dataset rows with image/question/answer/family) or "benchmark"
+    (`VqaRecord`s of one reader benchmark); `name` labels it in the table."""
+
+    def __init__(self, kind, rows, name, benchmark=None):
+        self.kind, self.rows, self.name, self.benchmark = kind, rows, name, benchmark
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def load_data(spec="testbed", split="test", max_samples=None):
+    """`"testbed"` (the tiny testbed's split), a `save_to_disk` folder in the testbed format, or
+    `"BENCHMARK:PATH"` for `rcp_llava.readers.read_benchmark`."""
+    from datasets import load_from_disk
+
+    if spec == "testbed":
+        from rcp_llava.testbed import default_cache_dir
+
+        spec = str(default_cache_dir("tiny") / "dataset")
+        if not os.path.isdir(spec):
+            raise FileNotFoundError(
+                f"The tiny testbed is not built ({spec}); run `python benchmarks/build_testbed.py`.")
+    if os.path.isdir(spec):
+        data = load_from_disk(spec)
+        if hasattr(data, "keys"):
+            if split not in data:
+                raise ValueError(f"{spec} has no split {split!r}; it has {list(data)}.")
+            data = data[split]
+        if max_samples is not None:
+            data = data.select(range(min(max_samples, len(data))))
+        missing = {"image", "question", "answer"} - set(data.column_names)
+        if missing:
+            raise ValueError(f"{spec} lacks the column(s) {sorted(missing)} of the testbed format.")
+        return EvalData("testbed", data, "testbed")
+    if ":" in spec:
+        from rcp_llava.readers import canonical_benchmark, read_benchmark
+
+        name, path = spec.split(":", 1)
+        name = canonical_benchmark(name)
+        return EvalData("benchmark", read_benchmark(name, path, limit=max_samples), name, benchmark=name)
+    raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
+
+
+def _messages(question):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def _prompt_batch(processor, questions, images):
+    processor.tokenizer.padding_side = "left"
+    prompts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True) for q in questions]
+    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return batch
+
+
+def _kept_stats(model, kept_counts, batch_size):
+    """Per-sample visual tokens per decoder layer from the kept counts at each pruning point: (B, L)."""
+    config = model.config
+    num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
+    if kept_counts is None:
+        return [[n] * num_layers for _ in range(batch_size)]
+    points = config.pruning_points
+    return [visual_tokens_per_layer(num_layers, n, points, [int(c) for c in row]) for row in kept_counts.tolist()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def first_token_predictions(model, processor, rows):
+    """Greedy first answer token of each testbed row (one prefill, physical discard) and the per-sample visual
+    tokens per decoder layer. The testbed's answers are one word, so this IS `generate`'s answer."""
+    model.eval()
+    model.model.pruning_layout = "discard"
+    batch = _prompt_batch(processor, [r["question"] for r in rows], [r["image"].convert("RGB") for r in rows])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(**batch, use_cache=False, logits_to_keep=1)
+    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    predictions = [p.strip() for p in processor.tokenizer.batch_decode(ids)]
+    return predictions, _kept_stats(model, out.kept_counts, len(rows)), out.kept_counts
+
+
+@torch.no_grad()
+def generated_answers(model, processor, records, max_new_tokens=16):
+    """`generate` (greedy, left padding) on reader records; decoded answers and per-layer visual tokens."""
+    model.eval()
+    model.model.pruning_layout = "discard"
+    batch = _prompt_batch(processor, [r.question for r in records], [r.load_image() for r in records])
+    batch.pop("position_ids")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    info = model.last_pruning_info if model._pruning_active() and model.config.pruning_points else None
+    counts = info.kept_counts if info is not None else None
+    return [t.strip() for t in texts], _kept_stats(model, counts, len(records)), counts
+
+
+def score_benchmark(benchmark, predictions, records):
+    """`{"score": headline, "groups": {family: score}, "metric": full result}` with the benchmark's metric."""
+    from rcp_llava.metrics import load_metric
+    from rcp_llava.readers import BENCHMARK_METRIC
+
+    name = BENCHMARK_METRIC[benchmark]
+    metric = load_metric(name)
+    key = METRIC_KEY[name]
+    if name == "pope":
+        result = metric.compute(predictions=predictions, references=[r.answers[0] for r in records],
+                                categories=[r.family for r in records])
+        groups = {c: v[key] for c, v in result.get("per_category", {}).items()}
+    elif name == "mme":
+        result = metric.compute(predictions=predictions, references=[r.answers[0] for r in records],
+                                subtasks=[r.family for r in records], image_ids=[r.image_id for r in records])
+        groups = {t: v["score"] for t, v in result.get("subtasks", {}).items()}
+    else:
+        result = metric.compute(predictions=predictions, references=[list(r.answers) for r in records],
+                                return_scores=True)
+        groups = {}
+        for family in sorted({r.family for r in records}):
+            idx = [i for i, r in enumerate(records) if r.family == family]
+            groups[family or "all"] = sum(result["scores"][i] for i in idx) / len(idx)
+        result = {k: v for k, v in result.items() if k != "scores"}
+    return {"score": float(result[key]), "groups": groups, "metric": result}
+
+
+def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, progress=None):
+    """Score one method model on `data`: `{"score", "n", "groups", "kept_per_point", "tokens_per_layer"}`."""
+    predictions, per_layer, kept = [], [], []
+    rows = data.rows
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
+        if data.kind == "testbed":
+            pred, layers, counts = first_token_predictions(model, processor, chunk)
+        else:
+            pred, layers, counts = generated_answers(model, processor, chunk, max_new_tokens)
+        predictions += pred
+        per_layer += layers
+        if counts is not None:
+            kept.append(counts.float().cpu())
+        if progress is not None:
+            progress.update(len(chunk))
+    num_layers = len(per_layer[0])
+    mean_layers = [sum(s[i] for s in per_layer) / len(per_layer) for i in range(num_layers)]
+    result = {"n": len(predictions), "tokens_per_layer": mean_layers,
+              "kept_per_point": torch.cat(kept).mean(0).tolist() if kept else None}
+    if data.kind == "testbed":
+        correct = [float(p == str(r["answer"]).strip()) for p, r in zip(predictions, rows)]
+        groups = {}
+        for ok, r in zip(correct, rows):
+            groups.setdefault(r.get("family") or "all", []).append(ok)
+        result.update(score=sum(correct) / len(correct),
+                      groups={g: sum(v) / len(v) for g, v in sorted(groups.items())})
+    else:
+        result.update(score_benchmark(data.benchmark, predictions, list(rows)))
+    result["predictions"] = predictions
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods x budgets
+# ------------------------------------------------------------------------------------------------
+
+
+def planned_rows(base, methods, budgets, fastv_layer=None):
+    """`[(label, method, budget_label, k, overrides)]` in table order."""
+    n = base.config.num_visual_tokens
+    has_rcp = base.config.pruning_method == "rcp" and bool(base.config.pruning_layers)
+    plan = []
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}.")
+        if method in ("rcp", "attention_topk") and not has_rcp:
+            raise ValueError(f"Method {method!r} needs an RCP model (pruning layers); {base.name_or_path!r} "
+                             "has none: give an RCP folder or --plugins.")
+        if method == "none":
+            plan.append(("none", "none", "full", n, method_overrides("none", n, base.config)))
+            continue
+        for label in budgets:
+            label, fraction = parse_budget(label)
+            k = budget_count(fraction, n)
+            plan.append((method, method, label, k, method_overrides(method, k, base.config, fastv_layer)))
+        if method == "rcp":
+            plan.append(("rcp (adaptive)", "rcp", "adaptive", None,
+                         dict(pruning_method="rcp", pruning_keep_counts=None, pre_llm_keep_count=None)))
+    return plan
+
+
+def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "fastv", "random"),
+                  budgets=DEFAULT_BUDGETS, batch_size=32, max_new_tokens=16, fastv_layer=None, progress=True):
+    """Every method at every budget on `data`, one shared backbone. Returns `{"rows": [...], ...}`; each row has
+    the score, per-group scores, % of the full model (overall and per group; "none" must be among the methods
+    for these), the mean kept counts per pruning point and the average visual tokens per layer."""
+    from tqdm.auto import tqdm
+
+    config = base.config
+    num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
+    plan = planned_rows(base, methods, budgets, fastv_layer)
+    bar = tqdm(total=len(plan) * len(data), desc="methods x budgets", unit="sample", disable=not progress)
+    rows = []
+    for label, method, budget, k, overrides in plan:
+        model = method_model(base, **overrides)
+        bar.set_postfix_str(f"{label} @ {budget}")
+        result = evaluate_model(model, processor, data, batch_size, max_new_tokens, progress=bar)
+        points = model.config.pruning_points
+        first = points[0] if points else num_layers
+        per_layer = result["tokens_per_layer"]
+        rows.append({
+            "label": label, "method": method, "budget": budget, "k": k,
+            "pruning_points": points, "keep_counts": model.config.point_keep_counts,
+            "repair_layers": list(model.config.repair_layers),
+            "kept_per_point": result["kept_per_point"],
+            "avg_tokens_all_layers": average_tokens(per_layer),
+            "avg_tokens_from_first_point": average_tokens(per_layer, first) if points else float(n),
+            "tokens_per_layer": per_layer,
+            "score": result["score"], "groups": result["groups"], "n": result["n"],
+            **({"metric": result["metric"]} if "metric" in result else {}),
+        })
+    bar.close()
+    add_relative(rows)
+    retention = None
+    adaptive = next((r for r in rows if r["budget"] == "adaptive"), None)
+    if adaptive is not None and adaptive["kept_per_point"]:
+        retention = {"pruning_layers": adaptive["pruning_points"],
+                     "kept": adaptive["kept_per_point"],
+                     "percent_of_n": [100 * c / n for c in adaptive["kept_per_point"]]}
+    return {"data": data.name, "kind": data.kind, "num_samples": len(data), "num_visual_tokens": n,
+            "num_layers": num_layers, "model": str(base.name_or_path), "rows": rows,
+            "per_layer_retention": retention,
+            "metric": "first-token accuracy" if data.kind == "testbed" else METRIC_KEY[_metric_name(data)]}
+
+
+def add_relative(rows):
+    """Set each row's "relative" (score / the "none" row's score), "groups_relative" and "mean_group_relative"
+    (the paper's "Avg.": mean over groups of the per-group ratio). None where the full score is 0 or missing."""
+    full = next((r for r in rows if r["method"] == "none"), None)
+    for r in rows:
+        if full is None:
+            r["relative"], r["groups_relative"], r["mean_group_relative"] = None, None, None
+            continue
+        r["relative"] = r["score"] / full["score"] if full["score"] else None
+        rel = {g: (v / full["groups"][g] if full["groups"].get(g) else None) for g, v in r["groups"].items()}
+        r["groups_relative"] = rel
+        valid = [v for v in rel.values() if v is not None]
+        r["mean_group_relative"] = sum(valid) / len(valid) if valid else None
+    return rows
+
+
+def _metric_name(data):
+    from rcp_llava.readers import BENCHMARK_METRIC
+
+    return BENCHMARK_METRIC[data.benchmark]
+
+
+def _fmt(value, pattern="{:.3f}"):
+    return "–" if value is None else pattern.format(value)
+
+
+def format_table(result, command=None):
+    """The Table-I-style markdown of `evaluate_grid`'s result."""
+    rows = result["rows"]
+    groups = sorted({g for r in rows for g in r["groups"]})
+    n, num_layers = result["num_visual_tokens"], result["num_layers"]
+    lines = []
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"**{result['data']}** ({result['num_samples']} samples, {result['metric']}), model "
+              f"`{result['model']}`: N = {n} visual tokens, {num_layers} decoder layers. Per-group cells: absolute "
+              "score (% of full). *tok/layer (all)*: visual tokens per decoder layer averaged over all layers; "
+              "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM).", ""]
+    head = ["method", "budget", "kept per pruning point", "tok/layer (all)", "tok/layer (from 1st)",
+            *groups, "overall", "% of full", "mean % of full over groups"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * len(head)) + "|")
+    for r in rows:
+        if r["kept_per_point"] is None:
+            kept = "all"
+        else:
+            kept = ", ".join(f"{c:.1f}@{p}" for c, p in zip(r["kept_per_point"], r["pruning_points"]))
+        budget = r["budget"] if r["k"] is None or r["budget"] == "full" else f"{r['budget']} (k={r['k']})"
+        cells = [r["label"], budget, kept, f"{r['avg_tokens_all_layers']:.1f}",
+                 f"{r['avg_tokens_from_first_point']:.1f}"]
+        for g in groups:
+            v = r["groups"].get(g)
+            rel = (r["groups_relative"] or {}).get(g)
+            cells.append("–" if v is None else f"{v:.3f} ({_fmt(rel, '{:.0%}')})")
+        cells += [f"{r['score']:.3f}", _fmt(r["relative"], "{:.1%}"), _fmt(r["mean_group_relative"], "{:.1%}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    retention = result.get("per_layer_retention")
+    if retention:
+        lines += ["", "Per-layer retention of the trained RCP (adaptive threshold; the paper's Table VI at 64 of 576 "
+                  "tokens: 16.72% / 4.59% / 1.44%):", "",
+                  "| pruning layer | " + " | ".join(str(p) for p in retention["pruning_layers"]) + " |",
+                  "|---|" + "---|" * len(retention["pruning_layers"]),
+                  "| kept tokens | " + " | ".join(f"{c:.1f}" for c in retention["kept"]) + " |",
+                  "| % of N | " + " | ".join(f"{p:.2f}%" for p in retention["percent_of_n"]) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Representation drift (Figs. 1 and 3) and masks (Fig. 4)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def representation_drift(model, processor, rows, forced=None):
+    """Per decoder layer, the mean over samples of W2 (Eq. 18, `train_rcp.gaussian_w2`) between the pruned
+    model's answer-position hidden states and the full model's.
+
+    Runs in the "mask" layout (tokens stay in place, so positions line up with the full model) in eval mode.
+    Returns `{"with_repair": [...], "without_repair": [...], "keep_masks": (B, P, N), "forced": {...}}`;
+    `forced` maps a name to (B, P, N) kept sets given to the same model run without repair (e.g. attention
+    top-k or random kept sets at the same counts), each with its drift curve in `result["forced"]`.
+    """
+    from train_rcp import RcpDataCollator, gaussian_w2
+
+    model.eval()
+    collator = RcpDataCollator(processor)
+    batch = collator([{"image": r["image"], "question": r["question"], "answer": r["answer"]} for r in rows])
+    answer_mask = batch["answer_mask"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    layers = model.config.text_config.num_hidden_layers
+    previous = model.model.pruning_layout
+    model.model.pruning_layout = "mask"
+    try:
+        with model.plugins_disabled():
+            full = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+
+        def drift(hidden):
+            return [float(gaussian_w2(hidden[i + 1], full[i + 1], answer_mask).mean()) for i in range(layers)]
+
+        pruned = model(**inputs, output_hidden_states=True, use_cache=False)
+        result = {"with_repair": drift(pruned.hidden_states), "keep_masks": pruned.keep_masks}
+        with model.plugins_disabled(pruning=False, repair=True):
+            result["without_repair"] = drift(model(**inputs, output_hidden_states=True, use_cache=False).hidden_states)
+            result["forced"] = {}
+            for name, masks in (forced or {}).items():
+                out = model(**inputs, output_hidden_states=True, use_cache=False, visual_keep_masks=masks)
+                result["forced"][name] = drift(out.hidden_states)
+    finally:
+        model.model.pruning_layout = previous
+    return result
+
+
+@torch.no_grad()
+def keep_masks_of(model, processor, rows):
+    """`(B, P, N)` cumulative keep masks `model` chooses for testbed rows (discard layout), and its points."""
+    model.eval()
+    model.model.pruning_layout = "discard"
+    batch = _prompt_batch(processor, [r["question"] for r in rows], [r["image"].convert("RGB") for r in rows])
+    out = model(**batch, use_cache=False, logits_to_keep=1)
+    return out.keep_masks, list(model.config.pruning_points)
+
+
+def nested_random_masks(counts, batch_size, num_visual_tokens, seed=0):
+    """(B, P, N) nested uniform random subsets with `counts[p]` tokens after point p."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch_size, len(counts), num_visual_tokens, dtype=torch.bool)
+    for b in range(batch_size):
+        order = torch.randperm(num_visual_tokens, generator=g)
+        for p, c in enumerate(counts):
+            masks[b, p, order[:c]] = True
+    return masks
+
+
+__all__ = [
+    "DEFAULT_BUDGETS", "EvalData", "add_relative", "METHODS", "TABLE_VI_RETENTION", "average_tokens", "budget_count",
+    "default_fastv_layer", "evaluate_grid", "evaluate_model", "first_token_predictions", "format_table",
+    "generated_answers", "keep_masks_of", "load_base_model", "load_data", "method_model", "method_overrides",
+    "nested_random_masks", "parse_budget", "planned_rows", "rcp_keep_counts", "representation_drift",
+    "scheduled_tokens_per_layer", "score_benchmark", "stage_proportions",
+]

@@ -1,0 +1,224 @@
+"""The evaluation command, figures and ablation runner (rcp_llava/evaluation.py, benchmarks/*.py) on the micro
+testbed, plus the budget -> keep-count reading."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import make_batch, make_model
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from configuration_rcp_llava import visual_tokens_per_layer  # noqa: E402
+from rcp_llava.evaluation import (  # noqa: E402
+    add_relative,
+    budget_count,
+    default_fastv_layer,
+    method_model,
+    method_overrides,
+    parse_budget,
+    rcp_keep_counts,
+    scheduled_tokens_per_layer,
+    stage_proportions,
+)
+
+
+def average_from(counts, layers, num_layers, n):
+    per_layer = visual_tokens_per_layer(num_layers, n, layers, counts)
+    return sum(per_layer[layers[0]:]) / (num_layers - layers[0])
+
+
+# -- budgets -> counts -------------------------------------------------------------------------------
+
+
+def test_budget_fractions_and_counts():
+    assert [budget_count(parse_budget(b)[1], 144) for b in ("1/3", "2/9", "1/9")] == [48, 32, 16]
+    assert parse_budget("0.25") == ("0.25", 0.25)
+    for bad in ("0", "3/2", "abc"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_rcp_counts_average_to_the_budget_with_table_vi_proportions():
+    # The tiny testbed's placement: pruners before layers 1, 2, 3 of 4; every stage spans one layer.
+    assert rcp_keep_counts(16, [1, 2, 3], 4, 144) == [35, 10, 3]
+    for k in (16, 32, 48):
+        counts = rcp_keep_counts(k, [1, 2, 3], 4, 144)
+        assert counts == sorted(counts, reverse=True)
+        assert average_from(counts, [1, 2, 3], 4, 144) == k
+        assert counts[0] / counts[1] == pytest.approx(16.72 / 4.59, rel=0.1)
+    # LLaVA-1.5-7B at 64 tokens (spans 12, 12, 6): the average over layers 2..31 is 64.
+    counts = rcp_keep_counts(64, [2, 14, 26], 32, 576)
+    assert abs(average_from(counts, [2, 14, 26], 32, 576) - 64) < 0.5
+    # A budget the steep proportions cannot reach under N: the first stage is capped, the rest take the excess.
+    counts = rcp_keep_counts(100, [1, 2, 3], 4, 144)
+    assert counts[0] == 144 and counts == sorted(counts, reverse=True)
+    assert abs(average_from(counts, [1, 2, 3], 4, 144) - 100) <= 1 / 3
+    assert rcp_keep_counts(16, [1], 2, 64) == [16]
+    assert stage_proportions(3) == pytest.approx([16.72, 4.59, 1.44])
+    assert stage_proportions(2) == pytest.approx([16.72, 1.44])
+
+
+def test_method_overrides_follow_the_design():
+    base = make_model(pruning_layers=[1, 2], repair_layers=[2, 3], pruning_keep_counts=None).config
+    assert default_fastv_layer(4) == 1 and default_fastv_layer(32) == 2
+    assert method_overrides("vispruner", 5, base)["pre_llm_keep_count"] == 5
+    assert method_overrides("random", 5, base)["pruning_layers"] == []
+    fastv = method_overrides("fastv", 5, base)
+    assert fastv["pruning_layers"] == [1] and fastv["pruning_keep_counts"] == [5]
+    rcp = method_overrides("rcp", 5, base)
+    assert rcp["pruning_layers"] == [1, 2] and rcp["repair_layers"] == [2, 3]
+    assert average_from(rcp["pruning_keep_counts"], [1, 2], 4, 16) == pytest.approx(5, abs=0.5)
+    topk = method_overrides("attention_topk", 5, base)
+    assert topk["pruning_keep_counts"] == rcp["pruning_keep_counts"] and topk["repair_layers"] == []
+
+
+def test_method_model_shares_the_backbone_and_equals_a_fresh_model():
+    base = make_model(randomize_plugins=True)  # pruning [1, 2] keep [10, 5], repair [2, 3]
+    reference = make_model(randomize_plugins=True, pruning_keep_counts=[8, 3])
+    model = method_model(base, pruning_keep_counts=[8, 3])
+    assert model.model.language_model is base.model.language_model and model.lm_head is base.lm_head
+    assert model.model.rcp_plugins is base.model.rcp_plugins  # same placement: the trained plug-ins
+    batch = make_batch([(2, 4, True), (0, 6, True)])
+    with torch.no_grad():
+        got, want = model(**batch, use_cache=False), reference(**batch, use_cache=False)
+    torch.testing.assert_close(got.logits, want.logits)
+    assert got.kept_counts.tolist() == [[8, 3], [8, 3]]
+    vis = method_model(base, **method_overrides("vispruner", 4, base.config))
+    assert len(vis.model.rcp_plugins.pruners) == 0 and vis.model.vision_tower is base.model.vision_tower
+    assert scheduled_tokens_per_layer(vis.config) == [4, 4, 4, 4]
+    assert base.config.pruning_keep_counts == [10, 5]  # the base is untouched
+
+
+def test_relative_scores():
+    rows = [{"method": "none", "score": 0.8, "groups": {"a": 0.5, "b": 1.0}},
+            {"method": "rcp", "score": 0.4, "groups": {"a": 0.5, "b": 0.25}},
+            {"method": "fastv", "score": 0.2, "groups": {"a": 0.0, "b": 0.5}}]
+    add_relative(rows)
+    assert rows[1]["relative"] == pytest.approx(0.5)
+    assert rows[1]["groups_relative"] == pytest.approx({"a": 1.0, "b": 0.25})
+    assert rows[1]["mean_group_relative"] == pytest.approx(0.625)
+    assert rows[2]["mean_group_relative"] == pytest.approx(0.25)
+
+
+# -- the command, figures and ablations on the micro testbed -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A micro testbed and an RCP folder made from its stock model (untrained plug-ins, pruner before layer 1)."""
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.testbed import build_testbed
+
+    root = tmp_path_factory.mktemp("micro")
+    folder = build_testbed("micro", output_dir=root / "testbed", pruning_eval=False)
+    rcp = RcpLlavaForConditionalGeneration.from_pretrained(
+        folder / "model", pruning_layers=[1], repair_layers=[1], pruner_hidden_size=8, repair_bottleneck_size=8,
+        visual_token_budget=16.0)
+    rcp.save_pretrained(root / "rcp")
+    AutoProcessor.from_pretrained(folder / "model").save_pretrained(root / "rcp")
+    return root, folder
+
+
+def test_evaluate_methods_command_on_micro(micro, tmp_path):
+    import evaluate_methods
+
+    root, folder = micro
+    evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--max_samples", "8",
+                           "--methods", "none,rcp,vispruner,fastv,random", "--budgets", "1/3,2/9,1/9",
+                           "--output_dir", str(tmp_path), "--name", "t", "--no_progress"])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    (result,) = saved["results"]
+    rows = result["rows"]
+    labels = [(r["label"], r["budget"]) for r in rows]
+    budgets = ["1/3", "2/9", "1/9"]
+    expected = [("none", "full")] + [("rcp", b) for b in budgets] + [("rcp (adaptive)", "adaptive")] + [
+        (m, b) for m in ("vispruner", "fastv", "random") for b in budgets]
+    assert labels == expected
+    n, layers = 64, 2
+    full = rows[0]
+    assert full["avg_tokens_all_layers"] == n and full["n"] == 8
+    for r in rows[1:]:
+        assert r["n"] == 8
+        if r["budget"] == "adaptive":
+            continue
+        k = budget_count(parse_budget(r["budget"])[1], n)
+        assert r["k"] == k
+        per_layer = visual_tokens_per_layer(layers, n, r["pruning_points"], r["keep_counts"])
+        assert r["tokens_per_layer"] == per_layer  # measured kept tokens = the configured schedule
+        assert r["kept_per_point"] == [float(c) for c in r["keep_counts"]]
+        if r["method"] in ("vispruner", "random"):
+            assert r["pruning_points"] == [0] and r["avg_tokens_all_layers"] == k
+        else:  # rcp and fastv prune before layer 1: layer 0 sees all N
+            assert r["pruning_points"] == [1] and r["avg_tokens_from_first_point"] == k
+            assert r["avg_tokens_all_layers"] == (n + k) / 2
+        assert r["relative"] == (r["score"] / full["score"] if full["score"] else None)
+    md = (tmp_path / "t.md").read_text()
+    assert "Command: `python benchmarks/evaluate_methods.py --model" in md
+    assert md.count("| rcp | ") == 3 and "| rcp (adaptive) | adaptive |" in md and "% of N" in md
+
+
+def test_figures_on_micro(micro, tmp_path):
+    import evaluate_methods
+    import figures
+
+    root, folder = micro
+    evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--max_samples", "4",
+                           "--methods", "none,rcp,fastv", "--budgets", "1/9", "--output_dir", str(tmp_path),
+                           "--name", "t", "--no_progress"])
+    written = figures.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--num_samples", "6",
+                            "--num_images", "2", "--table", str(tmp_path / "t.json"), "--output_dir", str(tmp_path),
+                            "--name", "m"])
+    for name in ("drift_m.png", "masks_m.png", "accuracy_vs_tokens_m.png"):
+        assert (tmp_path / name).stat().st_size > 5000, name
+    assert len(written) == 3
+
+    # The drift numbers: nothing differs before the first pruner; fresh adapters are a no-op (gate 0), and fresh
+    # pruners rank by the LLM's own attention, so untrained RCP equals attention top-k at the same counts.
+    from rcp_llava.evaluation import load_base_model, load_data
+
+    base, processor = load_base_model(root / "rcp")
+    rows = [load_data(str(folder / "dataset"), max_samples=6).rows[i] for i in range(6)]
+    result = figures.drift_and_masks(base, processor, rows, "1/9", mask_rows=rows[:2])
+    curves = result["curves"]
+    assert set(curves) == {"RCP with repair adapters", "RCP without repair", "attention top-k, no repair",
+                           "random, no repair"}
+    assert all(len(v) == 2 and v[0] == 0.0 for v in curves.values())
+    assert curves["RCP without repair"][1] > 0
+    assert curves["RCP with repair adapters"] == pytest.approx(curves["RCP without repair"])
+    assert curves["attention top-k, no repair"] == pytest.approx(curves["RCP without repair"], rel=1e-4)
+    assert result["masks"].shape == (2, 1, 64) and result["masks"].sum(-1).tolist() == [[7], [7]]
+
+
+def test_ablation_runner_smoke_on_micro(micro, tmp_path):
+    import ablations
+
+    _, folder = micro
+    train_args = (f"--base_model {folder / 'model'} --dataset_name_or_path {folder / 'dataset'} --pruning_layers 1 "
+                  "--repair_layers 1 --pruner_hidden_size 8 --repair_bottleneck_size 8 --budget_fraction 0.25 "
+                  "--per_device_train_batch_size 2 --use_cpu --disable_tqdm true --save_strategy no")
+    result = ablations.main(["--variants", "no_adapters", "attention_topk", "--max_steps", "1",
+                             "--max_eval_samples", "8", "--dataset", str(folder / "dataset"), "--output_dir",
+                             str(tmp_path), "--name", "abl", "--train_args", train_args])
+    variants = {r["variant"]: r for r in result["variants"]}
+    assert list(variants) == ["full", "no_adapters", "attention_topk"]  # `full` added: attention_topk needs it
+    assert variants["no_adapters"]["fixed"]["repair_layers"] == []
+    saved = json.loads((tmp_path / "work" / "abl" / "no_adapters" / "model" / "config.json").read_text())
+    assert saved["repair_layers"] == []
+    assert variants["full"]["fixed"]["repair_layers"] == [1]
+    assert variants["attention_topk"]["fixed"]["keep_counts"] == variants["full"]["fixed"]["keep_counts"] == [7]
+    assert variants["attention_topk"]["trained"] is False and "adaptive" not in variants["attention_topk"]
+    for r in result["variants"]:
+        assert r["fixed"]["avg_tokens_from_first_point"] == 7 and r["fixed"]["n"] == 8
+    assert result["table6"]["percent_of_n"] == pytest.approx([100 * variants["full"]["adaptive"]["kept_per_point"][0]
+                                                              / 64])
+    md = (tmp_path / "abl.md").read_text()
+    assert md.startswith("# Ablations") and "Command: `python benchmarks/ablations.py" in md
+    assert "| no_adapters | yes (1 steps) |" in md and "Table VI" in md
