@@ -94,6 +94,7 @@ def build_model_config(preset: TestbedPreset, tokenizer) -> LlavaConfig:
         num_attention_heads=preset.text_heads, num_key_value_heads=preset.text_heads,
         max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

@@ -72,10 +72,11 @@ class SceneStream(torch.utils.data.Dataset):
                                        num_objects=self._num_objects(int(i)))
         item = {"image": scene.image, "questions": questions, "patch_labels": scene.patch_labels}
         if self.subset:
-            # every object cell plus a random share of the background (skewed small): a curriculum over density
+            # every object cell plus a small random share of the background (~35 tokens of 144): the decoder
+            # learns to bind question words to objects far faster on short sequences (testbed notes)
             rng = sample_rng(self.seed + 1, "stream", index)
             on_object = scene.patch_labels["colour"] > 0
-            keep = on_object | (rng.random(on_object.shape) < rng.random() ** 2)
+            keep = on_object | (rng.random(on_object.shape) < 0.1)
             item["keep"] = keep
         return item
 
@@ -264,7 +265,7 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.exists() else None
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
-    if stage == "vision":
+    if stage == "vision" and preset.align_projector:
         items = [dataset[i] for i in range(min(len(dataset), 64))]
         align_projector(llava, model, processor, PatchCollator(processor)(items)["pixel_values"])
     llava.requires_grad_(True)
