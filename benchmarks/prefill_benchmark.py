@@ -28,15 +28,36 @@ from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
 from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer  # noqa: E402
 
 
-def mid_config(pruning_layers, keep_counts):
+def scaled_layers(num_layers):
+    """The paper's pruning layers 2 / 14 / 26 of 32, scaled to `num_layers` (8 -> 1 / 4 / 7)."""
+    return [min(num_layers - 1, max(1, int(l * num_layers / 32 + 0.5))) for l in (2, 14, 26)]
+
+
+def mid_config(pruning_layers, keep_counts, num_layers=8):
     return RcpLlavaConfig(
-        text_config=LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376,
+        text_config=LlamaConfig(hidden_size=512, num_hidden_layers=num_layers, num_attention_heads=8,
+                                intermediate_size=1376,
                                 vocab_size=1000, pad_token_id=0).to_dict(),
         vision_config=CLIPVisionConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=512, image_size=336, patch_size=14).to_dict(),
-        image_token_index=999, image_seq_length=576, pruning_layers=pruning_layers, repair_layers=[6],
+        image_token_index=999, image_seq_length=576, pruning_layers=pruning_layers, repair_layers=[num_layers - 2],
         pruning_keep_counts=keep_counts, pruner_hidden_size=56, repair_bottleneck_size=64,
     )
+
+
+def selection_flops(config, text_tokens, visual_in, batch_size=1):
+    """Multiply-adds x 2 of choosing the tokens at each pruning point, given the visual tokens entering it: the
+    layer's k_proj over the whole sequence and q_proj over the question rows (the attention prior, Eq. 4), the
+    prior's scores, and the pruner's two projections of the visual tokens. Small elementwise work is ignored."""
+    tc = config.text_config
+    d, hd = tc.hidden_size, tc.hidden_size // tc.num_attention_heads
+    kv = tc.num_key_value_heads * hd
+    total = 0
+    for k in visual_in:
+        seq, lq = text_tokens + k, text_tokens
+        total += 2 * seq * d * kv + 2 * lq * d * d + 2 * tc.num_attention_heads * lq * seq * hd
+        total += 2 * 2 * k * d * config.pruner_hidden_size
+    return total * batch_size
 
 
 def main():
@@ -45,12 +66,14 @@ def main():
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--text_tokens", type=int, default=40, help="prompt tokens besides the image")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--text_layers", type=int, default=8,
+                        help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers scale from 2 / 14 / 26)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    layers, counts = [1, 4, 7], [96, 26, 8]
-    config = mid_config(layers, counts)
+    layers, counts = scaled_layers(args.text_layers), [96, 26, 8]
+    config = mid_config(layers, counts, args.text_layers)
     model = RcpLlavaForConditionalGeneration(config).eval()
     stock = LlavaForConditionalGeneration(config).eval()
     stock.load_state_dict({k: v for k, v in model.state_dict().items() if "rcp_plugins" not in k})
@@ -103,8 +126,9 @@ def main():
     f_full = llava_flops(config, num_text_tokens=t, batch_size=bsz).total
     f_pruned = llava_flops(config, num_text_tokens=t, decoder_tokens_per_layer=pruned_sched, batch_size=bsz).total
     kv_full, kv_pruned = kv_cache_bytes(caches["full"]), kv_cache_bytes(caches["pruned"])
+    f_select = selection_flops(config, t, [n, *counts[:-1]], bsz)
 
-    print(f"mid config: CLIP 2x128 (576 visual tokens) + Llama 8x512, batch {bsz}, {t} text tokens, "
+    print(f"mid config: CLIP 2x128 (576 visual tokens) + Llama {args.text_layers}x512, batch {bsz}, {t} text tokens, "
           f"{args.threads} threads, median of {args.repeats}")
     print(f"schedule: pruners before layers {layers} keep {counts}; tokens per layer {pruned_sched} "
           f"(full {full_sched[0]})\n")
@@ -121,6 +145,10 @@ def main():
     print(f"time ratio / FLOPs ratio:                {time_ratio / flops_ratio:.3f}   (target <= 1.15)")
     print(f"pruner overhead: {overhead * 1e3:.2f} ms = {overhead / med['pruned']:.1%} of the pruned prefill "
           "(target < 5%)")
+    print(f"analytic selection FLOPs (Eq. 4 prior: k_proj over the whole sequence + q rows; pruner linears): "
+          f"{f_select / 1e9:.2f} GFLOPs = {f_select / f_pruned:.1%} of the pruned prefill's FLOPs")
+    print(f"time ratio / FLOPs ratio with the selection FLOPs counted: "
+          f"{time_ratio / ((f_pruned + f_select) / f_full):.3f}")
     print(f"KV cache pruned/full: {kv_pruned / kv_full:.3f}; loop overhead of the RCP model vs stock LLaVA with "
           f"pruning off: {med['full'] / med['stock']:.3f}x")
 
