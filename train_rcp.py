@@ -671,9 +671,20 @@ def run_job(job, args, explicit=()):
         print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
               f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if not trainer.is_world_process_zero():
-        return None
+    metrics = None
+    if trainer.is_world_process_zero():
+        metrics = _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual,
+                                     started, push)
+    # Every rank waits for rank 0's evaluation and saving, then leaves the process group cleanly: a rank that exits
+    # while its gloo threads are alive aborts the launch ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
 
+
+def _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual, started, push):
+    """Rank 0 after training: evaluate full vs pruned, write plugins/, model/ and metrics.json, push if asked."""
     test_name = job.test_split if job.test_split in splits else None
     metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
                "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,

@@ -114,6 +114,14 @@ def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
 
     script = textwrap.dedent(f"""
         import importlib, json, sys, os
+        # An editable install (`pip install -e .`, as in CI) makes the project importable from any folder, even
+        # under `python -I`: drop its path entries and setuptools' editable finders, so that this process sees an
+        # environment without the project, as a Hub user has.
+        root = {os.path.abspath(ROOT)!r}
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") or "").lower()
+                            and "editable" not in type(f).__name__.lower()]
+        sys.path_importer_cache.clear()
         for name in ("modeling_rcp_llava", "configuration_rcp_llava", "rcp_llava"):
             try:
                 importlib.import_module(name)
