@@ -7,7 +7,7 @@ same budget, write one markdown table + JSON.
     python benchmarks/ablations.py --variants full pruners=1 pruners=1,2 adapters=3 adapters=   # Tables V / VII
     python benchmarks/ablations.py --train_args "--base_model DIR --dataset_name_or_path DATA ..." --dataset DATA
 
-Variants (each a `train_rcp` run = the main job's flags + the variant's, in OUTPUT_DIR/work/NAME_VARIANT):
+Variants (each a `train_rcp` run = the main job's flags + the variant's, in WORK_DIR/NAME/VARIANT, default outputs/ablations/):
 
 | variant | what changes | paper |
 |---|---|---|
@@ -131,7 +131,7 @@ def evaluate_variant(base, processor, data, budget, batch_size, repair=True, met
 
 
 def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max_eval_samples=None, dataset=None,
-        batch_size=32, reuse=True, command=None):
+        batch_size=32, reuse=True, command=None, work_dir=None):
     from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
 
     if dataset is None:
@@ -148,7 +148,8 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     for v in variants:
         variant_spec(v)  # fail on a bad name before any training
     trained_order = [v for v in variants if v not in UNTRAINED] + [v for v in variants if v in UNTRAINED]
-    work = os.path.join(output_dir, "work", name)
+    # trained variants (full model folders) stay out of the results folder, which holds small text/PNG files only
+    work = os.path.join(work_dir or os.path.join(ROOT, "outputs", "ablations"), name)
     rows, full_score = {}, None
     for v in trained_order:
         source = "full" if v in UNTRAINED else v
@@ -238,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--name", default="ablations")
+    parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "ablations"),
+                        help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun.")
     parser.add_argument("--no_reuse", action="store_true", help="Retrain variants whose folder already exists.")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -248,7 +251,7 @@ def main(argv=None):
     command = "python benchmarks/ablations.py " + " ".join(shlex.quote(a) for a in argv)
     result = run(args.variants, shlex.split(args.train_args), args.output_dir, args.name, budget=args.budget,
                  max_steps=args.max_steps, max_eval_samples=args.max_eval_samples, dataset=args.dataset,
-                 batch_size=args.batch_size, reuse=not args.no_reuse, command=command)
+                 batch_size=args.batch_size, reuse=not args.no_reuse, command=command, work_dir=args.work_dir)
     print(format_ablations(result))
     return result
 

@@ -206,7 +206,8 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
                   "--per_device_train_batch_size 2 --use_cpu --disable_tqdm true --save_strategy no")
     result = ablations.main(["--variants", "no_adapters", "attention_topk", "--max_steps", "1",
                              "--max_eval_samples", "8", "--dataset", str(folder / "dataset"), "--output_dir",
-                             str(tmp_path), "--name", "abl", "--train_args", train_args])
+                             str(tmp_path), "--name", "abl", "--train_args", train_args,
+                             "--work_dir", str(tmp_path / "work")])
     variants = {r["variant"]: r for r in result["variants"]}
     assert list(variants) == ["full", "no_adapters", "attention_topk"]  # `full` added: attention_topk needs it
     assert variants["no_adapters"]["fixed"]["repair_layers"] == []
