@@ -243,6 +243,25 @@ def test_main_job_end_to_end_on_a_micro_testbed(tmp_path):
     assert reloaded.config.visual_token_budget == pytest.approx(0.25 * 64)
 
 
+def test_main_job_without_a_base_model_builds_the_testbed_on_first_use(tmp_path, monkeypatch):
+    """No --base_model: the job builds the testbed into $RCP_LLAVA_CACHE (here the micro preset), then reuses it."""
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+
+    def argv(out):
+        return ["--testbed_preset", "micro", "--pruning_layers", "1", "--repair_layers", "1", "--output_dir",
+                str(tmp_path / out), "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+                "--use_cpu", "--disable_tqdm", "true"]
+
+    metrics = train_rcp.main(argv("run"))
+    cache = tmp_path / "cache" / "testbed" / "micro"
+    assert (cache / "metrics.json").exists() and (cache / "model" / "config.json").exists()
+    assert metrics["base_model"] == str(cache / "model")
+    assert metrics["max_steps"] == 2 and metrics["full"]["n"] == 8  # explicit flags win over the job defaults
+    built = (cache / "model" / "model.safetensors").stat().st_mtime
+    train_rcp.main(argv("run2"))
+    assert (cache / "model" / "model.safetensors").stat().st_mtime == built  # reused, not rebuilt
+
+
 def test_a_base_model_that_is_not_llava_is_refused(tmp_path):
     from transformers import LlamaConfig
 
