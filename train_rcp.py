@@ -767,17 +767,13 @@ def answer_accuracy(model, processor, dataset, collator, keep_masks_fn=None, bat
     return result
 
 
-def nested_random_masks(counts, num_visual, num_layers_kept, seed):
-    """keep_masks_fn for random pruning at fixed per-layer counts: nested uniform subsets (cumulative)."""
+def random_keep_masks_fn(counts, num_visual, seed):
+    """keep_masks_fn for random pruning at fixed per-layer counts: nested uniform subsets (cumulative), one seeded
+    draw per batch."""
+    from rcp_llava.evaluation import nested_random_masks
 
     def fn(batch_index, batch_size):
-        g = torch.Generator().manual_seed(seed + batch_index)
-        masks = torch.zeros(batch_size, len(counts), num_visual, dtype=torch.bool)
-        for row in range(batch_size):
-            order = torch.randperm(num_visual, generator=g)
-            for p, count in enumerate(counts):
-                masks[row, p, order[:count]] = True
-        return masks
+        return nested_random_masks(counts, batch_size, num_visual, seed=seed + batch_index)
 
     return fn
 
@@ -804,7 +800,7 @@ def evaluate_methods(model, processor, dataset, collator, max_samples=None):
         model.load_state_dict(trained, strict=False)
     results["random_fixed_counts"] = answer_accuracy(
         model, processor, dataset, collator, max_samples=max_samples,
-        keep_masks_fn=nested_random_masks(counts, model.config.num_visual_tokens, len(counts), seed=0))
+        keep_masks_fn=random_keep_masks_fn(counts, model.config.num_visual_tokens, seed=0))
     results["fixed_counts"] = counts
     return results
 

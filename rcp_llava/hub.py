@@ -94,8 +94,7 @@ def demo_config(**overrides) -> RcpLlavaConfig:
 def build_demo_tokenizer(vocab_size: int, image_token_index: int, pad_token_id=0, bos_token_id=1, eos_token_id=2):
     """A word-level `PreTrainedTokenizerFast` over exactly `vocab_size` ids, with `<image>` at `image_token_index`
     (a special token, so the expanded `<image><image>...` run splits into placeholders)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from rcp_llava.testbed.text import word_level_tokenizer
 
     fixed = {pad_token_id: "<pad>", bos_token_id: "<s>", eos_token_id: "</s>", image_token_index: "<image>"}
     words = iter(("<unk>", *DEMO_WORDS))
@@ -103,19 +102,7 @@ def build_demo_tokenizer(vocab_size: int, image_token_index: int, pad_token_id=0
     for i in range(vocab_size):
         word = fixed.get(i) or next(words, None) or f"w{i}"
         vocab[word] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"[?:.,!]"), behavior="isolated"),
-    ])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=512,
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = DEMO_CHAT_TEMPLATE
-    return fast
+    return word_level_tokenizer(vocab, DEMO_CHAT_TEMPLATE, model_max_length=512)
 
 
 def build_demo_processor(config):

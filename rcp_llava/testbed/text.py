@@ -44,10 +44,10 @@ def vocabulary() -> list:
     return words
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level `tokenizers` model saved as a `PreTrainedTokenizerFast`; words split on spaces, `?` and `:`
-    are their own tokens, hyphenated words (`top-left`) stay one token."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def word_level_tokenizer(vocab: dict, chat_template: str, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+    """A word-level `tokenizers` model as a `PreTrainedTokenizerFast`: words split on spaces, `?` `:` `.` `,` `!`
+    are their own tokens, hyphenated words (`top-left`) stay one token; `<image>` is a special token, so an
+    expanded `<image><image>...` run splits into placeholders. `vocab` must hold `<s> </s> <unk> <pad> <image>`."""
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
@@ -56,11 +56,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=4096,
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=model_max_length,
     )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The testbed's word-level tokenizer over `vocabulary()`."""
+    return word_level_tokenizer({w: i for i, w in enumerate(vocabulary())}, CHAT_TEMPLATE)
 
 
 def build_processor(preset: TestbedPreset) -> LlavaProcessor:
