@@ -8,7 +8,9 @@ batch == single, sdpa == eager).
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, row_inputs, stock_copy, tiny_config
+from conftest import (
+    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, row_inputs, stock_copy, tiny_config,
+)
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import (
@@ -286,36 +288,13 @@ def test_random_subsets_are_uniform_and_seeded():
 # 5. The contract, for every method ------------------------------------------------------------
 
 
-def masked_reference(model, batch, keep_masks, points):
-    """Full-length forward, dropped tokens masked out as keys from their pruning point on (0 = before layer 0)."""
-    inner = model.model
-    lm = inner.language_model
-    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    h = inner.get_input_embeddings()(ids)
-    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
-    image = ids == IMAGE_TOKEN
-    h = h.masked_scatter(image.unsqueeze(-1), feats.to(h.dtype))
-    cos_sin = lm.rotary_emb(h, batch["position_ids"])
-    bsz, seq = ids.shape
-    vis_id = torch.where(image, image.long().cumsum(1) - 1, 0)
-    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    alive = mask.clone()
-    for idx, layer in enumerate(lm.layers):
-        if idx in points:
-            alive &= ~image | keep_masks[:, points.index(idx)].gather(1, vis_id)
-        allowed = causal.unsqueeze(0) & alive.unsqueeze(1)
-        allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)
-        h = layer(h, attention_mask=allowed.unsqueeze(1), position_embeddings=cos_sin)
-    return model.lm_head(lm.norm(h))
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_discard_equals_mask(name):
     model = make_model(**METHODS[name])
     batch = with_positions(make_batch(PADDED))
     with torch.no_grad():
         out = model(**batch)
-        ref = masked_reference(model, batch, out.keep_masks, model.config.pruning_points)
+        ref = masked_reference(model, batch, out.keep_masks)
     valid = out.token_positions >= 0
     theirs = ref.gather(1, out.token_positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
     assert (out.logits - theirs)[valid].abs().max() <= 1e-4

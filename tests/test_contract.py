@@ -3,7 +3,8 @@
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, row_inputs, stock_copy,
+    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, randomize_plugin_parameters, row_inputs,
+    stock_copy,
 )
 
 SINGLE = [(3, 4, True)]
@@ -84,32 +85,6 @@ def test_keeping_every_token_equals_stock():
 def with_positions(batch):
     """RoPE positions as `generate` builds them (RoPE is shift-invariant only up to fp32 cos/sin rounding)."""
     return {**batch, "position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)}
-
-
-def masked_reference(model, batch, keep_masks):
-    """Full-length forward through the same layers, the dropped tokens masked out of attention (as keys) from
-    their drop layer on. Independent of the pruned loop: no gather, no compaction, no cache."""
-    inner = model.model
-    lm = inner.language_model
-    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    h = inner.get_input_embeddings()(ids)
-    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
-    image = ids == IMAGE_TOKEN
-    h = h.masked_scatter(image.unsqueeze(-1), feats.to(h.dtype))
-    cos_sin = lm.rotary_emb(h, batch["position_ids"])
-    bsz, seq = ids.shape
-    vis_id = torch.where(image, image.long().cumsum(1) - 1, 0)
-    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    alive = mask.clone()
-    layers = model.config.pruning_layers
-    for idx, layer in enumerate(lm.layers):
-        if idx in layers:
-            keep = keep_masks[:, layers.index(idx)]  # (B, N)
-            alive &= ~image | keep.gather(1, vis_id)
-        allowed = causal.unsqueeze(0) & alive.unsqueeze(1)  # (B, T, T)
-        allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)  # dead rows: no NaN
-        h = layer(h, attention_mask=allowed.unsqueeze(1), position_embeddings=cos_sin)
-    return model.lm_head(lm.norm(h))
 
 
 @pytest.mark.parametrize("specs", [SINGLE, PADDED], ids=["single", "left-padded"])
