@@ -28,6 +28,7 @@ from modeling_rcp_llava import (
     RCP_PLUGINS_NAME,
     RcpLlavaForConditionalGeneration,
 )
+from rcp_llava.word_tokenizer import CHAT_TEMPLATE, word_level_tokenizer
 
 
 logger = logging.get_logger(__name__)
@@ -48,20 +49,6 @@ DEMO_WORDS = (
     "USER", "ASSISTANT", ":", "?", ".", "what", "is", "in", "the", "image", "a", "an", "of", "colour", "color",
     "shape", "how", "many", "are", "there", "yes", "no", "red", "green", "blue", "circle", "square", "triangle",
     "describe", "picture", "this",
-)
-DEMO_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }} "
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% else %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}</s> "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 
@@ -94,15 +81,13 @@ def demo_config(**overrides) -> RcpLlavaConfig:
 def build_demo_tokenizer(vocab_size: int, image_token_index: int, pad_token_id=0, bos_token_id=1, eos_token_id=2):
     """A word-level `PreTrainedTokenizerFast` over exactly `vocab_size` ids, with `<image>` at `image_token_index`
     (a special token, so the expanded `<image><image>...` run splits into placeholders)."""
-    from rcp_llava.testbed.text import word_level_tokenizer
-
     fixed = {pad_token_id: "<pad>", bos_token_id: "<s>", eos_token_id: "</s>", image_token_index: "<image>"}
     words = iter(("<unk>", *DEMO_WORDS))
     vocab = {}
     for i in range(vocab_size):
         word = fixed.get(i) or next(words, None) or f"w{i}"
         vocab[word] = i
-    return word_level_tokenizer(vocab, DEMO_CHAT_TEMPLATE, model_max_length=512)
+    return word_level_tokenizer(vocab, CHAT_TEMPLATE, model_max_length=512)
 
 
 def build_demo_processor(config):
@@ -124,7 +109,7 @@ def build_demo_processor(config):
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=DEMO_CHAT_TEMPLATE,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
         image_token="<image>", num_additional_image_tokens=1,
     )
 

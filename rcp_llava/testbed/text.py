@@ -1,6 +1,5 @@
 """Tokenizer, chat template, processor and model config of the testbed: all stock Hugging Face classes."""
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -10,6 +9,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..word_tokenizer import CHAT_TEMPLATE, word_level_tokenizer
 from .presets import TestbedPreset
 from .scenes import COLOURS, COUNT_WORDS, PLURALS, QUADRANTS, SHAPES, SIZES
 
@@ -17,22 +17,6 @@ from .scenes import COLOURS, COUNT_WORDS, PLURALS, QUADRANTS, SHAPES, SIZES
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PROMPT_WORDS = ("USER", "ASSISTANT", ":", "?", "what", "colour", "is", "the", "shape", "size", "object", "objects",
                 "is", "there", "a", "are", "how", "many", "where", "yes", "no")
-
-# USER: <image> what colour is the triangle? ASSISTANT: red</s>USER: how many ... ASSISTANT: two</s>
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }} "
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% else %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}</s> "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 def vocabulary() -> list:
@@ -42,25 +26,6 @@ def vocabulary() -> list:
         if w not in words:
             words.append(w)
     return words
-
-
-def word_level_tokenizer(vocab: dict, chat_template: str, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
-    """A word-level `tokenizers` model as a `PreTrainedTokenizerFast`: words split on spaces, `?` `:` `.` `,` `!`
-    are their own tokens, hyphenated words (`top-left`) stay one token; `<image>` is a special token, so an
-    expanded `<image><image>...` run splits into placeholders. `vocab` must hold `<s> </s> <unk> <pad> <image>`."""
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"[?:.,!]"), behavior="isolated"),
-    ])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=model_max_length,
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = chat_template
-    return fast
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
