@@ -20,7 +20,6 @@ The loss terms are the pure functions `task_loss`, `w2_repair_loss` and `sparsit
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -35,7 +34,6 @@ from transformers.utils import logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
 from modeling_rcp_llava import (  # noqa: E402
     PLUGIN_PREFIX,
     RCP_PLUGINS_NAME,

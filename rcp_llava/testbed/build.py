@@ -15,7 +15,7 @@ from .data import build_dataset
 from .evaluate import evaluate_accuracy, oracle_keep, random_keep, saliency_keep
 from .presets import BUDGET_FRACTIONS, default_cache_dir, get_preset
 from .scenes import COLOURS, COUNT_WORDS, QUADRANTS, SHAPES, SIZES
-from .train import STAGES, train_testbed_model
+from .train import train_testbed_model
 
 
 logger = logging.get_logger(__name__)

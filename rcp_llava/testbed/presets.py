@@ -48,9 +48,6 @@ class TestbedPreset:
     # is content matching between the question and one object's tokens anywhere in the image, which the
     # decoder learned visibly faster with 1e6 than with Llama's 1e4 (tiny preset, same steps).
     rope_theta: float = 1_000_000.0
-    # Initialise the projector from the patch heads (`train.align_projector`). Off by default: the decoder then
-    # settled on a shortcut ("answer a colour that is visible") and stayed at the answer prior on the tiny preset.
-    align_projector: bool = False
     # dataset saved to disk (training itself streams fresh scenes from the same generator)
     num_train: int = 2000
     num_validation: int = 500

@@ -2,19 +2,18 @@ r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in 
 
 1. `vision`: the CLIP vision tower learns per-patch labels (colour, shape, size, which cell of the object, image
    quadrant) through linear heads on the very hidden state LLaVA feeds its projector (patch-level supervision).
-   The projector is then initialised from those heads (`align_projector`): each patch enters the decoder as
-   roughly the sum of the word embeddings of its attributes.
+   The projector keeps its initialisation: a closed-form alignment to the attribute words was tried and left the
+   decoder on the answer prior (0.365 vs 0.424 test accuracy on tiny).
 2. `warmup`: vision tower frozen; projector + Llama learn to answer multi-turn conversations (several questions
-   per image, loss on the answers) from token SUBSETS: every object patch plus a random share of the background,
-   original position ids (input-level pruning), with a density curriculum (scenes grow from 1 object).
+   per image, loss on the answers) from token SUBSETS: every object patch plus ~10% of the background, original
+   position ids (input-level pruning); an optional density curriculum (`StageSpec.curriculum`, used by `micro`)
+   grows scenes from 1 object.
 3. `full`: all parameters, all visual tokens, stock LLaVA forward. The build ends here, on unpruned images.
 
 Training scenes are streamed from the generator (`split="stream"`, disjoint from the saved splits); each stage
 is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists.
 """
 
-import math
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from transformers.utils import logging
 
 from .evaluate import pruned_inputs
 from .presets import StageSpec, TestbedPreset, get_preset
-from .scenes import COLOURS, FAMILIES, QUADRANTS, SHAPES, SIZES, make_sample, sample_rng
+from .scenes import COLOURS, QUADRANTS, SHAPES, SIZES, make_sample, sample_rng
 from .text import build_model_config, build_processor
 
 
@@ -148,50 +147,6 @@ class PatchProbe(nn.Module):
         return {"loss": sum(losses.values())}
 
 
-# Word whose embedding stands for each class of a patch head (None: no word, e.g. background or object part).
-_HEAD_WORDS = {
-    "colour": [None, *COLOURS], "shape": [None, *SHAPES], "size": [None, *SIZES], "part": [None] * 5,
-    "quadrant": list(QUADRANTS),
-}
-
-
-@torch.no_grad()
-def align_projector(llava: LlavaForConditionalGeneration, probe: PatchProbe, processor, pixel_values):
-    r"""
-    Initialise the stock 2-layer projector from the patch heads (LLaVA's "align the projector" step, done in
-    closed form): `linear_1`'s first units are the heads' logits, so after GELU a patch activates one unit per
-    attribute; `linear_2` sends each attribute unit to the word embedding of that attribute's name. A red small
-    circle patch then enters the decoder as ~ E[red] + E[circle] + E[small] + E[top-left]: the words its
-    questions use. Remaining units start at zero input weight and learn freely.
-    """
-    proj = llava.model.multi_modal_projector
-    emb = llava.get_input_embeddings().weight  # (V, D)
-    weights = torch.cat([h.weight for h in probe.heads.values()])  # (U, H)
-    biases = torch.cat([h.bias for h in probe.heads.values()])  # (U,)
-    units = weights.shape[0]
-    if units > proj.linear_1.out_features:
-        logger.warning("[testbed] projector narrower than the patch heads: keeping its random init")
-        return
-    hidden = probe.vision_tower(pixel_values, output_hidden_states=True).hidden_states[probe.feature_layer][:, 1:]
-    logits = hidden @ weights.T + biases  # (B, N, U)
-    scale = 4.0 / logits.max(-1).values.mean()  # winning logits land near 4: GELU ~ identity there, ~0 below 0
-    proj.linear_1.weight.zero_()
-    proj.linear_1.bias.zero_()
-    proj.linear_1.weight[:units] = weights * scale
-    proj.linear_1.bias[:units] = biases * scale
-    tok = processor.tokenizer
-    unit = 0
-    for name in probe.heads:
-        for word in _HEAD_WORDS[name]:
-            if word is not None:
-                proj.linear_2.weight[:, unit] = emb[tok.convert_tokens_to_ids(word)]
-            unit += 1
-    proj.linear_2.bias.zero_()
-    out = proj(hidden)  # (B, N, D)
-    ratio = emb.norm(dim=-1).mean() * 2 / out.norm(dim=-1).mean()  # visual tokens ~2x a word embedding
-    proj.linear_2.weight.mul_(ratio)
-
-
 class TestbedTrainer(Trainer):
     """`Trainer` whose batches may carry `keep (B, N)`: then the loss runs on input-level pruned sequences."""
 
@@ -265,9 +220,6 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.exists() else None
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
-    if stage == "vision" and preset.align_projector:
-        items = [dataset[i] for i in range(min(len(dataset), 64))]
-        align_projector(llava, model, processor, PatchCollator(processor)(items)["pixel_values"])
     llava.requires_grad_(True)
     llava.save_pretrained(final)
     processor.save_pretrained(final)
