@@ -15,6 +15,7 @@ class StageSpec:
     turns: int = 5  # questions asked about each training image (a multi-turn conversation)
     warmup_ratio: float = 0.05
     curriculum: float = 0.0  # share of the stage during which scenes grow from 1 object to max_objects
+    attention_supervision: float = 0.0  # weight of the binding-route loss (`rcp_llava.testbed.supervision`)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class TestbedPreset:
     # is content matching between the question and one object's tokens anywhere in the image, which the
     # decoder learned visibly faster with 1e6 than with Llama's 1e4 (tiny preset, same steps).
     rope_theta: float = 1_000_000.0
+    # decoder layers of the supervised lookup / referent / readout attention hops (head 0 of each)
+    supervised_layers: tuple = (0, 1, 2)
     # dataset saved to disk (training itself streams fresh scenes from the same generator)
     num_train: int = 2000
     num_validation: int = 500
@@ -76,11 +79,12 @@ PRESETS = {
     "micro": TestbedPreset(
         name="micro", image_size=32, patch_size=4, min_objects=2, max_objects=4,
         vision_hidden_size=32, vision_layers=1, vision_heads=2, vision_intermediate_size=64,
-        text_hidden_size=32, text_layers=2, text_heads=2, text_intermediate_size=64,
+        text_hidden_size=32, text_layers=2, text_heads=2, text_intermediate_size=64, supervised_layers=(0, 1, 1),
         num_train=8, num_validation=4, num_test=8, eval_batch_size=8,
         stages={
             "vision": StageSpec(max_steps=2, batch_size=4, learning_rate=2e-3),
-            "warmup": StageSpec(max_steps=2, batch_size=2, learning_rate=2e-3, turns=2, curriculum=0.5),
+            "warmup": StageSpec(max_steps=2, batch_size=2, learning_rate=2e-3, turns=2, curriculum=0.5,
+                                attention_supervision=1.0),
             "full": StageSpec(max_steps=2, batch_size=2, learning_rate=1e-3, turns=2),
         },
     ),
@@ -89,7 +93,8 @@ PRESETS = {
         name="tiny", image_size=96, patch_size=8,
         stages={
             "vision": StageSpec(max_steps=150, batch_size=32, learning_rate=2e-3),
-            "warmup": StageSpec(max_steps=2500, batch_size=32, learning_rate=1e-3, turns=3, warmup_ratio=0.02),
+            "warmup": StageSpec(max_steps=3000, batch_size=32, learning_rate=1e-3, turns=3, warmup_ratio=0.02,
+                                attention_supervision=1.0),
             "full": StageSpec(max_steps=300, batch_size=12, learning_rate=3e-4, turns=3),
         },
     ),
@@ -101,7 +106,8 @@ PRESETS = {
         num_train=20000, num_validation=1000, num_test=2000,
         stages={
             "vision": StageSpec(max_steps=2000, batch_size=64, learning_rate=1e-3),
-            "warmup": StageSpec(max_steps=6000, batch_size=32, learning_rate=5e-4, turns=3, curriculum=0.4),
+            "warmup": StageSpec(max_steps=6000, batch_size=32, learning_rate=5e-4, turns=3, curriculum=0.4,
+                                attention_supervision=1.0),
             "full": StageSpec(max_steps=6000, batch_size=32, learning_rate=2e-4, turns=6),
         },
     ),

@@ -1,0 +1,112 @@
+r"""Attention supervision of the testbed's warm-up stage: the three hops of binding a question to one object.
+
+Trained on the answer loss alone, the small decoder stays for thousands of CPU steps on the shortcut "answer
+an attribute that is visible somewhere" (tiny preset, 6-8 objects: 0.42 test accuracy after 2500 steps). The
+circuit it has to find is known, so the warm-up teaches its routes directly, one head each (head 0):
+
+1. `lookup`   (layer `hops[0]`): every attribute word of the conversation ("red", "triangle", "circles",
+   "small"; in questions and in earlier answers alike) attends to the visual tokens having that attribute;
+2. `referent` (layer `hops[1]`): the last word of a run of attribute words ("red triangle") attends to the
+   tokens of the objects matching all of them (skipped when none does, e.g. an absent object);
+3. `readout`  (layer `hops[2]`): the answer position (the `:` of `ASSISTANT:`) attends to the last such word
+   before it, i.e. the question's referent.
+
+Only the routes are supervised; what travels along them (the values) and everything else is learned from the
+answer loss. Inference never sees this: the saved model is a stock LLaVA.
+"""
+
+import torch
+
+from .scenes import COLOURS, PLURALS, SHAPES, SIZES
+
+
+HOPS = ("lookup", "referent", "readout")
+WORD_ATTRIBUTES = {
+    **{c: ("colour", 1 + i) for i, c in enumerate(COLOURS)},
+    **{s: ("shape", 1 + i) for i, s in enumerate(SHAPES)},
+    **{PLURALS[s]: ("shape", 1 + i) for i, s in enumerate(SHAPES)},
+    **{s: ("size", 1 + i) for i, s in enumerate(SIZES)},
+}  # word -> (patch label, value), as in `Scene.patch_labels`
+
+
+def attention_targets(tokens, attention_mask, is_image, patch_labels, keep=None) -> dict:
+    r"""
+    Supervised attention rows of a batch, in the layout the model sees (visual tokens with `keep` False removed,
+    survivors shifted left, as `rcp_llava.testbed.evaluate.pruned_inputs` does with right padding).
+
+    Args:
+        tokens (list of `T` strings per sample): the prompt's words (`tokenizer.convert_ids_to_tokens`).
+        attention_mask (`(B, T)`), is_image (`(B, T)` bool): the processor's output and its image positions.
+        patch_labels (list of dicts): each sample's `Scene.patch_labels` (`(N,)` arrays, 0 = background).
+        keep (`(B, N)` bool, optional): visual tokens kept; `None` keeps all.
+
+    Returns:
+        `{hop: (rows (R, 2) long [sample, query position], targets (R, T') bool)}` for the three `HOPS`.
+    """
+    batch, length = attention_mask.shape
+    token_keep = attention_mask.bool().clone()  # (B, T)
+    if keep is not None:
+        token_keep[is_image] &= keep.bool().reshape(-1)
+    new_pos = token_keep.long().cumsum(-1) - 1  # (B, T) position in the shortened sequence
+    out_len = int(token_keep.sum(-1).max())
+    found = {hop: ([], []) for hop in HOPS}
+
+    def add(hop, b, query, target_positions):
+        target = torch.zeros(out_len, dtype=torch.bool)
+        target[target_positions] = True
+        found[hop][0].append((b, int(new_pos[b, query])))
+        found[hop][1].append(target)
+
+    for b in range(batch):
+        image_pos = is_image[b].nonzero(as_tuple=True)[0]  # (N,)
+        visible = token_keep[b, image_pos]  # (N,)
+
+        def patches(conditions):
+            match = visible.clone()
+            for name, value in conditions:
+                match &= torch.as_tensor(patch_labels[b][name] == value)
+            return new_pos[b, image_pos[match]]
+
+        phrase, last_word = [], None  # phrase: [(position, (label, value))]
+        for t in range(length + 1):
+            word = tokens[b][t] if t < length and attention_mask[b, t] else None
+            if word == ":" and t > 0 and tokens[b][t - 1] == "ASSISTANT" and last_word is not None:
+                add("readout", b, t, [int(new_pos[b, last_word])])
+            if word in WORD_ATTRIBUTES:
+                phrase.append((t, WORD_ATTRIBUTES[word]))
+                target = patches([WORD_ATTRIBUTES[word]])
+                if len(target):
+                    add("lookup", b, t, target)
+            elif phrase:
+                target = patches([attr for _, attr in phrase])
+                if len(target):
+                    add("referent", b, phrase[-1][0], target)
+                last_word, phrase = phrase[-1][0], []
+    result = {}
+    for hop, (rows, targets) in found.items():
+        rows = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+        targets = torch.stack(targets) if targets else torch.zeros(0, out_len, dtype=torch.bool)
+        result[hop] = (rows, targets)
+    return result
+
+
+def attention_supervision_loss(attentions, targets: dict, hop_layers, head: int = 0) -> torch.Tensor:
+    r"""
+    Sum over the hops of the mean over their rows of `-log(attention mass on the targets)`.
+
+    Args:
+        attentions (tuple of `(B, H, T', T')`): the decoder's attention probabilities per layer (eager).
+        targets: `attention_targets(...)`.
+        hop_layers (3 ints): the layer of each hop in `HOPS` order.
+    """
+    losses = []
+    for hop, layer in zip(HOPS, hop_layers):
+        rows, target = targets[hop]
+        if len(rows) == 0:
+            continue
+        attn = attentions[layer][rows[:, 0], head, rows[:, 1]]  # (R, T')
+        mass = (attn * target.to(attn.dtype)).sum(-1)  # (R,)
+        losses.append(-torch.log(mass.clamp_min(1e-6)).mean())
+    if not losses:
+        return attentions[0].new_zeros(())
+    return torch.stack(losses).sum()

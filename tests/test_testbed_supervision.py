@@ -1,0 +1,99 @@
+"""The testbed's attention supervision: which rows are supervised, towards which positions, and the loss value."""
+
+import math
+
+import numpy as np
+import torch
+
+from rcp_llava.testbed.scenes import COLOURS, SHAPES
+from rcp_llava.testbed.supervision import HOPS, attention_supervision_loss, attention_targets
+
+
+N = 6  # visual tokens
+# patches 0-1: red triangle; 2: red circle; 3: blue triangle; 4-5 background
+LABELS = {
+    "colour": np.array([1 + list(COLOURS).index(c) if c else 0 for c in ("red", "red", "red", "blue", None, None)]),
+    "shape": np.array([1 + SHAPES.index(s) if s else 0
+                       for s in ("triangle", "triangle", "circle", "triangle", None, None)]),
+    "size": np.zeros(N, dtype=np.int64),
+}
+
+
+def _prompt(question_words, answer="red", pad=0):
+    tokens = ["USER", ":", *["<image>"] * N, *question_words, "?", "ASSISTANT", ":", answer, "</s>"]
+    tokens += ["<pad>"] * pad
+    mask = torch.tensor([[1] * (len(tokens) - pad) + [0] * pad])
+    is_image = torch.tensor([[t == "<image>" for t in tokens]])
+    return tokens, mask, is_image
+
+
+def _positions(target_row):
+    return target_row.nonzero().flatten().tolist()
+
+
+def test_targets_of_a_two_word_phrase():
+    tokens, mask, is_image = _prompt(["is", "there", "a", "red", "triangle"], answer="yes", pad=2)
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    first = 2  # visual token j sits at position 2 + j
+    red, triangle, colon = tokens.index("red"), tokens.index("triangle"), len(tokens) - 2 - 3
+    assert tokens[colon] == ":" and tokens[colon - 1] == "ASSISTANT"
+    rows, targets = t["lookup"]
+    assert rows.tolist() == [[0, red], [0, triangle]]
+    assert _positions(targets[0]) == [first + j for j in (0, 1, 2)]  # every red patch
+    assert _positions(targets[1]) == [first + j for j in (0, 1, 3)]  # every triangle patch
+    rows, targets = t["referent"]
+    assert rows.tolist() == [[0, triangle]] and _positions(targets[0]) == [first, first + 1]  # the red triangle
+    rows, targets = t["readout"]
+    assert rows.tolist() == [[0, colon]] and _positions(targets[0]) == [triangle]
+    assert targets.shape[1] == len(tokens) - 2, "targets span the unpadded length of the longest row"
+
+
+def test_targets_follow_the_pruned_layout():
+    tokens, mask, is_image = _prompt(["what", "colour", "is", "the", "triangle"], answer="red")
+    keep = torch.tensor([[False, True, True, False, True, True]])  # drops patches 0 and 3
+    t = attention_targets([tokens], mask, is_image, [LABELS], keep=keep)
+    first, shift = 2, 2
+    triangle = tokens.index("triangle") - shift
+    rows, targets = t["lookup"]
+    # attribute words of the answers are looked up too (a later turn reads them as context)
+    assert rows.tolist() == [[0, triangle], [0, tokens.index("red") - shift]]
+    assert _positions(targets[0]) == [first]  # patch 1 is now the first visual token; 0 and 3 are gone
+    assert _positions(targets[1]) == [first, first + 1]  # the red patches 1 and 2
+    rows, targets = t["referent"]
+    assert rows.tolist()[0] == [0, triangle] and _positions(targets[0]) == [first]
+    rows, targets = t["readout"]
+    assert rows.tolist() == [[0, len(tokens) - 3 - shift]] and _positions(targets[0]) == [triangle]
+    assert targets.shape[1] == len(tokens) - shift
+
+
+def test_absent_referent_is_not_supervised():
+    # "blue circle" does not exist: the words are looked up, the phrase has no referent, the readout still points
+    # at the phrase's last word
+    tokens, mask, is_image = _prompt(["is", "there", "a", "blue", "circle"], answer="no")
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    assert len(t["lookup"][0]) == 2 and len(t["referent"][0]) == 0 and len(t["readout"][0]) == 1
+    assert _positions(t["readout"][1][0]) == [tokens.index("circle")]
+
+
+def test_loss_is_minus_log_mass_summed_over_hops():
+    tokens, mask, is_image = _prompt(["is", "there", "a", "red", "triangle"], answer="yes")
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    length = len(tokens)
+    # uniform attention over the whole row in every layer and head
+    attn = torch.full((1, 2, length, length), 1.0 / length)
+    layers = (0, 1, 1)
+    expected = 0.0
+    for hop in HOPS:
+        _, targets = t[hop]
+        expected += np.mean([-math.log(int(row.sum()) / length) for row in targets])
+    loss = attention_supervision_loss((attn, attn), t, layers)
+    assert abs(float(loss) - expected) < 1e-6
+    # all the mass on the targets -> zero loss; the loss reads head 0 only
+    perfect = torch.zeros(1, 2, length, length)
+    for hop in HOPS:
+        rows, targets = t[hop]
+        for (b, q), target in zip(rows.tolist(), targets):
+            perfect[b, 0, q] = target.float() / target.sum()
+    assert float(attention_supervision_loss((perfect, perfect), t, layers)) < 1e-6
+    perfect[:, 0], perfect[:, 1] = perfect[:, 1].clone(), perfect[:, 0].clone()
+    assert float(attention_supervision_loss((perfect, perfect), t, layers)) > 5
