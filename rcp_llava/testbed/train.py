@@ -37,9 +37,9 @@ from .text import build_model_config, build_processor
 logger = logging.get_logger(__name__)
 
 STAGES = ("vision", "warmup", "full")
-# Families asked in training conversations (consecutive entries, cyclic). Position (3/8) and counting (2/8) are
-# oversampled: with one sixth of the questions each, position stayed at chance (0.275) on tiny after the
-# supervised warm-up that taught every other family; 600 steps at 3/7 position then lifted it to 0.72.
+# Families asked in training conversations (consecutive entries, cyclic); position (3/8) and counting (2/8) are
+# oversampled. Measured on tiny: with one sixth each, counting reached 0.665 and position stayed at chance (0.275);
+# with this mix counting 0.71, position still 0.27 (see the README's testbed status).
 TRAIN_FAMILIES = ("attribute", "position", "counting", "position", "existence", "identity", "position", "counting")
 PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "part": 5,
                "quadrant": len(QUADRANTS)}
