@@ -152,6 +152,11 @@ def test_micro_build_writes_loadable_llava(micro_testbed):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]["families"]) == set(FAMILIES)
     assert set(metrics["pruning"]) == {"random", "oracle", "saliency"}
+    # the warm-up ran with the attention supervision (eager), the saved model carries no trace of it
+    state = json.loads((out / "work" / "warmup" / "checkpoint-2" / "trainer_state.json").read_text())
+    attention_losses = [row["attention_loss"] for row in state["log_history"] if "attention_loss" in row]
+    assert attention_losses and all(0 < v < 50 for v in attention_losses)
+    assert "attn_implementation" not in (out / "model" / "config.json").read_text()
     mtime = (out / "model" / "model.safetensors").stat().st_mtime
     build_testbed("micro", out, seed=0)  # reuses everything
     assert (out / "model" / "model.safetensors").stat().st_mtime == mtime
