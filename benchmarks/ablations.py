@@ -85,15 +85,41 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     if max_steps is not None:
         argv += ["--max_steps", str(max_steps)]
     model_dir = os.path.join(out_dir, "model")
+    source_file = os.path.join(out_dir, "ablation_source.json")
+    source = {"argv": argv, "base_weights": base_weights_fingerprint(argv)}
     if reuse and os.path.isfile(os.path.join(model_dir, "config.json")):
-        return model_dir, None, argv
+        previous = json.load(open(source_file)) if os.path.isfile(source_file) else None
+        if previous == source:
+            return model_dir, None, argv
+        # the saved variant holds the whole model: reusing it after the base model was rebuilt (same path, new
+        # weights) or with other flags would evaluate a stale backbone
+        print(f"[ablations] {out_dir}: trained from another base model or other flags; training it again",
+              flush=True)
     parser = HfArgumentParser((train_rcp.RcpJobArguments, train_rcp.RcpTrainingArguments))
     job, args = parser.parse_args_into_dataclasses(args=argv)
     for key, value in job_overrides.items():
         setattr(job, key, value)
     started = time.time()
     train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))
+    with open(source_file, "w") as f:
+        json.dump(source, f, indent=2)
     return model_dir, round(time.time() - started, 1), argv
+
+
+def base_weights_fingerprint(argv):
+    """Name, size and modification time of the base model's weight files (`--base_model DIR`, or the testbed
+    model the job builds): what tells a reusable variant from one trained on an earlier base."""
+    if "--base_model" in argv:
+        base = argv[argv.index("--base_model") + 1]
+    else:
+        from rcp_llava.testbed import default_cache_dir
+
+        preset = argv[argv.index("--testbed_preset") + 1] if "--testbed_preset" in argv else "tiny"
+        base = str(default_cache_dir(preset) / "model")
+    if not os.path.isdir(base):
+        return base  # a Hub id: its weights are pinned by the id (and the local cache) alone
+    files = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
+    return [[f, os.path.getsize(os.path.join(base, f)), os.stat(os.path.join(base, f)).st_mtime_ns] for f in files]
 
 
 def evaluate_variant(base, processor, data, budget, batch_size, repair=True, method="rcp"):
@@ -240,7 +266,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--name", default="ablations")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "ablations"),
-                        help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun.")
+                        help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun with the same flags "
+                             "and base weights, trained again otherwise.")
     parser.add_argument("--no_reuse", action="store_true", help="Retrain variants whose folder already exists.")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

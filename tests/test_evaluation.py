@@ -204,10 +204,10 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     train_args = (f"--base_model {folder / 'model'} --dataset_name_or_path {folder / 'dataset'} --pruning_layers 1 "
                   "--repair_layers 1 --pruner_hidden_size 8 --repair_bottleneck_size 8 --budget_fraction 0.25 "
                   "--per_device_train_batch_size 2 --use_cpu --disable_tqdm true --save_strategy no")
-    result = ablations.main(["--variants", "no_adapters", "attention_topk", "--max_steps", "1",
-                             "--max_eval_samples", "8", "--dataset", str(folder / "dataset"), "--output_dir",
-                             str(tmp_path), "--name", "abl", "--train_args", train_args,
-                             "--work_dir", str(tmp_path / "work")])
+    argv = ["--variants", "no_adapters", "attention_topk", "--max_steps", "1", "--max_eval_samples", "8",
+            "--dataset", str(folder / "dataset"), "--output_dir", str(tmp_path), "--name", "abl", "--train_args",
+            train_args, "--work_dir", str(tmp_path / "work")]
+    result = ablations.main(argv)
     variants = {r["variant"]: r for r in result["variants"]}
     assert list(variants) == ["full", "no_adapters", "attention_topk"]  # `full` added: attention_topk needs it
     assert variants["no_adapters"]["fixed"]["repair_layers"] == []
@@ -223,3 +223,14 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     md = (tmp_path / "abl.md").read_text()
     assert md.startswith("# Ablations") and "Command: `python benchmarks/ablations.py" in md
     assert "| no_adapters | yes (1 steps) |" in md and "Table VI" in md
+
+    # a rerun reuses the trained variants; after the base model's weights change it trains them again
+    assert variants["no_adapters"]["train_seconds"] is not None
+    rerun = {r["variant"]: r for r in ablations.main(argv)["variants"]}
+    assert rerun["no_adapters"]["train_seconds"] is None and rerun["full"]["train_seconds"] is None
+    assert rerun["no_adapters"]["fixed"]["score"] == variants["no_adapters"]["fixed"]["score"]
+    weights = folder / "model" / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a rebuilt base, same path
+    rebuilt = {r["variant"]: r for r in ablations.main(argv)["variants"]}
+    assert rebuilt["no_adapters"]["train_seconds"] is not None and rebuilt["full"]["train_seconds"] is not None
