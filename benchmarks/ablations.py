@@ -26,6 +26,9 @@ calls `train_rcp.run_job` with `repair_layers=[]` set on the parsed arguments: t
 Every trained variant is evaluated (first-token accuracy on the test split) at the FIXED counts of `--budget`
 (`rcp_llava.evaluation.rcp_keep_counts`: the average over the layers from the first pruner is k = budget * N)
 and with its adaptive threshold; "Table VI" is the `full` variant's adaptive kept tokens per pruning layer, % of N.
+
+Trained variants live in `--work_dir/NAME/VARIANT` and are reused on a rerun only when they were trained with the
+same flags from the same base weights (`ablation_source.json`); otherwise they are trained again.
 """
 
 import argparse
