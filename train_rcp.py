@@ -609,7 +609,7 @@ def run_job(job, args, explicit=()):
             cache = default_cache_dir(job.testbed_preset)
             if not (cache / "metrics.json").exists():
                 print(f"[train_rcp] The {job.testbed_preset!r} testbed is not built yet: building it into {cache} "
-                      "first (one time, about 30 minutes on 2 CPU cores; progress below).", flush=True)
+                      "first (one time, about 40 minutes on 2 CPU cores; progress below).", flush=True)
             folder = build_testbed(job.testbed_preset)
         base_model = str(folder / "model")
         dataset_path = job.dataset_name_or_path or str(folder / "dataset")

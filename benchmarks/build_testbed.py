@@ -1,6 +1,6 @@
 """Build the synthetic-VQA testbed: dataset, a stock LLaVA trained on it from scratch, and its metrics.
 
-    # tiny preset (96 px, 144 visual tokens) into ~/.cache/rcp_llava/testbed/tiny (~30 min on 2 CPU cores)
+    # tiny preset (96 px, 144 visual tokens) into ~/.cache/rcp_llava/testbed/tiny (~40 min on 2 CPU cores)
     python benchmarks/build_testbed.py
 
     # explicit folder; rerunning reuses the dataset, resumes training from its checkpoints, skips what is done

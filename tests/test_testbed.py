@@ -11,6 +11,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from rcp_llava.testbed import (
     FAMILIES,
     PRESETS,
+    STAGES,
     build_processor,
     build_testbed,
     default_cache_dir,
@@ -145,6 +146,8 @@ def micro_testbed(tmp_path_factory):
 def test_micro_build_writes_loadable_llava(micro_testbed):
     out = micro_testbed
     assert (out / "work" / "full" / "checkpoint-2").is_dir()  # Trainer checkpoints, resumable
+    assert [p.name for p in sorted((out / "work").iterdir())] == sorted(STAGES)
+    assert all((out / "work" / stage / "final" / "config.json").is_file() for stage in STAGES)
     model = LlavaForConditionalGeneration.from_pretrained(out / "model")
     processor = AutoProcessor.from_pretrained(out / "model")
     assert model.config.image_seq_length == PRESETS["micro"].num_visual_tokens

@@ -1,4 +1,4 @@
-r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in three HF-`Trainer` stages.
+r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in four HF-`Trainer` stages.
 
 1. `vision`: the CLIP vision tower learns per-patch labels (colour, shape, size, which cell of the object, image
    quadrant) through linear heads on the very hidden state LLaVA feeds its projector (patch-level supervision).
@@ -10,7 +10,9 @@ r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in 
    (`rcp_llava.testbed.supervision`, weight `StageSpec.attention_supervision`): without that the decoder stayed
    on the answer prior (0.42 test accuracy on tiny after 2500 steps). An optional density curriculum
    (`StageSpec.curriculum`) grows scenes from 1 object.
-3. `full`: all parameters, all visual tokens, stock LLaVA forward. The build ends here, on unpruned images.
+3. `rebalance`: the warm-up continued with a fresh optimizer on a position-heavy family mix
+   (`presets.REBALANCE_FAMILIES`): position stayed at chance through the warm-up on tiny, at any mix.
+4. `full`: all parameters, all visual tokens, stock LLaVA forward. The build ends here, on unpruned images.
 
 Training scenes are streamed from the generator (`split="stream"`, disjoint from the saved splits); each stage
 is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists.
@@ -36,14 +38,15 @@ from .text import build_model_config, build_processor
 
 logger = logging.get_logger(__name__)
 
-STAGES = ("vision", "warmup", "full")
+STAGES = ("vision", "warmup", "rebalance", "full")
+SUBSET_STAGES = ("warmup", "rebalance")  # vision tower frozen, token subsets, attention supervision
 # Families asked in training conversations (consecutive entries, cyclic); position (3/8) and counting (2/8) are
 # oversampled. Measured on tiny: with one sixth each, counting reached 0.665 and position stayed at chance (0.275);
 # with this mix counting 0.71, position still 0.27 (see the README's testbed status).
 TRAIN_FAMILIES = ("attribute", "position", "counting", "position", "existence", "identity", "position", "counting")
 PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "part": 5,
                "quadrant": len(QUADRANTS)}
-_STAGE_OFFSET = {"vision": 0, "warmup": 50_000_000, "full": 100_000_000}
+_STAGE_OFFSET = {"vision": 0, "warmup": 50_000_000, "rebalance": 75_000_000, "full": 100_000_000}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -238,10 +241,10 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
         collator = PatchCollator(processor)
     else:
         model = llava
-        if stage == "warmup":
+        if stage in SUBSET_STAGES:
             llava.model.vision_tower.requires_grad_(False)
-        dataset = SceneStream(preset, seed, stage, n_items, turns=spec.turns, subset=(stage == "warmup"),
-                              curriculum=spec.curriculum)
+        dataset = SceneStream(preset, seed, stage, n_items, turns=spec.turns, families=spec.families or TRAIN_FAMILIES,
+                              subset=stage in SUBSET_STAGES, curriculum=spec.curriculum)
         collator = ChatCollator(processor, attention_targets=supervise)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.warning(f"[testbed] stage {stage!r}: {spec.max_steps} steps x batch {spec.batch_size}, "
