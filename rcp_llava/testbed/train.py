@@ -41,8 +41,8 @@ logger = logging.get_logger(__name__)
 STAGES = ("vision", "warmup", "rebalance", "full")
 SUBSET_STAGES = ("warmup", "rebalance")  # vision tower frozen, token subsets, attention supervision
 # Families asked in training conversations (consecutive entries, cyclic); position (3/8) and counting (2/8) are
-# oversampled. Measured on tiny: with one sixth each, counting reached 0.665 and position stayed at chance (0.275);
-# with this mix counting 0.71, position still 0.27 (see the README's testbed status).
+# oversampled. Measured on tiny after the warm-up: with one sixth each, counting 0.665 and position at chance
+# (0.275); with this mix counting 0.71, position still 0.27 -- the `rebalance` stage is what teaches position.
 TRAIN_FAMILIES = ("attribute", "position", "counting", "position", "existence", "identity", "position", "counting")
 PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "part": 5,
                "quadrant": len(QUADRANTS)}
