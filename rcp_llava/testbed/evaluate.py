@@ -32,6 +32,20 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (B, N, D)
 
 
+def surviving_tokens(attention_mask, is_image, keep=None) -> torch.Tensor:
+    """`(B, T)` bool: the real (unpadded) tokens that survive `keep (B, N)` (visual tokens in raster order; `None`
+    keeps all). The pruned layout packs them in order; a survivor's index there is `surviving.cumsum(-1) - 1`."""
+    token_keep = attention_mask.bool().clone()
+    if keep is not None:
+        keep = keep.to(attention_mask.device).bool()
+        n = keep.shape[1]
+        if int(is_image.sum(-1).max()) != n or int(is_image.sum(-1).min()) != n:
+            raise ValueError(f"`keep` has {n} visual tokens per sample but the prompts hold "
+                             f"{is_image.sum(-1).tolist()} image tokens.")
+        token_keep[is_image] &= keep.reshape(-1)
+    return token_keep
+
+
 def pruned_inputs(model, input_ids, attention_mask, pixel_values, keep, labels=None, padding_side="left"):
     r"""
     Build the stock-LLaVA inputs of a batch in which only the visual tokens with `keep[b, j]` survive.
@@ -53,14 +67,7 @@ def pruned_inputs(model, input_ids, attention_mask, pixel_values, keep, labels=N
     feats = image_features(model, pixel_values).to(embeds.dtype)  # (B, N, D)
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) original positions
-    token_keep = attention_mask.bool().clone()
-    if keep is not None:
-        keep = keep.to(input_ids.device).bool()
-        n = keep.shape[1]
-        if int(is_image.sum(-1).max()) != n or int(is_image.sum(-1).min()) != n:
-            raise ValueError(f"`keep` has {n} visual tokens per sample but the prompts hold "
-                             f"{is_image.sum(-1).tolist()} image tokens.")
-        token_keep[is_image] &= keep.reshape(-1)
+    token_keep = surviving_tokens(attention_mask, is_image, keep)
     lengths = token_keep.sum(-1)  # (B,)
     length = int(lengths.max())
     batch, dim = input_ids.shape[0], embeds.shape[-1]

@@ -17,6 +17,7 @@ answer loss. Inference never sees this: the saved model is a stock LLaVA.
 
 import torch
 
+from .evaluate import surviving_tokens
 from .scenes import COLOURS, PLURALS, SHAPES, SIZES
 
 
@@ -44,9 +45,7 @@ def attention_targets(tokens, attention_mask, is_image, patch_labels, keep=None)
         `{hop: (rows (R, 2) long [sample, query position], targets (R, T') bool)}` for the three `HOPS`.
     """
     batch, length = attention_mask.shape
-    token_keep = attention_mask.bool().clone()  # (B, T)
-    if keep is not None:
-        token_keep[is_image] &= keep.bool().reshape(-1)
+    token_keep = surviving_tokens(attention_mask, is_image, keep)  # (B, T)
     new_pos = token_keep.long().cumsum(-1) - 1  # (B, T) position in the shortened sequence
     out_len = int(token_keep.sum(-1).max())
     found = {hop: ([], []) for hop in HOPS}

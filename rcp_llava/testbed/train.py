@@ -110,6 +110,7 @@ class ChatCollator:
         tok = processor.tokenizer
         self.assistant_id = tok.convert_tokens_to_ids("ASSISTANT")
         self.colon_id = tok.convert_tokens_to_ids(":")
+        self.image_id = tok.convert_tokens_to_ids("<image>")
         self.eos_id = tok.eos_token_id
 
     def __call__(self, items):
@@ -137,7 +138,7 @@ class ChatCollator:
         if self.attention_targets:
             tokens = [self.processor.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
             batch["attention_targets"] = attention_targets(
-                tokens, batch["attention_mask"], ids == self.processor.tokenizer.convert_tokens_to_ids("<image>"),
+                tokens, batch["attention_mask"], ids == self.image_id,
                 [it["patch_labels"] for it in items], batch.get("keep"))
         return batch
 
