@@ -109,27 +109,37 @@ def tiny():
     return make_model()
 
 
+def prompt_states(model, batch):
+    """What the decoder's first layer sees, built without the RCP loop: `(h (B, T, D), image (B, T) bool,
+    cos_sin)` -- the prompt embeddings with the projected image features scattered in, and the rotary tables."""
+    inner = model.model
+    ids = batch["input_ids"]
+    h = inner.get_input_embeddings()(ids)
+    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
+    image = ids == IMAGE_TOKEN
+    h = h.masked_scatter(image.unsqueeze(-1), feats.to(h.dtype))
+    return h, image, inner.language_model.rotary_emb(h, batch["position_ids"])
+
+
+def allowed_keys(alive):
+    """`(B, T, T)` bool: causal attention restricted to the `alive (B, T)` keys; a dead row attends to itself
+    only (no NaN; its output is never read)."""
+    seq = alive.shape[1]
+    allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool)).unsqueeze(0) & alive.unsqueeze(1)
+    return allowed | (torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2))
+
+
 def masked_reference(model, batch, keep_masks, points=None):
     """Full-length forward through the same layers, the dropped tokens masked out of attention (as keys) from
     their pruning point on (`points`, default the config's; 0 = before layer 0). Independent of the pruned loop:
     no gather, no compaction, no cache."""
     points = list(model.config.pruning_points if points is None else points)
-    inner = model.model
-    lm = inner.language_model
-    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    h = inner.get_input_embeddings()(ids)
-    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
-    image = ids == IMAGE_TOKEN
-    h = h.masked_scatter(image.unsqueeze(-1), feats.to(h.dtype))
-    cos_sin = lm.rotary_emb(h, batch["position_ids"])
-    bsz, seq = ids.shape
+    lm = model.model.language_model
+    h, image, cos_sin = prompt_states(model, batch)
     vis_id = torch.where(image, image.long().cumsum(1) - 1, 0)
-    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    alive = mask.clone()
+    alive = batch["attention_mask"].bool().clone()
     for idx, layer in enumerate(lm.layers):
         if idx in points:
             alive &= ~image | keep_masks[:, points.index(idx)].gather(1, vis_id)  # keep: (B, N)
-        allowed = causal.unsqueeze(0) & alive.unsqueeze(1)  # (B, T, T)
-        allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)  # dead rows: no NaN
-        h = layer(h, attention_mask=allowed.unsqueeze(1), position_embeddings=cos_sin)
+        h = layer(h, attention_mask=allowed_keys(alive).unsqueeze(1), position_embeddings=cos_sin)
     return model.lm_head(lm.norm(h))

@@ -9,7 +9,8 @@ batch == single, sdpa == eager).
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, row_inputs, stock_copy, tiny_config,
+    IMAGE_TOKEN, NUM_VISUAL, allowed_keys, make_batch, make_model, masked_reference, prompt_states, row_inputs,
+    stock_copy, tiny_config,
 )
 
 from configuration_rcp_llava import RcpLlavaConfig
@@ -192,25 +193,17 @@ def reference_attention_topk(model, batch, layers, counts):
     """A full-length eager forward; dropped visual tokens are masked out as keys from their drop layer on; at
     each pruning layer the alive visual tokens are ranked by the question rows' eager attention (mean over heads
     and question tokens). Returns the kept set per pruning layer and row."""
-    inner = model.model
-    lm = inner.language_model
-    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
-    h = inner.get_input_embeddings()(ids)
-    feats = torch.cat(list(inner.get_image_features(batch["pixel_values"], return_dict=True).pooler_output))
-    image = ids == IMAGE_TOKEN
-    h = h.masked_scatter(image.unsqueeze(-1), feats)
-    cos_sin = lm.rotary_emb(h, batch["position_ids"])
-    bsz, seq = ids.shape
+    lm = model.model.language_model
+    h, image, cos_sin = prompt_states(model, batch)
+    bsz, seq = batch["input_ids"].shape
     question = question_positions(batch)
-    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    alive = valid.clone()
+    alive = batch["attention_mask"].bool().clone()
     kept = []
     old = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"
     try:
         for idx, layer in enumerate(lm.layers):
-            allowed = causal.unsqueeze(0) & alive.unsqueeze(1)
-            allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)
+            allowed = allowed_keys(alive)
             additive = torch.zeros(bsz, 1, seq, seq).masked_fill(~allowed.unsqueeze(1), torch.finfo(h.dtype).min)
             if idx in layers:
                 _, weights = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=cos_sin,
@@ -228,8 +221,7 @@ def reference_attention_topk(model, batch, layers, counts):
                     for i, pos in enumerate(image_pos):
                         alive[b, pos] &= i in chosen
                 kept.append(per_row)
-                allowed = causal.unsqueeze(0) & alive.unsqueeze(1)
-                allowed |= torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2)
+                allowed = allowed_keys(alive)
                 additive = torch.zeros(bsz, 1, seq, seq).masked_fill(~allowed.unsqueeze(1), torch.finfo(h.dtype).min)
             h = layer(h, attention_mask=additive, position_embeddings=cos_sin)
     finally:
