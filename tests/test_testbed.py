@@ -143,6 +143,45 @@ def micro_testbed(tmp_path_factory):
     return out
 
 
+def test_full_stage_thins_background_never_objects():
+    from rcp_llava.testbed.train import SceneStream
+
+    stream = SceneStream(TINY, 0, "full", 80, turns=2, thinned_share=0.5)
+    thinned, background_rates = 0, []
+    for i in range(80):
+        item = stream[i]
+        keep, on_object = item["keep"], item["patch_labels"]["colour"] > 0
+        assert keep.dtype == bool and keep.shape == (TINY.num_visual_tokens,)
+        assert keep[on_object].all()  # what the image shows, and so every answer, is unchanged
+        if not keep.all():
+            thinned += 1
+            background_rates.append(keep[~on_object].mean())
+    assert 22 <= thinned <= 58  # half of the images (binomial sd ~4.5)
+    assert 0.15 < np.mean(background_rates) < 0.55  # E[u**2] = 1/3
+    again = SceneStream(TINY, 0, "full", 80, turns=2, thinned_share=0.5)
+    assert all(np.array_equal(again[i]["keep"], stream[i]["keep"]) for i in (0, 7, 31))
+    assert "keep" not in SceneStream(TINY, 0, "full", 4)[0]  # thinned_share=0: whole images, plain forward
+    with pytest.raises(ValueError, match="thinned_share.*1.5"):
+        SceneStream(TINY, 0, "full", 4, thinned_share=1.5)
+
+
+def test_full_stage_scene_density_override():
+    from rcp_llava.testbed.train import SceneStream
+
+    cells = TINY.object_cells**2
+
+    def counts(stream):
+        return [int((stream[i]["patch_labels"]["colour"] > 0).sum()) // cells for i in range(60)]
+
+    default = counts(SceneStream(TINY, 0, "full", 60))
+    assert min(default) >= TINY.min_objects and max(default) <= TINY.max_objects
+    wide = counts(SceneStream(TINY, 0, "full", 60, min_objects=2))
+    assert min(wide) >= 2 and max(wide) <= TINY.max_objects
+    assert sum(n < TINY.min_objects for n in wide) >= 20  # 4 of the 7 counts lie below the preset's range
+    with pytest.raises(ValueError, match=r"min_objects.*\[1, 8\].*got 9"):
+        SceneStream(TINY, 0, "full", 4, min_objects=9)
+
+
 def test_micro_build_writes_loadable_llava(micro_testbed):
     out = micro_testbed
     assert (out / "work" / "full" / "checkpoint-2").is_dir()  # Trainer checkpoints, resumable
@@ -160,9 +199,18 @@ def test_micro_build_writes_loadable_llava(micro_testbed):
     attention_losses = [row["attention_loss"] for row in state["log_history"] if "attention_loss" in row]
     assert attention_losses and all(0 < v < 50 for v in attention_losses)
     assert "attn_implementation" not in (out / "model" / "config.json").read_text()
+    # the vision tower is frozen after its own stage (as LLaVA-1.5 keeps CLIP frozen); the projector is not
+    from safetensors.torch import load_file
+
+    after_vision = load_file(out / "work" / "vision" / "final" / "model.safetensors")
+    final = load_file(out / "model" / "model.safetensors")
+    tower = [k for k in final if "vision_tower" in k]
+    assert tower and all(torch.equal(final[k], after_vision[k]) for k in tower)
+    assert any(not torch.equal(final[k], after_vision[k]) for k in final if "multi_modal_projector" in k)
     mtime = (out / "model" / "model.safetensors").stat().st_mtime
-    build_testbed("micro", out, seed=0)  # reuses everything
+    build_testbed("micro", out, seed=0, command="a later reuse")  # reuses everything
     assert (out / "model" / "model.safetensors").stat().st_mtime == mtime
+    assert json.loads((out / "metrics.json").read_text())["command"] == "pytest"  # who built it, not who reused
 
 
 def test_pruned_inputs_keep_all_matches_stock_forward(micro_testbed):

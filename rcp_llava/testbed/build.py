@@ -102,8 +102,9 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
         "preset": preset.name, "seed": seed, "num_visual_tokens": preset.num_visual_tokens,
         "budgets": {label: preset.budget(f) for label, f in BUDGET_FRACTIONS.items()},
         "chance": CHANCE,
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     })
+    if times or "command" not in metrics:  # the command that built something, not the last one that reused it
+        metrics["command"] = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     metrics.setdefault("build_times", {}).update(times)
     metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return out
