@@ -95,18 +95,17 @@ class SceneStream(torch.utils.data.Dataset):
         scene, questions = make_sample(self.preset, self.seed, "stream", index, self.families, self.turns,
                                        num_objects=self._num_objects(int(i)))
         item = {"image": scene.image, "questions": questions, "patch_labels": scene.patch_labels}
+        on_object = scene.patch_labels["colour"] > 0  # (N,)
         if self.subset:
             # every object cell plus a small random share of the background (~35 tokens of 144): the decoder
             # learns to bind question words to objects far faster on short sequences (testbed notes)
             rng = sample_rng(self.seed + 1, "stream", index)
-            on_object = scene.patch_labels["colour"] > 0
-            keep = on_object | (rng.random(on_object.shape) < 0.1)
-            item["keep"] = keep
+            item["keep"] = on_object | (rng.random(on_object.shape) < 0.1)
         elif self.thinned_share > 0:
-            item["keep"] = self._thinned_keep(scene, index)
+            item["keep"] = self._thinned_keep(on_object, index)
         return item
 
-    def _thinned_keep(self, scene, index) -> np.ndarray:
+    def _thinned_keep(self, on_object, index) -> np.ndarray:
         r"""`(N,)` keep mask of a whole-image sample: all True, or for a `thinned_share` of the images every
         object patch plus each background patch with probability `u**2`, `u ~ U(0, 1)` drawn per image (mean 1/3,
         so near-empty backgrounds are common). Why: trained on whole images only, the tiny decoder used the
@@ -115,7 +114,6 @@ class SceneStream(torch.utils.data.Dataset):
         background token with the image's mean background feature changed accuracy by 0.2 points). Objects are
         never dropped: what the image shows, and so every answer, is unchanged."""
         rng = sample_rng(self.seed + 2, "stream", index)
-        on_object = scene.patch_labels["colour"] > 0
         if rng.random() >= self.thinned_share:
             return np.ones_like(on_object)
         return on_object | (rng.random(on_object.shape) < rng.random() ** 2)
