@@ -1,31 +1,119 @@
 """Configuration of RCP-LLaVA: a stock `LlavaConfig` plus the visual-token pruning fields.
 
+Reading order:
+  1. `PruningMethod` and the method registry `PRUNING_METHODS`: what a config must know about each pruning method
+     (where it prunes, whether it has plug-ins, its default layers). The token selector of each method lives in
+     `modeling_rcp_llava.py`; a new method is one selector class registered there with its `PruningMethod`.
+  2. `RcpLlavaConfig`: typed fields (transformers v5 dataclass style) and their validators. `validate_pruning()`
+     runs on construction, on `save_pretrained` and again before every forward, so a field edited after
+     construction is checked before it is used.
+  3. Per-layer token accounting (`visual_tokens_per_layer`, `RcpLlavaConfig.tokens_per_layer`): the one place that
+     turns a schedule into visual tokens per decoder layer.
+
 This file is one of the two Hub files (`save_pretrained` copies it next to `config.json`), so it
 imports only the standard library and `transformers`.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from transformers import LlavaConfig
 
 
-# The pruning methods a config can name. "none" is the stock LLaVA forward.
-PRUNING_METHODS = ("none", "rcp", "vispruner", "fastv", "random", "attention_topk")
-# Methods that can drop visual tokens before the language model (`pre_llm_keep_count`).
-PRE_LLM_METHODS = ("vispruner", "random")
-# Training-free baselines: no plug-in, a fixed number of tokens kept at each pruning point.
-BASELINE_METHODS = ("vispruner", "fastv", "random", "attention_topk")
-FASTV_QUERIES = ("last", "question")
+# ------------------------------------------------------------------------------------------------
+# 1. Pruning methods
+# ------------------------------------------------------------------------------------------------
+
 
 # The paper's placement for LLaVA-1.5-7B at the 64-token budget (RCP.md section 1).
 DEFAULT_PRUNING_LAYERS = (2, 14, 26)
 DEFAULT_REPAIR_LAYERS = (23, 30)
+FastvQuery = Literal["last", "question"]
+FASTV_QUERIES = get_args(FastvQuery)
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """What the config knows about a pruning method (its selector is in `modeling_rcp_llava.py`).
+
+    name: the `pruning_method` value.
+    in_decoder: prunes before the decoder layers in `pruning_layers` (with `pruning_keep_counts`).
+    pre_llm: can prune before the LLM instead (`pre_llm_keep_count`); with `in_decoder` too, it prunes at one
+        place or the other, never both.
+    plugins: has RCP's trainable plug-ins (pruners at `pruning_layers`, repair adapters at `repair_layers`); only
+        such a method may leave `pruning_keep_counts=None` (the adaptive threshold, Eq. 8).
+    default_pruning_layers / default_repair_layers: used when the field is None.
+    max_pruning_layers: at most this many pruning layers (FastV prunes once).
+    check: extra method-specific validation, `check(config)`, raising ValueError/TypeError naming the field.
+    """
+
+    name: str
+    in_decoder: bool = True
+    pre_llm: bool = False
+    plugins: bool = False
+    default_pruning_layers: tuple = DEFAULT_PRUNING_LAYERS
+    default_repair_layers: tuple = ()
+    max_pruning_layers: int | None = None
+    check: Callable | None = None
+
+    @property
+    def prunes(self) -> bool:
+        return self.in_decoder or self.pre_llm
+
+
+def _check_vispruner(config):
+    if config.pre_llm_keep_count is None:
+        raise ValueError(
+            "`pruning_method='vispruner'` prunes before the LLM and needs `pre_llm_keep_count` (the number "
+            "of visual tokens to keep, e.g. 64)."
+        )
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(
+            f"`pruning_method='vispruner'` needs one vision feature layer, but `vision_feature_layer` is "
+            f"{config.vision_feature_layer!r}."
+        )
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            "`pruning_method='vispruner'` ranks the patch tokens by the [CLS] token's attention and needs "
+            f"`vision_feature_select_strategy='default'`, got {config.vision_feature_select_strategy!r}."
+        )
+
+
+PRUNING_METHODS: dict = {}
+
+
+def register_pruning_method(method: PruningMethod, overwrite: bool = False) -> PruningMethod:
+    """Make `method.name` a valid `pruning_method` (the modeling file registers its selector with it)."""
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"`method` must be a `PruningMethod`, got {type(method).__name__}.")
+    if method.name in PRUNING_METHODS and not overwrite and PRUNING_METHODS[method.name] != method:
+        raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
+    PRUNING_METHODS[method.name] = method
+    return method
+
+
+for _method in (
+    PruningMethod("none", in_decoder=False, default_repair_layers=DEFAULT_REPAIR_LAYERS),  # the stock forward
+    PruningMethod("rcp", plugins=True, default_repair_layers=DEFAULT_REPAIR_LAYERS),
+    PruningMethod("vispruner", in_decoder=False, pre_llm=True, check=_check_vispruner),
+    PruningMethod("fastv", default_pruning_layers=(2,), max_pruning_layers=1),
+    PruningMethod("random", pre_llm=True),
+    PruningMethod("attention_topk"),
+):
+    register_pruning_method(_method)
 
 PRUNING_FIELDS = (
     "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
     "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size",
     "repair_bottleneck_size", "pruning_seed", "pre_llm_keep_count", "vispruner_important_ratio", "fastv_query",
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The config
+# ------------------------------------------------------------------------------------------------
 
 
 class RcpLlavaConfig(LlavaConfig):
@@ -40,7 +128,7 @@ class RcpLlavaConfig(LlavaConfig):
             ones, `pre_llm_keep_count` tokens), `"fastv"` (before layer K = the single pruning layer: the tokens
             the last prompt token attends to most at layer K-1), `"random"` (a seeded uniform subset, before the
             LLM or at `pruning_layers`) or `"attention_topk"` (at each pruning layer, the top tokens by the LLM's
-            own question->visual attention, Eq. 4's prior alone).
+            own question->visual attention, Eq. 4's prior alone). Any name in `PRUNING_METHODS`.
         pruning_layers (`list[int]`, *optional*):
             Decoder layers *before* whose self-attention a pruner runs (0-based, strictly increasing, never 0:
             pruning before the LLM is `pre_llm_keep_count`). Defaults to the paper's `[2, 14, 26]`; to `[]` for
@@ -55,7 +143,8 @@ class RcpLlavaConfig(LlavaConfig):
             Probability of dropping a pruning query's contribution during training.
         gumbel_temperature (`float`, *optional*, defaults to 1.0):
             Temperature tau of the Gumbel-Sigmoid mask (Eq. 6). Inference thresholds the logits at 0 (Eq. 8), so
-            it only matters for training.
+            it only matters for training; a trainer anneals its own copy and passes it to `forward`
+            (`gumbel_temperature=`), so this field stays what the user chose.
         visual_token_budget (`float`, *optional*):
             Target average number of visual tokens per decoder layer (the paper's "64 tokens"); used by the
             training sparsity loss and reported by the evaluation. `None` = no target.
@@ -98,29 +187,21 @@ class RcpLlavaConfig(LlavaConfig):
     pruning_seed: int = 0
     pre_llm_keep_count: int | None = None
     vispruner_important_ratio: float = 0.5
-    fastv_query: str = "last"
+    fastv_query: FastvQuery = "last"
 
     def __post_init__(self, **kwargs):
         # A stock llava config.json carries `"model_type": "llava"`; keeping it as an instance attribute would
         # save this config as a stock LLaVA one (transformers-notes trap 6).
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
-        if self.pruning_layers is None:
-            if self.pruning_method == "vispruner" or (
-                self.pruning_method == "random" and self.pre_llm_keep_count is not None
-            ):
-                self.pruning_layers = []
-            elif self.pruning_method == "fastv":
-                self.pruning_layers = [2]
-            else:
-                self.pruning_layers = list(DEFAULT_PRUNING_LAYERS)
-        if self.repair_layers is None:
-            self.repair_layers = [] if self.pruning_method in BASELINE_METHODS else list(DEFAULT_REPAIR_LAYERS)
-        self.pruning_layers = _as_int_list(self.pruning_layers, "pruning_layers")
-        self.repair_layers = _as_int_list(self.repair_layers, "repair_layers")
-        if self.pruning_keep_counts is not None:
-            self.pruning_keep_counts = _as_int_list(self.pruning_keep_counts, "pruning_keep_counts")
-        self._validate_pruning_fields()
+        method = PRUNING_METHODS.get(self.pruning_method)
+        if method is not None:  # an unknown name is reported by the validators below
+            if self.pruning_layers is None:
+                pre_only = not method.in_decoder or (method.pre_llm and self.pre_llm_keep_count is not None)
+                self.pruning_layers = [] if pre_only else list(method.default_pruning_layers)
+            if self.repair_layers is None:
+                self.repair_layers = list(method.default_repair_layers)
+        self.validate_pruning()
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -132,15 +213,184 @@ class RcpLlavaConfig(LlavaConfig):
                 config_dict[name] = kwargs.pop(name)
         return super().from_dict(config_dict, **kwargs)
 
+    def validate(self):
+        """transformers' `@strict` validators (also run by `save_pretrained`), then the pruning fields'."""
+        super().validate()
+        self.validate_pruning()
+
     def validate_pruning(self):
-        """Re-check the pruning fields (the model calls this, so fields edited after construction are checked)."""
-        self._validate_pruning_fields()
+        """Check every pruning field; raises ValueError/TypeError naming the field and the fix.
+
+        Runs on construction, on save and before every forward (fields edited after construction are checked
+        before they are used). Lists given as tuples are normalised to lists.
+        """
+        for check in (
+            self._validate_method, self._validate_layers, self._validate_plugin_sizes, self._validate_training,
+            self._validate_budget, self._validate_pre_llm, self._validate_method_rules, self._validate_keep_counts,
+        ):
+            check()
+
+    @property
+    def pruning_spec(self) -> PruningMethod:
+        """The registered `PruningMethod` of `pruning_method`."""
+        self._validate_method()
+        return PRUNING_METHODS[self.pruning_method]
+
+    # -- validators (in the order they run; the first problem found is reported) ---------------------
+
+    def _validate_method(self):
+        if self.pruning_method not in PRUNING_METHODS:
+            raise ValueError(
+                f"`pruning_method` is {self.pruning_method!r}, but it must be one of {list(PRUNING_METHODS)}."
+            )
+
+    def _validate_layers(self):
+        num_layers = self.text_config.num_hidden_layers
+        self.pruning_layers = layers = _as_int_list(self.pruning_layers, "pruning_layers")
+        self.repair_layers = repair = _as_int_list(self.repair_layers, "repair_layers")
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"`pruning_layers` contains {bad}, but the text model has {num_layers} layers; use indices in "
+                f"[1, {num_layers})."
+            )
+        if 0 in layers:
+            raise ValueError(
+                "`pruning_layers` contains 0, but pruning before layer 0 is not supported: `generate` reads the "
+                "prompt length from layer 0's cache. Use a layer index >= 1."
+            )
+        if layers != sorted(set(layers)):
+            raise ValueError(f"`pruning_layers` must be strictly increasing, got {layers}.")
+        if self.pruning_spec.plugins and not layers:
+            raise ValueError(
+                f"`pruning_layers` is empty; `pruning_method={self.pruning_method!r}` needs at least one pruning "
+                "layer."
+            )
+        bad = [i for i in repair if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"`repair_layers` contains {bad}, but the text model has {num_layers} layers; use indices in "
+                f"[0, {num_layers})."
+            )
+        if repair != sorted(set(repair)):
+            raise ValueError(f"`repair_layers` must be strictly increasing, got {repair}.")
+        if layers and repair and repair[0] < layers[0]:
+            raise ValueError(
+                f"`repair_layers` starts at {repair[0]}, before the first pruning layer {layers[0]}: "
+                "a repair adapter needs a preceding pruner. Move it to a layer >= the first pruning layer."
+            )
+
+    def _validate_plugin_sizes(self):
+        for name in ("num_pruning_queries", "pruner_hidden_size", "repair_bottleneck_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if isinstance(self.pruning_seed, bool) or not isinstance(self.pruning_seed, int):
+            raise TypeError(f"`pruning_seed` must be an int, got {self.pruning_seed!r}.")
+
+    def _validate_training(self):
+        if not (_is_number(self.query_dropout) and 0.0 <= self.query_dropout < 1.0):
+            raise ValueError(f"`query_dropout` must be a float in [0, 1), got {self.query_dropout!r}.")
+        if not (_is_number(self.gumbel_temperature) and 0 < self.gumbel_temperature < math.inf):
+            raise ValueError(f"`gumbel_temperature` must be a positive float, got {self.gumbel_temperature!r}.")
+
+    def _validate_budget(self):
+        n = self.num_visual_tokens
+        budget = self.visual_token_budget
+        if budget is not None and not (_is_number(budget) and 0 < budget <= n):
+            raise ValueError(
+                f"`visual_token_budget` is {budget!r}, but it must be a number in (0, {n}] (the image has {n} "
+                "visual tokens), or None."
+            )
+
+    def _validate_pre_llm(self):
+        n = self.num_visual_tokens
+        pre, method = self.pre_llm_keep_count, self.pruning_spec
+        if pre is not None:
+            if isinstance(pre, bool) or not isinstance(pre, int):
+                raise TypeError(f"`pre_llm_keep_count` must be an int or None, got {pre!r}.")
+            if not method.pre_llm:
+                pre_methods = [name for name, m in PRUNING_METHODS.items() if m.pre_llm]
+                raise ValueError(
+                    f"`pre_llm_keep_count` is {pre}, but `pruning_method={method.name!r}` does not prune before the "
+                    f"LLM; only {pre_methods} do. Set it to None."
+                )
+            if not 0 <= pre <= n:
+                raise ValueError(
+                    f"`pre_llm_keep_count` is {pre}, but it must be in [0, {n}] (the image has {n} visual tokens)."
+                )
+        ratio = self.vispruner_important_ratio
+        if not (_is_number(ratio) and 0.0 <= ratio <= 1.0):
+            raise ValueError(f"`vispruner_important_ratio` must be a number in [0, 1], got {ratio!r}.")
+        if self.fastv_query not in FASTV_QUERIES:
+            raise ValueError(f"`fastv_query` is {self.fastv_query!r}, but it must be one of {list(FASTV_QUERIES)}.")
+
+    def _validate_method_rules(self):
+        """Where the method prunes and how many tokens it keeps ("none" and plug-in methods: nothing to check)."""
+        method, layers, pre = self.pruning_spec, self.pruning_layers, self.pre_llm_keep_count
+        if method.check is not None:
+            method.check(self)
+        if method.plugins or not method.prunes:
+            return
+        name = method.name
+        if layers and not method.in_decoder:
+            raise ValueError(
+                f"`pruning_layers` is {layers}, but `pruning_method={name!r}` prunes only before the LLM; "
+                "set `pruning_layers=[]`."
+            )
+        if method.in_decoder and method.pre_llm:
+            if pre is not None and layers:
+                raise ValueError(
+                    f"`pruning_method={name!r}` prunes either before the LLM (`pre_llm_keep_count`) or at "
+                    f"`pruning_layers`, not both: got `pre_llm_keep_count={pre}` and `pruning_layers={layers}`."
+                )
+            if pre is None and not layers:
+                raise ValueError(
+                    f"`pruning_method={name!r}` needs `pre_llm_keep_count` (prune before the LLM) or "
+                    "`pruning_layers` with `pruning_keep_counts`."
+                )
+        elif method.in_decoder and not layers:
+            raise ValueError(f"`pruning_layers` is empty; `pruning_method={name!r}` needs a pruning layer.")
+        if method.max_pruning_layers is not None and len(layers) > method.max_pruning_layers:
+            raise ValueError(
+                f"`pruning_method={name!r}` prunes once, before layer K, using layer K-1's attention: "
+                f"`pruning_layers` must hold one layer, got {layers}."
+                if method.max_pruning_layers == 1 else
+                f"`pruning_method={name!r}` takes at most {method.max_pruning_layers} pruning layers, got {layers}."
+            )
+        if layers and self.pruning_keep_counts is None:
+            raise ValueError(
+                f"`pruning_keep_counts` is None, but `pruning_method={name!r}` keeps a fixed number of tokens: "
+                "give one count per pruning layer."
+            )
+
+    def _validate_keep_counts(self):
+        if self.pruning_keep_counts is None:
+            return
+        n, layers = self.num_visual_tokens, self.pruning_layers
+        self.pruning_keep_counts = counts = _as_int_list(self.pruning_keep_counts, "pruning_keep_counts")
+        if len(counts) != len(layers):
+            raise ValueError(
+                f"`pruning_keep_counts` has {len(counts)} entries but `pruning_layers` has {len(layers)}; "
+                "give one count per pruning layer."
+            )
+        if any(c < 0 for c in counts):
+            raise ValueError(f"`pruning_keep_counts` must be >= 0, got {counts}.")
+        if any(c > n for c in counts):
+            raise ValueError(
+                f"`pruning_keep_counts` {counts} asks to keep more than the {n} visual tokens of an image; "
+                f"use counts <= {n}."
+            )
+        if any(b > a for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"`pruning_keep_counts` must be non-increasing (masks are cumulative), got {counts}.")
+
+    # -- derived quantities -------------------------------------------------------------------------
 
     @property
     def pruning_points(self) -> list[int]:
         """Where tokens are dropped: decoder layer indices, 0 meaning "before the LLM" (`pre_llm_keep_count`).
         `last_pruning_info` has one entry per point."""
-        pre = [0] if self.pre_llm_keep_count is not None and self.pruning_method in PRE_LLM_METHODS else []
+        pre = [0] if self.pre_llm_keep_count is not None and self.pruning_spec.pre_llm else []
         return pre + list(self.pruning_layers)
 
     @property
@@ -158,160 +408,31 @@ class RcpLlavaConfig(LlavaConfig):
         n = (vision.image_size // vision.patch_size) ** 2
         return n + 1 if self.vision_feature_select_strategy == "full" else n
 
-    def _validate_pruning_fields(self):
-        if self.pruning_method not in PRUNING_METHODS:
-            raise ValueError(
-                f"`pruning_method` is {self.pruning_method!r}, but it must be one of {list(PRUNING_METHODS)}."
-            )
-        num_layers = self.text_config.num_hidden_layers
-        layers = self.pruning_layers
-        bad = [i for i in layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"`pruning_layers` contains {bad}, but the text model has {num_layers} layers; use indices in "
-                f"[1, {num_layers})."
-            )
-        if 0 in layers:
-            raise ValueError(
-                "`pruning_layers` contains 0, but pruning before layer 0 is not supported: `generate` reads the "
-                "prompt length from layer 0's cache. Use a layer index >= 1."
-            )
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"`pruning_layers` must be strictly increasing, got {layers}.")
-        if self.pruning_method == "rcp" and not layers:
-            raise ValueError("`pruning_layers` is empty; `pruning_method='rcp'` needs at least one pruning layer.")
-        bad = [i for i in self.repair_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"`repair_layers` contains {bad}, but the text model has {num_layers} layers; use indices in "
-                f"[0, {num_layers})."
-            )
-        if list(self.repair_layers) != sorted(set(self.repair_layers)):
-            raise ValueError(f"`repair_layers` must be strictly increasing, got {self.repair_layers}.")
-        if layers and self.repair_layers and self.repair_layers[0] < layers[0]:
-            raise ValueError(
-                f"`repair_layers` starts at {self.repair_layers[0]}, before the first pruning layer {layers[0]}: "
-                "a repair adapter needs a preceding pruner. Move it to a layer >= the first pruning layer."
-            )
-        _check_positive_int(self.num_pruning_queries, "num_pruning_queries")
-        _check_positive_int(self.pruner_hidden_size, "pruner_hidden_size")
-        _check_positive_int(self.repair_bottleneck_size, "repair_bottleneck_size")
-        if isinstance(self.pruning_seed, bool) or not isinstance(self.pruning_seed, int):
-            raise TypeError(f"`pruning_seed` must be an int, got {self.pruning_seed!r}.")
-        if not (isinstance(self.query_dropout, (int, float)) and 0.0 <= self.query_dropout < 1.0):
-            raise ValueError(f"`query_dropout` must be a float in [0, 1), got {self.query_dropout!r}.")
-        if not (isinstance(self.gumbel_temperature, (int, float)) and self.gumbel_temperature > 0):
-            raise ValueError(f"`gumbel_temperature` must be a positive float, got {self.gumbel_temperature!r}.")
-        n = self.num_visual_tokens
-        if self.visual_token_budget is not None:
-            budget = self.visual_token_budget
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= n:
-                raise ValueError(
-                    f"`visual_token_budget` is {budget!r}, but it must be a number in (0, {n}] (the image has {n} "
-                    "visual tokens), or None."
-                )
-        self._validate_baseline_fields(n)
-        counts = self.pruning_keep_counts
-        if counts is not None:
-            if len(counts) != len(layers):
-                raise ValueError(
-                    f"`pruning_keep_counts` has {len(counts)} entries but `pruning_layers` has {len(layers)}; "
-                    "give one count per pruning layer."
-                )
-            if any(c < 0 for c in counts):
-                raise ValueError(f"`pruning_keep_counts` must be >= 0, got {counts}.")
-            if any(c > n for c in counts):
-                raise ValueError(
-                    f"`pruning_keep_counts` {counts} asks to keep more than the {n} visual tokens of an image; "
-                    f"use counts <= {n}."
-                )
-            if any(b > a for a, b in zip(counts, counts[1:])):
-                raise ValueError(
-                    f"`pruning_keep_counts` must be non-increasing (masks are cumulative), got {counts}."
-                )
-
-    def _validate_baseline_fields(self, n):
-        method = self.pruning_method
-        layers = self.pruning_layers
-        pre = self.pre_llm_keep_count
-        if pre is not None:
-            if isinstance(pre, bool) or not isinstance(pre, int):
-                raise TypeError(f"`pre_llm_keep_count` must be an int or None, got {pre!r}.")
-            if method not in PRE_LLM_METHODS:
-                raise ValueError(
-                    f"`pre_llm_keep_count` is {pre}, but `pruning_method={method!r}` does not prune before the LLM; "
-                    f"only {list(PRE_LLM_METHODS)} do. Set it to None."
-                )
-            if not 0 <= pre <= n:
-                raise ValueError(
-                    f"`pre_llm_keep_count` is {pre}, but it must be in [0, {n}] (the image has {n} visual tokens)."
-                )
-        ratio = self.vispruner_important_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"`vispruner_important_ratio` must be a number in [0, 1], got {ratio!r}.")
-        if self.fastv_query not in FASTV_QUERIES:
-            raise ValueError(f"`fastv_query` is {self.fastv_query!r}, but it must be one of {list(FASTV_QUERIES)}.")
-        if method not in BASELINE_METHODS:
-            return
-        if method == "vispruner":
-            if pre is None:
-                raise ValueError(
-                    "`pruning_method='vispruner'` prunes before the LLM and needs `pre_llm_keep_count` (the number "
-                    "of visual tokens to keep, e.g. 64)."
-                )
-            if layers:
-                raise ValueError(
-                    f"`pruning_layers` is {layers}, but `pruning_method='vispruner'` prunes only before the LLM; "
-                    "set `pruning_layers=[]`."
-                )
-            if not isinstance(self.vision_feature_layer, int):
-                raise ValueError(
-                    f"`pruning_method='vispruner'` needs one vision feature layer, but `vision_feature_layer` is "
-                    f"{self.vision_feature_layer!r}."
-                )
-            if self.vision_feature_select_strategy != "default":
-                raise ValueError(
-                    "`pruning_method='vispruner'` ranks the patch tokens by the [CLS] token's attention and needs "
-                    f"`vision_feature_select_strategy='default'`, got {self.vision_feature_select_strategy!r}."
-                )
-        elif method == "random":
-            if pre is not None and layers:
-                raise ValueError(
-                    f"`pruning_method='random'` prunes either before the LLM (`pre_llm_keep_count`) or at "
-                    f"`pruning_layers`, not both: got `pre_llm_keep_count={pre}` and `pruning_layers={layers}`."
-                )
-            if pre is None and not layers:
-                raise ValueError(
-                    "`pruning_method='random'` needs `pre_llm_keep_count` (prune before the LLM) or `pruning_layers` "
-                    "with `pruning_keep_counts`."
-                )
-        elif not layers:
-            raise ValueError(f"`pruning_layers` is empty; `pruning_method={method!r}` needs a pruning layer.")
-        if method == "fastv" and len(layers) != 1:
-            raise ValueError(
-                f"`pruning_method='fastv'` prunes once, before layer K, using layer K-1's attention: "
-                f"`pruning_layers` must hold one layer, got {layers}."
-            )
-        if layers and self.pruning_keep_counts is None:
-            raise ValueError(
-                f"`pruning_keep_counts` is None, but `pruning_method={method!r}` keeps a fixed number of tokens: "
-                "give one count per pruning layer."
-            )
-
-    def pruned_average_tokens(self) -> float | None:
-        """Average visual tokens per decoder layer implied by the keep counts (None in adaptive mode)."""
+    def tokens_per_layer(self) -> list[int] | None:
+        """Visual tokens each decoder layer processes under this config's fixed counts (all N for "none"; None for
+        RCP's adaptive threshold, which keeps a number that depends on the input)."""
+        num_layers, n = self.text_config.num_hidden_layers, self.num_visual_tokens
+        if not self.pruning_spec.prunes:
+            return [n] * num_layers
         counts = self.point_keep_counts
         if counts is None:
             return None
-        per_layer = visual_tokens_per_layer(
-            self.text_config.num_hidden_layers, self.num_visual_tokens, self.pruning_points, counts
-        )
-        return sum(per_layer) / len(per_layer)
+        return visual_tokens_per_layer(num_layers, n, self.pruning_points, counts)
+
+    def pruned_average_tokens(self) -> float | None:
+        """Average visual tokens per decoder layer implied by the keep counts (None in adaptive mode)."""
+        per_layer = self.tokens_per_layer()
+        return None if per_layer is None else sum(per_layer) / len(per_layer)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Per-layer token accounting
+# ------------------------------------------------------------------------------------------------
 
 
 def visual_tokens_per_layer(num_layers, num_visual_tokens, pruning_layers, keep_counts):
     """Visual tokens each decoder layer processes when `keep_counts[i]` survive the pruner before layer
-    `pruning_layers[i]` (masks are cumulative, so a layer inherits the last pruner's count)."""
+    `pruning_layers[i]` (masks are cumulative, so a layer inherits the last pruner's count; 0 = before the LLM)."""
     counts, current = [], num_visual_tokens
     schedule = dict(zip(pruning_layers, keep_counts))
     for layer in range(num_layers):
@@ -320,9 +441,8 @@ def visual_tokens_per_layer(num_layers, num_visual_tokens, pruning_layers, keep_
     return counts
 
 
-def keep_counts_for_fractions(num_visual_tokens, fractions):
-    """Keep counts from fractions of the visual tokens (e.g. `[1/6, 1/22, 1/70]`), rounded, at least 1."""
-    return [max(1, int(math.floor(f * num_visual_tokens + 0.5))) for f in fractions]
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _as_int_list(value, name):
@@ -334,9 +454,4 @@ def _as_int_list(value, name):
     return out
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-
-
-__all__ = ["RcpLlavaConfig"]
+__all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "register_pruning_method"]

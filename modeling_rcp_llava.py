@@ -1,12 +1,22 @@
 """RCP-LLaVA: a LLaVA model that drops visual tokens inside its decoder.
 
-Reading order (RCP.md):
-  1. the plug-ins: `RcpPruner` (residual cross-attention pruner, Eqs. 1-8) and `RcpRepairAdapter`
-     (delayed repair adapter, Eqs. 9-15);
-  2. the decoder loop, `RcpLlavaModel.forward`: it runs the stock Llama layers itself so that, at each
-     pruning layer, the dropped visual tokens are *physically* removed: later layers compute on, and
-     cache keys/values for, the kept tokens only, at their original RoPE positions;
-  3. the model class, `RcpLlavaForConditionalGeneration`, a drop-in `LlavaForConditionalGeneration`.
+Reading order (RCP.md), each idea in one place:
+  1. Plug-ins: `RcpPruner` (residual cross-attention pruner, Eqs. 1-8) and `RcpRepairAdapter` (delayed repair
+     adapter, Eqs. 9-15).
+  2. Tensor helpers: the soft key-mask attention of the training layout, the question->visual attention prior
+     (Eq. 4) recomputed from q/k projections, slot gathering and compaction, top-k.
+  3. Token selectors: one small class per pruning method (`RcpSelector`, `AttentionTopkSelector`, `FastvSelector`,
+     `RandomSelector`, `VisPrunerSelector`) behind `TokenSelector`, in one registry (`register_pruning_method`). A
+     new method is one selector class, one `register_pruning_method` call and, if it needs any, its config fields.
+  4. `PrunedPrefill`: the state of one pruned prefill (which original token sits in which slot, the cumulative keep
+     masks, the repair contexts); it asks the selector which tokens survive, then drops the others physically
+     ("discard" layout) or by a differentiable key mask ("mask" layout, training).
+  5. What a forward returns and what decoding needs: `RcpPruningInfo`, `RcpDecodeState` on `RcpDynamicCache`, the
+     output dataclasses.
+  6. The models: `RcpLlavaModel.forward` runs the stock Llama layers itself (`_prefill_loop` when an image is
+     pruned, `_decode_loop` otherwise), so later layers compute on, and cache keys/values for, the kept tokens only,
+     at their original RoPE positions; `RcpLlavaForConditionalGeneration` is a drop-in
+     `LlavaForConditionalGeneration` with plug-in checkpoint I/O (`save_plugins`, `load_plugins`, `from_base`).
 
 Backbone weight names are those of llava-hf; every plug-in parameter lives under the prefix
 `model.rcp_plugins.` (see `PLUGIN_PREFIX`), so a state dict filters into a plug-in-only checkpoint by name.
@@ -16,7 +26,12 @@ sibling `configuration_rcp_llava.py`.
 """
 
 import contextlib
+import json
 import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,23 +40,56 @@ from torch import nn
 from transformers import (
     AttentionInterface,
     DynamicCache,
+    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaPreTrainedModel,
 )
+from transformers import __version__ as transformers_version
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput, logging
 
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
-    from .configuration_rcp_llava import RcpLlavaConfig
+    from .configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
+    from .configuration_rcp_llava import register_pruning_method as _register_method_spec
 except ImportError:  # ... or as an installed top-level module
-    from configuration_rcp_llava import RcpLlavaConfig
+    from configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
+    from configuration_rcp_llava import register_pruning_method as _register_method_spec
+
+try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
+    # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
+    from safetensors.torch import load_file as _load_safetensors
+    from safetensors.torch import save_file as _save_safetensors
+except ImportError:  # pragma: no cover
+    _load_safetensors = _save_safetensors = None
 
 
 logger = logging.get_logger(__name__)
 
 PLUGIN_PREFIX = "model.rcp_plugins."
+RCP_LLAVA_VERSION = "0.1.0"
+# A plug-in-only checkpoint (PEFT-style): these two files, nothing else.
+RCP_CONFIG_NAME = "rcp_config.json"
+RCP_PLUGINS_NAME = "rcp_plugins.safetensors"
+RCP_PLUGINS_FORMAT = "rcp_plugins"
+# What `save_pretrained` writes into config.json: the classes each Auto class resolves to with
+# `trust_remote_code=True`. AutoModel gives the bare decoder (last_hidden_state), the other two the LM.
+RCP_AUTO_MAP = {
+    "AutoConfig": "configuration_rcp_llava.RcpLlavaConfig",
+    "AutoModel": "modeling_rcp_llava.RcpLlavaModel",
+    "AutoModelForCausalLM": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
+}
+# Keys of rcp_config.json besides the pruning fields of the config.
+_PLUGIN_META_KEYS = (
+    "format", "base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens",
+    "library_version", "transformers_version",
+)
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# Forward kwargs the model consumes itself: they never reach the decoder layers.
+_MODEL_ONLY_KWARGS = ("output_attentions", "return_dict", "mm_encoder_outputs")
 
 
 def _register_llava_checkpoint_layout():
@@ -185,7 +233,7 @@ class RcpPlugins(nn.Module):
     def __init__(self, config):
         super().__init__()
         text = config.text_config
-        use_pruners = config.pruning_method == "rcp"
+        use_pruners = config.pruning_spec.plugins
         self.pruners = nn.ModuleDict(
             {
                 str(layer): RcpPruner(
@@ -224,7 +272,7 @@ def grid_positional_encoding(num_tokens, dim, device=None, dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. The decoder loop
+# 2. Tensor helpers
 # ------------------------------------------------------------------------------------------------
 
 
@@ -233,14 +281,18 @@ SOFT_KEY_MASK_ATTENTION = "rcp_soft_key_mask"
 
 def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             rcp_key_keep=None, **kwargs):
-    """Attention with a multiplicative, differentiable 0/1 weight per key (training, mask mode).
+    """Attention with a multiplicative, differentiable 0/1 weight per key (training, mask layout).
 
     out_i = sum_j w_ij M_j v_j / sum_j w_ij M_j with w = softmax over the allowed keys: for M in {0, 1} this
     is exactly attention over the kept keys (physical discard), while dL/dM_j exists even for a dropped
-    token. Computed with one sdpa call on values augmented by the weight channel M.
+    token. Computed with one sdpa call on values augmented by the weight channel M. Without a key weight
+    (`rcp_key_keep=None`: the layers before the first pruner) it is plain sdpa.
 
     query: (B, H, L, hd); key/value: (B, Hkv, S, hd); rcp_key_keep: (B, S) -> ((B, L, H, hd), None)
     """
+    if rcp_key_keep is None:
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                            dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
@@ -258,13 +310,13 @@ AttentionInterface.register(SOFT_KEY_MASK_ATTENTION, soft_key_mask_attention)
 
 @contextlib.contextmanager
 def _attention_implementation(config, name):
+    """Run the decoder layers with the attention function `name` (one switch per training forward)."""
     old = config._attn_implementation
     config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = old
-
 
 
 def _rotate_half(x):
@@ -339,7 +391,201 @@ def _gather_seq(x, src):
     return torch.gather(x, 1, index)
 
 
-# -- training-free baselines: VisPruner, FastV, random, attention top-k ------------------------------
+def _centred_log(a, valid):
+    """Eq. (4)'s prior A: log a, centred over the valid (alive) tokens of each row."""
+    log_a = torch.log(a.clamp_min(1e-30))
+    alive = valid.to(log_a.dtype)
+    return log_a - ((log_a * alive).sum(1, keepdim=True) / alive.sum(1, keepdim=True).clamp_min(1.0))
+
+
+def _top_k_mask(scores, valid, k):
+    """(B, K) mask of the k highest valid scores per row; ties keep the lower index (stable)."""
+    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < k) & valid
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Token selectors: one class per pruning method
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionContext:
+    """Everything a selector may read at one pruning point. K = the visual tokens still alive (padded per row).
+
+    point: index of the pruning point (0 = the pre-LLM point when the method prunes there)
+    layer_idx / layer: the decoder layer the tokens are pruned before (0 and layer 0 before the LLM)
+    hidden: (B, T', d) input of that layer; position_embeddings: its (cos, sin), each (B, T', hd)
+    slots: (B, K) slot of each alive visual token in `hidden`; valid: (B, K); ids: (B, K) raster index 0..N-1
+    keep_count: tokens to keep at this point (None: the method's own rule, e.g. RCP's adaptive threshold)
+    prefill: the `PrunedPrefill` (question slots, alive keys, the previous layers' state)
+    """
+
+    point: int
+    layer_idx: int
+    layer: nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple
+    slots: torch.Tensor
+    valid: torch.Tensor
+    ids: torch.Tensor
+    keep_count: int | None
+    prefill: "PrunedPrefill"
+
+    def question_slots(self):
+        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots."""
+        return _first_slots(self.prefill.slot_question())
+
+    def visual_attention(self, layer, hidden_norm, q_slots, q_valid):
+        """Attention (B, K) the query rows `q_slots` pay to the alive visual tokens in `layer` (whose normalised
+        input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
+        cos, sin = self.position_embeddings
+        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, self.prefill.key_alive(), q_slots)
+        to_visual = probs.gather(3, self.slots.view(self.slots.shape[0], 1, 1, -1).expand(
+            -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
+        qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
+        return (to_visual * qw).sum(2).mean(1) / qw.sum(2).mean(1).clamp_min(1.0)  # (B, K)
+
+    def question_prior(self, hidden_norm):
+        """Eq. (4)'s prior A (B, K): the centred log of the question's attention to the alive visual tokens."""
+        q_slots, q_valid = self.question_slots()
+        return _centred_log(self.visual_attention(self.layer, hidden_norm, q_slots, q_valid), self.valid)
+
+
+class TokenSelector:
+    """Decides which visual tokens survive each pruning point of one pruned prefill.
+
+    Subclasses set `method` (the `PruningMethod` the config validates against) and implement `scores` (higher =
+    kept, top-k at the point's keep count) or override `keep`. A selector is built per pruned prefill, so it may
+    hold per-prefill state. Register it with `register_pruning_method(MySelector)`.
+    """
+
+    method: PruningMethod = None
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+
+    # hooks, called in this order
+    def vision_hidden_states(self, feature_layer: int) -> list[int]:
+        """Indices of extra vision-tower hidden states this method reads (besides the features)."""
+        return []
+
+    def observe_image_features(self, image_outputs, vision_feature_layer, vision_feature_select_strategy):
+        """Called once with the vision tower's outputs, before the LLM (only when `pixel_values` are given)."""
+
+    def start(self, prefill):
+        """Called once the prefill knows its rows (`prefill.has_image`), before the first pruning point."""
+
+    def observe_layer_input(self, layer_idx, hidden):
+        """Called with the input of every decoder layer of the prefill, after its pruning point if any."""
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """(B, K) ranking of the alive visual tokens; the top `ctx.keep_count` survive."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `scores` or `keep`.")
+
+    def keep(self, ctx: SelectionContext) -> torch.Tensor:
+        """(B, K) bool: which alive visual tokens survive this point."""
+        return _top_k_mask(self.scores(ctx), ctx.valid, ctx.keep_count)
+
+
+SELECTORS: dict = {}
+
+
+def register_pruning_method(selector_cls, overwrite=False):
+    """Register a `TokenSelector` subclass under `selector_cls.method.name`: the config then accepts that
+    `pruning_method` and the model prunes with the selector. Usable as a class decorator."""
+    if not (isinstance(selector_cls, type) and issubclass(selector_cls, TokenSelector)):
+        raise TypeError(f"`selector_cls` must be a `TokenSelector` subclass, got {selector_cls!r}.")
+    method = selector_cls.method
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"{selector_cls.__name__}.method must be a `PruningMethod`, got {method!r}.")
+    if not method.prunes:
+        raise ValueError(f"{selector_cls.__name__}.method prunes nowhere: set `in_decoder` or `pre_llm`.")
+    if method.name in SELECTORS and SELECTORS[method.name] is not selector_cls and not overwrite:
+        raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
+    _register_method_spec(method, overwrite=True)
+    SELECTORS[method.name] = selector_cls
+    return selector_cls
+
+
+@register_pruning_method
+class RcpSelector(TokenSelector):
+    """RCP: the learned pruner's retention logits (Eqs. 4-5); kept = top-k, or logits > 0 (Eq. 8) without counts."""
+
+    method = PRUNING_METHODS["rcp"]
+
+    def scores(self, ctx):
+        hidden_norm = ctx.layer.input_layernorm(ctx.hidden)  # (B, T', d)
+        prior = ctx.question_prior(hidden_norm).to(ctx.hidden.dtype)  # A, Eq. (4)
+        q_slots, q_valid = ctx.question_slots()  # (B, Lq)
+        pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
+        visual = _gather_seq(hidden_norm, ctx.slots)  # (B, K, d)
+        question = _gather_seq(hidden_norm, q_slots)  # (B, Lq, d)
+        return pruner(visual, ctx.valid, question, q_valid, prior)  # (B, K)
+
+    def keep(self, ctx):
+        logits = self.scores(ctx)
+        return logits > 0 if ctx.keep_count is None else _top_k_mask(logits, ctx.valid, ctx.keep_count)  # Eq. (8)
+
+
+@register_pruning_method
+class AttentionTopkSelector(TokenSelector):
+    """Top tokens by the LLM's own question->visual attention at the pruning layer (Eq. 4's prior alone)."""
+
+    method = PRUNING_METHODS["attention_topk"]
+
+    def scores(self, ctx):
+        return ctx.question_prior(ctx.layer.input_layernorm(ctx.hidden))
+
+
+@register_pruning_method
+class FastvSelector(TokenSelector):
+    """FastV: before layer K, the tokens most attended at layer K-1 by the last prompt token (or the question)."""
+
+    method = PRUNING_METHODS["fastv"]
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.previous_input = None  # (layer index, hidden entering it)
+
+    def observe_layer_input(self, layer_idx, hidden):
+        self.previous_input = (layer_idx, hidden)
+
+    def scores(self, ctx):
+        prev_idx, prev_hidden = self.previous_input or (None, None)
+        if prev_idx != ctx.layer_idx - 1 or prev_hidden.shape[1] != ctx.hidden.shape[1]:
+            raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
+        prev = self.model.language_model.layers[prev_idx]
+        hidden = ctx.hidden
+        if self.config.fastv_query == "last":  # rows are right-aligned: the last slot is the last prompt token
+            q_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+            q_valid = torch.ones_like(q_slots, dtype=torch.bool)
+        else:
+            q_slots, q_valid = ctx.question_slots()
+        return ctx.visual_attention(prev, prev.input_layernorm(prev_hidden), q_slots, q_valid)
+
+
+def random_point_scores(seed, num_points, num_tokens):
+    """The "random" baseline's scores (num_points, N): `torch.rand` from a CPU generator seeded with
+    `pruning_seed`; at point p a row keeps the top-k alive tokens by `scores[p]`, i.e. a uniform k-subset of them
+    that depends only on the seed (the same for every row, so batch == single)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_points, num_tokens, generator=g, dtype=torch.float64)
+
+
+@register_pruning_method
+class RandomSelector(TokenSelector):
+    """A seeded uniform subset (before the LLM or at `pruning_layers`), the same for every row."""
+
+    method = PRUNING_METHODS["random"]
+
+    def scores(self, ctx):
+        points = len(self.config.pruning_points)
+        scores = random_point_scores(self.config.pruning_seed, points, self.config.num_visual_tokens)[ctx.point]
+        return scores.to(ctx.ids.device).unsqueeze(0).expand(ctx.ids.shape[0], -1).gather(1, ctx.ids)  # (B, K)
 
 
 def vispruner_cls_attention(vision_tower, hidden_states, vision_feature_layer):
@@ -418,19 +664,326 @@ def vispruner_keep_mask(cls_attention, features, budget, important_ratio):
     return keep
 
 
-def random_point_scores(seed, num_points, num_tokens):
-    """The "random" baseline's scores (num_points, N): `torch.rand` from a CPU generator seeded with
-    `pruning_seed`; at point p a row keeps the top-k alive tokens by `scores[p]`, i.e. a uniform k-subset of them
-    that depends only on the seed (the same for every row, so batch == single)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(num_points, num_tokens, generator=g, dtype=torch.float64)
+@register_pruning_method
+class VisPrunerSelector(TokenSelector):
+    """VisPruner: before the LLM, [CLS]-attention important patches + cosine-deduplicated diverse ones."""
+
+    method = PRUNING_METHODS["vispruner"]
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.image_keep = None  # (num_images, N), from the vision tower
+        self.row_keep = None  # (B, N); rows without an image keep nothing
+
+    def vision_hidden_states(self, feature_layer):
+        # The feature layer's input too: transformers keeps only the selected hidden states.
+        feature = feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+        return sorted({feature, max(feature - 1, 0)})
+
+    def observe_image_features(self, image_outputs, vision_feature_layer, vision_feature_select_strategy):
+        if not isinstance(vision_feature_layer, int) or vision_feature_select_strategy != "default":
+            raise ValueError(
+                "`pruning_method='vispruner'` needs one int `vision_feature_layer` and "
+                f"`vision_feature_select_strategy='default'`, got {vision_feature_layer!r} and "
+                f"{vision_feature_select_strategy!r}."
+            )
+        tower = self.model.vision_tower
+        hidden_states = image_outputs.hidden_states
+        if not hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers") or \
+                hidden_states is None:
+            raise ValueError(
+                f"`pruning_method='vispruner'` needs a CLIP-style vision tower with a [CLS] token; got "
+                f"{type(tower).__name__}."
+            )
+        cls_attention = vispruner_cls_attention(tower, hidden_states, vision_feature_layer)
+        features = hidden_states[vision_feature_layer][:, 1:]  # pre-projector patch features
+        self.image_keep = vispruner_keep_mask(cls_attention, features, self.config.pre_llm_keep_count,
+                                              self.config.vispruner_important_ratio)
+
+    def start(self, prefill):
+        if self.image_keep is None:
+            raise ValueError("`pruning_method='vispruner'` selects from the vision tower: pass `pixel_values`.")
+        self.row_keep = torch.zeros_like(prefill.alive)
+        self.row_keep[prefill.has_image] = self.image_keep.to(prefill.alive.device)
+
+    def keep(self, ctx):
+        return self.row_keep.gather(1, ctx.ids) & ctx.valid
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The state of one pruned prefill
+# ------------------------------------------------------------------------------------------------
+
+
+class PrunedPrefill:
+    """One pruned prefill: which original token sits in which slot, and what was kept and dropped.
+
+    Layout: slot t of row b holds original token `slot_orig[b, t]` (-1 for padding); rows are right-aligned.
+    "discard" (inference): dropped tokens leave the sequence, so later layers compute on and cache the kept ones.
+    "mask" (`differentiable=True`, training): every token stays in place; a dropped token's weight as a key is 0
+    with straight-through gradients (Eqs. 6-7), so the student's hidden states line up with the teacher's.
+    """
+
+    def __init__(self, model, selector, hidden, key_valid, image_mask, labels, question_mask, answer_mask,
+                 visual_keep_masks, layout, gumbel_temperature, cache, use_cache):
+        config = model.config
+        self.model, self.config, self.selector = model, config, selector
+        self.differentiable = layout == "mask"
+        self.gumbel_temperature = gumbel_temperature
+        # The mask layout keeps every token, so a cache filled now could not be decoded from.
+        self.cache, self.use_cache = (None, False) if self.differentiable else (cache, use_cache)
+        # Pruning points: decoder layers before which tokens are dropped; 0 = before the LLM (pre-LLM methods).
+        self.points = list(config.pruning_points)
+        self.keep_counts = config.point_keep_counts
+        self.prefill_length = hidden.shape[1]  # layer 0's cache length after this prefill
+        bsz, seq, _ = hidden.shape
+        device = hidden.device
+        n = config.num_visual_tokens
+        per_row = image_mask.sum(1)
+        bad = [int(c) for c in per_row if int(c) not in (0, n)]
+        if bad:
+            raise ValueError(
+                f"Pruning needs one image of {n} visual tokens per prompt, but a row holds {bad[0]} image tokens. "
+                "Pass one image per prompt (or run with `pruning_method='none'`)."
+            )
+        self.has_image = per_row == n  # (B,)
+        self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
+        positions = torch.arange(seq, device=device).unsqueeze(0)
+        self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
+        self.answer_mask = self._default_answer_mask(answer_mask, key_valid, labels) & self.has_image.unsqueeze(1)
+        self.forced = self._check_forced(visual_keep_masks, bsz, n)
+
+        self.slot_orig = positions.expand(bsz, -1)  # (B, T)
+        self.slot_valid = key_valid  # (B, T)
+        self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
+        self.keep_history = []  # per pruning point, (B, N) bool
+        self.context_masks = []  # per pruning point, (B, N) float: the cumulative mask M the adapters read
+        self.dropped_means = []  # per pruning point, (B, d)
+        self.retention = []  # per decoder layer, (B,) visual tokens alive / N (differentiable in mask layout)
+        # Mask layout: `key_keep` (B, T) is each key's 0/1 weight in attention, and `soft_alive` (B, N) the
+        # cumulative mask M with straight-through gradients.
+        self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if self.differentiable else None
+        self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if self.differentiable else None
+        self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
+        self.repair_contexts = {}  # repair layer -> (B, b)
+        selector.start(self)
+
+    def _default_question_mask(self, question_mask, image_mask, key_valid, labels, positions):
+        """The question tokens the pruners condition on: default, the text after the image (label -100)."""
+        if question_mask is not None:
+            return question_mask.bool()
+        seq = image_mask.shape[1]
+        last_image = torch.where(image_mask, positions, -1).max(1).values  # (B,)
+        question_mask = (positions > last_image.unsqueeze(1)) & key_valid & self.has_image.unsqueeze(1)
+        if labels is not None:
+            question_mask &= labels == -100
+        # A prompt that ends on its image: condition on its last token.
+        empty = ~question_mask.any(1) & self.has_image
+        question_mask[empty, seq - 1] = True
+        return question_mask
+
+    @staticmethod
+    def _default_answer_mask(answer_mask, key_valid, labels):
+        """Where the repair adapters act: default, positions that predict an answer token, else the last one."""
+        if answer_mask is not None:
+            return answer_mask.bool()
+        answer_mask = torch.zeros_like(key_valid)
+        if labels is not None:
+            answer_mask[:, :-1] = labels[:, 1:] != -100
+        else:
+            answer_mask[:, -1] = True
+        return answer_mask
+
+    def _check_forced(self, visual_keep_masks, bsz, n):
+        if visual_keep_masks is None:
+            return None
+        expected = (bsz, len(self.points), n)
+        if tuple(visual_keep_masks.shape) != expected:
+            raise ValueError(
+                f"`visual_keep_masks` has shape {tuple(visual_keep_masks.shape)}, expected {expected} "
+                "(batch, num_pruning_layers, num_visual_tokens)."
+            )
+        return visual_keep_masks.bool()
+
+    # -- slots --------------------------------------------------------------------------------------
+
+    def slot_question(self):
+        """(B, T') question tokens among the current slots."""
+        return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
+
+    def key_alive(self):
+        """(B, T') keys a query may attend to: valid slots, minus the tokens dropped in the mask layout."""
+        if not self.differentiable:
+            return self.slot_valid
+        return self.slot_valid & (self.key_keep > 0)
+
+    def record_retention(self):
+        n = self.config.num_visual_tokens
+        if self.differentiable:
+            self.retention.append(self.soft_alive.sum(1) / n)
+        else:
+            self.retention.append(self.alive.sum(1).to(torch.float32) / n)
+
+    def layer_kwargs(self):
+        """Extra kwargs for a decoder layer: the differentiable key weights in the mask layout."""
+        if self.differentiable and self.keep_history:
+            return {"rcp_key_keep": self.key_keep}
+        return {}
+
+    def attention(self, lm_config):
+        """The mask layout runs its layers with the soft key-mask attention (sdpa where no key is masked yet)."""
+        if self.differentiable:
+            return _attention_implementation(lm_config, SOFT_KEY_MASK_ATTENTION)
+        return contextlib.nullcontext()
+
+    # -- pruning ------------------------------------------------------------------------------------
+
+    def _context(self, layer_idx, layer, hidden, position_embeddings, slots, valid, ids):
+        p = self.points.index(layer_idx)
+        count = self.keep_counts[p] if self.keep_counts is not None else None
+        return SelectionContext(p, layer_idx, layer, hidden, position_embeddings, slots, valid, ids, count, self)
+
+    def prune(self, layer_idx, layer, hidden, position_embeddings, mask):
+        """Decide the kept visual tokens before `layer`, then drop the others (physically, or by mask).
+        Returns the layer's (hidden, position_embeddings, attention mask)."""
+        if self.differentiable:
+            return self._prune_mask(layer_idx, layer, hidden, position_embeddings, mask)
+        slot_vis = torch.where(self.slot_valid, self.vis_id.gather(1, self.slot_orig.clamp_min(0)), -1)  # (B, T')
+        vis_slots, vis_valid = _first_slots(slot_vis >= 0)  # (B, K)
+        vis_ids = slot_vis.gather(1, vis_slots).clamp_min(0)  # (B, K) raster ids of alive visual tokens
+        ctx = self._context(layer_idx, layer, hidden, position_embeddings, vis_slots, vis_valid, vis_ids)
+        if self.forced is not None:
+            keep = self.forced[:, ctx.point].gather(1, vis_ids) & vis_valid
+        else:
+            keep = self.model._select_tokens(self.selector, ctx)
+        keep &= vis_valid
+        rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)
+        keep_raster = torch.zeros_like(self.alive)
+        keep_raster[rows[keep], vis_ids[keep]] = True  # (B, N); index only real tokens (padding ids are 0)
+        keep_raster &= self.alive
+
+        dropped_slots = torch.zeros_like(self.slot_valid)
+        dropped_slots.scatter_(1, vis_slots, vis_valid & ~keep)  # (B, T')
+        dropped_slots &= self.slot_valid
+        w = dropped_slots.unsqueeze(-1).to(hidden.dtype)
+        self.dropped_means.append((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, d), 0 if none dropped
+        self.alive = keep_raster
+        self.keep_history.append(keep_raster)
+        self.context_masks.append(keep_raster.to(hidden.dtype))
+
+        stay = self.slot_valid & ~dropped_slots
+        src, valid = _compact(stay)
+        hidden = _gather_seq(hidden, src)
+        position_embeddings = tuple(_gather_seq(t, src) for t in position_embeddings)
+        self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
+        self.slot_valid = valid
+        self.segment_masks[layer_idx] = valid
+        if layer_idx == 0:
+            self.prefill_length = valid.shape[1]
+        return hidden, position_embeddings, self.model._layer_mask(hidden, valid, self.cache, layer_idx)
+
+    def _prune_mask(self, layer_idx, layer, hidden, position_embeddings, mask):
+        """Training layout: sample a hard Gumbel-Sigmoid mask with straight-through gradients (Eqs. 6-7) and
+        zero the dropped tokens' weight as keys; nothing moves, so the student lines up with the teacher."""
+        n = self.config.num_visual_tokens
+        bsz = hidden.shape[0]
+        vis_slots, _ = _first_slots(self.vis_id >= 0)  # (B, N) for rows with an image; others are masked below
+        vis_valid = self.alive & self.has_image.unsqueeze(1)  # (B, N) hard-alive tokens
+        if vis_slots.shape[1] < n:  # no row has an image
+            return hidden, position_embeddings, mask
+        ids = torch.arange(n, device=hidden.device).unsqueeze(0).expand(bsz, -1)
+        ctx = self._context(layer_idx, layer, hidden, position_embeddings, vis_slots, vis_valid, ids)
+        if self.forced is not None:
+            layer_mask = self.forced[:, ctx.point].to(hidden.dtype)
+        else:
+            logits = self.selector.scores(ctx)
+            if self.model.training and self.model.gumbel_noise:
+                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+                logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
+            y_soft = torch.sigmoid(logits / self.gumbel_temperature)  # Eq. (6)
+            hard = (y_soft > 0.5) if ctx.keep_count is None else _top_k_mask(logits, vis_valid, ctx.keep_count)
+            y_soft = torch.where(vis_valid, y_soft, torch.zeros_like(y_soft))
+            layer_mask = hard.to(y_soft.dtype) - y_soft.detach() + y_soft  # Eq. (7), straight-through
+        previous = self.soft_alive
+        self.soft_alive = previous * layer_mask  # cumulative, M(l) = M(l-1) * m(l)
+        keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
+        dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
+        visual_hidden = _gather_seq(hidden, vis_slots)  # (B, N, d)
+        self.dropped_means.append(
+            (dropped.unsqueeze(-1) * visual_hidden).sum(1) / dropped.sum(1, keepdim=True).clamp_min(1.0)
+        )
+        self.alive = keep_raster
+        self.keep_history.append(keep_raster)
+        self.context_masks.append(self.soft_alive)
+        rows = torch.arange(bsz, device=hidden.device).unsqueeze(1).expand(-1, n)
+        key_keep = self.key_keep.clone()
+        key_keep[rows[self.has_image], vis_slots[self.has_image]] = self.soft_alive[self.has_image].to(key_keep.dtype)
+        self.key_keep = key_keep
+        return hidden, position_embeddings, mask
+
+    def repair(self, layer_idx, adapter, hidden):
+        """Apply the delayed repair adapter after `layer_idx` to the answer positions (Eqs. 9-15)."""
+        preceding = [i for i, layer in enumerate(self.points) if layer <= layer_idx]
+        if not preceding:
+            return hidden
+        keep = torch.stack([self.context_masks[i] for i in preceding], dim=1)  # (B, P', N)
+        dropped = torch.stack([self.dropped_means[i] for i in preceding], dim=1)  # (B, P', d)
+        context = adapter.context(self.model._positional(hidden.device, hidden.dtype), keep, dropped)
+        self.repair_contexts[layer_idx] = context
+        answer = torch.where(self.slot_valid, self.answer_mask.gather(1, self.slot_orig.clamp_min(0)), False)
+        return adapter(hidden, context, answer)
+
+    # -- results ------------------------------------------------------------------------------------
+
+    def info(self):
+        n = self.config.num_visual_tokens
+        masks = (
+            torch.stack(self.keep_history, dim=1)
+            if self.keep_history
+            else torch.zeros(self.alive.shape[0], 0, n, dtype=torch.bool, device=self.alive.device)
+        )
+        return RcpPruningInfo.from_masks(masks, self.has_image, self.points)
+
+    def decode_state(self, input_length):
+        return RcpDecodeState(self.prefill_length, dict(self.segment_masks), dict(self.repair_contexts),
+                              self.has_image, input_length)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. What a forward returns, and what decoding needs
+# ------------------------------------------------------------------------------------------------
+
+
+class _KeptIndices(Sequence):
+    """`kept_indices[p][b]`: raster indices (1-D LongTensor) of the tokens row b keeps after point p. Computed on
+    first access: `.nonzero()` waits for the device, and a forward should not."""
+
+    def __init__(self, keep_masks):
+        self._masks = keep_masks  # (B, P, N)
+        self._lists = None
+
+    def _resolve(self):
+        if self._lists is None:
+            masks = self._masks
+            self._lists = [[masks[b, p].nonzero().flatten() for b in range(masks.shape[0])]
+                           for p in range(masks.shape[1])]
+        return self._lists
+
+    def __getitem__(self, index):
+        return self._resolve()[index]
+
+    def __len__(self):
+        return self._masks.shape[1]
+
+    def __repr__(self):
+        return repr(self._resolve())
 
 
 @dataclass
 class RcpPruningInfo:
     """Which visual tokens (raster indices 0..N-1) survive each pruning layer, per sample."""
 
-    kept_indices: list  # one entry per pruning layer: list of per-sample 1-D LongTensors
+    kept_indices: Sequence  # one entry per pruning layer: list of per-sample 1-D LongTensors (computed lazily)
     kept_counts: torch.LongTensor  # (batch, num_pruning_layers)
     keep_masks: torch.BoolTensor  # (batch, num_pruning_layers, N), cumulative
     has_image: torch.BoolTensor  # (batch,); rows without an image are not pruned
@@ -438,11 +991,7 @@ class RcpPruningInfo:
 
     @classmethod
     def from_masks(cls, keep_masks, has_image, pruning_layers):
-        kept_indices = [
-            [keep_masks[b, p].nonzero().flatten() for b in range(keep_masks.shape[0])]
-            for p in range(keep_masks.shape[1])
-        ]
-        return cls(kept_indices, keep_masks.sum(-1), keep_masks, has_image, list(pruning_layers))
+        return cls(_KeptIndices(keep_masks), keep_masks.sum(-1), keep_masks, has_image, list(pruning_layers))
 
 
 class RcpDecodeState:
@@ -509,7 +1058,7 @@ class RcpLlavaModelOutputWithPast(ModelOutput):
     hidden_states: tuple | None = None
     image_hidden_states: torch.FloatTensor | None = None
     token_positions: torch.LongTensor | None = None
-    kept_indices: list | None = None
+    kept_indices: Sequence | None = None
     kept_counts: torch.LongTensor | None = None
     keep_masks: torch.BoolTensor | None = None
     hidden_state_positions: tuple | None = None
@@ -537,12 +1086,17 @@ class RcpLlavaCausalLMOutputWithPast(ModelOutput):
     attentions: tuple | None = None
     image_hidden_states: torch.FloatTensor | None = None
     token_positions: torch.LongTensor | None = None
-    kept_indices: list | None = None
+    kept_indices: Sequence | None = None
     kept_counts: torch.LongTensor | None = None
     keep_masks: torch.BoolTensor | None = None
     hidden_state_positions: tuple | None = None
     layer_retention: torch.FloatTensor | None = None
     has_image: torch.BoolTensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The models
+# ------------------------------------------------------------------------------------------------
 
 
 class RcpInitMixin:
@@ -564,7 +1118,20 @@ class RcpInitMixin:
 
 
 class RcpLlavaModel(RcpInitMixin, LlavaModel):
-    """`LlavaModel` whose decoder loop drops visual tokens at the pruning layers."""
+    """`LlavaModel` whose decoder loop drops visual tokens at the pruning layers.
+
+    `forward` takes the stock arguments plus:
+        question_mask: (B, T) bool, the question tokens the pruners condition on. Default: the text tokens
+            after the last image token (and, with `labels`, only those whose label is -100).
+        answer_mask: (B, T) bool, the positions the repair adapters modify. Default: positions whose next
+            token is an answer token (`labels[t+1] != -100`), else the last prompt position; every position
+            of a decode step.
+        visual_keep_masks: (B, num_pruning_layers, N) bool, a cumulative keep mask per pruning layer that
+            replaces the method's own choice (oracle pruning, recomputation with the same kept sets).
+        gumbel_temperature: tau of the training masks (Eq. 6) for this call; default `config.gumbel_temperature`
+            (a trainer anneals its own tau and passes it here, so the config keeps the user's value).
+    A prefill whose prompt holds an image runs `_prefill_loop` (pruning); everything else `_decode_loop`.
+    """
 
     config_class = RcpLlavaConfig
 
@@ -580,161 +1147,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         self.pruning_layout = None
         # Logistic noise on the training masks (Eq. 6); off makes a training step deterministic.
         self.gumbel_noise = True
+        self.last_pruning_info = None
         self._positional_cache = {}
         self.post_init()
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _positional(self, device, dtype):
-        key = (device, dtype)
-        if key not in self._positional_cache:
-            self._positional_cache[key] = grid_positional_encoding(
-                self.config.num_visual_tokens, self.config.text_config.hidden_size, device, dtype
-            )
-        return self._positional_cache[key]
-
-    def _embed(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
-               image_sizes):
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_features = vision_keep = None
-        if pixel_values is not None:
-            vispruner = self._pruning_active() and self.config.pruning_method == "vispruner"
-            extra = {}
-            if vispruner and isinstance(vision_feature_layer, int):
-                # Capture the feature layer's input too (transformers keeps only the selected hidden states).
-                num_states = self.config.vision_config.num_hidden_layers + 1
-                feature = vision_feature_layer % num_states
-                extra["output_hidden_states"] = sorted({feature, max(feature - 1, 0)})
-            image_outputs = self.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-                return_dict=True,
-                **extra,
-            )
-            if vispruner:
-                vision_keep = self._vispruner_keep(image_outputs.hidden_states, vision_feature_layer,
-                                                   vision_feature_select_strategy)
-            image_features = image_outputs.pooler_output
-            image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask = self._image_token_mask(input_ids, inputs_embeds)
-            n_tokens, n_features = int(image_mask.sum()), image_features.shape[0]
-            if n_tokens != n_features:
-                raise ValueError(
-                    f"Image features and image tokens do not match: `input_ids` holds {n_tokens} image tokens "
-                    f"(id {self.config.image_token_id}) but `pixel_values` gave {n_features} features "
-                    f"({self.config.num_visual_tokens} per image). Build the inputs with the model's processor, "
-                    "which expands each <image> into one token per visual feature."
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-        return inputs_embeds, image_features, vision_keep
-
-    def _vispruner_keep(self, vision_hidden_states, vision_feature_layer, vision_feature_select_strategy):
-        """VisPruner's kept patches (num_images, N), from the vision tower's hidden states."""
-        if not isinstance(vision_feature_layer, int) or vision_feature_select_strategy != "default":
-            raise ValueError(
-                "`pruning_method='vispruner'` needs one int `vision_feature_layer` and "
-                f"`vision_feature_select_strategy='default'`, got {vision_feature_layer!r} and "
-                f"{vision_feature_select_strategy!r}."
-            )
-        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
-        if not hasattr(getattr(tower, "encoder", None), "layers") or vision_hidden_states is None:
-            raise ValueError(
-                f"`pruning_method='vispruner'` needs a CLIP-style vision tower with a [CLS] token; got "
-                f"{type(self.vision_tower).__name__}."
-            )
-        cls_attention = vispruner_cls_attention(self.vision_tower, vision_hidden_states, vision_feature_layer)
-        features = vision_hidden_states[vision_feature_layer][:, 1:]  # pre-projector patch features
-        return vispruner_keep_mask(cls_attention, features, self.config.pre_llm_keep_count,
-                                   self.config.vispruner_important_ratio)
-
-    def _image_token_mask(self, input_ids, inputs_embeds):
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embed = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_embed).all(-1)
-
-    def _pruning_active(self):
-        return self.config.pruning_method != "none" and self.pruning_enabled
-
-    def _layer_mask(self, hidden, key_mask, cache, layer_idx):
-        text_config = self.language_model.config
-        # position_ids=None: gathered positions have gaps and would be read as packed sequences.
-        return create_causal_mask(
-            config=text_config,
-            inputs_embeds=hidden,
-            attention_mask=key_mask,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer_idx,
-        )
-
-    def _select_tokens(self, p, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid, vis_ids):
-        """Keep mask (B, K) over the alive visual tokens at pruning point #p: before decoder layer `layer_idx`
-        (0 = before the LLM, for the methods that prune there)."""
-        method = self.config.pruning_method
-        count = run.keep_counts[p] if run.keep_counts is not None else None
-        if method == "rcp":
-            logits = self._retention_logits(layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid)
-            if count is None:
-                return logits > 0  # Eq. (8)
-            return _top_k_mask(logits, vis_valid, count)
-        if method == "vispruner":
-            return run.vision_keep.gather(1, vis_ids) & vis_valid
-        if method == "random":
-            scores = random_point_scores(self.config.pruning_seed, len(run.pruning_layers), self.config.num_visual_tokens)
-            scores = scores[p].to(vis_ids.device).unsqueeze(0).expand(vis_ids.shape[0], -1).gather(1, vis_ids)
-            return _top_k_mask(scores, vis_valid, count)
-        if method == "attention_topk":
-            hidden_norm = layer.input_layernorm(hidden)
-            q_slots, q_valid = _first_slots(run.slot_question())
-            a = self._visual_attention(layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid)
-            return _top_k_mask(_centred_log(a, vis_valid), vis_valid, count)
-        if method == "fastv":
-            prev_idx, prev_hidden = run.previous_input
-            if prev_idx != layer_idx - 1 or prev_hidden.shape[1] != hidden.shape[1]:
-                raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
-            prev = self.language_model.layers[prev_idx]
-            if self.config.fastv_query == "last":  # rows are right-aligned: the last slot is the last prompt token
-                q_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, dtype=torch.long,
-                                     device=hidden.device)
-                q_valid = torch.ones_like(q_slots, dtype=torch.bool)
-            else:
-                q_slots, q_valid = _first_slots(run.slot_question())
-            a = self._visual_attention(prev, prev.input_layernorm(prev_hidden), position_embeddings, run, vis_slots,
-                                       q_slots, q_valid)
-            return _top_k_mask(a, vis_valid, count)
-        raise ValueError(f"`pruning_method` {method!r} cannot select tokens.")
-
-    def _visual_attention(self, layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid):
-        """Attention (B, K) the query rows `q_slots` pay to the visual tokens at `vis_slots` in `layer` (whose
-        normalised input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
-        cos, sin = position_embeddings
-        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, run.key_alive(), q_slots)
-        to_visual = probs.gather(3, vis_slots.view(vis_slots.shape[0], 1, 1, -1).expand(
-            -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
-        qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
-        return (to_visual * qw).sum(2).mean(1) / qw.sum(2).mean(1).clamp_min(1.0)  # (B, K)
-
-    def _retention_logits(self, layer_idx, layer, hidden, position_embeddings, run, vis_slots, vis_valid):
-        """RCP's retention logits (B, K) for the alive visual tokens at `vis_slots` (Eqs. 4-5)."""
-        hidden_norm = layer.input_layernorm(hidden)  # (B, T', d)
-        q_slots, q_valid = _first_slots(run.slot_question())  # (B, Lq)
-        a = self._visual_attention(layer, hidden_norm, position_embeddings, run, vis_slots, q_slots, q_valid)
-        prior = _centred_log(a, vis_valid).to(hidden.dtype)  # A, Eq. (4)
-
-        pruner = self.rcp_plugins.pruners[str(layer_idx)]
-        visual = _gather_seq(hidden_norm, vis_slots)  # (B, K, d)
-        question = _gather_seq(hidden_norm, q_slots)  # (B, Lq, d)
-        return pruner(visual, vis_valid, question, q_valid, prior)  # (B, K)
-
-    # -- the loop -------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -752,20 +1167,154 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         question_mask=None,
         answer_mask=None,
         visual_keep_masks=None,
+        gumbel_temperature=None,
         output_hidden_states=None,
         **kwargs,
     ):
-        """Arguments beyond `LlavaModel.forward`:
+        """`LlavaModel.forward`, pruning the image of a prefill (arguments beyond the stock ones: class docstring)."""
+        self._check_config()
+        layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
+        use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        if not self.training and use_cache and past_key_values is None:
+            past_key_values = RcpDynamicCache(config=self.config.text_config)
+        past_key_values = past_key_values if use_cache else None
+        selector = SELECTORS[self.config.pruning_method](self) if self._pruning_active() else None
+        inputs_embeds, image_features = self._embed(input_ids, pixel_values, inputs_embeds, vision_feature_layer,
+                                                    vision_feature_select_strategy, image_sizes, selector)
+        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A state left on a cache that is empty again belongs to an older prompt.
+        state = getattr(past_key_values, "rcp_state", None) if past_length > 0 else None
+        position_ids = self._position_ids(position_ids, inputs_embeds, past_length, state)
+        position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)  # (cos, sin), (B, T, hd)
 
-        question_mask: (B, T) bool, the question tokens the pruners condition on. Default: the text tokens
-            after the last image token (and, with `labels`, only those whose label is -100).
-        answer_mask: (B, T) bool, the positions the repair adapters modify. Default: positions whose next
-            token is an answer token (`labels[t+1] != -100`), else the last prompt position; every position
-            of a decode step.
-        visual_keep_masks: (B, num_pruning_layers, N) bool, a cumulative keep mask per pruning layer that
-            replaces the method's own choice (oracle pruning, recomputation with the same kept sets).
-        """
-        text_config = self.config.text_config
+        if selector is not None and bool(image_mask.any()):
+            run = self._start_prefill(selector, inputs_embeds, attention_mask, image_mask, labels, question_mask,
+                                      answer_mask, visual_keep_masks, gumbel_temperature, past_key_values,
+                                      past_length, use_cache)
+            return self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
+                                      output_hidden_states, layer_kwargs)
+        return self._decode_loop(state, inputs_embeds, position_embeddings, attention_mask, image_features,
+                                 past_key_values, past_length, use_cache, output_hidden_states, layer_kwargs)
+
+    # -- the two loops ----------------------------------------------------------------------------
+
+    def _prefill_loop(self, run, hidden, position_embeddings, attention_mask, image_features, output_hidden_states,
+                      layer_kwargs):
+        """The decoder over a prompt with an image: prune before each pruning layer, repair after each repair
+        layer; the kept sets go to the output, `last_pruning_info` and (for decoding) the cache."""
+        lm = self.language_model
+        collected = ([hidden], [run.slot_orig]) if output_hidden_states else None
+        input_length = hidden.shape[1]
+        mask = self._layer_mask(hidden, attention_mask, run.cache, 0)
+        with run.attention(lm.config):
+            for idx, layer in enumerate(lm.layers[: self.config.text_config.num_hidden_layers]):
+                if idx in run.points:
+                    hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings, mask)
+                run.record_retention()
+                run.selector.observe_layer_input(idx, hidden)
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                               position_ids=None, past_key_values=run.cache, use_cache=run.use_cache,
+                               **run.layer_kwargs(), **layer_kwargs)
+                adapter = self._repair_adapter(idx)
+                if adapter is not None:
+                    hidden = run.repair(idx, adapter, hidden)
+                if collected:
+                    collected[0].append(hidden)
+                    collected[1].append(run.slot_orig)
+        info = self.last_pruning_info = run.info()
+        if run.cache is not None:
+            run.cache.rcp_state = run.decode_state(input_length)
+        return RcpLlavaModelOutputWithPast(
+            last_hidden_state=lm.norm(hidden),
+            past_key_values=run.cache,
+            hidden_states=tuple(collected[0]) if collected else None,
+            image_hidden_states=image_features,
+            token_positions=run.slot_orig,
+            kept_indices=info.kept_indices,
+            kept_counts=info.kept_counts,
+            keep_masks=info.keep_masks,
+            hidden_state_positions=tuple(collected[1]) if collected else None,
+            layer_retention=torch.stack(run.retention, dim=1),  # (B, num_layers)
+            has_image=info.has_image,
+        )
+
+    def _decode_loop(self, state, hidden, position_embeddings, attention_mask, image_features, cache, past_length,
+                     use_cache, output_hidden_states, layer_kwargs):
+        """The decoder without pruning: a plain forward (state None) or a step after a pruned prefill, whose
+        pruned segments read their stored key masks and whose repair layers their stored contexts."""
+        lm = self.language_model
+        bsz, seq = hidden.shape[:2]
+        positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
+        collected = ([hidden], [positions]) if output_hidden_states else None
+        segments = state.segment_masks if state is not None else {}
+        mask = None if 0 in segments else self._layer_mask(hidden, attention_mask, cache, 0)
+        repair = state is not None and self._pruning_active()
+        for idx, layer in enumerate(lm.layers[: self.config.text_config.num_hidden_layers]):
+            if idx in segments:
+                mask = self._decode_segment_mask(hidden, attention_mask, cache, state, idx)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None,
+                           past_key_values=cache, use_cache=use_cache, **layer_kwargs)
+            adapter = self._repair_adapter(idx)
+            if adapter is not None and repair and idx in state.repair_contexts:
+                answer = state.has_image.unsqueeze(1).expand(bsz, hidden.shape[1])  # every decoded position
+                hidden = adapter(hidden, state.repair_contexts[idx], answer)
+            if collected:
+                collected[0].append(hidden)
+                collected[1].append(positions)
+        if state is None:  # a decode step keeps its prefill's info; anything else has none
+            self.last_pruning_info = None
+        if cache is not None and past_length == 0:
+            cache.rcp_state = None  # a new prompt without pruning: forget an older state
+        return RcpLlavaModelOutputWithPast(
+            last_hidden_state=lm.norm(hidden),
+            past_key_values=cache,
+            hidden_states=tuple(collected[0]) if collected else None,
+            image_hidden_states=image_features,
+            token_positions=positions,
+            hidden_state_positions=tuple(collected[1]) if collected else None,
+        )
+
+    # -- before the loops ---------------------------------------------------------------------------
+
+    def _check_config(self):
+        """Re-validate the config (a field may have been edited since construction) and check that the plug-ins
+        built with the model match it."""
+        config = self.config
+        config.validate_pruning()
+        if not config.pruning_spec.plugins:
+            return
+        for field, built in (("pruning_layers", self.rcp_plugins.pruners),
+                             ("repair_layers", self.rcp_plugins.repair_adapters)):
+            if [int(k) for k in built] != list(getattr(config, field)):
+                raise ValueError(
+                    f"`{field}` is {getattr(config, field)}, but this model's plug-ins were built for "
+                    f"{[int(k) for k in built]}: plug-ins are created with the model. Build a new model with these "
+                    f"fields (e.g. `from_pretrained(..., {field}=...)`) instead of editing the config."
+                )
+
+    def _pruning_active(self):
+        return self.config.pruning_spec.prunes and self.pruning_enabled
+
+    def _repair_adapter(self, layer_idx):
+        if not self.repair_enabled:
+            return None
+        return self.rcp_plugins.repair_adapters[str(layer_idx)] if str(layer_idx) in \
+            self.rcp_plugins.repair_adapters else None
+
+    def _select_tokens(self, selector, ctx):
+        """The one call of every selection decision (profilers wrap it): (B, K) bool, the tokens kept."""
+        return selector.keep(ctx)
+
+    def _embed(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
+               image_sizes, selector):
+        """Token embeddings with the projected image features scattered in; the selector sees the vision outputs."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return inputs_embeds, None
         vision_feature_layer = (
             vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
         )
@@ -774,148 +1323,97 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             if vision_feature_select_strategy is not None
             else self.config.vision_feature_select_strategy
         )
-        use_cache = use_cache if use_cache is not None else text_config.use_cache
-        if not self.training and use_cache and past_key_values is None:
-            past_key_values = RcpDynamicCache(config=text_config)
-        if not use_cache:
-            past_key_values = None
-        kwargs.pop("output_attentions", None)
-        kwargs.pop("return_dict", None)
-
-        inputs_embeds, image_features, vision_keep = self._embed(
-            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy, image_sizes
+        extra = {}
+        wanted = selector.vision_hidden_states(vision_feature_layer) if selector is not None and \
+            isinstance(vision_feature_layer, int) else []
+        if wanted:
+            extra["output_hidden_states"] = wanted
+        image_outputs = self.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+            return_dict=True,
+            **extra,
         )
-        bsz, seq, _ = inputs_embeds.shape
-        lm = self.language_model
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # A state left on a cache that is empty again belongs to an older prompt.
-        state = getattr(past_key_values, "rcp_state", None) if past_length > 0 else None
+        if selector is not None:
+            selector.observe_image_features(image_outputs, vision_feature_layer, vision_feature_select_strategy)
+        image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        n_tokens, n_features = int(image_mask.sum()), image_features.shape[0]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: `input_ids` holds {n_tokens} image tokens "
+                f"(id {self.config.image_token_id}) but `pixel_values` gave {n_features} features "
+                f"({self.config.num_visual_tokens} per image). Build the inputs with the model's processor, "
+                "which expands each <image> into one token per visual feature."
+            )
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features
+
+    def _image_token_mask(self, input_ids, inputs_embeds):
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    def _position_ids(self, position_ids, inputs_embeds, past_length, state):
+        bsz, seq = inputs_embeds.shape[:2]
         if position_ids is None:
             # After a pre-LLM prune, layer 0's cache is shorter than the prompt: count positions in input tokens.
             offset = past_length if state is None else past_length - state.prefill_length + state.input_length
-            position_ids = torch.arange(seq, device=inputs_embeds.device) + offset
-            position_ids = position_ids.unsqueeze(0).expand(bsz, -1)
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + offset).unsqueeze(0)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
-        position_ids = position_ids.expand(bsz, -1)
+        return position_ids.expand(bsz, -1)
 
-        image_mask = self._image_token_mask(input_ids, inputs_embeds)
-        prune_now = self._pruning_active() and bool(image_mask.any()) and self.config.pruning_points
-        if prune_now and past_length > 0:
+    def _start_prefill(self, selector, inputs_embeds, attention_mask, image_mask, labels, question_mask, answer_mask,
+                       visual_keep_masks, gumbel_temperature, cache, past_length, use_cache):
+        """Check that this prompt can be pruned, pick the layout, and build its `PrunedPrefill`."""
+        if past_length > 0:
             raise ValueError(
                 "Pruning needs the image in a prefill that starts from an empty cache, but `past_key_values` already "
                 f"holds {past_length} tokens. Start a new cache for each prompt with an image."
             )
-        if prune_now and past_key_values is not None and getattr(past_key_values, "is_compileable", False):
+        if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(
-                f"Pruning is not supported with {type(past_key_values).__name__}: layers after a pruning layer hold "
+                f"Pruning is not supported with {type(cache).__name__}: layers after a pruning layer hold "
                 "fewer tokens, but a static cache pre-allocates the same length for every layer. Use the default "
                 "dynamic cache (leave `cache_implementation` unset)."
             )
+        layout = self.pruning_layout or ("mask" if self.training else "discard")
+        if layout not in ("mask", "discard"):
+            raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
+        if layout == "mask" and not self.config.pruning_spec.plugins and visual_keep_masks is None:
+            raise ValueError(
+                f"The differentiable ('mask') pruning layout trains RCP's plug-ins, but "
+                f"`pruning_method={self.config.pruning_method!r}` has none. Call `model.eval()` or set "
+                "`model.model.pruning_layout = 'discard'`."
+            )
+        if layout == "mask" and any(getattr(l, "gradient_checkpointing", False) for l in self.language_model.layers):
+            raise ValueError(
+                "Gradient checkpointing is not supported in the differentiable ('mask') pruning layout: the "
+                "recomputation in backward would run without the differentiable key mask. Disable it with "
+                "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
+            )
+        tau = self.config.gumbel_temperature if gumbel_temperature is None else gumbel_temperature
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau < math.inf):
+            raise ValueError(f"`gumbel_temperature` must be a positive float, got {tau!r}.")
+        key_valid = (attention_mask.bool() if attention_mask is not None
+                     else torch.ones(image_mask.shape, dtype=torch.bool, device=inputs_embeds.device))
+        return PrunedPrefill(self, selector, inputs_embeds, key_valid, image_mask, labels, question_mask, answer_mask,
+                             visual_keep_masks, layout, tau, cache, use_cache)
 
-        hidden = inputs_embeds
-        position_embeddings = lm.rotary_emb(hidden, position_ids)  # (cos, sin), each (B, T, hd)
-        key_valid = (
-            attention_mask.bool() if attention_mask is not None else torch.ones(bsz, seq, dtype=torch.bool,
-                                                                                 device=hidden.device)
-        )
-        run = None
-        if prune_now:
-            layout = self.pruning_layout or ("mask" if self.training else "discard")
-            if layout not in ("mask", "discard"):
-                raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
-            if layout == "mask" and self.config.pruning_method != "rcp" and visual_keep_masks is None:
-                raise ValueError(
-                    f"The differentiable ('mask') pruning layout trains RCP's plug-ins, but "
-                    f"`pruning_method={self.config.pruning_method!r}` has none. Call `model.eval()` or set "
-                    "`model.model.pruning_layout = 'discard'`."
-                )
-            if layout == "mask" and any(getattr(l, "gradient_checkpointing", False) for l in lm.layers):
-                raise ValueError(
-                    "Gradient checkpointing is not supported in the differentiable ('mask') pruning layout: the "
-                    "recomputation in backward would run without the differentiable key mask. Disable it with "
-                    "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
-                )
-            run = _PrunedPrefill(self, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                                 question_mask, answer_mask, visual_keep_masks, differentiable=layout == "mask",
-                                 vision_keep=vision_keep)
-            if run.differentiable and past_key_values is not None:
-                # The mask layout keeps every token, so a cache filled now could not be decoded from.
-                past_key_values, use_cache = None, False
-
-        all_hidden, all_positions = [], []
-        slot_orig = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-            all_positions.append(slot_orig)
-        decode_answer_mask = None
-        if state is not None and 0 in state.segment_masks:
-            mask = None  # layer 0 is a pruned segment: its mask is built in the loop
-        else:
-            mask = self._layer_mask(hidden, attention_mask, past_key_values, 0)
-        if run is not None:
-            run.mask = mask
-        for idx, layer in enumerate(lm.layers[: text_config.num_hidden_layers]):
-            extra = {}
-            if run is not None:
-                if idx in run.pruning_layers:
-                    hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings,
-                                                                  past_key_values)
-                run.record_retention()
-                run.previous_input = (idx, hidden)  # FastV reads the input of the layer before its pruning layer
-                extra = run.layer_kwargs()
-            elif state is not None and idx in state.segment_masks:
-                mask = self._decode_segment_mask(hidden, attention_mask, past_key_values, state, idx)
-            with _attention_implementation(lm.config, SOFT_KEY_MASK_ATTENTION) if extra else contextlib.nullcontext():
-                hidden = layer(
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=None,
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
-                    **extra,
-                    **kwargs,
-                )
-            adapter = self.rcp_plugins.repair_adapters[str(idx)] if str(idx) in self.rcp_plugins.repair_adapters \
-                else None
-            if adapter is not None and self.repair_enabled:
-                if run is not None:
-                    hidden = run.repair(idx, adapter, hidden)
-                elif state is not None and idx in state.repair_contexts and self._pruning_active():
-                    if decode_answer_mask is None:
-                        decode_answer_mask = state.has_image.unsqueeze(1).expand(bsz, hidden.shape[1])
-                    hidden = adapter(hidden, state.repair_contexts[idx], decode_answer_mask)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-                all_positions.append(run.slot_orig if run is not None else slot_orig)
-        hidden = lm.norm(hidden)
-
-        info = None
-        token_positions = slot_orig
-        layer_retention = None
-        if run is not None:
-            info = run.info()
-            token_positions = run.slot_orig
-            layer_retention = torch.stack(run.retention, dim=1)  # (B, num_layers)
-            if past_key_values is not None and not run.differentiable:
-                past_key_values.rcp_state = run.decode_state(run.prefill_length, seq)
-            self.last_pruning_info = info
-        elif past_key_values is not None and past_length == 0:
-            past_key_values.rcp_state = None  # a new prompt without pruning: forget an older state
-
-        return RcpLlavaModelOutputWithPast(
-            last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            image_hidden_states=image_features,
-            token_positions=token_positions,
-            kept_indices=info.kept_indices if info else None,
-            kept_counts=info.kept_counts if info else None,
-            keep_masks=info.keep_masks if info else None,
-            hidden_state_positions=tuple(all_positions) if output_hidden_states else None,
-            layer_retention=layer_retention,
-            has_image=info.has_image if info else None,
+    def _layer_mask(self, hidden, key_mask, cache, layer_idx):
+        # position_ids=None: gathered positions have gaps and would be read as packed sequences.
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=key_mask,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
         )
 
     def _decode_segment_mask(self, hidden, attention_mask, cache, state, layer_idx):
@@ -928,259 +1426,16 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool, device=hidden.device)
         return self._layer_mask(hidden, torch.cat([prefill_mask, new_cols], dim=1), cache, layer_idx)
 
-
-class _PrunedPrefill:
-    """Bookkeeping of one pruned prefill: which original token sits in which slot after each discard.
-
-    Layout: slot t of row b holds original token `slot_orig[b, t]` (-1 for padding); rows are right-aligned.
-    """
-
-    def __init__(self, model, hidden, position_embeddings, key_valid, image_mask, input_ids, labels,
-                 question_mask, answer_mask, visual_keep_masks, differentiable=False, vision_keep=None):
-        config = model.config
-        self.model = model
-        self.differentiable = differentiable
-        self.config = config
-        # Pruning points: decoder layers before which tokens are dropped; 0 = before the LLM (pre-LLM methods).
-        self.pruning_layers = list(config.pruning_points)
-        self.keep_counts = config.point_keep_counts
-        self.prefill_length = hidden.shape[1]  # layer 0's cache length after this prefill
-        self.previous_input = None  # (layer index, hidden entering it), for FastV
-        bsz, seq, _ = hidden.shape
-        device = hidden.device
-        n = config.num_visual_tokens
-        per_row = image_mask.sum(1)
-        bad = [int(c) for c in per_row if int(c) not in (0, n)]
-        if bad:
-            raise ValueError(
-                f"Pruning needs one image of {n} visual tokens per prompt, but a row holds {bad[0]} image tokens. "
-                "Pass one image per prompt (or run with `pruning_method='none'`)."
+    def _positional(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._positional_cache:
+            self._positional_cache[key] = grid_positional_encoding(
+                self.config.num_visual_tokens, self.config.text_config.hidden_size, device, dtype
             )
-        self.has_image = per_row == n  # (B,)
-        self.vision_keep = None  # (B, N) VisPruner's choice per row (rows without an image: all False)
-        if vision_keep is not None:
-            self.vision_keep = torch.zeros(bsz, n, dtype=torch.bool, device=device)
-            self.vision_keep[self.has_image] = vision_keep.to(device)
-        # Raster index of each original visual token, -1 elsewhere.
-        self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T)
-
-        positions = torch.arange(seq, device=device).unsqueeze(0)
-        if question_mask is None:
-            last_image = torch.where(image_mask, positions, -1).max(1).values  # (B,)
-            question_mask = (positions > last_image.unsqueeze(1)) & key_valid & self.has_image.unsqueeze(1)
-            if labels is not None:
-                question_mask &= labels == -100
-            # A prompt that ends on its image: condition on its last token.
-            empty = ~question_mask.any(1) & self.has_image
-            question_mask[empty, seq - 1] = True
-        if answer_mask is None:
-            if labels is not None:
-                answer_mask = torch.zeros_like(key_valid)
-                answer_mask[:, :-1] = labels[:, 1:] != -100
-            else:
-                answer_mask = torch.zeros_like(key_valid)
-                answer_mask[:, -1] = True
-        self.question_mask = question_mask.bool()
-        self.answer_mask = answer_mask.bool() & self.has_image.unsqueeze(1)
-
-        if visual_keep_masks is not None:
-            expected = (bsz, len(self.pruning_layers), n)
-            if tuple(visual_keep_masks.shape) != expected:
-                raise ValueError(
-                    f"`visual_keep_masks` has shape {tuple(visual_keep_masks.shape)}, expected {expected} "
-                    "(batch, num_pruning_layers, num_visual_tokens)."
-                )
-            visual_keep_masks = visual_keep_masks.bool()
-        self.forced = visual_keep_masks
-
-        self.slot_orig = positions.expand(bsz, -1)  # (B, T)
-        self.slot_valid = key_valid  # (B, T)
-        self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
-        self.keep_history = []  # per pruning layer, (B, N) bool
-        self.context_masks = []  # per pruning layer, (B, N) float: the cumulative mask M the adapters read
-        self.dropped_means = []  # per pruning layer, (B, d)
-        self.retention = []  # per decoder layer, (B,) visual tokens alive / N (differentiable in mask mode)
-        # Mask mode: every token stays in place; `key_keep` (B, T) is each key's 0/1 weight in attention, and
-        # `soft_alive` (B, N) the cumulative mask M with straight-through gradients (Eqs. 6-7).
-        self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if differentiable else None
-        self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if differentiable else None
-        self.segment_masks = {}
-        self.repair_contexts = {}
-        self.position_embeddings = position_embeddings
-
-    def slot_question(self):
-        """(B, T') question tokens among the current slots."""
-        return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
-
-    def _slot_vis(self):
-        return torch.where(self.slot_valid, self.vis_id.gather(1, self.slot_orig.clamp_min(0)), -1)  # (B, T')
-
-    def key_alive(self):
-        """(B, T') keys a query may attend to: valid slots, minus the tokens dropped in mask mode."""
-        if not self.differentiable:
-            return self.slot_valid
-        return self.slot_valid & (self.key_keep > 0)
-
-    def record_retention(self):
-        n = self.config.num_visual_tokens
-        if self.differentiable:
-            self.retention.append(self.soft_alive.sum(1) / n)
-        else:
-            self.retention.append(self.alive.sum(1).to(torch.float32) / n)
-
-    def prune(self, layer_idx, layer, hidden, position_embeddings, cache):
-        """Decide the kept visual tokens before `layer`, then drop the others (physically, or by mask)."""
-        if self.differentiable:
-            return self._prune_mask(layer_idx, layer, hidden, position_embeddings, cache)
-        p = self.pruning_layers.index(layer_idx)
-        slot_vis = self._slot_vis()  # (B, T')
-        vis_slots, vis_valid = _first_slots(slot_vis >= 0)  # (B, K)
-        vis_ids = slot_vis.gather(1, vis_slots).clamp_min(0)  # (B, K) raster ids of alive visual tokens
-
-        if self.forced is not None:
-            keep = self.forced[:, p].gather(1, vis_ids) & vis_valid
-        else:
-            keep = self.model._select_tokens(p, layer_idx, layer, hidden, position_embeddings, self, vis_slots,
-                                             vis_valid, vis_ids)
-        keep &= vis_valid
-        rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)
-        keep_raster = torch.zeros_like(self.alive)
-        keep_raster[rows[keep], vis_ids[keep]] = True  # (B, N); index only real tokens (padding ids are 0)
-        keep_raster &= self.alive
-
-        dropped_slots = torch.zeros_like(self.slot_valid)
-        dropped_slots.scatter_(1, vis_slots, vis_valid & ~keep)  # (B, T')
-        dropped_slots &= self.slot_valid
-        w = dropped_slots.unsqueeze(-1).to(hidden.dtype)
-        self.dropped_means.append((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, d), 0 if none dropped
-        self.alive = keep_raster
-        self.keep_history.append(keep_raster)
-        self.context_masks.append(keep_raster.to(hidden.dtype))
-
-        stay = self.slot_valid & ~dropped_slots
-        src, valid = _compact(stay)
-        hidden = _gather_seq(hidden, src)
-        position_embeddings = tuple(_gather_seq(t, src) for t in position_embeddings)
-        self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
-        self.slot_valid = valid
-        self.segment_masks[layer_idx] = valid
-        if layer_idx == 0:
-            self.prefill_length = valid.shape[1]
-        mask = self.model._layer_mask(hidden, valid, cache, layer_idx)
-        return hidden, position_embeddings, mask
-
-    def _prune_mask(self, layer_idx, layer, hidden, position_embeddings, cache):
-        """Training layout: sample a hard Gumbel-Sigmoid mask with straight-through gradients (Eqs. 6-7) and
-        zero the dropped tokens' weight as keys; nothing moves, so the student lines up with the teacher."""
-        p = self.pruning_layers.index(layer_idx)
-        n = self.config.num_visual_tokens
-        bsz = hidden.shape[0]
-        image_slots = self.vis_id >= 0  # (B, T): mask mode keeps the original layout
-        vis_slots, _ = _first_slots(image_slots)  # (B, N) for rows with an image; others are masked below
-        vis_valid = self.alive & self.has_image.unsqueeze(1)  # (B, N) hard-alive tokens
-        if vis_slots.shape[1] < n:  # no row has an image
-            return hidden, position_embeddings, self.mask
-        if self.forced is not None:
-            layer_mask = self.forced[:, p].to(hidden.dtype)
-        else:
-            logits = self.model._retention_logits(layer_idx, layer, hidden, position_embeddings, self, vis_slots,
-                                                  vis_valid)
-            tau = self.config.gumbel_temperature
-            if self.model.training and self.model.gumbel_noise:
-                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-                logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
-            y_soft = torch.sigmoid(logits / tau)  # Eq. (6)
-            counts = self.config.pruning_keep_counts
-            hard = (y_soft > 0.5) if counts is None else _top_k_mask(logits, vis_valid, counts[p])
-            y_soft = torch.where(vis_valid, y_soft, torch.zeros_like(y_soft))
-            layer_mask = hard.to(y_soft.dtype) - y_soft.detach() + y_soft  # Eq. (7), straight-through
-        previous = self.soft_alive
-        self.soft_alive = previous * layer_mask  # cumulative, M(l) = M(l-1) * m(l)
-        keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
-        dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
-        visual_hidden = _gather_seq(hidden, vis_slots)  # (B, N, d)
-        self.dropped_means.append(
-            (dropped.unsqueeze(-1) * visual_hidden).sum(1) / dropped.sum(1, keepdim=True).clamp_min(1.0)
-        )
-        self.alive = keep_raster
-        self.keep_history.append(keep_raster)
-        self.context_masks.append(self.soft_alive)
-        rows = torch.arange(bsz, device=hidden.device).unsqueeze(1).expand(-1, n)
-        key_keep = self.key_keep.clone()
-        key_keep[rows[self.has_image], vis_slots[self.has_image]] = self.soft_alive[self.has_image].to(key_keep.dtype)
-        self.key_keep = key_keep
-        return hidden, position_embeddings, self.mask
-
-    def layer_kwargs(self):
-        """Extra kwargs for a decoder layer: the differentiable key weights in mask mode."""
-        if self.differentiable and self.keep_history:
-            return {"rcp_key_keep": self.key_keep}
-        return {}
-
-    def repair(self, layer_idx, adapter, hidden):
-        preceding = [i for i, layer in enumerate(self.pruning_layers) if layer <= layer_idx]
-        if not preceding:
-            return hidden
-        keep = torch.stack([self.context_masks[i] for i in preceding], dim=1)  # (B, P', N)
-        dropped = torch.stack([self.dropped_means[i] for i in preceding], dim=1)  # (B, P', d)
-        context = adapter.context(self.model._positional(hidden.device, hidden.dtype), keep, dropped)
-        self.repair_contexts[layer_idx] = context
-        answer = torch.where(self.slot_valid, self.answer_mask.gather(1, self.slot_orig.clamp_min(0)), False)
-        return adapter(hidden, context, answer)
-
-    def info(self):
-        n = self.config.num_visual_tokens
-        masks = (
-            torch.stack(self.keep_history, dim=1)
-            if self.keep_history
-            else torch.zeros(self.alive.shape[0], 0, n, dtype=torch.bool, device=self.alive.device)
-        )
-        return RcpPruningInfo.from_masks(masks, self.has_image, self.pruning_layers)
-
-    def decode_state(self, prefill_length, input_length=None):
-        return RcpDecodeState(prefill_length, dict(self.segment_masks), dict(self.repair_contexts), self.has_image,
-                              input_length)
+        return self._positional_cache[key]
 
 
-# ------------------------------------------------------------------------------------------------
-# Hub files and plug-in-only checkpoints (used by the model class below)
-# ------------------------------------------------------------------------------------------------
-
-import json  # noqa: E402  (kept next to their only users)
-import os  # noqa: E402
-
-
-try:  # loaded as a Hub module (flat folder, relative import) ...
-    from .configuration_rcp_llava import PRUNING_FIELDS
-except ImportError:  # ... or as an installed top-level module
-    from configuration_rcp_llava import PRUNING_FIELDS
-
-try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
-    # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
-    from safetensors.torch import load_file as _load_safetensors
-    from safetensors.torch import save_file as _save_safetensors
-except ImportError:  # pragma: no cover
-    _load_safetensors = _save_safetensors = None
-
-RCP_LLAVA_VERSION = "0.1.0"
-# A plug-in-only checkpoint (PEFT-style): these two files, nothing else.
-RCP_CONFIG_NAME = "rcp_config.json"
-RCP_PLUGINS_NAME = "rcp_plugins.safetensors"
-RCP_PLUGINS_FORMAT = "rcp_plugins"
-# What `save_pretrained` writes into config.json: the classes each Auto class resolves to with
-# `trust_remote_code=True`. AutoModel gives the bare decoder (last_hidden_state), the other two the LM.
-RCP_AUTO_MAP = {
-    "AutoConfig": "configuration_rcp_llava.RcpLlavaConfig",
-    "AutoModel": "modeling_rcp_llava.RcpLlavaModel",
-    "AutoModelForCausalLM": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
-}
-# Keys of rcp_config.json besides the pruning fields of the config.
-_PLUGIN_META_KEYS = (
-    "format", "base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens",
-    "library_version", "transformers_version",
-)
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# -- plug-in-only checkpoints: file helpers ---------------------------------------------------------
 
 
 def _resolve_plugin_file(path_or_repo_id, filename, hub_kwargs):
@@ -1238,11 +1493,6 @@ def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugi
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The model class
-# ------------------------------------------------------------------------------------------------
-
-
 class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGeneration):
     """A drop-in `LlavaForConditionalGeneration` that prunes visual tokens inside its decoder.
 
@@ -1289,6 +1539,19 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         finally:
             self.model.pruning_enabled, self.model.repair_enabled = old
 
+    @contextlib.contextmanager
+    def pruning_layout(self, layout):
+        """Run pruned forwards in `layout` ("discard", "mask" or None = by `training`) inside the block, then
+        restore the previous layout: `with model.pruning_layout("discard"): model(**inputs)`."""
+        if layout not in ("discard", "mask", None):
+            raise ValueError(f"`layout` is {layout!r}; use 'discard', 'mask' or None.")
+        old = self.model.pruning_layout
+        self.model.pruning_layout = layout
+        try:
+            yield self
+        finally:
+            self.model.pruning_layout = old
+
     # -- forward --------------------------------------------------------------------------------
 
     def forward(
@@ -1308,6 +1571,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         question_mask=None,
         answer_mask=None,
         visual_keep_masks=None,
+        gumbel_temperature=None,
         output_hidden_states=None,
         return_dict=None,
         **kwargs,
@@ -1327,6 +1591,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             question_mask=question_mask,
             answer_mask=answer_mask,
             visual_keep_masks=visual_keep_masks,
+            gumbel_temperature=gumbel_temperature,
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
@@ -1410,14 +1675,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
         `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
-        owner = type(self)
-        if owner._auto_class is not None:  # loaded as remote code: transformers already copies the module files
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        owner._auto_class = "AutoModelForImageTextToText"  # what makes `save_pretrained` copy the module files
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            del owner._auto_class
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for module in (type(self).__module__, RcpLlavaConfig.__module__):
+                source = sys.modules[module].__file__
+                target = os.path.join(save_directory, os.path.basename(source))
+                if os.path.abspath(source) != os.path.abspath(target):
+                    shutil.copyfile(source, target)
+        return result
 
     def save_plugins(self, save_directory, base_model_name_or_path=None):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields
@@ -1429,8 +1694,6 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         """
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
-        from transformers import __version__ as transformers_version
-
         config, text = self.config, self.config.text_config
         base = (
             base_model_name_or_path
@@ -1457,12 +1720,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         _save_safetensors(tensors, weights_path, metadata={"format": "pt"})
         return [config_path, weights_path]
 
-    def load_plugins(self, plugins, **hub_kwargs):
+    def load_plugins(self, plugins, strict=False, **hub_kwargs):
         """Copy the tensors of a plug-in checkpoint (folder or Hub repo id) into this model's plug-ins.
 
         A checkpoint built for another hidden size or layer count, or holding a tensor of another shape, raises a
-        `ValueError` before any tensor is copied; unknown config keys, missing plug-in keys (they keep their
-        initial values) and unexpected keys are reported with a warning. Returns `(missing, unexpected)`.
+        `ValueError` before any tensor is copied. Missing plug-in keys (they keep their initial values) and
+        unexpected keys are reported with a warning, or, with `strict=True` (training checkpoints, resuming),
+        raise a `ValueError` before any tensor is copied. Unknown config keys are reported with a warning.
+        Returns `(missing, unexpected)`.
         """
         if _load_safetensors is None:  # pragma: no cover
             raise ImportError("Loading RCP plug-ins needs `safetensors` (`pip install safetensors`).")
@@ -1483,6 +1748,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             )
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"The RCP plug-ins {plugins!r} do not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}. Were they trained with other `pruning_layers` / `repair_layers`?"
+            )
         if missing:
             logger.warning(
                 f"The RCP plug-ins {plugins!r} have no tensor for {len(missing)} plug-in parameter(s), which keep their "
@@ -1508,8 +1778,6 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         goes to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...). Plug-ins built for another
         hidden size or layer count raise a `ValueError` before any weight is read.
         """
-        from transformers import LlavaConfig
-
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "subfolder"}
         plugin_config = read_plugin_config(plugins, **hub_kwargs) if plugins is not None else {}
@@ -1545,22 +1813,6 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         return model
 
 
-def _centred_log(a, valid):
-    """Eq. (4)'s prior A: log a, centred over the valid (alive) tokens of each row."""
-    log_a = torch.log(a.clamp_min(1e-30))
-    alive = valid.to(log_a.dtype)
-    return log_a - ((log_a * alive).sum(1, keepdim=True) / alive.sum(1, keepdim=True).clamp_min(1.0))
-
-
-def _top_k_mask(scores, valid, k):
-    """(B, K) mask of the k highest valid scores per row; ties keep the lower index (stable)."""
-    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (rank < k) & valid
-
-
-
 __all__ = [
     "RcpLlavaForConditionalGeneration",
     "RcpLlavaModel",
@@ -1568,4 +1820,7 @@ __all__ = [
     "RcpRepairAdapter",
     "RcpDynamicCache",
     "RcpPruningInfo",
+    "TokenSelector",
+    "SelectionContext",
+    "register_pruning_method",
 ]
