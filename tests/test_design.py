@@ -1,0 +1,230 @@
+"""The redesign's promises: a new pruning method is one selector class and one registry entry (defined here, in a
+test file, without editing the project); the config is re-validated before every forward; runtime state never
+leaks into the config or stays stale on the model."""
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, row_inputs, stock_copy
+
+import configuration_rcp_llava
+import modeling_rcp_llava
+from configuration_rcp_llava import PRUNING_METHODS, PruningMethod
+from modeling_rcp_llava import SELECTORS, TokenSelector, register_pruning_method
+
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+TOY = dict(pruning_method="toy_norm", pruning_layers=[1, 3], repair_layers=[], pruning_keep_counts=[7, 3])
+
+
+class NormSelector(TokenSelector):
+    """A toy sixth method: keep the visual tokens whose hidden state has the largest L2 norm at the pruning layer."""
+
+    method = PruningMethod("toy_norm")
+
+    def scores(self, ctx):
+        visual = ctx.hidden.gather(1, ctx.slots.unsqueeze(-1).expand(-1, -1, ctx.hidden.shape[-1]))  # (B, K, d)
+        return visual.float().norm(dim=-1)  # (B, K)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_method():
+    register_pruning_method(NormSelector)
+    yield
+    SELECTORS.pop("toy_norm")
+    PRUNING_METHODS.pop("toy_norm")
+
+
+def with_positions(batch):
+    return {**batch, "position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)}
+
+
+# 1. A toy sixth method --------------------------------------------------------------------------------
+
+
+def test_toy_method_keeps_the_largest_norms_at_its_first_layer():
+    """At the first pruning layer the input is the unpruned layer-0 output: the stock model gives it."""
+    model = make_model(**TOY)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        out = model(**batch)
+        h1 = stock_copy(model)(**batch, output_hidden_states=True).hidden_states[1]  # input of layer 1
+    assert out.kept_counts.tolist() == [[7, 3]] * 3 and model.last_pruning_info.pruning_layers == [1, 3]
+    image = batch["input_ids"] == IMAGE_TOKEN
+    for b in range(3):
+        norms = h1[b][image[b]].norm(dim=-1)  # (N,) in raster order
+        expected = sorted(sorted(range(NUM_VISUAL), key=lambda i: (-float(norms[i]), i))[:7])
+        assert out.kept_indices[0][b].tolist() == expected
+        assert set(out.kept_indices[1][b].tolist()) <= set(expected)
+
+
+def test_toy_method_discard_equals_mask_and_batch_equals_single():
+    model = make_model(**TOY)
+    batch = with_positions(make_batch(PADDED))
+    with torch.no_grad():
+        out = model(**batch)
+        ref = masked_reference(model, batch, out.keep_masks)
+        valid = out.token_positions >= 0
+        theirs = ref.gather(1, out.token_positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+        assert (out.logits - theirs)[valid].abs().max() <= 1e-4
+        plain = make_batch(PADDED)
+        gen = model.generate(**plain, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        for i in range(3):
+            single = row_inputs(plain, i, PADDED)
+            one = model(**single)
+            assert torch.equal(out.keep_masks[i], one.keep_masks[0])
+            assert (out.logits[i][out.token_positions[i] >= 0] - one.logits[0]).abs().max() <= 1e-4
+            single_gen = model.generate(**single, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            assert torch.equal(gen[i, -4:], single_gen[0, -4:])
+
+
+def test_toy_method_generate_with_cache_equals_recompute():
+    model = make_model(**TOY)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        keep = model.last_pruning_info.keep_masks
+        for step in range(3):
+            length = batch["input_ids"].shape[1] + step
+            mask = torch.cat([batch["attention_mask"], torch.ones(3, step, dtype=torch.long)], 1)
+            out = model(input_ids=gen.sequences[:, :length], pixel_values=batch["pixel_values"], attention_mask=mask,
+                        position_ids=(mask.cumsum(1) - 1).clamp_min(0), use_cache=False, visual_keep_masks=keep)
+            assert (out.logits[:, -1] - gen.logits[step]).abs().max() <= 1e-4
+
+
+def test_toy_method_config_rules_come_from_its_spec():
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match=r"`pruning_keep_counts` is None, but `pruning_method='toy_norm'`"):
+        tiny_config(**{**TOY, "pruning_keep_counts": None})
+    with pytest.raises(ValueError, match=r"`pre_llm_keep_count` is 4, but `pruning_method='toy_norm'` does not"):
+        tiny_config(**TOY, pre_llm_keep_count=4)
+    assert tiny_config(**TOY).pruned_average_tokens() == (16 + 7 * 2 + 3) / 4
+
+
+def test_registering_a_taken_name_or_a_non_selector_is_refused():
+    class Other(TokenSelector):
+        method = PruningMethod("toy_norm")
+
+    with pytest.raises(ValueError, match="already registered; pass `overwrite=True`"):
+        register_pruning_method(Other)
+    with pytest.raises(TypeError, match="must be a `TokenSelector` subclass"):
+        register_pruning_method(object)
+    with pytest.raises(ValueError, match="prunes nowhere"):
+        register_pruning_method(type("Nowhere", (TokenSelector,), {"method": PruningMethod("x", in_decoder=False)}))
+    assert "x" not in PRUNING_METHODS
+
+
+# 2. The config is checked again before every forward ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("pruning_keep_counts", [5, 10], r"`pruning_keep_counts` must be non-increasing"),
+        ("pruning_keep_counts", [99, 5], r"`pruning_keep_counts` \[99, 5\] asks to keep more than the 16"),
+        ("pruning_layers", [1, 3], r"`pruning_layers` is \[1, 3\], but this model's plug-ins were built for \[1, 2\]"),
+        ("repair_layers", [3], r"`repair_layers` is \[3\], but this model's plug-ins were built for \[2, 3\]"),
+        ("pruning_layers", [1, 9], r"`pruning_layers` contains \[9\]"),
+        ("pruning_method", "magic", r"`pruning_method` is 'magic'"),
+        ("gumbel_temperature", float("inf"), r"`gumbel_temperature` must be a positive float"),
+        ("fastv_query", "first", r"`fastv_query` is 'first'"),
+    ],
+)
+def test_a_field_edited_after_construction_is_checked_at_the_next_forward(field, value, match):
+    model = make_model()
+    batch = make_batch(PADDED)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=match):
+        model(**batch)
+
+
+def test_gumbel_temperature_is_a_forward_argument_not_config_state():
+    """tau shapes the straight-through gradient (Eqs. 6-7); the forward argument acts like the config field and
+    leaves the config alone."""
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None)
+    model.model.gumbel_noise = False
+    model.train()
+    batch = make_batch(PADDED)
+
+    def bias_grads(**kwargs):
+        model.zero_grad()
+        torch.manual_seed(0)  # query dropout
+        model(**batch, **kwargs).layer_retention.sum().backward()
+        return torch.stack([p.bias.grad for p in model.model.rcp_plugins.pruners.values()])
+
+    hot = bias_grads(gumbel_temperature=4.0)
+    assert model.config.gumbel_temperature == 1.0
+    model.config.gumbel_temperature = 4.0
+    same = bias_grads()
+    model.config.gumbel_temperature = 1.0
+    cold = bias_grads()
+    assert torch.equal(hot, same)
+    assert not torch.allclose(hot, cold)
+    with pytest.raises(ValueError, match=r"`gumbel_temperature` must be a positive float, got 0"):
+        model(**batch, gumbel_temperature=0)
+
+
+# 3. No stale or leaked runtime state ------------------------------------------------------------------
+
+
+def test_last_pruning_info_is_refreshed_or_cleared_on_every_forward():
+    model = make_model()
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        model(**batch)
+        assert model.last_pruning_info.keep_masks.shape == (3, 2, NUM_VISUAL)
+        model(input_ids=torch.randint(3, 90, (2, 5)))  # no image: nothing was pruned
+        assert model.last_pruning_info is None
+        with model.plugins_disabled():
+            model(**batch)
+        assert model.last_pruning_info is None
+        model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert model.last_pruning_info.keep_masks.shape == (3, 2, NUM_VISUAL)  # the prefill's, kept through decode
+
+
+def test_kept_indices_are_computed_only_when_read():
+    model = make_model()
+    with torch.no_grad():
+        out = model(**make_batch(PADDED))
+    assert out.kept_indices._lists is None  # the forward did no `.nonzero()`
+    assert len(out.kept_indices) == 2 and out.kept_indices._lists is None
+    for p in range(2):
+        for b in range(3):
+            assert torch.equal(out.kept_indices[p][b], out.keep_masks[b, p].nonzero().flatten())
+
+
+def test_model_only_kwargs_never_reach_the_decoder_layers():
+    model = make_model()
+    seen = []
+    for layer in model.model.language_model.layers:
+        layer.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(**make_batch(PADDED), output_attentions=False, return_dict=True)
+        model(**make_batch(PADDED), mm_encoder_outputs=None)
+    assert len(seen) == 8
+    assert not any(keys & {"output_attentions", "return_dict", "mm_encoder_outputs", "gumbel_temperature"}
+                   for keys in seen)
+
+
+def test_pruning_layout_context_restores_the_previous_layout():
+    model = make_model()
+    with model.pruning_layout("mask"):
+        assert model.model.pruning_layout == "mask"
+        with model.pruning_layout("discard"):
+            assert model.model.pruning_layout == "discard"
+        assert model.model.pruning_layout == "mask"
+    assert model.model.pruning_layout is None
+    with pytest.raises(ValueError, match="`layout` is 'masked'"):
+        with model.pruning_layout("masked"):
+            pass
+
+
+def test_save_pretrained_leaves_the_class_alone_and_writes_both_hub_files(tmp_path):
+    model = make_model()
+    cls = type(model)
+    before = cls.__dict__.get("_auto_class", "unset")
+    model.save_pretrained(tmp_path)
+    assert cls.__dict__.get("_auto_class", "unset") == before
+    for module in (modeling_rcp_llava, configuration_rcp_llava):
+        with open(module.__file__) as f, open(tmp_path / module.__file__.rsplit("/", 1)[-1]) as g:
+            assert f.read() == g.read()
