@@ -16,7 +16,10 @@ pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
 L_task: next-token cross-entropy on the answer tokens; L_repair: W2 distance between diagonal Gaussians fitted
 to the student's and the teacher's answer-position hidden states at the repair-loss layers; L_sparse: distance
 of each sample's mean visual-token retention from the target, annealed from 1 to `visual_token_budget / N`.
-The loss terms are the pure functions `task_loss`, `w2_repair_loss` and `sparsity_loss` below.
+The loss terms are the pure functions `task_loss`, `w2_repair_loss` and `sparsity_loss` below (the W2 of Eq. 18,
+`gaussian_w2`, is shared with the drift evaluation and lives in `rcp_llava.losses`). This file holds the losses,
+`RcpTrainingArguments`, `RcpTrainer` and its schedule callbacks, and the main job; the data (`RcpDataCollator`)
+is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `rcp_llava.schedule`.
 """
 
 import json
@@ -27,22 +30,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from modeling_rcp_llava import (  # noqa: E402
-    PLUGIN_PREFIX,
-    RCP_PLUGINS_NAME,
-    RcpLlavaForConditionalGeneration,
-)
+from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
+from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
+from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
+from rcp_llava.losses import gaussian_w2
+from rcp_llava.schedule import budget_count, round_count
 
 
 logger = logging.get_logger(__name__)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,30 +61,6 @@ def task_loss(logits, labels, num_items=None):
     if num_items is None:
         num_items = (shift_labels != -100).sum()
     return total / torch.as_tensor(num_items, device=total.device).clamp_min(1)
-
-
-def gaussian_w2(student, teacher, mask):
-    """Per-sample W2 distance between diagonal Gaussians fitted to the masked positions (Eq. 18).
-
-    student/teacher: (B, T, D) hidden states; mask: (B, T) bool, the positions of each sample's Gaussian.
-    W2 = (||mu_s - mu_t||^2 + ||sqrt(v_s) - sqrt(v_t)||^2) / D with mu = E[h], v = E[h*h] - mu*mu over the
-    masked positions. Returns (B,); samples without a masked position give 0.
-    """
-    w = mask.unsqueeze(-1).to(student.dtype)  # (B, T, 1)
-    count = w.sum(1).clamp_min(1.0)  # (B, 1)
-
-    def moments(h):
-        mu = (h * w).sum(1) / count  # (B, D)
-        var = ((h * h) * w).sum(1) / count - mu * mu
-        return mu, var.clamp_min(0.0)
-
-    mu_s, var_s = moments(student.float())
-    mu_t, var_t = moments(teacher.float())
-    # sqrt has an infinite slope at 0: a tiny floor keeps one-position samples (variance 0) differentiable.
-    std_s, std_t = torch.sqrt(var_s + 1e-12), torch.sqrt(var_t + 1e-12)
-    dim = student.shape[-1]
-    w2 = ((mu_s - mu_t) ** 2).sum(-1) / dim + ((std_s - std_t) ** 2).sum(-1) / dim
-    return torch.where(mask.any(1), w2, torch.zeros_like(w2))
 
 
 def w2_repair_loss(student_layers, teacher_layers, answer_mask, num_samples=None, mean_only=False):
@@ -245,10 +219,13 @@ class RcpTrainer(Trainer):
         model.model.pruning_layout = "mask"
         model.model.gumbel_noise = args.gumbel_noise
         super().__init__(model=model, args=args, **kwargs)
+        # Runtime training state lives here, never in `model.config` (which is what the user chose, and what
+        # `save_pretrained` / `save_plugins` write): the callbacks anneal it, `compute_loss` passes it on.
+        self.gumbel_temperature = args.gumbel_temperature_start
         self.target_retention = 1.0
         self._window_samples = None
         self._metrics = {"train": {}, "eval": {}}
-        self.add_callback(GumbelTemperatureCallback(args.gumbel_temperature_start, args.gumbel_temperature_end))
+        self.add_callback(GumbelTemperatureCallback(self, args.gumbel_temperature_start, args.gumbel_temperature_end))
         self.add_callback(TargetRetentionCallback(self))
 
     # -- loss -----------------------------------------------------------------------------------
@@ -275,13 +252,13 @@ class RcpTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         answer_mask = inputs.get("answer_mask")
         if answer_mask is None:
-            answer_mask = torch.zeros_like(labels, dtype=torch.bool)
-            answer_mask[:, :-1] = labels[:, 1:] != -100
+            answer_mask = default_answer_mask(labels)
         loss_layers = self.repair_layers_for_loss(config)
 
         with torch.no_grad(), unwrapped.plugins_disabled():
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
-        student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False)
+        student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
+                        gumbel_temperature=self.gumbel_temperature)
 
         training = model.training
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
@@ -309,7 +286,7 @@ class RcpTrainer(Trainer):
                                      if student.layer_retention is not None and has_image.any()
                                      else retention.new_tensor(1.0)),
             "target_retention": torch.tensor(self.target_retention),
-            "gumbel_temperature": torch.tensor(float(config.gumbel_temperature)),
+            "gumbel_temperature": torch.tensor(float(self.gumbel_temperature)),
         })
         return (loss, student) if return_outputs else loss
 
@@ -334,11 +311,12 @@ class RcpTrainer(Trainer):
         save_plugin_folder(self.accelerator.unwrap_model(self.model), output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    # Resuming needs every plug-in tensor: the model's one loader, strict (it fails before copying anything).
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        load_plugin_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        self.accelerator.unwrap_model(model or self.model).load_plugins(resume_from_checkpoint, strict=True)
 
     def _load_best_model(self):
-        load_plugin_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+        self.accelerator.unwrap_model(self.model).load_plugins(self.state.best_model_checkpoint, strict=True)
 
 
 def save_plugin_folder(model, folder):
@@ -347,41 +325,23 @@ def save_plugin_folder(model, folder):
     model.save_plugins(folder)
 
 
-def load_plugin_weights(model, folder):
-    """Load plug-in weights saved by `save_plugin_folder` (strict: every plug-in tensor must be there)."""
-    path = os.path.join(folder, RCP_PLUGINS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No plug-in weights at {path}: is {folder!r} an RCP checkpoint folder?")
-    tensors = load_file(path)
-    expected = set(model.plugin_state_dict())
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"Plug-in checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}. Was it trained with other `pruning_layers`/`repair_layers`?"
-        )
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        for key, value in tensors.items():
-            target = params.get(key, buffers.get(key))
-            target.copy_(value.to(target.device, target.dtype))
-
-
 # ------------------------------------------------------------------------------------------------
 # Schedules
 # ------------------------------------------------------------------------------------------------
 
 
 class GumbelTemperatureCallback(TrainerCallback):
-    """Anneals `config.gumbel_temperature` geometrically from `start` to `end` over training."""
+    """Anneals the trainer's Gumbel-Sigmoid temperature (`trainer.gumbel_temperature`, Eq. 6) geometrically from
+    `start` to `end` over training. The student forward gets it as an argument; `config.gumbel_temperature` stays
+    the user's value."""
 
-    def __init__(self, start=1.5, end=0.2):
+    def __init__(self, trainer, start=1.5, end=0.2):
+        self.trainer = trainer
         self.start, self.end = start, end
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and state.max_steps:
-            model.config.gumbel_temperature = annealed(self.start, self.end, state.global_step / state.max_steps)
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.max_steps:
+            self.trainer.gumbel_temperature = annealed(self.start, self.end, state.global_step / state.max_steps)
 
 
 class TargetRetentionCallback(TrainerCallback):
@@ -402,126 +362,6 @@ def target_retention(config):
     if config.visual_token_budget is None:
         raise ValueError("Training needs `visual_token_budget` (the target average visual tokens per layer).")
     return config.visual_token_budget / config.num_visual_tokens
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-class RcpDataCollator:
-    """Builds chat prompts with the processor's template, and the labels and masks RCP trains with.
-
-    Each example is a dict with an image (PIL image or path), a question and an answer. Output: `input_ids`,
-    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer), `question_mask` (the text tokens
-    after the image, before the answer) and `answer_mask` (positions whose next token is an answer token).
-    """
-
-    def __init__(self, processor, image_column="image", question_column="question", answer_column="answer",
-                 max_length=None, image_folder=None):
-        self.processor = processor
-        self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
-        self.max_length = max_length
-        self.image_folder = image_folder
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-    def messages(self, question, answer=None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return messages
-
-    def texts(self, example):
-        question, answer = example[self.question_column], example[self.answer_column]
-        prompt = self.processor.apply_chat_template(self.messages(question), add_generation_prompt=True)
-        full = self.processor.apply_chat_template(self.messages(question, answer))
-        if not full.startswith(prompt):
-            raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
-        return prompt, full
-
-    def load_image(self, image):
-        from PIL import Image
-
-        if isinstance(image, str):
-            path = os.path.join(self.image_folder, image) if self.image_folder else image
-            return Image.open(path).convert("RGB")
-        return image.convert("RGB") if hasattr(image, "convert") else image
-
-    def __call__(self, examples):
-        tokenizer = self.processor.tokenizer
-        tokenizer.padding_side = "left"
-        prompts, fulls = zip(*(self.texts(e) for e in examples))
-        images = [self.load_image(e[self.image_column]) for e in examples]
-        batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
-        prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
-        input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
-        bsz, seq = input_ids.shape
-        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
-        lengths = attention.sum(1)
-        if self.max_length is not None and int(lengths.max()) > self.max_length:
-            raise ValueError(
-                f"A prompt + answer is {int(lengths.max())} tokens, above `max_length={self.max_length}`."
-            )
-        start = seq - lengths  # first real token (left padding)
-        positions = torch.arange(seq).unsqueeze(0)
-        answer_start = (start + prompt_lengths).unsqueeze(1)
-        is_answer = (positions >= answer_start) & attention
-        labels = torch.where(is_answer, input_ids, -100)
-        image = input_ids == self.image_token_id
-        last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)
-        question_mask = (positions > last_image) & (positions < answer_start) & attention
-        answer_mask = torch.zeros_like(attention)
-        answer_mask[:, :-1] = labels[:, 1:] != -100
-        out = dict(batch)
-        # RoPE positions as generate builds them, so that left padding never shifts a sample's positions.
-        position_ids = (attention.long().cumsum(1) - 1).clamp_min(0)
-        out.update(labels=labels, question_mask=question_mask, answer_mask=answer_mask, position_ids=position_ids)
-        return out
-
-
-def check_dataset(dataset, collator, max_length=None, name="dataset"):
-    """Fail before training on missing columns or answers that do not fit `max_length`."""
-    columns = set(dataset.column_names)
-    needed = [collator.image_column, collator.question_column, collator.answer_column]
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise ValueError(
-            f"The {name} has no column(s) {missing}; it has {sorted(columns)}. Name the right ones with "
-            "--image_column / --question_column / --answer_column."
-        )
-    if max_length is None:
-        return
-    tokenizer = collator.processor.tokenizer
-    image_tokens = getattr(collator.processor, "num_image_tokens", None) or 0
-    for index in range(len(dataset)):
-        row = dataset[index]
-        _, full = collator.texts(row)
-        text_tokens = len(tokenizer(full.replace(collator.processor.image_token, ""))["input_ids"])
-        total = text_tokens + image_tokens
-        if total > max_length:
-            raise ValueError(
-                f"Example {index} of the {name} is {total} tokens long (answer {row[collator.answer_column]!r}), "
-                f"above `max_length={max_length}`: raise --max_length or drop long answers."
-            )
-
-
-def load_llava_json(path, image_folder=None):
-    """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
-    (image, question, answer) rows, one per human/gpt turn pair."""
-    from datasets import Dataset
-
-    with open(path) as f:
-        records = json.load(f)
-    rows = []
-    for i, record in enumerate(records):
-        if "image" not in record or "conversations" not in record:
-            raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
-        turns = record["conversations"]
-        for human, gpt in zip(turns[0::2], turns[1::2]):
-            question = human["value"].replace("<image>", "").strip()
-            image = os.path.join(image_folder, record["image"]) if image_folder else record["image"]
-            rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
-    return Dataset.from_list(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -634,7 +474,15 @@ def run_job(job, args, explicit=()):
         if getattr(job, name) is not None:
             overrides[name] = getattr(job, name)
     num_visual = (base_config.vision_config.image_size // base_config.vision_config.patch_size) ** 2
-    budget = job.visual_token_budget if job.visual_token_budget is not None else job.budget_fraction * num_visual
+    if job.visual_token_budget is not None:
+        budget = job.visual_token_budget
+    elif not 0 < job.budget_fraction <= 1:
+        raise ValueError(
+            f"--budget_fraction {job.budget_fraction} is outside (0, 1]: it is a fraction of the {num_visual} "
+            "visual tokens."
+        )
+    else:  # the evaluation's rule too: the job at fraction f and the grid at budget f keep the same k
+        budget = float(budget_count(job.budget_fraction, num_visual))
     if not 0 < budget <= num_visual:
         raise ValueError(
             f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
@@ -690,10 +538,7 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     if test_name is not None:
         metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples))
     out = args.output_dir
-    save_plugin_folder(model, os.path.join(out, "plugins"))
-    model.model.pruning_layout = None
-    model.save_pretrained(os.path.join(out, "model"))
-    processor.save_pretrained(os.path.join(out, "model"))
+    save_job_folders(model, processor, out)
     metrics["total_seconds"] = round(time.time() - started, 1)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -701,6 +546,14 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     if push:
         push_output(model, out, base_model, args, plugins_only=job.push_plugins_only)
     return metrics
+
+
+def save_job_folders(model, processor, out):
+    """Write the job's `plugins/` (plug-ins only) and `model/` (full model + processor, Hub-loadable) folders."""
+    save_plugin_folder(model, os.path.join(out, "plugins"))
+    model.model.pruning_layout = None  # the trainer's runtime layout is not part of the saved model
+    model.save_pretrained(os.path.join(out, "model"))
+    processor.save_pretrained(os.path.join(out, "model"))
 
 
 def push_output(model, out, base_model, args, plugins_only=False):
@@ -722,83 +575,50 @@ def push_output(model, out, base_model, args, plugins_only=False):
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def answer_accuracy(model, processor, dataset, collator, keep_masks_fn=None, batch_size=32, max_samples=None):
-    """Greedy first-token accuracy (the testbed's answers are one word) with physical discard.
-
-    keep_masks_fn(batch_index, batch_size) -> (B, P, N) bool forces the kept sets (e.g. random pruning).
-    Returns accuracy, per-family accuracy, mean kept tokens per pruning layer and mean retention.
-    """
-    model.eval()
-    model.model.pruning_layout = "discard"
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    correct, families, kept, retention = [], {}, [], []
-    for b, start in enumerate(range(0, n, batch_size)):
-        rows = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        prompts = [processor.apply_chat_template(collator.messages(r[collator.question_column]),
-                                                 add_generation_prompt=True) for r in rows]
-        images = [collator.load_image(r[collator.image_column]) for r in rows]
-        batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        positions = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
-        forced = keep_masks_fn(b, len(rows)) if keep_masks_fn is not None else None
-        out = model(**batch, position_ids=positions, visual_keep_masks=forced, use_cache=False, logits_to_keep=1)
-        predictions = tokenizer.batch_decode(out.logits[:, -1].argmax(-1, keepdim=True))
-        for row, pred in zip(rows, predictions):
-            ok = float(pred.strip() == str(row[collator.answer_column]).strip())
-            correct.append(ok)
-            families.setdefault(row.get("family", "all"), []).append(ok)
-        if out.kept_counts is not None:
-            kept.append(out.kept_counts.float())
-            retention.append(out.layer_retention)
-    result = {"accuracy": sum(correct) / len(correct), "n": len(correct),
-              "families": {k: sum(v) / len(v) for k, v in sorted(families.items())}}
-    if kept:
-        kept = torch.cat(kept)
-        retention = torch.cat(retention)
-        first = model.config.pruning_layers[0]
-        result.update(kept_per_pruning_layer=kept.mean(0).tolist(),
-                      retention_all_layers=float(retention.mean()),
-                      retention_from_first_pruner=float(retention[:, first:].mean()),
-                      avg_visual_tokens_per_layer=float(retention.mean() * model.config.num_visual_tokens))
-    return result
+def job_result(result):
+    """The main job's metrics.json entry of one `rcp_llava.evaluation.evaluate_model` result: its first-token
+    "score" as "accuracy", "groups" as "families", and RCP's kept-token statistics (the file's documented keys,
+    which `rcp_llava.hub.load_eval_results` reads)."""
+    entry = {"accuracy": result["score"], "n": result["n"], "families": result["groups"]}
+    if result["kept_per_point"] is not None:
+        entry.update(kept_per_pruning_layer=result["kept_per_point"],
+                     retention_all_layers=result["retention_all_layers"],
+                     retention_from_first_pruner=result["retention_from_first_point"],
+                     avg_visual_tokens_per_layer=result["avg_visual_tokens_per_layer"])
+    return entry
 
 
-def random_keep_masks_fn(counts, num_visual, seed):
-    """keep_masks_fn for random pruning at fixed per-layer counts: nested uniform subsets (cumulative), one seeded
-    draw per batch."""
-    from rcp_llava.evaluation import nested_random_masks
-
-    def fn(batch_index, batch_size):
-        return nested_random_masks(counts, batch_size, num_visual, seed=seed + batch_index)
-
-    return fn
+def fixed_counts_from(kept_per_pruning_layer):
+    """Integer keep counts from RCP's mean kept tokens per pruning layer: rounded (`rcp_llava.schedule.round_count`,
+    half up, at least 1) and made non-increasing (the masks are cumulative)."""
+    counts = [round_count(c) for c in kept_per_pruning_layer]
+    return [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]
 
 
 def evaluate_methods(model, processor, dataset, collator, max_samples=None):
-    """Full model, trained RCP, untrained plug-ins at RCP's mean counts, random at RCP's mean counts."""
-    results = {}
-    with model.plugins_disabled():
-        results["full"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
-    results["rcp"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
-    counts = [max(1, round(c)) for c in results["rcp"]["kept_per_pruning_layer"]]
-    counts = [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]  # non-increasing
-    trained = {k: v.clone() for k, v in model.plugin_state_dict().items()}
-    saved_counts = model.config.pruning_keep_counts
-    try:
-        model.config.pruning_keep_counts = counts
-        results["rcp_fixed_counts"] = answer_accuracy(model, processor, dataset, collator, max_samples=max_samples)
-        with torch.no_grad():  # untrained plug-ins: a fresh initialisation, as from_pretrained(stock) gives
-            model.model.rcp_plugins.apply(model._init_weights)
-        results["untrained_fixed_counts"] = answer_accuracy(model, processor, dataset, collator,
-                                                            max_samples=max_samples)
-    finally:
-        model.config.pruning_keep_counts = saved_counts
-        model.load_state_dict(trained, strict=False)
-    results["random_fixed_counts"] = answer_accuracy(
-        model, processor, dataset, collator, max_samples=max_samples,
-        keep_masks_fn=random_keep_masks_fn(counts, model.config.num_visual_tokens, seed=0))
+    """Full model, trained RCP, and at RCP's mean counts: trained RCP, untrained plug-ins and random kept sets.
+
+    Each is its own `method_model` over the trained model's backbone (the trained model, its config and its
+    plug-ins are left as they are); all are scored by `rcp_llava.evaluation.evaluate_model`.
+    """
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples)) if hasattr(dataset, "select") else dataset[:max_samples]
+    data = EvalData("testbed", dataset, "test", image_column=collator.image_column,
+                    question_column=collator.question_column, answer_column=collator.answer_column,
+                    image_folder=collator.image_folder)
+    n = model.config.num_visual_tokens
+
+    def score(method, **kwargs):
+        return job_result(evaluate_model(method, processor, data, **kwargs))
+
+    results = {"full": score(method_model(model, **method_overrides("none", n, model.config)))}
+    rcp = method_model(model)  # the trained plug-ins, adaptive threshold (Eq. 8)
+    results["rcp"] = score(rcp)
+    counts = fixed_counts_from(results["rcp"]["kept_per_pruning_layer"])
+    results["rcp_fixed_counts"] = score(method_model(model, pruning_keep_counts=counts))
+    # Untrained plug-ins: a fresh initialisation, as from_pretrained(stock) gives.
+    results["untrained_fixed_counts"] = score(method_model(model, fresh_plugins=True, pruning_keep_counts=counts))
+    results["random_fixed_counts"] = score(rcp, keep_masks_fn=random_keep_masks_fn(counts, n, seed=0))
     results["fixed_counts"] = counts
     return results
 

@@ -24,7 +24,7 @@ Variants (each a `train_rcp` run = the main job's flags + the variant's, in WORK
 calls `train_rcp.run_job` with `repair_layers=[]` set on the parsed arguments: the same code path as `main`.
 
 Every trained variant is evaluated (first-token accuracy on the test split) at the FIXED counts of `--budget`
-(`rcp_llava.evaluation.rcp_keep_counts`: the average over the layers from the first pruner is k = budget * N)
+(`rcp_llava.schedule.rcp_keep_counts`: the average over the layers from the first pruner is k = budget * N)
 and with its adaptive threshold; "Table VI" is the `full` variant's adaptive kept tokens per pruning layer, % of N.
 
 Trained variants live in `--work_dir/NAME/VARIANT` and are reused on a rerun only when they were trained with the
@@ -40,8 +40,6 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 TRAINED = {
     "full": [],
@@ -127,14 +125,8 @@ def base_weights_fingerprint(argv):
 
 def evaluate_variant(base, processor, data, budget, batch_size, repair=True, method="rcp"):
     """Fixed counts at `budget` and (for RCP) the adaptive threshold. Returns a dict."""
-    from rcp_llava.evaluation import (
-        average_tokens,
-        budget_count,
-        evaluate_model,
-        method_model,
-        method_overrides,
-        parse_budget,
-    )
+    from rcp_llava.evaluation import evaluate_model, method_model, method_overrides
+    from rcp_llava.schedule import average_tokens, budget_count, parse_budget
 
     _, fraction = parse_budget(budget)
     k = budget_count(fraction, base.config.num_visual_tokens)

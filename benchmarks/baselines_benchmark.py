@@ -18,20 +18,14 @@ ratios are measured side by side; on a shared CPU they are still noisy (+-10-40%
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
-
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
+from configuration_rcp_llava import RcpLlavaConfig
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
 
 IMAGE_TOKEN = 999

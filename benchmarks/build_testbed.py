@@ -22,12 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from transformers import HfArgumentParser
 
-import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
-
-from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir  # noqa: E402
+from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir
 
 
 @dataclass

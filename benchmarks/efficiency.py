@@ -25,16 +25,14 @@ import sys
 import time
 
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from configuration_rcp_llava import RcpLlavaConfig, visual_tokens_per_layer
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+from rcp_llava.flops import kv_cache_bytes, llava_flops
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
-
-from configuration_rcp_llava import RcpLlavaConfig, visual_tokens_per_layer  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins  # noqa: E402
-from rcp_llava.flops import kv_cache_bytes, llava_flops  # noqa: E402
 
 
 PRESETS = {

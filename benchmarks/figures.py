@@ -8,7 +8,7 @@ accuracy vs. kept tokens.
   and of the full model, mean over `--num_samples` testbed samples, in the "mask" layout (positions line up).
   Lines: RCP with its repair adapters, RCP without them (same kept sets), and the same model without repair given
   attention top-k and random kept sets at the same counts. All at the fixed counts of `--budget`
-  (`rcp_llava.evaluation.rcp_keep_counts`).
+  (`rcp_llava.schedule.rcp_keep_counts`).
 * masks_NAME.png: for `--num_images` test images, the patches kept after each pruning layer (dropped patches
   dimmed), the answer's evidence patches outlined in red.
 * accuracy_vs_tokens_NAME.png: from an `evaluate_methods.py` JSON, score vs. average visual tokens per layer,
@@ -23,8 +23,6 @@ import sys
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def _plt():
@@ -130,14 +128,13 @@ def plot_accuracy_vs_tokens(result, path, title=None):
 def drift_and_masks(base, processor, rows, budget="1/9", mask_rows=None, seed=0):
     """Compute the drift curves and the RCP masks at the fixed counts of `budget`. Returns a dict."""
     from rcp_llava.evaluation import (
-        budget_count,
         keep_masks_of,
         method_model,
         method_overrides,
         nested_random_masks,
-        parse_budget,
         representation_drift,
     )
+    from rcp_llava.schedule import budget_count, parse_budget
 
     config = base.config
     label, fraction = parse_budget(budget)

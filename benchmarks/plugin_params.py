@@ -3,18 +3,11 @@
     python benchmarks/plugin_params.py
 """
 
-import os
-import sys
-
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
-
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
+from configuration_rcp_llava import RcpLlavaConfig
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
 
 CLIP_L_336 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,

@@ -11,21 +11,15 @@ inside the pruned runs.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration  # noqa: E402
-
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
-from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer  # noqa: E402
+from configuration_rcp_llava import RcpLlavaConfig
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer
 
 
 def scaled_layers(num_layers):

@@ -19,7 +19,7 @@ def build_demo_folder():
     """Save a tiny random RCP model + processor to a temp folder, in a child process: this process never imports
     rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "rcp_llava.hub", "--demo-folder"], cwd=root, check=True,
+    out = subprocess.run([sys.executable, "-m", "rcp_llava.demo", "--demo-folder"], cwd=root, check=True,
                          capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
 

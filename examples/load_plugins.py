@@ -11,11 +11,7 @@ With `--out`, the full model is saved as a Hub-loadable folder (weights + remote
 
 import argparse
 import os
-import sys
 import tempfile
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def folder_size(path):
@@ -26,7 +22,7 @@ def build_demo(root):
     """A stock LLaVA folder (the base) and a plug-in folder from a 'trained' RCP model on that base."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from rcp_llava.hub import build_demo_model, build_demo_processor
+    from rcp_llava.demo import build_demo_model, build_demo_processor
 
     trained = build_demo_model(randomize_plugins=True)
     stock_config = LlavaConfig.from_dict(

@@ -10,18 +10,11 @@ of each layer, full vs pruned. With a real checkpoint the same code reads:
         "llava-hf/llava-1.5-7b-hf", pruning_layers=[2, 14, 26], pruning_keep_counts=[96, 26, 8])
 """
 
-import os
-import sys
-
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
-
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
+from configuration_rcp_llava import RcpLlavaConfig
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
 
 def main():

@@ -6,41 +6,54 @@
                            budgets=["1/3", "2/9", "1/9"], max_samples=500)
     print(format_table(result))
 
-Budgets are fractions of the N visual tokens of an image; a method at budget b keeps k = round(b * N):
+Budgets are fractions of the N visual tokens of an image; a method at budget b keeps k = `budget_count(b, N)`
+(b * N rounded half up, at least 1):
 
 * `vispruner`, `random`: k tokens before the LLM (`pre_llm_keep_count=k`): every decoder layer sees k.
 * `fastv`: k tokens after the layer K (`pruning_layers=[K]`, `pruning_keep_counts=[k]`); layers before K see N.
 * `attention_topk`: the RCP model's pruning layers with the counts below, ranked by the LLM's own attention.
 * `rcp`: the trained plug-ins with FIXED keep counts whose average over the layers from the first pruner equals
-  k (`rcp_keep_counts`): the proportions between stages are those of the paper's Table VI (16.72 : 4.59 : 1.44
-  % retained after its three pruners), interpolated log-linearly over the relative pruner index when the model
-  has another number of pruning layers; counts are integers, non-increasing, at most N and at least 1, chosen so
-  that the average is as close to k as integers allow. Plus one row `rcp (adaptive)`: the trained threshold
-  (Eq. 8), keeping whatever it keeps.
+  k (`rcp_llava.schedule.rcp_keep_counts`): the proportions between stages are those of the paper's Table VI
+  (16.72 : 4.59 : 1.44 % retained after its three pruners), interpolated log-linearly over the relative pruner
+  index when the model has another number of pruning layers; counts are integers, non-increasing, at most N and
+  at least 1, chosen so that the average is as close to k as integers allow. Plus one row `rcp (adaptive)`: the
+  trained threshold (Eq. 8), keeping whatever it keeps.
 * `none`: once, all N tokens.
 
 Every row reports the average visual tokens per decoder layer over ALL layers and over the layers from the first
 pruning point on (identical for pre-LLM methods); a method that prunes late at k keeps more tokens in total than
 one that prunes before the LLM at k, and the two columns say so.
 
-Scoring: on the testbed (one-word answers) the greedy first token, read from one prefill with physical discard
-(`first_token_accuracy`); on a reader benchmark (`rcp_llava.readers`) `generate` with left padding, decoded and
-scored with the benchmark's metric (`BENCHMARK_METRIC`).
+Scoring (`evaluate_model`, the one evaluator: this grid, the ablations and `train_rcp.py`'s main job use it): on
+rows in the testbed format (one-word answers) the greedy first token, read from one prefill with physical discard
+(`first_token_predictions`); on a reader benchmark (`rcp_llava.readers`) `generate` with left padding, decoded and
+scored with the benchmark's metric (`BENCHMARK_METRIC`). Its result is one schema, `{"score", "n", "groups",
+"predictions", "kept_per_point", "tokens_per_layer", ...}` (see `evaluate_model`).
+
+Budgets, keep counts and token accounting live in `rcp_llava.schedule`; prompts in `rcp_llava.data`.
 """
 
 import copy
-import math
 import os
-from fractions import Fraction
+from contextlib import contextmanager
 
 import torch
 
-from configuration_rcp_llava import visual_tokens_per_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
+from rcp_llava.losses import gaussian_w2
+from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ... are also read from here
+    TABLE_VI_RETENTION,
+    average_tokens,
+    budget_count,
+    kept_tokens_per_layer,
+    parse_budget,
+    rcp_keep_counts,
+    scheduled_tokens_per_layer,
+    stage_proportions,
+)
 
 
-# Table VI of the paper: % of the 576 visual tokens kept after the pruners at layers 2 / 14 / 26 (64-token budget).
-TABLE_VI_RETENTION = (16.72, 4.59, 1.44)
 METHODS = ("none", "rcp", "vispruner", "fastv", "random", "attention_topk")
 DEFAULT_BUDGETS = ("1/3", "2/9", "1/9")
 # Headline number of each reader metric (the table's score for that benchmark).
@@ -50,93 +63,6 @@ METRIC_KEY = {"vqa_accuracy": "vqa_accuracy", "exact_match": "exact_match", "pop
 # ------------------------------------------------------------------------------------------------
 # Budgets -> per-method configurations
 # ------------------------------------------------------------------------------------------------
-
-
-def parse_budget(text):
-    """`"1/3"`, `"0.25"` -> a fraction in (0, 1]. Returns `(label, fraction)`."""
-    label = str(text).strip()
-    try:
-        value = float(Fraction(label))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"Budget {text!r} is not a fraction like '1/3' or '0.25'.") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"Budget {text!r} must be a fraction of the visual tokens in (0, 1].")
-    return label, value
-
-
-def budget_count(fraction, num_visual_tokens):
-    """k = round(fraction * N), at least 1 (1/3, 2/9, 1/9 of 144 -> 48, 32, 16)."""
-    return max(1, int(math.floor(fraction * num_visual_tokens + 0.5)))
-
-
-def stage_proportions(num_pruning_layers):
-    """Relative retention after each pruner: Table VI's three values, log-linearly interpolated over the relative
-    pruner index t = i / (P - 1) (P = 1: the first value; P = 3: Table VI itself)."""
-    if num_pruning_layers < 1:
-        raise ValueError("At least one pruning layer is needed.")
-    logs = [math.log(v) for v in TABLE_VI_RETENTION]
-    out = []
-    for i in range(num_pruning_layers):
-        t = 0.0 if num_pruning_layers == 1 else i / (num_pruning_layers - 1)
-        x = t * (len(logs) - 1)
-        lo = min(int(math.floor(x)), len(logs) - 2)
-        frac = x - lo
-        out.append(math.exp(logs[lo] * (1 - frac) + logs[lo + 1] * frac))
-    return out
-
-
-def average_tokens(per_layer, first_layer=0):
-    layers = per_layer[first_layer:]
-    return sum(layers) / len(layers)
-
-
-def rcp_keep_counts(k, pruning_layers, num_layers, num_visual_tokens):
-    """Fixed per-pruner counts whose average over the layers from the first pruner is k (see the module doc).
-
-    The real-valued solution c_i = a * w_i (w: `stage_proportions`) is capped at N (the excess goes to the other
-    stages), rounded, made non-increasing, then nudged by +-1 while that brings the average closer to k.
-    """
-    layers = list(pruning_layers)
-    if not layers:
-        raise ValueError("RCP needs at least one pruning layer.")
-    n = num_visual_tokens
-    if not 0 < k <= n:
-        raise ValueError(f"Keep count {k} is outside (0, {n}].")
-    spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
-    weights = stage_proportions(len(layers))
-    target = k * sum(spans)
-    capped = set()
-    while True:
-        free = [i for i in range(len(layers)) if i not in capped]
-        rest = target - sum(spans[i] * n for i in capped)
-        if not free:
-            real = [float(n)] * len(layers)
-            break
-        scale = rest / sum(spans[i] * weights[i] for i in free)
-        real = [float(n) if i in capped else scale * weights[i] for i in range(len(layers))]
-        over = [i for i in free if real[i] > n]
-        if not over:
-            break
-        capped.update(over)
-    counts = [min(n, max(1, int(math.floor(c + 0.5)))) for c in real]
-    for i in range(1, len(counts)):
-        counts[i] = min(counts[i], counts[i - 1])
-
-    def error(c):
-        return abs(sum(s * x for s, x in zip(spans, c)) - target)
-
-    improved = True
-    while improved:
-        improved = False
-        for i in range(len(counts)):
-            for step in (1, -1):
-                trial = list(counts)
-                trial[i] += step
-                if not 1 <= trial[i] <= n or any(b > a for a, b in zip(trial, trial[1:])):
-                    continue
-                if error(trial) < error(counts) - 1e-9:
-                    counts, improved = trial, True
-    return counts
 
 
 def default_fastv_layer(num_layers):
@@ -171,18 +97,6 @@ def method_overrides(method, k, config, fastv_layer=None):
     raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}.")
 
 
-def scheduled_tokens_per_layer(config):
-    """Visual tokens per decoder layer that `config`'s fixed counts give (None for the adaptive threshold)."""
-    num_layers = config.text_config.num_hidden_layers
-    n = config.num_visual_tokens
-    if config.pruning_method == "none":
-        return [n] * num_layers
-    counts = config.point_keep_counts
-    if counts is None:
-        return None
-    return visual_tokens_per_layer(num_layers, n, config.pruning_points, counts)
-
-
 # ------------------------------------------------------------------------------------------------
 # Models: one backbone, one model per method
 # ------------------------------------------------------------------------------------------------
@@ -192,13 +106,14 @@ _STRUCTURAL = ("pruning_layers", "repair_layers", "pruner_hidden_size", "repair_
                "num_pruning_queries")
 
 
-def method_model(base, **overrides):
+def method_model(base, fresh_plugins=False, **overrides):
     """A model with `base`'s config changed by `overrides` that SHARES `base`'s backbone modules.
 
     Built on the meta device; the vision tower, projector, language model and LM head are `base`'s own modules
-    (no copy). An RCP model with `base`'s plug-in placement shares `base`'s plug-ins too (trained weights, other
-    keep counts); any other RCP placement gets freshly initialised plug-ins (= attention top-k pruners, no-op
-    adapters). Baselines have no plug-ins.
+    (no copy), so building one model per method costs no memory and never touches `base` (its config, plug-ins
+    and runtime switches stay as they are). An RCP model with `base`'s plug-in placement shares `base`'s plug-ins
+    too (trained weights, other keep counts) unless `fresh_plugins=True`; any other RCP placement, and
+    `fresh_plugins=True`, gets freshly initialised plug-ins (`fresh_plugins_for`). Baselines have no plug-ins.
     """
     config = copy.deepcopy(base.config)
     for key, value in overrides.items():
@@ -216,17 +131,28 @@ def method_model(base, **overrides):
     param = next(base.parameters())
     same_plugins = (config.pruning_method == "rcp" and base.config.pruning_method == "rcp"
                     and all(getattr(config, f) == getattr(base.config, f) for f in _STRUCTURAL))
-    if same_plugins:
+    if same_plugins and not fresh_plugins:
         model.model.rcp_plugins = base.model.rcp_plugins
     else:
-        model.model.rcp_plugins = RcpPlugins(config).to(param.device, param.dtype)
-        with torch.no_grad():
-            model.model.rcp_plugins.apply(model._init_weights)
+        model.model.rcp_plugins = fresh_plugins_for(model, param.device, param.dtype)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"method_model left tensors on the meta device: {leftover[:5]}")
     model.generation_config = copy.deepcopy(base.generation_config)
     return model.eval()
+
+
+def fresh_plugins_for(model, device, dtype):
+    """`model.config`'s plug-ins, initialised as `from_pretrained(stock LLaVA)` initialises them: built on the
+    meta device and given values by `model._init_weights` alone. No constructor draws from the global RNG first,
+    so the values equal an in-place re-initialisation of existing plug-ins from the same RNG state
+    (`RcpInitMixin._init_weights` in `modeling_rcp_llava`)."""
+    with torch.device("meta"):
+        plugins = RcpPlugins(model.config)
+    plugins = plugins.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        plugins.apply(model._init_weights)
+    return plugins
 
 
 def load_base_model(model_dir, plugins=None, dtype=None, device=None):
@@ -257,11 +183,15 @@ def load_base_model(model_dir, plugins=None, dtype=None, device=None):
 
 
 class EvalData:
-    """Rows to evaluate: `kind` "testbed" (dataset rows with image/question/answer/family) or "benchmark"
+    """Rows to evaluate: `kind` "testbed" (rows with an image, a question, a one-word answer and optionally a
+    "family"; the column names are settable, and image paths are read relative to `image_folder`) or "benchmark"
     (`VqaRecord`s of one reader benchmark); `name` labels it in the table."""
 
-    def __init__(self, kind, rows, name, benchmark=None):
+    def __init__(self, kind, rows, name, benchmark=None, image_column="image", question_column="question",
+                 answer_column="answer", image_folder=None):
         self.kind, self.rows, self.name, self.benchmark = kind, rows, name, benchmark
+        self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
+        self.image_folder = image_folder
 
     def __len__(self):
         return len(self.rows)
@@ -300,62 +230,61 @@ def load_data(spec="testbed", split="test", max_samples=None):
     raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
 
 
-def _messages(question):
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-
-def _prompt_batch(processor, questions, images):
-    processor.tokenizer.padding_side = "left"
-    prompts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True) for q in questions]
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    return batch
-
-
-def _kept_stats(model, kept_counts, batch_size):
-    """Per-sample visual tokens per decoder layer from the kept counts at each pruning point: (B, L)."""
-    config = model.config
-    num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
-    if kept_counts is None:
-        return [[n] * num_layers for _ in range(batch_size)]
-    points = config.pruning_points
-    return [visual_tokens_per_layer(num_layers, n, points, [int(c) for c in row]) for row in kept_counts.tolist()]
-
-
 # ------------------------------------------------------------------------------------------------
 # Scoring
 # ------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def pruning_layout(model, layout):
+    """Run `model` in the pruning `layout` ("discard", "mask" or None), then restore the layout it had: an
+    evaluator never leaves a model it was given changed."""
+    inner = model.model
+    previous = inner.pruning_layout
+    inner.pruning_layout = layout
+    try:
+        yield model
+    finally:
+        inner.pruning_layout = previous
+
+
 @torch.no_grad()
-def first_token_predictions(model, processor, rows):
-    """Greedy first answer token of each testbed row (one prefill, physical discard) and the per-sample visual
-    tokens per decoder layer. The testbed's answers are one word, so this IS `generate`'s answer."""
+def first_token_predictions(model, processor, rows, keep_masks=None, image_column="image", question_column="question",
+                            image_folder=None):
+    """Greedy first answer token of each testbed row: one prefill with physical discard. The testbed's answers are
+    one word, so this IS `generate`'s answer.
+
+    keep_masks: (B, P, N) bool kept sets that replace the method's own choice (`visual_keep_masks`).
+    Returns `(predictions, kept_counts (B, P) or None, layer_retention (B, num_layers) or None)`.
+    """
     model.eval()
-    model.model.pruning_layout = "discard"
-    batch = _prompt_batch(processor, [r["question"] for r in rows], [r["image"].convert("RGB") for r in rows])
+    images = [load_image(r[image_column], image_folder) for r in rows]
+    batch = prompt_batch(processor, [r[question_column] for r in rows], images)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model(**batch, use_cache=False, logits_to_keep=1)
-    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    if keep_masks is not None:
+        keep_masks = keep_masks.to(device)
+    with pruning_layout(model, "discard"):
+        out = model(**batch, visual_keep_masks=keep_masks, use_cache=False, logits_to_keep=1)
+    ids = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     predictions = [p.strip() for p in processor.tokenizer.batch_decode(ids)]
-    return predictions, _kept_stats(model, out.kept_counts, len(rows)), out.kept_counts
+    return predictions, out.kept_counts, out.layer_retention
 
 
 @torch.no_grad()
 def generated_answers(model, processor, records, max_new_tokens=16):
-    """`generate` (greedy, left padding) on reader records; decoded answers and per-layer visual tokens."""
+    """`generate` (greedy, left padding) on reader records. Returns `(answers, kept_counts (B, P) or None)`."""
     model.eval()
-    model.model.pruning_layout = "discard"
-    batch = _prompt_batch(processor, [r.question for r in records], [r.load_image() for r in records])
+    batch = prompt_batch(processor, [r.question for r in records], [r.load_image() for r in records])
     batch.pop("position_ids")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    with pruning_layout(model, "discard"):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     texts = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     info = model.last_pruning_info if model._pruning_active() and model.config.pruning_points else None
     counts = info.kept_counts if info is not None else None
-    return [t.strip() for t in texts], _kept_stats(model, counts, len(records)), counts
+    return [t.strip() for t in texts], counts
 
 
 def score_benchmark(benchmark, predictions, records):
@@ -385,18 +314,36 @@ def score_benchmark(benchmark, predictions, records):
     return {"score": float(result[key]), "groups": groups, "metric": result}
 
 
-def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, progress=None):
-    """Score one method model on `data`: `{"score", "n", "groups", "kept_per_point", "tokens_per_layer"}`."""
-    predictions, per_layer, kept = [], [], []
+def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, progress=None, keep_masks_fn=None):
+    """Score one method model on `data` (`EvalData`): THE evaluator of the project, one result schema.
+
+    keep_masks_fn(batch_index, batch_size) -> (B, P, N) bool forces the kept sets of each batch (testbed rows
+    only; e.g. `random_keep_masks_fn`). Returns:
+
+    - "score": first-token accuracy on testbed rows, the benchmark's headline metric otherwise;
+      "groups": the same per family; "n"; "predictions"; "metric": the benchmark's full result (benchmarks);
+    - "kept_per_point": mean kept visual tokens after each pruning point (None: nothing pruned);
+      "tokens_per_layer": mean visual tokens each decoder layer processed (from the kept counts);
+    - testbed rows with pruning: "retention_all_layers", "retention_from_first_point" and
+      "avg_visual_tokens_per_layer", from the model's own `layer_retention` (float32, as the main job reports).
+    """
+    predictions, per_layer, kept, retention = [], [], [], []
     rows = data.rows
-    for start in range(0, len(rows), batch_size):
+    if keep_masks_fn is not None and data.kind != "testbed":
+        raise ValueError("`keep_masks_fn` forces the kept sets of a prefill; it needs testbed rows.")
+    for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
         if data.kind == "testbed":
-            pred, layers, counts = first_token_predictions(model, processor, chunk)
+            forced = keep_masks_fn(b, len(chunk)) if keep_masks_fn is not None else None
+            pred, counts, layer_retention = first_token_predictions(
+                model, processor, chunk, keep_masks=forced, image_column=data.image_column,
+                question_column=data.question_column, image_folder=data.image_folder)
+            if layer_retention is not None:
+                retention.append(layer_retention)
         else:
-            pred, layers, counts = generated_answers(model, processor, chunk, max_new_tokens)
+            pred, counts = generated_answers(model, processor, chunk, max_new_tokens)
         predictions += pred
-        per_layer += layers
+        per_layer += kept_tokens_per_layer(model.config, counts, len(chunk))
         if counts is not None:
             kept.append(counts.float().cpu())
         if progress is not None:
@@ -405,8 +352,14 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
     mean_layers = [sum(s[i] for s in per_layer) / len(per_layer) for i in range(num_layers)]
     result = {"n": len(predictions), "tokens_per_layer": mean_layers,
               "kept_per_point": torch.cat(kept).mean(0).tolist() if kept else None}
+    if retention:
+        retention = torch.cat(retention)  # (n, num_layers)
+        first = model.config.pruning_points[0]
+        result.update(retention_all_layers=float(retention.mean()),
+                      retention_from_first_point=float(retention[:, first:].mean()),
+                      avg_visual_tokens_per_layer=float(retention.mean() * model.config.num_visual_tokens))
     if data.kind == "testbed":
-        correct = [float(p == str(r["answer"]).strip()) for p, r in zip(predictions, rows)]
+        correct = [float(p == str(r[data.answer_column]).strip()) for p, r in zip(predictions, rows)]
         groups = {}
         for ok, r in zip(correct, rows):
             groups.setdefault(r.get("family") or "all", []).append(ok)
@@ -416,6 +369,16 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
         result.update(score_benchmark(data.benchmark, predictions, list(rows)))
     result["predictions"] = predictions
     return result
+
+
+def random_keep_masks_fn(counts, num_visual_tokens, seed=0):
+    """`keep_masks_fn` for random pruning at fixed per-point counts: nested uniform subsets (`nested_random_masks`),
+    one seeded draw per batch (seed + batch index), so a rerun draws the same kept sets."""
+
+    def fn(batch_index, batch_size):
+        return nested_random_masks(counts, batch_size, num_visual_tokens, seed=seed + batch_index)
+
+    return fn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,7 +528,7 @@ def format_table(result, command=None):
 
 @torch.no_grad()
 def representation_drift(model, processor, rows, forced=None):
-    """Per decoder layer, the mean over samples of W2 (Eq. 18, `train_rcp.gaussian_w2`) between the pruned
+    """Per decoder layer, the mean over samples of W2 (Eq. 18, `rcp_llava.losses.gaussian_w2`) between the pruned
     model's answer-position hidden states and the full model's.
 
     Runs in the "mask" layout (tokens stay in place, so positions line up with the full model) in eval mode.
@@ -573,17 +536,13 @@ def representation_drift(model, processor, rows, forced=None):
     `forced` maps a name to (B, P, N) kept sets given to the same model run without repair (e.g. attention
     top-k or random kept sets at the same counts), each with its drift curve in `result["forced"]`.
     """
-    from train_rcp import RcpDataCollator, gaussian_w2
-
     model.eval()
     collator = RcpDataCollator(processor)
     batch = collator([{"image": r["image"], "question": r["question"], "answer": r["answer"]} for r in rows])
     answer_mask = batch["answer_mask"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     layers = model.config.text_config.num_hidden_layers
-    previous = model.model.pruning_layout
-    model.model.pruning_layout = "mask"
-    try:
+    with pruning_layout(model, "mask"):
         with model.plugins_disabled():
             full = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
 
@@ -598,8 +557,6 @@ def representation_drift(model, processor, rows, forced=None):
             for name, masks in (forced or {}).items():
                 out = model(**inputs, output_hidden_states=True, use_cache=False, visual_keep_masks=masks)
                 result["forced"][name] = drift(out.hidden_states)
-    finally:
-        model.model.pruning_layout = previous
     return result
 
 
@@ -607,9 +564,9 @@ def representation_drift(model, processor, rows, forced=None):
 def keep_masks_of(model, processor, rows):
     """`(B, P, N)` cumulative keep masks `model` chooses for testbed rows (discard layout), and its points."""
     model.eval()
-    model.model.pruning_layout = "discard"
-    batch = _prompt_batch(processor, [r["question"] for r in rows], [r["image"].convert("RGB") for r in rows])
-    out = model(**batch, use_cache=False, logits_to_keep=1)
+    batch = prompt_batch(processor, [r["question"] for r in rows], [r["image"].convert("RGB") for r in rows])
+    with pruning_layout(model, "discard"):
+        out = model(**batch, use_cache=False, logits_to_keep=1)
     return out.keep_masks, list(model.config.pruning_points)
 
 
@@ -625,9 +582,8 @@ def nested_random_masks(counts, batch_size, num_visual_tokens, seed=0):
 
 
 __all__ = [
-    "DEFAULT_BUDGETS", "EvalData", "add_relative", "METHODS", "TABLE_VI_RETENTION", "average_tokens", "budget_count",
-    "default_fastv_layer", "evaluate_grid", "evaluate_model", "first_token_predictions", "format_table",
-    "generated_answers", "keep_masks_of", "load_base_model", "load_data", "method_model", "method_overrides",
-    "nested_random_masks", "parse_budget", "planned_rows", "rcp_keep_counts", "representation_drift",
-    "scheduled_tokens_per_layer", "score_benchmark", "stage_proportions",
+    "DEFAULT_BUDGETS", "EvalData", "METHODS", "add_relative", "default_fastv_layer", "evaluate_grid", "evaluate_model",
+    "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
+    "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
+    "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",
 ]

@@ -1,20 +1,20 @@
 """Tiny RCP-LLaVA configs and inputs built in code: no network, seconds per test."""
 
+import importlib.util
 import os
 import sys
 
 import pytest
 import torch
 
+# The package is installed (`pip install -e .`): the Hub pair at the repo root imports by name, no sys.path edit.
+from configuration_rcp_llava import RcpLlavaConfig
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the Hub pair lives flat at the repo root
-    sys.path.insert(0, ROOT)
 
 torch.set_num_threads(2)
-
-from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration  # noqa: E402
 
 
 IMAGE_TOKEN = 99
@@ -102,6 +102,16 @@ def row_inputs(batch, i, specs):
         "pixel_values": batch["pixel_values"][image_index: image_index + 1] if specs[i][2] else None,
     }
     return out
+
+
+def load_benchmark(name):
+    """A script of `benchmarks/` as a module, loaded by its path (`benchmarks/` is not a package, and nothing puts
+    it on `sys.path`)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does: dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

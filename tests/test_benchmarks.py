@@ -5,10 +5,11 @@ import sys
 
 import pytest
 
+from conftest import load_benchmark
+
 
 def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
-    sys.path.insert(0, "benchmarks")
-    import efficiency
+    efficiency = load_benchmark("efficiency")
 
     monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
                                       "--new_tokens", "3", "--budgets", "64", "--output_dir", str(tmp_path)])

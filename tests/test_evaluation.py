@@ -3,24 +3,15 @@ testbed, plus the budget -> keep-count reading."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import make_batch, make_model
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from configuration_rcp_llava import visual_tokens_per_layer  # noqa: E402
-from rcp_llava.evaluation import (  # noqa: E402
-    add_relative,
+from conftest import load_benchmark, make_batch, make_model
+from configuration_rcp_llava import visual_tokens_per_layer
+from rcp_llava.evaluation import add_relative, default_fastv_layer, method_model, method_overrides
+from rcp_llava.schedule import (
     budget_count,
-    default_fastv_layer,
-    method_model,
-    method_overrides,
     parse_budget,
     rcp_keep_counts,
     scheduled_tokens_per_layer,
@@ -128,7 +119,7 @@ def micro(tmp_path_factory):
 
 
 def test_evaluate_methods_command_on_micro(micro, tmp_path):
-    import evaluate_methods
+    evaluate_methods = load_benchmark("evaluate_methods")
 
     root, folder = micro
     evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--max_samples", "8",
@@ -166,8 +157,8 @@ def test_evaluate_methods_command_on_micro(micro, tmp_path):
 
 
 def test_figures_on_micro(micro, tmp_path):
-    import evaluate_methods
-    import figures
+    evaluate_methods = load_benchmark("evaluate_methods")
+    figures = load_benchmark("figures")
 
     root, folder = micro
     evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--max_samples", "4",
@@ -198,7 +189,7 @@ def test_figures_on_micro(micro, tmp_path):
 
 
 def test_ablation_runner_smoke_on_micro(micro, tmp_path):
-    import ablations
+    ablations = load_benchmark("ablations")
 
     _, folder = micro
     train_args = (f"--base_model {folder / 'model'} --dataset_name_or_path {folder / 'dataset'} --pruning_layers 1 "

@@ -164,6 +164,23 @@ def test_training_smoke_writes_plugin_only_checkpoints_and_keeps_backbone_bit_id
     assert config["pruning_layers"] == [1] and config["hidden_size"] == model.config.text_config.hidden_size
 
 
+def test_saved_configs_keep_the_users_gumbel_temperature(micro, tmp_path):
+    """The annealed tau is the trainer's runtime state: it reaches the student as a forward argument, and every
+    saved config (checkpoint, the job's model/ and plugins/) holds the value the user chose."""
+    make, processor, _ = micro
+    model = make(gumbel_temperature=0.7)
+    trainer = make_trainer(micro, tmp_path, model=model, max_steps=2, save_steps=2)
+    trainer.train()
+    logged = [entry["gumbel_temperature"] for entry in trainer.state.log_history if "gumbel_temperature" in entry]
+    assert logged[0] == pytest.approx(1.5) and logged[-1] == pytest.approx(math.sqrt(1.5 * 0.2))
+    assert trainer.gumbel_temperature == pytest.approx(math.sqrt(1.5 * 0.2))
+    assert model.config.gumbel_temperature == 0.7
+    train_rcp.save_job_folders(model, processor, str(tmp_path / "job"))
+    for path in (tmp_path / "job" / "model" / "config.json", tmp_path / "job" / "plugins" / "rcp_config.json",
+                 tmp_path / "checkpoint-2" / "rcp_config.json"):
+        assert json.loads(path.read_text())["gumbel_temperature"] == 0.7, path
+
+
 def test_resume_reproduces_the_uninterrupted_run(micro, tmp_path):
     make, _, _ = micro
     full = make_trainer(micro, tmp_path / "full", model=make())

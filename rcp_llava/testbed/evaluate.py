@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .text import prompt_messages
+from ..data import prompt_batch
+from ..schedule import budget_count
 
 
 logger = logging.get_logger(__name__)
@@ -95,7 +96,7 @@ def pruned_inputs(model, input_ids, attention_mask, pixel_values, keep, labels=N
 def _budget(fraction: float, n: int) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
-    return max(1, round(fraction * n))
+    return budget_count(fraction, n)
 
 
 def _num_tokens(row) -> int:
@@ -167,12 +168,9 @@ def predict(model, processor, rows, keep=None) -> list:
     """Greedy one-word answers for a list of dataset rows (left padding). The answer vocabulary is word-level,
     so the first greedy token IS the one-word answer; the next greedy token would be `</s>`."""
     tokenizer = processor.tokenizer
-    prompts = [processor.apply_chat_template(prompt_messages(r["question"]), add_generation_prompt=True)
-               for r in rows]
-    tokenizer.padding_side = "left"
-    batch = processor(text=prompts, images=[r["image"] for r in rows], return_tensors="pt", padding=True)
+    batch = prompt_batch(processor, [r["question"] for r in rows], [r["image"] for r in rows])
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}  # its position_ids are unused: pruned_inputs makes its own
     inputs = pruned_inputs(model, batch["input_ids"], batch["attention_mask"],
                            batch["pixel_values"].to(model.dtype), keep, padding_side="left")
     logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # (B, V)

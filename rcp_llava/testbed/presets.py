@@ -4,6 +4,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..schedule import budget_count
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -72,7 +74,7 @@ class TestbedPreset:
 
     def budget(self, fraction: float) -> int:
         """Number of visual tokens kept at a budget `fraction` (1/3, 2/9, 1/9 -> 48, 32, 16 for 144 tokens)."""
-        return max(1, round(fraction * self.num_visual_tokens))
+        return budget_count(fraction, self.num_visual_tokens)
 
 
 BUDGET_FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}

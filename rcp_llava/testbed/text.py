@@ -9,6 +9,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..data import prompt_messages  # noqa: F401 -- the project's one prompt builder, re-exported for the testbed
 from ..word_tokenizer import CHAT_TEMPLATE, word_level_tokenizer
 from .presets import TestbedPreset
 from .scenes import COLOURS, COUNT_WORDS, PLURALS, QUADRANTS, SHAPES, SIZES
@@ -74,11 +75,3 @@ def build_model_config(preset: TestbedPreset, tokenizer) -> LlavaConfig:
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     return config
-
-
-def prompt_messages(question: str, answer=None) -> list:
-    """The single-turn conversation used for evaluation (and, with `answer`, for training)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages

@@ -1,0 +1,162 @@
+"""Data for RCP: the one prompt builder, the training collator, dataset checks and the LLaVA-JSON loader.
+
+    from rcp_llava.data import RcpDataCollator, check_dataset, load_llava_json, prompt_batch
+    collator = RcpDataCollator(processor)                # image/question/answer rows -> training batches
+    batch = prompt_batch(processor, questions, images)   # left-padded prompts for evaluation
+
+Every prompt (training, evaluation, the testbed) is `prompt_messages` rendered by the processor's chat template:
+one place decides what the model is asked, so the trained plug-ins and the evaluators always see the same text.
+"""
+
+import json
+import os
+
+import torch
+
+
+def prompt_messages(question, answer=None):
+    """The single-turn conversation: the image, then the question (and, with `answer`, the assistant's turn)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def load_image(image, image_folder=None):
+    """A dataset cell as an RGB image: a PIL image, or a path (relative to `image_folder` when given)."""
+    from PIL import Image
+
+    if isinstance(image, str):
+        path = os.path.join(image_folder, image) if image_folder else image
+        return Image.open(path).convert("RGB")
+    return image.convert("RGB") if hasattr(image, "convert") else image
+
+
+def position_ids_from_mask(attention_mask):
+    """RoPE positions as `generate` builds them: (B, T) counted over the real tokens only, so that left padding
+    never shifts a sample's positions (a padded row equals the same row alone)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+def default_answer_mask(labels):
+    """(B, T) bool: the positions whose NEXT token is an answer token (`labels[:, t + 1] != -100`), i.e. the
+    positions that predict the answer: where the repair loss compares the student with the teacher."""
+    answer_mask = torch.zeros_like(labels, dtype=torch.bool)
+    answer_mask[:, :-1] = labels[:, 1:] != -100
+    return answer_mask
+
+
+def prompt_batch(processor, questions, images):
+    """Left-padded prompts (generation prompt appended) with their `position_ids`, ready for a forward."""
+    processor.tokenizer.padding_side = "left"
+    prompts = [processor.apply_chat_template(prompt_messages(q), add_generation_prompt=True) for q in questions]
+    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
+    return batch
+
+
+class RcpDataCollator:
+    """Builds chat prompts with the processor's template, and the labels and masks RCP trains with.
+
+    Each example is a dict with an image (PIL image or path), a question and an answer. Output: `input_ids`,
+    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer), `question_mask` (the text tokens
+    after the image, before the answer) and `answer_mask` (positions whose next token is an answer token).
+    """
+
+    def __init__(self, processor, image_column="image", question_column="question", answer_column="answer",
+                 max_length=None, image_folder=None):
+        self.processor = processor
+        self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
+        self.max_length = max_length
+        self.image_folder = image_folder
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def texts(self, example):
+        question, answer = example[self.question_column], example[self.answer_column]
+        prompt = self.processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True)
+        full = self.processor.apply_chat_template(prompt_messages(question, answer))
+        if not full.startswith(prompt):
+            raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
+        return prompt, full
+
+    def load_image(self, image):
+        return load_image(image, self.image_folder)
+
+    def __call__(self, examples):
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        prompts, fulls = zip(*(self.texts(e) for e in examples))
+        images = [self.load_image(e[self.image_column]) for e in examples]
+        batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
+        prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
+        input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+        bsz, seq = input_ids.shape
+        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
+        lengths = attention.sum(1)
+        if self.max_length is not None and int(lengths.max()) > self.max_length:
+            raise ValueError(
+                f"A prompt + answer is {int(lengths.max())} tokens, above `max_length={self.max_length}`."
+            )
+        start = seq - lengths  # first real token (left padding)
+        positions = torch.arange(seq).unsqueeze(0)  # (1, T)
+        answer_start = (start + prompt_lengths).unsqueeze(1)  # (B, 1)
+        is_answer = (positions >= answer_start) & attention
+        labels = torch.where(is_answer, input_ids, -100)
+        image = input_ids == self.image_token_id
+        last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
+        question_mask = (positions > last_image) & (positions < answer_start) & attention
+        out = dict(batch)
+        out.update(labels=labels, question_mask=question_mask, answer_mask=default_answer_mask(labels),
+                   position_ids=position_ids_from_mask(attention))
+        return out
+
+
+def check_dataset(dataset, collator, max_length=None, name="dataset"):
+    """Fail before training on missing columns or answers that do not fit `max_length`."""
+    columns = set(dataset.column_names)
+    needed = [collator.image_column, collator.question_column, collator.answer_column]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(
+            f"The {name} has no column(s) {missing}; it has {sorted(columns)}. Name the right ones with "
+            "--image_column / --question_column / --answer_column."
+        )
+    if max_length is None:
+        return
+    tokenizer = collator.processor.tokenizer
+    image_tokens = getattr(collator.processor, "num_image_tokens", None) or 0
+    for index in range(len(dataset)):
+        row = dataset[index]
+        _, full = collator.texts(row)
+        text_tokens = len(tokenizer(full.replace(collator.processor.image_token, ""))["input_ids"])
+        total = text_tokens + image_tokens
+        if total > max_length:
+            raise ValueError(
+                f"Example {index} of the {name} is {total} tokens long (answer {row[collator.answer_column]!r}), "
+                f"above `max_length={max_length}`: raise --max_length or drop long answers."
+            )
+
+
+def load_llava_json(path, image_folder=None):
+    """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
+    (image, question, answer) rows, one per human/gpt turn pair."""
+    from datasets import Dataset
+
+    with open(path) as f:
+        records = json.load(f)
+    rows = []
+    for i, record in enumerate(records):
+        if "image" not in record or "conversations" not in record:
+            raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
+        turns = record["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            question = human["value"].replace("<image>", "").strip()
+            image = os.path.join(image_folder, record["image"]) if image_folder else record["image"]
+            rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
+    return Dataset.from_list(rows)
+
+
+__all__ = [
+    "RcpDataCollator", "check_dataset", "default_answer_mask", "load_image", "load_llava_json",
+    "position_ids_from_mask", "prompt_batch", "prompt_messages",
+]
