@@ -39,6 +39,7 @@ from contextlib import contextmanager
 
 import torch
 
+from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
 from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
 from rcp_llava.losses import gaussian_w2
@@ -54,7 +55,6 @@ from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ..
 )
 
 
-METHODS = ("none", "rcp", "vispruner", "fastv", "random", "attention_topk")
 DEFAULT_BUDGETS = ("1/3", "2/9", "1/9")
 # Headline number of each reader metric (the table's score for that benchmark).
 METRIC_KEY = {"vqa_accuracy": "vqa_accuracy", "exact_match": "exact_match", "pope": "f1", "mme": "perception_score"}
@@ -70,31 +70,49 @@ def default_fastv_layer(num_layers):
     return 1 if num_layers <= 8 else 2
 
 
+def available_methods():
+    """The pruning methods the grid can evaluate: every registered `pruning_method` (a method registered at run
+    time with `modeling_rcp_llava.register_pruning_method` included)."""
+    return tuple(PRUNING_METHODS)
+
+
+def _method_spec(method):
+    if method not in PRUNING_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {list(available_methods())}.")
+    return PRUNING_METHODS[method]
+
+
+def _uses_rcp_placement(spec):
+    """In-decoder methods without a placement of their own prune at the RCP model's layers."""
+    return spec.in_decoder and not spec.pre_llm and spec.max_pruning_layers is None
+
+
 def method_overrides(method, k, config, fastv_layer=None):
-    """Config overrides of `method` at k kept visual tokens, for a model shaped like `config`.
+    """Config overrides of `method` at k kept visual tokens, for a model shaped like `config`, read from the
+    method's registered `PruningMethod`: a method that can prune before the LLM does so (`pre_llm_keep_count=k`);
+    a single-layer method (FastV) prunes before `fastv_layer` (default `default_fastv_layer`); any other in-decoder
+    method prunes at the RCP model's layers with the counts of `rcp_keep_counts`, and keeps the repair adapters
+    if it has plug-ins.
 
     `config` is the loaded (RCP) model's config: its pruning / repair layers are RCP's placement.
     """
+    spec = _method_spec(method)
     num_layers = config.text_config.num_hidden_layers
     n = config.num_visual_tokens
-    baseline = dict(repair_layers=[], pruning_keep_counts=None, pre_llm_keep_count=None)
-    if method == "none":
-        return dict(baseline, pruning_method="none", pruning_layers=[])
-    if method in ("vispruner", "random"):
-        return dict(baseline, pruning_method=method, pruning_layers=[], pre_llm_keep_count=k)
-    if method == "fastv":
+    baseline = dict(pruning_method=method, repair_layers=[], pruning_keep_counts=None, pre_llm_keep_count=None)
+    if not spec.prunes:
+        return dict(baseline, pruning_layers=[])
+    if spec.pre_llm:
+        return dict(baseline, pruning_layers=[], pre_llm_keep_count=k)
+    if spec.max_pruning_layers == 1:
         layer = default_fastv_layer(num_layers) if fastv_layer is None else fastv_layer
-        return dict(baseline, pruning_method="fastv", pruning_layers=[layer], pruning_keep_counts=[k])
-    if method in ("rcp", "attention_topk"):
-        layers = list(config.pruning_layers)
-        if not layers:
-            raise ValueError(f"{method!r} needs the model's RCP pruning layers, but the model has none.")
-        counts = rcp_keep_counts(k, layers, num_layers, n)
-        if method == "attention_topk":
-            return dict(baseline, pruning_method="attention_topk", pruning_layers=layers, pruning_keep_counts=counts)
-        return dict(pruning_method="rcp", pruning_layers=layers, repair_layers=list(config.repair_layers),
-                    pruning_keep_counts=counts, pre_llm_keep_count=None)
-    raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}.")
+        return dict(baseline, pruning_layers=[layer], pruning_keep_counts=[k])
+    layers = list(config.pruning_layers)
+    if not layers:
+        raise ValueError(f"{method!r} needs the model's RCP pruning layers, but the model has none.")
+    counts = rcp_keep_counts(k, layers, num_layers, n)
+    repair = list(config.repair_layers) if spec.plugins else []
+    return dict(baseline, pruning_layers=layers, repair_layers=repair, pruning_keep_counts=counts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +138,7 @@ def method_model(base, fresh_plugins=False, **overrides):
         if not hasattr(config, key):
             raise ValueError(f"Unknown config field {key!r}.")
         setattr(config, key, list(value) if isinstance(value, tuple) else value)
-    if config.pruning_method != "rcp":
+    if not config.pruning_spec.plugins:
         config.repair_layers = []
     config.validate_pruning()
     with torch.device("meta"):
@@ -129,7 +147,7 @@ def method_model(base, fresh_plugins=False, **overrides):
         setattr(model.model, attr, getattr(base.model, attr))
     model.lm_head = base.lm_head
     param = next(base.parameters())
-    same_plugins = (config.pruning_method == "rcp" and base.config.pruning_method == "rcp"
+    same_plugins = (config.pruning_spec.plugins and config.pruning_method == base.config.pruning_method
                     and all(getattr(config, f) == getattr(base.config, f) for f in _STRUCTURAL))
     if same_plugins and not fresh_plugins:
         model.model.rcp_plugins = base.model.rcp_plugins
@@ -389,12 +407,10 @@ def random_keep_masks_fn(counts, num_visual_tokens, seed=0):
 def planned_rows(base, methods, budgets, fastv_layer=None):
     """`[(label, method, budget_label, k, overrides)]` in table order."""
     n = base.config.num_visual_tokens
-    has_rcp = base.config.pruning_method == "rcp" and bool(base.config.pruning_layers)
+    has_rcp = base.config.pruning_spec.plugins and bool(base.config.pruning_layers)
     plan = []
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose from {list(METHODS)}.")
-        if method in ("rcp", "attention_topk") and not has_rcp:
+        if _uses_rcp_placement(_method_spec(method)) and not has_rcp:
             raise ValueError(f"Method {method!r} needs an RCP model (pruning layers); {base.name_or_path!r} "
                              "has none: give an RCP folder or --plugins.")
         if method == "none":
@@ -404,9 +420,9 @@ def planned_rows(base, methods, budgets, fastv_layer=None):
             label, fraction = parse_budget(label)
             k = budget_count(fraction, n)
             plan.append((method, method, label, k, method_overrides(method, k, base.config, fastv_layer)))
-        if method == "rcp":
-            plan.append(("rcp (adaptive)", "rcp", "adaptive", None,
-                         dict(pruning_method="rcp", pruning_keep_counts=None, pre_llm_keep_count=None)))
+        if _method_spec(method).plugins:  # plug-in methods also run their own adaptive threshold (Eq. 8)
+            plan.append((f"{method} (adaptive)", method, "adaptive", None,
+                         dict(pruning_method=method, pruning_keep_counts=None, pre_llm_keep_count=None)))
     return plan
 
 
@@ -582,7 +598,7 @@ def nested_random_masks(counts, batch_size, num_visual_tokens, seed=0):
 
 
 __all__ = [
-    "DEFAULT_BUDGETS", "EvalData", "METHODS", "add_relative", "default_fastv_layer", "evaluate_grid", "evaluate_model",
+    "DEFAULT_BUDGETS", "EvalData", "available_methods", "add_relative", "default_fastv_layer", "evaluate_grid", "evaluate_model",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
     "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",

@@ -228,3 +228,41 @@ def test_save_pretrained_leaves_the_class_alone_and_writes_both_hub_files(tmp_pa
     for module in (modeling_rcp_llava, configuration_rcp_llava):
         with open(module.__file__) as f, open(tmp_path / module.__file__.rsplit("/", 1)[-1]) as g:
             assert f.read() == g.read()
+
+
+def test_toy_method_runs_through_the_evaluator(tmp_path):
+    """The method grid reads the registry: the toy method is evaluated at the RCP model's layers with the same
+    counts as attention top-k, and its selector is what ran."""
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import available_methods, evaluate_grid, load_data, method_overrides
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    base = RcpLlavaForConditionalGeneration.from_pretrained(
+        folder / "model", pruning_layers=[1], repair_layers=[1], pruner_hidden_size=8, repair_bottleneck_size=8)
+    processor = AutoProcessor.from_pretrained(folder / "model")
+    processor.tokenizer.padding_side = "left"
+    assert "toy_norm" in available_methods()
+    assert method_overrides("toy_norm", 16, base.config) == dict(
+        pruning_method="toy_norm", pruning_layers=[1], repair_layers=[], pruning_keep_counts=[16],
+        pre_llm_keep_count=None)
+
+    calls = []
+    original = NormSelector.scores
+    NormSelector.scores = lambda self, ctx: calls.append(ctx.layer_idx) or original(self, ctx)
+    try:
+        result = evaluate_grid(base, processor, load_data(str(folder / "dataset"), max_samples=8),
+                               methods=["none", "toy_norm", "attention_topk"], budgets=["1/4", "1/8"], progress=False)
+    finally:
+        NormSelector.scores = original
+    rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    assert list(rows) == [("none", "full"), ("toy_norm", "1/4"), ("toy_norm", "1/8"), ("attention_topk", "1/4"),
+                          ("attention_topk", "1/8")]
+    for budget, k in (("1/4", 16), ("1/8", 8)):
+        toy, topk = rows[("toy_norm", budget)], rows[("attention_topk", budget)]
+        assert toy["pruning_points"] == topk["pruning_points"] == [1] and toy["keep_counts"] == [k]
+        assert toy["kept_per_point"] == [float(k)] and toy["n"] == 8
+        assert toy["tokens_per_layer"] == [64, k]
+    assert calls and set(calls) == {1}  # one selection per evaluation batch, at the RCP layer
