@@ -1,0 +1,93 @@
+"""Pruned prefill of two versions of `modeling_rcp_llava.py` side by side, in one process (A/B of a refactor).
+
+    python benchmarks/compare_prefill.py --old path/to/old/modeling_rcp_llava.py          # mid preset, batch 1, 8
+
+Both versions get the same config (from the installed `configuration_rcp_llava`) and the same weights; for each
+method (the efficiency benchmark's schedules) and batch size, the two prefills (`use_cache=True`,
+`logits_to_keep=1`) alternate round by round and the medians are reported with their ratio, after checking that
+both versions return the same logits and kept sets. The ratio column is the median of the per-round ratios (new
+over the old run next to it), which a slow drift of the machine's speed does not bias.
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+
+import torch
+
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", required=True, help="the other modeling_rcp_llava.py")
+    parser.add_argument("--preset", default="mid")
+    parser.add_argument("--batch_sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--methods", default="full,rcp-64,rcp-128,rcp-192,vispruner-64,fastv-64,random-64")
+    parser.add_argument("--output", default=None, help="markdown file to write (default: print only)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    efficiency = load_module("efficiency_benchmark", os.path.join(HERE, "efficiency.py"))
+    old_modeling = load_module("old_modeling_rcp_llava", args.old)
+    methods = efficiency.method_configs(args.preset, [192, 128, 64])
+    spec = efficiency.PRESETS[args.preset]
+    lines = [f"# Pruned prefill, `{args.old}` (old) vs `modeling_rcp_llava.py` (new), preset `{args.preset}`", "",
+             f"Command: `python benchmarks/compare_prefill.py --old {args.old} --preset {args.preset} --batch_sizes "
+             f"{args.batch_sizes} --repeats {args.repeats}`. Median of {args.repeats} runs after warm-up, old and new "
+             "alternating; CPU, 2 threads, fp32, random weights (plug-ins randomised too).", "",
+             "| method | batch | old ms | new ms | new / old (median of paired ratios) | same logits and kept sets |",
+             "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in args.methods.split(","):
+        overrides = methods[name][0]
+        config = efficiency.build_config(args.preset, **overrides)
+        new = RcpLlavaForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            for p in new.model.rcp_plugins.parameters():
+                p.normal_(0, 0.05)
+        old = old_modeling.RcpLlavaForConditionalGeneration(config).eval()
+        old.load_state_dict(new.state_dict())
+        n = config.num_visual_tokens
+        for bsz in [int(b) for b in args.batch_sizes.split(",")]:
+            ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
+                             torch.randint(3, 1000, (bsz, spec["text_tokens"] - 1))], dim=1)
+            size = spec["vision"]["image_size"]
+            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(bsz, 3, size, size),
+                          use_cache=True, logits_to_keep=1)
+            times = {"old": [], "new": []}
+            outs = {}
+            with torch.no_grad():
+                for round_index in range(args.repeats + 1):
+                    for label, model in (("old", old), ("new", new)) if round_index % 2 else (("new", new), ("old", old)):
+                        start = time.perf_counter()
+                        outs[label] = model(**inputs)
+                        if round_index:
+                            times[label].append(time.perf_counter() - start)
+            same = torch.equal(outs["old"].logits, outs["new"].logits) and (
+                outs["old"].keep_masks is None or torch.equal(outs["old"].keep_masks, outs["new"].keep_masks))
+            o, w = statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3
+            ratio = statistics.median(b / a for a, b in zip(times["old"], times["new"]))
+            line = f"| {name} | {bsz} | {o:.1f} | {w:.1f} | {ratio:.3f} | {same} |"
+            lines.append(line)
+            print(line, flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
