@@ -6,13 +6,15 @@ Both versions get the same config (from the installed `configuration_rcp_llava`)
 method (the efficiency benchmark's schedules) and batch size, the two prefills (`use_cache=True`,
 `logits_to_keep=1`) alternate round by round and the medians are reported with their ratio, after checking that
 both versions return the same logits and kept sets. The ratio column is the median of the per-round ratios (new
-over the old run next to it), which a slow drift of the machine's speed does not bias.
+over the old run next to it), which a slow drift of the machine's speed does not bias. Only inference forwards run:
+loading the old file re-registers its own attention functions in this process.
 """
 
 import argparse
 import importlib.util
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -26,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def load_module(name, path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does: dataclasses look the module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -25,3 +25,19 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["rcp-64"]["flops_ratio"] < 1 and rows["full"]["flops_ratio"] == 1
     assert (tmp_path / "efficiency_tiny_cpu.md").read_text().startswith("# Efficiency, preset `tiny`")
     assert (tmp_path / "efficiency_tiny_cpu.png").stat().st_size > 1000
+
+
+def test_compare_prefill_smoke(tmp_path, monkeypatch):
+    """The A/B script on the tiny preset, the current file against a second copy of itself: same outputs."""
+    compare = load_benchmark("compare_prefill")
+    import modeling_rcp_llava
+
+    out = tmp_path / "ab.md"
+    monkeypatch.setattr(sys, "argv", ["compare_prefill.py", "--old", modeling_rcp_llava.__file__, "--preset", "tiny",
+                                      "--batch_sizes", "1,2", "--repeats", "1", "--methods", "full,rcp-64,fastv-64",
+                                      "--output", str(out)])
+    compare.main()
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [(r[0], r[1]) for r in rows] == [("| full", "1"), ("| full", "2"), ("| rcp-64", "1"), ("| rcp-64", "2"),
+                                            ("| fastv-64", "1"), ("| fastv-64", "2")]
+    assert all(r[-1] == "True |" for r in rows)
