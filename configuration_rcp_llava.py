@@ -3,7 +3,8 @@
 Reading order:
   1. `PruningMethod` and the method registry `PRUNING_METHODS`: what a config must know about each pruning method
      (where it prunes, whether it has plug-ins, its default layers). The token selector of each method lives in
-     `modeling_rcp_llava.py`; a new method is one selector class registered there with its `PruningMethod`.
+     `modeling_rcp_llava.py`; a new method is one selector class registered there with its `PruningMethod`
+     (`modeling_rcp_llava.register_pruning_method`).
   2. `RcpLlavaConfig`: typed fields (transformers v5 dataclass style) and their validators. `validate_pruning()`
      runs on construction, on `save_pretrained` and again before every forward, so a field edited after
      construction is checked before it is used.
@@ -84,8 +85,9 @@ def _check_vispruner(config):
 PRUNING_METHODS: dict = {}
 
 
-def register_pruning_method(method: PruningMethod, overwrite: bool = False) -> PruningMethod:
-    """Make `method.name` a valid `pruning_method` (the modeling file registers its selector with it)."""
+def register_pruning_spec(method: PruningMethod, overwrite: bool = False) -> PruningMethod:
+    """Make `method.name` a valid `pruning_method` of the config. Users register a whole method (selector + spec)
+    with `modeling_rcp_llava.register_pruning_method`, which calls this."""
     if not isinstance(method, PruningMethod):
         raise TypeError(f"`method` must be a `PruningMethod`, got {type(method).__name__}.")
     if method.name in PRUNING_METHODS and not overwrite and PRUNING_METHODS[method.name] != method:
@@ -95,14 +97,14 @@ def register_pruning_method(method: PruningMethod, overwrite: bool = False) -> P
 
 
 for _method in (
-    PruningMethod("none", in_decoder=False, default_repair_layers=DEFAULT_REPAIR_LAYERS),  # the stock forward
+    PruningMethod("none", in_decoder=False),  # the stock forward: no layers, so any depth loads with the defaults
     PruningMethod("rcp", plugins=True, default_repair_layers=DEFAULT_REPAIR_LAYERS),
     PruningMethod("vispruner", in_decoder=False, pre_llm=True, check=_check_vispruner),
     PruningMethod("fastv", default_pruning_layers=(2,), max_pruning_layers=1),
     PruningMethod("random", pre_llm=True),
     PruningMethod("attention_topk"),
 ):
-    register_pruning_method(_method)
+    register_pruning_spec(_method)
 
 PRUNING_FIELDS = (
     "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
@@ -132,11 +134,11 @@ class RcpLlavaConfig(LlavaConfig):
         pruning_layers (`list[int]`, *optional*):
             Decoder layers *before* whose self-attention a pruner runs (0-based, strictly increasing, never 0:
             pruning before the LLM is `pre_llm_keep_count`). Defaults to the paper's `[2, 14, 26]`; to `[]` for
-            `"vispruner"` and for `"random"` with `pre_llm_keep_count`; to `[2]` for `"fastv"`.
+            `"vispruner"`, `"none"` and for `"random"` with `pre_llm_keep_count`; to `[2]` for `"fastv"`.
         repair_layers (`list[int]`, *optional*):
             Decoder layers *after* which a delayed repair adapter corrects the answer positions. Each must come
             at or after the first pruning layer. `[]` disables the adapters. Defaults to the paper's `[23, 30]`
-            (to `[]` for the baselines, which have no adapter and ignore this field).
+            for `"rcp"` (to `[]` for `"none"` and the baselines, which have no adapter).
         num_pruning_queries (`int`, *optional*, defaults to 16):
             Number of learnable pruning queries N_q of each pruner (Eq. 1).
         query_dropout (`float`, *optional*, defaults to 0.2):
@@ -291,8 +293,7 @@ class RcpLlavaConfig(LlavaConfig):
     def _validate_training(self):
         if not (_is_number(self.query_dropout) and 0.0 <= self.query_dropout < 1.0):
             raise ValueError(f"`query_dropout` must be a float in [0, 1), got {self.query_dropout!r}.")
-        if not (_is_number(self.gumbel_temperature) and 0 < self.gumbel_temperature < math.inf):
-            raise ValueError(f"`gumbel_temperature` must be a positive float, got {self.gumbel_temperature!r}.")
+        check_gumbel_temperature(self.gumbel_temperature, "`gumbel_temperature`")
 
     def _validate_budget(self):
         n = self.num_visual_tokens
@@ -333,6 +334,11 @@ class RcpLlavaConfig(LlavaConfig):
         if method.plugins or not method.prunes:
             return
         name = method.name
+        if not method.in_decoder and pre is None:
+            raise ValueError(
+                f"`pruning_method={name!r}` prunes before the LLM and needs `pre_llm_keep_count` (the number of "
+                "visual tokens to keep)."
+            )
         if layers and not method.in_decoder:
             raise ValueError(
                 f"`pruning_layers` is {layers}, but `pruning_method={name!r}` prunes only before the LLM; "
@@ -352,11 +358,9 @@ class RcpLlavaConfig(LlavaConfig):
         elif method.in_decoder and not layers:
             raise ValueError(f"`pruning_layers` is empty; `pruning_method={name!r}` needs a pruning layer.")
         if method.max_pruning_layers is not None and len(layers) > method.max_pruning_layers:
+            what = "one layer" if method.max_pruning_layers == 1 else f"at most {method.max_pruning_layers} layers"
             raise ValueError(
-                f"`pruning_method={name!r}` prunes once, before layer K, using layer K-1's attention: "
-                f"`pruning_layers` must hold one layer, got {layers}."
-                if method.max_pruning_layers == 1 else
-                f"`pruning_method={name!r}` takes at most {method.max_pruning_layers} pruning layers, got {layers}."
+                f"`pruning_method={name!r}` prunes at {what}: `pruning_layers` must hold {what}, got {layers}."
             )
         if layers and self.pruning_keep_counts is None:
             raise ValueError(
@@ -441,6 +445,12 @@ def visual_tokens_per_layer(num_layers, num_visual_tokens, pruning_layers, keep_
     return counts
 
 
+def check_gumbel_temperature(value, name):
+    """ValueError unless `value` is a finite temperature > 0 (Eq. 6); `name` says where it came from."""
+    if not (_is_number(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive float, got {value!r}.")
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
@@ -454,4 +464,4 @@ def _as_int_list(value, name):
     return out
 
 
-__all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "register_pruning_method"]
+__all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "register_pruning_spec"]

@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +46,16 @@ from transformers import (
     LlavaPreTrainedModel,
 )
 from transformers import __version__ as transformers_version
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput, logging
 
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
     from .configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
-    from .configuration_rcp_llava import register_pruning_method as _register_method_spec
+    from .configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec
 except ImportError:  # ... or as an installed top-level module
     from configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
-    from configuration_rcp_llava import register_pruning_method as _register_method_spec
+    from configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec
 
 try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
     # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
@@ -280,19 +279,20 @@ SOFT_KEY_MASK_ATTENTION = "rcp_soft_key_mask"
 
 
 def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            rcp_key_keep=None, **kwargs):
+                            rcp_key_keep=None, rcp_fallback_attention="sdpa", **kwargs):
     """Attention with a multiplicative, differentiable 0/1 weight per key (training, mask layout).
 
     out_i = sum_j w_ij M_j v_j / sum_j w_ij M_j with w = softmax over the allowed keys: for M in {0, 1} this
     is exactly attention over the kept keys (physical discard), while dL/dM_j exists even for a dropped
     token. Computed with one sdpa call on values augmented by the weight channel M. Without a key weight
-    (`rcp_key_keep=None`: the layers before the first pruner) it is plain sdpa.
+    (`rcp_key_keep=None`: the layers before the first pruner) it is the model's configured attention
+    (`rcp_fallback_attention`), so those layers equal the teacher's bit for bit.
 
     query: (B, H, L, hd); key/value: (B, Hkv, S, hd); rcp_key_keep: (B, S) -> ((B, L, H, hd), None)
     """
     if rcp_key_keep is None:
-        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                            dropout=dropout, **kwargs)
+        fallback = _configured_attention(module, rcp_fallback_attention)
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
@@ -305,12 +305,22 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
+def _configured_attention(module, name):
+    """The attention function a decoder layer picks for `config._attn_implementation == name` (its own module's
+    `eager_attention_forward` for "eager", as the layer itself does)."""
+    if name in (None, "eager"):
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return AttentionInterface()[name]
+
+
 AttentionInterface.register(SOFT_KEY_MASK_ATTENTION, soft_key_mask_attention)
 
 
 @contextlib.contextmanager
 def _attention_implementation(config, name):
-    """Run the decoder layers with the attention function `name` (one switch per training forward)."""
+    """Run the decoder layers with the attention function `name` for one training forward. The layers read the
+    function from `config._attn_implementation` and offer no per-call choice; the switch is scoped to the
+    mask-layout loop (the masks are built before it, for the configured implementation)."""
     old = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -433,10 +443,13 @@ class SelectionContext:
     ids: torch.Tensor
     keep_count: int | None
     prefill: "PrunedPrefill"
+    _question: tuple | None = field(default=None, repr=False)
 
     def question_slots(self):
-        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots."""
-        return _first_slots(self.prefill.slot_question())
+        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots (computed once)."""
+        if self._question is None:
+            self._question = _first_slots(self.prefill.slot_question())
+        return self._question
 
     def visual_attention(self, layer, hidden_norm, q_slots, q_valid):
         """Attention (B, K) the query rows `q_slots` pay to the alive visual tokens in `layer` (whose normalised
@@ -506,7 +519,7 @@ def register_pruning_method(selector_cls, overwrite=False):
         raise ValueError(f"{selector_cls.__name__}.method prunes nowhere: set `in_decoder` or `pre_llm`.")
     if method.name in SELECTORS and SELECTORS[method.name] is not selector_cls and not overwrite:
         raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
-    _register_method_spec(method, overwrite=True)
+    register_pruning_spec(method, overwrite=True)
     SELECTORS[method.name] = selector_cls
     return selector_cls
 
@@ -740,7 +753,7 @@ class PrunedPrefill:
         device = hidden.device
         n = config.num_visual_tokens
         per_row = image_mask.sum(1)
-        bad = [int(c) for c in per_row if int(c) not in (0, n)]
+        bad = [c for c in per_row.tolist() if c not in (0, n)]  # one host sync
         if bad:
             raise ValueError(
                 f"Pruning needs one image of {n} visual tokens per prompt, but a row holds {bad[0]} image tokens. "
@@ -764,6 +777,8 @@ class PrunedPrefill:
         # cumulative mask M with straight-through gradients.
         self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if self.differentiable else None
         self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if self.differentiable else None
+        # Mask layout: the image slots never move, (B, N) for the rows with an image.
+        self.image_slots = _first_slots(image_mask)[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
         self.repair_contexts = {}  # repair layer -> (B, b)
         selector.start(self)
@@ -825,14 +840,19 @@ class PrunedPrefill:
             self.retention.append(self.alive.sum(1).to(torch.float32) / n)
 
     def layer_kwargs(self):
-        """Extra kwargs for a decoder layer: the differentiable key weights in the mask layout."""
-        if self.differentiable and self.keep_history:
+        """Extra kwargs for a decoder layer in the mask layout: the differentiable key weights once a pruner ran,
+        and the configured attention for the layers before it."""
+        if not self.differentiable:
+            return {}
+        if self.keep_history:
             return {"rcp_key_keep": self.key_keep}
-        return {}
+        return {"rcp_fallback_attention": self.configured_attention}
 
     def attention(self, lm_config):
-        """The mask layout runs its layers with the soft key-mask attention (sdpa where no key is masked yet)."""
+        """The mask layout runs its layers with the soft key-mask attention (the configured one where no key is
+        masked yet)."""
         if self.differentiable:
+            self.configured_attention = lm_config._attn_implementation
             return _attention_implementation(lm_config, SOFT_KEY_MASK_ATTENTION)
         return contextlib.nullcontext()
 
@@ -857,10 +877,9 @@ class PrunedPrefill:
         else:
             keep = self.model._select_tokens(self.selector, ctx)
         keep &= vis_valid
-        rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)
-        keep_raster = torch.zeros_like(self.alive)
-        keep_raster[rows[keep], vis_ids[keep]] = True  # (B, N); index only real tokens (padding ids are 0)
-        keep_raster &= self.alive
+        # (B, N) in raster order; padded candidates carry id 0 and keep=False, so take the max over duplicates.
+        keep_raster = torch.zeros(self.alive.shape, dtype=torch.int8, device=keep.device).scatter_reduce(
+            1, vis_ids, keep.to(torch.int8), "amax").bool() & self.alive
 
         dropped_slots = torch.zeros_like(self.slot_valid)
         dropped_slots.scatter_(1, vis_slots, vis_valid & ~keep)  # (B, T')
@@ -887,7 +906,7 @@ class PrunedPrefill:
         zero the dropped tokens' weight as keys; nothing moves, so the student lines up with the teacher."""
         n = self.config.num_visual_tokens
         bsz = hidden.shape[0]
-        vis_slots, _ = _first_slots(self.vis_id >= 0)  # (B, N) for rows with an image; others are masked below
+        vis_slots = self.image_slots  # (B, N) for rows with an image; others are masked below
         vis_valid = self.alive & self.has_image.unsqueeze(1)  # (B, N) hard-alive tokens
         if vis_slots.shape[1] < n:  # no row has an image
             return hidden, position_embeddings, mask
@@ -915,10 +934,9 @@ class PrunedPrefill:
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
         self.context_masks.append(self.soft_alive)
-        rows = torch.arange(bsz, device=hidden.device).unsqueeze(1).expand(-1, n)
-        key_keep = self.key_keep.clone()
-        key_keep[rows[self.has_image], vis_slots[self.has_image]] = self.soft_alive[self.has_image].to(key_keep.dtype)
-        self.key_keep = key_keep
+        # The image slots' key weights become M (rows without an image keep theirs: their slots are padding).
+        scattered = self.key_keep.scatter(1, vis_slots, self.soft_alive.to(self.key_keep.dtype))  # (B, T)
+        self.key_keep = torch.where(self.has_image.unsqueeze(1), scattered, self.key_keep)
         return hidden, position_embeddings, mask
 
     def repair(self, layer_idx, adapter, hidden):
@@ -1282,6 +1300,11 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         built with the model match it."""
         config = self.config
         config.validate_pruning()
+        if config.pruning_spec.prunes and config.pruning_method not in SELECTORS:
+            raise ValueError(
+                f"`pruning_method={config.pruning_method!r}` has a config spec but no token selector: register the "
+                "method with `modeling_rcp_llava.register_pruning_method(MySelector)`."
+            )
         if not config.pruning_spec.plugins:
             return
         for field, built in (("pruning_layers", self.rcp_plugins.pruners),
@@ -1397,9 +1420,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 "recomputation in backward would run without the differentiable key mask. Disable it with "
                 "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
             )
-        tau = self.config.gumbel_temperature if gumbel_temperature is None else gumbel_temperature
-        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau < math.inf):
-            raise ValueError(f"`gumbel_temperature` must be a positive float, got {tau!r}.")
+        tau = self.config.gumbel_temperature  # checked with the config
+        if gumbel_temperature is not None:
+            check_gumbel_temperature(gumbel_temperature, "The `gumbel_temperature` argument")
+            tau = gumbel_temperature
         key_valid = (attention_mask.bool() if attention_mask is not None
                      else torch.ones(image_mask.shape, dtype=torch.bool, device=inputs_embeds.device))
         return PrunedPrefill(self, selector, inputs_embeds, key_valid, image_mask, labels, question_mask, answer_mask,
@@ -1673,16 +1697,17 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
         (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) and `config.auto_map` = `RCP_AUTO_MAP`, so that
         `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
-        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed."""
+        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed. The files are
+        copied first: with `push_to_hub=True` the upload happens inside `save_pretrained`."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
+            os.makedirs(save_directory, exist_ok=True)
             for module in (type(self).__module__, RcpLlavaConfig.__module__):
                 source = sys.modules[module].__file__
                 target = os.path.join(save_directory, os.path.basename(source))
                 if os.path.abspath(source) != os.path.abspath(target):
                     shutil.copyfile(source, target)
-        return result
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def save_plugins(self, save_directory, base_model_name_or_path=None):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields

@@ -37,7 +37,6 @@ from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
 from rcp_llava.losses import gaussian_w2
-from rcp_llava.schedule import budget_count, round_count
 
 
 logger = logging.get_logger(__name__)
@@ -216,8 +215,7 @@ class RcpTrainer(Trainer):
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
         freeze_backbone(model)
-        model.model.pruning_layout = "mask"
-        model.model.gumbel_noise = args.gumbel_noise
+        model.model.gumbel_noise = args.gumbel_noise  # a switch of the model, like `train()`
         super().__init__(model=model, args=args, **kwargs)
         # Runtime training state lives here, never in `model.config` (which is what the user chose, and what
         # `save_pretrained` / `save_plugins` write): the callbacks anneal it, `compute_loss` passes it on.
@@ -257,8 +255,11 @@ class RcpTrainer(Trainer):
 
         with torch.no_grad(), unwrapped.plugins_disabled():
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
-        student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
-                        gumbel_temperature=self.gumbel_temperature)
+        # The student always runs in the differentiable layout, in evaluation too: its hidden states must line up
+        # with the teacher's (physical discard would move them).
+        with unwrapped.pruning_layout("mask"):
+            student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
+                            gumbel_temperature=self.gumbel_temperature)
 
         training = model.training
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
@@ -481,8 +482,8 @@ def run_job(job, args, explicit=()):
             f"--budget_fraction {job.budget_fraction} is outside (0, 1]: it is a fraction of the {num_visual} "
             "visual tokens."
         )
-    else:  # the evaluation's rule too: the job at fraction f and the grid at budget f keep the same k
-        budget = float(budget_count(job.budget_fraction, num_visual))
+    else:  # a real-valued average (the sparsity target), not a count: no rounding
+        budget = job.budget_fraction * num_visual
     if not 0 < budget <= num_visual:
         raise ValueError(
             f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
@@ -551,7 +552,6 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
 def save_job_folders(model, processor, out):
     """Write the job's `plugins/` (plug-ins only) and `model/` (full model + processor, Hub-loadable) folders."""
     save_plugin_folder(model, os.path.join(out, "plugins"))
-    model.model.pruning_layout = None  # the trainer's runtime layout is not part of the saved model
     model.save_pretrained(os.path.join(out, "model"))
     processor.save_pretrained(os.path.join(out, "model"))
 
@@ -589,9 +589,9 @@ def job_result(result):
 
 
 def fixed_counts_from(kept_per_pruning_layer):
-    """Integer keep counts from RCP's mean kept tokens per pruning layer: rounded (`rcp_llava.schedule.round_count`,
-    half up, at least 1) and made non-increasing (the masks are cumulative)."""
-    counts = [round_count(c) for c in kept_per_pruning_layer]
+    """Integer keep counts from RCP's mean kept tokens per pruning layer (a measured average, not a budget): Python's
+    `round`, at least 1, as the committed results were made, and made non-increasing (the masks are cumulative)."""
+    counts = [max(1, round(c)) for c in kept_per_pruning_layer]
     return [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from rcp_llava.hub import MODEL_CARD_NAME, build_model_card
 from rcp_llava.word_tokenizer import CHAT_TEMPLATE, word_level_tokenizer
 
 
@@ -113,8 +114,6 @@ def build_demo_model(seed=0, randomize_plugins=True, **overrides) -> RcpLlavaFor
 def save_demo_folder(folder=None, seed=0, randomize_plugins=True, **overrides):
     """Save a tiny random RCP model + its processor (+ a model card) into `folder` (a new temp folder if None), as
     a Hub-loadable folder. Returns `(folder, model, processor)`."""
-    from rcp_llava.hub import MODEL_CARD_NAME, build_model_card  # hub re-exports this module: import it late
-
     folder = Path(folder or tempfile.mkdtemp(prefix="rcp_llava_demo_"))
     model = build_demo_model(seed=seed, randomize_plugins=randomize_plugins, **overrides)
     processor = build_demo_processor(model.config)

@@ -83,8 +83,9 @@ def _method_spec(method):
 
 
 def _uses_rcp_placement(spec):
-    """In-decoder methods without a placement of their own prune at the RCP model's layers."""
-    return spec.in_decoder and not spec.pre_llm and spec.max_pruning_layers is None
+    """In-decoder methods without a placement of their own (not pre-LLM, not single-layer like FastV) prune at the
+    RCP model's layers."""
+    return spec.in_decoder and not spec.pre_llm and spec.max_pruning_layers != 1
 
 
 def method_overrides(method, k, config, fastv_layer=None):
@@ -110,6 +111,8 @@ def method_overrides(method, k, config, fastv_layer=None):
     layers = list(config.pruning_layers)
     if not layers:
         raise ValueError(f"{method!r} needs the model's RCP pruning layers, but the model has none.")
+    if spec.max_pruning_layers is not None and len(layers) > spec.max_pruning_layers:
+        raise ValueError(f"{method!r} prunes at most {spec.max_pruning_layers} layers; the RCP model has {layers}.")
     counts = rcp_keep_counts(k, layers, num_layers, n)
     repair = list(config.repair_layers) if spec.plugins else []
     return dict(baseline, pruning_layers=layers, repair_layers=repair, pruning_keep_counts=counts)

@@ -5,8 +5,8 @@
   pruning configuration, the average kept visual tokens, the evaluation table (model-index) and a usage snippet.
 - `push_rcp_folder(folder, repo_id, plugins_only=...)` uploads a full model folder (`save_pretrained`) or a
   plug-in-only folder (`save_plugins`) with `huggingface_hub`, and fails with a clear message when offline.
-- The tiny demo model lives in `rcp_llava.demo` (re-exported here: `demo_config`, `build_demo_*`, `demo_image`,
-  `save_demo_folder`).
+- The tiny demo model lives in `rcp_llava.demo` (it imports this module for its model card; this module does not
+  import it).
 
 Nothing here is a Hub file: the remote-code pair (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) never
 imports this module.
@@ -20,14 +20,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from modeling_rcp_llava import PRUNING_FIELDS, RCP_CONFIG_NAME, RCP_LLAVA_VERSION, RCP_PLUGINS_NAME
-from rcp_llava.demo import (  # noqa: F401 -- re-exported: the demo builders lived here before rcp_llava.demo
-    build_demo_model,
-    build_demo_processor,
-    build_demo_tokenizer,
-    demo_config,
-    demo_image,
-    save_demo_folder,
-)
 
 
 logger = logging.get_logger(__name__)
@@ -307,15 +299,9 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
 
 __all__ = [
     "HubUnreachableError",
-    "build_demo_model",
-    "build_demo_processor",
-    "build_demo_tokenizer",
     "build_model_card",
-    "demo_config",
-    "demo_image",
     "load_eval_results",
     "push_rcp_folder",
-    "save_demo_folder",
     "usage_snippet",
 ]
 

@@ -160,7 +160,7 @@ def test_gumbel_temperature_is_a_forward_argument_not_config_state():
     cold = bias_grads()
     assert torch.equal(hot, same)
     assert not torch.allclose(hot, cold)
-    with pytest.raises(ValueError, match=r"`gumbel_temperature` must be a positive float, got 0"):
+    with pytest.raises(ValueError, match=r"The `gumbel_temperature` argument must be a positive float, got 0"):
         model(**batch, gumbel_temperature=0)
 
 
@@ -266,3 +266,54 @@ def test_toy_method_runs_through_the_evaluator(tmp_path):
         assert toy["kept_per_point"] == [float(k)] and toy["n"] == 8
         assert toy["tokens_per_layer"] == [64, k]
     assert calls and set(calls) == {1}  # one selection per evaluation batch, at the RCP layer
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mask_layout_layers_before_the_first_pruner_equal_the_teacher_bit_for_bit(attn):
+    """The training layout switches to the soft key-mask attention for its loop; the layers before the first pruner
+    still run the configured attention, so the student's early hidden states are the teacher's exactly."""
+    model = make_model(randomize_plugins=True, attn_implementation=attn)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        with model.plugins_disabled():
+            teacher = model(**batch, output_hidden_states=True, use_cache=False)
+        with model.pruning_layout("mask"):
+            student = model(**batch, output_hidden_states=True, use_cache=False)
+    assert model.model.language_model.config._attn_implementation == attn  # restored after the loop
+    assert torch.equal(student.hidden_states[0], teacher.hidden_states[0])
+    assert torch.equal(student.hidden_states[1], teacher.hidden_states[1])  # layer 0's output; the pruner is at 1
+    assert not torch.equal(student.hidden_states[2], teacher.hidden_states[2])
+
+
+def test_method_none_loads_any_depth_with_the_defaults():
+    """`pruning_method="none"` names no layers: a 4-layer model needs no `pruning_layers` / `repair_layers` (they
+    defaulted to the paper's 7B placement before, which a shallow model refused)."""
+    from conftest import tiny_config
+
+    config = tiny_config(pruning_method="none", pruning_layers=None, repair_layers=None, pruning_keep_counts=None)
+    assert config.pruning_layers == [] and config.repair_layers == [] and config.pruning_points == []
+    assert config.tokens_per_layer() == [NUM_VISUAL] * 4
+    assert tiny_config(pruning_layers=None, repair_layers=[], pruning_keep_counts=None,
+                       text_config=dict(num_hidden_layers=30, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=100)
+                       ).pruning_layers == [2, 14, 26]  # RCP keeps the paper's placement
+
+
+def test_a_spec_without_a_selector_and_a_pre_llm_method_without_a_count_are_refused():
+    from configuration_rcp_llava import register_pruning_spec
+    from conftest import tiny_config
+
+    register_pruning_spec(PruningMethod("spec_only"))
+    try:
+        model = make_model(pruning_method="spec_only", repair_layers=[])
+        with pytest.raises(ValueError, match=r"`pruning_method='spec_only'` has a config spec but no token selector"):
+            model(**make_batch(PADDED))
+    finally:
+        PRUNING_METHODS.pop("spec_only")
+    register_pruning_spec(PruningMethod("pre_only", in_decoder=False, pre_llm=True))
+    try:
+        with pytest.raises(ValueError, match=r"`pruning_method='pre_only'` prunes before the LLM and needs "
+                                             r"`pre_llm_keep_count`"):
+            tiny_config(pruning_method="pre_only", pruning_layers=None, repair_layers=None, pruning_keep_counts=None)
+    finally:
+        PRUNING_METHODS.pop("pre_only")

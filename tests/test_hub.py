@@ -23,7 +23,7 @@ from modeling_rcp_llava import (  # noqa: E402
     RCP_PLUGINS_NAME,
     RcpLlavaForConditionalGeneration,
 )
-from rcp_llava import hub  # noqa: E402
+from rcp_llava import demo, hub  # noqa: E402
 
 
 QUESTION = "what is in the image?"
@@ -34,7 +34,7 @@ def folder_bytes(path):
 
 
 def demo_inputs(processor, size=16, seed=0):
-    image = hub.demo_image(size, seed)
+    image = demo.demo_image(size, seed)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     return image, processor(images=image, text=prompt, return_tensors="pt")
@@ -44,7 +44,7 @@ def demo_inputs(processor, size=16, seed=0):
 def saved(tmp_path_factory):
     """A saved demo folder (model + processor + card) and the in-process model it came from."""
     folder = tmp_path_factory.mktemp("hub") / "rcp-demo"
-    folder, model, processor = hub.save_demo_folder(folder)
+    folder, model, processor = demo.save_demo_folder(folder)
     return folder, model, processor
 
 
@@ -54,7 +54,7 @@ def plugin_setup(tmp_path_factory):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     root = tmp_path_factory.mktemp("plugins")
-    trained = hub.build_demo_model(seed=3, randomize_plugins=True)
+    trained = demo.build_demo_model(seed=3, randomize_plugins=True)
     stock_config = LlavaConfig.from_dict(
         {k: v for k, v in trained.config.to_dict().items() if k in LlavaConfig().to_dict()}
     )
@@ -258,7 +258,7 @@ def test_from_base_round_trip_identical_logits(plugin_setup):
         assert getattr(model.config, name) == getattr(trained.config, name), name
     for key, value in trained.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
-    processor = hub.build_demo_processor(trained.config)
+    processor = demo.build_demo_processor(trained.config)
     _, inputs = demo_inputs(processor, seed=1)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, trained(**inputs).logits)
@@ -314,7 +314,7 @@ def test_from_base_mismatch_fails_before_any_tensor(plugin_setup, monkeypatch, f
 
 def test_load_plugins_shape_mismatch_fails_before_copy(plugin_setup):
     trained, root, _ = plugin_setup
-    model = hub.build_demo_model(seed=5, randomize_plugins=False, pruner_hidden_size=16)
+    model = demo.build_demo_model(seed=5, randomize_plugins=False, pruner_hidden_size=16)
     before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
     with pytest.raises(ValueError, match="do not fit this model's plug-in sizes"):
         model.load_plugins(str(root / "plugins"))
@@ -360,7 +360,7 @@ def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
     from huggingface_hub import ModelCard
 
     (tmp_path / "eval.json").write_text(json.dumps(EVAL_JSON))
-    config = hub.demo_config()
+    config = demo.demo_config()
     card = hub.build_model_card(
         config, repo_id="someone/rcp-llava-demo", base_model="llava-hf/llava-1.5-7b-hf", plugins_only=plugins_only,
         eval_results=tmp_path / "eval.json", training_args={"learning_rate": 1e-4, "num_train_epochs": 1},
@@ -406,10 +406,10 @@ def test_load_eval_results_shapes(content, expected, kept):
 
 
 def test_card_without_results_uses_keep_counts():
-    card = hub.build_model_card(hub.demo_config(), repo_id="x/y")
+    card = hub.build_model_card(demo.demo_config(), repo_id="x/y")
     assert "No evaluation results were recorded" in card.text
     assert "model-index" not in str(card)
-    kept = hub.demo_config().pruned_average_tokens()
+    kept = demo.demo_config().pruned_average_tokens()
     assert f"**Average kept visual tokens per decoder layer:** {kept:.1f}" in card.text
 
 
