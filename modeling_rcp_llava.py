@@ -702,8 +702,13 @@ class VisPrunerSelector(TokenSelector):
             )
         tower = self.model.vision_tower
         hidden_states = image_outputs.hidden_states
-        if not hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers") or \
-                hidden_states is None:
+        if hidden_states is None and hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
+            raise ValueError(
+                "`pruning_method='vispruner'` ranks patches with the vision tower's hidden states, but the image "
+                "outputs hold none: pass `pixel_values`, or `mm_encoder_outputs` computed with the hidden states of "
+                "the feature layer and its input (`get_image_features(..., output_hidden_states=[f - 1, f])`)."
+            )
+        if not hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
             raise ValueError(
                 f"`pruning_method='vispruner'` needs a CLIP-style vision tower with a [CLS] token; got "
                 f"{type(tower).__name__}."
@@ -1053,6 +1058,18 @@ class RcpDynamicCache(DynamicCache):
 
     rcp_state = None
 
+    def get_seq_length(self, layer_idx=0):
+        """Input tokens seen. After a pre-LLM prune layer 0 holds fewer tokens than the prompt had, but `generate`
+        reads this to know how much of `input_ids` the cache covers (continuing from a returned cache)."""
+        length = super().get_seq_length(layer_idx)
+        if layer_idx == 0 and length > 0 and self.rcp_state is not None:
+            length += self.rcp_state.input_length - self.rcp_state.prefill_length
+        return length
+
+    def get_query_offset(self, layer_idx=0):
+        """Masks are built on what each layer holds."""
+        return super().get_seq_length(layer_idx)
+
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
         if self.rcp_state is not None:
@@ -1074,6 +1091,7 @@ class RcpLlavaModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.FloatTensor = None
     past_key_values: object = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
     image_hidden_states: torch.FloatTensor | None = None
     token_positions: torch.LongTensor | None = None
     kept_indices: Sequence | None = None
@@ -1110,6 +1128,54 @@ class RcpLlavaCausalLMOutputWithPast(ModelOutput):
     hidden_state_positions: tuple | None = None
     layer_retention: torch.FloatTensor | None = None
     has_image: torch.BoolTensor | None = None
+
+
+def _given(**kwargs):
+    """The keyword arguments that are not None (stock forwards read a None flag as "off", not as "default")."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _physical_length(cache, layer_idx=0):
+    """Tokens layer `layer_idx` of `cache` holds (after a pre-LLM prune, layer 0 holds fewer than were seen)."""
+    if cache is None or len(cache.layers) <= layer_idx:
+        return 0
+    return cache.layers[layer_idx].get_seq_length()
+
+
+def _seen_tokens(cache):
+    """`(input tokens the cache has seen, the pruning state of its prompt or None)`. A state left on a cache that
+    is empty again belongs to an older prompt."""
+    physical = _physical_length(cache)
+    state = getattr(cache, "rcp_state", None) if physical > 0 else None
+    return physical + (state.input_length - state.prefill_length if state is not None else 0), state
+
+
+def _select(collected, which, selection):
+    """The hidden states (`which=0`) or their token positions (1) that `output_hidden_states` selected: all L + 1,
+    with None where an index list leaves one out (as stock models return them)."""
+    if collected is None:
+        return None
+    states = collected[which]
+    return tuple(states) if selection is True else tuple(t if i in selection else None for i, t in enumerate(states))
+
+
+@contextlib.contextmanager
+def _captured_attentions(layers, output_attentions, config):
+    """Collect each decoder layer's attention weights (over the keys it holds: the surviving tokens) when
+    `output_attentions` (the argument, else the config) asks for them; yields the list, or None. As in stock models,
+    an implementation that computes no weights (sdpa) gives None entries: use `attn_implementation="eager"`."""
+    if output_attentions is None:
+        output_attentions = config.output_attentions or config.text_config.output_attentions
+    if not output_attentions:
+        yield None
+        return
+    weights = []
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, out: weights.append(out[1])) for layer in layers]
+    try:
+        yield weights
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1180,6 +1246,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         vision_feature_layer=None,
         vision_feature_select_strategy=None,
         image_sizes=None,
+        mm_encoder_outputs=None,
         use_cache=None,
         labels=None,
         question_mask=None,
@@ -1190,39 +1257,53 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         **kwargs,
     ):
         """`LlavaModel.forward`, pruning the image of a prefill (arguments beyond the stock ones: class docstring)."""
+        if self.config.pruning_method == "none":  # the stock forward: compile, static caches, every output flag
+            return super().forward(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+                mm_encoder_outputs=mm_encoder_outputs, **_given(use_cache=use_cache, output_hidden_states=output_hidden_states),
+                **kwargs)
         self._check_config()
+        return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if not self.training and use_cache and past_key_values is None:
             past_key_values = RcpDynamicCache(config=self.config.text_config)
         past_key_values = past_key_values if use_cache else None
         selector = SELECTORS[self.config.pruning_method](self) if self._pruning_active() else None
-        inputs_embeds, image_features = self._embed(input_ids, pixel_values, inputs_embeds, vision_feature_layer,
-                                                    vision_feature_select_strategy, image_sizes, selector)
-        image_mask = self._image_token_mask(input_ids, inputs_embeds)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # A state left on a cache that is empty again belongs to an older prompt.
-        state = getattr(past_key_values, "rcp_state", None) if past_length > 0 else None
-        position_ids = self._position_ids(position_ids, inputs_embeds, past_length, state)
+        inputs_embeds, image_features, image_mask = self._embed(
+            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy, image_sizes,
+            mm_encoder_outputs, selector)
+        past_length, state = _seen_tokens(past_key_values)  # in input tokens; the state of a pruned prefill or None
+        position_ids = self._position_ids(position_ids, inputs_embeds, past_length)
         position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)  # (cos, sin), (B, T, hd)
+        hidden_states = self._hidden_state_selection(output_hidden_states)
 
-        if selector is not None and bool(image_mask.any()):
-            run = self._start_prefill(selector, inputs_embeds, attention_mask, image_mask, labels, question_mask,
-                                      answer_mask, visual_keep_masks, gumbel_temperature, past_key_values,
-                                      past_length, use_cache)
-            return self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
-                                      output_hidden_states, layer_kwargs)
-        return self._decode_loop(state, inputs_embeds, position_embeddings, attention_mask, image_features,
-                                 past_key_values, past_length, use_cache, output_hidden_states, layer_kwargs)
+        output_attentions = kwargs.get("output_attentions")
+        with _captured_attentions(self.language_model.layers, output_attentions, self.config) as attentions:
+            if selector is not None and image_mask is not None:  # a prefill that carries an image: prune it
+                run = self._start_prefill(selector, inputs_embeds, attention_mask, image_mask, labels, question_mask,
+                                          answer_mask, visual_keep_masks, gumbel_temperature, past_key_values,
+                                          past_length, use_cache)
+                output = self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
+                                            hidden_states, layer_kwargs)
+            else:
+                output = self._decode_loop(state, inputs_embeds, position_embeddings, attention_mask, image_features,
+                                           past_key_values, past_length, use_cache, hidden_states, layer_kwargs)
+        if attentions is not None:
+            output["attentions"] = tuple(attentions)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
 
     # -- the two loops ----------------------------------------------------------------------------
 
-    def _prefill_loop(self, run, hidden, position_embeddings, attention_mask, image_features, output_hidden_states,
+    def _prefill_loop(self, run, hidden, position_embeddings, attention_mask, image_features, hidden_states,
                       layer_kwargs):
         """The decoder over a prompt with an image: prune before each pruning layer, repair after each repair
         layer; the kept sets go to the output, `last_pruning_info` and (for decoding) the cache."""
         lm = self.language_model
-        collected = ([hidden], [run.slot_orig]) if output_hidden_states else None
+        collected = ([hidden], [run.slot_orig]) if hidden_states is not None else None
         input_length = hidden.shape[1]
         mask = self._layer_mask(hidden, attention_mask, run.cache, 0)
         with run.attention(lm.config):
@@ -1246,25 +1327,25 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return RcpLlavaModelOutputWithPast(
             last_hidden_state=lm.norm(hidden),
             past_key_values=run.cache,
-            hidden_states=tuple(collected[0]) if collected else None,
+            hidden_states=_select(collected, 0, hidden_states),
             image_hidden_states=image_features,
             token_positions=run.slot_orig,
             kept_indices=info.kept_indices,
             kept_counts=info.kept_counts,
             keep_masks=info.keep_masks,
-            hidden_state_positions=tuple(collected[1]) if collected else None,
+            hidden_state_positions=_select(collected, 1, hidden_states),
             layer_retention=torch.stack(run.retention, dim=1),  # (B, num_layers)
             has_image=info.has_image,
         )
 
     def _decode_loop(self, state, hidden, position_embeddings, attention_mask, image_features, cache, past_length,
-                     use_cache, output_hidden_states, layer_kwargs):
+                     use_cache, hidden_states, layer_kwargs):
         """The decoder without pruning: a plain forward (state None) or a step after a pruned prefill, whose
         pruned segments read their stored key masks and whose repair layers their stored contexts."""
         lm = self.language_model
         bsz, seq = hidden.shape[:2]
         positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
-        collected = ([hidden], [positions]) if output_hidden_states else None
+        collected = ([hidden], [positions]) if hidden_states is not None else None
         segments = state.segment_masks if state is not None else {}
         mask = None if 0 in segments else self._layer_mask(hidden, attention_mask, cache, 0)
         repair = state is not None and self._pruning_active()
@@ -1287,10 +1368,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return RcpLlavaModelOutputWithPast(
             last_hidden_state=lm.norm(hidden),
             past_key_values=cache,
-            hidden_states=tuple(collected[0]) if collected else None,
+            hidden_states=_select(collected, 0, hidden_states),
             image_hidden_states=image_features,
             token_positions=positions,
-            hidden_state_positions=tuple(collected[1]) if collected else None,
+            hidden_state_positions=_select(collected, 1, hidden_states),
         )
 
     # -- before the loops ---------------------------------------------------------------------------
@@ -1319,6 +1400,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     def _pruning_active(self):
         return self.config.pruning_spec.prunes and self.pruning_enabled
 
+    def _plugins_train(self):
+        return self.config.pruning_spec.plugins and any(p.requires_grad for p in self.rcp_plugins.parameters())
+
     def _repair_adapter(self, layer_idx):
         if not self.repair_enabled:
             return None
@@ -1330,14 +1414,20 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return selector.keep(ctx)
 
     def _embed(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
-               image_sizes, selector):
-        """Token embeddings with the projected image features scattered in; the selector sees the vision outputs."""
+               image_sizes, mm_encoder_outputs, selector):
+        """Token embeddings with the projected image features scattered in, as stock LLaVA does. Returns
+        `(inputs_embeds, image_features, image_mask)`: the mask (B, T) of the image tokens, taken before the features
+        are scattered in (so the `inputs_embeds` path finds them too), or None when no image came with the call
+        (`pixel_values` or precomputed `mm_encoder_outputs`): image-token ids without an image are plain text."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both `pixel_values` and `mm_encoder_outputs` at the same time.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return inputs_embeds, None
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is None:
+            return inputs_embeds, None, None
         vision_feature_layer = (
             vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
         )
@@ -1346,19 +1436,14 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             if vision_feature_select_strategy is not None
             else self.config.vision_feature_select_strategy
         )
-        extra = {}
-        wanted = selector.vision_hidden_states(vision_feature_layer) if selector is not None and \
-            isinstance(vision_feature_layer, int) else []
-        if wanted:
-            extra["output_hidden_states"] = wanted
-        image_outputs = self.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-            return_dict=True,
-            **extra,
-        )
+        if image_outputs is None:
+            image_outputs = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                return_dict=True,
+            )
         if selector is not None:
             selector.observe_image_features(image_outputs, vision_feature_layer, vision_feature_select_strategy)
         image_features = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -1371,9 +1456,22 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 f"({self.config.num_visual_tokens} per image). Build the inputs with the model's processor, "
                 "which expands each <image> into one token per visual feature."
             )
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features, image_mask
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        """`LlavaModel.get_image_features`, plus the vision hidden states the pruning method reads (VisPruner: the
+        feature layer and its input). `generate` calls this itself before the prefill (`mm_encoder_outputs`)."""
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        if "output_hidden_states" not in kwargs and self._pruning_active() and isinstance(layer, int):
+            wanted = SELECTORS[self.config.pruning_method](self).vision_hidden_states(layer)
+            if wanted:
+                kwargs["output_hidden_states"] = wanted
+        return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                          vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
 
     def _image_token_mask(self, input_ids, inputs_embeds):
+        """(B, T) image-token positions, from the ids or, for `inputs_embeds`, from the image token's embedding."""
         if input_ids is not None:
             return input_ids == self.config.image_token_id
         image_embed = self.get_input_embeddings()(
@@ -1381,12 +1479,24 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
-    def _position_ids(self, position_ids, inputs_embeds, past_length, state):
+    def _hidden_state_selection(self, output_hidden_states):
+        """None (no hidden states), True (all) or the selected indices into the L + 1 hidden states, from the argument
+        or the config, as stock models read `output_hidden_states`."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states or self.config.text_config.output_hidden_states
+        if output_hidden_states is None or output_hidden_states is False:
+            return None
+        if output_hidden_states is True:
+            return True
+        total = self.config.text_config.num_hidden_layers + 1
+        selected = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+        return [i % total for i in selected if -total <= i < total]
+
+    def _position_ids(self, position_ids, inputs_embeds, past_length):
+        """RoPE positions: given, or continuing from the input tokens the cache has seen."""
         bsz, seq = inputs_embeds.shape[:2]
         if position_ids is None:
-            # After a pre-LLM prune, layer 0's cache is shorter than the prompt: count positions in input tokens.
-            offset = past_length if state is None else past_length - state.prefill_length + state.input_length
-            position_ids = (torch.arange(seq, device=inputs_embeds.device) + offset).unsqueeze(0)
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         return position_ids.expand(bsz, -1)
@@ -1405,7 +1515,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 "fewer tokens, but a static cache pre-allocates the same length for every layer. Use the default "
                 "dynamic cache (leave `cache_implementation` unset)."
             )
-        layout = self.pruning_layout or ("mask" if self.training else "discard")
+        # The differentiable layout only where RCP's plug-ins train; anything else (baselines, a frozen pruner,
+        # fine-tuning the backbone of a pruned model) prunes physically, in train mode too.
+        layout = self.pruning_layout or ("mask" if self.training and self._plugins_train() else "discard")
         if layout not in ("mask", "discard"):
             raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
         if layout == "mask" and not self.config.pruning_spec.plugins and visual_keep_masks is None:
@@ -1443,7 +1555,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     def _decode_segment_mask(self, hidden, attention_mask, cache, state, layer_idx):
         """Key mask of a pruned segment during decoding: its stored prefill mask + the new tokens' columns."""
         prefill_mask = state.segment_masks[layer_idx]  # (B, T_s)
-        new_len = cache.get_seq_length(0) + hidden.shape[1] - state.prefill_length
+        new_len = _physical_length(cache) + hidden.shape[1] - state.prefill_length
         if attention_mask is not None:
             new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
         else:
@@ -1591,6 +1703,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         labels=None,
         logits_to_keep=0,
         image_sizes=None,
+        mm_encoder_outputs=None,
         use_cache=None,
         question_mask=None,
         answer_mask=None,
@@ -1600,6 +1713,18 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         return_dict=None,
         **kwargs,
     ):
+        """`LlavaForConditionalGeneration.forward`; with pruning, the logits cover the surviving tokens (see the
+        output's `token_positions`). `pruning_method="none"` runs the stock forward itself."""
+        if self.config.pruning_method == "none":
+            outputs = super().forward(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
+                logits_to_keep=logits_to_keep, image_sizes=image_sizes, mm_encoder_outputs=mm_encoder_outputs,
+                **_given(use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=return_dict),
+                **kwargs)
+            # The same fields (the pruning ones stay None), so code written for pruned outputs runs unchanged.
+            return outputs if isinstance(outputs, tuple) else RcpLlavaCausalLMOutputWithPast(**outputs)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1610,6 +1735,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
             labels=labels,
             question_mask=question_mask,
@@ -1617,6 +1743,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             visual_keep_masks=visual_keep_masks,
             gumbel_temperature=gumbel_temperature,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -1632,11 +1759,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             loss = self.loss_function(
                 logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return RcpLlavaCausalLMOutputWithPast(
+        output = RcpLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             token_positions=outputs.token_positions,
             kept_indices=outputs.kept_indices,
@@ -1646,6 +1774,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             layer_retention=outputs.layer_retention,
             has_image=outputs.has_image,
         )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
 
     # -- generate -------------------------------------------------------------------------------
 
@@ -1680,7 +1810,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        if self.config.pruning_method != "none" and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs["past_key_values"] = RcpDynamicCache(config=self.config.get_text_config(decoder=True))
         return result
 

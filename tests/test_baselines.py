@@ -459,10 +459,9 @@ def test_bad_inputs_at_run_time():
     batch = make_batch(PADDED)
     with pytest.raises(ValueError, match=r"`visual_keep_masks` has shape \(3, 2, 16\), expected \(3, 1, 16\)"):
         model(**batch, visual_keep_masks=torch.ones(3, 2, NUM_VISUAL, dtype=torch.bool))
-    model.train()
-    with pytest.raises(ValueError, match=r"'mask'.*`pruning_method='random'` has none.*model.eval"):
+    with model.pruning_layout("mask"), pytest.raises(ValueError,
+                                                     match=r"'mask'.*`pruning_method='random'` has none.*model.eval"):
         model(**batch)
-    model.eval()
     right = {k: v.flip(1) if k != "pixel_values" else v for k, v in batch.items()}
     with pytest.raises(ValueError, match=r"Right padding is not supported"):
         model.generate(**right, max_new_tokens=2)

@@ -1,0 +1,256 @@
+"""The stock-transformers contract: `pruning_method="none"` IS stock LLaVA; with pruning on, the output flags, the
+`inputs_embeds` path, train mode and cache continuation behave as a `LlavaForConditionalGeneration` user expects,
+and pruning happens only in a prefill that carries an image."""
+
+import copy
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, stock_copy
+
+SINGLE = [(3, 4, True)]
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+METHODS = {
+    "rcp": dict(),
+    "rcp-adaptive": dict(pruning_keep_counts=None),
+    "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                      pre_llm_keep_count=6),
+    "random-pre-llm": dict(pruning_method="random", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                           pre_llm_keep_count=5, pruning_seed=3),
+    "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[], pruning_keep_counts=[6]),
+    "attention_topk": dict(pruning_method="attention_topk", pruning_layers=[1, 2], repair_layers=[],
+                           pruning_keep_counts=[10, 5]),
+}
+
+
+def none_and_stock(attn="sdpa"):
+    model = make_model(pruning_method="none", pruning_layers=None, repair_layers=None, pruning_keep_counts=None,
+                       attn_implementation=attn)
+    return model, stock_copy(model)
+
+
+# 1. pruning_method="none" is stock LLaVA -------------------------------------------------------------------
+
+
+def test_none_equals_stock_exactly_with_every_output_flag():
+    model, stock = none_and_stock(attn="eager")
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
+    with torch.no_grad():
+        ours = model(**batch, labels=labels, output_hidden_states=True, output_attentions=True)
+        ref = stock(**batch, labels=labels, output_hidden_states=True, output_attentions=True)
+        assert torch.equal(ours.logits, ref.logits) and torch.equal(ours.loss, ref.loss)
+        assert len(ours.hidden_states) == len(ref.hidden_states) == 5
+        assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, ref.hidden_states))
+        assert len(ours.attentions) == 4 and all(torch.equal(a, b) for a, b in zip(ours.attentions, ref.attentions))
+        selected = model(**batch, output_hidden_states=[0, -1])
+        assert torch.equal(selected.hidden_states[0], ref.hidden_states[0])
+        assert torch.equal(selected.hidden_states[-1], ref.hidden_states[-1])
+        assert selected.hidden_states[1:-1] == (None, None, None)
+        as_tuple = model(**batch, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], ref.logits)
+        model.config.text_config.output_hidden_states = stock.config.text_config.output_hidden_states = True
+        assert len(model(**batch).hidden_states) == len(stock(**batch).hidden_states) == 5
+    assert model.last_pruning_info is None
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample", "static-cache"])
+def test_none_generates_as_stock(mode):
+    model, stock = none_and_stock()
+    for m in (model, stock):
+        m.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5)
+    kwargs.update({"greedy": dict(do_sample=False), "beam": dict(do_sample=False, num_beams=3),
+                   "sample": dict(do_sample=True, top_k=5), "static-cache": dict(
+                       do_sample=False, cache_implementation="static")}[mode])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ours = model.generate(**batch, **kwargs)
+        torch.manual_seed(0)
+        ref = stock.generate(**batch, **kwargs)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.slow
+def test_none_compiles_with_a_static_cache_and_fullgraph():
+    """On 4d033f1 `none` ran the custom loop and failed with "Data-dependent branching"; it is the stock forward now
+    (about 30 s of inductor compilation on 2 CPU cores)."""
+    from transformers import CompileConfig
+
+    model, stock = none_and_stock()
+    for m in (model, stock):
+        m.generation_config.pad_token_id = 0
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # generate compiles only on accelerators unless told otherwise
+    batch = make_batch(SINGLE)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        compiled = model.generate(**batch, cache_implementation="static", compile_config=compile_config, **greedy)
+        ref = stock.generate(**batch, **greedy)
+    assert torch.equal(compiled, ref)
+
+
+# 2. Output flags with pruning on ----------------------------------------------------------------------------
+
+
+def test_pruned_forward_honours_return_dict_and_hidden_state_flags():
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        full = model(**batch, output_hidden_states=True)
+        as_tuple = model(**batch, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full.logits)
+        selected = model(**batch, output_hidden_states=[0, -1])  # as stock: all L + 1, None where not selected
+        assert selected.hidden_states[1:-1] == (None, None, None) and selected.hidden_state_positions[1] is None
+        assert torch.equal(selected.hidden_states[0], full.hidden_states[0])
+        assert torch.equal(selected.hidden_states[-1], full.hidden_states[-1])
+        assert torch.equal(selected.hidden_state_positions[-1], full.hidden_state_positions[-1])
+        assert model(**batch).hidden_states is None
+        model.config.output_hidden_states = True  # from the config, as stock models read it
+        from_config = model(**batch)
+    assert len(from_config.hidden_states) == 5
+    assert all(torch.equal(a, b) for a, b in zip(from_config.hidden_states, full.hidden_states))
+
+
+def test_pruned_forward_returns_the_attentions_over_the_surviving_tokens():
+    """On 4d033f1 `output_attentions` was dropped (`attentions` None, also in `generate`)."""
+    model = make_model(randomize_plugins=True, attn_implementation="eager")
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        ref = stock_copy(model)(**batch, output_attentions=True)
+        gen = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True)
+    lengths = [batch["input_ids"].shape[1], *[int(x) for x in batch["input_ids"].shape[1] - NUM_VISUAL +
+                                              out.kept_counts.max(0).values]]
+    widths = [lengths[0], lengths[1], lengths[2], lengths[2]]  # pruners before layers 1 and 2
+    assert [a.shape[-1] for a in out.attentions] == widths and all(a.shape[-2] == a.shape[-1] for a in out.attentions)
+    assert torch.allclose(out.attentions[0], ref.attentions[0], atol=1e-6)  # layer 0 runs before any pruning
+    valid = out.token_positions >= 0
+    rows = out.attentions[-1].sum(-1)  # (B, H, T'): each valid query row is a distribution over the kept keys
+    assert torch.allclose(rows.permute(0, 2, 1)[valid], torch.ones_like(rows.permute(0, 2, 1)[valid]), atol=1e-5)
+    assert len(gen.attentions) == 2 and len(gen.attentions[0]) == 4 and gen.attentions[1][-1].shape[-2] == 1
+
+
+# 3. Pruning is triggered by an image, not by image-token ids ---------------------------------------------
+
+
+def test_generating_the_image_token_id_mid_answer_continues():
+    """On 4d033f1 the decode step after a generated `<image>` id raised "already holds N tokens"."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    with torch.no_grad():  # a large bias makes <image> the greedy choice at every step
+        gen = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             sequence_bias={(IMAGE_TOKEN,): 1e4})
+    prompt = batch["input_ids"].shape[1]
+    assert (gen[:, prompt:] == IMAGE_TOKEN).all()
+    assert model.last_pruning_info.kept_counts.tolist() == [[10, 5]] * 3  # the prefill's pruning, kept
+
+
+@pytest.mark.parametrize("name", ["rcp", "vispruner", "fastv"])
+def test_image_token_ids_without_an_image_are_text_as_in_stock(name):
+    """On 4d033f1: "one image ... per prompt" for a partial run of ids, AttributeError for VisPruner."""
+    model = make_model(**METHODS[name])
+    stray = torch.tensor([[1, 5, IMAGE_TOKEN, IMAGE_TOKEN, 7, 8], [1, 5, 6, 7, IMAGE_TOKEN, 9]])
+    with torch.no_grad():
+        ours = model(input_ids=stray)
+        ref = stock_copy(model)(input_ids=stray)
+    assert (ours.logits - ref.logits).abs().max() <= 1e-5
+    assert ours.kept_counts is None and model.last_pruning_info is None
+
+
+@pytest.mark.parametrize("name", ["rcp", "vispruner", "random-pre-llm", "attention_topk"])
+def test_inputs_embeds_prunes_like_input_ids(name):
+    """On 4d033f1 the `inputs_embeds` path found no image token (the mask was taken after the features were
+    scattered in) and ran unpruned."""
+    model = make_model(**METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        by_ids = model(**batch)
+        by_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"])
+        gen_ids = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        gen_embeds = model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                    pixel_values=batch["pixel_values"], max_new_tokens=4, min_new_tokens=4,
+                                    do_sample=False)
+    assert torch.equal(by_embeds.keep_masks, by_ids.keep_masks) and torch.equal(by_embeds.token_positions,
+                                                                                by_ids.token_positions)
+    assert (by_embeds.logits - by_ids.logits).abs().max() <= 1e-5
+    assert torch.equal(gen_embeds, gen_ids[:, batch["input_ids"].shape[1]:])
+
+
+# 4. Training-free baselines in train mode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vispruner", "random-pre-llm", "fastv", "attention_topk"])
+def test_baselines_run_in_train_mode_with_backward_and_gradient_checkpointing(name):
+    """On 4d033f1 any forward of a baseline in train mode raised "The differentiable ('mask') pruning layout...".
+    A baseline prunes physically in train mode too: same outputs as eval, gradients reach the backbone."""
+    model = make_model(**METHODS[name])
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
+    with torch.no_grad():
+        ref = model(**batch, labels=labels)
+    model.train()
+    out = model(**batch, labels=labels)
+    assert torch.equal(out.keep_masks, ref.keep_masks) and (out.logits - ref.logits).abs().max() <= 1e-5
+    out.loss.backward()
+    assert model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    checkpointed = model(**batch, labels=labels)
+    checkpointed.loss.backward()
+    assert torch.equal(checkpointed.keep_masks, ref.keep_masks)
+    assert model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_rcp_trains_in_the_mask_layout_only_while_its_plugins_train():
+    model = make_model(randomize_plugins=True).train()
+    batch = make_batch(PADDED)
+    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # mask layout: nothing moved
+    for p in model.plugin_parameters():
+        p.requires_grad_(False)  # e.g. fine-tuning the backbone of a pruned model
+    assert model(**batch).logits.shape[1] < batch["input_ids"].shape[1]  # physical discard
+
+
+# 5. Continuing from a returned cache -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("specs", [SINGLE, PADDED], ids=["single", "left-padded"])
+def test_generate_continues_from_a_returned_cache(name, specs):
+    """On 4d033f1, after a pre-LLM prune, `generate(input_ids=out.sequences, past_key_values=out.past_key_values)`
+    raised "already holds 12 tokens": layer 0's cache holds the prompt minus the dropped tokens."""
+    model = make_model(**METHODS[name], randomize_plugins=True)
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(specs)
+    greedy = dict(do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, **greedy)
+        first = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, **greedy)
+        mask = torch.cat([batch["attention_mask"], torch.ones(len(specs), 3, dtype=torch.long)], dim=1)
+        rest = model.generate(input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values,
+                              max_new_tokens=3, min_new_tokens=3, **greedy)
+    assert torch.equal(rest.sequences, whole.sequences)
+    if name in ("vispruner", "random-pre-llm"):
+        seen = first.past_key_values.get_seq_length()
+        held = first.past_key_values.layers[0].keys.shape[-2]
+        assert seen == batch["input_ids"].shape[1] + 5 and held < seen  # input tokens seen vs tokens held
+
+
+def test_a_copied_cache_continues_twice_the_same():
+    model = make_model(**METHODS["vispruner"])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(SINGLE)
+    with torch.no_grad():
+        first = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                               return_dict_in_generate=True)
+        a = model.generate(input_ids=first.sequences, past_key_values=copy.deepcopy(first.past_key_values),
+                           max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        b = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2,
+                           min_new_tokens=2, do_sample=False)
+    assert torch.equal(a, b) and a.shape[1] == batch["input_ids"].shape[1] + 4
+    assert NUM_VISUAL == 16
