@@ -33,6 +33,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ from transformers import (
 )
 from transformers import __version__ as transformers_version
 from transformers.masking_utils import create_causal_mask
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
@@ -1191,6 +1192,14 @@ class RcpInitMixin:
     `nn.init` (guarded by transformers), so tensors loaded from a checkpoint are never overwritten.
     """
 
+    @classmethod
+    def is_custom_code(cls):
+        """Initialise like library code. transformers treats any class outside its package as custom code and then
+        skips modules without direct parameters (CLIP's attention and MLP, whose init is keyed on the container),
+        so a missing vision weight would start unlike stock. That guard protects `_init_weights` that write tensors
+        in place; ours uses the guarded `nn.init` only. (Key conversion is registered by name, unaffected.)"""
+        return False
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear) and getattr(module, "_rcp_zero_init", False):
             nn.init.zeros_(module.weight)
@@ -1254,7 +1263,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         visual_keep_masks=None,
         gumbel_temperature=None,
         output_hidden_states=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         """`LlavaModel.forward`, pruning the image of a prefill (arguments beyond the stock ones: class docstring)."""
         if self.config.pruning_method == "none":  # the stock forward: compile, static caches, every output flag
@@ -1711,7 +1720,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         gumbel_temperature=None,
         output_hidden_states=None,
         return_dict=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         """`LlavaForConditionalGeneration.forward`; with pruning, the logits cover the surviving tokens (see the
         output's `token_positions`). `pruning_method="none"` runs the stock forward itself."""
