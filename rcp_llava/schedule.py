@@ -131,15 +131,9 @@ def rcp_keep_counts(k, pruning_layers, num_layers, num_visual_tokens):
 
 
 def scheduled_tokens_per_layer(config):
-    """Visual tokens per decoder layer that `config`'s fixed counts give (None for the adaptive threshold)."""
-    num_layers = config.text_config.num_hidden_layers
-    n = config.num_visual_tokens
-    if config.pruning_method == "none":
-        return [n] * num_layers
-    counts = config.point_keep_counts
-    if counts is None:
-        return None
-    return visual_tokens_per_layer(num_layers, n, config.pruning_points, counts)
+    """Visual tokens per decoder layer that `config`'s fixed counts give (None for the adaptive threshold): the
+    config's own accounting, `RcpLlavaConfig.tokens_per_layer`."""
+    return config.tokens_per_layer()
 
 
 def kept_tokens_per_layer(config, kept_counts, batch_size):
