@@ -1712,7 +1712,6 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         labels=None,
         logits_to_keep=0,
         image_sizes=None,
-        mm_encoder_outputs=None,
         use_cache=None,
         question_mask=None,
         answer_mask=None,
@@ -1723,7 +1722,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         **kwargs: Unpack[TransformersKwargs],
     ):
         """`LlavaForConditionalGeneration.forward`; with pruning, the logits cover the surviving tokens (see the
-        output's `token_positions`). `pruning_method="none"` runs the stock forward itself."""
+        output's `token_positions`). `pruning_method="none"` runs the stock forward itself.
+
+        `mm_encoder_outputs` (precomputed image features) is accepted through `**kwargs`, not named: `generate`
+        pre-encodes images for models that name it and then expands only their `pooler_output` for beams and
+        `num_return_sequences`, while VisPruner also reads the vision hidden states; unnamed, `generate` passes
+        `pixel_values`, which it expands whole."""
+        mm_encoder_outputs = kwargs.pop("mm_encoder_outputs", None)
         if self.config.pruning_method == "none":
             outputs = super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,

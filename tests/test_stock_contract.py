@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, stock_copy
+from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, row_inputs, stock_copy
 
 SINGLE = [(3, 4, True)]
 PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
@@ -180,6 +180,21 @@ def test_inputs_embeds_prunes_like_input_ids(name):
                                                                                 by_ids.token_positions)
     assert (by_embeds.logits - by_ids.logits).abs().max() <= 1e-5
     assert torch.equal(gen_embeds, gen_ids[:, batch["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("name", ["vispruner", "rcp"])
+def test_beams_and_several_return_sequences_equal_single_runs(name):
+    """Beams and `num_return_sequences` repeat each prompt with its image (VisPruner reads the vision tower's
+    hidden states, so the image must be expanded whole, not only its projected features)."""
+    model = make_model(**METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED[:2])
+    beam = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        together = model.generate(**batch, **beam)
+        for i in range(2):
+            single = model.generate(**row_inputs(batch, i, PADDED[:2]), **beam)
+            assert torch.equal(together[2 * i:2 * i + 2, -3:], single[:, -3:])
 
 
 # 4. Training-free baselines in train mode -------------------------------------------------------------------
