@@ -270,3 +270,69 @@ def test_evaluate_accuracy_keys(micro_testbed):
     acc = evaluate_accuracy(model, processor, ds, batch_size=3, keep_fn=random_keep(1 / 3), max_samples=4)
     assert acc["n"] == 4 and 0 <= acc["overall"] <= 1
     assert acc["kept_visual_tokens"] == PRESETS["micro"].budget(1 / 3)
+
+
+@pytest.mark.parametrize("stage", ["vision", "warmup"])
+def test_an_interrupted_stage_resumes_to_the_uninterrupted_weights(stage, tmp_path):
+    """Interrupt a stage right after its step-2 checkpoint, run it again: the final weights equal an uninterrupted
+    run's. On 4d033f1 the chat stages read the llava-hf-layout checkpoint with a plain `load_state_dict`, matched no
+    key (a warning), and went on from their initial weights (max difference 0.0055 here)."""
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    from rcp_llava.testbed import train as testbed_train
+    from rcp_llava.testbed.presets import get_preset
+    from rcp_llava.testbed.text import build_processor
+
+    preset = get_preset("micro")
+    processor = build_processor(preset)
+    spec = dataclasses.replace(preset.stages[stage], max_steps=4)
+    init = None if stage == "vision" else testbed_train.run_stage("vision", preset, tmp_path / "init", processor)
+    whole = testbed_train.run_stage(stage, preset, tmp_path / "whole", processor, init_dir=init, save_steps=2,
+                                    spec=spec)
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    original = testbed_train.TestbedTrainer.__init__
+
+    def with_interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(Interrupt())
+
+    testbed_train.TestbedTrainer.__init__ = with_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            testbed_train.run_stage(stage, preset, tmp_path / "cut", processor, init_dir=init, save_steps=2, spec=spec)
+    finally:
+        testbed_train.TestbedTrainer.__init__ = original
+    assert (tmp_path / "cut" / stage / "checkpoint-2").is_dir() and not (tmp_path / "cut" / stage / "final").exists()
+    resumed = testbed_train.run_stage(stage, preset, tmp_path / "cut", processor, init_dir=init, save_steps=2,
+                                      spec=spec)
+    a = LlavaForConditionalGeneration.from_pretrained(whole).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(resumed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_an_error(tmp_path):
+    """A checkpoint whose weights do not fit is an error naming it, never a warning."""
+    from rcp_llava.testbed import train as testbed_train
+    from rcp_llava.testbed.presets import get_preset
+    from rcp_llava.testbed.text import build_processor
+
+    preset = get_preset("micro")
+    processor = build_processor(preset)
+    model = testbed_train.new_model(preset, processor)
+    other = torch.nn.Linear(2, 2)
+    folder = tmp_path / "checkpoint-2"
+    model.config.save_pretrained(folder)
+    from safetensors.torch import save_file
+
+    save_file({"weight": other.weight.detach().contiguous()}, str(folder / "model.safetensors"))
+    trainer = testbed_train.TestbedTrainer(model=model, args=testbed_train._training_args(
+        tmp_path, preset.stages["full"], 0, 2))
+    with pytest.raises(ValueError, match=r"checkpoint-2 does not hold this stage's model .*missing_keys"):
+        trainer._load_from_checkpoint(str(folder))

@@ -211,6 +211,27 @@ class TestbedTrainer(Trainer):
             self._attention_losses = []
         super().log(logs, *args, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume exactly. `Trainer` saves a LLaVA checkpoint in the llava-hf key layout (`save_pretrained`
+        converts the keys) but reads it back with a plain `load_state_dict`, which matches no key: transformers
+        only warned, and the stage went on from its initial weights with the schedule at the checkpoint's step.
+        Read it with `from_pretrained` (which converts the keys) and copy every tensor, strictly."""
+        model = model if model is not None else self.model
+        if not isinstance(model, LlavaForConditionalGeneration):  # the vision stage's probe: a plain state dict
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved, info = LlavaForConditionalGeneration.from_pretrained(resume_from_checkpoint, dtype=model.dtype,
+                                                                    output_loading_info=True)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        try:
+            if problems:
+                raise RuntimeError(f"{problems}")
+            model.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} does not hold this stage's model ({error}). Delete it to "
+                "restart the stage from its beginning."
+            ) from None
+
     def _get_train_sampler(self, *args, **kwargs):
         # items are already random draws; reading them in order keeps the density curriculum in order
         return torch.utils.data.SequentialSampler(self.train_dataset)
