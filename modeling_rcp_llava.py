@@ -706,8 +706,8 @@ class VisPrunerSelector(TokenSelector):
         if hidden_states is None and hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
             raise ValueError(
                 "`pruning_method='vispruner'` ranks patches with the vision tower's hidden states, but the image "
-                "outputs hold none: pass `pixel_values`, or `mm_encoder_outputs` computed with the hidden states of "
-                "the feature layer and its input (`get_image_features(..., output_hidden_states=[f - 1, f])`)."
+                "outputs hold none: pass `pixel_values`, or `mm_encoder_outputs` from this model's own "
+                "`model.model.get_image_features(pixel_values)`, which adds them."
             )
         if not hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
             raise ValueError(
@@ -716,8 +716,17 @@ class VisPrunerSelector(TokenSelector):
             )
         cls_attention = vispruner_cls_attention(tower, hidden_states, vision_feature_layer)
         features = hidden_states[vision_feature_layer][:, 1:]  # pre-projector patch features
-        self.image_keep = vispruner_keep_mask(cls_attention, features, self.config.pre_llm_keep_count,
-                                              self.config.vispruner_important_ratio)
+        keep = vispruner_keep_mask(cls_attention, features, self.config.pre_llm_keep_count,
+                                   self.config.vispruner_important_ratio)  # (num_images, N)
+        # `generate` expands precomputed image outputs for beams / several return sequences by repeating only their
+        # features ([A, B] -> [A, B, A, B]); repeat the kept sets the same way.
+        num_images = len(image_outputs.pooler_output)
+        if num_images % keep.shape[0]:
+            raise ValueError(
+                f"`pruning_method='vispruner'`: the image outputs hold {num_images} feature sets but hidden states of "
+                f"{keep.shape[0]} images; pass `pixel_values` instead of `mm_encoder_outputs`."
+            )
+        self.image_keep = keep.repeat(num_images // keep.shape[0], 1)
 
     def start(self, prefill):
         if self.image_keep is None:
@@ -1332,6 +1341,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     collected[1].append(run.slot_orig)
         info = self.last_pruning_info = run.info()
         if run.cache is not None:
+            if type(run.cache) is DynamicCache:
+                # A plain cache passed by the user: make it report the input tokens it has seen (after a pre-LLM
+                # prune layer 0 holds fewer), or continuing generation from it would feed dropped positions again.
+                run.cache.__class__ = RcpDynamicCache
             run.cache.rcp_state = run.decode_state(input_length)
         return RcpLlavaModelOutputWithPast(
             last_hidden_state=lm.norm(hidden),
@@ -1461,7 +1474,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         if n_tokens != n_features:
             raise ValueError(
                 f"Image features and image tokens do not match: `input_ids` holds {n_tokens} image tokens "
-                f"(id {self.config.image_token_id}) but `pixel_values` gave {n_features} features "
+                f"(id {self.config.image_token_id}) but the image gave {n_features} features "
                 f"({self.config.num_visual_tokens} per image). Build the inputs with the model's processor, "
                 "which expands each <image> into one token per visual feature."
             )
@@ -1820,6 +1833,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 "fewer tokens, which only the dynamic cache allows. Leave `cache_implementation` unset."
             )
         return super().generate(*args, **kwargs)
+
+    def _supports_mm_encoder_outputs(self):
+        """`generate` pre-encodes images (and chunked prefill needs it) for `none`, as for stock LLaVA; with pruning
+        it passes `pixel_values`, which it expands whole for beams (see `forward`)."""
+        return self.config.pruning_method == "none"
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)

@@ -256,6 +256,51 @@ def test_generate_continues_from_a_returned_cache(name, specs):
         assert seen == batch["input_ids"].shape[1] + 5 and held < seen  # input tokens seen vs tokens held
 
 
+@pytest.mark.parametrize("name", ["vispruner", "rcp"])
+def test_generate_continues_from_a_plain_dynamic_cache_given_by_the_user(name):
+    """A user's `DynamicCache` (kept as is by generate) reports the input tokens seen after the pruned prefill; it
+    used to report layer 0's physical length, and continuing fed the dropped positions again (logits off by 0.05)."""
+    from transformers import DynamicCache
+
+    model = make_model(**METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(SINGLE)
+    greedy = dict(do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **greedy)
+        first = model.generate(**batch, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **greedy)
+        assert first.past_key_values.get_seq_length() == batch["input_ids"].shape[1] + 1  # prompt + 1 fed token
+        rest = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=3,
+                              min_new_tokens=3, **greedy)
+    assert torch.equal(rest.sequences, whole.sequences)
+
+
+def test_none_generates_with_chunked_prefill_as_stock():
+    """`none` lets generate pre-encode the images, as stock does (chunked prefill cannot split raw pixels)."""
+    model, stock = none_and_stock()
+    for m in (model, stock):
+        m.generation_config.pad_token_id = 0
+    batch = make_batch(SINGLE)
+    greedy = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, prefill_chunk_size=8)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**batch, **greedy), stock.generate(**batch, **greedy))
+
+
+def test_vispruner_with_precomputed_image_outputs_and_beams():
+    """Precomputed `mm_encoder_outputs` (from the model's own `get_image_features`, which adds the vision states
+    VisPruner reads): generate repeats only their features for beams; the kept sets are repeated to match."""
+    model = make_model(**METHODS["vispruner"])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED[:2])
+    beam = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        image = model.model.get_image_features(batch["pixel_values"], return_dict=True)
+        given = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               mm_encoder_outputs={"image": image}, **beam)
+        ref = model.generate(**batch, **beam)
+    assert torch.equal(given, ref)
+
+
 def test_a_copied_cache_continues_twice_the_same():
     model = make_model(**METHODS["vispruner"])
     model.generation_config.pad_token_id = 0
