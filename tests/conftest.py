@@ -139,6 +139,12 @@ def allowed_keys(alive):
     return allowed | (torch.eye(seq, dtype=torch.bool).unsqueeze(0) & ~alive.unsqueeze(2))
 
 
+def at_positions(ref_logits, positions):
+    """`ref_logits (B, T, V)` of a full-length reference gathered at a pruned output's `token_positions (B, T')`
+    (padding slots read position 0; mask them with `positions >= 0`)."""
+    return ref_logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref_logits.shape[-1]))
+
+
 def masked_reference(model, batch, keep_masks, points=None):
     """Full-length forward through the same layers, the dropped tokens masked out of attention (as keys) from
     their pruning point on (`points`, default the config's; 0 = before layer 0). Independent of the pruned loop:

@@ -9,8 +9,8 @@ batch == single, sdpa == eager).
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, allowed_keys, make_batch, make_model, masked_reference, prompt_states, row_inputs,
-    stock_copy, tiny_config,
+    IMAGE_TOKEN, NUM_VISUAL, allowed_keys, at_positions, make_batch, make_model, masked_reference, prompt_states,
+    row_inputs, stock_copy, tiny_config,
 )
 
 from configuration_rcp_llava import RcpLlavaConfig
@@ -155,7 +155,7 @@ def test_vispruner_full_budget_equals_stock():
         ref = stock_copy(model)(**batch).logits
     assert out.kept_counts.tolist() == [[NUM_VISUAL]] * 3
     valid = out.token_positions >= 0
-    theirs = ref.gather(1, out.token_positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    theirs = at_positions(ref, out.token_positions)
     assert (out.logits - theirs)[valid].abs().max() <= 1e-5
 
 
@@ -288,7 +288,7 @@ def test_discard_equals_mask(name):
         out = model(**batch)
         ref = masked_reference(model, batch, out.keep_masks)
     valid = out.token_positions >= 0
-    theirs = ref.gather(1, out.token_positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    theirs = at_positions(ref, out.token_positions)
     assert (out.logits - theirs)[valid].abs().max() <= 1e-4
     # Physical discard: the output holds only the surviving tokens.
     kept = out.kept_counts[:, -1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, randomize_plugin_parameters, row_inputs,
-    stock_copy,
+    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, randomize_plugin_parameters,
+    row_inputs, stock_copy,
 )
 
 SINGLE = [(3, 4, True)]
@@ -14,8 +14,7 @@ PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
 def valid_logits(logits, positions, ref_logits):
     """Reference logits gathered at the surviving positions, and the model's, on valid slots only."""
     valid = positions >= 0
-    ref = ref_logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref_logits.shape[-1]))
-    return logits[valid], ref[valid]
+    return logits[valid], at_positions(ref_logits, positions)[valid]
 
 
 # 1. No-op ---------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ leaks into the config or stays stale on the model."""
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, masked_reference, row_inputs, stock_copy
+from conftest import (
+    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, row_inputs, stock_copy,
+)
 
 import configuration_rcp_llava
 import modeling_rcp_llava
@@ -63,7 +65,7 @@ def test_toy_method_discard_equals_mask_and_batch_equals_single():
         out = model(**batch)
         ref = masked_reference(model, batch, out.keep_masks)
         valid = out.token_positions >= 0
-        theirs = ref.gather(1, out.token_positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+        theirs = at_positions(ref, out.token_positions)
         assert (out.logits - theirs)[valid].abs().max() <= 1e-4
         plain = make_batch(PADDED)
         gen = model.generate(**plain, max_new_tokens=4, min_new_tokens=4, do_sample=False)
