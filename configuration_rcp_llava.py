@@ -28,11 +28,75 @@ from transformers import LlavaConfig
 # ------------------------------------------------------------------------------------------------
 
 
-# The paper's placement for LLaVA-1.5-7B at the 64-token budget (RCP.md section 1).
-DEFAULT_PRUNING_LAYERS = (2, 14, 26)
-DEFAULT_REPAIR_LAYERS = (23, 30)
+# The authors' placements (0-based decoder layers; RCP.md section 1): depth -> {budget in visual tokens of 576:
+# (pruners before, repair adapters after)}. The paper prints these counted from 1. Only these reproduce its
+# budgets: Table VI's retention on pruners before [1, 13, 25] averages 65.8 visual tokens per layer over 32 layers.
+PAPER_PLACEMENTS = {
+    32: {64: ((1, 13, 25), (22, 29)), 128: ((4, 14, 24), (22, 29)), 192: ((4, 14, 24), (22, 29))},  # 7B
+    40: {64: ((1, 15, 27), (23, 35)), 128: ((3, 17, 32), (23, 35)), 192: ((3, 17, 32), (23, 35))},  # 13B
+}
+PAPER_NUM_VISUAL_TOKENS = 576
 FastvQuery = Literal["last", "question"]
 FASTV_QUERIES = get_args(FastvQuery)
+
+
+def paper_placement(num_layers, budget_fraction=64 / 576):
+    """The paper's pruner / repair-adapter placement for a decoder of `num_layers` layers at a budget given as a
+    fraction of the visual tokens (64 / 576 = 1/9, 128 / 576 = 2/9, 192 / 576 = 1/3).
+
+    Returns `(pruning_layers, repair_layers)`, 0-based lists. The budget picks the nearest paper budget (64, 128 or
+    192 of 576). 32 and 40 layers (LLaVA-1.5-7B / 13B) get the authors' tables; any other depth scales the 7B
+    placement by relative depth (layer l -> round(l * num_layers / 32), half up), then keeps the pruners in
+    [1, num_layers) and strictly increasing, and the adapters at or after the first pruner, strictly increasing
+    (a shallow model may get fewer adapters than two, never fewer pruners than it has room for).
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+        raise ValueError(f"`num_layers` must be an int >= 2 (a pruner needs a layer after layer 0), got {num_layers!r}.")
+    if not (_is_number(budget_fraction) and 0 < budget_fraction <= 1):
+        raise ValueError(f"`budget_fraction` must be a fraction of the visual tokens in (0, 1], got {budget_fraction!r}.")
+    tokens = budget_fraction * PAPER_NUM_VISUAL_TOKENS
+    budget = min(PAPER_PLACEMENTS[32], key=lambda b: (abs(b - tokens), b))
+    if num_layers in PAPER_PLACEMENTS:
+        pruning, repair = PAPER_PLACEMENTS[num_layers][budget]
+        return list(pruning), list(repair)
+    pruning, repair = PAPER_PLACEMENTS[32][budget]
+
+    def scaled(layer):
+        return int(math.floor(layer * num_layers / 32 + 0.5))
+
+    pruning_out = []
+    for layer in pruning:
+        layer = max(scaled(layer), 1, pruning_out[-1] + 1 if pruning_out else 1)
+        if layer < num_layers:
+            pruning_out.append(layer)
+    repair_out = []
+    for layer in repair:
+        layer = min(max(scaled(layer), pruning_out[0]), num_layers - 1)
+        if not repair_out or layer > repair_out[-1]:
+            repair_out.append(layer)
+    return pruning_out, repair_out
+
+
+def _paper_layers(config):
+    """RCP's default layers: the paper's placement for this depth and `visual_token_budget` (default: 64 of 576)."""
+    budget = config.visual_token_budget
+    fraction = budget / config.num_visual_tokens if _is_number(budget) and 0 < budget <= config.num_visual_tokens \
+        else 64 / 576
+    return paper_placement(config.text_config.num_hidden_layers, fraction)
+
+
+def _paper_pruning_layers(config):
+    """Baselines that prune at several decoder layers default to RCP's pruners at 64 of 576, with no adapter."""
+    return paper_placement(config.text_config.num_hidden_layers)[0], []
+
+
+def default_fastv_layer(num_layers):
+    """FastV's K: 2 as in the FastV paper, 1 on shallow models (<= 8 layers)."""
+    return 1 if num_layers <= 8 else 2
+
+
+def _fastv_layers(config):
+    return [default_fastv_layer(config.text_config.num_hidden_layers)], []
 
 
 @dataclass(frozen=True)
@@ -45,7 +109,8 @@ class PruningMethod:
         place or the other, never both.
     plugins: has RCP's trainable plug-ins (pruners at `pruning_layers`, repair adapters at `repair_layers`); only
         such a method may leave `pruning_keep_counts=None` (the adaptive threshold, Eq. 8).
-    default_pruning_layers / default_repair_layers: used when the field is None.
+    default_layers: `default_layers(config) -> (pruning_layers, repair_layers)`, used where a field is None (given
+        the depth, so a model of any depth loads with the defaults); None: no layers.
     max_pruning_layers: at most this many pruning layers (FastV prunes once).
     check: extra method-specific validation, `check(config)`, raising ValueError/TypeError naming the field.
     """
@@ -54,8 +119,7 @@ class PruningMethod:
     in_decoder: bool = True
     pre_llm: bool = False
     plugins: bool = False
-    default_pruning_layers: tuple = DEFAULT_PRUNING_LAYERS
-    default_repair_layers: tuple = ()
+    default_layers: Callable | None = _paper_pruning_layers
     max_pruning_layers: int | None = None
     check: Callable | None = None
 
@@ -97,18 +161,18 @@ def register_pruning_spec(method: PruningMethod, overwrite: bool = False) -> Pru
 
 
 for _method in (
-    PruningMethod("none", in_decoder=False),  # the stock forward: no layers, so any depth loads with the defaults
-    PruningMethod("rcp", plugins=True, default_repair_layers=DEFAULT_REPAIR_LAYERS),
-    PruningMethod("vispruner", in_decoder=False, pre_llm=True, check=_check_vispruner),
-    PruningMethod("fastv", default_pruning_layers=(2,), max_pruning_layers=1),
+    PruningMethod("none", in_decoder=False, default_layers=None),  # the stock forward: no layers
+    PruningMethod("rcp", plugins=True, default_layers=_paper_layers),
+    PruningMethod("vispruner", in_decoder=False, pre_llm=True, default_layers=None, check=_check_vispruner),
+    PruningMethod("fastv", default_layers=_fastv_layers, max_pruning_layers=1),
     PruningMethod("random", pre_llm=True),
     PruningMethod("attention_topk"),
 ):
     register_pruning_spec(_method)
 
 PRUNING_FIELDS = (
-    "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
-    "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size",
+    "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout", "pruner_dropout",
+    "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size", "pruner_num_heads",
     "repair_bottleneck_size", "pruning_seed", "pre_llm_keep_count", "vispruner_important_ratio", "fastv_query",
 )
 
@@ -133,16 +197,22 @@ class RcpLlavaConfig(LlavaConfig):
             own question->visual attention, Eq. 4's prior alone). Any name in `PRUNING_METHODS`.
         pruning_layers (`list[int]`, *optional*):
             Decoder layers *before* whose self-attention a pruner runs (0-based, strictly increasing, never 0:
-            pruning before the LLM is `pre_llm_keep_count`). Defaults to the paper's `[2, 14, 26]`; to `[]` for
-            `"vispruner"`, `"none"` and for `"random"` with `pre_llm_keep_count`; to `[2]` for `"fastv"`.
+            pruning before the LLM is `pre_llm_keep_count`). Defaults to the paper's placement for this depth and
+            `visual_token_budget` (`paper_placement`): `[1, 13, 25]` on a 32-layer decoder at 64 of 576 tokens (the
+            paper prints 2, 14, 26: it counts from 1), `[4, 14, 24]` at 128 or 192, scaled by relative depth for
+            other depths; `[]` for `"vispruner"`, `"none"` and `"random"` with `pre_llm_keep_count`; `[2]` for
+            `"fastv"` (`[1]` up to 8 layers). The other baselines default to RCP's pruners at 64 of 576.
         repair_layers (`list[int]`, *optional*):
             Decoder layers *after* which a delayed repair adapter corrects the answer positions. Each must come
-            at or after the first pruning layer. `[]` disables the adapters. Defaults to the paper's `[23, 30]`
-            for `"rcp"` (to `[]` for `"none"` and the baselines, which have no adapter).
+            at or after the first pruning layer, and reads the nearest pruner before it. `[]` disables the adapters.
+            Defaults to the paper's placement for `"rcp"` (`[22, 29]` on 32 layers, printed 23, 30), `[]` for
+            `"none"` and the baselines, which have no adapter.
         num_pruning_queries (`int`, *optional*, defaults to 16):
             Number of learnable pruning queries N_q of each pruner (Eq. 1).
         query_dropout (`float`, *optional*, defaults to 0.2):
-            Probability of dropping a pruning query's contribution during training.
+            Probability of zeroing a pruning query (a whole row, no rescaling) during training.
+        pruner_dropout (`float`, *optional*, defaults to 0.2):
+            Dropout on the pruner's cross-attention probabilities and inside its per-token MLP (training only).
         gumbel_temperature (`float`, *optional*, defaults to 1.0):
             Temperature tau of the Gumbel-Sigmoid mask (Eq. 6). Inference thresholds the logits at 0 (Eq. 8), so
             it only matters for training; a trainer anneals its own copy and passes it to `forward`
@@ -153,10 +223,13 @@ class RcpLlavaConfig(LlavaConfig):
         pruning_keep_counts (`list[int]`, *optional*):
             One count per pruning layer, non-increasing: keep exactly that many visual tokens after each pruning
             layer (top-k on the pruner's logits). `None` = RCP's adaptive threshold (Eq. 8).
-        pruner_hidden_size (`int`, *optional*, defaults to 448):
-            Width of the pruner's reduced attention space and of its per-token MLP.
-        repair_bottleneck_size (`int`, *optional*, defaults to 470):
-            Bottleneck width of the repair adapters (FiLM conditioning lives in this space too).
+        pruner_hidden_size (`int`, *optional*, defaults to 512):
+            Width of the pruner's cross-attention and of its per-token MLP (the authors' 512).
+        pruner_num_heads (`int`, *optional*, defaults to 4):
+            Heads of the pruner's cross-attention (averaged); must divide `pruner_hidden_size`.
+        repair_bottleneck_size (`int`, *optional*, defaults to 512):
+            Bottleneck width of the repair adapters and of their shared pruning-context encoder (FiLM conditioning
+            lives in this space too).
         pruning_seed (`int`, *optional*, defaults to 0):
             Seed for the methods that draw random numbers at inference (the `"random"` baseline).
         pre_llm_keep_count (`int`, *optional*):
@@ -170,8 +243,11 @@ class RcpLlavaConfig(LlavaConfig):
             FastV's ranking query at layer K-1: `"last"` (the last prompt token, as in FastV) or `"question"`
             (the mean over the question tokens).
 
-    The default plug-in sizes put the LLaVA-1.5-7B plug-ins at 16.54M (3 pruners) + 20.16M (2 adapters)
-    parameters, next to the paper's 16.56M + 20.15M.
+    At the default (the authors') widths the LLaVA-1.5-7B plug-ins hold 14.98M (3 pruners) + 15.81M (2 adapters
+    and their shared context encoder) parameters. The paper's 16.56M + 20.15M also count parameters the authors'
+    code allocates but never uses in the final method (each pruner's attention value and output projections, each
+    adapter's own mask encoder and pruned-token projection, which the shared encoder replaces); adding those gives
+    exactly 16.558M + 20.147M (`benchmarks/plugin_params.py`).
     """
 
     model_type = "rcp_llava"
@@ -181,11 +257,13 @@ class RcpLlavaConfig(LlavaConfig):
     repair_layers: list[int] | None = None
     num_pruning_queries: int = 16
     query_dropout: float = 0.2
+    pruner_dropout: float = 0.2
     gumbel_temperature: float = 1.0
     visual_token_budget: float | None = None
     pruning_keep_counts: list[int] | None = None
-    pruner_hidden_size: int = 448
-    repair_bottleneck_size: int = 470
+    pruner_hidden_size: int = 512
+    pruner_num_heads: int = 4
+    repair_bottleneck_size: int = 512
     pruning_seed: int = 0
     pre_llm_keep_count: int | None = None
     vispruner_important_ratio: float = 0.5
@@ -198,11 +276,16 @@ class RcpLlavaConfig(LlavaConfig):
         super().__post_init__(**kwargs)
         method = PRUNING_METHODS.get(self.pruning_method)
         if method is not None:  # an unknown name is reported by the validators below
+            pre_only = not method.in_decoder or (method.pre_llm and self.pre_llm_keep_count is not None)
+            if pre_only or method.default_layers is None:
+                defaults = ([], [])
+            elif self.pruning_layers is None or self.repair_layers is None:
+                defaults = method.default_layers(self)
             if self.pruning_layers is None:
-                pre_only = not method.in_decoder or (method.pre_llm and self.pre_llm_keep_count is not None)
-                self.pruning_layers = [] if pre_only else list(method.default_pruning_layers)
+                self.pruning_layers = list(defaults[0])
             if self.repair_layers is None:
-                self.repair_layers = list(method.default_repair_layers)
+                first = self.pruning_layers[0] if self.pruning_layers else None
+                self.repair_layers = [r for r in defaults[1] if first is not None and r >= first]
         self.validate_pruning()
 
     @classmethod
@@ -231,6 +314,12 @@ class RcpLlavaConfig(LlavaConfig):
             self._validate_budget, self._validate_pre_llm, self._validate_method_rules, self._validate_keep_counts,
         ):
             check()
+
+    @staticmethod
+    def paper_placement(num_layers, budget_fraction=64 / 576):
+        """The paper's `(pruning_layers, repair_layers)` for a depth and a budget fraction (`paper_placement`):
+        `RcpLlavaConfig.paper_placement(32, 64 / 576) == ([1, 13, 25], [22, 29])`."""
+        return paper_placement(num_layers, budget_fraction)
 
     @property
     def pruning_spec(self) -> PruningMethod:
@@ -283,16 +372,23 @@ class RcpLlavaConfig(LlavaConfig):
             )
 
     def _validate_plugin_sizes(self):
-        for name in ("num_pruning_queries", "pruner_hidden_size", "repair_bottleneck_size"):
+        for name in ("num_pruning_queries", "pruner_hidden_size", "pruner_num_heads", "repair_bottleneck_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.pruner_hidden_size % self.pruner_num_heads:
+            raise ValueError(
+                f"`pruner_num_heads` ({self.pruner_num_heads}) must divide `pruner_hidden_size` "
+                f"({self.pruner_hidden_size}); e.g. 4 heads of a 512-wide pruner."
+            )
         if isinstance(self.pruning_seed, bool) or not isinstance(self.pruning_seed, int):
             raise TypeError(f"`pruning_seed` must be an int, got {self.pruning_seed!r}.")
 
     def _validate_training(self):
-        if not (_is_number(self.query_dropout) and 0.0 <= self.query_dropout < 1.0):
-            raise ValueError(f"`query_dropout` must be a float in [0, 1), got {self.query_dropout!r}.")
+        for name in ("query_dropout", "pruner_dropout"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0.0 <= value < 1.0):
+                raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
         check_gumbel_temperature(self.gumbel_temperature, "`gumbel_temperature`")
 
     def _validate_budget(self):
@@ -464,4 +560,5 @@ def _as_int_list(value, name):
     return out
 
 
-__all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "register_pruning_spec"]
+__all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "PAPER_PLACEMENTS", "default_fastv_layer", "paper_placement",
+           "register_pruning_spec"]

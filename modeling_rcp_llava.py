@@ -120,31 +120,41 @@ _register_llava_checkpoint_layout()
 class RcpPruner(nn.Module):
     """Residual cross-attention pruner (Eqs. 1-5): one retention logit per visual token.
 
-    `logits = A + S_c + S_t + bias`, where A is the frozen LLM's own question->visual attention prior
-    (computed by the decoder loop and passed in), S_c a question-conditioned cross-attention score and S_t
-    a per-token MLP score. `cross_scale` and the MLP's last layer start at zero, so an untrained pruner
-    ranks tokens exactly by the LLM's attention prior (the paper's "Top-K attention" ablation).
+    `logits = A + S_c + S_t + bias` (Eq. 5), where A is the frozen LLM's own question->visual attention prior
+    (computed by the decoder loop and passed in), S_c a question-conditioned cross-attention score and S_t a
+    per-token MLP score. Initialised as the authors do: the query aggregate at 1/N_q (S_c about 1/K, near inert),
+    the MLP's last layer at zero (S_t = 0) and the bias at 2.0, so an untrained pruner keeps the tokens whose
+    centred log prior exceeds -2 (Eq. 8), and its gradients start on the prior's scale.
     """
 
-    def __init__(self, hidden_size, pruner_size, num_queries, query_dropout):
+    bias_init = 2.0
+
+    def __init__(self, hidden_size, pruner_size, num_heads, num_queries, query_dropout, dropout):
         super().__init__()
-        self.pruner_size = pruner_size
+        self.num_heads = num_heads
         self.query_dropout = query_dropout
         self.queries = nn.Parameter(torch.empty(num_queries, pruner_size))  # Q_p, Eq. (1)
         self.question_proj = nn.Linear(hidden_size, pruner_size)
-        self.key_proj = nn.Linear(hidden_size, pruner_size)
-        self.query_weights = nn.Parameter(torch.empty(num_queries))  # Aggregate over queries, Eq. (2)
-        self.cross_scale = nn.Parameter(torch.empty(()))  # maps aggregated attention to logit scale
-        self.token_proj = nn.Linear(hidden_size, pruner_size)  # proj(h_v), Eq. (3)
-        self.token_out = nn.Linear(pruner_size, 1)
-        self.token_out._rcp_zero_init = True
+        self.question_norm = nn.LayerNorm(pruner_size)
+        self.visual_proj = nn.Linear(hidden_size, pruner_size)  # the visual tokens in the pruner's space
+        self.attn_q = nn.Linear(pruner_size, pruner_size)  # multi-head cross-attention, Eq. (2)
+        self.attn_k = nn.Linear(pruner_size, pruner_size)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.aggregate = nn.Linear(num_queries, 1)  # learned reduction over the queries, Eq. (2)
+        self.token_mlp = nn.Sequential(  # S_t, Eq. (3)
+            nn.Linear(pruner_size, pruner_size), nn.LayerNorm(pruner_size), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(pruner_size, 1),
+        )
         self.bias = nn.Parameter(torch.empty(()))  # Eq. (5)
 
     def reset_plugin_parameters(self, std=0.02):
+        """Runs after the leaf modules' own init (post-order), so it overrides them where the authors do."""
         nn.init.normal_(self.queries, std=std)
-        nn.init.zeros_(self.query_weights)
-        nn.init.zeros_(self.cross_scale)
-        nn.init.zeros_(self.bias)
+        nn.init.constant_(self.aggregate.weight, 1.0 / self.aggregate.in_features)
+        nn.init.zeros_(self.aggregate.bias)
+        nn.init.zeros_(self.token_mlp[-1].weight)
+        nn.init.zeros_(self.token_mlp[-1].bias)
+        nn.init.constant_(self.bias, self.bias_init)
 
     def forward(self, visual, visual_valid, question, question_valid, prior):
         """
@@ -153,42 +163,77 @@ class RcpPruner(nn.Module):
         prior: (B, K) the centred attention prior A (Eq. 4)
         returns logits (B, K); padded entries are -inf.
         """
+        bsz, k, _ = visual.shape
         q_valid = question_valid.unsqueeze(-1).to(question.dtype)  # (B, Lq, 1)
         q_mean = (question * q_valid).sum(1) / q_valid.sum(1).clamp_min(1.0)  # (B, d)
-        queries = self.queries.unsqueeze(0) + self.question_proj(q_mean).unsqueeze(1)  # (B, Nq, p), Eq. (1)
-        keys = self.key_proj(visual)  # (B, K, p)
-        scores = queries @ keys.transpose(1, 2) / math.sqrt(self.pruner_size)  # (B, Nq, K)
-        scores = scores.masked_fill(~visual_valid.unsqueeze(1), torch.finfo(scores.dtype).min)
-        attn = scores.softmax(-1)  # (B, Nq, K)
-
-        query_logits = self.query_weights.expand(visual.shape[0], -1)  # (B, Nq)
+        queries = self.queries + self.question_norm(self.question_proj(q_mean)).unsqueeze(1)  # (B, Nq, p), Eq. (1)
         if self.training and self.query_dropout > 0:
-            # Query-wise dropout: drop whole queries, always keep at least one.
-            drop = torch.rand_like(query_logits) < self.query_dropout
-            drop[:, 0] &= ~drop.all(-1)
-            query_logits = query_logits.masked_fill(drop, float("-inf"))
-        weights = query_logits.softmax(-1)  # (B, Nq)
-        aggregated = (weights.unsqueeze(1) @ attn).squeeze(1)  # (B, K), sums to 1 over valid tokens
-        num_alive = visual_valid.sum(-1, keepdim=True).clamp_min(1).to(aggregated.dtype)
-        cross_score = self.cross_scale * torch.log(aggregated * num_alive + 1e-6)  # S_c, 0 for uniform attention
-
-        token_score = self.token_out(F.gelu(self.token_proj(visual))).squeeze(-1)  # S_t, (B, K)
+            # Query-wise dropout: zero whole query rows (no rescaling); a zeroed query attends uniformly.
+            keep = torch.rand(queries.shape[:2], device=queries.device) >= self.query_dropout  # (B, Nq)
+            queries = queries * keep.unsqueeze(-1).to(queries.dtype)
+        tokens = self.visual_proj(visual)  # (B, K, p)
+        heads = self.num_heads
+        head_dim = queries.shape[-1] // heads
+        q = self.attn_q(queries).view(bsz, -1, heads, head_dim).transpose(1, 2)  # (B, H, Nq, hd)
+        key = self.attn_k(tokens).view(bsz, k, heads, head_dim).transpose(1, 2)  # (B, H, K, hd)
+        scores = q @ key.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Nq, K)
+        scores = scores.masked_fill(~visual_valid.view(bsz, 1, 1, k), torch.finfo(scores.dtype).min)
+        attn = self.attn_dropout(scores.softmax(-1)).mean(1)  # heads averaged, (B, Nq, K)
+        cross_score = self.aggregate(attn.transpose(1, 2)).squeeze(-1)  # S_c, (B, K)
+        token_score = self.token_mlp(tokens).squeeze(-1)  # S_t, (B, K)
         logits = prior + cross_score + token_score + self.bias  # Eq. (5)
         return logits.masked_fill(~visual_valid, float("-inf"))
 
 
-class RcpRepairAdapter(nn.Module):
-    """Delayed repair adapter (Eqs. 9-15): a FiLM-modulated bottleneck added to answer positions only.
+class RcpRepairContext(nn.Module):
+    """The pruning context the repair adapters read (Eqs. 9-10), one encoder shared by every adapter.
 
-    `gate` (alpha) starts at zero, so a fresh adapter is an exact identity; `film_gamma`/`film_beta` start at
-    zero so that gamma = 1 and beta = 0 once the gate opens.
+    Computed once per pruning point and cached as one (B, b) vector per sample: `e_mask + e_pruned`, where
+    e_mask attends with a learned query over a learned table of the N grid positions, restricted to the tokens
+    still kept (Eq. 9), and e_pruned projects the mean normalised hidden state of all tokens pruned so far
+    (Eq. 10; each token's state at the layer it was dropped before, so the discard and mask layouts agree).
     """
+
+    position_dim = 64
+
+    def __init__(self, hidden_size, bottleneck_size, num_visual_tokens):
+        super().__init__()
+        self.positions = nn.Parameter(torch.empty(num_visual_tokens, self.position_dim))  # P of Eq. (9)
+        self.mask_query = nn.Parameter(torch.empty(self.position_dim))  # q of Eq. (9)
+        self.mask_proj = nn.Linear(self.position_dim, bottleneck_size)  # Proj of Eq. (9)
+        self.pruned_proj = nn.Linear(hidden_size, bottleneck_size)  # Proj of Eq. (10)
+
+    def reset_plugin_parameters(self, std=0.02):
+        nn.init.normal_(self.positions, std=std)
+        nn.init.normal_(self.mask_query, std=std)
+        nn.init.xavier_uniform_(self.pruned_proj.weight, gain=0.1)
+        nn.init.zeros_(self.pruned_proj.bias)
+
+    def forward(self, keep_mask, pruned_mean):
+        """keep_mask: (B, N) cumulative mask M (0/1 values, straight-through gradients in training);
+        pruned_mean: (B, d) mean normalised state of the tokens pruned so far (0 if none) -> (B, b)."""
+        masked = keep_mask.unsqueeze(-1).to(self.positions.dtype) * self.positions  # m ⊙ P, (B, N, p)
+        scores = (masked @ self.mask_query) / math.sqrt(self.position_dim)  # (B, N)
+        kept = keep_mask > 0.5
+        attn = scores.masked_fill(~kept, float("-inf")).softmax(-1)  # over the kept tokens only
+        attn = torch.where(kept.any(-1, keepdim=True), attn, torch.zeros_like(attn))  # nothing kept: e_mask = Proj(0)
+        e_mask = self.mask_proj((attn.unsqueeze(1) @ masked).squeeze(1))  # Eq. (9), (B, b)
+        e_pruned = self.pruned_proj(pruned_mean.to(self.pruned_proj.weight.dtype))  # Eq. (10), (B, b)
+        return e_mask + e_pruned
+
+
+class RcpRepairAdapter(nn.Module):
+    """Delayed repair adapter (Eqs. 11-15): a FiLM-modulated bottleneck added to answer positions only.
+
+    Initialised as the authors do: the gate alpha at 0.1 and `up` / `query_proj` with xavier gain 0.1 (a small
+    correction from the first step, so the adapter receives gradients on a real model at a 5e-5 learning rate);
+    `film_gamma` / `film_beta` at zero, so gamma = 1 and beta = 0.
+    """
+
+    gate_init = 0.1
 
     def __init__(self, hidden_size, bottleneck_size):
         super().__init__()
-        self.mask_query = nn.Parameter(torch.empty(hidden_size))  # q of Eq. (9)
-        self.mask_proj = nn.Linear(hidden_size, bottleneck_size)  # Proj of Eq. (9)
-        self.pruned_proj = nn.Linear(hidden_size, bottleneck_size)  # Proj of Eq. (10)
         self.query_proj = nn.Linear(hidden_size, bottleneck_size)  # QueryProj of Eq. (11)
         self.film_gamma = nn.Linear(bottleneck_size, bottleneck_size)  # W_gamma, Eq. (12)
         self.film_beta = nn.Linear(bottleneck_size, bottleneck_size)  # W_beta, Eq. (13)
@@ -199,23 +244,10 @@ class RcpRepairAdapter(nn.Module):
         self.gate = nn.Parameter(torch.empty(()))  # alpha, Eq. (14)
 
     def reset_plugin_parameters(self, std=0.02):
-        nn.init.normal_(self.mask_query, std=std)
-        nn.init.zeros_(self.gate)
-
-    def context(self, positional, keep_masks, dropped_means):
-        """Pruning context cached for this adapter: mean over the preceding pruning layers of e_mask + e_pruned.
-
-        positional: (N, d) fixed 2-D sine-cosine encoding of the visual grid
-        keep_masks: (B, P, N) cumulative keep mask after each preceding pruning layer
-        dropped_means: (B, P, d) mean hidden state of the tokens each of those pruners dropped (0 if none)
-        returns (B, b)
-        """
-        masked = keep_masks.unsqueeze(-1).to(positional.dtype) * positional  # m ⊙ P, (B, P, N, d)
-        attn = (masked @ self.mask_query).softmax(-1)  # (B, P, N)
-        pooled = (attn.unsqueeze(-2) @ masked).squeeze(-2)  # (B, P, d)
-        e_mask = self.mask_proj(pooled)  # Eq. (9), (B, P, b)
-        e_pruned = self.pruned_proj(dropped_means)  # Eq. (10), (B, P, b)
-        return (e_mask + e_pruned).mean(1)  # (B, b)
+        for linear in (self.up, self.query_proj):
+            nn.init.xavier_uniform_(linear.weight, gain=0.1)
+            nn.init.zeros_(linear.bias)
+        nn.init.constant_(self.gate, self.gate_init)
 
     def forward(self, hidden, context, answer_mask):
         """hidden: (B, L, d), context: (B, b), answer_mask: (B, L) bool -> repaired hidden (B, L, d)."""
@@ -228,47 +260,32 @@ class RcpRepairAdapter(nn.Module):
 
 
 class RcpPlugins(nn.Module):
-    """All trainable plug-ins, under one prefix: `pruners[str(layer)]` and `repair_adapters[str(layer)]`."""
+    """All trainable plug-ins, under one prefix: `pruners[str(layer)]`, `repair_adapters[str(layer)]` and the
+    adapters' shared `repair_context` encoder (present when there is an adapter)."""
 
     def __init__(self, config):
         super().__init__()
         text = config.text_config
-        use_pruners = config.pruning_spec.plugins
+        use_plugins = config.pruning_spec.plugins
         self.pruners = nn.ModuleDict(
             {
                 str(layer): RcpPruner(
-                    text.hidden_size, config.pruner_hidden_size, config.num_pruning_queries, config.query_dropout
+                    text.hidden_size, config.pruner_hidden_size, config.pruner_num_heads, config.num_pruning_queries,
+                    config.query_dropout, config.pruner_dropout,
                 )
-                for layer in (config.pruning_layers if use_pruners else [])
+                for layer in (config.pruning_layers if use_plugins else [])
             }
         )
         self.repair_adapters = nn.ModuleDict(
             {
                 str(layer): RcpRepairAdapter(text.hidden_size, config.repair_bottleneck_size)
-                for layer in (config.repair_layers if use_pruners else [])
+                for layer in (config.repair_layers if use_plugins else [])
             }
         )
-
-
-def grid_positional_encoding(num_tokens, dim, device=None, dtype=None):
-    """Fixed sine-cosine encoding of the visual tokens, (N, dim): 2-D over the patch grid when N is a square,
-    1-D over the raster order otherwise (e.g. the "full" strategy that keeps CLS)."""
-    side = math.isqrt(num_tokens)
-    if side * side == num_tokens:
-        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        coords = [ys.flatten(), xs.flatten()]
-    else:
-        coords = [torch.arange(num_tokens)]
-    per_axis = dim // len(coords)
-    freq_dim = per_axis // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(freq_dim, dtype=torch.float64) / max(freq_dim, 1)))
-    parts = []
-    for c in coords:
-        angles = c.to(torch.float64).unsqueeze(1) * inv_freq  # (N, freq_dim)
-        parts += [angles.sin(), angles.cos()]
-    enc = torch.cat(parts, dim=1)
-    enc = F.pad(enc, (0, dim - enc.shape[1]))  # odd leftovers stay zero
-    return enc.to(device=device, dtype=dtype)
+        self.repair_context = (
+            RcpRepairContext(text.hidden_size, config.repair_bottleneck_size, config.num_visual_tokens)
+            if self.repair_adapters else None
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +294,35 @@ def grid_positional_encoding(num_tokens, dim, device=None, dtype=None):
 
 
 SOFT_KEY_MASK_ATTENTION = "rcp_soft_key_mask"
+# Floor of the renormalisation's denominator in the BACKWARD pass only (the forward stays exact). A row whose kept
+# attention mass sum_j w_ij M_j falls to 1e-8 (a score gap of ~20) otherwise sends |dL/dM| ~ 1e8 into the pruners.
+RENORM_GRAD_FLOOR = 1e-3
+
+
+class _FlooredRenorm(torch.autograd.Function):
+    """out = num / den exactly; the backward divides by max(den, floor) instead of den (issue: gradient spikes)."""
+
+    @staticmethod
+    def forward(ctx, num, den, floor):
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        ctx.save_for_backward(num, den)
+        ctx.floor = floor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        num, den = ctx.saved_tensors
+        den = den.clamp_min(ctx.floor)
+        grad_num = grad / den
+        grad_den = -(grad * num).sum(-1, keepdim=True) / (den * den)
+        return grad_num, grad_den, None
+
+
+def floored_renorm(num, den, floor=None):
+    """`num / den` (den broadcast over the last dim of num) whose backward floors `den` at `floor` (default
+    `RENORM_GRAD_FLOOR`, read at call time)."""
+    return _FlooredRenorm.apply(num, den, RENORM_GRAD_FLOOR if floor is None else floor)
+
 
 
 def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -285,7 +331,8 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
 
     out_i = sum_j w_ij M_j v_j / sum_j w_ij M_j with w = softmax over the allowed keys: for M in {0, 1} this
     is exactly attention over the kept keys (physical discard), while dL/dM_j exists even for a dropped
-    token. Computed with one sdpa call on values augmented by the weight channel M. Without a key weight
+    token. Computed with one sdpa call on values augmented by the weight channel M; the division's backward
+    floors the kept mass at `RENORM_GRAD_FLOOR` (`floored_renorm`), the forward is exact. Without a key weight
     (`rcp_key_keep=None`: the layers before the first pruner) it is the model's configured attention
     (`rcp_fallback_attention`), so those layers equal the teacher's bit for bit.
 
@@ -302,7 +349,7 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     is_causal = attention_mask is None and query.shape[2] > 1
     out = F.scaled_dot_product_attention(query, key, augmented, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, is_causal=is_causal)  # (B, H, L, hd + 1)
-    out = out[..., :-1] / out[..., -1:].clamp_min(torch.finfo(out.dtype).tiny)
+    out = floored_renorm(out[..., :-1], out[..., -1:])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -534,6 +581,8 @@ class RcpSelector(TokenSelector):
     def scores(self, ctx):
         hidden_norm = ctx.layer.input_layernorm(ctx.hidden)  # (B, T', d)
         prior = ctx.question_prior(hidden_norm).to(ctx.hidden.dtype)  # A, Eq. (4)
+        if self.model.detach_prior:
+            prior = prior.detach()
         q_slots, q_valid = ctx.question_slots()  # (B, Lq)
         pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
         visual = _gather_seq(hidden_norm, ctx.slots)  # (B, K, d)
@@ -753,11 +802,12 @@ class PrunedPrefill:
     """
 
     def __init__(self, model, selector, hidden, key_valid, image_mask, labels, question_mask, answer_mask,
-                 visual_keep_masks, layout, gumbel_temperature, cache, use_cache):
+                 visual_keep_masks, layout, gumbel_temperature, gumbel_noise, cache, use_cache):
         config = model.config
         self.model, self.config, self.selector = model, config, selector
         self.differentiable = layout == "mask"
         self.gumbel_temperature = gumbel_temperature
+        self.gumbel_noise = gumbel_noise
         # The mask layout keeps every token, so a cache filled now could not be decoded from.
         self.cache, self.use_cache = (None, False) if self.differentiable else (cache, use_cache)
         # Pruning points: decoder layers before which tokens are dropped; 0 = before the LLM (pre-LLM methods).
@@ -785,8 +835,13 @@ class PrunedPrefill:
         self.slot_valid = key_valid  # (B, T)
         self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
         self.keep_history = []  # per pruning point, (B, N) bool
-        self.context_masks = []  # per pruning point, (B, N) float: the cumulative mask M the adapters read
-        self.dropped_means = []  # per pruning point, (B, d)
+        # The repair adapters' context (Eqs. 9-10), one (B, b) vector per pruning point; only computed when the
+        # model repairs. `pruned_sum` / `pruned_count`: normalised states of all tokens pruned so far.
+        self.context_encoder = model._repair_context()
+        self.point_contexts = []
+        # float32 sums: bf16 counts past 256 tokens are not exact.
+        self.pruned_sum = hidden.new_zeros(bsz, hidden.shape[-1], dtype=torch.float32)  # (B, d)
+        self.pruned_count = hidden.new_zeros(bsz, 1, dtype=torch.float32)  # (B, 1)
         self.retention = []  # per decoder layer, (B,) visual tokens alive / N (differentiable in mask layout)
         # Mask layout: `key_keep` (B, T) is each key's 0/1 weight in attention, and `soft_alive` (B, N) the
         # cumulative mask M with straight-through gradients.
@@ -899,11 +954,11 @@ class PrunedPrefill:
         dropped_slots = torch.zeros_like(self.slot_valid)
         dropped_slots.scatter_(1, vis_slots, vis_valid & ~keep)  # (B, T')
         dropped_slots &= self.slot_valid
-        w = dropped_slots.unsqueeze(-1).to(hidden.dtype)
-        self.dropped_means.append((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, d), 0 if none dropped
+        if self.context_encoder is not None:
+            dropped = (vis_valid & ~keep).to(hidden.dtype)  # (B, K)
+            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped, keep_raster.to(hidden.dtype))
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
-        self.context_masks.append(keep_raster.to(hidden.dtype))
 
         stay = self.slot_valid & ~dropped_slots
         src, valid = _compact(stay)
@@ -931,7 +986,7 @@ class PrunedPrefill:
             layer_mask = self.forced[:, ctx.point].to(hidden.dtype)
         else:
             logits = self.selector.scores(ctx)
-            if self.model.training and self.model.gumbel_noise:
+            if self.model.training and self.gumbel_noise:
                 u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
                 logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
             y_soft = torch.sigmoid(logits / self.gumbel_temperature)  # Eq. (6)
@@ -941,27 +996,35 @@ class PrunedPrefill:
         previous = self.soft_alive
         self.soft_alive = previous * layer_mask  # cumulative, M(l) = M(l-1) * m(l)
         keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
-        dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
-        visual_hidden = _gather_seq(hidden, vis_slots)  # (B, N, d)
-        self.dropped_means.append(
-            (dropped.unsqueeze(-1) * visual_hidden).sum(1) / dropped.sum(1, keepdim=True).clamp_min(1.0)
-        )
+        if self.context_encoder is not None:
+            dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
+            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped, self.soft_alive)
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
-        self.context_masks.append(self.soft_alive)
         # The image slots' key weights become M (rows without an image keep theirs: their slots are padding).
         scattered = self.key_keep.scatter(1, vis_slots, self.soft_alive.to(self.key_keep.dtype))  # (B, T)
         self.key_keep = torch.where(self.has_image.unsqueeze(1), scattered, self.key_keep)
         return hidden, position_embeddings, mask
 
+    def _add_context(self, layer, visual_hidden, dropped, keep_mask):
+        """Cache the adapters' context of this pruning point (Eqs. 9-10).
+
+        visual_hidden: (B, K, d) input of `layer` at the candidate visual tokens; dropped: (B, K) 1 where this point
+        dropped the token (straight-through in training); keep_mask: (B, N) the cumulative mask M after it.
+        """
+        normed = layer.input_layernorm(visual_hidden)  # the states the pruner read, (B, K, d)
+        self.pruned_sum = self.pruned_sum + (dropped.unsqueeze(-1).float() * normed.float()).sum(1)
+        self.pruned_count = self.pruned_count + dropped.float().sum(1, keepdim=True)
+        pruned_mean = self.pruned_sum / self.pruned_count.clamp_min(1.0)  # (B, d), 0 if nothing was pruned yet
+        self.point_contexts.append(self.context_encoder(keep_mask, pruned_mean))
+
     def repair(self, layer_idx, adapter, hidden):
-        """Apply the delayed repair adapter after `layer_idx` to the answer positions (Eqs. 9-15)."""
+        """Apply the delayed repair adapter after `layer_idx` to the answer positions (Eqs. 11-15), conditioned on
+        the context of the nearest pruning point at or before `layer_idx`."""
         preceding = [i for i, layer in enumerate(self.points) if layer <= layer_idx]
-        if not preceding:
+        if not preceding or not self.point_contexts:
             return hidden
-        keep = torch.stack([self.context_masks[i] for i in preceding], dim=1)  # (B, P', N)
-        dropped = torch.stack([self.dropped_means[i] for i in preceding], dim=1)  # (B, P', d)
-        context = adapter.context(self.model._positional(hidden.device, hidden.dtype), keep, dropped)
+        context = self.point_contexts[preceding[-1]]  # (B, b)
         self.repair_contexts[layer_idx] = context
         answer = torch.where(self.slot_valid, self.answer_mask.gather(1, self.slot_orig.clamp_min(0)), False)
         return adapter(hidden, context, answer)
@@ -1213,7 +1276,7 @@ class RcpInitMixin:
         if isinstance(module, nn.Linear) and getattr(module, "_rcp_zero_init", False):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, (RcpPruner, RcpRepairAdapter)):
+        elif isinstance(module, (RcpPruner, RcpRepairAdapter, RcpRepairContext)):
             module.reset_plugin_parameters(std=self.config.text_config.initializer_range)
         else:
             super()._init_weights(module)
@@ -1232,6 +1295,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             replaces the method's own choice (oracle pruning, recomputation with the same kept sets).
         gumbel_temperature: tau of the training masks (Eq. 6) for this call; default `config.gumbel_temperature`
             (a trainer anneals its own tau and passes it here, so the config keeps the user's value).
+        gumbel_noise: logistic noise on the training masks for this call (default `model.gumbel_noise`, True); a
+            trainer turns it off for the last part of training, which then runs on the inference rule (Eq. 8).
     A prefill whose prompt holds an image runs `_prefill_loop` (pruning); everything else `_decode_loop`.
     """
 
@@ -1249,8 +1314,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         self.pruning_layout = None
         # Logistic noise on the training masks (Eq. 6); off makes a training step deterministic.
         self.gumbel_noise = True
+        # Stop the gradient through the attention prior A (Eq. 4) into earlier pruners' masks (a training choice).
+        self.detach_prior = False
         self.last_pruning_info = None
-        self._positional_cache = {}
         self.post_init()
 
     def forward(
@@ -1271,6 +1337,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         answer_mask=None,
         visual_keep_masks=None,
         gumbel_temperature=None,
+        gumbel_noise=None,
         output_hidden_states=None,
         **kwargs: Unpack[TransformersKwargs],
     ):
@@ -1302,7 +1369,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         with _captured_attentions(self.language_model.layers, output_attentions, self.config) as attentions:
             if selector is not None and image_mask is not None:  # a prefill that carries an image: prune it
                 run = self._start_prefill(selector, inputs_embeds, attention_mask, image_mask, labels, question_mask,
-                                          answer_mask, visual_keep_masks, gumbel_temperature, past_key_values,
+                                          answer_mask, visual_keep_masks, gumbel_temperature, gumbel_noise,
+                                          past_key_values,
                                           past_length, use_cache)
                 output = self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
                                             hidden_states, layer_kwargs)
@@ -1524,7 +1592,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return position_ids.expand(bsz, -1)
 
     def _start_prefill(self, selector, inputs_embeds, attention_mask, image_mask, labels, question_mask, answer_mask,
-                       visual_keep_masks, gumbel_temperature, cache, past_length, use_cache):
+                       visual_keep_masks, gumbel_temperature, gumbel_noise, cache, past_length, use_cache):
         """Check that this prompt can be pruned, pick the layout, and build its `PrunedPrefill`."""
         if past_length > 0:
             raise ValueError(
@@ -1560,8 +1628,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             tau = gumbel_temperature
         key_valid = (attention_mask.bool() if attention_mask is not None
                      else torch.ones(image_mask.shape, dtype=torch.bool, device=inputs_embeds.device))
+        noise = self.gumbel_noise if gumbel_noise is None else bool(gumbel_noise)
         return PrunedPrefill(self, selector, inputs_embeds, key_valid, image_mask, labels, question_mask, answer_mask,
-                             visual_keep_masks, layout, tau, cache, use_cache)
+                             visual_keep_masks, layout, tau, noise, cache, use_cache)
 
     def _layer_mask(self, hidden, key_mask, cache, layer_idx):
         # position_ids=None: gathered positions have gaps and would be read as packed sequences.
@@ -1584,13 +1653,12 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool, device=hidden.device)
         return self._layer_mask(hidden, torch.cat([prefill_mask, new_cols], dim=1), cache, layer_idx)
 
-    def _positional(self, device, dtype):
-        key = (device, dtype)
-        if key not in self._positional_cache:
-            self._positional_cache[key] = grid_positional_encoding(
-                self.config.num_visual_tokens, self.config.text_config.hidden_size, device, dtype
-            )
-        return self._positional_cache[key]
+    def _repair_context(self):
+        """The adapters' shared context encoder, when this forward repairs (None otherwise: no context is built)."""
+        plugins = self.rcp_plugins
+        if not (self.repair_enabled and self.config.pruning_spec.plugins and plugins.repair_adapters):
+            return None
+        return plugins.repair_context
 
 
 # -- plug-in-only checkpoints: file helpers ---------------------------------------------------------
@@ -1656,7 +1724,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
     ```python
     model = RcpLlavaForConditionalGeneration.from_pretrained(
-        "llava-hf/llava-1.5-7b-hf", pruning_layers=[2, 14, 26], pruning_keep_counts=[96, 26, 8]
+        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[96, 26, 8]
     )
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=16)
     model.last_pruning_info.kept_counts  # (batch, 3)
@@ -1730,6 +1798,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         answer_mask=None,
         visual_keep_masks=None,
         gumbel_temperature=None,
+        gumbel_noise=None,
         output_hidden_states=None,
         return_dict=None,
         **kwargs: Unpack[TransformersKwargs],
@@ -1769,6 +1838,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             answer_mask=answer_mask,
             visual_keep_masks=visual_keep_masks,
             gumbel_temperature=gumbel_temperature,
+            gumbel_noise=gumbel_noise,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
@@ -2005,6 +2075,7 @@ __all__ = [
     "RcpLlavaModel",
     "RcpPruner",
     "RcpRepairAdapter",
+    "RcpRepairContext",
     "RcpDynamicCache",
     "RcpPruningInfo",
     "TokenSelector",

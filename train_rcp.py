@@ -4,25 +4,31 @@
     python train_rcp.py --max_steps 50 --output_dir runs/quick
     python train_rcp.py --base_model llava-hf/llava-1.5-7b-hf --dataset_name_or_path my_vqa \
         --image_column image --question_column question --answer_column answer \
-        --pruning_layers 2,14,26 --repair_layers 23,30 --visual_token_budget 64 --output_dir runs/7b
+        --visual_token_budget 64 --output_dir runs/7b     # layers: the paper placement [1,13,25] / [22,29]
+    python train_rcp.py --budgets 1/3,2/9,1/9           # one plug-in set per budget
     python train_rcp.py --llava_json data/llava_instruct.json --image_folder data/images ...
     accelerate launch --num_processes 2 train_rcp.py ...  # DDP (the Trainer handles DeepSpeed/FSDP too)
 
 Only the plug-ins train; the backbone stays frozen, and it is also the teacher: the same model run with
 pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
 
-    L = 1.5 * L_task + 40 * L_repair + 200 * L_sparse
+    L = 1.5 * L_task + 3 * L_repair + 200 * L_sparse        (the authors' code; the paper prints lambda_repair 40)
 
-L_task: next-token cross-entropy on the answer tokens; L_repair: W2 distance between diagonal Gaussians fitted
-to the student's and the teacher's answer-position hidden states at the repair-loss layers; L_sparse: distance
-of each sample's mean visual-token retention from the target, annealed from 1 to `visual_token_budget / N`.
-The loss terms are the pure functions `task_loss`, `w2_repair_loss` and `sparsity_loss` below (the W2 of Eq. 18,
+L_task: next-token cross-entropy on the answer tokens and EOS; L_repair: W2 distance between diagonal Gaussians
+whose moments are pooled over every answer position of the batch (all ranks), at the repair layers, on their
+repaired output; L_sparse: distance of the batch-mean visual-token retention (over all decoder layers) from the
+target, which is cosine-annealed from 1 to `visual_token_budget / N` over the first 10% of the steps. The
+Gumbel-Sigmoid temperature goes 1.5 -> 0.2 linearly over 60% of the steps, stays at 0.2 with noise to 80%, and the
+last 20% train without noise, on the inference rule. (All as the authors' code does: authors-code-facts.md.)
+The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2_repair_loss` and
+`batch_sparsity_loss` / `sparsity_loss` below, the schedules `gumbel_schedule` and `target_retention_at` (the W2 of Eq. 18,
 `gaussian_w2`, is shared with the drift evaluation and lives in `rcp_llava.losses`). This file holds the losses,
 `RcpTrainingArguments`, `RcpTrainer` and its schedule callbacks, and the main job; the data (`RcpDataCollator`)
 is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `rcp_llava.schedule`.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -84,8 +90,65 @@ def w2_repair_loss(student_layers, teacher_layers, answer_mask, num_samples=None
     return per_sample.sum() / num_samples
 
 
+def pooled_w2_repair_loss(student_layers, teacher_layers, answer_mask, mean_only=False, all_reduce=None):
+    """Repair loss as the authors compute it: at each layer, ONE diagonal Gaussian per side whose moments are pooled
+    over every answer position of the batch (and of every rank, with `all_reduce`), W2 between them (Eq. 18),
+    averaged over the layers.
+
+    student_layers / teacher_layers: sequences of (B, T, D) hidden states (same layouts); answer_mask: (B, T).
+    all_reduce: sums a tensor over the ranks (returns the sum, e.g. `torch.distributed.all_reduce` on a copy);
+        the moments are then those of the global batch. Only this rank's positions carry gradient: the other ranks'
+        sums enter as constants (each rank back-propagates through its own positions; DDP averages the gradients).
+    mean_only: match the means only (the paper's "mean-only repair loss" ablation).
+    Returns a scalar (0 when no position is marked anywhere).
+    """
+    w = answer_mask.unsqueeze(-1).float()  # (B, T, 1)
+
+    def pooled_sums(h):
+        h = h.float()
+        sums = torch.cat([(h * w).sum((0, 1)), (h * h * w).sum((0, 1))])  # (2D,)
+        count = w.sum()
+        if all_reduce is not None:
+            both = torch.cat([sums.detach(), count.detach().view(1)])
+            total = all_reduce(both.clone())
+            sums = sums + (total[:-1] - both[:-1])  # other ranks' sums as constants
+            count = total[-1]
+        return sums, count
+
+    per_layer = []
+    for s, t in zip(student_layers, teacher_layers, strict=True):
+        (s_sums, count), (t_sums, _) = pooled_sums(s), pooled_sums(t)
+        dim = s.shape[-1]
+        n = count.clamp_min(1.0)
+        mu_s, mu_t = s_sums[:dim] / n, t_sums[:dim] / n
+        loss = ((mu_s - mu_t) ** 2).mean()
+        if not mean_only:
+            # sqrt has an infinite slope at 0: the tiny floor keeps a one-position batch (variance 0) differentiable.
+            std_s = torch.sqrt((s_sums[dim:] / n - mu_s * mu_s).clamp_min(0.0) + 1e-12)
+            std_t = torch.sqrt((t_sums[dim:] / n - mu_t * mu_t).clamp_min(0.0) + 1e-12)
+            loss = loss + ((std_s - std_t) ** 2).mean()
+        per_layer.append(torch.where(count > 0, loss, torch.zeros_like(loss)))
+    return torch.stack(per_layer).mean()
+
+
+def batch_sparsity_loss(layer_retention, target, has_image=None):
+    """L_sparse as the authors compute it: ONE scalar per batch, |mean over the batch of r_bar - r*| (Eqs. 19-21),
+    so that single images may keep more or fewer tokens than the budget (the adaptivity the paper claims).
+
+    layer_retention: (B, L) fraction of the visual tokens each decoder layer processes (1 before the first pruner);
+    r_bar is its mean over the given layers. Rows without an image are left out (0 if no row has one).
+    """
+    r_bar = layer_retention.mean(1)  # (B,)
+    if has_image is None:
+        has_image = torch.ones_like(r_bar, dtype=torch.bool)
+    weight = has_image.to(r_bar.dtype)
+    mean = (r_bar * weight).sum() / weight.sum().clamp_min(1.0)
+    return torch.where(has_image.any(), (mean - target).abs(), torch.zeros_like(mean))
+
+
 def sparsity_loss(layer_retention, target, has_image=None, num_samples=None):
-    """L_sparse = |r_bar - r*| per sample (Eqs. 19-21), summed and divided by `num_samples`.
+    """Per-sample variant (`--sparsity_reduction sample`): |r_bar - r*| per sample, summed and divided by
+    `num_samples`.
 
     layer_retention: (B, L) fraction of the visual tokens each decoder layer processes (1 before the first
     pruner); r_bar is its mean over the given layers. Per sample rather than over the batch mean, so that
@@ -106,6 +169,33 @@ def annealed(start, end, progress):
     return start * (end / start) ** progress
 
 
+def gumbel_schedule(progress, start=1.5, end=0.2, anneal_until=0.6, noise_until=0.8, kind="authors"):
+    """(tau, noise) of the training masks at training `progress` in [0, 1].
+
+    "authors": tau falls linearly from `start` to `end` until `anneal_until`, then stays at `end`; logistic noise
+    until `noise_until`, none afterwards (the last steps train on the inference rule, Eq. 8).
+    "geometric" (this project's earlier schedule): tau geometric from `start` to `end` over all of training, noise
+    always on.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "geometric":
+        return annealed(start, end, progress), True
+    if kind != "authors":
+        raise ValueError(f"Unknown Gumbel schedule {kind!r}; use 'authors' or 'geometric'.")
+    fraction = 1.0 if anneal_until <= 0 else min(progress / anneal_until, 1.0)
+    return start + (end - start) * fraction, progress < noise_until
+
+
+def target_retention_at(progress, final, warmup=0.1, kind="cosine"):
+    """Target retention r* at training `progress`: from 1 to `final` over the first `warmup` of training, by a
+    cosine ("cosine", the authors') or a straight line ("linear", this project's earlier schedule)."""
+    if kind not in ("cosine", "linear"):
+        raise ValueError(f"Unknown sparsity schedule {kind!r}; use 'cosine' or 'linear'.")
+    x = 1.0 if warmup <= 0 else min(max(progress / warmup, 0.0), 1.0)
+    shape = (1 - math.cos(math.pi * x)) / 2 if kind == "cosine" else x
+    return 1.0 + (final - 1.0) * shape
+
+
 # ------------------------------------------------------------------------------------------------
 # Arguments
 # ------------------------------------------------------------------------------------------------
@@ -116,24 +206,54 @@ class RcpTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the RCP losses and schedules (defaults: the paper's recipe, RCP.md section 5)."""
 
     lambda_task: float = field(default=1.5, metadata={"help": "Weight of the task (answer CE) loss."})
-    lambda_repair: float = field(default=40.0, metadata={"help": "Weight of the W2 repair loss."})
+    lambda_repair: float = field(
+        default=3.0, metadata={"help": "Weight of the W2 repair loss (the authors' code: 3.0 on pooled moments; the "
+                                       "paper prints 40)."}
+    )
     lambda_sparse: float = field(default=200.0, metadata={"help": "Weight of the sparsity loss."})
     repair_loss_layers: str | None = field(
         default=None,
         metadata={"help": "Comma-separated decoder layers whose outputs the repair loss matches to the teacher "
-                          "(default: every repair layer and the last layer)."},
+                          "(default: the repair layers, on their repaired output, as the authors do)."},
     )
     repair_loss_mean_only: bool = field(
         default=False, metadata={"help": "Match only the means in the repair loss (ablation)."}
     )
+    repair_loss_pooling: str = field(
+        default="batch",
+        metadata={"help": "'batch': one Gaussian per side pooled over every answer position of the batch and all "
+                          "ranks (the authors'); 'sample': one per sample (this project's earlier loss)."},
+    )
+    sparsity_reduction: str = field(
+        default="batch",
+        metadata={"help": "'batch': |batch-mean retention - target| (the authors'); 'sample': the mean of per-sample "
+                          "distances (pulls every image to the budget; this project's earlier loss)."},
+    )
     gumbel_noise: bool = field(
         default=True, metadata={"help": "Logistic noise on the training masks (off: deterministic steps)."}
     )
+    gumbel_schedule: str = field(
+        default="authors",
+        metadata={"help": "'authors': tau linear start -> end over --gumbel_anneal_ratio, noise until "
+                          "--gumbel_noise_ratio, then none; 'geometric': tau geometric over all steps, noise always "
+                          "(this project's earlier schedule)."},
+    )
     gumbel_temperature_start: float = field(default=1.5, metadata={"help": "Gumbel-Sigmoid temperature at step 0."})
     gumbel_temperature_end: float = field(default=0.2, metadata={"help": "Gumbel-Sigmoid temperature at the end."})
+    gumbel_anneal_ratio: float = field(default=0.6, metadata={"help": "Fraction of training over which tau anneals."})
+    gumbel_noise_ratio: float = field(
+        default=0.8, metadata={"help": "Fraction of training with logistic noise; the rest trains on Eq. 8's rule."}
+    )
+    sparsity_schedule: str = field(
+        default="cosine", metadata={"help": "Target-retention warm-up shape: 'cosine' (the authors') or 'linear'."}
+    )
     sparsity_warmup_ratio: float = field(
-        default=0.3,
+        default=0.1,
         metadata={"help": "Fraction of training over which the target retention anneals from 1 to its target."},
+    )
+    detach_prior: bool = field(
+        default=False,
+        metadata={"help": "Stop the gradient through the attention prior (Eq. 4) into earlier pruners' masks."},
     )
     sparsity_layers: str = field(
         default="all",
@@ -159,8 +279,13 @@ class RcpTrainingArguments(TrainingArguments):
         for name in ("gumbel_temperature_start", "gumbel_temperature_end"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
-        if not 0.0 <= self.sparsity_warmup_ratio <= 1.0:
-            raise ValueError(f"`sparsity_warmup_ratio` must be in [0, 1], got {self.sparsity_warmup_ratio}.")
+        for name in ("sparsity_warmup_ratio", "gumbel_anneal_ratio", "gumbel_noise_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+        for name, allowed in (("repair_loss_pooling", ("batch", "sample")), ("sparsity_reduction", ("batch", "sample")),
+                              ("gumbel_schedule", ("authors", "geometric")), ("sparsity_schedule", ("cosine", "linear"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` is {getattr(self, name)!r}; use one of {list(allowed)}.")
         if self.sparsity_layers not in ("all", "from_first_pruner"):
             raise ValueError(
                 f"`sparsity_layers` is {self.sparsity_layers!r}; use 'all' or 'from_first_pruner'."
@@ -215,15 +340,17 @@ class RcpTrainer(Trainer):
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
         freeze_backbone(model)
-        model.model.gumbel_noise = args.gumbel_noise  # a switch of the model, like `train()`
+        model.model.detach_prior = args.detach_prior  # a switch of the model, like `train()`
         super().__init__(model=model, args=args, **kwargs)
         # Runtime training state lives here, never in `model.config` (which is what the user chose, and what
         # `save_pretrained` / `save_plugins` write): the callbacks anneal it, `compute_loss` passes it on.
         self.gumbel_temperature = args.gumbel_temperature_start
+        self.gumbel_noise = args.gumbel_noise
         self.target_retention = 1.0
+        self.grad_norms = []  # the plug-ins' gradient norm at every optimizer step, before any clipping
         self._window_samples = None
         self._metrics = {"train": {}, "eval": {}}
-        self.add_callback(GumbelTemperatureCallback(self, args.gumbel_temperature_start, args.gumbel_temperature_end))
+        self.add_callback(GumbelTemperatureCallback(self))
         self.add_callback(TargetRetentionCallback(self))
 
     # -- loss -----------------------------------------------------------------------------------
@@ -233,10 +360,15 @@ class RcpTrainer(Trainer):
         self._window_samples = sum(int(b["input_ids"].shape[0]) for b in batch_samples)
         return batch_samples, num_items
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.grad_norms.append(float(norm))
+        return norm
+
     def repair_layers_for_loss(self, config):
         layers = self.args.parsed_repair_loss_layers
         if layers is None:
-            layers = sorted(set(config.repair_layers) | {config.text_config.num_hidden_layers - 1})
+            layers = list(config.repair_layers) or [config.text_config.num_hidden_layers - 1]
         bad = [i for i in layers if not 0 <= i < config.text_config.num_hidden_layers]
         if bad:
             raise ValueError(f"`repair_loss_layers` contains {bad}, outside the text model's layers.")
@@ -259,17 +391,23 @@ class RcpTrainer(Trainer):
         # with the teacher's (physical discard would move them).
         with unwrapped.pruning_layout("mask"):
             student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
-                            gumbel_temperature=self.gumbel_temperature)
+                            gumbel_temperature=self.gumbel_temperature, gumbel_noise=self.gumbel_noise)
 
         training = model.training
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
         num_items = num_items_in_batch if training else None
         l_task = task_loss(student.logits, labels, num_items)
-        l_repair = w2_repair_loss(
-            [student.hidden_states[i + 1] for i in loss_layers],
-            [teacher.hidden_states[i + 1] for i in loss_layers],
-            answer_mask, num_samples, mean_only=args.repair_loss_mean_only,
-        )
+        student_states = [student.hidden_states[i + 1] for i in loss_layers]  # layer i's (repaired) output
+        teacher_states = [teacher.hidden_states[i + 1] for i in loss_layers]
+        # A micro-batch's share of the window: its samples / the window's (gradient accumulation sums the shares).
+        share = labels.shape[0] / num_samples
+        if args.repair_loss_pooling == "batch":
+            l_repair = share * pooled_w2_repair_loss(student_states, teacher_states, answer_mask,
+                                                     mean_only=args.repair_loss_mean_only,
+                                                     all_reduce=_all_reduce_sum(args))
+        else:
+            l_repair = w2_repair_loss(student_states, teacher_states, answer_mask, num_samples,
+                                      mean_only=args.repair_loss_mean_only)
         retention = student.layer_retention
         has_image = student.has_image
         if retention is None:  # no image in the batch: nothing was pruned
@@ -277,7 +415,10 @@ class RcpTrainer(Trainer):
             has_image = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
         if args.sparsity_layers == "from_first_pruner":
             retention = retention[:, config.pruning_layers[0]:]
-        l_sparse = sparsity_loss(retention, self.target_retention, has_image, num_samples)
+        if args.sparsity_reduction == "batch":
+            l_sparse = share * batch_sparsity_loss(retention, self.target_retention, has_image)
+        else:
+            l_sparse = sparsity_loss(retention, self.target_retention, has_image, num_samples)
         loss = args.lambda_task * l_task + args.lambda_repair * l_repair + args.lambda_sparse * l_sparse
 
         self._record("train" if training else "eval", {
@@ -288,6 +429,7 @@ class RcpTrainer(Trainer):
                                      else retention.new_tensor(1.0)),
             "target_retention": torch.tensor(self.target_retention),
             "gumbel_temperature": torch.tensor(float(self.gumbel_temperature)),
+            "gumbel_noise": torch.tensor(float(self.gumbel_noise)),
         })
         return (loss, student) if return_outputs else loss
 
@@ -320,6 +462,32 @@ class RcpTrainer(Trainer):
         self.accelerator.unwrap_model(self.model).load_plugins(self.state.best_model_checkpoint, strict=True)
 
 
+def _all_reduce_sum(args):
+    """A function summing a tensor over the ranks (None on one process): the pooled repair loss's global moments."""
+    if args.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+
+    def reduce(tensor):
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    return reduce
+
+
+def grad_norm_summary(norms):
+    """Median / p99 / max of per-step gradient norms (and the max / median ratio), or None without steps."""
+    if not norms:
+        return None
+    ordered = sorted(norms)
+
+    def quantile(q):
+        return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
+
+    median = quantile(0.5)
+    return {"steps": len(norms), "median": median, "p99": quantile(0.99), "max": ordered[-1],
+            "max_over_median": ordered[-1] / median if median > 0 else None}
+
+
 def save_plugin_folder(model, folder):
     """Write the plug-in weights (safetensors) and their config (JSON) into `folder` (`model.save_plugins`)."""
     os.makedirs(folder, exist_ok=True)
@@ -332,31 +500,34 @@ def save_plugin_folder(model, folder):
 
 
 class GumbelTemperatureCallback(TrainerCallback):
-    """Anneals the trainer's Gumbel-Sigmoid temperature (`trainer.gumbel_temperature`, Eq. 6) geometrically from
-    `start` to `end` over training. The student forward gets it as an argument; `config.gumbel_temperature` stays
-    the user's value."""
+    """Sets the trainer's Gumbel-Sigmoid temperature and noise switch (`trainer.gumbel_temperature`,
+    `trainer.gumbel_noise`, Eq. 6) for each step from `gumbel_schedule`. The student forward gets them as
+    arguments; `config.gumbel_temperature` stays the user's value."""
 
-    def __init__(self, trainer, start=1.5, end=0.2):
+    def __init__(self, trainer):
         self.trainer = trainer
-        self.start, self.end = start, end
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.max_steps:
-            self.trainer.gumbel_temperature = annealed(self.start, self.end, state.global_step / state.max_steps)
+            tau, noise = gumbel_schedule(state.global_step / state.max_steps, args.gumbel_temperature_start,
+                                         args.gumbel_temperature_end, args.gumbel_anneal_ratio, args.gumbel_noise_ratio,
+                                         args.gumbel_schedule)
+            self.trainer.gumbel_temperature = tau
+            self.trainer.gumbel_noise = noise and args.gumbel_noise
 
 
 class TargetRetentionCallback(TrainerCallback):
-    """Anneals the trainer's target retention from 1 to `visual_token_budget / N` over the warm-up fraction."""
+    """Anneals the trainer's target retention from 1 to `visual_token_budget / N` over the warm-up fraction
+    (`target_retention_at`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         config = self.trainer.accelerator.unwrap_model(self.trainer.model).config
-        final = target_retention(config)
-        warmup = args.sparsity_warmup_ratio * (state.max_steps or 1)
-        progress = 1.0 if warmup == 0 else min(1.0, state.global_step / warmup)
-        self.trainer.target_retention = 1.0 + (final - 1.0) * progress
+        progress = state.global_step / state.max_steps if state.max_steps else 0.0
+        self.trainer.target_retention = target_retention_at(progress, target_retention(config),
+                                                            args.sparsity_warmup_ratio, args.sparsity_schedule)
 
 
 def target_retention(config):
@@ -390,12 +561,33 @@ class RcpJobArguments:
     llava_json: str | None = field(default=None, metadata={"help": "A LLaVA-style JSON instead of a dataset."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths live in."})
     max_length: int | None = field(default=None, metadata={"help": "Refuse examples longer than this."})
-    pruning_layers: str | None = field(default=None, metadata={"help": "e.g. '2,14,26' (default: testbed's)."})
-    repair_layers: str | None = field(default=None, metadata={"help": "e.g. '23,30'."})
+    pruning_layers: str | None = field(
+        default=None, metadata={"help": "e.g. '1,13,25' (0-based). Default: the paper's placement for the model's "
+                                        "depth and the budget (`RcpLlavaConfig.paper_placement`); the testbed's own."}
+    )
+    repair_layers: str | None = field(
+        default=None, metadata={"help": "e.g. '22,29' (0-based). Default: the paper's placement (see above)."}
+    )
     visual_token_budget: float | None = field(
-        default=None, metadata={"help": "Target average visual tokens per layer (default: 1/9 of N)."}
+        default=None, metadata={"help": "Target average visual tokens per decoder layer, over all layers (default: "
+                                        "--budget_fraction of N)."}
     )
     budget_fraction: float = field(default=1 / 9, metadata={"help": "Budget as a fraction of N if none given."})
+    budgets: str | None = field(
+        default=None,
+        metadata={"help": "Train one plug-in set per budget, e.g. '1/3,2/9,1/9' (the paper's protocol): one run folder "
+                          "per budget, OUTPUT_DIR/budget_1_3 ..., and a summary in OUTPUT_DIR/budgets.json."},
+    )
+    pruning_keep_counts: str | None = field(
+        default=None,
+        metadata={"help": "Train at fixed counts, e.g. '35,10,3' (straight-through top-k per pruner) instead of the "
+                          "adaptive threshold (Eq. 8)."},
+    )
+    calibrate_retention: bool = field(
+        default=False,
+        metadata={"help": "After training, shift every pruner's bias by one common amount, found by bisection on the "
+                          "evaluation split, so that the inference retention meets the target (within 5%)."},
+    )
     pruner_hidden_size: int | None = field(default=None)
     repair_bottleneck_size: int | None = field(default=None)
     max_train_samples: int | None = field(default=None)
@@ -424,8 +616,48 @@ TESTBED_PRUNING = {"pruning_layers": [1, 2, 3], "repair_layers": [2, 3], "pruner
 
 def main(argv=None):
     parser = HfArgumentParser((RcpJobArguments, RcpTrainingArguments))
-    job, args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    return run_job(job, args, explicit=set(_explicit_flags(sys.argv[1:] if argv is None else argv)))
+    argv = sys.argv[1:] if argv is None else argv
+    job, args = parser.parse_args_into_dataclasses(args=argv)
+    explicit = set(_explicit_flags(argv))
+    if job.budgets:
+        return run_budgets(job, args, explicit)
+    return run_job(job, args, explicit=explicit)
+
+
+def budget_folder_name(label):
+    """'1/9' -> 'budget_1_9'; '64' -> 'budget_64'."""
+    return "budget_" + label.replace("/", "_").replace(".", "p")
+
+
+def run_budgets(job, args, explicit):
+    """The paper's protocol: one plug-in set per budget (placement and target differ by budget), each trained and
+    evaluated by `run_job` into its own folder; returns and writes `{label: metrics}`."""
+    from dataclasses import replace
+
+    from rcp_llava.schedule import parse_budget
+
+    if job.visual_token_budget is not None or job.pruning_keep_counts is not None:
+        raise ValueError("--budgets trains one set per budget fraction: leave --visual_token_budget and "
+                         "--pruning_keep_counts unset.")
+    root = args.output_dir if "output_dir" in explicit else TESTBED_JOB_DEFAULTS["output_dir"] + "_budgets"
+    results = {}
+    for label in [b.strip() for b in job.budgets.split(",") if b.strip()]:
+        label, fraction = parse_budget(label)
+        run_args = replace(args, output_dir=os.path.join(root, budget_folder_name(label)))
+        results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction), run_args,
+                                 explicit=explicit | {"output_dir"})
+    if results and all(r is not None for r in results.values()):
+        _write_json(os.path.join(root, "budgets.json"), results)
+    return results
+
+
+def _write_json(path, data):
+    """Write JSON atomically (a temporary file renamed over the target)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _explicit_flags(argv):
@@ -436,6 +668,8 @@ def run_job(job, args, explicit=()):
     """Build or load the base model and data, train the plug-ins, evaluate full vs pruned, write the folder."""
     from datasets import load_dataset, load_from_disk
     from transformers import AutoConfig, AutoProcessor
+
+    from transformers import set_seed
 
     started = time.time()
     testbed = job.base_model is None
@@ -471,6 +705,7 @@ def run_job(job, args, explicit=()):
         value = _parse_int_list(getattr(job, name), name)
         if value is not None:
             overrides[name] = value
+    counts = _parse_int_list(job.pruning_keep_counts, "pruning_keep_counts")
     for name in ("pruner_hidden_size", "repair_bottleneck_size"):
         if getattr(job, name) is not None:
             overrides[name] = getattr(job, name)
@@ -488,7 +723,10 @@ def run_job(job, args, explicit=()):
         raise ValueError(
             f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
         )
-    overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=None)
+    overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=counts)
+    # Layers not given: the paper's placement for this depth and budget (the config's default, from the budget).
+    # The plug-ins are initialised inside from_pretrained: seed first, so one --seed gives one model.
+    set_seed(args.seed)
     model = RcpLlavaForConditionalGeneration.from_pretrained(base_model, **overrides)
 
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
@@ -520,8 +758,12 @@ def run_job(job, args, explicit=()):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = None
     if trainer.is_world_process_zero():
+        calibration = None
+        if job.calibrate_retention:
+            calibration = calibrate_retention(model, processor, splits, collator, job,
+                                              from_first_pruner=args.sparsity_layers == "from_first_pruner")
         metrics = _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual,
-                                     started, push)
+                                     started, push, trainer=trainer, calibration=calibration)
     # Every rank waits for rank 0's evaluation and saving, then leaves the process group cleanly: a rank that exits
     # while its gloo threads are alive aborts the launch ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
@@ -530,23 +772,85 @@ def run_job(job, args, explicit=()):
     return metrics
 
 
-def _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual, started, push):
+def _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual, started, push,
+                       trainer=None, calibration=None):
     """Rank 0 after training: evaluate full vs pruned, write plugins/, model/ and metrics.json, push if asked."""
     test_name = job.test_split if job.test_split in splits else None
     metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
                "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,
-               "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps}
+               "pruning_layers": list(model.config.pruning_layers), "repair_layers": list(model.config.repair_layers),
+               "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps,
+               "seed": args.seed, "max_grad_norm": args.max_grad_norm}
+    if trainer is not None:
+        metrics["grad_norm"] = grad_norm_summary(trainer.grad_norms)
+    if calibration is not None:
+        metrics["calibration"] = calibration
     if test_name is not None:
         metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples))
     out = args.output_dir
     save_job_folders(model, processor, out)
+    if trainer is not None:
+        _write_json(os.path.join(out, "grad_norms.json"), trainer.grad_norms)
     metrics["total_seconds"] = round(time.time() - started, 1)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    _write_json(os.path.join(out, "metrics.json"), metrics)
     print(format_report(metrics), flush=True)
     if push:
         push_output(model, out, base_model, args, plugins_only=job.push_plugins_only)
     return metrics
+
+
+def inference_retention(model, processor, rows, collator, from_first_pruner, batch_size=32):
+    """Mean visual-token retention of `model` at inference (physical discard, Eq. 8) over `rows`, averaged over all
+    decoder layers or over the layers from the first pruner (the definition the sparsity loss trained with)."""
+    from rcp_llava.evaluation import first_token_predictions
+
+    first = model.config.pruning_layers[0] if from_first_pruner else 0
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
+            _, _, retention = first_token_predictions(model, processor, chunk, image_column=collator.image_column,
+                                                      question_column=collator.question_column,
+                                                      image_folder=collator.image_folder)
+            values.append(retention[:, first:].float().mean(1))
+    return float(torch.cat(values).mean())
+
+
+def calibrate_retention(model, processor, splits, collator, job, from_first_pruner=False, tolerance=0.05,
+                        max_samples=256, steps=30):
+    """Shift every pruner's bias by one common amount so that the mean inference retention on the evaluation split
+    (else the training split) is within `tolerance` (relative) of the target. Retention grows with the shift, so
+    bisection finds it. Returns before / after / shift; the shifted biases stay in the model (and are saved)."""
+    split = job.eval_split if job.eval_split in splits else job.train_split
+    data = splits[split]
+    rows = [data[i] for i in range(min(max_samples, len(data)))]
+    target = target_retention(model.config)
+    pruners = list(model.model.rcp_plugins.pruners.values())
+    original = [p.bias.detach().clone() for p in pruners]
+
+    def measure(shift):
+        with torch.no_grad():
+            for p, b in zip(pruners, original):
+                p.bias.copy_(b + shift)
+        return inference_retention(model, processor, rows, collator, from_first_pruner)
+
+    before = measure(0.0)
+    lo, hi = -30.0, 30.0
+    shift, after = 0.0, before
+    for _ in range(steps):
+        if abs(after - target) <= tolerance * target:
+            break
+        if after < target:
+            lo = shift
+        else:
+            hi = shift
+        shift = (lo + hi) / 2
+        after = measure(shift)
+    result = {"split": split, "n": len(rows), "target": target, "before": before, "after": after,
+              "bias_shift": shift, "within_tolerance": abs(after - target) <= tolerance * target}
+    print(f"[train_rcp] calibration on {len(rows)} {split!r} rows: inference retention {before:.3f} -> {after:.3f} "
+          f"(target {target:.3f}), every pruner bias shifted by {shift:+.3f}", flush=True)
+    return result
 
 
 def save_job_folders(model, processor, out):
@@ -641,11 +945,25 @@ def format_report(metrics):
             relative = f"{r['accuracy'] / full:>8.1%}" if full else f"{'n/a':>9}"
             lines.append(f"| {name:<34} | {r['accuracy']:>8.3f} | {relative} | {kept:<24} |")
         rcp = metrics["rcp"]
-        lines += ["", f"retention: {rcp['retention_from_first_pruner']:.3f} over the layers from the first pruner, "
+        inference = rcp["retention_from_first_pruner" if metrics["sparsity_layers"] == "from_first_pruner"
+                        else "retention_all_layers"]
+        target = metrics["target_retention"]
+        lines += ["", f"inference retention {inference:.3f} against the target {target:.3f} "
+                  f"({inference / target:.0%} of it, over {metrics['sparsity_layers']} layers)",
+                  f"retention: {rcp['retention_from_first_pruner']:.3f} over the layers from the first pruner, "
                   f"{rcp['retention_all_layers']:.3f} over all layers "
                   f"({rcp['avg_visual_tokens_per_layer']:.1f} visual tokens per layer on average)",
                   "per family (full / RCP): " + ", ".join(
                       f"{f} {metrics['full']['families'][f]:.2f}/{rcp['families'][f]:.2f}" for f in rcp["families"])]
+    grad = metrics.get("grad_norm")
+    if grad:
+        ratio = f", max/median {grad['max_over_median']:.1f}" if grad["max_over_median"] else ""
+        lines.append(f"gradient norm per step (before clipping, max_grad_norm={metrics['max_grad_norm']}): median "
+                     f"{grad['median']:.3g}, p99 {grad['p99']:.3g}, max {grad['max']:.3g}{ratio}")
+    if metrics.get("calibration"):
+        c = metrics["calibration"]
+        lines.append(f"calibration: retention {c['before']:.3f} -> {c['after']:.3f} (target {c['target']:.3f}), "
+                     f"bias shift {c['bias_shift']:+.3f}")
     lines.append(f"time: {metrics['total_seconds']:.0f} s")
     return "\n".join(lines)
 

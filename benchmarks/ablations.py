@@ -19,6 +19,15 @@ Variants (each a `train_rcp` run = the main job's flags + the variant's, in WORK
 | `attention_topk` | no training: `pruning_method="attention_topk"`, `full`'s layers and counts, no adapters | Top-K |
 | `pruners=A,B` | `--pruning_layers A,B` | Table V (pruner count/placement) |
 | `adapters=A,B`, `adapters=` | `--repair_layers A,B`; empty: none | Table VII (adapter placement) |
+| `old_init` | the plug-ins start as before issue 15: adapter gate 0, pruner bias 0 | (issue 15 item 2) |
+| `old_repair_loss` | `--repair_loss_pooling sample` (W2 per sample) | (item 3) |
+| `old_sparsity` | `--sparsity_reduction sample --sparsity_schedule linear --sparsity_warmup_ratio 0.3` | (item 4) |
+| `old_gumbel` | `--gumbel_schedule geometric` (noise always on) | (item 5) |
+| `no_grad_floor` | the key mask's renormalisation without the backward floor | (item 9) |
+| `old_recipe` | all five above at once | (this project before issue 15) |
+| `lambda_repair=X` | `--lambda_repair X` | paper 40, code 3 |
+| `detach_prior` | `--detach_prior true` | (item 9) |
+| `clip=X` | `--max_grad_norm X` (0: no clipping) | |
 
 `train_rcp.py --repair_layers ''` cannot express "no adapters" (an empty value means "the default"), so the runner
 calls `train_rcp.run_job` with `repair_layers=[]` set on the parsed arguments: the same code path as `main`.
@@ -37,6 +46,9 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
+
+import torch
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,12 +60,29 @@ TRAINED = {
     "no_adapters": None,  # repair_layers=[] on the parsed job arguments
 }
 UNTRAINED = {"adapters_off", "attention_topk"}  # derived from `full`
+# The recipe before issue 15, one change at a time: train flags, and module patches applied while training.
+OLD = {
+    "old_init": ([], {"old_init": True}),
+    "old_repair_loss": (["--repair_loss_pooling", "sample"], {}),
+    "old_sparsity": (["--sparsity_reduction", "sample", "--sparsity_schedule", "linear", "--sparsity_warmup_ratio",
+                      "0.3"], {}),
+    "old_gumbel": (["--gumbel_schedule", "geometric"], {}),
+    "no_grad_floor": ([], {"no_grad_floor": True}),
+}
+OLD["old_recipe"] = ([f for flags, _ in OLD.values() for f in flags], {k: v for _, p in OLD.values() for k, v in p.items()})
 DEFAULT_VARIANTS = ["full", "no_repair_loss", "mean_only_repair", "no_adapters", "adapters_off", "attention_topk",
                     "pruners=1", "pruners=1,2", "adapters=3", "adapters=2"]
 
 
 def variant_spec(name):
     """`(train flags, job overrides, needs training)` of a variant name."""
+    if name in OLD:
+        return list(OLD[name][0]), {}, True
+    for prefix, flag in (("lambda_repair=", "--lambda_repair"), ("clip=", "--max_grad_norm")):
+        if name.startswith(prefix):
+            return [flag, name.split("=", 1)[1]], {}, True
+    if name == "detach_prior":
+        return ["--detach_prior", "true"], {}, True
     if name in TRAINED:
         if name == "no_adapters":
             return [], {"repair_layers": []}, True
@@ -68,8 +97,26 @@ def variant_spec(name):
     if name.startswith("adapters="):
         layers = name.split("=", 1)[1]
         return ([], {"repair_layers": []}, True) if not layers else (["--repair_layers", layers], {}, True)
-    raise ValueError(f"Unknown variant {name!r}; use {sorted(TRAINED) + sorted(UNTRAINED)}, pruners=A,B or "
-                     "adapters=A,B.")
+    raise ValueError(f"Unknown variant {name!r}; use {sorted(TRAINED) + sorted(UNTRAINED) + sorted(OLD)}, "
+                     "detach_prior, pruners=A,B, adapters=A,B, lambda_repair=X or clip=X.")
+
+
+@contextmanager
+def patched(name):
+    """Module patches of an `OLD` variant while it trains: the earlier initialisation (gate 0, bias 0) and/or no
+    backward floor in the key mask's renormalisation."""
+    import modeling_rcp_llava as m
+
+    patches = OLD[name][1] if name in OLD else {}
+    saved = (m.RcpRepairAdapter.gate_init, m.RcpPruner.bias_init, m.RENORM_GRAD_FLOOR)
+    if patches.get("old_init"):
+        m.RcpRepairAdapter.gate_init, m.RcpPruner.bias_init = 0.0, 0.0
+    if patches.get("no_grad_floor"):
+        m.RENORM_GRAD_FLOOR = torch.finfo(torch.float32).tiny
+    try:
+        yield
+    finally:
+        m.RcpRepairAdapter.gate_init, m.RcpPruner.bias_init, m.RENORM_GRAD_FLOOR = saved
 
 
 def slug(name):
@@ -101,7 +148,8 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     for key, value in job_overrides.items():
         setattr(job, key, value)
     started = time.time()
-    train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))
+    with patched(name):
+        train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))
     with open(source_file, "w") as f:
         json.dump(source, f, indent=2)
     return model_dir, round(time.time() - started, 1), argv
@@ -184,9 +232,12 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
             result = evaluate_variant(base, processor, data, budget, batch_size, method="attention_topk")
         else:
             result = evaluate_variant(base, processor, data, budget, batch_size, repair=v != "adapters_off")
+        metrics_file = os.path.join(os.path.dirname(model_dir), "metrics.json")
+        run_metrics = json.load(open(metrics_file)) if os.path.isfile(metrics_file) else {}
         rows[v] = {"variant": v, "trained": v not in UNTRAINED, "train_seconds": seconds,
                    "train_argv": argv if v not in UNTRAINED else None,
-                   "max_steps": max_steps, **result}
+                   "max_steps": max_steps, "grad_norm": run_metrics.get("grad_norm") if v not in UNTRAINED else None,
+                   "target_retention": run_metrics.get("target_retention"), **result}
     n = data.rows[0]["grid_size"] ** 2 if data.kind == "testbed" else None
     ordered = [rows[v] for v in variants]
     table6 = None
@@ -221,8 +272,9 @@ def format_ablations(result):
              "over the layers from the first pruner is k; *adaptive*: the trained threshold. Full model: "
              f"{full:.3f}.", "",
              "| variant | trained | pruning layers | repair layers | fixed counts | acc (fixed) | % of full | "
-             "acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) | "
+             "retention / target | grad norm median / p99 / max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["variants"]:
         fixed = r["fixed"]
         adaptive = r.get("adaptive")
@@ -234,8 +286,13 @@ def format_ablations(result):
             kept = ", ".join(f"{c:.1f}" for c in adaptive["kept_per_point"])
             cells += [f"{adaptive['score']:.3f}", rel(adaptive["score"]), kept,
                       f"{adaptive['avg_tokens_from_first_point']:.1f} / {adaptive['avg_tokens_all_layers']:.1f}"]
+            target = r.get("target_retention")
+            n = result["num_visual_tokens"]
+            cells.append(f"{adaptive['avg_tokens_from_first_point'] / n:.3f} / {target:.3f}" if target and n else "–")
         else:
-            cells += ["–", "–", "–", "–"]
+            cells += ["–", "–", "–", "–", "–"]
+        g = r.get("grad_norm")
+        cells.append(f"{g['median']:.3g} / {g['p99']:.3g} / {g['max']:.3g}" if g else "–")
         lines.append("| " + " | ".join(cells) + " |")
     table6 = result.get("table6")
     if table6:

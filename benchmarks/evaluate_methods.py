@@ -38,7 +38,25 @@ def build_parser():
     parser.add_argument("--name", default="evaluation", help="Output stem: NAME.md and NAME.json.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--plugins_per_budget", default=None,
+                        help="One RCP plug-in set per budget, e.g. '1/3=runs/b/budget_1_3/plugins,1/9=...' (the "
+                             "folders `train_rcp.py --budgets` writes): RCP's rows at that budget use that set.")
     return parser
+
+
+def parse_plugins_per_budget(text):
+    """'1/3=dir,1/9=dir' -> {'1/3': 'dir', '1/9': 'dir'}."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        label, sep, folder = item.partition("=")
+        if not sep or not label.strip() or not folder.strip():
+            raise ValueError(f"--plugins_per_budget item {item!r} is not BUDGET=FOLDER (e.g. 1/9=runs/x/plugins).")
+        if not os.path.isdir(folder.strip()):
+            raise FileNotFoundError(f"--plugins_per_budget: no plug-in folder {folder.strip()!r} for {label.strip()}.")
+        out[label.strip()] = folder.strip()
+    return out
 
 
 def main(argv=None):
@@ -59,7 +77,8 @@ def main(argv=None):
         data = load_data(spec, split=args.split, max_samples=args.max_samples)
         results.append(evaluate_grid(base, processor, data, methods, budgets, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer,
-                                     progress=not args.no_progress))
+                                     progress=not args.no_progress,
+                                     plugins_per_budget=parse_plugins_per_budget(args.plugins_per_budget)))
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, args.name)
     markdown = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "",

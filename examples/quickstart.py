@@ -7,7 +7,7 @@ pruning at three decoder layers, and prints the kept visual tokens per pruning l
 of each layer, full vs pruned. With a real checkpoint the same code reads:
 
     model = RcpLlavaForConditionalGeneration.from_pretrained(
-        "llava-hf/llava-1.5-7b-hf", pruning_layers=[2, 14, 26], pruning_keep_counts=[96, 26, 8])
+        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[96, 26, 8])
 """
 
 import torch

@@ -17,6 +17,7 @@ from modeling_rcp_llava import (
     RcpPruner,
     RcpPruningInfo,
     RcpRepairAdapter,
+    RcpRepairContext,
 )
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "RcpLlavaModel",
     "RcpPruner",
     "RcpRepairAdapter",
+    "RcpRepairContext",
     "RcpDynamicCache",
     "RcpPruningInfo",
 ]

@@ -59,8 +59,9 @@ class RcpDataCollator:
     """Builds chat prompts with the processor's template, and the labels and masks RCP trains with.
 
     Each example is a dict with an image (PIL image or path), a question and an answer. Output: `input_ids`,
-    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer), `question_mask` (the text tokens
-    after the image, before the answer) and `answer_mask` (positions whose next token is an answer token).
+    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer, which ends with EOS), `question_mask` (the
+    text tokens after the image, before the answer) and `answer_mask` (positions whose next token is an answer
+    token).
     """
 
     def __init__(self, processor, image_column="image", question_column="question", answer_column="answer",
@@ -77,6 +78,11 @@ class RcpDataCollator:
         full = self.processor.apply_chat_template(prompt_messages(question, answer))
         if not full.startswith(prompt):
             raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
+        eos = self.processor.tokenizer.eos_token
+        if eos and eos not in full[len(prompt):]:
+            # The answer ends with EOS, which the task loss trains (as the authors do): llava-hf's LLaVA-1.5
+            # template does not write it after the assistant turn.
+            full = full.rstrip() + eos
         return prompt, full
 
     def load_image(self, image):

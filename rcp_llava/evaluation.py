@@ -34,12 +34,13 @@ Budgets, keep counts and token accounting live in `rcp_llava.schedule`; prompts 
 """
 
 import copy
+import math
 import os
 from contextlib import contextmanager
 
 import torch
 
-from configuration_rcp_llava import PRUNING_METHODS
+from configuration_rcp_llava import PRUNING_METHODS, default_fastv_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
 from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
 from rcp_llava.losses import gaussian_w2
@@ -63,11 +64,6 @@ METRIC_KEY = {"vqa_accuracy": "vqa_accuracy", "exact_match": "exact_match", "pop
 # ------------------------------------------------------------------------------------------------
 # Budgets -> per-method configurations
 # ------------------------------------------------------------------------------------------------
-
-
-def default_fastv_layer(num_layers):
-    """FastV's K: 2 as in the FastV paper, 1 on shallow models (<= 8 layers)."""
-    return 1 if num_layers <= 8 else 2
 
 
 def available_methods():
@@ -385,7 +381,8 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
         for ok, r in zip(correct, rows):
             groups.setdefault(r.get("family") or "all", []).append(ok)
         result.update(score=sum(correct) / len(correct),
-                      groups={g: sum(v) / len(v) for g, v in sorted(groups.items())})
+                      groups={g: sum(v) / len(v) for g, v in sorted(groups.items())},
+                      correct=[int(c) for c in correct], group_of=[r.get("family") or "all" for r in rows])
     else:
         result.update(score_benchmark(data.benchmark, predictions, list(rows)))
     result["predictions"] = predictions
@@ -429,20 +426,95 @@ def planned_rows(base, methods, budgets, fastv_layer=None):
     return plan
 
 
+def budget_plugin_model(base, overrides, plugins_dir):
+    """`method_model(base, **overrides)` with the plug-ins of `plugins_dir` (a set trained for one budget), loaded
+    strictly; the set's own pruning / repair layers replace the overrides'."""
+    from modeling_rcp_llava import read_plugin_config
+
+    plugin_config = read_plugin_config(plugins_dir)
+    overrides = dict(overrides, pruning_layers=plugin_config["pruning_layers"],
+                     repair_layers=plugin_config["repair_layers"])
+    for name in ("pruner_hidden_size", "repair_bottleneck_size", "num_pruning_queries", "pruner_num_heads"):
+        if name in plugin_config:
+            overrides[name] = plugin_config[name]
+    counts = overrides.get("pruning_keep_counts")
+    if counts is not None and len(counts) != len(overrides["pruning_layers"]):
+        raise ValueError(f"The plug-ins in {str(plugins_dir)!r} prune at {overrides['pruning_layers']}, but the "
+                         f"grid's counts {counts} are for another placement.")
+    model = method_model(base, fresh_plugins=True, **overrides)
+    model.load_plugins(plugins_dir, strict=True)
+    return model
+
+
+def mcnemar(correct_a, correct_b):
+    """Exact McNemar test of two paired 0/1 outcome lists: `{"a_only", "b_only", "p_value"}` (two-sided binomial
+    test on the discordant pairs; p = 1 when there are none)."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"Paired outcomes differ in length: {len(correct_a)} vs {len(correct_b)}.")
+    a_only = sum(1 for a, b in zip(correct_a, correct_b) if a and not b)
+    b_only = sum(1 for a, b in zip(correct_a, correct_b) if b and not a)
+    n, low = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_tests(rows, reference="rcp"):
+    """For every budget: the `reference` method's row against each other method's row at that budget, overall and
+    per group (McNemar on the per-sample outcomes). Rows need "correct" and "group_of"."""
+    out = []
+    for ref in rows:
+        if ref["method"] != reference or ref["budget"] in ("full", "adaptive") or "correct" not in ref:
+            continue
+        for other in rows:
+            if other is ref or other["budget"] != ref["budget"] or "correct" not in other:
+                continue
+            test = {"budget": ref["budget"], "reference": ref["label"], "method": other["label"],
+                    "delta": ref["score"] - other["score"], **mcnemar(ref["correct"], other["correct"]),
+                    "groups": {}}
+            for g in sorted(set(ref["group_of"])):
+                idx = [i for i, x in enumerate(ref["group_of"]) if x == g]
+                a, b = [ref["correct"][i] for i in idx], [other["correct"][i] for i in idx]
+                test["groups"][g] = {"delta": (sum(a) - sum(b)) / len(idx), **mcnemar(a, b)}
+            out.append(test)
+    return out
+
+
 def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "fastv", "random"),
-                  budgets=DEFAULT_BUDGETS, batch_size=32, max_new_tokens=16, fastv_layer=None, progress=True):
+                  budgets=DEFAULT_BUDGETS, batch_size=32, max_new_tokens=16, fastv_layer=None, progress=True,
+                  plugins_per_budget=None):
     """Every method at every budget on `data`, one shared backbone. Returns `{"rows": [...], ...}`; each row has
     the score, per-group scores, % of the full model (overall and per group; "none" must be among the methods
-    for these), the mean kept counts per pruning point and the average visual tokens per layer."""
+    for these), the mean kept counts per pruning point and the average visual tokens per layer.
+
+    plugins_per_budget: `{budget label: plug-in folder}`, one RCP set trained per budget (the paper's protocol):
+    the "rcp" rows at that budget (fixed counts and, as "rcp (adaptive, <budget>)", its own adaptive threshold) use
+    that set instead of the base model's plug-ins. Testbed rows also get McNemar tests of RCP against every other
+    method at the same budget (`result["paired_tests"]`)."""
     from tqdm.auto import tqdm
 
     config = base.config
     num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
     plan = planned_rows(base, methods, budgets, fastv_layer)
+    plugins_per_budget = {parse_budget(k)[0]: v for k, v in (plugins_per_budget or {}).items()}
+    if plugins_per_budget:
+        unknown = sorted(set(plugins_per_budget) - {parse_budget(b)[0] for b in budgets})
+        if unknown:
+            raise ValueError(f"`plugins_per_budget` names budgets {unknown} that are not among {list(budgets)}.")
+        plan = [row for row in plan if not (row[1] == "rcp" and row[2] == "adaptive")]
+        at = max((i for i, row in enumerate(plan) if row[1] == "rcp"), default=len(plan) - 1) + 1
+        for label in plugins_per_budget:
+            adaptive = dict(pruning_method="rcp", pruning_keep_counts=None, pre_llm_keep_count=None)
+            plan.insert(at, (f"rcp (adaptive, {label})", "rcp", label, None, adaptive))
+            at += 1
     bar = tqdm(total=len(plan) * len(data), desc="methods x budgets", unit="sample", disable=not progress)
     rows = []
     for label, method, budget, k, overrides in plan:
-        model = method_model(base, **overrides)
+        if method == "rcp" and budget in plugins_per_budget:
+            model = budget_plugin_model(base, overrides, plugins_per_budget[budget])
+        else:
+            model = method_model(base, **overrides)
         bar.set_postfix_str(f"{label} @ {budget}")
         result = evaluate_model(model, processor, data, batch_size, max_new_tokens, progress=bar)
         points = model.config.pruning_points
@@ -458,6 +530,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             "tokens_per_layer": per_layer,
             "score": result["score"], "groups": result["groups"], "n": result["n"],
             **({"metric": result["metric"]} if "metric" in result else {}),
+            **({"correct": result["correct"], "group_of": result["group_of"]} if "correct" in result else {}),
         })
     bar.close()
     add_relative(rows)
@@ -469,7 +542,8 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
                      "percent_of_n": [100 * c / n for c in adaptive["kept_per_point"]]}
     return {"data": data.name, "kind": data.kind, "num_samples": len(data), "num_visual_tokens": n,
             "num_layers": num_layers, "model": str(base.name_or_path), "rows": rows,
-            "per_layer_retention": retention,
+            "per_layer_retention": retention, "paired_tests": paired_tests(rows),
+            "plugins_per_budget": {k: str(v) for k, v in plugins_per_budget.items()} or None,
             "metric": "first-token accuracy" if data.kind == "testbed" else METRIC_KEY[_metric_name(data)]}
 
 
@@ -537,6 +611,17 @@ def format_table(result, command=None):
                   "|---|" + "---|" * len(retention["pruning_layers"]),
                   "| kept tokens | " + " | ".join(f"{c:.1f}" for c in retention["kept"]) + " |",
                   "| % of N | " + " | ".join(f"{p:.2f}%" for p in retention["percent_of_n"]) + " |"]
+    tests = result.get("paired_tests")
+    if tests:
+        lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, "
+                  "overall and per group; *a/b*: samples only RCP / only the other method gets right.", "",
+                  "| budget | RCP | vs | Δ overall | a/b | p | " + " | ".join(f"Δ {g} (p)" for g in groups) + " |",
+                  "|" + "---|" * (6 + len(groups))]
+        for t in tests:
+            per_group = [f"{t['groups'][g]['delta']:+.3f} ({t['groups'][g]['p_value']:.2g})" if g in t["groups"]
+                         else "–" for g in groups]
+            lines.append(f"| {t['budget']} | {t['reference']} | {t['method']} | {t['delta']:+.3f} | "
+                         f"{t['a_only']}/{t['b_only']} | {t['p_value']:.3g} | " + " | ".join(per_group) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -601,7 +686,8 @@ def nested_random_masks(counts, batch_size, num_visual_tokens, seed=0):
 
 
 __all__ = [
-    "DEFAULT_BUDGETS", "EvalData", "available_methods", "add_relative", "default_fastv_layer", "evaluate_grid", "evaluate_model",
+    "DEFAULT_BUDGETS", "EvalData", "available_methods", "add_relative", "budget_plugin_model", "default_fastv_layer",
+    "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
     "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",

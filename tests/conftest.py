@@ -59,6 +59,10 @@ def randomize_plugin_parameters(model, seed=0, scale=0.5):
     with torch.no_grad():
         for _, p in model.model.rcp_plugins.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+        # Centre the random pruners' logits near 0 (a random token MLP puts them near -2), so the adaptive threshold
+        # keeps a number of tokens that differs between rows and layers.
+        for pruner in model.model.rcp_plugins.pruners.values():
+            pruner.bias.fill_(0.5)
 
 
 def stock_copy(model):

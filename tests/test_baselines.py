@@ -405,8 +405,9 @@ def test_defaults_per_method():
     assert tiny_config(pruning_method="vispruner", pruning_layers=None, repair_layers=None, pruning_keep_counts=None,
                        pre_llm_keep_count=4).pruning_points == [0]
     fastv = tiny_config(pruning_method="fastv", pruning_layers=None, repair_layers=None, pruning_keep_counts=[4])
-    assert fastv.pruning_layers == [2] and fastv.repair_layers == [] and fastv.fastv_query == "last"
-    assert fastv.pruned_average_tokens() == (16 * 2 + 4 * 2) / 4
+    # FastV's K = 2 (FastV paper), 1 on a shallow (<= 8 layers) model such as this 4-layer one.
+    assert fastv.pruning_layers == [1] and fastv.repair_layers == [] and fastv.fastv_query == "last"
+    assert fastv.pruned_average_tokens() == (16 * 1 + 4 * 3) / 4
 
 
 VIS = dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None)

@@ -44,27 +44,37 @@ def test_rcp_with_pruning_disabled_equals_stock_llava(specs):
     assert (ours - ref)[valid].abs().max() <= 1e-5
 
 
-def test_fresh_plugins_are_exact_identity_init():
+def test_fresh_plugins_use_the_authors_init():
+    """Issue 15: the authors' initialisation replaces the exact no-op (gate 0, bias 0) at init: a gate of 0.1 and
+    xavier(gain 0.1) `up` / `query_proj` let the adapters learn at the paper's learning rate; the pruner bias 2.0
+    keeps the tokens whose centred log prior exceeds -2; FiLM starts at gamma = 1, beta = 0; the query aggregate at
+    1/N_q; the token MLP's last layer at 0."""
     model = make_model()
-    for adapter in model.model.rcp_plugins.repair_adapters.values():
-        assert adapter.gate.item() == 0.0
+    plugins = model.model.rcp_plugins
+    for adapter in plugins.repair_adapters.values():
+        assert adapter.gate.item() == pytest.approx(0.1)
         assert adapter.film_gamma.weight.abs().max() == 0 and adapter.film_beta.weight.abs().max() == 0
-        assert adapter.down.weight.abs().max() > 0  # the LoRA-B pattern: only the gate and FiLM start at zero
-    for pruner in model.model.rcp_plugins.pruners.values():
-        assert pruner.cross_scale.item() == 0.0 and pruner.token_out.weight.abs().max() == 0
+        for linear in (adapter.up, adapter.query_proj):
+            bound = 0.1 * (6 / (linear.in_features + linear.out_features)) ** 0.5  # xavier_uniform, gain 0.1
+            assert 0 < linear.weight.abs().max() <= bound and linear.bias.abs().max() == 0
+    for pruner in plugins.pruners.values():
+        assert pruner.bias.item() == 2.0
+        assert torch.equal(pruner.aggregate.weight, torch.full_like(pruner.aggregate.weight, 1 / 16))  # N_q = 16
+        assert pruner.token_mlp[-1].weight.abs().max() == 0 and pruner.token_mlp[-1].bias.abs().max() == 0
+    assert plugins.repair_context.pruned_proj.bias.abs().max() == 0
 
 
-def test_fresh_repair_adapters_do_not_change_pruned_logits():
+def test_fresh_repair_adapters_change_only_the_answer_positions():
+    """A fresh adapter (gate 0.1) already corrects the answer positions (here: the last one) and nothing else."""
     model = make_model()
     batch = make_batch(PADDED)
     with torch.no_grad():
-        with_repair = model(**batch).logits
+        with_repair = model(**batch)
         with model.plugins_disabled(pruning=False, repair=True):
-            without = model(**batch).logits
-    assert torch.equal(with_repair, without)
-    randomize_plugin_parameters(model)
-    with torch.no_grad():
-        assert not torch.allclose(model(**batch).logits, without, atol=1e-3)  # non-vacuous: trained ones do
+            without = model(**batch)
+    assert torch.equal(with_repair.kept_counts, without.kept_counts)
+    assert torch.equal(with_repair.logits[:, :-1], without.logits[:, :-1])
+    assert not torch.allclose(with_repair.logits[:, -1], without.logits[:, -1], atol=1e-6)
 
 
 def test_keeping_every_token_equals_stock():

@@ -298,7 +298,7 @@ def test_method_none_loads_any_depth_with_the_defaults():
     assert tiny_config(pruning_layers=None, repair_layers=[], pruning_keep_counts=None,
                        text_config=dict(num_hidden_layers=30, hidden_size=32, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=100)
-                       ).pruning_layers == [2, 14, 26]  # RCP keeps the paper's placement
+                       ).pruning_layers == [1, 12, 23]  # RCP: the paper's placement [1, 13, 25] scaled to 30 layers
 
 
 def test_a_spec_without_a_selector_and_a_pre_llm_method_without_a_count_are_refused():

@@ -147,8 +147,10 @@ def test_from_pretrained_on_a_stock_llava_checkpoint(tmp_path, caplog):
         assert torch.equal(loaded.state_dict()[key], value), key
     assert "rcp_plugins" in caplog.text  # reported as newly initialised
     assert all(k.startswith(PLUGIN_PREFIX) for k in loaded.plugin_state_dict())
-    # Fresh plug-ins from a stock checkpoint are still an exact no-op at init.
-    assert loaded.model.rcp_plugins.repair_adapters["3"].gate.item() == 0.0
+    # Fresh plug-ins from a stock checkpoint get the authors' init (issue 15: gate 0.1, pruner bias 2.0; before, an
+    # exact no-op), and with the plug-ins disabled the logits are the stock model's.
+    assert loaded.model.rcp_plugins.repair_adapters["3"].gate.item() == pytest.approx(0.1)
+    assert loaded.model.rcp_plugins.pruners["1"].bias.item() == 2.0
     batch = make_batch([(2, 3, True)])
     with torch.no_grad(), loaded.plugins_disabled():
         assert torch.allclose(loaded.eval()(**batch).logits, stock.eval()(**batch).logits, atol=1e-6)

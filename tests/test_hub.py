@@ -278,7 +278,8 @@ def test_from_base_overrides_and_no_plugins(plugin_setup):
     assert model.config.pruning_keep_counts == [6, 2] and model.dtype == torch.float64
     fresh = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), pruning_layers=[1], repair_layers=[],
                                                        pruning_keep_counts=[3])
-    assert fresh.config.pruning_layers == [1] and fresh.model.rcp_plugins.pruners["1"].bias.item() == 0.0
+    # Fresh plug-ins: the authors' initialisation (pruner bias 2.0; issue 15), not the trained set's.
+    assert fresh.config.pruning_layers == [1] and fresh.model.rcp_plugins.pruners["1"].bias.item() == 2.0
 
 
 def _edit_plugins(root, name, edit_config=None, drop_keys=()):
