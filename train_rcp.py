@@ -586,7 +586,7 @@ class RcpJobArguments:
     calibrate_retention: bool = field(
         default=False,
         metadata={"help": "After training, shift every pruner's bias by one common amount, found by bisection on the "
-                          "evaluation split, so that the inference retention meets the target (within 5%)."},
+                          "evaluation split, so that the inference retention meets the target (within 5 percent)."},
     )
     pruner_hidden_size: int | None = field(default=None)
     repair_bottleneck_size: int | None = field(default=None)

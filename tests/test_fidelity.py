@@ -324,6 +324,15 @@ def test_one_plugin_set_per_budget(micro_folder, tmp_path):
         calibration = saved["calibration"]
         assert calibration["n"] == 4 and calibration["target"] == pytest.approx(budget / 64)
     assert json.loads((tmp_path / "budgets.json").read_text()) == results
+    # The calibration script on a trained set: before / after on the test split, the shift kept in the JSON.
+    from conftest import load_benchmark
+
+    out = load_benchmark("calibrate_retention").main([
+        "--model", str(tmp_path / "budget_1_4" / "model"), "--data", str(micro_folder / "dataset"),
+        "--output_dir", str(tmp_path / "cal"), "--name", "c"])
+    saved = json.loads((tmp_path / "cal" / "c.json").read_text())
+    assert saved["after"]["retention"] == out["after"]["retention"] and 0 <= saved["after"]["accuracy"] <= 1
+    assert "| after |" in (tmp_path / "cal" / "c.md").read_text()
 
 
 def test_fixed_count_training(micro_folder, tmp_path):
@@ -344,3 +353,34 @@ def test_plugin_counts_at_the_authors_widths_match_the_paper():
     # 13B: the paper prints 19.70M + 24.87M (authors-code-facts: 19.705M + 24.868M; we count 19.704M + 24.868M).
     assert (round(c13["pruners_paper_count"] / 1e4), round(c13["adapters_paper_count"] / 1e4)) == (1_970, 2_487)
     assert (c7["pruning_layers"], c7["repair_layers"]) == ([1, 13, 25], [22, 29])
+
+
+def test_ablation_variants_of_the_earlier_recipe_patch_and_restore():
+    import modeling_rcp_llava as m
+    from conftest import load_benchmark
+
+    ablations = load_benchmark("ablations")
+    flags, _, trained = ablations.variant_spec("old_recipe")
+    assert trained and flags == ["--repair_loss_pooling", "sample", "--sparsity_reduction", "sample",
+                                 "--sparsity_schedule", "linear", "--sparsity_warmup_ratio", "0.3",
+                                 "--gumbel_schedule", "geometric"]
+    assert ablations.variant_spec("lambda_repair=40")[0] == ["--lambda_repair", "40"]
+    assert ablations.variant_spec("clip=0")[0] == ["--max_grad_norm", "0"]
+    with ablations.patched("old_recipe"):
+        model = make_model()
+        assert model.model.rcp_plugins.repair_adapters["2"].gate.item() == 0.0
+        assert model.model.rcp_plugins.pruners["1"].bias.item() == 0.0
+        assert m.RENORM_GRAD_FLOOR < 1e-30
+    assert (m.RcpRepairAdapter.gate_init, m.RcpPruner.bias_init, m.RENORM_GRAD_FLOOR) == (0.1, 2.0, 1e-3)
+    with pytest.raises(ValueError, match="Unknown variant 'old'"):
+        ablations.variant_spec("old")
+
+
+def test_help_renders(capsys):
+    """argparse formats help strings with %: a bare percent sign in a field's help crashes `--help`."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_rcp.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--budgets", "--calibrate_retention", "--repair_loss_pooling", "--gumbel_schedule", "--detach_prior"):
+        assert flag in out, flag
