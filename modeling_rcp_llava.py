@@ -312,9 +312,14 @@ class _FlooredRenorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         num, den = ctx.saved_tensors
-        den = den.clamp_min(ctx.floor)
-        grad_num = grad / den
-        grad_den = -(grad * num).sum(-1, keepdim=True) / (den * den)
+        tiny = torch.finfo(den.dtype).tiny
+        floored = den.clamp_min(max(ctx.floor, tiny))
+        grad_num = grad / floored
+        grad_den = -(grad * num).sum(-1, keepdim=True) / (floored * floored)
+        # Where the forward clamped (den < tiny: a row with no kept key) no gradient reaches den, as clamp_min's own
+        # backward would do; with a floor below ~1e-19 (`floor=tiny`: the division without a floor) den^2 still
+        # underflows to 0 for tiny kept masses, and the gradient is inf, as it was before the floor.
+        grad_den = torch.where(den >= tiny, grad_den, torch.zeros_like(grad_den))
         return grad_num, grad_den, None
 
 

@@ -384,3 +384,14 @@ def test_help_renders(capsys):
     out = capsys.readouterr().out
     for flag in ("--budgets", "--calibrate_retention", "--repair_loss_pooling", "--gumbel_schedule", "--detach_prior"):
         assert flag in out, flag
+
+
+def test_floored_renorm_passes_no_gradient_where_nothing_was_kept():
+    """A row whose kept mass is exactly 0 (no kept key): the forward clamps it, and no gradient (never NaN) flows
+    to its denominator, with the floor and without it (floor = tiny, the division as it was before)."""
+    for floor in (RENORM_GRAD_FLOOR, torch.finfo(torch.float32).tiny):
+        num = torch.zeros(1, 2, 3, requires_grad=True)
+        den = torch.tensor([[[0.0], [0.5]]], requires_grad=True)
+        floored_renorm(num, den, floor).sum().backward()
+        assert torch.isfinite(den.grad).all() and torch.isfinite(num.grad).all(), floor
+        assert den.grad[0, 0, 0] == 0.0 and den.grad[0, 1, 0] == 0.0  # num = 0: nothing to move either
