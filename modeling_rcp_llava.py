@@ -887,13 +887,25 @@ class PrunedPrefill:
     def _check_forced(self, visual_keep_masks, bsz, n):
         if visual_keep_masks is None:
             return None
+        if not torch.is_tensor(visual_keep_masks) or visual_keep_masks.dtype != torch.bool:
+            what = visual_keep_masks.dtype if torch.is_tensor(visual_keep_masks) else type(visual_keep_masks).__name__
+            raise TypeError(
+                f"`visual_keep_masks` must be a bool tensor (True = keep), got {what}; a float mask would be read "
+                "as 'keep' wherever it is non-zero. Pass `masks > 0.5` or `masks.bool()`."
+            )
         expected = (bsz, len(self.points), n)
         if tuple(visual_keep_masks.shape) != expected:
             raise ValueError(
                 f"`visual_keep_masks` has shape {tuple(visual_keep_masks.shape)}, expected {expected} "
                 "(batch, num_pruning_layers, num_visual_tokens)."
             )
-        return visual_keep_masks.bool()
+        if expected[1] > 1 and (visual_keep_masks[:, 1:] & ~visual_keep_masks[:, :-1]).any():
+            raise ValueError(
+                "`visual_keep_masks` is not cumulative: a token kept at a later pruning point was dropped at an "
+                "earlier one, which physical discard cannot bring back. Make each point's mask a subset of the "
+                "previous one, e.g. `torch.cumprod(masks.int(), dim=1).bool()`."
+            )
+        return visual_keep_masks
 
     # -- slots --------------------------------------------------------------------------------------
 

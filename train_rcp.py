@@ -274,11 +274,16 @@ class RcpTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         for name in ("lambda_task", "lambda_repair", "lambda_sparse"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
         for name in ("gumbel_temperature_start", "gumbel_temperature_end"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value}.")
+        if self.max_steps == 0:
+            raise ValueError("`max_steps` is 0: give a positive number of steps, or -1 to train for "
+                             "`num_train_epochs` epochs.")
         for name in ("sparsity_warmup_ratio", "gumbel_anneal_ratio", "gumbel_noise_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")

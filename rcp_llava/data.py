@@ -74,6 +74,11 @@ class RcpDataCollator:
 
     def texts(self, example):
         question, answer = example[self.question_column], example[self.answer_column]
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(
+                f"An example's {self.answer_column!r} is {answer!r}: RCP trains on the answer tokens, so an empty "
+                "answer would train on EOS alone. Drop the example or fix the column (`--answer_column`)."
+            )
         prompt = self.processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True)
         full = self.processor.apply_chat_template(prompt_messages(question, answer))
         if not full.startswith(prompt):

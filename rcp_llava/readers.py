@@ -325,6 +325,8 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
     for row in rows:
         if not isinstance(row, dict) or not {"question_id", "image", "text", "label"} <= row.keys():
             raise _bad(name, file, f"line {row!r} lacks one of 'question_id', 'image', 'text', 'label'")
+        if str(row["label"]).strip().lower() not in ("yes", "no"):
+            raise _bad(name, file, f"question_id {row['question_id']}: label {row['label']!r} is not 'yes' or 'no'")
         records.append(VqaRecord(
             question_id=f"{category}/{row['question_id']}",
             image=str(image_dir / row["image"]),
@@ -334,6 +336,8 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
             benchmark=name,
             image_id=str(row["image"]),
         ))
+    if not records:
+        raise _bad(name, file, "no questions in the file")
     return records
 
 
@@ -406,10 +410,14 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
             continue
         try:
             choices = [str(c) for c in prob["choices"]]
-            letter = OPTION_LETTERS[int(prob["answer"])]
+            index = int(prob["answer"])
             question = prob["question"]
         except (KeyError, TypeError, ValueError, IndexError):
             raise _bad(name, root / "problems.json", f"problem {pid} lacks a valid 'question'/'choices'/'answer'")
+        if not 0 <= index < len(choices):
+            raise _bad(name, root / "problems.json",
+                       f"problem {pid}: answer index {prob['answer']!r} is outside its {len(choices)} choices")
+        letter = OPTION_LETTERS[index]
         records.append(VqaRecord(
             question_id=pid,
             image=str(image_dir / pid / prob["image"]),
@@ -577,6 +585,8 @@ def read_mmbench(path: PathLike) -> List[VqaRecord]:
         hint = row.get("hint", "").strip()
         hint = "" if hint.lower() == "nan" else hint
         answer = row.get("answer", "").strip()
+        if answer and answer not in used:
+            raise _bad(name, path, f"row index {row['index']}: answer {answer!r} is not one of its options {used}")
         records.append(VqaRecord(
             question_id=str(row["index"]),
             image=image,
@@ -619,6 +629,8 @@ def read_benchmark(name: str, path: PathLike, limit: Optional[int] = None, **kwa
 
     ``limit`` keeps only the first ``limit`` records (quick runs).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` is {limit!r}; use a positive number of records, or None for all of them.")
     records = _READERS[canonical_benchmark(name)](path, **kwargs)
     return records if limit is None else records[:limit]
 

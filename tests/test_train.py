@@ -73,7 +73,7 @@ def test_annealing_schedule():
 
 
 def test_training_arguments_are_validated(tmp_path):
-    with pytest.raises(ValueError, match="`lambda_repair` must be >= 0"):
+    with pytest.raises(ValueError, match="`lambda_repair` must be a finite number >= 0, got -1"):
         RcpTrainingArguments(output_dir=str(tmp_path), lambda_repair=-1)
     with pytest.raises(ValueError, match="`sparsity_layers` is 'some'"):
         RcpTrainingArguments(output_dir=str(tmp_path), sparsity_layers="some")

@@ -1,0 +1,206 @@
+"""Bad input across the public surface (issue 17, first part): each case asserts the error type and the message
+that names the argument, the value and the fix. Cases that silently ran on nonsense before are marked `was silent`."""
+
+import base64
+import io
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import NUM_VISUAL, make_batch, make_model, tiny_config
+
+
+# -- training arguments --------------------------------------------------------------------------------
+
+
+TRAINING_ARGS = [
+    ({"lambda_sparse": math.nan}, r"`lambda_sparse` must be a finite number >= 0, got nan"),  # was silent
+    ({"lambda_task": math.inf}, r"`lambda_task` must be a finite number >= 0, got inf"),  # was silent
+    ({"lambda_repair": -1.0}, r"`lambda_repair` must be a finite number >= 0, got -1"),
+    ({"gumbel_temperature_end": 0.0}, r"`gumbel_temperature_end` must be a finite number > 0, got 0"),
+    ({"gumbel_temperature_start": math.nan}, r"`gumbel_temperature_start` must be a finite number > 0, got nan"),
+    ({"max_steps": 0}, r"`max_steps` is 0: give a positive number of steps, or -1"),  # was: trained anyway
+    ({"sparsity_warmup_ratio": 1.5}, r"`sparsity_warmup_ratio` must be in \[0, 1\], got 1.5"),
+    ({"gumbel_noise_ratio": math.nan}, r"`gumbel_noise_ratio` must be in \[0, 1\], got nan"),
+    ({"gumbel_anneal_ratio": -0.1}, r"`gumbel_anneal_ratio` must be in \[0, 1\], got -0.1"),
+    ({"repair_loss_pooling": "all"}, r"`repair_loss_pooling` is 'all'; use one of \['batch', 'sample'\]"),
+    ({"sparsity_reduction": "mean"}, r"`sparsity_reduction` is 'mean'; use one of \['batch', 'sample'\]"),
+    ({"gumbel_schedule": "cosine"}, r"`gumbel_schedule` is 'cosine'; use one of \['authors', 'geometric'\]"),
+    ({"sparsity_schedule": "exp"}, r"`sparsity_schedule` is 'exp'; use one of \['cosine', 'linear'\]"),
+    ({"sparsity_layers": "some"}, r"`sparsity_layers` is 'some'; use 'all' or 'from_first_pruner'"),
+    ({"repair_loss_layers": "a,b"}, r"`repair_loss_layers` must be comma-separated integers, got 'a,b'"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", TRAINING_ARGS, ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                                                                  for o, _ in TRAINING_ARGS])
+def test_training_arguments(tmp_path, overrides, match):
+    from train_rcp import RcpTrainingArguments
+
+    with pytest.raises(ValueError, match=match):
+        RcpTrainingArguments(output_dir=str(tmp_path), report_to=[], **overrides)
+
+
+# -- config and placements -----------------------------------------------------------------------------
+
+
+CONFIGS = [
+    ({"gumbel_temperature": math.inf}, ValueError, r"`gumbel_temperature` must be a positive float, got inf"),
+    ({"pruner_hidden_size": 18, "pruner_num_heads": 4}, ValueError,
+     r"`pruner_num_heads` \(4\) must divide `pruner_hidden_size` \(18\)"),
+    ({"pruner_num_heads": 0}, ValueError, r"`pruner_num_heads` must be a positive int, got 0"),
+    ({"pruner_dropout": 1.0}, ValueError, r"`pruner_dropout` must be a float in \[0, 1\), got 1.0"),
+    ({"query_dropout": math.nan}, ValueError, r"`query_dropout` must be a float in \[0, 1\), got nan"),
+    ({"pruning_layers": [1, 9]}, ValueError, r"`pruning_layers` contains \[9\], but the text model has 4 layers"),
+    ({"repair_layers": [0]}, ValueError, r"`repair_layers` starts at 0, before the first pruning layer 1"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, match", CONFIGS, ids=[next(iter(o)) for o, _, _ in CONFIGS])
+def test_config(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1,), r"`num_layers` must be an int >= 2 .* got 1"),
+    ((32.0,), r"`num_layers` must be an int >= 2 .* got 32.0"),
+    ((32, 1.5), r"`budget_fraction` must be a fraction of the visual tokens in \(0, 1\], got 1.5"),
+    ((32, math.nan), r"`budget_fraction` must be a fraction of the visual tokens in \(0, 1\], got nan"),
+])
+def test_paper_placement(args, match):
+    from configuration_rcp_llava import paper_placement
+
+    with pytest.raises(ValueError, match=match):
+        paper_placement(*args)
+
+
+# -- forward ---------------------------------------------------------------------------------------------
+
+
+def _masks(kind):
+    keep = torch.ones(1, 2, NUM_VISUAL, dtype=torch.bool)
+    if kind == "float":
+        return keep.float()  # was silent: read as "keep" wherever non-zero
+    if kind == "not_cumulative":
+        keep[0, 0, 3] = False  # dropped at the first point, kept at the second: was silent
+        return keep
+    return keep[:, :1]  # one point for two
+
+
+@pytest.mark.parametrize("kind, error, match", [
+    ("float", TypeError, r"`visual_keep_masks` must be a bool tensor \(True = keep\), got torch.float32"),
+    ("not_cumulative", ValueError, r"`visual_keep_masks` is not cumulative: a token kept at a later pruning point"),
+    ("shape", ValueError, r"`visual_keep_masks` has shape \(1, 1, 16\), expected \(1, 2, 16\)"),
+])
+def test_visual_keep_masks(kind, error, match):
+    model = make_model()
+    batch = make_batch([(1, 3, True)])
+    with pytest.raises(error, match=match), torch.no_grad():
+        model(**batch, visual_keep_masks=_masks(kind))
+
+
+def test_gumbel_temperature_argument_must_be_finite():
+    model = make_model().train()
+    with pytest.raises(ValueError, match=r"The `gumbel_temperature` argument must be a positive float, got inf"):
+        model(**make_batch([(1, 3, True)]), gumbel_temperature=math.inf)
+
+
+# -- training data ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", ["", "   ", None], ids=["empty", "blank", "none"])
+def test_an_empty_answer_is_refused(answer):
+    """Was silent: an empty answer trained on EOS alone."""
+    from rcp_llava.data import RcpDataCollator
+    from rcp_llava.testbed import build_dataset, build_processor, get_preset
+
+    row = dict(build_dataset("micro", seed=0)["train"][0], answer=answer)
+    with pytest.raises(ValueError, match=rf"An example's 'answer' is {answer!r}: .* Drop the example or fix"):
+        RcpDataCollator(build_processor(get_preset("micro")))([row])
+
+
+# -- readers ---------------------------------------------------------------------------------------------
+
+
+def _pope(tmp_path, rows):
+    path = tmp_path / "coco_pope_random.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _scienceqa(tmp_path, answer):
+    (tmp_path / "problems.json").write_text(json.dumps({"5": {
+        "question": "Q?", "choices": ["a", "b"], "answer": answer, "hint": "", "image": "image.png",
+        "subject": "s", "split": "test"}}))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["5"]}))
+    (tmp_path / "images" / "test" / "5").mkdir(parents=True)
+    return tmp_path
+
+
+def _mmbench(tmp_path, answer):
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    img = base64.b64encode(buf.getvalue()).decode()
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+    row = [7, "Q?", "", "x", "y", "z", "w", answer, "c", "l2", img]
+    path = tmp_path / "mmbench.tsv"
+    path.write_text("\t".join(header) + "\n" + "\t".join(map(str, row)) + "\n")
+    return path
+
+
+READERS = [
+    ("pope_maybe", lambda t: ("pope", _pope(t, [{"question_id": 3, "image": "x.jpg", "text": "?", "label": "maybe"}])),
+     r"coco_pope_random.json: question_id 3: label 'maybe' is not 'yes' or 'no'"),  # was silent
+    ("pope_empty", lambda t: ("pope", _pope(t, [])), r"coco_pope_random.json: no questions in the file"),
+    ("sqa_minus_one", lambda t: ("scienceqa_img", _scienceqa(t, -1)),
+     r"problems.json: problem 5: answer index -1 is outside its 2 choices"),  # was silent (read as the last)
+    ("sqa_beyond", lambda t: ("scienceqa_img", _scienceqa(t, 2)),
+     r"problems.json: problem 5: answer index 2 is outside its 2 choices"),
+    ("mmbench_e", lambda t: ("mmbench", _mmbench(t, "E")),
+     r"mmbench.tsv: row index 7: answer 'E' is not one of its options \['A', 'B', 'C', 'D'\]"),  # was silent
+]
+
+
+@pytest.mark.parametrize("make, match", [(m, r) for _, m, r in READERS], ids=[c for c, _, _ in READERS])
+def test_readers(tmp_path, make, match):
+    from rcp_llava.readers import read_benchmark
+
+    name, path = make(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        read_benchmark(name, path)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 1.5, True])
+def test_read_benchmark_limit(tmp_path, limit):
+    from rcp_llava.readers import read_benchmark
+
+    with pytest.raises(ValueError, match=rf"`limit` is {limit!r}; use a positive number of records, or None"):
+        read_benchmark("pope", tmp_path, limit=limit)  # checked before the files are read
+
+
+# -- command lines ---------------------------------------------------------------------------------------------
+
+
+def test_budgets_with_a_fixed_budget_is_refused(tmp_path):
+    import train_rcp
+
+    with pytest.raises(ValueError, match=r"--budgets trains one set per budget fraction: leave "
+                                         r"--visual_token_budget and --pruning_keep_counts unset"):
+        train_rcp.main(["--budgets", "1/3,1/9", "--visual_token_budget", "16", "--output_dir", str(tmp_path),
+                        "--report_to", "none"])
+
+
+@pytest.mark.parametrize("text, error, match", [
+    ("1/3", ValueError, r"--plugins_per_budget item '1/3' is not BUDGET=FOLDER"),
+    ("1/3=", ValueError, r"--plugins_per_budget item '1/3=' is not BUDGET=FOLDER"),
+    ("1/3=/no/such/folder", FileNotFoundError, r"--plugins_per_budget: no plug-in folder '/no/such/folder' for 1/3"),
+])
+def test_plugins_per_budget_argument(text, error, match):
+    from conftest import load_benchmark
+
+    with pytest.raises(error, match=match):
+        load_benchmark("evaluate_methods").parse_plugins_per_budget(text)
