@@ -1709,6 +1709,42 @@ def read_plugin_config(path_or_repo_id, **hub_kwargs):
     return plugin_config
 
 
+_PLUGIN_IDENTITY = ("base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens", "pruning_method",
+                    "pruning_layers", "repair_layers", "pruner_hidden_size", "repair_bottleneck_size")
+
+
+def _refuse_other_plugins(config_path, record):
+    """FileExistsError if `config_path` describes plug-ins of another model than `record` (or cannot be read)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            existing = json.load(f)
+    except (OSError, ValueError) as err:
+        existing = {"unreadable": str(err)}
+    differs = [k for k in _PLUGIN_IDENTITY if existing.get(k) != record.get(k)]
+    if differs:
+        folder = os.path.dirname(config_path)
+        raise FileExistsError(
+            f"{folder!r} already holds plug-ins of another model ({', '.join(f'{k}: {existing.get(k)!r} -> {record.get(k)!r}' for k in differs)}). "
+            "Save them elsewhere, or pass `overwrite=True` to replace them."
+        )
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _atomic_write(path, write):
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path` (removed on failure)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextlib.contextmanager
 def _quiet_logger(name):
     """Raise logger `name` to ERROR for the duration of the block."""
@@ -1958,13 +1994,16 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                     shutil.copyfile(source, target)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def save_plugins(self, save_directory, base_model_name_or_path=None):
+    def save_plugins(self, save_directory, base_model_name_or_path=None, overwrite=False):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields
         of the config, the base model, its hidden size and layer count, the library versions) and
         `rcp_plugins.safetensors` (the tensors of `plugin_state_dict()`). Load it with
         `RcpLlavaForConditionalGeneration.from_base(base, plugins=save_directory)`. Returns the two paths.
 
-        `base_model_name_or_path` defaults to the checkpoint this model was built from.
+        `base_model_name_or_path` defaults to the checkpoint this model was built from. Each file is written to a
+        temporary name and renamed over the target, the weights before the config that describes them, so an
+        interrupted save leaves the previous checkpoint intact. A folder that holds plug-ins of another model
+        (another base, size or placement) is refused with `FileExistsError` unless `overwrite=True`.
         """
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
@@ -1987,11 +2026,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         )
         os.makedirs(save_directory, exist_ok=True)
         config_path = os.path.join(save_directory, RCP_CONFIG_NAME)
-        with open(config_path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
         weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
+        if not overwrite and os.path.exists(config_path):
+            _refuse_other_plugins(config_path, record)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
-        _save_safetensors(tensors, weights_path, metadata={"format": "pt"})
+        _atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        _atomic_write(config_path, lambda tmp: _write_text(tmp, text))
         return [config_path, weights_path]
 
     def load_plugins(self, plugins, strict=False, **hub_kwargs):

@@ -597,6 +597,11 @@ class RcpJobArguments:
     repair_bottleneck_size: int | None = field(default=None)
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=500)
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished or started run in --output_dir (its metrics.json, plugins/, model/ or "
+                          "checkpoints); without it such a folder is refused, unless --resume_from_checkpoint."},
+    )
     push_plugins_only: bool = field(
         default=False, metadata={"help": "With --push_to_hub: upload only the plug-in folder (PEFT-style)."}
     )
@@ -627,6 +632,20 @@ def main(argv=None):
     if job.budgets:
         return run_budgets(job, args, explicit)
     return run_job(job, args, explicit=explicit)
+
+
+def check_output_dir(output_dir, overwrite=False, resume_from_checkpoint=None):
+    """FileExistsError if `output_dir` already holds a run (metrics.json, plugins/, model/, checkpoint-*), unless
+    `overwrite` or a resume: nothing the user saved is replaced silently. Checked before anything loads."""
+    if overwrite or resume_from_checkpoint or not os.path.isdir(output_dir):
+        return
+    found = sorted(name for name in os.listdir(output_dir)
+                   if name in ("metrics.json", "plugins", "model") or name.startswith("checkpoint-"))
+    if found:
+        raise FileExistsError(
+            f"--output_dir {output_dir!r} already holds a run ({', '.join(found)}). Pass --overwrite_output_dir to "
+            "replace it, --resume_from_checkpoint to continue it, or choose another folder."
+        )
 
 
 def budget_folder_name(label):
@@ -672,17 +691,19 @@ def _explicit_flags(argv):
 def run_job(job, args, explicit=()):
     """Build or load the base model and data, train the plug-ins, evaluate full vs pruned, write the folder."""
     from datasets import load_dataset, load_from_disk
-    from transformers import AutoConfig, AutoProcessor
-
-    from transformers import set_seed
+    from transformers import AutoConfig, AutoProcessor, set_seed
 
     started = time.time()
+    if args.push_to_hub and not args.hub_model_id:  # before anything loads
+        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
     testbed = job.base_model is None
     if testbed:
         for key, value in TESTBED_JOB_DEFAULTS.items():
             if key not in explicit:
                 setattr(args, key, value)
         args.output_dir = os.path.abspath(args.output_dir)
+    check_output_dir(args.output_dir, job.overwrite_output_dir, args.resume_from_checkpoint)
+    if testbed:
         from rcp_llava.testbed import build_testbed, default_cache_dir
 
         with args.main_process_first(desc="building the testbed"):
@@ -753,8 +774,6 @@ def run_job(job, args, explicit=()):
 
     # The folder is pushed once, complete, at the end (with its model card); the Trainer must not push checkpoints.
     push, args.push_to_hub = args.push_to_hub, False
-    if push and not (args.hub_model_id):
-        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
     trainer = RcpTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

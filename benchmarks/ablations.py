@@ -144,7 +144,8 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
         print(f"[ablations] {out_dir}: trained from another base model or other flags; training it again",
               flush=True)
     parser = HfArgumentParser((train_rcp.RcpJobArguments, train_rcp.RcpTrainingArguments))
-    job, args = parser.parse_args_into_dataclasses(args=argv)
+    # Training again replaces this variant's earlier run (other flags or another base): say so to train_rcp.
+    job, args = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
     for key, value in job_overrides.items():
         setattr(job, key, value)
     started = time.time()

@@ -38,6 +38,8 @@ def build_parser():
     parser.add_argument("--name", default="evaluation", help="Output stem: NAME.md and NAME.json.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace NAME.md / NAME.json in --output_dir (refused otherwise: results are not lost).")
     parser.add_argument("--plugins_per_budget", default=None,
                         help="One RCP plug-in set per budget, e.g. '1/3=runs/b/budget_1_3/plugins,1/9=...' (the "
                              "folders `train_rcp.py --budgets` writes): RCP's rows at that budget use that set.")
@@ -69,6 +71,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/evaluate_methods.py " + " ".join(argv)
+    existing = [p for p in (os.path.join(args.output_dir, args.name + ext) for ext in (".md", ".json"))
+                if os.path.exists(p)]
+    if existing and not args.overwrite:  # before anything loads
+        raise FileExistsError(f"{', '.join(existing)} already exist: choose another --name or pass --overwrite.")
+    plugins_per_budget = parse_plugins_per_budget(args.plugins_per_budget)
     base, processor = load_base_model(args.model, plugins=args.plugins)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
@@ -78,7 +85,7 @@ def main(argv=None):
         results.append(evaluate_grid(base, processor, data, methods, budgets, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer,
                                      progress=not args.no_progress,
-                                     plugins_per_budget=parse_plugins_per_budget(args.plugins_per_budget)))
+                                     plugins_per_budget=plugins_per_budget))
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, args.name)
     markdown = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "",

@@ -204,3 +204,51 @@ def test_plugins_per_budget_argument(text, error, match):
 
     with pytest.raises(error, match=match):
         load_benchmark("evaluate_methods").parse_plugins_per_budget(text)
+
+
+# -- nothing the user saved is lost ------------------------------------------------------------------------------
+
+
+def test_save_plugins_refuses_another_models_plugins(tmp_path):
+    make_model(pruning_layers=[1, 2]).save_plugins(tmp_path)
+    with pytest.raises(FileExistsError, match=r"already holds plug-ins of another model \(pruning_layers: \[1, 2\] -> "
+                                              r"\[1, 3\]\).*pass `overwrite=True`"):
+        make_model(pruning_layers=[1, 3]).save_plugins(tmp_path)
+
+
+def test_save_plugins_into_the_same_models_folder_and_with_overwrite(tmp_path):
+    from safetensors.torch import load_file
+
+    make_model(pruning_layers=[1, 2]).save_plugins(tmp_path)
+    make_model(seed=1, pruning_layers=[1, 2]).save_plugins(tmp_path)  # same model: an update, allowed
+    other = make_model(seed=2, pruning_layers=[1, 3])
+    other.save_plugins(tmp_path, overwrite=True)
+    saved = load_file(tmp_path / "rcp_plugins.safetensors")
+    assert torch.equal(saved["model.rcp_plugins.pruners.3.bias"], other.model.rcp_plugins.pruners["3"].bias.detach())
+
+
+def test_an_interrupted_plugin_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Fault injection: the weights write fails (disk full) - the earlier checkpoint is intact, no temporary file."""
+    import modeling_rcp_llava as m
+
+    model = make_model(pruning_layers=[1, 2])
+    model.save_plugins(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(m, "_save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        make_model(seed=3, pruning_layers=[1, 2]).save_plugins(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_evaluate_methods_refuses_to_overwrite_results(tmp_path):
+    from conftest import load_benchmark
+
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"t.json already exist: choose another --name or pass --overwrite"):
+        load_benchmark("evaluate_methods").main(["--model", str(tmp_path / "none"), "--output_dir", str(tmp_path),
+                                                 "--name", "t"])

@@ -366,3 +366,8 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
     assert (out / "plugins" / "rcp_plugins.safetensors").exists()  # the folder stays complete
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         train_rcp.main([a for a in argv if a not in ("--hub_model_id", "someone/rcp-micro")])
+    # The finished run is not replaced by a second run into the same folder (issue 17), unless asked.
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint-1, metrics.json, model, plugins\)"):
+        train_rcp.main([a for a in argv if a not in ("--push_to_hub", "--hub_model_id", "someone/rcp-micro",
+                                                     "--push_plugins_only")])
+    assert (out / "plugins" / "README.md").exists()
