@@ -1709,6 +1709,29 @@ def read_plugin_config(path_or_repo_id, **hub_kwargs):
     return plugin_config
 
 
+def check_model_source(name_or_path, argument):
+    """Refuse a local folder whose weights are pickle files only (ValueError) and a local-looking path that does not
+    exist (FileNotFoundError: absolute, ./, ../, ~ or more than one '/'); Hub repo ids pass through."""
+    if name_or_path is None or not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(
+                f"`{argument}` {path!r} holds only pickle weights ({', '.join(pickles)}); rcp-llava loads safetensors "
+                "only, since a pickle file can run code when it is loaded. Convert it once, in an environment you "
+                "trust: `LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=False)"
+                ".save_pretrained(new_path)`."
+            )
+    elif os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(
+            f"`{argument}` {path!r}: no such folder (and it is not a Hub repo id of the form 'user/name'). Check the "
+            "path."
+        )
+
+
 _PLUGIN_IDENTITY = ("base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens", "pruning_method",
                     "pruning_layers", "repair_layers", "pruner_hidden_size", "repair_bottleneck_size")
 
@@ -2081,6 +2104,15 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         return missing, unexpected
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, safetensors only (`use_safetensors=True` unless given): a pickle file can
+        run code when it is loaded. A local folder with only pickle weights, or a local-looking path that does not
+        exist, is refused with a message naming the path and the fix (not transformers' "Repo id must be ...")."""
+        check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
     def from_base(cls, base_model_name_or_path, plugins=None, **kwargs):
         """A full RCP model from a stock LLaVA checkpoint plus, optionally, a plug-in-only checkpoint.
 
@@ -2093,6 +2125,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         goes to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...). Plug-ins built for another
         hidden size or layer count raise a `ValueError` before any weight is read.
         """
+        check_model_source(base_model_name_or_path, "base_model_name_or_path")
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "subfolder"}
         plugin_config = read_plugin_config(plugins, **hub_kwargs) if plugins is not None else {}
@@ -2134,6 +2167,7 @@ __all__ = [
     "RcpPruner",
     "RcpRepairAdapter",
     "RcpRepairContext",
+    "check_model_source",
     "RcpDynamicCache",
     "RcpPruningInfo",
     "TokenSelector",

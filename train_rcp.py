@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
+from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration, check_model_source
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
 from rcp_llava.losses import gaussian_w2
@@ -718,6 +718,7 @@ def run_job(job, args, explicit=()):
         base_model = job.base_model
         dataset_path = job.dataset_name_or_path
 
+    check_model_source(base_model, "--base_model")
     base_config = AutoConfig.from_pretrained(base_model)
     if base_config.model_type not in ("llava", "rcp_llava"):
         raise ValueError(

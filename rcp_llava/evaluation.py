@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from configuration_rcp_llava import PRUNING_METHODS, default_fastv_layer
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins, check_model_source
 from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
 from rcp_llava.losses import gaussian_w2
 from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ... are also read from here
@@ -177,6 +177,7 @@ def load_base_model(model_dir, plugins=None, dtype=None, device=None):
     optional plug-in folder). A stock folder without plug-ins loads with `pruning_method="none"` (no RCP rows)."""
     from transformers import AutoConfig, AutoProcessor
 
+    check_model_source(model_dir, "model_dir")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if plugins is not None:
         model = RcpLlavaForConditionalGeneration.from_base(model_dir, plugins=plugins, **kwargs)

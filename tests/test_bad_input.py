@@ -252,3 +252,51 @@ def test_evaluate_methods_refuses_to_overwrite_results(tmp_path):
     with pytest.raises(FileExistsError, match=r"t.json already exist: choose another --name or pass --overwrite"):
         load_benchmark("evaluate_methods").main(["--model", str(tmp_path / "none"), "--output_dir", str(tmp_path),
                                                  "--name", "t"])
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def _stock_folder(tmp_path, pickle=False):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    shape = tiny_config()
+    config = LlavaConfig(text_config=shape.text_config.to_dict(), vision_config=shape.vision_config.to_dict(),
+                         image_token_index=shape.image_token_index, image_seq_length=NUM_VISUAL)
+    model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    if pickle:  # a folder with only pytorch_model.bin, as older checkpoints ship
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        (tmp_path / "model.safetensors").unlink()
+    return tmp_path
+
+
+def test_a_pickle_only_base_folder_is_refused(tmp_path):
+    """Was silent: the project promises safetensors only."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    folder = _stock_folder(tmp_path, pickle=True)
+    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.bin\); rcp-llava loads "
+                                         r"safetensors only"):
+        RcpLlavaForConditionalGeneration.from_pretrained(folder, pruning_method="none")
+
+
+@pytest.mark.parametrize("entry", ["from_pretrained", "from_base", "load_base_model"])
+def test_a_missing_local_folder_is_named(tmp_path, entry):
+    """Was: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import load_base_model
+
+    missing = str(tmp_path / "no" / "such" / "model")
+    call = {"from_pretrained": RcpLlavaForConditionalGeneration.from_pretrained,
+            "from_base": RcpLlavaForConditionalGeneration.from_base, "load_base_model": load_base_model}[entry]
+    with pytest.raises(FileNotFoundError, match=r"no such folder \(and it is not a Hub repo id of the form "
+                                                r"'user/name'\)"):
+        call(missing)
+
+
+def test_train_rcp_names_a_missing_base_model(tmp_path):
+    import train_rcp
+
+    with pytest.raises(FileNotFoundError, match=r"`--base_model` '\./nowhere/model': no such folder"):
+        train_rcp.main(["--base_model", "./nowhere/model", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
