@@ -336,3 +336,17 @@ def test_resuming_from_a_checkpoint_of_another_model_is_an_error(tmp_path):
         tmp_path, preset.stages["full"], 0, 2))
     with pytest.raises(ValueError, match=r"checkpoint-2 does not hold this stage's model .*missing_keys"):
         trainer._load_from_checkpoint(str(folder))
+
+
+def test_a_later_evaluation_does_not_rewrite_the_build_command(tmp_path):
+    """The pruning table added to a cached testbed by a later caller (the first `train_rcp.py`) is recorded as
+    `evaluated_by`; `command` stays the command that built the model (it used to become the caller's argv)."""
+    import json
+
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "tb", pruning_eval=False, command="build it")
+    build_testbed("micro", output_dir=tmp_path / "tb", pruning_eval=True, command="evaluate it")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["command"], metrics["evaluated_by"], "pruning" in metrics) == ("build it", "evaluate it", True)
+    assert not list(folder.glob("metrics.json.tmp*"))

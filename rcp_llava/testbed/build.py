@@ -1,6 +1,7 @@
 """`build_testbed`: dataset + trained model + metrics in one folder, reusing whatever is already built."""
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -103,10 +104,17 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
         "budgets": {label: preset.budget(f) for label, f in BUDGET_FRACTIONS.items()},
         "chance": CHANCE,
     })
-    if times or "command" not in metrics:  # the command that built something, not the last one that reused it
-        metrics["command"] = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    caller = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    built = any(key != "evaluation_s" for key in times)
+    if built or "command" not in metrics:  # the command that built something, not one that reused or evaluated it
+        metrics["command"] = caller
+    elif times:  # only evaluations were added (e.g. the pruning table by the first `train_rcp.py`)
+        metrics["evaluated_by"] = caller
     metrics.setdefault("build_times", {}).update(times)
-    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # Atomic: two processes may finish an evaluation of the same cached testbed at once.
+    tmp = metrics_path.with_name(f"{metrics_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, metrics_path)
     return out
 
 
