@@ -648,6 +648,38 @@ def check_output_dir(output_dir, overwrite=False, resume_from_checkpoint=None):
         )
 
 
+CHECKPOINT_FILES = ("rcp_plugins.safetensors", "rcp_config.json", "trainer_state.json")
+
+
+def resolve_resume(resume_from_checkpoint, output_dir):
+    """The checkpoint folder to resume from. "true" / "last" (any case) or True: the newest COMPLETE checkpoint-N in
+    `output_dir` (an interrupted save leaves one without all of `CHECKPOINT_FILES`: skipped with a warning naming
+    it); a folder: itself, which must be complete. None / "" / "false": None."""
+    if resume_from_checkpoint in (None, False, "") or str(resume_from_checkpoint).lower() == "false":
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last", "latest"):
+        names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+        steps = sorted((int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit()),
+                       reverse=True)
+        for step in steps:
+            folder = os.path.join(output_dir, f"checkpoint-{step}")
+            missing = [f for f in CHECKPOINT_FILES if not os.path.exists(os.path.join(folder, f))]
+            if not missing:
+                return folder
+            logger.warning(f"[train_rcp] skipping the incomplete checkpoint {folder} (no {', '.join(missing)}): it "
+                           "was interrupted while being written.")
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint-N in "
+                                f"{output_dir!r}. Start without it, or give a checkpoint folder.")
+    folder = str(resume_from_checkpoint)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--resume_from_checkpoint {folder!r}: no such folder.")
+    missing = [f for f in CHECKPOINT_FILES if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {folder!r} is incomplete (no {', '.join(missing)}): it was "
+                         "interrupted while being written. Resume from an earlier checkpoint.")
+    return folder
+
+
 def budget_folder_name(label):
     """'1/9' -> 'budget_1_9'; '64' -> 'budget_64'."""
     return "budget_" + label.replace("/", "_").replace(".", "p")
@@ -780,7 +812,7 @@ def run_job(job, args, explicit=()):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
               f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     metrics = None
     if trainer.is_world_process_zero():
         calibration = None

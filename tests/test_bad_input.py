@@ -300,3 +300,37 @@ def test_train_rcp_names_a_missing_base_model(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"`--base_model` '\./nowhere/model': no such folder"):
         train_rcp.main(["--base_model", "./nowhere/model", "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+
+
+# -- resuming -----------------------------------------------------------------------------------------------------
+
+
+def _checkpoint(root, step, complete=True):
+    from train_rcp import CHECKPOINT_FILES
+
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for name in CHECKPOINT_FILES[: len(CHECKPOINT_FILES) if complete else 1]:
+        (folder / name).write_text("x")
+    return folder
+
+
+def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
+    from train_rcp import resolve_resume
+
+    good = _checkpoint(tmp_path, 200)
+    _checkpoint(tmp_path, 400, complete=False)  # interrupted while being written
+    assert resolve_resume("true", str(tmp_path)) == str(good)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("last", FileNotFoundError, r"--resume_from_checkpoint last: no complete checkpoint-N in"),
+    ("{root}/checkpoint-400", ValueError, r"checkpoint-400' is incomplete \(no rcp_config.json, trainer_state.json\)"),
+    ("{root}/checkpoint-9", FileNotFoundError, r"checkpoint-9': no such folder"),
+])
+def test_resume_refuses_what_cannot_be_resumed(tmp_path, value, error, match):
+    from train_rcp import resolve_resume
+
+    _checkpoint(tmp_path, 400, complete=False)
+    with pytest.raises(error, match=match):
+        resolve_resume(value.format(root=tmp_path), str(tmp_path))
