@@ -296,6 +296,7 @@ class RcpLlavaConfig(LlavaConfig):
         for name in PRUNING_FIELDS:
             if name in kwargs:
                 config_dict[name] = kwargs.pop(name)
+        _warn_misspelt_fields(config_dict)
         return super().from_dict(config_dict, **kwargs)
 
     def validate(self):
@@ -539,6 +540,23 @@ def visual_tokens_per_layer(num_layers, num_visual_tokens, pruning_layers, keep_
         current = min(current, schedule.get(layer, current))
         counts.append(current)
     return counts
+
+
+def _warn_misspelt_fields(config_dict):
+    """A saved key that is not a pruning field but reads like one (`pruning_layer`, `repair_layer`) would be kept
+    as a stray attribute while the real field takes its default: warn, naming the field it resembles."""
+    import difflib
+    import warnings
+
+    for key in config_dict:
+        if key in PRUNING_FIELDS:
+            continue
+        close = difflib.get_close_matches(key, PRUNING_FIELDS, n=1, cutoff=0.85)
+        if close:
+            warnings.warn(
+                f"The config has an unknown key {key!r}: did you mean {close[0]!r}? It is ignored, and {close[0]!r} "
+                "keeps its value.", UserWarning, stacklevel=3,
+            )
 
 
 def check_gumbel_temperature(value, name):

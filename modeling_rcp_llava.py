@@ -1530,6 +1530,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both `pixel_values` and `mm_encoder_outputs` at the same time.")
+        if pixel_values is not None:
+            _check_pixel_values(pixel_values, self.config.vision_config)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_outputs = (mm_encoder_outputs or {}).get("image")
@@ -1707,6 +1709,18 @@ def read_plugin_config(path_or_repo_id, **hub_kwargs):
     if unknown:
         logger.warning(f"{RCP_CONFIG_NAME} of {path_or_repo_id!r} has unknown keys {unknown}; they are ignored.")
     return plugin_config
+
+
+def _check_pixel_values(pixel_values, vision_config):
+    """ValueError unless `pixel_values` is (num_images, channels, height, width) with the vision tower's channels."""
+    channels = getattr(vision_config, "num_channels", 3)
+    if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+        raise ValueError(
+            f"`pixel_values` must be (num_images, {channels}, height, width), got {shape}. Use the processor's output "
+            "(`processor(images=..., text=..., return_tensors='pt')`); add a batch dimension to a single image with "
+            "`.unsqueeze(0)`."
+        )
 
 
 def check_model_source(name_or_path, argument):

@@ -71,6 +71,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/evaluate_methods.py " + " ".join(argv)
+    for flag, value in (("--batch_size", args.batch_size), ("--max_samples", args.max_samples),
+                        ("--max_new_tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} is {value}; it must be a positive number.")
     existing = [p for p in (os.path.join(args.output_dir, args.name + ext) for ext in (".md", ".json"))
                 if os.path.exists(p)]
     if existing and not args.overwrite:  # before anything loads

@@ -123,7 +123,9 @@ class RcpDataCollator:
 
 
 def check_dataset(dataset, collator, max_length=None, name="dataset"):
-    """Fail before training on missing columns or answers that do not fit `max_length`."""
+    """Fail before training on an empty dataset, missing columns or answers that do not fit `max_length`."""
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} is empty: there is nothing to train on. Check the split name and the data.")
     columns = set(dataset.column_names)
     needed = [collator.image_column, collator.question_column, collator.answer_column]
     missing = [c for c in needed if c not in columns]

@@ -334,3 +334,47 @@ def test_resume_refuses_what_cannot_be_resumed(tmp_path, value, error, match):
     _checkpoint(tmp_path, 400, complete=False)
     with pytest.raises(error, match=match):
         resolve_resume(value.format(root=tmp_path), str(tmp_path))
+
+
+# -- more entry points ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 1, 16, 16)], ids=["3d", "one_channel"])
+def test_pixel_values_shape(shape):
+    """Was a deep torch error from the vision tower's patch convolution."""
+    model = make_model()
+    batch = dict(make_batch([(1, 3, True)]), pixel_values=torch.randn(*shape))
+    with pytest.raises(ValueError, match=r"`pixel_values` must be \(num_images, 3, height, width\), got "
+                                         + str(shape).replace("(", r"\(").replace(")", r"\)")):
+        model(**batch)
+
+
+def test_a_misspelt_config_key_warns(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["pruning_layer"] = data.pop("pruning_layers")
+    data["pruning_keep_counts"] = None  # the adaptive threshold: the default layers load without counts
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    with pytest.warns(UserWarning, match=r"unknown key 'pruning_layer': did you mean 'pruning_layers'\?"):
+        RcpLlavaConfig.from_pretrained(tmp_path)
+
+
+def test_an_empty_training_split_is_refused():
+    from rcp_llava.data import RcpDataCollator, check_dataset
+    from rcp_llava.testbed import build_dataset, build_processor, get_preset
+
+    empty = build_dataset("micro", seed=0)["train"].select([])
+    with pytest.raises(ValueError, match=r"The 'train' split is empty: there is nothing to train on"):
+        check_dataset(empty, RcpDataCollator(build_processor(get_preset("micro"))), name="'train' split")
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--max_samples", "--max_new_tokens"])
+def test_evaluate_methods_counts(tmp_path, flag):
+    """Was "range() arg 3 must not be zero" after the model had loaded."""
+    from conftest import load_benchmark
+
+    with pytest.raises(ValueError, match=rf"{flag} is 0; it must be a positive number"):
+        load_benchmark("evaluate_methods").main(["--model", str(tmp_path), "--output_dir", str(tmp_path), flag, "0"])
