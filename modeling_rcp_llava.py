@@ -1972,6 +1972,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     def generate(self, *args, **kwargs):
         attention_mask = kwargs.get("attention_mask")
         if self._pruning_active() and attention_mask is not None and attention_mask.dim() == 2:
+            empty = (attention_mask == 0).all(-1)
+            if bool(empty.any()):
+                raise ValueError(
+                    f"`attention_mask` row(s) {empty.nonzero().flatten().tolist()} are all zeros: the prompt has no "
+                    "token to attend to. Drop those rows or give them at least one token."
+                )
             if bool((attention_mask[:, -1] == 0).any()):
                 raise ValueError(
                     "Right padding is not supported by `generate` with pruning: the next token would be predicted "

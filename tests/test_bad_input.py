@@ -378,3 +378,12 @@ def test_evaluate_methods_counts(tmp_path, flag):
 
     with pytest.raises(ValueError, match=rf"{flag} is 0; it must be a positive number"):
         load_benchmark("evaluate_methods").main(["--model", str(tmp_path), "--output_dir", str(tmp_path), flag, "0"])
+
+
+def test_generate_names_an_all_zero_attention_row():
+    """Was told to "pad on the left", which it was."""
+    model = make_model()
+    batch = make_batch([(1, 3, True), (2, 3, True)])
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"`attention_mask` row\(s\) \[1\] are all zeros: the prompt has no token"):
+        model.generate(**batch, max_new_tokens=2)
