@@ -329,7 +329,6 @@ def floored_renorm(num, den, floor=None):
     return _FlooredRenorm.apply(num, den, RENORM_GRAD_FLOOR if floor is None else floor)
 
 
-
 def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             rcp_key_keep=None, rcp_fallback_attention="sdpa", **kwargs):
     """Attention with a multiplicative, differentiable 0/1 weight per key (training, mask layout).
@@ -968,12 +967,13 @@ class PrunedPrefill:
         keep_raster = torch.zeros(self.alive.shape, dtype=torch.int8, device=keep.device).scatter_reduce(
             1, vis_ids, keep.to(torch.int8), "amax").bool() & self.alive
 
+        dropped = vis_valid & ~keep  # (B, K)
         dropped_slots = torch.zeros_like(self.slot_valid)
-        dropped_slots.scatter_(1, vis_slots, vis_valid & ~keep)  # (B, T')
+        dropped_slots.scatter_(1, vis_slots, dropped)  # (B, T')
         dropped_slots &= self.slot_valid
         if self.context_encoder is not None:
-            dropped = (vis_valid & ~keep).to(hidden.dtype)  # (B, K)
-            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped, keep_raster.to(hidden.dtype))
+            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped.to(hidden.dtype),
+                              keep_raster.to(hidden.dtype))
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
 
@@ -1760,19 +1760,21 @@ def _refuse_other_plugins(config_path, record):
     differs = [k for k in _PLUGIN_IDENTITY if existing.get(k) != record.get(k)]
     if differs:
         folder = os.path.dirname(config_path)
+        changes = ", ".join(f"{k}: {existing.get(k)!r} -> {record.get(k)!r}" for k in differs)
         raise FileExistsError(
-            f"{folder!r} already holds plug-ins of another model ({', '.join(f'{k}: {existing.get(k)!r} -> {record.get(k)!r}' for k in differs)}). "
-            "Save them elsewhere, or pass `overwrite=True` to replace them."
+            f"{folder!r} already holds plug-ins of another model ({changes}). Save them elsewhere, or pass "
+            "`overwrite=True` to replace them."
         )
 
 
-def _write_text(path, text):
+def write_text(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def _atomic_write(path, write):
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path` (removed on failure)."""
+def atomic_write(path, write):
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path` (removed on failure): the one
+    atomic write of the project (plug-ins here; metrics and results in `train_rcp.py` and the testbed builder)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -2073,9 +2075,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         if not overwrite and os.path.exists(config_path):
             _refuse_other_plugins(config_path, record)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
-        _atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        _atomic_write(config_path, lambda tmp: _write_text(tmp, text))
+        atomic_write(config_path, lambda tmp: write_text(tmp, text))
         return [config_path, weights_path]
 
     def load_plugins(self, plugins, strict=False, **hub_kwargs):

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration, check_model_source
+from modeling_rcp_llava import (
+    PLUGIN_PREFIX, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
+)
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
-from rcp_llava.losses import gaussian_w2
+from rcp_llava.losses import diagonal_w2, gaussian_w2
 
 
 logger = logging.get_logger(__name__)
@@ -75,15 +77,8 @@ def w2_repair_loss(student_layers, teacher_layers, answer_mask, num_samples=None
     student_layers / teacher_layers: sequences of (B, T, D) hidden states (same layouts); answer_mask: (B, T).
     mean_only: match the means only (the paper's "mean-only repair loss" ablation).
     """
-    per_layer = []
-    for s, t in zip(student_layers, teacher_layers, strict=True):
-        if mean_only:
-            w = answer_mask.unsqueeze(-1).to(torch.float32)
-            count = w.sum(1).clamp_min(1.0)
-            mu_s, mu_t = (s.float() * w).sum(1) / count, (t.float() * w).sum(1) / count
-            per_layer.append(((mu_s - mu_t) ** 2).mean(-1) * answer_mask.any(1))
-        else:
-            per_layer.append(gaussian_w2(s, t, answer_mask))
+    per_layer = [gaussian_w2(s, t, answer_mask, mean_only=mean_only)
+                 for s, t in zip(student_layers, teacher_layers, strict=True)]
     per_sample = torch.stack(per_layer, 0).mean(0)  # (B,)
     if num_samples is None:
         num_samples = per_sample.shape[0]
@@ -115,18 +110,16 @@ def pooled_w2_repair_loss(student_layers, teacher_layers, answer_mask, mean_only
             count = total[-1]
         return sums, count
 
+    def moments(sums, count):
+        dim = sums.shape[0] // 2
+        n = count.clamp_min(1.0)
+        mu = sums[:dim] / n
+        return mu, sums[dim:] / n - mu * mu
+
     per_layer = []
     for s, t in zip(student_layers, teacher_layers, strict=True):
         (s_sums, count), (t_sums, _) = pooled_sums(s), pooled_sums(t)
-        dim = s.shape[-1]
-        n = count.clamp_min(1.0)
-        mu_s, mu_t = s_sums[:dim] / n, t_sums[:dim] / n
-        loss = ((mu_s - mu_t) ** 2).mean()
-        if not mean_only:
-            # sqrt has an infinite slope at 0: the tiny floor keeps a one-position batch (variance 0) differentiable.
-            std_s = torch.sqrt((s_sums[dim:] / n - mu_s * mu_s).clamp_min(0.0) + 1e-12)
-            std_t = torch.sqrt((t_sums[dim:] / n - mu_t * mu_t).clamp_min(0.0) + 1e-12)
-            loss = loss + ((std_s - std_t) ** 2).mean()
+        loss = diagonal_w2(*moments(s_sums, count), *moments(t_sums, count), mean_only=mean_only)  # Eq. (18)
         per_layer.append(torch.where(count > 0, loss, torch.zeros_like(loss)))
     return torch.stack(per_layer).mean()
 
@@ -708,12 +701,9 @@ def run_budgets(job, args, explicit):
 
 
 def _write_json(path, data):
-    """Write JSON atomically (a temporary file renamed over the target)."""
+    """Write JSON atomically (`modeling_rcp_llava.atomic_write`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(data, indent=2)))
 
 
 def _explicit_flags(argv):
@@ -858,19 +848,13 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
 
 def inference_retention(model, processor, rows, collator, from_first_pruner, batch_size=32):
     """Mean visual-token retention of `model` at inference (physical discard, Eq. 8) over `rows`, averaged over all
-    decoder layers or over the layers from the first pruner (the definition the sparsity loss trained with)."""
-    from rcp_llava.evaluation import first_token_predictions
-
-    first = model.config.pruning_layers[0] if from_first_pruner else 0
-    values = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
-            _, _, retention = first_token_predictions(model, processor, chunk, image_column=collator.image_column,
-                                                      question_column=collator.question_column,
-                                                      image_folder=collator.image_folder)
-            values.append(retention[:, first:].float().mean(1))
-    return float(torch.cat(values).mean())
+    decoder layers or over the layers from the first pruner (the definition the sparsity loss trained with): the
+    retention `rcp_llava.evaluation.evaluate_model` reports."""
+    data = EvalData("testbed", rows, "calibration", image_column=collator.image_column,
+                    question_column=collator.question_column, answer_column=collator.answer_column,
+                    image_folder=collator.image_folder)
+    result = evaluate_model(model, processor, data, batch_size)
+    return result["retention_from_first_point" if from_first_pruner else "retention_all_layers"]
 
 
 def calibrate_retention(model, processor, splits, collator, job, from_first_pruner=False, tolerance=0.05,

@@ -1,34 +1,42 @@
-"""The W2 distance between diagonal Gaussians (Eq. 18): shared by the training loss and the drift evaluation.
+"""The W2 distance between diagonal Gaussians (Eq. 18): shared by the training losses and the drift evaluation.
 
 It lives in the library, not in `train_rcp.py`, because a library module must never import a script: the repair
-loss (`train_rcp.w2_repair_loss`) and the representation-drift figures (`rcp_llava.evaluation`) both need it.
+losses (`train_rcp.w2_repair_loss`, `train_rcp.pooled_w2_repair_loss`) and the representation-drift figures
+(`rcp_llava.evaluation`) all need it. `diagonal_w2` is the distance from moments; `gaussian_w2` fits the moments per
+sample; the pooled loss fits them over a whole batch (all ranks) and calls `diagonal_w2` too.
 """
 
 import torch
 
 
-def gaussian_w2(student, teacher, mask):
+def diagonal_w2(mu_s, var_s, mu_t, var_t, mean_only=False):
+    """W2 between diagonal Gaussians from their moments, (..., D) -> (...):
+    (||mu_s - mu_t||^2 + ||sqrt(v_s) - sqrt(v_t)||^2) / D; `mean_only` keeps the first term."""
+    dim = mu_s.shape[-1]
+    w2 = ((mu_s - mu_t) ** 2).sum(-1) / dim
+    if mean_only:
+        return w2
+    # sqrt has an infinite slope at 0: a tiny floor keeps one-position Gaussians (variance 0) differentiable.
+    std_s, std_t = torch.sqrt(var_s.clamp_min(0.0) + 1e-12), torch.sqrt(var_t.clamp_min(0.0) + 1e-12)
+    return w2 + ((std_s - std_t) ** 2).sum(-1) / dim
+
+
+def gaussian_w2(student, teacher, mask, mean_only=False):
     """Per-sample W2 distance between diagonal Gaussians fitted to the masked positions (Eq. 18).
 
     student/teacher: (B, T, D) hidden states; mask: (B, T) bool, the positions of each sample's Gaussian.
-    W2 = (||mu_s - mu_t||^2 + ||sqrt(v_s) - sqrt(v_t)||^2) / D with mu = E[h], v = E[h*h] - mu*mu over the
-    masked positions. Returns (B,); samples without a masked position give 0.
+    mu = E[h], v = E[h*h] - mu*mu over the masked positions (`diagonal_w2`). Returns (B,); samples without a masked
+    position give 0. `mean_only`: the means only (the paper's "mean-only repair loss" ablation).
     """
-    w = mask.unsqueeze(-1).to(student.dtype)  # (B, T, 1)
+    w = mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
     count = w.sum(1).clamp_min(1.0)  # (B, 1)
 
     def moments(h):
         mu = (h * w).sum(1) / count  # (B, D)
-        var = ((h * h) * w).sum(1) / count - mu * mu
-        return mu, var.clamp_min(0.0)
+        return mu, ((h * h) * w).sum(1) / count - mu * mu
 
-    mu_s, var_s = moments(student.float())
-    mu_t, var_t = moments(teacher.float())
-    # sqrt has an infinite slope at 0: a tiny floor keeps one-position samples (variance 0) differentiable.
-    std_s, std_t = torch.sqrt(var_s + 1e-12), torch.sqrt(var_t + 1e-12)
-    dim = student.shape[-1]
-    w2 = ((mu_s - mu_t) ** 2).sum(-1) / dim + ((std_s - std_t) ** 2).sum(-1) / dim  # (B,)
+    w2 = diagonal_w2(*moments(student.float()), *moments(teacher.float()), mean_only=mean_only)  # (B,)
     return torch.where(mask.any(1), w2, torch.zeros_like(w2))
 
 
-__all__ = ["gaussian_w2"]
+__all__ = ["diagonal_w2", "gaussian_w2"]

@@ -1,7 +1,6 @@
 """`build_testbed`: dataset + trained model + metrics in one folder, reusing whatever is already built."""
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -11,6 +10,8 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transformers.utils import logging
+
+from modeling_rcp_llava import atomic_write, write_text
 
 from .data import build_dataset
 from .evaluate import evaluate_accuracy, oracle_keep, random_keep, saliency_keep
@@ -112,9 +113,7 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
         metrics["evaluated_by"] = caller
     metrics.setdefault("build_times", {}).update(times)
     # Atomic: two processes may finish an evaluation of the same cached testbed at once.
-    tmp = metrics_path.with_name(f"{metrics_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, metrics_path)
+    atomic_write(metrics_path, lambda tmp: write_text(tmp, json.dumps(metrics, indent=2, sort_keys=True)))
     return out
 
 
