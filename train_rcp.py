@@ -44,7 +44,7 @@ from modeling_rcp_llava import (
 )
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
-from rcp_llava.losses import diagonal_w2, gaussian_w2
+from rcp_llava.losses import gaussian_w2
 
 
 logger = logging.get_logger(__name__)
@@ -110,16 +110,19 @@ def pooled_w2_repair_loss(student_layers, teacher_layers, answer_mask, mean_only
             count = total[-1]
         return sums, count
 
-    def moments(sums, count):
-        dim = sums.shape[0] // 2
-        n = count.clamp_min(1.0)
-        mu = sums[:dim] / n
-        return mu, sums[dim:] / n - mu * mu
-
     per_layer = []
     for s, t in zip(student_layers, teacher_layers, strict=True):
         (s_sums, count), (t_sums, _) = pooled_sums(s), pooled_sums(t)
-        loss = diagonal_w2(*moments(s_sums, count), *moments(t_sums, count), mean_only=mean_only)  # Eq. (18)
+        dim = s.shape[-1]
+        n = count.clamp_min(1.0)
+        mu_s, mu_t = s_sums[:dim] / n, t_sums[:dim] / n
+        # Eq. (18) as `rcp_llava.losses.diagonal_w2`, written out: that helper's per-row reduction rounds differently
+        # from this full `.mean()`, and the committed issue-15 measurements were made with this one.
+        loss = ((mu_s - mu_t) ** 2).mean()
+        if not mean_only:
+            std_s = torch.sqrt((s_sums[dim:] / n - mu_s * mu_s).clamp_min(0.0) + 1e-12)
+            std_t = torch.sqrt((t_sums[dim:] / n - mu_t * mu_t).clamp_min(0.0) + 1e-12)
+            loss = loss + ((std_s - std_t) ** 2).mean()
         per_layer.append(torch.where(count > 0, loss, torch.zeros_like(loss)))
     return torch.stack(per_layer).mean()
 

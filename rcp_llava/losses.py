@@ -3,7 +3,8 @@
 It lives in the library, not in `train_rcp.py`, because a library module must never import a script: the repair
 losses (`train_rcp.w2_repair_loss`, `train_rcp.pooled_w2_repair_loss`) and the representation-drift figures
 (`rcp_llava.evaluation`) all need it. `diagonal_w2` is the distance from moments; `gaussian_w2` fits the moments per
-sample; the pooled loss fits them over a whole batch (all ranks) and calls `diagonal_w2` too.
+sample. (`train_rcp.pooled_w2_repair_loss` writes the same formula over one pooled Gaussian with a full `.mean()`:
+routing it through `diagonal_w2` changes its float rounding, and the committed issue-15 runs were made with it.)
 """
 
 import torch
