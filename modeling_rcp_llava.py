@@ -822,16 +822,38 @@ class PrunedPrefill:
         device = hidden.device
         n = config.num_visual_tokens
         per_row = image_mask.sum(1)
-        bad = [c for c in per_row.tolist() if c not in (0, n)]  # one host sync
+        self.has_image = per_row == n  # (B,)
+        positions = torch.arange(seq, device=device).unsqueeze(0)
+        self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
+        # Every pruning point needs a query row that no pruner can drop: a text token (not an image token).
+        textless = self.has_image & ~(self.question_mask & key_valid & ~image_mask).any(1)  # (B,)
+        # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
+        last_valid = torch.where(key_valid, positions, -1).max(1).values.clamp_min(0)  # (B,)
+        ends_on_image = self.has_image & image_mask.gather(1, last_valid.unsqueeze(1)).squeeze(1)  # (B,)
+        counts, textless, ends_on_image = torch.stack(
+            [per_row, textless.to(per_row.dtype), ends_on_image.to(per_row.dtype)]).tolist()  # one host sync
+        bad = [c for c in counts if c not in (0, n)]
         if bad:
             raise ValueError(
                 f"Pruning needs one image of {n} visual tokens per prompt, but a row holds {bad[0]} image tokens. "
                 "Pass one image per prompt (or run with `pruning_method='none'`)."
             )
-        self.has_image = per_row == n  # (B,)
+        if any(ends_on_image):
+            raise ValueError(
+                f"Row {ends_on_image.index(1)} of the batch ends on its image: a pruner could drop the last prompt "
+                "token, whose logits the next token is read from. Put the question (or the chat template's "
+                "'ASSISTANT:') after the image, e.g. with `processor.apply_chat_template(..., "
+                "add_generation_prompt=True)`, or run with `pruning_method='none'`."
+            )
+        if any(textless):
+            row = textless.index(1)
+            where = "`question_mask` marks" if question_mask is not None else "the prompt holds"
+            raise ValueError(
+                f"Row {row} of the batch has an image but {where} no text token for the pruners to condition on "
+                "(they rank the visual tokens by the question's attention). Give the prompt at least one text "
+                "token (e.g. BOS), mark text tokens in `question_mask`, or run with `pruning_method='none'`."
+            )
         self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
-        positions = torch.arange(seq, device=device).unsqueeze(0)
-        self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
         self.answer_mask = self._default_answer_mask(answer_mask, key_valid, labels) & self.has_image.unsqueeze(1)
         self.forced = self._check_forced(visual_keep_masks, bsz, n)
 
@@ -861,14 +883,16 @@ class PrunedPrefill:
         """The question tokens the pruners condition on: default, the text after the image (label -100)."""
         if question_mask is not None:
             return question_mask.bool()
-        seq = image_mask.shape[1]
         last_image = torch.where(image_mask, positions, -1).max(1).values  # (B,)
         question_mask = (positions > last_image.unsqueeze(1)) & key_valid & self.has_image.unsqueeze(1)
         if labels is not None:
             question_mask &= labels == -100
-        # A prompt that ends on its image: condition on its last token.
-        empty = ~question_mask.any(1) & self.has_image
-        question_mask[empty, seq - 1] = True
+        # A prompt that ends on its image: condition on its last text token before the image (e.g. "USER:"). Its
+        # last token is an image token, which the first pruner may drop, leaving later points no query row.
+        empty = ~question_mask.any(1) & self.has_image  # (B,)
+        before = key_valid & ~image_mask & (positions < last_image.unsqueeze(1))  # (B, T) text before the image
+        last_text = torch.where(before, positions, -1).max(1).values  # (B,) -1: none (refused by the caller)
+        question_mask |= empty.unsqueeze(1) & (positions == last_text.unsqueeze(1))
         return question_mask
 
     @staticmethod

@@ -776,11 +776,6 @@ def run_job(job, args, explicit=()):
             f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
         )
     overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=counts)
-    # Layers not given: the paper's placement for this depth and budget (the config's default, from the budget).
-    # The plug-ins are initialised inside from_pretrained: seed first, so one --seed gives one model.
-    set_seed(args.seed)
-    model = RcpLlavaForConditionalGeneration.from_pretrained(base_model, **overrides)
-
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
                                max_length=job.max_length, image_folder=job.image_folder)
     if job.llava_json:
@@ -797,6 +792,11 @@ def run_job(job, args, explicit=()):
     if job.max_train_samples:
         train = train.select(range(min(job.max_train_samples, len(train))))
     check_dataset(train, collator, job.max_length, name=f"{job.train_split!r} split")
+    # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
+    # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
+    # --seed gives one model.
+    set_seed(args.seed)
+    model = RcpLlavaForConditionalGeneration.from_pretrained(base_model, **overrides)
 
     # The folder is pushed once, complete, at the end (with its model card); the Trainer must not push checkpoints.
     push, args.push_to_hub = args.push_to_hub, False

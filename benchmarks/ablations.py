@@ -50,6 +50,8 @@ from contextlib import contextmanager
 
 import torch
 
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,12 +251,7 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     result = {"command": command, "budget": budget, "max_steps": max_steps, "num_eval_samples": len(data),
               "num_visual_tokens": n, "full_model": {"score": full_score["score"], "groups": full_score["groups"]},
               "variants": ordered, "table6": table6}
-    os.makedirs(output_dir, exist_ok=True)
-    stem = os.path.join(output_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(format_ablations(result))
+    write_results(os.path.join(output_dir, name), markdown=format_ablations(result), data=result)
     return result
 
 
@@ -316,8 +313,11 @@ def main(argv=None):
     parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
     parser.add_argument("--dataset", default=None, help="Evaluation data (default: the testbed's dataset folder).")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
+                             "benchmarks/results).")
     parser.add_argument("--name", default="ablations")
+    parser.add_argument("--overwrite", action="store_true", help="Replace NAME.md / NAME.json in --output_dir.")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "ablations"),
                         help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun with the same flags "
                              "and base weights, trained again otherwise.")
@@ -329,6 +329,8 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     command = "python benchmarks/ablations.py " + " ".join(shlex.quote(a) for a in argv)
+    stem = os.path.join(args.output_dir, args.name)
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before hours of training
     result = run(args.variants, shlex.split(args.train_args), args.output_dir, args.name, budget=args.budget,
                  max_steps=args.max_steps, max_eval_samples=args.max_eval_samples, dataset=args.dataset,
                  batch_size=args.batch_size, reuse=not args.no_reuse, command=command, work_dir=args.work_dir)

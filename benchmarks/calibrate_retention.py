@@ -4,16 +4,14 @@
 
 Shifts every pruner's bias by one common amount (`train_rcp.calibrate_retention`: bisection on the validation split,
 until the mean inference retention is within 5% of `visual_token_budget / N`), then evaluates the adaptive threshold
-on the test split. Writes NAME.json / NAME.md into --output_dir (default: a scratch folder; pass
+on the test split. Writes NAME.json / NAME.md into --output_dir (default: outputs/benchmarks; pass
 benchmarks/results to commit the table). The retention is averaged the way the testbed job trains it (over the
 layers from the first pruner) unless --all_layers.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 
 def main(argv=None):
@@ -22,6 +20,7 @@ def main(argv=None):
     import train_rcp
     from rcp_llava.data import RcpDataCollator
     from rcp_llava.evaluation import EvalData, evaluate_model, load_base_model
+    from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,9 +28,14 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="Dataset folder (default: the tiny testbed's).")
     parser.add_argument("--max_samples", type=int, default=None, help="Test samples (default: all).")
     parser.add_argument("--all_layers", action="store_true", help="Retention over all decoder layers.")
-    parser.add_argument("--output_dir", default=os.path.join(tempfile.gettempdir(), "rcp_llava_calibration"))
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
+                             "benchmarks/results).")
     parser.add_argument("--name", default="calibration")
+    parser.add_argument("--overwrite", action="store_true", help="Replace NAME.md / NAME.json in --output_dir.")
     args = parser.parse_args(argv)
+    stem = os.path.join(args.output_dir, args.name)
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
     if args.data is None:
         from rcp_llava.testbed import default_cache_dir
 
@@ -58,10 +62,6 @@ def main(argv=None):
     command = "python benchmarks/calibrate_retention.py " + " ".join(argv)
     out = {"command": command, "model": args.model, "test_samples": len(test), "calibration": calibration,
            "before": before, "after": after}
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, args.name)
-    with open(stem + ".json", "w") as f:
-        json.dump(out, f, indent=2)
     target = calibration["target"]
     lines = [f"# Retention calibration: {args.model}", "", f"Command: `{command}`", "",
              f"Bias shift {calibration['bias_shift']:+.3f} (bisection on {calibration['n']} "
@@ -71,8 +71,7 @@ def main(argv=None):
     for name, r in (("before", before), ("after", after)):
         kept = ", ".join(f"{c:.1f}" for c in r["kept_per_pruning_layer"])
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['retention']:.3f} | {r['retention'] / target:.2f} | {kept} |")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results(stem, markdown="\n".join(lines) + "\n", data=out)
     print("\n".join(lines))
     return out
 

@@ -18,7 +18,6 @@ higher than the name says.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,9 +29,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 from configuration_rcp_llava import RcpLlavaConfig, visual_tokens_per_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
 from rcp_llava.flops import kv_cache_bytes, llava_flops
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
 
 
 PRESETS = {
@@ -117,12 +114,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"Folder of efficiency_PRESET_DEVICE.md/.json/.png (default {DEFAULT_OUTPUT_DIR}; "
+                             "committed tables: benchmarks/results).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing table in --output_dir.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    refuse_existing([output_stem(args, device) + ext for ext in (".md", ".json", ".png")], args.overwrite)
     dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
     budgets = [int(b) for b in args.budgets.split(",")]
     spec = PRESETS[args.preset]
@@ -232,10 +233,13 @@ def main():
     write_outputs(results, args, device)
 
 
+def output_stem(args, device):
+    return os.path.join(args.output_dir, f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}")
+
+
 def write_outputs(results, args, device):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
-    stem = os.path.join(args.output_dir, f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}")
-    os.makedirs(args.output_dir, exist_ok=True)
+    stem = output_stem(args, device)
     command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved; random "
@@ -258,10 +262,8 @@ def write_outputs(results, args, device):
                 f"{r['decode_ms_per_token'] / full['decode_ms_per_token']:.3f} | {r['end_to_end_ms']:.0f} | "
                 f"{r['kv_cache_mib']:.2f} | {peak} | {share} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
         lines.append("")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines))
-    with open(stem + ".json", "w") as f:
-        json.dump({"command": command, "device": device_name, "results": results}, f, indent=2)
+    write_results(stem, markdown="\n".join(lines),
+                  data={"command": command, "device": device_name, "results": results})
     try:
         import matplotlib
 
@@ -281,7 +283,7 @@ def write_outputs(results, args, device):
         ax.set_title(f"{args.preset} on {device_name}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(stem + ".png", dpi=110)
+        save_figure(fig, stem + ".png", dpi=110)
     except ImportError:
         pass
     print("\n".join(lines))

@@ -13,12 +13,12 @@ every method is a model sharing its backbone (`rcp_llava.evaluation.method_model
 """
 
 import argparse
-import json
 import os
 import sys
 
+from rcp_llava.results import DEFAULT_OUTPUT_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 def build_parser():
@@ -34,7 +34,9 @@ def build_parser():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=16, help="Reader benchmarks (generate).")
     parser.add_argument("--fastv_layer", type=int, default=None, help="FastV's K (default 1 if <= 8 layers, else 2).")
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; the committed tables "
+                             "live in benchmarks/results).")
     parser.add_argument("--name", default="evaluation", help="Output stem: NAME.md and NAME.json.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--no_progress", action="store_true")
@@ -61,10 +63,41 @@ def parse_plugins_per_budget(text):
     return out
 
 
+def check_grid(args):
+    """`(methods, budgets)` of the command line, checked against the registered methods, the budget syntax and
+    (for FastV's K) the depth of `--model` read from its config alone: a typo fails before the model loads."""
+    from transformers import AutoConfig
+
+    import rcp_llava  # noqa: F401  (registers rcp_llava with the Auto classes)
+    from configuration_rcp_llava import PRUNING_METHODS
+    from modeling_rcp_llava import check_model_source
+    from rcp_llava.schedule import parse_budget
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in PRUNING_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods {args.methods!r}: unknown method(s) {unknown}; choose from "
+                         f"{sorted(PRUNING_METHODS)}.")
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise ValueError(f"--budgets {args.budgets!r} names no budget; give fractions like '1/3,2/9,1/9'.")
+    for budget in budgets:
+        parse_budget(budget)
+    check_model_source(args.model, "--model")
+    if args.fastv_layer is not None:
+        config = AutoConfig.from_pretrained(args.model)
+        layers = config.text_config.num_hidden_layers
+        if isinstance(args.fastv_layer, bool) or not 1 <= args.fastv_layer < layers:
+            raise ValueError(f"--fastv_layer {args.fastv_layer} is outside [1, {layers - 1}]: FastV prunes before "
+                             f"decoder layer K (counted from 0) of the model's {layers} layers.")
+    return methods, budgets
+
+
 def main(argv=None):
     import torch
 
     from rcp_llava.evaluation import evaluate_grid, format_table, load_base_model, load_data
+    from rcp_llava.results import refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -75,14 +108,11 @@ def main(argv=None):
                         ("--max_new_tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} is {value}; it must be a positive number.")
-    existing = [p for p in (os.path.join(args.output_dir, args.name + ext) for ext in (".md", ".json"))
-                if os.path.exists(p)]
-    if existing and not args.overwrite:  # before anything loads
-        raise FileExistsError(f"{', '.join(existing)} already exist: choose another --name or pass --overwrite.")
+    stem = os.path.join(args.output_dir, args.name)
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
     plugins_per_budget = parse_plugins_per_budget(args.plugins_per_budget)
+    methods, budgets = check_grid(args)  # before anything loads
     base, processor = load_base_model(args.model, plugins=args.plugins)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     results = []
     for spec in args.data or ["testbed"]:
         data = load_data(spec, split=args.split, max_samples=args.max_samples)
@@ -90,19 +120,15 @@ def main(argv=None):
                                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer,
                                      progress=not args.no_progress,
                                      plugins_per_budget=plugins_per_budget))
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, args.name)
     markdown = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "",
                 f"Command: `{command}`", ""]
     for result in results:
         markdown.append(format_table(result))
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(markdown))
     for result in results:  # predictions stay out of the JSON; rows hold scores and counts only
         for row in result["rows"]:
             row.pop("predictions", None)
-    with open(stem + ".json", "w") as f:
-        json.dump({"command": command, "methods": methods, "budgets": budgets, "results": results}, f, indent=2)
+    write_results(stem, markdown="\n".join(markdown),
+                  data={"command": command, "methods": methods, "budgets": budgets, "results": results})
     print("\n".join(markdown))
     print(f"wrote {stem}.md and {stem}.json")
     return results

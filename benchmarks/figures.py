@@ -22,7 +22,7 @@ import os
 import sys
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
 
 
 def _plt():
@@ -51,7 +51,7 @@ def plot_drift(curves, path, title=None):
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -93,7 +93,7 @@ def plot_masks(rows, keep_masks, pruning_points, path, title=None):
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -120,7 +120,7 @@ def plot_accuracy_vs_tokens(result, path, title=None):
     fig.suptitle(title or f"{result['data']}: score vs. kept visual tokens (N = {result['num_visual_tokens']})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -167,11 +167,20 @@ def main(argv=None):
     parser.add_argument("--num_samples", type=int, default=64, help="Samples the drift is averaged over.")
     parser.add_argument("--num_images", type=int, default=3)
     parser.add_argument("--table", default=None, help="An evaluate_methods.py JSON: accuracy vs tokens.")
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                        help=f"Folder of the figures (default {DEFAULT_OUTPUT_DIR}; committed ones: benchmarks/results).")
     parser.add_argument("--name", default="figures")
+    parser.add_argument("--overwrite", action="store_true", help="Replace existing figures of NAME in --output_dir.")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     command = "python benchmarks/figures.py " + " ".join(argv)
+    if not args.model and not args.table:
+        parser.error("Give --model (drift + masks) and/or --table (accuracy vs tokens).")
+    out = lambda stem: os.path.join(args.output_dir, stem)  # noqa: E731
+    planned = ([out(f"drift_{args.name}.png"), out(f"masks_{args.name}.png"), out(f"figures_{args.name}.md")]
+               if args.model else [])
+    planned += [out(f"accuracy_vs_tokens_{args.name}.png"), out(f"accuracy_vs_tokens_{args.name}.md")] if args.table else []
+    refuse_existing(planned, args.overwrite)  # before anything loads
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     if args.model:
@@ -207,19 +216,16 @@ def main(argv=None):
         for name, values in result["curves"].items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
         lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
-        with open(os.path.join(args.output_dir, f"figures_{args.name}.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_results(out(f"figures_{args.name}"), markdown="\n".join(lines) + "\n")
         written += [drift_path, masks_path]
     if args.table:
         with open(args.table) as f:
             table = json.load(f)
         path = os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.png")
         plot_accuracy_vs_tokens(table["results"][0], path)
-        with open(os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.md"), "w") as f:
-            f.write(f"# accuracy_vs_tokens_{args.name}.png\n\nCommand: `{command}` (data: `{table['command']}`)\n")
+        write_results(out(f"accuracy_vs_tokens_{args.name}"),
+                      markdown=f"# accuracy_vs_tokens_{args.name}.png\n\nCommand: `{command}` (data: `{table['command']}`)\n")
         written.append(path)
-    if not written:
-        parser.error("Give --model (drift + masks) and/or --table (accuracy vs tokens).")
     print("wrote " + ", ".join(written))
     return written
 

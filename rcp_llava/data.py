@@ -152,19 +152,42 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
 
 def load_llava_json(path, image_folder=None):
     """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
-    (image, question, answer) rows, one per human/gpt turn pair."""
+    (image, question, answer) rows, one per human/gpt turn pair.
+
+    Image paths are resolved here, once, against `image_folder` (absolute paths returned), so the collator must
+    not join the folder again (it left `images/images/...` with a relative folder). Every image is checked up
+    front: a missing one is named before any model loads."""
     from datasets import Dataset
 
-    with open(path) as f:
-        records = json.load(f)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--llava_json: no file {path!r}. Give the path of a LLaVA-style JSON list.")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image_folder: no folder {image_folder!r} (the JSON's image paths are "
+                                "relative to it).")
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); a LLaVA-style JSON is a list of records.") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} must hold a non-empty JSON list of records with 'image' and 'conversations', "
+                         f"got {type(records).__name__}{'' if records else ' (empty)'}.")
     rows = []
     for i, record in enumerate(records):
-        if "image" not in record or "conversations" not in record:
+        if not isinstance(record, dict) or "image" not in record or "conversations" not in record:
             raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
         turns = record["conversations"]
+        if (not isinstance(turns, list) or len(turns) < 2
+                or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
+            raise ValueError(f"Record {i} of {path}: 'conversations' must be a list of at least one human and one "
+                             "gpt turn, each a dict with a string 'value'.")
+        image = os.path.abspath(os.path.join(image_folder, record["image"]) if image_folder else record["image"])
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"Record {i} of {path}: no image file {image!r}"
+                                    + ("" if image_folder else " (give --image_folder if the paths are relative "
+                                       "to a folder)") + ".")
         for human, gpt in zip(turns[0::2], turns[1::2]):
             question = human["value"].replace("<image>", "").strip()
-            image = os.path.join(image_folder, record["image"]) if image_folder else record["image"]
             rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
     return Dataset.from_list(rows)
 

@@ -245,13 +245,48 @@ def test_an_interrupted_plugin_save_leaves_the_previous_checkpoint(tmp_path, mon
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_evaluate_methods_refuses_to_overwrite_results(tmp_path):
+@pytest.mark.parametrize("script, argv, existing", [
+    ("evaluate_methods", ["--model", "{tmp}/none", "--name", "t"], "t.json"),
+    ("ablations", ["--name", "t"], "t.md"),
+    ("calibrate_retention", ["--model", "{tmp}/none", "--name", "t"], "t.json"),
+    ("figures", ["--table", "{tmp}/x.json", "--name", "t"], "accuracy_vs_tokens_t.png"),
+    ("efficiency", ["--preset", "tiny", "--device", "cpu"], "efficiency_tiny_cpu.md"),
+])
+def test_benchmark_scripts_refuse_to_overwrite_results(tmp_path, monkeypatch, script, argv, existing):
+    """Twice with the same name replaced the earlier results (was silent); checked before anything loads."""
     from conftest import load_benchmark
 
-    (tmp_path / "t.json").write_text("{}")
-    with pytest.raises(FileExistsError, match=r"t.json already exist: choose another --name or pass --overwrite"):
-        load_benchmark("evaluate_methods").main(["--model", str(tmp_path / "none"), "--output_dir", str(tmp_path),
-                                                 "--name", "t"])
+    (tmp_path / existing).write_text("{}")
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--output_dir", str(tmp_path)]
+    module = load_benchmark(script)
+    with pytest.raises(FileExistsError, match=rf"{existing} already exist: choose another --name / --output_dir or "
+                                              r"pass --overwrite"):
+        if script == "efficiency":
+            monkeypatch.setattr("sys.argv", ["efficiency.py"] + argv)
+            module.main()
+        else:
+            module.main(argv)
+    assert (tmp_path / existing).read_text() == "{}"
+
+
+@pytest.mark.parametrize("script", ["evaluate_methods", "ablations", "calibrate_retention", "figures", "efficiency"])
+def test_benchmark_scripts_do_not_default_to_the_committed_results(script):
+    """By default they wrote into the committed benchmarks/results/."""
+    import argparse
+    from unittest import mock
+
+    from conftest import load_benchmark
+
+    module = load_benchmark(script)
+    seen = {}
+
+    def capture(self, args=None, namespace=None):
+        seen["defaults"] = {a.dest: a.default for a in self._actions}
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module.main([]) if script != "efficiency" else module.main()
+    assert seen["defaults"]["output_dir"] == "outputs/benchmarks"
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
@@ -387,3 +422,108 @@ def test_generate_names_an_all_zero_attention_row():
     batch["attention_mask"][1] = 0
     with pytest.raises(ValueError, match=r"`attention_mask` row\(s\) \[1\] are all zeros: the prompt has no token"):
         model.generate(**batch, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["rcp", "vispruner", "fastv"])
+def test_a_prompt_that_ends_on_its_image_is_refused(name):
+    """Crashed with "cannot reshape tensor of 0 elements" (the first pruner dropped the token standing in for the
+    question); a surviving pruner would also have moved the position the next token is read from."""
+    from test_baselines import METHODS
+
+    model = make_model(**METHODS.get(name, {}))
+    batch = make_batch([(2, 0, True)])
+    with pytest.raises(ValueError, match=r"Row 0 of the batch ends on its image: a pruner could drop the last prompt "
+                                         r"token.*pruning_method='none'"), torch.no_grad():
+        model(**batch)
+
+
+def test_a_question_mask_without_text_is_refused():
+    model = make_model()
+    batch = make_batch([(2, 3, True)])
+    only_image = batch["input_ids"] == 99
+    with pytest.raises(ValueError, match=r"Row 0 of the batch has an image but `question_mask` marks no text token"), \
+            torch.no_grad():
+        model(**batch, question_mask=only_image)
+
+
+def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
+    """With labels on every token after the image, the pruners read the last text token before it (was: the
+    last token of the row, an answer token)."""
+    model = make_model(seed=3, randomize_plugins=True)
+    batch = make_batch([(2, 3, True)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:] = batch["input_ids"][0, -3:]
+    before_image = torch.zeros_like(labels, dtype=torch.bool)
+    before_image[0, 2] = True  # BOS, 2 prefix tokens, then the image
+    with torch.no_grad():
+        default = model(**batch, labels=labels)
+        explicit = model(**batch, labels=labels, question_mask=before_image)
+    torch.testing.assert_close(default.logits, explicit.logits, rtol=0, atol=0)
+
+
+# -- evaluate_methods: the grid is checked before the model loads ------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    (["--methods", "rcp,fastvv"], ValueError, r"--methods 'rcp,fastvv': unknown method\(s\) \['fastvv'\]; choose from"),
+    (["--budgets", "1/3,1/0"], ValueError, r"Budget '1/0' is not a fraction like '1/3' or '0.25'"),
+    (["--budgets", "2"], ValueError, r"Budget '2' must be a fraction of the visual tokens in \(0, 1\]"),
+    # was reported as `pruning_layers`, after the model and the data had loaded
+    (["--fastv_layer", "4"], ValueError, r"--fastv_layer 4 is outside \[1, 3\]: FastV prunes before decoder layer K"),
+    (["--fastv_layer", "0"], ValueError, r"--fastv_layer 0 is outside \[1, 3\]"),
+])
+def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, flags, error, match):
+    from conftest import load_benchmark
+
+    import rcp_llava.evaluation as evaluation
+
+    folder = _stock_folder(tmp_path / "stock")
+    monkeypatch.setattr(evaluation, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(error, match=match):
+        load_benchmark("evaluate_methods").main(["--model", str(folder), "--output_dir", str(tmp_path)] + flags)
+
+
+# -- LLaVA-style JSON ---------------------------------------------------------------------------------------------
+
+
+def _llava_json(tmp_path, records=None, image=True):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    if image:
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    records = records if records is not None else [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                             {"from": "gpt", "value": "A cat."}]}]
+    (tmp_path / "data.json").write_text(records if isinstance(records, str) else json.dumps(records))
+    return tmp_path / "data.json"
+
+
+def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monkeypatch):
+    """As the README writes it (`--image_folder images/`), the collator looked in images/images/."""
+    from rcp_llava.data import load_image, load_llava_json
+
+    _llava_json(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rows = load_llava_json("data.json", "images/")
+    assert rows[0]["image"] == str(tmp_path / "images" / "a.png")
+    # what RcpDataCollator(image_folder="images/") then does with the row (it joined the folder a second time)
+    assert load_image(rows[0]["image"], "images/").size == (8, 8)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("no_file", FileNotFoundError, r"--llava_json: no file '.*missing.json'"),
+    ("no_folder", FileNotFoundError, r"--image_folder: no folder '.*nowhere'"),
+    ("bad_json", ValueError, r"data.json is not valid JSON \(Expecting"),
+    ("not_a_list", ValueError, r"data.json must hold a non-empty JSON list of records .* got dict"),
+    ("empty", ValueError, r"data.json must hold a non-empty JSON list of records .* got list \(empty\)"),
+    ("no_image", FileNotFoundError, r"Record 0 of .*data.json: no image file '.*a.png'"),
+    ("one_turn", ValueError, r"Record 0 of .*data.json: 'conversations' must be a list of at least one human"),
+])
+def test_llava_json_is_checked_up_front(tmp_path, case, error, match):
+    from rcp_llava.data import load_llava_json
+
+    records = {"bad_json": "[{", "not_a_list": {"image": "a.png"}, "empty": [],
+               "one_turn": [{"image": "a.png", "conversations": [{"from": "human", "value": "Hi"}]}]}.get(case)
+    path = _llava_json(tmp_path, records, image=case != "no_image")
+    folder = tmp_path / ("nowhere" if case == "no_folder" else "images")
+    with pytest.raises(error, match=match):
+        load_llava_json(str(tmp_path / "missing.json") if case == "no_file" else str(path), str(folder))

@@ -241,6 +241,10 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     assert md.startswith("# Ablations") and "Command: `python benchmarks/ablations.py" in md
     assert "| no_adapters | yes (1 steps) |" in md and "Table VI" in md
 
+    # the table is not replaced unless asked
+    with pytest.raises(FileExistsError, match=r"abl.md, .*abl.json already exist: .* pass --overwrite"):
+        ablations.main(argv)
+    argv.append("--overwrite")
     # a rerun reuses the trained variants; after the base model's weights change it trains them again
     assert variants["no_adapters"]["train_seconds"] is not None
     rerun = {r["variant"]: r for r in ablations.main(argv)["variants"]}

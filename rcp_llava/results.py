@@ -1,0 +1,41 @@
+"""Where the benchmark scripts write, and how: never into the committed `benchmarks/results/` unless asked, never
+over an earlier result unless asked, always atomically (a crash leaves the previous file or none, never half).
+
+    from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+    refuse_existing([stem + ".md", stem + ".json"], overwrite=args.overwrite)   # before anything loads
+    write_results(stem, markdown="...", data={...})
+"""
+
+import json
+import os
+
+from modeling_rcp_llava import atomic_write, write_text
+
+
+# A run lands in the committed tables only with `--output_dir benchmarks/results` (and `--overwrite` to replace
+# one): a run made for another purpose must not replace a committed result.
+DEFAULT_OUTPUT_DIR = os.path.join("outputs", "benchmarks")
+
+
+def refuse_existing(paths, overwrite=False, flag="--overwrite"):
+    """Raise `FileExistsError` naming the existing `paths` (and the two ways out) unless `overwrite`."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist: choose another --name / --output_dir or pass "
+                              f"{flag} to replace them.")
+
+
+def write_results(stem, markdown=None, data=None):
+    """`stem.json` (data, written first) and `stem.md` (markdown), each atomically; creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    if data is not None:
+        payload = json.dumps(data, indent=2)
+        atomic_write(stem + ".json", lambda tmp: write_text(tmp, payload))
+    if markdown is not None:
+        atomic_write(stem + ".md", lambda tmp: write_text(tmp, markdown))
+
+
+def save_figure(fig, path, **kwargs):
+    """`fig.savefig` atomically (the format from `path`'s suffix, as the temporary name has none)."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
