@@ -60,10 +60,11 @@ except ImportError:  # ... or as an installed top-level module
 
 try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
     # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
+    from safetensors import safe_open as _safe_open
     from safetensors.torch import load_file as _load_safetensors
     from safetensors.torch import save_file as _save_safetensors
 except ImportError:  # pragma: no cover
-    _load_safetensors = _save_safetensors = None
+    _load_safetensors = _save_safetensors = _safe_open = None
 
 
 logger = logging.get_logger(__name__)
@@ -1722,11 +1723,33 @@ def _resolve_plugin_file(path_or_repo_id, filename, hub_kwargs):
     return cached_file(path_or_repo_id, filename, **hub_kwargs)
 
 
+def check_safetensors_file(path):
+    """ValueError naming `path` unless its safetensors header is whole and covers the file (a truncated download
+    or an interrupted copy), read from the header alone, before any weight is loaded."""
+    if _safe_open is None:  # pragma: no cover
+        return
+    try:
+        with _safe_open(path, framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError is not importable by name across safetensors versions
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt. Download "
+                         "or save it again.") from None
+
+
+def read_json_file(path):
+    """`json.load` of `path`; invalid JSON raises a ValueError that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it is truncated or was edited by hand. Write it again "
+                         "(`model.save_plugins(folder)`).") from None
+
+
 def read_plugin_config(path_or_repo_id, **hub_kwargs):
     """The rcp_config.json of a plug-in checkpoint as a dict; unknown keys are reported with a warning."""
     path = _resolve_plugin_file(path_or_repo_id, RCP_CONFIG_NAME, hub_kwargs)
-    with open(path, encoding="utf-8") as f:
-        plugin_config = json.load(f)
+    plugin_config = read_json_file(path)
     if plugin_config.get("format", RCP_PLUGINS_FORMAT) != RCP_PLUGINS_FORMAT:
         raise ValueError(f"{path} has `format` {plugin_config['format']!r}, expected {RCP_PLUGINS_FORMAT!r}.")
     unknown = sorted(set(plugin_config) - set(PRUNING_FIELDS) - set(_PLUGIN_META_KEYS))
@@ -1755,6 +1778,8 @@ def check_model_source(name_or_path, argument):
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         files = os.listdir(path)
+        for name in sorted(f for f in files if f.endswith(".safetensors")):
+            check_safetensors_file(os.path.join(path, name))  # headers only: truncation named before loading
         pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
         if pickles and not any(f.endswith(".safetensors") for f in files):
             raise ValueError(
@@ -1789,6 +1814,59 @@ def _refuse_other_plugins(config_path, record):
             f"{folder!r} already holds plug-ins of another model ({changes}). Save them elsewhere, or pass "
             "`overwrite=True` to replace them."
         )
+
+
+def _model_identity(config_dict):
+    """What makes two saved LLaVA models "the same model" for `save_pretrained`'s refusal: the architecture's
+    shape (re-saving a model after more training replaces it; saving another model over it needs `overwrite`)."""
+    text, vision = config_dict.get("text_config") or {}, config_dict.get("vision_config") or {}
+    return {
+        "text hidden_size": text.get("hidden_size"), "text num_hidden_layers": text.get("num_hidden_layers"),
+        "vocab_size": text.get("vocab_size"), "vision hidden_size": vision.get("hidden_size"),
+        "vision num_hidden_layers": vision.get("num_hidden_layers"), "image_size": vision.get("image_size"),
+        "patch_size": vision.get("patch_size"),
+    }
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def _refuse_other_model(folder, config, overwrite):
+    """FileExistsError if `folder` holds the weights of another model than `config` (or weights without a config)."""
+    if overwrite or not os.path.isdir(folder):
+        return
+    weights = sorted(f for f in os.listdir(folder) if f.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        return
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            existing = _model_identity(json.load(f))
+    except (OSError, ValueError):
+        existing = None
+    new = _model_identity(config.to_dict())
+    if existing == new:
+        return
+    changes = ("no readable config.json describes them" if existing is None else ", ".join(
+        f"{k}: {existing[k]!r} -> {new[k]!r}" for k in new if existing[k] != new[k]))
+    raise FileExistsError(
+        f"{folder!r} already holds the weights of another model ({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''}; "
+        f"{changes}). Save elsewhere, or pass `overwrite=True` to replace them."
+    )
+
+
+def _move_saved_folder(staging, folder):
+    """Move every file of a finished `save_pretrained` in `staging` into `folder`, each with an atomic rename,
+    weights first and `config.json` last (a crash in between leaves weights that no config describes yet, never
+    a config describing missing weights), then remove the stale weight files of an earlier save (other shards)."""
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(os.listdir(staging), key=lambda f: (not f.endswith(_WEIGHT_SUFFIXES), f == "config.json", f))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    for name in os.listdir(folder):
+        if name.startswith("model") and name.endswith(_WEIGHT_SUFFIXES) and name not in names:
+            os.remove(os.path.join(folder, name))
+    shutil.rmtree(staging)
 
 
 def write_text(path, text):
@@ -2047,21 +2125,37 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
     # -- Hub folders and plug-in-only checkpoints -----------------------------------------------
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, overwrite=False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
         (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) and `config.auto_map` = `RCP_AUTO_MAP`, so that
         `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
-        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed. The files are
-        copied first: with `push_to_hub=True` the upload happens inside `save_pretrained`."""
+        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed.
+
+        Nothing saved is lost: the folder is written beside `save_directory` first and its files are then renamed
+        into it one by one (weights before `config.json`), so an interrupted save never leaves a config describing
+        half-written weights; other files in the folder (a processor saved there) stay. A folder holding the weights
+        of another model (another shape, or weights without a config) is refused with `FileExistsError` unless
+        `overwrite=True`. With `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is
+        given) happens inside the call."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
-        if kwargs.get("is_main_process", True) and not os.path.isfile(save_directory):
-            os.makedirs(save_directory, exist_ok=True)
+        if not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)  # transformers' own handling
+        save_directory = os.fspath(save_directory)
+        _refuse_other_model(save_directory, self.config, overwrite)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        staging = f"{os.path.normpath(save_directory)}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            os.makedirs(staging)
             for module in (type(self).__module__, RcpLlavaConfig.__module__):
                 source = sys.modules[module].__file__
-                target = os.path.join(save_directory, os.path.basename(source))
-                if os.path.abspath(source) != os.path.abspath(target):
-                    shutil.copyfile(source, target)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+                shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
+            result = super().save_pretrained(staging, *args, **kwargs)
+            _move_saved_folder(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return result
 
     def save_plugins(self, save_directory, base_model_name_or_path=None, overwrite=False):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields
@@ -2118,7 +2212,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         plugin_config = read_plugin_config(plugins, **hub_kwargs)
         text = self.config.text_config
         _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins)
-        tensors = _load_safetensors(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs))
+        weights = _resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs)
+        check_safetensors_file(weights)
+        tensors = _load_safetensors(weights)
         own = self.plugin_state_dict()
         mismatched = [
             f"{k}: {tuple(tensors[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
@@ -2182,6 +2278,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             _check_plugin_shape(
                 plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_model_name_or_path, plugins
             )
+            # A truncated plug-in file is named now, not after the whole base model has loaded.
+            check_safetensors_file(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs))
         fields = {k: plugin_config[k] for k in PRUNING_FIELDS if k in plugin_config}
         fields.update(overrides)
         config = RcpLlavaConfig.from_pretrained(base_model_name_or_path, **fields, **hub_kwargs)

@@ -42,6 +42,7 @@ from transformers.utils import logging
 from modeling_rcp_llava import (
     PLUGIN_PREFIX, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
 )
+from rcp_llava.checkpoints import AtomicCheckpointMixin
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
 from rcp_llava.losses import gaussian_w2
@@ -326,7 +327,7 @@ def freeze_backbone(model):
         )
 
 
-class RcpTrainer(Trainer):
+class RcpTrainer(AtomicCheckpointMixin, Trainer):
     """Trains the plug-ins of an `RcpLlavaForConditionalGeneration` with the RCP loss.
 
     The student runs in the differentiable "mask" layout (tokens stay in place, so its hidden states line up
@@ -838,7 +839,7 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     if test_name is not None:
         metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples))
     out = args.output_dir
-    save_job_folders(model, processor, out)
+    save_job_folders(model, processor, out, overwrite=job.overwrite_output_dir)
     if trainer is not None:
         _write_json(os.path.join(out, "grad_norms.json"), trainer.grad_norms)
     metrics["total_seconds"] = round(time.time() - started, 1)
@@ -897,10 +898,11 @@ def calibrate_retention(model, processor, splits, collator, job, from_first_prun
     return result
 
 
-def save_job_folders(model, processor, out):
-    """Write the job's `plugins/` (plug-ins only) and `model/` (full model + processor, Hub-loadable) folders."""
-    save_plugin_folder(model, os.path.join(out, "plugins"))
-    model.save_pretrained(os.path.join(out, "model"))
+def save_job_folders(model, processor, out, overwrite=False):
+    """Write the job's `plugins/` (plug-ins only) and `model/` (full model + processor, Hub-loadable) folders;
+    `overwrite` (--overwrite_output_dir) lets them replace another run's."""
+    model.save_plugins(os.path.join(out, "plugins"), overwrite=overwrite)
+    model.save_pretrained(os.path.join(out, "model"), overwrite=overwrite)
     processor.save_pretrained(os.path.join(out, "model"))
 
 

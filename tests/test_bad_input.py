@@ -527,3 +527,179 @@ def test_llava_json_is_checked_up_front(tmp_path, case, error, match):
     folder = tmp_path / ("nowhere" if case == "no_folder" else "images")
     with pytest.raises(error, match=match):
         load_llava_json(str(tmp_path / "missing.json") if case == "no_file" else str(path), str(folder))
+
+
+# -- truncated / corrupt files are named, before the model loads ------------------------------------------------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("entry", ["from_pretrained", "from_base"])
+def test_a_truncated_base_weights_file_is_named(tmp_path, entry):
+    """Was "Error while deserializing header: incomplete metadata" without the file."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    folder = _stock_folder(tmp_path)
+    _truncate(folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file \(.*\): it is "
+                                         r"truncated or corrupt. Download or save it again"):
+        getattr(RcpLlavaForConditionalGeneration, entry)(str(folder))
+
+
+@pytest.mark.parametrize("broken, match", [
+    ("rcp_plugins.safetensors", r"rcp_plugins.safetensors is not a readable safetensors file"),
+    ("rcp_config.json", r"rcp_config.json is not valid JSON \(.*\): it is truncated or was edited by hand"),
+])
+def test_a_broken_plugin_file_is_named_before_the_base_loads(tmp_path, monkeypatch, broken, match):
+    """A truncated plug-in file was reported (without its path) only after the whole base model had loaded."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    base = _stock_folder(tmp_path / "base")
+    make_model().save_plugins(tmp_path / "plugins", base_model_name_or_path=str(base))
+    _truncate(tmp_path / "plugins" / broken)
+    monkeypatch.setattr(RcpLlavaForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("loaded the base model first")))
+    with pytest.raises(ValueError, match=match):
+        RcpLlavaForConditionalGeneration.from_base(str(base), plugins=str(tmp_path / "plugins"))
+
+
+@pytest.fixture(scope="module")
+def micro_testbed(tmp_path_factory):
+    from rcp_llava.testbed import build_testbed
+
+    return build_testbed("micro", output_dir=tmp_path_factory.mktemp("bad_input") / "testbed", pruning_eval=False)
+
+
+def _train_argv(folder, out, *extra, base=None):
+    return ["--base_model", str(base or folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
+            "--disable_tqdm", "true", "--max_eval_samples", "4", "--pruning_layers", "1", "--repair_layers", "1",
+            "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8", *extra]
+
+
+def test_train_rcp_takes_an_rcp_folder_as_base_model(micro_testbed, tmp_path):
+    """An RCP folder as --base_model asked for trust_remote_code (which the CLI cannot pass): it loads as rcp_llava
+    (registered by the package) and its plug-ins keep training."""
+    import train_rcp
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    folder = micro_testbed
+    rcp = RcpLlavaForConditionalGeneration.from_pretrained(folder / "model", pruning_layers=[1], repair_layers=[1],
+                                                          pruner_hidden_size=8, repair_bottleneck_size=8)
+    rcp.save_pretrained(tmp_path / "rcp")
+    AutoProcessor.from_pretrained(folder / "model").save_pretrained(tmp_path / "rcp")
+    train_rcp.main(_train_argv(folder, tmp_path / "out", "--max_steps", "1", "--save_strategy", "no",
+                               base=tmp_path / "rcp"))
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["model_type"] == "rcp_llava" and saved["pruning_layers"] == [1]
+
+
+# -- checkpoints: a checkpoint-N folder exists only once complete -------------------------------------------------
+
+
+def test_sigint_while_a_checkpoint_is_written_leaves_the_previous_ones(micro_testbed, tmp_path, monkeypatch):
+    """Fault injection: a real SIGINT (Ctrl-C) while checkpoint-2's RNG state is written. Before, checkpoint-2 was
+    left without trainer_state.json and `get_last_checkpoint` picked it."""
+    import os
+    import signal
+
+    import train_rcp
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    real = Trainer._save_rng_state
+
+    def interrupted(self, output_dir):
+        if self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, output_dir)
+
+    out = tmp_path / "run"
+    argv = _train_argv(micro_testbed, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
+    monkeypatch.setattr(Trainer, "_save_rng_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_rcp.main(argv)
+    assert sorted(os.listdir(out)) == ["checkpoint-1"]  # no checkpoint-2, no tmp- leftover
+    assert {"rcp_config.json", "rcp_plugins.safetensors", "trainer_state.json", "rng_state.pth"} <= set(
+        os.listdir(out / "checkpoint-1"))
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1")
+    monkeypatch.setattr(Trainer, "_save_rng_state", real)
+    train_rcp.main(argv + ["--resume_from_checkpoint", "last"])
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_checkpoint_rotation_counts_the_newest_checkpoint(micro_testbed, tmp_path):
+    import os
+
+    import train_rcp
+
+    out = tmp_path / "run"
+    train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+                               "--save_total_limit", "2"))
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2", "checkpoint-3"]
+
+
+# -- save_pretrained: atomic, and never over another model silently ------------------------------------------------
+
+
+def _snapshot(folder):
+    import os
+
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_save_pretrained_refuses_another_sharded_model(tmp_path):
+    """Was: transformers deleted the other model's shards and wrote this one in their place."""
+    from transformers import LlavaForConditionalGeneration
+
+    other = make_model(text_config={**tiny_config().text_config.to_dict(), "hidden_size": 64})
+    LlavaForConditionalGeneration(other.config).save_pretrained(tmp_path, max_shard_size="50KB")
+    before = _snapshot(tmp_path)
+    assert sum(n.endswith(".safetensors") for n in before) > 1
+    with pytest.raises(FileExistsError, match=r"already holds the weights of another model \(model-00001-of-.*"
+                                              r"text hidden_size: 64 -> 32\)\. Save elsewhere, or pass "
+                                              r"`overwrite=True`"):
+        make_model().save_pretrained(tmp_path)
+    assert _snapshot(tmp_path) == before
+
+
+def test_save_pretrained_with_overwrite_replaces_the_shards_and_keeps_other_files(tmp_path):
+    import os
+
+    from transformers import LlavaForConditionalGeneration
+
+    other = make_model(text_config={**tiny_config().text_config.to_dict(), "hidden_size": 64})
+    LlavaForConditionalGeneration(other.config).save_pretrained(tmp_path, max_shard_size="50KB")
+    (tmp_path / "processor_config.json").write_text("{}")  # saved into the folder by the user
+    model = make_model()
+    model.save_pretrained(tmp_path, overwrite=True)
+    names = set(os.listdir(tmp_path))
+    assert not any(n.startswith("model-0") for n in names) and "model.safetensors" in names  # stale shards gone
+    assert (tmp_path / "processor_config.json").read_text() == "{}"
+    assert not any(".tmp-" in n for n in os.listdir(tmp_path.parent))
+    model.save_pretrained(tmp_path)  # the same model again: no refusal
+
+
+def test_an_interrupted_save_pretrained_leaves_the_previous_model(tmp_path, monkeypatch):
+    """Fault injection: the disk fills while the weights are written."""
+    import errno
+    import os
+
+    import transformers.modeling_utils as modeling_utils
+
+    make_model(seed=1).save_pretrained(tmp_path)
+    before = _snapshot(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        make_model(seed=2).save_pretrained(tmp_path)
+    assert _snapshot(tmp_path) == before
+    assert not any(".tmp-" in n for n in os.listdir(tmp_path.parent))

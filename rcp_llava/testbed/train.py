@@ -36,6 +36,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainingArgumen
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from ..checkpoints import AtomicCheckpointMixin
 from .evaluate import pruned_inputs
 from .presets import StageSpec, TestbedPreset, get_preset
 from .scenes import COLOURS, QUADRANTS, SHAPES, SIZES, make_sample, sample_rng
@@ -194,7 +195,7 @@ class PatchProbe(nn.Module):
         return {"loss": sum(losses.values())}
 
 
-class TestbedTrainer(Trainer):
+class TestbedTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` whose batches may carry `keep (B, N)`: then the loss runs on input-level pruned sequences; and
     `attention_targets`: then `attention_supervision * attention_supervision_loss` is added (eager attention)."""
 

@@ -1,0 +1,53 @@
+"""Atomic Trainer checkpoints: a `checkpoint-N` folder exists only once it is complete.
+
+`Trainer._save_checkpoint` writes the model, optimizer, scheduler, RNG states and `trainer_state.json` one after
+the other into `checkpoint-N`; an interrupt (Ctrl-C, a killed job, a full disk) between them left a folder that
+`get_last_checkpoint` picks and resuming then fails on. Here the same files are written into `tmp-checkpoint-N`
+and the folder is renamed to `checkpoint-N` when the last one is written (a rename within one folder is atomic on
+POSIX), so an interrupted save leaves the previous checkpoints as they were, plus a `tmp-` folder that the next save
+at that step, or `AtomicCheckpointMixin` on the next run, removes.
+"""
+
+import os
+import shutil
+
+import transformers.trainer as hf_trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+
+STAGING_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR
+
+
+class AtomicCheckpointMixin:
+    """Mix into a `transformers.Trainer` subclass (before `Trainer` in the bases)."""
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self._get_output_dir(trial=trial)
+        step = self.state.global_step
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by an interrupted save
+        # `Trainer._save_checkpoint` names the folder from this module global when it runs: point it at the staging
+        # name for the duration of the call (its rotation takes the prefix as a default argument and is unaffected).
+        hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
+        if self.args.should_save:
+            if os.path.isdir(final):  # the same step saved by an earlier run (--overwrite_output_dir)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            if self.state.best_model_checkpoint == staging:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(final, hf_trainer.TRAINER_STATE_NAME))
+            # The rotation inside the call could not see the new checkpoint; count it now.
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
