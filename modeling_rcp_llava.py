@@ -904,8 +904,10 @@ class PrunedPrefill:
         answer_mask = torch.zeros_like(key_valid)
         if labels is not None:
             answer_mask[:, :-1] = labels[:, 1:] != -100
-        else:
-            answer_mask[:, -1] = True
+        else:  # the last real token of each row (with right padding, not the pad column at the end)
+            positions = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)
+            last = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1)
+            answer_mask = positions == last
         return answer_mask
 
     def _check_forced(self, visual_keep_masks, bsz, n):

@@ -281,6 +281,11 @@ class RcpTrainingArguments(TrainingArguments):
         if self.max_steps == 0:
             raise ValueError("`max_steps` is 0: give a positive number of steps, or -1 to train for "
                              "`num_train_epochs` epochs.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:  # was torch's "batch_size should be a positive integer", after loading
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
         for name in ("sparsity_warmup_ratio", "gumbel_anneal_ratio", "gumbel_noise_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")

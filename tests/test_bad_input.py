@@ -23,6 +23,9 @@ TRAINING_ARGS = [
     ({"gumbel_temperature_end": 0.0}, r"`gumbel_temperature_end` must be a finite number > 0, got 0"),
     ({"gumbel_temperature_start": math.nan}, r"`gumbel_temperature_start` must be a finite number > 0, got nan"),
     ({"max_steps": 0}, r"`max_steps` is 0: give a positive number of steps, or -1"),  # was: trained anyway
+    ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be a positive integer, got 0"),
+    ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps` must be a positive integer, got 0"),
+    ({"learning_rate": math.nan}, r"`learning_rate` must be a finite number > 0, got nan"),
     ({"sparsity_warmup_ratio": 1.5}, r"`sparsity_warmup_ratio` must be in \[0, 1\], got 1.5"),
     ({"gumbel_noise_ratio": math.nan}, r"`gumbel_noise_ratio` must be in \[0, 1\], got nan"),
     ({"gumbel_anneal_ratio": -0.1}, r"`gumbel_anneal_ratio` must be in \[0, 1\], got -0.1"),
@@ -703,3 +706,24 @@ def test_an_interrupted_save_pretrained_leaves_the_previous_model(tmp_path, monk
         make_model(seed=2).save_pretrained(tmp_path)
     assert _snapshot(tmp_path) == before
     assert not any(".tmp-" in n for n in os.listdir(tmp_path.parent))
+
+
+def test_a_right_padded_forward_repairs_the_last_real_token():
+    """Was silent: without labels the repair adapters acted on the last column, a pad column for the shorter row."""
+    model = make_model(seed=4, randomize_plugins=True)
+    batch = make_batch([(1, 3, True), (4, 5, True)])
+    width = batch["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask"):  # re-pad the shorter row on the right
+        row = batch[key][0][batch["attention_mask"][0].bool()]
+        batch[key][0] = torch.cat([row, torch.zeros(width - len(row), dtype=row.dtype)])
+    last_real = torch.zeros(2, width, dtype=torch.bool)
+    last_real[0, int(batch["attention_mask"][0].sum()) - 1] = True
+    last_real[1, -1] = True
+    with torch.no_grad():
+        default = model(**batch)
+        explicit = model(**batch, answer_mask=last_real)
+        pad_column = torch.zeros_like(last_real)
+        pad_column[:, -1] = True  # the old default
+        on_the_pad = model(**batch, answer_mask=pad_column)
+    torch.testing.assert_close(default.logits, explicit.logits, rtol=0, atol=0)
+    assert not torch.equal(default.logits, on_the_pad.logits)  # the choice matters for this model
