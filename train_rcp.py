@@ -44,7 +44,9 @@ from modeling_rcp_llava import (
 )
 from rcp_llava.checkpoints import AtomicCheckpointMixin
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
-from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides, random_keep_masks_fn
+from rcp_llava.evaluation import (
+    EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
+)
 from rcp_llava.losses import gaussian_w2
 
 
@@ -607,7 +609,9 @@ class RcpJobArguments:
     push_plugins_only: bool = field(
         default=False, metadata={"help": "With --push_to_hub: upload only the plug-in folder (PEFT-style)."}
     )
-    testbed_preset: str = field(default="tiny")
+    testbed_preset: str = field(default="tiny", metadata={
+        "help": "Testbed of the main job (no --base_model): 'tiny' (4 layers) or 'deep' (16 layers, the paper's "
+                "placement and budget over all layers)."})
 
 
 # Defaults of the embedded main job (the tiny testbed on a 2-core CPU), applied where the user left the
@@ -624,6 +628,11 @@ TESTBED_JOB_DEFAULTS = {
 }
 TESTBED_PRUNING = {"pruning_layers": [1, 2, 3], "repair_layers": [2, 3], "pruner_hidden_size": 32,
                    "repair_bottleneck_size": 32}
+# Per testbed preset: what differs from the defaults above. `deep` (16 layers, issue 16) keeps the paper's
+# placement for its depth and budget (the config's default: [1, 7, 13] / [11, 15] at 1/9) and its budget is the
+# paper's, a mean over ALL decoder layers (the first pruner sits after layer 0, so 1/9 is reachable).
+PRESET_JOB_DEFAULTS = {"tiny": {}, "deep": {"output_dir": "outputs/rcp_deep", "sparsity_layers": "all"}}
+PRESET_PRUNING = {"tiny": TESTBED_PRUNING, "deep": {"pruner_hidden_size": 32, "repair_bottleneck_size": 32}}
 
 
 def main(argv=None):
@@ -729,7 +738,7 @@ def run_job(job, args, explicit=()):
         raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
     testbed = job.base_model is None
     if testbed:
-        for key, value in TESTBED_JOB_DEFAULTS.items():
+        for key, value in {**TESTBED_JOB_DEFAULTS, **PRESET_JOB_DEFAULTS.get(job.testbed_preset, {})}.items():
             if key not in explicit:
                 setattr(args, key, value)
         args.output_dir = os.path.abspath(args.output_dir)
@@ -758,7 +767,7 @@ def run_job(job, args, explicit=()):
         )
     processor = AutoProcessor.from_pretrained(base_model)
 
-    overrides = dict(TESTBED_PRUNING) if testbed else {}
+    overrides = dict(PRESET_PRUNING.get(job.testbed_preset, TESTBED_PRUNING)) if testbed else {}
     for name in ("pruning_layers", "repair_layers"):
         value = _parse_int_list(getattr(job, name), name)
         if value is not None:
@@ -963,17 +972,25 @@ def evaluate_methods(model, processor, dataset, collator, max_samples=None):
                     image_folder=collator.image_folder)
     n = model.config.num_visual_tokens
 
-    def score(method, **kwargs):
-        return job_result(evaluate_model(method, processor, data, **kwargs))
+    correct = {}
+
+    def score(method, name=None, **kwargs):
+        result = evaluate_model(method, processor, data, **kwargs)
+        correct[name] = result["correct"]
+        return job_result(result)
 
     results = {"full": score(method_model(model, **method_overrides("none", n, model.config)))}
     rcp = method_model(model)  # the trained plug-ins, adaptive threshold (Eq. 8)
     results["rcp"] = score(rcp)
     counts = fixed_counts_from(results["rcp"]["kept_per_pruning_layer"])
-    results["rcp_fixed_counts"] = score(method_model(model, pruning_keep_counts=counts))
+    results["rcp_fixed_counts"] = score(method_model(model, pruning_keep_counts=counts), name="rcp")
     # Untrained plug-ins: a fresh initialisation, as from_pretrained(stock) gives.
     results["untrained_fixed_counts"] = score(method_model(model, fresh_plugins=True, pruning_keep_counts=counts))
     results["random_fixed_counts"] = score(rcp, keep_masks_fn=random_keep_masks_fn(counts, n, seed=0))
+    # The training-free prior (Eq. 4, the LLM's own attention) at the same layers and counts: what RCP must beat.
+    prior = method_model(model, pruning_method="attention_topk", repair_layers=[], pruning_keep_counts=counts)
+    results["prior_fixed_counts"] = score(prior, name="prior")
+    results["rcp_vs_prior_fixed_counts"] = mcnemar(correct["rcp"], correct["prior"])  # paired, exact
     results["fixed_counts"] = counts
     return results
 
@@ -989,12 +1006,20 @@ def format_report(metrics):
         names = {"full": "full tokens", "rcp": "RCP, trained (adaptive threshold)",
                  "rcp_fixed_counts": "RCP, trained, fixed counts",
                  "untrained_fixed_counts": "untrained plug-ins, fixed counts",
+                 "prior_fixed_counts": "prior (attention top-k), fixed counts",
                  "random_fixed_counts": "random, fixed counts"}
         for key, name in names.items():
+            if key not in metrics:  # runs made before the prior row existed
+                continue
             r = metrics[key]
             kept = ", ".join(f"{c:.1f}" for c in r.get("kept_per_pruning_layer", [])) or "all"
             relative = f"{r['accuracy'] / full:>8.1%}" if full else f"{'n/a':>9}"
             lines.append(f"| {name:<34} | {r['accuracy']:>8.3f} | {relative} | {kept:<24} |")
+        paired = metrics.get("rcp_vs_prior_fixed_counts")
+        if paired:
+            lines += ["", f"RCP vs its prior at the same counts (exact McNemar, {metrics['rcp_fixed_counts']['n']} "
+                      f"samples): {paired['a_only']} right only with RCP, {paired['b_only']} only with the prior, "
+                      f"p = {paired['p_value']:.3g}"]
         rcp = metrics["rcp"]
         inference = rcp["retention_from_first_pruner" if metrics["sparsity_layers"] == "from_first_pruner"
                         else "retention_all_layers"]

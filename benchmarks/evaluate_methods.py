@@ -42,6 +42,12 @@ def build_parser():
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace NAME.md / NAME.json in --output_dir (refused otherwise: results are not lost).")
+    parser.add_argument("--flop_matched", action="store_true",
+                        help="Every method at budget b averages b*N visual tokens over ALL decoder layers (equal "
+                             "decoder compute); cells a placement cannot reach are listed, not run.")
+    parser.add_argument("--oracle", action="store_true",
+                        help="Testbed data: add an in-decoder oracle row per budget (attention_topk's layers and "
+                             "counts, evidence kept first): oracle minus attention_topk is the prior's headroom.")
     parser.add_argument("--plugins_per_budget", default=None,
                         help="One RCP plug-in set per budget, e.g. '1/3=runs/b/budget_1_3/plugins,1/9=...' (the "
                              "folders `train_rcp.py --budgets` writes): RCP's rows at that budget use that set.")
@@ -119,7 +125,8 @@ def main(argv=None):
         results.append(evaluate_grid(base, processor, data, methods, budgets, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer,
                                      progress=not args.no_progress,
-                                     plugins_per_budget=plugins_per_budget))
+                                     plugins_per_budget=plugins_per_budget, flop_matched=args.flop_matched,
+                                     oracle=args.oracle))
     markdown = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "",
                 f"Command: `{command}`", ""]
     for result in results:

@@ -43,6 +43,7 @@ import torch
 from configuration_rcp_llava import PRUNING_METHODS, default_fastv_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins, check_model_source
 from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
+from rcp_llava.flops import decoder_layer_flops
 from rcp_llava.losses import gaussian_w2
 from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ... are also read from here
     TABLE_VI_RETENTION,
@@ -51,6 +52,7 @@ from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ..
     kept_tokens_per_layer,
     parse_budget,
     rcp_keep_counts,
+    round_count,
     scheduled_tokens_per_layer,
     stage_proportions,
 )
@@ -84,15 +86,24 @@ def _uses_rcp_placement(spec):
     return spec.in_decoder and not spec.pre_llm and spec.max_pruning_layers != 1
 
 
-def method_overrides(method, k, config, fastv_layer=None):
+def method_overrides(method, k, config, fastv_layer=None, flop_matched=False):
     """Config overrides of `method` at k kept visual tokens, for a model shaped like `config`, read from the
     method's registered `PruningMethod`: a method that can prune before the LLM does so (`pre_llm_keep_count=k`);
     a single-layer method (FastV) prunes before `fastv_layer` (default `default_fastv_layer`); any other in-decoder
     method prunes at the RCP model's layers with the counts of `rcp_keep_counts`, and keeps the repair adapters
     if it has plug-ins.
 
+    flop_matched: k is the mean number of visual tokens over ALL decoder layers (the paper's budget, equal decoder
+    compute for every method; issue 16), not over the layers from the first pruner: the in-decoder counts are
+    `rcp_llava.flops.keep_counts_for_budget` (the layers before the first pruner hold all N tokens, the stages
+    keep the Table VI proportions), FastV keeps `(k L - N K) / (L - K)` after its layer K (the default K, or the
+    largest smaller K that can reach k when `fastv_layer` is not given). A budget the placement cannot reach
+    raises a ValueError (`planned_rows` reports such a cell instead of running it).
+
     `config` is the loaded (RCP) model's config: its pruning / repair layers are RCP's placement.
     """
+    from rcp_llava.flops import keep_counts_for_budget
+
     spec = _method_spec(method)
     num_layers = config.text_config.num_hidden_layers
     n = config.num_visual_tokens
@@ -103,13 +114,24 @@ def method_overrides(method, k, config, fastv_layer=None):
         return dict(baseline, pruning_layers=[], pre_llm_keep_count=k)
     if spec.max_pruning_layers == 1:
         layer = default_fastv_layer(num_layers) if fastv_layer is None else fastv_layer
-        return dict(baseline, pruning_layers=[layer], pruning_keep_counts=[k])
+        if not flop_matched:
+            return dict(baseline, pruning_layers=[layer], pruning_keep_counts=[k])
+        candidates = [layer] if fastv_layer is not None else range(layer, 0, -1)
+        for layer in candidates:  # the largest K <= the default whose count is at least 1
+            count = min(n, round_count((k * num_layers - n * layer) / (num_layers - layer)))
+            if k * num_layers - n * layer >= num_layers - layer:
+                return dict(baseline, pruning_layers=[layer], pruning_keep_counts=[count])
+        raise ValueError(f"{method!r} cannot average {k} visual tokens over all {num_layers} layers: its layer "
+                         f"{candidates[-1]} alone holds {n} for {candidates[-1]} layer(s).")
     layers = list(config.pruning_layers)
     if not layers:
         raise ValueError(f"{method!r} needs the model's RCP pruning layers, but the model has none.")
     if spec.max_pruning_layers is not None and len(layers) > spec.max_pruning_layers:
         raise ValueError(f"{method!r} prunes at most {spec.max_pruning_layers} layers; the RCP model has {layers}.")
-    counts = rcp_keep_counts(k, layers, num_layers, n)
+    if flop_matched:
+        counts = keep_counts_for_budget(num_layers, n, layers, k, stage_proportions(len(layers)))
+    else:
+        counts = rcp_keep_counts(k, layers, num_layers, n)
     repair = list(config.repair_layers) if spec.plugins else []
     return dict(baseline, pruning_layers=layers, repair_layers=repair, pruning_keep_counts=counts)
 
@@ -335,8 +357,8 @@ def score_benchmark(benchmark, predictions, records):
 def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, progress=None, keep_masks_fn=None):
     """Score one method model on `data` (`EvalData`): THE evaluator of the project, one result schema.
 
-    keep_masks_fn(batch_index, batch_size) -> (B, P, N) bool forces the kept sets of each batch (testbed rows
-    only; e.g. `random_keep_masks_fn`). Returns:
+    keep_masks_fn(batch_index, rows) -> (B, P, N) bool forces the kept sets of each batch of `rows` (testbed rows
+    only; e.g. `random_keep_masks_fn`, `oracle_keep_masks_fn`). Returns:
 
     - "score": first-token accuracy on testbed rows, the benchmark's headline metric otherwise;
       "groups": the same per family; "n"; "predictions"; "metric": the benchmark's full result (benchmarks);
@@ -352,7 +374,7 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
         if data.kind == "testbed":
-            forced = keep_masks_fn(b, len(chunk)) if keep_masks_fn is not None else None
+            forced = keep_masks_fn(b, chunk) if keep_masks_fn is not None else None
             pred, counts, layer_retention = first_token_predictions(
                 model, processor, chunk, keep_masks=forced, image_column=data.image_column,
                 question_column=data.question_column, image_folder=data.image_folder)
@@ -394,8 +416,31 @@ def random_keep_masks_fn(counts, num_visual_tokens, seed=0):
     """`keep_masks_fn` for random pruning at fixed per-point counts: nested uniform subsets (`nested_random_masks`),
     one seeded draw per batch (seed + batch index), so a rerun draws the same kept sets."""
 
-    def fn(batch_index, batch_size):
-        return nested_random_masks(counts, batch_size, num_visual_tokens, seed=seed + batch_index)
+    def fn(batch_index, rows):
+        return nested_random_masks(counts, len(rows), num_visual_tokens, seed=seed + batch_index)
+
+    return fn
+
+
+def oracle_keep_masks_fn(counts, num_visual_tokens, seed=0):
+    """`keep_masks_fn` of the in-decoder oracle at fixed per-point counts (issue 16's prior headroom): each row's
+    evidence patches first, then the other objects' patches (distractors stay: filling with background first
+    would leak the answer), then background, in a seeded random order inside each group; point p keeps the first
+    `counts[p]` of that one order, so the masks are cumulative. Needs rows with "evidence_patches" and
+    "object_patches" (the testbed format)."""
+    import numpy as np
+
+    def fn(batch_index, rows):
+        masks = torch.zeros(len(rows), len(counts), num_visual_tokens, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            rng = np.random.default_rng([seed, int(row["id"]), 2])
+            evidence = sorted(set(row["evidence_patches"]))
+            objects = sorted(set(row["object_patches"]) - set(evidence))
+            rest = sorted(set(range(num_visual_tokens)) - set(evidence) - set(objects))
+            order = [i for group in (evidence, objects, rest) for i in rng.permutation(np.array(group, dtype=np.int64))]
+            for p, count in enumerate(counts):
+                masks[b, p, order[:count]] = True
+        return masks
 
     return fn
 
@@ -405,11 +450,25 @@ def random_keep_masks_fn(counts, num_visual_tokens, seed=0):
 # ------------------------------------------------------------------------------------------------
 
 
-def planned_rows(base, methods, budgets, fastv_layer=None):
-    """`[(label, method, budget_label, k, overrides)]` in table order."""
+def _placement_view(config, plugins_dir):
+    """`config` as `method_overrides` reads it, with the pruning / repair layers of the plug-in set in `plugins_dir`
+    (a set trained for one budget has that budget's placement)."""
+    from types import SimpleNamespace
+
+    from modeling_rcp_llava import read_plugin_config
+
+    plugin_config = read_plugin_config(plugins_dir)
+    return SimpleNamespace(text_config=config.text_config, num_visual_tokens=config.num_visual_tokens,
+                           pruning_layers=plugin_config["pruning_layers"], repair_layers=plugin_config["repair_layers"])
+
+
+def planned_rows(base, methods, budgets, fastv_layer=None, flop_matched=False, plugins_per_budget=None):
+    """`([(label, method, budget_label, k, overrides)] in table order, [infeasible cells])`. With
+    `plugins_per_budget`, the in-decoder methods at that budget use that set's placement (so the prior,
+    `attention_topk`, prunes where that RCP set prunes)."""
     n = base.config.num_visual_tokens
     has_rcp = base.config.pruning_spec.plugins and bool(base.config.pruning_layers)
-    plan = []
+    plan, infeasible = [], []
     for method in methods:
         if _uses_rcp_placement(_method_spec(method)) and not has_rcp:
             raise ValueError(f"Method {method!r} needs an RCP model (pruning layers); {base.name_or_path!r} "
@@ -420,11 +479,21 @@ def planned_rows(base, methods, budgets, fastv_layer=None):
         for label in budgets:
             label, fraction = parse_budget(label)
             k = budget_count(fraction, n)
-            plan.append((method, method, label, k, method_overrides(method, k, base.config, fastv_layer)))
+            config = base.config
+            if plugins_per_budget and label in plugins_per_budget and _uses_rcp_placement(_method_spec(method)):
+                config = _placement_view(base.config, plugins_per_budget[label])
+            try:
+                overrides = method_overrides(method, k, config, fastv_layer, flop_matched=flop_matched)
+            except ValueError as err:
+                if not flop_matched:
+                    raise
+                infeasible.append({"method": method, "budget": label, "k": k, "reason": str(err)})
+                continue
+            plan.append((method, method, label, k, overrides))
         if _method_spec(method).plugins:  # plug-in methods also run their own adaptive threshold (Eq. 8)
             plan.append((f"{method} (adaptive)", method, "adaptive", None,
                          dict(pruning_method=method, pruning_keep_counts=None, pre_llm_keep_count=None)))
-    return plan
+    return plan, infeasible
 
 
 def budget_plugin_model(base, overrides, plugins_dir):
@@ -482,9 +551,28 @@ def paired_tests(rows, reference="rcp"):
     return out
 
 
+def mean_text_tokens(processor, data, max_rows=200):
+    """Mean number of non-image prompt tokens (chat markup + question) over the first `max_rows` rows of `data`:
+    the text part of the prefill the decoder FLOPs are counted at."""
+    from rcp_llava.data import prompt_messages
+
+    rows = [data.rows[i] for i in range(min(max_rows, len(data)))]
+    if not rows:
+        return 0
+    question = data.question_column if data.kind == "testbed" else "question"
+    lengths = []
+    for row in rows:
+        text = processor.apply_chat_template(prompt_messages(str(row[question] if isinstance(row, dict) else
+                                                                 getattr(row, "question", ""))),
+                                             add_generation_prompt=True)
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        lengths.append(sum(1 for t in ids if t != processor.tokenizer.convert_tokens_to_ids(processor.image_token)))
+    return round(sum(lengths) / len(lengths))
+
+
 def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "fastv", "random"),
                   budgets=DEFAULT_BUDGETS, batch_size=32, max_new_tokens=16, fastv_layer=None, progress=True,
-                  plugins_per_budget=None):
+                  plugins_per_budget=None, flop_matched=False, oracle=False):
     """Every method at every budget on `data`, one shared backbone. Returns `{"rows": [...], ...}`; each row has
     the score, per-group scores, % of the full model (overall and per group; "none" must be among the methods
     for these), the mean kept counts per pruning point and the average visual tokens per layer.
@@ -492,13 +580,27 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
     plugins_per_budget: `{budget label: plug-in folder}`, one RCP set trained per budget (the paper's protocol):
     the "rcp" rows at that budget (fixed counts and, as "rcp (adaptive, <budget>)", its own adaptive threshold) use
     that set instead of the base model's plug-ins. Testbed rows also get McNemar tests of RCP against every other
-    method at the same budget (`result["paired_tests"]`)."""
+    method at the same budget (`result["paired_tests"]`).
+
+    flop_matched: every method at budget b averages b * N visual tokens over ALL decoder layers (equal decoder
+    compute; `method_overrides`); cells a placement cannot reach are listed in `result["infeasible"]`. Each row
+    also carries its analytic prefill decoder FLOPs per sample (`decoder_gflops`, at the data's mean prompt
+    length). oracle: testbed rows also get an `oracle (in-decoder)` row per budget: `attention_topk`'s layers and
+    counts with the kept sets forced to evidence first, then other objects (`oracle_keep_masks_fn`); oracle minus
+    `attention_topk` is the prior's headroom."""
     from tqdm.auto import tqdm
 
     config = base.config
     num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
-    plan = planned_rows(base, methods, budgets, fastv_layer)
     plugins_per_budget = {parse_budget(k)[0]: v for k, v in (plugins_per_budget or {}).items()}
+    plan, infeasible = planned_rows(base, methods, budgets, fastv_layer, flop_matched, plugins_per_budget)
+    if oracle:
+        if data.kind != "testbed":
+            raise ValueError("`oracle` needs testbed rows (their evidence patches).")
+        at = max((i for i, row in enumerate(plan) if row[1] == "attention_topk"), default=len(plan) - 1) + 1
+        for label, method, budget, k, overrides in [r for r in plan if r[1] == "attention_topk"]:
+            plan.insert(at, ("oracle (in-decoder)", "oracle", budget, k, overrides))
+            at += 1
     if plugins_per_budget:
         unknown = sorted(set(plugins_per_budget) - {parse_budget(b)[0] for b in budgets})
         if unknown:
@@ -509,6 +611,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             adaptive = dict(pruning_method="rcp", pruning_keep_counts=None, pre_llm_keep_count=None)
             plan.insert(at, (f"rcp (adaptive, {label})", "rcp", label, None, adaptive))
             at += 1
+    text_tokens = mean_text_tokens(processor, data)
     bar = tqdm(total=len(plan) * len(data), desc="methods x budgets", unit="sample", disable=not progress)
     rows = []
     for label, method, budget, k, overrides in plan:
@@ -517,7 +620,9 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
         else:
             model = method_model(base, **overrides)
         bar.set_postfix_str(f"{label} @ {budget}")
-        result = evaluate_model(model, processor, data, batch_size, max_new_tokens, progress=bar)
+        forced = (oracle_keep_masks_fn(overrides["pruning_keep_counts"], n) if method == "oracle" else None)
+        result = evaluate_model(model, processor, data, batch_size, max_new_tokens, progress=bar,
+                                keep_masks_fn=forced)
         points = model.config.pruning_points
         first = points[0] if points else num_layers
         per_layer = result["tokens_per_layer"]
@@ -529,6 +634,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             "avg_tokens_all_layers": average_tokens(per_layer),
             "avg_tokens_from_first_point": average_tokens(per_layer, first) if points else float(n),
             "tokens_per_layer": per_layer,
+            "decoder_gflops": sum(decoder_layer_flops(config, text_tokens + round(v)) for v in per_layer) / 1e9,
             "score": result["score"], "groups": result["groups"], "n": result["n"],
             **({"metric": result["metric"]} if "metric" in result else {}),
             **({"correct": result["correct"], "group_of": result["group_of"]} if "correct" in result else {}),
@@ -545,6 +651,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             "num_layers": num_layers, "model": str(base.name_or_path), "rows": rows,
             "per_layer_retention": retention, "paired_tests": paired_tests(rows),
             "plugins_per_budget": {k: str(v) for k, v in plugins_per_budget.items()} or None,
+            "flop_matched": flop_matched, "infeasible": infeasible, "mean_text_tokens": text_tokens,
             "metric": "first-token accuracy" if data.kind == "testbed" else METRIC_KEY[_metric_name(data)]}
 
 
@@ -585,8 +692,13 @@ def format_table(result, command=None):
     lines += [f"**{result['data']}** ({result['num_samples']} samples, {result['metric']}), model "
               f"`{result['model']}`: N = {n} visual tokens, {num_layers} decoder layers. Per-group cells: absolute "
               "score (% of full). *tok/layer (all)*: visual tokens per decoder layer averaged over all layers; "
-              "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM).", ""]
-    head = ["method", "budget", "kept per pruning point", "tok/layer (all)", "tok/layer (from 1st)",
+              "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM). *decoder "
+              "GFLOPs*: analytic prefill FLOPs of the decoder per sample at the mean prompt length "
+              f"({result.get('mean_text_tokens', 0)} text tokens).", ""]
+    if result.get("flop_matched"):
+        lines += ["**FLOP-matched**: at budget b every method averages b * N visual tokens over ALL decoder layers "
+                  "(the paper's definition: equal decoder compute).", ""]
+    head = ["method", "budget", "kept per pruning point", "tok/layer (all)", "tok/layer (from 1st)", "decoder GFLOPs",
             *groups, "overall", "% of full", "mean % of full over groups"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
@@ -597,13 +709,15 @@ def format_table(result, command=None):
             kept = ", ".join(f"{c:.1f}@{p}" for c, p in zip(r["kept_per_point"], r["pruning_points"]))
         budget = r["budget"] if r["k"] is None or r["budget"] == "full" else f"{r['budget']} (k={r['k']})"
         cells = [r["label"], budget, kept, f"{r['avg_tokens_all_layers']:.1f}",
-                 f"{r['avg_tokens_from_first_point']:.1f}"]
+                 f"{r['avg_tokens_from_first_point']:.1f}", _fmt(r.get("decoder_gflops"), "{:.4f}")]
         for g in groups:
             v = r["groups"].get(g)
             rel = (r["groups_relative"] or {}).get(g)
             cells.append("–" if v is None else f"{v:.3f} ({_fmt(rel, '{:.0%}')})")
         cells += [f"{r['score']:.3f}", _fmt(r["relative"], "{:.1%}"), _fmt(r["mean_group_relative"], "{:.1%}")]
         lines.append("| " + " | ".join(cells) + " |")
+    for cell in result.get("infeasible") or []:
+        lines.append(f"\n*{cell['method']} at {cell['budget']} (k={cell['k']}) not run*: {cell['reason']}")
     retention = result.get("per_layer_retention")
     if retention:
         lines += ["", "Per-layer retention of the trained RCP (adaptive threshold; the paper's Table VI at 64 of 576 "
@@ -691,5 +805,5 @@ __all__ = [
     "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
-    "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",
+    "oracle_keep_masks_fn", "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",
 ]

@@ -255,3 +255,83 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a rebuilt base, same path
     rebuilt = {r["variant"]: r for r in ablations.main(argv)["variants"]}
     assert rebuilt["no_adapters"]["train_seconds"] is not None and rebuilt["full"]["train_seconds"] is not None
+
+
+# -- FLOP-matched budgets and the in-decoder oracle (issue 16) ------------------------------------------------
+
+
+def _shape(num_layers, n, pruning_layers, repair_layers=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=num_layers), num_visual_tokens=n,
+                           pruning_layers=list(pruning_layers), repair_layers=list(repair_layers))
+
+
+def test_flop_matched_overrides_average_k_over_all_layers():
+    from rcp_llava.evaluation import method_overrides
+    from rcp_llava.flops import keep_counts_for_budget
+    from rcp_llava.schedule import stage_proportions
+
+    shape = _shape(16, 144, [1, 7, 13], [11, 15])  # the deep testbed at 1/9: k = 16
+    rcp = method_overrides("rcp", 16, shape, flop_matched=True)
+    assert rcp["pruning_keep_counts"] == keep_counts_for_budget(16, 144, [1, 7, 13], 16, stage_proportions(3))
+    per_layer = visual_tokens_per_layer(16, 144, [1, 7, 13], rcp["pruning_keep_counts"])
+    assert sum(per_layer) / 16 == pytest.approx(16, abs=0.5)
+    assert method_overrides("attention_topk", 16, shape, flop_matched=True)["pruning_keep_counts"] == \
+        rcp["pruning_keep_counts"]
+    # FastV's K = 2 cannot reach 16 (2 x 144 > 16 x 16): K = 1 keeps round((256 - 144) / 15) = 7
+    fastv = method_overrides("fastv", 16, shape, flop_matched=True)
+    assert fastv["pruning_layers"] == [1] and fastv["pruning_keep_counts"] == [7]
+    # at 1/3 (k = 48) the default K = 2 reaches it: (768 - 288) / 14 = 34.3 -> 34
+    assert method_overrides("fastv", 48, shape, flop_matched=True)["pruning_keep_counts"] == [34]
+    assert method_overrides("vispruner", 16, shape, flop_matched=True)["pre_llm_keep_count"] == 16
+    with pytest.raises(ValueError, match=r"'fastv' cannot average 16 visual tokens over all 16 layers"):
+        method_overrides("fastv", 16, shape, fastv_layer=2, flop_matched=True)
+    with pytest.raises(ValueError, match=r"cannot be reached with pruning layers \[1, 7, 13\]"):
+        method_overrides("rcp", 8, shape, flop_matched=True)  # layer 0 alone averages 9
+
+
+def test_oracle_keep_masks_keep_evidence_then_objects():
+    from rcp_llava.evaluation import oracle_keep_masks_fn
+
+    rows = [{"id": 3, "evidence_patches": [5, 9], "object_patches": [5, 9, 20, 21, 22]},
+            {"id": 4, "evidence_patches": [1, 2, 3, 4], "object_patches": [1, 2, 3, 4]}]
+    masks = oracle_keep_masks_fn([6, 3], 32)(0, rows)
+    assert masks.shape == (2, 2, 32) and masks.sum(-1).tolist() == [[6, 3], [6, 3]]
+    assert (masks[:, 1] <= masks[:, 0]).all()  # cumulative
+    assert set(masks[0, 0].nonzero().flatten().tolist()) >= {5, 9, 20, 21, 22}
+    assert set(masks[0, 1].nonzero().flatten().tolist()) >= {5, 9}
+    assert set(masks[0, 1].nonzero().flatten().tolist()) - {5, 9} <= {20, 21, 22}
+    assert set(masks[1, 1].nonzero().flatten().tolist()) < {1, 2, 3, 4}
+    assert torch.equal(masks, oracle_keep_masks_fn([6, 3], 32)(5, rows))  # seeded per row, not per batch
+
+
+def test_flop_matched_grid_with_the_oracle_on_micro(micro, tmp_path):
+    evaluate_methods = load_benchmark("evaluate_methods")
+    from rcp_llava.flops import decoder_layer_flops
+
+    root, folder = micro
+    evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--max_samples", "8",
+                           "--methods", "none,rcp,attention_topk,fastv,vispruner", "--budgets", "3/4,1/9",
+                           "--flop_matched", "--oracle", "--output_dir", str(tmp_path), "--name", "f",
+                           "--no_progress"])
+    result = json.loads((tmp_path / "f.json").read_text())["results"][0]
+    rows = {(r["label"], r["budget"]): r for r in result["rows"]}
+    # 3/4 of 64 = 48 per layer over both layers: the in-decoder methods keep 32 after layer 1, VisPruner 48
+    for label in ("rcp", "attention_topk", "oracle (in-decoder)", "fastv", "vispruner"):
+        assert rows[(label, "3/4")]["avg_tokens_all_layers"] == 48, label
+    assert rows[("oracle (in-decoder)", "3/4")]["keep_counts"] == rows[("attention_topk", "3/4")]["keep_counts"] == [32]
+    # 1/9 (k = 7): layer 0 alone averages 32, so every in-decoder cell is listed as not run; VisPruner runs
+    assert sorted(c["method"] for c in result["infeasible"]) == ["attention_topk", "fastv", "rcp"]
+    assert ("vispruner", "1/9") in rows and ("rcp", "1/9") not in rows and ("oracle (in-decoder)", "1/9") not in rows
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root / "rcp")
+    text = result["mean_text_tokens"]
+    assert text > 0
+    for r in result["rows"]:
+        assert r["decoder_gflops"] == pytest.approx(
+            sum(decoder_layer_flops(config, text + round(v)) for v in r["tokens_per_layer"]) / 1e9)
+    assert rows[("vispruner", "3/4")]["decoder_gflops"] < rows[("none", "full")]["decoder_gflops"]
+    md = (tmp_path / "f.md").read_text()
+    assert "**FLOP-matched**" in md and "*rcp at 1/9 (k=7) not run*" in md and "| oracle (in-decoder) | 3/4" in md

@@ -118,7 +118,7 @@ def test_evidence_patches_match_drawn_objects():
                 assert q["evidence_patches"], q
 
 
-@pytest.mark.parametrize("name", ["micro", "tiny", "paper"])
+@pytest.mark.parametrize("name", ["micro", "tiny", "deep", "paper"])
 def test_processor_image_token_count(name):
     preset = PRESETS[name]
     processor = build_processor(preset)
@@ -350,3 +350,60 @@ def test_a_later_evaluation_does_not_rewrite_the_build_command(tmp_path):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert (metrics["command"], metrics["evaluated_by"], "pruning" in metrics) == ("build it", "evaluate it", True)
     assert not list(folder.glob("metrics.json.tmp*"))
+
+
+# -- the deep preset (issue 16) ---------------------------------------------------------------------------------
+
+
+def test_deep_preset_reaches_the_papers_budgets_over_all_layers_and_supervises_no_pruning_layer():
+    """16 layers and 144 visual tokens: with the paper's relative placements the budgets 1/3, 2/9, 1/9 are
+    reachable as means over ALL decoder layers, and the supervised binding hops sit at layers no pruner reads."""
+    from configuration_rcp_llava import paper_placement
+    from rcp_llava.flops import keep_counts_for_budget
+    from rcp_llava.schedule import stage_proportions
+
+    deep = PRESETS["deep"]
+    assert deep.text_layers >= 16 and deep.num_visual_tokens == 144
+    pruning = set()
+    for fraction in (1 / 3, 2 / 9, 1 / 9):
+        layers, repair = paper_placement(deep.text_layers, fraction)
+        assert layers[0] == (1 if fraction < 0.2 else 2) and repair == [11, 15]
+        k = deep.budget(fraction)
+        counts = keep_counts_for_budget(deep.text_layers, 144, layers, k, stage_proportions(len(layers)))
+        per_layer = [144] * layers[0]
+        for i, layer in enumerate(layers):
+            per_layer += [counts[i]] * ((layers[i + 1] if i + 1 < len(layers) else deep.text_layers) - layer)
+        assert abs(sum(per_layer) / deep.text_layers - k) < 0.5, (fraction, counts)
+        pruning |= set(layers)
+    assert pruning == {1, 2, 7, 12, 13}
+    assert not pruning & set(deep.supervised_layers) and len(set(deep.supervised_layers)) == 3
+
+
+def test_deep_preset_scenes_are_deterministic_and_consistent():
+    deep = PRESETS["deep"]
+    samples = _samples(deep, n=40)
+    for (s1, q1), i in zip(samples[:5], range(5)):
+        s2, q2 = make_sample(deep, 0, "test", i, FAMILIES, num_questions=5)
+        assert np.array_equal(np.asarray(s1.image), np.asarray(s2.image)) and q1 == q2
+    for scene, questions in samples:
+        assert deep.min_objects <= len(scene.objects) <= deep.max_objects
+        for q in questions:
+            assert _expected_answer(scene, q) == q["answer"], q
+            assert set(q["evidence_patches"]) <= {i for o in scene.objects for i in o.patches}
+            if q["family"] in ("attribute", "identity", "position") or q["answer"] == "yes":
+                assert q["evidence_patches"], q
+
+
+def test_a_deep_shaped_micro_build_loads_with_stock_classes(tmp_path):
+    """The deep preset's decoder shape (16 layers, hops at 3-5, attention supervision on them) through every stage
+    at micro size: a stock LLaVA folder."""
+    import dataclasses
+
+    deep_micro = dataclasses.replace(PRESETS["micro"], name="deep-micro", text_layers=16,
+                                     supervised_layers=PRESETS["deep"].supervised_layers)
+    out = build_testbed(deep_micro, tmp_path / "deep-micro", pruning_eval=False)
+    model = LlavaForConditionalGeneration.from_pretrained(out / "model")
+    assert model.config.text_config.num_hidden_layers == 16
+    assert AutoProcessor.from_pretrained(out / "model").chat_template
+    state = json.loads((out / "work" / "warmup" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [row["attention_loss"] for row in state["log_history"] if "attention_loss" in row]

@@ -263,8 +263,13 @@ def test_main_job_end_to_end_on_a_micro_testbed(tmp_path):
     assert {"rcp_plugins.safetensors", "rcp_config.json"} <= set(os.listdir(out / "plugins"))
     assert {"config.json", "model.safetensors"} <= set(os.listdir(out / "model"))
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("full", "rcp", "rcp_fixed_counts", "untrained_fixed_counts", "random_fixed_counts"):
+    for key in ("full", "rcp", "rcp_fixed_counts", "untrained_fixed_counts", "prior_fixed_counts",
+                "random_fixed_counts"):
         assert 0.0 <= saved[key]["accuracy"] <= 1.0 and saved[key]["n"] == 8, key
+    # RCP against its training-free prior at the same counts, paired on the same 8 samples
+    paired = saved["rcp_vs_prior_fixed_counts"]
+    assert (paired["a_only"] - paired["b_only"]) / 8 == pytest.approx(
+        saved["rcp_fixed_counts"]["accuracy"] - saved["prior_fixed_counts"]["accuracy"])
     assert saved["rcp"]["kept_per_pruning_layer"] and saved == metrics
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
