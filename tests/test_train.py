@@ -376,3 +376,24 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
         train_rcp.main([a for a in argv if a not in ("--push_to_hub", "--hub_model_id", "someone/rcp-micro",
                                                      "--push_plugins_only")])
     assert (out / "plugins" / "README.md").exists()
+
+
+def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tmp_path, monkeypatch):
+    """`--testbed_preset deep` (issue 16): the paper's placement for the depth and budget (the config default, not
+    tiny's [1, 2, 3]) and the sparsity target over ALL layers. The deep build itself is stubbed by a 16-layer
+    micro-sized testbed (the build is an hour)."""
+    import dataclasses
+
+    import rcp_llava.testbed as testbed
+    from rcp_llava.testbed import PRESETS, build_testbed
+
+    deep_micro = dataclasses.replace(PRESETS["micro"], name="deep", text_layers=16, supervised_layers=(3, 4, 5))
+    folder = build_testbed(deep_micro, tmp_path / "deep", pruning_eval=False)
+    monkeypatch.setattr(testbed, "build_testbed", lambda preset: folder)
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    metrics = train_rcp.main(["--testbed_preset", "deep", "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
+                              "--disable_tqdm", "true", "--max_eval_samples", "4"])
+    assert metrics["sparsity_layers"] == "all"
+    assert (metrics["pruning_layers"], metrics["repair_layers"]) == ([1, 7, 13], [11, 15])  # paper_placement(16, 1/9)
+    assert metrics["target_retention"] == pytest.approx(1 / 9)
