@@ -41,3 +41,24 @@ def test_compare_prefill_smoke(tmp_path, monkeypatch):
     assert [(r[0], r[1]) for r in rows] == [("| full", "1"), ("| full", "2"), ("| rcp-64", "1"), ("| rcp-64", "2"),
                                             ("| fastv-64", "1"), ("| fastv-64", "2")]
     assert all(r[-1] == "True |" for r in rows)
+
+
+def test_testbed_report_from_metrics(tmp_path):
+    report = load_benchmark("testbed_report")
+    fam = {"attribute": 0.9, "counting": 0.8}
+    row = lambda acc, kept: {"overall": acc, "families": fam, "kept_visual_tokens": kept, "n": 10}  # noqa: E731
+    metrics = {"preset": "deep", "command": "build_testbed.py --preset deep", "num_visual_tokens": 144,
+               "build_times": {"training_s": 3000.0, "evaluation_s": 100.0},
+               "chance": {"attribute": 0.1, "counting": 0.25}, "test": row(0.85, 144), "validation": row(0.84, 144),
+               "pruning": {"random": {"1/9": row(0.4, 16), "1/3": row(0.6, 48), "2/9": row(0.5, 32)}}}
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "metrics.json").write_text(json.dumps(metrics))
+    report.main(["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path)])
+    md = (tmp_path / "testbed_deep.md").read_text()
+    assert "Built by: `build_testbed.py --preset deep`" in md and "total 3100 s" in md
+    assert "Test accuracy **0.850** on 10 samples" in md
+    budgets = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| random |")]
+    assert budgets == ["1/3", "2/9", "1/9"]
+    assert json.loads((tmp_path / "testbed_deep.json").read_text()) == metrics
+    with pytest.raises(FileExistsError, match="testbed_deep.md"):
+        report.main(["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path)])

@@ -1,0 +1,73 @@
+"""The testbed table of a built testbed folder, as markdown: test accuracy overall and per family against chance,
+and input-level pruning before the LLM (random / oracle / saliency) at each budget, per family.
+
+    python benchmarks/testbed_report.py --preset deep --output_dir benchmarks/results --name testbed_deep
+
+Reads `metrics.json` only (written by `benchmarks/build_testbed.py`); the table carries the build's command.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.schedule import parse_budget
+
+
+def format_report(metrics, folder):
+    families = sorted(metrics["test"]["families"])
+    chance = metrics.get("chance", {})
+    times = metrics.get("build_times", {})
+    lines = [f"# Testbed `{metrics['preset']}`: {folder}", "",
+             f"Built by: `{metrics['command']}`" + (f"; evaluated by `{metrics['evaluated_by']}`"
+                                                    if metrics.get("evaluated_by") else ""),
+             f"Build times (s): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; total "
+             f"{sum(times.values()):.0f} s.", "",
+             f"Test accuracy **{metrics['test']['overall']:.3f}** on {metrics['test']['n']} samples (validation "
+             f"{metrics['validation']['overall']:.3f} on {metrics['validation']['n']}); N = "
+             f"{metrics['num_visual_tokens']} visual tokens.", "",
+             "| family | " + " | ".join(families) + " |", "|---|" + "---|" * len(families),
+             "| test accuracy | " + " | ".join(f"{metrics['test']['families'][f]:.3f}" for f in families) + " |",
+             "| chance | " + " | ".join(f"{chance.get(f, float('nan')):.3f}" for f in families) + " |"]
+    pruning = metrics.get("pruning")
+    if pruning:
+        budgets = sorted(next(iter(pruning.values())), key=lambda b: -parse_budget(b)[1])  # 1/3, 2/9, 1/9
+        lines += ["", "Input-level pruning before the LLM (overall, then per family; kept tokens per image):", "",
+                  "| pruner | budget | kept | overall | " + " | ".join(families) + " |",
+                  "|---|---|---|---|" + "---|" * len(families)]
+        for name, rows in pruning.items():
+            for budget in budgets:
+                r = rows[budget]
+                lines.append(f"| {name} | {budget} | {r['kept_visual_tokens']:.0f} | {r['overall']:.3f} | "
+                             + " | ".join(f"{r['families'][f]:.3f}" for f in families) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from rcp_llava.testbed import default_cache_dir
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="Read $RCP_LLAVA_CACHE/testbed/PRESET (or --folder).")
+    parser.add_argument("--folder", default=None, help="A built testbed folder (holds metrics.json).")
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--name", default=None, help="Output stem (default testbed_PRESET).")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder) if args.folder else default_cache_dir(args.preset)
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json; build the testbed first (benchmarks/build_testbed.py).")
+    metrics = json.loads(path.read_text())
+    stem = os.path.join(args.output_dir, args.name or f"testbed_{metrics['preset']}")
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
+    markdown = format_report(metrics, folder)
+    write_results(stem, markdown=markdown, data=metrics)
+    print(markdown)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
