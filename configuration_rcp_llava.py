@@ -316,6 +316,15 @@ class RcpLlavaConfig(LlavaConfig):
         ):
             check()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """A stock LLaVA config (model_type 'llava') is an RCP config with pruning off: read it as 'rcp_llava', so
+        that loading a llava-hf checkpoint does not warn about instantiating one model type from another."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "llava":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     @staticmethod
     def paper_placement(num_layers, budget_fraction=64 / 576):
         """The paper's `(pruning_layers, repair_layers)` for a depth and a budget fraction (`paper_placement`):

@@ -26,6 +26,7 @@ sibling `configuration_rcp_llava.py`.
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from transformers import (
     AttentionInterface,
     DynamicCache,
     LlavaConfig,
+    PretrainedConfig,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaPreTrainedModel,
@@ -85,7 +87,7 @@ RCP_AUTO_MAP = {
 }
 # Keys of rcp_config.json besides the pruning fields of the config.
 _PLUGIN_META_KEYS = (
-    "format", "base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens",
+    "format", "base_model_name_or_path", "base_model_revision", "hidden_size", "num_hidden_layers", "num_visual_tokens",
     "library_version", "transformers_version",
 )
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -1888,16 +1890,35 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-@contextlib.contextmanager
-def _quiet_logger(name):
-    """Raise logger `name` to ERROR for the duration of the block."""
-    target = logging.get_logger(name)
-    level = target.level
-    target.setLevel(logging.ERROR)
+def share_backbone(target, source):
+    """Give `target` (a LLaVA built on the meta device) `source`'s vision tower, projector, language model, LM head
+    and generation config: the same modules, no copy (one backbone under several configs)."""
+    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
+        setattr(target.model, attr, getattr(source.model, attr))
+    target.lm_head = source.lm_head
+    target.generation_config = copy.deepcopy(source.generation_config)
+
+
+def fresh_plugins(model, device, dtype):
+    """`model.config`'s plug-ins, initialised as `from_pretrained(stock LLaVA)` initialises them: built on the meta
+    device and given values by `model._init_weights` alone. No constructor draws from the global RNG first, so the
+    values equal an in-place re-initialisation of existing plug-ins from the same RNG state."""
+    with torch.device("meta"):
+        plugins = RcpPlugins(model.config)
+    plugins = plugins.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        plugins.apply(model._init_weights)
+    return plugins
+
+
+def _is_stock_checkpoint(name_or_path, kwargs):
+    """True if `name_or_path`'s config.json is a stock LLaVA's (model_type 'llava'), read with the load's Hub kwargs."""
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     try:
-        yield
-    finally:
-        target.setLevel(level)
+        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
+    except (OSError, ValueError):
+        return False  # from_pretrained itself reports an unreadable source
+    return config_dict.get("model_type") == "llava"
 
 
 def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugins_name):
@@ -2183,6 +2204,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         record.update(
             format=RCP_PLUGINS_FORMAT,
             base_model_name_or_path=str(base) if base is not None else None,
+            base_model_revision=getattr(self, "rcp_base_model_revision", None),
             hidden_size=text.hidden_size,
             num_hidden_layers=text.num_hidden_layers,
             num_visual_tokens=config.num_visual_tokens,
@@ -2200,13 +2222,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         atomic_write(config_path, lambda tmp: write_text(tmp, text))
         return [config_path, weights_path]
 
-    def load_plugins(self, plugins, strict=False, **hub_kwargs):
+    def load_plugins(self, plugins, strict=True, **hub_kwargs):
         """Copy the tensors of a plug-in checkpoint (folder or Hub repo id) into this model's plug-ins.
 
         A checkpoint built for another hidden size or layer count, or holding a tensor of another shape, raises a
-        `ValueError` before any tensor is copied. Missing plug-in keys (they keep their initial values) and
-        unexpected keys are reported with a warning, or, with `strict=True` (training checkpoints, resuming),
-        raise a `ValueError` before any tensor is copied. Unknown config keys are reported with a warning.
+        `ValueError` before any tensor is copied. Missing plug-in keys and unexpected keys (plug-ins trained with
+        other `pruning_layers` / `repair_layers`) raise a `ValueError` before any tensor is copied (`strict=True`,
+        the default); `strict=False` only warns, and the missing ones keep their initial values. Unknown config keys
+        are reported with a warning.
         Returns `(missing, unexpected)`.
         """
         if _load_safetensors is None:  # pragma: no cover
@@ -2251,60 +2274,141 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, safetensors only (`use_safetensors=True` unless given): a pickle file can
         run code when it is loaded. A local folder with only pickle weights, or a local-looking path that does not
-        exist, is refused with a message naming the path and the fix (not transformers' "Repo id must be ...")."""
+        exist, is refused with a message naming the path and the fix (not transformers' "Repo id must be ...").
+
+        From a stock LLaVA checkpoint the plug-ins are new by construction: they are left out of transformers' load
+        report (`_keys_to_ignore_on_load_missing`) and one line says so; from an RCP checkpoint a missing plug-in
+        tensor is reported like any other."""
         check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        plugins_follow = kwargs.pop("_rcp_plugins_follow", False)  # from_base loads them right after
+        stock = _is_stock_checkpoint(pretrained_model_name_or_path, kwargs)
+        previous = cls._keys_to_ignore_on_load_missing
+        cls._keys_to_ignore_on_load_missing = [r"(^|\.)rcp_plugins\."] if stock else previous
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            cls._keys_to_ignore_on_load_missing = previous
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if stock and not plugins_follow and model.config.pruning_spec.plugins:
+            count = sum(p.numel() for p in model.model.rcp_plugins.parameters())
+            logger.warning(
+                f"RCP plug-ins are new ({count / 1e6:.2f}M parameters at pruning layers "
+                f"{list(model.config.pruning_layers)}, repair layers {list(model.config.repair_layers)}): "
+                f"{pretrained_model_name_or_path!r} is a stock LLaVA checkpoint. Train them (`train_rcp.py`) or load "
+                "trained ones with `from_base(base, plugins=...)`."
+            )
+        return loaded
 
     @classmethod
-    def from_base(cls, base_model_name_or_path, plugins=None, **kwargs):
-        """A full RCP model from a stock LLaVA checkpoint plus, optionally, a plug-in-only checkpoint.
+    def from_base(cls, base_model, plugins=None, subfolder=None, revision=None, plugins_revision=None, token=None,
+                  strict=True, **kwargs):
+        """A full RCP model from a stock LLaVA (a checkpoint, or a loaded model as `PeftModel.from_pretrained(model,
+        id)` takes it) plus, optionally, a plug-in-only checkpoint.
 
         ```python
         model = RcpLlavaForConditionalGeneration.from_base("llava-hf/llava-1.5-7b-hf", plugins="user/rcp-plugins")
+        model = RcpLlavaForConditionalGeneration.from_base(llava, plugins="user/repo", subfolder="rcp-64")
         ```
+
+        Args:
+            base_model: a stock LLaVA checkpoint (Hub id or folder) or a loaded `LlavaForConditionalGeneration`,
+                whose modules the RCP model then shares (no copy: as PEFT wraps a model).
+            plugins: a plug-in folder or Hub repo (`save_plugins` / `train_rcp.py`'s OUT/plugins).
+            subfolder: where the plug-ins live inside `plugins` (as PEFT's `subfolder`).
+            revision / plugins_revision: the base's and the plug-ins' Hub revisions; the base's is recorded in
+                saved plug-ins (`base_model_revision`).
+            token: for both.
+            strict: plug-ins that miss a tensor of this placement, or hold one it has no use for, raise (default);
+                `strict=False` warns and keeps the missing ones at their initial values.
 
         The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
         pruning field of `RcpLlavaConfig` overrides it (e.g. `pruning_keep_counts=[96, 26, 8]`), every other kwarg
-        goes to `from_pretrained` (`dtype`, `device_map`, `revision`, `token`, ...). Plug-ins built for another
-        hidden size or layer count raise a `ValueError` before any weight is read.
+        goes to `from_pretrained` (`dtype`, `device_map`, ...). Plug-ins built for another hidden size or layer
+        count raise a `ValueError` before any weight is read.
         """
-        check_model_source(base_model_name_or_path, "base_model_name_or_path")
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "subfolder"}
-        plugin_config = read_plugin_config(plugins, **hub_kwargs) if plugins is not None else {}
-        base_dict, _ = RcpLlavaConfig.get_config_dict(base_model_name_or_path, **hub_kwargs)
-        drop = set(PRUNING_FIELDS) | {"model_type", "auto_map", "architectures"}
-        stock_text = LlavaConfig.from_dict({k: v for k, v in base_dict.items() if k not in drop}).text_config
+        base_hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
+        base_hub.update({k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k not in ("subfolder", "revision")})
+        plugin_hub = {k: v for k, v in (("revision", plugins_revision), ("token", token), ("subfolder", subfolder))
+                      if v is not None}
+        plugin_hub.update({k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only") if k in kwargs})
+        loaded = isinstance(base_model, LlavaForConditionalGeneration)
+        if loaded:
+            base_name = getattr(base_model, "name_or_path", None) or getattr(base_model.config, "_name_or_path", "")
+            base_dict = base_model.config.to_dict()
+        elif isinstance(base_model, (str, os.PathLike)):
+            check_model_source(base_model, "base_model")
+            base_name = str(base_model)
+            base_dict, _ = RcpLlavaConfig.get_config_dict(base_model, **base_hub)
+        else:
+            raise TypeError(f"`base_model` must be a Hub id, a folder or a loaded LlavaForConditionalGeneration, got "
+                            f"{type(base_model).__name__}.")
+        drop = set(PRUNING_FIELDS) | {"model_type", "auto_map", "architectures", "transformers_version"}
+        stock = {k: v for k, v in base_dict.items() if k not in drop}
+        stock_text = LlavaConfig.from_dict(stock).text_config
+        plugin_config = read_plugin_config(plugins, **plugin_hub) if plugins is not None else {}
         if plugins is not None:
-            _check_plugin_shape(
-                plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_model_name_or_path, plugins
-            )
+            _check_plugin_shape(plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_name, plugins)
             # A truncated plug-in file is named now, not after the whole base model has loaded.
-            check_safetensors_file(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs))
+            check_safetensors_file(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, plugin_hub))
         fields = {k: plugin_config[k] for k in PRUNING_FIELDS if k in plugin_config}
         fields.update(overrides)
-        config = RcpLlavaConfig.from_pretrained(base_model_name_or_path, **fields, **hub_kwargs)
-        if plugins is None:
-            model = cls.from_pretrained(base_model_name_or_path, config=config, **kwargs)
+        if loaded:
+            model = cls._wrap_loaded(base_model, RcpLlavaConfig(**stock, **fields))
         else:
-            # The stock load report would list every plug-in tensor as "newly initialised" just before they are
-            # loaded: quiet it and report only what concerns the base weights.
-            kwargs.pop("output_loading_info", None)
-            with _quiet_logger("transformers.modeling_utils"):
-                model, info = cls.from_pretrained(
-                    base_model_name_or_path, config=config, output_loading_info=True, **kwargs
-                )
-            missing = [k for k in info["missing_keys"] if not k.startswith(PLUGIN_PREFIX)]
-            if missing or info["unexpected_keys"] or info["mismatched_keys"]:
-                logger.warning(
-                    f"Loading the base {base_model_name_or_path!r}: missing {missing}, unexpected "
-                    f"{info['unexpected_keys']}, mismatched {info['mismatched_keys']}."
-                )
-        model.rcp_base_model_name_or_path = str(base_model_name_or_path)
+            config = RcpLlavaConfig.from_pretrained(base_model, **fields, **base_hub)
+            # transformers reports the base weights itself; the plug-ins are left out of that report (they are
+            # loaded next, strictly).
+            model = cls.from_pretrained(base_model, config=config, _rcp_plugins_follow=plugins is not None,
+                                        **base_hub, **kwargs)
+        model.rcp_base_model_name_or_path = base_name
+        model.rcp_base_model_revision = revision
         if plugins is not None:
-            model.load_plugins(plugins, **hub_kwargs)
+            model.load_plugins(plugins, strict=strict, **plugin_hub)
         return model
+
+    @classmethod
+    def _wrap_loaded(cls, base, config):
+        """An RCP model over the modules of a loaded stock LLaVA (shared, not copied), with fresh plug-ins on the
+        base's device and dtype, initialised as `from_pretrained` initialises them."""
+        config._attn_implementation = base.config._attn_implementation
+        with torch.device("meta"):
+            model = cls(config)
+        share_backbone(model, base)
+        param = next(base.parameters())
+        model.model.rcp_plugins = fresh_plugins(model, param.device, param.dtype)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if leftover:
+            raise RuntimeError(f"from_base left tensors on the meta device: {leftover[:5]}")
+        return model.eval() if not base.training else model
+
+    def unload(self):
+        """The stock `LlavaForConditionalGeneration` under the plug-ins (PEFT's `unload`): same modules, no copy,
+        no plug-ins; its forward and generate are transformers' own."""
+        config = LlavaConfig.from_dict({k: v for k, v in self.config.to_dict().items()
+                                        if k not in set(PRUNING_FIELDS) | {"model_type", "auto_map", "architectures"}})
+        config._attn_implementation = self.config._attn_implementation
+        with torch.device("meta"):
+            stock = LlavaForConditionalGeneration(config)
+        share_backbone(stock, self)
+        return stock.train(self.training)
+
+    def print_trainable_parameters(self):
+        """PEFT's one line: trainable parameters, all parameters and the share (the plug-ins train, the backbone is
+        frozen by `train_rcp.py`)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        plugins = sum(p.numel() for p in self.model.rcp_plugins.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+              f" || plug-in params: {plugins:,d}")
+
+    def load_adapter(self, plugins, *args, strict=True, **hub_kwargs):
+        """`load_plugins` under the name transformers' PEFT integration uses (it needs `peft` and PEFT adapters; RCP
+        plug-ins are their own format)."""
+        if args:
+            raise TypeError("RCP plug-ins have no adapter names: call `load_adapter(plugins_folder_or_repo)`.")
+        return self.load_plugins(plugins, strict=strict, **hub_kwargs)
 
 
 __all__ = [
@@ -2315,6 +2419,8 @@ __all__ = [
     "RcpRepairContext",
     "check_model_source",
     "RcpDynamicCache",
+    "fresh_plugins",
+    "share_backbone",
     "RcpPruningInfo",
     "TokenSelector",
     "SelectionContext",

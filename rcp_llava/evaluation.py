@@ -41,7 +41,12 @@ from contextlib import contextmanager
 import torch
 
 from configuration_rcp_llava import PRUNING_METHODS, default_fastv_layer
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins, check_model_source
+from modeling_rcp_llava import (
+    RcpLlavaForConditionalGeneration,
+    check_model_source,
+    fresh_plugins,
+    share_backbone,
+)
 from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
 from rcp_llava.flops import decoder_layer_flops
 from rcp_llava.losses import gaussian_w2
@@ -164,9 +169,7 @@ def method_model(base, fresh_plugins=False, **overrides):
     config.validate_pruning()
     with torch.device("meta"):
         model = RcpLlavaForConditionalGeneration(config)
-    for attr in ("vision_tower", "multi_modal_projector", "language_model"):
-        setattr(model.model, attr, getattr(base.model, attr))
-    model.lm_head = base.lm_head
+    share_backbone(model, base)
     param = next(base.parameters())
     same_plugins = (config.pruning_spec.plugins and config.pruning_method == base.config.pruning_method
                     and all(getattr(config, f) == getattr(base.config, f) for f in _STRUCTURAL))
@@ -177,21 +180,13 @@ def method_model(base, fresh_plugins=False, **overrides):
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"method_model left tensors on the meta device: {leftover[:5]}")
-    model.generation_config = copy.deepcopy(base.generation_config)
     return model.eval()
 
 
 def fresh_plugins_for(model, device, dtype):
-    """`model.config`'s plug-ins, initialised as `from_pretrained(stock LLaVA)` initialises them: built on the
-    meta device and given values by `model._init_weights` alone. No constructor draws from the global RNG first,
-    so the values equal an in-place re-initialisation of existing plug-ins from the same RNG state
-    (`RcpInitMixin._init_weights` in `modeling_rcp_llava`)."""
-    with torch.device("meta"):
-        plugins = RcpPlugins(model.config)
-    plugins = plugins.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        plugins.apply(model._init_weights)
-    return plugins
+    """`model.config`'s plug-ins, initialised as `from_pretrained(stock LLaVA)` initialises them
+    (`modeling_rcp_llava.fresh_plugins`)."""
+    return fresh_plugins(model, device, dtype)
 
 
 def load_base_model(model_dir, plugins=None, dtype=None, device=None):

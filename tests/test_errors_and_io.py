@@ -132,8 +132,9 @@ def test_from_pretrained_on_a_stock_llava_checkpoint(tmp_path, caplog):
     stock.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the llava-hf layout on disk
         assert "language_model.model.embed_tokens.weight" in set(f.keys())
-    logger = logging.getLogger("transformers.modeling_utils")
-    logger.addHandler(caplog.handler)
+    loggers = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "configuration_utils")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING):
             loaded = RcpLlavaForConditionalGeneration.from_pretrained(
@@ -141,11 +142,16 @@ def test_from_pretrained_on_a_stock_llava_checkpoint(tmp_path, caplog):
                 pruner_hidden_size=16, repair_bottleneck_size=8,
             )
     finally:
-        logger.removeHandler(caplog.handler)
+        for logger in loggers:
+            logger.removeHandler(caplog.handler)
     assert loaded.config.model_type == "rcp_llava" and loaded.config.pruning_layers == [1, 2]
     for key, value in stock.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert "rcp_plugins" in caplog.text  # reported as newly initialised
+    # Issue 18: one line says the plug-ins are new (it was a MISSING row per plug-in tensor in transformers' load
+    # report), and a stock config is read as rcp_llava without the "model of type llava" warning.
+    assert "RCP plug-ins are new" in caplog.text and "pruning layers [1, 2], repair layers [3]" in caplog.text
+    assert "MISSING" not in caplog.text and "rcp_plugins" not in caplog.text
+    assert "to instantiate a model of type" not in caplog.text
     assert all(k.startswith(PLUGIN_PREFIX) for k in loaded.plugin_state_dict())
     # Fresh plug-ins from a stock checkpoint get the authors' init (issue 15: gate 0.1, pruner bias 2.0; before, an
     # exact no-op), and with the plug-ins disabled the logits are the stock model's.

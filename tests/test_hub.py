@@ -322,17 +322,22 @@ def test_load_plugins_shape_mismatch_fails_before_copy(plugin_setup):
     assert all(torch.equal(before[k], v) for k, v in model.plugin_state_dict().items())
 
 
-def test_unknown_config_keys_and_missing_plugin_keys_warn(plugin_setup, caplog):
+def test_missing_plugin_keys_raise_by_default_and_warn_with_strict_false(plugin_setup, caplog):
+    """Issue 18 made `from_base` strict by default (a layer mismatch used to warn and silently keep an untrained
+    adapter); `strict=False` keeps the old warning."""
     _, root, _ = plugin_setup
     dropped = sorted(k for k in plugin_setup[0].plugin_state_dict() if ".repair_adapters.3.up." in k)
     folder = _edit_plugins(root, "partial", lambda r: r.update(lora_alpha=8), drop_keys=dropped)
+    with pytest.raises(ValueError, match=r"do not match the model: missing \['model.rcp_plugins.repair_adapters.3"):
+        RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(folder))
     with caplog.at_level(logging.WARNING):
-        model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(folder))
+        model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(folder), strict=False)
     assert "unknown keys ['lora_alpha']" in caplog.text
     assert "have no tensor for 2 plug-in parameter(s)" in caplog.text
     for key in dropped:
         assert key in caplog.text
-    assert "LOAD REPORT" not in caplog.text  # the misleading "newly initialised plug-ins" report is quieted
+    assert "LOAD REPORT" not in caplog.text  # the plug-ins are not in transformers' report: they are loaded next
+    assert "not sharded" not in caplog.text  # no logger quieting (it made transformers run verify_tp_plan)
     assert model.model.rcp_plugins.repair_adapters["3"].up.bias.abs().sum() == 0  # kept its initial value
 
 
@@ -498,3 +503,84 @@ def test_examples_run_with_no_arguments(tmp_path, example, expect):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert expect in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT-style plug-ins (issue 18)
+# ------------------------------------------------------------------------------------------------
+
+
+def _demo_batch(config):
+    """One prompt of the demo shape: BOS, two words, the image, a three-word question."""
+    g = torch.Generator().manual_seed(0)
+    ids = [1, 5, 6] + [config.image_token_index] * config.num_visual_tokens + [7, 8, 9]
+    size = config.vision_config.image_size
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": torch.randn(1, 3, size, size, generator=g)}
+
+
+def test_from_base_with_a_loaded_model_shares_its_modules_and_equals_the_folder_load(plugin_setup):
+    from transformers import LlavaForConditionalGeneration
+
+    trained, root, _ = plugin_setup
+    stock = LlavaForConditionalGeneration.from_pretrained(root / "base").eval()
+    wrapped = RcpLlavaForConditionalGeneration.from_base(stock, plugins=str(root / "plugins"))
+    assert wrapped.model.language_model is stock.model.language_model and wrapped.lm_head is stock.lm_head
+    from_folder = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"))
+    for key, value in from_folder.plugin_state_dict().items():
+        assert torch.equal(wrapped.plugin_state_dict()[key], value), key
+    batch = _demo_batch(wrapped.config)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.eval()(**batch).logits, trained.eval()(**batch).logits, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"`base_model` must be a Hub id, a folder or a loaded "
+                                        r"LlavaForConditionalGeneration, got int"):
+        RcpLlavaForConditionalGeneration.from_base(3)
+
+
+def test_plugins_in_a_subfolder_and_the_base_revision_recorded(plugin_setup, tmp_path):
+    import shutil
+
+    trained, root, _ = plugin_setup
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "plugins", repo / "rcp-64")
+    model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(repo), subfolder="rcp-64")
+    for key, value in trained.plugin_state_dict().items():
+        assert torch.equal(model.plugin_state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="has no rcp_config.json"):
+        RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(repo))
+    model.rcp_base_model_revision = "abc123"  # what from_base(..., revision="abc123") records
+    model.save_plugins(tmp_path / "again")
+    record = json.loads((tmp_path / "again" / RCP_CONFIG_NAME).read_text())
+    assert record["base_model_revision"] == "abc123" and record["base_model_name_or_path"] == str(root / "base")
+
+
+def test_unload_returns_the_stock_model(plugin_setup):
+    from transformers import LlavaForConditionalGeneration
+
+    trained, root, _ = plugin_setup
+    stock = trained.unload()
+    assert type(stock) is LlavaForConditionalGeneration and stock.model.language_model is trained.model.language_model
+    assert not any(".rcp_plugins." in k for k in stock.state_dict())
+    reference = LlavaForConditionalGeneration.from_pretrained(root / "base").eval()
+    batch = _demo_batch(trained.config)
+    with torch.no_grad():
+        torch.testing.assert_close(stock.eval()(**batch).logits, reference(**batch).logits, rtol=0, atol=0)
+
+
+def test_print_trainable_parameters_and_load_adapter(plugin_setup, capsys):
+    trained, root, _ = plugin_setup
+    model = demo.build_demo_model(seed=9, randomize_plugins=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.model.rcp_plugins.parameters():
+        p.requires_grad_(True)
+    model.print_trainable_parameters()
+    plugins = sum(p.numel() for p in model.model.rcp_plugins.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert capsys.readouterr().out.strip() == (f"trainable params: {plugins:,d} || all params: {total:,d} || "
+                                               f"trainable%: {100 * plugins / total:.4f} || plug-in params: {plugins:,d}")
+    model.load_adapter(str(root / "plugins"))  # the name transformers' PEFT integration uses
+    for key, value in trained.plugin_state_dict().items():
+        assert torch.equal(model.plugin_state_dict()[key], value), key
+    with pytest.raises(TypeError, match="RCP plug-ins have no adapter names"):
+        model.load_adapter(str(root / "plugins"), "default")
