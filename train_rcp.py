@@ -851,7 +851,8 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     if calibration is not None:
         metrics["calibration"] = calibration
     if test_name is not None:
-        metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples))
+        metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples,
+                                        progress=not args.disable_tqdm))
     out = args.output_dir
     save_job_folders(model, processor, out, overwrite=job.overwrite_output_dir)
     if trainer is not None:
@@ -959,7 +960,7 @@ def fixed_counts_from(kept_per_pruning_layer):
     return [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]
 
 
-def evaluate_methods(model, processor, dataset, collator, max_samples=None):
+def evaluate_methods(model, processor, dataset, collator, max_samples=None, progress=True):
     """Full model, trained RCP, and at RCP's mean counts: trained RCP, untrained plug-ins and random kept sets.
 
     Each is its own `method_model` over the trained model's backbone (the trained model, its config and its
@@ -973,9 +974,13 @@ def evaluate_methods(model, processor, dataset, collator, max_samples=None):
     n = model.config.num_visual_tokens
 
     correct = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=6 * len(data), desc="[train_rcp] evaluating full / RCP / baselines", unit="sample",
+               disable=not progress)
 
     def score(method, name=None, **kwargs):
-        result = evaluate_model(method, processor, data, **kwargs)
+        result = evaluate_model(method, processor, data, progress=bar, **kwargs)
         correct[name] = result["correct"]
         return job_result(result)
 
@@ -992,6 +997,7 @@ def evaluate_methods(model, processor, dataset, collator, max_samples=None):
     results["prior_fixed_counts"] = score(prior, name="prior")
     results["rcp_vs_prior_fixed_counts"] = mcnemar(correct["rcp"], correct["prior"])  # paired, exact
     results["fixed_counts"] = counts
+    bar.close()
     return results
 
 

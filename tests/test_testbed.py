@@ -132,8 +132,14 @@ def test_processor_image_token_count(name):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
     assert default_cache_dir("tiny") == tmp_path / "testbed" / "tiny"
+    monkeypatch.delenv("RCP_LLAVA_CACHE")  # was ignored: always ~/.cache
+    assert default_cache_dir("deep") == tmp_path / "xdg" / "rcp_llava" / "testbed" / "deep"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir("tiny") == tmp_path / "home" / ".cache" / "rcp_llava" / "testbed" / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,9 @@ def get_preset(preset) -> TestbedPreset:
 
 
 def default_cache_dir(preset="tiny") -> Path:
-    """`$RCP_LLAVA_CACHE/testbed/<preset>`, with `RCP_LLAVA_CACHE` defaulting to `~/.cache/rcp_llava`."""
+    """`$RCP_LLAVA_CACHE/testbed/<preset>`; without `RCP_LLAVA_CACHE`, `$XDG_CACHE_HOME/rcp_llava` (the XDG base
+    directory convention huggingface_hub follows too), else `~/.cache/rcp_llava`."""
     name = preset.name if isinstance(preset, TestbedPreset) else str(preset)
-    root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rcp_llava")
+    root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rcp_llava")
     return Path(root) / "testbed" / name
