@@ -831,8 +831,8 @@ class PrunedPrefill:
         # Every pruning point needs a query row that no pruner can drop: a text token (not an image token).
         textless = self.has_image & ~(self.question_mask & key_valid & ~image_mask).any(1)  # (B,)
         # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
-        last_valid = torch.where(key_valid, positions, -1).max(1).values.clamp_min(0)  # (B,)
-        ends_on_image = self.has_image & image_mask.gather(1, last_valid.unsqueeze(1)).squeeze(1)  # (B,)
+        last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
+        ends_on_image = self.has_image & image_mask.gather(1, last_valid.clamp_min(0)).squeeze(1)  # (B,)
         counts, textless, ends_on_image = torch.stack(
             [per_row, textless.to(per_row.dtype), ends_on_image.to(per_row.dtype)]).tolist()  # one host sync
         bad = [c for c in counts if c not in (0, n)]
@@ -857,7 +857,8 @@ class PrunedPrefill:
                 "token (e.g. BOS), mark text tokens in `question_mask`, or run with `pruning_method='none'`."
             )
         self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
-        self.answer_mask = self._default_answer_mask(answer_mask, key_valid, labels) & self.has_image.unsqueeze(1)
+        self.answer_mask = (self._default_answer_mask(answer_mask, labels, positions, last_valid)
+                            & self.has_image.unsqueeze(1))
         self.forced = self._check_forced(visual_keep_masks, bsz, n)
 
         self.slot_orig = positions.expand(bsz, -1)  # (B, T)
@@ -899,17 +900,14 @@ class PrunedPrefill:
         return question_mask
 
     @staticmethod
-    def _default_answer_mask(answer_mask, key_valid, labels):
+    def _default_answer_mask(answer_mask, labels, positions, last_valid):
         """Where the repair adapters act: default, positions that predict an answer token, else the last one."""
         if answer_mask is not None:
             return answer_mask.bool()
-        answer_mask = torch.zeros_like(key_valid)
-        if labels is not None:
-            answer_mask[:, :-1] = labels[:, 1:] != -100
-        else:  # the last real token of each row (with right padding, not the pad column at the end)
-            positions = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)
-            last = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1)
-            answer_mask = positions == last
+        if labels is None:  # the last real token of each row (with right padding, not the pad column at the end)
+            return positions == last_valid  # (B, T)
+        answer_mask = torch.zeros_like(labels, dtype=torch.bool)
+        answer_mask[:, :-1] = labels[:, 1:] != -100
         return answer_mask
 
     def _check_forced(self, visual_keep_masks, bsz, n):
@@ -1870,7 +1868,6 @@ def _move_saved_folder(staging, folder):
     for name in os.listdir(folder):
         if name.startswith("model") and name.endswith(_WEIGHT_SUFFIXES) and name not in names:
             os.remove(os.path.join(folder, name))
-    shutil.rmtree(staging)
 
 
 def write_text(path, text):

@@ -460,7 +460,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
-        save_plugin_folder(self.accelerator.unwrap_model(self.model), output_dir)
+        self.accelerator.unwrap_model(self.model).save_plugins(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     # Resuming needs every plug-in tensor: the model's one loader, strict (it fails before copying anything).
@@ -495,12 +495,6 @@ def grad_norm_summary(norms):
     median = quantile(0.5)
     return {"steps": len(norms), "median": median, "p99": quantile(0.99), "max": ordered[-1],
             "max_over_median": ordered[-1] / median if median > 0 else None}
-
-
-def save_plugin_folder(model, folder):
-    """Write the plug-in weights (safetensors) and their config (JSON) into `folder` (`model.save_plugins`)."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_plugins(folder)
 
 
 # ------------------------------------------------------------------------------------------------

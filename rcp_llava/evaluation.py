@@ -551,17 +551,22 @@ def mean_text_tokens(processor, data, max_rows=200):
     the text part of the prefill the decoder FLOPs are counted at."""
     from rcp_llava.data import prompt_messages
 
-    rows = [data.rows[i] for i in range(min(max_rows, len(data)))]
-    if not rows:
+    n = min(max_rows, len(data))
+    if n == 0:
         return 0
-    question = data.question_column if data.kind == "testbed" else "question"
+    rows = data.rows
+    if data.kind != "testbed":
+        questions = [rows[i].question for i in range(n)]
+    elif hasattr(rows, "select"):  # a datasets.Dataset: read the column alone, without decoding the images
+        questions = rows.select(range(n))[data.question_column]
+    else:
+        questions = [rows[i][data.question_column] for i in range(n)]
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     lengths = []
-    for row in rows:
-        text = processor.apply_chat_template(prompt_messages(str(row[question] if isinstance(row, dict) else
-                                                                 getattr(row, "question", ""))),
-                                             add_generation_prompt=True)
+    for question in questions:
+        text = processor.apply_chat_template(prompt_messages(str(question)), add_generation_prompt=True)
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        lengths.append(sum(1 for t in ids if t != processor.tokenizer.convert_tokens_to_ids(processor.image_token)))
+        lengths.append(sum(1 for t in ids if t != image_id))
     return round(sum(lengths) / len(lengths))
 
 
