@@ -395,7 +395,7 @@ def _apply_rope(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
-def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots):
+def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None):
     """The attention that `attn_module` would compute from the given query rows, without eager attention.
 
     Uses the layer's own q/k projections and RoPE on its normalised input, a causal + padding mask over
@@ -403,20 +403,25 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
 
     hidden_norm: (B, T, d) input of the layer after its input norm; cos/sin: (B, T, hd)
     key_valid: (B, T) bool, query_slots: (B, Lq) long slot indices of the query rows
+    keys: (B, T, Hkv * hd), optional: `attn_module.k_proj(hidden_norm)`, when the caller already has it
     returns probabilities (B, H, Lq, T) in at least float32
     """
     bsz, seq, _ = hidden_norm.shape
     head_dim = attn_module.head_dim
     rows = torch.gather(hidden_norm, 1, query_slots.unsqueeze(-1).expand(-1, -1, hidden_norm.shape[-1]))
     q = attn_module.q_proj(rows).view(bsz, rows.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
-    k = attn_module.k_proj(hidden_norm).view(bsz, seq, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    keys = attn_module.k_proj(hidden_norm) if keys is None else keys
+    k = keys.view(bsz, seq, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
     q_cos = torch.gather(cos, 1, query_slots.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
     q_sin = torch.gather(sin, 1, query_slots.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
     q = _apply_rope(q, q_cos, q_sin)
     k = _apply_rope(k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA, (B, H, T, hd)
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * attn_module.scaling  # (B, H, Lq, T)
+    # GQA without copying the keys: each kv head serves `groups` query heads, (B, Hkv, groups * Lq, hd)
+    groups = q.shape[1] // k.shape[1]
+    q = q.to(compute).reshape(bsz, k.shape[1], groups * q.shape[2], head_dim)
+    scores = (q @ k.to(compute).transpose(-1, -2)) * attn_module.scaling  # (B, Hkv, groups * Lq, T)
+    scores = scores.view(bsz, -1, query_slots.shape[1], seq)  # (B, H, Lq, T)
     allowed = key_valid.unsqueeze(1) & (
         torch.arange(seq, device=q.device).view(1, 1, seq) <= query_slots.unsqueeze(-1)
     )  # (B, Lq, T)
@@ -424,30 +429,36 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     return scores.softmax(-1)
 
 
-def _first_slots(flags):
-    """Slots where `flags` (B, T) is set, in order, left-aligned and padded: (slots (B, K), valid (B, K))."""
+def _first_slots(flags, width=None):
+    """Slots where `flags` (B, T) is set, in order, left-aligned and padded: (slots (B, K), valid (B, K)).
+
+    `width`: the largest per-row count, when the caller knows it; otherwise it is read from the device (a host sync).
+    """
     count = flags.sum(1)
-    width = int(count.max()) if flags.numel() else 0
+    if width is None:
+        width = int(count.max()) if flags.numel() else 0
     order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, K)
     valid = torch.arange(width, device=flags.device).unsqueeze(0) < count.unsqueeze(1)
     return order, valid
 
 
-def _compact(stay):
+def _compact(stay, width=None):
     """Gather index that keeps the slots where `stay` (B, T) is set, right-aligned (left padding).
 
+    `width`: the largest per-row count of `stay`, when the caller knows it (otherwise a host sync reads it).
     returns (src (B, T'), valid (B, T')): new slot t of row b reads old slot src[b, t] when valid[b, t].
     """
     bsz, seq = stay.shape
     count = stay.sum(1)  # (B,)
-    width = int(count.max())
+    if width is None:
+        width = int(count.max())
     dest = (width - count).unsqueeze(1) + stay.long().cumsum(1) - 1  # (B, T) destination of kept slots
-    src = torch.zeros(bsz, width, dtype=torch.long, device=stay.device)
-    rows = torch.arange(bsz, device=stay.device).unsqueeze(1).expand(bsz, seq)
-    cols = torch.arange(seq, device=stay.device).unsqueeze(0).expand(bsz, seq)
-    src[rows[stay], dest[stay]] = cols[stay]
+    # Dropped slots write to a spare column `width`, cut off below: a scatter, not boolean indexing (which syncs).
+    dest = torch.where(stay, dest, width)
+    src = torch.zeros(bsz, width + 1, dtype=torch.long, device=stay.device)
+    src.scatter_(1, dest, torch.arange(seq, device=stay.device).unsqueeze(0).expand(bsz, seq))
     valid = torch.arange(width, device=stay.device).unsqueeze(0) >= (width - count).unsqueeze(1)
-    return src, valid
+    return src[:, :width], valid  # invalid (padding) slots read slot 0, as before
 
 
 def _gather_seq(x, src):
@@ -499,18 +510,27 @@ class SelectionContext:
     keep_count: int | None
     prefill: "PrunedPrefill"
     _question: tuple | None = field(default=None, repr=False)
+    # (B, T', Hkv * hd): the pruning layer's key projection of the whole sequence, once the prior computed it; the
+    # layer itself then reads its kept rows instead of projecting them again (`PrunedPrefill.given_keys`).
+    layer_keys: torch.Tensor | None = field(default=None, repr=False)
 
     def question_slots(self):
         """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots (computed once)."""
         if self._question is None:
-            self._question = _first_slots(self.prefill.slot_question())
+            self._question = _first_slots(self.prefill.slot_question(), self.prefill.question_width)
         return self._question
 
     def visual_attention(self, layer, hidden_norm, q_slots, q_valid):
         """Attention (B, K) the query rows `q_slots` pay to the alive visual tokens in `layer` (whose normalised
         input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = self.position_embeddings
-        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, self.prefill.key_alive(), q_slots)
+        keys = None
+        if layer is self.layer and not self.prefill.differentiable:  # the pruning layer's own keys: computed once
+            if self.layer_keys is None:
+                self.layer_keys = layer.self_attn.k_proj(hidden_norm)
+            keys = self.layer_keys
+        probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, self.prefill.key_alive(), q_slots,
+                                         keys)
         to_visual = probs.gather(3, self.slots.view(self.slots.shape[0], 1, 1, -1).expand(
             -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
         qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
@@ -558,6 +578,13 @@ class TokenSelector:
         """(B, K) bool: which alive visual tokens survive this point."""
         return _top_k_mask(self.scores(ctx), ctx.valid, ctx.keep_count)
 
+    def exact_count(self, ctx: SelectionContext) -> int | None:
+        """The number of tokens `keep` leaves every row with an image (at most its alive ones), when the method
+        guarantees one; the decoder loop then sizes the pruned sequence without a host sync. None: data-dependent
+        (the loop reads the counts from the device). Top-k at `ctx.keep_count` guarantees it; an overridden
+        `keep` does not, unless it overrides this too."""
+        return ctx.keep_count if type(self).keep is TokenSelector.keep else None
+
 
 SELECTORS: dict = {}
 
@@ -599,6 +626,9 @@ class RcpSelector(TokenSelector):
     def keep(self, ctx):
         logits = self.scores(ctx)
         return logits > 0 if ctx.keep_count is None else _top_k_mask(logits, ctx.valid, ctx.keep_count)  # Eq. (8)
+
+    def exact_count(self, ctx):
+        return ctx.keep_count  # None: the adaptive threshold (Eq. 8) keeps a data-dependent number
 
 
 @register_pruning_method
@@ -787,16 +817,35 @@ class VisPrunerSelector(TokenSelector):
     def start(self, prefill):
         if self.image_keep is None:
             raise ValueError("`pruning_method='vispruner'` selects from the vision tower: pass `pixel_values`.")
-        self.row_keep = torch.zeros_like(prefill.alive)
-        self.row_keep[prefill.has_image] = self.image_keep.to(prefill.alive.device)
+        # The i-th row with an image reads the i-th image's kept set (a gather: boolean indexing would sync).
+        has_image = prefill.has_image
+        image_of_row = (has_image.long().cumsum(0) - 1).clamp_min(0)  # (B,)
+        row_keep = self.image_keep.to(prefill.alive.device)[image_of_row]  # (B, N)
+        self.row_keep = row_keep & has_image.unsqueeze(1)
 
     def keep(self, ctx):
         return self.row_keep.gather(1, ctx.ids) & ctx.valid
+
+    def exact_count(self, ctx):
+        return self.config.pre_llm_keep_count  # `vispruner_keep_mask` keeps exactly min(budget, N) per image
 
 
 # ------------------------------------------------------------------------------------------------
 # 4. The state of one pruned prefill
 # ------------------------------------------------------------------------------------------------
+
+
+class _GivenOutput(nn.Module):
+    """Stands in for a projection whose output is already known (see `PrunedPrefill.given_keys`)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states):
+        if hidden_states.shape[:-1] != self.output.shape[:-1]:
+            raise RuntimeError(f"given keys for {tuple(self.output.shape[:-1])} rows, called on {tuple(hidden_states.shape)}")
+        return self.output
 
 
 class PrunedPrefill:
@@ -828,13 +877,20 @@ class PrunedPrefill:
         self.has_image = per_row == n  # (B,)
         positions = torch.arange(seq, device=device).unsqueeze(0)
         self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
-        # Every pruning point needs a query row that no pruner can drop: a text token (not an image token).
-        textless = self.has_image & ~(self.question_mask & key_valid & ~image_mask).any(1)  # (B,)
+        question = self.question_mask & key_valid  # (B, T)
         # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
         last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
         ends_on_image = self.has_image & image_mask.gather(1, last_valid.clamp_min(0)).squeeze(1)  # (B,)
-        counts, textless, ends_on_image = torch.stack(
-            [per_row, textless.to(per_row.dtype), ends_on_image.to(per_row.dtype)]).tolist()  # one host sync
+        forced = self._check_forced(visual_keep_masks, bsz, n)
+        # The prefill's one host sync: the input checks, and every row's token counts. From them the loop knows
+        # each pruned sequence's length without asking the device again (pruning at fixed counts; RCP's adaptive
+        # threshold reads its kept counts once per point, since they depend on the data).
+        host = [per_row, ends_on_image, key_valid.sum(1), (question & ~image_mask).sum(1), (question & image_mask).any(1)]
+        if forced is not None:
+            noncumulative = (forced[:, 1:] & ~forced[:, :-1]).flatten(1).any(1)  # (B,)
+            host += [noncumulative, *forced.sum(-1).unbind(1)]
+        host = torch.stack([t.to(torch.long) for t in host]).tolist()
+        counts, ends_on_image, self.row_length, question_text, question_on_image = host[:5]
         bad = [c for c in counts if c not in (0, n)]
         if bad:
             raise ValueError(
@@ -848,8 +904,10 @@ class PrunedPrefill:
                 "'ASSISTANT:') after the image, e.g. with `processor.apply_chat_template(..., "
                 "add_generation_prompt=True)`, or run with `pruning_method='none'`."
             )
+        # Every pruning point needs a query row that no pruner can drop: a text token (not an image token).
+        textless = [c == n and q == 0 for c, q in zip(counts, question_text)]
         if any(textless):
-            row = textless.index(1)
+            row = textless.index(True)
             where = "`question_mask` marks" if question_mask is not None else "the prompt holds"
             raise ValueError(
                 f"Row {row} of the batch has an image but {where} no text token for the pruners to condition on "
@@ -859,7 +917,18 @@ class PrunedPrefill:
         self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
         self.answer_mask = (self._default_answer_mask(answer_mask, labels, positions, last_valid)
                             & self.has_image.unsqueeze(1))
-        self.forced = self._check_forced(visual_keep_masks, bsz, n)
+        if forced is not None and any(host[5]):
+            raise ValueError(
+                "`visual_keep_masks` is not cumulative: a token kept at a later pruning point was dropped at an "
+                "earlier one, which physical discard cannot bring back. Make each point's mask a subset of the "
+                "previous one, e.g. `torch.cumprod(masks.int(), dim=1).bool()`."
+            )
+        self.forced = forced
+        self.forced_counts = list(zip(*host[6:])) if forced is not None else None  # per row, per point
+        # Host-side per-row counts: visual tokens alive, question slots (None: a question token is an image token,
+        # which a pruner may drop, so its count is read from the device).
+        self.row_alive = [n if c == n else 0 for c in counts]
+        self.question_width = None if any(question_on_image) else max(question_text, default=0)
 
         self.slot_orig = positions.expand(bsz, -1)  # (B, T)
         self.slot_valid = key_valid  # (B, T)
@@ -878,8 +947,9 @@ class PrunedPrefill:
         self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if self.differentiable else None
         self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if self.differentiable else None
         # Mask layout: the image slots never move, (B, N) for the rows with an image.
-        self.image_slots = _first_slots(image_mask)[0] if self.differentiable else None
+        self.image_slots = _first_slots(image_mask, max(self.row_alive, default=0))[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
+        self._given_keys = None  # (layer index, (B, T', Hkv * hd) key projection of its kept rows), see `given_keys`
         self.repair_contexts = {}  # repair layer -> (B, b)
         selector.start(self)
 
@@ -925,13 +995,7 @@ class PrunedPrefill:
                 f"`visual_keep_masks` has shape {tuple(visual_keep_masks.shape)}, expected {expected} "
                 "(batch, num_pruning_layers, num_visual_tokens)."
             )
-        if expected[1] > 1 and (visual_keep_masks[:, 1:] & ~visual_keep_masks[:, :-1]).any():
-            raise ValueError(
-                "`visual_keep_masks` is not cumulative: a token kept at a later pruning point was dropped at an "
-                "earlier one, which physical discard cannot bring back. Make each point's mask a subset of the "
-                "previous one, e.g. `torch.cumprod(masks.int(), dim=1).bool()`."
-            )
-        return visual_keep_masks
+        return visual_keep_masks  # cumulative: checked with the prefill's other inputs (one host sync)
 
     # -- slots --------------------------------------------------------------------------------------
 
@@ -982,7 +1046,7 @@ class PrunedPrefill:
         if self.differentiable:
             return self._prune_mask(layer_idx, layer, hidden, position_embeddings, mask)
         slot_vis = torch.where(self.slot_valid, self.vis_id.gather(1, self.slot_orig.clamp_min(0)), -1)  # (B, T')
-        vis_slots, vis_valid = _first_slots(slot_vis >= 0)  # (B, K)
+        vis_slots, vis_valid = _first_slots(slot_vis >= 0, max(self.row_alive))  # (B, K)
         vis_ids = slot_vis.gather(1, vis_slots).clamp_min(0)  # (B, K) raster ids of alive visual tokens
         ctx = self._context(layer_idx, layer, hidden, position_embeddings, vis_slots, vis_valid, vis_ids)
         if self.forced is not None:
@@ -990,6 +1054,9 @@ class PrunedPrefill:
         else:
             keep = self.model._select_tokens(self.selector, ctx)
         keep &= vis_valid
+        kept = self._kept_per_row(ctx, keep)
+        self.row_length = [length - (alive - k) for length, alive, k in zip(self.row_length, self.row_alive, kept)]
+        self.row_alive = kept
         # (B, N) in raster order; padded candidates carry id 0 and keep=False, so take the max over duplicates.
         keep_raster = torch.zeros(self.alive.shape, dtype=torch.int8, device=keep.device).scatter_reduce(
             1, vis_ids, keep.to(torch.int8), "amax").bool() & self.alive
@@ -1005,15 +1072,48 @@ class PrunedPrefill:
         self.keep_history.append(keep_raster)
 
         stay = self.slot_valid & ~dropped_slots
-        src, valid = _compact(stay)
+        src, valid = _compact(stay, max(self.row_length))
         hidden = _gather_seq(hidden, src)
+        if ctx.layer_keys is not None:
+            self._given_keys = (layer_idx, _gather_seq(ctx.layer_keys, src))
         position_embeddings = tuple(_gather_seq(t, src) for t in position_embeddings)
         self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
         self.slot_valid = valid
         self.segment_masks[layer_idx] = valid
         if layer_idx == 0:
             self.prefill_length = valid.shape[1]
-        return hidden, position_embeddings, self.model._layer_mask(hidden, valid, self.cache, layer_idx)
+        # No row padded (known on the host): no key mask, so transformers need not read one from the device to find
+        # that it can use the plain causal kernel.
+        key_mask = valid if min(self.row_length) < valid.shape[1] else None
+        return hidden, position_embeddings, self.model._layer_mask(hidden, key_mask, self.cache, layer_idx)
+
+    @contextlib.contextmanager
+    def given_keys(self, layer_idx, layer):
+        """Run `layer` with the key projection of its kept rows given: the selector projected the whole sequence
+        for the Eq. (4) prior, so projecting the kept rows again would compute the same keys twice (issue 19). The
+        projection is a row-wise linear map of the same normalised states, so the keys are the layer's own."""
+        given = self._given_keys
+        if given is None or given[0] != layer_idx:
+            yield
+            return
+        self._given_keys = None
+        attn = layer.self_attn
+        projection = attn.k_proj
+        attn.k_proj = _GivenOutput(given[1])
+        try:
+            yield
+        finally:
+            attn.k_proj = projection
+
+    def _kept_per_row(self, ctx, keep):
+        """Visual tokens each row keeps at this point, on the host: known for given masks and for methods that keep
+        exactly a count (`TokenSelector.exact_count`); otherwise read from `keep` (a host sync)."""
+        if self.forced is not None:
+            return [counts[ctx.point] if alive else 0 for counts, alive in zip(self.forced_counts, self.row_alive)]
+        count = self.selector.exact_count(ctx)
+        if count is None:
+            return keep.sum(1).tolist()
+        return [min(count, alive) for alive in self.row_alive]
 
     def _prune_mask(self, layer_idx, layer, hidden, position_embeddings, mask):
         """Training layout: sample a hard Gumbel-Sigmoid mask with straight-through gradients (Eqs. 6-7) and
@@ -1442,9 +1542,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings, mask)
                 run.record_retention()
                 run.selector.observe_layer_input(idx, hidden)
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                               position_ids=None, past_key_values=run.cache, use_cache=run.use_cache,
-                               **run.layer_kwargs(), **layer_kwargs)
+                with run.given_keys(idx, layer):
+                    hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                   position_ids=None, past_key_values=run.cache, use_cache=run.use_cache,
+                                   **run.layer_kwargs(), **layer_kwargs)
                 adapter = self._repair_adapter(idx)
                 if adapter is not None:
                     hidden = run.repair(idx, adapter, hidden)
@@ -1522,13 +1623,13 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             )
         if not config.pruning_spec.plugins:
             return
-        for field, built in (("pruning_layers", self.rcp_plugins.pruners),
+        for name, built in (("pruning_layers", self.rcp_plugins.pruners),
                              ("repair_layers", self.rcp_plugins.repair_adapters)):
-            if [int(k) for k in built] != list(getattr(config, field)):
+            if [int(k) for k in built] != list(getattr(config, name)):
                 raise ValueError(
-                    f"`{field}` is {getattr(config, field)}, but this model's plug-ins were built for "
+                    f"`{name}` is {getattr(config, name)}, but this model's plug-ins were built for "
                     f"{[int(k) for k in built]}: plug-ins are created with the model. Build a new model with these "
-                    f"fields (e.g. `from_pretrained(..., {field}=...)`) instead of editing the config."
+                    f"fields (e.g. `from_pretrained(..., {name}=...)`) instead of editing the config."
                 )
 
     def _pruning_active(self):

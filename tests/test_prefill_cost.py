@@ -1,0 +1,184 @@
+"""What a pruned prefill costs beyond its layers (issue 19).
+
+Keys computed once: the Eq. (4) prior projects the pruning layer's keys over the whole sequence; the layer then
+reads its kept rows of them instead of projecting them again.
+
+Host syncs: pruning at fixed counts waits for the device no more often than the stock LLaVA forward does; only
+RCP's adaptive threshold (Eq. 8), whose kept counts depend on the data, reads them once per pruning point.
+
+A host sync is an op whose result the host must read: `aten._local_scalar_dense` (`.item()`, `int(t)`, `bool(t)`),
+`aten.nonzero` and boolean indexing (`aten.index` with a bool mask), and `Tensor.tolist()` (on a CUDA tensor a copy to the host;
+on CPU it dispatches nothing, so it is counted at the Python level). On CPU they are cheap, but each one is a
+pipeline stall on a GPU, so they are counted here rather than timed.
+"""
+
+import collections
+import contextlib
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}
+BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
+PADDED = [(3, 5, True), (1, 7, True)]
+UNPADDED = [(3, 5, True), (3, 5, True)]
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts host-sync ops (by op name) run inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in SYNC_OPS:
+            self.counts[name] += 1
+        elif name in BOOLEAN_INDEX_OPS and any(t is not None and t.dtype == torch.bool for t in args[1]):
+            self.counts["boolean_index"] += 1  # the output's size is the mask's count: nonzero inside
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.counts["tolist"] += 1
+            return original(tensor)
+
+        self._restore = original
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._restore
+        return super().__exit__(*exc)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+def count_syncs(model, batch, **kwargs):
+    with CountSyncs() as counter:
+        model(**batch, **kwargs)
+    return counter
+
+
+def stock_syncs(batch):
+    with torch.no_grad():
+        return count_syncs(make_model(pruning_method="none"), batch, use_cache=True).total
+
+
+METHODS = {
+    "rcp-fixed": {},
+    "attention_topk": dict(pruning_method="attention_topk"),
+    "fastv": dict(pruning_method="fastv", pruning_layers=[2], pruning_keep_counts=[6]),
+    "random": dict(pruning_method="random", pruning_layers=[1, 2], pruning_keep_counts=[10, 5]),
+    "random-pre-llm": dict(pruning_method="random", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                           pre_llm_keep_count=6),
+    "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                           pre_llm_keep_count=6),
+}
+
+
+@pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fixed_count_prefill_syncs_no_more_than_stock(method, specs):
+    batch = make_batch(specs)
+    model = make_model(randomize_plugins=True, **METHODS[method])
+    with torch.no_grad():
+        counter = count_syncs(model, batch, use_cache=True)
+    # the old kept-index lists and slot compaction: B x P `nonzero` calls and boolean indexing
+    assert counter.counts["nonzero"] == counter.counts["boolean_index"] == 0, counter.counts
+    assert counter.total <= stock_syncs(batch), counter.counts
+
+
+def test_the_counter_sees_syncs():
+    x = torch.arange(6)
+    with CountSyncs() as counter:
+        int(x.sum()), x[x > 2], x.nonzero(), x.tolist()
+        x[torch.tensor([0, 1])]  # an index tensor: no sync
+    assert counter.counts == {"_local_scalar_dense": 1, "boolean_index": 1, "nonzero": 1, "tolist": 1}
+
+
+def test_adaptive_threshold_reads_its_counts_once_per_point():
+    batch = make_batch(UNPADDED)
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None)
+    with torch.no_grad():
+        counter = count_syncs(model, batch, use_cache=True)
+        kept = model.last_pruning_info.kept_counts
+    assert kept[0, 0] != kept[1, 0] or kept[0, 1] != kept[1, 1]  # rows keep different numbers: data-dependent
+    points = len(model.config.pruning_layers)
+    assert counter.counts["tolist"] == 1 + points, counter.counts  # the prefill's checks + one per point
+    assert counter.counts["nonzero"] == 0, counter.counts
+    # Rows that keep different counts leave padding: transformers reads each pruned segment's key mask once.
+    assert counter.total <= stock_syncs(batch) + 2 * points, counter.counts
+
+
+def test_training_forward_syncs_no_more_than_stock():
+    """The differentiable ('mask') layout of training: nothing moves, so nothing is read back."""
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    model = make_model(randomize_plugins=True)
+    model.train()
+    counter = count_syncs(model, batch, labels=labels)
+    stock = make_model(pruning_method="none").train()
+    with CountSyncs() as reference:
+        stock(**batch, labels=labels)
+    assert counter.counts["nonzero"] == 0, counter.counts
+    assert counter.total <= reference.total, (counter.counts, reference.counts)
+
+
+def test_lazy_kept_indices_sync_only_when_read():
+    batch = make_batch(PADDED)
+    model = make_model(randomize_plugins=True)
+    with torch.no_grad():
+        out = model(**batch, use_cache=False)
+    with CountSyncs() as counter:
+        indices = out.kept_indices[1][0]
+    assert counter.counts["nonzero"] == len(model.config.pruning_layers) * 2  # resolved on first access, all at once
+    assert torch.equal(indices, out.keep_masks[0, 1].nonzero().flatten())
+
+
+def key_projection_rows(model, batch):
+    """Rows each decoder layer's `k_proj` projected during one forward: {layer index: [rows per call]}."""
+    calls, handles = {}, []
+    for idx, layer in enumerate(model.model.language_model.layers):
+        def hook(module, args, output, idx=idx):
+            calls.setdefault(idx, []).append(args[0].shape[0] * args[0].shape[1])
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, out
+
+
+@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
+def test_pruning_layer_projects_its_keys_once(method):
+    batch = make_batch(PADDED)
+    model = make_model(randomize_plugins=True, pruning_method=method)
+    calls, out = key_projection_rows(model, batch)
+    width = batch["input_ids"].shape[1]
+    points = model.config.pruning_layers  # [1, 2]
+    # The first pruning layer: one projection, of the whole (unpruned) sequence -- not a second one of its kept rows.
+    assert calls[points[0]] == [2 * width]
+    assert all(len(calls[idx]) == 1 for idx in range(len(model.model.language_model.layers))), calls
+    # and the keys are the layer's own: the same logits as a prefill that projects them again
+    from modeling_rcp_llava import PrunedPrefill
+
+    original = PrunedPrefill.given_keys
+    try:
+        PrunedPrefill.given_keys = lambda self, layer_idx, layer: contextlib.nullcontext()
+        again_calls, again = key_projection_rows(model, batch)
+    finally:
+        PrunedPrefill.given_keys = original
+    assert len(again_calls[points[0]]) == 2  # the reference does project twice
+    assert torch.equal(out.keep_masks, again.keep_masks)
+    assert (out.logits - again.logits).abs().max() <= 1e-5
