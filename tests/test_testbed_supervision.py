@@ -97,3 +97,47 @@ def test_loss_is_minus_log_mass_summed_over_hops():
     assert float(attention_supervision_loss((perfect, perfect), t, layers)) < 1e-6
     perfect[:, 0], perfect[:, 1] = perfect[:, 1].clone(), perfect[:, 0].clone()
     assert float(attention_supervision_loss((perfect, perfect), t, layers)) > 5
+
+
+def test_head_probe_equals_eager_output_attentions():
+    """The supervised heads' probabilities beside the sdpa kernel (`HeadAttentionProbe`) are eager attention's head 0:
+    same loss, same gradients, on a real testbed batch (micro preset, right-padded, pruned subsets)."""
+    import dataclasses
+
+    from rcp_llava.testbed.evaluate import pruned_inputs
+    from rcp_llava.testbed.presets import get_preset
+    from rcp_llava.testbed.supervision import HeadAttentionProbe
+    from rcp_llava.testbed.text import build_processor
+    from rcp_llava.testbed.train import TRAIN_FAMILIES, ChatCollator, SceneStream, new_model
+
+    preset = dataclasses.replace(get_preset("micro"), text_heads=4, supervised_layers=(0, 1, 1))
+    processor = build_processor(preset)
+    items = SceneStream(preset, 0, "warmup", 4, turns=2, families=TRAIN_FAMILIES, subset=True)
+    batch = ChatCollator(processor, attention_targets=True)([items[i] for i in range(4)])
+    targets, keep = batch.pop("attention_targets"), batch.pop("keep")
+    assert batch["attention_mask"].min() == 0  # right padding is exercised
+
+    def loss_and_grads(model, use_probe):
+        model.zero_grad()
+        inputs = pruned_inputs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], keep,
+                               labels=batch["labels"], padding_side="right")
+        if use_probe:
+            with HeadAttentionProbe(model, preset.supervised_layers) as probe:
+                model(**inputs)
+            attentions = probe.attentions(inputs["attention_mask"], model.config.text_config.num_hidden_layers)
+        else:
+            attentions = model(**inputs, output_attentions=True).attentions
+        loss = attention_supervision_loss(attentions, targets, preset.supervised_layers)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = new_model(preset, processor, seed=0)
+    model.set_attn_implementation("eager")
+    eager_loss, eager_grads = loss_and_grads(model, use_probe=False)
+    model.set_attn_implementation("sdpa")
+    probe_loss, probe_grads = loss_and_grads(model, use_probe=True)
+    assert float(eager_loss) > 0.1
+    assert torch.allclose(probe_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert eager_grads.keys() == probe_grads.keys() and any(".q_proj." in n for n in probe_grads)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(probe_grads[name], grad, rtol=1e-4, atol=1e-6), name

@@ -94,7 +94,8 @@ def attention_supervision_loss(attentions, targets: dict, hop_layers, head: int 
     Sum over the hops of the mean over their rows of `-log(attention mass on the targets)`.
 
     Args:
-        attentions (tuple of `(B, H, T', T')`): the decoder's attention probabilities per layer (eager).
+        attentions (tuple of `(B, H, T', T')`): the decoder's attention probabilities per layer (eager's
+            `output_attentions`, or `HeadAttentionProbe.attentions`: `(B, 1, T', T')` at the hop layers).
         targets: `attention_targets(...)`.
         hop_layers (3 ints): the layer of each hop in `HOPS` order.
     """
@@ -109,3 +110,57 @@ def attention_supervision_loss(attentions, targets: dict, hop_layers, head: int 
     if not losses:
         return attentions[0].new_zeros(())
     return torch.stack(losses).sum()
+
+
+class HeadAttentionProbe:
+    r"""
+    One head's attention probabilities at a few decoder layers, computed beside the model's own kernel from each
+    layer's normalised input: what eager attention's `output_attentions` reports for that head, without running
+    every layer eagerly. On the deep preset (16 layers) the eager kernel everywhere cost 0.80 s per warm-up step
+    against 0.65 s with sdpa (batch 32, 2 CPU cores).
+
+    `with probe: model(...)` captures the inputs; `probe.attentions(attention_mask, num_layers)` then returns the
+    tuple `attention_supervision_loss` reads: `(B, 1, T, T)` at the probed layers (the head as head 0), None elsewhere.
+    Gradients flow into the layer's `q_proj` / `k_proj` as they do through eager attention.
+    """
+
+    def __init__(self, model, layers, head: int = 0):
+        self.decoder_layers = model.model.language_model.layers
+        self.layers = sorted(set(layers))
+        self.head = head
+        self.inputs = {}
+        self._handles = []
+
+    def __enter__(self):
+        self.inputs = {}
+        for idx in self.layers:
+            attn = self.decoder_layers[idx].self_attn
+
+            def capture(module, args, kwargs, idx=idx):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                self.inputs[idx] = (module, hidden, kwargs["position_embeddings"])
+
+            self._handles.append(attn.register_forward_pre_hook(capture, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def attentions(self, attention_mask, num_layers):
+        """attention_mask: (B, T) of the sequence the model ran on (1 = real token)."""
+        out = [None] * num_layers
+        for idx, (attn, hidden, (cos, sin)) in self.inputs.items():
+            bsz, seq, _ = hidden.shape
+            head_dim = attn.head_dim
+            kv_head = self.head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+            q = attn.q_proj(hidden).view(bsz, seq, -1, head_dim)[:, :, self.head]  # (B, T, hd)
+            k = attn.k_proj(hidden).view(bsz, seq, -1, head_dim)[:, :, kv_head]  # (B, T, hd)
+            q, k = (x * cos + torch.cat((-x[..., head_dim // 2:], x[..., : head_dim // 2]), -1) * sin for x in (q, k))
+            scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, T, T)
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).tril()
+            allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, T)
+            probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1, dtype=torch.float32)
+            out[idx] = probs.to(q.dtype).unsqueeze(1)  # (B, 1, T, T)
+        return tuple(out)

@@ -40,7 +40,7 @@ from ..checkpoints import AtomicCheckpointMixin
 from .evaluate import pruned_inputs
 from .presets import StageSpec, TestbedPreset, get_preset
 from .scenes import COLOURS, QUADRANTS, SHAPES, SIZES, make_sample, sample_rng
-from .supervision import attention_supervision_loss, attention_targets
+from .supervision import HeadAttentionProbe, attention_supervision_loss, attention_targets
 from .text import build_model_config, build_processor
 
 
@@ -197,7 +197,8 @@ class PatchProbe(nn.Module):
 
 class TestbedTrainer(AtomicCheckpointMixin, Trainer):
     """`Trainer` whose batches may carry `keep (B, N)`: then the loss runs on input-level pruned sequences; and
-    `attention_targets`: then `attention_supervision * attention_supervision_loss` is added (eager attention)."""
+    `attention_targets`: then `attention_supervision * attention_supervision_loss` is added (the supervised heads'
+    probabilities from `HeadAttentionProbe`, the model itself on its configured kernel)."""
 
     def __init__(self, *args, attention_supervision: float = 0.0, supervised_layers=(0, 1, 2), **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,10 +245,16 @@ class TestbedTrainer(AtomicCheckpointMixin, Trainer):
             inputs = pruned_inputs(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                    keep, labels=inputs["labels"], padding_side="right")
         supervise = targets is not None and self.attention_supervision > 0
-        outputs = model(**inputs, output_attentions=supervise)
+        if not supervise:
+            outputs = model(**inputs)
+        else:  # the supervised heads' probabilities beside the model's own kernel (`HeadAttentionProbe`)
+            llava = self.accelerator.unwrap_model(model)
+            with HeadAttentionProbe(llava, self.supervised_layers) as probe:
+                outputs = model(**inputs)
+            attentions = probe.attentions(inputs["attention_mask"], llava.config.text_config.num_hidden_layers)
         loss = outputs["loss"]
         if supervise:
-            attention_loss = attention_supervision_loss(outputs.attentions, targets, self.supervised_layers)
+            attention_loss = attention_supervision_loss(attentions, targets, self.supervised_layers)
             self._attention_losses.append(attention_loss.item())
             loss = loss + self.attention_supervision * attention_loss
         return (loss, outputs) if return_outputs else loss
@@ -286,8 +293,6 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
         llava = new_model(preset, processor, seed)
     else:
         llava = LlavaForConditionalGeneration.from_pretrained(init_dir)
-    if supervise:  # attention probabilities are returned by the eager kernel only
-        llava.set_attn_implementation("eager")
     n_items = spec.max_steps * spec.batch_size
     if stage == "vision":
         model = PatchProbe(llava)
@@ -313,7 +318,6 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     llava.requires_grad_(True)
-    llava.set_attn_implementation("sdpa")  # the saved checkpoint carries no training-only setting
     llava.save_pretrained(final)
     processor.save_pretrained(final)
     logger.warning(f"[testbed] stage {stage!r} done in {time.time() - t0:.0f}s")
