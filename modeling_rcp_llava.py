@@ -392,7 +392,7 @@ def _rotate_half(x):
 def _apply_rope(x, cos, sin):
     """x: (B, H, L, hd); cos/sin: (B, L, hd) -> x rotated at its own positions."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    return torch.addcmul(x * cos, _rotate_half(x), sin)  # x cos + rot(x) sin, one temporary fewer
 
 
 def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None):
@@ -425,8 +425,7 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     allowed = key_valid.unsqueeze(1) & (
         torch.arange(seq, device=q.device).view(1, 1, seq) <= query_slots.unsqueeze(-1)
     )  # (B, Lq, T)
-    scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(compute).min)
-    return scores.softmax(-1)
+    return scores.masked_fill_(~allowed.unsqueeze(1), torch.finfo(compute).min).softmax(-1)
 
 
 def _first_slots(flags, width=None):
@@ -531,10 +530,10 @@ class SelectionContext:
             keys = self.layer_keys
         probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, self.prefill.key_alive(), q_slots,
                                          keys)
-        to_visual = probs.gather(3, self.slots.view(self.slots.shape[0], 1, 1, -1).expand(
-            -1, probs.shape[1], probs.shape[2], -1))  # (B, H, Lq, K)
-        qw = q_valid.to(to_visual.dtype).view(q_valid.shape[0], 1, -1, 1)
-        return (to_visual * qw).sum(2).mean(1) / qw.sum(2).mean(1).clamp_min(1.0)  # (B, K)
+        # Sum over the valid query rows first (one batched product), then heads, then read the visual columns.
+        qw = q_valid.to(probs.dtype)  # (B, Lq)
+        per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
+        return per_key.gather(1, self.slots) / qw.sum(1, keepdim=True).clamp_min(1.0)  # (B, K)
 
     def question_prior(self, hidden_norm):
         """Eq. (4)'s prior A (B, K): the centred log of the question's attention to the alive visual tokens."""

@@ -5,16 +5,19 @@
     python benchmarks/efficiency.py --preset llava-1.5-7b --batch_sizes 1,8        # GPU, bf16, random weights
 
 Methods: the full model; RCP at the paper's three schedules (fixed keep counts, so that timing does not depend
-on what random weights would keep); the *ideal* for each RCP schedule — the same model and the same per-layer
-token counts with the kept sets given, i.e. no token selection at all; VisPruner and random pruning before the
-LLM and FastV after layer 2 (scaled) at the matching budget. Each number is the median of `--repeats` runs after
-warm-up, all methods interleaved round by round in one process, so ratios are measured side by side.
+on what random weights would keep); the *ideal* for each RCP schedule -- the same model and the same per-layer
+token counts with the kept sets given, i.e. no token selection at all; and VisPruner and random pruning before the
+LLM and FastV at the same mean number of visual tokens per decoder layer as that RCP schedule (FastV where its
+layer allows). Each number is the median of `--repeats` runs after warm-up, all methods interleaved round by
+round in one process, so ratios are measured side by side.
 
-Schedules. The paper's counts are those of LLaVA-1.5-7B (32 layers): "64" keeps 96 / 26 / 8 visual tokens after
-layers 2 / 14 / 26 (Table VI); "192" and "128" keep 285 / 35 / 9 and 101 / 15 / 8 after layers 5 / 15 / 25 (the
-counts that average 192 and 128 tokens per layer with Table VI's stage proportions). On a shallower model the
-layers are scaled (l * L / 32, at least 1) and the counts kept, so the average tokens per layer (reported) is
-higher than the name says.
+Schedules. RCP's pruners and repair adapters sit where the authors put them (`paper_placement`: before 0-based
+layers 1 / 13 / 25 of 32 at 64 tokens, 4 / 14 / 24 at 128 and 192; the paper prints them counted from 1), scaled by
+relative depth on shallower decoders. The keep counts make the mean over ALL decoder layers equal the budget (the
+paper's definition), with Table VI's proportions between the stages (`keep_counts_for_budget`). Where the budget is
+below what the layers before the first pruner already cost (64 of 576 on 8 layers: layer 0 alone averages 72), the
+32-layer counts are kept and the reported tokens per layer say what the schedule costs; the baselines are matched
+to that, not to the name.
 """
 
 import argparse
@@ -26,9 +29,10 @@ import time
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from configuration_rcp_llava import RcpLlavaConfig, visual_tokens_per_layer
+from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_placement, visual_tokens_per_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
-from rcp_llava.flops import kv_cache_bytes, llava_flops
+from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
+from rcp_llava.schedule import stage_proportions
 from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
 
 
@@ -41,25 +45,20 @@ PRESETS = {
                             image_size=336, patch_size=14),
                 text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
                 text_tokens=40, dtype="float32"),
+    # mid at LLaVA-1.5-7B's depth: the paper's placements unscaled, on a CPU
+    "mid-32": dict(vision=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                               image_size=336, patch_size=14),
+                   text=dict(hidden_size=512, num_hidden_layers=32, num_attention_heads=8, intermediate_size=1376),
+                   text_tokens=40, dtype="float32"),
     "llava-1.5-7b": dict(vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                      intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768),
                          text=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                    intermediate_size=11008),
                          text_tokens=64, dtype="bfloat16"),
 }
-# The paper's schedules on the 32-layer LLaVA-1.5-7B: (pruning layers, keep counts).
-PAPER_SCHEDULES = {192: ([5, 15, 25], [285, 35, 9]), 128: ([5, 15, 25], [101, 15, 8]), 64: ([2, 14, 26], [96, 26, 8])}
+PAPER_VISUAL_TOKENS, PAPER_LAYERS = 576, 32
 VOCAB = 32064
-
-
-def scaled_layers(layers, num_layers):
-    out = []
-    for layer in layers:
-        value = max(1, round(layer * num_layers / 32))
-        if out and value <= out[-1]:
-            value = out[-1] + 1
-        out.append(min(value, num_layers - 1))
-    return out
+FAMILIES = ("full", "rcp", "ideal", "vispruner", "random", "fastv")
 
 
 def build_config(preset, **pruning):
@@ -72,33 +71,55 @@ def build_config(preset, **pruning):
     )
 
 
-def method_configs(preset, budgets):
-    """name -> (config overrides, per-layer visual token counts, forced-masks flag, budget)."""
+def rcp_schedule(num_layers, num_visual_tokens, budget):
+    """(pruning layers, repair layers, keep counts, whether the budget is met) of the paper's schedule named by
+    `budget` (visual tokens of 576) on a decoder of `num_layers` layers with `num_visual_tokens` per image."""
+    layers, repair = paper_placement(num_layers, budget / PAPER_VISUAL_TOKENS)
+    proportions = stage_proportions(len(layers))
+    tokens = max(1, round(budget * num_visual_tokens / PAPER_VISUAL_TOKENS))
+    try:
+        return layers, repair, keep_counts_for_budget(num_layers, num_visual_tokens, layers, tokens, proportions), True
+    except ValueError:  # below the cost of the layers before the first pruner: the 32-layer counts
+        paper_layers, _ = paper_placement(PAPER_LAYERS, budget / PAPER_VISUAL_TOKENS)
+        counts = keep_counts_for_budget(PAPER_LAYERS, PAPER_VISUAL_TOKENS, paper_layers, budget, proportions)
+        return layers, repair, [min(c, num_visual_tokens) for c in counts], False
+
+
+def fastv_count(num_layers, num_visual_tokens, layer, mean_tokens):
+    """FastV's keep count after `layer` that brings the mean over all layers closest to `mean_tokens`; None when
+    the layers before it alone exceed it."""
+    count = round((mean_tokens * num_layers - layer * num_visual_tokens) / (num_layers - layer))
+    return min(count, num_visual_tokens) if count >= 1 else None
+
+
+def method_configs(preset, budgets, families=FAMILIES):
+    """name -> (config overrides, per-layer visual token counts, forced-masks flag, budget), every method of a
+    budget at RCP's mean visual tokens per layer."""
     layers_total = PRESETS[preset]["text"]["num_hidden_layers"]
     n = (PRESETS[preset]["vision"]["image_size"] // PRESETS[preset]["vision"]["patch_size"]) ** 2
     methods = {"full": (dict(pruning_method="none", pruning_layers=[1], repair_layers=[]), [n] * layers_total,
                         False, n)}
-    fastv_layer = scaled_layers([2], layers_total)[0]
+    fastv_layer = default_fastv_layer(layers_total)
+    plugin_size = max(8, PRESETS[preset]["text"]["hidden_size"] // 9)
     for budget in budgets:
-        paper_layers, paper_counts = PAPER_SCHEDULES[budget]
-        layers = scaled_layers(paper_layers, layers_total)
-        counts = [min(c, n) for c in paper_counts]
-        if budget > n:
-            continue
-        rcp = dict(pruning_method="rcp", pruning_layers=layers, repair_layers=[layers[-1]],
-                   pruning_keep_counts=counts, pruner_hidden_size=max(8, PRESETS[preset]["text"]["hidden_size"] // 9),
-                   repair_bottleneck_size=max(8, PRESETS[preset]["text"]["hidden_size"] // 9))
+        layers, repair, counts, _ = rcp_schedule(layers_total, n, budget)
+        rcp = dict(pruning_method="rcp", pruning_layers=layers, repair_layers=repair, pruning_keep_counts=counts,
+                   pruner_hidden_size=plugin_size, repair_bottleneck_size=plugin_size)
         per_layer = visual_tokens_per_layer(layers_total, n, layers, counts)
+        mean = sum(per_layer) / layers_total
         methods[f"rcp-{budget}"] = (rcp, per_layer, False, budget)
         methods[f"ideal-{budget}"] = (rcp, per_layer, True, budget)
-        methods[f"vispruner-{budget}"] = (dict(pruning_method="vispruner", pre_llm_keep_count=budget),
-                                          [budget] * layers_total, False, budget)
-        methods[f"random-{budget}"] = (dict(pruning_method="random", pre_llm_keep_count=budget),
-                                       [budget] * layers_total, False, budget)
-        methods[f"fastv-{budget}"] = (dict(pruning_method="fastv", pruning_layers=[fastv_layer],
-                                           pruning_keep_counts=[budget]),
-                                      visual_tokens_per_layer(layers_total, n, [fastv_layer], [budget]), False, budget)
-    return methods
+        matched = max(1, round(mean))
+        methods[f"vispruner-{budget}"] = (dict(pruning_method="vispruner", pre_llm_keep_count=matched),
+                                          [matched] * layers_total, False, budget)
+        methods[f"random-{budget}"] = (dict(pruning_method="random", pre_llm_keep_count=matched),
+                                       [matched] * layers_total, False, budget)
+        count = fastv_count(layers_total, n, fastv_layer, mean)
+        if count is not None:
+            methods[f"fastv-{budget}"] = (dict(pruning_method="fastv", pruning_layers=[fastv_layer],
+                                               pruning_keep_counts=[count]),
+                                          visual_tokens_per_layer(layers_total, n, [fastv_layer], [count]), False, budget)
+    return {name: spec for name, spec in methods.items() if name.split("-")[0] in families}
 
 
 def sync(device):
@@ -112,14 +133,27 @@ def main():
     parser.add_argument("--batch_sizes", default="1,8")
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=32,
+                        help="Tokens generated for the decode / end-to-end columns; 0 times the prefill alone (more "
+                             "repeats in the same time, for the selection share and the ratio to the ideal).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of efficiency_PRESET_DEVICE.md/.json/.png (default {DEFAULT_OUTPUT_DIR}; "
                              "committed tables: benchmarks/results).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing table in --output_dir.")
+    parser.add_argument("--tag", default="", help="Suffix of the output names (e.g. `flash` for a second kernel).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", default=",".join(FAMILIES),
+                        help=f"Comma-separated method families to time (of {', '.join(FAMILIES)}); `full` always runs.")
+    parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                        help="The decoder's attention kernel (flash_attention_2 needs the flash-attn package).")
     args = parser.parse_args()
+    families = {"full", *(f.strip() for f in args.methods.split(",") if f.strip())}
+    unknown = families - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"--methods: unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}.")
+    if "ideal" in families:
+        families.add("rcp")  # the ideal replays RCP's kept sets
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -127,11 +161,19 @@ def main():
     dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
     budgets = [int(b) for b in args.budgets.split(",")]
     spec = PRESETS[args.preset]
-    methods = method_configs(args.preset, budgets)
+    methods = method_configs(args.preset, budgets, families)
 
     # One backbone for every method (a 7B model fits once, not 16 times): each method's model is built on the
     # meta device, then takes the base model's backbone modules and builds only its own plug-ins.
-    base = RcpLlavaForConditionalGeneration(build_config(args.preset, **methods["full"][0])).to(device, dtype).eval()
+    # Built directly on the device in its dtype: a random 7B model initialised on the host takes minutes.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            base = RcpLlavaForConditionalGeneration(build_config(args.preset, **methods["full"][0])).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    base.set_attn_implementation(args.attn_implementation)
     base.generation_config.pad_token_id = 0
     models = {}
     for name, (overrides, _, _, _) in methods.items():
@@ -139,6 +181,7 @@ def main():
             models[name] = base
             continue
         config = build_config(args.preset, **overrides)
+        config._attn_implementation = args.attn_implementation
         with torch.device("meta"):
             model = RcpLlavaForConditionalGeneration(config)
         for attr in ("vision_tower", "multi_modal_projector", "language_model"):
@@ -200,8 +243,9 @@ def main():
                     t_prefill = time.perf_counter() - start
                     sel = sum(selection.get(name, []))
                     start = time.perf_counter()
-                    model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                   do_sample=False)
+                    if args.new_tokens > 0:
+                        model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       do_sample=False)
                     sync(device)
                     t_e2e = time.perf_counter() - start
                     if round_index == 0:
@@ -221,11 +265,14 @@ def main():
             flops = llava_flops(base.config, num_text_tokens=text_tokens, decoder_tokens_per_layer=tokens,
                                 batch_size=bsz).total
             p, e = statistics.median(prefill[name]), statistics.median(e2e[name])
+            decoding = args.new_tokens > 0
             results.append({
                 "method": name, "batch_size": bsz, "budget": budget,
                 "avg_visual_tokens_per_layer": sum(per_layer) / len(per_layer),
-                "prefill_ms": p * 1e3, "decode_ms_per_token": (e - p) / max(1, args.new_tokens - 1) * 1e3,
-                "end_to_end_ms": e * 1e3, "kv_cache_mib": kv[name] / 2**20,
+                "prefill_ms": p * 1e3, "prefill_ms_runs": [t * 1e3 for t in prefill[name]],
+                "decode_ms_per_token": (e - p) / max(1, args.new_tokens - 1) * 1e3 if decoding else None,
+                "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
+                "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
                 "selection_ms": statistics.median(sel_per_run[name]) * 1e3,
                 "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
@@ -234,7 +281,9 @@ def main():
 
 
 def output_stem(args, device):
-    return os.path.join(args.output_dir, f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}")
+    tag = f"_{args.tag}" if args.tag else ""
+    return os.path.join(args.output_dir,
+                        f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}{tag}")
 
 
 def write_outputs(results, args, device):
@@ -248,19 +297,24 @@ def write_outputs(results, args, device):
         rows = [r for r in results if r["batch_size"] == bsz]
         full = next(r for r in rows if r["method"] == "full")
         lines += [f"## Batch size {bsz}", "",
-                  "| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | 32-tok e2e ms | KV MiB | "
-                  "peak MiB | select ms (% prefill) | TFLOPs | FLOPs ×full |",
+                  f"| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | {args.new_tokens}-tok e2e ms | "
+                  "KV MiB (analytic) | peak MiB | select ms (% prefill) | TFLOPs | FLOPs ×full |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ideal = next((x for x in rows if x["method"] == r["method"].replace("rcp", "ideal")), None)
             note = f" (×ideal {r['prefill_ms'] / ideal['prefill_ms']:.2f})" if r["method"].startswith("rcp") else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
             share = f"{r['selection_ms']:.1f} ({r['selection_ms'] / r['prefill_ms']:.1%})" if r["selection_ms"] else "–"
+            if r["decode_ms_per_token"] is None:
+                decode, e2e = "– | –", "–"
+            else:
+                decode = (f"{r['decode_ms_per_token']:.2f} | "
+                          f"{r['decode_ms_per_token'] / full['decode_ms_per_token']:.3f}")
+                e2e = f"{r['end_to_end_ms']:.0f}"
             lines.append(
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
-                f"{r['prefill_ms'] / full['prefill_ms']:.3f} | {r['decode_ms_per_token']:.2f} | "
-                f"{r['decode_ms_per_token'] / full['decode_ms_per_token']:.3f} | {r['end_to_end_ms']:.0f} | "
-                f"{r['kv_cache_mib']:.2f} | {peak} | {share} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
+                f"{r['prefill_ms'] / full['prefill_ms']:.3f} | {decode} | {e2e} | "
+                f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
                   data={"command": command, "device": device_name, "results": results})
@@ -270,18 +324,32 @@ def write_outputs(results, args, device):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bsz = min(r["batch_size"] for r in results)
-        for family in ("full", "rcp", "ideal", "vispruner", "fastv", "random"):
-            rows = sorted((r for r in results if r["batch_size"] == bsz and r["method"].split("-")[0] == family),
-                          key=lambda r: r["avg_visual_tokens_per_layer"])
-            if rows:
-                ax.plot([r["avg_visual_tokens_per_layer"] for r in rows], [r["prefill_ms"] for r in rows],
-                        marker="o", label=family)
-        ax.set_xlabel("visual tokens per decoder layer (average)")
-        ax.set_ylabel(f"prefill ms (batch {bsz})")
-        ax.set_title(f"{args.preset} on {device_name}")
-        ax.legend()
+        sizes = sorted({r["batch_size"] for r in results})
+        fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+        markers = {"full": "s", "rcp": "o", "vispruner": "^", "random": "v", "fastv": "D"}
+        for ax, bsz in zip(axes[0], sizes):
+            rows = [r for r in results if r["batch_size"] == bsz]
+            full = next(r for r in rows if r["method"] == "full")
+            ideal = sorted((r for r in rows if r["method"].startswith("ideal")),
+                           key=lambda r: r["avg_visual_tokens_per_layer"])
+            if ideal:  # no selection cost: what the token counts alone buy
+                ax.plot([r["avg_visual_tokens_per_layer"] for r in ideal] + [full["avg_visual_tokens_per_layer"]],
+                        [full["prefill_ms"] / r["prefill_ms"] for r in ideal] + [1.0], "k--", lw=1,
+                        label="ideal (kept sets given)")
+            for family, marker in markers.items():
+                pts = [r for r in rows if r["method"].split("-")[0] == family]
+                if not pts:
+                    continue
+                ax.scatter([r["avg_visual_tokens_per_layer"] for r in pts],
+                           [full["prefill_ms"] / r["prefill_ms"] for r in pts], marker=marker, s=45, label=family)
+                for r in pts:
+                    ax.annotate(r["method"], (r["avg_visual_tokens_per_layer"], full["prefill_ms"] / r["prefill_ms"]),
+                                textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.set_xlabel("visual tokens per decoder layer (mean over all layers)")
+            ax.set_ylabel("prefill speed-up over full (x)")
+            ax.set_title(f"{args.preset}, batch {bsz}, {device_name}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, stem + ".png", dpi=110)
     except ImportError:

@@ -1,11 +1,12 @@
 """Smoke tests of the benchmark scripts (never pass/fail on timings)."""
 
 import json
+import os
 import sys
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import ROOT, load_benchmark
 
 
 def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
@@ -25,6 +26,44 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["rcp-64"]["flops_ratio"] < 1 and rows["full"]["flops_ratio"] == 1
     assert (tmp_path / "efficiency_tiny_cpu.md").read_text().startswith("# Efficiency, preset `tiny`")
     assert (tmp_path / "efficiency_tiny_cpu.png").stat().st_size > 1000
+    # Every method at RCP's mean visual tokens per layer (issue 19), and the measured KV cache is the analytic one.
+    for name in ("vispruner-64", "random-64", "fastv-64"):
+        assert abs(rows[name]["avg_visual_tokens_per_layer"] - rows["rcp-64"]["avg_visual_tokens_per_layer"]) <= 0.5
+    for row in rows.values():
+        assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row["method"]
+
+
+def test_efficiency_schedules_use_the_authors_placements():
+    """The paper's schedules on 32 layers: pruners before 0-based layers 1 / 13 / 25 at 64 tokens, 4 / 14 / 24 at
+    128 and 192, adapters after 22 / 29, and counts whose mean over all 32 layers is the budget."""
+    efficiency = load_benchmark("efficiency")
+    methods = efficiency.method_configs("llava-1.5-7b", [192, 128, 64])
+    for budget, layers in ((192, [4, 14, 24]), (128, [4, 14, 24]), (64, [1, 13, 25])):
+        overrides, per_layer, _, _ = methods[f"rcp-{budget}"]
+        assert overrides["pruning_layers"] == layers and overrides["repair_layers"] == [22, 29]
+        assert sum(per_layer) / 32 == pytest.approx(budget, abs=0.5)
+        assert methods[f"vispruner-{budget}"][0]["pre_llm_keep_count"] == budget
+        fastv = methods[f"fastv-{budget}"]
+        assert fastv[0]["pruning_layers"] == [2] and sum(fastv[1]) / 32 == pytest.approx(budget, abs=0.5)
+    # 8 layers cannot reach 64 of 576 (layer 0 alone averages 72): the 32-layer counts, baselines matched to them
+    mid = efficiency.method_configs("mid", [64])
+    mean = sum(mid["rcp-64"][1]) / 8
+    assert mid["rcp-64"][0]["pruning_keep_counts"] == methods["rcp-64"][0]["pruning_keep_counts"]
+    assert mean > 72 and mid["vispruner-64"][0]["pre_llm_keep_count"] == round(mean)
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh --cpu`: the GPU script's steps on the tiny shape, no installs."""
+    import subprocess
+
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--cpu", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
+    assert {r["method"] for r in data["results"]} == {"full", "rcp-64", "ideal-64", "vispruner-64", "random-64",
+                                                      "fastv-64"}
+    assert {r["batch_size"] for r in data["results"]} == {1, 2}
+    assert "gpu_check: done" in result.stdout
 
 
 def test_compare_prefill_smoke(tmp_path, monkeypatch):
