@@ -210,7 +210,7 @@ class RcpTrainingArguments(TrainingArguments):
                                        "paper prints 40)."}
     )
     lambda_sparse: float = field(default=200.0, metadata={"help": "Weight of the sparsity loss."})
-    repair_loss_layers: str | None = field(
+    repair_loss_layers: list[str] | None = field(
         default=None,
         metadata={"help": "Comma-separated decoder layers whose outputs the repair loss matches to the teacher "
                           "(default: the repair layers, on their repaired output, as the authors do)."},
@@ -268,7 +268,6 @@ class RcpTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw columns: the collator builds the prompts itself."}
     )
-    save_safetensors: bool = field(default=True, metadata={"help": "Plug-in checkpoints are always safetensors."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -307,15 +306,52 @@ class RcpTrainingArguments(TrainingArguments):
         self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
 
 
+def answer_metrics(predictions, label_ids, tokenizer):
+    """Teacher-forced answer metrics of an evaluation pass (the Trainer's `compute_metrics`).
+
+    predictions: (N, T) token ids the student predicts at each position (argmax of its logits; padding -100);
+    label_ids: (N, T) the labels (-100 outside the answers). The prediction at position t is for token t + 1.
+    Returns `answer_exact_match` (the shipped `exact_match` metric on the decoded answers: every answer token of a
+    sample right) and `answer_token_accuracy` (over all answer tokens).
+    """
+    import numpy as np
+
+    from rcp_llava.metrics import load_metric
+
+    predictions, label_ids = np.asarray(predictions), np.asarray(label_ids)
+    if predictions.shape != label_ids.shape:
+        raise ValueError(f"`predictions` {predictions.shape} and `label_ids` {label_ids.shape} must be (N, T) token "
+                         "ids of the same shape (argmax the logits first: `preprocess_logits_for_metrics`).")
+    predicted, references, right, total = [], [], 0, 0
+    for pred, labels in zip(predictions, label_ids):
+        answer = labels[1:] != -100  # positions whose next token is an answer token
+        got, want = pred[:-1][answer], labels[1:][answer]
+        right += int((got == want).sum())
+        total += int(answer.sum())
+        predicted.append(tokenizer.decode([int(t) for t in got if t >= 0], skip_special_tokens=True).strip())
+        references.append(tokenizer.decode([int(t) for t in want], skip_special_tokens=True).strip())
+    exact = load_metric("exact_match").compute(predictions=predicted,
+                                               references=[[r] for r in references])["exact_match"]
+    return {"answer_exact_match": float(exact), "answer_token_accuracy": right / max(total, 1)}
+
+
+def argmax_logits(logits, labels):
+    """`preprocess_logits_for_metrics`: keep (B, T) token ids, not (B, T, vocab) logits, across the evaluation."""
+    return logits.argmax(-1)
+
+
 def _parse_int_list(value, name):
-    if value is None or value == "":
+    """`--layers 1,13,25`, `--layers 1 13 25` (a list of strings) or a list of ints -> [1, 13, 25]; None / '' -> None."""
+    if value is None or value == "" or value == []:
         return None
     if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        value = ",".join(str(v) for v in value)
     try:
         return [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"`{name}` must be comma-separated integers, got {value!r}.") from None
+        raise ValueError(f"`{name}` must be integers, e.g. '1,13,25' or '1 13 25', got {value!r}.") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,6 +478,17 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         })
         return (loss, student) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the training loss (the student in the mask layout against the teacher) and the student's
+        logits, with the labels for `compute_metrics` (the stock step would return every output field, hidden states
+        and keep masks included, as "logits")."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, student = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), student.logits.detach(), inputs["labels"]
+
     def _record(self, split, values):
         store = self._metrics[split]
         for key, value in values.items():
@@ -555,20 +602,25 @@ class RcpJobArguments:
     dataset_name_or_path: str | None = field(
         default=None, metadata={"help": "A HF dataset name or a `save_to_disk` folder. Default: the testbed's."}
     )
-    train_split: str = field(default="train")
-    eval_split: str | None = field(default="validation")
-    test_split: str | None = field(default="test")
-    image_column: str = field(default="image")
-    question_column: str = field(default="question")
-    answer_column: str = field(default="answer")
+    train_split: str = field(default="train", metadata={"help": "Split the plug-ins train on."})
+    eval_split: str | None = field(
+        default="validation",
+        metadata={"help": "Split of the Trainer's evaluation (--eval_strategy, --do_eval, --load_best_model_at_end: "
+                          "loss + teacher-forced answer exact match) and of --calibrate_retention."})
+    test_split: str | None = field(
+        default="test", metadata={"help": "Split of the final full-vs-pruned evaluation written to metrics.json "
+                                          "(skipped when the dataset has no such split)."})
+    image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
+    question_column: str = field(default="question", metadata={"help": "Dataset column holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the answer."})
     llava_json: str | None = field(default=None, metadata={"help": "A LLaVA-style JSON instead of a dataset."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths live in."})
     max_length: int | None = field(default=None, metadata={"help": "Refuse examples longer than this."})
-    pruning_layers: str | None = field(
+    pruning_layers: list[str] | None = field(
         default=None, metadata={"help": "e.g. '1,13,25' (0-based). Default: the paper's placement for the model's "
                                         "depth and the budget (`RcpLlavaConfig.paper_placement`); the testbed's own."}
     )
-    repair_layers: str | None = field(
+    repair_layers: list[str] | None = field(
         default=None, metadata={"help": "e.g. '22,29' (0-based). Default: the paper's placement (see above)."}
     )
     visual_token_budget: float | None = field(
@@ -581,7 +633,7 @@ class RcpJobArguments:
         metadata={"help": "Train one plug-in set per budget, e.g. '1/3,2/9,1/9' (the paper's protocol): one run folder "
                           "per budget, OUTPUT_DIR/budget_1_3 ..., and a summary in OUTPUT_DIR/budgets.json."},
     )
-    pruning_keep_counts: str | None = field(
+    pruning_keep_counts: list[str] | None = field(
         default=None,
         metadata={"help": "Train at fixed counts, e.g. '35,10,3' (straight-through top-k per pruner) instead of the "
                           "adaptive threshold (Eq. 8)."},
@@ -591,10 +643,13 @@ class RcpJobArguments:
         metadata={"help": "After training, shift every pruner's bias by one common amount, found by bisection on the "
                           "evaluation split, so that the inference retention meets the target (within 5 percent)."},
     )
-    pruner_hidden_size: int | None = field(default=None)
-    repair_bottleneck_size: int | None = field(default=None)
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=500)
+    pruner_hidden_size: int | None = field(
+        default=None, metadata={"help": "Width of the pruners' cross-attention (default: the config's; testbed: 32)."})
+    repair_bottleneck_size: int | None = field(
+        default=None, metadata={"help": "Bottleneck of the repair adapters (default: the config's; testbed: 32)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
+    max_eval_samples: int | None = field(
+        default=500, metadata={"help": "Evaluate (Trainer evaluation and the final one) on the first N examples."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a finished or started run in --output_dir (its metrics.json, plugins/, model/ or "
@@ -602,6 +657,9 @@ class RcpJobArguments:
     )
     push_plugins_only: bool = field(
         default=False, metadata={"help": "With --push_to_hub: upload only the plug-in folder (PEFT-style)."}
+    )
+    model_card_license: str | None = field(
+        default=None, metadata={"help": "License of the pushed model card (default: the base model's card's)."}
     )
     testbed_preset: str = field(default="tiny", metadata={
         "help": "Testbed of the main job (no --base_model): 'tiny' (4 layers) or 'deep' (16 layers, the paper's "
@@ -629,8 +687,49 @@ PRESET_JOB_DEFAULTS = {"tiny": {}, "deep": {"output_dir": "outputs/rcp_deep", "s
 PRESET_PRUNING = {"tiny": TESTBED_PRUNING, "deep": {"pruner_hidden_size": 32, "repair_bottleneck_size": 32}}
 
 
+# `--help` groups: the project's fields by topic, then transformers' TrainingArguments.
+HELP_GROUPS = {
+    "RCP: pruning and plug-ins": (
+        "pruning_layers", "repair_layers", "visual_token_budget", "budget_fraction", "budgets", "pruning_keep_counts",
+        "calibrate_retention", "pruner_hidden_size", "repair_bottleneck_size"),
+    "RCP: losses and schedules": (
+        "lambda_task", "lambda_repair", "lambda_sparse", "repair_loss_layers", "repair_loss_mean_only",
+        "repair_loss_pooling", "sparsity_reduction", "sparsity_layers", "sparsity_schedule", "sparsity_warmup_ratio",
+        "gumbel_noise", "gumbel_schedule", "gumbel_temperature_start", "gumbel_temperature_end",
+        "gumbel_anneal_ratio", "gumbel_noise_ratio", "detach_prior"),
+    "data and model": (
+        "base_model", "dataset_name_or_path", "llava_json", "image_folder", "train_split", "eval_split", "test_split",
+        "image_column", "question_column", "answer_column", "max_length", "max_train_samples", "max_eval_samples"),
+    "testbed (the main job: no --base_model)": ("testbed_preset",),
+    "output": ("overwrite_output_dir", "push_plugins_only", "model_card_license"),
+}
+
+
+def build_parser():
+    """The job's argument parser: `RcpJobArguments` + `RcpTrainingArguments`, with `--help` in topic groups and, for
+    the fields the main job sets itself, its real values next to the generic defaults."""
+    import argparse
+
+    parser = HfArgumentParser((RcpJobArguments, RcpTrainingArguments), description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    by_dest = {a.dest: a for a in parser._actions}
+    general = parser._optionals
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            for action in [a for a in general._group_actions if a.dest == name]:
+                general._group_actions.remove(action)
+                group._group_actions.append(action)
+    general.title = "Trainer (transformers.TrainingArguments; see its documentation)"
+    for key, value in TESTBED_JOB_DEFAULTS.items():
+        deep = PRESET_JOB_DEFAULTS["deep"].get(key)
+        where = f"main job on the testbed: {value}" + (f", deep preset: {deep}" if deep is not None else "")
+        by_dest[key].help = f"{by_dest[key].help or ''} [{where}]".strip()
+    return parser
+
+
 def main(argv=None):
-    parser = HfArgumentParser((RcpJobArguments, RcpTrainingArguments))
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     job, args = parser.parse_args_into_dataclasses(args=argv)
     explicit = set(_explicit_flags(argv))
@@ -801,6 +900,16 @@ def run_job(job, args, explicit=()):
     if job.max_train_samples:
         train = train.select(range(min(job.max_train_samples, len(train))))
     check_dataset(train, collator, job.max_length, name=f"{job.train_split!r} split")
+    evaluating = args.eval_strategy != "no" or args.do_eval or args.load_best_model_at_end
+    eval_data = None
+    if evaluating:  # the Trainer's own evaluation (loss + teacher-forced answer metrics) during / after training
+        if job.eval_split not in splits:
+            raise ValueError(f"--eval_strategy / --do_eval / --load_best_model_at_end evaluate on --eval_split "
+                             f"{job.eval_split!r}, but the dataset has {list(splits)}.")
+        eval_data = splits[job.eval_split]
+        if job.max_eval_samples:
+            eval_data = eval_data.select(range(min(job.max_eval_samples, len(eval_data))))
+        check_dataset(eval_data, collator, job.max_length, name=f"{job.eval_split!r} split")
     # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
     # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
     # --seed gives one model.
@@ -809,12 +918,18 @@ def run_job(job, args, explicit=()):
 
     # The folder is pushed once, complete, at the end (with its model card); the Trainer must not push checkpoints.
     push, args.push_to_hub = args.push_to_hub, False
-    trainer = RcpTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer = RcpTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=eval_data, data_collator=collator,
+        compute_metrics=(lambda pred: answer_metrics(pred.predictions, pred.label_ids, processor.tokenizer))
+        if evaluating else None,
+        preprocess_logits_for_metrics=argmax_logits if evaluating else None,
+    )
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
               f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
     trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    trainer_eval = trainer.evaluate() if args.do_eval else None  # with the best plug-ins if load_best_model_at_end
     metrics = None
     if trainer.is_world_process_zero():
         calibration = None
@@ -822,7 +937,7 @@ def run_job(job, args, explicit=()):
             calibration = calibrate_retention(model, processor, splits, collator, job,
                                               from_first_pruner=args.sparsity_layers == "from_first_pruner")
         metrics = _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual,
-                                     started, push, trainer=trainer, calibration=calibration)
+                                     started, push, trainer=trainer, calibration=calibration, trainer_eval=trainer_eval)
     # Every rank waits for rank 0's evaluation and saving, then leaves the process group cleanly: a rank that exits
     # while its gloo threads are alive aborts the launch ("terminate called without an active exception").
     trainer.accelerator.wait_for_everyone()
@@ -832,7 +947,7 @@ def run_job(job, args, explicit=()):
 
 
 def _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual, started, push,
-                       trainer=None, calibration=None):
+                       trainer=None, calibration=None, trainer_eval=None):
     """Rank 0 after training: evaluate full vs pruned, write plugins/, model/ and metrics.json, push if asked."""
     test_name = job.test_split if job.test_split in splits else None
     metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
@@ -844,6 +959,11 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
         metrics["grad_norm"] = grad_norm_summary(trainer.grad_norms)
     if calibration is not None:
         metrics["calibration"] = calibration
+    if trainer is not None and trainer.state.best_model_checkpoint:
+        metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+        metrics["best_metric"] = trainer.state.best_metric
+    if trainer_eval is not None:
+        metrics["trainer_eval"] = trainer_eval
     if test_name is not None:
         metrics.update(evaluate_methods(model, processor, splits[test_name], collator, job.max_eval_samples,
                                         progress=not args.disable_tqdm))
@@ -855,7 +975,7 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     _write_json(os.path.join(out, "metrics.json"), metrics)
     print(format_report(metrics), flush=True)
     if push:
-        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only)
+        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only, license=job.model_card_license)
     return metrics
 
 
@@ -915,7 +1035,7 @@ def save_job_folders(model, processor, out, overwrite=False):
     processor.save_pretrained(os.path.join(out, "model"))
 
 
-def push_output(model, out, base_model, args, plugins_only=False):
+def push_output(model, out, base_model, args, plugins_only=False, license=None):
     """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`)."""
     from rcp_llava.hub import build_model_card, push_rcp_folder
 
@@ -923,7 +1043,7 @@ def push_output(model, out, base_model, args, plugins_only=False):
     settings = {k: getattr(args, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed",
                                               "lambda_task", "lambda_repair", "lambda_sparse")}
     build_model_card(model.config, repo_id=args.hub_model_id, base_model=base_model, plugins_only=plugins_only,
-                     eval_results=os.path.join(out, "metrics.json"), training_args=settings,
+                     eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,
                      ).save(os.path.join(folder, "README.md"))
     return push_rcp_folder(folder, args.hub_model_id, plugins_only=plugins_only, token=args.hub_token,
                            private=args.hub_private_repo)

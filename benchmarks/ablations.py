@@ -128,7 +128,6 @@ def slug(name):
 def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     """Train one variant with `train_rcp.run_job`; returns (model folder, seconds, argv). Reuses a finished run."""
     import train_rcp
-    from transformers import HfArgumentParser
 
     flags, job_overrides, _ = variant_spec(name)
     argv = list(base_args) + flags + ["--output_dir", out_dir, "--test_split", "none", "--report_to", "none"]
@@ -145,7 +144,7 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
         # weights) or with other flags would evaluate a stale backbone
         print(f"[ablations] {out_dir}: trained from another base model or other flags; training it again",
               flush=True)
-    parser = HfArgumentParser((train_rcp.RcpJobArguments, train_rcp.RcpTrainingArguments))
+    parser = train_rcp.build_parser()
     # Training again replaces this variant's earlier run (other flags or another base): say so to train_rcp.
     job, args = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
     for key, value in job_overrides.items():

@@ -397,3 +397,92 @@ def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tm
     assert metrics["sparsity_layers"] == "all"
     assert (metrics["pruning_layers"], metrics["repair_layers"]) == ([1, 7, 13], [11, 15])  # paper_placement(16, 1/9)
     assert metrics["target_retention"] == pytest.approx(1 / 9)
+
+
+# -- evaluation inside the Trainer (issue 18) ------------------------------------------------------------------
+
+
+def test_answer_metrics_hand_computed(micro):
+    """Teacher-forced: the prediction at position t is for token t + 1; only answer positions count."""
+    _, processor, _ = micro
+    tok = processor.tokenizer
+    red, blue, eos = (tok.convert_tokens_to_ids(w) for w in ("red", "blue", tok.eos_token))
+    labels = torch.tensor([[-100, -100, red, eos], [-100, -100, blue, eos], [-100, red, eos, -100]])
+    # row 0 right (red, </s>); row 1 wrong answer word; row 2 right, its padded column predicted -100
+    predictions = torch.tensor([[0, red, eos, 5], [0, red, eos, 5], [red, eos, -100, -100]])
+    out = train_rcp.answer_metrics(predictions.numpy(), labels.numpy(), tok)
+    assert out == {"answer_exact_match": pytest.approx(2 / 3), "answer_token_accuracy": pytest.approx(5 / 6)}
+    with pytest.raises(ValueError, match="argmax the logits first"):
+        train_rcp.answer_metrics(torch.zeros(3, 4, 7).numpy(), labels.numpy(), tok)
+
+
+def test_eval_strategy_steps_evaluates_and_keeps_the_best_plugins(tmp_path):
+    """`--eval_strategy steps` evaluates on --eval_split (loss + answer metrics) during training, and with
+    `--load_best_model_at_end` the saved plug-ins are the best checkpoint's, not the last step's."""
+    from safetensors.torch import load_file
+
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    out = tmp_path / "run"
+    metrics = train_rcp.main([
+        "--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+        "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8", "--repair_bottleneck_size",
+        "8", "--budget_fraction", "0.25", "--output_dir", str(out), "--max_steps", "6", "--learning_rate", "0.05",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2", "--load_best_model_at_end",
+        "--metric_for_best_model", "eval_loss", "--do_eval",
+    ])
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    for e in evals:
+        assert 0.0 <= e["eval_answer_exact_match"] <= 1.0 and 0.0 <= e["eval_answer_token_accuracy"] <= 1.0
+        assert "eval_retention" in e and "eval_task_loss" in e
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert metrics["best_model_checkpoint"] == str(out / f"checkpoint-{best['step']}")
+    assert metrics["trainer_eval"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    saved = load_file(out / "plugins" / "rcp_plugins.safetensors")
+    best_saved = load_file(out / f"checkpoint-{best['step']}" / "rcp_plugins.safetensors")
+    assert saved.keys() == best_saved.keys() and all(torch.equal(saved[k], best_saved[k]) for k in saved)
+
+
+def test_evaluating_without_the_eval_split_is_refused_before_training(tmp_path):
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    with pytest.raises(ValueError, match="--eval_split 'dev'"):
+        train_rcp.main(["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+                        "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu",
+                        "--eval_strategy", "steps", "--eval_split", "dev"])
+
+
+# -- the command line (issue 18) ------------------------------------------------------------------------------
+
+
+def test_help_is_grouped_shows_the_main_jobs_real_defaults_and_explains_every_project_field():
+    parser = train_rcp.build_parser()
+    text = parser.format_help()
+    for title in train_rcp.HELP_GROUPS:
+        assert f"\n{title}:\n" in text, title
+    assert "Trainer (transformers.TrainingArguments" in text
+    # what the no-argument main job actually uses, beside the generic default
+    for flag, value in (("--max_steps", "400"), ("--per_device_train_batch_size", "16"), ("--learning_rate", "0.001"),
+                        ("--output_dir", "outputs/rcp_tiny")):
+        block = text[text.index(f"  {flag} "):]
+        block = block[:block.index("\n  --")]
+        assert f"main job on the testbed: {value}" in " ".join(block.split()), (flag, block)
+    assert "deep preset: outputs/rcp_deep" in " ".join(text.split())
+    groups = {g.title: g for g in parser._action_groups}
+    for title in train_rcp.HELP_GROUPS:
+        for action in groups[title]._group_actions:
+            assert action.help and len(action.help) > 10, action.dest
+    assert "--save_safetensors" not in text and "--no_save_safetensors" not in text  # a dead flag, removed
+
+
+@pytest.mark.parametrize("argv", [["--pruning_layers", "1,13,25"], ["--pruning_layers", "1", "13", "25"]])
+def test_layer_lists_take_commas_or_separate_integers(argv):
+    job, _ = train_rcp.build_parser().parse_args_into_dataclasses(args=argv + ["--output_dir", "x"])
+    assert train_rcp._parse_int_list(job.pruning_layers, "pruning_layers") == [1, 13, 25]
+    with pytest.raises(ValueError, match="must be integers, e.g. '1,13,25' or '1 13 25'"):
+        train_rcp._parse_int_list(["1", "x"], "pruning_layers")
