@@ -119,7 +119,7 @@ def save_demo_folder(folder=None, seed=0, randomize_plugins=True, **overrides):
     processor = build_demo_processor(model.config)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    build_model_card(model.config, repo_id=str(folder), base_model=None).save(folder / MODEL_CARD_NAME)
+    build_model_card(model.config, repo_id=str(folder), base_model=None, license="apache-2.0").save(folder / MODEL_CARD_NAME)
     return folder, model, processor
 
 

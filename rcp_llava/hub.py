@@ -37,55 +37,122 @@ GITHUB_URL = "https://github.com/rcp-llava/rcp-llava"
 # ------------------------------------------------------------------------------------------------
 
 
+TESTBED_DATASET = "rcp-llava testbed"
+BASELINE_NAMES = {"none": "full model (all visual tokens)", "full": "full model (all visual tokens)"}
+
+
+def _short(value, limit=160):
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def load_eval_results(eval_results):
-    """Evaluation results as a list of dicts `{dataset, metric, value, [dataset_type, split, kept_tokens]}`.
+    """Evaluation results as a list of dicts `{dataset, metric, value}` plus, where known, `method`, `budget`,
+    `tokens_per_layer`, `dataset_type` (a Hub dataset id), `split`, `kept_tokens`, and `baseline` (True for rows
+    that are not this checkpoint's own result, e.g. the full model: they go in the card's text, not model-index).
 
     `eval_results` is a path to a JSON file, or its content. Accepted shapes:
       - `{"results": [entry, ...], "average_kept_tokens": 64.0}` or a bare list of entries, an entry being
         `{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6, "dataset_type": ..., "split": ...}`;
       - `{"VQAv2": {"accuracy": 75.6}, "POPE": {"f1": 85.1}}` (dataset -> metric -> value);
       - the testbed's `evaluate_accuracy` output `{"overall": 0.91, "n": ..., "kept_visual_tokens": ...}`;
-      - `train_rcp.py`'s metrics.json (`{"full": {"accuracy": ...}, "rcp": {"accuracy": ...,
-        "avg_visual_tokens_per_layer": ...}, ...}`): RCP's and the full model's accuracy.
+      - `train_rcp.py`'s metrics.json: RCP's accuracy (this checkpoint), the full model's and the training-free
+        prior's at RCP's counts (baselines);
+      - `benchmarks/evaluate_methods.py`'s JSON: its RCP rows (this checkpoint), every other row as a baseline.
     Returns `(entries, average_kept_tokens or None)`.
     """
     if eval_results is None:
         return [], None
     if isinstance(eval_results, (str, os.PathLike)):
-        eval_results = json.loads(Path(eval_results).read_text(encoding="utf-8"))
+        path = Path(eval_results)
+        if not path.is_file():
+            raise FileNotFoundError(f"`eval_results`: no file {str(path)!r}.")
+        try:
+            eval_results = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`eval_results` file {str(path)!r} is not valid JSON ({err}).") from None
     kept = None
     if isinstance(eval_results, dict):
         for key in ("average_kept_tokens", "kept_visual_tokens", "avg_kept_tokens"):
             if isinstance(eval_results.get(key), (int, float)):
                 kept = float(eval_results[key])
-        if "results" in eval_results:
-            entries = list(eval_results["results"])
+        results = eval_results.get("results")
+        if isinstance(results, list) and results and all(isinstance(r, dict) and "rows" in r for r in results):
+            entries = _evaluate_methods_entries(results)
+            rcp = [e for e in entries if not e["baseline"] and e.get("tokens_per_layer") is not None]
+            if kept is None and len(rcp) == 1:
+                kept = rcp[0]["tokens_per_layer"]
+        elif "results" in eval_results:
+            entries = list(results)
         elif isinstance(eval_results.get("rcp"), dict) and "accuracy" in eval_results["rcp"]:
-            # train_rcp.py's metrics.json: one result dict per method ("full", "rcp", baselines...).
-            dataset = eval_results.get("dataset", "rcp-llava testbed")
-            entries = [{"dataset": dataset, "metric": "accuracy", "value": eval_results["rcp"]["accuracy"],
-                        "metric_name": "accuracy (RCP)"}]
-            if isinstance(eval_results.get("full"), dict) and "accuracy" in eval_results["full"]:
-                entries.append({"dataset": dataset, "metric": "accuracy", "value": eval_results["full"]["accuracy"],
-                                "metric_name": "accuracy (all visual tokens, plug-ins off)"})
-            if isinstance(eval_results["rcp"].get("avg_visual_tokens_per_layer"), (int, float)):
-                kept = float(eval_results["rcp"]["avg_visual_tokens_per_layer"])
+            entries, job_kept = _train_rcp_entries(eval_results)
+            kept = job_kept if job_kept is not None else kept
         elif "overall" in eval_results and isinstance(eval_results["overall"], (int, float)):
-            entries = [{"dataset": eval_results.get("dataset", "rcp-llava testbed"), "metric": "accuracy",
+            entries = [{"dataset": eval_results.get("dataset", TESTBED_DATASET), "metric": "accuracy",
                         "value": eval_results["overall"]}]
         else:
             entries = [
                 {"dataset": name, "metric": metric, "value": value}
                 for name, metrics in eval_results.items() if isinstance(metrics, dict)
-                for metric, value in metrics.items() if isinstance(value, (int, float))
+                for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
             ]
-    else:
+            if not entries:
+                raise ValueError(
+                    f"`eval_results` is not a format `build_model_card` knows (top-level keys: "
+                    f"{_short(sorted(eval_results))}); see `rcp_llava.hub.load_eval_results`."
+                )
+    elif isinstance(eval_results, list):
         entries = list(eval_results)
+    else:
+        raise TypeError(f"`eval_results` must be a path, a dict or a list, got {type(eval_results).__name__}.")
     for e in entries:
+        if not isinstance(e, dict):
+            raise ValueError(f"Evaluation entry {_short(e)} is not a dict; see `load_eval_results` for the format.")
         missing = [k for k in ("dataset", "metric", "value") if k not in e]
         if missing:
-            raise ValueError(f"Evaluation entry {e} lacks {missing}; see `load_eval_results` for the format.")
+            raise ValueError(f"Evaluation entry {_short(e)} lacks {missing}; see `load_eval_results` for the format.")
+        e.setdefault("baseline", False)
     return entries, kept
+
+
+def _train_rcp_entries(metrics):
+    """train_rcp.py's metrics.json -> entries (RCP's own, then the baselines at the same budget)."""
+    dataset = metrics.get("dataset", TESTBED_DATASET)
+    n, budget = metrics.get("num_visual_tokens"), metrics.get("visual_token_budget")
+    budget_text = f"{budget:g} of {n} tokens" if isinstance(budget, (int, float)) and n else ""
+    rcp = metrics["rcp"]
+    kept = rcp.get("avg_visual_tokens_per_layer")
+    kept = float(kept) if isinstance(kept, (int, float)) else None
+    entries = [{"dataset": dataset, "metric": "accuracy", "value": rcp["accuracy"], "method": "rcp (adaptive)",
+                "budget": budget_text, "tokens_per_layer": kept, "baseline": False}]
+    if isinstance(metrics.get("full"), dict) and "accuracy" in metrics["full"]:
+        entries.append({"dataset": dataset, "metric": "accuracy", "value": metrics["full"]["accuracy"],
+                        "method": BASELINE_NAMES["full"], "budget": "", "tokens_per_layer": n, "baseline": True})
+    for key, method in (("rcp_fixed_counts", "rcp (fixed counts)"),
+                        ("prior_fixed_counts", "attention_topk (RCP's prior alone, same counts)")):
+        if isinstance(metrics.get(key), dict) and "accuracy" in metrics[key]:
+            entries.append({"dataset": dataset, "metric": "accuracy", "value": metrics[key]["accuracy"],
+                            "method": method, "budget": budget_text,
+                            "tokens_per_layer": metrics[key].get("avg_visual_tokens_per_layer"),
+                            "baseline": key != "rcp_fixed_counts"})
+    return entries, kept
+
+
+def _evaluate_methods_entries(results):
+    """benchmarks/evaluate_methods.py's JSON `results` -> entries: RCP rows are this checkpoint's."""
+    entries = []
+    for block in results:
+        dataset = TESTBED_DATASET if block.get("kind") == "testbed" else block.get("data", "unknown")
+        metric = block.get("metric", "first-token accuracy" if block.get("kind") == "testbed" else "score")
+        for row in block["rows"]:
+            if not isinstance(row.get("score"), (int, float)):
+                continue
+            method = row.get("label") or row.get("method")
+            entries.append({"dataset": dataset, "metric": metric, "value": row["score"],
+                            "method": BASELINE_NAMES.get(method, method), "budget": str(row.get("budget", "")),
+                            "tokens_per_layer": row.get("avg_tokens_all_layers"),
+                            "baseline": row.get("method") != "rcp"})
+    return entries
 
 
 def _pruning_table(config):
@@ -96,14 +163,50 @@ def _pruning_table(config):
     return "\n".join(["| field | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in rows])
 
 
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
 def _results_table(entries):
     if not entries:
         return "No evaluation results were recorded for this checkpoint."
-    lines = ["| dataset | split | metric | value | kept visual tokens |", "|---|---|---|---|---|"]
+    lines = ["| method | budget | visual tokens / layer | dataset | split | metric | value |",
+             "|---|---|---|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e['dataset']} | {e.get('split', '')} | {e['metric']} | {e['value']} | "
-                     f"{e.get('kept_tokens', '')} |")
-    return "\n".join(lines)
+        method = e.get("method", "rcp") + (" (baseline)" if e.get("baseline") else "")
+        tokens = e.get("tokens_per_layer", e.get("kept_tokens"))
+        lines.append(f"| {method} | {e.get('budget', '')} | {_fmt(float(tokens)) if tokens is not None else ''} | "
+                     f"{e['dataset']} | {e.get('split', '')} | {e['metric']} | {_fmt(e['value'])} |")
+    return "\n".join(lines) + ("\n\nRows marked *baseline* are other models or methods measured beside this "
+                               "checkpoint; only this checkpoint's own rows are in the card's model-index."
+                               if any(e.get("baseline") for e in entries) else "")
+
+
+def base_model_license(base_model):
+    """The license in the base model's card: a local folder's README.md, or the Hub's card data (one request, a
+    five-second timeout, skipped offline). None when it cannot be read."""
+    if not base_model:
+        return None
+    folder = Path(str(base_model))
+    if folder.is_dir():
+        readme = folder / MODEL_CARD_NAME
+        if readme.is_file():
+            try:
+                return ModelCard.load(readme).data.license
+            except Exception:  # a card without YAML metadata
+                return None
+        return None
+    from huggingface_hub import constants, model_info
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        data = model_info(str(base_model), timeout=5).card_data
+    except Exception:  # offline, private, no such repo: the caller passes `license=`
+        return None
+    return getattr(data, "license", None) if data is not None else None
 
 
 def usage_snippet(repo_id, plugins_only=False, base_model=None):
@@ -153,6 +256,11 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         average_kept_tokens: average visual tokens kept per decoder layer; defaults to the evaluation JSON's, then
             to the one implied by `pruning_keep_counts`, then to `visual_token_budget`.
         training_args: dict of training settings (e.g. `TrainingArguments.to_dict()` restricted to what matters).
+        license: the card's license; default: the base model's (`base_model_license`), else none (with a warning).
+
+    model-index holds only this checkpoint's own results on datasets with a Hub id (`dataset_type` "owner/name");
+    baselines (the full model, other methods) and local datasets (the testbed) are in the card's results table.
+    A plug-in-only card is an adapter card: `library_name: rcp-llava`, `base_model_relation: adapter`.
     """
     config = getattr(config, "config", config)
     entries, eval_kept = load_eval_results(eval_results)
@@ -161,19 +269,28 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         kept = config.pruned_average_tokens()
     if kept is None:
         kept = config.visual_token_budget
+    kept = round(float(kept), 1) if isinstance(kept, (int, float)) else None
+    if license is None:
+        license = base_model_license(base_model)
+        if license is None:
+            logger.warning("build_model_card: no license given and none found in the base model's card; pass "
+                           "`license=` (e.g. the base model's, 'llama2' for llava-1.5).")
     model_name = model_name or str(repo_id).rstrip("/").split("/")[-1]
     results = [
         EvalResult(
-            task_type="image-text-to-text", dataset_type=e.get("dataset_type", e["dataset"]),
+            task_type="image-text-to-text", dataset_type=e["dataset_type"],
             dataset_name=e["dataset"], metric_type=e["metric"], metric_value=e["value"],
             dataset_split=e.get("split"), metric_name=e.get("metric_name", e["metric"]),
         )
         for e in entries
+        if not e.get("baseline") and "/" in str(e.get("dataset_type", ""))
     ]
     data = ModelCardData(
-        base_model=base_model, library_name="transformers", pipeline_tag="image-text-to-text",
+        base_model=base_model, library_name="rcp-llava" if plugins_only else "transformers",
+        pipeline_tag="image-text-to-text",
         tags=sorted(set(DEFAULT_TAGS) | set(tags) | ({"rcp-plugins"} if plugins_only else set())), license=license,
         model_name=model_name, eval_results=results or None,
+        **({"base_model_relation": "adapter"} if plugins_only and base_model else {}),
         rcp_llava={
             "version": RCP_LLAVA_VERSION, "plugins_only": plugins_only,
             "average_kept_visual_tokens": kept, "visual_tokens_per_image": config.num_visual_tokens,
@@ -192,7 +309,8 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         "`modeling_rcp_llava.py` (remote code: standard library, torch and transformers only), and the processor "
         "files."
     )
-    kept_text = f"{kept:.1f}" if isinstance(kept, (int, float)) else "adaptive (not recorded)"
+    kept_text = (f"{kept:.1f} (the mean over all {config.text_config.num_hidden_layers} decoder layers, the paper's "
+                 "budget definition)" if isinstance(kept, (int, float)) else "adaptive (not recorded)")
     training = (
         "\n".join(f"- `{k}`: {v}" for k, v in sorted(training_args.items()))
         if training_args else "No training settings were recorded."
@@ -299,6 +417,7 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
 
 __all__ = [
     "HubUnreachableError",
+    "base_model_license",
     "build_model_card",
     "load_eval_results",
     "push_rcp_folder",

@@ -363,6 +363,8 @@ EVAL_JSON = {
 
 @pytest.mark.parametrize("plugins_only", [False, True])
 def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
+    """Issue 18 changed the card: rows say method / budget / tokens per layer; a plug-in card is an adapter card
+    (`library_name: rcp-llava`, `base_model_relation: adapter`), not a transformers model without a config."""
     from huggingface_hub import ModelCard
 
     (tmp_path / "eval.json").write_text(json.dumps(EVAL_JSON))
@@ -370,23 +372,28 @@ def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
     card = hub.build_model_card(
         config, repo_id="someone/rcp-llava-demo", base_model="llava-hf/llava-1.5-7b-hf", plugins_only=plugins_only,
         eval_results=tmp_path / "eval.json", training_args={"learning_rate": 1e-4, "num_train_epochs": 1},
+        license="llama2",
     )
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
-    assert data.base_model == "llava-hf/llava-1.5-7b-hf"
-    assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
+    assert data.base_model == "llava-hf/llava-1.5-7b-hf" and data.license == "llama2"
+    assert data.pipeline_tag == "image-text-to-text"
+    if plugins_only:
+        assert data.library_name == "rcp-llava" and data.to_dict()["base_model_relation"] == "adapter"
+    else:
+        assert data.library_name == "transformers" and "base_model_relation" not in data.to_dict()
     assert {"rcp-llava", "visual-token-pruning"} <= set(data.tags)
     assert ("rcp-plugins" in data.tags) == plugins_only
-    results = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
-    assert results == {("VQAv2", "accuracy"): 75.4, ("POPE", "f1"): 85.9}
+    results = {(r.dataset_name, r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("VQAv2", "HuggingFaceM4/VQAv2", "accuracy"): 75.4, ("POPE", "lmms-lab/POPE", "f1"): 85.9}
     assert data.to_dict()["model-index"][0]["name"] == "rcp-llava-demo"
     assert data.to_dict()["rcp_llava"]["pruning_layers"] == [1, 2]
     assert data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 64.0
     text = loaded.text
-    assert "| VQAv2 | testdev | accuracy | 75.4 | 64 |" in text
+    assert "| rcp |  | 64 | VQAv2 | testdev | accuracy | 75.4 |" in text
     assert "| `pruning_keep_counts` | [8, 4] |" in text
-    assert "**Average kept visual tokens per decoder layer:** 64.0" in text
+    assert "**Average kept visual tokens per decoder layer:** 64.0 (the mean over all 4 decoder layers" in text
     assert "- `learning_rate`: 0.0001" in text
     if plugins_only:
         assert "RcpLlavaForConditionalGeneration.from_base(base_id, plugins='someone/rcp-llava-demo')" in text
@@ -395,6 +402,66 @@ def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
         assert "AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True)" in text
         assert "AutoProcessor.from_pretrained(model_id, trust_remote_code=True)" in text
     assert str(loaded) == str(card)  # the round trip keeps the card unchanged
+
+
+TRAIN_RCP_METRICS = {
+    "base_model": "b", "visual_token_budget": 16.0, "num_visual_tokens": 144,
+    "full": {"accuracy": 0.916, "n": 500}, "rcp": {"accuracy": 0.802, "avg_visual_tokens_per_layer": 43.799503326416016},
+    "rcp_fixed_counts": {"accuracy": 0.792}, "prior_fixed_counts": {"accuracy": 0.8}, "random_fixed_counts": {"accuracy": 0.5},
+}
+
+
+def test_card_of_a_training_job_keeps_the_baselines_out_of_model_index():
+    """train_rcp.py's metrics.json: the unpruned model's accuracy is a labelled baseline row in the text, never this
+    checkpoint's result; the testbed (no Hub id) is not in model-index; the kept tokens are rounded."""
+    card = hub.build_model_card(demo.demo_config(), repo_id="x/y", eval_results=TRAIN_RCP_METRICS, license="mit")
+    meta = card.data.to_dict()
+    assert "model-index" not in meta and "0.916" not in str(meta)
+    assert meta["rcp_llava"]["average_kept_visual_tokens"] == 43.8
+    text = card.text
+    assert "| rcp (adaptive) | 16 of 144 tokens | 43.8 | rcp-llava testbed |  | accuracy | 0.802 |" in text
+    assert "| full model (all visual tokens) (baseline) |  | 144 | rcp-llava testbed |  | accuracy | 0.916 |" in text
+    assert "| attention_topk (RCP's prior alone, same counts) (baseline) | 16 of 144 tokens |" in text
+    assert text.count("| rcp-llava testbed |") == 4  # no two identical unlabelled rows
+
+
+def test_card_accepts_the_projects_evaluation_json():
+    evaluation = {"command": "python benchmarks/evaluate_methods.py ...", "methods": ["none", "rcp", "vispruner"],
+                  "budgets": ["1/9"], "results": [{"data": "testbed", "kind": "testbed", "num_samples": 1000, "rows": [
+                      {"label": "none", "method": "none", "budget": "full", "avg_tokens_all_layers": 144.0, "score": 0.837},
+                      {"label": "rcp", "method": "rcp", "budget": "1/9 (k=16)", "avg_tokens_all_layers": 15.9, "score": 0.647},
+                      {"label": "vispruner", "method": "vispruner", "budget": "1/9 (k=16)", "avg_tokens_all_layers": 16.0,
+                       "score": 0.41}]}]}
+    entries, kept = hub.load_eval_results(evaluation)
+    assert [(e["method"], e["baseline"]) for e in entries] == [
+        ("full model (all visual tokens)", True), ("rcp", False), ("vispruner", True)]
+    assert kept == 15.9
+    card = hub.build_model_card(demo.demo_config(), repo_id="x/y", eval_results=evaluation, license="mit")
+    assert "| rcp | 1/9 (k=16) | 15.9 | rcp-llava testbed |  | first-token accuracy | 0.647 |" in card.text
+
+
+def test_unknown_evaluation_json_gets_a_short_error(tmp_path):
+    big = {f"key{i}": "x" * 100 for i in range(100)}  # 10 kB, no metric in it
+    with pytest.raises(ValueError) as err:
+        hub.build_model_card(demo.demo_config(), repo_id="x/y", eval_results=big, license="mit")
+    assert "not a format `build_model_card` knows" in str(err.value) and len(str(err.value)) < 400
+    with pytest.raises(ValueError) as err:
+        hub.load_eval_results([{"dataset": "d", "value": 1, "junk": "y" * 5000}])
+    assert "lacks ['metric']" in str(err.value) and len(str(err.value)) < 400
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        hub.load_eval_results(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        hub.load_eval_results(tmp_path / "missing.json")
+
+
+def test_license_comes_from_a_local_base_models_card(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: llama2\n---\n# a base model\n")
+    card = hub.build_model_card(demo.demo_config(), repo_id="x/y", base_model=str(base))
+    assert card.data.license == "llama2"
+    assert hub.base_model_license(str(tmp_path)) is None  # a folder without a card
 
 
 @pytest.mark.parametrize("content, expected, kept", [
@@ -493,16 +560,23 @@ def test_push_checks_the_folder_first(tmp_path, online, plugins_only, match):
     ("load_from_hub.py", "from module transformers_modules."),
     ("pipeline.py", "visual tokens kept after pruning layers [1, 2]: [8, 4] of 16"),
     ("load_plugins.py", "logits identical to the model the plug-ins were saved from: True"),
+    ("quickstart.py", "left-padded batch of 2"),
 ])
 def test_examples_run_with_no_arguments(tmp_path, example, expect):
+    """Each example runs with no arguments and leaves nothing behind: no demo folder in the temp directory, no copy
+    of the remote code in transformers' modules cache (issue 18: 5 MB per run before)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"),
-               TMPDIR=str(tmp_path))
+    (tmp_path / "tmp").mkdir()
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TMPDIR=str(tmp_path / "tmp"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example), "--max_new_tokens", "4"]
-                          if example != "load_plugins.py" else [sys.executable, os.path.join(ROOT, "examples", example)],
+                          if example in ("load_from_hub.py", "pipeline.py")
+                          else [sys.executable, os.path.join(ROOT, "examples", example)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert expect in proc.stdout, proc.stdout
+    assert os.listdir(tmp_path / "tmp") == []
+    modules = tmp_path / "hf_home" / "modules" / "transformers_modules"
+    assert not modules.exists() or not any(p.suffix == ".py" and p.name != "__init__.py" for p in modules.rglob("*"))
 
 
 # ------------------------------------------------------------------------------------------------
