@@ -1,6 +1,6 @@
 """Load a saved RCP-LLaVA folder (or Hub repo) through the Auto classes with remote code, and answer a question.
 
-    python examples/load_from_hub.py                      # builds a tiny random RCP model into a temp folder first
+    python examples/load_from_hub.py                      # a tiny random RCP model in a temp folder, removed after
     python examples/load_from_hub.py --model DIR_OR_REPO  # a real folder written by `save_pretrained`, or a repo id
     HF_HUB_OFFLINE=1 python examples/load_from_hub.py --model DIR --image cat.jpg --question "What is this?"
 
@@ -10,18 +10,8 @@ where rcp-llava is not installed (this script never imports the model classes it
 """
 
 import argparse
-import os
-import subprocess
-import sys
 
-
-def build_demo_folder():
-    """Save a tiny random RCP model + processor to a temp folder, in a child process: this process never imports
-    rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "rcp_llava.demo", "--demo-folder"], cwd=root, check=True,
-                         capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+from _demo_folder import demo_or
 
 
 def main(argv=None):
@@ -31,14 +21,13 @@ def main(argv=None):
     parser.add_argument("--question", default="What is in the image?")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    with demo_or(args.model) as model_id:
+        return run(args, model_id)
 
+
+def run(args, model_id):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model_id = args.model
-    if model_id is None:
-        model_id = build_demo_folder()
-        print(f"saved a tiny random RCP model to {model_id}")
 
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)

@@ -43,19 +43,22 @@ def main(argv=None):
     parser.add_argument("--plugins", help="plug-in folder or repo id (default: tiny demo)")
     parser.add_argument("--out", help="save the assembled full model here")
     args = parser.parse_args(argv)
+    if (args.base is None) != (args.plugins is None):
+        parser.error("give both --base and --plugins, or neither (demo)")
+    if args.base is not None:
+        return run(args)
+    with tempfile.TemporaryDirectory(prefix="rcp_llava_plugins_") as root:  # the demo folders, removed at exit
+        trained, args.base, args.plugins = build_demo(root)
+        print(f"demo: stock base in {args.base}, plug-ins in {args.plugins} (removed at exit)")
+        return run(args, trained)
 
+
+def run(args, trained=None):
     import torch
     from transformers import AutoProcessor
 
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
-    trained = None
-    if (args.base is None) != (args.plugins is None):
-        parser.error("give both --base and --plugins, or neither (demo)")
-    if args.base is None:
-        root = tempfile.mkdtemp(prefix="rcp_llava_plugins_")
-        trained, args.base, args.plugins = build_demo(root)
-        print(f"demo: stock base in {args.base}, plug-ins in {args.plugins}")
     if os.path.isdir(args.plugins):
         print(f"plug-in folder: {sorted(os.listdir(args.plugins))}, {folder_size(args.plugins) / 1e3:.1f} kB")
 

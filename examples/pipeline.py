@@ -1,6 +1,6 @@
 """Answer a question about an image with `pipeline("image-text-to-text")`, pruning active.
 
-    python examples/pipeline.py                       # builds a tiny random RCP model into a temp folder first
+    python examples/pipeline.py                       # a tiny random RCP model in a temp folder, removed after
     python examples/pipeline.py --model DIR_OR_REPO --image cat.jpg --question "What is this?"
 
 The pipeline loads the model through `AutoModelForImageTextToText` with `trust_remote_code=True` (the folder's
@@ -9,18 +9,8 @@ the last prompt kept after each pruning layer.
 """
 
 import argparse
-import os
-import subprocess
-import sys
 
-
-def build_demo_folder():
-    """Save a tiny random RCP model + processor to a temp folder, in a child process: this process never imports
-    rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "rcp_llava.demo", "--demo-folder"], cwd=root, check=True,
-                         capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+from _demo_folder import demo_or
 
 
 def main(argv=None):
@@ -30,13 +20,12 @@ def main(argv=None):
     parser.add_argument("--question", default="What is in the image?")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    with demo_or(args.model) as model_id:
+        return run(args, model_id)
 
+
+def run(args, model_id):
     from transformers import pipeline
-
-    model_id = args.model
-    if model_id is None:
-        model_id = build_demo_folder()
-        print(f"saved a tiny random RCP model to {model_id}")
 
     pipe = pipeline("image-text-to-text", model=model_id, trust_remote_code=True)
     if args.image:

@@ -2,19 +2,24 @@
 
     python examples/quickstart.py
 
-Builds a small random LLaVA in code (no download), runs `generate` with the stock model and with RCP
-pruning at three decoder layers, and prints the kept visual tokens per pruning layer and the KV-cache size
-of each layer, full vs pruned. With a real checkpoint the same code reads:
+Builds a small random LLaVA in code (no download) and a word-level processor for it, asks two questions through
+the chat template (a left-padded batch), runs `generate` with the stock model and with RCP pruning at three
+decoder layers, and prints the kept visual tokens per pruning layer and the KV-cache size of each layer, full vs
+pruned. With a real checkpoint the same code reads:
 
     model = RcpLlavaForConditionalGeneration.from_pretrained(
-        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[96, 26, 8])
+        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[93, 25, 8])
+    processor = AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf")
 """
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from rcp_llava.demo import build_demo_processor
 
 
 def main():
@@ -36,14 +41,21 @@ def main():
         repair_bottleneck_size=32,
     )
     model = RcpLlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
     n = config.num_visual_tokens
-    # Left-padded batch of two prompts: "<bos> <system> <image x144> <question>".
-    rows = [[1, 5, 6] + [image_token] * n + [7, 8, 9, 10], [1, 5] + [image_token] * n + [11, 12, 13, 14, 15, 16]]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    attention_mask = (torch.arange(width) >= torch.tensor([width - len(r) for r in rows]).unsqueeze(1)).long()
-    pixel_values = torch.randn(2, 3, 96, 96)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    # The processor expands each <image> into the 144 visual tokens; the chat template puts the question after
+    # the image and ends on "ASSISTANT:" (a prompt must not end on its image: a pruner could drop its last token).
+    processor = build_demo_processor(config)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    questions = ["what is in the image", "is there a red circle in the picture"]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True) for q in questions]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in questions]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    width = inputs["input_ids"].shape[1]
+    print(f"prompt 0: {prompts[0]!r}\n  -> {width} tokens after the processor ({n} visual), left-padded batch of 2")
 
     def run():
         out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False,

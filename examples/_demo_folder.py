@@ -1,0 +1,34 @@
+"""The examples' default model: a tiny random RCP model saved in a temporary folder, removed afterwards.
+
+Imported by `load_from_hub.py` and `pipeline.py` (the folder of a script is on `sys.path` when it runs). It never
+imports rcp-llava: the examples load the folder through its remote code, as a user without the package would.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def build_demo_folder(folder):
+    """Save a tiny random RCP model + processor into `folder`, in a child process: this process never imports
+    rcp-llava (whose import registers the classes locally), so the load below really runs the folder's code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "rcp_llava.demo", "--demo-folder", folder], cwd=root, check=True,
+                   capture_output=True, text=True)
+    return folder
+
+
+@contextlib.contextmanager
+def demo_or(model_id):
+    """`model_id`, or a tiny random demo model in a temporary folder removed on exit, together with the copy of
+    its remote code that `trust_remote_code` makes (transformers' modules cache; unless HF_MODULES_CACHE is set)."""
+    if model_id is not None:
+        yield model_id
+        return
+    with tempfile.TemporaryDirectory(prefix="rcp_llava_demo_") as tmp:
+        os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tmp, "modules"))  # read when transformers loads
+        folder = build_demo_folder(os.path.join(tmp, "model"))
+        print(f"saved a tiny random RCP model to {folder} (removed at exit)")
+        yield folder
