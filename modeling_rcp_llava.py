@@ -2375,7 +2375,25 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
         From a stock LLaVA checkpoint the plug-ins are new by construction: they are left out of transformers' load
         report (`_keys_to_ignore_on_load_missing`) and one line says so; from an RCP checkpoint a missing plug-in
-        tensor is reported like any other."""
+        tensor is reported like any other.
+
+        A local plug-in-only folder (`save_plugins`: `rcp_config.json` and no `config.json`) loads as
+        `from_base(<its recorded base model, at its recorded revision>, plugins=folder)`, as PEFT's
+        `AutoPeftModel.from_pretrained(adapter)` does."""
+        folder = str(pretrained_model_name_or_path)
+        if (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
+                and not os.path.isfile(os.path.join(folder, "config.json"))):
+            record = read_plugin_config(folder)
+            base = record.get("base_model_name_or_path")
+            if not base:
+                raise ValueError(
+                    f"{folder!r} is an RCP plug-in folder that records no base model "
+                    f"(`base_model_name_or_path` in {RCP_CONFIG_NAME}): load it with "
+                    "`RcpLlavaForConditionalGeneration.from_base(base_model, plugins=folder)`."
+                )
+            if record.get("base_model_revision") and "revision" not in kwargs:
+                kwargs["revision"] = record["base_model_revision"]
+            return cls.from_base(base, plugins=folder, **kwargs)
         check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         kwargs.setdefault("use_safetensors", True)
         plugins_follow = kwargs.pop("_rcp_plugins_follow", False)  # from_base loads them right after

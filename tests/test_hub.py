@@ -658,3 +658,21 @@ def test_print_trainable_parameters_and_load_adapter(plugin_setup, capsys):
         assert torch.equal(model.plugin_state_dict()[key], value), key
     with pytest.raises(TypeError, match="RCP plug-ins have no adapter names"):
         model.load_adapter(str(root / "plugins"), "default")
+
+
+def test_from_pretrained_on_a_plugin_folder_loads_its_recorded_base(plugin_setup, tmp_path):
+    """PEFT's `AutoPeftModel.from_pretrained(adapter)` habit: the plug-in folder names its base model."""
+    import shutil
+
+    trained, root, _ = plugin_setup
+    model = RcpLlavaForConditionalGeneration.from_pretrained(root / "plugins").eval()
+    batch = _demo_batch(trained.config)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, trained(**batch).logits)
+    orphan = tmp_path / "orphan"
+    shutil.copytree(root / "plugins", orphan)
+    record = json.loads((orphan / RCP_CONFIG_NAME).read_text())
+    record.pop("base_model_name_or_path")
+    (orphan / RCP_CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="records no base model"):
+        RcpLlavaForConditionalGeneration.from_pretrained(orphan)
