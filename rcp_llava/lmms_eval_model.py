@@ -1,0 +1,298 @@
+"""lmms-eval model `rcp_llava`: batched generation with visual-token pruning, on stock transformers classes.
+
+    pip install -e ".[lmms]"
+    python -m lmms_eval --model rcp_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,plugins=USER/rcp-plugins-64,budget=64 \\
+        --tasks pope,gqa --batch_size 8 --output_path logs/
+
+lmms-eval finds the model through its entry-point group `lmms_eval.models` (declared in setup.cfg: `manifest`
+below), so nothing in lmms-eval is patched. Model arguments (`--model_args key=value,...`):
+
+- `pretrained`: a stock LLaVA or an RCP checkpoint (Hub id or folder); `plugins`: an RCP plug-in folder or repo
+  to put on a stock `pretrained` (`RcpLlavaForConditionalGeneration.from_base`); `revision`, `plugins_revision`.
+- `pruning_method`: `rcp` (default), `attention_topk`, `fastv`, `random`, `vispruner` or `none`.
+- the budget: `budget` (visual tokens, or a fraction like `1/9` of the image's tokens), given to every method the
+  way `benchmarks/evaluate_methods.py` does (`rcp_llava.evaluation.method_overrides`; `flop_matched=true` for the
+  mean over all decoder layers); or `pruning_keep_counts=93:25:8` for fixed counts at the model's pruning layers.
+  Without either, the checkpoint's own setting (RCP's adaptive threshold when it has no counts).
+- `batch_size`, `device` (default cuda if available), `dtype` (`auto`, `bfloat16`, ...), `max_new_tokens`
+  (default when a task gives none: 128).
+
+`generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
+`loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
+(`write_testbed_task`) lets the whole path run offline: `python -m rcp_llava.lmms_eval_model --write_task DIR`.
+"""
+
+import os
+import textwrap
+from fractions import Fraction
+
+import torch
+from lmms_eval import utils
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from rcp_llava.data import prompt_messages
+from rcp_llava.evaluation import method_model, method_overrides
+from rcp_llava.schedule import budget_count, parse_budget
+
+
+MODEL_ID = "rcp_llava"
+
+
+def manifest():
+    """The `lmms_eval.models` entry point's payload (setup.cfg)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="rcp_llava.lmms_eval_model.RcpLlava")
+
+
+def budget_tokens(budget, num_visual_tokens):
+    """`budget` as visual tokens: a count (`64`) or a fraction of the image's tokens (`1/9`, `0.25`)."""
+    text = str(budget).strip()
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"rcp_llava: `budget` {budget!r} is neither a token count (64) nor a fraction (1/9).") from None
+    if value > 1:
+        if value != int(value) or value > num_visual_tokens:
+            raise ValueError(f"rcp_llava: `budget` {budget!r} must be a whole number of the {num_visual_tokens} "
+                             "visual tokens, or a fraction of them.")
+        return int(value)
+    return budget_count(parse_budget(text)[1], num_visual_tokens)
+
+
+def _as_bool(value):
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+class RcpLlava(lmms):
+    """An RCP-LLaVA model (or any pruning method of this package) behind lmms-eval's model API."""
+
+    def __init__(self, pretrained, plugins=None, revision=None, plugins_revision=None, pruning_method="rcp",
+                 budget=None, flop_matched=False, pruning_keep_counts=None, batch_size=1, device=None, dtype="auto",
+                 max_new_tokens=128, **kwargs):
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"rcp_llava: unknown model arguments {sorted(kwargs)}; see `rcp_llava.lmms_eval_model`.")
+        from transformers import AutoProcessor
+
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
+        hub = {k: v for k, v in (("revision", revision),) if v}
+        if plugins:
+            model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,
+                                                               plugins_revision=plugins_revision)
+        else:
+            model = RcpLlavaForConditionalGeneration.from_pretrained(pretrained, **hub)
+        model = model.to(self._device, dtype) if dtype is not None else model.to(self._device)
+        overrides = {}
+        if pruning_keep_counts not in (None, ""):
+            counts = [int(c) for c in str(pruning_keep_counts).replace(",", ":").split(":") if c.strip()]
+            overrides = dict(pruning_method=pruning_method, pruning_keep_counts=counts)
+        elif budget not in (None, ""):
+            k = budget_tokens(budget, model.config.num_visual_tokens)
+            overrides = method_overrides(pruning_method, k, model.config, flop_matched=_as_bool(flop_matched))
+        elif pruning_method != model.config.pruning_method:
+            overrides = dict(pruning_method=pruning_method)
+        self._model = method_model(model, **overrides).eval() if overrides else model.eval()
+        self.processor = AutoProcessor.from_pretrained(pretrained, **hub)
+        self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+        self._tokenizer = self.processor.tokenizer
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self._rank, self._world_size = 0, 1
+
+    # -- lmms-eval's properties ------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    @property
+    def eot_token_id(self):
+        return self.tokenizer.eos_token_id
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _visuals(self, doc_to_visual, task, split, doc_id):
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        images = [v.convert("RGB") for v in visuals if hasattr(v, "convert")]
+        if len(images) != 1 or len(images) != len(visuals):
+            raise ValueError(f"rcp_llava: pruning needs exactly one image per prompt; {task}/{split} doc {doc_id} "
+                             f"gives {len(visuals)} visual(s).")
+        return images[0]
+
+    def _prompt(self, context):
+        # The image goes first, as the processor's chat template places it (tasks that write "<image>" themselves
+        # get it removed from the text: the template adds it).
+        question = context.replace(self.processor.image_token, "").strip()
+        return self.processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True)
+
+    @torch.no_grad()
+    def generate_until(self, requests):
+        results = []
+
+        def by_length(args):
+            return -len(self.tokenizer.encode(args[0])), args[0]
+
+        ordered = utils.Collator([r.args for r in requests], by_length, grouping=True)
+        batches = ordered.get_batched(n=self.batch_size, batch_fn=None)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="rcp_llava responding")
+        for batch in batches:
+            contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*batch)
+            gen_kwargs = dict(all_gen_kwargs[0])  # the Collator groups requests with equal generation arguments
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            images = [self._visuals(doc_to_visual[i], tasks[i], splits[i], doc_ids[i]) for i in range(len(batch))]
+            prompts = [self._prompt(c) for c in contexts]
+            inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
+            if self.model.dtype != torch.float32:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            generate = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                            num_beams=int(gen_kwargs.get("num_beams", 1) or 1), do_sample=temperature > 0,
+                            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eot_token_id)
+            if temperature > 0:
+                generate.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
+            out = self.model.generate(**inputs, **generate)
+            texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for text in texts:
+                for stop in until:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                results.append(text.strip())
+            bar.update(len(batch))
+        bar.close()
+        return ordered.get_original(results)
+
+    @torch.no_grad()
+    def loglikelihood(self, requests):
+        """Sum of the continuation's token log-probabilities after the prompt, and whether greedy decoding gives
+        exactly the continuation (one request at a time; the continuation is labelled, so the pruners condition
+        on the question as in training)."""
+        results = []
+        for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            if not isinstance(continuation, str):
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            image = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._prompt(context)
+            full = self.processor(images=[image], text=[prompt + continuation], return_tensors="pt").to(self.device)
+            start = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+            labels = full["input_ids"].clone()
+            labels[:, :start] = -100
+            if self.model.dtype != torch.float32:
+                full["pixel_values"] = full["pixel_values"].to(self.model.dtype)
+            # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
+            logits = self.model(**full, labels=labels).logits
+            target = full["input_ids"][0, start:]  # (C,)
+            scores = logits[0, -target.shape[0] - 1:-1].float().log_softmax(-1)  # the continuation's predictions
+            logprob = scores.gather(-1, target.unsqueeze(-1)).sum()
+            greedy = bool((scores.argmax(-1) == target).all())
+            results.append((float(logprob), greedy))
+        return results
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("rcp_llava: multi-round generation is not implemented.")
+
+
+# ------------------------------------------------------------------------------------------------
+# A local task from the testbed (offline)
+# ------------------------------------------------------------------------------------------------
+
+
+TASK_UTILS = '''\
+"""doc_to_* functions of the rcp_testbed task (written by rcp_llava.lmms_eval_model.write_testbed_task)."""
+
+
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    # The testbed's answers are one word: the first generated word against it (the project's first-token score).
+    words = results[0].strip().split()
+    return {"exact_match": float(bool(words) and words[0] == str(doc["answer"]).strip())}
+'''
+
+
+def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbed"):
+    """Write an lmms-eval task `name` over a testbed dataset folder (`save_to_disk`; default: the tiny testbed's)
+    into `out_dir`; run it with `--include_path out_dir --tasks name`. Returns the YAML's path."""
+    if dataset_dir is None:
+        from rcp_llava.testbed import default_cache_dir
+
+        dataset_dir = default_cache_dir("tiny") / "dataset"
+    dataset_dir = os.path.abspath(str(dataset_dir))
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"`dataset_dir` {dataset_dir!r} does not exist; build the testbed first "
+                                "(`python benchmarks/build_testbed.py`).")
+    os.makedirs(out_dir, exist_ok=True)
+    yaml = textwrap.dedent(f"""\
+        task: {name}
+        dataset_path: {dataset_dir}
+        dataset_kwargs:
+          load_from_disk: true
+        test_split: {split}
+        output_type: generate_until
+        doc_to_visual: !function utils.doc_to_visual
+        doc_to_text: !function utils.doc_to_text
+        doc_to_target: answer
+        generation_kwargs:
+          max_new_tokens: 1
+          temperature: 0
+        process_results: !function utils.process_results
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        metadata:
+          version: 1.0
+        """)
+    path = os.path.join(out_dir, f"{name}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(yaml)
+    with open(os.path.join(out_dir, "utils.py"), "w", encoding="utf-8") as f:
+        f.write(TASK_UTILS)
+    return path
+
+
+__all__ = ["RcpLlava", "manifest", "write_testbed_task"]
+
+
+if __name__ == "__main__":  # python -m rcp_llava.lmms_eval_model --write_task DIR [--dataset FOLDER] [--split S]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the offline lmms-eval task over a testbed dataset.")
+    parser.add_argument("--write_task", required=True, metavar="DIR")
+    parser.add_argument("--dataset", default=None, help="testbed dataset folder (default: the tiny testbed's)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--name", default="rcp_testbed")
+    a = parser.parse_args()
+    print(write_testbed_task(a.write_task, a.dataset, a.split, a.name))
