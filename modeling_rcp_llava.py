@@ -524,7 +524,9 @@ class SelectionContext:
         input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = self.position_embeddings
         keys = None
-        if layer is self.layer and not self.prefill.differentiable:  # the pruning layer's own keys: computed once
+        # The pruning layer's own keys, computed once -- at inference: with gradients on, a checkpointed layer would
+        # recompute its forward in backward without the given keys (a different graph).
+        if layer is self.layer and not self.prefill.differentiable and not torch.is_grad_enabled():
             if self.layer_keys is None:
                 self.layer_keys = layer.self_attn.k_proj(hidden_norm)
             keys = self.layer_keys

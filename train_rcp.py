@@ -341,13 +341,16 @@ def argmax_logits(logits, labels):
 
 
 def _parse_int_list(value, name):
-    """`--layers 1,13,25`, `--layers 1 13 25` (a list of strings) or a list of ints -> [1, 13, 25]; None / '' -> None."""
-    if value is None or value == "" or value == []:
+    """`--layers 1,13,25`, `--layers 1 13 25` (a list of strings) or a list of ints -> [1, 13, 25]; None / '' (the
+    flag's default, or given empty on the command line) -> None; an empty list (set in code) -> []."""
+    if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
         value = ",".join(str(v) for v in value)
+        if not value.strip(", "):
+            return None
     try:
         return [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:

@@ -34,7 +34,7 @@ TRAINING_ARGS = [
     ({"gumbel_schedule": "cosine"}, r"`gumbel_schedule` is 'cosine'; use one of \['authors', 'geometric'\]"),
     ({"sparsity_schedule": "exp"}, r"`sparsity_schedule` is 'exp'; use one of \['cosine', 'linear'\]"),
     ({"sparsity_layers": "some"}, r"`sparsity_layers` is 'some'; use 'all' or 'from_first_pruner'"),
-    ({"repair_loss_layers": "a,b"}, r"`repair_loss_layers` must be comma-separated integers, got 'a,b'"),
+    ({"repair_loss_layers": "a,b"}, r"`repair_loss_layers` must be integers, e.g. '1,13,25' or '1 13 25', got 'a,b'"),
 ]
 
 

@@ -79,7 +79,7 @@ def test_training_arguments_are_validated(tmp_path):
         RcpTrainingArguments(output_dir=str(tmp_path), sparsity_layers="some")
     with pytest.raises(ValueError, match="`gradient_checkpointing=True` is not supported"):
         RcpTrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True)
-    with pytest.raises(ValueError, match="`repair_loss_layers` must be comma-separated integers"):
+    with pytest.raises(ValueError, match="`repair_loss_layers` must be integers, e.g. '1,13,25' or '1 13 25'"):
         RcpTrainingArguments(output_dir=str(tmp_path), repair_loss_layers="a,b")
     args = RcpTrainingArguments(output_dir=str(tmp_path))
     # The authors' code: lambda_repair 3.0 on pooled moments (the paper prints 40; issue 15).
@@ -367,7 +367,9 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
     with pytest.raises(HubUnreachableError, match=r"offline mode is on .*someone/rcp-micro"):
         train_rcp.main(argv)
     card = ModelCard.load(out / "plugins" / "README.md")
-    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    # a plug-in card is an adapter card (issue 18; it claimed library_name transformers without a config before)
+    assert card.data.library_name == "rcp-llava" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.to_dict()["base_model_relation"] == "adapter"
     assert (out / "plugins" / "rcp_plugins.safetensors").exists()  # the folder stays complete
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         train_rcp.main([a for a in argv if a not in ("--hub_model_id", "someone/rcp-micro")])
