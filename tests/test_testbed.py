@@ -133,9 +133,12 @@ def test_processor_image_token_count(name):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
     assert default_cache_dir("tiny") == tmp_path / "testbed" / "tiny"
     monkeypatch.delenv("RCP_LLAVA_CACHE")  # was ignored: always ~/.cache
+    assert default_cache_dir("tiny") == tmp_path / "hf" / "rcp_llava" / "testbed" / "tiny"
+    monkeypatch.delenv("HF_HOME")
     assert default_cache_dir("deep") == tmp_path / "xdg" / "rcp_llava" / "testbed" / "deep"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

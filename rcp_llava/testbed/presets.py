@@ -160,9 +160,11 @@ def get_preset(preset) -> TestbedPreset:
 
 
 def default_cache_dir(preset="tiny") -> Path:
-    """`$RCP_LLAVA_CACHE/testbed/<preset>`; without `RCP_LLAVA_CACHE`, `$XDG_CACHE_HOME/rcp_llava` (the XDG base
-    directory convention huggingface_hub follows too), else `~/.cache/rcp_llava`."""
+    """`$RCP_LLAVA_CACHE/testbed/<preset>`; without `RCP_LLAVA_CACHE`, under `rcp_llava/` in `$HF_HOME` (where a
+    Hugging Face user keeps model caches, e.g. on a large disk), else in `$XDG_CACHE_HOME` (the XDG base directory
+    convention huggingface_hub follows too), else in `~/.cache`."""
     name = preset.name if isinstance(preset, TestbedPreset) else str(preset)
-    root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rcp_llava")
+    parent = (os.environ.get("HF_HOME") or os.environ.get("XDG_CACHE_HOME")
+              or os.path.join(os.path.expanduser("~"), ".cache"))
+    root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(parent, "rcp_llava")
     return Path(root) / "testbed" / name
