@@ -83,3 +83,50 @@ def test_lmms_eval_run_equals_the_projects_evaluator(tmp_path, method, budget):
     assert [samples[i]["filtered_resps"].strip() for i in range(8)] == expected
     assert sum(bool(e) for e in expected) >= 4 and len(set(expected)) >= 2  # words, and not all the same
     assert [samples[i]["exact_match"] for i in range(8)] == ours["correct"]
+
+
+def test_loglikelihood_agrees_with_the_first_token_evaluator(tmp_path):
+    """`loglikelihood` of each one-word answer: greedy exactly when the project's evaluator predicts it, and the
+    log-probability its first-token logits give (the continuation is labelled, so the pruners condition on the
+    question alone, and causal attention keeps it out of the prompt's logits)."""
+    import torch
+    from datasets import load_from_disk
+    from lmms_eval.api.instance import Instance
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.data import prompt_batch
+    from rcp_llava.evaluation import first_token_predictions, method_model, method_overrides
+    from rcp_llava.lmms_eval_model import RcpLlava
+    from rcp_llava.testbed import build_testbed
+
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    model = RcpLlavaForConditionalGeneration.from_pretrained(folder / "model", pruning_layers=[1], repair_layers=[1],
+                                                             visual_token_budget=16.0, pruner_hidden_size=8,
+                                                             repair_bottleneck_size=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("language_model" in name or "lm_head" in name or "multi_modal_projector" in name):
+                p.normal_(0.0, 0.5 if "lm_head" not in name else 3.0, generator=g)
+    model.save_pretrained(tmp_path / "rcp")
+    AutoProcessor.from_pretrained(folder / "model").save_pretrained(tmp_path / "rcp")
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(8))
+
+    lm = RcpLlava(pretrained=str(tmp_path / "rcp"), budget="1/4", device="cpu")
+    lm.task_dict = {"t": {"test": rows}}
+    requests = [Instance("loglikelihood", (r["question"], r["answer"], lambda doc: [doc["image"]], i, "t", "test"), i,
+                         {"task": "t", "doc_id": i, "repeats": 1}) for i, r in enumerate(rows)]
+    answers = lm.loglikelihood(requests)
+
+    ours = method_model(RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "rcp"),
+                        **method_overrides("rcp", 16, lm.model.config))
+    processor = AutoProcessor.from_pretrained(tmp_path / "rcp")
+    predictions, _, _ = first_token_predictions(ours, processor, rows)
+    assert [greedy for _, greedy in answers] == [p == r["answer"] for p, r in zip(predictions, rows)]
+    for (logprob, _), r in zip(answers, rows):
+        batch = prompt_batch(processor, [r["question"]], [r["image"].convert("RGB")])
+        with torch.no_grad():
+            logits = ours(**batch, use_cache=False).logits[0, -1].log_softmax(-1)
+        answer_id = processor.tokenizer.convert_tokens_to_ids(r["answer"])
+        assert logprob == pytest.approx(float(logits[answer_id]), abs=1e-4)
