@@ -31,6 +31,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_placement, visual_tokens_per_layer
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
 from rcp_llava.schedule import stage_proportions
 from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
@@ -85,13 +86,6 @@ def rcp_schedule(num_layers, num_visual_tokens, budget):
         return layers, repair, [min(c, num_visual_tokens) for c in counts], False
 
 
-def fastv_count(num_layers, num_visual_tokens, layer, mean_tokens):
-    """FastV's keep count after `layer` that brings the mean over all layers closest to `mean_tokens`; None when
-    the layers before it alone exceed it."""
-    count = round((mean_tokens * num_layers - layer * num_visual_tokens) / (num_layers - layer))
-    return min(count, num_visual_tokens) if count >= 1 else None
-
-
 def method_configs(preset, budgets, families=FAMILIES):
     """name -> (config overrides, per-layer visual token counts, forced-masks flag, budget), every method of a
     budget at RCP's mean visual tokens per layer."""
@@ -100,6 +94,7 @@ def method_configs(preset, budgets, families=FAMILIES):
     methods = {"full": (dict(pruning_method="none", pruning_layers=[1], repair_layers=[]), [n] * layers_total,
                         False, n)}
     fastv_layer = default_fastv_layer(layers_total)
+    full_config = build_config(preset, **methods["full"][0])
     plugin_size = max(8, PRESETS[preset]["text"]["hidden_size"] // 9)
     for budget in budgets:
         layers, repair, counts, _ = rcp_schedule(layers_total, n, budget)
@@ -114,11 +109,13 @@ def method_configs(preset, budgets, families=FAMILIES):
                                           [matched] * layers_total, False, budget)
         methods[f"random-{budget}"] = (dict(pruning_method="random", pre_llm_keep_count=matched),
                                        [matched] * layers_total, False, budget)
-        count = fastv_count(layers_total, n, fastv_layer, mean)
-        if count is not None:
-            methods[f"fastv-{budget}"] = (dict(pruning_method="fastv", pruning_layers=[fastv_layer],
-                                               pruning_keep_counts=[count]),
-                                          visual_tokens_per_layer(layers_total, n, [fastv_layer], [count]), False, budget)
+        try:  # FastV's count after its layer for the same mean over all layers (as evaluate_methods --flop_matched)
+            fastv = method_overrides("fastv", mean, full_config, fastv_layer=fastv_layer, flop_matched=True)
+        except ValueError:  # the layers before FastV's alone hold more: no FastV cell at this budget
+            fastv = None
+        if fastv is not None:
+            methods[f"fastv-{budget}"] = (fastv, visual_tokens_per_layer(layers_total, n, [fastv_layer],
+                                                                         fastv["pruning_keep_counts"]), False, budget)
     return {name: spec for name, spec in methods.items() if name.split("-")[0] in families}
 
 

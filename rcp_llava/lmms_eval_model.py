@@ -29,7 +29,6 @@ from fractions import Fraction
 
 import torch
 from lmms_eval import utils
-from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -81,7 +80,7 @@ class RcpLlava(lmms):
 
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
-        hub = {k: v for k, v in (("revision", revision),) if v}
+        hub = {"revision": revision} if revision else {}
         if plugins:
             model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,
                                                                plugins_revision=plugins_revision)
@@ -145,6 +144,12 @@ class RcpLlava(lmms):
                              f"gives {len(visuals)} visual(s).")
         return images[0]
 
+    def _encode(self, images, prompts):
+        """The processor's batch (left-padded) on the model's device, pixel values in the model's dtype."""
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
     def _prompt(self, context):
         # The image goes first, as the processor's chat template places it (tasks that write "<image>" themselves
         # get it removed from the text: the template adds it).
@@ -167,10 +172,7 @@ class RcpLlava(lmms):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             images = [self._visuals(doc_to_visual[i], tasks[i], splits[i], doc_ids[i]) for i in range(len(batch))]
-            prompts = [self._prompt(c) for c in contexts]
-            inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
-            if self.model.dtype != torch.float32:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            inputs = self._encode(images, [self._prompt(c) for c in contexts])
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             generate = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                             num_beams=int(gen_kwargs.get("num_beams", 1) or 1), do_sample=temperature > 0,
@@ -199,12 +201,10 @@ class RcpLlava(lmms):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             image = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context)
-            full = self.processor(images=[image], text=[prompt + continuation], return_tensors="pt").to(self.device)
+            full = self._encode([image], [prompt + continuation])
             start = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
-            if self.model.dtype != torch.float32:
-                full["pixel_values"] = full["pixel_values"].to(self.model.dtype)
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
             logits = self.model(**full, labels=labels).logits
             target = full["input_ids"][0, start:]  # (C,)

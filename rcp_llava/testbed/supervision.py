@@ -16,6 +16,7 @@ answer loss. Inference never sees this: the saved model is a stock LLaVA.
 """
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .evaluate import surviving_tokens
 from .scenes import COLOURS, PLURALS, SHAPES, SIZES
@@ -159,7 +160,7 @@ class HeadAttentionProbe:
             kv_head = self.head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
             q = attn.q_proj(hidden).view(bsz, seq, -1, head_dim)[:, :, self.head]  # (B, T, hd)
             k = attn.k_proj(hidden).view(bsz, seq, -1, head_dim)[:, :, kv_head]  # (B, T, hd)
-            q, k = (x * cos + torch.cat((-x[..., head_dim // 2:], x[..., : head_dim // 2]), -1) * sin for x in (q, k))
+            q, k = (x * cos + rotate_half(x) * sin for x in (q, k))  # RoPE, as Llama's eager attention
             scores = (q @ k.transpose(-1, -2)) * attn.scaling  # (B, T, T)
             causal = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).tril()
             allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, T)
