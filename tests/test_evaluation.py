@@ -2,6 +2,7 @@
 testbed, plus the budget -> keep-count reading."""
 
 import json
+import math
 import os
 
 import pytest
@@ -335,3 +336,47 @@ def test_flop_matched_grid_with_the_oracle_on_micro(micro, tmp_path):
     assert rows[("vispruner", "3/4")]["decoder_gflops"] < rows[("none", "full")]["decoder_gflops"]
     md = (tmp_path / "f.md").read_text()
     assert "**FLOP-matched**" in md and "*rcp at 1/9 (k=7) not run*" in md and "| oracle (in-decoder) | 3/4" in md
+
+
+def test_rank_auc_hand_computed():
+    selection_signal = load_benchmark("selection_signal")
+    auc = selection_signal.rank_auc
+    assert auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75  # 3 of the 4 pairs ordered right
+    assert auc([1, 2, 3], [True, False, False]) == 0.0
+    assert auc([2, 2, 1], [True, False, False]) == 0.75  # the tie counts half: (0.5 + 1) / 2
+    assert math.isnan(auc([1, 2], [True, True]))
+    with pytest.raises(ValueError, match="one flag per score"):
+        auc([1, 2, 3], [True, False])
+
+
+def test_selection_signal_on_micro(micro, tmp_path):
+    """At the first pruning point nothing is pruned yet, so the student's Eq. (4) prior is the centred log of the
+    frozen teacher's question attention at that layer, token for token."""
+    from datasets import load_from_disk
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    selection_signal = load_benchmark("selection_signal")
+    root, folder = micro
+    model = RcpLlavaForConditionalGeneration.from_pretrained(root / "rcp").eval()
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(3))
+    table = selection_signal.collect(model, AutoProcessor.from_pretrained(root / "rcp"), rows, batch_size=2)[1]
+    prior = torch.tensor(table["prior"]).view(3, 64)  # every token alive: 64 per sample, raster order
+    attention = torch.tensor(table["teacher question"]).view(3, 64).log()
+    torch.testing.assert_close(prior, attention - attention.mean(1, keepdim=True), rtol=0, atol=1e-5)
+    evidence = torch.tensor(table["evidence"]).view(3, 64).bool()
+    for i in range(3):
+        assert sorted(evidence[i].nonzero().flatten().tolist()) == sorted(rows[i]["evidence_patches"])
+
+    argv = ["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--split", "test", "--max_samples", "8",
+            "--batch_size", "3", "--output_dir", str(tmp_path), "--name", "s"]
+    summary = selection_signal.main(argv)
+    row = summary["1"]
+    assert row["alive"] == 8 * 64
+    assert all(0.0 <= row[s]["all"] <= 1.0 for s in selection_signal.SIGNALS)
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(summary)) and saved["samples"] == 8
+    assert "| 1 | 512 |" in (tmp_path / "s.md").read_text()
+    with pytest.raises(FileExistsError, match="s.md"):
+        selection_signal.main(argv)
