@@ -417,22 +417,28 @@ def random_keep_masks_fn(counts, num_visual_tokens, seed=0):
     return fn
 
 
-def oracle_keep_masks_fn(counts, num_visual_tokens, seed=0):
-    """`keep_masks_fn` of the in-decoder oracle at fixed per-point counts (issue 16's prior headroom): each row's
-    evidence patches first, then the other objects' patches (distractors stay: filling with background first
-    would leak the answer), then background, in a seeded random order inside each group; point p keeps the first
-    `counts[p]` of that one order, so the masks are cumulative. Needs rows with "evidence_patches" and
+def oracle_order(row, num_visual_tokens, seed=0):
+    """The in-decoder oracle's preference over one testbed row's visual tokens (raster indices, best first): the
+    evidence patches, then the other objects' patches (distractors stay: filling with background first would leak
+    the answer), then background, in a seeded random order inside each group. Needs "evidence_patches" and
     "object_patches" (the testbed format)."""
     import numpy as np
+
+    rng = np.random.default_rng([seed, int(row["id"]), 2])
+    evidence = sorted(set(row["evidence_patches"]))
+    objects = sorted(set(row["object_patches"]) - set(evidence))
+    rest = sorted(set(range(num_visual_tokens)) - set(evidence) - set(objects))
+    return [int(i) for group in (evidence, objects, rest) for i in rng.permutation(np.array(group, dtype=np.int64))]
+
+
+def oracle_keep_masks_fn(counts, num_visual_tokens, seed=0):
+    """`keep_masks_fn` of the in-decoder oracle at fixed per-point counts (issue 16's prior headroom): point p keeps
+    the first `counts[p]` tokens of each row's `oracle_order`, so the masks are cumulative."""
 
     def fn(batch_index, rows):
         masks = torch.zeros(len(rows), len(counts), num_visual_tokens, dtype=torch.bool)
         for b, row in enumerate(rows):
-            rng = np.random.default_rng([seed, int(row["id"]), 2])
-            evidence = sorted(set(row["evidence_patches"]))
-            objects = sorted(set(row["object_patches"]) - set(evidence))
-            rest = sorted(set(range(num_visual_tokens)) - set(evidence) - set(objects))
-            order = [i for group in (evidence, objects, rest) for i in rng.permutation(np.array(group, dtype=np.int64))]
+            order = oracle_order(row, num_visual_tokens, seed)
             for p, count in enumerate(counts):
                 masks[b, p, order[:count]] = True
         return masks
@@ -805,5 +811,6 @@ __all__ = [
     "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
-    "oracle_keep_masks_fn", "pruning_layout", "random_keep_masks_fn", "representation_drift", "score_benchmark",
+    "oracle_keep_masks_fn", "oracle_order", "pruning_layout", "random_keep_masks_fn", "representation_drift",
+    "score_benchmark",
 ]

@@ -380,3 +380,62 @@ def test_selection_signal_on_micro(micro, tmp_path):
     assert "| 1 | 512 |" in (tmp_path / "s.md").read_text()
     with pytest.raises(FileExistsError, match="s.md"):
         selection_signal.main(argv)
+
+
+def test_headroom_split_on_micro(micro, tmp_path):
+    """With the oracle at no point the split's kept sets are attention_topk's; at every point they are the in-decoder
+    oracle's of `evaluate_methods --oracle`, token for token."""
+    import modeling_rcp_llava as M
+    from conftest import NUM_VISUAL
+    from rcp_llava.evaluation import load_data, oracle_keep_masks_fn, oracle_order
+
+    headroom_split = load_benchmark("headroom_split")
+    base = make_model(randomize_plugins=True)  # 4 layers, 16 visual tokens
+    specs = [(2, 4, True), (0, 3, True), (1, 5, True)]
+    batch = make_batch(specs)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(len(specs)):
+        order = torch.randperm(NUM_VISUAL, generator=g).tolist()
+        rows.append({"id": i, "evidence_patches": order[:2], "object_patches": order[:7]})
+    layers, counts = [1, 2], [10, 4]
+    topk = method_model(base, pruning_method="attention_topk", pruning_layers=layers, pruning_keep_counts=counts,
+                        repair_layers=[])
+    with torch.no_grad():
+        reference = topk(**batch).keep_masks  # (B, 2, N)
+    for subset, expected in [((), reference), ((0, 1), oracle_keep_masks_fn(counts, NUM_VISUAL)(0, rows)),
+                             ((1,), None)]:
+        selector = M.register_pruning_method(headroom_split.evidence_first_selector(subset, NUM_VISUAL),
+                                             overwrite=True)
+        selector.rows = rows
+        model = method_model(base, pruning_method="evidence_first", pruning_layers=layers, pruning_keep_counts=counts,
+                             repair_layers=[])
+        with torch.no_grad():
+            masks = model(**batch).keep_masks
+        if expected is not None:
+            assert torch.equal(masks, expected), subset
+        else:  # the prior's choice at the first point, then the oracle's preference among what it left
+            assert torch.equal(masks[:, 0], reference[:, 0])
+            for b, row in enumerate(rows):
+                alive = set(masks[b, 0].nonzero().flatten().tolist())
+                best = [i for i in oracle_order(row, NUM_VISUAL) if i in alive][:4]
+                assert sorted(best) == masks[b, 1].nonzero().flatten().tolist()
+    assert not torch.equal(reference, oracle_keep_masks_fn(counts, NUM_VISUAL)(0, rows))  # the check can fail
+
+    root, folder = micro
+    data = load_data(str(folder / "dataset"), split="test")
+    argv = ["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--layers", "1", "--counts", "6",
+            "--batch_size", "3", "--output_dir", str(tmp_path), "--name", "h"]
+    results = {tuple(r["oracle_points"]): r for r in headroom_split.main(argv)}
+    assert sorted(results) == [(), (0,)] and len(results[()]["correct"]) == len(data.rows)
+    assert results[()]["mcnemar_vs_prior"] == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    md = (tmp_path / "h.md").read_text()
+    assert "| none (attention_topk) |" in md and "\n| 1 |" in md
+    with pytest.raises(FileExistsError, match="h.md"):
+        headroom_split.main(argv)
+    base_argv = ["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="one count per layer"):
+        headroom_split.main(base_argv + ["--layers", "1", "--counts", "6,3", "--name", "x"])
+    with pytest.raises(ValueError, match="there are 1 pruning points"):
+        headroom_split.main(base_argv + ["--layers", "1", "--counts", "6", "--subsets", "none;1", "--name", "y"])
+
