@@ -439,3 +439,31 @@ def test_headroom_split_on_micro(micro, tmp_path):
     with pytest.raises(ValueError, match="there are 1 pruning points"):
         headroom_split.main(base_argv + ["--layers", "1", "--counts", "6", "--subsets", "none;1", "--name", "y"])
 
+
+
+def test_testbed_diagnostics_question_forms_and_probes(micro, tmp_path):
+    diagnostics = load_benchmark("testbed_diagnostics")
+    form = diagnostics.question_form
+    assert form("what colour is the ring?") == ("colour", 1)
+    assert form("what colour is the small ring?") == ("colour", 2)
+    assert form("what size is the blue square?") == ("size", 2)
+    assert form("what shape is the red object?") == ("shape", 1)
+    assert form("what shape is the large red object?") == ("shape", 2)
+    assert form("how many circles are there?") is None and form("is there a red ring?") is None
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    assert diagnostics.probe_accuracy(x, (x[:, 2] > 0).long()) >= 0.97  # linearly separable
+    assert diagnostics.probe_accuracy(x, torch.randint(0, 2, (400,), generator=g)) < 0.75  # no information
+
+    root, folder = micro
+    forms, probes = diagnostics.main(["--folder", str(folder), "--probe_images", "4", "--output_dir", str(tmp_path),
+                                      "--name", "d"])
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(folder / "dataset"))["test"]
+    assert sum(n for _, n in forms.values()) == sum(form(q) is not None for q in test["question"])
+    assert set(probes) == {"size", "colour", "shape"} and all(0.0 <= v <= 1.0 for v in probes.values())
+    assert json.loads((tmp_path / "d.json").read_text())["probes"] == probes
+    with pytest.raises(FileNotFoundError, match="--model"):
+        diagnostics.main(["--folder", str(folder), "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path)])
