@@ -11,7 +11,7 @@ visual tokens still alive before p, the ROC AUC of evidence vs other patches of:
   -g * sigmoid'(.), Eqs. 6-7), over all alive tokens and over the ones p dropped (those the gradient could bring back);
 - `logits`: the pruner's retention logits (Eq. 5) and `prior`: Eq. 4's prior A alone, both on the pruned student;
 - `teacher question` / `teacher answer`: the frozen full-token model's attention at the same layer from the question
-  tokens (the prior, unpruned) and from the last prompt token (whose logits give the answer).
+  tokens (the prior, unpruned) and from the last prompt token (whose logits give the answer's first token).
 
 0.5 = no information about the evidence; also reported: the share of evidence among the alive tokens and how much
 of it p keeps. The losses are computed per batch as `train_rcp` does (Gumbel noise off, temperature 0.2).
@@ -102,7 +102,8 @@ def collect(model, processor, rows, batch_size=8):
             teacher_attention = {}
             image = inputs["input_ids"] == image_id  # (B, T)
             valid = inputs["attention_mask"].bool()
-            last = torch.where(valid, torch.arange(valid.shape[1]), -1).max(1, keepdim=True).values  # (B, 1)
+            # the position whose logits give the answer's first token (the prompt's last; the batch holds the answer)
+            answer_slot = inputs["answer_mask"].long().argmax(1, keepdim=True)  # (B, 1): its first True
             with torch.no_grad():
                 cos_sin = decoder.rotary_emb(teacher.hidden_states[0], inputs["position_ids"])
                 for p in points:
@@ -110,7 +111,8 @@ def collect(model, processor, rows, batch_size=8):
                     normed = layer.input_layernorm(teacher.hidden_states[p])  # layer p's input, all tokens
                     q_slots, q_valid = M._first_slots(inputs["question_mask"].bool())
                     for key, (slots, ok) in {"teacher question": (q_slots, q_valid),
-                                             "teacher answer": (last, torch.ones_like(last, dtype=torch.bool))}.items():
+                                             "teacher answer": (answer_slot,
+                                                                torch.ones_like(answer_slot, dtype=torch.bool))}.items():
                         probs = M.question_attention_probs(layer.self_attn, normed, *cos_sin, valid, slots)
                         w = ok.to(probs.dtype)  # (B, Lq)
                         per_key = (w[:, None, :, None] * probs).sum(2).mean(1) / w.sum(1, keepdim=True)  # (B, T)

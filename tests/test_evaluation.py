@@ -368,6 +368,21 @@ def test_selection_signal_on_micro(micro, tmp_path):
     evidence = torch.tensor(table["evidence"]).view(3, 64).bool()
     for i in range(3):
         assert sorted(evidence[i].nonzero().flatten().tolist()) == sorted(rows[i]["evidence_patches"])
+    # "teacher answer": layer 1's attention from the prompt's last token (which predicts the answer), as the stock
+    # model's eager attention reports it on the prompt alone (causal: the answer after it changes nothing)
+    from transformers import LlavaForConditionalGeneration
+
+    from rcp_llava.data import load_image, prompt_batch
+
+    stock = LlavaForConditionalGeneration.from_pretrained(folder / "model", attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(root / "rcp")
+    answer = torch.tensor(table["teacher answer"]).view(3, 64)
+    for i in range(3):
+        batch = prompt_batch(processor, [rows[i]["question"]], [load_image(rows[i]["image"])])
+        with torch.no_grad():
+            attentions = stock(**batch, output_attentions=True).attentions[1]  # (1, H, T, T)
+        image = batch["input_ids"][0] == stock.config.image_token_index
+        torch.testing.assert_close(answer[i], attentions[0, :, -1, image].mean(0), rtol=1e-4, atol=1e-6)
 
     argv = ["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--split", "test", "--max_samples", "8",
             "--batch_size", "3", "--output_dir", str(tmp_path), "--name", "s"]
