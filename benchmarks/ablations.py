@@ -193,6 +193,7 @@ def evaluate_variant(base, processor, data, budget, batch_size, repair=True, met
                 result = evaluate_model(model, processor, data, batch_size)
         first = model.config.pruning_points[0]
         out[mode] = {"score": result["score"], "groups": result["groups"], "n": result["n"],
+                     "correct": result.get("correct"),  # per sample, for the paired tests
                      "keep_counts": model.config.pruning_keep_counts, "kept_per_point": result["kept_per_point"],
                      "pruning_layers": list(model.config.pruning_layers),
                      "repair_layers": list(model.config.repair_layers) if repair else [],
@@ -247,11 +248,24 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         kept = rows["full"]["adaptive"]["kept_per_point"]
         table6 = {"pruning_layers": rows["full"]["adaptive"]["pruning_layers"], "kept": kept,
                   "percent_of_n": [100 * c / n for c in kept]}
+    paired_with_full(ordered)
     result = {"command": command, "budget": budget, "max_steps": max_steps, "num_eval_samples": len(data),
               "num_visual_tokens": n, "full_model": {"score": full_score["score"], "groups": full_score["groups"]},
               "variants": ordered, "table6": table6}
     write_results(os.path.join(output_dir, name), markdown=format_ablations(result), data=result)
     return result
+
+
+def paired_with_full(rows):
+    """Add `vs_full` to every other variant's fixed-count result: exact McNemar against `full`'s fixed-count
+    predictions on the same samples (`{"a_only", "b_only", "p_value"}`; None without per-sample outcomes)."""
+    from rcp_llava.evaluation import mcnemar
+
+    full = next((r["fixed"].get("correct") for r in rows if r["variant"] == "full"), None)
+    for r in rows:
+        mine = r["fixed"].get("correct")
+        r["fixed"]["vs_full"] = (mcnemar(mine, full) if r["variant"] != "full" and full is not None
+                                 and mine is not None else None)
 
 
 def format_ablations(result):
@@ -266,12 +280,14 @@ def format_ablations(result):
              "", f"Command: `{result['command']}`", "",
              f"Each trained variant: `train_rcp.py` with {steps} steps (labelled below), evaluated on "
              f"{result['num_eval_samples']} test samples (first-token accuracy). *fixed*: keep counts whose average "
-             "over the layers from the first pruner is k; *adaptive*: the trained threshold. Full model: "
-             f"{full:.3f}.", "",
+             "over the layers from the first pruner is k (every variant prunes first at the same layer, so all average "
+             "the same visual tokens over all layers); *adaptive*: the trained threshold. *vs full*: exact McNemar "
+             "of the fixed-count predictions against `full`'s on the same samples (samples only this variant / only "
+             f"`full` gets right, p). Full model: {full:.3f}.", "",
              "| variant | trained | pruning layers | repair layers | fixed counts | acc (fixed) | % of full | "
-             "acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) | "
+             "vs full (fixed) | acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) | "
              "retention / target | grad norm median / p99 / max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["variants"]:
         fixed = r["fixed"]
         adaptive = r.get("adaptive")
@@ -279,6 +295,8 @@ def format_ablations(result):
             "yes" if r["trained"] else "no (uses `full`)")
         cells = [r["variant"], trained, str(fixed["pruning_layers"]), str(fixed["repair_layers"] or "none"),
                  str(fixed["keep_counts"]), f"{fixed['score']:.3f}", rel(fixed["score"])]
+        test = fixed.get("vs_full")
+        cells.append(f"{test['a_only']}/{test['b_only']}, p {test['p_value']:.2g}" if test else "–")
         if adaptive:
             kept = ", ".join(f"{c:.1f}" for c in adaptive["kept_per_point"])
             cells += [f"{adaptive['score']:.3f}", rel(adaptive["score"]), kept,

@@ -238,8 +238,17 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
         assert r["fixed"]["avg_tokens_from_first_point"] == 7 and r["fixed"]["n"] == 8
     assert result["table6"]["percent_of_n"] == pytest.approx([100 * variants["full"]["adaptive"]["kept_per_point"][0]
                                                               / 64])
+    # paired tests against `full` on the same samples, from the per-sample outcomes kept in the JSON
+    from rcp_llava.evaluation import mcnemar
+
+    assert variants["full"]["fixed"]["vs_full"] is None and len(variants["full"]["fixed"]["correct"]) == 8
+    for v in ("no_adapters", "attention_topk"):
+        assert variants[v]["fixed"]["vs_full"] == mcnemar(variants[v]["fixed"]["correct"],
+                                                          variants["full"]["fixed"]["correct"])
     md = (tmp_path / "abl.md").read_text()
     assert md.startswith("# Ablations") and "Command: `python benchmarks/ablations.py" in md
+    test = variants["attention_topk"]["fixed"]["vs_full"]
+    assert f"| {test['a_only']}/{test['b_only']}, p {test['p_value']:.2g} |" in md
     assert "| no_adapters | yes (1 steps) |" in md and "Table VI" in md
 
     # the table is not replaced unless asked
