@@ -13,6 +13,7 @@ sets, token for token). Paired exact McNemar of every row against S = none, on t
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -76,23 +77,37 @@ def evidence_first_selector(oracle_points, num_visual_tokens, seed=0):
     return EvidenceFirstSelector
 
 
+@contextlib.contextmanager
+def evidence_first_method(oracle_points, num_visual_tokens, seed=0):
+    """Register `evidence_first_selector(...)` as pruning method `evidence_first` for the block, then remove it (a
+    testbed-only method must not stay in the registry that every model's config validates against)."""
+    import modeling_rcp_llava as M
+    from configuration_rcp_llava import PRUNING_METHODS
+
+    selector = M.register_pruning_method(evidence_first_selector(oracle_points, num_visual_tokens, seed), overwrite=True)
+    try:
+        yield selector
+    finally:
+        M.SELECTORS.pop(selector.method.name, None)
+        PRUNING_METHODS.pop(selector.method.name, None)
+
+
 def split_headroom(base, processor, data, layers, counts, subsets, batch_size=50):
     """`{subset: per-sample 0/1 correctness}` for each subset of point indices (see the module docstring)."""
-    import modeling_rcp_llava as M
     from rcp_llava.evaluation import first_token_predictions, method_model
 
     n = base.config.num_visual_tokens
     out = {}
     for subset in subsets:
-        selector = M.register_pruning_method(evidence_first_selector(subset, n), overwrite=True)
-        model = method_model(base, pruning_method="evidence_first", pruning_layers=layers, pruning_keep_counts=counts,
-                             repair_layers=[])
-        correct = []
-        for start in range(0, len(data.rows), batch_size):
-            chunk = [data.rows[i] for i in range(start, min(len(data.rows), start + batch_size))]
-            selector.rows = chunk
-            predictions, _, _ = first_token_predictions(model, processor, chunk)
-            correct += [int(p == str(r["answer"]).strip()) for p, r in zip(predictions, chunk)]
+        with evidence_first_method(subset, n) as selector:
+            model = method_model(base, pruning_method="evidence_first", pruning_layers=layers,
+                                 pruning_keep_counts=counts, repair_layers=[])
+            correct = []
+            for start in range(0, len(data.rows), batch_size):
+                chunk = [data.rows[i] for i in range(start, min(len(data.rows), start + batch_size))]
+                selector.rows = chunk
+                predictions, _, _ = first_token_predictions(model, processor, chunk)
+                correct += [int(p == str(r["answer"]).strip()) for p, r in zip(predictions, chunk)]
         out[subset] = correct
     return out
 

@@ -411,6 +411,7 @@ def test_headroom_split_on_micro(micro, tmp_path):
     oracle's of `evaluate_methods --oracle`, token for token."""
     import modeling_rcp_llava as M
     from conftest import NUM_VISUAL
+    from configuration_rcp_llava import PRUNING_METHODS
     from rcp_llava.evaluation import load_data, oracle_keep_masks_fn, oracle_order
 
     headroom_split = load_benchmark("headroom_split")
@@ -429,13 +430,13 @@ def test_headroom_split_on_micro(micro, tmp_path):
         reference = topk(**batch).keep_masks  # (B, 2, N)
     for subset, expected in [((), reference), ((0, 1), oracle_keep_masks_fn(counts, NUM_VISUAL)(0, rows)),
                              ((1,), None)]:
-        selector = M.register_pruning_method(headroom_split.evidence_first_selector(subset, NUM_VISUAL),
-                                             overwrite=True)
-        selector.rows = rows
-        model = method_model(base, pruning_method="evidence_first", pruning_layers=layers, pruning_keep_counts=counts,
-                             repair_layers=[])
-        with torch.no_grad():
-            masks = model(**batch).keep_masks
+        with headroom_split.evidence_first_method(subset, NUM_VISUAL) as selector:
+            selector.rows = rows
+            model = method_model(base, pruning_method="evidence_first", pruning_layers=layers,
+                                 pruning_keep_counts=counts, repair_layers=[])
+            with torch.no_grad():
+                masks = model(**batch).keep_masks
+        assert "evidence_first" not in M.SELECTORS and "evidence_first" not in PRUNING_METHODS  # removed again
         if expected is not None:
             assert torch.equal(masks, expected), subset
         else:  # the prior's choice at the first point, then the oracle's preference among what it left
