@@ -15,17 +15,16 @@ sets, token for token). Paired exact McNemar of every row against S = none, on t
 import argparse
 import contextlib
 import os
-import sys
 from dataclasses import replace
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
 def parse_ints(text, name):
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} {text!r}: pass comma-separated integers, e.g. 1,7,13.") from None
+    """'1,7,13' -> [1, 7, 13] by `train_rcp`'s parser of integer lists (the same syntax and error); '' -> []."""
+    from train_rcp import _parse_int_list
+
+    return _parse_int_list(text, name) or []
 
 
 def default_subsets(num_points):
@@ -43,7 +42,7 @@ def parse_subsets(text, num_points):
     subsets = []
     for item in text.split(";"):
         item = item.strip()
-        subset = () if item in ("", "none") else tuple(parse_ints(item, "subsets"))
+        subset = () if item in ("", "none") else tuple(parse_ints(item, "--subsets"))
         bad = [p for p in subset if not 0 <= p < num_points]
         if bad:
             raise ValueError(f"--subsets names point {bad[0]}, but there are {num_points} pruning points (0-based).")
@@ -128,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--name", default="headroom_split")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    layers, counts = parse_ints(args.layers, "layers"), parse_ints(args.counts, "counts")
+    layers, counts = parse_ints(args.layers, "--layers"), parse_ints(args.counts, "--counts")
     if len(layers) != len(counts):
         raise ValueError(f"--layers has {len(layers)} entries but --counts {len(counts)}; give one count per layer.")
     subsets = parse_subsets(args.subsets, len(layers)) if args.subsets else default_subsets(len(layers))
@@ -141,7 +140,7 @@ def main(argv=None):
     data = load_data(os.path.expanduser(args.data), split=args.split, max_samples=args.max_samples)
     results = split_headroom(base, processor, data, layers, counts, subsets, args.batch_size)
     reference = results.get(())
-    command = "python benchmarks/" + os.path.basename(__file__) + " " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = ["# Where is the prior's headroom? Evidence-first kept sets at some pruning points", "",
              f"Command: `{command}`", "",
              f"Model `{args.model}`, {len(data.rows)} samples of `{args.data}` ({args.split}); pruning layers {layers} "

@@ -19,11 +19,10 @@ of it p keeps. The losses are computed per batch as `train_rcp` does (Gumbel noi
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
 SIGNALS = ("g_task", "g_repair", "logits", "prior", "teacher question", "teacher answer")
@@ -104,20 +103,19 @@ def collect(model, processor, rows, batch_size=8):
             valid = inputs["attention_mask"].bool()
             # the position whose logits give the answer's first token (the prompt's last; the batch holds the answer)
             answer_slot = inputs["answer_mask"].long().argmax(1, keepdim=True)  # (B, 1): its first True
+            queries = {"teacher question": M._first_slots(inputs["question_mask"].bool()),
+                       "teacher answer": (answer_slot, torch.ones_like(answer_slot, dtype=torch.bool))}
+            img_slots, _ = M._first_slots(image, n)  # (B, N) slot of each visual token, raster order
             with torch.no_grad():
                 cos_sin = decoder.rotary_emb(teacher.hidden_states[0], inputs["position_ids"])
                 for p in points:
                     layer = decoder.layers[p]
                     normed = layer.input_layernorm(teacher.hidden_states[p])  # layer p's input, all tokens
-                    q_slots, q_valid = M._first_slots(inputs["question_mask"].bool())
-                    for key, (slots, ok) in {"teacher question": (q_slots, q_valid),
-                                             "teacher answer": (answer_slot,
-                                                                torch.ones_like(answer_slot, dtype=torch.bool))}.items():
+                    for key, (slots, ok) in queries.items():
                         probs = M.question_attention_probs(layer.self_attn, normed, *cos_sin, valid, slots)
                         w = ok.to(probs.dtype)  # (B, Lq)
                         per_key = (w[:, None, :, None] * probs).sum(2).mean(1) / w.sum(1, keepdim=True)  # (B, T)
-                        img_slots, _ = M._first_slots(image, n)
-                        teacher_attention[(p, key)] = per_key.gather(1, img_slots)  # (B, N) raster order
+                        teacher_attention[(p, key)] = per_key.gather(1, img_slots)  # (B, N)
             grads = {}
             for term in ("g_task", "g_repair"):
                 store.clear()
@@ -205,10 +203,11 @@ def main(argv=None):
     data = load_from_disk(os.path.expanduser(args.data))[args.split]
     rows = data.select(range(min(args.max_samples, len(data))))
     summary = summarise(collect(model, processor, rows, args.batch_size))
-    command = "python benchmarks/" + os.path.basename(__file__) + " " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(stem, markdown=format_markdown(summary, command, len(rows), args.model),
+    command = command_line(__file__, argv)
+    markdown = format_markdown(summary, command, len(rows), args.model)
+    write_results(stem, markdown=markdown,
                   data={"command": command, "model": args.model, "samples": len(rows), "summary": summary})
-    print(format_markdown(summary, command, len(rows), args.model))
+    print(markdown)
     return summary
 
 

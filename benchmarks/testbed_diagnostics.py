@@ -12,10 +12,9 @@ decoder misses (issue 16: the deep build's size questions).
 
 import argparse
 import os
-import sys
 from collections import defaultdict
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
 def question_form(question):
@@ -126,7 +125,7 @@ def main(argv=None):
     features, labels = object_features(model, processor, probe_rows)
     probes = {a: probe_accuracy(features, y) for a, y in labels.items()}
 
-    command = "python benchmarks/" + os.path.basename(__file__) + " " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = [f"# Testbed diagnostics: `{model_dir}`", "", f"Command: `{command}`", "",
              f"Question forms ({len(rows)} `{args.split}` samples, first-token accuracy; n in brackets):", "",
              "| question | accuracy |", "|---|---|"]

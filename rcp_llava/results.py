@@ -25,6 +25,14 @@ def refuse_existing(paths, overwrite=False, flag="--overwrite"):
                               f"{flag} to replace them.")
 
 
+def command_line(script, argv=None):
+    """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "benchmarks/" + os.path.basename(script), *args])
+
+
 def write_results(stem, markdown=None, data=None):
     """`stem.json` (data, written first) and `stem.md` (markdown), each atomically; creates the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
