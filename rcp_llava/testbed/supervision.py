@@ -15,6 +15,7 @@ Only the routes are supervised; what travels along them (the values) and everyth
 answer loss. Inference never sees this: the saved model is a stock LLaVA.
 """
 
+import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -47,29 +48,30 @@ def attention_targets(tokens, attention_mask, is_image, patch_labels, keep=None)
     """
     batch, length = attention_mask.shape
     token_keep = surviving_tokens(attention_mask, is_image, keep)  # (B, T)
-    new_pos = token_keep.long().cumsum(-1) - 1  # (B, T) position in the shortened sequence
+    new_pos = (token_keep.long().cumsum(-1) - 1).numpy()  # (B, T) position in the shortened sequence
     out_len = int(token_keep.sum(-1).max())
-    found = {hop: ([], []) for hop in HOPS}
+    real, is_image = attention_mask.bool().tolist(), is_image.numpy()  # plain Python / numpy: a per-word loop
+    token_keep = token_keep.numpy()
+    found = {hop: ([], []) for hop in HOPS}  # hop -> ([(sample, query position)], [target positions])
 
     def add(hop, b, query, target_positions):
-        target = torch.zeros(out_len, dtype=torch.bool)
-        target[target_positions] = True
         found[hop][0].append((b, int(new_pos[b, query])))
-        found[hop][1].append(target)
+        found[hop][1].append(target_positions)
 
     for b in range(batch):
-        image_pos = is_image[b].nonzero(as_tuple=True)[0]  # (N,)
+        image_pos = is_image[b].nonzero()[0]  # (N,)
         visible = token_keep[b, image_pos]  # (N,)
+        labels = {name: np.asarray(value) for name, value in patch_labels[b].items()}
 
         def patches(conditions):
-            match = visible.clone()
+            match = visible.copy()
             for name, value in conditions:
-                match &= torch.as_tensor(patch_labels[b][name] == value)
+                match &= labels[name] == value
             return new_pos[b, image_pos[match]]
 
         phrase, last_word = [], None  # phrase: [(position, (label, value))]
         for t in range(length + 1):
-            word = tokens[b][t] if t < length and attention_mask[b, t] else None
+            word = tokens[b][t] if t < length and real[b][t] else None
             if word == ":" and t > 0 and tokens[b][t - 1] == "ASSISTANT" and last_word is not None:
                 add("readout", b, t, [int(new_pos[b, last_word])])
             if word in WORD_ATTRIBUTES:
@@ -83,10 +85,12 @@ def attention_targets(tokens, attention_mask, is_image, patch_labels, keep=None)
                     add("referent", b, phrase[-1][0], target)
                 last_word, phrase = phrase[-1][0], []
     result = {}
-    for hop, (rows, targets) in found.items():
+    for hop, (rows, positions) in found.items():
         rows = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
-        targets = torch.stack(targets) if targets else torch.zeros(0, out_len, dtype=torch.bool)
-        result[hop] = (rows, targets)
+        targets = np.zeros((len(positions), out_len), dtype=bool)
+        for r, target_positions in enumerate(positions):
+            targets[r, target_positions] = True
+        result[hop] = (rows, torch.from_numpy(targets))
     return result
 
 
