@@ -43,6 +43,10 @@ SIZES = ("small", "large")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 COUNT_WORDS = ("zero", "one", "two", "three")
 FAMILIES = ("attribute", "identity", "existence", "counting", "position")
+# Training-only forms (never in a saved split): `conjunction` asks the attribute questions whose referent is two
+# words including the shape, which `attribute` asks rarely (size of a colour + shape: 30% of attribute; colour of a
+# size + shape: only when the shape alone is ambiguous) and which the deep decoder answered at chance.
+TRAINING_FAMILIES = ("conjunction",)
 NEGATIVE_TYPES = ("random", "popular", "adversarial")
 
 # Non-uniform priors make some objects "popular" (POPE's popular negatives are the most frequent absent objects).
@@ -197,6 +201,20 @@ def _attribute(rng, scene):
     return f"what size is the {t.colour} {t.shape}?", t.size, [t], {}
 
 
+def _conjunction(rng, scene):
+    """Half "what size is the <colour> <shape>?", half "what colour is the <size> <shape>?" (any object whose size
+    and shape single it out; else the size question): the two-word referents of `_attribute`, asked often."""
+    objs = scene.objects
+    order = rng.permutation(len(objs))
+    if rng.random() < 0.5:
+        for i in order:
+            t = objs[i]
+            if _unique(objs, t, ("size", "shape")):
+                return f"what colour is the {t.size} {t.shape}?", t.colour, [t], {}
+    t = objs[order[0]]
+    return f"what size is the {t.colour} {t.shape}?", t.size, [t], {}
+
+
 def _identity(rng, scene):
     objs = scene.objects
     for i in rng.permutation(len(objs)):
@@ -255,13 +273,13 @@ def _position(rng, scene):
 
 
 _FAMILY_FNS = {"attribute": _attribute, "identity": _identity, "existence": _existence,
-               "counting": _counting, "position": _position}
+               "counting": _counting, "position": _position, "conjunction": _conjunction}
 
 
 def make_question(rng, scene: Scene, family: str) -> dict:
     """One question of `family` about `scene`: question, answer, family, evidence_patches, negative_type."""
     if family not in _FAMILY_FNS:
-        raise ValueError(f"Unknown question family {family!r}; choose one of {FAMILIES}.")
+        raise ValueError(f"Unknown question family {family!r}; choose one of {FAMILIES + TRAINING_FAMILIES}.")
     question, answer, evidence, extra = _FAMILY_FNS[family](rng, scene)
     return {"question": question, "answer": answer, "family": family, "evidence_patches": _patches(evidence),
             "negative_type": extra.get("negative_type", "")}
