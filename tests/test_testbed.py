@@ -94,6 +94,25 @@ def test_answers_consistent_with_scene():
     assert seen == set(FAMILIES)
 
 
+def test_training_only_conjunction_questions_are_consistent_and_never_in_a_split():
+    """`conjunction` asks the two-word referents the deep decoder missed (size of a colour + shape, colour of a
+    size + shape), half each; its answers follow from the scene like every family's, and no saved split has it."""
+    from rcp_llava.testbed.scenes import TRAINING_FAMILIES
+
+    assert TRAINING_FAMILIES == ("conjunction",) and not set(TRAINING_FAMILIES) & set(FAMILIES)
+    forms = {"size": 0, "colour": 0}
+    for i in range(200):
+        scene, (q,) = make_sample(TINY, 0, "stream", i, ("conjunction",))
+        assert _expected_answer(scene, q) == q["answer"], q
+        (target,) = [o for o in scene.objects if sorted(o.patches) == q["evidence_patches"]]
+        m = re.fullmatch(r"what (size|colour) is the (\w+) (\w+)\?", q["question"])
+        assert m and m[3] == target.shape and m[2] == (target.colour if m[1] == "size" else target.size), q
+        forms[m[1]] += 1
+    assert 70 <= forms["colour"] <= 115 and forms["size"] >= 85  # ~half each (colour when size + shape is unique)
+    with pytest.raises(ValueError, match=r"Unknown question family 'size'.*'conjunction'"):
+        make_sample(TINY, 0, "stream", 0, ("size",))
+
+
 def test_evidence_patches_match_drawn_objects():
     g, p = TINY.grid_size, TINY.patch_size
     for scene, questions in _samples(n=20):
@@ -359,6 +378,52 @@ def test_a_later_evaluation_does_not_rewrite_the_build_command(tmp_path):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert (metrics["command"], metrics["evaluated_by"], "pruning" in metrics) == ("build it", "evaluate it", True)
     assert not list(folder.glob("metrics.json.tmp*"))
+
+
+def test_a_stage_trained_with_another_recipe_is_never_reused(tmp_path):
+    """Each stage folder records its recipe; asking for another (a model setting, a stage setting, or a different
+    stage before it) is a ValueError naming what differs, and the folder is left as it was."""
+    import dataclasses
+
+    from rcp_llava.testbed import train as testbed_train
+    from rcp_llava.testbed.text import build_processor
+
+    micro = PRESETS["micro"]
+    processor = build_processor(micro)
+    vision = testbed_train.run_stage("vision", micro, tmp_path, processor)
+    saved = json.loads((tmp_path / "vision" / "recipe.json").read_text())
+    assert saved == testbed_train.stage_recipe("vision", micro, micro.stages["vision"], 0)
+    assert saved["spec"]["max_steps"] == 2 and saved["model"]["text_layers"] == 2 and saved["init"] is None
+    mtime = (vision / "model.safetensors").stat().st_mtime
+    with pytest.raises(ValueError, match=r"vision was trained with another recipe .*differs in model\.noise_std\)"):
+        testbed_train.run_stage("vision", dataclasses.replace(micro, noise_std=0.05), tmp_path, processor)
+    with pytest.raises(ValueError, match=r"differs in seed, spec\.learning_rate\); delete the folder"):
+        testbed_train.run_stage("vision", micro, tmp_path, processor, seed=1,
+                                spec=dataclasses.replace(micro.stages["vision"], learning_rate=1.0))
+    assert (vision / "model.safetensors").stat().st_mtime == mtime
+    assert testbed_train.run_stage("vision", micro, tmp_path, processor) == vision  # same recipe: reused
+    # the next stage's recipe holds the one it started from
+    testbed_train.run_stage("warmup", micro, tmp_path, processor, init_dir=vision)
+    warmup = json.loads((tmp_path / "warmup" / "recipe.json").read_text())
+    assert warmup["init"] == saved and warmup["spec"]["attention_supervision"] == 1.0
+    assert warmup == testbed_train.recipe_chain(micro, stages=("vision", "warmup"))
+
+
+def test_a_build_of_another_recipe_is_not_reused(micro_testbed):
+    """A built testbed whose recipe differs from this version's preset is an error, not a silently stale model."""
+    import dataclasses
+
+    from rcp_llava.testbed.train import recipe_chain
+
+    micro = PRESETS["micro"]
+    assert json.loads((micro_testbed / "work" / "full" / "recipe.json").read_text()) == recipe_chain(micro)
+    changed = dataclasses.replace(micro, stages={**micro.stages, "warmup": dataclasses.replace(
+        micro.stages["warmup"], families=("conjunction",))})
+    mtime = (micro_testbed / "model" / "model.safetensors").stat().st_mtime
+    with pytest.raises(ValueError, match=r"another 'micro' recipe .*differs in init\.init\.spec\.families\); "
+                                         r"build into another `output_dir`"):
+        build_testbed(changed, micro_testbed)
+    assert (micro_testbed / "model" / "model.safetensors").stat().st_mtime == mtime
 
 
 # -- the deep preset (issue 16) ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from .data import build_dataset
 from .evaluate import evaluate_accuracy, oracle_keep, random_keep, saliency_keep
 from .presets import BUDGET_FRACTIONS, default_cache_dir, get_preset
 from .scenes import COLOURS, COUNT_WORDS, QUADRANTS, SHAPES, SIZES
-from .train import train_testbed_model
+from .train import RECIPE_FILE, STAGES, recipe_diff, recipe_chain, train_testbed_model
 
 
 logger = logging.get_logger(__name__)
@@ -74,6 +74,17 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
 
     t0 = time.time()
     model_dir = out / "model"
+    last_recipe = out / "work" / STAGES[-1] / RECIPE_FILE
+    if (model_dir / "config.json").exists():
+        if last_recipe.exists():
+            diff = sorted(recipe_diff(json.loads(last_recipe.read_text()), recipe_chain(preset, seed)))
+            if diff:
+                raise ValueError(f"The model in {out} was built with another {preset.name!r} recipe than this "
+                                 f"version's (differs in {', '.join(diff)}); build into another `output_dir`, or "
+                                 f"delete {out} to rebuild it.")
+        else:
+            logger.warning(f"[testbed] {model_dir} was built before recipes were recorded ({last_recipe} is "
+                           f"missing): reused unchecked")
     if not (model_dir / "config.json").exists():
         final = train_testbed_model(preset, out / "work", seed=seed, save_steps=save_steps)
         tmp = out / "model.tmp"

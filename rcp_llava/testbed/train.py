@@ -22,9 +22,13 @@ r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in 
    not rescue pruners that lose objects.
 
 Training scenes are streamed from the generator (`split="stream"`, disjoint from the saved splits); each stage
-is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists.
+is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists. Each stage folder records the
+recipe it was trained with (`recipe.json`: the model's shape, the seed, the stage's `StageSpec` and the recipe of
+the stage it started from); a folder whose recipe differs from the one asked for is an error, never reused.
 """
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -35,6 +39,8 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
+
+from modeling_rcp_llava import atomic_write, write_text
 
 from ..checkpoints import AtomicCheckpointMixin
 from .evaluate import pruned_inputs
@@ -278,6 +284,64 @@ def _training_args(out_dir: Path, spec: StageSpec, seed: int, save_steps: int) -
     )
 
 
+# preset fields that do not change what a stage trains (the saved splits' sizes, the evaluation batch)
+_NOT_RECIPE = ("name", "stages", "num_train", "num_validation", "num_test", "eval_batch_size")
+RECIPE_FILE = "recipe.json"
+
+
+def stage_recipe(stage: str, preset: TestbedPreset, spec: StageSpec, seed: int, init=None) -> dict:
+    """What a stage's weights are a function of: the model and scene settings, the seed, the stage's spec and,
+    through `init` (the previous stage's recipe), every stage before it. JSON types, so that it compares equal to
+    its saved copy."""
+    model = {k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_RECIPE}
+    recipe = {"stage": stage, "seed": seed, "model": model, "spec": dataclasses.asdict(spec), "init": init}
+    return json.loads(json.dumps(recipe))
+
+
+def recipe_chain(preset, seed: int = 0, stages=None, specs=None) -> dict:
+    """The recipe `train_testbed_model(preset, seed=seed, stages=stages, specs=specs)` records for its last stage."""
+    preset = get_preset(preset)
+    recipe = None
+    for stage in stages or STAGES:
+        recipe = stage_recipe(stage, preset, (specs or {}).get(stage) or preset.stages[stage], seed, recipe)
+    return recipe
+
+
+def _init_recipe(init_dir):
+    """The recipe saved beside a previous stage's `final/` folder; a folder from elsewhere is named by its path."""
+    if init_dir is None:
+        return None
+    saved = Path(init_dir).parent / RECIPE_FILE
+    return json.loads(saved.read_text()) if saved.exists() else str(init_dir)
+
+
+def _check_recipe(stage_dir: Path, recipe: dict):
+    """Raise if `stage_dir` holds a stage trained with another recipe; record the recipe of a new one."""
+    saved = stage_dir / RECIPE_FILE
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if old != recipe:
+            diff = sorted(recipe_diff(old, recipe))
+            raise ValueError(f"{stage_dir} was trained with another recipe than the one asked for (differs in "
+                             f"{', '.join(diff)}); delete the folder to retrain that stage, or build into another "
+                             f"`output_dir`.")
+    elif stage_dir.exists() and any(stage_dir.iterdir()):
+        logger.warning(f"[testbed] {stage_dir} has no {RECIPE_FILE} (built before recipes were recorded): reused "
+                       f"unchecked")
+    else:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(saved, lambda tmp: write_text(tmp, json.dumps(recipe, indent=2, sort_keys=True)))
+
+
+def recipe_diff(old, new, prefix=""):
+    """Dotted keys where two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from recipe_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip(".")
+
+
 def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=None, save_steps: int = 200,
               spec: StageSpec = None) -> Path:
     """Run (or resume, or skip if finished) one stage; returns its `final/` folder (a LLaVA checkpoint)."""
@@ -285,6 +349,7 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     spec = spec or preset.stages[stage]
     stage_dir = Path(work_dir) / stage
     final = stage_dir / "final"
+    _check_recipe(stage_dir, stage_recipe(stage, preset, spec, seed, _init_recipe(init_dir)))
     if (final / "config.json").exists():
         logger.warning(f"[testbed] stage {stage!r}: reusing {final}")
         return final
