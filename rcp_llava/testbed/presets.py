@@ -82,9 +82,9 @@ BUDGET_FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 # 3/8 of the questions; a second phase with a fresh optimizer and this mix is what taught it.
 REBALANCE_FAMILIES = ("position", "attribute", "position", "counting", "position", "existence", "identity")
 
-# The deep preset's `full` mix: `train.TRAIN_FAMILIES` with one position and one attribute turned into the
-# training-only `conjunction` (size of a colour + shape, colour of a size + shape), which the second deep build
-# answered at chance / 0.71.
+# The deep preset's `full` mix: `train.TRAIN_FAMILIES` with one of its three positions turned into the training-only
+# `conjunction` (size of a colour + shape, colour of a size + shape; the second deep build answered them at chance /
+# 0.71) and a second `conjunction` appended: 2/9 each of position, counting and conjunction.
 DEEP_FULL_FAMILIES = ("attribute", "position", "counting", "conjunction", "existence", "identity", "position",
                       "counting", "conjunction")
 
@@ -134,11 +134,13 @@ PRESETS = {
         # full lengths (3000 / 1200 / 600) project to about 70 minutes: re-measured side by side, a warm-up step
         # costs 0.59-0.73 s of compute with eager attention, with `HeadAttentionProbe` beside sdpa, and with sdpa
         # alone alike (an earlier 0.80 vs 0.65 s reading was noise), plus 0.13 s of collation.
-        # Third build: the `full` stage twice as long, half its attribute questions `conjunction` (two-word
-        # referents), paid for by 300 fewer warm-up steps. Re-running only `full` from the second build's `rebalance`
-        # weights (1000 test / 500 validation samples): 600 steps 0.837 / 0.838; 1200 steps 0.862 / 0.892 with the
-        # default mix, 0.870 / 0.878 with this one (attribute 0.73 -> 0.78 on test); `testbed_deep.md`.
-        stages={**TINY_STAGES, "warmup": replace(TINY_STAGES["warmup"], max_steps=2300),
+        # Fourth recipe (not built yet): the second build's warm-up (2600) and rebalance (900), the `full` stage twice
+        # as long with `conjunction` questions (two-word referents, `DEEP_FULL_FAMILIES`). Re-running only `full`
+        # from the second build's `rebalance` weights (1000 test / 500 validation samples): 600 steps 0.837 / 0.838;
+        # 1200 steps 0.862 / 0.892 with the default mix, 0.870 / 0.878 with this one (attribute 0.73 -> 0.78 on
+        # test). The third build cut the warm-up to 2300 to pay for it: position stayed at chance, 0.711 overall in
+        # 3051 s (`benchmarks/results/testbed_deep_attempt3.md`); 300 more warm-up steps project to ~55 minutes.
+        stages={**TINY_STAGES, "warmup": replace(TINY_STAGES["warmup"], max_steps=2600),
                 "rebalance": replace(TINY_STAGES["rebalance"], max_steps=900),
                 "full": replace(TINY_STAGES["full"], max_steps=1200, families=DEEP_FULL_FAMILIES)},
     ),
