@@ -690,6 +690,11 @@ PRESET_JOB_DEFAULTS = {"tiny": {}, "deep": {"output_dir": "outputs/rcp_deep", "s
 PRESET_PRUNING = {"tiny": TESTBED_PRUNING, "deep": {"pruner_hidden_size": 32, "repair_bottleneck_size": 32}}
 
 
+def testbed_job_defaults(preset: str) -> dict:
+    """The TrainingArguments the main job sets on testbed `preset` (where the user left them untouched)."""
+    return {**TESTBED_JOB_DEFAULTS, **PRESET_JOB_DEFAULTS.get(preset, {})}
+
+
 # `--help` groups: the project's fields by topic, then transformers' TrainingArguments.
 HELP_GROUPS = {
     "RCP: pruning and plug-ins": (
@@ -802,7 +807,10 @@ def run_budgets(job, args, explicit):
     if job.visual_token_budget is not None or job.pruning_keep_counts is not None:
         raise ValueError("--budgets trains one set per budget fraction: leave --visual_token_budget and "
                          "--pruning_keep_counts unset.")
-    root = args.output_dir if "output_dir" in explicit else TESTBED_JOB_DEFAULTS["output_dir"] + "_budgets"
+    if "output_dir" in explicit or job.base_model is not None:
+        root = args.output_dir
+    else:  # the main job's folder of the preset, + "_budgets"
+        root = testbed_job_defaults(job.testbed_preset)["output_dir"] + "_budgets"
     results = {}
     for label in [b.strip() for b in job.budgets.split(",") if b.strip()]:
         label, fraction = parse_budget(label)
@@ -834,7 +842,7 @@ def run_job(job, args, explicit=()):
         raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
     testbed = job.base_model is None
     if testbed:
-        for key, value in {**TESTBED_JOB_DEFAULTS, **PRESET_JOB_DEFAULTS.get(job.testbed_preset, {})}.items():
+        for key, value in testbed_job_defaults(job.testbed_preset).items():
             if key not in explicit:
                 setattr(args, key, value)
         args.output_dir = os.path.abspath(args.output_dir)

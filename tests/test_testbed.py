@@ -407,6 +407,11 @@ def test_a_stage_trained_with_another_recipe_is_never_reused(tmp_path):
     warmup = json.loads((tmp_path / "warmup" / "recipe.json").read_text())
     assert warmup["init"] == saved and warmup["spec"]["attention_supervision"] == 1.0
     assert warmup == testbed_train.recipe_chain(micro, stages=("vision", "warmup"))
+    # a damaged recipe is a ValueError naming the file, and nothing is retrained over it
+    (tmp_path / "vision" / "recipe.json").write_text('{"stage": "vis')
+    with pytest.raises(ValueError, match=r"vision/recipe\.json is not valid JSON .*delete its folder"):
+        testbed_train.run_stage("vision", micro, tmp_path, processor)
+    assert (vision / "model.safetensors").stat().st_mtime == mtime
 
 
 def test_a_build_of_another_recipe_is_not_reused(micro_testbed):

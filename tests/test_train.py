@@ -401,6 +401,18 @@ def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tm
     assert metrics["target_retention"] == pytest.approx(1 / 9)
 
 
+@pytest.mark.parametrize("argv, root", [([], "outputs/rcp_tiny_budgets"),
+                                        (["--testbed_preset", "deep"], "outputs/rcp_deep_budgets"),
+                                        (["--output_dir", "mine"], "mine")])
+def test_budget_sets_go_beside_the_presets_main_job(monkeypatch, argv, root):
+    """`--budgets` without --output_dir writes next to the preset's main job (before, the deep sets landed in
+    outputs/rcp_tiny_budgets)."""
+    folders = []
+    monkeypatch.setattr(train_rcp, "run_job", lambda job, args, explicit: folders.append(args.output_dir))
+    train_rcp.main(["--budgets", "1/3,1/9"] + argv)
+    assert folders == [f"{root}/budget_1_3", f"{root}/budget_1_9"]
+
+
 # -- evaluation inside the Trainer (issue 18) ------------------------------------------------------------------
 
 

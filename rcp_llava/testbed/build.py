@@ -17,7 +17,7 @@ from .data import build_dataset
 from .evaluate import evaluate_accuracy, oracle_keep, random_keep, saliency_keep
 from .presets import BUDGET_FRACTIONS, default_cache_dir, get_preset
 from .scenes import COLOURS, COUNT_WORDS, QUADRANTS, SHAPES, SIZES
-from .train import RECIPE_FILE, STAGES, recipe_diff, recipe_chain, train_testbed_model
+from .train import RECIPE_FILE, STAGES, recipe_chain, saved_recipe_diff, train_testbed_model
 
 
 logger = logging.get_logger(__name__)
@@ -76,8 +76,8 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
     model_dir = out / "model"
     last_recipe = out / "work" / STAGES[-1] / RECIPE_FILE
     if (model_dir / "config.json").exists():
-        if last_recipe.exists():
-            diff = sorted(recipe_diff(json.loads(last_recipe.read_text()), recipe_chain(preset, seed)))
+        diff = saved_recipe_diff(last_recipe, recipe_chain(preset, seed))
+        if diff is not None:
             if diff:
                 raise ValueError(f"The model in {out} was built with another {preset.name!r} recipe than this "
                                  f"version's (differs in {', '.join(diff)}); build into another `output_dir`, or "

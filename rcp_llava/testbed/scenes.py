@@ -197,7 +197,11 @@ def _attribute(rng, scene):
                 if _unique(objs, t, keys):
                     ref = " ".join(getattr(t, key) for key in keys)
                     return f"what colour is the {ref}?", t.colour, [t], {}
-    t = objs[order[0]]
+    return _size_question(objs[order[0]])
+
+
+def _size_question(t):
+    """"what size is the <colour> <shape>?": (colour, shape) pairs are unique in a scene, so it always names one."""
     return f"what size is the {t.colour} {t.shape}?", t.size, [t], {}
 
 
@@ -211,8 +215,7 @@ def _conjunction(rng, scene):
             t = objs[i]
             if _unique(objs, t, ("size", "shape")):
                 return f"what colour is the {t.size} {t.shape}?", t.colour, [t], {}
-    t = objs[order[0]]
-    return f"what size is the {t.colour} {t.shape}?", t.size, [t], {}
+    return _size_question(objs[order[0]])
 
 
 def _identity(rng, scene):

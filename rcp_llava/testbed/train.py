@@ -312,16 +312,31 @@ def _init_recipe(init_dir):
     if init_dir is None:
         return None
     saved = Path(init_dir).parent / RECIPE_FILE
-    return json.loads(saved.read_text()) if saved.exists() else str(init_dir)
+    return read_recipe(saved) if saved.exists() else str(init_dir)
+
+
+def read_recipe(path) -> dict:
+    """A saved `recipe.json`; a damaged one (a hand edit, a copy cut short) is a
+    `ValueError` naming the file, not a bare JSONDecodeError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete its folder to retrain that stage.") from None
+
+
+def saved_recipe_diff(path, recipe: dict):
+    """Dotted keys where the recipe saved at `path` differs from `recipe` (empty if equal); None if nothing is
+    saved there (a folder built before recipes were recorded)."""
+    path = Path(path)
+    return sorted(recipe_diff(read_recipe(path), recipe)) if path.exists() else None
 
 
 def _check_recipe(stage_dir: Path, recipe: dict):
     """Raise if `stage_dir` holds a stage trained with another recipe; record the recipe of a new one."""
     saved = stage_dir / RECIPE_FILE
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        if old != recipe:
-            diff = sorted(recipe_diff(old, recipe))
+    diff = saved_recipe_diff(saved, recipe)
+    if diff is not None:
+        if diff:
             raise ValueError(f"{stage_dir} was trained with another recipe than the one asked for (differs in "
                              f"{', '.join(diff)}); delete the folder to retrain that stage, or build into another "
                              f"`output_dir`.")
