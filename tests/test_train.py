@@ -401,8 +401,8 @@ def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tm
     assert metrics["target_retention"] == pytest.approx(1 / 9)
 
 
-@pytest.mark.parametrize("argv, root", [([], "outputs/rcp_tiny_budgets"),
-                                        (["--testbed_preset", "deep"], "outputs/rcp_deep_budgets"),
+@pytest.mark.parametrize("argv, root", [([], "outputs/rcp_deep_budgets"),
+                                        (["--testbed_preset", "tiny"], "outputs/rcp_tiny_budgets"),
                                         (["--output_dir", "mine"], "mine")])
 def test_budget_sets_go_beside_the_presets_main_job(monkeypatch, argv, root):
     """`--budgets` without --output_dir writes next to the preset's main job (before, the deep sets landed in
@@ -482,11 +482,12 @@ def test_help_is_grouped_shows_the_main_jobs_real_defaults_and_explains_every_pr
     assert "Trainer (transformers.TrainingArguments" in text
     # what the no-argument main job actually uses, beside the generic default
     for flag, value in (("--max_steps", "400"), ("--per_device_train_batch_size", "16"), ("--learning_rate", "0.001"),
-                        ("--output_dir", "outputs/rcp_tiny")):
+                        ("--output_dir", "outputs/rcp_deep")):
         block = text[text.index(f"  {flag} "):]
         block = block[:block.index("\n  --")]
-        assert f"main job on the testbed: {value}" in " ".join(block.split()), (flag, block)
-    assert "deep preset: outputs/rcp_deep" in " ".join(text.split())
+        assert f"main job (deep testbed): {value}" in " ".join(block.split()), (flag, block)
+    assert "main job (deep testbed): outputs/rcp_deep, tiny testbed: outputs/rcp_tiny" in " ".join(text.split())
+    assert "--testbed_preset TESTBED_PRESET" in text and "(default: deep)" in " ".join(text.split())
     groups = {g.title: g for g in parser._action_groups}
     for title in train_rcp.HELP_GROUPS:
         for action in groups[title]._group_actions:
