@@ -77,12 +77,11 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
     last_recipe = out / "work" / STAGES[-1] / RECIPE_FILE
     if (model_dir / "config.json").exists():
         diff = saved_recipe_diff(last_recipe, recipe_chain(preset, seed))
-        if diff is not None:
-            if diff:
-                raise ValueError(f"The model in {out} was built with another {preset.name!r} recipe than this "
-                                 f"version's (differs in {', '.join(diff)}); build into another `output_dir`, or "
-                                 f"delete {out} to rebuild it.")
-        else:
+        if diff:
+            raise ValueError(f"The model in {out} was built with another {preset.name!r} recipe than this "
+                             f"version's (differs in {', '.join(diff)}); build into another `output_dir`, or "
+                             f"delete {out} to rebuild it.")
+        if diff is None:
             logger.warning(f"[testbed] {model_dir} was built before recipes were recorded ({last_recipe} is "
                            f"missing): reused unchecked")
     if not (model_dir / "config.json").exists():

@@ -134,12 +134,13 @@ PRESETS = {
         # full lengths (3000 / 1200 / 600) project to about 70 minutes: re-measured side by side, a warm-up step
         # costs 0.59-0.73 s of compute with eager attention, with `HeadAttentionProbe` beside sdpa, and with sdpa
         # alone alike (an earlier 0.80 vs 0.65 s reading was noise), plus 0.13 s of collation.
-        # Fourth recipe (built: 0.899 test accuracy in 3023 s, `benchmarks/results/testbed_deep.md`): the second build's warm-up (2600) and rebalance (900), the `full` stage twice
-        # as long with `conjunction` questions (two-word referents, `DEEP_FULL_FAMILIES`). Re-running only `full`
+        # Fourth recipe (built: 0.899 test accuracy in 3023 s, `benchmarks/results/testbed_deep.md`): the second
+        # build's warm-up (2600) and rebalance (900), the `full` stage twice as long with `conjunction` questions
+        # (two-word referents, `DEEP_FULL_FAMILIES`). Re-running only `full`
         # from the second build's `rebalance` weights (1000 test / 500 validation samples): 600 steps 0.837 / 0.838;
         # 1200 steps 0.862 / 0.892 with the default mix, 0.870 / 0.878 with this one (attribute 0.73 -> 0.78 on
         # test). The third build cut the warm-up to 2300 to pay for it: position stayed at chance, 0.711 overall in
-        # 3051 s (`benchmarks/results/testbed_deep_attempt3.md`); 300 more warm-up steps project to ~55 minutes.
+        # 3051 s (`benchmarks/results/testbed_deep_attempt3.md`).
         stages={**TINY_STAGES, "warmup": replace(TINY_STAGES["warmup"], max_steps=2600),
                 "rebalance": replace(TINY_STAGES["rebalance"], max_steps=900),
                 "full": replace(TINY_STAGES["full"], max_steps=1200, families=DEEP_FULL_FAMILIES)},

@@ -335,12 +335,13 @@ def _check_recipe(stage_dir: Path, recipe: dict):
     """Raise if `stage_dir` holds a stage trained with another recipe; record the recipe of a new one."""
     saved = stage_dir / RECIPE_FILE
     diff = saved_recipe_diff(saved, recipe)
-    if diff is not None:
-        if diff:
-            raise ValueError(f"{stage_dir} was trained with another recipe than the one asked for (differs in "
-                             f"{', '.join(diff)}); delete the folder to retrain that stage, or build into another "
-                             f"`output_dir`.")
-    elif stage_dir.exists() and any(stage_dir.iterdir()):
+    if diff:
+        raise ValueError(f"{stage_dir} was trained with another recipe than the one asked for (differs in "
+                         f"{', '.join(diff)}); delete the folder to retrain that stage, or build into another "
+                         f"`output_dir`.")
+    if diff is not None:  # the same recipe: reused
+        return
+    if stage_dir.exists() and any(stage_dir.iterdir()):
         logger.warning(f"[testbed] {stage_dir} has no {RECIPE_FILE} (built before recipes were recorded): reused "
                        f"unchecked")
     else:
