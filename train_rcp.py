@@ -861,9 +861,10 @@ def run_job(job, args, explicit=()):
         with args.main_process_first(desc="building the testbed"):
             cache = default_cache_dir(job.testbed_preset)
             if not (cache / "metrics.json").exists():
+                minutes = BUILD_MINUTES.get(job.testbed_preset)  # only measured estimates (none for `micro`)
+                took = f"about {minutes} minutes on 2 CPU cores; " if minutes else ""
                 print(f"[train_rcp] The {job.testbed_preset!r} testbed is not built yet: building it into {cache} "
-                      f"first (one time, about {BUILD_MINUTES.get(job.testbed_preset, 60)} minutes on 2 CPU cores; "
-                      "progress below).", flush=True)
+                      f"first (one time, {took}progress below).", flush=True)
             folder = build_testbed(job.testbed_preset)
         base_model = str(folder / "model")
         dataset_path = job.dataset_name_or_path or str(folder / "dataset")

@@ -277,7 +277,7 @@ def test_main_job_end_to_end_on_a_micro_testbed(tmp_path):
     assert reloaded.config.visual_token_budget == pytest.approx(0.25 * 64)
 
 
-def test_main_job_without_a_base_model_builds_the_testbed_on_first_use(tmp_path, monkeypatch):
+def test_main_job_without_a_base_model_builds_the_testbed_on_first_use(tmp_path, monkeypatch, capsys):
     """No --base_model: the job builds the testbed into $RCP_LLAVA_CACHE (here the micro preset), then reuses it."""
     monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
 
@@ -288,6 +288,9 @@ def test_main_job_without_a_base_model_builds_the_testbed_on_first_use(tmp_path,
 
     metrics = train_rcp.main(argv("run"))
     cache = tmp_path / "cache" / "testbed" / "micro"
+    # No build time was measured for micro (seconds): the message names none rather than a guess.
+    assert f"The 'micro' testbed is not built yet: building it into {cache} first (one time, progress below)." \
+        in capsys.readouterr().out
     assert (cache / "metrics.json").exists() and (cache / "model" / "config.json").exists()
     assert metrics["base_model"] == str(cache / "model")
     assert metrics["max_steps"] == 2 and metrics["full"]["n"] == 8  # explicit flags win over the job defaults
