@@ -384,15 +384,21 @@ def _attention_implementation(config, name):
         config._attn_implementation = old
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _apply_rope(x, cos, sin):
-    """x: (B, H, L, hd); cos/sin: (B, L, hd) -> x rotated at its own positions."""
+    """x: (B, H, L, hd); cos/sin: (B, L, hd) -> x rotated at its own positions: x cos + rotate_half(x) sin, where
+    rotate_half(x) = (-x2, x1) for the halves x1, x2 of the head dim. Written into each half of `x cos` in place:
+    the same values as building rotate_half with `cat`, which on the keys' strided (B, H, T, hd) view cost 8x
+    more (issue 19)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.addcmul(x * cos, _rotate_half(x), sin)  # x cos + rot(x) sin, one temporary fewer
+    half = x.shape[-1] // 2
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad):
+        out = x * cos  # `out=` does not support autograd
+    else:  # contiguous (B, H, L, hd), whatever the strides of x: the scores' matmul then reads it without a copy
+        out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype),
+                                                device=x.device))
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)  # - x2 sin
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])  # + x1 sin
+    return out
 
 
 def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None):
@@ -461,9 +467,13 @@ def _compact(stay, width=None):
 
 
 def _gather_seq(x, src):
-    """x: (B, T, ...) gathered along dim 1 by src (B, T') -> (B, T', ...)."""
-    index = src.view(*src.shape, *([1] * (x.dim() - 2))).expand(*src.shape, *x.shape[2:])
-    return torch.gather(x, 1, index)
+    """x: (B, T, ...) gathered along dim 1 by src (B, T') -> (B, T', ...).
+
+    Whole rows copied by `index_select` on the flattened (B * T, ...) view: the same values as `torch.gather` with an
+    index expanded over the trailing dims, which reads one index per element (2-6x slower on CPU, issue 19)."""
+    bsz, seq = x.shape[:2]
+    flat = src if bsz == 1 else src + torch.arange(bsz, device=src.device).unsqueeze(1) * seq  # (B, T')
+    return x.reshape(bsz * seq, *x.shape[2:]).index_select(0, flat.reshape(-1)).view(*src.shape, *x.shape[2:])
 
 
 def _centred_log(a, valid):
@@ -509,9 +519,23 @@ class SelectionContext:
     keep_count: int | None
     prefill: "PrunedPrefill"
     _question: tuple | None = field(default=None, repr=False)
+    _hidden_norm: torch.Tensor | None = field(default=None, repr=False)
     # (B, T', Hkv * hd): the pruning layer's key projection of the whole sequence, once the prior computed it; the
-    # layer itself then reads its kept rows instead of projecting them again (`PrunedPrefill.given_keys`).
+    # layer itself then reads its kept rows instead of projecting them again (`PrunedPrefill.given_inputs`).
     layer_keys: torch.Tensor | None = field(default=None, repr=False)
+
+    def hidden_norm(self):
+        """(B, T', d) the pruning layer's normalised input (its `input_layernorm`), computed once per point: the
+        selector, the repair context and, at inference, the layer itself (its kept rows) read it."""
+        if self._hidden_norm is None:
+            self._hidden_norm = self.layer.input_layernorm(self.hidden)
+        return self._hidden_norm
+
+    def reuse_in_layer(self):
+        """Whether the layer may read what selection computed (its normalised input, its keys) instead of computing
+        it again: at inference only -- with gradients on, a checkpointed layer would recompute its forward in
+        backward without them (a different graph)."""
+        return not self.prefill.differentiable and not torch.is_grad_enabled()
 
     def question_slots(self):
         """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots (computed once)."""
@@ -524,9 +548,7 @@ class SelectionContext:
         input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = self.position_embeddings
         keys = None
-        # The pruning layer's own keys, computed once -- at inference: with gradients on, a checkpointed layer would
-        # recompute its forward in backward without the given keys (a different graph).
-        if layer is self.layer and not self.prefill.differentiable and not torch.is_grad_enabled():
+        if layer is self.layer and self.reuse_in_layer():  # the pruning layer's own keys, computed once
             if self.layer_keys is None:
                 self.layer_keys = layer.self_attn.k_proj(hidden_norm)
             keys = self.layer_keys
@@ -537,10 +559,10 @@ class SelectionContext:
         per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
         return per_key.gather(1, self.slots) / qw.sum(1, keepdim=True).clamp_min(1.0)  # (B, K)
 
-    def question_prior(self, hidden_norm):
+    def question_prior(self):
         """Eq. (4)'s prior A (B, K): the centred log of the question's attention to the alive visual tokens."""
         q_slots, q_valid = self.question_slots()
-        return _centred_log(self.visual_attention(self.layer, hidden_norm, q_slots, q_valid), self.valid)
+        return _centred_log(self.visual_attention(self.layer, self.hidden_norm(), q_slots, q_valid), self.valid)
 
 
 class TokenSelector:
@@ -614,8 +636,8 @@ class RcpSelector(TokenSelector):
     method = PRUNING_METHODS["rcp"]
 
     def scores(self, ctx):
-        hidden_norm = ctx.layer.input_layernorm(ctx.hidden)  # (B, T', d)
-        prior = ctx.question_prior(hidden_norm).to(ctx.hidden.dtype)  # A, Eq. (4)
+        hidden_norm = ctx.hidden_norm()  # (B, T', d)
+        prior = ctx.question_prior().to(ctx.hidden.dtype)  # A, Eq. (4)
         if self.model.detach_prior:
             prior = prior.detach()
         q_slots, q_valid = ctx.question_slots()  # (B, Lq)
@@ -639,7 +661,7 @@ class AttentionTopkSelector(TokenSelector):
     method = PRUNING_METHODS["attention_topk"]
 
     def scores(self, ctx):
-        return ctx.question_prior(ctx.layer.input_layernorm(ctx.hidden))
+        return ctx.question_prior()
 
 
 @register_pruning_method
@@ -837,7 +859,7 @@ class VisPrunerSelector(TokenSelector):
 
 
 class _GivenOutput(nn.Module):
-    """Stands in for a projection whose output is already known (see `PrunedPrefill.given_keys`)."""
+    """Stands in for a row-wise module whose output is already known (see `PrunedPrefill.given_inputs`)."""
 
     def __init__(self, output):
         super().__init__()
@@ -845,7 +867,8 @@ class _GivenOutput(nn.Module):
 
     def forward(self, hidden_states):
         if hidden_states.shape[:-1] != self.output.shape[:-1]:
-            raise RuntimeError(f"given keys for {tuple(self.output.shape[:-1])} rows, called on {tuple(hidden_states.shape)}")
+            raise RuntimeError(f"given output for {tuple(self.output.shape[:-1])} rows, called on "
+                               f"{tuple(hidden_states.shape)}")
         return self.output
 
 
@@ -950,7 +973,7 @@ class PrunedPrefill:
         # Mask layout: the image slots never move, (B, N) for the rows with an image.
         self.image_slots = _first_slots(image_mask, max(self.row_alive, default=0))[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
-        self._given_keys = None  # (layer index, (B, T', Hkv * hd) key projection of its kept rows), see `given_keys`
+        self._given = None  # (layer index, {module path: its output on the kept rows}), see `given_inputs`
         self.repair_contexts = {}  # repair layer -> (B, b)
         selector.start(self)
 
@@ -1067,7 +1090,7 @@ class PrunedPrefill:
         dropped_slots.scatter_(1, vis_slots, dropped)  # (B, T')
         dropped_slots &= self.slot_valid
         if self.context_encoder is not None:
-            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped.to(hidden.dtype),
+            self._add_context(_gather_seq(ctx.hidden_norm(), vis_slots), dropped.to(hidden.dtype),
                               keep_raster.to(hidden.dtype))
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
@@ -1075,8 +1098,9 @@ class PrunedPrefill:
         stay = self.slot_valid & ~dropped_slots
         src, valid = _compact(stay, max(self.row_length))
         hidden = _gather_seq(hidden, src)
-        if ctx.layer_keys is not None:
-            self._given_keys = (layer_idx, _gather_seq(ctx.layer_keys, src))
+        if ctx.reuse_in_layer():  # what selection computed of the layer's own work, on the rows that stay
+            given = {"input_layernorm": ctx._hidden_norm, "self_attn.k_proj": ctx.layer_keys}
+            self._given = (layer_idx, {path: _gather_seq(x, src) for path, x in given.items() if x is not None})
         position_embeddings = tuple(_gather_seq(t, src) for t in position_embeddings)
         self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
         self.slot_valid = valid
@@ -1089,22 +1113,27 @@ class PrunedPrefill:
         return hidden, position_embeddings, self.model._layer_mask(hidden, key_mask, self.cache, layer_idx)
 
     @contextlib.contextmanager
-    def given_keys(self, layer_idx, layer):
-        """Run `layer` with the key projection of its kept rows given: the selector projected the whole sequence
-        for the Eq. (4) prior, so projecting the kept rows again would compute the same keys twice (issue 19). The
-        projection is a row-wise linear map of the same normalised states, so the keys are the layer's own."""
-        given = self._given_keys
+    def given_inputs(self, layer_idx, layer):
+        """Run `layer` with what the pruning point already computed of it, on its kept rows: its normalised input
+        (`input_layernorm`) and, when the Eq. (4) prior projected the whole sequence, its keys (`self_attn.k_proj`)
+        -- computing them again would do the same work twice (issue 19). Both are row-wise maps of the same
+        states, so the values are the layer's own."""
+        given = self._given
         if given is None or given[0] != layer_idx:
             yield
             return
-        self._given_keys = None
-        attn = layer.self_attn
-        projection = attn.k_proj
-        attn.k_proj = _GivenOutput(given[1])
+        self._given = None
+        swapped = []
         try:
+            for path, output in given[1].items():
+                parent, _, name = path.rpartition(".")
+                owner = layer.get_submodule(parent) if parent else layer
+                swapped.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, _GivenOutput(output))
             yield
         finally:
-            attn.k_proj = projection
+            for owner, name, module in reversed(swapped):
+                setattr(owner, name, module)
 
     def _kept_per_row(self, ctx, keep):
         """Visual tokens each row keeps at this point, on the host: known for given masks and for methods that keep
@@ -1143,7 +1172,7 @@ class PrunedPrefill:
         keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
         if self.context_encoder is not None:
             dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
-            self._add_context(layer, _gather_seq(hidden, vis_slots), dropped, self.soft_alive)
+            self._add_context(_gather_seq(ctx.hidden_norm(), vis_slots), dropped, self.soft_alive)
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
         # The image slots' key weights become M (rows without an image keep theirs: their slots are padding).
@@ -1151,13 +1180,13 @@ class PrunedPrefill:
         self.key_keep = torch.where(self.has_image.unsqueeze(1), scattered, self.key_keep)
         return hidden, position_embeddings, mask
 
-    def _add_context(self, layer, visual_hidden, dropped, keep_mask):
+    def _add_context(self, normed, dropped, keep_mask):
         """Cache the adapters' context of this pruning point (Eqs. 9-10).
 
-        visual_hidden: (B, K, d) input of `layer` at the candidate visual tokens; dropped: (B, K) 1 where this point
-        dropped the token (straight-through in training); keep_mask: (B, N) the cumulative mask M after it.
+        normed: (B, K, d) the pruning layer's normalised input at the candidate visual tokens (the states the pruner
+        read); dropped: (B, K) 1 where this point dropped the token (straight-through in training); keep_mask: (B, N)
+        the cumulative mask M after it.
         """
-        normed = layer.input_layernorm(visual_hidden)  # the states the pruner read, (B, K, d)
         self.pruned_sum = self.pruned_sum + (dropped.unsqueeze(-1).float() * normed.float()).sum(1)
         self.pruned_count = self.pruned_count + dropped.float().sum(1, keepdim=True)
         pruned_mean = self.pruned_sum / self.pruned_count.clamp_min(1.0)  # (B, d), 0 if nothing was pruned yet
@@ -1543,7 +1572,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     hidden, position_embeddings, mask = run.prune(idx, layer, hidden, position_embeddings, mask)
                 run.record_retention()
                 run.selector.observe_layer_input(idx, hidden)
-                with run.given_keys(idx, layer):
+                with run.given_inputs(idx, layer):
                     hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                                    position_ids=None, past_key_values=run.cache, use_cache=run.use_cache,
                                    **run.layer_kwargs(), **layer_kwargs)

@@ -6,7 +6,8 @@ Both versions get the same config (from the installed `configuration_rcp_llava`)
 method (the efficiency benchmark's schedules) and batch size, the two prefills (`use_cache=True`,
 `logits_to_keep=1`) alternate round by round and the medians are reported with their ratio, after checking that
 both versions return the same logits and kept sets. The ratio column is the median of the per-round ratios (new
-over the old run next to it), which a slow drift of the machine's speed does not bias. Only inference forwards run:
+over the old run next to it), which a slow drift of the machine's speed does not bias. "select" is the time inside
+`_select_tokens` per prefill (the token choice, as `efficiency.py` measures it), median over the same rounds. Only inference forwards run:
 loading the old file re-registers its own attention functions in this process.
 """
 
@@ -33,6 +34,16 @@ def load_module(name, path):
     return module
 
 
+def timed(select_tokens, seconds):
+    """`select_tokens` that appends the seconds each call takes to `seconds`."""
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        out = select_tokens(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return out
+    return wrapped
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the other modeling_rcp_llava.py")
@@ -52,8 +63,9 @@ def main():
              f"Command: `python benchmarks/compare_prefill.py --old {args.old} --preset {args.preset} --batch_sizes "
              f"{args.batch_sizes} --repeats {args.repeats}`. Median of {args.repeats} runs after warm-up, old and new "
              "alternating; CPU, 2 threads, fp32, random weights (plug-ins randomised too).", "",
-             "| method | batch | old ms | new ms | new / old (median of paired ratios) | same logits and kept sets |",
-             "|---|---|---|---|---|---|"]
+             "| method | batch | old ms | new ms | new / old (median of paired ratios) | old select ms | new select ms "
+             "| same logits and kept sets |",
+             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name in args.methods.split(","):
         overrides = methods[name][0]
@@ -64,6 +76,9 @@ def main():
                 p.normal_(0, 0.05)
         old = old_modeling.RcpLlavaForConditionalGeneration(config).eval()
         old.load_state_dict(new.state_dict())
+        selecting = {"old": [], "new": []}  # seconds inside `_select_tokens`, this prefill
+        for label, model in (("old", old), ("new", new)):
+            model.model._select_tokens = timed(model.model._select_tokens, selecting[label])
         n = config.num_visual_tokens
         for bsz in [int(b) for b in args.batch_sizes.split(",")]:
             ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
@@ -72,19 +87,23 @@ def main():
             inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(bsz, 3, size, size),
                           use_cache=True, logits_to_keep=1)
             times = {"old": [], "new": []}
+            select = {"old": [], "new": []}
             outs = {}
             with torch.no_grad():
                 for round_index in range(args.repeats + 1):
                     for label, model in (("old", old), ("new", new)) if round_index % 2 else (("new", new), ("old", old)):
+                        selecting[label].clear()
                         start = time.perf_counter()
                         outs[label] = model(**inputs)
                         if round_index:
                             times[label].append(time.perf_counter() - start)
+                            select[label].append(sum(selecting[label]))
             same = torch.equal(outs["old"].logits, outs["new"].logits) and (
                 outs["old"].keep_masks is None or torch.equal(outs["old"].keep_masks, outs["new"].keep_masks))
             o, w = statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3
             ratio = statistics.median(b / a for a, b in zip(times["old"], times["new"]))
-            line = f"| {name} | {bsz} | {o:.1f} | {w:.1f} | {ratio:.3f} | {same} |"
+            sel = [f"{statistics.median(select[k]) * 1e3:.2f}" if any(select[k]) else "–" for k in ("old", "new")]
+            line = f"| {name} | {bsz} | {o:.1f} | {w:.1f} | {ratio:.3f} | {sel[0]} | {sel[1]} | {same} |"
             lines.append(line)
             print(line, flush=True)
     if args.output:

@@ -119,6 +119,40 @@ def method_configs(preset, budgets, families=FAMILIES):
     return {name: spec for name, spec in methods.items() if name.split("-")[0] in families}
 
 
+def reused_work_hooks(model, selecting, reused, device):
+    """Time the part of token selection that the pruning layers then read instead of computing it: RCP's prior
+    runs a pruning layer's `input_layernorm` and `self_attn.k_proj` on the whole sequence, and the layer reuses
+    their kept rows (`PrunedPrefill.given_inputs`). Each such call made during selection is timed; once the layer
+    runs on its kept rows, the time x kept rows / all rows is added to `reused[name]` (the rest, the dropped rows,
+    stays selection cost). The backbone is shared by every method's model, so calls outside selection are ignored.
+    Returns the hook handles."""
+    handles = []
+    for idx, layer in enumerate(model.model.language_model.layers):
+        def start(module, args):
+            if selecting["name"] is not None:
+                sync(device)
+                module._rcp_started = time.perf_counter()
+
+        def stop(module, args, output, idx=idx):
+            if selecting["name"] is not None:
+                sync(device)
+                rows = args[0].shape[0] * args[0].shape[1]
+                selecting["pending"].append((selecting["name"], idx, time.perf_counter() - module._rcp_started, rows))
+
+        def layer_runs(module, args, kwargs, idx=idx):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kept = hidden.shape[0] * hidden.shape[1]
+            for entry in [e for e in selecting["pending"] if e[1] == idx]:
+                name, _, seconds, rows = entry
+                reused.setdefault(name, []).append(seconds * kept / rows)
+                selecting["pending"].remove(entry)
+
+        for module in (layer.input_layernorm, layer.self_attn.k_proj):
+            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+        handles.append(layer.register_forward_pre_hook(layer_runs, with_kwargs=True))
+    return handles
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -205,16 +239,21 @@ def main():
                     rcp = models[name.replace("ideal", "rcp")](**inputs, use_cache=False, logits_to_keep=1)
                 forced[name] = rcp.keep_masks
 
-        selection = {}
+        selection, reused = {}, {}
+        selecting = {"name": None, "pending": []}
 
         def timed_selection(model, name):
             original = model.model._select_tokens
 
             def wrapped(*a, **kw):
                 sync(device)
+                selecting["name"] = name
                 start = time.perf_counter()
-                out = original(*a, **kw)
-                sync(device)
+                try:
+                    out = original(*a, **kw)
+                finally:
+                    sync(device)
+                    selecting["name"] = None
                 selection.setdefault(name, []).append(time.perf_counter() - start)
                 return out
 
@@ -222,7 +261,8 @@ def main():
             return original
 
         originals = {name: timed_selection(models[name], name) for name in methods if name.startswith("rcp")}
-        prefill, e2e, kv, peak, sel_per_run = {}, {}, {}, {}, {}
+        handles = reused_work_hooks(base, selecting, reused, device)
+        prefill, e2e, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
                 for name in methods:
@@ -233,12 +273,14 @@ def main():
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     selection.pop(name, None)
+                    reused.pop(name, None)
                     sync(device)
                     start = time.perf_counter()
                     out = model(**kwargs, use_cache=True, logits_to_keep=1)
                     sync(device)
                     t_prefill = time.perf_counter() - start
                     sel = sum(selection.get(name, []))
+                    sel_reused = sum(reused.get(name, []))
                     start = time.perf_counter()
                     if args.new_tokens > 0:
                         model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -251,10 +293,13 @@ def main():
                     prefill.setdefault(name, []).append(t_prefill)
                     e2e.setdefault(name, []).append(t_e2e)
                     sel_per_run.setdefault(name, []).append(sel)
+                    reused_per_run.setdefault(name, []).append(sel_reused)
                     if device.type == "cuda":
                         peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
         for name, original in originals.items():
             models[name].model._select_tokens = original
+        for handle in handles:
+            handle.remove()
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
         for name, (overrides, per_layer, is_ideal, budget) in methods.items():
@@ -272,6 +317,10 @@ def main():
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
                 "selection_ms": statistics.median(sel_per_run[name]) * 1e3,
+                # the part of it the pruning layers would have computed anyway (their kept rows' norm and keys)
+                "selection_reused_ms": statistics.median(reused_per_run[name]) * 1e3,
+                "selection_net_ms": statistics.median(a - b for a, b in zip(sel_per_run[name],
+                                                                            reused_per_run[name])) * 1e3,
                 "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
             })
     write_outputs(results, args, device)
@@ -289,19 +338,25 @@ def write_outputs(results, args, device):
     command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved; random "
-             f"weights; {args.new_tokens} new tokens. Ratios are against `full` at the same batch size.", ""]
+             f"weights; {args.new_tokens} new tokens. Ratios are against `full` at the same batch size. *select*: "
+             "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
+             "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
+             "by kept / all rows).", ""]
     for bsz in sorted({r["batch_size"] for r in results}):
         rows = [r for r in results if r["batch_size"] == bsz]
         full = next(r for r in rows if r["method"] == "full")
         lines += [f"## Batch size {bsz}", "",
                   f"| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | {args.new_tokens}-tok e2e ms | "
-                  "KV MiB (analytic) | peak MiB | select ms (% prefill) | TFLOPs | FLOPs ×full |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "KV MiB (analytic) | peak MiB | select ms (% prefill) | net of reused ms (% prefill) | TFLOPs | "
+                  "FLOPs ×full |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ideal = next((x for x in rows if x["method"] == r["method"].replace("rcp", "ideal")), None)
             note = f" (×ideal {r['prefill_ms'] / ideal['prefill_ms']:.2f})" if r["method"].startswith("rcp") else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
             share = f"{r['selection_ms']:.1f} ({r['selection_ms'] / r['prefill_ms']:.1%})" if r["selection_ms"] else "–"
+            net = (f"{r['selection_net_ms']:.1f} ({r['selection_net_ms'] / r['prefill_ms']:.1%})"
+                   if r["selection_ms"] else "–")
             if r["decode_ms_per_token"] is None:
                 decode, e2e = "– | –", "–"
             else:
@@ -311,7 +366,7 @@ def write_outputs(results, args, device):
             lines.append(
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
                 f"{r['prefill_ms'] / full['prefill_ms']:.3f} | {decode} | {e2e} | "
-                f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
+                f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
                   data={"command": command, "device": device_name, "results": results})

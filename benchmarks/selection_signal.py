@@ -85,7 +85,7 @@ def collect(model, processor, rows, batch_size=8):
 
     def selector_scores(self, ctx):
         logits = original_scores(self, ctx)
-        prior = ctx.question_prior(ctx.layer.input_layernorm(ctx.hidden))
+        prior = ctx.question_prior()
         scores[ctx.layer_idx] = (logits.detach(), prior.detach())
         return logits
 

@@ -33,6 +33,58 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row["method"]
 
 
+def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypatch):
+    """The 'net of reused' column: each `input_layernorm` / `k_proj` call of a pruning layer made during selection
+    counts as reused in the proportion of the rows the layer then runs on. A clock that advances 1 per reading makes
+    every hooked call last exactly 1 s, so the expected values follow from the keep counts alone."""
+    import itertools
+    import time
+
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    efficiency = load_benchmark("efficiency")
+    overrides = efficiency.method_configs("tiny", [64], {"full", "rcp"})["rcp-64"][0]
+    model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
+    selecting, reused = {"name": None, "pending": []}, {}
+    handles = efficiency.reused_work_hooks(model, selecting, reused, torch.device("cpu"))
+    original = model.model._select_tokens
+
+    def select(*args, **kwargs):
+        selecting["name"] = "rcp"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            selecting["name"] = None
+
+    model.model._select_tokens = select
+    n, text = model.config.num_visual_tokens, efficiency.PRESETS["tiny"]["text_tokens"]
+    ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.full((1, n), efficiency.VOCAB - 1),
+                     torch.randint(3, 1000, (1, text - 1))], dim=1)
+    clock = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
+    monkeypatch.undo()
+    expected, alive = [], n
+    for kept in model.config.point_keep_counts:
+        rows, after = text + alive, text + kept
+        expected += [after / rows] * 2  # the layer's norm and its key projection, each 1 s
+        alive = kept
+    assert reused["rcp"] == pytest.approx(expected, rel=1e-12)
+    assert selecting["pending"] == []  # every timed call was matched to its layer's run
+    # Calls outside a timed selection (the layers' own, or another method's model on the shared backbone) are not
+    # counted: the same prefill with the hooks on but the selection unflagged adds nothing.
+    model.model._select_tokens = original
+    before = list(reused["rcp"])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
+    for handle in handles:
+        handle.remove()
+    assert reused["rcp"] == before and selecting["pending"] == []
+
+
 def test_efficiency_schedules_use_the_authors_placements():
     """The paper's schedules on 32 layers: pruners before 0-based layers 1 / 13 / 25 at 64 tokens, 4 / 14 / 24 at
     128 and 192, adapters after 22 / 29, and counts whose mean over all 32 layers is the budget."""

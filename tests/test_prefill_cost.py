@@ -144,13 +144,13 @@ def test_lazy_kept_indices_sync_only_when_read():
     assert torch.equal(indices, out.keep_masks[0, 1].nonzero().flatten())
 
 
-def key_projection_rows(model, batch):
-    """Rows each decoder layer's `k_proj` projected during one forward: {layer index: [rows per call]}."""
+def rows_per_call(model, batch, module="self_attn.k_proj"):
+    """Rows that `module` of each decoder layer processed during one forward: {layer index: [rows per call]}."""
     calls, handles = {}, []
     for idx, layer in enumerate(model.model.language_model.layers):
-        def hook(module, args, output, idx=idx):
+        def hook(mod, args, output, idx=idx):
             calls.setdefault(idx, []).append(args[0].shape[0] * args[0].shape[1])
-        handles.append(layer.self_attn.k_proj.register_forward_hook(hook))
+        handles.append(layer.get_submodule(module).register_forward_hook(hook))
     try:
         with torch.no_grad():
             out = model(**batch, use_cache=True)
@@ -160,25 +160,26 @@ def key_projection_rows(model, batch):
     return calls, out
 
 
+@pytest.mark.parametrize("module", ["self_attn.k_proj", "input_layernorm"])
 @pytest.mark.parametrize("method", ["rcp", "attention_topk"])
-def test_pruning_layer_projects_its_keys_once(method):
+def test_pruning_layer_computes_its_keys_and_normalised_input_once(method, module):
     batch = make_batch(PADDED)
     model = make_model(randomize_plugins=True, pruning_method=method)
-    calls, out = key_projection_rows(model, batch)
+    calls, out = rows_per_call(model, batch, module)
     width = batch["input_ids"].shape[1]
     points = model.config.pruning_layers  # [1, 2]
-    # The first pruning layer: one projection, of the whole (unpruned) sequence -- not a second one of its kept rows.
+    # The first pruning layer: one call, on the whole (unpruned) sequence -- not a second one on its kept rows.
     assert calls[points[0]] == [2 * width]
     assert all(len(calls[idx]) == 1 for idx in range(len(model.model.language_model.layers))), calls
-    # and the keys are the layer's own: the same logits as a prefill that projects them again
+    # and the values are the layer's own: the same logits as a prefill that computes them again
     from modeling_rcp_llava import PrunedPrefill
 
-    original = PrunedPrefill.given_keys
+    original = PrunedPrefill.given_inputs
     try:
-        PrunedPrefill.given_keys = lambda self, layer_idx, layer: contextlib.nullcontext()
-        again_calls, again = key_projection_rows(model, batch)
+        PrunedPrefill.given_inputs = lambda self, layer_idx, layer: contextlib.nullcontext()
+        again_calls, again = rows_per_call(model, batch, module)
     finally:
-        PrunedPrefill.given_keys = original
-    assert len(again_calls[points[0]]) == 2  # the reference does project twice
+        PrunedPrefill.given_inputs = original
+    assert len(again_calls[points[0]]) == 2  # the reference does compute twice
     assert torch.equal(out.keep_masks, again.keep_masks)
     assert (out.logits - again.logits).abs().max() <= 1e-5
