@@ -48,6 +48,7 @@ from rcp_llava.evaluation import (
     EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
 )
 from rcp_llava.losses import gaussian_w2
+from rcp_llava.testbed import MAIN_PRESET
 
 
 logger = logging.get_logger(__name__)
@@ -594,9 +595,7 @@ def target_retention(config):
 # ------------------------------------------------------------------------------------------------
 
 
-# The main job's testbed (issue 16): `deep` met the quality bar with 16 layers, where the paper's placements and its
-# budget over all layers apply; `tiny` (4 layers) stays a flag away.
-MAIN_TESTBED = "deep"
+MAIN_TESTBED = MAIN_PRESET  # the main job's testbed (issue 16: `deep`); `tiny` (4 layers) stays a flag away
 # minutes a first build takes on 2 CPU cores (measured: benchmarks/results/testbed_PRESET.md)
 BUILD_MINUTES = {"tiny": 40, "deep": 50}
 

@@ -1,7 +1,7 @@
 """Ablation runner (the paper's Tables IV, V, VI, VII): train each variant with `train_rcp.py`, evaluate all at the
 same budget, write one markdown table + JSON.
 
-    python benchmarks/ablations.py                                    # tiny testbed, every variant (hours on CPU)
+    python benchmarks/ablations.py                                    # the main job's testbed (deep), every variant (hours)
     python benchmarks/ablations.py --variants full no_repair_loss attention_topk --max_steps 150 \
         --max_eval_samples 300 --name ablations_tiny
     python benchmarks/ablations.py --variants full pruners=1 pruners=1,2 adapters=3 adapters=   # Tables V / VII
@@ -157,6 +157,15 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     return model_dir, round(time.time() - started, 1), argv
 
 
+def job_testbed(argv):
+    """The testbed a `train_rcp.py` run with `argv` trains on: its `--testbed_preset`, else the main job's default
+    (`MAIN_PRESET`; once issue 16 made it `deep`, this runner still assumed `tiny` and would have evaluated
+    deep-trained variants on the tiny testbed's data)."""
+    from rcp_llava.testbed import MAIN_PRESET
+
+    return argv[argv.index("--testbed_preset") + 1] if "--testbed_preset" in argv else MAIN_PRESET
+
+
 def base_weights_fingerprint(argv):
     """Name, size and modification time of the base model's weight files (`--base_model DIR`, or the testbed
     model the job builds): what tells a reusable variant from one trained on an earlier base."""
@@ -165,8 +174,7 @@ def base_weights_fingerprint(argv):
     else:
         from rcp_llava.testbed import default_cache_dir
 
-        preset = argv[argv.index("--testbed_preset") + 1] if "--testbed_preset" in argv else "tiny"
-        base = str(default_cache_dir(preset) / "model")
+        base = str(default_cache_dir(job_testbed(argv)) / "model")
     if not os.path.isdir(base):
         return base  # a Hub id: its weights are pinned by the id (and the local cache) alone
     files = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
@@ -209,10 +217,7 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     if dataset is None:
         from rcp_llava.testbed import default_cache_dir
 
-        preset = "tiny"
-        if "--testbed_preset" in base_args:
-            preset = base_args[base_args.index("--testbed_preset") + 1]
-        dataset = str(default_cache_dir(preset) / "dataset")
+        dataset = str(default_cache_dir(job_testbed(base_args)) / "dataset")
     data = load_data(dataset, split="test", max_samples=max_eval_samples)
     variants = list(dict.fromkeys(variants))
     if any(v in UNTRAINED for v in variants) and "full" not in variants:
@@ -328,7 +333,9 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=None, help="Training steps per variant (default: the job's).")
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
-    parser.add_argument("--dataset", default=None, help="Evaluation data (default: the testbed's dataset folder).")
+    parser.add_argument("--dataset", default=None,
+                        help="Evaluation data (default: the dataset folder of the testbed the variants train on: "
+                             "--testbed_preset in --train_args, else the main job's).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "

@@ -1,14 +1,15 @@
 """One evaluation command: pruning methods x budgets, a Table-I-style markdown table + JSON.
 
-    python benchmarks/evaluate_methods.py --model outputs/rcp_tiny/model                 # tiny testbed, test split
-    python benchmarks/evaluate_methods.py --model DIR --data testbed --max_samples 500 \
+    python benchmarks/evaluate_methods.py --model outputs/rcp_deep/model     # the main job's model and testbed
+    python benchmarks/evaluate_methods.py --model outputs/rcp_tiny/model --data testbed:tiny --max_samples 500 \
         --methods none,rcp,vispruner,fastv,random --budgets 1/3,2/9,1/9 --name table1_tiny
     python benchmarks/evaluate_methods.py --model llava-1.5-7b-hf/ --plugins rcp_plugins/ --data vqav2:/data/vqav2 \
         --data pope:/data/pope/coco --max_samples 1000 --batch_size 8
 
 `--model`: an RCP folder (`train_rcp.py`'s OUT/model) or a stock LLaVA folder (+ `--plugins`). It loads once;
 every method is a model sharing its backbone (`rcp_llava.evaluation.method_model`). `--data` (repeatable):
-`testbed` (the tiny testbed), a `save_to_disk` folder in the testbed format, or BENCHMARK:PATH (see
+`testbed` (the main job's testbed, deep), `testbed:PRESET` (e.g. `testbed:tiny` for a model trained on tiny), a
+`save_to_disk` folder in the testbed format, or BENCHMARK:PATH (see
 `rcp_llava.readers`). How budgets become per-method counts: `rcp_llava.evaluation` (module docstring).
 """
 
@@ -26,7 +27,8 @@ def build_parser():
     parser.add_argument("--model", required=True, help="RCP folder or stock LLaVA folder.")
     parser.add_argument("--plugins", default=None, help="Plug-in folder for a stock --model (from_base).")
     parser.add_argument("--data", action="append", default=None,
-                        help="testbed | DATASET_DIR | BENCHMARK:PATH (repeat for several; default: testbed).")
+                        help="testbed (the main job's, deep) | testbed:PRESET | DATASET_DIR | BENCHMARK:PATH (repeat "
+                             "for several; default: testbed).")
     parser.add_argument("--split", default="test", help="Split of a DatasetDict folder.")
     parser.add_argument("--methods", default="none,rcp,vispruner,fastv,random")
     parser.add_argument("--budgets", default="1/3,2/9,1/9", help="Fractions of the N visual tokens.")

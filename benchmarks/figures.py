@@ -1,7 +1,7 @@
 """Figures (PNG, matplotlib): representation drift (the paper's Figs. 1 and 3), pruning masks (Fig. 4) and
 accuracy vs. kept tokens.
 
-    python benchmarks/figures.py --model outputs/rcp_tiny/model --name tiny            # drift + masks
+    python benchmarks/figures.py --model outputs/rcp_tiny/model --data testbed:tiny --name tiny   # drift + masks
     python benchmarks/figures.py --table benchmarks/results/table1_tiny.json --name tiny   # accuracy vs tokens
 
 * drift_NAME.png: per decoder layer, W2 (Eq. 18) between the answer-position hidden states of the pruned model
@@ -161,7 +161,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="RCP folder (drift + masks).")
     parser.add_argument("--plugins", default=None)
-    parser.add_argument("--data", default="testbed", help="testbed or a dataset folder in the testbed format.")
+    parser.add_argument("--data", default="testbed",
+                        help="testbed (the main job's, deep), testbed:PRESET, or a dataset folder in the testbed format.")
     parser.add_argument("--split", default="test")
     parser.add_argument("--budget", default="1/9")
     parser.add_argument("--num_samples", type=int, default=64, help="Samples the drift is averaged over.")

@@ -1,7 +1,7 @@
 """Evaluate pruning methods side by side: methods x budgets on one shared backbone (the paper's Table I).
 
     from rcp_llava.evaluation import load_base_model, evaluate_grid, format_table
-    base, processor = load_base_model("outputs/rcp_tiny/model")
+    base, processor = load_base_model("outputs/rcp_deep/model")  # the main job's, on its testbed
     result = evaluate_grid(base, processor, load_data("testbed"), methods=["none", "rcp", "vispruner"],
                            budgets=["1/3", "2/9", "1/9"], max_samples=500)
     print(format_table(result))
@@ -232,18 +232,30 @@ class EvalData:
         return len(self.rows)
 
 
+def testbed_dataset_dir(preset=None):
+    """The dataset folder of testbed `preset` (default: the main job's), as a string; FileNotFoundError naming the
+    build command when it is not built."""
+    from rcp_llava.testbed import MAIN_PRESET, PRESETS, default_cache_dir
+
+    preset = preset or MAIN_PRESET
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown testbed preset {preset!r} in 'testbed:{preset}'; choose one of {sorted(PRESETS)}.")
+    folder = str(default_cache_dir(preset) / "dataset")
+    if not os.path.isdir(folder):
+        job = "python train_rcp.py" + ("" if preset == MAIN_PRESET else f" --testbed_preset {preset}")
+        raise FileNotFoundError(f"The {preset!r} testbed is not built ({folder}); run "
+                                f"`python benchmarks/build_testbed.py --preset {preset}` (or `{job}`, which builds it).")
+    return folder
+
+
 def load_data(spec="testbed", split="test", max_samples=None):
-    """`"testbed"` (the tiny testbed's split), a `save_to_disk` folder in the testbed format, or
-    `"BENCHMARK:PATH"` for `rcp_llava.readers.read_benchmark`."""
+    """`"testbed"` (the main job's testbed, `rcp_llava.testbed.MAIN_PRESET`) or `"testbed:PRESET"` (e.g.
+    `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH"` for
+    `rcp_llava.readers.read_benchmark`."""
     from datasets import load_from_disk
 
-    if spec == "testbed":
-        from rcp_llava.testbed import default_cache_dir
-
-        spec = str(default_cache_dir("tiny") / "dataset")
-        if not os.path.isdir(spec):
-            raise FileNotFoundError(
-                f"The tiny testbed is not built ({spec}); run `python benchmarks/build_testbed.py`.")
+    if spec == "testbed" or spec.startswith("testbed:"):
+        spec = testbed_dataset_dir(spec.partition(":")[2] or None)
     if os.path.isdir(spec):
         data = load_from_disk(spec)
         if hasattr(data, "keys"):

@@ -243,12 +243,12 @@ def process_results(doc, results):
 
 
 def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbed"):
-    """Write an lmms-eval task `name` over a testbed dataset folder (`save_to_disk`; default: the tiny testbed's)
+    """Write an lmms-eval task `name` over a testbed dataset folder (`save_to_disk`; default: the main job's testbed's)
     into `out_dir`; run it with `--include_path out_dir --tasks name`. Returns the YAML's path."""
     if dataset_dir is None:
-        from rcp_llava.testbed import default_cache_dir
+        from rcp_llava.evaluation import testbed_dataset_dir
 
-        dataset_dir = default_cache_dir("tiny") / "dataset"
+        dataset_dir = testbed_dataset_dir()
     dataset_dir = os.path.abspath(str(dataset_dir))
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"`dataset_dir` {dataset_dir!r} does not exist; build the testbed first "
@@ -291,7 +291,7 @@ if __name__ == "__main__":  # python -m rcp_llava.lmms_eval_model --write_task D
 
     parser = argparse.ArgumentParser(description="Write the offline lmms-eval task over a testbed dataset.")
     parser.add_argument("--write_task", required=True, metavar="DIR")
-    parser.add_argument("--dataset", default=None, help="testbed dataset folder (default: the tiny testbed's)")
+    parser.add_argument("--dataset", default=None, help="testbed dataset folder (default: the main job's testbed's)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--name", default="rcp_testbed")
     a = parser.parse_args()

@@ -267,6 +267,51 @@ def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     assert rebuilt["no_adapters"]["train_seconds"] is not None and rebuilt["full"]["train_seconds"] is not None
 
 
+def test_load_data_testbed_means_the_main_jobs_testbed(micro, tmp_path, monkeypatch):
+    """`"testbed"` is the main job's testbed (deep since issue 16; it was always tiny), `"testbed:NAME"` another."""
+    from datasets import load_from_disk
+
+    from rcp_llava.evaluation import load_data
+
+    _, folder = micro
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    (tmp_path / "testbed" / "deep").mkdir(parents=True)
+    (tmp_path / "testbed" / "deep" / "dataset").symlink_to(folder / "dataset")
+    data = load_data("testbed")
+    assert data.kind == "testbed" and len(data) == len(load_from_disk(str(folder / "dataset"))["test"])
+    assert len(load_data("testbed:deep")) == len(data)
+    missing = tmp_path / "testbed" / "tiny" / "dataset"
+    with pytest.raises(FileNotFoundError, match=rf"The 'tiny' testbed is not built \({missing}\); run `python "
+                                                r"benchmarks/build_testbed.py --preset tiny` \(or `python train_rcp.py "
+                                                r"--testbed_preset tiny`, which builds it\)\."):
+        load_data("testbed:tiny")
+    with pytest.raises(ValueError, match=r"Unknown testbed preset 'huge' in 'testbed:huge'; choose one of \["):
+        load_data("testbed:huge")
+
+
+def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path, monkeypatch):
+    """Without --dataset the runner evaluates on the testbed that `train_rcp.py` trains on: `--testbed_preset` in
+    --train_args, else the main job's default (deep) -- it used to assume tiny."""
+    import train_rcp
+
+    ablations = load_benchmark("ablations")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    assert train_rcp.MAIN_TESTBED == "deep"
+    assert ablations.job_testbed(["--max_steps", "3"]) == "deep"
+    assert ablations.job_testbed(["--testbed_preset", "tiny"]) == "tiny"
+    model = tmp_path / "testbed" / "deep" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"12345")
+    assert [f[:2] for f in ablations.base_weights_fingerprint([])] == [["model.safetensors", 5]]
+    loaded = []
+    monkeypatch.setattr("rcp_llava.evaluation.load_data", lambda spec, **kw: loaded.append(spec) or [])
+    monkeypatch.setattr(ablations, "variant_spec", lambda v: (_ for _ in ()).throw(RuntimeError("stop")))
+    for train_args, preset in (([], "deep"), (["--testbed_preset", "tiny"], "tiny")):
+        with pytest.raises(RuntimeError, match="stop"):
+            ablations.run(["full"], train_args, str(tmp_path), "abl")
+        assert loaded[-1] == str(tmp_path / "testbed" / preset / "dataset")
+
+
 # -- FLOP-matched budgets and the in-decoder oracle (issue 16) ------------------------------------------------
 
 

@@ -21,14 +21,15 @@ from .evaluate import (
     random_keep,
     saliency_keep,
 )
-from .presets import BUDGET_FRACTIONS, PRESETS, StageSpec, TestbedPreset, default_cache_dir, get_preset
+from .presets import BUDGET_FRACTIONS, MAIN_PRESET, PRESETS, StageSpec, TestbedPreset, default_cache_dir, get_preset
 from .scenes import FAMILIES, NEGATIVE_TYPES, Scene, SceneObject, generate_scene, make_question, make_sample
 from .text import CHAT_TEMPLATE, build_model_config, build_processor, build_tokenizer, prompt_messages
 from .train import STAGES, train_testbed_model
 
 
 __all__ = [
-    "BUDGET_FRACTIONS", "CHAT_TEMPLATE", "FAMILIES", "FEATURES", "NEGATIVE_TYPES", "PRESETS", "STAGES", "Scene",
+    "BUDGET_FRACTIONS", "CHAT_TEMPLATE", "FAMILIES", "FEATURES", "MAIN_PRESET", "NEGATIVE_TYPES", "PRESETS", "STAGES",
+    "Scene",
     "SceneObject", "StageSpec", "TestbedPreset", "build_dataset", "build_model_config", "build_processor",
     "build_testbed", "build_tokenizer", "default_cache_dir", "evaluate_accuracy", "generate_scene", "get_preset",
     "load_testbed", "make_question", "make_sample", "oracle_keep", "patch_saliency", "predict", "prompt_messages",
