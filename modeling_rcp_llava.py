@@ -531,6 +531,14 @@ class SelectionContext:
             self._hidden_norm = self.layer.input_layernorm(self.hidden)
         return self._hidden_norm
 
+    def visual_hidden_norm(self):
+        """(B, K, d) the normalised input at the alive visual tokens: gathered from `hidden_norm()` when it exists or
+        the layer will reuse it, else normalised for those rows alone (training with given masks: no whole-sequence
+        norm that nothing else reads)."""
+        if self._hidden_norm is not None or self.reuse_in_layer():
+            return _gather_seq(self.hidden_norm(), self.slots)
+        return self.layer.input_layernorm(_gather_seq(self.hidden, self.slots))
+
     def reuse_in_layer(self):
         """Whether the layer may read what selection computed (its normalised input, its keys) instead of computing
         it again: at inference only -- with gradients on, a checkpointed layer would recompute its forward in
@@ -1090,7 +1098,7 @@ class PrunedPrefill:
         dropped_slots.scatter_(1, vis_slots, dropped)  # (B, T')
         dropped_slots &= self.slot_valid
         if self.context_encoder is not None:
-            self._add_context(_gather_seq(ctx.hidden_norm(), vis_slots), dropped.to(hidden.dtype),
+            self._add_context(ctx.visual_hidden_norm(), dropped.to(hidden.dtype),
                               keep_raster.to(hidden.dtype))
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
@@ -1172,7 +1180,7 @@ class PrunedPrefill:
         keep_raster = (self.soft_alive > 0.5) & self.has_image.unsqueeze(1)
         if self.context_encoder is not None:
             dropped = previous - self.soft_alive  # (B, N), 1 where this pruner dropped the token
-            self._add_context(_gather_seq(ctx.hidden_norm(), vis_slots), dropped, self.soft_alive)
+            self._add_context(ctx.visual_hidden_norm(), dropped, self.soft_alive)
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
         # The image slots' key weights become M (rows without an image keep theirs: their slots are padding).

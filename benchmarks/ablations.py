@@ -163,15 +163,26 @@ def job_testbed(argv):
     deep-trained variants on the tiny testbed's data)."""
     from rcp_llava.testbed import MAIN_PRESET
 
-    return argv[argv.index("--testbed_preset") + 1] if "--testbed_preset" in argv else MAIN_PRESET
+    return flag_value(argv, "--testbed_preset") or MAIN_PRESET
+
+
+def flag_value(argv, flag):
+    """The last value of `flag` in `argv`, written `FLAG VALUE` or `FLAG=VALUE` (both parse in `train_rcp.py`, and
+    the last one wins there too); None when absent."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
 
 
 def base_weights_fingerprint(argv):
     """Name, size and modification time of the base model's weight files (`--base_model DIR`, or the testbed
     model the job builds): what tells a reusable variant from one trained on an earlier base."""
-    if "--base_model" in argv:
-        base = argv[argv.index("--base_model") + 1]
-    else:
+    base = flag_value(argv, "--base_model")
+    if base is None:
         from rcp_llava.testbed import default_cache_dir
 
         base = str(default_cache_dir(job_testbed(argv)) / "model")

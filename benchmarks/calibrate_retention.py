@@ -25,7 +25,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A trained RCP folder (train_rcp.py's OUTPUT_DIR/model).")
-    parser.add_argument("--data", default=None, help="Dataset folder (default: the tiny testbed's).")
+    parser.add_argument("--data", default="testbed",
+                        help="Dataset folder, or testbed (the main job's, deep) / testbed:PRESET (default: testbed).")
     parser.add_argument("--max_samples", type=int, default=None, help="Test samples (default: all).")
     parser.add_argument("--all_layers", action="store_true", help="Retention over all decoder layers.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
@@ -36,10 +37,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
-    if args.data is None:
-        from rcp_llava.testbed import default_cache_dir
+    if args.data == "testbed" or args.data.startswith("testbed:"):
+        from rcp_llava.evaluation import testbed_dataset_dir
 
-        args.data = str(default_cache_dir("tiny") / "dataset")
+        args.data = testbed_dataset_dir(args.data.partition(":")[2] or None)
     model, processor = load_base_model(args.model)
     splits = load_from_disk(args.data)
     test = splits["test"]

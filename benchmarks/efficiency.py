@@ -119,38 +119,76 @@ def method_configs(preset, budgets, families=FAMILIES):
     return {name: spec for name, spec in methods.items() if name.split("-")[0] in families}
 
 
-def reused_work_hooks(model, selecting, reused, device):
-    """Time the part of token selection that the pruning layers then read instead of computing it: RCP's prior
-    runs a pruning layer's `input_layernorm` and `self_attn.k_proj` on the whole sequence, and the layer reuses
-    their kept rows (`PrunedPrefill.given_inputs`). Each such call made during selection is timed; once the layer
-    runs on its kept rows, the time x kept rows / all rows is added to `reused[name]` (the rest, the dropped rows,
-    stays selection cost). The backbone is shared by every method's model, so calls outside selection are ignored.
-    Returns the hook handles."""
-    handles = []
-    for idx, layer in enumerate(model.model.language_model.layers):
-        def start(module, args):
-            if selecting["name"] is not None:
-                sync(device)
-                module._rcp_started = time.perf_counter()
+class SelectionTimer:
+    """Times one model's token selection inside its forwards, without waiting for the device: CUDA events on a GPU
+    (read once the forward's own sync is done), `time.perf_counter` on a CPU.
 
-        def stop(module, args, output, idx=idx):
-            if selecting["name"] is not None:
-                sync(device)
-                rows = args[0].shape[0] * args[0].shape[1]
-                selecting["pending"].append((selecting["name"], idx, time.perf_counter() - module._rcp_started, rows))
+    Per run (`reset`, forward, `totals`): the spans inside `_select_tokens`, and the part of them the pruning layer
+    then reads instead of computing it. RCP's prior runs the pruning layer's `input_layernorm` and `self_attn.k_proj`
+    on the whole sequence and the layer reuses their kept rows (`PrunedPrefill.given_inputs`): those two calls are
+    timed (hooks that exist only during this model's selection: the backbone is shared by every method's model),
+    and once the layer runs, time x kept rows / all rows counts as reused (the dropped rows stay selection cost).
+    """
 
-        def layer_runs(module, args, kwargs, idx=idx):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kept = hidden.shape[0] * hidden.shape[1]
-            for entry in [e for e in selecting["pending"] if e[1] == idx]:
-                name, _, seconds, rows = entry
-                reused.setdefault(name, []).append(seconds * kept / rows)
-                selecting["pending"].remove(entry)
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.reset()
 
-        for module in (layer.input_layernorm, layer.self_attn.k_proj):
-            handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-        handles.append(layer.register_forward_pre_hook(layer_runs, with_kwargs=True))
-    return handles
+    def reset(self):
+        self.spans = []  # (start, end) per selection
+        self.reused = []  # ((start, end), kept rows / all rows) per reused call
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, start, end):
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+    def wrap(self, model):
+        """Time `model`'s selections from now on; returns the original `_select_tokens` (to put back)."""
+        original = model.model._select_tokens
+
+        def select_tokens(selector, ctx):
+            layer, calls = ctx.layer, []  # calls: (start, end, rows) of the layer's norm / k_proj in this selection
+
+            def before(module, args):
+                module._rcp_started = self._now()
+
+            def after(module, args, output):
+                calls.append((module._rcp_started, self._now(), args[0].shape[0] * args[0].shape[1]))
+
+            modules = (layer.input_layernorm, layer.self_attn.k_proj)
+            handles = [m.register_forward_pre_hook(before) for m in modules]
+            handles += [m.register_forward_hook(after) for m in modules]
+            start = self._now()
+            try:
+                out = original(selector, ctx)
+            finally:
+                end = self._now()
+                for handle in handles:
+                    handle.remove()
+            self.spans.append((start, end))
+            if calls:
+                def layer_runs(module, args, kwargs):  # once: the layer on its kept rows
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    kept = hidden.shape[0] * hidden.shape[1]
+                    self.reused += [((s, e), kept / rows) for s, e, rows in calls]
+                    once.remove()
+
+                once = layer.register_forward_pre_hook(layer_runs, with_kwargs=True)
+            return out
+
+        model.model._select_tokens = select_tokens
+        return original
+
+    def totals(self):
+        """(selection seconds, reused seconds) since `reset`; call after the device finished the forward."""
+        selection = sum(self._seconds(s, e) for s, e in self.spans)
+        return selection, sum(self._seconds(s, e) * share for (s, e), share in self.reused)
 
 
 def sync(device):
@@ -239,29 +277,8 @@ def main():
                     rcp = models[name.replace("ideal", "rcp")](**inputs, use_cache=False, logits_to_keep=1)
                 forced[name] = rcp.keep_masks
 
-        selection, reused = {}, {}
-        selecting = {"name": None, "pending": []}
-
-        def timed_selection(model, name):
-            original = model.model._select_tokens
-
-            def wrapped(*a, **kw):
-                sync(device)
-                selecting["name"] = name
-                start = time.perf_counter()
-                try:
-                    out = original(*a, **kw)
-                finally:
-                    sync(device)
-                    selecting["name"] = None
-                selection.setdefault(name, []).append(time.perf_counter() - start)
-                return out
-
-            model.model._select_tokens = wrapped
-            return original
-
-        originals = {name: timed_selection(models[name], name) for name in methods if name.startswith("rcp")}
-        handles = reused_work_hooks(base, selecting, reused, device)
+        timers = {name: SelectionTimer(device) for name in methods if name.startswith("rcp")}
+        originals = {name: timer.wrap(models[name]) for name, timer in timers.items()}
         prefill, e2e, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
@@ -272,15 +289,14 @@ def main():
                         kwargs["visual_keep_masks"] = forced[name]
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    selection.pop(name, None)
-                    reused.pop(name, None)
+                    if name in timers:
+                        timers[name].reset()
                     sync(device)
                     start = time.perf_counter()
                     out = model(**kwargs, use_cache=True, logits_to_keep=1)
                     sync(device)
                     t_prefill = time.perf_counter() - start
-                    sel = sum(selection.get(name, []))
-                    sel_reused = sum(reused.get(name, []))
+                    sel, sel_reused = timers[name].totals() if name in timers else (0.0, 0.0)
                     start = time.perf_counter()
                     if args.new_tokens > 0:
                         model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -298,8 +314,6 @@ def main():
                         peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
         for name, original in originals.items():
             models[name].model._select_tokens = original
-        for handle in handles:
-            handle.remove()
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
         for name, (overrides, per_layer, is_ideal, budget) in methods.items():

@@ -46,11 +46,12 @@ def format_report(metrics, folder):
 
 
 def main(argv=None):
-    from rcp_llava.testbed import default_cache_dir
+    from rcp_llava.testbed import MAIN_PRESET, default_cache_dir
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="Read $RCP_LLAVA_CACHE/testbed/PRESET (or --folder).")
+    parser.add_argument("--preset", default=MAIN_PRESET,
+                        help=f"Read $RCP_LLAVA_CACHE/testbed/PRESET (or --folder); default {MAIN_PRESET}, the main job's.")
     parser.add_argument("--folder", default=None, help="A built testbed folder (holds metrics.json).")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--name", default=None, help="Output stem (default testbed_PRESET).")

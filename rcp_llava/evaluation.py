@@ -254,6 +254,7 @@ def load_data(spec="testbed", split="test", max_samples=None):
     `rcp_llava.readers.read_benchmark`."""
     from datasets import load_from_disk
 
+    spec = os.fspath(spec)  # a Path works too
     if spec == "testbed" or spec.startswith("testbed:"):
         spec = testbed_dataset_dir(spec.partition(":")[2] or None)
     if os.path.isdir(spec):

@@ -251,8 +251,8 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
         dataset_dir = testbed_dataset_dir()
     dataset_dir = os.path.abspath(str(dataset_dir))
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"`dataset_dir` {dataset_dir!r} does not exist; build the testbed first "
-                                "(`python benchmarks/build_testbed.py`).")
+        raise FileNotFoundError(f"`dataset_dir` {dataset_dir!r} does not exist; pass a built testbed's dataset "
+                                "folder (`python benchmarks/build_testbed.py --preset deep` writes one).")
     os.makedirs(out_dir, exist_ok=True)
     yaml = textwrap.dedent(f"""\
         task: {name}

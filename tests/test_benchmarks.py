@@ -34,9 +34,9 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypatch):
-    """The 'net of reused' column: each `input_layernorm` / `k_proj` call of a pruning layer made during selection
-    counts as reused in the proportion of the rows the layer then runs on. A clock that advances 1 per reading makes
-    every hooked call last exactly 1 s, so the expected values follow from the keep counts alone."""
+    """The 'net of reused' column: the pruning layer's `input_layernorm` / `k_proj` calls made during selection count
+    as reused in the proportion of the rows the layer then runs on; no other call is timed. A clock that advances 1
+    per reading makes every timed call last exactly 1 s, so the expected values follow from the keep counts alone."""
     import itertools
     import time
 
@@ -47,42 +47,38 @@ def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypat
     efficiency = load_benchmark("efficiency")
     overrides = efficiency.method_configs("tiny", [64], {"full", "rcp"})["rcp-64"][0]
     model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
-    selecting, reused = {"name": None, "pending": []}, {}
-    handles = efficiency.reused_work_hooks(model, selecting, reused, torch.device("cpu"))
-    original = model.model._select_tokens
-
-    def select(*args, **kwargs):
-        selecting["name"] = "rcp"
-        try:
-            return original(*args, **kwargs)
-        finally:
-            selecting["name"] = None
-
-    model.model._select_tokens = select
+    timer = efficiency.SelectionTimer(torch.device("cpu"))
+    original = timer.wrap(model)
     n, text = model.config.num_visual_tokens, efficiency.PRESETS["tiny"]["text_tokens"]
     ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.full((1, n), efficiency.VOCAB - 1),
                      torch.randint(3, 1000, (1, text - 1))], dim=1)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
     clock = itertools.count()
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
+        model(**inputs)
     monkeypatch.undo()
     expected, alive = [], n
     for kept in model.config.point_keep_counts:
         rows, after = text + alive, text + kept
         expected += [after / rows] * 2  # the layer's norm and its key projection, each 1 s
         alive = kept
-    assert reused["rcp"] == pytest.approx(expected, rel=1e-12)
-    assert selecting["pending"] == []  # every timed call was matched to its layer's run
-    # Calls outside a timed selection (the layers' own, or another method's model on the shared backbone) are not
-    # counted: the same prefill with the hooks on but the selection unflagged adds nothing.
+    # Exactly two timed calls per pruning point: the other layers' norms and projections (and the pruning layers'
+    # own, on their kept rows) are not selection.
+    assert [share for _, share in timer.reused] == pytest.approx(expected, rel=1e-12)
+    assert all(end - start == 1.0 for (start, end), _ in timer.reused)
+    assert len(timer.spans) == len(model.config.pruning_layers)
+    selection, reused = timer.totals()
+    assert reused == pytest.approx(sum(expected)) and selection > reused
+    # no hook outlives its selection: a forward of the unwrapped model times nothing
+    timer.reset()
     model.model._select_tokens = original
-    before = list(reused["rcp"])
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 48, 48))
-    for handle in handles:
-        handle.remove()
-    assert reused["rcp"] == before and selecting["pending"] == []
+        model(**inputs)
+    assert timer.spans == [] and timer.reused == []
+    layers = model.model.language_model.layers
+    assert all(not layer._forward_pre_hooks and not layer.input_layernorm._forward_hooks
+               and not layer.self_attn.k_proj._forward_hooks for layer in layers)
 
 
 def test_efficiency_schedules_use_the_authors_placements():

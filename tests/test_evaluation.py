@@ -280,6 +280,7 @@ def test_load_data_testbed_means_the_main_jobs_testbed(micro, tmp_path, monkeypa
     data = load_data("testbed")
     assert data.kind == "testbed" and len(data) == len(load_from_disk(str(folder / "dataset"))["test"])
     assert len(load_data("testbed:deep")) == len(data)
+    assert len(load_data(folder / "dataset")) == len(data)  # a Path, as before the "testbed:" prefix
     missing = tmp_path / "testbed" / "tiny" / "dataset"
     with pytest.raises(FileNotFoundError, match=rf"The 'tiny' testbed is not built \({missing}\); run `python "
                                                 r"benchmarks/build_testbed.py --preset tiny` \(or `python train_rcp.py "
@@ -296,9 +297,12 @@ def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path,
 
     ablations = load_benchmark("ablations")
     monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
-    assert train_rcp.MAIN_TESTBED == "deep"
-    assert ablations.job_testbed(["--max_steps", "3"]) == "deep"
+    assert ablations.job_testbed(["--max_steps", "3"]) == train_rcp.MAIN_TESTBED == "deep"
     assert ablations.job_testbed(["--testbed_preset", "tiny"]) == "tiny"
+    # both spellings train_rcp accepts, the last one winning as in argparse
+    assert ablations.job_testbed(["--testbed_preset=tiny", "--max_steps", "3"]) == "tiny"
+    assert ablations.job_testbed(["--testbed_preset", "tiny", "--testbed_preset=micro"]) == "micro"
+    assert ablations.flag_value(["--base_model=/m", "--testbed_preset", "tiny"], "--base_model") == "/m"
     model = tmp_path / "testbed" / "deep" / "model"
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"12345")

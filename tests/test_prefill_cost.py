@@ -183,3 +183,68 @@ def test_pruning_layer_computes_its_keys_and_normalised_input_once(method, modul
     assert len(again_calls[points[0]]) == 2  # the reference does compute twice
     assert torch.equal(out.keep_masks, again.keep_masks)
     assert (out.logits - again.logits).abs().max() <= 1e-5
+
+
+# -- the cheaper selection kernels give the reference values (issue 19) -------------------------------------------
+
+
+def _reference_rope(x, cos, sin):
+    """The prior's RoPE before issue 19: x cos + rotate_half(x) sin with rotate_half built by `cat`, the product
+    added by one `addcmul` (transformers' Llama adds two products, which may round differently in the last bit)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos.unsqueeze(1), torch.cat((-x2, x1), dim=-1), sin.unsqueeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_rope_and_row_gather_equal_their_reference_formulas(dtype, bsz):
+    from modeling_rcp_llava import _apply_rope, _gather_seq
+
+    torch.manual_seed(0)
+    seq, heads, head_dim = 11, 4, 8
+    keys = torch.randn(bsz, seq, heads * head_dim, dtype=dtype)
+    x = keys.view(bsz, seq, heads, head_dim).transpose(1, 2)  # the strided view the prior rotates
+    cos, sin = torch.randn(bsz, seq, head_dim), torch.randn(bsz, seq, head_dim)  # float32, as the rotary embedding
+    out = _apply_rope(x, cos, sin)
+    assert torch.equal(out, _reference_rope(x, cos, sin)) and out.is_contiguous()
+    x1, x2 = x.chunk(2, dim=-1)
+    llama = x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
+    torch.testing.assert_close(out, llama)  # the layer's own formula, up to rounding
+    # with autograd (the training layout's prior): same values and gradients
+    xg = x.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    _apply_rope(xg, cos, sin).square().sum().backward()
+    _reference_rope(xr, cos, sin).square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+    # row gather: padded rows read slot 0, as `_compact` produces them
+    src = torch.stack([torch.randperm(seq)[:7] for _ in range(bsz)])
+    src[0, :2] = 0
+    hidden = torch.randn(bsz, seq, 6, dtype=dtype).requires_grad_(True)
+    gathered = _gather_seq(hidden, src)
+    reference = torch.gather(hidden, 1, src.unsqueeze(-1).expand(-1, -1, 6))
+    assert torch.equal(gathered, reference)
+    weights = torch.randn_like(reference)
+    (grad,) = torch.autograd.grad((gathered * weights).sum(), hidden)
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), hidden)
+    assert torch.equal(grad, grad_ref)
+
+
+def test_given_inputs_are_put_back_when_the_layer_fails():
+    """The pruning layer runs with its norm and key projection swapped for the precomputed kept rows; an error in
+    the layer must not leave them swapped (the next forward would read stale tensors)."""
+    batch = make_batch(PADDED)
+    model = make_model(randomize_plugins=True)
+    layer = model.model.language_model.layers[model.config.pruning_layers[0]]
+    norm, k_proj = layer.input_layernorm, layer.self_attn.k_proj
+    original = layer.mlp.forward
+    layer.mlp.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+            model(**batch)
+    finally:
+        layer.mlp.forward = original
+    assert layer.input_layernorm is norm and layer.self_attn.k_proj is k_proj
+    with torch.no_grad():
+        again = model(**batch)
+        reference = make_model(randomize_plugins=True)(**batch)
+    assert torch.equal(again.logits, reference.logits)
