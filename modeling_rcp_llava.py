@@ -520,6 +520,7 @@ class SelectionContext:
     prefill: "PrunedPrefill"
     _question: tuple | None = field(default=None, repr=False)
     _hidden_norm: torch.Tensor | None = field(default=None, repr=False)
+    _visual_norm: torch.Tensor | None = field(default=None, repr=False)
     # (B, T', Hkv * hd): the pruning layer's key projection of the whole sequence, once the prior computed it; the
     # layer itself then reads its kept rows instead of projecting them again (`PrunedPrefill.given_inputs`).
     layer_keys: torch.Tensor | None = field(default=None, repr=False)
@@ -534,10 +535,13 @@ class SelectionContext:
     def visual_hidden_norm(self):
         """(B, K, d) the normalised input at the alive visual tokens: gathered from `hidden_norm()` when it exists or
         the layer will reuse it, else normalised for those rows alone (training with given masks: no whole-sequence
-        norm that nothing else reads)."""
-        if self._hidden_norm is not None or self.reuse_in_layer():
-            return _gather_seq(self.hidden_norm(), self.slots)
-        return self.layer.input_layernorm(_gather_seq(self.hidden, self.slots))
+        norm that nothing else reads). Computed once: the pruner and the repair context both read it."""
+        if self._visual_norm is None:
+            if self._hidden_norm is not None or self.reuse_in_layer():
+                self._visual_norm = _gather_seq(self.hidden_norm(), self.slots)
+            else:
+                self._visual_norm = self.layer.input_layernorm(_gather_seq(self.hidden, self.slots))
+        return self._visual_norm
 
     def reuse_in_layer(self):
         """Whether the layer may read what selection computed (its normalised input, its keys) instead of computing
@@ -650,7 +654,7 @@ class RcpSelector(TokenSelector):
             prior = prior.detach()
         q_slots, q_valid = ctx.question_slots()  # (B, Lq)
         pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
-        visual = _gather_seq(hidden_norm, ctx.slots)  # (B, K, d)
+        visual = ctx.visual_hidden_norm()  # (B, K, d)
         question = _gather_seq(hidden_norm, q_slots)  # (B, Lq, d)
         return pruner(visual, ctx.valid, question, q_valid, prior)  # (B, K)
 

@@ -19,7 +19,7 @@ def main(argv=None):
 
     import train_rcp
     from rcp_llava.data import RcpDataCollator
-    from rcp_llava.evaluation import EvalData, evaluate_model, load_base_model
+    from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model
     from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -37,10 +37,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
-    if args.data == "testbed" or args.data.startswith("testbed:"):
-        from rcp_llava.evaluation import testbed_dataset_dir
-
-        args.data = testbed_dataset_dir(args.data.partition(":")[2] or None)
+    args.data = data_folder(args.data)
     model, processor = load_base_model(args.model)
     splits = load_from_disk(args.data)
     test = splits["test"]

@@ -34,16 +34,6 @@ def load_module(name, path):
     return module
 
 
-def timed(select_tokens, seconds):
-    """`select_tokens` that appends the seconds each call takes to `seconds`."""
-    def wrapped(*args, **kwargs):
-        start = time.perf_counter()
-        out = select_tokens(*args, **kwargs)
-        seconds.append(time.perf_counter() - start)
-        return out
-    return wrapped
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the other modeling_rcp_llava.py")
@@ -76,9 +66,9 @@ def main():
                 p.normal_(0, 0.05)
         old = old_modeling.RcpLlavaForConditionalGeneration(config).eval()
         old.load_state_dict(new.state_dict())
-        selecting = {"old": [], "new": []}  # seconds inside `_select_tokens`, this prefill
+        timers = {label: efficiency.SelectionTimer(torch.device("cpu")) for label in ("old", "new")}
         for label, model in (("old", old), ("new", new)):
-            model.model._select_tokens = timed(model.model._select_tokens, selecting[label])
+            timers[label].wrap(model)
         n = config.num_visual_tokens
         for bsz in [int(b) for b in args.batch_sizes.split(",")]:
             ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
@@ -92,12 +82,12 @@ def main():
             with torch.no_grad():
                 for round_index in range(args.repeats + 1):
                     for label, model in (("old", old), ("new", new)) if round_index % 2 else (("new", new), ("old", old)):
-                        selecting[label].clear()
+                        timers[label].reset()
                         start = time.perf_counter()
                         outs[label] = model(**inputs)
                         if round_index:
                             times[label].append(time.perf_counter() - start)
-                            select[label].append(sum(selecting[label]))
+                            select[label].append(timers[label].totals()[0])
             same = torch.equal(outs["old"].logits, outs["new"].logits) and (
                 outs["old"].keep_masks is None or torch.equal(outs["old"].keep_masks, outs["new"].keep_masks))
             o, w = statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3

@@ -248,15 +248,22 @@ def testbed_dataset_dir(preset=None):
     return folder
 
 
+def data_folder(spec):
+    """`spec` as a folder: `"testbed"` / `"testbed:PRESET"` become that testbed's dataset folder
+    (`testbed_dataset_dir`), anything else (a folder, a Path, BENCHMARK:PATH) comes back as a string unchanged."""
+    spec = os.fspath(spec)
+    if spec == "testbed" or spec.startswith("testbed:"):
+        return testbed_dataset_dir(spec.partition(":")[2] or None)
+    return spec
+
+
 def load_data(spec="testbed", split="test", max_samples=None):
     """`"testbed"` (the main job's testbed, `rcp_llava.testbed.MAIN_PRESET`) or `"testbed:PRESET"` (e.g.
     `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH"` for
     `rcp_llava.readers.read_benchmark`."""
     from datasets import load_from_disk
 
-    spec = os.fspath(spec)  # a Path works too
-    if spec == "testbed" or spec.startswith("testbed:"):
-        spec = testbed_dataset_dir(spec.partition(":")[2] or None)
+    spec = data_folder(spec)
     if os.path.isdir(spec):
         data = load_from_disk(spec)
         if hasattr(data, "keys"):
