@@ -414,19 +414,17 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     """
     bsz, seq, _ = hidden_norm.shape
     head_dim = attn_module.head_dim
-    rows = torch.gather(hidden_norm, 1, query_slots.unsqueeze(-1).expand(-1, -1, hidden_norm.shape[-1]))
+    rows = _gather_seq(hidden_norm, query_slots)  # (B, Lq, d)
     q = attn_module.q_proj(rows).view(bsz, rows.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
     keys = attn_module.k_proj(hidden_norm) if keys is None else keys
     k = keys.view(bsz, seq, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-    q_cos = torch.gather(cos, 1, query_slots.unsqueeze(-1).expand(-1, -1, cos.shape[-1]))
-    q_sin = torch.gather(sin, 1, query_slots.unsqueeze(-1).expand(-1, -1, sin.shape[-1]))
-    q = _apply_rope(q, q_cos, q_sin)
+    q = _apply_rope(q, _gather_seq(cos, query_slots), _gather_seq(sin, query_slots))
     k = _apply_rope(k, cos, sin)
     compute = torch.promote_types(q.dtype, torch.float32)
     # GQA without copying the keys: each kv head serves `groups` query heads, (B, Hkv, groups * Lq, hd)
     groups = q.shape[1] // k.shape[1]
     q = q.to(compute).reshape(bsz, k.shape[1], groups * q.shape[2], head_dim)
-    scores = (q @ k.to(compute).transpose(-1, -2)) * attn_module.scaling  # (B, Hkv, groups * Lq, T)
+    scores = (q @ k.to(compute).transpose(-1, -2)).mul_(attn_module.scaling)  # (B, Hkv, groups * Lq, T)
     scores = scores.view(bsz, -1, query_slots.shape[1], seq)  # (B, H, Lq, T)
     allowed = key_valid.unsqueeze(1) & (
         torch.arange(seq, device=q.device).view(1, 1, seq) <= query_slots.unsqueeze(-1)
@@ -451,7 +449,8 @@ def _compact(stay, width=None):
     """Gather index that keeps the slots where `stay` (B, T) is set, right-aligned (left padding).
 
     `width`: the largest per-row count of `stay`, when the caller knows it (otherwise a host sync reads it).
-    returns (src (B, T'), valid (B, T')): new slot t of row b reads old slot src[b, t] when valid[b, t].
+    returns (src (B, T'), valid (B, T'), dest (B, T)): new slot t of row b reads old slot src[b, t] when valid[b, t];
+    old slot s moves to new slot dest[b, s] (`width` where it is dropped).
     """
     bsz, seq = stay.shape
     count = stay.sum(1)  # (B,)
@@ -463,7 +462,7 @@ def _compact(stay, width=None):
     src = torch.zeros(bsz, width + 1, dtype=torch.long, device=stay.device)
     src.scatter_(1, dest, torch.arange(seq, device=stay.device).unsqueeze(0).expand(bsz, seq))
     valid = torch.arange(width, device=stay.device).unsqueeze(0) >= (width - count).unsqueeze(1)
-    return src[:, :width], valid  # invalid (padding) slots read slot 0, as before
+    return src[:, :width], valid, dest  # invalid (padding) slots read slot 0, as before
 
 
 def _gather_seq(x, src):
@@ -518,7 +517,6 @@ class SelectionContext:
     ids: torch.Tensor
     keep_count: int | None
     prefill: "PrunedPrefill"
-    _question: tuple | None = field(default=None, repr=False)
     _hidden_norm: torch.Tensor | None = field(default=None, repr=False)
     _visual_norm: torch.Tensor | None = field(default=None, repr=False)
     # (B, T', Hkv * hd): the pruning layer's key projection of the whole sequence, once the prior computed it; the
@@ -550,10 +548,8 @@ class SelectionContext:
         return not self.prefill.differentiable and not torch.is_grad_enabled()
 
     def question_slots(self):
-        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots (computed once)."""
-        if self._question is None:
-            self._question = _first_slots(self.prefill.slot_question(), self.prefill.question_width)
-        return self._question
+        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots (`PrunedPrefill`)."""
+        return self.prefill.question_slots()
 
     def visual_attention(self, layer, hidden_norm, q_slots, q_valid):
         """Attention (B, K) the query rows `q_slots` pay to the alive visual tokens in `layer` (whose normalised
@@ -986,6 +982,7 @@ class PrunedPrefill:
         self.image_slots = _first_slots(image_mask, max(self.row_alive, default=0))[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
         self._given = None  # (layer index, {module path: its output on the kept rows}), see `given_inputs`
+        self._question = None  # see `question_slots`
         self.repair_contexts = {}  # repair layer -> (B, b)
         selector.start(self)
 
@@ -1038,6 +1035,15 @@ class PrunedPrefill:
     def slot_question(self):
         """(B, T') question tokens among the current slots."""
         return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
+
+    def question_slots(self):
+        """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots. Found once, then carried
+        through each compaction (`prune`): question tokens are text, which no pruner drops -- one gather instead of
+        a sort per pruning point. Found again after a point where a question token is an image token
+        (`question_width` None: a pruner may have dropped it). Padding entries point at slot 0 (their weight is 0)."""
+        if self._question is None:
+            self._question = _first_slots(self.slot_question(), self.question_width)
+        return self._question
 
     def key_alive(self):
         """(B, T') keys a query may attend to: valid slots, minus the tokens dropped in the mask layout."""
@@ -1108,7 +1114,7 @@ class PrunedPrefill:
         self.keep_history.append(keep_raster)
 
         stay = self.slot_valid & ~dropped_slots
-        src, valid = _compact(stay, max(self.row_length))
+        src, valid, dest = _compact(stay, max(self.row_length))
         hidden = _gather_seq(hidden, src)
         if ctx.reuse_in_layer():  # what selection computed of the layer's own work, on the rows that stay
             given = {"input_layernorm": ctx._hidden_norm, "self_attn.k_proj": ctx.layer_keys}
@@ -1116,6 +1122,11 @@ class PrunedPrefill:
         position_embeddings = tuple(_gather_seq(t, src) for t in position_embeddings)
         self.slot_orig = torch.where(valid, self.slot_orig.gather(1, src), -1)
         self.slot_valid = valid
+        if self._question is not None and self.question_width is not None:  # no question token was dropped
+            q_slots, q_valid = self._question
+            self._question = (torch.where(q_valid, dest.gather(1, q_slots), 0), q_valid)
+        else:
+            self._question = None
         self.segment_masks[layer_idx] = valid
         if layer_idx == 0:
             self.prefill_length = valid.shape[1]

@@ -149,3 +149,41 @@ def test_testbed_report_from_metrics(tmp_path):
     assert json.loads((tmp_path / "testbed_deep.json").read_text()) == metrics
     with pytest.raises(FileExistsError, match="testbed_deep.md"):
         report.main(["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path)])
+
+
+def test_selection_profile_accounts_for_every_point(tmp_path):
+    """`benchmarks/selection_profile.py` on the tiny preset: one record per pruning point with the schedule's layers
+    and counts, the dense calls of Eq. 4 and the pruner named, the parts adding up, the files written once."""
+    efficiency = load_benchmark("efficiency")  # what the script imports by name from its own folder
+    profile = load_benchmark("selection_profile")
+    assert profile.efficiency is efficiency
+    overrides = efficiency.method_configs("tiny", [64], {"full", "rcp"})["rcp-64"][0]
+    argv = ["--preset", "tiny", "--budget", "64", "--batch_sizes", "1,2", "--repeats", "1", "--output_dir",
+            str(tmp_path)]
+    results = profile.main(argv)
+    data = json.loads((tmp_path / "selection_profile_tiny_cpu_rcp-64.json").read_text())
+    assert data["command"] == "python benchmarks/selection_profile.py " + " ".join(argv)
+    assert [r["batch_size"] for r in data["results"]] == [1, 2] and data["results"] == json.loads(json.dumps(results))
+    text_tokens = efficiency.PRESETS["tiny"]["text_tokens"]
+    for result in data["results"]:
+        points = result["points"]
+        assert [p["layer"] for p in points] == overrides["pruning_layers"]
+        assert [p["kept"] for p in points] == overrides["pruning_keep_counts"]
+        assert [p["candidates"] for p in points] == [144] + overrides["pruning_keep_counts"][:-1]
+        assert all(p["rows"] == p["candidates"] + text_tokens and p["kept_rows"] == p["kept"] + text_tokens
+                   for p in points)
+        for p in points:
+            names = {name.split(f".layers.{p['layer']}.")[-1] for name, _, _ in p["calls"]}
+            assert {"input_layernorm", "self_attn.k_proj", "self_attn.q_proj"} <= names, names
+            assert f"rcp_plugins.pruners.{p['layer']}.visual_proj" in names
+            assert p["module_calls_ms"] == pytest.approx(sum(ms for _, _, ms in p["calls"]))
+            assert p["floor_ms"] == pytest.approx(p["module_calls_ms"] - p["reused_ms"])
+            assert p["other_ms"] == pytest.approx(p["selection_ms"] - p["module_calls_ms"])
+            assert p["reused_ms"] > 0
+    markdown = (tmp_path / "selection_profile_tiny_cpu_rcp-64.md").read_text()
+    assert markdown.startswith("# Token selection, point by point (`rcp-64`, preset `tiny`, CPU)")
+    assert markdown.count("| all |") == 2
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        profile.main(argv)
+    with pytest.raises(ValueError, match="--batch_sizes: '1;2'"):
+        profile.main(["--preset", "tiny", "--batch_sizes", "1;2", "--output_dir", str(tmp_path / "other")])

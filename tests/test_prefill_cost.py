@@ -248,3 +248,45 @@ def test_given_inputs_are_put_back_when_the_layer_fails():
         again = model(**batch)
         reference = make_model(randomize_plugins=True)(**batch)
     assert torch.equal(again.logits, reference.logits)
+
+
+def test_question_slots_carried_through_compaction_match_a_fresh_search():
+    """`PrunedPrefill.question_slots` finds the question rows once and moves them with each compaction; at every
+    pruning point of a padded batch (rows of different lengths, one without an image) they are the slots a fresh
+    search of the current layout finds, and the outputs match a run that searches afresh at every point."""
+    from conftest import make_batch, make_model
+
+    import modeling_rcp_llava as M
+
+    model = make_model(randomize_plugins=True, pruning_layers=[1, 2, 3], repair_layers=[3],
+                       pruning_keep_counts=[12, 6, 3])
+    specs = [(2, 5, True), (0, 2, True), (4, 3, False), (1, 7, True)]
+    batch = make_batch(specs)
+    seen = []
+    original = model.model._select_tokens
+
+    def check(selector, ctx):
+        carried = ctx.question_slots()
+        fresh = M._first_slots(ctx.prefill.slot_question(), ctx.prefill.question_width)
+        seen.append((ctx.point, carried, fresh))
+        return original(selector, ctx)
+
+    model.model._select_tokens = check
+    with torch.no_grad():
+        carried_out = model(**batch)
+    assert [p for p, _, _ in seen] == [0, 1, 2]
+    for point, (slots, valid), (fresh_slots, fresh_valid) in seen:
+        assert torch.equal(valid, fresh_valid), point
+        assert torch.equal(slots[valid], fresh_slots[fresh_valid]), point
+        # every question token at every point (a row without an image has none: nothing to prune)
+        assert valid.sum(1).tolist() == [q if image else 0 for _, q, image in specs]
+
+    def search_every_point(self):  # the behaviour before: a fresh search at each point
+        return M._first_slots(self.slot_question(), self.question_width)
+
+    model.model._select_tokens = original
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M.PrunedPrefill, "question_slots", search_every_point)
+        fresh_out = model(**batch)
+    assert torch.equal(carried_out.logits, fresh_out.logits)
+    assert torch.equal(carried_out.keep_masks, fresh_out.keep_masks)

@@ -1,0 +1,230 @@
+"""Where RCP's token selection spends its time, point by point, next to what it cannot avoid (issue 19).
+
+    python benchmarks/selection_profile.py                                  # mid CPU preset, rcp-128, batch 1 and 8
+    python benchmarks/selection_profile.py --preset mid-32 --budget 64
+
+One prefill of the efficiency benchmark's RCP schedule (`efficiency.method_configs`: the authors' placements, fixed
+keep counts) records, at each pruning point, every parameterised module that token selection calls -- the pruning
+layer's input norm, its key projection over all rows and its query projection of the question rows (Eq. 4's prior),
+the pruner's linear maps and norms (Eqs. 1-5) -- with its input. At that point, before the prefill goes on, the
+whole selection (on a fresh `SelectionContext`), each recorded call alone on its recorded input, and the layer's
+norm and key projection on the rows it keeps are timed, round by round, medians of `--repeats`:
+
+- *module calls*: the dense work selection does; *reused*: the part of it the layer then reads instead of computing it
+  (its norm and keys on the kept rows, `PrunedPrefill.given_inputs`);
+- *floor* = module calls - reused: what selection would cost if nothing but its dense maps took time -- the
+  key projection of the tokens it drops, the question rows' queries and the pruner's maps;
+- *other* = selection - module calls: RoPE, scores, masks, softmax, top-k, gathers and per-op dispatch.
+
+Then the prefill of RCP and of the ideal (the same model given RCP's kept sets: no selection) alternate for
+`--repeats` rounds; the shares are of RCP's prefill. The dense floor is a property of the method and the shape
+(Eq. 4 needs every candidate's key), so a target for the selection share below it is out of reach for any kernel.
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# The efficiency benchmark's presets, schedules and input layout: its folder is `sys.path[0]` when this runs as a
+# script (a test loads `efficiency` by path first).
+import efficiency
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, _compact, _gather_seq
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+
+
+def _median_ms(times):
+    return statistics.median(times) * 1e3
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def dense_modules(*roots):
+    """The leaf modules with parameters (linear maps, norms) under `roots`: selection's dense work. (A module with
+    children, such as the pruner, is the sum of its maps and its own tensor ops: those count as *other*.)"""
+    return [m for root in roots for m in root.modules()
+            if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
+
+
+def profile_point(selector, ctx, original, repeats):
+    """Run the real selection of this point (returned, so the prefill goes on unchanged), then time its parts.
+
+    returns (keep (B, K) bool, record dict of this point)."""
+    calls = []
+    layer = ctx.layer
+    modules = dense_modules(layer, selector.model.rcp_plugins)
+    hooks = [m.register_forward_hook(lambda module, args, output: calls.append((module, args))) for m in modules]
+    try:
+        keep = original(selector, ctx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # The rows the layer runs on after this point: every valid slot but the visual tokens dropped here.
+    prefill = ctx.prefill
+    dropped_slots = torch.zeros_like(prefill.slot_valid).scatter_(1, ctx.slots, ctx.valid & ~keep)
+    src, _, _ = _compact(prefill.slot_valid & ~dropped_slots)
+    kept_hidden = _gather_seq(ctx.hidden, src)  # (B, T'', d)
+    kept_norm = layer.input_layernorm(kept_hidden)
+    reused = [(layer.input_layernorm, (kept_hidden,))]
+    if ctx.layer_keys is not None:  # the prior's whole-sequence keys: the layer reads their kept rows
+        reused.append((layer.self_attn.k_proj, (kept_norm,)))
+
+    def fresh_selection():
+        fresh = dataclasses.replace(ctx, _hidden_norm=None, _visual_norm=None, layer_keys=None)
+        selector.keep(fresh)
+
+    jobs = {"selection": fresh_selection}
+    jobs.update({("call", i): (lambda m=m, a=a: m(*a)) for i, (m, a) in enumerate(calls)})
+    jobs.update({("reused", i): (lambda m=m, a=a: m(*a)) for i, (m, a) in enumerate(reused)})
+    times = {name: [] for name in jobs}
+    for _ in range(2):  # warm-up
+        for fn in jobs.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            times[name].append(_timed(fn))
+    names = {id(m): name for name, m in selector.model.named_modules()}
+    call_ms = [(names.get(id(m), type(m).__name__), tuple(a[0].shape), _median_ms(times[("call", i)]))
+               for i, (m, a) in enumerate(calls)]
+    module_ms = sum(ms for _, _, ms in call_ms)
+    reused_ms = sum(_median_ms(times[("reused", i)]) for i in range(len(reused)))
+    selection_ms = _median_ms(times["selection"])
+    return keep, {
+        "point": ctx.point, "layer": ctx.layer_idx, "rows": int(ctx.hidden.shape[1]),
+        "candidates": int(ctx.slots.shape[1]), "kept": int(keep.sum(1).max()), "kept_rows": int(src.shape[1]),
+        "selection_ms": selection_ms, "module_calls_ms": module_ms, "reused_ms": reused_ms,
+        "floor_ms": module_ms - reused_ms, "other_ms": selection_ms - module_ms, "calls": call_ms,
+    }
+
+
+def profile(preset, budget, bsz, repeats, seed=0):
+    """One batch size: the per-point records and RCP / ideal prefill medians (ms)."""
+    torch.manual_seed(seed)
+    overrides = efficiency.method_configs(preset, [budget], {"full", "rcp"})[f"rcp-{budget}"][0]
+    config = efficiency.build_config(preset, **overrides)
+    config._attn_implementation = "sdpa"
+    model = RcpLlavaForConditionalGeneration(config).eval()
+    spec, n = efficiency.PRESETS[preset], config.num_visual_tokens
+    ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
+                     torch.randint(3, 1000, (bsz, spec["text_tokens"] - 1))], dim=1)
+    size = spec["vision"]["image_size"]
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(bsz, 3, size, size),
+                  use_cache=True, logits_to_keep=1)
+
+    original = model.model._select_tokens
+    points = []
+
+    def select_tokens(selector, ctx):
+        keep, record = profile_point(selector, ctx, original, repeats)
+        points.append(record)
+        return keep
+
+    model.model._select_tokens = select_tokens
+    try:
+        with torch.no_grad():
+            kept = model(**inputs).keep_masks
+    finally:
+        model.model._select_tokens = original
+
+    prefill = {"rcp": [], "ideal": []}
+    with torch.no_grad():
+        for round_index in range(repeats + 1):  # round 0 is the warm-up
+            for name in ("rcp", "ideal") if round_index % 2 else ("ideal", "rcp"):
+                extra = {"visual_keep_masks": kept} if name == "ideal" else {}
+                t = _timed(lambda: model(**inputs, **extra))
+                if round_index:
+                    prefill[name].append(t)
+    return points, {name: _median_ms(t) for name, t in prefill.items()}
+
+
+def markdown(results, command):
+    lines = [f"# Token selection, point by point (`{results[0]['method']}`, preset `{results[0]['preset']}`, CPU)", "",
+             f"Command: `{command}`. {results[0]['repeats']} rounds per number, medians; random weights, fixed keep "
+             "counts; CPU, {threads} threads, fp32. *module calls*: every parameterised module selection ran, each "
+             "timed alone on its own input; *reused*: the pruning layer's norm and key projection on the rows it "
+             "keeps (it reads them from selection); *floor* = module calls - reused; *other* = selection - module "
+             "calls (RoPE, scores, masks, softmax, top-k, gathers, dispatch). Shares are of RCP's prefill.".format(
+                 threads=torch.get_num_threads()), ""]
+    for r in results:
+        prefill, ideal = r["prefill_ms"]["rcp"], r["prefill_ms"]["ideal"]
+        lines += [f"## Batch size {r['batch_size']}: RCP prefill {prefill:.1f} ms, ideal {ideal:.1f} ms "
+                  f"(×ideal {prefill / ideal:.2f})", "",
+                  "| point | layer | rows | candidates | kept | kept rows | selection ms | module calls ms | reused ms "
+                  "| floor ms | other ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in r["points"]:
+            lines.append(f"| {p['point']} | {p['layer']} | {p['rows']} | {p['candidates']} | {p['kept']} | "
+                         f"{p['kept_rows']} | {p['selection_ms']:.2f} | {p['module_calls_ms']:.2f} | "
+                         f"{p['reused_ms']:.2f} | {p['floor_ms']:.2f} | {p['other_ms']:.2f} |")
+        total = {k: sum(p[k] for p in r["points"]) for k in
+                 ("selection_ms", "module_calls_ms", "reused_ms", "floor_ms", "other_ms")}
+        share = {k: 100 * v / prefill for k, v in total.items()}
+        lines += [f"| all | | | | | | {total['selection_ms']:.2f} ({share['selection_ms']:.1f}%) | "
+                  f"{total['module_calls_ms']:.2f} ({share['module_calls_ms']:.1f}%) | "
+                  f"{total['reused_ms']:.2f} ({share['reused_ms']:.1f}%) | "
+                  f"**{total['floor_ms']:.2f} ({share['floor_ms']:.1f}%)** | "
+                  f"{total['other_ms']:.2f} ({share['other_ms']:.1f}%) |", "",
+                  "Module calls (ms, summed over the points): " + ", ".join(
+                      f"{name} {ms:.2f}" for name, ms in sorted(_by_module(r["points"]).items(),
+                                                              key=lambda kv: -kv[1])), ""]
+    return "\n".join(lines)
+
+
+def _by_module(points):
+    """Module calls summed over points, by the module's role (the pruning layer's modules under one name)."""
+    totals = {}
+    for p in points:
+        for name, _, ms in p["calls"]:
+            parts = name.split(".")
+            if "layers" in parts:  # model.language_model.layers.4.self_attn.k_proj -> layer.self_attn.k_proj
+                name = "layer." + ".".join(parts[parts.index("layers") + 2:])
+            elif "pruners" in parts:  # model.rcp_plugins.pruners.4.visual_proj -> pruner.visual_proj
+                name = "pruner." + ".".join(parts[parts.index("pruners") + 2:])
+            totals[name] = totals.get(name, 0.0) + ms
+    return totals
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mid", choices=sorted(p for p in efficiency.PRESETS if p != "llava-1.5-7b"),
+                        help="a CPU preset of benchmarks/efficiency.py")
+    parser.add_argument("--budget", type=int, default=128, choices=[192, 128, 64],
+                        help="the RCP schedule (visual tokens of 576, the paper's three)")
+    parser.add_argument("--batch_sizes", default="1,8")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing profile in --output_dir.")
+    args = parser.parse_args(argv)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--batch_sizes: {args.batch_sizes!r} is not a comma-separated list of integers, "
+                         "e.g. 1,8.") from None
+    if args.repeats < 1 or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--repeats ({args.repeats}) and --batch_sizes ({args.batch_sizes}) must be >= 1.")
+    stem = os.path.join(args.output_dir, f"selection_profile_{args.preset}_cpu_rcp-{args.budget}")
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
+    torch.set_num_threads(args.threads)
+    results = []
+    for bsz in batch_sizes:
+        points, prefill = profile(args.preset, args.budget, bsz, args.repeats)
+        results.append({"method": f"rcp-{args.budget}", "preset": args.preset, "batch_size": bsz,
+                        "repeats": args.repeats, "points": points, "prefill_ms": prefill})
+    command = command_line(__file__, sys.argv[1:] if argv is None else argv)
+    text = markdown(results, command)
+    write_results(stem, text, {"command": command, "results": results})
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
