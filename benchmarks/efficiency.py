@@ -282,7 +282,9 @@ def main():
         prefill, e2e, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
-                for name in methods:
+                # Every other round in reverse order: no method always runs right after the same one (the machine's
+                # caches and clock then favour none of them).
+                for name in (list(methods) if round_index % 2 == 0 else list(reversed(methods))):
                     model = models[name]
                     kwargs = dict(inputs)
                     if name in forced:
@@ -316,6 +318,10 @@ def main():
             models[name].model._select_tokens = original
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
+
+        def paired_ratio(name, reference):  # median over rounds of name / reference in the same round
+            return statistics.median(a / b for a, b in zip(prefill[name], prefill[reference]))
+
         for name, (overrides, per_layer, is_ideal, budget) in methods.items():
             tokens = [v + text_tokens for v in per_layer]
             flops = llava_flops(base.config, num_text_tokens=text_tokens, decoder_tokens_per_layer=tokens,
@@ -326,6 +332,9 @@ def main():
                 "method": name, "batch_size": bsz, "budget": budget,
                 "avg_visual_tokens_per_layer": sum(per_layer) / len(per_layer),
                 "prefill_ms": p * 1e3, "prefill_ms_runs": [t * 1e3 for t in prefill[name]],
+                "prefill_x_full": paired_ratio(name, "full"),
+                "prefill_x_ideal": (paired_ratio(name, name.replace("rcp", "ideal"))
+                                    if name.startswith("rcp") and name.replace("rcp", "ideal") in prefill else None),
                 "decode_ms_per_token": (e - p) / max(1, args.new_tokens - 1) * 1e3 if decoding else None,
                 "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
@@ -351,8 +360,11 @@ def write_outputs(results, args, device):
     stem = output_stem(args, device)
     command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
-             f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved; random "
-             f"weights; {args.new_tokens} new tokens. Ratios are against `full` at the same batch size. *select*: "
+             f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
+             f"other round in reverse order); random weights; {args.new_tokens} new tokens. Ratios are against `full` "
+             "at the same batch size; the prefill's ×full and ×ideal are medians of the per-round ratios (each run "
+             "over the other method's run in the same round, which a drift of the machine's speed does not bias). "
+             "*select*: "
              "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
              "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
              "by kept / all rows).", ""]
@@ -365,8 +377,7 @@ def write_outputs(results, args, device):
                   "FLOPs ×full |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            ideal = next((x for x in rows if x["method"] == r["method"].replace("rcp", "ideal")), None)
-            note = f" (×ideal {r['prefill_ms'] / ideal['prefill_ms']:.2f})" if r["method"].startswith("rcp") else ""
+            note = f" (×ideal {r['prefill_x_ideal']:.2f})" if r["prefill_x_ideal"] is not None else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
             share = f"{r['selection_ms']:.1f} ({r['selection_ms'] / r['prefill_ms']:.1%})" if r["selection_ms"] else "–"
             net = (f"{r['selection_net_ms']:.1f} ({r['selection_net_ms'] / r['prefill_ms']:.1%})"
@@ -379,7 +390,7 @@ def write_outputs(results, args, device):
                 e2e = f"{r['end_to_end_ms']:.0f}"
             lines.append(
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
-                f"{r['prefill_ms'] / full['prefill_ms']:.3f} | {decode} | {e2e} | "
+                f"{r['prefill_x_full']:.3f} | {decode} | {e2e} | "
                 f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
@@ -400,16 +411,16 @@ def write_outputs(results, args, device):
                            key=lambda r: r["avg_visual_tokens_per_layer"])
             if ideal:  # no selection cost: what the token counts alone buy
                 ax.plot([r["avg_visual_tokens_per_layer"] for r in ideal] + [full["avg_visual_tokens_per_layer"]],
-                        [full["prefill_ms"] / r["prefill_ms"] for r in ideal] + [1.0], "k--", lw=1,
+                        [1 / r["prefill_x_full"] for r in ideal] + [1.0], "k--", lw=1,
                         label="ideal (kept sets given)")
             for family, marker in markers.items():
                 pts = [r for r in rows if r["method"].split("-")[0] == family]
                 if not pts:
                     continue
                 ax.scatter([r["avg_visual_tokens_per_layer"] for r in pts],
-                           [full["prefill_ms"] / r["prefill_ms"] for r in pts], marker=marker, s=45, label=family)
+                           [1 / r["prefill_x_full"] for r in pts], marker=marker, s=45, label=family)
                 for r in pts:
-                    ax.annotate(r["method"], (r["avg_visual_tokens_per_layer"], full["prefill_ms"] / r["prefill_ms"]),
+                    ax.annotate(r["method"], (r["avg_visual_tokens_per_layer"], 1 / r["prefill_x_full"]),
                                 textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.set_xlabel("visual tokens per decoder layer (mean over all layers)")
             ax.set_ylabel("prefill speed-up over full (x)")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import ROOT, load_benchmark
 def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     efficiency = load_benchmark("efficiency")
 
-    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "3",
                                       "--new_tokens", "3", "--budgets", "64", "--output_dir", str(tmp_path)])
     efficiency.main()
     data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
@@ -31,6 +32,13 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         assert abs(rows[name]["avg_visual_tokens_per_layer"] - rows["rcp-64"]["avg_visual_tokens_per_layer"]) <= 0.5
     for row in rows.values():
         assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row["method"]
+    # Ratios are medians of the per-round ratios (each run over the reference's run in the same round).
+    runs = {name: row["prefill_ms_runs"] for name, row in rows.items()}
+    assert rows["full"]["prefill_x_full"] == 1.0 and rows["vispruner-64"]["prefill_x_ideal"] is None
+    assert rows["rcp-64"]["prefill_x_ideal"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(runs["rcp-64"], runs["ideal-64"])))
+    assert rows["fastv-64"]["prefill_x_full"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(runs["fastv-64"], runs["full"])))
 
 
 def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypatch):
