@@ -225,11 +225,15 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         batch_size=32, reuse=True, command=None, work_dir=None):
     from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
 
-    if dataset is None:
-        from rcp_llava.testbed import default_cache_dir
-
-        dataset = str(default_cache_dir(job_testbed(base_args)) / "dataset")
-    data = load_data(dataset, split="test", max_samples=max_eval_samples)
+    # Default: the testbed the variants train on. Not built yet (a fresh machine): read after the first variant's
+    # training, which builds it. A --dataset that is not there fails now, before any training.
+    spec = dataset if dataset is not None else f"testbed:{job_testbed(base_args)}"
+    try:
+        data = load_data(spec, split="test", max_samples=max_eval_samples)
+    except FileNotFoundError:
+        if dataset is not None:
+            raise
+        data = None
     variants = list(dict.fromkeys(variants))
     if any(v in UNTRAINED for v in variants) and "full" not in variants:
         variants.insert(0, "full")
@@ -244,6 +248,8 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         model_dir, seconds, argv = train_variant(source, base_args, os.path.join(work, slug(source)), max_steps,
                                                  reuse=reuse or v in UNTRAINED)
         base, processor = load_base_model(model_dir)
+        if data is None:
+            data = load_data(spec, split="test", max_samples=max_eval_samples)
         if full_score is None:
             none = method_model(base, **method_overrides("none", base.config.num_visual_tokens, base.config))
             full_score = evaluate_model(none, processor, data, batch_size)

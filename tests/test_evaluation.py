@@ -313,7 +313,36 @@ def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path,
     for train_args, preset in (([], "deep"), (["--testbed_preset", "tiny"], "tiny")):
         with pytest.raises(RuntimeError, match="stop"):
             ablations.run(["full"], train_args, str(tmp_path), "abl")
-        assert loaded[-1] == str(tmp_path / "testbed" / preset / "dataset")
+        assert loaded[-1] == f"testbed:{preset}"  # resolved by load_data (its own test)
+
+
+def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_training(tmp_path, monkeypatch):
+    """On a fresh machine the first variant's training builds the testbed: the runner reads it after that run
+    instead of failing before it; a --dataset that is not there still fails before any training."""
+    ablations = load_benchmark("ablations")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    events = []
+
+    def load_data(spec, **kwargs):
+        events.append(("load", spec))
+        if "train" not in [e[0] for e in events]:
+            from rcp_llava.evaluation import data_folder
+
+            return data_folder(spec)  # the real resolution: FileNotFoundError, nothing is built
+        raise RuntimeError("read after training")
+
+    monkeypatch.setattr("rcp_llava.evaluation.load_data", load_data)
+    monkeypatch.setattr("rcp_llava.evaluation.load_base_model", lambda folder: (None, None))
+    monkeypatch.setattr(ablations, "train_variant",
+                        lambda v, args, folder, steps, reuse: events.append(("train", v)) or (folder, 1.0, []))
+    with pytest.raises(RuntimeError, match="read after training"):
+        ablations.run(["full"], ["--testbed_preset", "tiny"], str(tmp_path), "abl")
+    assert events == [("load", "testbed:tiny"), ("train", "full"), ("load", "testbed:tiny")]
+
+    events.clear()
+    with pytest.raises(FileNotFoundError, match="The 'tiny' testbed is not built"):
+        ablations.run(["full"], [], str(tmp_path), "abl", dataset="testbed:tiny")
+    assert events == [("load", "testbed:tiny")]  # no training
 
 
 # -- FLOP-matched budgets and the in-decoder oracle (issue 16) ------------------------------------------------
