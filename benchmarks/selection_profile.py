@@ -3,12 +3,14 @@
     python benchmarks/selection_profile.py                                  # mid CPU preset, rcp-128, batch 1 and 8
     python benchmarks/selection_profile.py --preset mid-32 --budget 64
 
-One prefill of the efficiency benchmark's RCP schedule (`efficiency.method_configs`: the authors' placements, fixed
-keep counts) records, at each pruning point, every parameterised module that token selection calls -- the pruning
-layer's input norm, its key projection over all rows and its query projection of the question rows (Eq. 4's prior),
-the pruner's linear maps and norms (Eqs. 1-5) -- with its input. At that point, before the prefill goes on, the
-whole selection (on a fresh `SelectionContext`), each recorded call alone on its recorded input, and the layer's
-norm and key projection on the rows it keeps are timed, round by round, medians of `--repeats`:
+The efficiency benchmark's RCP schedule (`efficiency.method_configs`: the authors' placements, fixed keep counts)
+runs `--repeats` rounds (after one warm-up): a prefill of RCP and one of the ideal (the same model given RCP's
+kept sets: no selection), alternating which goes first, then a profiled RCP prefill. That one records, at each
+pruning point, every parameterised module token selection calls -- the pruning layer's input norm, its key
+projection over all rows and its query projection of the question rows (Eq. 4's prior), the pruner's linear maps
+and norms (Eqs. 1-5) -- with its input, and before the prefill goes on times once each: the whole selection (on a
+fresh `SelectionContext`), each recorded call alone on its input, and the layer's norm and key projection on the
+rows it keeps. Medians over the rounds, so the points and the prefills are measured over the same stretch of time:
 
 - *module calls*: the dense work selection does; *reused*: the part of it the layer then reads instead of computing it
   (its norm and keys on the kept rows, `PrunedPrefill.given_inputs`);
@@ -16,9 +18,9 @@ norm and key projection on the rows it keeps are timed, round by round, medians 
   key projection of the tokens it drops, the question rows' queries and the pruner's maps;
 - *other* = selection - module calls: RoPE, scores, masks, softmax, top-k, gathers and per-op dispatch.
 
-Then the prefill of RCP and of the ideal (the same model given RCP's kept sets: no selection) alternate for
-`--repeats` rounds; the shares are of RCP's prefill. The dense floor is a property of the method and the shape
-(Eq. 4 needs every candidate's key), so a target for the selection share below it is out of reach for any kernel.
+The shares are of RCP's (unprofiled) prefill; ×ideal is the median of the rounds' RCP / ideal ratios. The floor is
+a property of the method and the shape (Eq. 4 needs every candidate's key), so no kernel brings selection net of
+the reused work below it; a fused kernel could only shrink *other*.
 """
 
 import argparse
@@ -54,10 +56,10 @@ def dense_modules(*roots):
             if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None]
 
 
-def profile_point(selector, ctx, original, repeats):
-    """Run the real selection of this point (returned, so the prefill goes on unchanged), then time its parts.
+def point_jobs(selector, ctx, original):
+    """Run the real selection of this point (returned, so the prefill goes on unchanged) and set up its timing.
 
-    returns (keep (B, K) bool, record dict of this point)."""
+    returns (keep (B, K) bool, jobs {name: callable}, record dict of the point's shapes and module calls)."""
     calls = []
     layer = ctx.layer
     modules = dense_modules(layer, selector.model.rcp_plugins)
@@ -85,29 +87,28 @@ def profile_point(selector, ctx, original, repeats):
     jobs = {"selection": fresh_selection}
     jobs.update({("call", i): (lambda m=m, a=a: m(*a)) for i, (m, a) in enumerate(calls)})
     jobs.update({("reused", i): (lambda m=m, a=a: m(*a)) for i, (m, a) in enumerate(reused)})
-    times = {name: [] for name in jobs}
-    for _ in range(2):  # warm-up
-        for fn in jobs.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in jobs.items():
-            times[name].append(_timed(fn))
     names = {id(m): name for name, m in selector.model.named_modules()}
-    call_ms = [(names.get(id(m), type(m).__name__), tuple(a[0].shape), _median_ms(times[("call", i)]))
-               for i, (m, a) in enumerate(calls)]
-    module_ms = sum(ms for _, _, ms in call_ms)
-    reused_ms = sum(_median_ms(times[("reused", i)]) for i in range(len(reused)))
+    record = {"point": ctx.point, "layer": ctx.layer_idx, "rows": int(ctx.hidden.shape[1]),
+              "candidates": int(ctx.slots.shape[1]), "kept": int(keep.sum(1).max()), "kept_rows": int(src.shape[1]),
+              "calls": [(names.get(id(m), type(m).__name__), tuple(a[0].shape)) for m, a in calls],
+              "reused_calls": len(reused)}
+    return keep, jobs, record
+
+
+def summarise(record, times):
+    """A point's record with the medians (ms) of its jobs' times."""
+    calls = [(name, shape, _median_ms(times[("call", i)])) for i, (name, shape) in enumerate(record["calls"])]
+    module_ms = sum(ms for _, _, ms in calls)
+    reused_ms = sum(_median_ms(times[("reused", i)]) for i in range(record.pop("reused_calls")))
     selection_ms = _median_ms(times["selection"])
-    return keep, {
-        "point": ctx.point, "layer": ctx.layer_idx, "rows": int(ctx.hidden.shape[1]),
-        "candidates": int(ctx.slots.shape[1]), "kept": int(keep.sum(1).max()), "kept_rows": int(src.shape[1]),
-        "selection_ms": selection_ms, "module_calls_ms": module_ms, "reused_ms": reused_ms,
-        "floor_ms": module_ms - reused_ms, "other_ms": selection_ms - module_ms, "calls": call_ms,
-    }
+    return {**record, "calls": calls, "selection_ms": selection_ms, "module_calls_ms": module_ms,
+            "reused_ms": reused_ms, "floor_ms": module_ms - reused_ms, "other_ms": selection_ms - module_ms}
 
 
 def profile(preset, budget, bsz, repeats, seed=0):
-    """One batch size: the per-point records and RCP / ideal prefill medians (ms)."""
+    """One batch size: the per-point records, and RCP / ideal prefill medians (ms) with the median of their per-round
+    ratio (`x_ideal`). Each round runs RCP and the ideal (alternating which goes first), then one more RCP prefill
+    that times every job of every point once: the medians of both come from the same stretch of the machine's time."""
     torch.manual_seed(seed)
     overrides = efficiency.method_configs(preset, [budget], {"full", "rcp"})[f"rcp-{budget}"][0]
     config = efficiency.build_config(preset, **overrides)
@@ -121,20 +122,18 @@ def profile(preset, budget, bsz, repeats, seed=0):
                   use_cache=True, logits_to_keep=1)
 
     original = model.model._select_tokens
-    points = []
+    records, times = {}, {}  # per point: its record (first round), {job: [seconds per round]}
 
     def select_tokens(selector, ctx):
-        keep, record = profile_point(selector, ctx, original, repeats)
-        points.append(record)
+        keep, jobs, record = point_jobs(selector, ctx, original)
+        records.setdefault(ctx.point, record)
+        point_times = times.setdefault(ctx.point, {name: [] for name in jobs})
+        for name, fn in jobs.items():
+            point_times[name].append(_timed(fn))
         return keep
 
-    model.model._select_tokens = select_tokens
-    try:
-        with torch.no_grad():
-            kept = model(**inputs).keep_masks
-    finally:
-        model.model._select_tokens = original
-
+    with torch.no_grad():
+        kept = model(**inputs).keep_masks
     prefill = {"rcp": [], "ideal": []}
     with torch.no_grad():
         for round_index in range(repeats + 1):  # round 0 is the warm-up
@@ -143,7 +142,17 @@ def profile(preset, budget, bsz, repeats, seed=0):
                 t = _timed(lambda: model(**inputs, **extra))
                 if round_index:
                     prefill[name].append(t)
-    return points, {name: _median_ms(t) for name, t in prefill.items()}
+            model.model._select_tokens = select_tokens
+            try:
+                model(**inputs)
+            finally:
+                model.model._select_tokens = original
+    for point_times in times.values():  # drop the warm-up round
+        for samples in point_times.values():
+            del samples[0]
+    points = [summarise(records[p], times[p]) for p in sorted(records)]
+    x_ideal = statistics.median(a / b for a, b in zip(prefill["rcp"], prefill["ideal"]))  # paired, as efficiency.py
+    return points, {**{name: _median_ms(t) for name, t in prefill.items()}, "x_ideal": x_ideal}
 
 
 def markdown(results, command):
@@ -157,7 +166,7 @@ def markdown(results, command):
     for r in results:
         prefill, ideal = r["prefill_ms"]["rcp"], r["prefill_ms"]["ideal"]
         lines += [f"## Batch size {r['batch_size']}: RCP prefill {prefill:.1f} ms, ideal {ideal:.1f} ms "
-                  f"(×ideal {prefill / ideal:.2f})", "",
+                  f"(×ideal {r['prefill_ms']['x_ideal']:.2f}, median of the rounds' ratios)", "",
                   "| point | layer | rows | candidates | kept | kept rows | selection ms | module calls ms | reused ms "
                   "| floor ms | other ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in r["points"]:
