@@ -434,28 +434,33 @@ def test_a_build_of_another_recipe_is_not_reused(micro_testbed):
 # -- the deep preset (issue 16) ---------------------------------------------------------------------------------
 
 
-def test_deep_preset_reaches_the_papers_budgets_over_all_layers_and_supervises_no_pruning_layer():
-    """16 layers and 144 visual tokens: with the paper's relative placements the budgets 1/3, 2/9, 1/9 are
-    reachable as means over ALL decoder layers, and the supervised binding hops sit at layers no pruner reads."""
+@pytest.mark.parametrize("name", ["deep", "paper"])
+def test_preset_reaches_the_papers_budgets_over_all_layers_and_supervises_no_pruning_layer(name):
+    """16 layers: with the paper's relative placements the budgets 1/3, 2/9, 1/9 are reachable as means over ALL
+    decoder layers, and the supervised binding hops sit at layers no pruner reads -- for deep (144 visual tokens)
+    and for paper (576, LLaVA-1.5's geometry), which had 8 layers: 1/9 of 576 over all layers was out of reach and
+    the default hops (0, 1, 2) put the referent hop at the first pruner's layer, the near-oracle prior issue 16
+    designed deep to avoid."""
     from configuration_rcp_llava import paper_placement
     from rcp_llava.flops import keep_counts_for_budget
     from rcp_llava.schedule import stage_proportions
 
-    deep = PRESETS["deep"]
-    assert deep.text_layers >= 16 and deep.num_visual_tokens == 144
+    preset = PRESETS[name]
+    n = preset.num_visual_tokens
+    assert preset.text_layers == 16 and n == {"deep": 144, "paper": 576}[name]
     pruning = set()
     for fraction in (1 / 3, 2 / 9, 1 / 9):
-        layers, repair = paper_placement(deep.text_layers, fraction)
+        layers, repair = paper_placement(preset.text_layers, fraction)
         assert layers[0] == (1 if fraction < 0.2 else 2) and repair == [11, 15]
-        k = deep.budget(fraction)
-        counts = keep_counts_for_budget(deep.text_layers, 144, layers, k, stage_proportions(len(layers)))
-        per_layer = [144] * layers[0]
+        k = preset.budget(fraction)
+        counts = keep_counts_for_budget(preset.text_layers, n, layers, k, stage_proportions(len(layers)))
+        per_layer = [n] * layers[0]
         for i, layer in enumerate(layers):
-            per_layer += [counts[i]] * ((layers[i + 1] if i + 1 < len(layers) else deep.text_layers) - layer)
-        assert abs(sum(per_layer) / deep.text_layers - k) < 0.5, (fraction, counts)
+            per_layer += [counts[i]] * ((layers[i + 1] if i + 1 < len(layers) else preset.text_layers) - layer)
+        assert abs(sum(per_layer) / preset.text_layers - k) < 0.5, (fraction, counts)
         pruning |= set(layers)
     assert pruning == {1, 2, 7, 12, 13}
-    assert not pruning & set(deep.supervised_layers) and len(set(deep.supervised_layers)) == 3
+    assert not pruning & set(preset.supervised_layers) and len(set(preset.supervised_layers)) == 3
 
 
 def test_deep_preset_scenes_are_deterministic_and_consistent():
