@@ -671,8 +671,8 @@ class RcpJobArguments:
         default=None, metadata={"help": "License of the pushed model card (default: the base model's card's)."}
     )
     testbed_preset: str = field(default=MAIN_TESTBED, metadata={
-        "help": "Testbed of the main job (no --base_model): 'tiny' (4 layers) or 'deep' (16 layers, the paper's "
-                "placement and budget over all layers)."})
+        "help": "Testbed of the main job (no --base_model): 'tiny' (4 layers), 'deep' (16 layers, the paper's "
+                "placement and budget over all layers) or 'paper' (deep at 576 visual tokens; a GPU build)."})
 
 
 # Defaults of the embedded main job on a testbed (2-core CPU), applied where the user left the
@@ -687,18 +687,32 @@ TESTBED_JOB_DEFAULTS = {
     "warmup_steps": 20,
     "sparsity_layers": "from_first_pruner",
 }
-TESTBED_PRUNING = {"pruning_layers": [1, 2, 3], "repair_layers": [2, 3], "pruner_hidden_size": 32,
-                   "repair_bottleneck_size": 32}
-# Per testbed preset: what differs from the defaults above. `deep` (16 layers, issue 16) keeps the paper's
-# placement for its depth and budget (the config's default: [1, 7, 13] / [11, 15] at 1/9) and its budget is the
-# paper's, a mean over ALL decoder layers (the first pruner sits after layer 0, so 1/9 is reachable).
-PRESET_JOB_DEFAULTS = {"tiny": {}, "deep": {"output_dir": "outputs/rcp_deep", "sparsity_layers": "all"}}
-PRESET_PRUNING = {"tiny": TESTBED_PRUNING, "deep": {"pruner_hidden_size": 32, "repair_bottleneck_size": 32}}
+# Per testbed preset, one entry: `job`, what differs from the defaults above; `pruning`, the plug-in config. `tiny`
+# (4 layers) places its own pruners. `deep` (16 layers, issue 16) and `paper` (its 576-token twin, GPU) keep the
+# paper's placement for their depth and budget (the config's default: [1, 7, 13] / [11, 15] at 1/9), and their budget
+# is the paper's, a mean over ALL decoder layers (the first pruner sits after layer 0, so 1/9 is reachable). A preset
+# without an entry (`micro`, the tests') runs as tiny.
+_ALL_LAYERS_JOB = {"sparsity_layers": "all"}
+_SMALL_PLUGINS = {"pruner_hidden_size": 32, "repair_bottleneck_size": 32}
+TESTBED_JOBS = {
+    "tiny": {"job": {}, "pruning": {"pruning_layers": [1, 2, 3], "repair_layers": [2, 3], **_SMALL_PLUGINS}},
+    "deep": {"job": {"output_dir": "outputs/rcp_deep", **_ALL_LAYERS_JOB}, "pruning": _SMALL_PLUGINS},
+    "paper": {"job": {"output_dir": "outputs/rcp_paper", **_ALL_LAYERS_JOB}, "pruning": _SMALL_PLUGINS},
+}
+
+
+def _testbed_job(preset: str) -> dict:
+    return TESTBED_JOBS.get(preset, TESTBED_JOBS["tiny"])
 
 
 def testbed_job_defaults(preset: str) -> dict:
     """The TrainingArguments the main job sets on testbed `preset` (where the user left them untouched)."""
-    return {**TESTBED_JOB_DEFAULTS, **PRESET_JOB_DEFAULTS.get(preset, {})}
+    return {**TESTBED_JOB_DEFAULTS, **_testbed_job(preset)["job"]}
+
+
+def testbed_pruning(preset: str) -> dict:
+    """The plug-in config overrides of the main job on testbed `preset` (flags given by the user win)."""
+    return dict(_testbed_job(preset)["pruning"])
 
 
 # `--help` groups: the project's fields by topic, then transformers' TrainingArguments.
@@ -880,7 +894,7 @@ def run_job(job, args, explicit=()):
         )
     processor = AutoProcessor.from_pretrained(base_model)
 
-    overrides = dict(PRESET_PRUNING.get(job.testbed_preset, TESTBED_PRUNING)) if testbed else {}
+    overrides = testbed_pruning(job.testbed_preset) if testbed else {}
     for name in ("pruning_layers", "repair_layers"):
         value = _parse_int_list(getattr(job, name), name)
         if value is not None:

@@ -461,6 +461,13 @@ def test_preset_reaches_the_papers_budgets_over_all_layers_and_supervises_no_pru
         pruning |= set(layers)
     assert pruning == {1, 2, 7, 12, 13}
     assert not pruning & set(preset.supervised_layers) and len(set(preset.supervised_layers)) == 3
+    # and the main job on it (`train_rcp.py --testbed_preset NAME`) keeps that placement and budget over all layers
+    # (paper ran as tiny: pruners at [1, 2, 3], one of them on a supervised hop)
+    import train_rcp
+
+    assert not {"pruning_layers", "repair_layers"} & set(train_rcp.testbed_pruning(name))
+    job = train_rcp.testbed_job_defaults(name)
+    assert job["sparsity_layers"] == "all" and job["output_dir"] == f"outputs/rcp_{name}"
 
 
 def test_deep_preset_scenes_are_deterministic_and_consistent():
