@@ -1040,7 +1040,8 @@ class PrunedPrefill:
         """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots. Found once, then carried
         through each compaction (`prune`): question tokens are text, which no pruner drops -- one gather instead of
         a sort per pruning point. Found again after a point where a question token is an image token
-        (`question_width` None: a pruner may have dropped it). Padding entries point at slot 0 (their weight is 0)."""
+        (`question_width` None: a pruner may have dropped it). Padding entries (valid False) point at some valid slot
+        -- slot 0 once carried -- and weigh 0 wherever the rows are read."""
         if self._question is None:
             self._question = _first_slots(self.slot_question(), self.question_width)
         return self._question
@@ -1104,17 +1105,13 @@ class PrunedPrefill:
             1, vis_ids, keep.to(torch.int8), "amax").bool() & self.alive
 
         dropped = vis_valid & ~keep  # (B, K)
-        dropped_slots = torch.zeros_like(self.slot_valid)
-        dropped_slots.scatter_(1, vis_slots, dropped)  # (B, T')
-        dropped_slots &= self.slot_valid
         if self.context_encoder is not None:
             self._add_context(ctx.visual_hidden_norm(), dropped.to(hidden.dtype),
                               keep_raster.to(hidden.dtype))
         self.alive = keep_raster
         self.keep_history.append(keep_raster)
 
-        stay = self.slot_valid & ~dropped_slots
-        src, valid, dest = _compact(stay, max(self.row_length))
+        src, valid, dest = _compact(self.staying_slots(vis_slots, dropped), max(self.row_length))
         hidden = _gather_seq(hidden, src)
         if ctx.reuse_in_layer():  # what selection computed of the layer's own work, on the rows that stay
             given = {"input_layernorm": ctx._hidden_norm, "self_attn.k_proj": ctx.layer_keys}
@@ -1134,6 +1131,12 @@ class PrunedPrefill:
         # that it can use the plain causal kernel.
         key_mask = valid if min(self.row_length) < valid.shape[1] else None
         return hidden, position_embeddings, self.model._layer_mask(hidden, key_mask, self.cache, layer_idx)
+
+    def staying_slots(self, vis_slots, dropped):
+        """(B, T') the current slots that stay after a point drops `dropped` (B, K) of the visual tokens at
+        `vis_slots` (B, K): every valid slot but those."""
+        dropped_slots = torch.zeros_like(self.slot_valid).scatter_(1, vis_slots, dropped)  # (B, T')
+        return self.slot_valid & ~dropped_slots
 
     @contextlib.contextmanager
     def given_inputs(self, layer_idx, layer):

@@ -226,12 +226,15 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
 
     # Default: the testbed the variants train on. Not built yet (a fresh machine): read after the first variant's
-    # training, which builds it. A --dataset that is not there fails now, before any training.
+    # training, which builds it. A --dataset that is not there, or a testbed no variant builds (the jobs train
+    # from --base_model), fails now, before any training.
+    if not variants:
+        raise ValueError("variants: none given; name at least one, e.g. " + " ".join(DEFAULT_VARIANTS) + ".")
     spec = dataset if dataset is not None else f"testbed:{job_testbed(base_args)}"
     try:
         data = load_data(spec, split="test", max_samples=max_eval_samples)
     except FileNotFoundError:
-        if dataset is not None:
+        if dataset is not None or flag_value(base_args, "--base_model") is not None:
             raise
         data = None
     variants = list(dict.fromkeys(variants))

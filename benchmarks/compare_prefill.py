@@ -48,7 +48,6 @@ def main():
     efficiency = load_module("efficiency_benchmark", os.path.join(HERE, "efficiency.py"))
     old_modeling = load_module("old_modeling_rcp_llava", args.old)
     methods = efficiency.method_configs(args.preset, [192, 128, 64])
-    spec = efficiency.PRESETS[args.preset]
     lines = [f"# Pruned prefill, `{args.old}` (old) vs `modeling_rcp_llava.py` (new), preset `{args.preset}`", "",
              f"Command: `python benchmarks/compare_prefill.py --old {args.old} --preset {args.preset} --batch_sizes "
              f"{args.batch_sizes} --repeats {args.repeats}`. Median of {args.repeats} runs after warm-up, old and new "
@@ -69,13 +68,8 @@ def main():
         timers = {label: efficiency.SelectionTimer(torch.device("cpu")) for label in ("old", "new")}
         for label, model in (("old", old), ("new", new)):
             timers[label].wrap(model)
-        n = config.num_visual_tokens
         for bsz in [int(b) for b in args.batch_sizes.split(",")]:
-            ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
-                             torch.randint(3, 1000, (bsz, spec["text_tokens"] - 1))], dim=1)
-            size = spec["vision"]["image_size"]
-            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(bsz, 3, size, size),
-                          use_cache=True, logits_to_keep=1)
+            inputs = dict(efficiency.make_inputs(args.preset, bsz), use_cache=True, logits_to_keep=1)
             times = {"old": [], "new": []}
             select = {"old": [], "new": []}
             outs = {}

@@ -72,6 +72,18 @@ def build_config(preset, **pruning):
     )
 
 
+def make_inputs(preset, batch_size, device="cpu", dtype=torch.float32):
+    """The benchmark's prompt of `preset`: BOS, the image's visual tokens, then `text_tokens - 1` random text tokens,
+    every row unpadded; random pixels. Draws from torch's global generator (seed it first)."""
+    spec = PRESETS[preset]
+    n = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
+    ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), torch.full((batch_size, n), VOCAB - 1),
+                     torch.randint(3, 1000, (batch_size, spec["text_tokens"] - 1))], dim=1).to(device)
+    size = spec["vision"]["image_size"]
+    pixels = torch.randn(batch_size, 3, size, size).to(device, dtype)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+
+
 def rcp_schedule(num_layers, num_visual_tokens, budget):
     """(pruning layers, repair layers, keep counts, whether the budget is met) of the paper's schedule named by
     `budget` (visual tokens of 576) on a decoder of `num_layers` layers with `num_visual_tokens` per image."""
@@ -262,14 +274,10 @@ def main():
         model.generation_config.pad_token_id = 0
         models[name] = model.eval()
 
-    n = base.config.num_visual_tokens
     text_tokens = spec["text_tokens"]
     results = []
     for bsz in [int(b) for b in args.batch_sizes.split(",")]:
-        ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), VOCAB - 1),
-                         torch.randint(3, 1000, (bsz, text_tokens - 1))], dim=1).to(device)
-        pixels = torch.randn(bsz, 3, spec["vision"]["image_size"], spec["vision"]["image_size"]).to(device, dtype)
-        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+        inputs = make_inputs(args.preset, bsz, device, dtype)
         forced = {}
         for name, (overrides, _, is_ideal, _) in methods.items():
             if is_ideal:  # the kept sets RCP chose, given to the same model: no selection
@@ -340,6 +348,11 @@ def main():
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
                 "selection_ms": statistics.median(sel_per_run[name]) * 1e3,
+                "selection_ms_runs": [t * 1e3 for t in sel_per_run[name]],
+                # shares of the prefill: medians of the per-run shares (the run's selection over its own prefill)
+                "selection_share": statistics.median(a / b for a, b in zip(sel_per_run[name], prefill[name])),
+                "selection_net_share": statistics.median((a - r) / b for a, r, b in zip(
+                    sel_per_run[name], reused_per_run[name], prefill[name])),
                 # the part of it the pruning layers would have computed anyway (their kept rows' norm and keys)
                 "selection_reused_ms": statistics.median(reused_per_run[name]) * 1e3,
                 "selection_net_ms": statistics.median(a - b for a, b in zip(sel_per_run[name],
@@ -362,8 +375,9 @@ def write_outputs(results, args, device):
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
              f"other round in reverse order); random weights; {args.new_tokens} new tokens. Ratios are against `full` "
-             "at the same batch size; the prefill's ×full and ×ideal are medians of the per-round ratios (each run "
-             "over the other method's run in the same round, which a drift of the machine's speed does not bias). "
+             "at the same batch size; the prefill's ×full and ×ideal, and the selection's share of the prefill, are medians "
+             "of per-run ratios (each run over the other method's run in the same round, or over its own prefill), "
+             "which a drift of the machine's speed does not bias. "
              "*select*: "
              "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
              "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
@@ -379,9 +393,8 @@ def write_outputs(results, args, device):
         for r in rows:
             note = f" (×ideal {r['prefill_x_ideal']:.2f})" if r["prefill_x_ideal"] is not None else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
-            share = f"{r['selection_ms']:.1f} ({r['selection_ms'] / r['prefill_ms']:.1%})" if r["selection_ms"] else "–"
-            net = (f"{r['selection_net_ms']:.1f} ({r['selection_net_ms'] / r['prefill_ms']:.1%})"
-                   if r["selection_ms"] else "–")
+            share = f"{r['selection_ms']:.1f} ({r['selection_share']:.1%})" if r["selection_ms"] else "–"
+            net = f"{r['selection_net_ms']:.1f} ({r['selection_net_share']:.1%})" if r["selection_ms"] else "–"
             if r["decode_ms_per_token"] is None:
                 decode, e2e = "– | –", "–"
             else:

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -70,10 +69,8 @@ def point_jobs(selector, ctx, original):
         for hook in hooks:
             hook.remove()
 
-    # The rows the layer runs on after this point: every valid slot but the visual tokens dropped here.
-    prefill = ctx.prefill
-    dropped_slots = torch.zeros_like(prefill.slot_valid).scatter_(1, ctx.slots, ctx.valid & ~keep)
-    src, _, _ = _compact(prefill.slot_valid & ~dropped_slots)
+    # The rows the layer runs on after this point (as `PrunedPrefill.prune` compacts them).
+    src, _, _ = _compact(ctx.prefill.staying_slots(ctx.slots, ctx.valid & ~keep))
     kept_hidden = _gather_seq(ctx.hidden, src)  # (B, T'', d)
     kept_norm = layer.input_layernorm(kept_hidden)
     reused = [(layer.input_layernorm, (kept_hidden,))]
@@ -99,7 +96,7 @@ def summarise(record, times):
     """A point's record with the medians (ms) of its jobs' times."""
     calls = [(name, shape, _median_ms(times[("call", i)])) for i, (name, shape) in enumerate(record["calls"])]
     module_ms = sum(ms for _, _, ms in calls)
-    reused_ms = sum(_median_ms(times[("reused", i)]) for i in range(record.pop("reused_calls")))
+    reused_ms = sum(_median_ms(times[("reused", i)]) for i in range(record["reused_calls"]))
     selection_ms = _median_ms(times["selection"])
     return {**record, "calls": calls, "selection_ms": selection_ms, "module_calls_ms": module_ms,
             "reused_ms": reused_ms, "floor_ms": module_ms - reused_ms, "other_ms": selection_ms - module_ms}
@@ -114,12 +111,7 @@ def profile(preset, budget, bsz, repeats, seed=0):
     config = efficiency.build_config(preset, **overrides)
     config._attn_implementation = "sdpa"
     model = RcpLlavaForConditionalGeneration(config).eval()
-    spec, n = efficiency.PRESETS[preset], config.num_visual_tokens
-    ids = torch.cat([torch.ones(bsz, 1, dtype=torch.long), torch.full((bsz, n), efficiency.VOCAB - 1),
-                     torch.randint(3, 1000, (bsz, spec["text_tokens"] - 1))], dim=1)
-    size = spec["vision"]["image_size"]
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(bsz, 3, size, size),
-                  use_cache=True, logits_to_keep=1)
+    inputs = dict(efficiency.make_inputs(preset, bsz), use_cache=True, logits_to_keep=1)
 
     original = model.model._select_tokens
     records, times = {}, {}  # per point: its record (first round), {job: [seconds per round]}
@@ -228,7 +220,7 @@ def main(argv=None):
         points, prefill = profile(args.preset, args.budget, bsz, args.repeats)
         results.append({"method": f"rcp-{args.budget}", "preset": args.preset, "batch_size": bsz,
                         "repeats": args.repeats, "points": points, "prefill_ms": prefill})
-    command = command_line(__file__, sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     text = markdown(results, command)
     write_results(stem, text, {"command": command, "results": results})
     print(text)

@@ -343,6 +343,12 @@ def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_traini
     with pytest.raises(FileNotFoundError, match="The 'tiny' testbed is not built"):
         ablations.run(["full"], [], str(tmp_path), "abl", dataset="testbed:tiny")
     assert events == [("load", "testbed:tiny")]  # no training
+    events.clear()  # jobs that train from --base_model build no testbed: the default fails before training too
+    with pytest.raises(FileNotFoundError, match="The 'deep' testbed is not built"):
+        ablations.run(["full"], ["--base_model", str(tmp_path)], str(tmp_path), "abl")
+    assert events == [("load", "testbed:deep")]
+    with pytest.raises(ValueError, match="variants: none given; name at least one, e.g. full no_repair_loss"):
+        ablations.run([], [], str(tmp_path), "abl")
 
 
 # -- FLOP-matched budgets and the in-decoder oracle (issue 16) ------------------------------------------------

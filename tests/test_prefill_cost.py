@@ -290,3 +290,36 @@ def test_question_slots_carried_through_compaction_match_a_fresh_search():
         fresh_out = model(**batch)
     assert torch.equal(carried_out.logits, fresh_out.logits)
     assert torch.equal(carried_out.keep_masks, fresh_out.keep_masks)
+
+
+def test_question_slots_are_searched_once_per_prefill_unless_a_question_token_can_be_dropped():
+    """One search per prefill, whether the tokens move (discard) or not (the training mask layout); one per pruning
+    point when `question_mask` marks an image token, which a pruner may drop (its slots cannot be carried)."""
+    from conftest import IMAGE_TOKEN, make_batch, make_model
+
+    import modeling_rcp_llava as M
+
+    model = make_model(randomize_plugins=True, pruning_layers=[1, 2, 3], repair_layers=[3],
+                       pruning_keep_counts=[12, 6, 3])
+    batch = make_batch([(2, 5, True), (0, 2, True), (1, 7, True)])
+    searches = []
+    with pytest.MonkeyPatch.context() as mp:
+        search = M.PrunedPrefill.slot_question  # only the fresh search reads it
+        mp.setattr(M.PrunedPrefill, "slot_question", lambda self: searches.append(1) or search(self))
+        with torch.no_grad():
+            model(**batch)
+        assert len(searches) == 1
+        searches.clear()
+        labels = batch["input_ids"].clone()
+        labels[:, :-2] = -100
+        model.train()
+        model(**batch, labels=labels)
+        model.eval()
+        assert len(searches) == 1
+        searches.clear()
+        question = batch["attention_mask"].bool() & (batch["input_ids"] != 1)  # text and image tokens alike
+        assert (question & (batch["input_ids"] == IMAGE_TOKEN)).any()
+        with torch.no_grad():
+            on_image = model(**batch, question_mask=question)
+        assert len(searches) == 3
+    assert on_image.keep_masks.shape[1] == 3

@@ -147,8 +147,8 @@ PRESETS = {
     ),
     # GPU: 336 px, patch 14 -> 576 visual tokens (the LLaVA-1.5 geometry), with deep's decoder depth and hop layers
     # for the same reasons (it had 8 layers and hops at 0 / 1 / 2: 1/9 of 576 over all layers was out of reach --
-    # layer 0 alone averages 72 -- and the first pruner read the supervised referent hop). Not built yet: about twice
-    # the decoder cost of the 8-layer estimate (15,500 steps, 25-35 minutes on one H200), over one issue's loan.
+    # layer 0 alone averages 72 -- and the first pruner read the supervised referent hop). Not built yet (it needs a
+    # GPU); the recipe's 15,500 steps are unmeasured at this depth.
     "paper": TestbedPreset(
         name="paper", image_size=336, patch_size=14, min_objects=20, max_objects=28, noise_std=0.02,
         vision_hidden_size=256, vision_layers=6, vision_heads=8, vision_intermediate_size=1024,
