@@ -62,12 +62,18 @@ VOCAB = 32064
 FAMILIES = ("full", "rcp", "ideal", "vispruner", "random", "fastv")
 
 
+def num_visual_tokens(preset):
+    """Visual tokens per image of `preset`: (image size / patch size) squared."""
+    vision = PRESETS[preset]["vision"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
 def build_config(preset, **pruning):
     spec = PRESETS[preset]
     text = LlamaConfig(vocab_size=VOCAB, pad_token_id=0, **spec["text"])
     return RcpLlavaConfig(
         text_config=text.to_dict(), vision_config=CLIPVisionConfig(**spec["vision"]).to_dict(),
-        image_token_index=VOCAB - 1, image_seq_length=(spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
+        image_token_index=VOCAB - 1, image_seq_length=num_visual_tokens(preset),
         **pruning,
     )
 
@@ -76,7 +82,7 @@ def make_inputs(preset, batch_size, device="cpu", dtype=torch.float32):
     """The benchmark's prompt of `preset`: BOS, the image's visual tokens, then `text_tokens - 1` random text tokens,
     every row unpadded; random pixels. Draws from torch's global generator (seed it first)."""
     spec = PRESETS[preset]
-    n = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
+    n = num_visual_tokens(preset)
     ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), torch.full((batch_size, n), VOCAB - 1),
                      torch.randint(3, 1000, (batch_size, spec["text_tokens"] - 1))], dim=1).to(device)
     size = spec["vision"]["image_size"]
@@ -102,7 +108,7 @@ def method_configs(preset, budgets, families=FAMILIES):
     """name -> (config overrides, per-layer visual token counts, forced-masks flag, budget), every method of a
     budget at RCP's mean visual tokens per layer."""
     layers_total = PRESETS[preset]["text"]["num_hidden_layers"]
-    n = (PRESETS[preset]["vision"]["image_size"] // PRESETS[preset]["vision"]["patch_size"]) ** 2
+    n = num_visual_tokens(preset)
     methods = {"full": (dict(pruning_method="none", pruning_layers=[1], repair_layers=[]), [n] * layers_total,
                         False, n)}
     fastv_layer = default_fastv_layer(layers_total)
