@@ -1,43 +1,125 @@
 #!/usr/bin/env bash
 # The efficiency table on a GPU (issue 19), ready for a lent device: LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 +
-# Llama 32 x 4096) with random weights -- nothing is downloaded but packages -- in bf16 with sdpa (and
-# flash-attention 2 when a prebuilt wheel installs), batch 1 and 8, 576 visual + 64 text tokens: full, the ideal,
-# RCP at the 192 / 128 / 64 schedules (the authors' placements, fixed counts), VisPruner, FastV and random at the
-# same visual tokens per layer; prefill, decode per token, 32-token end-to-end, peak memory, KV bytes (measured and
-# analytic). Writes efficiency_llava-1.5-7b_gpu.{md,json,png} into OUT_DIR. About 5-8 minutes on one H200.
+# Llama 32 x 4096) with random weights -- nothing is downloaded -- in bf16 with sdpa (and flash-attention 2 when the
+# machine already has it), batch 1 and 8, 576 visual + 64 text tokens: full, the ideal, RCP at the 192 / 128 / 64
+# schedules (the authors' placements, fixed counts), VisPruner, FastV and random at the same visual tokens per
+# layer; prefill, decode per token, 32-token end-to-end, peak memory, KV bytes (measured and analytic). Writes
+# efficiency_llava-1.5-7b_gpu.{md,json,png} into OUT_DIR. About 5-8 minutes on one H200.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]          # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --cpu [OUT_DIR]    # the same steps on the CPU with the tiny shape, in seconds
+# The lent machine reaches no package registry, and its image holds an older transformers than this package needs
+# (5.17 when last read; setup.cfg asks for 5.23.x). So the wheels it lacks are downloaded beforehand, on a machine
+# that reaches the registries, into a folder that travels with the checkout (`.whl`, git-ignored; the device tool's
+# `carry`); on the device they are installed into a scratch folder put first on PYTHONPATH. Nothing is installed
+# from the network there, and this checkout is imported from its own root (no `pip install -e .`).
+#
+#   bash benchmarks/gpu_check.sh --prepare [WHEEL_DIR]  # here: the wheels the device lacks (default .whl)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]              # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --cpu [OUT_DIR]        # the same steps on the CPU with the tiny shape, in seconds
+#
+# With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
+# Environment: PYTHON (default python3: the device's python3 holds its torch), RCP_WHEELS (default .whl),
+# RCP_SITE (where the carried wheels go, default a fresh temporary folder), RCP_DEVICE_PYTHON (the device's Python
+# version for --prepare, default 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+wheels="${RCP_WHEELS:-.whl}"
+
+# The transformers requirement, read from setup.cfg's install_requires (one place says which versions work).
+requirement() {
+  "$py" - "$1" <<'EOF'
+import configparser, re, sys
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+lines = [line.split("#")[0].strip() for line in cfg["options"]["install_requires"].splitlines()]
+found = [line for line in lines if re.match(rf"{re.escape(sys.argv[1])}\s*[<>=!~]", line)]
+if len(found) != 1:
+    sys.exit(f"gpu_check: setup.cfg's install_requires names {sys.argv[1]} {len(found)} times, expected once")
+print(found[0])
+EOF
+}
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  dest="${2:-$wheels}"
+  spec="$(requirement transformers)"
+  mkdir -p "$dest"
+  # --no-deps: the device's image has transformers' own requirements (tokenizers, huggingface_hub, safetensors, ...);
+  # the import check on the device says which one is too old, if any, and it can be added here by name.
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${RCP_DEVICE_PYTHON:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$dest" "$spec"
+  # pip installs no two versions of one package from one folder: refuse a folder that holds an older download.
+  "$py" - "$dest" <<'EOF'
+import collections, os, sys
+names = collections.defaultdict(list)
+for wheel in sorted(f for f in os.listdir(sys.argv[1]) if f.endswith(".whl")):
+    names[wheel.split("-")[0].lower().replace("_", "-")].append(wheel)
+twice = {name: files for name, files in names.items() if len(files) > 1}
+if twice:
+    sys.exit(f"gpu_check: {sys.argv[1]} holds several versions of {sorted(twice)}: {twice}; the device's pip would "
+             "refuse them. Delete the old ones and run --prepare again.")
+print("gpu_check: wheels to carry in", sys.argv[1] + ":", ", ".join(w for files in names.values() for w in files))
+EOF
+  exit 0
+fi
+
 mode=gpu
 if [[ "${1:-}" == "--cpu" ]]; then mode=cpu; shift; fi
 out="${1:-${OUT:-outputs/benchmarks}}"
 mkdir -p "$out"
 start=$(date +%s)
 
+# The carried wheels, installed without a registry into a scratch folder that goes first on PYTHONPATH (it shadows
+# the image's own transformers; the image itself is left as it is).
+shopt -s nullglob
+carried=("$wheels"/*.whl)
+shopt -u nullglob
+if (( ${#carried[@]} )); then
+  if [[ -n "${RCP_SITE:-}" ]]; then site="$RCP_SITE"; else site="$(mktemp -d)"; trap 'rm -rf "$site"' EXIT; fi
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${carried[@]}"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_check: installed the carried wheels into $site: ${carried[*]##*/}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's modules, imported from its root
+
+# Refuse a transformers outside setup.cfg's range before any timing: the decoder loop relies on its internals.
+spec="$(requirement transformers)"
+"$py" - "$spec" <<'EOF'
+import sys
+from packaging.requirements import Requirement
+import transformers
+req = Requirement(sys.argv[1])
+if not req.specifier.contains(transformers.__version__, prereleases=True):
+    sys.exit(f"gpu_check: this machine's transformers is {transformers.__version__} ({transformers.__file__}), but "
+             f"this package needs {req} (setup.cfg). A lent device reaches no package registry: run `bash "
+             "benchmarks/gpu_check.sh --prepare` on a machine that does, and carry the .whl folder with the "
+             "checkout (device tool: carry=['.whl']).")
+print(f"gpu_check: transformers {transformers.__version__} from {transformers.__file__}")
+EOF
+"$py" -c "import modeling_rcp_llava, rcp_llava.evaluation" || {
+  echo "gpu_check: this checkout does not import here (above); a missing or too old package can be downloaded by" \
+       "name beside the others: $py -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME" >&2
+  exit 1
+}
+
 if [[ "$mode" == gpu ]]; then
-  # Installs from the package registries only; torch first if missing (the registry's default build is CUDA).
-  python -c "import torch" 2>/dev/null || pip install -q torch
-  python -c "import modeling_rcp_llava" 2>/dev/null || pip install -q -e .
-  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device (use --cpu)')"
+  "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device (use --cpu)')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   args=(--preset llava-1.5-7b --device cuda --batch_sizes 1,8 --repeats 3 --new_tokens 32)
-  # flash-attention 2 only from a prebuilt wheel: a source build takes far longer than this check may.
+  # flash-attention 2 only where the machine already has it: no registry to install it from, and a source build
+  # would take far longer than this check may.
   flash=0
-  if timeout 120 pip install -q --only-binary :all: flash-attn >/dev/null 2>&1 && python -c "import flash_attn" 2>/dev/null; then
-    flash=1
-  fi
+  if "$py" -c "import flash_attn" 2>/dev/null; then flash=1; fi
 else
   args=(--preset tiny --device cpu --batch_sizes 1,2 --repeats 1 --new_tokens 4 --budgets 64)
   flash=0
 fi
 
-python benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite
+"$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite
 if [[ "$flash" == 1 ]]; then
-  python benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite --attn_implementation flash_attention_2 \
+  "$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite --attn_implementation flash_attention_2 \
     --methods full,rcp,ideal --tag flash
 else
-  echo "gpu_check: flash-attention 2 not run (no prebuilt wheel installed, or CPU mode)"
+  echo "gpu_check: flash-attention 2 not run (flash_attn is not installed here, or CPU mode)"
 fi
 echo "gpu_check: done in $(( $(date +%s) - start )) s; tables in $out"

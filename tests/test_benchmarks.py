@@ -110,18 +110,77 @@ def test_efficiency_schedules_use_the_authors_placements():
     assert mean > 72 and mid["vispruner-64"][0]["pre_llm_keep_count"] == round(mean)
 
 
-def test_gpu_check_runs_on_cpu(tmp_path):
-    """`benchmarks/gpu_check.sh --cpu`: the GPU script's steps on the tiny shape, no installs."""
+def _fake_wheel(folder, name, version, source):
+    """A pure-Python wheel of package `name` whose `__init__.py` is `source` (what pip needs to install it)."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": source,
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, text in files.items():
+            wheel.writestr(member, text)
+    return path
+
+
+def _gpu_check(*args, env=None):
     import subprocess
 
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--cpu", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh --cpu`: the GPU script's steps on the tiny shape, with a carried wheel installed
+    into the scratch site (as on a lent device, which reaches no registry) and nothing else installed."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    _fake_wheel(wheels, "rcp_carried_probe", "1.0", "VALUE = 1\n")
+    result = _gpu_check("--cpu", str(tmp_path / "out"), env={"RCP_WHEELS": str(wheels), "RCP_SITE": str(site)})
     assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
+    data = json.loads((tmp_path / "out" / "efficiency_tiny_cpu.json").read_text())
     assert {r["method"] for r in data["results"]} == {"full", "rcp-64", "ideal-64", "vispruner-64", "random-64",
                                                       "fastv-64"}
     assert {r["batch_size"] for r in data["results"]} == {1, 2}
-    assert "gpu_check: done" in result.stdout
+    assert f"installed the carried wheels into {site}: rcp_carried_probe-1.0-py3-none-any.whl" in result.stdout
+    assert (site / "rcp_carried_probe" / "__init__.py").read_text() == "VALUE = 1\n"
+    assert "gpu_check: transformers 5.23" in result.stdout and "gpu_check: done" in result.stdout
+
+
+def test_gpu_check_refuses_a_transformers_outside_setup_cfg(tmp_path):
+    """The device image's transformers (5.17 when read) imports our modules but is outside the measured range: the
+    check stops before timing anything and says how to carry the right one."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "transformers", "5.17.0", "__version__ = '5.17.0'\n")
+    result = _gpu_check("--cpu", str(tmp_path / "out"), env={"RCP_WHEELS": str(wheels),
+                                                             "RCP_SITE": str(tmp_path / "site")})
+    assert result.returncode == 1
+    assert "transformers is 5.17.0" in result.stderr and "needs transformers<5.24,>=5.23 (setup.cfg)" in result.stderr
+    assert "bash benchmarks/gpu_check.sh --prepare" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_gpu_check_prepare_downloads_the_setup_cfg_transformers(tmp_path):
+    """`--prepare` asks pip for setup.cfg's transformers range (here from a local index of two fake versions), and
+    refuses a wheel folder that would hold two versions of one package (the device's pip installs neither)."""
+    index, dest = tmp_path / "index", tmp_path / "whl"
+    index.mkdir()
+    for version in ("5.17.0", "5.23.0", "5.24.0"):
+        _fake_wheel(index, "transformers", version, f"__version__ = '{version}'\n")
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)}
+    result = _gpu_check("--prepare", str(dest), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in dest.iterdir()) == ["transformers-5.23.0-py3-none-any.whl"]
+    assert "wheels to carry in" in result.stdout
+    (dest / "transformers-5.17.0-py3-none-any.whl").write_bytes((index / "transformers-5.17.0-py3-none-any.whl")
+                                                                .read_bytes())
+    result = _gpu_check("--prepare", str(dest), env=env)
+    assert result.returncode == 1 and "several versions of ['transformers']" in result.stderr
 
 
 def test_compare_prefill_smoke(tmp_path, monkeypatch):
