@@ -401,7 +401,7 @@ def _apply_rope(x, cos, sin):
     return out
 
 
-def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None):
+def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None, rows=None):
     """The attention that `attn_module` would compute from the given query rows, without eager attention.
 
     Uses the layer's own q/k projections and RoPE on its normalised input, a causal + padding mask over
@@ -410,11 +410,12 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     hidden_norm: (B, T, d) input of the layer after its input norm; cos/sin: (B, T, hd)
     key_valid: (B, T) bool, query_slots: (B, Lq) long slot indices of the query rows
     keys: (B, T, Hkv * hd), optional: `attn_module.k_proj(hidden_norm)`, when the caller already has it
+    rows: (B, Lq, d), optional: `hidden_norm` at `query_slots`, when the caller already has it
     returns probabilities (B, H, Lq, T) in at least float32
     """
     bsz, seq, _ = hidden_norm.shape
     head_dim = attn_module.head_dim
-    rows = _gather_seq(hidden_norm, query_slots)  # (B, Lq, d)
+    rows = _gather_seq(hidden_norm, query_slots) if rows is None else rows  # (B, Lq, d)
     q = attn_module.q_proj(rows).view(bsz, rows.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
     keys = attn_module.k_proj(hidden_norm) if keys is None else keys
     k = keys.view(bsz, seq, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -519,6 +520,7 @@ class SelectionContext:
     prefill: "PrunedPrefill"
     _hidden_norm: torch.Tensor | None = field(default=None, repr=False)
     _visual_norm: torch.Tensor | None = field(default=None, repr=False)
+    _question_norm: torch.Tensor | None = field(default=None, repr=False)
     # (B, T', Hkv * hd): the pruning layer's key projection of the whole sequence, once the prior computed it; the
     # layer itself then reads its kept rows instead of projecting them again (`PrunedPrefill.given_inputs`).
     layer_keys: torch.Tensor | None = field(default=None, repr=False)
@@ -541,6 +543,13 @@ class SelectionContext:
                 self._visual_norm = self.layer.input_layernorm(_gather_seq(self.hidden, self.slots))
         return self._visual_norm
 
+    def question_hidden_norm(self):
+        """(B, Lq, d) the normalised input at the question rows, gathered once: the prior's queries (Eq. 4) and the
+        pruner's question summary (Eq. 1) both read it."""
+        if self._question_norm is None:
+            self._question_norm = _gather_seq(self.hidden_norm(), self.question_slots()[0])
+        return self._question_norm
+
     def reuse_in_layer(self):
         """Whether the layer may read what selection computed (its normalised input, its keys) instead of computing
         it again: at inference only -- with gradients on, a checkpointed layer would recompute its forward in
@@ -555,13 +564,15 @@ class SelectionContext:
         """Attention (B, K) the query rows `q_slots` pay to the alive visual tokens in `layer` (whose normalised
         input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = self.position_embeddings
-        keys = None
+        keys = rows = None
         if layer is self.layer and self.reuse_in_layer():  # the pruning layer's own keys, computed once
             if self.layer_keys is None:
                 self.layer_keys = layer.self_attn.k_proj(hidden_norm)
             keys = self.layer_keys
+        if hidden_norm is self._hidden_norm and q_slots is self.question_slots()[0]:
+            rows = self.question_hidden_norm()
         probs = question_attention_probs(layer.self_attn, hidden_norm, cos, sin, self.prefill.key_alive(), q_slots,
-                                         keys)
+                                         keys, rows)
         # Sum over the valid query rows first (one batched product), then heads, then read the visual columns.
         qw = q_valid.to(probs.dtype)  # (B, Lq)
         per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
@@ -644,14 +655,13 @@ class RcpSelector(TokenSelector):
     method = PRUNING_METHODS["rcp"]
 
     def scores(self, ctx):
-        hidden_norm = ctx.hidden_norm()  # (B, T', d)
         prior = ctx.question_prior().to(ctx.hidden.dtype)  # A, Eq. (4)
         if self.model.detach_prior:
             prior = prior.detach()
-        q_slots, q_valid = ctx.question_slots()  # (B, Lq)
+        q_valid = ctx.question_slots()[1]  # (B, Lq)
         pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
         visual = ctx.visual_hidden_norm()  # (B, K, d)
-        question = _gather_seq(hidden_norm, q_slots)  # (B, Lq, d)
+        question = ctx.question_hidden_norm()  # (B, Lq, d), the rows the prior's queries read
         return pruner(visual, ctx.valid, question, q_valid, prior)  # (B, K)
 
     def keep(self, ctx):
