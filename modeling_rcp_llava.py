@@ -71,6 +71,30 @@ except ImportError:  # pragma: no cover
 
 logger = logging.get_logger(__name__)
 
+# The decoder loop relies on transformers internals measured on this minor release (per-layer DynamicCache lengths,
+# `create_causal_mask(layer_idx=...)`, generate without `cache_position`; ../shared/design/transformers-notes.md).
+# pip enforces setup.cfg's pin, but remote code (`trust_remote_code=True`) runs on whatever transformers is there --
+# and these files import on 5.17 without an error -- so an untested version is named once, at import.
+TESTED_TRANSFORMERS = (5, 23)
+
+
+def untested_transformers(version):
+    """The warning for transformers `version` (a string) when it is not the tested minor release, else None."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major_minor = None
+    if major_minor == TESTED_TRANSFORMERS:
+        return None
+    tested = ".".join(map(str, TESTED_TRANSFORMERS))
+    return (f"rcp-llava's decoder loop was measured on transformers {tested}.x and relies on its internals; this is "
+            f"transformers {version}, untested: pruned outputs may differ or fail. Install "
+            f"`transformers>={tested},<{TESTED_TRANSFORMERS[0]}.{TESTED_TRANSFORMERS[1] + 1}`.")
+
+
+if untested_transformers(transformers_version):
+    logger.warning(untested_transformers(transformers_version))
+
 PLUGIN_PREFIX = "model.rcp_plugins."
 RCP_LLAVA_VERSION = "0.1.0"
 # A plug-in-only checkpoint (PEFT-style): these two files, nothing else.

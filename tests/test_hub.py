@@ -251,6 +251,44 @@ def test_version_matches_setup_cfg():
     assert rcp_llava.__version__ == modeling_rcp_llava.RCP_LLAVA_VERSION == cfg["metadata"]["version"]
 
 
+def test_tested_transformers_matches_setup_cfg():
+    """The version the import-time warning names is setup.cfg's pin: `>=5.23,<5.24` <-> (5, 23)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    pin = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if "transformers" in line]
+    major, minor = modeling_rcp_llava.TESTED_TRANSFORMERS
+    assert pin == [f"transformers>={major}.{minor},<{major}.{minor + 1}"]
+
+
+@pytest.mark.parametrize("version,warned", [("5.23.0", False), ("5.23.4.dev0", False), ("5.17.0", True),
+                                            ("5.24.0", True), ("6.0.0", True), ("5.2", True), ("main", True)])
+def test_untested_transformers_message(version, warned):
+    message = modeling_rcp_llava.untested_transformers(version)
+    if not warned:
+        assert message is None
+        return
+    assert message == (f"rcp-llava's decoder loop was measured on transformers 5.23.x and relies on its internals; "
+                       f"this is transformers {version}, untested: pruned outputs may differ or fail. Install "
+                       "`transformers>=5.23,<5.24`.")
+
+
+def test_import_warns_once_on_an_untested_transformers():
+    """Remote code runs on whatever transformers is installed (pip's pin does not apply): importing the modeling
+    file on another version names it on stderr; on the tested one it says nothing."""
+    # The version is patched on the module that `sys.modules` holds once transformers' model classes are loaded:
+    # loading them replaces the lazy `transformers` module object (measured on 5.23).
+    code = ("import sys; from transformers import LlavaForConditionalGeneration, DynamicCache; "
+            "sys.modules['transformers'].__version__ = {!r}; import modeling_rcp_llava")
+    for version, expected in (("5.17.0", 1), (None, 0)):
+        patched = code.format(version) if version else "import modeling_rcp_llava"
+        result = subprocess.run([sys.executable, "-c", patched], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stderr.count("this is transformers 5.17.0, untested") == expected, result.stderr[-2000:]
+        assert result.stderr.count("rcp-llava's decoder loop was measured on") == expected, result.stderr[-2000:]
+
+
 def test_from_base_round_trip_identical_logits(plugin_setup):
     trained, root, _ = plugin_setup
     model = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins")).eval()
