@@ -18,6 +18,11 @@ rows it keeps. Medians over the rounds, so the points and the prefills are measu
   key projection of the tokens it drops, the question rows' queries and the pruner's maps;
 - *other* = selection - module calls: RoPE, scores, masks, softmax, top-k, gathers and per-op dispatch.
 
+It also counts the aten calls (every op torch dispatches, views included) of one RCP and one ideal prefill: per
+pruning point in selection and in the rest of `PrunedPrefill.prune` (finding the alive tokens, compaction, the repair
+context), in all decoder layers, and outside both (vision tower, embedding, masks, norm, head: the same for the two).
+Where a layer's host-side dispatch outlasts its kernels -- a GPU at batch 1 -- time follows these counts, not FLOPs.
+
 The shares are of RCP's (unprofiled) prefill; ×ideal is the median of the rounds' RCP / ideal ratios. The floor is
 a property of the method and the shape (Eq. 4 needs every candidate's key), so no kernel brings selection net of
 the reused work below it; a fused kernel could only shrink *other*.
@@ -30,11 +35,12 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The efficiency benchmark's presets, schedules and input layout: its folder is `sys.path[0]` when this runs as a
 # script (a test loads `efficiency` by path first).
 import efficiency
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, _compact, _gather_seq
+from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, _compact, _gather_seq
 from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
@@ -92,6 +98,59 @@ def point_jobs(selector, ctx, original):
     return keep, jobs, record
 
 
+class _AtenCounter(TorchDispatchMode):
+    """Counts the aten calls dispatched while it is active (`total`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_calls(model, inputs):
+    """Aten calls of one prefill of `model` on `inputs`: {"total", "layers" (all decoder layers), "outside" (the
+    rest but pruning), "points": [{"selection", "prune" (the rest of `PrunedPrefill.prune`)} per pruning point]}."""
+    counter, points, layers = _AtenCounter(), [], [0]
+    original_select, original_prune = model.model._select_tokens, PrunedPrefill.prune
+
+    def select_tokens(selector, ctx):
+        start = counter.total
+        keep = original_select(selector, ctx)
+        points[-1]["selection"] = counter.total - start
+        return keep
+
+    def prune(run, *args, **kwargs):
+        start = counter.total
+        points.append({"selection": 0})
+        out = original_prune(run, *args, **kwargs)
+        points[-1]["prune"] = counter.total - start - points[-1]["selection"]
+        return out
+
+    def before(module, args, kwargs):
+        module._rcp_aten_start = counter.total
+
+    def after(module, args, kwargs, output):
+        layers[0] += counter.total - module._rcp_aten_start
+
+    decoder = model.model.language_model.layers
+    hooks = [h for layer in decoder for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
+                                               layer.register_forward_hook(after, with_kwargs=True))]
+    model.model._select_tokens, PrunedPrefill.prune = select_tokens, prune
+    try:
+        with torch.no_grad(), counter:
+            model(**inputs)
+    finally:
+        model.model._select_tokens, PrunedPrefill.prune = original_select, original_prune
+        for hook in hooks:
+            hook.remove()
+    pruning = sum(p["selection"] + p["prune"] for p in points)
+    return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
+            "per_layer": layers[0] / len(decoder), "points": points}
+
+
 def summarise(record, times):
     """A point's record with the medians (ms) of its jobs' times."""
     calls = [(name, shape, _median_ms(times[("call", i)])) for i, (name, shape) in enumerate(record["calls"])]
@@ -144,7 +203,8 @@ def profile(preset, budget, bsz, repeats, seed=0):
             del samples[0]
     points = [summarise(records[p], times[p]) for p in sorted(records)]
     x_ideal = statistics.median(a / b for a, b in zip(prefill["rcp"], prefill["ideal"]))  # paired, as efficiency.py
-    return points, {**{name: _median_ms(t) for name, t in prefill.items()}, "x_ideal": x_ideal}
+    calls = {"rcp": aten_calls(model, inputs), "ideal": aten_calls(model, {**inputs, "visual_keep_masks": kept})}
+    return points, {**{name: _median_ms(t) for name, t in prefill.items()}, "x_ideal": x_ideal}, calls
 
 
 def markdown(results, command):
@@ -176,6 +236,16 @@ def markdown(results, command):
                   "Module calls (ms, summed over the points): " + ", ".join(
                       f"{name} {ms:.2f}" for name, ms in sorted(_by_module(r["points"]).items(),
                                                               key=lambda kv: -kv[1])), ""]
+        rcp, ideal = r["aten_calls"]["rcp"], r["aten_calls"]["ideal"]
+        lines += ["Aten calls of one prefill (views included): RCP {}, ideal {} ({:+d}: {:.1f} decoder layers' worth at "
+                  "{:.0f} per layer). Per pruning point, selection / rest of `prune`: RCP {}; ideal {}. In all decoder "
+                  "layers: RCP {}, ideal {} (RCP's pruning layers read their keys from the prior); outside "
+                  "layers and pruning: {} and {}.".format(
+                      rcp["total"], ideal["total"], rcp["total"] - ideal["total"],
+                      (rcp["total"] - ideal["total"]) / ideal["per_layer"], ideal["per_layer"],
+                      ", ".join(f"{p['selection']} / {p['prune']}" for p in rcp["points"]),
+                      ", ".join(f"{p['selection']} / {p['prune']}" for p in ideal["points"]),
+                      rcp["layers"], ideal["layers"], rcp["outside"], ideal["outside"]), ""]
     return "\n".join(lines)
 
 
@@ -217,9 +287,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     results = []
     for bsz in batch_sizes:
-        points, prefill = profile(args.preset, args.budget, bsz, args.repeats)
+        points, prefill, calls = profile(args.preset, args.budget, bsz, args.repeats)
         results.append({"method": f"rcp-{args.budget}", "preset": args.preset, "batch_size": bsz,
-                        "repeats": args.repeats, "points": points, "prefill_ms": prefill})
+                        "repeats": args.repeats, "points": points, "prefill_ms": prefill, "aten_calls": calls})
     command = command_line(__file__, argv)
     text = markdown(results, command)
     write_results(stem, text, {"command": command, "results": results})

@@ -250,6 +250,30 @@ def test_selection_profile_accounts_for_every_point(tmp_path):
     markdown = (tmp_path / "selection_profile_tiny_cpu_rcp-64.md").read_text()
     assert markdown.startswith("# Token selection, point by point (`rcp-64`, preset `tiny`, CPU)")
     assert markdown.count("| all |") == 2
+    assert markdown.count("Aten calls of one prefill (views included): RCP ") == 2
+
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    # Aten calls: the ideal selects nothing; the parts add up; the pruning layers of RCP dispatch exactly their key
+    # projection's calls fewer than the ideal's (they read the keys from the prior; both read their input norm from
+    # `prune`, where the repair context needs the normalised tokens).
+    model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
+    layer = model.model.language_model.layers[overrides["pruning_layers"][0]]
+    x = torch.randn(1, 5, model.config.text_config.hidden_size)
+    counter = profile._AtenCounter()
+    with torch.no_grad(), counter:
+        layer.self_attn.k_proj(x)
+    for result in data["results"]:
+        rcp, ideal = result["aten_calls"]["rcp"], result["aten_calls"]["ideal"]
+        assert [p["selection"] for p in ideal["points"]] == [0, 0, 0]
+        assert all(p["selection"] > 50 and p["prune"] > 50 for p in rcp["points"]), rcp["points"]
+        for calls in (rcp, ideal):
+            assert calls["total"] == calls["layers"] + calls["outside"] + sum(p["selection"] + p["prune"]
+                                                                              for p in calls["points"])
+        assert ideal["layers"] - rcp["layers"] == 3 * counter.total
+        assert ideal["per_layer"] == ideal["layers"] / 4
     with pytest.raises(FileExistsError, match="--overwrite"):
         profile.main(argv)
     with pytest.raises(ValueError, match="--batch_sizes: '1;2'"):
