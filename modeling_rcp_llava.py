@@ -72,7 +72,7 @@ except ImportError:  # pragma: no cover
 logger = logging.get_logger(__name__)
 
 # The decoder loop relies on transformers internals measured on this minor release (per-layer DynamicCache lengths,
-# `create_causal_mask(layer_idx=...)`, generate without `cache_position`; ../shared/design/transformers-notes.md).
+# `create_causal_mask(layer_idx=...)`, generate without `cache_position`).
 # pip enforces setup.cfg's pin, but remote code (`trust_remote_code=True`) runs on whatever transformers is there --
 # and these files import on 5.17 without an error -- so an untested version is named once, at import.
 TESTED_TRANSFORMERS = (5, 23)

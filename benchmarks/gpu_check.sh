@@ -16,6 +16,9 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu [OUT_DIR]        # the same steps on the CPU with the tiny shape, in seconds
 #
+# Relative WHEEL_DIR / OUT_DIR are read from the repository root (the script runs there). Default OUT_DIR: $OUT (the
+# device tool's folder that comes back) or outputs/benchmarks.
+#
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # Environment: PYTHON (default python3: the device's python3 holds its torch), RCP_WHEELS (default .whl),
 # RCP_SITE (where the carried wheels go, default a fresh temporary folder), RCP_DEVICE_PYTHON (the device's Python
@@ -39,15 +42,18 @@ print(found[0])
 EOF
 }
 
+# The pip command that fetches wheels for the device (x86-64 Linux, CPython RCP_DEVICE_PYTHON), without their
+# dependencies: the image has transformers' own requirements (tokenizers, huggingface_hub, safetensors, ...).
+download_command="$py -m pip download -q --no-deps --only-binary=:all: --python-version ${RCP_DEVICE_PYTHON:-3.12}\
+ --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64\
+ --platform manylinux2014_x86_64"
+hint="a missing or too old package can travel beside the others: $download_command -d $wheels 'NAME==VERSION'"
+
 if [[ "${1:-}" == "--prepare" ]]; then
   dest="${2:-$wheels}"
   spec="$(requirement transformers)"
   mkdir -p "$dest"
-  # --no-deps: the device's image has transformers' own requirements (tokenizers, huggingface_hub, safetensors, ...);
-  # the import check on the device says which one is too old, if any, and it can be added here by name.
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${RCP_DEVICE_PYTHON:-3.12}" \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$dest" "$spec"
+  $download_command -d "$dest" "$spec"
   # pip installs no two versions of one package from one folder: refuse a folder that holds an older download.
   "$py" - "$dest" <<'EOF'
 import collections, os, sys
@@ -59,6 +65,14 @@ if twice:
     sys.exit(f"gpu_check: {sys.argv[1]} holds several versions of {sorted(twice)}: {twice}; the device's pip would "
              "refuse them. Delete the old ones and run --prepare again.")
 print("gpu_check: wheels to carry in", sys.argv[1] + ":", ", ".join(w for files in names.values() for w in files))
+# What they need that is not carried: compare with the device image's versions (its KINDS.md) before a device start.
+import zipfile
+for files in names.values():
+    with zipfile.ZipFile(os.path.join(sys.argv[1], files[0])) as wheel:
+        meta = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        needs = [line.split(":", 1)[1].strip() for line in wheel.read(meta).decode().splitlines()
+                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    print(f"gpu_check: {files[0]} requires: {', '.join(needs) or 'nothing'}")
 EOF
   exit 0
 fi
@@ -69,8 +83,8 @@ out="${1:-${OUT:-outputs/benchmarks}}"
 mkdir -p "$out"
 start=$(date +%s)
 
-# The carried wheels, installed without a registry into a scratch folder that goes first on PYTHONPATH (it shadows
-# the image's own transformers; the image itself is left as it is).
+# The carried wheels, installed without a registry into a scratch folder put on PYTHONPATH, so before the image's
+# site-packages (it shadows the image's own transformers; the image itself is left as it is).
 shopt -s nullglob
 carried=("$wheels"/*.whl)
 shopt -u nullglob
@@ -84,10 +98,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's modules, 
 
 # Refuse a transformers outside setup.cfg's range before any timing: the decoder loop relies on its internals.
 spec="$(requirement transformers)"
-"$py" - "$spec" <<'EOF'
-import sys
+"$py" - "$spec" "$hint" <<'EOF' || exit 1
+import sys, traceback
 from packaging.requirements import Requirement
-import transformers
+try:
+    import transformers
+except Exception:  # e.g. its own dependency check found an older tokenizers / huggingface_hub in the image
+    traceback.print_exc()
+    sys.exit(f"gpu_check: transformers does not import here (above); {sys.argv[2]}")
 req = Requirement(sys.argv[1])
 if not req.specifier.contains(transformers.__version__, prereleases=True):
     sys.exit(f"gpu_check: this machine's transformers is {transformers.__version__} ({transformers.__file__}), but "
@@ -97,8 +115,7 @@ if not req.specifier.contains(transformers.__version__, prereleases=True):
 print(f"gpu_check: transformers {transformers.__version__} from {transformers.__file__}")
 EOF
 "$py" -c "import modeling_rcp_llava, rcp_llava.evaluation" || {
-  echo "gpu_check: this checkout does not import here (above); a missing or too old package can be downloaded by" \
-       "name beside the others: $py -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME" >&2
+  echo "gpu_check: this checkout does not import here (above); $hint" >&2
   exit 1
 }
 

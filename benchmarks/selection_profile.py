@@ -20,7 +20,8 @@ rows it keeps. Medians over the rounds, so the points and the prefills are measu
 
 It also counts the aten calls (every op torch dispatches, views included) of one RCP and one ideal prefill: per
 pruning point in selection and in the rest of `PrunedPrefill.prune` (finding the alive tokens, compaction, the repair
-context), in all decoder layers, and outside both (vision tower, embedding, masks, norm, head: the same for the two).
+context), in all decoder layers, and outside both (vision tower, embedding, the prefill's setup and input checks,
+masks, repair adapters, the final norm and head).
 Where a layer's host-side dispatch outlasts its kernels -- a GPU at batch 1 -- time follows these counts, not FLOPs.
 
 The shares are of RCP's (unprofiled) prefill; ×ideal is the median of the rounds' RCP / ideal ratios. The floor is
@@ -83,9 +84,9 @@ def point_jobs(selector, ctx, original):
     if ctx.layer_keys is not None:  # the prior's whole-sequence keys: the layer reads their kept rows
         reused.append((layer.self_attn.k_proj, (kept_norm,)))
 
-    def fresh_selection():
-        fresh = dataclasses.replace(ctx, _hidden_norm=None, _visual_norm=None, layer_keys=None)
-        selector.keep(fresh)
+    def fresh_selection():  # every cache the context fills (its `_...` fields and the prior's keys) emptied
+        caches = [f.name for f in dataclasses.fields(ctx) if f.name.startswith("_") or f.name == "layer_keys"]
+        selector.keep(dataclasses.replace(ctx, **dict.fromkeys(caches)))
 
     jobs = {"selection": fresh_selection}
     jobs.update({("call", i): (lambda m=m, a=a: m(*a)) for i, (m, a) in enumerate(calls)})
@@ -112,7 +113,8 @@ class _AtenCounter(TorchDispatchMode):
 
 def aten_calls(model, inputs):
     """Aten calls of one prefill of `model` on `inputs`: {"total", "layers" (all decoder layers), "outside" (the
-    rest but pruning), "points": [{"selection", "prune" (the rest of `PrunedPrefill.prune`)} per pruning point]}."""
+    rest but pruning), "points": [{"selection" (None where no selection ran: given masks), "prune" (the rest of
+    `PrunedPrefill.prune`)} per pruning point]}."""
     counter, points, layers = _AtenCounter(), [], [0]
     original_select, original_prune = model.model._select_tokens, PrunedPrefill.prune
 
@@ -124,9 +126,9 @@ def aten_calls(model, inputs):
 
     def prune(run, *args, **kwargs):
         start = counter.total
-        points.append({"selection": 0})
+        points.append({"selection": None})
         out = original_prune(run, *args, **kwargs)
-        points[-1]["prune"] = counter.total - start - points[-1]["selection"]
+        points[-1]["prune"] = counter.total - start - (points[-1]["selection"] or 0)
         return out
 
     def before(module, args, kwargs):
@@ -146,7 +148,7 @@ def aten_calls(model, inputs):
         model.model._select_tokens, PrunedPrefill.prune = original_select, original_prune
         for hook in hooks:
             hook.remove()
-    pruning = sum(p["selection"] + p["prune"] for p in points)
+    pruning = sum((p["selection"] or 0) + p["prune"] for p in points)
     return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
             "per_layer": layers[0] / len(decoder), "points": points}
 
@@ -244,7 +246,7 @@ def markdown(results, command):
                       rcp["total"], ideal["total"], rcp["total"] - ideal["total"],
                       (rcp["total"] - ideal["total"]) / ideal["per_layer"], ideal["per_layer"],
                       ", ".join(f"{p['selection']} / {p['prune']}" for p in rcp["points"]),
-                      ", ".join(f"{p['selection']} / {p['prune']}" for p in ideal["points"]),
+                      ", ".join(f"{p['selection'] or 0} / {p['prune']}" for p in ideal["points"]),
                       rcp["layers"], ideal["layers"], rcp["outside"], ideal["outside"]), ""]
     return "\n".join(lines)
 
