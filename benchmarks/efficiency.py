@@ -27,10 +27,11 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_placement, visual_tokens_per_layer
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, RcpPlugins
+from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, RcpPlugins
 from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
 from rcp_llava.schedule import stage_proportions
@@ -209,6 +210,62 @@ class SelectionTimer:
         return selection, sum(self._seconds(s, e) * share for (s, e), share in self.reused)
 
 
+class AtenCounter(TorchDispatchMode):
+    """Counts the aten calls dispatched while it is active (`total`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_calls(model, inputs):
+    """Aten calls (every op torch dispatches, views included) of one forward of `model` on `inputs`, outside any
+    timing: {"total", "layers" (all decoder layers), "outside" (the rest but pruning), "per_layer", "points":
+    [{"selection" (None where no selection ran: given masks), "prune" (the rest of `PrunedPrefill.prune`)} per
+    pruning point]}. Where a layer's host-side dispatch outlasts its kernels (a GPU at batch 1), time follows these
+    counts rather than FLOPs."""
+    counter, points, layers = AtenCounter(), [], [0]
+    original_select, original_prune = model.model._select_tokens, PrunedPrefill.prune
+
+    def select_tokens(selector, ctx):
+        start = counter.total
+        keep = original_select(selector, ctx)
+        points[-1]["selection"] = counter.total - start
+        return keep
+
+    def prune(run, *args, **kwargs):
+        start = counter.total
+        points.append({"selection": None})
+        out = original_prune(run, *args, **kwargs)
+        points[-1]["prune"] = counter.total - start - (points[-1]["selection"] or 0)
+        return out
+
+    def before(module, args, kwargs):
+        module._rcp_aten_start = counter.total
+
+    def after(module, args, kwargs, output):
+        layers[0] += counter.total - module._rcp_aten_start
+
+    decoder = model.model.language_model.layers
+    hooks = [h for layer in decoder for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
+                                               layer.register_forward_hook(after, with_kwargs=True))]
+    model.model._select_tokens, PrunedPrefill.prune = select_tokens, prune
+    try:
+        with torch.no_grad(), counter:
+            model(**inputs)
+    finally:
+        model.model._select_tokens, PrunedPrefill.prune = original_select, original_prune
+        for hook in hooks:
+            hook.remove()
+    pruning = sum((p["selection"] or 0) + p["prune"] for p in points)
+    return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
+            "per_layer": layers[0] / len(decoder), "points": points}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -330,6 +387,9 @@ def main():
                         peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
         for name, original in originals.items():
             models[name].model._select_tokens = original
+        calls = {name: aten_calls(models[name], {**inputs, **({"visual_keep_masks": forced[name]} if name in forced
+                                                               else {}), "use_cache": True, "logits_to_keep": 1})
+                 for name in methods}
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
 
@@ -364,6 +424,8 @@ def main():
                 "selection_net_ms": statistics.median(a - b for a, b in zip(sel_per_run[name],
                                                                             reused_per_run[name])) * 1e3,
                 "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
+                "aten_calls": calls[name]["total"],
+                "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
             })
     write_outputs(results, args, device)
 
@@ -387,15 +449,17 @@ def write_outputs(results, args, device):
              "*select*: "
              "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
              "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
-             "by kept / all rows).", ""]
+             "by kept / all rows). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
+             "selection), counted once outside the timing: where a layer's host-side dispatch outlasts its kernels "
+             "(a GPU at batch 1), time follows them rather than FLOPs.", ""]
     for bsz in sorted({r["batch_size"] for r in results}):
         rows = [r for r in results if r["batch_size"] == bsz]
         full = next(r for r in rows if r["method"] == "full")
         lines += [f"## Batch size {bsz}", "",
                   f"| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | {args.new_tokens}-tok e2e ms | "
                   "KV MiB (analytic) | peak MiB | select ms (% prefill) | net of reused ms (% prefill) | TFLOPs | "
-                  "FLOPs ×full |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "FLOPs ×full | aten calls (in selection) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             note = f" (×ideal {r['prefill_x_ideal']:.2f})" if r["prefill_x_ideal"] is not None else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
@@ -410,7 +474,8 @@ def write_outputs(results, args, device):
             lines.append(
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
                 f"{r['prefill_x_full']:.3f} | {decode} | {e2e} | "
-                f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} |")
+                f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} | "
+                f"{r['aten_calls']} ({r['aten_calls_selection']}) |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
                   data={"command": command, "device": device_name, "results": results})

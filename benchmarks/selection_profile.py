@@ -18,7 +18,8 @@ rows it keeps. Medians over the rounds, so the points and the prefills are measu
   key projection of the tokens it drops, the question rows' queries and the pruner's maps;
 - *other* = selection - module calls: RoPE, scores, masks, softmax, top-k, gathers and per-op dispatch.
 
-It also counts the aten calls (every op torch dispatches, views included) of one RCP and one ideal prefill: per
+It also counts the aten calls (every op torch dispatches, views included; `efficiency.aten_calls`) of one RCP and
+one ideal prefill: per
 pruning point in selection and in the rest of `PrunedPrefill.prune` (finding the alive tokens, compaction, the repair
 context), in all decoder layers, and outside both (vision tower, embedding, the prefill's setup and input checks,
 masks, repair adapters, the final norm and head).
@@ -36,12 +37,11 @@ import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # The efficiency benchmark's presets, schedules and input layout: its folder is `sys.path[0]` when this runs as a
 # script (a test loads `efficiency` by path first).
 import efficiency
-from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, _compact, _gather_seq
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, _compact, _gather_seq
 from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
@@ -99,60 +99,6 @@ def point_jobs(selector, ctx, original):
     return keep, jobs, record
 
 
-class _AtenCounter(TorchDispatchMode):
-    """Counts the aten calls dispatched while it is active (`total`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        return func(*args, **(kwargs or {}))
-
-
-def aten_calls(model, inputs):
-    """Aten calls of one prefill of `model` on `inputs`: {"total", "layers" (all decoder layers), "outside" (the
-    rest but pruning), "points": [{"selection" (None where no selection ran: given masks), "prune" (the rest of
-    `PrunedPrefill.prune`)} per pruning point]}."""
-    counter, points, layers = _AtenCounter(), [], [0]
-    original_select, original_prune = model.model._select_tokens, PrunedPrefill.prune
-
-    def select_tokens(selector, ctx):
-        start = counter.total
-        keep = original_select(selector, ctx)
-        points[-1]["selection"] = counter.total - start
-        return keep
-
-    def prune(run, *args, **kwargs):
-        start = counter.total
-        points.append({"selection": None})
-        out = original_prune(run, *args, **kwargs)
-        points[-1]["prune"] = counter.total - start - (points[-1]["selection"] or 0)
-        return out
-
-    def before(module, args, kwargs):
-        module._rcp_aten_start = counter.total
-
-    def after(module, args, kwargs, output):
-        layers[0] += counter.total - module._rcp_aten_start
-
-    decoder = model.model.language_model.layers
-    hooks = [h for layer in decoder for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
-                                               layer.register_forward_hook(after, with_kwargs=True))]
-    model.model._select_tokens, PrunedPrefill.prune = select_tokens, prune
-    try:
-        with torch.no_grad(), counter:
-            model(**inputs)
-    finally:
-        model.model._select_tokens, PrunedPrefill.prune = original_select, original_prune
-        for hook in hooks:
-            hook.remove()
-    pruning = sum((p["selection"] or 0) + p["prune"] for p in points)
-    return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
-            "per_layer": layers[0] / len(decoder), "points": points}
-
-
 def summarise(record, times):
     """A point's record with the medians (ms) of its jobs' times."""
     calls = [(name, shape, _median_ms(times[("call", i)])) for i, (name, shape) in enumerate(record["calls"])]
@@ -205,7 +151,8 @@ def profile(preset, budget, bsz, repeats, seed=0):
             del samples[0]
     points = [summarise(records[p], times[p]) for p in sorted(records)]
     x_ideal = statistics.median(a / b for a, b in zip(prefill["rcp"], prefill["ideal"]))  # paired, as efficiency.py
-    calls = {"rcp": aten_calls(model, inputs), "ideal": aten_calls(model, {**inputs, "visual_keep_masks": kept})}
+    calls = {"rcp": efficiency.aten_calls(model, inputs),
+             "ideal": efficiency.aten_calls(model, {**inputs, "visual_keep_masks": kept})}
     return points, {**{name: _median_ms(t) for name, t in prefill.items()}, "x_ideal": x_ideal}, calls
 
 

@@ -27,6 +27,11 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["rcp-64"]["flops_ratio"] < 1 and rows["full"]["flops_ratio"] == 1
     assert (tmp_path / "efficiency_tiny_cpu.md").read_text().startswith("# Efficiency, preset `tiny`")
     assert (tmp_path / "efficiency_tiny_cpu.png").stat().st_size > 1000
+    # Dispatch side by side: the ideal pays compaction but no selection, RCP both; the unpruned model neither.
+    assert rows["full"]["aten_calls"] < rows["ideal-64"]["aten_calls"] < rows["rcp-64"]["aten_calls"]
+    assert rows["full"]["aten_calls_selection"] == rows["ideal-64"]["aten_calls_selection"] == 0
+    assert rows["rcp-64"]["aten_calls_selection"] > 3 * 50 and rows["vispruner-64"]["aten_calls_selection"] > 0
+    assert "| aten calls (in selection) |" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
     # Every method at RCP's mean visual tokens per layer (issue 19), and the measured KV cache is the analytic one.
     for name in ("vispruner-64", "random-64", "fastv-64"):
         assert abs(rows[name]["avg_visual_tokens_per_layer"] - rows["rcp-64"]["avg_visual_tokens_per_layer"]) <= 0.5
@@ -279,7 +284,7 @@ def test_selection_profile_accounts_for_every_point(tmp_path):
     model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
     layer = model.model.language_model.layers[overrides["pruning_layers"][0]]
     x = torch.randn(1, 5, model.config.text_config.hidden_size)
-    counter = profile._AtenCounter()
+    counter = efficiency.AtenCounter()
     with torch.no_grad(), counter:
         layer.self_attn.k_proj(x)
     assert overrides["repair_layers"] and model.model._repair_context() is not None  # the ideal's norm: see above
