@@ -42,21 +42,21 @@ PRESETS = {
     "tiny": dict(vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                              image_size=48, patch_size=4),
                  text=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128),
-                 text_tokens=20, dtype="float32"),
+                 text_tokens=20, dtype="float32", plugin_size=8),
     "mid": dict(vision=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                             image_size=336, patch_size=14),
                 text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
-                text_tokens=40, dtype="float32"),
+                text_tokens=40, dtype="float32", plugin_size=56),
     # mid at LLaVA-1.5-7B's depth: the paper's placements unscaled, on a CPU
     "mid-32": dict(vision=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                                image_size=336, patch_size=14),
                    text=dict(hidden_size=512, num_hidden_layers=32, num_attention_heads=8, intermediate_size=1376),
-                   text_tokens=40, dtype="float32"),
+                   text_tokens=40, dtype="float32", plugin_size=56),
     "llava-1.5-7b": dict(vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                      intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768),
                          text=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                    intermediate_size=11008),
-                         text_tokens=64, dtype="bfloat16"),
+                         text_tokens=64, dtype="bfloat16", plugin_size=512),
 }
 PAPER_VISUAL_TOKENS, PAPER_LAYERS = 576, 32
 VOCAB = 32064
@@ -114,7 +114,7 @@ def method_configs(preset, budgets, families=FAMILIES):
                         False, n)}
     fastv_layer = default_fastv_layer(layers_total)
     full_config = build_config(preset, **methods["full"][0])
-    plugin_size = max(8, PRESETS[preset]["text"]["hidden_size"] // 9)
+    plugin_size = PRESETS[preset]["plugin_size"]
     for budget in budgets:
         layers, repair, counts, _ = rcp_schedule(layers_total, n, budget)
         rcp = dict(pruning_method="rcp", pruning_layers=layers, repair_layers=repair, pruning_keep_counts=counts,
@@ -291,6 +291,9 @@ def main():
                         help=f"Comma-separated method families to time (of {', '.join(FAMILIES)}); `full` always runs.")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                         help="The decoder's attention kernel (flash_attention_2 needs the flash-attn package).")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="Build every method's config and model on the meta device, time nothing, write nothing: "
+                             "checks a preset's schedules and plug-ins where it cannot run (the GPU preset on a CPU).")
     args = parser.parse_args()
     families = {"full", *(f.strip() for f in args.methods.split(",") if f.strip())}
     unknown = families - set(FAMILIES)
@@ -306,6 +309,12 @@ def main():
     budgets = [int(b) for b in args.budgets.split(",")]
     spec = PRESETS[args.preset]
     methods = method_configs(args.preset, budgets, families)
+    if args.dry_run:
+        with torch.device("meta"):
+            for overrides, *_ in methods.values():
+                RcpLlavaForConditionalGeneration(build_config(args.preset, **overrides))
+        print(f"dry run: {len(methods)} methods of preset {args.preset} built on the meta device: {', '.join(methods)}")
+        return
 
     # One backbone for every method (a 7B model fits once, not 16 times): each method's model is built on the
     # meta device, then takes the base model's backbone modules and builds only its own plug-ins.
@@ -370,6 +379,11 @@ def main():
                     sync(device)
                     t_prefill = time.perf_counter() - start
                     sel, sel_reused = timers[name].totals() if name in timers else (0.0, 0.0)
+                    if round_index == 0:
+                        kv[name] = kv_cache_bytes(out.past_key_values)
+                    # The prefill's cache is not the generation's: freed first, so the peak holds one cache at a time
+                    # (and the next method's peak none of this one's).
+                    out = None
                     start = time.perf_counter()
                     if args.new_tokens > 0:
                         model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -377,7 +391,6 @@ def main():
                     sync(device)
                     t_e2e = time.perf_counter() - start
                     if round_index == 0:
-                        kv[name] = kv_cache_bytes(out.past_key_values)
                         continue
                     prefill.setdefault(name, []).append(t_prefill)
                     e2e.setdefault(name, []).append(t_e2e)

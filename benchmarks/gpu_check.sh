@@ -128,6 +128,9 @@ if [[ "$mode" == gpu ]]; then
   flash=0
   if "$py" -c "import flash_attn" 2>/dev/null; then flash=1; fi
 else
+  # The GPU preset's 16 methods built on the meta device (configs, schedules, plug-ins): what can fail there before
+  # a timing, checked without the device (a 455-wide pruner with 4 heads once would have failed 1 minute in).
+  "$py" benchmarks/efficiency.py --preset llava-1.5-7b --dry_run
   args=(--preset tiny --device cpu --batch_sizes 1,2 --repeats 1 --new_tokens 4 --budgets 64)
   flash=0
 fi

@@ -155,6 +155,21 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert f"installed the carried wheels into {site}: rcp_carried_probe-1.0-py3-none-any.whl" in result.stdout
     assert (site / "rcp_carried_probe" / "__init__.py").read_text() == "VALUE = 1\n"
     assert "gpu_check: transformers 5.23" in result.stdout and "gpu_check: done" in result.stdout
+    assert "dry run: 16 methods of preset llava-1.5-7b built on the meta device" in result.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mid", "mid-32", "llava-1.5-7b"])
+def test_efficiency_dry_run_builds_every_method(preset, capsys, monkeypatch):
+    """Every method of every preset builds (configs validate, plug-ins construct), the GPU preset included: its
+    pruner was once 4096 // 9 = 455 wide with 4 heads, which the config refuses -- found only by reading."""
+    efficiency = load_benchmark("efficiency")
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", preset, "--dry_run", "--output_dir", "/nonexistent"])
+    efficiency.main()
+    assert f"dry run: 16 methods of preset {preset} built on the meta device" in capsys.readouterr().out
+    rcp = efficiency.method_configs(preset, [64])["rcp-64"][0]
+    # the authors' plug-in widths (512) at LLaVA-1.5-7B's width; scaled on the small presets
+    assert rcp["pruner_hidden_size"] == rcp["repair_bottleneck_size"] == {"tiny": 8, "mid": 56, "mid-32": 56,
+                                                                          "llava-1.5-7b": 512}[preset]
 
 
 def test_gpu_check_refuses_a_transformers_outside_setup_cfg(tmp_path):
