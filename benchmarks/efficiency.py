@@ -348,7 +348,8 @@ def main():
 
     text_tokens = spec["text_tokens"]
     results = []
-    for bsz in [int(b) for b in args.batch_sizes.split(",")]:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    for index, bsz in enumerate(batch_sizes):
         inputs = make_inputs(args.preset, bsz, device, dtype)
         forced = {}
         for name, (overrides, _, is_ideal, _) in methods.items():
@@ -440,7 +441,8 @@ def main():
                 "aten_calls": calls[name]["total"],
                 "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
             })
-    write_outputs(results, args, device)
+        # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
+        write_outputs(results, args, device, pending=batch_sizes[index + 1:])
 
 
 def output_stem(args, device):
@@ -449,7 +451,8 @@ def output_stem(args, device):
                         f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}{tag}")
 
 
-def write_outputs(results, args, device):
+def write_outputs(results, args, device, pending=()):
+    """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet (said in both files)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
     stem = output_stem(args, device)
     command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
@@ -465,6 +468,9 @@ def write_outputs(results, args, device):
              "by kept / all rows). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
              "selection), counted once outside the timing: where a layer's host-side dispatch outlasts its kernels "
              "(a GPU at batch 1), time follows them rather than FLOPs.", ""]
+    if pending:
+        lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
+                  "going, or stopped, when this was written).", ""]
     for bsz in sorted({r["batch_size"] for r in results}):
         rows = [r for r in results if r["batch_size"] == bsz]
         full = next(r for r in rows if r["method"] == "full")
@@ -491,7 +497,8 @@ def write_outputs(results, args, device):
                 f"{r['aten_calls']} ({r['aten_calls_selection']}) |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
-                  data={"command": command, "device": device_name, "results": results})
+                  data={"command": command, "device": device_name, "results": results, "pending_batch_sizes":
+                        list(pending)})
     try:
         import matplotlib
 

@@ -48,6 +48,27 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         statistics.median(a / b for a, b in zip(runs["fastv-64"], runs["full"])))
 
 
+def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
+    """A run stopped at a time limit (a lent device's) keeps the batch sizes it measured: the table is written after
+    each one, marked incomplete until the last."""
+    efficiency = load_benchmark("efficiency")
+    written, original = [], efficiency.write_outputs
+
+    def record(results, args, device, pending=()):
+        original(results, args, device, pending)
+        stem = tmp_path / "efficiency_tiny_cpu"
+        data = json.loads(stem.with_suffix(".json").read_text())
+        written.append(({r["batch_size"] for r in data["results"]}, data["pending_batch_sizes"],
+                        "**Incomplete**: batch sizes 2 not measured yet" in stem.with_suffix(".md").read_text()))
+
+    monkeypatch.setattr(efficiency, "write_outputs", record)
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1,2", "--repeats", "1",
+                                      "--new_tokens", "0", "--budgets", "64", "--methods", "rcp,ideal",
+                                      "--output_dir", str(tmp_path)])
+    efficiency.main()
+    assert written == [({1}, [2], True), ({1, 2}, [], False)]
+
+
 def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypatch):
     """The 'net of reused' column: the pruning layer's `input_layernorm` / `k_proj` calls made during selection count
     as reused in the proportion of the rows the layer then runs on; no other call is timed. A clock that advances 1
