@@ -5,12 +5,13 @@
 # schedules (the authors' placements, fixed counts), VisPruner, FastV and random at the same visual tokens per
 # layer; prefill, decode per token, 32-token end-to-end, peak memory, KV bytes (measured and analytic). Writes
 # efficiency_llava-1.5-7b_gpu.{md,json,png} into OUT_DIR (after each batch size: a run stopped at its time limit keeps
-# batch 1's). About 5-8 minutes on one H200.
+# batch 1's). Estimated at 4-6 minutes on one H200 (not yet run on one).
 #
 # The lent machine reaches no package registry, and its image holds an older transformers than this package needs
 # (5.17 when last read; setup.cfg asks for 5.23.x). So the wheels it lacks are downloaded beforehand, on a machine
 # that reaches the registries, into a folder that travels with the checkout (`.whl`, git-ignored; the device tool's
-# `carry`); on the device they are installed into a scratch folder put first on PYTHONPATH. Nothing is installed
+# `carry`); on the device they are installed into a scratch folder put on PYTHONPATH ahead of the image's packages.
+# Nothing is installed
 # from the network there, and this checkout is imported from its own root (no `pip install -e .`).
 #
 #   bash benchmarks/gpu_check.sh --prepare [WHEEL_DIR]  # here: the wheels the device lacks (default .whl)
