@@ -11,8 +11,7 @@
 # (5.17 when last read; setup.cfg asks for 5.23.x). So the wheels it lacks are downloaded beforehand, on a machine
 # that reaches the registries, into a folder that travels with the checkout (`.whl`, git-ignored; the device tool's
 # `carry`); on the device they are installed into a scratch folder put on PYTHONPATH ahead of the image's packages.
-# Nothing is installed
-# from the network there, and this checkout is imported from its own root (no `pip install -e .`).
+# Nothing is installed from the network there, and this checkout is imported from its own root (no `pip install`).
 #
 #   bash benchmarks/gpu_check.sh --prepare [WHEEL_DIR]  # here: the wheels the device lacks (default .whl)
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              # on the GPU machine, from the repository root
