@@ -23,7 +23,6 @@ to that, not to the name.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -35,7 +34,7 @@ from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, 
 from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
 from rcp_llava.schedule import stage_proportions
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, save_figure, write_results
 
 
 PRESETS = {
@@ -357,6 +356,9 @@ def main():
                 with torch.no_grad():
                     rcp = models[name.replace("ideal", "rcp")](**inputs, use_cache=False, logits_to_keep=1)
                 forced[name] = rcp.keep_masks
+        # Each method's forward inputs: the ideals also get RCP's kept sets (timed runs and the call count alike).
+        method_inputs = {name: {**inputs, **({"visual_keep_masks": forced[name]} if name in forced else {})}
+                         for name in methods}
 
         timers = {name: SelectionTimer(device) for name in methods if name.startswith("rcp")}
         originals = {name: timer.wrap(models[name]) for name, timer in timers.items()}
@@ -367,9 +369,7 @@ def main():
                 # caches and clock then favour none of them).
                 for name in (list(methods) if round_index % 2 == 0 else list(reversed(methods))):
                     model = models[name]
-                    kwargs = dict(inputs)
-                    if name in forced:
-                        kwargs["visual_keep_masks"] = forced[name]
+                    kwargs = method_inputs[name]
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     if name in timers:
@@ -401,8 +401,7 @@ def main():
                         peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
         for name, original in originals.items():
             models[name].model._select_tokens = original
-        calls = {name: aten_calls(models[name], {**inputs, **({"visual_keep_masks": forced[name]} if name in forced
-                                                               else {}), "use_cache": True, "logits_to_keep": 1})
+        calls = {name: aten_calls(models[name], {**method_inputs[name], "use_cache": True, "logits_to_keep": 1})
                  for name in methods}
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
@@ -455,7 +454,7 @@ def write_outputs(results, args, device, pending=()):
     """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet (said in both files)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
     stem = output_stem(args, device)
-    command = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:])
+    command = command_line(__file__)
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
              f"other round in reverse order); random weights; {args.new_tokens} new tokens. Ratios are against `full` "
