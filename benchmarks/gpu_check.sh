@@ -45,16 +45,16 @@ EOF
 
 # The pip command that fetches wheels for the device (x86-64 Linux, CPython RCP_DEVICE_PYTHON), without their
 # dependencies: the image has transformers' own requirements (tokenizers, huggingface_hub, safetensors, ...).
-download_command="$py -m pip download -q --no-deps --only-binary=:all: --python-version ${RCP_DEVICE_PYTHON:-3.12}\
- --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64\
- --platform manylinux2014_x86_64"
-hint="a missing or too old package can travel beside the others: $download_command -d $wheels 'NAME==VERSION'"
+download=("$py" -m pip download -q --no-deps --only-binary=:all: --python-version "${RCP_DEVICE_PYTHON:-3.12}"
+          --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+          --platform manylinux2014_x86_64)
+hint="a missing or too old package can travel beside the others: ${download[*]} -d $wheels 'NAME==VERSION'"
 
 if [[ "${1:-}" == "--prepare" ]]; then
   dest="${2:-$wheels}"
   spec="$(requirement transformers)"
   mkdir -p "$dest"
-  $download_command -d "$dest" "$spec"
+  "${download[@]}" -d "$dest" "$spec"
   # pip installs no two versions of one package from one folder: refuse a folder that holds an older download.
   "$py" - "$dest" <<'EOF'
 import collections, os, sys

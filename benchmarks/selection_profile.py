@@ -19,11 +19,10 @@ rows it keeps. Medians over the rounds, so the points and the prefills are measu
 - *other* = selection - module calls: RoPE, scores, masks, softmax, top-k, gathers and per-op dispatch.
 
 It also counts the aten calls (every op torch dispatches, views included; `efficiency.aten_calls`) of one RCP and
-one ideal prefill: per
-pruning point in selection and in the rest of `PrunedPrefill.prune` (finding the alive tokens, compaction, the repair
-context), in all decoder layers, and outside both (vision tower, embedding, the prefill's setup and input checks,
-masks, repair adapters, the final norm and head).
-Where a layer's host-side dispatch outlasts its kernels -- a GPU at batch 1 -- time follows these counts, not FLOPs.
+one ideal prefill: per pruning point in selection and in the rest of `PrunedPrefill.prune` (finding the alive
+tokens, compaction, the repair context), in all decoder layers, and outside both (vision tower, embedding, the
+prefill's setup and input checks, masks, repair adapters, the final norm and head). Where a layer's host-side
+dispatch outlasts its kernels -- a GPU at batch 1 -- time follows these counts, not FLOPs.
 
 The shares are of RCP's (unprofiled) prefill; ×ideal is the median of the rounds' RCP / ideal ratios. The floor is
 a property of the method and the shape (Eq. 4 needs every candidate's key), so no kernel brings selection net of

@@ -314,7 +314,7 @@ def test_selection_profile_accounts_for_every_point(tmp_path):
 
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
-    # Aten calls: the ideal selects nothing; the parts add up; the pruning layers of RCP dispatch exactly their key
+    # Aten calls: the ideal selects nothing; the pruning layers of RCP dispatch exactly their key
     # projection's calls fewer than the ideal's (they read the keys from the prior; both read their input norm from
     # `prune`, where the repair context needs the normalised tokens).
     model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
