@@ -1161,10 +1161,12 @@ class PrunedPrefill:
         self.segment_masks[layer_idx] = valid
         if layer_idx == 0:
             self.prefill_length = valid.shape[1]
-        # No row padded (known on the host): no key mask, so transformers need not read one from the device to find
-        # that it can use the plain causal kernel.
-        key_mask = valid if min(self.row_length) < valid.shape[1] else None
-        return hidden, position_embeddings, self.model._layer_mask(hidden, key_mask, self.cache, layer_idx)
+        # Whether a row is padded is known on the host: transformers need not read the key mask from the device to
+        # find out whether it can use the plain causal kernel (no mask when none is, no check when one is).
+        padded = min(self.row_length) < valid.shape[1]
+        mask = self.model._layer_mask(hidden, valid if padded else None, self.cache, layer_idx,
+                                      allow_is_causal_skip=not padded)
+        return hidden, position_embeddings, mask
 
     def staying_slots(self, vis_slots, dropped):
         """(B, T') the current slots that stay after a point drops `dropped` (B, K) of the visual tokens at
@@ -1671,17 +1673,19 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         bsz, seq = hidden.shape[:2]
         positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
         collected = ([hidden], [positions]) if hidden_states is not None else None
-        segments = state.segment_masks if state is not None else {}
-        mask = None if 0 in segments else self._layer_mask(hidden, attention_mask, cache, 0)
+        if state is None or not state.segment_masks:
+            masks = {0: self._layer_mask(hidden, attention_mask, cache, 0)}
+        else:
+            masks = self._decode_segment_masks(hidden, attention_mask, cache, state)
         repair = state is not None and self._pruning_active()
+        answer = state.has_image.unsqueeze(1).expand(bsz, seq) if repair else None  # every decoded position
+        mask = masks[0]
         for idx, layer in enumerate(lm.layers[: self.config.text_config.num_hidden_layers]):
-            if idx in segments:
-                mask = self._decode_segment_mask(hidden, attention_mask, cache, state, idx)
+            mask = masks.get(idx, mask)  # a new key segment starts at idx
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None,
                            past_key_values=cache, use_cache=use_cache, **layer_kwargs)
             adapter = self._repair_adapter(idx)
             if adapter is not None and repair and idx in state.repair_contexts:
-                answer = state.has_image.unsqueeze(1).expand(bsz, hidden.shape[1])  # every decoded position
                 hidden = adapter(hidden, state.repair_contexts[idx], answer)
             if collected:
                 collected[0].append(hidden)
@@ -1869,8 +1873,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return PrunedPrefill(self, selector, inputs_embeds, key_valid, image_mask, labels, question_mask, answer_mask,
                              visual_keep_masks, layout, tau, noise, cache, use_cache)
 
-    def _layer_mask(self, hidden, key_mask, cache, layer_idx):
+    def _layer_mask(self, hidden, key_mask, cache, layer_idx, allow_is_causal_skip=True):
         # position_ids=None: gathered positions have gaps and would be read as packed sequences.
+        # allow_is_causal_skip=False where the caller knows `key_mask` has padding: sdpa's builder would otherwise read
+        # the whole mask from the device (a host sync) only to find that it cannot use the plain causal kernel.
         return create_causal_mask(
             config=self.language_model.config,
             inputs_embeds=hidden,
@@ -1878,17 +1884,41 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             past_key_values=cache,
             position_ids=None,
             layer_idx=layer_idx,
+            allow_is_causal_skip=allow_is_causal_skip,
         )
 
-    def _decode_segment_mask(self, hidden, attention_mask, cache, state, layer_idx):
-        """Key mask of a pruned segment during decoding: its stored prefill mask + the new tokens' columns."""
-        prefill_mask = state.segment_masks[layer_idx]  # (B, T_s)
+    def _decode_segment_masks(self, hidden, attention_mask, cache, state):
+        """{layer: attention mask} of a decode step after a pruned prefill, for each layer that starts a key segment:
+        layer 0 (unless a pre-LLM prune made it one) and each pruned segment, whose keys are its stored prefill mask
+        followed by the new tokens' columns.
+
+        With sdpa, transformers reads each key mask from the device to see whether it may drop it for the plain
+        causal kernel -- a host sync per mask, per step. All the masks are read here at once instead, and each is then
+        built knowing the answer: a step waits for the device once, as the stock model's does; the masks are those
+        `create_causal_mask` returns for each key mask on its own."""
         new_len = _physical_length(cache) + hidden.shape[1] - state.prefill_length
         if attention_mask is not None:
             new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
         else:
             new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool, device=hidden.device)
-        return self._layer_mask(hidden, torch.cat([prefill_mask, new_cols], dim=1), cache, layer_idx)
+        key_masks = {} if 0 in state.segment_masks else {0: attention_mask}
+        for idx, prefill_mask in state.segment_masks.items():
+            key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
+        if self.language_model.config._attn_implementation != "sdpa":  # eager reads none; others: their own rules
+            return {idx: self._layer_mask(hidden, key_mask, cache, idx) for idx, key_mask in key_masks.items()}
+        # A mask spanning exactly the layer's keys, as sdpa's builder checks it (a longer one it would slice first).
+        checked = [idx for idx, key_mask in key_masks.items()
+                   if key_mask is not None and key_mask.shape[1] == _physical_length(cache, idx) + hidden.shape[1]]
+        full = dict(zip(checked, torch.stack([key_masks[idx].all() for idx in checked]).tolist() if checked else []))
+        masks = {}  # (one host sync above)
+        for idx, key_mask in key_masks.items():
+            if idx not in full:
+                masks[idx] = self._layer_mask(hidden, key_mask, cache, idx)
+            elif full[idx]:  # no padding: the same mask as for no key mask at all
+                masks[idx] = self._layer_mask(hidden, None, cache, idx)
+            else:
+                masks[idx] = self._layer_mask(hidden, key_mask, cache, idx, allow_is_causal_skip=False)
+        return masks
 
     def _repair_context(self):
         """The adapters' shared context encoder, when this forward repairs (None otherwise: no context is built)."""
