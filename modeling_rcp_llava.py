@@ -1015,6 +1015,7 @@ class PrunedPrefill:
         # Mask layout: the image slots never move, (B, N) for the rows with an image.
         self.image_slots = _first_slots(image_mask, max(self.row_alive, default=0))[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
+        self.padded_segments = {}  # first layer of a segment -> whether a row of it is padded (known on the host)
         self._given = None  # (layer index, {module path: its output on the kept rows}), see `given_inputs`
         self._question = None  # see `question_slots`
         self.repair_contexts = {}  # repair layer -> (B, b)
@@ -1164,6 +1165,7 @@ class PrunedPrefill:
         # Whether a row is padded is known on the host: transformers need not read the key mask from the device to
         # find out whether it can use the plain causal kernel (no mask when none is, no check when one is).
         padded = min(self.row_length) < valid.shape[1]
+        self.padded_segments[layer_idx] = padded
         mask = self.model._layer_mask(hidden, valid if padded else None, self.cache, layer_idx,
                                       allow_is_causal_skip=not padded)
         return hidden, position_embeddings, mask
@@ -1278,7 +1280,7 @@ class PrunedPrefill:
 
     def decode_state(self, input_length):
         return RcpDecodeState(self.prefill_length, dict(self.segment_masks), dict(self.repair_contexts),
-                              self.has_image, input_length)
+                              self.has_image, input_length, dict(self.padded_segments))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1335,12 +1337,16 @@ class RcpDecodeState:
     repair_contexts: {repair layer: (B, b) context of Eq. 11}.
     has_image: (B,) bool.
     input_length: T, the prompt length in input tokens (positions continue from it); default prefill_length.
+    padded_segments: {first layer of a segment: whether its prefill mask has padding}, as far as the host knows it
+        (a segment it does not name: unknown), so that a decode step need not read the masks from the device.
     """
 
-    def __init__(self, prefill_length, segment_masks, repair_contexts, has_image, input_length=None):
+    def __init__(self, prefill_length, segment_masks, repair_contexts, has_image, input_length=None,
+                 padded_segments=None):
         self.prefill_length = prefill_length
         self.input_length = prefill_length if input_length is None else input_length
         self.segment_masks = segment_masks
+        self.padded_segments = dict(padded_segments or {})
         self.repair_contexts = repair_contexts
         self.has_image = has_image
 
@@ -1349,14 +1355,20 @@ class RcpDecodeState:
         self.repair_contexts = {k: fn(v) for k, v in self.repair_contexts.items()}
         self.has_image = fn(self.has_image)
 
+    def _keep_unpadded(self):
+        """After picking rows: rows of an unpadded mask are unpadded, but the picked rows of a padded one may not be."""
+        self.padded_segments = {idx: False for idx, padded in self.padded_segments.items() if not padded}
+
     def reorder(self, beam_idx):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._keep_unpadded()
 
     def repeat_interleave(self, repeats):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))  # every row stays: padding stays as it was
 
     def select(self, indices):
         self._map(lambda t: t[indices])
+        self._keep_unpadded()
 
 
 class RcpDynamicCache(DynamicCache):
@@ -1894,23 +1906,31 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
 
         With sdpa, transformers reads each key mask from the device to see whether it may drop it for the plain
         causal kernel -- a host sync per mask, per step. All the masks are read here at once instead, and each is then
-        built knowing the answer: a step waits for the device once, as the stock model's does; the masks are those
-        `create_causal_mask` returns for each key mask on its own."""
+        built knowing the answer: a step waits for the device once, as the stock model's does, and not at all when
+        the host knows every mask is all True (no attention mask, as `generate` passes for unpadded prompts, and
+        segments the prefill left unpadded); the masks are those `create_causal_mask` returns for each key mask."""
         new_len = _physical_length(cache) + hidden.shape[1] - state.prefill_length
         if attention_mask is not None:
             new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
         else:
             new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool, device=hidden.device)
+        known = state.padded_segments
         key_masks = {} if 0 in state.segment_masks else {0: attention_mask}
         for idx, prefill_mask in state.segment_masks.items():
-            key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
+            if attention_mask is None and known.get(idx) is False:
+                key_masks[idx] = None  # all True, known on the host (generate drops an all-ones attention mask)
+            else:
+                key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
         if self.language_model.config._attn_implementation != "sdpa":  # eager reads none; others: their own rules
             return {idx: self._layer_mask(hidden, key_mask, cache, idx) for idx, key_mask in key_masks.items()}
-        # A mask spanning exactly the layer's keys, as sdpa's builder checks it (a longer one it would slice first).
+        # Read: the masks spanning exactly the layer's keys, as sdpa's builder checks them (a longer one it would slice
+        # first), whose answer the host does not know (a padded prefill mask stays padded whatever the new columns).
         checked = [idx for idx, key_mask in key_masks.items()
                    if key_mask is not None and key_mask.shape[1] == _physical_length(cache, idx) + hidden.shape[1]]
-        full = dict(zip(checked, torch.stack([key_masks[idx].all() for idx in checked]).tolist() if checked else []))
-        masks = {}  # (one host sync above)
+        full = {idx: False for idx in checked if known.get(idx)}
+        read = [idx for idx in checked if idx not in full]
+        full.update(zip(read, torch.stack([key_masks[idx].all() for idx in read]).tolist() if read else []))
+        masks = {}  # (one host sync above, at most)
         for idx, key_mask in key_masks.items():
             if idx not in full:
                 masks[idx] = self._layer_mask(hidden, key_mask, cache, idx)

@@ -285,6 +285,26 @@ def test_repair_state_follows_beam_reordering():
     assert torch.equal(state.repair_contexts[3], contexts[[2]])
 
 
+def test_decode_state_knows_padding_only_while_every_row_stays():
+    """What the host knows of each segment's padding (so decode steps need not read the masks) survives repeating
+    rows; picking rows keeps "unpadded" (rows of an all-True mask) but forgets "padded" (the picked rows may be full)."""
+    from modeling_rcp_llava import RcpDecodeState
+
+    masks = {2: torch.tensor([[True, False], [True, True]]), 5: torch.ones(2, 2, dtype=torch.bool)}
+
+    def state():
+        return RcpDecodeState(7, dict(masks), {}, torch.tensor([True, True]), padded_segments={2: True, 5: False})
+
+    repeated = state()
+    repeated.repeat_interleave(2)
+    assert repeated.padded_segments == {2: True, 5: False}
+    for pick in (lambda s: s.reorder(torch.tensor([1, 1])), lambda s: s.select(torch.tensor([1]))):
+        picked = state()
+        pick(picked)
+        assert bool(picked.segment_masks[2].all())  # the padded row is gone: "padded" would now be wrong
+        assert picked.padded_segments == {5: False}
+
+
 def test_beam_search_batch_equals_single_with_trained_adapters():
     """If the adapters' per-sample state did not follow the beams, rows would read each other's context."""
     model = make_model(randomize_plugins=True, seed=3)

@@ -136,13 +136,14 @@ def test_training_forward_syncs_no_more_than_stock():
     assert counter.total <= reference.total, (counter.counts, reference.counts)
 
 
-def decode_step(model, batch, new_tokens=1):
-    """Prefill `batch` with a cache, then run one step on `new_tokens` more tokens. Returns (the step's sync counter,
-    its output, the prefill's output)."""
+def decode_step(model, batch, new_tokens=1, step_mask=True):
+    """Prefill `batch` with a cache, then run one step on `new_tokens` more tokens (with an attention mask, or
+    none, as `generate` passes for unpadded prompts). Returns (the step's sync counter, its output, the prefill's
+    output)."""
     with torch.no_grad():
         out = model(**batch, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1).repeat(1, new_tokens)
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1) if step_mask else None
         with CountSyncs() as counter:
             step = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
     return counter, step, out
@@ -168,10 +169,11 @@ def test_decode_step_syncs_no_more_than_stock(method, specs, attn):
     assert stock.total == (1 if attn == "sdpa" else 0), stock.counts  # what "as often as stock" means here
 
 
+@pytest.mark.parametrize("step_mask", [True, False], ids=["mask", "no-mask"])
 @pytest.mark.parametrize("new_tokens", [1, 2])
 @pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
 @pytest.mark.parametrize("method", ["rcp-fixed", "rcp-adaptive", "random-pre-llm"])
-def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_tokens):
+def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_tokens, step_mask):
     """The masks of a decode step, read in one sync, are what `create_causal_mask` gives each segment's key mask
     (its stored prefill mask + the new columns) on its own: None where sdpa may use the plain causal kernel, the
     same tensor elsewhere; and the step's logits are bitwise those of a step that builds them one by one."""
@@ -181,7 +183,10 @@ def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_t
 
     def reference(self, hidden, attention_mask, cache, state):  # the masks as built before: one call per segment
         new_len = cache.layers[0].get_seq_length() + hidden.shape[1] - state.prefill_length
-        new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
+        if attention_mask is None:
+            new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool)
+        else:
+            new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
         key_masks = {} if 0 in state.segment_masks else {0: attention_mask}
         key_masks.update({idx: torch.cat([m, new_cols], dim=1) for idx, m in state.segment_masks.items()})
         return {idx: create_causal_mask(config=self.language_model.config, inputs_embeds=hidden, attention_mask=m,
@@ -201,21 +206,50 @@ def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_t
 
     try:
         RcpLlavaModel._decode_segment_masks = record("new", original)
-        _, step, _ = decode_step(model, batch, new_tokens)
+        counter, step, out = decode_step(model, batch, new_tokens, step_mask)
         RcpLlavaModel._decode_segment_masks = record("reference", reference)
-        _, again, _ = decode_step(model, batch, new_tokens)
+        _, again, _ = decode_step(model, batch, new_tokens, step_mask)
     finally:
         RcpLlavaModel._decode_segment_masks = original
     assert built["new"].keys() == built["reference"].keys()
     for idx, mask in built["new"].items():
         expected = built["reference"][idx]
         assert (mask is None and expected is None) or torch.equal(mask, expected), idx
+    assert torch.equal(step.logits, again.logits)
+    # both kinds of mask occur: sdpa drops a mask where nothing is padded and one query attends
     dropped = [mask is None for mask in built["new"].values()]
     if method == "rcp-adaptive" and new_tokens == 1 and specs is UNPADDED:
         assert dropped == [True, False, True], dropped  # rows keep different counts at the first point only
-    else:  # no padding and one query: sdpa drops every mask; otherwise none
+    elif step_mask or 0 in model.config.pruning_layers or method == "random-pre-llm":
         assert set(dropped) == {new_tokens == 1 and specs is UNPADDED}, dropped
-    assert torch.equal(step.logits, again.logits)
+    else:  # no step mask: layer 0 has no key mask to read
+        assert dropped == [new_tokens == 1] + [new_tokens == 1 and specs is UNPADDED] * (len(dropped) - 1), dropped
+    # Whether each segment's prefill mask is padded is known on the host: a step reads its masks (once) only when
+    # it has an attention mask and some mask's answer depends on it -- layer 0's, or an unpadded segment's.
+    state = out.past_key_values.rcp_state
+    assert state.padded_segments == {idx: not bool(m.all()) for idx, m in state.segment_masks.items()}
+    unknown = 0 not in state.segment_masks or not all(state.padded_segments.values())
+    assert counter.total == int(step_mask and unknown), counter.counts
+
+
+@pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("method", ["rcp-fixed", "rcp-adaptive", "fastv", "vispruner"])
+def test_generate_steps_sync_no_more_than_stock(method, specs):
+    """Per generated token, in `generate` (which drops an all-ones attention mask): as many host syncs as the stock
+    model's steps -- the stopping check's, and no mask read where no row is padded."""
+    batch = make_batch(specs)
+    model = make_model(randomize_plugins=True, **DECODE_METHODS[method])
+    stock = make_model(pruning_method="none")
+
+    def per_step(m):
+        counts = []
+        for tokens in (2, 6):
+            with torch.no_grad(), CountSyncs() as counter:
+                m.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            counts.append(counter.total)
+        return (counts[1] - counts[0]) / 4
+
+    assert per_step(model) <= per_step(stock)
 
 
 def test_lazy_kept_indices_sync_only_when_read():
