@@ -209,16 +209,40 @@ class SelectionTimer:
         return selection, sum(self._seconds(s, e) * share for (s, e), share in self.reused)
 
 
+# Ops whose result the host must read before it can go on (a pipeline stall on a GPU): these, indexing by a boolean
+# mask, and `Tensor.tolist` (which on a CPU tensor dispatches nothing: counted at the Python level).
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}
+BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
+
+
 class AtenCounter(TorchDispatchMode):
-    """Counts the aten calls dispatched while it is active (`total`)."""
+    """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them (`syncs`)."""
 
     def __init__(self):
         super().__init__()
-        self.total = 0
+        self.total = self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.total += 1
+        name = func.__name__.split(".")[0]
+        if name in SYNC_OPS or (name in BOOLEAN_INDEX_OPS and any(  # the output's size is the mask's count
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])):
+            self.syncs += 1
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.syncs += 1
+            return self._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
 
 def aten_calls(model, inputs):
@@ -263,6 +287,20 @@ def aten_calls(model, inputs):
     pruning = sum((p["selection"] or 0) + p["prune"] for p in points)
     return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
             "per_layer": layers[0] / len(decoder), "points": points}
+
+
+def decode_step_calls(model, inputs):
+    """(aten calls, host syncs) of one decode step after the prompt `inputs` (unpadded), as `generate` runs it: the
+    next token on the prefill's cache, without an attention mask (generate drops an all-ones one). At batch 1 on a GPU a
+    step is bound by dispatch rather than by its kernels, and each sync stops the host from queueing ahead."""
+    counter = AtenCounter()
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True,
+                    logits_to_keep=1)
+        with counter:
+            model(**step)
+    return counter.total, counter.syncs
 
 
 def sync(device):
@@ -403,6 +441,7 @@ def main():
             models[name].model._select_tokens = original
         calls = {name: aten_calls(models[name], {**method_inputs[name], "use_cache": True, "logits_to_keep": 1})
                  for name in methods}
+        step_calls = {name: decode_step_calls(models[name], method_inputs[name]) for name in methods}
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
 
@@ -439,6 +478,7 @@ def main():
                 "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
                 "aten_calls": calls[name]["total"],
                 "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
+                "decode_step_aten_calls": step_calls[name][0], "decode_step_syncs": step_calls[name][1],
             })
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
         write_outputs(results, args, device, pending=batch_sizes[index + 1:])
@@ -466,7 +506,9 @@ def write_outputs(results, args, device, pending=()):
              "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
              "by kept / all rows). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
              "selection), counted once outside the timing: where a layer's host-side dispatch outlasts its kernels "
-             "(a GPU at batch 1), time follows them rather than FLOPs.", ""]
+             "(a GPU at batch 1), time follows them rather than FLOPs. *step calls (syncs)*: the same for one decode "
+             "step as `generate` runs it, and the host syncs among them (each stops the host from queueing ahead of "
+             "a GPU).", ""]
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
                   "going, or stopped, when this was written).", ""]
@@ -476,8 +518,8 @@ def write_outputs(results, args, device, pending=()):
         lines += [f"## Batch size {bsz}", "",
                   f"| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | {args.new_tokens}-tok e2e ms | "
                   "KV MiB (analytic) | peak MiB | select ms (% prefill) | net of reused ms (% prefill) | TFLOPs | "
-                  "FLOPs ×full | aten calls (in selection) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "FLOPs ×full | aten calls (in selection) | step calls (syncs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             note = f" (×ideal {r['prefill_x_ideal']:.2f})" if r["prefill_x_ideal"] is not None else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
@@ -493,7 +535,8 @@ def write_outputs(results, args, device, pending=()):
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
                 f"{r['prefill_x_full']:.3f} | {decode} | {e2e} | "
                 f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} | "
-                f"{r['aten_calls']} ({r['aten_calls_selection']}) |")
+                f"{r['aten_calls']} ({r['aten_calls_selection']}) | "
+                f"{r['decode_step_aten_calls']} ({r['decode_step_syncs']}) |")
         lines.append("")
     write_results(stem, markdown="\n".join(lines),
                   data={"command": command, "device": device_name, "results": results, "pending_batch_sizes":

@@ -31,7 +31,11 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["full"]["aten_calls"] < rows["ideal-64"]["aten_calls"] < rows["rcp-64"]["aten_calls"]
     assert rows["full"]["aten_calls_selection"] == rows["ideal-64"]["aten_calls_selection"] == 0
     assert rows["rcp-64"]["aten_calls_selection"] > 3 * 50 and rows["vispruner-64"]["aten_calls_selection"] > 0
-    assert "| aten calls (in selection) |" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    assert "| aten calls (in selection) | step calls (syncs) |" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    # A decode step: the stock model's syncs none for its mask (generate's prompt is unpadded), nor may a pruned one;
+    # RCP's repair adapters dispatch more than the unpruned step.
+    assert {row["decode_step_syncs"] for row in rows.values()} == {0}
+    assert rows["rcp-64"]["decode_step_aten_calls"] > rows["full"]["decode_step_aten_calls"] > 100
     # Every method at RCP's mean visual tokens per layer (issue 19), and the measured KV cache is the analytic one.
     for name in ("vispruner-64", "random-64", "fastv-64"):
         assert abs(rows[name]["avg_visual_tokens_per_layer"] - rows["rcp-64"]["avg_visual_tokens_per_layer"]) <= 0.5
@@ -46,6 +50,19 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         statistics.median(a / b for a, b in zip(runs["rcp-64"], runs["ideal-64"])))
     assert rows["fastv-64"]["prefill_x_full"] == pytest.approx(
         statistics.median(a / b for a, b in zip(runs["fastv-64"], runs["full"])))
+
+
+def test_aten_counter_counts_calls_and_host_syncs():
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    x = torch.arange(6.0)
+    with efficiency.AtenCounter() as counter:
+        y = x * 2  # one call, no sync
+        y.sum().item(), y[y > 2], y.tolist()  # sum + item; gt + boolean index (nonzero inside); tolist
+    assert counter.syncs == 3 and counter.total >= 5
+    x.tolist(), x.sum().item()
+    assert counter.syncs == 3  # nothing counted once the block is left
 
 
 def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
