@@ -49,7 +49,9 @@ from transformers import (
     LlavaPreTrainedModel,
 )
 from transformers import __version__ as transformers_version
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
+)
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 
@@ -1904,38 +1906,47 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         layer 0 (unless a pre-LLM prune made it one) and each pruned segment, whose keys are its stored prefill mask
         followed by the new tokens' columns.
 
-        With sdpa, transformers reads each key mask from the device to see whether it may drop it for the plain
-        causal kernel -- a host sync per mask, per step. All the masks are read here at once instead, and each is then
-        built knowing the answer: a step waits for the device once, as the stock model's does, and not at all when
-        the host knows every mask is all True (no attention mask, as `generate` passes for unpadded prompts, and
-        segments the prefill left unpadded); the masks are those `create_causal_mask` returns for each key mask."""
-        new_len = _physical_length(cache) + hidden.shape[1] - state.prefill_length
+        transformers' sdpa and flash-attention mask builders read each key mask from the device (a host sync per
+        mask, per step) to see whether any key is padded: sdpa may then use its plain causal kernel, flash needs no
+        mask. Here the host answers that question itself where the prefill told it (`state.padded_segments`; an
+        all-True mask needs no key mask at all) and reads the other masks in one go: a step waits for the device at
+        most once, as a stock step with an attention mask does, and not at all where the stock step does not (no
+        attention mask, as `generate` passes for an unpadded prompt) -- except after a beam reorder of segments the
+        prefill padded, which must be read again (the picked rows may all be full). Each mask is the one
+        `create_causal_mask` returns for that key mask."""
+        q_len = hidden.shape[1]
+        new_len = _physical_length(cache) + q_len - state.prefill_length
         if attention_mask is not None:
             new_cols = attention_mask[:, attention_mask.shape[1] - new_len:].bool()
         else:
             new_cols = torch.ones(hidden.shape[0], new_len, dtype=torch.bool, device=hidden.device)
-        known = state.padded_segments
         key_masks = {} if 0 in state.segment_masks else {0: attention_mask}
         for idx, prefill_mask in state.segment_masks.items():
-            if attention_mask is None and known.get(idx) is False:
-                key_masks[idx] = None  # all True, known on the host (generate drops an all-ones attention mask)
-            else:
-                key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
-        if self.language_model.config._attn_implementation != "sdpa":  # eager reads none; others: their own rules
+            key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
+        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(self.language_model.config._attn_implementation)
+        if builder not in (sdpa_mask, flash_attention_mask):  # eager and flex read nothing from the device
             return {idx: self._layer_mask(hidden, key_mask, cache, idx) for idx, key_mask in key_masks.items()}
-        # Read: the masks spanning exactly the layer's keys, as sdpa's builder checks them (a longer one it would slice
-        # first), whose answer the host does not know (a padded prefill mask stays padded whatever the new columns).
-        checked = [idx for idx, key_mask in key_masks.items()
-                   if key_mask is not None and key_mask.shape[1] == _physical_length(cache, idx) + hidden.shape[1]]
-        full = {idx: False for idx in checked if known.get(idx)}
-        read = [idx for idx in checked if idx not in full]
-        full.update(zip(read, torch.stack([key_masks[idx].all() for idx in read]).tolist() if read else []))
-        masks = {}  # (one host sync above, at most)
+        # None: no padded key (all True); False: padded; unknown masks are read below. Only for a key mask that spans
+        # exactly the layer's keys, as the builders see it (they would cut or pad another one first).
+        full = {}
         for idx, key_mask in key_masks.items():
-            if idx not in full:
+            if key_mask is None or key_mask.shape[1] != cache.get_mask_sizes(q_len, idx)[0]:
+                continue
+            padded = state.padded_segments.get(idx)
+            if padded is not None and (padded or attention_mask is None):  # the new columns: all True without a mask
+                full[idx] = not padded
+        read = [idx for idx in key_masks if idx not in full and key_masks[idx] is not None
+                and key_masks[idx].shape[1] == cache.get_mask_sizes(q_len, idx)[0]]
+        if read:
+            full.update(zip(read, torch.stack([key_masks[idx].all() for idx in read]).tolist()))  # one host sync
+        masks = {}
+        for idx, key_mask in key_masks.items():
+            if idx not in full:  # as it comes (None, or a length the builder adjusts): transformers' own path
                 masks[idx] = self._layer_mask(hidden, key_mask, cache, idx)
-            elif full[idx]:  # no padding: the same mask as for no key mask at all
+            elif full[idx]:  # nothing padded: the mask of no key mask at all
                 masks[idx] = self._layer_mask(hidden, None, cache, idx)
+            elif builder is flash_attention_mask:  # what it returns for a padded key mask of the keys' length
+                masks[idx] = key_mask.to(device=hidden.device, dtype=torch.bool)
             else:
                 masks[idx] = self._layer_mask(hidden, key_mask, cache, idx, allow_is_causal_skip=False)
         return masks

@@ -210,35 +210,55 @@ class SelectionTimer:
 
 
 # Ops whose result the host must read before it can go on (a pipeline stall on a GPU): these, indexing by a boolean
-# mask, and `Tensor.tolist` (which on a CPU tensor dispatches nothing: counted at the Python level).
+# mask, a copy from the device to the host, and `Tensor.tolist` (which on a CPU tensor dispatches nothing: counted at
+# the Python level, for tensors on the counted device).
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}
 BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
 
 
-class AtenCounter(TorchDispatchMode):
-    """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them (`syncs`)."""
+def _is_sync(func, args, kwargs):
+    name = func.__name__.split(".")[0]
+    if name in SYNC_OPS:
+        return True
+    if name in BOOLEAN_INDEX_OPS:  # the output's size is the mask's count
+        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+    if name == "_to_copy":  # tensor.to("cpu") / .cpu() of a device tensor
+        device = kwargs.get("device")
+        return args[0].device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
+    if name == "copy_":  # into a host tensor, from a device one
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
 
-    def __init__(self):
+
+class AtenCounter(TorchDispatchMode):
+    """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them (`syncs`);
+    `device`: where the counted model runs (its tensors' `tolist` is a sync)."""
+
+    def __init__(self, device="cpu"):
         super().__init__()
+        self.device_type = torch.device(device).type
         self.total = self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         self.total += 1
-        name = func.__name__.split(".")[0]
-        if name in SYNC_OPS or (name in BOOLEAN_INDEX_OPS and any(  # the output's size is the mask's count
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])):
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
+        self.syncs += _is_sync(func, args, kwargs)
+        return func(*args, **kwargs)
 
     def __enter__(self):
-        self._tolist = torch.Tensor.tolist
+        self._tolist = original = torch.Tensor.tolist
 
         def tolist(tensor):
-            self.syncs += 1
-            return self._tolist(tensor)
+            if tensor.device.type == self.device_type:
+                self.syncs += 1
+            return original(tensor)
 
         torch.Tensor.tolist = tolist
-        return super().__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            torch.Tensor.tolist = original
+            raise
 
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
@@ -293,7 +313,7 @@ def decode_step_calls(model, inputs):
     """(aten calls, host syncs) of one decode step after the prompt `inputs` (unpadded), as `generate` runs it: the
     next token on the prefill's cache, without an attention mask (generate drops an all-ones one). At batch 1 on a GPU a
     step is bound by dispatch rather than by its kernels, and each sync stops the host from queueing ahead."""
-    counter = AtenCounter()
+    counter = AtenCounter(model.device)
     with torch.no_grad():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
         step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True,

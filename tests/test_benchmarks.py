@@ -62,7 +62,10 @@ def test_aten_counter_counts_calls_and_host_syncs():
         y.sum().item(), y[y > 2], y.tolist()  # sum + item; gt + boolean index (nonzero inside); tolist
     assert counter.syncs == 3 and counter.total >= 5
     x.tolist(), x.sum().item()
-    assert counter.syncs == 3  # nothing counted once the block is left
+    assert counter.syncs == 3 and torch.Tensor.tolist(x) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # put back on leaving
+    with efficiency.AtenCounter("meta") as on_meta:  # a model on another device: host tensors' tolist is no sync
+        x.tolist(), x.to("cpu"), x.clone().copy_(x)
+    assert on_meta.syncs == 0 and on_meta.total == 2  # clone, copy_ (host to host); `to` a no-op
 
 
 def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
