@@ -27,6 +27,7 @@ sibling `configuration_rcp_llava.py`.
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -1164,13 +1165,10 @@ class PrunedPrefill:
         self.segment_masks[layer_idx] = valid
         if layer_idx == 0:
             self.prefill_length = valid.shape[1]
-        # Whether a row is padded is known on the host: transformers need not read the key mask from the device to
-        # find out whether it can use the plain causal kernel (no mask when none is, no check when one is).
+        # Whether a row is padded is known on the host (the row lengths): the mask builder need not read it.
         padded = min(self.row_length) < valid.shape[1]
         self.padded_segments[layer_idx] = padded
-        mask = self.model._layer_mask(hidden, valid if padded else None, self.cache, layer_idx,
-                                      allow_is_causal_skip=not padded)
-        return hidden, position_embeddings, mask
+        return hidden, position_embeddings, self.model._layer_mask(hidden, valid, self.cache, layer_idx, padded)
 
     def staying_slots(self, vis_slots, dropped):
         """(B, T') the current slots that stay after a point drops `dropped` (B, K) of the visual tokens at
@@ -1887,33 +1885,43 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return PrunedPrefill(self, selector, inputs_embeds, key_valid, image_mask, labels, question_mask, answer_mask,
                              visual_keep_masks, layout, tau, noise, cache, use_cache)
 
-    def _layer_mask(self, hidden, key_mask, cache, layer_idx, allow_is_causal_skip=True):
+    def _layer_mask(self, hidden, key_mask, cache, layer_idx, padded=None):
+        """The attention mask `create_causal_mask` builds for `key_mask` (B, kv) at `layer_idx`.
+
+        `padded`: whether `key_mask` has a False, when the host knows it. transformers' sdpa and flash-attention
+        builders read the mask from the device to find out (a host sync), sdpa to use its plain causal kernel where
+        nothing is padded, flash to need no mask: given the answer, the same mask is built without reading it."""
         # position_ids=None: gathered positions have gaps and would be read as packed sequences.
-        # allow_is_causal_skip=False where the caller knows `key_mask` has padding: sdpa's builder would otherwise read
-        # the whole mask from the device (a host sync) only to find that it cannot use the plain causal kernel.
-        return create_causal_mask(
-            config=self.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=key_mask,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer_idx,
-            allow_is_causal_skip=allow_is_causal_skip,
-        )
+        build = functools.partial(create_causal_mask, config=self.language_model.config, inputs_embeds=hidden,
+                                  past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+        if padded is None or key_mask is None or key_mask.shape[1] != self._key_length(hidden, cache, layer_idx):
+            return build(attention_mask=key_mask)  # unknown, or a length the builder would cut or pad first
+        if not padded:
+            return build(attention_mask=None)  # all True: the mask of no key mask at all
+        if ALL_MASK_ATTENTION_FUNCTIONS.get(self.language_model.config._attn_implementation) is flash_attention_mask:
+            return key_mask.to(device=hidden.device, dtype=torch.bool)  # what flash's builder returns for it
+        return build(attention_mask=key_mask, allow_is_causal_skip=False)  # sdpa: no check; eager: never checks
+
+    @staticmethod
+    def _key_length(hidden, cache, layer_idx):
+        """Keys a layer attends to in this forward, as the mask builders count them; -1 where they start past the
+        first (a sliding window's offset: the builders would cut the key mask)."""
+        if cache is None:
+            return hidden.shape[1]
+        length, offset = cache.get_mask_sizes(hidden.shape[1], layer_idx)
+        return length if offset == 0 else -1
 
     def _decode_segment_masks(self, hidden, attention_mask, cache, state):
         """{layer: attention mask} of a decode step after a pruned prefill, for each layer that starts a key segment:
         layer 0 (unless a pre-LLM prune made it one) and each pruned segment, whose keys are its stored prefill mask
         followed by the new tokens' columns.
 
-        transformers' sdpa and flash-attention mask builders read each key mask from the device (a host sync per
-        mask, per step) to see whether any key is padded: sdpa may then use its plain causal kernel, flash needs no
-        mask. Here the host answers that question itself where the prefill told it (`state.padded_segments`; an
-        all-True mask needs no key mask at all) and reads the other masks in one go: a step waits for the device at
-        most once, as a stock step with an attention mask does, and not at all where the stock step does not (no
-        attention mask, as `generate` passes for an unpadded prompt) -- except after a beam reorder of segments the
-        prefill padded, which must be read again (the picked rows may all be full). Each mask is the one
-        `create_causal_mask` returns for that key mask."""
+        Whether each key mask is padded is answered on the host where the prefill told it (`state.padded_segments`;
+        the new columns are all True without an attention mask) and the other masks are read in one go where the
+        builder would read them (sdpa, flash attention: `_layer_mask`): a step waits for the device at most once, as
+        a stock step with an attention mask does, and not at all where the stock step does not (no attention mask,
+        as `generate` passes for an unpadded prompt) -- except after a beam reorder of segments the prefill padded,
+        which must be read again (the picked rows may all be full)."""
         q_len = hidden.shape[1]
         new_len = _physical_length(cache) + q_len - state.prefill_length
         if attention_mask is not None:
@@ -1923,33 +1931,19 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         key_masks = {} if 0 in state.segment_masks else {0: attention_mask}
         for idx, prefill_mask in state.segment_masks.items():
             key_masks[idx] = torch.cat([prefill_mask, new_cols], dim=1)  # (B, T_s + new)
+        padded = {}
+        for idx in state.segment_masks:
+            known = state.padded_segments.get(idx)
+            if known is not None and (known or attention_mask is None):  # a padded prefill part stays padded
+                padded[idx] = known
         builder = ALL_MASK_ATTENTION_FUNCTIONS.get(self.language_model.config._attn_implementation)
-        if builder not in (sdpa_mask, flash_attention_mask):  # eager and flex read nothing from the device
-            return {idx: self._layer_mask(hidden, key_mask, cache, idx) for idx, key_mask in key_masks.items()}
-        # None: no padded key (all True); False: padded; unknown masks are read below. Only for a key mask that spans
-        # exactly the layer's keys, as the builders see it (they would cut or pad another one first).
-        full = {}
-        for idx, key_mask in key_masks.items():
-            if key_mask is None or key_mask.shape[1] != cache.get_mask_sizes(q_len, idx)[0]:
-                continue
-            padded = state.padded_segments.get(idx)
-            if padded is not None and (padded or attention_mask is None):  # the new columns: all True without a mask
-                full[idx] = not padded
-        read = [idx for idx in key_masks if idx not in full and key_masks[idx] is not None
-                and key_masks[idx].shape[1] == cache.get_mask_sizes(q_len, idx)[0]]
-        if read:
-            full.update(zip(read, torch.stack([key_masks[idx].all() for idx in read]).tolist()))  # one host sync
-        masks = {}
-        for idx, key_mask in key_masks.items():
-            if idx not in full:  # as it comes (None, or a length the builder adjusts): transformers' own path
-                masks[idx] = self._layer_mask(hidden, key_mask, cache, idx)
-            elif full[idx]:  # nothing padded: the mask of no key mask at all
-                masks[idx] = self._layer_mask(hidden, None, cache, idx)
-            elif builder is flash_attention_mask:  # what it returns for a padded key mask of the keys' length
-                masks[idx] = key_mask.to(device=hidden.device, dtype=torch.bool)
-            else:
-                masks[idx] = self._layer_mask(hidden, key_mask, cache, idx, allow_is_causal_skip=False)
-        return masks
+        if builder in (sdpa_mask, flash_attention_mask):  # the builders that would read each mask themselves
+            read = [idx for idx, key_mask in key_masks.items() if idx not in padded and key_mask is not None
+                    and key_mask.shape[1] == self._key_length(hidden, cache, idx)]
+            if read:  # one host sync for all of them
+                padded.update(zip(read, (~torch.stack([key_masks[idx].all() for idx in read])).tolist()))
+        return {idx: self._layer_mask(hidden, key_mask, cache, idx, padded.get(idx))
+                for idx, key_mask in key_masks.items()}
 
     def _repair_context(self):
         """The adapters' shared context encoder, when this forward repairs (None otherwise: no context is built)."""
