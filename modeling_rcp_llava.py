@@ -1639,7 +1639,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         lm = self.language_model
         collected = ([hidden], [run.slot_orig]) if hidden_states is not None else None
         input_length = hidden.shape[1]
-        mask = self._layer_mask(hidden, attention_mask, run.cache, 0)
+        # The prefill read every row's length once (PrunedPrefill): whether the prompt is padded is known here.
+        padded = None if attention_mask is None else min(run.row_length) < input_length
+        mask = self._layer_mask(hidden, attention_mask, run.cache, 0, padded)
         with run.attention(lm.config):
             for idx, layer in enumerate(lm.layers[: self.config.text_config.num_hidden_layers]):
                 if idx in run.points:
@@ -1894,13 +1896,24 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         # position_ids=None: gathered positions have gaps and would be read as packed sequences.
         build = functools.partial(create_causal_mask, config=self.language_model.config, inputs_embeds=hidden,
                                   past_key_values=cache, position_ids=None, layer_idx=layer_idx)
-        if padded is None or key_mask is None or key_mask.shape[1] != self._key_length(hidden, cache, layer_idx):
-            return build(attention_mask=key_mask)  # unknown, or a length the builder would cut or pad first
+        reader = self._mask_reader()
+        if (padded is None or reader is None or key_mask is None or key_mask.dim() != 2
+                or key_mask.shape[1] != self._key_length(hidden, cache, layer_idx)):
+            return build(attention_mask=key_mask)  # unknown, no read to save, or a mask the builder would adjust
         if not padded:
             return build(attention_mask=None)  # all True: the mask of no key mask at all
-        if ALL_MASK_ATTENTION_FUNCTIONS.get(self.language_model.config._attn_implementation) is flash_attention_mask:
+        if reader is flash_attention_mask:
             return key_mask.to(device=hidden.device, dtype=torch.bool)  # what flash's builder returns for it
-        return build(attention_mask=key_mask, allow_is_causal_skip=False)  # sdpa: no check; eager: never checks
+        return build(attention_mask=key_mask, allow_is_causal_skip=False)  # sdpa's, without the check
+
+    def _mask_reader(self):
+        """transformers' mask builder for this model's attention when it is one that reads the key mask from the
+        device (sdpa's, flash attention's), else None. As `create_causal_mask` picks it: registered globally."""
+        name = self.language_model.config._attn_implementation
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            return None
+        builder = ALL_MASK_ATTENTION_FUNCTIONS[name]
+        return builder if builder in (sdpa_mask, flash_attention_mask) else None
 
     @staticmethod
     def _key_length(hidden, cache, layer_idx):
@@ -1936,10 +1949,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             known = state.padded_segments.get(idx)
             if known is not None and (known or attention_mask is None):  # a padded prefill part stays padded
                 padded[idx] = known
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(self.language_model.config._attn_implementation)
-        if builder in (sdpa_mask, flash_attention_mask):  # the builders that would read each mask themselves
+        if self._mask_reader() is not None:  # the builder would read each mask itself
             read = [idx for idx, key_mask in key_masks.items() if idx not in padded and key_mask is not None
-                    and key_mask.shape[1] == self._key_length(hidden, cache, idx)]
+                    and key_mask.dim() == 2 and key_mask.shape[1] == self._key_length(hidden, cache, idx)]
             if read:  # one host sync for all of them
                 padded.update(zip(read, (~torch.stack([key_masks[idx].all() for idx in read])).tolist()))
         return {idx: self._layer_mask(hidden, key_mask, cache, idx, padded.get(idx))

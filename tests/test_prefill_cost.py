@@ -267,6 +267,42 @@ def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_t
     assert counter.total == int(step_mask and unknown and attn != "eager"), counter.counts
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "flash-like", "eager"])
+@pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("method", ["rcp-fixed", "rcp-adaptive", "random-pre-llm"])
+def test_prefill_masks_are_those_of_each_key_mask(method, specs, attn):
+    """Every mask a pruned prefill builds from what the host knows (layer 0's from the prompt's row lengths, each
+    pruning point's from the rows' new lengths) is the one `create_causal_mask` builds from the key mask itself."""
+    from transformers.masking_utils import create_causal_mask
+
+    from modeling_rcp_llava import RcpLlavaModel
+
+    batch = make_batch(specs)
+    model = make_model(randomize_plugins=True, attn_implementation=attention_kind(attn), **DECODE_METHODS[method])
+    seen, original = [], RcpLlavaModel._layer_mask
+
+    def check(self, hidden, key_mask, cache, layer_idx, padded=None):
+        mask = original(self, hidden, key_mask, cache, layer_idx, padded)
+        expected = create_causal_mask(config=self.language_model.config, inputs_embeds=hidden, attention_mask=key_mask,
+                                      past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+        seen.append((layer_idx, padded, mask is None))
+        assert (mask is None and expected is None) or torch.equal(mask, expected), (layer_idx, padded)
+        return mask
+
+    try:
+        RcpLlavaModel._layer_mask = check
+        with torch.no_grad():
+            model(**batch, use_cache=True)
+    finally:
+        RcpLlavaModel._layer_mask = original
+    points = [0] if method == "random-pre-llm" else model.config.pruning_layers  # (a pre-LLM prune: before layer 0)
+    assert [layer for layer, _, _ in seen] == [0, *points]  # the prompt's, then one per pruning point
+    assert seen[0][1] == (specs is PADDED)  # every mask was built knowing its padding
+    assert all(padded is not None for _, padded, _ in seen), seen
+    if attn != "eager":  # unpadded masks are dropped (sdpa's plain causal kernel, flash's no mask)
+        assert all(dropped == (not padded) for _, padded, dropped in seen), seen
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
 @pytest.mark.parametrize("method", ["rcp-fixed", "rcp-adaptive", "fastv", "vispruner"])
