@@ -1896,33 +1896,28 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         # position_ids=None: gathered positions have gaps and would be read as packed sequences.
         build = functools.partial(create_causal_mask, config=self.language_model.config, inputs_embeds=hidden,
                                   past_key_values=cache, position_ids=None, layer_idx=layer_idx)
-        reader = self._mask_reader()
-        if (padded is None or reader is None or key_mask is None or key_mask.dim() != 2
-                or key_mask.shape[1] != self._key_length(hidden, cache, layer_idx)):
-            return build(attention_mask=key_mask)  # unknown, no read to save, or a mask the builder would adjust
+        reader = self._mask_reader(hidden, key_mask, cache, layer_idx)
+        if padded is None or reader is None:
+            return build(attention_mask=key_mask)  # unknown, or no read to save
         if not padded:
             return build(attention_mask=None)  # all True: the mask of no key mask at all
         if reader is flash_attention_mask:
             return key_mask.to(device=hidden.device, dtype=torch.bool)  # what flash's builder returns for it
         return build(attention_mask=key_mask, allow_is_causal_skip=False)  # sdpa's, without the check
 
-    def _mask_reader(self):
-        """transformers' mask builder for this model's attention when it is one that reads the key mask from the
-        device (sdpa's, flash attention's), else None. As `create_causal_mask` picks it: registered globally."""
+    def _mask_reader(self, hidden, key_mask, cache, layer_idx):
+        """transformers' mask builder for this model's attention when it reads `key_mask` from the device (sdpa's,
+        flash attention's; picked as `create_causal_mask` picks it: registered globally) and takes the mask as it
+        is (2-D, spanning the layer's keys from the first: it would cut or pad another one first); else None."""
         name = self.language_model.config._attn_implementation
-        if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping or key_mask is None or key_mask.dim() != 2:
             return None
         builder = ALL_MASK_ATTENTION_FUNCTIONS[name]
-        return builder if builder in (sdpa_mask, flash_attention_mask) else None
-
-    @staticmethod
-    def _key_length(hidden, cache, layer_idx):
-        """Keys a layer attends to in this forward, as the mask builders count them; -1 where they start past the
-        first (a sliding window's offset: the builders would cut the key mask)."""
-        if cache is None:
-            return hidden.shape[1]
-        length, offset = cache.get_mask_sizes(hidden.shape[1], layer_idx)
-        return length if offset == 0 else -1
+        if builder not in (sdpa_mask, flash_attention_mask):
+            return None
+        q_len = hidden.shape[1]
+        length, offset = (q_len, 0) if cache is None else cache.get_mask_sizes(q_len, layer_idx)
+        return builder if (length, offset) == (key_mask.shape[1], 0) else None
 
     def _decode_segment_masks(self, hidden, attention_mask, cache, state):
         """{layer: attention mask} of a decode step after a pruned prefill, for each layer that starts a key segment:
@@ -1949,11 +1944,11 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             known = state.padded_segments.get(idx)
             if known is not None and (known or attention_mask is None):  # a padded prefill part stays padded
                 padded[idx] = known
-        if self._mask_reader() is not None:  # the builder would read each mask itself
-            read = [idx for idx, key_mask in key_masks.items() if idx not in padded and key_mask is not None
-                    and key_mask.dim() == 2 and key_mask.shape[1] == self._key_length(hidden, cache, idx)]
-            if read:  # one host sync for all of them
-                padded.update(zip(read, (~torch.stack([key_masks[idx].all() for idx in read])).tolist()))
+        # The masks the builder would read itself, read at once: one host sync for all of them.
+        read = [idx for idx, key_mask in key_masks.items()
+                if idx not in padded and self._mask_reader(hidden, key_mask, cache, idx) is not None]
+        if read:
+            padded.update(zip(read, (~torch.stack([key_masks[idx].all() for idx in read])).tolist()))
         return {idx: self._layer_mask(hidden, key_mask, cache, idx, padded.get(idx))
                 for idx, key_mask in key_masks.items()}
 
