@@ -21,6 +21,7 @@ to that, not to the name.
 """
 
 import argparse
+import collections
 import os
 import statistics
 import time
@@ -216,33 +217,43 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "uniq
 BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
 
 
-def _is_sync(func, args, kwargs):
+def sync_kind(func, args, kwargs):
+    """The kind of host sync the aten call `func(*args, **kwargs)` is (its op name, "boolean_index" or
+    "device_to_host"), or None."""
     name = func.__name__.split(".")[0]
     if name in SYNC_OPS:
-        return True
-    if name in BOOLEAN_INDEX_OPS:  # the output's size is the mask's count
-        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        return name
+    if name in BOOLEAN_INDEX_OPS and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]):
+        return "boolean_index"  # the output's size is the mask's count: nonzero inside
     if name == "_to_copy":  # tensor.to("cpu") / .cpu() of a device tensor
         device = kwargs.get("device")
-        return args[0].device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
-    if name == "copy_":  # into a host tensor, from a device one
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
-    return False
+        if args[0].device.type != "cpu" and device is not None and torch.device(device).type == "cpu":
+            return "device_to_host"
+    if name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu":  # into a host tensor
+        return "device_to_host"
+    return None
 
 
 class AtenCounter(TorchDispatchMode):
-    """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them (`syncs`);
-    `device`: where the counted model runs (its tensors' `tolist` is a sync)."""
+    """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them, by kind
+    (`sync_counts`; `syncs` their sum); `device`: where the counted model runs (its tensors' `tolist` is a sync)."""
 
     def __init__(self, device="cpu"):
         super().__init__()
         self.device_type = torch.device(device).type
-        self.total = self.syncs = 0
+        self.total = 0
+        self.sync_counts = collections.Counter()
+
+    @property
+    def syncs(self):
+        return sum(self.sync_counts.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.total += 1
-        self.syncs += _is_sync(func, args, kwargs)
+        kind = sync_kind(func, args, kwargs)
+        if kind is not None:
+            self.sync_counts[kind] += 1
         return func(*args, **kwargs)
 
     def __enter__(self):
@@ -250,7 +261,7 @@ class AtenCounter(TorchDispatchMode):
 
         def tolist(tensor):
             if tensor.device.type == self.device_type:
-                self.syncs += 1
+                self.sync_counts["tolist"] += 1
             return original(tensor)
 
         torch.Tensor.tolist = tolist
@@ -266,11 +277,13 @@ class AtenCounter(TorchDispatchMode):
 
 
 def aten_calls(model, inputs):
-    """Aten calls (every op torch dispatches, views included) of one forward of `model` on `inputs`, outside any
-    timing: {"total", "layers" (all decoder layers), "outside" (the rest but pruning), "per_layer", "points":
-    [{"selection" (None where no selection ran: given masks), "prune" (the rest of `PrunedPrefill.prune`)} per
-    pruning point]}. Where a layer's host-side dispatch outlasts its kernels (a GPU at batch 1), time follows these
-    counts rather than FLOPs."""
+    """Aten calls (every op torch dispatches, views included) of one forward of `model` on `inputs` (a prompt with a
+    cache), outside any timing: {"total", "layers" (all decoder layers), "outside" (the rest but pruning),
+    "per_layer", "points": [{"selection" (None where no selection ran: given masks), "prune" (the rest of
+    `PrunedPrefill.prune`)} per pruning point], "step", "step_syncs"}: the last two of one decode step on that
+    forward's cache, as `generate` runs it (the next token, no attention mask: generate drops an all-ones one), and
+    the host syncs among them. Where a layer's host-side dispatch outlasts its kernels (a GPU at batch 1), time
+    follows these counts rather than FLOPs; each sync stops the host from queueing ahead."""
     counter, points, layers = AtenCounter(), [], [0]
     original_select, original_prune = model.model._select_tokens, PrunedPrefill.prune
 
@@ -299,28 +312,19 @@ def aten_calls(model, inputs):
     model.model._select_tokens, PrunedPrefill.prune = select_tokens, prune
     try:
         with torch.no_grad(), counter:
-            model(**inputs)
+            out = model(**inputs)
     finally:
         model.model._select_tokens, PrunedPrefill.prune = original_select, original_prune
         for hook in hooks:
             hook.remove()
+    step = AtenCounter(model.device)
+    with torch.no_grad():
+        next_token = out.logits[:, -1:].argmax(-1)
+        with step:
+            model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
     pruning = sum((p["selection"] or 0) + p["prune"] for p in points)
     return {"total": counter.total, "layers": layers[0], "outside": counter.total - layers[0] - pruning,
-            "per_layer": layers[0] / len(decoder), "points": points}
-
-
-def decode_step_calls(model, inputs):
-    """(aten calls, host syncs) of one decode step after the prompt `inputs` (unpadded), as `generate` runs it: the
-    next token on the prefill's cache, without an attention mask (generate drops an all-ones one). At batch 1 on a GPU a
-    step is bound by dispatch rather than by its kernels, and each sync stops the host from queueing ahead."""
-    counter = AtenCounter(model.device)
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True,
-                    logits_to_keep=1)
-        with counter:
-            model(**step)
-    return counter.total, counter.syncs
+            "per_layer": layers[0] / len(decoder), "points": points, "step": step.total, "step_syncs": step.syncs}
 
 
 def sync(device):
@@ -461,7 +465,6 @@ def main():
             models[name].model._select_tokens = original
         calls = {name: aten_calls(models[name], {**method_inputs[name], "use_cache": True, "logits_to_keep": 1})
                  for name in methods}
-        step_calls = {name: decode_step_calls(models[name], method_inputs[name]) for name in methods}
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
 
@@ -498,7 +501,7 @@ def main():
                 "analytic_tflops": flops / 1e12, "flops_ratio": flops / full_flops,
                 "aten_calls": calls[name]["total"],
                 "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
-                "decode_step_aten_calls": step_calls[name][0], "decode_step_syncs": step_calls[name][1],
+                "decode_step_aten_calls": calls[name]["step"], "decode_step_syncs": calls[name]["step_syncs"],
             })
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
         write_outputs(results, args, device, pending=batch_sizes[index + 1:])

@@ -9,58 +9,23 @@ A decode step after a pruned prefill, which builds a key mask per pruned segment
 step (once with sdpa, never with eager).
 
 A host sync is an op whose result the host must read: `aten._local_scalar_dense` (`.item()`, `int(t)`, `bool(t)`),
-`aten.nonzero` and boolean indexing (`aten.index` with a bool mask), and `Tensor.tolist()` (on a CUDA tensor a copy to the host;
-on CPU it dispatches nothing, so it is counted at the Python level). On CPU they are cheap, but each one is a
-pipeline stall on a GPU, so they are counted here rather than timed.
+`aten.nonzero` and boolean indexing (`aten.index` with a bool mask), a copy from the device to the host, and
+`Tensor.tolist()` (on CPU it dispatches nothing, so it is counted at the Python level): `benchmarks/efficiency.py`'s
+`AtenCounter`, which the efficiency table counts with too. On CPU they are cheap, but each one is a pipeline stall
+on a GPU, so they are counted here rather than timed.
 """
 
-import collections
 import contextlib
 
 import pytest
 import torch
-from conftest import make_batch, make_model
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import load_benchmark, make_batch, make_model
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}
-BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
+# The efficiency table's counter: every aten call (`total`) and the host syncs among them, by kind (`sync_counts`,
+# `syncs` their sum). The same definition of a sync in both places.
+CountSyncs = load_benchmark("efficiency").AtenCounter
 PADDED = [(3, 5, True), (1, 3, True)]  # rows of different lengths: the shorter is left-padded
 UNPADDED = [(3, 5, True), (3, 5, True)]
-
-
-class CountSyncs(TorchDispatchMode):
-    """Counts host-sync ops (by op name) run inside the `with` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in SYNC_OPS:
-            self.counts[name] += 1
-        elif name in BOOLEAN_INDEX_OPS and any(t is not None and t.dtype == torch.bool for t in args[1]):
-            self.counts["boolean_index"] += 1  # the output's size is the mask's count: nonzero inside
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        original = torch.Tensor.tolist
-
-        def tolist(tensor):
-            self.counts["tolist"] += 1
-            return original(tensor)
-
-        self._restore = original
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._restore
-        return super().__exit__(*exc)
-
-    @property
-    def total(self):
-        return sum(self.counts.values())
 
 
 def count_syncs(model, batch, **kwargs):
@@ -72,7 +37,7 @@ def count_syncs(model, batch, **kwargs):
 def stock_syncs(batch, attn_implementation="sdpa"):
     with torch.no_grad():
         stock = make_model(pruning_method="none", attn_implementation=attn_implementation)
-        return count_syncs(stock, batch, use_cache=True).total
+        return count_syncs(stock, batch, use_cache=True).syncs
 
 
 METHODS = {
@@ -98,8 +63,8 @@ def test_fixed_count_prefill_syncs_no_more_than_stock(method, specs, attn):
     with torch.no_grad():
         counter = count_syncs(model, batch, use_cache=True)
     # the old kept-index lists and slot compaction: B x P `nonzero` calls and boolean indexing
-    assert counter.counts["nonzero"] == counter.counts["boolean_index"] == 0, counter.counts
-    assert counter.total <= stock_syncs(batch, attention_kind(attn)), counter.counts
+    assert counter.sync_counts["nonzero"] == counter.sync_counts["boolean_index"] == 0, counter.sync_counts
+    assert counter.syncs <= stock_syncs(batch, attention_kind(attn)), counter.sync_counts
 
 
 def test_the_counter_sees_syncs():
@@ -107,7 +72,7 @@ def test_the_counter_sees_syncs():
     with CountSyncs() as counter:
         int(x.sum()), x[x > 2], x.nonzero(), x.tolist()
         x[torch.tensor([0, 1])]  # an index tensor: no sync
-    assert counter.counts == {"_local_scalar_dense": 1, "boolean_index": 1, "nonzero": 1, "tolist": 1}
+    assert counter.sync_counts == {"_local_scalar_dense": 1, "boolean_index": 1, "nonzero": 1, "tolist": 1}
 
 
 def test_adaptive_threshold_reads_its_counts_once_per_point():
@@ -118,11 +83,11 @@ def test_adaptive_threshold_reads_its_counts_once_per_point():
         kept = model.last_pruning_info.kept_counts
     assert kept[0, 0] != kept[1, 0] or kept[0, 1] != kept[1, 1]  # rows keep different numbers: data-dependent
     points = len(model.config.pruning_layers)
-    assert counter.counts["tolist"] == 1 + points, counter.counts  # the prefill's checks + one per point
-    assert counter.counts["nonzero"] == 0, counter.counts
+    assert counter.sync_counts["tolist"] == 1 + points, counter.sync_counts  # the prefill's checks + one per point
+    assert counter.sync_counts["nonzero"] == 0, counter.sync_counts
     # Rows that keep different counts leave padding, which the host knows from those counts: transformers need not
     # read the pruned segment's key mask to find it (it did, once per point, before).
-    assert counter.total <= stock_syncs(batch) + points, counter.counts
+    assert counter.syncs <= stock_syncs(batch) + points, counter.sync_counts
 
 
 def test_training_forward_syncs_no_more_than_stock():
@@ -136,8 +101,8 @@ def test_training_forward_syncs_no_more_than_stock():
     stock = make_model(pruning_method="none").train()
     with CountSyncs() as reference:
         stock(**batch, labels=labels)
-    assert counter.counts["nonzero"] == 0, counter.counts
-    assert counter.total <= reference.total, (counter.counts, reference.counts)
+    assert counter.sync_counts["nonzero"] == 0, counter.sync_counts
+    assert counter.syncs <= reference.syncs, (counter.sync_counts, reference.sync_counts)
 
 
 def decode_step(model, batch, new_tokens=1, step_mask=True):
@@ -193,9 +158,9 @@ def test_decode_step_syncs_no_more_than_stock(method, specs, attn):
     counter, _, out = decode_step(model, batch)
     assert out.past_key_values.rcp_state.segment_masks  # the step did decode after a pruned prefill
     stock, _, _ = decode_step(make_model(pruning_method="none", attn_implementation=attention_kind(attn)), batch)
-    assert counter.counts["nonzero"] == counter.counts["boolean_index"] == 0, counter.counts
-    assert counter.total <= stock.total, (counter.counts, stock.counts)
-    assert stock.total == (0 if attn == "eager" else 1), stock.counts  # what "as often as stock" means here
+    assert counter.sync_counts["nonzero"] == counter.sync_counts["boolean_index"] == 0, counter.sync_counts
+    assert counter.syncs <= stock.syncs, (counter.sync_counts, stock.sync_counts)
+    assert stock.syncs == (0 if attn == "eager" else 1), stock.sync_counts  # what "as often as stock" means here
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flash-like", "eager"])
@@ -264,7 +229,7 @@ def test_decode_step_masks_are_those_of_each_key_mask_alone(method, specs, new_t
     state = out.past_key_values.rcp_state
     assert state.padded_segments == {idx: not bool(m.all()) for idx, m in state.segment_masks.items()}
     unknown = 0 not in state.segment_masks or not all(state.padded_segments.values())
-    assert counter.total == int(step_mask and unknown and attn != "eager"), counter.counts
+    assert counter.syncs == int(step_mask and unknown and attn != "eager"), counter.sync_counts
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flash-like", "eager"])
@@ -321,7 +286,7 @@ def test_generate_steps_sync_no_more_than_stock(method, specs, num_beams):
             with torch.no_grad(), CountSyncs() as counter:
                 m.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                            num_beams=num_beams)
-            counts.append(counter.total)
+            counts.append(counter.syncs)
         return (counts[1] - counts[0]) / 4
 
     ours, theirs = per_step(model), per_step(stock)
@@ -338,7 +303,7 @@ def test_lazy_kept_indices_sync_only_when_read():
         out = model(**batch, use_cache=False)
     with CountSyncs() as counter:
         indices = out.kept_indices[1][0]
-    assert counter.counts["nonzero"] == len(model.config.pruning_layers) * 2  # resolved on first access, all at once
+    assert counter.sync_counts["nonzero"] == len(model.config.pruning_layers) * 2  # resolved on first access, all at once
     assert torch.equal(indices, out.keep_masks[0, 1].nonzero().flatten())
 
 
