@@ -95,8 +95,9 @@ def untested_transformers(version):
             f"`transformers>={tested},<{TESTED_TRANSFORMERS[0]}.{TESTED_TRANSFORMERS[1] + 1}`.")
 
 
-if untested_transformers(transformers_version):
-    logger.warning(untested_transformers(transformers_version))
+_UNTESTED = untested_transformers(transformers_version)
+if _UNTESTED:
+    logger.warning(_UNTESTED)
 
 PLUGIN_PREFIX = "model.rcp_plugins."
 RCP_LLAVA_VERSION = "0.1.0"
