@@ -28,7 +28,7 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
 from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_placement, visual_tokens_per_layer
 from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, RcpPlugins
@@ -332,6 +332,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class StepClock(LogitsProcessor):
+    """Reads the clock each time `generate` has a new token's logits (after the device finished them): the first
+    reading follows the prefill, each later one a decode step. Decode time per token is then measured inside one
+    `generate`, not as its end-to-end time minus a separately timed prefill (whose run-to-run noise, with few new
+    tokens, can exceed the decode time itself and make the difference negative)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+    def per_token(self):
+        """Seconds per decode step (None before two readings: no step was timed)."""
+        steps = len(self.times) - 1
+        return (self.times[-1] - self.times[0]) / steps if steps > 0 else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
@@ -352,6 +373,10 @@ def main():
                         help=f"Comma-separated method families to time (of {', '.join(FAMILIES)}); `full` always runs.")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                         help="The decoder's attention kernel (flash_attention_2 needs the flash-attn package).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Weights and activations: auto = the preset's own on CUDA (bf16 for llava-1.5-7b), "
+                             "float32 on the CPU. bfloat16 on the CPU fits the 7B shape in host memory (a slow check "
+                             "of the GPU run's shapes and dtypes, batch 1).")
     parser.add_argument("--dry_run", action="store_true",
                         help="Build every method's config and model on the meta device, time nothing, write nothing: "
                              "checks a preset's schedules and plug-ins where it cannot run (the GPU preset on a CPU).")
@@ -366,7 +391,10 @@ def main():
     torch.manual_seed(0)
     device = torch.device(args.device)
     refuse_existing([output_stem(args, device) + ext for ext in (".md", ".json", ".png")], args.overwrite)
-    dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
     budgets = [int(b) for b in args.budgets.split(",")]
     spec = PRESETS[args.preset]
     methods = method_configs(args.preset, budgets, families)
@@ -424,7 +452,7 @@ def main():
 
         timers = {name: SelectionTimer(device) for name in methods if name.startswith("rcp")}
         originals = {name: timer.wrap(models[name]) for name, timer in timers.items()}
-        prefill, e2e, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}
+        prefill, e2e, decode, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
                 # Every other round in reverse order: no method always runs right after the same one (the machine's
@@ -447,16 +475,18 @@ def main():
                     # The prefill's cache is not the generation's: freed first, so the peak holds one cache at a time
                     # (and the next method's peak none of this one's).
                     out = None
+                    clock = StepClock(device)
                     start = time.perf_counter()
                     if args.new_tokens > 0:
                         model.generate(**kwargs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                       do_sample=False)
+                                       do_sample=False, logits_processor=LogitsProcessorList([clock]))
                     sync(device)
                     t_e2e = time.perf_counter() - start
                     if round_index == 0:
                         continue
                     prefill.setdefault(name, []).append(t_prefill)
                     e2e.setdefault(name, []).append(t_e2e)
+                    decode.setdefault(name, []).append(clock.per_token())
                     sel_per_run.setdefault(name, []).append(sel)
                     reused_per_run.setdefault(name, []).append(sel_reused)
                     if device.type == "cuda":
@@ -478,13 +508,16 @@ def main():
             p, e = statistics.median(prefill[name]), statistics.median(e2e[name])
             decoding = args.new_tokens > 0
             results.append({
-                "method": name, "batch_size": bsz, "budget": budget,
+                "method": name, "batch_size": bsz, "budget": budget, "dtype": str(dtype).removeprefix("torch."),
                 "avg_visual_tokens_per_layer": sum(per_layer) / len(per_layer),
                 "prefill_ms": p * 1e3, "prefill_ms_runs": [t * 1e3 for t in prefill[name]],
                 "prefill_x_full": paired_ratio(name, "full"),
                 "prefill_x_ideal": (paired_ratio(name, name.replace("rcp", "ideal"))
                                     if name.startswith("rcp") and name.replace("rcp", "ideal") in prefill else None),
-                "decode_ms_per_token": (e - p) / max(1, args.new_tokens - 1) * 1e3 if decoding else None,
+                # timed step by step inside generate (`StepClock`); None with fewer than 2 new tokens
+                "decode_ms_per_token": (statistics.median(decode[name]) * 1e3
+                                        if decoding and None not in decode[name] else None),
+                "decode_ms_per_token_runs": [t * 1e3 if t is not None else None for t in decode[name]],
                 "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
@@ -520,14 +553,15 @@ def write_outputs(results, args, device, pending=()):
     command = command_line(__file__)
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
-             f"other round in reverse order); random weights; {args.new_tokens} new tokens. Ratios are against `full` "
+             f"other round in reverse order); random weights in {results[0]['dtype']}; {args.new_tokens} new tokens. Ratios are against `full` "
              "at the same batch size; the prefill's ×full and ×ideal, and the selection's share of the prefill, are medians "
              "of per-run ratios (each run over the other method's run in the same round, or over its own prefill), "
              "which a drift of the machine's speed does not bias. "
              "*select*: "
              "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
              "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
-             "by kept / all rows). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
+             "by kept / all rows). *decode ms/tok*: timed inside one `generate`, from the first new token's logits "
+             "to the last's, over the steps between them (medians of the runs). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
              "selection), counted once outside the timing: where a layer's host-side dispatch outlasts its kernels "
              "(a GPU at batch 1), time follows them rather than FLOPs. *step calls (syncs)*: the same for one decode "
              "step as `generate` runs it, and the host syncs among them (each stops the host from queueing ahead of "
@@ -549,11 +583,11 @@ def write_outputs(results, args, device, pending=()):
             share = f"{r['selection_ms']:.1f} ({r['selection_share']:.1%})" if r["selection_ms"] else "–"
             net = f"{r['selection_net_ms']:.1f} ({r['selection_net_share']:.1%})" if r["selection_ms"] else "–"
             if r["decode_ms_per_token"] is None:
-                decode, e2e = "– | –", "–"
+                decode = "– | –"
             else:
                 decode = (f"{r['decode_ms_per_token']:.2f} | "
                           f"{r['decode_ms_per_token'] / full['decode_ms_per_token']:.3f}")
-                e2e = f"{r['end_to_end_ms']:.0f}"
+            e2e = f"{r['end_to_end_ms']:.0f}" if r["end_to_end_ms"] is not None else "–"
             lines.append(
                 f"| {r['method']} | {r['avg_visual_tokens_per_layer']:.1f} | {r['prefill_ms']:.1f}{note} | "
                 f"{r['prefill_x_full']:.3f} | {decode} | {e2e} | "

@@ -50,6 +50,25 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         statistics.median(a / b for a, b in zip(runs["rcp-64"], runs["ideal-64"])))
     assert rows["fastv-64"]["prefill_x_full"] == pytest.approx(
         statistics.median(a / b for a, b in zip(runs["fastv-64"], runs["full"])))
+    # Decode time per token is timed inside each generate (2 steps after the first of 3 new tokens), so it is positive
+    # and its 2 steps fit in that run's end-to-end time (it was e2e minus a separate prefill, which could go negative).
+    for name, row in rows.items():
+        steps = row["decode_ms_per_token_runs"]
+        assert len(steps) == 3 and min(steps) > 0, name
+        assert row["decode_ms_per_token"] == pytest.approx(statistics.median(steps))
+        assert row["decode_ms_per_token"] * 2 < row["end_to_end_ms"], name
+
+
+def test_step_clock_reads_once_per_new_token_and_times_the_steps_between():
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    clock = efficiency.StepClock(torch.device("cpu"))
+    scores = torch.randn(2, 5)
+    assert clock(torch.zeros(2, 3, dtype=torch.long), scores) is scores and len(clock.times) == 1
+    assert clock.per_token() is None  # one reading: the prefill's token, no step yet
+    clock.times = [10.0, 10.5, 11.0, 12.5]
+    assert clock.per_token() == pytest.approx(2.5 / 3)
 
 
 def test_aten_counter_counts_calls_and_host_syncs():
@@ -353,3 +372,40 @@ def test_selection_profile_accounts_for_every_point(tmp_path):
         profile.main(argv)
     with pytest.raises(ValueError, match="--batch_sizes: '1;2'"):
         profile.main(["--preset", "tiny", "--batch_sizes", "1;2", "--output_dir", str(tmp_path / "other")])
+
+
+def test_efficiency_dtype_flag_runs_the_cpu_in_bfloat16(tmp_path, monkeypatch):
+    """`--dtype bfloat16` on the CPU (the GPU preset's dtype, for a host-memory check of its shapes): the rows say
+    the dtype, and the measured KV cache is the analytic one at 2 bytes per value -- half the float32 run's."""
+    efficiency = load_benchmark("efficiency")
+    sizes = {}
+    for dtype in ("bfloat16", "auto"):
+        out = tmp_path / dtype
+        monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
+                                          "--new_tokens", "2", "--budgets", "64", "--methods", "rcp,ideal",
+                                          "--dtype", dtype, "--output_dir", str(out)])
+        efficiency.main()
+        data = json.loads((out / "efficiency_tiny_cpu.json").read_text())
+        assert {r["dtype"] for r in data["results"]} == {"float32" if dtype == "auto" else dtype}
+        assert f"random weights in {'float32' if dtype == 'auto' else dtype};" in (
+            out / "efficiency_tiny_cpu.md").read_text()
+        for row in data["results"]:
+            assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row["method"]
+        sizes[dtype] = {r["method"]: r["kv_cache_mib"] for r in data["results"]}
+        assert all(r["decode_ms_per_token"] > 0 for r in data["results"])
+    assert sizes["bfloat16"] == {name: mib / 2 for name, mib in sizes["auto"].items()}
+
+
+def test_efficiency_with_one_new_token_has_an_end_to_end_time_but_no_decode_step(tmp_path, monkeypatch):
+    efficiency = load_benchmark("efficiency")
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
+                                      "--new_tokens", "1", "--budgets", "64", "--methods", "random",
+                                      "--output_dir", str(tmp_path)])
+    efficiency.main()
+    data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
+    for row in data["results"]:
+        assert row["decode_ms_per_token"] is None and row["decode_ms_per_token_runs"] == [None]
+        assert row["end_to_end_ms"] > 0
+    table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    full_row = next(line for line in table.splitlines() if line.startswith("| full |"))
+    assert full_row.split(" | ")[4:7] == ["–", "–", f"{data['results'][0]['end_to_end_ms']:.0f}"]
