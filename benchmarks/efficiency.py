@@ -452,7 +452,7 @@ def main():
 
         timers = {name: SelectionTimer(device) for name in methods if name.startswith("rcp")}
         originals = {name: timer.wrap(models[name]) for name, timer in timers.items()}
-        prefill, e2e, decode, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}, {}
+        prefill, e2e, decode, steps_timed, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
                 # Every other round in reverse order: no method always runs right after the same one (the machine's
@@ -487,6 +487,7 @@ def main():
                     prefill.setdefault(name, []).append(t_prefill)
                     e2e.setdefault(name, []).append(t_e2e)
                     decode.setdefault(name, []).append(clock.per_token())
+                    steps_timed.setdefault(name, []).append(len(clock.times))
                     sel_per_run.setdefault(name, []).append(sel)
                     reused_per_run.setdefault(name, []).append(sel_reused)
                     if device.type == "cuda":
@@ -518,6 +519,7 @@ def main():
                 "decode_ms_per_token": (statistics.median(decode[name]) * 1e3
                                         if decoding and None not in decode[name] else None),
                 "decode_ms_per_token_runs": [t * 1e3 if t is not None else None for t in decode[name]],
+                "decode_clock_readings": steps_timed[name],  # per run: one per new token
                 "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
@@ -553,18 +555,18 @@ def write_outputs(results, args, device, pending=()):
     command = command_line(__file__)
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
-             f"other round in reverse order); random weights in {results[0]['dtype']}; {args.new_tokens} new tokens. Ratios are against `full` "
-             "at the same batch size; the prefill's ×full and ×ideal, and the selection's share of the prefill, are medians "
-             "of per-run ratios (each run over the other method's run in the same round, or over its own prefill), "
-             "which a drift of the machine's speed does not bias. "
-             "*select*: "
-             "time inside token selection; *net of reused*: minus the part of it the pruning layers then read instead "
-             "of computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled "
-             "by kept / all rows). *decode ms/tok*: timed inside one `generate`, from the first new token's logits "
-             "to the last's, over the steps between them (medians of the runs). *aten calls*: the ops torch dispatches in one prefill (views included; in token "
-             "selection), counted once outside the timing: where a layer's host-side dispatch outlasts its kernels "
-             "(a GPU at batch 1), time follows them rather than FLOPs. *step calls (syncs)*: the same for one decode "
-             "step as `generate` runs it, and the host syncs among them (each stops the host from queueing ahead of "
+             f"other round in reverse order); random weights in {results[0]['dtype']}; {args.new_tokens} new tokens. "
+             "Ratios are against `full` at the same batch size; the prefill's ×full and ×ideal, and the selection's "
+             "share of the prefill, are medians of per-run ratios (each run over the other method's run in the same "
+             "round, or over its own prefill), which a drift of the machine's speed does not bias. *select*: time "
+             "inside token selection; *net of reused*: minus the part of it the pruning layers then read instead of "
+             "computing (their `input_layernorm` and `k_proj` on the kept rows, timed inside selection and scaled by "
+             "kept / all rows). *decode ms/tok*: timed inside one `generate`, from the first new token's logits to "
+             "the last's, over the steps between them (medians of the runs). *aten calls*: the ops torch dispatches "
+             "in one prefill (views included; in token selection), counted once outside the timing: where a layer's "
+             "host-side dispatch outlasts its kernels (a GPU at batch 1), time follows them rather than FLOPs. *step "
+             "calls (syncs)*: the same for one decode step as `generate` runs it, and the host syncs among them "
+             "(each stops the host from queueing ahead of "
              "a GPU).", ""]
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
@@ -582,7 +584,7 @@ def write_outputs(results, args, device, pending=()):
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
             share = f"{r['selection_ms']:.1f} ({r['selection_share']:.1%})" if r["selection_ms"] else "–"
             net = f"{r['selection_net_ms']:.1f} ({r['selection_net_share']:.1%})" if r["selection_ms"] else "–"
-            if r["decode_ms_per_token"] is None:
+            if r["decode_ms_per_token"] is None or not full["decode_ms_per_token"]:
                 decode = "– | –"
             else:
                 decode = (f"{r['decode_ms_per_token']:.2f} | "
