@@ -1598,6 +1598,23 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
                 mm_encoder_outputs=mm_encoder_outputs, **_given(use_cache=use_cache, output_hidden_states=output_hidden_states),
                 **kwargs)
+        return self._pruned_forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+            mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, labels=labels, question_mask=question_mask,
+            answer_mask=answer_mask, visual_keep_masks=visual_keep_masks, gumbel_temperature=gumbel_temperature,
+            gumbel_noise=gumbel_noise, output_hidden_states=output_hidden_states, **kwargs)
+
+    # Under `torch.compile` the pruned forward runs eagerly (a graph break at this call; the head and anything around
+    # the model stay compiled): its sequence lengths follow the kept sets, and its prefill state -- the selector, the
+    # pruning points' compaction, the layers' borrowed inputs -- lives in Python objects that Dynamo traced into wrong
+    # shapes (FastV: a size mismatch) or an Inductor failure (RCP's prior) in torch 2.13. Eager is what is tested.
+    @torch.compiler.disable(reason="rcp-llava: the pruned forward's shapes follow the kept sets; it runs eagerly")
+    def _pruned_forward(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
+                        vision_feature_layer, vision_feature_select_strategy, image_sizes, mm_encoder_outputs,
+                        use_cache, labels, question_mask, answer_mask, visual_keep_masks, gumbel_temperature,
+                        gumbel_noise, output_hidden_states, **kwargs):
         self._check_config()
         return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}

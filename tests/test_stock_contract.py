@@ -314,3 +314,25 @@ def test_a_copied_cache_continues_twice_the_same():
                            min_new_tokens=2, do_sample=False)
     assert torch.equal(a, b) and a.shape[1] == batch["input_ids"].shape[1] + 4
     assert NUM_VISUAL == 16
+
+
+# 6. torch.compile with pruning on -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_torch_compile_of_a_pruning_model_gives_its_eager_outputs(name):
+    """`torch.compile(model)` as a transformers user writes it: the pruned forward runs eagerly inside the compiled
+    model (`torch.compiler.disable`; Dynamo traced FastV into a size mismatch and Inductor failed on RCP's prior before),
+    so logits, kept sets and greedy generation on a left-padded batch are the eager model's exactly."""
+    torch._dynamo.reset()
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        ref, out = model(**batch), compiled(**batch)
+        assert torch.equal(out.logits, ref.logits)
+        assert all(torch.equal(a, b) for a, b in zip(out.keep_masks, ref.keep_masks))
+        greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert torch.equal(compiled.generate(**batch, **greedy), model.generate(**batch, **greedy))
+    torch._dynamo.reset()
