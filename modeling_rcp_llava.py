@@ -1610,7 +1610,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     # the model stay compiled): its sequence lengths follow the kept sets, and its prefill state -- the selector, the
     # pruning points' compaction, the layers' borrowed inputs -- lives in Python objects that Dynamo traced into wrong
     # shapes (FastV: a size mismatch) or an Inductor failure (RCP's prior) in torch 2.13. Eager is what is tested.
-    @torch.compiler.disable(reason="rcp-llava: the pruned forward's shapes follow the kept sets; it runs eagerly")
+    # (No `reason=`: setup.cfg allows torch 2.4, whose `disable` takes none.)
+    @torch.compiler.disable
     def _pruned_forward(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
                         vision_feature_layer, vision_feature_select_strategy, image_sizes, mm_encoder_outputs,
                         use_cache, labels, question_mask, answer_mask, visual_keep_masks, gumbel_temperature,
