@@ -1598,6 +1598,12 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
                 mm_encoder_outputs=mm_encoder_outputs, **_given(use_cache=use_cache, output_hidden_states=output_hidden_states),
                 **kwargs)
+        if torch.compiler.is_compiling():
+            logger.warning_once(
+                f"torch.compile: `pruning_method={self.config.pruning_method!r}` runs the pruned forward eagerly (its "
+                "shapes follow the kept sets), so compiling it gives the same outputs and no speed-up there; "
+                "`pruning_method='none'` is the stock forward and compiles."
+            )
         return self._pruned_forward(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,

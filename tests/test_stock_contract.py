@@ -320,19 +320,31 @@ def test_a_copied_cache_continues_twice_the_same():
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_torch_compile_of_a_pruning_model_gives_its_eager_outputs(name):
+def test_torch_compile_of_a_pruning_model_gives_its_eager_outputs(name, monkeypatch):
     """`torch.compile(model)` as a transformers user writes it: the pruned forward runs eagerly inside the compiled
     model (`torch.compiler.disable`; Dynamo traced FastV into a size mismatch and Inductor failed on RCP's prior before),
-    so logits, kept sets and greedy generation on a left-padded batch are the eager model's exactly."""
+    so logits, kept sets and greedy generation on a left-padded batch are the eager model's exactly -- and the user is
+    told once that this part is not compiled."""
+    from modeling_rcp_llava import logger
+
+    said = []
+    monkeypatch.setattr(logger, "warning_once", said.append)
     torch._dynamo.reset()
     model = make_model(randomize_plugins=True, **METHODS[name])
     model.generation_config.pad_token_id = 0
     batch = make_batch(PADDED)
     compiled = torch.compile(model)
     with torch.no_grad():
-        ref, out = model(**batch), compiled(**batch)
+        ref = model(**batch)
+        assert not said  # eager: nothing to say
+        out = compiled(**batch)
         assert torch.equal(out.logits, ref.logits)
         assert all(torch.equal(a, b) for a, b in zip(out.keep_masks, ref.keep_masks))
         greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert torch.equal(compiled.generate(**batch, **greedy), model.generate(**batch, **greedy))
     torch._dynamo.reset()
+    method = METHODS[name].get("pruning_method", "rcp")
+    assert said and set(said) == {
+        f"torch.compile: `pruning_method={method!r}` runs the pruned forward eagerly (its shapes follow the kept "
+        "sets), so compiling it gives the same outputs and no speed-up there; `pruning_method='none'` is the stock "
+        "forward and compiles."}
