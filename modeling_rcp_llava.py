@@ -2402,6 +2402,20 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             )
         return super().generate(*args, **kwargs)
 
+    def _assisted_decoding(self, *args, **kwargs):
+        """Assisted and prompt-lookup decoding verify the draft in the same forward as the prompt: a pruned prefill
+        would select visual tokens with the draft appended (RCP's prior and FastV's attention read the text) and then
+        crop rejected draft tokens out of the pruned prompt's segments. Refused where an image would be pruned."""
+        image = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+        if self._pruning_active() and image:
+            raise ValueError(
+                "Assisted decoding (`assistant_model`, `prompt_lookup_num_tokens`, ...) is not supported with "
+                f"`pruning_method={self.config.pruning_method!r}`: its first forward verifies the draft together "
+                "with the prompt, so the pruned prefill would choose visual tokens with the draft appended. Generate "
+                "without an assistant, or use `pruning_method='none'`."
+            )
+        return super()._assisted_decoding(*args, **kwargs)
+
     def _supports_mm_encoder_outputs(self):
         """`generate` pre-encodes images (and chunked prefill needs it) for `none`, as for stock LLaVA; with pruning
         it passes `pixel_values`, which it expands whole for beams (see `forward`)."""

@@ -348,3 +348,45 @@ def test_torch_compile_of_a_pruning_model_gives_its_eager_outputs(name, monkeypa
         f"torch.compile: `pruning_method={method!r}` runs the pruned forward eagerly (its shapes follow the kept "
         "sets), so compiling it gives the same outputs and no speed-up there; `pruning_method='none'` is the stock "
         "forward and compiles."}
+
+
+# 7. Assisted / prompt-lookup decoding ------------------------------------------------------------------------------
+
+
+def _repeating_prompt():
+    """One prompt whose text repeats, so prompt lookup drafts tokens and the verifying forward rejects some."""
+    batch = make_batch(SINGLE)
+    tail = batch["input_ids"][:, -4:]
+    batch["input_ids"] = torch.cat([batch["input_ids"], tail, tail], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_assisted_decoding_is_refused_where_an_image_would_be_pruned(name):
+    """Its first forward verifies the draft with the prompt: the prefill would prune with the draft appended and then
+    crop into the pruned prompt (on 2f970f9: "Trying to create tensor with negative dimension" for RCP). A text-only
+    prompt is not pruned, and prompt lookup gives greedy decoding's tokens, as in stock."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = _repeating_prompt()
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    method = METHODS[name].get("pruning_method", "rcp")
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"^Assisted decoding .* `pruning_method='{method}'`"):
+        model.generate(**batch, **greedy, prompt_lookup_num_tokens=3)
+    text = {"input_ids": batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, 5),
+            "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert torch.equal(model.generate(**text, **greedy, prompt_lookup_num_tokens=3), model.generate(**text, **greedy))
+
+
+def test_none_decodes_with_prompt_lookup_as_stock():
+    model, stock = none_and_stock()
+    for m in (model, stock):
+        m.generation_config.pad_token_id = 0
+    batch = _repeating_prompt()
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        ours = model.generate(**batch, **greedy, prompt_lookup_num_tokens=3)
+        assert torch.equal(ours, stock.generate(**batch, **greedy, prompt_lookup_num_tokens=3))
+        assert torch.equal(ours, model.generate(**batch, **greedy))
