@@ -453,12 +453,22 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     # GQA without copying the keys: each kv head serves `groups` query heads, (B, Hkv, groups * Lq, hd)
     groups = q.shape[1] // k.shape[1]
     q = q.to(compute).reshape(bsz, k.shape[1], groups * q.shape[2], head_dim)
-    scores = (q @ k.to(compute).transpose(-1, -2)).mul_(attn_module.scaling)  # (B, Hkv, groups * Lq, T)
+    # In `compute` under a caller's autocast too (Trainer's bf16, `torch.autocast`): it would run this product in
+    # bf16, whose range the float32 mask value overflows -- and the prior is specified in at least float32.
+    with _without_autocast(q.device):
+        scores = (q @ k.to(compute).transpose(-1, -2)).mul_(attn_module.scaling)  # (B, Hkv, groups * Lq, T)
     scores = scores.view(bsz, -1, query_slots.shape[1], seq)  # (B, H, Lq, T)
     allowed = key_valid.unsqueeze(1) & (
         torch.arange(seq, device=q.device).view(1, 1, seq) <= query_slots.unsqueeze(-1)
     )  # (B, Lq, T)
     return scores.masked_fill_(~allowed.unsqueeze(1), torch.finfo(compute).min).softmax(-1)
+
+
+def _without_autocast(device):
+    """A context that turns off autocast on `device` while it is on (nothing to enter otherwise)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _first_slots(flags, width=None):

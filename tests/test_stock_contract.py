@@ -390,3 +390,52 @@ def test_none_decodes_with_prompt_lookup_as_stock():
         ours = model.generate(**batch, **greedy, prompt_lookup_num_tokens=3)
         assert torch.equal(ours, stock.generate(**batch, **greedy, prompt_lookup_num_tokens=3))
         assert torch.equal(ours, model.generate(**batch, **greedy))
+
+
+# 8. Mixed precision (autocast) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_pruning_runs_under_autocast_as_stock_does(name):
+    """`torch.autocast` (what Trainer's `bf16=True` runs the forward under) ran the Eq. (4) prior's product in bf16,
+    whose range the float32 mask value overflows: on 961029c every method that reads the layer's attention (RCP,
+    FastV, attention top-k) raised "value cannot be converted to type c10::BFloat16 without overflow", in inference
+    and in training. The prior's scores stay in float32; stock LLaVA runs under autocast, so must a pruning model."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        plain = model(**batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+        model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    valid = out.token_positions >= 0
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits[valid]).all()
+    assert torch.equal(out.token_positions >= 0, plain.token_positions >= 0) or name == "rcp-adaptive"
+    if name == "rcp":  # training: the differentiable layout, backward into the plug-ins
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)).loss
+        loss.backward()
+        grads = [p.grad for p in model.model.rcp_plugins.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_question_attention_probs_stay_in_float32_under_autocast():
+    from modeling_rcp_llava import question_attention_probs
+
+    model = make_model()
+    attn = model.model.language_model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 32, generator=g)
+    cos, sin = model.model.language_model.rotary_emb(hidden, torch.arange(9).expand(2, 9))
+    key_valid = torch.ones(2, 9, dtype=torch.bool)
+    key_valid[0, :2] = False
+    slots = torch.tensor([[7, 8], [6, 8]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        keys = attn.k_proj(hidden)  # bf16 under autocast, as the caller hands them over
+        probs = question_attention_probs(attn, hidden, cos, sin, key_valid, slots, keys=keys)
+        assert torch.is_autocast_enabled("cpu")  # the caller's autocast is back on afterwards
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 2))
+    assert (probs[0, :, :, :2] == 0).all() and (probs[1, :, 0, 7:] == 0).all()  # padding and the future get nothing
