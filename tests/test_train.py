@@ -504,3 +504,17 @@ def test_layer_lists_take_commas_or_separate_integers(argv):
     assert train_rcp._parse_int_list(job.pruning_layers, "pruning_layers") == [1, 13, 25]
     with pytest.raises(ValueError, match="must be integers, e.g. '1,13,25' or '1 13 25'"):
         train_rcp._parse_int_list(["1", "x"], "pruning_layers")
+
+
+def test_bf16_mixed_precision_trains(micro, tmp_path):
+    """`--bf16` runs the forward under autocast: before 5ea4dc4 the Eq. (4) prior's bf16 product overflowed its
+    float32 mask value ("value cannot be converted to type c10::BFloat16 without overflow") on the first step."""
+    make, _, _ = micro
+    model = make()
+    plugins_before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    trainer = make_trainer(micro, tmp_path, model=model, bf16=True, max_steps=2, save_strategy="no")
+    trainer.train()
+    losses = [entry["task_loss"] for entry in trainer.state.log_history if "task_loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(v, plugins_before[k]) for k, v in model.plugin_state_dict().items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision: the weights stay float32
