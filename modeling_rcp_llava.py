@@ -466,7 +466,8 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
 
 def _without_autocast(device):
     """A context that turns off autocast on `device` while it is on (nothing to enter otherwise)."""
-    if torch.is_autocast_enabled(device.type):
+    # `is_autocast_enabled` raises for device types autocast does not know (meta), as transformers' own helper notes
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -613,7 +614,8 @@ class SelectionContext:
                                          keys, rows)
         # Sum over the valid query rows first (one batched product), then heads, then read the visual columns.
         qw = q_valid.to(probs.dtype)  # (B, Lq)
-        per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
+        with _without_autocast(probs.device):  # in `probs`' float32 (a caller's autocast would make it bf16)
+            per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
         return per_key.gather(1, self.slots) / qw.sum(1, keepdim=True).clamp_min(1.0)  # (B, K)
 
     def question_prior(self):
@@ -795,7 +797,8 @@ def vispruner_cls_attention(vision_tower, hidden_states, vision_feature_layer):
     q = attn.q_proj(h[:, :1]).view(bsz, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, hd)
     k = attn.k_proj(h).view(bsz, seq, heads, head_dim).transpose(1, 2)  # (B, H, 1 + N, hd)
     compute = torch.promote_types(q.dtype, torch.float32)
-    probs = ((q.to(compute) @ k.to(compute).transpose(-1, -2)) * attn.scale).softmax(-1)  # (B, H, 1, 1 + N)
+    with _without_autocast(q.device):  # in `compute` under a caller's autocast too
+        probs = ((q.to(compute) @ k.to(compute).transpose(-1, -2)) * attn.scale).softmax(-1)  # (B, H, 1, 1 + N)
     return probs[:, :, 0, 1:].mean(1)  # (B, N)
 
 
@@ -833,7 +836,8 @@ def vispruner_keep_mask(cls_attention, features, budget, important_ratio):
         if second.shape[1] == 0:
             residual = first[:, drop:]
             continue
-        sim = normed[rows, first] @ normed[rows, second].transpose(1, 2)  # (B, R1, R2)
+        with _without_autocast(normed.device):  # cosine similarities in `compute`, under a caller's autocast too
+            sim = normed[rows, first] @ normed[rows, second].transpose(1, 2)  # (B, R1, R2)
         best = sim.max(-1).values  # (B, R1)
         by_sim = torch.sort(best, dim=1, descending=True, stable=True).indices[:, drop:]
         residual = torch.cat([first.gather(1, by_sim), second], dim=1)
@@ -1608,13 +1612,8 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
                 mm_encoder_outputs=mm_encoder_outputs, **_given(use_cache=use_cache, output_hidden_states=output_hidden_states),
                 **kwargs)
-        if torch.compiler.is_compiling():
-            logger.warning_once(
-                f"torch.compile: `pruning_method={self.config.pruning_method!r}` runs the pruned forward eagerly (its "
-                "shapes follow the kept sets), so compiling it gives the same outputs and no speed-up there; "
-                "`pruning_method='none'` is the stock forward and compiles."
-            )
         return self._pruned_forward(
+            _compiling=torch.compiler.is_compiling(),  # said there, eagerly: Dynamo would trace the warning's call
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
@@ -1631,7 +1630,13 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     def _pruned_forward(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
                         vision_feature_layer, vision_feature_select_strategy, image_sizes, mm_encoder_outputs,
                         use_cache, labels, question_mask, answer_mask, visual_keep_masks, gumbel_temperature,
-                        gumbel_noise, output_hidden_states, **kwargs):
+                        gumbel_noise, output_hidden_states, _compiling=False, **kwargs):
+        if _compiling:
+            logger.warning_once(
+                f"torch.compile: `pruning_method={self.config.pruning_method!r}` runs the pruned forward eagerly (its "
+                "shapes follow the kept sets), so compiling it gives the same outputs and no speed-up there; "
+                "`pruning_method='none'` is the stock forward and compiles."
+            )
         self._check_config()
         return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
@@ -2412,11 +2417,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             )
         return super().generate(*args, **kwargs)
 
-    def _assisted_decoding(self, *args, **kwargs):
+    def _assisted_decoding(self, *args, inputs_tensor=None, **kwargs):
         """Assisted and prompt-lookup decoding verify the draft in the same forward as the prompt: a pruned prefill
         would select visual tokens with the draft appended (RCP's prior and FastV's attention read the text) and then
         crop rejected draft tokens out of the pruned prompt's segments. Refused where an image would be pruned."""
-        image = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+        image = (kwargs.get("pixel_values") is not None
+                 or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None)  # as `_embed` reads them
         if self._pruning_active() and image:
             raise ValueError(
                 "Assisted decoding (`assistant_model`, `prompt_lookup_num_tokens`, ...) is not supported with "
@@ -2424,7 +2430,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 "with the prompt, so the pruned prefill would choose visual tokens with the draft appended. Generate "
                 "without an assistant, or use `pruning_method='none'`."
             )
-        return super()._assisted_decoding(*args, **kwargs)
+        # named, so that `generate` passes it (it looks for the name in the signature), as to stock
+        return super()._assisted_decoding(*args, inputs_tensor=inputs_tensor, **kwargs)
 
     def _supports_mm_encoder_outputs(self):
         """`generate` pre-encodes images (and chunked prefill needs it) for `none`, as for stock LLaVA; with pruning

@@ -333,15 +333,16 @@ def test_torch_compile_of_a_pruning_model_gives_its_eager_outputs(name, monkeypa
     model = make_model(randomize_plugins=True, **METHODS[name])
     model.generation_config.pad_token_id = 0
     batch = make_batch(PADDED)
-    compiled = torch.compile(model)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with torch.no_grad():
-        ref = model(**batch)
+        ref, ref_tokens = model(**batch), model.generate(**batch, **greedy)
         assert not said  # eager: nothing to say
-        out = compiled(**batch)
+        out = torch.compile(model)(**batch)
         assert torch.equal(out.logits, ref.logits)
         assert all(torch.equal(a, b) for a, b in zip(out.keep_masks, ref.keep_masks))
-        greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        assert torch.equal(compiled.generate(**batch, **greedy), model.generate(**batch, **greedy))
+        # `generate` calls the model's own forward (a compiled wrapper's `generate` is the eager model's): compile that
+        model.forward = torch.compile(model.forward)
+        assert torch.equal(model.generate(**batch, **greedy), ref_tokens)
     torch._dynamo.reset()
     method = METHODS[name].get("pruning_method", "rcp")
     assert said and set(said) == {
@@ -439,3 +440,58 @@ def test_question_attention_probs_stay_in_float32_under_autocast():
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 2))
     assert (probs[0, :, :, :2] == 0).all() and (probs[1, :, 0, 7:] == 0).all()  # padding and the future get nothing
+
+
+def test_autocast_off_only_where_autocast_is_known_and_on():
+    """The meta device has no autocast (`torch.is_autocast_enabled('meta')` raises): nothing to turn off there."""
+    from modeling_rcp_llava import _without_autocast
+
+    with _without_autocast(torch.device("meta")):
+        assert torch.ones(2, device="meta").shape == (2,)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _without_autocast(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_prior_and_vispruner_similarities_stay_in_float32_under_autocast(monkeypatch):
+    """Under a caller's autocast the Eq. (4) prior's question-row sum runs in float32: given the same attention
+    probabilities (here fixed float32 ones, whose bits bf16 cannot hold) it is the prior of a run without autocast,
+    bit for bit. VisPruner's cosine similarities are float32 products too (its ranking is specified in float32)."""
+    import modeling_rcp_llava
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from modeling_rcp_llava import vispruner_keep_mask
+
+    def fixed_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None, rows=None):
+        bsz, seq = key_valid.shape
+        g = torch.Generator().manual_seed(seq)
+        heads = attn_module.config.num_attention_heads
+        return torch.rand(bsz, heads, query_slots.shape[1], seq, generator=g).softmax(-1)
+
+    priors, centred = [], modeling_rcp_llava._centred_log
+    monkeypatch.setattr(modeling_rcp_llava, "question_attention_probs", fixed_probs)
+    monkeypatch.setattr(modeling_rcp_llava, "_centred_log", lambda a, valid: priors.append(a) or centred(a, valid))
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+    assert len(priors) == 4 and torch.equal(priors[2], priors[0])  # the first pruning point of each run
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.mm):
+                self.dtypes.add(out.dtype)
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    cls_attention, features = torch.rand(2, 16, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16), ProductDtypes() as products:
+        vispruner_keep_mask(cls_attention, features, 6, 0.5)
+    assert products.dtypes == {torch.float32}
