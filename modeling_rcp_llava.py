@@ -54,6 +54,7 @@ from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
 )
 from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.generic import maybe_autocast  # autocast off where it is on (as Llama's RoPE turns it off)
 
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
@@ -455,21 +456,13 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     q = q.to(compute).reshape(bsz, k.shape[1], groups * q.shape[2], head_dim)
     # In `compute` under a caller's autocast too (Trainer's bf16, `torch.autocast`): it would run this product in
     # bf16, whose range the float32 mask value overflows -- and the prior is specified in at least float32.
-    with _without_autocast(q.device):
+    with maybe_autocast(q.device.type, enabled=False):
         scores = (q @ k.to(compute).transpose(-1, -2)).mul_(attn_module.scaling)  # (B, Hkv, groups * Lq, T)
     scores = scores.view(bsz, -1, query_slots.shape[1], seq)  # (B, H, Lq, T)
     allowed = key_valid.unsqueeze(1) & (
         torch.arange(seq, device=q.device).view(1, 1, seq) <= query_slots.unsqueeze(-1)
     )  # (B, Lq, T)
     return scores.masked_fill_(~allowed.unsqueeze(1), torch.finfo(compute).min).softmax(-1)
-
-
-def _without_autocast(device):
-    """A context that turns off autocast on `device` while it is on (nothing to enter otherwise)."""
-    # `is_autocast_enabled` raises for device types autocast does not know (meta), as transformers' own helper notes
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _first_slots(flags, width=None):
@@ -614,7 +607,8 @@ class SelectionContext:
                                          keys, rows)
         # Sum over the valid query rows first (one batched product), then heads, then read the visual columns.
         qw = q_valid.to(probs.dtype)  # (B, Lq)
-        with _without_autocast(probs.device):  # in `probs`' float32 (a caller's autocast would make it bf16)
+        # in `probs`' float32 (a caller's autocast would make this product bf16)
+        with maybe_autocast(probs.device.type, enabled=False):
             per_key = (qw.view(qw.shape[0], 1, 1, -1) @ probs).squeeze(2).mean(1)  # (B, T')
         return per_key.gather(1, self.slots) / qw.sum(1, keepdim=True).clamp_min(1.0)  # (B, K)
 
@@ -797,7 +791,7 @@ def vispruner_cls_attention(vision_tower, hidden_states, vision_feature_layer):
     q = attn.q_proj(h[:, :1]).view(bsz, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, hd)
     k = attn.k_proj(h).view(bsz, seq, heads, head_dim).transpose(1, 2)  # (B, H, 1 + N, hd)
     compute = torch.promote_types(q.dtype, torch.float32)
-    with _without_autocast(q.device):  # in `compute` under a caller's autocast too
+    with maybe_autocast(q.device.type, enabled=False):  # in `compute` under a caller's autocast too
         probs = ((q.to(compute) @ k.to(compute).transpose(-1, -2)) * attn.scale).softmax(-1)  # (B, H, 1, 1 + N)
     return probs[:, :, 0, 1:].mean(1)  # (B, N)
 
@@ -836,7 +830,7 @@ def vispruner_keep_mask(cls_attention, features, budget, important_ratio):
         if second.shape[1] == 0:
             residual = first[:, drop:]
             continue
-        with _without_autocast(normed.device):  # cosine similarities in `compute`, under a caller's autocast too
+        with maybe_autocast(normed.device.type, enabled=False):  # cosines in `compute`, under autocast too
             sim = normed[rows, first] @ normed[rows, second].transpose(1, 2)  # (B, R1, R2)
         best = sim.max(-1).values  # (B, R1)
         by_sim = torch.sort(best, dim=1, descending=True, stable=True).indices[:, drop:]

@@ -443,15 +443,39 @@ def test_question_attention_probs_stay_in_float32_under_autocast():
 
 
 def test_autocast_off_only_where_autocast_is_known_and_on():
-    """The meta device has no autocast (`torch.is_autocast_enabled('meta')` raises): nothing to turn off there."""
-    from modeling_rcp_llava import _without_autocast
+    """The meta device has no autocast (`torch.is_autocast_enabled('meta')` raises): the prior turns nothing off there
+    (transformers' `maybe_autocast`, as Llama's RoPE uses it), and it still runs; on the CPU the caller's autocast is
+    off inside the prior's product and on again after it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from modeling_rcp_llava import question_attention_probs
 
-    with _without_autocast(torch.device("meta")):
-        assert torch.ones(2, device="meta").shape == (2,)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with _without_autocast(torch.device("cpu")):
-            assert not torch.is_autocast_enabled("cpu")
+    def probs_on(device):
+        with torch.device(device):
+            model = make_model()
+            attn = model.model.language_model.layers[1].self_attn
+            hidden = torch.randn(2, 9, 32)
+            cos, sin = model.model.language_model.rotary_emb(hidden, torch.arange(9).expand(2, 9))
+            return question_attention_probs(attn, hidden, cos, sin, torch.ones(2, 9, dtype=torch.bool),
+                                            torch.tensor([[7, 8], [6, 8]]))
+
+    assert probs_on("meta").shape == (2, 4, 2, 9)
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.bmm:
+                self.dtypes.append(out.dtype)
+            return out
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with Products() as products:
+            probs_on("cpu")
         assert torch.is_autocast_enabled("cpu")
+    assert products.dtypes == [torch.float32]  # the scores' product (the projections are mm, under autocast)
 
 
 def test_prior_and_vispruner_similarities_stay_in_float32_under_autocast(monkeypatch):
