@@ -452,7 +452,7 @@ def main():
 
         timers = {name: SelectionTimer(device) for name in methods if name.startswith("rcp")}
         originals = {name: timer.wrap(models[name]) for name, timer in timers.items()}
-        prefill, e2e, decode, steps_timed, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}, {}, {}
+        prefill, e2e, clocks, kv, peak, sel_per_run, reused_per_run = {}, {}, {}, {}, {}, {}, {}
         with torch.no_grad():
             for round_index in range(args.repeats + 1):  # round 0 is the warm-up
                 # Every other round in reverse order: no method always runs right after the same one (the machine's
@@ -486,8 +486,7 @@ def main():
                         continue
                     prefill.setdefault(name, []).append(t_prefill)
                     e2e.setdefault(name, []).append(t_e2e)
-                    decode.setdefault(name, []).append(clock.per_token())
-                    steps_timed.setdefault(name, []).append(len(clock.times))
+                    clocks.setdefault(name, []).append(clock)
                     sel_per_run.setdefault(name, []).append(sel)
                     reused_per_run.setdefault(name, []).append(sel_reused)
                     if device.type == "cuda":
@@ -507,6 +506,7 @@ def main():
             flops = llava_flops(base.config, num_text_tokens=text_tokens, decoder_tokens_per_layer=tokens,
                                 batch_size=bsz).total
             p, e = statistics.median(prefill[name]), statistics.median(e2e[name])
+            steps = [clock.per_token() for clock in clocks[name]]  # seconds per decode step, per run
             decoding = args.new_tokens > 0
             results.append({
                 "method": name, "batch_size": bsz, "budget": budget, "dtype": str(dtype).removeprefix("torch."),
@@ -516,10 +516,9 @@ def main():
                 "prefill_x_ideal": (paired_ratio(name, name.replace("rcp", "ideal"))
                                     if name.startswith("rcp") and name.replace("rcp", "ideal") in prefill else None),
                 # timed step by step inside generate (`StepClock`); None with fewer than 2 new tokens
-                "decode_ms_per_token": (statistics.median(decode[name]) * 1e3
-                                        if decoding and None not in decode[name] else None),
-                "decode_ms_per_token_runs": [t * 1e3 if t is not None else None for t in decode[name]],
-                "decode_clock_readings": steps_timed[name],  # per run: one per new token
+                "decode_ms_per_token": statistics.median(steps) * 1e3 if decoding and None not in steps else None,
+                "decode_ms_per_token_runs": [t * 1e3 if t is not None else None for t in steps],
+                "decode_clock_readings": [len(clock.times) for clock in clocks[name]],  # per run: one per new token
                 "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
