@@ -1634,6 +1634,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         self._check_config()
         return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
+        cache_asked = use_cache is True  # by the caller, not the config's default (a training forward's)
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if not self.training and use_cache and past_key_values is None:
             past_key_values = RcpDynamicCache(config=self.config.text_config)
@@ -1654,6 +1655,13 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                                           answer_mask, visual_keep_masks, gumbel_temperature, gumbel_noise,
                                           past_key_values,
                                           past_length, use_cache)
+                if run.differentiable and cache_asked:
+                    logger.warning_once(
+                        "`use_cache=True` is ignored by RCP's differentiable training layout (train mode, plug-ins "
+                        "training): it keeps every token in place behind soft key weights, so `past_key_values` is "
+                        "None. To decode on, pass a cache (`past_key_values=DynamicCache()`, as `generate` does) or "
+                        "call `model.eval()`."
+                    )
                 output = self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
                                             hidden_states, layer_kwargs)
             else:
@@ -1895,8 +1903,20 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                 "dynamic cache (leave `cache_implementation` unset)."
             )
         # The differentiable layout only where RCP's plug-ins train; anything else (baselines, a frozen pruner,
-        # fine-tuning the backbone of a pruned model) prunes physically, in train mode too.
-        layout = self.pruning_layout or ("mask" if self.training and self._plugins_train() else "discard")
+        # fine-tuning the backbone of a pruned model) prunes physically, in train mode too. So does a prefill given a
+        # cache to fill (`generate`, or a caller who decodes on): the mask layout keeps every token in place behind
+        # soft key weights and fills no cache, so decoding on would forget the prompt.
+        layout = self.pruning_layout
+        if layout is None and self.training and self._plugins_train():
+            layout = "mask" if cache is None else "discard"
+            if cache is not None:
+                logger.warning_once(
+                    "RCP's plug-ins are in train mode, but this prefill fills a KV cache (`generate`, or a given "
+                    "`past_key_values`), which the differentiable training layout cannot: it prunes physically, as "
+                    "at inference, with the plug-ins' dropout on. Call `model.eval()` before generating for "
+                    "deterministic pruning."
+                )
+        layout = layout or "discard"
         if layout not in ("mask", "discard"):
             raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
         if layout == "mask" and not self.config.pruning_spec.plugins and visual_keep_masks is None:

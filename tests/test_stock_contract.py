@@ -519,3 +519,34 @@ def test_prior_and_vispruner_similarities_stay_in_float32_under_autocast(monkeyp
     with torch.autocast("cpu", dtype=torch.bfloat16), ProductDtypes() as products:
         vispruner_keep_mask(cls_attention, features, 6, 0.5)
     assert products.dtypes == {torch.float32}
+
+
+# 9. generate in train mode --------------------------------------------------------------------------------------
+
+
+def test_rcp_generate_in_train_mode_keeps_the_prompt_in_its_cache(monkeypatch):
+    """On 50040c4 a train-mode `generate` (a model never put in eval, or generation inside a training loop) ran RCP's
+    prefill in the differentiable layout, which fills no cache: every later step saw only the generated tokens
+    (layer 0 held 3 of 31 after 4 new tokens) and produced noise. Stock generates the same in train mode as in eval.
+    A prefill given a cache now prunes physically: without dropout in the plug-ins, train mode generates exactly
+    what eval does, and the user is told once why train-mode pruning is not the training forward's."""
+    from modeling_rcp_llava import logger
+
+    said = []
+    monkeypatch.setattr(logger, "warning_once", said.append)
+    model = make_model(randomize_plugins=True, query_dropout=0.0, pruner_dropout=0.0)
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(**batch, **greedy)
+        assert not said
+        model.train()
+        out = model.generate(**batch, **greedy)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert out.past_key_values.layers[0].keys.shape[-2] == batch["input_ids"].shape[1] + 3
+    assert len(said) == 1 and "fills a KV cache" in said[0] and "model.eval()" in said[0]
+    # The training forward itself is unchanged: the differentiable layout (every token in place), no cache.
+    out = model(**batch, use_cache=True)
+    assert out.logits.shape[1] == batch["input_ids"].shape[1] and out.past_key_values is None
+    assert "`use_cache=True` is ignored" in said[-1]
