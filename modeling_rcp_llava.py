@@ -735,8 +735,10 @@ class FastvSelector(TokenSelector):
             raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
         prev = self.model.language_model.layers[prev_idx]
         hidden = ctx.hidden
-        if self.config.fastv_query == "last":  # rows are right-aligned: the last slot is the last prompt token
-            q_slots = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+        if self.config.fastv_query == "last":  # each row's last valid slot: the last slot under left padding,
+            # not under right padding (a `forward` with a right-padding collator; `generate` refuses it)
+            slots = torch.arange(hidden.shape[1], device=hidden.device)
+            q_slots = torch.where(ctx.prefill.slot_valid, slots, -1).amax(1, keepdim=True)  # (B, 1)
             q_valid = torch.ones_like(q_slots, dtype=torch.bool)
         else:
             q_slots, q_valid = ctx.question_slots()

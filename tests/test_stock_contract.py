@@ -550,3 +550,28 @@ def test_rcp_generate_in_train_mode_keeps_the_prompt_in_its_cache(monkeypatch):
     out = model(**batch, use_cache=True)
     assert out.logits.shape[1] == batch["input_ids"].shape[1] and out.past_key_values is None
     assert "`use_cache=True` is ignored" in said[-1]
+
+
+# 10. Right padding in forward -------------------------------------------------------------------------------------
+
+
+def _right_padded(batch):
+    ids, mask = torch.zeros_like(batch["input_ids"]), torch.zeros_like(batch["attention_mask"])
+    for i, (row, valid) in enumerate(zip(batch["input_ids"], batch["attention_mask"].bool())):
+        ids[i, : int(valid.sum())], mask[i, : int(valid.sum())] = row[valid], 1
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_forward_on_a_right_padded_batch_equals_the_left_padded_one(name):
+    """A right-padding collator (a loss evaluation) must not change what is kept. On 50040c4 FastV's "last prompt
+    token" query read the last slot, a pad under right padding: 2 of 3 rows kept other tokens (logits off by 0.35)."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    left = make_batch(PADDED)
+    right = _right_padded(left)
+    with torch.no_grad():
+        a, b = model(**left), model(**right)
+    assert torch.equal(a.keep_masks, b.keep_masks)
+    for i in range(len(PADDED)):
+        x, y = a.logits[i][a.token_positions[i] >= 0], b.logits[i][b.token_positions[i] >= 0]
+        assert x.shape == y.shape and (x - y).abs().max() <= 1e-5
