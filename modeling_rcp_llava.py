@@ -2372,6 +2372,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
         loss = None
         if labels is not None:
+            if logits.shape[1] != hidden.shape[1]:
+                # Stock fails here deep in the loss (logits of fewer positions than labels); with pruning the kept
+                # labels would be sliced too, and a loss over the last positions alone is nan or silently partial.
+                raise ValueError(
+                    f"`labels` need the logits of every position, but `logits_to_keep={logits_to_keep!r}` keeps "
+                    f"{logits.shape[1]} of {hidden.shape[1]}. Leave `logits_to_keep=0` (the default) when passing "
+                    "`labels`."
+                )
             # Labels follow the tokens that survived: discarded visual tokens never carry an answer.
             positions = outputs.token_positions
             kept_labels = torch.where(positions >= 0, labels.gather(1, positions.clamp_min(0)), -100)

@@ -575,3 +575,21 @@ def test_forward_on_a_right_padded_batch_equals_the_left_padded_one(name):
     for i in range(len(PADDED)):
         x, y = a.logits[i][a.token_positions[i] >= 0], b.logits[i][b.token_positions[i] >= 0]
         assert x.shape == y.shape and (x - y).abs().max() <= 1e-5
+
+
+# 11. labels with logits_to_keep -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [1, 5, torch.tensor([0, 3])], ids=["1", "5", "indices"])
+def test_labels_with_a_partial_logits_to_keep_are_refused(keep):
+    """On 50040c4 the pruned loss sliced the labels with the logits and returned nan for `logits_to_keep=1` (a loss over
+    the kept window, silently partial, otherwise); stock fails deep in cross-entropy. Both cases: a clear error."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`labels` need the logits of every position, but "
+                                                          r"`logits_to_keep=.*` keeps \d+ of \d+\. Leave"):
+        model(**batch, labels=labels, logits_to_keep=keep)
+    with torch.no_grad():  # every position kept: the loss of the default
+        whole = model(**batch, labels=labels).loss
+        assert torch.equal(model(**batch, labels=labels, logits_to_keep=batch["input_ids"].shape[1]).loss, whole)
