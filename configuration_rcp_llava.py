@@ -251,6 +251,10 @@ class RcpLlavaConfig(LlavaConfig):
     """
 
     model_type = "rcp_llava"
+    # What `Trainer.prediction_step` leaves out of the predictions: the cache (as for stock, the default) and the
+    # per-sample lists of kept indices, which are no tensor to gather or pad across batches; `token_positions` and
+    # `keep_masks` (tensors) carry the same information.
+    keys_to_ignore_at_inference = ["past_key_values", "kept_indices"]
 
     pruning_method: str = "rcp"
     pruning_layers: list[int] | None = None

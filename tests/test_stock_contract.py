@@ -3,6 +3,7 @@
 and pruning happens only in a prefill that carries an image."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -593,3 +594,48 @@ def test_labels_with_a_partial_logits_to_keep_are_refused(keep):
     with torch.no_grad():  # every position kept: the loss of the default
         whole = model(**batch, labels=labels).loss
         assert torch.equal(model(**batch, labels=labels, logits_to_keep=batch["input_ids"].shape[1]).loss, whole)
+
+
+# 12. transformers' Trainer.predict / evaluate -------------------------------------------------------------------------
+
+
+def test_plain_trainer_predicts_with_a_pruning_model(tmp_path):
+    """`Trainer.predict` (and `evaluate` with `compute_metrics`) gathers every output that is not in
+    `config.keys_to_ignore_at_inference`; on 50040c4 it raised "Unsupported types (_KeptIndices)". The predictions
+    now hold the pruned logits and `token_positions` (padded with -100 across batches), which map them back."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED + [(4, 2, True)])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return {"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i],
+                    "pixel_values": batch["pixel_values"][i], "labels": labels[i]}
+
+    seen = []
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2,
+                             per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
+                      compute_metrics=lambda p: seen.append(p) or {"rows": len(p.label_ids)})
+    before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    assert math.isfinite(trainer.train().training_loss)  # the model's own loss, in RCP's training layout
+    assert any(not torch.equal(before[k], v) for k, v in model.plugin_state_dict().items())
+    out = trainer.predict(Rows())
+    logits, positions = out.predictions[0], out.predictions[2]
+    assert out.metrics["test_rows"] == 4 and len(seen) == 1
+    for i in range(4):
+        with torch.no_grad():
+            single = model(**{k: v[i : i + 1] for k, v in batch.items()}, labels=labels[i : i + 1])  # labels: RCP's
+            # question (the prior's queries) is the prompt before the labelled answer, as in the Trainer's forward
+        valid = positions[i] >= 0  # -100: padding between the batches' pruned lengths
+        assert positions[i][valid].tolist() == single.token_positions[0][single.token_positions[0] >= 0].tolist()
+        own = single.logits[0][single.token_positions[0] >= 0]
+        assert abs(torch.as_tensor(logits[i][valid]) - own).max() <= 1e-4
+    assert "keys_to_ignore_at_inference" not in model.config.to_dict()
