@@ -2491,8 +2491,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `overwrite=True`. With `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is
         given) happens inside the call."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
-        if not kwargs.get("is_main_process", True) or os.path.isfile(save_directory):
-            return super().save_pretrained(save_directory, *args, **kwargs)  # transformers' own handling
+        # transformers' own handling: not the main process, a file in the way, or a PEFT adapter attached with
+        # `add_adapter` / `load_adapter` (then only the adapter is written, as for stock: no model files)
+        if (not kwargs.get("is_main_process", True) or os.path.isfile(save_directory)
+                or getattr(self, "_hf_peft_config_loaded", False)):
+            return super().save_pretrained(save_directory, *args, **kwargs)
         save_directory = os.fspath(save_directory)
         _refuse_other_model(save_directory, self.config, overwrite)
         if kwargs.get("push_to_hub"):
@@ -2546,6 +2549,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
         if not overwrite and os.path.exists(config_path):
             _refuse_other_plugins(config_path, record)
+        self._check_plugins_unwrapped("save_plugins")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
         atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
@@ -2564,6 +2568,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         """
         if _load_safetensors is None:  # pragma: no cover
             raise ImportError("Loading RCP plug-ins needs `safetensors` (`pip install safetensors`).")
+        self._check_plugins_unwrapped("load_plugins")
         plugin_config = read_plugin_config(plugins, **hub_kwargs)
         text = self.config.text_config
         _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins)
@@ -2751,12 +2756,38 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
               f" || plug-in params: {plugins:,d}")
 
-    def load_adapter(self, plugins, *args, strict=True, **hub_kwargs):
-        """`load_plugins` under the name transformers' PEFT integration uses (it needs `peft` and PEFT adapters; RCP
-        plug-ins are their own format)."""
-        if args:
+    def _check_plugins_unwrapped(self, action):
+        """ValueError when PEFT wrapped plug-in modules (LoRA on their linear maps: `target_modules="all-linear"`, or
+        `modules_to_save=["rcp_plugins"]`): their tensors then live under PEFT's names (`base_layer`, `lora_A`,
+        `modules_to_save.default`), so a plug-in checkpoint would hold, or be copied into, the wrong tensors."""
+        wrapped = [k for k in self.state_dict() if k.startswith(PLUGIN_PREFIX) and any(
+            part in ("base_layer", "modules_to_save", "original_module") or part.startswith("lora_")
+            for part in k.split("."))]
+        if wrapped:
+            fix = ("call it on `peft_model.merge_and_unload()` (the trained values in place), or save the adapter with "
+                   "PEFT's `save_pretrained`" if action == "save_plugins" else
+                   "load the plug-ins before wrapping the model with PEFT")
+            raise ValueError(
+                f"`{action}`: PEFT wrapped {len(wrapped)} plug-in tensor(s) (e.g. {wrapped[0]!r}), so they are no "
+                f"longer the plug-ins' own parameters; {fix}."
+            )
+
+    def load_adapter(self, peft_model_id=None, *args, strict=True, **kwargs):
+        """`load_plugins` for an RCP plug-in checkpoint, under the name transformers' PEFT integration uses. A PEFT
+        adapter -- a folder with `adapter_config.json` and no `rcp_config.json`, or a call with PEFT's own arguments
+        (`adapter_name`, `peft_config`, `adapter_state_dict`) -- goes to that integration, as on a stock model (e.g.
+        LoRA on the backbone saved by `save_pretrained` after `add_adapter`)."""
+        peft_args = bool(args) or any(kwargs.get(k) is not None for k in
+                                      ("adapter_name", "peft_config", "adapter_state_dict"))
+        folder = (os.path.join(os.fspath(peft_model_id), kwargs.get("subfolder") or "")
+                  if isinstance(peft_model_id, (str, os.PathLike)) and os.path.isdir(peft_model_id) else None)
+        plugins = folder is not None and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
+        adapter = folder is not None and os.path.isfile(os.path.join(folder, "adapter_config.json"))
+        if peft_model_id is None or (not plugins and (peft_args or adapter)):
+            return super().load_adapter(peft_model_id, *args, **kwargs)
+        if peft_args:
             raise TypeError("RCP plug-ins have no adapter names: call `load_adapter(plugins_folder_or_repo)`.")
-        return self.load_plugins(plugins, strict=strict, **hub_kwargs)
+        return self.load_plugins(peft_model_id, strict=strict, **kwargs)
 
 
 __all__ = [

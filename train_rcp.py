@@ -386,6 +386,12 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, **kwargs):
+        if model is not None and callable(getattr(type(model), "get_base_model", None)):  # a PEFT `PeftModel`
+            raise ValueError(
+                f"`RcpTrainer` trains RCP's plug-ins on a frozen backbone, but got a PEFT-wrapped model "
+                f"({type(model).__name__}), whose parameter names it cannot read. Pass the RCP model itself: "
+                "`peft_model.merge_and_unload()` (LoRA merged into the backbone) or `peft_model.get_base_model()`."
+            )
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
         freeze_backbone(model)

@@ -1,0 +1,124 @@
+"""PEFT with a pruning model: LoRA on the backbone keeps the pruning exact, transformers' own adapter round trip
+(`add_adapter` -> `save_pretrained` -> `load_adapter`) works as on stock, and plug-in checkpoints refuse tensors PEFT
+wrapped instead of saving or loading the wrong ones."""
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+
+peft = pytest.importorskip("peft")  # the [dev] extra installs it
+
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+METHODS = {"rcp": dict(), "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[],
+                                        pruning_keep_counts=[6])}
+GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+
+def _model(**overrides):
+    model = make_model(randomize_plugins=True, **overrides)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _lora(model, init=True, **config):
+    return peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=init, **config))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_lora_on_the_backbone_prunes_as_the_model_it_wraps(name):
+    """RCP's prior and FastV call the pruning layer's own q/k projections: LoRA wrapping them must reach selection. At
+    init (B = 0) the PEFT model is the model itself, bit for bit; with random LoRA weights it keeps what its merged
+    backbone keeps (merging reorders the sums: 1e-6)."""
+    model = _model(**METHODS[name])
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        ref, ref_tokens = model(**batch), model.generate(**batch, **GREEDY)
+    wrapped = _lora(copy.deepcopy(model), target_modules=["q_proj", "k_proj", "v_proj"]).eval()
+    with torch.no_grad():
+        out = wrapped(**batch)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.keep_masks, ref.keep_masks)
+        assert torch.equal(wrapped.generate(**batch, **GREEDY), ref_tokens)
+    torch.manual_seed(0)
+    lora = _lora(copy.deepcopy(model), init=False, target_modules=["q_proj", "k_proj", "v_proj"]).eval()
+    with torch.no_grad():
+        out = lora(**batch)
+        assert not torch.equal(out.keep_masks, ref.keep_masks)  # the LoRA weights changed the attention prior
+        merged = lora.merge_and_unload()
+        same = merged(**batch)
+        assert torch.equal(same.keep_masks, out.keep_masks)
+        valid = same.token_positions >= 0
+        assert (same.logits[valid] - out.logits[valid]).abs().max() <= 1e-5
+
+
+def test_transformers_adapter_round_trip_as_on_stock(tmp_path):
+    """`add_adapter` -> `save_pretrained` -> `load_adapter`: on 50040c4 RCP's `load_adapter` took every folder for a
+    plug-in checkpoint ("has no rcp_config.json"), and `save_pretrained` put the Hub files into the adapter folder.
+    An adapter folder now holds what stock writes, and loads back to the same logits; RCP plug-ins still load by the
+    same name, and refuse an adapter name."""
+    model = _model()
+    batch = make_batch(PADDED)
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(0)
+    model.add_adapter(peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "lora")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "lora"))
+    assert not {"config.json", "modeling_rcp_llava.py", "model.safetensors"} & set(os.listdir(tmp_path / "lora"))
+    fresh.load_adapter(str(tmp_path / "lora"))
+    with torch.no_grad():
+        a, b = model(**batch), fresh(**batch)
+        plain = _model()(**batch)
+    assert torch.equal(a.logits, b.logits) and not torch.equal(a.logits, plain.logits)
+
+    plugins = _model(seed=5)
+    plugins.save_plugins(tmp_path / "plugins")
+    target = _model()
+    target.load_adapter(str(tmp_path / "plugins"))
+    assert all(torch.equal(v, plugins.plugin_state_dict()[k]) for k, v in target.plugin_state_dict().items())
+    with pytest.raises(TypeError, match="RCP plug-ins have no adapter names"):
+        target.load_adapter(str(tmp_path / "plugins"), adapter_name="other")
+
+
+@pytest.mark.parametrize("wrap", ["modules_to_save", "all-linear"])
+def test_plugin_checkpoints_refuse_peft_wrapped_plugins(wrap, tmp_path):
+    """On 50040c4 `save_plugins` under `modules_to_save=["rcp_plugins"]` wrote 136 tensors (the untrained original and
+    the trained copy) and under LoRA on every linear map PEFT's `base_layer` names: files `load_plugins` then refused.
+    Both now refuse to save (or load) with the fix; saved after `merge_and_unload`, the trained values round-trip."""
+    model = _model()
+    config = (dict(target_modules=["q_proj"], modules_to_save=["rcp_plugins"]) if wrap == "modules_to_save"
+              else dict(target_modules="all-linear"))
+    torch.manual_seed(0)
+    wrapped = _lora(model, init=False, **config)
+    with torch.no_grad():  # "training": the plug-ins PEFT trains (the copy, or their LoRA factors) move
+        for name, p in wrapped.named_parameters():
+            if p.requires_grad and "rcp_plugins" in name:
+                p.add_(0.1)
+    with pytest.raises(ValueError, match=r"`save_plugins`: PEFT wrapped \d+ plug-in tensor\(s\) .*merge_and_unload"):
+        wrapped.save_plugins(tmp_path / "refused")
+    assert not (tmp_path / "refused" / "rcp_plugins.safetensors").exists()
+    with pytest.raises(ValueError, match=r"`load_plugins`: PEFT wrapped .*load the plug-ins before wrapping"):
+        wrapped.load_plugins(tmp_path / "refused")
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        before = wrapped.eval()(**batch)
+    merged = wrapped.merge_and_unload()
+    merged.save_plugins(tmp_path / "merged")
+    loaded = _model(seed=7)
+    loaded.load_state_dict({k: v for k, v in merged.state_dict().items() if ".rcp_plugins." not in k}, strict=False)
+    loaded.load_plugins(tmp_path / "merged")
+    assert all(torch.equal(v, merged.plugin_state_dict()[k]) for k, v in loaded.plugin_state_dict().items())
+    with torch.no_grad():
+        after = loaded.eval()(**batch)
+    assert torch.equal(after.keep_masks, before.keep_masks)
+    assert (after.logits - before.logits)[after.token_positions >= 0].abs().max() <= 1e-5
+
+
+def test_rcp_trainer_refuses_a_peft_model_by_name(tmp_path):
+    """On 50040c4 a `PeftModel` got "The model has no plug-in parameters to train" (its names carry PEFT's prefix)."""
+    from train_rcp import RcpTrainer, RcpTrainingArguments
+
+    wrapped = _lora(_model(), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"got a PEFT-wrapped model \(PeftModel\).*merge_and_unload\(\)"):
+        RcpTrainer(model=wrapped, args=RcpTrainingArguments(output_dir=str(tmp_path), report_to=[]))
