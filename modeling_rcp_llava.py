@@ -735,13 +735,13 @@ class FastvSelector(TokenSelector):
             raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
         prev = self.model.language_model.layers[prev_idx]
         hidden = ctx.hidden
-        if self.config.fastv_query == "last":  # each row's last valid slot: the last slot under left padding,
-            # not under right padding (a `forward` with a right-padding collator; `generate` refuses it)
-            slots = torch.arange(hidden.shape[1], device=hidden.device)
-            q_slots = torch.where(ctx.prefill.slot_valid, slots, -1).amax(1, keepdim=True)  # (B, 1)
+        q_slots, q_valid = ctx.question_slots()  # the prompt's text after the image, without labelled answers
+        if self.config.fastv_query == "last":
+            # The last prompt token: each row's last question slot. Without labels that is its last valid slot (the
+            # last slot under left padding, not under right padding); with labels (a loss, a log-likelihood of a
+            # continuation) the answer does not choose the tokens that predict it, as at generation.
+            q_slots = torch.where(q_valid, q_slots, -1).amax(1, keepdim=True)  # (B, 1)
             q_valid = torch.ones_like(q_slots, dtype=torch.bool)
-        else:
-            q_slots, q_valid = ctx.question_slots()
         return ctx.visual_attention(prev, prev.input_layernorm(prev_hidden), q_slots, q_valid)
 
 

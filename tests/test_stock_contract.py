@@ -639,3 +639,25 @@ def test_plain_trainer_predicts_with_a_pruning_model(tmp_path):
         own = single.logits[0][single.token_positions[0] >= 0]
         assert abs(torch.as_tensor(logits[i][valid]) - own).max() <= 1e-4
     assert "keys_to_ignore_at_inference" not in model.config.to_dict()
+
+
+# 13. A labelled continuation does not choose the tokens --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_labelled_continuation_keeps_what_its_prompt_keeps(name):
+    """A log-likelihood (lmms-eval's `loglikelihood`, a loss) runs prompt + continuation with the continuation
+    labelled; pruning must choose what generation's prefill of the prompt chose. On 468228a FastV's last-token query
+    read the continuation's last token: lmms-eval scored the model's own greedy output as not greedy (log-prob -4.38
+    where generate gave -0.009)."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    prompt = make_batch(PADDED)
+    g = torch.Generator().manual_seed(7)
+    answer = torch.randint(3, 90, (len(PADDED), 3), generator=g)
+    full = {**prompt, "input_ids": torch.cat([prompt["input_ids"], answer], 1),
+            "attention_mask": torch.cat([prompt["attention_mask"], torch.ones_like(answer)], 1)}
+    labels = torch.full_like(full["input_ids"], -100)
+    labels[:, -3:] = answer
+    with torch.no_grad():
+        alone, scored = model(**prompt), model(**full, labels=labels)
+    assert torch.equal(scored.keep_masks, alone.keep_masks)
