@@ -49,13 +49,16 @@ def manifest():
 
 
 def budget_tokens(budget, num_visual_tokens):
-    """`budget` as visual tokens: a count (`64`) or a fraction of the image's tokens (`1/9`, `0.25`)."""
+    """`budget` as visual tokens: a count (`64`, `1`) or a fraction of the image's tokens (`1/9`, `0.25`, `1.0`).
+    A whole number is always a count: `budget=1` keeps one token (read as the fraction 1 it kept all of them)."""
     text = str(budget).strip()
     try:
         value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"rcp_llava: `budget` {budget!r} is neither a token count (64) nor a fraction (1/9).") from None
-    if value > 1:
+    if text.isdigit() and not 1 <= value <= num_visual_tokens:
+        raise ValueError(f"rcp_llava: `budget` {budget!r} must be between 1 and the {num_visual_tokens} visual tokens.")
+    if value > 1 or text.isdigit():
         if value != int(value) or value > num_visual_tokens:
             raise ValueError(f"rcp_llava: `budget` {budget!r} must be a whole number of the {num_visual_tokens} "
                              "visual tokens, or a fraction of them.")
@@ -63,8 +66,46 @@ def budget_tokens(budget, num_visual_tokens):
     return budget_count(parse_budget(text)[1], num_visual_tokens)
 
 
-def _as_bool(value):
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+def _as_bool(value, name):
+    """lmms-eval passes model arguments as strings (or what its parser made of them): `true` / `false` and the like."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"rcp_llava: `{name}` is {value!r}; use true or false.")
+    return text in ("1", "true", "yes")
+
+
+def _as_int(value, name, minimum=1):
+    """A whole-number model argument (`max_new_tokens`, `batch_size`), named in the error."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"rcp_llava: `{name}` is {value!r}; give a whole number >= {minimum}.")
+    return number
+
+
+def _as_dtype(value):
+    """`auto` (None: the checkpoint's own) or a torch floating dtype by name (`bfloat16`, `torch.float16`)."""
+    if value in (None, "", "auto"):
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).strip().removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"rcp_llava: `dtype` is {value!r}; use auto, float32, bfloat16 or float16.")
+    return dtype
+
+
+def _keep_counts(value):
+    """`pruning_keep_counts=93:25:8` (or `93,25,8` from Python) as a list of counts, named in the error."""
+    parts = [c.strip() for c in str(value).replace(",", ":").split(":") if c.strip()]
+    if not parts or not all(c.isdigit() for c in parts):
+        raise ValueError(f"rcp_llava: `pruning_keep_counts` is {value!r}; give one count per pruning layer, "
+                         "separated by ':', e.g. 93:25:8.")
+    return [int(c) for c in parts]
 
 
 class RcpLlava(lmms):
@@ -78,8 +119,21 @@ class RcpLlava(lmms):
             raise ValueError(f"rcp_llava: unknown model arguments {sorted(kwargs)}; see `rcp_llava.lmms_eval_model`.")
         from transformers import AutoProcessor
 
+        # Every argument is checked before the model loads.
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
+        dtype = _as_dtype(dtype)
+        if str(batch_size).strip().startswith("auto"):
+            raise ValueError(f"rcp_llava: `batch_size` {batch_size!r} is not supported; give a number "
+                             "(--batch_size 8).")
+        self.batch_size_per_gpu = _as_int(batch_size, "batch_size")
+        self.max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
+        counts = None if pruning_keep_counts in (None, "") else _keep_counts(pruning_keep_counts)
+        flop_matched = _as_bool(flop_matched, "flop_matched")
+        if counts is not None and budget not in (None, ""):
+            raise ValueError(f"rcp_llava: give `budget` ({budget!r}) or `pruning_keep_counts` "
+                             f"({pruning_keep_counts!r}), not both.")
+        if flop_matched and budget in (None, ""):
+            raise ValueError("rcp_llava: `flop_matched=true` sets how `budget` is met; give a `budget` too.")
         hub = {"revision": revision} if revision else {}
         if plugins:
             model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,
@@ -88,20 +142,21 @@ class RcpLlava(lmms):
             model = RcpLlavaForConditionalGeneration.from_pretrained(pretrained, **hub)
         model = model.to(self._device, dtype) if dtype is not None else model.to(self._device)
         overrides = {}
-        if pruning_keep_counts not in (None, ""):
-            counts = [int(c) for c in str(pruning_keep_counts).replace(",", ":").split(":") if c.strip()]
+        if counts is not None:
             overrides = dict(pruning_method=pruning_method, pruning_keep_counts=counts)
         elif budget not in (None, ""):
             k = budget_tokens(budget, model.config.num_visual_tokens)
-            overrides = method_overrides(pruning_method, k, model.config, flop_matched=_as_bool(flop_matched))
+            try:
+                overrides = method_overrides(pruning_method, k, model.config, flop_matched=flop_matched)
+            except ValueError as err:  # named by the config field it set; the user gave `budget`
+                raise ValueError(f"rcp_llava: `budget={budget}` ({k} tokens) with pruning_method={pruning_method!r}"
+                                 f"{', flop_matched=true' if flop_matched else ''}: {err}") from None
         elif pruning_method != model.config.pruning_method:
             overrides = dict(pruning_method=pruning_method)
         self._model = method_model(model, **overrides).eval() if overrides else model.eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, **hub)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
         self._tokenizer = self.processor.tokenizer
-        self.batch_size_per_gpu = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
         self._rank, self._world_size = 0, 1
 
     # -- lmms-eval's properties ------------------------------------------------------------------
@@ -140,8 +195,9 @@ class RcpLlava(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
         images = [v.convert("RGB") for v in visuals if hasattr(v, "convert")]
         if len(images) != 1 or len(images) != len(visuals):
-            raise ValueError(f"rcp_llava: pruning needs exactly one image per prompt; {task}/{split} doc {doc_id} "
-                             f"gives {len(visuals)} visual(s).")
+            kinds = ", ".join(type(v).__name__ for v in visuals) or "none"
+            raise ValueError(f"rcp_llava: pruning needs exactly one image (a PIL image) per prompt; {task}/{split} "
+                             f"doc {doc_id} gives {len(visuals)} visual(s) ({kinds}), {len(images)} of them image(s).")
         return images[0]
 
     def _encode(self, images, prompts):
@@ -174,7 +230,9 @@ class RcpLlava(lmms):
             images = [self._visuals(doc_to_visual[i], tasks[i], splits[i], doc_ids[i]) for i in range(len(batch))]
             inputs = self._encode(images, [self._prompt(c) for c in contexts])
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            generate = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+            max_new = gen_kwargs.get("max_new_tokens")  # a task may give None: the model's default, as in llava_hf
+            max_new = self.max_new_tokens if max_new is None else _as_int(max_new, "max_new_tokens")
+            generate = dict(max_new_tokens=max_new,
                             num_beams=int(gen_kwargs.get("num_beams", 1) or 1), do_sample=temperature > 0,
                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eot_token_id)
             if temperature > 0:

@@ -5,6 +5,7 @@ Needs the optional extra (`pip install -e ".[lmms]"`); skipped without lmms-eval
 """
 
 import glob
+import re
 import json
 import os
 import subprocess
@@ -130,3 +131,80 @@ def test_loglikelihood_agrees_with_the_first_token_evaluator(tmp_path):
             logits = ours(**batch, use_cache=False).logits[0, -1].log_softmax(-1)
         answer_id = processor.tokenizer.convert_tokens_to_ids(r["answer"])
         assert logprob == pytest.approx(float(logits[answer_id]), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    from rcp_llava.demo import save_demo_folder
+
+    return str(save_demo_folder(tmp_path_factory.mktemp("lmms") / "demo")[0])
+
+
+def _from_args(folder, args, batch_size=1):
+    """The model as `python -m lmms_eval --model_args ...` builds it: lmms-eval's own parser, its batch size."""
+    from rcp_llava.lmms_eval_model import RcpLlava
+
+    return RcpLlava.create_from_arg_string(f"pretrained={folder},{args}".rstrip(","),
+                                           {"batch_size": batch_size, "max_batch_size": None, "device": "cpu"})
+
+
+def test_budget_is_a_count_when_whole():
+    """`budget=1` was read as the fraction 1 and kept all 576 tokens, where 2 kept 2: a sweep 1, 2, 4, ... got an
+    unpruned first point. A whole number is a count; a fraction has '/' or '.'."""
+    from rcp_llava.lmms_eval_model import budget_tokens
+
+    assert [budget_tokens(b, 576) for b in ("1", 1, "64", "1/9", "0.25", "1.0", "64.0")] == [1, 1, 64, 64, 144, 576, 64]
+    for bad, message in (("0", "between 1 and the 576"), ("577", "between 1 and the 576"), ("1/0", "neither"),
+                         ("2.5", "whole number"), ("many", "neither")):
+        with pytest.raises(ValueError, match=rf"`budget` '{re.escape(bad)}' .*{message}"):
+            budget_tokens(bad, 576)
+
+
+@pytest.mark.parametrize("args, batch_size, message", [
+    ("dtype=bogus", 1, "`dtype` is 'bogus'; use auto, float32, bfloat16 or float16"),
+    ("dtype=nn", 1, "`dtype` is 'nn'"),
+    ("pruning_keep_counts=a:b", 1, "`pruning_keep_counts` is 'a:b'; give one count per pruning layer"),
+    ("max_new_tokens=abc", 1, "`max_new_tokens` is 'abc'; give a whole number >= 1"),
+    ("flop_matched=maybe,budget=8", 1, "`flop_matched` is 'maybe'; use true or false"),
+    ("flop_matched=true", 1, "`flop_matched=true` sets how `budget` is met; give a `budget` too"),
+    ("pruning_keep_counts=6:3,budget=2", 1, r"give `budget` \(2\) or `pruning_keep_counts` \('6:3'\), not both"),
+    ("", "auto", "`batch_size` 'auto' is not supported; give a number"),
+    ("budget=4,flop_matched=true", 1, r"`budget=4` \(4 tokens\) with pruning_method='rcp', flop_matched=true: "
+                                      "`visual_token_budget` 4 cannot be reached"),
+])
+def test_model_arguments_are_refused_by_name(demo_folder, args, batch_size, message):
+    """Each was a raw `int()` / `getattr(torch, ...)` error, or silently taken (maybe -> false, a budget dropped)."""
+    with pytest.raises(ValueError, match=rf"^rcp_llava: {message}"):
+        _from_args(demo_folder, args, batch_size)
+
+
+def test_model_arguments_that_load(demo_folder):
+    import torch
+
+    lm = _from_args(demo_folder, "dtype=torch.float16,pruning_keep_counts=6:3,max_new_tokens=5", batch_size=2)
+    assert lm.model.dtype == torch.float16 and lm.model.config.pruning_keep_counts == [6, 3]
+    assert (lm.batch_size, lm.max_new_tokens) == (2, 5)
+    assert _from_args(demo_folder, "budget=1").model.config.pruning_keep_counts == [1, 1]
+
+
+def test_generate_until_takes_a_none_max_new_tokens_and_names_a_non_image_visual(demo_folder):
+    """A task's `max_new_tokens: None` crashed in `int()`; llava_hf uses its default. A file path as the visual got
+    "needs exactly one image ...; gives 1 visual(s)", which read as a contradiction."""
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "max_new_tokens=3")
+    docs = [{"q": "what colour is the shape ?", "img": demo_image(seed=1)}]
+    lm.task_dict = {"t": {"test": docs}}
+
+    def request(gen_kwargs, visual):
+        return Instance("generate_until", ("what colour is the shape ?", gen_kwargs, visual, 0, "t", "test"), 0,
+                        {"task": "t", "doc_id": 0, "repeats": 1})
+
+    default = lm.generate_until([request({"max_new_tokens": None, "until": []}, lambda d: [d["img"]])])
+    three = lm.generate_until([request({"max_new_tokens": 3, "until": []}, lambda d: [d["img"]])])
+    assert default == three and len(lm.tokenizer(default[0], add_special_tokens=False)["input_ids"]) <= 3
+    with pytest.raises(ValueError, match=r"exactly one image \(a PIL image\) per prompt; t/test doc 0 gives 1 "
+                                         r"visual\(s\) \(str\), 0 of them image\(s\)"):
+        lm.generate_until([request({"until": []}, lambda d: ["/images/0.png"])])
