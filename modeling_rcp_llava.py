@@ -120,6 +120,9 @@ _PLUGIN_META_KEYS = (
     "library_version", "transformers_version",
 )
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# `PreTrainedModel.load_adapter`'s PEFT-only arguments (transformers 5.23): any of them set means a PEFT adapter.
+_PEFT_LOAD_ARGUMENTS = ("adapter_name", "peft_config", "adapter_state_dict", "adapter_kwargs", "is_trainable",
+                        "low_cpu_mem_usage", "hotswap", "load_config")
 # Forward kwargs the model consumes itself: they never reach the decoder layers.
 _MODEL_ONLY_KWARGS = ("output_attentions", "return_dict", "mm_encoder_outputs")
 
@@ -735,13 +738,14 @@ class FastvSelector(TokenSelector):
             raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
         prev = self.model.language_model.layers[prev_idx]
         hidden = ctx.hidden
-        q_slots, q_valid = ctx.question_slots()  # the prompt's text after the image, without labelled answers
         if self.config.fastv_query == "last":
-            # The last prompt token: each row's last question slot. Without labels that is its last valid slot (the
-            # last slot under left padding, not under right padding); with labels (a loss, a log-likelihood of a
-            # continuation) the answer does not choose the tokens that predict it, as at generation.
-            q_slots = torch.where(q_valid, q_slots, -1).amax(1, keepdim=True)  # (B, 1)
+            # The last prompt token: without labels each row's last valid slot (the last slot under left padding, not
+            # under right padding); with a labelled continuation (a loss, a log-likelihood) the token before it, so
+            # the answer does not choose the tokens that predict it, as at generation.
+            q_slots = ctx.prefill.prompt_end_slots()  # (B, 1)
             q_valid = torch.ones_like(q_slots, dtype=torch.bool)
+        else:
+            q_slots, q_valid = ctx.question_slots()
         return ctx.visual_attention(prev, prev.input_layernorm(prev_hidden), q_slots, q_valid)
 
 
@@ -957,6 +961,7 @@ class PrunedPrefill:
         self.has_image = per_row == n  # (B,)
         positions = torch.arange(seq, device=device).unsqueeze(0)
         self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
+        self._prompt_inputs = (image_mask, key_valid, labels)  # for `prompt_end_slots`, on demand (FastV)
         question = self.question_mask & key_valid  # (B, T)
         # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
         last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
@@ -1084,6 +1089,21 @@ class PrunedPrefill:
     def slot_question(self):
         """(B, T') question tokens among the current slots."""
         return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
+
+    def prompt_end_slots(self):
+        """(B, 1) current slot of each row's last prompt token: its last text token after the image that is not a
+        labelled answer (so with prompt + labelled continuation, a log-likelihood, the token before the answer), else
+        its last valid token (no labels, labels on every token, or no image). Independent of `question_mask`; text
+        is never dropped, so the token has a slot at every point."""
+        image_mask, key_valid, labels = self._prompt_inputs
+        positions = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)  # (1, T)
+        end = torch.where(key_valid, positions, -1).amax(1)  # (B,) last valid token
+        if labels is not None:
+            last_image = torch.where(image_mask, positions, -1).amax(1, keepdim=True)  # (B, 1)
+            prompt = key_valid & (positions > last_image) & (labels == -100)
+            last_prompt = torch.where(prompt, positions, -1).amax(1)
+            end = torch.where(last_prompt >= 0, last_prompt, end)
+        return (self.slot_orig == end.unsqueeze(1)).to(torch.int8).argmax(1, keepdim=True)  # (B, 1)
 
     def question_slots(self):
         """(slots (B, Lq), valid (B, Lq)) of the question tokens among the current slots. Found once, then carried
@@ -1637,8 +1657,9 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
         cache_asked = use_cache is True  # by the caller, not the config's default (a training forward's)
+        cache_given = past_key_values is not None
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
-        if not self.training and use_cache and past_key_values is None:
+        if use_cache and past_key_values is None:  # in train mode too, as stock (RCP's training layout fills none)
             past_key_values = RcpDynamicCache(config=self.config.text_config)
         past_key_values = past_key_values if use_cache else None
         selector = SELECTORS[self.config.pruning_method](self) if self._pruning_active() else None
@@ -1655,8 +1676,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             if selector is not None and image_mask is not None:  # a prefill that carries an image: prune it
                 run = self._start_prefill(selector, inputs_embeds, attention_mask, image_mask, labels, question_mask,
                                           answer_mask, visual_keep_masks, gumbel_temperature, gumbel_noise,
-                                          past_key_values,
-                                          past_length, use_cache)
+                                          past_key_values, past_length, use_cache, cache_given)
                 if run.differentiable and cache_asked:
                     logger.warning_once(
                         "`use_cache=True` is ignored by RCP's differentiable training layout (train mode, plug-ins "
@@ -1891,8 +1911,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         return position_ids.expand(bsz, -1)
 
     def _start_prefill(self, selector, inputs_embeds, attention_mask, image_mask, labels, question_mask, answer_mask,
-                       visual_keep_masks, gumbel_temperature, gumbel_noise, cache, past_length, use_cache):
-        """Check that this prompt can be pruned, pick the layout, and build its `PrunedPrefill`."""
+                       visual_keep_masks, gumbel_temperature, gumbel_noise, cache, past_length, use_cache,
+                       cache_given=False):
+        """Check that this prompt can be pruned, pick the layout, and build its `PrunedPrefill`. `cache_given`: the
+        caller passed `past_key_values` (to decode on from it), rather than this forward making one for `use_cache`."""
         if past_length > 0:
             raise ValueError(
                 "Pruning needs the image in a prefill that starts from an empty cache, but `past_key_values` already "
@@ -1910,8 +1932,15 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         # soft key weights and fills no cache, so decoding on would forget the prompt.
         layout = self.pruning_layout
         if layout is None and self.training and self._plugins_train():
-            layout = "mask" if cache is None else "discard"
-            if cache is not None:
+            layout = "discard" if cache_given else "mask"
+            if cache_given and torch.is_grad_enabled():
+                raise ValueError(
+                    "`past_key_values` was given to a training forward (train mode, RCP's plug-ins training, "
+                    "gradients on): the differentiable layout fills no cache, and the physical one gives the pruners "
+                    "no gradient. Drop `past_key_values` to train, or run under `torch.no_grad()` (as `generate` "
+                    "does) or after `model.eval()` to decode."
+                )
+            if cache_given:
                 logger.warning_once(
                     "RCP's plug-ins are in train mode, but this prefill fills a KV cache (`generate`, or a given "
                     "`past_key_values`), which the differentiable training layout cannot: it prunes physically, as "
@@ -2544,12 +2573,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             library_version=RCP_LLAVA_VERSION,
             transformers_version=transformers_version,
         )
+        self._check_plugins_unwrapped("save_plugins")  # before the folder exists: a refused save leaves nothing
         os.makedirs(save_directory, exist_ok=True)
         config_path = os.path.join(save_directory, RCP_CONFIG_NAME)
         weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
         if not overwrite and os.path.exists(config_path):
             _refuse_other_plugins(config_path, record)
-        self._check_plugins_unwrapped("save_plugins")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
         atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
@@ -2764,9 +2793,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             part in ("base_layer", "modules_to_save", "original_module") or part.startswith("lora_")
             for part in k.split("."))]
         if wrapped:
-            fix = ("call it on `peft_model.merge_and_unload()` (the trained values in place), or save the adapter with "
-                   "PEFT's `save_pretrained`" if action == "save_plugins" else
-                   "load the plug-ins before wrapping the model with PEFT")
+            fix = {"save_plugins": "call it on `peft_model.merge_and_unload()` (the trained values in place), or "
+                                   "save the adapter with PEFT's `save_pretrained`",
+                   "load_plugins": "load the plug-ins before wrapping the model with PEFT"}.get(
+                action, "merge them first (`merge_and_unload()`) or wrap the backbone only")
             raise ValueError(
                 f"`{action}`: PEFT wrapped {len(wrapped)} plug-in tensor(s) (e.g. {wrapped[0]!r}), so they are no "
                 f"longer the plug-ins' own parameters; {fix}."
@@ -2774,12 +2804,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
     def load_adapter(self, peft_model_id=None, *args, strict=True, **kwargs):
         """`load_plugins` for an RCP plug-in checkpoint, under the name transformers' PEFT integration uses. A PEFT
-        adapter -- a folder with `adapter_config.json` and no `rcp_config.json`, or a call with PEFT's own arguments
-        (`adapter_name`, `peft_config`, `adapter_state_dict`) -- goes to that integration, as on a stock model (e.g.
-        LoRA on the backbone saved by `save_pretrained` after `add_adapter`)."""
-        peft_args = bool(args) or any(kwargs.get(k) is not None for k in
-                                      ("adapter_name", "peft_config", "adapter_state_dict"))
-        folder = (os.path.join(os.fspath(peft_model_id), kwargs.get("subfolder") or "")
+        adapter -- a local folder with `adapter_config.json` and no `rcp_config.json` (also in `subfolder`, or
+        `adapter_kwargs={"subfolder": ...}`), or a call with any of PEFT's own arguments (`adapter_name`,
+        `peft_config`, `adapter_state_dict`, `adapter_kwargs`, `is_trainable`, ...) -- goes to that integration, as on
+        a stock model (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without
+        PEFT arguments is read as plug-ins: pass `adapter_name=` to load a Hub PEFT adapter."""
+        peft_args = bool(args) or any(kwargs.get(k) not in (None, False, "auto") for k in _PEFT_LOAD_ARGUMENTS)
+        subfolder = kwargs.get("subfolder") or (kwargs.get("adapter_kwargs") or {}).get("subfolder") or ""
+        folder = (os.path.join(os.fspath(peft_model_id), subfolder)
                   if isinstance(peft_model_id, (str, os.PathLike)) and os.path.isdir(peft_model_id) else None)
         plugins = folder is not None and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
         adapter = folder is not None and os.path.isfile(os.path.join(folder, "adapter_config.json"))

@@ -390,10 +390,13 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             raise ValueError(
                 f"`RcpTrainer` trains RCP's plug-ins on a frozen backbone, but got a PEFT-wrapped model "
                 f"({type(model).__name__}), whose parameter names it cannot read. Pass the RCP model itself: "
-                "`peft_model.merge_and_unload()` (LoRA merged into the backbone) or `peft_model.get_base_model()`."
+                "`peft_model.merge_and_unload()` (LoRA merged into the backbone; `get_base_model()` would keep PEFT's "
+                "wrappers, which this trainer freezes)."
             )
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
+        # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
+        model._check_plugins_unwrapped("RcpTrainer")
         freeze_backbone(model)
         model.model.detach_prior = args.detach_prior  # a switch of the model, like `train()`
         super().__init__(model=model, args=args, **kwargs)

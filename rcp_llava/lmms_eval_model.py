@@ -32,6 +32,7 @@ from lmms_eval import utils
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 from rcp_llava.data import prompt_messages
 from rcp_llava.evaluation import method_model, method_overrides
@@ -56,6 +57,10 @@ def budget_tokens(budget, num_visual_tokens):
         value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"rcp_llava: `budget` {budget!r} is neither a token count (64) nor a fraction (1/9).") from None
+    if value <= 0:
+        raise ValueError(f"rcp_llava: `budget` {budget!r} must be a positive token count or fraction.")
+    if num_visual_tokens is None:  # syntax only, before the model (and so the image's token count) is known
+        return None
     if text.isdigit() and not 1 <= value <= num_visual_tokens:
         raise ValueError(f"rcp_llava: `budget` {budget!r} must be between 1 and the {num_visual_tokens} visual tokens.")
     if value > 1 or text.isdigit():
@@ -93,8 +98,9 @@ def _as_dtype(value):
         return None
     if isinstance(value, torch.dtype):
         return value
-    dtype = getattr(torch, str(value).strip().removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(value).strip().removeprefix("torch."))
+    if dtype is None:
         raise ValueError(f"rcp_llava: `dtype` is {value!r}; use auto, float32, bfloat16 or float16.")
     return dtype
 
@@ -119,7 +125,8 @@ class RcpLlava(lmms):
             raise ValueError(f"rcp_llava: unknown model arguments {sorted(kwargs)}; see `rcp_llava.lmms_eval_model`.")
         from transformers import AutoProcessor
 
-        # Every argument is checked before the model loads.
+        # The arguments' syntax is checked before the model loads; what depends on the checkpoint (a budget's range,
+        # one count per pruning layer) right after it.
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _as_dtype(dtype)
         if str(batch_size).strip().startswith("auto"):
@@ -134,6 +141,10 @@ class RcpLlava(lmms):
                              f"({pruning_keep_counts!r}), not both.")
         if flop_matched and budget in (None, ""):
             raise ValueError("rcp_llava: `flop_matched=true` sets how `budget` is met; give a `budget` too.")
+        if budget not in (None, ""):
+            budget_tokens(budget, None)  # its syntax; the range needs the checkpoint's visual token count
+        if pruning_method not in PRUNING_METHODS:
+            raise ValueError(f"rcp_llava: `pruning_method` is {pruning_method!r}; use one of {sorted(PRUNING_METHODS)}.")
         hub = {"revision": revision} if revision else {}
         if plugins:
             model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,

@@ -154,7 +154,7 @@ def test_budget_is_a_count_when_whole():
     from rcp_llava.lmms_eval_model import budget_tokens
 
     assert [budget_tokens(b, 576) for b in ("1", 1, "64", "1/9", "0.25", "1.0", "64.0")] == [1, 1, 64, 64, 144, 576, 64]
-    for bad, message in (("0", "between 1 and the 576"), ("577", "between 1 and the 576"), ("1/0", "neither"),
+    for bad, message in (("0", "must be a positive"), ("577", "between 1 and the 576"), ("1/0", "neither"),
                          ("2.5", "whole number"), ("many", "neither")):
         with pytest.raises(ValueError, match=rf"`budget` '{re.escape(bad)}' .*{message}"):
             budget_tokens(bad, 576)
@@ -171,11 +171,29 @@ def test_budget_is_a_count_when_whole():
     ("", "auto", "`batch_size` 'auto' is not supported; give a number"),
     ("budget=4,flop_matched=true", 1, r"`budget=4` \(4 tokens\) with pruning_method='rcp', flop_matched=true: "
                                       "`visual_token_budget` 4 cannot be reached"),
+    ("dtype=float64", 1, "`dtype` is 'float64'"),
+    ("budget=0.0", 1, "`budget` 0.0 must be a positive token count or fraction"),
+    ("budget=-1/9", 1, "`budget` '-1/9' must be a positive"),
+    ("budget=many", 1, "`budget` 'many' is neither"),
+    ("pruning_method=fast", 1, r"`pruning_method` is 'fast'; use one of \["),
 ])
 def test_model_arguments_are_refused_by_name(demo_folder, args, batch_size, message):
-    """Each was a raw `int()` / `getattr(torch, ...)` error, or silently taken (maybe -> false, a budget dropped)."""
-    with pytest.raises(ValueError, match=rf"^rcp_llava: {message}"):
-        _from_args(demo_folder, args, batch_size)
+    """Each was a raw `int()` / `getattr(torch, ...)` error, or silently taken (maybe -> false, a budget dropped).
+    Syntax errors come before the checkpoint loads (a 7B load for a typo otherwise)."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    loads = []
+    original = RcpLlavaForConditionalGeneration.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **k):
+        loads.append(a)
+        return original(cls, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RcpLlavaForConditionalGeneration, "from_pretrained", classmethod(from_pretrained))
+        with pytest.raises(ValueError, match=rf"^rcp_llava: {message}"):
+            _from_args(demo_folder, args, batch_size)
+    assert bool(loads) == ("cannot be reached" in message)  # only a reachable-budget check needs the model
 
 
 def test_model_arguments_that_load(demo_folder):

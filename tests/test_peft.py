@@ -72,6 +72,16 @@ def test_transformers_adapter_round_trip_as_on_stock(tmp_path):
         plain = _model()(**batch)
     assert torch.equal(a.logits, b.logits) and not torch.equal(a.logits, plain.logits)
 
+    # In a subfolder, as transformers addresses it (`adapter_kwargs`), and with PEFT-only arguments on a plain folder.
+    os.makedirs(tmp_path / "nested")
+    os.rename(tmp_path / "lora", tmp_path / "nested" / "lora")
+    for folder, how in ((tmp_path / "nested", dict(adapter_kwargs={"subfolder": "lora"})),
+                        (tmp_path / "nested" / "lora", dict(is_trainable=True))):
+        again = _model()
+        again.load_adapter(str(folder), **how)
+        with torch.no_grad():
+            assert torch.equal(again(**batch).logits, a.logits), how
+
     plugins = _model(seed=5)
     plugins.save_plugins(tmp_path / "plugins")
     target = _model()
@@ -97,7 +107,12 @@ def test_plugin_checkpoints_refuse_peft_wrapped_plugins(wrap, tmp_path):
                 p.add_(0.1)
     with pytest.raises(ValueError, match=r"`save_plugins`: PEFT wrapped \d+ plug-in tensor\(s\) .*merge_and_unload"):
         wrapped.save_plugins(tmp_path / "refused")
-    assert not (tmp_path / "refused" / "rcp_plugins.safetensors").exists()
+    assert not (tmp_path / "refused").exists()  # refused before the folder is made
+    from train_rcp import RcpTrainer, RcpTrainingArguments
+
+    with pytest.raises(ValueError, match=r"`RcpTrainer`: PEFT wrapped \d+ plug-in tensor\(s\)"):
+        RcpTrainer(model=wrapped.get_base_model(), args=RcpTrainingArguments(output_dir=str(tmp_path / "run"),
+                                                                              report_to=[]))
     with pytest.raises(ValueError, match=r"`load_plugins`: PEFT wrapped .*load the plug-ins before wrapping"):
         wrapped.load_plugins(tmp_path / "refused")
     batch = make_batch(PADDED)
@@ -120,5 +135,5 @@ def test_rcp_trainer_refuses_a_peft_model_by_name(tmp_path):
     from train_rcp import RcpTrainer, RcpTrainingArguments
 
     wrapped = _lora(_model(), target_modules=["q_proj"])
-    with pytest.raises(ValueError, match=r"got a PEFT-wrapped model \(PeftModel\).*merge_and_unload\(\)"):
+    with pytest.raises(ValueError, match=r"got a PEFT-wrapped model \(PeftModel\).*merge_and_unload\(\)` \(LoRA"):
         RcpTrainer(model=wrapped, args=RcpTrainingArguments(output_dir=str(tmp_path), report_to=[]))

@@ -551,6 +551,25 @@ def test_rcp_generate_in_train_mode_keeps_the_prompt_in_its_cache(monkeypatch):
     out = model(**batch, use_cache=True)
     assert out.logits.shape[1] == batch["input_ids"].shape[1] and out.past_key_values is None
     assert "`use_cache=True` is ignored" in said[-1]
+    # A cache given to a forward with gradients: neither layout could train the pruners and fill it.
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match=r"`past_key_values` was given to a training forward .*gradients on\)"):
+        model(**batch, past_key_values=DynamicCache())
+
+
+def test_baselines_return_a_cache_in_train_mode_as_stock():
+    """Stock fills a cache in train mode when `use_cache` is on; a baseline (physical pruning in train mode) returned
+    None on 468228a. Its cache now continues decoding exactly as an eval prefill's does."""
+    model = make_model(**METHODS["fastv"])
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        ref = model(**batch, use_cache=True)
+        model.train()
+        out = model(**batch, use_cache=True)
+    assert out.past_key_values is not None
+    assert [l.keys.shape for l in out.past_key_values.layers] == [l.keys.shape for l in ref.past_key_values.layers]
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(out.past_key_values.layers, ref.past_key_values.layers))
 
 
 # 10. Right padding in forward -------------------------------------------------------------------------------------
@@ -661,3 +680,27 @@ def test_a_labelled_continuation_keeps_what_its_prompt_keeps(name):
     with torch.no_grad():
         alone, scored = model(**prompt), model(**full, labels=labels)
     assert torch.equal(scored.keep_masks, alone.keep_masks)
+
+
+def test_fastv_last_token_query_on_mixed_batches_and_fully_labelled_rows():
+    """Review of 319dc23 (FastV's query from the question slots): a row without an image has no question slot, so
+    the query became slot -1 -- an IndexError when that row came first, another row's slot otherwise; and with labels
+    on every token (a causal-LM collator) the question fell back to the text before the image, which cannot attend
+    to it, so FastV kept the first k tokens in raster order. The query is now each row's last prompt token from the
+    labels alone: batch == single with the no-image row first, and labels on every token keep what no labels keep."""
+    model = make_model(**METHODS["fastv"])
+    specs = [(2, 3, False), (5, 6, True), (1, 2, True)]
+    batch = make_batch(specs)
+    with torch.no_grad():
+        out = model(**batch)
+        for i in range(len(specs)):
+            single = model(**row_inputs(batch, i, specs))
+            if specs[i][2]:
+                assert torch.equal(out.keep_masks[i], single.keep_masks[0])
+            rows = out.logits[i][out.token_positions[i] >= 0]
+            assert rows.shape == single.logits[0].shape and (rows - single.logits[0]).abs().max() <= 1e-5
+        labelled = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        assert torch.equal(model(**batch, labels=labelled).keep_masks, out.keep_masks)
+    raster = torch.zeros(NUM_VISUAL, dtype=torch.bool)
+    raster[:6] = True
+    assert not any(torch.equal(m[0], raster) for m in out.keep_masks[1:])
