@@ -360,6 +360,24 @@ class HubUnreachableError(ConnectionError):
     """The Hub could not be reached (offline mode, no network)."""
 
 
+def _is_unreachable(err):
+    """Whether `err` says the Hub did not answer at all (no network, DNS, timeout), as opposed to an HTTP answer.
+
+    requests' connection errors derive from OSError / ConnectionError; httpx's (huggingface_hub >= 1.0 uses httpx,
+    or a fork of it such as `httpx2`) derive from neither, only from `httpx.TransportError`. httpx is not imported by
+    name (which package, if any, depends on the huggingface_hub version): its transport errors are recognised by
+    class name and module in the exception's class hierarchy.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):  # the Hub answered (auth, permissions...): its message is the clear one
+        return False
+    if isinstance(err, (OSError, ConnectionError)):
+        return True
+    return any(cls.__name__ == "TransportError" and cls.__module__.split(".")[0].startswith("httpx")
+               for cls in type(err).__mro__)
+
+
 def _check_folder(folder, plugins_only):
     folder = Path(folder)
     if not folder.is_dir():
@@ -402,16 +420,13 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message=message, allow_patterns=allow,
             revision=revision, repo_type="model",
         )
-    except (OSError, ConnectionError) as err:  # requests/httpx connection errors derive from these
-        if isinstance(err, HubUnreachableError):
-            raise
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if isinstance(err, HfHubHTTPError):  # the Hub answered (auth, permissions...): its message is the clear one
+    except Exception as err:
+        if isinstance(err, HubUnreachableError) or not _is_unreachable(err):
             raise
         raise HubUnreachableError(
             f"Cannot reach the Hub to push {folder} to {repo_id!r} ({type(err).__name__}: {err}). The folder is "
-            "complete; push it again once online."
+            f"complete; push it again once online with `push_rcp_folder({str(folder)!r}, {repo_id!r}"
+            f"{', plugins_only=True' if plugins_only else ''})` or `hf upload {repo_id} {folder}`."
         ) from err
 
 

@@ -10,7 +10,9 @@ MMBench) until :meth:`VqaRecord.load_image` is called::
     ds = to_hf_dataset(records)   # columns: image, question, answers, family, ...
 
 Bad input raises ``FileNotFoundError`` (missing file or folder) or ``ValueError``
-(malformed content), naming the path and the layout that was expected.
+(malformed content, or a file / split that holds no questions), naming the path and the
+layout that was expected. A UTF-8 byte-order mark at the start of a file (Windows editors
+write one) is ignored by every reader, as pandas already does for the MMBench TSV.
 """
 
 import base64
@@ -156,7 +158,8 @@ def _require_dir(path: Path, benchmark: str, what: str = "folder") -> Path:
 def _load_json(path: Path, benchmark: str):
     _require_file(path, benchmark, "JSON file")
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: json refuses a leading BOM, which says nothing about the content; skip it as the TSV reader does.
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{benchmark}: {path} is not valid JSON ({err}). Expected layout -- {LAYOUTS[benchmark]}")
@@ -216,6 +219,9 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
     data = _load_json(questions_file, name)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise _bad(name, questions_file, "expected a JSON object with a 'questions' list")
+    # An empty benchmark would only fail later, after the model has loaded; refuse it while the file is named.
+    if not data["questions"]:
+        raise _bad(name, questions_file, "no questions (the 'questions' list is empty)")
     subtype = data_subtype or data.get("data_subtype") or "val2014"
     # test-dev questions (data_subtype "test-dev2015") use the test2015 images.
     subtype = "test2015" if subtype == "test-dev2015" else subtype
@@ -278,6 +284,8 @@ def read_gqa(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRe
     data = _load_json(path, name)
     if not isinstance(data, dict):
         raise _bad(name, path, "expected a JSON object mapping question id -> question entry")
+    if not data:
+        raise _bad(name, path, "no questions (the JSON object is empty)")
     image_dir = _require_dir(Path(image_dir) if image_dir is not None else path.parent / "images", name,
                              "image folder")
     records = []
@@ -313,7 +321,7 @@ def _pope_category(file: Path) -> str:
 def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
     name = "pope"
     category = _pope_category(file)
-    text = _require_file(file, name).read_text(encoding="utf-8")
+    text = _require_file(file, name).read_text(encoding="utf-8-sig")  # a leading BOM is not JSON
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
@@ -428,6 +436,11 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
             benchmark=name,
             image_id=pid,
         ))
+    if not records:
+        # e.g. a text-only split: an empty list would only fail after the model has loaded
+        found = (f"none of its {len(splits[split])} problem(s) has an 'image'" if splits[split]
+                 else "the split lists no problems")
+        raise _bad(name, root / "pid_splits.json", f"no image problems in split {split!r} ({found})")
     return records
 
 
@@ -451,6 +464,8 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
     data = _load_json(path, name)
     if not isinstance(data, list):
         raise _bad(name, path, "expected a JSON list of question objects")
+    if not data:
+        raise _bad(name, path, "no questions (the JSON list is empty)")
     if image_dir is None:
         image_dir = path.parent / "val" if (path.parent / "val").is_dir() else path.parent
     image_dir = _require_dir(Path(image_dir), name, "image folder")
@@ -478,13 +493,20 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
 
 def _parse_mme_txt(txt: Path) -> List[tuple]:
     pairs = []
-    for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a BOM would otherwise become the start of the first question
+    for lineno, line in enumerate(txt.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rstrip("\r\n").split("\t")
         if len(parts) < 2 or not parts[0].strip() or not parts[-1].strip():
             raise _bad("mme", txt, f"line {lineno} is not 'question<TAB>answer': {line!r}")
-        pairs.append((parts[0].strip(), parts[-1].strip()))
+        answer = parts[-1].strip()
+        # The mme metric accepts only yes / no (any case) and would refuse anything else after all generation.
+        if answer.lower() not in ("yes", "no"):
+            raise _bad("mme", txt, f"line {lineno}: answer {answer!r} is not 'Yes' or 'No'")
+        pairs.append((parts[0].strip(), answer))
+    if not pairs:
+        raise _bad("mme", txt, "no question lines in the file")
     return pairs
 
 
@@ -560,6 +582,8 @@ def read_mmbench(path: PathLike) -> List[VqaRecord]:
     missing = [c for c in ("index", "question", "A", "B", "image") if c not in table.columns]
     if missing:
         raise _bad(name, path, f"missing column(s) {missing} (found {list(table.columns)})")
+    if table.empty:
+        raise _bad(name, path, "no questions (a header row and no data rows)")
     letters = [c for c in OPTION_LETTERS if c in table.columns]
     images_by_index = {row["index"]: row["image"] for _, row in table.iterrows() if len(row["image"]) > 64}
 

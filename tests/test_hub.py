@@ -1,6 +1,7 @@
 """Hub integration: remote code in a fresh offline process, Auto registration, pipelines, plug-in-only checkpoints,
 model cards and the push helper (up to the upload call; the Hub is never contacted)."""
 
+import importlib
 import json
 import logging
 import os
@@ -577,6 +578,61 @@ def test_push_offline_is_a_clear_error(saved, monkeypatch):
 def test_push_unreachable_hub_is_a_clear_error(saved, online):
     with pytest.raises(hub.HubUnreachableError, match="Cannot reach the Hub"):
         hub.push_rcp_folder(saved[0], "me/rcp", api=FakeApi(fail=ConnectionError("name resolution failed")))
+
+
+def stub_model_folder(folder):
+    """The files `push_rcp_folder` checks for, without building a model (the upload is faked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "configuration_rcp_llava.py", "modeling_rcp_llava.py", "model.safetensors"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def hub_http_client_module():
+    """The HTTP client package huggingface_hub raises its errors from (httpx, or a fork such as httpx2), found
+    through huggingface_hub's own error class so the test does not depend on which one is installed."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    base = next(cls for cls in HfHubHTTPError.__mro__[1:] if cls.__name__ == "HTTPError")
+    return importlib.import_module(base.__module__.split(".")[0])
+
+
+def test_push_without_network_is_a_clear_error(tmp_path, online, monkeypatch):
+    # What the upload raised on a machine without DNS (huggingface_hub 1.x, HF_HUB_OFFLINE unset): an httpx
+    # ConnectError, which is neither an OSError nor a ConnectionError.
+    client = hub_http_client_module()
+    error = client.ConnectError("[Errno -2] Name or service not known")
+    assert not isinstance(error, (OSError, ConnectionError))
+    folder = stub_model_folder(tmp_path / "rcp")
+    api = FakeApi()
+
+    def upload_folder(**kwargs):
+        raise error
+
+    monkeypatch.setattr(api, "upload_folder", upload_folder)
+    with pytest.raises(hub.HubUnreachableError) as info:
+        hub.push_rcp_folder(folder, "me/rcp", api=api)
+    assert str(info.value) == (
+        f"Cannot reach the Hub to push {folder} to 'me/rcp' (ConnectError: [Errno -2] Name or service not known). "
+        f"The folder is complete; push it again once online with `push_rcp_folder({str(folder)!r}, 'me/rcp')` or "
+        f"`hf upload me/rcp {folder}`."
+    )
+    assert info.value.__cause__ is error
+    assert sorted(p.name for p in folder.iterdir()) == [  # the written folder is kept for a later push
+        "config.json", "configuration_rcp_llava.py", "model.safetensors", "modeling_rcp_llava.py"]
+
+
+def test_push_passes_the_hubs_http_answer_through(tmp_path, online):
+    # The Hub answered (e.g. 401): its own error says what to fix, it is not "unreachable".
+    from huggingface_hub.errors import HfHubHTTPError
+
+    client = hub_http_client_module()
+    url = "https://huggingface.co/api/repos/create"
+    error = HfHubHTTPError(f"401 Client Error: Unauthorized for url: {url}",
+                           response=client.Response(401, request=client.Request("POST", url)))
+    with pytest.raises(HfHubHTTPError) as info:
+        hub.push_rcp_folder(stub_model_folder(tmp_path / "rcp"), "me/rcp", api=FakeApi(fail=error))
+    assert info.value is error
 
 
 @pytest.mark.parametrize("plugins_only, match", [(False, "model.save_pretrained"), (True, "model.save_plugins")])

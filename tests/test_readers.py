@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -300,6 +301,102 @@ def test_mmbench_bad_input(tmp_path):
         read_mmbench(path)
     with pytest.raises(FileNotFoundError, match="TSV file not found: .*none.tsv"):
         read_mmbench(tmp_path / "none.tsv")
+
+
+# ----------------------------------------------------------------------------- empty files, BOM
+
+
+def _empty_vqav2(tmp_path):
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": [], "data_subtype": "val2014"})
+    return tmp_path, "v2_OpenEnded_mscoco_val2014_questions.json: no questions (the 'questions' list is empty)"
+
+
+def _empty_gqa(tmp_path):
+    write_json(tmp_path / "testdev_balanced_questions.json", {})
+    (tmp_path / "images").mkdir()
+    return tmp_path, "testdev_balanced_questions.json: no questions (the JSON object is empty)"
+
+
+def _empty_pope(tmp_path):
+    (tmp_path / "coco_pope_random.json").write_text("\n\n")
+    return tmp_path, "coco_pope_random.json: no questions in the file"
+
+
+def _scienceqa_without_image_problems(tmp_path):
+    write_json(tmp_path / "problems.json", {"6": {"question": "Which word is a noun?", "choices": ["run", "dog"],
+                                                  "answer": 1, "hint": "", "image": None}})
+    write_json(tmp_path / "pid_splits.json", {"test": ["6"], "val": []})
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    return tmp_path, "pid_splits.json: no image problems in split 'test' (none of its 1 problem(s) has an 'image')"
+
+
+def _empty_vizwiz(tmp_path):
+    write_json(tmp_path / "val.json", [])
+    return tmp_path, "val.json: no questions (the JSON list is empty)"
+
+
+def _empty_mme_txt(tmp_path):
+    make_image(tmp_path / "color" / "a.png")
+    (tmp_path / "color" / "a.txt").write_text("\n")
+    return tmp_path, "a.txt: no question lines in the file"
+
+
+def _header_only_mmbench(tmp_path):
+    return write_tsv(tmp_path / "mmbench_dev.tsv", MMB_HEADER, []), \
+        "mmbench_dev.tsv: no questions (a header row and no data rows)"
+
+
+@pytest.mark.parametrize("name, make", [
+    ("vqav2", _empty_vqav2), ("gqa", _empty_gqa), ("pope", _empty_pope),
+    ("scienceqa_img", _scienceqa_without_image_problems), ("vizwiz", _empty_vizwiz), ("mme", _empty_mme_txt),
+    ("mmbench", _header_only_mmbench),
+])
+def test_a_file_without_questions_is_refused(tmp_path, name, make):
+    # An empty benchmark read as [] made the evaluation fail only after the model had loaded (IndexError).
+    path, problem = make(tmp_path)
+    with pytest.raises(ValueError, match=rf"^{name}: .*{re.escape(problem)}\. Expected layout -- "):
+        read_benchmark(name, path)
+
+
+def test_scienceqa_split_without_problems_is_refused(tmp_path):
+    path, _ = _scienceqa_without_image_problems(tmp_path)
+    (tmp_path / "images" / "val").mkdir()
+    with pytest.raises(ValueError, match=r"no image problems in split 'val' \(the split lists no problems\)"):
+        read_scienceqa_img(path, split="val")
+
+
+def test_mme_answers_are_checked_when_read(mme_root):
+    txt = mme_root / "artwork" / "questions_answer_YES_NO" / "10002.txt"
+    # any case of yes / no is what the mme metric accepts
+    txt.write_text("Is this artwork created by Moretto?\tYES\nIs this artwork created by Bosch?\tno\n")
+    assert [r.answers for r in read_mme(mme_root, subtasks=["artwork"])] == [["YES"], ["no"]]
+    txt.write_text("Is this artwork created by Moretto?\tYes\nIs this artwork created by Bosch?\tMaybe\n")
+    with pytest.raises(ValueError, match=rf"^mme: {re.escape(str(txt))}: line 2: answer 'Maybe' is not 'Yes' or 'No'"):
+        read_mme(mme_root)
+
+
+def test_a_leading_bom_is_ignored_by_every_reader(tmp_path, mme_root):
+    # Windows editors write a UTF-8 BOM; pandas skips it in the MMBench TSV and every other reader does the same
+    # (MME kept it in the first question, the JSON readers refused the file).
+    txt = mme_root / "OCR" / "0001.txt"
+    txt.write_text("Is the word \"high\"?\tYes\nIs it \"low\"?\tNo\n", encoding="utf-8-sig")
+    assert read_mme(mme_root, subtasks=["OCR"])[0].question == 'Is the word "high"?'
+
+    gqa = tmp_path / "gqa" / "testdev_balanced_questions.json"
+    write_json(gqa, {"1": {"imageId": "n1", "question": "Is it red?", "answer": "yes"}})
+    gqa.write_text(gqa.read_text(), encoding="utf-8-sig")
+    (gqa.parent / "images").mkdir()
+    assert [(r.question_id, r.question) for r in read_gqa(gqa)] == [("1", "Is it red?")]
+
+    pope = tmp_path / "pope" / "coco_pope_random.json"
+    write_pope(pope, [{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "no"}])
+    pope.write_text(pope.read_text(), encoding="utf-8-sig")
+    assert [r.question_id for r in read_pope(pope)] == ["random/1"]
+
+    img = base64.b64encode(png_bytes()).decode()
+    tsv = write_tsv(tmp_path / "mmbench.tsv", MMB_HEADER, [[7, "Which?", "", "x", "y", "", "", "B", "c", "l2", img]])
+    tsv.write_text(tsv.read_text(), encoding="utf-8-sig")
+    assert [(r.question_id, r.answers) for r in read_mmbench(tsv)] == [("7", ["B"])]
 
 
 # ----------------------------------------------------------------------------- dispatch + HF dataset
