@@ -150,14 +150,21 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             )
 
 
+# The speaker names a LLaVA-style record may use: LLaVA's own ("human"/"gpt") and the chat-template ones.
+LLAVA_QUESTION_ROLES = ("human", "user")
+LLAVA_ANSWER_ROLES = ("gpt", "assistant")
+
+
 def load_llava_json(path, image_folder=None):
     """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
     (image, question, answer) rows, one per human/gpt turn pair.
 
     Image paths are resolved here, once, against `image_folder` (absolute paths returned), so the collator must
-    not join the folder again (it left `images/images/...` with a relative folder). Every image is checked up
-    front: a missing one is named before any model loads."""
+    not join the folder again (it left `images/images/...` with a relative folder). Every record and image is
+    checked up front (one image path per record, each image readable, turns alternating human/gpt and ending on
+    an answer): bad data is named, by record, before any model loads."""
     from datasets import Dataset
+    from PIL import Image
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--llava_json: no file {path!r}. Give the path of a LLaVA-style JSON list.")
@@ -173,19 +180,52 @@ def load_llava_json(path, image_folder=None):
         raise ValueError(f"{path} must hold a non-empty JSON list of records with 'image' and 'conversations', "
                          f"got {type(records).__name__}{'' if records else ' (empty)'}.")
     rows = []
+    readable = set()  # LLaVA sets reuse images (COCO) across records: open each file once
     for i, record in enumerate(records):
         if not isinstance(record, dict) or "image" not in record or "conversations" not in record:
             raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
+        where = f"Record {i}" + (f" (id {record['id']!r})" if "id" in record else "") + f" of {path}"
         turns = record["conversations"]
         if (not isinstance(turns, list) or len(turns) < 2
                 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
-            raise ValueError(f"Record {i} of {path}: 'conversations' must be a list of at least one human and one "
+            raise ValueError(f"{where}: 'conversations' must be a list of at least one human and one "
                              "gpt turn, each a dict with a string 'value'.")
-        image = os.path.abspath(os.path.join(image_folder, record["image"]) if image_folder else record["image"])
+        # The pairs are cut by position (turn 0 asks, turn 1 answers, ...): a conversation opening with the gpt
+        # turn swapped question and answer (the answer's <image> then counted as a second image, mid-training).
+        for k, turn in enumerate(turns):
+            expected = LLAVA_QUESTION_ROLES if k % 2 == 0 else LLAVA_ANSWER_ROLES
+            if turn.get("from") not in expected:
+                raise ValueError(f"{where}: turn {k} is from {turn.get('from')!r}, expected {expected[0]!r} "
+                                 f"(or {expected[1]!r}): turns alternate human, gpt, human, gpt, ... (a question, "
+                                 "then its answer). Fix the turns' 'from' or drop the record.")
+        if len(turns) % 2:
+            # Refused rather than dropped: a question without its answer is as incomplete as a record without
+            # 'conversations', and dropping it would train on less than the file says.
+            raise ValueError(f"{where}: the last turn ({len(turns) - 1}) is a human question without a gpt "
+                             "answer. Add the answer or drop the turn.")
+        for k in range(1, len(turns), 2):
+            if not turns[k]["value"].strip():  # the collator refuses it too, but only mid-training
+                raise ValueError(f"{where}: turn {k} (gpt) is an empty answer {turns[k]['value']!r}: RCP trains "
+                                 "on the answer tokens. Give the answer or drop the turn pair.")
+        name = record["image"]
+        if not isinstance(name, str):  # os.path.join raised a bare TypeError that named no record
+            raise TypeError(f"{where}: 'image' is {name!r} ({type(name).__name__}), expected one image path as a "
+                            "string: RCP trains on one image per question. Drop text-only or multi-image records.")
+        image = os.path.abspath(os.path.join(image_folder, name) if image_folder else name)
         if not os.path.isfile(image):
-            raise FileNotFoundError(f"Record {i} of {path}: no image file {image!r}"
+            raise FileNotFoundError(f"{where}: no image file {image!r}"
                                     + ("" if image_folder else " (give --image_folder if the paths are relative "
                                        "to a folder)") + ".")
+        if image not in readable:
+            # `open` reads the header only (lazy), so this stays cheap over a large set; `verify` would read every
+            # file whole. It catches what is not an image at all, which the collator only found mid-training.
+            try:
+                with Image.open(image):
+                    pass
+            except OSError as err:  # UnidentifiedImageError is an OSError, as is an unreadable file
+                raise ValueError(f"{where}: the image file {image!r} cannot be read as an image ({err}). Replace "
+                                 "the file or drop the record.") from None
+            readable.add(image)
         for human, gpt in zip(turns[0::2], turns[1::2]):
             question = human["value"].replace("<image>", "").strip()
             rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})

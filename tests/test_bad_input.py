@@ -500,6 +500,23 @@ def _llava_json(tmp_path, records=None, image=True):
     return tmp_path / "data.json"
 
 
+def _turn(speaker, value):
+    return {"from": speaker, "value": value}
+
+
+def test_llava_json_reads_every_turn_pair_and_the_chat_role_names(tmp_path):
+    """Multi-turn records give one row per human/gpt pair; "user"/"assistant" are taken as "human"/"gpt"."""
+    from rcp_llava.data import load_llava_json
+
+    path = _llava_json(tmp_path, [
+        {"image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat."),
+                                             _turn("human", "Where?"), _turn("gpt", " Inside. ")]},
+        {"image": "a.png", "conversations": [_turn("user", "Colour?<image>"), _turn("assistant", "Grey.")]}])
+    rows = load_llava_json(str(path), str(tmp_path / "images"))
+    assert [(r["question"], r["answer"]) for r in rows] == [("What?", "A cat."), ("Where?", "Inside."),
+                                                            ("Colour?", "Grey.")]
+
+
 def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monkeypatch):
     """As the README writes it (`--image_folder images/`), the collator looked in images/images/."""
     from rcp_llava.data import load_image, load_llava_json
@@ -520,13 +537,43 @@ def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monk
     ("empty", ValueError, r"data.json must hold a non-empty JSON list of records .* got list \(empty\)"),
     ("no_image", FileNotFoundError, r"Record 0 of .*data.json: no image file '.*a.png'"),
     ("one_turn", ValueError, r"Record 0 of .*data.json: 'conversations' must be a list of at least one human"),
+    # os.path.join raised a bare TypeError ("join() argument must be str ... not 'list'") naming no record
+    ("image_list", TypeError, r"Record 1 \(id 'b'\) of .*data.json: 'image' is \['a.png', 'a.png'\] \(list\), "
+                              r"expected one image path as a string: .* Drop text-only or multi-image records\."),
+    ("image_null", TypeError, r"Record 1 \(id 'b'\) of .*data.json: 'image' is None \(NoneType\), expected one"),
+    # text saved as .png passed the existence check, then PIL.UnidentifiedImageError stopped training mid-run
+    ("corrupt_image", ValueError, r"Record 1 \(id 'b'\) of .*data.json: the image file '.*images/bad.png' cannot "
+                                  r"be read as an image \(cannot identify image file .*\)\. Replace the file"),
+    # question and answer swapped: "Found total 3 <image> tokens and 2 images" mid-training
+    ("gpt_first", ValueError, r"Record 1 \(id 'b'\) of .*data.json: turn 0 is from 'gpt', expected 'human' "
+                              r"\(or 'user'\): turns alternate human, gpt, human, gpt"),
+    ("two_questions", ValueError, r"Record 1 \(id 'b'\) of .*data.json: turn 1 is from 'human', expected 'gpt' "),
+    ("no_from", ValueError, r"Record 1 \(id 'b'\) of .*data.json: turn 0 is from None, expected 'human'"),
+    # the unanswered question was dropped silently
+    ("unanswered", ValueError, r"Record 1 \(id 'b'\) of .*data.json: the last turn \(2\) is a human question "
+                               r"without a gpt answer\. Add the answer or drop the turn\."),
+    # the collator refused it, but only after the model had loaded
+    ("empty_answer", ValueError, r"Record 1 \(id 'b'\) of .*data.json: turn 1 \(gpt\) is an empty answer '  '"),
 ])
 def test_llava_json_is_checked_up_front(tmp_path, case, error, match):
     from rcp_llava.data import load_llava_json
 
+    good = {"id": "a", "image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat.")]}
+    bad = {  # record 1, after a good one: the message names the record that is wrong
+        "image_list": {"image": ["a.png", "a.png"]}, "image_null": {"image": None},
+        "corrupt_image": {"image": "bad.png"},
+        "gpt_first": {"conversations": [_turn("gpt", "A cat."), _turn("human", "<image>\nWhat?")]},
+        "two_questions": {"conversations": [_turn("human", "<image>\nWhat?"), _turn("human", "Where?")]},
+        "no_from": {"conversations": [{"value": "<image>\nWhat?"}, _turn("gpt", "A cat.")]},
+        "unanswered": {"conversations": good["conversations"] + [_turn("human", "And?")]},
+        "empty_answer": {"conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "  ")]},
+    }
     records = {"bad_json": "[{", "not_a_list": {"image": "a.png"}, "empty": [],
                "one_turn": [{"image": "a.png", "conversations": [{"from": "human", "value": "Hi"}]}]}.get(case)
+    if case in bad:
+        records = [good, {**good, "id": "b", **bad[case]}]
     path = _llava_json(tmp_path, records, image=case != "no_image")
+    (tmp_path / "images" / "bad.png").write_text("not an image")
     folder = tmp_path / ("nowhere" if case == "no_folder" else "images")
     with pytest.raises(error, match=match):
         load_llava_json(str(tmp_path / "missing.json") if case == "no_file" else str(path), str(folder))
