@@ -30,19 +30,22 @@ is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
 from modeling_rcp_llava import (
-    PLUGIN_PREFIX, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
+    PLUGIN_PREFIX, RCP_CONFIG_NAME, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
 )
-from rcp_llava.checkpoints import AtomicCheckpointMixin
+from rcp_llava.checkpoints import STAGING_PREFIX, AtomicCheckpointMixin
 from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
 from rcp_llava.evaluation import (
     EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
@@ -423,6 +426,36 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         self.grad_norms.append(float(norm))
         return norm
 
+    # -- training: the gradient-norm record across a resume -----------------------------------------
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, with `grad_norms` covering every optimizer step of the run, not only this call's: each
+        checkpoint holds the norms up to its step (`GRAD_NORMS_NAME`) and a resume starts from them. A checkpoint at
+        or past `max_steps` ends the run: its plug-ins (or the best checkpoint's, with `load_best_model_at_end`) are
+        loaded and nothing trains (`Trainer.train` would train one more batch when the run ended mid-epoch)."""
+        if resume_from_checkpoint is True:  # resolved here, as `Trainer.train` does, to read its records first
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if not resume_from_checkpoint:
+            self.grad_norms = []
+            return super().train(resume_from_checkpoint, **kwargs)
+        state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+        self.grad_norms = checkpoint_grad_norms(resume_from_checkpoint, state.global_step)
+        if not 0 < self.args.max_steps <= state.global_step:
+            return super().train(resume_from_checkpoint, **kwargs)
+        logger.warning(f"[train_rcp] {resume_from_checkpoint} is at step {state.global_step} of --max_steps "
+                       f"{self.args.max_steps}: the run is finished, nothing is trained; its plug-ins are loaded.")
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = state
+        best = state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best and os.path.isdir(best):  # as `Trainer.train` ends
+            self._load_best_model()
+        return TrainOutput(state.global_step, 0.0, {})  # `Trainer.train`'s loss when no step ran
+
+    def _save_checkpoint_extras(self, folder):
+        _write_json(os.path.join(folder, GRAD_NORMS_NAME), self.grad_norms)
+
     def repair_layers_for_loss(self, config):
         layers = self.args.parsed_repair_loss_layers
         if layers is None:
@@ -543,8 +576,34 @@ def _all_reduce_sum(args):
     return reduce
 
 
+GRAD_NORMS_NAME = "grad_norms.json"  # in every checkpoint-N (the norms of steps 1..N) and in the job's folder
+
+
+def checkpoint_grad_norms(checkpoint, steps):
+    """The per-step gradient norms recorded in `checkpoint` (a list of `steps` floats). A checkpoint written before
+    they were kept there has none: its steps are recorded as None (unknown), with a warning, rather than left out."""
+    path = os.path.join(checkpoint, GRAD_NORMS_NAME)
+    if not os.path.isfile(path):
+        logger.warning(f"[train_rcp] {checkpoint} holds no {GRAD_NORMS_NAME} (it was written before checkpoints kept "
+                       f"the gradient norms): steps 1-{steps} are recorded as null.")
+        return [None] * steps
+    fix = "Delete the file to resume with those steps recorded as null."
+    try:
+        with open(path, encoding="utf-8") as f:
+            norms = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {fix}") from None
+    if not isinstance(norms, list) or len(norms) != steps:
+        got = f"{len(norms)} values" if isinstance(norms, list) else type(norms).__name__
+        raise ValueError(f"{path} must list the gradient norms of the checkpoint's {steps} steps, got {got}. {fix}")
+    return norms
+
+
 def grad_norm_summary(norms):
-    """Median / p99 / max of per-step gradient norms (and the max / median ratio), or None without steps."""
+    """Median / p99 / max of per-step gradient norms (and the max / median ratio), or None without steps. Steps
+    whose norm is unknown (None: resumed from a checkpoint that did not record them) are counted apart."""
+    unrecorded = sum(n is None for n in norms)
+    norms = [n for n in norms if n is not None]
     if not norms:
         return None
     ordered = sorted(norms)
@@ -553,8 +612,11 @@ def grad_norm_summary(norms):
         return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
 
     median = quantile(0.5)
-    return {"steps": len(norms), "median": median, "p99": quantile(0.99), "max": ordered[-1],
-            "max_over_median": ordered[-1] / median if median > 0 else None}
+    summary = {"steps": len(norms), "median": median, "p99": quantile(0.99), "max": ordered[-1],
+               "max_over_median": ordered[-1] / median if median > 0 else None}
+    if unrecorded:
+        summary["unrecorded_steps"] = unrecorded
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,8 +732,11 @@ class RcpJobArguments:
         default=500, metadata={"help": "Evaluate (Trainer evaluation and the final one) on the first N examples."})
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Replace a finished or started run in --output_dir (its metrics.json, plugins/, model/ or "
-                          "checkpoints); without it such a folder is refused, unless --resume_from_checkpoint."},
+        metadata={"help": "Replace a finished or started run in --output_dir: its checkpoint-N folders are deleted "
+                          "once every argument, data and model check has passed, just before training (with "
+                          "--resume_from_checkpoint they are the run being continued, and stay); its metrics.json, "
+                          "plugins/ and model/ are replaced at the end. Without it such a folder is refused, unless "
+                          "--resume_from_checkpoint."},
     )
     push_plugins_only: bool = field(
         default=False, metadata={"help": "With --push_to_hub: upload only the plug-in folder (PEFT-style)."}
@@ -790,6 +855,28 @@ def check_output_dir(output_dir, overwrite=False, resume_from_checkpoint=None):
         )
 
 
+REMOVING_PREFIX = ".removing-"  # a previous run's checkpoint being deleted (--overwrite_output_dir)
+
+
+def remove_previous_checkpoints(output_dir):
+    """--overwrite_output_dir without a resume: delete the previous run's `checkpoint-N` folders (and leftovers of
+    interrupted saves and removals), so that `--resume_from_checkpoint last` and the checkpoint rotation see only the
+    new run's. Each is first renamed out of the `checkpoint-N` names (atomic), so an interrupted removal leaves no
+    partial checkpoint that could be resumed from. Returns the names of the checkpoints removed."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = sorted(n for n in os.listdir(output_dir) if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
+    for name in removed:
+        target = os.path.join(output_dir, REMOVING_PREFIX + name)
+        if os.path.isdir(target):  # left by an interrupted removal
+            shutil.rmtree(target)
+        os.replace(os.path.join(output_dir, name), target)
+    for name in os.listdir(output_dir):  # never resumed from; removed so that they do not pile up
+        if name.startswith((REMOVING_PREFIX, f"{STAGING_PREFIX}-")):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return removed
+
+
 CHECKPOINT_FILES = ("rcp_plugins.safetensors", "rcp_config.json", "trainer_state.json")
 
 
@@ -820,6 +907,30 @@ def resolve_resume(resume_from_checkpoint, output_dir):
         raise ValueError(f"--resume_from_checkpoint {folder!r} is incomplete (no {', '.join(missing)}): it was "
                          "interrupted while being written. Resume from an earlier checkpoint.")
     return folder
+
+
+def check_not_a_plugin_folder(base_model):
+    """ValueError if --base_model is a plug-in-only folder (`save_plugins`: rcp_config.json and no config.json): it
+    holds no model, and transformers only said "Unrecognized model ... Should have a `model_type` key"."""
+    folder = str(base_model)
+    if not (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
+            and not os.path.isfile(os.path.join(folder, "config.json"))):
+        return
+    try:  # only to name the base model in the message: an unreadable record must not hide the actual problem
+        with open(os.path.join(folder, RCP_CONFIG_NAME), encoding="utf-8") as f:
+            recorded = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    base = repr(recorded) if recorded else "BASE"
+    named = (f"its recorded base model {base}" if recorded else
+             f"the LLaVA checkpoint they were trained on (its {RCP_CONFIG_NAME} records none)")
+    raise ValueError(
+        f"--base_model {folder!r} is an RCP plug-in folder ({RCP_CONFIG_NAME} + rcp_plugins.safetensors, written by "
+        f"`save_plugins`), not a model. To train new plug-ins, pass {named} as --base_model. To train on from these "
+        f"plug-ins, save them with their base as a full RCP model and pass that folder as --base_model: "
+        f"`RcpLlavaForConditionalGeneration.from_base({base}, plugins={folder!r}).save_pretrained(DIR)` and "
+        f"`AutoProcessor.from_pretrained({base}).save_pretrained(DIR)`."
+    )
 
 
 def budget_folder_name(label):
@@ -895,6 +1006,7 @@ def run_job(job, args, explicit=()):
         dataset_path = job.dataset_name_or_path
 
     check_model_source(base_model, "--base_model")
+    check_not_a_plugin_folder(base_model)
     base_config = AutoConfig.from_pretrained(base_model)
     if base_config.model_type not in ("llava", "rcp_llava"):
         raise ValueError(
@@ -971,7 +1083,16 @@ def run_job(job, args, explicit=()):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
               f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
-    trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if job.overwrite_output_dir and resume is None:
+        # Asked for, and only now that everything has loaded: a run that fails its checks keeps the old checkpoints.
+        if args.should_save:
+            removed = remove_previous_checkpoints(args.output_dir)
+            if removed:
+                print(f"[train_rcp] --overwrite_output_dir: deleted the previous run's {', '.join(removed)} in "
+                      f"{args.output_dir}", flush=True)
+        trainer.accelerator.wait_for_everyone()
+    trainer.train(resume_from_checkpoint=resume)
     trainer_eval = trainer.evaluate() if args.do_eval else None  # with the best plug-ins if load_best_model_at_end
     metrics = None
     if trainer.is_world_process_zero():
@@ -1013,7 +1134,7 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     out = args.output_dir
     save_job_folders(model, processor, out, overwrite=job.overwrite_output_dir)
     if trainer is not None:
-        _write_json(os.path.join(out, "grad_norms.json"), trainer.grad_norms)
+        _write_json(os.path.join(out, GRAD_NORMS_NAME), trainer.grad_norms)
     metrics["total_seconds"] = round(time.time() - started, 1)
     _write_json(os.path.join(out, "metrics.json"), metrics)
     print(format_report(metrics), flush=True)

@@ -33,6 +33,8 @@ class AtomicCheckpointMixin:
         hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                self._save_checkpoint_extras(staging)  # inside the staging folder: complete, or not there at all
         except BaseException:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -41,7 +43,7 @@ class AtomicCheckpointMixin:
             hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
-            if os.path.isdir(final):  # the same step saved by an earlier run (--overwrite_output_dir)
+            if os.path.isdir(final):  # the same step saved before: a resume from an earlier checkpoint
                 shutil.rmtree(final)
             os.replace(staging, final)
             if self.state.best_model_checkpoint == staging:
@@ -51,3 +53,7 @@ class AtomicCheckpointMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint_extras(self, folder):
+        """Write the subclass's own files into the checkpoint being saved (`folder`, the staging folder; main process
+        only). They are renamed into place with the Trainer's files, so a resume finds them in every checkpoint."""

@@ -649,6 +649,25 @@ def test_train_rcp_takes_an_rcp_folder_as_base_model(micro_testbed, tmp_path):
     assert saved["model_type"] == "rcp_llava" and saved["pruning_layers"] == [1]
 
 
+def test_train_rcp_refuses_a_plugin_folder_as_base_model(micro_testbed, tmp_path):
+    """Was transformers' "Unrecognized model in ... Should have a `model_type` key" for a `save_plugins` folder."""
+    import train_rcp
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    base = str(micro_testbed / "model")
+    rcp = RcpLlavaForConditionalGeneration.from_pretrained(base, pruning_layers=[1], repair_layers=[1],
+                                                          pruner_hidden_size=8, repair_bottleneck_size=8)
+    rcp.save_plugins(tmp_path / "plugins")
+    with pytest.raises(ValueError, match=(
+            rf"--base_model '{tmp_path}/plugins' is an RCP plug-in folder \(rcp_config.json \+ "
+            rf"rcp_plugins.safetensors, written by `save_plugins`\), not a model\. To train new plug-ins, pass its "
+            rf"recorded base model '{base}' as --base_model\. .*`RcpLlavaForConditionalGeneration.from_base\('{base}', "
+            rf"plugins='{tmp_path}/plugins'\).save_pretrained\(DIR\)`")):
+        train_rcp.main(_train_argv(micro_testbed, tmp_path / "out", "--max_steps", "1", base=tmp_path / "plugins"))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 # -- checkpoints: a checkpoint-N folder exists only once complete -------------------------------------------------
 
 
@@ -692,6 +711,56 @@ def test_checkpoint_rotation_counts_the_newest_checkpoint(micro_testbed, tmp_pat
     train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
                                "--save_total_limit", "2"))
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_resumed_run_records_every_steps_gradient_norm(micro_testbed, tmp_path):
+    """Was: grad_norms.json and metrics.json's `grad_norm` covered only the resumed steps, and resuming the finished
+    run wrote `[]` / None over its record (after training one batch past --max_steps, into checkpoint-4)."""
+    import os
+    import shutil
+
+    import train_rcp
+
+    out = tmp_path / "run"
+    argv = _train_argv(micro_testbed, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
+    train_rcp.main(argv)
+    norms = json.loads((out / "grad_norms.json").read_text())
+    summary = json.loads((out / "metrics.json").read_text())["grad_norm"]
+    assert len(norms) == 3 and summary["steps"] == 3
+    train_rcp.main(argv + ["--resume_from_checkpoint", "last"])  # the finished run
+    assert json.loads((out / "grad_norms.json").read_text()) == norms
+    assert json.loads((out / "metrics.json").read_text())["grad_norm"] == summary
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    for name in ("checkpoint-2", "checkpoint-3"):  # interrupted after step 1
+        shutil.rmtree(out / name)
+    train_rcp.main(argv + ["--resume_from_checkpoint", "last"])
+    assert json.loads((out / "grad_norms.json").read_text()) == norms  # training is bit-identical: so are the norms
+    assert json.loads((out / "metrics.json").read_text())["grad_norm"] == summary
+
+
+def test_overwrite_output_dir_deletes_the_previous_runs_checkpoints(micro_testbed, tmp_path):
+    """Was: the old run's checkpoint-2 and -3 stayed beside the new run's checkpoint-1, and `--resume_from_checkpoint
+    last` then resumed the old run."""
+    import os
+
+    import train_rcp
+
+    out = tmp_path / "run"
+    train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1"))
+    (out / "tmp-checkpoint-4").mkdir()  # left by an interrupted save
+
+    def checkpoints():
+        return sorted(n for n in os.listdir(out) if "checkpoint" in n)
+
+    # A run that fails its checks deletes nothing.
+    with pytest.raises(ValueError, match="--eval_split 'dev'"):
+        train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--overwrite_output_dir", "--do_eval",
+                                   "--eval_split", "dev"))
+    assert checkpoints() == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "tmp-checkpoint-4"]
+    train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--overwrite_output_dir"))
+    assert checkpoints() == ["checkpoint-1"]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1  # the new run's
+    assert train_rcp.resolve_resume("last", str(out)) == str(out / "checkpoint-1")
 
 
 # -- save_pretrained: atomic, and never over another model silently ------------------------------------------------

@@ -208,6 +208,38 @@ def test_resume_reproduces_the_uninterrupted_run(micro, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_resume_keeps_every_steps_gradient_norm(micro, tmp_path):
+    """Was: `grad_norms` held only the resumed call's steps (a 3-step run resumed after step 1 recorded 2 norms, a
+    finished run resumed recorded none), and resuming a run that ended mid-epoch trained a batch past max_steps."""
+    make, _, _ = micro
+    first = make_trainer(micro, tmp_path, model=make(), max_steps=3, save_steps=1)
+    first.train()
+    norms = first.grad_norms
+    assert len(norms) == 3
+    for step in (1, 2, 3):  # each checkpoint records the norms up to its step
+        assert json.loads((tmp_path / f"checkpoint-{step}" / "grad_norms.json").read_text()) == norms[:step]
+    resumed = make_trainer(micro, tmp_path, model=make(), max_steps=3, save_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.grad_norms == norms  # the resumed run is bit-identical, so are its norms
+    scrambled = make()  # same backbone; the plug-ins must come from the checkpoint
+    with torch.no_grad():
+        for p in scrambled.plugin_parameters():
+            p.add_(torch.randn_like(p))
+    finished = make_trainer(micro, tmp_path, model=scrambled, max_steps=3, save_steps=1)
+    finished.train(resume_from_checkpoint=True)  # checkpoint-3: the run is over
+    assert finished.grad_norms == norms and finished.state.global_step == 3
+    assert not (tmp_path / "checkpoint-4").exists()
+    a, b = first.model.plugin_state_dict(), finished.model.plugin_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A checkpoint written before the norms were kept: its steps are recorded as unknown, not left out.
+    (tmp_path / "checkpoint-2" / "grad_norms.json").unlink()
+    old = make_trainer(micro, tmp_path, model=make(), max_steps=3, save_steps=1)
+    old.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert old.grad_norms == [None, None, norms[2]]
+    summary = train_rcp.grad_norm_summary(old.grad_norms)
+    assert summary["steps"] == 1 and summary["unrecorded_steps"] == 2 and summary["max"] == norms[2]
+
+
 def test_gradient_accumulation_equals_the_larger_batch(micro, tmp_path):
     """Exact for the per-sample losses. The authors' pooled repair moments and batch-mean retention are taken per
     micro-batch (as in their code), so with those the accumulated step is close to, not equal to, the larger batch."""
