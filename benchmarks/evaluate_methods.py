@@ -89,6 +89,10 @@ def check_grid(args):
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets:
         raise ValueError(f"--budgets {args.budgets!r} names no budget; give fractions like '1/3,2/9,1/9'.")
+    for flag, given in (("--methods", methods), ("--budgets", budgets)):  # each cell ran twice, a row printed twice
+        repeated = sorted({v for v in given if given.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{flag} names {repeated} more than once; give each once.")
     for budget in budgets:
         parse_budget(budget)
     check_model_source(args.model, "--model")
@@ -109,21 +113,22 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     command = "python benchmarks/evaluate_methods.py " + " ".join(argv)
     for flag, value in (("--batch_size", args.batch_size), ("--max_samples", args.max_samples),
-                        ("--max_new_tokens", args.max_new_tokens)):
+                        ("--max_new_tokens", args.max_new_tokens), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} is {value}; it must be a positive number.")
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
     plugins_per_budget = parse_plugins_per_budget(args.plugins_per_budget)
     methods, budgets = check_grid(args)  # before anything loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # The data before the model: a reader's error (an empty file, a bad answer) comes before a 7B load.
+    datasets = [load_data(spec, split=args.split, max_samples=args.max_samples) for spec in args.data or ["testbed"]]
     base, processor = load_base_model(args.model, plugins=args.plugins)
     results = []
-    for spec in args.data or ["testbed"]:
-        data = load_data(spec, split=args.split, max_samples=args.max_samples)
+    for data in datasets:
         results.append(evaluate_grid(base, processor, data, methods, budgets, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer,
                                      progress=not args.no_progress,

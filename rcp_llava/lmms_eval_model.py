@@ -23,17 +23,25 @@ below), so nothing in lmms-eval is patched. Model arguments (`--model_args key=v
 (`write_testbed_task`) lets the whole path run offline: `python -m rcp_llava.lmms_eval_model --write_task DIR`.
 """
 
+import json
 import os
+import re
 import textwrap
 from fractions import Fraction
 
 import torch
-from lmms_eval import utils
-from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+try:  # the model needs lmms-eval; the task writer below (`--write_task`) does not
+    from lmms_eval import utils
+    from lmms_eval.api.model import lmms
+except ImportError as err:  # pragma: no cover - exercised where lmms-eval is absent
+    utils, lmms, _LMMS_MISSING = None, object, err
+else:
+    _LMMS_MISSING = None
+
 from configuration_rcp_llava import PRUNING_METHODS
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
 from rcp_llava.data import prompt_messages
 from rcp_llava.evaluation import method_model, method_overrides
 from rcp_llava.schedule import budget_count, parse_budget
@@ -120,6 +128,9 @@ class RcpLlava(lmms):
     def __init__(self, pretrained, plugins=None, revision=None, plugins_revision=None, pruning_method="rcp",
                  budget=None, flop_matched=False, pruning_keep_counts=None, batch_size=1, device=None, dtype="auto",
                  max_new_tokens=128, **kwargs):
+        if _LMMS_MISSING is not None:
+            raise ImportError("rcp_llava's lmms-eval model needs lmms-eval: `pip install -e \".[lmms]\"` "
+                              f"({_LMMS_MISSING}).")
         super().__init__()
         if kwargs:
             raise ValueError(f"rcp_llava: unknown model arguments {sorted(kwargs)}; see `rcp_llava.lmms_eval_model`.")
@@ -322,13 +333,25 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"`dataset_dir` {dataset_dir!r} does not exist; pass a built testbed's dataset "
                                 "folder (`python benchmarks/build_testbed.py --preset deep` writes one).")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+        raise ValueError(f"`name` {name!r} must be letters, digits, '_', '.' or '-': it names the task and its "
+                         "YAML file.")
+    splits_file = os.path.join(dataset_dir, "dataset_dict.json")  # what `DatasetDict.save_to_disk` writes
+    if not os.path.isfile(splits_file):
+        raise ValueError(f"`dataset_dir` {dataset_dir!r} is not a saved dataset with splits (no dataset_dict.json); "
+                         "pass a testbed's dataset folder.")
+    with open(splits_file, encoding="utf-8") as f:
+        splits = json.load(f).get("splits", [])
+    if split not in splits:
+        raise ValueError(f"`split` {split!r} is not in {dataset_dir!r}, which has {splits}.")
     os.makedirs(out_dir, exist_ok=True)
+    # Values as JSON strings, which YAML reads back verbatim (a path with '#' or ': ' did not survive bare).
     yaml = textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: {dataset_dir}
+        task: {json.dumps(name)}
+        dataset_path: {json.dumps(dataset_dir)}
         dataset_kwargs:
           load_from_disk: true
-        test_split: {split}
+        test_split: {json.dumps(split)}
         output_type: generate_until
         doc_to_visual: !function utils.doc_to_visual
         doc_to_text: !function utils.doc_to_text
@@ -345,10 +368,8 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
           version: 1.0
         """)
     path = os.path.join(out_dir, f"{name}.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(yaml)
-    with open(os.path.join(out_dir, "utils.py"), "w", encoding="utf-8") as f:
-        f.write(TASK_UTILS)
+    atomic_write(os.path.join(out_dir, "utils.py"), lambda tmp: write_text(tmp, TASK_UTILS))
+    atomic_write(path, lambda tmp: write_text(tmp, yaml))
     return path
 
 

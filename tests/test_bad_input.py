@@ -409,7 +409,7 @@ def test_an_empty_training_split_is_refused():
         check_dataset(empty, RcpDataCollator(build_processor(get_preset("micro"))), name="'train' split")
 
 
-@pytest.mark.parametrize("flag", ["--batch_size", "--max_samples", "--max_new_tokens"])
+@pytest.mark.parametrize("flag", ["--batch_size", "--max_samples", "--max_new_tokens", "--threads"])
 def test_evaluate_methods_counts(tmp_path, flag):
     """Was "range() arg 3 must not be zero" after the model had loaded."""
     from conftest import load_benchmark
@@ -474,6 +474,11 @@ def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
     # was reported as `pruning_layers`, after the model and the data had loaded
     (["--fastv_layer", "4"], ValueError, r"--fastv_layer 4 is outside \[1, 3\]: FastV prunes before decoder layer K"),
     (["--fastv_layer", "0"], ValueError, r"--fastv_layer 0 is outside \[1, 3\]"),
+    # each cell ran twice and printed a duplicate row
+    (["--methods", "rcp,fastv,rcp"], ValueError, r"--methods names \['rcp'\] more than once; give each once"),
+    (["--budgets", "1/3,1/9,1/3"], ValueError, r"--budgets names \['1/3'\] more than once"),
+    # a reader's error came after the model had loaded
+    (["--data", "gqa:{tmp}/empty.json"], ValueError, r"no questions"),
 ])
 def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, flags, error, match):
     from conftest import load_benchmark
@@ -481,7 +486,9 @@ def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, 
     import rcp_llava.evaluation as evaluation
 
     folder = _stock_folder(tmp_path / "stock")
+    (tmp_path / "empty.json").write_text("{}")
     monkeypatch.setattr(evaluation, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     with pytest.raises(error, match=match):
         load_benchmark("evaluate_methods").main(["--model", str(folder), "--output_dir", str(tmp_path)] + flags)
 

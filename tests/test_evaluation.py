@@ -576,3 +576,41 @@ def test_testbed_diagnostics_question_forms_and_probes(micro, tmp_path):
     assert json.loads((tmp_path / "d.json").read_text())["probes"] == probes
     with pytest.raises(FileNotFoundError, match="--model"):
         diagnostics.main(["--folder", str(folder), "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path)])
+
+
+def test_the_lmms_eval_task_writer_runs_without_lmms_eval_and_quotes_its_values(tmp_path):
+    """`python -m rcp_llava.lmms_eval_model --write_task` needs no lmms-eval (it failed on the module's import before),
+    and writes values YAML reads back verbatim: a dataset path with '#' was cut at it, a name with ': ' broke the
+    file; a split the dataset lacks and a folder that is no saved dataset are refused."""
+    import subprocess
+    import sys
+
+    import yaml
+    from datasets import Dataset, DatasetDict
+
+    data = tmp_path / "my data #1"
+    DatasetDict({"test": Dataset.from_dict({"question": ["q"], "answer": ["a"]})}).save_to_disk(str(data))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['lmms_eval'] = None; import runpy; "
+                           "runpy.run_module('rcp_llava.lmms_eval_model', run_name='__main__')",
+                           "--write_task", str(tmp_path / "tasks"), "--dataset", str(data)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    task = yaml.load((tmp_path / "tasks" / "rcp_testbed.yaml").read_text(), Loader=Loader)
+    assert (task["task"], task["dataset_path"], task["test_split"]) == ("rcp_testbed", str(data), "test")
+    assert (tmp_path / "tasks" / "utils.py").is_file()
+
+    from rcp_llava.lmms_eval_model import write_testbed_task
+
+    with pytest.raises(ValueError, match=r"`split` 'nosuch' is not in .*, which has \['test'\]"):
+        write_testbed_task(tmp_path / "t2", data, split="nosuch")
+    with pytest.raises(ValueError, match=r"`name` 'a b: c' must be letters, digits"):
+        write_testbed_task(tmp_path / "t2", data, name="a b: c")
+    with pytest.raises(ValueError, match=r"is not a saved dataset with splits \(no dataset_dict.json\)"):
+        write_testbed_task(tmp_path / "t2", tmp_path / "tasks")
+    assert not (tmp_path / "t2").exists()  # refused before anything is written
