@@ -909,6 +909,23 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     return folder
 
 
+def unreachable_budget(config, budget, sparsity_layers):
+    """The warning to give when the sparsity target cannot be met, or None. With `sparsity_layers="all"` (the paper's
+    mean over every decoder layer) the layers before the first pruner keep the whole image: they alone average
+    `pruning_layers[0] * N / L` visual tokens, and a budget at or below that floor leaves the sparsity loss pushing
+    the pruners towards a target no schedule reaches (a 2-layer model at 1/9 ended at 900% of it, unannounced)."""
+    if sparsity_layers != "all":
+        return None
+    num_layers, num_visual = config.text_config.num_hidden_layers, config.num_visual_tokens
+    floor = config.pruning_layers[0] * num_visual / num_layers
+    if budget > floor:
+        return None
+    return (f"--visual_token_budget {budget:g} cannot be reached: the {config.pruning_layers[0]} layer(s) before the "
+            f"first pruner keep all {num_visual} visual tokens, which alone average {floor:g} per layer over all "
+            f"{num_layers} layers (--sparsity_layers all). Raise the budget, prune earlier (--pruning_layers), or "
+            "average from the first pruner (--sparsity_layers from_first_pruner).")
+
+
 def check_not_a_plugin_folder(base_model):
     """ValueError if --base_model is a plug-in-only folder (`save_plugins`: rcp_config.json and no config.json): it
     holds no model, and transformers only said "Unrecognized model ... Should have a `model_type` key"."""
@@ -1070,6 +1087,9 @@ def run_job(job, args, explicit=()):
     # --seed gives one model.
     set_seed(args.seed)
     model = RcpLlavaForConditionalGeneration.from_pretrained(base_model, **overrides)
+    unreachable = unreachable_budget(model.config, budget, args.sparsity_layers)
+    if unreachable:
+        logger.warning(f"[train_rcp] {unreachable}")
 
     # The folder is pushed once, complete, at the end (with its model card); the Trainer must not push checkpoints.
     push, args.push_to_hub = args.push_to_hub, False

@@ -550,3 +550,17 @@ def test_bf16_mixed_precision_trains(micro, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert any(not torch.equal(v, plugins_before[k]) for k, v in model.plugin_state_dict().items())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision: the weights stay float32
+
+
+def test_an_unreachable_sparsity_target_is_named():
+    """A 2-layer model whose first pruner sits before layer 1 keeps the whole image in layer 0: over all layers it
+    averages at least N / 2 visual tokens, so a budget of N / 9 ended training at 900% of its target, unannounced."""
+    from conftest import tiny_config
+
+    config = tiny_config(pruning_layers=[1, 2], repair_layers=[2, 3])  # 4 layers, 16 visual tokens: floor 4
+    assert train_rcp.unreachable_budget(config, 4.5, "all") is None
+    assert train_rcp.unreachable_budget(config, 16 / 9, "from_first_pruner") is None
+    assert train_rcp.unreachable_budget(config, 4.0, "all") == (
+        "--visual_token_budget 4 cannot be reached: the 1 layer(s) before the first pruner keep all 16 visual tokens, "
+        "which alone average 4 per layer over all 4 layers (--sparsity_layers all). Raise the budget, prune earlier "
+        "(--pruning_layers), or average from the first pruner (--sparsity_layers from_first_pruner).")
