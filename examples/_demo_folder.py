@@ -32,3 +32,12 @@ def demo_or(model_id):
         folder = build_demo_folder(os.path.join(tmp, "model"))
         print(f"saved a tiny random RCP model to {folder} (removed at exit)")
         yield folder
+
+
+def check_rcp_model(model, model_id):
+    """SystemExit with the fix when `model_id` loaded something other than an RCP-LLaVA model (a stock LLaVA folder:
+    these examples read the pruning fields, and stock has none -- it crashed with an AttributeError)."""
+    if not hasattr(model, "last_pruning_info"):
+        raise SystemExit(f"--model {model_id!r} loaded a {type(model).__name__}, not an RCP-LLaVA model (no pruning "
+                         "fields). Give a folder written by RcpLlavaForConditionalGeneration.save_pretrained, or add "
+                         "plug-ins to a stock LLaVA with examples/load_plugins.py --base.")

@@ -11,7 +11,7 @@ where rcp-llava is not installed (this script never imports the model classes it
 
 import argparse
 
-from _demo_folder import demo_or
+from _demo_folder import check_rcp_model, demo_or
 
 
 def main(argv=None):
@@ -30,6 +30,7 @@ def run(args, model_id):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True).eval()
+    check_rcp_model(model, model_id)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
     print(f"loaded {type(model).__name__} from module {type(model).__module__}")
 

@@ -10,7 +10,7 @@ the last prompt kept after each pruning layer.
 
 import argparse
 
-from _demo_folder import demo_or
+from _demo_folder import check_rcp_model, demo_or
 
 
 def main(argv=None):
@@ -28,6 +28,7 @@ def run(args, model_id):
     from transformers import pipeline
 
     pipe = pipeline("image-text-to-text", model=model_id, trust_remote_code=True)
+    check_rcp_model(pipe.model, model_id)
     if args.image:
         image = args.image
     else:

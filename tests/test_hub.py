@@ -770,3 +770,21 @@ def test_from_pretrained_on_a_plugin_folder_loads_its_recorded_base(plugin_setup
     (orphan / RCP_CONFIG_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="records no base model"):
         RcpLlavaForConditionalGeneration.from_pretrained(orphan)
+
+
+@pytest.mark.parametrize("example", ["load_from_hub.py", "pipeline.py"])
+def test_examples_name_a_stock_llava_folder(tmp_path, example):
+    """`--model` on a stock LLaVA folder crashed with an AttributeError (`last_pruning_info`, `pruning_layers`)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    model = demo.build_demo_model(seed=1)
+    stock = LlavaConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k in LlavaConfig().to_dict()})
+    LlavaForConditionalGeneration(stock).save_pretrained(tmp_path / "stock")
+    demo.build_demo_processor(model.config).save_pretrained(tmp_path / "stock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example), "--model",
+                           str(tmp_path / "stock"), "--max_new_tokens", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "loaded a LlavaForConditionalGeneration, not an RCP-LLaVA model" in proc.stderr
