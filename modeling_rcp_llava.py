@@ -28,9 +28,11 @@ sibling `configuration_rcp_llava.py`.
 import contextlib
 import copy
 import functools
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -2058,6 +2060,7 @@ def _resolve_plugin_file(path_or_repo_id, filename, hub_kwargs):
                 "`model.save_plugins(folder)`)."
             )
         return path
+    check_model_source(path_or_repo_id, "plugins")  # a mistyped local path: named, not "Repo id must be ..."
     from transformers.utils import cached_file
 
     return cached_file(path_or_repo_id, filename, **hub_kwargs)
@@ -2195,16 +2198,32 @@ def _refuse_other_model(folder, config, overwrite):
     )
 
 
+# A weight file's family: its name without shard number and extension (`model`, `model.fp16`), and an index's the
+# weights it indexes (`model.safetensors.index.fp16.json` -> `model.fp16`), as transformers names them.
+_SHARD_NAME = re.compile(r"(?P<stem>.+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)")
+_INDEX_NAME = re.compile(r"(?P<stem>.+?)\.(?:safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json")
+
+
+def _weight_family(name):
+    index = _INDEX_NAME.fullmatch(name)
+    if index:
+        return index["stem"] + (f".{index['variant']}" if index["variant"] else "")
+    shard = _SHARD_NAME.fullmatch(name)
+    return shard["stem"] if shard else None
+
+
 def _move_saved_folder(staging, folder):
     """Move every file of a finished `save_pretrained` in `staging` into `folder`, each with an atomic rename,
     weights first and `config.json` last (a crash in between leaves weights that no config describes yet, never
-    a config describing missing weights), then remove the stale weight files of an earlier save (other shards)."""
+    a config describing missing weights), then remove the stale files of the weights just written (other shards
+    or index of an earlier save of the same name and variant; weights of another name or variant stay)."""
     os.makedirs(folder, exist_ok=True)
     names = sorted(os.listdir(staging), key=lambda f: (not f.endswith(_WEIGHT_SUFFIXES), f == "config.json", f))
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    written = {_weight_family(n) for n in names} - {None}
     for name in os.listdir(folder):
-        if name.startswith("model") and name.endswith(_WEIGHT_SUFFIXES) and name not in names:
+        if name not in names and name.endswith(_WEIGHT_SUFFIXES) and _weight_family(name) in written:
             os.remove(os.path.join(folder, name))
 
 
@@ -2513,12 +2532,15 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
         `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed.
 
-        Nothing saved is lost: the folder is written beside `save_directory` first and its files are then renamed
-        into it one by one (weights before `config.json`), so an interrupted save never leaves a config describing
-        half-written weights; other files in the folder (a processor saved there) stay. A folder holding the weights
-        of another model (another shape, or weights without a config) is refused with `FileExistsError` unless
-        `overwrite=True`. With `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is
-        given) happens inside the call."""
+        Nothing saved is lost: the model is written into a staging folder inside `save_directory` first (the same
+        filesystem, also when the folder is a mount point or a link to another disk) and its files are then renamed
+        into place one by one (weights before `config.json`), so an interrupted save never leaves a config describing
+        half-written weights. Other files in the folder stay: a processor saved there, and weights of another name
+        or variant (`model_ema.safetensors`, `model.fp16.safetensors`); only the earlier files of the weights this
+        save writes (other shards, an index) are removed. A folder holding the weights of another model (another
+        shape, or weights without a config) is refused with `FileExistsError` unless `overwrite=True`. With
+        `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is given) follows the local
+        save, as transformers' does, so a failed upload keeps the saved folder."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
         # transformers' own handling: not the main process, a file in the way, or a PEFT adapter attached with
         # `add_adapter` / `load_adapter` (then only the adapter is written, as for stock: no model files)
@@ -2527,9 +2549,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             return super().save_pretrained(save_directory, *args, **kwargs)
         save_directory = os.fspath(save_directory)
         _refuse_other_model(save_directory, self.config, overwrite)
-        if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        staging = f"{os.path.normpath(save_directory)}.tmp-{os.getpid()}"
+        push = kwargs.pop("push_to_hub", False)
+        # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
+        named = set(inspect.signature(LlavaPreTrainedModel.save_pretrained).parameters) - {"self", "kwargs"}
+        push_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in named}
+        created = not os.path.isdir(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        timestamps = self._get_files_timestamps(save_directory) if push else None  # what the upload sends: changes
+        staging = os.path.join(save_directory, f".rcp-save-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         try:
             os.makedirs(staging)
@@ -2540,7 +2567,25 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             _move_saved_folder(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if created and not os.listdir(save_directory):  # a failed first save leaves no empty folder behind
+                os.rmdir(save_directory)
+        if push:
+            self._push_saved_folder(save_directory, timestamps, kwargs.get("token"), push_kwargs)
         return result
+
+    def _push_saved_folder(self, folder, timestamps, token, push_kwargs):
+        """Upload the files a save changed in `folder`, as `PreTrainedModel.save_pretrained(push_to_hub=True)` does
+        at its end (transformers 5.23: repo, model card, `_upload_modified_files`), after the folder is in place."""
+        import transformers.modeling_utils as hf_modeling
+
+        commit_message = push_kwargs.pop("commit_message", None)
+        repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(folder)))
+        create_pr = push_kwargs.pop("create_pr", False)
+        repo_id = hf_modeling.hf_api().create_repo(repo_id, exist_ok=True, **push_kwargs).repo_id
+        card = hf_modeling.create_and_tag_model_card(repo_id, self.model_tags, token=token)
+        card.save(os.path.join(folder, "README.md"))
+        self._upload_modified_files(folder, repo_id, timestamps, commit_message=commit_message, token=token,
+                                    create_pr=create_pr)
 
     def save_plugins(self, save_directory, base_model_name_or_path=None, overwrite=False):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields

@@ -171,3 +171,114 @@ def test_config_round_trip_from_a_stock_config_dir(tmp_path):
     assert loaded.model_type == "rcp_llava"
     loaded.save_pretrained(tmp_path / "again")
     assert '"model_type": "rcp_llava"' in (tmp_path / "again" / "config.json").read_text()
+
+
+# -- save_pretrained: other files, failed pushes, other filesystems (a probe of 95e2da2) --------------------------
+
+
+def _names(folder):
+    import os
+
+    return sorted(os.listdir(folder))
+
+
+def test_save_pretrained_keeps_weights_of_another_name_or_variant(tmp_path):
+    """`_move_saved_folder` removed every `model*` weight file the save did not write: a user's
+    `model_ema.safetensors` and a `variant="fp16"` save were deleted silently (stock keeps both). Only the earlier
+    files of the weights being written go: a sharded save's shards and index when the next save is one file."""
+    model = make_model(randomize_plugins=True)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, variant="fp16")
+    (folder / "model_ema.safetensors").write_bytes((folder / "model.fp16.safetensors").read_bytes())
+    model.save_pretrained(folder, max_shard_size="200KB")
+    shards = [n for n in _names(folder) if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in _names(folder)
+    model.save_pretrained(folder)
+    weights = [n for n in _names(folder) if n.endswith((".safetensors", ".json")) and n.startswith("model")]
+    assert weights == ["model.fp16.safetensors", "model.safetensors", "model_ema.safetensors"]
+    reloaded = RcpLlavaForConditionalGeneration.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_failed_push_keeps_the_saved_folder(tmp_path, monkeypatch):
+    """The upload ran inside the staging save, and its failure removed the staging folder before anything was moved:
+    `save_pretrained(push_to_hub=True)` with the connection dropping lost the whole local save (stock keeps it).
+    The upload now follows the local save, with transformers' own repo, card and changed-files calls."""
+    import types
+
+    import transformers.modeling_utils as hf_modeling
+    from transformers.utils.hub import PushToHubMixin
+
+    calls = {}
+
+    class Api:
+        def create_repo(self, repo_id, exist_ok=True, **kwargs):
+            calls["repo"] = (repo_id, kwargs)
+            return types.SimpleNamespace(repo_id="someone/" + repo_id)
+
+    def upload(self, folder, repo_id, timestamps, **kwargs):
+        calls["upload"] = (folder, repo_id, sorted(timestamps), kwargs)
+        raise ConnectionError("connection reset during upload")
+
+    monkeypatch.setattr(hf_modeling, "hf_api", lambda *a, **k: Api())
+    monkeypatch.setattr(hf_modeling, "create_and_tag_model_card",
+                        lambda *a, **k: types.SimpleNamespace(save=lambda path: open(path, "w").write("card")))
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload)
+    model = make_model()
+    folder = tmp_path / "rcp-push"
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_text("{}")  # there before: not a change of this save
+    with pytest.raises(ConnectionError, match="connection reset"):
+        model.save_pretrained(folder, push_to_hub=True, private=True, commit_message="msg")
+    assert {"config.json", "model.safetensors", "modeling_rcp_llava.py", "README.md"} <= set(_names(folder))
+    assert not [n for n in _names(folder) if n.startswith(".rcp-save")]
+    assert calls["repo"] == ("rcp-push", {"private": True})
+    assert calls["upload"][:3] == (str(folder), "someone/rcp-push", ["preprocessor_config.json"])
+    assert calls["upload"][3]["commit_message"] == "msg"
+    RcpLlavaForConditionalGeneration.from_pretrained(folder)  # a complete model
+
+
+def test_save_pretrained_stages_inside_the_folder(tmp_path, monkeypatch):
+    """The staging folder sat beside the target, so a target that is a mount point (or a link to another disk) made
+    every rename cross filesystems: "Invalid cross-device link". It is now inside the target; a failed first save
+    leaves no folder, a failed later save the previous one."""
+    import os
+
+    model = make_model()
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((os.path.dirname(os.path.dirname(src)), os.path.dirname(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    model.save_pretrained(tmp_path / "m")
+    assert renames and {a for a, _ in renames} == {str(tmp_path / "m")} == {b for _, b in renames}
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    import transformers.modeling_utils as hf_modeling
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_modeling, "save_file", disk_full, raising=False)
+    monkeypatch.setattr(hf_modeling, "safe_save_file", disk_full, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    before = {n: (tmp_path / "m" / n).read_bytes() for n in _names(tmp_path / "m")}
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "m")
+    assert {n: (tmp_path / "m" / n).read_bytes() for n in _names(tmp_path / "m")} == before
+
+
+def test_a_missing_local_plugin_folder_is_named(tmp_path):
+    """`from_base(..., plugins=path)`, `load_plugins` and `load_adapter` on a mistyped local path said transformers'
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (README promises the path is named)."""
+    model = make_model()
+    for path in (str(tmp_path / "no_such_dir"), "./outputs/rcp_deep/plugins"):
+        with pytest.raises(FileNotFoundError, match=r"`plugins` .*: no such folder \(and it is not a Hub repo id"):
+            model.load_plugins(path)
+        with pytest.raises(FileNotFoundError, match=r"`plugins` .*: no such folder"):
+            model.load_adapter(path)
