@@ -209,15 +209,27 @@ def base_model_license(base_model):
     return getattr(data, "license", None) if data is not None else None
 
 
+BASE_MODEL_PLACEHOLDER = "BASE_MODEL"
+
+
 def usage_snippet(repo_id, plugins_only=False, base_model=None):
-    """Python code that loads and runs the checkpoint (a full folder via remote code, or plug-ins on their base)."""
+    """Python code that loads and runs the checkpoint (a full folder via remote code, or plug-ins on their base).
+
+    A plug-in snippet without `base_model` sets `base_id` to the placeholder "BASE_MODEL" for the reader to replace
+    (`from_base(None, ...)` cannot load anything, and the plug-ins only fit the base they were trained on).
+    """
     if plugins_only:
+        base_line = (
+            f"base_id = {base_model!r}\n" if base_model else
+            f"base_id = {BASE_MODEL_PLACEHOLDER!r}  # not recorded: replace with the LLaVA checkpoint these plug-ins "
+            "were trained on\n"
+        )
         return (
             "# pip install rcp-llava\n"
             "from PIL import Image\n"
             "from transformers import AutoProcessor\n"
             "from rcp_llava import RcpLlavaForConditionalGeneration\n\n"
-            f"base_id = {base_model!r}\n"
+            + base_line +
             f"model = RcpLlavaForConditionalGeneration.from_base(base_id, plugins={repo_id!r})\n"
             "processor = AutoProcessor.from_pretrained(base_id)\n"
             + _SNIPPET_RUN
@@ -250,11 +262,15 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     Args:
         config: the `RcpLlavaConfig` of the checkpoint (or a model, whose `.config` is used).
         repo_id: the Hub repo id (or local folder) the usage snippet loads.
-        base_model: the stock LLaVA checkpoint it was built on (card metadata `base_model`).
+        base_model: the stock LLaVA checkpoint it was built on (card metadata `base_model`). A plug-in card
+            without it says the base was not recorded, its snippet has a "BASE_MODEL" placeholder, and a warning
+            is logged.
         plugins_only: the card of a plug-in-only folder (snippet uses `from_base`).
         eval_results: evaluation JSON path or content (see `load_eval_results`) -> model-index + results table.
-        average_kept_tokens: average visual tokens kept per decoder layer; defaults to the evaluation JSON's, then
-            to the one implied by `pruning_keep_counts`, then to `visual_token_budget`.
+        average_kept_tokens: average visual tokens kept per decoder layer (measured); defaults to the evaluation
+            JSON's, then to the one implied by `pruning_keep_counts`. RCP's adaptive threshold without either: the
+            card states `visual_token_budget` as the target, not as a kept count (metadata
+            `average_kept_visual_tokens: null`), since the count the threshold keeps depends on the image.
         training_args: dict of training settings (e.g. `TrainingArguments.to_dict()` restricted to what matters).
         license: the card's license; default: the base model's (`base_model_license`), else none (with a warning).
 
@@ -267,9 +283,14 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     kept = average_kept_tokens if average_kept_tokens is not None else eval_kept
     if kept is None:
         kept = config.pruned_average_tokens()
-    if kept is None:
-        kept = config.visual_token_budget
     kept = round(float(kept), 1) if isinstance(kept, (int, float)) else None
+    # Adaptive RCP with nothing measured: only the budget is known, and the threshold may keep far more or fewer
+    # tokens than it (the training loss pulls towards it, inference does not enforce it), so the card calls it the
+    # target and records no kept count.
+    target = config.visual_token_budget if kept is None else None
+    if plugins_only and not base_model:
+        logger.warning("build_model_card: a plug-in card without `base_model`; the card says the base was not "
+                       "recorded and its usage snippet has a 'BASE_MODEL' placeholder. Pass `base_model=`.")
     if license is None:
         license = base_model_license(base_model)
         if license is None:
@@ -299,6 +320,9 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     )
     what = (
         f"RCP plug-ins (pruners + repair adapters) for [{base_model}](https://huggingface.co/{base_model})"
+        if plugins_only and base_model else
+        "RCP plug-ins (pruners + repair adapters) for a LLaVA base model that was not recorded (replace "
+        f"`{BASE_MODEL_PLACEHOLDER}` in the usage snippet with the checkpoint they were trained on)"
         if plugins_only else f"A LLaVA model with RCP visual-token pruning{f' built on `{base_model}`' if base_model else ''}"
     )
     files = (
@@ -309,8 +333,17 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         "`modeling_rcp_llava.py` (remote code: standard library, torch and transformers only), and the processor "
         "files."
     )
-    kept_text = (f"{kept:.1f} (the mean over all {config.text_config.num_hidden_layers} decoder layers, the paper's "
-                 "budget definition)" if isinstance(kept, (int, float)) else "adaptive (not recorded)")
+    num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
+    if kept is not None:
+        kept_text = (f"{kept:.1f} (the mean over all {num_layers} decoder layers, the paper's budget definition) "
+                     f"(of {n} per image).")
+    elif isinstance(target, (int, float)):
+        kept_text = (f"not measured for this card. The target is {float(target):.1f} of {n} per image "
+                     f"(`visual_token_budget`, the mean over all {num_layers} decoder layers, the paper's budget "
+                     "definition), but RCP's adaptive threshold keeps a number that depends on the image (the usage "
+                     "snippet prints the counts kept for one image).")
+    else:
+        kept_text = f"adaptive (not recorded) (of {n} per image)."
     training = (
         "\n".join(f"- `{k}`: {v}" for k, v in sorted(training_args.items()))
         if training_args else "No training settings were recorded."
@@ -325,7 +358,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
 visual tokens *inside* the decoder: learned pruners remove tokens before the pruning layers (later layers
 compute on, and cache, only the kept tokens) and delayed repair adapters correct the answer positions.
 
-**Average kept visual tokens per decoder layer:** {kept_text} (of {config.num_visual_tokens} per image).
+**Average kept visual tokens per decoder layer:** {kept_text}
 
 ## Files
 

@@ -525,6 +525,51 @@ def test_card_without_results_uses_keep_counts():
     assert f"**Average kept visual tokens per decoder layer:** {kept:.1f}" in card.text
 
 
+def test_card_of_adaptive_rcp_calls_the_budget_a_target():
+    """RCP's adaptive threshold with nothing measured: the card used to print `visual_token_budget` (7.0) as the
+    average kept count while the model kept 15 of 16 tokens after each pruner. It now says the count was not
+    measured and the 7.0 is the target; a measured value (argument or train_rcp.py's metrics.json) is stated as
+    the kept count."""
+    config = demo.demo_config(pruning_keep_counts=None, visual_token_budget=7.0)
+    card = hub.build_model_card(config, repo_id="x/y", license="mit")
+    assert ("**Average kept visual tokens per decoder layer:** not measured for this card. The target is 7.0 of 16 "
+            "per image (`visual_token_budget`, the mean over all 4 decoder layers, the paper's budget definition), "
+            "but RCP's adaptive threshold keeps a number that depends on the image (the usage snippet prints the "
+            "counts kept for one image).\n") in card.text
+    meta = card.data.to_dict()["rcp_llava"]
+    assert meta["average_kept_visual_tokens"] is None and meta["visual_token_budget"] == 7.0
+    measured = hub.build_model_card(config, repo_id="x/y", average_kept_tokens=15.3, license="mit")
+    assert ("**Average kept visual tokens per decoder layer:** 15.3 (the mean over all 4 decoder layers, the "
+            "paper's budget definition) (of 16 per image).\n") in measured.text
+    assert measured.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 15.3
+    job = hub.build_model_card(config, repo_id="x/y", eval_results=TRAIN_RCP_METRICS, license="mit")
+    assert "**Average kept visual tokens per decoder layer:** 43.8 (the mean over all 4" in job.text
+    assert "target" not in job.text
+
+
+def test_plugin_card_without_base_model_has_a_placeholder(caplog):
+    """A plug-in card without `base_model` linked to https://huggingface.co/None and its snippet read
+    `base_id = None`; it now says the base was not recorded, the snippet has a placeholder, and a warning says so."""
+    with caplog.at_level(logging.WARNING):
+        card = hub.build_model_card(demo.demo_config(), repo_id="x/y", plugins_only=True, license="mit")
+    assert "plug-in card without `base_model`" in caplog.text
+    text = card.text
+    assert "None" not in text.split("## Pruning configuration")[0]  # the table's `None` values are config fields
+    assert ("RCP plug-ins (pruners + repair adapters) for a LLaVA base model that was not recorded (replace "
+            "`BASE_MODEL` in the usage snippet with the checkpoint they were trained on), made with") in text
+    assert ("base_id = 'BASE_MODEL'  # not recorded: replace with the LLaVA checkpoint these plug-ins were trained "
+            "on\nmodel = RcpLlavaForConditionalGeneration.from_base(base_id, plugins='x/y')\n") in text
+    meta = card.data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        named = hub.build_model_card(demo.demo_config(), repo_id="x/y", plugins_only=True, license="mit",
+                                     base_model="llava-hf/llava-1.5-7b-hf")
+    assert "base_model" not in caplog.text
+    assert "for [llava-hf/llava-1.5-7b-hf](https://huggingface.co/llava-hf/llava-1.5-7b-hf)" in named.text
+    assert "base_id = 'llava-hf/llava-1.5-7b-hf'\n" in named.text
+
+
 # ------------------------------------------------------------------------------------------------
 # Push (never reaches the network)
 # ------------------------------------------------------------------------------------------------
