@@ -23,13 +23,54 @@ def prompt_messages(question, answer=None):
 
 
 def load_image(image, image_folder=None):
-    """A dataset cell as an RGB image: a PIL image, or a path (relative to `image_folder` when given)."""
-    from PIL import Image
+    """A dataset cell as an RGB image: a PIL image, a path (relative to `image_folder` when given), encoded bytes,
+    or an undecoded `datasets.Image` cell (`{"bytes": ..., "path": ...}`, as `Image(decode=False)` or a struct
+    column gives it).
 
+    Files and bytes are turned upright by their EXIF orientation, as `datasets.Image` decodes them: the same
+    rotated JPEG given as a path (`--llava_json`, an image_folder column) and as a `datasets.Image` column came
+    out 64x32 vs 32x64. A PIL image is the caller's decoded image and is only converted to RGB."""
+    import io
+
+    from rcp_llava.readers import open_rgb
+
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        image = image.get("bytes") if image.get("bytes") is not None else image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return open_rgb(io.BytesIO(image))
     if isinstance(image, str):
-        path = os.path.join(image_folder, image) if image_folder else image
-        return Image.open(path).convert("RGB")
+        return open_rgb(os.path.join(image_folder, image) if image_folder else image)
     return image.convert("RGB") if hasattr(image, "convert") else image
+
+
+def image_problem(image, column="image"):
+    """`(exception class, message)` when the cell `image` of `column` cannot be one example's image, else None; the
+    message goes after the column's name. Checked before the processor sees the cell: a missing image (None, a
+    text-only row of a mixed dataset) or a list failed deep inside the image processor ("only a single or a list
+    of entries is supported"), naming no example."""
+    if isinstance(image, dict) and not ("bytes" in image or "path" in image):
+        return (TypeError, f"is a dict with keys {sorted(image)}, not an image: an undecoded image cell has "
+                           "'bytes' or 'path'. Fix the column or name the image column (`--image_column`).")
+    if image is None or (isinstance(image, dict) and image.get("bytes") is None and image.get("path") is None):
+        return (ValueError, f"is {image!r}: the example has no image, and RCP prunes the image's tokens. Drop "
+                            f"text-only rows (e.g. `dataset.filter(lambda r: r[{column!r}] is not None)`).")
+    if isinstance(image, (list, tuple)):
+        return (TypeError, f"is a list of {len(image)} images: RCP trains on one image per question. Drop "
+                           "multi-image rows or keep one image each.")
+    if isinstance(image, (bool, int, float)):
+        return (TypeError, f"is {image!r} ({type(image).__name__}), not an image: give a PIL image, a path, "
+                           "encoded bytes or a `datasets.Image` cell, or name the image column (`--image_column`).")
+    return None
+
+
+def strip_image_token(question, image_token="<image>"):
+    """`question` without its LLaVA-style `<image>` placeholder (LLaVA data writes "<image>", a newline, then the
+    question), stripped, as `load_llava_json` reads its records: the chat template already puts the image before
+    the question, so a placeholder left in was a second image (the processor: "Found 2 <image> tokens and 1
+    images"). A question without the placeholder (or not a string) is returned unchanged."""
+    if isinstance(question, str) and image_token in question:
+        return question.replace(image_token, "").strip()
+    return question
 
 
 def position_ids_from_mask(attention_mask):
@@ -49,7 +90,9 @@ def default_answer_mask(labels):
 def prompt_batch(processor, questions, images):
     """Left-padded prompts (generation prompt appended) with their `position_ids`, ready for a forward."""
     processor.tokenizer.padding_side = "left"
-    prompts = [processor.apply_chat_template(prompt_messages(q), add_generation_prompt=True) for q in questions]
+    # The question as the collator trains it (a LLaVA-style `<image>` placeholder removed, `strip_image_token`).
+    prompts = [processor.apply_chat_template(prompt_messages(strip_image_token(q, processor.image_token)),
+                                             add_generation_prompt=True) for q in questions]
     batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     return batch
@@ -58,10 +101,12 @@ def prompt_batch(processor, questions, images):
 class RcpDataCollator:
     """Builds chat prompts with the processor's template, and the labels and masks RCP trains with.
 
-    Each example is a dict with an image (PIL image or path), a question and an answer. Output: `input_ids`,
-    `attention_mask`, `pixel_values`, `labels` (-100 outside the answer, which ends with EOS), `question_mask` (the
-    text tokens after the image, before the answer) and `answer_mask` (positions whose next token is an answer
-    token).
+    Each example is a dict with an image (`load_image`: a PIL image, a path, encoded bytes or an undecoded
+    `datasets.Image` cell), a question (a string; a LLaVA-style `<image>` placeholder in it is removed,
+    `strip_image_token`, as `load_llava_json` does) and a non-empty string answer; anything else is refused naming
+    the example (`problem`). Output: `input_ids`, `attention_mask`, `pixel_values`, `labels` (-100 outside the
+    answer, which ends with EOS), `question_mask` (the text tokens after the image, before the answer) and
+    `answer_mask` (positions whose next token is an answer token).
     """
 
     def __init__(self, processor, image_column="image", question_column="question", answer_column="answer",
@@ -72,13 +117,64 @@ class RcpDataCollator:
         self.image_folder = image_folder
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
-    def texts(self, example):
+    def text_problem(self, example):
+        """`(exception class, message)` for a question or answer of `example` the collator cannot train on, or None.
+        The message starts with the column's name. Without these checks a None / NaN / numeric question trained as
+        the text "None" / "nan" / "3", and an `<image>` in an answer failed in the processor naming nothing."""
+        image_token = self.processor.image_token
         question, answer = example[self.question_column], example[self.answer_column]
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError(
-                f"An example's {self.answer_column!r} is {answer!r}: RCP trains on the answer tokens, so an empty "
-                "answer would train on EOS alone. Drop the example or fix the column (`--answer_column`)."
-            )
+        if question is None:
+            return (ValueError, f"{self.question_column!r} is None: the question is missing (it would train as the "
+                                "text 'None'). Drop the example or fix the column (`--question_column`).")
+        if not isinstance(question, str):
+            return (TypeError, f"{self.question_column!r} is {question!r} ({type(question).__name__}), not a "
+                               f"string: it would train as the text {str(question)!r}. Drop the example or fix the "
+                               "column (`--question_column`).")
+        if question.count(image_token) > 1:
+            return (ValueError, f"{self.question_column!r} {_short(question)!r} holds {question.count(image_token)} "
+                                f"{image_token!r} placeholders: RCP trains on one image per question. Drop "
+                                "multi-image examples.")
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            return (ValueError, f"{self.answer_column!r} is {answer!r}: RCP trains on the answer tokens, so an empty "
+                                "answer would train on EOS alone. Drop the example or fix the column "
+                                "(`--answer_column`).")
+        if not isinstance(answer, str):
+            return (TypeError, f"{self.answer_column!r} is {answer!r} ({type(answer).__name__}), not a string: the "
+                               "answer is trained as text. Cast the column to strings (e.g. "
+                               f"`dataset.map(lambda r: {{{self.answer_column!r}: str(r[{self.answer_column!r}])}})`) "
+                               "or fix the column (`--answer_column`).")
+        if image_token in answer:
+            return (ValueError, f"{self.answer_column!r} {_short(answer)!r} holds the image placeholder "
+                                f"{image_token!r}, which the processor would expand into image tokens. Fix the "
+                                "answer or drop the example.")
+        return None
+
+    def problem(self, example):
+        """`(exception class, message)` for anything in `example` the collator cannot train on, or None: its
+        question and answer (`text_problem`), then its image cell (`image_problem`)."""
+        problem = self.text_problem(example)
+        if problem is None:
+            image = image_problem(example[self.image_column], self.image_column)
+            if image is not None:
+                problem = (image[0], f"{self.image_column!r} {image[1]}")
+        return problem
+
+    def describe(self, example):
+        """A short identification of `example` for error messages: its id (when it has one), question and answer."""
+        parts = [f"id {example['id']!r}"] if isinstance(example.get("id"), (int, str)) else []
+        parts += [f"{c} {_short(example.get(c))!r}" for c in (self.question_column, self.answer_column)]
+        return ", ".join(parts)
+
+    def _refuse(self, problem, example, position=None):
+        where = f" (position {position} in this batch)" if position is not None else ""
+        raise problem[0](f"An example's {problem[1]} The example: {self.describe(example)}{where}.")
+
+    def texts(self, example):
+        problem = self.text_problem(example)
+        if problem is not None:
+            self._refuse(problem, example)
+        question = strip_image_token(example[self.question_column], self.processor.image_token)
+        answer = example[self.answer_column]
         prompt = self.processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True)
         full = self.processor.apply_chat_template(prompt_messages(question, answer))
         if not full.startswith(prompt):
@@ -94,6 +190,10 @@ class RcpDataCollator:
         return load_image(image, self.image_folder)
 
     def __call__(self, examples):
+        for position, example in enumerate(examples):
+            problem = self.problem(example)
+            if problem is not None:
+                self._refuse(problem, example, position)
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         prompts, fulls = zip(*(self.texts(e) for e in examples))
@@ -105,8 +205,13 @@ class RcpDataCollator:
         prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
         lengths = attention.sum(1)
         if self.max_length is not None and int(lengths.max()) > self.max_length:
+            position = int(lengths.argmax())
+            image_tokens = int((input_ids[position] == self.image_token_id).sum())
             raise ValueError(
-                f"A prompt + answer is {int(lengths.max())} tokens, above `max_length={self.max_length}`."
+                f"Example {position} of this batch ({self.describe(examples[position])}) is "
+                f"{int(lengths[position])} tokens ({image_tokens} of them the image's), above "
+                f"`max_length={self.max_length}`: raise --max_length or drop long answers (`check_dataset` with "
+                "`max_length` names every such example of a dataset before training)."
             )
         start = seq - lengths  # first real token (left padding)
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
@@ -122,8 +227,95 @@ class RcpDataCollator:
         return out
 
 
+def _short(value, limit=60):
+    """`value` for an error message: a string cut to `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "..."
+    return value
+
+
+def image_token_count(processor):
+    """How many tokens the processor expands one image placeholder into (576 for llava-1.5 at 336 px, 64 on the
+    micro testbed), measured by encoding one blank image at the image processor's size, as the collator's processor
+    call expands it. `LlavaProcessor` has no `num_image_tokens`: read from there, the count was 0, so examples too
+    long for `max_length` passed `check_dataset` and the collator refused them mid-training."""
+    from PIL import Image
+
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
+    height = size.get("height") or size.get("shortest_edge") or 336
+    width = size.get("width") or height
+    encoded = processor(images=[Image.new("RGB", (width, height))], text=[processor.image_token])
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return sum(1 for t in encoded["input_ids"][0] if t == image_id)
+
+
+def _column_batches(dataset, columns, batch_size=1000):
+    """`(start index, [rows holding `columns` only])` over `dataset`. A `datasets.Dataset` reads just those columns
+    (Arrow slices, its images never decoded), so a pass over a large set costs the text alone."""
+    if hasattr(dataset, "select_columns") and hasattr(dataset, "iter"):
+        start = 0
+        subset = dataset.select_columns(list(dict.fromkeys(columns))).with_format(None)
+        for batch in subset.iter(batch_size=batch_size):
+            count = len(batch[columns[0]])
+            yield start, [{c: batch[c][i] for c in columns} for i in range(count)]
+            start += count
+    else:
+        for start in range(0, len(dataset), batch_size):
+            yield start, [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+
+
+def _check_image_column(dataset, collator, name):
+    """Refuse an image column that cannot give one image per example, naming the first bad example: a column of
+    numbers or of lists (several images per example), and missing cells (None: a text-only row; an undecoded cell
+    with neither bytes nor a path), read from Arrow's null bitmaps so that no image is decoded or even read."""
+    column = collator.image_column
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(dataset, "with_format"):  # not a `datasets.Dataset`: look at every cell
+        for index in range(len(dataset)):
+            problem = image_problem(dataset[index][column], column)
+            if problem is not None:
+                raise problem[0](f"Example {index} of the {name}: its {column!r} {problem[1]}")
+        return
+    feature = features[column]
+    dtype = getattr(feature, "dtype", None)
+    if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        raise TypeError(f"The {name}'s {column!r} column holds lists ({feature}): RCP trains on one image per "
+                        "question. Keep one image per example, or name the image column with --image_column.")
+    if type(feature).__name__ == "Value" and dtype not in ("string", "large_string", "binary", "large_binary",
+                                                           "null"):
+        raise TypeError(f"The {name}'s {column!r} column holds {dtype} values, not images: give a `datasets.Image` "
+                        "column, image paths or encoded bytes, or name the image column with --image_column.")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    start = 0
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=10_000):
+        cells = batch.column(column)
+        missing = pc.is_null(cells)
+        names = ({cells.type.field(i).name for i in range(cells.type.num_fields)} if pa.types.is_struct(cells.type)
+                 else set())
+        if {"bytes", "path"} <= names:  # an image cell with neither its bytes nor a path holds no image either
+            missing = pc.or_(missing, pc.and_(pc.is_null(pc.struct_field(cells, "bytes")),
+                                              pc.is_null(pc.struct_field(cells, "path"))))
+        first = pc.index(missing, True).as_py()
+        if first >= 0:
+            problem = image_problem(cells[first].as_py(), column)
+            raise problem[0](f"Example {start + first} of the {name}: its {column!r} {problem[1]}")
+        start += len(batch)
+
+
 def check_dataset(dataset, collator, max_length=None, name="dataset"):
-    """Fail before training on an empty dataset, missing columns or answers that do not fit `max_length`."""
+    """Fail before training, naming the example, on what the collator would refuse (or misread) mid-training: an
+    empty dataset, missing columns, a missing image (a text-only row) or an image column of numbers or lists, a
+    question that is not a string (None, NaN, a number: it trained as the text "None"), a question with more than
+    one `<image>` (one is removed, as the collator does), an empty or non-string answer, an `<image>` in an
+    answer, and with `max_length`, examples longer than `max_length` tokens, the image's included
+    (`image_token_count`).
+
+    Only the question and answer columns and the image column's null bitmap are read (no image is decoded), so the
+    checks cost one pass over the text; `max_length` adds rendering and tokenizing every example, in batches. A
+    corrupt image file is found only when the collator opens it (`load_llava_json` checks its files up front)."""
     if len(dataset) == 0:
         raise ValueError(f"The {name} is empty: there is nothing to train on. Check the split name and the data.")
     columns = set(dataset.column_names)
@@ -134,20 +326,27 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             f"The {name} has no column(s) {missing}; it has {sorted(columns)}. Name the right ones with "
             "--image_column / --question_column / --answer_column."
         )
-    if max_length is None:
-        return
+    _check_image_column(dataset, collator, name)
     tokenizer = collator.processor.tokenizer
-    image_tokens = getattr(collator.processor, "num_image_tokens", None) or 0
-    for index in range(len(dataset)):
-        row = dataset[index]
-        _, full = collator.texts(row)
-        text_tokens = len(tokenizer(full.replace(collator.processor.image_token, ""))["input_ids"])
-        total = text_tokens + image_tokens
-        if total > max_length:
-            raise ValueError(
-                f"Example {index} of the {name} is {total} tokens long (answer {row[collator.answer_column]!r}), "
-                f"above `max_length={max_length}`: raise --max_length or drop long answers."
-            )
+    image_tokens = image_token_count(collator.processor) if max_length is not None else 0
+    for start, rows in _column_batches(dataset, [collator.question_column, collator.answer_column]):
+        for offset, row in enumerate(rows):
+            problem = collator.text_problem(row)
+            if problem is not None:
+                raise problem[0](f"Example {start + offset} of the {name}: its {problem[1]}")
+        if max_length is None:
+            continue
+        # Tokenized as the processor tokenizes the prompt, whose one `<image>` id it then expands into
+        # `image_tokens` ids (the placeholder is a special token: its neighbours tokenize the same either way).
+        encoded = tokenizer([collator.texts(row)[1] for row in rows])["input_ids"]
+        for offset, (row, ids) in enumerate(zip(rows, encoded)):
+            total = len(ids) + sum(1 for t in ids if t == collator.image_token_id) * (image_tokens - 1)
+            if total > max_length:
+                raise ValueError(
+                    f"Example {start + offset} of the {name} is {total} tokens long ({image_tokens} of them the "
+                    f"image's; answer {_short(row[collator.answer_column])!r}), above `max_length={max_length}`: "
+                    "raise --max_length or drop long answers."
+                )
 
 
 # The speaker names a LLaVA-style record may use: LLaVA's own ("human"/"gpt") and the chat-template ones.
@@ -233,6 +432,6 @@ def load_llava_json(path, image_folder=None):
 
 
 __all__ = [
-    "RcpDataCollator", "check_dataset", "default_answer_mask", "load_image", "load_llava_json",
-    "position_ids_from_mask", "prompt_batch", "prompt_messages",
+    "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
+    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "strip_image_token",
 ]

@@ -25,10 +25,12 @@ pruning point on (identical for pre-LLM methods); a method that prunes late at k
 one that prunes before the LLM at k, and the two columns say so.
 
 Scoring (`evaluate_model`, the one evaluator: this grid, the ablations and `train_rcp.py`'s main job use it): on
-rows in the testbed format (one-word answers) the greedy first token, read from one prefill with physical discard
-(`first_token_predictions`); on a reader benchmark (`rcp_llava.readers`) `generate` with left padding, decoded and
-scored with the benchmark's metric (`BENCHMARK_METRIC`). Its result is one schema, `{"score", "n", "groups",
-"predictions", "kept_per_point", "tokens_per_layer", ...}` (see `evaluate_model`).
+rows in the testbed format whose answers are one token each (the testbed's) the greedy first token, read from one
+prefill with physical discard (`first_token_predictions`); when any reference spans several tokens (a user's own
+data), greedy `generate` up to the longest reference, each row's answer cut to its reference's token count and
+matched exactly (`greedy_answer_predictions`); on a reader benchmark (`rcp_llava.readers`) `generate` with left
+padding, decoded and scored with the benchmark's metric (`BENCHMARK_METRIC`). Its result is one schema, `{"score",
+"n", "groups", "predictions", "kept_per_point", "tokens_per_layer", ...}` (see `evaluate_model`).
 
 Budgets, keep counts and token accounting live in `rcp_llava.schedule`; prompts in `rcp_llava.data`.
 """
@@ -307,7 +309,7 @@ def pruning_layout(model, layout):
 def first_token_predictions(model, processor, rows, keep_masks=None, image_column="image", question_column="question",
                             image_folder=None):
     """Greedy first answer token of each testbed row: one prefill with physical discard. The testbed's answers are
-    one word, so this IS `generate`'s answer.
+    one token, so this IS `generate`'s answer (longer references: `greedy_answer_predictions`).
 
     keep_masks: (B, P, N) bool kept sets that replace the method's own choice (`visual_keep_masks`).
     Returns `(predictions, kept_counts (B, P) or None, layer_retention (B, num_layers) or None)`.
@@ -324,6 +326,43 @@ def first_token_predictions(model, processor, rows, keep_masks=None, image_colum
     ids = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     predictions = [p.strip() for p in processor.tokenizer.batch_decode(ids)]
     return predictions, out.kept_counts, out.layer_retention
+
+
+@torch.no_grad()
+def greedy_answer_predictions(model, processor, rows, token_counts, keep_masks=None, image_column="image",
+                              question_column="question", image_folder=None):
+    """Greedy answers of testbed-format rows whose references are `token_counts` tokens long: `generate` (greedy,
+    left padding, physical discard; `keep_masks` forces the kept sets of the prefill, as in
+    `first_token_predictions`) for the longest count, each row's answer cut to its own count and decoded. A
+    reference of n tokens thus matches when the model's first n greedy tokens decode to it: the first-token rule
+    applied to every answer token (a one-token reference is scored exactly as `first_token_predictions` scores it).
+    """
+    model.eval()
+    images = [load_image(r[image_column], image_folder) for r in rows]
+    batch = prompt_batch(processor, [r[question_column] for r in rows], images)
+    batch.pop("position_ids")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    forced = {} if keep_masks is None else {"visual_keep_masks": keep_masks.to(device)}
+    with pruning_layout(model, "discard"):
+        out = model.generate(**batch, max_new_tokens=max(token_counts), do_sample=False, **forced)
+    answers = out[:, batch["input_ids"].shape[1]:]
+    return [processor.tokenizer.decode(answers[i, :n], skip_special_tokens=True).strip()
+            for i, n in enumerate(token_counts)]
+
+
+def reference_token_counts(processor, answers):
+    """Tokens of each reference answer as the model writes it (no special tokens), at least 1."""
+    if not answers:
+        return []
+    return [max(1, len(ids)) for ids in processor.tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+
+
+def _column(rows, name):
+    """Column `name` of testbed rows as a list: a `datasets.Dataset` reads the column alone (no image decoded)."""
+    if hasattr(rows, "select_columns"):
+        return list(rows.select_columns([name]).with_format(None)[name])
+    return [r[name] for r in rows]
 
 
 @torch.no_grad()
@@ -375,7 +414,10 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
     keep_masks_fn(batch_index, rows) -> (B, P, N) bool forces the kept sets of each batch of `rows` (testbed rows
     only; e.g. `random_keep_masks_fn`, `oracle_keep_masks_fn`). Returns:
 
-    - "score": first-token accuracy on testbed rows, the benchmark's headline metric otherwise;
+    - "score": on testbed rows the accuracy of the greedy answer: its first token when every reference is one token
+      (the testbed), else its first n tokens for a reference of n tokens (`greedy_answer_predictions`; scoring the
+      first token alone against a longer reference scored 0 whatever the model said); "scoring" says which
+      ("first token" / "greedy answer tokens"). The benchmark's headline metric otherwise;
       "groups": the same per family; "n"; "predictions"; "metric": the benchmark's full result (benchmarks);
     - "kept_per_point": mean kept visual tokens after each pruning point (None: nothing pruned);
       "tokens_per_layer": mean visual tokens each decoder layer processed (from the kept counts);
@@ -386,6 +428,10 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
     rows = data.rows
     if keep_masks_fn is not None and data.kind != "testbed":
         raise ValueError("`keep_masks_fn` forces the kept sets of a prefill; it needs testbed rows.")
+    if data.kind == "testbed":
+        references = [str(a).strip() for a in _column(rows, data.answer_column)]
+        answer_tokens = reference_token_counts(processor, references)
+        multi_token = max(answer_tokens, default=1) > 1
     for b, start in enumerate(range(0, len(rows), batch_size)):
         chunk = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
         if data.kind == "testbed":
@@ -393,6 +439,13 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
             pred, counts, layer_retention = first_token_predictions(
                 model, processor, chunk, keep_masks=forced, image_column=data.image_column,
                 question_column=data.question_column, image_folder=data.image_folder)
+            if multi_token:
+                # The prefill above still gives the kept counts and the model's own layer retention (which
+                # `generate` does not return); the answers are the greedy generation's.
+                pred = greedy_answer_predictions(
+                    model, processor, chunk, answer_tokens[start:start + len(chunk)], keep_masks=forced,
+                    image_column=data.image_column, question_column=data.question_column,
+                    image_folder=data.image_folder)
             if layer_retention is not None:
                 retention.append(layer_retention)
         else:
@@ -414,13 +467,14 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
                       retention_from_first_point=float(retention[:, first:].mean()),
                       avg_visual_tokens_per_layer=float(retention.mean() * model.config.num_visual_tokens))
     if data.kind == "testbed":
-        correct = [float(p == str(r[data.answer_column]).strip()) for p, r in zip(predictions, rows)]
+        correct = [float(p == reference) for p, reference in zip(predictions, references)]
         groups = {}
         for ok, r in zip(correct, rows):
             groups.setdefault(r.get("family") or "all", []).append(ok)
         result.update(score=sum(correct) / len(correct),
                       groups={g: sum(v) / len(v) for g, v in sorted(groups.items())},
-                      correct=[int(c) for c in correct], group_of=[r.get("family") or "all" for r in rows])
+                      correct=[int(c) for c in correct], group_of=[r.get("family") or "all" for r in rows],
+                      scoring="greedy answer tokens" if multi_token else "first token")
     else:
         result.update(score_benchmark(data.benchmark, predictions, list(rows)))
     result["predictions"] = predictions
@@ -639,7 +693,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             at += 1
     text_tokens = mean_text_tokens(processor, data)
     bar = tqdm(total=len(plan) * len(data), desc="methods x budgets", unit="sample", disable=not progress)
-    rows = []
+    rows, scoring = [], "first token"
     for label, method, budget, k, overrides in plan:
         if method == "rcp" and budget in plugins_per_budget:
             model = budget_plugin_model(base, overrides, plugins_per_budget[budget])
@@ -649,6 +703,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
         forced = (oracle_keep_masks_fn(overrides["pruning_keep_counts"], n) if method == "oracle" else None)
         result = evaluate_model(model, processor, data, batch_size, max_new_tokens, progress=bar,
                                 keep_masks_fn=forced)
+        scoring = result.get("scoring", scoring)
         points = model.config.pruning_points
         first = points[0] if points else num_layers
         per_layer = result["tokens_per_layer"]
@@ -678,7 +733,8 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             "per_layer_retention": retention, "paired_tests": paired_tests(rows),
             "plugins_per_budget": {k: str(v) for k, v in plugins_per_budget.items()} or None,
             "flop_matched": flop_matched, "infeasible": infeasible, "mean_text_tokens": text_tokens,
-            "metric": "first-token accuracy" if data.kind == "testbed" else METRIC_KEY[_metric_name(data)]}
+            "metric": (("first-token accuracy" if scoring == "first token" else "greedy-answer accuracy")
+                       if data.kind == "testbed" else METRIC_KEY[_metric_name(data)])}
 
 
 def add_relative(rows):
@@ -829,8 +885,9 @@ def nested_random_masks(counts, batch_size, num_visual_tokens, seed=0):
 __all__ = [
     "DEFAULT_BUDGETS", "EvalData", "available_methods", "add_relative", "budget_plugin_model", "default_fastv_layer",
     "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
-    "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "keep_masks_of",
+    "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "greedy_answer_predictions",
+    "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
-    "oracle_keep_masks_fn", "oracle_order", "pruning_layout", "random_keep_masks_fn", "representation_drift",
-    "score_benchmark",
+    "oracle_keep_masks_fn", "oracle_order", "pruning_layout", "random_keep_masks_fn", "reference_token_counts",
+    "representation_drift", "score_benchmark",
 ]

@@ -113,20 +113,29 @@ class VqaRecord:
     image_id: str = ""
 
     def load_image(self):
-        """Open the image as an RGB ``PIL.Image.Image``."""
-        from PIL import Image
-
+        """Open the image as an RGB ``PIL.Image.Image``, turned upright by its EXIF orientation as
+        ``datasets.Image`` decodes it (a rotated photo came out sideways from a path, upright from a dataset)."""
         if isinstance(self.image, (bytes, bytearray)):
-            with Image.open(io.BytesIO(self.image)) as img:
-                return img.convert("RGB")
+            return open_rgb(io.BytesIO(self.image))
         path = Path(self.image)
         if not path.is_file():
             raise FileNotFoundError(
                 f"Image file not found: {path} (question {self.question_id!r} of {self.benchmark or 'a benchmark'}); "
                 f"expected layout -- {LAYOUTS.get(self.benchmark, 'an image file at that path')}"
             )
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return open_rgb(path)
+
+
+def open_rgb(source):
+    """The image file (path or file object) `source` as RGB, rotated by its EXIF orientation exactly as
+    ``datasets.Image.decode_example`` does (only when the tag is there: untagged images are left bit-identical).
+    Every reader of an image file (``VqaRecord.load_image``, ``rcp_llava.data.load_image``) opens it here."""
+    from PIL import ExifTags, Image, ImageOps
+
+    with Image.open(source) as img:
+        if img.getexif().get(ExifTags.Base.Orientation) is not None:
+            return ImageOps.exif_transpose(img).convert("RGB")
+        return img.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -692,6 +701,6 @@ def to_hf_dataset(records: Sequence[VqaRecord]):
 
 __all__ = [
     "BENCHMARKS", "BENCHMARK_METRIC", "LAYOUTS", "VqaRecord", "canonical_benchmark", "format_multiple_choice",
-    "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope", "read_scienceqa_img", "read_vizwiz",
-    "read_vqav2", "to_hf_dataset",
+    "open_rgb", "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope", "read_scienceqa_img",
+    "read_vizwiz", "read_vqav2", "to_hf_dataset",
 ]

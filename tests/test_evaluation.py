@@ -614,3 +614,76 @@ def test_the_lmms_eval_task_writer_runs_without_lmms_eval_and_quotes_its_values(
     with pytest.raises(ValueError, match=r"is not a saved dataset with splits \(no dataset_dict.json\)"):
         write_testbed_task(tmp_path / "t2", tmp_path / "tasks")
     assert not (tmp_path / "t2").exists()  # refused before anything is written
+
+
+# -- scoring answers of one token and of several -------------------------------------------------------
+
+
+def _random_micro_rcp():
+    """A random micro-testbed LLaVA with untrained RCP plug-ins at a fixed count, its processor and 6 test rows (no
+    testbed build: the scoring, not the accuracy, is under test)."""
+    from configuration_rcp_llava import RcpLlavaConfig
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.testbed import build_dataset, build_model_config, build_processor, get_preset
+
+    preset = get_preset("micro")
+    processor = build_processor(preset)
+    stock = build_model_config(preset, processor.tokenizer).to_dict()
+    torch.manual_seed(0)
+    config = RcpLlavaConfig(**{k: v for k, v in stock.items() if k != "model_type"}, pruning_layers=[1],
+                            repair_layers=[1], pruner_hidden_size=8, repair_bottleneck_size=8,
+                            pruning_keep_counts=[16])
+    model = RcpLlavaForConditionalGeneration(config).eval()
+    rows = build_dataset("micro", seed=0, sizes={"train": 1, "validation": 1, "test": 6})["test"]
+    return model, processor, rows
+
+
+def test_multi_token_references_are_scored_on_the_greedy_answer(tmp_path):
+    """A `save_to_disk` folder in the testbed format (and train_rcp.py's final metrics on a user's own test split)
+    was scored on the greedy FIRST token against the whole reference: a two-token answer never matched (0.0 where
+    the model's greedy answers were the references). Each reference of n tokens is now matched against the first
+    n greedy tokens; a one-token reference among them is still scored on the first token."""
+    from datasets import Dataset, DatasetDict
+
+    from rcp_llava.data import prompt_batch
+    from rcp_llava.evaluation import EvalData, evaluate_model, load_data, pruning_layout
+
+    model, processor, rows = _random_micro_rcp()
+    generated = []
+    for row in rows:  # the model's own greedy two-token answers, one row at a time (no padding)
+        batch = prompt_batch(processor, [row["question"]], [row["image"]])
+        batch.pop("position_ids")
+        with torch.no_grad(), pruning_layout(model, "discard"):
+            out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        generated.append(processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert all(len(answer.split()) == 2 for answer in generated)
+    first, second = generated[5].split()
+    wrong = f"{first} {'cross' if second != 'cross' else 'circle'}"  # right first token, wrong second
+    references = generated[:4] + [generated[4].split()[0], wrong]
+    table = Dataset.from_list([dict(r, answer=a) for r, a in zip(rows, references)], features=rows.features)
+    DatasetDict({"test": table}).save_to_disk(str(tmp_path / "data"))
+    result = evaluate_model(model, processor, load_data(str(tmp_path / "data")), batch_size=4)
+    assert result["predictions"] == generated[:4] + [generated[4].split()[0], generated[5]]
+    assert result["correct"] == [1, 1, 1, 1, 1, 0] and result["score"] == 5 / 6
+    assert result["scoring"] == "greedy answer tokens"
+    # the kept-token statistics still come from the same prefill as on one-token answers
+    one = evaluate_model(model, processor, EvalData("testbed", rows, "t"), batch_size=4)
+    assert one["kept_per_point"] == result["kept_per_point"]
+    assert one["retention_all_layers"] == result["retention_all_layers"]
+
+
+def test_one_token_references_keep_the_first_token_scoring(monkeypatch):
+    """The testbed's one-token answers are scored as before (its committed results must not move): one prefill,
+    the greedy first token, no `generate`."""
+    import rcp_llava.evaluation as evaluation
+
+    model, processor, rows = _random_micro_rcp()
+    expected, _, _ = evaluation.first_token_predictions(model, processor, list(rows))
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("one-token references were scored by generation")
+
+    monkeypatch.setattr(evaluation, "greedy_answer_predictions", no_generate)
+    result = evaluation.evaluate_model(model, processor, evaluation.EvalData("testbed", rows, "t"), batch_size=4)
+    assert result["scoring"] == "first token" and result["predictions"] == expected
+    assert result["correct"] == [int(p == a) for p, a in zip(expected, rows["answer"])]

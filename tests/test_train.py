@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -278,6 +279,159 @@ def test_answers_longer_than_max_length_are_reported(micro):
     _, processor, dataset = micro
     with pytest.raises(ValueError, match=r"Example 0 .* above `max_length=10`"):
         train_rcp.check_dataset(dataset, RcpDataCollator(processor), max_length=10)
+
+
+def test_max_length_counts_the_image_tokens_as_the_collator_does(micro):
+    """check_dataset read `processor.num_image_tokens`, which a LlavaProcessor lacks: it counted 0 of the 64 image
+    tokens, passed max_length=40, and the collator then refused the same examples mid-training, naming none."""
+    from rcp_llava.data import image_token_count
+
+    _, processor, dataset = micro
+    assert image_token_count(processor) == 64
+    lengths = [int(RcpDataCollator(processor)([row])["attention_mask"].sum()) for row in dataset]
+    assert lengths == [76, 78, 76, 77, 76, 77, 77, 76]
+    train_rcp.check_dataset(dataset, RcpDataCollator(processor), max_length=78)  # the longest fits exactly
+    with pytest.raises(ValueError, match=r"^Example 1 of the 'train' split is 78 tokens long \(64 of them the "
+                                         r"image's; answer 'cross'\), above `max_length=77`: raise --max_length"):
+        train_rcp.check_dataset(dataset, RcpDataCollator(processor), max_length=77, name="'train' split")
+    # the collator names the example of its batch too
+    with pytest.raises(ValueError, match=r"^Example 1 of this batch \(id 1, question 'what shape is the small red "
+                                         r"object\?', answer 'cross'\) is 78 tokens \(64 of them the image's\), "
+                                         r"above `max_length=77`"):
+        RcpDataCollator(processor, max_length=77)([dataset[0], dataset[1]])
+
+
+def _three_rows(dataset, column, values):
+    """The first three rows of `dataset` as a new `datasets.Dataset`, `column` set to `values` (one per row)."""
+    from datasets import Dataset
+
+    rows = [dict(dataset[i]) for i in range(3)]
+    for row, value in zip(rows, values):
+        row[column] = value
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("column, value, error, match", [
+    # a text-only row of a mixed dataset: "only a single or a list of entries is supported" mid-training
+    ("image", None, ValueError, r"'image' is None: the example has no image, and RCP prunes the image's tokens\. "
+                                r"Drop text-only rows \(e\.g\. `dataset\.filter\(lambda r: r\['image'\] is not "
+                                r"None\)`\)\."),
+    # trained silently as the text "None"
+    ("question", None, ValueError, r"'question' is None: the question is missing \(it would train as the text "
+                                   r"'None'\)\. Drop the example or fix the column \(`--question_column`\)\."),
+    # without max_length it passed; with it, "is 3: ... an empty answer would train on EOS alone"
+    ("answer", 3, TypeError, r"'answer' is 3 \(int\), not a string: the answer is trained as text\. Cast the column "
+                             r"to strings \(e\.g\. `dataset\.map\(lambda r: \{'answer': str\(r\['answer'\]\)\}\)`\) or "
+                             r"fix the column \(`--answer_column`\)\."),
+    ("answer", "  ", ValueError, r"'answer' is '  ': RCP trains on the answer tokens, so an empty answer would train "
+                                 r"on EOS alone\. Drop the example or fix the column \(`--answer_column`\)\."),
+    # the processor expanded it: "Found 2 <image> tokens and 1 images" mid-training
+    ("answer", "a <image> here", ValueError, r"'answer' 'a <image> here' holds the image placeholder '<image>', "
+                                             r"which the processor would expand into image tokens\. Fix the answer or "
+                                             r"drop the example\."),
+    ("question", "<image> <image> compare them", ValueError,
+     r"'question' '<image> <image> compare them' holds 2 '<image>' placeholders: RCP trains on one image per "
+     r"question\. Drop multi-image examples\."),
+], ids=["image_none", "question_none", "answer_int", "answer_blank", "answer_image_token", "two_image_tokens"])
+def test_rows_the_collator_cannot_train_on_are_named_before_training(micro, column, value, error, match):
+    """Without max_length check_dataset returned after the column names: these rows passed it, then crashed
+    mid-training naming nothing (or trained on wrong text). check_dataset names the row before the model loads;
+    the collator names its position in the batch."""
+    _, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    good = dataset[0][column]
+    # an integer answer column holds integers only (counting answers), so its first row is the one named
+    values, index = ([3, 4, 5], 0) if value == 3 else ([good, value, good], 1)
+    with pytest.raises(error, match=rf"^Example {index} of the 'train' split: its {match}$"):
+        train_rcp.check_dataset(_three_rows(dataset, column, values), collator, name="'train' split")
+    with pytest.raises(error, match=rf"^An example's {match} The example: .*\(position 1 in this batch\)\.$"):
+        collator([dataset[0], dict(dataset[1], **{column: value})])
+
+
+@pytest.mark.parametrize("question", [float("nan"), 7, ["what", "colour"]], ids=["nan", "int", "list"])
+def test_a_question_that_is_not_a_string_is_refused(micro, question):
+    """It trained as the text 'nan' / '7' / "['what', 'colour']"."""
+    _, processor, dataset = micro
+    with pytest.raises(TypeError, match=rf"^An example's 'question' is {re.escape(repr(question))} "
+                                        rf"\({type(question).__name__}\), not a string: it would train as the text "
+                                        rf"{re.escape(repr(str(question)))}\. Drop the example or fix the column"):
+        RcpDataCollator(processor)([dict(dataset[0], question=question)])
+
+
+def test_an_image_column_that_cannot_hold_one_image_per_example_is_refused(micro):
+    from datasets import Dataset
+
+    _, processor, dataset = micro
+    rows = {"image": [1, 2], "question": ["a", "b"], "answer": ["x", "y"]}
+    with pytest.raises(TypeError, match=r"^The dataset's 'image' column holds int64 values, not images"):
+        train_rcp.check_dataset(Dataset.from_dict(rows), RcpDataCollator(processor))
+    paths = Dataset.from_dict(dict(rows, image=[["a.png", "b.png"], ["c.png"]]))
+    with pytest.raises(TypeError, match=r"^The dataset's 'image' column holds lists \(.*\): RCP trains on one image"):
+        train_rcp.check_dataset(paths, RcpDataCollator(processor))
+
+
+def test_a_llava_style_image_placeholder_in_the_question_is_removed(micro):
+    """LLaVA-style HF data writes "<image>\\nWhat ...": the collator counted it as a second image mid-training
+    ("Found 2 <image> tokens and 1 images"); it is removed as load_llava_json removes it, in training and in
+    evaluation prompts alike."""
+    from rcp_llava.data import prompt_batch
+
+    _, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    llava = dict(dataset[0], question="<image>\n" + dataset[0]["question"])
+    train_rcp.check_dataset(_three_rows(dataset, "question", [llava["question"]] * 3), collator, max_length=78)
+    assert collator.texts(llava) == collator.texts(dataset[0])
+    plain, placeholder = collator([dataset[0]]), collator([llava])
+    assert plain.keys() == placeholder.keys()
+    assert all(torch.equal(plain[k], placeholder[k]) for k in plain)
+    image = dataset[0]["image"]
+    assert torch.equal(prompt_batch(processor, [llava["question"]], [image])["input_ids"],
+                       prompt_batch(processor, [dataset[0]["question"]], [image])["input_ids"])
+
+
+def test_encoded_and_undecoded_image_cells_load_as_the_decoded_image(micro, tmp_path):
+    """Raw bytes and `datasets.Image(decode=False)`-style cells reached the processor as they were ("only a single
+    or a list of entries is supported ... got type=<class 'bytes'>") mid-training."""
+    from datasets import Dataset
+
+    _, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    dataset[0]["image"].save(tmp_path / "x.png")
+    data = (tmp_path / "x.png").read_bytes()
+    reference = collator([dataset[0]])["pixel_values"]
+    for cell in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "x.png")},
+                 str(tmp_path / "x.png")):
+        assert torch.equal(collator([dict(dataset[0], image=cell)])["pixel_values"], reference)
+    rows = [dict(dataset[i], image={"bytes": data, "path": None}) for i in range(2)]
+    train_rcp.check_dataset(Dataset.from_list(rows), collator)
+    rows[1]["image"] = {"bytes": None, "path": None}  # an undecoded cell holding nothing
+    with pytest.raises(ValueError, match=r"^Example 1 of the dataset: its 'image' is \{'bytes': None, 'path': None\}: "
+                                         r"the example has no image"):
+        train_rcp.check_dataset(Dataset.from_list(rows), collator)
+
+
+def test_a_rotated_jpeg_loads_upright_from_a_path_as_from_a_datasets_image(tmp_path):
+    """A path went through PIL without `exif_transpose`, a `datasets.Image` column with it: the same JPEG came out
+    64x32 from --llava_json / an image_folder column / a reader, 32x64 from a dataset."""
+    import numpy as np
+    from datasets import Dataset, Image as ImageFeature
+    from PIL import Image
+
+    from rcp_llava.data import load_image
+    from rcp_llava.readers import VqaRecord
+
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[:, :32] = (255, 0, 0)  # left red, right blue: a rotation shows
+    pixels[:, 32:] = (0, 0, 255)
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    decoded = Dataset.from_dict({"image": [str(path)]}).cast_column("image", ImageFeature())[0]["image"]
+    assert decoded.size == (32, 64)
+    for image in (load_image(str(path)), load_image(path.read_bytes()), VqaRecord("q", str(path), "?", []).load_image(),
+                  VqaRecord("q", path.read_bytes(), "?", []).load_image()):
+        assert image.size == (32, 64) and np.array_equal(np.asarray(image), np.asarray(decoded.convert("RGB")))
 
 
 def test_main_job_end_to_end_on_a_micro_testbed(tmp_path):
