@@ -1239,8 +1239,9 @@ def push_output(model, out, base_model, args, plugins_only=False, license=None):
 
 
 def job_result(result):
-    """The main job's metrics.json entry of one `rcp_llava.evaluation.evaluate_model` result: its first-token
-    "score" as "accuracy", "groups" as "families", and RCP's kept-token statistics (the file's documented keys,
+    """The main job's metrics.json entry of one `rcp_llava.evaluation.evaluate_model` result: its "score" (the greedy
+    first token on the testbed, the first n greedy tokens for n-token references) as "accuracy", "groups" as
+    "families", and RCP's kept-token statistics (the file's documented keys,
     which `rcp_llava.hub.load_eval_results` reads)."""
     entry = {"accuracy": result["score"], "n": result["n"], "families": result["groups"]}
     if result["kept_per_point"] is not None:
