@@ -2212,6 +2212,27 @@ def _weight_family(name):
     return shard["stem"] if shard else None
 
 
+SAVE_STAGING_PREFIX = ".rcp-save-"  # + pid: `save_pretrained`'s staging folder, inside the target folder
+
+
+def _remove_dead_staging(folder):
+    """Remove staging folders that a killed `save_pretrained` (SIGKILL, out of memory) left in `folder`: partial
+    weights that an upload of the folder would send. One whose process still runs is another save in progress."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        pid = name[len(SAVE_STAGING_PREFIX):]
+        if not (name.startswith(SAVE_STAGING_PREFIX) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        except OSError:  # alive under another user (PermissionError): not ours to remove
+            continue
+
+
 def _move_saved_folder(staging, folder):
     """Move every file of a finished `save_pretrained` in `staging` into `folder`, each with an atomic rename,
     weights first and `config.json` last (a crash in between leaves weights that no config describes yet, never
@@ -2556,7 +2577,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         created = not os.path.isdir(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         timestamps = self._get_files_timestamps(save_directory) if push else None  # what the upload sends: changes
-        staging = os.path.join(save_directory, f".rcp-save-{os.getpid()}")
+        _remove_dead_staging(save_directory)
+        staging = os.path.join(save_directory, f"{SAVE_STAGING_PREFIX}{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         try:
             os.makedirs(staging)
@@ -2581,9 +2603,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         commit_message = push_kwargs.pop("commit_message", None)
         repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(folder)))
         create_pr = push_kwargs.pop("create_pr", False)
-        repo_id = hf_modeling.hf_api().create_repo(repo_id, exist_ok=True, **push_kwargs).repo_id
-        card = hf_modeling.create_and_tag_model_card(repo_id, self.model_tags, token=token)
-        card.save(os.path.join(folder, "README.md"))
+        repo_id = hf_modeling.hf_api().create_repo(repo_id, exist_ok=True, token=token, **push_kwargs).repo_id
+        card_path = os.path.join(folder, "README.md")
+        if os.path.isfile(card_path):
+            # A card in the folder (an RCP model card, `rcp_llava.hub.build_model_card`) is the user's: kept, and
+            # uploaded with the model. Stock would replace it with the Hub's card or transformers' template.
+            timestamps = {k: v for k, v in timestamps.items() if k != "README.md"}
+        else:
+            hf_modeling.create_and_tag_model_card(repo_id, self.model_tags, token=token).save(card_path)
         self._upload_modified_files(folder, repo_id, timestamps, commit_message=commit_message, token=token,
                                     create_pr=create_pr)
 

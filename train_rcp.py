@@ -30,6 +30,7 @@ is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -865,7 +866,9 @@ def remove_previous_checkpoints(output_dir):
     partial checkpoint that could be resumed from. Returns the names of the checkpoints removed."""
     if not os.path.isdir(output_dir):
         return []
-    removed = sorted(n for n in os.listdir(output_dir) if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
+    removed = sorted(n for n in os.listdir(output_dir)  # checkpoint folders only, as `resolve_resume` reads them
+                     if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n) and os.path.isdir(os.path.join(output_dir, n))
+                     and not os.path.islink(os.path.join(output_dir, n)))
     for name in removed:
         target = os.path.join(output_dir, REMOVING_PREFIX + name)
         if os.path.isdir(target):  # left by an interrupted removal

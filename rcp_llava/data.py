@@ -211,7 +211,7 @@ class RcpDataCollator:
                 f"Example {position} of this batch ({self.describe(examples[position])}) is "
                 f"{int(lengths[position])} tokens ({image_tokens} of them the image's), above "
                 f"`max_length={self.max_length}`: raise --max_length or drop long answers (`check_dataset` with "
-                "`max_length` names every such example of a dataset before training)."
+                "`max_length` names the first such example of a dataset before training)."
             )
         start = seq - lengths  # first real token (left padding)
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
@@ -421,7 +421,8 @@ def load_llava_json(path, image_folder=None):
             try:
                 with Image.open(image):
                     pass
-            except OSError as err:  # UnidentifiedImageError is an OSError, as is an unreadable file
+            except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError, as is
+                # an unreadable file; a decompression bomb is neither
                 raise ValueError(f"{where}: the image file {image!r} cannot be read as an image ({err}). Replace "
                                  "the file or drop the record.") from None
             readable.add(image)

@@ -405,6 +405,8 @@ def _is_unreachable(err):
 
     if isinstance(err, HfHubHTTPError):  # the Hub answered (auth, permissions...): its message is the clear one
         return False
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # a local file the upload could not read: not the network
     if isinstance(err, (OSError, ConnectionError)):
         return True
     return any(cls.__name__ == "TransportError" and cls.__module__.split(".")[0].startswith("httpx")
@@ -452,6 +454,8 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message=message, allow_patterns=allow,
             revision=revision, repo_type="model",
+            # staging left by a killed save or atomic write: partial files, never part of the model
+            ignore_patterns=[".rcp-save-*", ".rcp-save-*/**", "*.tmp-*"],
         )
     except Exception as err:
         if isinstance(err, HubUnreachableError) or not _is_unreachable(err):

@@ -229,13 +229,19 @@ def test_a_failed_push_keeps_the_saved_folder(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "preprocessor_config.json").write_text("{}")  # there before: not a change of this save
     with pytest.raises(ConnectionError, match="connection reset"):
-        model.save_pretrained(folder, push_to_hub=True, private=True, commit_message="msg")
+        model.save_pretrained(folder, push_to_hub=True, private=True, commit_message="msg", token="hf_t")
     assert {"config.json", "model.safetensors", "modeling_rcp_llava.py", "README.md"} <= set(_names(folder))
     assert not [n for n in _names(folder) if n.startswith(".rcp-save")]
-    assert calls["repo"] == ("rcp-push", {"private": True})
+    # the token reaches the repo's creation too (a review: it went to the upload only, so another login's account)
+    assert calls["repo"] == ("rcp-push", {"private": True, "token": "hf_t"})
     assert calls["upload"][:3] == (str(folder), "someone/rcp-push", ["preprocessor_config.json"])
-    assert calls["upload"][3]["commit_message"] == "msg"
+    assert calls["upload"][3]["commit_message"] == "msg" and calls["upload"][3]["token"] == "hf_t"
     RcpLlavaForConditionalGeneration.from_pretrained(folder)  # a complete model
+    # A card already in the folder (an RCP model card) is kept and uploaded, not replaced by the Hub's template.
+    (folder / "README.md").write_text("# my RCP card")
+    with pytest.raises(ConnectionError):
+        model.save_pretrained(folder, push_to_hub=True)
+    assert (folder / "README.md").read_text() == "# my RCP card" and "README.md" not in calls["upload"][2]
 
 
 def test_save_pretrained_stages_inside_the_folder(tmp_path, monkeypatch):
@@ -271,6 +277,24 @@ def test_save_pretrained_stages_inside_the_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(tmp_path / "m")
     assert {n: (tmp_path / "m" / n).read_bytes() for n in _names(tmp_path / "m")} == before
+
+
+def test_a_killed_saves_staging_is_removed_by_the_next_save(tmp_path):
+    """A save killed mid-write (SIGKILL, out of memory) left `.rcp-save-<pid>` with partial weights inside the model
+    folder for good, and a push of the folder uploaded it. The next save removes staging whose process is gone."""
+    import os
+    import subprocess
+    import sys
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "m")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "m" / f".rcp-save-{dead.stdout.strip()}").mkdir()
+    (tmp_path / "m" / f".rcp-save-{dead.stdout.strip()}" / "model.safetensors").write_bytes(b"partial")
+    alive = tmp_path / "m" / f".rcp-save-{os.getppid()}"  # a save in progress in another process: left alone
+    alive.mkdir()
+    model.save_pretrained(tmp_path / "m")
+    assert [n for n in _names(tmp_path / "m") if n.startswith(".rcp-save")] == [alive.name]
 
 
 def test_a_missing_local_plugin_folder_is_named(tmp_path):

@@ -833,3 +833,21 @@ def test_examples_name_a_stock_llava_folder(tmp_path, example):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "loaded a LlavaForConditionalGeneration, not an RCP-LLaVA model" in proc.stderr
+
+
+def test_a_local_file_error_during_a_push_is_not_called_unreachable(tmp_path, monkeypatch):
+    """Any OSError read as "Cannot reach the Hub", including a file the upload could not read (a review)."""
+    import huggingface_hub
+
+    from rcp_llava import hub
+
+    folder, _, _ = demo.save_demo_folder(tmp_path / "demo")
+
+    def upload_folder(self, **kwargs):
+        assert ".rcp-save-*" in kwargs["ignore_patterns"]  # a killed save's staging is never uploaded
+        raise PermissionError(13, "Permission denied", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None, raising=False)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        hub.push_rcp_folder(folder, "someone/rcp")

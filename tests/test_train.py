@@ -718,3 +718,16 @@ def test_an_unreachable_sparsity_target_is_named():
         "--visual_token_budget 4 cannot be reached: the 1 layer(s) before the first pruner keep all 16 visual tokens, "
         "which alone average 4 per layer over all 4 layers (--sparsity_layers all). Raise the budget, prune earlier "
         "(--pruning_layers), or average from the first pruner (--sparsity_layers from_first_pruner).")
+
+
+def test_overwrite_removes_checkpoint_folders_only(tmp_path):
+    """`--overwrite_output_dir` renamed anything named `checkpoint-*`: a user's notes file or a link was hidden as
+    `.removing-...` and, rmtree failing on it silently, kept there. Only `checkpoint-<step>` folders go."""
+    for name in ("checkpoint-1", "checkpoint-20"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-notes.txt").write_text("mine")
+    (tmp_path / "checkpoint-best").mkdir()
+    (tmp_path / "checkpoint-5").symlink_to(tmp_path / "checkpoint-best")
+    assert train_rcp.remove_previous_checkpoints(str(tmp_path)) == ["checkpoint-1", "checkpoint-20"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-best", "checkpoint-notes.txt"]
