@@ -255,6 +255,13 @@ _SNIPPET_RUN = (
 )
 
 
+def _is_local_path(name):
+    """Whether `name` is a local path rather than a Hub repo id ('user/name' or 'name'): an existing path, or one
+    that reads as a path (absolute, ./, ../, ~, or more than one '/'), as `check_model_source` tells them apart."""
+    text = str(name)
+    return os.path.exists(text) or os.path.isabs(text) or text.startswith(("./", "../", "~")) or text.count("/") > 1
+
+
 def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_results=None,
                      average_kept_tokens=None, training_args=None, tags=(), model_name=None, license=None):
     """A `huggingface_hub.ModelCard` for an RCP checkpoint.
@@ -288,6 +295,10 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     # tokens than it (the training loss pulls towards it, inference does not enforce it), so the card calls it the
     # target and records no kept count.
     target = config.visual_token_budget if kept is None else None
+    # A local folder as the base (the testbed job's `<output>/model`) is no Hub id: no link to huggingface.co/<path>
+    # and no `base_model` metadata (the Hub reads it as a repo id); the card names the folder instead.
+    local_base = bool(base_model) and _is_local_path(base_model)
+    hub_base = None if local_base else base_model
     if plugins_only and not base_model:
         logger.warning("build_model_card: a plug-in card without `base_model`; the card says the base was not "
                        "recorded and its usage snippet has a 'BASE_MODEL' placeholder. Pass `base_model=`.")
@@ -307,20 +318,24 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         if not e.get("baseline") and "/" in str(e.get("dataset_type", ""))
     ]
     data = ModelCardData(
-        base_model=base_model, library_name="rcp-llava" if plugins_only else "transformers",
+        base_model=hub_base, library_name="rcp-llava" if plugins_only else "transformers",
         pipeline_tag="image-text-to-text",
         tags=sorted(set(DEFAULT_TAGS) | set(tags) | ({"rcp-plugins"} if plugins_only else set())), license=license,
         model_name=model_name, eval_results=results or None,
-        **({"base_model_relation": "adapter"} if plugins_only and base_model else {}),
+        **({"base_model_relation": "adapter"} if plugins_only and hub_base else {}),
         rcp_llava={
             "version": RCP_LLAVA_VERSION, "plugins_only": plugins_only,
+            **({"base_model_path": str(base_model)} if local_base else {}),
             "average_kept_visual_tokens": kept, "visual_tokens_per_image": config.num_visual_tokens,
             **{name: getattr(config, name) for name in PRUNING_FIELDS},
         },
     )
     what = (
         f"RCP plug-ins (pruners + repair adapters) for [{base_model}](https://huggingface.co/{base_model})"
-        if plugins_only and base_model else
+        if plugins_only and hub_base else
+        f"RCP plug-ins (pruners + repair adapters) for the local LLaVA checkpoint `{base_model}` (not a Hub id: "
+        "replace it in the usage snippet with the checkpoint's Hub id when you share them)"
+        if plugins_only and local_base else
         "RCP plug-ins (pruners + repair adapters) for a LLaVA base model that was not recorded (replace "
         f"`{BASE_MODEL_PLACEHOLDER}` in the usage snippet with the checkpoint they were trained on)"
         if plugins_only else f"A LLaVA model with RCP visual-token pruning{f' built on `{base_model}`' if base_model else ''}"

@@ -568,6 +568,22 @@ def test_plugin_card_without_base_model_has_a_placeholder(caplog):
     assert "base_model" not in caplog.text
     assert "for [llava-hf/llava-1.5-7b-hf](https://huggingface.co/llava-hf/llava-1.5-7b-hf)" in named.text
     assert "base_id = 'llava-hf/llava-1.5-7b-hf'\n" in named.text
+    assert named.data.to_dict()["base_model"] == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_plugin_card_of_a_local_base_names_the_folder(tmp_path):
+    """The testbed job records its base as `<output>/model`: the card linked https://huggingface.co/<that path> and
+    wrote the path as `base_model` metadata, which the Hub reads as a repo id. A local base is now named as a folder,
+    kept out of `base_model`, and recorded under `rcp_llava.base_model_path`."""
+    base = str(tmp_path / "outputs" / "model")
+    card = hub.build_model_card(demo.demo_config(), repo_id="x/y", plugins_only=True, license="mit", base_model=base)
+    assert "huggingface.co/" + base not in card.text and "https://huggingface.co//" not in card.text
+    assert (f"RCP plug-ins (pruners + repair adapters) for the local LLaVA checkpoint `{base}` (not a Hub id: replace "
+            "it in the usage snippet with the checkpoint's Hub id when you share them)") in card.text
+    assert f"base_id = {base!r}\n" in card.text  # it loads from the folder as it is
+    meta = card.data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert meta["rcp_llava"]["base_model_path"] == base
 
 
 # ------------------------------------------------------------------------------------------------

@@ -558,7 +558,11 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
     card = ModelCard.load(out / "plugins" / "README.md")
     # a plug-in card is an adapter card (issue 18; it claimed library_name transformers without a config before)
     assert card.data.library_name == "rcp-llava" and card.data.pipeline_tag == "image-text-to-text"
-    assert card.data.to_dict()["base_model_relation"] == "adapter"
+    # Its base here is a local folder: no Hub id for `base_model` (and so no `base_model_relation`, which needs one),
+    # recorded under rcp_llava.base_model_path instead (the card linked huggingface.co/<path> before).
+    meta = card.data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta and "rcp-plugins" in meta["tags"]
+    assert meta["rcp_llava"]["base_model_path"] == str(folder / "model")
     assert (out / "plugins" / "rcp_plugins.safetensors").exists()  # the folder stays complete
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         train_rcp.main([a for a in argv if a not in ("--hub_model_id", "someone/rcp-micro")])
