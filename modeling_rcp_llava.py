@@ -739,7 +739,6 @@ class FastvSelector(TokenSelector):
         if prev_idx != ctx.layer_idx - 1 or prev_hidden.shape[1] != ctx.hidden.shape[1]:
             raise RuntimeError("FastV needs the input of the layer before its pruning layer, unpruned.")
         prev = self.model.language_model.layers[prev_idx]
-        hidden = ctx.hidden
         if self.config.fastv_query == "last":
             # The last prompt token: without labels each row's last valid slot (the last slot under left padding, not
             # under right padding); with a labelled continuation (a loss, a log-likelihood) the token before it, so
@@ -2113,6 +2112,13 @@ def _check_pixel_values(pixel_values, vision_config):
         )
 
 
+def looks_like_local_path(path):
+    """Whether `path` reads as a local path rather than a Hub repo id ('name' or 'user/name'): absolute, ./, ../, ~
+    or more than one '/'."""
+    path = os.fspath(path)
+    return os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1
+
+
 def check_model_source(name_or_path, argument):
     """Refuse a local folder whose weights are pickle files only (ValueError) and a local-looking path that does not
     exist (FileNotFoundError: absolute, ./, ../, ~ or more than one '/'); Hub repo ids pass through."""
@@ -2131,7 +2137,7 @@ def check_model_source(name_or_path, argument):
                 "trust: `LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=False)"
                 ".save_pretrained(new_path)`."
             )
-    elif os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1:
+    elif looks_like_local_path(path):
         raise FileNotFoundError(
             f"`{argument}` {path!r}: no such folder (and it is not a Hub repo id of the form 'user/name'). Check the "
             "path."

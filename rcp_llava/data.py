@@ -427,7 +427,7 @@ def load_llava_json(path, image_folder=None):
                                  "the file or drop the record.") from None
             readable.add(image)
         for human, gpt in zip(turns[0::2], turns[1::2]):
-            question = human["value"].replace("<image>", "").strip()
+            question = strip_image_token(human["value"]).strip()
             rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
     return Dataset.from_list(rows)
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from modeling_rcp_llava import PRUNING_FIELDS, RCP_CONFIG_NAME, RCP_LLAVA_VERSION, RCP_PLUGINS_NAME
+from modeling_rcp_llava import (
+    PRUNING_FIELDS, RCP_CONFIG_NAME, RCP_LLAVA_VERSION, RCP_PLUGINS_NAME, looks_like_local_path,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -255,13 +257,6 @@ _SNIPPET_RUN = (
 )
 
 
-def _is_local_path(name):
-    """Whether `name` is a local path rather than a Hub repo id ('user/name' or 'name'): an existing path, or one
-    that reads as a path (absolute, ./, ../, ~, or more than one '/'), as `check_model_source` tells them apart."""
-    text = str(name)
-    return os.path.exists(text) or os.path.isabs(text) or text.startswith(("./", "../", "~")) or text.count("/") > 1
-
-
 def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_results=None,
                      average_kept_tokens=None, training_args=None, tags=(), model_name=None, license=None):
     """A `huggingface_hub.ModelCard` for an RCP checkpoint.
@@ -297,7 +292,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     target = config.visual_token_budget if kept is None else None
     # A local folder as the base (the testbed job's `<output>/model`) is no Hub id: no link to huggingface.co/<path>
     # and no `base_model` metadata (the Hub reads it as a repo id); the card names the folder instead.
-    local_base = bool(base_model) and _is_local_path(base_model)
+    local_base = bool(base_model) and (os.path.exists(str(base_model)) or looks_like_local_path(str(base_model)))
     hub_base = None if local_base else base_model
     if plugins_only and not base_model:
         logger.warning("build_model_card: a plug-in card without `base_model`; the card says the base was not "
