@@ -3,8 +3,8 @@
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, randomize_plugin_parameters,
-    row_inputs, stock_copy,
+    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, row_inputs,
+    stock_copy,
 )
 
 SINGLE = [(3, 4, True)]

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from conftest import NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, stock_copy, tiny_config
+from conftest import NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, tiny_config
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
