@@ -49,7 +49,7 @@ from modeling_rcp_llava import (
     fresh_plugins,
     share_backbone,
 )
-from rcp_llava.data import RcpDataCollator, load_image, prompt_batch
+from rcp_llava.data import RcpDataCollator, _column_batches, load_image, prompt_batch
 from rcp_llava.flops import decoder_layer_flops
 from rcp_llava.losses import gaussian_w2
 from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ... are also read from here
@@ -360,9 +360,7 @@ def reference_token_counts(processor, answers):
 
 def _column(rows, name):
     """Column `name` of testbed rows as a list: a `datasets.Dataset` reads the column alone (no image decoded)."""
-    if hasattr(rows, "select_columns"):
-        return list(rows.select_columns([name]).with_format(None)[name])
-    return [r[name] for r in rows]
+    return [row[name] for _, batch in _column_batches(rows, [name]) for row in batch]
 
 
 @torch.no_grad()
