@@ -268,7 +268,8 @@ def _column_batches(dataset, columns, batch_size=1000):
 def _check_image_column(dataset, collator, name):
     """Refuse an image column that cannot give one image per example, naming the first bad example: a column of
     numbers or of lists (several images per example), and missing cells (None: a text-only row; an undecoded cell
-    with neither bytes nor a path), read from Arrow's null bitmaps so that no image is decoded or even read."""
+    with neither bytes nor a path), read from Arrow's null bitmaps so that no image is decoded or even read, and
+    image paths whose file does not exist (`_check_image_file`)."""
     column = collator.image_column
     features = getattr(dataset, "features", None)
     if features is None or not hasattr(dataset, "with_format"):  # not a `datasets.Dataset`: look at every cell
@@ -276,6 +277,7 @@ def _check_image_column(dataset, collator, name):
             problem = image_problem(dataset[index][column], column)
             if problem is not None:
                 raise problem[0](f"Example {index} of the {name}: its {column!r} {problem[1]}")
+            _check_image_file(dataset[index][column], collator.image_folder, column, f"Example {index} of the {name}")
         return
     feature = features[column]
     dtype = getattr(feature, "dtype", None)
@@ -302,7 +304,35 @@ def _check_image_column(dataset, collator, name):
         if first >= 0:
             problem = image_problem(cells[first].as_py(), column)
             raise problem[0](f"Example {start + first} of the {name}: its {column!r} {problem[1]}")
+        if "path" in names:  # the paths of the cells without bytes only: embedded images are not copied out
+            paths = pc.struct_field(cells, "path")
+            if "bytes" in names:
+                paths = pc.if_else(pc.is_null(pc.struct_field(cells, "bytes")), paths, pa.scalar(None, paths.type))
+        else:
+            paths = cells if pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type) else None
+        for offset, path in enumerate(paths.to_pylist() if paths is not None else ()):
+            _check_image_file(path, collator.image_folder, column, f"Example {start + offset} of the {name}")
         start += len(batch)
+
+
+def _check_image_file(cell, image_folder, column, example):
+    """FileNotFoundError, naming `example`, when the cell is an image path (a string, or an undecoded cell with a
+    path and no bytes) with no file behind it: `load_image` opens it only when the collator reaches the example,
+    mid-training. A stat per path; nothing is read."""
+    if isinstance(cell, dict) and cell.get("bytes") is None:
+        cell = cell.get("path")
+    if not isinstance(cell, str):
+        return
+    path = os.path.join(image_folder, cell) if image_folder else cell
+    if os.path.isfile(path):
+        return
+    if image_folder or os.path.isabs(cell):
+        where = ""
+    else:
+        where = (f" (a relative path, read from the working directory {os.getcwd()!r}: give --image_folder if the "
+                 "paths are relative to a folder)")
+    raise FileNotFoundError(f"{example}: its {column!r} names the image file {path!r}, which does not exist{where}. "
+                            "Fix the path or drop the example.")
 
 
 def check_dataset(dataset, collator, max_length=None, name="dataset"):
@@ -313,9 +343,10 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
     answer, and with `max_length`, examples longer than `max_length` tokens, the image's included
     (`image_token_count`).
 
-    Only the question and answer columns and the image column's null bitmap are read (no image is decoded), so the
-    checks cost one pass over the text; `max_length` adds rendering and tokenizing every example, in batches. A
-    corrupt image file is found only when the collator opens it (`load_llava_json` checks its files up front)."""
+    Only the question and answer columns and the image column's null bitmap and paths are read (no image is
+    decoded), so the checks cost one pass over the text and a stat per image path (a missing file is named here,
+    not mid-training); `max_length` adds rendering and tokenizing every example, in batches. A corrupt image file
+    is found only when the collator opens it."""
     if len(dataset) == 0:
         raise ValueError(f"The {name} is empty: there is nothing to train on. Check the split name and the data.")
     columns = set(dataset.column_names)

@@ -410,6 +410,36 @@ def test_encoded_and_undecoded_image_cells_load_as_the_decoded_image(micro, tmp_
         train_rcp.check_dataset(Dataset.from_list(rows), collator)
 
 
+def test_a_missing_image_file_is_named_before_training(micro, tmp_path, monkeypatch):
+    """A path column (or path-only `datasets.Image` cells) naming a file that does not exist passed check_dataset:
+    the collator's open failed when training reached the example, naming neither the example nor the column."""
+    from datasets import Dataset, Image
+
+    _, processor, dataset = micro
+    dataset[0]["image"].save(tmp_path / "x.png")
+    rows = [dict(dataset[i], image="x.png") for i in range(3)]
+    in_folder = RcpDataCollator(processor, image_folder=str(tmp_path))
+    train_rcp.check_dataset(Dataset.from_list(rows), in_folder)
+    rows[2]["image"] = "gone.png"
+    missing = re.escape(repr(str(tmp_path / "gone.png")))
+    with pytest.raises(FileNotFoundError, match=rf"^Example 2 of the 'train' split: its 'image' names the image file "
+                                                rf"{missing}, which does not exist\. Fix the path or drop the example"):
+        train_rcp.check_dataset(Dataset.from_list(rows), in_folder, name="'train' split")
+    monkeypatch.chdir(tmp_path)  # relative to the working directory, without --image_folder
+    with pytest.raises(FileNotFoundError, match=r"^Example 2 of the dataset: its 'image' names the image file "
+                                                r"'gone.png', which does not exist \(a relative path, read from the "
+                                                r"working directory .*: give --image_folder if the paths are relative"):
+        train_rcp.check_dataset(Dataset.from_list(rows), RcpDataCollator(processor))
+    # undecoded `datasets.Image` cells: a path without bytes is checked, embedded bytes are not a path
+    paths = [str(tmp_path / "x.png"), str(tmp_path / "x.png"), str(tmp_path / "gone.png")]
+    cast = Dataset.from_list([dict(r, image=p) for r, p in zip(rows, paths)]).cast_column("image", Image(decode=False))
+    with pytest.raises(FileNotFoundError, match=rf"^Example 2 of the dataset: .* {missing}, which does not exist"):
+        train_rcp.check_dataset(cast, RcpDataCollator(processor))
+    data = (tmp_path / "x.png").read_bytes()
+    embedded = [dict(r, image={"bytes": data, "path": str(tmp_path / "gone.png")}) for r in rows]
+    train_rcp.check_dataset(Dataset.from_list(embedded), RcpDataCollator(processor))
+
+
 def test_a_rotated_jpeg_loads_upright_from_a_path_as_from_a_datasets_image(tmp_path):
     """A path went through PIL without `exif_transpose`, a `datasets.Image` column with it: the same JPEG came out
     64x32 from --llava_json / an image_folder column / a reader, 32x64 from a dataset."""
