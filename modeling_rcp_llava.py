@@ -1804,6 +1804,22 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     f"{[int(k) for k in built]}: plug-ins are created with the model. Build a new model with these "
                     f"fields (e.g. `from_pretrained(..., {name}=...)`) instead of editing the config."
                 )
+        built = {}
+        pruner = next(iter(self.rcp_plugins.pruners.values()), None)
+        if pruner is not None:
+            built.update(pruner_hidden_size=pruner.queries.shape[1], num_pruning_queries=pruner.queries.shape[0],
+                         pruner_num_heads=pruner.num_heads)
+        adapter = next(iter(self.rcp_plugins.repair_adapters.values()), None)
+        if adapter is not None:
+            built["repair_bottleneck_size"] = adapter.down.out_features
+        edited = {name: size for name, size in built.items() if getattr(config, name) != size}
+        if edited:  # the plug-ins keep their built sizes: a save would write a config its weights do not fit
+            name, size = next(iter(edited.items()))
+            raise ValueError(
+                f"`{name}` is {getattr(config, name)}, but this model's plug-ins were built with {size}: plug-in sizes "
+                f"are fixed when the model is built. Build a new model with it (e.g. `from_pretrained(..., "
+                f"{name}={getattr(config, name)})`) instead of editing the config, or set it back to {size}."
+            )
 
     def _pruning_active(self):
         return self.config.pruning_spec.prunes and self.pruning_enabled
@@ -2575,6 +2591,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 or getattr(self, "_hf_peft_config_loaded", False)):
             return super().save_pretrained(save_directory, *args, **kwargs)
         save_directory = os.fspath(save_directory)
+        self.model._check_config()  # an edited field the plug-ins were not built for: refused before anything is written
         _refuse_other_model(save_directory, self.config, overwrite)
         push = kwargs.pop("push_to_hub", False)
         # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
@@ -2633,6 +2650,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         """
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
+        self.model._check_config()
         config, text = self.config, self.config.text_config
         base = (
             base_model_name_or_path

@@ -149,7 +149,7 @@ def method_overrides(method, k, config, fastv_layer=None, flop_matched=False):
 
 
 _STRUCTURAL = ("pruning_layers", "repair_layers", "pruner_hidden_size", "repair_bottleneck_size",
-               "num_pruning_queries")
+               "num_pruning_queries", "pruner_num_heads")
 
 
 def method_model(base, fresh_plugins=False, **overrides):

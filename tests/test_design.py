@@ -126,6 +126,14 @@ def test_registering_a_taken_name_or_a_non_selector_is_refused():
         ("pruning_keep_counts", [99, 5], r"`pruning_keep_counts` \[99, 5\] asks to keep more than the 16"),
         ("pruning_layers", [1, 3], r"`pruning_layers` is \[1, 3\], but this model's plug-ins were built for \[1, 2\]"),
         ("repair_layers", [3], r"`repair_layers` is \[3\], but this model's plug-ins were built for \[2, 3\]"),
+        # plug-in sizes: the forward ran on the built modules, and the saved config then described other weights
+        ("pruner_hidden_size", 32, r"`pruner_hidden_size` is 32, but this model's plug-ins were built with 16: plug-in "
+                                   r"sizes are fixed when the model is built\. Build a new model with it \(e\.g\. "
+                                   r"`from_pretrained\(\.\.\., pruner_hidden_size=32\)`\) instead of editing the "
+                                   r"config, or set it back to 16\."),
+        ("num_pruning_queries", 8, r"`num_pruning_queries` is 8, but this model's plug-ins were built with 16"),
+        ("pruner_num_heads", 2, r"`pruner_num_heads` is 2, but this model's plug-ins were built with 4"),
+        ("repair_bottleneck_size", 16, r"`repair_bottleneck_size` is 16, but this model's plug-ins were built with 8"),
         ("pruning_layers", [1, 9], r"`pruning_layers` contains \[9\]"),
         ("pruning_method", "magic", r"`pruning_method` is 'magic'"),
         ("gumbel_temperature", float("inf"), r"`gumbel_temperature` must be a positive float"),
@@ -138,6 +146,20 @@ def test_a_field_edited_after_construction_is_checked_at_the_next_forward(field,
     setattr(model.config, field, value)
     with pytest.raises(ValueError, match=match):
         model(**batch)
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_plugins"])
+def test_a_plugin_size_edited_after_construction_is_refused_before_saving(tmp_path, save):
+    """`save_pretrained` wrote the edited size into config.json beside weights of the built size, and loading the
+    folder failed with size mismatches; the folder now stays as it was."""
+    model = make_model()
+    getattr(model, save)(tmp_path / "kept")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "kept").iterdir() if f.is_file()}
+    model.config.pruner_hidden_size = 32
+    with pytest.raises(ValueError, match=r"^`pruner_hidden_size` is 32, but this model's plug-ins were built with 16"):
+        getattr(model, save)(tmp_path / "kept", overwrite=True)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "kept").iterdir() if f.is_file()} == before
+    assert [p.name for p in (tmp_path / "kept").iterdir() if p.is_dir()] == []  # no staging folder left
 
 
 def test_gumbel_temperature_is_a_forward_argument_not_config_state():
