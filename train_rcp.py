@@ -27,6 +27,7 @@ The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2
 is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `rcp_llava.schedule`.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -311,6 +312,25 @@ class RcpTrainingArguments(TrainingArguments):
         self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
 
 
+def rcp_training_arguments(args):
+    """`args` as `RcpTrainingArguments`, as the stock Trainer takes them: None gives the defaults (in
+    `trainer_output`, the stock default folder), and a plain `TrainingArguments` keeps every value it holds, with
+    RCP's own fields (losses, schedules) at their defaults, except `remove_unused_columns`, set to False: the collator
+    builds the prompts from the raw columns (image, question, answer), which the stock default drops."""
+    if args is None:
+        return RcpTrainingArguments(output_dir="trainer_output")
+    if isinstance(args, RcpTrainingArguments):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"`args` must be `RcpTrainingArguments` (or `TrainingArguments`), got {type(args).__name__}.")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    if values["remove_unused_columns"]:
+        logger.warning("[train_rcp] `remove_unused_columns=True` (the `TrainingArguments` default) would drop the "
+                       "image, question and answer columns the RCP collator reads: set to False.")
+        values["remove_unused_columns"] = False
+    return RcpTrainingArguments(**values)
+
+
 def answer_metrics(predictions, label_ids, tokenizer):
     """Teacher-forced answer metrics of an evaluation pass (the Trainer's `compute_metrics`).
 
@@ -367,6 +387,35 @@ def _parse_int_list(value, name):
 # ------------------------------------------------------------------------------------------------
 
 
+# The loss parts `compute_loss` records for the logs. A training micro-batch's task / repair / sparsity part is
+# already its share of the gradient-accumulation window (normalised by the window's totals), so the window's part is
+# their SUM; everything else (retention, schedule values) is a per-batch value, averaged.
+WINDOW_SUMMED_PARTS = ("task_loss", "repair_loss", "sparsity_loss")
+
+
+def logged_train_parts(records):
+    """The training log's loss parts from per-micro-batch `records` [(optimizer step, {part: value})]: within one
+    step the window-summed parts add up and the rest average; the logged value is the mean over the steps, as the
+    Trainer's `loss` is (with one micro-batch per step: the plain mean)."""
+    steps = {}
+    for step, values in records:
+        steps.setdefault(step, []).append(values)
+    per_step = []
+    for batches in steps.values():
+        per_step.append({key: (sum(b[key] for b in batches) if key in WINDOW_SUMMED_PARTS
+                               else sum(b[key] for b in batches) / len(batches)) for key in batches[0]})
+    return {key: sum(v[key] for v in per_step) / len(per_step) for key in per_step[0]} if per_step else {}
+
+
+def logged_eval_parts(records):
+    """The evaluation's loss parts from per-batch `records` [(batch size, {part: value})]: means weighted by the
+    batch sizes, as the Trainer weights `eval_loss` (each batch's loss counted once per sample)."""
+    total = sum(size for size, _ in records)
+    if not total:
+        return {}
+    return {key: sum(size * values[key] for size, values in records) / total for key in records[0][1]}
+
+
 def freeze_backbone(model):
     """Only the plug-ins (parameters under `PLUGIN_PREFIX`) train."""
     for name, param in model.named_parameters():
@@ -399,6 +448,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             )
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
+        args = rcp_training_arguments(args)
         # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
         model._check_plugins_unwrapped("RcpTrainer")
         freeze_backbone(model)
@@ -411,7 +461,8 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         self.target_retention = 1.0
         self.grad_norms = []  # the plug-ins' gradient norm at every optimizer step, before any clipping
         self._window_samples = None
-        self._metrics = {"train": {}, "eval": {}}
+        self._train_parts = []  # (optimizer step, {part: value}) per micro-batch since the last training log
+        self._eval_parts = []  # (batch size, {part: value}) per batch of the evaluation running now
         self.add_callback(GumbelTemperatureCallback(self))
         self.add_callback(TargetRetentionCallback(self))
 
@@ -434,6 +485,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         checkpoint holds the norms up to its step (`GRAD_NORMS_NAME`) and a resume starts from them. A checkpoint at
         or past `max_steps` ends the run: its plug-ins (or the best checkpoint's, with `load_best_model_at_end`) are
         loaded and nothing trains (`Trainer.train` would train one more batch when the run ended mid-epoch)."""
+        self._train_parts = []
         if resume_from_checkpoint is True:  # resolved here, as `Trainer.train` does, to read its records first
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -477,15 +529,19 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             answer_mask = default_answer_mask(labels)
         loss_layers = self.repair_layers_for_loss(config)
 
+        training = model.training
+        if training:
+            tau, noise, target = self.gumbel_temperature, self.gumbel_noise, self.target_retention
+        else:  # evaluation scores every checkpoint on the same objective: the one the run ends at
+            tau, noise, target = self.final_schedule(config)
         with torch.no_grad(), unwrapped.plugins_disabled():
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
         # The student always runs in the differentiable layout, in evaluation too: its hidden states must line up
         # with the teacher's (physical discard would move them).
         with unwrapped.pruning_layout("mask"):
             student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
-                            gumbel_temperature=self.gumbel_temperature, gumbel_noise=self.gumbel_noise)
+                            gumbel_temperature=tau, gumbel_noise=noise)
 
-        training = model.training
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
         num_items = num_items_in_batch if training else None
         l_task = task_loss(student.logits, labels, num_items)
@@ -508,22 +564,35 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         if args.sparsity_layers == "from_first_pruner":
             retention = retention[:, config.pruning_layers[0]:]
         if args.sparsity_reduction == "batch":
-            l_sparse = share * batch_sparsity_loss(retention, self.target_retention, has_image)
+            l_sparse = share * batch_sparsity_loss(retention, target, has_image)
         else:
-            l_sparse = sparsity_loss(retention, self.target_retention, has_image, num_samples)
+            l_sparse = sparsity_loss(retention, target, has_image, num_samples)
         loss = args.lambda_task * l_task + args.lambda_repair * l_repair + args.lambda_sparse * l_sparse
 
-        self._record("train" if training else "eval", {
+        parts = {
             "task_loss": l_task, "repair_loss": l_repair, "sparsity_loss": l_sparse,
-            "retention": retention[has_image].mean() if has_image.any() else retention.new_tensor(1.0),
+            "retention": retention[has_image].mean() if has_image.any() else 1.0,
             "retention_all_layers": (student.layer_retention[has_image].mean()
-                                     if student.layer_retention is not None and has_image.any()
-                                     else retention.new_tensor(1.0)),
-            "target_retention": torch.tensor(self.target_retention),
-            "gumbel_temperature": torch.tensor(float(self.gumbel_temperature)),
-            "gumbel_noise": torch.tensor(float(self.gumbel_noise)),
-        })
+                                     if student.layer_retention is not None and has_image.any() else 1.0),
+            "target_retention": target, "gumbel_temperature": tau,
+            "gumbel_noise": noise and training,  # the pruners draw noise in training only
+        }
+        parts = {k: float(v.detach().float()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+        if training:
+            self._train_parts.append((self.state.global_step, parts))
+        else:
+            self._eval_parts.append((labels.shape[0], parts))
         return (loss, student) if return_outputs else loss
+
+    def final_schedule(self, config):
+        """`(tau, noise, target retention)` at the end of training: what evaluation uses, so that `eval_loss` is one
+        objective for every checkpoint, a resumed or a fresh trainer alike (during the sparsity warm-up the target
+        is near 1, and `metric_for_best_model="eval_loss"` picked warm-up checkpoints)."""
+        args = self.args
+        tau, _ = gumbel_schedule(1.0, args.gumbel_temperature_start, args.gumbel_temperature_end,
+                                 args.gumbel_anneal_ratio, args.gumbel_noise_ratio, args.gumbel_schedule)
+        target = target_retention_at(1.0, target_retention(config), args.sparsity_warmup_ratio, args.sparsity_schedule)
+        return tau, False, target
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the training loss (the student in the mask layout against the teacher) and the student's
@@ -536,25 +605,36 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             return loss.detach(), None, None
         return loss.detach(), student.logits.detach(), inputs["labels"]
 
-    def _record(self, split, values):
-        store = self._metrics[split]
-        for key, value in values.items():
-            store.setdefault(key, []).append(float(value.detach().float()) if torch.is_tensor(value) else float(value))
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """`Trainer.evaluation_loop` (behind `evaluate` and `predict`), with this pass's loss parts in its metrics
+        under `metric_key_prefix` (`eval_task_loss`; `test_...` from `predict`; `eval_<name>_...` per dataset of a
+        dict)."""
+        self._eval_parts = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        for key, value in logged_eval_parts(self._eval_parts).items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        self._eval_parts = []
+        return output
 
     def log(self, logs, *args, **kwargs):
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        for key, values in self._metrics[split].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        self._metrics[split] = {}
+        if "loss" in logs:  # a training log (not evaluation's metrics, nor the summary `train` ends with)
+            logs.update(logged_train_parts(self._train_parts))
+            self._train_parts = []
         super().log(logs, *args, **kwargs)
 
     # -- plug-in-only checkpoints ------------------------------------------------------------------
 
     def _save(self, output_dir=None, state_dict=None):
+        """What `Trainer._save` writes, with the plug-ins (`save_plugins`) for the model: the processor given as
+        `processing_class` and the training arguments beside them; the main process only."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         self.accelerator.unwrap_model(self.model).save_plugins(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     # Resuming needs every plug-in tensor: the model's one loader, strict (it fails before copying anything).

@@ -740,6 +740,123 @@ def test_bf16_mixed_precision_trains(micro, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision: the weights stay float32
 
 
+# -- what the Trainer reports (logs, evaluate, predict) and accepts (args), as the stock Trainer does -----------------
+
+
+def test_logged_parts_sum_a_windows_micro_batches_and_weight_eval_batches():
+    records = [(0, {"task_loss": 1.0, "retention": 0.5}), (0, {"task_loss": 2.0, "retention": 0.7}),
+               (1, {"task_loss": 4.0, "retention": 0.2})]
+    logged = train_rcp.logged_train_parts(records)  # step 0: 1 + 2 = 3 and (0.5 + 0.7) / 2; step 1: 4 and 0.2
+    assert logged == pytest.approx({"task_loss": 3.5, "retention": 0.4})
+    assert train_rcp.logged_train_parts([]) == {}
+    logged = train_rcp.logged_eval_parts([(3, {"task_loss": 1.0}), (1, {"task_loss": 5.0})])
+    assert logged == pytest.approx({"task_loss": 2.0})  # (3 * 1 + 1 * 5) / 4, as eval_loss weights its batches
+
+
+def test_gradient_accumulation_logs_the_loss_parts_of_the_larger_batch(micro, tmp_path):
+    """Each micro-batch's part is its share of the window, and the log averaged the shares: batch 2 x 2 logged
+    task_loss 2.014 where batch 4 logged 4.028 (the loss and the update were already equal)."""
+    make, _, _ = micro
+    common = dict(max_steps=1, optim="sgd", learning_rate=1e-9, gumbel_noise=False, save_strategy="no",
+                  lr_scheduler_type="constant", lr_scheduler_kwargs={}, repair_loss_pooling="sample",
+                  sparsity_reduction="sample", max_grad_norm=1e9)
+    logs = {}
+    for name, overrides in (("batch 4", dict(per_device_train_batch_size=4)),
+                            ("2 x 2", dict(per_device_train_batch_size=2, gradient_accumulation_steps=2))):
+        trainer = make_trainer(micro, tmp_path / name, model=make(), **common, **overrides)
+        trainer.train()
+        logs[name] = next(e for e in trainer.state.log_history if "task_loss" in e)
+    args = trainer.args
+    for name, log in logs.items():  # the parts recompose the logged loss
+        recomposed = (args.lambda_task * log["task_loss"] + args.lambda_repair * log["repair_loss"]
+                      + args.lambda_sparse * log["sparsity_loss"])
+        assert recomposed == pytest.approx(log["loss"], rel=1e-4), name
+    for key in ("loss", "task_loss", "repair_loss", "sparsity_loss", "retention"):
+        assert logs["2 x 2"][key] == pytest.approx(logs["batch 4"][key], rel=1e-4), key
+
+
+def test_evaluation_reports_its_parts_under_its_own_prefix_and_at_the_runs_final_targets(micro, tmp_path):
+    """The parts were added to a log with an `eval_` key only: `evaluate(metric_key_prefix="test")` and `predict`
+    reported none and left theirs to be averaged into the next evaluation; with a dict of eval sets the second
+    overwrote the first's `eval_task_loss`. And the sparsity target is annealed runtime state: a finished run gave
+    eval_loss 155.96, the same checkpoint resumed 5.96 (target 1.0), and `metric_for_best_model="eval_loss"` picked
+    warm-up checkpoints. Evaluation now uses the schedule's end values, for every trainer."""
+    make, processor, dataset = micro
+    first, second = dataset.select(range(4)), dataset.select(range(4, 8))
+    trainer = make_trainer(micro, tmp_path / "run", model=make(), max_steps=2, save_steps=2)
+    trainer.train()
+    metrics = trainer.evaluate(first)
+    target = trainer.model.config.visual_token_budget / trainer.model.config.num_visual_tokens
+    assert metrics["eval_target_retention"] == pytest.approx(target)
+    assert metrics["eval_gumbel_temperature"] == pytest.approx(trainer.args.gumbel_temperature_end)
+    assert metrics["eval_gumbel_noise"] == 0.0  # the pruners draw no noise in evaluation
+    args = trainer.args
+    recomposed = (args.lambda_task * metrics["eval_task_loss"] + args.lambda_repair * metrics["eval_repair_loss"]
+                  + args.lambda_sparse * metrics["eval_sparsity_loss"])
+    assert recomposed == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    test = trainer.evaluate(first, metric_key_prefix="test")
+    assert test["test_task_loss"] == pytest.approx(metrics["eval_task_loss"]) and "eval_task_loss" not in test
+    predicted = trainer.predict(first).metrics
+    assert predicted["test_task_loss"] == pytest.approx(metrics["eval_task_loss"])
+    after = trainer.evaluate(first)  # nothing of `test` / `predict` averaged in
+    assert {k: v for k, v in after.items() if "_per_second" not in k and "runtime" not in k} == pytest.approx(
+        {k: v for k, v in metrics.items() if "_per_second" not in k and "runtime" not in k})
+    both = trainer.evaluate({"a": first, "b": second})
+    assert both["eval_a_task_loss"] == pytest.approx(metrics["eval_task_loss"])
+    assert both["eval_b_task_loss"] == pytest.approx(trainer.evaluate(second)["eval_task_loss"])
+    # a fresh trainer on the finished checkpoint scores it as the run did (it had target 1.0, tau at the start)
+    fresh = make_trainer(micro, tmp_path / "fresh", model=make(), max_steps=2)
+    fresh.model.load_plugins(tmp_path / "run" / "checkpoint-2", strict=True)
+    assert all(torch.equal(v, trainer.model.plugin_state_dict()[k]) for k, v in fresh.model.plugin_state_dict().items())
+    again = fresh.evaluate(first)
+    for key in ("eval_loss", "eval_task_loss", "eval_sparsity_loss", "eval_target_retention"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_the_train_summary_holds_no_leftover_parts(micro, tmp_path):
+    """With logging_steps 2 of 3 steps, step 3's parts landed in `TrainOutput.metrics` beside train_runtime."""
+    trainer = make_trainer(micro, tmp_path, max_steps=3, logging_steps=2, save_strategy="no")
+    output = trainer.train()
+    assert "task_loss" not in output.metrics and "train_loss" in output.metrics
+    assert [e["step"] for e in trainer.state.log_history if "task_loss" in e] == [2]
+
+
+def test_the_trainer_takes_stock_training_arguments_or_none(micro, tmp_path, monkeypatch, caplog):
+    """`args=TrainingArguments(...)` and `args=None` crashed ("no attribute 'detach_prior'") after freezing the
+    backbone; the stock Trainer takes both. RCP's own fields take their defaults."""
+    from transformers import TrainingArguments
+
+    make, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    stock = TrainingArguments(output_dir=str(tmp_path / "stock"), max_steps=1, report_to=[], use_cpu=True,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = RcpTrainer(model=make(), args=stock, train_dataset=dataset, data_collator=collator)
+    assert type(trainer.args) is RcpTrainingArguments and trainer.args.lambda_sparse == 200.0
+    assert (trainer.args.output_dir, trainer.args.gradient_accumulation_steps) == (str(tmp_path / "stock"), 2)
+    assert trainer.args.remove_unused_columns is False  # the collator reads the raw columns
+    assert "remove_unused_columns=True" in caplog.text
+    trainer.train()
+    assert (tmp_path / "stock" / "checkpoint-1" / "rcp_plugins.safetensors").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert RcpTrainer(model=make(), args=None, data_collator=collator).args.output_dir == "trainer_output"
+    model = make()
+    with pytest.raises(TypeError, match=r"^`args` must be `RcpTrainingArguments` \(or `TrainingArguments`\), got dict"):
+        RcpTrainer(model=model, args={"output_dir": "x"})
+    assert any(p.requires_grad for n, p in model.named_parameters() if not n.startswith(train_rcp.PLUGIN_PREFIX))
+
+
+def test_save_model_writes_the_processor_given_as_processing_class(micro, tmp_path):
+    """`Trainer._save` saves `processing_class` beside the model; the plug-in-only `_save` left it out."""
+    make, processor, dataset = micro
+    trainer = make_trainer(micro, tmp_path / "run", max_steps=1, save_strategy="no")
+    trainer.processing_class = processor
+    trainer.save_model(str(tmp_path / "saved"))
+    files = set(os.listdir(tmp_path / "saved"))
+    assert {"rcp_plugins.safetensors", "rcp_config.json", "training_args.bin", "processor_config.json"} <= files
+    assert not any(f.startswith("model") for f in files)
+    assert type(processor).from_pretrained(tmp_path / "saved").tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
 def test_an_unreachable_sparsity_target_is_named():
     """A 2-layer model whose first pruner sits before layer 1 keeps the whole image in layer 0: over all layers it
     averages at least N / 2 visual tokens, so a budget of N / 9 ended training at 900% of its target, unannounced."""
