@@ -2503,6 +2503,28 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
     def generate(self, *args, **kwargs):
         attention_mask = kwargs.get("attention_mask")
+        generation_config = kwargs.get("generation_config")
+
+        def setting(name):  # as `generate` resolves it: the call's keyword, its generation_config, the model's
+            value = kwargs.get(name)
+            if value is None:
+                value = getattr(generation_config, name, None)
+            return getattr(self.generation_config, name, None) if value is None else value
+
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        pad = setting("pad_token_id")
+        if attention_mask is None and input_ids is not None and input_ids.dim() == 2 and isinstance(pad, int):
+            eos = setting("eos_token_id")
+            if pad not in (eos if isinstance(eos, (list, tuple)) else [eos]) and bool((input_ids == pad).any()):
+                attention_mask = input_ids.ne(pad).long()  # the mask `generate` infers, checked as a given one
+        image = (kwargs.get("pixel_values") is not None
+                 or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None)  # as `_embed` reads them
+        if self._pruning_active() and image and setting("prefill_chunk_size"):
+            raise ValueError(
+                f"`prefill_chunk_size` is not supported with `pruning_method={self.config.pruning_method!r}`: the "
+                "first chunk would be pruned as the whole prompt (the pruners' question cut short) and the rest fed "
+                "as decoded tokens. Generate without `prefill_chunk_size`, or use `pruning_method='none'`."
+            )
         if self._pruning_active() and attention_mask is not None and attention_mask.dim() == 2:
             empty = (attention_mask == 0).all(-1)
             if bool(empty.any()):
@@ -2521,10 +2543,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 f"Pruning is not supported with {type(cache).__name__}: layers after a pruning layer hold fewer "
                 "tokens. Use the default dynamic cache."
             )
-        generation_config = kwargs.get("generation_config")
-        impl = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
-        if impl is None:
-            impl = getattr(self.generation_config, "cache_implementation", None)
+        impl = setting("cache_implementation")
         if self._pruning_active() and impl not in (None, "dynamic"):
             raise ValueError(
                 f"`cache_implementation={impl!r}` is not supported with pruning: layers after a pruning layer hold "

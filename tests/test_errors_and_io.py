@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from conftest import NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, tiny_config
 
 from configuration_rcp_llava import RcpLlavaConfig
@@ -72,6 +73,32 @@ def test_right_padding_is_refused_by_generate():
     batch["attention_mask"][0, : len(row)] = 1
     with pytest.raises(ValueError, match=r"Right padding is not supported .*padding_side = 'left'"):
         model.generate(**batch, max_new_tokens=2)
+    # without a mask `generate` infers one from the pad id: the right padding ran, with transformers' warning only
+    mask = batch.pop("attention_mask")
+    with pytest.raises(ValueError, match=r"Right padding is not supported .*padding_side = 'left'"):
+        model.generate(**batch, max_new_tokens=2, pad_token_id=0)
+    batch["input_ids"][0] = torch.where(mask[0].bool(), batch["input_ids"][0], 0).roll(int((mask[0] == 0).sum()))
+    left = model.generate(**batch, max_new_tokens=2, pad_token_id=0)  # left-padded, mask inferred: runs
+    assert left.shape == (2, batch["input_ids"].shape[1] + 2)
+
+
+def test_chunked_prefill_is_refused_with_an_image_when_pruning():
+    """`prefill_chunk_size` with pre-encoded image features (`mm_encoder_outputs`, which pass transformers' own
+    chunking check) pruned the first chunk as the whole prompt: the pruners saw part of the question, the rest came
+    as decoded tokens, and RCP's logits moved by 0.195, unannounced. Without pruning it is stock chunking."""
+    model = make_model()
+    batch = make_batch([(2, 3, True)])
+    with torch.no_grad():
+        image = model.model.get_image_features(batch.pop("pixel_values"), return_dict=True)
+    for where in ({"prefill_chunk_size": 20}, {"generation_config": GenerationConfig(prefill_chunk_size=20)}):
+        with pytest.raises(ValueError, match=r"^`prefill_chunk_size` is not supported with `pruning_method='rcp'`: "
+                                             r"the first chunk would be pruned as the whole prompt"):
+            model.generate(**batch, mm_encoder_outputs={"image": image}, max_new_tokens=2, **where)
+    model.config.pruning_method = "none"
+    whole = model.generate(**batch, mm_encoder_outputs={"image": image}, max_new_tokens=3, do_sample=False)
+    chunked = model.generate(**batch, mm_encoder_outputs={"image": image}, max_new_tokens=3, do_sample=False,
+                             prefill_chunk_size=20)
+    assert torch.equal(whole, chunked)
 
 
 def test_continuing_a_cache_with_a_new_image_is_refused():
