@@ -50,7 +50,7 @@ from contextlib import contextmanager
 
 import torch
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -372,7 +372,7 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/ablations.py " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line(__file__, argv)
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before hours of training
     result = run(args.variants, shlex.split(args.train_args), args.output_dir, args.name, budget=args.budget,

@@ -17,7 +17,6 @@
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from rcp_llava.results import command_line
 from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir
 
 
@@ -43,7 +43,7 @@ def main():
     (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses()
     torch.set_num_threads(args.num_threads)
     out = Path(args.output_dir) if args.output_dir else default_cache_dir(args.preset)
-    command = " ".join(["python", "benchmarks/build_testbed.py", *sys.argv[1:]])
+    command = command_line(__file__)
     t0 = time.time()
     build_testbed(args.preset, out, seed=args.seed, pruning_eval=args.pruning_eval,
                   eval_max_samples=args.eval_max_samples, save_steps=args.save_steps, command=command)

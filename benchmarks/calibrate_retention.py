@@ -20,7 +20,7 @@ def main(argv=None):
     import train_rcp
     from rcp_llava.data import RcpDataCollator
     from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model
-    from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+    from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +57,7 @@ def main(argv=None):
     before = measure()
     calibration = train_rcp.calibrate_retention(model, processor, splits, collator, job, from_first_pruner=first)
     after = measure()
-    command = "python benchmarks/calibrate_retention.py " + " ".join(argv)
+    command = command_line(__file__, argv)
     out = {"command": command, "model": args.model, "test_samples": len(test), "calibration": calibration,
            "before": before, "after": after}
     target = calibration["target"]

@@ -109,11 +109,11 @@ def main(argv=None):
     import torch
 
     from rcp_llava.evaluation import evaluate_grid, format_table, load_base_model, load_data
-    from rcp_llava.results import refuse_existing, write_results
+    from rcp_llava.results import command_line, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    command = "python benchmarks/evaluate_methods.py " + " ".join(argv)
+    command = command_line(__file__, argv)
     for flag, value in (("--batch_size", args.batch_size), ("--max_samples", args.max_samples),
                         ("--max_new_tokens", args.max_new_tokens), ("--threads", args.threads)):
         if value is not None and value < 1:

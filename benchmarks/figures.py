@@ -22,7 +22,7 @@ import os
 import sys
 
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, save_figure, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, save_figure, write_results
 
 
 def _plt():
@@ -174,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="Replace existing figures of NAME in --output_dir.")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    command = "python benchmarks/figures.py " + " ".join(argv)
+    command = command_line(__file__, argv)
     if not args.model and not args.table:
         parser.error("Give --model (drift + masks) and/or --table (accuracy vs tokens).")
     out = lambda stem: os.path.join(args.output_dir, stem)  # noqa: E731

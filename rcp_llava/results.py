@@ -18,19 +18,38 @@ DEFAULT_OUTPUT_DIR = os.path.join("outputs", "benchmarks")
 
 
 def refuse_existing(paths, overwrite=False, flag="--overwrite"):
-    """Raise `FileExistsError` naming the existing `paths` (and the two ways out) unless `overwrite`."""
+    """Raise `FileExistsError` naming the existing `paths` (and the two ways out) unless `overwrite`, and refuse a
+    folder the results could not be written into (`check_writable_folder`): both before anything loads, so that a
+    run is not computed and then lost at the write."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        check_writable_folder(folder)
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist: choose another --name / --output_dir or pass "
                               f"{flag} to replace them.")
 
 
+def check_writable_folder(folder, flag="--output_dir"):
+    """Raise unless `folder` exists as a writable folder or can be created (its nearest existing ancestor is a
+    writable folder). Nothing is created: the writes create the folder when there is something to write."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(f"{flag} {folder!r}: {probe!r} is a file, so the results cannot be written there. "
+                                 f"Choose another {flag}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {folder!r}: {probe!r} is not writable. Choose another {flag}.")
+
+
 def command_line(script, argv=None):
-    """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`."""
+    """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`, quoted
+    for the shell (`--subsets 'none;0'` was recorded as `--subsets none;0`, two commands when pasted)."""
+    import shlex
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", "benchmarks/" + os.path.basename(script), *args])
+    return shlex.join(["python", "benchmarks/" + os.path.basename(script), *map(str, args)])
 
 
 def write_results(stem, markdown=None, data=None):

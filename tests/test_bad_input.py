@@ -272,6 +272,49 @@ def test_benchmark_scripts_refuse_to_overwrite_results(tmp_path, monkeypatch, sc
     assert (tmp_path / existing).read_text() == "{}"
 
 
+@pytest.mark.parametrize("script, argv", [
+    ("evaluate_methods", ["--model", "{tmp}/none", "--name", "t"]),
+    ("ablations", ["--name", "t"]),
+    ("calibrate_retention", ["--model", "{tmp}/none", "--name", "t"]),
+    ("figures", ["--table", "{tmp}/x.json", "--name", "t"]),
+    ("efficiency", ["--preset", "tiny", "--device", "cpu"]),
+    ("headroom_split", ["--model", "{tmp}/none", "--data", "{tmp}/none", "--name", "t"]),
+    ("selection_signal", ["--model", "{tmp}/none", "--data", "{tmp}/none", "--name", "t"]),
+    ("testbed_diagnostics", ["--folder", "{tmp}", "--name", "t"]),
+])
+def test_benchmark_scripts_refuse_an_output_dir_they_cannot_write_before_anything_loads(tmp_path, monkeypatch,
+                                                                                         script, argv):
+    """`--output_dir` naming a file failed at the write, after the whole run, with a bare FileExistsError from
+    os.makedirs; it is refused before the model (here: a folder that does not exist) is read."""
+    from conftest import load_benchmark
+
+    (tmp_path / "results.md").write_text("mine")
+    (tmp_path / "dataset").mkdir()  # testbed_diagnostics checks its --folder's layout first
+    (tmp_path / "model").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--output_dir", str(tmp_path / "results.md" / "sub")]
+    module = load_benchmark(script)
+    with pytest.raises(NotADirectoryError, match=rf"^--output_dir '.*results.md/sub': '.*results.md' is a file, so "
+                                                 r"the results cannot be written there\. Choose another --output_dir"):
+        if script == "efficiency":
+            monkeypatch.setattr("sys.argv", ["efficiency.py"] + argv)
+            module.main()
+        else:
+            module.main(argv)
+    assert (tmp_path / "results.md").read_text() == "mine"
+
+
+def test_recorded_commands_are_quoted_for_the_shell():
+    """`--subsets 'none;0'` was recorded as `--subsets none;0`: pasted, that ran `--subsets none` and a command 0."""
+    import shlex
+
+    from rcp_llava.results import command_line
+
+    argv = ["--subsets", "none;0", "--name", "my run", "--budgets", "1/9"]
+    recorded = command_line("/somewhere/benchmarks/headroom_split.py", argv)
+    assert recorded == "python benchmarks/headroom_split.py --subsets 'none;0' --name 'my run' --budgets 1/9"
+    assert shlex.split(recorded)[2:] == argv
+
+
 @pytest.mark.parametrize("script", ["evaluate_methods", "ablations", "calibrate_retention", "figures", "efficiency"])
 def test_benchmark_scripts_do_not_default_to_the_committed_results(script):
     """By default they wrote into the committed benchmarks/results/."""

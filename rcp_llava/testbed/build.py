@@ -1,6 +1,7 @@
 """`build_testbed`: dataset + trained model + metrics in one folder, reusing whatever is already built."""
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -115,7 +116,7 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
         "budgets": {label: preset.budget(f) for label, f in BUDGET_FRACTIONS.items()},
         "chance": CHANCE,
     })
-    caller = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    caller = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     built = any(key != "evaluation_s" for key in times)
     if built or "command" not in metrics:  # the command that built something, not one that reused or evaluated it
         metrics["command"] = caller
