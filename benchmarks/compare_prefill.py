@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
+from rcp_llava.results import command_line, refuse_existing
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,7 @@ def load_module(name, path):
     return module
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the other modeling_rcp_llava.py")
     parser.add_argument("--preset", default="mid")
@@ -42,21 +43,41 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", default="full,rcp-64,rcp-128,rcp-192,vispruner-64,fastv-64,random-64")
     parser.add_argument("--output", default=None, help="markdown file to write (default: print only)")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    efficiency = load_module("efficiency_benchmark", os.path.join(HERE, "efficiency.py"))
+    # Every argument checked before the first model is built (a typo in the last method was a KeyError after the
+    # others had been timed, and the file was never written).
+    if not os.path.isfile(args.old):
+        raise FileNotFoundError(f"--old: no file {args.old!r}; pass the other version's modeling_rcp_llava.py.")
+    if args.preset not in efficiency.PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is unknown; use one of {sorted(efficiency.PRESETS)}.")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch_sizes must be positive integers, e.g. '1,8', got {args.batch_sizes!r}.")
+    methods = efficiency.method_configs(args.preset, [192, 128, 64])
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in methods]
+    if unknown or not names:
+        raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; use some of {list(methods)}.")
+    if args.output:
+        refuse_existing([args.output], args.overwrite)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    efficiency = load_module("efficiency_benchmark", os.path.join(HERE, "efficiency.py"))
     old_modeling = load_module("old_modeling_rcp_llava", args.old)
-    methods = efficiency.method_configs(args.preset, [192, 128, 64])
     lines = [f"# Pruned prefill, `{args.old}` (old) vs `modeling_rcp_llava.py` (new), preset `{args.preset}`", "",
-             f"Command: `python benchmarks/compare_prefill.py --old {args.old} --preset {args.preset} --batch_sizes "
-             f"{args.batch_sizes} --repeats {args.repeats}`. Median of {args.repeats} runs after warm-up, old and new "
+             f"Command: `{command_line(__file__, argv)}`. Median of {args.repeats} runs after warm-up, old and new "
              "alternating; CPU, 2 threads, fp32, random weights (plug-ins randomised too).", "",
              "| method | batch | old ms | new ms | new / old (median of paired ratios) | old select ms | new select ms "
              "| same logits and kept sets |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for name in args.methods.split(","):
+    for name in names:
         overrides = methods[name][0]
         config = efficiency.build_config(args.preset, **overrides)
         new = RcpLlavaForConditionalGeneration(config).eval()
@@ -68,7 +89,7 @@ def main():
         timers = {label: efficiency.SelectionTimer(torch.device("cpu")) for label in ("old", "new")}
         for label, model in (("old", old), ("new", new)):
             timers[label].wrap(model)
-        for bsz in [int(b) for b in args.batch_sizes.split(",")]:
+        for bsz in batch_sizes:
             inputs = dict(efficiency.make_inputs(args.preset, bsz), use_cache=True, logits_to_keep=1)
             times = {"old": [], "new": []}
             select = {"old": [], "new": []}
@@ -91,8 +112,8 @@ def main():
             lines.append(line)
             print(line, flush=True)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        atomic_write(args.output, lambda tmp: write_text(tmp, text))
 
 
 if __name__ == "__main__":

@@ -296,6 +296,20 @@ def test_compare_prefill_smoke(tmp_path, monkeypatch):
     assert [(r[0], r[1]) for r in rows] == [("| full", "1"), ("| full", "2"), ("| rcp-64", "1"), ("| rcp-64", "2"),
                                             ("| fastv-64", "1"), ("| fastv-64", "2")]
     assert all(r[-1] == "True |" for r in rows)
+    # the whole command (it left out --methods and --output), an existing --output kept, bad arguments named first
+    argv = sys.argv[1:]
+    assert f"Command: `python benchmarks/compare_prefill.py {' '.join(argv)}`" in out.read_text()
+    before = out.read_text()
+    with pytest.raises(FileExistsError, match=r"ab\.md already exist: .* pass --overwrite"):
+        compare.main(argv)
+    for flag, value, match in (("--methods", "full,rcp-100", r"^--methods 'full,rcp-100': unknown \['rcp-100'\]; use"),
+                               ("--preset", "nosuch", r"^--preset 'nosuch' is unknown"),
+                               ("--repeats", "0", r"^--repeats must be at least 1, got 0"),
+                               ("--batch_sizes", "0", r"^--batch_sizes must be positive integers")):
+        changed = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:]
+        with pytest.raises(ValueError, match=match):
+            compare.main(changed + ["--overwrite"])
+    assert out.read_text() == before
 
 
 def test_testbed_report_from_metrics(tmp_path):
