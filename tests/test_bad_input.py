@@ -248,6 +248,14 @@ def test_an_interrupted_plugin_save_leaves_the_previous_checkpoint(tmp_path, mon
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def _run_script(module, script, argv, monkeypatch):
+    """A benchmark script's `main` on `argv` (efficiency.py reads `sys.argv`)."""
+    if script == "efficiency":
+        monkeypatch.setattr("sys.argv", ["efficiency.py"] + argv)
+        return module.main()
+    return module.main(argv)
+
+
 @pytest.mark.parametrize("script, argv, existing", [
     ("evaluate_methods", ["--model", "{tmp}/none", "--name", "t"], "t.json"),
     ("ablations", ["--name", "t"], "t.md"),
@@ -264,11 +272,7 @@ def test_benchmark_scripts_refuse_to_overwrite_results(tmp_path, monkeypatch, sc
     module = load_benchmark(script)
     with pytest.raises(FileExistsError, match=rf"{existing} already exist: choose another --name / --output_dir or "
                                               r"pass --overwrite"):
-        if script == "efficiency":
-            monkeypatch.setattr("sys.argv", ["efficiency.py"] + argv)
-            module.main()
-        else:
-            module.main(argv)
+        _run_script(module, script, argv, monkeypatch)
     assert (tmp_path / existing).read_text() == "{}"
 
 
@@ -295,11 +299,7 @@ def test_benchmark_scripts_refuse_an_output_dir_they_cannot_write_before_anythin
     module = load_benchmark(script)
     with pytest.raises(NotADirectoryError, match=rf"^--output_dir '.*results.md/sub': '.*results.md' is a file, so "
                                                  r"the results cannot be written there\. Choose another --output_dir"):
-        if script == "efficiency":
-            monkeypatch.setattr("sys.argv", ["efficiency.py"] + argv)
-            module.main()
-        else:
-            module.main(argv)
+        _run_script(module, script, argv, monkeypatch)
     assert (tmp_path / "results.md").read_text() == "mine"
 
 
