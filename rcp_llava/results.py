@@ -42,6 +42,21 @@ def check_writable_folder(folder, flag="--output_dir"):
         raise PermissionError(f"{flag} {folder!r}: {probe!r} is not writable. Choose another {flag}.")
 
 
+def positive_int(value):
+    """argparse `type=` for counts (repeats, samples, batch sizes, threads): a whole number >= 1, so that 0 or -3
+    stops at parsing ("argument --repeats: must be a whole number >= 1, got '0'") instead of failing deep in the
+    run, or meaning "all"."""
+    import argparse
+
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return number
+
+
 def command_line(script, argv=None):
     """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`, quoted
     for the shell (`--subsets 'none;0'` was recorded as `--subsets none;0`, two commands when pasted)."""

@@ -893,3 +893,17 @@ def test_a_right_padded_forward_repairs_the_last_real_token():
         on_the_pad = model(**batch, answer_mask=pad_column)
     torch.testing.assert_close(default.logits, explicit.logits, rtol=0, atol=0)
     assert not torch.equal(default.logits, on_the_pad.logits)  # the choice matters for this model
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "x", ""])
+def test_positive_int_stops_a_bad_count_at_parsing(value, capsys):
+    import argparse
+
+    from rcp_llava.results import positive_int
+
+    parser = argparse.ArgumentParser(prog="script.py")
+    parser.add_argument("--repeats", type=positive_int)
+    assert parser.parse_args(["--repeats", " 7"]).repeats == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--repeats", value])
+    assert f"argument --repeats: must be a whole number >= 1, got {value!r}" in capsys.readouterr().err
