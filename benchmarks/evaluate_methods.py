@@ -95,6 +95,15 @@ def check_grid(args):
             raise ValueError(f"{flag} names {repeated} more than once; give each once.")
     for budget in budgets:
         parse_budget(budget)
+    if args.oracle and "attention_topk" not in methods:  # was a run without the oracle rows, and exit 0
+        raise ValueError(f"--oracle adds a row per attention_topk row (its layers and counts), but --methods "
+                         f"{args.methods!r} has no attention_topk; add it.")
+    if args.plugins_per_budget:
+        asked = {parse_budget(b)[0] for b in budgets}
+        for label in parse_plugins_per_budget(args.plugins_per_budget):
+            if parse_budget(label)[0] not in asked:
+                raise ValueError(f"--plugins_per_budget names budget {label!r}, which is not among --budgets "
+                                 f"{args.budgets!r}; add it there or drop it here.")
     check_model_source(args.model, "--model")
     if args.fastv_layer is not None:
         config = AutoConfig.from_pretrained(args.model)
@@ -126,6 +135,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     # The data before the model: a reader's error (an empty file, a bad answer) comes before a 7B load.
     datasets = [load_data(spec, split=args.split, max_samples=args.max_samples) for spec in args.data or ["testbed"]]
+    others = [spec for spec, data in zip(args.data or ["testbed"], datasets) if data.kind != "testbed"]
+    if args.oracle and others:  # it failed after the model loaded and the earlier datasets were evaluated
+        raise ValueError(f"--oracle needs testbed data (its evidence patches), but --data {others} are not testbed "
+                         "datasets; drop --oracle or evaluate those without it.")
     base, processor = load_base_model(args.model, plugins=args.plugins)
     results = []
     for data in datasets:

@@ -675,6 +675,9 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
     if oracle:
         if data.kind != "testbed":
             raise ValueError("`oracle` needs testbed rows (their evidence patches).")
+        if "attention_topk" not in methods:  # its rows go at attention_topk's layers and counts: none were added
+            raise ValueError(f"`oracle` adds a row per `attention_topk` row (its layers and counts), but `methods` "
+                             f"{list(methods)} has no 'attention_topk'; add it.")
         at = max((i for i, row in enumerate(plan) if row[1] == "attention_topk"), default=len(plan) - 1) + 1
         for label, method, budget, k, overrides in [r for r in plan if r[1] == "attention_topk"]:
             plan.insert(at, ("oracle (in-decoder)", "oracle", budget, k, overrides))

@@ -522,6 +522,14 @@ def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
     (["--budgets", "1/3,1/9,1/3"], ValueError, r"--budgets names \['1/3'\] more than once"),
     # a reader's error came after the model had loaded
     (["--data", "gqa:{tmp}/empty.json"], ValueError, r"no questions"),
+    # without attention_topk the oracle added no row, and the run ended with exit 0
+    (["--oracle"], ValueError, r"^--oracle adds a row per attention_topk row \(its layers and counts\), but --methods "
+                               r"'none,rcp,vispruner,fastv,random' has no attention_topk; add it"),
+    # both came after the model had loaded (and, for the oracle, after the earlier datasets were evaluated)
+    (["--oracle", "--methods", "attention_topk", "--data", "gqa:{tmp}/gqa.json"], ValueError,
+     r"^--oracle needs testbed data \(its evidence patches\), but --data \['gqa:.*gqa.json'\] are not testbed"),
+    (["--plugins_per_budget", "1/9={tmp}", "--budgets", "1/3"], ValueError,
+     r"^--plugins_per_budget names budget '1/9', which is not among --budgets '1/3'; add it there or drop it here"),
 ])
 def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, flags, error, match):
     from conftest import load_benchmark
@@ -530,6 +538,9 @@ def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, 
 
     folder = _stock_folder(tmp_path / "stock")
     (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "gqa.json").write_text(json.dumps({"q1": {"imageId": "1", "question": "What colour?", "answer": "red"}}))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "1.jpg")
     monkeypatch.setattr(evaluation, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     with pytest.raises(error, match=match):

@@ -400,6 +400,18 @@ def test_oracle_keep_masks_keep_evidence_then_objects():
     assert torch.equal(masks, oracle_keep_masks_fn([6, 3], 32)(5, rows))  # seeded per row, not per batch
 
 
+def test_the_oracle_without_attention_topk_is_refused(micro):
+    """Its rows go beside attention_topk's (same layers and counts): without one the grid ran no oracle row."""
+    from rcp_llava.evaluation import evaluate_grid, load_base_model, load_data
+
+    root, folder = micro
+    base, processor = load_base_model(str(root / "rcp"))
+    data = load_data(str(folder / "dataset"), max_samples=2)
+    with pytest.raises(ValueError, match=r"^`oracle` adds a row per `attention_topk` row \(its layers and counts\), "
+                                         r"but `methods` \['none', 'rcp'\] has no 'attention_topk'; add it"):
+        evaluate_grid(base, processor, data, ["none", "rcp"], ["1/3"], oracle=True, progress=False)
+
+
 def test_flop_matched_grid_with_the_oracle_on_micro(micro, tmp_path):
     evaluate_methods = load_benchmark("evaluate_methods")
     from rcp_llava.flops import decoder_layer_flops
