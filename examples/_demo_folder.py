@@ -25,6 +25,9 @@ def demo_or(model_id):
     """`model_id`, or a tiny random demo model in a temporary folder removed on exit, together with the copy of
     its remote code that `trust_remote_code` makes (transformers' modules cache; unless HF_MODULES_CACHE is set)."""
     if model_id is not None:
+        from modeling_rcp_llava import check_model_source
+
+        check_model_source(model_id, "--model")  # a missing folder: not HF's "Repo id must be in the form ..."
         yield model_id
         return
     with tempfile.TemporaryDirectory(prefix="rcp_llava_demo_") as tmp:

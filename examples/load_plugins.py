@@ -41,10 +41,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="stock LLaVA folder or repo id (default: tiny demo)")
     parser.add_argument("--plugins", help="plug-in folder or repo id (default: tiny demo)")
-    parser.add_argument("--out", help="save the assembled full model here")
+    parser.add_argument("--out", help="save the assembled full model here (a new or empty folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     args = parser.parse_args(argv)
     if (args.base is None) != (args.plugins is None):
         parser.error("give both --base and --plugins, or neither (demo)")
+    if args.out is not None:  # checked before the model is assembled, and nothing in it replaced unasked
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"--out {args.out!r} is a file; give a folder")
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+            parser.error(f"--out {args.out!r} already holds files ({', '.join(sorted(os.listdir(args.out))[:4])}"
+                         f"{', ...' if len(os.listdir(args.out)) > 4 else ''}); choose a new folder or pass "
+                         "--overwrite to replace them")
     if args.base is not None:
         return run(args)
     with tempfile.TemporaryDirectory(prefix="rcp_llava_plugins_") as root:  # the demo folders, removed at exit
@@ -85,7 +93,7 @@ def run(args, trained=None):
             same = torch.equal(logits, trained(**inputs).logits)
         print(f"logits identical to the model the plug-ins were saved from: {same}")
     if args.out:
-        model.save_pretrained(args.out)
+        model.save_pretrained(args.out, overwrite=args.overwrite)
         processor.save_pretrained(args.out)
         print(f"saved the full model to {args.out}: {sorted(os.listdir(args.out))}")
     return logits

@@ -851,6 +851,43 @@ def test_examples_name_a_stock_llava_folder(tmp_path, example):
     assert "loaded a LlavaForConditionalGeneration, not an RCP-LLaVA model" in proc.stderr
 
 
+def _example(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "examples"))  # as when run: `_demo_folder` sits beside them
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "examples"))
+    return module
+
+
+@pytest.mark.parametrize("example", ["load_from_hub", "pipeline"])
+def test_examples_name_a_missing_model_folder(tmp_path, example):
+    """It reached transformers, which said "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    with pytest.raises(FileNotFoundError, match=r"^`--model` '.*/no/such/folder': no such folder"):
+        _example(example).main(["--model", str(tmp_path / "no" / "such" / "folder")])
+
+
+def test_load_plugins_example_keeps_what_out_holds(tmp_path, capsys):
+    """`--out` on a folder with files replaced its config.json silently; a file failed after the model was built."""
+    module = _example("load_plugins")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    argv = ["--base", str(tmp_path / "nothing"), "--plugins", str(tmp_path / "nothing")]  # checked first: never read
+    with pytest.raises(SystemExit):
+        module.main(argv + ["--out", str(tmp_path / "full")])
+    assert "--out '" + str(tmp_path / "full") + "' already holds files (config.json); choose a new folder or pass " \
+           "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.main(argv + ["--out", str(tmp_path / "afile")])
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "full" / "config.json").read_text() == (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_local_file_error_during_a_push_is_not_called_unreachable(tmp_path, monkeypatch):
     """Any OSError read as "Cannot reach the Hub", including a file the upload could not read (a review)."""
     import huggingface_hub
