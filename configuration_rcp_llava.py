@@ -16,6 +16,7 @@ imports only the standard library and `transformers`.
 """
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -82,12 +83,24 @@ def _paper_layers(config):
     budget = config.visual_token_budget
     fraction = budget / config.num_visual_tokens if _is_number(budget) and 0 < budget <= config.num_visual_tokens \
         else 64 / 576
-    return paper_placement(config.text_config.num_hidden_layers, fraction)
+    return paper_placement(_prunable_depth(config), fraction)
 
 
 def _paper_pruning_layers(config):
     """Baselines that prune at several decoder layers default to RCP's pruners at 64 of 576, with no adapter."""
-    return paper_placement(config.text_config.num_hidden_layers)[0], []
+    return paper_placement(_prunable_depth(config))[0], []
+
+
+def _prunable_depth(config):
+    """The decoder depth a default placement is derived from; a 1-layer decoder has no layer after layer 0."""
+    layers = config.text_config.num_hidden_layers
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers < 2:
+        raise ValueError(
+            f"`pruning_method={config.pruning_method!r}` prunes before a decoder layer after layer 0, but this model's "
+            f"`text_config.num_hidden_layers` is {layers}: there is none. Load it with `pruning_method='none'` (the "
+            "stock forward), or give a deeper decoder."
+        )
+    return layers
 
 
 def default_fastv_layer(num_layers):
@@ -408,10 +421,20 @@ class RcpLlavaConfig(LlavaConfig):
     def _validate_budget(self):
         n = self.num_visual_tokens
         budget = self.visual_token_budget
+        if isinstance(budget, numbers.Real) and not isinstance(budget, (bool, int, float)):
+            budget = self.visual_token_budget = float(budget)  # numpy's scalars: a number, and JSON-serialisable
         if budget is not None and not (_is_number(budget) and 0 < budget <= n):
             raise ValueError(
                 f"`visual_token_budget` is {budget!r}, but it must be a number in (0, {n}] (the image has {n} "
                 "visual tokens), or None."
+            )
+        layers = self.text_config.num_hidden_layers
+        if budget is not None and budget < 1 <= n / layers:
+            # Layer 0 runs before any pruner and keeps all n tokens, so the mean over the layers is at least n / L
+            # (>= 1 here): a value below 1 is a fraction given where a count is meant.
+            raise ValueError(
+                f"`visual_token_budget` is {budget!r}, but it counts visual tokens per decoder layer (e.g. 64 of 576), "
+                f"not a fraction: for {budget:g} of the {n} visual tokens give {budget * n:g}."
             )
 
     def _validate_pre_llm(self):

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the field (acceptance 7); save/load round trips (acceptance 8)."""
 
+import json
 import logging
 
 import pytest
@@ -26,6 +27,10 @@ from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
         ({"pruning_keep_counts": [-1, -1]}, ValueError, r"must be >= 0"),
         ({"pruning_method": "magic"}, ValueError, r"`pruning_method` is 'magic'"),
         ({"visual_token_budget": 100}, ValueError, r"`visual_token_budget` is 100"),
+        # a fraction where a count is meant: accepted as 0.11 tokens per layer, which layer 0 alone exceeds
+        ({"visual_token_budget": 1 / 9}, ValueError, r"^`visual_token_budget` is 0\.111+, but it counts visual tokens "
+                                                    r"per decoder layer \(e\.g\. 64 of 576\), not a fraction: for "
+                                                    r"0\.111111 of the 16 visual tokens give 1\.77778\.$"),
         ({"query_dropout": 1.5}, ValueError, r"`query_dropout`"),
         ({"gumbel_temperature": 0}, ValueError, r"`gumbel_temperature`"),
         ({"num_pruning_queries": 0}, ValueError, r"`num_pruning_queries`"),
@@ -35,6 +40,31 @@ from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
 def test_bad_config_fields(overrides, error, match):
     with pytest.raises(error, match=match):
         tiny_config(**overrides)
+
+
+def test_a_numpy_budget_is_a_number():
+    """`np.int64(4)` was refused as "must be a number in (0, 16]", which 4 is; it is kept as a float (JSON)."""
+    import numpy as np
+
+    config = tiny_config(visual_token_budget=np.int64(4))
+    assert type(config.visual_token_budget) is float and config.visual_token_budget == 4.0
+    assert RcpLlavaConfig.from_dict(json.loads(config.to_json_string())).visual_token_budget == 4.0
+
+
+@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
+def test_a_one_layer_decoder_names_the_depth_and_the_way_out(method):
+    """The default placement said "`num_layers` must be an int >= 2", a name the user never gave; `none` loads."""
+    from transformers import LlamaConfig
+
+    text = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=100).to_dict()
+    with pytest.raises(ValueError, match=rf"^`pruning_method='{method}'` prunes before a decoder layer after layer 0, "
+                                         r"but this model's `text_config.num_hidden_layers` is 1: there is none\. "
+                                         r"Load it with `pruning_method='none'`"):
+        tiny_config(text_config=text, pruning_method=method, pruning_layers=None, repair_layers=None,
+                    pruning_keep_counts=None)
+    assert tiny_config(text_config=text, pruning_method="none", pruning_layers=None, repair_layers=None,
+                       pruning_keep_counts=None).pruning_layers == []
 
 
 def test_image_token_feature_mismatch():
