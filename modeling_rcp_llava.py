@@ -1515,20 +1515,29 @@ def _select(collected, which, selection):
 @contextlib.contextmanager
 def _captured_attentions(layers, output_attentions, config):
     """Collect each decoder layer's attention weights (over the keys it holds: the surviving tokens) when
-    `output_attentions` (the argument, else the config) asks for them; yields the list, or None. As in stock models,
-    an implementation that computes no weights (sdpa) gives None entries: use `attn_implementation="eager"`."""
+    `output_attentions` (the argument, else the config) asks for them; yields the list, or None. As in stock models
+    (transformers' output capturing), an implementation that computes no weights (sdpa) contributes nothing, so
+    the tuple is empty, with stock's warning: use `attn_implementation="eager"`."""
     if output_attentions is None:
         output_attentions = config.output_attentions or config.text_config.output_attentions
     if not output_attentions:
         yield None
         return
-    weights = []
-    hooks = [layer.self_attn.register_forward_hook(lambda module, args, out: weights.append(out[1])) for layer in layers]
+    weights, skipped = [], []
+
+    def capture(module, args, out):
+        (weights if out[1] is not None else skipped).append(out[1])
+
+    hooks = [layer.self_attn.register_forward_hook(capture) for layer in layers]
     try:
         yield weights
     finally:
         for hook in hooks:
             hook.remove()
+    if skipped:  # stock's message: the layers never see `output_attentions` here, so sdpa cannot give it itself
+        impl = getattr(config.get_text_config(decoder=True), "_attn_implementation", None)
+        logger.warning_once(f"`{impl}` attention does not support `output_attentions=True`. Please set your "
+                            "attention to `eager` if you want any of these features.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1977,7 +1986,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             raise ValueError(
                 "Gradient checkpointing is not supported in the differentiable ('mask') pruning layout: the "
                 "recomputation in backward would run without the differentiable key mask. Disable it with "
-                "`model.gradient_checkpointing_disable()` (only the small plug-ins train)."
+                "`model.activation_checkpointing_disable()` (only the small plug-ins train)."
             )
         tau = self.config.gumbel_temperature  # checked with the config
         if gumbel_temperature is not None:

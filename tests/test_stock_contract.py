@@ -134,6 +134,26 @@ def test_pruned_forward_returns_the_attentions_over_the_surviving_tokens():
     assert len(gen.attentions) == 2 and len(gen.attentions[0]) == 4 and gen.attentions[1][-1].shape[-2] == 1
 
 
+def test_sdpa_attentions_are_an_empty_tuple_with_stocks_warning(caplog):
+    """With pruning, sdpa gave `(None, None, None, None)` and no warning; stock gives `()` and says why."""
+    from transformers.utils import logging as hf_logging
+
+    model = make_model(randomize_plugins=True)  # sdpa
+    batch = make_batch(PADDED)
+    hf_logging.enable_propagation()
+    hf_logging.get_logger("modeling_rcp_llava").warning_once.cache_clear()  # once per process: earlier tests
+    try:
+        with torch.no_grad(), caplog.at_level("WARNING"):
+            out = model(**batch, output_attentions=True)
+            ref = stock_copy(model)(**batch, output_attentions=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert out.attentions == ref.attentions == ()
+    ours = [r.getMessage() for r in caplog.records if r.name == "modeling_rcp_llava"]
+    assert ours == ["`sdpa` attention does not support `output_attentions=True`. Please set your attention to "
+                    "`eager` if you want any of these features."]
+
+
 # 3. Pruning is triggered by an image, not by image-token ids ---------------------------------------------
 
 
