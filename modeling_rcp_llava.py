@@ -1871,6 +1871,15 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             if vision_feature_select_strategy is not None
             else self.config.vision_feature_select_strategy
         )
+        if selector is not None and vision_feature_select_strategy != self.config.vision_feature_select_strategy:
+            # The image's token count follows the strategy ('full' keeps CLS): the processor, the plug-ins and
+            # every count were sized by the config's. It failed below as "a row holds 17 image tokens".
+            raise ValueError(
+                f"`vision_feature_select_strategy={vision_feature_select_strategy!r}` differs from the config's "
+                f"{self.config.vision_feature_select_strategy!r}, whose {self.config.num_visual_tokens} visual tokens "
+                "the pruning is sized for. Set it in the config (`from_pretrained(..., vision_feature_select_strategy"
+                f"={vision_feature_select_strategy!r})`) instead of per call, or run with `pruning_method='none'`."
+            )
         if image_outputs is None:
             image_outputs = self.get_image_features(
                 pixel_values=pixel_values,

@@ -6,7 +6,9 @@ import logging
 import pytest
 import torch
 from transformers import GenerationConfig
-from conftest import NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, tiny_config
+from conftest import (
+    IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, stock_copy, tiny_config,
+)
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
@@ -83,6 +85,31 @@ def test_two_images_in_one_prompt_is_refused_when_pruning():
     ids = torch.cat([batch["input_ids"], batch["input_ids"][:, 1:]], 1)
     with pytest.raises(ValueError, match=r"one image of 16 visual tokens per prompt"):
         model(input_ids=ids, pixel_values=torch.cat([batch["pixel_values"]] * 2))
+
+
+@pytest.mark.parametrize("method", ["rcp", "fastv", "vispruner"])
+def test_a_per_call_feature_strategy_other_than_the_configs_is_named(method):
+    """`vision_feature_select_strategy="full"` per call gives 17 tokens per image; it failed as "Pruning needs one image
+    of 16 visual tokens per prompt, but a row holds 17 ... Pass one image per prompt" (one image was passed)."""
+    overrides = {"vispruner": dict(pruning_method="vispruner", pruning_layers=None, repair_layers=None,
+                                   pruning_keep_counts=None, pre_llm_keep_count=8),
+                 "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[],
+                               pruning_keep_counts=[6])}.get(method, {})
+    model = make_model(**overrides)
+    batch = make_batch([(2, 3, True)])
+    ids = batch["input_ids"]
+    first = int((ids[0] == IMAGE_TOKEN).nonzero()[0])
+    batch["input_ids"] = torch.cat([ids[:, :first], torch.full((1, 1), IMAGE_TOKEN), ids[:, first:]], 1)  # 17
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with pytest.raises(ValueError, match=r"^`vision_feature_select_strategy='full'` differs from the config's "
+                                         r"'default', whose 16 visual tokens the pruning is sized for\. Set it in the "
+                                         r"config"):
+        model(**batch, vision_feature_select_strategy="full")
+    stock = stock_copy(model)
+    model.config.pruning_method = "none"
+    with torch.no_grad():
+        assert torch.equal(model(**batch, vision_feature_select_strategy="full").logits,
+                           stock(**batch, vision_feature_select_strategy="full").logits)
 
 
 def test_static_cache_is_refused():
