@@ -226,9 +226,12 @@ class RcpRepairContext(nn.Module):
     """The pruning context the repair adapters read (Eqs. 9-10), one encoder shared by every adapter.
 
     Computed once per pruning point and cached as one (B, b) vector per sample: `e_mask + e_pruned`, where
-    e_mask attends with a learned query over a learned table of the N grid positions, restricted to the tokens
-    still kept (Eq. 9), and e_pruned projects the mean normalised hidden state of all tokens pruned so far
-    (Eq. 10; each token's state at the layer it was dropped before, so the discard and mask layouts agree).
+    e_mask attends with a learned query over a learned table of the N grid positions masked by the kept set
+    (Eq. 9: m ⊙ P, the softmax over all N, a pruned position scoring 0 and adding nothing, as the authors' code
+    does; so the pooled vector shrinks as fewer tokens stay, and carries the retention level), and e_pruned projects
+    the mean normalised hidden state of all tokens pruned so far (Eq. 10; each token's state at the layer it was
+    dropped before, so the discard and mask layouts agree). Initialised as the authors do: both projections xavier
+    with gain 0.1 and zero bias (a small context at the first step).
     """
 
     position_dim = 64
@@ -243,18 +246,17 @@ class RcpRepairContext(nn.Module):
     def reset_plugin_parameters(self, std=0.02):
         nn.init.normal_(self.positions, std=std)
         nn.init.normal_(self.mask_query, std=std)
-        nn.init.xavier_uniform_(self.pruned_proj.weight, gain=0.1)
-        nn.init.zeros_(self.pruned_proj.bias)
+        for linear in (self.mask_proj, self.pruned_proj):
+            nn.init.xavier_uniform_(linear.weight, gain=0.1)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, keep_mask, pruned_mean):
         """keep_mask: (B, N) cumulative mask M (0/1 values, straight-through gradients in training);
         pruned_mean: (B, d) mean normalised state of the tokens pruned so far (0 if none) -> (B, b)."""
         masked = keep_mask.unsqueeze(-1).to(self.positions.dtype) * self.positions  # m ⊙ P, (B, N, p)
-        scores = (masked @ self.mask_query) / math.sqrt(self.position_dim)  # (B, N)
-        kept = keep_mask > 0.5
-        attn = scores.masked_fill(~kept, float("-inf")).softmax(-1)  # over the kept tokens only
-        attn = torch.where(kept.any(-1, keepdim=True), attn, torch.zeros_like(attn))  # nothing kept: e_mask = Proj(0)
-        e_mask = self.mask_proj((attn.unsqueeze(1) @ masked).squeeze(1))  # Eq. (9), (B, b)
+        scores = (masked @ self.mask_query) / math.sqrt(self.position_dim)  # (B, N), a pruned position scores 0
+        attn = scores.softmax(-1)  # over all N (Eq. 9): pruned positions take weight and add a zero row
+        e_mask = self.mask_proj((attn.unsqueeze(1) @ masked).squeeze(1))  # Eq. (9), (B, b); nothing kept: Proj(0)
         e_pruned = self.pruned_proj(pruned_mean.to(self.pruned_proj.weight.dtype))  # Eq. (10), (B, b)
         return e_mask + e_pruned
 
@@ -513,9 +515,13 @@ def _gather_seq(x, src):
     return x.reshape(bsz * seq, *x.shape[2:]).index_select(0, flat.reshape(-1)).view(*src.shape, *x.shape[2:])
 
 
+PRIOR_LOG_FLOOR = 1e-6  # the authors' clamp before the log: weights below it (an underflowed 0 too) count as it
+
+
 def _centred_log(a, valid):
-    """Eq. (4)'s prior A: log a, centred over the valid (alive) tokens of each row."""
-    log_a = torch.log(a.clamp_min(1e-30))
+    """Eq. (4)'s prior A: log a (a clamped at `PRIOR_LOG_FLOOR`, as in the authors' code), centred over the valid
+    (alive) tokens of each row."""
+    log_a = torch.log(a.clamp_min(PRIOR_LOG_FLOOR))
     alive = valid.to(log_a.dtype)
     return log_a - ((log_a * alive).sum(1, keepdim=True) / alive.sum(1, keepdim=True).clamp_min(1.0))
 

@@ -271,6 +271,10 @@ class RcpTrainingArguments(TrainingArguments):
         default_factory=lambda: {"min_lr_rate": 0.1}, metadata={"help": "Cosine down to 0.1x the peak LR."}
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (paper: 5e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the plug-ins (the authors' 0.01)."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "LR warm-up: steps, or a fraction of them in [0, 1) (the authors': 0.1)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw columns: the collator builds the prompts itself."}
     )
@@ -840,6 +844,7 @@ TESTBED_JOB_DEFAULTS = {
     "logging_steps": 20,
     "save_steps": 200,
     "warmup_steps": 20,
+    "weight_decay": 0.0,  # the recipe the committed testbed results were measured with (the library's: 0.01)
     "sparsity_layers": "from_first_pruner",
 }
 # Per testbed preset, one entry: `job`, what differs from the defaults above; `pruning`, the plug-in config. `tiny`

@@ -61,7 +61,26 @@ def test_fresh_plugins_use_the_authors_init():
         assert pruner.bias.item() == 2.0
         assert torch.equal(pruner.aggregate.weight, torch.full_like(pruner.aggregate.weight, 1 / 16))  # N_q = 16
         assert pruner.token_mlp[-1].weight.abs().max() == 0 and pruner.token_mlp[-1].bias.abs().max() == 0
-    assert plugins.repair_context.pruned_proj.bias.abs().max() == 0
+    # the context's two projections, e_mask's included (it kept PyTorch's default init, ~3x the authors' scale)
+    for linear in (plugins.repair_context.mask_proj, plugins.repair_context.pruned_proj):
+        bound = 0.1 * (6 / (linear.in_features + linear.out_features)) ** 0.5
+        assert 0 < linear.weight.abs().max() <= bound and linear.bias.abs().max() == 0
+
+
+def test_the_prior_clamps_attention_weights_at_the_authors_floor_before_the_log():
+    """Eq. (4)'s log: the authors clamp a at 1e-6; at 1e-30 a weight of 1e-10 pulled its row's centred prior
+    (e.g. [11.19, 5.48, -6.03, -10.64] vs the authors' [7.73, 2.03, -4.88, -4.88])."""
+    import math
+
+    from modeling_rcp_llava import PRIOR_LOG_FLOOR, _centred_log
+
+    assert PRIOR_LOG_FLOOR == 1e-6
+    a = torch.tensor([[0.3, 1e-3, 1e-8, 1e-10, 0.5]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, True, True, False]])  # the last token is no longer alive
+    logs = [math.log(0.3), math.log(1e-3), math.log(1e-6), math.log(1e-6)]
+    expected = [v - sum(logs) / 4 for v in logs]
+    assert _centred_log(a, valid)[0, :4].tolist() == pytest.approx(expected, abs=1e-12)
+    assert _centred_log(a, valid)[0, :4].tolist() == pytest.approx([7.73, 2.03, -4.88, -4.88], abs=0.01)
 
 
 def test_fresh_repair_adapters_change_only_the_answer_positions():

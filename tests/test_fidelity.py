@@ -226,10 +226,9 @@ def _reference_contexts(model, batch, keep_masks):
                 if alive[i] and not keep_masks[b, p, i]:
                     pruned_states.append(normed[i])
                     alive[i] = False
-            kept = [i for i in range(NUM_VISUAL) if alive[i]]
-            positions = encoder.positions[kept]  # (K, 64)
-            weights = torch.softmax(positions @ encoder.mask_query / 8.0, 0)
-            e_mask = encoder.mask_proj(weights @ positions)
+            masked = torch.tensor(alive, dtype=torch.float32).unsqueeze(-1) * encoder.positions  # m ⊙ P, (N, 64)
+            weights = torch.softmax(masked @ encoder.mask_query / 8.0, 0)  # over all N: a pruned position scores 0
+            e_mask = encoder.mask_proj(weights @ masked)
             mean = torch.stack(pruned_states).mean(0) if pruned_states else torch.zeros_like(normed[0])
             point_context.append(e_mask + encoder.pruned_proj(mean))
         for r in config.repair_layers:

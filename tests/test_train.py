@@ -697,6 +697,15 @@ def test_evaluating_without_the_eval_split_is_refused_before_training(tmp_path):
 # -- the command line (issue 18) ------------------------------------------------------------------------------
 
 
+def test_training_arguments_default_to_the_authors_optimiser_and_the_testbed_job_to_its_measured_recipe(tmp_path):
+    """The authors train with weight decay 0.01 and a 10% warm-up (the Trainer's defaults are 0 and 0); the embedded
+    testbed job keeps what its committed results were measured with."""
+    args = RcpTrainingArguments(output_dir=str(tmp_path))
+    assert (args.weight_decay, args.warmup_steps, args.learning_rate) == (0.01, 0.1, 5e-5)
+    job = train_rcp.testbed_job_defaults("deep")
+    assert (job["weight_decay"], job["warmup_steps"], job["learning_rate"]) == (0.0, 20, 1e-3)
+
+
 def test_help_is_grouped_shows_the_main_jobs_real_defaults_and_explains_every_project_field():
     parser = train_rcp.build_parser()
     text = parser.format_help()
