@@ -1,4 +1,4 @@
-"""Ablation runner (the paper's Tables IV, V, VI, VII): train each variant with `train_rcp.py`, evaluate all at the
+r"""Ablation runner (the paper's Tables IV, V, VI, VII): train each variant with `train_rcp.py`, evaluate all at the
 same budget, write one markdown table + JSON.
 
     python benchmarks/ablations.py                                    # the main job's testbed (deep), every variant (hours)
@@ -50,7 +50,7 @@ from contextlib import contextmanager
 
 import torch
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +137,10 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     source_file = os.path.join(out_dir, "ablation_source.json")
     source = {"argv": argv, "base_weights": base_weights_fingerprint(argv)}
     if reuse and os.path.isfile(os.path.join(model_dir, "config.json")):
-        previous = json.load(open(source_file)) if os.path.isfile(source_file) else None
+        try:
+            previous = json.load(open(source_file)) if os.path.isfile(source_file) else None
+        except json.JSONDecodeError:  # a half-written file of a run killed at the write (before it was atomic)
+            previous = None
         if previous == source:
             return model_dir, None, argv
         # the saved variant holds the whole model: reusing it after the base model was rebuilt (same path, new
@@ -152,8 +155,8 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     started = time.time()
     with patched(name):
         train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))
-    with open(source_file, "w") as f:
-        json.dump(source, f, indent=2)
+    # Atomic: a run killed at this write left a truncated file that the next run's json.load failed on.
+    write_results(os.path.splitext(source_file)[0], data=source)
     return model_dir, round(time.time() - started, 1), argv
 
 
@@ -221,15 +224,33 @@ def evaluate_variant(base, processor, data, budget, batch_size, repair=True, met
     return out
 
 
+def is_data_spec(spec):
+    """Whether `load_data` reads `spec` as data: an existing folder, 'testbed' / 'testbed:PRESET' or BENCHMARK:PATH
+    (their own errors, e.g. an unbuilt testbed, come from `load_data`)."""
+    spec = os.fspath(spec)
+    return os.path.isdir(spec) or spec == "testbed" or ":" in spec
+
+
 def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max_eval_samples=None, dataset=None,
         batch_size=32, reuse=True, command=None, work_dir=None):
     from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
+    from rcp_llava.schedule import parse_budget
 
     # Default: the testbed the variants train on. Not built yet (a fresh machine): read after the first variant's
     # training, which builds it. A --dataset that is not there, or a testbed no variant builds (the jobs train
     # from --base_model), fails now, before any training.
     if not variants:
         raise ValueError("variants: none given; name at least one, e.g. " + " ".join(DEFAULT_VARIANTS) + ".")
+    # The budget and the data's form are checked before any training (a bad --budget failed after the first
+    # variant's, and a --dataset path that is not there was reported by load_data as a bad `--data`).
+    try:
+        parse_budget(budget)
+    except ValueError as error:
+        raise ValueError(f"--budget {budget!r}: {error}") from None
+    if dataset is not None and not is_data_spec(dataset):
+        raise FileNotFoundError(f"--dataset {dataset!r} is neither a dataset folder, 'testbed', 'testbed:PRESET' nor "
+                                "BENCHMARK:PATH; pass e.g. the testbed's dataset folder (build_testbed.py's "
+                                "OUT/dataset).")
     spec = dataset if dataset is not None else f"testbed:{job_testbed(base_args)}"
     try:
         data = load_data(spec, split="test", max_samples=max_eval_samples)
@@ -293,9 +314,17 @@ def paired_with_full(rows):
                                  and mine is not None else None)
 
 
+def steps_label(max_steps):
+    """How long the variants trained, said as `--max_steps` means it to train_rcp: a positive count, or (-1, any
+    negative) `num_train_epochs` epochs (it showed as "-1 steps")."""
+    if max_steps is None:
+        return "the main job's steps"
+    return f"{max_steps} steps" if max_steps > 0 else "the job's `num_train_epochs` epochs"
+
+
 def format_ablations(result):
     full = result["full_model"]["score"]
-    steps = result["max_steps"] if result["max_steps"] is not None else "the main job's"
+    steps = steps_label(result["max_steps"])
 
     def rel(score):
         return f"{score / full:.1%}" if full else "–"
@@ -303,7 +332,7 @@ def format_ablations(result):
     lines = [f"# Ablations (Tables IV / V / VII analogs), budget {result['budget']} of "
              f"N = {result['num_visual_tokens']}",
              "", f"Command: `{result['command']}`", "",
-             f"Each trained variant: `train_rcp.py` with {steps} steps (labelled below), evaluated on "
+             f"Each trained variant: `train_rcp.py` with {steps} (labelled below), evaluated on "
              f"{result['num_eval_samples']} test samples (first-token accuracy). *fixed*: keep counts whose average "
              "over the layers from the first pruner is k (every variant prunes first at the same layer, so all average "
              "the same visual tokens over all layers); *adaptive*: the trained threshold. *vs full*: exact McNemar "
@@ -316,8 +345,8 @@ def format_ablations(result):
     for r in result["variants"]:
         fixed = r["fixed"]
         adaptive = r.get("adaptive")
-        trained = f"yes ({r['max_steps']} steps)" if r["trained"] and r["max_steps"] else (
-            "yes" if r["trained"] else "no (uses `full`)")
+        trained = (("yes" if r["max_steps"] is None else f"yes ({steps_label(r['max_steps'])})") if r["trained"]
+                   else "no (uses `full`)")
         cells = [r["variant"], trained, str(fixed["pruning_layers"]), str(fixed["repair_layers"] or "none"),
                  str(fixed["keep_counts"]), f"{fixed['score']:.3f}", rel(fixed["score"])]
         test = fixed.get("vs_full")
@@ -350,13 +379,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--budget", default="1/9", help="Evaluation budget (fraction of N).")
-    parser.add_argument("--max_steps", type=int, default=None, help="Training steps per variant (default: the job's).")
-    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="Training steps per variant (default: the job's; -1: train_rcp's `num_train_epochs`).")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None)
     parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
     parser.add_argument("--dataset", default=None,
                         help="Evaluation data (default: the dataset folder of the testbed the variants train on: "
                              "--testbed_preset in --train_args, else the main job's).")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
                              "benchmarks/results).")
@@ -366,8 +396,11 @@ def main(argv=None):
                         help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun with the same flags "
                              "and base weights, trained again otherwise.")
     parser.add_argument("--no_reuse", action="store_true", help="Retrain variants whose folder already exists.")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
+    if args.max_steps == 0:  # train_rcp refuses it too, but only once the first variant's job starts
+        parser.error("argument --max_steps: 0 trains nothing; give a positive number of steps, or -1 to train for "
+                     "`num_train_epochs` epochs")
     if args.threads:
         import torch
 

@@ -20,14 +20,14 @@ def main(argv=None):
     import train_rcp
     from rcp_llava.data import RcpDataCollator
     from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model
-    from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+    from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A trained RCP folder (train_rcp.py's OUTPUT_DIR/model).")
     parser.add_argument("--data", default="testbed",
                         help="Dataset folder, or testbed (the main job's, deep) / testbed:PRESET (default: testbed).")
-    parser.add_argument("--max_samples", type=int, default=None, help="Test samples (default: all).")
+    parser.add_argument("--max_samples", type=positive_int, default=None, help="Test samples (default: all).")
     parser.add_argument("--all_layers", action="store_true", help="Retention over all decoder layers.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
@@ -37,11 +37,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
-    args.data = data_folder(args.data)
+    # The data's layout before the model loads: a BENCHMARK:PATH was datasets' "Directory not found" after it, and
+    # one split's folder (not the DatasetDict) "Column 'test' doesn't exist".
+    layout = ("pass testbed, testbed:PRESET or a `save_to_disk` DatasetDict folder with a 'test' split and a "
+              "'validation' (or 'train') split to calibrate on")
+    data_dir = data_folder(args.data)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data {args.data!r} is not a dataset folder; {layout}.")
+    splits = load_from_disk(data_dir)
+    if not hasattr(splits, "keys"):
+        raise ValueError(f"--data {args.data!r} is one split's folder, not a DatasetDict; {layout} (e.g. the "
+                         "folder above it).")
+    job = train_rcp.RcpJobArguments()
+    missing = [s for s in ("test",) if s not in splits] + (
+        [] if job.eval_split in splits or job.train_split in splits else [f"{job.eval_split} or {job.train_split}"])
+    if missing:
+        raise ValueError(f"--data {args.data!r} has the splits {list(splits)}, not {missing}; {layout}.")
     model, processor = load_base_model(args.model)
-    splits = load_from_disk(args.data)
+    if model.config.pruning_method != "rcp" or not model.config.pruning_layers:  # was KeyError 'retention_...'
+        raise ValueError(f"--model {args.model!r} prunes with {model.config.pruning_method!r} at layers "
+                         f"{list(model.config.pruning_layers)}: calibration shifts RCP's pruner biases; pass a "
+                         "trained RCP folder (train_rcp.py's OUTPUT_DIR/model).")
     test = splits["test"]
-    if args.max_samples:
+    if args.max_samples is not None:  # 0 meant "all"; it is refused at parsing now
         test = test.select(range(min(args.max_samples, len(test))))
     collator = RcpDataCollator(processor)
     data = EvalData("testbed", test, "test")
@@ -53,7 +71,6 @@ def main(argv=None):
         return {"accuracy": result["score"], "families": result["groups"], "retention": result[key],
                 "kept_per_pruning_layer": result["kept_per_point"]}
 
-    job = train_rcp.RcpJobArguments()
     before = measure()
     calibration = train_rcp.calibrate_retention(model, processor, splits, collator, job, from_first_pruner=first)
     after = measure()

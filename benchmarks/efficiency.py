@@ -35,7 +35,7 @@ from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, 
 from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
 from rcp_llava.schedule import stage_proportions
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, save_figure, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, save_figure, write_results
 
 
 PRESETS = {
@@ -353,16 +353,28 @@ class StepClock(LogitsProcessor):
         return (self.times[-1] - self.times[0]) / steps if steps > 0 else None
 
 
+def positive_ints(text, flag):
+    """'1,8' -> [1, 8]; ValueError naming `flag` unless every item is a whole number >= 1 (`--batch_sizes 0` was a
+    reshape error and `--budgets abc` int()'s "invalid literal", both after the models were built)."""
+    try:
+        values = [positive_int(item.strip()) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag} {text!r}: give comma-separated whole numbers >= 1, e.g. '1,8'.")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     parser.add_argument("--batch_sizes", default="1,8")
     parser.add_argument("--budgets", default="192,128,64")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--new_tokens", type=int, default=32,
                         help="Tokens generated for the decode / end-to-end columns; 0 times the prefill alone (more "
                              "repeats in the same time, for the selection share and the ratio to the ideal).")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of efficiency_PRESET_DEVICE.md/.json/.png (default {DEFAULT_OUTPUT_DIR}; "
                              "committed tables: benchmarks/results).")
@@ -381,21 +393,28 @@ def main():
                         help="Build every method's config and model on the meta device, time nothing, write nothing: "
                              "checks a preset's schedules and plug-ins where it cannot run (the GPU preset on a CPU).")
     args = parser.parse_args()
+    if args.new_tokens < 0:  # 0 is documented (the prefill alone); a negative count was taken as 0
+        parser.error(f"argument --new_tokens: must be a whole number >= 0, got {args.new_tokens}")
     families = {"full", *(f.strip() for f in args.methods.split(",") if f.strip())}
     unknown = families - set(FAMILIES)
     if unknown:
         raise ValueError(f"--methods: unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}.")
     if "ideal" in families:
         families.add("rcp")  # the ideal replays RCP's kept sets
+    # Every argument checked before the models are built (these failed after, deep in the first round).
+    batch_sizes = positive_ints(args.batch_sizes, "--batch_sizes")
+    budgets = positive_ints(args.budgets, "--budgets")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:  # the dry run builds on meta
+        raise ValueError(f"--device {args.device!r}: CUDA is not available here (torch "
+                         f"{torch.__version__}); pass --device cpu, or --dry_run to check the preset's schedules.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device(args.device)
     refuse_existing([output_stem(args, device) + ext for ext in (".md", ".json", ".png")], args.overwrite)
     if args.dtype != "auto":
         dtype = getattr(torch, args.dtype)
     else:
         dtype = getattr(torch, PRESETS[args.preset]["dtype"]) if device.type == "cuda" else torch.float32
-    budgets = [int(b) for b in args.budgets.split(",")]
     spec = PRESETS[args.preset]
     methods = method_configs(args.preset, budgets, families)
     if args.dry_run:
@@ -437,7 +456,6 @@ def main():
 
     text_tokens = spec["text_tokens"]
     results = []
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     for index, bsz in enumerate(batch_sizes):
         inputs = make_inputs(args.preset, bsz, device, dtype)
         forced = {}

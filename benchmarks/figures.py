@@ -22,7 +22,7 @@ import os
 import sys
 
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, save_figure, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, save_figure, write_results
 
 
 def _plt():
@@ -99,30 +99,79 @@ def plot_masks(rows, keep_masks, pruning_points, path, title=None):
 
 
 def plot_accuracy_vs_tokens(result, path, title=None):
-    """result: one `evaluate_grid` result (a dict with "rows")."""
+    """result: one `evaluate_grid` result (a dict with "rows"), or a list of them (an `evaluate_methods.py` run on
+    several datasets: one row of plots each)."""
+    results = [result] if isinstance(result, dict) else list(result)
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    rows = result["rows"]
-    for ax, key, name in ((axes[0], "avg_tokens_all_layers", "over all layers"),
-                          (axes[1], "avg_tokens_from_first_point", "from the first pruning point")):
-        for method in dict.fromkeys(r["label"] for r in rows):
-            points = sorted(((r[key], r["score"]) for r in rows if r["label"] == method))
-            if method == "none":
-                ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="full (none)")
-                continue
-            marker = "*" if "adaptive" in method else "o"
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=9 if marker == "*" else 5,
-                    label=method, linestyle="-" if len(points) > 1 else "none")
-        ax.set_xlabel(f"visual tokens per decoder layer ({name})")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(result.get("metric", "score"))
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title or f"{result['data']}: score vs. kept visual tokens (N = {result['num_visual_tokens']})",
-                 fontsize=9)
+    fig, grid = plt.subplots(len(results), 2, figsize=(10, 4 * len(results)), sharey="row", squeeze=False)
+    for axes, result in zip(grid, results):
+        rows = result["rows"]
+        for ax, key, name in ((axes[0], "avg_tokens_all_layers", "over all layers"),
+                              (axes[1], "avg_tokens_from_first_point", "from the first pruning point")):
+            for method in dict.fromkeys(r["label"] for r in rows):
+                points = sorted(((r[key], r["score"]) for r in rows if r["label"] == method))
+                if method == "none":
+                    ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label="full (none)")
+                    continue
+                marker = "*" if "adaptive" in method else "o"
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=method,
+                        markersize=9 if marker == "*" else 5, linestyle="-" if len(points) > 1 else "none")
+            ax.set_xlabel(f"visual tokens per decoder layer ({name})")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(result.get("metric", "score"))
+        axes[1].legend(fontsize=8)
+        heading = f"{result['data']}: score vs. kept visual tokens (N = {result['num_visual_tokens']})"
+        if len(results) > 1:
+            axes[0].set_title(heading, fontsize=9, loc="left")
+    if title or len(results) == 1:
+        fig.suptitle(title or heading, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+TABLE_ROW_KEYS = ("label", "budget", "score", "avg_tokens_all_layers", "avg_tokens_from_first_point")
+
+
+def read_table(path):
+    """The `evaluate_methods.py` JSON `path` (`{"command", "results": [{"data", "num_visual_tokens", "rows": [...]}]}`),
+    checked before anything is plotted: an empty file, `{}` or another script's JSON (ablations') failed with a bare
+    JSONDecodeError / KeyError."""
+    expected = ("expected the JSON evaluate_methods.py writes (NAME.json: {\"command\", \"results\": [{\"data\", "
+                "\"num_visual_tokens\", \"rows\": [...]}]})")
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--table {path!r}: not JSON ({error}); {expected}.") from None
+    results = table.get("results") if isinstance(table, dict) else None
+    if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+        raise ValueError(f"--table {path!r}: no \"results\" list; {expected}.")
+    for result in results:
+        rows = result.get("rows")
+        missing = [k for k in ("data", "num_visual_tokens") if k not in result]
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            missing.append("rows")
+        else:
+            missing += sorted({f"rows[].{k}" for r in rows for k in TABLE_ROW_KEYS if k not in r})
+        if missing:
+            raise ValueError(f"--table {path!r}: a result lacks {missing}; {expected}.")
+    return table
+
+
+def accuracy_markdown(table, command, name):
+    """accuracy_vs_tokens_NAME.md: the command and, per dataset, the plotted numbers."""
+    lines = [f"# accuracy_vs_tokens_{name}.png", "", f"Command: `{command}` (data: `{table.get('command')}`)"]
+    for result in table["results"]:
+        lines += ["", f"{result['data']} (N = {result['num_visual_tokens']}), {result.get('metric', 'score')} vs. "
+                      "visual tokens per decoder layer:", "",
+                  "| method | budget | tokens/layer (all layers) | tokens/layer (from the first pruning point) "
+                  "| score |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['budget']} | {r['avg_tokens_all_layers']:.1f} | "
+                  f"{r['avg_tokens_from_first_point']:.1f} | {r['score']:.3f} |" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def drift_and_masks(base, processor, rows, budget="1/9", mask_rows=None, seed=0):
@@ -165,14 +214,14 @@ def main(argv=None):
                         help="testbed (the main job's, deep), testbed:PRESET, or a dataset folder in the testbed format.")
     parser.add_argument("--split", default="test")
     parser.add_argument("--budget", default="1/9")
-    parser.add_argument("--num_samples", type=int, default=64, help="Samples the drift is averaged over.")
-    parser.add_argument("--num_images", type=int, default=3)
+    parser.add_argument("--num_samples", type=positive_int, default=64, help="Samples the drift is averaged over.")
+    parser.add_argument("--num_images", type=positive_int, default=3)
     parser.add_argument("--table", default=None, help="An evaluate_methods.py JSON: accuracy vs tokens.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of the figures (default {DEFAULT_OUTPUT_DIR}; committed ones: benchmarks/results).")
     parser.add_argument("--name", default="figures")
     parser.add_argument("--overwrite", action="store_true", help="Replace existing figures of NAME in --output_dir.")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
     command = command_line(__file__, argv)
     if not args.model and not args.table:
@@ -182,6 +231,13 @@ def main(argv=None):
                if args.model else [])
     planned += [out(f"accuracy_vs_tokens_{args.name}.png"), out(f"accuracy_vs_tokens_{args.name}.md")] if args.table else []
     refuse_existing(planned, args.overwrite)  # before anything loads
+    # The drift and the masks read testbed rows (families, evidence patches, grid size): a reader benchmark's
+    # records failed after the model loaded ("'VqaRecord' object is not subscriptable").
+    data = os.fspath(args.data)
+    if args.model and ":" in data and not data.startswith("testbed:") and not os.path.isdir(data):
+        raise ValueError(f"--data {args.data!r}: the drift and mask figures need testbed rows (evidence patches); pass "
+                         "testbed, testbed:PRESET or a dataset folder in the testbed format.")
+    table = read_table(args.table) if args.table else None  # before the model loads
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     if args.model:
@@ -219,13 +275,10 @@ def main(argv=None):
         lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
         write_results(out(f"figures_{args.name}"), markdown="\n".join(lines) + "\n")
         written += [drift_path, masks_path]
-    if args.table:
-        with open(args.table) as f:
-            table = json.load(f)
+    if table is not None:
         path = os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.png")
-        plot_accuracy_vs_tokens(table["results"][0], path)
-        write_results(out(f"accuracy_vs_tokens_{args.name}"),
-                      markdown=f"# accuracy_vs_tokens_{args.name}.png\n\nCommand: `{command}` (data: `{table['command']}`)\n")
+        plot_accuracy_vs_tokens(table["results"], path)  # every dataset of the run (only the first was plotted)
+        write_results(out(f"accuracy_vs_tokens_{args.name}"), markdown=accuracy_markdown(table, command, args.name))
         written.append(path)
     print("wrote " + ", ".join(written))
     return written

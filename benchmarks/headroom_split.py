@@ -1,4 +1,4 @@
-"""Where is the prior's headroom? Evidence-first kept sets at some pruning points, Eq. 4's prior at the others.
+r"""Where is the prior's headroom? Evidence-first kept sets at some pruning points, Eq. 4's prior at the others.
 
     python benchmarks/headroom_split.py --model outputs/deep_rcp_untrained \
         --data ~/.cache/rcp_llava/testbed/deep/dataset --layers 1,7,13 --counts 14,4,1
@@ -17,7 +17,7 @@ import contextlib
 import os
 from dataclasses import replace
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
 
 def parse_ints(text, name):
@@ -121,8 +121,8 @@ def main(argv=None):
     parser.add_argument("--subsets", default=None,
                         help="Point-index subsets given the oracle, ';'-separated, e.g. 'none;0;1,2;0,1,2' (default: "
                              "none, each alone, all but the first, all).")
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--max_samples", type=positive_int, default=None)
+    parser.add_argument("--batch_size", type=positive_int, default=50)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--name", default="headroom_split")
     parser.add_argument("--overwrite", action="store_true")
@@ -136,8 +136,8 @@ def main(argv=None):
 
     from rcp_llava.evaluation import load_base_model, load_data, mcnemar
 
+    data = load_data(os.path.expanduser(args.data), split=args.split, max_samples=args.max_samples)  # before the model
     base, processor = load_base_model(args.model)
-    data = load_data(os.path.expanduser(args.data), split=args.split, max_samples=args.max_samples)
     results = split_headroom(base, processor, data, layers, counts, subsets, args.batch_size)
     reference = results.get(())
     command = command_line(__file__, argv)

@@ -1,4 +1,4 @@
-"""Which signals at RCP's pruning points point at the evidence? (issue 16: why trained RCP does not beat its prior)
+r"""Which signals at RCP's pruning points point at the evidence? (issue 16: why trained RCP does not beat its prior)
 
     python benchmarks/selection_signal.py --model outputs/rcp_deep_a2_fixed_14_4_1/model \
         --data ~/.cache/rcp_llava/testbed/deep/dataset --max_samples 200
@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
 
 SIGNALS = ("g_task", "g_repair", "logits", "prior", "teacher question", "teacher answer")
@@ -50,8 +50,8 @@ def build_parser():
     parser.add_argument("--model", required=True, help="Trained RCP folder (train_rcp.py's OUT/model).")
     parser.add_argument("--data", required=True, help="Testbed dataset folder (save_to_disk, rows with evidence).")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--max_samples", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_samples", type=positive_int, default=200)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--name", default="selection_signal")
     parser.add_argument("--overwrite", action="store_true")
@@ -195,12 +195,19 @@ def main(argv=None):
 
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 
+    # The split before the model loads (a missing one was a bare KeyError after it).
+    splits = load_from_disk(os.path.expanduser(args.data))
+    if not hasattr(splits, "keys"):
+        raise ValueError(f"--data {args.data!r} is one split's folder; pass the testbed's dataset folder (a "
+                         "`save_to_disk` DatasetDict, e.g. the folder above it).")
+    if args.split not in splits:
+        raise ValueError(f"--split {args.split!r}: {args.data} has no such split; it has {list(splits)}.")
+    data = splits[args.split]
     torch.manual_seed(0)
     model = RcpLlavaForConditionalGeneration.from_pretrained(args.model).eval()
     if model.config.pruning_method != "rcp":
         raise ValueError(f"--model {args.model!r} prunes with {model.config.pruning_method!r}; pass an RCP model.")
     processor = AutoProcessor.from_pretrained(args.model)
-    data = load_from_disk(os.path.expanduser(args.data))[args.split]
     rows = data.select(range(min(args.max_samples, len(data))))
     summary = summarise(collect(model, processor, rows, args.batch_size))
     command = command_line(__file__, argv)

@@ -14,7 +14,7 @@ import argparse
 import os
 from collections import defaultdict
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
 
 def question_form(question):
@@ -96,9 +96,9 @@ def main(argv=None):
     parser.add_argument("--folder", required=True, help="Testbed folder (model/ and dataset/ inside).")
     parser.add_argument("--model", default=None, help="Another model folder to diagnose (default: FOLDER/model).")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_samples", type=positive_int, default=None)
     parser.add_argument("--probe_split", default="validation")
-    parser.add_argument("--probe_images", type=int, default=400)
+    parser.add_argument("--probe_images", type=positive_int, default=400)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--name", default="testbed_diagnostics")
     parser.add_argument("--overwrite", action="store_true")
@@ -114,9 +114,17 @@ def main(argv=None):
     from datasets import load_from_disk
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    # The splits before the model loads (a missing one was a bare KeyError after it).
+    data = load_from_disk(os.path.join(folder, "dataset"))
+    if not hasattr(data, "keys"):
+        raise ValueError(f"--folder {args.folder!r}: dataset/ is one split, not the testbed's DatasetDict; pass a "
+                         "built testbed (build_testbed.py's output).")
+    for flag, name in (("--split", args.split), ("--probe_split", args.probe_split)):
+        if name not in data:
+            raise ValueError(f"{flag} {name!r}: {os.path.join(folder, 'dataset')} has no such split; it has "
+                             f"{list(data)}.")
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    data = load_from_disk(os.path.join(folder, "dataset"))
     split = data[args.split]
     rows = [split[i] for i in range(len(split) if args.max_samples is None else min(args.max_samples, len(split)))]
     forms = form_accuracy(model, processor, rows)

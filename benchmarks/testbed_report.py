@@ -3,7 +3,8 @@ and input-level pruning before the LLM (random / oracle / saliency) at each budg
 
     python benchmarks/testbed_report.py --preset deep --output_dir benchmarks/results --name testbed_deep
 
-Reads `metrics.json` only (written by `benchmarks/build_testbed.py`); the table carries the build's command.
+Reads `metrics.json` only (written by `benchmarks/build_testbed.py`); the table carries the build's command and
+the report's own (the JSON: metrics.json plus "report_command").
 """
 
 import argparse
@@ -12,17 +13,41 @@ import os
 import sys
 from pathlib import Path
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
 from rcp_llava.schedule import parse_budget
 
 
-def format_report(metrics, folder):
+# What `format_report` reads: top-level keys, and the keys inside the nested ones.
+REQUIRED = {"preset": (), "command": (), "num_visual_tokens": (), "test": ("overall", "n", "families"),
+            "validation": ("overall", "n")}
+
+
+def read_metrics(path):
+    """metrics.json at `path`, with every key the report reads (a missing one was a bare KeyError: 'test')."""
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); rebuild the testbed (benchmarks/build_testbed.py).") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: not a JSON object; rebuild the testbed (benchmarks/build_testbed.py).")
+    for key, inner in REQUIRED.items():
+        value = metrics.get(key)
+        missing = [key] if key not in metrics else [f"{key}.{k}" for k in inner
+                                                    if not isinstance(value, dict) or k not in value]
+        if missing:
+            raise ValueError(f"{path} lacks the key {missing[0]!r} (not a testbed build's metrics.json, or from an "
+                             "older build); rebuild the testbed (benchmarks/build_testbed.py).")
+    return metrics
+
+
+def format_report(metrics, folder, report_command=None):
     families = sorted(metrics["test"]["families"])
     chance = metrics.get("chance", {})
     times = metrics.get("build_times", {})
     lines = [f"# Testbed `{metrics['preset']}`: {folder}", "",
              f"Built by: `{metrics['command']}`" + (f"; evaluated by `{metrics['evaluated_by']}`"
-                                                    if metrics.get("evaluated_by") else ""),
+                                                    if metrics.get("evaluated_by") else "")
+             + (f"; reported by `{report_command}`" if report_command else ""),
              f"Build times (s): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; total "
              f"{sum(times.values()):.0f} s.", "",
              f"Test accuracy **{metrics['test']['overall']:.3f}** on {metrics['test']['n']} samples (validation "
@@ -61,11 +86,13 @@ def main(argv=None):
     path = folder / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json; build the testbed first (benchmarks/build_testbed.py).")
-    metrics = json.loads(path.read_text())
+    metrics = read_metrics(path)
     stem = os.path.join(args.output_dir, args.name or f"testbed_{metrics['preset']}")
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
-    markdown = format_report(metrics, folder)
-    write_results(stem, markdown=markdown, data=metrics)
+    # The build's own command stays under "command"; this report's was recorded nowhere.
+    command = command_line(__file__, argv)
+    markdown = format_report(metrics, folder, report_command=command)
+    write_results(stem, markdown=markdown, data={**metrics, "report_command": command})
     print(markdown)
     return metrics
 

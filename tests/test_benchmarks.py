@@ -328,7 +328,9 @@ def test_testbed_report_from_metrics(tmp_path):
     assert "Test accuracy **0.850** on 10 samples" in md
     budgets = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| random |")]
     assert budgets == ["1/3", "2/9", "1/9"]
-    assert json.loads((tmp_path / "testbed_deep.json").read_text()) == metrics
+    # metrics.json as built, plus the report's own command (recorded nowhere before)
+    command = f"python benchmarks/testbed_report.py --folder {tmp_path / 'tb'} --output_dir {tmp_path}"
+    assert json.loads((tmp_path / "testbed_deep.json").read_text()) == {**metrics, "report_command": command}
     with pytest.raises(FileExistsError, match="testbed_deep.md"):
         report.main(["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path)])
 
