@@ -109,7 +109,7 @@ def default_fastv_layer(num_layers):
 
 
 def _fastv_layers(config):
-    return [default_fastv_layer(config.text_config.num_hidden_layers)], []
+    return [default_fastv_layer(_prunable_depth(config))], []
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,7 @@ class RcpLlavaConfig(LlavaConfig):
         # save this config as a stock LLaVA one (transformers-notes trap 6).
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
+        self._coerce_budget()  # before the default placement reads it
         method = PRUNING_METHODS.get(self.pruning_method)
         if method is not None:  # an unknown name is reported by the validators below
             pre_only = not method.in_decoder or (method.pre_llm and self.pre_llm_keep_count is not None)
@@ -418,11 +419,15 @@ class RcpLlavaConfig(LlavaConfig):
                 raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
         check_gumbel_temperature(self.gumbel_temperature, "`gumbel_temperature`")
 
-    def _validate_budget(self):
-        n = self.num_visual_tokens
+    def _coerce_budget(self):
         budget = self.visual_token_budget
         if isinstance(budget, numbers.Real) and not isinstance(budget, (bool, int, float)):
-            budget = self.visual_token_budget = float(budget)  # numpy's scalars: a number, and JSON-serialisable
+            self.visual_token_budget = float(budget)  # numpy's scalars: a number, and JSON-serialisable
+
+    def _validate_budget(self):
+        self._coerce_budget()
+        n = self.num_visual_tokens
+        budget = self.visual_token_budget
         if budget is not None and not (_is_number(budget) and 0 < budget <= n):
             raise ValueError(
                 f"`visual_token_budget` is {budget!r}, but it must be a number in (0, {n}] (the image has {n} "
@@ -430,8 +435,9 @@ class RcpLlavaConfig(LlavaConfig):
             )
         layers = self.text_config.num_hidden_layers
         if budget is not None and budget < 1 <= n / layers:
-            # Layer 0 runs before any pruner and keeps all n tokens, so the mean over the layers is at least n / L
-            # (>= 1 here): a value below 1 is a fraction given where a count is meant.
+            # An in-decoder method keeps all n tokens in layer 0, so its mean over the layers is at least n / L
+            # (>= 1 here), and a pre-LLM method keeps a whole number of tokens in every layer (a mean of 0 or >= 1):
+            # a value below 1 is a fraction given where a count is meant.
             raise ValueError(
                 f"`visual_token_budget` is {budget!r}, but it counts visual tokens per decoder layer (e.g. 64 of 576), "
                 f"not a fraction: for {budget:g} of the {n} visual tokens give {budget * n:g}."

@@ -1883,8 +1883,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             raise ValueError(
                 f"`vision_feature_select_strategy={vision_feature_select_strategy!r}` differs from the config's "
                 f"{self.config.vision_feature_select_strategy!r}, whose {self.config.num_visual_tokens} visual tokens "
-                "the pruning is sized for. Set it in the config (`from_pretrained(..., vision_feature_select_strategy"
-                f"={vision_feature_select_strategy!r})`) instead of per call, or run with `pruning_method='none'`."
+                "the pruning is sized for. Set it in the config when the model is built (`from_pretrained(..., "
+                f"vision_feature_select_strategy={vision_feature_select_strategy!r})`: RCP's plug-ins are sized by "
+                "it, so trained plug-ins need the strategy they were trained with), or run with "
+                "`pruning_method='none'`."
             )
         if image_outputs is None:
             image_outputs = self.get_image_features(
@@ -2535,7 +2537,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 value = getattr(generation_config, name, None)
             return getattr(self.generation_config, name, None) if value is None else value
 
-        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        positional = args[0] if args and torch.is_tensor(args[0]) else None
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", positional))
         pad = setting("pad_token_id")
         if attention_mask is None and input_ids is not None and input_ids.dim() == 2 and isinstance(pad, int):
             eos = setting("eos_token_id")

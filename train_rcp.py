@@ -27,6 +27,7 @@ The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2
 is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `rcp_llava.schedule`.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -308,9 +309,10 @@ class RcpTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`sparsity_layers` is {self.sparsity_layers!r}; use 'all' or 'from_first_pruner'."
             )
-        if self.gradient_checkpointing:
+        if self.activation_checkpointing:  # `gradient_checkpointing`, its deprecated alias, is resolved into it
             raise ValueError(
-                "`gradient_checkpointing=True` is not supported: the student's differentiable key mask would be "
+                "`activation_checkpointing=True` (or its old name `gradient_checkpointing`) is not supported: the "
+                "student's differentiable key mask would be "
                 "lost in the backward recomputation. Only the small plug-ins train; leave it off."
             )
         self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
@@ -327,7 +329,7 @@ def rcp_training_arguments(args):
         return args
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"`args` must be `RcpTrainingArguments` (or `TrainingArguments`), got {type(args).__name__}.")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in dataclasses.fields(TrainingArguments) if f.init}
     if values["remove_unused_columns"]:
         logger.warning("[train_rcp] `remove_unused_columns=True` (the `TrainingArguments` default) would drop the "
                        "image, question and answer columns the RCP collator reads: set to False.")
@@ -413,7 +415,8 @@ def logged_train_parts(records):
 
 def logged_eval_parts(records):
     """The evaluation's loss parts from per-batch `records` [(batch size, {part: value})]: means weighted by the
-    batch sizes, as the Trainer weights `eval_loss` (each batch's loss counted once per sample)."""
+    batch sizes, as the Trainer's `eval_loss` is (it repeats each batch's loss by the nominal batch size and cuts
+    the whole to the number of samples, so a short last batch counts by its size: measured, batches of 3 and 1)."""
     total = sum(size for size, _ in records)
     if not total:
         return {}
@@ -595,6 +598,8 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         args = self.args
         tau, _ = gumbel_schedule(1.0, args.gumbel_temperature_start, args.gumbel_temperature_end,
                                  args.gumbel_anneal_ratio, args.gumbel_noise_ratio, args.gumbel_schedule)
+        if config.visual_token_budget is None:  # no target: evaluation reports the loss without one, as before
+            return tau, False, 1.0
         target = target_retention_at(1.0, target_retention(config), args.sparsity_warmup_ratio, args.sparsity_schedule)
         return tau, False, target
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.results import command_line, refuse_existing
+from rcp_llava.results import command_line, positive_int, refuse_existing
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--old", required=True, help="the other modeling_rcp_llava.py")
     parser.add_argument("--preset", default="mid")
     parser.add_argument("--batch_sizes", default="1,8")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--methods", default="full,rcp-64,rcp-128,rcp-192,vispruner-64,fastv-64,random-64")
     parser.add_argument("--output", default=None, help="markdown file to write (default: print only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -52,21 +52,14 @@ def main(argv=None):
         raise FileNotFoundError(f"--old: no file {args.old!r}; pass the other version's modeling_rcp_llava.py.")
     if args.preset not in efficiency.PRESETS:
         raise ValueError(f"--preset {args.preset!r} is unknown; use one of {sorted(efficiency.PRESETS)}.")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        batch_sizes = []
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"--batch_sizes must be positive integers, e.g. '1,8', got {args.batch_sizes!r}.")
+    batch_sizes = efficiency.positive_ints(args.batch_sizes, "--batch_sizes")
     methods = efficiency.method_configs(args.preset, [192, 128, 64])
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in methods]
     if unknown or not names:
         raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; use some of {list(methods)}.")
     if args.output:
-        refuse_existing([args.output], args.overwrite)
+        refuse_existing([args.output], args.overwrite, output_flag="--output")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     old_modeling = load_module("old_modeling_rcp_llava", args.old)

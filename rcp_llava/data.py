@@ -291,6 +291,9 @@ def _check_image_column(dataset, collator, name):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    # A decoding `datasets.Image` column hands the collator decoded images: `datasets` opened the path, from the
+    # working directory (or a URL); an undecoded cell or a string path is opened by `load_image`, in `image_folder`.
+    decoded = type(feature).__name__ == "Image" and getattr(feature, "decode", True)
     start = 0
     for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=10_000):
         cells = batch.column(column)
@@ -311,7 +314,10 @@ def _check_image_column(dataset, collator, name):
         else:
             paths = cells if pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type) else None
         for offset, path in enumerate(paths.to_pylist() if paths is not None else ()):
-            _check_image_file(path, collator.image_folder, column, f"Example {start + offset} of the {name}")
+            if decoded and path is not None and "://" in path:
+                continue  # `datasets` opens URLs (http, hf://, zip://...) itself when it decodes the cell
+            _check_image_file(path, None if decoded else collator.image_folder, column,
+                              f"Example {start + offset} of the {name}")
         start += len(batch)
 
 

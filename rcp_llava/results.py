@@ -17,15 +17,16 @@ from modeling_rcp_llava import atomic_write, write_text
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "benchmarks")
 
 
-def refuse_existing(paths, overwrite=False, flag="--overwrite"):
+def refuse_existing(paths, overwrite=False, flag="--overwrite", output_flag="--output_dir"):
     """Raise `FileExistsError` naming the existing `paths` (and the two ways out) unless `overwrite`, and refuse a
     folder the results could not be written into (`check_writable_folder`): both before anything loads, so that a
-    run is not computed and then lost at the write."""
+    run is not computed and then lost at the write. `output_flag` is the script's flag for where they go."""
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
-        check_writable_folder(folder)
+        check_writable_folder(folder, output_flag)
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist: choose another --name / --output_dir or pass "
+        other = "--name / --output_dir" if output_flag == "--output_dir" else output_flag
+        raise FileExistsError(f"{', '.join(existing)} already exist: choose another {other} or pass "
                               f"{flag} to replace them.")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -298,17 +299,21 @@ def test_compare_prefill_smoke(tmp_path, monkeypatch):
     assert all(r[-1] == "True |" for r in rows)
     # the whole command (it left out --methods and --output), an existing --output kept, bad arguments named first
     argv = sys.argv[1:]
-    assert f"Command: `python benchmarks/compare_prefill.py {' '.join(argv)}`" in out.read_text()
+    assert f"Command: `{shlex.join(['python', 'benchmarks/compare_prefill.py', *argv])}`" in out.read_text()
     before = out.read_text()
-    with pytest.raises(FileExistsError, match=r"ab\.md already exist: .* pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"ab\.md already exist: choose another --output or pass --overwrite"):
         compare.main(argv)
     for flag, value, match in (("--methods", "full,rcp-100", r"^--methods 'full,rcp-100': unknown \['rcp-100'\]; use"),
                                ("--preset", "nosuch", r"^--preset 'nosuch' is unknown"),
-                               ("--repeats", "0", r"^--repeats must be at least 1, got 0"),
-                               ("--batch_sizes", "0", r"^--batch_sizes must be positive integers")):
+                               ("--batch_sizes", "0", r"^--batch_sizes '0': give comma-separated whole numbers >= 1")):
         changed = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:]
         with pytest.raises(ValueError, match=match):
             compare.main(changed + ["--overwrite"])
+    with pytest.raises(SystemExit):  # at parsing
+        compare.main(argv[:argv.index("--repeats") + 1] + ["0"] + argv[argv.index("--repeats") + 2:])
+    with pytest.raises(NotADirectoryError, match=r"^--output '.*ab\.md': .* is a file, so the results cannot be "
+                                                 r"written there\. Choose another --output\."):
+        compare.main(argv[:-1] + [str(out / "x.md")])
     assert out.read_text() == before
 
 
@@ -346,7 +351,7 @@ def test_selection_profile_accounts_for_every_point(tmp_path):
             str(tmp_path)]
     results = profile.main(argv)
     data = json.loads((tmp_path / "selection_profile_tiny_cpu_rcp-64.json").read_text())
-    assert data["command"] == "python benchmarks/selection_profile.py " + " ".join(argv)
+    assert data["command"] == shlex.join(["python", "benchmarks/selection_profile.py", *argv])
     assert [r["batch_size"] for r in data["results"]] == [1, 2] and data["results"] == json.loads(json.dumps(results))
     text_tokens = efficiency.PRESETS["tiny"]["text_tokens"]
     for result in data["results"]:

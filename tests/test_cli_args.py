@@ -4,6 +4,7 @@ bare KeyErrors and wrong flag names). Every test is instant: nothing is trained 
 
 import json
 import os
+import shlex
 import struct
 import sys
 
@@ -324,7 +325,7 @@ def test_testbed_report_records_its_own_command(tmp_path):
     (tmp_path / "tb" / "metrics.json").write_text(json.dumps(_metrics()))
     argv = ["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path / "out"), "--name", "r"]
     report.main(argv)
-    command = "python benchmarks/testbed_report.py " + " ".join(argv)
+    command = shlex.join(["python", "benchmarks/testbed_report.py", *argv])
     saved = json.loads((tmp_path / "out" / "r.json").read_text())
     assert saved == {**_metrics(), "report_command": command}  # the build's "command" kept as it was
     assert f"Built by: `python benchmarks/build_testbed.py --preset deep`; reported by `{command}`" in (
@@ -359,3 +360,4 @@ def test_help_keeps_the_examples_line_continuations(script, capsys):
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert " \\\n        --" in capsys.readouterr().out
+

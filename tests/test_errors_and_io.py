@@ -45,15 +45,24 @@ def test_bad_config_fields(overrides, error, match):
 
 
 def test_a_numpy_budget_is_a_number():
-    """`np.int64(4)` was refused as "must be a number in (0, 16]", which 4 is; it is kept as a float (JSON)."""
+    """`np.int64(4)` was refused as "must be a number in (0, 16]", which 4 is; it is kept as a float (JSON), and
+    read as a number by the default placement too (a review: it fell back to 64 of 576 there)."""
     import numpy as np
+    from transformers import LlamaConfig
 
     config = tiny_config(visual_token_budget=np.int64(4))
     assert type(config.visual_token_budget) is float and config.visual_token_budget == 4.0
     assert RcpLlavaConfig.from_dict(json.loads(config.to_json_string())).visual_token_budget == 4.0
+    text = LlamaConfig(hidden_size=32, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=100).to_dict()
+    for budget in (np.int64(128 * 16 // 576), 128 * 16 / 576):  # 2/9 of the 16 visual tokens: [4, 14, 24]
+        placed = tiny_config(text_config=text, visual_token_budget=budget, pruning_layers=None, repair_layers=None,
+                             pruning_keep_counts=None)
+        assert placed.pruning_layers == RcpLlavaConfig.paper_placement(32, int(budget) / 16)[0]
+    assert RcpLlavaConfig.paper_placement(32, 3 / 16)[0] == [4, 14, 24]
 
 
-@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
+@pytest.mark.parametrize("method", ["rcp", "attention_topk", "fastv"])
 def test_a_one_layer_decoder_names_the_depth_and_the_way_out(method):
     """The default placement said "`num_layers` must be an int >= 2", a name the user never gave; `none` loads."""
     from transformers import LlamaConfig
@@ -136,6 +145,10 @@ def test_right_padding_is_refused_by_generate():
         model.generate(**batch, max_new_tokens=2, pad_token_id=0)
     batch["input_ids"][0] = torch.where(mask[0].bool(), batch["input_ids"][0], 0).roll(int((mask[0] == 0).sum()))
     left = model.generate(**batch, max_new_tokens=2, pad_token_id=0)  # left-padded, mask inferred: runs
+    right = torch.where(mask.bool(), batch["input_ids"], 0)  # the right-padded ids again, as `inputs=` (a review)
+    right[0] = batch["input_ids"][0].roll(-int((mask[0] == 0).sum()))
+    with pytest.raises(ValueError, match=r"Right padding is not supported"):
+        model.generate(inputs=right, pixel_values=batch["pixel_values"], max_new_tokens=2, pad_token_id=0)
     assert left.shape == (2, batch["input_ids"].shape[1] + 2)
 
 

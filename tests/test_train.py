@@ -78,8 +78,12 @@ def test_training_arguments_are_validated(tmp_path):
         RcpTrainingArguments(output_dir=str(tmp_path), lambda_repair=-1)
     with pytest.raises(ValueError, match="`sparsity_layers` is 'some'"):
         RcpTrainingArguments(output_dir=str(tmp_path), sparsity_layers="some")
-    with pytest.raises(ValueError, match="`gradient_checkpointing=True` is not supported"):
-        RcpTrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True)
+    # both names: transformers 5.23 made `gradient_checkpointing` a deprecated alias of `activation_checkpointing`
+    # (the check read the old name only, and its message named it to a user who passed the new one)
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        with pytest.raises(ValueError, match=r"^`activation_checkpointing=True` \(or its old name "
+                                             r"`gradient_checkpointing`\) is not supported"):
+            RcpTrainingArguments(output_dir=str(tmp_path), **{name: True})
     with pytest.raises(ValueError, match="`repair_loss_layers` must be integers, e.g. '1,13,25' or '1 13 25'"):
         RcpTrainingArguments(output_dir=str(tmp_path), repair_loss_layers="a,b")
     args = RcpTrainingArguments(output_dir=str(tmp_path))
@@ -440,6 +444,24 @@ def test_a_missing_image_file_is_named_before_training(micro, tmp_path, monkeypa
     train_rcp.check_dataset(Dataset.from_list(embedded), RcpDataCollator(processor))
 
 
+def test_a_decoding_image_column_is_checked_as_datasets_opens_it(micro, tmp_path, monkeypatch):
+    """`datasets.Image()` cells with a path are opened by `datasets`: URLs (which it fetches) passed check_dataset
+    before the missing-file check, and a relative path is read from the working directory, not --image_folder."""
+    from datasets import Dataset, Image
+
+    _, processor, dataset = micro
+    (tmp_path / "images").mkdir()
+    dataset[0]["image"].save(tmp_path / "images" / "x.png")
+    rows = [dict(dataset[i], image=p) for i, p in enumerate(["https://example.com/a.png", "hf://datasets/u/d/b.png",
+                                                             "x.png"])]
+    decoded = Dataset.from_list(rows).cast_column("image", Image())
+    monkeypatch.chdir(tmp_path / "images")  # where datasets finds x.png
+    train_rcp.check_dataset(decoded, RcpDataCollator(processor, image_folder=str(tmp_path / "nowhere")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^Example 2 of the dataset: its 'image' names the image file 'x.png'"):
+        train_rcp.check_dataset(decoded, RcpDataCollator(processor, image_folder=str(tmp_path / "images")))
+
+
 def test_a_rotated_jpeg_loads_upright_from_a_path_as_from_a_datasets_image(tmp_path):
     """A path went through PIL without `exif_transpose`, a `datasets.Image` column with it: the same JPEG came out
     64x32 from --llava_json / an image_folder column / a reader, 32x64 from a dataset."""
@@ -760,6 +782,7 @@ def test_logged_parts_sum_a_windows_micro_batches_and_weight_eval_batches():
     assert train_rcp.logged_train_parts([]) == {}
     logged = train_rcp.logged_eval_parts([(3, {"task_loss": 1.0}), (1, {"task_loss": 5.0})])
     assert logged == pytest.approx({"task_loss": 2.0})  # (3 * 1 + 1 * 5) / 4, as eval_loss weights its batches
+    assert train_rcp.logged_eval_parts([]) == {}
 
 
 def test_gradient_accumulation_logs_the_loss_parts_of_the_larger_batch(micro, tmp_path):
@@ -792,7 +815,8 @@ def test_evaluation_reports_its_parts_under_its_own_prefix_and_at_the_runs_final
     warm-up checkpoints. Evaluation now uses the schedule's end values, for every trainer."""
     make, processor, dataset = micro
     first, second = dataset.select(range(4)), dataset.select(range(4, 8))
-    trainer = make_trainer(micro, tmp_path / "run", model=make(), max_steps=2, save_steps=2)
+    trainer = make_trainer(micro, tmp_path / "run", model=make(), max_steps=2, save_steps=2,
+                           per_device_eval_batch_size=3)  # batches of 3 and 1: the parts still recompose eval_loss
     trainer.train()
     metrics = trainer.evaluate(first)
     target = trainer.model.config.visual_token_budget / trainer.model.config.num_visual_tokens
@@ -814,12 +838,21 @@ def test_evaluation_reports_its_parts_under_its_own_prefix_and_at_the_runs_final
     assert both["eval_a_task_loss"] == pytest.approx(metrics["eval_task_loss"])
     assert both["eval_b_task_loss"] == pytest.approx(trainer.evaluate(second)["eval_task_loss"])
     # a fresh trainer on the finished checkpoint scores it as the run did (it had target 1.0, tau at the start)
-    fresh = make_trainer(micro, tmp_path / "fresh", model=make(), max_steps=2)
+    fresh = make_trainer(micro, tmp_path / "fresh", model=make(), max_steps=2, per_device_eval_batch_size=3)
     fresh.model.load_plugins(tmp_path / "run" / "checkpoint-2", strict=True)
     assert all(torch.equal(v, trainer.model.plugin_state_dict()[k]) for k, v in fresh.model.plugin_state_dict().items())
     again = fresh.evaluate(first)
     for key in ("eval_loss", "eval_task_loss", "eval_sparsity_loss", "eval_target_retention"):
         assert again[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_a_model_without_a_budget_still_evaluates(micro, tmp_path):
+    """`visual_token_budget=None` is a valid config ("no target"): evaluation uses target 1.0, as it did before the
+    end-of-schedule values (a review: final_schedule raised "Training needs `visual_token_budget`")."""
+    make, _, dataset = micro
+    trainer = make_trainer(micro, tmp_path, model=make(visual_token_budget=None), max_steps=1)
+    metrics = trainer.evaluate(dataset.select(range(2)))
+    assert metrics["eval_target_retention"] == 1.0 and math.isfinite(metrics["eval_loss"])
 
 
 def test_the_train_summary_holds_no_leftover_parts(micro, tmp_path):
