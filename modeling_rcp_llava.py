@@ -253,12 +253,18 @@ class RcpRepairContext(nn.Module):
     def forward(self, keep_mask, pruned_mean):
         """keep_mask: (B, N) cumulative mask M (0/1 values, straight-through gradients in training);
         pruned_mean: (B, d) mean normalised state of the tokens pruned so far (0 if none) -> (B, b)."""
-        masked = keep_mask.unsqueeze(-1).to(self.positions.dtype) * self.positions  # m ⊙ P, (B, N, p)
-        scores = (masked @ self.mask_query) / math.sqrt(self.position_dim)  # (B, N), a pruned position scores 0
+        # In float64, rounded once at the end: in float32 these small products rounded differently with the
+        # parameters' memory alignment (a model loaded from safetensors vs the one that saved it: 1e-6 apart in the
+        # context, 1e-7 in the logits), so a loaded model's logits were not bit-identical to its source's.
+        dtype, f64 = self.positions.dtype, torch.float64
+        masked = keep_mask.unsqueeze(-1).to(f64) * self.positions.to(f64)  # m ⊙ P, (B, N, p)
+        scores = (masked @ self.mask_query.to(f64)) / math.sqrt(self.position_dim)  # (B, N), pruned positions: 0
         attn = scores.softmax(-1)  # over all N (Eq. 9): pruned positions take weight and add a zero row
-        e_mask = self.mask_proj((attn.unsqueeze(1) @ masked).squeeze(1))  # Eq. (9), (B, b); nothing kept: Proj(0)
-        e_pruned = self.pruned_proj(pruned_mean.to(self.pruned_proj.weight.dtype))  # Eq. (10), (B, b)
-        return e_mask + e_pruned
+        pooled = (attn.unsqueeze(1) @ masked).squeeze(1)  # (B, p)
+        e_mask = F.linear(pooled, self.mask_proj.weight.to(f64), self.mask_proj.bias.to(f64))  # Eq. (9); none kept: 0
+        e_pruned = F.linear(pruned_mean.to(f64), self.pruned_proj.weight.to(f64),
+                            self.pruned_proj.bias.to(f64))  # Eq. (10), (B, b)
+        return (e_mask + e_pruned).to(dtype)  # (B, b)
 
 
 class RcpRepairAdapter(nn.Module):
