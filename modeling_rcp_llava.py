@@ -253,18 +253,25 @@ class RcpRepairContext(nn.Module):
     def forward(self, keep_mask, pruned_mean):
         """keep_mask: (B, N) cumulative mask M (0/1 values, straight-through gradients in training);
         pruned_mean: (B, d) mean normalised state of the tokens pruned so far (0 if none) -> (B, b)."""
-        # In float64, rounded once at the end: in float32 these small products rounded differently with the
-        # parameters' memory alignment (a model loaded from safetensors vs the one that saved it: 1e-6 apart in the
-        # context, 1e-7 in the logits), so a loaded model's logits were not bit-identical to its source's.
+        # In float64, rounded once: in float32 these small products rounded differently with the parameters' memory
+        # alignment (a model loaded from safetensors vs the one that saved it: 1e-6 apart in the context, 1e-7 in the
+        # logits), so a loaded model's logits were not bit-identical to its source's.
         dtype, f64 = self.positions.dtype, torch.float64
         masked = keep_mask.unsqueeze(-1).to(f64) * self.positions.to(f64)  # m ⊙ P, (B, N, p)
         scores = (masked @ self.mask_query.to(f64)) / math.sqrt(self.position_dim)  # (B, N), pruned positions: 0
         attn = scores.softmax(-1)  # over all N (Eq. 9): pruned positions take weight and add a zero row
         pooled = (attn.unsqueeze(1) @ masked).squeeze(1)  # (B, p)
-        e_mask = F.linear(pooled, self.mask_proj.weight.to(f64), self.mask_proj.bias.to(f64))  # Eq. (9); none kept: 0
-        e_pruned = F.linear(pruned_mean.to(f64), self.pruned_proj.weight.to(f64),
-                            self.pruned_proj.bias.to(f64))  # Eq. (10), (B, b)
-        return (e_mask + e_pruned).to(dtype)  # (B, b)
+        e_mask = _project_f64(self.mask_proj, pooled, dtype)  # Eq. (9), (B, b); nothing kept: Proj(0)
+        e_pruned = _project_f64(self.pruned_proj, pruned_mean, dtype)  # Eq. (10), (B, b)
+        return (e_mask + e_pruned).to(dtype)
+
+
+def _project_f64(linear, x, dtype):
+    """`linear(x)` in float64 for a plain `nn.Linear`; a wrapped one (PEFT's LoRA layer) is called as itself, in
+    `dtype`, so that its own forward applies."""
+    if type(linear) is nn.Linear:
+        return F.linear(x.to(torch.float64), linear.weight.to(torch.float64), linear.bias.to(torch.float64))
+    return linear(x.to(dtype)).to(torch.float64)
 
 
 class RcpRepairAdapter(nn.Module):
