@@ -334,7 +334,20 @@ def rcp_training_arguments(args):
         logger.warning("[train_rcp] `remove_unused_columns=True` (the `TrainingArguments` default) would drop the "
                        "image, question and answer columns the RCP collator reads: set to False.")
         values["remove_unused_columns"] = False
+    # A subclass's own fields (e.g. `Seq2SeqTrainingArguments.predict_with_generate`) have no place in
+    # `RcpTrainingArguments`: name the ones set away from their defaults rather than drop them unannounced.
+    dropped = [f.name for f in dataclasses.fields(args) if f.init and f.name not in values
+               and getattr(args, f.name) != _field_default(f)]
+    if dropped:
+        logger.warning(f"[train_rcp] `args` is a {type(args).__name__}: its own fields {', '.join(dropped)} are not "
+                       "`RcpTrainingArguments` fields and are ignored.")
     return RcpTrainingArguments(**values)
+
+
+def _field_default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
 def answer_metrics(predictions, label_ids, tokenizer):

@@ -887,6 +887,25 @@ def test_the_trainer_takes_stock_training_arguments_or_none(micro, tmp_path, mon
     assert any(p.requires_grad for n, p in model.named_parameters() if not n.startswith(train_rcp.PLUGIN_PREFIX))
 
 
+def test_a_training_arguments_subclass_names_the_fields_it_loses(micro, tmp_path, caplog):
+    """`Seq2SeqTrainingArguments(predict_with_generate=True, ...)` lost its own fields without a word."""
+    from transformers import Seq2SeqTrainingArguments
+
+    make, processor, dataset = micro
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                    remove_unused_columns=False, predict_with_generate=True,
+                                    generation_max_length=7)
+    trainer = RcpTrainer(model=make(), args=args, train_dataset=dataset, data_collator=RcpDataCollator(processor))
+    assert type(trainer.args) is RcpTrainingArguments and trainer.args.max_steps == 1
+    assert ("its own fields predict_with_generate, generation_max_length are not `RcpTrainingArguments` fields "
+            "and are ignored") in caplog.text
+    caplog.clear()
+    RcpTrainer(model=make(), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                                            remove_unused_columns=False),
+               train_dataset=dataset, data_collator=RcpDataCollator(processor))
+    assert "are ignored" not in caplog.text  # at their defaults, nothing is lost
+
+
 def test_save_model_writes_the_processor_given_as_processing_class(micro, tmp_path):
     """`Trainer._save` saves `processing_class` beside the model; the plug-in-only `_save` left it out."""
     make, processor, dataset = micro
