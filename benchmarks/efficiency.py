@@ -404,6 +404,14 @@ def main():
     # Every argument checked before the models are built (these failed after, deep in the first round).
     batch_sizes = positive_ints(args.batch_sizes, "--batch_sizes")
     budgets = positive_ints(args.budgets, "--budgets")
+    n = num_visual_tokens(args.preset)
+    for budget in budgets:  # 576 or 600 failed in the schedule's solver, naming no flag
+        try:
+            rcp_schedule(PRESETS[args.preset]["text"]["num_hidden_layers"], n, budget)
+        except ValueError as err:
+            raise ValueError(f"--budgets {budget}: no RCP schedule of preset {args.preset!r} reaches it. Budgets count "
+                             f"visual tokens of LLaVA-1.5's {PAPER_VISUAL_TOKENS} (the paper's 192, 128 and 64). "
+                             f"{err}") from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:  # the dry run builds on meta
         raise ValueError(f"--device {args.device!r}: CUDA is not available here (torch "

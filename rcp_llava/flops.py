@@ -404,10 +404,12 @@ def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual
     scale = target / weighted
     if target <= 0 or scale * props[0] > num_visual_tokens:
         lo = fixed / num_layers
+        hi = (fixed + num_visual_tokens / props[0] * weighted) / num_layers  # the first stage keeps every token
         raise ValueError(
             f"`visual_token_budget` {visual_token_budget} cannot be reached with pruning layers {layers} and "
             f"proportions {props}: the layers before the first pruner alone average {lo:.1f} visual tokens, and "
-            f"the first stage may keep at most {num_visual_tokens}."
+            f"the first stage may keep at most {num_visual_tokens} (a mean of {hi:.1f} per layer); budgets in "
+            f"({lo:.1f}, {hi:.1f}] are reachable."
         )
     ideal = [scale * p for p in props]
     # Integer counts within +-2 of the real-valued solution: least budget error, then closest to `ideal`.

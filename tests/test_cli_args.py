@@ -96,6 +96,21 @@ def test_efficiency_lists_are_checked_before_the_models_are_built(efficiency_unb
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value, reason", [
+    ("576", r"the first stage may keep at most 576 \(a mean of 313\.8 per layer\); budgets in \(72\.0, 313\.8\]"),
+    ("600", r"`budget_fraction` must be a fraction of the visual tokens in \(0, 1\], got 1\.04"),
+])
+def test_efficiency_refuses_budgets_no_schedule_reaches(efficiency_unbuilt, tmp_path, monkeypatch, value, reason):
+    """`--budgets 576` (full) or 600 failed in the schedule's solver with a message that named no flag, and said only
+    what the lowest reachable budget was."""
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "mid", "--device", "cpu", "--output_dir",
+                                      str(tmp_path / "out"), "--budgets", f"64,{value}"])
+    with pytest.raises(ValueError, match=rf"^--budgets {value}: no RCP schedule of preset 'mid' reaches it\. Budgets "
+                                         rf"count visual tokens of LLaVA-1\.5's 576 .*{reason}"):
+        efficiency_unbuilt.main()
+    assert not (tmp_path / "out").exists()
+
+
 def test_efficiency_refuses_negative_new_tokens(efficiency_unbuilt, tmp_path, monkeypatch, capsys):
     """0 is documented (the prefill alone); -2 was taken as 0."""
     monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--device", "cpu", "--new_tokens", "-2",
