@@ -635,16 +635,39 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         self._eval_parts = []
         output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        for key, value in logged_eval_parts(self._eval_parts).items():
+        # Every rank's batches, as `eval_loss` is over every rank's samples: each rank's sample-weighted sums added up.
+        records = self._eval_parts
+        if records and self.accelerator.num_processes > 1:
+            total = sum(size for size, _ in records)
+            sums = self._ranks_sum({key: sum(size * values[key] for size, values in records) for key in records[0][1]},
+                                   total)
+            samples = sums.pop("_samples")
+            records = [(samples, {key: value / samples for key, value in sums.items()})]
+        for key, value in logged_eval_parts(records).items():
             output.metrics[f"{metric_key_prefix}_{key}"] = value
         self._eval_parts = []
         return output
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:  # a training log (not evaluation's metrics, nor the summary `train` ends with)
-            logs.update(logged_train_parts(self._train_parts))
+            parts = logged_train_parts(self._train_parts)
+            if parts and self.accelerator.num_processes > 1:
+                # The logged `loss` is the ranks' mean (`Trainer._nested_gather`), so its parts are too: with rank
+                # 0's alone, the parts did not add up to the loss. Every rank logs at the same step.
+                sums = self._ranks_sum(parts, 1)
+                processes = sums.pop("_samples")
+                parts = {key: value / processes for key, value in sums.items()}
+            logs.update(parts)
             self._train_parts = []
         super().log(logs, *args, **kwargs)
+
+    def _ranks_sum(self, values, samples):
+        """{key: the sum over every process of `values[key]`, "_samples": the sum of `samples`}: one all-reduce, in
+        float64 (a collective: every rank calls it at the same point)."""
+        keys = sorted(values)
+        local = torch.tensor([values[k] for k in keys] + [samples], dtype=torch.float64, device=self.args.device)
+        summed = self.accelerator.reduce(local, reduction="sum").tolist()
+        return {**dict(zip(keys, summed[:-1])), "_samples": summed[-1]}
 
     # -- plug-in-only checkpoints ------------------------------------------------------------------
 

@@ -578,13 +578,23 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8",
         "--budget_fraction", "0.25", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
         "2", "--report_to", "none", "--disable_tqdm", "true", "--max_eval_samples", "4", "--use_cpu",
-        "--ddp_backend", "gloo",
+        "--ddp_backend", "gloo", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--lambda_task", "1.5", "--lambda_repair", "3", "--lambda_sparse", "200",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    # The logged loss is the ranks' mean, and so are its parts: they recompose it (they were rank 0's alone), in
+    # training and in evaluation (each rank evaluates its share of the samples).
+    lambdas = {"task": 1.5, "repair": 3.0, "sparsity": 200.0}
+    logs = [e for e in state["log_history"] if "loss" in e] + [e for e in state["log_history"] if "eval_loss" in e]
+    assert len(logs) == 3
+    for log in logs:
+        prefix = "eval_" if "eval_loss" in log else ""
+        recomposed = sum(weight * log[f"{prefix}{name}_loss"] for name, weight in lambdas.items())
+        assert recomposed == pytest.approx(log[f"{prefix}loss"], rel=1e-4), log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rcp"]["n"] == 4
     assert "[train_rcp] training the plug-ins on 2 process(es)" in result.stdout
