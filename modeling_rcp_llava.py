@@ -2897,8 +2897,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             config = RcpLlavaConfig.from_pretrained(base_model, **fields, **base_hub)
             # transformers reports the base weights itself; the plug-ins are left out of that report (they are
             # loaded next, strictly).
+            rest = {k: v for k, v in kwargs.items() if k not in base_hub}  # `cache_dir` & co. are in both
             model = cls.from_pretrained(base_model, config=config, _rcp_plugins_follow=plugins is not None,
-                                        **base_hub, **kwargs)
+                                        **base_hub, **rest)
         model.rcp_base_model_name_or_path = base_name
         model.rcp_base_model_revision = revision
         if plugins is not None:

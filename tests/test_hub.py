@@ -833,6 +833,18 @@ def test_from_pretrained_on_a_plugin_folder_loads_its_recorded_base(plugin_setup
         RcpLlavaForConditionalGeneration.from_pretrained(orphan)
 
 
+def test_from_base_and_a_plugin_folder_take_the_hub_download_arguments(plugin_setup, tmp_path):
+    """`cache_dir`, `local_files_only` and `force_download` went to `from_pretrained` twice ("got multiple values for
+    keyword argument 'local_files_only'"): stock `from_pretrained` takes them, offline users pass them."""
+    trained, root, _ = plugin_setup
+    batch = _demo_batch(trained.config)
+    hub = dict(local_files_only=True, cache_dir=str(tmp_path / "cache"), force_download=False)
+    for model in (RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"), **hub),
+                  RcpLlavaForConditionalGeneration.from_pretrained(root / "plugins", **hub)):
+        with torch.no_grad():
+            assert torch.equal(model.eval()(**batch).logits, trained(**batch).logits)
+
+
 @pytest.mark.parametrize("example", ["load_from_hub.py", "pipeline.py"])
 def test_examples_name_a_stock_llava_folder(tmp_path, example):
     """`--model` on a stock LLaVA folder crashed with an AttributeError (`last_pruning_info`, `pruning_layers`)."""
