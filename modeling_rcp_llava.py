@@ -52,6 +52,7 @@ from transformers import (
     LlavaPreTrainedModel,
 )
 from transformers import __version__ as transformers_version
+from transformers.integrations.accelerate import load_offloaded_parameter  # as save_pretrained reads offloaded ones
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
 )
@@ -267,9 +268,10 @@ class RcpRepairContext(nn.Module):
 
 
 def _project_f64(linear, x, dtype):
-    """`linear(x)` in float64 for a plain `nn.Linear`; a wrapped one (PEFT's LoRA layer) is called as itself, in
+    """`linear(x)` in float64 for a plain `nn.Linear`; a wrapped one (PEFT's LoRA layer) or an offloaded one
+    (`device_map` with 'cpu' / 'disk': its weight is on the meta device until its hook runs) is called as itself, in
     `dtype`, so that its own forward applies."""
-    if type(linear) is nn.Linear:
+    if type(linear) is nn.Linear and not linear.weight.is_meta:  # meta: offloaded, its hook loads it in its forward
         return F.linear(x.to(torch.float64), linear.weight.to(torch.float64), linear.bias.to(torch.float64))
     return linear(x.to(dtype)).to(torch.float64)
 
@@ -2734,7 +2736,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
         if not overwrite and os.path.exists(config_path):
             _refuse_other_plugins(config_path, record)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.plugin_state_dict().items()}
+        # Offloaded tensors (`device_map` with 'cpu' / 'disk': on the meta device) read from where they were
+        # offloaded, as `save_pretrained` reads them.
+        tensors = {k: (load_offloaded_parameter(self, k) if v.is_meta else v).detach().to("cpu").contiguous()
+                   for k, v in self.plugin_state_dict().items()}
         atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
         atomic_write(config_path, lambda tmp: write_text(tmp, text))
@@ -2784,6 +2789,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             )
         if unexpected:
             logger.warning(f"The RCP plug-ins {plugins!r} hold tensors this model has no use for: {unexpected}")
+        offloaded = sorted(k for k in set(tensors) & set(own) if own[k].is_meta)
+        if offloaded:  # a copy into a meta tensor does nothing: the model would run its old plug-ins
+            raise ValueError(
+                f"This model's plug-ins are offloaded by its `device_map` ({offloaded[0]} is on the meta device), so "
+                f"{plugins!r} cannot be copied into them. Load the model with the plug-ins on a device: "
+                "`from_base(base, plugins=..., device_map=...)` keeps them there, or give `device_map` an entry "
+                f"'{PLUGIN_PREFIX.rstrip('.')}' on a device."
+            )
         with torch.no_grad():
             for k in sorted(set(tensors) & set(own)):
                 own[k].copy_(tensors[k])
@@ -2827,6 +2840,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         finally:
             cls._keys_to_ignore_on_load_missing = previous
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if stock and any(p.is_meta for p in model.model.rcp_plugins.parameters()):
+            model._plugins_on_execution_device()
         if stock and not plugins_follow and model.config.pruning_spec.plugins:
             count = sum(p.numel() for p in model.model.rcp_plugins.parameters())
             logger.warning(
@@ -2905,6 +2920,18 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         if plugins is not None:
             model.load_plugins(plugins, strict=strict, **plugin_hub)
         return model
+
+    def _plugins_on_execution_device(self):
+        """A `device_map` that offloads the plug-ins ('cpu' / 'disk') of a stock checkpoint offloads tensors the
+        checkpoint does not hold: the first forward failed on the missing offloaded weights. The plug-ins (a few MB)
+        are built instead, initialised, on the device the offloaded modules run on, without offload hooks."""
+        hooks = [m._hf_hook for m in self.model.rcp_plugins.modules() if hasattr(m, "_hf_hook")]
+        device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
+        self.model.rcp_plugins = fresh_plugins(self, device, self.dtype)
+        device_map = getattr(self, "hf_device_map", None)
+        if device_map is not None:
+            name = PLUGIN_PREFIX.rstrip(".")
+            self.hf_device_map = {**{k: v for k, v in device_map.items() if not k.startswith(name)}, name: device}
 
     @classmethod
     def _wrap_loaded(cls, base, config):

@@ -845,6 +845,41 @@ def test_from_base_and_a_plugin_folder_take_the_hub_download_arguments(plugin_se
             assert torch.equal(model.eval()(**batch).logits, trained(**batch).logits)
 
 
+def test_offloaded_models_run_save_and_refuse_plugins_they_cannot_hold(plugin_setup, tmp_path):
+    """`device_map="auto"` offloading to 'disk' (weights on the meta device until their hooks run), as stock LLaVA
+    runs and saves: the repair context read its projections' meta weights ("Tensor on device meta"); `save_plugins`
+    copied out of meta tensors; `load_plugins` copied into them and reported success while the model kept its old
+    plug-ins; and `from_base` offloaded plug-ins that the stock checkpoint does not hold (KeyError at the forward)."""
+    from safetensors.torch import load_file
+
+    trained, root, _ = plugin_setup
+    batch = _demo_batch(trained.config)
+    with torch.no_grad():
+        want = trained(**batch).logits
+
+    def offload(tag):
+        return dict(device_map="auto", max_memory={"cpu": "120KB"}, offload_folder=str(tmp_path / tag))
+
+    full = RcpLlavaForConditionalGeneration.from_pretrained(root / "full", **offload("full")).eval()
+    assert set(full.hf_device_map.values()) == {"disk"} and all(p.is_meta for p in full.plugin_parameters())
+    with torch.no_grad():  # the repair context's projections run through their hooks (float32, not float64)
+        torch.testing.assert_close(full(**batch).logits, want, rtol=0, atol=1e-6)
+    full.save_plugins(tmp_path / "resaved", base_model_name_or_path=str(root / "base"))
+    saved = load_file(tmp_path / "resaved" / "rcp_plugins.safetensors")
+    assert saved.keys() == {k for k in trained.plugin_state_dict()} and all(
+        torch.equal(saved[k], v) for k, v in trained.plugin_state_dict().items())
+    with pytest.raises(ValueError, match=r"^This model's plug-ins are offloaded by its `device_map` \(model\.rcp_plugins"
+                                         r"\..* is on the meta device\), so .* cannot be copied into them"):
+        full.load_plugins(root / "plugins")
+
+    based = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"),
+                                                       **offload("base")).eval()
+    assert based.hf_device_map == {"": "disk", "model.rcp_plugins": "cpu"}  # kept out of the offload
+    assert not any(p.is_meta for p in based.model.rcp_plugins.parameters())
+    with torch.no_grad():
+        assert torch.equal(based(**batch).logits, want)
+
+
 @pytest.mark.parametrize("example", ["load_from_hub.py", "pipeline.py"])
 def test_examples_name_a_stock_llava_folder(tmp_path, example):
     """`--model` on a stock LLaVA folder crashed with an AttributeError (`last_pruning_info`, `pruning_layers`)."""
