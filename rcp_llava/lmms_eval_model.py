@@ -15,8 +15,12 @@ below), so nothing in lmms-eval is patched. Model arguments (`--model_args key=v
   way `benchmarks/evaluate_methods.py` does (`rcp_llava.evaluation.method_overrides`; `flop_matched=true` for the
   mean over all decoder layers); or `pruning_keep_counts=93:25:8` for fixed counts at the model's pruning layers.
   Without either, the checkpoint's own setting (RCP's adaptive threshold when it has no counts).
-- `batch_size`, `device` (default cuda if available), `dtype` (`auto`, `bfloat16`, ...), `max_new_tokens`
-  (default when a task gives none: 128).
+- `dtype` (`auto`, `bfloat16`, ...), `max_new_tokens` (default when a task gives none: 128). The batch size and
+  the device are lmms-eval's own flags, `--batch_size` and `--device` (default cuda if available): lmms-eval passes
+  them beside `--model_args`, so naming them there too is its "got multiple values" error.
+
+A task's `do_sample: false` keeps generation greedy whatever its `temperature` (MM-Vet gives 0.2 with
+`do_sample: false`); otherwise a temperature above 0 samples, as in lmms-eval's `llava_hf`.
 
 `generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
 `loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
@@ -252,12 +256,14 @@ class RcpLlava(lmms):
             images = [self._visuals(doc_to_visual[i], tasks[i], splits[i], doc_ids[i]) for i in range(len(batch))]
             inputs = self._encode(images, [self._prompt(c) for c in contexts])
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            # A task's explicit `do_sample: false` wins over its temperature (as lmms-eval's llava_onevision reads it)
+            sample = temperature > 0 and _as_bool(gen_kwargs.get("do_sample", True), "do_sample")
             max_new = gen_kwargs.get("max_new_tokens")  # a task may give None: the model's default, as in llava_hf
             max_new = self.max_new_tokens if max_new is None else _as_int(max_new, "max_new_tokens")
             generate = dict(max_new_tokens=max_new,
-                            num_beams=int(gen_kwargs.get("num_beams", 1) or 1), do_sample=temperature > 0,
+                            num_beams=int(gen_kwargs.get("num_beams", 1) or 1), do_sample=sample,
                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eot_token_id)
-            if temperature > 0:
+            if sample:
                 generate.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
             out = self.model.generate(**inputs, **generate)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -324,7 +330,8 @@ def process_results(doc, results):
 
 def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbed"):
     """Write an lmms-eval task `name` over a testbed dataset folder (`save_to_disk`; default: the main job's testbed's)
-    into `out_dir`; run it with `--include_path out_dir --tasks name`. Returns the YAML's path."""
+    into `out_dir` (`name.yaml` and its functions, `name_utils.py`); run it with `--include_path out_dir --tasks
+    name`. Returns the YAML's path."""
     if dataset_dir is None:
         from rcp_llava.evaluation import testbed_dataset_dir
 
@@ -353,13 +360,13 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
           load_from_disk: true
         test_split: {json.dumps(split)}
         output_type: generate_until
-        doc_to_visual: !function utils.doc_to_visual
-        doc_to_text: !function utils.doc_to_text
+        doc_to_visual: !function {name}_utils.doc_to_visual
+        doc_to_text: !function {name}_utils.doc_to_text
         doc_to_target: answer
         generation_kwargs:
           max_new_tokens: 1
           temperature: 0
-        process_results: !function utils.process_results
+        process_results: !function {name}_utils.process_results
         metric_list:
           - metric: exact_match
             aggregation: mean
@@ -368,7 +375,9 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
           version: 1.0
         """)
     path = os.path.join(out_dir, f"{name}.yaml")
-    atomic_write(os.path.join(out_dir, "utils.py"), lambda tmp: write_text(tmp, TASK_UTILS))
+    # Its own module, named after the task: an --include_path folder's other tasks keep their `utils.py` (which
+    # this overwrote).
+    atomic_write(os.path.join(out_dir, f"{name}_utils.py"), lambda tmp: write_text(tmp, TASK_UTILS))
     atomic_write(path, lambda tmp: write_text(tmp, yaml))
     return path
 

@@ -226,3 +226,48 @@ def test_generate_until_takes_a_none_max_new_tokens_and_names_a_non_image_visual
     with pytest.raises(ValueError, match=r"exactly one image \(a PIL image\) per prompt; t/test doc 0 gives 1 "
                                          r"visual\(s\) \(str\), 0 of them image\(s\)"):
         lm.generate_until([request({"until": []}, lambda d: ["/images/0.png"])])
+
+
+def test_a_tasks_do_sample_false_keeps_generation_greedy(demo_folder):
+    """MM-Vet's `temperature: 0.2, do_sample: false` sampled (4 distinct answers over 4 seeds): the temperature alone
+    decided. Greedy now, equal to temperature 0; without `do_sample` a temperature above 0 still samples."""
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "max_new_tokens=6")
+    lm.task_dict = {"t": {"test": [{"img": demo_image(seed=1)}]}}
+
+    def answers(gen_kwargs, seeds=range(4)):
+        out = set()
+        for seed in seeds:
+            torch.manual_seed(seed)
+            request = Instance("generate_until", ("what colour is the shape ?", {"until": [], **gen_kwargs},
+                                                  lambda d: [d["img"]], 0, "t", "test"), 0,
+                               {"task": "t", "doc_id": 0, "repeats": 1})
+            out.add(lm.generate_until([request])[0])
+        return out
+
+    greedy = answers({"temperature": 0}, seeds=[0])
+    assert answers({"temperature": 0.2, "top_p": 1.0, "do_sample": False}) == greedy
+    assert answers({"temperature": 0.2, "top_p": 1.0, "do_sample": "false"}) == greedy
+    assert len(answers({"temperature": 5.0, "top_p": 1.0})) > 1  # sampling still samples
+
+
+def test_the_task_writer_keeps_the_folders_other_utils(tmp_path):
+    """The task's functions went to `utils.py`, overwriting the one an --include_path folder's other tasks load."""
+    from rcp_llava.lmms_eval_model import write_testbed_task
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text("def my_doc_to_text(doc):\n    return doc['q']\n")
+    path = write_testbed_task(tasks, dataset, name="my_testbed")
+    assert (tasks / "utils.py").read_text() == "def my_doc_to_text(doc):\n    return doc['q']\n"
+    assert sorted(os.listdir(tasks)) == ["my_testbed.yaml", "my_testbed_utils.py", "utils.py"]
+    text = open(path).read()
+    for function in ("doc_to_visual", "doc_to_text", "process_results"):
+        assert f"!function my_testbed_utils.{function}" in text
