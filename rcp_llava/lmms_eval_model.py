@@ -44,6 +44,8 @@ except ImportError as err:  # pragma: no cover - exercised where lmms-eval is ab
 else:
     _LMMS_MISSING = None
 
+from transformers.utils import logging
+
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
 from rcp_llava.data import prompt_messages
@@ -51,7 +53,19 @@ from rcp_llava.evaluation import method_model, method_overrides
 from rcp_llava.schedule import budget_count, parse_budget
 
 
+logger = logging.get_logger(__name__)
 MODEL_ID = "rcp_llava"
+# llava-hf's LLaVA-1.5 chat template (its `chat_template.json`), for a processor saved without one -- as lmms-eval's
+# `llava_hf` falls back to a Vicuna template: "USER: <image>\nQUESTION ASSISTANT:".
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def manifest():
@@ -181,6 +195,9 @@ class RcpLlava(lmms):
             overrides = dict(pruning_method=pruning_method)
         self._model = method_model(model, **overrides).eval() if overrides else model.eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, **hub)
+        if self.processor.chat_template is None:  # apply_chat_template raised on every request
+            logger.warning(f"rcp_llava: {pretrained!r} has no chat template; using LLaVA-1.5's (llava-hf's).")
+            self.processor.chat_template = LLAVA_15_CHAT_TEMPLATE
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
         self._tokenizer = self.processor.tokenizer
         self._rank, self._world_size = 0, 1

@@ -615,7 +615,8 @@ def test_the_lmms_eval_task_writer_runs_without_lmms_eval_and_quotes_its_values(
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
     task = yaml.load((tmp_path / "tasks" / "rcp_testbed.yaml").read_text(), Loader=Loader)
     assert (task["task"], task["dataset_path"], task["test_split"]) == ("rcp_testbed", str(data), "test")
-    assert (tmp_path / "tasks" / "utils.py").is_file()
+    assert (tmp_path / "tasks" / "rcp_testbed_utils.py").is_file()  # named after the task: a folder's utils.py stays
+    assert task["doc_to_text"] == "rcp_testbed_utils.doc_to_text"
 
     from rcp_llava.lmms_eval_model import write_testbed_task
 

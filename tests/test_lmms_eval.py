@@ -271,3 +271,36 @@ def test_the_task_writer_keeps_the_folders_other_utils(tmp_path):
     text = open(path).read()
     for function in ("doc_to_visual", "doc_to_text", "process_results"):
         assert f"!function my_testbed_utils.{function}" in text
+
+
+def test_a_processor_without_a_chat_template_gets_llava_15s(demo_folder, tmp_path):
+    """`apply_chat_template` raised on every request ("this processor does not have a chat template"): older llava-hf
+    revisions were saved without one; lmms-eval's llava_hf falls back to a Vicuna template. The demo's word-level
+    tokenizer reads LLaVA-1.5's "USER: <image>\\nQ ASSISTANT:" as its own template's tokens, so the answers agree."""
+    import shutil
+
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_folder, bare)
+    for name in os.listdir(bare):
+        if name.startswith("chat_template"):
+            os.remove(bare / name)
+        elif name in ("processor_config.json", "tokenizer_config.json"):
+            config = json.loads((bare / name).read_text())
+            config.pop("chat_template", None)
+            (bare / name).write_text(json.dumps(config))
+    answers = []
+    for folder in (demo_folder, bare):
+        lm = _from_args(folder, "max_new_tokens=4")
+        lm.task_dict = {"t": {"test": [{"img": demo_image(seed=2)}]}}
+        request = Instance("generate_until", ("what colour is the shape ?", {"until": []}, lambda d: [d["img"]], 0,
+                                              "t", "test"), 0, {"task": "t", "doc_id": 0, "repeats": 1})
+        answers.append(lm.generate_until([request]))
+    from rcp_llava.lmms_eval_model import LLAVA_15_CHAT_TEMPLATE
+
+    assert lm.processor.chat_template == LLAVA_15_CHAT_TEMPLATE
+    assert lm._prompt("what colour ?") == "USER: <image>\nwhat colour ? ASSISTANT:"
+    assert answers[0] == answers[1]
