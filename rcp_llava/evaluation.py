@@ -38,6 +38,7 @@ Budgets, keep counts and token accounting live in `rcp_llava.schedule`; prompts 
 import copy
 import math
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -261,8 +262,15 @@ def data_folder(spec):
 
 def load_data(spec="testbed", split="test", max_samples=None):
     """`"testbed"` (the main job's testbed, `rcp_llava.testbed.MAIN_PRESET`) or `"testbed:PRESET"` (e.g.
-    `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH"` for
-    `rcp_llava.readers.read_benchmark`."""
+    `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH[,OPTION=VALUE...]"` for
+    `rcp_llava.readers.read_benchmark` (`parse_benchmark_spec`: e.g.
+    `pope:/data/pope/coco,image_dir=/data/coco/val2014`).
+
+    `split` is the split of a DatasetDict folder, and of a benchmark whose reader takes one (ScienceQA-IMG's
+    `pid_splits.json` key) unless the spec names its own `,split=`. A benchmark is checked here, before any model
+    loads: every question needs reference answers (a split without them, such as VQAv2 test-dev, VizWiz test or
+    MMBench test, is refused with a ValueError naming the file and a split that has them), and the first
+    question's image must exist (FileNotFoundError naming the path and the `,image_dir=` option)."""
     from datasets import load_from_disk
 
     spec = data_folder(spec)
@@ -279,12 +287,76 @@ def load_data(spec="testbed", split="test", max_samples=None):
             raise ValueError(f"{spec} lacks the column(s) {sorted(missing)} of the testbed format.")
         return EvalData("testbed", data, "testbed")
     if ":" in spec:
-        from rcp_llava.readers import canonical_benchmark, read_benchmark
-
-        name, path = spec.split(":", 1)
-        name = canonical_benchmark(name)
-        return EvalData("benchmark", read_benchmark(name, path, limit=max_samples), name, benchmark=name)
+        return _load_benchmark(spec, split, max_samples)
     raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
+
+
+# A reader option in a BENCHMARK:PATH spec: ",NAME=" (a comma in a path not followed by NAME= stays in the path).
+_SPEC_OPTION = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
+
+# Where the reference answers of each benchmark are, for the error on an answer-less split.
+_SPLITS_WITH_ANSWERS = {
+    "vqav2": "the val2014 questions with their annotations (v2_mscoco_val2014_annotations.json in the questions' "
+             "folder, or ',annotations=FILE'); test-dev / test answers exist only on the EvalAI server",
+    "gqa": "testdev_balanced_questions.json (questions with an 'answer'); the submission / test questions have none",
+    "vizwiz": "Annotations/val.json (test answers exist only on the EvalAI server)",
+    "mmbench": "the dev TSV (e.g. mmbench_dev_20230712.tsv; test answers exist only on the MMBench server)",
+}
+
+
+def parse_benchmark_spec(spec, split=None):
+    """`"BENCHMARK:PATH[,OPTION=VALUE...]"` -> `(benchmark, path, reader options)`.
+
+    OPTIONs are the reader's arguments after `path` (`rcp_llava.readers.reader_options`: `image_dir` for VQAv2,
+    GQA, POPE, ScienceQA-IMG and VizWiz, `annotations` / `data_subtype` for VQAv2, `split` for ScienceQA-IMG,
+    `subtasks` for MME, several joined by '+'). `split` (load_data's) is passed to a reader that takes a split,
+    unless the spec names one. An unknown, repeated or empty option is a ValueError naming it and the options."""
+    from rcp_llava.readers import canonical_benchmark, reader_options
+
+    name, _, rest = os.fspath(spec).partition(":")
+    name = canonical_benchmark(name)
+    path, *items = _SPEC_OPTION.split(rest)
+    if not path:
+        raise ValueError(f"--data {spec!r} names no PATH; write {name}:PATH[,OPTION=VALUE...].")
+    allowed = reader_options(name)
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in allowed:
+            raise ValueError(f"--data {spec!r}: the {name} reader has no option {key!r}; its options are {allowed} "
+                             f"({name}:PATH,OPTION=VALUE,...).")
+        if key in options:
+            raise ValueError(f"--data {spec!r} gives the option {key!r} twice; give it once.")
+        if not value:
+            raise ValueError(f"--data {spec!r}: the option {key!r} is empty; write {key}=VALUE.")
+        options[key] = value.split("+") if key == "subtasks" else value
+    if "split" in allowed and "split" not in options and split is not None:
+        options["split"] = split
+    return name, path, options
+
+
+def _load_benchmark(spec, split, max_samples):
+    """`load_data` on a BENCHMARK:PATH spec: the records, refused when a question has no reference answer or the
+    first image is missing (both would otherwise fail after the model loaded and, for answers, after generation)."""
+    from pathlib import Path
+
+    from rcp_llava.readers import read_benchmark, reader_options
+
+    name, path, options = parse_benchmark_spec(spec, split)
+    records = read_benchmark(name, path, limit=max_samples, **options)
+    unanswered = [r for r in records if not r.answers]
+    if unanswered:
+        where = _SPLITS_WITH_ANSWERS.get(name, "a file whose questions have reference answers")
+        raise ValueError(f"{name}: {path} has no reference answers ({len(unanswered)} of the {len(records)} questions "
+                         f"read, e.g. question {unanswered[0].question_id!r}), so it cannot be scored; pass a split "
+                         f"with answers: {where}.")
+    first = records[0]
+    if not isinstance(first.image, (bytes, bytearray)) and not Path(first.image).is_file():
+        fix = (f"pass the folder that holds it: {name}:{path},image_dir=DIR" if "image_dir" in reader_options(name)
+               else "check the benchmark folder")
+        raise FileNotFoundError(f"{name}: the first image of {path}, {first.image}, does not exist (question "
+                                f"{first.question_id!r}); {fix}.")
+    return EvalData("benchmark", records, name, benchmark=name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,9 +437,10 @@ def _column(rows, name):
 
 @torch.no_grad()
 def generated_answers(model, processor, records, max_new_tokens=16):
-    """`generate` (greedy, left padding) on reader records. Returns `(answers, kept_counts (B, P) or None)`."""
+    """`generate` (greedy, left padding) on reader records, each asked its `prompt` (the question + the benchmark's
+    answer-format line, `rcp_llava.readers.POST_PROMPTS`). Returns `(answers, kept_counts (B, P) or None)`."""
     model.eval()
-    batch = prompt_batch(processor, [r.question for r in records], [r.load_image() for r in records])
+    batch = prompt_batch(processor, [r.prompt for r in records], [r.load_image() for r in records])
     batch.pop("position_ids")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -379,8 +452,38 @@ def generated_answers(model, processor, records, max_new_tokens=16):
     return [t.strip() for t in texts], counts
 
 
+# How exact_match reads each benchmark's predictions (its `mode`): as that benchmark's official scorer does.
+EXACT_MATCH_MODE = {"gqa": "gqa", "scienceqa_img": "scienceqa", "mmbench": "mmbench"}
+CIRCULAR_STRIDE = 1_000_000  # MMBench: rows whose index differs by multiples of 1e6 are one question's copies
+
+
+def circular_questions(records):
+    """MMBench circular evaluation's questions: `[(family, [record positions])]` in order of first appearance, the
+    copies of one question being the rows whose integer index is equal modulo 1e6 (lmms-eval mmbench_evals.py,
+    VLMEvalKit). The family is that of the main row (index < 1e6), else of the first copy; a non-integer id is its
+    own question."""
+    positions, family = {}, {}
+    for i, r in enumerate(records):
+        try:
+            index = int(r.question_id)
+            key, main = index % CIRCULAR_STRIDE, index < CIRCULAR_STRIDE
+        except ValueError:
+            key, main = r.question_id, True
+        positions.setdefault(key, []).append(i)
+        if main or key not in family:
+            family[key] = r.family
+    return [(family[k], v) for k, v in positions.items()]
+
+
 def score_benchmark(benchmark, predictions, records):
-    """`{"score": headline, "groups": {family: score}, "metric": full result}` with the benchmark's metric."""
+    """`{"score": headline, "groups": {family: score}, "metric": full result}` with the benchmark's metric.
+
+    exact_match reads the predictions as the benchmark's official scorer does (`EXACT_MATCH_MODE`): GQA as LLaVA's
+    convert_gqa_for_eval.py (trailing '.' stripped, lower-cased, compared verbatim), ScienceQA-IMG as LLaVA's
+    eval_science_qa.py and MMBench as its `can_infer` (the option letter, or the one option text named), both
+    against the record's choices. MMBench is scored circularly: a question (its rows equal modulo 1e6) counts as
+    right only when every copy is; its "exact_match" is that accuracy over questions, "per_row_exact_match" the
+    accuracy over rows, "num_questions" / "num_rows" the counts."""
     from rcp_llava.metrics import load_metric
     from rcp_llava.readers import BENCHMARK_METRIC
 
@@ -396,13 +499,25 @@ def score_benchmark(benchmark, predictions, records):
                                 subtasks=[r.family for r in records], image_ids=[r.image_id for r in records])
         groups = {t: v["score"] for t, v in result.get("subtasks", {}).items()}
     else:
+        kwargs = {}
+        mode = EXACT_MATCH_MODE.get(benchmark) if name == "exact_match" else None
+        if mode is not None:
+            kwargs["mode"] = mode
+        if mode in ("scienceqa", "mmbench"):
+            kwargs["choices"] = [list(r.choices or []) for r in records]
         result = metric.compute(predictions=predictions, references=[list(r.answers) for r in records],
-                                return_scores=True)
+                                return_scores=True, **kwargs)
+        scores, families = result.pop("scores"), [r.family for r in records]
+        if benchmark == "mmbench":
+            questions = circular_questions(records)
+            result = {key: sum(all(scores[i] for i in rows) for _, rows in questions) / len(questions),
+                      "per_row_exact_match": result[key], "num_questions": len(questions), "num_rows": len(records)}
+            scores = [float(all(scores[i] for i in rows)) for _, rows in questions]
+            families = [family for family, _ in questions]
         groups = {}
-        for family in sorted({r.family for r in records}):
-            idx = [i for i, r in enumerate(records) if r.family == family]
-            groups[family or "all"] = sum(result["scores"][i] for i in idx) / len(idx)
-        result = {k: v for k, v in result.items() if k != "scores"}
+        for family in sorted(set(families)):
+            idx = [i for i, f in enumerate(families) if f == family]
+            groups[family or "all"] = sum(scores[i] for i in idx) / len(idx)
     return {"score": float(result[key]), "groups": groups, "metric": result}
 
 
@@ -634,7 +749,7 @@ def mean_text_tokens(processor, data, max_rows=200):
         return 0
     rows = data.rows
     if data.kind != "testbed":
-        questions = [rows[i].question for i in range(n)]
+        questions = [rows[i].prompt for i in range(n)]  # what the model is asked, the answer-format line included
     elif hasattr(rows, "select"):  # a datasets.Dataset: read the column alone, without decoding the images
         questions = rows.select(range(n))[data.question_column]
     else:
@@ -889,6 +1004,7 @@ __all__ = [
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "greedy_answer_predictions",
     "keep_masks_of",
     "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
-    "oracle_keep_masks_fn", "oracle_order", "pruning_layout", "random_keep_masks_fn", "reference_token_counts",
+    "oracle_keep_masks_fn", "oracle_order", "parse_benchmark_spec", "pruning_layout", "random_keep_masks_fn",
+    "reference_token_counts",
     "representation_drift", "score_benchmark",
 ]

@@ -9,6 +9,13 @@ MMBench) until :meth:`VqaRecord.load_image` is called::
     records = read_benchmark("pope", "data/pope/coco_pope_random.json", image_dir="data/coco/val2014")
     ds = to_hf_dataset(records)   # columns: image, question, answers, family, ...
 
+The model is asked ``record.prompt``: the question (``record.question``, kept verbatim: for multiple choice
+with its lettered options) followed by the answer-format line LLaVA-1.5's evaluation files and lmms-eval append
+for that benchmark (``POST_PROMPTS``: "Answer the question using a single word or phrase." for VQAv2, GQA, POPE
+and VizWiz, the latter after "When the provided information is insufficient, respond with 'Unanswerable'.";
+"Answer with the option's letter from the given choices directly." for ScienceQA-IMG and MMBench; nothing for
+MME, whose questions already end in "Please answer yes or no.").
+
 Bad input raises ``FileNotFoundError`` (missing file or folder) or ``ValueError``
 (malformed content, or a file / split that holds no questions), naming the path and the
 layout that was expected. A UTF-8 byte-order mark at the start of a file (Windows editors
@@ -44,6 +51,23 @@ BENCHMARK_METRIC: Dict[str, str] = {
     "mmbench": "exact_match",
 }
 
+# The answer-format line appended to each benchmark's question (`VqaRecord.prompt`), as LLaVA-1.5's question files
+# (llava_vqav2_mscoco_test-dev2015.jsonl, llava_gqa_testdev_balanced.jsonl, llava_pope_test.jsonl,
+# vizwiz/llava_test.jsonl; --single-pred-prompt of model_vqa_science.py / model_vqa_mmbench.py) and lmms-eval's
+# tasks (post_prompt of vqav2, gqa, pope, vizwiz_vqa, scienceqa_img, mmbench_en) write it. MME's questions
+# already end in "Please answer yes or no.".
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+OPTION_LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+POST_PROMPTS: Dict[str, str] = {
+    "vqav2": SHORT_ANSWER,
+    "gqa": SHORT_ANSWER,
+    "pope": SHORT_ANSWER,
+    "scienceqa_img": OPTION_LETTER_ANSWER,
+    "vizwiz": "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER,
+    "mme": "",
+    "mmbench": OPTION_LETTER_ANSWER,
+}
+
 LAYOUTS: Dict[str, str] = {
     "vqav2": (
         "VQAv2: a questions JSON {'questions': [{'question_id', 'image_id', 'question'}, ...], 'data_subtype': "
@@ -67,9 +91,10 @@ LAYOUTS: Dict[str, str] = {
         "as <image_dir>/<pid>/image.png (default image_dir: images/<split>/ or <split>/ in that folder)"
     ),
     "vizwiz": (
-        "VizWiz: an annotation JSON (e.g. val.json) holding a list of {'image', 'question', 'answers': "
+        "VizWiz: an annotation JSON (e.g. Annotations/val.json) holding a list of {'image', 'question', 'answers': "
         "[{'answer', 'answer_confidence'}], 'answerable', 'answer_type'} objects; images in image_dir "
-        "(default: 'val/' next to the JSON)"
+        "(default: the folder named after the JSON's stem, e.g. 'val/', next to the JSON or next to its folder, "
+        "else the JSON's folder)"
     ),
     "mme": (
         "MME: a folder with one sub-folder per sub-task, either <subtask>/images/<img> + "
@@ -93,7 +118,8 @@ class VqaRecord:
     Attributes:
         question_id: unique id within the benchmark (always a string).
         image: path to the image file, or the encoded image bytes (MMBench).
-        question: the question text; for multiple choice it already lists the lettered options.
+        question: the question text (raw: no answer-format line); for multiple choice it already lists the
+            lettered options. The model is asked :attr:`prompt`.
         answers: reference answers (10 annotators for VQAv2 / VizWiz, the option letter for
             multiple choice, "yes"/"no" for POPE / MME); empty when the split has none.
         family: question family / category used for breakdowns (answer type, POPE split,
@@ -111,6 +137,11 @@ class VqaRecord:
     choices: Optional[List[str]] = None
     benchmark: str = ""
     image_id: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """What the model is asked: :attr:`question` + the benchmark's answer-format line (``POST_PROMPTS``)."""
+        return self.question + POST_PROMPTS.get(self.benchmark, "")
 
     def load_image(self):
         """Open the image as an RGB ``PIL.Image.Image``, turned upright by its EXIF orientation as
@@ -461,9 +492,13 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
 
     Args:
         path: the annotation JSON, or a folder holding ``val.json`` (or ``Annotations/val.json``).
-        image_dir: image folder; default ``val/`` next to the JSON (or the JSON's folder).
+        image_dir: image folder; default: the folder named after the JSON's stem (``val/`` for ``val.json``,
+            ``train/`` for ``train.json``) next to the JSON or next to its folder (the distributed layout:
+            ``<root>/Annotations/val.json`` + ``<root>/val/``), else the JSON's own folder: the first of these
+            that holds the first question's image.
     Family is ``answer_type`` (``yes/no``, ``number``, ``other``, ``unanswerable``), or
-    answerable / unanswerable when absent. The question id is the image file name.
+    answerable / unanswerable when absent. The question id is the image file name. The first question's image
+    must exist (``FileNotFoundError`` otherwise), so a wrong image folder is reported before any model loads.
     """
     name = "vizwiz"
     path = Path(path)
@@ -475,13 +510,26 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
         raise _bad(name, path, "expected a JSON list of question objects")
     if not data:
         raise _bad(name, path, "no questions (the JSON list is empty)")
-    if image_dir is None:
-        image_dir = path.parent / "val" if (path.parent / "val").is_dir() else path.parent
-    image_dir = _require_dir(Path(image_dir), name, "image folder")
-    records = []
     for row in data:
         if not isinstance(row, dict) or "image" not in row or "question" not in row:
             raise _bad(name, path, f"entry {str(row)[:200]!r} lacks 'image'/'question'")
+    first = str(data[0]["image"])
+    if image_dir is None:
+        candidates = list(dict.fromkeys([path.parent / path.stem, path.parent.parent / path.stem, path.parent]))
+        image_dir = next((c for c in candidates if (c / first).is_file()), None)
+        if image_dir is None:
+            raise FileNotFoundError(
+                f"vizwiz: the first image of {path}, {first!r}, is in none of {', '.join(map(str, candidates))}; "
+                f"pass image_dir= (the folder of the {path.stem!r} images; in a BENCHMARK:PATH spec "
+                f"'vizwiz:{path},image_dir=DIR'). Expected layout -- {LAYOUTS[name]}")
+    else:
+        image_dir = _require_dir(Path(image_dir), name, "image folder")
+        if not (image_dir / first).is_file():
+            raise FileNotFoundError(
+                f"vizwiz: image_dir {str(image_dir)!r} lacks the first image of {path}, {first!r}; pass the folder "
+                f"of the {path.stem!r} images. Expected layout -- {LAYOUTS[name]}")
+    records = []
+    for row in data:
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in row.get("answers", [])]
         family = row.get("answer_type") or ("" if "answerable" not in row
                                             else "answerable" if row["answerable"] else "unanswerable")
@@ -657,6 +705,14 @@ def canonical_benchmark(name: str) -> str:
     return key
 
 
+def reader_options(name: str) -> List[str]:
+    """The options ``read_benchmark(name, path, **options)`` passes on: the reader's arguments after ``path``
+    (e.g. ``["image_dir"]`` for POPE, ``["split", "image_dir"]`` for ScienceQA-IMG)."""
+    import inspect
+
+    return [p for p in inspect.signature(_READERS[canonical_benchmark(name)]).parameters if p != "path"]
+
+
 def read_benchmark(name: str, path: PathLike, limit: Optional[int] = None, **kwargs) -> List[VqaRecord]:
     """Read benchmark ``name`` from ``path`` with its reader (``kwargs`` go to the reader).
 
@@ -700,7 +756,7 @@ def to_hf_dataset(records: Sequence[VqaRecord]):
 
 
 __all__ = [
-    "BENCHMARKS", "BENCHMARK_METRIC", "LAYOUTS", "VqaRecord", "canonical_benchmark", "format_multiple_choice",
-    "open_rgb", "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope", "read_scienceqa_img",
-    "read_vizwiz", "read_vqav2", "to_hf_dataset",
+    "BENCHMARKS", "BENCHMARK_METRIC", "LAYOUTS", "POST_PROMPTS", "VqaRecord", "canonical_benchmark",
+    "format_multiple_choice", "open_rgb", "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope",
+    "read_scienceqa_img", "read_vizwiz", "read_vqav2", "reader_options", "to_hf_dataset",
 ]

@@ -1,12 +1,12 @@
 # Copyright 2025 The rcp-llava authors. Licensed under the Apache License, Version 2.0.
-"""Normalised exact match (GQA, multiple-choice letters) as an `evaluate` module.
+"""Exact match (GQA, multiple-choice letters) as an `evaluate` module, in the variants the official scorers use.
 
 Self-contained: loaded by path with ``evaluate.load``.
 """
 
 import re
 import string
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import datasets
 import evaluate
@@ -29,6 +29,22 @@ digits, the articles "a", "an", "the" dropped (unless that would leave nothing, 
 a bare option letter "A" survives), whitespace collapsed. This is the metric used for
 GQA testdev-balanced accuracy (the official GQA script compares lower-cased strings;
 LLaVA strips a trailing period first).
+
+`mode` picks how a prediction is read, as each benchmark's official scorer reads it:
+
+- "normalized" (default): the normalisation above (lenient; `normalize=False` compares stripped strings).
+- "gqa": LLaVA-1.5's GQA protocol (scripts/convert_gqa_for_eval.py, then the GQA evaluator): the prediction with
+  trailing periods stripped and lower-cased, compared verbatim with the reference ("the table" is not "table").
+- "scienceqa": LLaVA-1.5's llava/eval/eval_science_qa.py: newlines become ". ", then the option letter is the
+  prediction itself when it is one letter among the question's options, or its first letter when it starts with
+  "X. ", or X in "The answer is X"; anything else is wrong ("B." is wrong there, as in LLaVA; lmms-eval's
+  scienceqa_img accepts it). Needs `choices`.
+- "mmbench": MMBench's answer extraction without its GPT fallback (lmms-eval mmbench_evals.py / VLMEvalKit
+  `can_infer`): the one option letter standing alone (or as "X." "X," "X:" "X)" "(X)" ":X" ...) among the words of
+  the prediction, else the one option whose text occurs in the lower-cased prediction; anything else is wrong
+  (the GPT matcher is not called). Needs `choices`.
+
+In the multiple-choice modes a reference is the option letter.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -38,6 +54,8 @@ Args:
     normalize (`bool`, defaults to `True`): apply the normalisation; `False` compares the
         stripped strings verbatim.
     return_scores (`bool`, defaults to `False`): also return per-question 0/1 scores.
+    mode (`str`, defaults to `"normalized"`): "normalized", "gqa", "scienceqa" or "mmbench" (see above).
+    choices (`list` of `list` of `str`): the option texts of each question; required by "scienceqa" / "mmbench".
 Returns:
     exact_match (`float`): fraction of questions answered exactly, in [0, 1].
     scores (`list` of `float`): per-question scores, if `return_scores=True`.
@@ -45,7 +63,12 @@ Examples:
     >>> metric = rcp_llava.metrics.load_metric("exact_match")
     >>> metric.compute(predictions=["Yes."], references=[["yes"]])
     {'exact_match': 1.0}
+    >>> metric.compute(predictions=["B. Maine"], references=[["B"]], mode="scienceqa", choices=[["Ohio", "Maine"]])
+    {'exact_match': 1.0}
 """
+
+MODES = ("normalized", "gqa", "scienceqa", "mmbench")
+OPTION_LETTERS = "ABCDEFGHIJ"
 
 NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -72,6 +95,63 @@ def exact_match_score(prediction: str, references: Sequence[str], normalize: boo
     return float(any(norm(ref) == pred for ref in references))
 
 
+def gqa_prediction(prediction: str) -> str:
+    """LLaVA-1.5's scripts/convert_gqa_for_eval.py: ``text.rstrip('.').lower()``."""
+    return prediction.rstrip(".").lower()
+
+
+def scienceqa_choice(prediction: str, num_choices: int) -> Optional[str]:
+    """The option letter LLaVA-1.5's eval_science_qa.py reads from `prediction` (None: "FAILED")."""
+    options = ("A", "B", "C", "D", "E")  # a list, as in LLaVA: "" and "AB" are not options
+    text = prediction.replace("\n", ". ")
+    if text.strip() in options:
+        answer = text.strip()
+    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        answer = text[0]
+    else:
+        match = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
+        answer = match.group(1) if match else None
+    # get_pred_idx: only a letter of this question's options counts
+    return answer if answer is not None and answer in options[:num_choices] else None
+
+
+_MMBENCH_AFFIXES = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                    (":", ","), (":", "."), (":", ")"), (":", ")."))
+
+
+def mmbench_choice(prediction: str, choices: Sequence[str]) -> Optional[str]:
+    """MMBench's `can_infer` (lmms-eval mmbench_evals.py, VLMEvalKit): an option letter, else a unique option text;
+    None when neither is found (MMBench would then ask GPT; here the answer is wrong)."""
+    letters = "ABCDE"  # can_infer_option(answer, num_choice=5)
+    splits = [x.strip() for x in prediction.split()]
+
+    def count(prefix="", suffix=""):
+        return sum(prefix + c + suffix in splits for c in letters)
+
+    if count() == 1:
+        for ch in letters:
+            if "A" in splits and len(splits) > 3:  # "A" may be an article
+                break
+            if ch in splits:
+                return ch
+    for prefix, suffix in _MMBENCH_AFFIXES:
+        if count(prefix, suffix) == 1:
+            for ch in letters:
+                if prefix + ch + suffix in splits:
+                    return ch
+    lowered = prediction.lower()  # can_infer_text
+    candidates = [OPTION_LETTERS[i] for i, option in enumerate(choices) if str(option).lower() in lowered]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def choice_score(prediction: str, references: Sequence[str], choices: Sequence[str], mode: str) -> float:
+    """1.0 when the option letter read from `prediction` (`mode` "scienceqa" or "mmbench") is a reference letter."""
+    if len(references) == 0:
+        raise ValueError("exact_match: a question has no reference answers; at least one is needed.")
+    letter = scienceqa_choice(prediction, len(choices)) if mode == "scienceqa" else mmbench_choice(prediction, choices)
+    return float(letter is not None and letter in [str(r).strip() for r in references])
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ExactMatch(evaluate.Metric):
     """Normalised exact match against any of several references."""
@@ -90,8 +170,23 @@ class ExactMatch(evaluate.Metric):
             reference_urls=["https://cs.stanford.edu/people/dorarad/gqa/evaluate.html"],
         )
 
-    def _compute(self, predictions: List[str], references: List[List[str]], normalize=True, return_scores=False):
-        scores = [exact_match_score(p, r, normalize) for p, r in zip(predictions, references)]
+    def _compute(self, predictions: List[str], references: List[List[str]], normalize=True, return_scores=False,
+                 mode="normalized", choices=None):
+        if mode not in MODES:
+            raise ValueError(f"exact_match: `mode` is {mode!r}; use one of {list(MODES)}.")
+        if mode in ("scienceqa", "mmbench"):
+            if choices is None or len(choices) != len(predictions):
+                got = "None" if choices is None else f"{len(choices)} option lists"
+                raise ValueError(f"exact_match: mode={mode!r} needs `choices`, one list of option texts per "
+                                 f"prediction ({len(predictions)}); got {got}.")
+            scores = [choice_score(p, r, c, mode) for p, r, c in zip(predictions, references, choices)]
+        elif mode == "gqa":
+            for r in references:
+                if len(r) == 0:
+                    raise ValueError("exact_match: a question has no reference answers; at least one is needed.")
+            scores = [float(any(gqa_prediction(p) == ref for ref in r)) for p, r in zip(predictions, references)]
+        else:
+            scores = [exact_match_score(p, r, normalize) for p, r in zip(predictions, references)]
         result = {"exact_match": sum(scores) / len(scores) if scores else 0.0}
         if return_scores:
             result["scores"] = scores
