@@ -396,6 +396,7 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
                              attention_supervision=spec.attention_supervision if supervise else 0.0,
                              supervised_layers=preset.supervised_layers)
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.exists() else None
+    _record_threads(stage_dir, stage, resume)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     llava.requires_grad_(True)
@@ -403,6 +404,25 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     processor.save_pretrained(final)
     logger.warning(f"[testbed] stage {stage!r} done in {time.time() - t0:.0f}s")
     return final
+
+
+THREADS_FILE = "threads.json"
+
+
+def _record_threads(stage_dir: Path, stage: str, resume):
+    """Record the torch thread count each run of a stage trains on (`threads.json`), and warn when a resumed stage
+    runs on another: CPU kernels reduce in a thread-count-dependent order, so a build is bit-reproducible at one
+    count only (micro's whole build: 1 vs 2 threads end 1.1e-4 apart, 2 vs 2 equal) -- a deep build resumed on
+    2 threads after starting on 1 ended at 0.868 test accuracy where an uninterrupted one had 0.899."""
+    path = stage_dir / THREADS_FILE
+    used = json.loads(path.read_text()) if path.exists() else []
+    threads = torch.get_num_threads()
+    if resume is not None and used and used[-1] != threads:
+        logger.warning(f"[testbed] stage {stage!r} trained on {used[-1]} thread(s) and resumes on {threads}: the "
+                       f"result will equal no uninterrupted build. Set OMP_NUM_THREADS={used[-1]} (or "
+                       f"torch.set_num_threads) to continue it as it started, or delete {stage_dir} to retrain it.")
+    if not used or used[-1] != threads:
+        atomic_write(path, lambda tmp: write_text(tmp, json.dumps(used + [threads])))
 
 
 def train_testbed_model(preset="tiny", work_dir=None, seed: int = 0, stages=STAGES, save_steps: int = 200,
