@@ -7,7 +7,7 @@ MMBench) until :meth:`VqaRecord.load_image` is called::
 
     from rcp_llava.readers import read_benchmark, to_hf_dataset
     records = read_benchmark("pope", "data/pope/coco_pope_random.json", image_dir="data/coco/val2014")
-    ds = to_hf_dataset(records)   # columns: image, question, answers, family, ...
+    ds = to_hf_dataset(records)   # columns: image, question, prompt, answers, family, ...
 
 The model is asked ``record.prompt``: the question (``record.question``, kept verbatim: for multiple choice
 with its lettered options) followed by the answer-format line LLaVA-1.5's evaluation files and lmms-eval append
@@ -733,6 +733,7 @@ def to_hf_dataset(records: Sequence[VqaRecord]):
         "question_id": datasets.Value("string"),
         "image": datasets.Image(),
         "question": datasets.Value("string"),
+        "prompt": datasets.Value("string"),  # what the model is asked: the question + the answer-format line
         "answers": datasets.Sequence(datasets.Value("string")),
         "family": datasets.Value("string"),
         "benchmark": datasets.Value("string"),
@@ -747,6 +748,7 @@ def to_hf_dataset(records: Sequence[VqaRecord]):
         else:
             columns["image"].append({"path": str(r.image), "bytes": None})
         columns["question"].append(r.question)
+        columns["prompt"].append(r.prompt)
         columns["answers"].append(list(r.answers))
         columns["family"].append(r.family)
         columns["benchmark"].append(r.benchmark)

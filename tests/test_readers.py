@@ -422,8 +422,11 @@ def test_to_hf_dataset(mme_root, tmp_path):
         VqaRecord(question_id="m1", image=png_bytes(size=(3, 3)), question="Q?\nA. x\nB. y", answers=["A"],
                   family="cat", choices=["x", "y"], benchmark="mmbench")]
     ds = to_hf_dataset(records)
-    assert set(ds.column_names) == {"question_id", "image", "question", "answers", "family", "benchmark",
+    assert set(ds.column_names) == {"question_id", "image", "question", "prompt", "answers", "family", "benchmark",
                                     "choices", "image_id"}
+    # the prompt the evaluator asks (a dataset built from the records asked the bare question)
+    assert ds[2]["prompt"] == "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
+    assert ds[0]["prompt"] == ds[0]["question"]  # MME's questions carry their own answer format
     assert len(ds) == 3
     assert ds[0]["image"].size == (2, 9)  # lazily decoded from the path
     assert ds[2]["image"].size == (3, 3)  # decoded from bytes
