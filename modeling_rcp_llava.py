@@ -1424,11 +1424,10 @@ class RcpDecodeState:
         self._keep_unpadded()
 
 
-class RcpDynamicCache(DynamicCache):
-    """A `DynamicCache` whose per-sample pruning state follows beam reordering and batch edits.
-
-    Layers after a pruning layer simply hold fewer tokens: `DynamicCache` layers are independent.
-    """
+class RcpCacheMixin:
+    """What a cache needs once a pruned prefill filled it: the per-sample pruning state (`rcp_state`) follows beam
+    reordering and batch edits, and `get_seq_length` counts the input tokens seen (see below). Layers after a pruning
+    layer simply hold fewer tokens: a cache's layers are independent."""
 
     rcp_state = None
 
@@ -1458,6 +1457,24 @@ class RcpDynamicCache(DynamicCache):
         super().batch_select_indices(indices)
         if self.rcp_state is not None:
             self.rcp_state.select(indices)
+
+
+class RcpDynamicCache(RcpCacheMixin, DynamicCache):
+    """The `DynamicCache` a pruned `generate` runs on."""
+
+
+_RCP_CACHE_CLASSES = {DynamicCache: RcpDynamicCache}
+
+
+def _rcp_cache_class(cls):
+    """`cls` with `RcpCacheMixin` (made once per class): a cache the user passed (`QuantizedCache`, a `DynamicCache`
+    subclass) takes it after the prefill filled it, keeping its own storage."""
+    if issubclass(cls, RcpCacheMixin):
+        return cls
+    if cls not in _RCP_CACHE_CLASSES:
+        name = f"Rcp{cls.__name__}"
+        _RCP_CACHE_CLASSES[cls] = globals()[name] = type(name, (RcpCacheMixin, cls), {"__module__": __name__})
+    return _RCP_CACHE_CLASSES[cls]
 
 
 @dataclass
@@ -1755,10 +1772,10 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
                     collected[1].append(run.slot_orig)
         info = self.last_pruning_info = run.info()
         if run.cache is not None:
-            if type(run.cache) is DynamicCache:
-                # A plain cache passed by the user: make it report the input tokens it has seen (after a pre-LLM
-                # prune layer 0 holds fewer), or continuing generation from it would feed dropped positions again.
-                run.cache.__class__ = RcpDynamicCache
+            # A cache passed by the user (a plain or a quantized one): make it report the input tokens it has seen
+            # (after a pre-LLM prune layer 0 holds fewer), or continuing generation from it would feed the last ones
+            # again at later positions (a `QuantizedCache` continuation was 0.06 off in its logits).
+            run.cache.__class__ = _rcp_cache_class(type(run.cache))
             run.cache.rcp_state = run.decode_state(input_length)
         return RcpLlavaModelOutputWithPast(
             last_hidden_state=lm.norm(hidden),
@@ -2624,7 +2641,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     def _reorder_cache(self, past_key_values, beam_idx):
         past_key_values.reorder_cache(beam_idx)
         state = getattr(past_key_values, "rcp_state", None)
-        if state is not None and not isinstance(past_key_values, RcpDynamicCache):
+        if state is not None and not isinstance(past_key_values, RcpCacheMixin):
             state.reorder(beam_idx)  # a plain cache passed by the user: carry the state along ourselves
         return past_key_values
 

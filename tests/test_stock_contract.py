@@ -278,22 +278,31 @@ def test_generate_continues_from_a_returned_cache(name, specs):
 
 
 @pytest.mark.parametrize("name", ["vispruner", "rcp"])
-def test_generate_continues_from_a_plain_dynamic_cache_given_by_the_user(name):
-    """A user's `DynamicCache` (kept as is by generate) reports the input tokens seen after the pruned prefill; it
-    used to report layer 0's physical length, and continuing fed the dropped positions again (logits off by 0.05)."""
-    from transformers import DynamicCache
+@pytest.mark.parametrize("cache", ["dynamic", "quantized"])
+def test_generate_continues_from_a_cache_given_by_the_user(name, cache):
+    """A user's cache (kept as is by generate) reports the input tokens seen after the pruned prefill; it used to
+    report layer 0's physical length, and continuing fed the dropped positions again (logits off by 0.05 for a
+    `DynamicCache`; a `QuantizedCache`, which no class swap covered, by 0.06 after VisPruner's pre-LLM prune)."""
+    from transformers import DynamicCache, QuantizedCache
 
     model = make_model(**METHODS[name])
     model.generation_config.pad_token_id = 0
     batch = make_batch(SINGLE)
     greedy = dict(do_sample=False, return_dict_in_generate=True)
+
+    def new_cache():
+        return DynamicCache() if cache == "dynamic" else QuantizedCache("fp8", model.config)
+
     with torch.no_grad():
-        whole = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, **greedy)
-        first = model.generate(**batch, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **greedy)
+        whole = model.generate(**batch, past_key_values=new_cache(), max_new_tokens=5, min_new_tokens=5,
+                               output_logits=True, **greedy)
+        first = model.generate(**batch, past_key_values=new_cache(), max_new_tokens=2, min_new_tokens=2, **greedy)
         assert first.past_key_values.get_seq_length() == batch["input_ids"].shape[1] + 1  # prompt + 1 fed token
+        assert isinstance(first.past_key_values, DynamicCache if cache == "dynamic" else QuantizedCache)
         rest = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=3,
-                              min_new_tokens=3, **greedy)
+                              min_new_tokens=3, output_logits=True, **greedy)
     assert torch.equal(rest.sequences, whole.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(rest.logits, whole.logits[2:]))
 
 
 def test_none_generates_with_chunked_prefill_as_stock():
