@@ -202,6 +202,9 @@ class RcpPruner(nn.Module):
         returns logits (B, K); padded entries are -inf.
         """
         bsz, k, _ = visual.shape
+        # In the plug-ins' dtype: float32 plug-ins on a half-precision backbone (how `RcpTrainer` trains them).
+        dtype = self.queries.dtype
+        visual, question = visual.to(dtype), question.to(dtype)
         q_valid = question_valid.unsqueeze(-1).to(question.dtype)  # (B, Lq, 1)
         q_mean = (question * q_valid).sum(1) / q_valid.sum(1).clamp_min(1.0)  # (B, d)
         queries = self.queries + self.question_norm(self.question_proj(q_mean)).unsqueeze(1)  # (B, Nq, p), Eq. (1)
@@ -304,13 +307,15 @@ class RcpRepairAdapter(nn.Module):
         nn.init.constant_(self.gate, self.gate_init)
 
     def forward(self, hidden, context, answer_mask):
-        """hidden: (B, L, d), context: (B, b), answer_mask: (B, L) bool -> repaired hidden (B, L, d)."""
-        cond = context.unsqueeze(1) + self.query_proj(hidden)  # Eq. (11), (B, L, b)
+        """hidden: (B, L, d), context: (B, b), answer_mask: (B, L) bool -> repaired hidden (B, L, d).
+        Computed in the adapter's dtype (float32 plug-ins on a half-precision backbone), added in the hidden's."""
+        h = hidden.to(self.gate.dtype)
+        cond = context.to(h.dtype).unsqueeze(1) + self.query_proj(h)  # Eq. (11), (B, L, b)
         gamma = 1 + self.film_gamma(cond)  # Eq. (12)
         beta = self.film_beta(cond)  # Eq. (13)
-        delta = self.gate * self.up(gamma * F.gelu(self.down(hidden)) + beta)  # Eq. (14), (B, L, d)
+        delta = self.gate * self.up(gamma * F.gelu(self.down(h)) + beta)  # Eq. (14), (B, L, d)
         # torch.where, not g * delta: a padded row may hold NaN, and NaN * 0 stays NaN.
-        return torch.where(answer_mask.unsqueeze(-1), hidden + delta, hidden)  # Eq. (15)
+        return torch.where(answer_mask.unsqueeze(-1), hidden + delta.to(hidden.dtype), hidden)  # Eq. (15)
 
 
 class RcpPlugins(nn.Module):
@@ -715,11 +720,11 @@ class RcpSelector(TokenSelector):
     method = PRUNING_METHODS["rcp"]
 
     def scores(self, ctx):
-        prior = ctx.question_prior().to(ctx.hidden.dtype)  # A, Eq. (4)
+        pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
+        prior = ctx.question_prior().to(pruner.queries.dtype)  # A, Eq. (4), in the pruner's dtype
         if self.model.detach_prior:
             prior = prior.detach()
         q_valid = ctx.question_slots()[1]  # (B, Lq)
-        pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
         visual = ctx.visual_hidden_norm()  # (B, K, d)
         question = ctx.question_hidden_norm()  # (B, Lq, d), the rows the prior's queries read
         return pruner(visual, ctx.valid, question, q_valid, prior)  # (B, K)

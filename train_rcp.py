@@ -447,6 +447,20 @@ def freeze_backbone(model):
         )
 
 
+def upcast_plugins(model):
+    """Plug-ins in float16 / bfloat16 (a half-precision checkpoint: `llava-hf/llava-1.5-7b-hf` is float16, and
+    `from_pretrained` keeps it) train in float32, as PEFT's adapters do (`autocast_adapter_dtype`): a 5e-5 step is
+    below the spacing of bf16 at the pruner bias's 2.0 (1.6e-2), so most updates rounded away. The backbone keeps
+    its dtype; each plug-in computes in its own and casts at its boundaries."""
+    plugins = model.model.rcp_plugins
+    half = {p.dtype for p in plugins.parameters()} & {torch.float16, torch.bfloat16}
+    if half:
+        plugins.float()
+        logger.warning(f"[train_rcp] the plug-ins train in float32 on a {model.dtype} backbone (they were "
+                       f"{'/'.join(sorted(str(d).replace('torch.', '') for d in half))}, in which most small updates "
+                       "round away); `save_plugins` writes them in float32.")
+
+
 class RcpTrainer(AtomicCheckpointMixin, Trainer):
     """Trains the plug-ins of an `RcpLlavaForConditionalGeneration` with the RCP loss.
 
@@ -472,6 +486,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
         model._check_plugins_unwrapped("RcpTrainer")
         freeze_backbone(model)
+        upcast_plugins(model)
         model.model.detach_prior = args.detach_prior  # a switch of the model, like `train()`
         super().__init__(model=model, args=args, **kwargs)
         # Runtime training state lives here, never in `model.config` (which is what the user chose, and what

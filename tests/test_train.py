@@ -916,6 +916,42 @@ def test_a_training_arguments_subclass_names_the_fields_it_loses(micro, tmp_path
     assert "are ignored" not in caplog.text  # at their defaults, nothing is lost
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plugins_of_a_half_precision_checkpoint_train_in_float32(micro, tmp_path, dtype, caplog):
+    """A half-precision checkpoint (llava-hf's 7B is float16) gave bf16 / fp16 plug-ins: at lr 5e-5 the pruner bias
+    (2.0, bf16 spacing 1.6e-2) never moved and most parameters kept their values, with finite losses. They now train
+    in float32, as PEFT's adapters do, on the backbone in its own dtype."""
+    from safetensors.torch import load_file
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    make, processor, dataset = micro
+    make().save_pretrained(tmp_path / "fp32")
+    model = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "fp32", dtype=dtype)
+    assert {p.dtype for p in model.plugin_parameters()} == {dtype}
+    before = {k: v.float().clone() for k, v in model.plugin_state_dict().items()}
+    trainer = make_trainer(micro, tmp_path / "run", model=model, max_steps=3, learning_rate=5e-5, warmup_steps=0,
+                           save_strategy="no")
+    assert f"the plug-ins train in float32 on a {dtype} backbone" in caplog.text
+    assert {p.dtype for p in model.plugin_parameters()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if not n.startswith(train_rcp.PLUGIN_PREFIX)} == {dtype}
+    trainer.train()
+    after = model.plugin_state_dict()
+    assert after["model.rcp_plugins.pruners.1.bias"] != 2.0  # a float32 step (bf16 rounded it back to 2.0)
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    assert changed > 0.9 * sum(v.numel() for v in before.values())
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    model.save_plugins(tmp_path / "plugins")
+    saved = load_file(tmp_path / "plugins" / "rcp_plugins.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    with torch.no_grad():  # and the half-precision backbone runs them, in both layouts
+        batch = RcpDataCollator(processor)([dataset[0], dataset[1]])
+        batch = {k: v for k, v in batch.items() if k not in ("labels",)}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        model.eval()
+        assert torch.isfinite(model(**batch).logits).all()
+
+
 def test_save_model_writes_the_processor_given_as_processing_class(micro, tmp_path):
     """`Trainer._save` saves `processing_class` beside the model; the plug-in-only `_save` left it out."""
     make, processor, dataset = micro
