@@ -315,6 +315,20 @@ class RcpTrainingArguments(TrainingArguments):
                 "student's differentiable key mask would be "
                 "lost in the backward recomputation. Only the small plug-ins train; leave it off."
             )
+        if self.bf16_full_eval or self.fp16_full_eval:
+            flag = "bf16_full_eval" if self.bf16_full_eval else "fp16_full_eval"
+            raise ValueError(
+                f"`{flag}=True` is not supported: for an evaluation outside training the Trainer casts the whole model, "
+                "the float32 plug-ins included, to half precision in place, so the job then saved and evaluated "
+                "rounded plug-ins. Evaluate under autocast (`bf16=True` / `fp16=True` cover evaluation too), or load "
+                "the backbone in half precision (`dtype=` in `from_pretrained`; the plug-ins still train in float32)."
+            )
+        if self.remove_unused_columns:
+            # The collator builds the prompts from the raw columns (image, question, answer): the stock default
+            # dropped them all and `train()` failed after the model loaded.
+            logger.warning("[train_rcp] `remove_unused_columns=True` would drop the image, question and answer columns "
+                           "the RCP collator reads: set to False.")
+            self.remove_unused_columns = False
         self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
 
 
@@ -330,10 +344,6 @@ def rcp_training_arguments(args):
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"`args` must be `RcpTrainingArguments` (or `TrainingArguments`), got {type(args).__name__}.")
     values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in dataclasses.fields(TrainingArguments) if f.init}
-    if values["remove_unused_columns"]:
-        logger.warning("[train_rcp] `remove_unused_columns=True` (the `TrainingArguments` default) would drop the "
-                       "image, question and answer columns the RCP collator reads: set to False.")
-        values["remove_unused_columns"] = False
     # A subclass's own fields (e.g. `Seq2SeqTrainingArguments.predict_with_generate`) have no place in
     # `RcpTrainingArguments`: name the ones set away from their defaults rather than drop them unannounced.
     dropped = [f.name for f in dataclasses.fields(args) if f.init and f.name not in values

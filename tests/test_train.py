@@ -952,6 +952,18 @@ def test_plugins_of_a_half_precision_checkpoint_train_in_float32(micro, tmp_path
         assert torch.isfinite(model(**batch).logits).all()
 
 
+def test_full_half_precision_evaluation_is_refused_and_unused_columns_kept(tmp_path, caplog):
+    """`bf16_full_eval` made the job's evaluation after training cast the model in place (Trainer.evaluation_loop),
+    so plugins/ and model/ were saved in bf16; `remove_unused_columns=True` failed at `train()`, after the model
+    loaded, where a plain `TrainingArguments` was already set to False."""
+    for flag in ("bf16_full_eval", "fp16_full_eval"):
+        with pytest.raises(ValueError, match=rf"^`{flag}=True` is not supported: for an evaluation outside training the "
+                                             "Trainer casts the whole model"):
+            RcpTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{flag: True})
+    args = RcpTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=True)
+    assert args.remove_unused_columns is False and "remove_unused_columns=True" in caplog.text
+
+
 def test_save_model_writes_the_processor_given_as_processing_class(micro, tmp_path):
     """`Trainer._save` saves `processing_class` beside the model; the plug-in-only `_save` left it out."""
     make, processor, dataset = micro
