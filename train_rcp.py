@@ -457,6 +457,39 @@ def freeze_backbone(model):
         )
 
 
+def load_splits(dataset_path, train_split="train"):
+    """The splits of `--dataset_name_or_path`: a `save_to_disk` folder (a `DatasetDict`, or one `Dataset` as the
+    `train_split`), a local file or folder `datasets.load_dataset` reads (parquet / JSON / CSV / imagefolder, as on
+    the Hub), or a Hub id. A saved `Dataset` used to be searched row by row for a split and every row (images
+    decoded) printed in the error; a Hub-style folder was refused as 'neither a Dataset nor a DatasetDict directory'."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if os.path.isdir(dataset_path) and any(os.path.isfile(os.path.join(dataset_path, name))
+                                           for name in ("dataset_dict.json", "state.json")):
+        splits = load_from_disk(dataset_path)
+        return {train_split: splits} if isinstance(splits, Dataset) else splits
+    if os.path.isfile(dataset_path):
+        extension = os.path.splitext(dataset_path)[1].lstrip(".").lower()
+        builder = {"jsonl": "json", "tsv": "csv", "txt": "text"}.get(extension, extension)
+        if builder == "json" and _is_llava_json(dataset_path):
+            raise ValueError(f"--dataset_name_or_path {dataset_path!r} is a LLaVA-style JSON (records with "
+                             "'conversations'): pass it as --llava_json (with --image_folder for its image paths).")
+        return load_dataset(builder, data_files=dataset_path)
+    return load_dataset(dataset_path)
+
+
+def _is_llava_json(path):
+    """Whether the JSON file at `path` is a list whose first record has 'conversations' (read whole: small files
+    only reach here; a large one is read by `load_dataset` next anyway)."""
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (ValueError, OSError):  # JSON lines, or not JSON at all: `load_dataset` names it
+        return False
+    return isinstance(records, list) and bool(records) and isinstance(records[0], dict) \
+        and "conversations" in records[0]
+
+
 def upcast_plugins(model):
     """Plug-ins in float16 / bfloat16 (a half-precision checkpoint: `llava-hf/llava-1.5-7b-hf` is float16, and
     `from_pretrained` keeps it) train in float32, as PEFT's adapters do (`autocast_adapter_dtype`): a 5e-5 step is
@@ -1146,7 +1179,6 @@ def _explicit_flags(argv):
 
 def run_job(job, args, explicit=()):
     """Build or load the base model and data, train the plug-ins, evaluate full vs pruned, write the folder."""
-    from datasets import load_dataset, load_from_disk
     from transformers import AutoConfig, AutoProcessor, set_seed
 
     started = time.time()
@@ -1216,10 +1248,8 @@ def run_job(job, args, explicit=()):
         splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder)}
     elif dataset_path is None:
         raise ValueError("Give --dataset_name_or_path or --llava_json (or no --base_model for the testbed).")
-    elif os.path.isdir(dataset_path):
-        splits = load_from_disk(dataset_path)
     else:
-        splits = load_dataset(dataset_path)
+        splits = load_splits(dataset_path, job.train_split)
     if job.train_split not in splits:
         raise ValueError(f"The dataset has no split {job.train_split!r}; it has {list(splits)}.")
     train = splits[job.train_split]

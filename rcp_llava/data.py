@@ -12,6 +12,10 @@ import json
 import os
 
 import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 def prompt_messages(question, answer=None):
@@ -393,7 +397,10 @@ LLAVA_ANSWER_ROLES = ("gpt", "assistant")
 
 def load_llava_json(path, image_folder=None):
     """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
-    (image, question, answer) rows, one per human/gpt turn pair.
+    (image, question, answer) rows, one per human/gpt turn pair: each pair is its own single-turn example with the
+    image (a later turn is trained without the earlier ones, unlike LLaVA's `preprocess_v1`, which trains one
+    sequence per conversation). Text-only records (no `image`, as llava_v1_5_mix665k.json's ShareGPT ones) are
+    skipped with a warning that counts them: there is nothing to prune.
 
     Image paths are resolved here, once, against `image_folder` (absolute paths returned), so the collator must
     not join the folder again (it left `images/images/...` with a relative folder). Every record and image is
@@ -417,10 +424,15 @@ def load_llava_json(path, image_folder=None):
                          f"got {type(records).__name__}{'' if records else ' (empty)'}.")
     rows = []
     readable = set()  # LLaVA sets reuse images (COCO) across records: open each file once
+    text_only = []  # records without an image (llava_v1_5_mix665k.json's ShareGPT turns): nothing to prune
     for i, record in enumerate(records):
-        if not isinstance(record, dict) or "image" not in record or "conversations" not in record:
-            raise ValueError(f"Record {i} of {path} lacks 'image' or 'conversations'.")
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise ValueError(f"Record {i} of {path} is not a dict with 'conversations' (and 'image'), got "
+                             f"{_short(record)!r}.")
         where = f"Record {i}" + (f" (id {record['id']!r})" if "id" in record else "") + f" of {path}"
+        if "image" not in record:
+            text_only.append(where.split(" of ")[0])
+            continue
         turns = record["conversations"]
         if (not isinstance(turns, list) or len(turns) < 2
                 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
@@ -466,6 +478,12 @@ def load_llava_json(path, image_folder=None):
         for human, gpt in zip(turns[0::2], turns[1::2]):
             question = strip_image_token(human["value"]).strip()
             rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
+    if text_only:
+        if not rows:
+            raise ValueError(f"Every record of {path} is text-only (no 'image'): RCP prunes visual tokens and trains "
+                             "on image questions. Give records with an 'image'.")
+        logger.warning(f"[data] {path}: skipped {len(text_only)} text-only record(s) of {len(records)} (no 'image'; "
+                       f"RCP trains on image questions), e.g. {', '.join(text_only[:3])}.")
     return Dataset.from_list(rows)
 
 

@@ -590,6 +590,51 @@ def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monk
     assert load_image(rows[0]["image"], "images/").size == (8, 8)
 
 
+def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
+    """llava_v1_5_mix665k.json holds text-only (ShareGPT) records: the whole file was refused with "Record 2 lacks
+    'image' or 'conversations'". They are skipped and counted; a file of nothing else is refused."""
+    from rcp_llava.data import load_llava_json
+
+    image = {"id": "a", "image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat.")]}
+    text = {"id": "t", "conversations": [_turn("human", "Hi?"), _turn("gpt", "Hello.")]}
+    path = _llava_json(tmp_path, [image, text, image, {**text, "id": "u"}])
+    rows = load_llava_json(str(path), str(tmp_path / "images"))
+    assert [r["answer"] for r in rows] == ["A cat.", "A cat."]
+    assert (f"{path}: skipped 2 text-only record(s) of 4 (no 'image'; RCP trains on image questions), e.g. Record "
+            "1 (id 't'), Record 3 (id 'u').") in caplog.text
+    with pytest.raises(ValueError, match=r"Every record of .*data.json is text-only \(no 'image'\)"):
+        load_llava_json(str(_llava_json(tmp_path, [text])), str(tmp_path / "images"))
+    with pytest.raises(ValueError, match=r"Record 1 of .*data.json is not a dict with 'conversations' \(and "
+                                         r"'image'\), got 'a.png'"):
+        load_llava_json(str(_llava_json(tmp_path, [image, "a.png"])), str(tmp_path / "images"))
+
+
+def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
+    """A saved single `Dataset` was searched row by row for a 'train' split and every row (images decoded) printed in
+    the error; a Hub-style folder (parquet under data/) was 'neither a Dataset nor a DatasetDict directory'; a LLaVA
+    JSON given as --dataset_name_or_path was 'Couldn't find any data file' although it exists."""
+    from datasets import Dataset, DatasetDict
+
+    from train_rcp import load_splits
+
+    rows = {"question": ["q1", "q2"], "answer": ["a1", "a2"]}
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "single"))
+    assert list(load_splits(str(tmp_path / "single"), "mine")) == ["mine"]
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert sorted(load_splits(str(tmp_path / "dict"))) == ["test", "train"]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    hub = load_splits(str(tmp_path / "hub"))
+    assert list(hub) == ["train"] and hub["train"]["answer"] == ["a1", "a2"]
+    Dataset.from_dict(rows).to_json(str(tmp_path / "rows.jsonl"))
+    assert load_splits(str(tmp_path / "rows.jsonl"))["train"]["question"] == ["q1", "q2"]
+    path = _llava_json(tmp_path)
+    with pytest.raises(ValueError, match=r"is a LLaVA-style JSON \(records with 'conversations'\): pass it as "
+                                         r"--llava_json \(with --image_folder"):
+        load_splits(str(path))
+
+
 @pytest.mark.parametrize("case, error, match", [
     ("no_file", FileNotFoundError, r"--llava_json: no file '.*missing.json'"),
     ("no_folder", FileNotFoundError, r"--image_folder: no folder '.*nowhere'"),
