@@ -1478,7 +1478,8 @@ def _rcp_cache_class(cls):
         return cls
     if cls not in _RCP_CACHE_CLASSES:
         name = f"Rcp{cls.__name__}"
-        _RCP_CACHE_CLASSES[cls] = globals()[name] = type(name, (RcpCacheMixin, cls), {"__module__": __name__})
+        _RCP_CACHE_CLASSES[cls] = made = type(name, (RcpCacheMixin, cls), {"__module__": __name__})
+        globals().setdefault(name, made)  # found by name (pickle), unless a class of ours has that name
     return _RCP_CACHE_CLASSES[cls]
 
 
