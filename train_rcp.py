@@ -879,6 +879,9 @@ class RcpJobArguments:
     answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the answer."})
     llava_json: str | None = field(default=None, metadata={"help": "A LLaVA-style JSON instead of a dataset."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths live in."})
+    llava_turns: str = field(default="conversation", metadata={
+        "help": "How --llava_json's multi-turn records train: 'conversation' (one sequence per record, every answer "
+                "labelled, as LLaVA's preprocess_v1) or 'pairs' (each question/answer pair its own example)."})
     max_length: int | None = field(default=None, metadata={"help": "Refuse examples longer than this."})
     pruning_layers: list[str] | None = field(
         default=None, metadata={"help": "e.g. '1,13,25' (0-based). Default: the paper's placement for the model's "
@@ -985,7 +988,8 @@ HELP_GROUPS = {
         "gumbel_noise", "gumbel_schedule", "gumbel_temperature_start", "gumbel_temperature_end",
         "gumbel_anneal_ratio", "gumbel_noise_ratio", "detach_prior"),
     "data and model": (
-        "base_model", "dataset_name_or_path", "llava_json", "image_folder", "train_split", "eval_split", "test_split",
+        "base_model", "dataset_name_or_path", "llava_json", "image_folder", "llava_turns", "train_split", "eval_split",
+        "test_split",
         "image_column", "question_column", "answer_column", "max_length", "max_train_samples", "max_eval_samples"),
     "testbed (the main job: no --base_model)": ("testbed_preset",),
     "output": ("overwrite_output_dir", "push_plugins_only", "model_card_license"),
@@ -1245,7 +1249,7 @@ def run_job(job, args, explicit=()):
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
                                max_length=job.max_length, image_folder=job.image_folder)
     if job.llava_json:
-        splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder)}
+        splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder, turns=job.llava_turns)}
     elif dataset_path is None:
         raise ValueError("Give --dataset_name_or_path or --llava_json (or no --base_model for the testbed).")
     else:

@@ -127,6 +127,8 @@ class RcpDataCollator:
         the text "None" / "nan" / "3", and an `<image>` in an answer failed in the processor naming nothing."""
         image_token = self.processor.image_token
         question, answer = example[self.question_column], example[self.answer_column]
+        if isinstance(question, (list, tuple)) or isinstance(answer, (list, tuple)):
+            return self._turns_problem(question, answer)
         if question is None:
             return (ValueError, f"{self.question_column!r} is None: the question is missing (it would train as the "
                                 "text 'None'). Drop the example or fix the column (`--question_column`).")
@@ -151,6 +153,26 @@ class RcpDataCollator:
             return (ValueError, f"{self.answer_column!r} {_short(answer)!r} holds the image placeholder "
                                 f"{image_token!r}, which the processor would expand into image tokens. Fix the "
                                 "answer or drop the example.")
+        return None
+
+    def _turns_problem(self, questions, answers):
+        """`text_problem` of a multi-turn example: equally long lists of questions and answers, each turn a valid
+        single-turn pair, the image placeholder (if any) in the first question only."""
+        if not (isinstance(questions, (list, tuple)) and isinstance(answers, (list, tuple))):
+            return (TypeError, f"{self.question_column!r} and {self.answer_column!r} must both be lists (one entry per "
+                               "turn of a conversation) or both strings, got "
+                               f"{type(questions).__name__} and {type(answers).__name__}.")
+        if not questions or len(questions) != len(answers):
+            return (ValueError, f"{self.question_column!r} holds {len(questions)} turn(s) and {self.answer_column!r} "
+                                f"{len(answers)}: a conversation needs one answer per question, at least one turn.")
+        for k, (question, answer) in enumerate(zip(questions, answers)):
+            problem = self.text_problem({self.question_column: question, self.answer_column: answer})
+            if problem is None and k > 0 and isinstance(question, str) and self.processor.image_token in question:
+                problem = (ValueError, f"{self.question_column!r} {_short(question)!r} holds the image placeholder "
+                                       f"{self.processor.image_token!r} in a later turn: the image goes with the "
+                                       "first question. Drop multi-image conversations.")
+            if problem is not None:
+                return (problem[0], f"turn {k}: {problem[1]}")
         return None
 
     def problem(self, example):
@@ -190,6 +212,43 @@ class RcpDataCollator:
             full = full.rstrip() + eos
         return prompt, full
 
+    def conversation(self, example):
+        """A multi-turn example (`question` and `answer` lists) as `(text, spans)`: the whole conversation rendered
+        with the chat template, each answer followed by EOS (LLaVA's `preprocess_v1`: "USER: <image>\nQ1 ASSISTANT:
+        A1</s>USER: Q2 ASSISTANT: A2</s>"), and the (start, end) character span of each answer with its EOS, which
+        are the trained tokens. The template renders each turn; a turn that does not extend the conversation
+        rendered so far is refused."""
+        problem = self.text_problem(example)
+        if problem is not None:
+            self._refuse(problem, example)
+        image_token, eos = self.processor.image_token, self.processor.tokenizer.eos_token
+        questions = [strip_image_token(q, image_token) for q in example[self.question_column]]
+        messages = prompt_messages(questions[0])
+        text, spans, rendered = "", [], ""
+        for k, (question, answer) in enumerate(zip(questions, example[self.answer_column])):
+            if k:
+                messages = messages + [{"role": "user", "content": [{"type": "text", "text": question}]}]
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            full = self.processor.apply_chat_template(messages)
+            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                raise ValueError(f"The chat template does not render turn {k} of a conversation as an extension of "
+                                 "the turns before it; it cannot be trained as one sequence.")
+            text += prompt[len(rendered):].lstrip() if k else prompt  # the user turn + the generation prompt
+            reply = full[len(prompt):]
+            if eos and eos not in reply:  # llava-hf's LLaVA-1.5 template writes no EOS after an answer
+                reply = reply.rstrip() + eos
+            spans.append((len(text), len(text) + len(reply.rstrip())))  # trailing whitespace is the next turn's
+            text += reply
+            rendered = full
+        return text, spans
+
+    def full_text(self, example):
+        """The text the collator tokenizes for `example` (single- or multi-turn)."""
+        if isinstance(example[self.question_column], (list, tuple)):
+            return self.conversation(example)[0]
+        return self.texts(example)[1]
+
     def load_image(self, image):
         return load_image(image, self.image_folder)
 
@@ -200,6 +259,8 @@ class RcpDataCollator:
                 self._refuse(problem, example, position)
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
+        if any(isinstance(e[self.question_column], (list, tuple)) for e in examples):
+            return self._conversations(examples)
         prompts, fulls = zip(*(self.texts(e) for e in examples))
         images = [self.load_image(e[self.image_column]) for e in examples]
         batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
@@ -225,6 +286,52 @@ class RcpDataCollator:
         image = input_ids == self.image_token_id
         last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
         question_mask = (positions > last_image) & (positions < answer_start) & attention
+        out = dict(batch)
+        out.update(labels=labels, question_mask=question_mask, answer_mask=default_answer_mask(labels),
+                   position_ids=position_ids_from_mask(attention))
+        return out
+
+
+    def _conversations(self, examples):
+        """`__call__` on a batch holding a multi-turn example (single-turn ones count as one-turn conversations):
+        labels on every answer and its EOS (`conversation`), the question mask on the text after the image that is
+        not an answer (every user turn), the answer mask on the positions predicting an answer token."""
+        tokenizer = self.processor.tokenizer
+        rendered = []
+        for e in examples:
+            turns = e if isinstance(e[self.question_column], (list, tuple)) else {
+                **e, self.question_column: [e[self.question_column]], self.answer_column: [e[self.answer_column]]}
+            rendered.append(self.conversation(turns))
+        images = [self.load_image(e[self.image_column]) for e in examples]
+        batch = self.processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
+        input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+        bsz, seq = input_ids.shape
+        lengths = attention.sum(1)
+        if self.max_length is not None and int(lengths.max()) > self.max_length:
+            position = int(lengths.argmax())
+            raise ValueError(f"Example {position} of this batch ({self.describe(examples[position])}) is "
+                             f"{int(lengths[position])} tokens, above `max_length={self.max_length}`: raise --max_length "
+                             "or drop long conversations.")
+        is_answer = torch.zeros(bsz, seq, dtype=torch.bool)
+        for row, (text, spans) in enumerate(rendered):
+            ids = tokenizer(text)["input_ids"]
+            # The processor expands the one image placeholder (in the first question, before every answer).
+            shift = int(seq - lengths[row]) + int((input_ids[row] == self.image_token_id).sum()) - 1
+            for start, end in spans:
+                bounds = []
+                for cut in (start, end):
+                    prefix = tokenizer(text[:cut])["input_ids"]
+                    if ids[:len(prefix)] != prefix:
+                        raise ValueError("The tokenizer merges tokens across an answer's boundary in a conversation "
+                                         f"({self.describe(examples[row])}); its answer tokens cannot be told apart.")
+                    bounds.append(len(prefix) + shift)
+                is_answer[row, bounds[0]:bounds[1]] = True
+        labels = torch.where(is_answer & attention, input_ids, -100)
+        positions = torch.arange(seq).unsqueeze(0)
+        image = input_ids == self.image_token_id
+        last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
+        last_answer = torch.where(is_answer, positions, -1).max(1).values.unsqueeze(1)
+        question_mask = (positions > last_image) & (positions < last_answer) & ~is_answer & attention
         out = dict(batch)
         out.update(labels=labels, question_mask=question_mask, answer_mask=default_answer_mask(labels),
                    position_ids=position_ids_from_mask(attention))
@@ -379,7 +486,7 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             continue
         # Tokenized as the processor tokenizes the prompt, whose one `<image>` id it then expands into
         # `image_tokens` ids (the placeholder is a special token: its neighbours tokenize the same either way).
-        encoded = tokenizer([collator.texts(row)[1] for row in rows])["input_ids"]
+        encoded = tokenizer([collator.full_text(row) for row in rows])["input_ids"]
         for offset, (row, ids) in enumerate(zip(rows, encoded)):
             total = len(ids) + sum(1 for t in ids if t == collator.image_token_id) * (image_tokens - 1)
             if total > max_length:
@@ -395,12 +502,13 @@ LLAVA_QUESTION_ROLES = ("human", "user")
 LLAVA_ANSWER_ROLES = ("gpt", "assistant")
 
 
-def load_llava_json(path, image_folder=None):
+def load_llava_json(path, image_folder=None, turns="conversation"):
     """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
-    (image, question, answer) rows, one per human/gpt turn pair: each pair is its own single-turn example with the
-    image (a later turn is trained without the earlier ones, unlike LLaVA's `preprocess_v1`, which trains one
-    sequence per conversation). Text-only records (no `image`, as llava_v1_5_mix665k.json's ShareGPT ones) are
-    skipped with a warning that counts them: there is nothing to prune.
+    (image, question, answer) rows. `turns="conversation"` (default): one row per record, `question` and `answer`
+    the lists of its turns, which `RcpDataCollator` trains as one sequence with every answer labelled (LLaVA's
+    `preprocess_v1`); `turns="pairs"`: one single-turn row per human/gpt pair (a later turn then trains without the
+    earlier ones). Text-only records (no `image`, as llava_v1_5_mix665k.json's ShareGPT ones) are skipped with a
+    warning that counts them: there is nothing to prune.
 
     Image paths are resolved here, once, against `image_folder` (absolute paths returned), so the collator must
     not join the folder again (it left `images/images/...` with a relative folder). Every record and image is
@@ -409,6 +517,10 @@ def load_llava_json(path, image_folder=None):
     from datasets import Dataset
     from PIL import Image
 
+    if turns not in ("conversation", "pairs"):
+        raise ValueError(f"--llava_turns {turns!r}: use 'conversation' (one sequence per record) or 'pairs' (one "
+                         "example per question/answer pair).")
+    mode = turns  # `turns` names each record's conversation below
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--llava_json: no file {path!r}. Give the path of a LLaVA-style JSON list.")
     if image_folder is not None and not os.path.isdir(image_folder):
@@ -475,9 +587,12 @@ def load_llava_json(path, image_folder=None):
                 raise ValueError(f"{where}: the image file {image!r} cannot be read as an image ({err}). Replace "
                                  "the file or drop the record.") from None
             readable.add(image)
-        for human, gpt in zip(turns[0::2], turns[1::2]):
-            question = strip_image_token(human["value"]).strip()
-            rows.append({"image": image, "question": question, "answer": gpt["value"].strip()})
+        questions = [strip_image_token(human["value"]).strip() for human in record["conversations"][0::2]]
+        answers = [gpt["value"].strip() for gpt in record["conversations"][1::2]]
+        if mode == "pairs":
+            rows += [{"image": image, "question": q, "answer": a} for q, a in zip(questions, answers)]
+        else:
+            rows.append({"image": image, "question": questions, "answer": answers})
     if text_only:
         if not rows:
             raise ValueError(f"Every record of {path} is text-only (no 'image'): RCP prunes visual tokens and trains "

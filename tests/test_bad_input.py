@@ -297,7 +297,7 @@ def test_benchmark_scripts_refuse_an_output_dir_they_cannot_write_before_anythin
     (tmp_path / "model").mkdir()
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--output_dir", str(tmp_path / "results.md" / "sub")]
     module = load_benchmark(script)
-    with pytest.raises(NotADirectoryError, match=rf"^--output_dir '.*results.md/sub': '.*results.md' is a file, so "
+    with pytest.raises(NotADirectoryError, match=r"^--output_dir '.*results.md/sub': '.*results.md' is a file, so "
                                                  r"the results cannot be written there\. Choose another --output_dir"):
         _run_script(module, script, argv, monkeypatch)
     assert (tmp_path / "results.md").read_text() == "mine"
@@ -565,17 +565,25 @@ def _turn(speaker, value):
     return {"from": speaker, "value": value}
 
 
-def test_llava_json_reads_every_turn_pair_and_the_chat_role_names(tmp_path):
-    """Multi-turn records give one row per human/gpt pair; "user"/"assistant" are taken as "human"/"gpt"."""
+def test_llava_json_reads_every_turn_and_the_chat_role_names(tmp_path):
+    """A multi-turn record is one row of turns (`turns="conversation"`, the default since multi-turn training: LLaVA
+    trains a conversation as one sequence) or one row per human/gpt pair (`turns="pairs"`, what every record gave
+    before); "user"/"assistant" are taken as "human"/"gpt"."""
     from rcp_llava.data import load_llava_json
 
     path = _llava_json(tmp_path, [
         {"image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat."),
                                              _turn("human", "Where?"), _turn("gpt", " Inside. ")]},
         {"image": "a.png", "conversations": [_turn("user", "Colour?<image>"), _turn("assistant", "Grey.")]}])
-    rows = load_llava_json(str(path), str(tmp_path / "images"))
+    rows = load_llava_json(str(path), str(tmp_path / "images"), turns="pairs")
     assert [(r["question"], r["answer"]) for r in rows] == [("What?", "A cat."), ("Where?", "Inside."),
                                                             ("Colour?", "Grey.")]
+    rows = load_llava_json(str(path), str(tmp_path / "images"))
+    assert [(r["question"], r["answer"]) for r in rows] == [(["What?", "Where?"], ["A cat.", "Inside."]),
+                                                            (["Colour?"], ["Grey."])]
+    with pytest.raises(ValueError, match=r"^--llava_turns 'all': use 'conversation' \(one sequence per record\) or "
+                                         r"'pairs'"):
+        load_llava_json(str(path), str(tmp_path / "images"), turns="all")
 
 
 def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monkeypatch):
@@ -599,7 +607,7 @@ def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
     text = {"id": "t", "conversations": [_turn("human", "Hi?"), _turn("gpt", "Hello.")]}
     path = _llava_json(tmp_path, [image, text, image, {**text, "id": "u"}])
     rows = load_llava_json(str(path), str(tmp_path / "images"))
-    assert [r["answer"] for r in rows] == ["A cat.", "A cat."]
+    assert [r["answer"] for r in rows] == [["A cat."], ["A cat."]]
     assert (f"{path}: skipped 2 text-only record(s) of 4 (no 'image'; RCP trains on image questions), e.g. Record "
             "1 (id 't'), Record 3 (id 'u').") in caplog.text
     with pytest.raises(ValueError, match=r"Every record of .*data.json is text-only \(no 'image'\)"):

@@ -352,14 +352,23 @@ def test_rows_the_collator_cannot_train_on_are_named_before_training(micro, colu
         collator([dataset[0], dict(dataset[1], **{column: value})])
 
 
-@pytest.mark.parametrize("question", [float("nan"), 7, ["what", "colour"]], ids=["nan", "int", "list"])
+@pytest.mark.parametrize("question", [float("nan"), 7], ids=["nan", "int"])
 def test_a_question_that_is_not_a_string_is_refused(micro, question):
-    """It trained as the text 'nan' / '7' / "['what', 'colour']"."""
+    """It trained as the text 'nan' / '7'."""
     _, processor, dataset = micro
     with pytest.raises(TypeError, match=rf"^An example's 'question' is {re.escape(repr(question))} "
                                         rf"\({type(question).__name__}\), not a string: it would train as the text "
                                         rf"{re.escape(repr(str(question)))}\. Drop the example or fix the column"):
         RcpDataCollator(processor)([dict(dataset[0], question=question)])
+
+
+def test_a_question_list_needs_an_answer_list(micro):
+    """A list of questions is a multi-turn conversation now (it trained as the text "['what', 'colour']", then was
+    refused as not a string): with a single answer it is refused as a mismatch, naming both columns."""
+    _, processor, dataset = micro
+    with pytest.raises(TypeError, match=r"^An example's 'question' and 'answer' must both be lists \(one entry per "
+                                        r"turn of a conversation\) or both strings, got list and str\."):
+        RcpDataCollator(processor)([dict(dataset[0], question=["what", "colour"])])
 
 
 def test_an_image_column_that_cannot_hold_one_image_per_example_is_refused(micro):
@@ -962,6 +971,62 @@ def test_full_half_precision_evaluation_is_refused_and_unused_columns_kept(tmp_p
             RcpTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{flag: True})
     args = RcpTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=True)
     assert args.remove_unused_columns is False and "remove_unused_columns=True" in caplog.text
+
+
+def test_multi_turn_conversations_train_as_one_sequence(micro, tmp_path):
+    """A LLaVA conversation (lists of questions and answers, `load_llava_json`'s default rows) is one sequence with
+    every answer and its EOS labelled, as LLaVA's preprocess_v1 builds it; each turn pair was its own example, a later
+    turn trained without the earlier ones. A one-turn list is exactly the single-turn example."""
+    import copy
+
+    from rcp_llava.lmms_eval_model import LLAVA_15_CHAT_TEMPLATE
+
+    make, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    e0, e1 = dataset[0], dataset[1]
+    single = collator([e0, e1])
+    listed = collator([{**e, "question": [e["question"]], "answer": [e["answer"]]} for e in (e0, e1)])
+    assert single.keys() == listed.keys() and all(torch.equal(single[k], listed[k]) for k in single)
+
+    two = {**e0, "question": [e0["question"], e1["question"]], "answer": [e0["answer"], e1["answer"]]}
+    text, spans = collator.conversation(two)
+    assert text == (f"USER: <image> {e0['question']} ASSISTANT: {e0['answer']}</s> USER: {e1['question']} "
+                    f"ASSISTANT: {e1['answer']}</s> ")
+    assert [text[a:b] for a, b in spans] == [f" {e0['answer']}</s>", f" {e1['answer']}</s>"]
+    batch = collator([two, e1])
+    tok = processor.tokenizer
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tok.decode(ids[labels != -100]) == f"{e0['answer']} </s> {e1['answer']} </s>"
+    assert tok.decode(ids[batch["question_mask"][0]]) == tok.decode(tok(
+        f"{e0['question']} ASSISTANT: USER: {e1['question']} ASSISTANT:", add_special_tokens=False)["input_ids"])
+    assert torch.equal(batch["answer_mask"][0][:-1], labels[1:] != -100)
+    for key in ("input_ids", "labels", "question_mask", "answer_mask"):  # a single-turn row beside it: unchanged
+        assert torch.equal(batch[key][1][batch["attention_mask"][1].bool()],
+                           single[key][1][single["attention_mask"][1].bool()]), key
+
+    # llava-hf's template writes no EOS after an answer: each gets one, as LLaVA's "A1</s>USER: Q2" separator
+    hf = copy.deepcopy(processor)
+    hf.chat_template = LLAVA_15_CHAT_TEMPLATE
+    text, spans = RcpDataCollator(hf).conversation(two)
+    assert text == (f"USER: <image>\n{e0['question']} ASSISTANT: {e0['answer']}</s>USER: {e1['question']} "
+                    f"ASSISTANT: {e1['answer']}</s>")
+
+    with pytest.raises(ValueError, match=r"'question' holds 2 turn\(s\) and 'answer' 1: a conversation needs one "
+                                         r"answer per question"):
+        collator([{**two, "answer": two["answer"][:1]}])
+    with pytest.raises(ValueError, match=r"turn 1: 'question' .* holds the image placeholder '<image>' in a later turn"):
+        collator([{**two, "question": [two["question"][0], "<image> and?"]}])
+
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{**dataset[i], "question": [dataset[i]["question"], dataset[i + 1]["question"]],
+                               "answer": [dataset[i]["answer"], dataset[i + 1]["answer"]]} for i in range(0, 8, 2)])
+    train_rcp.check_dataset(rows, collator, max_length=512)
+    trainer = RcpTrainer(model=make(), args=RcpTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=1), train_dataset=rows, data_collator=collator)
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
 
 
 def test_save_model_writes_the_processor_given_as_processing_class(micro, tmp_path):
