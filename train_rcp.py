@@ -1270,6 +1270,12 @@ def run_job(job, args, explicit=()):
         if job.max_eval_samples:
             eval_data = eval_data.select(range(min(job.max_eval_samples, len(eval_data))))
         check_dataset(eval_data, collator, job.max_length, name=f"{job.eval_split!r} split")
+    if job.test_split in splits and len(splits[job.test_split]):
+        first = splits[job.test_split][0][job.question_column]
+        if isinstance(first, (list, tuple)):  # found after training, deep in the prompt builder, otherwise
+            raise ValueError(f"--test_split {job.test_split!r} holds multi-turn rows (lists of questions): the final "
+                             "evaluation scores one question per image. Give a single-turn split, or a --test_split "
+                             "the dataset does not have to skip it.")
     # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
     # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
     # --seed gives one model.

@@ -617,6 +617,23 @@ def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
         load_llava_json(str(_llava_json(tmp_path, [image, "a.png"])), str(tmp_path / "images"))
 
 
+def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_path):
+    """The final evaluation scores one question per image: a test split of conversations failed after training."""
+    from datasets import load_from_disk
+
+    import train_rcp
+
+    splits = load_from_disk(str(micro_testbed / "dataset"))
+    splits["test"] = splits["test"].map(lambda r: {"question": [r["question"]], "answer": [r["answer"]]})
+    splits.save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"^--test_split 'test' holds multi-turn rows \(lists of questions\): the "
+                                         r"final evaluation scores one question per image"):
+        train_rcp.main(["--base_model", str(micro_testbed / "model"), "--dataset_name_or_path", str(tmp_path / "data"),
+                        "--pruning_layers", "1", "--repair_layers", "1", "--output_dir", str(tmp_path / "out"),
+                        "--report_to", "none", "--use_cpu", "--max_steps", "1"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
     """A saved single `Dataset` was searched row by row for a 'train' split and every row (images decoded) printed in
     the error; a Hub-style folder (parquet under data/) was 'neither a Dataset nor a DatasetDict directory'; a LLaVA
