@@ -285,6 +285,9 @@ def load_data(spec="testbed", split="test", max_samples=None):
         missing = {"image", "question", "answer"} - set(data.column_names)
         if missing:
             raise ValueError(f"{spec} lacks the column(s) {sorted(missing)} of the testbed format.")
+        if len(data) and isinstance(data[0]["question"], (list, tuple)):  # scored as the rendered list otherwise
+            raise ValueError(f"{spec} split {split!r} holds multi-turn rows (lists of questions): the evaluation "
+                             "scores one question per image. Give a single-turn split.")
         return EvalData("testbed", data, "testbed")
     if ":" in spec:
         return _load_benchmark(spec, split, max_samples)

@@ -632,6 +632,11 @@ def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_p
                         "--pruning_layers", "1", "--repair_layers", "1", "--output_dir", str(tmp_path / "out"),
                         "--report_to", "none", "--use_cpu", "--max_steps", "1"])
     assert not (tmp_path / "out").exists()
+    from rcp_llava.evaluation import load_data
+
+    with pytest.raises(ValueError, match=r"split 'test' holds multi-turn rows \(lists of questions\): the evaluation "
+                                         r"scores one question per image"):
+        load_data(str(tmp_path / "data"), split="test")
 
 
 def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
