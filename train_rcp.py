@@ -49,7 +49,9 @@ from modeling_rcp_llava import (
     PLUGIN_PREFIX, RCP_CONFIG_NAME, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
 )
 from rcp_llava.checkpoints import STAGING_PREFIX, AtomicCheckpointMixin
-from rcp_llava.data import RcpDataCollator, check_dataset, default_answer_mask, load_llava_json
+from rcp_llava.data import (
+    RcpDataCollator, check_dataset, dataset_from_messages, default_answer_mask, load_llava_json,
+)
 from rcp_llava.evaluation import (
     EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
 )
@@ -476,6 +478,17 @@ def load_splits(dataset_path, train_split="train"):
                              "'conversations'): pass it as --llava_json (with --image_folder for its image paths).")
         return load_dataset(builder, data_files=dataset_path)
     return load_dataset(dataset_path)
+
+
+def _rcp_columns(split, job, name):
+    """A split in TRL's conversational vision format (`messages` + `images`, no question column) as RCP's columns
+    (`rcp_llava.data.dataset_from_messages`); any other split as it is."""
+    columns = getattr(split, "column_names", None) or []
+    if {"messages", "images"} <= set(columns) and job.question_column not in columns:
+        logger.warning(f"[train_rcp] the {name!r} split is in TRL's messages + images format: read as one "
+                       "conversation per row, every assistant turn an answer.")
+        return dataset_from_messages(split, job.image_column, job.question_column, job.answer_column)
+    return split
 
 
 def _is_llava_json(path):
@@ -1256,6 +1269,7 @@ def run_job(job, args, explicit=()):
         splits = load_splits(dataset_path, job.train_split)
     if job.train_split not in splits:
         raise ValueError(f"The dataset has no split {job.train_split!r}; it has {list(splits)}.")
+    splits = {name: _rcp_columns(split, job, name) for name, split in splits.items()}
     train = splits[job.train_split]
     if job.max_train_samples:
         train = train.select(range(min(job.max_train_samples, len(train))))

@@ -497,6 +497,59 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
                 )
 
 
+def turns_from_messages(messages, images, where="a row"):
+    """TRL's conversational vision format -- `messages` [{"role", "content": [{"type": "image"} | {"type": "text",
+    "text"}]}] and `images` [one image] (e.g. HuggingFaceH4/llava-instruct-mix-vsft) -- as `(image, questions,
+    answers)`: a user turn's text parts joined by a newline, the assistant turns the answers; a system turn is
+    dropped (the chat template of llava-hf's LLaVA-1.5 writes none). Raises ValueError naming `where` for what
+    RCP cannot train on: no image or several, turns that do not alternate user / assistant."""
+    images = list(images or [])
+    if len(images) != 1:
+        raise ValueError(f"{where} holds {len(images)} images: RCP trains on one image per conversation. Filter "
+                         "the dataset to rows with exactly one image.")
+    turns = [m for m in messages if m.get("role") != "system"]
+    if len(turns) < 2 or len(turns) % 2:
+        raise ValueError(f"{where}: its messages hold {len(turns)} user / assistant turns; a conversation needs a "
+                         "user question then its assistant answer, at least once.")
+    questions, answers = [], []
+    for k, message in enumerate(turns):
+        expected = "user" if k % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise ValueError(f"{where}: message {k} is from {message.get('role')!r}, expected {expected!r}: turns "
+                             "alternate user, assistant.")
+        content = message.get("content")
+        if isinstance(content, str):
+            text = content
+        else:
+            text = "\n".join(part.get("text") or "" for part in content if part.get("type") == "text").strip()
+        (questions if expected == "user" else answers).append(text)
+    return images[0], questions, answers
+
+
+def dataset_from_messages(dataset, image_column="image", question_column="question", answer_column="answer"):
+    """A `datasets.Dataset` in TRL's conversational vision format (`messages` + `images`) as RCP's columns: one
+    row per conversation, the image undecoded, `question` / `answer` the lists of its turns (trained as one
+    sequence). Every row is converted (and checked, `turns_from_messages`) now, before any model loads."""
+    import datasets
+
+    images = dataset.features["images"]
+    if isinstance(getattr(images, "feature", None), datasets.Image):  # keep the encoded images as they are
+        dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+
+    def convert(messages, images, index):
+        image, questions, answers = turns_from_messages(messages, images, where=f"Row {index}")
+        return {image_column: image, question_column: questions, answer_column: answers}
+
+    converted = dataset.map(convert, input_columns=["messages", "images"], with_indices=True,
+                            remove_columns=[c for c in dataset.column_names if c in ("messages", "images")])
+    if isinstance(getattr(images, "feature", None), datasets.Image):
+        converted = converted.cast_column(image_column, datasets.Image(decode=True))
+    if all(len(q) == 1 for q in converted[question_column]):  # single-turn throughout: plain strings, as evaluated
+        converted = converted.map(lambda q, a: {question_column: q[0], answer_column: a[0]},
+                                  input_columns=[question_column, answer_column])
+    return converted
+
+
 # The speaker names a LLaVA-style record may use: LLaVA's own ("human"/"gpt") and the chat-template ones.
 LLAVA_QUESTION_ROLES = ("human", "user")
 LLAVA_ANSWER_ROLES = ("gpt", "assistant")
@@ -605,4 +658,5 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 __all__ = [
     "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
     "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "strip_image_token",
+    "dataset_from_messages", "turns_from_messages",
 ]

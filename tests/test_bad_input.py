@@ -639,6 +639,48 @@ def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_p
         load_data(str(tmp_path / "data"), split="test")
 
 
+def test_trl_messages_and_images_datasets_train(micro_testbed, tmp_path):
+    """TRL's conversational vision format (`messages` + `images`, as HuggingFaceH4/llava-instruct-mix-vsft) was
+    refused ("the 'images' column holds lists ... Keep one image per example"): it is read as one conversation per
+    row; single-turn splits become plain questions, so the final evaluation runs on them."""
+    from datasets import DatasetDict, load_from_disk
+
+    import train_rcp
+    from rcp_llava.data import dataset_from_messages, turns_from_messages
+
+    source = load_from_disk(str(micro_testbed / "dataset"))
+
+    def to_trl(rows, turns):
+        def convert(row, index):
+            messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+            for k in range(turns):
+                content = [{"type": "text", "text": row["question"]}]
+                messages += [{"role": "user", "content": ([{"type": "image", "text": None}] if k == 0 else [])
+                              + content},
+                             {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]
+            return {"messages": messages, "images": [row["image"]]}
+        return rows.map(convert, with_indices=True, remove_columns=rows.column_names)
+
+    data = DatasetDict({"train": to_trl(source["train"], 2), "test": to_trl(source["test"].select(range(4)), 1)})
+    data.save_to_disk(str(tmp_path / "trl"))
+    converted = dataset_from_messages(data["train"])
+    assert converted[0]["question"] == [source["train"][0]["question"]] * 2
+    assert converted[0]["answer"] == [source["train"][0]["answer"]] * 2
+    assert converted[0]["image"].size == source["train"][0]["image"].size
+    assert dataset_from_messages(data["test"])[0]["question"] == source["test"][0]["question"]  # single-turn: a string
+    metrics = train_rcp.main([
+        "--base_model", str(micro_testbed / "model"), "--dataset_name_or_path", str(tmp_path / "trl"),
+        "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8",
+        "--budget_fraction", "0.25", "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu",
+        "--max_steps", "1", "--per_device_train_batch_size", "2"])
+    assert metrics["rcp"]["n"] == 4 and (tmp_path / "out" / "plugins" / "rcp_plugins.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"^Row 3 holds 2 images: RCP trains on one image per conversation"):
+        turns_from_messages(data["train"][0]["messages"], data["train"][0]["images"] * 2, where="Row 3")
+    with pytest.raises(ValueError, match=r"^Row 0: message 0 is from 'assistant', expected 'user'"):
+        turns_from_messages(data["train"][0]["messages"][2:] + data["train"][0]["messages"][1:2],
+                            data["train"][0]["images"], where="Row 0")
+
+
 def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
     """A saved single `Dataset` was searched row by row for a 'train' split and every row (images decoded) printed in
     the error; a Hub-style folder (parquet under data/) was 'neither a Dataset nor a DatasetDict directory'; a LLaVA
