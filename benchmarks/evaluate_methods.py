@@ -93,8 +93,13 @@ def check_grid(args):
         repeated = sorted({v for v in given if given.count(v) > 1})
         if repeated:
             raise ValueError(f"{flag} names {repeated} more than once; give each once.")
-    for budget in budgets:
-        parse_budget(budget)
+    fractions = {}
+    for budget in budgets:  # one budget in two spellings ran twice: '1/3' and '0.3333333' are both k = 21 of 64
+        fraction = parse_budget(budget)[1]
+        same = next((b for b, f in fractions.items() if abs(f - fraction) < 1e-6), None)
+        if same is not None:
+            raise ValueError(f"--budgets names one budget twice, as {same!r} and {budget!r}; give it once.")
+        fractions[budget] = fraction
     if args.oracle and "attention_topk" not in methods:  # was a run without the oracle rows, and exit 0
         raise ValueError(f"--oracle adds a row per attention_topk row (its layers and counts), but --methods "
                          f"{args.methods!r} has no attention_topk; add it.")
@@ -112,6 +117,23 @@ def check_grid(args):
             raise ValueError(f"--fastv_layer {args.fastv_layer} is outside [1, {layers - 1}]: FastV prunes before "
                              f"decoder layer K (counted from 0) of the model's {layers} layers.")
     return methods, budgets
+
+
+def check_methods_fit_model(args, methods):
+    """Methods that prune at an RCP model's layers (rcp, attention_topk) on a stock `--model` without `--plugins`:
+    refused from its config alone (it failed in the grid's plan, after the model -- a 7B one -- had loaded)."""
+    from transformers import AutoConfig
+
+    from configuration_rcp_llava import PRUNING_METHODS
+    from rcp_llava.evaluation import _uses_rcp_placement
+
+    placed = [m for m in methods if _uses_rcp_placement(PRUNING_METHODS[m])]
+    if placed and not args.plugins:
+        model_type = AutoConfig.from_pretrained(args.model).model_type
+        if model_type != "rcp_llava":
+            raise ValueError(f"--methods {placed} prune at an RCP model's layers, but --model {args.model!r} is a "
+                             f"stock {model_type!r} checkpoint: give --plugins (an RCP plug-in folder), an RCP "
+                             "model folder as --model, or drop those methods.")
 
 
 def main(argv=None):
@@ -139,6 +161,7 @@ def main(argv=None):
     if args.oracle and others:  # it failed after the model loaded and the earlier datasets were evaluated
         raise ValueError(f"--oracle needs testbed data (its evidence patches), but --data {others} are not testbed "
                          "datasets; drop --oracle or evaluate those without it.")
+    check_methods_fit_model(args, methods)
     base, processor = load_base_model(args.model, plugins=args.plugins)
     results = []
     for data in datasets:

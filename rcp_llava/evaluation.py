@@ -273,6 +273,9 @@ def load_data(spec="testbed", split="test", max_samples=None):
     question's image must exist (FileNotFoundError naming the path and the `,image_dir=` option)."""
     from datasets import load_from_disk
 
+    # Named as given ("testbed", "testbed:tiny", a folder's path): every folder was "testbed", so the sections and
+    # the JSON of a run over several could not be told apart.
+    name = str(spec)
     spec = data_folder(spec)
     if os.path.isdir(spec):
         data = load_from_disk(spec)
@@ -288,7 +291,7 @@ def load_data(spec="testbed", split="test", max_samples=None):
         if len(data) and isinstance(data[0]["question"], (list, tuple)):  # scored as the rendered list otherwise
             raise ValueError(f"{spec} split {split!r} holds multi-turn rows (lists of questions): the evaluation "
                              "scores one question per image. Give a single-turn split.")
-        return EvalData("testbed", data, "testbed")
+        return EvalData("testbed", data, name)
     if ":" in spec:
         return _load_benchmark(spec, split, max_samples)
     raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
@@ -722,11 +725,15 @@ def mcnemar(correct_a, correct_b):
 
 
 def paired_tests(rows, reference="rcp"):
-    """For every budget: the `reference` method's row against each other method's row at that budget, overall and
-    per group (McNemar on the per-sample outcomes). Rows need "correct" and "group_of"."""
+    """For every budget: the `reference` method's row at that budget's counts (label `reference`) against each other
+    row at that budget, overall and per group (McNemar on the per-sample outcomes). Rows need "correct" and
+    "group_of". A per-budget adaptive row (`rcp (adaptive, 1/3)`) is compared with, never a reference: it keeps its
+    own number of tokens, so its tests against the baselines were at another compute, and each pair with the
+    fixed-count row appeared twice, once each way round."""
     out = []
     for ref in rows:
-        if ref["method"] != reference or ref["budget"] in ("full", "adaptive") or "correct" not in ref:
+        if (ref["method"] != reference or ref["label"] != reference or ref["budget"] in ("full", "adaptive")
+                or "correct" not in ref):
             continue
         for other in rows:
             if other is ref or other["budget"] != ref["budget"] or "correct" not in other:
@@ -890,7 +897,10 @@ def format_table(result, command=None):
     lines = []
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"**{result['data']}** ({result['num_samples']} samples, {result['metric']}), model "
+    questions = next((r["metric"]["num_questions"] for r in rows if "num_questions" in r.get("metric", {})), None)
+    samples = (f"{result['num_samples']} rows = {questions} circular questions" if questions is not None
+               else f"{result['num_samples']} samples")  # MMBench scores its questions, each over its copies
+    lines += [f"**{result['data']}** ({samples}, {result['metric']}), model "
               f"`{result['model']}`: N = {n} visual tokens, {num_layers} decoder layers. Per-group cells: absolute "
               "score (% of full). *tok/layer (all)*: visual tokens per decoder layer averaged over all layers; "
               "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM). *decoder "

@@ -530,6 +530,11 @@ def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
      r"^--oracle needs testbed data \(its evidence patches\), but --data \['gqa:.*gqa.json'\] are not testbed"),
     (["--plugins_per_budget", "1/9={tmp}", "--budgets", "1/3"], ValueError,
      r"^--plugins_per_budget names budget '1/9', which is not among --budgets '1/3'; add it there or drop it here"),
+    # both spellings of one budget ran, two identical rows
+    (["--budgets", "1/3,0.3333333"], ValueError, r"^--budgets names one budget twice, as '1/3' and '0.3333333'"),
+    # refused in the grid's plan, after the model had loaded
+    (["--data", "gqa:{tmp}/gqa.json"], ValueError, r"^--methods \['rcp'\] prune at an RCP model's layers, but --model "
+                                                   r"'.*stock' is a stock 'llava' checkpoint: give --plugins"),
 ])
 def test_evaluate_methods_checks_the_grid_before_loading(tmp_path, monkeypatch, flags, error, match):
     from conftest import load_benchmark

@@ -170,6 +170,48 @@ def test_evaluate_methods_command_on_micro(micro, tmp_path):
     assert sum(line.startswith("| 1/9 | rcp | ") for line in lines) == 3
 
 
+def test_paired_tests_take_the_fixed_count_row_as_reference_only():
+    """With --plugins_per_budget, each `rcp (adaptive, b)` row (method rcp, budget b) was a reference too: tested
+    against every baseline at its own, larger compute (README's "beats VisPruner at 2/9, p = 0.008" came from it),
+    and every pair with the fixed-count row appeared twice, once each way round."""
+    from rcp_llava.evaluation import paired_tests
+
+    def row(label, method, budget, correct):
+        return {"label": label, "method": method, "budget": budget, "score": sum(correct) / len(correct),
+                "correct": correct, "group_of": ["g"] * len(correct)}
+
+    rows = [row("none", "none", "full", [1, 1, 1, 1]), row("rcp", "rcp", "2/9", [1, 1, 0, 1]),
+            row("rcp (adaptive, 2/9)", "rcp", "2/9", [1, 1, 1, 1]), row("vispruner", "vispruner", "2/9", [1, 0, 0, 1]),
+            row("rcp (adaptive)", "rcp", "adaptive", [1, 1, 1, 0])]
+    tests = paired_tests(rows)
+    assert [(t["reference"], t["method"]) for t in tests] == [("rcp", "rcp (adaptive, 2/9)"), ("rcp", "vispruner")]
+    assert [t["delta"] for t in tests] == [-0.25, 0.25]
+
+
+def test_dataset_folders_are_named_by_their_spec_and_mmbench_counts_its_questions(tmp_path):
+    """Every dataset folder was labelled "testbed" (a run over several could not be told apart), and MMBench's
+    heading counted rows while its score is over circular questions."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    from rcp_llava.evaluation import format_table, load_data
+
+    rows = {"image": [Image.new("RGB", (4, 4))], "question": ["q"], "answer": ["a"]}
+    for name in ("one", "two"):
+        DatasetDict({"test": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / name))
+    assert [load_data(str(tmp_path / name)).name for name in ("one", "two")] == [str(tmp_path / "one"),
+                                                                              str(tmp_path / "two")]
+    row = {"label": "none", "method": "none", "budget": "full", "k": 64, "kept_per_point": None, "pruning_points": [],
+           "avg_tokens_all_layers": 64.0, "avg_tokens_from_first_point": 64.0, "groups": {}, "groups_relative": {},
+           "score": 0.5, "relative": 1.0, "mean_group_relative": None,
+           "metric": {"exact_match": 0.5, "per_row_exact_match": 0.6, "num_questions": 10, "num_rows": 20}}
+    result = {"rows": [row], "num_visual_tokens": 64, "num_layers": 4, "data": "mmbench", "num_samples": 20,
+              "metric": "exact_match", "model": "m"}
+    assert "**mmbench** (20 rows = 10 circular questions, exact_match)" in format_table(result)
+    del row["metric"]["num_questions"]
+    assert "**mmbench** (20 samples, exact_match)" in format_table(result)
+
+
 def test_mcnemar_exact_values():
     from rcp_llava.evaluation import mcnemar
 
