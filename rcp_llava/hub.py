@@ -461,6 +461,9 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
     message = commit_message or f"Upload RCP-LLaVA {'plug-ins' if plugins_only else 'model'} (rcp-llava {RCP_LLAVA_VERSION})"
     try:
         api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and not revision.startswith("refs/pr"):
+            # As transformers' `push_to_hub` does: an upload to a branch that does not exist yet fails.
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message=message, allow_patterns=allow,
             revision=revision, repo_type="model",

@@ -600,6 +600,9 @@ class FakeApi:
         if self.fail:
             raise self.fail
 
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs))
         return "commit"
@@ -624,6 +627,19 @@ def test_push_uploads_the_right_files(saved, plugin_setup, online, plugins_only)
         assert upload["allow_patterns"] == [RCP_CONFIG_NAME, RCP_PLUGINS_NAME, "README.md"]
     else:
         assert upload["allow_patterns"] is None
+
+
+def test_push_to_a_revision_creates_its_branch(saved, online):
+    """transformers' push_to_hub creates the branch it uploads to (exist_ok); push_rcp_folder passed `revision` to
+    the upload alone, which fails on a branch that does not exist yet. A PR ref is not a branch to create."""
+    api = FakeApi()
+    hub.push_rcp_folder(saved[0], "me/rcp", revision="rcp-64", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[1][1:] == ("me/rcp", {"branch": "rcp-64", "token": None, "exist_ok": True, "repo_type": "model"})
+    assert api.calls[2][1]["revision"] == "rcp-64"
+    api = FakeApi()
+    hub.push_rcp_folder(saved[0], "me/rcp", revision="refs/pr/3", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
 
 
 def test_push_offline_is_a_clear_error(saved, monkeypatch):
