@@ -406,6 +406,10 @@ def main():
     budgets = positive_ints(args.budgets, "--budgets")
     n = num_visual_tokens(args.preset)
     for budget in budgets:  # 576 or 600 failed in the schedule's solver, naming no flag
+        if budget >= PAPER_VISUAL_TOKENS:
+            raise ValueError(f"--budgets {budget}: a budget counts the visual tokens of LLaVA-1.5's "
+                             f"{PAPER_VISUAL_TOKENS} kept on average (the paper's 192, 128 and 64); "
+                             f"{PAPER_VISUAL_TOKENS} or more prunes nothing. Give budgets below {PAPER_VISUAL_TOKENS}.")
         try:
             rcp_schedule(PRESETS[args.preset]["text"]["num_hidden_layers"], n, budget)
         except ValueError as err:

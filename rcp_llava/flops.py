@@ -400,18 +400,25 @@ def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual
     spans = [b - a for a, b in zip(layers, layers[1:] + [num_layers])]
     fixed = layers[0] * num_visual_tokens
     target = visual_token_budget * num_layers - fixed
-    weighted = sum(p * s for p, s in zip(props, spans))
-    scale = target / weighted
-    if target <= 0 or scale * props[0] > num_visual_tokens:
-        lo = fixed / num_layers
-        hi = (fixed + num_visual_tokens / props[0] * weighted) / num_layers  # the first stage keeps every token
+    if target <= 0:
         raise ValueError(
             f"`visual_token_budget` {visual_token_budget} cannot be reached with pruning layers {layers} and "
-            f"proportions {props}: the layers before the first pruner alone average {lo:.1f} visual tokens, and "
-            f"the first stage may keep at most {num_visual_tokens} (a mean of {hi:.1f} per layer); budgets in "
-            f"({lo:.1f}, {hi:.1f}] are reachable."
+            f"proportions {props}: the layers before the first pruner alone average {fixed / num_layers:.1f} visual "
+            f"tokens."
         )
-    ideal = [scale * p for p in props]
+    # The real-valued solution scale * proportions; a stage it would give more than N keeps N and the others
+    # share the rest (as `rcp_llava.schedule.rcp_keep_counts` caps them): a high budget (above about 0.53 N at the
+    # 7B placement) was refused as unreachable although (576, 253, 252) averages 384 over 32 layers.
+    capped = set()
+    while True:
+        free = [i for i in range(len(layers)) if i not in capped]
+        rest = target - sum(spans[i] * num_visual_tokens for i in capped)
+        scale = rest / sum(props[i] * spans[i] for i in free) if free else 0.0
+        ideal = [float(num_visual_tokens) if i in capped else scale * props[i] for i in range(len(layers))]
+        over = [i for i in free if ideal[i] > num_visual_tokens]
+        if not over:
+            break
+        capped.update(over)
     # Integer counts within +-2 of the real-valued solution: least budget error, then closest to `ideal`.
     candidates = itertools.product(
         *[range(max(1, math.floor(x) - 2), min(num_visual_tokens, math.ceil(x) + 2) + 1) for x in ideal]

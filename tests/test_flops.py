@@ -338,3 +338,22 @@ def test_decode_and_breakdown_helpers():
 def test_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_config())
+
+
+def test_keep_counts_for_a_high_budget_cap_the_first_stage_at_n():
+    """A budget whose first stage would exceed N was refused as unreachable: on the 7B placement everything above
+    about 0.53 N (384 of 576 -> 'budgets in (18.0, 306.9] are reachable'), on a 12-layer model 43 of 64. The stage
+    keeps N and the later stages share the rest in their Table VI ratio, as `rcp_keep_counts` caps them."""
+    from rcp_llava.schedule import stage_proportions
+
+    for layers, n, placement, budget, expected in [(32, 576, [1, 13, 25], 384, [575, 338, 108]),
+                                                   (12, 64, [2, 5, 8], 43, [63, 45, 16])]:
+        counts = keep_counts_for_budget(layers, n, placement, budget, stage_proportions(3))
+        assert counts == expected
+        per_layer = [n] * placement[0] + [c for c, s in zip(counts, [b - a for a, b in zip(
+            placement, placement[1:] + [layers])]) for _ in range(s)]
+        assert sum(per_layer) / layers == budget  # exactly the budget
+    assert keep_counts_for_budget(32, 576, [4, 14, 24], 576, stage_proportions(3)) == [576, 576, 576]
+    # below what the layers before the first pruner already hold: still refused
+    with pytest.raises(ValueError, match=r"the layers before the first pruner alone average 90.0 visual tokens\.$"):
+        keep_counts_for_budget(32, 576, [5, 15, 25], 64, stage_proportions(3))
