@@ -412,8 +412,9 @@ THREADS_FILE = "threads.json"
 def _record_threads(stage_dir: Path, stage: str, resume):
     """Record the torch thread count each run of a stage trains on (`threads.json`), and warn when a resumed stage
     runs on another: CPU kernels reduce in a thread-count-dependent order, so a build is bit-reproducible at one
-    count only (micro's whole build: 1 vs 2 threads end 1.1e-4 apart, 2 vs 2 equal) -- a deep build resumed on
-    2 threads after starting on 1 ended at 0.868 test accuracy where an uninterrupted one had 0.899."""
+    count only (micro's whole build: 1 vs 2 threads end 1.1e-4 apart, 2 vs 2 equal) -- most likely why a deep build
+    resumed after interrupted runs ended at 0.868 test accuracy where an uninterrupted one had 0.899 (its first
+    run's count was not recorded)."""
     path = stage_dir / THREADS_FILE
     used = json.loads(path.read_text()) if path.exists() else []
     threads = torch.get_num_threads()
