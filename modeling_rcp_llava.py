@@ -1472,8 +1472,8 @@ _RCP_CACHE_CLASSES = {DynamicCache: RcpDynamicCache}
 
 
 def _rcp_cache_class(cls):
-    """`cls` with `RcpCacheMixin` (made once per class): a cache the user passed (`QuantizedCache`, a `DynamicCache`
-    subclass) takes it after the prefill filled it, keeping its own storage."""
+    """`cls` with `RcpCacheMixin` (made once per class): a cache the user passed (a `QuantizedCache`, a subclass of
+    `DynamicCache`, any `Cache`) takes it after the prefill filled it, keeping its own storage."""
     if issubclass(cls, RcpCacheMixin):
         return cls
     if cls not in _RCP_CACHE_CLASSES:
