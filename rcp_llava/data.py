@@ -266,9 +266,16 @@ class RcpDataCollator:
         batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
         prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
-        bsz, seq = input_ids.shape
+        seq = input_ids.shape[1]
         prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
         lengths = attention.sum(1)
+        self._check_length(input_ids, lengths, examples)
+        positions = torch.arange(seq).unsqueeze(0)  # (1, T)
+        answer_start = (seq - lengths + prompt_lengths).unsqueeze(1)  # (B, 1); left padding
+        return self._outputs(batch, (positions >= answer_start) & attention)
+
+    def _check_length(self, input_ids, lengths, examples):
+        """Refuse the batch's longest example when it is above `max_length` (the image's tokens counted)."""
         if self.max_length is not None and int(lengths.max()) > self.max_length:
             position = int(lengths.argmax())
             image_tokens = int((input_ids[position] == self.image_token_id).sum())
@@ -278,19 +285,22 @@ class RcpDataCollator:
                 f"`max_length={self.max_length}`: raise --max_length or drop long answers (`check_dataset` with "
                 "`max_length` names the first such example of a dataset before training)."
             )
-        start = seq - lengths  # first real token (left padding)
-        positions = torch.arange(seq).unsqueeze(0)  # (1, T)
-        answer_start = (start + prompt_lengths).unsqueeze(1)  # (B, 1)
-        is_answer = (positions >= answer_start) & attention
-        labels = torch.where(is_answer, input_ids, -100)
+
+    def _outputs(self, batch, is_answer):
+        """The processor's `batch` with what RCP trains on, from `is_answer` (B, T), the answer tokens (and their
+        EOS): `labels`, `question_mask` (the text after the image that is not an answer, up to the last answer:
+        every user turn), `answer_mask` (the positions predicting an answer token) and `position_ids`."""
+        input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+        labels = torch.where(is_answer & attention, input_ids, -100)
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, T)
         image = input_ids == self.image_token_id
         last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
-        question_mask = (positions > last_image) & (positions < answer_start) & attention
+        last_answer = torch.where(is_answer, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
+        question_mask = (positions > last_image) & (positions < last_answer) & ~is_answer & attention
         out = dict(batch)
         out.update(labels=labels, question_mask=question_mask, answer_mask=default_answer_mask(labels),
                    position_ids=position_ids_from_mask(attention))
         return out
-
 
     def _conversations(self, examples):
         """`__call__` on a batch holding a multi-turn example (single-turn ones count as one-turn conversations):
@@ -307,11 +317,7 @@ class RcpDataCollator:
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         bsz, seq = input_ids.shape
         lengths = attention.sum(1)
-        if self.max_length is not None and int(lengths.max()) > self.max_length:
-            position = int(lengths.argmax())
-            raise ValueError(f"Example {position} of this batch ({self.describe(examples[position])}) is "
-                             f"{int(lengths[position])} tokens, above `max_length={self.max_length}`: raise --max_length "
-                             "or drop long conversations.")
+        self._check_length(input_ids, lengths, examples)
         is_answer = torch.zeros(bsz, seq, dtype=torch.bool)
         for row, (text, spans) in enumerate(rendered):
             ids = tokenizer(text)["input_ids"]
@@ -326,16 +332,7 @@ class RcpDataCollator:
                                          f"({self.describe(examples[row])}); its answer tokens cannot be told apart.")
                     bounds.append(len(prefix) + shift)
                 is_answer[row, bounds[0]:bounds[1]] = True
-        labels = torch.where(is_answer & attention, input_ids, -100)
-        positions = torch.arange(seq).unsqueeze(0)
-        image = input_ids == self.image_token_id
-        last_image = torch.where(image, positions, -1).max(1).values.unsqueeze(1)  # (B, 1)
-        last_answer = torch.where(is_answer, positions, -1).max(1).values.unsqueeze(1)
-        question_mask = (positions > last_image) & (positions < last_answer) & ~is_answer & attention
-        out = dict(batch)
-        out.update(labels=labels, question_mask=question_mask, answer_mask=default_answer_mask(labels),
-                   position_ids=position_ids_from_mask(attention))
-        return out
+        return self._outputs(batch, is_answer)
 
 
 def _short(value, limit=60):
@@ -532,8 +529,8 @@ def dataset_from_messages(dataset, image_column="image", question_column="questi
     sequence). Every row is converted (and checked, `turns_from_messages`) now, before any model loads."""
     import datasets
 
-    images = dataset.features["images"]
-    if isinstance(getattr(images, "feature", None), datasets.Image):  # keep the encoded images as they are
+    encoded = isinstance(getattr(dataset.features["images"], "feature", None), datasets.Image)
+    if encoded:  # keep the encoded images as they are
         dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
 
     def convert(messages, images, index):
@@ -542,7 +539,7 @@ def dataset_from_messages(dataset, image_column="image", question_column="questi
 
     converted = dataset.map(convert, input_columns=["messages", "images"], with_indices=True,
                             remove_columns=[c for c in dataset.column_names if c in ("messages", "images")])
-    if isinstance(getattr(images, "feature", None), datasets.Image):
+    if encoded:
         converted = converted.cast_column(image_column, datasets.Image(decode=True))
     if all(len(q) == 1 for q in converted[question_column]):  # single-turn throughout: plain strings, as evaluated
         converted = converted.map(lambda q, a: {question_column: q[0], answer_column: a[0]},
@@ -573,7 +570,6 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
     if turns not in ("conversation", "pairs"):
         raise ValueError(f"--llava_turns {turns!r}: use 'conversation' (one sequence per record) or 'pairs' (one "
                          "example per question/answer pair).")
-    mode = turns  # `turns` names each record's conversation below
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--llava_json: no file {path!r}. Give the path of a LLaVA-style JSON list.")
     if image_folder is not None and not os.path.isdir(image_folder):
@@ -598,27 +594,27 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
         if "image" not in record:
             text_only.append(where.split(" of ")[0])
             continue
-        turns = record["conversations"]
-        if (not isinstance(turns, list) or len(turns) < 2
-                or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns)):
+        dialog = record["conversations"]
+        if (not isinstance(dialog, list) or len(dialog) < 2
+                or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in dialog)):
             raise ValueError(f"{where}: 'conversations' must be a list of at least one human and one "
                              "gpt turn, each a dict with a string 'value'.")
         # The pairs are cut by position (turn 0 asks, turn 1 answers, ...): a conversation opening with the gpt
         # turn swapped question and answer (the answer's <image> then counted as a second image, mid-training).
-        for k, turn in enumerate(turns):
+        for k, turn in enumerate(dialog):
             expected = LLAVA_QUESTION_ROLES if k % 2 == 0 else LLAVA_ANSWER_ROLES
             if turn.get("from") not in expected:
                 raise ValueError(f"{where}: turn {k} is from {turn.get('from')!r}, expected {expected[0]!r} "
                                  f"(or {expected[1]!r}): turns alternate human, gpt, human, gpt, ... (a question, "
                                  "then its answer). Fix the turns' 'from' or drop the record.")
-        if len(turns) % 2:
+        if len(dialog) % 2:
             # Refused rather than dropped: a question without its answer is as incomplete as a record without
             # 'conversations', and dropping it would train on less than the file says.
-            raise ValueError(f"{where}: the last turn ({len(turns) - 1}) is a human question without a gpt "
+            raise ValueError(f"{where}: the last turn ({len(dialog) - 1}) is a human question without a gpt "
                              "answer. Add the answer or drop the turn.")
-        for k in range(1, len(turns), 2):
-            if not turns[k]["value"].strip():  # the collator refuses it too, but only mid-training
-                raise ValueError(f"{where}: turn {k} (gpt) is an empty answer {turns[k]['value']!r}: RCP trains "
+        for k in range(1, len(dialog), 2):
+            if not dialog[k]["value"].strip():  # the collator refuses it too, but only mid-training
+                raise ValueError(f"{where}: turn {k} (gpt) is an empty answer {dialog[k]['value']!r}: RCP trains "
                                  "on the answer tokens. Give the answer or drop the turn pair.")
         name = record["image"]
         if not isinstance(name, str):  # os.path.join raised a bare TypeError that named no record
@@ -640,9 +636,9 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
                 raise ValueError(f"{where}: the image file {image!r} cannot be read as an image ({err}). Replace "
                                  "the file or drop the record.") from None
             readable.add(image)
-        questions = [strip_image_token(human["value"]).strip() for human in record["conversations"][0::2]]
-        answers = [gpt["value"].strip() for gpt in record["conversations"][1::2]]
-        if mode == "pairs":
+        questions = [strip_image_token(human["value"]).strip() for human in dialog[0::2]]
+        answers = [gpt["value"].strip() for gpt in dialog[1::2]]
+        if turns == "pairs":
             rows += [{"image": image, "question": q, "answer": a} for q, a in zip(questions, answers)]
         else:
             rows.append({"image": image, "question": questions, "answer": answers})
