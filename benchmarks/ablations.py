@@ -50,7 +50,8 @@ from contextlib import contextmanager
 
 import torch
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               write_results)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -390,7 +391,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
                              "benchmarks/results).")
-    parser.add_argument("--name", default="ablations")
+    parser.add_argument("--name", type=result_name, default="ablations")
     parser.add_argument("--overwrite", action="store_true", help="Replace NAME.md / NAME.json in --output_dir.")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "ablations"),
                         help="Where the trained variants go (WORK_DIR/NAME/VARIANT); reused on a rerun with the same flags "

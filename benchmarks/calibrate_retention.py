@@ -20,7 +20,8 @@ def main(argv=None):
     import train_rcp
     from rcp_llava.data import RcpDataCollator
     from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model
-    from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
+    from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                                   write_results)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
                              "benchmarks/results).")
-    parser.add_argument("--name", default="calibration")
+    parser.add_argument("--name", type=result_name, default="calibration")
     parser.add_argument("--overwrite", action="store_true", help="Replace NAME.md / NAME.json in --output_dir.")
     args = parser.parse_args(argv)
     stem = os.path.join(args.output_dir, args.name)

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, result_name
 
 
 
@@ -39,7 +39,7 @@ def build_parser():
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; the committed tables "
                              "live in benchmarks/results).")
-    parser.add_argument("--name", default="evaluation", help="Output stem: NAME.md and NAME.json.")
+    parser.add_argument("--name", type=result_name, default="evaluation", help="Output stem: NAME.md and NAME.json.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",

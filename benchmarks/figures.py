@@ -22,7 +22,8 @@ import os
 import sys
 
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, save_figure, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               save_figure, write_results)
 
 
 def _plt():
@@ -140,6 +141,8 @@ def read_table(path):
     JSONDecodeError / KeyError."""
     expected = ("expected the JSON evaluate_methods.py writes (NAME.json: {\"command\", \"results\": [{\"data\", "
                 "\"num_visual_tokens\", \"rows\": [...]}]})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--table {path!r}: no such file; {expected}.")
     try:
         with open(path) as f:
             table = json.load(f)
@@ -219,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--table", default=None, help="An evaluate_methods.py JSON: accuracy vs tokens.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of the figures (default {DEFAULT_OUTPUT_DIR}; committed ones: benchmarks/results).")
-    parser.add_argument("--name", default="figures")
+    parser.add_argument("--name", type=result_name, default="figures")
     parser.add_argument("--overwrite", action="store_true", help="Replace existing figures of NAME in --output_dir.")
     parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)

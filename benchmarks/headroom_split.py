@@ -17,7 +17,8 @@ import contextlib
 import os
 from dataclasses import replace
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               write_results)
 
 
 def parse_ints(text, name):
@@ -124,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--max_samples", type=positive_int, default=None)
     parser.add_argument("--batch_size", type=positive_int, default=50)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--name", default="headroom_split")
+    parser.add_argument("--name", type=result_name, default="headroom_split")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     layers, counts = parse_ints(args.layers, "--layers"), parse_ints(args.counts, "--counts")

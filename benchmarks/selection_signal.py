@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               write_results)
 
 
 SIGNALS = ("g_task", "g_repair", "logits", "prior", "teacher question", "teacher answer")
@@ -53,7 +54,7 @@ def build_parser():
     parser.add_argument("--max_samples", type=positive_int, default=200)
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--name", default="selection_signal")
+    parser.add_argument("--name", type=result_name, default="selection_signal")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 

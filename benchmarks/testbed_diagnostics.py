@@ -14,7 +14,8 @@ import argparse
 import os
 from collections import defaultdict
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               write_results)
 
 
 def question_form(question):
@@ -100,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--probe_split", default="validation")
     parser.add_argument("--probe_images", type=positive_int, default=400)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--name", default="testbed_diagnostics")
+    parser.add_argument("--name", type=result_name, default="testbed_diagnostics")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     folder = os.path.expanduser(args.folder)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, result_name, write_results
 from rcp_llava.schedule import parse_budget
 
 
@@ -79,7 +79,7 @@ def main(argv=None):
                         help=f"Read $RCP_LLAVA_CACHE/testbed/PRESET (or --folder); default {MAIN_PRESET}, the main job's.")
     parser.add_argument("--folder", default=None, help="A built testbed folder (holds metrics.json).")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--name", default=None, help="Output stem (default testbed_PRESET).")
+    parser.add_argument("--name", type=result_name, default=None, help="Output stem (default testbed_PRESET).")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     folder = Path(args.folder) if args.folder else default_cache_dir(args.preset)

@@ -58,6 +58,19 @@ def positive_int(value):
     return number
 
 
+def result_name(value):
+    """argparse `type=` for `--name`, the stem of the files a script writes into `--output_dir`: a plain file name,
+    so that "a/b" or ".." stops at parsing ("argument --name: ...") instead of failing at the write, after the run,
+    with a temporary file's FileNotFoundError, or writing outside `--output_dir`."""
+    import argparse
+
+    name = str(value)
+    if not name.strip() or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise argparse.ArgumentTypeError(f"must be a file name stem (no folder; put the folder in --output_dir), "
+                                         f"got {value!r}")
+    return name
+
+
 def command_line(script, argv=None):
     """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`, quoted
     for the shell (`--subsets 'none;0'` was recorded as `--subsets none;0`, two commands when pasted)."""

@@ -244,6 +244,46 @@ def test_figures_refuses_a_table_that_is_not_evaluate_methods_output(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_figures_names_a_missing_table(tmp_path):
+    """A missing --table raised a bare "[Errno 2] No such file or directory", without the flag or what to pass."""
+    figures = load_benchmark("figures")
+    missing = tmp_path / "none.json"
+    with pytest.raises(FileNotFoundError, match=rf"^--table '{missing}': no such file; expected the JSON "
+                                                r"evaluate_methods\.py writes"):
+        figures.main(["--table", str(missing), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+NAMED_SCRIPTS = {  # script: the arguments it needs besides --name, up to parsing
+    "ablations": [], "calibrate_retention": ["--model", "m"], "evaluate_methods": [], "figures": ["--table", "t"],
+    "headroom_split": ["--model", "m", "--data", "d"], "selection_signal": ["--model", "m", "--data", "d"],
+    "testbed_diagnostics": [], "testbed_report": [],
+}
+
+
+@pytest.mark.parametrize("script", sorted(NAMED_SCRIPTS))
+@pytest.mark.parametrize("name", ["a/b", "..", "", " "])
+def test_every_name_flag_refuses_a_path_at_parsing(script, name, tmp_path, capsys, monkeypatch):
+    """`--name a/b` ran the whole job and then failed at the write ("No such file or directory: '.../a/b.png.tmp-N'");
+    `--name ..` wrote `...md` beside the output folder. Every script's --name is a file stem, checked at parsing."""
+    import argparse
+
+    module = load_benchmark(script)
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(parser, *args, **kwargs):  # a name that parses must not start the job (it would train / build)
+        parse(parser, *args, **kwargs)
+        raise AssertionError(f"{script}: --name {name!r} was accepted")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    with pytest.raises(SystemExit) as raised:
+        module.main([*NAMED_SCRIPTS[script], "--name", name, "--output_dir", str(tmp_path / "out")])
+    assert raised.value.code == 2
+    assert (f"argument --name: must be a file name stem (no folder; put the folder in --output_dir), got {name!r}"
+            in capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_figures_writes_the_plotted_numbers_and_plots_every_dataset(tmp_path):
     """accuracy_vs_tokens_NAME.md held only the command (--help promises the plotted numbers), and a table of two
     datasets plotted only the first."""
