@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AttentionInterface,
+    Cache,
     DynamicCache,
     LlavaConfig,
     PretrainedConfig,
@@ -52,6 +53,7 @@ from transformers import (
     LlavaPreTrainedModel,
 )
 from transformers import __version__ as transformers_version
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.integrations.accelerate import load_offloaded_parameter  # as save_pretrained reads offloaded ones
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
@@ -1539,6 +1541,16 @@ def _physical_length(cache, layer_idx=0):
     return cache.layers[layer_idx].get_seq_length()
 
 
+def sliding_window_of(text_config):
+    """The attention window of the text backbone's sliding-window layers, or None when every layer sees the whole
+    causal past: `sliding_window` where `layer_types` has a "sliding_attention" layer (Qwen2, Gemma), or, with no
+    `layer_types`, on every layer (Mistral)."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(text_config, "sliding_window", None)
+
+
 def _seen_tokens(cache):
     """`(input tokens the cache has seen, the pruning state of its prompt or None)`. A state left on a cache that
     is empty again belongs to an older prompt."""
@@ -1721,6 +1733,17 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
             input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy, image_sizes,
             mm_encoder_outputs, selector)
         past_length, state = _seen_tokens(past_key_values)  # in input tokens; the state of a pruned prefill or None
+        window = sliding_window_of(self.config.text_config)
+        if window is not None and past_length + inputs_embeds.shape[1] > window:
+            # Up to the window a sliding-window mask is the causal mask, which the loops build; past it, stock masks
+            # out the older keys by position, which a pruned sequence no longer has (its slots are not positions).
+            raise ValueError(
+                f"This text backbone uses sliding-window attention (window {window} tokens), and this forward spans "
+                f"{past_length + inputs_embeds.shape[1]} tokens ({past_length} cached + {inputs_embeds.shape[1]} "
+                f"new): `pruning_method={self.config.pruning_method!r}` runs its own decoder loop, which does not "
+                f"build windowed masks, so past the window its outputs would differ from the stock model's. Keep "
+                f"prompt + generated tokens within {window}, or use `pruning_method='none'` (the stock forward)."
+            )
         position_ids = self._position_ids(position_ids, inputs_embeds, past_length)
         position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)  # (cos, sin), (B, T, hd)
         hidden_states = self._hidden_state_selection(output_hidden_states)
@@ -2609,10 +2632,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 "tokens. Use the default dynamic cache."
             )
         impl = setting("cache_implementation")
-        if self._pruning_active() and impl not in (None, "dynamic"):
+        # The dynamic kinds ("dynamic", "offloaded", "quantized": layers that grow independently) hold pruned
+        # segments as the same cache objects passed by the user do; a static one pre-allocates equal lengths.
+        if self._pruning_active() and impl in ALL_STATIC_CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"`cache_implementation={impl!r}` is not supported with pruning: layers after a pruning layer hold "
-                "fewer tokens, which only the dynamic cache allows. Leave `cache_implementation` unset."
+                "fewer tokens, which a static cache cannot. Leave `cache_implementation` unset (or use 'dynamic', "
+                "'offloaded' or 'quantized')."
             )
         return super().generate(*args, **kwargs)
 
@@ -2640,8 +2666,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        if self.config.pruning_method != "none" and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = RcpDynamicCache(config=self.config.get_text_config(decoder=True))
+        if (self.config.pruning_method != "none" and isinstance(cache, Cache) and not cache.is_compileable
+                and not getattr(cache, "_is_user_defined", False)):
+            # The cache generate made ("dynamic", "offloaded", "quantized") with the pruning state's mixin, in place:
+            # a new RcpDynamicCache would drop its offloading or quantization.
+            cache.__class__ = _rcp_cache_class(type(cache))
         return result
 
     def _reorder_cache(self, past_key_values, beam_idx):

@@ -733,3 +733,84 @@ def test_fastv_last_token_query_on_mixed_batches_and_fully_labelled_rows():
     raster = torch.zeros(NUM_VISUAL, dtype=torch.bool)
     raster[:6] = True
     assert not any(torch.equal(m[0], raster) for m in out.keep_masks[1:])
+
+
+def _sliding_window_text_config(kind, window):
+    """A tiny Mistral (every layer windowed) or Qwen2 (layers 2-3 windowed, `layer_types`) text backbone."""
+    from transformers import MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  max_position_embeddings=256)
+    if kind == "mistral":
+        return MistralConfig(sliding_window=window, **common).to_dict()
+    return Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=2, **common).to_dict()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["rcp", "fastv"])
+def test_sliding_window_backbone_is_stock_within_the_window_and_refused_past_it(kind, name):
+    """A Mistral / Qwen2 backbone with a sliding window: the pruned loop builds causal masks, which are the windowed
+    ones only up to the window. Past it the logits were 0.17 off stock's with nothing pruned (a text-only prompt,
+    `plugins_disabled()`); now such a forward is refused, and within the window every output is stock's."""
+    from modeling_rcp_llava import sliding_window_of
+
+    window = 30
+    model = make_model(text_config=_sliding_window_text_config(kind, window), **METHODS[name])
+    assert sliding_window_of(model.config.text_config) == window
+    stock = stock_copy(model)
+    for m in (model, stock):
+        m.generation_config.pad_token_id = 0
+    image = make_batch([(2, 4, True)])  # 23 tokens
+    text = {k: v for k, v in make_batch([(5, 8, False)]).items() if v is not None}  # 14 tokens
+    greedy = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**text, **greedy), stock.generate(**text, **greedy))
+        with model.plugins_disabled():
+            assert torch.equal(model(**image).logits, stock(**image).logits)
+            assert torch.equal(model.generate(**image, **greedy), stock.generate(**image, **greedy))
+        pruned = model.generate(**image, **greedy)  # 28 tokens: pruned within the window
+        assert pruned.shape[1] == 28 and model.last_pruning_info.kept_counts.sum() < NUM_VISUAL
+        long_text = {k: v for k, v in make_batch([(window, 0, False)]).items() if v is not None}
+        message = (rf"sliding-window attention \(window {window} tokens\), and this forward spans {window + 1} tokens "
+                   rf"\(0 cached \+ {window + 1} new\).*`pruning_method='none'`")
+        with pytest.raises(ValueError, match=message):
+            model(**long_text)
+        with pytest.raises(ValueError, match=rf"window {window} tokens\), and this forward spans {window + 1} tokens "
+                                             rf"\({window} cached \+ 1 new\)"):
+            model.generate(**image, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        model.config.pruning_method = "none"  # the stock forward: windowed as stock, at any length
+        assert torch.equal(model(**long_text).logits, stock(**long_text).logits)
+
+
+def test_llama_backbone_has_no_sliding_window():
+    from modeling_rcp_llava import sliding_window_of
+
+    assert sliding_window_of(make_model().config.text_config) is None
+    config = make_model(text_config=_sliding_window_text_config("qwen2", 30)).config.text_config
+    config.layer_types = ["full_attention"] * 4
+    assert sliding_window_of(config) is None
+
+
+@pytest.mark.parametrize("name", ["vispruner", "rcp"])
+def test_quantized_cache_implementation_is_the_quantized_cache_given(name):
+    """`cache_implementation="quantized"` was refused ("only the dynamic cache allows") while the same
+    `QuantizedCache` passed as an object worked; generate's own one now keeps its quantized storage and the pruning
+    state, and decodes exactly as the given one."""
+    from transformers import QuantizedCache
+
+    from modeling_rcp_llava import RcpCacheMixin
+
+    model = make_model(**METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED[:2])
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    with torch.no_grad():
+        made = model.generate(**batch, cache_implementation="quantized", cache_config={"backend": "fp8"}, **greedy)
+        given = model.generate(**batch, past_key_values=QuantizedCache("fp8", model.config), **greedy)
+        dynamic = model.generate(**batch, **greedy)
+    assert torch.equal(made.sequences, given.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(made.logits, given.logits))
+    assert isinstance(made.past_key_values, QuantizedCache) and isinstance(made.past_key_values, RcpCacheMixin)
+    assert not all(torch.equal(a, b) for a, b in zip(made.logits, dynamic.logits))  # fp8 storage, not a dynamic one
