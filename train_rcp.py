@@ -271,7 +271,9 @@ class RcpTrainingArguments(TrainingArguments):
     )
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "LR schedule (paper: cosine)."})
     lr_scheduler_kwargs: dict | str | None = field(
-        default_factory=lambda: {"min_lr_rate": 0.1}, metadata={"help": "Cosine down to 0.1x the peak LR."}
+        default=None,
+        metadata={"help": "Extra arguments of the LR schedule; unset with cosine_with_min_lr: {\"min_lr_rate\": 0.1} "
+                          "(cosine down to 0.1x the peak LR)."},
     )
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (paper: 5e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the plug-ins (the authors' 0.01)."})
@@ -284,6 +286,11 @@ class RcpTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        # The min-LR floor belongs to this schedule only: as a plain default it went to every schedule, and
+        # `--lr_scheduler_type linear` / `cosine` failed at train() ("unexpected keyword argument 'min_lr_rate'").
+        if self.lr_scheduler_kwargs is None and str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) \
+                == "cosine_with_min_lr":
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         for name in ("lambda_task", "lambda_repair", "lambda_sparse"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

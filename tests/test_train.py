@@ -98,6 +98,25 @@ def test_training_arguments_are_validated(tmp_path):
     assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant", "cosine_with_min_lr"])
+def test_every_lr_schedule_builds_with_the_default_kwargs(tmp_path, schedule):
+    """The min-LR floor was the default kwargs of every schedule: `--lr_scheduler_type linear` (or `cosine`, the
+    paper's) failed at train() with "unexpected keyword argument 'min_lr_rate'" after the model had loaded."""
+    from transformers import get_scheduler
+
+    args = RcpTrainingArguments(output_dir=str(tmp_path), lr_scheduler_type=schedule)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                              scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    last = optimizer.param_groups[0]["lr"]
+    assert last == pytest.approx({"linear": 0.0, "cosine": 0.0, "constant": 1.0, "cosine_with_min_lr": 0.1}[schedule])
+    explicit = RcpTrainingArguments(output_dir=str(tmp_path), lr_scheduler_kwargs='{"min_lr_rate": 0.3}')
+    assert explicit.lr_scheduler_kwargs == {"min_lr_rate": 0.3}
+
+
 # -- Trainer mechanics on the micro testbed --------------------------------------------------------
 
 
