@@ -44,3 +44,21 @@ def check_rcp_model(model, model_id):
         raise SystemExit(f"--model {model_id!r} loaded a {type(model).__name__}, not an RCP-LLaVA model (no pruning "
                          "fields). Give a folder written by RcpLlavaForConditionalGeneration.save_pretrained, or add "
                          "plug-ins to a stock LLaVA with examples/load_plugins.py --base.")
+
+
+def kept_tokens_line(model):
+    """What the last `generate` kept, in the model's own terms: the points a pre-LLM method (VisPruner) prunes at
+    are before the LLM, not `pruning_layers` (empty there), and `pruning_method="none"` prunes nothing
+    (`last_pruning_info` is None: reading its counts crashed with an AttributeError)."""
+    config, info = model.config, model.last_pruning_info
+    n = config.num_visual_tokens
+    if info is None:
+        return f"no visual token pruned (pruning_method={config.pruning_method!r}): all {n} kept"
+    counts = info.kept_counts.tolist()[0]
+    layers = list(config.pruning_layers)
+    if len(config.pruning_points) > len(layers):  # a pre-LLM point comes first
+        where = "before the LLM" + (f" and after pruning layers {layers}" if layers else "")
+    else:
+        where = f"after pruning layers {layers}"
+    return f"visual tokens kept {where}: {counts} of {n}"
+

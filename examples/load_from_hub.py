@@ -11,7 +11,7 @@ where rcp-llava is not installed (this script never imports the model classes it
 
 import argparse
 
-from _demo_folder import check_rcp_model, demo_or
+from _demo_folder import check_rcp_model, demo_or, kept_tokens_line
 
 
 def main(argv=None):
@@ -50,10 +50,8 @@ def run(args, model_id):
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    info = model.last_pruning_info
     print(f"answer: {answer!r}")
-    print(f"visual tokens kept after pruning layers {model.config.pruning_layers}: {info.kept_counts.tolist()[0]} "
-          f"of {model.config.num_visual_tokens}")
+    print(kept_tokens_line(model))
     return answer
 
 

@@ -10,7 +10,7 @@ the last prompt kept after each pruning layer.
 
 import argparse
 
-from _demo_folder import check_rcp_model, demo_or
+from _demo_folder import check_rcp_model, demo_or, kept_tokens_line
 
 
 def main(argv=None):
@@ -43,8 +43,7 @@ def run(args, model_id):
                generate_kwargs={"max_new_tokens": args.max_new_tokens, "do_sample": False})
     answer = out[0]["generated_text"]
     print(f"answer: {answer!r}")
-    print(f"visual tokens kept after pruning layers {pipe.model.config.pruning_layers}: "
-          f"{pipe.model.last_pruning_info.kept_counts.tolist()[0]} of {pipe.model.config.num_visual_tokens}")
+    print(kept_tokens_line(pipe.model))
     return answer
 
 

@@ -8,7 +8,7 @@ decoder layers, and prints the kept visual tokens per pruning layer and the KV-c
 pruned. With a real checkpoint the same code reads:
 
     model = RcpLlavaForConditionalGeneration.from_pretrained(
-        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[93, 25, 8])
+        "llava-hf/llava-1.5-7b-hf", pruning_layers=[1, 13, 25], pruning_keep_counts=[96, 26, 8])
     processor = AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf")
 """
 
@@ -55,7 +55,9 @@ def main():
     images = [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in questions]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     width = inputs["input_ids"].shape[1]
-    print(f"prompt 0: {prompts[0]!r}\n  -> {width} tokens after the processor ({n} visual), left-padded batch of 2")
+    lengths = inputs["attention_mask"].sum(1).tolist()  # `width` is the padded batch's, the longest prompt's
+    print(f"prompt 0: {prompts[0]!r}\n  -> {lengths[0]} tokens after the processor ({n} visual); left-padded batch "
+          f"of 2, {lengths} tokens, width {width}")
 
     def run():
         out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False,

@@ -731,7 +731,8 @@ def test_push_checks_the_folder_first(tmp_path, online, plugins_only, match):
     ("load_from_hub.py", "from module transformers_modules."),
     ("pipeline.py", "visual tokens kept after pruning layers [1, 2]: [8, 4] of 16"),
     ("load_plugins.py", "logits identical to the model the plug-ins were saved from: True"),
-    ("quickstart.py", "left-padded batch of 2"),
+    # prompt 0's own length, not the padded width (156, prompt 1's) it printed before
+    ("quickstart.py", "-> 153 tokens after the processor (144 visual); left-padded batch of 2, [153, 156] tokens"),
 ])
 def test_examples_run_with_no_arguments(tmp_path, example, expect):
     """Each example runs with no arguments and leaves nothing behind: no demo folder in the temp directory, no copy
@@ -932,6 +933,26 @@ def test_examples_name_a_missing_model_folder(tmp_path, example):
     """It reached transformers, which said "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
     with pytest.raises(FileNotFoundError, match=r"^`--model` '.*/no/such/folder': no such folder"):
         _example(example).main(["--model", str(tmp_path / "no" / "such" / "folder")])
+
+
+@pytest.mark.parametrize("example", ["load_from_hub", "pipeline"])
+@pytest.mark.parametrize("method, expect", [
+    ("none", "no visual token pruned (pruning_method='none'): all 16 kept"),
+    ("vispruner", "visual tokens kept before the LLM: [6] of 16"),
+    ("fastv", "visual tokens kept after pruning layers [2]: [5] of 16"),
+])
+def test_examples_report_what_each_method_kept(tmp_path, capsys, example, method, expect):
+    """On a folder saved with `pruning_method="none"` the examples crashed (`last_pruning_info` is None), and on a
+    VisPruner folder they printed "kept after pruning layers []: [6]" (its point is before the LLM)."""
+    overrides = {
+        "none": dict(pruning_method="none", pruning_layers=None, repair_layers=None, pruning_keep_counts=None),
+        "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                          pre_llm_keep_count=6),
+        "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[], pruning_keep_counts=[5]),
+    }[method]
+    folder = demo.save_demo_folder(tmp_path / method, **overrides)[0]
+    _example(example).main(["--model", str(folder), "--max_new_tokens", "2"])
+    assert expect in capsys.readouterr().out
 
 
 def test_load_plugins_example_keeps_what_out_holds(tmp_path, capsys):
