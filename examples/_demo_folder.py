@@ -28,6 +28,11 @@ def demo_or(model_id):
         from modeling_rcp_llava import check_model_source
 
         check_model_source(model_id, "--model")  # a missing folder: not HF's "Repo id must be in the form ..."
+        if os.path.isfile(os.path.join(model_id, "rcp_config.json")) and not os.path.isfile(
+                os.path.join(model_id, "config.json")):  # transformers said "Unrecognized model ... model_type"
+            raise SystemExit(f"--model {model_id!r} is a plug-in-only checkpoint (save_plugins: rcp_config.json, "
+                             "no config.json): it needs its stock base model. Run examples/load_plugins.py --base "
+                             f"BASE --plugins {model_id}.")
         yield model_id
         return
     with tempfile.TemporaryDirectory(prefix="rcp_llava_demo_") as tmp:

@@ -955,6 +955,15 @@ def test_examples_report_what_each_method_kept(tmp_path, capsys, example, method
     assert expect in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("example", ["load_from_hub", "pipeline"])
+def test_examples_point_a_plugin_folder_to_load_plugins(tmp_path, example):
+    """A plug-in-only folder reached transformers: "Unrecognized model ... Should have a `model_type` key"."""
+    demo.build_demo_model().save_plugins(tmp_path / "plugins")
+    with pytest.raises(SystemExit, match=rf"^--model '{tmp_path / 'plugins'}' is a plug-in-only checkpoint .* Run "
+                                         r"examples/load_plugins\.py --base BASE --plugins "):
+        _example(example).main(["--model", str(tmp_path / "plugins")])
+
+
 def test_load_plugins_example_keeps_what_out_holds(tmp_path, capsys):
     """`--out` on a folder with files replaced its config.json silently; a file failed after the model was built."""
     module = _example("load_plugins")
