@@ -642,15 +642,24 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
 
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
         num_items = num_items_in_batch if training else None
-        l_task = task_loss(student.logits, labels, num_items)
+        # DDP averages the ranks' gradients. Two terms are normalised over every rank: the task loss by all ranks'
+        # answer tokens (`num_items_in_batch` under `average_tokens_across_devices`) and the pooled repair loss by all
+        # ranks' positions; each rank's gradient of them is its share of the global one, so the average would be 1/W
+        # of it (W ranks: their weights against the sparsity term fell by W). Scaled by W, as `Trainer.compute_loss`
+        # scales its loss.
+        ranks = self.accelerator.num_processes if training else 1
+        global_tokens = args.average_tokens_across_devices and args.world_size > 1 and num_items is not None
+        l_task = task_loss(student.logits, labels, num_items) * (ranks if global_tokens else 1)
         student_states = [student.hidden_states[i + 1] for i in loss_layers]  # layer i's (repaired) output
         teacher_states = [teacher.hidden_states[i + 1] for i in loss_layers]
         # A micro-batch's share of the window: its samples / the window's (gradient accumulation sums the shares).
         share = labels.shape[0] / num_samples
         if args.repair_loss_pooling == "batch":
+            all_reduce = _all_reduce_sum(args)
             l_repair = share * pooled_w2_repair_loss(student_states, teacher_states, answer_mask,
-                                                     mean_only=args.repair_loss_mean_only,
-                                                     all_reduce=_all_reduce_sum(args))
+                                                     mean_only=args.repair_loss_mean_only, all_reduce=all_reduce)
+            if all_reduce is not None and ranks > 1:  # the same global value on every rank: scale its gradient only
+                l_repair = l_repair * ranks - l_repair.detach() * (ranks - 1)
         else:
             l_repair = w2_repair_loss(student_states, teacher_states, answer_mask, num_samples,
                                       mean_only=args.repair_loss_mean_only)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import textwrap
 
 import pytest
 import torch
@@ -627,6 +628,77 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert metrics["rcp"]["n"] == 4
     assert "[train_rcp] training the plug-ins on 2 process(es)" in result.stdout
     assert (out / "plugins" / "rcp_plugins.safetensors").exists()
+
+
+DDP_STEP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from configuration_rcp_llava import RcpLlavaConfig
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.data import RcpDataCollator
+    from rcp_llava.testbed import build_dataset, build_model_config, build_processor, get_preset
+    from train_rcp import RcpTrainer, RcpTrainingArguments
+
+    out, batch, lambdas = sys.argv[1], int(sys.argv[2]), [float(x) for x in sys.argv[3].split(",")]
+    torch.set_num_threads(1)
+    preset = get_preset("micro")
+    processor = build_processor(preset)
+    stock = build_model_config(preset, processor.tokenizer).to_dict()
+    torch.manual_seed(0)
+    config = RcpLlavaConfig(**{k: v for k, v in stock.items() if k != "model_type"}, pruning_layers=[1],
+                            repair_layers=[1], pruner_hidden_size=8, repair_bottleneck_size=8, pruning_keep_counts=None,
+                            visual_token_budget=preset.num_visual_tokens / 4, query_dropout=0.0, pruner_dropout=0.0)
+    model = RcpLlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for pruner in model.model.rcp_plugins.pruners.values():
+            pruner.bias.fill_(-3.0)  # prune: the repair loss has something to repair
+    start = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    args = RcpTrainingArguments(
+        output_dir=out, per_device_train_batch_size=batch, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], seed=0, disable_tqdm=True, use_cpu=True, gumbel_noise=False,
+        lambda_task=lambdas[0], lambda_repair=lambdas[1], lambda_sparse=lambdas[2],
+        ddp_backend="gloo" if "RANK" in os.environ else None)
+    dataset = build_dataset("micro", seed=0)["train"].select(range(4))
+    trainer = RcpTrainer(model=model, args=args, train_dataset=dataset, data_collator=RcpDataCollator(processor))
+    trainer.train()
+    if int(os.environ.get("RANK", 0)) == 0:
+        torch.save({k: model.plugin_state_dict()[k] - start[k] for k in start}, os.path.join(out, "delta.pt"))
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        json.dump(logs, open(os.path.join(out, "logs.json"), "w"))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lambdas", ["1,0,0", "0,1,0"])
+def test_two_ranks_take_the_step_of_one_process_on_their_joint_batch(tmp_path, lambdas):
+    """DDP averages the ranks' gradients, but the task loss is normalised by every rank's answer tokens and the
+    pooled repair loss by every rank's positions: two ranks of batch 2 took half the step of one process on the
+    same 4 samples, for both terms (sparsity's weight doubled against them), and logged half the task loss."""
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "step.py"
+    script.write_text(DDP_STEP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    with socket.socket() as probe:  # a free port for the rendezvous (port 0 is not passed on to the workers)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = {"one": [sys.executable, str(script), str(tmp_path / "one"), "4", lambdas],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "two"), "2", lambdas]}
+    for name, command in runs.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / name / "delta.pt") for name in runs)
+    assert sum(float(v.abs().sum()) for v in one.values()) > 0  # the term moves the plug-ins
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-7, msg=key)
+    logs = {name: json.loads((tmp_path / name / "logs.json").read_text())[0] for name in runs}
+    for part in ("loss", "task_loss", "repair_loss"):
+        assert logs["two"][part] == pytest.approx(logs["one"][part], rel=1e-4), part
 
 
 def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeypatch):
