@@ -1362,7 +1362,9 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
                "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,
                "pruning_layers": list(model.config.pruning_layers), "repair_layers": list(model.config.repair_layers),
                "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps,
-               "seed": args.seed, "max_grad_norm": args.max_grad_norm}
+               "seed": args.seed, "max_grad_norm": args.max_grad_norm,
+               # the data evaluated on, for the model card (rcp_llava.hub): what the user gave, else the testbed's
+               "dataset": job.llava_json or job.dataset_name_or_path or f"rcp-llava testbed ({job.testbed_preset})"}
     if trainer is not None:
         metrics["grad_norm"] = grad_norm_summary(trainer.grad_norms)
     if calibration is not None:

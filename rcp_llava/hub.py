@@ -13,7 +13,9 @@ imports this module.
 """
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -31,6 +33,9 @@ DEFAULT_TAGS = ("rcp-llava", "llava", "visual-token-pruning", "token-pruning", "
 # What each kind of folder holds (besides README.md); `push_rcp_folder` refuses a folder that lacks one.
 FULL_MODEL_FILES = ("config.json", "configuration_rcp_llava.py", "modeling_rcp_llava.py")
 PLUGIN_FILES = (RCP_CONFIG_NAME, RCP_PLUGINS_NAME)
+# A full folder's processor (one file of each group), which the card's usage snippet loads from the repo itself.
+PROCESSOR_FILES = (("processor_config.json", "preprocessor_config.json"),
+                   ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
 GITHUB_URL = "https://github.com/rcp-llava/rcp-llava"
 
 
@@ -41,11 +46,33 @@ GITHUB_URL = "https://github.com/rcp-llava/rcp-llava"
 
 TESTBED_DATASET = "rcp-llava testbed"
 BASELINE_NAMES = {"none": "full model (all visual tokens)", "full": "full model (all visual tokens)"}
+# The average kept visual tokens of an evaluation JSON: the documented key first, then the aliases other tools write.
+KEPT_TOKEN_KEYS = ("average_kept_tokens", "kept_visual_tokens", "avg_kept_tokens")
+# A Hub dataset id `owner/name`; anything else in `dataset_type` (a local path, a bare name) is no model-index dataset.
+HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What each training-free method keeps (the card's description); a method registered by a user is named only.
+METHOD_TEXT = {
+    "vispruner": "VisPruner (the vision encoder's [CLS]-attention important tokens plus similarity-deduplicated "
+                 "diverse ones)",
+    "fastv": "FastV (the tokens the prompt attends to most, measured at the layer before)",
+    "random": "A seeded uniform random subset (`pruning_seed`)",
+    "attention_topk": "The LLM's own question-to-visual attention (the top tokens at each pruning layer: RCP's "
+                      "prior alone, Eq. 4)",
+}
 
 
 def _short(value, limit=160):
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _finite_number(value):
+    # bool is an int, and json reads NaN / Infinity: none of them is a measured value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_hub_dataset_id(value):
+    return isinstance(value, str) and bool(HUB_DATASET_ID.match(value)) and ".." not in value
 
 
 def load_eval_results(eval_results):
@@ -56,11 +83,15 @@ def load_eval_results(eval_results):
     `eval_results` is a path to a JSON file, or its content. Accepted shapes:
       - `{"results": [entry, ...], "average_kept_tokens": 64.0}` or a bare list of entries, an entry being
         `{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6, "dataset_type": ..., "split": ...}`;
-      - `{"VQAv2": {"accuracy": 75.6}, "POPE": {"f1": 85.1}}` (dataset -> metric -> value);
+      - `{"VQAv2": {"accuracy": 75.6}, "POPE": {"f1": 85.1}}` (dataset -> metric -> value: every top-level key
+        but the kept-token ones is a dataset, every value a finite number);
       - the testbed's `evaluate_accuracy` output `{"overall": 0.91, "n": ..., "kept_visual_tokens": ...}`;
       - `train_rcp.py`'s metrics.json: RCP's accuracy (this checkpoint), the full model's and the training-free
         prior's at RCP's counts (baselines);
       - `benchmarks/evaluate_methods.py`'s JSON: its RCP rows (this checkpoint), every other row as a baseline.
+    The average kept visual tokens come from `average_kept_tokens` (else the aliases `kept_visual_tokens`,
+    `avg_kept_tokens`). Every entry's `value` must be a finite number and its `tokens_per_layer` / `kept_tokens` a
+    number >= 0 or None; a baseline entry must name its `method` (ValueError otherwise).
     Returns `(entries, average_kept_tokens or None)`.
     """
     if eval_results is None:
@@ -75,9 +106,15 @@ def load_eval_results(eval_results):
             raise ValueError(f"`eval_results` file {str(path)!r} is not valid JSON ({err}).") from None
     kept = None
     if isinstance(eval_results, dict):
-        for key in ("average_kept_tokens", "kept_visual_tokens", "avg_kept_tokens"):
-            if isinstance(eval_results.get(key), (int, float)):
-                kept = float(eval_results[key])
+        # The first key present wins: the documented one over its aliases (the last alias used to win).
+        key = next((k for k in KEPT_TOKEN_KEYS if eval_results.get(k) is not None), None)
+        if key is not None:
+            if not _finite_number(eval_results[key]) or eval_results[key] < 0:
+                raise ValueError(
+                    f"`eval_results[{key!r}]` is {_short(repr(eval_results[key]))}: it must be the average number of "
+                    "visual tokens kept per decoder layer, a finite number >= 0 (e.g. 64.0), or null if not measured."
+                )
+            kept = float(eval_results[key])
         results = eval_results.get("results")
         if isinstance(results, list) and results and all(isinstance(r, dict) and "rows" in r for r in results):
             entries = _evaluate_methods_entries(results)
@@ -93,16 +130,29 @@ def load_eval_results(eval_results):
             entries = [{"dataset": eval_results.get("dataset", TESTBED_DATASET), "metric": "accuracy",
                         "value": eval_results["overall"]}]
         else:
-            entries = [
-                {"dataset": name, "metric": metric, "value": value}
-                for name, metrics in eval_results.items() if isinstance(metrics, dict)
-                for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
-            ]
-            if not entries:
+            datasets = {name: metrics for name, metrics in eval_results.items() if name not in KEPT_TOKEN_KEYS}
+            if not any(isinstance(metrics, dict) for metrics in datasets.values()):
                 raise ValueError(
                     f"`eval_results` is not a format `build_model_card` knows (top-level keys: "
                     f"{_short(sorted(eval_results))}); see `rcp_llava.hub.load_eval_results`."
                 )
+            # dataset -> metric -> value, strictly: a key skipped here (a `meta` block, a metric left null) used to
+            # vanish or become a result row without a word.
+            entries = []
+            for name, metrics in datasets.items():
+                if not isinstance(metrics, dict) or not metrics:
+                    raise ValueError(
+                        f"`eval_results[{name!r}]` is {_short(repr(metrics))}, not a dict of metric -> value: in the "
+                        f"dataset -> metric -> value format every top-level key but {list(KEPT_TOKEN_KEYS)} is a "
+                        f"dataset, e.g. {{\"VQAv2\": {{\"accuracy\": 75.6}}}}; move {name!r} out of the file."
+                    )
+                for metric, value in metrics.items():
+                    if not _finite_number(value):
+                        raise ValueError(
+                            f"`eval_results[{name!r}][{metric!r}]` is {_short(repr(value))}, not a finite number: "
+                            f"give the measured value (e.g. 75.6), or drop the metric {metric!r}."
+                        )
+                    entries.append({"dataset": name, "metric": metric, "value": value})
     elif isinstance(eval_results, list):
         entries = list(eval_results)
     else:
@@ -113,13 +163,36 @@ def load_eval_results(eval_results):
         missing = [k for k in ("dataset", "metric", "value") if k not in e]
         if missing:
             raise ValueError(f"Evaluation entry {_short(e)} lacks {missing}; see `load_eval_results` for the format.")
+        if not _finite_number(e["value"]):  # huggingface_hub drops a null value, then fails to parse its own card
+            raise ValueError(
+                f"Evaluation entry {_short(e)} has `value` {_short(repr(e['value']))}: it must be a finite number "
+                "(e.g. 75.6; not a string, a bool, NaN, inf or null). Give the measured value, or drop the entry."
+            )
+        for key in ("tokens_per_layer", "kept_tokens"):
+            tokens = e.get(key)
+            if tokens is not None and not (_finite_number(tokens) and tokens >= 0):
+                raise ValueError(
+                    f"Evaluation entry {_short(e)} has `{key}` {_short(repr(tokens))}: it must be the visual tokens "
+                    "per decoder layer, a finite number >= 0 (e.g. 64.0), or null if not measured."
+                )
+        if e.get("method") is not None and not isinstance(e["method"], str):
+            raise TypeError(f"Evaluation entry {_short(e)} has `method` {_short(repr(e['method']))}: give the "
+                            "method's name as a string (e.g. \"fastv\"), or leave it out for this checkpoint's row.")
         e.setdefault("baseline", False)
+        # A missing (or null) method is this checkpoint's own row, "rcp": a baseline with none would be labelled
+        # "rcp (baseline)", RCP measured as a baseline beside itself.
+        if e["baseline"] and not e.get("method"):
+            raise ValueError(
+                f"Evaluation entry {_short(e)} is a baseline without a `method`: name what it measured (e.g. "
+                "\"method\": \"fastv\"), or drop `baseline` if it is this checkpoint's own result."
+            )
     return entries, kept
 
 
 def _train_rcp_entries(metrics):
     """train_rcp.py's metrics.json -> entries (RCP's own, then the baselines at the same budget)."""
-    dataset = metrics.get("dataset", TESTBED_DATASET)
+    # train_rcp.py records the data it evaluated on; files written before it did were the testbed's.
+    dataset = metrics.get("dataset") or TESTBED_DATASET
     n, budget = metrics.get("num_visual_tokens"), metrics.get("visual_token_budget")
     budget_text = f"{budget:g} of {n} tokens" if isinstance(budget, (int, float)) and n else ""
     rcp = metrics["rcp"]
@@ -143,13 +216,19 @@ def _train_rcp_entries(metrics):
 def _evaluate_methods_entries(results):
     """benchmarks/evaluate_methods.py's JSON `results` -> entries: RCP rows are this checkpoint's."""
     entries = []
-    for block in results:
+    for b, block in enumerate(results):
         dataset = TESTBED_DATASET if block.get("kind") == "testbed" else block.get("data", "unknown")
         metric = block.get("metric", "first-token accuracy" if block.get("kind") == "testbed" else "score")
-        for row in block["rows"]:
+        for r, row in enumerate(block["rows"]):
             if not isinstance(row.get("score"), (int, float)):
                 continue
             method = row.get("label") or row.get("method")
+            if not method:  # no name to put on the row, and no way to tell RCP's own from a baseline
+                raise ValueError(
+                    f"`eval_results`: row {r} of results block {b} (data {block.get('data', dataset)!r}) has neither "
+                    f"'label' nor 'method' ({_short(row)}): name the method each row measured, as "
+                    "benchmarks/evaluate_methods.py writes it."
+                )
             entries.append({"dataset": dataset, "metric": metric, "value": row["score"],
                             "method": BASELINE_NAMES.get(method, method), "budget": str(row.get("budget", "")),
                             "tokens_per_layer": row.get("avg_tokens_all_layers"),
@@ -177,7 +256,8 @@ def _results_table(entries):
     lines = ["| method | budget | visual tokens / layer | dataset | split | metric | value |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
-        method = e.get("method", "rcp") + (" (baseline)" if e.get("baseline") else "")
+        # A missing or null method is this checkpoint's row (`load_eval_results` refuses a baseline without one).
+        method = (e.get("method") or "rcp") + (" (baseline)" if e.get("baseline") else "")
         tokens = e.get("tokens_per_layer", e.get("kept_tokens"))
         lines.append(f"| {method} | {e.get('budget', '')} | {_fmt(float(tokens)) if tokens is not None else ''} | "
                      f"{e['dataset']} | {e.get('split', '')} | {e['metric']} | {_fmt(e['value'])} |")
@@ -274,15 +354,39 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
             card states `visual_token_budget` as the target, not as a kept count (metadata
             `average_kept_visual_tokens: null`), since the count the threshold keeps depends on the image.
         training_args: dict of training settings (e.g. `TrainingArguments.to_dict()` restricted to what matters).
+        tags: extra tags, a string (one tag) or a list of strings.
         license: the card's license; default: the base model's (`base_model_license`), else none (with a warning).
 
     model-index holds only this checkpoint's own results on datasets with a Hub id (`dataset_type` "owner/name");
     baselines (the full model, other methods) and local datasets (the testbed) are in the card's results table.
     A plug-in-only card is an adapter card: `library_name: rcp-llava`, `base_model_relation: adapter`.
+    The card describes the config's `pruning_method`: RCP's plug-ins, a training-free method, or no pruning.
     """
     config = getattr(config, "config", config)
+    spec = config.pruning_spec
+    if plugins_only and not spec.plugins:
+        raise ValueError(
+            f"`plugins_only=True`, but `pruning_method={config.pruning_method!r}` has no plug-ins (its model saves no "
+            "plug-in tensors): build the card of the full folder (`plugins_only=False`), or use `pruning_method='rcp'`."
+        )
+    # One string is one tag, as transformers' card helpers take it (a set of a string is its characters).
+    tags = [tags] if isinstance(tags, str) else () if tags is None else tags
+    bad = [t for t in (tags if isinstance(tags, (list, tuple, set, frozenset)) else [tags]) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"`tags` must be a string or a list of strings, but holds {bad[0]!r} "
+                        f"({type(bad[0]).__name__}); pass e.g. `tags=['my-tag']`.")
     entries, eval_kept = load_eval_results(eval_results)
     kept = average_kept_tokens if average_kept_tokens is not None else eval_kept
+    n = config.num_visual_tokens
+    if kept is not None and not (_finite_number(kept) and 0 <= kept <= n):
+        # A count above the model's tokens is another model's result (or a typo): the card would state it as this one's.
+        source = ("`average_kept_tokens`" if average_kept_tokens is not None
+                  else "The evaluation results' average kept tokens")
+        raise ValueError(
+            f"{source} is {kept!r}, but this model has {n} visual tokens per image: the average kept per decoder "
+            f"layer must be a number in [0, {n}]. Give the count measured on this checkpoint, or none (the card then "
+            "uses the config's keep counts)."
+        )
     if kept is None:
         kept = config.pruned_average_tokens()
     kept = round(float(kept), 1) if isinstance(kept, (int, float)) else None
@@ -303,6 +407,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
             logger.warning("build_model_card: no license given and none found in the base model's card; pass "
                            "`license=` (e.g. the base model's, 'llama2' for llava-1.5).")
     model_name = model_name or str(repo_id).rstrip("/").split("/")[-1]
+    built_on = f" built on `{base_model}`" if base_model else ""
     results = [
         EvalResult(
             task_type="image-text-to-text", dataset_type=e["dataset_type"],
@@ -310,7 +415,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
             dataset_split=e.get("split"), metric_name=e.get("metric_name", e["metric"]),
         )
         for e in entries
-        if not e.get("baseline") and "/" in str(e.get("dataset_type", ""))
+        if not e.get("baseline") and _is_hub_dataset_id(e.get("dataset_type"))
     ]
     data = ModelCardData(
         base_model=hub_base, library_name="rcp-llava" if plugins_only else "transformers",
@@ -333,7 +438,11 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         if plugins_only and local_base else
         "RCP plug-ins (pruners + repair adapters) for a LLaVA base model that was not recorded (replace "
         f"`{BASE_MODEL_PLACEHOLDER}` in the usage snippet with the checkpoint they were trained on)"
-        if plugins_only else f"A LLaVA model with RCP visual-token pruning{f' built on `{base_model}`' if base_model else ''}"
+        if plugins_only else f"A LLaVA model with RCP visual-token pruning{built_on}"
+        if spec.plugins else
+        f"A LLaVA model{built_on} with visual-token pruning off (`pruning_method={config.pruning_method!r}`)"
+        if not spec.prunes else
+        f"A LLaVA model{built_on} with training-free visual-token pruning (`pruning_method={config.pruning_method!r}`)"
     )
     files = (
         f"`{RCP_CONFIG_NAME}` (pruning configuration, base model, library version) and `{RCP_PLUGINS_NAME}` "
@@ -343,7 +452,23 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         "`modeling_rcp_llava.py` (remote code: standard library, torch and transformers only), and the processor "
         "files."
     )
-    num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
+    num_layers = config.text_config.num_hidden_layers
+    if spec.plugins:
+        how = ("The Representation Consistency Pruner drops\nvisual tokens *inside* the decoder: learned pruners "
+               "remove tokens before the pruning layers (later layers\ncompute on, and cache, only the kept tokens) "
+               "and delayed repair adapters correct the answer positions.")
+    elif not spec.prunes:
+        how = ("It runs the stock LLaVA forward: every visual token\nreaches every decoder layer, and no pruner or "
+               "repair adapter is used.")
+    else:
+        pre_llm = spec.pre_llm and (not spec.in_decoder or config.pre_llm_keep_count is not None)
+        where = (f"before the language model (the decoder sees only the {config.pre_llm_keep_count} kept of the {n} "
+                 "visual tokens from layer 0)" if pre_llm else
+                 f"*inside* the decoder, before layer(s) {config.pruning_layers} (0-based; later layers compute on, "
+                 "and cache, only the kept tokens)")
+        method_text = METHOD_TEXT.get(config.pruning_method, f"`{config.pruning_method}`")
+        how = (f"{method_text} chooses the visual tokens\nto keep {where}. It is training-free: no learned pruners and "
+               "no repair adapters.")
     if kept is not None:
         kept_text = (f"{kept:.1f} (the mean over all {num_layers} decoder layers, the paper's budget definition) "
                      f"(of {n} per image).")
@@ -364,9 +489,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
 
 # {model_name}
 
-{what}, made with [rcp-llava]({GITHUB_URL}) {RCP_LLAVA_VERSION}. The Representation Consistency Pruner drops
-visual tokens *inside* the decoder: learned pruners remove tokens before the pruning layers (later layers
-compute on, and cache, only the kept tokens) and delayed repair adapters correct the answer positions.
+{what}, made with [rcp-llava]({GITHUB_URL}) {RCP_LLAVA_VERSION}. {how}
 
 **Average kept visual tokens per decoder layer:** {kept_text}
 
@@ -429,11 +552,40 @@ def _check_folder(folder, plugins_only):
         raise FileNotFoundError(f"{folder} is not a folder; save the model first (`save_pretrained` / `save_plugins`).")
     needed = PLUGIN_FILES if plugins_only else FULL_MODEL_FILES
     missing = [name for name in needed if not (folder / name).is_file()]
-    if not plugins_only and not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+    # rcp_plugins.safetensors holds the plug-ins alone, not the model's weights.
+    weights = [p for p in folder.glob("*.safetensors") if p.name != RCP_PLUGINS_NAME]
+    if not plugins_only and not weights and not (folder / "model.safetensors.index.json").is_file():
         missing.append("model.safetensors")
     if missing:
         how = "model.save_plugins(folder)" if plugins_only else "model.save_pretrained(folder)"
-        raise FileNotFoundError(f"{folder} lacks {missing}: write it with `{how}` before pushing.")
+        plugin_folder = not plugins_only and (folder / RCP_PLUGINS_NAME).is_file()
+        raise FileNotFoundError(
+            f"{folder} lacks {missing}: write it with `{how}` before pushing"
+            + (f", or, as it holds {RCP_PLUGINS_NAME} (the plug-ins alone), push it as a plug-in folder with "
+               f"`push_rcp_folder({str(folder)!r}, repo_id, plugins_only=True)`." if plugin_folder else ".")
+        )
+    if plugins_only:
+        return folder
+    # The card's usage snippet runs `AutoProcessor.from_pretrained(model_id, trust_remote_code=True)` on this repo.
+    if not all(any((folder / name).is_file() for name in group) for group in PROCESSOR_FILES):
+        raise FileNotFoundError(
+            f"{folder} has no processor files (one of {list(PROCESSOR_FILES[0])} and one of "
+            f"{list(PROCESSOR_FILES[1])}), but the model card's usage snippet loads the processor from the repo: "
+            "write them with `processor.save_pretrained(folder)` before pushing."
+        )
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): write the folder with "
+                         "`RcpLlavaForConditionalGeneration.save_pretrained(folder)` before pushing.") from None
+    # Without auto_map, `from_pretrained(..., trust_remote_code=True)` finds no remote code for the two .py files.
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        raise ValueError(
+            f"{config_path} has no `auto_map`, so `from_pretrained(model_id, trust_remote_code=True)` (the card's "
+            "usage snippet) cannot load the remote code: write the folder with "
+            "`RcpLlavaForConditionalGeneration.save_pretrained(folder)`, which adds it, before pushing."
+        )
     return folder
 
 

@@ -391,10 +391,10 @@ def test_plugins_folder_must_exist(tmp_path):
 
 
 EVAL_JSON = {
-    "average_kept_tokens": 64.0,
+    "average_kept_tokens": 6.0,
     "results": [
         {"dataset": "VQAv2", "dataset_type": "HuggingFaceM4/VQAv2", "split": "testdev", "metric": "accuracy",
-         "value": 75.4, "kept_tokens": 64},
+         "value": 75.4, "kept_tokens": 6},
         {"dataset": "POPE", "dataset_type": "lmms-lab/POPE", "metric": "f1", "value": 85.9},
     ],
 }
@@ -428,11 +428,11 @@ def test_model_card_metadata_table_snippet_round_trip(tmp_path, plugins_only):
     assert results == {("VQAv2", "HuggingFaceM4/VQAv2", "accuracy"): 75.4, ("POPE", "lmms-lab/POPE", "f1"): 85.9}
     assert data.to_dict()["model-index"][0]["name"] == "rcp-llava-demo"
     assert data.to_dict()["rcp_llava"]["pruning_layers"] == [1, 2]
-    assert data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 64.0
+    assert data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 6.0
     text = loaded.text
-    assert "| rcp |  | 64 | VQAv2 | testdev | accuracy | 75.4 |" in text
+    assert "| rcp |  | 6 | VQAv2 | testdev | accuracy | 75.4 |" in text
     assert "| `pruning_keep_counts` | [8, 4] |" in text
-    assert "**Average kept visual tokens per decoder layer:** 64.0 (the mean over all 4 decoder layers" in text
+    assert "**Average kept visual tokens per decoder layer:** 6.0 (the mean over all 4 decoder layers" in text
     assert "- `learning_rate`: 0.0001" in text
     if plugins_only:
         assert "RcpLlavaForConditionalGeneration.from_base(base_id, plugins='someone/rcp-llava-demo')" in text
@@ -450,10 +450,17 @@ TRAIN_RCP_METRICS = {
 }
 
 
+def config_144(**overrides):
+    """The demo config at 144 visual tokens (48-px images), the count TRAIN_RCP_METRICS was measured at."""
+    vision = demo.demo_config().vision_config.to_dict()
+    vision["image_size"] = 48
+    return demo.demo_config(vision_config=vision, image_seq_length=144, **overrides)
+
+
 def test_card_of_a_training_job_keeps_the_baselines_out_of_model_index():
     """train_rcp.py's metrics.json: the unpruned model's accuracy is a labelled baseline row in the text, never this
     checkpoint's result; the testbed (no Hub id) is not in model-index; the kept tokens are rounded."""
-    card = hub.build_model_card(demo.demo_config(), repo_id="x/y", eval_results=TRAIN_RCP_METRICS, license="mit")
+    card = hub.build_model_card(config_144(), repo_id="x/y", eval_results=TRAIN_RCP_METRICS, license="mit")
     meta = card.data.to_dict()
     assert "model-index" not in meta and "0.916" not in str(meta)
     assert meta["rcp_llava"]["average_kept_visual_tokens"] == 43.8
@@ -542,7 +549,8 @@ def test_card_of_adaptive_rcp_calls_the_budget_a_target():
     assert ("**Average kept visual tokens per decoder layer:** 15.3 (the mean over all 4 decoder layers, the "
             "paper's budget definition) (of 16 per image).\n") in measured.text
     assert measured.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 15.3
-    job = hub.build_model_card(config, repo_id="x/y", eval_results=TRAIN_RCP_METRICS, license="mit")
+    job = hub.build_model_card(config_144(pruning_keep_counts=None, visual_token_budget=7.0), repo_id="x/y",
+                               eval_results=TRAIN_RCP_METRICS, license="mit")
     assert "**Average kept visual tokens per decoder layer:** 43.8 (the mean over all 4" in job.text
     assert "target" not in job.text
 
@@ -660,8 +668,10 @@ def test_push_unreachable_hub_is_a_clear_error(saved, online):
 def stub_model_folder(folder):
     """The files `push_rcp_folder` checks for, without building a model (the upload is faked)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "configuration_rcp_llava.py", "modeling_rcp_llava.py", "model.safetensors"):
+    for name in ("configuration_rcp_llava.py", "modeling_rcp_llava.py", "model.safetensors", "processor_config.json",
+                 "tokenizer.json"):
         (folder / name).write_text("{}")
+    (folder / "config.json").write_text(json.dumps({"auto_map": RCP_AUTO_MAP}))
     return folder
 
 
@@ -696,7 +706,8 @@ def test_push_without_network_is_a_clear_error(tmp_path, online, monkeypatch):
     )
     assert info.value.__cause__ is error
     assert sorted(p.name for p in folder.iterdir()) == [  # the written folder is kept for a later push
-        "config.json", "configuration_rcp_llava.py", "model.safetensors", "modeling_rcp_llava.py"]
+        "config.json", "configuration_rcp_llava.py", "model.safetensors", "modeling_rcp_llava.py",
+        "processor_config.json", "tokenizer.json"]
 
 
 def test_push_passes_the_hubs_http_answer_through(tmp_path, online):

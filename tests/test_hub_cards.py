@@ -1,0 +1,343 @@
+"""Model cards and the push check on input the card code used to take wrongly (a read-only probe): evaluation entries
+without a usable value, method or token count, the dataset -> metric -> value format, the kept-token keys, Hub
+dataset ids, tags, cards of every pruning method, train_rcp.py's dataset name, and incomplete full-model folders."""
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+import train_rcp
+from modeling_rcp_llava import RCP_LLAVA_VERSION, RCP_PLUGINS_NAME
+from rcp_llava import demo, hub
+
+
+def card(eval_results=None, config=None, **kwargs):
+    return hub.build_model_card(config or demo.demo_config(), "u/x", license="mit", eval_results=eval_results,
+                                **kwargs)
+
+
+def rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")
+            and not line.startswith("| field") and not line.startswith("| `")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation entries
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, shown", [(None, "None"), ("75.6", "'75.6'"), (True, "True"), (math.nan, "nan"),
+                                          (math.inf, "inf")])
+def test_an_entry_value_must_be_a_finite_number(value, shown):
+    """A null value with a Hub dataset_type crashed in huggingface_hub ("Invalid model_index ... KeyError 'value'");
+    a string, a bool or NaN went into the card as a result."""
+    entry = {"dataset": "VQAv2", "metric": "accuracy", "value": value, "dataset_type": "HuggingFaceM4/VQAv2"}
+    with pytest.raises(ValueError) as err:
+        card([entry])
+    assert str(err.value) == (
+        f"Evaluation entry {hub._short(entry)} has `value` {shown}: it must be a finite number (e.g. 75.6; not a "
+        "string, a bool, NaN, inf or null). Give the measured value, or drop the entry.")
+
+
+def test_a_null_method_is_this_checkpoints_own_row():
+    """`"method": None` crashed the results table (NoneType + str); it reads as a missing method: RCP's row."""
+    text = card([{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6, "method": None}]).text
+    assert rows(text) == ["| rcp |  |  | VQAv2 |  | accuracy | 75.6 |"]
+
+
+def test_an_evaluate_methods_row_without_label_or_method_is_refused():
+    evaluation = {"results": [{"data": "testbed", "kind": "testbed", "rows": [
+        {"label": "rcp", "method": "rcp", "budget": "1/9", "avg_tokens_all_layers": 4.0, "score": 0.6},
+        {"budget": "1/9", "avg_tokens_all_layers": 4.0, "score": 0.5}]}]}
+    with pytest.raises(ValueError) as err:
+        card(evaluation)
+    assert str(err.value) == (
+        "`eval_results`: row 1 of results block 0 (data 'testbed') has neither 'label' nor 'method' "
+        '({"budget": "1/9", "avg_tokens_all_layers": 4.0, "score": 0.5}): name the method each row measured, as '
+        "benchmarks/evaluate_methods.py writes it.")
+
+
+@pytest.mark.parametrize("key, tokens, shown", [("tokens_per_layer", "n/a", "'n/a'"), ("tokens_per_layer", -1, "-1"),
+                                                ("kept_tokens", math.nan, "nan")])
+def test_tokens_per_layer_must_be_a_count(key, tokens, shown):
+    """A non-numeric `tokens_per_layer` crashed the table with float()'s "could not convert string to float"."""
+    entry = {"dataset": "VQAv2", "metric": "accuracy", "value": 75.6, key: tokens}
+    with pytest.raises(ValueError) as err:
+        hub.load_eval_results([entry])
+    assert str(err.value) == (
+        f"Evaluation entry {hub._short(entry)} has `{key}` {shown}: it must be the visual tokens per decoder layer, "
+        "a finite number >= 0 (e.g. 64.0), or null if not measured.")
+
+
+def test_a_baseline_must_name_its_method():
+    """A baseline row without a method was labelled "rcp (baseline)": RCP as a baseline beside itself."""
+    entry = {"dataset": "VQAv2", "metric": "accuracy", "value": 70.1, "baseline": True}
+    with pytest.raises(ValueError) as err:
+        card([{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6}, entry])
+    assert str(err.value) == (
+        f"Evaluation entry {hub._short(entry)} is a baseline without a `method`: name what it measured (e.g. "
+        '"method": "fastv"), or drop `baseline` if it is this checkpoint\'s own result.')
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset -> metric -> value format and the kept-token keys
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"VQAv2": {"accuracy": None}},
+     "`eval_results['VQAv2']['accuracy']` is None, not a finite number: give the measured value (e.g. 75.6), or drop "
+     "the metric 'accuracy'."),
+    ({"VQAv2": {"accuracy": 75.6}, "meta": {"seed": 0, "note": "first run"}},
+     "`eval_results['meta']['note']` is 'first run', not a finite number: give the measured value (e.g. 75.6), or "
+     "drop the metric 'note'."),
+    ({"VQAv2": {"accuracy": 75.6}, "command": "python eval.py"},
+     "`eval_results['command']` is 'python eval.py', not a dict of metric -> value: in the dataset -> metric -> "
+     "value format every top-level key but ['average_kept_tokens', 'kept_visual_tokens', 'avg_kept_tokens'] is a "
+     "dataset, e.g. {\"VQAv2\": {\"accuracy\": 75.6}}; move 'command' out of the file."),
+])
+def test_the_dataset_metric_value_format_is_strict(content, message):
+    """A null metric gave "not a format build_model_card knows"; other keys were dropped, or became result rows."""
+    with pytest.raises(ValueError) as err:
+        hub.load_eval_results(content)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("content, kept", [
+    ({"average_kept_tokens": 5.0, "avg_kept_tokens": 9.0}, 5.0),
+    ({"avg_kept_tokens": 9.0, "kept_visual_tokens": 7.0}, 7.0),
+    ({"average_kept_tokens": None, "kept_visual_tokens": 6.0, "avg_kept_tokens": 9.0}, 6.0),
+])
+def test_the_documented_kept_token_key_wins(content, kept):
+    """The last alias present used to win over `average_kept_tokens`."""
+    results = [{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6}]
+    assert hub.load_eval_results({"results": results, **content}) == (results, kept)
+    meta = card({"results": results, **content}).data.to_dict()["rcp_llava"]
+    assert meta["average_kept_visual_tokens"] == kept
+
+
+@pytest.mark.parametrize("value, shown", [("64", "'64'"), (True, "True"), (math.nan, "nan"), (-1.0, "-1.0")])
+def test_a_kept_token_value_must_be_a_number(value, shown):
+    with pytest.raises(ValueError) as err:
+        hub.load_eval_results({"results": [], "average_kept_tokens": value})
+    assert str(err.value) == (
+        f"`eval_results['average_kept_tokens']` is {shown}: it must be the average number of visual tokens kept per "
+        "decoder layer, a finite number >= 0 (e.g. 64.0), or null if not measured.")
+
+
+@pytest.mark.parametrize("argument, from_json, source", [
+    (17, None, "`average_kept_tokens` is 17"),
+    (True, None, "`average_kept_tokens` is True"),
+    ("8", None, "`average_kept_tokens` is '8'"),
+    (None, 64.0, "The evaluation results' average kept tokens is 64.0"),
+])
+def test_a_kept_count_must_fit_the_model(argument, from_json, source):
+    """The demo model has 16 visual tokens: a card stating 64 kept (another model's result) or a string is refused;
+    0 and 16 are the bounds."""
+    results = {"results": [{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6}], "average_kept_tokens": from_json}
+    with pytest.raises(ValueError) as err:
+        card(results, average_kept_tokens=argument)
+    assert str(err.value) == (
+        f"{source}, but this model has 16 visual tokens per image: the average kept per decoder layer must be a "
+        "number in [0, 16]. Give the count measured on this checkpoint, or none (the card then uses the config's "
+        "keep counts).")
+    for bound in (0, 16):  # the same source at either bound is stated
+        built = (card(results, average_kept_tokens=bound) if argument is not None
+                 else card({**results, "average_kept_tokens": bound}))
+        assert built.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == bound
+
+
+# ------------------------------------------------------------------------------------------------
+# model-index, tags, method descriptions
+# ------------------------------------------------------------------------------------------------
+
+
+def test_only_hub_dataset_ids_go_to_model_index():
+    """Anything with a "/" counted as a Hub dataset id: a local path went to model-index."""
+    entries = [{"dataset": name, "metric": "accuracy", "value": 70.0 + i, "dataset_type": dataset_type}
+               for i, (name, dataset_type) in enumerate([
+                   ("VQAv2", "HuggingFaceM4/VQAv2"), ("local", "/local/path/data"), ("nested", "a/b/c"),
+                   ("relative", "./data/vqa"), ("parent", "owner/.."), ("POPE", "lmms-lab/POPE")])]
+    built = card(entries)
+    index = {(r.dataset_name, r.dataset_type) for r in built.data.eval_results}
+    assert index == {("VQAv2", "HuggingFaceM4/VQAv2"), ("POPE", "lmms-lab/POPE")}
+    assert len(rows(built.text)) == 6  # every row stays in the card's table
+
+
+def test_a_string_is_one_tag_and_other_items_are_refused():
+    """`tags="my-tag"` was split into the tags "m", "y", "-", ..."""
+    tags = card(tags="my-tag").data.tags
+    assert tags == sorted({*hub.DEFAULT_TAGS, "my-tag"})
+    assert card(tags=["a-tag", "b-tag"]).data.tags == sorted({*hub.DEFAULT_TAGS, "a-tag", "b-tag"})
+    with pytest.raises(TypeError) as err:
+        card(tags=["a-tag", 3])
+    assert str(err.value) == "`tags` must be a string or a list of strings, but holds 3 (int); pass e.g. " \
+                             "`tags=['my-tag']`."
+    with pytest.raises(TypeError, match=r"^`tags` must be a string or a list of strings, but holds 7 \(int\)"):
+        card(tags=7)
+
+
+MADE_WITH = f", made with [rcp-llava]({hub.GITHUB_URL}) {RCP_LLAVA_VERSION}. "
+
+
+@pytest.mark.parametrize("overrides, description", [
+    (dict(pruning_method="none", pruning_keep_counts=None),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with visual-token pruning off (`pruning_method='none'`)"
+     + MADE_WITH + "It runs the stock LLaVA forward: every visual token\nreaches every decoder layer, and no pruner "
+     "or repair adapter is used.\n"),
+    (dict(pruning_method="fastv", pruning_layers=[1], repair_layers=[], pruning_keep_counts=[4]),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with training-free visual-token pruning "
+     "(`pruning_method='fastv'`)" + MADE_WITH + "FastV (the tokens the prompt attends to most, measured at the layer "
+     "before) chooses the visual tokens\nto keep *inside* the decoder, before layer(s) [1] (0-based; later layers "
+     "compute on, and cache, only the kept tokens). It is training-free: no learned pruners and no repair "
+     "adapters.\n"),
+    (dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+          pre_llm_keep_count=4),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with training-free visual-token pruning "
+     "(`pruning_method='vispruner'`)" + MADE_WITH + "VisPruner (the vision encoder's [CLS]-attention important tokens "
+     "plus similarity-deduplicated diverse ones) chooses the visual tokens\nto keep before the language model (the "
+     "decoder sees only the 4 kept of the 16 visual tokens from layer 0). It is training-free: no learned pruners "
+     "and no repair adapters.\n"),
+    (dict(pruning_method="random", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+          pre_llm_keep_count=4),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with training-free visual-token pruning "
+     "(`pruning_method='random'`)" + MADE_WITH + "A seeded uniform random subset (`pruning_seed`) chooses the visual "
+     "tokens\nto keep before the language model (the decoder sees only the 4 kept of the 16 visual tokens from "
+     "layer 0). It is training-free: no learned pruners and no repair adapters.\n"),
+    (dict(pruning_method="random", repair_layers=[]),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with training-free visual-token pruning "
+     "(`pruning_method='random'`)" + MADE_WITH + "A seeded uniform random subset (`pruning_seed`) chooses the visual "
+     "tokens\nto keep *inside* the decoder, before layer(s) [1, 2] (0-based; later layers compute on, and cache, "
+     "only the kept tokens). It is training-free: no learned pruners and no repair adapters.\n"),
+    (dict(pruning_method="attention_topk", repair_layers=[]),
+     "A LLaVA model built on `llava-hf/llava-1.5-7b-hf` with training-free visual-token pruning "
+     "(`pruning_method='attention_topk'`)" + MADE_WITH + "The LLM's own question-to-visual attention (the top tokens "
+     "at each pruning layer: RCP's prior alone, Eq. 4) chooses the visual tokens\nto keep *inside* the decoder, "
+     "before layer(s) [1, 2] (0-based; later layers compute on, and cache, only the kept tokens). It is "
+     "training-free: no learned pruners and no repair adapters.\n"),
+])
+def test_the_card_describes_the_configs_pruning_method(overrides, description):
+    """Every card described RCP's learned pruners and repair adapters, whatever the method."""
+    text = card(config=demo.demo_config(**overrides), base_model="llava-hf/llava-1.5-7b-hf").text
+    assert f"\n{description}\n" in text
+    assert "Representation Consistency Pruner" not in text and "repair adapters correct" not in text
+    with pytest.raises(ValueError) as err:
+        card(config=demo.demo_config(**overrides), base_model="llava-hf/llava-1.5-7b-hf", plugins_only=True)
+    assert str(err.value) == (
+        f"`plugins_only=True`, but `pruning_method={overrides['pruning_method']!r}` has no plug-ins (its model saves "
+        "no plug-in tensors): build the card of the full folder (`plugins_only=False`), or use "
+        "`pruning_method='rcp'`.")
+
+
+# ------------------------------------------------------------------------------------------------
+# train_rcp.py's metrics.json names the data it evaluated on
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, dataset", [
+    (dict(), "rcp-llava testbed (deep)"),
+    (dict(dataset_name_or_path="/data/my_vqa"), "/data/my_vqa"),
+    (dict(dataset_name_or_path="lmms-lab/POPE"), "lmms-lab/POPE"),
+    (dict(llava_json="data/llava_instruct.json"), "data/llava_instruct.json"),
+])
+def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch, data, dataset):
+    """A run on the user's own data wrote no dataset name, and its card said "rcp-llava testbed". Only the metrics
+    writing of `_evaluate_and_save` runs here: evaluation, saving and the report are stubbed."""
+    evaluated = {"full": {"accuracy": 0.9, "n": 4}, "rcp": {"accuracy": 0.8, "avg_visual_tokens_per_layer": 4.0}}
+    monkeypatch.setattr(train_rcp, "evaluate_methods", lambda *args, **kwargs: dict(evaluated))
+    monkeypatch.setattr(train_rcp, "save_job_folders", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_rcp, "format_report", lambda metrics: "")
+    job = SimpleNamespace(test_split="test", max_eval_samples=4, overwrite_output_dir=False, push_plugins_only=False,
+                          model_card_license=None, testbed_preset="deep", dataset_name_or_path=None, llava_json=None,
+                          base_model=None if not data else "llava-hf/llava-1.5-7b-hf")
+    for key, value in data.items():
+        setattr(job, key, value)
+    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
+                           disable_tqdm=True)
+    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3]))
+    train_rcp._evaluate_and_save(model, None, {"test": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dataset"] == dataset
+    assert rows(card(tmp_path / "metrics.json").text) == [
+        f"| rcp (adaptive) | 4 of 16 tokens | 4 | {dataset} |  | accuracy | 0.8 |",
+        f"| full model (all visual tokens) (baseline) |  | 16 | {dataset} |  | accuracy | 0.9 |"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The full-model folder check of push_rcp_folder
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append("create_repo")
+
+    def upload_folder(self, **kwargs):
+        self.calls.append("upload_folder")
+        return "commit"
+
+
+@pytest.fixture(scope="module")
+def full_folder(tmp_path_factory):
+    return demo.save_demo_folder(tmp_path_factory.mktemp("cards") / "full")[0]
+
+
+@pytest.fixture
+def online(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_a_plugin_only_folder_is_no_full_model(full_folder, tmp_path, online):
+    """rcp_plugins.safetensors matched the full-model check's "*.safetensors"."""
+    folder = shutil.copytree(full_folder, tmp_path / "rcp")
+    (folder / "model.safetensors").rename(folder / RCP_PLUGINS_NAME)
+    api = FakeApi()
+    with pytest.raises(FileNotFoundError) as err:
+        hub.push_rcp_folder(folder, "me/rcp", api=api)
+    assert str(err.value) == (
+        f"{folder} lacks ['model.safetensors']: write it with `model.save_pretrained(folder)` before pushing, or, as "
+        f"it holds {RCP_PLUGINS_NAME} (the plug-ins alone), push it as a plug-in folder with "
+        f"`push_rcp_folder({str(folder)!r}, repo_id, plugins_only=True)`.")
+    assert api.calls == []
+
+
+def test_a_config_without_auto_map_is_refused(full_folder, tmp_path, online):
+    """trust_remote_code loading (the card's snippet) needs `auto_map`; a config.json without it was pushed."""
+    folder = shutil.copytree(full_folder, tmp_path / "rcp")
+    config = json.loads((folder / "config.json").read_text())
+    del config["auto_map"]
+    (folder / "config.json").write_text(json.dumps(config))
+    api = FakeApi()
+    with pytest.raises(ValueError) as err:
+        hub.push_rcp_folder(folder, "me/rcp", api=api)
+    assert str(err.value) == (
+        f"{folder / 'config.json'} has no `auto_map`, so `from_pretrained(model_id, trust_remote_code=True)` (the "
+        "card's usage snippet) cannot load the remote code: write the folder with "
+        "`RcpLlavaForConditionalGeneration.save_pretrained(folder)`, which adds it, before pushing.")
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("removed", [("processor_config.json",), ("tokenizer.json", "tokenizer_config.json")])
+def test_a_folder_without_processor_files_is_refused(full_folder, tmp_path, online, removed):
+    """The card's snippet loads `AutoProcessor.from_pretrained(model_id, ...)` from the pushed repo itself."""
+    folder = shutil.copytree(full_folder, tmp_path / "rcp")
+    api = FakeApi()
+    assert hub.push_rcp_folder(folder, "me/rcp", api=api) == "commit"  # complete: pushed
+    for name in removed:
+        (folder / name).unlink()
+    api = FakeApi()
+    with pytest.raises(FileNotFoundError) as err:
+        hub.push_rcp_folder(folder, "me/rcp", api=api)
+    assert str(err.value) == (
+        f"{folder} has no processor files (one of ['processor_config.json', 'preprocessor_config.json'] and one of "
+        "['tokenizer_config.json', 'tokenizer.json', 'tokenizer.model']), but the model card's usage snippet loads "
+        "the processor from the repo: write them with `processor.save_pretrained(folder)` before pushing.")
+    assert api.calls == []
