@@ -34,7 +34,7 @@ from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_p
 from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, RcpPlugins
 from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
-from rcp_llava.schedule import stage_proportions
+from rcp_llava.schedule import round_count, stage_proportions
 from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, save_figure, write_results
 
 
@@ -96,13 +96,18 @@ def rcp_schedule(num_layers, num_visual_tokens, budget):
     `budget` (visual tokens of 576) on a decoder of `num_layers` layers with `num_visual_tokens` per image."""
     layers, repair = paper_placement(num_layers, budget / PAPER_VISUAL_TOKENS)
     proportions = stage_proportions(len(layers))
-    tokens = max(1, round(budget * num_visual_tokens / PAPER_VISUAL_TOKENS))
+    tokens = round_count(budget * num_visual_tokens / PAPER_VISUAL_TOKENS)
     try:
         return layers, repair, keep_counts_for_budget(num_layers, num_visual_tokens, layers, tokens, proportions), True
-    except ValueError:  # below the cost of the layers before the first pruner: the 32-layer counts
+    except ValueError as unreachable:  # below the cost of the layers before the first pruner: the 32-layer counts,
+        # scaled to this image's tokens (capped at N unscaled, "128" kept 134 of tiny's 144, more than "64" or "192")
         paper_layers, _ = paper_placement(PAPER_LAYERS, budget / PAPER_VISUAL_TOKENS)
-        counts = keep_counts_for_budget(PAPER_LAYERS, PAPER_VISUAL_TOKENS, paper_layers, budget, proportions)
-        return layers, repair, [min(c, num_visual_tokens) for c in counts], False
+        try:
+            counts = keep_counts_for_budget(PAPER_LAYERS, PAPER_VISUAL_TOKENS, paper_layers, budget, proportions)
+        except ValueError:
+            raise unreachable from None  # the preset's own placement is the reason, not the 32-layer one
+        scaled = [min(round_count(c * num_visual_tokens / PAPER_VISUAL_TOKENS), num_visual_tokens) for c in counts]
+        return layers, repair, scaled, False
 
 
 def method_configs(preset, budgets, families=FAMILIES):
@@ -123,7 +128,7 @@ def method_configs(preset, budgets, families=FAMILIES):
         mean = sum(per_layer) / layers_total
         methods[f"rcp-{budget}"] = (rcp, per_layer, False, budget)
         methods[f"ideal-{budget}"] = (rcp, per_layer, True, budget)
-        matched = max(1, round(mean))
+        matched = round_count(mean)
         methods[f"vispruner-{budget}"] = (dict(pruning_method="vispruner", pre_llm_keep_count=matched),
                                           [matched] * layers_total, False, budget)
         methods[f"random-{budget}"] = (dict(pruning_method="random", pre_llm_keep_count=matched),

@@ -432,3 +432,25 @@ def test_efficiency_with_one_new_token_has_an_end_to_end_time_but_no_decode_step
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
     full_row = next(line for line in table.splitlines() if line.startswith("| full |"))
     assert full_row.split(" | ")[4:7] == ["–", "–", f"{data['results'][0]['end_to_end_ms']:.0f}"]
+
+
+def test_efficiency_schedules_shrink_with_the_budget_on_every_preset():
+    """A budget the preset cannot reach falls back to the 32-layer counts; on tiny (144 tokens) they were the
+    576-token counts capped at N, so "128" kept 134 tokens (81.2 per layer) and "64" 93 (67.5), both above "192"
+    (48.0). Scaled to the preset's tokens they keep the paper's order; an unreachable budget names the preset's
+    own placement, not the 32-layer fallback's."""
+    from rcp_llava.flops import visual_tokens_per_layer
+
+    efficiency = load_benchmark("efficiency")
+    for preset in ("tiny", "mid", "mid-32"):
+        layers_total = efficiency.PRESETS[preset]["text"]["num_hidden_layers"]
+        n = efficiency.num_visual_tokens(preset)
+        means = []
+        for budget in (192, 128, 64):
+            layers, _, counts, _ = efficiency.rcp_schedule(layers_total, n, budget)
+            assert all(a >= b for a, b in zip(counts, counts[1:])) and counts[0] <= n
+            means.append(sum(visual_tokens_per_layer(layers_total, n, layers, counts)) / layers_total)
+        assert means == sorted(means, reverse=True), (preset, means)
+    assert efficiency.rcp_schedule(4, 144, 128)[2:] == ([34, 10, 2], False)  # [134, 38, 9] / 4, rounded half up
+    with pytest.raises(ValueError, match=r"cannot be reached with pruning layers \[1, 3, 6\] .* alone average 72\.0"):
+        efficiency.rcp_schedule(efficiency.PRESETS["mid"]["text"]["num_hidden_layers"], 576, 10)
