@@ -636,9 +636,13 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
         # The student always runs in the differentiable layout, in evaluation too: its hidden states must line up
         # with the teacher's (physical discard would move them).
+        # Without the collator's masks the model derives the question (pruners) and answer (adapters) positions from
+        # `labels`, as for any caller: given none it read the answer as question text and repaired only the last
+        # position. With both masks the labels stay out (the model's own loss would go unused).
+        masks_given = inputs.get("question_mask") is not None and inputs.get("answer_mask") is not None
         with unwrapped.pruning_layout("mask"):
-            student = model(**model_inputs, labels=None, output_hidden_states=True, use_cache=False,
-                            gumbel_temperature=tau, gumbel_noise=noise)
+            student = model(**model_inputs, labels=None if masks_given else labels, output_hidden_states=True,
+                            use_cache=False, gumbel_temperature=tau, gumbel_noise=noise)
 
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
         num_items = num_items_in_batch if training else None

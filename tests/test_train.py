@@ -156,6 +156,23 @@ def make_trainer(micro, out, model=None, **arg_overrides):
     return RcpTrainer(model=model or make(), args=args, train_dataset=dataset, data_collator=collator)
 
 
+def test_a_batch_without_the_collators_masks_trains_on_the_same_positions(micro, tmp_path):
+    """A collator that gives only `labels` (a stock one): the student ran with labels=None, so its pruners read the
+    answer tokens as question text (teacher forcing leaked the answer into the selection) and its adapters repaired
+    only the last position, while the repair loss compared every answer position. The masks now come from the
+    labels, as the collator builds them: the same loss, term by term."""
+    trainer = make_trainer(micro, tmp_path, model=micro[0](pruning_keep_counts=None))
+    _, processor, dataset = micro
+    batch = RcpDataCollator(processor)([dataset[0], dataset[1]])
+    labels_only = {k: v for k, v in batch.items() if k not in ("question_mask", "answer_mask")}
+    trainer.model.eval()  # no Gumbel noise, no dropout: two forwards of one batch are comparable
+    with torch.no_grad():
+        given = trainer.compute_loss(trainer.model, dict(batch))
+        derived = trainer.compute_loss(trainer.model, labels_only)
+    assert torch.equal(given, derived)
+    assert trainer._eval_parts[0][1] == trainer._eval_parts[1][1]
+
+
 def test_collator_builds_labels_and_masks(micro):
     _, processor, dataset = micro
     batch = RcpDataCollator(processor)([dataset[0], dataset[1]])
