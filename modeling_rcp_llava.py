@@ -363,9 +363,12 @@ RENORM_GRAD_FLOOR = 1e-3
 class _FlooredRenorm(torch.autograd.Function):
     """out = num / den exactly; the backward divides by max(den, floor) instead of den (issue: gradient spikes)."""
 
+    # In at least float32: float16's smallest normal number is 6.1e-5, and a kept mass below it (a query whose
+    # attention sits on dropped keys) was clamped up to it, shrinking that output by the ratio (0.4 off at 3.3e-5).
     @staticmethod
     def forward(ctx, num, den, floor):
-        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        compute = torch.promote_types(den.dtype, torch.float32)
+        out = (num.to(compute) / den.to(compute).clamp_min(torch.finfo(compute).tiny)).to(num.dtype)
         ctx.save_for_backward(num, den)
         ctx.floor = floor
         return out
@@ -373,15 +376,17 @@ class _FlooredRenorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         num, den = ctx.saved_tensors
-        tiny = torch.finfo(den.dtype).tiny
-        floored = den.clamp_min(max(ctx.floor, tiny))
-        grad_num = grad / floored
-        grad_den = -(grad * num).sum(-1, keepdim=True) / (floored * floored)
+        compute = torch.promote_types(den.dtype, torch.float32)
+        tiny = torch.finfo(compute).tiny
+        num, den_c, grad_c = num.to(compute), den.to(compute), grad.to(compute)
+        floored = den_c.clamp_min(max(ctx.floor, tiny))
+        grad_num = grad_c / floored
+        grad_den = -(grad_c * num).sum(-1, keepdim=True) / (floored * floored)
         # Where the forward clamped (den < tiny: a row with no kept key) no gradient reaches den, as clamp_min's own
         # backward would do; with a floor below ~1e-19 (`floor=tiny`: the division without a floor) den^2 still
         # underflows to 0 for tiny kept masses, and the gradient is inf, as it was before the floor.
-        grad_den = torch.where(den >= tiny, grad_den, torch.zeros_like(grad_den))
-        return grad_num, grad_den, None
+        grad_den = torch.where(den_c >= tiny, grad_den, torch.zeros_like(grad_den))
+        return grad_num.to(grad.dtype), grad_den.to(den.dtype), None
 
 
 def floored_renorm(num, den, floor=None):

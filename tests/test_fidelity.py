@@ -394,3 +394,29 @@ def test_floored_renorm_passes_no_gradient_where_nothing_was_kept():
         floored_renorm(num, den, floor).sum().backward()
         assert torch.isfinite(den.grad).all() and torch.isfinite(num.grad).all(), floor
         assert den.grad[0, 0, 0] == 0.0 and den.grad[0, 1, 0] == 0.0  # num = 0: nothing to move either
+
+
+def test_the_renormalisation_keeps_a_half_precision_kept_mass_below_its_smallest_normal():
+    """float16's smallest normal number is 6.1e-5: a kept mass below it (a query whose attention sits on a dropped
+    key) was clamped up to it in float16, so the training layout's output shrank by the ratio (0.40 off the
+    physical discard at a kept mass of 3.3e-5, 0.91 at 4.5e-6). The division now runs in float32."""
+    num = torch.tensor([[2.0 ** -16, -(2.0 ** -17)]], dtype=torch.float16)
+    den = torch.tensor([[2.0 ** -16]], dtype=torch.float16)  # 1.5e-5: a float16 subnormal, exactly
+    out = floored_renorm(num, den)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, (num.float() / den.float()).half())
+    assert out.tolist() == [[1.0, -0.5]]
+
+    class Module:
+        num_key_value_groups = 1
+
+    head_dim = 8
+    query, key = torch.zeros(1, 1, 1, head_dim), torch.zeros(1, 1, 3, head_dim)
+    query[..., 0] = 1.0
+    key[..., 1, 0] = 11.0 * head_dim ** 0.5  # the dropped key scores 11 above the two kept ones: kept mass 3.3e-5
+    value = torch.randn(1, 1, 3, head_dim, generator=torch.Generator().manual_seed(0))
+    keep = torch.tensor([[1.0, 0.0, 1.0]])
+    out, _ = soft_key_mask_attention(Module(), query.half(), key.half(), value.half(), None, scaling=head_dim ** -0.5,
+                                     rcp_key_keep=keep.half())
+    discard = (value[..., 0, :] + value[..., 2, :]) / 2  # attention over the kept keys alone (equal scores)
+    assert (out.float().squeeze() - discard.squeeze()).abs().max() < 5e-3
