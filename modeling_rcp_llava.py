@@ -411,6 +411,12 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     if rcp_key_keep is None:
         fallback = _configured_attention(module, rcp_fallback_attention)
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # flash attention's mask builder gives a (B, S) padding mask, causal implied (aligned to the last query);
+        # sdpa needs it whole (a left-padded training batch failed with "size of tensor a (T) must match ...")
+        q_len, kv_len = query.shape[2], key.shape[2]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None] & attention_mask.to(device=query.device, dtype=torch.bool)[:, None, None]
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)

@@ -19,7 +19,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import load_benchmark, make_batch, make_model
+from conftest import NUM_VISUAL, load_benchmark, make_batch, make_model, row_inputs
 
 # The efficiency table's counter: every aten call (`total`) and the host syncs among them, by kind (`sync_counts`,
 # `syncs` their sum). The same definition of a sync in both places.
@@ -486,3 +486,27 @@ def test_question_slots_are_searched_once_per_prefill_unless_a_question_token_ca
             on_image = model(**batch, question_mask=question)
         assert len(searches) == 3
     assert on_image.keep_masks.shape[1] == 3
+
+
+def test_training_layout_takes_flash_attentions_padding_mask():
+    """Flash attention's mask builder gives a (B, kv) padding mask; the training layout's soft key-mask attention
+    passed it to sdpa as it was, so a left-padded batch in train mode failed ("The size of tensor a (28) must match
+    the size of tensor b (2)"). It now reads it as flash does: each row of the padded batch gets the logits it gets
+    alone (unpadded: no mask), and the plug-ins get finite gradients."""
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None, attn_implementation=attention_kind("flash-like"))
+    for name, p in model.named_parameters():
+        p.requires_grad_(".rcp_plugins." in name)
+    model.train()
+    specs = [(2, 3, True), (5, 6, True)]
+    batch = make_batch(specs)
+    keep = torch.zeros(2, 2, NUM_VISUAL, dtype=torch.bool)
+    keep[:, 0, ::2] = True
+    keep[:, 1, ::4] = True  # given masks: no noise, the same kept sets batched and alone
+    out = model(**batch, visual_keep_masks=keep)
+    out.logits[:, -1].sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        for i in range(2):
+            alone = model(**row_inputs(batch, i, specs), visual_keep_masks=keep[i:i + 1]).logits[0]
+            torch.testing.assert_close(out.logits[i, -alone.shape[0]:].detach(), alone, rtol=1e-5, atol=1e-5)
