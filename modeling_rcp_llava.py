@@ -1662,6 +1662,12 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
         config.validate_pruning()
         super().__init__(config)
         self.rcp_plugins = RcpPlugins(config)
+        # The plug-ins stay float32 on a float16 / bfloat16 backbone, as PEFT's adapters (`autocast_adapter_dtype`):
+        # they train in float32 (`train_rcp.upcast_plugins`) and are saved so, and a half-precision load rounded them
+        # (the trained model's logits came back 2.4e-3 off). Each plug-in casts at its boundaries. Only where there
+        # are plug-ins: transformers checks that the name matches parameters (`pruning_method="none"` has none).
+        if any(True for _ in self.rcp_plugins.parameters()):
+            self._keep_in_fp32_modules_strict = ["rcp_plugins"]
         # Runtime switches (not saved): the training teacher runs with both off.
         self.pruning_enabled = True
         self.repair_enabled = True
@@ -2400,6 +2406,8 @@ def fresh_plugins(model, device, dtype):
     values equal an in-place re-initialisation of existing plug-ins from the same RNG state."""
     with torch.device("meta"):
         plugins = RcpPlugins(model.config)
+    if dtype in (torch.float16, torch.bfloat16):  # float32 on a half-precision backbone (`_keep_in_fp32_modules_strict`)
+        dtype = torch.float32
     plugins = plugins.to_empty(device=device).to(dtype)
     with torch.no_grad():
         plugins.apply(model._init_weights)
@@ -2905,6 +2913,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if stock and any(p.is_meta for p in model.model.rcp_plugins.parameters()):
             model._plugins_on_execution_device()
+        elif any(p.dtype in (torch.float16, torch.bfloat16) for p in model.model.rcp_plugins.parameters()):
+            # Plug-ins the checkpoint does not hold (a stock one's) were initialised in the backbone's dtype:
+            # transformers' float32 plan (`_keep_in_fp32_modules_strict`) covers loaded tensors only.
+            model.model.rcp_plugins.float()
         if stock and not plugins_follow and model.config.pruning_spec.plugins:
             count = sum(p.numel() for p in model.model.rcp_plugins.parameters())
             logger.warning(

@@ -23,6 +23,7 @@ from modeling_rcp_llava import (  # noqa: E402
     RCP_CONFIG_NAME,
     RCP_PLUGINS_NAME,
     RcpLlavaForConditionalGeneration,
+    RcpPruner,
 )
 from rcp_llava import demo, hub  # noqa: E402
 
@@ -1008,3 +1009,36 @@ def test_a_local_file_error_during_a_push_is_not_called_unreachable(tmp_path, mo
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None, raising=False)
     with pytest.raises(PermissionError, match="Permission denied"):
         hub.push_rcp_folder(folder, "someone/rcp")
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plugins_load_in_float32_on_a_half_precision_backbone(tmp_path, dtype):
+    """A trained folder holds float32 plug-ins on a half-precision backbone (how RcpTrainer trains them, as PEFT's
+    adapters); `from_pretrained` rounded them to the backbone's dtype (the trained model's logits came back 2.4e-3
+    off), and so did every load in half precision and the plug-ins new on a stock checkpoint. They stay float32,
+    as PEFT's `autocast_adapter_dtype` keeps adapters, through the library class and the Hub's remote code."""
+    from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+
+    trained = demo.build_demo_model(seed=2).to(dtype)
+    trained.model.rcp_plugins.float()
+    trained.save_pretrained(tmp_path / "mixed")
+    want = trained.state_dict()
+    for load in (lambda: RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "mixed"),
+                 lambda: RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "mixed", dtype=dtype),
+                 lambda: AutoModelForImageTextToText.from_pretrained(tmp_path / "mixed", trust_remote_code=True,
+                                                                     dtype="auto")):
+        loaded = load()
+        assert loaded.dtype == dtype and {p.dtype for p in loaded.plugin_parameters()} == {torch.float32}
+        got = loaded.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    stock_config = LlavaConfig.from_dict({k: v for k, v in trained.config.to_dict().items()
+                                          if k in LlavaConfig().to_dict()})
+    LlavaForConditionalGeneration(stock_config).save_pretrained(tmp_path / "stock")
+    for new in (RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", dtype=dtype),
+                RcpLlavaForConditionalGeneration.from_base(tmp_path / "stock", dtype=dtype),
+                RcpLlavaForConditionalGeneration.from_base(
+                    LlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", dtype=dtype))):
+        assert new.dtype == dtype and {p.dtype for p in new.plugin_parameters()} == {torch.float32}
+        pruner = next(iter(new.model.rcp_plugins.pruners.values()))
+        assert float(pruner.bias) == RcpPruner.bias_init
+        with torch.no_grad():  # the forward runs on the mixed model (each plug-in casts at its boundaries)
+            assert torch.isfinite(new(**_demo_batch(new.config)).logits).all()
