@@ -53,7 +53,6 @@ from transformers import (
     LlavaPreTrainedModel,
 )
 from transformers import __version__ as transformers_version
-from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.integrations.accelerate import load_offloaded_parameter  # as save_pretrained reads offloaded ones
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
@@ -129,6 +128,9 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 _PEFT_LOAD_ARGUMENTS = ("adapter_name", "peft_config", "adapter_state_dict", "adapter_kwargs", "is_trainable",
                         "low_cpu_mem_usage", "hotswap", "load_config")
 # Forward kwargs the model consumes itself: they never reach the decoder layers.
+# `generate`'s cache_implementation values whose cache grows each layer on its own (transformers 5.23's
+# DYNAMIC_CACHE_IMPLEMENTATIONS): the kinds a pruned prefill can fill.
+DYNAMIC_CACHE_KINDS = ("dynamic", "offloaded", "quantized")
 _MODEL_ONLY_KWARGS = ("output_attentions", "return_dict", "mm_encoder_outputs")
 
 
@@ -2406,12 +2408,12 @@ def fresh_plugins(model, device, dtype):
     values equal an in-place re-initialisation of existing plug-ins from the same RNG state."""
     with torch.device("meta"):
         plugins = RcpPlugins(model.config)
-    if dtype in (torch.float16, torch.bfloat16):  # float32 on a half-precision backbone (`_keep_in_fp32_modules_strict`)
-        dtype = torch.float32
     plugins = plugins.to_empty(device=device).to(dtype)
     with torch.no_grad():
         plugins.apply(model._init_weights)
-    return plugins
+    # float32 on a half-precision backbone (`_keep_in_fp32_modules_strict`), cast after the init as `from_pretrained`
+    # casts the plug-ins a stock checkpoint lacks: both ways give the same values
+    return plugins.float() if dtype in (torch.float16, torch.bfloat16) else plugins
 
 
 def _is_stock_checkpoint(name_or_path, kwargs):
@@ -2651,9 +2653,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                 "tokens. Use the default dynamic cache."
             )
         impl = setting("cache_implementation")
-        # The dynamic kinds ("dynamic", "offloaded", "quantized": layers that grow independently) hold pruned
-        # segments as the same cache objects passed by the user do; a static one pre-allocates equal lengths.
-        if self._pruning_active() and impl in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        # The dynamic kinds (layers that grow independently) hold pruned segments as the same cache objects passed by
+        # the user do; the static ones pre-allocate equal lengths.
+        if self._pruning_active() and impl not in (None, *DYNAMIC_CACHE_KINDS):
             raise ValueError(
                 f"`cache_implementation={impl!r}` is not supported with pruning: layers after a pruning layer hold "
                 "fewer tokens, which a static cache cannot. Leave `cache_implementation` unset (or use 'dynamic', "
@@ -3011,7 +3013,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
     @classmethod
     def _wrap_loaded(cls, base, config):
         """An RCP model over the modules of a loaded stock LLaVA (shared, not copied), with fresh plug-ins on the
-        base's device and dtype, initialised as `from_pretrained` initialises them."""
+        base's device, in its dtype (float32 on a half-precision one), initialised as `from_pretrained` initialises
+        them."""
         config._attn_implementation = base.config._attn_implementation
         with torch.device("meta"):
             model = cls(config)

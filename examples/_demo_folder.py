@@ -66,4 +66,3 @@ def kept_tokens_line(model):
     else:
         where = f"after pruning layers {layers}"
     return f"visual tokens kept {where}: {counts} of {n}"
-
