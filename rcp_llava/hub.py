@@ -45,6 +45,8 @@ GITHUB_URL = "https://github.com/rcp-llava/rcp-llava"
 
 
 TESTBED_DATASET = "rcp-llava testbed"
+# Keys every train_rcp.py metrics.json has, with or without an evaluation ("rcp" only with a test split).
+TRAIN_RCP_KEYS = frozenset({"base_model", "max_steps", "pruning_layers", "repair_layers"})
 BASELINE_NAMES = {"none": "full model (all visual tokens)", "full": "full model (all visual tokens)"}
 # The average kept visual tokens of an evaluation JSON: the documented key first, then the aliases other tools write.
 KEPT_TOKEN_KEYS = ("average_kept_tokens", "kept_visual_tokens", "avg_kept_tokens")
@@ -123,7 +125,8 @@ def load_eval_results(eval_results):
                 kept = rcp[0]["tokens_per_layer"]
         elif "results" in eval_results:
             entries = list(results)
-        elif isinstance(eval_results.get("rcp"), dict) and "accuracy" in eval_results["rcp"]:
+        elif (isinstance(eval_results.get("rcp"), dict) and "accuracy" in eval_results["rcp"]) or \
+                TRAIN_RCP_KEYS <= eval_results.keys():
             entries, job_kept = _train_rcp_entries(eval_results)
             kept = job_kept if job_kept is not None else kept
         elif "overall" in eval_results and isinstance(eval_results["overall"], (int, float)):
@@ -190,7 +193,10 @@ def load_eval_results(eval_results):
 
 
 def _train_rcp_entries(metrics):
-    """train_rcp.py's metrics.json -> entries (RCP's own, then the baselines at the same budget)."""
+    """train_rcp.py's metrics.json -> entries (RCP's own, then the baselines at the same budget); none when the job
+    evaluated nothing (no test split: a `--llava_json` run)."""
+    if not (isinstance(metrics.get("rcp"), dict) and "accuracy" in metrics["rcp"]):
+        return [], None
     # train_rcp.py records the data it evaluated on; files written before it did were the testbed's.
     dataset = metrics.get("dataset") or TESTBED_DATASET
     n, budget = metrics.get("num_visual_tokens"), metrics.get("visual_token_budget")
@@ -333,7 +339,8 @@ _SNIPPET_RUN = (
     'inputs = processor(images=Image.open("image.jpg"), text=prompt, return_tensors="pt")\n'
     "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
     'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
-    "print(model.last_pruning_info.kept_counts)  # visual tokens kept after each pruning layer\n"
+    "info = model.last_pruning_info  # unset when nothing was pruned (pruning_method='none', a prompt without image)\n"
+    "print(info.kept_counts if info else 'no visual token pruned')  # visual tokens kept at each pruning point\n"
 )
 
 

@@ -341,3 +341,32 @@ def test_a_folder_without_processor_files_is_refused(full_folder, tmp_path, onli
         "['tokenizer_config.json', 'tokenizer.json', 'tokenizer.model']), but the model card's usage snippet loads "
         "the processor from the repo: write them with `processor.save_pretrained(folder)` before pushing.")
     assert api.calls == []
+
+
+def test_a_job_that_evaluated_nothing_gives_a_card_without_results():
+    """A `--llava_json` job has no test split, so its metrics.json has no "rcp" entry; the strict dataset -> metric
+    -> value reading then refused `base_model` and the push after training crashed (a review of the change; before
+    it, the card listed `grad_norm` statistics as evaluation results)."""
+    metrics = {"base_model": "llava-hf/llava-1.5-7b-hf", "visual_token_budget": 7.0, "num_visual_tokens": 16,
+               "pruning_layers": [1, 2], "repair_layers": [3], "max_steps": 3, "seed": 42, "dataset": "train.json",
+               "grad_norm": train_rcp.grad_norm_summary([1.0, 2.0, 3.0])}
+    assert hub.load_eval_results(metrics) == ([], None)
+    text = card(metrics).text
+    assert rows(text) == [] and "grad_norm" not in text
+
+
+def test_the_usage_snippet_runs_on_every_method(tmp_path, monkeypatch):
+    """The snippet ended on `model.last_pruning_info.kept_counts`, None after a `pruning_method="none"` generate
+    (an AttributeError: the card's own code crashed, as the examples did)."""
+    for method, overrides in {
+        "none": dict(pruning_method="none", pruning_layers=None, repair_layers=None, pruning_keep_counts=None),
+        "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                          pre_llm_keep_count=6),
+    }.items():
+        folder = demo.save_demo_folder(tmp_path / method, **overrides)[0]
+        demo.demo_image().save(tmp_path / "image.jpg")  # the snippet opens "image.jpg"
+        monkeypatch.chdir(tmp_path)
+        namespace = {}
+        exec(hub.usage_snippet(str(folder)), namespace)
+        info = namespace["model"].last_pruning_info
+        assert (info is None) == (method == "none")
