@@ -35,7 +35,8 @@ from modeling_rcp_llava import PrunedPrefill, RcpLlavaForConditionalGeneration, 
 from rcp_llava.evaluation import method_overrides
 from rcp_llava.flops import analytic_kv_bytes, keep_counts_for_budget, kv_cache_bytes, llava_flops
 from rcp_llava.schedule import round_count, stage_proportions
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, save_figure, write_results
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
+                               save_figure, write_results)
 
 
 PRESETS = {
@@ -384,7 +385,8 @@ def main():
                         help=f"Folder of efficiency_PRESET_DEVICE.md/.json/.png (default {DEFAULT_OUTPUT_DIR}; "
                              "committed tables: benchmarks/results).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing table in --output_dir.")
-    parser.add_argument("--tag", default="", help="Suffix of the output names (e.g. `flash` for a second kernel).")
+    parser.add_argument("--tag", default="", type=lambda value: value and result_name(value),  # a file-name part
+                        help="Suffix of the output names (e.g. `flash` for a second kernel).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(FAMILIES),
                         help=f"Comma-separated method families to time (of {', '.join(FAMILIES)}); `full` always runs.")

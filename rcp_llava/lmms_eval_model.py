@@ -409,6 +409,8 @@ if __name__ == "__main__":  # python -m rcp_llava.lmms_eval_model --write_task D
     parser.add_argument("--write_task", required=True, metavar="DIR")
     parser.add_argument("--dataset", default=None, help="testbed dataset folder (default: the main job's testbed's)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--name", default="rcp_testbed")
+    from rcp_llava.results import result_stem
+
+    parser.add_argument("--name", default="rcp_testbed", type=result_stem("--write_task"))  # NAME.yaml, NAME_utils.py
     a = parser.parse_args()
     print(write_testbed_task(a.write_task, a.dataset, a.split, a.name))

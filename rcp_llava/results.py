@@ -58,17 +58,23 @@ def positive_int(value):
     return number
 
 
-def result_name(value):
-    """argparse `type=` for `--name`, the stem of the files a script writes into `--output_dir`: a plain file name,
-    so that "a/b" or ".." stops at parsing ("argument --name: ...") instead of failing at the write, after the run,
-    with a temporary file's FileNotFoundError, or writing outside `--output_dir`."""
+def result_stem(output_flag="--output_dir"):
+    """argparse `type=` for a file stem the script writes into the folder of `output_flag` (`--name`): a plain file
+    name, so that "a/b" or ".." stops at parsing ("argument --name: ...") instead of failing at the write, after the
+    run, with a temporary file's FileNotFoundError, or writing outside that folder."""
     import argparse
 
-    name = str(value)
-    if not name.strip() or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
-        raise argparse.ArgumentTypeError(f"must be a file name stem (no folder; put the folder in --output_dir), "
-                                         f"got {value!r}")
-    return name
+    def check(value):
+        name = str(value)
+        if not name.strip() or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+            raise argparse.ArgumentTypeError(f"must be a file name stem (no folder; put the folder in {output_flag}), "
+                                             f"got {value!r}")
+        return name
+
+    return check
+
+
+result_name = result_stem()  # `--name` of the scripts that write into `--output_dir`
 
 
 def command_line(script, argv=None):

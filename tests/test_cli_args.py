@@ -426,3 +426,24 @@ def test_help_keeps_the_examples_line_continuations(script, capsys):
     assert exit_info.value.code == 0
     assert " \\\n        --" in capsys.readouterr().out
 
+
+
+def test_efficiency_tag_and_lmms_task_name_refuse_a_path(tmp_path, monkeypatch, capsys):
+    """The same stem check for the other names of written files (a review): efficiency's `--tag a/b` measured the
+    first batch size and then failed at the write; the lmms-eval task writer's `--name ../x` wrote outside DIR."""
+    import subprocess
+
+    efficiency = load_benchmark("efficiency")
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--tag", "a/b", "--output_dir", str(tmp_path / "out"),
+                                      "--preset", "tiny", "--dry_run"])  # a regression runs nothing for long
+    with pytest.raises(SystemExit) as raised:
+        efficiency.main()
+    assert raised.value.code == 2
+    assert "argument --tag: must be a file name stem (no folder; put the folder in --output_dir), got 'a/b'" in \
+        capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "rcp_llava.lmms_eval_model", "--write_task", str(tmp_path / "task"),
+                             "--name", "../x"], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert ("argument --name: must be a file name stem (no folder; put the folder in --write_task), got '../x'"
+            in result.stderr)
+    assert list(tmp_path.iterdir()) == []
