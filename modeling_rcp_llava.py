@@ -2646,6 +2646,20 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                     "Right padding is not supported by `generate` with pruning: the next token would be predicted "
                     "from a padding position. Pad on the left (`processor.tokenizer.padding_side = 'left'`)."
                 )
+        window = sliding_window_of(self.config.text_config)
+        if window is not None and self.config.pruning_method != "none" and input_ids is not None:
+            # The forward refuses a sequence past the window (see `RcpLlavaModel._pruned_forward`): say so before
+            # the prompt is run and some tokens are generated.
+            new = setting("max_new_tokens")
+            total = input_ids.shape[-1] + new if new is not None else setting("max_length")
+            if total is not None and total > window:
+                raise ValueError(
+                    f"This text backbone uses sliding-window attention (window {window} tokens), and this generation "
+                    f"may span {total} tokens (prompt {input_ids.shape[-1]} + up to {total - input_ids.shape[-1]} "
+                    f"new): `pruning_method={self.config.pruning_method!r}` runs its own decoder loop, which does not "
+                    f"build windowed masks. Lower `max_new_tokens` to {max(window - input_ids.shape[-1], 0)} or less, "
+                    "or use `pruning_method='none'` (the stock forward)."
+                )
         cache = kwargs.get("past_key_values")
         if self._pruning_active() and cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(

@@ -776,9 +776,11 @@ def test_sliding_window_backbone_is_stock_within_the_window_and_refused_past_it(
                    rf"\(0 cached \+ {window + 1} new\).*`pruning_method='none'`")
         with pytest.raises(ValueError, match=message):
             model(**long_text)
-        with pytest.raises(ValueError, match=rf"window {window} tokens\), and this forward spans {window + 1} tokens "
-                                             rf"\({window} cached \+ 1 new\)"):
-            model.generate(**image, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        with pytest.raises(ValueError, match=rf"window {window} tokens\), and this generation may span 33 tokens "
+                                             r"\(prompt 23 \+ up to 10 new\).*Lower `max_new_tokens` to 7 or less"):
+            model.generate(**image, max_new_tokens=10, min_new_tokens=10, do_sample=False)  # refused before a step
+        with pytest.raises(ValueError, match=r"this generation may span 40 tokens \(prompt 23 \+ up to 17 new\)"):
+            model.generate(**image, max_length=40, do_sample=False)  # max_length counts the prompt
         model.config.pruning_method = "none"  # the stock forward: windowed as stock, at any length
         assert torch.equal(model(**long_text).logits, stock(**long_text).logits)
 
