@@ -1057,7 +1057,7 @@ class PrunedPrefill:
         self.row_alive = [n if c == n else 0 for c in counts]
         self.question_width = None if any(question_on_image) else max(question_text, default=0)
 
-        self.slot_orig = positions.expand(bsz, -1)  # (B, T)
+        self.slot_orig = torch.where(key_valid, positions, -1)  # (B, T); -1 for padding, as after every prune
         self.slot_valid = key_valid  # (B, T)
         self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
         self.keep_history = []  # per pruning point, (B, N) bool

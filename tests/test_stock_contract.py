@@ -816,3 +816,24 @@ def test_quantized_cache_implementation_is_the_quantized_cache_given(name):
     assert all(torch.equal(a, b) for a, b in zip(made.logits, given.logits))
     assert isinstance(made.past_key_values, QuantizedCache) and isinstance(made.past_key_values, RcpCacheMixin)
     assert not all(torch.equal(a, b) for a, b in zip(made.logits, dynamic.logits))  # fp8 storage, not a dynamic one
+
+
+@pytest.mark.parametrize("name", ["rcp", "fastv", "vispruner"])
+def test_every_hidden_state_position_marks_padding(name):
+    """`hidden_state_positions` gave left-padding slots real indices (0, 1, ...) in the hidden states before the
+    first prune, while `token_positions` (and every entry after a prune) marks them -1, as documented: counting
+    tokens with `positions >= 0` counted the pads there."""
+    model = make_model(**METHODS[name])
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    pads = (batch["attention_mask"] == 0).sum(1).tolist()
+    for positions in out.hidden_state_positions:
+        assert positions.shape[0] == len(PADDED)
+        for row, pad in enumerate(pads):
+            valid = positions[row] >= 0
+            assert int((~valid).sum()) >= pad and not valid[:pad].any()
+            assert positions[row][valid].tolist() == sorted(positions[row][valid].tolist())
+    first = out.hidden_state_positions[0]
+    assert first.tolist() == torch.where(batch["attention_mask"].bool(),
+                                         torch.arange(first.shape[1]).expand_as(first), -1).tolist()
