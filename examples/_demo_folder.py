@@ -59,10 +59,6 @@ def kept_tokens_line(model):
     n = config.num_visual_tokens
     if info is None:
         return f"no visual token pruned (pruning_method={config.pruning_method!r}): all {n} kept"
-    counts = info.kept_counts.tolist()[0]
-    layers = list(config.pruning_layers)
-    if len(config.pruning_points) > len(layers):  # a pre-LLM point comes first
-        where = "before the LLM" + (f" and after pruning layers {layers}" if layers else "")
-    else:
-        where = f"after pruning layers {layers}"
-    return f"visual tokens kept {where}: {counts} of {n}"
+    # `pruning_points`' 0 is the pre-LLM point; the config refuses it together with pruning layers
+    where = "before the LLM" if 0 in config.pruning_points else f"after pruning layers {list(config.pruning_layers)}"
+    return f"visual tokens kept {where}: {info.kept_counts.tolist()[0]} of {n}"

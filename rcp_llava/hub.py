@@ -468,9 +468,9 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         how = ("It runs the stock LLaVA forward: every visual token\nreaches every decoder layer, and no pruner or "
                "repair adapter is used.")
     else:
-        pre_llm = spec.pre_llm and (not spec.in_decoder or config.pre_llm_keep_count is not None)
+        # `pruning_points`' 0 is the pre-LLM point (the config refuses a pruning layer 0, and both kinds at once)
         where = (f"before the language model (the decoder sees only the {config.pre_llm_keep_count} kept of the {n} "
-                 "visual tokens from layer 0)" if pre_llm else
+                 "visual tokens from layer 0)" if 0 in config.pruning_points else
                  f"*inside* the decoder, before layer(s) {config.pruning_layers} (0-based; later layers compute on, "
                  "and cache, only the kept tokens)")
         method_text = METHOD_TEXT.get(config.pruning_method, f"`{config.pruning_method}`")
