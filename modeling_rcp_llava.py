@@ -1301,7 +1301,9 @@ class PrunedPrefill:
                 u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
                 logits = logits + torch.log(u) - torch.log1p(-u)  # logistic noise
             y_soft = torch.sigmoid(logits / self.gumbel_temperature)  # Eq. (6)
-            hard = (y_soft > 0.5) if ctx.keep_count is None else _top_k_mask(logits, vis_valid, ctx.keep_count)
+            # sigmoid(x / tau) > 0.5 is x > 0, which the physical discard tests (Eq. 8); testing y_soft instead
+            # would drop the tokens whose logit is in (0, ~1e-7 tau), where float32's sigmoid rounds to 0.5.
+            hard = (logits > 0) if ctx.keep_count is None else _top_k_mask(logits, vis_valid, ctx.keep_count)
             y_soft = torch.where(vis_valid, y_soft, torch.zeros_like(y_soft))
             layer_mask = hard.to(y_soft.dtype) - y_soft.detach() + y_soft  # Eq. (7), straight-through
         previous = self.soft_alive

@@ -97,3 +97,22 @@ def test_gradient_checkpointing_is_refused_in_mask_layout():
         model(**make_batch(PADDED))
     model.activation_checkpointing_disable()
     model(**make_batch(PADDED))  # the named fix works
+
+
+def test_adaptive_mask_layout_keeps_the_tokens_discard_keeps_at_tiny_positive_logits(monkeypatch):
+    # Eq. 8 keeps logit > 0. float32's sigmoid rounds logits in (0, ~1e-7) to exactly 0.5, so a training-layout
+    # threshold on sigmoid(logit / tau) > 0.5 dropped tokens the physical discard keeps.
+    from modeling_rcp_llava import RcpSelector
+
+    def tiny_logits(self, ctx):  # (B, K): +1e-9 on even raster indices, -1 on odd ones, in either layout
+        return torch.where(ctx.ids % 2 == 0, 1e-9, -1.0)
+
+    monkeypatch.setattr(RcpSelector, "scores", tiny_logits)
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None).eval()
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        discard = model(**batch)
+        model.model.pruning_layout = "mask"
+        masked = model(**batch)
+    assert discard.keep_masks[:, 0].sum() > 0  # the tiny positive logits are kept by the discard
+    assert torch.equal(masked.keep_masks, discard.keep_masks)
