@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, PreTrainedConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +188,8 @@ PRUNING_FIELDS = (
     "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size", "pruner_num_heads",
     "repair_bottleneck_size", "pruning_seed", "pre_llm_keep_count", "vispruner_important_ratio", "fastv_query",
 )
+# The stock fields the default placement and the pruning checks read: the decoder depth and N.
+_PLACEMENT_INPUTS = ("text_config", "vision_config", "vision_feature_select_strategy")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,10 +312,19 @@ class RcpLlavaConfig(LlavaConfig):
     def from_dict(cls, config_dict, **kwargs):
         # `from_pretrained(dir, pruning_layers=...)` would set the overrides only after building the config from
         # config.json, i.e. after validating the defaults against the wrong model: merge them in first.
+        # The same holds for the fields the defaults and checks read (`text_config`'s depth, the vision tower's N):
+        # `from_pretrained(dir, text_config={"num_hidden_layers": 8})` must place the pruners on 8 layers. A
+        # sub-config dict updates the saved one, as transformers' `from_dict` does after construction.
         config_dict = dict(config_dict)
-        for name in PRUNING_FIELDS:
-            if name in kwargs:
-                config_dict[name] = kwargs.pop(name)
+        for name in PRUNING_FIELDS + _PLACEMENT_INPUTS:
+            if name not in kwargs:
+                continue
+            value = kwargs.pop(name)
+            saved = config_dict.get(name)
+            if name in cls.sub_configs and isinstance(value, dict) and saved is not None:
+                saved = saved.to_dict() if isinstance(saved, PreTrainedConfig) else dict(saved)
+                value = {**saved, **value}
+            config_dict[name] = value
         _warn_misspelt_fields(config_dict)
         return super().from_dict(config_dict, **kwargs)
 
@@ -336,8 +347,9 @@ class RcpLlavaConfig(LlavaConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """A stock LLaVA config (model_type 'llava') is an RCP config with pruning off: read it as 'rcp_llava', so
-        that loading a llava-hf checkpoint does not warn about instantiating one model type from another."""
+        """A stock LLaVA config (model_type 'llava') is read as 'rcp_llava' (the pruning fields take their defaults:
+        RCP at the paper's placement for its depth, with new plug-ins), so that loading a llava-hf checkpoint does
+        not warn about instantiating one model type from another."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if config_dict.get("model_type") == "llava":
             config_dict = {**config_dict, "model_type": cls.model_type}
@@ -539,6 +551,7 @@ class RcpLlavaConfig(LlavaConfig):
     @property
     def point_keep_counts(self) -> list[int] | None:
         """Keep count of each pruning point (None: RCP's adaptive threshold)."""
+        self.validate_pruning()  # fields edited after construction: a count list of the wrong length would zip short
         if self.pruning_keep_counts is None and self.pruning_layers:
             return None
         pre = [self.pre_llm_keep_count] if self.pre_llm_keep_count is not None else []
@@ -554,6 +567,7 @@ class RcpLlavaConfig(LlavaConfig):
     def tokens_per_layer(self) -> list[int] | None:
         """Visual tokens each decoder layer processes under this config's fixed counts (all N for "none"; None for
         RCP's adaptive threshold, which keeps a number that depends on the input)."""
+        self.validate_pruning()  # as `point_keep_counts`: never count from an invalid edit
         num_layers, n = self.text_config.num_hidden_layers, self.num_visual_tokens
         if not self.pruning_spec.prunes:
             return [n] * num_layers

@@ -1709,6 +1709,7 @@ class RcpLlavaModel(RcpInitMixin, LlavaModel):
     ):
         """`LlavaModel.forward`, pruning the image of a prefill (arguments beyond the stock ones: class docstring)."""
         if self.config.pruning_method == "none":  # the stock forward: compile, static caches, every output flag
+            self.last_pruning_info = None  # nothing pruned (a model switched to "none" keeps no older run's info)
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,

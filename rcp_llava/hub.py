@@ -370,6 +370,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     The card describes the config's `pruning_method`: RCP's plug-ins, a training-free method, or no pruning.
     """
     config = getattr(config, "config", config)
+    config.validate_pruning()  # a field edited after construction: the card would state what no model runs
     spec = config.pruning_spec
     if plugins_only and not spec.plugins:
         raise ValueError(

@@ -204,6 +204,15 @@ def test_last_pruning_info_is_refreshed_or_cleared_on_every_forward():
         assert model.last_pruning_info is None
         model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert model.last_pruning_info.keep_masks.shape == (3, 2, NUM_VISUAL)  # the prefill's, kept through decode
+        # A model switched to the stock forward prunes nothing: its info is cleared too (it kept the rcp run's).
+        model.config.pruning_method = "none"
+        model(**batch)
+        assert model.last_pruning_info is None
+        model.config.pruning_method = "rcp"
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        model.config.pruning_method = "none"
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert model.last_pruning_info is None
 
 
 def test_kept_indices_are_computed_only_when_read():

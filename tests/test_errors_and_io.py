@@ -270,6 +270,44 @@ def test_config_round_trip_from_a_stock_config_dir(tmp_path):
     assert '"model_type": "rcp_llava"' in (tmp_path / "again" / "config.json").read_text()
 
 
+def test_a_sub_config_override_at_load_places_the_pruners_on_the_decoder_it_builds(tmp_path):
+    """`from_pretrained(stock, text_config={"num_hidden_layers": 8})` (stock LLaVA takes it) placed the pruners for
+    the saved 32 layers, then failed to build the model naming `pruning_layers`, which the user never set."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    cfg = tiny_config()
+    stock = {k: v for k, v in cfg.to_dict().items() if k in LlavaConfig().to_dict()}
+    stock["text_config"] = LlamaConfig(hidden_size=32, num_hidden_layers=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, vocab_size=100).to_dict()
+    LlavaConfig(**stock).save_pretrained(tmp_path)
+    loaded = RcpLlavaConfig.from_pretrained(tmp_path, text_config={"num_hidden_layers": 8})
+    fresh = tiny_config(text_config={**stock["text_config"], "num_hidden_layers": 8}, pruning_layers=None,
+                        repair_layers=None, pruning_keep_counts=None)
+    assert loaded.text_config.num_hidden_layers == 8 and loaded.text_config.hidden_size == 32  # the rest is kept
+    assert (loaded.pruning_layers, loaded.repair_layers) == (fresh.pruning_layers, fresh.repair_layers) \
+        == RcpLlavaConfig.paper_placement(8)
+    # A vision override is checked with the counts it meets, at load (it returned a config its checks refuse).
+    with pytest.raises(ValueError, match=r"`pruning_keep_counts` \[16, 8, 4\] asks to keep more than the 4 visual"):
+        RcpLlavaConfig.from_pretrained(tmp_path, pruning_keep_counts=[16, 8, 4], vision_config={"image_size": 8})
+
+
+def test_counts_and_cards_are_never_derived_from_an_invalid_edit():
+    """An edit after construction is checked before the config counts tokens: `tokens_per_layer()` zipped one
+    count over two layers into [16, 8, 8, 8] (and a model card printed its 10.0 average)."""
+    from rcp_llava.hub import build_model_card
+
+    for edit, match in [({"pruning_keep_counts": [8]}, r"has 1 entries but `pruning_layers` has 2"),
+                        ({"pruning_keep_counts": [3, 8]}, r"must be non-increasing"),
+                        ({"pruning_layers": [2, 1]}, r"strictly increasing")]:
+        config = tiny_config()
+        for name, value in edit.items():
+            setattr(config, name, value)
+        for derive in (config.tokens_per_layer, config.pruned_average_tokens, lambda: config.point_keep_counts,
+                       lambda: build_model_card(config, "user/repo", base_model="llava-hf/llava-1.5-7b-hf")):
+            with pytest.raises(ValueError, match=match):
+                derive()
+
+
 # -- save_pretrained: other files, failed pushes, other filesystems (a probe of 95e2da2) --------------------------
 
 
