@@ -20,7 +20,13 @@ below), so nothing in lmms-eval is patched. Model arguments (`--model_args key=v
   them beside `--model_args`, so naming them there too is its "got multiple values" error.
 
 A task's `do_sample: false` keeps generation greedy whatever its `temperature` (MM-Vet gives 0.2 with
-`do_sample: false`); otherwise a temperature above 0 samples, as in lmms-eval's `llava_hf`.
+`do_sample: false`); otherwise a temperature above 0 samples, as in lmms-eval's `llava_hf`. A task's `until` strings
+cut the answer, except "\n\n": lmms-eval gives that one to every task that names none, and `llava_hf` ignores
+`until` altogether, so honouring it cut MM-Vet's long answers after their first paragraph (lmms-eval's Qwen2.5-VL
+model drops it the same way).
+
+A document may have no image (ScienceQA's text-only questions): its row runs unpruned in the batch. Several images
+in one prompt run with `pruning_method=none` only; the pruning methods take one image per prompt.
 
 `generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
 `loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
@@ -55,8 +61,10 @@ from rcp_llava.schedule import budget_count, parse_budget
 
 logger = logging.get_logger(__name__)
 MODEL_ID = "rcp_llava"
-# llava-hf's LLaVA-1.5 chat template (its `chat_template.json`), for a processor saved without one -- as lmms-eval's
-# `llava_hf` falls back to a Vicuna template: "USER: <image>\nQUESTION ASSISTANT:".
+# llava-hf's LLaVA-1.5 chat template (its `chat_template.json`), for a processor saved without one. lmms-eval's
+# `llava_hf` falls back to a Vicuna template instead, which also puts Vicuna's system prompt ("A chat between a
+# curious user and an artificial intelligence assistant. ...") before "USER:"; llava-hf's own checkpoints ship the
+# template below, so their prompts are llava_hf's.
 LLAVA_15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -170,6 +178,11 @@ class RcpLlava(lmms):
                              f"({pruning_keep_counts!r}), not both.")
         if flop_matched and budget in (None, ""):
             raise ValueError("rcp_llava: `flop_matched=true` sets how `budget` is met; give a `budget` too.")
+        if pruning_method == "none" and (counts is not None or budget not in (None, "")):
+            # Taken silently, a results file whose model_args say `budget=64` would hold the unpruned model's scores.
+            given = f"budget={budget}" if counts is None else f"pruning_keep_counts={pruning_keep_counts}"
+            raise ValueError(f"rcp_llava: `pruning_method=none` prunes nothing, so `{given}` would be ignored; drop it, "
+                             "or name a pruning method.")
         if budget not in (None, ""):
             budget_tokens(budget, None)  # its syntax; the range needs the checkpoint's visual token count
         if pruning_method not in PRUNING_METHODS:
@@ -235,25 +248,35 @@ class RcpLlava(lmms):
     # -- requests ----------------------------------------------------------------------------------
 
     def _visuals(self, doc_to_visual, task, split, doc_id):
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        """The document's images as a list: none (a text-only question), one, or several (unpruned only)."""
+        visuals = list(doc_to_visual(self.task_dict[task][split][doc_id]) or [])
         images = [v.convert("RGB") for v in visuals if hasattr(v, "convert")]
-        if len(images) != 1 or len(images) != len(visuals):
-            kinds = ", ".join(type(v).__name__ for v in visuals) or "none"
-            raise ValueError(f"rcp_llava: pruning needs exactly one image (a PIL image) per prompt; {task}/{split} "
-                             f"doc {doc_id} gives {len(visuals)} visual(s) ({kinds}), {len(images)} of them image(s).")
-        return images[0]
+        kinds = ", ".join(type(v).__name__ for v in visuals) or "none"
+        if len(images) != len(visuals):
+            raise ValueError(f"rcp_llava: visuals must be images (PIL images); {task}/{split} doc {doc_id} gives "
+                             f"{len(visuals)} visual(s) ({kinds}), {len(images)} of them image(s).")
+        if len(images) > 1 and self.model.config.pruning_method != "none":
+            raise ValueError(f"rcp_llava: pruning_method={self.model.config.pruning_method!r} prunes one image per "
+                             f"prompt; {task}/{split} doc {doc_id} gives {len(images)} images. Evaluate this task with "
+                             "pruning_method=none, or leave it out.")
+        return images
 
     def _encode(self, images, prompts):
-        """The processor's batch (left-padded) on the model's device, pixel values in the model's dtype."""
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        """The processor's batch (left-padded) on the model's device, pixel values in the model's dtype. `images`
+        holds each prompt's list of images (possibly empty), in the order of the prompts' image tokens."""
+        flat = [image for row in images for image in row]
+        inputs = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def _prompt(self, context):
-        # The image goes first, as the processor's chat template places it (tasks that write "<image>" themselves
-        # get it removed from the text: the template adds it).
+    def _prompt(self, context, num_images=1):
+        # The images go first, as the processor's chat template places them (tasks that write "<image>" themselves
+        # get it removed from the text: the template adds one per image).
         question = context.replace(self.processor.image_token, "").strip()
-        return self.processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True)
+        messages = prompt_messages(question)
+        messages[0]["content"] = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.no_grad()
     def generate_until(self, requests):
@@ -270,8 +293,9 @@ class RcpLlava(lmms):
             gen_kwargs = dict(all_gen_kwargs[0])  # the Collator groups requests with equal generation arguments
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
+            until = [stop for stop in until if stop != "\n\n"]  # lmms-eval's default for every task (docstring)
             images = [self._visuals(doc_to_visual[i], tasks[i], splits[i], doc_ids[i]) for i in range(len(batch))]
-            inputs = self._encode(images, [self._prompt(c) for c in contexts])
+            inputs = self._encode(images, [self._prompt(c, len(row)) for c, row in zip(contexts, images)])
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             # A task's explicit `do_sample: false` wins over its temperature (as lmms-eval's llava_onevision reads it)
             sample = temperature > 0 and _as_bool(gen_kwargs.get("do_sample", True), "do_sample")
@@ -302,10 +326,10 @@ class RcpLlava(lmms):
         for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             if not isinstance(continuation, str):
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            image = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt = self._prompt(context)
-            full = self._encode([image], [prompt + continuation])
-            start = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+            images = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._prompt(context, len(images))
+            full = self._encode([images], [prompt + continuation])
+            start = self.processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"].shape[1]
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned

@@ -176,6 +176,9 @@ def test_budget_is_a_count_when_whole():
     ("budget=-1/9", 1, "`budget` '-1/9' must be a positive"),
     ("budget=many", 1, "`budget` 'many' is neither"),
     ("pruning_method=fast", 1, r"`pruning_method` is 'fast'; use one of \["),
+    ("pruning_method=none,budget=64", 1, r"`pruning_method=none` prunes nothing, so `budget=64` would be ignored"),
+    ("pruning_method=none,pruning_keep_counts=6:3", 1, r"`pruning_method=none` prunes nothing, so "
+                                                     r"`pruning_keep_counts=6:3` would be ignored"),
 ])
 def test_model_arguments_are_refused_by_name(demo_folder, args, batch_size, message):
     """Each was a raw `int()` / `getattr(torch, ...)` error, or silently taken (maybe -> false, a budget dropped).
@@ -207,7 +210,8 @@ def test_model_arguments_that_load(demo_folder):
 
 def test_generate_until_takes_a_none_max_new_tokens_and_names_a_non_image_visual(demo_folder):
     """A task's `max_new_tokens: None` crashed in `int()`; llava_hf uses its default. A file path as the visual got
-    "needs exactly one image ...; gives 1 visual(s)", which read as a contradiction."""
+    "needs exactly one image ...; gives 1 visual(s)", which read as a contradiction. (Its message no longer asks for
+    exactly one image: documents without one are taken, `test_documents_without_an_image_and_with_several`.)"""
     from lmms_eval.api.instance import Instance
 
     from rcp_llava.demo import demo_image
@@ -223,7 +227,7 @@ def test_generate_until_takes_a_none_max_new_tokens_and_names_a_non_image_visual
     default = lm.generate_until([request({"max_new_tokens": None, "until": []}, lambda d: [d["img"]])])
     three = lm.generate_until([request({"max_new_tokens": 3, "until": []}, lambda d: [d["img"]])])
     assert default == three and len(lm.tokenizer(default[0], add_special_tokens=False)["input_ids"]) <= 3
-    with pytest.raises(ValueError, match=r"exactly one image \(a PIL image\) per prompt; t/test doc 0 gives 1 "
+    with pytest.raises(ValueError, match=r"visuals must be images \(PIL images\); t/test doc 0 gives 1 "
                                          r"visual\(s\) \(str\), 0 of them image\(s\)"):
         lm.generate_until([request({"until": []}, lambda d: ["/images/0.png"])])
 
@@ -304,3 +308,68 @@ def test_a_processor_without_a_chat_template_gets_llava_15s(demo_folder, tmp_pat
     assert lm.processor.chat_template == LLAVA_15_CHAT_TEMPLATE
     assert lm._prompt("what colour ?") == "USER: <image>\nwhat colour ? ASSISTANT:"
     assert answers[0] == answers[1]
+
+
+def _request(context, gen_kwargs, visual, doc_id=0):
+    from lmms_eval.api.instance import Instance
+
+    return Instance("generate_until", (context, gen_kwargs, visual, doc_id, "t", "test"), 0,
+                    {"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def test_until_cuts_at_a_tasks_stops_but_not_at_lmms_evals_default_blank_line(demo_folder, monkeypatch):
+    """lmms-eval gives `until: ["\\n\\n"]` to every task that names none (MM-Vet's long answers): the wrapper cut
+    them after the first paragraph, where llava_hf returns them whole. A task's own stop strings still cut. (The
+    demo's word-level tokenizer cannot write a newline, so the decoded text is given.)"""
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "max_new_tokens=2")
+    lm.task_dict = {"t": {"test": [{"img": demo_image(seed=1)}]}}
+    answer = "A red circle.\n\nIt is next to a square. STOP and more"
+    monkeypatch.setattr(lm.tokenizer, "batch_decode", lambda ids, **kwargs: [answer] * len(ids))
+    visual = lambda d: [d["img"]]  # noqa: E731
+    assert lm.generate_until([_request("q ?", {"until": ["\n\n"]}, visual)]) == [answer]
+    assert lm.generate_until([_request("q ?", {"until": "\n\n"}, visual)]) == [answer]
+    assert lm.generate_until([_request("q ?", {"until": ["\n\n", "STOP"]}, visual)]) == [
+        "A red circle.\n\nIt is next to a square."]
+    assert lm.generate_until([_request("q ?", {"until": ["."]}, visual)]) == ["A red circle"]
+
+
+@pytest.mark.parametrize("method", ["rcp", "none"])
+def test_documents_without_an_image_and_with_several(demo_folder, method):
+    """A text-only document (lmms-eval's scienceqa gives `[]` for questions without an image) aborted the whole run
+    with "pruning needs exactly one image"; the model takes such rows unpruned. Each answer equals the model's own
+    greedy answer on that prompt alone, in a batch with an image row as alone. Several images run unpruned only."""
+    import torch
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, f"pruning_method={method},max_new_tokens=3", batch_size=2)
+    docs = [{"img": [demo_image(seed=1)]}, {"img": []}, {"img": [demo_image(seed=2), demo_image(seed=3)]}]
+    lm.task_dict = {"t": {"test": docs}}
+    visual = lambda d: d["img"]  # noqa: E731
+    processor = lm.processor
+
+    def alone(doc_id):
+        images = docs[doc_id]["img"]
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "what colour is the shape ?"}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+        return lm.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+    question = "what colour is the shape ?"
+    pair = lm.generate_until([_request(question, {"until": []}, visual, 0), _request(question, {"until": []}, visual, 1)])
+    assert pair == [alone(0), alone(1)]
+    assert lm.generate_until([_request(question, {"until": []}, visual, 1)]) == [alone(1)]
+    score, _ = lm.loglikelihood([type("R", (), {"args": (question, " w1", visual, 1, "t", "test")})()])[0]
+    assert score < 0
+    two = [_request(question, {"until": []}, visual, 2)]
+    if method == "none":
+        assert lm.generate_until(two) == [alone(2)]
+    else:
+        with pytest.raises(ValueError, match=r"^rcp_llava: pruning_method='rcp' prunes one image per prompt; t/test "
+                                             r"doc 2 gives 2 images\. Evaluate this task with pruning_method=none"):
+            lm.generate_until(two)
