@@ -406,9 +406,11 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     token. Computed with one sdpa call on values augmented by the weight channel M; the division's backward
     floors the kept mass at `RENORM_GRAD_FLOOR` (`floored_renorm`), the forward is exact. Without a key weight
     (`rcp_key_keep=None`: the layers before the first pruner) it is the model's configured attention
-    (`rcp_fallback_attention`), so those layers equal the teacher's bit for bit.
+    (`rcp_fallback_attention`), so those layers equal the teacher's bit for bit. With eager configured, the
+    weights are computed explicitly and returned, as eager layers return them (`output_attentions`: one entry per
+    layer, 0 at the dropped keys); otherwise none are, as sdpa gives none.
 
-    query: (B, H, L, hd); key/value: (B, Hkv, S, hd); rcp_key_keep: (B, S) -> ((B, L, H, hd), None)
+    query: (B, H, L, hd); key/value: (B, Hkv, S, hd); rcp_key_keep: (B, S) -> ((B, L, H, hd), (B, H, L, S) or None)
     """
     if rcp_key_keep is None:
         fallback = _configured_attention(module, rcp_fallback_attention)
@@ -422,6 +424,8 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
+    if rcp_fallback_attention == "eager":
+        return _soft_key_mask_eager(module, query, key, value, attention_mask, scaling, dropout, rcp_key_keep)
     keep = rcp_key_keep.to(value.dtype).view(value.shape[0], 1, -1, 1).expand(-1, value.shape[1], -1, -1)
     augmented = torch.cat([value * keep, keep], dim=-1)  # (B, H, S, hd + 1)
     is_causal = attention_mask is None and query.shape[2] > 1
@@ -429,6 +433,24 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
                                          scale=scaling, is_causal=is_causal)  # (B, H, L, hd + 1)
     out = floored_renorm(out[..., :-1], out[..., -1:])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _soft_key_mask_eager(module, query, key, value, attention_mask, scaling, dropout, key_keep):
+    """`soft_key_mask_attention` with its weights: eager attention's softmax (and dropout), times M, renormalised
+    (the same division as the sdpa form: `floored_renorm`). query/key/value: (B, H, L|S, hd); key_keep: (B, S)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # sdpa's form; eager's is additive
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., :kv_len]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, L, S)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    kept = weights * key_keep.to(weights.dtype)[:, None, None, :]
+    weights = floored_renorm(kept, kept.sum(-1, keepdim=True))  # (B, H, L, S), 0 at the dropped keys
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 def _configured_attention(module, name):
@@ -1176,7 +1198,7 @@ class PrunedPrefill:
         if not self.differentiable:
             return {}
         if self.keep_history:
-            return {"rcp_key_keep": self.key_keep}
+            return {"rcp_key_keep": self.key_keep, "rcp_fallback_attention": self.configured_attention}
         return {"rcp_fallback_attention": self.configured_attention}
 
     def attention(self, lm_config):

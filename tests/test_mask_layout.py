@@ -116,3 +116,54 @@ def test_adaptive_mask_layout_keeps_the_tokens_discard_keeps_at_tiny_positive_lo
         masked = model(**batch)
     assert discard.keep_masks[:, 0].sum() > 0  # the tiny positive logits are kept by the discard
     assert torch.equal(masked.keep_masks, discard.keep_masks)
+
+
+def test_eager_training_layout_returns_every_layers_attention_weights_as_the_discard_does():
+    """With eager attention the training layout returned the weights of the layers before the first pruner only
+    (the soft key-mask attention gave None), so `attentions[i]` was no longer layer i's, and stock's warning told
+    an eager user to use eager. Now every layer's weights come back; at the kept tokens they are the discard's."""
+    model = make_model(randomize_plugins=True, attn_implementation="eager")
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        discard = model(**batch, output_attentions=True)
+        model.model.pruning_layout = "mask"
+        masked = model(**batch, output_attentions=True)
+        model.train()
+        trained = model(**batch, output_attentions=True, gumbel_noise=False)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(discard.attentions) == len(masked.attentions) == len(trained.attentions) == layers
+    positions = discard.token_positions  # (B, T') original slot of each kept token, -1 for padding
+    for b in range(positions.shape[0]):
+        kept = positions[b][positions[b] >= 0]
+        local = (positions[b] >= 0).nonzero().squeeze(1)
+        for i in range(layers):
+            full = masked.attentions[i][b]  # (H, T, T)
+            if i >= model.config.pruning_layers[-1]:  # the last pruner's keys are the discard's keys
+                dropped = torch.ones(full.shape[-1], dtype=torch.bool)
+                dropped[kept] = False
+                assert full[:, kept][:, :, dropped].abs().max() == 0
+                ref = discard.attentions[i][b][:, local][:, :, local]
+                torch.testing.assert_close(full[:, kept][:, :, kept], ref, rtol=0, atol=1e-5)
+    # The eager weights' outputs are the sdpa form's (at the real tokens: padding rows differ as in stock models).
+    sdpa = make_model(randomize_plugins=True)
+    with torch.no_grad():
+        sdpa.model.pruning_layout = "mask"
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(sdpa(**batch).logits[real], masked.logits[real], rtol=0, atol=1e-5)
+
+
+def test_eager_training_layout_trains_as_the_sdpa_form():
+    """The eager form of the soft key mask (which returns the weights) gives the sdpa form's loss and gradients."""
+    grads = []
+    for impl in ("eager", "sdpa"):
+        model = make_model(randomize_plugins=True, attn_implementation=impl, query_dropout=0.0,
+                           pruner_dropout=0.0).train()
+        batch = make_batch(PADDED)
+        real = batch["attention_mask"]
+        labels = batch["input_ids"].masked_fill(real == 0, -100)
+        labels[:, 1:] = labels[:, 1:].masked_fill(real[:, :-1] == 0, -100)  # scored from a padding slot: skipped
+        model(**batch, labels=labels, gumbel_noise=False).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("rcp_plugins" in k for k in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-5, msg=name)
