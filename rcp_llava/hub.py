@@ -30,6 +30,12 @@ logger = logging.get_logger(__name__)
 
 MODEL_CARD_NAME = "README.md"
 DEFAULT_TAGS = ("rcp-llava", "llava", "visual-token-pruning", "token-pruning", "image-text-to-text")
+PRUNING_TAGS = ("visual-token-pruning", "token-pruning")  # not on a card whose method prunes nothing ("none")
+# The fields only RCP's plug-ins read, and the baselines' own: a card's table lists what its method reads (its
+# metadata keeps every field, so a config can be rebuilt from it).
+PLUGIN_FIELDS = ("repair_layers", "num_pruning_queries", "query_dropout", "pruner_dropout", "gumbel_temperature",
+                 "pruner_hidden_size", "pruner_num_heads", "repair_bottleneck_size")
+METHOD_FIELDS = {"random": ("pruning_seed",), "vispruner": ("vispruner_important_ratio",), "fastv": ("fastv_query",)}
 # What each kind of folder holds (besides README.md); `push_rcp_folder` refuses a folder that lacks one.
 FULL_MODEL_FILES = ("config.json", "configuration_rcp_llava.py", "modeling_rcp_llava.py")
 PLUGIN_FILES = (RCP_CONFIG_NAME, RCP_PLUGINS_NAME)
@@ -242,9 +248,24 @@ def _evaluate_methods_entries(results):
     return entries
 
 
+def _card_fields(config):
+    """The pruning fields `config`'s method reads, in the config's order (`pruning_method` first)."""
+    spec = config.pruning_spec
+    names = {"pruning_method"}
+    if spec.prunes:
+        names.add("visual_token_budget")
+    if spec.in_decoder and config.pruning_layers:
+        names.update(("pruning_layers", "pruning_keep_counts"))
+    if spec.pre_llm and config.pre_llm_keep_count is not None:
+        names.add("pre_llm_keep_count")
+    if spec.plugins:
+        names.update(PLUGIN_FIELDS)
+    names.update(METHOD_FIELDS.get(spec.name, ()))
+    return [name for name in PRUNING_FIELDS if name in names]
+
+
 def _pruning_table(config):
-    rows = [("pruning_method", config.pruning_method)]
-    rows += [(name, getattr(config, name)) for name in PRUNING_FIELDS if name != "pruning_method"]
+    rows = [(name, getattr(config, name)) for name in _card_fields(config)]
     rows.append(("visual tokens per image", config.num_visual_tokens))
     rows.append(("decoder layers", config.text_config.num_hidden_layers))
     return "\n".join(["| field | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in rows])
@@ -428,7 +449,8 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     data = ModelCardData(
         base_model=hub_base, library_name="rcp-llava" if plugins_only else "transformers",
         pipeline_tag="image-text-to-text",
-        tags=sorted(set(DEFAULT_TAGS) | set(tags) | ({"rcp-plugins"} if plugins_only else set())), license=license,
+        tags=sorted((set(DEFAULT_TAGS) - (set() if spec.prunes else set(PRUNING_TAGS))) | set(tags)
+                    | ({"rcp-plugins"} if plugins_only else set())), license=license,
         model_name=model_name, eval_results=results or None,
         **({"base_model_relation": "adapter"} if plugins_only and hub_base else {}),
         rcp_llava={

@@ -370,3 +370,31 @@ def test_the_usage_snippet_runs_on_every_method(tmp_path, monkeypatch):
         exec(hub.usage_snippet(str(folder)), namespace)
         info = namespace["model"].last_pruning_info
         assert (info is None) == (method == "none")
+
+
+@pytest.mark.parametrize("overrides, fields, prunes", [
+    (dict(), ["pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout",
+              "pruner_dropout", "gumbel_temperature", "visual_token_budget", "pruning_keep_counts",
+              "pruner_hidden_size", "pruner_num_heads", "repair_bottleneck_size"], True),
+    (dict(pruning_method="none"), ["pruning_method"], False),
+    (dict(pruning_method="fastv", repair_layers=[], pruning_layers=[1], pruning_keep_counts=[4]),
+     ["pruning_method", "pruning_layers", "visual_token_budget", "pruning_keep_counts", "fastv_query"], True),
+    (dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+          pre_llm_keep_count=4),
+     ["pruning_method", "visual_token_budget", "pre_llm_keep_count", "vispruner_important_ratio"], True),
+    (dict(pruning_method="random", repair_layers=[]),
+     ["pruning_method", "pruning_layers", "visual_token_budget", "pruning_keep_counts", "pruning_seed"], True),
+    (dict(pruning_method="attention_topk", repair_layers=[]),
+     ["pruning_method", "pruning_layers", "visual_token_budget", "pruning_keep_counts"], True),
+])
+def test_the_cards_table_lists_the_fields_its_method_reads(overrides, fields, prunes):
+    """Every card's table listed all 16 pruning fields: a FastV card showed RCP's query dropout and adapter width,
+    and a `none` card its pruning layers, which no forward of that model reads; a `none` card was also tagged
+    visual-token-pruning. The metadata still holds every field (a config can be rebuilt from it)."""
+    from configuration_rcp_llava import PRUNING_FIELDS
+
+    made = card(config=demo.demo_config(**overrides), base_model="llava-hf/llava-1.5-7b-hf")
+    table = made.text.split("| field | value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert [row.split("`")[1] for row in table] == fields + ["visual tokens per image", "decoder layers"]
+    assert ("visual-token-pruning" in made.data.tags) == ("token-pruning" in made.data.tags) == prunes
+    assert set(PRUNING_FIELDS) <= set(made.data.rcp_llava)
