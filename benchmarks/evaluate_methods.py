@@ -9,17 +9,16 @@
 `--model`: an RCP folder (`train_rcp.py`'s OUT/model) or a stock LLaVA folder (+ `--plugins`). It loads once;
 every method is a model sharing its backbone (`rcp_llava.evaluation.method_model`). `--data` (repeatable):
 `testbed` (the main job's testbed, deep), `testbed:PRESET` (e.g. `testbed:tiny` for a model trained on tiny), a
-`save_to_disk` folder in the testbed format, or BENCHMARK:PATH (see
-`rcp_llava.readers`). How budgets become per-method counts: `rcp_llava.evaluation` (module docstring).
+`save_to_disk` folder in the testbed format (image paths relative to `--image_folder`), or BENCHMARK:PATH (see
+`rcp_llava.readers`). Every `--data` is read, and every image file it names checked, before the model loads. How
+budgets become per-method counts: `rcp_llava.evaluation` (module docstring).
 """
 
 import argparse
 import os
 import sys
 
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, result_name
-
-
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, positive_int, result_name
 
 
 def build_parser():
@@ -29,18 +28,27 @@ def build_parser():
     parser.add_argument("--data", action="append", default=None,
                         help="testbed (the main job's, deep) | testbed:PRESET | DATASET_DIR | BENCHMARK:PATH (repeat "
                              "for several; default: testbed).")
-    parser.add_argument("--split", default="test", help="Split of a DatasetDict folder.")
+    parser.add_argument("--split", default=None,
+                        help="Split of a DatasetDict folder and of ScienceQA-IMG (default: test); refused when no "
+                             "--data is read by split.")
+    parser.add_argument("--image_folder", default=None,
+                        help="Folder the image paths of a dataset folder's image column are relative to (as "
+                             "train_rcp.py's --image_folder); a benchmark takes BENCHMARK:PATH,image_dir=DIR.")
     parser.add_argument("--methods", default="none,rcp,vispruner,fastv,random")
     parser.add_argument("--budgets", default="1/3,2/9,1/9", help="Fractions of the N visual tokens.")
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=16, help="Reader benchmarks (generate).")
+    parser.add_argument("--max_samples", type=positive_int, default=None,
+                        help="Evaluate at most N samples per --data: the first N rows of a dataset folder; of a "
+                             "benchmark, N questions taken in turn from each family (POPE split, MME sub-task, "
+                             "answer type, ...; the first N would score only the first POPE file or MME sub-task), "
+                             "MME's two questions of an image together (rcp_llava.readers.spread_subset).")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=16, help="Reader benchmarks (generate).")
     parser.add_argument("--fastv_layer", type=int, default=None, help="FastV's K (default 1 if <= 8 layers, else 2).")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; the committed tables "
                              "live in benchmarks/results).")
     parser.add_argument("--name", type=result_name, default="evaluation", help="Output stem: NAME.md and NAME.json.")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace NAME.md / NAME.json in --output_dir (refused otherwise: results are not lost).")
@@ -139,25 +147,34 @@ def check_methods_fit_model(args, methods):
 def main(argv=None):
     import torch
 
-    from rcp_llava.evaluation import evaluate_grid, format_table, load_base_model, load_data
+    from rcp_llava.evaluation import (evaluate_grid, format_table, is_benchmark_spec, load_base_model, load_data,
+                                      name_uniquely)
     from rcp_llava.results import command_line, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     command = command_line(__file__, argv)
-    for flag, value in (("--batch_size", args.batch_size), ("--max_samples", args.max_samples),
-                        ("--max_new_tokens", args.max_new_tokens), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} is {value}; it must be a positive number.")
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
     plugins_per_budget = parse_plugins_per_budget(args.plugins_per_budget)
     methods, budgets = check_grid(args)  # before anything loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The data before the model: a reader's error (an empty file, a bad answer) comes before a 7B load.
-    datasets = [load_data(spec, split=args.split, max_samples=args.max_samples) for spec in args.data or ["testbed"]]
-    others = [spec for spec, data in zip(args.data or ["testbed"], datasets) if data.kind != "testbed"]
+    # The data before the model: a reader's error (an empty file, a bad answer, a missing image) comes before a 7B
+    # load, and before earlier datasets were evaluated for nothing.
+    specs = args.data or ["testbed"]
+    folders = [spec for spec in specs if not is_benchmark_spec(spec)]
+    if args.image_folder is not None and not folders:  # it would be ignored
+        raise ValueError(f"--image_folder is for dataset folders, but every --data ({specs}) is a benchmark: give "
+                         "each its image folder as BENCHMARK:PATH,image_dir=DIR instead.")
+    split = "test" if args.split is None else args.split
+    datasets = [load_data(spec, split=split, max_samples=args.max_samples,
+                          image_folder=None if is_benchmark_spec(spec) else args.image_folder) for spec in specs]
+    if args.split is not None and not any(data.split == args.split for data in datasets):  # it would be ignored
+        raise ValueError(f"--split {args.split!r} is used by no --data ({specs}): only a DatasetDict folder and "
+                         "ScienceQA-IMG (without its own ',split=') are read by split. Drop --split.")
+    name_uniquely(datasets, specs)  # two POPE files were both "pope" in the table and the JSON
+    others = [spec for spec, data in zip(specs, datasets) if data.kind != "testbed"]
     if args.oracle and others:  # it failed after the model loaded and the earlier datasets were evaluated
         raise ValueError(f"--oracle needs testbed data (its evidence patches), but --data {others} are not testbed "
                          "datasets; drop --oracle or evaluate those without it.")
@@ -177,10 +194,14 @@ def main(argv=None):
     for result in results:  # predictions stay out of the JSON; rows hold scores and counts only
         for row in result["rows"]:
             row.pop("predictions", None)
-    write_results(stem, markdown="\n".join(markdown),
-                  data={"command": command, "methods": methods, "budgets": budgets, "results": results})
+    # Re-checked at the write: another run given the same --name may have written there since the start-up check.
+    written = write_results(stem, markdown="\n".join(markdown), overwrite=args.overwrite,
+                            data={"command": command, "methods": methods, "budgets": budgets, "results": results})
     print("\n".join(markdown))
-    print(f"wrote {stem}.md and {stem}.json")
+    if written != stem:
+        print(f"{stem}.md / {stem}.json appeared while this run ran (another run's, kept): this run's results are "
+              f"in {written}.md and {written}.json")
+    print(f"wrote {written}.md and {written}.json")
     return results
 
 

@@ -223,13 +223,14 @@ def load_base_model(model_dir, plugins=None, dtype=None, device=None):
 class EvalData:
     """Rows to evaluate: `kind` "testbed" (rows with an image, a question, a one-word answer and optionally a
     "family"; the column names are settable, and image paths are read relative to `image_folder`) or "benchmark"
-    (`VqaRecord`s of one reader benchmark); `name` labels it in the table."""
+    (`VqaRecord`s of one reader benchmark); `name` labels it in the table; `split` is the split it was read from
+    (None when its source has no splits: a plain dataset folder, a benchmark whose reader takes none)."""
 
     def __init__(self, kind, rows, name, benchmark=None, image_column="image", question_column="question",
-                 answer_column="answer", image_folder=None):
+                 answer_column="answer", image_folder=None, split=None):
         self.kind, self.rows, self.name, self.benchmark = kind, rows, name, benchmark
         self.image_column, self.question_column, self.answer_column = image_column, question_column, answer_column
-        self.image_folder = image_folder
+        self.image_folder, self.split = image_folder, split
 
     def __len__(self):
         return len(self.rows)
@@ -260,41 +261,85 @@ def data_folder(spec):
     return spec
 
 
-def load_data(spec="testbed", split="test", max_samples=None):
+def load_data(spec="testbed", split="test", max_samples=None, image_folder=None):
     """`"testbed"` (the main job's testbed, `rcp_llava.testbed.MAIN_PRESET`) or `"testbed:PRESET"` (e.g.
     `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH[,OPTION=VALUE...]"` for
     `rcp_llava.readers.read_benchmark` (`parse_benchmark_spec`: e.g.
     `pope:/data/pope/coco,image_dir=/data/coco/val2014`).
 
     `split` is the split of a DatasetDict folder, and of a benchmark whose reader takes one (ScienceQA-IMG's
-    `pid_splits.json` key) unless the spec names its own `,split=`. A benchmark is checked here, before any model
-    loads: every question needs reference answers (a split without them, such as VQAv2 test-dev, VizWiz test or
-    MMBench test, is refused with a ValueError naming the file and a split that has them), and the first
-    question's image must exist (FileNotFoundError naming the path and the `,image_dir=` option)."""
+    `pid_splits.json` key) unless the spec names its own `,split=`. `max_samples` keeps the first rows of a
+    folder, and records spread over a benchmark's families (`rcp_llava.readers.spread_subset`). `image_folder`:
+    the folder a dataset folder's image paths are relative to (`train_rcp.py --image_folder`); a benchmark takes
+    `,image_dir=` instead.
+
+    Checked here, before any model loads: every image path of the rows kept must name a file (one stat per
+    distinct path; a FileNotFoundError names how many are missing, the first of them and the fix), and every
+    benchmark question needs reference answers (a split without them, such as VQAv2 test-dev, VizWiz test or
+    MMBench test, is refused with a ValueError naming the file and a split that has them)."""
+    from types import SimpleNamespace
+
     from datasets import load_from_disk
 
-    # Named as given ("testbed", "testbed:tiny", a folder's path): every folder was "testbed", so the sections and
-    # the JSON of a run over several could not be told apart.
-    name = str(spec)
-    spec = data_folder(spec)
-    if os.path.isdir(spec):
-        data = load_from_disk(spec)
-        if hasattr(data, "keys"):
-            if split not in data:
-                raise ValueError(f"{spec} has no split {split!r}; it has {list(data)}.")
-            data = data[split]
-        if max_samples is not None:
-            data = data.select(range(min(max_samples, len(data))))
-        missing = {"image", "question", "answer"} - set(data.column_names)
-        if missing:
-            raise ValueError(f"{spec} lacks the column(s) {sorted(missing)} of the testbed format.")
-        if len(data) and isinstance(data[0]["question"], (list, tuple)):  # scored as the rendered list otherwise
-            raise ValueError(f"{spec} split {split!r} holds multi-turn rows (lists of questions): the evaluation "
-                             "scores one question per image. Give a single-turn split.")
-        return EvalData("testbed", data, name)
-    if ":" in spec:
+    from rcp_llava.data import _check_image_column
+
+    name = data_name(spec)
+    if is_benchmark_spec(spec):
+        if image_folder is not None:  # it would be ignored: benchmark readers resolve their own image paths
+            raise ValueError(f"image_folder {image_folder!r} is for dataset folders; the benchmark {spec!r} takes "
+                             "its image folder in the spec: BENCHMARK:PATH,image_dir=DIR.")
         return _load_benchmark(spec, split, max_samples)
-    raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
+    spec = data_folder(spec)
+    if not os.path.isdir(spec):
+        raise ValueError(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH.")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"image_folder {os.fspath(image_folder)!r} (--image_folder) is not a folder; give "
+                                "the folder the dataset's image paths are relative to.")
+    data = load_from_disk(spec)
+    used_split = None
+    if hasattr(data, "keys"):
+        if split not in data:
+            raise ValueError(f"{spec} has no split {split!r}; it has {list(data)}.")
+        data, used_split = data[split], split
+    if max_samples is not None:
+        data = data.select(range(min(max_samples, len(data))))
+    missing = {"image", "question", "answer"} - set(data.column_names)
+    if missing:
+        raise ValueError(f"{spec} lacks the column(s) {sorted(missing)} of the testbed format.")
+    if len(data) and isinstance(data[0]["question"], (list, tuple)):  # scored as the rendered list otherwise
+        raise ValueError(f"{spec} split {split!r} holds multi-turn rows (lists of questions): the evaluation "
+                         "scores one question per image. Give a single-turn split.")
+    # Image paths are opened only when a batch reaches them, after the model loaded and earlier datasets ran:
+    # the training check (a stat per path, the example and --image_folder named) refuses a missing one now.
+    _check_image_column(data, SimpleNamespace(image_column="image", image_folder=image_folder), f"--data {name!r}")
+    return EvalData("testbed", data, name, image_folder=image_folder, split=used_split)
+
+
+def data_name(spec):
+    """The label of the data read from `spec` (the table's section, the JSON's "data"): the spec as given
+    ("testbed", "testbed:tiny", a folder's path, "pope:/data/pope/coco"). Folders are always named so (every
+    folder was "testbed"); a benchmark is named by its benchmark unless two share it (`name_uniquely`)."""
+    return str(os.fspath(spec))
+
+
+def name_uniquely(datasets, specs):
+    """Rename, in place, the `datasets` (loaded from `specs`, in order) whose names collide to `data_name(spec)`:
+    two POPE files were both "pope" in the table and the JSON. The same spec twice is a ValueError."""
+    specs = [data_name(spec) for spec in specs]
+    repeated = sorted({spec for spec in specs if specs.count(spec) > 1})
+    if repeated:
+        raise ValueError(f"--data names {repeated} more than once; give each once.")
+    names = [data.name for data in datasets]
+    for data, spec in zip(datasets, specs):
+        if names.count(data.name) > 1:
+            data.name = spec
+    return datasets
+
+
+def is_benchmark_spec(spec):
+    """Whether `load_data` reads `spec` as BENCHMARK:PATH (not 'testbed[:PRESET]', not an existing folder)."""
+    spec = os.fspath(spec)
+    return not (spec == "testbed" or spec.startswith("testbed:")) and not os.path.isdir(spec) and ":" in spec
 
 
 # A reader option in a BENCHMARK:PATH spec: ",NAME=" (a comma in a path not followed by NAME= stays in the path).
@@ -302,8 +347,10 @@ _SPEC_OPTION = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
 # Where the reference answers of each benchmark are, for the error on an answer-less split.
 _SPLITS_WITH_ANSWERS = {
-    "vqav2": "the val2014 questions with their annotations (v2_mscoco_val2014_annotations.json in the questions' "
-             "folder, or ',annotations=FILE'); test-dev / test answers exist only on the EvalAI server",
+    "vqav2": "the val2014 questions with their annotations, as ',annotations=FILE' (found without it only as a "
+             "folder's one '*annotations*.json', or as the one beside a questions file whose name holds its "
+             "subtype, e.g. v2_mscoco_val2014_annotations.json); test-dev / test answers exist only on the EvalAI "
+             "server",
     "gqa": "testdev_balanced_questions.json (questions with an 'answer'); the submission / test questions have none",
     "vizwiz": "Annotations/val.json (test answers exist only on the EvalAI server)",
     "mmbench": "the dev TSV (e.g. mmbench_dev_20230712.tsv; test answers exist only on the MMBench server)",
@@ -342,10 +389,8 @@ def parse_benchmark_spec(spec, split=None):
 
 
 def _load_benchmark(spec, split, max_samples):
-    """`load_data` on a BENCHMARK:PATH spec: the records, refused when a question has no reference answer or the
-    first image is missing (both would otherwise fail after the model loaded and, for answers, after generation)."""
-    from pathlib import Path
-
+    """`load_data` on a BENCHMARK:PATH spec: the records, refused when a question has no reference answer or an
+    image file is missing (both would otherwise fail after the model loaded and, for answers, after generation)."""
     from rcp_llava.readers import read_benchmark, reader_options
 
     name, path, options = parse_benchmark_spec(spec, split)
@@ -356,13 +401,25 @@ def _load_benchmark(spec, split, max_samples):
         raise ValueError(f"{name}: {path} has no reference answers ({len(unanswered)} of the {len(records)} questions "
                          f"read, e.g. question {unanswered[0].question_id!r}), so it cannot be scored; pass a split "
                          f"with answers: {where}.")
-    first = records[0]
-    if not isinstance(first.image, (bytes, bytearray)) and not Path(first.image).is_file():
-        fix = (f"pass the folder that holds it: {name}:{path},image_dir=DIR" if "image_dir" in reader_options(name)
-               else "check the benchmark folder")
-        raise FileNotFoundError(f"{name}: the first image of {path}, {first.image}, does not exist (question "
-                                f"{first.question_id!r}); {fix}.")
-    return EvalData("benchmark", records, name, benchmark=name)
+    # Every image, not the first alone: one missing in the middle failed mid-run and lost every dataset evaluated
+    # before it. A stat per distinct path (POPE asks several questions per image); encoded images need none.
+    paths = {}  # distinct path -> its first question
+    for r in records:
+        if not isinstance(r.image, (bytes, bytearray)):
+            paths.setdefault(r.image, r.question_id)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        if "image_dir" not in reader_options(name):
+            fix = "check the benchmark folder"
+        elif "image_dir" in options:
+            fix = f"the image_dir given, {options['image_dir']}, lacks them: pass the folder that holds them"
+        else:
+            fix = f"pass the folder that holds them: {name}:{path},image_dir=DIR"
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{name}: {len(missing)} of the {len(paths)} image files of --data {spec!r} do not "
+                                f"exist ({shown}; the first for question {paths[missing[0]]!r}); {fix}.")
+    return EvalData("benchmark", records, name, benchmark=name,
+                    split=options.get("split") if "split" in reader_options(name) else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1016,7 +1073,8 @@ __all__ = [
     "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "greedy_answer_predictions",
     "keep_masks_of",
-    "load_base_model", "load_data", "method_model", "method_overrides", "nested_random_masks", "planned_rows",
+    "data_name", "is_benchmark_spec", "load_base_model", "load_data", "method_model", "name_uniquely",
+    "method_overrides", "nested_random_masks", "planned_rows",
     "oracle_keep_masks_fn", "oracle_order", "parse_benchmark_spec", "pruning_layout", "random_keep_masks_fn",
     "reference_token_counts",
     "representation_drift", "score_benchmark",

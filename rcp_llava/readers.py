@@ -13,8 +13,9 @@ The model is asked ``record.prompt``: the question (``record.question``, kept ve
 with its lettered options) followed by the answer-format line LLaVA-1.5's evaluation files and lmms-eval append
 for that benchmark (``POST_PROMPTS``: "Answer the question using a single word or phrase." for VQAv2, GQA, POPE
 and VizWiz, the latter after "When the provided information is insufficient, respond with 'Unanswerable'.";
-"Answer with the option's letter from the given choices directly." for ScienceQA-IMG and MMBench; nothing for
-MME, whose questions already end in "Please answer yes or no.").
+"Answer with the option's letter from the given choices directly." for ScienceQA-IMG and MMBench; for MME the
+short-answer line too, in place of the "Please answer yes or no." its questions end in, as lmms-eval's
+``mme_doc_to_text`` and LLaVA-1.5's llava_mme.jsonl ask it).
 
 Bad input raises ``FileNotFoundError`` (missing file or folder) or ``ValueError``
 (malformed content, or a file / split that holds no questions), naming the path and the
@@ -54,8 +55,10 @@ BENCHMARK_METRIC: Dict[str, str] = {
 # The answer-format line appended to each benchmark's question (`VqaRecord.prompt`), as LLaVA-1.5's question files
 # (llava_vqav2_mscoco_test-dev2015.jsonl, llava_gqa_testdev_balanced.jsonl, llava_pope_test.jsonl,
 # vizwiz/llava_test.jsonl; --single-pred-prompt of model_vqa_science.py / model_vqa_mmbench.py) and lmms-eval's
-# tasks (post_prompt of vqav2, gqa, pope, vizwiz_vqa, scienceqa_img, mmbench_en) write it. MME's questions
-# already end in "Please answer yes or no.".
+# tasks (post_prompt of vqav2, gqa, pope, vizwiz_vqa, scienceqa_img, mmbench_en) write it. MME's questions end in
+# "Please answer yes or no."; both of those drop it and append the short-answer line instead (lmms-eval
+# tasks/mme/utils.py `mme_doc_to_text` + mme.yaml's post_prompt; LLaVA-1.5's llava_mme.jsonl asks
+# "Is there a cat?\nAnswer the question using a single word or phrase."): `VqaRecord.prompt` does the same.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 POST_PROMPTS: Dict[str, str] = {
@@ -64,9 +67,12 @@ POST_PROMPTS: Dict[str, str] = {
     "pope": SHORT_ANSWER,
     "scienceqa_img": OPTION_LETTER_ANSWER,
     "vizwiz": "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT_ANSWER,
-    "mme": "",
+    "mme": SHORT_ANSWER,
     "mmbench": OPTION_LETTER_ANSWER,
 }
+# Removed from an MME question before its answer-format line (lmms-eval's `replace_prompt`): the model would
+# otherwise be told two answer formats at once.
+MME_YES_NO_PROMPT = "Please answer yes or no."
 
 LAYOUTS: Dict[str, str] = {
     "vqav2": (
@@ -140,8 +146,13 @@ class VqaRecord:
 
     @property
     def prompt(self) -> str:
-        """What the model is asked: :attr:`question` + the benchmark's answer-format line (``POST_PROMPTS``)."""
-        return self.question + POST_PROMPTS.get(self.benchmark, "")
+        """What the model is asked: :attr:`question` + the benchmark's answer-format line (``POST_PROMPTS``); an
+        MME question first loses its "Please answer yes or no." (``MME_YES_NO_PROMPT``), as lmms-eval's
+        ``mme_doc_to_text`` removes it."""
+        question = self.question
+        if self.benchmark == "mme":
+            question = question.replace(MME_YES_NO_PROMPT, "").strip()
+        return question + POST_PROMPTS.get(self.benchmark, "")
 
     def load_image(self):
         """Open the image as an RGB ``PIL.Image.Image``, turned upright by its EXIF orientation as
@@ -241,7 +252,10 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
     Args:
         path: the questions JSON, or a folder holding exactly one ``*questions*.json`` (and
             optionally one ``*annotations*.json``, used when ``annotations`` is not given).
-        annotations: the annotations JSON; without it records have no answers (test splits).
+        annotations: the annotations JSON. Default: for a folder, its one ``*annotations*.json``; for a questions
+            file, the one ``*annotations*.json`` beside it whose name holds the questions' subtype (e.g.
+            ``v2_mscoco_val2014_annotations.json`` for val2014 questions), when exactly one does. Without one,
+            records have no answers (test splits).
         image_dir: folder of ``COCO_<subtype>_<image_id:012d>.jpg``; default ``<folder>/<subtype>``
             if it exists, else the folder of the questions file.
         data_subtype: e.g. ``"val2014"``; default: the questions file's ``data_subtype``.
@@ -263,6 +277,16 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
     if not data["questions"]:
         raise _bad(name, questions_file, "no questions (the 'questions' list is empty)")
     subtype = data_subtype or data.get("data_subtype") or "val2014"
+    if annotations is None and not path.is_dir():
+        # A questions file beside its annotations (the folder holding test-dev questions too, which folder mode
+        # refuses as ambiguous): the annotations of its own subtype, only when one file is unmistakably them.
+        matching = [p for p in sorted(root.glob("*annotations*.json")) if subtype in p.name]
+        if len(matching) == 1:
+            annotations = matching[0]
+            logger.info(f"vqav2: using the annotations {annotations} beside {questions_file}")
+        elif matching:
+            logger.warning(f"vqav2: several annotation files beside {questions_file} name {subtype!r} "
+                           f"({', '.join(p.name for p in matching)}); none is used: pass one as annotations=")
     # test-dev questions (data_subtype "test-dev2015") use the test2015 images.
     subtype = "test2015" if subtype == "test-dev2015" else subtype
 
@@ -716,12 +740,35 @@ def reader_options(name: str) -> List[str]:
 def read_benchmark(name: str, path: PathLike, limit: Optional[int] = None, **kwargs) -> List[VqaRecord]:
     """Read benchmark ``name`` from ``path`` with its reader (``kwargs`` go to the reader).
 
-    ``limit`` keeps only the first ``limit`` records (quick runs).
+    ``limit`` keeps ``limit`` records spread over the families (``spread_subset``: quick runs).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`limit` is {limit!r}; use a positive number of records, or None for all of them.")
     records = _READERS[canonical_benchmark(name)](path, **kwargs)
-    return records if limit is None else records[:limit]
+    return records if limit is None else spread_subset(records, limit)
+
+
+def spread_subset(records: Sequence[VqaRecord], limit: int) -> List[VqaRecord]:
+    """At most ``limit`` of ``records``, taken in turn from each family (POPE split, MME sub-task, answer type, ...,
+    in order of first appearance; within a family in file order) and returned in file order. The first ``limit``
+    records scored only the first POPE file or MME sub-task of a folder. Deterministic.
+
+    MME's two questions of one image (``image_id``) are taken together, since acc+ scores them as a pair; only the
+    last image taken may lose its second question, when the pairs do not fill ``limit`` exactly."""
+    if limit >= len(records):
+        return list(records)
+    units: Dict[str, Dict[str, List[int]]] = {}  # family -> {unit key -> record positions}
+    for i, r in enumerate(records):
+        key = r.image_id if r.benchmark == "mme" else str(i)
+        units.setdefault(r.family, {}).setdefault(key, []).append(i)
+    queues = [iter(family.values()) for family in units.values()]
+    chosen: List[int] = []
+    while len(chosen) < limit:  # limit < len(records): the families cannot run dry first
+        for queue in queues:
+            unit = next(queue, None)
+            if unit is not None and len(chosen) < limit:
+                chosen.extend(unit[: limit - len(chosen)])
+    return [records[i] for i in sorted(chosen)]
 
 
 def to_hf_dataset(records: Sequence[VqaRecord]):
@@ -760,5 +807,5 @@ def to_hf_dataset(records: Sequence[VqaRecord]):
 __all__ = [
     "BENCHMARKS", "BENCHMARK_METRIC", "LAYOUTS", "POST_PROMPTS", "VqaRecord", "canonical_benchmark",
     "format_multiple_choice", "open_rgb", "read_benchmark", "read_gqa", "read_mmbench", "read_mme", "read_pope",
-    "read_scienceqa_img", "read_vizwiz", "read_vqav2", "reader_options", "to_hf_dataset",
+    "read_scienceqa_img", "read_vizwiz", "read_vqav2", "reader_options", "spread_subset", "to_hf_dataset",
 ]

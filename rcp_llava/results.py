@@ -3,13 +3,18 @@ over an earlier result unless asked, always atomically (a crash leaves the previ
 
     from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
     refuse_existing([stem + ".md", stem + ".json"], overwrite=args.overwrite)   # before anything loads
-    write_results(stem, markdown="...", data={...})
+    write_results(stem, markdown="...", data={...}, overwrite=args.overwrite)   # returns the stem written
 """
 
 import json
 import os
 
+from transformers.utils import logging
+
 from modeling_rcp_llava import atomic_write, write_text
+
+
+logger = logging.get_logger(__name__)
 
 
 # A run lands in the committed tables only with `--output_dir benchmarks/results` (and `--overwrite` to replace
@@ -87,14 +92,63 @@ def command_line(script, argv=None):
     return shlex.join(["python", "benchmarks/" + os.path.basename(script), *map(str, args)])
 
 
-def write_results(stem, markdown=None, data=None):
-    """`stem.json` (data, written first) and `stem.md` (markdown), each atomically; creates the folder."""
+def write_results(stem, markdown=None, data=None, overwrite=True):
+    """`stem.json` (data, written first) and `stem.md` (markdown), each atomically; creates the folder. Returns the
+    stem written.
+
+    overwrite=False (a run without `--overwrite`, whose `refuse_existing` found the names free at start-up): a file
+    that appeared at `stem` since (another job given the same --name, while this one ran) is never replaced, and
+    this run is not lost either: it goes to the first free `stem-2`, `stem-3`, ... (both files under one stem), and
+    a warning names both paths. Each file is created without replacing one (a hard link of the temporary file), so
+    a file that appears at the last moment is not replaced either."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    if data is not None:
-        payload = json.dumps(data, indent=2)
-        atomic_write(stem + ".json", lambda tmp: write_text(tmp, payload))
-    if markdown is not None:
-        atomic_write(stem + ".md", lambda tmp: write_text(tmp, markdown))
+    files = [(".json", None if data is None else json.dumps(data, indent=2)), (".md", markdown)]
+    files = [(ext, text) for ext, text in files if text is not None]
+    if overwrite:
+        for ext, text in files:
+            atomic_write(stem + ext, lambda tmp, text=text: write_text(tmp, text))
+        return stem
+    number = 1
+    while not _create_all(stem if number == 1 else f"{stem}-{number}", files):
+        number += 1
+    if number > 1:
+        written = f"{stem}-{number}"
+        logger.warning(f"{', '.join(stem + ext for ext, _ in files)}: written by another run while this one ran "
+                       f"(without --overwrite); they are kept, and this run's results are in "
+                       f"{', '.join(written + ext for ext, _ in files)}.")
+        return written
+    return stem
+
+
+def _create_all(stem, files):
+    """Create every `stem + ext` with its text, or none of them (False when one exists already)."""
+    created = []
+    for ext, text in files:
+        if not _create_new(stem + ext, text):
+            for path in created:  # this run's own files: moved on to the next stem together
+                os.remove(path)
+            return False
+        created.append(stem + ext)
+    return True
+
+
+def _create_new(path, text):
+    """Write `text` to `path` atomically unless `path` exists (False then); never replaces a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write_text(tmp, text)
+        try:
+            os.link(tmp, path)  # fails on an existing `path`, unlike a rename
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a check, then the rename
+            if os.path.exists(path):
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_figure(fig, path, **kwargs):

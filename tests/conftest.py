@@ -1,6 +1,7 @@
 """Tiny RCP-LLaVA configs and inputs built in code: no network, seconds per test."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -163,3 +164,19 @@ def masked_reference(model, batch, keep_masks, points=None):
             alive &= ~image | keep_masks[:, points.index(idx)].gather(1, vis_id)  # keep: (B, N)
         h = layer(h, attention_mask=allowed_keys(alive).unsqueeze(1), position_embeddings=cos_sin)
     return model.lm_head(lm.norm(h))
+
+
+def make_image(path, size=(4, 3), color=(255, 0, 0)):
+    """A small RGB image file at `path` (its folders created): the benchmark readers' and loaders' test images."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def write_json(path, obj):
+    """`obj` as JSON at `path` (its folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path

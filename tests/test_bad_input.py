@@ -453,12 +453,15 @@ def test_an_empty_training_split_is_refused():
 
 
 @pytest.mark.parametrize("flag", ["--batch_size", "--max_samples", "--max_new_tokens", "--threads"])
-def test_evaluate_methods_counts(tmp_path, flag):
-    """Was "range() arg 3 must not be zero" after the model had loaded."""
+def test_evaluate_methods_counts(tmp_path, flag, capsys):
+    """Was "range() arg 3 must not be zero" after the model had loaded; then a ValueError after parsing; now the
+    parser's own error, as every other script's counts (`results.positive_int`)."""
     from conftest import load_benchmark
 
-    with pytest.raises(ValueError, match=rf"{flag} is 0; it must be a positive number"):
+    with pytest.raises(SystemExit) as exit_:
         load_benchmark("evaluate_methods").main(["--model", str(tmp_path), "--output_dir", str(tmp_path), flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_generate_names_an_all_zero_attention_row():

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from conftest import make_image, write_json
+
 from rcp_llava.evaluation import generated_answers, load_data, score_benchmark
 from rcp_llava.metrics import load_metric
 from rcp_llava.readers import VqaRecord, read_benchmark
@@ -18,18 +20,6 @@ from rcp_llava.readers import VqaRecord, read_benchmark
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
-
-
-def make_image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 3), (255, 0, 0)).save(path)
-    return path
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
 
 
 def png_b64():
@@ -57,12 +47,12 @@ def record(benchmark, question="Q?", answers=("yes",), qid="1", family="f", choi
 def test_every_benchmark_gets_the_official_answer_format_line():
     from rcp_llava.readers import POST_PROMPTS
 
-    # lmms-eval post_prompt of vqav2 / gqa / pope / vizwiz_vqa / scienceqa_img / mmbench_en; MME's own questions
-    # end in "Please answer yes or no." (LLaVA-1.5's llava_mme.jsonl adds nothing).
+    # lmms-eval post_prompt of vqav2 / gqa / pope / vizwiz_vqa / scienceqa_img / mmbench_en / mme; MME's own
+    # "Please answer yes or no." is dropped first (lmms-eval's mme_doc_to_text, LLaVA-1.5's llava_mme.jsonl).
     assert POST_PROMPTS == {
         "vqav2": SHORT, "gqa": SHORT, "pope": SHORT,
         "vizwiz": "\nWhen the provided information is insufficient, respond with 'Unanswerable'." + SHORT,
-        "scienceqa_img": LETTER, "mmbench": LETTER, "mme": "",
+        "scienceqa_img": LETTER, "mmbench": LETTER, "mme": SHORT,
     }
     sqa = record("scienceqa_img", "Which is north?\nA. Ohio\nB. Maine", ["B"], choices=["Ohio", "Maine"])
     assert sqa.prompt == "Which is north?\nA. Ohio\nB. Maine\nAnswer with the option's letter from the given " \
@@ -71,7 +61,9 @@ def test_every_benchmark_gets_the_official_answer_format_line():
     assert record("vizwiz", "What is this?").prompt == (
         "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
         "Answer the question using a single word or phrase.")
-    assert record("mme", "Is it red? Please answer yes or no.").prompt == "Is it red? Please answer yes or no."
+    mme = record("mme", "Is it red? Please answer yes or no.")
+    assert mme.prompt == "Is it red?\nAnswer the question using a single word or phrase."
+    assert mme.question == "Is it red? Please answer yes or no."  # the raw question stays
     assert record("", "Own question?").prompt == "Own question?"
 
 
@@ -209,8 +201,9 @@ def test_load_data_takes_reader_options_and_checks_the_first_image(tmp_path):
     root = _pope_llava_layout(tmp_path / "pope")
     # LLaVA's layout (images elsewhere) failed only in load_image, after the model had loaded
     with pytest.raises(FileNotFoundError, match="^" + re.escape(
-            f"pope: the first image of {root / 'coco'}, {root / 'coco' / 'COCO_val2014_000000310196.jpg'}, does not "
-            f"exist (question 'adversarial/1'); pass the folder that holds it: pope:{root / 'coco'},image_dir=DIR.")):
+            f"pope: 1 of the 1 image files of --data 'pope:{root / 'coco'}' do not exist "
+            f"({root / 'coco' / 'COCO_val2014_000000310196.jpg'}; the first for question 'adversarial/1'); pass the "
+            f"folder that holds them: pope:{root / 'coco'},image_dir=DIR.")):
         load_data(f"pope:{root / 'coco'}")
     data = load_data(f"pope:{root / 'coco'},image_dir={root / 'val2014'}")
     assert [r.question_id for r in data.rows] == ["adversarial/1", "popular/1", "random/1"]
@@ -255,9 +248,10 @@ def test_splits_without_answers_are_refused_before_generation(tmp_path):
     make_image(vqa / "test2015" / "COCO_test2015_000000000001.jpg")
     with pytest.raises(ValueError, match="^" + re.escape(
             f"vqav2: {vqa} has no reference answers (1 of the 1 questions read, e.g. question '1'), so it cannot be "
-            "scored; pass a split with answers: the val2014 questions with their annotations "
-            "(v2_mscoco_val2014_annotations.json in the questions' folder, or ',annotations=FILE'); test-dev / test "
-            "answers exist only on the EvalAI server.")):
+            "scored; pass a split with answers: the val2014 questions with their annotations, as "
+            "',annotations=FILE' (found without it only as a folder's one '*annotations*.json', or as the one beside "
+            "a questions file whose name holds its subtype, e.g. v2_mscoco_val2014_annotations.json); test-dev / "
+            "test answers exist only on the EvalAI server.")):
         load_data(f"vqav2:{vqa}")
     header = [c for c in MMB_HEADER if c != "answer"]
     tsv = write_tsv(tmp_path / "mmbench_test.tsv", header, [[3, "Which?", "", "x", "y", "", "", "c", "l2", png_b64()]])

@@ -8,6 +8,8 @@ import re
 import pytest
 from PIL import Image
 
+from conftest import make_image, write_json
+
 from rcp_llava.readers import (
     BENCHMARK_METRIC,
     BENCHMARKS,
@@ -25,22 +27,10 @@ from rcp_llava.readers import (
 )
 
 
-def make_image(path, size=(4, 3), color=(255, 0, 0)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
 def png_bytes(size=(5, 2), color=(0, 0, 255)):
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
 
 
 # ----------------------------------------------------------------------------- VQAv2
@@ -80,6 +70,12 @@ def test_vqav2_folder(vqav2_dir):
 
 
 def test_vqav2_questions_file_without_annotations(vqav2_dir):
+    # A questions file finds the annotations of its subtype beside it (it used to read none there: the folder's
+    # test-dev questions made folder mode ambiguous, and the file mode then lost the answers); elsewhere, none.
+    records = read_vqav2(vqav2_dir / "v2_OpenEnded_mscoco_val2014_questions.json",
+                         image_dir=vqav2_dir / "val2014")
+    assert [r.answers[:1] for r in records] == [["2"], ["yes"]]
+    (vqav2_dir / "v2_mscoco_val2014_annotations.json").rename(vqav2_dir / "elsewhere.json")
     records = read_vqav2(vqav2_dir / "v2_OpenEnded_mscoco_val2014_questions.json",
                          image_dir=vqav2_dir / "val2014")
     assert [r.answers for r in records] == [[], []]
@@ -426,7 +422,9 @@ def test_to_hf_dataset(mme_root, tmp_path):
                                     "choices", "image_id"}
     # the prompt the evaluator asks (a dataset built from the records asked the bare question)
     assert ds[2]["prompt"] == "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
-    assert ds[0]["prompt"] == ds[0]["question"]  # MME's questions carry their own answer format
+    # MME gets the short-answer line (in place of a "Please answer yes or no.", which this question lacks), as
+    # lmms-eval and LLaVA-1.5 ask MME
+    assert ds[0]["prompt"] == ds[0]["question"] + "\nAnswer the question using a single word or phrase."
     assert len(ds) == 3
     assert ds[0]["image"].size == (2, 9)  # lazily decoded from the path
     assert ds[2]["image"].size == (3, 3)  # decoded from bytes
