@@ -50,7 +50,7 @@ from modeling_rcp_llava import (
 )
 from rcp_llava.checkpoints import STAGING_PREFIX, AtomicCheckpointMixin
 from rcp_llava.data import (
-    RcpDataCollator, check_dataset, dataset_from_messages, default_answer_mask, load_llava_json,
+    RcpDataCollator, check_dataset, dataset_from_messages, default_answer_mask, load_llava_json, read_json_records,
 )
 from rcp_llava.evaluation import (
     EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
@@ -499,12 +499,11 @@ def _rcp_columns(split, job, name):
 
 
 def _is_llava_json(path):
-    """Whether the JSON file at `path` is a list whose first record has 'conversations' (read whole: small files
-    only reach here; a large one is read by `load_dataset` next anyway)."""
+    """Whether the JSON (or JSON Lines) file at `path` holds records whose first has 'conversations' (read whole:
+    small files only reach here; a large one is read by `load_dataset` next anyway)."""
     try:
-        with open(path) as f:
-            records = json.load(f)
-    except (ValueError, OSError):  # JSON lines, or not JSON at all: `load_dataset` names it
+        records = read_json_records(path)
+    except (ValueError, OSError):  # not JSON at all: `load_dataset` names it
         return False
     return isinstance(records, list) and bool(records) and isinstance(records[0], dict) \
         and "conversations" in records[0]

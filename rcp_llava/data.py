@@ -9,6 +9,7 @@ one place decides what the model is asked, so the trained plug-ins and the evalu
 """
 
 import json
+import math
 import os
 
 import torch
@@ -144,6 +145,9 @@ class RcpDataCollator:
             return (ValueError, f"{self.answer_column!r} is {answer!r}: RCP trains on the answer tokens, so an empty "
                                 "answer would train on EOS alone. Drop the example or fix the column "
                                 "(`--answer_column`).")
+        if isinstance(answer, float) and math.isnan(answer):  # a pandas / CSV empty cell, not the text "nan"
+            return (ValueError, f"{self.answer_column!r} is NaN: the answer is missing (an empty cell of a table). "
+                                "Drop the example or fix the column (`--answer_column`).")
         if not isinstance(answer, str):
             return (TypeError, f"{self.answer_column!r} is {answer!r} ({type(answer).__name__}), not a string: the "
                                "answer is trained as text. Cast the column to strings (e.g. "
@@ -267,11 +271,23 @@ class RcpDataCollator:
         prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         seq = input_ids.shape[1]
-        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
         lengths = attention.sum(1)
         self._check_length(input_ids, lengths, examples)
+        # The answer starts at the first token the full text does not share with its prompt alone: the prompt's
+        # length when its tokens are a prefix (llava-hf's template), earlier when they are not -- a tokenizer that
+        # appends EOS, or a prompt ending in a space or newline that the answer's first token absorbs ("ASSISTANT: "
+        # + "There" -> "▁There"). Counting the prompt's tokens then put the answer's first token in the question
+        # mask (the pruners read it) and left it untrained.
+        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
+        shared = []
+        for row in range(len(examples)):
+            full_row = input_ids[row, seq - int(lengths[row]):]
+            prompt_row = prompt_ids["input_ids"][row, prompt_ids["input_ids"].shape[1] - int(prompt_lengths[row]):]
+            n = min(len(prompt_row), len(full_row))
+            differ = (full_row[:n] != prompt_row[:n]).nonzero()
+            shared.append(int(differ[0]) if len(differ) else n)
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
-        answer_start = (seq - lengths + prompt_lengths).unsqueeze(1)  # (B, 1); left padding
+        answer_start = (seq - lengths + torch.tensor(shared)).unsqueeze(1)  # (B, 1); left padding
         return self._outputs(batch, (positions >= answer_start) & attention)
 
     def _check_length(self, input_ids, lengths, examples):
@@ -473,6 +489,14 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
         )
     _check_image_column(dataset, collator, name)
     tokenizer = collator.processor.tokenizer
+    if tokenizer.pad_token is None and len(dataset) > 1:
+        # The collator pads every batch (left); transformers refuses at the first one, after the model loaded.
+        fallback = tokenizer.unk_token or tokenizer.eos_token
+        raise ValueError(
+            f"The processor's tokenizer has no pad token, which the collator needs to pad the {name}'s batches. Give "
+            f"it one and save the processor with the base model: `processor.tokenizer.pad_token = "
+            f"{fallback!r}` (the padding is masked out), then `processor.save_pretrained(DIR)`."
+        )
     image_tokens = image_token_count(collator.processor) if max_length is not None else 0
     for start, rows in _column_batches(dataset, [collator.question_column, collator.answer_column]):
         for offset, row in enumerate(rows):
@@ -498,7 +522,8 @@ def turns_from_messages(messages, images, where="a row"):
     """TRL's conversational vision format -- `messages` [{"role", "content": [{"type": "image"} | {"type": "text",
     "text"}]}] and `images` [one image] (e.g. HuggingFaceH4/llava-instruct-mix-vsft) -- as `(image, questions,
     answers)`: a user turn's text parts joined by a newline, the assistant turns the answers; a system turn is
-    dropped (the chat template of llava-hf's LLaVA-1.5 writes none). Raises ValueError naming `where` for what
+    dropped (RCP's prompt is the image and the question, as `prompt_messages` asks it at evaluation; llava-hf's
+    LLaVA-1.5 template would write a system text before "USER:"). Raises ValueError naming `where` for what
     RCP cannot train on: no image or several, turns that do not alternate user / assistant."""
     images = list(images or [])
     if len(images) != 1:
@@ -552,8 +577,24 @@ LLAVA_QUESTION_ROLES = ("human", "user")
 LLAVA_ANSWER_ROLES = ("gpt", "assistant")
 
 
+def read_json_records(path):
+    """The records of a JSON file: its value (a list, for LLaVA-style data), or for JSON Lines (a `.jsonl` file, or
+    one that holds several JSON values, one per line: LLaVA-style data is shipped both ways) the list of its lines'
+    values. Raises `json.JSONDecodeError` when it is neither."""
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not JSON
+        text = f.read()
+    if not str(path).lower().endswith(".jsonl"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            if len([line for line in text.splitlines() if line.strip()]) < 2:
+                raise
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def load_llava_json(path, image_folder=None, turns="conversation"):
-    """A LLaVA-style JSON list (`image` + `conversations` [human, gpt, ...]) as a `datasets.Dataset` of
+    """A LLaVA-style JSON list or JSON Lines file (`image` + `conversations` [human, gpt, ...]; `read_json_records`)
+    as a `datasets.Dataset` of
     (image, question, answer) rows. `turns="conversation"` (default): one row per record, `question` and `answer`
     the lists of its turns, which `RcpDataCollator` trains as one sequence with every answer labelled (LLaVA's
     `preprocess_v1`); `turns="pairs"`: one single-turn row per human/gpt pair (a later turn then trains without the
@@ -576,10 +617,10 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
         raise FileNotFoundError(f"--image_folder: no folder {image_folder!r} (the JSON's image paths are "
                                 "relative to it).")
     try:
-        with open(path) as f:
-            records = json.load(f)
+        records = read_json_records(path)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); a LLaVA-style JSON is a list of records.") from None
+        raise ValueError(f"{path} is not valid JSON ({err}); a LLaVA-style JSON is a list of records (or JSON Lines, "
+                         "one record per line).") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of records with 'image' and 'conversations', "
                          f"got {type(records).__name__}{'' if records else ' (empty)'}.")
@@ -653,6 +694,7 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 
 __all__ = [
     "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
-    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "strip_image_token",
+    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records",
+    "strip_image_token",
     "dataset_from_messages", "turns_from_messages",
 ]

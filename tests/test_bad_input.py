@@ -606,6 +606,29 @@ def test_llava_json_with_a_relative_image_folder_finds_its_images(tmp_path, monk
     assert load_image(rows[0]["image"], "images/").size == (8, 8)
 
 
+@pytest.mark.parametrize("name, lines", [("data.jsonl", 1), ("data.jsonl", 2), ("data.json", 2)])
+def test_llava_json_lines_are_read_as_the_list(tmp_path, name, lines):
+    """LLaVA-style data is also shipped as JSON Lines: --llava_json called it "not valid JSON" (several lines) or
+    "must hold a non-empty JSON list ... got dict" (one), and --dataset_name_or_path read it as a table and asked for
+    question / answer columns instead of pointing to --llava_json."""
+    import train_rcp
+    from rcp_llava.data import load_llava_json
+
+    record = {"id": "r", "image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat.")]}
+    listed = load_llava_json(str(_llava_json(tmp_path, [record] * lines)), str(tmp_path / "images"))
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(record) for _ in range(lines)) + "\n")
+    rows = load_llava_json(str(path), str(tmp_path / "images"))
+    assert rows.to_list() == listed.to_list() and len(rows) == lines
+    if name.endswith(".jsonl"):
+        with pytest.raises(ValueError, match=r"is a LLaVA-style JSON \(records with 'conversations'\): pass it as "
+                                             r"--llava_json"):
+            train_rcp.load_splits(str(path))
+    path.write_text("{not json}\n{}\n")
+    with pytest.raises(ValueError, match=r"is not valid JSON .*or JSON Lines, one record per line"):
+        load_llava_json(str(path), str(tmp_path / "images"))
+
+
 def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
     """llava_v1_5_mix665k.json holds text-only (ShareGPT) records: the whole file was refused with "Record 2 lacks
     'image' or 'conversations'". They are skipped and counted; a file of nothing else is refused."""

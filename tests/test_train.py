@@ -189,6 +189,57 @@ def test_collator_builds_labels_and_masks(micro):
         assert not (batch["question_mask"][i] & (batch["labels"][i] != -100)).any()
 
 
+def _sentencepiece_like_processor(generation_prompt, add_eos_token=False):
+    """A LLaVA processor with a small Llama-style BPE tokenizer (metaspace, "▁There" is one token), trained here, and
+    llava-hf's LLaVA-1.5 template with the given generation prompt."""
+    import json as json_
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+
+    from rcp_llava.lmms_eval_model import LLAVA_15_CHAT_TEMPLATE
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    corpus = ["USER: ASSISTANT: How many cats are there? There are two cats. What colour? Red."] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    model = json_.loads(bpe.to_str())["model"]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]])
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.add_eos_token = add_eos_token
+    template = LLAVA_15_CHAT_TEMPLATE.replace("{{ 'ASSISTANT:' }}", "{{ '" + generation_prompt + "' }}")
+    images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, chat_template=template,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+
+
+@pytest.mark.parametrize("generation_prompt, add_eos_token", [("ASSISTANT:", False), ("ASSISTANT: ", False),
+                                                              ("ASSISTANT:", True)])
+def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prompt, add_eos_token):
+    """The collator counted the prompt's own tokens to find the answer. When those are not a prefix of the full
+    text's (a generation prompt ending in a space that "▁There" absorbs, a tokenizer appending EOS), the answer's
+    first token went into `question_mask` (the pruners read it) and was never trained."""
+    from PIL import Image
+
+    processor = _sentencepiece_like_processor(generation_prompt, add_eos_token)
+    tok = processor.tokenizer
+    example = {"image": Image.new("RGB", (8, 8), (255, 0, 0)), "question": "How many cats?",
+               "answer": "There are two cats"}
+    batch = RcpDataCollator(processor)([example, {**example, "question": "What colour?", "answer": "Red"}])
+    for i, answer in enumerate(["There are two cats", "Red"]):
+        labelled = batch["input_ids"][i][batch["labels"][i] != -100].tolist()
+        question = batch["input_ids"][i][batch["question_mask"][i]].tolist()
+        assert tok.decode(labelled, skip_special_tokens=True).strip() == answer
+        first = tok.decode(labelled[:1]).strip()
+        assert first and answer.startswith(first)  # the answer's first token is trained
+        assert tok.decode(question).rstrip().endswith("ASSISTANT:")
+        assert labelled[-1] == tok.eos_token_id
+
+
 def test_training_smoke_writes_plugin_only_checkpoints_and_keeps_backbone_bit_identical(micro, tmp_path):
     make, _, _ = micro
     model = make()
@@ -342,6 +393,25 @@ def test_max_length_counts_the_image_tokens_as_the_collator_does(micro):
         RcpDataCollator(processor, max_length=77)([dataset[0], dataset[1]])
 
 
+def test_a_tokenizer_without_a_pad_token_is_named_before_training(micro):
+    """Every data check passed, the model loaded and training started; then the first batch failed in the
+    processor ("Asking to pad but the tokenizer does not have a padding token")."""
+    import copy
+
+    _, processor, dataset = micro
+    processor = copy.deepcopy(processor)
+    processor.tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="does not have a padding token"):  # what the collator met mid-training
+        RcpDataCollator(processor)([dataset[0], dataset[1]])
+    fallback = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "The processor's tokenizer has no pad token, which the collator needs to pad the 'train' split's "
+            f"batches. Give it one and save the processor with the base model: `processor.tokenizer.pad_token = "
+            f"{fallback!r}` (the padding is masked out), then `processor.save_pretrained(DIR)`.") + "$"):
+        train_rcp.check_dataset(dataset, RcpDataCollator(processor), name="'train' split")
+    train_rcp.check_dataset(dataset.select([0]), RcpDataCollator(processor))  # one example: nothing to pad
+
+
 def _three_rows(dataset, column, values):
     """The first three rows of `dataset` as a new `datasets.Dataset`, `column` set to `values` (one per row)."""
     from datasets import Dataset
@@ -397,6 +467,14 @@ def test_a_question_that_is_not_a_string_is_refused(micro, question):
                                         rf"\({type(question).__name__}\), not a string: it would train as the text "
                                         rf"{re.escape(repr(str(question)))}\. Drop the example or fix the column"):
         RcpDataCollator(processor)([dict(dataset[0], question=question)])
+
+
+def test_a_nan_answer_is_named_missing(micro):
+    """A NaN answer (an empty table cell) was told to cast the column with `str()`, which trains the text 'nan'."""
+    _, processor, dataset = micro
+    with pytest.raises(ValueError, match=r"^An example's 'answer' is NaN: the answer is missing \(an empty cell of a "
+                                         r"table\)\. Drop the example or fix the column \(`--answer_column`\)\."):
+        RcpDataCollator(processor)([dict(dataset[0], answer=float("nan"))])
 
 
 def test_a_question_list_needs_an_answer_list(micro):
