@@ -238,17 +238,23 @@ class EvalData:
 
 def testbed_dataset_dir(preset=None):
     """The dataset folder of testbed `preset` (default: the main job's), as a string; FileNotFoundError naming the
-    build command when it is not built."""
+    build command when it is not built, or only half-written (an earlier version's interrupted save, which the
+    build command generates again)."""
     from rcp_llava.testbed import MAIN_PRESET, PRESETS, default_cache_dir
+    from rcp_llava.testbed.build import missing_dataset_file
 
     preset = preset or MAIN_PRESET
     if preset not in PRESETS:
         raise ValueError(f"Unknown testbed preset {preset!r} in 'testbed:{preset}'; choose one of {sorted(PRESETS)}.")
     folder = str(default_cache_dir(preset) / "dataset")
+    job = "python train_rcp.py" + ("" if preset == MAIN_PRESET else f" --testbed_preset {preset}")
+    build = f"`python benchmarks/build_testbed.py --preset {preset}` (or `{job}`, which builds it)"
     if not os.path.isdir(folder):
-        job = "python train_rcp.py" + ("" if preset == MAIN_PRESET else f" --testbed_preset {preset}")
-        raise FileNotFoundError(f"The {preset!r} testbed is not built ({folder}); run "
-                                f"`python benchmarks/build_testbed.py --preset {preset}` (or `{job}`, which builds it).")
+        raise FileNotFoundError(f"The {preset!r} testbed is not built ({folder}); run {build}.")
+    missing = missing_dataset_file(folder)
+    if missing is not None:
+        raise FileNotFoundError(f"The {preset!r} testbed's dataset {folder} is incomplete ({missing} is missing: its "
+                                f"save was interrupted); run {build} to generate it again.")
     return folder
 
 

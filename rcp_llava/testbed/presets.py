@@ -185,9 +185,11 @@ def get_preset(preset) -> TestbedPreset:
 def default_cache_dir(preset="tiny") -> Path:
     """`$RCP_LLAVA_CACHE/testbed/<preset>`; without `RCP_LLAVA_CACHE`, under `rcp_llava/` in `$HF_HOME` (where a
     Hugging Face user keeps model caches, e.g. on a large disk), else in `$XDG_CACHE_HOME` (the XDG base directory
-    convention huggingface_hub follows too), else in `~/.cache`."""
+    convention huggingface_hub follows too), else in `~/.cache`. A leading `~` in any of them is the home folder, as
+    huggingface_hub reads them: a quoted `RCP_LLAVA_CACHE="~/cache"` reaches Python unexpanded, and the testbed went
+    into a folder literally named `~` under the working directory."""
     name = preset.name if isinstance(preset, TestbedPreset) else str(preset)
     parent = (os.environ.get("HF_HOME") or os.environ.get("XDG_CACHE_HOME")
-              or os.path.join(os.path.expanduser("~"), ".cache"))
+              or os.path.join("~", ".cache"))
     root = os.environ.get("RCP_LLAVA_CACHE") or os.path.join(parent, "rcp_llava")
-    return Path(root) / "testbed" / name
+    return Path(os.path.expanduser(root)) / "testbed" / name

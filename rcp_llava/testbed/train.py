@@ -22,13 +22,16 @@ r"""Training recipe of the testbed model: a stock LLaVA trained from scratch in 
    not rescue pruners that lose objects.
 
 Training scenes are streamed from the generator (`split="stream"`, disjoint from the saved splits); each stage
-is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists. Each stage folder records the
+is resumable (`checkpoint-*` folders) and skipped once its `final/` folder exists (written as `tmp-final/` and
+renamed when complete, so it exists only whole; see `STAGING_FINAL`). Each stage folder records the
 recipe it was trained with (`recipe.json`: the model's shape, the seed, the stage's `StageSpec` and the recipe of
 the stage it started from); a folder whose recipe differs from the one asked for is an error, never reused.
 """
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -358,6 +361,28 @@ def recipe_diff(old, new, prefix=""):
         yield prefix.rstrip(".")
 
 
+# A stage's weights and processor are saved here and the folder is renamed to `final/` once both are written:
+# `save_pretrained` writes config.json before the weights and the processor comes after, so `final/config.json`, the
+# old done-marker, existed while the folder was half-written; an interrupted save was reused, copied to `model/`,
+# and a concurrent reader loaded a config cut short.
+STAGING_FINAL = "tmp-final"
+# What a whole `final/` holds, in the order an earlier version wrote it: `ProcessorMixin.save_pretrained` writes
+# processor_config.json last, after the weights, so a folder with every one of them was saved to the end.
+_FINAL_FILES = ("config.json", ("model.safetensors", "model.safetensors.index.json"), "tokenizer_config.json",
+                "processor_config.json")
+
+
+def missing_final_file(final):
+    """None when the stage folder `final` is whole; else the first file it lacks (an earlier version's interrupted
+    save: this one renames a complete folder into place). Cheap: names only, no file is read."""
+    final = Path(final)
+    for names in _FINAL_FILES:
+        names = (names,) if isinstance(names, str) else names
+        if not any((final / name).is_file() for name in names):
+            return names[0]
+    return None
+
+
 def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=None, save_steps: int = 200,
               spec: StageSpec = None) -> Path:
     """Run (or resume, or skip if finished) one stage; returns its `final/` folder (a LLaVA checkpoint)."""
@@ -366,9 +391,16 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     stage_dir = Path(work_dir) / stage
     final = stage_dir / "final"
     _check_recipe(stage_dir, stage_recipe(stage, preset, spec, seed, _init_recipe(init_dir)))
-    if (final / "config.json").exists():
-        logger.warning(f"[testbed] stage {stage!r}: reusing {final}")
-        return final
+    if final.exists():
+        missing = missing_final_file(final)
+        if missing is None:
+            logger.warning(f"[testbed] stage {stage!r}: reusing {final}")
+            return final
+        # Only an earlier version's interrupted save leaves this; the Trainer checkpoints are intact, so the stage
+        # resumes from its last one (at the last step: nothing to train, the weights are saved again).
+        logger.warning(f"[testbed] stage {stage!r}: {final} is incomplete ({missing} is missing: its save was "
+                       f"interrupted); removing it and saving the stage again from its last checkpoint")
+        shutil.rmtree(final)
     supervise = stage != "vision" and spec.attention_supervision > 0
     if init_dir is None:
         llava = new_model(preset, processor, seed)
@@ -400,8 +432,11 @@ def run_stage(stage: str, preset, work_dir, processor, seed: int = 0, init_dir=N
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     llava.requires_grad_(True)
-    llava.save_pretrained(final)
-    processor.save_pretrained(final)
+    staging = stage_dir / STAGING_FINAL
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
+    llava.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    os.replace(staging, final)  # a rename within one folder: `final/` appears whole or not at all
     logger.warning(f"[testbed] stage {stage!r} done in {time.time() - t0:.0f}s")
     return final
 

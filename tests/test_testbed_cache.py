@@ -1,0 +1,294 @@
+"""The testbed cache folder (`rcp_llava.testbed.build_testbed`): interrupted saves, stale parts, concurrent builders,
+and folders written by earlier versions (the deep testbed took 50 minutes to build: it must be reused as it is)."""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaProcessor
+
+from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir, evaluate_accuracy, load_testbed
+
+
+torch.set_num_threads(2)
+MICRO = PRESETS["micro"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A whole micro testbed, copied by the tests that change one (`_copy`)."""
+    return build_testbed("micro", tmp_path_factory.mktemp("cache") / "micro", command="fixture")
+
+
+def _copy(built, dest):
+    shutil.copytree(built, dest)
+    return dest
+
+
+def _files(folder):
+    """{relative path: (bytes, mtime)} of every file under `folder`."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _weights_equal(a, b):
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_stage_save_leaves_no_final_folder(tmp_path, monkeypatch):
+    """`final/config.json` was the done-marker, but `save_pretrained` writes it before the weights and the processor
+    comes after: a build interrupted there left a `final/` that the next build reused and copied into `model/`."""
+    out = tmp_path / "micro"
+    original = LlavaProcessor.save_pretrained
+
+    def cut(self, save_directory, *args, **kwargs):
+        if os.path.basename(os.path.dirname(os.fspath(save_directory))) == "full":
+            raise KeyboardInterrupt("killed while the 'full' stage saves its processor")
+        return original(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", cut)
+    with pytest.raises(KeyboardInterrupt):
+        build_testbed("micro", out, pruning_eval=False)
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", original)
+    assert not (out / "work" / "full" / "final").exists()
+    assert (out / "work" / "full" / "checkpoint-2").is_dir() and not (out / "model").exists()
+    build_testbed("micro", out, pruning_eval=False)
+    assert sorted(p.name for p in (out / "work" / "full").iterdir()) == [
+        "checkpoint-2", "final", "recipe.json", "threads.json"]  # the staging folder is gone
+    assert AutoProcessor.from_pretrained(out / "model").chat_template
+    assert _weights_equal(out / "model" / "model.safetensors", out / "work" / "full" / "final" / "model.safetensors")
+
+
+def test_a_half_written_final_folder_of_an_earlier_version_is_saved_again(built, tmp_path, caplog):
+    """A `final/` left by an earlier version's interrupted save (config.json, weights cut short, no processor) is
+    saved again from the stage's last checkpoint -- the same weights -- instead of being copied into `model/`."""
+    out = _copy(built, tmp_path / "micro")
+    shutil.rmtree(out / "model")
+    final = out / "work" / "full" / "final"
+    for name in ("processor_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (final / name).unlink()
+    (final / "model.safetensors").write_bytes(b"\0" * 16)
+    with caplog.at_level(logging.WARNING, logger="rcp_llava.testbed.train"):
+        build_testbed("micro", out, pruning_eval=False)
+    assert (f"[testbed] stage 'full': {final} is incomplete (tokenizer_config.json is missing: its save was "
+            f"interrupted); removing it and saving the stage again from its last checkpoint") in caplog.text
+    assert _weights_equal(out / "model" / "model.safetensors", built / "model" / "model.safetensors")
+    assert AutoProcessor.from_pretrained(out / "model").chat_template
+
+
+def test_an_interrupted_dataset_save_leaves_no_dataset_folder(tmp_path, monkeypatch):
+    """`DatasetDict.save_to_disk` writes dataset_dict.json before the splits, and it was the done-marker: a build
+    interrupted while saving a split never generated the missing split again."""
+    import datasets
+
+    out = tmp_path / "micro"
+    original = datasets.Dataset.save_to_disk
+
+    def cut(self, path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == "test":
+            raise KeyboardInterrupt("killed while saving the test split")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", cut)
+    with pytest.raises(KeyboardInterrupt):
+        build_testbed("micro", out, pruning_eval=False)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", original)
+    assert not (out / "dataset").exists()
+    build_testbed("micro", out, pruning_eval=False)
+    assert not (out / "dataset.tmp").exists()
+    _, _, dataset = load_testbed(out)
+    assert {split: dataset[split].num_rows for split in dataset} == {"train": 8, "validation": 4, "test": 8}
+
+
+def test_a_half_written_dataset_of_an_earlier_version_is_refused_and_generated_again(built, tmp_path, monkeypatch,
+                                                                                      caplog):
+    """Such a folder (dataset_dict.json, the test split without its state) is named by `load_data("testbed:...")`
+    instead of loaded, and the next build generates it again."""
+    from rcp_llava.evaluation import load_data
+
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    out = _copy(built, tmp_path / "testbed" / "micro")
+    data_dir = out / "dataset"
+    for name in ("state.json", "dataset_info.json"):
+        (data_dir / "test" / name).unlink()
+    with pytest.raises(FileNotFoundError, match=(
+            rf"^The 'micro' testbed's dataset {data_dir} is incomplete \({data_dir}/test/state.json is missing: its "
+            r"save was interrupted\); run `python benchmarks/build_testbed.py --preset micro` \(or `python "
+            r"train_rcp.py --testbed_preset micro`, which builds it\) to generate it again\.$")):
+        load_data("testbed:micro")
+    with caplog.at_level(logging.WARNING, logger="rcp_llava.testbed.build"):
+        build_testbed("micro")
+    assert (f"[testbed] {data_dir} is incomplete ({data_dir}/test/state.json is missing: its save was interrupted); "
+            f"generating it again") in caplog.text
+    assert len(load_data("testbed:micro")) == MICRO.num_test
+    assert (data_dir / "test" / "dataset_info.json").read_bytes() == (
+        built / "dataset" / "test" / "dataset_info.json").read_bytes()
+
+
+def test_the_dataset_recipe_records_the_scene_generator(built, tmp_path):
+    """The recipe left out the generator's settings: a resumed build of a preset whose scenes changed (same name)
+    trained and evaluated on the old scenes silently."""
+    saved = json.loads((built / "dataset" / "testbed_recipe.json").read_text())
+    assert saved == {"preset": "micro", "seed": 0, "image_size": 32, "patch_size": 4, "object_cells": 2,
+                     "min_objects": 2, "max_objects": 4, "noise_std": 0.02,
+                     "sizes": {"train": 8, "validation": 4, "test": 8}}
+    other = tmp_path / "other"
+    shutil.copytree(built / "dataset", other / "dataset")
+    changed = dataclasses.replace(MICRO, min_objects=1, max_objects=1, noise_std=0.0)
+    with pytest.raises(ValueError, match=r"^The dataset in .*other/dataset was not generated by the 'micro' testbed "
+                                         r"with seed 0 \(differs in max_objects, min_objects, noise_std\); build "
+                                         r"into another `output_dir`, or delete .* to regenerate it\.$"):
+        build_testbed(changed, other)
+    assert not (other / "work").exists()  # nothing trained on it
+
+
+@pytest.mark.parametrize("recipe", ["without the scene settings", "none"])
+def test_a_folder_of_the_earlier_format_is_reused_as_it_is(built, tmp_path, caplog, recipe):
+    """A folder written before this version -- its dataset recipe without the scene settings, or without a recipe
+    (the deep testbed's) and no lock file -- is reused: nothing trained, evaluated or rewritten."""
+    out = _copy(built, tmp_path / "micro")
+    (out / ".build.lock").unlink(missing_ok=True)
+    path = out / "dataset" / "testbed_recipe.json"
+    scene_fields = ("patch_size", "object_cells", "min_objects", "max_objects", "noise_std")
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in scene_fields}
+    if recipe == "none":
+        path.unlink()
+    else:
+        assert sorted(old) == ["image_size", "preset", "seed", "sizes"]  # what the earlier version wrote
+        path.write_text(json.dumps(old, indent=2, sort_keys=True))
+    before = _files(out)
+    with caplog.at_level(logging.INFO, logger="rcp_llava.testbed.build"):
+        build_testbed("micro", out, command="a later reuse")
+    info = (f"[testbed] {path} was written before the scene generator's settings were recorded (patch_size, "
+            f"object_cells, min_objects, max_objects, noise_std): compared on image_size, preset, seed, sizes only")
+    assert (info in caplog.text) == (recipe != "none")
+    assert "stage '" not in caplog.text
+    after = _files(out)
+    assert after.pop(".build.lock")[0] == b""  # the one new file
+    assert after.pop("metrics.json")[0] == before.pop("metrics.json")[0]  # rewritten with the same bytes
+    assert after == before
+
+
+def test_metrics_are_evaluated_again_when_the_model_is_retrained(built, tmp_path):
+    """metrics.json kept the replaced model's accuracy and pruning table (evaluated only when missing): deleting
+    `model/` and a stage, as the error messages say, published the old numbers for the new model."""
+    out = _copy(built, tmp_path / "micro")
+    metrics = json.loads((out / "metrics.json").read_text())
+    sentinel = {"overall": -1.0, "families": {}}
+    metrics.update(test=sentinel, validation=sentinel, pruning={"random": {}}, evaluated_by="an earlier job")
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(out / "model")
+    shutil.rmtree(out / "work" / "full")
+    import rcp_llava.testbed.build as build_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("killed while training")
+
+    original = build_module.train_testbed_model
+    build_module.train_testbed_model = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_testbed("micro", out)
+    finally:
+        build_module.train_testbed_model = original
+    interrupted_metrics = json.loads((out / "metrics.json").read_text())
+    assert not {"test", "validation", "pruning", "evaluated_by"} & set(interrupted_metrics)
+    build_testbed("micro", out, command="retrain")
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, processor, dataset = load_testbed(out)
+    assert metrics["test"] == evaluate_accuracy(model, processor, dataset["test"], batch_size=MICRO.eval_batch_size)
+    assert metrics["validation"] == evaluate_accuracy(model, processor, dataset["validation"],
+                                                      batch_size=MICRO.eval_batch_size)
+    assert sorted(metrics["pruning"]) == ["oracle", "random", "saliency"]
+    assert sorted(metrics["pruning"]["random"]) == ["1/3", "1/9", "2/9"]
+    assert metrics["command"] == "retrain" and "evaluated_by" not in metrics
+
+
+_PAUSED_BUILDER = """
+import pathlib, sys, time
+import rcp_llava.testbed.build as build
+out, signals = sys.argv[1], pathlib.Path(sys.argv[2])
+train = build.train_testbed_model
+def paused(*args, **kwargs):
+    (signals / "paused").write_text("")
+    while not (signals / "go").exists():
+        time.sleep(0.05)
+    return train(*args, **kwargs)
+build.train_testbed_model = paused
+build.build_testbed("micro", out, pruning_eval=False, command="first")
+"""
+_BUILDER = """
+import sys
+from rcp_llava.testbed import build_testbed
+build_testbed("micro", sys.argv[1], pruning_eval=False, command="second")
+"""
+
+
+def _wait_for(condition, seconds, what):
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_second_builder_of_one_folder_waits_and_reuses_the_first_ones_build(tmp_path):
+    """Two builders of one folder (two `train_rcp.py` runs on an unbuilt testbed) shared `model.tmp` and read each
+    other's half-written stages, and crashed. The second now waits for the first one's lock, then reuses its build."""
+    out, signals = tmp_path / "micro", tmp_path / "signals"
+    signals.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+    def start(code, log, *args):
+        with open(tmp_path / log, "w") as handle:  # a file, not a pipe: a full pipe would stall the builder
+            return subprocess.Popen([sys.executable, "-c", code, str(out), *args], cwd=ROOT, env=env,
+                                    stdout=handle, stderr=subprocess.STDOUT)
+
+    def log(name):
+        return (tmp_path / name).read_text()
+
+    first = start(_PAUSED_BUILDER, "first.log", str(signals))
+    second = None
+    try:
+        _wait_for(lambda: (signals / "paused").exists() or first.poll() is not None, 120, "the first builder")
+        assert first.poll() is None, log("first.log")
+        second = start(_BUILDER, "second.log")
+        waiting = f"[testbed] waiting for another build of {out} to finish (it holds {out / '.build.lock'})"
+        _wait_for(lambda: waiting in log("second.log") or second.poll() is not None, 120, "the second builder")
+        assert waiting in log("second.log"), log("second.log")
+        assert second.poll() is None and not (out / "model").exists()
+        (signals / "go").write_text("")
+        assert first.wait(timeout=120) == 0, log("first.log")
+        assert second.wait(timeout=120) == 0, log("second.log")
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert "stage 'full' done" in log("first.log") and "[testbed] stage" not in log("second.log"), log("second.log")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["command"] == "first" and "evaluated_by" not in metrics  # the second one reused it unchanged
+    assert not (out / "model.tmp").exists()
+
+
+@pytest.mark.parametrize("variable, expected", [
+    ("RCP_LLAVA_CACHE", ("cache", "testbed", "micro")),
+    ("HF_HOME", ("cache", "rcp_llava", "testbed", "micro")),
+    ("XDG_CACHE_HOME", ("cache", "rcp_llava", "testbed", "micro")),
+])
+def test_default_cache_dir_expands_the_home_folder(monkeypatch, tmp_path, variable, expected):
+    """huggingface_hub expands `~` in these variables; the testbed went into a folder literally named `~`."""
+    for name in ("RCP_LLAVA_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(variable, "~/cache")
+    assert default_cache_dir("micro") == tmp_path.joinpath(*expected)
