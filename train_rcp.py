@@ -1213,6 +1213,37 @@ def _explicit_flags(argv):
     return [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]
 
 
+def plugin_overrides(job, testbed, num_visual):
+    """The `from_pretrained` overrides `job` trains with on a base of `num_visual` visual tokens: the testbed's
+    placement (`testbed`), the flags' layers, counts and widths, RCP and its budget (ValueError naming the flag when
+    out of range). One home: `run_job` builds its model from them, and ablations.py checks every variant's before
+    any trains."""
+    overrides = testbed_pruning(job.testbed_preset) if testbed else {}
+    for name in ("pruning_layers", "repair_layers"):
+        value = _parse_int_list(getattr(job, name), name)
+        if value is not None:
+            overrides[name] = value
+    counts = _parse_int_list(job.pruning_keep_counts, "pruning_keep_counts")
+    for name in ("pruner_hidden_size", "repair_bottleneck_size"):
+        if getattr(job, name) is not None:
+            overrides[name] = getattr(job, name)
+    if job.visual_token_budget is not None:
+        budget = job.visual_token_budget
+    elif not 0 < job.budget_fraction <= 1:
+        raise ValueError(
+            f"--budget_fraction {job.budget_fraction} is outside (0, 1]: it is a fraction of the {num_visual} "
+            "visual tokens."
+        )
+    else:  # a real-valued average (the sparsity target), not a count: no rounding
+        budget = job.budget_fraction * num_visual
+    if not 0 < budget <= num_visual:
+        raise ValueError(
+            f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
+        )
+    overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=counts)
+    return overrides
+
+
 def run_job(job, args, explicit=()):
     """Build or load the base model and data, train the plug-ins, evaluate full vs pruned, write the folder."""
     from transformers import AutoConfig, AutoProcessor, set_seed
@@ -1254,30 +1285,9 @@ def run_job(job, args, explicit=()):
         )
     processor = AutoProcessor.from_pretrained(base_model)
 
-    overrides = testbed_pruning(job.testbed_preset) if testbed else {}
-    for name in ("pruning_layers", "repair_layers"):
-        value = _parse_int_list(getattr(job, name), name)
-        if value is not None:
-            overrides[name] = value
-    counts = _parse_int_list(job.pruning_keep_counts, "pruning_keep_counts")
-    for name in ("pruner_hidden_size", "repair_bottleneck_size"):
-        if getattr(job, name) is not None:
-            overrides[name] = getattr(job, name)
     num_visual = (base_config.vision_config.image_size // base_config.vision_config.patch_size) ** 2
-    if job.visual_token_budget is not None:
-        budget = job.visual_token_budget
-    elif not 0 < job.budget_fraction <= 1:
-        raise ValueError(
-            f"--budget_fraction {job.budget_fraction} is outside (0, 1]: it is a fraction of the {num_visual} "
-            "visual tokens."
-        )
-    else:  # a real-valued average (the sparsity target), not a count: no rounding
-        budget = job.budget_fraction * num_visual
-    if not 0 < budget <= num_visual:
-        raise ValueError(
-            f"--visual_token_budget {budget} is outside (0, {num_visual}]: the image has {num_visual} visual tokens."
-        )
-    overrides.update(pruning_method="rcp", visual_token_budget=float(budget), pruning_keep_counts=counts)
+    overrides = plugin_overrides(job, testbed, num_visual)
+    budget = overrides["visual_token_budget"]
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
                                max_length=job.max_length, image_folder=job.image_folder)
     if job.llava_json:

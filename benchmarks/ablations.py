@@ -41,6 +41,7 @@ same flags from the same base weights (`ablation_source.json`); otherwise they a
 """
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -126,14 +127,78 @@ def slug(name):
     return name.replace("=", "_").replace(",", "-") or "none"
 
 
+def variant_argv(name, base_args, out_dir, max_steps=None):
+    """The `train_rcp.py` arguments of variant `name`: the main job's flags, the variant's, where it goes."""
+    flags, _, _ = variant_spec(name)
+    argv = list(base_args) + flags + ["--output_dir", out_dir, "--test_split", "none", "--report_to", "none"]
+    if max_steps is not None:
+        argv += ["--max_steps", str(max_steps)]
+    return argv
+
+
+def check_variants(variants, base_args, work, max_steps=None):
+    """Parse every trained variant's `train_rcp.py` arguments with train_rcp's own parser and build the plug-in
+    config they give (from the base model's config.json, or the testbed preset's config when it is not built yet;
+    no weights), as `train_rcp.run_job` does, before any variant trains: `lambda_repair=abc`, `clip=x` or
+    `pruners=1,a` passed the name check and failed only when that variant's job started, after the earlier
+    variants had trained. A base model that is neither (a Hub id) has its flags parsed, its layers not checked."""
+    import train_rcp
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    def refuse(message):  # argparse's error() prints the usage and exits; a ValueError names the variant instead
+        raise ValueError(message)
+
+    for name in variants:
+        flags, job_overrides, trained = variant_spec(name)
+        if not trained:
+            continue
+        parser = train_rcp.build_parser()
+        parser.error = refuse
+        try:
+            argv = variant_argv(name, base_args, os.path.join(work, slug(name)), max_steps)
+            job, _ = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
+            for key, value in job_overrides.items():
+                setattr(job, key, value)
+            base = base_config_dict(job)
+            if base is None:
+                continue
+            num_visual = RcpLlavaConfig.from_dict(copy.deepcopy(base)).num_visual_tokens
+            # train_rcp.run_job's plug-in overrides (it builds the model with them, after loading data and weights),
+            # as `from_pretrained(base, **overrides)` builds it: merged in before the defaults and the checks
+            overrides = train_rcp.plugin_overrides(job, job.base_model is None, num_visual)
+            RcpLlavaConfig.from_dict(copy.deepcopy(base), **overrides)
+        except (TypeError, ValueError) as error:
+            shown = shlex.join(flags) or "no flags of its own"
+            raise ValueError(f"variant {name!r} ({shown}, after --train_args): train_rcp.py would refuse it: {error} "
+                             "Checked before any variant trains; fix the variant or --train_args.") from None
+
+
+def base_config_dict(job):
+    """The config dict `train_rcp.run_job` builds variant `job`'s model from: --base_model's config.json, or the
+    testbed preset's model (its saved config once built; before that the one the build will save). None for a Hub
+    id (not fetched for a check)."""
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    if job.base_model is not None:
+        folder = job.base_model
+    else:
+        from rcp_llava.testbed import build_model_config, build_tokenizer, default_cache_dir, get_preset
+
+        folder = default_cache_dir(job.testbed_preset) / "model"
+        if not (folder / "config.json").is_file():
+            return {**build_model_config(get_preset(job.testbed_preset), build_tokenizer()).to_dict(),
+                    "model_type": RcpLlavaConfig.model_type}
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    return RcpLlavaConfig.get_config_dict(str(folder))[0]  # a stock LLaVA's read as rcp_llava, as from_pretrained
+
+
 def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     """Train one variant with `train_rcp.run_job`; returns (model folder, seconds, argv). Reuses a finished run."""
     import train_rcp
 
-    flags, job_overrides, _ = variant_spec(name)
-    argv = list(base_args) + flags + ["--output_dir", out_dir, "--test_split", "none", "--report_to", "none"]
-    if max_steps is not None:
-        argv += ["--max_steps", str(max_steps)]
+    _, job_overrides, _ = variant_spec(name)
+    argv = variant_argv(name, base_args, out_dir, max_steps)
     model_dir = os.path.join(out_dir, "model")
     source_file = os.path.join(out_dir, "ablation_source.json")
     source = {"argv": argv, "base_weights": base_weights_fingerprint(argv)}
@@ -267,7 +332,8 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     trained_order = [v for v in variants if v not in UNTRAINED] + [v for v in variants if v in UNTRAINED]
     # trained variants (full model folders) stay out of the results folder, which holds small text/PNG files only
     work = os.path.join(work_dir or os.path.join(ROOT, "outputs", "ablations"), name)
-    rows, full_score = {}, None
+    check_variants(variants, base_args, work, max_steps)  # and their values
+    rows, full_score, n = {}, None, None
     for v in trained_order:
         source = "full" if v in UNTRAINED else v
         model_dir, seconds, argv = train_variant(source, base_args, os.path.join(work, slug(source)), max_steps,
@@ -275,6 +341,9 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         base, processor = load_base_model(model_dir)
         if data is None:
             data = load_data(spec, split="test", max_samples=max_eval_samples)
+        # N from the model, not the data: a folder without the testbed's grid_size column, or a BENCHMARK:PATH
+        # spec, failed at the write (KeyError, or Table VI's percent of None) after every variant had trained.
+        n = base.config.num_visual_tokens
         if full_score is None:
             none = method_model(base, **method_overrides("none", base.config.num_visual_tokens, base.config))
             full_score = evaluate_model(none, processor, data, batch_size)
@@ -288,7 +357,6 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
                    "train_argv": argv if v not in UNTRAINED else None,
                    "max_steps": max_steps, "grad_norm": run_metrics.get("grad_norm") if v not in UNTRAINED else None,
                    "target_retention": run_metrics.get("target_retention"), **result}
-    n = data.rows[0]["grid_size"] ** 2 if data.kind == "testbed" else None
     ordered = [rows[v] for v in variants]
     table6 = None
     if "full" in rows and rows["full"].get("adaptive", {}).get("kept_per_point"):

@@ -26,6 +26,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+from rcp_llava.results import command_line, positive_int
 
 
 IMAGE_TOKEN = 999
@@ -62,14 +63,16 @@ def configure(model, fields):
     model.config.validate_pruning()
 
 
-def main():
+def main(argv=None):
+    # Counts are whole numbers >= 1 at parsing: 0 failed deep in torch or statistics (--repeats 0 after the whole run).
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--text_tokens", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--samples", type=positive_int, default=32)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--text_tokens", type=positive_int, default=40)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    args = parser.parse_args(argv)
+    print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -1,9 +1,12 @@
 """Build the synthetic-VQA testbed: dataset, a stock LLaVA trained on it from scratch, and its metrics.
 
-    # tiny preset (96 px, 144 visual tokens) into ~/.cache/rcp_llava/testbed/tiny (~40 min on 2 CPU cores)
+    # the main job's preset (`rcp_llava.testbed.MAIN_PRESET`, deep: 96 px, 144 visual tokens, 16 decoder layers)
+    # into ~/.cache/rcp_llava/testbed/deep (~50 min on 2 CPU cores: 3023 s when last built), where `train_rcp.py`,
+    # `testbed_report.py` and every "testbed" reader look by default
     python benchmarks/build_testbed.py
 
-    # explicit folder; rerunning reuses the dataset, resumes training from its checkpoints, skips what is done
+    # tiny (4 decoder layers, ~40 min) into an explicit folder; rerunning reuses the dataset, resumes training from
+    # its checkpoints, skips what is done
     python benchmarks/build_testbed.py --preset tiny --output_dir outputs/testbed_tiny
 
     # paper geometry (336 px, patch 14, 576 visual tokens) on a GPU
@@ -15,6 +18,7 @@
     #   datasets.load_from_disk("outputs/testbed_tiny/dataset")
 """
 
+import argparse
 import json
 import os
 import time
@@ -24,13 +28,16 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from rcp_llava.results import command_line
-from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir
+from rcp_llava.results import command_line, positive_int
+from rcp_llava.testbed import MAIN_PRESET, PRESETS, build_testbed, default_cache_dir
 
 
 @dataclass
 class BuildArguments:
-    preset: str = field(default="tiny", metadata={"help": f"One of {sorted(PRESETS)}."})
+    # The main job's testbed, which every reader of "testbed" defaults to (it was tiny: testbed_report's "build the
+    # testbed first" then built a preset the report did not read).
+    preset: str = field(default=MAIN_PRESET, metadata={"help": f"One of {sorted(PRESETS)} (default {MAIN_PRESET}, "
+                                                               "the main job's)."})
     output_dir: str = field(default=None, metadata={"help": "Output folder (default: $RCP_LLAVA_CACHE/testbed/<preset>)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data generator and of the training."})
     pruning_eval: bool = field(default=True, metadata={"help": "Also report random / oracle / saliency pruning."})
@@ -39,11 +46,24 @@ class BuildArguments:
     num_threads: int = field(default=2, metadata={"help": "torch CPU threads."})
 
 
-def main():
-    (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses()
+# Counts checked at parsing, as `positive_int` words it: `--eval_max_samples 0` stored a NaN accuracy in metrics.json
+# for good (a later build skips the evaluation it holds), `--num_threads 0` was torch's error naming no flag.
+COUNTS = ("eval_max_samples", "save_steps", "num_threads")
+
+
+def main(argv=None):
+    parser = HfArgumentParser(BuildArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    for name in COUNTS:
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                positive_int(str(value))
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"argument --{name}: {error}")
     torch.set_num_threads(args.num_threads)
     out = Path(args.output_dir) if args.output_dir else default_cache_dir(args.preset)
-    command = command_line(__file__)
+    command = command_line(__file__, argv)
     t0 = time.time()
     build_testbed(args.preset, out, seed=args.seed, pruning_eval=args.pruning_eval,
                   eval_max_samples=args.eval_max_samples, save_steps=args.save_steps, command=command)

@@ -9,6 +9,10 @@ both versions return the same logits and kept sets. The ratio column is the medi
 over the old run next to it), which a slow drift of the machine's speed does not bias. "select" is the time inside
 `_select_tokens` per prefill (the token choice, as `efficiency.py` measures it), median over the same rounds. Only inference forwards run:
 loading the old file re-registers its own attention functions in this process.
+
+`ideal-K` (not in the default --methods) is `efficiency.py`'s ideal: RCP's model given the kept sets that the new
+version's RCP chooses (`visual_keep_masks`), so that both versions time compaction without selection; the old file
+must accept `visual_keep_masks`.
 """
 
 import argparse
@@ -71,7 +75,7 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name in names:
-        overrides = methods[name][0]
+        overrides, _, is_ideal, _ = methods[name]
         config = efficiency.build_config(args.preset, **overrides)
         new = RcpLlavaForConditionalGeneration(config).eval()
         with torch.no_grad():
@@ -84,6 +88,10 @@ def main(argv=None):
             timers[label].wrap(model)
         for bsz in batch_sizes:
             inputs = dict(efficiency.make_inputs(args.preset, bsz), use_cache=True, logits_to_keep=1)
+            if is_ideal:  # the kept sets RCP chooses, given to both versions: no selection (as efficiency.py does)
+                with torch.no_grad():
+                    chosen = new(**{**inputs, "use_cache": False}).keep_masks
+                inputs["visual_keep_masks"] = chosen
             times = {"old": [], "new": []}
             select = {"old": [], "new": []}
             outs = {}
@@ -106,6 +114,8 @@ def main(argv=None):
             print(line, flush=True)
     if args.output:
         text = "\n".join(lines) + "\n"
+        # refuse_existing accepted a folder that can be created; atomic_write creates none (it failed after the run)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         atomic_write(args.output, lambda tmp: write_text(tmp, text))
 
 

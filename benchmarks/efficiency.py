@@ -429,7 +429,9 @@ def main():
                          f"{torch.__version__}); pass --device cpu, or --dry_run to check the preset's schedules.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    refuse_existing([output_stem(args, device) + ext for ext in (".md", ".json", ".png")], args.overwrite)
+    if not args.dry_run:  # a dry run writes nothing, so earlier tables (the committed ones included) do not stop it
+        refuse_existing([output_stem(args, device) + ext for ext in (".md", ".json", ".png")], args.overwrite,
+                        choose="--tag / --output_dir")
     if args.dtype != "auto":
         dtype = getattr(torch, args.dtype)
     else:

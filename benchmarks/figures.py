@@ -9,8 +9,10 @@ accuracy vs. kept tokens.
   Lines: RCP with its repair adapters, RCP without them (same kept sets), and the same model without repair given
   attention top-k and random kept sets at the same counts. All at the fixed counts of `--budget`
   (`rcp_llava.schedule.rcp_keep_counts`).
-* masks_NAME.png: for `--num_images` test images, the patches kept after each pruning layer (dropped patches
-  dimmed), the answer's evidence patches outlined in red.
+* masks_NAME.png: for `--num_images` test images (fewer only when the split has fewer rows), the patches kept after
+  each pruning layer (dropped patches dimmed), the answer's evidence patches outlined in red. The images are drawn
+  from the first max(--num_samples, --num_images) rows, round-robin over the question families: the first row of
+  each family, then the second of each, ...; shown in row order.
 * accuracy_vs_tokens_NAME.png: from an `evaluate_methods.py` JSON, score vs. average visual tokens per layer,
   over all layers (left) and over the layers from the first pruning point (right).
 Each run also writes figures_NAME.md (or accuracy_vs_tokens_NAME.md) with the command and the plotted numbers.
@@ -177,6 +179,18 @@ def accuracy_markdown(table, command, name):
     return "\n".join(lines) + "\n"
 
 
+def mask_examples(rows, count):
+    """`count` rows (fewer only if `rows` has fewer) spread over the question families: the first row of each family
+    in order of appearance, then the second of each, ... (one per family gave 5 images for `--num_images 6`)."""
+    by_family = {}
+    for index, row in enumerate(rows):
+        by_family.setdefault(row["family"], []).append(index)
+    picked = []
+    for rank in range(max((len(v) for v in by_family.values()), default=0)):
+        picked += [indices[rank] for indices in by_family.values() if rank < len(indices)]
+    return [rows[i] for i in sorted(picked[:count])]
+
+
 def drift_and_masks(base, processor, rows, budget="1/9", mask_rows=None, seed=0):
     """Compute the drift curves and the RCP masks at the fixed counts of `budget`. Returns a dict."""
     from rcp_llava.evaluation import (
@@ -218,7 +232,8 @@ def main(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--budget", default="1/9")
     parser.add_argument("--num_samples", type=positive_int, default=64, help="Samples the drift is averaged over.")
-    parser.add_argument("--num_images", type=positive_int, default=3)
+    parser.add_argument("--num_images", type=positive_int, default=3,
+                        help="Mask examples, spread over the question families (see above).")
     parser.add_argument("--table", default=None, help="An evaluate_methods.py JSON: accuracy vs tokens.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of the figures (default {DEFAULT_OUTPUT_DIR}; committed ones: benchmarks/results).")
@@ -241,25 +256,28 @@ def main(argv=None):
         raise ValueError(f"--data {args.data!r}: the drift and mask figures need testbed rows (evidence patches); pass "
                          "testbed, testbed:PRESET or a dataset folder in the testbed format.")
     table = read_table(args.table) if args.table else None  # before the model loads
-    os.makedirs(args.output_dir, exist_ok=True)
     written = []
     if args.model:
         import torch
 
         from rcp_llava.evaluation import load_base_model, load_data
+        from rcp_llava.schedule import parse_budget
 
+        # The budget and the data (its split) before the model: both failed only after it loaded, the budget
+        # naming no flag.
+        try:
+            parse_budget(args.budget)
+        except ValueError as error:
+            raise ValueError(f"--budget {args.budget!r}: {error}") from None
+        data = load_data(args.data, split=args.split, max_samples=max(args.num_samples, args.num_images))
+        loaded = [data.rows[i] for i in range(len(data))]
+        rows = loaded[:args.num_samples]  # the drift's samples; the mask examples may reach further
+        picks = mask_examples(loaded, args.num_images)
         if args.threads:
             torch.set_num_threads(args.threads)
         base, processor = load_base_model(args.model, plugins=args.plugins)
-        data = load_data(args.data, split=args.split, max_samples=args.num_samples)
-        rows = [data.rows[i] for i in range(len(data))]
-        # Mask examples: the first rows of distinct families.
-        seen, picks = set(), []
-        for r in rows:
-            if r["family"] not in seen and len(picks) < args.num_images:
-                seen.add(r["family"])
-                picks.append(r)
         result = drift_and_masks(base, processor, rows, args.budget, mask_rows=picks)
+        os.makedirs(args.output_dir, exist_ok=True)  # only now that there is something to write
         title = (f"{len(rows)} samples, budget {result['budget']} (k={result['k']}): keep {result['counts']} after "
                  f"layers {result['pruning_layers']}, repair after {result['repair_layers']}")
         drift_path = os.path.join(args.output_dir, f"drift_{args.name}.png")
@@ -279,6 +297,7 @@ def main(argv=None):
         write_results(out(f"figures_{args.name}"), markdown="\n".join(lines) + "\n")
         written += [drift_path, masks_path]
     if table is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.png")
         plot_accuracy_vs_tokens(table["results"], path)  # every dataset of the run (only the first was plotted)
         write_results(out(f"accuracy_vs_tokens_{args.name}"), markdown=accuracy_markdown(table, command, args.name))

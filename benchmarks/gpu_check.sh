@@ -14,17 +14,30 @@
 # Nothing is installed from the network there, and this checkout is imported from its own root (no `pip install`).
 #
 #   bash benchmarks/gpu_check.sh --prepare [WHEEL_DIR]  # here: the wheels the device lacks (default .whl)
-#   bash benchmarks/gpu_check.sh [OUT_DIR]              # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --cpu [OUT_DIR]        # the same steps on the CPU with the tiny shape, in seconds
+#   bash benchmarks/gpu_check.sh [--overwrite] [OUT_DIR]        # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --cpu [--overwrite] [OUT_DIR]  # the same steps on the CPU, tiny shape, in seconds
+#   bash benchmarks/gpu_check.sh --help                 # this text; does nothing else
 #
 # Relative WHEEL_DIR / OUT_DIR are read from the repository root (the script runs there). Default OUT_DIR: $OUT (the
-# device tool's folder that comes back) or outputs/benchmarks.
+# device tool's folder that comes back) or outputs/benchmarks. A table already in OUT_DIR
+# (efficiency_llava-1.5-7b_gpu.*, its _flash twin or, with --cpu, efficiency_tiny_cpu.*) stops the script before
+# anything is installed or timed, unless --overwrite.
 #
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # Environment: PYTHON (default python3: the device's python3 holds its torch), RCP_WHEELS (default .whl),
 # RCP_SITE (where the carried wheels go, default a fresh temporary folder), RCP_DEVICE_PYTHON (the device's Python
 # version for --prepare, default 3.12).
 set -euo pipefail
+script="$0"
+
+usage() {  # the comment block above, without its '#'
+  sed -n '2,/^set -euo/p' "$script" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+# --help anywhere, before anything else: it used to become OUT_DIR, and wheels were installed before a failure.
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then usage; exit 0; fi
+done
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 wheels="${RCP_WHEELS:-.whl}"
@@ -79,8 +92,38 @@ EOF
 fi
 
 mode=gpu
-if [[ "${1:-}" == "--cpu" ]]; then mode=cpu; shift; fi
-out="${1:-${OUT:-outputs/benchmarks}}"
+overwrite=()
+out=""
+while (( $# )); do
+  case "$1" in
+    --cpu) mode=cpu ;;
+    --overwrite) overwrite=(--overwrite) ;;
+    -*) echo "gpu_check: unknown option $1; see bash benchmarks/gpu_check.sh --help" >&2; exit 2 ;;
+    *) if [[ -n "$out" ]]; then
+         echo "gpu_check: one OUT_DIR only, got '$out' and '$1'; see bash benchmarks/gpu_check.sh --help" >&2; exit 2
+       fi
+       out="$1" ;;
+  esac
+  shift
+done
+out="${out:-${OUT:-outputs/benchmarks}}"
+# An earlier table in OUT_DIR is kept unless asked (every run passed --overwrite, so a rerun into the default folder
+# replaced the last GPU table without a word): checked before any install or timing.
+if [[ "$mode" == gpu ]]; then stems=(efficiency_llava-1.5-7b_gpu efficiency_llava-1.5-7b_gpu_flash)
+else stems=(efficiency_tiny_cpu); fi
+existing=()
+for stem in "${stems[@]}"; do
+  for ext in md json png; do
+    if [[ -e "$out/$stem.$ext" ]]; then existing+=("$out/$stem.$ext"); fi
+  done
+done
+if (( ${#existing[@]} )) && (( ! ${#overwrite[@]} )); then
+  cpu_flag=""
+  if [[ "$mode" == cpu ]]; then cpu_flag=" --cpu"; fi
+  echo "gpu_check: ${existing[*]} already exist: choose another OUT_DIR or pass --overwrite to replace them" \
+       "(bash benchmarks/gpu_check.sh$cpu_flag --overwrite $out)." >&2
+  exit 1
+fi
 mkdir -p "$out"
 start=$(date +%s)
 
@@ -136,10 +179,10 @@ else
   flash=0
 fi
 
-"$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite
+"$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" ${overwrite[@]+"${overwrite[@]}"}
 if [[ "$flash" == 1 ]]; then
-  "$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" --overwrite --attn_implementation flash_attention_2 \
-    --methods full,rcp,ideal --tag flash
+  "$py" benchmarks/efficiency.py "${args[@]}" --output_dir "$out" ${overwrite[@]+"${overwrite[@]}"} \
+    --attn_implementation flash_attention_2 --methods full,rcp,ideal --tag flash
 else
   echo "gpu_check: flash-attention 2 not run (flash_attn is not installed here, or CPU mode)"
 fi

@@ -92,6 +92,27 @@ def evidence_first_method(oracle_points, num_visual_tokens, seed=0):
         PRUNING_METHODS.pop(selector.method.name, None)
 
 
+def check_schedule(model, layers, counts):
+    """Refuse `--layers` / `--counts` the model's config would refuse, from its config.json alone (before any weights
+    load): they failed only after the data and the model had loaded, naming the config fields instead of the flags.
+    The same checks as the run's `method_model` (attention_topk's rules: evidence_first is a copy of them)."""
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return  # not a model folder (or a Hub id): load_base_model's own error says so
+    config = RcpLlavaConfig.from_pretrained(model)
+    for key, value in dict(pruning_method="attention_topk", pruning_layers=layers, pruning_keep_counts=counts,
+                           repair_layers=[]).items():
+        setattr(config, key, value)
+    try:
+        config.validate_pruning()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--layers {','.join(map(str, layers))!r} / --counts {','.join(map(str, counts))!r} do not "
+                         f"fit --model {model!r} ({config.text_config.num_hidden_layers} decoder layers, "
+                         f"{config.num_visual_tokens} visual tokens): {error} (`pruning_layers` is --layers, "
+                         "`pruning_keep_counts` --counts).") from None
+
+
 def split_headroom(base, processor, data, layers, counts, subsets, batch_size=50):
     """`{subset: per-sample 0/1 correctness}` for each subset of point indices (see the module docstring)."""
     from rcp_llava.evaluation import first_token_predictions, method_model
@@ -129,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     layers, counts = parse_ints(args.layers, "--layers"), parse_ints(args.counts, "--counts")
+    if not layers:  # '' parsed as no points: a run that prunes nothing
+        parser.error("argument --layers: give at least one pruning layer, e.g. 1,7,13")
     if len(layers) != len(counts):
         raise ValueError(f"--layers has {len(layers)} entries but --counts {len(counts)}; give one count per layer.")
     subsets = parse_subsets(args.subsets, len(layers)) if args.subsets else default_subsets(len(layers))
@@ -138,6 +161,7 @@ def main(argv=None):
     from rcp_llava.evaluation import load_base_model, load_data, mcnemar
 
     data = load_data(os.path.expanduser(args.data), split=args.split, max_samples=args.max_samples)  # before the model
+    check_schedule(args.model, layers, counts)  # its config.json only, before the weights
     base, processor = load_base_model(args.model)
     results = split_headroom(base, processor, data, layers, counts, subsets, args.batch_size)
     reference = results.get(())

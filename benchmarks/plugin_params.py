@@ -10,6 +10,8 @@ context encoder replaces them). This project does not allocate parameters withou
 them back to show that the widths match exactly.
 """
 
+import argparse
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
@@ -51,7 +53,10 @@ def counts(name):
             "adapters_paper_count": adapters + extra_adapters}
 
 
-def main():
+def main(argv=None):
+    # No options, but a parser all the same: `--help` (or a typo) printed the table instead of the usage.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
     print("| model | placement (0-based) | pruners (ours) | + unused in authors' code | paper | adapters + context "
           "(ours) | + unused in authors' code | paper |")
     print("|---|---|---|---|---|---|---|---|")

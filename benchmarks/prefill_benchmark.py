@@ -20,6 +20,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGener
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer
+from rcp_llava.results import command_line, positive_int
 
 
 def scaled_layers(num_layers):
@@ -54,15 +55,17 @@ def selection_flops(config, text_tokens, visual_in, batch_size=1):
     return total * batch_size
 
 
-def main():
+def main(argv=None):
+    # Counts are whole numbers >= 1 at parsing: 0 failed deep in torch or statistics (--repeats 0 after the run).
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--text_tokens", type=int, default=40, help="prompt tokens besides the image")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--batch_size", type=positive_int, default=1)
+    parser.add_argument("--text_tokens", type=positive_int, default=40, help="prompt tokens besides the image")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--text_layers", type=int, default=8,
                         help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers scale from 2 / 14 / 26)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -41,7 +41,7 @@ import torch
 # script (a test loads `efficiency` by path first).
 import efficiency
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, _compact, _gather_seq
-from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, refuse_existing, write_results
+from rcp_llava.results import DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, write_results
 
 
 def _median_ms(times):
@@ -218,8 +218,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=int, default=128, choices=[192, 128, 64],
                         help="the RCP schedule (visual tokens of 576, the paper's three)")
     parser.add_argument("--batch_sizes", default="1,8")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing profile in --output_dir.")
     args = parser.parse_args(argv)
@@ -228,10 +228,10 @@ def main(argv=None):
     except ValueError:
         raise ValueError(f"--batch_sizes: {args.batch_sizes!r} is not a comma-separated list of integers, "
                          "e.g. 1,8.") from None
-    if args.repeats < 1 or any(b < 1 for b in batch_sizes):
-        raise ValueError(f"--repeats ({args.repeats}) and --batch_sizes ({args.batch_sizes}) must be >= 1.")
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"--batch_sizes ({args.batch_sizes}) must be >= 1.")
     stem = os.path.join(args.output_dir, f"selection_profile_{args.preset}_cpu_rcp-{args.budget}")
-    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite, choose="--output_dir")  # it has no --name
     torch.set_num_threads(args.threads)
     results = []
     for bsz in batch_sizes:

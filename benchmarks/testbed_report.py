@@ -10,6 +10,7 @@ the report's own (the JSON: metrics.json plus "report_command").
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -85,7 +86,11 @@ def main(argv=None):
     folder = Path(args.folder) if args.folder else default_cache_dir(args.preset)
     path = folder / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.json; build the testbed first (benchmarks/build_testbed.py).")
+        # The exact command: build_testbed.py's default preset once differed from this report's.
+        build = shlex.join(["python", "benchmarks/build_testbed.py", "--preset", args.preset]
+                           + (["--output_dir", args.folder] if args.folder else []))
+        raise FileNotFoundError(f"{path}: no metrics.json; build the testbed first: `{build}`"
+                                + (", with the --preset meant for that folder." if args.folder else "."))
     metrics = read_metrics(path)
     stem = os.path.join(args.output_dir, args.name or f"testbed_{metrics['preset']}")
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)

@@ -22,15 +22,18 @@ logger = logging.get_logger(__name__)
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "benchmarks")
 
 
-def refuse_existing(paths, overwrite=False, flag="--overwrite", output_flag="--output_dir"):
+def refuse_existing(paths, overwrite=False, flag="--overwrite", output_flag="--output_dir", choose=None):
     """Raise `FileExistsError` naming the existing `paths` (and the two ways out) unless `overwrite`, and refuse a
     folder the results could not be written into (`check_writable_folder`): both before anything loads, so that a
-    run is not computed and then lost at the write. `output_flag` is the script's flag for where they go."""
+    run is not computed and then lost at the write. `output_flag` is the script's flag for where they go; `choose`
+    the flags that give other names, as the message says them (default "--name / --output_dir" with --output_dir,
+    else `output_flag`): efficiency.py names its files by --tag, selection_profile.py by --output_dir alone, and
+    told users of either to choose another --name, a flag neither has."""
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
         check_writable_folder(folder, output_flag)
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
-        other = "--name / --output_dir" if output_flag == "--output_dir" else output_flag
+        other = choose or ("--name / --output_dir" if output_flag == "--output_dir" else output_flag)
         raise FileExistsError(f"{', '.join(existing)} already exist: choose another {other} or pass "
                               f"{flag} to replace them.")
 

@@ -270,7 +270,8 @@ def test_benchmark_scripts_refuse_to_overwrite_results(tmp_path, monkeypatch, sc
     (tmp_path / existing).write_text("{}")
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--output_dir", str(tmp_path)]
     module = load_benchmark(script)
-    with pytest.raises(FileExistsError, match=rf"{existing} already exist: choose another --name / --output_dir or "
+    flags = "--tag / --output_dir" if script == "efficiency" else "--name / --output_dir"  # efficiency has no --name
+    with pytest.raises(FileExistsError, match=rf"{existing} already exist: choose another {flags} or "
                                               r"pass --overwrite"):
         _run_script(module, script, argv, monkeypatch)
     assert (tmp_path / existing).read_text() == "{}"

@@ -1,0 +1,404 @@
+"""The benchmark scripts' command lines: bad values stop at parsing or before anything loads (naming the flag),
+nothing is computed and then lost at the write, and what a flag promises is what a run does. A probe found each
+case below failing; every test is quick: nothing is trained, built or timed for long (models, training and
+evaluation are stubbed where a run would reach them)."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT, load_benchmark, tiny_config
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a model was built, loaded or trained before the arguments were checked")
+
+
+def _dataset(folder, families, split="test"):
+    """A `save_to_disk` DatasetDict in the testbed format (real images, one row per family entry)."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    n = len(families)
+    rows = {"image": [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(n)],
+            "question": [f"question {i}?" for i in range(n)], "answer": ["yes"] * n, "family": list(families),
+            "evidence_patches": [[0]] * n}
+    DatasetDict({split: Dataset.from_dict(rows)}).save_to_disk(str(folder))
+    return str(folder)
+
+
+# -- counts: whole numbers >= 1 at parsing (they failed deep in torch / statistics, or at the end of the run) -------
+
+COUNTS = [("baselines_benchmark", flag) for flag in ("--repeats", "--samples", "--batch_size", "--text_tokens",
+                                                      "--threads")]
+COUNTS += [("prefill_benchmark", flag) for flag in ("--repeats", "--batch_size", "--threads", "--text_tokens")]
+COUNTS += [("selection_profile", flag) for flag in ("--threads", "--repeats")]
+COUNTS += [("build_testbed", flag) for flag in ("--num_threads", "--eval_max_samples", "--save_steps")]
+
+
+@pytest.mark.parametrize("script, flag", COUNTS, ids=[f"{s}{f}" for s, f in COUNTS])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_count_flags_stop_at_parsing(script, flag, value, tmp_path, monkeypatch, capsys):
+    if script == "selection_profile":
+        load_benchmark("efficiency")  # what it imports by name from its own folder
+    module = load_benchmark(script)
+    for name in ("RcpLlavaForConditionalGeneration", "build_testbed", "profile"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _never)
+    argv = [flag, value] + (["--output_dir", str(tmp_path / "out")] if script in ("selection_profile",
+                                                                                 "build_testbed") else [])
+    with pytest.raises(SystemExit) as raised:
+        module.main(argv)
+    assert raised.value.code == 2
+    assert f"argument {flag}: must be a whole number >= 1, got '{value}'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["baselines_benchmark", "prefill_benchmark"])
+def test_printed_benchmarks_print_their_command_first(script, monkeypatch, capsys):
+    """They print a table and record nothing else: the command heads the output, quoted for the shell."""
+    module = load_benchmark(script)
+    monkeypatch.setattr(module, "RcpLlavaForConditionalGeneration", _never)
+    with pytest.raises(AssertionError, match="a model was built"):
+        module.main(["--threads", "2", "--repeats", "3"])
+    assert capsys.readouterr().out == f"Command: python benchmarks/{script}.py --threads 2 --repeats 3\n"
+
+
+# -- build_testbed.py / testbed_report.py ----------------------------------------------------------------------
+
+
+def test_build_testbed_defaults_to_the_main_preset(tmp_path, monkeypatch):
+    """It built `tiny` while testbed_report and every "testbed" reader read `deep` (MAIN_PRESET)."""
+    from rcp_llava.testbed import MAIN_PRESET, default_cache_dir
+
+    build = load_benchmark("build_testbed")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    seen = {}
+
+    def record(preset, out, **kwargs):
+        seen.update(preset=preset, out=out, eval_max_samples=kwargs["eval_max_samples"])
+        raise KeyboardInterrupt  # stop before the metrics are read
+
+    monkeypatch.setattr(build, "build_testbed", record)
+    with pytest.raises(KeyboardInterrupt):
+        build.main(["--eval_max_samples", "5"])
+    assert MAIN_PRESET == "deep"
+    assert seen == {"preset": "deep", "out": default_cache_dir("deep"), "eval_max_samples": 5}
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_testbed_report_names_the_exact_build_command(tmp_path, monkeypatch, folder):
+    report = load_benchmark("testbed_report")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    argv = ["--output_dir", str(tmp_path / "out")] + (["--folder", str(tmp_path / "tb")] if folder else [])
+    expected = (rf"build the testbed first: `python benchmarks/build_testbed.py --preset deep --output_dir "
+                rf"{tmp_path / 'tb'}`, with the --preset meant for that folder\.$" if folder else
+                r"build the testbed first: `python benchmarks/build_testbed.py --preset deep`\.$")
+    with pytest.raises(FileNotFoundError, match=r"metrics\.json: no metrics\.json; " + expected):
+        report.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+# -- refuse_existing's wording, efficiency.py's dry run ----------------------------------------------------------
+
+
+def test_refuse_existing_names_the_flags_the_caller_has(tmp_path):
+    from rcp_llava.results import refuse_existing
+
+    path = tmp_path / "t.md"
+    path.write_text("mine")
+    with pytest.raises(FileExistsError, match=r"t\.md already exist: choose another --name / --output_dir or pass "
+                                              r"--overwrite to replace them\.$"):
+        refuse_existing([str(path)])  # unchanged for the scripts that have --name
+    with pytest.raises(FileExistsError, match=r"t\.md already exist: choose another --tag / --output_dir or pass "
+                                              r"--overwrite to replace them\.$"):
+        refuse_existing([str(path)], choose="--tag / --output_dir")
+
+
+def test_efficiency_dry_run_is_not_stopped_by_earlier_tables(tmp_path, monkeypatch, capsys):
+    """"Time nothing, write nothing": it was refused by the committed tables it would not have touched; a real run
+    is refused naming --tag (it told users to choose another --name, a flag efficiency.py does not have)."""
+    efficiency = load_benchmark("efficiency")
+    (tmp_path / "efficiency_tiny_cpu.md").write_text("mine")
+    argv = ["efficiency.py", "--preset", "tiny", "--device", "cpu", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--dry_run"])
+    efficiency.main()
+    assert "dry run: 16 methods of preset tiny built on the meta device" in capsys.readouterr().out
+    monkeypatch.setattr(efficiency, "RcpLlavaForConditionalGeneration", _never)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(FileExistsError, match=r"efficiency_tiny_cpu\.md already exist: choose another --tag / "
+                                              r"--output_dir or pass --overwrite"):
+        efficiency.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficiency_tiny_cpu.md"]
+    assert (tmp_path / "efficiency_tiny_cpu.md").read_text() == "mine"
+
+
+def test_selection_profile_refusal_names_its_own_flag(tmp_path, monkeypatch):
+    load_benchmark("efficiency")  # what it imports by name from its own folder
+    profile = load_benchmark("selection_profile")
+    monkeypatch.setattr(profile, "profile", _never)
+    (tmp_path / "selection_profile_tiny_cpu_rcp-64.json").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"rcp-64\.json already exist: choose another --output_dir or pass "
+                                              r"--overwrite to replace them\.$"):
+        profile.main(["--preset", "tiny", "--budget", "64", "--output_dir", str(tmp_path)])
+
+
+# -- compare_prefill.py ------------------------------------------------------------------------------------------
+
+
+def _compare(tmp_path, output, methods):
+    import modeling_rcp_llava
+
+    compare = load_benchmark("compare_prefill")
+    compare.main(["--old", modeling_rcp_llava.__file__, "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
+                  "--methods", methods, "--output", str(output)])
+    return {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in output.read_text().splitlines()
+            if line.startswith("| ") and " ms" not in line}
+
+
+def test_compare_prefill_creates_the_output_folder(tmp_path):
+    """--output in a folder not made yet: the whole A/B ran, then atomic_write failed (FileNotFoundError)."""
+    rows = _compare(tmp_path, tmp_path / "new" / "sub" / "ab.md", "full")
+    assert list(rows) == ["full"] and rows["full"][-1] == "True |"
+
+
+def test_compare_prefill_ideal_gets_the_kept_sets(tmp_path):
+    """`ideal-64` was accepted but timed plain RCP (selection ran: its select columns held times). Now both
+    versions get the new version's RCP kept sets, as efficiency.py's ideal: no selection, same outputs."""
+    rows = _compare(tmp_path, tmp_path / "ab.md", "rcp-64,ideal-64")
+    assert list(rows) == ["rcp-64", "ideal-64"]
+    old_select, new_select, same = rows["rcp-64"][4:]
+    assert float(old_select) > 0 and float(new_select) > 0 and same == "True |"
+    assert rows["ideal-64"][4:] == ["–", "–", "True |"]
+
+
+# -- ablations.py ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stubbed_ablations(tmp_path, monkeypatch):
+    """ablations.py with training, model loading and evaluation stubbed: a 16-token model whose `full` variant
+    keeps 8 and 4 tokens after layers 1 and 2."""
+    import rcp_llava.evaluation as evaluation
+    import train_rcp  # noqa: F401  before the stubs: it binds `evaluate_model` at import (ablations imports it later)
+
+    ablations = load_benchmark("ablations")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "work" / "full" / "model"
+    model_dir.mkdir(parents=True)
+    monkeypatch.setattr(ablations, "train_variant", lambda *a, **k: (str(model_dir), 1.0, ["stub"]))
+    monkeypatch.setattr(evaluation, "load_base_model",
+                        lambda path: (SimpleNamespace(config=SimpleNamespace(num_visual_tokens=16)), None))
+    monkeypatch.setattr(evaluation, "method_overrides", lambda *a: {})
+    monkeypatch.setattr(evaluation, "method_model", lambda base, **k: base)
+    monkeypatch.setattr(evaluation, "evaluate_model",
+                        lambda model, processor, data, batch_size: {"score": 0.5, "groups": {}, "n": len(data)})
+
+    def evaluate_variant(base, processor, data, budget, batch_size, repair=True, method="rcp"):
+        mode = {"score": 0.5, "groups": {}, "n": len(data), "correct": [1] * len(data), "keep_counts": [8, 4],
+                "kept_per_point": [8.0, 4.0], "pruning_layers": [1, 2], "repair_layers": [2],
+                "avg_tokens_all_layers": 9.0, "avg_tokens_from_first_point": 6.0}
+        return {"fixed": dict(mode), "adaptive": dict(mode)}
+
+    monkeypatch.setattr(ablations, "evaluate_variant", evaluate_variant)
+    return ablations
+
+
+def _pope(folder, count=3):
+    from PIL import Image
+
+    folder.mkdir()
+    with open(folder / "coco_pope_random.json", "w") as f:
+        for i in range(count):
+            Image.new("RGB", (16, 16)).save(folder / f"{i}.png")
+            f.write(json.dumps({"question_id": i, "image": f"{i}.png", "text": "is there a ring?", "label": "yes"})
+                    + "\n")
+    return f"pope:{folder / 'coco_pope_random.json'},image_dir={folder}"
+
+
+@pytest.mark.parametrize("kind", ["folder without grid_size", "benchmark"])
+def test_ablations_write_any_datas_results_with_the_models_n(stubbed_ablations, tmp_path, kind):
+    """A --dataset folder without the testbed's grid_size column (KeyError) or a BENCHMARK:PATH spec (Table VI's
+    percent of None, a TypeError) failed at the end, after every variant had trained and been evaluated."""
+    spec = (_dataset(tmp_path / "data", ["a", "b", "c"]) if kind != "benchmark" else _pope(tmp_path / "pope"))
+    out = tmp_path / "out"
+    stubbed_ablations.main(["--variants", "full", "--dataset", spec, "--output_dir", str(out), "--name", "t",
+                            "--work_dir", str(tmp_path / "work")])
+    result = json.loads((out / "t.json").read_text())
+    assert result["num_visual_tokens"] == 16 and result["num_eval_samples"] == 3
+    assert result["table6"] == {"pruning_layers": [1, 2], "kept": [8.0, 4.0], "percent_of_n": [50.0, 25.0]}
+    assert "| % of N | 50.00% | 25.00% |" in (out / "t.md").read_text()
+
+
+BAD_VARIANTS = [
+    ("lambda_repair=abc", r"\(--lambda_repair abc, after --train_args\): train_rcp\.py would refuse it: argument "
+                          r"--lambda_repair/--lambda-repair: invalid float value: 'abc'"),
+    ("clip=x", r"\(--max_grad_norm x, after --train_args\): train_rcp\.py would refuse it: argument "
+               r"--max_grad_norm/--max-grad-norm: invalid float value: 'x'"),
+    ("pruners=1,a", r"`pruning_layers` must be integers, e\.g\. '1,13,25' or '1 13 25', got '1,a'"),
+    ("pruners=99", r"`pruning_layers` contains \[99\], but the text model has 16 layers"),
+    ("adapters=0", r"`repair_layers` starts at 0, before the first pruning layer 1"),
+]
+
+
+@pytest.mark.parametrize("variant, problem", BAD_VARIANTS, ids=[v for v, _ in BAD_VARIANTS])
+def test_ablations_check_every_variants_values_before_training(tmp_path, monkeypatch, variant, problem):
+    """They passed the name check and failed only when that variant's train_rcp job parsed its flags, after the
+    variants before it had trained (hours). Checked against the config the job would build: the main job's deep
+    testbed (16 layers), here not built yet, so from its preset."""
+    ablations = load_benchmark("ablations")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ablations, "train_variant", _never)
+    with pytest.raises(ValueError, match=rf"^variant '{variant}' .*{problem}.* Checked before any variant trains; "
+                                         r"fix the variant or --train_args\.$"):
+        ablations.main(["--variants", "full", variant, "--output_dir", str(tmp_path / "out"), "--work_dir",
+                        str(tmp_path / "work")])
+    assert list(tmp_path.iterdir()) == []  # nothing written, no work folder
+
+
+def test_ablations_check_accepts_every_documented_variant(tmp_path, monkeypatch):
+    ablations = load_benchmark("ablations")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    variants = ablations.DEFAULT_VARIANTS + sorted(ablations.OLD) + ["detach_prior", "lambda_repair=40", "clip=0",
+                                                                      "pruners=1,2,3", "adapters="]
+    for train_args in ([], ["--testbed_preset", "tiny"]):
+        assert ablations.check_variants(variants, train_args, str(tmp_path / "work")) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- figures.py --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, error", [
+    ("--budget", "abc", r"^--budget 'abc': Budget 'abc' is not a fraction like '1/3'"),
+    ("--split", "nosuch", r"has no split 'nosuch'; it has \['test'\]"),
+])
+def test_figures_checks_budget_and_data_before_the_model(tmp_path, monkeypatch, flag, value, error):
+    """Both failed after the model had loaded, and an empty output folder was left behind."""
+    import rcp_llava.evaluation as evaluation
+
+    figures = load_benchmark("figures")
+    monkeypatch.setattr(evaluation, "load_base_model", _never)
+    data = _dataset(tmp_path / "data", ["a", "b"])
+    with pytest.raises(ValueError, match=error):
+        figures.main(["--model", str(tmp_path / "none"), "--data", data, flag, value, "--output_dir",
+                      str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_figures_draws_num_images_spread_over_the_families(tmp_path, monkeypatch):
+    """`--num_images 6` drew 5 images (one per family, and only among the --num_samples drift rows)."""
+    import rcp_llava.evaluation as evaluation
+
+    figures = load_benchmark("figures")
+    families = ["a", "a", "b", "a", "c", "b", "a", "d"]
+    data = _dataset(tmp_path / "data", families)
+    monkeypatch.setattr(evaluation, "load_base_model", lambda *a, **k: (None, None))
+    seen = {}
+
+    def capture(base, processor, rows, budget, mask_rows):
+        seen.update(rows=[r["question"] for r in rows], masks=[r["question"] for r in mask_rows])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "drift_and_masks", capture)
+    for samples, images, masks in (("8", "6", (0, 1, 2, 4, 5, 7)), ("2", "3", (0, 1, 2))):
+        with pytest.raises(KeyboardInterrupt):
+            figures.main(["--model", "m", "--data", data, "--num_samples", samples, "--num_images", images,
+                          "--output_dir", str(tmp_path / "out")])
+        assert seen["rows"] == [f"question {i}?" for i in range(int(samples))]
+        # 8 rows: round 1 the first a, b, c, d (rows 0, 2, 4, 7), round 2 the second a, b (rows 1, 5), in row
+        # order; 2 drift samples: the images come from the first 3 rows, beyond them
+        assert seen["masks"] == [f"question {i}?" for i in masks]
+    assert not (tmp_path / "out").exists()  # nothing written yet, no folder
+
+
+# -- gpu_check.sh: argument handling only (a stand-in PYTHON records what would run; nothing installs or runs) ----
+
+
+def _gpu_check(tmp_path, *args):
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path / 'calls'}\n")
+    recorder.chmod(0o755)
+    (tmp_path / "wheels").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHON": str(recorder), "RCP_WHEELS": str(tmp_path / "wheels")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), *args], capture_output=True,
+                            text=True, timeout=60, env=env, cwd=str(tmp_path))
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return result, calls
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--cpu", "--help"], ["--prepare", "--help"]])
+def test_gpu_check_help_prints_the_usage_and_does_nothing_else(tmp_path, args):
+    """--help became OUT_DIR, and the script installed wheels before it failed."""
+    result, calls = _gpu_check(tmp_path, *args)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("The efficiency table on a GPU (issue 19)")
+    assert "  bash benchmarks/gpu_check.sh --prepare [WHEEL_DIR]  # here" in result.stdout
+    assert "  bash benchmarks/gpu_check.sh --cpu [--overwrite] [OUT_DIR]" in result.stdout
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["python", "wheels"]
+
+
+def test_gpu_check_keeps_an_earlier_table_unless_overwrite(tmp_path):
+    """Every run passed --overwrite to efficiency.py: a rerun into the default OUT_DIR replaced the earlier table."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "efficiency_tiny_cpu.json").write_text("mine")
+    result, calls = _gpu_check(tmp_path, "--cpu", str(out))
+    assert result.returncode == 1 and calls == []
+    assert result.stderr == (f"gpu_check: {out}/efficiency_tiny_cpu.json already exist: choose another OUT_DIR or "
+                             f"pass --overwrite to replace them (bash benchmarks/gpu_check.sh --cpu --overwrite "
+                             f"{out}).\n")
+    assert (out / "efficiency_tiny_cpu.json").read_text() == "mine"
+    result, calls = _gpu_check(tmp_path, "--cpu", "--overwrite", str(out))
+    assert result.returncode == 0, result.stderr
+    timed = [c for c in calls if c.startswith("benchmarks/efficiency.py --preset tiny")]
+    assert timed == [f"benchmarks/efficiency.py --preset tiny --device cpu --batch_sizes 1,2 --repeats 1 "
+                     f"--new_tokens 4 --budgets 64 --output_dir {out} --overwrite"]
+    # a fresh OUT_DIR: no --overwrite passed on (efficiency.py keeps its own refusal)
+    os.remove(tmp_path / "calls")
+    result, calls = _gpu_check(tmp_path, "--cpu", str(tmp_path / "fresh"))
+    assert result.returncode == 0, result.stderr
+    assert [c for c in calls if c.startswith("benchmarks/efficiency.py --preset tiny")] == [
+        f"benchmarks/efficiency.py --preset tiny --device cpu --batch_sizes 1,2 --repeats 1 --new_tokens 4 "
+        f"--budgets 64 --output_dir {tmp_path / 'fresh'}"]
+    result, calls = _gpu_check(tmp_path, "--bogus")
+    assert result.returncode == 2 and "gpu_check: unknown option --bogus" in result.stderr
+
+
+# -- plugin_params.py, headroom_split.py ---------------------------------------------------------------------------
+
+
+def test_plugin_params_has_a_parser(monkeypatch, capsys):
+    """`--help --bogus` printed the table."""
+    plugin_params = load_benchmark("plugin_params")
+    monkeypatch.setattr(plugin_params, "counts", _never)
+    with pytest.raises(SystemExit) as raised:
+        plugin_params.main(["--help"])
+    assert raised.value.code == 0 and "Plug-in parameter counts" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as raised:
+        plugin_params.main(["--bogus"])
+    assert raised.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers, counts, problem", [
+    ("1,7", "8,4", r"`pruning_layers` contains \[7\], but the text model has 4 layers"),
+    ("1,2", "8,20", r"`pruning_keep_counts`"),
+])
+def test_headroom_split_checks_layers_and_counts_before_the_model_loads(tmp_path, monkeypatch, layers, counts,
+                                                                        problem):
+    """They were refused after the data and the weights had loaded, naming config fields, not the flags."""
+    import rcp_llava.evaluation as evaluation
+
+    headroom = load_benchmark("headroom_split")
+    monkeypatch.setattr(evaluation, "load_base_model", _never)
+    tiny_config().save_pretrained(str(tmp_path / "model"))  # 4 layers, 16 visual tokens; no weights
+    data = _dataset(tmp_path / "data", ["a"])
+    with pytest.raises(ValueError, match=rf"^--layers '{layers}' / --counts '{counts}' do not fit --model "
+                                         rf"'{tmp_path / 'model'}' \(4 decoder layers, 16 visual tokens\): {problem}"):
+        headroom.main(["--model", str(tmp_path / "model"), "--data", data, "--layers", layers, "--counts", counts,
+                       "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
