@@ -19,12 +19,25 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def prompt_messages(question, answer=None):
-    """The single-turn conversation: the image, then the question (and, with `answer`, the assistant's turn)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt_messages(question, answer=None, num_images=1):
+    """The single-turn conversation: the image (`num_images` of them: 0 for a text-only question), then the question
+    (and, with `answer`, the assistant's turn)."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+def shared_prefix_length(full_ids, prompt_ids):
+    """How many tokens the 1-D `full_ids` (a prompt and its answer, tokenized together) share with `prompt_ids` (the
+    prompt alone) from the start: where the answer's tokens begin. It is the prompt's length when its tokens are a
+    prefix of the full text's (llava-hf's template and tokenizer), fewer when the answer's first token absorbs the
+    prompt's end (a generation prompt ending in a space: "ASSISTANT: " + "There" -> "▁There") or the tokenizer
+    appends EOS to the prompt alone. The training collator and lmms-eval's loglikelihood both find the answer so."""
+    n = min(len(full_ids), len(prompt_ids))
+    differ = (full_ids[:n] != prompt_ids[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
 
 
 def load_image(image, image_folder=None):
@@ -279,13 +292,10 @@ class RcpDataCollator:
         # + "There" -> "▁There"). Counting the prompt's tokens then put the answer's first token in the question
         # mask (the pruners read it) and left it untrained.
         prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
-        shared = []
-        for row in range(len(examples)):
-            full_row = input_ids[row, seq - int(lengths[row]):]
-            prompt_row = prompt_ids["input_ids"][row, prompt_ids["input_ids"].shape[1] - int(prompt_lengths[row]):]
-            n = min(len(prompt_row), len(full_row))
-            differ = (full_row[:n] != prompt_row[:n]).nonzero()
-            shared.append(int(differ[0]) if len(differ) else n)
+        width = prompt_ids["input_ids"].shape[1]
+        shared = [shared_prefix_length(input_ids[row, seq - int(lengths[row]):],
+                                       prompt_ids["input_ids"][row, width - int(prompt_lengths[row]):])
+                  for row in range(len(examples))]
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
         answer_start = (seq - lengths + torch.tensor(shared)).unsqueeze(1)  # (B, 1); left padding
         return self._outputs(batch, (positions >= answer_start) & attention)
@@ -489,8 +499,9 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
         )
     _check_image_column(dataset, collator, name)
     tokenizer = collator.processor.tokenizer
-    if tokenizer.pad_token is None and len(dataset) > 1:
-        # The collator pads every batch (left); transformers refuses at the first one, after the model loaded.
+    if tokenizer.pad_token is None:
+        # The collator asks the processor to pad every batch (left), which transformers refuses without a pad token
+        # even for one example: at the first batch, after the model loaded.
         fallback = tokenizer.unk_token or tokenizer.eos_token
         raise ValueError(
             f"The processor's tokenizer has no pad token, which the collator needs to pad the {name}'s batches. Give "
@@ -583,13 +594,16 @@ def read_json_records(path):
     values. Raises `json.JSONDecodeError` when it is neither."""
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not JSON
         text = f.read()
-    if not str(path).lower().endswith(".jsonl"):
-        try:
-            return json.loads(text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if str(path).lower().endswith(".jsonl"):
+        return [json.loads(line) for line in lines]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        try:  # JSON Lines under a .json name
+            return [json.loads(line) for line in lines]
         except json.JSONDecodeError:
-            if len([line for line in text.splitlines() if line.strip()]) < 2:
-                raise
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+            raise err from None  # a broken JSON document: its own error has the right position
 
 
 def load_llava_json(path, image_folder=None, turns="conversation"):
@@ -695,6 +709,6 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 __all__ = [
     "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
     "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records",
-    "strip_image_token",
+    "shared_prefix_length", "strip_image_token",
     "dataset_from_messages", "turns_from_messages",
 ]

@@ -54,7 +54,7 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.data import prompt_messages
+from rcp_llava.data import prompt_messages, shared_prefix_length
 from rcp_llava.evaluation import method_model, method_overrides
 from rcp_llava.schedule import budget_count, parse_budget
 
@@ -274,9 +274,8 @@ class RcpLlava(lmms):
         # The images go first, as the processor's chat template places them (tasks that write "<image>" themselves
         # get it removed from the text: the template adds one per image).
         question = context.replace(self.processor.image_token, "").strip()
-        messages = prompt_messages(question)
-        messages[0]["content"] = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.processor.apply_chat_template(prompt_messages(question, num_images=num_images),
+                                                  add_generation_prompt=True)
 
     @torch.no_grad()
     def generate_until(self, requests):
@@ -329,7 +328,10 @@ class RcpLlava(lmms):
             images = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context, len(images))
             full = self._encode([images], [prompt + continuation])
-            start = self.processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+            alone = self.processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"][0]
+            # Where the continuation's tokens begin (the collator's rule): counting the prompt's own tokens dropped
+            # a continuation's first token when it absorbs the prompt's trailing space ("▁There").
+            start = shared_prefix_length(full["input_ids"][0].cpu(), alone)
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned

@@ -180,3 +180,29 @@ def write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
     return path
+
+
+def sentencepiece_like_processor(generation_prompt, add_eos_token=False):
+    """A LLaVA processor with a small Llama-style BPE tokenizer (metaspace, "▁There" is one token), trained here, and
+    llava-hf's LLaVA-1.5 template with the given generation prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+
+    from rcp_llava.lmms_eval_model import LLAVA_15_CHAT_TEMPLATE
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    corpus = ["USER: ASSISTANT: How many cats are there? There are two cats. What colour? Red."] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in model["merges"]])
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.add_eos_token = add_eos_token
+    template = LLAVA_15_CHAT_TEMPLATE.replace("{{ 'ASSISTANT:' }}", "{{ '" + generation_prompt + "' }}")
+    images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, chat_template=template,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)

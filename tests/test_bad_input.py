@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -628,6 +629,14 @@ def test_llava_json_lines_are_read_as_the_list(tmp_path, name, lines):
     path.write_text("{not json}\n{}\n")
     with pytest.raises(ValueError, match=r"is not valid JSON .*or JSON Lines, one record per line"):
         load_llava_json(str(path), str(tmp_path / "images"))
+    # a broken JSON document keeps its own error's position (not line 1 of a JSON Lines reading)
+    broken = json.dumps([record, record], indent=1)[:-2] + ",\n]"  # a trailing comma, far below line 1
+    (tmp_path / "broken.json").write_text(broken)
+    with pytest.raises(json.JSONDecodeError) as original:
+        json.loads(broken)
+    assert original.value.lineno > 1
+    with pytest.raises(ValueError, match=re.escape(f"is not valid JSON ({original.value});")):
+        load_llava_json(str(tmp_path / "broken.json"), str(tmp_path / "images"))
 
 
 def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):

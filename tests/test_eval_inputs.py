@@ -244,7 +244,7 @@ def test_evaluate_methods_keeps_a_result_another_run_wrote_meanwhile(tmp_path, m
                                             f"{out / 'r-2'}.json\nwrote {out / 'r-2'}.md and {out / 'r-2'}.json\n")
 
 
-# ----------------------------------------------------------------------------- 7. --max_samples, --split (counts: test_bad_input)
+# ------------------------------------------------------------- 7. --max_samples, --split (the counts: test_bad_input)
 
 
 def test_max_samples_spreads_over_families_and_keeps_mme_pairs(tmp_path):

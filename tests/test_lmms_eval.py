@@ -342,6 +342,7 @@ def test_documents_without_an_image_and_with_several(demo_folder, method):
     greedy answer on that prompt alone, in a batch with an image row as alone. Several images run unpruned only."""
     import torch
 
+    from rcp_llava.data import prompt_messages
     from rcp_llava.demo import demo_image
 
     lm = _from_args(demo_folder, f"pruning_method={method},max_new_tokens=3", batch_size=2)
@@ -352,8 +353,8 @@ def test_documents_without_an_image_and_with_several(demo_folder, method):
 
     def alone(doc_id):
         images = docs[doc_id]["img"]
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "what colour is the shape ?"}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        messages = prompt_messages("what colour is the shape ?", num_images=len(images))
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
         with torch.no_grad():
             out = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False,
@@ -361,7 +362,8 @@ def test_documents_without_an_image_and_with_several(demo_folder, method):
         return lm.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
 
     question = "what colour is the shape ?"
-    pair = lm.generate_until([_request(question, {"until": []}, visual, 0), _request(question, {"until": []}, visual, 1)])
+    pair = lm.generate_until([_request(question, {"until": []}, visual, 0),
+                              _request(question, {"until": []}, visual, 1)])
     assert pair == [alone(0), alone(1)]
     assert lm.generate_until([_request(question, {"until": []}, visual, 1)]) == [alone(1)]
     score, _ = lm.loglikelihood([type("R", (), {"args": (question, " w1", visual, 1, "t", "test")})()])[0]
@@ -373,3 +375,37 @@ def test_documents_without_an_image_and_with_several(demo_folder, method):
         with pytest.raises(ValueError, match=r"^rcp_llava: pruning_method='rcp' prunes one image per prompt; t/test "
                                              r"doc 2 gives 2 images\. Evaluate this task with pruning_method=none"):
             lm.generate_until(two)
+
+
+@pytest.mark.parametrize("generation_prompt, add_eos_token", [("ASSISTANT:", False), ("ASSISTANT: ", False),
+                                                              ("ASSISTANT:", True)])
+def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_prompt, add_eos_token):
+    """The continuation started after as many tokens as the prompt has alone: with a generation prompt ending in a
+    space ("▁There" absorbs it) or a tokenizer that appends EOS, its first token went unscored (a one-token choice
+    "A" scored nothing: log-probability 0 for every choice). It starts where the collator starts an answer."""
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import sentencepiece_like_processor
+    from PIL import Image
+
+    lm = _from_args(demo_folder, "")
+    processor = sentencepiece_like_processor(generation_prompt, add_eos_token)
+    lm.processor, lm._tokenizer = processor, processor.tokenizer
+    scored = []
+
+    class Model(torch.nn.Module):  # records the labelled tokens; uniform logits
+        dtype = torch.float32
+
+        def forward(self, input_ids, labels=None, **kwargs):
+            scored.append(input_ids[0][labels[0] != -100].tolist())
+            return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], len(processor.tokenizer)))
+
+    lm._model = Model()
+    lm.task_dict = {"t": {"test": [{"img": Image.new("RGB", (8, 8))}]}}
+    space = "" if generation_prompt.endswith(" ") else " "  # the prompt or the continuation holds the space
+    for continuation in (space + "There are two cats", space + "A"):
+        request = SimpleNamespace(args=("How many cats?", continuation, lambda d: [d["img"]], 0, "t", "test"))
+        (logprob, _), = lm.loglikelihood([request])
+        text = processor.tokenizer.decode(scored[-1], skip_special_tokens=True).strip()
+        assert text == continuation.strip() and logprob < 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_rcp
+from conftest import sentencepiece_like_processor
 from train_rcp import (
     RcpDataCollator, RcpTrainer, RcpTrainingArguments, gaussian_w2, sparsity_loss, task_loss, w2_repair_loss,
 )
@@ -189,34 +190,6 @@ def test_collator_builds_labels_and_masks(micro):
         assert not (batch["question_mask"][i] & (batch["labels"][i] != -100)).any()
 
 
-def _sentencepiece_like_processor(generation_prompt, add_eos_token=False):
-    """A LLaVA processor with a small Llama-style BPE tokenizer (metaspace, "▁There" is one token), trained here, and
-    llava-hf's LLaVA-1.5 template with the given generation prompt."""
-    import json as json_
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AddedToken, CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
-
-    from rcp_llava.lmms_eval_model import LLAVA_15_CHAT_TEMPLATE
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    corpus = ["USER: ASSISTANT: How many cats are there? There are two cats. What colour? Red."] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    model = json_.loads(bpe.to_str())["model"]
-    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                       for m in model["merges"]])
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tok.add_special_tokens({"pad_token": "<pad>"})
-    tok.add_eos_token = add_eos_token
-    template = LLAVA_15_CHAT_TEMPLATE.replace("{{ 'ASSISTANT:' }}", "{{ '" + generation_prompt + "' }}")
-    images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
-    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, chat_template=template,
-                          vision_feature_select_strategy="default", image_token="<image>",
-                          num_additional_image_tokens=1)
-
-
 @pytest.mark.parametrize("generation_prompt, add_eos_token", [("ASSISTANT:", False), ("ASSISTANT: ", False),
                                                               ("ASSISTANT:", True)])
 def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prompt, add_eos_token):
@@ -225,7 +198,7 @@ def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prom
     first token went into `question_mask` (the pruners read it) and was never trained."""
     from PIL import Image
 
-    processor = _sentencepiece_like_processor(generation_prompt, add_eos_token)
+    processor = sentencepiece_like_processor(generation_prompt, add_eos_token)
     tok = processor.tokenizer
     example = {"image": Image.new("RGB", (8, 8), (255, 0, 0)), "question": "How many cats?",
                "answer": "There are two cats"}
@@ -409,7 +382,10 @@ def test_a_tokenizer_without_a_pad_token_is_named_before_training(micro):
             f"batches. Give it one and save the processor with the base model: `processor.tokenizer.pad_token = "
             f"{fallback!r}` (the padding is masked out), then `processor.save_pretrained(DIR)`.") + "$"):
         train_rcp.check_dataset(dataset, RcpDataCollator(processor), name="'train' split")
-    train_rcp.check_dataset(dataset.select([0]), RcpDataCollator(processor))  # one example: nothing to pad
+    with pytest.raises(ValueError, match="does not have a padding token"):  # one example is padded too
+        RcpDataCollator(processor)([dataset[0]])
+    with pytest.raises(ValueError, match="^The processor's tokenizer has no pad token"):
+        train_rcp.check_dataset(dataset.select([0]), RcpDataCollator(processor))
 
 
 def _three_rows(dataset, column, values):
