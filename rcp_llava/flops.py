@@ -5,8 +5,9 @@ Conventions (the numbers are only comparable under the same ones):
 
 - **FLOPs = 2 x multiply-accumulates, matmul and convolution only.** Softmax, norms, activations, RoPE,
   residual adds, biases and embedding look-ups are not counted. This is exactly what
-  `torch.utils.flop_counter.FlopCounterMode` counts (mm/addmm/bmm/convolution; `addmm`'s bias add is not
-  counted), and what "FLOPs" means in LLaVA token-pruning papers: the paper's 9.6 TFLOPs for LLaVA-1.5-7B
+  `torch.utils.flop_counter.FlopCounterMode` counts on a model with eager attention (mm/addmm/bmm/convolution;
+  `addmm`'s bias add is not counted; on CPU it does not see sdpa's own matmuls, so an sdpa model measures less),
+  and what "FLOPs" means in LLaVA token-pruning papers: the paper's 9.6 TFLOPs for LLaVA-1.5-7B
   is only reached with 2 FLOPs per MAC (1 per MAC gives ~4.5 T).
 - **Attention is counted dense**: a layer that processes `T` tokens does `QK^T` and `AV` over the full
   `T x T` score matrix, i.e. `4 * num_attention_heads * head_dim * T * T` FLOPs, not the causal half.
