@@ -559,10 +559,8 @@ class RcpLlavaConfig(LlavaConfig):
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens per image that reach the language model (N)."""
-        vision = self.vision_config
-        n = (vision.image_size // vision.patch_size) ** 2
-        return n + 1 if self.vision_feature_select_strategy == "full" else n
+        """Visual tokens per image that reach the language model (N): `visual_tokens_per_image`."""
+        return visual_tokens_per_image(self)
 
     def tokens_per_layer(self) -> list[int] | None:
         """Visual tokens each decoder layer processes under this config's fixed counts (all N for "none"; None for
@@ -585,6 +583,14 @@ class RcpLlavaConfig(LlavaConfig):
 # ------------------------------------------------------------------------------------------------
 # 3. Per-layer token accounting
 # ------------------------------------------------------------------------------------------------
+
+
+def visual_tokens_per_image(config) -> int:
+    """N, the visual tokens per image that reach the language model, of any LLaVA config (a stock `LlavaConfig`
+    too): the patch grid, plus the CLS token with `vision_feature_select_strategy="full"`."""
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
 def visual_tokens_per_layer(num_layers, num_visual_tokens, pruning_layers, keep_counts):
@@ -635,4 +641,4 @@ def _as_int_list(value, name):
 
 
 __all__ = ["RcpLlavaConfig", "PruningMethod", "PRUNING_METHODS", "PAPER_PLACEMENTS", "default_fastv_layer", "paper_placement",
-           "register_pruning_spec"]
+           "register_pruning_spec", "visual_tokens_per_image"]

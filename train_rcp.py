@@ -45,6 +45,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
+from configuration_rcp_llava import visual_tokens_per_image
 from modeling_rcp_llava import (
     PLUGIN_PREFIX, RCP_CONFIG_NAME, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
 )
@@ -1285,7 +1286,7 @@ def run_job(job, args, explicit=()):
         )
     processor = AutoProcessor.from_pretrained(base_model)
 
-    num_visual = (base_config.vision_config.image_size // base_config.vision_config.patch_size) ** 2
+    num_visual = visual_tokens_per_image(base_config)  # the config's N (+1 with the "full" feature strategy)
     overrides = plugin_overrides(job, testbed, num_visual)
     budget = overrides["visual_token_budget"]
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,

@@ -136,6 +136,20 @@ def variant_argv(name, base_args, out_dir, max_steps=None):
     return argv
 
 
+def variant_job(name, argv, parser=None):
+    """`train_rcp.py`'s (job, training) arguments of variant `name` run with `argv`: parsed by train_rcp's own parser
+    (`parser`, default a fresh one), the variant's job fields set. Training a variant again replaces its earlier
+    run (other flags or another base), which `--overwrite_output_dir` says to train_rcp. One home for the training
+    (`train_variant`) and the check before any trains (`check_variants`)."""
+    import train_rcp
+
+    parser = parser or train_rcp.build_parser()
+    job, args = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
+    for key, value in variant_spec(name)[1].items():
+        setattr(job, key, value)
+    return job, args
+
+
 def check_variants(variants, base_args, work, max_steps=None):
     """Parse every trained variant's `train_rcp.py` arguments with train_rcp's own parser and build the plug-in
     config they give (from the base model's config.json, or the testbed preset's config when it is not built yet;
@@ -149,16 +163,13 @@ def check_variants(variants, base_args, work, max_steps=None):
         raise ValueError(message)
 
     for name in variants:
-        flags, job_overrides, trained = variant_spec(name)
+        flags, _, trained = variant_spec(name)
         if not trained:
             continue
         parser = train_rcp.build_parser()
         parser.error = refuse
         try:
-            argv = variant_argv(name, base_args, os.path.join(work, slug(name)), max_steps)
-            job, _ = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
-            for key, value in job_overrides.items():
-                setattr(job, key, value)
+            job, _ = variant_job(name, variant_argv(name, base_args, os.path.join(work, slug(name)), max_steps), parser)
             base = base_config_dict(job)
             if base is None:
                 continue
@@ -197,7 +208,6 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
     """Train one variant with `train_rcp.run_job`; returns (model folder, seconds, argv). Reuses a finished run."""
     import train_rcp
 
-    _, job_overrides, _ = variant_spec(name)
     argv = variant_argv(name, base_args, out_dir, max_steps)
     model_dir = os.path.join(out_dir, "model")
     source_file = os.path.join(out_dir, "ablation_source.json")
@@ -213,11 +223,7 @@ def train_variant(name, base_args, out_dir, max_steps=None, reuse=True):
         # weights) or with other flags would evaluate a stale backbone
         print(f"[ablations] {out_dir}: trained from another base model or other flags; training it again",
               flush=True)
-    parser = train_rcp.build_parser()
-    # Training again replaces this variant's earlier run (other flags or another base): say so to train_rcp.
-    job, args = parser.parse_args_into_dataclasses(args=argv + ["--overwrite_output_dir", "true"])
-    for key, value in job_overrides.items():
-        setattr(job, key, value)
+    job, args = variant_job(name, argv)
     started = time.time()
     with patched(name):
         train_rcp.run_job(job, args, explicit=set(train_rcp._explicit_flags(argv)))

@@ -42,7 +42,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from configuration_rcp_llava import visual_tokens_per_layer
+from configuration_rcp_llava import visual_tokens_per_image, visual_tokens_per_layer
 
 
 __all__ = [
@@ -178,9 +178,7 @@ def _vision_feature_layers(config):
 
 
 def _num_image_feature_tokens(config):
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
+    return visual_tokens_per_image(config)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -331,13 +331,20 @@ class RcpLlava(lmms):
             alone = self.processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"][0]
             # Where the continuation's tokens begin (the collator's rule): counting the prompt's own tokens dropped
             # a continuation's first token when it absorbs the prompt's trailing space ("▁There").
-            start = shared_prefix_length(full["input_ids"][0].cpu(), alone)
+            ids = full["input_ids"][0]
+            start = shared_prefix_length(ids.cpu(), alone)
+            # A tokenizer that appends EOS to every text (`add_eos_token`) ends the prompt alone with it too: that
+            # EOS is not the continuation's, so it is neither scored nor required of a greedy match.
+            eos = self.tokenizer.eos_token_id
+            tail = int(eos is not None and int(alone[-1]) == eos and int(ids[-1]) == eos and start < len(ids) - 1)
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
+            labels[:, len(ids) - tail:] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
             logits = self.model(**full, labels=labels).logits
-            target = full["input_ids"][0, start:]  # (C,)
-            scores = logits[0, -target.shape[0] - 1:-1].float().log_softmax(-1)  # the continuation's predictions
+            target = ids[start:len(ids) - tail]  # (C,)
+            stop = logits.shape[1] - 1 - tail
+            scores = logits[0, stop - target.shape[0]:stop].float().log_softmax(-1)  # the continuation's predictions
             logprob = scores.gather(-1, target.unsqueeze(-1)).sum()
             greedy = bool((scores.argmax(-1) == target).all())
             results.append((float(logprob), greedy))

@@ -441,3 +441,17 @@ def test_a_missing_local_plugin_folder_is_named(tmp_path):
             model.load_plugins(path)
         with pytest.raises(FileNotFoundError, match=r"`plugins` .*: no such folder"):
             model.load_adapter(path)
+
+
+def test_visual_tokens_per_image_is_one_rule_for_every_llava_config():
+    """N of a stock LlavaConfig, of RcpLlavaConfig and of the FLOP accounting: train_rcp computed its own without the
+    CLS token of `vision_feature_select_strategy="full"`, so its budget range was one token short of the config's."""
+    from transformers import LlavaConfig
+
+    from configuration_rcp_llava import visual_tokens_per_image
+    from rcp_llava.flops import _num_image_feature_tokens
+
+    for strategy, n in (("default", NUM_VISUAL), ("full", NUM_VISUAL + 1)):
+        config = tiny_config(vision_feature_select_strategy=strategy)
+        stock = LlavaConfig(**{k: v for k, v in config.to_dict().items() if k in LlavaConfig().to_dict()})
+        assert visual_tokens_per_image(stock) == config.num_visual_tokens == _num_image_feature_tokens(stock) == n

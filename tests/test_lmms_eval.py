@@ -382,7 +382,8 @@ def test_documents_without_an_image_and_with_several(demo_folder, method):
 def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_prompt, add_eos_token):
     """The continuation started after as many tokens as the prompt has alone: with a generation prompt ending in a
     space ("▁There" absorbs it) or a tokenizer that appends EOS, its first token went unscored (a one-token choice
-    "A" scored nothing: log-probability 0 for every choice). It starts where the collator starts an answer."""
+    "A" scored nothing: log-probability 0 for every choice). It starts where the collator starts an answer, and an
+    EOS the tokenizer appends to every text is not the continuation's (it was scored)."""
     from types import SimpleNamespace
 
     import torch
@@ -407,5 +408,5 @@ def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_pro
     for continuation in (space + "There are two cats", space + "A"):
         request = SimpleNamespace(args=("How many cats?", continuation, lambda d: [d["img"]], 0, "t", "test"))
         (logprob, _), = lm.loglikelihood([request])
-        text = processor.tokenizer.decode(scored[-1], skip_special_tokens=True).strip()
+        text = processor.tokenizer.decode(scored[-1]).strip()  # special tokens kept: an appended EOS is not scored
         assert text == continuation.strip() and logprob < 0
