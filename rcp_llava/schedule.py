@@ -136,14 +136,20 @@ def scheduled_tokens_per_layer(config):
     return config.tokens_per_layer()
 
 
-def kept_tokens_per_layer(config, kept_counts, batch_size):
+def kept_tokens_per_layer(config, kept_counts, batch_size, has_image=None):
     """Per-sample visual tokens per decoder layer from measured kept counts `(B, P)` at `config`'s pruning points
-    (None: nothing was pruned, every layer sees all N). Returns B lists of `num_layers` ints."""
+    (None: nothing was pruned, every layer sees all N). `has_image` (B,) bools, e.g. `last_pruning_info.has_image`:
+    a row without an image sees 0 at every layer (without it, its layers before the first pruner read N, which it
+    never had). Returns B lists of `num_layers` ints."""
     num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
     if kept_counts is None:
-        return [[n] * num_layers for _ in range(batch_size)]
-    points = config.pruning_points
-    return [visual_tokens_per_layer(num_layers, n, points, [int(c) for c in row]) for row in kept_counts.tolist()]
+        rows = [[n] * num_layers for _ in range(batch_size)]
+    else:
+        points = config.pruning_points
+        rows = [visual_tokens_per_layer(num_layers, n, points, [int(c) for c in row]) for row in kept_counts.tolist()]
+    if has_image is not None:
+        rows = [row if bool(image) else [0] * num_layers for row, image in zip(rows, has_image)]
+    return rows
 
 
 def average_tokens(per_layer, first_layer=0):

@@ -742,3 +742,17 @@ def test_one_token_references_keep_the_first_token_scoring(monkeypatch):
     result = evaluation.evaluate_model(model, processor, evaluation.EvalData("testbed", rows, "t"), batch_size=4)
     assert result["scoring"] == "first token" and result["predictions"] == expected
     assert result["correct"] == [int(p == a) for p, a in zip(expected, rows["answer"])]
+
+
+def test_kept_tokens_per_layer_of_a_row_without_an_image_is_zero():
+    """A text-only row kept 0 at every point, but its layers before the first pruner read N ([16, 0, 0, 0]): it
+    never had an image. Given `has_image` (as `last_pruning_info` holds it), such a row is 0 at every layer."""
+    from rcp_llava.schedule import kept_tokens_per_layer
+
+    model = make_model(pruning_keep_counts=[8, 4])
+    with torch.no_grad():
+        out = model(**make_batch([(2, 3, True), (4, 5, False)]))
+    has_image = model.last_pruning_info.has_image
+    assert kept_tokens_per_layer(model.config, out.kept_counts, 2, has_image) == [[16, 8, 4, 4], [0, 0, 0, 0]]
+    assert kept_tokens_per_layer(model.config, out.kept_counts, 2)[1] == [16, 0, 0, 0]  # without it, as before
+    assert kept_tokens_per_layer(model.config, None, 2, [True, False]) == [[16] * 4, [0] * 4]
