@@ -51,6 +51,11 @@ def paper_placement(num_layers, budget_fraction=64 / 576):
     [1, num_layers) and strictly increasing, and the adapters at or after the first pruner, strictly increasing
     (a shallow model may get fewer adapters than two, never fewer pruners than it has room for).
     """
+    # numpy's scalars (a budget computed with numpy) are numbers here: nothing of them is stored
+    if isinstance(num_layers, numbers.Integral) and not isinstance(num_layers, bool):
+        num_layers = int(num_layers)
+    if isinstance(budget_fraction, numbers.Real) and not isinstance(budget_fraction, bool):
+        budget_fraction = float(budget_fraction)
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
         raise ValueError(f"`num_layers` must be an int >= 2 (a pruner needs a layer after layer 0), got {num_layers!r}.")
     if not (_is_number(budget_fraction) and 0 < budget_fraction <= 1):
@@ -415,20 +420,21 @@ class RcpLlavaConfig(LlavaConfig):
         for name in ("num_pruning_queries", "pruner_hidden_size", "pruner_num_heads", "repair_bottleneck_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}{_not_builtin(value)}.")
         if self.pruner_hidden_size % self.pruner_num_heads:
             raise ValueError(
                 f"`pruner_num_heads` ({self.pruner_num_heads}) must divide `pruner_hidden_size` "
                 f"({self.pruner_hidden_size}); e.g. 4 heads of a 512-wide pruner."
             )
         if isinstance(self.pruning_seed, bool) or not isinstance(self.pruning_seed, int):
-            raise TypeError(f"`pruning_seed` must be an int, got {self.pruning_seed!r}.")
+            seed = self.pruning_seed
+            raise TypeError(f"`pruning_seed` must be an int, got {seed!r}{_not_builtin(seed)}.")
 
     def _validate_training(self):
         for name in ("query_dropout", "pruner_dropout"):
             value = getattr(self, name)
             if not (_is_number(value) and 0.0 <= value < 1.0):
-                raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}.")
+                raise ValueError(f"`{name}` must be a float in [0, 1), got {value!r}{_not_builtin(value)}.")
         check_gumbel_temperature(self.gumbel_temperature, "`gumbel_temperature`")
 
     def _coerce_budget(self):
@@ -460,7 +466,7 @@ class RcpLlavaConfig(LlavaConfig):
         pre, method = self.pre_llm_keep_count, self.pruning_spec
         if pre is not None:
             if isinstance(pre, bool) or not isinstance(pre, int):
-                raise TypeError(f"`pre_llm_keep_count` must be an int or None, got {pre!r}.")
+                raise TypeError(f"`pre_llm_keep_count` must be an int or None, got {pre!r}{_not_builtin(pre)}.")
             if not method.pre_llm:
                 pre_methods = [name for name, m in PRUNING_METHODS.items() if m.pre_llm]
                 raise ValueError(
@@ -473,7 +479,8 @@ class RcpLlavaConfig(LlavaConfig):
                 )
         ratio = self.vispruner_important_ratio
         if not (_is_number(ratio) and 0.0 <= ratio <= 1.0):
-            raise ValueError(f"`vispruner_important_ratio` must be a number in [0, 1], got {ratio!r}.")
+            raise ValueError(f"`vispruner_important_ratio` must be a number in [0, 1], got "
+                             f"{ratio!r}{_not_builtin(ratio)}.")
         if self.fastv_query not in FASTV_QUERIES:
             raise ValueError(f"`fastv_query` is {self.fastv_query!r}, but it must be one of {list(FASTV_QUERIES)}.")
 
@@ -624,7 +631,16 @@ def _warn_misspelt_fields(config_dict):
 def check_gumbel_temperature(value, name):
     """ValueError unless `value` is a finite temperature > 0 (Eq. 6); `name` says where it came from."""
     if not (_is_number(value) and 0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive float, got {value!r}.")
+        raise ValueError(f"{name} must be a positive float, got {value!r}{_not_builtin(value)}.")
+
+
+def _not_builtin(value):
+    """The end of a type error's message for a numpy (or other non-builtin) number: its type and the fix, so that
+    "must be a positive int, got np.int64(8)" does not read as a contradiction (config fields are saved as JSON)."""
+    if isinstance(value, numbers.Number) and type(value) not in (int, float, bool):
+        kind = "int" if isinstance(value, numbers.Integral) else "float"
+        return f" ({type(value).__name__}, not a Python {kind}: pass {kind}(value))"
+    return ""
 
 
 def _is_number(value):
@@ -635,8 +651,9 @@ def _as_int_list(value, name):
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"`{name}` must be a list of ints, got {value!r}.")
     out = list(value)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in out):
-        raise TypeError(f"`{name}` must be a list of ints, got {value!r}.")
+    bad = [v for v in out if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise TypeError(f"`{name}` must be a list of ints, got {value!r}{_not_builtin(bad[0])}.")
     return out
 
 

@@ -455,3 +455,25 @@ def test_visual_tokens_per_image_is_one_rule_for_every_llava_config():
         config = tiny_config(vision_feature_select_strategy=strategy)
         stock = LlavaConfig(**{k: v for k, v in config.to_dict().items() if k in LlavaConfig().to_dict()})
         assert visual_tokens_per_image(stock) == config.num_visual_tokens == _num_image_feature_tokens(stock) == n
+
+
+def test_numpy_scalars_placement_takes_them_and_fields_name_their_type():
+    """`paper_placement(32, np.float32(1/9))` said "must be a fraction in (0, 1], got np.float32(0.11)", which it is;
+    config fields refuse numpy scalars (saved as JSON; stock's strict check refuses them too), but said "must be a
+    positive int, got np.int64(8)", which read as a contradiction."""
+    import numpy as np
+
+    assert RcpLlavaConfig.paper_placement(np.int64(32), np.float32(64 / 576)) == ([1, 13, 25], [22, 29])
+    for overrides, error, message in [
+        ({"num_pruning_queries": np.int64(8)}, ValueError,
+         "`num_pruning_queries` must be a positive int, got np.int64(8) (int64, not a Python int: pass int(value))."),
+        ({"query_dropout": np.float32(0.1)}, ValueError, "`query_dropout` must be a float in [0, 1), got "
+                                                         "np.float32(0.1) (float32, not a Python float: pass "
+                                                         "float(value))."),
+        ({"pruning_layers": [np.int64(1), 2]}, TypeError, "`pruning_layers` must be a list of ints, got "
+                                                          "[np.int64(1), 2] (int64, not a Python int: pass int(value))."),
+        ({"query_dropout": 2.0}, ValueError, "`query_dropout` must be a float in [0, 1), got 2.0."),
+    ]:
+        with pytest.raises(error) as err:
+            tiny_config(**overrides)
+        assert str(err.value) == message
