@@ -2420,7 +2420,20 @@ def atomic_write(path, write):
 
 def share_backbone(target, source):
     """Give `target` (a LLaVA built on the meta device) `source`'s vision tower, projector, language model, LM head
-    and generation config: the same modules, no copy (one backbone under several configs)."""
+    and generation config: the same modules, no copy (one backbone under several configs). Adapters transformers'
+    PEFT integration put in those modules (`add_adapter`, `load_adapter`) come with their state (`peft_config`):
+    without it the target held the LoRA layers but no adapter, `active_adapters()` said none was loaded, and
+    `save_pretrained` wrote PEFT-named full weights that reloaded with random q/v projections. Adapter layers a
+    `PeftModel` injected (no such state on the model) are refused: no save of the target could restore them."""
+    if getattr(source, "_hf_peft_config_loaded", False):
+        target._hf_peft_config_loaded = True
+        target.peft_config = source.peft_config
+    elif any(hasattr(m, "base_layer") and hasattr(m, "active_adapters") for m in source.modules()):
+        raise TypeError(
+            f"The {type(source).__name__} holds PEFT adapter layers that a `PeftModel` injected (e.g. the model of "
+            "`peft_model.get_base_model()`): merge them first (`peft_model.merge_and_unload()`), or build the RCP "
+            "model on the plain base and wrap it with PEFT afterwards."
+        )
     for attr in ("vision_tower", "multi_modal_projector", "language_model"):
         setattr(target.model, attr, getattr(source.model, attr))
     target.lm_head = source.lm_head
@@ -2992,7 +3005,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
         The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
         pruning field of `RcpLlavaConfig` overrides it (e.g. `pruning_keep_counts=[96, 26, 8]`), every other kwarg
-        goes to `from_pretrained` (`dtype`, `device_map`, ...). Plug-ins built for another hidden size or layer
+        goes to `from_pretrained` (`dtype`, `device_map`, ...; a loaded base is shared as it is and takes none). Plug-ins built for another hidden size or layer
         count raise a `ValueError` before any weight is read.
         """
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
@@ -3002,6 +3015,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                       if v is not None}
         plugin_hub.update({k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only") if k in kwargs})
         loaded = isinstance(base_model, LlavaForConditionalGeneration)
+        if loaded and set(kwargs) - set(_HUB_KWARGS):
+            # `from_pretrained`'s arguments (dtype, device_map, attn_implementation) were dropped silently: the
+            # loaded model is shared as it is.
+            raise TypeError(
+                f"`from_base` shares a loaded `base_model` as it is, so {sorted(set(kwargs) - set(_HUB_KWARGS))} would "
+                "be ignored: cast or move the base first (`base.to(dtype)`, `base.set_attn_implementation(...)`), or "
+                "pass its folder / Hub id to load it with them."
+            )
         if loaded:
             base_name = getattr(base_model, "name_or_path", None) or getattr(base_model.config, "_name_or_path", "")
             base_dict = base_model.config.to_dict()
@@ -3117,8 +3138,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         adapter = folder is not None and os.path.isfile(os.path.join(folder, "adapter_config.json"))
         if peft_model_id is None or (not plugins and (peft_args or adapter)):
             return super().load_adapter(peft_model_id, *args, **kwargs)
+        if peft_args and adapter:  # both in one folder (save_pretrained after add_adapter, then save_plugins)
+            return super().load_adapter(peft_model_id, *args, **kwargs)
         if peft_args:
             raise TypeError("RCP plug-ins have no adapter names: call `load_adapter(plugins_folder_or_repo)`.")
+        if adapter:
+            logger.warning(f"{peft_model_id} holds RCP plug-ins and a PEFT adapter (adapter_config.json): the plug-ins "
+                           "are loaded; load the adapter too with `load_adapter(folder, adapter_name=...)`.")
         return self.load_plugins(peft_model_id, strict=strict, **kwargs)
 
 

@@ -137,3 +137,66 @@ def test_rcp_trainer_refuses_a_peft_model_by_name(tmp_path):
     wrapped = _lora(_model(), target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"got a PEFT-wrapped model \(PeftModel\).*merge_and_unload\(\)` \(LoRA"):
         RcpTrainer(model=wrapped, args=RcpTrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_from_base_and_unload_carry_transformers_adapters_and_refuse_peft_models_layers(tmp_path, caplog):
+    """A base with `add_adapter` LoRA lost its adapter state in `from_base` (and an RCP model in `unload`): the LoRA
+    layers came along but `active_adapters()` found none, and `save_pretrained` wrote PEFT-named full weights that
+    reloaded with random q/v projections (logits 0.52 off). Now the adapter comes along, and saves as on stock. A
+    `PeftModel`'s injected layers (its base model) and from_pretrained arguments for a loaded base are refused."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    model = _model()
+    model.save_plugins(tmp_path / "plugins")
+    batch = make_batch(PADDED)
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    stock = copy.deepcopy(model).unload()
+    stock.save_pretrained(tmp_path / "stock")
+    torch.manual_seed(0)
+    with_lora = copy.deepcopy(stock)
+    with_lora.add_adapter(config)
+    rcp = RcpLlavaForConditionalGeneration.from_base(with_lora, plugins=str(tmp_path / "plugins")).eval()
+    assert rcp.active_adapters() == ["default"]
+    rcp.save_pretrained(tmp_path / "saved")
+    assert sorted(os.listdir(tmp_path / "saved")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "generation_config.json"]
+    again = RcpLlavaForConditionalGeneration.from_base(str(tmp_path / "stock"), plugins=str(tmp_path / "plugins"))
+    again.load_adapter(str(tmp_path / "saved"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(**batch).logits, rcp(**batch).logits, rtol=0, atol=0)
+    # unload keeps it too
+    unloaded = rcp.unload()
+    assert unloaded.active_adapters() == ["default"]
+    # A PeftModel's base holds LoRA layers but no adapter state: no save could restore them
+    wrapped = _lora(copy.deepcopy(stock), init=False, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(TypeError, match=r"^The LlavaForConditionalGeneration holds PEFT adapter layers that a "
+                                        r"`PeftModel` injected .*merge them first \(`peft_model.merge_and_unload\(\)`\)"):
+        RcpLlavaForConditionalGeneration.from_base(wrapped.get_base_model(), plugins=str(tmp_path / "plugins"))
+    # from_pretrained's arguments do nothing to a loaded base: refused, not dropped
+    with pytest.raises(TypeError, match=r"^`from_base` shares a loaded `base_model` as it is, so "
+                                        r"\['attn_implementation', 'dtype'\] would be ignored"):
+        RcpLlavaForConditionalGeneration.from_base(stock, plugins=str(tmp_path / "plugins"), dtype=torch.bfloat16,
+                                                   attn_implementation="eager")
+
+
+def test_a_folder_with_plugins_and_a_peft_adapter_loads_either_on_request(tmp_path, caplog):
+    """`save_pretrained` after `add_adapter` and `save_plugins` into one folder: `load_adapter(folder)` loaded the
+    plug-ins and said nothing of the adapter, and `load_adapter(folder, adapter_name=...)` raised "RCP plug-ins have
+    no adapter names". The plug-ins load by default (with a warning naming the adapter); PEFT's arguments load it."""
+    import logging
+
+    model = _model()
+    torch.manual_seed(0)
+    model.add_adapter(peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "both")
+    model.save_plugins(tmp_path / "both")
+    fresh = copy.deepcopy(model)
+    fresh.delete_adapter("default")
+    with caplog.at_level(logging.WARNING, logger="modeling_rcp_llava"):
+        fresh.load_adapter(str(tmp_path / "both"))
+    assert "holds RCP plug-ins and a PEFT adapter (adapter_config.json): the plug-ins are loaded" in caplog.text
+    fresh.load_adapter(str(tmp_path / "both"), adapter_name="lora")
+    assert fresh.active_adapters() == ["lora"]
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
