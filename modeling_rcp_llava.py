@@ -63,10 +63,10 @@ from transformers.utils.generic import maybe_autocast  # autocast off where it i
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
     from .configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
-    from .configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec
+    from .configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec, visual_tokens_per_image
 except ImportError:  # ... or as an installed top-level module
     from configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
-    from configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec
+    from configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec, visual_tokens_per_image
 
 try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
     # remote-code import check ignores try blocks, so the Hub files still need only torch and transformers.
@@ -2464,16 +2464,21 @@ def _is_stock_checkpoint(name_or_path, kwargs):
     return config_dict.get("model_type") == "llava"
 
 
-def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugins_name):
-    """ValueError unless plug-ins built for (hidden_size, num_layers) fit; called before any tensor is read."""
+def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugins_name, num_visual_tokens=None):
+    """ValueError unless plug-ins built for (hidden_size, num_layers, N visual tokens) fit; called before any tensor
+    is read (another N failed after the base loaded, blaming the plug-in sizes: the repair context's position table
+    is N wide)."""
     problems = []
-    for key, actual in (("hidden_size", hidden_size), ("num_hidden_layers", num_layers)):
+    for key, actual in (("hidden_size", hidden_size), ("num_hidden_layers", num_layers),
+                        ("num_visual_tokens", num_visual_tokens)):
+        if actual is None:
+            continue
         expected = plugin_config.get(key)
         if expected is not None and expected != actual:
             problems.append(f"`{key}` {expected} (plug-ins) != {actual} (base)")
     if problems:
         raise ValueError(
-            f"The RCP plug-ins {plugins_name!r} were trained for another text model than {base_name!r}: "
+            f"The RCP plug-ins {plugins_name!r} were trained for another model than {base_name!r}: "
             f"{'; '.join(problems)}. Use the base model named in its {RCP_CONFIG_NAME} "
             f"(`base_model_name_or_path`: {plugin_config.get('base_model_name_or_path')!r})."
         )
@@ -2885,7 +2890,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         self._check_plugins_unwrapped("load_plugins")
         plugin_config = read_plugin_config(plugins, **hub_kwargs)
         text = self.config.text_config
-        _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins)
+        _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins,
+                            self.config.num_visual_tokens)
         weights = _resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs)
         check_safetensors_file(weights)
         tensors = _load_safetensors(weights)
@@ -3035,10 +3041,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
                             f"{type(base_model).__name__}.")
         drop = set(PRUNING_FIELDS) | {"model_type", "auto_map", "architectures", "transformers_version"}
         stock = {k: v for k, v in base_dict.items() if k not in drop}
-        stock_text = LlavaConfig.from_dict(stock).text_config
+        stock_config = LlavaConfig.from_dict(stock)
+        stock_text = stock_config.text_config
         plugin_config = read_plugin_config(plugins, **plugin_hub) if plugins is not None else {}
         if plugins is not None:
-            _check_plugin_shape(plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_name, plugins)
+            _check_plugin_shape(plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_name, plugins,
+                                visual_tokens_per_image(stock_config))
             # A truncated plug-in file is named now, not after the whole base model has loaded.
             check_safetensors_file(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, plugin_hub))
         fields = {k: plugin_config[k] for k in PRUNING_FIELDS if k in plugin_config}

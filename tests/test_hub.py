@@ -339,6 +339,8 @@ def _edit_plugins(root, name, edit_config=None, drop_keys=()):
 @pytest.mark.parametrize("field, value, match", [
     ("hidden_size", 256, r"`hidden_size` 256 \(plug-ins\) != 128 \(base\)"),
     ("num_hidden_layers", 32, r"`num_hidden_layers` 32 \(plug-ins\) != 4 \(base\)"),
+    # another vision tower's N failed after the base loaded, blaming the plug-in sizes (the context's table is N wide)
+    ("num_visual_tokens", 64, r"`num_visual_tokens` 64 \(plug-ins\) != 16 \(base\)"),
 ])
 def test_from_base_mismatch_fails_before_any_tensor(plugin_setup, monkeypatch, field, value, match):
     _, root, _ = plugin_setup
