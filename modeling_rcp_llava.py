@@ -3137,13 +3137,17 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `adapter_kwargs={"subfolder": ...}`), or a call with any of PEFT's own arguments (`adapter_name`,
         `peft_config`, `adapter_state_dict`, `adapter_kwargs`, `is_trainable`, ...) -- goes to that integration, as on
         a stock model (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without
-        PEFT arguments is read as plug-ins: pass `adapter_name=` to load a Hub PEFT adapter."""
-        peft_args = bool(args) or any(kwargs.get(k) not in (None, False, "auto") for k in _PEFT_LOAD_ARGUMENTS)
+        PEFT arguments is read as plug-ins: pass `adapter_name=` to load a Hub PEFT adapter. On a plug-in folder,
+        `is_trainable` is PEFT's: False freezes the loaded plug-ins (inference), True makes them trainable; not given,
+        their `requires_grad` stays as it was."""
         subfolder = kwargs.get("subfolder") or (kwargs.get("adapter_kwargs") or {}).get("subfolder") or ""
         folder = (os.path.join(os.fspath(peft_model_id), subfolder)
                   if isinstance(peft_model_id, (str, os.PathLike)) and os.path.isdir(peft_model_id) else None)
         plugins = folder is not None and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
         adapter = folder is not None and os.path.isfile(os.path.join(folder, "adapter_config.json"))
+        # It was ignored (False) or refused as an adapter name (True) on a plug-in folder.
+        trainable = kwargs.pop("is_trainable", None) if plugins and not adapter else None
+        peft_args = bool(args) or any(kwargs.get(k) not in (None, False, "auto") for k in _PEFT_LOAD_ARGUMENTS)
         if peft_model_id is None or (not plugins and (peft_args or adapter)):
             return super().load_adapter(peft_model_id, *args, **kwargs)
         if peft_args and adapter:  # both in one folder (save_pretrained after add_adapter, then save_plugins)
@@ -3153,7 +3157,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         if adapter:
             logger.warning(f"{peft_model_id} holds RCP plug-ins and a PEFT adapter (adapter_config.json): the plug-ins "
                            "are loaded; load the adapter too with `load_adapter(folder, adapter_name=...)`.")
-        return self.load_plugins(peft_model_id, strict=strict, **kwargs)
+        result = self.load_plugins(peft_model_id, strict=strict, **kwargs)
+        if trainable is not None:
+            for param in self.plugin_parameters():
+                param.requires_grad_(bool(trainable))
+        return result
 
 
 __all__ = [

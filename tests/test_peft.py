@@ -200,3 +200,18 @@ def test_a_folder_with_plugins_and_a_peft_adapter_loads_either_on_request(tmp_pa
     batch = make_batch(PADDED)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
+
+
+def test_is_trainable_on_a_plugin_folder_is_pefts(tmp_path):
+    """`load_adapter(plugins, is_trainable=False)` was accepted and ignored (the plug-ins stayed trainable), and
+    `is_trainable=True` was refused as "RCP plug-ins have no adapter names"."""
+    model = _model()
+    model.save_plugins(tmp_path / "plugins")
+    fresh = _model(seed=1)
+    fresh.load_adapter(str(tmp_path / "plugins"), is_trainable=False)
+    assert not any(p.requires_grad for p in fresh.plugin_parameters())
+    assert all(torch.equal(fresh.plugin_state_dict()[k], v) for k, v in model.plugin_state_dict().items())
+    fresh.load_adapter(str(tmp_path / "plugins"), is_trainable=True)
+    assert all(p.requires_grad for p in fresh.plugin_parameters())
+    fresh.load_adapter(str(tmp_path / "plugins"))  # not given: as it was
+    assert all(p.requires_grad for p in fresh.plugin_parameters())
