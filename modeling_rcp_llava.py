@@ -28,6 +28,7 @@ sibling `configuration_rcp_llava.py`.
 import contextlib
 import copy
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -2225,6 +2226,34 @@ def check_safetensors_file(path):
                          "or save it again.") from None
 
 
+def _config_digest(text):
+    """The fingerprint of a plug-in checkpoint's rcp_config.json (its bytes), kept in the weights' metadata."""
+    return hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
+
+
+def check_plugin_files(plugins, hub_kwargs):
+    """The weights file of plug-in checkpoint `plugins`, checked before any weight is read: its safetensors header
+    (`check_safetensors_file`), and that it was saved with the rcp_config.json beside it. The two are renamed into
+    place one after the other, so a `save_plugins` interrupted between them (or files mixed by hand) paired new
+    weights with the previous config, and they loaded silently under the wrong placement or counts. Checkpoints
+    saved before the fingerprint was recorded are taken as they are."""
+    weights = _resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs)
+    check_safetensors_file(weights)
+    if _safe_open is None:  # pragma: no cover
+        return weights
+    with _safe_open(weights, framework="pt") as f:
+        recorded = (f.metadata() or {}).get("rcp_config_sha256")
+    if recorded is not None:
+        config = _resolve_plugin_file(plugins, RCP_CONFIG_NAME, hub_kwargs)
+        with open(config, "rb") as f:
+            if _config_digest(f.read()) != recorded:
+                raise ValueError(
+                    f"{weights} was saved with another {RCP_CONFIG_NAME} than {config} beside it (an interrupted "
+                    "`save_plugins`, or files of two checkpoints mixed): save the plug-ins again."
+                )
+    return weights
+
+
 def read_json_file(path):
     """`json.load` of `path`; invalid JSON raises a ValueError that names the file."""
     try:
@@ -2835,8 +2864,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `RcpLlavaForConditionalGeneration.from_base(base, plugins=save_directory)`. Returns the two paths.
 
         `base_model_name_or_path` defaults to the checkpoint this model was built from. Each file is written to a
-        temporary name and renamed over the target, the weights before the config that describes them, so an
-        interrupted save leaves the previous checkpoint intact. A folder that holds plug-ins of another model
+        temporary name and renamed over the target, the weights before the config that describes them; the weights
+        record the config's fingerprint, so a save interrupted between the two renames is refused at load
+        (`check_plugin_files`) instead of pairing new weights with the old config. A folder that holds plug-ins of another model
         (another base, size or placement) is refused with `FileExistsError` unless `overwrite=True`.
         """
         if _save_safetensors is None:  # pragma: no cover
@@ -2870,8 +2900,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         # offloaded, as `save_pretrained` reads them.
         tensors = {k: (load_offloaded_parameter(self, k) if v.is_meta else v).detach().to("cpu").contiguous()
                    for k, v in self.plugin_state_dict().items()}
-        atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        metadata = {"format": "pt", "rcp_config_sha256": _config_digest(text)}  # pairs them (`check_plugin_files`)
+        atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata=metadata))
         atomic_write(config_path, lambda tmp: write_text(tmp, text))
         return [config_path, weights_path]
 
@@ -2892,8 +2923,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         text = self.config.text_config
         _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins,
                             self.config.num_visual_tokens)
-        weights = _resolve_plugin_file(plugins, RCP_PLUGINS_NAME, hub_kwargs)
-        check_safetensors_file(weights)
+        weights = check_plugin_files(plugins, hub_kwargs)
         tensors = _load_safetensors(weights)
         own = self.plugin_state_dict()
         mismatched = [
@@ -3048,7 +3078,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             _check_plugin_shape(plugin_config, stock_text.hidden_size, stock_text.num_hidden_layers, base_name, plugins,
                                 visual_tokens_per_image(stock_config))
             # A truncated plug-in file is named now, not after the whole base model has loaded.
-            check_safetensors_file(_resolve_plugin_file(plugins, RCP_PLUGINS_NAME, plugin_hub))
+            check_plugin_files(plugins, plugin_hub)
         fields = {k: plugin_config[k] for k in PRUNING_FIELDS if k in plugin_config}
         fields.update(overrides)
         if loaded:

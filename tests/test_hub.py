@@ -221,6 +221,8 @@ def test_installed_package_registers_the_auto_classes(saved):
 
 
 def test_plugin_folder_files_and_format(plugin_setup):
+    import hashlib
+
     from safetensors import safe_open
 
     trained, root, files = plugin_setup
@@ -236,7 +238,8 @@ def test_plugin_folder_files_and_format(plugin_setup):
     assert record["library_version"] == modeling_rcp_llava.RCP_LLAVA_VERSION
     assert record["pruning_layers"] == [1, 2] and record["hidden_size"] == 128
     with safe_open(plugins / RCP_PLUGINS_NAME, framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        # the config's fingerprint pairs the two files (a save interrupted between their renames is refused)
+        assert f.metadata() == {"format": "pt", "rcp_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
         assert set(f.keys()) == set(trained.plugin_state_dict())
     # Plug-ins are <= 1% of the full model folder.
     assert folder_bytes(plugins) <= 0.01 * folder_bytes(root / "full"), (folder_bytes(plugins),
@@ -1052,3 +1055,38 @@ def test_plugins_load_in_float32_on_a_half_precision_backbone(tmp_path, dtype):
         assert float(pruner.bias) == RcpPruner.bias_init
         with torch.no_grad():  # the forward runs on the mixed model (each plug-in casts at its boundaries)
             assert torch.isfinite(new(**_demo_batch(new.config)).logits).all()
+
+
+def test_a_save_interrupted_between_weights_and_config_is_refused_at_load(tmp_path, monkeypatch):
+    """`save_plugins` renames the weights, then the config: a save interrupted between the two left new weights
+    beside the previous config, which loaded silently (the config said counts [10, 5] of weights saved with [8, 4]).
+    The weights record the config's fingerprint; such a pair is refused before any tensor is copied."""
+    from conftest import make_model, randomize_plugin_parameters
+
+    model = make_model(randomize_plugins=True)
+    model.save_plugins(tmp_path)
+    other = make_model(randomize_plugins=True, pruning_keep_counts=[8, 4])
+    randomize_plugin_parameters(other, seed=9)
+
+    def interrupted(path, text):
+        raise KeyboardInterrupt("interrupted")
+
+    monkeypatch.setattr(modeling_rcp_llava, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        other.save_plugins(tmp_path, overwrite=True)
+    monkeypatch.undo()
+    fresh = make_model(seed=4)
+    before = {k: v.clone() for k, v in fresh.plugin_state_dict().items()}
+    message = (f"{tmp_path / RCP_PLUGINS_NAME} was saved with another {RCP_CONFIG_NAME} than "
+               f"{tmp_path / RCP_CONFIG_NAME} beside it (an interrupted `save_plugins`, or files of two checkpoints "
+               "mixed): save the plug-ins again.")
+    with pytest.raises(ValueError) as err:
+        fresh.load_plugins(str(tmp_path))
+    assert str(err.value) == message
+    assert all(torch.equal(v, before[k]) for k, v in fresh.plugin_state_dict().items())
+    with pytest.raises(ValueError) as err:
+        RcpLlavaForConditionalGeneration.from_base(fresh, plugins=str(tmp_path))
+    assert str(err.value) == message
+    other.save_plugins(tmp_path, overwrite=True)  # a whole save pairs them again
+    fresh.load_plugins(str(tmp_path))
+    assert all(torch.equal(v, other.plugin_state_dict()[k]) for k, v in fresh.plugin_state_dict().items())
