@@ -492,6 +492,25 @@ def test_card_accepts_the_projects_evaluation_json():
     assert "| rcp | 1/9 (k=16) | 15.9 | rcp-llava testbed |  | first-token accuracy | 0.647 |" in card.text
 
 
+def test_an_adaptive_checkpoints_card_takes_the_adaptive_row_of_evaluate_methods():
+    """evaluate_methods.py writes an "rcp (adaptive)" row beside each fixed-budget RCP row, so the JSON never had
+    exactly one RCP row: the card of an adaptive checkpoint said its kept tokens were "not measured" above a table
+    holding them. The adaptive row is that checkpoint's own count; a fixed-count config keeps its exact schedule."""
+    rows = [{"label": "none", "method": "none", "budget": "full", "avg_tokens_all_layers": 16.0, "score": 0.7},
+            {"label": "rcp", "method": "rcp", "budget": "1/3", "avg_tokens_all_layers": 7.75, "score": 0.6},
+            {"label": "rcp (adaptive)", "method": "rcp", "budget": "adaptive", "avg_tokens_all_layers": 9.5,
+             "score": 0.65}]
+    evaluation = {"results": [{"data": "pope", "kind": "benchmark", "rows": rows}]}
+    assert hub.load_eval_results(evaluation)[1] is None  # two RCP rows: the JSON alone does not say which
+    adaptive = demo.demo_config(pruning_keep_counts=None)
+    card = hub.build_model_card(adaptive, repo_id="x/y", eval_results=evaluation, license="mit")
+    assert card.data.rcp_llava["average_kept_visual_tokens"] == 9.5
+    assert "**Average kept visual tokens per decoder layer:** 9.5" in card.text
+    fixed = demo.demo_config()  # keeps [8, 4]: its own schedule, not a row of another budget
+    card = hub.build_model_card(fixed, repo_id="x/y", eval_results=evaluation, license="mit")
+    assert card.data.rcp_llava["average_kept_visual_tokens"] == round(fixed.pruned_average_tokens(), 1)
+
+
 def test_unknown_evaluation_json_gets_a_short_error(tmp_path):
     big = {f"key{i}": "x" * 100 for i in range(100)}  # 10 kB, no metric in it
     with pytest.raises(ValueError) as err:
