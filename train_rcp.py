@@ -1377,8 +1377,10 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
                "pruning_layers": list(model.config.pruning_layers), "repair_layers": list(model.config.repair_layers),
                "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps,
                "seed": args.seed, "max_grad_norm": args.max_grad_norm,
-               # the data evaluated on, for the model card (rcp_llava.hub): what the user gave, else the testbed's
-               "dataset": job.llava_json or job.dataset_name_or_path or f"rcp-llava testbed ({job.testbed_preset})"}
+               # the data trained on, and evaluated on when it has `test_split` (`evaluated_split`, else None: a
+               # --llava_json file has a train split only), for the model card (rcp_llava.hub)
+               "dataset": job.llava_json or job.dataset_name_or_path or f"rcp-llava testbed ({job.testbed_preset})",
+               "test_split": job.test_split, "evaluated_split": test_name}
     if trainer is not None:
         metrics["grad_norm"] = grad_norm_summary(trainer.grad_norms)
     if calibration is not None:
@@ -1576,6 +1578,9 @@ def format_report(metrics):
                   f"({rcp['avg_visual_tokens_per_layer']:.1f} visual tokens per layer on average)",
                   "per family (full / RCP): " + ", ".join(
                       f"{f} {metrics['full']['families'][f]:.2f}/{rcp['families'][f]:.2f}" for f in rcp["families"])]
+    elif "evaluated_split" in metrics:  # runs before it was recorded evaluated or said nothing either way
+        lines.append(f"nothing evaluated: the data has no {metrics['test_split']!r} split (--test_split); evaluate the "
+                     "saved model with benchmarks/evaluate_methods.py")
     grad = metrics.get("grad_norm")
     if grad:
         ratio = f", max/median {grad['max_over_median']:.1f}" if grad["max_over_median"] else ""

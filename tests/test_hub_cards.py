@@ -266,6 +266,23 @@ def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch
         f"| full model (all visual tokens) (baseline) |  | 16 | {dataset} |  | accuracy | 0.9 |"]
 
 
+def test_a_job_without_its_test_split_says_nothing_was_evaluated(tmp_path, monkeypatch, capsys):
+    """A --llava_json run (a train split only) printed a report without results and without saying why, and its
+    metrics.json named the data as if evaluated on it."""
+    monkeypatch.setattr(train_rcp, "save_job_folders", lambda *args, **kwargs: None)
+    job = SimpleNamespace(test_split="test", max_eval_samples=4, overwrite_output_dir=False, push_plugins_only=False,
+                          model_card_license=None, testbed_preset="deep", dataset_name_or_path=None,
+                          llava_json="data.json", base_model="base")
+    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
+                           disable_tqdm=True)
+    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3]))
+    train_rcp._evaluate_and_save(model, None, {"train": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["dataset"], metrics["test_split"], metrics["evaluated_split"]) == ("data.json", "test", None)
+    assert ("nothing evaluated: the data has no 'test' split (--test_split); evaluate the saved model with "
+            "benchmarks/evaluate_methods.py") in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------
 # The full-model folder check of push_rcp_folder
 # ------------------------------------------------------------------------------------------------
