@@ -2226,9 +2226,12 @@ def check_safetensors_file(path):
                          "or save it again.") from None
 
 
-def _config_digest(text):
-    """The fingerprint of a plug-in checkpoint's rcp_config.json (its bytes), kept in the weights' metadata."""
-    return hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
+def _config_digest(record):
+    """The fingerprint of what a plug-in checkpoint's rcp_config.json says about its tensors (the pruning fields and
+    the shape they were built for), kept in the weights' metadata. The base model's name, its revision and the
+    versions stay out: editing them by hand (a moved base folder) is not a mismatch."""
+    fields = {k: record.get(k) for k in (*PRUNING_FIELDS, "hidden_size", "num_hidden_layers", "num_visual_tokens")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def check_plugin_files(plugins, hub_kwargs):
@@ -2245,12 +2248,12 @@ def check_plugin_files(plugins, hub_kwargs):
         recorded = (f.metadata() or {}).get("rcp_config_sha256")
     if recorded is not None:
         config = _resolve_plugin_file(plugins, RCP_CONFIG_NAME, hub_kwargs)
-        with open(config, "rb") as f:
-            if _config_digest(f.read()) != recorded:
-                raise ValueError(
-                    f"{weights} was saved with another {RCP_CONFIG_NAME} than {config} beside it (an interrupted "
-                    "`save_plugins`, or files of two checkpoints mixed): save the plug-ins again."
-                )
+        if _config_digest(read_json_file(config)) != recorded:
+            raise ValueError(
+                f"{weights} was saved with another {RCP_CONFIG_NAME} than {config} beside it (its pruning fields or "
+                "sizes differ: an interrupted `save_plugins`, or files of two checkpoints mixed): save the plug-ins "
+                "again."
+            )
     return weights
 
 
@@ -2901,7 +2904,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         tensors = {k: (load_offloaded_parameter(self, k) if v.is_meta else v).detach().to("cpu").contiguous()
                    for k, v in self.plugin_state_dict().items()}
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        metadata = {"format": "pt", "rcp_config_sha256": _config_digest(text)}  # pairs them (`check_plugin_files`)
+        metadata = {"format": "pt", "rcp_config_sha256": _config_digest(record)}  # pairs them (`check_plugin_files`)
         atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata=metadata))
         atomic_write(config_path, lambda tmp: write_text(tmp, text))
         return [config_path, weights_path]

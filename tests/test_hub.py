@@ -238,8 +238,11 @@ def test_plugin_folder_files_and_format(plugin_setup):
     assert record["library_version"] == modeling_rcp_llava.RCP_LLAVA_VERSION
     assert record["pruning_layers"] == [1, 2] and record["hidden_size"] == 128
     with safe_open(plugins / RCP_PLUGINS_NAME, framework="pt") as f:
-        # the config's fingerprint pairs the two files (a save interrupted between their renames is refused)
-        assert f.metadata() == {"format": "pt", "rcp_config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        # the fingerprint of what the config says about the tensors pairs the two files (a save interrupted
+        # between their renames is refused)
+        fields = {k: record[k] for k in (*PRUNING_FIELDS, "hidden_size", "num_hidden_layers", "num_visual_tokens")}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        assert f.metadata() == {"format": "pt", "rcp_config_sha256": digest}
         assert set(f.keys()) == set(trained.plugin_state_dict())
     # Plug-ins are <= 1% of the full model folder.
     assert folder_bytes(plugins) <= 0.01 * folder_bytes(root / "full"), (folder_bytes(plugins),
@@ -1097,8 +1100,8 @@ def test_a_save_interrupted_between_weights_and_config_is_refused_at_load(tmp_pa
     fresh = make_model(seed=4)
     before = {k: v.clone() for k, v in fresh.plugin_state_dict().items()}
     message = (f"{tmp_path / RCP_PLUGINS_NAME} was saved with another {RCP_CONFIG_NAME} than "
-               f"{tmp_path / RCP_CONFIG_NAME} beside it (an interrupted `save_plugins`, or files of two checkpoints "
-               "mixed): save the plug-ins again.")
+               f"{tmp_path / RCP_CONFIG_NAME} beside it (its pruning fields or sizes differ: an interrupted "
+               "`save_plugins`, or files of two checkpoints mixed): save the plug-ins again.")
     with pytest.raises(ValueError) as err:
         fresh.load_plugins(str(tmp_path))
     assert str(err.value) == message
@@ -1109,3 +1112,8 @@ def test_a_save_interrupted_between_weights_and_config_is_refused_at_load(tmp_pa
     other.save_plugins(tmp_path, overwrite=True)  # a whole save pairs them again
     fresh.load_plugins(str(tmp_path))
     assert all(torch.equal(v, other.plugin_state_dict()[k]) for k, v in fresh.plugin_state_dict().items())
+    # a hand edit of the base's name (a moved base folder) or of the versions is no mismatch
+    record = json.loads((tmp_path / RCP_CONFIG_NAME).read_text())
+    record.update(base_model_name_or_path="/elsewhere/base", library_version="0.0.0")
+    (tmp_path / RCP_CONFIG_NAME).write_text(json.dumps(record))
+    fresh.load_plugins(str(tmp_path))
