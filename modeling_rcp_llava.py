@@ -2226,11 +2226,15 @@ def check_safetensors_file(path):
                          "or save it again.") from None
 
 
-def _config_digest(record):
-    """The fingerprint of what a plug-in checkpoint's rcp_config.json says about its tensors (the pruning fields and
-    the shape they were built for), kept in the weights' metadata. The base model's name, its revision and the
-    versions stay out: editing them by hand (a moved base folder) is not a mismatch."""
-    fields = {k: record.get(k) for k in (*PRUNING_FIELDS, "hidden_size", "num_hidden_layers", "num_visual_tokens")}
+# What a plug-in checkpoint's rcp_config.json says about its tensors: fingerprinted in the weights' metadata. The base
+# model's name, its revision and the versions stay out (editing them by hand, for a moved base folder, is no
+# mismatch); the names hashed are recorded beside the digest, so another release's field list reads it the same.
+_DIGEST_FIELDS = (*PRUNING_FIELDS, "hidden_size", "num_hidden_layers", "num_visual_tokens")
+
+
+def _config_digest(record, names=_DIGEST_FIELDS):
+    """The fingerprint of `record`'s fields `names` (JSON, sorted keys)."""
+    fields = {k: record.get(k) for k in names}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -2245,10 +2249,13 @@ def check_plugin_files(plugins, hub_kwargs):
     if _safe_open is None:  # pragma: no cover
         return weights
     with _safe_open(weights, framework="pt") as f:
-        recorded = (f.metadata() or {}).get("rcp_config_sha256")
+        metadata = f.metadata() or {}
+    recorded = metadata.get("rcp_config_sha256")
     if recorded is not None:
         config = _resolve_plugin_file(plugins, RCP_CONFIG_NAME, hub_kwargs)
-        if _config_digest(read_json_file(config)) != recorded:
+        names = metadata.get("rcp_config_fields")
+        names = names.split(",") if names else _DIGEST_FIELDS
+        if _config_digest(read_json_file(config), names) != recorded:
             raise ValueError(
                 f"{weights} was saved with another {RCP_CONFIG_NAME} than {config} beside it (its pruning fields or "
                 "sizes differ: an interrupted `save_plugins`, or files of two checkpoints mixed): save the plug-ins "
@@ -2450,6 +2457,13 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def _holds_peft_adapter(module):
+    """Whether `module` is a PEFT tuner layer that still holds an adapter (a deleted adapter leaves an empty wrapper,
+    which computes its base layer)."""
+    return hasattr(module, "base_layer") and any(len(getattr(module, name, ()))
+                                                 for name in getattr(module, "adapter_layer_names", ()))
+
+
 def share_backbone(target, source):
     """Give `target` (a LLaVA built on the meta device) `source`'s vision tower, projector, language model, LM head
     and generation config: the same modules, no copy (one backbone under several configs). Adapters transformers'
@@ -2460,7 +2474,7 @@ def share_backbone(target, source):
     if getattr(source, "_hf_peft_config_loaded", False):
         target._hf_peft_config_loaded = True
         target.peft_config = source.peft_config
-    elif any(hasattr(m, "base_layer") and hasattr(m, "active_adapters") for m in source.modules()):
+    elif any(_holds_peft_adapter(m) for m in source.modules()):
         raise TypeError(
             f"The {type(source).__name__} holds PEFT adapter layers that a `PeftModel` injected (e.g. the model of "
             "`peft_model.get_base_model()`): merge them first (`peft_model.merge_and_unload()`), or build the RCP "
@@ -2904,7 +2918,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         tensors = {k: (load_offloaded_parameter(self, k) if v.is_meta else v).detach().to("cpu").contiguous()
                    for k, v in self.plugin_state_dict().items()}
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        metadata = {"format": "pt", "rcp_config_sha256": _config_digest(record)}  # pairs them (`check_plugin_files`)
+        metadata = {"format": "pt", "rcp_config_sha256": _config_digest(record),  # pairs them (`check_plugin_files`)
+                    "rcp_config_fields": ",".join(_DIGEST_FIELDS)}
         atomic_write(weights_path, lambda tmp: _save_safetensors(tensors, tmp, metadata=metadata))
         atomic_write(config_path, lambda tmp: write_text(tmp, text))
         return [config_path, weights_path]
@@ -3168,23 +3183,25 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         """`load_plugins` for an RCP plug-in checkpoint, under the name transformers' PEFT integration uses. A PEFT
         adapter -- a local folder with `adapter_config.json` and no `rcp_config.json` (also in `subfolder`, or
         `adapter_kwargs={"subfolder": ...}`), or a call with any of PEFT's own arguments (`adapter_name`,
-        `peft_config`, `adapter_state_dict`, `adapter_kwargs`, `is_trainable`, ...) -- goes to that integration, as on
-        a stock model (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without
-        PEFT arguments is read as plug-ins: pass `adapter_name=` to load a Hub PEFT adapter. On a plug-in folder,
-        `is_trainable` is PEFT's: False freezes the loaded plug-ins (inference), True makes them trainable; not given,
-        their `requires_grad` stays as it was."""
+        `peft_config`, `adapter_state_dict`, `adapter_kwargs`, ...) -- goes to that integration, as on a stock model
+        (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without them is read as
+        plug-ins: pass `adapter_name=` to load a Hub PEFT adapter. `is_trainable` applies to whichever loads, as in
+        PEFT: for plug-ins, False freezes them (inference), True makes them trainable; not given, their
+        `requires_grad` stays as it was."""
         subfolder = kwargs.get("subfolder") or (kwargs.get("adapter_kwargs") or {}).get("subfolder") or ""
         folder = (os.path.join(os.fspath(peft_model_id), subfolder)
                   if isinstance(peft_model_id, (str, os.PathLike)) and os.path.isdir(peft_model_id) else None)
         plugins = folder is not None and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
         adapter = folder is not None and os.path.isfile(os.path.join(folder, "adapter_config.json"))
-        # It was ignored (False) or refused as an adapter name (True) on a plug-in folder.
-        trainable = kwargs.pop("is_trainable", None) if plugins and not adapter else None
+        # `is_trainable` applies to whichever loads: it was ignored (False) or refused as an adapter name (True) for
+        # plug-ins. The other PEFT arguments mean a PEFT adapter.
+        trainable = kwargs.pop("is_trainable", None)
         peft_args = bool(args) or any(kwargs.get(k) not in (None, False, "auto") for k in _PEFT_LOAD_ARGUMENTS)
-        if peft_model_id is None or (not plugins and (peft_args or adapter)):
-            return super().load_adapter(peft_model_id, *args, **kwargs)
-        if peft_args and adapter:  # both in one folder (save_pretrained after add_adapter, then save_plugins)
-            return super().load_adapter(peft_model_id, *args, **kwargs)
+        if peft_model_id is None or (adapter and not plugins) or (peft_args and not (plugins and not adapter)):
+            # a PEFT adapter folder, PEFT's arguments on a Hub id, or both kinds in one folder (save_pretrained after
+            # add_adapter, then save_plugins)
+            given = {} if trainable is None else {"is_trainable": trainable}
+            return super().load_adapter(peft_model_id, *args, **kwargs, **given)
         if peft_args:
             raise TypeError("RCP plug-ins have no adapter names: call `load_adapter(plugins_folder_or_repo)`.")
         if adapter:

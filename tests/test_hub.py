@@ -242,7 +242,7 @@ def test_plugin_folder_files_and_format(plugin_setup):
         # between their renames is refused)
         fields = {k: record[k] for k in (*PRUNING_FIELDS, "hidden_size", "num_hidden_layers", "num_visual_tokens")}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-        assert f.metadata() == {"format": "pt", "rcp_config_sha256": digest}
+        assert f.metadata() == {"format": "pt", "rcp_config_sha256": digest, "rcp_config_fields": ",".join(fields)}
         assert set(f.keys()) == set(trained.plugin_state_dict())
     # Plug-ins are <= 1% of the full model folder.
     assert folder_bytes(plugins) <= 0.01 * folder_bytes(root / "full"), (folder_bytes(plugins),
@@ -1117,3 +1117,27 @@ def test_a_save_interrupted_between_weights_and_config_is_refused_at_load(tmp_pa
     record.update(base_model_name_or_path="/elsewhere/base", library_version="0.0.0")
     (tmp_path / RCP_CONFIG_NAME).write_text(json.dumps(record))
     fresh.load_plugins(str(tmp_path))
+
+
+def test_the_pair_fingerprint_reads_the_field_names_it_was_made_with(tmp_path):
+    """The names hashed are recorded beside the digest: a checkpoint of a release with other pruning fields (here
+    fewer, and a config key this one does not know) pairs the same, instead of every such checkpoint being refused."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    from conftest import make_model
+
+    model = make_model(randomize_plugins=True)
+    model.save_plugins(tmp_path)
+    record = json.loads((tmp_path / RCP_CONFIG_NAME).read_text())
+    record["a_future_field"] = 3
+    (tmp_path / RCP_CONFIG_NAME).write_text(json.dumps(record))
+    names = ["pruning_layers", "pruning_keep_counts", "hidden_size"]
+    digest = hashlib.sha256(json.dumps({k: record[k] for k in names}, sort_keys=True).encode()).hexdigest()
+    save_file(load_file(tmp_path / RCP_PLUGINS_NAME), tmp_path / RCP_PLUGINS_NAME,
+              metadata={"format": "pt", "rcp_config_sha256": digest, "rcp_config_fields": ",".join(names)})
+    make_model(seed=3).load_plugins(str(tmp_path))  # pairs
+    record["pruning_keep_counts"] = [9, 4]
+    (tmp_path / RCP_CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="was saved with another rcp_config.json"):
+        make_model(seed=3).load_plugins(str(tmp_path))

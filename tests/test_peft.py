@@ -167,6 +167,10 @@ def test_from_base_and_unload_carry_transformers_adapters_and_refuse_peft_models
     # unload keeps it too
     unloaded = rcp.unload()
     assert unloaded.active_adapters() == ["default"]
+    # a deleted adapter leaves empty PEFT wrappers, which compute the base: not refused
+    emptied = copy.deepcopy(with_lora)
+    emptied.delete_adapter("default")
+    RcpLlavaForConditionalGeneration.from_base(emptied, plugins=str(tmp_path / "plugins"))
     # A PeftModel's base holds LoRA layers but no adapter state: no save could restore them
     wrapped = _lora(copy.deepcopy(stock), init=False, target_modules=["q_proj", "v_proj"])
     with pytest.raises(TypeError, match=r"^The LlavaForConditionalGeneration holds PEFT adapter layers that a "
