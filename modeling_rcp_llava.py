@@ -419,8 +419,7 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     if attention_mask is not None and attention_mask.dim() == 2:
         # flash attention's mask builder gives a (B, S) padding mask, causal implied (aligned to the last query);
         # sdpa needs it whole (a left-padded training batch failed with "size of tensor a (T) must match ...")
-        q_len, kv_len = query.shape[2], key.shape[2]
-        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        causal = _causal_keep(query.shape[2], key.shape[2], query.device)
         attention_mask = causal[None, None] & attention_mask.to(device=query.device, dtype=torch.bool)[:, None, None]
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
@@ -436,13 +435,18 @@ def soft_key_mask_attention(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
+def _causal_keep(q_len, kv_len, device):
+    """(L, S) bool: the keys each of the last `q_len` queries may attend to (causal, aligned to the last key)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
 def _soft_key_mask_eager(module, query, key, value, attention_mask, scaling, dropout, key_keep):
     """`soft_key_mask_attention` with its weights: eager attention's softmax (and dropout), times M, renormalised
     (the same division as the sdpa form: `floored_renorm`). query/key/value: (B, H, L|S, hd); key_keep: (B, S)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     if attention_mask is None and q_len > 1:
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = _causal_keep(q_len, kv_len, query.device)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # sdpa's form; eager's is additive
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
@@ -2883,8 +2887,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         `base_model_name_or_path` defaults to the checkpoint this model was built from. Each file is written to a
         temporary name and renamed over the target, the weights before the config that describes them; the weights
         record the config's fingerprint, so a save interrupted between the two renames is refused at load
-        (`check_plugin_files`) instead of pairing new weights with the old config. A folder that holds plug-ins of another model
-        (another base, size or placement) is refused with `FileExistsError` unless `overwrite=True`.
+        (`check_plugin_files`) instead of pairing new weights with the old config. A folder that holds plug-ins of
+        another model (another base, size or placement) is refused with `FileExistsError` unless `overwrite=True`.
         """
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
@@ -3059,8 +3063,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
 
         The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
         pruning field of `RcpLlavaConfig` overrides it (e.g. `pruning_keep_counts=[96, 26, 8]`), every other kwarg
-        goes to `from_pretrained` (`dtype`, `device_map`, ...; a loaded base is shared as it is and takes none). Plug-ins built for another hidden size or layer
-        count raise a `ValueError` before any weight is read.
+        goes to `from_pretrained` (`dtype`, `device_map`, ...; a loaded base is shared as it is and takes none).
+        Plug-ins built for another hidden size, layer count or number of visual tokens raise a `ValueError` before
+        any weight is read.
         """
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in PRUNING_FIELDS}
         base_hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
