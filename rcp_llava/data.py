@@ -40,6 +40,27 @@ def shared_prefix_length(full_ids, prompt_ids):
     return int(differ[0]) if len(differ) else n
 
 
+def special_tokens_kwargs(tokenizer, texts):
+    """`{"add_special_tokens": False}` when the rendered `texts` already begin with the tokenizer's BOS (a chat
+    template that writes it, as Llama-3's and Mistral's do), else `{}`: tokenizing such a text with special tokens
+    gave two BOS. transformers' `ProcessorMixin.apply_chat_template(tokenize=True)` decides the same way; every
+    rendered prompt this package tokenizes goes through `encode_texts`, so training and evaluation agree."""
+    bos = tokenizer.bos_token
+    starts = [bool(bos) and text.startswith(bos) for text in texts]
+    if all(starts) and starts:
+        return {"add_special_tokens": False}
+    if any(starts):
+        raise ValueError(f"The chat template wrote the tokenizer's BOS ({bos!r}) at the start of {sum(starts)} of "
+                         f"{len(starts)} texts in one batch; render every text with the same template.")
+    return {}
+
+
+def encode_texts(processor, texts, images=None, **kwargs):
+    """The processor's batch for chat-rendered `texts` (and their `images`), BOS written once
+    (`special_tokens_kwargs`). kwargs go to the processor (`return_tensors`, `padding`, ...)."""
+    return processor(images=images, text=list(texts), **special_tokens_kwargs(processor.tokenizer, texts), **kwargs)
+
+
 def load_image(image, image_folder=None):
     """A dataset cell as an RGB image: a PIL image, a path (relative to `image_folder` when given), encoded bytes,
     or an undecoded `datasets.Image` cell (`{"bytes": ..., "path": ...}`, as `Image(decode=False)` or a struct
@@ -111,7 +132,7 @@ def prompt_batch(processor, questions, images):
     # The question as the collator trains it (a LLaVA-style `<image>` placeholder removed, `strip_image_token`).
     prompts = [processor.apply_chat_template(prompt_messages(strip_image_token(q, processor.image_token)),
                                              add_generation_prompt=True) for q in questions]
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    batch = encode_texts(processor, prompts, images, return_tensors="pt", padding=True)
     batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     return batch
 
@@ -280,8 +301,8 @@ class RcpDataCollator:
             return self._conversations(examples)
         prompts, fulls = zip(*(self.texts(e) for e in examples))
         images = [self.load_image(e[self.image_column]) for e in examples]
-        batch = self.processor(images=images, text=list(fulls), return_tensors="pt", padding=True)
-        prompt_ids = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True)
+        batch = encode_texts(self.processor, fulls, images, return_tensors="pt", padding=True)
+        prompt_ids = encode_texts(self.processor, prompts, images, return_tensors="pt", padding=True)
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         seq = input_ids.shape[1]
         lengths = attention.sum(1)
@@ -339,20 +360,22 @@ class RcpDataCollator:
                 **e, self.question_column: [e[self.question_column]], self.answer_column: [e[self.answer_column]]}
             rendered.append(self.conversation(turns))
         images = [self.load_image(e[self.image_column]) for e in examples]
-        batch = self.processor(images=images, text=[text for text, _ in rendered], return_tensors="pt", padding=True)
+        texts = [text for text, _ in rendered]
+        batch = encode_texts(self.processor, texts, images, return_tensors="pt", padding=True)
+        special = special_tokens_kwargs(tokenizer, texts)  # the spans' tokenization below, as the batch's
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         bsz, seq = input_ids.shape
         lengths = attention.sum(1)
         self._check_length(input_ids, lengths, examples)
         is_answer = torch.zeros(bsz, seq, dtype=torch.bool)
         for row, (text, spans) in enumerate(rendered):
-            ids = tokenizer(text)["input_ids"]
+            ids = tokenizer(text, **special)["input_ids"]
             # The processor expands the one image placeholder (in the first question, before every answer).
             shift = int(seq - lengths[row]) + int((input_ids[row] == self.image_token_id).sum()) - 1
             for start, end in spans:
                 bounds = []
                 for cut in (start, end):
-                    prefix = tokenizer(text[:cut])["input_ids"]
+                    prefix = tokenizer(text[:cut], **special)["input_ids"]
                     if ids[:len(prefix)] != prefix:
                         raise ValueError("The tokenizer merges tokens across an answer's boundary in a conversation "
                                          f"({self.describe(examples[row])}); its answer tokens cannot be told apart.")

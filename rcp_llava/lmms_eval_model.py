@@ -54,7 +54,7 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.data import prompt_messages, shared_prefix_length
+from rcp_llava.data import encode_texts, prompt_messages, shared_prefix_length
 from rcp_llava.evaluation import method_model, method_overrides
 from rcp_llava.schedule import budget_count, parse_budget
 
@@ -265,7 +265,7 @@ class RcpLlava(lmms):
         """The processor's batch (left-padded) on the model's device, pixel values in the model's dtype. `images`
         holds each prompt's list of images (possibly empty), in the order of the prompts' image tokens."""
         flat = [image for row in images for image in row]
-        inputs = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True).to(self.device)
+        inputs = encode_texts(self.processor, prompts, flat or None, return_tensors="pt", padding=True).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -328,7 +328,7 @@ class RcpLlava(lmms):
             images = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context, len(images))
             full = self._encode([images], [prompt + continuation])
-            alone = self.processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"][0]
+            alone = encode_texts(self.processor, [prompt], images or None, return_tensors="pt")["input_ids"][0]
             # Where the continuation's tokens begin (the collator's rule): counting the prompt's own tokens dropped
             # a continuation's first token when it absorbs the prompt's trailing space ("▁There").
             ids = full["input_ids"][0]

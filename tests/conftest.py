@@ -182,9 +182,10 @@ def write_json(path, obj):
     return path
 
 
-def sentencepiece_like_processor(generation_prompt, add_eos_token=False):
+def sentencepiece_like_processor(generation_prompt, add_eos_token=False, bos_in_template=False):
     """A LLaVA processor with a small Llama-style BPE tokenizer (metaspace, "▁There" is one token), trained here, and
-    llava-hf's LLaVA-1.5 template with the given generation prompt."""
+    llava-hf's LLaVA-1.5 template with the given generation prompt (`bos_in_template`: the template writes the BOS
+    first, as Llama-3's and Mistral's do)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
 
@@ -202,6 +203,9 @@ def sentencepiece_like_processor(generation_prompt, add_eos_token=False):
     tok.add_special_tokens({"pad_token": "<pad>"})
     tok.add_eos_token = add_eos_token
     template = LLAVA_15_CHAT_TEMPLATE.replace("{{ 'ASSISTANT:' }}", "{{ '" + generation_prompt + "' }}")
+    if bos_in_template:  # a tokenizer that adds BOS too (as Llama's), so a second one shows
+        template = "{{ bos_token }}" + template
+        tok.add_bos_token = True
     images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, chat_template=template,
                           vision_feature_select_strategy="default", image_token="<image>",

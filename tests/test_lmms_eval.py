@@ -410,3 +410,39 @@ def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_pro
         (logprob, _), = lm.loglikelihood([request])
         text = processor.tokenizer.decode(scored[-1]).strip()  # special tokens kept: an appended EOS is not scored
         assert text == continuation.strip() and logprob < 0
+
+
+def test_a_template_writing_bos_gets_one(demo_folder):
+    """A chat template that writes BOS (Llama-3's, Mistral's) with a tokenizer that adds one: generation and
+    log-likelihood prompts had two (the processor's call added its own), as `rcp_llava.data.encode_texts` now
+    prevents for training and evaluation alike."""
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import sentencepiece_like_processor
+    from PIL import Image
+
+    lm = _from_args(demo_folder, "")
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    lm.processor, lm._tokenizer = processor, processor.tokenizer
+    bos = processor.tokenizer.bos_token_id
+    image = Image.new("RGB", (8, 8))
+    inputs = lm._encode([[image], [image]], [lm._prompt("How many cats?"), lm._prompt("What colour?")])
+    for ids, attention in zip(inputs["input_ids"], inputs["attention_mask"]):
+        assert ids[attention.bool()].tolist().count(bos) == 1
+    seen = []
+
+    class Model(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, input_ids, labels=None, **kwargs):
+            seen.append((input_ids[0].tolist(), input_ids[0][labels[0] != -100].tolist()))
+            return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], len(processor.tokenizer)))
+
+    lm._model = Model()
+    lm.task_dict = {"t": {"test": [{"img": image}]}}
+    request = SimpleNamespace(args=("How many cats?", " There are two cats", lambda d: [d["img"]], 0, "t", "test"))
+    (logprob, _), = lm.loglikelihood([request])
+    ids, scored = seen[-1]
+    assert ids.count(bos) == 1 and logprob < 0
+    assert processor.tokenizer.decode(scored).strip() == "There are two cats"

@@ -1,0 +1,86 @@
+"""A chat template that writes the tokenizer's BOS itself (Llama-3's, Mistral's), with a tokenizer that adds one too,
+gets it once: the processor's own call added a second, which every training, evaluation and lmms-eval prompt got.
+The reference is transformers' `ProcessorMixin.apply_chat_template(tokenize=True)`, which leaves special tokens out
+when the rendered text starts with BOS."""
+
+import pytest
+import torch
+from conftest import sentencepiece_like_processor
+from PIL import Image
+
+from rcp_llava.data import RcpDataCollator, encode_texts, prompt_batch, special_tokens_kwargs
+
+
+def _example(question="How many cats?", answer="There are two cats"):
+    return {"image": Image.new("RGB", (8, 8), (255, 0, 0)), "question": question, "answer": answer}
+
+
+def _unpadded(ids, attention):
+    return ids[attention.bool()].tolist()
+
+
+def _reference(processor, text, image):
+    """transformers' own tokenization of a chat-rendered text (`apply_chat_template(tokenize=True)`'s rule)."""
+    return processor(images=[image], text=[text], add_special_tokens=False)["input_ids"][0]
+
+
+def test_collator_writes_one_bos_and_trains_the_answer():
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    tok = processor.tokenizer
+    collator = RcpDataCollator(processor)
+    examples = [_example(), _example("What colour?", "Red")]
+    batch = collator(examples)
+    for i, (example, answer) in enumerate(zip(examples, ["There are two cats", "Red"])):
+        ids = _unpadded(batch["input_ids"][i], batch["attention_mask"][i])
+        assert ids == _reference(processor, collator.texts(example)[1], example["image"])
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        labelled = batch["input_ids"][i][batch["labels"][i] != -100].tolist()
+        assert tok.decode(labelled, skip_special_tokens=True).strip() == answer
+        assert labelled[-1] == tok.eos_token_id
+        question = batch["input_ids"][i][batch["question_mask"][i]].tolist()
+        assert tok.decode(question).rstrip().endswith("ASSISTANT:")
+
+
+def test_multi_turn_conversation_writes_one_bos_and_trains_both_answers():
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    tok = processor.tokenizer
+    collator = RcpDataCollator(processor)
+    example = {"image": Image.new("RGB", (8, 8)), "question": ["How many cats?", "What colour?"],
+               "answer": ["There are two cats", "Red"]}
+    batch = collator([example])
+    ids = _unpadded(batch["input_ids"][0], batch["attention_mask"][0])
+    assert ids == _reference(processor, collator.conversation(example)[0], example["image"])
+    assert ids.count(tok.bos_token_id) == 1
+    labelled = tok.decode(batch["input_ids"][0][batch["labels"][0] != -100].tolist())
+    assert labelled.replace(" ", "") == "Therearetwocats</s>Red</s>"
+
+
+def test_prompt_batch_writes_one_bos():
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    image = Image.new("RGB", (8, 8))
+    batch = prompt_batch(processor, ["How many cats?", "What colour?"], [image, image])
+    for i, question in enumerate(["How many cats?", "What colour?"]):
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True)
+        ids = _unpadded(batch["input_ids"][i], batch["attention_mask"][i])
+        assert ids == _reference(processor, text, image) and ids.count(processor.tokenizer.bos_token_id) == 1
+
+
+def test_special_tokens_kwargs_decides_per_batch():
+    tok = sentencepiece_like_processor("ASSISTANT:").tokenizer
+    assert special_tokens_kwargs(tok, ["<s>USER: a", "<s>USER: b"]) == {"add_special_tokens": False}
+    assert special_tokens_kwargs(tok, ["USER: a", "USER: b"]) == {}
+    assert special_tokens_kwargs(tok, []) == {}
+    with pytest.raises(ValueError, match=r"BOS \('<s>'\) at the start of 1 of 2 texts"):
+        special_tokens_kwargs(tok, ["<s>USER: a", "USER: b"])
+
+
+def test_encode_texts_keeps_the_tokenizers_bos_for_a_template_without_one():
+    """llava-hf's template writes no BOS: the tokenizer's own is added, as before."""
+    processor = sentencepiece_like_processor("ASSISTANT:")
+    processor.tokenizer.add_bos_token = True
+    image = Image.new("RGB", (8, 8))
+    ids = encode_texts(processor, ["USER: <image>\nHi ASSISTANT:"], [image], return_tensors="pt")["input_ids"][0]
+    assert ids.tolist() == processor(images=[image], text=["USER: <image>\nHi ASSISTANT:"])["input_ids"][0]
+    assert ids.tolist().count(processor.tokenizer.bos_token_id) == 1
