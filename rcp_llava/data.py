@@ -244,7 +244,8 @@ class RcpDataCollator:
         if not full.startswith(prompt):
             raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
         eos = self.processor.tokenizer.eos_token
-        if eos and eos not in full[len(prompt):]:
+        # Whether the template ended the turn with EOS: `eos in reply` read an answer quoting "</s>" as ended.
+        if eos and not full[len(prompt):].rstrip().endswith(eos):
             # The answer ends with EOS, which the task loss trains (as the authors do): llava-hf's LLaVA-1.5
             # template does not write it after the assistant turn.
             full = full.rstrip() + eos
@@ -274,7 +275,7 @@ class RcpDataCollator:
                                  "the turns before it; it cannot be trained as one sequence.")
             text += prompt[len(rendered):].lstrip() if k else prompt  # the user turn + the generation prompt
             reply = full[len(prompt):]
-            if eos and eos not in reply:  # llava-hf's LLaVA-1.5 template writes no EOS after an answer
+            if eos and not reply.rstrip().endswith(eos):  # llava-hf's LLaVA-1.5 template writes no EOS after an answer
                 reply = reply.rstrip() + eos
             spans.append((len(text), len(text) + len(reply.rstrip())))  # trailing whitespace is the next turn's
             text += reply

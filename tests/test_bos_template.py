@@ -84,3 +84,23 @@ def test_encode_texts_keeps_the_tokenizers_bos_for_a_template_without_one():
     ids = encode_texts(processor, ["USER: <image>\nHi ASSISTANT:"], [image], return_tensors="pt")["input_ids"][0]
     assert ids.tolist() == processor(images=[image], text=["USER: <image>\nHi ASSISTANT:"])["input_ids"][0]
     assert ids.tolist().count(processor.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_an_answer_quoting_eos_still_ends_with_eos(multi_turn):
+    """The collator appended EOS unless the answer text held it anywhere: an answer quoting "</s>" was trained
+    without its final EOS (the template did not end the turn with one)."""
+    processor = sentencepiece_like_processor("ASSISTANT:")
+    tok = processor.tokenizer
+    answer = "There </s> are two cats"
+    example = {"image": Image.new("RGB", (8, 8)), "question": "How many cats?", "answer": answer}
+    if multi_turn:
+        example = {**example, "question": [example["question"], "What colour?"], "answer": [answer, "Red"]}
+    batch = RcpDataCollator(processor)([example])
+    labelled = batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+    ends = [i for i, t in enumerate(labelled) if t == tok.eos_token_id]
+    if multi_turn:  # the quoted one, the first answer's end, the second answer's end
+        assert len(ends) == 3 and ends[-1] == len(labelled) - 1
+        assert tok.decode(labelled[ends[1] + 1:], skip_special_tokens=True).strip() == "Red"
+    else:
+        assert len(ends) == 2 and ends[-1] == len(labelled) - 1
