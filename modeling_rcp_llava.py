@@ -3158,11 +3158,15 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
         share_backbone(stock, self)
         return stock.train(self.training)
 
+    def get_nb_trainable_parameters(self):
+        """PEFT's `(trainable parameters, all parameters)`."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
     def print_trainable_parameters(self):
         """PEFT's one line: trainable parameters, all parameters and the share (the plug-ins train, the backbone is
         frozen by `train_rcp.py`)."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         plugins = sum(p.numel() for p in self.model.rcp_plugins.parameters())
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
               f" || plug-in params: {plugins:,d}")

@@ -862,6 +862,7 @@ def test_print_trainable_parameters_and_load_adapter(plugin_setup, capsys):
     model.print_trainable_parameters()
     plugins = sum(p.numel() for p in model.model.rcp_plugins.parameters())
     total = sum(p.numel() for p in model.parameters())
+    assert model.get_nb_trainable_parameters() == (plugins, total)  # PEFT's pair
     assert capsys.readouterr().out.strip() == (f"trainable params: {plugins:,d} || all params: {total:,d} || "
                                                f"trainable%: {100 * plugins / total:.4f} || plug-in params: {plugins:,d}")
     model.load_adapter(str(root / "plugins"))  # the name transformers' PEFT integration uses
