@@ -28,6 +28,10 @@ model drops it the same way).
 A document may have no image (ScienceQA's text-only questions): its row runs unpruned in the batch. Several images
 in one prompt run with `pruning_method=none` only; the pruning methods take one image per prompt.
 
+Each document with an image records its visual tokens per decoder layer (`visual_tokens_per_layer`: the mean over
+all layers, the project's equal-compute budget); `visual_token_summary()` logs their mean after each request type,
+since lmms-eval's results hold the scores only.
+
 `generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
 `loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
 (`write_testbed_task`) lets the whole path run offline: `python -m rcp_llava.lmms_eval_model --write_task DIR`.
@@ -45,8 +49,9 @@ from tqdm import tqdm
 try:  # the model needs lmms-eval; the task writer below (`--write_task`) does not
     from lmms_eval import utils
     from lmms_eval.api.model import lmms
+    from loguru import logger as eval_logger  # lmms-eval's own log (its models write there)
 except ImportError as err:  # pragma: no cover - exercised where lmms-eval is absent
-    utils, lmms, _LMMS_MISSING = None, object, err
+    utils, lmms, eval_logger, _LMMS_MISSING = None, object, None, err
 else:
     _LMMS_MISSING = None
 
@@ -56,7 +61,7 @@ from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
 from rcp_llava.data import encode_texts, prompt_messages, shared_prefix_length
 from rcp_llava.evaluation import method_model, method_overrides
-from rcp_llava.schedule import budget_count, parse_budget
+from rcp_llava.schedule import average_tokens, budget_count, kept_tokens_per_layer, parse_budget
 
 
 logger = logging.get_logger(__name__)
@@ -214,6 +219,9 @@ class RcpLlava(lmms):
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
         self._tokenizer = self.processor.tokenizer
         self._rank, self._world_size = 0, 1
+        # Each document's visual tokens per decoder layer (mean over the layers), in the order they ran: lmms-eval's
+        # results hold the scores only, and a comparison at equal compute needs these too (`visual_token_summary`).
+        self.visual_tokens_per_layer = []
 
     # -- lmms-eval's properties ------------------------------------------------------------------
 
@@ -270,6 +278,31 @@ class RcpLlava(lmms):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    def _record_visual_tokens(self, images):
+        """Append the visual tokens per decoder layer of the documents the model just ran (`images`: each one's list,
+        in batch order), read from its `last_pruning_info`; documents without an image are left out."""
+        config, info = self.model.config, self.model.last_pruning_info
+        if info is None:  # nothing pruned: every layer reads all of each image's tokens
+            per_doc = [config.num_visual_tokens * len(row) for row in images]
+        else:
+            rows = kept_tokens_per_layer(config, info.kept_counts, len(info.has_image), info.has_image)
+            copies = len(rows) // len(images)  # generate's beams / return sequences repeat each row in place
+            per_doc = [average_tokens(rows[i * copies]) for i in range(len(images))]
+        self.visual_tokens_per_layer.extend(t for t, row in zip(per_doc, images) if row)
+
+    def visual_token_summary(self):
+        """`{"documents", "mean_visual_tokens_per_layer", "num_visual_tokens"}` over the documents with an image so
+        far (the mean over all decoder layers, the project's equal-compute budget), and logs it."""
+        done = self.visual_tokens_per_layer
+        summary = {"documents": len(done), "mean_visual_tokens_per_layer": sum(done) / len(done) if done else None,
+                   "num_visual_tokens": self.model.config.num_visual_tokens}
+        if done:
+            eval_logger.info(f"rcp_llava: {len(done)} documents with an image read "
+                             f"{summary['mean_visual_tokens_per_layer']:.2f} visual tokens per decoder layer on average "
+                             f"(of {summary['num_visual_tokens']} per image; pruning_method="
+                             f"{self.model.config.pruning_method!r})")
+        return summary
+
     def _prompt(self, context, num_images=1):
         # The images go first, as the processor's chat template places them (tasks that write "<image>" themselves
         # get it removed from the text: the template adds one per image).
@@ -306,6 +339,7 @@ class RcpLlava(lmms):
             if sample:
                 generate.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
             out = self.model.generate(**inputs, **generate)
+            self._record_visual_tokens(images)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for text in texts:
                 for stop in until:
@@ -314,6 +348,7 @@ class RcpLlava(lmms):
                 results.append(text.strip())
             bar.update(len(batch))
         bar.close()
+        self.visual_token_summary()
         return ordered.get_original(results)
 
     @torch.no_grad()
@@ -342,12 +377,14 @@ class RcpLlava(lmms):
             labels[:, len(ids) - tail:] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
             logits = self.model(**full, labels=labels).logits
+            self._record_visual_tokens([images])
             target = ids[start:len(ids) - tail]  # (C,)
             stop = logits.shape[1] - 1 - tail
             scores = logits[0, stop - target.shape[0]:stop].float().log_softmax(-1)  # the continuation's predictions
             logprob = scores.gather(-1, target.unsqueeze(-1)).sum()
             greedy = bool((scores.argmax(-1) == target).all())
             results.append((float(logprob), greedy))
+        self.visual_token_summary()
         return results
 
     def generate_until_multi_round(self, requests):

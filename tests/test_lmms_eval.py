@@ -396,7 +396,7 @@ def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_pro
     scored = []
 
     class Model(torch.nn.Module):  # records the labelled tokens; uniform logits
-        dtype = torch.float32
+        dtype, config, last_pruning_info = torch.float32, lm.model.config, None  # what the wrapper reads
 
         def forward(self, input_ids, labels=None, **kwargs):
             scored.append(input_ids[0][labels[0] != -100].tolist())
@@ -433,7 +433,7 @@ def test_a_template_writing_bos_gets_one(demo_folder):
     seen = []
 
     class Model(torch.nn.Module):
-        dtype = torch.float32
+        dtype, config, last_pruning_info = torch.float32, lm.model.config, None  # what the wrapper reads
 
         def forward(self, input_ids, labels=None, **kwargs):
             seen.append((input_ids[0].tolist(), input_ids[0][labels[0] != -100].tolist()))
@@ -446,3 +446,40 @@ def test_a_template_writing_bos_gets_one(demo_folder):
     ids, scored = seen[-1]
     assert ids.count(bos) == 1 and logprob < 0
     assert processor.tokenizer.decode(scored).strip() == "There are two cats"
+
+
+def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder):
+    """lmms-eval's results hold scores only: the wrapper recorded nothing of what a document's prefill kept, so a run
+    could not be placed at its compute. Each document with an image now records its visual tokens per decoder layer
+    (the mean over all layers, as `tokens_per_layer` counts them); text-only documents are left out, beams count a
+    document once, and the summary goes to lmms-eval's log."""
+    from loguru import logger
+
+    from rcp_llava.demo import demo_image
+    from rcp_llava.schedule import average_tokens
+
+    docs = [{"img": [demo_image(seed=1)]}, {"img": []}, {"img": [demo_image(seed=2), demo_image(seed=3)]}]
+    visual = lambda d: d["img"]  # noqa: E731
+    question = "what colour is the shape ?"
+    lm = _from_args(demo_folder, "pruning_method=rcp,budget=8,max_new_tokens=2", batch_size=2)
+    lm.task_dict = {"t": {"test": docs}}
+    expected = average_tokens(lm.model.config.tokens_per_layer())
+    assert expected < lm.model.config.num_visual_tokens
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    try:
+        lm.generate_until([_request(question, {"until": []}, visual, 0), _request(question, {"until": []}, visual, 1)])
+        lm.generate_until([_request(question, {"until": [], "num_beams": 2}, visual, 0)])
+        lm.loglikelihood([type("R", (), {"args": (question, " w1", visual, 0, "t", "test")})()])
+    finally:
+        logger.remove(sink)
+    assert lm.visual_tokens_per_layer == [expected] * 3
+    assert lm.visual_token_summary() == {"documents": 3, "mean_visual_tokens_per_layer": expected,
+                                         "num_visual_tokens": lm.model.config.num_visual_tokens}
+    assert any(f"rcp_llava: 3 documents with an image read {expected:.2f} visual tokens per decoder layer" in m
+               for m in messages)
+
+    unpruned = _from_args(demo_folder, "pruning_method=none,max_new_tokens=2")
+    unpruned.task_dict = lm.task_dict
+    unpruned.generate_until([_request(question, {"until": []}, visual, 2)])
+    assert unpruned.visual_tokens_per_layer == [2 * lm.model.config.num_visual_tokens]  # two images, every layer
