@@ -448,7 +448,8 @@ def test_a_template_writing_bos_gets_one(demo_folder):
     assert processor.tokenizer.decode(scored).strip() == "There are two cats"
 
 
-def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder):
+@pytest.mark.parametrize("method", ["rcp", "vispruner", "fastv"])
+def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, method):
     """lmms-eval's results hold scores only: the wrapper recorded nothing of what a document's prefill kept, so a run
     could not be placed at its compute. Each document with an image now records its visual tokens per decoder layer
     (the mean over all layers, as `tokens_per_layer` counts them); text-only documents are left out, beams count a
@@ -461,7 +462,7 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder):
     docs = [{"img": [demo_image(seed=1)]}, {"img": []}, {"img": [demo_image(seed=2), demo_image(seed=3)]}]
     visual = lambda d: d["img"]  # noqa: E731
     question = "what colour is the shape ?"
-    lm = _from_args(demo_folder, "pruning_method=rcp,budget=8,max_new_tokens=2", batch_size=2)
+    lm = _from_args(demo_folder, f"pruning_method={method},budget=8,max_new_tokens=2", batch_size=2)
     lm.task_dict = {"t": {"test": docs}}
     expected = average_tokens(lm.model.config.tokens_per_layer())
     assert expected < lm.model.config.num_visual_tokens
