@@ -587,6 +587,12 @@ class RcpLlavaConfig(LlavaConfig):
         return None if per_layer is None else sum(per_layer) / len(per_layer)
 
 
+# A config saved alone (`config.save_pretrained(folder)`) writes this file beside it and `auto_map["AutoConfig"]`, as
+# transformers does for a registered custom config, so `AutoConfig.from_pretrained(folder, trust_remote_code=True)`
+# reads it where rcp-llava is not installed (the model's `save_pretrained` adds the model classes to the map).
+RcpLlavaConfig.register_for_auto_class()
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Per-layer token accounting
 # ------------------------------------------------------------------------------------------------

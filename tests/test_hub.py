@@ -1142,3 +1142,33 @@ def test_the_pair_fingerprint_reads_the_field_names_it_was_made_with(tmp_path):
     (tmp_path / RCP_CONFIG_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="was saved with another rcp_config.json"):
         make_model(seed=3).load_plugins(str(tmp_path))
+
+
+def test_a_config_saved_alone_loads_with_auto_config_where_rcp_llava_is_not_installed(tmp_path):
+    """`config.save_pretrained(folder)` wrote config.json alone, without `auto_map` or the configuration file: as a
+    custom config, `AutoConfig.from_pretrained(folder, trust_remote_code=True)` then failed ("does not recognize this
+    architecture") outside this repository. The model's own save keeps its full map."""
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    config = RcpLlavaConfig(text_config={"num_hidden_layers": 8}, pruning_keep_counts=[96, 26, 8])
+    config.save_pretrained(tmp_path / "config")
+    assert sorted(os.listdir(tmp_path / "config")) == ["config.json", "configuration_rcp_llava.py"]
+    saved = json.loads((tmp_path / "config" / "config.json").read_text())
+    assert saved["auto_map"] == {"AutoConfig": "configuration_rcp_llava.RcpLlavaConfig"}
+    script = ("import json; from transformers import AutoConfig\n"
+              "c = AutoConfig.from_pretrained('config', trust_remote_code=True)\n"
+              "print(json.dumps([type(c).__module__, c.pruning_layers, c.pruning_keep_counts, "
+              "c.text_config.num_hidden_layers]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, layers, counts, depth = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert module.startswith("transformers_modules.")
+    assert (layers, counts, depth) == (config.pruning_layers, [96, 26, 8], 8)
+
+    from conftest import make_model
+
+    make_model().save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"] == RCP_AUTO_MAP
