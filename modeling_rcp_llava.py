@@ -1669,7 +1669,81 @@ class RcpInitMixin:
             super()._init_weights(module)
 
 
-class RcpLlavaModel(RcpInitMixin, LlavaModel):
+class RcpSaveMixin:
+    """`save_pretrained` of both Hub classes (the full model and the bare `RcpLlavaModel` that `AutoModel` loads):
+    each writes a self-contained Hub folder, atomically, and refuses to lose what a folder holds."""
+
+    def save_pretrained(self, save_directory, *args, overwrite=False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
+        (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) and `config.auto_map` = `RCP_AUTO_MAP`, so that
+        `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
+        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed.
+
+        Nothing saved is lost: the model is written into a staging folder inside `save_directory` first (the same
+        filesystem, also when the folder is a mount point or a link to another disk) and its files are then renamed
+        into place one by one (weights before `config.json`), so an interrupted save never leaves a config describing
+        half-written weights. Other files in the folder stay: a processor saved there, and weights of another name
+        or variant (`model_ema.safetensors`, `model.fp16.safetensors`); only the earlier files of the weights this
+        save writes (other shards, an index) are removed. A folder holding the weights of another model (another
+        shape, or weights without a config) is refused with `FileExistsError` unless `overwrite=True`. With
+        `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is given) follows the local
+        save, as transformers' does, so a failed upload keeps the saved folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
+        # transformers' own handling: not the main process, a file in the way, or a PEFT adapter attached with
+        # `add_adapter` / `load_adapter` (then only the adapter is written, as for stock: no model files)
+        if (not kwargs.get("is_main_process", True) or os.path.isfile(save_directory)
+                or getattr(self, "_hf_peft_config_loaded", False)):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        save_directory = os.fspath(save_directory)
+        # an edited field the plug-ins were not built for: refused before anything is written
+        (self if isinstance(self, RcpLlavaModel) else self.model)._check_config()
+        _refuse_other_model(save_directory, self.config, overwrite, _plugin_names(self.state_dict()))
+        push = kwargs.pop("push_to_hub", False)
+        # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
+        named = set(inspect.signature(LlavaPreTrainedModel.save_pretrained).parameters) - {"self", "kwargs"}
+        push_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in named}
+        created = not os.path.isdir(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        timestamps = self._get_files_timestamps(save_directory) if push else None  # what the upload sends: changes
+        _remove_dead_staging(save_directory)
+        staging = os.path.join(save_directory, f"{SAVE_STAGING_PREFIX}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            os.makedirs(staging)
+            for module in (type(self).__module__, RcpLlavaConfig.__module__):
+                source = sys.modules[module].__file__
+                shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
+            result = super().save_pretrained(staging, *args, **kwargs)
+            _move_saved_folder(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not os.listdir(save_directory):  # a failed first save leaves no empty folder behind
+                os.rmdir(save_directory)
+        if push:
+            self._push_saved_folder(save_directory, timestamps, kwargs.get("token"), push_kwargs)
+        return result
+
+    def _push_saved_folder(self, folder, timestamps, token, push_kwargs):
+        """Upload the files a save changed in `folder`, as `PreTrainedModel.save_pretrained(push_to_hub=True)` does
+        at its end (transformers 5.23: repo, model card, `_upload_modified_files`), after the folder is in place."""
+        import transformers.modeling_utils as hf_modeling
+
+        commit_message = push_kwargs.pop("commit_message", None)
+        repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(folder)))
+        create_pr = push_kwargs.pop("create_pr", False)
+        repo_id = hf_modeling.hf_api().create_repo(repo_id, exist_ok=True, token=token, **push_kwargs).repo_id
+        card_path = os.path.join(folder, "README.md")
+        if os.path.isfile(card_path):
+            # A card in the folder (an RCP model card, `rcp_llava.hub.build_model_card`) is the user's: kept, and
+            # uploaded with the model. Stock would replace it with the Hub's card or transformers' template.
+            timestamps = {k: v for k, v in timestamps.items() if k != "README.md"}
+        else:
+            hf_modeling.create_and_tag_model_card(repo_id, self.model_tags, token=token).save(card_path)
+        self._upload_modified_files(folder, repo_id, timestamps, commit_message=commit_message, token=token,
+                                    create_pr=create_pr)
+
+
+class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
     """`LlavaModel` whose decoder loop drops visual tokens at the pruning layers.
 
     `forward` takes the stock arguments plus:
@@ -2368,24 +2442,63 @@ def _model_identity(config_dict):
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# The config fields that decide the plug-in tensors and how they compute: saving a model over a folder whose trained
+# plug-ins differ in them would lose those plug-ins.
+_PLUGIN_LAYOUT = ("pruning_layers", "repair_layers", "pruner_hidden_size", "num_pruning_queries", "pruner_num_heads",
+                  "repair_bottleneck_size")
 
 
-def _refuse_other_model(folder, config, overwrite):
-    """FileExistsError if `folder` holds the weights of another model than `config` (or weights without a config)."""
+def _saved_plugin_keys(folder):
+    """The plug-in tensor names (from `rcp_plugins.` on) in the model weights saved in `folder`, read from the
+    safetensors header or the shards' index; an empty set for none (a stock model's folder)."""
+    index, single = (os.path.join(folder, f"model.safetensors{suffix}") for suffix in (".index.json", ""))
+    if os.path.isfile(index):
+        keys = (read_json_file(index).get("weight_map") or {}).keys()
+    elif os.path.isfile(single) and _safe_open is not None:
+        with _safe_open(single, framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        return set()
+    return _plugin_names(keys)
+
+
+def _plugin_names(keys):
+    """The plug-in names among state-dict `keys`, from "rcp_plugins." on: the outer model saves them under
+    `PLUGIN_PREFIX`, the bare `RcpLlavaModel` (`AutoModel`) without its "model."."""
+    marker = PLUGIN_PREFIX[len("model."):]
+    return {k[k.index(marker):] for k in keys if marker in k}
+
+
+def _refuse_other_model(folder, config, overwrite, plugin_keys=None):
+    """FileExistsError if `folder` holds the weights of another model than `config` (or weights without a config),
+    or trained plug-ins that this save would replace with others (`plugin_keys`: the names this model saves, from
+    `rcp_plugins.` on): another placement, size or head count. A plug-in-only checkpoint in the folder
+    (`save_plugins`) is no model weights: it stays, untouched."""
     if overwrite or not os.path.isdir(folder):
         return
-    weights = sorted(f for f in os.listdir(folder) if f.endswith(_WEIGHT_SUFFIXES))
+    weights = sorted(f for f in os.listdir(folder) if f.endswith(_WEIGHT_SUFFIXES) and f != RCP_PLUGINS_NAME)
     if not weights:
         return
     config_path = os.path.join(folder, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
-            existing = _model_identity(json.load(f))
-    except (OSError, ValueError):
+            existing_dict = json.load(f)
+        existing = _model_identity(existing_dict)
+    except (OSError, ValueError, AttributeError):
         existing = None
-    new = _model_identity(config.to_dict())
+    new_dict = config.to_dict()
+    new = _model_identity(new_dict)
     if existing == new:
-        return
+        saved = _saved_plugin_keys(folder) if plugin_keys is not None else set()
+        layout = [k for k in _PLUGIN_LAYOUT if existing_dict.get(k) != new_dict.get(k)]
+        if not saved or (saved == set(plugin_keys) and not layout):
+            return
+        changes = ", ".join(f"{k}: {existing_dict.get(k)!r} -> {new_dict.get(k)!r}" for k in layout) or (
+            f"{len(saved - set(plugin_keys))} of its plug-in tensors would go")
+        raise FileExistsError(
+            f"{folder!r} already holds the weights of a model with other trained RCP plug-ins ({changes}); this save "
+            "would replace them. Save elsewhere, keep them with `save_plugins` first, or pass `overwrite=True`."
+        )
     changes = ("no readable config.json describes them" if existing is None else ", ".join(
         f"{k}: {existing[k]!r} -> {new[k]!r}" for k in new if existing[k] != new[k]))
     raise FileExistsError(
@@ -2534,7 +2647,7 @@ def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugi
         )
 
 
-class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGeneration):
+class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForConditionalGeneration):
     """A drop-in `LlavaForConditionalGeneration` that prunes visual tokens inside its decoder.
 
     ```python
@@ -2808,75 +2921,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, LlavaForConditionalGenerati
             state.reorder(beam_idx)  # a plain cache passed by the user: carry the state along ourselves
         return past_key_values
 
-    # -- Hub folders and plug-in-only checkpoints -----------------------------------------------
-
-    def save_pretrained(self, save_directory, *args, overwrite=False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
-        (`configuration_rcp_llava.py`, `modeling_rcp_llava.py`) and `config.auto_map` = `RCP_AUTO_MAP`, so that
-        `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` / `AutoModelForImageTextToText`
-        `.from_pretrained(folder, trust_remote_code=True)` load it where rcp-llava is not installed.
-
-        Nothing saved is lost: the model is written into a staging folder inside `save_directory` first (the same
-        filesystem, also when the folder is a mount point or a link to another disk) and its files are then renamed
-        into place one by one (weights before `config.json`), so an interrupted save never leaves a config describing
-        half-written weights. Other files in the folder stay: a processor saved there, and weights of another name
-        or variant (`model_ema.safetensors`, `model.fp16.safetensors`); only the earlier files of the weights this
-        save writes (other shards, an index) are removed. A folder holding the weights of another model (another
-        shape, or weights without a config) is refused with `FileExistsError` unless `overwrite=True`. With
-        `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is given) follows the local
-        save, as transformers' does, so a failed upload keeps the saved folder."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
-        # transformers' own handling: not the main process, a file in the way, or a PEFT adapter attached with
-        # `add_adapter` / `load_adapter` (then only the adapter is written, as for stock: no model files)
-        if (not kwargs.get("is_main_process", True) or os.path.isfile(save_directory)
-                or getattr(self, "_hf_peft_config_loaded", False)):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        save_directory = os.fspath(save_directory)
-        self.model._check_config()  # an edited field the plug-ins were not built for: refused before anything is written
-        _refuse_other_model(save_directory, self.config, overwrite)
-        push = kwargs.pop("push_to_hub", False)
-        # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
-        named = set(inspect.signature(LlavaPreTrainedModel.save_pretrained).parameters) - {"self", "kwargs"}
-        push_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in named}
-        created = not os.path.isdir(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
-        timestamps = self._get_files_timestamps(save_directory) if push else None  # what the upload sends: changes
-        _remove_dead_staging(save_directory)
-        staging = os.path.join(save_directory, f"{SAVE_STAGING_PREFIX}{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            os.makedirs(staging)
-            for module in (type(self).__module__, RcpLlavaConfig.__module__):
-                source = sys.modules[module].__file__
-                shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
-            result = super().save_pretrained(staging, *args, **kwargs)
-            _move_saved_folder(staging, save_directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created and not os.listdir(save_directory):  # a failed first save leaves no empty folder behind
-                os.rmdir(save_directory)
-        if push:
-            self._push_saved_folder(save_directory, timestamps, kwargs.get("token"), push_kwargs)
-        return result
-
-    def _push_saved_folder(self, folder, timestamps, token, push_kwargs):
-        """Upload the files a save changed in `folder`, as `PreTrainedModel.save_pretrained(push_to_hub=True)` does
-        at its end (transformers 5.23: repo, model card, `_upload_modified_files`), after the folder is in place."""
-        import transformers.modeling_utils as hf_modeling
-
-        commit_message = push_kwargs.pop("commit_message", None)
-        repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(folder)))
-        create_pr = push_kwargs.pop("create_pr", False)
-        repo_id = hf_modeling.hf_api().create_repo(repo_id, exist_ok=True, token=token, **push_kwargs).repo_id
-        card_path = os.path.join(folder, "README.md")
-        if os.path.isfile(card_path):
-            # A card in the folder (an RCP model card, `rcp_llava.hub.build_model_card`) is the user's: kept, and
-            # uploaded with the model. Stock would replace it with the Hub's card or transformers' template.
-            timestamps = {k: v for k, v in timestamps.items() if k != "README.md"}
-        else:
-            hf_modeling.create_and_tag_model_card(repo_id, self.model_tags, token=token).save(card_path)
-        self._upload_modified_files(folder, repo_id, timestamps, commit_message=commit_message, token=token,
-                                    create_pr=create_pr)
+    # -- Hub folders and plug-in-only checkpoints (save_pretrained: RcpSaveMixin) -------------
 
     def save_plugins(self, save_directory, base_model_name_or_path=None, overwrite=False):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields

@@ -210,3 +210,16 @@ def sentencepiece_like_processor(generation_prompt, add_eos_token=False, bos_in_
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=4, chat_template=template,
                           vision_feature_select_strategy="default", image_token="<image>",
                           num_additional_image_tokens=1)
+
+
+def run_where_rcp_llava_is_not_installed(args, tmp_path):
+    """Run `python -I *args` in `tmp_path` as a machine without this package would: isolated mode (neither the
+    repository nor PYTHON* variables on the path), the Hub offline, a private HF modules cache. Returns the
+    completed process; the caller asserts on it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
+    return subprocess.run([sys.executable, "-I", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_where_rcp_llava_is_not_installed
 
 
 import modeling_rcp_llava  # noqa: E402
@@ -174,10 +174,7 @@ def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
     """)
     (tmp_path / "check.py").write_text(script)
     image.save(tmp_path / "image.png")  # lossless copy for the pipeline comparison
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-I", "check.py"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_where_rcp_llava_is_not_installed(["check.py"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     out = torch.load(tmp_path / "out.pt")
 
@@ -1159,10 +1156,7 @@ def test_a_config_saved_alone_loads_with_auto_config_where_rcp_llava_is_not_inst
               "c = AutoConfig.from_pretrained('config', trust_remote_code=True)\n"
               "print(json.dumps([type(c).__module__, c.pruning_layers, c.pruning_keep_counts, "
               "c.text_config.num_hidden_layers]))\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_where_rcp_llava_is_not_installed(["-c", script], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     module, layers, counts, depth = json.loads(proc.stdout.strip().splitlines()[-1])
     assert module.startswith("transformers_modules.")
