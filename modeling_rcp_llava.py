@@ -1035,16 +1035,25 @@ class PrunedPrefill:
         # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
         last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
         ends_on_image = self.has_image & image_mask.gather(1, last_valid.clamp_min(0)).squeeze(1)  # (B,)
+        # (B, N) in raster order: the visual tokens the attention mask shows. One it hides (`attention_mask` 0 on an
+        # image token, a token-ablation experiment) is an invisible key for stock; here it is dead from the start,
+        # like padding: no candidate, no slot, not counted among the alive (it was, and the compaction overran).
+        raster = torch.where(image_mask, image_mask.long().cumsum(1) - 1, n).clamp_max(n)  # (B, T); n: not visual
+        visible = torch.zeros(bsz, n + 1, dtype=torch.bool, device=device).scatter_(
+            1, raster, image_mask & key_valid)[:, :n] & self.has_image.unsqueeze(1)
         forced = self._check_forced(visual_keep_masks, bsz, n)
+        if forced is not None:
+            forced = forced & visible.unsqueeze(1)
         # The prefill's one host sync: the input checks, and every row's token counts. From them the loop knows
         # each pruned sequence's length without asking the device again (pruning at fixed counts; RCP's adaptive
         # threshold reads its kept counts once per point, since they depend on the data).
-        host = [per_row, ends_on_image, key_valid.sum(1), (question & ~image_mask).sum(1), (question & image_mask).any(1)]
+        host = [per_row, ends_on_image, key_valid.sum(1), (question & ~image_mask).sum(1), (question & image_mask).any(1),
+                visible.sum(1)]
         if forced is not None:
             noncumulative = (forced[:, 1:] & ~forced[:, :-1]).flatten(1).any(1)  # (B,)
             host += [noncumulative, *forced.sum(-1).unbind(1)]
         host = torch.stack([t.to(torch.long) for t in host]).tolist()
-        counts, ends_on_image, self.row_length, question_text, question_on_image = host[:5]
+        counts, ends_on_image, self.row_length, question_text, question_on_image, shown = host[:6]
         bad = [c for c in counts if c not in (0, n)]
         if bad:
             raise ValueError(
@@ -1071,22 +1080,25 @@ class PrunedPrefill:
         self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
         self.answer_mask = (self._default_answer_mask(answer_mask, labels, positions, last_valid)
                             & self.has_image.unsqueeze(1))
-        if forced is not None and any(host[5]):
+        if forced is not None and any(host[6]):
             raise ValueError(
                 "`visual_keep_masks` is not cumulative: a token kept at a later pruning point was dropped at an "
                 "earlier one, which physical discard cannot bring back. Make each point's mask a subset of the "
                 "previous one, e.g. `torch.cumprod(masks.int(), dim=1).bool()`."
             )
         self.forced = forced
-        self.forced_counts = list(zip(*host[6:])) if forced is not None else None  # per row, per point
+        self.forced_counts = list(zip(*host[7:])) if forced is not None else None  # per row, per point
         # Host-side per-row counts: visual tokens alive, question slots (None: a question token is an image token,
         # which a pruner may drop, so its count is read from the device).
-        self.row_alive = [n if c == n else 0 for c in counts]
+        self.row_alive = [k if c == n else 0 for c, k in zip(counts, shown)]
+        # A method's exact count assumes every visual token a candidate: VisPruner chooses from the vision tower,
+        # blind to the attention mask, so with a hidden token it may keep one fewer. Read the counts then.
+        self.hidden_visual = any(c == n and k < n for c, k in zip(counts, shown))
         self.question_width = None if any(question_on_image) else max(question_text, default=0)
 
         self.slot_orig = torch.where(key_valid, positions, -1)  # (B, T); -1 for padding, as after every prune
         self.slot_valid = key_valid  # (B, T)
-        self.alive = self.has_image.unsqueeze(1).expand(bsz, n).clone()  # (B, N) cumulative keep mask
+        self.alive = visible  # (B, N) cumulative keep mask
         self.keep_history = []  # per pruning point, (B, N) bool
         # The repair adapters' context (Eqs. 9-10), one (B, b) vector per pruning point; only computed when the
         # model repairs. `pruned_sum` / `pruned_count`: normalised states of all tokens pruned so far.
@@ -1099,9 +1111,9 @@ class PrunedPrefill:
         # Mask layout: `key_keep` (B, T) is each key's 0/1 weight in attention, and `soft_alive` (B, N) the
         # cumulative mask M with straight-through gradients.
         self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if self.differentiable else None
-        self.soft_alive = self.has_image.unsqueeze(1).expand(bsz, n).to(hidden.dtype) if self.differentiable else None
+        self.soft_alive = visible.to(hidden.dtype) if self.differentiable else None
         # Mask layout: the image slots never move, (B, N) for the rows with an image.
-        self.image_slots = _first_slots(image_mask, max(self.row_alive, default=0))[0] if self.differentiable else None
+        self.image_slots = _first_slots(image_mask, n if n in counts else 0)[0] if self.differentiable else None
         self.segment_masks = {}  # first layer of a pruned segment -> (B, T_s) key mask of its prefill tokens
         self.padded_segments = {}  # first layer of a segment -> whether a row of it is padded (known on the host)
         self._given = None  # (layer index, {module path: its output on the kept rows}), see `given_inputs`
@@ -1304,7 +1316,7 @@ class PrunedPrefill:
         exactly a count (`TokenSelector.exact_count`); otherwise read from `keep` (a host sync)."""
         if self.forced is not None:
             return [counts[ctx.point] if alive else 0 for counts, alive in zip(self.forced_counts, self.row_alive)]
-        count = self.selector.exact_count(ctx)
+        count = None if self.hidden_visual else self.selector.exact_count(ctx)
         if count is None:
             return keep.sum(1).tolist()
         return [min(count, alive) for alive in self.row_alive]

@@ -1,0 +1,91 @@
+"""Attention masks that hide a visual token (a token-ablation experiment; stock LLaVA reads such a token as an
+invisible key). Every pruning method crashed on them with an index error: the prefill counted all N visual tokens
+alive, so the compaction overran by the hidden ones. A hidden token is now dead from the start, like padding."""
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference
+from test_baselines import METHODS
+
+PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
+CASES = {"rcp": dict(randomize_plugins=True, repair_layers=[]),
+         "rcp-adaptive": dict(randomize_plugins=True, repair_layers=[], pruning_keep_counts=None),
+         **METHODS}
+
+
+def _with_positions(batch):
+    return {**batch, "position_ids": (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)}
+
+
+def _hide(batch, row, raster_ids):
+    """Set the attention mask to 0 on visual tokens `raster_ids` of `row`."""
+    slots = (batch["input_ids"][row] == IMAGE_TOKEN).nonzero().flatten()
+    batch["attention_mask"][row, slots[raster_ids]] = 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_hidden_visual_token_is_never_kept_and_discard_equals_mask(name):
+    model = make_model(**CASES[name])
+    with torch.no_grad():
+        kept_before = model(**_with_positions(make_batch(PADDED))).keep_masks  # (B, P, N)
+    # Row 1, the longest (the compaction's width), hides a token the method keeps to the end without the hole
+    # (VisPruner chooses blind to the mask); row 2 hides its first and last visual tokens.
+    chosen = int(kept_before[1, -1].nonzero()[0])
+    batch = make_batch(PADDED)
+    _hide(batch, 1, [chosen])
+    _hide(batch, 2, [0, NUM_VISUAL - 1])
+    batch = _with_positions(batch)
+    with torch.no_grad():
+        out = model(**batch)
+        ref = masked_reference(model, batch, out.keep_masks)
+    assert not out.keep_masks[1, :, chosen].any()
+    assert not out.keep_masks[2, :, [0, NUM_VISUAL - 1]].any()
+    assert torch.equal(out.kept_counts, out.keep_masks.sum(-1))
+    valid = out.token_positions >= 0
+    assert (out.logits - at_positions(ref, out.token_positions))[valid].abs().max() <= 1e-4
+    # Physical discard: the valid slots are the shown tokens, less the visual ones dropped.
+    shown_visual = torch.tensor([NUM_VISUAL, NUM_VISUAL - 1, NUM_VISUAL - 2])
+    assert torch.equal(valid.sum(1), batch["attention_mask"].sum(1) - shown_visual + out.kept_counts[:, -1])
+
+
+@pytest.mark.parametrize("counts", [[10, 5], None], ids=["fixed", "adaptive"])
+def test_the_training_layout_treats_a_hidden_visual_token_as_the_discard_does(counts):
+    model = make_model(randomize_plugins=True, pruning_keep_counts=counts)
+    batch = make_batch(PADDED)
+    _hide(batch, 1, [4])  # the longest row
+    with torch.no_grad():
+        discard = model(**batch)
+        with model.pruning_layout("mask"):
+            masked = model(**batch)
+    assert torch.equal(masked.keep_masks, discard.keep_masks) and not discard.keep_masks[1, :, 4].any()
+    assert torch.equal(masked.layer_retention, discard.layer_retention)
+    positions = discard.token_positions
+    valid = positions >= 0
+    ref = at_positions(masked.logits, positions)
+    assert (discard.logits[valid] - ref[valid]).abs().max() <= 1e-4
+
+
+def test_given_keep_masks_leave_a_hidden_visual_token_out():
+    model = make_model(randomize_plugins=True, repair_layers=[])
+    batch = _with_positions(make_batch(PADDED))
+    _hide(batch, 1, [2])
+    forced = torch.ones(3, 2, NUM_VISUAL, dtype=torch.bool)
+    forced[:, 1, 8:] = False
+    with torch.no_grad():
+        out = model(**batch, visual_keep_masks=forced)
+        ref = masked_reference(model, batch, out.keep_masks)
+    assert out.kept_counts.tolist() == [[16, 8], [15, 7], [16, 8]]
+    valid = out.token_positions >= 0
+    assert (out.logits - at_positions(ref, out.token_positions))[valid].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["rcp", "rcp-adaptive", "fastv", "vispruner"])
+def test_one_unpadded_row_with_a_hidden_visual_token_runs_and_generates(name):
+    """The probe's case: one row, no padding to absorb the overrun (an index error for every in-decoder method)."""
+    model = make_model(**CASES[name])
+    batch = make_batch([(3, 4, True)])
+    _hide(batch, 0, [3])
+    with torch.no_grad():
+        out = model(**batch)
+        tokens = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert not out.keep_masks[0, :, 3].any() and tokens.shape == (1, batch["input_ids"].shape[1] + 3)
