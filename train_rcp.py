@@ -1542,12 +1542,25 @@ def evaluate_methods(model, processor, dataset, collator, max_samples=None, prog
     return results
 
 
+def evaluated_on(metrics):
+    """The line above the report's accuracies: how many samples of which split they score (a default run scores the
+    first --max_eval_samples 500 of a 1000-row test split; the accuracies alone did not say so). Runs before the
+    split was recorded name the split asked for, or none."""
+    counts = sorted({metrics[key]["n"] for key in ("full", "rcp") if isinstance(metrics.get(key), dict)
+                     and "n" in metrics[key]})
+    split = metrics.get("evaluated_split") or metrics.get("test_split")
+    where = f"the {split!r} split" if split else "the test data (split not recorded)"
+    n = " / ".join(map(str, counts)) if counts else "an unrecorded number of"
+    return f"accuracies on {n} samples of {where} (the same samples for every row):"
+
+
 def format_report(metrics):
     lines = [f"\nRCP on {metrics['base_model']} — budget {metrics['visual_token_budget']:.1f} of "
              f"{metrics['num_visual_tokens']} visual tokens (target retention {metrics['target_retention']:.3f} "
              f"over {metrics['sparsity_layers']} layers)", ""]
     if "full" in metrics:
         full = metrics["full"]["accuracy"]
+        lines += [evaluated_on(metrics), ""]
         lines.append(f"| {'model':<34} | {'accuracy':>8} | {'% of full':>9} | {'kept per pruning layer':<24} |")
         lines.append(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 26}|")
         names = {"full": "full tokens", "rcp": "RCP, trained (adaptive threshold)",

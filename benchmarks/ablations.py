@@ -305,7 +305,8 @@ def is_data_spec(spec):
 
 def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max_eval_samples=None, dataset=None,
         batch_size=32, reuse=True, command=None, work_dir=None):
-    from rcp_llava.evaluation import evaluate_model, load_base_model, load_data, method_model, method_overrides
+    from rcp_llava.evaluation import (evaluate_model, load_base_model, load_data, method_model, method_overrides,
+                                      split_read)
     from rcp_llava.schedule import parse_budget
 
     # Default: the testbed the variants train on. Not built yet (a fresh machine): read after the first variant's
@@ -371,6 +372,7 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
                   "percent_of_n": [100 * c / n for c in kept]}
     paired_with_full(ordered)
     result = {"command": command, "budget": budget, "max_steps": max_steps, "num_eval_samples": len(data),
+              "split": split_read(data),  # load_data reads a folder without splits whole, whatever it was asked
               "num_visual_tokens": n, "full_model": {"score": full_score["score"], "groups": full_score["groups"]},
               "variants": ordered, "table6": table6}
     write_results(os.path.join(output_dir, name), markdown=format_ablations(result), data=result)
@@ -397,35 +399,69 @@ def steps_label(max_steps):
     return f"{max_steps} steps" if max_steps > 0 else "the job's `num_train_epochs` epochs"
 
 
+def equal_fixed_compute(variants, tolerance=0.05):
+    """Whether every variant's fixed-count row averages the same visual tokens over ALL decoder layers: the same
+    first pruning layer (counts averaging k from it on) and, where recorded, the same measured mean within
+    `tolerance` tokens (rounding the counts to whole tokens can move it). A `pruners=A,B` variant whose first
+    pruner differs keeps all N tokens up to it: more compute, or less, than `full`."""
+    firsts = {tuple(r["fixed"]["pruning_layers"][:1]) for r in variants}
+    means = [r["fixed"]["avg_tokens_all_layers"] for r in variants if "avg_tokens_all_layers" in r["fixed"]]
+    return len(firsts) <= 1 and (not means or max(means) - min(means) <= tolerance)
+
+
 def format_ablations(result):
     full = result["full_model"]["score"]
     steps = steps_label(result["max_steps"])
+    variants = result["variants"]
+    equal = equal_fixed_compute(variants)
+    full_tokens = next((r["fixed"].get("avg_tokens_all_layers") for r in variants if r["variant"] == "full"), None)
 
     def rel(score):
         return f"{score / full:.1%}" if full else "–"
 
+    if equal:
+        compute = ("every variant prunes first at the same layer, so all average the same visual tokens over all "
+                   "layers")
+    else:  # a paired test against `full` is then not an equal-compute comparison, and must not read as one
+        compute = ("the variants do NOT all average the same visual tokens over all layers (*tok/layer (all)*: their "
+                   "fixed-count means; a variant whose first pruner differs keeps all N tokens up to it), so they are "
+                   "not at equal compute: a *vs full* test at another compute than `full`'s names both")
+    # Results written before the split was recorded asked for "test" (a folder without splits is read whole).
+    split = result.get("split", "test")
+    samples = (f"{result['num_eval_samples']} test samples" if "split" not in result
+               else f"{result['num_eval_samples']} samples ({split})")
     lines = [f"# Ablations (Tables IV / V / VII analogs), budget {result['budget']} of "
              f"N = {result['num_visual_tokens']}",
              "", f"Command: `{result['command']}`", "",
              f"Each trained variant: `train_rcp.py` with {steps} (labelled below), evaluated on "
-             f"{result['num_eval_samples']} test samples (first-token accuracy). *fixed*: keep counts whose average "
-             "over the layers from the first pruner is k (every variant prunes first at the same layer, so all average "
-             "the same visual tokens over all layers); *adaptive*: the trained threshold. *vs full*: exact McNemar "
-             "of the fixed-count predictions against `full`'s on the same samples (samples only this variant / only "
-             f"`full` gets right, p). Full model: {full:.3f}.", "",
-             "| variant | trained | pruning layers | repair layers | fixed counts | acc (fixed) | % of full | "
+             f"{samples} (first-token accuracy). *fixed*: keep counts whose average "
+             f"over the layers from the first pruner is k ({compute}); *adaptive*: the trained threshold. *vs full*: "
+             "exact McNemar of the fixed-count predictions against `full`'s on the same samples (samples only this "
+             f"variant / only `full` gets right, p). Full model: {full:.3f}.", "",
+             "| variant | trained | pruning layers | repair layers | fixed counts | "
+             + ("" if equal else "tok/layer (all), fixed | ") + "acc (fixed) | % of full | "
              "vs full (fixed) | acc (adaptive) | % of full | adaptive kept per pruning layer | adaptive tok/layer (from 1st / all) | "
              "retention / target | grad norm median / p99 / max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["variants"]:
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("" if equal else "---|")]
+    for r in variants:
         fixed = r["fixed"]
         adaptive = r.get("adaptive")
         trained = (("yes" if r["max_steps"] is None else f"yes ({steps_label(r['max_steps'])})") if r["trained"]
                    else "no (uses `full`)")
         cells = [r["variant"], trained, str(fixed["pruning_layers"]), str(fixed["repair_layers"] or "none"),
-                 str(fixed["keep_counts"]), f"{fixed['score']:.3f}", rel(fixed["score"])]
+                 str(fixed["keep_counts"])]
+        tokens = fixed.get("avg_tokens_all_layers")
+        if not equal:
+            cells.append("–" if tokens is None else f"{tokens:.1f}")
+        cells += [f"{fixed['score']:.3f}", rel(fixed["score"])]
         test = fixed.get("vs_full")
-        cells.append(f"{test['a_only']}/{test['b_only']}, p {test['p_value']:.2g}" if test else "–")
+        cell = f"{test['a_only']}/{test['b_only']}, p {test['p_value']:.2g}" if test else "–"
+        if test and not equal:
+            if tokens is None or full_tokens is None:
+                cell += " (compute not recorded)"
+            elif abs(tokens - full_tokens) > 0.05:
+                cell += f" (not equal compute: {tokens:.1f} vs full's {full_tokens:.1f} tok/layer)"
+        cells.append(cell)
         if adaptive:
             kept = ", ".join(f"{c:.1f}" for c in adaptive["kept_per_point"])
             cells += [f"{adaptive['score']:.3f}", rel(adaptive["score"]), kept,

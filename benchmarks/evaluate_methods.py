@@ -23,7 +23,7 @@ from rcp_llava.results import DEFAULT_OUTPUT_DIR, positive_int, result_name
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="RCP folder or stock LLaVA folder.")
+    parser.add_argument("--model", default=None, help="RCP folder or stock LLaVA folder (required unless --rerender).")
     parser.add_argument("--plugins", default=None, help="Plug-in folder for a stock --model (from_base).")
     parser.add_argument("--data", action="append", default=None,
                         help="testbed (the main job's, deep) | testbed:PRESET | DATASET_DIR | BENCHMARK:PATH (repeat "
@@ -58,6 +58,11 @@ def build_parser():
     parser.add_argument("--oracle", action="store_true",
                         help="Testbed data: add an in-decoder oracle row per budget (attention_topk's layers and "
                              "counts, evidence kept first): oracle minus attention_topk is the prior's headroom.")
+    parser.add_argument("--rerender", default=None, metavar="RESULTS.json",
+                        help="Run no model: rebuild the paired tests and the markdown of a results JSON this script "
+                             "wrote (from its rows' per-sample outcomes), written over RESULTS.json and its .md; "
+                             "both keep the run's command and record this one. Takes no other flag but --overwrite "
+                             "(needed when the .md holds text the JSON does not rebuild).")
     parser.add_argument("--plugins_per_budget", default=None,
                         help="One RCP plug-in set per budget, e.g. '1/3=runs/b/budget_1_3/plugins,1/9=...' (the "
                              "folders `train_rcp.py --budgets` writes): RCP's rows at that budget use that set.")
@@ -144,15 +149,100 @@ def check_methods_fit_model(args, methods):
                              "model folder as --model, or drop those methods.")
 
 
+RERENDER_NOTE = "the harness now tests only fixed-count references"
+
+
+def results_markdown(results, command, rerendered=None):
+    """NAME.md of `results` (`evaluate_grid`'s, one per --data) run by `command`; `rerendered`: the command that
+    rebuilt it from the JSON since (`rerender`), said under the run's own."""
+    from rcp_llava.evaluation import format_table
+
+    lines = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "", f"Command: `{command}`", ""]
+    if rerendered:
+        lines += [f"Paired tests re-rendered from the JSON by `{rerendered}` ({RERENDER_NOTE}).", ""]
+    return "\n".join(lines + [format_table(result) for result in results])
+
+
+def _without_paired_tests(markdown):
+    """`markdown` less its paired-test sections (a "Paired tests (" line, the blank after it and its table)."""
+    out, skipping = [], False
+    for line in markdown.splitlines():
+        if line.startswith("Paired tests ("):
+            skipping = True
+        elif skipping and not (line.startswith("|") or not line.strip()):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out).rstrip("\n")
+
+
+def rerender(path, argv, overwrite=False):
+    """Rebuild the paired tests (`paired_tests`, from each row's per-sample "correct") and the markdown of the
+    results JSON `path` that this script wrote, without running any model; write PATH and its .md beside it
+    atomically. Both keep the run's command and gain the re-render's: a file written before the harness tested
+    only fixed-count references (commit f75499d) showed tests against adaptive rows, at their own larger compute.
+
+    Refused (ValueError) when the JSON is not this script's, or when its .md holds text the JSON cannot rebuild
+    outside the tests (notes written by hand, another layout) unless `overwrite`: those would be lost."""
+    import json
+
+    from rcp_llava.evaluation import paired_tests
+    from rcp_llava.results import command_line, write_results
+
+    expected = ("give the NAME.json evaluate_methods.py wrote ({\"command\", \"results\": [{\"rows\": [...]}]}), "
+                "its NAME.md beside it")
+    if not str(path).endswith(".json") or not os.path.isfile(path):
+        raise ValueError(f"--rerender {path!r}: no such .json file; {expected}.")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--rerender {path!r}: not JSON ({error}); {expected}.") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if (not isinstance(results, list) or not results or "command" not in data
+            or not all(isinstance(r, dict) and isinstance(r.get("rows"), list) for r in results)):
+        raise ValueError(f"--rerender {path!r}: not evaluate_methods.py's results; {expected}.")
+    stem = str(path)[:-len(".json")]
+    previous = data.get("rerendered", {}).get("command")
+    if os.path.isfile(stem + ".md") and not overwrite:
+        with open(stem + ".md") as f:
+            committed = f.read()
+        rebuilt = results_markdown(results, data["command"], previous)
+        if _without_paired_tests(committed) != _without_paired_tests(rebuilt):
+            raise ValueError(f"--rerender {path!r}: {stem}.md holds text its JSON does not rebuild outside the "
+                             "paired tests (notes, another layout), which a re-render would lose; merge them by hand "
+                             "or pass --overwrite to replace it.")
+    command = command_line(__file__, argv)
+    for result in results:
+        result["paired_tests"] = paired_tests(result["rows"])
+    data["rerendered"] = {"command": command, "note": RERENDER_NOTE}
+    markdown = results_markdown(results, data["command"], command)
+    write_results(stem, markdown=markdown, data=data, overwrite=True)
+    print(markdown)
+    print(f"wrote {stem}.md and {stem}.json")
+    return data
+
+
 def main(argv=None):
     import torch
 
-    from rcp_llava.evaluation import (evaluate_grid, format_table, is_benchmark_spec, load_base_model, load_data,
+    from rcp_llava.evaluation import (check_split_used, evaluate_grid, is_benchmark_spec, load_base_model, load_data,
                                       name_uniquely)
     from rcp_llava.results import command_line, refuse_existing, write_results
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rerender is not None:  # no model, no data: the JSON's per-sample outcomes are the input
+        defaults = vars(parser.parse_args([]))
+        given = sorted(f"--{k}" for k, v in vars(args).items()
+                       if k not in ("rerender", "overwrite") and v != defaults[k])
+        if given:  # they would be ignored: the JSON is the run
+            parser.error(f"argument --rerender: {', '.join(given)} cannot be used with it (it runs nothing; the "
+                         "JSON holds the run); drop them")
+        return rerender(args.rerender, argv, overwrite=args.overwrite)
+    if args.model is None:
+        parser.error("the following arguments are required: --model (or --rerender RESULTS.json)")
     command = command_line(__file__, argv)
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before anything loads
@@ -170,9 +260,7 @@ def main(argv=None):
     split = "test" if args.split is None else args.split
     datasets = [load_data(spec, split=split, max_samples=args.max_samples,
                           image_folder=None if is_benchmark_spec(spec) else args.image_folder) for spec in specs]
-    if args.split is not None and not any(data.split == args.split for data in datasets):  # it would be ignored
-        raise ValueError(f"--split {args.split!r} is used by no --data ({specs}): only a DatasetDict folder and "
-                         "ScienceQA-IMG (without its own ',split=') are read by split. Drop --split.")
+    check_split_used(args.split, datasets, specs)  # it would be ignored
     name_uniquely(datasets, specs)  # two POPE files were both "pope" in the table and the JSON
     others = [spec for spec, data in zip(specs, datasets) if data.kind != "testbed"]
     if args.oracle and others:  # it failed after the model loaded and the earlier datasets were evaluated
@@ -187,17 +275,14 @@ def main(argv=None):
                                      progress=not args.no_progress,
                                      plugins_per_budget=plugins_per_budget, flop_matched=args.flop_matched,
                                      oracle=args.oracle))
-    markdown = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "",
-                f"Command: `{command}`", ""]
-    for result in results:
-        markdown.append(format_table(result))
+    markdown = results_markdown(results, command)
     for result in results:  # predictions stay out of the JSON; rows hold scores and counts only
         for row in result["rows"]:
             row.pop("predictions", None)
     # Re-checked at the write: another run given the same --name may have written there since the start-up check.
-    written = write_results(stem, markdown="\n".join(markdown), overwrite=args.overwrite,
+    written = write_results(stem, markdown=markdown, overwrite=args.overwrite,
                             data={"command": command, "methods": methods, "budgets": budgets, "results": results})
-    print("\n".join(markdown))
+    print(markdown)
     if written != stem:
         print(f"{stem}.md / {stem}.json appeared while this run ran (another run's, kept): this run's results are "
               f"in {written}.md and {written}.json")

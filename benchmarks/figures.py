@@ -169,13 +169,15 @@ def accuracy_markdown(table, command, name):
     """accuracy_vs_tokens_NAME.md: the command and, per dataset, the plotted numbers."""
     lines = [f"# accuracy_vs_tokens_{name}.png", "", f"Command: `{command}` (data: `{table.get('command')}`)"]
     for result in table["results"]:
+        # n per row: a score without its sample count reads as more certain than 200 samples make it
         lines += ["", f"{result['data']} (N = {result['num_visual_tokens']}), {result.get('metric', 'score')} vs. "
-                      "visual tokens per decoder layer:", "",
+                      "visual tokens per decoder layer; *n*: samples scored:", "",
                   "| method | budget | tokens/layer (all layers) | tokens/layer (from the first pruning point) "
-                  "| score |",
-                  "|---|---|---|---|---|"]
+                  "| score | n |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['label']} | {r['budget']} | {r['avg_tokens_all_layers']:.1f} | "
-                  f"{r['avg_tokens_from_first_point']:.1f} | {r['score']:.3f} |" for r in result["rows"]]
+                  f"{r['avg_tokens_from_first_point']:.1f} | {r['score']:.3f} | "
+                  f"{r.get('n', result.get('num_samples', '–'))} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 

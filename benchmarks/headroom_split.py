@@ -137,7 +137,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="RCP or stock-in-RCP folder (only its backbone is used).")
     parser.add_argument("--data", required=True, help="Testbed dataset folder (rows with evidence / object patches).")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default=None,
+                        help="Split of a DatasetDict --data (default: test); refused when --data is not read by split "
+                             "(a folder of one split is read whole).")
     parser.add_argument("--layers", default="1,7,13", help="Pruning layers (0-based).")
     parser.add_argument("--counts", default="14,4,1", help="Tokens kept after each pruning layer.")
     parser.add_argument("--subsets", default=None,
@@ -158,9 +160,12 @@ def main(argv=None):
     stem = os.path.join(args.output_dir, args.name)
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
 
-    from rcp_llava.evaluation import load_base_model, load_data, mcnemar
+    from rcp_llava.evaluation import check_split_used, load_base_model, load_data, mcnemar, split_read
 
-    data = load_data(os.path.expanduser(args.data), split=args.split, max_samples=args.max_samples)  # before the model
+    spec = os.path.expanduser(args.data)
+    data = load_data(spec, split="test" if args.split is None else args.split,
+                     max_samples=args.max_samples)  # before the model
+    check_split_used(args.split, [data], [spec])  # a folder of one split was read whole, and labelled --split
     check_schedule(args.model, layers, counts)  # its config.json only, before the weights
     base, processor = load_base_model(args.model)
     results = split_headroom(base, processor, data, layers, counts, subsets, args.batch_size)
@@ -168,8 +173,8 @@ def main(argv=None):
     command = command_line(__file__, argv)
     lines = ["# Where is the prior's headroom? Evidence-first kept sets at some pruning points", "",
              f"Command: `{command}`", "",
-             f"Model `{args.model}`, {len(data.rows)} samples of `{args.data}` ({args.split}); pruning layers {layers} "
-             f"(0-based), kept {counts}. *oracle at*: the layers where the kept sets are evidence first "
+             f"Model `{args.model}`, {len(data.rows)} samples of `{args.data}` ({split_read(data)}); pruning layers "
+             f"{layers} (0-based), kept {counts}. *oracle at*: the layers where the kept sets are evidence first "
              "(`oracle_order`); elsewhere attention_topk's prior. McNemar against the prior everywhere: "
              "samples only this row / only the prior gets right, exact two-sided p.", "",
              "| oracle at layers | accuracy | vs prior: a/b | p |", "|---|---|---|---|"]
@@ -184,7 +189,7 @@ def main(argv=None):
         lines.append(f"| {where} | {accuracy:.3f} | {cells} |")
     markdown = "\n".join(lines) + "\n"
     write_results(stem, markdown=markdown, data={"command": command, "layers": layers, "counts": counts,
-                                                  "samples": len(data.rows), "rows": rows})
+                                                  "samples": len(data.rows), "split": data.split, "rows": rows})
     print(markdown)
     return rows
 

@@ -3,9 +3,11 @@
     python benchmarks/prefill_benchmark.py                 # mid CPU config: CLIP 2x128, Llama 8x512, 576 tokens
     python benchmarks/prefill_benchmark.py --repeats 20 --batch_size 4
 
-The paper's 64-token schedule (Table VI: 96 / 26 / 8 tokens kept after layers 2 / 14 / 26 of 32) is scaled
-to the 8-layer decoder as pruners before layers 1 / 4 / 7. Every timing is the median of `--repeats` runs
-after warm-up, full and pruned interleaved in one process so that the ratio is measured side by side.
+The paper's 64-token schedule (Table VI: 96 / 26 / 8 tokens kept after layers 2 / 14 / 26 of 32, counted from 1:
+0-based pruners before layers 1 / 13 / 25) is placed by the project's one rule, `paper_placement` (8 layers:
+1 / 3 / 6). Before, this script read 2 / 14 / 26 as 0-based and scaled them on its own (8 layers: 1 / 4 / 7).
+Every timing is the median of `--repeats` runs after warm-up, full and pruned interleaved in one process so that
+the ratio is measured side by side.
 "pruner overhead" is the time spent choosing the tokens (attention prior + pruner + top-k), measured
 inside the pruned runs.
 """
@@ -17,15 +19,21 @@ import time
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
-from configuration_rcp_llava import RcpLlavaConfig
+from configuration_rcp_llava import RcpLlavaConfig, paper_placement
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer
 from rcp_llava.results import command_line, positive_int
 
 
 def scaled_layers(num_layers):
-    """The paper's pruning layers 2 / 14 / 26 of 32, scaled to `num_layers` (8 -> 1 / 4 / 7)."""
-    return [min(num_layers - 1, max(1, int(l * num_layers / 32 + 0.5))) for l in (2, 14, 26)]
+    """The paper's 64-of-576 pruning layers for a decoder of `num_layers` layers (0-based): `paper_placement`'s,
+    the rule every model's default placement follows (32 -> 1 / 13 / 25, 8 -> 1 / 3 / 6). The paper prints them
+    counted from 1 (2 / 14 / 26), which this script had read as 0-based (32 -> 2 / 14 / 26)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 4:
+        # the schedule keeps 96 / 26 / 8 at three points after layer 0; paper_placement gives fewer below 4 layers
+        raise ValueError(f"--text_layers {num_layers!r}: the 64-token schedule prunes before three decoder layers "
+                         "after layer 0; give --text_layers >= 4.")
+    return paper_placement(num_layers, 64 / 576)[0]
 
 
 def mid_config(pruning_layers, keep_counts, num_layers=8):
@@ -63,7 +71,8 @@ def main(argv=None):
     parser.add_argument("--text_tokens", type=positive_int, default=40, help="prompt tokens besides the image")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--text_layers", type=int, default=8,
-                        help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers scale from 2 / 14 / 26)")
+                        help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers: paper_placement's, 0-based "
+                             "1 / 13 / 25 at 32)")
     args = parser.parse_args(argv)
     print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)

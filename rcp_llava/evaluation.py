@@ -342,6 +342,21 @@ def name_uniquely(datasets, specs):
     return datasets
 
 
+def check_split_used(split, datasets, specs, flag="--split", data_flag="--data"):
+    """Refuse an explicit `split` (`flag`; None = not given) that none of `datasets` (loaded from `specs`) was read
+    by: `load_data` reads a plain dataset folder whole, whatever the split, so a run on a folder of training rows
+    asked for 'test' was labelled 'test'. One home for every script that takes a split (evaluate_methods.py,
+    headroom_split.py)."""
+    if split is not None and not any(data.split == split for data in datasets):
+        raise ValueError(f"{flag} {split!r} is used by no {data_flag} ({list(map(str, specs))}): only a DatasetDict "
+                         f"folder and ScienceQA-IMG (without its own ',split=') are read by split. Drop {flag}.")
+
+
+def split_read(data):
+    """What a result file says was evaluated: the split `data` was read from, or that its source has none."""
+    return f"split {data.split!r}" if data.split is not None else "no split: the folder's rows, read whole"
+
+
 def is_benchmark_spec(spec):
     """Whether `load_data` reads `spec` as BENCHMARK:PATH (not 'testbed[:PRESET]', not an existing folder)."""
     spec = os.fspath(spec)
@@ -963,17 +978,20 @@ def format_table(result, command=None):
     questions = next((r["metric"]["num_questions"] for r in rows if "num_questions" in r.get("metric", {})), None)
     samples = (f"{result['num_samples']} rows = {questions} circular questions" if questions is not None
                else f"{result['num_samples']} samples")  # MMBench scores its questions, each over its copies
+    # A result written before the FLOPs were recorded (no row has "decoder_gflops") keeps the layout it was
+    # written in: a column of dashes and a sentence about FLOPs at "0 text tokens" would describe nothing it holds.
+    gflops = any("decoder_gflops" in r for r in rows)
     lines += [f"**{result['data']}** ({samples}, {result['metric']}), model "
               f"`{result['model']}`: N = {n} visual tokens, {num_layers} decoder layers. Per-group cells: absolute "
               "score (% of full). *tok/layer (all)*: visual tokens per decoder layer averaged over all layers; "
-              "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM). *decoder "
-              "GFLOPs*: analytic prefill FLOPs of the decoder per sample at the mean prompt length "
-              f"({result.get('mean_text_tokens', 0)} text tokens).", ""]
+              "*(from 1st)*: over the layers from the first pruning point on (0 = before the LLM)."
+              + (" *decoder GFLOPs*: analytic prefill FLOPs of the decoder per sample at the mean prompt length "
+                 f"({result.get('mean_text_tokens', 0)} text tokens)." if gflops else ""), ""]
     if result.get("flop_matched"):
         lines += ["**FLOP-matched**: at budget b every method averages b * N visual tokens over ALL decoder layers "
                   "(the paper's definition: equal decoder compute).", ""]
-    head = ["method", "budget", "kept per pruning point", "tok/layer (all)", "tok/layer (from 1st)", "decoder GFLOPs",
-            *groups, "overall", "% of full", "mean % of full over groups"]
+    head = ["method", "budget", "kept per pruning point", "tok/layer (all)", "tok/layer (from 1st)",
+            *(["decoder GFLOPs"] if gflops else []), *groups, "overall", "% of full", "mean % of full over groups"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
     for r in rows:
@@ -983,7 +1001,9 @@ def format_table(result, command=None):
             kept = ", ".join(f"{c:.1f}@{p}" for c, p in zip(r["kept_per_point"], r["pruning_points"]))
         budget = r["budget"] if r["k"] is None or r["budget"] == "full" else f"{r['budget']} (k={r['k']})"
         cells = [r["label"], budget, kept, f"{r['avg_tokens_all_layers']:.1f}",
-                 f"{r['avg_tokens_from_first_point']:.1f}", _fmt(r.get("decoder_gflops"), "{:.4f}")]
+                 f"{r['avg_tokens_from_first_point']:.1f}"]
+        if gflops:
+            cells.append(_fmt(r.get("decoder_gflops"), "{:.4f}"))
         for g in groups:
             v = r["groups"].get(g)
             rel = (r["groups_relative"] or {}).get(g)
@@ -1002,14 +1022,36 @@ def format_table(result, command=None):
                   "| % of N | " + " | ".join(f"{p:.2f}%" for p in retention["percent_of_n"]) + " |"]
     tests = result.get("paired_tests")
     if tests:
-        lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, "
-                  "overall and per group; *a/b*: samples only RCP / only the other method gets right.", "",
-                  "| budget | RCP | vs | Δ overall | a/b | p | " + " | ".join(f"Δ {g} (p)" for g in groups) + " |",
-                  "|" + "---|" * (6 + len(groups))]
+        if result.get("flop_matched"):
+            lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, "
+                      "overall and per group; *a/b*: samples only RCP / only the other method gets right.", ""]
+            compute = None
+        else:
+            # Without --flop_matched a budget fixes k, not the compute: RCP keeps all N tokens up to its first
+            # pruner, a pre-LLM method none, so "the same budget" was read as equal compute when it is not.
+            lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget "
+                      "label, overall and per group; **not FLOP-matched**: the budget fixes the kept count k, not the "
+                      "compute, so the two rows of a test may average different visual tokens over all decoder layers "
+                      "(*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: samples only RCP / "
+                      "only the other method gets right.", ""]
+            compute = {(r["label"], r["budget"]): r["avg_tokens_all_layers"] for r in rows}
+        lines += ["| budget | RCP | vs | " + ("compute | " if compute else "") + "Δ overall | a/b | p | "
+                  + " | ".join(f"Δ {g} (p)" for g in groups) + " |",
+                  "|" + "---|" * (6 + bool(compute) + len(groups))]
         for t in tests:
             per_group = [f"{t['groups'][g]['delta']:+.3f} ({t['groups'][g]['p_value']:.2g})" if g in t["groups"]
                          else "–" for g in groups]
-            lines.append(f"| {t['budget']} | {t['reference']} | {t['method']} | {t['delta']:+.3f} | "
+            cost = ""
+            if compute:
+                mine, other = compute.get((t["reference"], t["budget"])), compute.get((t["method"], t["budget"]))
+                if mine is None or other is None:
+                    cost = "– | "
+                elif abs(mine - other) < 0.05:
+                    cost = f"equal: {mine:.1f} tokens/layer | "
+                else:
+                    cost = (f"not FLOP-matched: {t['reference']} {mine:.1f} vs {t['method']} {other:.1f} "
+                            "tokens/layer | ")
+            lines.append(f"| {t['budget']} | {t['reference']} | {t['method']} | {cost}{t['delta']:+.3f} | "
                          f"{t['a_only']}/{t['b_only']} | {t['p_value']:.3g} | " + " | ".join(per_group) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1079,7 +1121,8 @@ __all__ = [
     "evaluate_grid", "evaluate_model", "mcnemar", "paired_tests",
     "first_token_predictions", "format_table", "fresh_plugins_for", "generated_answers", "greedy_answer_predictions",
     "keep_masks_of",
-    "data_name", "is_benchmark_spec", "load_base_model", "load_data", "method_model", "name_uniquely",
+    "check_split_used", "data_name", "is_benchmark_spec", "load_base_model", "load_data", "method_model",
+    "name_uniquely", "split_read",
     "method_overrides", "nested_random_masks", "planned_rows",
     "oracle_keep_masks_fn", "oracle_order", "parse_benchmark_spec", "pruning_layout", "random_keep_masks_fn",
     "reference_token_counts",

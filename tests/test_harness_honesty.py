@@ -1,0 +1,250 @@
+"""What the result files say about themselves: the tests they show, the compute they compare at, the samples and
+split they score, the layers they ran at."""
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, load_benchmark
+
+
+# -- evaluate_methods.py --rerender ---------------------------------------------------------------------------------
+
+
+def _row(label, method, budget, k, correct, tokens, gflops=True):
+    row = {"label": label, "method": method, "budget": budget, "k": k, "pruning_points": [1] if k else [],
+           "keep_counts": None, "repair_layers": [], "kept_per_point": None if k is None else [float(k)],
+           "avg_tokens_all_layers": tokens, "avg_tokens_from_first_point": tokens, "tokens_per_layer": [tokens] * 4,
+           "score": sum(correct) / len(correct), "groups": {"a": sum(correct) / len(correct)}, "n": len(correct),
+           "correct": correct, "group_of": ["a"] * len(correct)}
+    if gflops:
+        row["decoder_gflops"] = 0.5
+    return row
+
+
+def _grid(flop_matched=True):
+    """An evaluate_grid-like result: full, RCP fixed and adaptive at 1/9, VisPruner at 1/9; a stale paired test with
+    the adaptive row as the reference, as the harness wrote before commit f75499d."""
+    from rcp_llava.evaluation import add_relative, mcnemar, paired_tests
+
+    rows = [_row("none", "none", "full", None, [1] * 10, 16.0),
+            _row("rcp", "rcp", "1/9", 2, [1] * 8 + [0] * 2, 5.5),
+            _row("rcp (adaptive, 1/9)", "rcp", "1/9", None, [1] * 9 + [0], 7.25),
+            _row("vispruner", "vispruner", "1/9", 2, [1] * 3 + [0] * 7, 2.0)]
+    add_relative(rows)
+    stale = {"budget": "1/9", "reference": "rcp (adaptive, 1/9)", "method": "vispruner", "delta": 0.6,
+             **mcnemar(rows[2]["correct"], rows[3]["correct"]), "groups": {}}
+    return {"data": "testbed", "kind": "testbed", "num_samples": 10, "num_visual_tokens": 16, "num_layers": 4,
+            "model": "m", "rows": rows, "per_layer_retention": None, "paired_tests": paired_tests(rows) + [stale],
+            "plugins_per_budget": None, "flop_matched": flop_matched, "infeasible": [], "mean_text_tokens": 5,
+            "metric": "first-token accuracy"}
+
+
+def _write_run(folder, result, command="python benchmarks/evaluate_methods.py --model m --name t"):
+    evaluate_methods = load_benchmark("evaluate_methods")
+    from rcp_llava.evaluation import format_table
+
+    path = folder / "t.json"
+    path.write_text(json.dumps({"command": command, "methods": [], "budgets": ["1/9"], "results": [result]}))
+    markdown = "\n".join(["# Pruning methods x budgets: testbed", "", f"Command: `{command}`", "",
+                          format_table(result)])
+    (folder / "t.md").write_text(markdown)
+    return evaluate_methods, path
+
+
+def test_rerender_keeps_fixed_count_tests_drops_adaptive_references_and_records_both_commands(tmp_path):
+    result = _grid()
+    rows_before = json.loads(json.dumps(result["rows"]))
+    evaluate_methods, path = _write_run(tmp_path, result)
+    assert "| 1/9 | rcp (adaptive, 1/9) | vispruner |" in (tmp_path / "t.md").read_text()  # the stale test, shown
+
+    evaluate_methods.main(["--rerender", str(path)])
+
+    data = json.loads(path.read_text())
+    tests = data["results"][0]["paired_tests"]
+    assert [(t["reference"], t["method"]) for t in tests] == [
+        ("rcp", "rcp (adaptive, 1/9)"), ("rcp", "vispruner")]
+    assert (tests[1]["a_only"], tests[1]["b_only"]) == (5, 0)
+    assert data["results"][0]["rows"] == rows_before
+    rerender = f"python benchmarks/evaluate_methods.py --rerender {path}"
+    assert data["command"] == "python benchmarks/evaluate_methods.py --model m --name t"
+    assert data["rerendered"]["command"] == rerender
+    md = (tmp_path / "t.md").read_text()
+    assert "Command: `python benchmarks/evaluate_methods.py --model m --name t`" in md
+    assert f"Paired tests re-rendered from the JSON by `{rerender}` (the harness now tests only fixed-count " \
+           "references)." in md
+    assert "| 1/9 | rcp (adaptive, 1/9) | vispruner |" not in md
+    assert "| 1/9 | rcp | vispruner | +0.500 | 5/0 |" in md
+    for row in rows_before:  # every row's numbers stay
+        assert f"| {row['label']} | " in md and f"| {row['score']:.3f} | " in md
+    evaluate_methods.main(["--rerender", str(path)])  # again: the same files
+    assert (tmp_path / "t.md").read_text() == md and json.loads(path.read_text()) == data
+
+
+def test_rerender_refuses_to_lose_text_the_json_cannot_rebuild_and_other_flags(tmp_path, capsys):
+    evaluate_methods, path = _write_run(tmp_path, _grid())
+    with (tmp_path / "t.md").open("a") as f:
+        f.write("\nA note written by hand.\n")
+    with pytest.raises(ValueError, match=r"t\.md holds text its JSON does not rebuild outside the paired tests"):
+        evaluate_methods.main(["--rerender", str(path)])
+    assert "A note written by hand." in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_methods.main(["--rerender", str(path), "--methods", "rcp"])
+    assert "--methods cannot be used with it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--rerender '.*nope\.json': no such \.json file"):
+        evaluate_methods.main(["--rerender", str(tmp_path / "nope.json")])
+
+
+def test_rerender_keeps_an_older_layout_without_flops():
+    """A result written before decoder GFLOPs were recorded re-renders in its own layout (no column of dashes)."""
+    from rcp_llava.evaluation import format_table
+
+    result = _grid()
+    for row in result["rows"]:
+        row.pop("decoder_gflops")
+    table = format_table(result)
+    assert "decoder GFLOPs" not in table and "| vispruner | 1/9 (k=2) | 2.0@1 | 2.0 | 2.0 | 0.300 (30%) |" in table
+
+
+@pytest.mark.parametrize("stem", ["table1_per_budget_deep", "table1_per_budget_deep_a2", "table1_per_budget_tiny"])
+def test_committed_table1_files_show_only_fixed_count_tests_and_regenerate_from_their_json(stem):
+    evaluate_methods = load_benchmark("evaluate_methods")
+    from rcp_llava.evaluation import paired_tests
+
+    folder = os.path.join(ROOT, "benchmarks", "results")
+    with open(os.path.join(folder, stem + ".json")) as f:
+        data = json.load(f)
+    with open(os.path.join(folder, stem + ".md")) as f:
+        committed = f.read()
+    for result in data["results"]:
+        assert result["paired_tests"] == paired_tests(result["rows"])
+    assert evaluate_methods.results_markdown(data["results"], data["command"],
+                                             data["rerendered"]["command"]) == committed
+    assert "| rcp (adaptive, 1/9) | vispruner |" not in committed
+
+
+# -- format_table: the compute of a test ----------------------------------------------------------------------------
+
+
+def test_paired_tests_say_the_compute_differs_without_flop_matching():
+    from rcp_llava.evaluation import format_table
+
+    result = _grid(flop_matched=False)
+    result["paired_tests"] = result["paired_tests"][:-1]
+    table = format_table(result)
+    assert "**not FLOP-matched**: the budget fixes the kept count k, not the compute" in table
+    assert "| 1/9 | rcp | vispruner | not FLOP-matched: rcp 5.5 vs vispruner 2.0 tokens/layer | +0.500 | 5/0 |" in table
+    assert "RCP minus each method at the same budget, overall" not in table
+
+    matched = format_table({**result, "flop_matched": True})
+    assert "not FLOP-matched" not in matched
+    assert ("Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, overall and "
+            "per group; *a/b*: samples only RCP / only the other method gets right.") in matched
+    assert "| 1/9 | rcp | vispruner | +0.500 | 5/0 |" in matched
+
+
+# -- ablations.py ------------------------------------------------------------------------------------------------------
+
+
+def _ablation(variants, **extra):
+    return {"command": "c", "budget": "1/9", "max_steps": 1, "num_eval_samples": 4, "num_visual_tokens": 64,
+            "full_model": {"score": 1.0, "groups": {}}, "variants": variants, "table6": None, **extra}
+
+
+def _variant(name, layers, tokens, vs_full=None):
+    fixed = {"pruning_layers": layers, "repair_layers": [], "keep_counts": [7] * len(layers), "score": 0.5,
+             "avg_tokens_all_layers": tokens, "vs_full": vs_full}
+    return {"variant": name, "trained": True, "max_steps": 1, "fixed": fixed}
+
+
+SAME_LAYER = "every variant prunes first at the same layer, so all average the same visual tokens over all layers"
+
+
+def test_ablations_claim_equal_compute_only_when_it_holds():
+    ablations = load_benchmark("ablations")
+    test = {"a_only": 3, "b_only": 1, "p_value": 0.625}
+    equal = ablations.format_ablations(_ablation([_variant("full", [1, 2, 3], 12.0),
+                                                  _variant("adapters=3", [1, 2, 3], 12.0, test)]))
+    assert SAME_LAYER in equal and "tok/layer (all), fixed" not in equal
+    assert "| 3/1, p 0.62 |" in equal
+
+    md = ablations.format_ablations(_ablation([_variant("full", [1, 2, 3], 12.0),
+                                               _variant("pruners=2", [2], 17.5, test)]))
+    assert SAME_LAYER not in md
+    assert "the variants do NOT all average the same visual tokens over all layers" in md
+    assert "not at equal compute" in md
+    assert "| variant | trained | pruning layers | repair layers | fixed counts | tok/layer (all), fixed |" in md
+    assert "| pruners=2 | yes (1 steps) | [2] | none | [7] | 17.5 | 0.500 |" in md
+    assert "3/1, p 0.62 (not equal compute: 17.5 vs full's 12.0 tok/layer) |" in md
+
+
+def test_ablations_name_the_split_read():
+    ablations = load_benchmark("ablations")
+    md = ablations.format_ablations(_ablation([_variant("full", [1], 12.0)],
+                                              split="no split: the folder's rows, read whole"))
+    assert "evaluated on 4 samples (no split: the folder's rows, read whole)" in md and "test samples" not in md
+
+
+# -- train_rcp.py / figures.py: the sample count -------------------------------------------------------------------
+
+
+def test_train_report_names_the_sample_count_and_split():
+    import train_rcp
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "train_rcp_tiny.json")) as f:
+        metrics = json.load(f)
+    metrics.update(test_split="test", evaluated_split="test")
+    assert {metrics["full"]["n"], metrics["rcp"]["n"]} == {500}
+    report = train_rcp.format_report(metrics)
+    assert "accuracies on 500 samples of the 'test' split (the same samples for every row):" in report
+    table = report.index("| model ")
+    assert report.index("500 samples") < table  # above the accuracies, not only in the McNemar line
+
+
+def test_figures_accuracy_markdown_gives_n_per_row():
+    figures = load_benchmark("figures")
+    result = _grid()
+    md = figures.accuracy_markdown({"command": "c", "results": [result]}, "f", "x")
+    assert "| score | n |" in md
+    assert "| vispruner | 1/9 | 2.0 | 2.0 | 0.300 | 10 |" in md
+
+
+# -- the split a script read -----------------------------------------------------------------------------------------
+
+
+def test_check_split_used_refuses_a_split_no_data_is_read_by():
+    from rcp_llava.evaluation import EvalData, check_split_used
+
+    plain = EvalData("testbed", [], "folder", split=None)
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "--split 'test' is used by no --data (['folder']): only a DatasetDict folder and ScienceQA-IMG (without "
+            "its own ',split=') are read by split. Drop --split.") + "$"):
+        check_split_used("test", [plain], ["folder"])
+    check_split_used(None, [plain], ["folder"])  # the default: nobody asked
+    check_split_used("test", [EvalData("testbed", [], "dd", split="test")], ["dd"])
+
+
+def test_headroom_split_refuses_a_split_a_single_split_folder_ignores(tmp_path):
+    from rcp_llava.testbed import build_dataset
+
+    folder = tmp_path / "train_only"
+    build_dataset("micro", seed=0, sizes={"train": 3, "validation": 1, "test": 1})["train"].save_to_disk(str(folder))
+    headroom = load_benchmark("headroom_split")
+    with pytest.raises(ValueError, match=re.escape(f"--split 'test' is used by no --data (['{folder}'])")):
+        headroom.main(["--model", str(tmp_path / "no_model"), "--data", str(folder), "--split", "test",
+                       "--output_dir", str(tmp_path / "out")])
+
+
+# -- prefill_benchmark.py: the paper placement -------------------------------------------------------------------------
+
+
+def test_prefill_benchmark_uses_the_projects_zero_based_placement():
+    prefill = load_benchmark("prefill_benchmark")
+    from configuration_rcp_llava import PAPER_PLACEMENTS
+
+    assert prefill.scaled_layers(32) == list(PAPER_PLACEMENTS[32][64][0]) == [1, 13, 25]
+    assert prefill.scaled_layers(8) == [1, 3, 6]
+    with pytest.raises(ValueError, match=r"^--text_layers 3: .* give --text_layers >= 4\.$"):
+        prefill.scaled_layers(3)
