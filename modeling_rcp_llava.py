@@ -2205,6 +2205,18 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
         if gumbel_temperature is not None:
             check_gumbel_temperature(gumbel_temperature, "The `gumbel_temperature` argument")
             tau = gumbel_temperature
+        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2):
+            shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(
+                f"`attention_mask` has shape {shape}; pruning reads the 2-D padding mask (batch, sequence) to know "
+                "which tokens exist, and cannot follow a custom 4-D mask. Pass the 2-D mask, or run with "
+                "`pruning_method='none'` (the stock forward takes 4-D masks)."
+            )
+        for name, mask in (("question_mask", question_mask), ("answer_mask", answer_mask)):
+            if mask is not None and (not torch.is_tensor(mask) or tuple(mask.shape) != tuple(image_mask.shape)):
+                shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+                raise ValueError(f"`{name}` has shape {shape}; it marks tokens of this input, so it must be "
+                                 f"{tuple(image_mask.shape)} (batch, sequence) like `input_ids`.")
         key_valid = (attention_mask.bool() if attention_mask is not None
                      else torch.ones(image_mask.shape, dtype=torch.bool, device=inputs_embeds.device))
         noise = self.gumbel_noise if gumbel_noise is None else bool(gumbel_noise)
@@ -2894,6 +2906,20 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
                 "'offloaded' or 'quantized')."
             )
         return super().generate(*args, **kwargs)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, num_new_tokens=1, **kwargs):
+        """Stock, and the per-token masks a user gave `generate` grow with the sequence: without a cache every step
+        runs (and prunes) the whole sequence again, and a prompt-length `question_mask` no longer fit it. A
+        generated token is no question token; it is an answer position, as every position of a cached decode step
+        is for the repair adapters."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args,
+                                                                   num_new_tokens=num_new_tokens, **kwargs)
+        for name, value in (("question_mask", False), ("answer_mask", True)):
+            mask = model_kwargs.get(name)
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                grown = torch.full((mask.shape[0], num_new_tokens), value, dtype=mask.dtype, device=mask.device)
+                model_kwargs[name] = torch.cat([mask, grown], dim=-1)
+        return model_kwargs
 
     def _assisted_decoding(self, *args, inputs_tensor=None, **kwargs):
         """Assisted and prompt-lookup decoding verify the draft in the same forward as the prompt: a pruned prefill

@@ -89,3 +89,49 @@ def test_one_unpadded_row_with_a_hidden_visual_token_runs_and_generates(name):
         out = model(**batch)
         tokens = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert not out.keep_masks[0, :, 3].any() and tokens.shape == (1, batch["input_ids"].shape[1] + 3)
+
+
+def test_a_4d_attention_mask_is_refused_by_name_when_pruning():
+    """Stock takes a custom 4-D mask; pruning needs the 2-D padding mask (which tokens exist) and failed with
+    "Index tensor must have the same number of dimensions as input tensor"."""
+    model = make_model()
+    batch = make_batch([(3, 4, True)])
+    seq = batch["input_ids"].shape[1]
+    mask4d = torch.tril(torch.ones(seq, seq)).view(1, 1, seq, seq)
+    with pytest.raises(ValueError, match=r"^`attention_mask` has shape \(1, 1, 24, 24\); pruning reads the 2-D "
+                                         r"padding mask .* or run with `pruning_method='none'`"):
+        model(**{**batch, "attention_mask": mask4d})
+
+
+@pytest.mark.parametrize("name", ["question_mask", "answer_mask"])
+def test_a_token_mask_of_another_shape_is_refused_by_name(name):
+    model = make_model()
+    batch = make_batch([(3, 4, True)])
+    with pytest.raises(ValueError, match=rf"^`{name}` has shape \(1, 23\); it marks tokens of this input, so it must "
+                                         r"be \(1, 24\)"):
+        model(**batch, **{name: batch["attention_mask"][:, 1:].bool()})
+
+
+def test_generate_without_a_cache_grows_a_given_question_mask():
+    """Without a cache every step prunes the whole sequence again; the prompt-length `question_mask` given to
+    `generate` no longer fit it ("The size of tensor a (28) must match the size of tensor b (29)"). It grows with
+    False (a generated token is no question token): the same tokens as a greedy loop of forwards given the grown
+    mask."""
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None)
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    seq = batch["input_ids"].shape[1]
+    last_image = torch.where(batch["input_ids"] == IMAGE_TOKEN, torch.arange(seq), -1).max(1).values
+    question = (torch.arange(seq) > last_image.unsqueeze(1)) & batch["attention_mask"].bool()
+    question[:, -1] = False  # not the default mask: the last prompt token is left out
+    with torch.no_grad():
+        out = model.generate(**batch, question_mask=question, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             use_cache=False)
+        ids, mask, q = batch["input_ids"], batch["attention_mask"], question
+        for _ in range(3):
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], question_mask=q,
+                           position_ids=positions, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            q = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
+    assert torch.equal(out, ids)
