@@ -43,6 +43,7 @@ from typing import Unpack
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns: load_plugins returns it too
 from transformers import (
     AttentionInterface,
     Cache,
@@ -2380,6 +2381,9 @@ def read_plugin_config(path_or_repo_id, **hub_kwargs):
     """The rcp_config.json of a plug-in checkpoint as a dict; unknown keys are reported with a warning."""
     path = _resolve_plugin_file(path_or_repo_id, RCP_CONFIG_NAME, hub_kwargs)
     plugin_config = read_json_file(path)
+    if not isinstance(plugin_config, dict):
+        raise ValueError(f"{path} holds a JSON {type(plugin_config).__name__}, not the object `save_plugins` writes: "
+                         "it was edited or replaced. Write it again (`model.save_plugins(folder)`).")
     if plugin_config.get("format", RCP_PLUGINS_FORMAT) != RCP_PLUGINS_FORMAT:
         raise ValueError(f"{path} has `format` {plugin_config['format']!r}, expected {RCP_PLUGINS_FORMAT!r}.")
     unknown = sorted(set(plugin_config) - set(PRUNING_FIELDS) - set(_PLUGIN_META_KEYS))
@@ -2425,6 +2429,9 @@ def check_model_source(name_or_path, argument):
                 "trust: `LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=False)"
                 ".save_pretrained(new_path)`."
             )
+    elif os.path.isfile(path):
+        raise ValueError(f"`{argument}` {path!r} is a file; pass the folder that holds it "
+                         f"({os.path.dirname(path) or '.'!r}).")
     elif looks_like_local_path(path):
         raise FileNotFoundError(
             f"`{argument}` {path!r}: no such folder (and it is not a Hub repo id of the form 'user/name'). Check the "
@@ -3019,7 +3026,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         other `pruning_layers` / `repair_layers`) raise a `ValueError` before any tensor is copied (`strict=True`,
         the default); `strict=False` only warns, and the missing ones keep their initial values. Unknown config keys
         are reported with a warning.
-        Returns `(missing, unexpected)`.
+        Returns `(missing_keys, unexpected_keys)` as torch's `load_state_dict` and PEFT's `load_adapter` do (a named
+        tuple: `result.missing_keys`, or unpack it).
         """
         if _load_safetensors is None:  # pragma: no cover
             raise ImportError("Loading RCP plug-ins needs `safetensors` (`pip install safetensors`).")
@@ -3028,6 +3036,15 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         text = self.config.text_config
         _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins,
                             self.config.num_visual_tokens)
+        heads = plugin_config.get("pruner_num_heads")
+        if heads is not None and heads != self.config.pruner_num_heads:  # same tensor shapes, another computation
+            raise ValueError(
+                f"The RCP plug-ins {plugins!r} were trained with `pruner_num_heads={heads}`; this model's pruners "
+                f"split their attention into {self.config.pruner_num_heads} heads, so the same tensors would score "
+                f"other tokens. Load them with `RcpLlavaForConditionalGeneration.from_base(base, plugins={plugins!r})`"
+                f", which builds the pruners from their {RCP_CONFIG_NAME}, or build this model with "
+                f"`pruner_num_heads={heads}`."
+            )
         weights = check_plugin_files(plugins, hub_kwargs)
         tensors = _load_safetensors(weights)
         own = self.plugin_state_dict()
@@ -3066,7 +3083,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         with torch.no_grad():
             for k in sorted(set(tensors) & set(own)):
                 own[k].copy_(tensors[k])
-        return missing, unexpected
+        return _IncompatibleKeys(missing, unexpected)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -3078,10 +3095,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         report (`_keys_to_ignore_on_load_missing`) and one line says so; from an RCP checkpoint a missing plug-in
         tensor is reported like any other.
 
-        A local plug-in-only folder (`save_plugins`: `rcp_config.json` and no `config.json`) loads as
-        `from_base(<its recorded base model, at its recorded revision>, plugins=folder)`, as PEFT's
+        A local plug-in-only folder (`save_plugins`: `rcp_config.json` and no `config.json`; also in `subfolder`)
+        loads as `from_base(<its recorded base model, at its recorded revision>, plugins=folder)`, as PEFT's
         `AutoPeftModel.from_pretrained(adapter)` does."""
-        folder = str(pretrained_model_name_or_path)
+        root, subfolder = str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""
+        folder = os.path.join(root, subfolder)  # a plug-in set in a subfolder too, as `from_base` reads one
         if (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
                 and not os.path.isfile(os.path.join(folder, "config.json"))):
             record = read_plugin_config(folder)
@@ -3094,7 +3112,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
                 )
             if record.get("base_model_revision") and "revision" not in kwargs:
                 kwargs["revision"] = record["base_model_revision"]
-            return cls.from_base(base, plugins=folder, **kwargs)
+            kwargs.pop("subfolder", None)  # the plug-ins', not the base's
+            return cls.from_base(base, plugins=root, subfolder=subfolder or None, **kwargs)
         check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         kwargs.setdefault("use_safetensors", True)
         plugins_follow = kwargs.pop("_rcp_plugins_follow", False)  # from_base loads them right after
@@ -3288,6 +3307,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         # `is_trainable` applies to whichever loads: it was ignored (False) or refused as an adapter name (True) for
         # plug-ins. The other PEFT arguments mean a PEFT adapter.
         trainable = kwargs.pop("is_trainable", None)
+        adapter_kwargs = kwargs.get("adapter_kwargs") or {}
+        if plugins and not adapter and set(adapter_kwargs) <= set(_HUB_KWARGS):
+            # `adapter_kwargs={"subfolder": ...}` that found plug-ins: where to read them, not a PEFT adapter
+            kwargs = {**{k: v for k, v in kwargs.items() if k != "adapter_kwargs"}, **adapter_kwargs}
         peft_args = bool(args) or any(kwargs.get(k) not in (None, False, "auto") for k in _PEFT_LOAD_ARGUMENTS)
         if peft_model_id is None or (adapter and not plugins) or (peft_args and not (plugins and not adapter)):
             # a PEFT adapter folder, PEFT's arguments on a Hub id, or both kinds in one folder (save_pretrained after

@@ -1,0 +1,76 @@
+"""Loading plug-ins as PEFT users do: a plug-in set in a subfolder through every entry point, the result torch and
+PEFT return, and what the tensors' shapes cannot tell (the pruners' head count)."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_model
+from torch.nn.modules.module import _IncompatibleKeys
+
+from modeling_rcp_llava import RCP_CONFIG_NAME, RCP_PLUGINS_NAME, RcpLlavaForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A stock base folder and a plug-in repo folder holding one set in `rcp-64/`."""
+    root = tmp_path_factory.mktemp("repo")
+    trained = make_model(randomize_plugins=True)
+    trained.unload().save_pretrained(root / "base")
+    trained.save_plugins(root / "repo" / "rcp-64", base_model_name_or_path=str(root / "base"))
+    return trained, root
+
+
+def _same_plugins(model, trained):
+    for key, value in trained.plugin_state_dict().items():
+        assert torch.equal(model.plugin_state_dict()[key], value), key
+
+
+def test_from_pretrained_reads_a_plugin_set_in_a_subfolder(repo):
+    """`from_pretrained(repo, subfolder=...)` looked for model.safetensors in the repo; `from_base`, `load_plugins`
+    and `load_adapter` read such a subfolder, as PEFT's `AutoPeftModel.from_pretrained` does."""
+    trained, root = repo
+    model = RcpLlavaForConditionalGeneration.from_pretrained(str(root / "repo"), subfolder="rcp-64")
+    _same_plugins(model, trained)
+
+
+def test_load_adapter_reads_a_plugin_subfolder_given_through_adapter_kwargs(repo):
+    """It found the plug-ins there and then refused: "RCP plug-ins have no adapter names" (no name was given)."""
+    trained, root = repo
+    model = make_model()
+    result = model.load_adapter(str(root / "repo"), adapter_kwargs={"subfolder": "rcp-64"})
+    _same_plugins(model, trained)
+    assert isinstance(result, _IncompatibleKeys) and result == ([], [])
+
+
+def test_load_plugins_returns_what_load_state_dict_returns(repo):
+    trained, root = repo
+    model = make_model(pruning_layers=[1], repair_layers=[2, 3], pruning_keep_counts=[6])
+    result = model.load_plugins(str(root / "repo" / "rcp-64"), strict=False)
+    assert isinstance(result, _IncompatibleKeys)
+    missing, unexpected = result  # still unpacks as before
+    assert result.missing_keys == missing == [] and result.unexpected_keys == unexpected
+    assert unexpected and all(".pruners.2." in k for k in unexpected)
+
+
+def test_load_plugins_refuses_another_head_count(repo):
+    """The head count changes no tensor shape: plug-ins trained with 4 heads loaded into 2-head pruners silently,
+    and scored other tokens (logits 0.26 apart)."""
+    _, root = repo
+    model = make_model(pruner_num_heads=2)
+    with pytest.raises(ValueError, match=r"trained with `pruner_num_heads=4`; this model's pruners split their "
+                                         r"attention into 2 heads.*from_base\(base, plugins="):
+        model.load_plugins(str(root / "repo" / "rcp-64"))
+
+
+def test_a_config_that_is_not_an_object_and_a_weights_file_path_are_named(repo, tmp_path):
+    _, root = repo
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / RCP_CONFIG_NAME).write_text(json.dumps([]))
+    with pytest.raises(ValueError, match=r"holds a JSON list, not the object `save_plugins` writes"):
+        make_model().load_plugins(str(folder))  # it was AttributeError: 'list' object has no attribute 'get'
+    weights = root / "repo" / "rcp-64" / RCP_PLUGINS_NAME
+    with pytest.raises(ValueError, match=r"^`plugins` .*rcp_plugins\.safetensors' is a file; pass the folder that "
+                                         r"holds it \('.*rcp-64'\)"):
+        make_model().load_plugins(str(weights))  # it was "no such folder", of a file that exists
