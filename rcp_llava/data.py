@@ -244,11 +244,14 @@ class RcpDataCollator:
         if not full.startswith(prompt):
             raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
         eos = self.processor.tokenizer.eos_token
+        # The trained tokens end with the answer's EOS: whitespace a template writes after the turn (ChatML's "\n"
+        # after <|im_end|>) belongs to the next turn, as in `conversation`'s spans; it was trained here.
+        full = full.rstrip()
         # Whether the template ended the turn with EOS: `eos in reply` read an answer quoting "</s>" as ended.
-        if eos and not full[len(prompt):].rstrip().endswith(eos):
+        if eos and not full[len(prompt):].endswith(eos):
             # The answer ends with EOS, which the task loss trains (as the authors do): llava-hf's LLaVA-1.5
             # template does not write it after the assistant turn.
-            full = full.rstrip() + eos
+            full += eos
         return prompt, full
 
     def conversation(self, example):
@@ -280,7 +283,7 @@ class RcpDataCollator:
             spans.append((len(text), len(text) + len(reply.rstrip())))  # trailing whitespace is the next turn's
             text += reply
             rendered = full
-        return text, spans
+        return text.rstrip(), spans  # whitespace after the last turn: no next turn reads it (as `texts`)
 
     def full_text(self, example):
         """The text the collator tokenizes for `example` (single- or multi-turn)."""

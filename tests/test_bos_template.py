@@ -104,3 +104,21 @@ def test_an_answer_quoting_eos_still_ends_with_eos(multi_turn):
         assert tok.decode(labelled[ends[1] + 1:], skip_special_tokens=True).strip() == "Red"
     else:
         assert len(ends) == 2 and ends[-1] == len(labelled) - 1
+
+
+def test_whitespace_a_template_writes_after_the_turns_eos_is_not_trained():
+    """ChatML ends a turn "<|im_end|>\\n": the single-turn collator labelled the newline after EOS (the multi-turn
+    path leaves it to the next turn). The labels end with EOS in both, and agree."""
+    processor = sentencepiece_like_processor("ASSISTANT:")
+    # (the toy tokenizer drops a newline; a space after EOS is its token "▁", as ChatML's newline is one)
+    processor.chat_template = processor.chat_template.replace("{% endgeneration %}",
+                                                              "{% endgeneration %}{{ eos_token + ' ' }}")
+    tok = processor.tokenizer
+    example = {"image": Image.new("RGB", (8, 8)), "question": "How many cats?", "answer": "There are two cats"}
+    single = RcpDataCollator(processor)([example])
+    multi = RcpDataCollator(processor)([{**example, "question": [example["question"]], "answer": [example["answer"]]}])
+    for batch in (single, multi):
+        labelled = batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+        assert labelled[-1] == tok.eos_token_id and labelled.count(tok.eos_token_id) == 1
+        assert tok.decode(labelled, skip_special_tokens=True).strip() == example["answer"]
+    assert torch.equal(single["labels"], multi["labels"]) and torch.equal(single["input_ids"], multi["input_ids"])
