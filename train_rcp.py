@@ -333,6 +333,10 @@ class RcpTrainingArguments(TrainingArguments):
                 "rounded plug-ins. Evaluate under autocast (`bf16=True` / `fp16=True` cover evaluation too), or load "
                 "the backbone in half precision (`dtype=` in `from_pretrained`; the plug-ins still train in float32)."
             )
+        if self.label_smoothing_factor:  # the stock Trainer smooths its own loss; RCP's task loss is its own
+            raise ValueError(f"`label_smoothing_factor={self.label_smoothing_factor}` is not supported: RCP's task "
+                             "loss (`task_loss`) is plain cross-entropy on the answer tokens, and the setting would be "
+                             "ignored. Leave it at 0.")
         if self.remove_unused_columns:
             # The collator builds the prompts from the raw columns (image, question, answer): the stock default
             # dropped them all and `train()` failed after the model loaded.
@@ -457,9 +461,21 @@ def logged_eval_parts(records):
 
 
 def freeze_backbone(model):
-    """Only the plug-ins (parameters under `PLUGIN_PREFIX`) train."""
+    """Only the plug-ins (parameters under `PLUGIN_PREFIX`) train: the backbone is frozen. Plug-ins the user froze
+    while leaving others trainable (the pruners, to train the repair adapters alone) stay frozen, as the stock
+    Trainer and PEFT leave a user's `requires_grad` alone; all frozen (a model loaded for inference,
+    `load_adapter(..., is_trainable=False)`) or none: all train."""
+    plugins = {name: param for name, param in model.named_parameters() if name.startswith(PLUGIN_PREFIX)}
+    frozen = sorted(name for name, param in plugins.items() if not param.requires_grad)
+    chosen = 0 < len(frozen) < len(plugins)  # the user's own split
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(PLUGIN_PREFIX))
+        param.requires_grad_(name in plugins and (not chosen or name not in frozen))
+    if chosen:
+        groups = sorted({".".join(name[len(PLUGIN_PREFIX):].split(".")[:2]) for name in frozen})
+        logger.warning(f"[train_rcp] {len(frozen)} of {len(plugins)} plug-in tensors were frozen and stay frozen "
+                       f"({', '.join(groups[:6])}{', ...' if len(groups) > 6 else ''}); the others train.")
+    elif frozen:
+        logger.warning("[train_rcp] every plug-in tensor was frozen (a model loaded for inference): they train.")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "The model has no plug-in parameters to train: use `pruning_method='rcp'` with at least one pruning "
@@ -545,6 +561,18 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             )
         if model is None or not hasattr(model, "plugin_state_dict"):
             raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
+        if kwargs.get("compute_loss_func") is not None:  # the stock Trainer's hook: `compute_loss` below is RCP's
+            raise ValueError("`compute_loss_func` is not supported: RcpTrainer's loss is RCP's (task + repair + "
+                             "sparsity, `compute_loss`); weight its terms with `lambda_task` / `lambda_repair` / "
+                             "`lambda_sparse`, or subclass RcpTrainer and override `compute_loss`.")
+        if kwargs.get("data_collator") is None:
+            # The RCP loss needs the collator's labels and masks; the stock default (`default_data_collator`) failed
+            # at the first batch ("Could not infer dtype of PngImageFile"). TRL builds it from the processor too.
+            processor = kwargs.get("processing_class")
+            if processor is None or getattr(processor, "tokenizer", None) is None:
+                raise ValueError("`RcpTrainer` needs `data_collator=RcpDataCollator(processor)` (from "
+                                 "`rcp_llava.data`), or `processing_class=processor` to build it from.")
+            kwargs["data_collator"] = RcpDataCollator(processor)
         args = rcp_training_arguments(args)
         # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
         model._check_plugins_unwrapped("RcpTrainer")
