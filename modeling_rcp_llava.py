@@ -25,6 +25,7 @@ This is one of the two Hub files: it imports only the standard library, `torch`,
 sibling `configuration_rcp_llava.py`.
 """
 
+import collections
 import contextlib
 import copy
 import functools
@@ -43,7 +44,6 @@ from typing import Unpack
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys  # what load_state_dict returns: load_plugins returns it too
 from transformers import (
     AttentionInterface,
     Cache,
@@ -120,6 +120,9 @@ RCP_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_rcp_llava.RcpLlavaForConditionalGeneration",
 }
+# What `load_plugins` returns: the fields of torch's `load_state_dict` result (and PEFT's `load_adapter`'s), a named
+# tuple that unpacks as `missing, unexpected` (torch's own class is private).
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 # Keys of rcp_config.json besides the pruning fields of the config.
 _PLUGIN_META_KEYS = (
     "format", "base_model_name_or_path", "base_model_revision", "hidden_size", "num_hidden_layers", "num_visual_tokens",
@@ -2480,17 +2483,23 @@ _PLUGIN_LAYOUT = ("pruning_layers", "repair_layers", "pruner_hidden_size", "num_
 
 
 def _saved_plugin_keys(folder):
-    """The plug-in tensor names (from `rcp_plugins.` on) in the model weights saved in `folder`, read from the
-    safetensors header or the shards' index; an empty set for none (a stock model's folder)."""
-    index, single = (os.path.join(folder, f"model.safetensors{suffix}") for suffix in (".index.json", ""))
-    if os.path.isfile(index):
-        keys = (read_json_file(index).get("weight_map") or {}).keys()
-    elif os.path.isfile(single) and _safe_open is not None:
-        with _safe_open(single, framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        return set()
-    return _plugin_names(keys)
+    """{weights family: its plug-in tensor names (from `rcp_plugins.` on)} of the model weights saved in `folder`
+    (`model`, and each variant such as `model.fp16`), read from the safetensors headers or the shards' index;
+    families without plug-ins (a stock model's) are left out."""
+    families = {}
+    for name in sorted(os.listdir(folder)):
+        family, path = _weight_family(name), os.path.join(folder, name)
+        if family is None or not family.startswith("model") or name == RCP_PLUGINS_NAME:
+            continue
+        if name.endswith(".index.json"):
+            keys = (read_json_file(path).get("weight_map") or {}).keys()
+        elif name.endswith(".safetensors") and _safe_open is not None:
+            with _safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            continue
+        families.setdefault(family, set()).update(_plugin_names(keys))
+    return {family: keys for family, keys in families.items() if keys}
 
 
 def _plugin_names(keys):
@@ -2520,12 +2529,20 @@ def _refuse_other_model(folder, config, overwrite, plugin_keys=None):
     new_dict = config.to_dict()
     new = _model_identity(new_dict)
     if existing == new:
-        saved = _saved_plugin_keys(folder) if plugin_keys is not None else set()
-        layout = [k for k in _PLUGIN_LAYOUT if existing_dict.get(k) != new_dict.get(k)]
-        if not saved or (saved == set(plugin_keys) and not layout):
+        saved = _saved_plugin_keys(folder) if plugin_keys is not None else {}
+        if not saved:
             return
+        try:  # fields an older release did not write read as their defaults, not as None
+            existing_dict = RcpLlavaConfig.from_dict(existing_dict).to_dict()
+        except (TypeError, ValueError):
+            pass
+        layout = [k for k in _PLUGIN_LAYOUT if existing_dict.get(k) != new_dict.get(k)]
+        differ = {family: keys for family, keys in saved.items() if keys != set(plugin_keys)}
+        if not differ and not layout:
+            return
+        lost = max((len(keys - set(plugin_keys)) for keys in differ.values()), default=0)
         changes = ", ".join(f"{k}: {existing_dict.get(k)!r} -> {new_dict.get(k)!r}" for k in layout) or (
-            f"{len(saved - set(plugin_keys))} of its plug-in tensors would go")
+            f"{lost} of its plug-in tensors would go" if lost else "other plug-in tensors")
         raise FileExistsError(
             f"{folder!r} already holds the weights of a model with other trained RCP plug-ins ({changes}); this save "
             "would replace them. Save elsewhere, keep them with `save_plugins` first, or pass `overwrite=True`."
@@ -3083,7 +3100,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         with torch.no_grad():
             for k in sorted(set(tensors) & set(own)):
                 own[k].copy_(tensors[k])
-        return _IncompatibleKeys(missing, unexpected)
+        return IncompatibleKeys(missing, unexpected)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -565,6 +565,9 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             raise ValueError("`compute_loss_func` is not supported: RcpTrainer's loss is RCP's (task + repair + "
                              "sparsity, `compute_loss`); weight its terms with `lambda_task` / `lambda_repair` / "
                              "`lambda_sparse`, or subclass RcpTrainer and override `compute_loss`.")
+        args = rcp_training_arguments(args)
+        # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
+        model._check_plugins_unwrapped("RcpTrainer")
         if kwargs.get("data_collator") is None:
             # The RCP loss needs the collator's labels and masks; the stock default (`default_data_collator`) failed
             # at the first batch ("Could not infer dtype of PngImageFile"). TRL builds it from the processor too.
@@ -573,9 +576,6 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
                 raise ValueError("`RcpTrainer` needs `data_collator=RcpDataCollator(processor)` (from "
                                  "`rcp_llava.data`), or `processing_class=processor` to build it from.")
             kwargs["data_collator"] = RcpDataCollator(processor)
-        args = rcp_training_arguments(args)
-        # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
-        model._check_plugins_unwrapped("RcpTrainer")
         freeze_backbone(model)
         upcast_plugins(model)
         model.model.detach_prior = args.detach_prior  # a switch of the model, like `train()`

@@ -545,7 +545,8 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             continue
         # Tokenized as the processor tokenizes the prompt, whose one `<image>` id it then expands into
         # `image_tokens` ids (the placeholder is a special token: its neighbours tokenize the same either way).
-        encoded = tokenizer([collator.full_text(row) for row in rows])["input_ids"]
+        texts = [collator.full_text(row) for row in rows]
+        encoded = tokenizer(texts, **special_tokens_kwargs(tokenizer, texts))["input_ids"]  # as the collator
         for offset, (row, ids) in enumerate(zip(rows, encoded)):
             total = len(ids) + sum(1 for t in ids if t == collator.image_token_id) * (image_tokens - 1)
             if total > max_length:

@@ -122,3 +122,20 @@ def test_whitespace_a_template_writes_after_the_turns_eos_is_not_trained():
         assert labelled[-1] == tok.eos_token_id and labelled.count(tok.eos_token_id) == 1
         assert tok.decode(labelled, skip_special_tokens=True).strip() == example["answer"]
     assert torch.equal(single["labels"], multi["labels"]) and torch.equal(single["input_ids"], multi["input_ids"])
+
+
+def test_check_dataset_counts_the_tokens_the_collator_makes():
+    """`check_dataset(max_length=...)` tokenized with special tokens on: with a BOS-writing template it counted two
+    BOS and refused an example the collator makes exactly `max_length` long."""
+    from rcp_llava.data import check_dataset
+
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    collator = RcpDataCollator(processor)
+    example = _example()
+    length = int(collator([example])["attention_mask"].sum())
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({k: [v] for k, v in example.items()})
+    check_dataset(dataset, collator, max_length=length)
+    with pytest.raises(ValueError, match=rf"is {length} tokens long"):
+        check_dataset(dataset, collator, max_length=length - 1)

@@ -89,3 +89,27 @@ def test_the_bare_model_saves_a_self_contained_hub_folder(tmp_path):
     name, hidden = torch.load(tmp_path / "out.pt")
     assert name.startswith("transformers_modules.") and name.endswith(".RcpLlavaModel")
     assert torch.equal(hidden, reference)
+
+
+def test_a_variant_save_is_guarded_too(tmp_path):
+    """Only model.safetensors was read: a `variant="fp16"` save of other plug-ins went through, and the new
+    config.json then described placements the folder's model.safetensors does not hold."""
+    make_model(randomize_plugins=True).save_pretrained(tmp_path, variant="fp16")  # model.fp16.safetensors only
+    other = make_model(pruning_layers=[2, 3], repair_layers=[3], pruning_keep_counts=[8, 4])
+    with pytest.raises(FileExistsError, match=r"pruning_layers: \[1, 2\] -> \[2, 3\]"):
+        other.save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(FileExistsError, match=r"pruning_layers: \[1, 2\] -> \[2, 3\]"):  # another variant too
+        other.save_pretrained(tmp_path)
+    with pytest.raises(FileExistsError, match=r"pruning_layers: \[1, 2\] -> \[2, 3\]"):  # shards, no variant
+        other.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors")) == ["model.fp16.safetensors"]
+
+
+def test_a_folder_from_a_release_that_wrote_fewer_fields_saves_again(tmp_path):
+    """A layout field absent from an older config.json read as None: its own model was refused ("None -> 4")."""
+    model = make_model(randomize_plugins=True)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["pruner_num_heads"]  # an older release's config.json
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    RcpLlavaForConditionalGeneration.from_pretrained(tmp_path).save_pretrained(tmp_path)
