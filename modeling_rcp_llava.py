@@ -129,7 +129,8 @@ _PLUGIN_META_KEYS = (
     "library_version", "transformers_version",
 )
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# `PreTrainedModel.load_adapter`'s PEFT-only arguments (transformers 5.23): any of them set means a PEFT adapter.
+# `PreTrainedModel.load_adapter`'s PEFT-only arguments (transformers 5.23): any of them set means a PEFT adapter, but
+# `is_trainable` (it applies to plug-ins too) and `adapter_kwargs` of Hub arguments only that found plug-ins.
 _PEFT_LOAD_ARGUMENTS = ("adapter_name", "peft_config", "adapter_state_dict", "adapter_kwargs", "is_trainable",
                         "low_cpu_mem_usage", "hotswap", "load_config")
 # Forward kwargs the model consumes itself: they never reach the decoder layers.
@@ -1051,8 +1052,8 @@ class PrunedPrefill:
         # The prefill's one host sync: the input checks, and every row's token counts. From them the loop knows
         # each pruned sequence's length without asking the device again (pruning at fixed counts; RCP's adaptive
         # threshold reads its kept counts once per point, since they depend on the data).
-        host = [per_row, ends_on_image, key_valid.sum(1), (question & ~image_mask).sum(1), (question & image_mask).any(1),
-                visible.sum(1)]
+        host = [per_row, ends_on_image, key_valid.sum(1), (question & ~image_mask).sum(1),
+                (question & image_mask).any(1), visible.sum(1)]
         if forced is not None:
             noncumulative = (forced[:, 1:] & ~forced[:, :-1]).flatten(1).any(1)  # (B,)
             host += [noncumulative, *forced.sum(-1).unbind(1)]
@@ -1701,7 +1702,9 @@ class RcpSaveMixin:
         half-written weights. Other files in the folder stay: a processor saved there, and weights of another name
         or variant (`model_ema.safetensors`, `model.fp16.safetensors`); only the earlier files of the weights this
         save writes (other shards, an index) are removed. A folder holding the weights of another model (another
-        shape, or weights without a config) is refused with `FileExistsError` unless `overwrite=True`. With
+        shape, or weights without a config), or weights (any variant) whose trained RCP plug-ins this save would
+        replace with others (another placement, size or head count, or a method without plug-ins), is refused with
+        `FileExistsError` unless `overwrite=True`; a plug-in checkpoint beside them (`save_plugins`) stays. With
         `push_to_hub=True` the upload (named after `save_directory` unless `repo_id` is given) follows the local
         save, as transformers' does, so a failed upload keeps the saved folder."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **RCP_AUTO_MAP}
@@ -3038,11 +3041,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
     def load_plugins(self, plugins, strict=True, **hub_kwargs):
         """Copy the tensors of a plug-in checkpoint (folder or Hub repo id) into this model's plug-ins.
 
-        A checkpoint built for another hidden size or layer count, or holding a tensor of another shape, raises a
-        `ValueError` before any tensor is copied. Missing plug-in keys and unexpected keys (plug-ins trained with
-        other `pruning_layers` / `repair_layers`) raise a `ValueError` before any tensor is copied (`strict=True`,
-        the default); `strict=False` only warns, and the missing ones keep their initial values. Unknown config keys
-        are reported with a warning.
+        A checkpoint built for another hidden size, layer count or pruner head count (`pruner_num_heads`: no tensor
+        shape shows it), or holding a tensor of another shape, raises a `ValueError` before any tensor is copied.
+        Missing plug-in keys and unexpected keys (plug-ins trained with other `pruning_layers` / `repair_layers`)
+        raise a `ValueError` before any tensor is copied (`strict=True`, the default); `strict=False` only warns, and
+        the missing ones keep their initial values. Unknown config keys are reported with a warning.
         Returns `(missing_keys, unexpected_keys)` as torch's `load_state_dict` and PEFT's `load_adapter` do (a named
         tuple: `result.missing_keys`, or unpack it).
         """
@@ -3311,7 +3314,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         """`load_plugins` for an RCP plug-in checkpoint, under the name transformers' PEFT integration uses. A PEFT
         adapter -- a local folder with `adapter_config.json` and no `rcp_config.json` (also in `subfolder`, or
         `adapter_kwargs={"subfolder": ...}`), or a call with any of PEFT's own arguments (`adapter_name`,
-        `peft_config`, `adapter_state_dict`, `adapter_kwargs`, ...) -- goes to that integration, as on a stock model
+        `peft_config`, `adapter_state_dict`, `adapter_kwargs` beyond Hub arguments such as `subfolder`, ...) -- goes
+        to that integration, as on a stock model
         (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without them is read as
         plug-ins: pass `adapter_name=` to load a Hub PEFT adapter. `is_trainable` applies to whichever loads, as in
         PEFT: for plug-ins, False freezes them (inference), True makes them trainable; not given, their

@@ -32,7 +32,8 @@ Variants (each a `train_rcp` run = the main job's flags + the variant's, in WORK
 `train_rcp.py --repair_layers ''` cannot express "no adapters" (an empty value means "the default"), so the runner
 calls `train_rcp.run_job` with `repair_layers=[]` set on the parsed arguments: the same code path as `main`.
 
-Every trained variant is evaluated (first-token accuracy on the test split) at the FIXED counts of `--budget`
+Every trained variant is evaluated (first-token accuracy on the test split of a DatasetDict `--dataset`, or every row
+of a folder without splits: the table names which) at the FIXED counts of `--budget`
 (`rcp_llava.schedule.rcp_keep_counts`: the average over the layers from the first pruner is k = budget * N)
 and with its adaptive threshold; "Table VI" is the `full` variant's adaptive kept tokens per pruning layer, % of N.
 

@@ -43,8 +43,9 @@ def shared_prefix_length(full_ids, prompt_ids):
 def special_tokens_kwargs(tokenizer, texts):
     """`{"add_special_tokens": False}` when the rendered `texts` already begin with the tokenizer's BOS (a chat
     template that writes it, as Llama-3's and Mistral's do), else `{}`: tokenizing such a text with special tokens
-    gave two BOS. transformers' `ProcessorMixin.apply_chat_template(tokenize=True)` decides the same way; every
-    rendered prompt this package tokenizes goes through `encode_texts`, so training and evaluation agree."""
+    gave two BOS. transformers' `ProcessorMixin.apply_chat_template(tokenize=True)` decides the same way; the
+    collator, `check_dataset`, the evaluators and lmms-eval tokenize through it (`encode_texts`), so training and
+    evaluation agree (the testbed's own builder does not: its template writes no BOS)."""
     bos = tokenizer.bos_token
     starts = [bool(bos) and text.startswith(bos) for text in texts]
     if all(starts) and starts:

@@ -298,7 +298,8 @@ class RcpLlava(lmms):
                    "num_visual_tokens": self.model.config.num_visual_tokens}
         if done:
             eval_logger.info(f"rcp_llava: {len(done)} documents with an image read "
-                             f"{summary['mean_visual_tokens_per_layer']:.2f} visual tokens per decoder layer on average "
+                             f"{summary['mean_visual_tokens_per_layer']:.2f} visual tokens per decoder layer on "
+                             "average "
                              f"(of {summary['num_visual_tokens']} per image; pruning_method="
                              f"{self.model.config.pruning_method!r})")
         return summary

@@ -61,7 +61,8 @@ def test_save_plugins_then_save_pretrained_into_one_folder(tmp_path):
     paths = model.save_plugins(tmp_path)
     before = {p: open(p, "rb").read() for p in paths}
     model.save_pretrained(tmp_path)
-    assert {"config.json", "model.safetensors", "rcp_config.json", "rcp_plugins.safetensors"} <= set(os.listdir(tmp_path))
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "rcp_config.json", "rcp_plugins.safetensors"} <= files
     assert all(open(p, "rb").read() == data for p, data in before.items())  # the plug-in checkpoint stays
 
 
