@@ -211,7 +211,17 @@ class RcpLlava(lmms):
                                  f"{', flop_matched=true' if flop_matched else ''}: {err}") from None
         elif pruning_method != model.config.pruning_method:
             overrides = dict(pruning_method=pruning_method)
-        self._model = method_model(model, **overrides).eval() if overrides else model.eval()
+        try:
+            self._model = method_model(model, **overrides).eval() if overrides else model.eval()
+        except ValueError as err:
+            if counts is None:
+                raise
+            # named by the config field it set (`pre_llm_keep_count`, `pruning_layers`), which `--model_args` does
+            # not take: the user gave counts for the model's pruning layers
+            raise ValueError(f"rcp_llava: `pruning_keep_counts={pruning_keep_counts}` with pruning_method="
+                             f"{pruning_method!r}: {err} The counts are kept tokens at the model's pruning layers "
+                             f"{list(model.config.pruning_layers)}; for a method that prunes elsewhere (vispruner "
+                             "before the LLM, fastv at one layer) give `budget=K` instead.") from None
         self.processor = AutoProcessor.from_pretrained(pretrained, **hub)
         if self.processor.chat_template is None:  # apply_chat_template raised on every request
             logger.warning(f"rcp_llava: {pretrained!r} has no chat template; using LLaVA-1.5's (llava-hf's).")

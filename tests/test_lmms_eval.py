@@ -5,9 +5,9 @@ Needs the optional extra (`pip install -e ".[lmms]"`); skipped without lmms-eval
 """
 
 import glob
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -206,6 +206,20 @@ def test_model_arguments_that_load(demo_folder):
     assert lm.model.dtype == torch.float16 and lm.model.config.pruning_keep_counts == [6, 3]
     assert (lm.batch_size, lm.max_new_tokens) == (2, 5)
     assert _from_args(demo_folder, "budget=1").model.config.pruning_keep_counts == [1, 1]
+
+
+@pytest.mark.parametrize("args, told", [
+    ("pruning_method=vispruner,pruning_keep_counts=4", "prunes before the LLM and needs `pre_llm_keep_count`"),
+    ("pruning_method=fastv,pruning_keep_counts=6:3", "prunes at one layer: `pruning_layers` must hold one layer"),
+])
+def test_counts_for_a_method_that_prunes_elsewhere_are_named_as_given(demo_folder, args, told):
+    """The config's error named `pre_llm_keep_count` / `pruning_layers`, which `--model_args` refuses as unknown: the
+    user gave counts for the model's pruning layers, and is told to give a budget."""
+    counts = args.split("pruning_keep_counts=")[1]
+    with pytest.raises(ValueError, match=rf"^rcp_llava: `pruning_keep_counts={counts}` with pruning_method='\w+': "
+                                         rf".*{re.escape(told)}.* The counts are kept tokens at the model's pruning "
+                                         r"layers \[1, 2\]; .* give `budget=K` instead\."):
+        _from_args(demo_folder, args)
 
 
 def test_generate_until_takes_a_none_max_new_tokens_and_names_a_non_image_visual(demo_folder):
