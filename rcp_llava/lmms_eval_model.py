@@ -17,7 +17,9 @@ below), so nothing in lmms-eval is patched. Model arguments (`--model_args key=v
   Without either, the checkpoint's own setting (RCP's adaptive threshold when it has no counts).
 - `dtype` (`auto`, `bfloat16`, ...), `max_new_tokens` (default when a task gives none: 128). The batch size and
   the device are lmms-eval's own flags, `--batch_size` and `--device` (default cuda if available): lmms-eval passes
-  them beside `--model_args`, so naming them there too is its "got multiple values" error.
+  them beside `--model_args`, so naming them there too is its "got multiple values" error. Data-parallel runs
+  (`accelerate launch -m lmms_eval ...`): lmms-eval shards the requests by rank, and each rank puts the model on
+  its own GPU (cuda:LOCAL_RANK for `--device cuda`).
 
 A task's `do_sample: false` keeps generation greedy whatever its `temperature` (MM-Vet gives 0.2 with
 `do_sample: false`); otherwise a temperature above 0 samples, as in lmms-eval's `llava_hf`. A task's `until` strings
@@ -131,6 +133,18 @@ def _as_int(value, name, minimum=1):
     return number
 
 
+def process_device(device, environ=None):
+    """The device this process evaluates on: `device` (lmms-eval's `--device`; default cuda when available), a bare
+    "cuda" read as this process's own GPU, cuda:LOCAL_RANK, when lmms-eval runs data-parallel (`accelerate launch` and
+    torchrun set WORLD_SIZE and LOCAL_RANK; lmms-eval shards the requests by rank itself): every rank loaded the
+    model on cuda:0, where llava_hf binds each rank to its GPU."""
+    environ = os.environ if environ is None else environ
+    name = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "cuda" and int(environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{int(environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(name)
+
+
 def _as_dtype(value):
     """`auto` (None: the checkpoint's own) or a torch floating dtype by name (`bfloat16`, `torch.float16`)."""
     if value in (None, "", "auto"):
@@ -169,7 +183,7 @@ class RcpLlava(lmms):
 
         # The arguments' syntax is checked before the model loads; what depends on the checkpoint (a budget's range,
         # one count per pruning layer) right after it.
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = process_device(device)
         dtype = _as_dtype(dtype)
         if str(batch_size).strip().startswith("auto"):
             raise ValueError(f"rcp_llava: `batch_size` {batch_size!r} is not supported; give a number "

@@ -498,3 +498,19 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
     unpruned.task_dict = lm.task_dict
     unpruned.generate_until([_request(question, {"until": []}, visual, 2)])
     assert unpruned.visual_tokens_per_layer == [2 * lm.model.config.num_visual_tokens]  # two images, every layer
+
+
+@pytest.mark.parametrize("device, environ, expected", [
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "2", "RANK": "6"}, "cuda:2"),  # its own GPU, not every rank's cuda:0
+    ("cuda", {}, "cuda"),
+    ("cuda:1", {"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, "cuda:1"),  # a device named by index is the user's
+    ("cpu", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu"),
+])
+def test_each_data_parallel_rank_evaluates_on_its_own_gpu(device, environ, expected):
+    """`accelerate launch -m lmms_eval --device cuda`: lmms-eval shards the requests by rank, but every rank put the
+    model on cuda:0."""
+    import torch
+
+    from rcp_llava.lmms_eval_model import process_device
+
+    assert process_device(device, environ) == torch.device(expected)
