@@ -2744,6 +2744,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         finally:
             self.model.pruning_enabled, self.model.repair_enabled = old
 
+    def disable_adapter(self):
+        """PEFT's `with peft_model.disable_adapter():` (the base model's outputs inside the block), for the plug-ins:
+        `plugins_disabled()`, pruning and repair both off."""
+        return self.plugins_disabled()
+
     @contextlib.contextmanager
     def pruning_layout(self, layout):
         """Run pruned forwards in `layout` ("discard", "mask" or None = by `training`) inside the block, then

@@ -72,3 +72,20 @@ def test_a_config_that_is_not_an_object_and_a_weights_file_path_are_named(repo, 
     with pytest.raises(ValueError, match=r"^`plugins` .*rcp_plugins\.safetensors' is a file; pass the folder that "
                                          r"holds it \('.*rcp-64'\)"):
         make_model().load_plugins(str(weights))  # it was "no such folder", of a file that exists
+
+
+def test_disable_adapter_runs_the_stock_model_as_peft_does():
+    """PEFT's `with model.disable_adapter():` gives the base model's outputs; for RCP that is the stock LLaVA (no
+    pruning, no repair), and the plug-ins are back after the block."""
+    from conftest import make_batch, stock_copy
+
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    with torch.no_grad():
+        stock = stock_copy(model)(**batch).logits
+        pruned = model(**batch)
+        with model.disable_adapter():
+            inside = model(**batch).logits
+        after = model(**batch)
+    assert torch.equal(inside, stock) and model.last_pruning_info is not None
+    assert inside.shape[1] > pruned.logits.shape[1] and torch.equal(after.logits, pruned.logits)
