@@ -2494,13 +2494,18 @@ def _saved_plugin_keys(folder):
         family, path = _weight_family(name), os.path.join(folder, name)
         if family is None or not family.startswith("model") or name == RCP_PLUGINS_NAME:
             continue
-        if name.endswith(".index.json"):
-            keys = (read_json_file(path).get("weight_map") or {}).keys()
-        elif name.endswith(".safetensors") and _safe_open is not None:
-            with _safe_open(path, framework="pt") as f:
-                keys = list(f.keys())
-        else:
-            continue
+        try:
+            if name.endswith(".index.json"):
+                keys = list((read_json_file(path).get("weight_map") or {}).keys())
+            elif name.endswith(".safetensors") and _safe_open is not None:
+                with _safe_open(path, framework="pt") as f:
+                    keys = list(f.keys())
+            else:
+                continue
+        except Exception as err:  # a git-lfs pointer, a half download: SafetensorError is not importable by name
+            raise FileExistsError(f"{folder!r}: {name} cannot be read ({err}), so this save cannot tell whether it "
+                                  "would replace trained RCP plug-ins in it. Fix or remove the file, save elsewhere, "
+                                  "or pass `overwrite=True`.") from None
         families.setdefault(family, set()).update(_plugin_names(keys))
     return {family: keys for family, keys in families.items() if keys}
 
@@ -2744,10 +2749,25 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         finally:
             self.model.pruning_enabled, self.model.repair_enabled = old
 
+    @contextlib.contextmanager
     def disable_adapter(self):
-        """PEFT's `with peft_model.disable_adapter():` (the base model's outputs inside the block), for the plug-ins:
-        `plugins_disabled()`, pruning and repair both off."""
-        return self.plugins_disabled()
+        """PEFT's `with peft_model.disable_adapter():` -- the base model's outputs inside the block -- on the RCP model:
+        the plug-ins off (`plugins_disabled()`: pruning and repair), and the LoRA adapters added with transformers'
+        `add_adapter` / `load_adapter` too (its `disable_adapters()`), back on after the block as they were. (A
+        `PeftModel` wrapping this model has its own `disable_adapter`, which turns off its LoRA only.)"""
+        lora_on = False
+        if getattr(self, "_hf_peft_config_loaded", False):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            lora_on = any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in self.modules())
+        if lora_on:
+            self.disable_adapters()
+        try:
+            with self.plugins_disabled():
+                yield self
+        finally:
+            if lora_on:
+                self.enable_adapters()
 
     @contextlib.contextmanager
     def pruning_layout(self, layout):

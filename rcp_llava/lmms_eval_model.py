@@ -230,12 +230,15 @@ class RcpLlava(lmms):
         except ValueError as err:
             if counts is None:
                 raise
-            # named by the config field it set (`pre_llm_keep_count`, `pruning_layers`), which `--model_args` does
-            # not take: the user gave counts for the model's pruning layers
+            spec = PRUNING_METHODS[pruning_method]
+            # A method that prunes elsewhere was told of config fields (`pre_llm_keep_count`, `pruning_layers`) that
+            # `--model_args` does not take: the user gave counts for the model's pruning layers.
+            elsewhere = (not spec.in_decoder) or spec.max_pruning_layers == 1
+            hint = (f" The counts are kept tokens at the model's pruning layers {list(model.config.pruning_layers)}; "
+                    "for a method that prunes elsewhere (vispruner before the LLM, fastv at one layer) give "
+                    "`budget=K` instead." if elsewhere else "")
             raise ValueError(f"rcp_llava: `pruning_keep_counts={pruning_keep_counts}` with pruning_method="
-                             f"{pruning_method!r}: {err} The counts are kept tokens at the model's pruning layers "
-                             f"{list(model.config.pruning_layers)}; for a method that prunes elsewhere (vispruner "
-                             "before the LLM, fastv at one layer) give `budget=K` instead.") from None
+                             f"{pruning_method!r}: {err}{hint}") from None
         self.processor = AutoProcessor.from_pretrained(pretrained, **hub)
         if self.processor.chat_template is None:  # apply_chat_template raised on every request
             logger.warning(f"rcp_llava: {pretrained!r} has no chat template; using LLaVA-1.5's (llava-hf's).")

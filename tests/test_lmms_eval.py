@@ -514,3 +514,22 @@ def test_each_data_parallel_rank_evaluates_on_its_own_gpu(device, environ, expec
     from rcp_llava.lmms_eval_model import process_device
 
     assert process_device(device, environ) == torch.device(expected)
+
+
+def test_a_bad_count_for_rcp_is_named_without_the_budget_hint(demo_folder):
+    with pytest.raises(ValueError, match=r"^rcp_llava: `pruning_keep_counts=99:3` with pruning_method='rcp': "
+                                         r"`pruning_keep_counts` \[99, 3\] asks to keep more than the 16 visual "
+                                         r"tokens of an image; use counts <= 16\.$"):
+        _from_args(demo_folder, "pruning_method=rcp,pruning_keep_counts=99:3")
+
+
+def test_the_model_takes_its_device_from_process_device(demo_folder, monkeypatch):
+    """The wiring of `process_device` (its rule is tested above): a rank's `--device cuda` goes through it."""
+    import torch
+
+    import rcp_llava.lmms_eval_model as wrapper
+
+    seen = []
+    monkeypatch.setattr(wrapper, "process_device", lambda device: seen.append(device) or torch.device("cpu"))
+    lm = wrapper.RcpLlava(pretrained=demo_folder, device="cuda")
+    assert seen == ["cuda"] and lm.device == torch.device("cpu")

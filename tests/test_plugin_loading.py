@@ -89,3 +89,49 @@ def test_disable_adapter_runs_the_stock_model_as_peft_does():
         after = model(**batch)
     assert torch.equal(inside, stock) and model.last_pruning_info is not None
     assert inside.shape[1] > pruned.logits.shape[1] and torch.equal(after.logits, pruned.logits)
+
+
+def test_disable_adapter_turns_off_lora_added_with_add_adapter_too():
+    """With transformers' `add_adapter` LoRA the block ran the plug-ins off but LoRA on (0.59 off stock). Both are
+    off inside now, and after the block LoRA is back on; adapters the user had disabled stay disabled."""
+    import copy
+
+    from conftest import make_batch, stock_copy
+    from peft import LoraConfig
+
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    with torch.no_grad():
+        stock = stock_copy(model)(**batch).logits
+        model.add_adapter(LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                     init_lora_weights=False))
+        with_lora = model(**batch).logits
+        with model.disable_adapter():
+            inside = model(**batch).logits
+        assert torch.equal(model(**batch).logits, with_lora)  # LoRA back on
+        model.disable_adapters()  # the user's choice: off
+        without_lora = model(**batch).logits
+        with model.disable_adapter():
+            pass
+        assert torch.equal(model(**batch).logits, without_lora)
+    torch.testing.assert_close(inside, stock, rtol=0, atol=1e-6)
+    assert not torch.allclose(with_lora, without_lora)  # non-vacuous: LoRA changes the output
+    copy.deepcopy(model)  # still a plain module
+
+
+def test_disable_adapter_of_a_peft_model_is_peft_own_and_turns_off_lora_only():
+    """`get_peft_model(model).disable_adapter()` is PEFT's: LoRA off, the plug-ins still pruning (README says so)."""
+    import copy
+
+    from conftest import make_batch
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    with torch.no_grad():
+        pruned = model(**batch).logits
+        with peft_model.disable_adapter():
+            inside = peft_model(**batch).logits
+    torch.testing.assert_close(inside, pruned, rtol=0, atol=1e-6)

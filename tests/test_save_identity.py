@@ -114,3 +114,14 @@ def test_a_folder_from_a_release_that_wrote_fewer_fields_saves_again(tmp_path):
     del config["pruner_num_heads"]  # an older release's config.json
     (tmp_path / "config.json").write_text(json.dumps(config))
     RcpLlavaForConditionalGeneration.from_pretrained(tmp_path).save_pretrained(tmp_path)
+
+
+def test_an_unreadable_weights_file_in_the_folder_is_named(tmp_path):
+    """A git-lfs pointer or a half download beside the model (model_ema.safetensors) made the re-save fail with
+    safetensors' 'header too large', naming no file."""
+    model = make_model(randomize_plugins=True)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model_ema.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(FileExistsError, match=r"model_ema\.safetensors cannot be read .* pass `overwrite=True`"):
+        model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, overwrite=True)
