@@ -2755,11 +2755,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         the plug-ins off (`plugins_disabled()`: pruning and repair), and the LoRA adapters added with transformers'
         `add_adapter` / `load_adapter` too (its `disable_adapters()`), back on after the block as they were. (A
         `PeftModel` wrapping this model has its own `disable_adapter`, which turns off its LoRA only.)"""
-        lora_on = False
-        if getattr(self, "_hf_peft_config_loaded", False):
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            lora_on = any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in self.modules())
+        # PEFT's tuner layers say `disable_adapters` (a bool) is False while on; read by name, since a Hub file
+        # imports nothing but torch and transformers (on a model, `disable_adapters` is the method)
+        lora_on = getattr(self, "_hf_peft_config_loaded", False) and any(
+            getattr(m, "disable_adapters", None) is False for m in self.modules())
         if lora_on:
             self.disable_adapters()
         try:
