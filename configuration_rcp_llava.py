@@ -172,6 +172,10 @@ def register_pruning_spec(method: PruningMethod, overwrite: bool = False) -> Pru
     with `modeling_rcp_llava.register_pruning_method`, which calls this."""
     if not isinstance(method, PruningMethod):
         raise TypeError(f"`method` must be a `PruningMethod`, got {type(method).__name__}.")
+    if method.name == "none" and PRUNING_METHODS.get("none") not in (None, method):
+        # the stock forward, chosen by name in the model: a spec under it would only break the config's checks
+        raise ValueError("'none' is the stock forward (no pruning) and cannot be registered again; name the method "
+                         "otherwise.")
     if method.name in PRUNING_METHODS and not overwrite and PRUNING_METHODS[method.name] != method:
         raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
     PRUNING_METHODS[method.name] = method
@@ -187,6 +191,7 @@ for _method in (
     PruningMethod("attention_topk"),
 ):
     register_pruning_spec(_method)
+BUILTIN_METHODS = tuple(PRUNING_METHODS)  # the methods this file defines; others are registered by their users
 
 PRUNING_FIELDS = (
     "pruning_method", "pruning_layers", "repair_layers", "num_pruning_queries", "query_dropout", "pruner_dropout",
@@ -377,7 +382,10 @@ class RcpLlavaConfig(LlavaConfig):
     def _validate_method(self):
         if self.pruning_method not in PRUNING_METHODS:
             raise ValueError(
-                f"`pruning_method` is {self.pruning_method!r}, but it must be one of {list(PRUNING_METHODS)}."
+                f"`pruning_method` is {self.pruning_method!r}, but it must be one of {list(PRUNING_METHODS)}. If it is "
+                "a method of your own, register its selector before building or loading the model "
+                "(`modeling_rcp_llava.register_pruning_method`, after `import rcp_llava` for the Auto classes: "
+                "remote code reads its own copy of this file); or load it with a built-in `pruning_method=...`."
             )
 
     def _validate_layers(self):

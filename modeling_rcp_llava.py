@@ -64,10 +64,10 @@ from transformers.utils.generic import maybe_autocast  # autocast off where it i
 
 
 try:  # loaded as a Hub module (flat folder, relative import) ...
-    from .configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
+    from .configuration_rcp_llava import BUILTIN_METHODS, PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
     from .configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec, visual_tokens_per_image
 except ImportError:  # ... or as an installed top-level module
-    from configuration_rcp_llava import PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
+    from configuration_rcp_llava import BUILTIN_METHODS, PRUNING_FIELDS, PRUNING_METHODS, PruningMethod, RcpLlavaConfig
     from configuration_rcp_llava import check_gumbel_temperature, register_pruning_spec, visual_tokens_per_image
 
 try:  # safetensors is a hard dependency of transformers (its modeling_utils imports it at the top); the
@@ -754,6 +754,9 @@ def register_pruning_method(selector_cls, overwrite=False):
     if not method.prunes:
         raise ValueError(f"{selector_cls.__name__}.method prunes nowhere: set `in_decoder` or `pre_llm`.")
     if method.name in SELECTORS and SELECTORS[method.name] is not selector_cls and not overwrite:
+        raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
+    if method.name not in SELECTORS and PRUNING_METHODS.get(method.name) not in (None, method) and not overwrite:
+        # a name with a spec and no selector ("none", the stock forward): not silently replaced
         raise ValueError(f"A pruning method named {method.name!r} is already registered; pass `overwrite=True`.")
     register_pruning_spec(method, overwrite=True)
     SELECTORS[method.name] = selector_cls
@@ -1716,6 +1719,10 @@ class RcpSaveMixin:
         save_directory = os.fspath(save_directory)
         # an edited field the plug-ins were not built for: refused before anything is written
         (self if isinstance(self, RcpLlavaModel) else self.model)._check_config()
+        if self.config.pruning_method not in BUILTIN_METHODS:
+            logger.warning(f"`pruning_method={self.config.pruning_method!r}` is a method of your own: the saved folder "
+                           "loads only where its selector is registered (`register_pruning_method`) first, or with a "
+                           "built-in `pruning_method=...` given to `from_pretrained`.")
         _refuse_other_model(save_directory, self.config, overwrite, _plugin_names(self.state_dict()))
         push = kwargs.pop("push_to_hub", False)
         # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
@@ -1969,6 +1976,9 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
         lm = self.language_model
         bsz, seq = hidden.shape[:2]
         positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(bsz, -1)
+        if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and attention_mask.shape[1] >= seq:
+            # -1 for padding, as a pruned prefill's: a batch's padding read the same with or without an image row
+            positions = torch.where(attention_mask[:, -seq:].bool(), positions, -1)
         collected = ([hidden], [positions]) if hidden_states is not None else None
         if state is None or not state.segment_masks:
             masks = {0: self._layer_mask(hidden, attention_mask, cache, 0)}
@@ -2052,8 +2062,16 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
             self.rcp_plugins.repair_adapters else None
 
     def _select_tokens(self, selector, ctx):
-        """The one call of every selection decision (profilers wrap it): (B, K) bool, the tokens kept."""
-        return selector.keep(ctx)
+        """The one call of every selection decision (profilers wrap it): (B, K) bool, the tokens kept. A selector
+        of the user's that returns something else is named here (metadata only: no host sync), not deep in the
+        compaction."""
+        keep = selector.keep(ctx)
+        expected = tuple(ctx.valid.shape)
+        if not torch.is_tensor(keep) or keep.dtype != torch.bool or tuple(keep.shape) != expected:
+            got = f"{keep.dtype} {tuple(keep.shape)}" if torch.is_tensor(keep) else type(keep).__name__
+            raise TypeError(f"{type(selector).__name__}.keep must return a bool tensor of shape {expected} (batch, "
+                            f"alive visual tokens), got {got}; from `scores`, return one score per alive token.")
+        return keep
 
     def _embed(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
                image_sizes, mm_encoder_outputs, selector):
@@ -2848,8 +2866,15 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        if torch.is_tensor(slice_indices) and slice_indices.numel() and (
+                int(slice_indices.max()) >= hidden.shape[1] or int(slice_indices.min()) < -hidden.shape[1]):
+            raise ValueError(f"`logits_to_keep` holds positions up to {int(slice_indices.max())}, but this forward's "
+                             f"output has {hidden.shape[1]} positions: with pruning they index the surviving tokens "
+                             "(`token_positions` maps them to the input), not the input sequence.")
         logits = self.lm_head(hidden[:, slice_indices, :])
-
+        token_positions = outputs.token_positions
+        if token_positions is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            token_positions = token_positions[:, slice_indices]  # the positions of the logits kept
         loss = None
         if labels is not None:
             if logits.shape[1] != hidden.shape[1]:
@@ -2874,7 +2899,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
-            token_positions=outputs.token_positions,
+            token_positions=token_positions,
             kept_indices=outputs.kept_indices,
             kept_counts=outputs.kept_counts,
             keep_masks=outputs.keep_masks,

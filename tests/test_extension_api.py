@@ -1,0 +1,107 @@
+"""A user's own pruning method and the outputs API under pruning, as the TokenSelector / register_pruning_method
+docstrings and the README describe them (a read-only probe's findings)."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+
+from configuration_rcp_llava import PRUNING_METHODS, PruningMethod
+from modeling_rcp_llava import SELECTORS, TokenSelector, register_pruning_method
+
+
+@pytest.fixture
+def registry():
+    """Registers methods for one test and removes them after it."""
+    added = []
+
+    def register(cls, **kwargs):
+        added.append(cls.method.name)
+        return register_pruning_method(cls, **kwargs)
+
+    yield register
+    for name in added:
+        SELECTORS.pop(name, None)
+        PRUNING_METHODS.pop(name, None)
+
+
+class _Norm(TokenSelector):
+    method = PruningMethod("largest_norm")
+
+    def scores(self, ctx):
+        return ctx.hidden.gather(1, ctx.slots.unsqueeze(-1).expand(-1, -1, ctx.hidden.shape[-1])).norm(dim=-1)
+
+
+def test_the_stock_forwards_name_is_not_taken_silently():
+    """A spec named "none" replaced the built-in one without `overwrite` (its config checks then broke)."""
+    class Clash(TokenSelector):
+        method = PruningMethod("none")
+
+        def scores(self, ctx):
+            return ctx.valid.float()
+
+    before = PRUNING_METHODS["none"]
+    with pytest.raises(ValueError, match=r"'none' is already registered; pass `overwrite=True`"):
+        register_pruning_method(Clash)
+    with pytest.raises(ValueError, match=r"'none' is the stock forward .* cannot be registered again"):
+        register_pruning_method(Clash, overwrite=True)
+    assert PRUNING_METHODS["none"] is before and "none" not in SELECTORS
+
+
+def test_a_saved_custom_method_says_how_to_load_it(registry, tmp_path, caplog):
+    registry(_Norm)
+    model = make_model(pruning_method="largest_norm", repair_layers=[])
+    with caplog.at_level("WARNING"):
+        model.save_pretrained(tmp_path)
+    assert "`pruning_method='largest_norm'` is a method of your own" in caplog.text
+    SELECTORS.pop("largest_norm")
+    PRUNING_METHODS.pop("largest_norm")  # a fresh process: the method is not registered
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    with pytest.raises(ValueError, match=r"If it is a method of your own, register its selector before building or "
+                                         r"loading the model .* or load it with a built-in `pruning_method=\.\.\.`"):
+        RcpLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["pruning_method"] == "largest_norm"
+    loaded = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path, pruning_method="attention_topk")
+    assert loaded.config.pruning_method == "attention_topk"
+
+
+def test_a_selector_returning_the_wrong_thing_is_named(registry):
+    """A float or mis-shaped `keep` failed deep in the compaction ("bitwise_and_cpu not implemented for 'Float'")."""
+    class Floaty(_Norm):
+        method = PruningMethod("floaty")
+
+        def keep(self, ctx):
+            return ctx.valid.float()
+
+    registry(Floaty)
+    model = make_model(pruning_method="floaty", repair_layers=[])
+    with pytest.raises(TypeError, match=r"^Floaty\.keep must return a bool tensor of shape \(2, 16\) \(batch, alive "
+                                        r"visual tokens\), got torch\.float32 \(2, 16\)"):
+        model(**make_batch([(2, 3, True), (5, 6, True)]))
+
+
+def test_padding_reads_minus_one_in_token_positions_with_or_without_an_image_row():
+    """A text-only batch's pruned-loop forward gave its padding positions 0, 1, ...; in a batch with an image row the
+    same rows read -1 there (a `compute_metrics` keeping `>= 0` counted the padding)."""
+    model = make_model()
+    text = make_batch([(2, 3, False), (6, 6, False)])
+    with torch.no_grad():
+        out = model(**text)
+    assert torch.equal(out.token_positions >= 0, text["attention_mask"].bool())
+
+
+def test_token_positions_follow_logits_to_keep():
+    model = make_model()
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    with torch.no_grad():
+        full = model(**batch)
+        last3 = model(**batch, logits_to_keep=3)
+        picked = model(**batch, logits_to_keep=torch.tensor([0, full.logits.shape[1] - 1]))
+        with pytest.raises(ValueError, match=r"`logits_to_keep` holds positions up to 27, but this forward's output "
+                                             r"has 17 positions: with pruning they index the surviving tokens"):
+            model(**batch, logits_to_keep=torch.tensor([batch["input_ids"].shape[1] - 1]))
+    assert torch.equal(last3.token_positions, full.token_positions[:, -3:])
+    torch.testing.assert_close(last3.logits, full.logits[:, -3:], rtol=0, atol=1e-6)
+    assert torch.equal(picked.token_positions, full.token_positions[:, [0, -1]])
