@@ -2866,11 +2866,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        if torch.is_tensor(slice_indices) and slice_indices.numel() and (
-                int(slice_indices.max()) >= hidden.shape[1] or int(slice_indices.min()) < -hidden.shape[1]):
-            raise ValueError(f"`logits_to_keep` holds positions up to {int(slice_indices.max())}, but this forward's "
-                             f"output has {hidden.shape[1]} positions: with pruning they index the surviving tokens "
-                             "(`token_positions` maps them to the input), not the input sequence.")
+        if torch.is_tensor(slice_indices) and slice_indices.numel():
+            low, high = (int(v) for v in torch.aminmax(slice_indices))
+            if high >= hidden.shape[1] or low < -hidden.shape[1]:
+                bad = high if high >= hidden.shape[1] else low
+                raise ValueError(f"`logits_to_keep` holds position {bad}, but this forward's output has "
+                                 f"{hidden.shape[1]} positions (valid {-hidden.shape[1]}..{hidden.shape[1] - 1}): with "
+                                 "pruning they index the surviving tokens (`token_positions` maps them to the input), "
+                                 "not the input sequence.")
         logits = self.lm_head(hidden[:, slice_indices, :])
         token_positions = outputs.token_positions
         if token_positions is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -2885,9 +2888,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
                     f"{logits.shape[1]} of {hidden.shape[1]}. Leave `logits_to_keep=0` (the default) when passing "
                     "`labels`."
                 )
-            # Labels follow the tokens that survived: discarded visual tokens never carry an answer.
+            # Labels follow the tokens that survived: discarded visual tokens never carry an answer. Nothing pruned
+            # (no image): the positions are the input's, and the labels are taken as stock takes them (padding too).
             positions = outputs.token_positions
-            kept_labels = torch.where(positions >= 0, labels.gather(1, positions.clamp_min(0)), -100)
+            if outputs.kept_indices is None:
+                kept_labels = labels
+            else:
+                kept_labels = torch.where(positions >= 0, labels.gather(1, positions.clamp_min(0)), -100)
             kept_labels = kept_labels[:, slice_indices]
             loss = self.loss_function(
                 logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs

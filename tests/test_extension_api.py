@@ -17,8 +17,9 @@ def registry():
     added = []
 
     def register(cls, **kwargs):
-        added.append(cls.method.name)
-        return register_pruning_method(cls, **kwargs)
+        registered = register_pruning_method(cls, **kwargs)
+        added.append(cls.method.name)  # after it took: a refused name (a built-in's) is not popped
+        return registered
 
     yield register
     for name in added:
@@ -85,11 +86,16 @@ def test_a_selector_returning_the_wrong_thing_is_named(registry):
 def test_padding_reads_minus_one_in_token_positions_with_or_without_an_image_row():
     """A text-only batch's pruned-loop forward gave its padding positions 0, 1, ...; in a batch with an image row the
     same rows read -1 there (a `compute_metrics` keeping `>= 0` counted the padding)."""
-    model = make_model()
+    from conftest import stock_copy
+
+    model = make_model(randomize_plugins=True)
     text = make_batch([(2, 3, False), (6, 6, False)])
     with torch.no_grad():
-        out = model(**text)
+        out = model(**text, labels=text["input_ids"])
+        stock = stock_copy(model)(**text, labels=text["input_ids"])
     assert torch.equal(out.token_positions >= 0, text["attention_mask"].bool())
+    # nothing was pruned: the loss is stock's, padding labels included (the positions' -1 must not drop them)
+    torch.testing.assert_close(out.loss, stock.loss, rtol=0, atol=1e-6)
 
 
 def test_token_positions_follow_logits_to_keep():
@@ -99,9 +105,11 @@ def test_token_positions_follow_logits_to_keep():
         full = model(**batch)
         last3 = model(**batch, logits_to_keep=3)
         picked = model(**batch, logits_to_keep=torch.tensor([0, full.logits.shape[1] - 1]))
-        with pytest.raises(ValueError, match=r"`logits_to_keep` holds positions up to 27, but this forward's output "
-                                             r"has 17 positions: with pruning they index the surviving tokens"):
+        with pytest.raises(ValueError, match=r"`logits_to_keep` holds position 27, but this forward's output has 17 "
+                                             r"positions \(valid -17\.\.16\): with pruning they index the surviving"):
             model(**batch, logits_to_keep=torch.tensor([batch["input_ids"].shape[1] - 1]))
+        with pytest.raises(ValueError, match=r"holds position -18, .* \(valid -17\.\.16\)"):
+            model(**batch, logits_to_keep=torch.tensor([-18, 0]))
     assert torch.equal(last3.token_positions, full.token_positions[:, -3:])
     torch.testing.assert_close(last3.logits, full.logits[:, -3:], rtol=0, atol=1e-6)
     assert torch.equal(picked.token_positions, full.token_positions[:, [0, -1]])
