@@ -1046,7 +1046,8 @@ class PrunedPrefill:
         # (B, N) in raster order: the visual tokens the attention mask shows. One it hides (`attention_mask` 0 on an
         # image token, a token-ablation experiment) is an invisible key for stock; here it is dead from the start,
         # like padding: no candidate, no slot, not counted among the alive (it was, and the compaction overran).
-        raster = torch.where(image_mask, image_mask.long().cumsum(1) - 1, n).clamp_max(n)  # (B, T); n: not visual
+        self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
+        raster = torch.where(image_mask, self.vis_id, n).clamp_max(n)  # (B, T); n: not visual (a spare column)
         visible = torch.zeros(bsz, n + 1, dtype=torch.bool, device=device).scatter_(
             1, raster, image_mask & key_valid)[:, :n] & self.has_image.unsqueeze(1)
         forced = self._check_forced(visual_keep_masks, bsz, n)
@@ -1085,7 +1086,6 @@ class PrunedPrefill:
                 "(they rank the visual tokens by the question's attention). Give the prompt at least one text "
                 "token (e.g. BOS), mark text tokens in `question_mask`, or run with `pruning_method='none'`."
             )
-        self.vis_id = torch.where(image_mask, image_mask.long().cumsum(1) - 1, -1)  # (B, T) raster index, -1 else
         self.answer_mask = (self._default_answer_mask(answer_mask, labels, positions, last_valid)
                             & self.has_image.unsqueeze(1))
         if forced is not None and any(host[6]):

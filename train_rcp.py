@@ -466,7 +466,7 @@ def freeze_backbone(model):
     Trainer and PEFT leave a user's `requires_grad` alone; all frozen (a model loaded for inference,
     `load_adapter(..., is_trainable=False)`) or none: all train."""
     plugins = {name: param for name, param in model.named_parameters() if name.startswith(PLUGIN_PREFIX)}
-    frozen = sorted(name for name, param in plugins.items() if not param.requires_grad)
+    frozen = {name for name, param in plugins.items() if not param.requires_grad}
     chosen = 0 < len(frozen) < len(plugins)  # the user's own split
     for name, param in model.named_parameters():
         param.requires_grad_(name in plugins and (not chosen or name not in frozen))
