@@ -2463,8 +2463,13 @@ def check_model_source(name_or_path, argument):
         )
 
 
+# The config fields that decide the plug-in tensors and how they compute: saving plug-ins (`save_plugins`) or a model
+# (`save_pretrained`) over a folder whose trained plug-ins differ in one of them would lose those plug-ins.
+_PLUGIN_LAYOUT = ("pruning_layers", "repair_layers", "pruner_hidden_size", "num_pruning_queries", "pruner_num_heads",
+                  "repair_bottleneck_size")
+# ... and, for a plug-in-only checkpoint, the model and method they were trained for.
 _PLUGIN_IDENTITY = ("base_model_name_or_path", "hidden_size", "num_hidden_layers", "num_visual_tokens", "pruning_method",
-                    "pruning_layers", "repair_layers", "pruner_hidden_size", "repair_bottleneck_size")
+                    *_PLUGIN_LAYOUT)
 
 
 def _refuse_other_plugins(config_path, record):
@@ -2474,9 +2479,19 @@ def _refuse_other_plugins(config_path, record):
             existing = json.load(f)
     except (OSError, ValueError) as err:
         existing = {"unreadable": str(err)}
+    else:
+        if not isinstance(existing, dict):
+            existing = {"unreadable": f"a JSON {type(existing).__name__}, not an object"}
+        else:  # a field an older release did not write reads as the default it was built with, not as None
+            existing = {**{k: getattr(RcpLlavaConfig, k) for k in _PLUGIN_LAYOUT if k not in existing}, **existing}
+    folder = os.path.dirname(config_path)
+    if "unreadable" in existing:
+        raise FileExistsError(
+            f"{folder!r} holds a {RCP_CONFIG_NAME} that cannot be read ({existing['unreadable']}), so this save cannot "
+            "tell whether it would replace other plug-ins. Fix or remove it, save elsewhere, or pass `overwrite=True`."
+        )
     differs = [k for k in _PLUGIN_IDENTITY if existing.get(k) != record.get(k)]
     if differs:
-        folder = os.path.dirname(config_path)
         changes = ", ".join(f"{k}: {existing.get(k)!r} -> {record.get(k)!r}" for k in differs)
         raise FileExistsError(
             f"{folder!r} already holds plug-ins of another model ({changes}). Save them elsewhere, or pass "
@@ -2497,10 +2512,6 @@ def _model_identity(config_dict):
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
-# The config fields that decide the plug-in tensors and how they compute: saving a model over a folder whose trained
-# plug-ins differ in them would lose those plug-ins.
-_PLUGIN_LAYOUT = ("pruning_layers", "repair_layers", "pruner_hidden_size", "num_pruning_queries", "pruner_num_heads",
-                  "repair_bottleneck_size")
 
 
 def _saved_plugin_keys(folder):
@@ -3054,7 +3065,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         temporary name and renamed over the target, the weights before the config that describes them; the weights
         record the config's fingerprint, so a save interrupted between the two renames is refused at load
         (`check_plugin_files`) instead of pairing new weights with the old config. A folder that holds plug-ins of
-        another model (another base, size or placement) is refused with `FileExistsError` unless `overwrite=True`.
+        another model (another base, size, placement, head or query count) is refused with `FileExistsError` unless
+        `overwrite=True`.
         """
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")

@@ -220,6 +220,45 @@ def test_save_plugins_refuses_another_models_plugins(tmp_path):
         make_model(pruning_layers=[1, 3]).save_plugins(tmp_path)
 
 
+@pytest.mark.parametrize("field, first, second", [("pruner_num_heads", 4, 2), ("num_pruning_queries", 16, 8)])
+def test_save_plugins_refuses_plugins_that_differ_only_in_heads_or_queries(tmp_path, field, first, second):
+    """The same placement and sizes, another head count (no tensor shape shows it) or query count: other plug-ins,
+    which `save_plugins` replaced unasked while `save_pretrained` refused them."""
+    make_model(pruning_layers=[1, 2], **{field: first}).save_plugins(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match=rf"already holds plug-ins of another model \({field}: {first} -> "
+                                              rf"{second}\).*pass `overwrite=True`"):
+        make_model(pruning_layers=[1, 2], **{field: second}).save_plugins(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_save_plugins_reads_an_older_record_through_the_defaults(tmp_path):
+    """An rcp_config.json written before `num_pruning_queries` / `pruner_num_heads` were recorded describes plug-ins
+    built with their defaults: updating them is allowed, another head count is refused with the default named."""
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    make_model(pruning_layers=[1, 2]).save_plugins(tmp_path)
+    path = tmp_path / "rcp_config.json"
+    record = json.loads(path.read_text())
+    assert record["pruner_num_heads"] == RcpLlavaConfig.pruner_num_heads == 4
+    del record["num_pruning_queries"], record["pruner_num_heads"]
+    path.write_text(json.dumps(record))
+    make_model(seed=1, pruning_layers=[1, 2]).save_plugins(tmp_path)  # the same plug-ins, updated
+    assert json.loads(path.read_text())["pruner_num_heads"] == 4
+    path.write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match=r"\(pruner_num_heads: 4 -> 2\)"):
+        make_model(pruning_layers=[1, 2], pruner_num_heads=2).save_plugins(tmp_path)
+
+
+@pytest.mark.parametrize("text, reason", [("[1, 2]", "a JSON list, not an object"), ("{oops", "Expecting")])
+def test_save_plugins_over_an_unreadable_record_names_it(tmp_path, text, reason):
+    (tmp_path / "rcp_config.json").write_text(text)
+    with pytest.raises(FileExistsError, match=rf"holds a rcp_config.json that cannot be read \({reason}.*\), so this "
+                                              r"save cannot tell.*pass `overwrite=True`"):
+        make_model(pruning_layers=[1, 2]).save_plugins(tmp_path)
+    assert (tmp_path / "rcp_config.json").read_text() == text and not (tmp_path / "rcp_plugins.safetensors").exists()
+
+
 def test_save_plugins_into_the_same_models_folder_and_with_overwrite(tmp_path):
     from safetensors.torch import load_file
 
