@@ -374,13 +374,16 @@ def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual
     Layers before the first pruner keep all `num_visual_tokens`, which bounds the reachable budget from
     below.
 
-    Not `rcp_llava.schedule.rcp_keep_counts` (the evaluation's solver, average over the layers FROM the first
-    pruner, greedy +-1 nudges from the rounded solution): the two pick different integers on ties (here
-    [57, 15, 5] vs [56, 16, 5]) and where this search box misses a closer solution; the FLOPs tests pin the
+    Not `rcp_llava.schedule.rcp_keep_counts` (the evaluation's solver): that one averages over the layers FROM the
+    first pruner ([125, 34, 11] for the call below) and nudges the rounded solution by +-1; the FLOPs tests pin the
     paper's schedules to this one.
 
-    >>> keep_counts_for_budget(32, 576, [2, 14, 26], 64, [0.1672, 0.0459, 0.0144])
-    [57, 15, 5]
+    The paper's 64-token schedule on LLaVA-1.5-7B: its Table VI rates, pruners before the layers it prints as 2, 14
+    and 26 (0-based 1, 13, 25, `paper_placement(32, 64 / 576)`); Table VI's own rounded counts, 96 / 26 / 8, average
+    65.5 visual tokens per layer (its unrounded rates 65.8):
+
+    >>> keep_counts_for_budget(32, 576, [1, 13, 25], 64, [0.1672, 0.0459, 0.0144])
+    [93, 25, 8]
     """
     _check_int(num_layers, "num_layers", minimum=1)
     _check_int(num_visual_tokens, "num_visual_tokens", minimum=1)

@@ -44,9 +44,10 @@ def test_rcp_counts_average_to_the_budget_with_table_vi_proportions():
         assert counts == sorted(counts, reverse=True)
         assert average_from(counts, [1, 2, 3], 4, 144) == k
         assert counts[0] / counts[1] == pytest.approx(16.72 / 4.59, rel=0.1)
-    # LLaVA-1.5-7B at 64 tokens (spans 12, 12, 6): the average over layers 2..31 is 64.
-    counts = rcp_keep_counts(64, [2, 14, 26], 32, 576)
-    assert abs(average_from(counts, [2, 14, 26], 32, 576) - 64) < 0.5
+    # LLaVA-1.5-7B at 64 tokens, pruners before layers 1, 13, 25 (the paper prints 2, 14, 26; spans 12, 12, 7): the
+    # average over layers 1..31 is 64.
+    counts = rcp_keep_counts(64, [1, 13, 25], 32, 576)
+    assert counts == [125, 34, 11] and abs(average_from(counts, [1, 13, 25], 32, 576) - 64) < 0.5
     # A budget the steep proportions cannot reach under N: the first stage is capped, the rest take the excess.
     counts = rcp_keep_counts(100, [1, 2, 3], 4, 144)
     assert counts[0] == 144 and counts == sorted(counts, reverse=True)
