@@ -20,14 +20,25 @@ def build_demo_folder(folder):
     return folder
 
 
+def check_model_folder(model_id):
+    """A file, or a local-looking path (absolute, ./, ../, ~ or more than one '/') that does not exist, named before
+    transformers reads it as a Hub repo id. rcp-llava's `check_model_source` rule, written here: importing it would
+    fail where rcp-llava is not installed (and register its classes where it is)."""
+    path = os.fspath(model_id)
+    if os.path.isfile(path):
+        raise ValueError(f"`--model` {path!r} is a file; pass the folder that holds it "
+                         f"({os.path.dirname(path) or '.'!r}).")
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(("./", "../", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"`--model` {path!r}: no such folder (and it is not a Hub repo id of the form "
+                                "'user/name'). Check the path.")
+
+
 @contextlib.contextmanager
 def demo_or(model_id):
     """`model_id`, or a tiny random demo model in a temporary folder removed on exit, together with the copy of
     its remote code that `trust_remote_code` makes (transformers' modules cache; unless HF_MODULES_CACHE is set)."""
     if model_id is not None:
-        from modeling_rcp_llava import check_model_source
-
-        check_model_source(model_id, "--model")  # a missing folder: not HF's "Repo id must be in the form ..."
+        check_model_folder(model_id)  # a missing folder: not HF's "Repo id must be in the form ..."
         if os.path.isfile(os.path.join(model_id, "rcp_config.json")) and not os.path.isfile(
                 os.path.join(model_id, "config.json")):  # transformers said "Unrecognized model ... model_type"
             raise SystemExit(f"--model {model_id!r} is a plug-in-only checkpoint (save_plugins: rcp_config.json, "

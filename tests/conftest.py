@@ -212,14 +212,39 @@ def sentencepiece_like_processor(generation_prompt, add_eos_token=False, bos_in_
                           num_additional_image_tokens=1)
 
 
+# Runs `python -I` with this package's modules missing, then the caller's script (`PATH ARGS...` or `-c CODE`).
+# Isolated mode alone keeps site-packages, where `pip install -e .` maps them (its editable finder) and `pip install .`
+# puts them: a first meta-path finder refuses them, as on a machine without the package.
+_WITHOUT_PACKAGE = """
+import runpy, sys
+
+class NotInstalled:
+    names = {"rcp_llava", "modeling_rcp_llava", "configuration_rcp_llava", "train_rcp"}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+args = sys.argv[1:]
+if args[0] == "-c":
+    sys.argv = ["-c", *args[2:]]
+    exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv = args
+    runpy.run_path(args[0], run_name="__main__")
+"""
+
+
 def run_where_rcp_llava_is_not_installed(args, tmp_path):
-    """Run `python -I *args` in `tmp_path` as a machine without this package would: isolated mode (neither the
-    repository nor PYTHON* variables on the path), the Hub offline, a private HF modules cache. Returns the
-    completed process; the caller asserts on it."""
+    """Run `python -I *args` (`["script.py", ...]` or `["-c", code, ...]`) in `tmp_path` as a machine without this
+    package would: none of its modules importable (`_WITHOUT_PACKAGE`), isolated mode (neither the repository nor
+    PYTHON* variables on the path), the Hub offline, a private HF modules cache. Returns the completed process; the
+    caller asserts on it."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
-    return subprocess.run([sys.executable, "-I", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-I", "-c", _WITHOUT_PACKAGE, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)

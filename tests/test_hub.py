@@ -73,6 +73,28 @@ def plugin_setup(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_the_helper_runs_where_the_package_is_not_installed(tmp_path):
+    """Isolated mode alone kept the editable install's finder (`pip install -e .`, as in CI): the Hub-file tests
+    that run `run_where_rcp_llava_is_not_installed` imported the project and could not see a Hub file lean on it."""
+    code = ("import importlib, sys\n"
+            "for name in ('modeling_rcp_llava', 'configuration_rcp_llava', 'rcp_llava', 'rcp_llava.data', 'train_rcp'):\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except ModuleNotFoundError as err:\n"
+            "        print('missing', err.name)\n"
+            "import transformers\n"
+            "print('argv', sys.argv[1:], __name__)\n")
+    proc = run_where_rcp_llava_is_not_installed(["-c", code, "a", "b"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["missing modeling_rcp_llava", "missing configuration_rcp_llava",
+                                        "missing rcp_llava", "missing rcp_llava", "missing train_rcp",
+                                        "argv ['a', 'b'] __main__"]
+    (tmp_path / "script.py").write_text(code)
+    proc = run_where_rcp_llava_is_not_installed(["script.py", "c"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "argv ['c'] __main__"
+
+
 @pytest.mark.parametrize("name", ["configuration_rcp_llava.py", "modeling_rcp_llava.py"])
 def test_hub_files_import_only_stdlib_torch_transformers(name):
     from transformers.dynamic_module_utils import check_imports, get_imports, get_relative_imports
@@ -116,14 +138,8 @@ def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
 
     script = textwrap.dedent(f"""
         import importlib, json, sys, os
-        # An editable install (`pip install -e .`, as in CI) makes the project importable from any folder, even
-        # under `python -I`: drop its path entries and setuptools' editable finders, so that this process sees an
-        # environment without the project, as a Hub user has.
-        root = {os.path.abspath(ROOT)!r}
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
-        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") or "").lower()
-                            and "editable" not in type(f).__name__.lower()]
-        sys.path_importer_cache.clear()
+        # `run_where_rcp_llava_is_not_installed` hides the project (an editable install, as in CI, maps it even
+        # under `python -I`): this process sees an environment without it, as a Hub user has.
         for name in ("modeling_rcp_llava", "configuration_rcp_llava", "rcp_llava"):
             try:
                 importlib.import_module(name)
@@ -265,6 +281,20 @@ def test_tested_transformers_matches_setup_cfg():
     pin = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if "transformers" in line]
     major, minor = modeling_rcp_llava.TESTED_TRANSFORMERS
     assert pin == [f"transformers>={major}.{minor},<{major}.{minor + 1}"]
+
+
+def test_datasets_pin_holds_what_the_code_imports():
+    """setup.cfg allowed datasets 3.x, whose namespace has no `List` (added in 4.0): `train_rcp` and the testbed
+    failed at import there, and pip upgraded nothing."""
+    import configparser
+
+    import rcp_llava.testbed.data as testbed_data
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    pin = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.startswith("datasets")]
+    assert pin == ["datasets>=4.0"]
+    assert testbed_data.List.__module__.startswith("datasets.")  # the 4.0 name the pin is for
 
 
 @pytest.mark.parametrize("version,warned", [("5.23.0", False), ("5.23.4.dev0", False), ("5.17.0", True),
@@ -963,6 +993,27 @@ def _example(name):
     finally:
         sys.path.remove(os.path.join(ROOT, "examples"))
     return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["load_from_hub.py", "pipeline.py"])
+def test_examples_load_a_folder_where_rcp_llava_is_not_installed(tmp_path, example):
+    """As their docstrings promise: `--model DIR` imported `modeling_rcp_llava` for its path check, so it failed with
+    ModuleNotFoundError where rcp-llava is not installed."""
+    folder = demo.save_demo_folder(tmp_path / "demo")[0]
+    examples = os.path.join(ROOT, "examples")
+    code = ("import runpy, sys\n"
+            f"sys.path.insert(0, {examples!r})  # as `python examples/{example}` puts it\n"
+            f"sys.argv = [{example!r}] + sys.argv[1:]\n"
+            f"runpy.run_path({os.path.join(examples, example)!r}, run_name='__main__')\n")
+    proc = run_where_rcp_llava_is_not_installed(["-c", code, "--model", str(folder), "--max_new_tokens", "2"],
+                                                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "visual tokens kept after pruning layers [1, 2]: [8, 4] of 16" in proc.stdout
+    proc = run_where_rcp_llava_is_not_installed(["-c", code, "--model", str(tmp_path / "no" / "such")], tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"FileNotFoundError: `--model` {str(tmp_path / 'no' / 'such')!r}: no such folder (and it is not a Hub repo id "
+        "of the form 'user/name'). Check the path.")
 
 
 @pytest.mark.parametrize("example", ["load_from_hub", "pipeline"])
