@@ -1905,10 +1905,11 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
                                           past_key_values, past_length, use_cache, cache_given)
                 if run.differentiable and cache_asked:
                     logger.warning_once(
-                        "`use_cache=True` is ignored by RCP's differentiable training layout (train mode, plug-ins "
-                        "training): it keeps every token in place behind soft key weights, so `past_key_values` is "
-                        "None. To decode on, pass a cache (`past_key_values=DynamicCache()`, as `generate` does) or "
-                        "call `model.eval()`."
+                        "`use_cache=True` is ignored by the differentiable ('mask') pruning layout (RCP's plug-ins "
+                        "training in train mode, or `model.pruning_layout('mask')`): it keeps every token in place "
+                        "behind soft key weights, so `past_key_values` is None. To decode on, run outside "
+                        "`pruning_layout('mask')`; in train mode, pass a cache (`past_key_values=DynamicCache()`, as "
+                        "`generate` does) or call `model.eval()`."
                     )
                 output = self._prefill_loop(run, inputs_embeds, position_embeddings, attention_mask, image_features,
                                             hidden_states, layer_kwargs)
@@ -2214,6 +2215,13 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
         layout = layout or "discard"
         if layout not in ("mask", "discard"):
             raise ValueError(f"`pruning_layout` is {layout!r}; use 'mask', 'discard' or None.")
+        if layout == "mask" and cache_given:
+            raise ValueError(
+                "A KV cache was given (`generate`, or `past_key_values`) to a prefill in the differentiable ('mask') "
+                "pruning layout, which `model.pruning_layout('mask')` asked for: it keeps every token in place behind "
+                "soft key weights and fills no cache, so decoding on would forget the prompt. Generate outside "
+                "`pruning_layout('mask')`, or with `use_cache=False` (each step then runs the whole sequence)."
+            )
         if layout == "mask" and not self.config.pruning_spec.plugins and visual_keep_masks is None:
             raise ValueError(
                 f"The differentiable ('mask') pruning layout trains RCP's plug-ins, but "
@@ -2999,13 +3007,29 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
                 "fewer tokens, which a static cache cannot. Leave `cache_implementation` unset (or use 'dynamic', "
                 "'offloaded' or 'quantized')."
             )
+        embeds = kwargs.get("inputs_embeds")
+        prompt = input_ids if input_ids is not None and input_ids.dim() == 2 else embeds
+        if (self._pruning_active() and image and setting("use_cache") is False and kwargs.get("answer_mask") is None
+                and torch.is_tensor(prompt)):
+            # Without a cache each step runs the whole sequence: the repair adapters act on the prompt's last token
+            # (the default of a forward without labels) and then on each generated one, as a cached decode does --
+            # not on the newest token alone (`_update_model_kwargs_for_generation` grows the mask).
+            answer = torch.zeros(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+            answer[:, -1] = True  # left padding (refused otherwise): the last token of every row
+            kwargs["answer_mask"] = answer
         return super().generate(*args, **kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, num_new_tokens=1, **kwargs):
-        """Stock, and the per-token masks a user gave `generate` grow with the sequence: without a cache every step
-        runs (and prunes) the whole sequence again, and a prompt-length `question_mask` no longer fit it. A
-        generated token is no question token; it is an answer position, as every position of a cached decode step
-        is for the repair adapters."""
+        """Stock, and what keeps `generate(use_cache=False)` a slower cached `generate`: without a cache every step
+        runs the whole sequence again, so after the prompt's forward the next ones get its kept sets
+        (`visual_keep_masks`; re-selecting would read the generated tokens as question text, and FastV's last
+        prompt token would move onto them) and its repaired position (`answer_mask`: the prompt's last token). The
+        per-token masks then grow with the sequence: a generated token is no question token; it is an answer
+        position, as every position of a cached decode step is for the repair adapters."""
+        info = self.last_pruning_info
+        if (outputs.get("past_key_values") is None and info is not None and self._pruning_active()
+                and model_kwargs.get("visual_keep_masks") is None):
+            model_kwargs["visual_keep_masks"] = info.keep_masks  # (B, P, N), cumulative
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args,
                                                                    num_new_tokens=num_new_tokens, **kwargs)
         for name, value in (("question_mask", False), ("answer_mask", True)):

@@ -113,10 +113,10 @@ def test_a_token_mask_of_another_shape_is_refused_by_name(name):
 
 
 def test_generate_without_a_cache_grows_a_given_question_mask():
-    """Without a cache every step prunes the whole sequence again; the prompt-length `question_mask` given to
+    """Without a cache every step runs the whole sequence again; the prompt-length `question_mask` given to
     `generate` no longer fit it ("The size of tensor a (28) must match the size of tensor b (29)"). It grows with
     False (a generated token is no question token): the same tokens as a greedy loop of forwards given the grown
-    mask."""
+    mask (which re-select on it; `generate` keeps the prompt's kept sets, tests/test_generate_no_cache.py)."""
     model = make_model(randomize_plugins=True, pruning_keep_counts=None)
     batch = make_batch([(2, 3, True), (5, 6, True)])
     seq = batch["input_ids"].shape[1]
