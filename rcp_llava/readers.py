@@ -316,11 +316,19 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
             if qid not in answers_by_qid:
                 raise _bad(name, Path(annotations), f"no annotation for question_id {qid}")
             a = answers_by_qid[qid]
-            answers = [x["answer"] for x in a.get("answers", [])]
+            try:
+                answers = [x["answer"] for x in a.get("answers", [])]
+            except (KeyError, TypeError, AttributeError):
+                raise _bad(name, Path(annotations), f"the annotation of question_id {qid} has an answer without "
+                                                    "'answer'")
             family = a.get("answer_type", "")
+        try:
+            image_number = int(image_id)
+        except (TypeError, ValueError):
+            raise _bad(name, questions_file, f"question_id {qid}: 'image_id' {image_id!r} is not a COCO image number")
         records.append(VqaRecord(
             question_id=str(qid),
-            image=str(image_dir / f"COCO_{subtype}_{int(image_id):012d}.jpg"),
+            image=str(image_dir / f"COCO_{subtype}_{image_number:012d}.jpg"),
             question=question,
             answers=answers,
             family=family,
@@ -472,14 +480,20 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
                                     f"Expected layout -- {LAYOUTS[name]}")
     image_dir = _require_dir(Path(image_dir), name, "image folder")
 
+    if not isinstance(splits[split], list):  # a string would read as one pid per character
+        raise _bad(name, root / "pid_splits.json", f"split {split!r} is not a list of problem ids")
     records = []
     for pid in splits[split]:
         pid = str(pid)
         if pid not in problems:
             raise _bad(name, root / "problems.json", f"pid {pid} of split {split!r} is missing")
         prob = problems[pid]
+        if not isinstance(prob, dict):
+            raise _bad(name, root / "problems.json", f"problem {pid} is a JSON {type(prob).__name__}, not an object")
         if not prob.get("image"):
             continue
+        if not isinstance(prob.get("choices"), list):  # a string would read as one option per character
+            raise _bad(name, root / "problems.json", f"problem {pid}: 'choices' is not a list")
         try:
             choices = [str(c) for c in prob["choices"]]
             index = int(prob["answer"])
@@ -554,6 +568,8 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
                 f"of the {path.stem!r} images. Expected layout -- {LAYOUTS[name]}")
     records = []
     for row in data:
+        if any(isinstance(a, dict) and "answer" not in a for a in row.get("answers", [])):
+            raise _bad(name, path, f"question {row['image']!r} has an answer without 'answer'")
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in row.get("answers", [])]
         family = row.get("answer_type") or ("" if "answerable" not in row
                                             else "answerable" if row["answerable"] else "unanswerable")
@@ -668,7 +684,9 @@ def read_mmbench(path: PathLike) -> List[VqaRecord]:
     letters = [c for c in OPTION_LETTERS if c in table.columns]
     images_by_index = {row["index"]: row["image"] for _, row in table.iterrows() if len(row["image"]) > 64}
 
-    records = []
+    from PIL import Image, UnidentifiedImageError
+
+    records, opened = [], set()  # the cells already opened (circular copies share their row's)
     for _, row in table.iterrows():
         cell = row["image"]
         if len(cell) <= 64 and cell in images_by_index:
@@ -679,6 +697,14 @@ def read_mmbench(path: PathLike) -> List[VqaRecord]:
             raise _bad(name, path, f"row index {row['index']}: 'image' is not base64")
         if not image:
             raise _bad(name, path, f"row index {row['index']}: empty 'image'")
+        if cell not in opened:  # the header only: a bad cell is named here, not mid-evaluation
+            try:
+                with Image.open(io.BytesIO(image)):
+                    pass
+            except (UnidentifiedImageError, OSError) as err:
+                raise _bad(name, path, f"row index {row['index']}: 'image' decodes from base64 but is no image "
+                                       f"file ({err})")
+            opened.add(cell)
         choices, used = [], []
         for letter in letters:
             option = row[letter].strip()

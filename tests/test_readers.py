@@ -299,6 +299,62 @@ def test_mmbench_bad_input(tmp_path):
         read_mmbench(tmp_path / "none.tsv")
 
 
+# ----------------------------------------------------------------------------- malformed entries
+
+
+def _vqav2_with(tmp_path, image_id=42, answer=None):
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"data_subtype": "val2014", "questions": [
+        {"image_id": image_id, "question": "How many?", "question_id": 1}]})
+    write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
+        {"question_id": 1, "answers": [answer or {"answer": "2"}]}]})
+    (tmp_path / "val2014").mkdir()
+    return tmp_path
+
+
+def _scienceqa_with(tmp_path, problem, split=("5",)):
+    write_json(tmp_path / "problems.json", {"5": problem})
+    write_json(tmp_path / "pid_splits.json", {"test": split if isinstance(split, str) else list(split)})
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("read, match", [
+    # a raw KeyError / int() error / AttributeError naming no file before
+    (lambda t: read_vqav2(_vqav2_with(t, answer={"text": "2"})),
+     r"^vqav2: .*v2_mscoco_val2014_annotations.json: the annotation of question_id 1 has an answer without 'answer'"),
+    (lambda t: read_vqav2(_vqav2_with(t, image_id="abc")),
+     r"^vqav2: .*questions.json: question_id 1: 'image_id' 'abc' is not a COCO image number\. Expected layout"),
+    (lambda t: read_vizwiz(write_json(t / "val.json", [{"image": "a.jpg", "question": "?", "answers": [{"text": 1}]}]),
+                           image_dir=(make_image(t / "val" / "a.jpg") and t / "val")),
+     r"^vizwiz: .*val.json: question 'a.jpg' has an answer without 'answer'"),
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, "not a problem")),
+     r"^scienceqa_img: .*problems.json: problem 5 is a JSON str, not an object"),
+    # a string was split into one option per character, and a split string into one pid per character
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": "AB", "answer": 0,
+                                                      "image": "image.png"})),
+     r"^scienceqa_img: .*problems.json: problem 5: 'choices' is not a list"),
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": ["a", "b"], "answer": 0,
+                                                      "image": "image.png"}, split="5")),
+     r"^scienceqa_img: .*pid_splits.json: split 'test' is not a list of problem ids"),
+], ids=["vqav2-answer", "vqav2-image-id", "vizwiz-answer", "scienceqa-problem", "scienceqa-choices",
+        "scienceqa-split"])
+def test_malformed_entries_name_the_file_and_the_entry(tmp_path, read, match):
+    with pytest.raises(ValueError, match=match):
+        read(tmp_path)
+
+
+def test_an_mmbench_image_that_is_no_image_is_named_when_read(tmp_path):
+    """Valid base64 that is no image passed every check and failed mid-evaluation in PIL, naming no row."""
+    good, bad = base64.b64encode(png_bytes()).decode(), base64.b64encode(b"not an image at all").decode()
+    path = write_tsv(tmp_path / "mmb.tsv", MMB_HEADER, [
+        [1, "q", "", "x", "y", "", "", "A", "c", "l2", good],
+        [2, "q", "", "x", "y", "", "", "A", "c", "l2", bad],
+    ])
+    with pytest.raises(ValueError, match=r"^mmbench: .*mmb.tsv: row index 2: 'image' decodes from base64 but is no "
+                                         r"image file \(cannot identify image file"):
+        read_mmbench(path)
+
+
 # ----------------------------------------------------------------------------- empty files, BOM
 
 
@@ -430,3 +486,16 @@ def test_to_hf_dataset(mme_root, tmp_path):
     assert ds[2]["image"].size == (3, 3)  # decoded from bytes
     assert ds[0]["choices"] is None and ds[2]["choices"] == ["x", "y"]
     assert ds[1]["answers"] == ["No"] and ds[2]["family"] == "cat"
+
+
+def test_load_data_names_a_missing_folder_as_missing(tmp_path):
+    """A wrong dataset path was a ValueError, where every reader says FileNotFoundError for a missing path."""
+    from rcp_llava.evaluation import load_data
+
+    with pytest.raises(FileNotFoundError, match=r"^--data '.*/no_such_dataset' is neither 'testbed', a dataset folder "
+                                                r"nor BENCHMARK:PATH \(no such folder\)\.$"):
+        load_data(str(tmp_path / "no_such_dataset"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"^--data '.*/afile' is neither 'testbed', a dataset folder nor "
+                                         r"BENCHMARK:PATH\.$"):
+        load_data(str(tmp_path / "afile"))
