@@ -504,6 +504,79 @@ def _apply_rope(x, cos, sin):
     return out
 
 
+_ROPE_CONVENTION = {}  # attention class -> whether its module's `apply_rotary_pos_emb` is `_apply_rope`
+
+
+def _rope_matches(attn_module):
+    """Whether the attention's own `apply_rotary_pos_emb` (in its modeling module) rotates as `_apply_rope` does
+    (halves of the head dim, Llama's `rotate_half`); checked once per class on random float64 tensors. Cohere,
+    Helium and Ernie 4.5 rotate interleaved pairs: the prior would score other keys than the layer attends to."""
+    cls = type(attn_module)
+    if cls not in _ROPE_CONVENTION:
+        apply = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+        same = False
+        if apply is not None:
+            g = torch.Generator().manual_seed(0)
+            x, cos, sin = (torch.randn(shape, generator=g, dtype=torch.float64)
+                           for shape in ((1, 2, 3, attn_module.head_dim), (1, 3, attn_module.head_dim),
+                                         (1, 3, attn_module.head_dim)))
+            try:
+                same = torch.allclose(apply(x, x, cos, sin)[0], _apply_rope(x, cos, sin))
+            except Exception:  # another signature: not Llama's
+                same = False
+        _ROPE_CONVENTION[cls] = same
+    return _ROPE_CONVENTION[cls]
+
+
+def attention_problem(attn_module):
+    """Why `question_attention_probs` cannot compute what `attn_module` attends to (None: it can). It recomputes
+    the layer's queries and keys as Llama's attention does -- `q_proj` / `k_proj`, RoPE by `rotate_half`, scaled
+    dot products -- plus the per-head q/k norms of Qwen3 and the NoPE layers of SmolLM3; anything else would give a
+    prior of another attention, silently."""
+    if not all(isinstance(getattr(attn_module, name, None), nn.Module) for name in ("q_proj", "k_proj")):
+        return "its attention has no separate `q_proj` / `k_proj` (a fused projection)"
+    head_dim = getattr(attn_module, "head_dim", None)
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn_module, name, None)
+        weight = getattr(norm, "weight", None)
+        if norm is not None and (weight is None or weight.shape[-1] != head_dim):
+            return f"its `{name}` normalises the whole projection, not each head (as OLMo2's)"
+    config = getattr(attn_module, "config", None)
+    if getattr(attn_module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps its attention logits (`attn_logit_softcapping`)"
+    if not _rope_matches(attn_module):
+        return "its rotary embedding is applied otherwise than Llama's `rotate_half` (e.g. interleaved pairs)"
+    return None
+
+
+def text_backbone_problem(language_model, reads_attention):
+    """Why the pruned decoder loop cannot run `language_model` as its own forward would (None: it can); with
+    `reads_attention`, also why selection could not read its layers' attention (`attention_problem`) or their
+    normalised input. The loop calls the layers itself, with one rotary table, then the final `norm`: a backbone
+    whose forward does more (Granite scales its input embeddings) would silently differ from stock."""
+    lm = language_model
+    rotary = getattr(lm, "rotary_emb", None)
+    if rotary is None or "layer_type" in inspect.signature(rotary.forward).parameters:
+        return "its rotary embedding is not one table for every layer (Gemma3 and OLMo3 keep one per layer type)"
+    if not isinstance(getattr(lm, "norm", None), nn.Module):
+        return "its final norm is not `norm`"
+    multiplier = getattr(lm.config, "embedding_multiplier", None)
+    if multiplier not in (None, 1, 1.0):
+        return f"its forward scales the input embeddings (`embedding_multiplier={multiplier}`)"
+    inv_freq = getattr(rotary, "inv_freq", None)
+    head_dim = getattr(lm.layers[0].self_attn, "head_dim", None) if len(lm.layers) else None
+    if reads_attention and torch.is_tensor(inv_freq) and head_dim is not None and 2 * inv_freq.shape[-1] != head_dim:
+        return f"its rotary embedding covers {2 * inv_freq.shape[-1]} of the {head_dim} head dims (partial rotary)"
+    if reads_attention:
+        for layer in lm.layers:
+            if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
+                return "its decoder layers have no `input_layernorm` (a norm after attention, as OLMo2's)"
+            problem = attention_problem(layer.self_attn)
+            if problem is not None:
+                return problem
+    return None
+
+
 def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, query_slots, keys=None, rows=None):
     """The attention that `attn_module` would compute from the given query rows, without eager attention.
 
@@ -516,14 +589,26 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     rows: (B, Lq, d), optional: `hidden_norm` at `query_slots`, when the caller already has it
     returns probabilities (B, H, Lq, T) in at least float32
     """
+    problem = attention_problem(attn_module)
+    if problem is not None:
+        raise ValueError(f"The attention prior (RCP.md Eq. 4, read by RCP, attention top-k and FastV) cannot be "
+                         f"computed for {type(attn_module).__name__}: {problem}. Use a method that does not read the "
+                         "layers' attention (random, VisPruner) or `pruning_method='none'` with this backbone.")
     bsz, seq, _ = hidden_norm.shape
     head_dim = attn_module.head_dim
+    if cos.shape[-1] != head_dim:
+        raise ValueError(f"The attention prior rotates the whole head ({head_dim} dims), but this backbone's rotary "
+                         f"embedding covers {cos.shape[-1]} (partial rotary): use `pruning_method='none'` with it.")
     rows = _gather_seq(hidden_norm, query_slots) if rows is None else rows  # (B, Lq, d)
-    q = attn_module.q_proj(rows).view(bsz, rows.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Lq, hd)
+    q = attn_module.q_proj(rows).view(bsz, rows.shape[1], -1, head_dim)  # (B, Lq, H, hd)
     keys = attn_module.k_proj(hidden_norm) if keys is None else keys
-    k = keys.view(bsz, seq, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-    q = _apply_rope(q, _gather_seq(cos, query_slots), _gather_seq(sin, query_slots))
-    k = _apply_rope(k, cos, sin)
+    k = keys.view(bsz, seq, -1, head_dim)  # (B, T, Hkv, hd)
+    if getattr(attn_module, "q_norm", None) is not None:  # Qwen3: RMSNorm per head, before RoPE
+        q, k = attn_module.q_norm(q), attn_module.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Lq, hd), (B, Hkv, T, hd)
+    if getattr(attn_module, "use_rope", True):  # SmolLM3's NoPE layers rotate nothing
+        q = _apply_rope(q, _gather_seq(cos, query_slots), _gather_seq(sin, query_slots))
+        k = _apply_rope(k, cos, sin)
     compute = torch.promote_types(q.dtype, torch.float32)
     # GQA without copying the keys: each kv head serves `groups` query heads, (B, Hkv, groups * Lq, hd)
     groups = q.shape[1] // k.shape[1]
@@ -705,6 +790,10 @@ class TokenSelector:
     """
 
     method: PruningMethod = None
+    # Whether `scores` / `keep` read the decoder layers' attention or normalised input (`ctx.question_prior()`,
+    # `ctx.visual_attention`, `ctx.hidden_norm`): the model then checks that the backbone's attention is one the
+    # prior can recompute (`text_backbone_problem`) before the prefill, instead of failing deep in it.
+    reads_attention: bool = False
 
     def __init__(self, model):
         self.model = model
@@ -768,6 +857,7 @@ class RcpSelector(TokenSelector):
     """RCP: the learned pruner's retention logits (Eqs. 4-5); kept = top-k, or logits > 0 (Eq. 8) without counts."""
 
     method = PRUNING_METHODS["rcp"]
+    reads_attention = True
 
     def scores(self, ctx):
         pruner = self.model.rcp_plugins.pruners[str(ctx.layer_idx)]
@@ -792,6 +882,7 @@ class AttentionTopkSelector(TokenSelector):
     """Top tokens by the LLM's own question->visual attention at the pruning layer (Eq. 4's prior alone)."""
 
     method = PRUNING_METHODS["attention_topk"]
+    reads_attention = True
 
     def scores(self, ctx):
         return ctx.question_prior()
@@ -802,6 +893,7 @@ class FastvSelector(TokenSelector):
     """FastV: before layer K, the tokens most attended at layer K-1 by the last prompt token (or the question)."""
 
     method = PRUNING_METHODS["fastv"]
+    reads_attention = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -1810,6 +1902,7 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
         # Stop the gradient through the attention prior A (Eq. 4) into earlier pruners' masks (a training choice).
         self.detach_prior = False
         self.last_pruning_info = None
+        self._backbone_checked = set()  # pruning methods `_check_text_backbone` passed on this model's backbone
         self.post_init()
 
     def forward(
@@ -1869,6 +1962,7 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
                 "`pruning_method='none'` is the stock forward and compiles."
             )
         self._check_config()
+        self._check_text_backbone()
         return_dict = kwargs.pop("return_dict", None)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY_KWARGS}
         cache_asked = use_cache is True  # by the caller, not the config's default (a training forward's)
@@ -2049,6 +2143,26 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
                 f"are fixed when the model is built. Build a new model with it (e.g. `from_pretrained(..., "
                 f"{name}={getattr(config, name)})`) instead of editing the config, or set it back to {size}."
             )
+
+    def _check_text_backbone(self):
+        """ValueError naming the backbone when the pruned forward cannot run it as stock would
+        (`text_backbone_problem`); checked once per method (the layers do not change)."""
+        method = self.config.pruning_method
+        if method in self._backbone_checked:
+            return
+        selector = SELECTORS.get(method)
+        reads = bool(getattr(selector, "reads_attention", False)) or self.config.pruning_spec.plugins
+        problem = text_backbone_problem(self.language_model, reads)
+        if problem is not None:
+            text = self.config.text_config
+            raise ValueError(
+                f"`pruning_method={method!r}` cannot run on this text backbone ({type(self.language_model).__name__}, "
+                f"model_type {getattr(text, 'model_type', None)!r}): {problem}. Pruning runs its own decoder loop"
+                f"{' and recomputes their attention' if reads else ''}, written for Llama-like decoders "
+                "(Llama, Mistral, Qwen2, Qwen3, Gemma). Use `pruning_method='none'` (the stock forward) with this "
+                "backbone."
+            )
+        self._backbone_checked.add(method)
 
     def _pruning_active(self):
         return self.config.pruning_spec.prunes and self.pruning_enabled

@@ -1,0 +1,121 @@
+"""Text backbones other than Llama: pruning either computes what the stock model computes or refuses, naming the
+backbone -- it ran silently on Granite (its forward scales the embeddings: 0.1 off stock with nothing pruned), and its
+attention prior ignored Qwen3's q/k norms, Gemma2's soft-capping and Cohere's interleaved RoPE (priors 0.3-1.0 off
+the layers' own attention), or crashed deep inside (Gemma3, Phi3, OLMo2, StableLM, Phi)."""
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import IMAGE_TOKEN, make_batch, make_model, stock_copy
+from modeling_rcp_llava import question_attention_probs
+
+TEXT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+BACKBONES = {
+    "qwen3": lambda: tf.Qwen3Config(head_dim=8, **TEXT),  # per-head q/k RMSNorm before RoPE
+    "smollm3": lambda: tf.SmolLM3Config(no_rope_layer_interval=2, **TEXT),  # NoPE every other layer
+    "gemma": lambda: tf.GemmaConfig(head_dim=8, **TEXT),  # scaled embeddings
+    "mistral": lambda: tf.MistralConfig(sliding_window=None, **TEXT),
+    "gemma2": lambda: tf.Gemma2Config(head_dim=8, **TEXT),
+    "cohere": lambda: tf.CohereConfig(**TEXT),
+    "phi3": lambda: tf.Phi3Config(**TEXT),
+    "olmo2": lambda: tf.Olmo2Config(**TEXT),
+    "stablelm": lambda: tf.StableLmConfig(**TEXT),
+    "gemma3": lambda: tf.Gemma3TextConfig(head_dim=8, **TEXT),
+    "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, **TEXT),
+    "phi": lambda: tf.PhiConfig(**TEXT),
+}
+METHODS = {
+    "rcp": dict(repair_layers=[]),
+    "attention_topk": dict(pruning_method="attention_topk", pruning_layers=[1, 2], repair_layers=[],
+                           pruning_keep_counts=[10, 5]),
+    "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[], pruning_keep_counts=[6]),
+    "random": dict(pruning_method="random", pruning_layers=[1, 2], repair_layers=[], pruning_keep_counts=[10, 5],
+                   pruning_seed=3),
+    "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                      pre_llm_keep_count=6),
+}
+# what each unsupported backbone lacks; the first group only for the methods that read the layers' attention
+ATTENTION_PROBLEMS = {
+    "gemma2": r"it soft-caps its attention logits \(`attn_logit_softcapping`\)",
+    "cohere": r"its rotary embedding is applied otherwise than Llama's `rotate_half` \(e\.g\. interleaved pairs\)",
+    "phi3": r"its attention has no separate `q_proj` / `k_proj` \(a fused projection\)",
+    "olmo2": r"its decoder layers have no `input_layernorm` \(a norm after attention, as OLMo2's\)",
+    "stablelm": r"its rotary embedding covers 2 of the 8 head dims \(partial rotary\)",
+}
+LOOP_PROBLEMS = {
+    "gemma3": r"its rotary embedding is not one table for every layer \(Gemma3 and OLMo3 keep one per layer type\)",
+    "granite": r"its forward scales the input embeddings \(`embedding_multiplier=12\.0`\)",
+    "phi": r"its final norm is not `norm`",
+}
+READS_ATTENTION = ("rcp", "attention_topk", "fastv")
+
+
+def _model(backbone, method):
+    # eager: Gemma2 has no sdpa path, and the prior is compared with eager's weights
+    return make_model(text_config=BACKBONES[backbone]().to_dict(), randomize_plugins=method == "rcp",
+                      attn_implementation="eager", **METHODS[method])
+
+
+@pytest.mark.parametrize("backbone", ["qwen3", "smollm3", "gemma", "mistral"])
+def test_the_prior_is_the_layers_own_attention(backbone):
+    """At every layer, the prior's probabilities of the question rows equal the layer's eager attention weights,
+    with the q/k weights scaled up so that the scores are O(1-10), as in a trained model."""
+    model = _model(backbone, "attention_topk")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    stock = stock_copy(model)
+    batch = make_batch([(2, 5, True)], seed=3)
+    seq = batch["input_ids"].shape[1]
+    rows = torch.arange(int((batch["input_ids"][0] == IMAGE_TOKEN).nonzero().max()) + 1, seq).unsqueeze(0)  # (1, 5)
+    with torch.no_grad():
+        ref = stock(**batch, output_attentions=True, output_hidden_states=True)
+        lm = model.model.language_model
+        cos, sin = lm.rotary_emb(ref.hidden_states[0], torch.arange(seq).unsqueeze(0))
+        for idx, layer in enumerate(lm.layers):
+            probs = question_attention_probs(layer.self_attn, layer.input_layernorm(ref.hidden_states[idx]), cos, sin,
+                                             batch["attention_mask"].bool(), rows)
+            torch.testing.assert_close(probs[0], ref.attentions[idx][0][:, rows[0]], atol=2e-6, rtol=0,
+                                       msg=f"layer {idx}")
+    model = _model(backbone, "rcp")  # and the pruned decoder loop, nothing pruned, is the stock forward
+    with torch.no_grad(), model.plugins_disabled():
+        torch.testing.assert_close(model(**batch).logits, stock_copy(model)(**batch).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", list(ATTENTION_PROBLEMS) + list(LOOP_PROBLEMS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_unsupported_backbone_is_refused_by_name(backbone, method):
+    model = _model(backbone, method)
+    batch = make_batch([(3, 4, True)])
+    problem = LOOP_PROBLEMS.get(backbone) or (ATTENTION_PROBLEMS[backbone] if method in READS_ATTENTION else None)
+    if problem is None:  # the methods that read no attention run there, the first point keeping its count
+        with torch.no_grad():
+            model(**batch)
+        assert model.last_pruning_info.kept_counts[0, 0] == (6 if method == "vispruner" else 10)
+        return
+    lm = type(model.model.language_model).__name__
+    with pytest.raises(ValueError, match=rf"^`pruning_method='{method}'` cannot run on this text backbone \({lm}, "
+                                         rf"model_type '.*'\): {problem}\. Pruning runs its own decoder loop.* Use "
+                                         r"`pruning_method='none'` \(the stock forward\) with this backbone\.$"):
+        model(**batch)
+    model.config.pruning_method = "none"  # the stock forward: stock's logits
+    model.config.pruning_layers = model.config.repair_layers = []
+    model.config.pruning_keep_counts = model.config.pre_llm_keep_count = None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, stock_copy(model)(**batch).logits, atol=0, rtol=0)
+
+
+def test_the_prior_itself_refuses_an_attention_it_cannot_compute():
+    """A user's method that does not declare `reads_attention` reaches the prior unchecked by the model: the prior
+    refuses there too, rather than score other keys than the layer attends to."""
+    lm = _model("cohere", "random").model.language_model
+    hidden = torch.randn(1, 5, 32)
+    cos, sin = lm.rotary_emb(hidden, torch.arange(5).unsqueeze(0))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^The attention prior \(RCP\.md Eq\. 4, read by RCP, "
+                                                          r"attention top-k and FastV\) cannot be computed for "
+                                                          r"CohereAttention: its rotary embedding is applied "):
+        question_attention_probs(lm.layers[0].self_attn, hidden, cos, sin, torch.ones(1, 5, dtype=torch.bool),
+                                 torch.tensor([[3, 4]]))
