@@ -207,6 +207,8 @@ def _train_rcp_entries(metrics):
     dataset = metrics.get("dataset") or TESTBED_DATASET
     n, budget = metrics.get("num_visual_tokens"), metrics.get("visual_token_budget")
     budget_text = f"{budget:g} of {n} tokens" if isinstance(budget, (int, float)) and n else ""
+    if budget_text and metrics.get("sparsity_layers") == "from_first_pruner":  # beside tokens / layer over all layers
+        budget_text += " (mean from the first pruner)"
     rcp = metrics["rcp"]
     kept = rcp.get("avg_visual_tokens_per_layer")
     kept = float(kept) if isinstance(kept, (int, float)) else None
@@ -272,7 +274,11 @@ def _pruning_table(config):
 
 
 def _fmt(value):
+    """A float as the card shows it: four significant digits in [0, 1) (an accuracy), two decimals above (MME's
+    0-2000 scores: four digits made 1510.75 and 1510.60 both "1511", 12345.6 "1.235e+04")."""
     if isinstance(value, float):
+        if abs(value) >= 1:
+            return f"{value:.2f}".rstrip("0").rstrip(".")
         return f"{value:.4g}"
     return "" if value is None else str(value)
 

@@ -360,6 +360,25 @@ def test_a_folder_without_processor_files_is_refused(full_folder, tmp_path, onli
     assert api.calls == []
 
 
+@pytest.mark.parametrize("value, shown", [(1510.75, "1510.75"), (1510.6, "1510.6"), (12345.6, "12345.6"),
+                                          (47.0, "47"), (0.91049, "0.9105"), (0.5, "0.5")])
+def test_the_table_shows_a_score_above_one_to_two_decimals(value, shown):
+    """Four significant digits made MME's 1510.75 and 1510.60 both "1511", and 12345.6 "1.235e+04"."""
+    text = card([{"dataset": "mme", "metric": "perception_score", "value": value}]).text
+    assert rows(text) == [f"| rcp |  |  | mme |  | perception_score | {shown} |"]
+
+
+def test_a_train_rcp_budget_says_what_it_averages():
+    """A tiny job's budget is a mean from the first pruner; the card put "16 of 144 tokens" beside 47.9 visual tokens
+    per layer over all layers, which read as a checkpoint keeping three times its budget."""
+    metrics = {"visual_token_budget": 2.0, "num_visual_tokens": 16, "sparsity_layers": "from_first_pruner",
+               "rcp": {"accuracy": 0.75, "avg_visual_tokens_per_layer": 5.9}}  # the demo model's 16 tokens
+    assert rows(card(metrics).text)[0] == ("| rcp (adaptive) | 2 of 16 tokens (mean from the first pruner) | 5.9 | "
+                                           f"{hub.TESTBED_DATASET} |  | accuracy | 0.75 |")
+    metrics["sparsity_layers"] = "all"
+    assert rows(card(metrics).text)[0].startswith("| rcp (adaptive) | 2 of 16 tokens | 5.9 |")
+
+
 def test_a_job_that_evaluated_nothing_gives_a_card_without_results():
     """A `--llava_json` job has no test split, so its metrics.json has no "rcp" entry; the strict dataset -> metric
     -> value reading then refused `base_model` and the push after training crashed (a review of the change; before
