@@ -120,7 +120,8 @@ def test_vqa_metric_compute_mean_and_scores(metrics):
 
 
 def test_vqa_errors():
-    with pytest.raises(ValueError, match="no reference answers"):
+    with pytest.raises(ValueError, match=r"^vqa_accuracy: a question's references are \[\]; give its list of "
+                                         r"annotator answers \(at least one\)\.$"):
         vqa_score("cat", [])
     with pytest.raises(ValueError, match="reference_processing"):
         vqa_score("cat", ["cat"], "lenient")
@@ -232,3 +233,35 @@ def test_mme_scores(metrics):
 def test_mme_bad_reference(metrics):
     with pytest.raises(ValueError, match="'yes' or 'no'"):
         metrics["mme"].compute(predictions=["yes"], references=["A"], subtasks=["color"], image_ids=["1"])
+
+
+# ----------------------------------------------------------------------------- input that has no score
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vqa_accuracy", {}), ("exact_match", {}), ("pope", {}), ("mme", {"subtasks": [], "image_ids": []}),
+])
+def test_an_empty_evaluation_has_no_score(metrics, name, kwargs):
+    """It scored 0.0 (POPE and MME all zeros): an evaluation that filtered out every question looked measured."""
+    with pytest.raises(ValueError, match=rf"^{name}: no predictions to score; give at least one question\.$"):
+        metrics[name].compute(predictions=[], references=[], **kwargs)
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("vqa_accuracy", {}, r"^vqa_accuracy: a question's references are None; give its list of annotator answers"),
+    ("exact_match", {}, r"^exact_match: a question's references are None; give its list of reference answers"),
+    ("exact_match", {"mode": "gqa"}, r"^exact_match: a question's references are None"),
+])
+def test_a_missing_reference_list_is_named(name, kwargs, match):
+    """A None reference list was a bare "object of type 'NoneType' has no len()". (Computed on the scoring
+    functions: `evaluate`'s own feature check refuses None cells before `_compute` in some versions.)"""
+    metric = load_metric(name)
+    with pytest.raises(ValueError, match=match):
+        metric._compute(predictions=["cat"], references=[None], **kwargs)
+
+
+def test_mmbench_options_must_be_a_list(metrics):
+    """`choices=[None]` in mmbench mode: "'NoneType' object is not iterable"."""
+    with pytest.raises(ValueError, match=r"^exact_match: mode='mmbench' needs each question's list of option texts, "
+                                         r"got None\.$"):
+        metrics["exact_match"].compute(predictions=["A"], references=[["A"]], mode="mmbench", choices=[None])

@@ -86,10 +86,15 @@ def normalize_text(text: str) -> str:
     return " ".join(kept if kept else words)
 
 
+def _check_references(references):
+    if references is None or isinstance(references, str) or len(references) == 0:
+        raise ValueError(f"exact_match: a question's references are {references!r}; give its list of reference "
+                         "answers (at least one).")
+
+
 def exact_match_score(prediction: str, references: Sequence[str], normalize: bool = True) -> float:
     """1.0 when the (normalised) prediction equals any (normalised) reference."""
-    if len(references) == 0:
-        raise ValueError("exact_match: a question has no reference answers; at least one is needed.")
+    _check_references(references)
     norm = normalize_text if normalize else str.strip
     pred = norm(prediction)
     return float(any(norm(ref) == pred for ref in references))
@@ -146,8 +151,9 @@ def mmbench_choice(prediction: str, choices: Sequence[str]) -> Optional[str]:
 
 def choice_score(prediction: str, references: Sequence[str], choices: Sequence[str], mode: str) -> float:
     """1.0 when the option letter read from `prediction` (`mode` "scienceqa" or "mmbench") is a reference letter."""
-    if len(references) == 0:
-        raise ValueError("exact_match: a question has no reference answers; at least one is needed.")
+    _check_references(references)
+    if choices is None or isinstance(choices, str):
+        raise ValueError(f"exact_match: mode={mode!r} needs each question's list of option texts, got {choices!r}.")
     letter = scienceqa_choice(prediction, len(choices)) if mode == "scienceqa" else mmbench_choice(prediction, choices)
     return float(letter is not None and letter in [str(r).strip() for r in references])
 
@@ -174,6 +180,8 @@ class ExactMatch(evaluate.Metric):
                  mode="normalized", choices=None):
         if mode not in MODES:
             raise ValueError(f"exact_match: `mode` is {mode!r}; use one of {list(MODES)}.")
+        if not predictions:  # an evaluation that filtered out every question has no score, not 0
+            raise ValueError("exact_match: no predictions to score; give at least one question.")
         if mode in ("scienceqa", "mmbench"):
             if choices is None or len(choices) != len(predictions):
                 got = "None" if choices is None else f"{len(choices)} option lists"
@@ -182,12 +190,11 @@ class ExactMatch(evaluate.Metric):
             scores = [choice_score(p, r, c, mode) for p, r, c in zip(predictions, references, choices)]
         elif mode == "gqa":
             for r in references:
-                if len(r) == 0:
-                    raise ValueError("exact_match: a question has no reference answers; at least one is needed.")
+                _check_references(r)
             scores = [float(any(gqa_prediction(p) == ref for ref in r)) for p, r in zip(predictions, references)]
         else:
             scores = [exact_match_score(p, r, normalize) for p, r in zip(predictions, references)]
-        result = {"exact_match": sum(scores) / len(scores) if scores else 0.0}
+        result = {"exact_match": sum(scores) / len(scores)}
         if return_scores:
             result["scores"] = scores
         return result

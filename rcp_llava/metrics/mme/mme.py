@@ -104,6 +104,8 @@ class Mme(evaluate.Metric):
         )
 
     def _compute(self, predictions: List[str], references: List[str], subtasks: List[str], image_ids: List[str]):
+        if not predictions:  # an evaluation that filtered out every question has no score, not 0
+            raise ValueError("mme: no predictions to score; give at least one question.")
         # subtask -> image -> list of per-question correctness
         groups: Dict[str, "OrderedDict[str, List[bool]]"] = OrderedDict()
         for pred, ref, task, image in zip(predictions, references, subtasks, image_ids):

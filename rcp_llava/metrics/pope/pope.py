@@ -101,6 +101,8 @@ class Pope(evaluate.Metric):
         )
 
     def _compute(self, predictions: List[str], references: List[str], categories: Optional[List[str]] = None):
+        if not predictions:  # an evaluation that filtered out every question has no score, not 0
+            raise ValueError("pope: no predictions to score; give at least one question.")
         preds = [parse_pope_answer(p) for p in predictions]
         golds = [_label(r) for r in references]
         result = pope_scores(preds, golds)

@@ -149,8 +149,9 @@ def vqa_score(prediction: str, answers: Sequence[str], reference_processing: str
     For each annotator i: ``min(1, #{j != i : answers[j] == prediction} / 3)``; the result
     is the mean over i. A single reference answer falls back to exact match.
     """
-    if len(answers) == 0:
-        raise ValueError("vqa_accuracy: a question has no reference answers; at least one is needed.")
+    if answers is None or isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"vqa_accuracy: a question's references are {answers!r}; give its list of annotator "
+                         "answers (at least one).")
     if reference_processing not in ("official", "full"):
         raise ValueError(f"reference_processing must be 'official' or 'full', got {reference_processing!r}")
     pred = normalize_vqa_answer(prediction)
@@ -188,8 +189,10 @@ class VqaAccuracy(evaluate.Metric):
 
     def _compute(self, predictions: List[str], references: List[List[str]], reference_processing="official",
                  return_scores=False):
+        if not predictions:  # an evaluation that filtered out every question has no score, not 0
+            raise ValueError("vqa_accuracy: no predictions to score; give at least one question.")
         scores = [vqa_score(p, r, reference_processing) for p, r in zip(predictions, references)]
-        result = {"vqa_accuracy": sum(scores) / len(scores) if scores else 0.0}
+        result = {"vqa_accuracy": sum(scores) / len(scores)}
         if return_scores:
             result["scores"] = scores
         return result
