@@ -292,8 +292,8 @@ def _results_table(entries):
         # A missing or null method is this checkpoint's row (`load_eval_results` refuses a baseline without one).
         method = (e.get("method") or "rcp") + (" (baseline)" if e.get("baseline") else "")
         tokens = e.get("tokens_per_layer", e.get("kept_tokens"))
-        lines.append(f"| {method} | {e.get('budget', '')} | {_fmt(float(tokens)) if tokens is not None else ''} | "
-                     f"{e['dataset']} | {e.get('split', '')} | {e['metric']} | {_fmt(e['value'])} |")
+        lines.append(f"| {method} | {_fmt(e.get('budget'))} | {_fmt(float(tokens)) if tokens is not None else ''} | "
+                     f"{e['dataset']} | {_fmt(e.get('split'))} | {e['metric']} | {_fmt(e['value'])} |")
     return "\n".join(lines) + ("\n\nRows marked *baseline* are other models or methods measured beside this "
                                "checkpoint; only this checkpoint's own rows are in the card's model-index."
                                if any(e.get("baseline") for e in entries) else "")

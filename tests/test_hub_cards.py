@@ -368,6 +368,12 @@ def test_the_table_shows_a_score_above_one_to_two_decimals(value, shown):
     assert rows(text) == [f"| rcp |  |  | mme |  | perception_score | {shown} |"]
 
 
+def test_a_null_split_or_budget_is_an_empty_cell():
+    """`"split": null` printed "None" in the table."""
+    text = card([{"dataset": "VQAv2", "metric": "accuracy", "value": 0.5, "split": None, "budget": None}]).text
+    assert rows(text) == ["| rcp |  |  | VQAv2 |  | accuracy | 0.5 |"]
+
+
 def test_a_train_rcp_budget_says_what_it_averages():
     """A tiny job's budget is a mean from the first pruner; the card put "16 of 144 tokens" beside 47.9 visual tokens
     per layer over all layers, which read as a checkpoint keeping three times its budget."""
