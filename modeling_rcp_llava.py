@@ -544,6 +544,8 @@ def attention_problem(attn_module):
     config = getattr(attn_module, "config", None)
     if getattr(attn_module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
         return "it soft-caps its attention logits (`attn_logit_softcapping`)"
+    if getattr(config, "clip_qkv", None) is not None:
+        return f"it clips its queries, keys and values (`clip_qkv={config.clip_qkv}`)"
     if not _rope_matches(attn_module):
         return "its rotary embedding is applied otherwise than Llama's `rotate_half` (e.g. interleaved pairs)"
     return None

@@ -52,7 +52,11 @@ def round_count(value):
 def budget_count(fraction, num_visual_tokens):
     """k = round(fraction * N), half up, at least 1 (1/3, 2/9, 1/9 of 144 -> 48, 32, 16). In exact arithmetic on the
     fraction the float stands for (`parse_budget`'s "0.29" is 0.28999...: 0.29 of 50 rounded to 14, not 15)."""
-    exact = Fraction(fraction).limit_denominator(10**9) * num_visual_tokens
+    try:
+        exact = Fraction(fraction)
+    except TypeError:  # a numpy scalar: its float
+        exact = Fraction(float(fraction))
+    exact = exact.limit_denominator(10**9) * num_visual_tokens
     return max(1, math.floor(exact + Fraction(1, 2)))
 
 

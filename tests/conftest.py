@@ -226,19 +226,20 @@ class NotInstalled:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, NotInstalled())
-args = sys.argv[1:]
-if args[0] == "-c":
-    sys.argv = ["-c", *args[2:]]
-    exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+if sys.argv[1] == "-c":  # the code runs in __main__ itself, as `python -c` runs it (pickling its classes works)
+    _code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+    del NotInstalled
+    exec(compile(_code, "<string>", "exec"))
 else:
-    sys.argv = args
-    runpy.run_path(args[0], run_name="__main__")
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 def run_where_rcp_llava_is_not_installed(args, tmp_path):
     """Run `python -I *args` (`["script.py", ...]` or `["-c", code, ...]`) in `tmp_path` as a machine without this
-    package would: none of its modules importable (`_WITHOUT_PACKAGE`), isolated mode (neither the repository nor
+    package would: none of its modules importable (`_WITHOUT_PACKAGE`; `importlib.util.find_spec` of one raises
+    ModuleNotFoundError where a bare machine returns None), isolated mode (neither the repository nor
     PYTHON* variables on the path), the Hub offline, a private HF modules cache. Returns the completed process; the
     caller asserts on it."""
     import subprocess

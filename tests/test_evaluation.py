@@ -32,6 +32,9 @@ def test_budget_fractions_and_counts():
     assert [budget_count(parse_budget(b)[1], 144) for b in ("1/3", "2/9", "1/9")] == [48, 32, 16]
     # half up on the decimal given, not on its float (0.29 * 50 = 14.4999...: 14 and 28 before)
     assert [budget_count(parse_budget(b)[1], 50) for b in ("0.29", "0.57", "0.01", "1/100")] == [15, 29, 1, 1]
+    import numpy as np  # a fraction computed with numpy, as before exact arithmetic
+
+    assert budget_count(np.float32(1 / 9), 144) == budget_count(np.float64(1 / 9), 144) == 16
     assert parse_budget("0.25") == ("0.25", 0.25)
     for bad in ("0", "3/2", "abc"):
         with pytest.raises(ValueError):

@@ -82,17 +82,19 @@ def test_the_helper_runs_where_the_package_is_not_installed(tmp_path):
             "        importlib.import_module(name)\n"
             "    except ModuleNotFoundError as err:\n"
             "        print('missing', err.name)\n"
-            "import transformers\n"
-            "print('argv', sys.argv[1:], __name__)\n")
+            "import pickle, transformers\n"
+            "class Local:\n"
+            "    pass\n"
+            "print('argv', sys.argv[1:], __name__, len(pickle.dumps(Local())) > 0)\n")  # run in __main__ itself
     proc = run_where_rcp_llava_is_not_installed(["-c", code, "a", "b"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == ["missing modeling_rcp_llava", "missing configuration_rcp_llava",
                                         "missing rcp_llava", "missing rcp_llava", "missing train_rcp",
-                                        "argv ['a', 'b'] __main__"]
+                                        "argv ['a', 'b'] __main__ True"]
     (tmp_path / "script.py").write_text(code)
     proc = run_where_rcp_llava_is_not_installed(["script.py", "c"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[-1] == "argv ['c'] __main__"
+    assert proc.stdout.splitlines()[-1] == "argv ['c'] __main__ True"
 
 
 @pytest.mark.parametrize("name", ["configuration_rcp_llava.py", "modeling_rcp_llava.py"])

@@ -22,6 +22,8 @@ BACKBONES = {
     "phi3": lambda: tf.Phi3Config(**TEXT),
     "olmo2": lambda: tf.Olmo2Config(**TEXT),
     "stablelm": lambda: tf.StableLmConfig(**TEXT),
+    "olmo-clip": lambda: tf.OlmoConfig(clip_qkv=0.5, **TEXT),
+    "qwen2": lambda: tf.Qwen2Config(**TEXT),
     "gemma3": lambda: tf.Gemma3TextConfig(head_dim=8, **TEXT),
     "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, **TEXT),
     "phi": lambda: tf.PhiConfig(**TEXT),
@@ -43,6 +45,7 @@ ATTENTION_PROBLEMS = {
     "phi3": r"its attention has no separate `q_proj` / `k_proj` \(a fused projection\)",
     "olmo2": r"its decoder layers have no `input_layernorm` \(a norm after attention, as OLMo2's\)",
     "stablelm": r"its rotary embedding covers 2 of the 8 head dims \(partial rotary\)",
+    "olmo-clip": r"it clips its queries, keys and values \(`clip_qkv=0\.5`\)",
 }
 LOOP_PROBLEMS = {
     "gemma3": r"its rotary embedding is not one table for every layer \(Gemma3 and OLMo3 keep one per layer type\)",
@@ -58,7 +61,7 @@ def _model(backbone, method):
                       attn_implementation="eager", **METHODS[method])
 
 
-@pytest.mark.parametrize("backbone", ["qwen3", "smollm3", "gemma", "mistral"])
+@pytest.mark.parametrize("backbone", ["qwen3", "smollm3", "gemma", "mistral", "qwen2"])
 def test_the_prior_is_the_layers_own_attention(backbone):
     """At every layer, the prior's probabilities of the question rows equal the layer's eager attention weights,
     with the q/k weights scaled up so that the scores are O(1-10), as in a trained model."""
