@@ -57,7 +57,7 @@ from transformers import (
 from transformers import __version__ as transformers_version
 from transformers.integrations.accelerate import load_offloaded_parameter  # as save_pretrained reads offloaded ones
 from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, flash_attention_mask, sdpa_mask,
+    ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, find_packed_sequence_indices, flash_attention_mask, sdpa_mask,
 )
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import maybe_autocast  # autocast off where it is on (as Llama's RoPE turns it off)
@@ -1989,6 +1989,17 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
                 f"build windowed masks, so past the window its outputs would differ from the stock model's. Keep "
                 f"prompt + generated tokens within {window}, or use `pruning_method='none'` (the stock forward)."
             )
+        if position_ids is not None and attention_mask is None and past_key_values is None:
+            # Stock reads packed sequences (positions that restart inside a row: padding-free training) from the
+            # positions under these conditions and keeps them apart; this loop builds one causal mask per row.
+            packed = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+            if packed is not None:
+                raise ValueError(
+                    "`position_ids` restart inside a row (packed sequences, as padding-free training packs them): "
+                    f"`pruning_method={self.config.pruning_method!r}` runs its own decoder loop, which builds one "
+                    "causal mask per row, so the packed sequences would attend to each other. Pad the batch instead "
+                    "(one sequence per row, with `attention_mask`), or use `pruning_method='none'`."
+                )
         position_ids = self._position_ids(position_ids, inputs_embeds, past_length)
         position_embeddings = self.language_model.rotary_emb(inputs_embeds, position_ids)  # (cos, sin), (B, T, hd)
         hidden_states = self._hidden_state_selection(output_hidden_states)
