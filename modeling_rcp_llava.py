@@ -1970,6 +1970,11 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
         cache_asked = use_cache is True  # by the caller, not the config's default (a training forward's)
         cache_given = past_key_values is not None
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+        if use_cache and self.training and getattr(self.language_model, "gradient_checkpointing", False):
+            # as stock's text model decides (`merge_with_config_defaults`): its checkpointed layers fill no cache
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
+            use_cache = False
         if use_cache and past_key_values is None:  # in train mode too, as stock (RCP's training layout fills none)
             past_key_values = RcpDynamicCache(config=self.config.text_config)
         past_key_values = past_key_values if use_cache else None

@@ -228,8 +228,8 @@ class NotInstalled:
 sys.meta_path.insert(0, NotInstalled())
 if sys.argv[1] == "-c":  # the code runs in __main__ itself, as `python -c` runs it (pickling its classes works)
     _code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
-    del NotInstalled
-    exec(compile(_code, "<string>", "exec"))
+    del NotInstalled, runpy, sys  # nothing of this prelude left in the namespace the code sees
+    exec(compile(globals().pop("_code"), "<string>", "exec"), globals())
 else:
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -82,6 +82,7 @@ def test_the_helper_runs_where_the_package_is_not_installed(tmp_path):
             "        importlib.import_module(name)\n"
             "    except ModuleNotFoundError as err:\n"
             "        print('missing', err.name)\n"
+            "assert 'runpy' not in globals() and '_code' not in globals()  # nothing of the prelude, as python -c\n"
             "import pickle, transformers\n"
             "class Local:\n"
             "    pass\n"

@@ -153,3 +153,19 @@ def test_packed_sequences_are_refused():
         torch.testing.assert_close(
             model(input_ids=ids, pixel_values=second["pixel_values"], position_ids=shifted, use_cache=False).logits,
             model(input_ids=ids, pixel_values=second["pixel_values"], position_ids=shifted).logits)
+
+
+def test_packed_sequences_are_refused_under_gradient_checkpointing_in_training():
+    """Stock turns `use_cache` off for a checkpointed text model in train mode, so it reads the packing there (the
+    usual padding-free setup); the pruned forward made a cache its checkpointed layers then dropped, skipped the
+    check and mixed the sequences (0.27 off stock). It now decides `use_cache` as stock does."""
+    model = make_model(pruning_method="random", pruning_layers=[1, 2], repair_layers=[], pruning_keep_counts=[10, 5])
+    model.gradient_checkpointing_enable()
+    model.train()
+    first, second = make_batch([(3, 2, False)]), make_batch([(2, 3, False)], seed=1)
+    ids = torch.cat([first["input_ids"], second["input_ids"]], 1)
+    positions = torch.cat([torch.arange(first["input_ids"].shape[1]), torch.arange(second["input_ids"].shape[1])])
+    with pytest.raises(ValueError, match=r"^`position_ids` restart inside a row"):
+        model(input_ids=ids, position_ids=positions.unsqueeze(0))
+    out = model(**first)  # and, as stock, no cache
+    assert out.past_key_values is None
