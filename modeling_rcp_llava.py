@@ -565,17 +565,18 @@ def text_backbone_problem(language_model, reads_attention):
     multiplier = getattr(lm.config, "embedding_multiplier", None)
     if multiplier not in (None, 1, 1.0):
         return f"its forward scales the input embeddings (`embedding_multiplier={multiplier}`)"
+    if not reads_attention:
+        return None
     inv_freq = getattr(rotary, "inv_freq", None)
     head_dim = getattr(lm.layers[0].self_attn, "head_dim", None) if len(lm.layers) else None
-    if reads_attention and torch.is_tensor(inv_freq) and head_dim is not None and 2 * inv_freq.shape[-1] != head_dim:
+    if torch.is_tensor(inv_freq) and head_dim is not None and 2 * inv_freq.shape[-1] != head_dim:
         return f"its rotary embedding covers {2 * inv_freq.shape[-1]} of the {head_dim} head dims (partial rotary)"
-    if reads_attention:
-        for layer in lm.layers:
-            if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
-                return "its decoder layers have no `input_layernorm` (a norm after attention, as OLMo2's)"
-            problem = attention_problem(layer.self_attn)
-            if problem is not None:
-                return problem
+    for layer in lm.layers:
+        if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
+            return "its decoder layers have no `input_layernorm` (a norm after attention, as OLMo2's)"
+        problem = attention_problem(layer.self_attn)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -297,9 +297,10 @@ def load_data(spec="testbed", split="test", max_samples=None, image_folder=None)
         return _load_benchmark(spec, split, max_samples)
     spec = data_folder(spec)
     if not os.path.isdir(spec):
-        error = ValueError if os.path.exists(spec) else FileNotFoundError  # a missing path, as the readers say it
-        raise error(f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH"
-                    f"{'' if os.path.exists(spec) else ' (no such folder)'}.")
+        exists = os.path.exists(spec)  # a missing path is a FileNotFoundError, as the readers say it
+        raise (ValueError if exists else FileNotFoundError)(
+            f"--data {spec!r} is neither 'testbed', a dataset folder nor BENCHMARK:PATH"
+            f"{'' if exists else ' (no such folder)'}.")
     if image_folder is not None and not os.path.isdir(image_folder):
         raise FileNotFoundError(f"image_folder {os.fspath(image_folder)!r} (--image_folder) is not a folder; give "
                                 "the folder the dataset's image paths are relative to.")

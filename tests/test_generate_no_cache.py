@@ -6,18 +6,9 @@ import torch
 from transformers import DynamicCache
 
 from conftest import make_batch, make_model
+from test_baselines import METHODS as BASELINES
 
-METHODS = {
-    "rcp": dict(),
-    "rcp-adaptive": dict(pruning_keep_counts=None),
-    "fastv": dict(pruning_method="fastv", pruning_layers=[2], repair_layers=[], pruning_keep_counts=[6]),
-    "attention_topk": dict(pruning_method="attention_topk", pruning_layers=[1, 2], repair_layers=[],
-                           pruning_keep_counts=[10, 5]),
-    "random": dict(pruning_method="random", pruning_layers=[1, 2], repair_layers=[], pruning_keep_counts=[10, 5],
-                   pruning_seed=3),
-    "vispruner": dict(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
-                      pre_llm_keep_count=6),
-}
+METHODS = {"rcp": dict(), "rcp-adaptive": dict(pruning_keep_counts=None), **BASELINES}
 GREEDY = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
