@@ -737,6 +737,11 @@ DDP_STEP_SCRIPT = textwrap.dedent("""
         torch.save({k: model.plugin_state_dict()[k] - start[k] for k in start}, os.path.join(out, "delta.pt"))
         logs = [e for e in trainer.state.log_history if "loss" in e]
         json.dump(logs, open(os.path.join(out, "logs.json"), "w"))
+    # As train_rcp.main ends: a rank that exits while its gloo threads are alive aborts the launch ("terminate called
+    # without an active exception", SIGABRT), now and then, after a step that was right.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 """)
 
 
