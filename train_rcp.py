@@ -303,6 +303,9 @@ class RcpTrainingArguments(TrainingArguments):
         if self.max_steps == 0:
             raise ValueError("`max_steps` is 0: give a positive number of steps, or -1 to train for "
                              "`num_train_epochs` epochs.")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:  # as max_steps 0: no step, untrained plug-ins saved
+            raise ValueError(f"`num_train_epochs` is {self.num_train_epochs} and `max_steps` is {self.max_steps} "
+                             "(train by epochs): give a positive number of epochs, or a positive `max_steps`.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:  # was torch's "batch_size should be a positive integer", after loading
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -996,6 +999,13 @@ class RcpJobArguments:
         "help": "Testbed of the main job (no --base_model): 'tiny' (4 layers), 'deep' (16 layers, the paper's "
                 "placement and budget over all layers) or 'paper' (deep at 576 visual tokens; a GPU build)."})
 
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # 0 meant "all" in some places; the final evaluation failed on it,
+                # after training and before anything was saved
+                raise ValueError(f"--{name} {value}: give a positive number of examples, or leave it unset for all.")
+
 
 # Defaults of the embedded main job on a testbed (2-core CPU), applied where the user left the
 # generic TrainingArguments default untouched.
@@ -1062,8 +1072,10 @@ def build_parser():
     the fields the main job sets itself, its real values next to the generic defaults."""
     import argparse
 
+    # No abbreviated flags: the main job sets its own defaults where a flag was not given (`_explicit_flags` reads
+    # the flags as typed), and `--max_step 2` was taken as max_steps=2, then replaced by the job's 400.
     parser = HfArgumentParser((RcpJobArguments, RcpTrainingArguments), description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     by_dest = {a.dest: a for a in parser._actions}
     general = parser._optionals
     for title, names in HELP_GROUPS.items():
@@ -1127,6 +1139,23 @@ def remove_previous_checkpoints(output_dir):
         if name.startswith((REMOVING_PREFIX, f"{STAGING_PREFIX}-")):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return removed
+
+
+class RemovePreviousCheckpointsCallback(TrainerCallback):
+    """--overwrite_output_dir without a resume: `remove_previous_checkpoints` at the start of training, once
+    everything has loaded AND the Trainer has built its optimizer and scheduler (`on_train_begin` comes after both),
+    so a run that fails any check keeps the old checkpoints: deleted before `train()`, a bad --optim_args or
+    --lr_scheduler_kwargs lost them and then failed. Every rank waits for rank 0's removal."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        if args.should_save:
+            removed = remove_previous_checkpoints(args.output_dir)
+            if removed:
+                print(f"[train_rcp] --overwrite_output_dir: deleted the previous run's {', '.join(removed)} in "
+                      f"{args.output_dir}", flush=True)
+        PartialState().wait_for_everyone()
 
 
 CHECKPOINT_FILES = ("rcp_plugins.safetensors", "rcp_config.json", "trainer_state.json")
@@ -1221,14 +1250,27 @@ def run_budgets(job, args, explicit):
         root = args.output_dir
     else:  # the main job's folder of the preset, + "_budgets"
         root = testbed_job_defaults(job.testbed_preset)["output_dir"] + "_budgets"
+    budgets = [parse_budget(b.strip()) for b in job.budgets.split(",") if b.strip()]
+    folders = {label: os.path.join(root, budget_folder_name(label)) for label, _ in budgets}
+    for folder in folders.values():  # every budget's folder before the first trains (run_job checks its own only)
+        check_output_dir(folder, job.overwrite_output_dir, resolve_resume(args.resume_from_checkpoint, folder))
+    # Earlier runs' budgets stay in the summary (their folders stay too): only this run's entries are replaced.
+    summary, previous = os.path.join(root, "budgets.json"), {}
+    if os.path.isfile(summary):
+        try:
+            with open(summary, encoding="utf-8") as f:
+                previous = json.load(f)
+        except ValueError as error:
+            previous = error
+        if not isinstance(previous, dict):
+            raise ValueError(f"{summary!r} is not a budgets summary (a JSON object of budget: metrics): move it away, "
+                             "then run again.")
     results = {}
-    for label in [b.strip() for b in job.budgets.split(",") if b.strip()]:
-        label, fraction = parse_budget(label)
-        run_args = replace(args, output_dir=os.path.join(root, budget_folder_name(label)))
-        results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction), run_args,
-                                 explicit=explicit | {"output_dir"})
+    for label, fraction in budgets:
+        results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction),
+                                 replace(args, output_dir=folders[label]), explicit=explicit | {"output_dir"})
     if results and all(r is not None for r in results.values()):
-        _write_json(os.path.join(root, "budgets.json"), results)
+        _write_json(summary, {**previous, **results})
     return results
 
 
@@ -1280,13 +1322,19 @@ def run_job(job, args, explicit=()):
     started = time.time()
     if args.push_to_hub and not args.hub_model_id:  # before anything loads
         raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+    if "do_train" in explicit and not args.do_train:  # the stock flag of HF's example scripts, read nowhere here
+        raise ValueError("--do_train false: this script always trains the plug-ins. To score plug-ins without "
+                         "training, load them (`RcpLlavaForConditionalGeneration.from_base(BASE, plugins=FOLDER)`) "
+                         "and use `rcp_llava.evaluation.evaluate_methods`.")
     testbed = job.base_model is None
     if testbed:
         for key, value in testbed_job_defaults(job.testbed_preset).items():
             if key not in explicit:
                 setattr(args, key, value)
         args.output_dir = os.path.abspath(args.output_dir)
-    check_output_dir(args.output_dir, job.overwrite_output_dir, args.resume_from_checkpoint)
+    # Resolved first: "false" is a string the folder check took as a resume, and replaced the run in it silently.
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args.output_dir, job.overwrite_output_dir, resume)
     if testbed:
         from rcp_llava.testbed import build_testbed, default_cache_dir
 
@@ -1342,7 +1390,10 @@ def run_job(job, args, explicit=()):
         if job.max_eval_samples:
             eval_data = eval_data.select(range(min(job.max_eval_samples, len(eval_data))))
         check_dataset(eval_data, collator, job.max_length, name=f"{job.eval_split!r} split")
-    if job.test_split in splits and len(splits[job.test_split]):
+    if job.test_split in splits and not len(splits[job.test_split]):  # found after training, in the evaluator
+        raise ValueError(f"--test_split {job.test_split!r} is empty: the final evaluation scores it. Give a split "
+                         "with rows, or a --test_split the dataset does not have to skip it.")
+    if job.test_split in splits:
         first = splits[job.test_split][0][job.question_column]
         if isinstance(first, (list, tuple)):  # found after training, deep in the prompt builder, otherwise
             raise ValueError(f"--test_split {job.test_split!r} holds multi-turn rows (lists of questions): the final "
@@ -1368,16 +1419,11 @@ def run_job(job, args, explicit=()):
     if trainer.is_world_process_zero():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[train_rcp] training the plug-ins on {args.world_size} process(es): {trainable / 1e6:.3f}M "
-              f"trainable parameters, {len(train)} examples, {args.max_steps} steps", flush=True)
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+              f"trainable parameters, {len(train)} examples, "
+              f"{f'{args.max_steps} steps' if args.max_steps > 0 else f'{args.num_train_epochs:g} epoch(s)'}",
+              flush=True)
     if job.overwrite_output_dir and resume is None:
-        # Asked for, and only now that everything has loaded: a run that fails its checks keeps the old checkpoints.
-        if args.should_save:
-            removed = remove_previous_checkpoints(args.output_dir)
-            if removed:
-                print(f"[train_rcp] --overwrite_output_dir: deleted the previous run's {', '.join(removed)} in "
-                      f"{args.output_dir}", flush=True)
-        trainer.accelerator.wait_for_everyone()
+        trainer.add_callback(RemovePreviousCheckpointsCallback())
     trainer.train(resume_from_checkpoint=resume)
     trainer_eval = trainer.evaluate() if args.do_eval else None  # with the best plug-ins if load_best_model_at_end
     metrics = None
@@ -1403,7 +1449,9 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
                "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,
                "pruning_layers": list(model.config.pruning_layers), "repair_layers": list(model.config.repair_layers),
-               "train_seconds": round(time.time() - started, 1), "max_steps": args.max_steps,
+               "train_seconds": round(time.time() - started, 1),
+               # the steps the run was set to take: --max_steps, or the Trainer's count for --num_train_epochs
+               "max_steps": trainer.state.max_steps if trainer is not None and args.max_steps < 0 else args.max_steps,
                "seed": args.seed, "max_grad_norm": args.max_grad_norm,
                # the data trained on, and evaluated on when it has `test_split` (`evaluated_split`, else None: a
                # --llava_json file has a train split only), for the model card (rcp_llava.hub)
@@ -1429,7 +1477,8 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     _write_json(os.path.join(out, "metrics.json"), metrics)
     print(format_report(metrics), flush=True)
     if push:
-        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only, license=job.model_card_license)
+        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only, license=job.model_card_license,
+                    max_steps=metrics["max_steps"])
     return metrics
 
 
@@ -1489,13 +1538,16 @@ def save_job_folders(model, processor, out, overwrite=False):
     processor.save_pretrained(os.path.join(out, "model"))
 
 
-def push_output(model, out, base_model, args, plugins_only=False, license=None):
-    """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`)."""
+def push_output(model, out, base_model, args, plugins_only=False, license=None, max_steps=None):
+    """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`). `max_steps`:
+    the steps the run took when it trained by epochs (the card said -1)."""
     from rcp_llava.hub import build_model_card, push_rcp_folder
 
     folder = os.path.join(out, "plugins" if plugins_only else "model")
     settings = {k: getattr(args, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed",
                                               "lambda_task", "lambda_repair", "lambda_sparse")}
+    if max_steps is not None:
+        settings["max_steps"] = max_steps
     build_model_card(model.config, repo_id=args.hub_model_id, base_model=base_model, plugins_only=plugins_only,
                      eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,
                      ).save(os.path.join(folder, "README.md"))

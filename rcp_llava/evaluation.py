@@ -626,6 +626,8 @@ def evaluate_model(model, processor, data, batch_size=32, max_new_tokens=16, pro
     """
     predictions, per_layer, kept, retention = [], [], [], []
     rows = data.rows
+    if not len(rows):  # was an IndexError on the empty per-layer table, after every batch ran
+        raise ValueError(f"evaluate_model: {data.name!r} has no rows to score. Give data with at least one row.")
     if keep_masks_fn is not None and data.kind != "testbed":
         raise ValueError("`keep_masks_fn` forces the kept sets of a prefill; it needs testbed rows.")
     if data.kind == "testbed":

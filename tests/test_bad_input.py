@@ -198,6 +198,64 @@ def test_budgets_with_a_fixed_budget_is_refused(tmp_path):
                         "--report_to", "none"])
 
 
+def test_resume_from_checkpoint_false_is_no_resume_to_the_folder_check(tmp_path):
+    """Was: the folder check took the string "false" as a resume and let the run replace the one in the folder."""
+    import train_rcp
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(metrics.json\)\. Pass --overwrite_output_dir"):
+        train_rcp.main(["--base_model", str(tmp_path / "nothing"), "--output_dir", str(out), "--report_to", "none",
+                        "--resume_from_checkpoint", "false"])
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("flag, value", [("max_eval_samples", "0"), ("max_eval_samples", "-2"),
+                                         ("max_train_samples", "0"), ("max_train_samples", "-3")])
+def test_sample_limits_below_one_are_refused(tmp_path, flag, value):
+    """Was: --max_eval_samples 0 failed in the final evaluation (an IndexError), after training and before anything
+    was saved; --max_train_samples 0 trained on every example, -3 on none ("the 'train' split is empty")."""
+    import train_rcp
+
+    with pytest.raises(ValueError, match=rf"^--{flag} {value}: give a positive number of examples, or leave it "
+                                         r"unset for all\.$"):
+        train_rcp.main([f"--{flag}", value, "--output_dir", str(tmp_path), "--report_to", "none"])
+
+
+@pytest.mark.parametrize("flag", ["--max_step", "--per_device_train_batch"])
+def test_abbreviated_flags_are_refused(tmp_path, flag):
+    """Was: argparse took `--max_step 2` as --max_steps, and the main job then put its own 400 steps in its place
+    (a flag the user gave, as they typed it, is what keeps the job's default away). Now an unknown flag, refused
+    as HfArgumentParser refuses one."""
+    import train_rcp
+
+    with pytest.raises(ValueError, match=rf"^Some specified arguments are not used by the HfArgumentParser: "
+                                         rf"\['{flag}', '2'\]$"):
+        train_rcp.main([flag, "2", "--output_dir", str(tmp_path), "--report_to", "none"])
+
+
+def test_do_train_false_is_refused(tmp_path):
+    """Was: read nowhere, so the run trained anyway."""
+    import train_rcp
+
+    with pytest.raises(ValueError, match=r"^--do_train false: this script always trains the plug-ins\. To score "
+                                         r"plug-ins without training, load them"):
+        train_rcp.main(["--do_train", "false", "--output_dir", str(tmp_path), "--report_to", "none"])
+
+
+def test_budgets_check_every_budgets_folder_before_the_first_trains(tmp_path):
+    """Was: budget 1/8 trained and saved completely, and only then was budget 1/2's folder found to hold a run."""
+    import train_rcp
+
+    (tmp_path / "budget_1_2").mkdir()
+    (tmp_path / "budget_1_2" / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"^--output_dir '.*budget_1_2' already holds a run \(metrics.json\)"):
+        train_rcp.main(["--budgets", "1/8,1/2", "--base_model", str(tmp_path / "nothing"), "--output_dir",
+                        str(tmp_path), "--report_to", "none"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget_1_2"]
+
+
 @pytest.mark.parametrize("text, error, match", [
     ("1/3", ValueError, r"--plugins_per_budget item '1/3' is not BUDGET=FOLDER"),
     ("1/3=", ValueError, r"--plugins_per_budget item '1/3=' is not BUDGET=FOLDER"),
@@ -1015,10 +1073,51 @@ def test_overwrite_output_dir_deletes_the_previous_runs_checkpoints(micro_testbe
         train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--overwrite_output_dir", "--do_eval",
                                    "--eval_split", "dev"))
     assert checkpoints() == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "tmp-checkpoint-4"]
+    # Nor one the Trainer refuses when it builds its scheduler, after everything has loaded (was: deleted just before
+    # `train()`, so these checkpoints were gone).
+    with pytest.raises(ValueError, match="min_lr"):
+        train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--overwrite_output_dir",
+                                   "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", "{}"))
+    assert checkpoints() == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "tmp-checkpoint-4"]
     train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--overwrite_output_dir"))
     assert checkpoints() == ["checkpoint-1"]
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["max_steps"] == 1  # the new run's
     assert train_rcp.resolve_resume("last", str(out)) == str(out / "checkpoint-1")
+
+
+def test_budget_runs_keep_earlier_budgets_in_the_summary_and_report_the_steps_epochs_took(micro_testbed, tmp_path):
+    """Was: a second --budgets run into the same folder wrote budgets.json with its own budgets only (the first
+    run's, whose folder stays, was dropped), and a run by epochs reported "max_steps": -1."""
+    import train_rcp
+
+    train_rcp.main(["--budgets", "1/2", *_train_argv(micro_testbed, tmp_path, "--max_steps", "1")])
+    first = json.loads((tmp_path / "budgets.json").read_text())
+    assert list(first) == ["1/2"] and first["1/2"]["max_steps"] == 1
+    train_rcp.main(["--budgets", "1/4", *_train_argv(micro_testbed, tmp_path, "--max_steps", "-1",
+                                                      "--num_train_epochs", "1", "--max_train_samples", "4")])
+    summary = json.loads((tmp_path / "budgets.json").read_text())
+    assert list(summary) == ["1/2", "1/4"] and summary["1/2"] == first["1/2"]
+    assert summary["1/4"]["max_steps"] == 2  # 4 examples, batch 2, one epoch
+    assert json.loads((tmp_path / "budget_1_4" / "metrics.json").read_text()) == summary["1/4"]
+
+
+def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):
+    """Was: found by the final evaluation, after training (an IndexError on its empty table). (datasets 5.2 cannot
+    load an empty split it saved, so the loaded splits are emptied here.)"""
+    import train_rcp
+
+    load_splits = train_rcp.load_splits
+
+    def with_an_empty_test_split(*args, **kwargs):
+        splits = load_splits(*args, **kwargs)
+        splits["test"] = splits["test"].select([])
+        return splits
+
+    monkeypatch.setattr(train_rcp, "load_splits", with_an_empty_test_split)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^--test_split 'test' is empty: the final evaluation scores it"):
+        train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1"))
+    assert not out.exists()
 
 
 # -- save_pretrained: atomic, and never over another model silently ------------------------------------------------

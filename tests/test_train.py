@@ -97,6 +97,11 @@ def test_training_arguments_are_validated(tmp_path):
         RcpTrainingArguments(output_dir=str(tmp_path), repair_loss_pooling="all")
     with pytest.raises(ValueError, match=r"`gumbel_noise_ratio` must be in \[0, 1\], got 2"):
         RcpTrainingArguments(output_dir=str(tmp_path), gumbel_noise_ratio=2)
+    # Training by epochs with no epoch trained nothing and saved the untrained plug-ins as trained (as max_steps 0).
+    with pytest.raises(ValueError, match=r"^`num_train_epochs` is 0 and `max_steps` is -1 \(train by epochs\): give "
+                                         r"a positive number of epochs, or a positive `max_steps`\.$"):
+        RcpTrainingArguments(output_dir=str(tmp_path), num_train_epochs=0)
+    assert RcpTrainingArguments(output_dir=str(tmp_path), num_train_epochs=0, max_steps=3).max_steps == 3
     assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
