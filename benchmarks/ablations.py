@@ -305,7 +305,7 @@ def is_data_spec(spec):
 
 
 def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max_eval_samples=None, dataset=None,
-        batch_size=32, reuse=True, command=None, work_dir=None):
+        batch_size=32, reuse=True, command=None, work_dir=None, overwrite=True):
     from rcp_llava.evaluation import (evaluate_model, load_base_model, load_data, method_model, method_overrides,
                                       split_read)
     from rcp_llava.schedule import parse_budget
@@ -325,11 +325,18 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         raise FileNotFoundError(f"--dataset {dataset!r} is neither a dataset folder, 'testbed', 'testbed:PRESET' nor "
                                 "BENCHMARK:PATH; pass e.g. the testbed's dataset folder (build_testbed.py's "
                                 "OUT/dataset).")
-    spec = dataset if dataset is not None else f"testbed:{job_testbed(base_args)}"
+    # Default: the data the variants train on (its test split): the --dataset_name_or_path in --train_args, else the
+    # testbed's. (Was the testbed's always: variants trained on a dataset of one's own were scored on the deep testbed.)
+    trained_on = flag_value(base_args, "--dataset_name_or_path")
+    if dataset is None and trained_on is None and flag_value(base_args, "--base_model") is not None:
+        raise ValueError("--dataset: the variants train from --train_args' --base_model on no --dataset_name_or_path "
+                         "(a --llava_json?), so there is no test split to default to; give the evaluation data "
+                         "with --dataset.")
+    spec = dataset if dataset is not None else trained_on or f"testbed:{job_testbed(base_args)}"
     try:
         data = load_data(spec, split="test", max_samples=max_eval_samples)
     except FileNotFoundError:
-        if dataset is not None or flag_value(base_args, "--base_model") is not None:
+        if dataset is not None or trained_on is not None or flag_value(base_args, "--base_model") is not None:
             raise
         data = None
     variants = list(dict.fromkeys(variants))
@@ -374,9 +381,11 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
     paired_with_full(ordered)
     result = {"command": command, "budget": budget, "max_steps": max_steps, "num_eval_samples": len(data),
               "split": split_read(data),  # load_data reads a folder without splits whole, whatever it was asked
+              "data": os.fspath(spec),
               "num_visual_tokens": n, "full_model": {"score": full_score["score"], "groups": full_score["groups"]},
               "variants": ordered, "table6": table6}
-    write_results(os.path.join(output_dir, name), markdown=format_ablations(result), data=result)
+    # overwrite=False (main without --overwrite): a result another run wrote under NAME since start-up is kept
+    write_results(os.path.join(output_dir, name), markdown=format_ablations(result), data=result, overwrite=overwrite)
     return result
 
 
@@ -431,6 +440,8 @@ def format_ablations(result):
     split = result.get("split", "test")
     samples = (f"{result['num_eval_samples']} test samples" if "split" not in result
                else f"{result['num_eval_samples']} samples ({split})")
+    if "data" in result:  # recorded since the default became the variants' own training data
+        samples += f" of `{result['data']}`"
     lines = [f"# Ablations (Tables IV / V / VII analogs), budget {result['budget']} of "
              f"N = {result['num_visual_tokens']}",
              "", f"Command: `{result['command']}`", "",
@@ -496,8 +507,9 @@ def main(argv=None):
     parser.add_argument("--max_eval_samples", type=positive_int, default=None)
     parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
     parser.add_argument("--dataset", default=None,
-                        help="Evaluation data (default: the dataset folder of the testbed the variants train on: "
-                             "--testbed_preset in --train_args, else the main job's).")
+                        help="Evaluation data (default: the data the variants train on: the "
+                             "--dataset_name_or_path in --train_args, else the testbed's, --testbed_preset there or "
+                             "the main job's).")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
@@ -522,7 +534,8 @@ def main(argv=None):
     refuse_existing([stem + ".md", stem + ".json"], args.overwrite)  # before hours of training
     result = run(args.variants, shlex.split(args.train_args), args.output_dir, args.name, budget=args.budget,
                  max_steps=args.max_steps, max_eval_samples=args.max_eval_samples, dataset=args.dataset,
-                 batch_size=args.batch_size, reuse=not args.no_reuse, command=command, work_dir=args.work_dir)
+                 batch_size=args.batch_size, reuse=not args.no_reuse, command=command, work_dir=args.work_dir,
+                 overwrite=args.overwrite)
     print(format_ablations(result))
     return result
 

@@ -10,7 +10,9 @@ samples whose greedy first answer token equals the full (unpruned) model's. Budg
   vispruner       before the LLM, keep the budget (important ratio 0.5)
   random          before the LLM, a seeded uniform subset of the budget
   fastv           before layer 2 (of 8), keep the budget, ranked by the last token's attention at layer 1
-  attention_topk  before layers 1 / 4 / 7, the paper's 64-token schedule 96 / 26 / 8 scaled by budget / 64
+  attention_topk  before layers 1 / 4 / 7 (three points spread over the 8 layers; not the paper's placement,
+                  which `RcpLlavaConfig.paper_placement` makes 1 / 3 / 6 here), at the paper's 64-token counts
+                  96 / 26 / 8 scaled by budget / 64
 
 "avg tok/layer" is the average number of visual tokens each decoder layer processes. Prefill times are medians
 of `--repeats` runs after warm-up, every configuration interleaved in one process on the same weights, so the
@@ -72,6 +74,9 @@ def main(argv=None):
     parser.add_argument("--text_tokens", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
+    if args.text_tokens < 2:  # BOS + image alone ends the prompt on its image, which the model refuses (naming no flag)
+        parser.error(f"argument --text_tokens: must be >= 2 (BOS and at least one token after the image), got "
+                     f"{args.text_tokens}")
     print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

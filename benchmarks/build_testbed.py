@@ -61,6 +61,8 @@ def main(argv=None):
                 positive_int(str(value))
             except argparse.ArgumentTypeError as error:
                 parser.error(f"argument --{name}: {error}")
+    if not 0 <= args.seed < 2 ** 32:  # build_testbed refuses it too, naming `seed`, not the flag
+        parser.error(f"argument --seed: {args.seed} is outside [0, 2**32 - 1] (numpy seeds the data generator)")
     torch.set_num_threads(args.num_threads)
     out = Path(args.output_dir) if args.output_dir else default_cache_dir(args.preset)
     command = command_line(__file__, argv)

@@ -5,8 +5,10 @@
 Shifts every pruner's bias by one common amount (`train_rcp.calibrate_retention`: bisection on the validation split,
 until the mean inference retention is within 5% of `visual_token_budget / N`), then evaluates the adaptive threshold
 on the test split. Writes NAME.json / NAME.md into --output_dir (default: outputs/benchmarks; pass
-benchmarks/results to commit the table). The retention is averaged the way the testbed job trains it (over the
-layers from the first pruner) unless --all_layers.
+benchmarks/results to commit the table). The retention is averaged over the layers the model was trained to
+average over: the `sparsity_layers` in the metrics.json train_rcp.py wrote beside OUTPUT_DIR/model ('all' for the
+main job on the deep testbed, 'from_first_pruner' for the tiny one); --all_layers / --from_first_pruner choose
+(needed for a model without that record).
 """
 
 import argparse
@@ -29,7 +31,12 @@ def main(argv=None):
     parser.add_argument("--data", default="testbed",
                         help="Dataset folder, or testbed (the main job's, deep) / testbed:PRESET (default: testbed).")
     parser.add_argument("--max_samples", type=positive_int, default=None, help="Test samples (default: all).")
-    parser.add_argument("--all_layers", action="store_true", help="Retention over all decoder layers.")
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--all_layers", action="store_true",
+                        help="Retention over all decoder layers (default: as the model was trained, from "
+                             "OUTPUT_DIR/metrics.json).")
+    layers.add_argument("--from_first_pruner", action="store_true",
+                        help="Retention over the decoder layers from the first pruner on.")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "
                              "benchmarks/results).")
@@ -54,6 +61,8 @@ def main(argv=None):
         [] if job.eval_split in splits or job.train_split in splits else [f"{job.eval_split} or {job.train_split}"])
     if missing:
         raise ValueError(f"--data {args.data!r} has the splits {list(splits)}, not {missing}; {layout}.")
+    first = trained_from_first_pruner(args) if not (args.all_layers or args.from_first_pruner) \
+        else args.from_first_pruner
     model, processor = load_base_model(args.model)
     if model.config.pruning_method != "rcp" or not model.config.pruning_layers:  # was KeyError 'retention_...'
         raise ValueError(f"--model {args.model!r} prunes with {model.config.pruning_method!r} at layers "
@@ -64,7 +73,6 @@ def main(argv=None):
         test = test.select(range(min(args.max_samples, len(test))))
     collator = RcpDataCollator(processor)
     data = EvalData("testbed", test, "test")
-    first = not args.all_layers
 
     def measure():
         result = evaluate_model(model, processor, data)
@@ -87,9 +95,30 @@ def main(argv=None):
     for name, r in (("before", before), ("after", after)):
         kept = ", ".join(f"{c:.1f}" for c in r["kept_per_pruning_layer"])
         lines.append(f"| {name} | {r['accuracy']:.3f} | {r['retention']:.3f} | {r['retention'] / target:.2f} | {kept} |")
-    write_results(stem, markdown="\n".join(lines) + "\n", data=out)
+    write_results(stem, markdown="\n".join(lines) + "\n", data=out, overwrite=args.overwrite)
     print("\n".join(lines))
     return out
+
+
+def trained_from_first_pruner(args):
+    """Whether the run that trained --model averaged its retention from the first pruner: `sparsity_layers` in
+    train_rcp.py's OUTPUT_DIR/metrics.json beside OUTPUT_DIR/model. (The script assumed it always did: on the main
+    job's deep testbed, trained over all layers, it calibrated to 1.5x the budget the model was trained to.)"""
+    import json
+
+    record = os.path.join(os.path.dirname(os.path.abspath(args.model)), "metrics.json")
+    layers = None
+    if os.path.isfile(record):
+        try:
+            with open(record, encoding="utf-8") as f:
+                layers = json.load(f).get("sparsity_layers")
+        except (OSError, ValueError, AttributeError):
+            layers = None
+    if layers not in ("all", "from_first_pruner"):
+        raise ValueError(f"--model {args.model!r}: no train_rcp.py record beside it ({record}, with "
+                         "`sparsity_layers`) says which layers its retention was trained over; pass --all_layers "
+                         "or --from_first_pruner.")
+    return layers == "from_first_pruner"
 
 
 if __name__ == "__main__":

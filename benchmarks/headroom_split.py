@@ -188,8 +188,9 @@ def main(argv=None):
         cells = f"{test['a_only']}/{test['b_only']} | {test['p_value']:.2g}" if test else "– | –"
         lines.append(f"| {where} | {accuracy:.3f} | {cells} |")
     markdown = "\n".join(lines) + "\n"
-    write_results(stem, markdown=markdown, data={"command": command, "layers": layers, "counts": counts,
-                                                  "samples": len(data.rows), "split": data.split, "rows": rows})
+    write_results(stem, markdown=markdown, overwrite=args.overwrite,
+                  data={"command": command, "layers": layers, "counts": counts, "samples": len(data.rows),
+                        "split": data.split, "rows": rows})
     print(markdown)
     return rows
 

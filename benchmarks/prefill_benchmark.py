@@ -74,6 +74,9 @@ def main(argv=None):
                         help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers: paper_placement's, 0-based "
                              "1 / 13 / 25 at 32)")
     args = parser.parse_args(argv)
+    if args.text_tokens < 2:  # BOS + image alone ends the prompt on its image, which the model refuses (naming no flag)
+        parser.error(f"argument --text_tokens: must be >= 2 (BOS and at least one token after the image), got "
+                     f"{args.text_tokens}")
     print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

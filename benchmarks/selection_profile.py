@@ -240,7 +240,7 @@ def main(argv=None):
                         "repeats": args.repeats, "points": points, "prefill_ms": prefill, "aten_calls": calls})
     command = command_line(__file__, argv)
     text = markdown(results, command)
-    write_results(stem, text, {"command": command, "results": results})
+    write_results(stem, text, {"command": command, "results": results}, overwrite=args.overwrite)
     print(text)
     return results
 

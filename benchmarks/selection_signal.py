@@ -213,7 +213,7 @@ def main(argv=None):
     summary = summarise(collect(model, processor, rows, args.batch_size))
     command = command_line(__file__, argv)
     markdown = format_markdown(summary, command, len(rows), args.model)
-    write_results(stem, markdown=markdown,
+    write_results(stem, markdown=markdown, overwrite=args.overwrite,
                   data={"command": command, "model": args.model, "samples": len(rows), "summary": summary})
     print(markdown)
     return summary

@@ -143,9 +143,10 @@ def main(argv=None):
               f"`{args.probe_split}` images; held-out quarter):", "", "| attribute | probe accuracy |", "|---|---|"]
     lines += [f"| {a} | {acc:.3f} |" for a, acc in probes.items()]
     markdown = "\n".join(lines) + "\n"
-    write_results(stem, markdown=markdown, data={"command": command, "model": model_dir,
-                                                  "forms": {k: {"accuracy": a, "n": n} for k, (a, n) in forms.items()},
-                                                  "probes": probes, "objects": len(features)})
+    write_results(stem, markdown=markdown, overwrite=args.overwrite,
+                  data={"command": command, "model": model_dir,
+                        "forms": {k: {"accuracy": a, "n": n} for k, (a, n) in forms.items()}, "probes": probes,
+                        "objects": len(features)})
     print(markdown)
     return forms, probes
 

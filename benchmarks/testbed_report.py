@@ -72,11 +72,11 @@ def format_report(metrics, folder, report_command=None):
 
 
 def main(argv=None):
-    from rcp_llava.testbed import MAIN_PRESET, default_cache_dir
+    from rcp_llava.testbed import MAIN_PRESET, PRESETS, default_cache_dir
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=MAIN_PRESET,
+    parser.add_argument("--preset", default=MAIN_PRESET, choices=sorted(PRESETS),
                         help=f"Read $RCP_LLAVA_CACHE/testbed/PRESET (or --folder); default {MAIN_PRESET}, the main job's.")
     parser.add_argument("--folder", default=None, help="A built testbed folder (holds metrics.json).")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
@@ -97,7 +97,7 @@ def main(argv=None):
     # The build's own command stays under "command"; this report's was recorded nowhere.
     command = command_line(__file__, argv)
     markdown = format_report(metrics, folder, report_command=command)
-    write_results(stem, markdown=markdown, data={**metrics, "report_command": command})
+    write_results(stem, markdown=markdown, data={**metrics, "report_command": command}, overwrite=args.overwrite)
     print(markdown)
     return metrics
 

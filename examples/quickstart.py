@@ -12,6 +12,8 @@ pruned. With a real checkpoint the same code reads:
     processor = AutoProcessor.from_pretrained("llava-hf/llava-1.5-7b-hf")
 """
 
+import argparse
+
 import numpy as np
 import torch
 from PIL import Image
@@ -22,7 +24,9 @@ from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 from rcp_llava.demo import build_demo_processor
 
 
-def main():
+def main(argv=None):
+    # No options; a parser still, so that --help (or a typo) prints the usage instead of running the demo.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(2)
     image_token = 127
@@ -33,7 +37,8 @@ def main():
                                        intermediate_size=512, image_size=96, patch_size=8).to_dict(),
         image_token_index=image_token,
         image_seq_length=144,
-        # The paper's 64-token schedule (Table VI: 16.7% / 4.6% / 1.4% of the tokens), on 8 layers.
+        # The paper's 64-token keep counts (Table VI: 16.7% / 4.6% / 1.4% of the tokens) at three layers spread over
+        # the 8 (an illustration, not the paper's placement: `RcpLlavaConfig.paper_placement(8)` gives 1 / 3 / 6).
         pruning_layers=[1, 4, 7],
         repair_layers=[6],
         pruning_keep_counts=[24, 7, 2],

@@ -59,6 +59,54 @@ def test_count_flags_stop_at_parsing(script, flag, value, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("script", ["baselines_benchmark", "prefill_benchmark"])
+def test_one_text_token_stops_at_parsing(script, monkeypatch, capsys):
+    """Was: BOS + the image alone, which the model refuses ("Row 0 of the batch ends on its image"), naming no flag,
+    after the full model's pass in baselines_benchmark."""
+    module = load_benchmark(script)
+    monkeypatch.setattr(module, "RcpLlavaForConditionalGeneration", _never)
+    with pytest.raises(SystemExit) as raised:
+        module.main(["--text_tokens", "1"])
+    assert raised.value.code == 2
+    assert ("argument --text_tokens: must be >= 2 (BOS and at least one token after the image), got 1"
+            in capsys.readouterr().err)
+
+
+def test_build_testbed_refuses_a_seed_numpy_cannot_take_before_making_the_folder(tmp_path, monkeypatch, capsys):
+    """Was: numpy's "expected non-negative integer", naming no seed, with the folder and its lock left behind."""
+    from rcp_llava.testbed import build_testbed
+
+    module = load_benchmark("build_testbed")
+    with pytest.raises(SystemExit) as raised:
+        module.main(["--preset", "micro", "--output_dir", str(tmp_path / "cli"), "--seed", "-1"])
+    assert raised.value.code == 2
+    assert "argument --seed: -1 is outside [0, 2**32 - 1] (numpy seeds the data generator)" in capsys.readouterr().err
+    for seed in (-1, 2 ** 32, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^seed {seed!r}: give a whole number in \[0, 2\*\*32 - 1\]"):
+            build_testbed("micro", tmp_path / "lib", seed=seed)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_testbed_report_names_the_presets_it_knows(tmp_path, capsys):
+    """Was: `--preset bogus` suggested `build_testbed.py --preset bogus`, which fails ("Unknown testbed preset")."""
+    with pytest.raises(SystemExit) as raised:
+        load_benchmark("testbed_report").main(["--preset", "bogus", "--output_dir", str(tmp_path)])
+    assert raised.value.code == 2
+    assert ("argument --preset: invalid choice: 'bogus' (choose from 'deep', 'micro', 'paper', 'tiny')"
+            in capsys.readouterr().err)
+
+
+def test_quickstart_answers_help_and_refuses_unknown_flags():
+    """Was: it had no parser, so --help (or a typo) ran the whole demo and exited 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    script = os.path.join(ROOT, "examples", "quickstart.py")
+    shown = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: quickstart.py [-h]")
+    assert "Quickstart: prune visual tokens" in shown.stdout and "tokens after the processor" not in shown.stdout
+    typo = subprocess.run([sys.executable, script, "--bogus"], env=env, capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "unrecognized arguments: --bogus" in typo.stderr and typo.stdout == ""
+
+
+@pytest.mark.parametrize("script", ["baselines_benchmark", "prefill_benchmark"])
 def test_printed_benchmarks_print_their_command_first(script, monkeypatch, capsys):
     """They print a table and record nothing else: the command heads the output, quoted for the shell."""
     module = load_benchmark(script)
@@ -232,6 +280,49 @@ def test_ablations_write_any_datas_results_with_the_models_n(stubbed_ablations, 
     assert result["num_visual_tokens"] == 16 and result["num_eval_samples"] == 3
     assert result["table6"] == {"pruning_layers": [1, 2], "kept": [8.0, 4.0], "percent_of_n": [50.0, 25.0]}
     assert "| % of N | 50.00% | 25.00% |" in (out / "t.md").read_text()
+    # the data scored is named (the command's --train_args named only what the variants trained on)
+    assert result["data"] == spec and f"3 samples ({result['split']}) of `{spec}`" in (out / "t.md").read_text()
+
+
+def _another_run_writes_first(module, monkeypatch, stem):
+    """Wrap `module.write_results` so that another run with the same name writes `stem` just before this one does."""
+    real = module.write_results
+
+    def write_results(*args, **kwargs):
+        with open(stem + ".md", "w") as f:
+            f.write("the other run\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "write_results", write_results)
+
+
+def test_ablations_keep_a_result_another_run_wrote_meanwhile(stubbed_ablations, tmp_path, monkeypatch):
+    """Was: the start-up check found NAME free, and the end of a run of hours replaced what another run had written
+    there since (only evaluate_methods.py passed --overwrite on to the write)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _another_run_writes_first(stubbed_ablations, monkeypatch, str(out / "t"))
+    argv = ["--variants", "full", "--dataset", _dataset(tmp_path / "data", ["a", "b", "c"]), "--output_dir",
+            str(out), "--name", "t", "--work_dir", str(tmp_path / "work")]
+    stubbed_ablations.main(argv)
+    assert (out / "t.md").read_text() == "the other run\n" and not (out / "t.json").exists()
+    assert json.loads((out / "t-2.json").read_text())["num_eval_samples"] == 3
+    stubbed_ablations.main(argv + ["--overwrite"])  # asked for: replaced
+    assert json.loads((out / "t.json").read_text())["num_eval_samples"] == 3
+
+
+def test_testbed_report_keeps_a_report_another_run_wrote_meanwhile(tmp_path, monkeypatch):
+    report = load_benchmark("testbed_report")
+    row = {"overall": 0.5, "families": {"attribute": 0.5}, "kept_visual_tokens": 64, "n": 2}
+    metrics = {"preset": "micro", "command": "build_testbed.py --preset micro", "num_visual_tokens": 64,
+               "build_times": {"training_s": 1.0, "evaluation_s": 1.0}, "chance": {"attribute": 0.1}, "test": row,
+               "validation": row, "pruning": {"random": {"1/9": row}}}
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "metrics.json").write_text(json.dumps(metrics))
+    _another_run_writes_first(report, monkeypatch, str(tmp_path / "testbed_micro"))
+    report.main(["--folder", str(tmp_path / "tb"), "--output_dir", str(tmp_path)])
+    assert (tmp_path / "testbed_micro.md").read_text() == "the other run\n"
+    assert json.loads((tmp_path / "testbed_micro-2.json").read_text())["preset"] == "micro"
 
 
 BAD_VARIANTS = [

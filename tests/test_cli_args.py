@@ -326,7 +326,50 @@ def test_calibrate_refuses_a_model_without_rcp_pruning(tmp_path, monkeypatch):
     data = _splits(tmp_path / "data")
     with pytest.raises(ValueError, match=r"^--model 'stock' prunes with 'none' at layers \[\]: calibration shifts "
                                          r"RCP's pruner biases; pass a trained RCP folder"):
-        calibrate.main(["--model", "stock", "--data", str(data), "--output_dir", str(tmp_path / "out")])
+        calibrate.main(["--model", "stock", "--data", str(data), "--output_dir", str(tmp_path / "out"),
+                        "--all_layers"])  # no train_rcp record beside "stock" to say which layers
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recorded, flags, from_first", [
+    ("all", [], False), ("from_first_pruner", [], True), ("all", ["--from_first_pruner"], True),
+    ("from_first_pruner", ["--all_layers"], False), (None, ["--from_first_pruner"], True)])
+def test_calibrate_averages_over_the_layers_the_model_was_trained_over(tmp_path, monkeypatch, recorded, flags,
+                                                                       from_first):
+    """It always averaged from the first pruner (the tiny job's recipe): on the main job's deep testbed, trained
+    over all layers (`sparsity_layers` 'all'), it calibrated to 1.5x the budget the model was trained to."""
+    from types import SimpleNamespace
+
+    import rcp_llava.evaluation
+    import train_rcp
+
+    calibrate = load_benchmark("calibrate_retention")
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    if recorded is not None:
+        (run / "metrics.json").write_text(json.dumps({"sparsity_layers": recorded}))
+    model = SimpleNamespace(config=SimpleNamespace(pruning_method="rcp", pruning_layers=[1]))
+    monkeypatch.setattr(rcp_llava.evaluation, "load_base_model", lambda folder: (model, SimpleNamespace()))
+    monkeypatch.setattr("rcp_llava.data.RcpDataCollator", lambda processor: None)
+    result = {"score": 0.5, "groups": {}, "retention_from_first_point": 0.2, "retention_all_layers": 0.1,
+              "kept_per_point": [3.0]}
+    monkeypatch.setattr(rcp_llava.evaluation, "evaluate_model", lambda *a, **k: result)
+    asked = []
+    monkeypatch.setattr(train_rcp, "calibrate_retention", lambda *a, from_first_pruner: asked.append(
+        from_first_pruner) or {"target": 0.1, "bias_shift": 0.0, "n": 1, "split": "validation"})
+    out = calibrate.main(["--model", str(run / "model"), "--data", str(_splits(tmp_path / "data")), "--output_dir",
+                          str(tmp_path / "out"), *flags])
+    assert asked == [from_first] and out["after"]["retention"] == (0.2 if from_first else 0.1)
+
+
+def test_calibrate_without_a_training_record_asks_which_layers(tmp_path):
+    calibrate = load_benchmark("calibrate_retention")
+    model = tmp_path / "model"
+    with pytest.raises(ValueError, match=rf"^--model '{model}': no train_rcp\.py record beside it \({tmp_path}/"
+                                         r"metrics\.json, with `sparsity_layers`\) says which layers its retention "
+                                         r"was trained over; pass --all_layers or --from_first_pruner\.$"):
+        calibrate.main(["--model", str(model), "--data", str(_splits(tmp_path / "data")), "--output_dir",
+                        str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 

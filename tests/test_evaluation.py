@@ -362,6 +362,11 @@ def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path,
         with pytest.raises(RuntimeError, match="stop"):
             ablations.run(["full"], train_args, str(tmp_path), "abl")
         assert loaded[-1] == f"testbed:{preset}"  # resolved by load_data (its own test)
+    # Variants that train on a dataset of one's own are scored on its test split (was: on the deep testbed's)
+    for train_args in (["--dataset_name_or_path", "/data/mine"], ["--base_model", "/m", "--dataset_name_or_path=/data/mine"]):
+        with pytest.raises(RuntimeError, match="stop"):
+            ablations.run(["full"], train_args, str(tmp_path), "abl")
+        assert loaded[-1] == "/data/mine"
 
 
 def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_training(tmp_path, monkeypatch):
@@ -391,10 +396,11 @@ def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_traini
     with pytest.raises(FileNotFoundError, match="The 'tiny' testbed is not built"):
         ablations.run(["full"], [], str(tmp_path), "abl", dataset="testbed:tiny")
     assert events == [("load", "testbed:tiny")]  # no training
-    events.clear()  # jobs that train from --base_model build no testbed: the default fails before training too
-    with pytest.raises(FileNotFoundError, match="The 'deep' testbed is not built"):
-        ablations.run(["full"], ["--base_model", str(tmp_path)], str(tmp_path), "abl")
-    assert events == [("load", "testbed:deep")]
+    events.clear()  # jobs that train from --base_model on no dataset folder (a --llava_json) have no default data
+    with pytest.raises(ValueError, match=r"^--dataset: the variants train from --train_args' --base_model on no "
+                                         r"--dataset_name_or_path \(a --llava_json\?\), so there is no test split"):
+        ablations.run(["full"], ["--base_model", str(tmp_path), "--llava_json", "x.json"], str(tmp_path), "abl")
+    assert events == []  # no training, nothing read
     with pytest.raises(ValueError, match="variants: none given; name at least one, e.g. full no_repair_loss"):
         ablations.run([], [], str(tmp_path), "abl")
 
@@ -748,6 +754,17 @@ def test_one_token_references_keep_the_first_token_scoring(monkeypatch):
     result = evaluation.evaluate_model(model, processor, evaluation.EvalData("testbed", rows, "t"), batch_size=4)
     assert result["scoring"] == "first token" and result["predictions"] == expected
     assert result["correct"] == [int(p == a) for p, a in zip(expected, rows["answer"])]
+
+
+@pytest.mark.parametrize("kind", ["testbed", "benchmark"])
+def test_data_without_rows_is_refused(kind):
+    """Was: an IndexError on the empty per-layer table, after the (empty) loop; train_rcp reached it with an empty
+    test split after training, before anything was saved."""
+    import rcp_llava.evaluation as evaluation
+
+    with pytest.raises(ValueError, match=r"^evaluate_model: 'empty' has no rows to score\. Give data with at least "
+                                         r"one row\.$"):
+        evaluation.evaluate_model(None, None, evaluation.EvalData(kind, [], "empty"))
 
 
 def test_kept_tokens_per_layer_of_a_row_without_an_image_is_zero():

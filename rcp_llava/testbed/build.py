@@ -160,6 +160,10 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
     is (re)trained. One build at a time per folder (`build_lock`): a second waits, then reuses it. Returns
     `output_dir`.
     """
+    # numpy's seeds are 0 .. 2**32 - 1: a negative one failed in its bit generator, naming no seed, after the
+    # folder and its lock were made
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed {seed!r}: give a whole number in [0, 2**32 - 1] (numpy seeds the data generator).")
     torch.manual_seed(seed)
     preset = get_preset(preset)
     out = Path(output_dir) if output_dir is not None else default_cache_dir(preset)
