@@ -476,7 +476,7 @@ def main():
         models[name] = model.eval()
 
     text_tokens = spec["text_tokens"]
-    results = []
+    results, written = [], None
     for index, bsz in enumerate(batch_sizes):
         inputs = make_inputs(args.preset, bsz, device, dtype)
         forced = {}
@@ -577,7 +577,7 @@ def main():
                 "decode_step_aten_calls": calls[name]["step"], "decode_step_syncs": calls[name]["step_syncs"],
             })
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
-        write_outputs(results, args, device, pending=batch_sizes[index + 1:])
+        written = write_outputs(results, args, device, pending=batch_sizes[index + 1:], stem=written)
 
 
 def output_stem(args, device):
@@ -586,10 +586,13 @@ def output_stem(args, device):
                         f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}{tag}")
 
 
-def write_outputs(results, args, device, pending=()):
-    """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet (said in both files)."""
+def write_outputs(results, args, device, pending=(), stem=None):
+    """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet (said in both files).
+    Returns the stem written, which the run's next writes pass as `stem` (they replace its own earlier table). The
+    first write (stem None) replaces a table another run wrote under the same name since start-up only with
+    --overwrite; without, this run's goes to `NAME-2` (`write_results`)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
-    stem = output_stem(args, device)
+    first, stem = stem is None, stem or output_stem(args, device)
     command = command_line(__file__)
     lines = [f"# Efficiency, preset `{args.preset}` on {device_name}", "",
              f"Command: `{command}`. Median of {args.repeats} runs after warm-up, all methods interleaved (every "
@@ -635,9 +638,9 @@ def write_outputs(results, args, device, pending=()):
                 f"{r['aten_calls']} ({r['aten_calls_selection']}) | "
                 f"{r['decode_step_aten_calls']} ({r['decode_step_syncs']}) |")
         lines.append("")
-    write_results(stem, markdown="\n".join(lines),
-                  data={"command": command, "device": device_name, "results": results, "pending_batch_sizes":
-                        list(pending)})
+    stem = write_results(stem, markdown="\n".join(lines), overwrite=args.overwrite or not first,
+                         data={"command": command, "device": device_name, "results": results,
+                               "pending_batch_sizes": list(pending)})
     try:
         import matplotlib
 
@@ -676,6 +679,7 @@ def write_outputs(results, args, device, pending=()):
         pass
     print("\n".join(lines))
     print(f"\nwrote {stem}.md / .json / .png")
+    return stem
 
 
 if __name__ == "__main__":

@@ -96,12 +96,13 @@ def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
     efficiency = load_benchmark("efficiency")
     written, original = [], efficiency.write_outputs
 
-    def record(results, args, device, pending=()):
-        original(results, args, device, pending)
+    def record(results, args, device, pending=(), stem=None):
+        written_stem = original(results, args, device, pending, stem=stem)
         stem = tmp_path / "efficiency_tiny_cpu"
         data = json.loads(stem.with_suffix(".json").read_text())
         written.append(({r["batch_size"] for r in data["results"]}, data["pending_batch_sizes"],
                         "**Incomplete**: batch sizes 2 not measured yet" in stem.with_suffix(".md").read_text()))
+        return written_stem
 
     monkeypatch.setattr(efficiency, "write_outputs", record)
     monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1,2", "--repeats", "1",
@@ -109,6 +110,31 @@ def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
                                       "--output_dir", str(tmp_path)])
     efficiency.main()
     assert written == [({1}, [2], True), ({1, 2}, [], False)]
+
+
+def test_efficiency_keeps_a_table_another_run_wrote_meanwhile_and_rewrites_its_own(tmp_path, monkeypatch):
+    """Its writes replaced whatever was at the name (overwrite=True): a table another run wrote there after the
+    start-up check was lost. Now the first write goes beside it (NAME-2), and the later ones replace that one."""
+    efficiency = load_benchmark("efficiency")
+    original, stems = efficiency.write_results, []
+
+    def write_results(stem, *args, **kwargs):
+        if not stems:  # the other run finishes just before this one's first write
+            (tmp_path / "efficiency_tiny_cpu.md").write_text("the other run\n")
+        stems.append(original(stem, *args, **kwargs))
+        return stems[-1]
+
+    monkeypatch.setattr(efficiency, "write_results", write_results)
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1,2", "--repeats", "1",
+                                      "--new_tokens", "0", "--budgets", "64", "--methods", "rcp",
+                                      "--output_dir", str(tmp_path)])
+    efficiency.main()
+    mine = str(tmp_path / "efficiency_tiny_cpu-2")
+    assert stems == [mine, mine]
+    assert (tmp_path / "efficiency_tiny_cpu.md").read_text() == "the other run\n"
+    assert json.loads((tmp_path / "efficiency_tiny_cpu-2.json").read_text())["pending_batch_sizes"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficiency_tiny_cpu-2.json", "efficiency_tiny_cpu-2.md",
+                                                          "efficiency_tiny_cpu-2.png", "efficiency_tiny_cpu.md"]
 
 
 def test_efficiency_counts_the_pruning_layers_reused_work_by_kept_rows(monkeypatch):
