@@ -31,8 +31,9 @@ A document may have no image (ScienceQA's text-only questions): its row runs unp
 in one prompt run with `pruning_method=none` only; the pruning methods take one image per prompt.
 
 Each document with an image records its visual tokens per decoder layer (`visual_tokens_per_layer`: the mean over
-all layers, the project's equal-compute budget); `visual_token_summary()` logs their mean after each request type,
-since lmms-eval's results hold the scores only.
+all layers, the project's equal-compute budget), also by task (`visual_tokens_by_task`: lmms-eval sends every
+task's requests in one call); `visual_token_summary()` logs their means after each request type, since lmms-eval's
+results hold the scores only, and still answers after lmms-eval's `clean()` has deleted the model.
 
 `generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
 `loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
@@ -228,8 +229,12 @@ class RcpLlava(lmms):
         try:
             self._model = method_model(model, **overrides).eval() if overrides else model.eval()
         except ValueError as err:
-            if counts is None:
-                raise
+            if counts is None:  # only the method given: the config's message named fields --model_args does not take
+                raise ValueError(
+                    f"rcp_llava: pruning_method={pruning_method!r} on {pretrained!r} (saved with pruning_method="
+                    f"{model.config.pruning_method!r}, pruning layers {list(model.config.pruning_layers)}): {err} Give "
+                    "`budget=K` (visual tokens to keep, e.g. budget=64 or budget=1/9): it sets the method's layers "
+                    "and counts.") from None
             spec = PRUNING_METHODS[pruning_method]
             # A method that prunes elsewhere was told of config fields (`pre_llm_keep_count`, `pruning_layers`) that
             # `--model_args` does not take: the user gave counts for the model's pruning layers.
@@ -244,11 +249,24 @@ class RcpLlava(lmms):
             logger.warning(f"rcp_llava: {pretrained!r} has no chat template; using LLaVA-1.5's (llava-hf's).")
             self.processor.chat_template = LLAVA_15_CHAT_TEMPLATE
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
-        self._tokenizer = self.processor.tokenizer
+        tokenizer = self.processor.tokenizer
+        if tokenizer.pad_token is None:  # a batch is padded: transformers' "Asking to pad" at the first request
+            if tokenizer.eos_token is None:
+                raise ValueError(f"rcp_llava: the tokenizer of {pretrained!r} has neither a pad nor an EOS token, and "
+                                 "batches are padded; save it with a pad token (tokenizer.pad_token = ...).")
+            logger.warning(f"rcp_llava: the tokenizer of {pretrained!r} has no pad token; padding with its EOS token "
+                           f"{tokenizer.eos_token!r} (left padding, masked out), as llava_hf generates with EOS.")
+            tokenizer.pad_token = tokenizer.eos_token
+        self._tokenizer = tokenizer
         self._rank, self._world_size = 0, 1
-        # Each document's visual tokens per decoder layer (mean over the layers), in the order they ran: lmms-eval's
-        # results hold the scores only, and a comparison at equal compute needs these too (`visual_token_summary`).
+        # Each document's visual tokens per decoder layer (mean over the layers), in the order they ran, and per task:
+        # lmms-eval's results hold the scores only, and a comparison at equal compute needs these too
+        # (`visual_token_summary`). What the summary reads of the model is kept here: lmms-eval's `clean()` deletes
+        # the model once its requests have run, before a user reads the summary.
         self.visual_tokens_per_layer = []
+        self.visual_tokens_by_task = {}
+        self._num_visual_tokens = model.config.num_visual_tokens
+        self._pruning_method = self._model.config.pruning_method
 
     # -- lmms-eval's properties ------------------------------------------------------------------
 
@@ -305,9 +323,10 @@ class RcpLlava(lmms):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def _record_visual_tokens(self, images):
+    def _record_visual_tokens(self, images, tasks):
         """Append the visual tokens per decoder layer of the documents the model just ran (`images`: each one's list,
-        in batch order), read from its `last_pruning_info`; documents without an image are left out."""
+        in batch order; `tasks`: each one's task), read from its `last_pruning_info`; documents without an image are
+        left out."""
         config, info = self.model.config, self.model.last_pruning_info
         if info is None:  # nothing pruned: every layer reads all of each image's tokens
             per_doc = [config.num_visual_tokens * len(row) for row in images]
@@ -315,20 +334,30 @@ class RcpLlava(lmms):
             rows = kept_tokens_per_layer(config, info.kept_counts, len(info.has_image), info.has_image)
             copies = len(rows) // len(images)  # generate's beams / return sequences repeat each row in place
             per_doc = [average_tokens(rows[i * copies]) for i in range(len(images))]
-        self.visual_tokens_per_layer.extend(t for t, row in zip(per_doc, images) if row)
+        for tokens, row, task in zip(per_doc, images, tasks):
+            if row:
+                self.visual_tokens_per_layer.append(tokens)
+                self.visual_tokens_by_task.setdefault(task, []).append(tokens)
 
     def visual_token_summary(self):
-        """`{"documents", "mean_visual_tokens_per_layer", "num_visual_tokens"}` over the documents with an image so
-        far (the mean over all decoder layers, the project's equal-compute budget), and logs it."""
+        """`{"documents", "mean_visual_tokens_per_layer", "num_visual_tokens", "per_task"}` over the documents with an
+        image so far (the mean over all decoder layers, the project's equal-compute budget; "per_task": the same two
+        for each task, as lmms-eval runs several in one call), and logs it. Readable after lmms-eval's `clean()`."""
+
+        def mean(done):
+            return {"documents": len(done), "mean_visual_tokens_per_layer": sum(done) / len(done) if done else None}
+
         done = self.visual_tokens_per_layer
-        summary = {"documents": len(done), "mean_visual_tokens_per_layer": sum(done) / len(done) if done else None,
-                   "num_visual_tokens": self.model.config.num_visual_tokens}
+        summary = {**mean(done), "num_visual_tokens": self._num_visual_tokens,
+                   "per_task": {task: mean(values) for task, values in sorted(self.visual_tokens_by_task.items())}}
         if done:
+            tasks = "; ".join(f"{task}: {s['mean_visual_tokens_per_layer']:.2f} over {s['documents']}"
+                              for task, s in summary["per_task"].items())
             eval_logger.info(f"rcp_llava: {len(done)} documents with an image read "
                              f"{summary['mean_visual_tokens_per_layer']:.2f} visual tokens per decoder layer on "
                              "average "
                              f"(of {summary['num_visual_tokens']} per image; pruning_method="
-                             f"{self.model.config.pruning_method!r})")
+                             f"{self._pruning_method!r}; by task: {tasks})")
         return summary
 
     def _prompt(self, context, num_images=1):
@@ -367,7 +396,7 @@ class RcpLlava(lmms):
             if sample:
                 generate.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
             out = self.model.generate(**inputs, **generate)
-            self._record_visual_tokens(images)
+            self._record_visual_tokens(images, tasks)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for text in texts:
                 for stop in until:
@@ -405,7 +434,7 @@ class RcpLlava(lmms):
             labels[:, len(ids) - tail:] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
             logits = self.model(**full, labels=labels).logits
-            self._record_visual_tokens([images])
+            self._record_visual_tokens([images], [task])
             target = ids[start:len(ids) - tail]  # (C,)
             stop = logits.shape[1] - 1 - tail
             scores = logits[0, stop - target.shape[0]:stop].float().log_softmax(-1)  # the continuation's predictions

@@ -490,7 +490,8 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
         logger.remove(sink)
     assert lm.visual_tokens_per_layer == [expected] * 3
     assert lm.visual_token_summary() == {"documents": 3, "mean_visual_tokens_per_layer": expected,
-                                         "num_visual_tokens": lm.model.config.num_visual_tokens}
+                                         "num_visual_tokens": lm.model.config.num_visual_tokens,
+                                         "per_task": {"t": {"documents": 3, "mean_visual_tokens_per_layer": expected}}}
     assert any(f"rcp_llava: 3 documents with an image read {expected:.2f} visual tokens per decoder layer" in m
                for m in messages)
 
@@ -498,6 +499,74 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
     unpruned.task_dict = lm.task_dict
     unpruned.generate_until([_request(question, {"until": []}, visual, 2)])
     assert unpruned.visual_tokens_per_layer == [2 * lm.model.config.num_visual_tokens]  # two images, every layer
+
+
+def test_the_visual_token_summary_is_per_task_and_outlives_lmms_evals_clean_up(demo_folder):
+    """lmms-eval sends every task's requests in one call: one pooled mean gave no task its own compute figure. And
+    `simple_evaluate` ends with `lm.clean()`, which deletes the model: the summary then raised AttributeError."""
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "pruning_method=random,budget=6,max_new_tokens=1", batch_size=3)
+    docs = [{"img": [demo_image(seed=1)]}, {"img": [demo_image(seed=2)]}]
+    lm.task_dict = {"t": {"test": docs}, "u": {"test": docs}}
+    visual = lambda d: d["img"]  # noqa: E731
+    requests = [_request("what colour ?", {"until": []}, visual, 0), _request("what shape ?", {"until": []}, visual, 1)]
+    requests.append(Instance("generate_until", ("what colour is it ?", {"until": []}, visual, 1, "u", "test"), 0,
+                             {"task": "u", "doc_id": 1, "repeats": 1}))  # the same document, in task "u"
+    lm.generate_until(requests)
+    recorded = {task: list(values) for task, values in lm.visual_tokens_by_task.items()}
+    assert sorted(recorded) == ["t", "u"] and len(recorded["t"]) == 2 and len(recorded["u"]) == 1
+    assert sorted(lm.visual_tokens_per_layer) == sorted(recorded["t"] + recorded["u"])
+    summary = lm.visual_token_summary()
+    assert summary["per_task"] == {
+        task: {"documents": len(v), "mean_visual_tokens_per_layer": sum(v) / len(v)} for task, v in recorded.items()}
+    lm.clean()
+    assert not hasattr(lm, "_model") and lm.visual_token_summary() == summary
+
+
+@pytest.mark.parametrize("method", ["vispruner", "fastv"])
+def test_a_method_given_without_a_budget_is_told_to_take_one(demo_folder, method):
+    """The config's error named `pre_llm_keep_count` / `pruning_layers`, which `--model_args` refuses as unknown
+    (a fix the wrapper itself then refused), without the rcp_llava prefix."""
+    with pytest.raises(ValueError, match=rf"^rcp_llava: pruning_method='{method}' on '.*' \(saved with "
+                                         r"pruning_method='rcp', pruning layers \[1, 2\]\): .* Give `budget=K` "
+                                         r"\(visual tokens to keep, e\.g\. budget=64 or budget=1/9\): it sets the "
+                                         r"method's layers and counts\.$"):
+        _from_args(demo_folder, f"pruning_method={method}")
+    assert _from_args(demo_folder, f"pruning_method={method},budget=4").model.config.pruning_method == method
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(demo_folder, tmp_path, caplog):
+    """llava_hf runs such a checkpoint; the batched requests here failed at the first one ("Asking to pad but the
+    tokenizer does not have a padding token"), in loglikelihood too. Padding is masked out: the answers are those
+    of the same model with a pad token."""
+    import logging
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from rcp_llava.demo import demo_image
+
+    bare = tmp_path / "no_pad"
+    shutil.copytree(demo_folder, bare)
+    processor = AutoProcessor.from_pretrained(bare)
+    processor.tokenizer.pad_token = None
+    processor.save_pretrained(bare)
+    docs = [{"img": [demo_image(seed=1)]}, {"img": [demo_image(seed=2)]}]
+    visual = lambda d: d["img"]  # noqa: E731
+    answers = []
+    for folder in (demo_folder, bare):
+        with caplog.at_level(logging.WARNING):
+            lm = _from_args(folder, "pruning_method=random,budget=6,max_new_tokens=3", batch_size=2)
+        lm.task_dict = {"t": {"test": docs}}
+        answers.append(lm.generate_until([_request("what colour is the shape ?", {"until": []}, visual, 0),
+                                          _request("what shape ?", {"until": []}, visual, 1)]))
+        answers.append(lm.loglikelihood([type("R", (), {"args": ("what shape ?", " w1", visual, 1, "t", "test")})()]))
+    assert lm.tokenizer.pad_token == lm.tokenizer.eos_token is not None
+    assert f"rcp_llava: the tokenizer of {str(bare)!r} has no pad token; padding with its EOS token" in caplog.text
+    assert answers[:2] == answers[2:]
 
 
 @pytest.mark.parametrize("device, environ, expected", [
