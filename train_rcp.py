@@ -1161,17 +1161,27 @@ class RemovePreviousCheckpointsCallback(TrainerCallback):
 CHECKPOINT_FILES = ("rcp_plugins.safetensors", "rcp_config.json", "trainer_state.json")
 
 
+def resumes_last(resume_from_checkpoint):
+    """Whether --resume_from_checkpoint asks for the newest checkpoint of the output folder: "true" / "last" /
+    "latest" (any case) or True."""
+    return resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last", "latest")
+
+
+def checkpoint_steps(output_dir):
+    """The steps of the `checkpoint-N` entries in `output_dir`, newest first (none for a folder that is not there)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted((int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit()),
+                  reverse=True)
+
+
 def resolve_resume(resume_from_checkpoint, output_dir):
     """The checkpoint folder to resume from. "true" / "last" (any case) or True: the newest COMPLETE checkpoint-N in
     `output_dir` (an interrupted save leaves one without all of `CHECKPOINT_FILES`: skipped with a warning naming
     it); a folder: itself, which must be complete. None / "" / "false": None."""
     if resume_from_checkpoint in (None, False, "") or str(resume_from_checkpoint).lower() == "false":
         return None
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last", "latest"):
-        names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-        steps = sorted((int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit()),
-                       reverse=True)
-        for step in steps:
+    if resumes_last(resume_from_checkpoint):
+        for step in checkpoint_steps(output_dir):
             folder = os.path.join(output_dir, f"checkpoint-{step}")
             missing = [f for f in CHECKPOINT_FILES if not os.path.exists(os.path.join(folder, f))]
             if not missing:
@@ -1252,8 +1262,12 @@ def run_budgets(job, args, explicit):
         root = testbed_job_defaults(job.testbed_preset)["output_dir"] + "_budgets"
     budgets = [parse_budget(b.strip()) for b in job.budgets.split(",") if b.strip()]
     folders = {label: os.path.join(root, budget_folder_name(label)) for label, _ in budgets}
-    for folder in folders.values():  # every budget's folder before the first trains (run_job checks its own only)
-        check_output_dir(folder, job.overwrite_output_dir, resolve_resume(args.resume_from_checkpoint, folder))
+    # Resuming a sweep ("last"): the budgets it had not reached have no checkpoint and start fresh (the one stopped
+    # resumes, the finished ones load). Was: refused for the first such budget, before or after the others ran.
+    resumes = {label: None if resumes_last(args.resume_from_checkpoint) and not checkpoint_steps(folder)
+               else args.resume_from_checkpoint for label, folder in folders.items()}
+    for label, folder in folders.items():  # every budget's folder before the first trains (run_job: its own only)
+        check_output_dir(folder, job.overwrite_output_dir, resolve_resume(resumes[label], folder))
     # Earlier runs' budgets stay in the summary (their folders stay too): only this run's entries are replaced.
     summary, previous = os.path.join(root, "budgets.json"), {}
     if os.path.isfile(summary):
@@ -1267,8 +1281,12 @@ def run_budgets(job, args, explicit):
                              "then run again.")
     results = {}
     for label, fraction in budgets:
+        if resumes[label] != args.resume_from_checkpoint:
+            print(f"[train_rcp] --budgets: {folders[label]} has no checkpoint to resume; budget {label} starts "
+                  "fresh.", flush=True)
         results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction),
-                                 replace(args, output_dir=folders[label]), explicit=explicit | {"output_dir"})
+                                 replace(args, output_dir=folders[label], resume_from_checkpoint=resumes[label]),
+                                 explicit=explicit | {"output_dir"})
     if results and all(r is not None for r in results.values()):
         _write_json(summary, {**previous, **results})
     return results

@@ -242,6 +242,36 @@ def job_testbed(argv):
     return flag_value(argv, "--testbed_preset") or MAIN_PRESET
 
 
+def default_evaluation_data(argv):
+    """(spec, image_folder): what the variants of a `train_rcp.py` run with `argv` are scored on without --dataset.
+    The test split of the data they train on (its `--image_folder` too), else the testbed's; ValueError when that
+    data has no test split `load_data` reads the way train_rcp reads the training data (was: the deep testbed's,
+    whatever the variants trained on -- then a single-split folder was scored on its own training rows)."""
+    llava_json = flag_value(argv, "--llava_json")  # train_rcp trains on it before any --dataset_name_or_path
+    trained_on = flag_value(argv, "--dataset_name_or_path")
+    if llava_json is not None:
+        raise ValueError(f"--dataset: the variants train on --train_args' --llava_json {llava_json!r}, which has no "
+                         "test split to default to; give the evaluation data with --dataset.")
+    if trained_on is None:
+        if flag_value(argv, "--base_model") is not None:
+            raise ValueError("--dataset: the variants train from --train_args' --base_model on no "
+                             "--dataset_name_or_path, so there is no test split to default to; give the evaluation "
+                             "data with --dataset.")
+        return f"testbed:{job_testbed(argv)}", None
+    record = os.path.join(trained_on, "dataset_dict.json")  # a `save_to_disk` DatasetDict: its splits
+    try:
+        with open(record, encoding="utf-8") as f:
+            splits = json.load(f).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        splits = []
+    if "test" not in splits:
+        raise ValueError(f"--dataset: the variants train on --train_args' --dataset_name_or_path {trained_on!r}, "
+                         "which is not a `save_to_disk` DatasetDict folder with a 'test' split (a Hub id, a data "
+                         "file, or one split's folder would be scored on the wrong rows or not at all); give the "
+                         "evaluation data with --dataset.")
+    return trained_on, flag_value(argv, "--image_folder")
+
+
 def flag_value(argv, flag):
     """The last value of `flag` in `argv`, written `FLAG VALUE` or `FLAG=VALUE` (both parse in `train_rcp.py`, and
     the last one wins there too); None when absent."""
@@ -325,16 +355,12 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         raise FileNotFoundError(f"--dataset {dataset!r} is neither a dataset folder, 'testbed', 'testbed:PRESET' nor "
                                 "BENCHMARK:PATH; pass e.g. the testbed's dataset folder (build_testbed.py's "
                                 "OUT/dataset).")
-    # Default: the data the variants train on (its test split): the --dataset_name_or_path in --train_args, else the
-    # testbed's. (Was the testbed's always: variants trained on a dataset of one's own were scored on the deep testbed.)
-    trained_on = flag_value(base_args, "--dataset_name_or_path")
-    if dataset is None and trained_on is None and flag_value(base_args, "--base_model") is not None:
-        raise ValueError("--dataset: the variants train from --train_args' --base_model on no --dataset_name_or_path "
-                         "(a --llava_json?), so there is no test split to default to; give the evaluation data "
-                         "with --dataset.")
-    spec = dataset if dataset is not None else trained_on or f"testbed:{job_testbed(base_args)}"
+    spec, image_folder, trained_on = dataset, None, None
+    if dataset is None:
+        spec, image_folder = default_evaluation_data(base_args)
+        trained_on = spec if not spec.startswith("testbed:") else None
     try:
-        data = load_data(spec, split="test", max_samples=max_eval_samples)
+        data = load_data(spec, split="test", max_samples=max_eval_samples, image_folder=image_folder)
     except FileNotFoundError:
         if dataset is not None or trained_on is not None or flag_value(base_args, "--base_model") is not None:
             raise
@@ -355,7 +381,7 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
                                                  reuse=reuse or v in UNTRAINED)
         base, processor = load_base_model(model_dir)
         if data is None:
-            data = load_data(spec, split="test", max_samples=max_eval_samples)
+            data = load_data(spec, split="test", max_samples=max_eval_samples, image_folder=image_folder)
         # N from the model, not the data: a folder without the testbed's grid_size column, or a BENCHMARK:PATH
         # spec, failed at the write (KeyError, or Table VI's percent of None) after every variant had trained.
         n = base.config.num_visual_tokens
@@ -507,9 +533,10 @@ def main(argv=None):
     parser.add_argument("--max_eval_samples", type=positive_int, default=None)
     parser.add_argument("--train_args", default="", help="Extra train_rcp.py flags for every variant (one string).")
     parser.add_argument("--dataset", default=None,
-                        help="Evaluation data (default: the data the variants train on: the "
-                             "--dataset_name_or_path in --train_args, else the testbed's, --testbed_preset there or "
-                             "the main job's).")
+                        help="Evaluation data (default: the test split of the data the variants train on: the "
+                             "--dataset_name_or_path in --train_args when it is a save_to_disk DatasetDict with one, "
+                             "with its --image_folder; with no dataset there, the testbed's, --testbed_preset there "
+                             "or the main job's; otherwise give it).")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"Folder of NAME.md / NAME.json (default {DEFAULT_OUTPUT_DIR}; committed tables: "

@@ -1101,6 +1101,36 @@ def test_budget_runs_keep_earlier_budgets_in_the_summary_and_report_the_steps_ep
     assert json.loads((tmp_path / "budget_1_4" / "metrics.json").read_text()) == summary["1/4"]
 
 
+def test_an_interrupted_budget_sweep_resumes_with_last(micro_testbed, tmp_path, capsys):
+    """`--budgets ... --resume_from_checkpoint last` after a sweep stopped during its first budget: that budget
+    resumes and the one it had not reached starts fresh (was: refused for the budget without a checkpoint, with the
+    advice to start without resuming, which the stopped budget's folder then refused)."""
+    import shutil
+
+    import train_rcp
+
+    argv = ["--budgets", "1/2,1/4", *_train_argv(micro_testbed, tmp_path, "--max_steps", "2", "--save_strategy",
+                                                 "steps", "--save_steps", "1")]
+    from safetensors.torch import load_file
+
+    train_rcp.main(argv)
+    plugins = load_file(tmp_path / "budget_1_2" / "plugins" / "rcp_plugins.safetensors")
+    # stopped after budget 1/2's first step: its later checkpoint and outputs, and budget 1/4, never written
+    for name in ("checkpoint-2", "plugins", "model"):
+        shutil.rmtree(tmp_path / "budget_1_2" / name)
+    for name in ("metrics.json", "grad_norms.json", "budgets.json"):
+        (tmp_path / ("budget_1_2/" + name if name != "budgets.json" else name)).unlink()
+    shutil.rmtree(tmp_path / "budget_1_4")
+    capsys.readouterr()
+    results = train_rcp.main(argv + ["--resume_from_checkpoint", "last"])
+    assert f"[train_rcp] --budgets: {tmp_path / 'budget_1_4'} has no checkpoint to resume; budget 1/4 starts fresh." \
+        in capsys.readouterr().out
+    resumed = load_file(tmp_path / "budget_1_2" / "plugins" / "rcp_plugins.safetensors")
+    assert resumed.keys() == plugins.keys() and all(torch.equal(resumed[k], plugins[k]) for k in plugins)  # as if
+    # uninterrupted (tensors: safetensors orders its header's metadata differently from one process to the next)
+    assert sorted(results) == ["1/2", "1/4"] and (tmp_path / "budget_1_4" / "checkpoint-2").is_dir()
+
+
 def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):
     """Was: found by the final evaluation, after training (an IndexError on its empty table). (datasets 5.2 cannot
     load an empty split it saved, so the loaded splits are emptied here.)"""

@@ -4,6 +4,7 @@ testbed, plus the budget -> keep-count reading."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -356,17 +357,31 @@ def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path,
     (model / "model.safetensors").write_bytes(b"12345")
     assert [f[:2] for f in ablations.base_weights_fingerprint([])] == [["model.safetensors", 5]]
     loaded = []
-    monkeypatch.setattr("rcp_llava.evaluation.load_data", lambda spec, **kw: loaded.append(spec) or [])
+    monkeypatch.setattr("rcp_llava.evaluation.load_data", lambda spec, **kw: loaded.append((spec, kw.get(
+        "image_folder"))) or [])
     monkeypatch.setattr(ablations, "variant_spec", lambda v: (_ for _ in ()).throw(RuntimeError("stop")))
     for train_args, preset in (([], "deep"), (["--testbed_preset", "tiny"], "tiny")):
         with pytest.raises(RuntimeError, match="stop"):
             ablations.run(["full"], train_args, str(tmp_path), "abl")
-        assert loaded[-1] == f"testbed:{preset}"  # resolved by load_data (its own test)
-    # Variants that train on a dataset of one's own are scored on its test split (was: on the deep testbed's)
-    for train_args in (["--dataset_name_or_path", "/data/mine"], ["--base_model", "/m", "--dataset_name_or_path=/data/mine"]):
+        assert loaded[-1] == (f"testbed:{preset}", None)  # resolved by load_data (its own test)
+    # Variants that train on a DatasetDict of one's own are scored on its test split, with its --image_folder (was:
+    # on the deep testbed's)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    for train_args in (["--dataset_name_or_path", str(mine)], ["--base_model", "/m", f"--dataset_name_or_path={mine}",
+                                                                "--image_folder", "/imgs"]):
         with pytest.raises(RuntimeError, match="stop"):
             ablations.run(["full"], train_args, str(tmp_path), "abl")
-        assert loaded[-1] == "/data/mine"
+        assert loaded[-1] == (str(mine), "/imgs" if "/m" in train_args else None)
+    # ... and data without such a split is not scored on whatever load_data would read of it: --dataset is asked for
+    (mine / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    for train_args, named in (([f"--dataset_name_or_path={mine}"], f"--dataset_name_or_path '{mine}', which is not"),
+                              (["--dataset_name_or_path", "user/vqa"], "--dataset_name_or_path 'user/vqa', which is not"),
+                              (["--llava_json", "x.json", "--dataset_name_or_path", str(mine)],
+                               "--llava_json 'x.json', which has no test split")):
+        with pytest.raises(ValueError, match=rf"^--dataset: the variants train on --train_args' {re.escape(named)}"):
+            ablations.run(["full"], train_args, str(tmp_path), "abl")
 
 
 def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_training(tmp_path, monkeypatch):
@@ -396,10 +411,10 @@ def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_traini
     with pytest.raises(FileNotFoundError, match="The 'tiny' testbed is not built"):
         ablations.run(["full"], [], str(tmp_path), "abl", dataset="testbed:tiny")
     assert events == [("load", "testbed:tiny")]  # no training
-    events.clear()  # jobs that train from --base_model on no dataset folder (a --llava_json) have no default data
+    events.clear()  # jobs that train from --base_model on no dataset have no default data: --dataset is asked for
     with pytest.raises(ValueError, match=r"^--dataset: the variants train from --train_args' --base_model on no "
-                                         r"--dataset_name_or_path \(a --llava_json\?\), so there is no test split"):
-        ablations.run(["full"], ["--base_model", str(tmp_path), "--llava_json", "x.json"], str(tmp_path), "abl")
+                                         r"--dataset_name_or_path, so there is no test split"):
+        ablations.run(["full"], ["--base_model", str(tmp_path)], str(tmp_path), "abl")
     assert events == []  # no training, nothing read
     with pytest.raises(ValueError, match="variants: none given; name at least one, e.g. full no_repair_loss"):
         ablations.run([], [], str(tmp_path), "abl")
