@@ -1385,6 +1385,9 @@ def run_job(job, args, explicit=()):
     budget = overrides["visual_token_budget"]
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
                                max_length=job.max_length, image_folder=job.image_folder)
+    if job.llava_json and job.dataset_name_or_path:  # the JSON won, and the dataset (its test split) went unread
+        raise ValueError(f"Give --llava_json ({job.llava_json!r}) or --dataset_name_or_path "
+                         f"({job.dataset_name_or_path!r}), not both: the JSON is the whole training data (one split).")
     if job.llava_json:
         splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder, turns=job.llava_turns)}
     elif dataset_path is None:
@@ -1417,6 +1420,20 @@ def run_job(job, args, explicit=()):
             raise ValueError(f"--test_split {job.test_split!r} holds multi-turn rows (lists of questions): the final "
                              "evaluation scores one question per image. Give a single-turn split, or a --test_split "
                              "the dataset does not have to skip it.")
+        # The rows the final evaluation reads, checked as the training rows are: a missing image or answer there
+        # failed after training, before anything was saved.
+        scored = splits[job.test_split]
+        if job.max_eval_samples is not None:
+            scored = scored.select(range(min(job.max_eval_samples, len(scored))))
+        check_dataset(scored, collator, name=f"{job.test_split!r} split (the final evaluation's)")
+    if job.calibrate_retention:  # the rows `calibrate_retention` reads, before training too
+        name = job.eval_split if job.eval_split in splits else job.train_split
+        rows = splits[name].select(range(min(CALIBRATION_SAMPLES, len(splits[name]))))
+        if any(isinstance(q, (list, tuple)) for q in rows[job.question_column]):
+            raise ValueError(f"--calibrate_retention calibrates on the {name!r} split, whose rows are multi-turn "
+                             "(lists of questions: --llava_json's conversations), and the pruners select for one "
+                             "question: give --llava_turns pairs, or a dataset with a single-turn --eval_split.")
+        check_dataset(rows, collator, name=f"{name!r} split (--calibrate_retention's)")
     # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
     # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
     # --seed gives one model.
@@ -1511,8 +1528,11 @@ def inference_retention(model, processor, rows, collator, from_first_pruner, bat
     return result["retention_from_first_point" if from_first_pruner else "retention_all_layers"]
 
 
+CALIBRATION_SAMPLES = 256  # the rows `calibrate_retention` bisects on
+
+
 def calibrate_retention(model, processor, splits, collator, job, from_first_pruner=False, tolerance=0.05,
-                        max_samples=256, steps=30):
+                        max_samples=CALIBRATION_SAMPLES, steps=30):
     """Shift every pruner's bias by one common amount so that the mean inference retention on the evaluation split
     (else the training split) is within `tolerance` (relative) of the target. Retention grows with the shift, so
     bisection finds it. Returns before / after / shift; the shifted biases stay in the model (and are saved)."""

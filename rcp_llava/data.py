@@ -373,6 +373,11 @@ class RcpDataCollator:
         lengths = attention.sum(1)
         self._check_length(input_ids, lengths, examples)
         is_answer = torch.zeros(bsz, seq, dtype=torch.bool)
+        # A tokenizer that appends EOS to every text (`add_eos_token`) ends each prefix below with one the full text
+        # holds only at its end: not a merge (it was refused as one, on every row of such a tokenizer), and not the
+        # answer's (the template's own EOS after each answer is).
+        eos = tokenizer.eos_token_id
+        appended = eos is not None and tokenizer("", **special)["input_ids"][-1:] == [eos]
         for row, (text, spans) in enumerate(rendered):
             ids = tokenizer(text, **special)["input_ids"]
             # The processor expands the one image placeholder (in the first question, before every answer).
@@ -381,6 +386,8 @@ class RcpDataCollator:
                 bounds = []
                 for cut in (start, end):
                     prefix = tokenizer(text[:cut], **special)["input_ids"]
+                    if appended and prefix[-1:] == [eos]:
+                        prefix = prefix[:-1]
                     if ids[:len(prefix)] != prefix:
                         raise ValueError("The tokenizer merges tokens across an answer's boundary in a conversation "
                                          f"({self.describe(examples[row])}); its answer tokens cannot be told apart.")
@@ -521,9 +528,13 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
     needed = [collator.image_column, collator.question_column, collator.answer_column]
     missing = [c for c in needed if c not in columns]
     if missing:
+        llava = ("conversations" in columns and collator.question_column not in columns and
+                 collator.answer_column not in columns)  # no renaming turns its turns into question / answer
         raise ValueError(
-            f"The {name} has no column(s) {missing}; it has {sorted(columns)}. Name the right ones with "
-            "--image_column / --question_column / --answer_column."
+            f"The {name} has no column(s) {missing}; it has {sorted(columns)}. " + (
+                "Its 'conversations' column holds LLaVA-style records: give the JSON file itself with --llava_json "
+                "(and --image_folder for its relative image paths), not --dataset_name_or_path." if llava else
+                "Name the right ones with --image_column / --question_column / --answer_column.")
         )
     _check_image_column(dataset, collator, name)
     tokenizer = collator.processor.tokenizer
@@ -700,6 +711,11 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
             if not dialog[k]["value"].strip():  # the collator refuses it too, but only mid-training
                 raise ValueError(f"{where}: turn {k} (gpt) is an empty answer {dialog[k]['value']!r}: RCP trains "
                                  "on the answer tokens. Give the answer or drop the turn pair.")
+            if "<image>" in dialog[k]["value"]:  # check_dataset refuses it too, by its row in the rebuilt dataset,
+                # which drifts from the record's number (text-only records skipped, pairs expanded)
+                raise ValueError(f"{where}: turn {k} (gpt) holds the image placeholder '<image>' in its answer "
+                                 f"{_short(dialog[k]['value'])!r}; the image goes with the first question. Remove it "
+                                 "from the answer or drop the record.")
         name = record["image"]
         if not isinstance(name, str):  # os.path.join raised a bare TypeError that named no record
             raise TypeError(f"{where}: 'image' is {name!r} ({type(name).__name__}), expected one image path as a "

@@ -736,6 +736,42 @@ def test_llava_json_lines_are_read_as_the_list(tmp_path, name, lines):
         load_llava_json(str(tmp_path / "broken.json"), str(tmp_path / "images"))
 
 
+def test_llava_json_names_the_record_of_an_image_placeholder_in_an_answer(tmp_path):
+    """Was found by check_dataset, as "Example 1 of the 'train' split": its row in the rebuilt dataset, which is not
+    the record's number once text-only records are skipped or pairs expanded, and without its id."""
+    from rcp_llava.data import load_llava_json
+
+    good = {"image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"), _turn("gpt", "A cat.")]}
+    bad = {"id": "rec-42", "image": "a.png", "conversations": [_turn("human", "<image>\nWhat?"),
+                                                               _turn("gpt", "blue, see <image>")]}
+    path = _llava_json(tmp_path, [{"conversations": [_turn("human", "Hi?"), _turn("gpt", "Hello.")]}, good, bad])
+    for turns in ("conversation", "pairs"):
+        with pytest.raises(ValueError, match=rf"^Record 2 \(id 'rec-42'\) of {re.escape(str(path))}: turn 1 \(gpt\) "
+                                             r"holds the image placeholder '<image>' in its answer 'blue, see "
+                                             r"<image>'; the image goes with the first question\."):
+            load_llava_json(str(path), str(tmp_path / "images"), turns=turns)
+
+
+def test_a_llava_style_dataset_folder_is_pointed_to_llava_json(tmp_path):
+    """A folder (or Hub dataset) of LLaVA records loads as columns id / image / conversations, and the user was told to
+    rename columns, which cannot turn turns into a question and an answer."""
+    from datasets import Dataset
+    from transformers import AutoProcessor
+
+    from rcp_llava.data import RcpDataCollator, check_dataset
+    from rcp_llava.testbed import build_processor, get_preset
+
+    rows = Dataset.from_list([{"id": "a", "image": "a.png", "conversations": [_turn("human", "<image>\nQ?"),
+                                                                             _turn("gpt", "A.")]}])
+    collator = RcpDataCollator(build_processor(get_preset("micro")))
+    with pytest.raises(ValueError, match=r"^The dataset has no column\(s\) \['question', 'answer'\]; it has "
+                                         r"\['conversations', 'id', 'image'\]\. Its 'conversations' column holds "
+                                         r"LLaVA-style records: give the JSON file itself with --llava_json"):
+        check_dataset(rows, collator)
+    with pytest.raises(ValueError, match=r"Name the right ones with --image_column"):  # other columns: as before
+        check_dataset(rows.rename_column("conversations", "turns"), collator)
+
+
 def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
     """llava_v1_5_mix665k.json holds text-only (ShareGPT) records: the whole file was refused with "Record 2 lacks
     'image' or 'conversations'". They are skipped and counted; a file of nothing else is refused."""
@@ -1129,6 +1165,55 @@ def test_an_interrupted_budget_sweep_resumes_with_last(micro_testbed, tmp_path, 
     assert resumed.keys() == plugins.keys() and all(torch.equal(resumed[k], plugins[k]) for k in plugins)  # as if
     # uninterrupted (tensors: safetensors orders its header's metadata differently from one process to the next)
     assert sorted(results) == ["1/2", "1/4"] and (tmp_path / "budget_1_4" / "checkpoint-2").is_dir()
+
+
+def test_the_final_evaluations_rows_are_checked_before_training(micro_testbed, tmp_path, monkeypatch):
+    """Was: only the train (and eval) split was checked; a test row without an answer was scored against None, one
+    whose image was missing failed after training, before anything was saved."""
+    import train_rcp
+
+    load_splits = train_rcp.load_splits
+
+    def with_a_bad_test_row(*args, **kwargs):
+        splits = load_splits(*args, **kwargs)
+        splits["test"] = splits["test"].map(lambda row, i: {"answer": None if i == 2 else row["answer"]},
+                                            with_indices=True)
+        return splits
+
+    monkeypatch.setattr(train_rcp, "load_splits", with_a_bad_test_row)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^Example 2 of the 'test' split \(the final evaluation's\): its 'answer'"):
+        train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1"))
+    assert not out.exists()
+    train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--max_eval_samples", "2"))  # not scored: runs
+
+
+def test_calibration_on_multi_turn_rows_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):
+    """A --llava_json run (one split, conversation rows) calibrated on prompts holding the Python text of its
+    question lists, and saved the shifted biases."""
+    import train_rcp
+
+    def conversations_only(*args, **kwargs):
+        from datasets import DatasetDict
+
+        train = DatasetDict.load_from_disk(str(micro_testbed / "dataset"))["train"].select(range(4))
+        return {"train": train.map(lambda row: {"question": [row["question"]], "answer": [row["answer"]]})}
+
+    monkeypatch.setattr(train_rcp, "load_splits", conversations_only)
+    with pytest.raises(ValueError, match=r"^--calibrate_retention calibrates on the 'train' split, whose rows are "
+                                         r"multi-turn \(lists of questions: --llava_json's conversations\)"):
+        train_rcp.main(_train_argv(micro_testbed, tmp_path / "run", "--max_steps", "1", "--calibrate_retention"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_llava_json_and_a_dataset_together_are_refused(micro_testbed, tmp_path):
+    """Was: the JSON won and the dataset (with its test split) went unread: no evaluation, no error."""
+    import train_rcp
+
+    path = _llava_json(tmp_path)
+    with pytest.raises(ValueError, match=rf"^Give --llava_json \({re.escape(repr(str(path)))}\) or "
+                                         r"--dataset_name_or_path \('.*dataset'\), not both"):
+        train_rcp.main(_train_argv(micro_testbed, tmp_path / "run", "--llava_json", str(path)))
 
 
 def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):

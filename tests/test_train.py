@@ -195,6 +195,24 @@ def test_collator_builds_labels_and_masks(micro):
         assert not (batch["question_mask"][i] & (batch["labels"][i] != -100)).any()
 
 
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_a_tokenizer_appending_eos_trains_conversation_rows(add_eos_token):
+    """--llava_json's rows are conversations (lists), one turn included: a tokenizer appending EOS to every text ended
+    each answer-boundary prefix with an EOS the full text does not hold there, and every row was refused as a token
+    merge. Labelled: exactly each answer and the EOS the template puts after it."""
+    from PIL import Image
+
+    processor = sentencepiece_like_processor("ASSISTANT:", add_eos_token)
+    tok = processor.tokenizer
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    batch = RcpDataCollator(processor)([
+        {"image": image, "question": ["How many cats?"], "answer": ["There are two cats."]},
+        {"image": image, "question": ["What colour?", "How many cats?"], "answer": ["Red", "There are two cats"]}])
+    for i, answers in enumerate([["There are two cats."], ["Red", "There are two cats"]]):
+        labelled = tok.decode(batch["input_ids"][i][batch["labels"][i] != -100].tolist())
+        assert labelled.replace(" ", "") == "".join(f"{a}{tok.eos_token}" for a in answers).replace(" ", "")
+
+
 @pytest.mark.parametrize("generation_prompt, add_eos_token", [("ASSISTANT:", False), ("ASSISTANT: ", False),
                                                               ("ASSISTANT:", True)])
 def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prompt, add_eos_token):
