@@ -1167,20 +1167,27 @@ def test_an_interrupted_budget_sweep_resumes_with_last(micro_testbed, tmp_path, 
     assert sorted(results) == ["1/2", "1/4"] and (tmp_path / "budget_1_4" / "checkpoint-2").is_dir()
 
 
+def _change_the_test_split(monkeypatch, change):
+    """train_rcp loads its splits with the test split passed through `change`."""
+    import train_rcp
+
+    load_splits = train_rcp.load_splits
+
+    def changed(*args, **kwargs):
+        splits = load_splits(*args, **kwargs)
+        splits["test"] = change(splits["test"])
+        return splits
+
+    monkeypatch.setattr(train_rcp, "load_splits", changed)
+
+
 def test_the_final_evaluations_rows_are_checked_before_training(micro_testbed, tmp_path, monkeypatch):
     """Was: only the train (and eval) split was checked; a test row without an answer was scored against None, one
     whose image was missing failed after training, before anything was saved."""
     import train_rcp
 
-    load_splits = train_rcp.load_splits
-
-    def with_a_bad_test_row(*args, **kwargs):
-        splits = load_splits(*args, **kwargs)
-        splits["test"] = splits["test"].map(lambda row, i: {"answer": None if i == 2 else row["answer"]},
-                                            with_indices=True)
-        return splits
-
-    monkeypatch.setattr(train_rcp, "load_splits", with_a_bad_test_row)
+    _change_the_test_split(monkeypatch, lambda test: test.map(
+        lambda row, i: {"answer": None if i == 2 else row["answer"]}, with_indices=True))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"^Example 2 of the 'test' split \(the final evaluation's\): its 'answer'"):
         train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1"))
@@ -1221,14 +1228,7 @@ def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path,
     load an empty split it saved, so the loaded splits are emptied here.)"""
     import train_rcp
 
-    load_splits = train_rcp.load_splits
-
-    def with_an_empty_test_split(*args, **kwargs):
-        splits = load_splits(*args, **kwargs)
-        splits["test"] = splits["test"].select([])
-        return splits
-
-    monkeypatch.setattr(train_rcp, "load_splits", with_an_empty_test_split)
+    _change_the_test_split(monkeypatch, lambda test: test.select([]))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"^--test_split 'test' is empty: the final evaluation scores it"):
         train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1"))
