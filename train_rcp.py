@@ -1267,7 +1267,8 @@ def run_budgets(job, args, explicit):
     resumes = {label: None if resumes_last(args.resume_from_checkpoint) and not checkpoint_steps(folder)
                else args.resume_from_checkpoint for label, folder in folders.items()}
     for label, folder in folders.items():  # every budget's folder before the first trains (run_job: its own only)
-        check_output_dir(folder, job.overwrite_output_dir, resolve_resume(resumes[label], folder))
+        finished = resumes_last(args.resume_from_checkpoint) and os.path.isfile(os.path.join(folder, "metrics.json"))
+        check_output_dir(folder, job.overwrite_output_dir or finished, resolve_resume(resumes[label], folder))
     # Earlier runs' budgets stay in the summary (their folders stay too): only this run's entries are replaced.
     summary, previous = os.path.join(root, "budgets.json"), {}
     if os.path.isfile(summary):
@@ -1281,6 +1282,14 @@ def run_budgets(job, args, explicit):
                              "then run again.")
     results = {}
     for label, fraction in budgets:
+        record = os.path.join(folders[label], "metrics.json")
+        if resumes[label] is None and resumes_last(args.resume_from_checkpoint) and os.path.isfile(record):
+            # finished without a checkpoint (--save_strategy no, fewer steps than --save_steps): kept as it is
+            print(f"[train_rcp] --budgets: budget {label} finished before ({record}, no checkpoint): kept.",
+                  flush=True)
+            with open(record, encoding="utf-8") as f:
+                results[label] = json.load(f) if args.process_index == 0 else None
+            continue
         if resumes[label] != args.resume_from_checkpoint:
             print(f"[train_rcp] --budgets: {folders[label]} has no checkpoint to resume; budget {label} starts "
                   "fresh.", flush=True)
@@ -1340,6 +1349,9 @@ def run_job(job, args, explicit=()):
     started = time.time()
     if args.push_to_hub and not args.hub_model_id:  # before anything loads
         raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+    if job.llava_json and job.dataset_name_or_path:  # the JSON won, and the dataset (its test split) went unread
+        raise ValueError(f"Give --llava_json ({job.llava_json!r}) or --dataset_name_or_path "
+                         f"({job.dataset_name_or_path!r}), not both: the JSON is the whole training data (one split).")
     if "do_train" in explicit and not args.do_train:  # the stock flag of HF's example scripts, read nowhere here
         raise ValueError("--do_train false: this script always trains the plug-ins. To score plug-ins without "
                          "training, load them (`RcpLlavaForConditionalGeneration.from_base(BASE, plugins=FOLDER)`) "
@@ -1385,9 +1397,6 @@ def run_job(job, args, explicit=()):
     budget = overrides["visual_token_budget"]
     collator = RcpDataCollator(processor, job.image_column, job.question_column, job.answer_column,
                                max_length=job.max_length, image_folder=job.image_folder)
-    if job.llava_json and job.dataset_name_or_path:  # the JSON won, and the dataset (its test split) went unread
-        raise ValueError(f"Give --llava_json ({job.llava_json!r}) or --dataset_name_or_path "
-                         f"({job.dataset_name_or_path!r}), not both: the JSON is the whole training data (one split).")
     if job.llava_json:
         splits = {job.train_split: load_llava_json(job.llava_json, job.image_folder, turns=job.llava_turns)}
     elif dataset_path is None:
@@ -1425,7 +1434,8 @@ def run_job(job, args, explicit=()):
         scored = splits[job.test_split]
         if job.max_eval_samples is not None:
             scored = scored.select(range(min(job.max_eval_samples, len(scored))))
-        check_dataset(scored, collator, name=f"{job.test_split!r} split (the final evaluation's)")
+        _check_scored_rows(scored, collator, f"{job.test_split!r} split (the final evaluation's)",
+                           "or skip the final evaluation with --test_split none")
     if job.calibrate_retention:  # the rows `calibrate_retention` reads, before training too
         name = job.eval_split if job.eval_split in splits else job.train_split
         rows = splits[name].select(range(min(CALIBRATION_SAMPLES, len(splits[name]))))
@@ -1433,7 +1443,8 @@ def run_job(job, args, explicit=()):
             raise ValueError(f"--calibrate_retention calibrates on the {name!r} split, whose rows are multi-turn "
                              "(lists of questions: --llava_json's conversations), and the pruners select for one "
                              "question: give --llava_turns pairs, or a dataset with a single-turn --eval_split.")
-        check_dataset(rows, collator, name=f"{name!r} split (--calibrate_retention's)")
+        _check_scored_rows(rows, collator, f"{name!r} split (--calibrate_retention's)",
+                           "or train without --calibrate_retention")
     # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
     # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
     # --seed gives one model.
@@ -1475,6 +1486,15 @@ def run_job(job, args, explicit=()):
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return metrics
+
+
+def _check_scored_rows(rows, collator, name, way_out):
+    """`check_dataset` on rows scored (not trained on) after training, its message ending with the way out: the
+    training checks' advice (rename a column for every split) is not the only one for a split that is read only."""
+    try:
+        check_dataset(rows, collator, name=name)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise type(error)(f"{error} (These rows are read after training: fix them, {way_out}.)") from None
 
 
 def _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual, started, push,

@@ -376,8 +376,9 @@ class RcpDataCollator:
         # A tokenizer that appends EOS to every text (`add_eos_token`) ends each prefix below with one the full text
         # holds only at its end: not a merge (it was refused as one, on every row of such a tokenizer), and not the
         # answer's (the template's own EOS after each answer is).
+        # (Read off a one-character text: "" encodes to [BOS] alone, which is EOS where BOS is EOS, GPT-NeoX-style.)
         eos = tokenizer.eos_token_id
-        appended = eos is not None and tokenizer("", **special)["input_ids"][-1:] == [eos]
+        appended = eos is not None and tokenizer("a", **special)["input_ids"][-1:] == [eos]
         for row, (text, spans) in enumerate(rendered):
             ids = tokenizer(text, **special)["input_ids"]
             # The processor expands the one image placeholder (in the first question, before every answer).

@@ -229,13 +229,17 @@ class RcpLlava(lmms):
         try:
             self._model = method_model(model, **overrides).eval() if overrides else model.eval()
         except ValueError as err:
+            spec = PRUNING_METHODS[pruning_method]
             if counts is None:  # only the method given: the config's message named fields --model_args does not take
+                # A budget sets the layers of a method that prunes elsewhere; one pruning at RCP's layers needs them.
+                budgeted = (not spec.in_decoder) or spec.max_pruning_layers == 1 or bool(model.config.pruning_layers)
+                hint = (" Give `budget=K` (visual tokens to keep, e.g. budget=64 or budget=1/9): it sets the method's "
+                        "layers and counts." if budgeted else f" It prunes at the model's RCP pruning layers, and "
+                        f"{pretrained!r} has none: use a checkpoint with RCP plug-ins, or another method.")
                 raise ValueError(
                     f"rcp_llava: pruning_method={pruning_method!r} on {pretrained!r} (saved with pruning_method="
-                    f"{model.config.pruning_method!r}, pruning layers {list(model.config.pruning_layers)}): {err} Give "
-                    "`budget=K` (visual tokens to keep, e.g. budget=64 or budget=1/9): it sets the method's layers "
-                    "and counts.") from None
-            spec = PRUNING_METHODS[pruning_method]
+                    f"{model.config.pruning_method!r}, pruning layers {list(model.config.pruning_layers)}): {err}"
+                    f"{hint}") from None
             # A method that prunes elsewhere was told of config fields (`pre_llm_keep_count`, `pruning_layers`) that
             # `--model_args` does not take: the user gave counts for the model's pruning layers.
             elsewhere = (not spec.in_decoder) or spec.max_pruning_layers == 1

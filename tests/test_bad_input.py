@@ -1189,7 +1189,9 @@ def test_the_final_evaluations_rows_are_checked_before_training(micro_testbed, t
     _change_the_test_split(monkeypatch, lambda test: test.map(
         lambda row, i: {"answer": None if i == 2 else row["answer"]}, with_indices=True))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"^Example 2 of the 'test' split \(the final evaluation's\): its 'answer'"):
+    with pytest.raises(ValueError, match=r"^Example 2 of the 'test' split \(the final evaluation's\): its 'answer'.* "
+                                         r"\(These rows are read after training: fix them, or skip the final "
+                                         r"evaluation with --test_split none\.\)$"):
         train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1"))
     assert not out.exists()
     train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", "--max_eval_samples", "2"))  # not scored: runs
@@ -1213,7 +1215,7 @@ def test_calibration_on_multi_turn_rows_is_refused_before_training(micro_testbed
     assert not (tmp_path / "run").exists()
 
 
-def test_llava_json_and_a_dataset_together_are_refused(micro_testbed, tmp_path):
+def test_llava_json_and_a_dataset_together_are_refused(micro_testbed, tmp_path, monkeypatch):
     """Was: the JSON won and the dataset (with its test split) went unread: no evaluation, no error."""
     import train_rcp
 
@@ -1221,6 +1223,29 @@ def test_llava_json_and_a_dataset_together_are_refused(micro_testbed, tmp_path):
     with pytest.raises(ValueError, match=rf"^Give --llava_json \({re.escape(repr(str(path)))}\) or "
                                          r"--dataset_name_or_path \('.*dataset'\), not both"):
         train_rcp.main(_train_argv(micro_testbed, tmp_path / "run", "--llava_json", str(path)))
+    # ... before anything loads or builds: the main job built the deep testbed (~50 minutes) first
+    monkeypatch.setattr("rcp_llava.testbed.build_testbed", lambda *a, **k: pytest.fail("built the testbed"))
+    with pytest.raises(ValueError, match=r"^Give --llava_json .* not both"):
+        train_rcp.main(["--llava_json", str(path), "--dataset_name_or_path", "/data/mine", "--output_dir",
+                        str(tmp_path / "run"), "--report_to", "none"])
+
+
+def test_a_resumed_sweep_keeps_a_budget_that_finished_without_a_checkpoint(micro_testbed, tmp_path, capsys):
+    """A budget finished with no checkpoint (fewer steps than --save_steps, or --save_strategy no) was taken for one
+    not reached and refused ("already holds a run ... pass --resume_from_checkpoint", which was given)."""
+    import train_rcp
+
+    argv = _train_argv(micro_testbed, tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    first = train_rcp.main(["--budgets", "1/2", *argv])
+    before = (tmp_path / "budget_1_2" / "metrics.json").read_text()
+    capsys.readouterr()
+    results = train_rcp.main(["--budgets", "1/2,1/4", *argv, "--resume_from_checkpoint", "last"])
+    out = capsys.readouterr().out
+    assert (f"[train_rcp] --budgets: budget 1/2 finished before ({tmp_path / 'budget_1_2' / 'metrics.json'}, no "
+            "checkpoint): kept.") in out
+    assert "budget 1/4 starts fresh" in out
+    assert (tmp_path / "budget_1_2" / "metrics.json").read_text() == before and results["1/2"] == first["1/2"]
+    assert sorted(json.loads((tmp_path / "budgets.json").read_text())) == ["1/2", "1/4"]
 
 
 def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):

@@ -538,6 +538,25 @@ def test_a_method_given_without_a_budget_is_told_to_take_one(demo_folder, method
     assert _from_args(demo_folder, f"pruning_method={method},budget=4").model.config.pruning_method == method
 
 
+@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
+def test_a_method_at_rcps_layers_on_a_checkpoint_without_them_is_not_told_to_take_a_budget(demo_folder, tmp_path,
+                                                                                           method):
+    """A budget cannot give such a method the pruning layers it needs: the advice failed in turn."""
+    import shutil
+
+    bare = tmp_path / "stock_like"
+    shutil.copytree(demo_folder, bare)
+    config = json.loads((bare / "config.json").read_text())
+    config.update(pruning_method="none", pruning_layers=[], repair_layers=[], pruning_keep_counts=None)
+    (bare / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^rcp_llava: pruning_method='{method}' on '.*' \(saved with "
+                                         r"pruning_method='none', pruning layers \[\]\): .* It prunes at the model's "
+                                         r"RCP pruning layers, and '.*' has none: use a checkpoint with RCP plug-ins, "
+                                         r"or another method\.$") as refused:
+        _from_args(str(bare), f"pruning_method={method}")
+    assert "budget=K" not in str(refused.value)
+
+
 def test_a_tokenizer_without_a_pad_token_pads_with_eos(demo_folder, tmp_path, caplog):
     """llava_hf runs such a checkpoint; the batched requests here failed at the first one ("Asking to pad but the
     tokenizer does not have a padding token"), in loglikelihood too. Padding is masked out: the answers are those

@@ -195,8 +195,8 @@ def test_collator_builds_labels_and_masks(micro):
         assert not (batch["question_mask"][i] & (batch["labels"][i] != -100)).any()
 
 
-@pytest.mark.parametrize("add_eos_token", [False, True])
-def test_a_tokenizer_appending_eos_trains_conversation_rows(add_eos_token):
+@pytest.mark.parametrize("add_eos_token, bos_is_eos", [(False, False), (True, False), (False, True)])
+def test_a_tokenizer_appending_eos_trains_conversation_rows(add_eos_token, bos_is_eos):
     """--llava_json's rows are conversations (lists), one turn included: a tokenizer appending EOS to every text ended
     each answer-boundary prefix with an EOS the full text does not hold there, and every row was refused as a token
     merge. Labelled: exactly each answer and the EOS the template puts after it."""
@@ -204,6 +204,9 @@ def test_a_tokenizer_appending_eos_trains_conversation_rows(add_eos_token):
 
     processor = sentencepiece_like_processor("ASSISTANT:", add_eos_token)
     tok = processor.tokenizer
+    if bos_is_eos:  # GPT-NeoX-style: "" encodes to [EOS], which is no appended EOS (the answers' EOS was dropped)
+        tok.bos_token, tok.add_bos_token = tok.eos_token, True
+        assert tok("")["input_ids"] == [tok.eos_token_id]
     image = Image.new("RGB", (8, 8), (255, 0, 0))
     batch = RcpDataCollator(processor)([
         {"image": image, "question": ["How many cats?"], "answer": ["There are two cats."]},
