@@ -1266,9 +1266,21 @@ def run_budgets(job, args, explicit):
     # resumes, the finished ones load). Was: refused for the first such budget, before or after the others ran.
     resumes = {label: None if resumes_last(args.resume_from_checkpoint) and not checkpoint_steps(folder)
                else args.resume_from_checkpoint for label, folder in folders.items()}
+    kept = {}  # budgets that finished without a checkpoint (--save_strategy no, fewer steps than --save_steps): their
+    # metrics.json is kept when the sweep resumes, read here, before any budget trains (with --overwrite_output_dir
+    # they train again, as every other budget)
     for label, folder in folders.items():  # every budget's folder before the first trains (run_job: its own only)
-        finished = resumes_last(args.resume_from_checkpoint) and os.path.isfile(os.path.join(folder, "metrics.json"))
-        check_output_dir(folder, job.overwrite_output_dir or finished, resolve_resume(resumes[label], folder))
+        record = os.path.join(folder, "metrics.json")
+        if resumes[label] is None and resumes_last(args.resume_from_checkpoint) and os.path.isfile(record) \
+                and not job.overwrite_output_dir:
+            try:
+                with open(record, encoding="utf-8") as f:
+                    kept[label] = json.load(f)
+            except ValueError as error:
+                raise ValueError(f"{record!r} (budget {label}, finished without a checkpoint) is not readable JSON "
+                                 f"({error}): pass --overwrite_output_dir to train it again.") from None
+            continue
+        check_output_dir(folder, job.overwrite_output_dir, resolve_resume(resumes[label], folder))
     # Earlier runs' budgets stay in the summary (their folders stay too): only this run's entries are replaced.
     summary, previous = os.path.join(root, "budgets.json"), {}
     if os.path.isfile(summary):
@@ -1282,13 +1294,10 @@ def run_budgets(job, args, explicit):
                              "then run again.")
     results = {}
     for label, fraction in budgets:
-        record = os.path.join(folders[label], "metrics.json")
-        if resumes[label] is None and resumes_last(args.resume_from_checkpoint) and os.path.isfile(record):
-            # finished without a checkpoint (--save_strategy no, fewer steps than --save_steps): kept as it is
-            print(f"[train_rcp] --budgets: budget {label} finished before ({record}, no checkpoint): kept.",
-                  flush=True)
-            with open(record, encoding="utf-8") as f:
-                results[label] = json.load(f) if args.process_index == 0 else None
+        if label in kept:
+            print(f"[train_rcp] --budgets: budget {label} finished before "
+                  f"({os.path.join(folders[label], 'metrics.json')}, no checkpoint): kept.", flush=True)
+            results[label] = kept[label] if args.process_index == 0 else None
             continue
         if resumes[label] != args.resume_from_checkpoint:
             print(f"[train_rcp] --budgets: {folders[label]} has no checkpoint to resume; budget {label} starts "

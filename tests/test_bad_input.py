@@ -1246,6 +1246,17 @@ def test_a_resumed_sweep_keeps_a_budget_that_finished_without_a_checkpoint(micro
     assert "budget 1/4 starts fresh" in out
     assert (tmp_path / "budget_1_2" / "metrics.json").read_text() == before and results["1/2"] == first["1/2"]
     assert sorted(json.loads((tmp_path / "budgets.json").read_text())) == ["1/2", "1/4"]
+    # --overwrite_output_dir trains it again, as every budget (the old result was kept, reported as this run's)
+    capsys.readouterr()
+    train_rcp.main(["--budgets", "1/2", *argv, "--resume_from_checkpoint", "last", "--overwrite_output_dir"])
+    out = capsys.readouterr().out
+    assert "finished before" not in out and "[train_rcp] training the plug-ins on 1 process(es)" in out
+    # an unreadable kept record is named before any budget trains
+    (tmp_path / "budget_1_2" / "metrics.json").write_text('{"truncated": ')
+    with pytest.raises(ValueError, match=r"budget 1/2, finished without a checkpoint\) is not readable JSON .*: pass "
+                                         r"--overwrite_output_dir to train it again\.$"):
+        train_rcp.main(["--budgets", "1/8,1/2", *argv, "--resume_from_checkpoint", "last"])
+    assert not (tmp_path / "budget_1_8").exists()
 
 
 def test_an_empty_test_split_is_refused_before_training(micro_testbed, tmp_path, monkeypatch):

@@ -555,6 +555,10 @@ def test_a_method_at_rcps_layers_on_a_checkpoint_without_them_is_not_told_to_tak
                                          r"or another method\.$") as refused:
         _from_args(str(bare), f"pruning_method={method}")
     assert "budget=K" not in str(refused.value)
+    # random can prune before the LLM: a budget is its way out there (the hint had told it to change checkpoints)
+    with pytest.raises(ValueError, match=r"Give `budget=K` \(visual tokens to keep"):
+        _from_args(str(bare), "pruning_method=random")
+    assert _from_args(str(bare), "pruning_method=random,budget=4").model.config.pre_llm_keep_count == 4
 
 
 def test_a_tokenizer_without_a_pad_token_pads_with_eos(demo_folder, tmp_path, caplog):
