@@ -258,13 +258,9 @@ def default_evaluation_data(argv):
                              "--dataset_name_or_path, so there is no test split to default to; give the evaluation "
                              "data with --dataset.")
         return f"testbed:{job_testbed(argv)}", None
-    record = os.path.join(trained_on, "dataset_dict.json")  # a `save_to_disk` DatasetDict: its splits
-    try:
-        with open(record, encoding="utf-8") as f:
-            splits = json.load(f).get("splits", [])
-    except (OSError, ValueError, AttributeError):
-        splits = []
-    if "test" not in splits:
+    from rcp_llava.data import saved_splits
+
+    if "test" not in (saved_splits(trained_on) or []):
         raise ValueError(f"--dataset: the variants train on --train_args' --dataset_name_or_path {trained_on!r}, "
                          "which is not a `save_to_disk` DatasetDict folder with a 'test' split (a Hub id, a data "
                          "file, or one split's folder would be scored on the wrong rows or not at all); give the "

@@ -629,6 +629,17 @@ LLAVA_QUESTION_ROLES = ("human", "user")
 LLAVA_ANSWER_ROLES = ("gpt", "assistant")
 
 
+def saved_splits(folder):
+    """The split names of a `DatasetDict.save_to_disk` folder, read from its dataset_dict.json (cheap: no split is
+    opened); None when `folder` holds no readable one (not such a folder, or its record is broken)."""
+    try:
+        with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
+            splits = json.load(f)["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return splits if isinstance(splits, list) else None
+
+
 def read_json_records(path):
     """The records of a JSON file: its value (a list, for LLaVA-style data), or for JSON Lines (a `.jsonl` file, or
     one that holds several JSON values, one per line: LLaVA-style data is shipped both ways) the list of its lines'
@@ -754,7 +765,7 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 
 __all__ = [
     "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
-    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records",
+    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records", "saved_splits",
     "shared_prefix_length", "strip_image_token",
     "dataset_from_messages", "turns_from_messages",
 ]

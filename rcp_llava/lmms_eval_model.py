@@ -62,7 +62,7 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.data import encode_texts, prompt_messages, shared_prefix_length
+from rcp_llava.data import encode_texts, prompt_messages, saved_splits, shared_prefix_length
 from rcp_llava.evaluation import _uses_rcp_placement, method_model, method_overrides
 from rcp_llava.schedule import average_tokens, budget_count, kept_tokens_per_layer, parse_budget
 
@@ -491,12 +491,10 @@ def write_testbed_task(out_dir, dataset_dir=None, split="test", name="rcp_testbe
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
         raise ValueError(f"`name` {name!r} must be letters, digits, '_', '.' or '-': it names the task and its "
                          "YAML file.")
-    splits_file = os.path.join(dataset_dir, "dataset_dict.json")  # what `DatasetDict.save_to_disk` writes
-    if not os.path.isfile(splits_file):
+    splits = saved_splits(dataset_dir)
+    if splits is None:
         raise ValueError(f"`dataset_dir` {dataset_dir!r} is not a saved dataset with splits (no dataset_dict.json); "
                          "pass a testbed's dataset folder.")
-    with open(splits_file, encoding="utf-8") as f:
-        splits = json.load(f).get("splits", [])
     if split not in splits:
         raise ValueError(f"`split` {split!r} is not in {dataset_dir!r}, which has {splits}.")
     os.makedirs(out_dir, exist_ok=True)

@@ -15,6 +15,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from transformers.utils import logging
 
 from modeling_rcp_llava import atomic_write, write_text
+from rcp_llava.data import saved_splits
 
 from .data import build_dataset
 from .evaluate import evaluate_accuracy, oracle_keep, random_keep, saliency_keep
@@ -98,13 +99,9 @@ def missing_dataset_file(data_dir):
     and the small dataset_dict.json only). `save_to_disk` writes dataset_dict.json first and each split's state.json
     and dataset_info.json after its data, so a save interrupted in the middle left a folder that looked finished."""
     data_dir = Path(data_dir)
-    splits_file = data_dir / "dataset_dict.json"
-    if not splits_file.is_file():
-        return str(splits_file)
-    try:
-        splits = json.loads(splits_file.read_text())["splits"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return str(splits_file)
+    splits = saved_splits(data_dir)
+    if splits is None:
+        return str(data_dir / "dataset_dict.json")
     for split in splits:
         for name in ("state.json", "dataset_info.json"):
             if not (data_dir / split / name).is_file():
