@@ -28,7 +28,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from configuration_rcp_llava import RcpLlavaConfig
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
-from rcp_llava.results import command_line, positive_int
+from rcp_llava.results import command_line, positive_int, prompt_tokens
 
 
 IMAGE_TOKEN = 999
@@ -71,12 +71,9 @@ def main(argv=None):
     parser.add_argument("--samples", type=positive_int, default=32)
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=7)
-    parser.add_argument("--text_tokens", type=positive_int, default=40)
+    parser.add_argument("--text_tokens", type=prompt_tokens, default=40)
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
-    if args.text_tokens < 2:  # BOS + image alone ends the prompt on its image, which the model refuses (naming no flag)
-        parser.error(f"argument --text_tokens: must be >= 2 (BOS and at least one token after the image), got "
-                     f"{args.text_tokens}")
     print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

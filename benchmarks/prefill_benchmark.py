@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGener
 from configuration_rcp_llava import RcpLlavaConfig, paper_placement
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration
 from rcp_llava.flops import kv_cache_bytes, llava_flops, schedule_tokens_per_layer
-from rcp_llava.results import command_line, positive_int
+from rcp_llava.results import command_line, positive_int, prompt_tokens
 
 
 def scaled_layers(num_layers):
@@ -68,15 +68,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--batch_size", type=positive_int, default=1)
-    parser.add_argument("--text_tokens", type=positive_int, default=40, help="prompt tokens besides the image")
+    parser.add_argument("--text_tokens", type=prompt_tokens, default=40, help="prompt tokens besides the image")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--text_layers", type=int, default=8,
                         help="decoder depth (32 = LLaVA-1.5-7B's; pruning layers: paper_placement's, 0-based "
                              "1 / 13 / 25 at 32)")
     args = parser.parse_args(argv)
-    if args.text_tokens < 2:  # BOS + image alone ends the prompt on its image, which the model refuses (naming no flag)
-        parser.error(f"argument --text_tokens: must be >= 2 (BOS and at least one token after the image), got "
-                     f"{args.text_tokens}")
     print(f"Command: {command_line(__file__, argv)}", flush=True)  # the printed table is the only record of the run
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

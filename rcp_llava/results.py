@@ -66,6 +66,17 @@ def positive_int(value):
     return number
 
 
+def prompt_tokens(value):
+    """argparse `type=` for the benchmarks' `--text_tokens` (prompt tokens besides the image): a count >= 2, since
+    BOS + the image alone ends the prompt on its image, which the model refuses (naming no flag)."""
+    import argparse
+
+    number = positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (BOS and at least one token after the image), got {number}")
+    return number
+
+
 def result_stem(output_flag="--output_dir"):
     """argparse `type=` for a file stem the script writes into the folder of `output_flag` (`--name`): a plain file
     name, so that "a/b" or ".." stops at parsing ("argument --name: ...") instead of failing at the write, after the
