@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.results import command_line, positive_int, refuse_existing
+from modeling_rcp_llava import RcpLlavaForConditionalGeneration, write_text
+from rcp_llava.results import command_line, positive_int, publish, refuse_existing
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,10 +113,9 @@ def main(argv=None):
             lines.append(line)
             print(line, flush=True)
     if args.output:
-        text = "\n".join(lines) + "\n"
-        # refuse_existing accepted a folder that can be created; atomic_write creates none (it failed after the run)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        atomic_write(args.output, lambda tmp: write_text(tmp, text))
+        # Creates the folder refuse_existing accepted; a file another run wrote there meanwhile is kept unless
+        # --overwrite (this one goes beside it, as NAME-2.md)
+        publish([(args.output, lambda tmp: write_text(tmp, "\n".join(lines) + "\n"))], overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import os
 import sys
 
 
-from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
-                               save_figure, write_results)
+from modeling_rcp_llava import write_text
+from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, publish, refuse_existing, result_name,
+                               save_figure)
 
 
 def _plt():
@@ -258,7 +259,7 @@ def main(argv=None):
         raise ValueError(f"--data {args.data!r}: the drift and mask figures need testbed rows (evidence patches); pass "
                          "testbed, testbed:PRESET or a dataset folder in the testbed format.")
     table = read_table(args.table) if args.table else None  # before the model loads
-    written = []
+    files = []  # (path, write(tmp)) of everything this run writes, published together at the end
     if args.model:
         import torch
 
@@ -279,14 +280,8 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         base, processor = load_base_model(args.model, plugins=args.plugins)
         result = drift_and_masks(base, processor, rows, args.budget, mask_rows=picks)
-        os.makedirs(args.output_dir, exist_ok=True)  # only now that there is something to write
         title = (f"{len(rows)} samples, budget {result['budget']} (k={result['k']}): keep {result['counts']} after "
                  f"layers {result['pruning_layers']}, repair after {result['repair_layers']}")
-        drift_path = os.path.join(args.output_dir, f"drift_{args.name}.png")
-        masks_path = os.path.join(args.output_dir, f"masks_{args.name}.png")
-        plot_drift(result["curves"], drift_path, title=title)
-        plot_masks(picks, result["masks"], result["mask_points"], masks_path,
-                   title=f"RCP kept patches at budget {result['budget']} (counts {result['counts']}); red: evidence")
         layers = len(next(iter(result["curves"].values())))
         lines = [f"# Figures: drift_{args.name}.png, masks_{args.name}.png", "", f"Command: `{command}`", "",
                  f"Model `{args.model}`. {title}.", "",
@@ -296,14 +291,19 @@ def main(argv=None):
         for name, values in result["curves"].items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
         lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
-        write_results(out(f"figures_{args.name}"), markdown="\n".join(lines) + "\n")
-        written += [drift_path, masks_path]
+        files += [(out(f"drift_{args.name}.png"), lambda tmp: plot_drift(result["curves"], tmp, title=title)),
+                  (out(f"masks_{args.name}.png"), lambda tmp: plot_masks(
+                      picks, result["masks"], result["mask_points"], tmp,
+                      title=f"RCP kept patches at budget {result['budget']} (counts {result['counts']}); red: evidence")),
+                  (out(f"figures_{args.name}.md"), lambda tmp: write_text(tmp, "\n".join(lines) + "\n"))]
     if table is not None:
-        os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, f"accuracy_vs_tokens_{args.name}.png")
-        plot_accuracy_vs_tokens(table["results"], path)  # every dataset of the run (only the first was plotted)
-        write_results(out(f"accuracy_vs_tokens_{args.name}"), markdown=accuracy_markdown(table, command, args.name))
-        written.append(path)
+        # every dataset of the run (only the first was plotted)
+        files += [(out(f"accuracy_vs_tokens_{args.name}.png"), lambda tmp: plot_accuracy_vs_tokens(table["results"], tmp)),
+                  (out(f"accuracy_vs_tokens_{args.name}.md"),
+                   lambda tmp: write_text(tmp, accuracy_markdown(table, command, args.name)))]
+    # One publish: a file another run (same --name) wrote meanwhile is kept unless --overwrite, and this run's
+    # files all go beside it under one numbering (the figures replaced it before).
+    written = [path for path in publish(files, overwrite=args.overwrite) if path.endswith(".png")]
     print("wrote " + ", ".join(written))
     return written
 

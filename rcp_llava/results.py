@@ -4,6 +4,7 @@ over an earlier result unless asked, always atomically (a crash leaves the previ
     from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
     refuse_existing([stem + ".md", stem + ".json"], overwrite=args.overwrite)   # before anything loads
     write_results(stem, markdown="...", data={...}, overwrite=args.overwrite)   # returns the stem written
+    publish([(path, lambda tmp: plot(..., tmp)), ...], overwrite=args.overwrite)  # any files; the paths written
 """
 
 import json
@@ -107,62 +108,78 @@ def command_line(script, argv=None):
 
 
 def write_results(stem, markdown=None, data=None, overwrite=True):
-    """`stem.json` (data, written first) and `stem.md` (markdown), each atomically; creates the folder. Returns the
-    stem written.
-
-    overwrite=False (a run without `--overwrite`, whose `refuse_existing` found the names free at start-up): a file
-    that appeared at `stem` since (another job given the same --name, while this one ran) is never replaced, and
-    this run is not lost either: it goes to the first free `stem-2`, `stem-3`, ... (both files under one stem), and
-    a warning names both paths. Each file is created without replacing one (a hard link of the temporary file), so
-    a file that appears at the last moment is not replaced either."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    """`stem.json` (data, written first) and `stem.md` (markdown), through `publish`; creates the folder. Returns the
+    stem written: `stem`, or `stem-2`, `stem-3`, ... without `overwrite` when another run wrote one of them meanwhile."""
     files = [(".json", None if data is None else json.dumps(data, indent=2)), (".md", markdown)]
-    files = [(ext, text) for ext, text in files if text is not None]
-    if overwrite:
-        for ext, text in files:
-            atomic_write(stem + ext, lambda tmp, text=text: write_text(tmp, text))
-        return stem
-    number = 1
-    while not _create_all(stem if number == 1 else f"{stem}-{number}", files):
-        number += 1
-    if number > 1:
-        written = f"{stem}-{number}"
-        logger.warning(f"{', '.join(stem + ext for ext, _ in files)}: written by another run while this one ran "
-                       f"(without --overwrite); they are kept, and this run's results are in "
-                       f"{', '.join(written + ext for ext, _ in files)}.")
-        return written
-    return stem
+    files = [(stem + ext, lambda tmp, text=text: write_text(tmp, text)) for ext, text in files if text is not None]
+    written = publish(files, overwrite)
+    return os.path.splitext(written[0])[0] if written else stem
 
 
-def _create_all(stem, files):
-    """Create every `stem + ext` with its text, or none of them (False when one exists already)."""
-    created = []
-    for ext, text in files:
-        if not _create_new(stem + ext, text):
-            for path in created:  # this run's own files: moved on to the next stem together
-                os.remove(path)
-            return False
-        created.append(stem + ext)
-    return True
+def publish(files, overwrite=True):
+    """Put each `(path, write)` of `files` in place, `write(tmp)` making its content in a temporary file beside it
+    (with its suffix, so that a figure's format follows it); creates the folders. Returns the paths written.
 
-
-def _create_new(path, text):
-    """Write `text` to `path` atomically unless `path` exists (False then); never replaces a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    overwrite: each is renamed over its path. Otherwise (a run without `--overwrite`, whose `refuse_existing` found
+    the names free at start-up) a file that appeared at one of the paths since (another job given the same --name,
+    while this one ran) is never replaced, and this run is not lost either: all its files go to the first numbering
+    under which each is free (`-2`, `-3`, ... before each suffix: r-2.json and r-2.md, drift_x-2.png), and a warning
+    names both. Each is created without replacing a file (a hard link of the temporary), so one that appears at the
+    last moment is not replaced either."""
+    temps = []
     try:
-        write_text(tmp, text)
+        for path, write in files:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            root, ext = os.path.splitext(path)
+            temps.append(f"{root}.tmp-{os.getpid()}{ext}")
+            write(temps[-1])
+        paths = [path for path, _ in files]
+        if overwrite:
+            for tmp, path in zip(temps, paths):
+                os.replace(tmp, path)
+            return paths
+        number = 1
+        while not _create_all(temps, [_numbered(path, number) for path in paths]):
+            number += 1
+        if number > 1:
+            logger.warning(f"{', '.join(paths)}: written by another run while this one ran (without --overwrite); "
+                           f"they are kept, and this run's results are in "
+                           f"{', '.join(_numbered(path, number) for path in paths)}.")
+        return [_numbered(path, number) for path in paths]
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _numbered(path, number):
+    root, ext = os.path.splitext(path)
+    return path if number == 1 else f"{root}-{number}{ext}"
+
+
+def _create_all(temps, paths):
+    """Create every path from its temporary file, or none of them (False when one exists already); never replaces a
+    file."""
+    created = []  # (temporary, path, whether a hard link: the temporary is still there)
+    for tmp, path in zip(temps, paths):
         try:
             os.link(tmp, path)  # fails on an existing `path`, unlike a rename
+            created.append((tmp, path, True))
+            continue
         except FileExistsError:
-            return False
+            pass
         except OSError:  # a file system without hard links: a check, then the rename
-            if os.path.exists(path):
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+                created.append((tmp, path, False))
+                continue
+        for done_tmp, done, linked in created:  # this run's own files: moved on to the next numbering together
+            if linked:
+                os.remove(done)
+            else:
+                os.replace(done, done_tmp)
+        return False
+    return True
 
 
 def save_figure(fig, path, **kwargs):

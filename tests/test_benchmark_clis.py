@@ -224,6 +224,30 @@ def test_compare_prefill_ideal_gets_the_kept_sets(tmp_path):
     assert rows["ideal-64"][4:] == ["–", "–", "True |"]
 
 
+def test_compare_prefill_keeps_a_table_another_run_wrote_meanwhile(tmp_path, monkeypatch, caplog):
+    """Without --overwrite, a table another run wrote at --output while this one timed was replaced at the end."""
+    import logging
+
+    import modeling_rcp_llava
+
+    compare = load_benchmark("compare_prefill")
+    output = tmp_path / "ab.md"
+
+    def other_run_then_build(config):
+        output.write_text("other\n")
+        return modeling_rcp_llava.RcpLlavaForConditionalGeneration(config)
+
+    monkeypatch.setattr(compare, "RcpLlavaForConditionalGeneration", other_run_then_build)
+    argv = ["--old", modeling_rcp_llava.__file__, "--preset", "tiny", "--batch_sizes", "1", "--repeats", "1",
+            "--methods", "full", "--output", str(output)]
+    with caplog.at_level(logging.WARNING):
+        compare.main(argv)
+    assert output.read_text() == "other\n" and "| full | 1 |" in (tmp_path / "ab-2.md").read_text()
+    assert f"{output}: written by another run while this one ran (without --overwrite)" in caplog.text
+    compare.main(argv + ["--overwrite"])  # replaces, as before
+    assert "| full | 1 |" in output.read_text() and sorted(os.listdir(tmp_path)) == ["ab-2.md", "ab.md"]
+
+
 # -- ablations.py ------------------------------------------------------------------------------------------------
 
 
@@ -405,6 +429,44 @@ def test_figures_draws_num_images_spread_over_the_families(tmp_path, monkeypatch
         # order; 2 drift samples: the images come from the first 3 rows, beyond them
         assert seen["masks"] == [f"question {i}?" for i in masks]
     assert not (tmp_path / "out").exists()  # nothing written yet, no folder
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_figures_keep_figures_another_run_wrote_meanwhile(tmp_path, monkeypatch, caplog, overwrite):
+    """Without --overwrite, the drift and mask figures (and their .md) replaced those another run with the same
+    --name wrote while this one computed; now all three go beside them under one numbering, as the tables do."""
+    import logging
+
+    import rcp_llava.evaluation as evaluation
+
+    figures = load_benchmark("figures")
+    data = _dataset(tmp_path / "data", ["a", "b"])
+    out = tmp_path / "out"
+    monkeypatch.setattr(evaluation, "load_base_model", lambda *a, **k: (None, None))
+
+    def other_run_then_result(base, processor, rows, budget, mask_rows):
+        out.mkdir()
+        (out / "drift_n.png").write_bytes(b"other")
+        return {"curves": {"rcp": [1.0, 2.0]}, "masks": [], "mask_points": [], "budget": "1/9", "k": 3,
+                "counts": [3], "pruning_layers": [1], "repair_layers": [2]}
+
+    monkeypatch.setattr(figures, "drift_and_masks", other_run_then_result)
+    monkeypatch.setattr(figures, "plot_drift", lambda curves, path, title: open(path, "wb").write(b"drift"))
+    monkeypatch.setattr(figures, "plot_masks", lambda picks, masks, points, path, title: open(path, "wb").write(b"m"))
+    argv = ["--model", "m", "--data", data, "--num_samples", "2", "--num_images", "2", "--output_dir", str(out),
+            "--name", "n"]
+    with caplog.at_level(logging.WARNING):
+        written = figures.main(argv + ["--overwrite"] * overwrite)
+    suffix = "" if overwrite else "-2"
+    assert written == [str(out / f"drift_n{suffix}.png"), str(out / f"masks_n{suffix}.png")]
+    assert (out / f"drift_n{suffix}.png").read_bytes() == b"drift" and (out / f"masks_n{suffix}.png").read_bytes() == b"m"
+    assert "| rcp | 1 | 2 |" in (out / f"figures_n{suffix}.md").read_text()
+    if overwrite:
+        assert sorted(os.listdir(out)) == ["drift_n.png", "figures_n.md", "masks_n.png"]
+    else:
+        assert (out / "drift_n.png").read_bytes() == b"other"
+        assert sorted(os.listdir(out)) == ["drift_n-2.png", "drift_n.png", "figures_n-2.md", "masks_n-2.png"]
+        assert "drift_n.png, " in caplog.text and "written by another run while this one ran" in caplog.text
 
 
 # -- gpu_check.sh: argument handling only (a stand-in PYTHON records what would run; nothing installs or runs) ----
