@@ -324,7 +324,11 @@ class RcpDataCollator:
                   for row in range(len(examples))]
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
         answer_start = (seq - lengths + torch.tensor(shared)).unsqueeze(1)  # (B, 1); left padding
-        return self._outputs(batch, (positions >= answer_start) & attention)
+        # The answer ends with its EOS (`texts`); a tokenizer that appends one to every text (`add_eos_token`) adds a
+        # second, last in each row (left padding), which is not trained: it was (the answer "Red</s></s>"), unlike
+        # in `_conversations`.
+        answer_end = seq - int(appends_eos(tokenizer, special_tokens_kwargs(tokenizer, fulls)))
+        return self._outputs(batch, (positions >= answer_start) & (positions < answer_end) & attention)
 
     def _check_length(self, input_ids, lengths, examples):
         """Refuse the batch's longest example when it is above `max_length` (the image's tokens counted)."""
@@ -376,9 +380,8 @@ class RcpDataCollator:
         # A tokenizer that appends EOS to every text (`add_eos_token`) ends each prefix below with one the full text
         # holds only at its end: not a merge (it was refused as one, on every row of such a tokenizer), and not the
         # answer's (the template's own EOS after each answer is).
-        # (Read off a one-character text: "" encodes to [BOS] alone, which is EOS where BOS is EOS, GPT-NeoX-style.)
         eos = tokenizer.eos_token_id
-        appended = eos is not None and tokenizer("a", **special)["input_ids"][-1:] == [eos]
+        appended = appends_eos(tokenizer, special)
         for row, (text, spans) in enumerate(rendered):
             ids = tokenizer(text, **special)["input_ids"]
             # The processor expands the one image placeholder (in the first question, before every answer).
@@ -395,6 +398,14 @@ class RcpDataCollator:
                     bounds.append(len(prefix) + shift)
                 is_answer[row, bounds[0]:bounds[1]] = True
         return self._outputs(batch, is_answer)
+
+
+def appends_eos(tokenizer, special):
+    """Whether `tokenizer` (called with `special`, `special_tokens_kwargs`) ends every text with EOS
+    (`add_eos_token`). Read off a one-character text: "" encodes to [BOS] alone, which is EOS where BOS is EOS,
+    GPT-NeoX-style."""
+    eos = tokenizer.eos_token_id
+    return eos is not None and tokenizer("a", **special)["input_ids"][-1:] == [eos]
 
 
 def _short(value, limit=60):

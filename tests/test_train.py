@@ -239,6 +239,30 @@ def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prom
         assert labelled[-1] == tok.eos_token_id
 
 
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_a_single_turn_answer_is_trained_with_one_eos(add_eos_token):
+    """A tokenizer appending EOS to every text (`add_eos_token`) ended each single-turn row with the answer's EOS and
+    its own, and both were trained ("Red</s></s>": EOS predicted after EOS), where the same row as a one-turn
+    conversation trains one. Labelled now: the answer and one EOS, as the conversation path, whichever the row."""
+    from PIL import Image
+
+    processor = sentencepiece_like_processor("ASSISTANT:", add_eos_token)
+    tok = processor.tokenizer
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    rows = [{"image": image, "question": "How many cats?", "answer": "There are two cats"},
+            {"image": image, "question": "What colour?", "answer": "Red"}]
+    single = RcpDataCollator(processor)(rows)
+    for i, row in enumerate(rows):
+        labelled = single["input_ids"][i][single["labels"][i] != -100].tolist()
+        assert tok.decode(labelled).replace(" ", "") == (row["answer"] + tok.eos_token).replace(" ", "")
+        conversation = RcpDataCollator(processor)([{**row, "question": [row["question"]], "answer": [row["answer"]]}])
+        assert labelled == conversation["input_ids"][0][conversation["labels"][0] != -100].tolist()
+        # the input keeps the tokenizer's own EOS (as the conversation's): only its label changed
+        assert single["input_ids"][i][-2:].tolist().count(tok.eos_token_id) == 1 + add_eos_token
+    assert single["answer_mask"].sum(1).tolist() == [len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 1
+                                                     for r in rows]
+
+
 def test_training_smoke_writes_plugin_only_checkpoints_and_keeps_backbone_bit_identical(micro, tmp_path):
     make, _, _ = micro
     model = make()
