@@ -3247,6 +3247,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
             transformers_version=transformers_version,
         )
         self._check_plugins_unwrapped("save_plugins")  # before the folder exists: a refused save leaves nothing
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            # `os.makedirs` raised a bare "[Errno 17] File exists", which read like the refusal `overwrite` lifts
+            raise NotADirectoryError(f"`save_plugins`: save_directory {os.fspath(save_directory)!r} is a file, not a "
+                                     "folder; pass a folder path (`overwrite=True` replaces plug-ins in a folder, "
+                                     "never a file).")
         os.makedirs(save_directory, exist_ok=True)
         config_path = os.path.join(save_directory, RCP_CONFIG_NAME)
         weights_path = os.path.join(save_directory, RCP_PLUGINS_NAME)
@@ -3388,7 +3393,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
 
     @classmethod
     def from_base(cls, base_model, plugins=None, subfolder=None, revision=None, plugins_revision=None, token=None,
-                  strict=True, **kwargs):
+                  strict=True, is_trainable=None, **kwargs):
         """A full RCP model from a stock LLaVA (a checkpoint, or a loaded model as `PeftModel.from_pretrained(model,
         id)` takes it) plus, optionally, a plug-in-only checkpoint.
 
@@ -3407,6 +3412,10 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
             token: for both.
             strict: plug-ins that miss a tensor of this placement, or hold one it has no use for, raise (default);
                 `strict=False` warns and keeps the missing ones at their initial values.
+            is_trainable: PEFT's: False freezes every parameter (inference), True trains the plug-ins alone (the
+                backbone frozen). Not given, every parameter trains, as after transformers' `from_pretrained`
+                (`train_rcp.py` freezes the backbone itself). A loaded base's modules are shared, so they are frozen
+                in it too, as PEFT wraps a model in place.
 
         The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
         pruning field of `RcpLlavaConfig` overrides it (e.g. `pruning_keep_counts=[96, 26, 8]`), every other kwarg
@@ -3464,6 +3473,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
         model.rcp_base_model_revision = revision
         if plugins is not None:
             model.load_plugins(plugins, strict=strict, **plugin_hub)
+        if is_trainable is not None:  # PEFT's `is_trainable` went on to `__init__` ("unexpected keyword argument")
+            for name, param in model.named_parameters():
+                param.requires_grad_(bool(is_trainable) and name.startswith(PLUGIN_PREFIX))
         return model
 
     def _plugins_on_execution_device(self):

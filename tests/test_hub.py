@@ -5,6 +5,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -832,6 +833,41 @@ def _demo_batch(config):
     size = config.vision_config.image_size
     return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
             "pixel_values": torch.randn(1, 3, size, size, generator=g)}
+
+
+@pytest.mark.parametrize("is_trainable", [None, False, True])
+def test_is_trainable_when_loading_plugins_is_pefts(plugin_setup, is_trainable):
+    """`from_base(..., is_trainable=...)` and `from_pretrained(plugin_folder, is_trainable=...)` (the loaders the
+    docstrings liken to PEFT's) failed in `__init__` ("unexpected keyword argument 'is_trainable'"), and for a loaded
+    base with a message about casting it. As in PEFT: False freezes everything, True trains the plug-ins alone; not
+    given, every parameter trains, as after transformers' `from_pretrained`."""
+    from transformers import LlavaForConditionalGeneration
+
+    _, root, _ = plugin_setup
+    given = {} if is_trainable is None else {"is_trainable": is_trainable}
+    stock = LlavaForConditionalGeneration.from_pretrained(root / "base")
+    loads = [RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"), **given),
+             RcpLlavaForConditionalGeneration.from_pretrained(str(root / "plugins"), **given),
+             RcpLlavaForConditionalGeneration.from_base(stock, plugins=str(root / "plugins"), **given)]
+    for model in loads:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        plugins = {name for name, _ in model.named_parameters() if name.startswith(PLUGIN_PREFIX)}
+        everything = {name for name, _ in model.named_parameters()}
+        assert trainable == {None: everything, False: set(), True: plugins}[is_trainable]
+    # the loaded base's modules are shared, so frozen in it too (as PEFT wraps a model in place)
+    assert all(p.requires_grad == (is_trainable is None) for p in stock.parameters())
+
+
+def test_save_plugins_onto_a_file_names_it(plugin_setup, tmp_path):
+    """A file at `save_directory` raised a bare "[Errno 17] File exists", even with `overwrite=True`."""
+    trained, _, _ = plugin_setup
+    (tmp_path / "afile").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(NotADirectoryError, match=re.escape(
+                f"`save_plugins`: save_directory {str(tmp_path / 'afile')!r} is a file, not a folder; pass a folder "
+                "path (`overwrite=True` replaces plug-ins in a folder, never a file).")):
+            trained.save_plugins(tmp_path / "afile", overwrite=overwrite)
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_from_base_with_a_loaded_model_shares_its_modules_and_equals_the_folder_load(plugin_setup):
