@@ -1784,9 +1784,78 @@ class RcpInitMixin:
             super()._init_weights(module)
 
 
-class RcpSaveMixin:
-    """`save_pretrained` of both Hub classes (the full model and the bare `RcpLlavaModel` that `AutoModel` loads):
-    each writes a self-contained Hub folder, atomically, and refuses to lose what a folder holds."""
+def _require_rcp_config(config, model_name):
+    """TypeError naming the fix for a config that is not an `RcpLlavaConfig` (a stock `LlavaConfig`, as
+    `AutoConfig.from_pretrained("llava-hf/...")` returns, given as `config=`): it failed with "'LlavaConfig' object
+    has no attribute 'validate_pruning'". Read by what the config can do, not its class: remote code loads the
+    configuration module twice (AutoConfig's copy and this file's import), two RcpLlavaConfig classes."""
+    if not callable(getattr(config, "validate_pruning", None)):
+        raise TypeError(
+            f"{model_name} needs an RcpLlavaConfig, got a {type(config).__name__} as `config`: load it with "
+            "`RcpLlavaConfig.from_pretrained(model_id)` (pruning fields as keyword arguments; a stock LLaVA's "
+            "config.json gets the defaults), or convert it with `RcpLlavaConfig.from_dict(config.to_dict())`."
+        )
+
+
+class RcpHubMixin:
+    """`from_pretrained` and `save_pretrained` of both Hub classes (the full model and the bare `RcpLlavaModel` that
+    `AutoModel` loads): each loads safetensors only, with its plug-ins float32, and writes a self-contained Hub
+    folder, atomically, refusing to lose what a folder holds."""
+
+    def _rcp_core(self):
+        """The `RcpLlavaModel` (itself, or the full model's `model`), which holds `rcp_plugins`."""
+        return self if isinstance(self, RcpLlavaModel) else self.model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, safetensors only (`use_safetensors=True` unless given): a pickle file can
+        run code when it is loaded. A local folder with only pickle weights, or a local-looking path that does not
+        exist, is refused with a message naming the path and the fix (not transformers' "Repo id must be ...").
+
+        From a stock LLaVA checkpoint the plug-ins are new by construction: they are left out of transformers' load
+        report (`_keys_to_ignore_on_load_missing`), built float32 on a half-precision backbone, and one line says
+        so; from an RCP checkpoint a missing plug-in tensor is reported like any other. (The bare `RcpLlavaModel`,
+        which `AutoModel` loads, had none of this: it read pickle weights and built new plug-ins in bfloat16.)"""
+        check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        kwargs.setdefault("use_safetensors", True)
+        plugins_follow = kwargs.pop("_rcp_plugins_follow", False)  # from_base loads them right after
+        stock = _is_stock_checkpoint(pretrained_model_name_or_path, kwargs)
+        previous = cls._keys_to_ignore_on_load_missing
+        cls._keys_to_ignore_on_load_missing = [r"(^|\.)rcp_plugins\."] if stock else previous
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            cls._keys_to_ignore_on_load_missing = previous
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        plugins = model._rcp_core().rcp_plugins
+        if stock and any(p.is_meta for p in plugins.parameters()):
+            model._plugins_on_execution_device()
+        elif any(p.dtype in (torch.float16, torch.bfloat16) for p in plugins.parameters()):
+            # Plug-ins the checkpoint does not hold (a stock one's) were initialised in the backbone's dtype:
+            # transformers' float32 plan (`_keep_in_fp32_modules_strict`) covers loaded tensors only.
+            plugins.float()
+        if stock and not plugins_follow and model.config.pruning_spec.plugins:
+            count = sum(p.numel() for p in plugins.parameters())
+            logger.warning(
+                f"RCP plug-ins are new ({count / 1e6:.2f}M parameters at pruning layers "
+                f"{list(model.config.pruning_layers)}, repair layers {list(model.config.repair_layers)}): "
+                f"{pretrained_model_name_or_path!r} is a stock LLaVA checkpoint. Train them (`train_rcp.py`) or load "
+                "trained ones with `from_base(base, plugins=...)`."
+            )
+        return loaded
+
+    def _plugins_on_execution_device(self):
+        """A `device_map` that offloads the plug-ins ('cpu' / 'disk') of a stock checkpoint offloads tensors the
+        checkpoint does not hold: the first forward failed on the missing offloaded weights. The plug-ins (a few MB)
+        are built instead, initialised, on the device the offloaded modules run on, without offload hooks."""
+        core = self._rcp_core()
+        hooks = [m._hf_hook for m in core.rcp_plugins.modules() if hasattr(m, "_hf_hook")]
+        device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
+        core.rcp_plugins = fresh_plugins(self, device, self.dtype)
+        device_map = getattr(self, "hf_device_map", None)
+        if device_map is not None:
+            name = "rcp_plugins" if core is self else PLUGIN_PREFIX.rstrip(".")
+            self.hf_device_map = {**{k: v for k, v in device_map.items() if not k.startswith(name)}, name: device}
 
     def save_pretrained(self, save_directory, *args, overwrite=False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus what makes the folder a self-contained Hub repo: the two Hub files
@@ -1813,7 +1882,7 @@ class RcpSaveMixin:
             return super().save_pretrained(save_directory, *args, **kwargs)
         save_directory = os.fspath(save_directory)
         # an edited field the plug-ins were not built for: refused before anything is written
-        (self if isinstance(self, RcpLlavaModel) else self.model)._check_config()
+        self._rcp_core()._check_config()
         if self.config.pruning_method not in BUILTIN_METHODS:
             logger.warning(f"`pruning_method={self.config.pruning_method!r}` is a method of your own: the saved folder "
                            "loads only where its selector is registered (`register_pruning_method`) first, or with a "
@@ -1831,8 +1900,9 @@ class RcpSaveMixin:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             os.makedirs(staging)
-            for module in (type(self).__module__, RcpLlavaConfig.__module__):
-                source = sys.modules[module].__file__
+            # this file, whatever class the instance is (a user's subclass lives in the user's script, which was
+            # copied instead: the folder's auto_map names this file)
+            for source in (__file__, sys.modules[RcpLlavaConfig.__module__].__file__):
                 shutil.copyfile(source, os.path.join(staging, os.path.basename(source)))
             result = super().save_pretrained(staging, *args, **kwargs)
             _move_saved_folder(staging, save_directory)
@@ -1864,7 +1934,7 @@ class RcpSaveMixin:
                                     create_pr=create_pr)
 
 
-class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
+class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
     """`LlavaModel` whose decoder loop drops visual tokens at the pruning layers.
 
     `forward` takes the stock arguments plus:
@@ -1885,6 +1955,7 @@ class RcpLlavaModel(RcpInitMixin, RcpSaveMixin, LlavaModel):
     config_class = RcpLlavaConfig
 
     def __init__(self, config):
+        _require_rcp_config(config, type(self).__name__)
         config.validate_pruning()
         super().__init__(config)
         self.rcp_plugins = RcpPlugins(config)
@@ -2873,7 +2944,7 @@ def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugi
         )
 
 
-class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForConditionalGeneration):
+class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForConditionalGeneration):
     """A drop-in `LlavaForConditionalGeneration` that prunes visual tokens inside its decoder.
 
     ```python
@@ -2888,6 +2959,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
     config_class = RcpLlavaConfig
 
     def __init__(self, config):
+        _require_rcp_config(config, type(self).__name__)
         # Skip LlavaForConditionalGeneration.__init__: it would build (and throw away) a stock LlavaModel.
         LlavaPreTrainedModel.__init__(self, config)
         self.model = RcpLlavaModel(config)
@@ -3210,7 +3282,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
             state.reorder(beam_idx)  # a plain cache passed by the user: carry the state along ourselves
         return past_key_values
 
-    # -- Hub folders and plug-in-only checkpoints (save_pretrained: RcpSaveMixin) -------------
+    # -- Hub folders and plug-in-only checkpoints (save_pretrained: RcpHubMixin) -------------
 
     def save_plugins(self, save_directory, base_model_name_or_path=None, overwrite=False):
         """Write a plug-in-only checkpoint (PEFT-style) to `save_directory`: `rcp_config.json` (the pruning fields
@@ -3337,13 +3409,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, safetensors only (`use_safetensors=True` unless given): a pickle file can
-        run code when it is loaded. A local folder with only pickle weights, or a local-looking path that does not
-        exist, is refused with a message naming the path and the fix (not transformers' "Repo id must be ...").
-
-        From a stock LLaVA checkpoint the plug-ins are new by construction: they are left out of transformers' load
-        report (`_keys_to_ignore_on_load_missing`) and one line says so; from an RCP checkpoint a missing plug-in
-        tensor is reported like any other.
+        """`RcpHubMixin.from_pretrained` (safetensors only; a stock checkpoint's new plug-ins float32 and out of the
+        load report).
 
         A local plug-in-only folder (`save_plugins`: `rcp_config.json` and no `config.json`; also in `subfolder`)
         loads as `from_base(<its recorded base model, at its recorded revision>, plugins=folder)`, as PEFT's
@@ -3364,32 +3431,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
                 kwargs["revision"] = record["base_model_revision"]
             kwargs.pop("subfolder", None)  # the plug-ins', not the base's
             return cls.from_base(base, plugins=root, subfolder=subfolder or None, **kwargs)
-        check_model_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
-        kwargs.setdefault("use_safetensors", True)
-        plugins_follow = kwargs.pop("_rcp_plugins_follow", False)  # from_base loads them right after
-        stock = _is_stock_checkpoint(pretrained_model_name_or_path, kwargs)
-        previous = cls._keys_to_ignore_on_load_missing
-        cls._keys_to_ignore_on_load_missing = [r"(^|\.)rcp_plugins\."] if stock else previous
-        try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        finally:
-            cls._keys_to_ignore_on_load_missing = previous
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if stock and any(p.is_meta for p in model.model.rcp_plugins.parameters()):
-            model._plugins_on_execution_device()
-        elif any(p.dtype in (torch.float16, torch.bfloat16) for p in model.model.rcp_plugins.parameters()):
-            # Plug-ins the checkpoint does not hold (a stock one's) were initialised in the backbone's dtype:
-            # transformers' float32 plan (`_keep_in_fp32_modules_strict`) covers loaded tensors only.
-            model.model.rcp_plugins.float()
-        if stock and not plugins_follow and model.config.pruning_spec.plugins:
-            count = sum(p.numel() for p in model.model.rcp_plugins.parameters())
-            logger.warning(
-                f"RCP plug-ins are new ({count / 1e6:.2f}M parameters at pruning layers "
-                f"{list(model.config.pruning_layers)}, repair layers {list(model.config.repair_layers)}): "
-                f"{pretrained_model_name_or_path!r} is a stock LLaVA checkpoint. Train them (`train_rcp.py`) or load "
-                "trained ones with `from_base(base, plugins=...)`."
-            )
-        return loaded
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def from_base(cls, base_model, plugins=None, subfolder=None, revision=None, plugins_revision=None, token=None,
@@ -3477,18 +3519,6 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpSaveMixin, LlavaForCondi
             for name, param in model.named_parameters():
                 param.requires_grad_(bool(is_trainable) and name.startswith(PLUGIN_PREFIX))
         return model
-
-    def _plugins_on_execution_device(self):
-        """A `device_map` that offloads the plug-ins ('cpu' / 'disk') of a stock checkpoint offloads tensors the
-        checkpoint does not hold: the first forward failed on the missing offloaded weights. The plug-ins (a few MB)
-        are built instead, initialised, on the device the offloaded modules run on, without offload hooks."""
-        hooks = [m._hf_hook for m in self.model.rcp_plugins.modules() if hasattr(m, "_hf_hook")]
-        device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
-        self.model.rcp_plugins = fresh_plugins(self, device, self.dtype)
-        device_map = getattr(self, "hf_device_map", None)
-        if device_map is not None:
-            name = PLUGIN_PREFIX.rstrip(".")
-            self.hf_device_map = {**{k: v for k, v in device_map.items() if not k.startswith(name)}, name: device}
 
     @classmethod
     def _wrap_loaded(cls, base, config):

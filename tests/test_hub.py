@@ -24,8 +24,10 @@ from modeling_rcp_llava import (  # noqa: E402
     RCP_CONFIG_NAME,
     RCP_PLUGINS_NAME,
     RcpLlavaForConditionalGeneration,
+    RcpLlavaModel,
     RcpPruner,
 )
+from configuration_rcp_llava import RcpLlavaConfig  # noqa: E402
 from rcp_llava import demo, hub  # noqa: E402
 
 
@@ -1165,6 +1167,82 @@ def test_plugins_load_in_float32_on_a_half_precision_backbone(tmp_path, dtype):
         assert float(pruner.bias) == RcpPruner.bias_init
         with torch.no_grad():  # the forward runs on the mixed model (each plug-in casts at its boundaries)
             assert torch.isfinite(new(**_demo_batch(new.config)).logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_bare_model_loads_as_the_full_one(tmp_path, caplog, dtype):
+    """`RcpLlavaModel` (what `AutoModel` loads) had no `from_pretrained` of its own: new plug-ins on a stock
+    checkpoint came in the backbone's half precision (the float32 invariant broke), transformers listed each as
+    MISSING, and a pickle-only folder loaded (the project loads safetensors only)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    trained = demo.build_demo_model(seed=2)
+    stock_config = LlavaConfig.from_dict({k: v for k, v in trained.config.to_dict().items()
+                                          if k in LlavaConfig().to_dict()})
+    stock = LlavaForConditionalGeneration(stock_config)
+    stock.save_pretrained(tmp_path / "stock")
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        bare = RcpLlavaModel.from_pretrained(tmp_path / "stock", dtype=dtype)
+    assert bare.dtype == dtype and {p.dtype for p in bare.rcp_plugins.parameters()} == {torch.float32}
+    assert "RCP plug-ins are new" in caplog.text and "rcp_plugins" not in caplog.text  # not in the load report
+    torch.manual_seed(0)
+    full = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", dtype=dtype)
+    want = full.model.state_dict()
+    assert bare.state_dict().keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in bare.state_dict().items())
+    torch.save(stock.state_dict(), tmp_path / "stock" / "pytorch_model.bin")
+    (tmp_path / "stock" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
+        RcpLlavaModel.from_pretrained(tmp_path / "stock")
+
+
+class _UserRcp(RcpLlavaForConditionalGeneration):
+    """A user's subclass, in the user's module (here this test file)."""
+
+
+def test_a_subclass_saves_the_hub_files_not_its_own_module(tmp_path):
+    """save_pretrained copied the module of the instance's class: a user's subclass put the user's script into the
+    Hub folder (uploaded by push_to_hub) and left out modeling_rcp_llava.py, which the folder's auto_map names; a
+    subclass defined in a notebook (no `__file__`) failed to save at all."""
+    _UserRcp(demo.build_demo_model().config).save_pretrained(tmp_path / "sub")
+    names = sorted(os.listdir(tmp_path / "sub"))
+    assert names == ["config.json", "configuration_rcp_llava.py", "generation_config.json", "model.safetensors",
+                     "modeling_rcp_llava.py"]
+    assert (tmp_path / "sub" / "modeling_rcp_llava.py").read_bytes() == Path(modeling_rcp_llava.__file__).read_bytes()
+    notebook = type("NotebookRcp", (RcpLlavaForConditionalGeneration,), {"__module__": "__main__"})
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    try:
+        if main_file is not None:
+            del sys.modules["__main__"].__file__
+        notebook(demo.build_demo_model().config).save_pretrained(tmp_path / "notebook")
+    finally:
+        if main_file is not None:
+            sys.modules["__main__"].__file__ = main_file
+    assert sorted(os.listdir(tmp_path / "notebook")) == names
+
+
+def test_a_stock_llava_config_is_refused_with_the_fix(tmp_path):
+    """`Model.from_pretrained(id, config=AutoConfig.from_pretrained(id))` with a llava-hf id (a stock LlavaConfig),
+    the constructor and `_from_config` failed with "'LlavaConfig' object has no attribute 'validate_pruning'"."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    rcp_config = demo.build_demo_model().config
+    stock = LlavaConfig.from_dict({k: v for k, v in rcp_config.to_dict().items() if k in LlavaConfig().to_dict()})
+    LlavaForConditionalGeneration(stock).save_pretrained(tmp_path / "stock")
+    for name, build in (("RcpLlavaForConditionalGeneration", lambda: RcpLlavaForConditionalGeneration(stock)),
+                        ("RcpLlavaModel", lambda: RcpLlavaModel(stock)),
+                        ("RcpLlavaForConditionalGeneration",
+                         lambda: RcpLlavaForConditionalGeneration._from_config(stock)),
+                        ("RcpLlavaForConditionalGeneration",
+                         lambda: RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", config=stock))):
+        with pytest.raises(TypeError, match=re.escape(
+                f"{name} needs an RcpLlavaConfig, got a LlavaConfig as `config`: load it with "
+                "`RcpLlavaConfig.from_pretrained(model_id)`")):
+            build()
+    # the conversion the message gives
+    converted = RcpLlavaConfig.from_dict(stock.to_dict())
+    model = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "stock", config=converted)
+    assert model.config.pruning_method == "rcp"
 
 
 def test_a_save_interrupted_between_weights_and_config_is_refused_at_load(tmp_path, monkeypatch):
