@@ -3183,18 +3183,21 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                     "Right padding is not supported by `generate` with pruning: the next token would be predicted "
                     "from a padding position. Pad on the left (`processor.tokenizer.padding_side = 'left'`)."
                 )
+        embeds = kwargs.get("inputs_embeds")
+        prompt = input_ids if input_ids is not None and input_ids.dim() == 2 else embeds
         window = sliding_window_of(self.config.text_config)
-        if window is not None and self.config.pruning_method != "none" and input_ids is not None:
+        if window is not None and self.config.pruning_method != "none" and torch.is_tensor(prompt):
             # The forward refuses a sequence past the window (see `RcpLlavaModel._pruned_forward`): say so before
-            # the prompt is run and some tokens are generated.
+            # the prompt is run and some tokens are generated (`inputs_embeds` too: 8 tokens came, then the error).
+            length = prompt.shape[1]
             new = setting("max_new_tokens")
-            total = input_ids.shape[-1] + new if new is not None else setting("max_length")
+            total = length + new if new is not None else setting("max_length")
             if total is not None and total > window:
                 raise ValueError(
                     f"This text backbone uses sliding-window attention (window {window} tokens), and this generation "
-                    f"may span {total} tokens (prompt {input_ids.shape[-1]} + up to {total - input_ids.shape[-1]} "
+                    f"may span {total} tokens (prompt {length} + up to {total - length} "
                     f"new): `pruning_method={self.config.pruning_method!r}` runs its own decoder loop, which does not "
-                    f"build windowed masks. Lower `max_new_tokens` to {max(window - input_ids.shape[-1], 0)} or less, "
+                    f"build windowed masks. Lower `max_new_tokens` to {max(window - length, 0)} or less, "
                     "or use `pruning_method='none'` (the stock forward)."
                 )
         cache = kwargs.get("past_key_values")
@@ -3212,8 +3215,27 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 "fewer tokens, which a static cache cannot. Leave `cache_implementation` unset (or use 'dynamic', "
                 "'offloaded' or 'quantized')."
             )
-        embeds = kwargs.get("inputs_embeds")
-        prompt = input_ids if input_ids is not None and input_ids.dim() == 2 else embeds
+        training = self.training and self._pruning_active() and image
+        if training and setting("use_cache") is not False and getattr(self.model.language_model,
+                                                                      "gradient_checkpointing", False):
+            # transformers' checkpointed layers fill no cache in train mode (they drop it, with a warning), so the
+            # second step ran on a cache-less model with the whole mask: a shape error deep in the decoder loop
+            # (stock generates on silently from nothing, other tokens than in eval mode)
+            raise ValueError(
+                "`generate` in train mode with gradient checkpointing on needs `use_cache=False` (as TRL passes it "
+                "then): the checkpointed layers fill no KV cache. Pass `use_cache=False`, or call `model.eval()` "
+                "(or `gradient_checkpointing_disable()`) before generating."
+            )
+        if (training and setting("use_cache") is False and self.model.pruning_layout is None
+                and self.model._plugins_train()):
+            # Without a cache the prefill would run RCP's training layout (Gumbel noise, soft masks; the next steps
+            # reuse its kept sets): different kept sets per call. It prunes physically, as the cached generate does.
+            logger.warning_once(
+                "RCP's plug-ins are in train mode: `generate(use_cache=False)` prunes physically, as at inference, "
+                "with the plug-ins' dropout on. Call `model.eval()` before generating for deterministic pruning."
+            )
+            with self.pruning_layout("discard"):
+                return self.generate(*args, **kwargs)
         if (self._pruning_active() and image and setting("use_cache") is False and kwargs.get("answer_mask") is None
                 and torch.is_tensor(prompt)):
             # Without a cache each step runs the whole sequence: the repair adapters act on the prompt's last token

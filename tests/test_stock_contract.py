@@ -4,6 +4,7 @@ and pruning happens only in a prefill that carries an image."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -587,6 +588,55 @@ def test_rcp_generate_in_train_mode_keeps_the_prompt_in_its_cache(monkeypatch):
         model(**batch, past_key_values=DynamicCache())
 
 
+def test_rcp_generate_in_train_mode_without_a_cache_prunes_as_the_cached_one(monkeypatch):
+    """`generate(use_cache=False)` in train mode (TRL's setting under gradient checkpointing) ran RCP's prefill in the
+    training layout: Gumbel noise and soft masks, and the later steps reused its noisy kept sets, so two calls kept
+    different sets and the tokens left the cached generate's (0.2 off in logits), with no word. It prunes physically
+    now, as the cached train-mode generate does: without dropout, eval's tokens, logits and kept sets."""
+    from modeling_rcp_llava import logger
+
+    said = []
+    monkeypatch.setattr(logger, "warning_once", said.append)
+    model = make_model(randomize_plugins=True, query_dropout=0.0, pruner_dropout=0.0)
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True, bad_words_ids=[[IMAGE_TOKEN]])
+    with torch.no_grad():
+        ref = model.generate(**batch, **greedy)
+        kept = model.last_pruning_info.keep_masks
+        model.train()
+        for seed in (0, 1):
+            torch.manual_seed(seed)  # the Gumbel noise drew other kept sets per call
+            out = model.generate(**batch, use_cache=False, **greedy)
+            assert torch.equal(out.sequences, ref.sequences)
+            assert torch.equal(model.last_pruning_info.keep_masks, kept)
+            assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < 1e-5
+    assert len(said) == 2 and len(set(said)) == 1 and "`generate(use_cache=False)` prunes physically" in said[0]
+    assert model.model.pruning_layout is None  # restored
+
+
+@pytest.mark.parametrize("name", ["rcp", "fastv"])
+def test_generate_in_train_mode_with_gradient_checkpointing_needs_use_cache_false(name):
+    """Train mode + gradient checkpointing: transformers' checkpointed layers drop the cache, so the default cached
+    `generate` failed at its second step with a shape error in the decoder loop (stock goes on silently, from no
+    cache). It is refused before any step with the way out; `use_cache=False` (TRL's choice then) generates eval's
+    tokens."""
+    model = make_model(randomize_plugins=True, query_dropout=0.0, pruner_dropout=0.0, **METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, bad_words_ids=[[IMAGE_TOKEN]])
+    with torch.no_grad():
+        ref = model.generate(**batch, **greedy)
+        model.train()
+        model.gradient_checkpointing_enable()
+        with pytest.raises(ValueError, match=re.escape(
+                "`generate` in train mode with gradient checkpointing on needs `use_cache=False` (as TRL passes it "
+                "then): the checkpointed layers fill no KV cache.")):
+            model.generate(**batch, **greedy)
+        assert torch.equal(model.generate(**batch, use_cache=False, **greedy), ref)
+
+
 def test_baselines_return_a_cache_in_train_mode_as_stock():
     """Stock fills a cache in train mode when `use_cache` is on; a baseline (physical pruning in train mode) returned
     None on 468228a. Its cache now continues decoding exactly as an eval prefill's does."""
@@ -781,6 +831,11 @@ def test_sliding_window_backbone_is_stock_within_the_window_and_refused_past_it(
             model.generate(**image, max_new_tokens=10, min_new_tokens=10, do_sample=False)  # refused before a step
         with pytest.raises(ValueError, match=r"this generation may span 40 tokens \(prompt 23 \+ up to 17 new\)"):
             model.generate(**image, max_length=40, do_sample=False)  # max_length counts the prompt
+        # through `inputs_embeds` too (the check read `input_ids` alone: 8 tokens came, then the forward raised)
+        embeds = model.get_input_embeddings()(image["input_ids"])
+        with pytest.raises(ValueError, match=r"this generation may span 33 tokens \(prompt 23 \+ up to 10 new\)"):
+            model.generate(inputs_embeds=embeds, pixel_values=image["pixel_values"],
+                           attention_mask=image["attention_mask"], max_new_tokens=10, do_sample=False)
         model.config.pruning_method = "none"  # the stock forward: windowed as stock, at any length
         assert torch.equal(model(**long_text).logits, stock(**long_text).logits)
 
