@@ -351,6 +351,11 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         raise FileNotFoundError(f"--dataset {dataset!r} is neither a dataset folder, 'testbed', 'testbed:PRESET' nor "
                                 "BENCHMARK:PATH; pass e.g. the testbed's dataset folder (build_testbed.py's "
                                 "OUT/dataset).")
+    variants = list(dict.fromkeys(variants))
+    if any(v in UNTRAINED for v in variants) and "full" not in variants:
+        variants.insert(0, "full")
+    for v in variants:
+        variant_spec(v)  # fail on a bad name before any training, and before the data (an unbuilt testbed)
     spec, image_folder, trained_on = dataset, None, None
     if dataset is None:
         spec, image_folder = default_evaluation_data(base_args)
@@ -361,11 +366,6 @@ def run(variants, base_args, output_dir, name, budget="1/9", max_steps=None, max
         if dataset is not None or trained_on is not None or flag_value(base_args, "--base_model") is not None:
             raise
         data = None
-    variants = list(dict.fromkeys(variants))
-    if any(v in UNTRAINED for v in variants) and "full" not in variants:
-        variants.insert(0, "full")
-    for v in variants:
-        variant_spec(v)  # fail on a bad name before any training
     trained_order = [v for v in variants if v not in UNTRAINED] + [v for v in variants if v in UNTRAINED]
     # trained variants (full model folders) stay out of the results folder, which holds small text/PNG files only
     work = os.path.join(work_dir or os.path.join(ROOT, "outputs", "ablations"), name)

@@ -359,7 +359,8 @@ def test_ablation_runner_defaults_to_the_testbed_the_variants_train_on(tmp_path,
     loaded = []
     monkeypatch.setattr("rcp_llava.evaluation.load_data", lambda spec, **kw: loaded.append((spec, kw.get(
         "image_folder"))) or [])
-    monkeypatch.setattr(ablations, "variant_spec", lambda v: (_ for _ in ()).throw(RuntimeError("stop")))
+    # stop right after the data is read (the variant names are checked before it)
+    monkeypatch.setattr(ablations, "check_variants", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
     for train_args, preset in (([], "deep"), (["--testbed_preset", "tiny"], "tiny")):
         with pytest.raises(RuntimeError, match="stop"):
             ablations.run(["full"], train_args, str(tmp_path), "abl")
@@ -411,7 +412,11 @@ def test_ablation_runner_reads_an_unbuilt_default_testbed_after_the_first_traini
     with pytest.raises(FileNotFoundError, match="The 'tiny' testbed is not built"):
         ablations.run(["full"], [], str(tmp_path), "abl", dataset="testbed:tiny")
     assert events == [("load", "testbed:tiny")]  # no training
-    events.clear()  # jobs that train from --base_model on no dataset have no default data: --dataset is asked for
+    events.clear()  # a misspelt variant is named first (it was the unbuilt testbed, then, once built, the name)
+    with pytest.raises(ValueError, match="Unknown variant 'no_repair'"):
+        ablations.run(["full", "no_repair"], [], str(tmp_path), "abl", dataset="testbed:tiny")
+    assert events == []
+    # jobs that train from --base_model on no dataset have no default data: --dataset is asked for
     with pytest.raises(ValueError, match=r"^--dataset: the variants train from --train_args' --base_model on no "
                                          r"--dataset_name_or_path, so there is no test split"):
         ablations.run(["full"], ["--base_model", str(tmp_path)], str(tmp_path), "abl")
