@@ -138,9 +138,9 @@ def check_methods_fit_model(args, methods):
     from transformers import AutoConfig
 
     from configuration_rcp_llava import PRUNING_METHODS
-    from rcp_llava.evaluation import _uses_rcp_placement
+    from rcp_llava.evaluation import uses_rcp_placement
 
-    placed = [m for m in methods if _uses_rcp_placement(PRUNING_METHODS[m])]
+    placed = [m for m in methods if uses_rcp_placement(PRUNING_METHODS[m])]
     if placed and not args.plugins:
         model_type = AutoConfig.from_pretrained(args.model).model_type
         if model_type != "rcp_llava":

@@ -88,7 +88,7 @@ def _method_spec(method):
     return PRUNING_METHODS[method]
 
 
-def _uses_rcp_placement(spec):
+def uses_rcp_placement(spec):
     """In-decoder methods without a placement of their own (not pre-LLM, not single-layer like FastV) prune at the
     RCP model's layers."""
     return spec.in_decoder and not spec.pre_llm and spec.max_pruning_layers != 1
@@ -747,7 +747,7 @@ def planned_rows(base, methods, budgets, fastv_layer=None, flop_matched=False, p
     has_rcp = base.config.pruning_spec.plugins and bool(base.config.pruning_layers)
     plan, infeasible = [], []
     for method in methods:
-        if _uses_rcp_placement(_method_spec(method)) and not has_rcp:
+        if uses_rcp_placement(_method_spec(method)) and not has_rcp:
             raise ValueError(f"Method {method!r} needs an RCP model (pruning layers); {base.name_or_path!r} "
                              "has none: give an RCP folder or --plugins.")
         if method == "none":
@@ -757,7 +757,7 @@ def planned_rows(base, methods, budgets, fastv_layer=None, flop_matched=False, p
             label, fraction = parse_budget(label)
             k = budget_count(fraction, n)
             config = base.config
-            if plugins_per_budget and label in plugins_per_budget and _uses_rcp_placement(_method_spec(method)):
+            if plugins_per_budget and label in plugins_per_budget and uses_rcp_placement(_method_spec(method)):
                 config = _placement_view(base.config, plugins_per_budget[label])
             try:
                 overrides = method_overrides(method, k, config, fastv_layer, flop_matched=flop_matched)

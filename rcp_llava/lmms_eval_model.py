@@ -63,7 +63,7 @@ from transformers.utils import logging
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
 from rcp_llava.data import encode_texts, prompt_messages, saved_splits, shared_prefix_length
-from rcp_llava.evaluation import _uses_rcp_placement, method_model, method_overrides
+from rcp_llava.evaluation import method_model, method_overrides, uses_rcp_placement
 from rcp_llava.schedule import average_tokens, budget_count, kept_tokens_per_layer, parse_budget
 
 
@@ -232,7 +232,7 @@ class RcpLlava(lmms):
             spec = PRUNING_METHODS[pruning_method]
             if counts is None:  # only the method given: the config's message named fields --model_args does not take
                 # A budget sets the layers of a method that prunes elsewhere; one pruning at RCP's layers needs them.
-                budgeted = not _uses_rcp_placement(spec) or bool(model.config.pruning_layers)
+                budgeted = not uses_rcp_placement(spec) or bool(model.config.pruning_layers)
                 hint = (" Give `budget=K` (visual tokens to keep, e.g. budget=64 or budget=1/9): it sets the method's "
                         "layers and counts." if budgeted else f" It prunes at the model's RCP pruning layers, and "
                         f"{pretrained!r} has none: use a checkpoint with RCP plug-ins, or another method.")
