@@ -97,11 +97,15 @@ def test_scienceqa_answers_are_parsed_as_llava_eval_science_qa():
     result = score_benchmark("scienceqa_img", predictions, records)
     assert result == {"score": 0.5, "groups": {"social science": 0.5}, "metric": {"exact_match": 0.5}}
     metric = load_metric("exact_match")
-    out = metric.compute(predictions=predictions + ["D", "The answer is C, no. The answer is A."],
-                         references=[["B"]] * 6 + [["D"], ["A"]], mode="scienceqa",
-                         choices=[["Ohio", "Maine", "Texas"]] * 8, return_scores=True)
-    # "D" is not among 3 options (get_pred_idx -> -1); the first "The answer is X." wins
-    assert out["scores"] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    extra = ["D", "The answer is C, no. The answer is A.", "B\nBecause Maine is north.", "The answer is B",
+             "The answer is F. The answer is B.", " The answer is B, Maine. "]
+    out = metric.compute(predictions=predictions + extra, references=[["B"]] * 6 + [["D"], ["A"]] + [["B"]] * 4,
+                         mode="scienceqa", choices=[["Ohio", "Maine", "Texas"]] * 12, return_scores=True)
+    # "D" is not among 3 options (get_pred_idx -> -1). LLaVA reads "The answer is X" + one more character with
+    # `findall` and takes it only when there is exactly one: two phrases are wrong (the first "The answer is X." was
+    # taken), as is one ending the answer; a newline after the letter is no "X. " (it was rewritten to ". " and
+    # counted right, as neither LLaVA nor lmms-eval count it)
+    assert out["scores"] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] + [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_mmbench_answers_are_parsed_as_can_infer():

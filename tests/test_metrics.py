@@ -109,6 +109,22 @@ def test_vqa_official_vs_full_reference_processing(metrics):
     assert vqa_score("2", ["two"] * 10, "official") == 0.0
 
 
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("2", ["two"] * 5 + ["2"] + ["3"] * 4, 1.0),  # 0.3: the references kept "two"
+    ("A can of soup.", ["a can of soup"] * 8 + ["can of soup"] * 2, 1.0),  # 0.6: they kept the article
+    ("None", ["none"] * 7 + ["0"] * 3, 1.0),  # 0.9: "none" is "0" once normalised
+    ("three", ["3"] * 4 + ["three"] * 6, 1.0),
+    ("none", ["none"] * 10, 0.0),  # unanimous references are compared as they are, the prediction normalised
+    ("t shirt", ["t-shirt"] * 9 + ["shirt"], 1.0),
+])
+def test_vqa_official_normalises_disagreeing_references_as_vqaeval_since_a013f00(prediction, answers, expected):
+    """The official vqaEval.py (a013f00, "Fixed processing answers bug") normalises the references -- punctuation,
+    number words, articles -- when the annotators disagree; the earlier revision this followed gave them the
+    punctuation step alone, so a prediction equal to the annotators' answers lost credit."""
+    assert vqa_score(prediction, answers) == pytest.approx(expected)
+    assert vqa_score(prediction, answers, "full") == pytest.approx(1.0)  # lmms-eval's: both sides, always
+
+
 def test_vqa_metric_compute_mean_and_scores(metrics):
     out = metrics["vqa_accuracy"].compute(
         predictions=["Two", "cat", "A dog."],

@@ -35,10 +35,11 @@ LLaVA strips a trailing period first).
 - "normalized" (default): the normalisation above (lenient; `normalize=False` compares stripped strings).
 - "gqa": LLaVA-1.5's GQA protocol (scripts/convert_gqa_for_eval.py, then the GQA evaluator): the prediction with
   trailing periods stripped and lower-cased, compared verbatim with the reference ("the table" is not "table").
-- "scienceqa": LLaVA-1.5's llava/eval/eval_science_qa.py: newlines become ". ", then the option letter is the
-  prediction itself when it is one letter among the question's options, or its first letter when it starts with
-  "X. ", or X in "The answer is X"; anything else is wrong ("B." is wrong there, as in LLaVA; lmms-eval's
-  scienceqa_img accepts it). Needs `choices`.
+- "scienceqa": LLaVA-1.5's llava/eval/eval_science_qa.py: the option letter is the (stripped) prediction itself
+  when it is one letter among the question's options, or its first letter when it starts with "X. ", or X in the
+  one "The answer is X" followed by a character (two such phrases, or none, are wrong); anything else is wrong
+  ("B." and "B\nbecause ..." are wrong there, as in LLaVA; lmms-eval's scienceqa_img accepts "B."). Needs
+  `choices`.
 - "mmbench": MMBench's answer extraction without its GPT fallback (lmms-eval mmbench_evals.py / VLMEvalKit
   `can_infer`): the one option letter standing alone (or as "X." "X," "X:" "X)" "(X)" ":X" ...) among the words of
   the prediction, else the one option whose text occurs in the lower-cased prediction; anything else is wrong
@@ -108,14 +109,16 @@ def gqa_prediction(prediction: str) -> str:
 def scienceqa_choice(prediction: str, num_choices: int) -> Optional[str]:
     """The option letter LLaVA-1.5's eval_science_qa.py reads from `prediction` (None: "FAILED")."""
     options = ("A", "B", "C", "D", "E")  # a list, as in LLaVA: "" and "AB" are not options
-    text = prediction.replace("\n", ". ")
-    if text.strip() in options:
-        answer = text.strip()
+    text = prediction.strip()  # model_vqa_science.py strips the decoded answer; nothing else is rewritten
+    if text in options:
+        answer = text
     elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
         answer = text[0]
     else:
-        match = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])", text)
-        answer = match.group(1) if match else None
+        # LLaVA's `re.compile(r'The answer is ([A-Z]).').findall`: a letter and one more character, any letter
+        # (get_pred_idx refuses F-Z below), and exactly one such phrase in the answer
+        found = re.findall(r"The answer is ([A-Z]).", text)
+        answer = found[0] if len(found) == 1 else None
     # get_pred_idx: only a letter of this question's options counts
     return answer if answer is not None and answer in options[:num_choices] else None
 

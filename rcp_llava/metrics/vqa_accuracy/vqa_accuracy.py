@@ -51,10 +51,12 @@ Args:
     references (`list` of `list` of `str`): the annotator answers of each question
         (10 for VQAv2 / VizWiz; at least one).
     reference_processing (`str`, defaults to `"official"`): how reference answers are
-        normalised. `"official"`: exactly as the official script -- only the punctuation
-        step, and only when the annotators disagree (the official annotations are already
-        normalised). `"full"`: references get the same full normalisation as predictions
-        (robust for references that were not pre-normalised).
+        normalised. `"official"`: exactly as the official script (vqaEval.py, revision
+        a013f00) scores the normalised prediction -- references normalised (punctuation,
+        digits, articles) only when the annotators disagree, unanimous ones compared as they
+        are (the official annotations are already normalised). `"full"`: references always
+        get the same full normalisation as predictions, as lmms-eval's vqav2 / vizwiz tasks
+        do (robust for references that were not pre-normalised).
     return_scores (`bool`, defaults to `False`): also return the per-question scores.
 Returns:
     vqa_accuracy (`float`): mean accuracy in [0, 1] (the official server reports x100).
@@ -154,13 +156,19 @@ def vqa_score(prediction: str, answers: Sequence[str], reference_processing: str
                          "answers (at least one).")
     if reference_processing not in ("official", "full"):
         raise ValueError(f"reference_processing must be 'official' or 'full', got {reference_processing!r}")
+    # The prediction as submitted: LLaVA's converter normalises each answer before the evaluation server sees it.
     pred = normalize_vqa_answer(prediction)
     if reference_processing == "full":
         gts = [normalize_vqa_answer(a) for a in answers]
-    elif len(set(answers)) > 1:
-        gts = [process_punctuation(a) for a in answers]
     else:
-        gts = list(answers)
+        # vqaEval.py since a013f00 ("Fixed processing answers bug"): references and prediction are normalised
+        # together, punctuation and digits/articles, only when the annotators disagree. The earlier revision (which
+        # this followed) gave those references the punctuation step alone, so a prediction equal to them lost
+        # credit ("2" against five "two": 0.3, not 1.0; "A can of soup." against "a can of soup": 0.6).
+        gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(a)) for a in gts]
+            pred = process_digit_article(process_punctuation(pred))
     if len(gts) == 1:
         return float(gts[0] == pred)
     matches = [gt == pred for gt in gts]
