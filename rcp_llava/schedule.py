@@ -24,6 +24,8 @@ from configuration_rcp_llava import visual_tokens_per_layer
 
 
 # Table VI of the paper: % of the 576 visual tokens kept after the pruners at layers 2 / 14 / 26 (64-token budget).
+# Its proportions serve every budget here; the table's 128- and 192-token rows (25.84 / 4.13 / 1.54 and
+# 60.21 / 7.47 / 1.56) put more of the budget in the first stage.
 TABLE_VI_RETENTION = (16.72, 4.59, 1.44)
 
 
@@ -51,7 +53,8 @@ def round_count(value):
 
 def budget_count(fraction, num_visual_tokens):
     """k = round(fraction * N), half up, at least 1 (1/3, 2/9, 1/9 of 144 -> 48, 32, 16). In exact arithmetic on the
-    fraction the float stands for (`parse_budget`'s "0.29" is 0.28999...: 0.29 of 50 rounded to 14, not 15)."""
+    fraction the float stands for (`parse_budget`'s "0.29" is the float 0.28999...: read as 29/100, 0.29 of 50 is
+    14.5 and rounds to 15, where the float's product rounded to 14)."""
     try:
         exact = Fraction(fraction)
     except TypeError:  # a numpy scalar: its float

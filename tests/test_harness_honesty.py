@@ -248,3 +248,30 @@ def test_prefill_benchmark_uses_the_projects_zero_based_placement():
     assert prefill.scaled_layers(8) == [1, 3, 6]
     with pytest.raises(ValueError, match=r"^--text_layers 3: .* give --text_layers >= 4\.$"):
         prefill.scaled_layers(3)
+
+
+def test_prefill_benchmark_selection_flops_are_the_measured_overhead():
+    """`selection_flops` counted k_proj over the whole sequence (the pruning layer reuses the kept rows' keys, which
+    the analytic pruned count already holds), the pruner as two d x P maps and the BOS as a question row: 1.37x the
+    overhead FlopCounterMode measures. Now within 1% of it (4 layers, eager attention, no repair adapter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.flops import llava_flops, schedule_tokens_per_layer
+
+    prefill = load_benchmark("prefill_benchmark")
+    layers, counts, num_layers, t, n = prefill.scaled_layers(4), [96, 26, 8], 4, 40, 576
+    config = prefill.mid_config(layers, counts, num_layers)
+    config.repair_layers = []
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = RcpLlavaForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.ones(1, 1, dtype=torch.long), torch.full((1, n), 999), torch.randint(3, 900, (1, t - 1))], 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 336, 336), use_cache=True, logits_to_keep=1)
+    schedule = schedule_tokens_per_layer(num_layers, t, n, layers, counts)
+    overhead = counter.get_total_flops() - llava_flops(config, num_text_tokens=t,
+                                                       decoder_tokens_per_layer=schedule).total
+    assert prefill.selection_flops(config, t, [n, *counts[:-1]], counts) == pytest.approx(overhead, rel=0.01)
