@@ -624,16 +624,26 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             return super().train(resume_from_checkpoint, **kwargs)
         state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
         self.grad_norms = checkpoint_grad_norms(resume_from_checkpoint, state.global_step)
-        if not 0 < self.args.max_steps <= state.global_step:
+        total = self._run_steps()
+        if not 0 < total <= state.global_step:
             return super().train(resume_from_checkpoint, **kwargs)
-        logger.warning(f"[train_rcp] {resume_from_checkpoint} is at step {state.global_step} of --max_steps "
-                       f"{self.args.max_steps}: the run is finished, nothing is trained; its plug-ins are loaded.")
+        logger.warning(f"[train_rcp] {resume_from_checkpoint} is at step {state.global_step} of the run's {total} "
+                       "(--max_steps, or --num_train_epochs' steps): the run is finished, nothing is trained; its "
+                       "plug-ins are loaded.")
         self._load_from_checkpoint(resume_from_checkpoint)
         self.state = state
         best = state.best_model_checkpoint
         if self.args.load_best_model_at_end and best and os.path.isdir(best):  # as `Trainer.train` ends
             self._load_best_model()
         return TrainOutput(state.global_step, 0.0, {})  # `Trainer.train`'s loss when no step ran
+
+    def _run_steps(self):
+        """The run's optimizer steps as `Trainer.train` sets them: --max_steps, or, for a run by epochs, the steps of
+        --num_train_epochs on this data (a run that ended mid-epoch, 1.5 epochs, trained one batch more when
+        resumed: only --max_steps was read). -1 where the data has no length."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     def _save_checkpoint_extras(self, folder):
         _write_json(os.path.join(folder, GRAD_NORMS_NAME), self.grad_norms)

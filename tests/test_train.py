@@ -356,6 +356,26 @@ def test_resume_keeps_every_steps_gradient_norm(micro, tmp_path):
     assert summary["steps"] == 1 and summary["unrecorded_steps"] == 2 and summary["max"] == norms[2]
 
 
+def test_resuming_a_finished_run_by_epochs_trains_nothing(micro, tmp_path):
+    """A run by epochs (--max_steps -1) that ended mid-epoch (1.5 epochs: 6 steps of 4 per epoch), resumed, trained
+    a 7th step past its schedules and wrote checkpoint-7: the finished-run check read --max_steps alone."""
+    make, _, _ = micro
+    common = dict(max_steps=-1, num_train_epochs=1.5, save_steps=3)
+    first = make_trainer(micro, tmp_path, model=make(), **common)
+    first.train()
+    assert first.state.global_step == 6 and len(first.grad_norms) == 6
+    resumed = make_trainer(micro, tmp_path, model=make(), **common)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6 and resumed.grad_norms == first.grad_norms
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-6"]
+    a, b = first.model.plugin_state_dict(), resumed.model.plugin_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # more epochs given to the resume: the run goes on from step 6 (to 2 epochs, 8 steps)
+    longer = make_trainer(micro, tmp_path, model=make(), **{**common, "num_train_epochs": 2})
+    longer.train(resume_from_checkpoint=True)
+    assert longer.state.global_step == 8
+
+
 def test_gradient_accumulation_equals_the_larger_batch(micro, tmp_path):
     """Exact for the per-sample losses. The authors' pooled repair moments and batch-mean retention are taken per
     micro-batch (as in their code), so with those the accumulated step is close to, not equal to, the larger batch."""
