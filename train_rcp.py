@@ -340,6 +340,11 @@ class RcpTrainingArguments(TrainingArguments):
             raise ValueError(f"`label_smoothing_factor={self.label_smoothing_factor}` is not supported: RCP's task "
                              "loss (`task_loss`) is plain cross-entropy on the answer tokens, and the setting would be "
                              "ignored. Leave it at 0.")
+        if self.neftune_noise_alpha:  # the stock Trainer's hook noises the input embeddings of every training forward
+            raise ValueError(f"`neftune_noise_alpha={self.neftune_noise_alpha}` is not supported: NEFTune's noise would "
+                             "differ between the student and the full-token teacher of the same batch (both run in "
+                             "train mode), so the repair loss would chase noise (0.0018 where it is 1e-10 at "
+                             "initialisation). Leave it unset.")
         if self.remove_unused_columns:
             # The collator builds the prompts from the raw columns (image, question, answer): the stock default
             # dropped them all and `train()` failed after the model loaded.

@@ -44,6 +44,11 @@ def test_stock_loss_options_the_rcp_loss_would_ignore_are_refused(micro, tmp_pat
     """Accepted and then ignored: the loss was bit-identical with label smoothing 0.1 or a `compute_loss_func`."""
     with pytest.raises(ValueError, match=r"`label_smoothing_factor=0.1` is not supported: RCP's task loss"):
         _args(tmp_path, label_smoothing_factor=0.1)
+    # NEFTune noised the teacher's embeddings apart from the student's (the repair loss at initialisation went from
+    # 1e-10 to 0.0018 on noise alone)
+    with pytest.raises(ValueError, match=r"^`neftune_noise_alpha=5.0` is not supported: NEFTune's noise would differ "
+                                         r"between the student and the full-token teacher"):
+        _args(tmp_path, neftune_noise_alpha=5.0)
     make, processor, dataset = micro
     with pytest.raises(ValueError, match=r"`compute_loss_func` is not supported: RcpTrainer's loss is RCP's"):
         RcpTrainer(model=make(), args=_args(tmp_path), train_dataset=dataset, processing_class=processor,
