@@ -47,7 +47,8 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import visual_tokens_per_image
 from modeling_rcp_llava import (
-    PLUGIN_PREFIX, RCP_CONFIG_NAME, RcpLlavaForConditionalGeneration, atomic_write, check_model_source, write_text,
+    PLUGIN_PREFIX, RCP_CONFIG_NAME, RCP_PLUGINS_NAME, RcpLlavaForConditionalGeneration, atomic_write,
+    check_model_source, write_text,
 )
 from rcp_llava.checkpoints import STAGING_PREFIX, AtomicCheckpointMixin
 from rcp_llava.data import (
@@ -818,6 +819,18 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """`Trainer._push_from_checkpoint` (`push_to_hub` while training) uploads the output folder after copying the
+        stock model files into it from the checkpoint, so the plug-ins never reached the repo: copy them too (the
+        weights first, as `save_plugins` writes them), each atomically."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            for name in (RCP_PLUGINS_NAME, RCP_CONFIG_NAME):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    atomic_write(os.path.join(self.args.output_dir, name),
+                                 lambda tmp, source=source: shutil.copyfile(source, tmp))
+        return super()._push_from_checkpoint(checkpoint_folder)
 
     # Resuming needs every plug-in tensor: the model's one loader, strict (it fails before copying anything).
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -31,6 +31,10 @@ class AtomicCheckpointMixin:
         # `Trainer._save_checkpoint` names the folder from this module global when it runs: point it at the staging
         # name for the duration of the call (its rotation takes the prefix as a default argument and is unaffected).
         hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+        # The push (`push_to_hub`) reads the same global and the folder it is given, so inside the call it uploaded
+        # the staging folder (gone once renamed; `all_checkpoints` named it tmp-checkpoint-N) and, ignoring
+        # tmp-checkpoint-* only, every earlier checkpoint-N at the repo root: it runs below, on the final folder.
+        self._push_from_checkpoint = lambda folder: None
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
@@ -41,6 +45,7 @@ class AtomicCheckpointMixin:
             raise
         finally:
             hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
+            del self._push_from_checkpoint  # the method again
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if self.args.should_save:
             if os.path.isdir(final):  # the same step saved before: a resume from an earlier checkpoint
@@ -49,6 +54,9 @@ class AtomicCheckpointMixin:
             if self.state.best_model_checkpoint == staging:
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(final, hf_trainer.TRAINER_STATE_NAME))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)  # the main process only (the Trainer's own check)
+        if self.args.should_save:
             # The rotation inside the call could not see the new checkpoint; count it now.
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)

@@ -66,3 +66,45 @@ def test_a_processor_builds_the_collator_as_trl_does(micro, tmp_path):  # noqa: 
     trainer.train()
     with pytest.raises(ValueError, match=r"needs `data_collator=RcpDataCollator\(processor\)`"):
         RcpTrainer(model=make(), args=_args(tmp_path), train_dataset=dataset)
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
+def test_push_to_hub_while_training_uploads_the_checkpoint_and_the_plugins(micro, tmp_path, monkeypatch, strategy):  # noqa: F811
+    """The atomic checkpoint's staging name leaked into the Trainer's push: the root upload ignored tmp-checkpoint-*
+    only (every earlier checkpoint-N, optimizer included, went to the repo root), the checkpoint upload read the
+    staging folder (renamed away right after, without grad_norms.json; `all_checkpoints` named it
+    tmp-checkpoint-N), and the root never held the plug-ins (the push copies stock model files only)."""
+    import fnmatch
+    import os
+    from types import SimpleNamespace
+
+    import transformers.trainer as hf_trainer
+
+    uploads = []
+
+    class Api:  # records what each upload would send (the folder as it is when the upload is asked for)
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, **kwargs):
+            files = sorted(os.path.relpath(os.path.join(root, f), folder_path)
+                           for root, _, names in os.walk(folder_path) for f in names)
+            files = [f for f in files if not any(fnmatch.fnmatch(f.split(os.sep)[0], p) for p in ignore_patterns or [])]
+            uploads.append((folder_path, path_in_repo, files))
+            return SimpleNamespace(done=lambda: True)
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: Api())
+    trainer = make_trainer(micro, tmp_path, max_steps=4, save_steps=2, push_to_hub=True, hub_model_id="rcp-test",
+                           hub_strategy=strategy)
+    trainer.train()
+    roots = [files for folder, where, files in uploads if folder == str(tmp_path) and where is None]
+    assert len(roots) >= 2 and all({"rcp_plugins.safetensors", "rcp_config.json"} <= set(files) for files in roots)
+    assert all(not f.startswith(("checkpoint-", "tmp-checkpoint-")) for files in roots for f in files)
+    checkpoints = [(folder, where, files) for folder, where, files in uploads if folder != str(tmp_path)]
+    if strategy == "every_save":
+        assert checkpoints == []
+    else:
+        assert [folder for folder, _, _ in checkpoints] == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4")]
+        assert [where for _, where, _ in checkpoints] == (["last-checkpoint"] * 2 if strategy == "checkpoint"
+                                                          else ["checkpoint-2", "checkpoint-4"])
+        assert all("grad_norms.json" in files and "rcp_plugins.safetensors" in files for _, _, files in checkpoints)
