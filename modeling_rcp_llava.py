@@ -3216,15 +3216,17 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 "'offloaded' or 'quantized')."
             )
         training = self.training and self._pruning_active() and image
-        if training and setting("use_cache") is not False and getattr(self.model.language_model,
-                                                                      "gradient_checkpointing", False):
+        # `generate` turns the cache back on for an `inputs_embeds` prompt (it cannot re-embed generated ids)
+        cached = setting("use_cache") is not False or (input_ids is None and embeds is not None)
+        if training and cached and getattr(self.model.language_model, "gradient_checkpointing", False):
             # transformers' checkpointed layers fill no cache in train mode (they drop it, with a warning), so the
             # second step ran on a cache-less model with the whole mask: a shape error deep in the decoder loop
             # (stock generates on silently from nothing, other tokens than in eval mode)
             raise ValueError(
                 "`generate` in train mode with gradient checkpointing on needs `use_cache=False` (as TRL passes it "
-                "then): the checkpointed layers fill no KV cache. Pass `use_cache=False`, or call `model.eval()` "
-                "(or `gradient_checkpointing_disable()`) before generating."
+                "then): the checkpointed layers fill no KV cache. Pass `use_cache=False` (with `input_ids`: an "
+                "`inputs_embeds` prompt always generates with a cache), or call `model.eval()` (or "
+                "`gradient_checkpointing_disable()`) before generating."
             )
         if (training and setting("use_cache") is False and self.model.pruning_layout is None
                 and self.model._plugins_train()):

@@ -630,7 +630,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             return super().train(resume_from_checkpoint, **kwargs)
         state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
         self.grad_norms = checkpoint_grad_norms(resume_from_checkpoint, state.global_step)
-        total = self._run_steps()
+        total = self._run_steps(state)
         if not 0 < total <= state.global_step:
             return super().train(resume_from_checkpoint, **kwargs)
         logger.warning(f"[train_rcp] {resume_from_checkpoint} is at step {state.global_step} of the run's {total} "
@@ -643,12 +643,15 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             self._load_best_model()
         return TrainOutput(state.global_step, 0.0, {})  # `Trainer.train`'s loss when no step ran
 
-    def _run_steps(self):
-        """The run's optimizer steps as `Trainer.train` sets them: --max_steps, or, for a run by epochs, the steps of
-        --num_train_epochs on this data (a run that ended mid-epoch, 1.5 epochs, trained one batch more when
-        resumed: only --max_steps was read). -1 where the data has no length."""
+    def _run_steps(self, state):
+        """The run's optimizer steps as `Trainer.train` sets them when resuming from `state`: --max_steps, or, for a
+        run by epochs, the steps of --num_train_epochs on this data (a run that ended mid-epoch, 1.5 epochs, trained
+        one batch more when resumed: only --max_steps was read), at the batch size the checkpoint ran with under
+        `auto_find_batch_size`, which `Trainer.train` restores first (a halved batch has twice the steps)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
+        if self.args.auto_find_batch_size and state.train_batch_size is not None:
+            self._train_batch_size = state.train_batch_size  # as `Trainer.train` sets it on this resume
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     def _save_checkpoint_extras(self, folder):

@@ -115,7 +115,8 @@ def main(argv=None):
     if args.output:
         # Creates the folder refuse_existing accepted; a file another run wrote there meanwhile is kept unless
         # --overwrite (this one goes beside it, as NAME-2.md)
-        publish([(args.output, lambda tmp: write_text(tmp, "\n".join(lines) + "\n"))], overwrite=args.overwrite)
+        publish([(args.output, lambda tmp, final: write_text(tmp, "\n".join(lines) + "\n"))],
+                overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

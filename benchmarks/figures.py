@@ -166,9 +166,10 @@ def read_table(path):
     return table
 
 
-def accuracy_markdown(table, command, name):
-    """accuracy_vs_tokens_NAME.md: the command and, per dataset, the plotted numbers."""
-    lines = [f"# accuracy_vs_tokens_{name}.png", "", f"Command: `{command}` (data: `{table.get('command')}`)"]
+def accuracy_markdown(table, command, figure):
+    """accuracy_vs_tokens_NAME.md: the figure's file name (`figure`), the command and, per dataset, the plotted
+    numbers."""
+    lines = [f"# {figure}", "", f"Command: `{command}` (data: `{table.get('command')}`)"]
     for result in table["results"]:
         # n per row: a score without its sample count reads as more certain than 200 samples make it
         lines += ["", f"{result['data']} (N = {result['num_visual_tokens']}), {result.get('metric', 'score')} vs. "
@@ -283,24 +284,30 @@ def main(argv=None):
         title = (f"{len(rows)} samples, budget {result['budget']} (k={result['k']}): keep {result['counts']} after "
                  f"layers {result['pruning_layers']}, repair after {result['repair_layers']}")
         layers = len(next(iter(result["curves"].values())))
-        lines = [f"# Figures: drift_{args.name}.png, masks_{args.name}.png", "", f"Command: `{command}`", "",
-                 f"Model `{args.model}`. {title}.", "",
-                 "W2 (Eq. 18) to the full model at the answer positions, mean over samples, per decoder layer:", "",
-                 "| curve | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
-                 "|---|" + "---|" * layers]
-        for name, values in result["curves"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
-        lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
-        files += [(out(f"drift_{args.name}.png"), lambda tmp: plot_drift(result["curves"], tmp, title=title)),
-                  (out(f"masks_{args.name}.png"), lambda tmp: plot_masks(
+        drift_path, masks_path = out(f"drift_{args.name}.png"), out(f"masks_{args.name}.png")
+
+        def figures_markdown(final):  # names the PNGs as published (NAME-2 beside a run that took NAME)
+            lines = [f"# Figures: {os.path.basename(final(drift_path))}, {os.path.basename(final(masks_path))}", "",
+                     f"Command: `{command}`", "", f"Model `{args.model}`. {title}.", "",
+                     "W2 (Eq. 18) to the full model at the answer positions, mean over samples, per decoder layer:", "",
+                     "| curve | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+                     "|---|" + "---|" * layers]
+            for name, values in result["curves"].items():
+                lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+            lines += ["", "Mask examples: " + "; ".join(f"{r['question']} -> {r['answer']}" for r in picks)]
+            return "\n".join(lines) + "\n"
+
+        files += [(drift_path, lambda tmp, final: plot_drift(result["curves"], tmp, title=title)),
+                  (masks_path, lambda tmp, final: plot_masks(
                       picks, result["masks"], result["mask_points"], tmp,
                       title=f"RCP kept patches at budget {result['budget']} (counts {result['counts']}); red: evidence")),
-                  (out(f"figures_{args.name}.md"), lambda tmp: write_text(tmp, "\n".join(lines) + "\n"))]
+                  (out(f"figures_{args.name}.md"), lambda tmp, final: write_text(tmp, figures_markdown(final)))]
     if table is not None:
+        figure = out(f"accuracy_vs_tokens_{args.name}.png")
         # every dataset of the run (only the first was plotted)
-        files += [(out(f"accuracy_vs_tokens_{args.name}.png"), lambda tmp: plot_accuracy_vs_tokens(table["results"], tmp)),
-                  (out(f"accuracy_vs_tokens_{args.name}.md"),
-                   lambda tmp: write_text(tmp, accuracy_markdown(table, command, args.name)))]
+        files += [(figure, lambda tmp, final: plot_accuracy_vs_tokens(table["results"], tmp)),
+                  (out(f"accuracy_vs_tokens_{args.name}.md"), lambda tmp, final: write_text(
+                      tmp, accuracy_markdown(table, command, os.path.basename(final(figure)))))]
     # One publish: a file another run (same --name) wrote meanwhile is kept unless --overwrite, and this run's
     # files all go beside it under one numbering (the figures replaced it before).
     written = [path for path in publish(files, overwrite=args.overwrite) if path.endswith(".png")]

@@ -4,7 +4,7 @@ over an earlier result unless asked, always atomically (a crash leaves the previ
     from rcp_llava.results import DEFAULT_OUTPUT_DIR, refuse_existing, write_results
     refuse_existing([stem + ".md", stem + ".json"], overwrite=args.overwrite)   # before anything loads
     write_results(stem, markdown="...", data={...}, overwrite=args.overwrite)   # returns the stem written
-    publish([(path, lambda tmp: plot(..., tmp)), ...], overwrite=args.overwrite)  # any files; the paths written
+    publish([(path, lambda tmp, final: plot(..., tmp)), ...], overwrite=args.overwrite)  # any files; the paths written
 """
 
 import json
@@ -111,38 +111,45 @@ def write_results(stem, markdown=None, data=None, overwrite=True):
     """`stem.json` (data, written first) and `stem.md` (markdown), through `publish`; creates the folder. Returns the
     stem written: `stem`, or `stem-2`, `stem-3`, ... without `overwrite` when another run wrote one of them meanwhile."""
     files = [(".json", None if data is None else json.dumps(data, indent=2)), (".md", markdown)]
-    files = [(stem + ext, lambda tmp, text=text: write_text(tmp, text)) for ext, text in files if text is not None]
+    files = [(stem + ext, lambda tmp, final, text=text: write_text(tmp, text)) for ext, text in files
+             if text is not None]
     written = publish(files, overwrite)
     return os.path.splitext(written[0])[0] if written else stem
 
 
 def publish(files, overwrite=True):
-    """Put each `(path, write)` of `files` in place, `write(tmp)` making its content in a temporary file beside it
-    (with its suffix, so that a figure's format follows it); creates the folders. Returns the paths written.
+    """Put each `(path, write)` of `files` in place and return the paths written: `write(tmp, final)` makes the
+    file's content in a temporary file beside it (with its suffix, so that a figure's format follows it), `final`
+    mapping each of the `files`' paths to the one it will have (a table that names its figures names them right);
+    creates the folders.
 
     overwrite: each is renamed over its path. Otherwise (a run without `--overwrite`, whose `refuse_existing` found
     the names free at start-up) a file that appeared at one of the paths since (another job given the same --name,
     while this one ran) is never replaced, and this run is not lost either: all its files go to the first numbering
-    under which each is free (`-2`, `-3`, ... before each suffix: r-2.json and r-2.md, drift_x-2.png), and a warning
-    names both. Each is created without replacing a file (a hard link of the temporary), so one that appears at the
-    last moment is not replaced either."""
+    under which each is free (`-2`, `-3`, ... before each suffix: r-2.json and r-2.md, drift_x-2.png; written again
+    for it), and a warning names both. Each is created without replacing a file (a hard link of the temporary), so
+    one that appears at the last moment is not replaced either."""
+    paths = [path for path, _ in files]
     temps = []
+    for path in paths:
+        root, ext = os.path.splitext(path)
+        temps.append(f"{root}.tmp-{os.getpid()}{ext}")
     try:
-        for path, write in files:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            root, ext = os.path.splitext(path)
-            temps.append(f"{root}.tmp-{os.getpid()}{ext}")
-            write(temps[-1])
-        paths = [path for path, _ in files]
-        if overwrite:
-            for tmp, path in zip(temps, paths):
-                os.replace(tmp, path)
-            return paths
         number = 1
-        while not _create_all(temps, [_numbered(path, number) for path in paths]):
+        while True:
+            for (path, write), tmp in zip(files, temps):
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                write(tmp, lambda original, number=number: _numbered(original, number))
+            if overwrite:
+                for tmp, path in zip(temps, paths):
+                    os.replace(tmp, path)
+                return paths
+            if _create_all(temps, [_numbered(path, number) for path in paths]):
+                break
             number += 1
         if number > 1:
-            logger.warning(f"{', '.join(paths)}: written by another run while this one ran (without --overwrite); "
+            taken = [path for path in paths if os.path.exists(path)] or paths
+            logger.warning(f"{', '.join(taken)}: written by another run while this one ran (without --overwrite); "
                            f"they are kept, and this run's results are in "
                            f"{', '.join(_numbered(path, number) for path in paths)}.")
         return [_numbered(path, number) for path in paths]

@@ -635,6 +635,11 @@ def test_generate_in_train_mode_with_gradient_checkpointing_needs_use_cache_fals
                 "then): the checkpointed layers fill no KV cache.")):
             model.generate(**batch, **greedy)
         assert torch.equal(model.generate(**batch, use_cache=False, **greedy), ref)
+        # an `inputs_embeds` prompt: `generate` turns the cache back on, so `use_cache=False` does not help there
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        with pytest.raises(ValueError, match=re.escape("an `inputs_embeds` prompt always generates with a cache")):
+            model.generate(inputs_embeds=embeds, pixel_values=batch["pixel_values"],
+                           attention_mask=batch["attention_mask"], use_cache=False, **greedy)
 
 
 def test_baselines_return_a_cache_in_train_mode_as_stock():

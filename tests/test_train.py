@@ -376,6 +376,28 @@ def test_resuming_a_finished_run_by_epochs_trains_nothing(micro, tmp_path):
     assert longer.state.global_step == 8
 
 
+def test_resuming_a_run_whose_batch_auto_find_batch_size_halved_trains_on(micro, tmp_path):
+    """The finished-run check counted the steps at the command line's batch size; `Trainer.train` resumes at the
+    batch size `auto_find_batch_size` had settled on (the checkpoint's): a run halved to batch 1 and stopped at step
+    4 of 8 was declared finished at 4 of 4 and trained nothing."""
+    from transformers import TrainerCallback
+
+    class StopAtFour(TrainerCallback):  # the job killed after step 4
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    make, _, _ = micro
+    common = dict(max_steps=-1, num_train_epochs=1, save_steps=2)
+    halved = make_trainer(micro, tmp_path, model=make(), per_device_train_batch_size=1, **common)
+    halved.add_callback(StopAtFour())
+    halved.train()
+    assert (halved.state.global_step, halved.state.max_steps) == (4, 8)
+    resumed = make_trainer(micro, tmp_path, model=make(), per_device_train_batch_size=2, auto_find_batch_size=True,
+                           **common)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 8
+
+
 def test_gradient_accumulation_equals_the_larger_batch(micro, tmp_path):
     """Exact for the per-sample losses. The authors' pooled repair moments and batch-mean retention are taken per
     micro-batch (as in their code), so with those the accumulated step is close to, not equal to, the larger batch."""
