@@ -94,7 +94,8 @@ LAYOUTS: Dict[str, str] = {
     "scienceqa_img": (
         "ScienceQA: a folder with problems.json (pid -> {'question', 'choices', 'answer': int, 'hint', "
         "'image', 'subject', ...}) and pid_splits.json ({'train': [pid, ...], 'test': [...], ...}); images "
-        "as <image_dir>/<pid>/image.png (default image_dir: images/<split>/ or <split>/ in that folder)"
+        "as <image_dir>/<pid>/image.png (default image_dir: images/<split>/ or <split>/ in that folder, else "
+        "those of each problem's own split: minival reads images/val/)"
     ),
     "vizwiz": (
         "VizWiz: an annotation JSON (e.g. Annotations/val.json) holding a list of {'image', 'question', 'answers': "
@@ -104,7 +105,7 @@ LAYOUTS: Dict[str, str] = {
     ),
     "mme": (
         "MME: a folder with one sub-folder per sub-task, either <subtask>/images/<img> + "
-        "<subtask>/questions_answer_YES_NO/<img stem>.txt, or flat <subtask>/<img>.png|jpg + "
+        "<subtask>/questions_answers_YN/<img stem>.txt, or flat <subtask>/<img>.png|jpg + "
         "<subtask>/<img stem>.txt; each txt line is 'question<TAB>Yes|No'"
     ),
     "mmbench": (
@@ -460,10 +461,13 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
         path: the folder holding both JSON files (or the path of ``problems.json``).
         split: a key of ``pid_splits.json`` (``"test"``, ``"val"``, ``"minival"``, ...).
         image_dir: folder of ``<pid>/image.png``; default ``images/<split>`` or ``<split>``
-            inside the folder.
+            inside the folder, else each problem's own split's (the release has images/train,
+            val and test only: ``minival`` is part of val, ``trainval`` of two folders).
     """
     name = "scienceqa_img"
     path = Path(path)
+    if not path.is_dir() and path.suffix != ".json":  # a mistyped folder: named as given, not its parent's file
+        _require_dir(path, name, "folder (problems.json + pid_splits.json)")
     root = path if path.is_dir() else path.parent
     problems = _load_json(root / "problems.json", name)
     splits = _load_json(root / "pid_splits.json", name)
@@ -472,13 +476,13 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
     if not isinstance(splits, dict) or split not in splits:
         available = sorted(splits) if isinstance(splits, dict) else []
         raise _bad(name, root / "pid_splits.json", f"no split {split!r} (available: {available})")
-    if image_dir is None:
-        candidates = [root / "images" / split, root / split]
-        image_dir = next((c for c in candidates if c.is_dir()), None)
-        if image_dir is None:
-            raise FileNotFoundError(f"scienceqa_img: image folder not found: tried {', '.join(map(str, candidates))}. "
-                                    f"Expected layout -- {LAYOUTS[name]}")
-    image_dir = _require_dir(Path(image_dir), name, "image folder")
+    def split_folder(key):  # where the release puts a split's images
+        return next((c for c in (root / "images" / key, root / key) if c.is_dir()), None)
+
+    if image_dir is not None:
+        image_dir = _require_dir(Path(image_dir), name, "image folder")
+    else:
+        image_dir = split_folder(split)  # None: each problem's own split's folder (minival's are in val)
 
     if not isinstance(splits[split], list):  # a string would read as one pid per character
         raise _bad(name, root / "pid_splits.json", f"split {split!r} is not a list of problem ids")
@@ -504,9 +508,15 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
             raise _bad(name, root / "problems.json",
                        f"problem {pid}: answer index {prob['answer']!r} is outside its {len(choices)} choices")
         letter = OPTION_LETTERS[index]
+        folder = image_dir or split_folder(str(prob.get("split", "")))
+        if folder is None:
+            tried = [root / "images" / split, root / split] + [root / "images" / str(prob.get("split", ""))]
+            raise FileNotFoundError(f"scienceqa_img: image folder not found: tried {', '.join(map(str, tried))} "
+                                    f"(problem {pid}'s split is {prob.get('split')!r}); give ,image_dir=DIR. "
+                                    f"Expected layout -- {LAYOUTS[name]}")
         records.append(VqaRecord(
             question_id=pid,
-            image=str(image_dir / pid / prob["image"]),
+            image=str(folder / pid / prob["image"]),
             question=format_multiple_choice(question, choices, prob.get("hint"), hint_prefix="Context: "),
             answers=[letter],
             family=prob.get("subject", ""),
@@ -607,17 +617,24 @@ def _parse_mme_txt(txt: Path) -> List[tuple]:
     return pairs
 
 
+MME_QUESTION_FOLDERS = ("questions_answers_YN", "questions_answer_YES_NO")
+
+
 def read_mme(path: PathLike, subtasks: Optional[Sequence[str]] = None) -> List[VqaRecord]:
     """Read MME from its release folder (``MME_Benchmark_release_version``).
 
-    Both layouts are accepted per sub-task: ``images/`` + ``questions_answer_YES_NO/``,
-    or flat ``<image>.png|jpg`` + ``<image>.txt`` pairs. Family is the sub-task (folder
-    name); ``image_id`` is ``"<subtask>/<image file>"`` (the acc+ group).
+    Both layouts of the release are accepted per sub-task: ``images/`` + ``questions_answers_YN/``
+    (artwork, celebrity, landmark, posters, scene), or flat ``<image>.png|jpg`` + ``<image>.txt``
+    pairs. Family is the sub-task (folder name); ``image_id`` is ``"<subtask>/<image file>"`` (the
+    acc+ group). A folder named after one of MME's 14 sub-tasks that holds no question file is an
+    error: it was skipped, and the score covered the others only.
 
     Args:
         path: the MME root folder (one sub-folder per sub-task).
         subtasks: optional subset of sub-task folder names to read.
     """
+    from rcp_llava.metrics.mme.mme import COGNITION_SUBTASKS, PERCEPTION_SUBTASKS
+
     name = "mme"
     root = _require_dir(Path(path), name, "MME root folder")
     wanted = set(subtasks) if subtasks is not None else None
@@ -626,12 +643,18 @@ def read_mme(path: PathLike, subtasks: Optional[Sequence[str]] = None) -> List[V
         task = task_dir.name
         if wanted is not None and task not in wanted:
             continue
-        if (task_dir / "questions_answer_YES_NO").is_dir():
-            txt_dir, img_dir = task_dir / "questions_answer_YES_NO", task_dir / "images"
+        # The release's name (LLaVA's convert_answer_to_mme.py reads it); the second is the one this reader expected
+        # before, a name the release never had: the five nested sub-tasks were skipped, the score was over the rest.
+        nested = [task_dir / n for n in MME_QUESTION_FOLDERS if (task_dir / n).is_dir()]
+        if nested:
+            txt_dir, img_dir = nested[0], task_dir / "images"
             _require_dir(img_dir, name, f"image folder of sub-task {task!r}")
         else:
             txt_dir = img_dir = task_dir
         txts = sorted(txt_dir.glob("*.txt"))
+        if not txts and task in PERCEPTION_SUBTASKS + COGNITION_SUBTASKS:
+            raise _bad(name, task_dir, f"sub-task {task!r} holds no question files (<image stem>.txt here, or in "
+                                       f"{MME_QUESTION_FOLDERS[0]}/ beside images/)")
         if not txts:
             logger.debug(f"mme: skipping {task_dir} (no question txt files)")
             continue

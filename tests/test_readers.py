@@ -192,6 +192,23 @@ def test_scienceqa_img(tmp_path):
         read_scienceqa_img(tmp_path / "images")
 
 
+def test_scienceqa_img_subset_splits_read_their_problems_images_and_a_wrong_folder_is_named(tmp_path):
+    """The release has images/train, val and test only: `split=minival` (part of val) failed, "image folder not
+    found: tried images/minival", and `trainval` could not be read; each problem's own split now names its folder.
+    A mistyped folder was reported as its parent's problems.json."""
+    problem = {"question": "Which is north?", "choices": ["Ohio", "Maine"], "answer": 1, "hint": "",
+               "image": "image.png", "subject": "social science"}
+    write_json(tmp_path / "problems.json", {"5": {**problem, "split": "val"}, "7": {**problem, "split": "train"}})
+    write_json(tmp_path / "pid_splits.json", {"val": ["5"], "minival": ["5"], "train": ["7"], "trainval": ["7", "5"]})
+    make_image(tmp_path / "images" / "val" / "5" / "image.png", size=(3, 3))
+    make_image(tmp_path / "images" / "train" / "7" / "image.png", size=(6, 6))
+    (minival,) = read_scienceqa_img(tmp_path, split="minival")
+    assert minival.image == str(tmp_path / "images" / "val" / "5" / "image.png")
+    assert [r.load_image().size for r in read_scienceqa_img(tmp_path, split="trainval")] == [(6, 6), (3, 3)]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope' / 'scienceqa'}")):
+        read_scienceqa_img(tmp_path / "nope" / "scienceqa")
+
+
 # ----------------------------------------------------------------------------- VizWiz
 
 
@@ -221,10 +238,10 @@ def test_vizwiz(tmp_path):
 @pytest.fixture
 def mme_root(tmp_path):
     root = tmp_path / "MME_Benchmark_release_version"
-    # nested layout
+    # nested layout, named as in the release (MME_Benchmark_release_version/artwork/questions_answers_YN)
     make_image(root / "artwork" / "images" / "10002.jpg", size=(5, 5))
-    (root / "artwork" / "questions_answer_YES_NO").mkdir(parents=True)
-    (root / "artwork" / "questions_answer_YES_NO" / "10002.txt").write_text(
+    (root / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (root / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
         "Is this artwork created by Moretto?\tYes\nIs this artwork created by Bosch?\tNo\n")
     # flat layout
     make_image(root / "OCR" / "0001.png", size=(2, 9))
@@ -244,12 +261,27 @@ def test_mme_both_layouts(mme_root):
     assert [r.family for r in read_mme(mme_root, subtasks=["artwork"])] == ["artwork", "artwork"]
 
 
+def test_mme_reads_the_release_names_and_refuses_a_subtask_it_cannot_read(mme_root):
+    """The reader looked for `questions_answer_YES_NO`, a name the release never had (it is `questions_answers_YN`):
+    artwork, celebrity, landmark, posters and scene were skipped with a debug line, and the perception score covered
+    the other five sub-tasks. A folder laid out by the old name still reads; a sub-task folder with no question file
+    is an error, not a skip."""
+    legacy = mme_root / "artwork" / "questions_answer_YES_NO"
+    (mme_root / "artwork" / "questions_answers_YN").rename(legacy)
+    assert [r.question_id for r in read_mme(mme_root, subtasks=["artwork"])] == ["artwork/10002.jpg/0",
+                                                                                  "artwork/10002.jpg/1"]
+    legacy.rename(mme_root / "artwork" / "questions_other")
+    with pytest.raises(ValueError, match=r"artwork: sub-task 'artwork' holds no question files \(<image stem>.txt "
+                                         r"here, or in questions_answers_YN/ beside images/\)"):
+        read_mme(mme_root)
+
+
 def test_mme_bad_input(mme_root, tmp_path):
     (mme_root / "OCR" / "0002.txt").write_text("Is there text?\tYes\n")
     with pytest.raises(FileNotFoundError, match="mme: no image for .*0002.txt"):
         read_mme(mme_root)
     (mme_root / "OCR" / "0002.txt").unlink()
-    (mme_root / "artwork" / "questions_answer_YES_NO" / "10002.txt").write_text("Is this by Bosch? Yes\n")
+    (mme_root / "artwork" / "questions_answers_YN" / "10002.txt").write_text("Is this by Bosch? Yes\n")
     with pytest.raises(ValueError, match=r"10002.txt: line 1 is not 'question<TAB>answer'"):
         read_mme(mme_root)
     (tmp_path / "flat_empty").mkdir()
@@ -418,7 +450,7 @@ def test_scienceqa_split_without_problems_is_refused(tmp_path):
 
 
 def test_mme_answers_are_checked_when_read(mme_root):
-    txt = mme_root / "artwork" / "questions_answer_YES_NO" / "10002.txt"
+    txt = mme_root / "artwork" / "questions_answers_YN" / "10002.txt"
     # any case of yes / no is what the mme metric accepts
     txt.write_text("Is this artwork created by Moretto?\tYES\nIs this artwork created by Bosch?\tno\n")
     assert [r.answers for r in read_mme(mme_root, subtasks=["artwork"])] == [["YES"], ["no"]]
