@@ -444,13 +444,15 @@ def test_pruning_runs_under_autocast_as_stock_does(name):
     valid = out.token_positions >= 0
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits[valid]).all()
     assert torch.equal(out.token_positions >= 0, plain.token_positions >= 0) or name == "rcp-adaptive"
-    if name == "rcp":  # training: the differentiable layout, backward into the plug-ins
-        model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)).loss
-        loss.backward()
-        grads = [p.grad for p in model.model.rcp_plugins.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads)
+    # training, every method: RCP's differentiable layout backward into the plug-ins, the physical one (baselines)
+    # into the backbone
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)).loss
+    loss.backward()
+    params = model.model.rcp_plugins.parameters() if name.startswith("rcp") else model.parameters()
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_question_attention_probs_stay_in_float32_under_autocast():
