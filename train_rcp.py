@@ -1287,6 +1287,12 @@ def run_budgets(job, args, explicit):
     if job.visual_token_budget is not None or job.pruning_keep_counts is not None:
         raise ValueError("--budgets trains one set per budget fraction: leave --visual_token_budget and "
                          "--pruning_keep_counts unset.")
+    if args.push_to_hub:  # each budget's job pushed to the same repo root, each replacing the one before
+        raise ValueError(f"--budgets with --push_to_hub would push every budget to the root of --hub_model_id "
+                         f"{args.hub_model_id!r}, each replacing the one before: run the sweep without --push_to_hub, "
+                         "then push each budget's folder (OUTPUT_DIR/budget_1_9/plugins, ...) to a repo of its own "
+                         "with `rcp_llava.hub.push_rcp_folder(folder, repo_id, plugins_only=True)`, or train one "
+                         "budget per job.")
     if "output_dir" in explicit or job.base_model is not None:
         root = args.output_dir
     else:  # the main job's folder of the preset, + "_budgets"
@@ -1646,11 +1652,14 @@ def push_output(model, out, base_model, args, plugins_only=False, license=None, 
                                               "lambda_task", "lambda_repair", "lambda_sparse")}
     if max_steps is not None:
         settings["max_steps"] = max_steps
-    build_model_card(model.config, repo_id=args.hub_model_id, base_model=base_model, plugins_only=plugins_only,
-                     eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,
-                     ).save(os.path.join(folder, "README.md"))
+    def card(repo_id):  # for the repo the push resolves `--hub_model_id` to ("name" -> "user/name")
+        build_model_card(model.config, repo_id=repo_id, base_model=base_model, plugins_only=plugins_only,
+                         eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,
+                         ).save(os.path.join(folder, "README.md"))
+
+    # --hub_revision: the branch (or refs/pr/N) to push to, as the Trainer's push uses it (it went to main)
     return push_rcp_folder(folder, args.hub_model_id, plugins_only=plugins_only, token=args.hub_token,
-                           private=args.hub_private_repo)
+                           private=args.hub_private_repo, revision=args.hub_revision, card=card)
 
 
 # ------------------------------------------------------------------------------------------------

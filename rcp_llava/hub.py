@@ -93,7 +93,9 @@ def load_eval_results(eval_results):
         `{"dataset": "VQAv2", "metric": "accuracy", "value": 75.6, "dataset_type": ..., "split": ...}`;
       - `{"VQAv2": {"accuracy": 75.6}, "POPE": {"f1": 85.1}}` (dataset -> metric -> value: every top-level key
         but the kept-token ones is a dataset, every value a finite number);
-      - the testbed's `evaluate_accuracy` output `{"overall": 0.91, "n": ..., "kept_visual_tokens": ...}`;
+      - the testbed's `evaluate_accuracy` output `{"overall": 0.91, "n": ..., "kept_visual_tokens": ...}` (a stock
+        model's, or `pruning_method="none"`: it measures no model's own pruning, and `build_model_card` refuses it
+        for a pruning config);
       - `train_rcp.py`'s metrics.json: RCP's accuracy (this checkpoint), the full model's and the training-free
         prior's at RCP's counts (baselines);
       - `benchmarks/evaluate_methods.py`'s JSON: its RCP rows (this checkpoint), every other row as a baseline.
@@ -137,7 +139,7 @@ def load_eval_results(eval_results):
             kept = job_kept if job_kept is not None else kept
         elif "overall" in eval_results and isinstance(eval_results["overall"], (int, float)):
             entries = [{"dataset": eval_results.get("dataset", TESTBED_DATASET), "metric": "accuracy",
-                        "value": eval_results["overall"]}]
+                        "value": eval_results["overall"], "source": "evaluate_accuracy"}]
         else:
             datasets = {name: metrics for name, metrics in eval_results.items() if name not in KEPT_TOKEN_KEYS}
             if not any(isinstance(metrics, dict) for metrics in datasets.values()):
@@ -212,18 +214,25 @@ def _train_rcp_entries(metrics):
     rcp = metrics["rcp"]
     kept = rcp.get("avg_visual_tokens_per_layer")
     kept = float(kept) if isinstance(kept, (int, float)) else None
+    # A Hub dataset id ("owner/name") goes to model-index as its `dataset_type`, with the split the job scored (the
+    # card had neither: no training job's card held a model-index, and its split column was empty).
+    split = metrics.get("evaluated_split") or metrics.get("test_split")
+    # a local folder or --llava_json file named like "data/vqa" is no Hub dataset
+    hub_id = dataset if not (os.path.exists(dataset) or str(dataset).endswith(".json")) else None
     entries = [{"dataset": dataset, "metric": "accuracy", "value": rcp["accuracy"], "method": "rcp (adaptive)",
-                "budget": budget_text, "tokens_per_layer": kept, "baseline": False}]
+                "budget": budget_text, "tokens_per_layer": kept, "baseline": False, "dataset_type": hub_id,
+                "split": split}]
     if isinstance(metrics.get("full"), dict) and "accuracy" in metrics["full"]:
         entries.append({"dataset": dataset, "metric": "accuracy", "value": metrics["full"]["accuracy"],
-                        "method": BASELINE_NAMES["full"], "budget": "", "tokens_per_layer": n, "baseline": True})
+                        "method": BASELINE_NAMES["full"], "budget": "", "tokens_per_layer": n, "baseline": True,
+                        "split": split})
     for key, method in (("rcp_fixed_counts", "rcp (fixed counts)"),
                         ("prior_fixed_counts", "attention_topk (RCP's prior alone, same counts)")):
         if isinstance(metrics.get(key), dict) and "accuracy" in metrics[key]:
             entries.append({"dataset": dataset, "metric": "accuracy", "value": metrics[key]["accuracy"],
                             "method": method, "budget": budget_text,
                             "tokens_per_layer": metrics[key].get("avg_visual_tokens_per_layer"),
-                            "baseline": key != "rcp_fixed_counts"})
+                            "baseline": key != "rcp_fixed_counts", "split": split})  # model-index: the row above
     return entries, kept
 
 
@@ -411,6 +420,15 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         raise TypeError(f"`tags` must be a string or a list of strings, but holds {bad[0]!r} "
                         f"({type(bad[0]).__name__}); pass e.g. `tags=['my-tag']`.")
     entries, eval_kept = load_eval_results(eval_results)
+    if spec.prunes and any(e.get("source") == "evaluate_accuracy" for e in entries):
+        # It feeds the model embeddings with the image already merged (input-level pruning by `keep_fn`): the
+        # model's own method never prunes there, so the card stated the unpruned accuracy and token count as its own.
+        raise ValueError(
+            f"`eval_results` is the testbed's `evaluate_accuracy` output, which measures the model without its own "
+            f"pruning (`pruning_method={config.pruning_method!r}` never runs there): evaluate this "
+            "checkpoint with `rcp_llava.evaluation.evaluate_model` / `benchmarks/evaluate_methods.py`, or pass "
+            "train_rcp.py's metrics.json."
+        )
     kept = average_kept_tokens if average_kept_tokens is not None else eval_kept
     if kept is None and spec.plugins and config.pruning_keep_counts is None:
         # evaluate_methods.py measures adaptive RCP beside its fixed-count rows: the adaptive row is this checkpoint's
@@ -632,9 +650,21 @@ def _check_folder(folder, plugins_only):
     return folder
 
 
+# Files of a Trainer's state, never part of a pushed model (the Trainer's push ignores checkpoint-* as well).
+TRAINING_STATE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "tmp-checkpoint-*", "tmp-checkpoint-*/**", "optimizer.pt",
+                           "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin")
+# `save_pretrained`'s weights (no variant): what a full push replaces on the repo.
+MODEL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+
+
 def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=None, commit_message=None,
-                    revision=None, api=None):
+                    revision=None, api=None, card=None):
     """Upload a saved RCP folder to the Hub repo `repo_id` (created if needed) and return the commit info.
+
+    `repo_id` may be a bare name, as transformers' `hub_model_id`: the upload goes to the repo `create_repo`
+    resolves it to (`user/name`; it went to the bare name). `card(repo_id)`, if given, writes the folder's README.md
+    for a repo id: first for `repo_id` (so that a folder left by a failed push is complete), then again for the
+    resolved one where it differs (the card's usage snippet and model-index name the repo that holds it).
 
     With `plugins_only=True` only `rcp_config.json`, `rcp_plugins.safetensors` and `README.md` are uploaded (a
     plug-in-only folder written by `model.save_plugins`); otherwise the whole folder (`save_pretrained` output:
@@ -644,6 +674,8 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
     """
     from huggingface_hub import HfApi, constants
 
+    if card is not None:
+        card(repo_id)
     folder = _check_folder(folder, plugins_only)
     if constants.HF_HUB_OFFLINE:
         raise HubUnreachableError(
@@ -655,15 +687,24 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
     allow = [*PLUGIN_FILES, MODEL_CARD_NAME] if plugins_only else None
     message = commit_message or f"Upload RCP-LLaVA {'plug-ins' if plugins_only else 'model'} (rcp-llava {RCP_LLAVA_VERSION})"
     try:
-        api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+        created = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+        resolved = getattr(created, "repo_id", None) or repo_id  # "name" -> "user/name"
+        if resolved != repo_id and card is not None:
+            card(resolved)
+        repo_id = resolved
         if revision is not None and not revision.startswith("refs/pr"):
             # As transformers' `push_to_hub` does: an upload to a branch that does not exist yet fails.
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message=message, allow_patterns=allow,
             revision=revision, repo_type="model",
-            # staging left by a killed save or atomic write: partial files, never part of the model
-            ignore_patterns=[".rcp-save-*", ".rcp-save-*/**", "*.tmp-*"],
+            # staging left by a killed save or atomic write: partial files, never part of the model; and a Trainer's
+            # state in a folder that is also its output_dir (optimizer, RNG, checkpoint-N: the Trainer's own push
+            # leaves checkpoints out too; training_args.bin is a pickle)
+            ignore_patterns=[".rcp-save-*", ".rcp-save-*/**", "*.tmp-*", *TRAINING_STATE_PATTERNS],
+            # the repo's earlier weights of the name this save writes (other shards, an index): left there, a
+            # sharded push over a single file loaded the old weights, where `save_pretrained` removes them locally
+            delete_patterns=None if plugins_only else list(MODEL_WEIGHT_PATTERNS),
         )
     except Exception as err:
         if isinstance(err, HubUnreachableError) or not _is_unreachable(err):

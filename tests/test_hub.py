@@ -694,8 +694,20 @@ def test_push_uploads_the_right_files(saved, plugin_setup, online, plugins_only)
     assert upload["folder_path"] == str(folder) and upload["repo_id"] == "me/rcp"
     if plugins_only:
         assert upload["allow_patterns"] == [RCP_CONFIG_NAME, RCP_PLUGINS_NAME, "README.md"]
+        assert upload["delete_patterns"] is None  # a plug-in push never removes a model beside it
     else:
         assert upload["allow_patterns"] is None
+        # the repo's earlier weights of save_pretrained's name go (a sharded push over a single file loaded the old
+        # weights), and a Trainer's state in the folder stays out (optimizer.pt, checkpoint-N/ were uploaded)
+        assert upload["delete_patterns"] == ["model.safetensors", "model-*-of-*.safetensors",
+                                             "model.safetensors.index.json"]
+    import fnmatch
+
+    for name in ("optimizer.pt", "checkpoint-1/optimizer.pt", "training_args.bin", "rng_state_0.pth",
+                 "tmp-checkpoint-3/trainer_state.json"):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in upload["ignore_patterns"]), name
+    for name in ("model.safetensors", "config.json", "rcp_plugins.safetensors", "README.md"):
+        assert not any(fnmatch.fnmatch(name, pattern) for pattern in upload["ignore_patterns"]), name
 
 
 def test_push_to_a_revision_creates_its_branch(saved, online):
@@ -1334,3 +1346,17 @@ def test_a_config_saved_alone_loads_with_auto_config_where_rcp_llava_is_not_inst
 
     make_model().save_pretrained(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"] == RCP_AUTO_MAP
+
+
+def test_a_pruning_card_refuses_the_testbeds_evaluate_accuracy_output():
+    """`evaluate_accuracy` feeds the model embeddings with the image merged, so an RCP model never prunes there: its
+    card stated the unpruned accuracy as RCP's and "64.0 average kept visual tokens per decoder layer" (of 64)."""
+    measured = {"overall": 0.9, "n": 10, "families": {}, "kept_visual_tokens": 16.0}
+    with pytest.raises(ValueError, match=r"^`eval_results` is the testbed's `evaluate_accuracy` output, which "
+                                         r"measures the model without its own pruning \(`pruning_method='rcp'`"):
+        hub.build_model_card(demo.demo_config(), repo_id="x/y", eval_results=measured, license="llama2")
+    config = demo.demo_config()
+    config.pruning_method, config.pruning_layers, config.repair_layers = "none", [], []
+    config.pruning_keep_counts = None
+    card = hub.build_model_card(config, repo_id="x/y", eval_results=measured, license="llama2")  # a stock model's
+    assert "0.9" in card.text

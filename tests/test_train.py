@@ -903,6 +903,76 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
     assert (out / "plugins" / "README.md").exists()
 
 
+def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkeypatch):
+    """The job's push ignored --hub_revision (it went to main), and a bare --hub_model_id (transformers' Trainer
+    takes one) was uploaded to as given while create_repo made user/NAME, the card's snippet naming the bare name.
+    --budgets with --push_to_hub pushed every budget to the same repo root, each replacing the one before."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import ModelCard, constants
+
+    from rcp_llava.testbed import build_testbed
+
+    calls = []
+
+    class Api:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return SimpleNamespace(repo_id=f"me/{repo_id}" if "/" not in repo_id else repo_id)
+
+        def create_branch(self, repo_id, branch, **kwargs):
+            calls.append(("create_branch", repo_id, branch))
+
+        def upload_folder(self, repo_id, folder_path, revision=None, **kwargs):
+            calls.append(("upload_folder", repo_id, revision, ModelCard.load(os.path.join(folder_path, "README.md"))))
+            return "commit"
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    argv = ["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+            "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8",
+            "--repair_bottleneck_size", "8", "--budget_fraction", "0.25", "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
+            "--max_eval_samples", "2", "--push_to_hub", "--hub_model_id", "rcp-micro", "--hub_revision", "v2",
+            "--push_plugins_only"]
+    train_rcp.main(argv)
+    assert [c[:3] for c in calls] == [("create_repo", "rcp-micro"), ("create_branch", "me/rcp-micro", "v2"),
+                                      ("upload_folder", "me/rcp-micro", "v2")]
+    card = calls[-1][3]
+    assert "me/rcp-micro" in card.text and "'rcp-micro'" not in card.text
+    with pytest.raises(ValueError, match=r"^--budgets with --push_to_hub would push every budget to the root of "
+                                         r"--hub_model_id 'rcp-micro', each replacing the one before"):
+        train_rcp.main([str(tmp_path / "sweep") if a == str(tmp_path / "run") else a for a in argv]
+                       + ["--budgets", "1/2,1/4"])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split():
+    """No training job's card held a model-index: its entries had no `dataset_type` (the card's Hub-dataset test), and
+    their split column was empty. A local folder named like owner/name is no Hub dataset."""
+    from rcp_llava.hub import build_model_card
+    from rcp_llava.demo import build_demo_model
+
+    config = build_demo_model().config
+    metrics = {"dataset": "someone/vqa-onewords", "evaluated_split": "test", "num_visual_tokens": 16,
+               "visual_token_budget": 4.0, "rcp": {"accuracy": 0.71, "avg_visual_tokens_per_layer": 4.0},
+               "rcp_fixed_counts": {"accuracy": 0.70, "avg_visual_tokens_per_layer": 4.0},
+               "full": {"accuracy": 0.8}}
+    card = build_model_card(config, repo_id="me/rcp", base_model="llava-hf/llava-1.5-7b-hf", eval_results=metrics,
+                            license="llama2")
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_split, result.metric_value) == ("someone/vqa-onewords", "test", 0.71)
+    assert "| someone/vqa-onewords | test |" in card.text
+    local = build_model_card(config, repo_id="me/rcp", base_model="llava-hf/llava-1.5-7b-hf", license="llama2",
+                             eval_results={**metrics, "dataset": os.path.dirname(__file__)})
+    assert not local.data.eval_results
+
+
 def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tmp_path, monkeypatch):
     """`--testbed_preset deep` (issue 16): the paper's placement for the depth and budget (the config default, not
     tiny's [1, 2, 3]) and the sparsity target over ALL layers. The deep build itself is stubbed by a 16-layer
