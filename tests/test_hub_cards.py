@@ -261,9 +261,13 @@ def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch
     train_rcp._evaluate_and_save(model, None, {"test": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dataset"] == dataset
-    assert rows(card(tmp_path / "metrics.json").text) == [
-        f"| rcp (adaptive) | 4 of 16 tokens | 4 | {dataset} |  | accuracy | 0.8 |",
-        f"| full model (all visual tokens) (baseline) |  | 16 | {dataset} |  | accuracy | 0.9 |"]
+    # the split the job scored (the column was empty), and a Hub dataset id in model-index (no job's card had one)
+    built = card(tmp_path / "metrics.json")
+    assert rows(built.text) == [
+        f"| rcp (adaptive) | 4 of 16 tokens | 4 | {dataset} | test | accuracy | 0.8 |",
+        f"| full model (all visual tokens) (baseline) |  | 16 | {dataset} | test | accuracy | 0.9 |"]
+    hub_rows = [(r.dataset_type, r.dataset_split, r.metric_value) for r in built.data.eval_results or []]
+    assert hub_rows == ([("lmms-lab/POPE", "test", 0.8)] if dataset == "lmms-lab/POPE" else [])
 
 
 def test_a_job_without_its_test_split_says_nothing_was_evaluated(tmp_path, monkeypatch, capsys):
