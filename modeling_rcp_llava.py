@@ -3228,6 +3228,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 "`inputs_embeds` prompt always generates with a cache), or call `model.eval()` (or "
                 "`gradient_checkpointing_disable()`) before generating."
             )
+        layout = contextlib.nullcontext()
         if (training and setting("use_cache") is False and self.model.pruning_layout is None
                 and self.model._plugins_train()):
             # Without a cache the prefill would run RCP's training layout (Gumbel noise, soft masks; the next steps
@@ -3236,8 +3237,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 "RCP's plug-ins are in train mode: `generate(use_cache=False)` prunes physically, as at inference, "
                 "with the plug-ins' dropout on. Call `model.eval()` before generating for deterministic pruning."
             )
-            with self.pruning_layout("discard"):
-                return self.generate(*args, **kwargs)
+            layout = self.pruning_layout("discard")
         if (self._pruning_active() and image and setting("use_cache") is False and kwargs.get("answer_mask") is None
                 and torch.is_tensor(prompt)):
             # Without a cache each step runs the whole sequence: the repair adapters act on the prompt's last token
@@ -3246,7 +3246,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
             answer = torch.zeros(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
             answer[:, -1] = True  # left padding (refused otherwise): the last token of every row
             kwargs["answer_mask"] = answer
-        return super().generate(*args, **kwargs)
+        with layout:
+            return super().generate(*args, **kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, num_new_tokens=1, **kwargs):
         """Stock, and what keeps `generate(use_cache=False)` a slower cached `generate`: without a cache every step
