@@ -198,8 +198,9 @@ PRUNING_FIELDS = (
     "gumbel_temperature", "visual_token_budget", "pruning_keep_counts", "pruner_hidden_size", "pruner_num_heads",
     "repair_bottleneck_size", "pruning_seed", "pre_llm_keep_count", "vispruner_important_ratio", "fastv_query",
 )
-# The stock fields the default placement and the pruning checks read: the decoder depth and N.
-_PLACEMENT_INPUTS = ("text_config", "vision_config", "vision_feature_select_strategy")
+# The stock fields the default placement and the pruning checks read: the decoder depth, N and (VisPruner) the one
+# vision feature layer.
+_PLACEMENT_INPUTS = ("text_config", "vision_config", "vision_feature_select_strategy", "vision_feature_layer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,8 +305,8 @@ class RcpLlavaConfig(LlavaConfig):
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         self._coerce_budget()  # before the default placement reads it
-        method = PRUNING_METHODS.get(self.pruning_method)
-        if method is not None:  # an unknown name is reported by the validators below
+        method = PRUNING_METHODS.get(self.pruning_method) if isinstance(self.pruning_method, str) else None
+        if method is not None:  # an unknown name (or not a name) is reported by the validators below
             pre_only = not method.in_decoder or (method.pre_llm and self.pre_llm_keep_count is not None)
             if pre_only or method.default_layers is None:
                 defaults = ([], [])
@@ -380,6 +381,9 @@ class RcpLlavaConfig(LlavaConfig):
     # -- validators (in the order they run; the first problem found is reported) ---------------------
 
     def _validate_method(self):
+        if not isinstance(self.pruning_method, str):
+            raise TypeError(f"`pruning_method` must be a method's name (a str, one of {list(PRUNING_METHODS)}), got "
+                            f"{self.pruning_method!r}.")
         if self.pruning_method not in PRUNING_METHODS:
             raise ValueError(
                 f"`pruning_method` is {self.pruning_method!r}, but it must be one of {list(PRUNING_METHODS)}. If it is "
@@ -390,6 +394,13 @@ class RcpLlavaConfig(LlavaConfig):
 
     def _validate_layers(self):
         num_layers = self.text_config.num_hidden_layers
+        for name in ("pruning_layers", "repair_layers"):
+            if getattr(self, name) is None:  # None means the default only where the config is built
+                raise TypeError(
+                    f"`{name}` is None: the default placement is filled in when the config is built, not after. Set "
+                    f"both lists, e.g. `config.pruning_layers, config.repair_layers = "
+                    f"RcpLlavaConfig.paper_placement({num_layers})`, or build a new config with `{name}=None`."
+                )
         self.pruning_layers = layers = _as_int_list(self.pruning_layers, "pruning_layers")
         self.repair_layers = repair = _as_int_list(self.repair_layers, "repair_layers")
         bad = [i for i in layers if not 0 <= i < num_layers]
@@ -563,6 +574,11 @@ class RcpLlavaConfig(LlavaConfig):
         pre = [0] if self.pre_llm_keep_count is not None and self.pruning_spec.pre_llm else []
         return pre + list(self.pruning_layers)
 
+    @pruning_points.setter
+    def pruning_points(self, value):
+        _refuse_derived("pruning_points", value, "`pruning_layers` (and `pre_llm_keep_count` for the point before "
+                                                 "the LLM): set those")
+
     @property
     def point_keep_counts(self) -> list[int] | None:
         """Keep count of each pruning point (None: RCP's adaptive threshold)."""
@@ -572,10 +588,20 @@ class RcpLlavaConfig(LlavaConfig):
         pre = [self.pre_llm_keep_count] if self.pre_llm_keep_count is not None else []
         return pre + list(self.pruning_keep_counts or [])
 
+    @point_keep_counts.setter
+    def point_keep_counts(self, value):
+        _refuse_derived("point_keep_counts", value, "`pruning_keep_counts` (and `pre_llm_keep_count`): set those")
+
     @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image that reach the language model (N): `visual_tokens_per_image`."""
         return visual_tokens_per_image(self)
+
+    @num_visual_tokens.setter
+    def num_visual_tokens(self, value):
+        _refuse_derived("num_visual_tokens", value, "the vision tower's patch grid, `(vision_config.image_size // "
+                                                    "vision_config.patch_size) ** 2`, plus its CLS token under "
+                                                    "`vision_feature_select_strategy='full'`: set those")
 
     def tokens_per_layer(self) -> list[int] | None:
         """Visual tokens each decoder layer processes under this config's fixed counts (all N for "none"; None for
@@ -640,6 +666,12 @@ def _warn_misspelt_fields(config_dict):
                 f"The config has an unknown key {key!r}: did you mean {close[0]!r}? It is ignored, and {close[0]!r} "
                 "keeps its value.", UserWarning, stacklevel=3,
             )
+
+
+def _refuse_derived(name, value, source):
+    """A derived property given a value (a config kwarg, `update`, `from_pretrained(..., name=...)`, which transformers
+    all apply with `setattr`): a ValueError naming where it comes from, not "property has no setter"."""
+    raise ValueError(f"`{name}` is derived from {source}; it cannot be set (got {value!r}).")
 
 
 def check_gumbel_temperature(value, name):

@@ -2233,6 +2233,16 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
                 f"are fixed when the model is built. Build a new model with it (e.g. `from_pretrained(..., "
                 f"{name}={getattr(config, name)})`) instead of editing the config, or set it back to {size}."
             )
+        context = self.rcp_plugins.repair_context
+        if context is not None and context.positions.shape[0] != config.num_visual_tokens:
+            # Eq. 9's position table has a row per visual token: N is fixed with it (an edited
+            # `vision_feature_select_strategy` or vision tower would fail deep in the repair context).
+            raise ValueError(
+                f"The config gives {config.num_visual_tokens} visual tokens per image (from `vision_config` and "
+                f"`vision_feature_select_strategy={config.vision_feature_select_strategy!r}`), but this model's repair "
+                f"context was built for {context.positions.shape[0]} (one position row per token, Eq. 9). Build a new "
+                "model with these fields instead of editing the config, or set them back."
+            )
 
     def _check_text_backbone(self):
         """ValueError naming the backbone when the pruned forward cannot run it as stock would

@@ -5,12 +5,12 @@ leaks into the config or stays stale on the model."""
 import pytest
 import torch
 from conftest import (
-    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, row_inputs, stock_copy,
+    IMAGE_TOKEN, NUM_VISUAL, at_positions, make_batch, make_model, masked_reference, row_inputs, stock_copy, tiny_config,
 )
 
 import configuration_rcp_llava
 import modeling_rcp_llava
-from configuration_rcp_llava import PRUNING_METHODS, PruningMethod
+from configuration_rcp_llava import PRUNING_METHODS, PruningMethod, RcpLlavaConfig
 from modeling_rcp_llava import SELECTORS, TokenSelector, register_pruning_method
 
 PADDED = [(2, 3, True), (5, 6, True), (1, 2, True)]
@@ -138,6 +138,10 @@ def test_registering_a_taken_name_or_a_non_selector_is_refused():
         ("pruning_method", "magic", r"`pruning_method` is 'magic'"),
         ("gumbel_temperature", float("inf"), r"`gumbel_temperature` must be a positive float"),
         ("fastv_query", "first", r"`fastv_query` is 'first'"),
+        # N changes with the feature strategy; the repair context's position table (Eq. 9) was built for 16 rows
+        ("vision_feature_select_strategy", "full", r"^The config gives 17 visual tokens per image \(from `vision_config` "
+                                                   r"and `vision_feature_select_strategy='full'`\), but this model's "
+                                                   r"repair context was built for 16"),
     ],
 )
 def test_a_field_edited_after_construction_is_checked_at_the_next_forward(field, value, match):
@@ -146,6 +150,59 @@ def test_a_field_edited_after_construction_is_checked_at_the_next_forward(field,
     setattr(model.config, field, value)
     with pytest.raises(ValueError, match=match):
         model(**batch)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("pruning_method", ["rcp"], r"^`pruning_method` must be a method's name \(a str, one of \[.*\]\), got \['rcp'\]"),
+        ("pruning_layers", None, r"^`pruning_layers` is None: the default placement is filled in when the config is "
+                                 r"built, not after\. Set both lists, e\.g\. `config\.pruning_layers, "
+                                 r"config\.repair_layers = RcpLlavaConfig\.paper_placement\(4\)`"),
+        ("repair_layers", None, r"^`repair_layers` is None: the default placement"),
+    ],
+)
+def test_a_field_edited_to_the_wrong_type_is_a_type_error_naming_it(field, value, match):
+    """A list as the method's name failed as "unhashable type: 'list'"; a None placement (the constructor's default)
+    as "must be a list of ints, got None", with no way to get the default back."""
+    model = make_model()
+    setattr(model.config, field, value)
+    with pytest.raises(TypeError, match=match):
+        model(**make_batch(PADDED))
+    with pytest.raises(TypeError, match=match):
+        tiny_config(**{field: value}) if field == "pruning_method" else model.config.validate_pruning()
+
+
+@pytest.mark.parametrize("name, source", [
+    ("num_visual_tokens", r"the vision tower's patch grid"),
+    ("pruning_points", r"`pruning_layers` \(and `pre_llm_keep_count`"),
+    ("point_keep_counts", r"`pruning_keep_counts` \(and `pre_llm_keep_count`\)"),
+])
+def test_a_derived_property_given_a_value_is_refused_naming_its_source(tmp_path, name, source):
+    """transformers sets config kwargs, `update` and `from_pretrained` overrides with `setattr`: a derived property
+    raised "property ... has no setter" after logging the whole config."""
+    match = rf"^`{name}` is derived from {source}.*; it cannot be set \(got 8\)\.$"
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{name: 8})
+    config = tiny_config()
+    with pytest.raises(ValueError, match=match):
+        config.update({name: 8})
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        RcpLlavaConfig.from_pretrained(tmp_path, **{name: 8})
+    assert config.num_visual_tokens == 16 and config.pruning_points == [1, 2]
+
+
+def test_a_vision_feature_layer_override_is_checked_on_load(tmp_path):
+    """`from_pretrained(folder, vision_feature_layer=[...])` set the field after the checks (a VisPruner config it
+    cannot run was returned, refused only at the model); it is merged in before them, as the placement's inputs."""
+    config = tiny_config(pruning_method="vispruner", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                         pre_llm_keep_count=4)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`pruning_method='vispruner'` needs one vision feature layer, but "
+                                         r"`vision_feature_layer` is \[-2, -1\]"):
+        RcpLlavaConfig.from_pretrained(tmp_path, vision_feature_layer=[-2, -1])
+    assert RcpLlavaConfig.from_pretrained(tmp_path, vision_feature_layer=-1).vision_feature_layer == -1
 
 
 @pytest.mark.parametrize("save", ["save_pretrained", "save_plugins"])
