@@ -71,16 +71,25 @@ def build_parser():
 
 def parse_plugins_per_budget(text):
     """'1/3=dir,1/9=dir' -> {'1/3': 'dir', '1/9': 'dir'}."""
+    from rcp_llava.schedule import parse_budget
+
     if not text:
         return None
-    out = {}
+    out, fractions = {}, {}
     for item in text.split(","):
         label, sep, folder = item.partition("=")
         if not sep or not label.strip() or not folder.strip():
             raise ValueError(f"--plugins_per_budget item {item!r} is not BUDGET=FOLDER (e.g. 1/9=runs/x/plugins).")
-        if not os.path.isdir(folder.strip()):
-            raise FileNotFoundError(f"--plugins_per_budget: no plug-in folder {folder.strip()!r} for {label.strip()}.")
-        out[label.strip()] = folder.strip()
+        label, folder = label.strip(), folder.strip()
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--plugins_per_budget: no plug-in folder {folder!r} for {label}.")
+        fraction = parse_budget(label)[1]  # a repeat (in any spelling) kept only the last folder, silently
+        same = next((b for b, f in fractions.items() if abs(f - fraction) < 1e-6), None)
+        if same is not None:
+            raise ValueError(f"--plugins_per_budget names budget {label!r} twice (as {same!r} too): give one plug-in "
+                             "folder per budget.")
+        fractions[label] = fraction
+        out[label] = folder
     return out
 
 
@@ -116,6 +125,13 @@ def check_grid(args):
     if args.oracle and "attention_topk" not in methods:  # was a run without the oracle rows, and exit 0
         raise ValueError(f"--oracle adds a row per attention_topk row (its layers and counts), but --methods "
                          f"{args.methods!r} has no attention_topk; add it.")
+    single_layer = [m for m in methods if PRUNING_METHODS[m].max_pruning_layers == 1]  # what --fastv_layer places
+    if args.fastv_layer is not None and not single_layer:  # it was recorded in the command and ignored
+        raise ValueError(f"--fastv_layer sets the layer K of a single-layer method (fastv), but --methods "
+                         f"{args.methods!r} has none; add fastv or drop --fastv_layer.")
+    if args.plugins_per_budget and "rcp" not in methods:  # it added RCP rows nobody asked for
+        raise ValueError(f"--plugins_per_budget gives RCP's plug-ins per budget, but --methods {args.methods!r} has "
+                         "no rcp; add it or drop --plugins_per_budget.")
     if args.plugins_per_budget:
         asked = {parse_budget(b)[0] for b in budgets}
         for label in parse_plugins_per_budget(args.plugins_per_budget):
@@ -149,17 +165,19 @@ def check_methods_fit_model(args, methods):
                              "model folder as --model, or drop those methods.")
 
 
-RERENDER_NOTE = "the harness now tests only fixed-count references"
+# What a re-render changes, recorded with its command: the harness tests only fixed-count references (f75499d), and
+# a FLOP-matched table shows each test's compute too (an adaptive row keeps its own number of tokens).
+RERENDER_NOTE = "the harness now tests only fixed-count references and shows each test's compute"
 
 
 def results_markdown(results, command, rerendered=None):
-    """NAME.md of `results` (`evaluate_grid`'s, one per --data) run by `command`; `rerendered`: the command that
-    rebuilt it from the JSON since (`rerender`), said under the run's own."""
+    """NAME.md of `results` (`evaluate_grid`'s, one per --data) run by `command`; `rerendered`: the JSON's record of
+    the re-render that rebuilt it since (`{"command", "note"}`, `rerender`), said under the run's own."""
     from rcp_llava.evaluation import format_table
 
     lines = [f"# Pruning methods x budgets: {', '.join(r['data'] for r in results)}", "", f"Command: `{command}`", ""]
     if rerendered:
-        lines += [f"Paired tests re-rendered from the JSON by `{rerendered}` ({RERENDER_NOTE}).", ""]
+        lines += [f"Paired tests re-rendered from the JSON by `{rerendered['command']}` ({rerendered['note']}).", ""]
     return "\n".join(lines + [format_table(result) for result in results])
 
 
@@ -203,7 +221,7 @@ def rerender(path, argv, overwrite=False):
             or not all(isinstance(r, dict) and isinstance(r.get("rows"), list) for r in results)):
         raise ValueError(f"--rerender {path!r}: not evaluate_methods.py's results; {expected}.")
     stem = str(path)[:-len(".json")]
-    previous = data.get("rerendered", {}).get("command")
+    previous = data.get("rerendered")
     if os.path.isfile(stem + ".md") and not overwrite:
         with open(stem + ".md") as f:
             committed = f.read()
@@ -216,7 +234,7 @@ def rerender(path, argv, overwrite=False):
     for result in results:
         result["paired_tests"] = paired_tests(result["rows"])
     data["rerendered"] = {"command": command, "note": RERENDER_NOTE}
-    markdown = results_markdown(results, data["command"], command)
+    markdown = results_markdown(results, data["command"], data["rerendered"])
     write_results(stem, markdown=markdown, data=data, overwrite=True)
     print(markdown)
     print(f"wrote {stem}.md and {stem}.json")

@@ -798,6 +798,11 @@ def mcnemar(correct_a, correct_b):
     test on the discordant pairs; p = 1 when there are none)."""
     if len(correct_a) != len(correct_b):
         raise ValueError(f"Paired outcomes differ in length: {len(correct_a)} vs {len(correct_b)}.")
+    for name, outcomes in (("correct_a", correct_a), ("correct_b", correct_b)):
+        # counted by truth value, "0" or 0.5 would count as right: a wrong p-value, not an error
+        bad = [v for v in outcomes if isinstance(v, str) or v not in (0, 1)]
+        if bad:
+            raise ValueError(f"`{name}` must hold 0/1 (or bool) outcomes, got {bad[0]!r}.")
     a_only = sum(1 for a, b in zip(correct_a, correct_b) if a and not b)
     b_only = sum(1 for a, b in zip(correct_a, correct_b) if b and not a)
     n, low = a_only + b_only, min(a_only, b_only)
@@ -876,6 +881,9 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
     `attention_topk` is the prior's headroom."""
     from tqdm.auto import tqdm
 
+    if plugins_per_budget and "rcp" not in methods:  # its rows are RCP's: they were added to a grid that asked for none
+        raise ValueError(f"`plugins_per_budget` gives RCP's plug-ins per budget, but `methods` {list(methods)} has no "
+                         "'rcp'; add it or drop `plugins_per_budget`.")
     config = base.config
     num_layers, n = config.text_config.num_hidden_layers, config.num_visual_tokens
     plugins_per_budget = {parse_budget(k)[0]: v for k, v in (plugins_per_budget or {}).items()}
@@ -1028,9 +1036,12 @@ def format_table(result, command=None):
     tests = result.get("paired_tests")
     if tests:
         if result.get("flop_matched"):
+            # The fixed-count rows are matched; a per-budget adaptive row (`rcp (adaptive, 1/3)`) keeps its own count,
+            # so the compute column stays: it says which tests are at equal compute.
             lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, "
-                      "overall and per group; *a/b*: samples only RCP / only the other method gets right.", ""]
-            compute = None
+                      "overall and per group; the fixed-count rows are FLOP-matched, an adaptive row keeps its own "
+                      "number of tokens (*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: "
+                      "samples only RCP / only the other method gets right.", ""]
         else:
             # Without --flop_matched a budget fixes k, not the compute: RCP keeps all N tokens up to its first
             # pruner, a pre-LLM method none, so "the same budget" was read as equal compute when it is not.
@@ -1039,7 +1050,7 @@ def format_table(result, command=None):
                       "compute, so the two rows of a test may average different visual tokens over all decoder layers "
                       "(*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: samples only RCP / "
                       "only the other method gets right.", ""]
-            compute = {(r["label"], r["budget"]): r["avg_tokens_all_layers"] for r in rows}
+        compute = {(r["label"], r["budget"]): r["avg_tokens_all_layers"] for r in rows}
         lines += ["| budget | RCP | vs | " + ("compute | " if compute else "") + "Δ overall | a/b | p | "
                   + " | ".join(f"Δ {g} (p)" for g in groups) + " |",
                   "|" + "---|" * (6 + bool(compute) + len(groups))]

@@ -99,12 +99,17 @@ result_name = result_stem()  # `--name` of the scripts that write into `--output
 
 def command_line(script, argv=None):
     """The command a result file records: `python benchmarks/NAME.py ARGS`, ARGS from `argv` or `sys.argv`, quoted
-    for the shell (`--subsets 'none;0'` was recorded as `--subsets none;0`, two commands when pasted)."""
+    for the shell (`--subsets 'none;0'` was recorded as `--subsets none;0`, two commands when pasted). Run from
+    elsewhere than the repository root (the folder above `script`'s), it is `cd WHERE && python /path/to/NAME.py
+    ARGS`: relative paths in ARGS are relative to WHERE, and the root-relative form named files that do not exist."""
     import shlex
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "benchmarks/" + os.path.basename(script), *map(str, args)])
+    args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    here, root = os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    if os.path.realpath(here) == os.path.realpath(root):
+        return shlex.join(["python", "benchmarks/" + os.path.basename(script), *args])
+    return f"cd {shlex.quote(here)} && " + shlex.join(["python", os.path.abspath(script), *args])
 
 
 def write_results(stem, markdown=None, data=None, overwrite=True):

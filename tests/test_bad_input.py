@@ -5,13 +5,14 @@ import base64
 import io
 import json
 import math
+import os
 import re
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import NUM_VISUAL, make_batch, make_model, tiny_config
+from conftest import NUM_VISUAL, ROOT, make_batch, make_model, tiny_config
 
 
 # -- training arguments --------------------------------------------------------------------------------
@@ -260,6 +261,10 @@ def test_budgets_check_every_budgets_folder_before_the_first_trains(tmp_path):
     ("1/3", ValueError, r"--plugins_per_budget item '1/3' is not BUDGET=FOLDER"),
     ("1/3=", ValueError, r"--plugins_per_budget item '1/3=' is not BUDGET=FOLDER"),
     ("1/3=/no/such/folder", FileNotFoundError, r"--plugins_per_budget: no plug-in folder '/no/such/folder' for 1/3"),
+    # the last folder of a repeated budget was used, silently
+    ("1/3=.,1/3=.", ValueError, r"^--plugins_per_budget names budget '1/3' twice \(as '1/3' too\): give one plug-in "
+                                r"folder per budget\.$"),
+    ("1/3=.,0.3333333=.", ValueError, r"^--plugins_per_budget names budget '0.3333333' twice \(as '1/3' too\)"),
 ])
 def test_plugins_per_budget_argument(text, error, match):
     from conftest import load_benchmark
@@ -409,9 +414,26 @@ def test_recorded_commands_are_quoted_for_the_shell():
     from rcp_llava.results import command_line
 
     argv = ["--subsets", "none;0", "--name", "my run", "--budgets", "1/9"]
-    recorded = command_line("/somewhere/benchmarks/headroom_split.py", argv)
+    recorded = command_line(os.path.join(ROOT, "benchmarks", "headroom_split.py"), argv)
     assert recorded == "python benchmarks/headroom_split.py --subsets 'none;0' --name 'my run' --budgets 1/9"
     assert shlex.split(recorded)[2:] == argv
+
+
+def test_a_command_run_outside_the_repository_records_where_it_ran(tmp_path, monkeypatch):
+    """Run from another folder, the record said `python benchmarks/NAME.py --data rel/path`, which names files that
+    exist only relative to where it ran."""
+    import shlex
+
+    from rcp_llava.results import command_line
+
+    script = os.path.join(ROOT, "benchmarks", "evaluate_methods.py")
+    (tmp_path / "my dir").mkdir()
+    monkeypatch.chdir(tmp_path / "my dir")
+    recorded = command_line(script, ["--data", "testbed/dataset"])
+    assert recorded == f"cd {shlex.quote(str(tmp_path / 'my dir'))} && python {shlex.quote(script)} --data testbed/dataset"
+    assert "my dir'" in recorded  # quoted: the folder's name has a space
+    monkeypatch.chdir(ROOT)
+    assert command_line(script, ["--data", "x"]) == "python benchmarks/evaluate_methods.py --data x"
 
 
 @pytest.mark.parametrize("script", ["evaluate_methods", "ablations", "calibrate_retention", "figures", "efficiency"])
@@ -634,6 +656,14 @@ def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
      r"^--plugins_per_budget names budget '1/9', which is not among --budgets '1/3'; add it there or drop it here"),
     # both spellings of one budget ran, two identical rows
     (["--budgets", "1/3,0.3333333"], ValueError, r"^--budgets names one budget twice, as '1/3' and '0.3333333'"),
+    # recorded in the command and ignored
+    (["--methods", "none,vispruner", "--fastv_layer", "1"], ValueError,
+     r"^--fastv_layer sets the layer K of a single-layer method \(fastv\), but --methods 'none,vispruner' has none; "
+     r"add fastv or drop --fastv_layer\.$"),
+    # added RCP rows to a grid without rcp
+    (["--methods", "none,vispruner", "--plugins_per_budget", "1/3={tmp}", "--budgets", "1/3"], ValueError,
+     r"^--plugins_per_budget gives RCP's plug-ins per budget, but --methods 'none,vispruner' has no rcp; add it or "
+     r"drop --plugins_per_budget\.$"),
     # refused in the grid's plan, after the model had loaded
     (["--data", "gqa:{tmp}/gqa.json"], ValueError, r"^--methods \['rcp'\] prune at an RCP model's layers, but --model "
                                                    r"'.*stock' is a stock 'llava' checkpoint: give --plugins"),

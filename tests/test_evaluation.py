@@ -229,6 +229,21 @@ def test_mcnemar_exact_values():
     assert mcnemar([1] * 5 + [0], [0] * 5 + [1])["p_value"] == pytest.approx(14 / 64)
     with pytest.raises(ValueError, match="Paired outcomes differ in length: 2 vs 1"):
         mcnemar([1, 0], [1])
+    assert mcnemar([True, 1.0, False], [False, 0, 0]) == {"a_only": 2, "b_only": 0, "p_value": 0.5}
+    # counted by truth value, three discordant pairs of strings were none, and 0.5 a right answer
+    for a, b, bad in ((["0", "1", "0"], [1, 0, 1], "correct_a"), ([0, 0], [0.5, 1], "correct_b"),
+                      ([None, 1], [0, 0], "correct_a")):
+        with pytest.raises(ValueError, match=rf"^`{bad}` must hold 0/1 \(or bool\) outcomes, got "):
+            mcnemar(a, b)
+
+
+def test_per_budget_plugins_need_rcp_among_the_methods():
+    """`plugins_per_budget` added `rcp (adaptive, b)` rows to a grid whose methods had no rcp."""
+    from rcp_llava.evaluation import evaluate_grid
+
+    with pytest.raises(ValueError, match=r"^`plugins_per_budget` gives RCP's plug-ins per budget, but `methods` "
+                                         r"\['none', 'vispruner'\] has no 'rcp'; add it or drop `plugins_per_budget`"):
+        evaluate_grid(None, None, None, ["none", "vispruner"], ["1/3"], plugins_per_budget={"1/3": "somewhere"})
 
 
 def test_figures_on_micro(micro, tmp_path):

@@ -74,9 +74,9 @@ def test_rerender_keeps_fixed_count_tests_drops_adaptive_references_and_records_
     md = (tmp_path / "t.md").read_text()
     assert "Command: `python benchmarks/evaluate_methods.py --model m --name t`" in md
     assert f"Paired tests re-rendered from the JSON by `{rerender}` (the harness now tests only fixed-count " \
-           "references)." in md
+           "references and shows each test's compute)." in md
     assert "| 1/9 | rcp (adaptive, 1/9) | vispruner |" not in md
-    assert "| 1/9 | rcp | vispruner | +0.500 | 5/0 |" in md
+    assert "| 1/9 | rcp | vispruner | not FLOP-matched: rcp 5.5 vs vispruner 2.0 tokens/layer | +0.500 | 5/0 |" in md
     for row in rows_before:  # every row's numbers stay
         assert f"| {row['label']} | " in md and f"| {row['score']:.3f} | " in md
     evaluate_methods.main(["--rerender", str(path)])  # again: the same files
@@ -120,8 +120,7 @@ def test_committed_table1_files_show_only_fixed_count_tests_and_regenerate_from_
         committed = f.read()
     for result in data["results"]:
         assert result["paired_tests"] == paired_tests(result["rows"])
-    assert evaluate_methods.results_markdown(data["results"], data["command"],
-                                             data["rerendered"]["command"]) == committed
+    assert evaluate_methods.results_markdown(data["results"], data["command"], data["rerendered"]) == committed
     assert "| rcp (adaptive, 1/9) | vispruner |" not in committed
 
 
@@ -138,11 +137,19 @@ def test_paired_tests_say_the_compute_differs_without_flop_matching():
     assert "| 1/9 | rcp | vispruner | not FLOP-matched: rcp 5.5 vs vispruner 2.0 tokens/layer | +0.500 | 5/0 |" in table
     assert "RCP minus each method at the same budget, overall" not in table
 
+    # FLOP-matched: the fixed-count rows are equal (as `method_overrides` makes them), and the adaptive row's own
+    # count is still shown (the column was dropped, so a test at unequal compute read as matched)
+    for row in result["rows"]:
+        if row["label"] == "vispruner":
+            row["avg_tokens_all_layers"] = 5.5
     matched = format_table({**result, "flop_matched": True})
-    assert "not FLOP-matched" not in matched
     assert ("Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, overall and "
-            "per group; *a/b*: samples only RCP / only the other method gets right.") in matched
-    assert "| 1/9 | rcp | vispruner | +0.500 | 5/0 |" in matched
+            "per group; the fixed-count rows are FLOP-matched, an adaptive row keeps its own number of tokens "
+            "(*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: samples only RCP / only the "
+            "other method gets right.") in matched
+    assert "| 1/9 | rcp | vispruner | equal: 5.5 tokens/layer | +0.500 | 5/0 |" in matched
+    assert ("| 1/9 | rcp | rcp (adaptive, 1/9) | not FLOP-matched: rcp 5.5 vs rcp (adaptive, 1/9) 7.2 tokens/layer | "
+            in matched)
 
 
 # -- ablations.py ------------------------------------------------------------------------------------------------------
