@@ -1622,6 +1622,21 @@ class RcpCacheMixin:
         if self.rcp_state is not None:
             self.rcp_state.select(indices)
 
+    def reset(self):
+        """`Cache.reset` empties the layers for reuse; the pruned prefill's state goes with them (kept, it counted
+        tokens a later prefill by another path never saw in `get_seq_length`)."""
+        super().reset()
+        self.rcp_state = None
+
+    def __reduce_ex__(self, protocol):
+        """A class `_rcp_cache_class` made at run time (`RcpQuantizedCache`) does not exist in a new process until
+        that process prunes with such a cache: pickled by reference, it could not be loaded. It is remade from the
+        cache class it extends, which pickles by reference (pickle and `copy.deepcopy` both read this)."""
+        base = type(self).__dict__.get("_rcp_base")
+        if base is None:  # RcpDynamicCache, a module-level class
+            return super().__reduce_ex__(protocol)
+        return _remade_cache, (base,), self.__dict__
+
 
 class RcpDynamicCache(RcpCacheMixin, DynamicCache):
     """The `DynamicCache` a pruned `generate` runs on."""
@@ -1636,10 +1651,15 @@ def _rcp_cache_class(cls):
     if issubclass(cls, RcpCacheMixin):
         return cls
     if cls not in _RCP_CACHE_CLASSES:
-        name = f"Rcp{cls.__name__}"
-        _RCP_CACHE_CLASSES[cls] = made = type(name, (RcpCacheMixin, cls), {"__module__": __name__})
-        globals().setdefault(name, made)  # found by name (pickle), unless a class of ours has that name
+        _RCP_CACHE_CLASSES[cls] = type(f"Rcp{cls.__name__}", (RcpCacheMixin, cls),
+                                       {"__module__": __name__, "_rcp_base": cls})
     return _RCP_CACHE_CLASSES[cls]
+
+
+def _remade_cache(base):
+    """An empty instance of `_rcp_cache_class(base)`, for unpickling (its state is set next)."""
+    cls = _rcp_cache_class(base)
+    return cls.__new__(cls)
 
 
 @dataclass
@@ -2049,7 +2069,8 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             use_cache = False
         if use_cache and past_key_values is None:  # in train mode too, as stock (RCP's training layout fills none)
             past_key_values = RcpDynamicCache(config=self.config.text_config)
-        past_key_values = past_key_values if use_cache else None
+        # A cache the caller passed is read and filled whatever `use_cache` says, as stock's text model does (a decode
+        # step given its cache with `use_cache=False`, or a config saved with `use_cache: false`, ran without it).
         selector = SELECTORS[self.config.pruning_method](self) if self._pruning_active() else None
         inputs_embeds, image_features, image_mask = self._embed(
             input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy, image_sizes,

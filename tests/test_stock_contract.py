@@ -306,6 +306,88 @@ def test_generate_continues_from_a_cache_given_by_the_user(name, cache):
     assert all(torch.equal(a, b) for a, b in zip(rest.logits, whole.logits[2:]))
 
 
+@pytest.mark.parametrize("name", ["rcp", "fastv", "vispruner"])
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_a_given_cache_is_used_whatever_use_cache_says(name, how):
+    """Stock's text model reads and fills a cache it is given whatever `use_cache` says; the pruned forward dropped
+    it, so a decode step with `use_cache=False` (or a config saved with `use_cache: false`) ran with no context."""
+    from transformers import DynamicCache
+
+    model = make_model(**METHODS[name])
+    batch = make_batch(PADDED)
+    off = {"use_cache": False} if how == "argument" else {}
+    if how == "config":
+        model.config.text_config.use_cache = False
+    with torch.no_grad():
+        reference = model(**batch, use_cache=True)
+        cache = DynamicCache()
+        prefill = model(**batch, past_key_values=cache, **off)
+        assert prefill.past_key_values is cache and cache.get_seq_length() == batch["input_ids"].shape[1]
+        torch.testing.assert_close(prefill.logits, reference.logits, rtol=0, atol=0)
+        step = reference.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(step)], 1)
+        expected = model(input_ids=step, attention_mask=mask, past_key_values=reference.past_key_values,
+                         use_cache=True)
+        got = model(input_ids=step, attention_mask=mask, past_key_values=cache, **off)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    assert cache.get_seq_length() == batch["input_ids"].shape[1] + 1
+
+
+def test_a_reset_cache_forgets_its_pruned_prefill():
+    """`Cache.reset` (emptied for reuse) kept the pruned prefill's state: refilled by the stock path, the cache
+    counted the tokens VisPruner had dropped, and generation continued from it at the wrong positions."""
+    from transformers import DynamicCache
+
+    model = make_model(**METHODS["vispruner"])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(SINGLE)
+    greedy = dict(do_sample=False, return_dict_in_generate=True)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.generate(**batch, past_key_values=cache, max_new_tokens=2)
+        assert cache.rcp_state is not None
+        cache.reset()
+        assert cache.rcp_state is None
+        model.config.pruning_method, model.config.pre_llm_keep_count = "none", None
+        whole = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, output_logits=True, **greedy)
+        first = model.generate(**batch, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **greedy)
+        assert cache.get_seq_length() == cache.layers[0].keys.shape[-2] == batch["input_ids"].shape[1] + 2
+        rest = model.generate(input_ids=first.sequences, past_key_values=cache, max_new_tokens=3, min_new_tokens=3,
+                              output_logits=True, **greedy)
+    assert torch.equal(rest.sequences, whole.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(rest.logits, whole.logits[3:]))
+
+
+def test_a_pruned_quantized_cache_unpickles_in_a_new_process(tmp_path):
+    """`RcpQuantizedCache` is made at run time: pickled by reference, a new process (a spawned worker, `torch.load`)
+    could not find it until it had pruned with such a cache itself."""
+    import subprocess
+    import sys
+
+    from transformers import QuantizedCache
+
+    from conftest import ROOT
+
+    model = make_model(**METHODS["vispruner"])
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(**make_batch(SINGLE), past_key_values=QuantizedCache("fp8", model.config),
+                             max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert type(cache).__name__ == "RcpQuantizedCache"
+    torch.save(cache, tmp_path / "cache.pkl")  # pickle (`pickle.dumps` of fp8 tensors fails to load in torch itself)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import modeling_rcp_llava; "
+            "c = torch.load(sys.argv[1], weights_only=False); "
+            "print(type(c).__name__, type(c).__mro__[2].__name__, c.get_seq_length(), c.rcp_state.input_length)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache.pkl"), ROOT], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["RcpQuantizedCache", "QuantizedCache", str(cache.get_seq_length()),
+                                   str(cache.rcp_state.input_length)]
+    copied = copy.deepcopy(cache)
+    assert type(copied) is type(cache) and copied.get_seq_length() == cache.get_seq_length()
+
+
 def test_none_generates_with_chunked_prefill_as_stock():
     """`none` lets generate pre-encode the images, as stock does (chunked prefill cannot split raw pixels)."""
     model, stock = none_and_stock()
