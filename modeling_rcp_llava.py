@@ -2368,9 +2368,12 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features), image_features, image_mask
 
     def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
-                           **kwargs):
+                           image_sizes=None, **kwargs):
         """`LlavaModel.get_image_features`, plus the vision hidden states the pruning method reads (VisPruner: the
-        feature layer and its input). `generate` calls this itself before the prefill (`mm_encoder_outputs`)."""
+        feature layer and its input). `generate` calls this itself before the prefill (`mm_encoder_outputs`), passing
+        only the arguments this signature names: `image_sizes` is one (a Pixtral tower reads it)."""
+        if image_sizes is not None:
+            kwargs["image_sizes"] = image_sizes
         layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
         if "output_hidden_states" not in kwargs and self._pruning_active() and isinstance(layer, int):
             wanted = SELECTORS[self.config.pruning_method](self).vision_hidden_states(layer)

@@ -388,6 +388,37 @@ def test_a_pruned_quantized_cache_unpickles_in_a_new_process(tmp_path):
     assert type(copied) is type(cache) and copied.get_seq_length() == cache.get_seq_length()
 
 
+def test_none_generates_with_a_pixtral_tower_and_image_sizes_as_stock():
+    """`generate` pre-encodes the images with only the arguments `get_image_features`' signature names; ours had no
+    `image_sizes`, so a Pixtral tower (llava-hf's pixtral-12b layout) saw the padded image whole: 'Image features and
+    image tokens do not match, tokens: 8, features: 512'."""
+    from transformers import LlamaConfig, PixtralVisionConfig
+
+    from configuration_rcp_llava import RcpLlavaConfig
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    text = LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4, head_dim=8)
+    config = RcpLlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=99,
+                            pruning_method="none", vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    model = RcpLlavaForConditionalGeneration(config).eval()
+    stock = stock_copy(model)
+    ids = torch.tensor([[1, 5, 6] + [99] * 8 + [7, 8]])  # a 16 x 8 image: 4 x 2 patches
+    pixels = torch.randn(1, 3, 16, 16)
+    pixels[..., 8:] = 0
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                  image_sizes=torch.tensor([[16, 8]]))
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                  output_logits=True)
+    with torch.no_grad():
+        ours, theirs = model.generate(**inputs, **greedy), stock.generate(**inputs, **greedy)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+
+
 def test_none_generates_with_chunked_prefill_as_stock():
     """`none` lets generate pre-encode the images, as stock does (chunked prefill cannot split raw pixels)."""
     model, stock = none_and_stock()
