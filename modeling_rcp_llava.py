@@ -2154,6 +2154,9 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
                 if collected:
                     collected[0].append(hidden)
                     collected[1].append(run.slot_orig)
+        hidden = lm.norm(hidden)
+        if collected:  # the last entry is the final norm's output, as stock's (transformers 5 swaps it in)
+            collected[0][-1] = hidden
         info = self.last_pruning_info = run.info()
         if run.cache is not None:
             # A cache passed by the user (a plain or a quantized one): make it report the input tokens it has seen
@@ -2162,7 +2165,7 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             run.cache.__class__ = _rcp_cache_class(type(run.cache))
             run.cache.rcp_state = run.decode_state(input_length)
         return RcpLlavaModelOutputWithPast(
-            last_hidden_state=lm.norm(hidden),
+            last_hidden_state=hidden,
             past_key_values=run.cache,
             hidden_states=_select(collected, 0, hidden_states),
             image_hidden_states=image_features,
@@ -2203,12 +2206,15 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             if collected:
                 collected[0].append(hidden)
                 collected[1].append(positions)
+        hidden = lm.norm(hidden)
+        if collected:  # the last entry is the final norm's output, as stock's
+            collected[0][-1] = hidden
         if state is None:  # a decode step keeps its prefill's info; anything else has none
             self.last_pruning_info = None
         if cache is not None and past_length == 0:
             cache.rcp_state = None  # a new prompt without pruning: forget an older state
         return RcpLlavaModelOutputWithPast(
-            last_hidden_state=lm.norm(hidden),
+            last_hidden_state=hidden,
             past_key_values=cache,
             hidden_states=_select(collected, 0, hidden_states),
             image_hidden_states=image_features,
@@ -3148,11 +3154,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 )
             # Labels follow the tokens that survived: discarded visual tokens never carry an answer. Nothing pruned
             # (no image): the positions are the input's, and the labels are taken as stock takes them (padding too).
+            # The token at input position 0 has no predecessor, so stock's shifted loss never predicts it; compaction
+            # right-aligns every row, which puts a right-padded row's first token behind padding slots that would.
             positions = outputs.token_positions
             if outputs.kept_indices is None:
                 kept_labels = labels
             else:
-                kept_labels = torch.where(positions >= 0, labels.gather(1, positions.clamp_min(0)), -100)
+                kept_labels = torch.where(positions > 0, labels.gather(1, positions.clamp_min(0)), -100)
             kept_labels = kept_labels[:, slice_indices]
             loss = self.loss_function(
                 logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs

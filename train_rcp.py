@@ -57,7 +57,7 @@ from rcp_llava.data import (
 from rcp_llava.evaluation import (
     EvalData, evaluate_model, mcnemar, method_model, method_overrides, random_keep_masks_fn,
 )
-from rcp_llava.losses import gaussian_w2
+from rcp_llava.losses import LayerOutputs, gaussian_w2
 from rcp_llava.testbed import MAIN_PRESET
 
 
@@ -682,17 +682,20 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
             tau, noise, target = self.gumbel_temperature, self.gumbel_noise, self.target_retention
         else:  # evaluation scores every checkpoint on the same objective: the one the run ends at
             tau, noise, target = self.final_schedule(config)
-        with torch.no_grad(), unwrapped.plugins_disabled():
+        layer_outputs = LayerOutputs(unwrapped)  # layer i's (repaired) output, read right after each forward
+        with layer_outputs, torch.no_grad(), unwrapped.plugins_disabled():
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
+            teacher_states = layer_outputs.of(teacher, loss_layers)
         # The student always runs in the differentiable layout, in evaluation too: its hidden states must line up
         # with the teacher's (physical discard would move them).
         # Without the collator's masks the model derives the question (pruners) and answer (adapters) positions from
         # `labels`, as for any caller: given none it read the answer as question text and repaired only the last
         # position. With both masks the labels stay out (the model's own loss would go unused).
         masks_given = inputs.get("question_mask") is not None and inputs.get("answer_mask") is not None
-        with unwrapped.pruning_layout("mask"):
+        with layer_outputs, unwrapped.pruning_layout("mask"):
             student = model(**model_inputs, labels=None if masks_given else labels, output_hidden_states=True,
                             use_cache=False, gumbel_temperature=tau, gumbel_noise=noise)
+            student_states = layer_outputs.of(student, loss_layers)
 
         num_samples = self._window_samples if (training and self._window_samples) else labels.shape[0]
         num_items = num_items_in_batch if training else None
@@ -704,8 +707,6 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         ranks = self.accelerator.num_processes if training else 1
         global_tokens = args.average_tokens_across_devices and args.world_size > 1 and num_items is not None
         l_task = task_loss(student.logits, labels, num_items) * (ranks if global_tokens else 1)
-        student_states = [student.hidden_states[i + 1] for i in loss_layers]  # layer i's (repaired) output
-        teacher_states = [teacher.hidden_states[i + 1] for i in loss_layers]
         # A micro-batch's share of the window: its samples / the window's (gradient accumulation sums the shares).
         share = labels.shape[0] / num_samples
         if args.repair_loss_pooling == "batch":

@@ -66,8 +66,10 @@ def collect(model, processor, rows, batch_size=8):
     import modeling_rcp_llava as M
     import train_rcp
     from rcp_llava.data import RcpDataCollator
+    from rcp_llava.losses import LayerOutputs
 
     collator = RcpDataCollator(processor)
+    layer_outputs = LayerOutputs(model)  # what the repair loss compares, as train_rcp reads it
     config = model.config
     points = list(config.pruning_layers)
     repair_layers = sorted(config.repair_layers)
@@ -97,8 +99,9 @@ def collect(model, processor, rows, batch_size=8):
             batch_rows = [rows[i] for i in range(start, min(len(rows), start + batch_size))]
             inputs = collator(batch_rows)
             labels = inputs.pop("labels")
-            with torch.no_grad(), model.plugins_disabled():
+            with torch.no_grad(), model.plugins_disabled(), layer_outputs:
                 teacher = model(**inputs, output_hidden_states=True, use_cache=False)
+                teacher_states = layer_outputs.of(teacher, repair_layers)
             teacher_attention = {}
             image = inputs["input_ids"] == image_id  # (B, T)
             valid = inputs["attention_mask"].bool()
@@ -121,15 +124,14 @@ def collect(model, processor, rows, batch_size=8):
             for term in ("g_task", "g_repair"):
                 store.clear()
                 scores.clear()
-                with model.pruning_layout("mask"):
+                with model.pruning_layout("mask"), layer_outputs:
                     out = model(**inputs, output_hidden_states=True, use_cache=False, gumbel_temperature=0.2,
                                 gumbel_noise=False)
+                    states = layer_outputs.of(out, repair_layers)
                 if term == "g_task":
                     loss = train_rcp.task_loss(out.logits, labels)
                 else:
-                    loss = train_rcp.w2_repair_loss([out.hidden_states[i + 1] for i in repair_layers],
-                                                    [teacher.hidden_states[i + 1] for i in repair_layers],
-                                                    inputs["answer_mask"])
+                    loss = train_rcp.w2_repair_loss(states, teacher_states, inputs["answer_mask"])
                 loss.backward()
                 grads[term] = {p: -store[p][1].grad.detach().clone() for p in points}
                 model.zero_grad(set_to_none=True)

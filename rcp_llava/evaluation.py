@@ -52,7 +52,7 @@ from modeling_rcp_llava import (
 )
 from rcp_llava.data import RcpDataCollator, _column_batches, load_image, prompt_batch
 from rcp_llava.flops import decoder_layer_flops
-from rcp_llava.losses import gaussian_w2
+from rcp_llava.losses import LayerOutputs, gaussian_w2
 from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ... are also read from here
     TABLE_VI_RETENTION,
     average_tokens,
@@ -1092,22 +1092,22 @@ def representation_drift(model, processor, rows, forced=None):
     batch = collator([{"image": r["image"], "question": r["question"], "answer": r["answer"]} for r in rows])
     answer_mask = batch["answer_mask"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    layers = model.config.text_config.num_hidden_layers
-    with pruning_layout(model, "mask"):
+    layers = range(model.config.text_config.num_hidden_layers)
+    with pruning_layout(model, "mask"), LayerOutputs(model) as outputs:
         with model.plugins_disabled():
-            full = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+            full = outputs.of(model(**inputs, output_hidden_states=True, use_cache=False), layers)
 
-        def drift(hidden):
-            return [float(gaussian_w2(hidden[i + 1], full[i + 1], answer_mask).mean()) for i in range(layers)]
+        def drift(output):  # of the forward just run: each layer's own output against the full model's
+            return [float(gaussian_w2(h, f, answer_mask).mean()) for h, f in zip(outputs.of(output, layers), full)]
 
         pruned = model(**inputs, output_hidden_states=True, use_cache=False)
-        result = {"with_repair": drift(pruned.hidden_states), "keep_masks": pruned.keep_masks}
+        result = {"with_repair": drift(pruned), "keep_masks": pruned.keep_masks}
         with model.plugins_disabled(pruning=False, repair=True):
-            result["without_repair"] = drift(model(**inputs, output_hidden_states=True, use_cache=False).hidden_states)
+            result["without_repair"] = drift(model(**inputs, output_hidden_states=True, use_cache=False))
             result["forced"] = {}
             for name, masks in (forced or {}).items():
-                out = model(**inputs, output_hidden_states=True, use_cache=False, visual_keep_masks=masks)
-                result["forced"][name] = drift(out.hidden_states)
+                result["forced"][name] = drift(model(**inputs, output_hidden_states=True, use_cache=False,
+                                                     visual_keep_masks=masks))
     return result
 
 

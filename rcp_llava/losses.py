@@ -1,4 +1,5 @@
-"""The W2 distance between diagonal Gaussians (Eq. 18): shared by the training losses and the drift evaluation.
+"""The W2 distance between diagonal Gaussians (Eq. 18) and the decoder-layer outputs it compares: shared by the
+training losses and the drift evaluation.
 
 It lives in the library, not in `train_rcp.py`, because a library module must never import a script: the repair
 losses (`train_rcp.w2_repair_loss`, `train_rcp.pooled_w2_repair_loss`) and the representation-drift figures
@@ -41,3 +42,27 @@ def gaussian_w2(student, teacher, mask, mean_only=False):
 
 
 __all__ = ["diagonal_w2", "gaussian_w2"]
+
+
+class LayerOutputs:
+    """The decoder layers' own (repaired) outputs of the last forward run inside `with LayerOutputs(model) as outs:`,
+    which the repair loss and the drift compare at each layer: `outs.of(output, layers)`, right after that forward.
+
+    Layer i's is `output.hidden_states[i + 1]`, except the last layer's: `hidden_states[L]` is the final norm's
+    output, as stock reports it, so the last layer's own output is read as the norm's input (a hook on it)."""
+
+    def __init__(self, model):
+        self.norm = model.model.language_model.norm
+        self.num_layers = model.config.text_config.num_hidden_layers
+        self.last = None
+
+    def __enter__(self):
+        self.handle = self.norm.register_forward_pre_hook(lambda module, args: setattr(self, "last", args[0]))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def of(self, output, layers):
+        """[(B, T, D) output of layer i for i in `layers`] of `output`, the forward run last."""
+        return [self.last if i == self.num_layers - 1 else output.hidden_states[i + 1] for i in layers]

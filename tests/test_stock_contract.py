@@ -419,6 +419,70 @@ def test_none_generates_with_a_pixtral_tower_and_image_sizes_as_stock():
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_last_hidden_state_is_the_final_norm_output_as_stock(name):
+    """transformers 5 swaps the final norm's output in as the last of `hidden_states`; the pruned loops returned the
+    last layer's raw output there (3.0 off stock for a prompt without an image, in every generate step too)."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    stock = stock_copy(model)
+    batch, text = make_batch(PADDED), make_batch([(2, 3, False), (4, 6, False)])
+    with torch.no_grad():
+        out = model.model(**batch, output_hidden_states=True, use_cache=True)
+        assert len(out.hidden_states) == 5 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        step = model(**batch, use_cache=True)
+        nxt = step.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], 1)
+        decoded = model.model(input_ids=nxt, attention_mask=mask, past_key_values=step.past_key_values,
+                              output_hidden_states=[0, 4])
+        assert decoded.hidden_states[1:4] == (None, None, None)
+        assert torch.equal(decoded.hidden_states[4], decoded.last_hidden_state)
+        ours, theirs = model(**text, output_hidden_states=True), stock(**text, output_hidden_states=True)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_right_padded_batch_has_the_loss_terms_of_its_rows_alone(name):
+    """Compaction right-aligns every row, so a right-padded row's first token came after padding slots, and the
+    last of them "predicted" it: a loss term per padded row that neither stock nor the row alone has (TRL's
+    collators pad on the right with labels = input_ids)."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    specs = PADDED + [(3, 2, False)]
+    left = make_batch(specs)
+    right = {"pixel_values": left["pixel_values"]}
+    order = torch.argsort(left["attention_mask"], dim=1, descending=True, stable=True)  # real tokens first, in order
+    right["input_ids"], right["attention_mask"] = left["input_ids"].gather(1, order), left["attention_mask"].gather(1, order)
+    labels = right["input_ids"].masked_fill(right["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        total = model(**right, labels=labels, num_items_in_batch=1).loss  # a sum of the terms
+        rows = [model(**row_inputs(left, i, specs), labels=row_inputs(left, i, specs)["input_ids"],
+                      num_items_in_batch=1).loss for i in range(len(specs))]
+        torch.testing.assert_close(total, sum(rows), rtol=1e-5, atol=1e-5)
+        only_first = torch.full_like(labels, -100)
+        only_first[:, 0] = labels[:, 0]  # nothing precedes these: no term, as stock (nan)
+        assert model(**right, labels=only_first).loss.isnan()
+
+
+def test_the_repair_loss_reads_each_layers_own_output_the_last_one_too():
+    """With `hidden_states[L]` the final norm's output (as stock), the repair loss and the drift read the last
+    layer's own output from the norm's input (`LayerOutputs`): on the testbed placements the last layer is a repair
+    layer (deep: [11, 15] of 16), and its W2 term compared normed states, 140x the repaired output's on a probe."""
+    from rcp_llava.losses import LayerOutputs
+
+    model = make_model(randomize_plugins=True)
+    seen = {}
+    hooks = [model.model.rcp_plugins.repair_adapters[k].register_forward_hook(
+        lambda module, args, output, k=k: seen.__setitem__(int(k), output)) for k in ("2", "3")]
+    with torch.no_grad(), model.pruning_layout("mask"), LayerOutputs(model) as outputs:
+        out = model(**make_batch(PADDED), output_hidden_states=True, use_cache=False)
+        states = outputs.of(out, [1, 2, 3])
+    for hook in hooks:
+        hook.remove()
+    assert states[0] is out.hidden_states[2] and states[1] is out.hidden_states[3]
+    assert torch.equal(states[1], seen[2]) and torch.equal(states[2], seen[3])  # the repaired outputs
+    assert torch.equal(model.model.language_model.norm(states[2]), out.hidden_states[4])
+
+
 def test_none_generates_with_chunked_prefill_as_stock():
     """`none` lets generate pre-encode the images, as stock does (chunked prefill cannot split raw pixels)."""
     model, stock = none_and_stock()
