@@ -2236,6 +2236,19 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             )
         if not config.pruning_spec.plugins:
             return
+        plugins = self.rcp_plugins
+        modules = [(f"pruners.{k}", m, RcpPruner) for k, m in plugins.pruners.items()]
+        modules += [(f"repair_adapters.{k}", m, RcpRepairAdapter) for k, m in plugins.repair_adapters.items()]
+        if plugins.repair_context is not None:
+            modules.append(("repair_context", plugins.repair_context, RcpRepairContext))
+        wrapped = [(name, module) for name, module, cls in modules if not isinstance(module, cls)]
+        if wrapped:  # PEFT's `target_parameters` puts a wrapper in the module's place: its parameters are read by name
+            raise TypeError(
+                f"The plug-in module(s) {[name for name, _ in wrapped]} were replaced by "
+                f"{type(wrapped[0][1]).__name__} (PEFT's `target_parameters`?): the pruned forward reads their "
+                "parameters directly. Target the plug-ins' linear layers (`target_modules`), train them whole "
+                "(`modules_to_save=['rcp_plugins']`), or train them without PEFT (only the plug-ins train by default)."
+            )
         for name, built in (("pruning_layers", self.rcp_plugins.pruners),
                              ("repair_layers", self.rcp_plugins.repair_adapters)):
             if [int(k) for k in built] != list(getattr(config, name)):
@@ -3423,7 +3436,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         self._check_plugins_unwrapped("load_plugins")
         plugin_config = read_plugin_config(plugins, **hub_kwargs)
         text = self.config.text_config
-        _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers, self.name_or_path, plugins,
+        _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers,
+                            getattr(self, "rcp_base_model_name_or_path", None) or self.name_or_path, plugins,
                             self.config.num_visual_tokens)
         heads = plugin_config.get("pruner_num_heads")
         if heads is not None and heads != self.config.pruner_num_heads:  # same tensor shapes, another computation
@@ -3554,6 +3568,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
             check_model_source(base_model, "base_model")
             base_name = str(base_model)
             base_dict, _ = RcpLlavaConfig.get_config_dict(base_model, **base_hub)
+        elif hasattr(base_model, "get_base_model") and hasattr(base_model, "peft_config"):  # a PeftModel (duck-typed:
+            # this file imports no peft) or its tuner
+            raise TypeError(
+                f"`base_model` is a PEFT {type(base_model).__name__}: the RCP model cannot hold its adapter layers. "
+                "Merge them first (`from_base(peft_model.merge_and_unload(), ...)`), or build the RCP model on the "
+                "plain base and wrap it with PEFT afterwards."
+            )
         else:
             raise TypeError(f"`base_model` must be a Hub id, a folder or a loaded LlavaForConditionalGeneration, got "
                             f"{type(base_model).__name__}.")
@@ -3582,6 +3603,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         model.rcp_base_model_revision = revision
         if plugins is not None:
             model.load_plugins(plugins, strict=strict, **plugin_hub)
+            where = os.path.join(plugins, subfolder) if subfolder and os.path.isdir(plugins) else plugins
+            if not subfolder or os.path.isdir(plugins):
+                # what rebuilds this model (`from_pretrained(plug-in folder)`), as PEFT records `name_or_path` for
+                # an adapter trained on it: the stock base, recorded before, rebuilt it with new plug-ins
+                model.name_or_path = model.config.name_or_path = os.fspath(where)
         if is_trainable is not None:  # PEFT's `is_trainable` went on to `__init__` ("unexpected keyword argument")
             for name, param in model.named_parameters():
                 param.requires_grad_(bool(is_trainable) and name.startswith(PLUGIN_PREFIX))

@@ -176,6 +176,10 @@ def test_from_base_and_unload_carry_transformers_adapters_and_refuse_peft_models
     with pytest.raises(TypeError, match=r"^The LlavaForConditionalGeneration holds PEFT adapter layers that a "
                                         r"`PeftModel` injected .*merge them first \(`peft_model.merge_and_unload\(\)`\)"):
         RcpLlavaForConditionalGeneration.from_base(wrapped.get_base_model(), plugins=str(tmp_path / "plugins"))
+    # the PeftModel itself got "must be a Hub id, a folder or a loaded LlavaForConditionalGeneration"
+    with pytest.raises(TypeError, match=r"^`base_model` is a PEFT PeftModel: the RCP model cannot hold its adapter "
+                                        r"layers\. Merge them first \(`from_base\(peft_model\.merge_and_unload\(\), "):
+        RcpLlavaForConditionalGeneration.from_base(wrapped, plugins=str(tmp_path / "plugins"))
     # from_pretrained's arguments do nothing to a loaded base: refused, not dropped
     with pytest.raises(TypeError, match=r"^`from_base` shares a loaded `base_model` as it is, so "
                                         r"\['attn_implementation', 'dtype'\] would be ignored"):
@@ -219,3 +223,46 @@ def test_is_trainable_on_a_plugin_folder_is_pefts(tmp_path):
     assert all(p.requires_grad for p in fresh.plugin_parameters())
     fresh.load_adapter(str(tmp_path / "plugins"))  # not given: as it was
     assert all(p.requires_grad for p in fresh.plugin_parameters())
+
+
+@pytest.mark.parametrize("subfolder", [None, "rcp-64"])
+def test_a_peft_adapter_on_a_model_built_from_plugins_records_what_rebuilds_it(tmp_path, subfolder):
+    """PEFT records the wrapped model's `name_or_path` as the adapter's base; `from_base` left it at the stock
+    checkpoint, so reloading the adapter built the default placement with new plug-ins (17 positions became 28)."""
+    import json
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    model = _model(pruning_layers=[1, 2], repair_layers=[2, 3])
+    copy.deepcopy(model).unload().save_pretrained(tmp_path / "stock")
+    plugins = tmp_path / "plugins" / (subfolder or "")
+    model.save_plugins(plugins, base_model_name_or_path=str(tmp_path / "stock"))
+    built = RcpLlavaForConditionalGeneration.from_base(str(tmp_path / "stock"), plugins=str(tmp_path / "plugins"),
+                                                       subfolder=subfolder).eval()
+    assert built.name_or_path == str(plugins).rstrip(os.sep)
+    torch.manual_seed(0)
+    wrapped = _lora(built, init=False, target_modules=["q_proj", "v_proj"]).eval()
+    wrapped.save_pretrained(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(plugins).rstrip(os.sep)
+    base = RcpLlavaForConditionalGeneration.from_pretrained(recorded)  # what PEFT's AutoPeftModel does with it
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert base.config.pruning_layers == [1, 2]  # the placement it was trained on, not the default [1, 2, 3]
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, wrapped(**batch).logits, rtol=0, atol=0)
+    built.save_plugins(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "rcp_config.json").read_text())
+    assert again["base_model_name_or_path"] == str(tmp_path / "stock")  # the plug-ins still name the stock base
+
+
+def test_plugins_lora_wrapped_by_target_parameters_are_refused_by_name():
+    """PEFT's `target_parameters` replaces the module holding the parameter with a wrapper; the forward failed deep
+    ("'ParamWrapper' object has no attribute 'queries'"), neither running nor naming the cause."""
+    model = _model()
+    wrapped = _lora(model, init=False, target_modules=[], target_parameters=["pruners.1.queries",
+                                                                              "repair_context.positions"])
+    with pytest.raises(TypeError, match=r"^The plug-in module\(s\) \['pruners\.1', 'repair_context'\] were replaced by "
+                                        r"ParamWrapper \(PEFT's `target_parameters`\?\): the pruned forward reads "
+                                        r"their parameters directly\. Target the plug-ins' linear layers"):
+        wrapped(**make_batch(PADDED))
