@@ -14,12 +14,13 @@ pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
 
     L = 1.5 * L_task + 3 * L_repair + 200 * L_sparse        (the authors' code; the paper prints lambda_repair 40)
 
-L_task: next-token cross-entropy on the answer tokens and EOS; L_repair: W2 distance between diagonal Gaussians
+L_task: next-token cross-entropy on the answer tokens and EOS (a token mean; the authors' a per-sample one); L_repair: W2 distance between diagonal Gaussians
 whose moments are pooled over every answer position of the batch (all ranks), at the repair layers, on their
 repaired output; L_sparse: distance of the batch-mean visual-token retention (over all decoder layers) from the
 target, which is cosine-annealed from 1 to `visual_token_budget / N` over the first 10% of the steps. The
 Gumbel-Sigmoid temperature goes 1.5 -> 0.2 linearly over 60% of the steps, stays at 0.2 with noise to 80%, and the
-last 20% train without noise, on the inference rule. (All as the authors' code does: authors-code-facts.md.)
+last 20% train without noise, on the inference rule. (All as the authors' code does, but for L_task's mean:
+authors-code-facts.md.)
 The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2_repair_loss` and
 `batch_sparsity_loss` / `sparsity_loss` below, the schedules `gumbel_schedule` and `target_retention_at` (the W2 of Eq. 18,
 `gaussian_w2`, is shared with the drift evaluation and lives in `rcp_llava.losses`). This file holds the losses,
@@ -70,7 +71,8 @@ logger = logging.get_logger(__name__)
 
 
 def task_loss(logits, labels, num_items=None):
-    """Next-token cross-entropy on the answer tokens.
+    """Next-token cross-entropy on the answer tokens, averaged over the target tokens (HF's `num_items_in_batch`;
+    the authors' code averages per sample, then over samples: equal when every answer has one length).
 
     logits: (B, T, V); labels: (B, T), -100 where there is no target (shifted inside, as in HF causal LMs).
     num_items: the number of target tokens to normalise by (the whole gradient-accumulation window);
@@ -730,6 +732,11 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         else:
             l_sparse = sparsity_loss(retention, target, has_image, num_samples)
         loss = args.lambda_task * l_task + args.lambda_repair * l_repair + args.lambda_sparse * l_sparse
+        if training and torch.is_grad_enabled() and not loss.requires_grad:
+            # No image in the batch (a user's collator, one DDP rank's or one micro-batch's share): no plug-in ran,
+            # and backward failed on a loss without a graph. A zero tied to the plug-ins gives them zero gradients,
+            # on every rank alike.
+            loss = loss + 0.0 * sum(p.sum() for p in unwrapped.parameters() if p.requires_grad)
 
         parts = {
             "task_loss": l_task, "repair_loss": l_repair, "sparsity_loss": l_sparse,

@@ -108,3 +108,23 @@ def test_push_to_hub_while_training_uploads_the_checkpoint_and_the_plugins(micro
         assert [where for _, where, _ in checkpoints] == (["last-checkpoint"] * 2 if strategy == "checkpoint"
                                                           else ["checkpoint-2", "checkpoint-4"])
         assert all("grad_norms.json" in files and "rcp_plugins.safetensors" in files for _, _, files in checkpoints)
+
+
+def test_a_batch_without_an_image_trains_a_step_with_zero_plugin_gradients(tmp_path):
+    """With no image no plug-in runs, so the loss had no graph and `Trainer.train` failed in backward ("element 0
+    of tensors does not require grad"); a user's collator, or one micro-batch or rank of mixed data, can draw one."""
+    from conftest import make_batch, make_model
+
+    def collate(rows):
+        batch = make_batch([(2, 5, False)] * len(rows))
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -3:] = batch["input_ids"][:, -3:]
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+    model = make_model(visual_token_budget=4, pruning_keep_counts=None)
+    trainer = RcpTrainer(model=model, args=_args(tmp_path, max_steps=1, optim="sgd", weight_decay=0.0),
+                         train_dataset=[{}] * 2, data_collator=collate)
+    before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.state.log_history[0]["loss"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.plugin_state_dict().items())  # zero gradients
