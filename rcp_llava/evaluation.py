@@ -2,8 +2,8 @@
 
     from rcp_llava.evaluation import load_base_model, evaluate_grid, format_table
     base, processor = load_base_model("outputs/rcp_deep/model")  # the main job's, on its testbed
-    result = evaluate_grid(base, processor, load_data("testbed"), methods=["none", "rcp", "vispruner"],
-                           budgets=["1/3", "2/9", "1/9"], max_samples=500)
+    result = evaluate_grid(base, processor, load_data("testbed", max_samples=500), methods=["none", "rcp", "vispruner"],
+                           budgets=["1/3", "2/9", "1/9"])
     print(format_table(result))
 
 Budgets are fractions of the N visual tokens of an image; a method at budget b keeps k = `budget_count(b, N)`
@@ -69,6 +69,17 @@ from rcp_llava.schedule import (  # noqa: F401 -- budget_count, parse_budget, ..
 DEFAULT_BUDGETS = ("1/3", "2/9", "1/9")
 # Headline number of each reader metric (the table's score for that benchmark).
 METRIC_KEY = {"vqa_accuracy": "vqa_accuracy", "exact_match": "exact_match", "pope": "f1", "mme": "perception_score"}
+
+
+def headline_key(metric_name, families):
+    """The key of the table's score for reader metric `metric_name` on records of these families: `METRIC_KEY`'s,
+    except MME data of cognition sub-tasks only (`subtasks=`), whose perception total is 0 for every method: its
+    cognition total, as MME reports the two apart."""
+    from rcp_llava.metrics.mme.mme import PERCEPTION_SUBTASKS
+
+    if metric_name == "mme" and not set(families) & set(PERCEPTION_SUBTASKS):
+        return "cognition_score"
+    return METRIC_KEY[metric_name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,7 +587,7 @@ def score_benchmark(benchmark, predictions, records):
 
     name = BENCHMARK_METRIC[benchmark]
     metric = load_metric(name)
-    key = METRIC_KEY[name]
+    key = headline_key(name, [r.family for r in records])
     if name == "pope":
         result = metric.compute(predictions=predictions, references=[r.answers[0] for r in records],
                                 categories=[r.family for r in records])
@@ -951,7 +962,7 @@ def evaluate_grid(base, processor, data, methods=("none", "rcp", "vispruner", "f
             "plugins_per_budget": {k: str(v) for k, v in plugins_per_budget.items()} or None,
             "flop_matched": flop_matched, "infeasible": infeasible, "mean_text_tokens": text_tokens,
             "metric": (("first-token accuracy" if scoring == "first token" else "greedy-answer accuracy")
-                       if data.kind == "testbed" else METRIC_KEY[_metric_name(data)])}
+                       if data.kind == "testbed" else headline_key(_metric_name(data), [r.family for r in data.rows]))}
 
 
 def add_relative(rows):

@@ -399,7 +399,14 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows, lines = [], text.splitlines()
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:  # its own position is on line 1 of that line
+                        raise _bad(name, file, f"line {number} is not JSON ({err.msg} at column {err.colno})") \
+                            from None
     except json.JSONDecodeError as err:
         raise _bad(name, file, f"not JSON lines ({err})")
     records = []
@@ -637,6 +644,8 @@ def read_mme(path: PathLike, subtasks: Optional[Sequence[str]] = None) -> List[V
 
     name = "mme"
     root = _require_dir(Path(path), name, "MME root folder")
+    if isinstance(subtasks, str):  # one name, not its letters ("OCR" read as 'C', 'O', 'R')
+        subtasks = [subtasks]
     wanted = set(subtasks) if subtasks is not None else None
     records = []
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -157,6 +157,12 @@ def test_pope_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no random/popular/adversarial .* in .*empty"):
         read_pope(tmp_path / "empty")
+    # each line is parsed alone, so the decoder's "line 1" named the wrong line of the file
+    good = json.dumps({"question_id": 1, "image": "x.jpg", "text": "?", "label": "yes"})
+    (tmp_path / "coco_pope_random.json").write_text(good + "\n\n" + good[:-1] + "\n")
+    with pytest.raises(ValueError, match=r"coco_pope_random.json: line 3 is not JSON \(Expecting ',' delimiter at "
+                                         r"column \d+\)\. Expected layout"):
+        read_pope(tmp_path / "coco_pope_random.json")
 
 
 # ----------------------------------------------------------------------------- ScienceQA-IMG
@@ -259,6 +265,23 @@ def test_mme_both_layouts(mme_root):
     assert records[2].image_id == records[3].image_id == "artwork/10002.jpg"
     assert records[2].load_image().size == (5, 5) and records[0].load_image().size == (2, 9)
     assert [r.family for r in read_mme(mme_root, subtasks=["artwork"])] == ["artwork", "artwork"]
+    # one name, not its letters (was "sub-task(s) ['C', 'O', 'R'] not found")
+    assert [r.family for r in read_mme(mme_root, subtasks="OCR")] == ["OCR", "OCR"]
+
+
+def test_mme_of_cognition_subtasks_only_heads_its_table_with_the_cognition_score(tmp_path):
+    """The table's score was MME's perception total, 0 for every method when `subtasks=` chose cognition only."""
+    from rcp_llava.evaluation import headline_key, score_benchmark
+
+    root = tmp_path / "MME"
+    make_image(root / "code_reasoning" / "0001.png", size=(2, 2))
+    (root / "code_reasoning" / "0001.txt").write_text("Is the output 3?\tYes\nIs the output 4?\tNo\n")
+    records = read_mme(root)
+    result = score_benchmark("mme", ["Yes", "No"], records)
+    assert result["score"] == 200.0 == result["metric"]["cognition_score"]
+    assert headline_key("mme", ["code_reasoning"]) == "cognition_score"
+    assert headline_key("mme", ["code_reasoning", "OCR"]) == "perception_score"  # MME's usual headline
+    assert score_benchmark("mme", ["No", "No"], records)["score"] == 50.0  # one of two right: 50 accuracy + 0 acc+
 
 
 def test_mme_reads_the_release_names_and_refuses_a_subtask_it_cannot_read(mme_root):
