@@ -378,6 +378,10 @@ class RcpLlavaConfig(LlavaConfig):
         self._validate_method()
         return PRUNING_METHODS[self.pruning_method]
 
+    @pruning_spec.setter
+    def pruning_spec(self, value):
+        _refuse_derived("pruning_spec", value, "`pruning_method` (the registered method of that name): set it")
+
     # -- validators (in the order they run; the first problem found is reported) ---------------------
 
     def _validate_method(self):

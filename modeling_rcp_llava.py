@@ -3167,13 +3167,14 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 )
             # Labels follow the tokens that survived: discarded visual tokens never carry an answer. Nothing pruned
             # (no image): the positions are the input's, and the labels are taken as stock takes them (padding too).
-            # The token at input position 0 has no predecessor, so stock's shifted loss never predicts it; compaction
-            # right-aligns every row, which puts a right-padded row's first token behind padding slots that would.
+            # A row's first surviving token is no target, as when the row runs alone (nothing precedes it there):
+            # compaction right-aligns every row, which puts it behind padding slots whose last would "predict" it.
             positions = outputs.token_positions
             if outputs.kept_indices is None:
                 kept_labels = labels
             else:
-                kept_labels = torch.where(positions > 0, labels.gather(1, positions.clamp_min(0)), -100)
+                preceded = F.pad(positions[:, :-1] >= 0, (1, 0), value=False)  # (B, T') a kept token before it
+                kept_labels = torch.where((positions >= 0) & preceded, labels.gather(1, positions.clamp_min(0)), -100)
             kept_labels = kept_labels[:, slice_indices]
             loss = self.loss_function(
                 logits=logits, labels=kept_labels, vocab_size=self.config.text_config.vocab_size, **kwargs
@@ -3603,10 +3604,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         model.rcp_base_model_revision = revision
         if plugins is not None:
             model.load_plugins(plugins, strict=strict, **plugin_hub)
-            where = os.path.join(plugins, subfolder) if subfolder and os.path.isdir(plugins) else plugins
-            if not subfolder or os.path.isdir(plugins):
-                # what rebuilds this model (`from_pretrained(plug-in folder)`), as PEFT records `name_or_path` for
-                # an adapter trained on it: the stock base, recorded before, rebuilt it with new plug-ins
+            if os.path.isdir(plugins):
+                # what rebuilds this model (`from_pretrained(local plug-in folder)`), as PEFT records `name_or_path`
+                # for an adapter trained on it: the stock base, recorded before, rebuilt it with new plug-ins. (A Hub
+                # plug-in repo has no config.json for `from_pretrained`: the stock base stays.)
+                where = os.path.join(plugins, subfolder) if subfolder else plugins
                 model.name_or_path = model.config.name_or_path = os.fspath(where)
         if is_trainable is not None:  # PEFT's `is_trainable` went on to `__init__` ("unexpected keyword argument")
             for name, param in model.named_parameters():
@@ -3638,6 +3640,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         with torch.device("meta"):
             stock = LlavaForConditionalGeneration(config)
         share_backbone(stock, self)
+        base = getattr(self, "rcp_base_model_name_or_path", None)
+        if base:  # the stock checkpoint, not the plug-in folder `from_base` names this model by
+            stock.name_or_path = stock.config.name_or_path = base
         return stock.train(self.training)
 
     def get_nb_trainable_parameters(self):

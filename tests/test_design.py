@@ -177,6 +177,7 @@ def test_a_field_edited_to_the_wrong_type_is_a_type_error_naming_it(field, value
     ("num_visual_tokens", r"the vision tower's patch grid"),
     ("pruning_points", r"`pruning_layers` \(and `pre_llm_keep_count`"),
     ("point_keep_counts", r"`pruning_keep_counts` \(and `pre_llm_keep_count`\)"),
+    ("pruning_spec", r"`pruning_method` \(the registered method of that name\): set it"),
 ])
 def test_a_derived_property_given_a_value_is_refused_naming_its_source(tmp_path, name, source):
     """transformers sets config kwargs, `update` and `from_pretrained` overrides with `setattr`: a derived property
@@ -190,7 +191,7 @@ def test_a_derived_property_given_a_value_is_refused_naming_its_source(tmp_path,
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=match):
         RcpLlavaConfig.from_pretrained(tmp_path, **{name: 8})
-    assert config.num_visual_tokens == 16 and config.pruning_points == [1, 2]
+    assert config.num_visual_tokens == 16 and config.pruning_points == [1, 2] and config.pruning_spec.name == "rcp"
 
 
 def test_a_vision_feature_layer_override_is_checked_on_load(tmp_path):

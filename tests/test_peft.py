@@ -240,6 +240,8 @@ def test_a_peft_adapter_on_a_model_built_from_plugins_records_what_rebuilds_it(t
     built = RcpLlavaForConditionalGeneration.from_base(str(tmp_path / "stock"), plugins=str(tmp_path / "plugins"),
                                                        subfolder=subfolder).eval()
     assert built.name_or_path == str(plugins).rstrip(os.sep)
+    # the stock model under it keeps the stock name: swapping plug-ins on it recorded the plug-in folder as the base
+    assert built.unload().name_or_path == str(tmp_path / "stock")
     torch.manual_seed(0)
     wrapped = _lora(built, init=False, target_modules=["q_proj", "v_proj"]).eval()
     wrapped.save_pretrained(tmp_path / "adapter")

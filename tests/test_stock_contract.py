@@ -461,6 +461,21 @@ def test_a_right_padded_batch_has_the_loss_terms_of_its_rows_alone(name):
         only_first = torch.full_like(labels, -100)
         only_first[:, 0] = labels[:, 0]  # nothing precedes these: no term, as stock (nan)
         assert model(**right, labels=only_first).loss.isnan()
+        # image-first rows without BOS, every token a target: input position 0 may be pruned, and the first token
+        # that survives (position >= 1) sat behind padding slots too (a review found the first fix missed it)
+        g = torch.Generator().manual_seed(0)
+        rows = [[IMAGE_TOKEN] * NUM_VISUAL + torch.randint(3, 90, (q,), generator=g).tolist() for q in (3, 7, 5)]
+        ids = torch.zeros(3, max(map(len, rows)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        pixels = torch.randn(3, 3, 16, 16, generator=g)
+        total = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids.masked_fill(mask == 0, -100),
+                      question_mask=mask.bool() & (ids != IMAGE_TOKEN), num_items_in_batch=1).loss
+        alone = [model(input_ids=torch.tensor([r]), pixel_values=pixels[i:i + 1], labels=torch.tensor([r]),
+                       question_mask=torch.tensor([r]) != IMAGE_TOKEN, num_items_in_batch=1).loss
+                 for i, r in enumerate(rows)]
+        torch.testing.assert_close(total, sum(alone), rtol=1e-5, atol=1e-5)
 
 
 def test_the_repair_loss_reads_each_layers_own_output_the_last_one_too():
