@@ -1050,9 +1050,9 @@ def format_table(result, command=None):
             # The fixed-count rows are matched; a per-budget adaptive row (`rcp (adaptive, 1/3)`) keeps its own count,
             # so the compute column stays: it says which tests are at equal compute.
             lines += ["", "Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, "
-                      "overall and per group; the fixed-count rows are FLOP-matched, an adaptive row keeps its own "
-                      "number of tokens (*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: "
-                      "samples only RCP / only the other method gets right.", ""]
+                      "overall and per group; the fixed-count rows are FLOP-matched (up to their integer keep "
+                      "counts), an adaptive row keeps its own number of tokens (*compute*: tokens per layer over all "
+                      "layers, RCP's vs the other's); *a/b*: samples only RCP / only the other method gets right.", ""]
         else:
             # Without --flop_matched a budget fixes k, not the compute: RCP keeps all N tokens up to its first
             # pruner, a pre-LLM method none, so "the same budget" was read as equal compute when it is not.
@@ -1062,6 +1062,9 @@ def format_table(result, command=None):
                       "(*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: samples only RCP / "
                       "only the other method gets right.", ""]
         compute = {(r["label"], r["budget"]): r["avg_tokens_all_layers"] for r in rows}
+        # matched by `method_overrides` up to rounding (each side within half a token per layer of the budget); an
+        # adaptive row (k None) keeps what its threshold keeps
+        matched = {(r["label"], r["budget"]) for r in rows if result.get("flop_matched") and r.get("k") is not None}
         lines += ["| budget | RCP | vs | " + ("compute | " if compute else "") + "Δ overall | a/b | p | "
                   + " | ".join(f"Δ {g} (p)" for g in groups) + " |",
                   "|" + "---|" * (6 + bool(compute) + len(groups))]
@@ -1075,6 +1078,9 @@ def format_table(result, command=None):
                     cost = "– | "
                 elif abs(mine - other) < 0.05:
                     cost = f"equal: {mine:.1f} tokens/layer | "
+                elif {(t["reference"], t["budget"]), (t["method"], t["budget"])} <= matched and abs(mine - other) < 1:
+                    cost = (f"matched up to integer counts: {t['reference']} {mine:.1f} vs {t['method']} {other:.1f} "
+                            "tokens/layer | ")
                 else:
                     cost = (f"not FLOP-matched: {t['reference']} {mine:.1f} vs {t['method']} {other:.1f} "
                             "tokens/layer | ")

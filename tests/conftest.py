@@ -119,6 +119,13 @@ def load_benchmark(name):
     return module
 
 
+@pytest.fixture(autouse=True)
+def _in_the_repository_root(monkeypatch):
+    """Every test runs from the repository root, as CI runs them, wherever pytest is started: a recorded command
+    (`rcp_llava.results.command_line`) has the root-relative form only there."""
+    monkeypatch.chdir(ROOT)
+
+
 @pytest.fixture
 def tiny():
     return make_model()

@@ -144,12 +144,18 @@ def test_paired_tests_say_the_compute_differs_without_flop_matching():
             row["avg_tokens_all_layers"] = 5.5
     matched = format_table({**result, "flop_matched": True})
     assert ("Paired tests (exact McNemar on the same samples): RCP minus each method at the same budget, overall and "
-            "per group; the fixed-count rows are FLOP-matched, an adaptive row keeps its own number of tokens "
-            "(*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: samples only RCP / only the "
-            "other method gets right.") in matched
+            "per group; the fixed-count rows are FLOP-matched (up to their integer keep counts), an adaptive row keeps "
+            "its own number of tokens (*compute*: tokens per layer over all layers, RCP's vs the other's); *a/b*: "
+            "samples only RCP / only the other method gets right.") in matched
     assert "| 1/9 | rcp | vispruner | equal: 5.5 tokens/layer | +0.500 | 5/0 |" in matched
     assert ("| 1/9 | rcp | rcp (adaptive, 1/9) | not FLOP-matched: rcp 5.5 vs rcp (adaptive, 1/9) 7.2 tokens/layer | "
             in matched)
+    # fixed counts matched up to rounding (integer keep counts): not called unmatched as the adaptive row is
+    for row in result["rows"]:
+        if row["label"] == "vispruner":
+            row["avg_tokens_all_layers"] = 5.3
+    rounded = format_table({**result, "flop_matched": True})
+    assert "| 1/9 | rcp | vispruner | matched up to integer counts: rcp 5.5 vs vispruner 5.3 tokens/layer | " in rounded
 
 
 # -- ablations.py ------------------------------------------------------------------------------------------------------
