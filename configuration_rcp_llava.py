@@ -280,7 +280,9 @@ class RcpLlavaConfig(LlavaConfig):
     # What `Trainer.prediction_step` leaves out of the predictions: the cache (as for stock, the default) and the
     # per-sample lists of kept indices, which are no tensor to gather or pad across batches; `token_positions` and
     # `keep_masks` (tensors) carry the same information.
-    keys_to_ignore_at_inference = ["past_key_values", "kept_indices"]
+    # Left out of `Trainer.predict`'s outputs: the cache, the per-sample kept lists, and the image features, which a
+    # batch without an image lacks (as stock's), so that every batch gives the same fields in the same places.
+    keys_to_ignore_at_inference = ["past_key_values", "kept_indices", "image_hidden_states"]
 
     pruning_method: str = "rcp"
     pruning_layers: list[int] | None = None

@@ -2213,6 +2213,16 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             self.last_pruning_info = None
         if cache is not None and past_length == 0:
             cache.rcp_state = None  # a new prompt without pruning: forget an older state
+        unpruned = {}
+        if state is None and past_length == 0 and self._pruning_active():
+            # A prompt batch without an image, under a pruning method: the pruning fields a mixed batch gives its
+            # text rows (nothing kept, no image), so that every batch has the same outputs (`Trainer.predict`
+            # concatenates them field by field: a text-only batch shifted `token_positions` into another's place).
+            points, n = len(self.config.pruning_points), self.config.num_visual_tokens
+            unpruned = dict(kept_counts=hidden.new_zeros(bsz, points, dtype=torch.long),
+                            keep_masks=hidden.new_zeros(bsz, points, n, dtype=torch.bool),
+                            layer_retention=hidden.new_zeros(bsz, len(lm.layers[: self.config.text_config.num_hidden_layers])),
+                            has_image=hidden.new_zeros(bsz, dtype=torch.bool))
         return RcpLlavaModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
@@ -2220,6 +2230,7 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             image_hidden_states=image_features,
             token_positions=positions,
             hidden_state_positions=_select(collected, 1, hidden_states),
+            **unpruned,
         )
 
     # -- before the loops ---------------------------------------------------------------------------
@@ -2953,6 +2964,13 @@ def share_backbone(target, source):
     target.generation_config = copy.deepcopy(source.generation_config)
 
 
+def _own_name(model):
+    """`model.name_or_path`, unless `from_base` set it to the plug-in folder the model was built from (which names no
+    base model: `from_pretrained` rebuilds from it, but plug-ins saved with it as their base could not load)."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return None if not name or name == getattr(model, "rcp_plugins_name_or_path", None) else name
+
+
 def fresh_plugins(model, device, dtype):
     """`model.config`'s plug-ins, initialised as `from_pretrained(stock LLaVA)` initialises them: built on the meta
     device and given values by `model._init_weights` alone. No constructor draws from the global RNG first, so the
@@ -3167,10 +3185,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 )
             # Labels follow the tokens that survived: discarded visual tokens never carry an answer. Nothing pruned
             # (no image): the positions are the input's, and the labels are taken as stock takes them (padding too).
-            # A row's first surviving token is no target, as when the row runs alone (nothing precedes it there):
-            # compaction right-aligns every row, which puts it behind padding slots whose last would "predict" it.
+            # A row's first token is no target, as when the row runs alone (nothing precedes it there), with or
+            # without an image in the batch: compaction right-aligns every row, which puts it behind padding slots
+            # whose last would "predict" it, and left padding does so without pruning (stock keeps that term).
             positions = outputs.token_positions
-            if outputs.kept_indices is None:
+            if positions is None:  # no positions to read (stock's loss)
                 kept_labels = labels
             else:
                 preceded = F.pad(positions[:, :-1] >= 0, (1, 0), value=False)  # (B, T') a kept token before it
@@ -3385,7 +3404,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         base = (
             base_model_name_or_path
             or getattr(self, "rcp_base_model_name_or_path", None)
-            or getattr(config, "_name_or_path", None)
+            or _own_name(self)  # a model `from_base` named by its plug-in folder: not its base
             or None
         )
         record = {name: getattr(config, name) for name in PRUNING_FIELDS}
@@ -3562,8 +3581,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 "be ignored: cast or move the base first (`base.to(dtype)`, `base.set_attn_implementation(...)`), or "
                 "pass its folder / Hub id to load it with them."
             )
-        if loaded:
-            base_name = getattr(base_model, "name_or_path", None) or getattr(base_model.config, "_name_or_path", "")
+        if loaded:  # an RCP model given as the base: the stock checkpoint under it, not its plug-in folder
+            base_name = getattr(base_model, "rcp_base_model_name_or_path", None) or _own_name(base_model) or ""
             base_dict = base_model.config.to_dict()
         elif isinstance(base_model, (str, os.PathLike)):
             check_model_source(base_model, "base_model")
@@ -3609,7 +3628,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 # for an adapter trained on it: the stock base, recorded before, rebuilt it with new plug-ins. (A Hub
                 # plug-in repo has no config.json for `from_pretrained`: the stock base stays.)
                 where = os.path.join(plugins, subfolder) if subfolder else plugins
-                model.name_or_path = model.config.name_or_path = os.fspath(where)
+                model.name_or_path = model.config.name_or_path = model.rcp_plugins_name_or_path = os.fspath(where)
         if is_trainable is not None:  # PEFT's `is_trainable` went on to `__init__` ("unexpected keyword argument")
             for name, param in model.named_parameters():
                 param.requires_grad_(bool(is_trainable) and name.startswith(PLUGIN_PREFIX))
@@ -3640,9 +3659,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         with torch.device("meta"):
             stock = LlavaForConditionalGeneration(config)
         share_backbone(stock, self)
-        base = getattr(self, "rcp_base_model_name_or_path", None)
-        if base:  # the stock checkpoint, not the plug-in folder `from_base` names this model by
-            stock.name_or_path = stock.config.name_or_path = base
+        if getattr(self, "rcp_plugins_name_or_path", None) is not None:  # named by its plug-in folder (`from_base`):
+            # the stock model is the checkpoint under it (unnamed when the base had no name)
+            stock.name_or_path = stock.config.name_or_path = getattr(self, "rcp_base_model_name_or_path", None) or ""
         return stock.train(self.training)
 
     def get_nb_trainable_parameters(self):

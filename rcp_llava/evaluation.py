@@ -1,6 +1,6 @@
 """Evaluate pruning methods side by side: methods x budgets on one shared backbone (the paper's Table I).
 
-    from rcp_llava.evaluation import load_base_model, evaluate_grid, format_table
+    from rcp_llava.evaluation import evaluate_grid, format_table, load_base_model, load_data
     base, processor = load_base_model("outputs/rcp_deep/model")  # the main job's, on its testbed
     result = evaluate_grid(base, processor, load_data("testbed", max_samples=500), methods=["none", "rcp", "vispruner"],
                            budgets=["1/3", "2/9", "1/9"])
@@ -77,7 +77,8 @@ def headline_key(metric_name, families):
     cognition total, as MME reports the two apart."""
     from rcp_llava.metrics.mme.mme import PERCEPTION_SUBTASKS
 
-    if metric_name == "mme" and not set(families) & set(PERCEPTION_SUBTASKS):
+    perception = {t.lower() for t in PERCEPTION_SUBTASKS}
+    if metric_name == "mme" and not {str(f).lower() for f in families} & perception:  # the metric ignores case too
         return "cognition_score"
     return METRIC_KEY[metric_name]
 

@@ -399,8 +399,9 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
-            rows, lines = [], text.splitlines()
-            for number, line in enumerate(lines, 1):
+            rows = []
+            # lines are "\n"-separated (`splitlines` also splits inside a row's U+2028, which JSON strings may hold)
+            for number, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))

@@ -268,3 +268,30 @@ def test_plugins_lora_wrapped_by_target_parameters_are_refused_by_name():
                                         r"ParamWrapper \(PEFT's `target_parameters`\?\): the pruned forward reads "
                                         r"their parameters directly\. Target the plug-ins' linear layers"):
         wrapped(**make_batch(PADDED))
+
+
+def test_plugins_swapped_on_a_model_built_from_plugins_record_the_stock_base(tmp_path):
+    """A model `from_base` names by its plug-in folder, given to `from_base` again (or its unnamed base's plug-ins
+    saved), recorded that folder as the base: the saved set could not load ("trained for another model than
+    '.../pA': hidden_size 32 != 4096")."""
+    import json
+
+    from conftest import stock_copy
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration as Rcp
+
+    model = _model()
+    stock_copy(model).save_pretrained(tmp_path / "stock")
+    for name in ("pA", "pB"):
+        model.save_plugins(tmp_path / name, base_model_name_or_path=str(tmp_path / "stock"))
+    first = Rcp.from_base(str(tmp_path / "stock"), plugins=str(tmp_path / "pA"))
+    swapped = Rcp.from_base(first, plugins=str(tmp_path / "pB"))
+    assert swapped.rcp_base_model_name_or_path == str(tmp_path / "stock")
+    swapped.save_plugins(tmp_path / "pC")
+    assert json.loads((tmp_path / "pC" / "rcp_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "stock")
+    assert Rcp.from_pretrained(str(tmp_path / "pC")).config.pruning_layers == model.config.pruning_layers
+    unnamed = Rcp.from_base(stock_copy(model), plugins=str(tmp_path / "pA"))  # a base in memory, with no name
+    assert unnamed.name_or_path == str(tmp_path / "pA") and unnamed.unload().name_or_path == ""
+    unnamed.save_plugins(tmp_path / "pD")
+    assert json.loads((tmp_path / "pD" / "rcp_config.json").read_text())["base_model_name_or_path"] is None

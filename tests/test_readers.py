@@ -163,6 +163,10 @@ def test_pope_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"coco_pope_random.json: line 3 is not JSON \(Expecting ',' delimiter at "
                                          r"column \d+\)\. Expected layout"):
         read_pope(tmp_path / "coco_pope_random.json")
+    # a row whose text holds U+2028 (JSON allows it raw) is one line, not two
+    row = {"question_id": 1, "image": "x.jpg", "text": "Is there a\u2028cat?", "label": "yes"}
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r.question for r in read_pope(tmp_path / "coco_pope_random.json")] == ["Is there a\u2028cat?"]
 
 
 # ----------------------------------------------------------------------------- ScienceQA-IMG
@@ -281,6 +285,7 @@ def test_mme_of_cognition_subtasks_only_heads_its_table_with_the_cognition_score
     assert result["score"] == 200.0 == result["metric"]["cognition_score"]
     assert headline_key("mme", ["code_reasoning"]) == "cognition_score"
     assert headline_key("mme", ["code_reasoning", "OCR"]) == "perception_score"  # MME's usual headline
+    assert headline_key("mme", ["ocr"]) == "perception_score"  # the metric reads sub-task names in any case
     assert score_benchmark("mme", ["No", "No"], records)["score"] == 50.0  # one of two right: 50 accuracy + 0 acc+
 
 

@@ -179,7 +179,9 @@ def test_image_token_ids_without_an_image_are_text_as_in_stock(name):
         ours = model(input_ids=stray)
         ref = stock_copy(model)(input_ids=stray)
     assert (ours.logits - ref.logits).abs().max() <= 1e-5
-    assert ours.kept_counts is None and model.last_pruning_info is None
+    assert model.last_pruning_info is None  # nothing was pruned; the outputs carry a text row's pruning fields, as a
+    # mixed batch gives them (every batch has the same fields, for `Trainer.predict`)
+    assert ours.kept_counts.tolist() == [[0] * len(model.config.pruning_points)] * 2 and not ours.has_image.any()
 
 
 @pytest.mark.parametrize("name", ["rcp", "vispruner", "random-pre-llm", "attention_topk"])
@@ -475,6 +477,15 @@ def test_a_right_padded_batch_has_the_loss_terms_of_its_rows_alone(name):
         alone = [model(input_ids=torch.tensor([r]), pixel_values=pixels[i:i + 1], labels=torch.tensor([r]),
                        question_mask=torch.tensor([r]) != IMAGE_TOKEN, num_items_in_batch=1).loss
                  for i, r in enumerate(rows)]
+        torch.testing.assert_close(total, sum(alone), rtol=1e-5, atol=1e-5)
+        # a batch without an image (nothing pruned) scores its rows alike: stock's pad-predicts-BOS term of a
+        # left-padded row made a text row's loss depend on whether its batch held an image (a review found it)
+        text_specs = [(2, 3, False), (5, 6, False)]
+        text = make_batch(text_specs)
+        text_labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+        total = model(**text, labels=text_labels, num_items_in_batch=1).loss
+        alone = [model(**row_inputs(text, i, text_specs), labels=row_inputs(text, i, text_specs)["input_ids"],
+                       num_items_in_batch=1).loss for i in range(2)]
         torch.testing.assert_close(total, sum(alone), rtol=1e-5, atol=1e-5)
 
 
@@ -904,33 +915,43 @@ def test_plain_trainer_predicts_with_a_pruning_model(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = make_model(randomize_plugins=True)
-    batch = make_batch(PADDED + [(4, 2, True)])
+    # the last evaluation batch holds no image: its outputs had no `image_hidden_states` and no pruning fields, so
+    # Trainer's field-by-field concatenation put its `token_positions` in another field's place and dropped the rest
+    batch = make_batch(PADDED + [(4, 2, True), (3, 2, False), (2, 4, False)])
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
+    def row(i):
+        out = {"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i], "labels": labels[i]}
+        return {**out, "pixel_values": batch["pixel_values"][i]} if i < 4 else out
+
     class Rows(Dataset):
+        def __init__(self, count=len(labels)):
+            self.count = count
+
         def __len__(self):
-            return len(labels)
+            return self.count
 
         def __getitem__(self, i):
-            return {"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i],
-                    "pixel_values": batch["pixel_values"][i], "labels": labels[i]}
+            return row(i)
 
     seen = []
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2,
                              per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2, save_strategy="no",
                              disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(),
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(4),  # shuffled: the image rows alone collate
                       compute_metrics=lambda p: seen.append(p) or {"rows": len(p.label_ids)})
     before = {k: v.clone() for k, v in model.plugin_state_dict().items()}
     assert math.isfinite(trainer.train().training_loss)  # the model's own loss, in RCP's training layout
     assert any(not torch.equal(before[k], v) for k, v in model.plugin_state_dict().items())
     out = trainer.predict(Rows())
-    logits, positions = out.predictions[0], out.predictions[2]
-    assert out.metrics["test_rows"] == 4 and len(seen) == 1
-    for i in range(4):
+    assert len(out.predictions) == 6  # logits, token_positions, kept_counts, keep_masks, layer_retention, has_image
+    logits, positions, has_image = out.predictions[0], out.predictions[1], out.predictions[5]
+    assert out.metrics["test_rows"] == 6 and len(seen) == 1
+    assert has_image.tolist() == [True] * 4 + [False] * 2 and out.predictions[2].shape == (6, 2)
+    for i in range(6):
         with torch.no_grad():
-            single = model(**{k: v[i : i + 1] for k, v in batch.items()}, labels=labels[i : i + 1])  # labels: RCP's
-            # question (the prior's queries) is the prompt before the labelled answer, as in the Trainer's forward
+            single = model(**{k: v.unsqueeze(0) for k, v in row(i).items()})  # labels: RCP's question (the prior's
+            # queries) is the prompt before the labelled answer, as in the Trainer's forward
         valid = positions[i] >= 0  # -100: padding between the batches' pruned lengths
         assert positions[i][valid].tolist() == single.token_positions[0][single.token_positions[0] >= 0].tolist()
         own = single.logits[0][single.token_positions[0] >= 0]
