@@ -182,6 +182,11 @@ def test_image_token_ids_without_an_image_are_text_as_in_stock(name):
     assert model.last_pruning_info is None  # nothing was pruned; the outputs carry a text row's pruning fields, as a
     # mixed batch gives them (every batch has the same fields, for `Trainer.predict`)
     assert ours.kept_counts.tolist() == [[0] * len(model.config.pruning_points)] * 2 and not ours.has_image.any()
+    half = make_model(dtype=torch.bfloat16, **METHODS[name])
+    with torch.no_grad():  # float32 as a pruned prefill's, in a half-precision model too (gathered per field)
+        assert half(input_ids=stray).layer_retention.dtype == torch.float32
+        mixed = half(**make_batch([(2, 3, True), (3, 2, False)], dtype=torch.bfloat16)).layer_retention
+    assert mixed.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", ["rcp", "vispruner", "random-pre-llm", "attention_topk"])
