@@ -3186,11 +3186,11 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 )
             # Labels follow the tokens that survived: discarded visual tokens never carry an answer. Nothing pruned
             # (no image): the positions are the input's, and the labels are taken as stock takes them (padding too).
-            # A row's first token is no target, as when the row runs alone (nothing precedes it there), with or
-            # without an image in the batch: compaction right-aligns every row, which puts it behind padding slots
-            # whose last would "predict" it, and left padding does so without pruning (stock keeps that term).
+            # Pruned (an image in the batch): a row's first surviving token is no target, as when the row runs
+            # alone (nothing precedes it there): compaction right-aligns every row, which puts it behind padding
+            # slots whose last would "predict" it. Nothing pruned: the labels as stock takes them (padding too).
             positions = outputs.token_positions
-            if positions is None:  # no positions to read (stock's loss)
+            if outputs.kept_indices is None:
                 kept_labels = labels
             else:
                 preceded = F.pad(positions[:, :-1] >= 0, (1, 0), value=False)  # (B, T') a kept token before it
