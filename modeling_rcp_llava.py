@@ -2221,7 +2221,7 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             points, n = len(self.config.pruning_points), self.config.num_visual_tokens
             unpruned = dict(kept_counts=hidden.new_zeros(bsz, points, dtype=torch.long),
                             keep_masks=hidden.new_zeros(bsz, points, n, dtype=torch.bool),
-                            layer_retention=hidden.new_zeros(bsz, len(lm.layers[: self.config.text_config.num_hidden_layers]),
+                            layer_retention=hidden.new_zeros(bsz, self.config.text_config.num_hidden_layers,
                                                              dtype=torch.float32),  # as `record_retention`'s
                             has_image=hidden.new_zeros(bsz, dtype=torch.bool))
         return RcpLlavaModelOutputWithPast(

@@ -14,13 +14,13 @@ pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
 
     L = 1.5 * L_task + 3 * L_repair + 200 * L_sparse        (the authors' code; the paper prints lambda_repair 40)
 
-L_task: next-token cross-entropy on the answer tokens and EOS (a token mean; the authors' a per-sample one); L_repair: W2 distance between diagonal Gaussians
-whose moments are pooled over every answer position of the batch (all ranks), at the repair layers, on their
-repaired output; L_sparse: distance of the batch-mean visual-token retention (over all decoder layers) from the
-target, which is cosine-annealed from 1 to `visual_token_budget / N` over the first 10% of the steps. The
-Gumbel-Sigmoid temperature goes 1.5 -> 0.2 linearly over 60% of the steps, stays at 0.2 with noise to 80%, and the
-last 20% train without noise, on the inference rule. (All as the authors' code does, but for L_task's mean:
-authors-code-facts.md.)
+L_task: next-token cross-entropy on the answer tokens and EOS (a token mean; the authors' a per-sample one);
+L_repair: W2 distance between diagonal Gaussians whose moments are pooled over every answer position of the batch
+(all ranks), at the repair layers, on their repaired output; L_sparse: distance of the batch-mean visual-token
+retention (over all decoder layers) from the target, which is cosine-annealed from 1 to `visual_token_budget / N`
+over the first 10% of the steps. The Gumbel-Sigmoid temperature goes 1.5 -> 0.2 linearly over 60% of the steps,
+stays at 0.2 with noise to 80%, and the last 20% train without noise, on the inference rule. (All as the authors'
+code does, but for L_task's mean: authors-code-facts.md.)
 The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2_repair_loss` and
 `batch_sparsity_loss` / `sparsity_loss` below, the schedules `gumbel_schedule` and `target_retention_at` (the W2 of Eq. 18,
 `gaussian_w2`, is shared with the drift evaluation and lives in `rcp_llava.losses`). This file holds the losses,

@@ -69,13 +69,26 @@ def build_parser():
     return parser
 
 
-def parse_plugins_per_budget(text):
-    """'1/3=dir,1/9=dir' -> {'1/3': 'dir', '1/9': 'dir'}."""
+def repeated_budget(labels):
+    """`(earlier, later)`: the first two of `labels` that name one budget in any spelling ('1/3' and '0.3333333' are
+    both k = 21 of 64), or None."""
     from rcp_llava.schedule import parse_budget
 
+    fractions = {}
+    for label in labels:
+        fraction = parse_budget(label)[1]
+        same = next((b for b, f in fractions.items() if abs(f - fraction) < 1e-6), None)
+        if same is not None:
+            return same, label
+        fractions[label] = fraction
+    return None
+
+
+def parse_plugins_per_budget(text):
+    """'1/3=dir,1/9=dir' -> {'1/3': 'dir', '1/9': 'dir'}."""
     if not text:
         return None
-    out, fractions = {}, {}
+    out = {}
     for item in text.split(","):
         label, sep, folder = item.partition("=")
         if not sep or not label.strip() or not folder.strip():
@@ -83,12 +96,10 @@ def parse_plugins_per_budget(text):
         label, folder = label.strip(), folder.strip()
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--plugins_per_budget: no plug-in folder {folder!r} for {label}.")
-        fraction = parse_budget(label)[1]  # a repeat (in any spelling) kept only the last folder, silently
-        same = next((b for b, f in fractions.items() if abs(f - fraction) < 1e-6), None)
-        if same is not None:
-            raise ValueError(f"--plugins_per_budget names budget {label!r} twice (as {same!r} too): give one plug-in "
-                             "folder per budget.")
-        fractions[label] = fraction
+        repeat = repeated_budget([*out, label])  # a repeat (in any spelling) kept only the last folder, silently
+        if repeat is not None:
+            raise ValueError(f"--plugins_per_budget names budget {label!r} twice (as {repeat[0]!r} too): give one "
+                             "plug-in folder per budget.")
         out[label] = folder
     return out
 
@@ -115,13 +126,9 @@ def check_grid(args):
         repeated = sorted({v for v in given if given.count(v) > 1})
         if repeated:
             raise ValueError(f"{flag} names {repeated} more than once; give each once.")
-    fractions = {}
-    for budget in budgets:  # one budget in two spellings ran twice: '1/3' and '0.3333333' are both k = 21 of 64
-        fraction = parse_budget(budget)[1]
-        same = next((b for b, f in fractions.items() if abs(f - fraction) < 1e-6), None)
-        if same is not None:
-            raise ValueError(f"--budgets names one budget twice, as {same!r} and {budget!r}; give it once.")
-        fractions[budget] = fraction
+    repeat = repeated_budget(budgets)  # one budget in two spellings ran twice
+    if repeat is not None:
+        raise ValueError(f"--budgets names one budget twice, as {repeat[0]!r} and {repeat[1]!r}; give it once.")
     if args.oracle and "attention_topk" not in methods:  # was a run without the oracle rows, and exit 0
         raise ValueError(f"--oracle adds a row per attention_topk row (its layers and counts), but --methods "
                          f"{args.methods!r} has no attention_topk; add it.")
