@@ -180,7 +180,7 @@ class RcpLlava(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"rcp_llava: unknown model arguments {sorted(kwargs)}; see `rcp_llava.lmms_eval_model`.")
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         # The arguments' syntax is checked before the model loads; what depends on the checkpoint (a budget's range,
         # one count per pruning layer) right after it.
@@ -207,13 +207,31 @@ class RcpLlava(lmms):
             budget_tokens(budget, None)  # its syntax; the range needs the checkpoint's visual token count
         if pruning_method not in PRUNING_METHODS:
             raise ValueError(f"rcp_llava: `pruning_method` is {pruning_method!r}; use one of {sorted(PRUNING_METHODS)}.")
+        if plugins_revision and not plugins:
+            # Taken silently, the results would be the checkpoint's own plug-ins' under a revision that named others.
+            raise ValueError(f"rcp_llava: `plugins_revision={plugins_revision}` is the revision of `plugins`, and no "
+                             "`plugins` is given; add `plugins=` (a plug-in folder or Hub repo) or drop it.")
         hub = {"revision": revision} if revision else {}
+        stock = not plugins and AutoConfig.from_pretrained(pretrained, **hub).model_type != "rcp_llava"
+        if stock and uses_rcp_placement(PRUNING_METHODS[pruning_method]):
+            # A stock checkpoint has no trained plug-ins: such a method ran on freshly initialised ones, and the
+            # results file named the stock model (as benchmarks/evaluate_methods.py's check_methods_fit_model).
+            raise ValueError(f"rcp_llava: pruning_method={pruning_method!r} prunes at an RCP model's layers with its "
+                             f"trained plug-ins, and {pretrained!r} is a stock LLaVA checkpoint: give `plugins=` (an "
+                             "RCP plug-in folder or Hub repo), an RCP model as `pretrained`, another "
+                             "pruning_method with `budget=K` (vispruner, fastv, random), or pruning_method=none.")
+        # In the dtype at load, as transformers' own loading: the plug-ins stay float32 on a half-precision backbone
+        # (`.to(dtype)` after the load cast them too, and the scores were no longer those of the saved model).
+        loading = {"dtype": dtype} if dtype is not None else {}
         if plugins:
             model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,
-                                                               plugins_revision=plugins_revision)
+                                                               plugins_revision=plugins_revision, **loading)
+        elif stock:  # no plug-ins to build: the methods it can run prune before the LLM or at a layer a budget sets
+            model = RcpLlavaForConditionalGeneration.from_pretrained(
+                pretrained, pruning_method="none", pruning_layers=[], repair_layers=[], **hub, **loading)
         else:
-            model = RcpLlavaForConditionalGeneration.from_pretrained(pretrained, **hub)
-        model = model.to(self._device, dtype) if dtype is not None else model.to(self._device)
+            model = RcpLlavaForConditionalGeneration.from_pretrained(pretrained, **hub, **loading)
+        model = model.to(self._device)
         overrides = {}
         if counts is not None:
             overrides = dict(pruning_method=pruning_method, pruning_keep_counts=counts)

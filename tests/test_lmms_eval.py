@@ -561,6 +561,71 @@ def test_a_method_at_rcps_layers_on_a_checkpoint_without_them_is_not_told_to_tak
     assert _from_args(str(bare), "pruning_method=random,budget=4").model.config.pre_llm_keep_count == 4
 
 
+@pytest.fixture(scope="module")
+def stock_and_plugins(demo_folder, tmp_path_factory):
+    """A real stock LLaVA folder (model_type 'llava', no plug-in weights) and the demo model's plug-ins beside it."""
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("stock")
+    model = RcpLlavaForConditionalGeneration.from_pretrained(demo_folder)
+    model.unload().save_pretrained(root / "stock")
+    AutoProcessor.from_pretrained(demo_folder).save_pretrained(root / "stock")
+    model.save_plugins(root / "plugins")
+    assert json.loads((root / "stock" / "config.json").read_text())["model_type"] == "llava"
+    return str(root / "stock"), str(root / "plugins")
+
+
+@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
+def test_a_stock_checkpoint_without_plugins_is_refused_for_a_method_that_needs_them(stock_and_plugins, method):
+    """rcp / attention_topk on a stock checkpoint without `plugins=` ran on freshly initialised plug-ins (a warning in
+    the log, scores of an untrained pruner in the results), as evaluate_methods.py refuses before loading."""
+    stock, plugins = stock_and_plugins
+    with pytest.raises(ValueError, match=rf"^rcp_llava: pruning_method='{method}' prunes at an RCP model's layers "
+                                         rf"with its trained plug-ins, and '{re.escape(stock)}' is a stock LLaVA "
+                                         r"checkpoint: give `plugins=`"):
+        _from_args(stock, f"pruning_method={method},pruning_keep_counts=6:3")
+    # with its plug-ins it runs, and a stock checkpoint alone runs the methods that need none
+    assert _from_args(stock, f"plugins={plugins},pruning_method={method},pruning_keep_counts=6:3"
+                      ).model.config.pruning_keep_counts == [6, 3]
+    lm = _from_args(stock, "pruning_method=vispruner,budget=4")
+    assert lm.model.config.pre_llm_keep_count == 4 and lm.model.config.pruning_layers == []
+    assert _from_args(stock, "pruning_method=none").model.config.pruning_method == "none"
+
+
+def test_plugins_revision_without_plugins_is_refused(demo_folder):
+    """It was dropped: the results named a plug-in revision that never loaded."""
+    with pytest.raises(ValueError, match=r"^rcp_llava: `plugins_revision=v2` is the revision of `plugins`, and no "
+                                         r"`plugins` is given; add `plugins=`"):
+        _from_args(demo_folder, "plugins_revision=v2")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_dtype_keeps_the_plugins_float32(stock_and_plugins, demo_folder, dtype):
+    """`model.to(device, dtype)` after loading cast the float32 plug-ins too: the model scored was not the one
+    `from_pretrained(..., dtype=...)` / `from_base(..., dtype=...)` gives. Now it is, tensor for tensor."""
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    torch_dtype = getattr(torch, dtype)
+    stock, plugins = stock_and_plugins
+    for lm, reference in (
+            (_from_args(demo_folder, f"dtype={dtype}"),
+             RcpLlavaForConditionalGeneration.from_pretrained(demo_folder, dtype=torch_dtype)),
+            (_from_args(stock, f"plugins={plugins},dtype={dtype}"),
+             RcpLlavaForConditionalGeneration.from_base(stock, plugins=plugins, dtype=torch_dtype))):
+        ours = lm.model.state_dict()
+        assert {p.dtype for n, p in lm.model.named_parameters() if n.startswith("model.rcp_plugins.")} == {
+            torch.float32}
+        assert lm.model.model.language_model.embed_tokens.weight.dtype == torch_dtype
+        expected = reference.state_dict()
+        assert ours.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
 def test_a_tokenizer_without_a_pad_token_pads_with_eos(demo_folder, tmp_path, caplog):
     """llava_hf runs such a checkpoint; the batched requests here failed at the first one ("Asking to pad but the
     tokenizer does not have a padding token"), in loglikelihood too. Padding is masked out: the answers are those
