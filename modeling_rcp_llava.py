@@ -1871,7 +1871,8 @@ class RcpHubMixin:
         core = self._rcp_core()
         hooks = [m._hf_hook for m in core.rcp_plugins.modules() if hasattr(m, "_hf_hook")]
         device = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), "cpu")
-        core.rcp_plugins = fresh_plugins(self, device, self.dtype)
+        # in the model's mode: `from_pretrained` had put the offloaded plug-ins in eval mode before this swap
+        core.rcp_plugins = fresh_plugins(self, device, self.dtype).train(self.training)
         device_map = getattr(self, "hf_device_map", None)
         if device_map is not None:
             name = "rcp_plugins" if core is self else PLUGIN_PREFIX.rstrip(".")
@@ -3556,8 +3557,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
             token: for both.
             strict: plug-ins that miss a tensor of this placement, or hold one it has no use for, raise (default);
                 `strict=False` warns and keeps the missing ones at their initial values.
-            is_trainable: PEFT's: False freezes every parameter (inference), True trains the plug-ins alone (the
-                backbone frozen). Not given, every parameter trains, as after transformers' `from_pretrained`
+            is_trainable: PEFT's: False freezes every parameter and puts the model in eval mode (inference, as
+                PEFT's `from_pretrained`), True trains the plug-ins alone (the backbone frozen). Not given, every parameter trains, as after transformers' `from_pretrained`
                 (`train_rcp.py` freezes the backbone itself). A loaded base's modules are shared, so they are frozen
                 in it too, as PEFT wraps a model in place.
 
@@ -3633,6 +3634,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         if is_trainable is not None:  # PEFT's `is_trainable` went on to `__init__` ("unexpected keyword argument")
             for name, param in model.named_parameters():
                 param.requires_grad_(bool(is_trainable) and name.startswith(PLUGIN_PREFIX))
+            if not is_trainable:  # a loaded base in training mode kept dropout on (PEFT: `if not is_trainable: eval()`)
+                model.eval()
         return model
 
     @classmethod
@@ -3703,8 +3706,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         to that integration, as on a stock model
         (e.g. LoRA on the backbone saved by `save_pretrained` after `add_adapter`). A Hub id without them is read as
         plug-ins: pass `adapter_name=` to load a Hub PEFT adapter. `is_trainable` applies to whichever loads, as in
-        PEFT: for plug-ins, False freezes them (inference), True makes them trainable; not given, their
-        `requires_grad` stays as it was."""
+        PEFT: for plug-ins, False freezes them and puts the model in eval mode (inference, as PEFT's and
+        transformers' `load_adapter`), True makes them trainable; not given, their `requires_grad` and the model's
+        mode stay as they were."""
         subfolder = kwargs.get("subfolder") or (kwargs.get("adapter_kwargs") or {}).get("subfolder") or ""
         folder = (os.path.join(os.fspath(peft_model_id), subfolder)
                   if isinstance(peft_model_id, (str, os.PathLike)) and os.path.isdir(peft_model_id) else None)
@@ -3732,6 +3736,8 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         if trainable is not None:
             for param in self.plugin_parameters():
                 param.requires_grad_(bool(trainable))
+            if not trainable:  # inference, as PEFT's `load_adapter` (`if not is_trainable: self.eval()`)
+                self.eval()
         return result
 
 

@@ -859,7 +859,7 @@ def test_is_trainable_when_loading_plugins_is_pefts(plugin_setup, is_trainable):
 
     _, root, _ = plugin_setup
     given = {} if is_trainable is None else {"is_trainable": is_trainable}
-    stock = LlavaForConditionalGeneration.from_pretrained(root / "base")
+    stock = LlavaForConditionalGeneration.from_pretrained(root / "base").train()  # a base being fine-tuned
     loads = [RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"), **given),
              RcpLlavaForConditionalGeneration.from_pretrained(str(root / "plugins"), **given),
              RcpLlavaForConditionalGeneration.from_base(stock, plugins=str(root / "plugins"), **given)]
@@ -868,6 +868,10 @@ def test_is_trainable_when_loading_plugins_is_pefts(plugin_setup, is_trainable):
         plugins = {name for name, _ in model.named_parameters() if name.startswith(PLUGIN_PREFIX)}
         everything = {name for name, _ in model.named_parameters()}
         assert trainable == {None: everything, False: set(), True: plugins}[is_trainable]
+    # PEFT's `if not is_trainable: eval()`: the loaded base kept training mode (dropout on) for inference. Otherwise
+    # the mode is as loaded: eval from a folder (transformers'), the base's own for a loaded one.
+    modes = [{m.training for m in model.modules()} for model in loads]
+    assert modes == ([{False}] * 3 if is_trainable is False else [{False}, {False}, {True}])
     # the loaded base's modules are shared, so frozen in it too (as PEFT wraps a model in place)
     assert all(p.requires_grad == (is_trainable is None) for p in stock.parameters())
 
@@ -1010,8 +1014,10 @@ def test_offloaded_models_run_save_and_refuse_plugins_they_cannot_hold(plugin_se
         full.load_plugins(root / "plugins")
 
     based = RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(root / "plugins"),
-                                                       **offload("base")).eval()
+                                                       **offload("base"))
     assert based.hf_device_map == {"": "disk", "model.rcp_plugins": "cpu"}  # kept out of the offload
+    # in eval mode as the rest of the loaded model: the plug-ins built in place of the offloaded ones trained
+    assert {m.training for m in based.modules()} == {False}
     assert not any(p.is_meta for p in based.model.rcp_plugins.parameters())
     with torch.no_grad():
         assert torch.equal(based(**batch).logits, want)

@@ -215,14 +215,16 @@ def test_is_trainable_on_a_plugin_folder_is_pefts(tmp_path):
     `is_trainable=True` was refused as "RCP plug-ins have no adapter names"."""
     model = _model()
     model.save_plugins(tmp_path / "plugins")
-    fresh = _model(seed=1)
+    fresh = _model(seed=1).train()
     fresh.load_adapter(str(tmp_path / "plugins"), is_trainable=False)
     assert not any(p.requires_grad for p in fresh.plugin_parameters())
+    # inference, as PEFT's and transformers' load_adapter: eval mode (dropout off), which the load had left as it was
+    assert {m.training for m in fresh.modules()} == {False}
     assert all(torch.equal(fresh.plugin_state_dict()[k], v) for k, v in model.plugin_state_dict().items())
-    fresh.load_adapter(str(tmp_path / "plugins"), is_trainable=True)
-    assert all(p.requires_grad for p in fresh.plugin_parameters())
+    fresh.train().load_adapter(str(tmp_path / "plugins"), is_trainable=True)
+    assert all(p.requires_grad for p in fresh.plugin_parameters()) and fresh.training
     fresh.load_adapter(str(tmp_path / "plugins"))  # not given: as it was
-    assert all(p.requires_grad for p in fresh.plugin_parameters())
+    assert all(p.requires_grad for p in fresh.plugin_parameters()) and fresh.training
 
 
 @pytest.mark.parametrize("subfolder", [None, "rcp-64"])
