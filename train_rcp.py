@@ -1558,6 +1558,10 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     metrics = {"base_model": base_model, "visual_token_budget": budget, "num_visual_tokens": num_visual,
                "target_retention": budget / num_visual, "sparsity_layers": args.sparsity_layers,
                "pruning_layers": list(model.config.pruning_layers), "repair_layers": list(model.config.repair_layers),
+               # trained at fixed counts (--pruning_keep_counts) or with the adaptive threshold (None): the report
+               # and the model card name the trained model's row by it
+               "pruning_keep_counts": (list(model.config.pruning_keep_counts)
+                                       if model.config.pruning_keep_counts is not None else None),
                "train_seconds": round(time.time() - started, 1),
                # the steps the run was set to take: --max_steps, or the Trainer's count for --num_train_epochs
                "max_steps": trainer.state.max_steps if trainer is not None and args.max_steps < 0 else args.max_steps,
@@ -1758,13 +1762,18 @@ def format_report(metrics):
         lines += [evaluated_on(metrics), ""]
         lines.append(f"| {'model':<34} | {'accuracy':>8} | {'% of full':>9} | {'kept per pruning layer':<24} |")
         lines.append(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 26}|")
-        names = {"full": "full tokens", "rcp": "RCP, trained (adaptive threshold)",
+        trained_counts = metrics.get("pruning_keep_counts")  # a fixed-count run: its own row is at those counts
+        names = {"full": "full tokens",
+                 "rcp": ("RCP, trained (adaptive threshold)" if not trained_counts else
+                         f"RCP, trained at counts {':'.join(map(str, trained_counts))}"),
                  "rcp_fixed_counts": "RCP, trained, fixed counts",
                  "untrained_fixed_counts": "untrained plug-ins, fixed counts",
                  "prior_fixed_counts": "prior (attention top-k), fixed counts",
                  "random_fixed_counts": "random, fixed counts"}
         for key, name in names.items():
             if key not in metrics:  # runs made before the prior row existed
+                continue
+            if key == "rcp_fixed_counts" and trained_counts:  # the row above again: the same model at the same counts
                 continue
             r = metrics[key]
             kept = ", ".join(f"{c:.1f}" for c in r.get("kept_per_pruning_layer", [])) or "all"

@@ -219,7 +219,11 @@ def _train_rcp_entries(metrics):
     split = metrics.get("evaluated_split") or metrics.get("test_split")
     # a local folder or --llava_json file named like "data/vqa" is no Hub dataset
     hub_id = dataset if not (os.path.exists(dataset) or str(dataset).endswith(".json")) else None
-    entries = [{"dataset": dataset, "metric": "accuracy", "value": rcp["accuracy"], "method": "rcp (adaptive)",
+    # A run trained at fixed counts (--pruning_keep_counts, recorded since) evaluated at them, not with the adaptive
+    # threshold; its "rcp_fixed_counts" row is then the same model at the same counts again.
+    trained_counts = metrics.get("pruning_keep_counts")
+    label = f"rcp (fixed counts {':'.join(map(str, trained_counts))})" if trained_counts else "rcp (adaptive)"
+    entries = [{"dataset": dataset, "metric": "accuracy", "value": rcp["accuracy"], "method": label,
                 "budget": budget_text, "tokens_per_layer": kept, "baseline": False, "dataset_type": hub_id,
                 "split": split}]
     if isinstance(metrics.get("full"), dict) and "accuracy" in metrics["full"]:
@@ -228,6 +232,8 @@ def _train_rcp_entries(metrics):
                         "split": split})
     for key, method in (("rcp_fixed_counts", "rcp (fixed counts)"),
                         ("prior_fixed_counts", "attention_topk (RCP's prior alone, same counts)")):
+        if key == "rcp_fixed_counts" and trained_counts:
+            continue
         if isinstance(metrics.get(key), dict) and "accuracy" in metrics[key]:
             entries.append({"dataset": dataset, "metric": "accuracy", "value": metrics[key]["accuracy"],
                             "method": method, "budget": budget_text,

@@ -257,7 +257,7 @@ def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch
         setattr(job, key, value)
     args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
                            disable_tqdm=True)
-    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3]))
+    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3], pruning_keep_counts=None))
     train_rcp._evaluate_and_save(model, None, {"test": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dataset"] == dataset
@@ -270,6 +270,38 @@ def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch
     assert hub_rows == ([("lmms-lab/POPE", "test", 0.8)] if dataset == "lmms-lab/POPE" else [])
 
 
+def test_a_job_trained_at_fixed_counts_is_not_called_adaptive(tmp_path, monkeypatch):
+    """A `--pruning_keep_counts` run evaluates the trained model at those counts, but its report and card called that
+    row "adaptive threshold" and listed it twice (its fixed-count row is the same model at the same counts)."""
+    fixed = {"accuracy": 0.8, "n": 4, "avg_visual_tokens_per_layer": 4.0, "kept_per_pruning_layer": [6.0, 3.0],
+             "retention_from_first_pruner": 0.3, "retention_all_layers": 0.25, "families": {"color": 0.8}}
+    evaluated = {"full": {"accuracy": 0.9, "n": 4, "families": {"color": 0.9}, "kept_per_pruning_layer": []},
+                 "rcp": dict(fixed), "rcp_fixed_counts": dict(fixed),
+                 "prior_fixed_counts": {**fixed, "accuracy": 0.7}, "fixed_counts": [6, 3]}
+    monkeypatch.setattr(train_rcp, "evaluate_methods", lambda *args, **kwargs: dict(evaluated))
+    monkeypatch.setattr(train_rcp, "save_job_folders", lambda *args, **kwargs: None)
+    job = SimpleNamespace(test_split="test", max_eval_samples=4, overwrite_output_dir=False, push_plugins_only=False,
+                          model_card_license=None, testbed_preset="deep", dataset_name_or_path=None, llava_json=None,
+                          base_model=None)
+    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
+                           disable_tqdm=True)
+    for counts, label, report in (([6, 3], "rcp (fixed counts 6:3)", "RCP, trained at counts 6:3"),
+                                  (None, "rcp (adaptive)", "RCP, trained (adaptive threshold)")):
+        model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3],
+                                                       pruning_keep_counts=counts))
+        train_rcp._evaluate_and_save(model, None, {"test": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        assert metrics["pruning_keep_counts"] == counts
+        methods = [r.split(" | ")[0] for r in rows(card(tmp_path / "metrics.json").text)]
+        assert methods == ["| " + label, "| full model (all visual tokens) (baseline)"] + (
+            ["| rcp (fixed counts)"] if counts is None else []) + [
+            "| attention_topk (RCP's prior alone, same counts) (baseline)"]
+        names = [line.split("|")[1].strip() for line in train_rcp.format_report(metrics).splitlines()
+                 if line.startswith("| ") and "accuracy" not in line]
+        assert names == ["full tokens", report] + (["RCP, trained, fixed counts"] if counts is None else []) + [
+            "prior (attention top-k), fixed counts"]
+
+
 def test_a_job_without_its_test_split_says_nothing_was_evaluated(tmp_path, monkeypatch, capsys):
     """A --llava_json run (a train split only) printed a report without results and without saying why, and its
     metrics.json named the data as if evaluated on it."""
@@ -279,7 +311,7 @@ def test_a_job_without_its_test_split_says_nothing_was_evaluated(tmp_path, monke
                           llava_json="data.json", base_model="base")
     args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
                            disable_tqdm=True)
-    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3]))
+    model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3], pruning_keep_counts=None))
     train_rcp._evaluate_and_save(model, None, {"train": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["dataset"], metrics["test_split"], metrics["evaluated_split"]) == ("data.json", "test", None)
