@@ -83,7 +83,7 @@ def _is_hub_dataset_id(value):
     return isinstance(value, str) and bool(HUB_DATASET_ID.match(value)) and ".." not in value
 
 
-def load_eval_results(eval_results):
+def load_eval_results(eval_results, checkpoint=None):
     """Evaluation results as a list of dicts `{dataset, metric, value}` plus, where known, `method`, `budget`,
     `tokens_per_layer`, `dataset_type` (a Hub dataset id), `split`, `kept_tokens`, and `baseline` (True for rows
     that are not this checkpoint's own result, e.g. the full model: they go in the card's text, not model-index).
@@ -98,7 +98,10 @@ def load_eval_results(eval_results):
         for a pruning config);
       - `train_rcp.py`'s metrics.json: RCP's accuracy (this checkpoint), the full model's and the training-free
         prior's at RCP's counts (baselines);
-      - `benchmarks/evaluate_methods.py`'s JSON: its RCP rows (this checkpoint), every other row as a baseline.
+      - `benchmarks/evaluate_methods.py`'s JSON: its RCP rows (this checkpoint), every other row as a baseline; with
+        `--plugins_per_budget`, only the rows of the set in local folder `checkpoint` (the card's `repo_id`) are
+        this checkpoint's, else those of the evaluated model (`--model` / `--plugins`), and the other sets' RCP rows
+        are baselines.
     The average kept visual tokens come from `average_kept_tokens` (else the aliases `kept_visual_tokens`,
     `avg_kept_tokens`). Every entry's `value` must be a finite number and its `tokens_per_layer` / `kept_tokens` a
     number >= 0 or None; a baseline entry must name its `method` (ValueError otherwise).
@@ -127,7 +130,7 @@ def load_eval_results(eval_results):
             kept = float(eval_results[key])
         results = eval_results.get("results")
         if isinstance(results, list) and results and all(isinstance(r, dict) and "rows" in r for r in results):
-            entries = _evaluate_methods_entries(results)
+            entries = _evaluate_methods_entries(results, checkpoint)
             rcp = [e for e in entries if not e["baseline"] and e.get("tokens_per_layer") is not None]
             if kept is None and len(rcp) == 1:
                 kept = rcp[0]["tokens_per_layer"]
@@ -242,12 +245,29 @@ def _train_rcp_entries(metrics):
     return entries, kept
 
 
-def _evaluate_methods_entries(results):
-    """benchmarks/evaluate_methods.py's JSON `results` -> entries: RCP rows are this checkpoint's."""
+def _same_folder(a, b):
+    """True if `a` and `b` name one existing local folder (a Hub id, or a folder since moved, names none)."""
+    try:
+        return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _evaluate_methods_entries(results, checkpoint=None):
+    """benchmarks/evaluate_methods.py's JSON `results` -> entries: RCP rows are this checkpoint's.
+
+    A block run with `--plugins_per_budget` scored other plug-in sets at the budgets it maps: those rows are the
+    checkpoint's own only when `checkpoint` (the card's `repo_id`) is the same local folder as the set; otherwise they
+    are other models measured beside it (the card had put every set's score in this checkpoint's model-index), and
+    the rows at the budgets it does not map are the evaluated model's. An adaptive row ("rcp (adaptive)", or
+    "rcp (adaptive, 1/9)" for a per-budget set) is marked `adaptive`."""
     entries = []
     for b, block in enumerate(results):
         dataset = TESTBED_DATASET if block.get("kind") == "testbed" else block.get("data", "unknown")
         metric = block.get("metric", "first-token accuracy" if block.get("kind") == "testbed" else "score")
+        per_budget = block.get("plugins_per_budget") or {}
+        own_set = next((label for label, folder in per_budget.items()
+                        if checkpoint is not None and _same_folder(folder, checkpoint)), None)
         for r, row in enumerate(block["rows"]):
             if not isinstance(row.get("score"), (int, float)):
                 continue
@@ -258,10 +278,18 @@ def _evaluate_methods_entries(results):
                     f"'label' nor 'method' ({_short(row)}): name the method each row measured, as "
                     "benchmarks/evaluate_methods.py writes it."
                 )
+            budget = str(row.get("budget", ""))
+            adaptive = budget == "adaptive" or str(row.get("label", "")).startswith("rcp (adaptive")
+            # the plug-in set a per-budget RCP row ran (its budget label, "1/9 (k=64)" or "1/9"), else the model's
+            plugin_set = (next((label for label in per_budget if budget.split(" (")[0] == label), None)
+                          if row.get("method") == "rcp" else None)
+            own = row.get("method") == "rcp" and plugin_set == own_set
+            if row.get("method") == "rcp" and plugin_set is not None and not adaptive and not own:
+                method = f"rcp (plug-ins trained for {plugin_set})"  # beside "rcp": another checkpoint's row
             entries.append({"dataset": dataset, "metric": metric, "value": row["score"],
-                            "method": BASELINE_NAMES.get(method, method), "budget": str(row.get("budget", "")),
+                            "method": BASELINE_NAMES.get(method, method), "budget": budget,
                             "tokens_per_layer": row.get("avg_tokens_all_layers"),
-                            "baseline": row.get("method") != "rcp"})
+                            "baseline": not own, "adaptive": adaptive})
     return entries
 
 
@@ -425,7 +453,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     if bad:
         raise TypeError(f"`tags` must be a string or a list of strings, but holds {bad[0]!r} "
                         f"({type(bad[0]).__name__}); pass e.g. `tags=['my-tag']`.")
-    entries, eval_kept = load_eval_results(eval_results)
+    entries, eval_kept = load_eval_results(eval_results, checkpoint=repo_id)
     if spec.prunes and any(e.get("source") == "evaluate_accuracy" for e in entries):
         # It feeds the model embeddings with the image already merged (input-level pruning by `keep_fn`): the
         # model's own method never prunes there, so the card stated the unpruned accuracy and token count as its own.
@@ -439,7 +467,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     if kept is None and spec.plugins and config.pruning_keep_counts is None:
         # evaluate_methods.py measures adaptive RCP beside its fixed-count rows: the adaptive row is this checkpoint's
         # own count (the card said "not measured" beside a table that held it). One dataset's, unambiguous only.
-        adaptive = [e for e in entries if not e.get("baseline") and e.get("budget") == "adaptive"
+        adaptive = [e for e in entries if not e.get("baseline") and (e.get("adaptive") or e.get("budget") == "adaptive")
                     and e.get("tokens_per_layer") is not None]
         if len(adaptive) == 1:
             kept = adaptive[0]["tokens_per_layer"]

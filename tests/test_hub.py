@@ -547,6 +547,44 @@ def test_an_adaptive_checkpoints_card_takes_the_adaptive_row_of_evaluate_methods
     assert card.data.rcp_llava["average_kept_visual_tokens"] == round(fixed.pruned_average_tokens(), 1)
 
 
+def test_a_per_budget_evaluation_gives_each_plugin_set_its_own_rows(tmp_path):
+    """evaluate_methods.py --plugins_per_budget scores one plug-in set per budget: the card marked every set's RCP
+    rows as this checkpoint's, and missed the adaptive row "rcp (adaptive, 1/9)" (its budget is the set's, not
+    "adaptive") as the checkpoint's kept count. Only the set that is this checkpoint (the card's `repo_id`) is its
+    own; without one, the evaluated model's rows (budgets the mapping leaves out) are."""
+    sets = {label: tmp_path / f"budget_{label.replace('/', '_')}" for label in ("1/9", "2/9")}
+    for folder in sets.values():
+        folder.mkdir()
+
+    def row(label, method, budget, tokens, score):
+        return {"label": label, "method": method, "budget": budget, "avg_tokens_all_layers": tokens, "score": score}
+
+    rows = [row("none", "none", "full", 16.0, 0.7), row("rcp", "rcp", "1/3", 7.75, 0.66),
+            row("rcp", "rcp", "2/9", 5.0, 0.6), row("rcp", "rcp", "1/9", 3.0, 0.5),
+            row("rcp (adaptive, 2/9)", "rcp", "2/9", 5.5, 0.61), row("rcp (adaptive, 1/9)", "rcp", "1/9", 3.5, 0.52),
+            row("vispruner", "vispruner", "1/9", 2.0, 0.4)]
+    evaluation = {"results": [{"data": "pope", "kind": "benchmark", "rows": rows,
+                               "plugins_per_budget": {k: str(v) for k, v in sets.items()}}]}
+
+    def table(checkpoint):
+        return [(e["method"], e["budget"], e["baseline"]) for e in hub.load_eval_results(evaluation, checkpoint)[0]]
+
+    others = [("full model (all visual tokens)", "full", True)]
+    assert table(str(sets["1/9"])) == others + [
+        ("rcp", "1/3", True), ("rcp (plug-ins trained for 2/9)", "2/9", True), ("rcp", "1/9", False),
+        ("rcp (adaptive, 2/9)", "2/9", True), ("rcp (adaptive, 1/9)", "1/9", False), ("vispruner", "1/9", True)]
+    assert table(None) == table("x/y") == others + [
+        ("rcp", "1/3", False), ("rcp (plug-ins trained for 2/9)", "2/9", True),
+        ("rcp (plug-ins trained for 1/9)", "1/9", True), ("rcp (adaptive, 2/9)", "2/9", True),
+        ("rcp (adaptive, 1/9)", "1/9", True), ("vispruner", "1/9", True)]
+    # the 1/9 set's card, adaptive: its own count is its adaptive row's (the card said "not measured")
+    card = hub.build_model_card(demo.demo_config(pruning_keep_counts=None), repo_id=str(sets["1/9"]),
+                                eval_results=evaluation, license="mit")
+    assert card.data.rcp_llava["average_kept_visual_tokens"] == 3.5
+    assert "| rcp (adaptive, 1/9) | 1/9 | 3.5 | pope |  | score | 0.52 |" in card.text
+    assert "| rcp (adaptive, 2/9) (baseline) | 2/9 | 5.5 | pope |  | score | 0.61 |" in card.text
+
+
 def test_unknown_evaluation_json_gets_a_short_error(tmp_path):
     big = {f"key{i}": "x" * 100 for i in range(100)}  # 10 kB, no metric in it
     with pytest.raises(ValueError) as err:
