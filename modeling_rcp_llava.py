@@ -2605,10 +2605,14 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
 def _resolve_plugin_file(path_or_repo_id, filename, hub_kwargs):
     """Local folder or Hub repo id -> local path of `filename` (the Hub is only contacted for a repo id)."""
     if os.path.isdir(path_or_repo_id):
-        path = os.path.join(path_or_repo_id, hub_kwargs.get("subfolder") or "", filename)
+        subfolder = hub_kwargs.get("subfolder") or ""
+        path = os.path.join(path_or_repo_id, subfolder, filename)
         if not os.path.isfile(path):
+            # the folder looked in: with `subfolder`, the root named alone sent the user to a folder never read
+            where = (f"{path_or_repo_id!r} (subfolder {subfolder!r}: {os.path.dirname(path)!r})" if subfolder
+                     else repr(path_or_repo_id))
             raise FileNotFoundError(
-                f"{path_or_repo_id!r} has no {filename}: it is not an RCP plug-in folder (written by "
+                f"{where} has no {filename}: it is not an RCP plug-in folder (written by "
                 "`model.save_plugins(folder)`)."
             )
         return path
@@ -3456,6 +3460,13 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         if _load_safetensors is None:  # pragma: no cover
             raise ImportError("Loading RCP plug-ins needs `safetensors` (`pip install safetensors`).")
         self._check_plugins_unwrapped("load_plugins")
+        if not self.config.pruning_spec.plugins:  # every tensor was "unexpected", blamed on the plug-ins' layers
+            raise ValueError(
+                f"This model runs `pruning_method={self.config.pruning_method!r}`, which has no plug-ins, so the RCP "
+                f"plug-ins {plugins!r} have nowhere to go. Load them into an RCP model: `from_base(base, "
+                f"plugins={plugins!r})`; to run another method at their layers, build it from that model "
+                "(`rcp_llava.evaluation.method_model(model, pruning_method=...)`)."
+            )
         plugin_config = read_plugin_config(plugins, **hub_kwargs)
         text = self.config.text_config
         _check_plugin_shape(plugin_config, text.hidden_size, text.num_hidden_layers,
@@ -3519,7 +3530,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         loads as `from_base(<its recorded base model, at its recorded revision>, plugins=folder)`, as PEFT's
         `AutoPeftModel.from_pretrained(adapter)` does."""
         root, subfolder = str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""
-        folder = os.path.join(root, subfolder)  # a plug-in set in a subfolder too, as `from_base` reads one
+        folder = os.path.join(root, subfolder) if subfolder else root  # a set in a subfolder too, as `from_base` reads
         if (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RCP_CONFIG_NAME))
                 and not os.path.isfile(os.path.join(folder, "config.json"))):
             record = read_plugin_config(folder)
@@ -3530,6 +3541,16 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                     f"(`base_model_name_or_path` in {RCP_CONFIG_NAME}): load it with "
                     "`RcpLlavaForConditionalGeneration.from_base(base_model, plugins=folder)`."
                 )
+            try:  # the user named the plug-in folder, not the base: a moved base is reported as the record's
+                check_model_source(base, "base_model")
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{folder!r} is an RCP plug-in folder whose {RCP_CONFIG_NAME} records the base model {base!r} "
+                    "(`base_model_name_or_path`), and there is no such folder (moved or deleted?): load it with "
+                    f"`RcpLlavaForConditionalGeneration.from_base(new_base, plugins={root!r}"
+                    f"{f', subfolder={subfolder!r}' if subfolder else ''})`, or edit "
+                    f"`base_model_name_or_path` in {RCP_CONFIG_NAME}."
+                ) from None
             if record.get("base_model_revision") and "revision" not in kwargs:
                 kwargs["revision"] = record["base_model_revision"]
             kwargs.pop("subfolder", None)  # the plug-ins', not the base's

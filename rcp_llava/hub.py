@@ -335,8 +335,10 @@ def _results_table(entries):
         # A missing or null method is this checkpoint's row (`load_eval_results` refuses a baseline without one).
         method = (e.get("method") or "rcp") + (" (baseline)" if e.get("baseline") else "")
         tokens = e.get("tokens_per_layer", e.get("kept_tokens"))
-        lines.append(f"| {method} | {_fmt(e.get('budget'))} | {_fmt(float(tokens)) if tokens is not None else ''} | "
-                     f"{e['dataset']} | {_fmt(e.get('split'))} | {e['metric']} | {_fmt(e['value'])} |")
+        cells = [method, _fmt(e.get("budget")), _fmt(float(tokens)) if tokens is not None else "", e["dataset"],
+                 _fmt(e.get("split")), e["metric"], _fmt(e["value"])]
+        # a '|' in a name ("vqa|val", "acc|norm") split its row into extra columns: escaped, as Markdown tables take it
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + ("\n\nRows marked *baseline* are other models or methods measured beside this "
                                "checkpoint; only this checkpoint's own rows are in the card's model-index."
                                if any(e.get("baseline") for e in entries) else "")

@@ -513,6 +513,15 @@ def test_card_of_a_training_job_keeps_the_baselines_out_of_model_index():
     assert text.count("| rcp-llava testbed |") == 4  # no two identical unlabelled rows
 
 
+def test_a_pipe_in_a_name_stays_in_its_cell():
+    """A '|' in a dataset or metric name ("vqa|val", lmms-eval's "acc,none|...") split its row into more columns than
+    the header has: the value landed under the wrong heading."""
+    entries = [{"dataset": "vqa|val", "metric": "acc|norm", "value": 0.5, "method": "fast|v", "baseline": True}]
+    table = hub._results_table(entries).splitlines()
+    assert table[2] == r"| fast\|v (baseline) |  |  | vqa\|val |  | acc\|norm | 0.5 |"
+    assert [len(re.split(r"(?<!\\)\|", line)) for line in table[:3]] == [9, 9, 9]  # 7 cells each
+
+
 def test_card_accepts_the_projects_evaluation_json():
     evaluation = {"command": "python benchmarks/evaluate_methods.py ...", "methods": ["none", "rcp", "vispruner"],
                   "budgets": ["1/9"], "results": [{"data": "testbed", "kind": "testbed", "num_samples": 1000, "rows": [
@@ -1010,6 +1019,32 @@ def test_from_pretrained_on_a_plugin_folder_loads_its_recorded_base(plugin_setup
     (orphan / RCP_CONFIG_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="records no base model"):
         RcpLlavaForConditionalGeneration.from_pretrained(orphan)
+    # a base folder since moved: it was "`base_model` '...': no such folder", an argument the user never gave
+    record["base_model_name_or_path"] = str(tmp_path / "moved" / "base")
+    (orphan / RCP_CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(repr(str(orphan)))} is an RCP plug-in folder whose "
+                                                rf"{RCP_CONFIG_NAME} records the base model '.*/moved/base' "
+                                                r"\(`base_model_name_or_path`\), and there is no such folder \(moved or "
+                                                r"deleted\?\): load it with `RcpLlavaForConditionalGeneration\.from_base"
+                                                rf"\(new_base, plugins={re.escape(repr(str(orphan)))}\)`"):
+        RcpLlavaForConditionalGeneration.from_pretrained(str(orphan))
+
+
+def test_plugins_meet_a_model_that_cannot_take_them_or_a_missing_subfolder_by_name(plugin_setup, tmp_path):
+    """Loading RCP plug-ins into a model of a method without plug-ins (attention_topk, none) blamed their layers
+    ("Were they trained with other `pruning_layers`?"), and a `subfolder` without plug-ins named the root folder."""
+    from rcp_llava.evaluation import method_model
+
+    trained, root, _ = plugin_setup
+    for method in ("attention_topk", "none"):
+        other = method_model(trained, pruning_method=method, repair_layers=[])
+        with pytest.raises(ValueError, match=rf"^This model runs `pruning_method='{method}'`, which has no plug-ins, "
+                                             r"so the RCP plug-ins '.*' have nowhere to go\. Load them into an RCP "
+                                             r"model: `from_base\(base, plugins="):
+            other.load_plugins(str(root / "plugins"))
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(repr(str(root)))} \(subfolder 'rcp-64': "
+                                                rf"{re.escape(repr(str(root / 'rcp-64')))}\) has no {RCP_CONFIG_NAME}"):
+        trained.load_plugins(str(root), subfolder="rcp-64")
 
 
 def test_from_base_and_a_plugin_folder_take_the_hub_download_arguments(plugin_setup, tmp_path):
