@@ -366,6 +366,18 @@ def ideal_tokens_per_layer(num_layers, num_text_tokens, visual_token_budget):
     return [num_text_tokens + visual_token_budget] * num_layers
 
 
+def check_pruning_layers(pruning_layers, num_layers):
+    """`pruning_layers` as a list: ints, non-empty, strictly increasing, in [0, num_layers) (counted from 0), or a
+    ValueError / TypeError naming it. A schedule over unsorted or repeated layers had negative spans."""
+    _check_int(num_layers, "num_layers", minimum=1)
+    layers = _int_list(pruning_layers, "pruning_layers", minimum=-math.inf)  # the range is checked below, as layers
+    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(
+            f"`pruning_layers` must be a non-empty, strictly increasing list in [0, {num_layers}), got {layers}."
+        )
+    return layers
+
+
 def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual_token_budget, proportions):
     """Integer keep counts, one per pruning layer, whose per-layer average of visual tokens over all
     `num_layers` layers is as close as integers allow to `visual_token_budget`, with the stages' counts
@@ -385,13 +397,8 @@ def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual
     >>> keep_counts_for_budget(32, 576, [1, 13, 25], 64, [0.1672, 0.0459, 0.0144])
     [93, 25, 8]
     """
-    _check_int(num_layers, "num_layers", minimum=1)
     _check_int(num_visual_tokens, "num_visual_tokens", minimum=1)
-    layers = _int_list(pruning_layers, "pruning_layers")
-    if not layers or layers != sorted(set(layers)) or layers[-1] >= num_layers:
-        raise ValueError(
-            f"`pruning_layers` must be a non-empty, strictly increasing list in [0, {num_layers}), got {layers}."
-        )
+    layers = check_pruning_layers(pruning_layers, num_layers)
     props = list(proportions)
     if len(props) != len(layers) or any(not p > 0 for p in props):
         raise ValueError(f"`proportions` must hold {len(layers)} positive numbers, got {props}.")
@@ -463,12 +470,16 @@ def kv_cache_bytes(cache) -> int:
 
 
 def _dtype_bytes(dtype_bytes):
-    if isinstance(dtype_bytes, int) and not isinstance(dtype_bytes, bool) and dtype_bytes > 0:
-        return dtype_bytes
-    itemsize = getattr(dtype_bytes, "itemsize", None)  # a torch.dtype
-    if isinstance(itemsize, int) and not isinstance(dtype_bytes, (bool, int, float)):
-        return itemsize
-    raise ValueError(f"`dtype_bytes` must be a positive int or a torch.dtype, got {dtype_bytes!r}.")
+    """Bytes per element: a positive int, or a torch.dtype's itemsize. Any other object with an `itemsize` (a numpy
+    int `np.int64(2)`, a tensor `torch.tensor(2)`) is refused: its itemsize (8) is its own storage, not the count."""
+    if isinstance(dtype_bytes, int) and not isinstance(dtype_bytes, bool):
+        if dtype_bytes > 0:
+            return dtype_bytes
+        raise ValueError(f"`dtype_bytes` must be a positive int or a torch.dtype, got {dtype_bytes!r}.")
+    if type(dtype_bytes).__name__ == "dtype" and type(dtype_bytes).__module__ == "torch":  # no torch import here
+        return dtype_bytes.itemsize
+    raise TypeError(f"`dtype_bytes` must be a positive int (e.g. 2) or a torch.dtype (e.g. torch.bfloat16), got "
+                    f"{dtype_bytes!r} ({type(dtype_bytes).__name__}); pass int(value) for a numpy or tensor count.")
 
 
 def analytic_kv_bytes_per_layer(config, tokens_per_layer, dtype_bytes=2, batch_size: int = 1) -> list[int]:

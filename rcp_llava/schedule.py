@@ -21,6 +21,7 @@ import math
 from fractions import Fraction
 
 from configuration_rcp_llava import visual_tokens_per_layer
+from rcp_llava.flops import check_pruning_layers
 
 
 # Table VI of the paper: % of the 576 visual tokens kept after the pruners at layers 2 / 14 / 26 (64-token budget).
@@ -91,9 +92,7 @@ def rcp_keep_counts(k, pruning_layers, num_layers, num_visual_tokens):
     capped at N (the excess goes to the other stages), rounded (`round_count`), made non-increasing (masks are
     cumulative), then nudged by +-1 while that brings the average closer to k.
     """
-    layers = list(pruning_layers)
-    if not layers:
-        raise ValueError("RCP needs at least one pruning layer.")
+    layers = check_pruning_layers(pruning_layers, num_layers)
     n = num_visual_tokens
     if not 0 < k <= n:
         raise ValueError(f"Keep count {k} is outside (0, {n}].")

@@ -365,6 +365,33 @@ def test_errors_name_the_argument(call, match):
         call(tiny_config())
 
 
+@pytest.mark.parametrize("value", ["np.int64(2)", "torch.tensor(2)", "2.0", "True", "'bfloat16'"])
+def test_dtype_bytes_is_an_int_or_a_torch_dtype(value):
+    """`np.int64(2)` and `torch.tensor(2)` were read through their `itemsize` (8, their own storage): 4x the KV
+    bytes, silently."""
+    import numpy as np  # noqa: F401 (used by eval)
+
+    with pytest.raises(TypeError, match=r"^`dtype_bytes` must be a positive int \(e\.g\. 2\) or a torch\.dtype .*"
+                                        r"pass int\(value\)"):
+        analytic_kv_bytes(tiny_config(), 5, dtype_bytes=eval(value))
+    if value in ("np.int64(2)", "torch.tensor(2)"):  # the count they hold, as an int: a bfloat16 cache's bytes
+        assert analytic_kv_bytes(tiny_config(), 5, dtype_bytes=int(eval(value))) == \
+            analytic_kv_bytes(tiny_config(), 5, dtype_bytes=torch.bfloat16)
+
+
+@pytest.mark.parametrize("layers", [[13, 1, 25], [1, 1, 25], [1, 13, 32], [-1, 13], []])
+def test_rcp_keep_counts_refuses_layers_no_schedule_has(layers):
+    """Unsorted, repeated or out-of-range pruning layers gave counts from negative spans ([13, 1, 25] -> counts for a
+    stage that holds for -12 layers), where `keep_counts_for_budget` refused the same list."""
+    from rcp_llava.schedule import rcp_keep_counts
+
+    with pytest.raises(ValueError, match=r"^`pruning_layers` must be a non-empty, strictly increasing list in "
+                                         r"\[0, 32\), got "):
+        rcp_keep_counts(64, layers, 32, 576)
+    with pytest.raises(ValueError, match=r"^`pruning_layers` must be"):
+        keep_counts_for_budget(32, 576, layers, 64, [0.6, 0.07, 0.02][:max(len(layers), 1)])
+
+
 def test_keep_counts_for_a_high_budget_cap_the_first_stage_at_n():
     """A budget whose first stage would exceed N was refused as unreachable: on the 7B placement everything above
     about 0.53 N (384 of 576 -> 'budgets in (18.0, 306.9] are reachable'), on a 12-layer model 43 of 64. The stage
