@@ -38,7 +38,6 @@ bytes = 301,989,888 B = 302.0 MB (= 288 MiB); the paper rounds the per-token 0.5
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -428,18 +427,23 @@ def keep_counts_for_budget(num_layers, num_visual_tokens, pruning_layers, visual
         if not over:
             break
         capped.update(over)
-    # Integer counts within +-2 of the real-valued solution: least budget error, then closest to `ideal`.
-    candidates = itertools.product(
-        *[range(max(1, math.floor(x) - 2), min(num_visual_tokens, math.ceil(x) + 2) + 1) for x in ideal]
-    )
-    best = min(
-        (c for c in candidates if all(b <= a for a, b in zip(c, c[1:]))),
-        key=lambda c: (
-            abs(sum(k * s for k, s in zip(c, spans)) - target),
-            sum((k - x) ** 2 for k, x in zip(c, ideal)),
-        ),
-    )
-    return list(best)
+    # Integer counts within +-2 of the real-valued solution, non-increasing: least budget error, then closest to
+    # `ideal`, then the first in lexicographic order. Stage by stage over (tokens so far, last count), keeping per
+    # state the best (distance, counts) -- the same choice as trying every combination (6^P of them: 11.7 s at ten
+    # pruning layers), in time linear in P: two prefixes in one state take the same continuations.
+    best = {(0, math.inf): (0.0, ())}  # (sum of count x span so far, last count) -> (squared distance, counts)
+    for x, span in zip(ideal, spans):
+        step = {}
+        for (total, last), (distance, counts) in best.items():
+            for k in range(max(1, math.floor(x) - 2), min(num_visual_tokens, math.ceil(x) + 2) + 1):
+                if k > last:  # masks are cumulative
+                    break
+                state, value = (total + k * span, k), (distance + (k - x) ** 2, counts + (k,))
+                if state not in step or value < step[state]:
+                    step[state] = value
+        best = step
+    (_, _), (_, counts) = min(best.items(), key=lambda item: (abs(item[0][0] - target), item[1]))
+    return list(counts)
 
 
 # ----------------------------------------------------------------------------------------------------------
