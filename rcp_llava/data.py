@@ -227,6 +227,8 @@ class RcpDataCollator:
     def describe(self, example):
         """A short identification of `example` for error messages: its id (when it has one), question and answer."""
         parts = [f"id {example['id']!r}"] if isinstance(example.get("id"), (int, str)) else []
+        if isinstance(example.get(LLAVA_RECORD_COLUMN), str):  # `load_llava_json`'s rows: the record in the file
+            parts.append(example[LLAVA_RECORD_COLUMN])
         parts += [f"{c} {_short(example.get(c))!r}" for c in (self.question_column, self.answer_column)]
         return ", ".join(parts)
 
@@ -295,6 +297,25 @@ class RcpDataCollator:
     def load_image(self, image):
         return load_image(image, self.image_folder)
 
+    def load_images(self, examples):
+        """The batch's images, an unreadable one named by its example (a truncated download passed the up-front
+        header checks, and its bare "image file is truncated" ended a run with no record or path named)."""
+        from PIL import Image
+
+        images = []
+        for position, example in enumerate(examples):
+            cell = example[self.image_column]
+            try:
+                images.append(self.load_image(cell))
+            except (OSError, Image.DecompressionBombError) as err:
+                path = cell if isinstance(cell, str) else (cell.get("path") if isinstance(cell, dict) else None)
+                what = f"image {path!r}" if path else f"{self.image_column!r} image"
+                kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+                raise kind(f"An example's {what} cannot be read ({err}): the file is missing, truncated or corrupt; "
+                           "replace it or drop the example. The example: "
+                           f"{self.describe(example)} (position {position} in this batch).") from None
+        return images
+
     def __call__(self, examples):
         for position, example in enumerate(examples):
             problem = self.problem(example)
@@ -305,7 +326,7 @@ class RcpDataCollator:
         if any(isinstance(e[self.question_column], (list, tuple)) for e in examples):
             return self._conversations(examples)
         prompts, fulls = zip(*(self.texts(e) for e in examples))
-        images = [self.load_image(e[self.image_column]) for e in examples]
+        images = self.load_images(examples)
         batch = encode_texts(self.processor, fulls, images, return_tensors="pt", padding=True)
         prompt_ids = encode_texts(self.processor, prompts, images, return_tensors="pt", padding=True)
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
@@ -368,7 +389,7 @@ class RcpDataCollator:
             turns = e if isinstance(e[self.question_column], (list, tuple)) else {
                 **e, self.question_column: [e[self.question_column]], self.answer_column: [e[self.answer_column]]}
             rendered.append(self.conversation(turns))
-        images = [self.load_image(e[self.image_column]) for e in examples]
+        images = self.load_images(examples)
         texts = [text for text, _ in rendered]
         batch = encode_texts(self.processor, texts, images, return_tensors="pt", padding=True)
         special = special_tokens_kwargs(tokenizer, texts)  # the spans' tokenization below, as the batch's
@@ -408,10 +429,14 @@ def appends_eos(tokenizer, special):
     return eos is not None and tokenizer("a", **special)["input_ids"][-1:] == [eos]
 
 
-def _short(value, limit=60):
-    """`value` for an error message: a string cut to `limit` characters."""
+def _short(value, limit=60, items=3):
+    """`value` for an error message: a string cut to `limit` characters; a list (a conversation's turns) as its first
+    `items` elements, each cut so, and how many there are (a whole 300-word conversation went into one message)."""
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + "..."
+    if isinstance(value, (list, tuple)):
+        shown = [_short(v, limit, items) for v in value[:items]]
+        return shown + [f"... ({len(value)} in all)"] if len(value) > items else shown
     return value
 
 
@@ -560,11 +585,18 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             f"{fallback!r}` (the padding is masked out), then `processor.save_pretrained(DIR)`."
         )
     image_tokens = image_token_count(collator.processor) if max_length is not None else 0
-    for start, rows in _column_batches(dataset, [collator.question_column, collator.answer_column]):
+    # `load_llava_json`'s rows name their record in the file: the row number drifts from it (text-only records
+    # skipped, pairs expanded), and "Example 5" sent the user to another record
+    record = [LLAVA_RECORD_COLUMN] if LLAVA_RECORD_COLUMN in columns else []
+
+    def example(index, row):
+        return f"Example {index}" + (f" ({row[LLAVA_RECORD_COLUMN]})" if record else "")
+
+    for start, rows in _column_batches(dataset, [collator.question_column, collator.answer_column] + record):
         for offset, row in enumerate(rows):
             problem = collator.text_problem(row)
             if problem is not None:
-                raise problem[0](f"Example {start + offset} of the {name}: its {problem[1]}")
+                raise problem[0](f"{example(start + offset, row)} of the {name}: its {problem[1]}")
         if max_length is None:
             continue
         # Tokenized as the processor tokenizes the prompt, whose one `<image>` id it then expands into
@@ -575,7 +607,7 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
             total = len(ids) + sum(1 for t in ids if t == collator.image_token_id) * (image_tokens - 1)
             if total > max_length:
                 raise ValueError(
-                    f"Example {start + offset} of the {name} is {total} tokens long ({image_tokens} of them the "
+                    f"{example(start + offset, row)} of the {name} is {total} tokens long ({image_tokens} of them the "
                     f"image's; answer {_short(row[collator.answer_column])!r}), above `max_length={max_length}`: "
                     "raise --max_length or drop long answers."
                 )
@@ -634,6 +666,10 @@ def dataset_from_messages(dataset, image_column="image", question_column="questi
                                   input_columns=[question_column, answer_column])
     return converted
 
+
+# The column of `load_llava_json`'s rows naming the record each came from ("record 3 (id 'r3')"), for
+# the errors of `check_dataset` and the collator: the rows are renumbered (text-only records skipped, pairs expanded).
+LLAVA_RECORD_COLUMN = "llava_record"
 
 # The speaker names a LLaVA-style record may use: LLaVA's own ("human"/"gpt") and the chat-template ones.
 LLAVA_QUESTION_ROLES = ("human", "user")
@@ -708,9 +744,10 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
         if not isinstance(record, dict) or "conversations" not in record:
             raise ValueError(f"Record {i} of {path} is not a dict with 'conversations' (and 'image'), got "
                              f"{_short(record)!r}.")
-        where = f"Record {i}" + (f" (id {record['id']!r})" if "id" in record else "") + f" of {path}"
+        named = f"Record {i}" + (f" (id {record['id']!r})" if "id" in record else "")
+        where = f"{named} of {path}"
         if "image" not in record:
-            text_only.append(where.split(" of ")[0])
+            text_only.append(named)
             continue
         dialog = record["conversations"]
         if (not isinstance(dialog, list) or len(dialog) < 2
@@ -761,10 +798,13 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
             readable.add(image)
         questions = [strip_image_token(human["value"]).strip() for human in dialog[0::2]]
         answers = [gpt["value"].strip() for gpt in dialog[1::2]]
+        source = "r" + named[1:]  # each row names its record (in the --llava_json file) for the errors after this
         if turns == "pairs":
-            rows += [{"image": image, "question": q, "answer": a} for q, a in zip(questions, answers)]
+            rows += [{"image": image, "question": q, "answer": a,
+                      LLAVA_RECORD_COLUMN: f"{source}, turns {2 * k}-{2 * k + 1}"}
+                     for k, (q, a) in enumerate(zip(questions, answers))]
         else:
-            rows.append({"image": image, "question": questions, "answer": answers})
+            rows.append({"image": image, "question": questions, "answer": answers, LLAVA_RECORD_COLUMN: source})
     if text_only:
         if not rows:
             raise ValueError(f"Every record of {path} is text-only (no 'image'): RCP prunes visual tokens and trains "

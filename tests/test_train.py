@@ -438,6 +438,66 @@ def test_answers_longer_than_max_length_are_reported(micro):
         train_rcp.check_dataset(dataset, RcpDataCollator(processor), max_length=10)
 
 
+def _llava_records(tmp_path, records):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for name in {r["image"] for r in records if "image" in r}:
+        noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        Image.fromarray(noise.numpy()).save(tmp_path / "images" / name)  # ~12 kB: a truncation cuts its pixels
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    return str(tmp_path / "data.json"), str(tmp_path / "images")
+
+
+def _record(rid, image, *turns):
+    return {"id": rid, **({"image": image} if image else {}), "conversations": [
+        {"from": "human" if k % 2 == 0 else "gpt", "value": ("<image>\n" if k == 0 else "") + t}
+        for k, t in enumerate(turns)]}
+
+
+def test_a_llava_json_error_after_loading_names_the_record_not_the_renumbered_row(micro, tmp_path):
+    """`load_llava_json` skips text-only records and expands pairs, so check_dataset's "Example 2" (or "Example 5"
+    with pairs) was no record of the file, and the whole 300-word conversation went into the message."""
+    from rcp_llava.data import load_llava_json
+
+    _, processor, _ = micro
+    path, images = _llava_records(tmp_path, [
+        _record("r0", "a.png", "What colour?", "red"), _record("r1", None, "Hi?", "Hello."),
+        _record("r2", "a.png", "What shape?", "round"),
+        _record("r3", "a.png", "What colour?", "red", "And?", "yes " * 300)])
+    for turns, row, record in (("conversation", 2, "record 3 (id 'r3')"),
+                               ("pairs", 3, "record 3 (id 'r3'), turns 2-3")):
+        with pytest.raises(ValueError, match=rf"^Example {row} \({re.escape(record)}\) of the 'train' split is \d+ "
+                                             r"tokens long") as refused:
+            train_rcp.check_dataset(load_llava_json(path, images, turns=turns), RcpDataCollator(processor),
+                                    max_length=200, name="'train' split")
+        assert len(str(refused.value)) < 400 and "yes " * 20 not in str(refused.value)  # cut at 60 characters
+
+
+def test_an_unreadable_image_is_named_by_its_example_in_the_batch(micro, tmp_path):
+    """A truncated file passes `load_llava_json`'s header check; the collator then ended the run, after the model
+    loaded, with a bare "image file is truncated" naming no record or path."""
+    from rcp_llava.data import load_llava_json
+
+    _, processor, _ = micro
+    path, images = _llava_records(tmp_path, [_record("r0", "a.png", "What colour?", "red"),
+                                             _record("r1", "b.png", "What shape?", "round")])
+    with open(os.path.join(images, "b.png"), "r+b") as f:
+        f.truncate(200)  # the header stays readable, the pixels do not
+    rows = load_llava_json(path, images)
+    collator = RcpDataCollator(processor)
+    assert collator([rows[0]])["input_ids"].shape[0] == 1
+    with pytest.raises(ValueError, match=rf"^An example's image {re.escape(repr(os.path.join(images, 'b.png')))} "
+                                         r"cannot be read \(image file is truncated.*\): the file is missing, "
+                                         r"truncated or corrupt; replace it or drop the example\. The example: "
+                                         r"record 1 \(id 'r1'\), question \['What shape\?'\], answer "
+                                         r"\['round'\] \(position 1 in this batch\)\.$"):
+        collator([rows[0], rows[1]])
+    os.remove(os.path.join(images, "b.png"))  # deleted after loading: FileNotFoundError, named the same way
+    with pytest.raises(FileNotFoundError, match=r"^An example's image .*b\.png' cannot be read .*record 1"):
+        collator([rows[1]])
+
+
 def test_max_length_counts_the_image_tokens_as_the_collator_does(micro):
     """check_dataset read `processor.num_image_tokens`, which a LlavaProcessor lacks: it counted 0 of the 64 image
     tokens, passed max_length=40, and the collator then refused the same examples mid-training, naming none."""
