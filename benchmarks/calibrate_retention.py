@@ -17,11 +17,9 @@ import sys
 
 
 def main(argv=None):
-    from datasets import load_from_disk
-
     import train_rcp
     from rcp_llava.data import RcpDataCollator
-    from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model
+    from rcp_llava.evaluation import EvalData, data_folder, evaluate_model, load_base_model, load_saved_dataset
     from rcp_llava.results import (DEFAULT_OUTPUT_DIR, command_line, positive_int, refuse_existing, result_name,
                                    write_results)
 
@@ -52,7 +50,7 @@ def main(argv=None):
     data_dir = data_folder(args.data)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data {args.data!r} is not a dataset folder; {layout}.")
-    splits = load_from_disk(data_dir)
+    splits = load_saved_dataset(data_dir)
     if not hasattr(splits, "keys"):
         raise ValueError(f"--data {args.data!r} is one split's folder, not a DatasetDict; {layout} (e.g. the "
                          "folder above it).")

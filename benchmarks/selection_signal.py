@@ -193,13 +193,13 @@ def main(argv=None):
         raise FileNotFoundError(f"--data {args.data!r} is not a folder; pass a testbed dataset folder "
                                 "(e.g. ~/.cache/rcp_llava/testbed/deep/dataset).")
     import torch
-    from datasets import load_from_disk
     from transformers import AutoProcessor
 
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import load_saved_dataset
 
     # The split before the model loads (a missing one was a bare KeyError after it).
-    splits = load_from_disk(os.path.expanduser(args.data))
+    splits = load_saved_dataset(os.path.expanduser(args.data))
     if not hasattr(splits, "keys"):
         raise ValueError(f"--data {args.data!r} is one split's folder; pass the testbed's dataset folder (a "
                          "`save_to_disk` DatasetDict, e.g. the folder above it).")

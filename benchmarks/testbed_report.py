@@ -49,8 +49,10 @@ def format_report(metrics, folder, report_command=None):
              f"Built by: `{metrics['command']}`" + (f"; evaluated by `{metrics['evaluated_by']}`"
                                                     if metrics.get("evaluated_by") else "")
              + (f"; reported by `{report_command}`" if report_command else ""),
-             f"Build times (s): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; total "
-             f"{sum(times.values()):.0f} s.", "",
+             (f"Build times (s): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; total "
+              f"{sum(times.values()):.0f} s." if not metrics.get("build_resumed") else
+              f"Build times (s) of the run that finished an interrupted build (the earlier runs' time is not "
+              f"recorded): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}."), "",
              f"Test accuracy **{metrics['test']['overall']:.3f}** on {metrics['test']['n']} samples (validation "
              f"{metrics['validation']['overall']:.3f} on {metrics['validation']['n']}); N = "
              f"{metrics['num_visual_tokens']} visual tokens.", "",

@@ -281,6 +281,22 @@ def data_folder(spec):
     return spec
 
 
+def load_saved_dataset(folder, flag="--data"):
+    """`datasets.load_from_disk(folder)` of an existing folder; one that holds no `save_to_disk` dataset (a testbed
+    build's own folder, above its `dataset/`) is refused naming `flag` and the fix, not with datasets' "neither a
+    `Dataset` directory nor a `DatasetDict` directory"."""
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(folder)
+    except FileNotFoundError:
+        inner = os.path.join(folder, "dataset")
+        hint = (f"; it holds {inner!r} (a testbed build's dataset): pass that" if os.path.isdir(inner) else
+                "; pass a `save_to_disk` folder such as build_testbed.py's OUT/dataset")
+        raise ValueError(f"{flag} {os.fspath(folder)!r} is a folder, but no `save_to_disk` dataset (no "
+                         f"dataset_dict.json or state.json){hint}.") from None
+
+
 def load_data(spec="testbed", split="test", max_samples=None, image_folder=None):
     """`"testbed"` (the main job's testbed, `rcp_llava.testbed.MAIN_PRESET`) or `"testbed:PRESET"` (e.g.
     `testbed:tiny`), a `save_to_disk` folder in the testbed format, or `"BENCHMARK:PATH[,OPTION=VALUE...]"` for
@@ -299,8 +315,6 @@ def load_data(spec="testbed", split="test", max_samples=None, image_folder=None)
     MMBench test, is refused with a ValueError naming the file and a split that has them)."""
     from types import SimpleNamespace
 
-    from datasets import load_from_disk
-
     from rcp_llava.data import _check_image_column
 
     name = data_name(spec)
@@ -318,7 +332,7 @@ def load_data(spec="testbed", split="test", max_samples=None, image_folder=None)
     if image_folder is not None and not os.path.isdir(image_folder):
         raise FileNotFoundError(f"image_folder {os.fspath(image_folder)!r} (--image_folder) is not a folder; give "
                                 "the folder the dataset's image paths are relative to.")
-    data = load_from_disk(spec)
+    data = load_saved_dataset(spec)
     used_split = None
     if hasattr(data, "keys"):
         if split not in data:

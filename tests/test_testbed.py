@@ -360,8 +360,12 @@ def test_a_stage_resumed_on_another_thread_count_says_so(tmp_path, caplog):
     assert "resumes on" not in caplog.text
     (stage_dir / "threads.json").write_text(json.dumps([threads + 1]))
     testbed_train._record_threads(stage_dir, "warmup", "checkpoint-2")
+    # the way back for the CLI that builds testbeds: its --num_threads sets the count over OMP_NUM_THREADS, so
+    # "Set OMP_NUM_THREADS" alone resumed on the wrong count again
     assert (f"stage 'warmup' trained on {threads + 1} thread(s) and resumes on {threads}: the result will equal no "
-            f"uninterrupted build. Set OMP_NUM_THREADS={threads + 1}") in caplog.text
+            f"uninterrupted build. Continue it on {threads + 1} thread(s) as it started "
+            f"(`benchmarks/build_testbed.py --num_threads {threads + 1}`, which sets the count itself; elsewhere "
+            f"OMP_NUM_THREADS={threads + 1} or torch.set_num_threads({threads + 1}))") in caplog.text
     assert json.loads((stage_dir / "threads.json").read_text()) == [threads + 1, threads]
 
 

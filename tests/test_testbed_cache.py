@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,38 @@ def test_metrics_are_evaluated_again_when_the_model_is_retrained(built, tmp_path
     assert sorted(metrics["pruning"]) == ["oracle", "random", "saliency"]
     assert sorted(metrics["pruning"]["random"]) == ["1/3", "1/9", "2/9"]
     assert metrics["command"] == "retrain" and "evaluated_by" not in metrics
+    # finished on stages an earlier run trained: its times are not the build's, and the report does not sum them
+    assert metrics["build_resumed"] is True and "build_resumed" not in json.loads((built / "metrics.json").read_text())
+    report = _load_benchmark("testbed_report").format_report(metrics, out)
+    assert "Build times (s) of the run that finished an interrupted build (the earlier runs' time is not recorded)" \
+        in report and "total" not in report.split("Build times")[1].split("\n")[0]
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_damaged_metrics_file_and_a_build_folder_given_as_data_are_named(built, tmp_path):
+    """A cut-short metrics.json was a bare JSONDecodeError naming no file; the build's folder given where its
+    dataset/ goes (`--data OUT`) was datasets' "neither a `Dataset` directory nor a `DatasetDict` directory"."""
+    from rcp_llava.evaluation import load_data
+
+    out = _copy(built, tmp_path / "micro")
+    (out / "metrics.json").write_text('{"test":')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'metrics.json'))} is not valid JSON \(Expecting "
+                                         r"value: .*\): restore it, or delete it to evaluate the built model again"):
+        build_testbed("micro", out)
+    with pytest.raises(ValueError, match=rf"^--data {re.escape(repr(str(out)))} is a folder, but no `save_to_disk` "
+                                         rf"dataset \(no dataset_dict.json or state.json\); it holds "
+                                         rf"{re.escape(repr(str(out / 'dataset')))} \(a testbed build's dataset\): "
+                                         r"pass that\.$"):
+        load_data(str(out))
+    assert len(load_data(str(out / "dataset"), max_samples=2).rows) == 2
 
 
 _PAUSED_BUILDER = """

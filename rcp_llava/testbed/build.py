@@ -171,13 +171,17 @@ def build_testbed(preset="tiny", output_dir=None, seed: int = 0, pruning_eval: b
 
 
 # metrics.json keys that describe the model in `model/`: dropped when it is trained again
-_MODEL_METRICS = ("test", "validation", "pruning", "evaluated_by")
+_MODEL_METRICS = ("test", "validation", "pruning", "evaluated_by", "build_resumed")
 
 
 def _build(preset, out, seed, pruning_eval, eval_max_samples, save_steps, command):
     times = {}
     metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    except json.JSONDecodeError as err:  # the build writes it atomically: a hand edit or a cut-short copy
+        raise ValueError(f"{metrics_path} is not valid JSON ({err}): restore it, or delete it to evaluate the "
+                         "built model again (its dataset and model are kept).") from None
 
     t0 = time.time()
     data_dir = out / "dataset"
@@ -219,7 +223,12 @@ def _build(preset, out, seed, pruning_eval, eval_max_samples, save_steps, comman
             for key in stale:
                 del metrics[key]
             atomic_write(metrics_path, lambda tmp: write_text(tmp, json.dumps(metrics, indent=2, sort_keys=True)))
+        # An earlier run's stages (checkpoints, finished stages): this run's `training_s` is not the build's (a
+        # killed run writes no metrics.json), and the report says so instead of calling it the total.
+        resumed = (out / "work").is_dir() and any((out / "work").iterdir())
         final = train_testbed_model(preset, out / "work", seed=seed, save_steps=save_steps)
+        if resumed:
+            metrics["build_resumed"] = True
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(final, tmp)

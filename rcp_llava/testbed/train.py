@@ -455,8 +455,10 @@ def _record_threads(stage_dir: Path, stage: str, resume):
     threads = torch.get_num_threads()
     if resume is not None and used and used[-1] != threads:
         logger.warning(f"[testbed] stage {stage!r} trained on {used[-1]} thread(s) and resumes on {threads}: the "
-                       f"result will equal no uninterrupted build. Set OMP_NUM_THREADS={used[-1]} (or "
-                       f"torch.set_num_threads) to continue it as it started, or delete {stage_dir} to retrain it.")
+                       f"result will equal no uninterrupted build. Continue it on {used[-1]} thread(s) as it "
+                       f"started (`benchmarks/build_testbed.py --num_threads {used[-1]}`, which sets the count itself; "
+                       f"elsewhere OMP_NUM_THREADS={used[-1]} or torch.set_num_threads({used[-1]})), or delete "
+                       f"{stage_dir} to retrain it.")
     if not used or used[-1] != threads:
         atomic_write(path, lambda tmp: write_text(tmp, json.dumps(used + [threads])))
 
