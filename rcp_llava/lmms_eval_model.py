@@ -213,22 +213,20 @@ class RcpLlava(lmms):
                              "`plugins` is given; add `plugins=` (a plug-in folder or Hub repo) or drop it.")
         hub = {"revision": revision} if revision else {}
         stock = not plugins and AutoConfig.from_pretrained(pretrained, **hub).model_type != "rcp_llava"
-        if stock and uses_rcp_placement(PRUNING_METHODS[pruning_method]):
-            # A stock checkpoint has no trained plug-ins: such a method ran on freshly initialised ones, and the
-            # results file named the stock model (as benchmarks/evaluate_methods.py's check_methods_fit_model).
-            raise ValueError(f"rcp_llava: pruning_method={pruning_method!r} prunes at an RCP model's layers with its "
-                             f"trained plug-ins, and {pretrained!r} is a stock LLaVA checkpoint: give `plugins=` (an "
-                             "RCP plug-in folder or Hub repo), an RCP model as `pretrained`, another "
-                             "pruning_method with `budget=K` (vispruner, fastv, random), or pruning_method=none.")
+        if stock and PRUNING_METHODS[pruning_method].plugins:
+            # A stock checkpoint has no trained plug-ins: RCP ran on freshly initialised ones, and the results file
+            # named the stock model (as benchmarks/evaluate_methods.py refuses it). The training-free methods run on
+            # it at the default placement, as before.
+            raise ValueError(f"rcp_llava: pruning_method={pruning_method!r} runs the model's trained plug-ins, and "
+                             f"{pretrained!r} is a stock LLaVA checkpoint, which has none: give `plugins=` (an RCP "
+                             "plug-in folder or Hub repo) or an RCP model as `pretrained`, or run a training-free "
+                             "method on it (attention_topk, vispruner, fastv, random with `budget=K`; or none).")
         # In the dtype at load, as transformers' own loading: the plug-ins stay float32 on a half-precision backbone
         # (`.to(dtype)` after the load cast them too, and the scores were no longer those of the saved model).
         loading = {"dtype": dtype} if dtype is not None else {}
         if plugins:
             model = RcpLlavaForConditionalGeneration.from_base(pretrained, plugins=plugins, revision=revision,
                                                                plugins_revision=plugins_revision, **loading)
-        elif stock:  # no plug-ins to build: the methods it can run prune before the LLM or at a layer a budget sets
-            model = RcpLlavaForConditionalGeneration.from_pretrained(
-                pretrained, pruning_method="none", pruning_layers=[], repair_layers=[], **hub, **loading)
         else:
             model = RcpLlavaForConditionalGeneration.from_pretrained(pretrained, **hub, **loading)
         model = model.to(self._device)

@@ -577,21 +577,26 @@ def stock_and_plugins(demo_folder, tmp_path_factory):
     return str(root / "stock"), str(root / "plugins")
 
 
-@pytest.mark.parametrize("method", ["rcp", "attention_topk"])
-def test_a_stock_checkpoint_without_plugins_is_refused_for_a_method_that_needs_them(stock_and_plugins, method):
-    """rcp / attention_topk on a stock checkpoint without `plugins=` ran on freshly initialised plug-ins (a warning in
-    the log, scores of an untrained pruner in the results), as evaluate_methods.py refuses before loading."""
+def test_a_stock_checkpoint_without_plugins_runs_no_untrained_rcp(stock_and_plugins):
+    """rcp on a stock checkpoint without `plugins=` ran on freshly initialised plug-ins (a warning in the log, an
+    untrained pruner's scores in the results), where evaluate_methods.py refuses it before loading. The
+    training-free methods run on it as before, at the default placement."""
     stock, plugins = stock_and_plugins
-    with pytest.raises(ValueError, match=rf"^rcp_llava: pruning_method='{method}' prunes at an RCP model's layers "
-                                         rf"with its trained plug-ins, and '{re.escape(stock)}' is a stock LLaVA "
-                                         r"checkpoint: give `plugins=`"):
-        _from_args(stock, f"pruning_method={method},pruning_keep_counts=6:3")
-    # with its plug-ins it runs, and a stock checkpoint alone runs the methods that need none
-    assert _from_args(stock, f"plugins={plugins},pruning_method={method},pruning_keep_counts=6:3"
+    with pytest.raises(ValueError, match=rf"^rcp_llava: pruning_method='rcp' runs the model's trained plug-ins, and "
+                                         rf"'{re.escape(stock)}' is a stock LLaVA checkpoint, which has none: give "
+                                         r"`plugins=`"):
+        _from_args(stock, "pruning_method=rcp,budget=4")
+    # with its plug-ins it runs (at their placement)
+    assert _from_args(stock, f"plugins={plugins},pruning_method=rcp,pruning_keep_counts=6:3"
                       ).model.config.pruning_keep_counts == [6, 3]
-    lm = _from_args(stock, "pruning_method=vispruner,budget=4")
-    assert lm.model.config.pre_llm_keep_count == 4 and lm.model.config.pruning_layers == []
-    assert _from_args(stock, "pruning_method=none").model.config.pruning_method == "none"
+    for args, method in (("pruning_method=attention_topk,budget=4", "attention_topk"),
+                         ("pruning_method=attention_topk,pruning_keep_counts=6:3:2", "attention_topk"),
+                         ("pruning_method=random,pruning_keep_counts=6:3:2", "random"),
+                         ("pruning_method=vispruner,budget=4", "vispruner"), ("pruning_method=none", "none")):
+        model = _from_args(stock, args).model
+        assert model.config.pruning_method == method and not list(model.model.rcp_plugins.parameters()), args
+    assert _from_args(stock, "pruning_method=random,pruning_keep_counts=6:3:2").model.config.pruning_keep_counts == [
+        6, 3, 2]
 
 
 def test_plugins_revision_without_plugins_is_refused(demo_folder):
