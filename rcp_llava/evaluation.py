@@ -620,6 +620,8 @@ def score_benchmark(benchmark, predictions, records):
             kwargs["mode"] = mode
         if mode in ("scienceqa", "mmbench"):
             kwargs["choices"] = [list(r.choices or []) for r in records]
+        if benchmark == "vizwiz":  # its own evaluator's reference rule, not VQAv2's
+            kwargs["reference_processing"] = "vizwiz"
         result = metric.compute(predictions=predictions, references=[list(r.answers) for r in records],
                                 return_scores=True, **kwargs)
         scores, families = result.pop("scores"), [r.family for r in records]

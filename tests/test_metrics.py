@@ -125,6 +125,40 @@ def test_vqa_official_normalises_disagreeing_references_as_vqaeval_since_a013f00
     assert vqa_score(prediction, answers, "full") == pytest.approx(1.0)  # lmms-eval's: both sides, always
 
 
+@pytest.mark.parametrize("prediction, answers, official, vizwiz", [
+    # LLaVA's converter splits "'s" off ("man 's"): unanimous references stay "man's", so no credit (it had 1.0)
+    ("Man's", ["man's"] * 10, 0.0, 0.0),
+    # ',' deleted, not spaced: "blackwhite" (1.0 before: "black white" after the punctuation step)
+    ("black,white", ["black"] * 6 + ["black white"] * 4, 0.0, 0.0),
+    ("Left?", ["left"] * 10, 1.0, 1.0),
+    ("Two", ["2"] * 10, 1.0, 1.0),
+    # disagreeing references: VQAv2's rule normalises them ("the remote" -> "remote"), VizWiz's evaluator does not
+    ("the remote", ["the remote"] * 3 + ["tv remote"] * 7, 0.9, 0.0),
+    ("unanswerable", ["unanswerable"] * 9 + ["blue"], 1.0, 1.0),
+])
+def test_vqa_predictions_are_scored_as_llava_submits_them(prediction, answers, official, vizwiz):
+    """The prediction went through vqaEval's normalisation alone, where LLaVA-1.5's converters (and lmms-eval's
+    VizWiz task) pass it through EvalAI's answer processor first; and VizWiz was scored with VQAv2's reference rule.
+    The expected values are those of LLaVA's `EvalAIAnswerProcessor` followed by vqaEval.py a013f00, and of the
+    VizWiz-VQA evaluator (references compared as they are)."""
+    from rcp_llava.metrics.vqa_accuracy.vqa_accuracy import submitted_answer
+
+    assert submitted_answer("Man's") == "man 's" and submitted_answer("black,white") == "blackwhite"
+    assert vqa_score(prediction, answers) == pytest.approx(official)
+    assert vqa_score(prediction, answers, "vizwiz") == pytest.approx(vizwiz)
+
+
+def test_score_benchmark_scores_vizwiz_with_its_own_reference_rule_and_vqav2_with_vqaevals():
+    from rcp_llava.evaluation import score_benchmark
+    from rcp_llava.readers import VqaRecord
+
+    answers = ["the remote"] * 3 + ["tv remote"] * 7
+    for benchmark, expected in (("vqav2", 0.9), ("vizwiz", 0.0)):
+        record = VqaRecord(question_id="1", image="x.jpg", question="What?", answers=answers, family="other",
+                           benchmark=benchmark)
+        assert score_benchmark(benchmark, ["the remote"], [record])["score"] == pytest.approx(expected)
+
+
 def test_vqa_metric_compute_mean_and_scores(metrics):
     out = metrics["vqa_accuracy"].compute(
         predictions=["Two", "cat", "A dog."],
@@ -139,7 +173,7 @@ def test_vqa_errors():
     with pytest.raises(ValueError, match=r"^vqa_accuracy: a question's references are \[\]; give its list of "
                                          r"annotator answers \(at least one\)\.$"):
         vqa_score("cat", [])
-    with pytest.raises(ValueError, match="reference_processing"):
+    with pytest.raises(ValueError, match="reference_processing must be 'official', 'vizwiz' or 'full'"):
         vqa_score("cat", ["cat"], "lenient")
 
 

@@ -34,9 +34,11 @@ _CITATION = """\
 """
 
 _DESCRIPTION = """\
-VQA accuracy as defined by the official VQAv2 evaluation (also used by VizWiz).
-A predicted answer is normalised (newlines/tabs to spaces, punctuation handling,
-number words to digits, articles removed, contractions restored). For every
+VQA accuracy as defined by the official VQAv2 evaluation (and VizWiz's, which differs in
+how references are compared: `reference_processing="vizwiz"`).
+A predicted answer is processed as LLaVA-1.5 submits it (EvalAI's answer processor:
+lower-cased, ',' and '?' deleted, "'s" split off, then newlines/tabs to spaces, punctuation
+handling, number words to digits, articles removed, contractions restored). For every
 annotator answer, the prediction scores min(1, #matches among the *other*
 annotators / 3); the question's accuracy is the mean over these leave-one-out
 subsets. With 10 annotators this is the familiar "min(#humans that said it / 3, 1)"
@@ -54,9 +56,11 @@ Args:
         normalised. `"official"`: exactly as the official script (vqaEval.py, revision
         a013f00) scores the normalised prediction -- references normalised (punctuation,
         digits, articles) only when the annotators disagree, unanimous ones compared as they
-        are (the official annotations are already normalised). `"full"`: references always
-        get the same full normalisation as predictions, as lmms-eval's vqav2 / vizwiz tasks
-        do (robust for references that were not pre-normalised).
+        are (the official annotations are already normalised). `"vizwiz"`: as the VizWiz-VQA
+        evaluator, references always compared as they are. `"full"`: references always get
+        the punctuation / digit / article normalisation (robust for references that were not
+        pre-normalised; lmms-eval's vqav2 and vizwiz tasks normalise both sides always, its
+        vizwiz with the ',' / '?' / "'s" step on references too).
     return_scores (`bool`, defaults to `False`): also return the per-question scores.
 Returns:
     vqa_accuracy (`float`): mean accuracy in [0, 1] (the official server reports x100).
@@ -140,9 +144,19 @@ def process_digit_article(in_text: str) -> str:
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """Full official normalisation applied to a predicted answer."""
+    """Full official normalisation (vqaEval's punctuation, digit and article steps) of an answer."""
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(answer))
+
+
+def submitted_answer(prediction: str) -> str:
+    """A prediction as LLaVA-1.5 submits it: its converters (convert_vqav2_for_submission.py,
+    convert_vizwiz_for_submission.py) pass each answer through `EvalAIAnswerProcessor`, which first lower-cases,
+    deletes every ',' and '?' and splits "'s" off ("man's" -> "man 's"), then normalises as vqaEval does. Scoring the
+    normalisation alone credited "Man's" and "black,white" where LLaVA's submissions (and lmms-eval's VizWiz task,
+    the same processor) get none."""
+    word = prediction.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(word)
 
 
 def vqa_score(prediction: str, answers: Sequence[str], reference_processing: str = "official") -> float:
@@ -154,12 +168,17 @@ def vqa_score(prediction: str, answers: Sequence[str], reference_processing: str
     if answers is None or isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"vqa_accuracy: a question's references are {answers!r}; give its list of annotator "
                          "answers (at least one).")
-    if reference_processing not in ("official", "full"):
-        raise ValueError(f"reference_processing must be 'official' or 'full', got {reference_processing!r}")
-    # The prediction as submitted: LLaVA's converter normalises each answer before the evaluation server sees it.
-    pred = normalize_vqa_answer(prediction)
+    if reference_processing not in ("official", "full", "vizwiz"):
+        raise ValueError(f"reference_processing must be 'official', 'vizwiz' or 'full', got {reference_processing!r}")
+    # The prediction as submitted: LLaVA's converter processes each answer before the evaluation server sees it.
+    pred = submitted_answer(prediction)
     if reference_processing == "full":
         gts = [normalize_vqa_answer(a) for a in answers]
+    elif reference_processing == "vizwiz":
+        # The VizWiz-VQA evaluator: the prediction normalised (again), the references compared as they are, whether
+        # or not the annotators agree (VQAv2's disagreement rule normalised them, crediting more than its server).
+        pred = process_digit_article(process_punctuation(pred))
+        gts = list(answers)
     else:
         # vqaEval.py since a013f00 ("Fixed processing answers bug"): references and prediction are normalised
         # together, punctuation and digits/articles, only when the annotators disagree. The earlier revision (which
