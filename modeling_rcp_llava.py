@@ -3579,8 +3579,9 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
             strict: plug-ins that miss a tensor of this placement, or hold one it has no use for, raise (default);
                 `strict=False` warns and keeps the missing ones at their initial values.
             is_trainable: PEFT's: False freezes every parameter and puts the model in eval mode (inference, as
-                PEFT's `from_pretrained`), True trains the plug-ins alone (the backbone frozen). Not given, every parameter trains, as after transformers' `from_pretrained`
-                (`train_rcp.py` freezes the backbone itself). A loaded base's modules are shared, so they are frozen
+                PEFT's `from_pretrained`), True trains the plug-ins alone (the backbone frozen). Not given, every
+                parameter trains, as after transformers' `from_pretrained` (`train_rcp.py` freezes the backbone
+                itself). A loaded base's modules are shared, so they are frozen
                 in it too, as PEFT wraps a model in place.
 
         The pruning fields (layers, sizes, budget) come from the plug-ins' `rcp_config.json`; a kwarg named like a
