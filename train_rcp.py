@@ -1137,9 +1137,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     job, args = parser.parse_args_into_dataclasses(args=argv)
     explicit = set(_explicit_flags(argv))
-    if job.budgets:
-        return run_budgets(job, args, explicit)
-    return run_job(job, args, explicit=explicit)
+    result = run_budgets(job, args, explicit) if job.budgets else run_job(job, args, explicit=explicit)
+    # Leave the process group cleanly, once, after the last job: a rank that exits while its gloo threads are alive
+    # aborts the launch ("terminate called without an active exception"). Left inside each job, a --budgets sweep
+    # re-created it between budgets and crashed or hung there under torchrun.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def check_output_dir(output_dir, overwrite=False, resume_from_checkpoint=None):
@@ -1307,16 +1311,30 @@ def run_budgets(job, args, explicit):
         root = testbed_job_defaults(job.testbed_preset)["output_dir"] + "_budgets"
     budgets = [parse_budget(b.strip()) for b in job.budgets.split(",") if b.strip()]
     folders = {label: os.path.join(root, budget_folder_name(label)) for label, _ in budgets}
-    # Resuming a sweep ("last"): the budgets it had not reached have no checkpoint and start fresh (the one stopped
-    # resumes, the finished ones load). Was: refused for the first such budget, before or after the others ran.
-    resumes = {label: None if resumes_last(args.resume_from_checkpoint) and not checkpoint_steps(folder)
-               else args.resume_from_checkpoint for label, folder in folders.items()}
+    resume = args.resume_from_checkpoint
+    given_path = resume not in (None, False) and not resumes_last(resume)
+    owner = None
+    if given_path:
+        # A checkpoint path is one budget's state: given to every budget, each (finished ones included) trained
+        # again from it, replacing their results silently. It resumes the budget whose folder holds it; the others
+        # go on as with `last`.
+        owner = next((label for label, folder in folders.items() if os.path.commonpath(
+            [os.path.abspath(resume), os.path.abspath(folder)]) == os.path.abspath(folder)), None)
+        if owner is None:
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is in none of the budgets' folders "
+                             f"({', '.join(folders.values())}): with --budgets give a checkpoint inside one of them "
+                             "(OUTPUT_DIR/budget_1_9/checkpoint-N), or `last` to resume the sweep where it stopped.")
+    # Resuming a sweep: the budgets it had not reached have no checkpoint and start fresh (the one stopped resumes,
+    # the finished ones load). Was: refused for the first such budget, before or after the others ran.
+    resumes = {label: resume if label == owner or resume in (None, False) else
+               (None if not checkpoint_steps(folder) else resume if resumes_last(resume) else "last")
+               for label, folder in folders.items()}
     kept = {}  # budgets that finished without a checkpoint (--save_strategy no, fewer steps than --save_steps): their
     # metrics.json is kept when the sweep resumes, read here, before any budget trains (with --overwrite_output_dir
     # they train again, as every other budget)
     for label, folder in folders.items():  # every budget's folder before the first trains (run_job: its own only)
         record = os.path.join(folder, "metrics.json")
-        if resumes[label] is None and resumes_last(args.resume_from_checkpoint) and os.path.isfile(record) \
+        if resumes[label] is None and resume not in (None, False) and os.path.isfile(record) \
                 and not job.overwrite_output_dir:
             try:
                 with open(record, encoding="utf-8") as f:
@@ -1344,7 +1362,7 @@ def run_budgets(job, args, explicit):
                   f"({os.path.join(folders[label], 'metrics.json')}, no checkpoint): kept.", flush=True)
             results[label] = kept[label] if args.process_index == 0 else None
             continue
-        if resumes[label] != args.resume_from_checkpoint:
+        if resumes[label] is None and resume not in (None, False):
             print(f"[train_rcp] --budgets: {folders[label]} has no checkpoint to resume; budget {label} starts "
                   "fresh.", flush=True)
         results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction),
@@ -1534,11 +1552,8 @@ def run_job(job, args, explicit=()):
                                               from_first_pruner=args.sparsity_layers == "from_first_pruner")
         metrics = _evaluate_and_save(model, processor, splits, collator, job, args, base_model, budget, num_visual,
                                      started, push, trainer=trainer, calibration=calibration, trainer_eval=trainer_eval)
-    # Every rank waits for rank 0's evaluation and saving, then leaves the process group cleanly: a rank that exits
-    # while its gloo threads are alive aborts the launch ("terminate called without an active exception").
+    # Every rank waits for rank 0's evaluation and saving (`main` leaves the process group after the last job).
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return metrics
 
 

@@ -47,12 +47,17 @@ class AtomicCheckpointMixin:
             hf_trainer.PREFIX_CHECKPOINT_DIR = PREFIX_CHECKPOINT_DIR
             del self._push_from_checkpoint  # the method again
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
+        # Every rank's state named the staging folder as the best checkpoint (`Trainer._save_checkpoint` sets it on
+        # all ranks); renamed on the main process only, the others kept a path gone after the rename, and under
+        # DDP `--load_best_model_at_end` failed on rank 1 ("no such folder 'tmp-checkpoint-N'") at the end.
+        best_is_new = self.state.best_model_checkpoint == staging
+        if best_is_new:
+            self.state.best_model_checkpoint = final
         if self.args.should_save:
             if os.path.isdir(final):  # the same step saved before: a resume from an earlier checkpoint
                 shutil.rmtree(final)
             os.replace(staging, final)
-            if self.state.best_model_checkpoint == staging:
-                self.state.best_model_checkpoint = final
+            if best_is_new:
                 self.state.save_to_json(os.path.join(final, hf_trainer.TRAINER_STATE_NAME))
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)  # the main process only (the Trainer's own check)

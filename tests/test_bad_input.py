@@ -1197,6 +1197,66 @@ def test_an_interrupted_budget_sweep_resumes_with_last(micro_testbed, tmp_path, 
     assert sorted(results) == ["1/2", "1/4"] and (tmp_path / "budget_1_4" / "checkpoint-2").is_dir()
 
 
+def test_a_checkpoint_path_resumes_its_own_budget_of_a_sweep_only(micro_testbed, tmp_path):
+    """`--budgets ... --resume_from_checkpoint budget_1_4/checkpoint-1` went to every budget: the finished 1/2 was
+    trained again from 1/4's checkpoint and its plug-ins, model and metrics replaced, with no warning. The path now
+    resumes its own budget; the finished one loads as with `last`; a path in no budget's folder is refused."""
+    import shutil
+
+    import train_rcp
+    from safetensors.torch import load_file
+
+    argv = ["--budgets", "1/2,1/4", *_train_argv(micro_testbed, tmp_path, "--max_steps", "2", "--save_strategy",
+                                                 "steps", "--save_steps", "1")]
+    train_rcp.main(argv)
+    plugins = {label: load_file(tmp_path / f"budget_{label}" / "plugins" / "rcp_plugins.safetensors")
+               for label in ("1_2", "1_4")}
+    # stopped after budget 1/4's first step
+    for name in ("checkpoint-2", "plugins", "model"):
+        shutil.rmtree(tmp_path / "budget_1_4" / name)
+    for name in ("budget_1_4/metrics.json", "budget_1_4/grad_norms.json", "budgets.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match=r"^--resume_from_checkpoint '.*elsewhere' is in none of the budgets' "
+                                         r"folders \(.*budget_1_2, .*budget_1_4\): with --budgets give a checkpoint "
+                                         r"inside one of them"):
+        train_rcp.main(argv + ["--resume_from_checkpoint", str(tmp_path / "elsewhere")])
+    results = train_rcp.main(argv + ["--resume_from_checkpoint", str(tmp_path / "budget_1_4" / "checkpoint-1")])
+    assert sorted(results) == ["1/2", "1/4"]
+    for label, before in plugins.items():  # 1/2 as it was, 1/4 as if uninterrupted
+        after = load_file(tmp_path / f"budget_{label}" / "plugins" / "rcp_plugins.safetensors")
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), label
+
+
+@pytest.mark.slow
+def test_a_budget_sweep_with_the_best_checkpoint_runs_under_torchrun(micro_testbed, tmp_path):
+    """Two ranks: `--load_best_model_at_end` failed on rank 1 at the end of training (its state named the staging
+    folder `tmp-checkpoint-N`, renamed on rank 0 alone), and a --budgets sweep destroyed and re-created the process
+    group between budgets (a crash or a hang at the second budget, some runs in five)."""
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--budgets", "1/2,1/4", *_train_argv(micro_testbed, tmp_path, "--max_steps", "2", "--save_steps", "1",
+                                                 "--eval_strategy", "steps", "--eval_steps", "1",
+                                                 "--load_best_model_at_end", "--ddp_backend", "gloo",
+                                                 "--per_device_train_batch_size", "1")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), os.path.join(root, "train_rcp.py"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "budgets.json").read_text())
+    assert sorted(summary) == ["1/2", "1/4"]
+    for label in ("1_2", "1_4"):
+        state = json.loads((tmp_path / f"budget_{label}" / "checkpoint-2" / "trainer_state.json").read_text())
+        assert os.path.basename(state["best_model_checkpoint"]).startswith("checkpoint-")
+        assert (tmp_path / f"budget_{label}" / "plugins" / "rcp_plugins.safetensors").is_file()
+
+
 def _change_the_test_split(monkeypatch, change):
     """train_rcp loads its splits with the test split passed through `change`."""
     import train_rcp
