@@ -1312,7 +1312,9 @@ def run_budgets(job, args, explicit):
     budgets = [parse_budget(b.strip()) for b in job.budgets.split(",") if b.strip()]
     folders = {label: os.path.join(root, budget_folder_name(label)) for label, _ in budgets}
     resume = args.resume_from_checkpoint
-    given_path = resume not in (None, False) and not resumes_last(resume)
+    if resume in (False, "") or str(resume).lower() == "false":  # no resume, as `resolve_resume` reads them
+        resume = None
+    given_path = resume is not None and not resumes_last(resume)
     owner = None
     if given_path:
         # A checkpoint path is one budget's state: given to every budget, each (finished ones included) trained
@@ -1326,7 +1328,7 @@ def run_budgets(job, args, explicit):
                              "(OUTPUT_DIR/budget_1_9/checkpoint-N), or `last` to resume the sweep where it stopped.")
     # Resuming a sweep: the budgets it had not reached have no checkpoint and start fresh (the one stopped resumes,
     # the finished ones load). Was: refused for the first such budget, before or after the others ran.
-    resumes = {label: resume if label == owner or resume in (None, False) else
+    resumes = {label: resume if label == owner or resume is None else
                (None if not checkpoint_steps(folder) else resume if resumes_last(resume) else "last")
                for label, folder in folders.items()}
     kept = {}  # budgets that finished without a checkpoint (--save_strategy no, fewer steps than --save_steps): their
@@ -1334,7 +1336,7 @@ def run_budgets(job, args, explicit):
     # they train again, as every other budget)
     for label, folder in folders.items():  # every budget's folder before the first trains (run_job: its own only)
         record = os.path.join(folder, "metrics.json")
-        if resumes[label] is None and resume not in (None, False) and os.path.isfile(record) \
+        if resumes[label] is None and resume is not None and os.path.isfile(record) \
                 and not job.overwrite_output_dir:
             try:
                 with open(record, encoding="utf-8") as f:
@@ -1362,7 +1364,7 @@ def run_budgets(job, args, explicit):
                   f"({os.path.join(folders[label], 'metrics.json')}, no checkpoint): kept.", flush=True)
             results[label] = kept[label] if args.process_index == 0 else None
             continue
-        if resumes[label] is None and resume not in (None, False):
+        if resumes[label] is None and resume is not None:
             print(f"[train_rcp] --budgets: {folders[label]} has no checkpoint to resume; budget {label} starts "
                   "fresh.", flush=True)
         results[label] = run_job(replace(job, budgets=None, budget_fraction=fraction),

@@ -51,8 +51,9 @@ def format_report(metrics, folder, report_command=None):
              + (f"; reported by `{report_command}`" if report_command else ""),
              (f"Build times (s): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; total "
               f"{sum(times.values()):.0f} s." if not metrics.get("build_resumed") else
-              f"Build times (s) of the run that finished an interrupted build (the earlier runs' time is not "
-              f"recorded): {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}."), "",
+              f"Build times (s) as recorded: {', '.join(f'{k} {v}' for k, v in sorted(times.items()))}; the model's "
+              "last run reused stages an earlier run trained (an interrupted build, or `model/` deleted to retrain), "
+              "whose time is not counted, so they sum to no total."), "",
              f"Test accuracy **{metrics['test']['overall']:.3f}** on {metrics['test']['n']} samples (validation "
              f"{metrics['validation']['overall']:.3f} on {metrics['validation']['n']}); N = "
              f"{metrics['num_visual_tokens']} visual tokens.", "",

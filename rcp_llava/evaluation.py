@@ -290,6 +290,8 @@ def load_saved_dataset(folder, flag="--data"):
     try:
         return load_from_disk(folder)
     except FileNotFoundError:
+        if any(os.path.isfile(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json")):
+            raise  # a saved dataset with a file missing (a split half-copied): datasets names the file
         inner = os.path.join(folder, "dataset")
         hint = (f"; it holds {inner!r} (a testbed build's dataset): pass that" if os.path.isdir(inner) else
                 "; pass a `save_to_disk` folder such as build_testbed.py's OUT/dataset")

@@ -223,8 +223,9 @@ def _build(preset, out, seed, pruning_eval, eval_max_samples, save_steps, comman
             for key in stale:
                 del metrics[key]
             atomic_write(metrics_path, lambda tmp: write_text(tmp, json.dumps(metrics, indent=2, sort_keys=True)))
-        # An earlier run's stages (checkpoints, finished stages): this run's `training_s` is not the build's (a
-        # killed run writes no metrics.json), and the report says so instead of calling it the total.
+        # An earlier run's stages (an interrupted build's checkpoints, or finished stages after `model/` was
+        # deleted): this run's `training_s` is not the build's (a killed run writes no metrics.json), and the report
+        # says so instead of calling it the total.
         resumed = (out / "work").is_dir() and any((out / "work").iterdir())
         final = train_testbed_model(preset, out / "work", seed=seed, save_steps=save_steps)
         if resumed:
