@@ -763,7 +763,9 @@ class SelectionContext:
         input is `hidden_norm`), averaged over heads and valid query rows, in at least float32."""
         cos, sin = self.position_embeddings
         keys = rows = None
-        if layer is self.layer and self.reuse_in_layer():  # the pruning layer's own keys, computed once
+        # the pruning layer's own keys, computed once -- of its own normalised input only: keys of another input
+        # (a selector's own states) were handed to the layer's forward, which then attended with them
+        if layer is self.layer and hidden_norm is self._hidden_norm and self.reuse_in_layer():
             if self.layer_keys is None:
                 self.layer_keys = layer.self_attn.k_proj(hidden_norm)
             keys = self.layer_keys
@@ -822,7 +824,14 @@ class TokenSelector:
 
     def keep(self, ctx: SelectionContext) -> torch.Tensor:
         """(B, K) bool: which alive visual tokens survive this point."""
-        return _top_k_mask(self.scores(ctx), ctx.valid, ctx.keep_count)
+        scores = self.scores(ctx)
+        expected = tuple(ctx.valid.shape)
+        if not torch.is_tensor(scores) or not scores.is_floating_point() or tuple(scores.shape) != expected:
+            # named here: it failed deep in the top-k (an int overflow, a size mismatch) or broadcast silently
+            got = f"{scores.dtype} {tuple(scores.shape)}" if torch.is_tensor(scores) else type(scores).__name__
+            raise TypeError(f"{type(self).__name__}.scores must return a floating-point tensor of shape {expected} "
+                            f"(batch, alive visual tokens; higher = kept), got {got}.")
+        return _top_k_mask(scores, ctx.valid, ctx.keep_count)
 
     def exact_count(self, ctx: SelectionContext) -> int | None:
         """The number of tokens `keep` leaves every row with an image (at most its alive ones), when the method
@@ -843,6 +852,9 @@ def register_pruning_method(selector_cls, overwrite=False):
     method = selector_cls.method
     if not isinstance(method, PruningMethod):
         raise TypeError(f"{selector_cls.__name__}.method must be a `PruningMethod`, got {method!r}.")
+    if not isinstance(method.name, str) or not method.name.strip():  # no config could name it
+        raise ValueError(f"{selector_cls.__name__}.method's name is {method.name!r}: give it a non-empty string, the "
+                         "`pruning_method` a config will name it by.")
     if not method.prunes:
         raise ValueError(f"{selector_cls.__name__}.method prunes nowhere: set `in_decoder` or `pre_llm`.")
     if method.name in SELECTORS and SELECTORS[method.name] is not selector_cls and not overwrite:

@@ -426,7 +426,12 @@ def main():
             raise ValueError(f"--budgets {budget}: no RCP schedule of preset {args.preset!r} reaches it. Budgets count "
                              f"visual tokens of LLaVA-1.5's {PAPER_VISUAL_TOKENS} (the paper's 192, 128 and 64). "
                              f"{err}") from None
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # a torch error deep in the model's build otherwise
+        raise ValueError(f"--device {args.device!r}: use cpu or cuda (cuda:N).")
     if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:  # the dry run builds on meta
         raise ValueError(f"--device {args.device!r}: CUDA is not available here (torch "
                          f"{torch.__version__}); pass --device cpu, or --dry_run to check the preset's schedules.")

@@ -65,6 +65,10 @@ hint="a missing or too old package can travel beside the others: ${download[*]} 
 
 if [[ "${1:-}" == "--prepare" ]]; then
   dest="${2:-$wheels}"
+  if [[ "$dest" == -* ]]; then  # a flag after --prepare was taken as the folder ("mkdir: unrecognized option")
+    echo "gpu_check: --prepare takes only a wheel folder, got '$dest'; see bash benchmarks/gpu_check.sh --help" >&2
+    exit 2
+  fi
   spec="$(requirement transformers)"
   mkdir -p "$dest"
   "${download[@]}" -d "$dest" "$spec"

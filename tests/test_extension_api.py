@@ -83,6 +83,66 @@ def test_a_selector_returning_the_wrong_thing_is_named(registry):
         model(**make_batch([(2, 3, True), (5, 6, True)]))
 
 
+@pytest.mark.parametrize("bad, got", [
+    (lambda ctx: ctx.valid.float().argsort(1), r"torch\.int64 \(2, 16\)"),  # ranks, not scores
+    (lambda ctx: ctx.valid.float()[0], r"torch\.float32 \(16,\)"),  # one row, broadcast to every row before
+    (lambda ctx: [0.0] * 16, r"list"),
+])
+def test_scores_of_the_wrong_kind_are_named(registry, bad, got):
+    """`scores` (the main extension point) failed deep in the top-k (an int64 overflow, a size mismatch, "'list' has
+    no attribute 'masked_fill'") or was broadcast silently; only `keep`'s result was checked."""
+    class Wrong(_Norm):
+        method = PruningMethod("wrong_scores")
+
+        def scores(self, ctx):
+            return bad(ctx)
+
+    registry(Wrong)
+    model = make_model(pruning_method="wrong_scores", repair_layers=[])
+    with pytest.raises(TypeError, match=r"^Wrong\.scores must return a floating-point tensor of shape \(2, 16\) "
+                                        rf"\(batch, alive visual tokens; higher = kept\), got {got}\.$"):
+        model(**make_batch([(2, 3, True), (5, 6, True)]))
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_a_method_name_no_config_can_use_is_refused(name):
+    class Nameless(_Norm):
+        method = PruningMethod(name)
+
+    with pytest.raises(ValueError, match=r"^Nameless\.method's name is .*: give it a non-empty string"):
+        register_pruning_method(Nameless)
+    assert name not in SELECTORS and name not in PRUNING_METHODS
+
+
+def test_keys_of_a_selectors_own_input_do_not_replace_the_pruning_layers(registry):
+    """`ctx.visual_attention(ctx.layer, other_states, ...)` stored the pruning layer's keys of `other_states`, and the
+    layer's forward then attended with them: discard and mask differed by 1e-3 under no_grad, with the same kept
+    tokens (only the reuse, active at inference, was wrong)."""
+    from conftest import at_positions, masked_reference
+
+    class PrevInput(TokenSelector):
+        method = PruningMethod("prev_input_attention")
+        reads_attention = True
+
+        def observe_layer_input(self, layer_idx, hidden):
+            self.previous = hidden
+
+        def scores(self, ctx):
+            q_slots, q_valid = ctx.question_slots()
+            return ctx.visual_attention(ctx.layer, ctx.layer.input_layernorm(self.previous), q_slots, q_valid)
+
+    registry(PrevInput)
+    model = make_model(pruning_method="prev_input_attention", pruning_layers=[1], pruning_keep_counts=[6],
+                       repair_layers=[])
+    batch = make_batch([(2, 3, True), (5, 6, True)])
+    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)  # as generate builds them
+    with torch.no_grad():
+        out = model(**batch)
+        reference = masked_reference(model, batch, out.keep_masks)
+    valid = out.token_positions >= 0
+    assert (out.logits[valid] - at_positions(reference, out.token_positions)[valid]).abs().max() <= 1e-5
+
+
 def test_padding_reads_minus_one_in_token_positions_with_or_without_an_image_row():
     """A text-only batch's pruned-loop forward gave its padding positions 0, 1, ...; in a batch with an image row the
     same rows read -1 there (a `compute_metrics` keeping `>= 0` counted the padding)."""
