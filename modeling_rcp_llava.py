@@ -1097,6 +1097,10 @@ class VisPrunerSelector(TokenSelector):
         return self.config.pre_llm_keep_count  # `vispruner_keep_mask` keeps exactly min(budget, N) per image
 
 
+# The selectors this file defines: a saved folder names its method, and a fresh process runs these by that name.
+BUILTIN_SELECTORS = dict(SELECTORS)
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. The state of one pruned prefill
 # ------------------------------------------------------------------------------------------------
@@ -1450,6 +1454,14 @@ class PrunedPrefill:
         if self.forced is not None:
             layer_mask = self.forced[:, ctx.point].to(hidden.dtype)
         else:
+            selector_cls = type(self.selector)
+            if selector_cls.keep not in (TokenSelector.keep, RcpSelector.keep):
+                # a rule of its own cannot carry gradients: this layout samples from `scores` with the built-in rule
+                logger.warning_once(
+                    f"{selector_cls.__name__} overrides `keep`, but the differentiable (mask) layout selects with "
+                    "its `scores` and the built-in rule (top `pruning_keep_counts`, or logits > 0 without counts, "
+                    "Eqs. 6-8): the plug-ins train for that rule, not for your `keep`. Put the rule in `scores` "
+                    "(as logits) to train what inference runs.")
             logits = self.selector.scores(ctx)
             if self.model.training and self.gumbel_noise:
                 u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
@@ -1916,10 +1928,18 @@ class RcpHubMixin:
         save_directory = os.fspath(save_directory)
         # an edited field the plug-ins were not built for: refused before anything is written
         self._rcp_core()._check_config()
-        if self.config.pruning_method not in BUILTIN_METHODS:
-            logger.warning(f"`pruning_method={self.config.pruning_method!r}` is a method of your own: the saved folder "
+        method = self.config.pruning_method
+        if method not in BUILTIN_METHODS:
+            logger.warning(f"`pruning_method={method!r}` is a method of your own: the saved folder "
                            "loads only where its selector is registered (`register_pruning_method`) first, or with a "
                            "built-in `pruning_method=...` given to `from_pretrained`.")
+        elif method in SELECTORS and SELECTORS[method] is not BUILTIN_SELECTORS.get(method):
+            # registered over a built-in with `overwrite=True`: the folder names the built-in, which a fresh process
+            # would run without a word
+            logger.warning(f"`pruning_method={method!r}` runs your own selector ({SELECTORS[method].__name__}), "
+                           "registered over the built-in one: a fresh process loads the saved folder with the built-in "
+                           f"{method!r} unless your selector is registered (`register_pruning_method(..., "
+                           "overwrite=True)`) before loading. Register it under a name of its own to keep them apart.")
         _refuse_other_model(save_directory, self.config, overwrite, _plugin_names(self.state_dict()))
         push = kwargs.pop("push_to_hub", False)
         # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save

@@ -68,6 +68,64 @@ def test_a_saved_custom_method_says_how_to_load_it(registry, tmp_path, caplog):
     assert loaded.config.pruning_method == "attention_topk"
 
 
+def test_a_selector_registered_over_a_built_in_warns_on_save(tmp_path, caplog):
+    """Registered over a built-in name with `overwrite=True`, a selector was saved without a word, and a fresh process
+    then loaded the folder with the built-in method (the warning checked the name, not the class)."""
+    from modeling_rcp_llava import BUILTIN_SELECTORS, RcpLlavaForConditionalGeneration
+
+    builtin_spec, builtin_cls = PRUNING_METHODS["random"], SELECTORS["random"]
+
+    class MyRandom(_Norm):
+        method = builtin_spec
+
+    register_pruning_method(MyRandom, overwrite=True)
+    try:
+        model = make_model(pruning_method="random", repair_layers=[])
+        with caplog.at_level("WARNING"):
+            model.save_pretrained(tmp_path / "mine")
+        assert ("`pruning_method='random'` runs your own selector (MyRandom), registered over the built-in one"
+                in caplog.text)
+    finally:
+        register_pruning_method(builtin_cls, overwrite=True)
+    assert SELECTORS["random"] is BUILTIN_SELECTORS["random"] is builtin_cls
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the built-in itself: nothing to say
+        RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "mine").save_pretrained(tmp_path / "builtin")
+    assert "your own selector" not in caplog.text and "a method of your own" not in caplog.text
+
+
+def test_a_plugin_method_with_its_own_keep_says_training_uses_its_scores(registry, caplog):
+    """The mask layout samples from `scores` with the built-in rule (Eqs. 6-8): a `keep` of its own trained the
+    plug-ins for another rule than inference runs, without a word."""
+    from modeling_rcp_llava import RcpSelector
+
+    class Strict(RcpSelector):
+        method = PruningMethod("rcp_strict", plugins=True, default_layers=PRUNING_METHODS["rcp"].default_layers)
+
+        def keep(self, ctx):
+            return self.scores(ctx) > 1.0
+
+    class Scored(RcpSelector):  # a rule in `scores`: what training samples from
+        method = PruningMethod("rcp_scored", plugins=True, default_layers=PRUNING_METHODS["rcp"].default_layers)
+
+        def scores(self, ctx):
+            return super().scores(ctx) - 1.0
+
+    batch = make_batch([(2, 3, True), (0, 4, True)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-2] = -100
+    for cls, warned in ((Scored, False), (Strict, True)):
+        registry(cls)
+        model = make_model(pruning_method=cls.method.name, pruning_keep_counts=None, randomize_plugins=True)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model(**batch)  # inference: its own rule, nothing to say
+            assert "overrides `keep`" not in caplog.text
+            model.train()(**batch, labels=labels)
+        assert ("Strict overrides `keep`, but the differentiable (mask) layout selects with its `scores`"
+                in caplog.text) is warned
+
+
 def test_a_selector_returning_the_wrong_thing_is_named(registry):
     """A float or mis-shaped `keep` failed deep in the compaction ("bitwise_and_cpu not implemented for 'Float'")."""
     class Floaty(_Norm):
