@@ -28,6 +28,7 @@ The loss terms are the pure functions `task_loss`, `pooled_w2_repair_loss` / `w2
 is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `rcp_llava.schedule`.
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -471,6 +472,25 @@ def logged_eval_parts(records):
     return {key: sum(size * values[key] for size, values in records) / total for key in records[0][1]}
 
 
+@contextlib.contextmanager
+def backbone_dropout_off(model):
+    """The frozen backbone's modules in eval mode for one loss evaluation; the plug-ins and the two models holding
+    them keep their mode (Gumbel noise, query and pruner dropout). In train mode a backbone with dropout (attention,
+    hidden, LoRA's) drew other masks in the teacher's pass than in the student's, so the repair loss chased that
+    noise (1.3e-10 at initialisation without dropout, 8.6e-7 with attention dropout 0.1), as NEFTune's noise would.
+    The teacher is the same model with its plug-ins disabled, and nothing of the backbone trains."""
+    plugins = model.model.rcp_plugins
+    holders = {id(model), id(model.model), *(id(m) for m in plugins.modules())}
+    switched = [m for m in model.modules() if m.training and id(m) not in holders]
+    for module in switched:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.training = True
+
+
 def freeze_backbone(model):
     """Only the plug-ins (parameters under `PLUGIN_PREFIX`) train: the backbone is frozen. Plug-ins the user froze
     while leaving others trainable (the pruners, to train the repair adapters alone) stay frozen, as the stock
@@ -685,7 +705,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         else:  # evaluation scores every checkpoint on the same objective: the one the run ends at
             tau, noise, target = self.final_schedule(config)
         layer_outputs = LayerOutputs(unwrapped)  # layer i's (repaired) output, read right after each forward
-        with layer_outputs, torch.no_grad(), unwrapped.plugins_disabled():
+        with backbone_dropout_off(unwrapped), layer_outputs, torch.no_grad(), unwrapped.plugins_disabled():
             teacher = model(**model_inputs, output_hidden_states=True, use_cache=False)
             teacher_states = layer_outputs.of(teacher, loss_layers)
         # The student always runs in the differentiable layout, in evaluation too: its hidden states must line up
@@ -694,7 +714,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         # `labels`, as for any caller: given none it read the answer as question text and repaired only the last
         # position. With both masks the labels stay out (the model's own loss would go unused).
         masks_given = inputs.get("question_mask") is not None and inputs.get("answer_mask") is not None
-        with layer_outputs, unwrapped.pruning_layout("mask"):
+        with backbone_dropout_off(unwrapped), layer_outputs, unwrapped.pruning_layout("mask"):
             student = model(**model_inputs, labels=None if masks_given else labels, output_hidden_states=True,
                             use_cache=False, gumbel_temperature=tau, gumbel_noise=noise)
             student_states = layer_outputs.of(student, loss_layers)
