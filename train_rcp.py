@@ -583,22 +583,17 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, **kwargs):
-        if model is not None and callable(getattr(type(model), "get_base_model", None)):  # a PEFT `PeftModel`
-            raise ValueError(
-                f"`RcpTrainer` trains RCP's plug-ins on a frozen backbone, but got a PEFT-wrapped model "
-                f"({type(model).__name__}), whose parameter names it cannot read. Pass the RCP model itself: "
-                "`peft_model.merge_and_unload()` (LoRA merged into the backbone; `get_base_model()` would keep PEFT's "
-                "wrappers, which this trainer freezes)."
-            )
-        if model is None or not hasattr(model, "plugin_state_dict"):
-            raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model.")
+        if model is None and kwargs.get("model_init") is None:
+            raise ValueError("`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model (`model=`, or "
+                             "`model_init=` returning one).")
         if kwargs.get("compute_loss_func") is not None:  # the stock Trainer's hook: `compute_loss` below is RCP's
             raise ValueError("`compute_loss_func` is not supported: RcpTrainer's loss is RCP's (task + repair + "
                              "sparsity, `compute_loss`); weight its terms with `lambda_task` / `lambda_repair` / "
                              "`lambda_sparse`, or subclass RcpTrainer and override `compute_loss`.")
         args = rcp_training_arguments(args)
-        # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
-        model._check_plugins_unwrapped("RcpTrainer")
+        self._rcp_args = args  # for `call_model_init`, which the stock __init__ calls before it sets `self.args`
+        if model is not None:
+            self._prepare_model(model)
         if kwargs.get("data_collator") is None:
             # The RCP loss needs the collator's labels and masks; the stock default (`default_data_collator`) failed
             # at the first batch ("Could not infer dtype of PngImageFile"). TRL builds it from the processor too.
@@ -607,9 +602,6 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
                 raise ValueError("`RcpTrainer` needs `data_collator=RcpDataCollator(processor)` (from "
                                  "`rcp_llava.data`), or `processing_class=processor` to build it from.")
             kwargs["data_collator"] = RcpDataCollator(processor)
-        freeze_backbone(model)
-        upcast_plugins(model)
-        model.model.detach_prior = args.detach_prior  # a switch of the model, like `train()`
         super().__init__(model=model, args=args, **kwargs)
         # Runtime training state lives here, never in `model.config` (which is what the user chose, and what
         # `save_pretrained` / `save_plugins` write): the callbacks anneal it, `compute_loss` passes it on.
@@ -687,6 +679,32 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         if bad:
             raise ValueError(f"`repair_loss_layers` contains {bad}, outside the text model's layers.")
         return layers
+
+    def _prepare_model(self, model):
+        """Check the model and set it up for RCP training: only the plug-ins train, in float32, and the prior is
+        detached or not as `args.detach_prior` says."""
+        if callable(getattr(type(model), "get_base_model", None)):  # a PEFT `PeftModel`
+            raise ValueError(
+                f"`RcpTrainer` trains RCP's plug-ins on a frozen backbone, but got a PEFT-wrapped model "
+                f"({type(model).__name__}), whose parameter names it cannot read. Pass the RCP model itself: "
+                "`peft_model.merge_and_unload()` (LoRA merged into the backbone; `get_base_model()` would keep PEFT's "
+                "wrappers, which this trainer freezes)."
+            )
+        if not hasattr(model, "plugin_state_dict"):
+            source = " from `model_init`" if getattr(self, "model_init", None) is not None else ""
+            raise ValueError(f"`RcpTrainer` needs an `RcpLlavaForConditionalGeneration` model, got "
+                             f"{type(model).__name__}{source}.")
+        # PEFT wrappers inside the plug-ins (`add_adapter` with all-linear LoRA): refused now, not at the first save.
+        model._check_plugins_unwrapped("RcpTrainer")
+        freeze_backbone(model)
+        upcast_plugins(model)
+        model.model.detach_prior = self._rcp_args.detach_prior  # a switch of the model, like `train()`
+        return model
+
+    def call_model_init(self, trial=None):
+        """`model_init`'s fresh model (the stock Trainer calls it in `__init__` and at every `train()`, e.g. for
+        `hyperparameter_search`), set up as a model given to `__init__` is: without it the backbone trained."""
+        return self._prepare_model(super().call_model_init(trial))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args

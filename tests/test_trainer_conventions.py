@@ -156,3 +156,37 @@ def test_the_backbones_dropout_is_off_in_the_teacher_and_the_student(micro, tmp_
     (loss0, parts0), (loss5, parts5) = results
     assert parts0["retention"] == 1.0 and parts0["repair_loss"] < 1e-8  # initialisation: all kept, adapters no-op
     assert loss5 == loss0 and parts5 == parts0
+
+
+def test_model_init_gives_a_fresh_model_set_up_for_rcp(micro, tmp_path):  # noqa: F811
+    """`model_init` (fresh weights per `train()`, `hyperparameter_search`) was refused as "needs a model"; taken as
+    the stock Trainer takes it, the rebuilt model would have skipped the setup (its backbone would train)."""
+    make, processor, dataset = micro
+    built = []
+
+    def model_init():
+        built.append(make())
+        return built[-1]
+
+    trainer = RcpTrainer(model_init=model_init, args=_args(tmp_path), train_dataset=dataset,
+                         processing_class=processor)
+    trainer.train()
+    assert len(built) == 2 and trainer.model is built[1]  # one in __init__, a fresh one for train()
+    model = trainer.model
+    assert all(p.requires_grad == n.startswith("model.rcp_plugins.") for n, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.model.rcp_plugins.parameters())
+    fresh = make().state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in fresh.items() if ".rcp_plugins." not in k)
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.items() if ".rcp_plugins." in k)
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    stock = make().config.to_dict()
+    with pytest.raises(ValueError, match=r"needs an `RcpLlavaForConditionalGeneration` model, got "
+                                         r"LlavaForConditionalGeneration from `model_init`\.$"):
+        RcpTrainer(model_init=lambda: LlavaForConditionalGeneration(LlavaConfig(**{
+            k: v for k, v in stock.items() if k in ("text_config", "vision_config", "image_token_id")})),
+            args=_args(tmp_path), train_dataset=dataset, processing_class=processor)
+    with pytest.raises(ValueError, match=r"needs an `RcpLlavaForConditionalGeneration` model \(`model=`, or "
+                                         r"`model_init=` returning one\)"):
+        RcpTrainer(args=_args(tmp_path), train_dataset=dataset, processing_class=processor)
