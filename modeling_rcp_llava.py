@@ -2029,6 +2029,7 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         # Stop the gradient through the attention prior A (Eq. 4) into earlier pruners' masks (a training choice).
         self.detach_prior = False
         self.last_pruning_info = None
+        self._generate_prefill = None  # while `generate` runs: a list that receives its prompt's pruning info
         self._backbone_checked = set()  # pruning methods `_check_text_backbone` passed on this model's backbone
         self.post_init()
 
@@ -2191,6 +2192,8 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         if collected:  # the last entry is the final norm's output, as stock's (transformers 5 swaps it in)
             collected[0][-1] = hidden
         info = self.last_pruning_info = run.info()
+        if self._generate_prefill is not None and not self._generate_prefill:
+            self._generate_prefill.append(info)  # the first pruned forward of a `generate` call: its prompt's
         if run.cache is not None:
             # A cache passed by the user (a plain or a quantized one): make it report the input tokens it has seen
             # (after a pre-LLM prune layer 0 holds fewer), or continuing generation from it would feed the last ones
@@ -3359,8 +3362,19 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
             answer = torch.zeros(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
             answer[:, -1] = True  # left padding (refused otherwise): the last token of every row
             kwargs["answer_mask"] = answer
-        with layout:
-            return super().generate(*args, **kwargs)
+        prefill, outer = [], self.model._generate_prefill
+        self.model._generate_prefill = prefill
+        try:
+            with layout:
+                output = super().generate(*args, **kwargs)
+        finally:
+            self.model._generate_prefill = outer
+        if prefill:
+            # Forwards of other prompts inside `generate` (classifier-free guidance runs the model on the
+            # unconditional ids, with a cache of its own, at every step) left the record of their unpruned prompt:
+            # `last_pruning_info` is the generation's own prefill, as documented.
+            self.model.last_pruning_info = prefill[0]
+        return output
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, num_new_tokens=1, **kwargs):
         """Stock, and what keeps `generate(use_cache=False)` a slower cached `generate`: without a cache every step

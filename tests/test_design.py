@@ -249,6 +249,24 @@ def test_gumbel_temperature_is_a_forward_argument_not_config_state():
 # 3. No stale or leaked runtime state ------------------------------------------------------------------
 
 
+def test_classifier_free_guidance_keeps_the_prefills_pruning_info():
+    """`guidance_scale > 1` runs the model on the unconditional ids at every step (transformers'
+    `UnbatchedClassifierFreeGuidanceLogitsProcessor`, with a cache of its own): those unpruned forwards left
+    `last_pruning_info` None after a pruned generate, where the README reads `kept_counts` off it (a probe)."""
+    model = make_model()
+    batch = make_batch(PADDED)
+    with torch.no_grad():
+        for use_cache in (True, False):
+            model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=use_cache)
+            plain = model.last_pruning_info
+            model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=use_cache, guidance_scale=1.5)
+            assert model.last_pruning_info is not plain  # a new record, equal to the plain generate's
+            assert torch.equal(model.last_pruning_info.keep_masks, plain.keep_masks)
+            assert torch.equal(model.last_pruning_info.kept_counts, plain.kept_counts)
+        model(input_ids=torch.randint(3, 90, (2, 5)))  # after generate, a forward's own record again
+        assert model.last_pruning_info is None
+
+
 def test_last_pruning_info_is_refreshed_or_cleared_on_every_forward():
     model = make_model()
     batch = make_batch(PADDED)
