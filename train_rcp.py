@@ -526,12 +526,14 @@ def load_splits(dataset_path, train_split="train"):
         splits = load_from_disk(dataset_path)
         return {train_split: splits} if isinstance(splits, Dataset) else splits
     if os.path.isfile(dataset_path):
-        extension = os.path.splitext(dataset_path)[1].lstrip(".").lower()
-        builder = {"jsonl": "json", "tsv": "csv", "txt": "text"}.get(extension, extension)
-        if builder == "json" and _is_llava_json(dataset_path):
+        if dataset_path.lower().endswith((".json", ".jsonl", ".ndjson")) and _is_llava_json(dataset_path):
             raise ValueError(f"--dataset_name_or_path {dataset_path!r} is a LLaVA-style JSON (records with "
                              "'conversations'): pass it as --llava_json (with --image_folder for its image paths).")
-        return load_dataset(builder, data_files=dataset_path)
+        # The file as one data file of its folder: `datasets` picks the loader from its name as for a Hub folder
+        # (.tsv with its tab separator, .ndjson, compressed .jsonl.gz / .csv.gz); mapping the extension to a builder
+        # here read a .tsv as a one-column CSV and sent .gz / .ndjson to the Hub as builder names.
+        folder, name = os.path.split(os.path.abspath(dataset_path))
+        return load_dataset(folder, data_files=name)
     return load_dataset(dataset_path)
 
 
@@ -1536,27 +1538,28 @@ def run_job(job, args, explicit=()):
         raise ValueError(f"--test_split {job.test_split!r} is empty: the final evaluation scores it. Give a split "
                          "with rows, or a --test_split the dataset does not have to skip it.")
     if job.test_split in splits:
-        first = splits[job.test_split][0][job.question_column]
-        if isinstance(first, (list, tuple)):  # found after training, deep in the prompt builder, otherwise
-            raise ValueError(f"--test_split {job.test_split!r} holds multi-turn rows (lists of questions): the final "
-                             "evaluation scores one question per image. Give a single-turn split, or a --test_split "
-                             "the dataset does not have to skip it.")
-        # The rows the final evaluation reads, checked as the training rows are: a missing image or answer there
-        # failed after training, before anything was saved.
+        # The rows the final evaluation reads, checked as the training rows are (columns first: a split with other
+        # column names was a bare KeyError here): a missing image or answer there failed after training, before
+        # anything was saved.
         scored = splits[job.test_split]
         if job.max_eval_samples is not None:
             scored = scored.select(range(min(job.max_eval_samples, len(scored))))
         _check_scored_rows(scored, collator, f"{job.test_split!r} split (the final evaluation's)",
                            "or skip the final evaluation with --test_split none")
+        first = splits[job.test_split][0][job.question_column]
+        if isinstance(first, (list, tuple)):  # found after training, deep in the prompt builder, otherwise
+            raise ValueError(f"--test_split {job.test_split!r} holds multi-turn rows (lists of questions): the final "
+                             "evaluation scores one question per image. Give a single-turn split, or a --test_split "
+                             "the dataset does not have to skip it.")
     if job.calibrate_retention:  # the rows `calibrate_retention` reads, before training too
         name = job.eval_split if job.eval_split in splits else job.train_split
         rows = splits[name].select(range(min(CALIBRATION_SAMPLES, len(splits[name]))))
+        _check_scored_rows(rows, collator, f"{name!r} split (--calibrate_retention's)",
+                           "or train without --calibrate_retention")
         if any(isinstance(q, (list, tuple)) for q in rows[job.question_column]):
             raise ValueError(f"--calibrate_retention calibrates on the {name!r} split, whose rows are multi-turn "
                              "(lists of questions: --llava_json's conversations), and the pruners select for one "
                              "question: give --llava_turns pairs, or a dataset with a single-turn --eval_split.")
-        _check_scored_rows(rows, collator, f"{name!r} split (--calibrate_retention's)",
-                           "or train without --calibrate_retention")
     # Data checked, now the (large) model. Layers not given: the paper's placement for this depth and budget (the
     # config's default, from the budget). The plug-ins are initialised inside from_pretrained: seed first, so one
     # --seed gives one model.

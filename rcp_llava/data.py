@@ -559,6 +559,11 @@ def check_dataset(dataset, collator, max_length=None, name="dataset"):
     decoded), so the checks cost one pass over the text and a stat per image path (a missing file is named here,
     not mid-training); `max_length` adds rendering and tokenizing every example, in batches. A corrupt image file
     is found only when the collator opens it."""
+    if not hasattr(dataset, "__len__"):  # a streaming `IterableDataset`: its rows are read only by iterating
+        raise TypeError(f"`check_dataset` checks a map-style `datasets.Dataset` up front, but the {name} is a "
+                        f"streaming {type(dataset).__name__}. Check a sample of it "
+                        "(`Dataset.from_list(list(dataset.take(1000)))`), or skip the check: the collator names a bad "
+                        "example when it meets one.")
     if len(dataset) == 0:
         raise ValueError(f"The {name} is empty: there is nothing to train on. Check the split name and the data.")
     columns = set(dataset.column_names)
@@ -710,7 +715,8 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
     as a `datasets.Dataset` of
     (image, question, answer) rows. `turns="conversation"` (default): one row per record, `question` and `answer`
     the lists of its turns, which `RcpDataCollator` trains as one sequence with every answer labelled (LLaVA's
-    `preprocess_v1`); `turns="pairs"`: one single-turn row per human/gpt pair (a later turn then trains without the
+    `preprocess_v1`) -- plain strings when every record is single-turn, as `dataset_from_messages` gives them;
+    `turns="pairs"`: one single-turn row per human/gpt pair (a later turn then trains without the
     earlier ones). Text-only records (no `image`, as llava_v1_5_mix665k.json's ShareGPT ones) are skipped with a
     warning that counts them: there is nothing to prune.
 
@@ -811,6 +817,10 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
                              "on image questions. Give records with an 'image'.")
         logger.warning(f"[data] {path}: skipped {len(text_only)} text-only record(s) of {len(records)} (no 'image'; "
                        f"RCP trains on image questions), e.g. {', '.join(text_only[:3])}.")
+    if turns != "pairs" and all(len(row["question"]) == 1 for row in rows):
+        # single-turn throughout: plain strings, as evaluated (`dataset_from_messages` does the same); one-element
+        # lists read as multi-turn rows, which --calibrate_retention refused
+        rows = [{**row, "question": row["question"][0], "answer": row["answer"][0]} for row in rows]
     return Dataset.from_list(rows)
 
 

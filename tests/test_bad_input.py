@@ -573,6 +573,22 @@ def test_an_empty_training_split_is_refused():
         check_dataset(empty, RcpDataCollator(build_processor(get_preset("micro"))), name="'train' split")
 
 
+def test_a_streaming_dataset_is_named_by_check_dataset():
+    """`check_dataset` on an `IterableDataset` (streaming) failed with "object of type 'IterableDataset' has no len()"
+    (a probe); RcpTrainer itself trains on one."""
+    from rcp_llava.data import RcpDataCollator, check_dataset
+    from rcp_llava.testbed import build_dataset, build_processor, get_preset
+
+    rows = build_dataset("micro", seed=0)["train"]
+    collator = RcpDataCollator(build_processor(get_preset("micro")))
+    with pytest.raises(TypeError, match=r"^`check_dataset` checks a map-style `datasets.Dataset` up front, but the "
+                                        r"'train' split is a streaming IterableDataset\. Check a sample of it"):
+        check_dataset(rows.to_iterable_dataset(), collator, name="'train' split")
+    from datasets import Dataset
+
+    check_dataset(Dataset.from_list(list(rows.to_iterable_dataset().take(3))), collator)  # the advice works
+
+
 @pytest.mark.parametrize("flag", ["--batch_size", "--max_samples", "--max_new_tokens", "--threads"])
 def test_evaluate_methods_counts(tmp_path, flag, capsys):
     """Was "range() arg 3 must not be zero" after the model had loaded; then a ValueError after parsing; now the
@@ -811,7 +827,7 @@ def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
     text = {"id": "t", "conversations": [_turn("human", "Hi?"), _turn("gpt", "Hello.")]}
     path = _llava_json(tmp_path, [image, text, image, {**text, "id": "u"}])
     rows = load_llava_json(str(path), str(tmp_path / "images"))
-    assert [r["answer"] for r in rows] == [["A cat."], ["A cat."]]
+    assert [r["answer"] for r in rows] == ["A cat.", "A cat."]  # single-turn throughout: plain strings
     assert (f"{path}: skipped 2 text-only record(s) of 4 (no 'image'; RCP trains on image questions), e.g. Record "
             "1 (id 't'), Record 3 (id 'u').") in caplog.text
     with pytest.raises(ValueError, match=r"Every record of .*data.json is text-only \(no 'image'\)"):
@@ -905,6 +921,21 @@ def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
     assert list(hub) == ["train"] and hub["train"]["answer"] == ["a1", "a2"]
     Dataset.from_dict(rows).to_json(str(tmp_path / "rows.jsonl"))
     assert load_splits(str(tmp_path / "rows.jsonl"))["train"]["question"] == ["q1", "q2"]
+    # the loader as datasets picks it from the name: a .tsv was read as a one-column CSV ('question\tanswer'), a
+    # .ndjson or compressed file was looked up on the Hub as a builder named 'ndjson' / 'gz'
+    import gzip
+
+    (tmp_path / "files").mkdir()
+    lines = "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(rows["question"], rows["answer"]))
+    (tmp_path / "files" / "rows.tsv").write_text("question\tanswer\nq1\ta1\nq2\ta2\n")
+    (tmp_path / "files" / "rows.ndjson").write_text(lines)
+    with gzip.open(tmp_path / "files" / "rows.jsonl.gz", "wt") as f:
+        f.write(lines)
+    with gzip.open(tmp_path / "files" / "rows.csv.gz", "wt") as f:
+        f.write("question,answer\nq1,a1\nq2,a2\n")
+    for name in ("rows.tsv", "rows.ndjson", "rows.jsonl.gz", "rows.csv.gz"):
+        split = load_splits(str(tmp_path / "files" / name))["train"]  # one file: not its neighbours
+        assert split.column_names == ["question", "answer"] and split["answer"] == ["a1", "a2"], name
     path = _llava_json(tmp_path)
     with pytest.raises(ValueError, match=r"is a LLaVA-style JSON \(records with 'conversations'\): pass it as "
                                          r"--llava_json \(with --image_folder"):
@@ -1303,6 +1334,64 @@ def test_calibration_on_multi_turn_rows_is_refused_before_training(micro_testbed
                                          r"multi-turn \(lists of questions: --llava_json's conversations\)"):
         train_rcp.main(_train_argv(micro_testbed, tmp_path / "run", "--max_steps", "1", "--calibrate_retention"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_scored_split_with_other_column_names_is_named_before_training(micro_testbed, tmp_path, monkeypatch):
+    """A test split (or --calibrate_retention's split) whose question column is named otherwise failed with a bare
+    KeyError ('question', or datasets' "Column 'question' doesn't exist") before the check that names the columns
+    and the way out (a probe)."""
+    import train_rcp
+
+    load_splits = train_rcp.load_splits
+    for split, flags, way_out in (("test", (), r"or skip the final evaluation with --test_split none"),
+                                  ("validation", ("--calibrate_retention",), r"or train without --calibrate_retention")):
+        def renamed(*args, _split=split, **kwargs):
+            splits = load_splits(*args, **kwargs)
+            splits[_split] = splits[_split].rename_column("question", "prompt")
+            return splits
+
+        monkeypatch.setattr(train_rcp, "load_splits", renamed)
+        out = tmp_path / split
+        with pytest.raises(ValueError, match=rf"^The '{split}' split \(.*\) has no column\(s\) \['question'\]; it has "
+                                             rf"\['answer', .*'prompt'\]\. Name the right ones with --image_column / "
+                                             rf"--question_column / --answer_column\. \(These rows are read after "
+                                             rf"training: fix them, {way_out}\.\)$"):
+            train_rcp.main(_train_argv(micro_testbed, out, "--max_steps", "1", *flags))
+        assert not out.exists()
+
+
+def test_a_single_turn_llava_json_is_plain_rows_and_calibrates(micro_testbed, tmp_path):
+    """`load_llava_json` kept a single-turn record's question and answer as one-element lists, which
+    --calibrate_retention refused as "multi-turn" (the commonest LLaVA JSON could not be calibrated); single-turn
+    files are plain strings now, as `dataset_from_messages` gives them, and a file with one conversation keeps lists."""
+    from datasets import load_from_disk
+
+    import train_rcp
+    from rcp_llava.data import load_llava_json
+
+    rows = load_from_disk(str(micro_testbed / "dataset"))["train"].select(range(4))
+    (tmp_path / "images").mkdir()
+    records = []
+    for i, row in enumerate(rows):
+        row["image"].save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            _turn("human", "<image>\n" + row["question"]), _turn("gpt", row["answer"])]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    loaded = load_llava_json(str(path), str(tmp_path / "images"))
+    assert loaded["question"] == rows["question"] and loaded["answer"] == rows["answer"]
+    mixed = records + [{**records[0], "conversations": records[0]["conversations"] * 2}]
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    loaded = load_llava_json(str(tmp_path / "mixed.json"), str(tmp_path / "images"))
+    assert loaded["answer"][0] == [rows["answer"][0]] and len(loaded["answer"][4]) == 2
+
+    out = tmp_path / "run"
+    argv = _train_argv(micro_testbed, out, "--max_steps", "1", "--calibrate_retention", "--save_strategy", "no")
+    at = argv.index("--dataset_name_or_path")
+    argv[at:at + 2] = ["--llava_json", str(path), "--image_folder", str(tmp_path / "images")]
+    train_rcp.main(argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"]["split"] == "train"
 
 
 def test_llava_json_and_a_dataset_together_are_refused(micro_testbed, tmp_path, monkeypatch):
