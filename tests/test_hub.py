@@ -1229,6 +1229,11 @@ def test_plugins_load_in_float32_on_a_half_precision_backbone(tmp_path, dtype):
 
     trained = demo.build_demo_model(seed=2).to(dtype)
     trained.model.rcp_plugins.float()
+    with torch.no_grad():  # trained values: most not representable in `dtype` (cast from it, they were)
+        g = torch.Generator().manual_seed(0)
+        for param in trained.model.rcp_plugins.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 1e-3)
+    assert all(not torch.equal(p, p.to(dtype).float()) for p in trained.model.rcp_plugins.parameters())
     trained.save_pretrained(tmp_path / "mixed")
     want = trained.state_dict()
     for load in (lambda: RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "mixed"),

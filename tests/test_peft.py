@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, randomize_plugin_parameters
 
 peft = pytest.importorskip("peft")  # the [dev] extra installs it
 
@@ -200,9 +200,15 @@ def test_a_folder_with_plugins_and_a_peft_adapter_loads_either_on_request(tmp_pa
     model.save_plugins(tmp_path / "both")
     fresh = copy.deepcopy(model)
     fresh.delete_adapter("default")
+    randomize_plugin_parameters(fresh, seed=5)  # other plug-ins than the folder's: the load must bring them back
+    assert not any(torch.equal(v, model.plugin_state_dict()[k]) for k, v in fresh.plugin_state_dict().items()
+                   if v.numel() > 1)
     with caplog.at_level(logging.WARNING, logger="modeling_rcp_llava"):
         fresh.load_adapter(str(tmp_path / "both"))
     assert "holds RCP plug-ins and a PEFT adapter (adapter_config.json): the plug-ins are loaded" in caplog.text
+    saved = model.plugin_state_dict()
+    assert fresh.plugin_state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.plugin_state_dict().items())
     fresh.load_adapter(str(tmp_path / "both"), adapter_name="lora")
     assert fresh.active_adapters() == ["lora"]
     batch = make_batch(PADDED)
@@ -225,6 +231,10 @@ def test_is_trainable_on_a_plugin_folder_is_pefts(tmp_path):
     assert all(p.requires_grad for p in fresh.plugin_parameters()) and fresh.training
     fresh.load_adapter(str(tmp_path / "plugins"))  # not given: as it was
     assert all(p.requires_grad for p in fresh.plugin_parameters()) and fresh.training
+    # ... frozen and in eval mode too (a default of True would make a user's frozen plug-ins trainable again)
+    fresh.load_adapter(str(tmp_path / "plugins"), is_trainable=False)
+    fresh.load_adapter(str(tmp_path / "plugins"))
+    assert not any(p.requires_grad for p in fresh.plugin_parameters()) and not fresh.training
 
 
 @pytest.mark.parametrize("subfolder", [None, "rcp-64"])

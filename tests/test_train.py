@@ -1012,7 +1012,7 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split():
+def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split(tmp_path, monkeypatch):
     """No training job's card held a model-index: its entries had no `dataset_type` (the card's Hub-dataset test), and
     their split column was empty. A local folder named like owner/name is no Hub dataset."""
     from rcp_llava.hub import build_model_card
@@ -1028,9 +1028,14 @@ def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split()
     (result,) = card.data.eval_results
     assert (result.dataset_type, result.dataset_split, result.metric_value) == ("someone/vqa-onewords", "test", 0.71)
     assert "| someone/vqa-onewords | test |" in card.text
+    # a relative local folder that reads as a Hub id (an absolute path never matched the id pattern)
+    (tmp_path / "someone" / "vqa-local").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     local = build_model_card(config, repo_id="me/rcp", base_model="llava-hf/llava-1.5-7b-hf", license="llama2",
-                             eval_results={**metrics, "dataset": os.path.dirname(__file__)})
+                             eval_results={**metrics, "dataset": "someone/vqa-local"})
     assert not local.data.eval_results
+    assert build_model_card(config, repo_id="me/rcp", base_model="llava-hf/llava-1.5-7b-hf", license="llama2",
+                            eval_results={**metrics, "dataset": "someone/vqa-remote"}).data.eval_results
 
 
 def test_the_deep_testbed_job_budgets_over_all_layers_at_the_papers_placement(tmp_path, monkeypatch):
