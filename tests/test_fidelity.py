@@ -259,6 +259,17 @@ def test_gradient_floor_keeps_the_forward_and_bounds_the_backward():
     torch.manual_seed(0)
     num, den = torch.randn(2, 3, 4, dtype=torch.float64), torch.rand(2, 3, 1, dtype=torch.float64) + 1e-12
     assert torch.equal(floored_renorm(num, den), num / den)
+    # Above the floor the backward is the exact gradient of num / den (its sign and size: the kept-mass term trains
+    # the pruners); below it, the same with den replaced by the floor.
+    den = torch.tensor([[[0.5]], [[2.0]], [[1e-4]]], dtype=torch.float64).expand(3, 3, 1).clone()
+    num = torch.randn(3, 3, 4, dtype=torch.float64)
+    weight = torch.randn(3, 3, 4, dtype=torch.float64)
+    got = torch.autograd.grad((floored_renorm(num.requires_grad_(), den.requires_grad_(), 1e-3) * weight).sum(),
+                              (num, den))
+    floored_den = den.detach().clamp_min(1e-3)
+    want = torch.autograd.grad((num / floored_den.requires_grad_() * weight).sum(), (num, floored_den))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert (got[1][:2] != 0).all()
     # A row whose kept attention mass is 1e-12: key 0 kept (score -27.6 below key 1), key 1 dropped.
     query = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
     query[..., 0] = 1.0

@@ -265,6 +265,43 @@ def test_pruned_inputs_keep_all_matches_stock_forward(micro_testbed):
     assert pruned["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] - n + int(keep.sum(-1).max())
 
 
+def test_pruned_inputs_equal_stock_with_the_dropped_tokens_masked(micro_testbed):
+    """The pruned layout (survivors' original positions, either padding side) against an independent reference: the
+    stock forward of the whole prompt with the dropped image tokens hidden by its attention mask. The test above
+    compares only keep-all (original positions equal compacted ones there) and the pruned length: positions counted
+    from 0 in the short row, or right padding placed on the left, passed it (a mutation audit)."""
+    from datasets import load_from_disk
+
+    model = LlavaForConditionalGeneration.from_pretrained(micro_testbed / "model").eval()
+    processor = AutoProcessor.from_pretrained(micro_testbed / "model")
+    rows = [r for r in load_from_disk(str(micro_testbed / "dataset"))["test"]][:3]
+    prompts = [processor.apply_chat_template(prompt_messages(r["question"]), add_generation_prompt=True)
+               for r in rows]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(text=prompts, images=[r["image"] for r in rows], return_tensors="pt", padding=True)
+    keep = oracle_keep(1 / 9)(rows)  # (B, N)
+    is_image = batch["input_ids"] == model.config.image_token_id
+    hidden = batch["attention_mask"].clone()
+    hidden[is_image] = keep.reshape(-1).long()  # the dropped image tokens: invisible keys
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    lengths = (hidden.sum(-1)).tolist()
+    assert len(set(lengths)) > 1, "rows of other pruned lengths: the padding side matters"
+    with torch.no_grad():
+        reference = model(**{**batch, "attention_mask": hidden}, position_ids=positions).logits[:, -1]
+        for side in ("left", "right"):
+            pruned = pruned_inputs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], keep,
+                                   padding_side=side)
+            width = pruned["attention_mask"].shape[1]
+            for b, length in enumerate(lengths):
+                real = range(width - length, width) if side == "left" else range(length)
+                assert pruned["attention_mask"][b].nonzero().flatten().tolist() == list(real)
+                kept_positions = positions[b][hidden[b].bool()].tolist()
+                assert pruned["position_ids"][b, list(real)].tolist() == kept_positions
+            logits = model(**pruned).logits
+            last = torch.tensor([width - 1 if side == "left" else length - 1 for length in lengths])
+            torch.testing.assert_close(logits[torch.arange(len(rows)), last], reference, atol=1e-4, rtol=1e-4)
+
+
 def test_keep_functions(micro_testbed):
     from datasets import load_from_disk
 

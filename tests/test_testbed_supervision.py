@@ -99,6 +99,42 @@ def test_loss_is_minus_log_mass_summed_over_hops():
     assert float(attention_supervision_loss((perfect, perfect), t, layers)) > 5
 
 
+def test_rows_keep_their_sample_and_each_hop_reads_its_own_layer():
+    """Every test above has one sample and gives each hop the same attention: rows all labelled sample 0, or every
+    hop read at the first hop's layer, passed them (a mutation audit). Two samples of other lengths (right padding):
+    each row is its sample's, as alone; and the loss reads each hop at its own layer."""
+    import torch.nn.functional as F
+
+    prompts = [_prompt(["is", "there", "a", "red", "triangle"], answer="yes"),
+               _prompt(["what", "colour", "is", "the", "small", "circle"], answer="red")]
+    width = max(len(tokens) for tokens, _, _ in prompts)
+    tokens = [t + ["<pad>"] * (width - len(t)) for t, _, _ in prompts]
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m, _ in prompts])
+    is_image = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, _, i in prompts])
+    both = attention_targets(tokens, mask, is_image, [LABELS, LABELS])
+    for b, prompt in enumerate(prompts):
+        alone = attention_targets([prompt[0]], prompt[1], prompt[2], [LABELS])
+        for hop in HOPS:
+            rows, targets = both[hop]
+            mine = rows[:, 0] == b
+            assert mine.any(), hop
+            assert rows[mine, 1].tolist() == alone[hop][0][:, 1].tolist(), hop
+            assert torch.equal(targets[mine][:, :alone[hop][1].shape[1]], alone[hop][1]), hop
+    # layer 0 uniform, layer 1 all mass on the targets: only the hops read at layer 0 cost anything
+    t = attention_targets([prompts[0][0]], prompts[0][1], prompts[0][2], [LABELS])
+    length = len(prompts[0][0])
+    uniform = torch.full((1, 1, length, length), 1.0 / length)
+    perfect = torch.zeros(1, 1, length, length)
+    for hop in HOPS:
+        for (b, q), target in zip(t[hop][0].tolist(), t[hop][1]):
+            perfect[b, 0, q] = target.float() / target.sum()
+    cost = {hop: np.mean([-math.log(int(row.sum()) / length) for row in t[hop][1]]) for hop in HOPS}
+    for layers in ((0, 1, 1), (1, 0, 0), (1, 0, 1)):
+        expected = sum(cost[hop] for hop, layer in zip(HOPS, layers) if layer == 0)
+        loss = attention_supervision_loss((uniform, perfect), t, layers)
+        assert abs(float(loss) - expected) < 1e-5 and expected > 1, layers
+
+
 def test_head_probe_equals_eager_output_attentions():
     """The supervised heads' probabilities beside the sdpa kernel (`HeadAttentionProbe`) are eager attention's head 0:
     same loss, same gradients, on a real testbed batch (micro preset, right-padded, pruned subsets)."""
