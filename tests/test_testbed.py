@@ -241,16 +241,22 @@ def test_micro_build_writes_loadable_llava(micro_testbed):
     assert json.loads((out / "metrics.json").read_text())["command"] == "pytest"  # who built it, not who reused
 
 
-def test_pruned_inputs_keep_all_matches_stock_forward(micro_testbed):
+def _test_prompts(folder, count):
+    """The testbed's model and its first `count` test rows as one left-padded prompt batch."""
     from datasets import load_from_disk
 
-    model = LlavaForConditionalGeneration.from_pretrained(micro_testbed / "model").eval()
-    processor = AutoProcessor.from_pretrained(micro_testbed / "model")
-    rows = [r for r in load_from_disk(str(micro_testbed / "dataset"))["test"]][:4]
+    model = LlavaForConditionalGeneration.from_pretrained(folder / "model").eval()
+    processor = AutoProcessor.from_pretrained(folder / "model")
+    rows = [r for r in load_from_disk(str(folder / "dataset"))["test"]][:count]
     prompts = [processor.apply_chat_template(prompt_messages(r["question"]), add_generation_prompt=True)
                for r in rows]
     processor.tokenizer.padding_side = "left"
     batch = processor(text=prompts, images=[r["image"] for r in rows], return_tensors="pt", padding=True)
+    return model, rows, batch
+
+
+def test_pruned_inputs_keep_all_matches_stock_forward(micro_testbed):
+    model, rows, batch = _test_prompts(micro_testbed, 4)
     assert (batch["attention_mask"] == 0).any(), "the test needs left padding"
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -270,15 +276,7 @@ def test_pruned_inputs_equal_stock_with_the_dropped_tokens_masked(micro_testbed)
     stock forward of the whole prompt with the dropped image tokens hidden by its attention mask. The test above
     compares only keep-all (original positions equal compacted ones there) and the pruned length: positions counted
     from 0 in the short row, or right padding placed on the left, passed it (a mutation audit)."""
-    from datasets import load_from_disk
-
-    model = LlavaForConditionalGeneration.from_pretrained(micro_testbed / "model").eval()
-    processor = AutoProcessor.from_pretrained(micro_testbed / "model")
-    rows = [r for r in load_from_disk(str(micro_testbed / "dataset"))["test"]][:3]
-    prompts = [processor.apply_chat_template(prompt_messages(r["question"]), add_generation_prompt=True)
-               for r in rows]
-    processor.tokenizer.padding_side = "left"
-    batch = processor(text=prompts, images=[r["image"] for r in rows], return_tensors="pt", padding=True)
+    model, rows, batch = _test_prompts(micro_testbed, 3)
     keep = oracle_keep(1 / 9)(rows)  # (B, N)
     is_image = batch["input_ids"] == model.config.image_token_id
     hidden = batch["attention_mask"].clone()
