@@ -1101,6 +1101,21 @@ class VisPrunerSelector(TokenSelector):
 BUILTIN_SELECTORS = dict(SELECTORS)
 
 
+def _warn_own_method(method):
+    """Saving (`save_pretrained`, `save_plugins`) under a method a fresh process cannot run as this one does: a
+    method of the user's own, or a selector registered over a built-in name (the folder names the built-in, which a
+    fresh process would run without a word)."""
+    if method not in BUILTIN_METHODS:
+        logger.warning(f"`pruning_method={method!r}` is a method of your own: the saved folder loads only where its "
+                       "selector is registered (`register_pruning_method`) first, or with a built-in "
+                       "`pruning_method=...` given to `from_pretrained`.")
+    elif method in SELECTORS and SELECTORS[method] is not BUILTIN_SELECTORS.get(method):
+        logger.warning(f"`pruning_method={method!r}` runs your own selector ({SELECTORS[method].__name__}), "
+                       "registered over the built-in one: a fresh process loads the saved folder with the built-in "
+                       f"{method!r} unless your selector is registered (`register_pruning_method(..., "
+                       "overwrite=True)`) before loading. Register it under a name of its own to keep them apart.")
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. The state of one pruned prefill
 # ------------------------------------------------------------------------------------------------
@@ -1928,18 +1943,7 @@ class RcpHubMixin:
         save_directory = os.fspath(save_directory)
         # an edited field the plug-ins were not built for: refused before anything is written
         self._rcp_core()._check_config()
-        method = self.config.pruning_method
-        if method not in BUILTIN_METHODS:
-            logger.warning(f"`pruning_method={method!r}` is a method of your own: the saved folder "
-                           "loads only where its selector is registered (`register_pruning_method`) first, or with a "
-                           "built-in `pruning_method=...` given to `from_pretrained`.")
-        elif method in SELECTORS and SELECTORS[method] is not BUILTIN_SELECTORS.get(method):
-            # registered over a built-in with `overwrite=True`: the folder names the built-in, which a fresh process
-            # would run without a word
-            logger.warning(f"`pruning_method={method!r}` runs your own selector ({SELECTORS[method].__name__}), "
-                           "registered over the built-in one: a fresh process loads the saved folder with the built-in "
-                           f"{method!r} unless your selector is registered (`register_pruning_method(..., "
-                           "overwrite=True)`) before loading. Register it under a name of its own to keep them apart.")
+        _warn_own_method(self.config.pruning_method)
         _refuse_other_model(save_directory, self.config, overwrite, _plugin_names(self.state_dict()))
         push = kwargs.pop("push_to_hub", False)
         # transformers passes its unnamed kwargs to `create_repo` when pushing; they must not reach the local save
@@ -3452,6 +3456,7 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         if _save_safetensors is None:  # pragma: no cover
             raise ImportError("Saving RCP plug-ins needs `safetensors` (`pip install safetensors`).")
         self.model._check_config()
+        _warn_own_method(self.config.pruning_method)
         config, text = self.config, self.config.text_config
         base = (
             base_model_name_or_path

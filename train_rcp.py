@@ -355,7 +355,13 @@ class RcpTrainingArguments(TrainingArguments):
             logger.warning("[train_rcp] `remove_unused_columns=True` would drop the image, question and answer columns "
                            "the RCP collator reads: set to False.")
             self.remove_unused_columns = False
-        self.parsed_repair_loss_layers = _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
+        _parse_int_list(self.repair_loss_layers, "repair_loss_layers")  # refused now, not at the first step
+
+    @property
+    def parsed_repair_loss_layers(self):
+        """`repair_loss_layers` as ints (None: the repair layers), read when used: a hyperparameter search sets the
+        field on the arguments after they were built."""
+        return _parse_int_list(self.repair_loss_layers, "repair_loss_layers")
 
 
 def rcp_training_arguments(args):
@@ -529,12 +535,27 @@ def load_splits(dataset_path, train_split="train"):
         if dataset_path.lower().endswith((".json", ".jsonl", ".ndjson")) and _is_llava_json(dataset_path):
             raise ValueError(f"--dataset_name_or_path {dataset_path!r} is a LLaVA-style JSON (records with "
                              "'conversations'): pass it as --llava_json (with --image_folder for its image paths).")
-        # The file as one data file of its folder: `datasets` picks the loader from its name as for a Hub folder
-        # (.tsv with its tab separator, .ndjson, compressed .jsonl.gz / .csv.gz); mapping the extension to a builder
-        # here read a .tsv as a one-column CSV and sent .gz / .ndjson to the Hub as builder names.
-        folder, name = os.path.split(os.path.abspath(dataset_path))
-        return load_dataset(folder, data_files=name)
+        builder, options = _file_builder(dataset_path)
+        return load_dataset(builder, data_files=dataset_path, **options)
     return load_dataset(dataset_path)
+
+
+# A data file's loader by its (lower-cased) extension, as `datasets` maps a Hub folder's files; others name their
+# builder (parquet, arrow, ...). The file alone is read: its folder's other files (a README's front matter, a .py)
+# are none of the data's business.
+_FILE_BUILDERS = {"json": ("json", {}), "jsonl": ("json", {}), "ndjson": ("json", {}), "csv": ("csv", {}),
+                  "tsv": ("csv", {"sep": "\t"}), "txt": ("text", {})}
+_COMPRESSIONS = ("gz", "bz2", "xz", "zst", "lz4")  # `datasets` reads these through, by the inner extension
+
+
+def _file_builder(path):
+    """(builder, options) that `datasets.load_dataset` reads the file at `path` with: a .tsv was read as a one-column
+    CSV (no tab separator) and a .ndjson / compressed .jsonl.gz went to the Hub as builders 'ndjson' / 'gz'."""
+    parts = os.path.basename(path).lower().split(".")[1:]
+    if parts and parts[-1] in _COMPRESSIONS:
+        parts = parts[:-1]
+    extension = parts[-1] if parts else ""
+    return _FILE_BUILDERS.get(extension, (extension, {}))
 
 
 def _rcp_columns(split, job, name):
@@ -702,6 +723,14 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         upcast_plugins(model)
         model.model.detach_prior = self._rcp_args.detach_prior  # a switch of the model, like `train()`
         return model
+
+    def _hp_search_setup(self, trial):
+        """The stock setup of a hyperparameter-search trial: its values reach `self.args` here, after `train()` built
+        the trial's model (`call_model_init`), so the model's switch is set again from them (it kept the previous
+        trial's `detach_prior`)."""
+        super()._hp_search_setup(trial)
+        if trial is not None:
+            self.accelerator.unwrap_model(self.model).model.detach_prior = self.args.detach_prior
 
     def call_model_init(self, trial=None):
         """`model_init`'s fresh model (the stock Trainer calls it in `__init__` and at every `train()`, e.g. for

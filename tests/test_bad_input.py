@@ -933,8 +933,13 @@ def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
         f.write(lines)
     with gzip.open(tmp_path / "files" / "rows.csv.gz", "wt") as f:
         f.write("question,answer\nq1,a1\nq2,a2\n")
-    for name in ("rows.tsv", "rows.ndjson", "rows.jsonl.gz", "rows.csv.gz"):
-        split = load_splits(str(tmp_path / "files" / name))["train"]  # one file: not its neighbours
+    (tmp_path / "files" / "ROWS.JSONL").write_text(lines)
+    # the file alone, whatever is beside it (a review: reading it as its folder's data file let a helper module, a
+    # README's front matter that is not YAML, or the case of its extension refuse it)
+    (tmp_path / "files" / "files.py").write_text("HELPER = 1\n")
+    (tmp_path / "files" / "README.md").write_text("---\nNotes: run this: then that\n---\n")
+    for name in ("rows.tsv", "rows.ndjson", "rows.jsonl.gz", "rows.csv.gz", "ROWS.JSONL"):
+        split = load_splits(str(tmp_path / "files" / name))["train"]
         assert split.column_names == ["question", "answer"] and split["answer"] == ["a1", "a2"], name
     path = _llava_json(tmp_path)
     with pytest.raises(ValueError, match=r"is a LLaVA-style JSON \(records with 'conversations'\): pass it as "

@@ -81,10 +81,12 @@ def test_a_selector_registered_over_a_built_in_warns_on_save(tmp_path, caplog):
     register_pruning_method(MyRandom, overwrite=True)
     try:
         model = make_model(pruning_method="random", repair_layers=[])
-        with caplog.at_level("WARNING"):
-            model.save_pretrained(tmp_path / "mine")
-        assert ("`pruning_method='random'` runs your own selector (MyRandom), registered over the built-in one"
-                in caplog.text)
+        for save, folder in ((model.save_pretrained, "mine"), (model.save_plugins, "plugins")):  # RcpTrainer's
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                save(tmp_path / folder)
+            assert ("`pruning_method='random'` runs your own selector (MyRandom), registered over the built-in one"
+                    in caplog.text), folder
     finally:
         register_pruning_method(builtin_cls, overwrite=True)
     assert SELECTORS["random"] is BUILTIN_SELECTORS["random"] is builtin_cls

@@ -190,3 +190,26 @@ def test_model_init_gives_a_fresh_model_set_up_for_rcp(micro, tmp_path):  # noqa
     with pytest.raises(ValueError, match=r"needs an `RcpLlavaForConditionalGeneration` model \(`model=`, or "
                                          r"`model_init=` returning one\)"):
         RcpTrainer(args=_args(tmp_path), train_dataset=dataset, processing_class=processor)
+
+
+def test_a_hyperparameter_search_trial_trains_with_its_own_values(micro, tmp_path, monkeypatch):  # noqa: F811
+    """`train(trial=...)` builds the trial's model (`call_model_init`) before the trial's values reach the arguments
+    (`_hp_search_setup`): the model's `detach_prior` was the previous trial's, and `repair_loss_layers` was parsed
+    once when the arguments were built (a review of the model_init commit)."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    make, processor, dataset = micro
+    trainer = RcpTrainer(model_init=lambda trial=None: make(), args=_args(tmp_path, max_steps=1),
+                         train_dataset=dataset, processing_class=processor)
+    # what `hyperparameter_search` sets up with optuna (not installed here): a trial whose `hp_space` is its params
+    import types
+
+    import transformers.integrations
+
+    trainer.hp_search_backend, trainer.hp_space = HPSearchBackend.OPTUNA, lambda trial: trial.params
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: trial.params)
+    for number, (detach, layers) in enumerate(((True, "0"), (False, "1"), (True, ""))):
+        trainer.train(trial=types.SimpleNamespace(number=number, params={"detach_prior": detach,
+                                                                         "repair_loss_layers": layers}))
+        assert trainer.model.model.detach_prior is detach
+        assert trainer.repair_layers_for_loss(trainer.model.config) == ([int(layers)] if layers else [1])
