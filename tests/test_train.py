@@ -490,8 +490,8 @@ def test_an_unreadable_image_is_named_by_its_example_in_the_batch(micro, tmp_pat
     with pytest.raises(ValueError, match=rf"^An example's image {re.escape(repr(os.path.join(images, 'b.png')))} "
                                          r"cannot be read \(image file is truncated.*\): the file is missing, "
                                          r"truncated or corrupt; replace it or drop the example\. The example: "
-                                         r"record 1 \(id 'r1'\), question \['What shape\?'\], answer "
-                                         r"\['round'\] \(position 1 in this batch\)\.$"):
+                                         r"record 1 \(id 'r1'\), question 'What shape\?', answer "
+                                         r"'round' \(position 1 in this batch\)\.$"):  # single-turn: plain strings
         collator([rows[0], rows[1]])
     os.remove(os.path.join(images, "b.png"))  # deleted after loading: FileNotFoundError, named the same way
     with pytest.raises(FileNotFoundError, match=r"^An example's image .*b\.png' cannot be read .*record 1"):
