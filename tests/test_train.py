@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_rcp
-from conftest import sentencepiece_like_processor
+from conftest import randomize_plugin_parameters, sentencepiece_like_processor
 from train_rcp import (
     RcpDataCollator, RcpTrainer, RcpTrainingArguments, gaussian_w2, sparsity_loss, task_loss, w2_repair_loss,
 )
@@ -167,7 +167,11 @@ def test_a_batch_without_the_collators_masks_trains_on_the_same_positions(micro,
     answer tokens as question text (teacher forcing leaked the answer into the selection) and its adapters repaired
     only the last position, while the repair loss compared every answer position. The masks now come from the
     labels, as the collator builds them: the same loss, term by term."""
-    trainer = make_trainer(micro, tmp_path, model=micro[0](pruning_keep_counts=None))
+    # Fixed counts and trained-like pruners, which rank by the question: untrained adaptive ones keep every token,
+    # and then which rows are the question changes nothing.
+    model = micro[0](pruning_keep_counts=[16])
+    randomize_plugin_parameters(model, seed=3)
+    trainer = make_trainer(micro, tmp_path, model=model)
     _, processor, dataset = micro
     batch = RcpDataCollator(processor)([dataset[0], dataset[1]])
     labels_only = {k: v for k, v in batch.items() if k not in ("question_mask", "answer_mask")}
@@ -175,8 +179,11 @@ def test_a_batch_without_the_collators_masks_trains_on_the_same_positions(micro,
     with torch.no_grad():
         given = trainer.compute_loss(trainer.model, dict(batch))
         derived = trainer.compute_loss(trainer.model, labels_only)
+        # the answer read as question text selects other tokens: what the masks from the labels prevent
+        leaked = trainer.compute_loss(trainer.model, {**batch, "question_mask": batch["attention_mask"].bool()})
     assert torch.equal(given, derived)
     assert trainer._eval_parts[0][1] == trainer._eval_parts[1][1]
+    assert trainer._eval_parts[0][1]["retention"] < 1 and not torch.equal(given, leaked)
 
 
 def test_collator_builds_labels_and_masks(micro):
@@ -401,22 +408,39 @@ def test_resuming_a_run_whose_batch_auto_find_batch_size_halved_trains_on(micro,
 def test_gradient_accumulation_equals_the_larger_batch(micro, tmp_path):
     """Exact for the per-sample losses. The authors' pooled repair moments and batch-mean retention are taken per
     micro-batch (as in their code), so with those the accumulated step is close to, not equal to, the larger batch."""
-    make, _, _ = micro
     common = dict(max_steps=1, optim="sgd", learning_rate=1.0, gumbel_noise=False, save_strategy="no",
                   lr_scheduler_type="constant", lr_scheduler_kwargs={}, repair_loss_pooling="sample",
-                  sparsity_reduction="sample")
-    big = make_trainer(micro, tmp_path / "big", model=make(), per_device_train_batch_size=4, **common)
+                  sparsity_reduction="sample", **ACTIVE_TERMS)
+    big = make_trainer(micro, tmp_path / "big", model=_trained_like(micro), per_device_train_batch_size=4, **common)
     big.train()
-    small = make_trainer(micro, tmp_path / "small", model=make(), per_device_train_batch_size=2,
+    small = make_trainer(micro, tmp_path / "small", model=_trained_like(micro), per_device_train_batch_size=2,
                          gradient_accumulation_steps=2, **common)
     small.train()
-    start = make().plugin_state_dict()
+    _assert_every_term_active(big)
+    start = _trained_like(micro).plugin_state_dict()
     a, b = big.model.plugin_state_dict(), small.model.plugin_state_dict()
     moved = 0
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
         moved += int(not torch.equal(a[key], start[key]))
     assert moved > 0
+
+
+# Every loss term with a gradient in a one-step run: no sparsity warm-up (its target starts at 1.0, where untrained
+# pruners keep everything: a zero term) and no clipping (it rescaled both runs alike and hid a doubled term).
+ACTIVE_TERMS = dict(sparsity_warmup_ratio=0.0, max_grad_norm=0.0)
+
+
+def _trained_like(micro, seed=0):
+    """The micro model with plug-ins as after training: the adapters acting (the repair loss non-zero)."""
+    model = micro[0]()
+    randomize_plugin_parameters(model, seed)
+    return model
+
+
+def _assert_every_term_active(trainer):
+    log = next(e for e in trainer.state.log_history if "task_loss" in e)
+    assert log["sparsity_loss"] > 0.01 and log["repair_loss"] > 1e-3, log
 
 
 def test_trainer_refuses_a_model_without_plugins(micro, tmp_path):
@@ -1104,6 +1128,9 @@ def test_eval_strategy_steps_evaluates_and_keeps_the_best_plugins(tmp_path):
         "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
         "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2", "--load_best_model_at_end",
         "--metric_for_best_model", "eval_loss", "--do_eval",
+        # the highest loss is "best": a checkpoint other than the last (the loss falls), or loading no best checkpoint
+        # at all would pass
+        "--greater_is_better", "true",
     ])
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     evals = [e for e in state["log_history"] if "eval_loss" in e]
@@ -1111,12 +1138,15 @@ def test_eval_strategy_steps_evaluates_and_keeps_the_best_plugins(tmp_path):
     for e in evals:
         assert 0.0 <= e["eval_answer_exact_match"] <= 1.0 and 0.0 <= e["eval_answer_token_accuracy"] <= 1.0
         assert "eval_retention" in e and "eval_task_loss" in e
-    best = min(evals, key=lambda e: e["eval_loss"])
+    best = max(evals, key=lambda e: e["eval_loss"])
+    assert best["step"] != 6
     assert metrics["best_model_checkpoint"] == str(out / f"checkpoint-{best['step']}")
     assert metrics["trainer_eval"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
     saved = load_file(out / "plugins" / "rcp_plugins.safetensors")
     best_saved = load_file(out / f"checkpoint-{best['step']}" / "rcp_plugins.safetensors")
     assert saved.keys() == best_saved.keys() and all(torch.equal(saved[k], best_saved[k]) for k in saved)
+    last = load_file(out / "checkpoint-6" / "rcp_plugins.safetensors")
+    assert not all(torch.equal(saved[k], last[k]) for k in saved)
 
 
 def test_evaluating_without_the_eval_split_is_refused_before_training(tmp_path):
@@ -1201,15 +1231,15 @@ def test_logged_parts_sum_a_windows_micro_batches_and_weight_eval_batches():
 def test_gradient_accumulation_logs_the_loss_parts_of_the_larger_batch(micro, tmp_path):
     """Each micro-batch's part is its share of the window, and the log averaged the shares: batch 2 x 2 logged
     task_loss 2.014 where batch 4 logged 4.028 (the loss and the update were already equal)."""
-    make, _, _ = micro
     common = dict(max_steps=1, optim="sgd", learning_rate=1e-9, gumbel_noise=False, save_strategy="no",
                   lr_scheduler_type="constant", lr_scheduler_kwargs={}, repair_loss_pooling="sample",
-                  sparsity_reduction="sample", max_grad_norm=1e9)
+                  sparsity_reduction="sample", **ACTIVE_TERMS)
     logs = {}
     for name, overrides in (("batch 4", dict(per_device_train_batch_size=4)),
                             ("2 x 2", dict(per_device_train_batch_size=2, gradient_accumulation_steps=2))):
-        trainer = make_trainer(micro, tmp_path / name, model=make(), **common, **overrides)
+        trainer = make_trainer(micro, tmp_path / name, model=_trained_like(micro), **common, **overrides)
         trainer.train()
+        _assert_every_term_active(trainer)
         logs[name] = next(e for e in trainer.state.log_history if "task_loss" in e)
     args = trainer.args
     for name, log in logs.items():  # the parts recompose the logged loss
