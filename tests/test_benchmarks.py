@@ -343,6 +343,32 @@ def test_compare_prefill_smoke(tmp_path, monkeypatch):
     assert out.read_text() == before
 
 
+def test_compare_prefill_tells_a_changed_file_apart(tmp_path, monkeypatch):
+    """The smoke test compares the file with itself, so its last column is True whatever the comparison does (a
+    mutation audit: comparing the new outputs with themselves passed). An --old copy whose top-k keeps the lowest
+    scores: the methods that rank differ (other kept sets, other logits), the unpruned row does not."""
+    compare = load_benchmark("compare_prefill")
+    import modeling_rcp_llava
+
+    source = open(modeling_rcp_llava.__file__).read()
+    top_k = "order = torch.sort(scores.masked_fill(~valid, float(\"-inf\")), dim=1, descending=True, stable=True)"
+    final_norm = "        hidden = lm.norm(hidden)\n"  # the pruned loops' (the stock forward has its own)
+    assert source.count(top_k) == 1 and source.count(final_norm) == 2
+    for name, old_source in (("kept sets", source.replace(top_k, top_k.replace("descending=True", "descending=False"))),
+                             # the same kept sets, other logits
+                             ("logits", source.replace(final_norm, "        hidden = lm.norm(hidden) * 2\n"))):
+        old = tmp_path / f"{name}.py"
+        old.write_text(old_source)
+        out = tmp_path / f"{name}.md"
+        monkeypatch.setattr(sys, "argv", ["compare_prefill.py", "--old", str(old), "--preset", "tiny",
+                                          "--batch_sizes", "1", "--repeats", "1", "--methods", "full,rcp-64,fastv-64",
+                                          "--output", str(out)])
+        compare.main()
+        rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
+        assert [(r[0], r[-1]) for r in rows] == [("| full", "True |"), ("| rcp-64", "False |"),
+                                                 ("| fastv-64", "False |")], name
+
+
 def test_testbed_report_from_metrics(tmp_path):
     report = load_benchmark("testbed_report")
     fam = {"attribute": 0.9, "counting": 0.8}

@@ -501,6 +501,25 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
     assert unpruned.visual_tokens_per_layer == [2 * lm.model.config.num_visual_tokens]  # two images, every layer
 
 
+def test_beams_record_each_documents_own_visual_tokens(tmp_path):
+    """With fixed counts every document records the same number, and the beam call above sends one document: reading
+    row i instead of the document's first beam row (i * beams) passed (a mutation audit). Adaptive RCP, two documents
+    that keep different counts: beams record what greedy records, document by document."""
+    from rcp_llava.demo import demo_image, save_demo_folder
+
+    folder = str(save_demo_folder(tmp_path / "adaptive", pruning_keep_counts=None, visual_token_budget=6.0)[0])
+    lm = _from_args(folder, "max_new_tokens=2", batch_size=2)
+    docs = [{"img": [demo_image(seed=1)]}, {"img": [demo_image(seed=5)]}]
+    lm.task_dict = {"t": {"test": docs}}
+    visual = lambda d: d["img"]  # noqa: E731
+    question = "what colour is the shape ?"
+    lm.generate_until([_request(question, {"until": []}, visual, d) for d in (0, 1)])
+    greedy = lm.visual_tokens_per_layer[-2:]
+    assert greedy[0] != greedy[1]
+    lm.generate_until([_request(question, {"until": [], "num_beams": 2}, visual, d) for d in (0, 1)])
+    assert lm.visual_tokens_per_layer[-2:] == greedy
+
+
 def test_the_visual_token_summary_is_per_task_and_outlives_lmms_evals_clean_up(demo_folder):
     """lmms-eval sends every task's requests in one call: one pooled mean gave no task its own compute figure. And
     `simple_evaluate` ends with `lm.clean()`, which deletes the model: the summary then raised AttributeError."""
