@@ -325,6 +325,48 @@ def test_decode_state_knows_padding_only_while_every_row_stays():
         assert picked.padded_segments == {5: False}
 
 
+@pytest.mark.parametrize("counts", ["fixed", "adaptive"])
+def test_a_mixed_batch_is_as_long_as_its_longest_row(counts):
+    """A text-only row keeps its length (nothing of it is pruned); the pruned sequence is as long as its longest row,
+    in every layer's cache. Every length test used image rows only: a text row counted as keeping the point's count
+    (its length grown by it, every row padded to that) passed (a mutation audit)."""
+    overrides = {} if counts == "fixed" else {"pruning_keep_counts": None}
+    model = make_model(randomize_plugins=True, **overrides)
+    batch = make_batch([(2, 3, True), (4, 5, False)])
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    valid = out.token_positions >= 0  # (B, T')
+    assert valid[1].sum() == batch["attention_mask"][1].sum()  # the text row whole
+    assert valid.any(0).all(), "a column that is padding in every row"
+    lengths = {out.past_key_values.get_seq_length(i) for i in range(model.config.text_config.num_hidden_layers)}
+    assert max(lengths) == batch["input_ids"].shape[1] and min(lengths) == valid.shape[1]
+
+
+def test_a_repeated_or_selected_cache_decodes_each_row_as_its_prompt():
+    """`Cache.batch_repeat_interleave` / `batch_select_indices` (what generate does to a given cache for
+    `num_return_sequences` or contrastive search): the pruning state's segment masks, repair contexts and image flags
+    follow the rows (tiling them instead of interleaving passed every test: a mutation audit). A decode step on the
+    repeated or selected cache equals the original's rows."""
+    import copy
+
+    model = make_model(randomize_plugins=True, seed=3)
+    batch = make_batch(PADDED, seed=5)
+    nxt = torch.tensor([[7], [8], [9]])
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=batch["attention_mask"].dtype)], dim=1)
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+        step = model(input_ids=nxt, attention_mask=mask, past_key_values=copy.deepcopy(cache)).logits[:, -1]
+        repeated = copy.deepcopy(cache)
+        repeated.batch_repeat_interleave(2)
+        twice = model(input_ids=nxt.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
+                      past_key_values=repeated).logits[:, -1]
+        cache.batch_select_indices(torch.tensor([2, 0]))
+        picked = model(input_ids=nxt[[2, 0]], attention_mask=mask[[2, 0]], past_key_values=cache).logits[:, -1]
+    assert not torch.allclose(step[0], step[1], atol=1e-3)  # rows that differ: a mix-up would show
+    torch.testing.assert_close(twice, step.repeat_interleave(2, 0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(picked, step[[2, 0]], rtol=1e-5, atol=1e-6)
+
+
 def test_beam_search_batch_equals_single_with_trained_adapters():
     """If the adapters' per-sample state did not follow the beams, rows would read each other's context."""
     model = make_model(randomize_plugins=True, seed=3)

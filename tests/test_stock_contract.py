@@ -2,6 +2,7 @@
 `inputs_embeds` path, train mode and cache continuation behave as a `LlavaForConditionalGeneration` user expects,
 and pruning happens only in a prefill that carries an image."""
 
+import collections.abc
 import copy
 import math
 import re
@@ -94,6 +95,44 @@ def test_none_compiles_with_a_static_cache_and_fullgraph():
 
 
 # 2. Output flags with pruning on ----------------------------------------------------------------------------
+
+
+def _flat(value):
+    """A nested output tuple as a flat list of its leaves."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _flat(item)]
+    return [value]
+
+
+def _same(a, b):
+    """Equal leaves: tensors exactly, sequences of tensors (`kept_indices`) row by row, anything else by `==`."""
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if not isinstance(a, str) and isinstance(a, collections.abc.Sequence):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_tuple_output_is_the_dict_outputs_fields_for_every_flag(name):
+    """`return_dict=False` is the dict output's `to_tuple()`, leaf by leaf, for every flag combination (transformers'
+    `test_model_outputs_equivalence` checks this but is xfailed on the bool fields; the tuple checks here read only
+    its first entry, so a tuple without the loss passed: a mutation audit)."""
+    import itertools
+
+    model = make_model(randomize_plugins=True, attn_implementation="eager", **METHODS[name])
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
+    with torch.no_grad():
+        for with_labels, hidden, attentions in itertools.product((False, True), repeat=3):
+            kwargs = dict(batch, output_hidden_states=hidden, output_attentions=attentions, use_cache=False,
+                          **({"labels": labels} if with_labels else {}))
+            as_dict = model(**kwargs)
+            as_tuple = model(**kwargs, return_dict=False)
+            want, got = _flat(as_dict.to_tuple()), _flat(as_tuple)
+            assert len(got) == len(want), (with_labels, hidden, attentions)
+            assert all(type(a) is type(b) and _same(a, b) for a, b in zip(got, want)), (with_labels, hidden, attentions)
+            assert torch.equal(as_tuple[0], as_dict.loss if with_labels else as_dict.logits)
 
 
 def test_pruned_forward_honours_return_dict_and_hidden_state_flags():
@@ -538,11 +577,14 @@ def test_a_copied_cache_continues_twice_the_same():
     with torch.no_grad():
         first = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
                                return_dict_in_generate=True)
-        a = model.generate(input_ids=first.sequences, past_key_values=copy.deepcopy(first.past_key_values),
-                           max_new_tokens=2, min_new_tokens=2, do_sample=False)
-        b = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2,
-                           min_new_tokens=2, do_sample=False)
-    assert torch.equal(a, b) and a.shape[1] == batch["input_ids"].shape[1] + 4
+        # logits, not only tokens: a copy that lost its pruning state (the tokens VisPruner dropped before the LLM)
+        # continued 0.06 off in its logits with the same two tokens (a mutation audit)
+        kwargs = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                      output_logits=True)
+        a = model.generate(input_ids=first.sequences, past_key_values=copy.deepcopy(first.past_key_values), **kwargs)
+        b = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, **kwargs)
+    assert torch.equal(a.sequences, b.sequences) and a.sequences.shape[1] == batch["input_ids"].shape[1] + 4
+    assert len(a.logits) == 2 and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
     assert NUM_VISUAL == 16
 
 
