@@ -15,6 +15,7 @@ from conftest import make_image, write_json
 
 from rcp_llava.evaluation import generated_answers, load_data, score_benchmark
 from rcp_llava.metrics import load_metric
+from rcp_llava.metrics.exact_match.exact_match import mmbench_choice
 from rcp_llava.readers import VqaRecord, read_benchmark
 
 
@@ -119,6 +120,8 @@ def test_mmbench_answers_are_parsed_as_can_infer():
     metric = load_metric("exact_match")
     assert metric.compute(predictions=["b", "A dog is on the mat"], references=[["B"], ["A"]], mode="mmbench",
                           choices=[["red", "blue"], ["dog", "cat"]], return_scores=True)["scores"] == [0.0, 1.0]
+    # The article rule's edge: three words keep the letter, a fourth makes "A" an article (and no option is named)
+    assert [mmbench_choice(p, ["red", "blue"]) for p in ("A is right", "A is right here")] == ["A", None]
 
 
 def test_multiple_choice_modes_check_their_arguments():

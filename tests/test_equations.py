@@ -46,6 +46,29 @@ def test_pruner_forward_is_eqs_1_to_5():
     assert torch.isneginf(logits[~visual_valid]).all()
 
 
+def test_query_dropout_zeroes_that_share_of_query_rows_without_rescaling():
+    """Training mode with query_dropout 0.2: about a fifth of the (sample, query) rows enter Eq. (2) as zeros and
+    the rest exactly as at inference (whole queries dropped, no 1 / (1 - p) rescaling)."""
+    d, p, heads, nq, bsz = 12, 8, 2, 64, 32
+    pruner = _randomized(RcpPruner(d, p, heads, nq, query_dropout=0.2, dropout=0.0).double())
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(bsz, 5, d, generator=g, dtype=torch.float64), torch.ones(bsz, 5, dtype=torch.bool),
+            torch.randn(bsz, 3, d, generator=g, dtype=torch.float64), torch.ones(bsz, 3, dtype=torch.bool),
+            torch.zeros(bsz, 5, dtype=torch.float64))
+    seen = []
+    pruner.attn_q.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        pruner(*args)  # eval: every query
+        pruner.train()
+        torch.manual_seed(0)
+        pruner(*args)
+    full, dropped = seen  # (B, Nq, p) each
+    zero = (dropped == 0).all(-1)  # (B, Nq)
+    assert 0.15 < zero.float().mean().item() < 0.25  # 2048 rows: 0.2 +- 0.05 is 5.6 standard deviations
+    assert zero.any(1).all() and (~zero).any(1).all()  # per query, not per sample (a sample keeps all 64: 0.8^64)
+    assert torch.equal(dropped[~zero], full[~zero])
+
+
 def test_repair_adapter_forward_is_eqs_11_to_15_at_answer_positions_only():
     d, b = 12, 6
     adapter = _randomized(RcpRepairAdapter(d, b).double(), scale=0.3)
@@ -99,3 +122,25 @@ def test_training_mask_gradient_is_the_straight_through_sigmoid_of_eqs_6_7():
     out.layer_retention.sum().backward()
     s = torch.sigmoid(logits / tau)
     torch.testing.assert_close(captured["logits"].grad[0], 3 / NUM_VISUAL * s * (1 - s) / tau, rtol=1e-5, atol=1e-9)
+
+
+def test_top_k_ties_keep_the_lower_index_among_valid_tokens():
+    """A fixed-count selection with tied scores keeps the earliest tokens (a stable sort), never a padded one:
+    the same kept set on every run and in every batch layout."""
+    from modeling_rcp_llava import _top_k_mask
+
+    assert _top_k_mask(torch.tensor([[.5, .5, .5, .5, .9]]), torch.ones(1, 5, dtype=torch.bool), 3).tolist() == [
+        [True, True, False, False, True]]
+    scores = torch.zeros(2, 600)
+    scores[:, ::7] = 1.0  # 86 high tokens, 514 tied low ones
+    valid = torch.ones(2, 600, dtype=torch.bool)
+    valid[1, :10] = False  # left padding
+    mask = _top_k_mask(scores, valid, 200)
+    for row in range(2):
+        alive = [i for i in range(600) if valid[row, i]]
+        high = [i for i in alive if i % 7 == 0]
+        expected = set(high + [i for i in alive if i % 7][:200 - len(high)])
+        assert set(mask[row].nonzero().flatten().tolist()) == expected
+    # k above a row's alive tokens keeps exactly those, not padding ranked after them
+    assert torch.equal(_top_k_mask(scores, valid, 595)[1], valid[1])
+

@@ -63,6 +63,31 @@ def test_rcp_counts_average_to_the_budget_with_table_vi_proportions():
     assert stage_proportions(2) == pytest.approx([16.72, 1.44])
 
 
+def test_rcp_counts_cap_nudge_and_round_exactly():
+    """Pinned values of the steps `rcp_keep_counts` names: a stage capped at N hands its excess to the later
+    stages in their Table VI ratio (a plain min(N, .) would leave the average short), the +-1 nudge goes down as
+    well as up, and halves round up."""
+    # Capped: the real first stage exceeds 576; the excess goes to 352 / 110 (without the redistribution the
+    # later stages stay at their uncapped 315 / 173 shares, and the average misses k).
+    assert rcp_keep_counts(384, [1, 13, 25], 32, 576) == [576, 352, 110]
+    assert rcp_keep_counts(96, [1, 2, 3], 4, 144) == [144, 110, 34]
+    # Nudged: a step down is what brings the average to k here.
+    assert rcp_keep_counts(128, [1, 13, 25], 32, 576) == [249, 69, 22]
+    assert rcp_keep_counts(2, [1, 2], 4, 16) == [4, 1]
+    # Round half up: the capped first stage leaves 8.5 per layer to the second; 9 (half up) lets the nudge reach
+    # 15 + 2 * 9 = 3 * 11 exactly, where half-to-even's 8 leaves [16, 8], one token short.
+    assert rcp_keep_counts(11, [1, 2], 4, 16) == [15, 9]
+
+
+def test_stage_proportions_interpolate_table_vi_log_linearly():
+    # Four pruners: t = 0, 1/3, 2/3, 1 over Table VI's three values, geometric between neighbours.
+    assert stage_proportions(4) == pytest.approx(
+        [16.72, 16.72 ** (1 / 3) * 4.59 ** (2 / 3), 4.59 ** (2 / 3) * 1.44 ** (1 / 3), 1.44], rel=1e-12)
+    assert stage_proportions(4) == pytest.approx([16.72, 7.0624, 3.1189, 1.44], abs=1e-4)
+    assert rcp_keep_counts(192, [2, 8, 14, 20], 32, 576) == [539, 228, 101, 46]
+    assert rcp_keep_counts(16, [1, 3, 5, 7], 8, 144) == [34, 14, 6, 4]
+
+
 def test_method_overrides_follow_the_design():
     base = make_model(pruning_layers=[1, 2], repair_layers=[2, 3], pruning_keep_counts=None).config
     assert default_fastv_layer(4) == 1 and default_fastv_layer(32) == 2
@@ -94,6 +119,18 @@ def test_method_model_shares_the_backbone_and_equals_a_fresh_model():
     assert base.config.pruning_keep_counts == [10, 5]  # the base is untouched
 
 
+def test_reference_token_counts_are_the_answer_tokens_without_bos():
+    """Greedy scoring generates as many tokens as the reference has: a tokenizer that adds BOS (Llama's) must not
+    add one to that count, or every one-token answer is scored on two generated tokens."""
+    from conftest import sentencepiece_like_processor
+    from rcp_llava.evaluation import reference_token_counts
+
+    processor = sentencepiece_like_processor("ASSISTANT:", bos_in_template=True)
+    assert processor.tokenizer(["two"])["input_ids"][0][0] == processor.tokenizer.bos_token_id  # it adds BOS
+    assert reference_token_counts(processor, ["two", "cats", "There are two cats."]) == [1, 1, 4]
+    assert reference_token_counts(processor, []) == []
+
+
 def test_relative_scores():
     rows = [{"method": "none", "score": 0.8, "groups": {"a": 0.5, "b": 1.0}},
             {"method": "rcp", "score": 0.4, "groups": {"a": 0.5, "b": 0.25}},
@@ -103,6 +140,12 @@ def test_relative_scores():
     assert rows[1]["groups_relative"] == pytest.approx({"a": 1.0, "b": 0.25})
     assert rows[1]["mean_group_relative"] == pytest.approx(0.625)
     assert rows[2]["mean_group_relative"] == pytest.approx(0.25)
+    # A group the full model scores 0 has no ratio: the mean is over the groups that have one (not a 0 for it, not
+    # a division by every group)
+    rows = add_relative([{"method": "none", "score": 0.5, "groups": {"color": 1.0, "count": 0.0}},
+                         {"method": "rcp", "score": 0.4, "groups": {"color": 0.8, "count": 0.0}}])
+    assert rows[1]["groups_relative"] == {"color": pytest.approx(0.8), "count": None}
+    assert rows[1]["mean_group_relative"] == pytest.approx(0.8)
 
 
 # -- the command, figures and ablations on the micro testbed -------------------------------------------
@@ -499,6 +542,27 @@ def test_the_oracle_without_attention_topk_is_refused(micro):
     with pytest.raises(ValueError, match=r"^`oracle` adds a row per `attention_topk` row \(its layers and counts\), "
                                          r"but `methods` \['none', 'rcp'\] has no 'attention_topk'; add it"):
         evaluate_grid(base, processor, data, ["none", "rcp"], ["1/3"], oracle=True, progress=False)
+
+
+def test_mean_text_tokens_counts_the_prompt_without_its_visual_tokens(micro):
+    """The text part of the prefill the FLOPs are counted at: the processor's prompt (its <image> expanded to the
+    image's tokens) less those tokens, averaged over the rows. The placeholder itself is not a text token."""
+    from transformers import AutoProcessor
+
+    from rcp_llava.data import prompt_messages
+    from rcp_llava.evaluation import load_data, mean_text_tokens
+
+    root, folder = micro
+    processor = AutoProcessor.from_pretrained(root / "rcp")
+    data = load_data(str(folder / "dataset"), max_samples=6)
+    lengths = []
+    for row in data.rows:
+        text = processor.apply_chat_template(prompt_messages(row[data.question_column]), add_generation_prompt=True)
+        ids = processor(text=[text], images=[row["image"]], add_special_tokens=False)["input_ids"][0]
+        lengths.append(len(ids) - list(ids).count(processor.tokenizer.convert_tokens_to_ids(processor.image_token)))
+    assert min(lengths) > 0
+    assert mean_text_tokens(processor, data) == round(sum(lengths) / len(lengths))
+    assert mean_text_tokens(processor, data, max_rows=1) == lengths[0]
 
 
 def test_flop_matched_grid_with_the_oracle_on_micro(micro, tmp_path):

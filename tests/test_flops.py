@@ -151,6 +151,27 @@ def test_full_forward_matches_flop_counter(tiny, batch_size, logits_to_keep):
     assert expected.total == measured
 
 
+def test_projector_reads_every_vision_feature_layer():
+    """`vision_feature_layer` as a list concatenates those layers' features: the projector's first map is that many
+    times wider (FlopCounterMode on transformers' own `get_image_features`)."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.vision_feature_layer = [-3, -2]
+    model = LlavaForConditionalGeneration(config).eval()
+    measured, _ = counted(model.model.get_image_features, pixels())
+    expected = llava_flops(config, num_text_tokens=0)
+    assert measured == expected.vision + expected.projector
+    assert expected.projector > llava_flops(tiny_config(), num_text_tokens=0).projector
+
+
+def test_lm_head_scores_at_most_the_last_layers_tokens():
+    config = tiny_config()
+    vocab, hidden = config.text_config.vocab_size, config.text_config.hidden_size
+    got = llava_flops(config, num_text_tokens=4, decoder_tokens_per_layer=[20, 10, 2], logits_to_keep=5)
+    assert got.lm_head == 2 * 2 * hidden * vocab  # 2 tokens reach the head, not 5
+    assert llava_flops(config, num_text_tokens=4, logits_to_keep=3, batch_size=2).lm_head == 2 * 2 * 3 * hidden * vocab
+
+
 def test_decode_step_matches_flop_counter(tiny):
     config, model = tiny
     with torch.no_grad():
@@ -334,6 +355,10 @@ def test_decode_and_breakdown_helpers():
     both = llava_flops(config, num_text_tokens=PAPER_TEXT_TOKENS) + step
     assert isinstance(both, FlopsBreakdown) and len(both.decoder_per_layer) == 32
     assert both.as_dict()["total"] == both.total
+    prefill = llava_flops(config, num_text_tokens=PAPER_TEXT_TOKENS)
+    for part in ("vision", "projector", "decoder", "lm_head", "total"):  # every part of both passes
+        assert getattr(both, part) == getattr(prefill, part) + getattr(step, part), part
+    assert both.decoder_per_layer == tuple(a + b for a, b in zip(prefill.decoder_per_layer, step.decoder_per_layer))
     assert "TFLOPs" in str(both)
 
 

@@ -252,7 +252,8 @@ def test_pope_per_category_and_bad_label(metrics):
 
 @pytest.mark.parametrize(
     "answer, parsed",
-    [("Yes", "yes"), ("No", "no"), ("Yes, it is.", "yes"), ("Not really", "no"), ("I think yes", "other")],
+    [("Yes", "yes"), ("No", "no"), ("Yes, it is.", "yes"), ("Not really", "no"), ("I think yes", "other"),
+     ("Ok no", "other"), ("Oh yes", "other"), ("I no", "no")],  # only the first four characters are read
 )
 def test_mme_parsing(answer, parsed):
     assert parse_mme_answer(answer) == parsed
