@@ -31,6 +31,7 @@ is `rcp_llava.data`, the evaluation `rcp_llava.evaluation`, budgets and counts `
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -1784,7 +1785,7 @@ def fixed_counts_from(kept_per_pruning_layer):
     """Integer keep counts from RCP's mean kept tokens per pruning layer (a measured average, not a budget): Python's
     `round`, at least 1, as the committed results were made, and made non-increasing (the masks are cumulative)."""
     counts = [max(1, round(c)) for c in kept_per_pruning_layer]
-    return [min(c, prev) for c, prev in zip(counts, [counts[0]] + counts[:-1])]
+    return list(itertools.accumulate(counts, min))  # each count at most every earlier one, not only the last
 
 
 def evaluate_methods(model, processor, dataset, collator, max_samples=None, progress=True):

@@ -56,6 +56,17 @@ def vqav2_dir(tmp_path):
     return tmp_path
 
 
+def test_vqav2_test_dev_questions_read_the_test2015_images(tmp_path):
+    """VQAv2's test-dev split has no images of its own: its questions (data_subtype "test-dev2015") are about the
+    test2015 images, named COCO_test2015_<id>.jpg in test2015/ (as LLaVA's llava_vqav2_mscoco_test-dev2015 reads)."""
+    write_json(tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+               {"data_subtype": "test-dev2015", "questions": [{"question_id": 7, "image_id": 1, "question": "Q?"}]})
+    make_image(tmp_path / "test2015" / "COCO_test2015_000000000001.jpg", size=(3, 4))
+    (record,) = read_vqav2(tmp_path)
+    assert record.image == str(tmp_path / "test2015" / "COCO_test2015_000000000001.jpg")
+    assert record.load_image().size == (3, 4) and record.answers == []
+
+
 def test_vqav2_folder(vqav2_dir):
     records = read_vqav2(vqav2_dir)
     assert [r.question_id for r in records] == ["42000", "7001"]

@@ -456,6 +456,15 @@ def test_missing_columns_are_reported_before_training(micro):
         train_rcp.check_dataset(dataset, collator)
 
 
+def test_fixed_counts_from_measured_means():
+    """The main job's "RCP at its own mean counts" rows: Python's round (as the committed results were made), at
+    least 1, and non-increasing against every earlier count (the masks are cumulative)."""
+    assert train_rcp.fixed_counts_from([35.4, 10.5, 2.5]) == [35, 10, 2]
+    assert train_rcp.fixed_counts_from([3.2, 0.3]) == [3, 1]
+    # a later count above an earlier, smaller one is capped by it even when the one in between is larger
+    assert train_rcp.fixed_counts_from([10, 5, 7, 6]) == [10, 5, 5, 5]
+
+
 def test_answers_longer_than_max_length_are_reported(micro):
     _, processor, dataset = micro
     with pytest.raises(ValueError, match=r"Example 0 .* above `max_length=10`"):
@@ -540,6 +549,8 @@ def test_max_length_counts_the_image_tokens_as_the_collator_does(micro):
                                          r"object\?', answer 'cross'\) is 78 tokens \(64 of them the image's\), "
                                          r"above `max_length=77`"):
         RcpDataCollator(processor, max_length=77)([dataset[0], dataset[1]])
+    fits = RcpDataCollator(processor, max_length=78)([dataset[0], dataset[1]])  # the longest exactly max_length
+    assert fits["attention_mask"].sum(1).tolist() == [76, 78]
 
 
 def test_a_tokenizer_without_a_pad_token_is_named_before_training(micro):
@@ -1141,6 +1152,10 @@ def test_eval_strategy_steps_evaluates_and_keeps_the_best_plugins(tmp_path):
     best = max(evals, key=lambda e: e["eval_loss"])
     assert best["step"] != 6
     assert metrics["best_model_checkpoint"] == str(out / f"checkpoint-{best['step']}")
+    # the best checkpoint's own state names it by its final name (a resume from it reads that), not the staging
+    # folder it was written in
+    own = json.loads((out / f"checkpoint-{best['step']}" / "trainer_state.json").read_text())
+    assert own["best_model_checkpoint"] == str(out / f"checkpoint-{best['step']}")
     assert metrics["trainer_eval"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
     saved = load_file(out / "plugins" / "rcp_plugins.safetensors")
     best_saved = load_file(out / f"checkpoint-{best['step']}" / "rcp_plugins.safetensors")
@@ -1248,6 +1263,8 @@ def test_gradient_accumulation_logs_the_loss_parts_of_the_larger_batch(micro, tm
         assert recomposed == pytest.approx(log["loss"], rel=1e-4), name
     for key in ("loss", "task_loss", "repair_loss", "sparsity_loss", "retention"):
         assert logs["2 x 2"][key] == pytest.approx(logs["batch 4"][key], rel=1e-4), key
+    # --gumbel_noise False turns the schedule's noise off (step 0 of 1 is inside its noisy 80%)
+    assert logs["2 x 2"]["gumbel_noise"] == logs["batch 4"]["gumbel_noise"] == 0.0
 
 
 def test_evaluation_reports_its_parts_under_its_own_prefix_and_at_the_runs_final_targets(micro, tmp_path):
@@ -1258,9 +1275,11 @@ def test_evaluation_reports_its_parts_under_its_own_prefix_and_at_the_runs_final
     warm-up checkpoints. Evaluation now uses the schedule's end values, for every trainer."""
     make, processor, dataset = micro
     first, second = dataset.select(range(4)), dataset.select(range(4, 8))
-    trainer = make_trainer(micro, tmp_path / "run", model=make(), max_steps=2, save_steps=2,
+    trainer = make_trainer(micro, tmp_path / "run", model=make(), max_steps=2, save_steps=2, gumbel_noise_ratio=0.5,
                            per_device_eval_batch_size=3)  # batches of 3 and 1: the parts still recompose eval_loss
     trainer.train()
+    # training drew noise at step 0 of 2 and none from half-way (--gumbel_noise_ratio 0.5); evaluation none
+    assert [e["gumbel_noise"] for e in trainer.state.log_history if "gumbel_noise" in e] == [1.0, 0.0]
     metrics = trainer.evaluate(first)
     target = trainer.model.config.visual_token_budget / trainer.model.config.num_visual_tokens
     assert metrics["eval_target_retention"] == pytest.approx(target)
@@ -1436,6 +1455,15 @@ def test_multi_turn_conversations_train_as_one_sequence(micro, tmp_path):
     text, spans = RcpDataCollator(hf).conversation(two)
     assert text == (f"USER: <image>\n{e0['question']} ASSISTANT: {e0['answer']}</s>USER: {e1['question']} "
                     f"ASSISTANT: {e1['answer']}</s>")
+    # A template that writes the turns' separator before the next user turn instead of after the answer trains on
+    # the same text: the EOS takes the separator's place wherever the template puts it
+    leading = copy.deepcopy(hf)
+    leading.chat_template = LLAVA_15_CHAT_TEMPLATE.replace(
+        "{{ message['role'].upper() + ': '}}",
+        "{{ (' ' if message['role'] == 'user' and not loop.first else '') + message['role'].upper() + ': '}}",
+    ).replace("{% generation %}{{ content['text'] + ' '}}", "{% generation %}{{ content['text'] }}")
+    assert leading.chat_template != hf.chat_template
+    assert RcpDataCollator(leading).conversation(two)[0] == text
 
     with pytest.raises(ValueError, match=r"'question' holds 2 turn\(s\) and 'answer' 1: a conversation needs one "
                                          r"answer per question"):
