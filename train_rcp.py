@@ -556,7 +556,26 @@ def _file_builder(path):
     if parts and parts[-1] in _COMPRESSIONS:
         parts = parts[:-1]
     extension = parts[-1] if parts else ""
-    return _FILE_BUILDERS.get(extension, (extension, {}))
+    if extension in _FILE_BUILDERS:
+        return _FILE_BUILDERS[extension]
+    builder = _datasets_builder_for(extension)
+    if builder is None:  # `load_dataset` took the extension for a Hub dataset's name (or failed on '' deep inside)
+        what = f"the extension {'.' + extension!r}" if extension else "no extension"
+        raise ValueError(f"--dataset_name_or_path {path!r} is a file with {what}, which no `datasets` builder reads: "
+                         "name it by its format (.json, .jsonl, .csv, .tsv, .txt, .parquet, .arrow), or pass its "
+                         "folder or a `save_to_disk` folder.")
+    return builder, {}
+
+
+def _datasets_builder_for(extension):
+    """The packaged builder `datasets` reads a data file of this (lower-case) extension with, as it maps a folder's
+    files (parquet, arrow, ...); None for an extension it does not read."""
+    try:  # `datasets`' own table; not public API, so an unknown layout falls back to the builder names
+        from datasets.packaged_modules import _EXTENSION_TO_MODULE
+    except ImportError:
+        return extension if extension in ("parquet", "arrow") else None
+    module = _EXTENSION_TO_MODULE.get("." + extension)
+    return module[0] if module else None
 
 
 def _rcp_columns(split, job, name):

@@ -938,9 +938,20 @@ def test_dataset_paths_load_as_datasets_reads_them(tmp_path):
     # README's front matter that is not YAML, or the case of its extension refuse it)
     (tmp_path / "files" / "files.py").write_text("HELPER = 1\n")
     (tmp_path / "files" / "README.md").write_text("---\nNotes: run this: then that\n---\n")
-    for name in ("rows.tsv", "rows.ndjson", "rows.jsonl.gz", "rows.csv.gz", "ROWS.JSONL"):
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "files" / "rows.Parquet"))  # datasets' own map: parquet
+    for name in ("rows.tsv", "rows.ndjson", "rows.jsonl.gz", "rows.csv.gz", "ROWS.JSONL", "rows.Parquet"):
         split = load_splits(str(tmp_path / "files" / name))["train"]
         assert split.column_names == ["question", "answer"] and split["answer"] == ["a1", "a2"], name
+    # a file no builder reads: 'xyz' was looked up on the Hub as a dataset's name, and a file without an extension
+    # failed with a bare IndexError inside datasets
+    (tmp_path / "files" / "rows.xyz").write_text(lines)
+    (tmp_path / "files" / "rows").write_text(lines)
+    for name, what in (("rows.xyz", "the extension '.xyz'"), ("rows", "no extension")):
+        with pytest.raises(ValueError, match="^" + re.escape(
+                f"--dataset_name_or_path {str(tmp_path / 'files' / name)!r} is a file with {what}, which no "
+                "`datasets` builder reads: name it by its format (.json, .jsonl, .csv, .tsv, .txt, .parquet, .arrow), "
+                "or pass its folder or a `save_to_disk` folder.")):
+            load_splits(str(tmp_path / "files" / name))
     path = _llava_json(tmp_path)
     with pytest.raises(ValueError, match=r"is a LLaVA-style JSON \(records with 'conversations'\): pass it as "
                                          r"--llava_json \(with --image_folder"):
