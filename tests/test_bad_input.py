@@ -859,6 +859,43 @@ def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_p
         load_data(str(tmp_path / "data"), split="test")
 
 
+def test_conversations_are_read_turn_by_turn_and_checked(micro_testbed):
+    """The rules of TRL's messages format and of conversation rows, each pinned: a user turn's text parts join with a
+    newline, an odd turn count and an empty conversation are refused, a split mixing one- and two-turn rows keeps
+    every row's turns, and an undecoded image cell reads its embedded bytes before its (maybe absent) path."""
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from rcp_llava.data import RcpDataCollator, dataset_from_messages, load_image, turns_from_messages
+
+    def user(*texts):
+        return {"role": "user", "content": [{"type": "image"}] + [{"type": "text", "text": t} for t in texts]}
+
+    def assistant(text):
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    assert turns_from_messages([user("Look.", "What colour?"), assistant("Red")], ["img"]) == (
+        "img", ["Look.\nWhat colour?"], ["Red"])
+    with pytest.raises(ValueError, match=r"^a row: its messages hold 3 user / assistant turns; a conversation needs a "
+                                         r"user question then its assistant answer, at least once\.$"):
+        turns_from_messages([user("Q1"), assistant("A1"), user("Q2")], ["img"])
+    mixed = dataset_from_messages(Dataset.from_list([
+        {"messages": [user("Q1"), assistant("A1")], "images": ["x.png"]},
+        {"messages": [user("Q1"), assistant("A1"), user("Q2"), assistant("A2")], "images": ["y.png"]}]))
+    assert [(row["question"], row["answer"]) for row in mixed] == [(["Q1"], ["A1"]), (["Q1", "Q2"], ["A1", "A2"])]
+    collator = RcpDataCollator(AutoProcessor.from_pretrained(micro_testbed / "model"))
+    assert collator.text_problem({"question": [], "answer": []}) == (
+        ValueError, "'question' holds 0 turn(s) and 'answer' 0: a conversation needs one answer per question, at "
+                    "least one turn.")
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 3), "red").save(buffer, format="PNG")
+    # datasets.Image(decode=False) of an embedded image: the path is where it came from, not where it is
+    assert load_image({"bytes": buffer.getvalue(), "path": "photo_000.png"}).size == (5, 3)
+
+
 def test_trl_messages_and_images_datasets_train(micro_testbed, tmp_path):
     """TRL's conversational vision format (`messages` + `images`, as HuggingFaceH4/llava-instruct-mix-vsft) was
     refused ("the 'images' column holds lists ... Keep one image per example"): it is read as one conversation per

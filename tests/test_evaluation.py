@@ -532,6 +532,27 @@ def test_oracle_keep_masks_keep_evidence_then_objects():
     assert torch.equal(masks, oracle_keep_masks_fn([6, 3], 32)(5, rows))  # seeded per row, not per batch
 
 
+def test_grid_bookkeeping_percentages_unknown_plugin_budgets_and_unnamed_groups(micro):
+    """The retention table's percent of N is a percentage of the measured kept counts; plug-in sets for budgets the
+    grid does not run are refused before anything runs (they ran as extra rows); and a benchmark row without a
+    family is scored in the group "all"."""
+    from rcp_llava.evaluation import evaluate_grid, load_base_model, load_data, score_benchmark
+    from rcp_llava.readers import VqaRecord
+
+    root, folder = micro
+    base, processor = load_base_model(str(root / "rcp"))
+    data = load_data(str(folder / "dataset"), max_samples=4)
+    table = evaluate_grid(base, processor, data, ["none", "rcp"], ["1/3"], progress=False)["per_layer_retention"]
+    n = base.config.num_visual_tokens
+    assert table["kept"] and table["percent_of_n"] == pytest.approx([100 * k / n for k in table["kept"]])
+    with pytest.raises(ValueError, match=re.escape("`plugins_per_budget` names budgets ['1/2'] that are not among "
+                                                   "['1/3'].")):
+        evaluate_grid(base, processor, data, ["none", "rcp"], ["1/3"], progress=False,
+                      plugins_per_budget={"1/2": str(root / "rcp")})
+    records = [VqaRecord(str(i), "x.jpg", "q", ["yes"], family="", benchmark="gqa") for i in range(2)]
+    assert score_benchmark("gqa", ["yes", "no"], records)["groups"] == {"all": 0.5}
+
+
 def test_the_oracle_without_attention_topk_is_refused(micro):
     """Its rows go beside attention_topk's (same layers and counts): without one the grid ran no oracle row."""
     from rcp_llava.evaluation import evaluate_grid, load_base_model, load_data

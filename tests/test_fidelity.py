@@ -118,6 +118,11 @@ def test_pooled_repair_loss_hand_computed():
         (1.0 + (9 + 1)) / 2, abs=1e-4)
     assert pooled_w2_repair_loss([student], [teacher], mask, mean_only=True).item() == pytest.approx(0.0, abs=1e-6)
     assert pooled_w2_repair_loss([student], [teacher], torch.zeros_like(mask)).item() == 0.0
+    # Two dimensions: Eq. (18)'s terms are means over D (a sum over D passed the one-dimensional cases above).
+    # Student {0, 2} in both dimensions (mean 1, std 1), teacher {1, 1} (mean 1, std 0): (1^2 + 1^2) / 2 = 1.
+    two = pooled_w2_repair_loss([torch.tensor([[[0.0, 0.0], [2.0, 2.0]]])], [torch.ones(1, 2, 2)],
+                                torch.ones(1, 2, dtype=torch.bool))
+    assert two.item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_pooled_repair_loss_two_ranks_equal_one_rank_with_the_whole_batch():

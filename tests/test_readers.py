@@ -159,6 +159,13 @@ def test_pope_folder_categories(tmp_path):
     assert records[0].load_image().size == (4, 3)
     single = read_pope(tmp_path / "coco_pope_random.json", image_dir=tmp_path / "val2014")
     assert {r.family for r in single} == {"random"} and len(single) == 2
+    # the JSON Lines name of a split counts in a folder too, and a label is read in any case ("Yes" -> "yes", which
+    # the POPE metric compares with its parsed yes / no)
+    write_pope(tmp_path / "coco_pope_popular.jsonl", [
+        {"question_id": 1, "image": img, "text": "Is there a dog in the image?", "label": "Yes"}])
+    records = read_pope(tmp_path, image_dir=tmp_path / "val2014")
+    assert [(r.family, r.answers) for r in records if r.family == "popular"] == [("popular", ["yes"])]
+    assert sorted({r.family for r in records}) == ["adversarial", "popular", "random"]
 
 
 def test_pope_bad_input(tmp_path):
@@ -356,6 +363,11 @@ def test_mmbench(tmp_path):
     assert first.family == "attribute_recognition" and isinstance(first.image, bytes)
     assert first.load_image().size == (5, 2)
     assert second.question == "Which is a fruit?\nA. car\nB. apple" and second.image == first.image
+    # pandas writes an empty hint or option cell of the release's TSV as "nan": neither a hint nor an option
+    nan = write_tsv(tmp_path / "nan.tsv", MMB_HEADER, [
+        [7, "Which?", "nan", "red", "blue", "nan", "nan", "A", "color", "attribute", img]])
+    (record,) = read_mmbench(nan)
+    assert record.question == "Which?\nA. red\nB. blue" and record.choices == ["red", "blue"]
 
 
 def test_mmbench_bad_input(tmp_path):
@@ -570,3 +582,18 @@ def test_load_data_names_a_missing_folder_as_missing(tmp_path):
     with pytest.raises(ValueError, match=r"^--data '.*/afile' is neither 'testbed', a dataset folder nor "
                                          r"BENCHMARK:PATH\.$"):
         load_data(str(tmp_path / "afile"))
+
+
+def test_benchmark_names_and_specs_are_read_as_the_cli_documents(tmp_path):
+    from rcp_llava.evaluation import parse_benchmark_spec
+    from rcp_llava.readers import canonical_benchmark
+
+    assert canonical_benchmark("scienceqa-img") == canonical_benchmark("ScienceQA_IMG") == "scienceqa_img"
+    with pytest.raises(ValueError, match=r"^--data 'pope:/d/p,image_dir=': the option 'image_dir' is empty"):
+        parse_benchmark_spec("pope:/d/p,image_dir=")
+    # an MME line whose question is empty is no question (it was a record asking '')
+    make_image(tmp_path / "mme" / "OCR" / "a.png")
+    (tmp_path / "mme" / "OCR" / "a.txt").write_text("\tYes\n")
+    with pytest.raises(ValueError, match=r"a\.txt: line 1 is not 'question<TAB>answer'"):
+        read_mme(tmp_path / "mme")
+

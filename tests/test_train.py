@@ -27,6 +27,8 @@ def test_task_loss_hand_computed():
     assert torch.isclose(task_loss(logits, labels), torch.tensor(-math.log(3 / 5)))
     # Normalised by the window's token count when given.
     assert torch.isclose(task_loss(logits, labels, num_items=4), torch.tensor(-math.log(3 / 5) / 4))
+    # No target at all (every answer cut by max_length, or a text-only micro-batch): 0, not 0 / 0
+    assert task_loss(logits, torch.full((1, 2), -100)).item() == 0.0
 
 
 def test_w2_zero_for_identical_and_hand_computed():
@@ -313,6 +315,26 @@ def test_saved_configs_keep_the_users_gumbel_temperature(micro, tmp_path):
         assert json.loads(path.read_text())["gumbel_temperature"] == 0.7, path
 
 
+def test_job_folders_replace_another_runs_only_with_overwrite(micro, tmp_path):
+    """--overwrite_output_dir reaches both of the job's folders: without it another run's plug-ins are refused,
+    with it they are replaced (the model folder's save refused them whatever the flag said)."""
+    from safetensors.torch import load_file
+
+    make, processor, _ = micro
+    out = str(tmp_path / "job")
+    train_rcp.save_job_folders(make(), processor, out)
+    other = make(pruner_hidden_size=16)
+    with pytest.raises(FileExistsError, match="already holds"):
+        train_rcp.save_job_folders(other, processor, out)
+    train_rcp.save_job_folders(other, processor, out, overwrite=True)
+    for folder in ("model", "plugins"):
+        config = json.loads((tmp_path / "job" / folder / ("config.json" if folder == "model" else "rcp_config.json"))
+                            .read_text())
+        assert config["pruner_hidden_size"] == 16, folder
+    saved = load_file(tmp_path / "job" / "plugins" / "rcp_plugins.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in other.plugin_state_dict().items())
+
+
 def test_resume_reproduces_the_uninterrupted_run(micro, tmp_path):
     make, _, _ = micro
     full = make_trainer(micro, tmp_path / "full", model=make())
@@ -454,6 +476,23 @@ def test_missing_columns_are_reported_before_training(micro):
     collator = RcpDataCollator(processor, question_column="prompt")
     with pytest.raises(ValueError, match=r"no column\(s\) \['prompt'\]"):
         train_rcp.check_dataset(dataset, collator)
+
+
+def test_schedule_arguments_reach_the_trainer_and_ratios_take_their_closed_ends(tmp_path):
+    """`--sparsity_schedule linear` reaches the target the callback sets (the cosine default was used whatever the
+    flag said), and the ratio flags accept both ends of [0, 1]."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(visual_token_budget=1.6, num_visual_tokens=16)  # final retention 0.1
+    trainer = SimpleNamespace(model=SimpleNamespace(config=config),
+                              accelerator=SimpleNamespace(unwrap_model=lambda model: model))
+    args = RcpTrainingArguments(output_dir=str(tmp_path), sparsity_warmup_ratio=0.1, sparsity_schedule="linear",
+                                report_to=[])
+    train_rcp.TargetRetentionCallback(trainer).on_step_begin(args, SimpleNamespace(global_step=1, max_steps=40), None)
+    assert trainer.target_retention == pytest.approx(1 + (0.1 - 1) * 0.25)  # a quarter of the warm-up: 0.775
+    for ratio in (0.0, 1.0):
+        RcpTrainingArguments(output_dir=str(tmp_path), sparsity_warmup_ratio=ratio, gumbel_anneal_ratio=ratio,
+                             gumbel_noise_ratio=ratio, report_to=[])
 
 
 def test_fixed_counts_from_measured_means():
