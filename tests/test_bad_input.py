@@ -432,8 +432,13 @@ def test_a_command_run_outside_the_repository_records_where_it_ran(tmp_path, mon
     recorded = command_line(script, ["--data", "testbed/dataset"])
     assert recorded == f"cd {shlex.quote(str(tmp_path / 'my dir'))} && python {shlex.quote(script)} --data testbed/dataset"
     assert "my dir'" in recorded  # quoted: the folder's name has a space
+    # quoted there too: `none;0` unquoted is two commands when pasted
+    assert command_line(script, ["--subsets", "none;0"]).endswith(" --subsets 'none;0'")
     monkeypatch.chdir(ROOT)
     assert command_line(script, ["--data", "x"]) == "python benchmarks/evaluate_methods.py --data x"
+    # without `argv`, the arguments the script ran with: sys.argv after the script's own path
+    monkeypatch.setattr("sys.argv", [script, "--data", "d"])
+    assert command_line(script) == "python benchmarks/evaluate_methods.py --data d"
 
 
 @pytest.mark.parametrize("script", ["evaluate_methods", "ablations", "calibrate_retention", "figures", "efficiency"])
@@ -1235,6 +1240,38 @@ def test_overwrite_output_dir_deletes_the_previous_runs_checkpoints(micro_testbe
     assert train_rcp.resolve_resume("last", str(out)) == str(out / "checkpoint-1")
 
 
+def test_a_save_at_an_interrupted_step_starts_from_an_empty_staging_folder(tmp_path):
+    """A resumed run saving the step an interrupted save left `tmp-checkpoint-N` for: that folder's files are the
+    old save's, and renamed along they became part of the new checkpoint-N (a stale optimizer.pt beside new
+    weights). The save starts from an empty staging folder."""
+    import os
+    from types import SimpleNamespace
+
+    import transformers.trainer as hf_trainer
+
+    from rcp_llava.checkpoints import AtomicCheckpointMixin
+
+    class Stock:  # the part of `Trainer._save_checkpoint` that matters here: it writes into the folder it names
+        def _save_checkpoint(self, model, trial):
+            folder = tmp_path / f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(exist_ok=True)
+            (folder / "model.safetensors").write_text("new")
+
+    class Trainer(AtomicCheckpointMixin, Stock):
+        def _get_output_dir(self, trial):
+            return str(tmp_path)
+
+    (tmp_path / "tmp-checkpoint-5").mkdir()
+    (tmp_path / "tmp-checkpoint-5" / "optimizer.pt").write_text("stale")
+    trainer = Trainer()
+    trainer.state = SimpleNamespace(global_step=5, best_model_checkpoint=None)
+    trainer.args = SimpleNamespace(should_save=True, push_to_hub=False, save_total_limit=None)
+    trainer.accelerator = SimpleNamespace(wait_for_everyone=lambda: None)
+    trainer._save_checkpoint(None, None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+    assert os.listdir(tmp_path / "checkpoint-5") == ["model.safetensors"]
+
+
 def test_budget_runs_keep_earlier_budgets_in_the_summary_and_report_the_steps_epochs_took(micro_testbed, tmp_path):
     """Was: a second --budgets run into the same folder wrote budgets.json with its own budgets only (the first
     run's, whose folder stays, was dropped), and a run by epochs reported "max_steps": -1."""
@@ -1585,7 +1622,7 @@ def test_a_right_padded_forward_repairs_the_last_real_token():
     assert not torch.equal(default.logits, on_the_pad.logits)  # the choice matters for this model
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "2.5", "x", ""])
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "x", "", "+3"])
 def test_positive_int_stops_a_bad_count_at_parsing(value, capsys):
     import argparse
 
@@ -1597,3 +1634,36 @@ def test_positive_int_stops_a_bad_count_at_parsing(value, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--repeats", value])
     assert f"argument --repeats: must be a whole number >= 1, got {value!r}" in capsys.readouterr().err
+
+
+
+def test_publish_gives_each_writer_a_temporary_with_the_files_suffix(tmp_path):
+    """A figure's format follows its file's suffix (`save_figure`): the temporary `publish` hands `write` ends in the
+    final file's suffix, so a figure written through it is a PNG, where a `.tmp-PID` suffix was no format at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rcp_llava.results import publish, save_figure
+
+    seen, fig = [], plt.figure()
+    written = publish([(str(tmp_path / "drift.png"), lambda tmp, final: seen.append(tmp) or save_figure(fig, tmp))])
+    plt.close(fig)
+    assert written == [str(tmp_path / "drift.png")] and os.path.splitext(seen[0])[1] == ".png"
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["drift.png"]
+
+
+def test_counts_and_names_given_in_code_are_checked_as_on_the_command_line():
+    """`positive_int` and `result_name` are argparse types, also called directly: a float count is no whole number
+    (int(2.5) made it 2), and '..' or a path is no file name (they wrote outside --output_dir)."""
+    import argparse
+
+    from rcp_llava.results import positive_int, result_name
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^must be a whole number >= 1, got 2\.5$"):
+        positive_int(2.5)
+    assert positive_int(3) == 3 and result_name("run-1") == "run-1"
+    for bad in ("..", ".", "a/b", " "):
+        with pytest.raises(argparse.ArgumentTypeError, match="^must be a file name stem"):
+            result_name(bad)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -477,3 +478,35 @@ def test_numpy_scalars_placement_takes_them_and_fields_name_their_type():
         with pytest.raises(error) as err:
             tiny_config(**overrides)
         assert str(err.value) == message
+
+
+def test_config_boundaries_of_placement_and_layers():
+    """Each boundary of the config's defaults and checks, pinned where a mutation of it passed every other test."""
+    from transformers import LlamaConfig
+
+    from configuration_rcp_llava import default_fastv_layer, paper_placement
+    from conftest import tiny_config
+
+    def text(layers):
+        return LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, vocab_size=100).to_dict()
+
+    # 96 of 576 is as far from 64 as from 128: the tie goes to the smaller budget's placement
+    assert paper_placement(32, 96 / 576) == ([1, 13, 25], [22, 29])
+    # a budget of all N tokens is a budget (the 192-token placement), not "no budget" (the 64-token default)
+    assert tiny_config(text_config=text(32), pruning_layers=None, repair_layers=None, pruning_keep_counts=None,
+                       visual_token_budget=16.0).pruning_layers == [4, 14, 24]
+    assert default_fastv_layer(8) == 1 and default_fastv_layer(9) == 2  # FastV's K=2, scaled down to 8 layers
+    # on two layers the one adapter sits at the pruner's own layer
+    assert tiny_config(text_config=text(2), pruning_layers=None, repair_layers=None,
+                       pruning_keep_counts=None).repair_layers == [1]
+    # 0.5 tokens per layer is reachable when N / L < 1 (a pre-LLM method keeping none in most layers)
+    assert tiny_config(text_config=text(32), pruning_layers=[1, 2], repair_layers=[2, 3],
+                       visual_token_budget=0.5).visual_token_budget == 0.5
+    with pytest.raises(ValueError, match=re.escape("`repair_layers` contains [4], but the text model has 4 layers; "
+                                                   "use indices in [0, 4).")):
+        tiny_config(repair_layers=[2, 4])
+    with pytest.raises(ValueError, match=re.escape("`pruning_layers` is empty; `pruning_method='rcp'` needs at least "
+                                                   "one pruning layer.")):
+        tiny_config(pruning_layers=[], repair_layers=[], pruning_keep_counts=None)
+

@@ -476,3 +476,32 @@ def test_the_cards_table_lists_the_fields_its_method_reads(overrides, fields, pr
     assert [row.split("`")[1] for row in table] == fields + ["visual tokens per image", "decoder layers"]
     assert ("visual-token-pruning" in made.data.tags) == ("token-pruning" in made.data.tags) == prunes
     assert set(PRUNING_FIELDS) <= set(made.data.rcp_llava)
+
+
+def test_card_reading_edges(tmp_path, monkeypatch):
+    """Edges of the card's reading of evaluation results, each pinned where a mutation of it passed every other
+    test: a budget label with its count still names the plug-in set it belongs to, two adaptive rows give no single
+    average (which one would it be?), a local base model folder is not written as a Hub id, 0 tokens per layer is a
+    value, and a negative number keeps its decimals."""
+    from conftest import tiny_config
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    mine.mkdir(), other.mkdir()
+    result = {"results": [{"data": "x/y", "plugins_per_budget": {"1/9": str(other)}, "rows": [
+        {"method": "rcp", "label": "rcp", "budget": "1/9 (k=64)", "score": 0.7}]}]}
+    (entry,), _ = hub.load_eval_results(result, checkpoint=str(mine))
+    assert (entry["method"], entry["baseline"]) == ("rcp (plug-ins trained for 1/9)", True)  # another set's score
+    adaptive = {"results": [{"data": name, "rows": [{"method": "rcp", "label": "rcp (adaptive)", "budget": "adaptive",
+                                                     "score": 0.7, "avg_tokens_all_layers": tokens}]}
+                            for name, tokens in (("a/b", 5.0), ("c/d", 9.0))]}
+    card = hub.build_model_card(tiny_config(pruning_keep_counts=None), "me/rcp", base_model="llava-hf/llava-1.5-7b-hf",
+                                eval_results=adaptive, license="llama2")
+    assert card.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llava").mkdir(parents=True)
+    card = hub.build_model_card(tiny_config(), "me/rcp", base_model="models/llava", license="mit")
+    assert card.data.to_dict().get("base_model") is None  # a folder here, though it looks like an "owner/name" id
+    assert hub.load_eval_results([{"dataset": "d", "metric": "acc", "value": 0.5,
+                                   "tokens_per_layer": 0}])[0][0]["tokens_per_layer"] == 0
+    assert hub._fmt(-1510.75) == "-1510.75"
+

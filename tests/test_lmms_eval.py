@@ -273,6 +273,31 @@ def test_a_tasks_do_sample_false_keeps_generation_greedy(demo_folder):
     assert len(answers({"temperature": 5.0, "top_p": 1.0})) > 1  # sampling still samples
 
 
+def test_argument_spellings_and_a_tasks_sampling_settings(demo_folder, tmp_path):
+    """`flop_matched=1` is true (lmms-eval users write 1 / 0), counts given from Python may be comma-separated, a task
+    name that cannot name a YAML file is refused, and a sampling task's `top_p` reaches `generate`."""
+    from datasets import Dataset, DatasetDict
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+    from rcp_llava.lmms_eval_model import _as_bool, _keep_counts, write_testbed_task
+
+    assert [_as_bool(v, "flop_matched") for v in ("1", "True", "yes", "0", "false", "No")] == [True] * 3 + [False] * 3
+    assert _keep_counts("93,25,8") == _keep_counts("93:25:8") == [93, 25, 8]
+    DatasetDict({"test": Dataset.from_dict({"question": ["q"], "answer": ["a"]})}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ValueError, match=re.escape("`name` 'my task' must be letters, digits, '_', '.' or '-'")):
+        write_testbed_task(tmp_path / "tasks", tmp_path / "ds", name="my task")
+    assert not (tmp_path / "tasks").exists() or not os.listdir(tmp_path / "tasks")
+    lm = _from_args(demo_folder, "max_new_tokens=2")
+    lm.task_dict = {"t": {"test": [{"img": demo_image(seed=1)}]}}
+    seen, generate = {}, lm.model.generate
+    lm.model.generate = lambda **kwargs: seen.update(kwargs) or generate(**kwargs)
+    lm.generate_until([Instance("generate_until", ("what colour?", {"until": [], "temperature": 0.7, "top_p": 0.5},
+                                                   lambda d: [d["img"]], 0, "t", "test"), 0,
+                                {"task": "t", "doc_id": 0, "repeats": 1})])
+    assert (seen["do_sample"], seen["temperature"], seen["top_p"]) == (True, 0.7, 0.5)
+
+
 def test_the_task_writer_keeps_the_folders_other_utils(tmp_path):
     """The task's functions went to `utils.py`, overwriting the one an --include_path folder's other tasks load."""
     from rcp_llava.lmms_eval_model import write_testbed_task

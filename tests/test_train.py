@@ -31,6 +31,22 @@ def test_task_loss_hand_computed():
     assert task_loss(logits, torch.full((1, 2), -100)).item() == 0.0
 
 
+def test_w2_is_finite_at_its_edges_and_computed_in_float32():
+    """The numerics `gaussian_w2` guards: a constant student, whose float32 variance rounds below 0 (0.7 * 0.7 -
+    0.7^2), is a 0 spread, not NaN; a one-position sample (variance 0, sqrt's infinite slope) and a sample with no
+    position back-propagate finite gradients; half-precision states are compared in float32."""
+    constant = gaussian_w2(torch.full((1, 5, 4), 0.7), torch.zeros(1, 5, 4), torch.ones(1, 5, dtype=torch.bool))
+    assert constant.item() == pytest.approx(0.49, abs=1e-5)
+    g = torch.Generator().manual_seed(0)
+    for mask in (torch.tensor([[True, False, False]]), torch.tensor([[True, True, False], [False, False, False]])):
+        student = torch.randn(mask.shape[0], 3, 4, generator=g, requires_grad=True)
+        gaussian_w2(student, torch.randn(mask.shape[0], 3, 4, generator=g), mask).sum().backward()
+        assert torch.isfinite(student.grad).all(), mask.tolist()
+    half = (torch.randn(2, 8, 16, generator=g) * 10).bfloat16(), (torch.randn(2, 8, 16, generator=g) * 10).bfloat16()
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    assert torch.equal(gaussian_w2(*half, mask), gaussian_w2(half[0].float(), half[1].float(), mask))
+
+
 def test_w2_zero_for_identical_and_hand_computed():
     h = torch.randn(2, 5, 4)
     mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]]).bool()
