@@ -516,6 +516,7 @@ def test_fixed_counts_from_measured_means():
     least 1, and non-increasing against every earlier count (the masks are cumulative)."""
     assert train_rcp.fixed_counts_from([35.4, 10.5, 2.5]) == [35, 10, 2]
     assert train_rcp.fixed_counts_from([3.2, 0.3]) == [3, 1]
+    assert train_rcp.fixed_counts_from([9.7, 3.6]) == [10, 4]  # rounded, not truncated
     # a later count above an earlier, smaller one is capped by it even when the one in between is larger
     assert train_rcp.fixed_counts_from([10, 5, 7, 6]) == [10, 5, 5, 5]
 
