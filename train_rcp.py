@@ -297,6 +297,11 @@ class RcpTrainingArguments(TrainingArguments):
         if self.lr_scheduler_kwargs is None and str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) \
                 == "cosine_with_min_lr":
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        self.check_rcp_values()
+
+    def check_rcp_values(self):
+        """Refuse values RCP's training cannot use, naming the field. Run when the arguments are built and again for
+        each hyperparameter-search trial, whose values the stock Trainer sets with `setattr` (`_hp_search_setup`)."""
         for name in ("lambda_task", "lambda_repair", "lambda_sparse"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -750,6 +755,7 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         trial's `detach_prior`)."""
         super()._hp_search_setup(trial)
         if trial is not None:
+            self.args.check_rcp_values()  # a trial's `lambda_repair=-1` trained on a negative loss term
             self.accelerator.unwrap_model(self.model).model.detach_prior = self.args.detach_prior
 
     def call_model_init(self, trial=None):

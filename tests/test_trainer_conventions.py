@@ -1,6 +1,8 @@
 """`RcpTrainer` as a user of the stock Trainer and TRL drives it: the plug-ins a user froze stay frozen, stock options
 the RCP loss cannot honour are refused, and a processor is enough to build the collator."""
 
+import re
+
 import pytest
 import torch
 from test_train import make_trainer, micro  # noqa: F401 (the fixture)
@@ -213,3 +215,12 @@ def test_a_hyperparameter_search_trial_trains_with_its_own_values(micro, tmp_pat
                                                                          "repair_loss_layers": layers}))
         assert trainer.model.model.detach_prior is detach
         assert trainer.repair_layers_for_loss(trainer.model.config) == ([int(layers)] if layers else [1])
+    # a trial's values are checked as the arguments' own are (the stock setup sets them with setattr): a negative
+    # repair weight trained on a negative loss term
+    for params, message in (({"lambda_repair": -1}, "`lambda_repair` must be a finite number >= 0, got -1.0."),
+                            ({"gumbel_noise_ratio": 1.5}, "`gumbel_noise_ratio` must be in [0, 1], got 1.5.")):
+        (name, _), = params.items()
+        before = getattr(trainer.args, name)
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            trainer.train(trial=types.SimpleNamespace(number=3, params=params))
+        setattr(trainer.args, name, before)  # the stock setup keeps a trial's values on the arguments
