@@ -868,10 +868,7 @@ def test_conversations_are_read_turn_by_turn_and_checked(micro_testbed):
     """The rules of TRL's messages format and of conversation rows, each pinned: a user turn's text parts join with a
     newline, an odd turn count and an empty conversation are refused, a split mixing one- and two-turn rows keeps
     every row's turns, and an undecoded image cell reads its embedded bytes before its (maybe absent) path."""
-    import io
-
     from datasets import Dataset
-    from PIL import Image
     from transformers import AutoProcessor
 
     from rcp_llava.data import RcpDataCollator, dataset_from_messages, load_image, turns_from_messages
@@ -1244,7 +1241,6 @@ def test_a_save_at_an_interrupted_step_starts_from_an_empty_staging_folder(tmp_p
     """A resumed run saving the step an interrupted save left `tmp-checkpoint-N` for: that folder's files are the
     old save's, and renamed along they became part of the new checkpoint-N (a stale optimizer.pt beside new
     weights). The save starts from an empty staging folder."""
-    import os
     from types import SimpleNamespace
 
     import transformers.trainer as hf_trainer

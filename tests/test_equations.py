@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import NUM_VISUAL, make_batch, make_model
 
-from modeling_rcp_llava import RcpPruner, RcpRepairAdapter
+from modeling_rcp_llava import RcpPruner, RcpRepairAdapter, _top_k_mask
 
 
 def _randomized(module, scale=0.5, seed=0):
@@ -127,8 +127,6 @@ def test_training_mask_gradient_is_the_straight_through_sigmoid_of_eqs_6_7():
 def test_top_k_ties_keep_the_lower_index_among_valid_tokens():
     """A fixed-count selection with tied scores keeps the earliest tokens (a stable sort), never a padded one:
     the same kept set on every run and in every batch layout."""
-    from modeling_rcp_llava import _top_k_mask
-
     assert _top_k_mask(torch.tensor([[.5, .5, .5, .5, .9]]), torch.ones(1, 5, dtype=torch.bool), 3).tolist() == [
         [True, True, False, False, True]]
     scores = torch.zeros(2, 600)

@@ -11,7 +11,7 @@ from conftest import (
     IMAGE_TOKEN, NUM_VISUAL, make_batch, make_model, randomize_plugin_parameters, stock_copy, tiny_config,
 )
 
-from configuration_rcp_llava import RcpLlavaConfig
+from configuration_rcp_llava import RcpLlavaConfig, default_fastv_layer, paper_placement
 from modeling_rcp_llava import PLUGIN_PREFIX, RcpLlavaForConditionalGeneration
 
 
@@ -483,9 +483,6 @@ def test_numpy_scalars_placement_takes_them_and_fields_name_their_type():
 def test_config_boundaries_of_placement_and_layers():
     """Each boundary of the config's defaults and checks, pinned where a mutation of it passed every other test."""
     from transformers import LlamaConfig
-
-    from configuration_rcp_llava import default_fastv_layer, paper_placement
-    from conftest import tiny_config
 
     def text(layers):
         return LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

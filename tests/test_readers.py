@@ -14,6 +14,7 @@ from rcp_llava.readers import (
     BENCHMARK_METRIC,
     BENCHMARKS,
     VqaRecord,
+    canonical_benchmark,
     format_multiple_choice,
     read_benchmark,
     read_gqa,
@@ -586,7 +587,6 @@ def test_load_data_names_a_missing_folder_as_missing(tmp_path):
 
 def test_benchmark_names_and_specs_are_read_as_the_cli_documents(tmp_path):
     from rcp_llava.evaluation import parse_benchmark_spec
-    from rcp_llava.readers import canonical_benchmark
 
     assert canonical_benchmark("scienceqa-img") == canonical_benchmark("ScienceQA_IMG") == "scienceqa_img"
     with pytest.raises(ValueError, match=r"^--data 'pope:/d/p,image_dir=': the option 'image_dir' is empty"):
