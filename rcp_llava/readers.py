@@ -395,21 +395,23 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
     name = "pope"
     category = _pope_category(file)
     text = _require_file(file, name).read_text(encoding="utf-8-sig")  # a leading BOM is not JSON
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):  # the whole file one JSON array, as some POPE copies are
+        try:
             rows = json.loads(text)
-        else:
-            rows = []
-            # lines are "\n"-separated (`splitlines` also splits inside a row's U+2028, which JSON strings may hold)
-            for number, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:  # its own position is on line 1 of that line
-                        raise _bad(name, file, f"line {number} is not JSON ({err.msg} at column {err.colno})") \
-                            from None
-    except json.JSONDecodeError as err:
-        raise _bad(name, file, f"not JSON lines ({err})")
+        except json.JSONDecodeError as err:
+            raise _bad(name, file, f"starts with '[' but is not a JSON array ({err.msg} at line {err.lineno} "
+                                   f"column {err.colno}); write one JSON object per line or a valid array") \
+                from None
+    else:
+        rows = []
+        # lines are "\n"-separated (`splitlines` also splits inside a row's U+2028, which JSON strings may hold)
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:  # its own position is on line 1 of that line
+                    raise _bad(name, file, f"line {number} is not JSON ({err.msg} at column {err.colno})") \
+                        from None
     records = []
     for row in rows:
         if not isinstance(row, dict) or not {"question_id", "image", "text", "label"} <= row.keys():

@@ -182,6 +182,15 @@ def test_pope_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"coco_pope_random.json: line 3 is not JSON \(Expecting ',' delimiter at "
                                          r"column \d+\)\. Expected layout"):
         read_pope(tmp_path / "coco_pope_random.json")
+    # a file that is one JSON array (as some POPE copies are) is read whole; a broken one was called "not JSON
+    # lines", a format it never claimed to be
+    (tmp_path / "coco_pope_random.json").write_text(f"[{good},\n {good}]")
+    assert [r.question_id for r in read_pope(tmp_path / "coco_pope_random.json")] == ["random/1", "random/1"]
+    (tmp_path / "coco_pope_random.json").write_text(f"[{good},\n {good}")
+    with pytest.raises(ValueError, match=r"coco_pope_random.json: starts with '\[' but is not a JSON array \(Expecting "
+                                         r"',' delimiter at line 2 column \d+\); write one JSON object per line or a "
+                                         r"valid array\. Expected layout"):
+        read_pope(tmp_path / "coco_pope_random.json")
     # a row whose text holds U+2028 (JSON allows it raw) is one line, not two
     row = {"question_id": 1, "image": "x.jpg", "text": "Is there a\u2028cat?", "label": "yes"}
     (tmp_path / "coco_pope_random.json").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
