@@ -466,3 +466,43 @@ def test_bad_inputs_at_run_time():
     right = {k: v.flip(1) if k != "pixel_values" else v for k, v in batch.items()}
     with pytest.raises(ValueError, match=r"Right padding is not supported"):
         model.generate(**right, max_new_tokens=2)
+
+
+def test_vispruner_reads_each_rows_own_image_after_a_text_only_row():
+    """A text-only row first: row i's image is the number of image rows before it (a cumulative count), so every
+    image row keeps what its own single run keeps -- an index clamped to the image count gave row 1 row 2's set."""
+    specs = [(2, 3, False), (2, 3, True), (3, 4, True)]
+    model = make_model(**METHODS["vispruner"])
+    batch = make_batch(specs)
+    with torch.no_grad():
+        kept = model(**batch).keep_masks[:, 0]  # (B, N)
+        for i in (1, 2):
+            assert torch.equal(kept[i], model(**row_inputs(batch, i, specs)).keep_masks[0, 0]), i
+    assert not torch.equal(kept[1], kept[2])
+    assert not kept[0].any()
+
+
+def test_fastv_reads_the_last_prompt_token_not_a_labelled_answer():
+    """With a labelled continuation (a log-likelihood), FastV's query is the last prompt token before the answer:
+    the tokens it keeps are those of the prompt alone, not those the last answer token would pick."""
+    model = make_model(**METHODS["fastv"])
+    batch = make_batch([(2, 5, True)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]  # the last 3 tokens are the answer
+    prompt = {k: v if k == "pixel_values" else v[:, :-3] for k, v in batch.items()}
+    with torch.no_grad():
+        with_answer = model(**batch, labels=labels).keep_masks
+        alone = model(**prompt).keep_masks
+        unlabelled = model(**batch).keep_masks  # no labels: the last token is the prompt's end
+    assert torch.equal(with_answer, alone)
+    assert not torch.equal(unlabelled, alone)  # the choice of query row matters on this input
+
+
+def test_vispruner_at_the_embeddings_layer_is_refused_by_name():
+    """`vision_feature_layer=0` selects the tower's embeddings, which no attention layer produced: refused naming
+    the field, not a TypeError from inside the tower's norm."""
+    model = make_model(**METHODS["vispruner"], vision_feature_layer=0)
+    with pytest.raises(ValueError, match=r"`pruning_method='vispruner'` needs the attention of the vision layer that "
+                                         r"produces the features, but `vision_feature_layer=0` selects the embeddings "
+                                         r"of a 2-layer vision tower\."):
+        model(**make_batch([(2, 3, True)]))

@@ -203,6 +203,82 @@ def test_keys_of_a_selectors_own_input_do_not_replace_the_pruning_layers(registr
     assert (out.logits[valid] - at_positions(reference, out.token_positions)[valid]).abs().max() <= 1e-5
 
 
+def test_another_layers_attention_does_not_hand_its_keys_to_the_pruning_layer(registry):
+    """`ctx.visual_attention(layers[0], ctx.hidden_norm(), ...)` at pruning layer 2 projects with layer 0's `k_proj`:
+    those keys are not the pruning layer's, so they must not be kept for its forward (they were, and its logits
+    differed from the same kept set given as masks by 1.6e-3)."""
+
+    class OtherLayer(TokenSelector):
+        method = PruningMethod("other_layer_attention")
+        reads_attention = True
+
+        def scores(self, ctx):
+            q_slots, q_valid = ctx.question_slots()
+            return ctx.visual_attention(self.model.language_model.layers[0], ctx.hidden_norm(), q_slots, q_valid)
+
+    registry(OtherLayer)
+    model = make_model(pruning_method="other_layer_attention", pruning_layers=[2], repair_layers=[],
+                       pruning_keep_counts=[6])
+    batch = make_batch([(2, 3, True)])
+    with torch.no_grad():
+        out = model(**batch)
+        given = model(**batch, visual_keep_masks=out.keep_masks)  # no selection: the layer projects its own keys
+    assert torch.equal(out.keep_masks, given.keep_masks)
+    assert (out.logits - given.logits).abs().max() <= 1e-5
+
+
+def test_visual_attention_is_the_mean_over_heads_and_question_rows(registry):
+    """`ctx.visual_attention` documents the attention the question rows pay each visual token, averaged over heads
+    and valid query rows: equal to stock eager attention at the first pruning point (unpruned input). Built-in top-k
+    is blind to its scale, a selector of the user's is not (a sum over heads read 4x this)."""
+    from conftest import stock_copy
+
+    seen = []
+
+    class Probe(TokenSelector):
+        method = PruningMethod("visual_attention_probe")
+        reads_attention = True
+
+        def scores(self, ctx):
+            seen.append(ctx.visual_attention(ctx.layer, ctx.hidden_norm(), *ctx.question_slots()))
+            return seen[-1]
+
+    registry(Probe)
+    model = make_model(pruning_method="visual_attention_probe", pruning_layers=[1], repair_layers=[],
+                       pruning_keep_counts=[6])
+    stock = stock_copy(model)
+    stock.config._attn_implementation = stock.config.text_config._attn_implementation = "eager"
+    batch = make_batch([(2, 3, True)])  # BOS, 2 text, 16 image tokens at 3..18, 3 question tokens
+    with torch.no_grad():
+        model(**batch)
+        eager = stock(**batch, output_attentions=True).attentions[1][0]  # (H, T, T)
+    reference = eager[:, -3:, 3:19].mean((0, 1))  # (N,)
+    assert (seen[0][0] - reference).abs().max() <= 1e-6
+    assert 0.0 < seen[0].sum() < 1.0
+
+
+def test_a_keep_of_its_own_is_counted_from_its_mask_not_the_keep_count(registry):
+    """A selector that overrides `keep` may keep any number of tokens: the loop reads the count from its mask (a
+    host sync) instead of assuming `pruning_keep_counts` -- which overran the compaction (an index error) when it
+    kept more."""
+
+    class KeepAll(TokenSelector):
+        method = PruningMethod("keep_every_alive_token")
+
+        def keep(self, ctx):
+            return ctx.valid.clone()
+
+    registry(KeepAll)
+    model = make_model(pruning_method="keep_every_alive_token", pruning_layers=[1, 2], repair_layers=[],
+                       pruning_keep_counts=[10, 5])
+    batch = make_batch([(2, 3, True), (0, 4, True)])
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.keep_masks.all()
+    assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]  # nothing was dropped
+    assert out.logits.isfinite().all()
+
+
 def test_padding_reads_minus_one_in_token_positions_with_or_without_an_image_row():
     """A text-only batch's pruned-loop forward gave its padding positions 0, 1, ...; in a batch with an image row the
     same rows read -1 there (a `compute_metrics` keeping `>= 0` counted the padding)."""

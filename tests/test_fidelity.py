@@ -407,9 +407,21 @@ def test_floored_renorm_passes_no_gradient_where_nothing_was_kept():
     for floor in (RENORM_GRAD_FLOOR, torch.finfo(torch.float32).tiny):
         num = torch.zeros(1, 2, 3, requires_grad=True)
         den = torch.tensor([[[0.0], [0.5]]], requires_grad=True)
-        floored_renorm(num, den, floor).sum().backward()
+        out = floored_renorm(num, den, floor)
+        assert out.tolist() == [[[0.0] * 3, [0.0] * 3]], floor  # 0 / 0 is 0 (the clamp), not NaN
+        out.sum().backward()
         assert torch.isfinite(den.grad).all() and torch.isfinite(num.grad).all(), floor
         assert den.grad[0, 0, 0] == 0.0 and den.grad[0, 1, 0] == 0.0  # num = 0: nothing to move either
+
+
+def test_an_explicit_zero_floor_is_the_plain_division_not_the_default():
+    """`floor=0.0` asks for no floor (the exact gradient -sum(num) / den^2); `floor or default` read it as "not
+    given" and divided by the default 1e-3 squared, a gradient 1e4 times too small at den = 1e-5."""
+    num = torch.tensor([[1.0, 2.0]])
+    for floor, expected in ((0.0, -3.0 / 1e-10), (None, -3.0 / RENORM_GRAD_FLOOR ** 2)):
+        den = torch.tensor([[1e-5]], requires_grad=True)
+        floored_renorm(num, den, floor).sum().backward()
+        assert den.grad.item() == pytest.approx(expected, rel=1e-5), floor
 
 
 def test_the_renormalisation_keeps_a_half_precision_kept_mass_below_its_smallest_normal():
@@ -436,3 +448,13 @@ def test_the_renormalisation_keeps_a_half_precision_kept_mass_below_its_smallest
                                      rcp_key_keep=keep.half())
     discard = (value[..., 0, :] + value[..., 2, :]) / 2  # attention over the kept keys alone (equal scores)
     assert (out.float().squeeze() - discard.squeeze()).abs().max() < 5e-3
+
+
+def test_a_repair_after_a_point_that_dropped_nothing_reads_a_zero_pruned_mean():
+    """A pruning point that keeps every candidate (count 16 of 16) has pruned nothing yet: the adapters' context
+    reads the pruned tokens' mean as 0 (the count clamped at 1, Eq. 10), not 0 / 0 -- which made every logit NaN."""
+    model = make_model(randomize_plugins=True, pruning_layers=[1, 2], repair_layers=[1, 3], pruning_keep_counts=[16, 5])
+    with torch.no_grad():
+        out = model(**make_batch([(2, 3, True)]))
+    assert out.logits.isfinite().all()
+    assert out.keep_masks[0, 0].all() and out.keep_masks[0, 1].sum() == 5

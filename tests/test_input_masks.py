@@ -91,6 +91,42 @@ def test_one_unpadded_row_with_a_hidden_visual_token_runs_and_generates(name):
     assert not out.keep_masks[0, :, 3].any() and tokens.shape == (1, batch["input_ids"].shape[1] + 3)
 
 
+def test_vispruner_hiding_a_token_it_keeps_in_an_unpadded_row_matches_the_reference():
+    """VisPruner chooses blind to the attention mask, so with a kept token hidden it keeps one fewer than its count:
+    the loop reads the kept count from the mask then. Assuming the count made the row one slot longer than its
+    tokens and called the segment unpadded -- different logits, silently, where no padding absorbed it."""
+    model = make_model(**CASES["vispruner"])
+    with torch.no_grad():
+        chosen = int(model(**make_batch([(2, 3, True)])).keep_masks[0, 0].nonzero()[0])
+    batch = make_batch([(2, 3, True)])
+    _hide(batch, 0, [chosen])
+    batch = _with_positions(batch)
+    with torch.no_grad():
+        out = model(**batch)
+        ref = masked_reference(model, batch, out.keep_masks)
+    count = CASES["vispruner"]["pre_llm_keep_count"]
+    assert not out.keep_masks[0, 0, chosen] and out.kept_counts.tolist() == [[count - 1]]
+    valid = out.token_positions >= 0
+    assert (out.logits - at_positions(ref, out.token_positions))[valid].abs().max() <= 1e-4
+
+
+def test_the_default_question_is_the_unlabelled_text_after_the_image():
+    """With labels, the answer tokens are not question rows: the prior's queries are the text after the image that
+    carries no label -- the same kept tokens as that text given as `question_mask`."""
+    model = make_model(**CASES["attention_topk"])
+    batch = make_batch([(2, 3, True)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -2:] = batch["input_ids"][:, -2:]  # the last 2 text tokens are the answer
+    question = torch.zeros_like(batch["input_ids"])
+    question[:, -3] = 1  # the one unlabelled token after the image
+    with torch.no_grad():
+        default = model(**batch, labels=labels).keep_masks
+        given = model(**batch, question_mask=question).keep_masks
+        all_text = model(**batch).keep_masks  # no labels: all 3 tokens after the image are the question
+    assert torch.equal(default, given)
+    assert not torch.equal(default, all_text)  # which rows are the question matters on this input
+
+
 def test_a_4d_attention_mask_is_refused_by_name_when_pruning():
     """Stock takes a custom 4-D mask; pruning needs the 2-D padding mask (which tokens exist) and failed with
     "Index tensor must have the same number of dimensions as input tensor"."""
@@ -169,3 +205,21 @@ def test_packed_sequences_are_refused_under_gradient_checkpointing_in_training()
         model(input_ids=ids, position_ids=positions.unsqueeze(0))
     out = model(**first)  # and, as stock, no cache
     assert out.past_key_values is None
+
+
+def test_the_default_answer_positions_are_those_that_predict_a_labelled_token():
+    """Without `answer_mask`, the repair adapters act at the positions whose next token is labelled (they predict
+    the answer, Eqs. 11-15): the same logits as that mask given explicitly, and not the labelled positions
+    themselves."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(2, 5, True)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]
+    predicting = torch.zeros_like(batch["input_ids"])
+    predicting[:, -4:-1] = 1
+    with torch.no_grad():
+        default = model(**batch, labels=labels)
+        given = model(**batch, answer_mask=predicting)
+        labelled = model(**batch, answer_mask=(labels != -100).long())
+    assert torch.equal(default.logits, given.logits)
+    assert not torch.allclose(default.logits, labelled.logits)

@@ -167,3 +167,37 @@ def test_eager_training_layout_trains_as_the_sdpa_form():
     assert grads[0].keys() == grads[1].keys() and any("rcp_plugins" in k for k in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_text_only_row_keeps_its_own_key_weights_in_a_mixed_batch():
+    """The mask layout writes M into the image slots of the rows with an image only: a text-only row (here longer
+    than N, so those slot indices exist in it) kept weight 1 on every key, and its logits equal the discard's."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(6, 25, False), (2, 3, True)])
+    with torch.no_grad():
+        discard = model(**batch)
+        with model.pruning_layout("mask"):
+            masked = model(**batch)
+    positions = discard.token_positions
+    valid = positions >= 0
+    ref = masked.logits.gather(1, positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, masked.logits.shape[-1]))
+    assert (discard.logits[valid] - ref[valid]).abs().max() <= 1e-4
+    assert (discard.logits[0] - masked.logits[0]).abs().max() <= 1e-5  # the text-only row is not pruned at all
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_prior_cuts_the_priors_gradient_into_the_pruners(detach):
+    """`detach_prior` (`--detach_prior`): the prior A reaches the pruner (Eq. 5) without a gradient path back into
+    the states it was computed from; off, it carries one."""
+    model = make_model(randomize_plugins=True)
+    model.model.detach_prior = detach
+    seen = []
+    hooks = [pruner.register_forward_pre_hook(lambda module, args: seen.append(args[4].requires_grad))
+             for pruner in model.model.rcp_plugins.pruners.values()]
+    try:
+        with model.pruning_layout("mask"):
+            model(**make_batch(PADDED))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [not detach] * len(model.model.rcp_plugins.pruners)

@@ -23,6 +23,7 @@ BACKBONES = {
     "olmo2": lambda: tf.Olmo2Config(**TEXT),
     "stablelm": lambda: tf.StableLmConfig(**TEXT),
     "olmo-clip": lambda: tf.OlmoConfig(clip_qkv=0.5, **TEXT),
+    "olmoe": lambda: tf.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **TEXT),  # q/k norms over the projection
     "qwen2": lambda: tf.Qwen2Config(**TEXT),
     "gemma3": lambda: tf.Gemma3TextConfig(head_dim=8, **TEXT),
     "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, **TEXT),
@@ -46,6 +47,7 @@ ATTENTION_PROBLEMS = {
     "olmo2": r"its decoder layers have no `input_layernorm` \(a norm after attention, as OLMo2's\)",
     "stablelm": r"its rotary embedding covers 2 of the 8 head dims \(partial rotary\)",
     "olmo-clip": r"it clips its queries, keys and values \(`clip_qkv=0\.5`\)",
+    "olmoe": r"its `q_norm` normalises the whole projection, not each head \(as OLMo2's\)",
 }
 LOOP_PROBLEMS = {
     "gemma3": r"its rotary embedding is not one table for every layer \(Gemma3 and OLMo3 keep one per layer type\)",
