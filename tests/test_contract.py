@@ -378,3 +378,33 @@ def test_beam_search_batch_equals_single_with_trained_adapters():
             single = model.generate(**row_inputs(batch, i, specs), max_new_tokens=5, min_new_tokens=5,
                                     num_beams=3, do_sample=False)
             assert torch.equal(beams[i, -5:], single[0, -5:])
+
+
+def test_a_row_with_exactly_one_padding_token_equals_its_single_run():
+    """Whether a pruned segment is padded is read on the host from the rows' lengths: a batch whose shorter row has
+    a single padding token is padded too."""
+    model = make_model(randomize_plugins=True)
+    specs = [(3, 4, True), (2, 4, True)]
+    batch = make_batch(specs)
+    assert batch["attention_mask"].sum(1).tolist() == [24, 23]
+    with torch.no_grad():
+        out = model(**batch)
+        for i in range(2):
+            single = model(**row_inputs(batch, i, specs))
+            assert (out.logits[i, -1] - single.logits[0, -1]).abs().max() <= 1e-5, i
+
+
+def test_nested_plugins_disabled_keeps_the_outer_blocks_pruning_off():
+    """`plugins_disabled()` (no pruning, no repair) around `plugins_disabled(pruning=False)`: the inner block does
+    not turn pruning back on; the forward is stock's."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch([(2, 4, True)])
+    with torch.no_grad():
+        with model.plugins_disabled():
+            with model.plugins_disabled(pruning=False):
+                inner = model(**batch)
+            outer = model(**batch)
+        stock = stock_copy(model)(**batch)
+    assert inner.logits.shape == stock.logits.shape == outer.logits.shape
+    assert torch.equal(inner.logits, outer.logits)
+    assert (inner.logits - stock.logits).abs().max() <= 1e-5

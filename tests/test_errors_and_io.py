@@ -378,6 +378,10 @@ def test_a_failed_push_keeps_the_saved_folder(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError):
         model.save_pretrained(folder, push_to_hub=True)
     assert (folder / "README.md").read_text() == "# my RCP card" and "README.md" not in calls["upload"][2]
+    # a folder given with a trailing separator names the same repo (basename of "rcp-push/" is "")
+    with pytest.raises(ConnectionError):
+        model.save_pretrained(f"{folder}/", push_to_hub=True)
+    assert calls["repo"][0] == "rcp-push"
 
 
 def test_save_pretrained_stages_inside_the_folder(tmp_path, monkeypatch):
@@ -507,3 +511,69 @@ def test_config_boundaries_of_placement_and_layers():
                                                    "one pruning layer.")):
         tiny_config(pruning_layers=[], repair_layers=[], pruning_keep_counts=None)
 
+
+
+def test_a_plugin_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The weights are written to a temporary name and renamed over the old file: a save that dies after writing
+    part of them (disk full, a kill) leaves the previous plug-ins loadable and no temporary file behind."""
+    import modeling_rcp_llava
+
+    model = make_model(randomize_plugins=True)
+    folder = tmp_path / "plugins"
+    model.save_plugins(folder)
+    before = {n: (folder / n).read_bytes() for n in _names(folder)}
+
+    def broken(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeling_rcp_llava, "_save_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_plugins(folder)
+    monkeypatch.undo()
+    assert {n: (folder / n).read_bytes() for n in _names(folder)} == before
+    fresh = make_model()
+    fresh.load_plugins(folder)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.plugin_parameters(), model.plugin_parameters()))
+
+
+def test_a_sharded_variant_save_keeps_the_plain_weights(tmp_path):
+    """A sharded `variant="fp16"` save removes only earlier files of its own weights (the fp16 family), never
+    `model.safetensors` of the plain save beside it."""
+    model = make_model()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    model.save_pretrained(folder, variant="fp16", max_shard_size="100KB")
+    names = _names(folder)
+    assert "model.safetensors" in names
+    assert len([n for n in names if n.startswith("model.fp16-") or n.startswith("model-")]) > 1
+
+
+def test_from_base_copies_the_generation_config_instead_of_sharing_it():
+    """`from_base(loaded_model)` shares the backbone's modules, not its generation settings: editing the RCP model's
+    `generation_config` leaves the stock model's as it was."""
+    base = stock_copy(make_model())
+    rcp = RcpLlavaForConditionalGeneration.from_base(base)
+    rcp.generation_config.max_new_tokens = 7
+    assert base.generation_config.max_new_tokens is None
+
+
+def test_from_base_with_trained_plugins_on_a_stock_folder_does_not_call_them_new(tmp_path, caplog):
+    """`from_base(stock_folder, plugins=...)` loads trained plug-ins over a stock checkpoint: the "RCP plug-ins are
+    new ... Train them" warning is for a stock checkpoint loaded without any."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    model = make_model(randomize_plugins=True)
+    stock_config = LlavaConfig(**{k: v for k, v in model.config.to_dict().items() if k in LlavaConfig().to_dict()})
+    stock = LlavaForConditionalGeneration(stock_config)
+    stock.load_state_dict({k: v for k, v in model.state_dict().items() if ".rcp_plugins." not in k})
+    stock.save_pretrained(tmp_path / "base")
+    model.save_plugins(tmp_path / "plugins", base_model_name_or_path=str(tmp_path / "base"))
+    with caplog.at_level(logging.WARNING):
+        loaded = RcpLlavaForConditionalGeneration.from_base(tmp_path / "base", plugins=tmp_path / "plugins")
+    assert "RCP plug-ins are new" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(loaded.plugin_parameters(), model.plugin_parameters()))
+    with caplog.at_level(logging.WARNING):
+        RcpLlavaForConditionalGeneration.from_base(tmp_path / "base")
+    assert "RCP plug-ins are new" in caplog.text  # the warning itself still comes where it belongs

@@ -135,3 +135,47 @@ def test_disable_adapter_of_a_peft_model_is_peft_own_and_turns_off_lora_only():
         with peft_model.disable_adapter():
             inside = peft_model(**batch).logits
     torch.testing.assert_close(inside, pruned, rtol=0, atol=1e-6)
+
+
+def test_a_strict_load_refuses_plugin_tensors_the_model_has_no_place_for(tmp_path):
+    """Plug-ins trained with adapters after layers 2 and 3, loaded into a model with one after layer 3: the tensors
+    of layer 2's adapter have no place, which `strict=True` refuses (as missing ones), rather than warn."""
+    make_model(randomize_plugins=True).save_plugins(tmp_path)
+    target = make_model(repair_layers=[3])
+    with pytest.raises(ValueError, match=r"do not match the model: missing \[\], unexpected "
+                                         r"\['model\.rcp_plugins\.repair_adapters\.2\..*Were they trained with other "
+                                         r"`pruning_layers` / `repair_layers`\?"):
+        target.load_plugins(tmp_path)
+    target.load_plugins(tmp_path, strict=False)  # the user's choice: a warning, and layer 3's adapter loads
+
+
+def test_a_plugin_folder_from_a_release_without_the_token_count_loads(tmp_path):
+    """Older plug-in folders recorded neither `num_visual_tokens` nor the weights' fingerprint: the token-count check
+    has nothing to compare then, and the plug-ins load."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(randomize_plugins=True)
+    model.save_plugins(tmp_path)
+    path = tmp_path / RCP_CONFIG_NAME
+    record = json.loads(path.read_text())
+    del record["num_visual_tokens"]
+    path.write_text(json.dumps(record))
+    weights = tmp_path / RCP_PLUGINS_NAME
+    save_file(load_file(weights), weights)  # without the metadata
+    fresh = make_model()
+    fresh.load_plugins(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.plugin_parameters(), model.plugin_parameters()))
+
+
+def test_a_revision_given_to_from_pretrained_wins_over_the_recorded_base_revision(tmp_path):
+    """A plug-in folder records its base's revision; `from_pretrained(plugins, revision=...)` asks for another one,
+    which is the one loaded (and recorded on the model), not the recorded one."""
+    from conftest import stock_copy
+
+    model = make_model(randomize_plugins=True)
+    stock_copy(model).save_pretrained(tmp_path / "base")
+    model.rcp_base_model_revision = "v1.0"
+    model.save_plugins(tmp_path / "plugins", base_model_name_or_path=str(tmp_path / "base"))
+    assert RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "plugins").rcp_base_model_revision == "v1.0"
+    loaded = RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "plugins", revision="v2.0")
+    assert loaded.rcp_base_model_revision == "v2.0"

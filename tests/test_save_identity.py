@@ -125,3 +125,42 @@ def test_an_unreadable_weights_file_in_the_folder_is_named(tmp_path):
     with pytest.raises(FileExistsError, match=r"model_ema\.safetensors cannot be read .* pass `overwrite=True`"):
         model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path, overwrite=True)
+
+
+def test_a_plugin_folder_from_a_release_that_wrote_fewer_fields_saves_again(tmp_path):
+    """`save_plugins` reads an older rcp_config.json with the same defaults as `save_pretrained` reads config.json:
+    its own model saves over it, not refused as "pruner_num_heads: None -> 4"."""
+    model = make_model(randomize_plugins=True)
+    model.save_plugins(tmp_path)
+    path = tmp_path / "rcp_config.json"
+    record = json.loads(path.read_text())
+    del record["pruner_num_heads"]
+    path.write_text(json.dumps(record))
+    model.save_plugins(tmp_path)
+    assert json.loads(path.read_text())["pruner_num_heads"] == 4
+
+
+def test_plugins_of_another_base_model_are_not_replaced_silently(tmp_path):
+    """Same shapes, another base (`base_model_name_or_path`): the plug-ins were trained for another model."""
+    make_model(randomize_plugins=True).save_plugins(tmp_path, base_model_name_or_path="org/llava-7b")
+    weights = (tmp_path / "rcp_plugins.safetensors").read_bytes()
+    other = make_model(seed=5, randomize_plugins=True)
+    with pytest.raises(FileExistsError, match=r"org/llava-7b.*org/llava-13b"):
+        other.save_plugins(tmp_path, base_model_name_or_path="org/llava-13b")
+    assert (tmp_path / "rcp_plugins.safetensors").read_bytes() == weights
+    other.save_plugins(tmp_path, base_model_name_or_path="org/llava-13b", overwrite=True)
+    assert (tmp_path / "rcp_plugins.safetensors").read_bytes() != weights
+
+
+def test_a_model_of_another_vocabulary_is_not_saved_over_a_folder(tmp_path):
+    """The same plug-ins on another backbone (its vocabulary) would replace the folder's model silently."""
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    config = model.config.to_dict()
+    config["text_config"]["vocab_size"] = 120
+    other = RcpLlavaForConditionalGeneration(RcpLlavaConfig.from_dict(config))
+    with pytest.raises(FileExistsError, match=r"vocab_size: 100 -> 120"):
+        other.save_pretrained(tmp_path)
+    assert RcpLlavaForConditionalGeneration.from_pretrained(tmp_path).config.text_config.vocab_size == 100

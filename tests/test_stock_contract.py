@@ -1150,3 +1150,62 @@ def test_every_hidden_state_position_marks_padding(name):
     first = out.hidden_state_positions[0]
     assert first.tolist() == torch.where(batch["attention_mask"].bool(),
                                          torch.arange(first.shape[1]).expand_as(first), -1).tolist()
+
+
+def test_a_multi_token_continuation_after_a_pre_llm_prune_equals_a_recompute():
+    """After a pre-LLM prune the cache holds fewer tokens than the positions seen: the causal mask of a multi-token
+    step is sized by the physical cache (`get_query_offset`), while its positions count the prompt's own tokens."""
+    from transformers import DynamicCache
+
+    model = make_model(pruning_method="random", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                       pre_llm_keep_count=5, pruning_seed=3)
+    batch = make_batch([(2, 4, True)])
+    cache = DynamicCache(config=model.config.text_config)
+    step = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        prefill = model(**batch, past_key_values=cache, use_cache=True)
+        cached = model(input_ids=step, past_key_values=cache, use_cache=True)
+        full = model(input_ids=torch.cat([batch["input_ids"], step], 1), pixel_values=batch["pixel_values"],
+                     visual_keep_masks=prefill.keep_masks, use_cache=False)
+    assert cache.layers[0].get_seq_length() == batch["input_ids"].shape[1] - NUM_VISUAL + 5 + 3
+    assert (cached.logits - full.logits[:, -3:]).abs().max() <= 1e-5
+
+
+def test_output_attentions_set_on_the_text_config_is_read_as_stock_reads_it():
+    """`config.text_config.output_attentions=True` with no argument: stock's decoder returns every layer's weights,
+    and the pruned loop does the same."""
+    model = make_model(randomize_plugins=True, attn_implementation="eager")
+    model.config.text_config.output_attentions = True
+    batch = make_batch([(2, 4, True)])
+    with torch.no_grad():
+        pruned = model(**batch)
+        model.config.pruning_method = "none"
+        stock = model(**batch)
+    layers = model.config.text_config.num_hidden_layers
+    assert stock.attentions is not None and len(stock.attentions) == layers
+    assert pruned.attentions is not None and len(pruned.attentions) == layers
+
+
+def test_a_cache_emptied_after_a_pre_llm_prune_is_reused_as_a_fresh_one():
+    """Every layer cropped to 0 (a rolled-back cache, reused): it reports 0 tokens, takes a new image prompt as a
+    prefill, and a text prompt after that counts only its own tokens."""
+    from transformers import DynamicCache
+
+    model = make_model(pruning_method="random", pruning_layers=[], repair_layers=[], pruning_keep_counts=None,
+                       pre_llm_keep_count=5, pruning_seed=3)
+    batch = make_batch([(2, 4, True)])
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        fresh = model(**batch)
+        model(**batch, past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.crop(-layer.get_seq_length())
+        assert cache.get_seq_length() == 0
+        again = model(**batch, past_key_values=cache, use_cache=True)
+        assert torch.equal(again.kept_counts, fresh.kept_counts)
+        assert (again.logits - fresh.logits).abs().max() <= 1e-5
+        for layer in cache.layers:
+            layer.crop(-layer.get_seq_length())
+        text = make_batch([(6, 3, False)])
+        model(input_ids=text["input_ids"], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == text["input_ids"].shape[1]
