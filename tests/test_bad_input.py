@@ -640,16 +640,23 @@ def test_a_question_mask_without_text_is_refused():
 def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
     """With labels on every token after the image, the pruners read the last text token before it (was: the
     last token of the row, an answer token)."""
-    model = make_model(seed=3, randomize_plugins=True)
     batch = make_batch([(2, 3, True)])
     labels = torch.full_like(batch["input_ids"], -100)
     labels[0, -3:] = batch["input_ids"][0, -3:]
     before_image = torch.zeros_like(labels, dtype=torch.bool)
     before_image[0, 2] = True  # BOS, 2 prefix tokens, then the image
-    with torch.no_grad():
-        default = model(**batch, labels=labels)
-        explicit = model(**batch, labels=labels, question_mask=before_image)
-    torch.testing.assert_close(default.logits, explicit.logits, rtol=0, atol=0)
+    all_before = torch.zeros_like(labels, dtype=torch.bool)
+    all_before[0, :3] = True
+    # the adaptive threshold (Eq. 8) reads the logits' values, not only their order: the query rows show there
+    for counts in ([10, 5], None):
+        model = make_model(seed=3, randomize_plugins=True, pruning_keep_counts=counts)
+        with torch.no_grad():
+            default = model(**batch, labels=labels)
+            explicit = model(**batch, labels=labels, question_mask=before_image)
+            every_text_token = model(**batch, labels=labels, question_mask=all_before)
+        torch.testing.assert_close(default.logits, explicit.logits, rtol=0, atol=0)
+        assert torch.equal(default.keep_masks, explicit.keep_masks)
+    assert not torch.equal(default.keep_masks, every_text_token.keep_masks)  # the last one alone, not all
 
 
 # -- evaluate_methods: the grid is checked before the model loads ------------------------------------------------
