@@ -201,3 +201,33 @@ def test_detach_prior_cuts_the_priors_gradient_into_the_pruners(detach):
         for hook in hooks:
             hook.remove()
     assert seen == [not detach] * len(model.model.rcp_plugins.pruners)
+
+
+def test_the_mask_layouts_prior_ignores_the_keys_an_earlier_point_dropped():
+    """In the mask layout a dropped token stays in place with key weight 0: the next point's prior (Eq. 4) must not
+    let the question attend to it, so it equals the discard's prior, which no longer holds the token."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    select = model.model._select_tokens
+    priors, candidates = {"discard": [], "mask": []}, []  # per point: the prior each pruner got; discard's (ids, valid)
+
+    def recording(selector, ctx):
+        candidates.append((ctx.ids, ctx.valid))
+        return select(selector, ctx)
+
+    model.model._select_tokens = recording
+    hooks = [pruner.register_forward_pre_hook(lambda module, args: priors[layout].append(args[4].clone()))
+             for pruner in model.model.rcp_plugins.pruners.values()]
+    try:
+        with torch.no_grad():
+            for layout in ("discard", "mask"):
+                with model.pruning_layout(layout):
+                    model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(priors["discard"]) == len(priors["mask"]) == len(candidates) == 2
+    for discard, masked, (ids, valid) in zip(priors["discard"], priors["mask"], candidates):
+        assert masked.shape[1] == NUM_VISUAL  # every token stays in place, in raster order
+        assert (discard - masked.gather(1, ids))[valid].abs().max() <= 2e-6
+    assert candidates[1][0].shape[1] == 10 < NUM_VISUAL  # the first point dropped 6: the mask layout still holds them
