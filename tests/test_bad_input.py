@@ -1639,7 +1639,6 @@ def test_positive_int_stops_a_bad_count_at_parsing(value, capsys):
     assert f"argument --repeats: must be a whole number >= 1, got {value!r}" in capsys.readouterr().err
 
 
-
 def test_publish_gives_each_writer_a_temporary_with_the_files_suffix(tmp_path):
     """A figure's format follows its file's suffix (`save_figure`): the temporary `publish` hands `write` ends in the
     final file's suffix, so a figure written through it is a PNG, where a `.tmp-PID` suffix was no format at all."""

@@ -408,24 +408,3 @@ def test_nested_plugins_disabled_keeps_the_outer_blocks_pruning_off():
     assert inner.logits.shape == stock.logits.shape == outer.logits.shape
     assert torch.equal(inner.logits, outer.logits)
     assert (inner.logits - stock.logits).abs().max() <= 1e-5
-
-
-def test_a_right_padded_forward_repairs_each_rows_last_real_token():
-    """Without labels the adapters act at each row's last real token: with right padding that is not the pad column
-    at the end, and a shorter row's last logits equal its single run's."""
-    model = make_model(randomize_plugins=True)
-    specs = [(2, 3, True), (5, 6, True)]
-    left = make_batch(specs)
-    right = {k: v for k, v in left.items()}
-    for key in ("input_ids", "attention_mask"):
-        shifted = torch.zeros_like(left[key])
-        for i in range(len(specs)):
-            n = int(left["attention_mask"][i].sum())
-            shifted[i, :n] = left[key][i, -n:]
-        right[key] = shifted
-    with torch.no_grad():
-        out = model(**right)
-        single = model(**row_inputs(left, 0, specs))
-    last = int(right["attention_mask"][0].sum()) - 1
-    slot = int((out.token_positions[0] == last).nonzero())
-    assert (out.logits[0, slot] - single.logits[0, -1]).abs().max() <= 1e-5
