@@ -32,8 +32,11 @@ in one prompt run with `pruning_method=none` only; the pruning methods take one 
 
 Each document with an image records its visual tokens per decoder layer (`visual_tokens_per_layer`: the mean over
 all layers, the project's equal-compute budget), also by task (`visual_tokens_by_task`: lmms-eval sends every
-task's requests in one call); `visual_token_summary()` logs their means after each request type, since lmms-eval's
-results hold the scores only, and still answers after lmms-eval's `clean()` has deleted the model.
+task's requests in one call), once per call of the model (a multiple-choice document's requests, and the copies of
+its last request that lmms-eval runs on a data-parallel rank with fewer documents, are one document);
+`visual_token_summary()` logs their means after each request type, since lmms-eval's results hold the scores only,
+and still answers after lmms-eval's `clean()` has deleted the model. Data-parallel, each rank records and logs its
+own documents.
 
 `generate_until` runs batched (left padding, requests sorted by length and grouped by generation arguments);
 `loglikelihood` scores a continuation one request at a time. A local task built from the project's testbed
@@ -278,7 +281,10 @@ class RcpLlava(lmms):
                            f"{tokenizer.eos_token!r} (left padding, masked out), as llava_hf generates with EOS.")
             tokenizer.pad_token = tokenizer.eos_token
         self._tokenizer = tokenizer
-        self._rank, self._world_size = 0, 1
+        # This process's place in a data-parallel run (`accelerate launch` and torchrun set RANK and WORLD_SIZE), where
+        # lmms-eval shards the documents: its 0.7.0 evaluator sizes each rank's padding by `lm.rank`, which was 0 on
+        # every rank (0.7.3 sets both on the model itself, from the same variables).
+        self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         # Each document's visual tokens per decoder layer (mean over the layers), in the order they ran, and per task:
         # lmms-eval's results hold the scores only, and a comparison at equal compute needs these too
         # (`visual_token_summary`). What the summary reads of the model is kept here: lmms-eval's `clean()` deletes
@@ -343,10 +349,12 @@ class RcpLlava(lmms):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def _record_visual_tokens(self, images, tasks):
+    def _record_visual_tokens(self, images, keys, recorded):
         """Append the visual tokens per decoder layer of the documents the model just ran (`images`: each one's list,
-        in batch order; `tasks`: each one's task), read from its `last_pruning_info`; documents without an image are
-        left out."""
+        in batch order; `keys`: each one's (task, split, doc id)), read from its `last_pruning_info`; documents
+        without an image are left out, and so is a document this call has recorded already (`recorded`, the call's
+        keys so far): lmms-eval's data-parallel padding (a rank with fewer documents runs copies of its last request)
+        and a multiple-choice document's requests (one per choice, the same prompt) are one document."""
         config, info = self.model.config, self.model.last_pruning_info
         if info is None:  # nothing pruned: every layer reads all of each image's tokens
             per_doc = [config.num_visual_tokens * len(row) for row in images]
@@ -354,15 +362,18 @@ class RcpLlava(lmms):
             rows = kept_tokens_per_layer(config, info.kept_counts, len(info.has_image), info.has_image)
             copies = len(rows) // len(images)  # generate's beams / return sequences repeat each row in place
             per_doc = [average_tokens(rows[i * copies]) for i in range(len(images))]
-        for tokens, row, task in zip(per_doc, images, tasks):
-            if row:
+        for tokens, row, key in zip(per_doc, images, keys):
+            if row and key not in recorded:
+                recorded.add(key)
                 self.visual_tokens_per_layer.append(tokens)
-                self.visual_tokens_by_task.setdefault(task, []).append(tokens)
+                self.visual_tokens_by_task.setdefault(key[0], []).append(tokens)
 
     def visual_token_summary(self):
         """`{"documents", "mean_visual_tokens_per_layer", "num_visual_tokens", "per_task"}` over the documents with an
         image so far (the mean over all decoder layers, the project's equal-compute budget; "per_task": the same two
-        for each task, as lmms-eval runs several in one call), and logs it. Readable after lmms-eval's `clean()`."""
+        for each task, as lmms-eval runs several in one call), and logs it. Readable after lmms-eval's `clean()`. In a
+        data-parallel run each rank holds and logs its own documents (the log says which rank): lmms-eval gathers
+        its scores, not these."""
 
         def mean(done):
             return {"documents": len(done), "mean_visual_tokens_per_layer": sum(done) / len(done) if done else None}
@@ -373,7 +384,9 @@ class RcpLlava(lmms):
         if done:
             tasks = "; ".join(f"{task}: {s['mean_visual_tokens_per_layer']:.2f} over {s['documents']}"
                               for task, s in summary["per_task"].items())
-            eval_logger.info(f"rcp_llava: {len(done)} documents with an image read "
+            # lmms-eval sets `_rank` / `_world_size` on the model from the launcher's environment (0.7.3's evaluator)
+            rank = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+            eval_logger.info(f"rcp_llava{rank}: {len(done)} documents with an image read "
                              f"{summary['mean_visual_tokens_per_layer']:.2f} visual tokens per decoder layer on "
                              "average "
                              f"(of {summary['num_visual_tokens']} per image; pruning_method="
@@ -389,7 +402,7 @@ class RcpLlava(lmms):
 
     @torch.no_grad()
     def generate_until(self, requests):
-        results = []
+        results, recorded = [], set()
 
         def by_length(args):
             return -len(self.tokenizer.encode(args[0])), args[0]
@@ -416,7 +429,7 @@ class RcpLlava(lmms):
             if sample:
                 generate.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
             out = self.model.generate(**inputs, **generate)
-            self._record_visual_tokens(images, tasks)
+            self._record_visual_tokens(images, list(zip(tasks, splits, doc_ids)), recorded)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for text in texts:
                 for stop in until:
@@ -433,7 +446,7 @@ class RcpLlava(lmms):
         """Sum of the continuation's token log-probabilities after the prompt, and whether greedy decoding gives
         exactly the continuation (one request at a time; the continuation is labelled, so the pruners condition
         on the question as in training)."""
-        results = []
+        results, recorded = [], set()
         for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
             if not isinstance(continuation, str):
                 continuation = continuation(self.task_dict[task][split][doc_id])
@@ -454,7 +467,7 @@ class RcpLlava(lmms):
             labels[:, len(ids) - tail:] = -100
             # (1, T', V): pruned visual positions are gone, but the continuation is the last text, right-aligned
             logits = self.model(**full, labels=labels).logits
-            self._record_visual_tokens([images], [task])
+            self._record_visual_tokens([images], [(task, split, doc_id)], recorded)
             target = ids[start:len(ids) - tail]  # (C,)
             stop = logits.shape[1] - 1 - tail
             scores = logits[0, stop - target.shape[0]:stop].float().log_softmax(-1)  # the continuation's predictions

@@ -29,43 +29,61 @@ def _lmms_outputs(out_dir, task):
     return results, samples
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method, budget", [("rcp", "1/4"), ("vispruner", "1/4"), ("none", "")])
-def test_lmms_eval_run_equals_the_projects_evaluator(tmp_path, method, budget):
+@pytest.fixture(scope="module")
+def micro_testbed(tmp_path_factory):
+    """(testbed folder, RCP model folder, task folder): the micro testbed, an RCP model on its backbone with random
+    decoder weights, and the lmms-eval task `rcp_testbed` over its test split. The 8-step micro model answers every
+    question with the same special token; random decoder weights make it say words that differ between samples, so
+    comparing two runs' answers sample by sample means something."""
     import torch
+    from transformers import AutoProcessor
 
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
-    from rcp_llava.evaluation import EvalData, evaluate_model, first_token_predictions, method_model, method_overrides
-    from rcp_llava.lmms_eval_model import budget_tokens, write_testbed_task
+    from rcp_llava.lmms_eval_model import write_testbed_task
     from rcp_llava.testbed import build_testbed
-    from transformers import AutoProcessor
-    from datasets import load_from_disk
 
-    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
-    model_dir = tmp_path / "rcp"
+    root = tmp_path_factory.mktemp("micro")
+    folder = build_testbed("micro", output_dir=root / "testbed", pruning_eval=False)
     model = RcpLlavaForConditionalGeneration.from_pretrained(folder / "model", pruning_layers=[1],
                                                              repair_layers=[1], visual_token_budget=16.0,
                                                              pruner_hidden_size=8, repair_bottleneck_size=8)
-    # The 8-step micro model answers every question with the same special token; random decoder weights make it
-    # say words that differ between samples, so comparing the two runs' answers sample by sample means something.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("language_model" in name or "lm_head" in name or "multi_modal_projector" in name):
                 p.normal_(0.0, 0.5 if "lm_head" not in name else 3.0, generator=g)
-    model.save_pretrained(model_dir)
-    AutoProcessor.from_pretrained(folder / "model").save_pretrained(model_dir)
-    write_testbed_task(tmp_path / "tasks", folder / "dataset", split="test")
+    model.save_pretrained(root / "rcp")
+    AutoProcessor.from_pretrained(folder / "model").save_pretrained(root / "rcp")
+    write_testbed_task(root / "tasks", folder / "dataset", split="test")
+    return folder, root / "rcp", root / "tasks"
+
+
+def _run_lmms_eval(launcher, model_args, tasks_dir, out_dir, limit, cwd):
+    """`launcher -m lmms_eval` on the task `rcp_testbed`, offline, on CPU; returns the finished process (asserted
+    to have exited 0)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([*launcher, "-m", "lmms_eval", "--model", "rcp_llava", "--model_args", model_args,
+                           "--tasks", "rcp_testbed", "--include_path", str(tasks_dir), "--limit", str(limit),
+                           "--batch_size", "4", "--device", "cpu", "--output_path", str(out_dir), "--log_samples"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, budget", [("rcp", "1/4"), ("vispruner", "1/4"), ("none", "")])
+def test_lmms_eval_run_equals_the_projects_evaluator(micro_testbed, tmp_path, method, budget):
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import EvalData, evaluate_model, first_token_predictions, method_model, method_overrides
+    from rcp_llava.lmms_eval_model import budget_tokens
+    from transformers import AutoProcessor
+    from datasets import load_from_disk
+
+    folder, model_dir, tasks_dir = micro_testbed
     args = f"pretrained={model_dir},pruning_method={method}"  # batch size and device: lmms-eval's own flags
     if budget:
         args += f",budget={budget}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "rcp_llava", "--model_args", args,
-                           "--tasks", "rcp_testbed", "--include_path", str(tmp_path / "tasks"), "--limit", "8",
-                           "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "out"),
-                           "--log_samples"],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    _run_lmms_eval([sys.executable], args, tasks_dir, tmp_path / "out", 8, tmp_path)
     results, samples = _lmms_outputs(tmp_path / "out", "rcp_testbed")
 
     loaded = RcpLlavaForConditionalGeneration.from_pretrained(model_dir)
@@ -86,7 +104,41 @@ def test_lmms_eval_run_equals_the_projects_evaluator(tmp_path, method, budget):
     assert [samples[i]["exact_match"] for i in range(8)] == ours["correct"]
 
 
-def test_loglikelihood_agrees_with_the_first_token_evaluator(tmp_path):
+@pytest.mark.slow
+def test_a_data_parallel_run_shards_the_documents_and_records_each_once(micro_testbed, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmms_eval` (the launch `accelerate launch` makes too): each rank runs its share
+    of the documents and the scores are the project evaluator's. Seven documents on two ranks: rank 1 has three, and
+    lmms-eval pads it with a copy of its last request, which the model recorded as a fourth document."""
+    from datasets import load_from_disk
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides
+    from rcp_llava.schedule import average_tokens
+
+    folder, model_dir, tasks_dir = micro_testbed
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = _run_lmms_eval(torchrun, f"pretrained={model_dir},pruning_method=rcp,budget=1/4", tasks_dir,
+                          tmp_path / "out", 7, tmp_path)
+    results, samples = _lmms_outputs(tmp_path / "out", "rcp_testbed")
+
+    loaded = RcpLlavaForConditionalGeneration.from_pretrained(model_dir)
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(7))
+    pruned = method_model(loaded, **method_overrides("rcp", 16, loaded.config))
+    ours = evaluate_model(pruned, AutoProcessor.from_pretrained(model_dir), EvalData("testbed", rows, "testbed"),
+                          batch_size=4)
+    assert sorted(samples) == list(range(7))
+    assert [samples[i]["exact_match"] for i in range(7)] == ours["correct"]
+    assert results["exact_match,none"] == pytest.approx(ours["score"], abs=1e-9)
+    log = proc.stdout + proc.stderr
+    per_layer = average_tokens(pruned.config.tokens_per_layer())  # fixed counts: every document's
+    assert per_layer < loaded.config.num_visual_tokens
+    for rank, documents in ((0, 4), (1, 3)):
+        assert re.search(rf"rcp_llava \(rank {rank} of 2\): {documents} documents with an image read {per_layer:.2f} "
+                         r"visual tokens per decoder layer", log), log[-3000:]
+
+
+def test_loglikelihood_agrees_with_the_first_token_evaluator(micro_testbed):
     """`loglikelihood` of each one-word answer: greedy exactly when the project's evaluator predicts it, and the
     log-probability its first-token logits give (the continuation is labelled, so the pruners condition on the
     question alone, and causal attention keeps it out of the prompt's logits)."""
@@ -99,30 +151,19 @@ def test_loglikelihood_agrees_with_the_first_token_evaluator(tmp_path):
     from rcp_llava.data import prompt_batch
     from rcp_llava.evaluation import first_token_predictions, method_model, method_overrides
     from rcp_llava.lmms_eval_model import RcpLlava
-    from rcp_llava.testbed import build_testbed
 
-    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
-    model = RcpLlavaForConditionalGeneration.from_pretrained(folder / "model", pruning_layers=[1], repair_layers=[1],
-                                                             visual_token_budget=16.0, pruner_hidden_size=8,
-                                                             repair_bottleneck_size=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("language_model" in name or "lm_head" in name or "multi_modal_projector" in name):
-                p.normal_(0.0, 0.5 if "lm_head" not in name else 3.0, generator=g)
-    model.save_pretrained(tmp_path / "rcp")
-    AutoProcessor.from_pretrained(folder / "model").save_pretrained(tmp_path / "rcp")
+    folder, model_dir, _ = micro_testbed
     rows = load_from_disk(str(folder / "dataset"))["test"].select(range(8))
 
-    lm = RcpLlava(pretrained=str(tmp_path / "rcp"), budget="1/4", device="cpu")
+    lm = RcpLlava(pretrained=str(model_dir), budget="1/4", device="cpu")
     lm.task_dict = {"t": {"test": rows}}
     requests = [Instance("loglikelihood", (r["question"], r["answer"], lambda doc: [doc["image"]], i, "t", "test"), i,
                          {"task": "t", "doc_id": i, "repeats": 1}) for i, r in enumerate(rows)]
     answers = lm.loglikelihood(requests)
 
-    ours = method_model(RcpLlavaForConditionalGeneration.from_pretrained(tmp_path / "rcp"),
+    ours = method_model(RcpLlavaForConditionalGeneration.from_pretrained(model_dir),
                         **method_overrides("rcp", 16, lm.model.config))
-    processor = AutoProcessor.from_pretrained(tmp_path / "rcp")
+    processor = AutoProcessor.from_pretrained(model_dir)
     predictions, _, _ = first_token_predictions(ours, processor, rows)
     assert [greedy for _, greedy in answers] == [p == r["answer"] for p, r in zip(predictions, rows)]
     for (logprob, _), r in zip(answers, rows):
@@ -524,6 +565,56 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
     unpruned.task_dict = lm.task_dict
     unpruned.generate_until([_request(question, {"until": []}, visual, 2)])
     assert unpruned.visual_tokens_per_layer == [2 * lm.model.config.num_visual_tokens]  # two images, every layer
+
+
+def test_a_document_is_recorded_once_per_call(demo_folder):
+    """lmms-eval pads a data-parallel rank that has fewer documents with copies of its last request, and a
+    multiple-choice document sends one loglikelihood request per choice: each was recorded as another document, so
+    the summary's count and its per-task means weighed them again. A later call records a document anew."""
+    import copy
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "pruning_method=rcp,budget=8,max_new_tokens=1", batch_size=2)
+    docs = [{"img": [demo_image(seed=1)]}, {"img": [demo_image(seed=2)]}]
+    lm.task_dict = {"t": {"test": docs}}
+    visual = lambda d: d["img"]  # noqa: E731
+    last = _request("what shape ?", {"until": []}, visual, 1)
+    padding = copy.copy(last)  # lmms-eval 0.7.3's `_clone_padding_request`: a shallow copy, marked as padding
+    padding.metadata = {**last.metadata, "__padding_only__": True}
+    answers = lm.generate_until([_request("what colour ?", {"until": []}, visual, 0), last, padding])
+    assert len(answers) == 3 and answers[1] == answers[2]
+    assert len(lm.visual_tokens_per_layer) == 2
+    choices = [type("R", (), {"args": ("what colour ?", f" {word}", visual, 0, "t", "test")})()
+               for word in ("w1", "w2", "w3")]
+    assert len(lm.loglikelihood(choices)) == 3
+    assert len(lm.visual_tokens_per_layer) == 3  # a new call: document 0 again, once for its three choices
+    assert lm.visual_token_summary()["per_task"]["t"]["documents"] == 3
+
+
+def test_the_rank_is_the_launchers_and_the_summary_names_it(demo_folder, monkeypatch):
+    """`accelerate launch` and torchrun set RANK and WORLD_SIZE: the model said rank 0 of 1 on every rank, and lmms-eval
+    0.7.0 sized each rank's padding by `lm.rank`. Each rank's summary covers its own documents, and now says so."""
+    from loguru import logger
+
+    from rcp_llava.demo import demo_image
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lm = _from_args(demo_folder, "pruning_method=rcp,budget=8,max_new_tokens=1")
+    assert (lm.rank, lm.world_size) == (1, 2)
+    lm.task_dict = {"t": {"test": [{"img": [demo_image(seed=1)]}]}}
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    try:
+        lm.generate_until([_request("what colour ?", {"until": []}, lambda d: d["img"], 0)])
+    finally:
+        logger.remove(sink)
+    assert any("rcp_llava (rank 1 of 2): 1 documents with an image read" in m for m in messages), messages
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    alone = _from_args(demo_folder, "pruning_method=none")
+    assert (alone.rank, alone.world_size) == (0, 1)
 
 
 def test_beams_record_each_documents_own_visual_tokens(tmp_path):
