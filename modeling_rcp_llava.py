@@ -1306,16 +1306,19 @@ class PrunedPrefill:
         return torch.where(self.slot_valid, self.question_mask.gather(1, self.slot_orig.clamp_min(0)), False)
 
     def prompt_end_slots(self):
-        """(B, 1) current slot of each row's last prompt token: its last text token after the image that is not a
-        labelled answer (so with prompt + labelled continuation, a log-likelihood, the token before the answer), else
-        its last valid token (no labels, labels on every token, or no image). Independent of `question_mask`; text
-        is never dropped, so the token has a slot at every point."""
+        """(B, 1) current slot of each row's last prompt token: its last token from the image on that is not a
+        labelled answer -- with prompt + labelled continuation (a log-likelihood) the token before the answer, the
+        last image token when the answer follows the image directly (a caption) -- else its last valid token (no
+        labels, labels on every token, or no image). Independent of `question_mask`. Read at the one point of a
+        method that prunes once (FastV), where no token has been dropped yet, so the token has a slot."""
         image_mask, key_valid, labels = self._prompt_inputs
         positions = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)  # (1, T)
         end = torch.where(key_valid, positions, -1).amax(1)  # (B,) last valid token
         if labels is not None:
             last_image = torch.where(image_mask, positions, -1).amax(1, keepdim=True)  # (B, 1)
-            prompt = key_valid & (positions > last_image) & (labels == -100)
+            # An unlabelled image token counts: with a caption labelled right after the image, the last valid token
+            # is the caption's, whose attention let the answer choose the tokens that predict it.
+            prompt = key_valid & ((positions > last_image) | image_mask) & (labels == -100)
             last_prompt = torch.where(prompt, positions, -1).amax(1)
             end = torch.where(last_prompt >= 0, last_prompt, end)
         return (self.slot_orig == end.unsqueeze(1)).to(torch.int8).argmax(1, keepdim=True)  # (B, 1)

@@ -498,6 +498,29 @@ def test_fastv_reads_the_last_prompt_token_not_a_labelled_answer():
     assert not torch.equal(unlabelled, alone)  # the choice of query row matters on this input
 
 
+def test_fastv_on_a_caption_labelled_after_the_image_reads_the_last_image_token():
+    """A caption labelled right after the image leaves no unlabelled text after it: FastV's query fell back to the
+    last valid token, a caption token, so the caption chose the tokens that predict it (four captions kept four
+    sets). The prompt ends on the image there: the query is the last image token, its layer K-1 eager attention
+    gives the kept set, and every caption keeps that set."""
+    model = make_model(**METHODS["fastv"])
+    batch = make_batch([(2, 4, True)])
+    ids = batch["input_ids"]
+    image = ids == IMAGE_TOKEN
+    last_image = int(image[0].nonzero().max())
+    with torch.no_grad():
+        attention = eager_stock(model)(**batch, output_attentions=True).attentions[1][0].mean(0)  # layer K-1 = 1
+        kept = []
+        for seed in range(4):
+            caption = ids.clone()
+            caption[:, last_image + 1:] = torch.randint(3, 90, (1, 4), generator=torch.Generator().manual_seed(seed))
+            labels = torch.where(torch.arange(ids.shape[1]) > last_image, caption, -100)
+            kept.append(as_sets(model(**{**batch, "input_ids": caption}, labels=labels).keep_masks, 0)[0])
+    image_pos = image[0].nonzero().flatten().tolist()
+    expected = top([float(attention[last_image, pos]) for pos in image_pos], range(NUM_VISUAL), 6)
+    assert kept == [expected] * 4
+
+
 def test_vispruner_at_the_embeddings_layer_is_refused_by_name():
     """`vision_feature_layer=0` selects the tower's embeddings, which no attention layer produced: refused naming
     the field, not a TypeError from inside the tower's norm."""
