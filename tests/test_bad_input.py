@@ -659,6 +659,27 @@ def test_an_answer_right_after_the_image_conditions_on_the_text_before_it():
     assert not torch.equal(default.keep_masks, every_text_token.keep_masks)  # the last one alone, not all
 
 
+def test_an_answer_right_after_the_image_gives_a_flat_prior(monkeypatch):
+    """What the README says of that fallback: the text before the image attends to no visual token, so Eq. 4's prior
+    is flat at every point -- one value for every token, 0 up to the centring's rounding (RCP ranks by its learned
+    scores alone) -- and attention top-k keeps the first tokens in raster order."""
+    from modeling_rcp_llava import RcpPruner
+
+    batch = make_batch([(2, 3, True)])
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:] = batch["input_ids"][0, -3:]
+    priors, forward = [], RcpPruner.forward
+    monkeypatch.setattr(RcpPruner, "forward", lambda self, visual, valid, question, q_valid, prior:
+                        priors.append((prior, valid)) or forward(self, visual, valid, question, q_valid, prior))
+    with torch.no_grad():
+        make_model(seed=3, randomize_plugins=True)(**batch, labels=labels)
+        topk = make_model(pruning_method="attention_topk", repair_layers=[])(**batch, labels=labels).keep_masks
+    assert len(priors) == 2 and all(p[v].unique().numel() == 1 and p[v].abs().max() < 1e-5 for p, v in priors)
+    first = torch.zeros(1, 2, NUM_VISUAL, dtype=torch.bool)
+    first[0, 0, :10], first[0, 1, :5] = True, True
+    assert torch.equal(topk, first)
+
+
 # -- evaluate_methods: the grid is checked before the model loads ------------------------------------------------
 
 
