@@ -113,9 +113,11 @@ def test_training_only_conjunction_questions_are_consistent_and_never_in_a_split
         make_sample(TINY, 0, "stream", 0, ("size",))
 
 
-def test_evidence_patches_match_drawn_objects():
-    g, p = TINY.grid_size, TINY.patch_size
-    for scene, questions in _samples(n=20):
+@pytest.mark.parametrize("name", ["tiny", "micro"])  # micro's small triangles have 1-pixel patches
+def test_evidence_patches_match_drawn_objects(name):
+    preset = PRESETS[name]
+    g, p = preset.grid_size, preset.patch_size
+    for scene, questions in _samples(preset, n=20):
         x = np.asarray(scene.image, dtype=np.float32) / 255
         patches = x.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p, 3)  # (N, p*p, 3)
         all_object = set()
@@ -125,7 +127,7 @@ def test_evidence_patches_match_drawn_objects():
                 close = np.abs(patches[i] - rgb).max(-1) < 0.2  # pixels painted in the object's colour
                 assert close.sum() >= 3, (o, i)
                 r, c = divmod(i, g)
-                assert o.row <= r < o.row + TINY.object_cells and o.col <= c < o.col + TINY.object_cells
+                assert o.row <= r < o.row + preset.object_cells and o.col <= c < o.col + preset.object_cells
             all_object |= set(o.patches)
         # no other patch holds an object colour
         for i in set(range(g * g)) - all_object:
@@ -135,6 +137,98 @@ def test_evidence_patches_match_drawn_objects():
             assert set(q["evidence_patches"]) <= all_object
             if q["family"] in ("attribute", "identity", "position") or q["answer"] == "yes":
                 assert q["evidence_patches"], q
+
+
+def _quadrant(row, col, g):
+    """The quadrant of grid cell (row, col) by its name: rows count from the top, columns from the left."""
+    return f"{'top' if row < g // 2 else 'bottom'}-{'left' if col < g // 2 else 'right'}"
+
+
+def test_scene_layout_and_patch_labels_follow_the_grid():
+    """What the scene docstring promises, checked against the grid itself (the answer check above reads the objects'
+    own `quadrant`, so a transposed quadrant passed it): each object's block lies in one quadrant, which names it
+    ("where is ...?" answered bottom-left for an object at row 3, column 8 of 12); blocks keep an empty cell between
+    them (they touched in 865 pairs of 400 scenes without the margin); the patch labels' quadrant and part (2 x 2
+    blocks: 1 2 / 3 4) follow rows and columns; the dataset record keeps every patch of an object."""
+    from rcp_llava.testbed.scenes import QUADRANTS, scene_record
+
+    g, k = TINY.grid_size, TINY.object_cells
+    for scene, _ in _samples(n=100):
+        labels = scene.patch_labels
+        assert [QUADRANTS[q] for q in labels["quadrant"]] == [_quadrant(*divmod(i, g), g) for i in range(g * g)]
+        for o in scene.objects:
+            assert _quadrant(o.row, o.col, g) == _quadrant(o.row + k - 1, o.col + k - 1, g) == o.quadrant, o
+            for dr in range(k):
+                for dc in range(k):
+                    assert labels["part"][(o.row + dr) * g + o.col + dc] == 1 + dr * k + dc
+        for a, b in ((a, b) for i, a in enumerate(scene.objects) for b in scene.objects[i + 1:]):
+            assert abs(a.row - b.row) > k or abs(a.col - b.col) > k, (a, b)  # an empty cell between blocks
+        assert [o["patches"] for o in scene_record(scene)["objects"]] == [o.patches for o in scene.objects]
+
+
+def test_splits_draw_different_scenes_and_the_noise_is_the_presets():
+    """A split's scene `index` is drawn from (seed, split, index): without the split, test scene i was train scene i
+    (the test set was the training set). The noise is `noise_std` (the recipe records it): the same scene drawn
+    without noise differs by that standard deviation (x3 went unnoticed)."""
+    import dataclasses
+
+    train, test = (np.asarray(make_sample(TINY, 0, split, 3)[0].image) for split in ("train", "test"))
+    assert not np.array_equal(train, test)
+    quiet = dataclasses.replace(TINY, noise_std=0.0)
+    for i in range(3):
+        noisy, clean = (np.asarray(make_sample(preset, 0, "test", i)[0].image, dtype=np.float64) / 255
+                        for preset in (TINY, quiet))
+        assert 0.85 * TINY.noise_std < (noisy - clean).std() < 1.15 * TINY.noise_std
+
+
+def test_questions_follow_their_rules_and_mix():
+    """Per-family rules the answer check cannot see, over 400 scenes x 5 questions: an attribute question never names
+    its answer ("what colour is the white triangle?"); most referents of colour and identity questions are one word
+    (a reversed key order made every identity referent two words); colour questions are about 2/3 of the attribute family (its 0.7 draw); every count
+    word occurs (zero and three were never drawn under off-by-one mutations); all three POPE negative types occur,
+    popular ones are among the 3 likeliest absent pairs, adversarial ones pair a present colour with a present shape
+    on different objects; evidence is every object sharing the negative's colour or shape (existence), the counted
+    objects (counting)."""
+    from rcp_llava.testbed.scenes import COLOUR_PRIOR, SHAPE_PRIOR, SHAPES
+
+    counts, negatives, colour_of, one_word = {}, {}, 0, {"attribute": 0, "identity": 0}
+    attribute = identity = 0
+    for scene, questions in _samples(n=400):
+        objs = scene.objects
+        for q in questions:
+            text, family = q["question"], q["family"]
+            if family == "attribute":
+                attribute += 1
+                assert q["answer"] not in text.split()[3:], q
+                colour_of += text.startswith("what colour")
+                one_word["attribute"] += len(text.split()) == 5
+            elif family == "identity":
+                identity += 1
+                one_word["identity"] += len(text.split()) == 6
+            elif family == "counting":
+                counts[q["answer"]] = counts.get(q["answer"], 0) + 1
+                m = re.fullmatch(r"how many (\w+) (?:objects )?are there\?", text)
+                value = {v: k for k, v in PLURALS.items()}.get(m[1], m[1])
+                assert q["evidence_patches"] == sorted(i for o in objs if value in (o.colour, o.shape)
+                                                       for i in o.patches), q
+            elif family == "existence" and q["answer"] == "no":
+                kind = q["negative_type"]
+                negatives[kind] = negatives.get(kind, 0) + 1
+                colour, shape = re.fullmatch(r"is there a (\w+) (\w+)\?", text).groups()
+                assert q["evidence_patches"] == sorted(i for o in objs if o.colour == colour or o.shape == shape
+                                                       for i in o.patches), q
+                present = {(o.colour, o.shape) for o in objs}
+                absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+                if kind == "popular":
+                    weight = {(c, s): COLOUR_PRIOR[list(COLOURS).index(c)] * SHAPE_PRIOR[SHAPES.index(s)]
+                              for c, s in absent}
+                    assert sorted(weight.values(), reverse=True).index(weight[colour, shape]) < 3, q
+                if kind == "adversarial":
+                    assert any(o.colour == colour for o in objs) and any(o.shape == shape for o in objs), q
+    assert set(counts) == set(COUNT_WORDS) and min(counts.values()) >= 20, counts
+    assert set(negatives) == {"random", "popular", "adversarial"} and min(negatives.values()) >= 30, negatives
+    assert 0.55 < colour_of / attribute < 0.8, (colour_of, attribute)
+    assert one_word["attribute"] > colour_of / 2 and one_word["identity"] > identity / 2, one_word  # of their form
 
 
 @pytest.mark.parametrize("name", ["micro", "tiny", "deep", "paper"])
