@@ -42,6 +42,41 @@ def test_budget_fractions_and_counts():
             parse_budget(bad)
 
 
+def test_budget_boundaries_and_spellings():
+    """The edges a mutation audit found untested: the whole image ("1") is a budget, "1/0" is refused as not a
+    fraction (it raised ZeroDivisionError), the label is the budget as written without surrounding space (" 1/3 "
+    kept its spaces, and names folders), a tiny fraction still keeps one token, and a budget of all N tokens is a
+    valid keep count."""
+    assert parse_budget("1") == ("1", 1.0)
+    with pytest.raises(ValueError, match=r"^Budget '1/0' is not a fraction like '1/3' or '0\.25'\.$"):
+        parse_budget("1/0")
+    assert parse_budget(" 1/3 ") == parse_budget("1/3\n") == ("1/3", 1 / 3)
+    assert budget_count(parse_budget("1/1000")[1], 144) == 1
+    with pytest.raises(ValueError, match=r"^At least one pruning layer is needed\.$"):
+        stage_proportions(0)
+    assert rcp_keep_counts(144, [1, 2, 3], 4, 144) == [144, 144, 144]
+
+
+def test_rcp_counts_are_valid_keep_counts_on_a_grid():
+    """Every count in [1, N] and non-increasing (the masks are cumulative), for every placement of up to 4 pruners
+    on decoders of 2-8 layers and every budget: the +-1 nudge was pinned by examples only, and a nudge that let a
+    stage reach 0 ([6, 0] for [6, 1]) or rise past its predecessor ([8, 9, 6]) passed."""
+    import itertools
+
+    for num_layers in (2, 3, 4, 6, 8):
+        for p in range(1, min(num_layers - 1, 4) + 1):
+            for layers in itertools.combinations(range(1, num_layers), p):
+                for n in (4, 9, 16):
+                    for k in range(1, n + 1):
+                        try:
+                            counts = rcp_keep_counts(k, list(layers), num_layers, n)
+                        except ValueError:
+                            continue  # unreachable budgets are refused, with their own test
+                        assert all(1 <= c <= n for c in counts), (k, layers, num_layers, n, counts)
+                        assert counts == sorted(counts, reverse=True), (k, layers, num_layers, n, counts)
+    assert rcp_keep_counts(4, [1, 3], 4, 9) == [6, 1] and rcp_keep_counts(7, [1, 2, 3], 6, 9) == [9, 8, 6]
+
+
 def test_rcp_counts_average_to_the_budget_with_table_vi_proportions():
     # The tiny testbed's placement: pruners before layers 1, 2, 3 of 4; every stage spans one layer.
     assert rcp_keep_counts(16, [1, 2, 3], 4, 144) == [35, 10, 3]

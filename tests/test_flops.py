@@ -258,6 +258,34 @@ def test_llava_7b_visual_kv_matches_paper():
         assert abs(analytic_kv_bytes(config, visual) / 1e6 - paper_mb) / paper_mb < 0.01
 
 
+def test_a_head_dim_other_than_hidden_over_heads_and_the_last_vision_layer_match_flop_counter():
+    """`head_dim` set apart from hidden / heads (Qwen3, Gemma) was read as hidden / heads (166400 for 240640 FLOPs
+    of a layer at 10 tokens), and `vision_feature_layer=-1` with `vision_layers="needed"` (every layer) was refused
+    as out of range. Both against FlopCounterMode on the stock model; decode at batch 4 scores 4 rows in the head."""
+    config = tiny_config()
+    config.text_config.head_dim = 16  # 4 heads x 16 = 64, not 32
+    config.vision_config.num_hidden_layers = 3
+    config.vision_feature_layer = -1
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    seq = 16 + NUM_TEXT
+    measured, _ = counted(model.model.language_model, inputs_embeds=torch.randn(1, seq, 32), use_cache=False)
+    assert llava_flops(config, num_text_tokens=NUM_TEXT).decoder == measured
+    measured, _ = counted(model.model.vision_tower, pixels())
+    assert llava_flops(config, num_text_tokens=0, vision_layers="needed").vision == measured
+    with torch.no_grad():
+        cache = model(input_ids=prompt_ids(4), pixel_values=pixels(4), use_cache=True).past_key_values
+    measured, _ = counted(model, input_ids=torch.full((4, 1), 8), past_key_values=cache, use_cache=True)
+    step = llava_decode_flops(config, [seq] * 3, batch_size=4)
+    assert step.total == measured and step.lm_head == 4 * 2 * 32 * 100
+
+
+def test_a_legacy_tuple_cache_counts_keys_and_values():
+    """A tuple of (key, value) per layer (the legacy cache format) counted the keys alone: 320 bytes for 640."""
+    k = torch.zeros(1, 2, 5, 8, dtype=torch.float16)
+    assert kv_cache_bytes(((k, k), (k, k))) == 2 * 2 * k.numel() * 2 == 640
+
+
 def test_dynamic_cache_bytes_match_analytic(tiny):
     config, model = tiny
     with torch.no_grad():
@@ -385,11 +413,46 @@ def test_decode_and_breakdown_helpers():
         (lambda c: schedule_tokens_per_layer(3, 4, 16, [2, 1], [8, 4]), "pruning_layers"),
         (lambda c: schedule_tokens_per_layer(3, 4, 16, [1], [17]), "keep_counts"),
         (lambda c: keep_counts_for_budget(32, 576, [5, 15, 25], 64, [0.6, 0.07, 0.02]), "visual_token_budget"),
+        # the branches below were reached by no test (a mutation audit): each one's input was taken silently
+        (lambda c: llava_flops(c, num_text_tokens=8, decoder_tokens_per_layer=[25, 24, 24]),
+         r"^`decoder_tokens_per_layer\[0\]` is 25, more than the 24 prompt tokens \(num_visual_tokens 16 \+ "
+         r"num_text_tokens 8\)\.$"),
+        (lambda c: llava_flops(c, num_text_tokens=8, include_vision=False, vision_layers="needd"),
+         r"^`vision_layers` must be 'needed' or 'all', got 'needd'\.$"),
+        (lambda c: FlopsBreakdown(vision=0, projector=0, decoder=10, lm_head=0, decoder_per_layer=(1, 2)),
+         r"^`decoder` is 10 but `decoder_per_layer` sums to 3\.$"),
+        (lambda c: schedule_tokens_per_layer(6, 10, 100, [2, 2], [30, 5]),
+         r"^`pruning_layers` must be strictly increasing, got \[2, 2\]\.$"),
+        (lambda c: ideal_tokens_per_layer(4, 10, -3), r"^`visual_token_budget` must be >= 0, got -3\.$"),
+        (lambda c: keep_counts_for_budget(32, 576, [1, 13, 25], 64, [0.2, 0.05, 0.0]),
+         r"^`proportions` must hold 3 positive numbers, got \[0\.2, 0\.05, 0\.0\]\.$"),
+        (lambda c: keep_counts_for_budget(32, 576, [1, 13, 25], 64, [0.10, 0.11, 0.05]),
+         r"^`proportions` must be non-increasing \(masks are cumulative\), got \[0\.1, 0\.11, 0\.05\]\.$"),
+        # exactly the budget before the first pruner: counts [1, 1] were returned, which average 4.5
+        (lambda c: keep_counts_for_budget(4, 8, [2, 3], 4, [1.0, 0.5]),
+         r"^`visual_token_budget` 4 cannot be reached with pruning layers \[2, 3\] and proportions \[1\.0, 0\.5\]: "
+         r"the layers before the first pruner alone average 4\.0 visual tokens\.$"),
     ],
 )
 def test_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_config())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c: decoder_layer_flops(c, True), r"^`num_queries` must be an int, got True\.$"),
+    (lambda c: schedule_tokens_per_layer(6, 10, 100, "", []), r"^`pruning_layers` must be a list of ints, got ''\.$"),
+    (lambda c: ideal_tokens_per_layer(4, 10, 6.5), r"^`visual_token_budget` must be an int, got 6\.5\.$"),
+])
+def test_type_errors_name_the_argument(call, match):
+    """A bool is not a count (True counted one query) and a string is not a list of layers ('' was no layers)."""
+    with pytest.raises(TypeError, match=match):
+        call(tiny_config())
+
+
+def test_a_negative_breakdown_prints_in_its_unit():
+    assert str(FlopsBreakdown(vision=-2_000_000_000_000, projector=0, decoder=0, lm_head=0)).startswith(
+        "vision -2.000 TFLOPs | projector 0 FLOPs")
 
 
 @pytest.mark.parametrize("value", ["np.int64(2)", "torch.tensor(2)", "2.0", "True", "'bfloat16'"])

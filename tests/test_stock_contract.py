@@ -542,6 +542,12 @@ def test_the_repair_loss_reads_each_layers_own_output_the_last_one_too():
     assert states[0] is out.hidden_states[2] and states[1] is out.hidden_states[3]
     assert torch.equal(states[1], seen[2]) and torch.equal(states[2], seen[3])  # the repaired outputs
     assert torch.equal(model.model.language_model.norm(states[2]), out.hidden_states[4])
+    # The block's hook goes with it: left on the norm, one leaked per training step, each holding its tensor, and
+    # the last output read after the block was a later forward's.
+    assert not model.model.language_model.norm._forward_pre_hooks
+    with torch.no_grad():
+        model(**make_batch(PADDED), use_cache=False)
+    assert outputs.last is states[2]
 
 
 def test_none_generates_with_chunked_prefill_as_stock():
