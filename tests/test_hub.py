@@ -126,6 +126,27 @@ def test_save_pretrained_writes_a_hub_folder(saved):
     assert RcpLlavaForConditionalGeneration._auto_class is None  # the temporary marking is undone
 
 
+def test_demo_folder_is_written_where_asked(tmp_path):
+    """`save_demo_folder(DIR)` writes into DIR and returns it; ignoring DIR for a new temp folder (a mutation audit)
+    passed every test, which read the folder it returns."""
+    folder = tmp_path / "demo"
+    returned, _, _ = demo.save_demo_folder(folder)
+    assert returned == folder
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(folder))
+
+
+def test_demo_tokenizer_keeps_the_special_ids_and_the_models_vocab():
+    """The demo tokenizer puts `<pad>`, `<s>`, `</s>` at the config's ids 0-2 and `<image>` at its image index, and
+    holds exactly `vocab_size` tokens. Filling ids with words first (a mutation audit) put `<unk>`, `USER`,
+    `ASSISTANT` at 0-2 and appended the special tokens at 1000-1002, beyond the model's embedding table."""
+    config = demo.demo_config()
+    tokenizer = demo.build_demo_processor(config).tokenizer
+    assert len(tokenizer) == config.text_config.vocab_size == 1000
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3, 999]) == ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert config.image_token_index == 999
+
+
 def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
     """save -> a fresh `python -I` process, package not importable, HF_HUB_OFFLINE=1, private HF_MODULES_CACHE:
     AutoConfig, AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel, AutoProcessor, the pipeline and the

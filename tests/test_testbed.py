@@ -429,6 +429,115 @@ def test_evaluate_accuracy_keys(micro_testbed):
     assert acc["kept_visual_tokens"] == PRESETS["micro"].budget(1 / 3)
 
 
+def test_evaluate_accuracy_scores_each_family_and_existence_type_and_clips_max_samples(monkeypatch):
+    """The bookkeeping of `evaluate_accuracy` against fixed predictions (rows 0, 3 and 6 of micro's test split
+    wrong). It broke unnoticed (a mutation audit): every family's accuracy reported as the overall mean; the
+    existence questions without a negative type filed as "random" instead of "positive"; and `max_samples` above
+    the split's size an IndexError instead of the whole split."""
+    import rcp_llava.testbed.evaluate as evaluate_module
+    from rcp_llava.testbed import build_dataset
+
+    rows = build_dataset("micro", seed=0)["test"]
+    wrong = {rows[i]["id"] for i in (0, 3, 6)}
+
+    def fixed_predict(model, processor, batch, keep=None):
+        return ["wrong" if r["id"] in wrong else r["answer"] for r in batch]
+
+    monkeypatch.setattr(evaluate_module, "predict", fixed_predict)
+    model = torch.nn.Linear(1, 1)
+    expected = {
+        "overall": 0.625, "n": 8,
+        "families": {"attribute": 0.5, "counting": 0.0, "existence": 1.0, "identity": 0.5, "position": 1.0},
+        "existence_negatives": {"adversarial": 1.0, "positive": 1.0},
+        "kept_visual_tokens": 64.0,
+    }
+    assert [r["family"] for r in rows] == ["attribute", "identity", "existence", "counting", "position",
+                                           "attribute", "identity", "existence"]
+    assert [r["negative_type"] for r in rows if r["family"] == "existence"] == ["adversarial", ""]
+    assert evaluate_accuracy(model, None, rows, batch_size=3) == expected
+    assert evaluate_accuracy(model, None, rows, batch_size=3, max_samples=20) == expected
+    assert evaluate_accuracy(model, None, rows, batch_size=3, max_samples=2)["n"] == 2
+
+
+def test_random_keep_draws_per_sample_and_refuses_a_zero_fraction():
+    """`random_keep` seeds each row's draw with its id: a seed without the id gave every row of a batch the same
+    mask (a mutation audit). A fraction of 0 (keep nothing) is refused, naming `fraction`."""
+    from rcp_llava.testbed import build_dataset
+
+    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    keep = random_keep(1 / 3)(rows)
+    assert (keep.sum(-1) == PRESETS["micro"].budget(1 / 3)).all()
+    assert len({tuple(k) for k in keep.tolist()}) == len(rows), "every row draws its own mask"
+    assert torch.equal(random_keep(1 / 3)(rows[::-1]), keep.flip(0)), "a row's mask is its own, not its slot's"
+    with pytest.raises(ValueError, match=r"^`fraction` must be in \(0, 1\], got 0\.0\.$"):
+        random_keep(0.0)(rows)
+
+
+def test_a_keep_mask_of_another_token_count_than_a_prompt_is_named():
+    """A batch whose prompts hold different numbers of image tokens is refused naming them: only the largest count
+    was compared (a mutation audit), so a row with fewer image tokens than `keep` failed in torch's indexing."""
+    from rcp_llava.testbed.evaluate import surviving_tokens
+
+    mask = torch.ones(2, 7, dtype=torch.long)
+    is_image = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^`keep` has 4 visual tokens per sample but the prompts hold \[4, 3\] "
+                                         r"image tokens\.$"):
+        surviving_tokens(mask, is_image, torch.ones(2, 4, dtype=torch.bool))
+
+
+def _untrained_micro_rows(count):
+    """An untrained micro LLaVA (no build), its processor and the first `count` rows of micro's test split."""
+    from rcp_llava.testbed import build_dataset
+    from rcp_llava.testbed.train import new_model
+
+    micro = PRESETS["micro"]
+    processor = build_processor(micro)
+    model = new_model(micro, processor, seed=0).eval()
+    return model, processor, [dict(r) for r in build_dataset("micro", seed=0)["test"]][:count]
+
+
+def test_predict_reads_the_logits_of_the_last_position():
+    """`predict`'s words are the argmax of a stock forward's logits at each (left-padded) row's last position.
+    Reading the position before it (a mutation audit: `logits_to_keep=2 ... [:, 0]`) made every prediction, and so
+    every accuracy the testbed reports, wrong, and no test noticed."""
+    from rcp_llava.data import prompt_batch
+    from rcp_llava.testbed.evaluate import predict
+
+    model, processor, rows = _untrained_micro_rows(4)
+    batch = prompt_batch(processor, [r["question"] for r in rows], [r["image"] for r in rows])
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the test needs left padding"
+    with torch.no_grad():
+        logits = model(**batch).logits  # position_ids from the mask, as prompt_batch makes them
+    expected = processor.tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
+    assert predict(model, processor, rows) == expected
+    before_last = processor.tokenizer.convert_ids_to_tokens(logits[:, -2].argmax(-1).tolist())
+    assert before_last != expected, "the test tells the positions apart"
+
+
+def test_right_padded_pruned_labels_are_ignored_on_the_padding():
+    """`pruned_inputs(..., labels, padding_side="right")` pads the shortened rows' labels with -100 (ignored by the
+    loss); padding them with 0 (a mutation audit) trained the padding to predict token 0."""
+    from rcp_llava.data import prompt_batch
+    from rcp_llava.testbed.evaluate import surviving_tokens
+
+    model, processor, rows = _untrained_micro_rows(2)
+    batch = prompt_batch(processor, [r["question"] for r in rows], [r["image"] for r in rows])
+    n = PRESETS["micro"].num_visual_tokens
+    keep = torch.zeros(2, n, dtype=torch.bool)
+    keep[0, :10], keep[1, :4] = True, True
+    labels = batch["input_ids"].clone()
+    with torch.no_grad():
+        out = pruned_inputs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], keep,
+                            labels=labels, padding_side="right")
+    survivors = surviving_tokens(batch["attention_mask"], batch["input_ids"] == model.config.image_token_id, keep)
+    width = out["labels"].shape[1]
+    for b in range(2):
+        kept = labels[b][survivors[b]].tolist()
+        assert out["labels"][b].tolist() == kept + [-100] * (width - len(kept))
+        assert out["attention_mask"][b].tolist() == [1] * len(kept) + [0] * (width - len(kept))
+    assert (out["labels"] == -100).sum() > 0, "a shortened row is padded"
+
+
 @pytest.mark.parametrize("stage", ["vision", "warmup"])
 def test_an_interrupted_stage_resumes_to_the_uninterrupted_weights(stage, tmp_path):
     """Interrupt a stage right after its step-2 checkpoint, run it again: the final weights equal an uninterrupted

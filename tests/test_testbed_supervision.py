@@ -135,6 +135,87 @@ def test_rows_keep_their_sample_and_each_hop_reads_its_own_layer():
         assert abs(float(loss) - expected) < 1e-5 and expected > 1, layers
 
 
+# the same scene with sizes: patches 0-1 small, 2-3 large (1 = "small", 2 = "large", as `Scene.patch_labels`)
+SIZED = {**LABELS, "size": np.array([1, 1, 2, 2, 0, 0])}
+
+
+def _rows(t, hop, tokens):
+    """`[(query word, [target positions])]` of one hop."""
+    return [(tokens[q], _positions(target)) for (_, q), target in zip(t[hop][0].tolist(), t[hop][1])]
+
+
+def test_plural_and_size_words_are_looked_up():
+    """A plural ("circles") is its shape and "small" is size value 1: plurals were dropped from the vocabulary, and
+    the size values swapped ("small" pointing at the large patches), and no test noticed (a mutation audit)."""
+    tokens, mask, is_image = _prompt(["how", "many", "circles", "are", "there"], answer="one")
+    t = attention_targets([tokens], mask, is_image, [SIZED])
+    assert _rows(t, "lookup", tokens) == [("circles", [4])]  # the circle is patch 2, at position 2 + 2
+    assert _rows(t, "referent", tokens) == [("circles", [4])]
+    assert _rows(t, "readout", tokens) == [(":", [tokens.index("circles")])]
+    tokens, mask, is_image = _prompt(["what", "colour", "is", "the", "small", "triangle"], answer="red")
+    t = attention_targets([tokens], mask, is_image, [SIZED])
+    assert _rows(t, "lookup", tokens) == [("small", [2, 3]), ("triangle", [2, 3, 5]), ("red", [2, 3, 4])]
+    assert _rows(t, "referent", tokens) == [("triangle", [2, 3]), ("red", [2, 3, 4])]
+
+
+def test_only_the_colon_of_assistant_is_a_readout():
+    """A two-turn conversation: the readout rows are the `:` after each `ASSISTANT`, never the `:` after the second
+    `USER` (a mutation audit: without the ASSISTANT check it was supervised to read out the first answer)."""
+    first = ["USER", ":", *["<image>"] * N, "what", "colour", "is", "the", "circle", "?", "ASSISTANT", ":", "red",
+             "</s>"]
+    second = ["USER", ":", "how", "many", "triangles", "are", "there", "?", "ASSISTANT", ":", "three", "</s>"]
+    tokens = first + second
+    mask = torch.ones(1, len(tokens), dtype=torch.long)
+    is_image = torch.tensor([[t == "<image>" for t in tokens]])
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    colons = [i for i, w in enumerate(tokens) if w == ":" and tokens[i - 1] == "ASSISTANT"]
+    assert colons == [15, 27] and tokens[19] == ":"  # 19: the second USER's
+    assert t["readout"][0].tolist() == [[0, 15], [0, 27]]
+    assert _rows(t, "readout", tokens) == [(":", [tokens.index("circle")]), (":", [tokens.index("triangles")])]
+
+
+def test_a_word_of_an_absent_attribute_is_not_looked_up():
+    """"green" matches no patch: it gets no lookup row. Rows with an empty target (a mutation audit: the
+    `if len(target)` check dropped) cost -log(1e-6) each: this prompt's loss was 11.24 instead of 5.78."""
+    tokens, mask, is_image = _prompt(["is", "there", "a", "green", "circle"], answer="no")
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    assert _rows(t, "lookup", tokens) == [("circle", [4])]
+    length = len(tokens)
+    attn = torch.full((1, 1, length, length), 1.0 / length)
+    loss = attention_supervision_loss((attn, attn, attn), t, (0, 1, 2))
+    assert abs(float(loss) - 2 * math.log(length)) < 1e-5  # lookup and readout: one target each
+
+
+def test_a_hop_without_rows_does_not_end_the_loss():
+    """"blue circle" has no referent: the referent hop has no rows and is skipped, the readout after it still counts
+    (a mutation audit: `break` for `continue` dropped every later hop, halving this loss); and a prompt with no
+    supervised row at all gives a zero tensor, not None."""
+    tokens, mask, is_image = _prompt(["is", "there", "a", "blue", "circle"], answer="no")
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    assert [len(t[hop][0]) for hop in HOPS] == [2, 0, 1]
+    length = len(tokens)
+    attn = torch.full((1, 1, length, length), 1.0 / length)
+    loss = attention_supervision_loss((attn, attn, attn), t, (0, 1, 2))
+    assert abs(float(loss) - 2 * math.log(length)) < 1e-5  # lookup (1 target per row) + readout (1 target)
+    tokens, mask, is_image = _prompt(["how", "many", "are", "there"], answer="two")
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    assert [len(t[hop][0]) for hop in HOPS] == [0, 0, 0]
+    length = len(tokens)
+    attn = torch.full((1, 1, length, length), 1.0 / length)
+    loss = attention_supervision_loss((attn,), t, (0, 0, 0))
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and float(loss) == 0.0
+
+
+def test_a_phrase_at_the_very_end_of_the_sequence_gets_its_referent():
+    """A row that ends on an attribute word (the longest of a batch, no EOS or padding after it): its phrase is
+    closed after the last token. Looping over the tokens only (a mutation audit) lost that referent row."""
+    tokens, mask, is_image = _prompt(["what", "colour", "is", "the", "circle"], answer="red")
+    tokens, mask, is_image = tokens[:-1], mask[:, :-1], is_image[:, :-1]  # no "</s>"
+    assert tokens[-1] == "red"
+    t = attention_targets([tokens], mask, is_image, [LABELS])
+    assert _rows(t, "referent", tokens) == [("circle", [4]), ("red", [2, 3, 4])]
+
+
 def test_head_probe_equals_eager_output_attentions():
     """The supervised heads' probabilities beside the sdpa kernel (`HeadAttentionProbe`) are eager attention's head 0:
     same loss, same gradients, on a real testbed batch (micro preset, right-padded, pruned subsets)."""
