@@ -184,8 +184,9 @@ def test_splits_draw_different_scenes_and_the_noise_is_the_presets():
 def test_questions_follow_their_rules_and_mix():
     """Per-family rules the answer check cannot see, over 400 scenes x 5 questions: an attribute question never names
     its answer ("what colour is the white triangle?"); most referents of colour and identity questions are one word
-    (a reversed key order made every identity referent two words); colour questions are about 2/3 of the attribute family (its 0.7 draw); every count
-    word occurs (zero and three were never drawn under off-by-one mutations); all three POPE negative types occur,
+    (a reversed key order made every identity referent two words); colour questions are about 2/3 of the attribute
+    family (its 0.7 draw); every count word occurs (zero and three were never drawn under off-by-one mutations); all
+    three POPE negative types occur,
     popular ones are among the 3 likeliest absent pairs, adversarial ones pair a present colour with a present shape
     on different objects; evidence is every object sharing the negative's colour or shape (existence), the counted
     objects (counting)."""
