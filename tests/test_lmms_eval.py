@@ -70,29 +70,41 @@ def _run_lmms_eval(launcher, model_args, tasks_dir, out_dir, limit, cwd):
     return proc
 
 
+def _project_evaluation(micro_testbed, method, budget, num_rows):
+    """What the project's own evaluator scores for the run `_run_lmms_eval` made: `method` at `budget` (as
+    --model_args gives them; "" for the checkpoint's) on the first `num_rows` test rows. Returns (the method's
+    model, processor, rows, `evaluate_model`'s result)."""
+    from datasets import load_from_disk
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides
+    from rcp_llava.lmms_eval_model import budget_tokens
+
+    folder, model_dir, _ = micro_testbed
+    loaded = RcpLlavaForConditionalGeneration.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    overrides = (method_overrides(method, budget_tokens(budget, loaded.config.num_visual_tokens), loaded.config)
+                 if budget else {"pruning_method": method})
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(num_rows))
+    pruned = method_model(loaded, **overrides)
+    return pruned, processor, rows, evaluate_model(pruned, processor, EvalData("testbed", rows, "testbed"),
+                                                   batch_size=4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, budget", [("rcp", "1/4"), ("vispruner", "1/4"), ("none", "")])
 def test_lmms_eval_run_equals_the_projects_evaluator(micro_testbed, tmp_path, method, budget):
-    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
-    from rcp_llava.evaluation import EvalData, evaluate_model, first_token_predictions, method_model, method_overrides
-    from rcp_llava.lmms_eval_model import budget_tokens
-    from transformers import AutoProcessor
-    from datasets import load_from_disk
+    from rcp_llava.evaluation import first_token_predictions
 
-    folder, model_dir, tasks_dir = micro_testbed
+    _, model_dir, tasks_dir = micro_testbed
     args = f"pretrained={model_dir},pruning_method={method}"  # batch size and device: lmms-eval's own flags
     if budget:
         args += f",budget={budget}"
     _run_lmms_eval([sys.executable], args, tasks_dir, tmp_path / "out", 8, tmp_path)
     results, samples = _lmms_outputs(tmp_path / "out", "rcp_testbed")
 
-    loaded = RcpLlavaForConditionalGeneration.from_pretrained(model_dir)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    overrides = (method_overrides(method, budget_tokens(budget, loaded.config.num_visual_tokens), loaded.config)
-                 if budget else {"pruning_method": method})
-    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(8))
-    pruned = method_model(loaded, **overrides)
-    ours = evaluate_model(pruned, processor, EvalData("testbed", rows, "testbed"), batch_size=4)
+    pruned, processor, rows, ours = _project_evaluation(micro_testbed, method, budget, 8)
     assert results["exact_match,none"] == pytest.approx(ours["score"], abs=1e-9)
     # sample by sample: lmms-eval's generated answer is the first token our evaluator predicts (special tokens
     # are dropped by its decoding)
@@ -109,30 +121,21 @@ def test_a_data_parallel_run_shards_the_documents_and_records_each_once(micro_te
     """`torchrun --nproc_per_node 2 -m lmms_eval` (the launch `accelerate launch` makes too): each rank runs its share
     of the documents and the scores are the project evaluator's. Seven documents on two ranks: rank 1 has three, and
     lmms-eval pads it with a copy of its last request, which the model recorded as a fourth document."""
-    from datasets import load_from_disk
-    from transformers import AutoProcessor
-
-    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
-    from rcp_llava.evaluation import EvalData, evaluate_model, method_model, method_overrides
     from rcp_llava.schedule import average_tokens
 
-    folder, model_dir, tasks_dir = micro_testbed
+    _, model_dir, tasks_dir = micro_testbed
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = _run_lmms_eval(torchrun, f"pretrained={model_dir},pruning_method=rcp,budget=1/4", tasks_dir,
                           tmp_path / "out", 7, tmp_path)
     results, samples = _lmms_outputs(tmp_path / "out", "rcp_testbed")
 
-    loaded = RcpLlavaForConditionalGeneration.from_pretrained(model_dir)
-    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(7))
-    pruned = method_model(loaded, **method_overrides("rcp", 16, loaded.config))
-    ours = evaluate_model(pruned, AutoProcessor.from_pretrained(model_dir), EvalData("testbed", rows, "testbed"),
-                          batch_size=4)
+    pruned, _, _, ours = _project_evaluation(micro_testbed, "rcp", "1/4", 7)
     assert sorted(samples) == list(range(7))
     assert [samples[i]["exact_match"] for i in range(7)] == ours["correct"]
     assert results["exact_match,none"] == pytest.approx(ours["score"], abs=1e-9)
     log = proc.stdout + proc.stderr
     per_layer = average_tokens(pruned.config.tokens_per_layer())  # fixed counts: every document's
-    assert per_layer < loaded.config.num_visual_tokens
+    assert per_layer < pruned.config.num_visual_tokens
     for rank, documents in ((0, 4), (1, 3)):
         assert re.search(rf"rcp_llava \(rank {rank} of 2\): {documents} documents with an image read {per_layer:.2f} "
                          r"visual tokens per decoder layer", log), log[-3000:]
@@ -179,6 +182,17 @@ def demo_folder(tmp_path_factory):
     from rcp_llava.demo import save_demo_folder
 
     return str(save_demo_folder(tmp_path_factory.mktemp("lmms") / "demo")[0])
+
+
+@pytest.fixture
+def loguru_messages():
+    """lmms-eval's log (loguru, where the model's summary goes) at INFO, captured while the test runs."""
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    yield messages
+    logger.remove(sink)
 
 
 def _from_args(folder, args, batch_size=1):
@@ -529,13 +543,11 @@ def test_a_template_writing_bos_gets_one(demo_folder):
 
 
 @pytest.mark.parametrize("method", ["rcp", "vispruner", "fastv"])
-def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, method):
+def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, method, loguru_messages):
     """lmms-eval's results hold scores only: the wrapper recorded nothing of what a document's prefill kept, so a run
     could not be placed at its compute. Each document with an image now records its visual tokens per decoder layer
     (the mean over all layers, as `tokens_per_layer` counts them); text-only documents are left out, beams count a
     document once, and the summary goes to lmms-eval's log."""
-    from loguru import logger
-
     from rcp_llava.demo import demo_image
     from rcp_llava.schedule import average_tokens
 
@@ -546,20 +558,16 @@ def test_each_documents_visual_tokens_are_recorded_and_summarised(demo_folder, m
     lm.task_dict = {"t": {"test": docs}}
     expected = average_tokens(lm.model.config.tokens_per_layer())
     assert expected < lm.model.config.num_visual_tokens
-    messages = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
-    try:
-        lm.generate_until([_request(question, {"until": []}, visual, 0), _request(question, {"until": []}, visual, 1)])
-        lm.generate_until([_request(question, {"until": [], "num_beams": 2}, visual, 0)])
-        lm.loglikelihood([type("R", (), {"args": (question, " w1", visual, 0, "t", "test")})()])
-    finally:
-        logger.remove(sink)
+    lm.generate_until([_request(question, {"until": []}, visual, 0), _request(question, {"until": []}, visual, 1)])
+    lm.generate_until([_request(question, {"until": [], "num_beams": 2}, visual, 0)])
+    lm.loglikelihood([type("R", (), {"args": (question, " w1", visual, 0, "t", "test")})()])
+    # logged by the calls themselves (before the summary below logs it again)
+    assert any(f"rcp_llava: 3 documents with an image read {expected:.2f} visual tokens per decoder layer" in m
+               for m in loguru_messages)
     assert lm.visual_tokens_per_layer == [expected] * 3
     assert lm.visual_token_summary() == {"documents": 3, "mean_visual_tokens_per_layer": expected,
                                          "num_visual_tokens": lm.model.config.num_visual_tokens,
                                          "per_task": {"t": {"documents": 3, "mean_visual_tokens_per_layer": expected}}}
-    assert any(f"rcp_llava: 3 documents with an image read {expected:.2f} visual tokens per decoder layer" in m
-               for m in messages)
 
     unpruned = _from_args(demo_folder, "pruning_method=none,max_new_tokens=2")
     unpruned.task_dict = lm.task_dict
@@ -592,11 +600,9 @@ def test_a_document_is_recorded_once_per_call(demo_folder):
     assert lm.visual_token_summary()["per_task"]["t"]["documents"] == 3
 
 
-def test_the_rank_is_the_launchers_and_the_summary_names_it(demo_folder, monkeypatch):
+def test_the_rank_is_the_launchers_and_the_summary_names_it(demo_folder, monkeypatch, loguru_messages):
     """`accelerate launch` and torchrun set RANK and WORLD_SIZE: the model said rank 0 of 1 on every rank, and lmms-eval
     0.7.0 sized each rank's padding by `lm.rank`. Each rank's summary covers its own documents, and now says so."""
-    from loguru import logger
-
     from rcp_llava.demo import demo_image
 
     monkeypatch.setenv("RANK", "1")
@@ -604,13 +610,9 @@ def test_the_rank_is_the_launchers_and_the_summary_names_it(demo_folder, monkeyp
     lm = _from_args(demo_folder, "pruning_method=rcp,budget=8,max_new_tokens=1")
     assert (lm.rank, lm.world_size) == (1, 2)
     lm.task_dict = {"t": {"test": [{"img": [demo_image(seed=1)]}]}}
-    messages = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="INFO")
-    try:
-        lm.generate_until([_request("what colour ?", {"until": []}, lambda d: d["img"], 0)])
-    finally:
-        logger.remove(sink)
-    assert any("rcp_llava (rank 1 of 2): 1 documents with an image read" in m for m in messages), messages
+    lm.generate_until([_request("what colour ?", {"until": []}, lambda d: d["img"], 0)])
+    assert any("rcp_llava (rank 1 of 2): 1 documents with an image read" in m for m in loguru_messages), \
+        loguru_messages
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     alone = _from_args(demo_folder, "pruning_method=none")
