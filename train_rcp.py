@@ -683,6 +683,8 @@ class RcpTrainer(AtomicCheckpointMixin, Trainer):
         or past `max_steps` ends the run: its plug-ins (or the best checkpoint's, with `load_best_model_at_end`) are
         loaded and nothing trains (`Trainer.train` would train one more batch when the run ended mid-epoch)."""
         self._train_parts = []
+        if self.model is not None:  # no budget, no sparsity target: refused before the optimizer and the first batch
+            target_retention(self.accelerator.unwrap_model(self.model).config)
         if resume_from_checkpoint is True:  # resolved here, as `Trainer.train` does, to read its records first
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -1039,7 +1041,9 @@ class TargetRetentionCallback(TrainerCallback):
 
 def target_retention(config):
     if config.visual_token_budget is None:
-        raise ValueError("Training needs `visual_token_budget` (the target average visual tokens per layer).")
+        raise ValueError("Training needs `visual_token_budget` (the target average visual tokens per layer), and the "
+                         "model's config has none: set `model.config.visual_token_budget` (e.g. 64 of 576; "
+                         "train_rcp.py: --visual_token_budget or --budgets).")
     return config.visual_token_budget / config.num_visual_tokens
 
 

@@ -1373,6 +1373,19 @@ def test_a_model_without_a_budget_still_evaluates(micro, tmp_path):
     assert metrics["eval_target_retention"] == 1.0 and math.isfinite(metrics["eval_loss"])
 
 
+def test_training_without_a_budget_is_refused_before_the_first_step(micro, tmp_path):
+    """Without `visual_token_budget` the sparsity loss has no target: `train()` ran the optimizer's creation, the
+    dataloader and the first batch's callbacks before the target's read refused it. It is now refused first, with
+    the fix named; evaluation without one stays allowed (the test above)."""
+    make, _, _ = micro
+    trainer = make_trainer(micro, tmp_path, model=make(visual_token_budget=None), max_steps=1)
+    with pytest.raises(ValueError, match=r"Training needs `visual_token_budget` .* has none: set "
+                                         r"`model\.config\.visual_token_budget` \(e\.g\. 64 of 576; train_rcp\.py: "
+                                         r"--visual_token_budget or --budgets\)"):
+        trainer.train()
+    assert trainer.optimizer is None and trainer.state.global_step == 0 and not any(tmp_path.iterdir())
+
+
 def test_the_train_summary_holds_no_leftover_parts(micro, tmp_path):
     """With logging_steps 2 of 3 steps, step 3's parts landed in `TrainOutput.metrics` beside train_runtime."""
     trainer = make_trainer(micro, tmp_path, max_steps=3, logging_steps=2, save_strategy="no")
