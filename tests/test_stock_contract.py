@@ -154,6 +154,21 @@ def test_pruned_forward_honours_return_dict_and_hidden_state_flags():
     assert all(torch.equal(a, b) for a, b in zip(from_config.hidden_states, full.hidden_states))
 
 
+def test_hidden_state_indices_resolve_as_stock():
+    """Negative indices count from the L + 1 hidden states, as transformers' `resolve_hidden_states_indices` does:
+    -(L + 1) is the embeddings (index 0), and an index outside [-(L + 1), L + 1) selects nothing."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    total = model.config.text_config.num_hidden_layers + 1
+    with torch.no_grad():
+        full = model(**batch, output_hidden_states=True)
+        first = model(**batch, output_hidden_states=-total)
+        outside = model(**batch, output_hidden_states=[-total - 1, total])
+    assert len(first.hidden_states) == len(outside.hidden_states) == total
+    assert torch.equal(first.hidden_states[0], full.hidden_states[0]) and first.hidden_states[1:] == (None,) * (total - 1)
+    assert outside.hidden_states == (None,) * total
+
+
 def test_pruned_forward_returns_the_attentions_over_the_surviving_tokens():
     """On 4d033f1 `output_attentions` was dropped (`attentions` None, also in `generate`)."""
     model = make_model(randomize_plugins=True, attn_implementation="eager")
