@@ -1296,6 +1296,58 @@ def test_a_save_at_an_interrupted_step_starts_from_an_empty_staging_folder(tmp_p
     assert os.listdir(tmp_path / "checkpoint-5") == ["model.safetensors"]
 
 
+def _stub_atomic_trainer(tmp_path, write=lambda folder: None):
+    """`AtomicCheckpointMixin` over a stub of `Trainer._save_checkpoint` that writes model.safetensors ("new") into the
+    folder the module global names, as the Trainer does; `write(folder)` runs there before it returns."""
+    from types import SimpleNamespace
+
+    import transformers.trainer as hf_trainer
+
+    from rcp_llava.checkpoints import AtomicCheckpointMixin
+
+    class Stock:
+        def _save_checkpoint(self, model, trial):
+            folder = tmp_path / f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(exist_ok=True)
+            (folder / "model.safetensors").write_text("new")
+            write(folder)
+
+    class Trainer(AtomicCheckpointMixin, Stock):
+        def _get_output_dir(self, trial):
+            return str(tmp_path)
+
+    trainer = Trainer()
+    trainer.state = SimpleNamespace(global_step=5, best_model_checkpoint=None)
+    trainer.args = SimpleNamespace(should_save=True, push_to_hub=False, save_total_limit=None)
+    trainer.accelerator = SimpleNamespace(wait_for_everyone=lambda: None)
+    return trainer
+
+
+def test_a_resave_of_a_step_replaces_its_checkpoint_and_the_prefix_is_restored(tmp_path):
+    """A run resumed from an earlier checkpoint saves a step whose checkpoint-N exists: the new save replaces it whole.
+    Without removing the old folder first (a mutation audit) renaming onto it failed ("Directory not empty"), and no
+    test noticed. After each save, and after a failed one, `transformers.trainer.PREFIX_CHECKPOINT_DIR` is
+    "checkpoint" again (the Trainer's push reads it to leave checkpoint-N folders out of the repo root)."""
+    import transformers.trainer as hf_trainer
+
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "optimizer.pt").write_text("the earlier run's")
+    _stub_atomic_trainer(tmp_path)._save_checkpoint(None, None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+    assert (tmp_path / "checkpoint-5" / "model.safetensors").read_text() == "new"
+    assert os.listdir(tmp_path / "checkpoint-5") == ["model.safetensors"]
+    assert hf_trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
+
+    def fail(folder):
+        raise OSError("disk full")
+
+    (tmp_path / "failed").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        _stub_atomic_trainer(tmp_path / "failed", write=fail)._save_checkpoint(None, None)
+    assert hf_trainer.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert os.listdir(tmp_path / "failed") == []  # the staging folder removed, no checkpoint-5
+
+
 def test_budget_runs_keep_earlier_budgets_in_the_summary_and_report_the_steps_epochs_took(micro_testbed, tmp_path):
     """Was: a second --budgets run into the same folder wrote budgets.json with its own budgets only (the first
     run's, whose folder stays, was dropped), and a run by epochs reported "max_steps": -1."""

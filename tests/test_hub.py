@@ -135,6 +135,48 @@ def test_demo_folder_is_written_where_asked(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(folder))
 
 
+def test_demo_model_is_the_documented_tiny_model():
+    """`build_demo_model()` is what the module documents: 4 text layers, 16 visual tokens, pruners before layers 1 and
+    2 keeping 8 then 4, one repair adapter after layer 3; `overrides` replace config fields; generation pads and stops
+    with the text config's ids; the plug-ins are randomized (a fresh model's are a no-op). Keep counts [8, 5], the
+    overrides ignored, or zero plug-ins (a mutation audit) passed every test that reads the demo's folder."""
+    model = demo.build_demo_model()
+    config = model.config
+    assert (config.text_config.num_hidden_layers, config.image_seq_length, config.pruning_layers,
+            config.pruning_keep_counts, config.repair_layers) == (4, 16, [1, 2], [8, 4], [3])
+    assert demo.build_demo_model(pruning_keep_counts=[6, 3]).config.pruning_keep_counts == [6, 3]
+    assert (model.generation_config.pad_token_id, model.generation_config.eos_token_id) == (0, 2)
+    plugins = list(model.plugin_parameters())
+    assert plugins and all(bool((p != 0).any()) for p in plugins)
+
+
+def test_demo_folder_saves_the_model_its_seed_and_plugin_setting_build(tmp_path):
+    """`save_demo_folder(DIR, seed=..., randomize_plugins=...)` saves `build_demo_model` of those arguments: either one
+    ignored (a mutation audit) saved another model than asked, and no test noticed."""
+    for seed, randomize in ((3, False), (3, True)):
+        folder = tmp_path / f"demo-{seed}-{randomize}"
+        _, model, _ = demo.save_demo_folder(folder, seed=seed, randomize_plugins=randomize)
+        expected = demo.build_demo_model(seed=seed, randomize_plugins=randomize).state_dict()
+        saved = RcpLlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+        assert saved.keys() == expected.keys() == model.state_dict().keys()
+        assert all(torch.equal(saved[k], expected[k]) for k in saved), (seed, randomize)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()), (seed, randomize)
+    plugins = [p for p in demo.build_demo_model(seed=3, randomize_plugins=False).plugin_parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(plugins, demo.build_demo_model(seed=3).plugin_parameters()))
+
+
+def test_demo_module_saves_a_folder_where_asked_and_prints_it(tmp_path):
+    """`python -m rcp_llava.demo --demo-folder DIR` (the README's way to get a Hub-loadable folder) saves into DIR and
+    prints its path (the one thing a caller of `--demo-folder` without DIR learns). Printing nothing (a mutation
+    audit) passed every test; ignoring DIR failed only the slow examples test."""
+    folder = tmp_path / "cli demo"
+    proc = subprocess.run([sys.executable, "-m", "rcp_llava.demo", "--demo-folder", str(folder)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == str(folder)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(folder))
+
+
 def test_demo_tokenizer_keeps_the_special_ids_and_the_models_vocab():
     """The demo tokenizer puts `<pad>`, `<s>`, `</s>` at the config's ids 0-2 and `<image>` at its image index, and
     holds exactly `vocab_size` tokens. Filling ids with words first (a mutation audit) put `<unk>`, `USER`,

@@ -316,3 +316,10 @@ def test_mmbench_options_must_be_a_list(metrics):
     with pytest.raises(ValueError, match=r"^exact_match: mode='mmbench' needs each question's list of option texts, "
                                          r"got None\.$"):
         metrics["exact_match"].compute(predictions=["A"], references=[["A"]], mode="mmbench", choices=[None])
+
+
+def test_load_metric_passes_its_keyword_arguments_to_evaluate():
+    """`load_metric(name, **kwargs)` is `evaluate.load(<folder>, **kwargs)`: an `experiment_id` (what separates two
+    concurrent evaluations' cache files) reaches the metric."""
+    metric = load_metric("exact_match", experiment_id="audit-run")
+    assert metric.experiment_id == "audit-run"

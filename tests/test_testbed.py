@@ -474,6 +474,64 @@ def test_random_keep_draws_per_sample_and_refuses_a_zero_fraction():
         random_keep(0.0)(rows)
 
 
+def test_keep_functions_take_the_whole_budget_refuse_more_and_draw_by_their_seed():
+    """A fraction of 1 keeps every visual token (the unpruned reference) and one above 1 is refused, naming
+    `fraction`: `< 1` refused the whole budget, and without the upper bound 1.5 kept everything silently (a mutation
+    audit). `seed` picks another draw, the same again when repeated: ignored (a mutation audit), every seed of a
+    sweep measured the same masks."""
+    from rcp_llava.testbed import build_dataset
+
+    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    for make in (random_keep, oracle_keep, saliency_keep):
+        assert make(1.0)(rows).all(), make
+        with pytest.raises(ValueError, match=r"^`fraction` must be in \(0, 1\], got 1\.5\.$"):
+            make(1.5)(rows)
+    for make in (random_keep, oracle_keep):
+        first, other = make(1 / 3, seed=0)(rows), make(1 / 3, seed=1)(rows)
+        assert (first.sum(-1) == other.sum(-1)).all() and not torch.equal(first, other), make
+        assert torch.equal(make(1 / 3, seed=1)(rows), other) and torch.equal(make(1 / 3)(rows), first), make
+
+
+def test_oracle_keep_fills_the_budget_with_evidence_then_distractors_then_background():
+    """At every budget the oracle keeps the evidence patches before the other objects' and those before background.
+    The test above checks one budget at which evidence and distractors both fit: the distractors taken before the
+    evidence (a mutation audit) passed it, and the "oracle" then dropped the answer first."""
+    from rcp_llava.testbed import build_dataset
+
+    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    told_apart = False
+    for fraction in (1 / 9, 2 / 9, 1 / 3):
+        keep, k = oracle_keep(fraction)(rows), PRESETS["micro"].budget(fraction)
+        for b, r in enumerate(rows):
+            kept, evidence = set(keep[b].nonzero().flatten().tolist()), set(r["evidence_patches"])
+            objects = set(r["object_patches"]) - evidence
+            assert len(kept) == k
+            if k <= len(evidence):
+                assert kept <= evidence
+            elif k <= len(evidence) + len(objects):
+                assert evidence <= kept <= evidence | objects
+                told_apart |= bool(evidence) and k < len(evidence) + len(objects)
+            else:
+                assert evidence | objects <= kept
+    assert told_apart, "a row whose evidence and distractors do not both fit"
+
+
+def test_patch_saliency_is_each_patchs_distance_to_the_median_colour():
+    """`patch_saliency` scores each patch (raster order) by its pixels' mean distance to the image's median colour: on
+    black with one red top-right quadrant (a quarter of the pixels), the background scores exactly 0, the red patch
+    red's length. The mean colour taken for the background (a mutation audit) passed every test."""
+    from PIL import Image
+
+    from rcp_llava.testbed.evaluate import patch_saliency
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[:4, 4:] = COLOURS["red"]
+    red = float(np.sqrt(((np.array(COLOURS["red"], dtype=np.float32) / 255) ** 2).sum()))
+    score = patch_saliency(Image.fromarray(pixels), 4)
+    assert score.shape == (4,)
+    np.testing.assert_allclose(score, [0.0, red, 0.0, 0.0], rtol=1e-6, atol=0)
+
+
 def test_a_keep_mask_of_another_token_count_than_a_prompt_is_named():
     """A batch whose prompts hold different numbers of image tokens is refused naming them: only the largest count
     was compared (a mutation audit), so a row with fewer image tokens than `keep` failed in torch's indexing."""
@@ -800,3 +858,357 @@ def test_a_deep_shaped_micro_build_loads_with_stock_classes(tmp_path):
     assert AutoProcessor.from_pretrained(out / "model").chat_template
     state = json.loads((out / "work" / "warmup" / "checkpoint-2" / "trainer_state.json").read_text())
     assert [row["attention_loss"] for row in state["log_history"] if "attention_loss" in row]
+
+
+# -- training-stage data and recipe details (a mutation audit left these unchecked) -------------------------------
+
+
+def _object_count(item, preset=TINY):
+    return int((item["patch_labels"]["colour"] > 0).sum()) // preset.object_cells**2
+
+
+def test_a_min_objects_override_draws_both_ends_of_its_range_and_refuses_a_negative():
+    """`min_objects` makes the range `[min_objects, max_objects]`, both ends included: drawing up to
+    `max_objects - 1` only (the `+ 1` dropped) passed every other test. A negative count is refused like 9."""
+    from rcp_llava.testbed.train import SceneStream
+
+    stream = SceneStream(TINY, 0, "full", 80, min_objects=2)
+    assert {_object_count(stream[i]) for i in range(80)} == set(range(2, TINY.max_objects + 1))
+    with pytest.raises(ValueError, match=r"min_objects.*\[1, 8\].*got -1\.$"):
+        SceneStream(TINY, 0, "full", 4, min_objects=-1)
+
+
+def test_the_density_curriculum_grows_scenes_from_one_object_to_the_presets_range():
+    """`curriculum=0.5`: item `i` of the first half holds 1 to `1 + int(7 * i / 40)` objects (of 80 items), so the
+    scenes grow from a single object; the second half draws the preset's own 6-8."""
+    from rcp_llava.testbed.train import SceneStream
+
+    stream = SceneStream(TINY, 0, "warmup", 80, curriculum=0.5)
+    counts = [_object_count(stream[i]) for i in range(80)]
+    assert counts[0] == 1
+    assert all(1 <= counts[i] <= 1 + int(7 * i / 40) for i in range(40)), counts[:40]
+    assert max(counts[:10]) <= 2 and max(counts[30:40]) >= 5, counts[:40]  # it grows
+    assert all(TINY.min_objects <= n <= TINY.max_objects for n in counts[40:]), counts[40:]
+
+
+def test_each_stage_streams_its_own_scenes():
+    """Item `i` is a function of `(seed, stage, i)`: the vision and chat stages do not train on one scene list."""
+    from rcp_llava.testbed.train import SceneStream
+
+    images = {stage: [np.asarray(SceneStream(TINY, 0, stage, 3)[i]["image"]) for i in range(3)]
+              for stage in ("vision", "warmup", "full")}
+    again = [np.asarray(SceneStream(TINY, 0, "full", 3)[i]["image"]) for i in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(images["full"], again))
+    for one, other in (("vision", "warmup"), ("vision", "full"), ("warmup", "full")):
+        assert not any(np.array_equal(a, b) for a, b in zip(images[one], images[other])), (one, other)
+
+
+def test_subset_stages_keep_every_object_and_a_tenth_of_the_background():
+    """The warm-up's token subsets: every object patch plus ~10% of the background (~35 of 144 tokens)."""
+    from rcp_llava.testbed.train import SceneStream
+
+    stream = SceneStream(TINY, 0, "warmup", 60, subset=True)
+    rates = []
+    for i in range(60):
+        item = stream[i]
+        keep, on_object = item["keep"], item["patch_labels"]["colour"] > 0
+        assert keep[on_object].all()
+        rates.append(keep[~on_object].mean())
+    assert 0.08 < np.mean(rates) < 0.12, np.mean(rates)
+
+
+def test_the_thinned_share_is_the_share_of_thinned_images_and_keeps_a_third_of_the_background():
+    """`thinned_share=0.25` thins a quarter of the images (the comparison flipped, three quarters were thinned and
+    the 0.5 of the other test could not tell); a thinned image keeps each background patch with probability
+    `u**2` (mean 1/3; with `u` it was 1/2, inside the other test's bounds)."""
+    from rcp_llava.testbed.train import SceneStream
+
+    quarter = SceneStream(TINY, 0, "full", 200, turns=1, thinned_share=0.25)
+    thinned = sum(not quarter[i]["keep"].all() for i in range(200))
+    assert 30 <= thinned <= 70, thinned  # 50 expected, binomial sd ~6
+    every = SceneStream(TINY, 0, "full", 200, turns=1, thinned_share=1.0)
+    rates = []
+    for i in range(200):
+        item = every[i]
+        rates.append(item["keep"][item["patch_labels"]["colour"] == 0].mean())
+    assert 0.28 < np.mean(rates) < 0.39, np.mean(rates)  # E[u**2] = 1/3, sd of the mean ~0.02
+
+
+def test_chat_batches_label_every_answer_and_its_eos_show_the_image_first_and_carry_keep():
+    """Labels are the answer tokens and the `</s>` after each (nothing else); the image is in the first user turn;
+    a subset stage's `keep` masks travel in the batch (dropped, the warm-up trained on whole scenes)."""
+    from rcp_llava.testbed.text import build_processor
+    from rcp_llava.testbed.train import ChatCollator, SceneStream
+
+    micro = PRESETS["micro"]
+    processor = build_processor(micro)
+    tok = processor.tokenizer
+    stream = SceneStream(micro, 0, "warmup", 3, turns=2, subset=True)
+    items = [stream[i] for i in range(3)]
+    batch = ChatCollator(processor)(items)
+    assert torch.equal(batch["keep"], torch.as_tensor(np.stack([it["keep"] for it in items])))
+    for ids, labels, item in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), items):
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert [t for t, label in zip(tokens, labels) if label != -100] == [
+            t for q in item["questions"] for t in (*tok.tokenize(q["answer"]), "</s>")]
+        assert all(label in (-100, i) for i, label in zip(ids, labels))
+        assert tokens.count("<image>") == micro.num_visual_tokens
+        assert tokens.index("<image>") < tokens.index(tok.tokenize(item["questions"][0]["question"])[0])
+        assert tokens.index("<image>") < tokens.index("ASSISTANT")
+
+
+def test_the_patch_probe_scores_each_patch_on_every_head():
+    """The vision stage's loss: the sum over the five heads of the cross-entropy of each patch's own label, read
+    from the hidden state LLaVA projects with the CLS token dropped."""
+    import torch.nn.functional as F
+
+    from rcp_llava.testbed.text import build_processor
+    from rcp_llava.testbed.train import PATCH_HEADS, PatchCollator, PatchProbe, SceneStream, new_model
+
+    micro = PRESETS["micro"]
+    processor = build_processor(micro)
+    llava = new_model(micro, processor)
+    probe = PatchProbe(llava)
+    stream = SceneStream(micro, 0, "vision", 2)
+    batch = PatchCollator(processor)([stream[0], stream[1]])
+    assert batch["colour"].shape == (2, micro.num_visual_tokens)
+    with torch.no_grad():
+        loss = probe(**batch)["loss"]
+        hidden = llava.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-1]
+        patches = hidden[:, 1:]
+        assert patches.shape[1] == micro.num_visual_tokens
+        want = sum(F.cross_entropy(probe.heads[name](patches).flatten(0, 1), batch[name].flatten())
+                   for name in PATCH_HEADS)
+    assert torch.allclose(loss, want, rtol=1e-5), (loss, want)
+
+
+def test_the_attention_loss_is_added_at_its_weight_and_items_are_read_in_order(tmp_path):
+    """`compute_loss` = the language-model loss + `attention_supervision` x the attention loss (a weight of 0.5,
+    not 1); the sampler reads the items in order, as the density curriculum needs."""
+    from rcp_llava.testbed.text import build_processor
+    from rcp_llava.testbed.train import ChatCollator, SceneStream, TestbedTrainer, _training_args, new_model
+
+    micro = PRESETS["micro"]
+    processor = build_processor(micro)
+    model = new_model(micro, processor)
+    stream = SceneStream(micro, 0, "warmup", 6, turns=2, subset=True)
+    batch = ChatCollator(processor, attention_targets=True)([stream[0], stream[1]])
+
+    def trainer(weight):
+        return TestbedTrainer(model=model, args=_training_args(tmp_path, micro.stages["warmup"], 0, 2),
+                              train_dataset=stream, attention_supervision=weight,
+                              supervised_layers=micro.supervised_layers)
+
+    with torch.no_grad():
+        plain = trainer(0.0).compute_loss(model, dict(batch))
+        weighted = trainer(0.5)
+        total = weighted.compute_loss(model, dict(batch))
+    (attention,) = weighted._attention_losses
+    assert attention > 0.1
+    assert torch.allclose(total, plain + 0.5 * attention, rtol=1e-5), (total, plain, attention)
+    assert list(weighted._get_train_sampler()) == list(range(6))
+
+
+def test_training_arguments_follow_the_stage_spec(tmp_path):
+    """Steps, batch, learning rate, its cosine schedule with `warmup_ratio` of the steps as warm-up, the seed."""
+    from rcp_llava.testbed.presets import StageSpec
+    from rcp_llava.testbed.train import _training_args
+
+    spec = StageSpec(max_steps=200, batch_size=3, learning_rate=1e-3, warmup_ratio=0.05)
+    args = _training_args(tmp_path, spec, 7, 50)
+    assert (args.max_steps, args.warmup_steps, args.per_device_train_batch_size, args.learning_rate,
+            args.lr_scheduler_type, args.seed, args.data_seed, args.save_steps) == (
+        200, 10, 3, 1e-3, "cosine", 7, 7, 50)
+
+
+def test_recipe_helpers_name_what_a_stage_is_a_function_of(tmp_path, caplog):
+    """`recipe_chain(specs=...)` is the recipe `train_testbed_model(specs=...)` records; a stage started from a folder
+    without a recipe records that folder's path (None would equal a stage trained from scratch); a saved recipe
+    lacking a key differs in it; and a stage whose recipe matches is reused without a warning."""
+    import dataclasses
+    import logging
+
+    from rcp_llava.testbed import train as testbed_train
+
+    micro = PRESETS["micro"]
+    spec = dataclasses.replace(micro.stages["vision"], max_steps=5)
+    assert testbed_train.recipe_chain(micro, stages=("vision",), specs={"vision": spec}) == \
+        testbed_train.stage_recipe("vision", micro, spec, 0)
+    elsewhere = tmp_path / "elsewhere" / "final"
+    assert testbed_train._init_recipe(elsewhere) == str(elsewhere) and testbed_train._init_recipe(None) is None
+    recipe = testbed_train.stage_recipe("vision", micro, micro.stages["vision"], 0)
+    older = json.loads(json.dumps(recipe))
+    del older["spec"]["min_objects"]
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert testbed_train.saved_recipe_diff(tmp_path / "old.json", recipe) == ["spec.min_objects"]
+    stage_dir = tmp_path / "vision"
+    with caplog.at_level(logging.WARNING, logger="rcp_llava.testbed.train"):
+        testbed_train._check_recipe(stage_dir, recipe)
+        testbed_train._check_recipe(stage_dir, recipe)
+    assert json.loads((stage_dir / "recipe.json").read_text()) == recipe
+    assert "reused unchecked" not in caplog.text
+
+
+def test_a_final_folder_without_weights_names_the_weights_file(tmp_path):
+    """`missing_final_file` names the first file an interrupted save lacks: `model.safetensors` (not the index of a
+    sharded save) when no weights were written; None for a whole folder (sharded weights count)."""
+    from rcp_llava.testbed.train import missing_final_file
+
+    (tmp_path / "config.json").write_text("{}")
+    assert missing_final_file(tmp_path) == "model.safetensors"
+    for name in ("model.safetensors.index.json", "tokenizer_config.json", "processor_config.json"):
+        (tmp_path / name).write_text("{}")
+    assert missing_final_file(tmp_path) is None
+
+
+@pytest.mark.parametrize("stage", ["rebalance", "full"])
+def test_run_stage_trains_each_chat_stage_as_its_spec_says(stage, tmp_path, monkeypatch):
+    """What `run_stage` hands the Trainer for a chat stage: the vision tower frozen, the stage's families, token
+    subsets in both subset stages, the attention supervision at the spec's weight on the preset's hop layers (none
+    in `full`), the thinning and scene range of `full`."""
+    from rcp_llava.testbed import train as testbed_train
+    from rcp_llava.testbed.presets import REBALANCE_FAMILIES
+    from rcp_llava.testbed.text import build_processor
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def train(self, *args, **kwargs):
+        seen["trainer"] = self
+        raise Stop
+
+    monkeypatch.setattr(testbed_train.TestbedTrainer, "train", train)
+    micro = PRESETS["micro"]
+    with pytest.raises(Stop):
+        testbed_train.run_stage(stage, micro, tmp_path, build_processor(micro))
+    trainer = seen["trainer"]
+    data, spec = trainer.train_dataset, micro.stages[stage]
+    llava = trainer.model
+    assert not any(p.requires_grad for p in llava.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in llava.model.language_model.parameters())
+    assert all(p.requires_grad for p in llava.model.multi_modal_projector.parameters())
+    assert trainer.supervised_layers == micro.supervised_layers == (0, 1, 1)
+    if stage == "rebalance":
+        assert data.families == REBALANCE_FAMILIES and data.subset and data.turns == 2
+        assert trainer.attention_supervision == 1.0 and trainer.data_collator.attention_targets
+    else:
+        assert data.families == testbed_train.TRAIN_FAMILIES and not data.subset
+        assert (data.thinned_share, data.min_objects) == (0.5, 1)
+        assert trainer.attention_supervision == 0.0 and not trainer.data_collator.attention_targets
+    assert len(data) == spec.max_steps * spec.batch_size
+
+
+def test_a_resume_is_compared_with_the_latest_runs_thread_count(tmp_path, caplog):
+    """`threads.json` lists every run's count; a resume is compared with the LAST run's: a stage that moved from 1
+    thread to this count resumes silently, one that moved away from it is named."""
+    from rcp_llava.testbed import train as testbed_train
+
+    stage_dir = tmp_path / "full"
+    stage_dir.mkdir()
+    threads = torch.get_num_threads()
+    (stage_dir / "threads.json").write_text(json.dumps([threads + 1, threads]))
+    testbed_train._record_threads(stage_dir, "full", "checkpoint-2")
+    assert "resumes on" not in caplog.text
+    assert json.loads((stage_dir / "threads.json").read_text()) == [threads + 1, threads]
+    (stage_dir / "threads.json").write_text(json.dumps([threads, threads + 1]))
+    testbed_train._record_threads(stage_dir, "full", "checkpoint-2")
+    assert f"stage 'full' trained on {threads + 1} thread(s) and resumes on {threads}" in caplog.text
+    assert json.loads((stage_dir / "threads.json").read_text()) == [threads, threads + 1, threads]
+
+
+def test_default_cache_dir_of_a_preset_object_is_named_by_the_preset(monkeypatch, tmp_path):
+    """`build_testbed(preset_object)` without `output_dir` caches under the preset's name, not its repr."""
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path))
+    assert default_cache_dir(PRESETS["micro"]) == tmp_path / "testbed" / "micro"
+
+
+def test_budgets_are_the_documented_token_counts():
+    """1/3, 2/9 and 1/9 of the 144 visual tokens of tiny / deep: 48, 32 and 16 kept tokens; a budget of 1 keeps all
+    144 and 3/4 keeps 108 (counted on 143 tokens, the three paper budgets round alike and passed)."""
+    for name in ("tiny", "deep"):
+        assert [PRESETS[name].budget(f) for f in (1 / 3, 2 / 9, 1 / 9, 3 / 4, 1.0)] == [48, 32, 16, 108, 144]
+    assert [PRESETS["micro"].budget(1.0), PRESETS["paper"].budget(1.0)] == [64, 576]
+
+
+def test_dataset_splits_hold_their_own_scenes_ids_and_sizes():
+    """`build_dataset(sizes=...)`: each split has the asked size, its own id range and its own scenes (a test set
+    drawn as the train split was would score memorised scenes)."""
+    from rcp_llava.testbed import build_dataset
+
+    data = build_dataset("micro", seed=0, sizes={"train": 2, "validation": 1, "test": 3})
+    assert {split: data[split]["id"] for split in data} == {
+        "train": [0, 1], "validation": [10_000_000], "test": [20_000_000, 20_000_001, 20_000_002]}
+    train = [np.asarray(row["image"]) for row in data["train"]]
+    for split in ("validation", "test"):
+        assert not any(np.array_equal(np.asarray(row["image"]), image) for row in data[split] for image in train)
+
+
+def test_the_model_config_follows_the_preset():
+    """`build_model_config`: the preset's RoPE base (1e6, not Llama's 1e4), full multi-head attention (as many
+    key/value heads as heads), LLaVA reading the vision tower's last layer (the one the vision stage trains its patch
+    heads on), untied embeddings and one image placeholder per visual token."""
+    from rcp_llava.testbed.text import build_model_config, build_processor
+
+    for name in ("micro", "tiny"):
+        preset = PRESETS[name]
+        config = build_model_config(preset, build_processor(preset).tokenizer)
+        text = config.text_config
+        assert text.rope_parameters["rope_theta"] == preset.rope_theta == 1_000_000.0
+        assert (text.num_attention_heads, text.num_key_value_heads) == (preset.text_heads, preset.text_heads)
+        assert (text.num_hidden_layers, text.hidden_size, text.tie_word_embeddings) == (
+            preset.text_layers, preset.text_hidden_size, False)
+        assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "default")
+        assert config.image_seq_length == preset.num_visual_tokens
+
+
+def test_the_word_tokenizer_splits_punctuation_and_pads_on_the_left():
+    """`word_level_tokenizer`: `? : . , !` are tokens of their own (`word!` was one unknown word), hyphenated words
+    stay whole; left padding, which batched generation needs, is the default."""
+    from rcp_llava.word_tokenizer import CHAT_TEMPLATE, word_level_tokenizer
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "yes", "no", "top-left", "!", "?", ":", ".", ","]
+    tok = word_level_tokenizer({w: i for i, w in enumerate(words)}, CHAT_TEMPLATE)
+    assert tok.tokenize("yes! no? top-left: no, yes.") == [
+        "yes", "!", "no", "?", "top-left", ":", "no", ",", "yes", "."]
+    assert tok.padding_side == "left"
+    assert build_processor(PRESETS["micro"]).tokenizer.padding_side == "left"
+
+
+def test_deep_reuses_tinys_recipe_with_its_documented_changes():
+    """The deep preset's stages: tiny's, with warm-up 2600, rebalance 900 and a 1200-step `full` stage on
+    `DEEP_FULL_FAMILIES` (the recipe of the 0.899 build)."""
+    import dataclasses
+
+    from rcp_llava.testbed.presets import DEEP_FULL_FAMILIES, TINY_STAGES
+
+    deep = PRESETS["deep"].stages
+    assert deep["vision"] == TINY_STAGES["vision"]
+    assert deep["warmup"] == dataclasses.replace(TINY_STAGES["warmup"], max_steps=2600)
+    assert deep["rebalance"] == dataclasses.replace(TINY_STAGES["rebalance"], max_steps=900)
+    assert deep["full"] == dataclasses.replace(TINY_STAGES["full"], max_steps=1200, families=DEEP_FULL_FAMILIES)
+
+
+def test_the_chat_template_ends_a_prompt_for_generation_with_the_assistant_turn():
+    """The prompt every evaluation sends ends with `ASSISTANT:` (the model answers after it); a whole conversation
+    closes each answer with `</s>`."""
+    processor = build_processor(PRESETS["micro"])
+    messages = prompt_messages("where is the red circle?")
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == \
+        "USER: <image> where is the red circle? ASSISTANT:"
+    answered = messages + [{"role": "assistant", "content": [{"type": "text", "text": "top-left"}]}]
+    assert processor.apply_chat_template(answered) == "USER: <image> where is the red circle? ASSISTANT: top-left</s> "
+
+
+def test_the_testbed_vocabulary_has_each_word_once_and_dense_ids():
+    """`vocabulary()` lists each word once (PROMPT_WORDS repeats `is`): the token ids are exactly 0..len-1, so the
+    model's `vocab_size = len(tokenizer)` embeds every word (a duplicate gave the last word, `three`, the id
+    `len(tokenizer)`: an index past the embedding whenever a count of three was asked or answered)."""
+    from rcp_llava.testbed.text import build_tokenizer, vocabulary
+
+    words = vocabulary()
+    assert len(words) == len(set(words))
+    tok = build_tokenizer()
+    assert sorted(tok.get_vocab().values()) == list(range(len(tok))) and len(tok) == len(words)
+    assert tok.convert_tokens_to_ids(words[-1]) == len(tok) - 1
