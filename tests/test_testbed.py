@@ -12,6 +12,7 @@ from rcp_llava.testbed import (
     FAMILIES,
     PRESETS,
     STAGES,
+    build_dataset,
     build_processor,
     build_testbed,
     default_cache_dir,
@@ -28,6 +29,12 @@ from rcp_llava.testbed.scenes import COLOURS, COUNT_WORDS, PLURALS
 
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def micro_test_rows():
+    """micro's test split (seed 0) as a list of row dicts, built once for the tests that only read it."""
+    return [dict(r) for r in build_dataset("micro", seed=0)["test"]]
 TINY = PRESETS["tiny"]
 
 
@@ -436,8 +443,6 @@ def test_evaluate_accuracy_scores_each_family_and_existence_type_and_clips_max_s
     existence questions without a negative type filed as "random" instead of "positive"; and `max_samples` above
     the split's size an IndexError instead of the whole split."""
     import rcp_llava.testbed.evaluate as evaluate_module
-    from rcp_llava.testbed import build_dataset
-
     rows = build_dataset("micro", seed=0)["test"]
     wrong = {rows[i]["id"] for i in (0, 3, 6)}
 
@@ -460,12 +465,10 @@ def test_evaluate_accuracy_scores_each_family_and_existence_type_and_clips_max_s
     assert evaluate_accuracy(model, None, rows, batch_size=3, max_samples=2)["n"] == 2
 
 
-def test_random_keep_draws_per_sample_and_refuses_a_zero_fraction():
+def test_random_keep_draws_per_sample_and_refuses_a_zero_fraction(micro_test_rows):
     """`random_keep` seeds each row's draw with its id: a seed without the id gave every row of a batch the same
     mask (a mutation audit). A fraction of 0 (keep nothing) is refused, naming `fraction`."""
-    from rcp_llava.testbed import build_dataset
-
-    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    rows = micro_test_rows
     keep = random_keep(1 / 3)(rows)
     assert (keep.sum(-1) == PRESETS["micro"].budget(1 / 3)).all()
     assert len({tuple(k) for k in keep.tolist()}) == len(rows), "every row draws its own mask"
@@ -474,14 +477,12 @@ def test_random_keep_draws_per_sample_and_refuses_a_zero_fraction():
         random_keep(0.0)(rows)
 
 
-def test_keep_functions_take_the_whole_budget_refuse_more_and_draw_by_their_seed():
+def test_keep_functions_take_the_whole_budget_refuse_more_and_draw_by_their_seed(micro_test_rows):
     """A fraction of 1 keeps every visual token (the unpruned reference) and one above 1 is refused, naming
     `fraction`: `< 1` refused the whole budget, and without the upper bound 1.5 kept everything silently (a mutation
     audit). `seed` picks another draw, the same again when repeated: ignored (a mutation audit), every seed of a
     sweep measured the same masks."""
-    from rcp_llava.testbed import build_dataset
-
-    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    rows = micro_test_rows
     for make in (random_keep, oracle_keep, saliency_keep):
         assert make(1.0)(rows).all(), make
         with pytest.raises(ValueError, match=r"^`fraction` must be in \(0, 1\], got 1\.5\.$"):
@@ -492,13 +493,11 @@ def test_keep_functions_take_the_whole_budget_refuse_more_and_draw_by_their_seed
         assert torch.equal(make(1 / 3, seed=1)(rows), other) and torch.equal(make(1 / 3)(rows), first), make
 
 
-def test_oracle_keep_fills_the_budget_with_evidence_then_distractors_then_background():
+def test_oracle_keep_fills_the_budget_with_evidence_then_distractors_then_background(micro_test_rows):
     """At every budget the oracle keeps the evidence patches before the other objects' and those before background.
     The test above checks one budget at which evidence and distractors both fit: the distractors taken before the
     evidence (a mutation audit) passed it, and the "oracle" then dropped the answer first."""
-    from rcp_llava.testbed import build_dataset
-
-    rows = [dict(r) for r in build_dataset("micro", seed=0)["test"]]
+    rows = micro_test_rows
     told_apart = False
     for fraction in (1 / 9, 2 / 9, 1 / 3):
         keep, k = oracle_keep(fraction)(rows), PRESETS["micro"].budget(fraction)
@@ -546,7 +545,6 @@ def test_a_keep_mask_of_another_token_count_than_a_prompt_is_named():
 
 def _untrained_micro_rows(count):
     """An untrained micro LLaVA (no build), its processor and the first `count` rows of micro's test split."""
-    from rcp_llava.testbed import build_dataset
     from rcp_llava.testbed.train import new_model
 
     micro = PRESETS["micro"]
@@ -608,8 +606,6 @@ def test_an_interrupted_stage_resumes_to_the_uninterrupted_weights(stage, tmp_pa
 
     from rcp_llava.testbed import train as testbed_train
     from rcp_llava.testbed.presets import get_preset
-    from rcp_llava.testbed.text import build_processor
-
     preset = get_preset("micro")
     processor = build_processor(preset)
     spec = dataclasses.replace(preset.stages[stage], max_steps=4)
@@ -669,8 +665,6 @@ def test_a_stage_resumed_on_another_thread_count_says_so(tmp_path, caplog):
 def test_a_stage_records_its_thread_count(tmp_path):
     from rcp_llava.testbed import train as testbed_train
     from rcp_llava.testbed.presets import get_preset
-    from rcp_llava.testbed.text import build_processor
-
     preset = get_preset("micro")
     testbed_train.run_stage("vision", preset, tmp_path, build_processor(preset))
     assert json.loads((tmp_path / "vision" / "threads.json").read_text()) == [torch.get_num_threads()]
@@ -680,8 +674,6 @@ def test_resuming_from_a_checkpoint_of_another_model_is_an_error(tmp_path):
     """A checkpoint whose weights do not fit is an error naming it, never a warning."""
     from rcp_llava.testbed import train as testbed_train
     from rcp_llava.testbed.presets import get_preset
-    from rcp_llava.testbed.text import build_processor
-
     preset = get_preset("micro")
     processor = build_processor(preset)
     model = testbed_train.new_model(preset, processor)
@@ -717,8 +709,6 @@ def test_a_stage_trained_with_another_recipe_is_never_reused(tmp_path):
     import dataclasses
 
     from rcp_llava.testbed import train as testbed_train
-    from rcp_llava.testbed.text import build_processor
-
     micro = PRESETS["micro"]
     processor = build_processor(micro)
     vision = testbed_train.run_stage("vision", micro, tmp_path, processor)
@@ -937,7 +927,6 @@ def test_the_thinned_share_is_the_share_of_thinned_images_and_keeps_a_third_of_t
 def test_chat_batches_label_every_answer_and_its_eos_show_the_image_first_and_carry_keep():
     """Labels are the answer tokens and the `</s>` after each (nothing else); the image is in the first user turn;
     a subset stage's `keep` masks travel in the batch (dropped, the warm-up trained on whole scenes)."""
-    from rcp_llava.testbed.text import build_processor
     from rcp_llava.testbed.train import ChatCollator, SceneStream
 
     micro = PRESETS["micro"]
@@ -962,7 +951,6 @@ def test_the_patch_probe_scores_each_patch_on_every_head():
     from the hidden state LLaVA projects with the CLS token dropped."""
     import torch.nn.functional as F
 
-    from rcp_llava.testbed.text import build_processor
     from rcp_llava.testbed.train import PATCH_HEADS, PatchCollator, PatchProbe, SceneStream, new_model
 
     micro = PRESETS["micro"]
@@ -985,7 +973,6 @@ def test_the_patch_probe_scores_each_patch_on_every_head():
 def test_the_attention_loss_is_added_at_its_weight_and_items_are_read_in_order(tmp_path):
     """`compute_loss` = the language-model loss + `attention_supervision` x the attention loss (a weight of 0.5,
     not 1); the sampler reads the items in order, as the density curriculum needs."""
-    from rcp_llava.testbed.text import build_processor
     from rcp_llava.testbed.train import ChatCollator, SceneStream, TestbedTrainer, _training_args, new_model
 
     micro = PRESETS["micro"]
@@ -1068,8 +1055,6 @@ def test_run_stage_trains_each_chat_stage_as_its_spec_says(stage, tmp_path, monk
     in `full`), the thinning and scene range of `full`."""
     from rcp_llava.testbed import train as testbed_train
     from rcp_llava.testbed.presets import REBALANCE_FAMILIES
-    from rcp_llava.testbed.text import build_processor
-
     class Stop(Exception):
         pass
 
@@ -1135,8 +1120,6 @@ def test_budgets_are_the_documented_token_counts():
 def test_dataset_splits_hold_their_own_scenes_ids_and_sizes():
     """`build_dataset(sizes=...)`: each split has the asked size, its own id range and its own scenes (a test set
     drawn as the train split was would score memorised scenes)."""
-    from rcp_llava.testbed import build_dataset
-
     data = build_dataset("micro", seed=0, sizes={"train": 2, "validation": 1, "test": 3})
     assert {split: data[split]["id"] for split in data} == {
         "train": [0, 1], "validation": [10_000_000], "test": [20_000_000, 20_000_001, 20_000_002]}
@@ -1149,7 +1132,7 @@ def test_the_model_config_follows_the_preset():
     """`build_model_config`: the preset's RoPE base (1e6, not Llama's 1e4), full multi-head attention (as many
     key/value heads as heads), LLaVA reading the vision tower's last layer (the one the vision stage trains its patch
     heads on), untied embeddings and one image placeholder per visual token."""
-    from rcp_llava.testbed.text import build_model_config, build_processor
+    from rcp_llava.testbed.text import build_model_config
 
     for name in ("micro", "tiny"):
         preset = PRESETS[name]
