@@ -1265,37 +1265,6 @@ def test_overwrite_output_dir_deletes_the_previous_runs_checkpoints(micro_testbe
     assert train_rcp.resolve_resume("last", str(out)) == str(out / "checkpoint-1")
 
 
-def test_a_save_at_an_interrupted_step_starts_from_an_empty_staging_folder(tmp_path):
-    """A resumed run saving the step an interrupted save left `tmp-checkpoint-N` for: that folder's files are the
-    old save's, and renamed along they became part of the new checkpoint-N (a stale optimizer.pt beside new
-    weights). The save starts from an empty staging folder."""
-    from types import SimpleNamespace
-
-    import transformers.trainer as hf_trainer
-
-    from rcp_llava.checkpoints import AtomicCheckpointMixin
-
-    class Stock:  # the part of `Trainer._save_checkpoint` that matters here: it writes into the folder it names
-        def _save_checkpoint(self, model, trial):
-            folder = tmp_path / f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(exist_ok=True)
-            (folder / "model.safetensors").write_text("new")
-
-    class Trainer(AtomicCheckpointMixin, Stock):
-        def _get_output_dir(self, trial):
-            return str(tmp_path)
-
-    (tmp_path / "tmp-checkpoint-5").mkdir()
-    (tmp_path / "tmp-checkpoint-5" / "optimizer.pt").write_text("stale")
-    trainer = Trainer()
-    trainer.state = SimpleNamespace(global_step=5, best_model_checkpoint=None)
-    trainer.args = SimpleNamespace(should_save=True, push_to_hub=False, save_total_limit=None)
-    trainer.accelerator = SimpleNamespace(wait_for_everyone=lambda: None)
-    trainer._save_checkpoint(None, None)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
-    assert os.listdir(tmp_path / "checkpoint-5") == ["model.safetensors"]
-
-
 def _stub_atomic_trainer(tmp_path, write=lambda folder: None):
     """`AtomicCheckpointMixin` over a stub of `Trainer._save_checkpoint` that writes model.safetensors ("new") into the
     folder the module global names, as the Trainer does; `write(folder)` runs there before it returns."""
@@ -1321,6 +1290,17 @@ def _stub_atomic_trainer(tmp_path, write=lambda folder: None):
     trainer.args = SimpleNamespace(should_save=True, push_to_hub=False, save_total_limit=None)
     trainer.accelerator = SimpleNamespace(wait_for_everyone=lambda: None)
     return trainer
+
+
+def test_a_save_at_an_interrupted_step_starts_from_an_empty_staging_folder(tmp_path):
+    """A resumed run saving the step an interrupted save left `tmp-checkpoint-N` for: that folder's files are the
+    old save's, and renamed along they became part of the new checkpoint-N (a stale optimizer.pt beside new
+    weights). The save starts from an empty staging folder."""
+    (tmp_path / "tmp-checkpoint-5").mkdir()
+    (tmp_path / "tmp-checkpoint-5" / "optimizer.pt").write_text("stale")
+    _stub_atomic_trainer(tmp_path)._save_checkpoint(None, None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+    assert os.listdir(tmp_path / "checkpoint-5") == ["model.safetensors"]
 
 
 def test_a_resave_of_a_step_replaces_its_checkpoint_and_the_prefix_is_restored(tmp_path):
