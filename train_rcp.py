@@ -6,8 +6,10 @@
         --image_column image --question_column question --answer_column answer \
         --visual_token_budget 64 --output_dir runs/7b     # layers: the paper placement [1,13,25] / [22,29]
     python train_rcp.py --budgets 1/3,2/9,1/9           # one plug-in set per budget
-    python train_rcp.py --llava_json data/llava_instruct.json --image_folder data/images ...
-    accelerate launch --num_processes 2 train_rcp.py ...  # DDP (the Trainer handles DeepSpeed/FSDP too)
+    python train_rcp.py --base_model llava-hf/llava-1.5-7b-hf --llava_json data/llava_instruct.json \
+        --image_folder data/images ...
+    accelerate launch --multi_gpu --num_processes 2 train_rcp.py ...  # DDP (on CPU add --use_cpu --ddp_backend gloo;
+                                                                     # the Trainer handles DeepSpeed/FSDP too)
 
 Only the plug-ins train; the backbone stays frozen, and it is also the teacher: the same model run with
 pruning and repair off under `no_grad`. The loss is (RCP.md section 4)
@@ -1066,7 +1068,9 @@ class RcpJobArguments:
                                         "--testbed_preset testbed, built on first use."}
     )
     dataset_name_or_path: str | None = field(
-        default=None, metadata={"help": "A HF dataset name or a `save_to_disk` folder. Default: the testbed's."}
+        default=None, metadata={"help": "A Hub dataset id, a `save_to_disk` folder, or a data folder or file "
+                                          "`datasets.load_dataset` reads (parquet, JSON lines, CSV, TSV, "
+                                          "imagefolder). Default: the testbed's."}
     )
     train_split: str = field(default="train", metadata={"help": "Split the plug-ins train on."})
     eval_split: str | None = field(
@@ -1080,7 +1084,8 @@ class RcpJobArguments:
     question_column: str = field(default="question", metadata={"help": "Dataset column holding the question."})
     answer_column: str = field(default="answer", metadata={"help": "Dataset column holding the answer."})
     llava_json: str | None = field(default=None, metadata={"help": "A LLaVA-style JSON instead of a dataset."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON's image paths live in."})
+    image_folder: str | None = field(default=None, metadata={
+        "help": "Folder that relative image paths (of --llava_json or of a dataset's image column) are read from."})
     llava_turns: str = field(default="conversation", metadata={
         "help": "How --llava_json's multi-turn records train: 'conversation' (one sequence per record, every answer "
                 "labelled, as LLaVA's preprocess_v1) or 'pairs' (each question/answer pair its own example)."})
@@ -1186,7 +1191,8 @@ def testbed_pruning(preset: str) -> dict:
     return dict(_testbed_job(preset)["pruning"])
 
 
-# `--help` groups: the project's fields by topic, then transformers' TrainingArguments.
+# `--help` groups: the project's fields by topic; argparse prints transformers' TrainingArguments (its general group,
+# renamed) first.
 HELP_GROUPS = {
     "RCP: pruning and plug-ins": (
         "pruning_layers", "repair_layers", "visual_token_budget", "budget_fraction", "budgets", "pruning_keep_counts",

@@ -1,8 +1,8 @@
 """One evaluation command: pruning methods x budgets, a Table-I-style markdown table + JSON.
 
     python benchmarks/evaluate_methods.py --model outputs/rcp_deep/model     # the main job's model and testbed
-    python benchmarks/evaluate_methods.py --model outputs/rcp_tiny/model --data testbed:tiny --max_samples 500 \
-        --methods none,rcp,vispruner,fastv,random --budgets 1/3,2/9,1/9 --name table1_tiny
+    python benchmarks/evaluate_methods.py --model outputs/rcp_tiny/model --data testbed:tiny \
+        --methods none,rcp,vispruner,fastv,random,attention_topk --budgets 1/3,2/9,1/9 --name table1_tiny
     python benchmarks/evaluate_methods.py --model llava-1.5-7b-hf/ --plugins rcp_plugins/ --data vqav2:/data/vqav2 \
         --data pope:/data/pope/coco --max_samples 1000 --batch_size 8
 

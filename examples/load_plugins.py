@@ -4,7 +4,7 @@
     python examples/load_plugins.py --base llava-hf/llava-1.5-7b-hf --plugins DIR_OR_REPO [--out FULL_DIR]
 
 A plug-in folder holds `rcp_config.json` (pruning method, layers, sizes, budget, `base_model_name_or_path`, library
-version) and `rcp_plugins.safetensors` (pruners + repair adapters only, about 1% of the model on the demo). Written
+version) and `rcp_plugins.safetensors` (pruners + repair adapters only, 0.64% of the model on the demo). Written
 by `model.save_plugins(folder)`; loaded by `RcpLlavaForConditionalGeneration.from_base(base, plugins=folder)`.
 With `--out`, the full model is saved as a Hub-loadable folder (weights + remote code + processor).
 """
