@@ -1105,7 +1105,9 @@ class RcpJobArguments:
     budgets: str | None = field(
         default=None,
         metadata={"help": "Train one plug-in set per budget, e.g. '1/3,2/9,1/9' (the paper's protocol): one run folder "
-                          "per budget, OUTPUT_DIR/budget_1_3 ..., and a summary in OUTPUT_DIR/budgets.json."},
+                          "per budget, OUTPUT_DIR/budget_1_3 ..., and a summary in OUTPUT_DIR/budgets.json. With "
+                          "--push_to_hub --push_plugins_only: each set into a folder of the repo (budget_1_3/ ...) "
+                          "under a root card listing them."},
     )
     pruning_keep_counts: list[str] | None = field(
         default=None,
@@ -1396,7 +1398,9 @@ def budget_folder_name(label):
 
 def run_budgets(job, args, explicit):
     """The paper's protocol: one plug-in set per budget (placement and target differ by budget), each trained and
-    evaluated by `run_job` into its own folder; returns and writes `{label: metrics}`."""
+    evaluated by `run_job` into its own folder; returns and writes `{label: metrics}`. With --push_to_hub (plug-ins
+    only) every set goes, once all are done, into a folder of --hub_model_id named as its local one (budget_1_9/),
+    under a root card that lists them (`push_budget_sets`)."""
     from dataclasses import replace
 
     from rcp_llava.schedule import parse_budget
@@ -1404,12 +1408,14 @@ def run_budgets(job, args, explicit):
     if job.visual_token_budget is not None or job.pruning_keep_counts is not None:
         raise ValueError("--budgets trains one set per budget fraction: leave --visual_token_budget and "
                          "--pruning_keep_counts unset.")
-    if args.push_to_hub:  # each budget's job pushed to the same repo root, each replacing the one before
-        raise ValueError(f"--budgets with --push_to_hub would push every budget to the root of --hub_model_id "
-                         f"{args.hub_model_id!r}, each replacing the one before: run the sweep without --push_to_hub, "
-                         "then push each budget's folder (OUTPUT_DIR/budget_1_9/plugins, ...) to a repo of its own "
-                         "with `rcp_llava.hub.push_rcp_folder(folder, repo_id, plugins_only=True)`, or train one "
-                         "budget per job.")
+    if args.push_to_hub and not args.hub_model_id:  # before anything loads
+        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+    if args.push_to_hub and not job.push_plugins_only:  # a full model per budget: the backbone uploaded each time
+        raise ValueError(f"--budgets with --push_to_hub pushes each budget's plug-in set into a folder of "
+                         f"--hub_model_id {args.hub_model_id!r} (budget_1_9/, ...): add --push_plugins_only (a full "
+                         "model per budget would upload the whole backbone once per budget), or train one budget per "
+                         "job to push a full model.")
+    push, args = args.push_to_hub, replace(args, push_to_hub=False)  # pushed together below, once every set is done
     if "output_dir" in explicit or job.base_model is not None:
         root = args.output_dir
     else:  # the main job's folder of the preset, + "_budgets"
@@ -1477,7 +1483,36 @@ def run_budgets(job, args, explicit):
                                  explicit=explicit | {"output_dir"})
     if results and all(r is not None for r in results.values()):
         _write_json(summary, {**previous, **results})
+        if push:
+            push_budget_sets(root, [(label, folders[label], results[label]) for label, _ in budgets], job, args)
     return results
+
+
+def push_budget_sets(root, sets, job, args):
+    """Push each budget's plug-ins (`(label, folder, metrics)` of `sets`) into the folder of --hub_model_id named as
+    its local one, each with its own card, then the repo's root card listing them (written to ROOT/README.md first).
+    A set's card is built from its saved model's config (a budget kept from an earlier run was not trained here)."""
+    from transformers import AutoConfig
+
+    from rcp_llava.hub import build_budgets_card, push_model_card
+
+    for label, folder, metrics in sets:
+        config = AutoConfig.from_pretrained(os.path.join(folder, "model"))
+        push_output(config, folder, metrics.get("base_model"), args, plugins_only=True, license=job.model_card_license,
+                    max_steps=metrics.get("max_steps"), subfolder=os.path.basename(folder))
+        print(f"[train_rcp] --budgets: budget {label}'s plug-ins pushed to {args.hub_model_id} "
+              f"({os.path.basename(folder)}/).", flush=True)
+    bases = {metrics.get("base_model") for _, _, metrics in sets}
+    base = next(iter(bases)) if len(bases) == 1 else None  # sets on other bases (a sweep resumed elsewhere): none named
+    path = os.path.join(root, "README.md")
+
+    def card(repo_id):  # for the repo the push resolves --hub_model_id to
+        built = build_budgets_card(repo_id, [(label, os.path.basename(folder), metrics) for label, folder, metrics in sets],
+                                   base_model=base, license=job.model_card_license)
+        atomic_write(path, lambda tmp: write_text(tmp, str(built)))
+
+    return push_model_card(path, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                           revision=args.hub_revision, card=card)
 
 
 def _write_json(path, data):
@@ -1777,9 +1812,10 @@ def save_job_folders(model, processor, out, overwrite=False):
     processor.save_pretrained(os.path.join(out, "model"))
 
 
-def push_output(model, out, base_model, args, plugins_only=False, license=None, max_steps=None):
-    """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`). `max_steps`:
-    the steps the run took when it trained by epochs (the card said -1)."""
+def push_output(model, out, base_model, args, plugins_only=False, license=None, max_steps=None, subfolder=None):
+    """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`). `model`: the
+    trained model or its config. `max_steps`: the steps the run took when it trained by epochs (the card said -1).
+    `subfolder`: the repo's folder the plug-ins go into (one set per budget, `run_budgets`)."""
     from rcp_llava.hub import build_model_card, push_rcp_folder
 
     folder = os.path.join(out, "plugins" if plugins_only else "model")
@@ -1788,13 +1824,13 @@ def push_output(model, out, base_model, args, plugins_only=False, license=None, 
     if max_steps is not None:
         settings["max_steps"] = max_steps
     def card(repo_id):  # for the repo the push resolves `--hub_model_id` to ("name" -> "user/name")
-        build_model_card(model.config, repo_id=repo_id, base_model=base_model, plugins_only=plugins_only,
+        build_model_card(getattr(model, "config", model), repo_id=repo_id, base_model=base_model, plugins_only=plugins_only,
                          eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,
-                         ).save(os.path.join(folder, "README.md"))
+                         subfolder=subfolder).save(os.path.join(folder, "README.md"))
 
     # --hub_revision: the branch (or refs/pr/N) to push to, as the Trainer's push uses it (it went to main)
     return push_rcp_folder(folder, args.hub_model_id, plugins_only=plugins_only, token=args.hub_token,
-                           private=args.hub_private_repo, revision=args.hub_revision, card=card)
+                           private=args.hub_private_repo, revision=args.hub_revision, card=card, path_in_repo=subfolder)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@
   pruning configuration, the average kept visual tokens, the evaluation table (model-index) and a usage snippet.
 - `push_rcp_folder(folder, repo_id, plugins_only=...)` uploads a full model folder (`save_pretrained`) or a
   plug-in-only folder (`save_plugins`) with `huggingface_hub`, and fails with a clear message when offline.
+- One plug-in set per budget in one repo: each set pushed into a folder of its own (`path_in_repo`, its card built
+  with `subfolder`), the repo's root card listing them (`build_budgets_card`, `push_model_card`); a set loads with
+  `from_base(base, plugins=repo_id, subfolder=...)`.
 - The tiny demo model lives in `rcp_llava.demo` (it imports this module for its model card; this module does not
   import it).
 
@@ -372,13 +375,33 @@ def base_model_license(base_model):
 BASE_MODEL_PLACEHOLDER = "BASE_MODEL"
 
 
-def usage_snippet(repo_id, plugins_only=False, base_model=None):
+def check_subfolder(subfolder, argument="subfolder"):
+    """`subfolder` as a folder inside a repo ("budget_1_9", "sets/rcp-64"), else a ValueError naming `argument`: an
+    absolute path, a '..' or an empty part would name no folder of the repo (or one outside it)."""
+    if not isinstance(subfolder, str):
+        raise TypeError(f"`{argument}` must be a string (a folder inside the repo, e.g. 'budget_1_9'), not "
+                        f"{type(subfolder).__name__} {subfolder!r}.")
+    parts = subfolder.split("/")
+    if subfolder.startswith("/") or "\\" in subfolder or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"`{argument}={subfolder!r}` is not a folder inside the repo: give a relative path of plain "
+                         "names joined by '/', e.g. 'budget_1_9' (no leading '/', no '.', '..' or empty part).")
+    return subfolder
+
+
+def usage_snippet(repo_id, plugins_only=False, base_model=None, subfolder=None):
     """Python code that loads and runs the checkpoint (a full folder via remote code, or plug-ins on their base).
 
     A plug-in snippet without `base_model` sets `base_id` to the placeholder "BASE_MODEL" for the reader to replace
     (`from_base(None, ...)` cannot load anything, and the plug-ins only fit the base they were trained on).
+    `subfolder`: the folder of the repo that holds the plug-ins (one set per budget, `build_budgets_card`).
     """
+    if subfolder is not None:
+        check_subfolder(subfolder)
+    if subfolder is not None and not plugins_only:
+        raise ValueError(f"`subfolder={subfolder!r}` is where a plug-in set lives in its repo; a full model's card has "
+                         "none: pass `plugins_only=True`, or no `subfolder`.")
     if plugins_only:
+        where = f", subfolder={subfolder!r}" if subfolder else ""
         base_line = (
             f"base_id = {base_model!r}\n" if base_model else
             f"base_id = {BASE_MODEL_PLACEHOLDER!r}  # not recorded: replace with the LLaVA checkpoint these plug-ins "
@@ -390,7 +413,7 @@ def usage_snippet(repo_id, plugins_only=False, base_model=None):
             "from transformers import AutoProcessor\n"
             "from rcp_llava import RcpLlavaForConditionalGeneration\n\n"
             + base_line +
-            f"model = RcpLlavaForConditionalGeneration.from_base(base_id, plugins={repo_id!r})\n"
+            f"model = RcpLlavaForConditionalGeneration.from_base(base_id, plugins={repo_id!r}{where})\n"
             "processor = AutoProcessor.from_pretrained(base_id)\n"
             + _SNIPPET_RUN
         )
@@ -417,7 +440,8 @@ _SNIPPET_RUN = (
 
 
 def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_results=None,
-                     average_kept_tokens=None, training_args=None, tags=(), model_name=None, license=None):
+                     average_kept_tokens=None, training_args=None, tags=(), model_name=None, license=None,
+                     subfolder=None):
     """A `huggingface_hub.ModelCard` for an RCP checkpoint.
 
     Args:
@@ -435,6 +459,8 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         training_args: dict of training settings (e.g. `TrainingArguments.to_dict()` restricted to what matters).
         tags: extra tags, a string (one tag) or a list of strings.
         license: the card's license; default: the base model's (`base_model_license`), else none (with a warning).
+        subfolder: the folder of `repo_id` that holds these plug-ins (one set per budget, beside the others; see
+            `build_budgets_card`): the snippet loads from it and the default `model_name` is `NAME/SUBFOLDER`.
 
     model-index holds only this checkpoint's own results on datasets with a Hub id (`dataset_type` "owner/name");
     baselines (the full model, other methods) and local datasets (the testbed) are in the card's results table.
@@ -444,6 +470,8 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     config = getattr(config, "config", config)
     config.validate_pruning()  # a field edited after construction: the card would state what no model runs
     spec = config.pruning_spec
+    if subfolder is not None:
+        usage_snippet(repo_id, plugins_only=plugins_only, subfolder=check_subfolder(subfolder))  # refuses a full card's
     if plugins_only and not spec.plugins:
         raise ValueError(
             f"`plugins_only=True`, but `pruning_method={config.pruning_method!r}` has no plug-ins (its model saves no "
@@ -502,7 +530,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         if license is None:
             logger.warning("build_model_card: no license given and none found in the base model's card; pass "
                            "`license=` (e.g. the base model's, 'llama2' for llava-1.5).")
-    model_name = model_name or str(repo_id).rstrip("/").split("/")[-1]
+    model_name = model_name or "/".join([str(repo_id).rstrip("/").split("/")[-1], *([subfolder] if subfolder else [])])
     built_on = f" built on `{base_model}`" if base_model else ""
     results = [
         EvalResult(
@@ -522,6 +550,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         **({"base_model_relation": "adapter"} if plugins_only and hub_base else {}),
         rcp_llava={
             "version": RCP_LLAVA_VERSION, "plugins_only": plugins_only,
+            **({"subfolder": subfolder} if subfolder else {}),
             **({"base_model_path": str(base_model)} if local_base else {}),
             "average_kept_visual_tokens": kept, "visual_tokens_per_image": config.num_visual_tokens,
             **{name: getattr(config, name) for name in PRUNING_FIELDS},
@@ -544,6 +573,8 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     files = (
         f"`{RCP_CONFIG_NAME}` (pruning configuration, base model, library version) and `{RCP_PLUGINS_NAME}` "
         "(plug-in weights only); the base model's weights are not included."
+        + (f" They live in the folder `{subfolder}` of the repo, beside the sets of other budgets (the repo's own "
+           "README.md lists them)." if subfolder else "")
         if plugins_only else
         "`config.json` (with `auto_map`), `model.safetensors`, `configuration_rcp_llava.py` and "
         "`modeling_rcp_llava.py` (remote code: standard library, torch and transformers only), and the processor "
@@ -597,7 +628,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
 ## Usage
 
 ```python
-{usage_snippet(repo_id, plugins_only=plugins_only, base_model=base_model)}```
+{usage_snippet(repo_id, plugins_only=plugins_only, base_model=base_model, subfolder=subfolder)}```
 
 ## Pruning configuration
 
@@ -610,6 +641,76 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
 ## Training
 
 {training}
+"""
+    return ModelCard(content)
+
+
+def build_budgets_card(repo_id, sets, base_model=None, license=None, model_name=None):
+    """The root README of a repo that holds one RCP plug-in set per budget, each in a folder of its own with its own
+    card (`build_model_card(..., subfolder=...)`; `train_rcp.py --budgets ... --push_to_hub --push_plugins_only`
+    writes both): which set is where, its kept visual tokens and its own results, and how to load one.
+
+    sets: a list of `(budget, subfolder, eval_results)`, `eval_results` as `build_model_card` takes it (train_rcp.py's
+    metrics.json) or None. The card has no model-index: each set's results stand in its table row (the Hub would read
+    one model-index entry per set as results of one model).
+    """
+    if not isinstance(sets, (list, tuple)) or not sets:
+        raise ValueError(f"`sets` must be a non-empty list of (budget, subfolder, eval_results), not {sets!r}.")
+    rows, seen = [], {}
+    for item in sets:
+        if not (isinstance(item, (list, tuple)) and len(item) == 3):
+            raise ValueError(f"Each of `sets` is (budget, subfolder, eval_results), not {_short(item)}.")
+        budget, subfolder, eval_results = item
+        check_subfolder(subfolder, "sets' subfolder")
+        if subfolder in seen:  # two sets in one folder: the second upload replaced the first
+            raise ValueError(f"Budgets {seen[subfolder]!r} and {budget!r} both name the subfolder {subfolder!r}: give "
+                             "each plug-in set a folder of its own.")
+        seen[subfolder] = budget
+        entries, kept = load_eval_results(eval_results)
+        own = next((e for e in entries if not e.get("baseline")), None)
+        tokens = kept if kept is not None else (own or {}).get("tokens_per_layer")
+        cells = [str(budget), f"`{subfolder}`", _fmt(float(tokens)) if tokens is not None else "",
+                 *((own["dataset"], own["metric"], _fmt(own["value"])) if own else ("", "", ""))]
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    local_base = bool(base_model) and (os.path.exists(str(base_model)) or looks_like_local_path(str(base_model)))
+    hub_base = None if local_base else base_model
+    if license is None:
+        license = base_model_license(base_model)
+    model_name = model_name or str(repo_id).rstrip("/").split("/")[-1]
+    data = ModelCardData(
+        base_model=hub_base, library_name="rcp-llava", pipeline_tag="image-text-to-text",
+        tags=sorted(set(DEFAULT_TAGS) | {"rcp-plugins"}), license=license, model_name=model_name,
+        **({"base_model_relation": "adapter"} if hub_base else {}),
+        rcp_llava={"version": RCP_LLAVA_VERSION, "plugins_only": True,
+                   **({"base_model_path": str(base_model)} if local_base else {}),
+                   "budgets": {str(budget): subfolder for budget, subfolder, _ in sets}},
+    )
+    base_text = (f"[{base_model}](https://huggingface.co/{base_model})" if hub_base else
+                 f"the local LLaVA checkpoint `{base_model}`" if base_model else "a LLaVA base model that was not recorded")
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {model_name}
+
+RCP plug-ins (pruners + repair adapters) for {base_text}, one set per visual-token budget, made with
+[rcp-llava]({GITHUB_URL}) {RCP_LLAVA_VERSION}. Each set was trained for its own budget (the paper's protocol: the
+pruners' placement and target differ by budget) and lives in its own folder, with its own README.md (pruning
+configuration, results beside the full model and the training-free prior, training settings). The base model's
+weights are not included.
+
+| budget | folder | visual tokens / layer | dataset | metric | value |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+*visual tokens / layer*: the mean kept over all decoder layers (the paper's budget definition), as measured.
+
+## Usage
+
+Load a set with its folder as `subfolder`:
+
+```python
+{usage_snippet(repo_id, plugins_only=True, base_model=base_model, subfolder=sets[0][1])}```
 """
     return ModelCard(content)
 
@@ -693,8 +794,21 @@ TRAINING_STATE_PATTERNS = ("checkpoint-*", "checkpoint-*/**", "tmp-checkpoint-*"
 MODEL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 
 
+def _target_repo(api, repo_id, token, private, revision, card):
+    """Create `repo_id` if needed and return the id it resolves to ("name" -> "user/name"), `card` rewritten for it
+    where it differs; create the branch `revision` (not a PR ref) as transformers' `push_to_hub` does: an upload to a
+    branch that does not exist yet fails."""
+    created = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    resolved = getattr(created, "repo_id", None) or repo_id
+    if resolved != repo_id and card is not None:
+        card(resolved)
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(resolved, branch=revision, token=token, exist_ok=True, repo_type="model")
+    return resolved
+
+
 def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=None, commit_message=None,
-                    revision=None, api=None, card=None):
+                    revision=None, api=None, card=None, path_in_repo=None):
     """Upload a saved RCP folder to the Hub repo `repo_id` (created if needed) and return the commit info.
 
     `repo_id` may be a bare name, as transformers' `hub_model_id`: the upload goes to the repo `create_repo`
@@ -706,34 +820,37 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
     plug-in-only folder written by `model.save_plugins`); otherwise the whole folder (`save_pretrained` output:
     weights, config with `auto_map`, the two remote-code files, processor files, README.md). The folder is checked
     before anything is sent. Offline (`HF_HUB_OFFLINE=1`) or unreachable Hub -> `HubUnreachableError`.
-    `api` is an `HfApi` (default: a new one; tests pass a fake).
+    `api` is an `HfApi` (default: a new one; tests pass a fake). `path_in_repo`: the repo's folder to upload into
+    (default its root), e.g. one plug-in set per budget beside the others (`build_budgets_card`); only plug-in folders
+    go into one (the card of a full model loads it from the repo's root).
     """
     from huggingface_hub import HfApi, constants
 
+    if path_in_repo is not None:
+        check_subfolder(path_in_repo, "path_in_repo")
+        if not plugins_only:
+            raise ValueError(f"`path_in_repo={path_in_repo!r}` uploads into a folder of the repo, which only plug-in "
+                             "sets do (`from_base(..., subfolder=...)`): pass `plugins_only=True`, or push the full "
+                             "model to the root of a repo of its own.")
     if card is not None:
         card(repo_id)
     folder = _check_folder(folder, plugins_only)
+    again = (f"`push_rcp_folder({str(folder)!r}, {repo_id!r}{', plugins_only=True' if plugins_only else ''}"
+             f"{f', path_in_repo={path_in_repo!r}' if path_in_repo else ''})` or `hf upload {repo_id} {folder}"
+             f"{f' {path_in_repo}' if path_in_repo else ''}`")
     if constants.HF_HUB_OFFLINE:
         raise HubUnreachableError(
             f"Cannot push {folder} to the Hub repo {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1). The folder is "
-            f"complete; push it later with `push_rcp_folder({str(folder)!r}, {repo_id!r}"
-            f"{', plugins_only=True' if plugins_only else ''})` or `hf upload {repo_id} {folder}`."
+            f"complete; push it later with {again}."
         )
     api = api or HfApi(token=token)
     allow = [*PLUGIN_FILES, MODEL_CARD_NAME] if plugins_only else None
     message = commit_message or f"Upload RCP-LLaVA {'plug-ins' if plugins_only else 'model'} (rcp-llava {RCP_LLAVA_VERSION})"
     try:
-        created = api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        resolved = getattr(created, "repo_id", None) or repo_id  # "name" -> "user/name"
-        if resolved != repo_id and card is not None:
-            card(resolved)
-        repo_id = resolved
-        if revision is not None and not revision.startswith("refs/pr"):
-            # As transformers' `push_to_hub` does: an upload to a branch that does not exist yet fails.
-            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
+        repo_id = _target_repo(api, repo_id, token, private, revision, card)
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), token=token, commit_message=message, allow_patterns=allow,
-            revision=revision, repo_type="model",
+            revision=revision, repo_type="model", path_in_repo=path_in_repo,
             # staging left by a killed save or atomic write: partial files, never part of the model; and a Trainer's
             # state in a folder that is also its output_dir (optimizer, RNG, checkpoint-N: the Trainer's own push
             # leaves checkpoints out too; training_args.bin is a pickle)
@@ -747,16 +864,46 @@ def push_rcp_folder(folder, repo_id, plugins_only=False, token=None, private=Non
             raise
         raise HubUnreachableError(
             f"Cannot reach the Hub to push {folder} to {repo_id!r} ({type(err).__name__}: {err}). The folder is "
-            f"complete; push it again once online with `push_rcp_folder({str(folder)!r}, {repo_id!r}"
-            f"{', plugins_only=True' if plugins_only else ''})` or `hf upload {repo_id} {folder}`."
+            f"complete; push it again once online with {again}."
         ) from err
+
+
+def push_model_card(path, repo_id, token=None, private=None, commit_message=None, revision=None, api=None, card=None):
+    """Upload the card file `path` as the README.md of the Hub repo `repo_id` (created if needed) and return the
+    commit info: the root card of a repo of plug-in sets (`build_budgets_card`). `card(repo_id)`, if given, writes
+    `path` for a repo id, first for `repo_id`, then for the one `create_repo` resolves it to where they differ, as in
+    `push_rcp_folder`. Offline or unreachable Hub -> `HubUnreachableError`, naming the call that uploads it later."""
+    from huggingface_hub import HfApi, constants
+
+    if card is not None:
+        card(repo_id)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No card file {str(path)!r} to push: write it first (`card.save(path)`).")
+    again = f"`push_model_card({str(path)!r}, {repo_id!r})` or `hf upload {repo_id} {path} {MODEL_CARD_NAME}`"
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachableError(f"Cannot push the card {str(path)!r} to the Hub repo {repo_id!r}: offline mode is "
+                                  f"on (HF_HUB_OFFLINE=1). Push it later with {again}.")
+    api = api or HfApi(token=token)
+    try:
+        repo_id = _target_repo(api, repo_id, token, private, revision, card)
+        return api.upload_file(path_or_fileobj=str(path), path_in_repo=MODEL_CARD_NAME, repo_id=repo_id, token=token,
+                               commit_message=commit_message or f"Update the model card (rcp-llava {RCP_LLAVA_VERSION})",
+                               revision=revision, repo_type="model")
+    except Exception as err:
+        if isinstance(err, HubUnreachableError) or not _is_unreachable(err):
+            raise
+        raise HubUnreachableError(f"Cannot reach the Hub to push the card {str(path)!r} to {repo_id!r} "
+                                  f"({type(err).__name__}: {err}). Push it again once online with {again}.") from err
 
 
 __all__ = [
     "HubUnreachableError",
     "base_model_license",
+    "build_budgets_card",
     "build_model_card",
+    "check_subfolder",
     "load_eval_results",
+    "push_model_card",
     "push_rcp_folder",
     "usage_snippet",
 ]

@@ -505,3 +505,167 @@ def test_card_reading_edges(tmp_path, monkeypatch):
                                    "tokens_per_layer": 0}])[0][0]["tokens_per_layer"] == 0
     assert hub._fmt(-1510.75) == "-1510.75"
 
+
+
+# ------------------------------------------------------------------------------------------------
+# One plug-in set per budget in one repo (train_rcp.py --budgets --push_to_hub --push_plugins_only)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subfolder, error", [
+    ("/budget_1_9", ValueError), ("a/../b", ValueError), ("", ValueError), ("a//b", ValueError), ("./a", ValueError),
+    ("a\\b", ValueError), (3, TypeError), (None, TypeError)])
+def test_a_subfolder_must_be_a_folder_inside_the_repo(subfolder, error):
+    """An absolute path, '..' or an empty part names no folder of the repo (or one outside it)."""
+    with pytest.raises(error, match=r"^`path_in_repo(=|` must be a string)"):
+        hub.check_subfolder(subfolder, "path_in_repo")
+    assert hub.check_subfolder("sets/budget_1_9") == "sets/budget_1_9"
+
+
+def test_only_a_plugin_set_lives_in_a_subfolder(full_folder, online):
+    """A full model's card and push load it from the repo's root: a subfolder there would be loaded from nowhere."""
+    with pytest.raises(ValueError, match=r"^`subfolder='budget_1_9'` is where a plug-in set lives in its repo; a full "
+                                         r"model's card has none: pass `plugins_only=True`, or no `subfolder`.$"):
+        card(subfolder="budget_1_9")
+    api, written = FakeApi(), []
+    with pytest.raises(ValueError, match=r"^`path_in_repo='budget_1_9'` uploads into a folder of the repo, which only "
+                                         r"plug-in sets do"):
+        hub.push_rcp_folder(full_folder, "me/rcp", api=api, path_in_repo="budget_1_9", card=written.append)
+    assert api.calls == [] and written == []  # refused before the card or anything else
+
+
+def test_a_plugin_set_is_pushed_into_its_folder(tmp_path, online, monkeypatch):
+    """`path_in_repo` reaches the upload (the set lands in its folder, not over the root's), and the offline message
+    gives the call that pushes it there later."""
+    from huggingface_hub import constants
+
+    folder = tmp_path / "budget_1_9"
+    demo.build_demo_model().save_plugins(folder)
+    seen = {}
+
+    class Api(FakeApi):
+        def upload_folder(self, **kwargs):
+            seen.update(kwargs)
+            return "commit"
+
+    assert hub.push_rcp_folder(folder, "me/rcp", plugins_only=True, api=Api(), path_in_repo="budget_1_9") == "commit"
+    assert seen["path_in_repo"] == "budget_1_9" and seen["folder_path"] == str(folder)
+    assert seen["allow_patterns"] == ["rcp_config.json", "rcp_plugins.safetensors", "README.md"]
+    hub.push_rcp_folder(folder, "me/rcp", plugins_only=True, api=Api())
+    assert seen["path_in_repo"] is None  # the root, as before
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.HubUnreachableError) as err:
+        hub.push_rcp_folder(folder, "me/rcp", plugins_only=True, path_in_repo="budget_1_9")
+    assert str(err.value).endswith(
+        f"push it later with `push_rcp_folder({str(folder)!r}, 'me/rcp', plugins_only=True, path_in_repo="
+        f"'budget_1_9')` or `hf upload me/rcp {folder} budget_1_9`.")
+
+
+def budget_sets():
+    """train_rcp.py metrics of two budgets' sets."""
+    def metrics(budget, kept, accuracy):
+        return {"base_model": "llava-hf/llava-1.5-7b-hf", "max_steps": 3, "pruning_layers": [1], "repair_layers": [2],
+                "num_visual_tokens": 16, "visual_token_budget": budget, "dataset": "lmms-lab/VQAv2",
+                "rcp": {"accuracy": accuracy, "avg_visual_tokens_per_layer": kept},
+                "full": {"accuracy": 0.9}}
+    return [("1/2", "budget_1_2", metrics(8.0, 7.93, 0.875)), ("1/4", "budget_1_4", metrics(4.0, 4.25, 0.8125))]
+
+
+def set_rows(text):
+    return [row for row in rows(text) if not row.startswith("| budget ")]
+
+
+def test_the_budgets_card_lists_each_set_with_its_folder():
+    """The root card of a repo of plug-in sets: one row per set (its own kept tokens and result, not the full
+    model's), a Hub base as an adapter's, no model-index (the Hub would read the sets' results as one model's)."""
+    built = hub.build_budgets_card("me/rcp", budget_sets(), base_model="llava-hf/llava-1.5-7b-hf", license="llama2")
+    assert set_rows(built.text) == ["| 1/2 | `budget_1_2` | 7.93 | lmms-lab/VQAv2 | accuracy | 0.875 |",
+                                "| 1/4 | `budget_1_4` | 4.25 | lmms-lab/VQAv2 | accuracy | 0.8125 |"]
+    meta = built.data.to_dict()
+    assert meta["base_model"] == "llava-hf/llava-1.5-7b-hf" and meta["base_model_relation"] == "adapter"
+    assert meta["library_name"] == "rcp-llava" and "rcp-plugins" in meta["tags"] and meta["license"] == "llama2"
+    assert meta["rcp_llava"]["budgets"] == {"1/2": "budget_1_2", "1/4": "budget_1_4"} and "model-index" not in meta
+    assert ("from_base(base_id, plugins='me/rcp', subfolder='budget_1_2')" in built.text
+            and "base_id = 'llava-hf/llava-1.5-7b-hf'" in built.text)
+    local = hub.build_budgets_card("me/rcp", budget_sets()[:1], base_model="outputs/rcp/model", license="llama2")
+    meta = local.data.to_dict()  # a local base: no Hub link or metadata, the folder named
+    assert "base_model" not in meta and meta["rcp_llava"]["base_model_path"] == "outputs/rcp/model"
+    assert set_rows(hub.build_budgets_card("me/rcp", [("1/9", "budget_1_9", None)], license="llama2").text) == [
+        "| 1/9 | `budget_1_9` |  |  |  |  |"]  # a set whose job evaluated nothing
+
+
+def test_the_budgets_card_refuses_sets_that_would_overwrite_each_other():
+    sets = budget_sets()
+    with pytest.raises(ValueError, match=r"^Budgets '1/2' and '1/4' both name the subfolder 'budget_1_2': give each "
+                                         r"plug-in set a folder of its own.$"):
+        hub.build_budgets_card("me/rcp", [sets[0], ("1/4", "budget_1_2", sets[1][2])])
+    for bad in ([], None, [("1/2", "budget_1_2")]):
+        with pytest.raises(ValueError, match=r"^(`sets` must be a non-empty list of|Each of `sets` is) \(budget, subfolder, "
+                                             r"eval_results\)"):
+            hub.build_budgets_card("me/rcp", bad)
+    with pytest.raises(ValueError, match=r"^`sets' subfolder='\.\./x'` is not a folder inside the repo"):
+        hub.build_budgets_card("me/rcp", [("1/2", "../x", None)])
+
+
+def test_the_budgets_cards_snippet_loads_the_set_of_its_folder(tmp_path, monkeypatch):
+    """The root card's snippet, run verbatim on a local repo of two sets, loads the first set's plug-ins (the other
+    folder holds other values) on the base and generates."""
+    import torch
+
+    base, model, _ = demo.save_demo_folder(tmp_path / "base")
+    repo = tmp_path / "repo"
+    model.save_plugins(repo / "budget_1_2")
+    with torch.no_grad():
+        for param in model.plugin_parameters():
+            param.add_(1.0)
+    model.save_plugins(repo / "budget_1_4")
+    built = hub.build_budgets_card(str(repo), [("1/2", "budget_1_2", None), ("1/4", "budget_1_4", None)],
+                                   base_model=str(base), license="apache-2.0")
+    snippet = built.text.split("```python\n")[1].split("```")[0]
+    demo.demo_image().save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(snippet, namespace)
+    first = dict(demo.build_demo_model().named_parameters())  # the seed-0 model saved first (unchanged values)
+    loaded = dict(namespace["model"].named_parameters())
+    names = [name for name, _ in namespace["model"].named_parameters() if "rcp_plugins" in name]
+    assert names and all(torch.equal(loaded[name], first[name]) for name in names)
+
+
+def test_a_root_card_is_pushed_to_the_resolved_repo(tmp_path, online, monkeypatch):
+    """`push_model_card` writes the card for the repo a bare name resolves to before uploading it as README.md, and
+    says how to push it later when offline or when the file is missing."""
+    from types import SimpleNamespace as NS
+
+    from huggingface_hub import constants
+
+    calls, written = [], []
+    path = tmp_path / "README.md"
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id))
+            return NS(repo_id="me/rcp")
+
+        def create_branch(self, repo_id, branch, **kwargs):
+            calls.append(("create_branch", repo_id, branch))
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, revision=None, **kwargs):
+            calls.append(("upload_file", open(path_or_fileobj).read(), path_in_repo, repo_id, revision))
+            return "commit"
+
+    def card(repo_id):
+        written.append(repo_id)
+        path.write_text(f"card of {repo_id}")
+
+    assert hub.push_model_card(path, "rcp", api=Api(), card=card, revision="v2") == "commit"
+    assert written == ["rcp", "me/rcp"]
+    assert calls == [("create_repo", "rcp"), ("create_branch", "me/rcp", "v2"),
+                     ("upload_file", "card of me/rcp", "README.md", "me/rcp", "v2")]
+    with pytest.raises(FileNotFoundError, match=r"^No card file '.*nothing.md' to push: write it first"):
+        hub.push_model_card(tmp_path / "nothing.md", "me/rcp", api=Api())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.HubUnreachableError) as err:
+        hub.push_model_card(path, "me/rcp")
+    assert str(err.value).endswith(f"Push it later with `push_model_card({str(path)!r}, 'me/rcp')` or "
+                                   f"`hf upload me/rcp {path} README.md`.")

@@ -1057,7 +1057,9 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
 def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkeypatch):
     """The job's push ignored --hub_revision (it went to main), and a bare --hub_model_id (transformers' Trainer
     takes one) was uploaded to as given while create_repo made user/NAME, the card's snippet naming the bare name.
-    --budgets with --push_to_hub pushed every budget to the same repo root, each replacing the one before."""
+    --budgets with --push_to_hub pushed every budget to the same repo root, each replacing the one before (then it
+    was refused): each set now goes into a folder of its own, its card loading from it, under a root card that
+    lists them; a full model per budget stays refused."""
     from types import SimpleNamespace
 
     import huggingface_hub
@@ -1078,8 +1080,13 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
         def create_branch(self, repo_id, branch, **kwargs):
             calls.append(("create_branch", repo_id, branch))
 
-        def upload_folder(self, repo_id, folder_path, revision=None, **kwargs):
-            calls.append(("upload_folder", repo_id, revision, ModelCard.load(os.path.join(folder_path, "README.md"))))
+        def upload_folder(self, repo_id, folder_path, revision=None, path_in_repo=None, **kwargs):
+            calls.append(("upload_folder", repo_id, revision, ModelCard.load(os.path.join(folder_path, "README.md")),
+                          path_in_repo, sorted(os.listdir(folder_path)), kwargs["allow_patterns"]))
+            return "commit"
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, revision=None, **kwargs):
+            calls.append(("upload_file", repo_id, revision, ModelCard.load(path_or_fileobj), path_in_repo))
             return "commit"
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -1096,11 +1103,40 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
                                       ("upload_folder", "me/rcp-micro", "v2")]
     card = calls[-1][3]
     assert "me/rcp-micro" in card.text and "'rcp-micro'" not in card.text
-    with pytest.raises(ValueError, match=r"^--budgets with --push_to_hub would push every budget to the root of "
-                                         r"--hub_model_id 'rcp-micro', each replacing the one before"):
-        train_rcp.main([str(tmp_path / "sweep") if a == str(tmp_path / "run") else a for a in argv]
-                       + ["--budgets", "1/2,1/4"])
-    assert not (tmp_path / "sweep").exists()
+    assert calls[-1][4] is None  # a single job's set: the repo's root
+    sweep = [str(tmp_path / "sweep") if a == str(tmp_path / "run") else a for a in argv
+             if a not in ("--budget_fraction", "0.25")] + ["--budgets", "1/2,1/4"]
+    with pytest.raises(ValueError, match=r"^--budgets with --push_to_hub pushes each budget's plug-in set into a "
+                                         r"folder of --hub_model_id 'rcp-micro' \(budget_1_9/, ...\): add "
+                                         r"--push_plugins_only"):
+        train_rcp.main([a for a in sweep if a != "--push_plugins_only"])
+    assert not (tmp_path / "sweep").exists()  # refused before anything ran
+    calls.clear()
+    train_rcp.main(sweep)
+    # Both sets trained before any push (the sets go up once the sweep is done), each into its own folder.
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    assert [(c[1], c[2], c[4]) for c in uploads] == [("me/rcp-micro", "v2", "budget_1_2"),
+                                                     ("me/rcp-micro", "v2", "budget_1_4")]
+    for upload, folder in zip(uploads, ("budget_1_2", "budget_1_4")):
+        assert upload[6] == ["rcp_config.json", "rcp_plugins.safetensors", "README.md"]  # the plug-ins only
+        meta, text = upload[3].data.to_dict(), upload[3].text
+        assert meta["model_name"] == f"rcp-micro/{folder}" and meta["rcp_llava"]["subfolder"] == folder
+        # the set's card loads the set from its folder of the resolved repo
+        assert f"from_base(base_id, plugins='me/rcp-micro', subfolder='{folder}')" in text
+        budget = json.loads((tmp_path / "sweep" / folder / "metrics.json").read_text())["visual_token_budget"]
+        assert meta["rcp_llava"]["visual_token_budget"] == budget
+    root_card = calls[-1]
+    assert root_card[:3] == ("upload_file", "me/rcp-micro", "v2") and root_card[4] == "README.md"
+    text = root_card[3].text
+    assert root_card[3].data.to_dict()["rcp_llava"]["budgets"] == {"1/2": "budget_1_2", "1/4": "budget_1_4"}
+    summary = json.loads((tmp_path / "sweep" / "budgets.json").read_text())
+    for label, folder in (("1/2", "budget_1_2"), ("1/4", "budget_1_4")):
+        rcp = summary[label]["rcp"]
+        row = (f"| {label} | `{folder}` | {rcp['avg_visual_tokens_per_layer']:.4g} | {summary[label]['dataset']} | "
+               f"accuracy | {rcp['accuracy']:.4g} |")
+        assert row in text, row
+    assert "plugins='me/rcp-micro', subfolder='budget_1_2')" in text
+    assert (tmp_path / "sweep" / "README.md").read_text(encoding="utf-8") == str(root_card[3])  # written locally too
 
 
 def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split(tmp_path, monkeypatch):
