@@ -903,8 +903,8 @@ def test_a_budget_above_the_visual_tokens_is_refused(micro, tmp_path):
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     """DDP over gloo with two CPU processes.
 
-    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 (its CPU launcher needs an
-    mpirun hostfile for more), so the torchrun-based launcher is used with the Trainer on the CPU and gloo.
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 and 1.16 (its CPU launcher
+    needs an mpirun hostfile for more), so the torchrun-based launcher is used with the Trainer on the CPU and gloo.
     """
     import subprocess
     import sys
