@@ -1163,12 +1163,23 @@ class PrunedPrefill:
         per_row = image_mask.sum(1)
         self.has_image = per_row == n  # (B,)
         positions = torch.arange(seq, device=device).unsqueeze(0)
-        self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions)
-        self._prompt_inputs = (image_mask, key_valid, labels)  # for `prompt_end_slots`, on demand (FastV)
+        last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
+        # Without labels, an `answer_mask` ends the prompt at its first position (the token predicting the first
+        # answer token): the tokens after it are answers, e.g. a draft verified together with its prompt (assisted
+        # decoding), which must select as the prompt alone would.
+        prompt_end = last_valid
+        if labels is None and answer_mask is not None:
+            first_answer = torch.where(answer_mask.bool() & key_valid, positions, seq).amin(1, keepdim=True)  # (B, 1)
+            prompt_end = torch.where(first_answer < seq, first_answer, last_valid)
+        self.question_mask = self._default_question_mask(question_mask, image_mask, key_valid, labels, positions,
+                                                         prompt_end)
+        # (B,) tokens after each row's prompt (a draft): answer positions, which no selection read and no pruner drops
+        # (text after the prompt's text), so the last columns of every pruned segment too (`RcpDecodeState.crop`)
+        self.draft_length = seq - 1 - prompt_end.squeeze(1)
+        self._prompt_inputs = (image_mask, key_valid, labels, prompt_end)  # for `prompt_end_slots` (FastV)
         question = self.question_mask & key_valid  # (B, T)
         # The last prompt token's logits are what generation reads: a pruner must not be able to drop it.
-        last_valid = torch.where(key_valid, positions, -1).max(1, keepdim=True).values  # (B, 1) -1: no token
-        ends_on_image = self.has_image & image_mask.gather(1, last_valid.clamp_min(0)).squeeze(1)  # (B,)
+        ends_on_image = self.has_image & image_mask.gather(1, prompt_end.clamp_min(0)).squeeze(1)  # (B,)
         # (B, N) in raster order: the visual tokens the attention mask shows. One it hides (`attention_mask` 0 on an
         # image token, a token-ablation experiment) is an invisible key for stock; here it is dead from the start,
         # like padding: no candidate, no slot, not counted among the alive (it was, and the compaction overran).
@@ -1255,12 +1266,14 @@ class PrunedPrefill:
         self.repair_contexts = {}  # repair layer -> (B, b)
         selector.start(self)
 
-    def _default_question_mask(self, question_mask, image_mask, key_valid, labels, positions):
-        """The question tokens the pruners condition on: default, the text after the image (label -100)."""
+    def _default_question_mask(self, question_mask, image_mask, key_valid, labels, positions, prompt_end):
+        """The question tokens the pruners condition on: default, the text after the image (label -100) up to the
+        prompt's end (`prompt_end`, (B, 1): its last token, or an `answer_mask`'s first position)."""
         if question_mask is not None:
             return question_mask.bool()
         last_image = torch.where(image_mask, positions, -1).max(1).values  # (B,)
-        question_mask = (positions > last_image.unsqueeze(1)) & key_valid & self.has_image.unsqueeze(1)
+        question_mask = ((positions > last_image.unsqueeze(1)) & (positions <= prompt_end) & key_valid
+                         & self.has_image.unsqueeze(1))
         if labels is not None:
             question_mask &= labels == -100
         # A prompt that ends on its image: condition on its last text token before the image (e.g. "USER:"). Its
@@ -1308,12 +1321,13 @@ class PrunedPrefill:
     def prompt_end_slots(self):
         """(B, 1) current slot of each row's last prompt token: its last token from the image on that is not a
         labelled answer -- with prompt + labelled continuation (a log-likelihood) the token before the answer, the
-        last image token when the answer follows the image directly (a caption) -- else its last valid token (no
-        labels, labels on every token, or no image). Independent of `question_mask`. Read at the one point of a
+        last image token when the answer follows the image directly (a caption) -- else, without labels, the first
+        position of a given `answer_mask` (a draft verified with its prompt), else its last valid token (no labels,
+        labels on every token, or no image). Independent of `question_mask`. Read at the one point of a
         method that prunes once (FastV), where no token has been dropped yet, so the token has a slot."""
-        image_mask, key_valid, labels = self._prompt_inputs
+        image_mask, key_valid, labels, prompt_end = self._prompt_inputs
         positions = torch.arange(key_valid.shape[1], device=key_valid.device).unsqueeze(0)  # (1, T)
-        end = torch.where(key_valid, positions, -1).amax(1)  # (B,) last valid token
+        end = prompt_end.squeeze(1)  # (B,) last valid token, or an `answer_mask`'s first position
         if labels is not None:
             last_image = torch.where(image_mask, positions, -1).amax(1, keepdim=True)  # (B, 1)
             # An unlabelled image token counts: with a caption labelled right after the image, the last valid token
@@ -1539,7 +1553,7 @@ class PrunedPrefill:
 
     def decode_state(self, input_length):
         return RcpDecodeState(self.prefill_length, dict(self.segment_masks), dict(self.repair_contexts),
-                              self.has_image, input_length, dict(self.padded_segments))
+                              self.has_image, input_length, dict(self.padded_segments), self.draft_length)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1598,21 +1612,47 @@ class RcpDecodeState:
     input_length: T, the prompt length in input tokens (positions continue from it); default prefill_length.
     padded_segments: {first layer of a segment: whether its prefill mask has padding}, as far as the host knows it
         (a segment it does not name: unknown), so that a decode step need not read the masks from the device.
+    draft_length: (B,) the prefill's tokens after each row's prompt (a draft assisted decoding verified with it: no
+        selection read them); default none.
     """
 
     def __init__(self, prefill_length, segment_masks, repair_contexts, has_image, input_length=None,
-                 padded_segments=None):
+                 padded_segments=None, draft_length=None):
         self.prefill_length = prefill_length
         self.input_length = prefill_length if input_length is None else input_length
         self.segment_masks = segment_masks
         self.padded_segments = dict(padded_segments or {})
         self.repair_contexts = repair_contexts
         self.has_image = has_image
+        self.draft_length = torch.zeros_like(has_image, dtype=torch.long) if draft_length is None else draft_length
 
     def _map(self, fn):
         self.segment_masks = {k: fn(v) for k, v in self.segment_masks.items()}
         self.repair_contexts = {k: fn(v) for k, v in self.repair_contexts.items()}
         self.has_image = fn(self.has_image)
+        self.draft_length = fn(self.draft_length)
+
+    def crop(self, tokens, decoded):
+        """Follow the cache's `crop` of its last `tokens` tokens, `decoded` of which came after the prefill: the rest
+        leave the prefill's draft (`draft_length`: assisted decoding verifies it in the prompt's forward), text after
+        the prompt's text, so the last columns of every pruned segment. Refused past it, into the prompt whose
+        tokens chose the kept sets (a ValueError, before the cache changes)."""
+        cut = tokens - max(decoded, 0)
+        if cut <= 0:
+            return
+        draft = int(self.draft_length.min()) if self.draft_length.numel() else 0
+        if cut > draft:
+            raise ValueError(
+                f"`crop` would remove {tokens} tokens from a cache filled by a pruned prefill: {max(decoded, 0)} "
+                f"decoded after it and {cut - draft} of its prompt, whose tokens chose the visual tokens it keeps "
+                "(the kept sets would not be the shorter prompt's). Crop only tokens after the prompt, or run the "
+                "shorter prompt again."
+            )
+        self.prefill_length -= cut
+        self.input_length -= cut
+        self.draft_length = self.draft_length - cut
+        self.segment_masks = {k: v[:, :-cut] for k, v in self.segment_masks.items()}
+        self._keep_unpadded()  # the columns cut were real tokens: a padded mask may have lost none of its padding
 
     def _keep_unpadded(self):
         """After picking rows: rows of an unpadded mask are unpadded, but the picked rows of a padded one may not be."""
@@ -1648,6 +1688,14 @@ class RcpCacheMixin:
     def get_query_offset(self, layer_idx=0):
         """Masks are built on what each layer holds."""
         return super().get_seq_length(layer_idx)
+
+    def crop(self, tokens_to_remove):
+        """Stock (the last `-tokens_to_remove` tokens of every layer, its physical tail), with the pruned prefill's
+        state following it (`RcpDecodeState.crop`): assisted decoding crops the rejected draft, verified in the
+        prefill's forward at first."""
+        if self.rcp_state is not None and isinstance(tokens_to_remove, int) and tokens_to_remove < 0:
+            self.rcp_state.crop(-tokens_to_remove, _physical_length(self) - self.rcp_state.prefill_length)
+        return super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
@@ -2002,7 +2050,8 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
             after the last image token (and, with `labels`, only those whose label is -100).
         answer_mask: (B, T) bool, the positions the repair adapters modify. Default: positions whose next
             token is an answer token (`labels[t+1] != -100`), else the last prompt position; every position
-            of a decode step.
+            of a decode step. Without labels, its first position ends the prompt: the tokens after it (a draft
+            verified with the prompt) are no question tokens, and FastV reads that position's attention.
         visual_keep_masks: (B, num_pruning_layers, N) bool, a cumulative keep mask per pruning layer that
             replaces the method's own choice (oracle pruning, recomputation with the same kept sets).
         gumbel_temperature: tau of the training masks (Eq. 6) for this call; default `config.gumbel_temperature`
@@ -3403,21 +3452,36 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
                 model_kwargs[name] = torch.cat([mask, grown], dim=-1)
         return model_kwargs
 
-    def _assisted_decoding(self, *args, inputs_tensor=None, **kwargs):
-        """Assisted and prompt-lookup decoding verify the draft in the same forward as the prompt: a pruned prefill
-        would select visual tokens with the draft appended (RCP's prior and FastV's attention read the text) and then
-        crop rejected draft tokens out of the pruned prompt's segments. Refused where an image would be pruned."""
+    def _assisted_decoding(self, input_ids, *args, inputs_tensor=None, **kwargs):
+        """Assisted and prompt-lookup decoding verify the draft in the same forward as the prompt. That forward
+        selects as the prompt alone does: its `answer_mask` (the prompt's last token, grown over the draft by
+        `prepare_inputs_for_generation`) ends the prompt there, so the pruners read no drafted token as question text
+        and FastV reads the prompt's last token; the rejected draft is then cropped off the prefill's text tail
+        (`RcpCacheMixin.crop`). Greedy assisted decoding gives greedy decoding's tokens, as on a stock model."""
         image = (kwargs.get("pixel_values") is not None
                  or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None)  # as `_embed` reads them
-        if self._pruning_active() and image:
-            raise ValueError(
-                "Assisted decoding (`assistant_model`, `prompt_lookup_num_tokens`, ...) is not supported with "
-                f"`pruning_method={self.config.pruning_method!r}`: its first forward verifies the draft together "
-                "with the prompt, so the pruned prefill would choose visual tokens with the draft appended. Generate "
-                "without an assistant, or use `pruning_method='none'`."
-            )
+        if self._pruning_active() and image and kwargs.get("answer_mask") is None and input_ids.shape[1] > 0:
+            answer = torch.zeros(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
+            answer[:, -1] = True  # the prompt's last token predicts the first answer token (batch 1: no padding)
+            kwargs["answer_mask"] = answer
         # named, so that `generate` passes it (it looks for the name in the signature), as to stock
-        return super()._assisted_decoding(*args, inputs_tensor=inputs_tensor, **kwargs)
+        return super()._assisted_decoding(input_ids, *args, inputs_tensor=inputs_tensor, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        """Stock, with the per-token masks (`question_mask`, `answer_mask`) grown to the sequence the step runs:
+        assisted decoding's first forward runs the prompt with the draft appended, and a drafted token is no
+        question token but an answer position, as `_update_model_kwargs_for_generation` grows them per token."""
+        length = input_ids.shape[1] if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
+        for name, value in (("question_mask", False), ("answer_mask", True)):
+            mask = kwargs.get(name)
+            if length is not None and torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] < length:
+                grown = torch.full((mask.shape[0], length - mask.shape[1]), value, dtype=mask.dtype, device=mask.device)
+                kwargs[name] = torch.cat([mask, grown], dim=-1)
+        # the stock signature, which `generate` inspects (`inputs_embeds` among its parameters: an embeddings prompt)
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
 
     def _supports_mm_encoder_outputs(self):
         """`generate` pre-encodes images (and chunked prefill needs it) for `none`, as for stock LLaVA; with pruning

@@ -656,22 +656,106 @@ def _repeating_prompt():
     return batch
 
 
+def _crops_into_the_prefill(monkeypatch):
+    """Record each cut a cache's `crop` makes into its pruned prefill (the draft verified with the prompt)."""
+    from modeling_rcp_llava import RcpDecodeState
+
+    cuts, crop = [], RcpDecodeState.crop
+
+    def spy(self, tokens, decoded):
+        cuts.append(tokens - max(decoded, 0))
+        return crop(self, tokens, decoded)
+
+    monkeypatch.setattr(RcpDecodeState, "crop", spy)
+    return cuts
+
+
 @pytest.mark.parametrize("name", list(METHODS))
-def test_assisted_decoding_is_refused_where_an_image_would_be_pruned(name):
-    """Its first forward verifies the draft with the prompt: the prefill would prune with the draft appended and then
-    crop into the pruned prompt (on 2f970f9: "Trying to create tensor with negative dimension" for RCP). A text-only
-    prompt is not pruned, and prompt lookup gives greedy decoding's tokens, as in stock."""
+def test_assisted_decoding_gives_greedy_decodings_tokens_where_an_image_is_pruned(name, monkeypatch):
+    """Assisted and prompt-lookup decoding verify the draft in the prompt's own forward. It was refused with pruning
+    (before that, on 2f970f9: "Trying to create tensor with negative dimension" for RCP): the prefill would choose
+    visual tokens with the draft read as question text (FastV: its last token as the prompt's), then crop the
+    rejected draft out of the pruned prompt's segments. Now the prompt ends at its `answer_mask`, and the crop
+    follows the prefill's state: the tokens, kept sets and logits of greedy decoding, with an assistant whose
+    4-token drafts are all rejected (each crop cutting into the prefill at first) and with prompt lookup."""
     model = make_model(randomize_plugins=True, **METHODS[name])
     model.generation_config.pad_token_id = 0
-    batch = _repeating_prompt()
-    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    method = METHODS[name].get("pruning_method", "rcp")
-    with torch.no_grad(), pytest.raises(ValueError, match=rf"^Assisted decoding .* `pruning_method='{method}'`"):
-        model.generate(**batch, **greedy, prompt_lookup_num_tokens=3)
+    assistant = make_model(seed=10, pruning_method="none", pruning_layers=None, repair_layers=None,
+                           pruning_keep_counts=None)
+    assistant.generation_config.update(pad_token_id=0, num_assistant_tokens=4, num_assistant_tokens_schedule="constant",
+                                       assistant_confidence_threshold=0.0)  # always 4 tokens
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    cuts = _crops_into_the_prefill(monkeypatch)
+    for batch, assisted in ((make_batch(SINGLE), dict(assistant_model=assistant)),
+                            (_repeating_prompt(), dict(prompt_lookup_num_tokens=3))):
+        with torch.no_grad():
+            ref = model.generate(**batch, **greedy)
+            ref_info = model.last_pruning_info
+            cuts.clear()
+            out = model.generate(**batch, **greedy, **assisted)
+        assert torch.equal(out.sequences, ref.sequences), assisted
+        for ours, theirs in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        assert torch.equal(model.last_pruning_info.keep_masks, ref_info.keep_masks)
+        if "assistant_model" in assisted:
+            assert cuts[0] == 4  # the whole first draft, cut from the prefill's end
     text = {"input_ids": batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, 5),
             "attention_mask": batch["attention_mask"]}
-    with torch.no_grad():
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    with torch.no_grad():  # a text-only prompt is not pruned: as on a stock model
         assert torch.equal(model.generate(**text, **greedy, prompt_lookup_num_tokens=3), model.generate(**text, **greedy))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_draft_verified_with_its_prompt_selects_and_decodes_as_the_prompt_alone(name):
+    """The forward under assisted decoding, called directly on a left-padded batch: prompt + a 3-token draft with
+    `answer_mask` from the prompt's last token keeps the prompt's kept sets and logits; cropped back to the prompt,
+    its cache decodes as the prompt's own (the segments' stored key masks cut too: with padding they are read)."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    batch = make_batch(PADDED)
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    bsz, length = ids.shape
+    draft = torch.randint(3, 90, (bsz, 3), generator=torch.Generator().manual_seed(1))
+    step = torch.tensor([[7]] * bsz)
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        answer = torch.zeros(bsz, length + 3, dtype=torch.bool)
+        answer[:, length - 1:] = True
+        full_mask = torch.cat([mask, torch.ones_like(draft)], dim=1)
+        verified = model(input_ids=torch.cat([ids, draft], dim=1), attention_mask=full_mask, pixel_values=pixels,
+                         answer_mask=answer, use_cache=True)
+        assert alone.has_image.all() and torch.equal(verified.keep_masks, alone.keep_masks)
+        # logits come for the kept slots (physical discard): the prompt's last token is 4th from the end
+        torch.testing.assert_close(verified.logits[:, -4], alone.logits[:, -1], rtol=0, atol=1e-5)
+        cache = verified.past_key_values
+        cache.crop(-3)
+        assert cache.get_seq_length() == alone.past_key_values.get_seq_length() == length
+        step_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        ours = model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits
+        theirs = model(input_ids=step, attention_mask=step_mask, past_key_values=alone.past_key_values).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_crop_into_a_pruned_prompt_is_refused():
+    """The prompt's tokens chose the kept sets: cropping into them would leave another prompt's selection (stock
+    crops any token). Decoded tokens crop as in stock; the refusal changes nothing."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(SINGLE)
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+        step = torch.tensor([[7, 8]])
+        model(input_ids=step, attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 2, dtype=torch.long),
+              past_key_values=cache)
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    with pytest.raises(ValueError, match=r"^`crop` would remove 3 tokens from a cache filled by a pruned prefill: 2 "
+                                         r"decoded after it and 1 of its prompt, whose tokens chose the visual tokens"):
+        cache.crop(-3)
+    assert [layer.get_seq_length() for layer in cache.layers] == lengths
+    seen = cache.get_seq_length()
+    cache.crop(-2)
+    assert [layer.get_seq_length() for layer in cache.layers] == [n - 2 for n in lengths]
+    assert cache.get_seq_length() == seen - 2
 
 
 def test_none_decodes_with_prompt_lookup_as_stock():
