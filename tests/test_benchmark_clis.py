@@ -308,6 +308,29 @@ def test_ablations_write_any_datas_results_with_the_models_n(stubbed_ablations, 
     assert result["data"] == spec and f"3 samples ({result['split']}) of `{spec}`" in (out / "t.md").read_text()
 
 
+def test_ablations_untrained_variants_reuse_the_full_model_trained_in_this_run(stubbed_ablations, tmp_path,
+                                                                               monkeypatch):
+    """`full` trains first, whatever the order named, and adapters_off / attention_topk reuse that model even with
+    --no_reuse: training it again for them would score them on another `full` than the table's `full` row."""
+    model_dir = tmp_path / "work" / "full" / "model"
+    grad_norm = {"median": 1.0, "p99": 2.0, "max": 3.0}
+    (model_dir.parent / "metrics.json").write_text(json.dumps({"grad_norm": grad_norm, "target_retention": 0.1}))
+    calls = []
+    monkeypatch.setattr(stubbed_ablations, "train_variant", lambda name, args, folder, steps, reuse=True: calls.append(
+        (name, reuse)) or (str(model_dir), 1.0, ["stub"]))
+    evaluated, evaluate = [], stubbed_ablations.evaluate_variant
+    monkeypatch.setattr(stubbed_ablations, "evaluate_variant", lambda *a, **k: evaluated.append(k) or evaluate(*a, **k))
+    result = stubbed_ablations.main(["--variants", "adapters_off", "full", "attention_topk", "--dataset",
+                                     _dataset(tmp_path / "data", ["a", "b"]), "--output_dir", str(tmp_path / "out"),
+                                     "--name", "t", "--work_dir", str(tmp_path / "work"), "--no_reuse"])
+    assert calls == [("full", False), ("full", True), ("full", True)]
+    # adapters_off is scored with the adapters disabled, attention_topk as its own method, in the trained order
+    assert evaluated == [{"repair": True}, {"repair": False}, {"method": "attention_topk"}]
+    assert [r["variant"] for r in result["variants"]] == ["adapters_off", "full", "attention_topk"]
+    assert result["split"] == "split 'test'"  # what load_data read, as the table says it
+    # `full`'s training record is its own: the untrained rows show no gradient norms of a run they did not have
+    assert [r["grad_norm"] for r in result["variants"]] == [None, grad_norm, None]
+
 def _another_run_writes_first(module, monkeypatch, stem):
     """Wrap `module.write_results` so that another run with the same name writes `stem` just before this one does."""
     real = module.write_results
@@ -385,6 +408,35 @@ def test_ablations_check_accepts_every_documented_variant(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_ablation_variants_pass_the_flags_their_table_documents():
+    """What each variant changes (the module docstring's table): a wrong flag value, or `adapters=` passed as
+    `--repair_layers ''` (which train_rcp reads as its default adapters), trains another model under the name."""
+    ablations = load_benchmark("ablations")
+    assert ablations.variant_spec("full") == ([], {}, True)
+    assert ablations.variant_spec("no_repair_loss") == (["--lambda_repair", "0"], {}, True)
+    assert ablations.variant_spec("mean_only_repair") == (["--repair_loss_mean_only", "true"], {}, True)
+    assert ablations.variant_spec("no_adapters") == ([], {"repair_layers": []}, True)
+    assert ablations.variant_spec("adapters=") == ([], {"repair_layers": []}, True)
+    assert ablations.variant_spec("adapters=3") == (["--repair_layers", "3"], {}, True)
+    assert ablations.variant_spec("pruners=1,2") == (["--pruning_layers", "1,2"], {}, True)
+    assert ablations.variant_spec("lambda_repair=40") == (["--lambda_repair", "40"], {}, True)
+    assert ablations.variant_spec("clip=0") == (["--max_grad_norm", "0"], {}, True)
+    assert ablations.variant_spec("adapters_off") == ablations.variant_spec("attention_topk") == ([], {}, False)
+
+
+def test_ablation_variant_argv_appends_the_variants_flags_and_skips_train_rcps_own_test():
+    """The main job's flags, then the variant's (the last value wins in train_rcp), then where it goes; train_rcp's
+    own test evaluation is off (`--test_split none`): the runner scores every variant itself, at one budget."""
+    ablations = load_benchmark("ablations")
+    assert ablations.variant_argv("no_repair_loss", ["--lambda_repair", "3"], "out", max_steps=5) == [
+        "--lambda_repair", "3", "--lambda_repair", "0", "--output_dir", "out", "--test_split", "none",
+        "--report_to", "none", "--max_steps", "5"]
+    # flag_value reads a repeated flag as train_rcp's parser does: the last one, in either spelling
+    for argv in (["--testbed_preset", "tiny", "--testbed_preset", "micro"],
+                 ["--testbed_preset=tiny", "--testbed_preset", "micro"]):
+        assert ablations.flag_value(argv, "--testbed_preset") == "micro"
+
+
 # -- figures.py --------------------------------------------------------------------------------------------------
 
 
@@ -430,6 +482,17 @@ def test_figures_draws_num_images_spread_over_the_families(tmp_path, monkeypatch
         assert seen["masks"] == [f"question {i}?" for i in masks]
     assert not (tmp_path / "out").exists()  # nothing written yet, no folder
 
+
+def test_figures_refuse_an_existing_masks_figure_before_the_model(tmp_path, monkeypatch):
+    """Every file a --model run writes is checked at start-up: the masks figure too (else found after the model)."""
+    import rcp_llava.evaluation as evaluation
+
+    figures = load_benchmark("figures")
+    monkeypatch.setenv("RCP_LLAVA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluation, "load_base_model", _never)
+    (tmp_path / "masks_n.png").write_bytes(b"m")
+    with pytest.raises(FileExistsError, match=r"masks_n\.png already exist: choose another --name / --output_dir"):
+        figures.main(["--model", "m", "--name", "n", "--output_dir", str(tmp_path)])
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_figures_keep_figures_another_run_wrote_meanwhile(tmp_path, monkeypatch, caplog, overwrite):
@@ -558,3 +621,30 @@ def test_headroom_split_checks_layers_and_counts_before_the_model_loads(tmp_path
         headroom.main(["--model", str(tmp_path / "model"), "--data", data, "--layers", layers, "--counts", counts,
                        "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_headroom_split_tests_every_row_against_the_prior_everywhere(tmp_path, monkeypatch):
+    """Each row: the layers given the oracle (not the point indices), its accuracy, and McNemar of it against
+    S = none (attention_topk at every point), a = samples only this row gets right."""
+    import rcp_llava.evaluation as evaluation
+
+    headroom = load_benchmark("headroom_split")
+    monkeypatch.setattr(evaluation, "load_base_model", lambda model: (None, None))
+    monkeypatch.setattr(headroom, "check_schedule", lambda *args: None)
+    outcomes = {(): [1, 0, 0, 0], (0,): [1, 1, 1, 0], (1,): [0, 0, 0, 0], (0, 1): [1, 1, 1, 1]}
+    monkeypatch.setattr(headroom, "split_headroom", lambda *args: {s: outcomes[s] for s in args[5]})
+    rows = headroom.main(["--model", "m", "--data", _dataset(tmp_path / "data", ["a", "b", "c", "d"]),
+                          "--layers", "1,7", "--counts", "8,4", "--output_dir", str(tmp_path / "out")])
+    assert [(r["oracle_layers"], r["accuracy"], r["mcnemar_vs_prior"]["a_only"], r["mcnemar_vs_prior"]["b_only"])
+            for r in rows] == [([], 0.25, 0, 0), ([1], 0.75, 2, 0), ([7], 0.0, 0, 1), ([1, 7], 1.0, 3, 0)]
+    md = (tmp_path / "out" / "headroom_split.md").read_text()
+    assert "| none (attention_topk) | 0.250 | 0/0 | 1 |" in md and "| 1, 7 | 1.000 | 3/0 | 0.25 |" in md
+
+def test_headroom_split_default_subsets_are_the_documented_ones_each_once():
+    """none, each point alone, all but the first, all: a subset listed twice (one point's "all", two points' "all
+    but the first") ran its evaluation twice for one row."""
+    headroom = load_benchmark("headroom_split")
+    assert headroom.default_subsets(1) == [(), (0,)]
+    assert headroom.default_subsets(2) == [(), (0,), (1,), (0, 1)]
+    assert headroom.default_subsets(3) == [(), (0,), (1,), (2,), (1, 2), (0, 1, 2)]
+    assert headroom.parse_subsets("none;2,1,1;0", 3) == [(), (1, 2), (0,)]

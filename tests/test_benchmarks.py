@@ -40,11 +40,21 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     # Every method at RCP's mean visual tokens per layer (issue 19), and the measured KV cache is the analytic one.
     for name in ("vispruner-64", "random-64", "fastv-64"):
         assert abs(rows[name]["avg_visual_tokens_per_layer"] - rows["rcp-64"]["avg_visual_tokens_per_layer"]) <= 0.5
+    # ... the mean over all 4 decoder layers of the schedule's per-layer counts (the table's *visual tok/layer*)
+    schedules = efficiency.method_configs("tiny", [64])
+    assert rows["full"]["avg_visual_tokens_per_layer"] == efficiency.num_visual_tokens("tiny") == 144
+    assert rows["rcp-64"]["avg_visual_tokens_per_layer"] == sum(schedules["rcp-64"][1]) / 4
     for row in rows.values():
         assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row["method"]
+        # the prefill column: the median of the method's timed prefills (not its end-to-end runs, not their mean)
+        assert row["prefill_ms"] == pytest.approx(statistics.median(row["prefill_ms_runs"]), rel=1e-12), row["method"]
     # Ratios are medians of the per-round ratios (each run over the reference's run in the same round).
     runs = {name: row["prefill_ms_runs"] for name, row in rows.items()}
     assert rows["vispruner-64"]["prefill_x_ideal"] is None
+    # net of reused: less than the selection's whole share wherever the pruning layer reuses the prior's work
+    assert 0 < rows["rcp-64"]["selection_net_share"] < rows["rcp-64"]["selection_share"]
+    assert 0 < rows["rcp-64"]["selection_reused_ms"] < rows["rcp-64"]["selection_ms"]
+    assert 0 < rows["rcp-64"]["selection_net_ms"] < rows["rcp-64"]["selection_ms"]
     assert rows["rcp-64"]["selection_share"] == pytest.approx(
         statistics.median(a / b for a, b in zip(rows["rcp-64"]["selection_ms_runs"], runs["rcp-64"])))
     assert rows["rcp-64"]["prefill_x_ideal"] == pytest.approx(
@@ -60,6 +70,11 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         assert len(steps) == 3 and min(steps) > 0, name
         assert row["decode_ms_per_token"] == pytest.approx(statistics.median(steps))
         assert row["decode_ms_per_token"] * 2 < row["end_to_end_ms"], name
+    # the table's ratios: each method over `full` (prefill: the median per-round ratio; decode: ms/tok over full's)
+    table = (tmp_path / "efficiency_tiny_cpu.md").read_text().splitlines()
+    cells = next(line for line in table if line.startswith("| rcp-64 |")).split(" | ")
+    assert cells[3] == f"{rows['rcp-64']['prefill_x_full']:.3f}"
+    assert cells[5] == f"{rows['rcp-64']['decode_ms_per_token'] / rows['full']['decode_ms_per_token']:.3f}"
 
 
 def test_step_clock_passes_scores_through_and_times_the_steps_between_readings():
@@ -90,6 +105,34 @@ def test_aten_counter_counts_calls_and_host_syncs():
     assert on_meta.syncs == 0 and on_meta.total == 2  # clone, copy_ (host to host); `to` a no-op
 
 
+def test_sync_kind_counts_a_copy_to_the_host_only_from_another_device():
+    """`.to("cpu")` of a device tensor waits for the device; a host-to-host `_to_copy` (a dtype change on the CPU) does
+    not, and counting it inflated the *syncs* of CPU runs."""
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    to_copy, cpu = torch.ops.aten._to_copy.default, torch.device("cpu")
+    assert efficiency.sync_kind(to_copy, (torch.empty(2, device="meta"),), {"device": cpu}) == "device_to_host"
+    assert efficiency.sync_kind(to_copy, (torch.zeros(2),), {"device": cpu, "dtype": torch.float64}) is None
+    assert efficiency.sync_kind(to_copy, (torch.empty(2, device="meta"),), {"dtype": torch.float64}) is None
+
+def test_aten_calls_split_a_prefill_into_layers_pruning_and_the_rest():
+    """selection_profile's *outside* column: the prefill's calls less the decoder layers' and the pruning points'
+    (selection and compaction), so that the three parts add up to the total."""
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    efficiency = load_benchmark("efficiency")
+    overrides = efficiency.method_configs("tiny", [64], {"full", "rcp"})["rcp-64"][0]
+    torch.manual_seed(0)
+    model = RcpLlavaForConditionalGeneration(efficiency.build_config("tiny", **overrides)).eval()
+    calls = efficiency.aten_calls(model, {**efficiency.make_inputs("tiny", 1), "use_cache": True, "logits_to_keep": 1})
+    pruning = sum(p["selection"] + p["prune"] for p in calls["points"])
+    assert len(calls["points"]) == 3 and pruning > 0 and calls["outside"] > 0
+    assert calls["layers"] + pruning + calls["outside"] == calls["total"]
+    assert calls["per_layer"] == calls["layers"] / 4
+
 def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
     """A run stopped at a time limit (a lent device's) keeps the batch sizes it measured: the table is written after
     each one, marked incomplete until the last."""
@@ -110,7 +153,31 @@ def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
                                       "--output_dir", str(tmp_path)])
     efficiency.main()
     assert written == [({1}, [2], True), ({1, 2}, [], False)]
+    # at batch 2 too, the measured KV cache is the analytic one of that batch size
+    rows = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())["results"]
+    assert {r["batch_size"] for r in rows} == {1, 2}
+    for row in rows:
+        assert row["kv_cache_mib"] == pytest.approx(row["kv_cache_analytic_mib"], rel=1e-12), row
 
+
+def test_efficiency_times_the_ideal_with_rcps_kept_sets(tmp_path, monkeypatch):
+    """The ideal's timed prefills, not only its call count, are given RCP's kept sets: timed without them it would run
+    RCP's own selection, and *×ideal* would compare RCP with itself."""
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    efficiency = load_benchmark("efficiency")
+    given, forward = [], RcpLlavaForConditionalGeneration.forward
+
+    def record(self, *args, **kwargs):
+        given.append(kwargs.get("visual_keep_masks") is not None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RcpLlavaForConditionalGeneration, "forward", record)
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "2",
+                                      "--new_tokens", "0", "--budgets", "64", "--methods", "ideal",
+                                      "--output_dir", str(tmp_path)])
+    efficiency.main()
+    assert sum(given) == 3 + 1  # the warm-up and 2 timed rounds, then the call count
 
 def test_efficiency_keeps_a_table_another_run_wrote_meanwhile_and_rewrites_its_own(tmp_path, monkeypatch):
     """Its writes replaced whatever was at the name (overwrite=True): a table another run wrote there after the
@@ -203,6 +270,24 @@ def test_efficiency_schedules_use_the_authors_placements():
     assert mid["rcp-64"][0]["pruning_keep_counts"] == methods["rcp-64"][0]["pruning_keep_counts"]
     assert mean > 72 and mid["vispruner-64"][0]["pre_llm_keep_count"] == round(mean)
 
+
+def test_efficiency_methods_keep_only_the_families_asked_for():
+    """`--methods` names the families timed (`full` always): the others are neither built nor in the table."""
+    efficiency = load_benchmark("efficiency")
+    assert list(efficiency.method_configs("tiny", [64], {"full", "rcp"})) == ["full", "rcp-64"]
+    assert list(efficiency.method_configs("tiny", [64, 192], {"full", "vispruner", "fastv"})) == [
+        "full", "vispruner-64", "fastv-64", "vispruner-192", "fastv-192"]
+    assert len(efficiency.method_configs("tiny", [64])) == 6
+
+
+def test_efficiency_ideal_brings_the_rcp_it_replays(capsys, monkeypatch):
+    """`--methods ideal` times RCP too: the ideal is given RCP's kept sets, which only RCP's model computes."""
+    efficiency = load_benchmark("efficiency")
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--budgets", "64", "--methods", "ideal",
+                                      "--device", "cpu", "--dry_run"])
+    efficiency.main()
+    out = capsys.readouterr().out
+    assert "dry run: 3 methods of preset tiny built on the meta device: full, rcp-64, ideal-64" in out
 
 def _fake_wheel(folder, name, version, source, requires=()):
     """A pure-Python wheel of package `name` whose `__init__.py` is `source` (what pip needs to install it)."""

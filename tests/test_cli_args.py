@@ -121,13 +121,15 @@ def test_efficiency_names_a_budget_no_schedule_reaches(efficiency_unbuilt, tmp_p
         efficiency.main()
 
 
-def test_efficiency_refuses_negative_new_tokens(efficiency_unbuilt, tmp_path, monkeypatch, capsys):
-    """0 is documented (the prefill alone); -2 was taken as 0."""
-    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--device", "cpu", "--new_tokens", "-2",
+@pytest.mark.parametrize("value", ["-2", "-1"])
+def test_efficiency_refuses_negative_new_tokens(efficiency_unbuilt, tmp_path, monkeypatch, capsys, value):
+    """0 is documented (the prefill alone); -2 was taken as 0. -1, the boundary, is as negative (it too was a
+    prefill-only run, labelled -1 new tokens)."""
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--device", "cpu", "--new_tokens", value,
                                       "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         efficiency_unbuilt.main()
-    assert "argument --new_tokens: must be a whole number >= 0, got -2" in capsys.readouterr().err
+    assert f"argument --new_tokens: must be a whole number >= 0, got {value}" in capsys.readouterr().err
 
 
 def test_efficiency_refuses_cuda_without_cuda_before_building(efficiency_unbuilt, tmp_path, monkeypatch):
@@ -372,6 +374,35 @@ def test_calibrate_without_a_training_record_asks_which_layers(tmp_path):
                         str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("record", ['{"sparsity_layers": "from_first"}', '{"sparsity_layers": null}', '[]', '{'])
+def test_calibrate_refuses_a_training_record_that_names_no_known_layers(tmp_path, record):
+    """Only 'all' or 'from_first_pruner' decide; any other record (a typo, a null, not JSON) asks, rather than
+    calibrating to the all-layers target unasked."""
+    import argparse
+
+    calibrate = load_benchmark("calibrate_retention")
+    (tmp_path / "metrics.json").write_text(record)
+    with pytest.raises(ValueError, match=r"no train_rcp\.py record beside it .* pass --all_layers or --from_first"):
+        calibrate.trained_from_first_pruner(argparse.Namespace(model=str(tmp_path / "model")))
+    (tmp_path / "metrics.json").write_text('{"sparsity_layers": "all"}')
+    assert calibrate.trained_from_first_pruner(argparse.Namespace(model=str(tmp_path / "model"))) is False
+
+def test_calibrate_accepts_a_train_split_when_there_is_no_validation_split(tmp_path, monkeypatch):
+    """The layout asks for 'test' and 'validation' OR 'train' (the split calibrated on): test + train passes the
+    check and the model is loaded next."""
+    import rcp_llava.evaluation as evaluation
+
+    calibrate = load_benchmark("calibrate_retention")
+
+    def loaded(*args, **kwargs):
+        raise RuntimeError("the model loads")
+
+    monkeypatch.setattr(evaluation, "load_base_model", loaded)
+    data = str(_splits(tmp_path / "data", ("train", "test")))
+    with pytest.raises(RuntimeError, match="the model loads"):
+        calibrate.main(["--model", str(tmp_path / "model"), "--data", data, "--all_layers", "--output_dir",
+                        str(tmp_path / "out")])
 
 def test_calibrate_checks_the_data_layout_before_the_model(tmp_path):
     """One split's folder was "Column 'test' doesn't exist", BENCHMARK:PATH datasets' "Directory not found", both

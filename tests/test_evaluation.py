@@ -324,6 +324,17 @@ def test_per_budget_plugins_need_rcp_among_the_methods():
         evaluate_grid(None, None, None, ["none", "vispruner"], ["1/3"], plugins_per_budget={"1/3": "somewhere"})
 
 
+def test_evaluate_methods_writes_every_datasets_results(micro, tmp_path):
+    """Several --data: the JSON holds one result per dataset, as the markdown does (not the first alone)."""
+    evaluate_methods = load_benchmark("evaluate_methods")
+
+    root, folder = micro
+    evaluate_methods.main(["--model", str(root / "rcp"), "--data", str(folder / "dataset"), "--data",
+                           str(folder / "dataset") + "/", "--max_samples", "2", "--methods", "none", "--output_dir",
+                           str(tmp_path), "--name", "t", "--no_progress"])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert len(saved["results"]) == 2 and [len(r["rows"]) for r in saved["results"]] == [1, 1]
+
 def test_figures_on_micro(micro, tmp_path):
     evaluate_methods = load_benchmark("evaluate_methods")
     figures = load_benchmark("figures")
@@ -356,6 +367,20 @@ def test_figures_on_micro(micro, tmp_path):
     assert curves["attention top-k, no repair"][1] > 0 and curves["random, no repair"][1] > 0
     assert result["masks"].shape == (2, 1, 64) and result["masks"].sum(-1).tolist() == [[7], [7]]
 
+
+def test_ablation_adapters_off_records_no_repair_layers(micro):
+    """`adapters_off` evaluates `full`'s model with its adapters disabled: its rows must not list the adapters it ran
+    without (the table's *repair layers* column), in both modes; with them on, they are listed."""
+    ablations = load_benchmark("ablations")
+    from rcp_llava.evaluation import load_base_model, load_data
+
+    root, folder = micro
+    base, processor = load_base_model(root / "rcp")
+    data = load_data(str(folder / "dataset"), max_samples=4)
+    on = ablations.evaluate_variant(base, processor, data, "1/9", 4)
+    off = ablations.evaluate_variant(base, processor, data, "1/9", 4, repair=False)
+    assert on["fixed"]["repair_layers"] == on["adaptive"]["repair_layers"] == [1]
+    assert off["fixed"]["repair_layers"] == off["adaptive"]["repair_layers"] == []
 
 def test_ablation_runner_smoke_on_micro(micro, tmp_path):
     ablations = load_benchmark("ablations")

@@ -97,6 +97,36 @@ def test_rerender_refuses_to_lose_text_the_json_cannot_rebuild_and_other_flags(t
         evaluate_methods.main(["--rerender", str(tmp_path / "nope.json")])
 
 
+def test_rerender_takes_no_flag_but_overwrite(tmp_path, capsys):
+    """A re-render runs nothing: a flag that would name another output or run (ignored) is refused, --overwrite kept."""
+    evaluate_methods, path = _write_run(tmp_path, _grid())
+    for flag in (["--name", "other"], ["--output_dir", str(tmp_path / "o")], ["--flop_matched"]):
+        with pytest.raises(SystemExit):
+            evaluate_methods.main(["--rerender", str(path), *flag])
+        assert f"argument --rerender: {flag[0]} cannot be used with it" in capsys.readouterr().err
+    evaluate_methods.main(["--rerender", str(path), "--overwrite"])
+    assert json.loads(path.read_text())["rerendered"]["command"].endswith("--overwrite")
+
+def test_evaluate_methods_refuses_a_methods_list_that_names_none(tmp_path):
+    """`--methods ','` names no method: refused before anything loads (else a run with no rows)."""
+    evaluate_methods = load_benchmark("evaluate_methods")
+    with pytest.raises(ValueError, match=r"^--methods ',': unknown method\(s\) \[\]; choose from \["):
+        evaluate_methods.main(["--model", str(tmp_path), "--methods", ",", "--output_dir", str(tmp_path / "out")])
+
+def test_rerender_replaces_a_paired_test_section_the_json_rebuilds_otherwise(tmp_path):
+    """Only the paired-test sections (heading, the blank line after it, the table) may differ from what the JSON
+    rebuilds: a .md whose test table was written otherwise is re-rendered without --overwrite, not refused."""
+    evaluate_methods, path = _write_run(tmp_path, _grid())
+    md = (tmp_path / "t.md").read_text()
+    stale = next(line for line in md.splitlines() if line.startswith("| 1/9 | rcp (adaptive, 1/9) | vispruner |"))
+    assert md.count(stale + "\n") == 1
+    (tmp_path / "t.md").write_text(md.replace(stale + "\n", ""))  # an older table: one test fewer
+    evaluate_methods.main(["--rerender", str(path)])
+    rerendered = (tmp_path / "t.md").read_text()
+    assert ("| 1/9 | rcp | vispruner | not FLOP-matched: rcp 5.5 vs vispruner 2.0 tokens/layer | +0.500 | 5/0 |"
+            in rerendered)
+    assert "Paired tests re-rendered from the JSON by" in rerendered
+
 def test_rerender_keeps_an_older_layout_without_flops():
     """A result written before decoder GFLOPs were recorded re-renders in its own layout (no column of dashes)."""
     from rcp_llava.evaluation import format_table
@@ -193,6 +223,38 @@ def test_ablations_claim_equal_compute_only_when_it_holds():
     assert "3/1, p 0.62 (not equal compute: 17.5 vs full's 12.0 tok/layer) |" in md
 
 
+def test_ablations_equal_compute_needs_one_first_pruning_layer_and_means_within_tolerance():
+    """Equal compute: the same first pruner (a variant pruning first elsewhere keeps N tokens up to it, even where
+    its recorded mean happens to match) and the recorded means within 0.05 tokens."""
+    ablations = load_benchmark("ablations")
+    full = _variant("full", [1, 2, 3], 12.0)
+    assert ablations.equal_fixed_compute([full, _variant("adapters=3", [1, 2, 3], 12.04)])
+    assert not ablations.equal_fixed_compute([full, _variant("adapters=3", [1, 2, 3], 12.1)])
+    assert not ablations.equal_fixed_compute([full, _variant("pruners=2", [2], 12.0)])
+
+def test_ablations_table_scores_against_the_full_model_and_names_any_compute_gap():
+    """*% of full* divides by the full model's score; a paired test at another compute says so from 0.05 tokens on."""
+    ablations = load_benchmark("ablations")
+    test = {"a_only": 3, "b_only": 1, "p_value": 0.625}
+    md = ablations.format_ablations(_ablation([_variant("full", [1, 2, 3], 12.0),
+                                               _variant("adapters=3", [1, 2, 3], 12.0, test)],
+                                              full_model={"score": 0.8, "groups": {}}))
+    assert "| adapters=3 | yes (1 steps) | [1, 2, 3] | none | [7, 7, 7] | 0.500 | 62.5% | 3/1, p 0.62 |" in md
+    variants = [_variant("full", [1, 2, 3], 12.0), _variant("pruners=2", [2], 13.0, test)]
+    md = ablations.format_ablations(_ablation(variants))
+    assert "| 3/1, p 0.62 (not equal compute: 13.0 vs full's 12.0 tok/layer) |" in md
+
+def test_ablations_adaptive_cells_give_retention_from_the_first_pruner_over_the_target():
+    """*retention / target*: the adaptive row's mean kept tokens from the first pruner over N (what the target
+    retention counts), next to the tokens per layer from the first pruner / over all layers."""
+    ablations = load_benchmark("ablations")
+    full = _variant("full", [1, 2, 3], 12.0)
+    full["adaptive"] = {"score": 0.75, "kept_per_point": [8.0, 4.0, 2.0], "avg_tokens_from_first_point": 6.4,
+                        "avg_tokens_all_layers": 20.8}
+    full["target_retention"] = 0.1
+    md = ablations.format_ablations(_ablation([full]))
+    assert "| 0.500 | 50.0% | – | 0.750 | 75.0% | 8.0, 4.0, 2.0 | 6.4 / 20.8 | 0.100 / 0.100 | – |" in md
+
 def test_ablations_name_the_split_read():
     ablations = load_benchmark("ablations")
     md = ablations.format_ablations(_ablation([_variant("full", [1], 12.0)],
@@ -222,6 +284,10 @@ def test_figures_accuracy_markdown_gives_n_per_row():
     md = figures.accuracy_markdown({"command": "c", "results": [result]}, "f", "x")
     assert "| score | n |" in md
     assert "| vispruner | 1/9 | 2.0 | 2.0 | 0.300 | 10 |" in md
+    # each row's own sample count, not the dataset's (a row scored on fewer samples says so)
+    result["rows"][3]["n"] = 7
+    md = figures.accuracy_markdown({"command": "c", "results": [result]}, "f", "x")
+    assert "| vispruner | 1/9 | 2.0 | 2.0 | 0.300 | 7 |" in md and "| rcp | 1/9 | 5.5 | 5.5 | 0.800 | 10 |" in md
 
 
 # -- the split a script read -----------------------------------------------------------------------------------------
