@@ -329,6 +329,25 @@ def _fmt(value):
     return "" if value is None else str(value)
 
 
+def _table_row(cells):
+    """One Markdown table row. A '|' in a cell ("vqa|val", "acc|norm") split its row into extra columns: escaped, as
+    Markdown tables take it."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _base_kind(base_model):
+    """`(local_base, hub_base)`: a local folder as the base (the testbed job's `<output>/model`) is no Hub id, so a
+    card gives it no link to huggingface.co/<path> and no `base_model` metadata (the Hub reads it as a repo id) and
+    names the folder instead; `hub_base` is the base as a Hub id, None for a local one."""
+    local_base = bool(base_model) and (os.path.exists(str(base_model)) or looks_like_local_path(str(base_model)))
+    return local_base, None if local_base else base_model
+
+
+def _default_model_name(repo_id, subfolder=None):
+    """A card's default title: the repo's name, with the set's folder (`NAME/SUBFOLDER`) for one set of several."""
+    return "/".join([str(repo_id).rstrip("/").split("/")[-1], *([subfolder] if subfolder else [])])
+
+
 def _results_table(entries):
     if not entries:
         return "No evaluation results were recorded for this checkpoint."
@@ -340,8 +359,7 @@ def _results_table(entries):
         tokens = e.get("tokens_per_layer", e.get("kept_tokens"))
         cells = [method, _fmt(e.get("budget")), _fmt(float(tokens)) if tokens is not None else "", e["dataset"],
                  _fmt(e.get("split")), e["metric"], _fmt(e["value"])]
-        # a '|' in a name ("vqa|val", "acc|norm") split its row into extra columns: escaped, as Markdown tables take it
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+        lines.append(_table_row(cells))
     return "\n".join(lines) + ("\n\nRows marked *baseline* are other models or methods measured beside this "
                                "checkpoint; only this checkpoint's own rows are in the card's model-index."
                                if any(e.get("baseline") for e in entries) else "")
@@ -388,6 +406,16 @@ def check_subfolder(subfolder, argument="subfolder"):
     return subfolder
 
 
+def _check_card_subfolder(subfolder, plugins_only):
+    """A card's `subfolder`: None, or a folder inside the repo (`check_subfolder`) for a plug-in set only."""
+    if subfolder is None:
+        return
+    check_subfolder(subfolder)
+    if not plugins_only:
+        raise ValueError(f"`subfolder={subfolder!r}` is where a plug-in set lives in its repo; a full model's card has "
+                         "none: pass `plugins_only=True`, or no `subfolder`.")
+
+
 def usage_snippet(repo_id, plugins_only=False, base_model=None, subfolder=None):
     """Python code that loads and runs the checkpoint (a full folder via remote code, or plug-ins on their base).
 
@@ -395,11 +423,7 @@ def usage_snippet(repo_id, plugins_only=False, base_model=None, subfolder=None):
     (`from_base(None, ...)` cannot load anything, and the plug-ins only fit the base they were trained on).
     `subfolder`: the folder of the repo that holds the plug-ins (one set per budget, `build_budgets_card`).
     """
-    if subfolder is not None:
-        check_subfolder(subfolder)
-    if subfolder is not None and not plugins_only:
-        raise ValueError(f"`subfolder={subfolder!r}` is where a plug-in set lives in its repo; a full model's card has "
-                         "none: pass `plugins_only=True`, or no `subfolder`.")
+    _check_card_subfolder(subfolder, plugins_only)
     if plugins_only:
         where = f", subfolder={subfolder!r}" if subfolder else ""
         base_line = (
@@ -470,8 +494,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     config = getattr(config, "config", config)
     config.validate_pruning()  # a field edited after construction: the card would state what no model runs
     spec = config.pruning_spec
-    if subfolder is not None:
-        usage_snippet(repo_id, plugins_only=plugins_only, subfolder=check_subfolder(subfolder))  # refuses a full card's
+    _check_card_subfolder(subfolder, plugins_only)
     if plugins_only and not spec.plugins:
         raise ValueError(
             f"`plugins_only=True`, but `pruning_method={config.pruning_method!r}` has no plug-ins (its model saves no "
@@ -518,10 +541,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     # tokens than it (the training loss pulls towards it, inference does not enforce it), so the card calls it the
     # target and records no kept count.
     target = config.visual_token_budget if kept is None else None
-    # A local folder as the base (the testbed job's `<output>/model`) is no Hub id: no link to huggingface.co/<path>
-    # and no `base_model` metadata (the Hub reads it as a repo id); the card names the folder instead.
-    local_base = bool(base_model) and (os.path.exists(str(base_model)) or looks_like_local_path(str(base_model)))
-    hub_base = None if local_base else base_model
+    local_base, hub_base = _base_kind(base_model)
     if plugins_only and not base_model:
         logger.warning("build_model_card: a plug-in card without `base_model`; the card says the base was not "
                        "recorded and its usage snippet has a 'BASE_MODEL' placeholder. Pass `base_model=`.")
@@ -530,7 +550,7 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
         if license is None:
             logger.warning("build_model_card: no license given and none found in the base model's card; pass "
                            "`license=` (e.g. the base model's, 'llama2' for llava-1.5).")
-    model_name = model_name or "/".join([str(repo_id).rstrip("/").split("/")[-1], *([subfolder] if subfolder else [])])
+    model_name = model_name or _default_model_name(repo_id, subfolder)
     built_on = f" built on `{base_model}`" if base_model else ""
     results = [
         EvalResult(
@@ -671,12 +691,11 @@ def build_budgets_card(repo_id, sets, base_model=None, license=None, model_name=
         tokens = kept if kept is not None else (own or {}).get("tokens_per_layer")
         cells = [str(budget), f"`{subfolder}`", _fmt(float(tokens)) if tokens is not None else "",
                  *((own["dataset"], own["metric"], _fmt(own["value"])) if own else ("", "", ""))]
-        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    local_base = bool(base_model) and (os.path.exists(str(base_model)) or looks_like_local_path(str(base_model)))
-    hub_base = None if local_base else base_model
+        rows.append(_table_row(cells))
+    local_base, hub_base = _base_kind(base_model)
     if license is None:
         license = base_model_license(base_model)
-    model_name = model_name or str(repo_id).rstrip("/").split("/")[-1]
+    model_name = model_name or _default_model_name(repo_id)
     data = ModelCardData(
         base_model=hub_base, library_name="rcp-llava", pipeline_tag="image-text-to-text",
         tags=sorted(set(DEFAULT_TAGS) | {"rcp-plugins"}), license=license, model_name=model_name,
