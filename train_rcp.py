@@ -1396,6 +1396,12 @@ def budget_folder_name(label):
     return "budget_" + label.replace("/", "_").replace(".", "p")
 
 
+def _check_push_target(args):
+    """--push_to_hub names no repo without --hub_model_id: refused before anything loads or trains."""
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+
+
 def run_budgets(job, args, explicit):
     """The paper's protocol: one plug-in set per budget (placement and target differ by budget), each trained and
     evaluated by `run_job` into its own folder; returns and writes `{label: metrics}`. With --push_to_hub (plug-ins
@@ -1408,8 +1414,7 @@ def run_budgets(job, args, explicit):
     if job.visual_token_budget is not None or job.pruning_keep_counts is not None:
         raise ValueError("--budgets trains one set per budget fraction: leave --visual_token_budget and "
                          "--pruning_keep_counts unset.")
-    if args.push_to_hub and not args.hub_model_id:  # before anything loads
-        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+    _check_push_target(args)  # before anything loads
     if args.push_to_hub and not job.push_plugins_only:  # a full model per budget: the backbone uploaded each time
         raise ValueError(f"--budgets with --push_to_hub pushes each budget's plug-in set into a folder of "
                          f"--hub_model_id {args.hub_model_id!r} (budget_1_9/, ...): add --push_plugins_only (a full "
@@ -1561,8 +1566,7 @@ def run_job(job, args, explicit=()):
     from transformers import AutoConfig, AutoProcessor, set_seed
 
     started = time.time()
-    if args.push_to_hub and not args.hub_model_id:  # before anything loads
-        raise ValueError("--push_to_hub needs --hub_model_id (the Hub repo to upload to, e.g. user/rcp-llava-7b).")
+    _check_push_target(args)  # before anything loads
     if job.llava_json and job.dataset_name_or_path:  # the JSON won, and the dataset (its test split) went unread
         raise ValueError(f"Give --llava_json ({job.llava_json!r}) or --dataset_name_or_path "
                          f"({job.dataset_name_or_path!r}), not both: the JSON is the whole training data (one split).")

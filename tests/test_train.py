@@ -1110,6 +1110,8 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
                                          r"folder of --hub_model_id 'rcp-micro' \(budget_1_9/, ...\): add "
                                          r"--push_plugins_only"):
         train_rcp.main([a for a in sweep if a != "--push_plugins_only"])
+    with pytest.raises(ValueError, match="^--push_to_hub needs --hub_model_id"):  # the sweep names no repo either
+        train_rcp.main([a for a in sweep if a not in ("--hub_model_id", "rcp-micro")])
     assert not (tmp_path / "sweep").exists()  # refused before anything ran
     calls.clear()
     train_rcp.main(sweep)
