@@ -566,7 +566,9 @@ def main():
                 "decode_ms_per_token": statistics.median(steps) * 1e3 if decoding and None not in steps else None,
                 "decode_ms_per_token_runs": [t * 1e3 if t is not None else None for t in steps],
                 "decode_clock_readings": [len(clock.times) for clock in clocks[name]],  # per run: one per new token
-                "end_to_end_ms": e * 1e3 if decoding else None, "kv_cache_mib": kv[name] / 2**20,
+                "end_to_end_ms": e * 1e3 if decoding else None,
+                "end_to_end_ms_runs": [t * 1e3 for t in e2e[name]] if decoding else None,
+                "kv_cache_mib": kv[name] / 2**20,
                 "kv_cache_analytic_mib": analytic_kv_bytes(base.config, tokens, dtype, bsz) / 2**20,
                 "peak_memory_mib": peak[name] / 2**20 if name in peak else None,
                 "selection_ms": statistics.median(sel_per_run[name]) * 1e3,

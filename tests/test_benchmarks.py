@@ -70,11 +70,45 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
         assert len(steps) == 3 and min(steps) > 0, name
         assert row["decode_ms_per_token"] == pytest.approx(statistics.median(steps))
         assert row["decode_ms_per_token"] * 2 < row["end_to_end_ms"], name
+        # the end-to-end column: the median of the method's own timed generate runs, each holding its decode steps
+        runs = row["end_to_end_ms_runs"]
+        assert len(runs) == 3 and row["end_to_end_ms"] == pytest.approx(statistics.median(runs), rel=1e-12), name
+        assert all(step * 2 < run for step, run in zip(steps, runs)), name
     # the table's ratios: each method over `full` (prefill: the median per-round ratio; decode: ms/tok over full's)
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text().splitlines()
     cells = next(line for line in table if line.startswith("| rcp-64 |")).split(" | ")
     assert cells[3] == f"{rows['rcp-64']['prefill_x_full']:.3f}"
     assert cells[5] == f"{rows['rcp-64']['decode_ms_per_token'] / rows['full']['decode_ms_per_token']:.3f}"
+
+
+def test_efficiency_interleaves_the_methods_every_other_round_reversed(tmp_path, monkeypatch):
+    """Each round runs every method once, the odd rounds in reverse order (round 0 the warm-up), so no method always
+    runs right after the same one: the side-by-side ratios rest on it, and a run order that drifted (one method's
+    rounds all first, or the same order every round) would still give every column a value."""
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    efficiency = load_benchmark("efficiency")
+    order, forward = [], RcpLlavaForConditionalGeneration.forward
+
+    def recording(self, *args, **kwargs):  # the timed prefills: use_cache, one logit, no cache given
+        if kwargs.get("use_cache") and kwargs.get("logits_to_keep") == 1 and kwargs.get("past_key_values") is None:
+            order.append((self.config.pruning_method, "visual_keep_masks" in kwargs))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RcpLlavaForConditionalGeneration, "forward", recording)
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1", "--repeats", "3",
+                                      "--new_tokens", "0", "--budgets", "64", "--output_dir", str(tmp_path)])
+    with torch.no_grad():
+        efficiency.main()
+    names = [r["method"] for r in json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())["results"]]
+    assert names == ["full", "rcp-64", "ideal-64", "vispruner-64", "random-64", "fastv-64"]
+    label = {"full": ("none", False), "rcp-64": ("rcp", False), "ideal-64": ("rcp", True),
+             "vispruner-64": ("vispruner", False), "random-64": ("random", False), "fastv-64": ("fastv", False)}
+    forwards, backwards = [label[n] for n in names], [label[n] for n in reversed(names)]
+    # 4 rounds (the warm-up and 3 timed), then one counted prefill per method (`aten_calls`, in the table's order)
+    assert order == forwards + backwards + forwards + backwards + forwards
 
 
 def test_step_clock_passes_scores_through_and_times_the_steps_between_readings():

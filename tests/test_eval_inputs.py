@@ -42,7 +42,7 @@ class Stand_ins:
     def __init__(self, monkeypatch, during_grid=None):
         import rcp_llava.evaluation as evaluation
 
-        self.loaded, self.data = 0, []
+        self.loaded, self.data, self.grid_kwargs = 0, [], []
 
         def load_base_model(*args, **kwargs):
             self.loaded += 1
@@ -50,6 +50,7 @@ class Stand_ins:
 
         def evaluate_grid(base, processor, data, *args, **kwargs):
             self.data.append(data)
+            self.grid_kwargs.append((args, kwargs))
             if during_grid is not None:
                 during_grid()
             return {"data": data.name, "rows": []}
@@ -106,6 +107,33 @@ def test_a_missing_image_anywhere_is_refused_before_the_model_loads(tmp_path, mo
     with pytest.raises(FileNotFoundError, match=re.escape(f"1 of the 3 image files of --data 'pope:{pope}'")):
         run_main(tmp_path, "--data", f"pope:{good}", "--data", f"pope:{pope}")
     assert stand_ins.loaded == 0 and stand_ins.data == []
+
+
+def test_the_grid_flags_reach_evaluate_grid_for_every_dataset(tmp_path, monkeypatch):
+    """--fastv_layer, --batch_size, --max_new_tokens, --flop_matched and --plugins_per_budget are checked at start-up
+    and recorded in the command: each must also reach the grid of every --data (one parsed and checked but not passed
+    on ran the default while the table's command said otherwise)."""
+    from conftest import tiny_config
+
+    tiny_config(num_hidden_layers=4).save_pretrained(tmp_path / "model")
+    first, second = pope_folder(tmp_path / "a"), pope_folder(tmp_path / "b")
+    (tmp_path / "p13").mkdir()
+    stand_ins = Stand_ins(monkeypatch)
+    run_main(tmp_path, "--methods", "none,fastv,rcp", "--budgets", "1/3,1/9", "--data", f"pope:{first}", "--data",
+             f"pope:{second}", "--fastv_layer", "2", "--batch_size", "3", "--max_new_tokens", "5", "--flop_matched",
+             "--plugins_per_budget", f"1/3={tmp_path / 'p13'}")
+    assert len(stand_ins.grid_kwargs) == 2
+    for args, kwargs in stand_ins.grid_kwargs:
+        assert args == (["none", "fastv", "rcp"], ["1/3", "1/9"])
+        assert {k: kwargs[k] for k in ("fastv_layer", "batch_size", "max_new_tokens", "flop_matched", "oracle",
+                                       "plugins_per_budget", "progress")} == {
+            "fastv_layer": 2, "batch_size": 3, "max_new_tokens": 5, "flop_matched": True, "oracle": False,
+            "plugins_per_budget": {"1/3": str(tmp_path / "p13")}, "progress": False}
+    # without the flags: the grid's defaults (FastV's K from the depth, no per-budget plug-ins)
+    run_main(tmp_path, "--data", f"pope:{first}", "--name", "d")
+    kwargs = stand_ins.grid_kwargs[-1][1]
+    assert (kwargs["fastv_layer"], kwargs["batch_size"], kwargs["max_new_tokens"], kwargs["flop_matched"],
+            kwargs["plugins_per_budget"]) == (None, 32, 16, False, None)
 
 
 # ----------------------------------------------------------------------------- 3. unique names
