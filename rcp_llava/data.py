@@ -328,7 +328,6 @@ class RcpDataCollator:
         prompts, fulls = zip(*(self.texts(e) for e in examples))
         images = self.load_images(examples)
         batch = encode_texts(self.processor, fulls, images, return_tensors="pt", padding=True)
-        prompt_ids = encode_texts(self.processor, prompts, images, return_tensors="pt", padding=True)
         input_ids, attention = batch["input_ids"], batch["attention_mask"].bool()
         seq = input_ids.shape[1]
         lengths = attention.sum(1)
@@ -338,13 +337,20 @@ class RcpDataCollator:
         # appends EOS, or a prompt ending in a space or newline that the answer's first token absorbs ("ASSISTANT: "
         # + "There" -> "▁There"). Counting the prompt's tokens then put the answer's first token in the question
         # mask (the pruners read it) and left it untrained.
-        prompt_lengths = prompt_ids["attention_mask"].sum(1)  # (B,)
-        width = prompt_ids["input_ids"].shape[1]
-        shared = [shared_prefix_length(input_ids[row, seq - int(lengths[row]):],
-                                       prompt_ids["input_ids"][row, width - int(prompt_lengths[row]):])
-                  for row in range(len(examples))]
+        # Both are compared as the tokenizer's text alone (image placeholders unexpanded), as `_conversations` reads
+        # its spans: the prompts' own processor call ran the image processor a second time on every batch. The
+        # placeholders lie in the prompt, before any difference, so the row's left padding and the tokens the
+        # processor expanded them into shift the shared length onto the batch's positions.
+        full_special, prompt_special = special_tokens_kwargs(tokenizer, fulls), special_tokens_kwargs(tokenizer, prompts)
+        starts = []
+        for row in range(len(examples)):
+            full_ids = tokenizer(fulls[row], **full_special)["input_ids"]
+            prompt_ids = tokenizer(prompts[row], **prompt_special)["input_ids"]
+            expanded = int((input_ids[row] == self.image_token_id).sum()) - full_ids.count(self.image_token_id)
+            shared = shared_prefix_length(torch.tensor(full_ids), torch.tensor(prompt_ids))
+            starts.append(int(seq - lengths[row]) + expanded + shared)
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
-        answer_start = (seq - lengths + torch.tensor(shared)).unsqueeze(1)  # (B, 1); left padding
+        answer_start = torch.tensor(starts).unsqueeze(1)  # (B, 1); left padding
         # The answer ends with its EOS (`texts`); a tokenizer that appends one to every text (`add_eos_token`) adds a
         # second, last in each row (left padding), which is not trained: it was (the answer "Red</s></s>"), unlike
         # in `_conversations`.

@@ -264,6 +264,44 @@ def test_the_answer_starts_where_the_full_text_leaves_its_prompt(generation_prom
         assert labelled[-1] == tok.eos_token_id
 
 
+@pytest.mark.parametrize("generation_prompt, add_eos_token, bos_in_template", [
+    ("ASSISTANT:", False, False), ("ASSISTANT: ", False, False), ("ASSISTANT:", True, False),
+    ("ASSISTANT:", False, True), ("ASSISTANT: ", True, True)])
+def test_the_collator_runs_the_image_processor_once_and_finds_the_answers_the_two_pass_way(
+        generation_prompt, add_eos_token, bos_in_template, monkeypatch):
+    """The collator ran the processor on the prompts alone, images and all, to find where each answer starts: the
+    image processor twice per batch. It now compares the prompts' text tokens with the full texts' and adds the
+    placeholder's expansion. Its batch must be the two-pass one, exactly: here against that reference, with rows of
+    different lengths (left padding), an answer the prompt's last token absorbs and a tokenizer appending EOS."""
+    from PIL import Image
+
+    from rcp_llava.data import encode_texts, shared_prefix_length
+
+    processor = sentencepiece_like_processor(generation_prompt, add_eos_token, bos_in_template=bos_in_template)
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    rows = [{"image": image, "question": "How many cats are there?", "answer": "There are two cats."},
+            {"image": image, "question": "What colour?", "answer": "Red"},
+            {"image": image, "question": "Cats?", "answer": "two"}]
+    collator = RcpDataCollator(processor)
+    calls, preprocess = [], type(processor.image_processor).preprocess
+    monkeypatch.setattr(type(processor.image_processor), "preprocess",
+                        lambda self, images, *a, **k: calls.append(len(images)) or preprocess(self, images, *a, **k))
+    batch = collator(rows)
+    assert calls == [3]
+    # the reference: the prompts through the processor too, compared token by token after the left padding
+    monkeypatch.undo()
+    prompts, fulls = zip(*(collator.texts(r) for r in rows))
+    full = encode_texts(processor, fulls, [image] * 3, return_tensors="pt", padding=True)
+    alone = encode_texts(processor, prompts, [image] * 3, return_tensors="pt", padding=True)
+    assert torch.equal(batch["input_ids"], full["input_ids"])
+    seq, width = full["input_ids"].shape[1], alone["input_ids"].shape[1]
+    for i in range(3):
+        pad, prompt_pad = seq - int(full["attention_mask"][i].sum()), width - int(alone["attention_mask"][i].sum())
+        start = pad + shared_prefix_length(full["input_ids"][i, pad:], alone["input_ids"][i, prompt_pad:])
+        assert (batch["labels"][i] != -100).nonzero()[0].item() == start, i
+    assert batch["answer_mask"].sum(1).tolist() == (batch["labels"] != -100).sum(1).tolist()
+
+
 @pytest.mark.parametrize("add_eos_token", [False, True])
 def test_a_single_turn_answer_is_trained_with_one_eos(add_eos_token):
     """A tokenizer appending EOS to every text (`add_eos_token`) ended each single-turn row with the answer's EOS and
