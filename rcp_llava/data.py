@@ -40,6 +40,26 @@ def shared_prefix_length(full_ids, prompt_ids):
     return int(differ[0]) if len(differ) else n
 
 
+def answer_starts(tokenizer, input_ids, lengths, fulls, prompts, image_token_id):
+    """(B,) where each row of the processor's left-padded `input_ids` (B, T) of the texts `fulls` leaves its prompt
+    `prompts[row]`: the first position `shared_prefix_length` finds them differ, on the batch's positions.
+
+    Both texts are compared as the tokenizer's tokens alone, image placeholders unexpanded (a processor call on the
+    prompts ran the image processor a second time for every batch): the placeholders lie in the prompt, before any
+    difference, so the row's left padding (`lengths`, (B,) its real tokens) and the tokens the processor expanded
+    them into shift the shared length onto the batch's positions. The training collator and lmms-eval's
+    loglikelihood find their answers so."""
+    full_special, prompt_special = special_tokens_kwargs(tokenizer, fulls), special_tokens_kwargs(tokenizer, prompts)
+    seq, starts = input_ids.shape[1], []
+    for row, (full, prompt) in enumerate(zip(fulls, prompts)):
+        full_ids = tokenizer(full, **full_special)["input_ids"]
+        prompt_ids = tokenizer(prompt, **prompt_special)["input_ids"]
+        expanded = int((input_ids[row] == image_token_id).sum()) - full_ids.count(image_token_id)
+        shared = shared_prefix_length(torch.tensor(full_ids), torch.tensor(prompt_ids))
+        starts.append(seq - int(lengths[row]) + expanded + shared)
+    return torch.tensor(starts)
+
+
 def special_tokens_kwargs(tokenizer, texts):
     """`{"add_special_tokens": False}` when the rendered `texts` already begin with the tokenizer's BOS (a chat
     template that writes it, as Llama-3's and Mistral's do), else `{}`: tokenizing such a text with special tokens
@@ -337,20 +357,8 @@ class RcpDataCollator:
         # appends EOS, or a prompt ending in a space or newline that the answer's first token absorbs ("ASSISTANT: "
         # + "There" -> "▁There"). Counting the prompt's tokens then put the answer's first token in the question
         # mask (the pruners read it) and left it untrained.
-        # Both are compared as the tokenizer's text alone (image placeholders unexpanded), as `_conversations` reads
-        # its spans: the prompts' own processor call ran the image processor a second time on every batch. The
-        # placeholders lie in the prompt, before any difference, so the row's left padding and the tokens the
-        # processor expanded them into shift the shared length onto the batch's positions.
-        full_special, prompt_special = special_tokens_kwargs(tokenizer, fulls), special_tokens_kwargs(tokenizer, prompts)
-        starts = []
-        for row in range(len(examples)):
-            full_ids = tokenizer(fulls[row], **full_special)["input_ids"]
-            prompt_ids = tokenizer(prompts[row], **prompt_special)["input_ids"]
-            expanded = int((input_ids[row] == self.image_token_id).sum()) - full_ids.count(self.image_token_id)
-            shared = shared_prefix_length(torch.tensor(full_ids), torch.tensor(prompt_ids))
-            starts.append(int(seq - lengths[row]) + expanded + shared)
         positions = torch.arange(seq).unsqueeze(0)  # (1, T)
-        answer_start = torch.tensor(starts).unsqueeze(1)  # (B, 1); left padding
+        answer_start = answer_starts(tokenizer, input_ids, lengths, fulls, prompts, self.image_token_id).unsqueeze(1)
         # The answer ends with its EOS (`texts`); a tokenizer that appends one to every text (`add_eos_token`) adds a
         # second, last in each row (left padding), which is not trained: it was (the answer "Red</s></s>"), unlike
         # in `_conversations`.
@@ -831,7 +839,7 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 
 
 __all__ = [
-    "RcpDataCollator", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
+    "RcpDataCollator", "answer_starts", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
     "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records", "saved_splits",
     "shared_prefix_length", "strip_image_token",
     "dataset_from_messages", "turns_from_messages",

@@ -65,7 +65,7 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.data import encode_texts, prompt_messages, saved_splits, shared_prefix_length
+from rcp_llava.data import answer_starts, encode_texts, prompt_messages, saved_splits, special_tokens_kwargs
 from rcp_llava.evaluation import method_model, method_overrides, uses_rcp_placement
 from rcp_llava.schedule import average_tokens, budget_count, kept_tokens_per_layer, parse_budget
 
@@ -453,15 +453,16 @@ class RcpLlava(lmms):
             images = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context, len(images))
             full = self._encode([images], [prompt + continuation])
-            alone = encode_texts(self.processor, [prompt], images or None, return_tensors="pt")["input_ids"][0]
+            ids = full["input_ids"][0]
             # Where the continuation's tokens begin (the collator's rule): counting the prompt's own tokens dropped
             # a continuation's first token when it absorbs the prompt's trailing space ("▁There").
-            ids = full["input_ids"][0]
-            start = shared_prefix_length(ids.cpu(), alone)
+            start = int(answer_starts(self.tokenizer, full["input_ids"].cpu(), [len(ids)], [prompt + continuation],
+                                      [prompt], self.tokenizer.convert_tokens_to_ids(self.processor.image_token))[0])
             # A tokenizer that appends EOS to every text (`add_eos_token`) ends the prompt alone with it too: that
             # EOS is not the continuation's, so it is neither scored nor required of a greedy match.
             eos = self.tokenizer.eos_token_id
-            tail = int(eos is not None and int(alone[-1]) == eos and int(ids[-1]) == eos and start < len(ids) - 1)
+            alone_ends = self.tokenizer(prompt, **special_tokens_kwargs(self.tokenizer, [prompt]))["input_ids"][-1:]
+            tail = int(eos is not None and alone_ends == [eos] and int(ids[-1]) == eos and start < len(ids) - 1)
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
             labels[:, len(ids) - tail:] = -100
