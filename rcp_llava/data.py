@@ -839,8 +839,8 @@ def load_llava_json(path, image_folder=None, turns="conversation"):
 
 
 __all__ = [
-    "RcpDataCollator", "answer_starts", "check_dataset", "default_answer_mask", "image_problem", "image_token_count", "load_image",
-    "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records", "saved_splits",
-    "shared_prefix_length", "strip_image_token",
+    "RcpDataCollator", "answer_starts", "check_dataset", "default_answer_mask", "image_problem", "image_token_count",
+    "load_image", "load_llava_json", "position_ids_from_mask", "prompt_batch", "prompt_messages", "read_json_records",
+    "saved_splits", "shared_prefix_length", "strip_image_token",
     "dataset_from_messages", "turns_from_messages",
 ]
