@@ -185,6 +185,16 @@ def test_efficiency_dry_run_is_not_stopped_by_earlier_tables(tmp_path, monkeypat
     assert (tmp_path / "efficiency_tiny_cpu.md").read_text() == "mine"
 
 
+@pytest.mark.parametrize("sizes", ["0", "1,0", "-8"])
+def test_selection_profile_refuses_a_batch_size_below_one(tmp_path, monkeypatch, sizes):
+    load_benchmark("efficiency")  # what it imports by name from its own folder
+    profile = load_benchmark("selection_profile")
+    monkeypatch.setattr(profile, "profile", _never)
+    with pytest.raises(ValueError, match=rf"^--batch_sizes \({sizes}\) must be >= 1\.$"):
+        profile.main(["--preset", "tiny", "--batch_sizes", sizes, "--output_dir", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_selection_profile_refusal_names_its_own_flag(tmp_path, monkeypatch):
     load_benchmark("efficiency")  # what it imports by name from its own folder
     profile = load_benchmark("selection_profile")
@@ -648,3 +658,147 @@ def test_headroom_split_default_subsets_are_the_documented_ones_each_once():
     assert headroom.default_subsets(2) == [(), (0,), (1,), (0, 1)]
     assert headroom.default_subsets(3) == [(), (0,), (1,), (2,), (1, 2), (0, 1, 2)]
     assert headroom.parse_subsets("none;2,1,1;0", 3) == [(), (1, 2), (0,)]
+
+
+def test_compare_prefill_times_on_a_scripted_clock(tmp_path, monkeypatch):
+    """The table's numbers from a scripted clock and selection timers: the warm-up round (new, then old) untimed;
+    then old first in odd rounds, new first in even ones; medians (not means) of each version's prefills, the
+    ratio the median of the rounds' new / old (not old / new, not the ratio of the medians), and each version's
+    select column from its own timer."""
+    import modeling_rcp_llava
+
+    compare = load_benchmark("compare_prefill")
+    # Per timed prefill, in the order they run: round 1 old 3 ms, new 1 ms; round 2 new 2 ms, old 9 ms; round 3
+    # old 4 ms, new 6 ms. Old: median 4 (mean 5.3); new: median 2; new / old per round 1/3, 2/9, 3/2: median 0.333.
+    readings = iter([0.0, 0.0] + [t for i, ms in enumerate([3, 1, 2, 9, 4, 6]) for t in (i, i + ms / 1e3)])
+    monkeypatch.setattr(compare, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    load_module = compare.load_module
+
+    def with_scripted_timers(name, path):
+        module = load_module(name, path)
+        if name == "efficiency_benchmark":
+            made = []
+
+            class Timer:  # the first made is old's, the second new's: 1 ms and 2 ms of selection per prefill
+                def __init__(self, device):
+                    made.append(self)
+                    self.seconds = len(made) / 1e3
+
+                def wrap(self, model):
+                    pass
+
+                def reset(self):
+                    pass
+
+                def totals(self):
+                    return self.seconds, 0.0
+
+            module.SelectionTimer = Timer
+        return module
+
+    monkeypatch.setattr(compare, "load_module", with_scripted_timers)
+    output = tmp_path / "ab.md"
+    compare.main(["--old", modeling_rcp_llava.__file__, "--preset", "tiny", "--batch_sizes", "1", "--repeats", "3",
+                  "--methods", "rcp-64", "--output", str(output)])
+    assert "| rcp-64 | 1 | 4.0 | 2.0 | 0.333 | 1.00 | 2.00 | True |" in output.read_text().splitlines()
+    assert next(readings, None) is None  # every reading taken: two starts in the warm-up, two per timed prefill
+
+
+def test_compare_prefill_refuses_an_empty_method_list(tmp_path, monkeypatch):
+    """`--methods ,` named no method: the table was written with its header alone."""
+    import modeling_rcp_llava
+
+    compare = load_benchmark("compare_prefill")
+    monkeypatch.setattr(compare, "RcpLlavaForConditionalGeneration", _never)
+    with pytest.raises(ValueError, match=r"^--methods ',': unknown \[\]; use some of \['full', "):
+        compare.main(["--old", modeling_rcp_llava.__file__, "--preset", "tiny", "--methods", ",", "--output",
+                      str(tmp_path / "ab.md")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plugin_params_prints_each_count_in_its_column(monkeypatch, capsys):
+    """The table: placement, then pruners (ours, with the authors' unused parameters, the paper's), then adapters and
+    context likewise, in M, for each model (`counts` stubbed: the columns, not the counting, are under test here)."""
+    plugin_params = load_benchmark("plugin_params")
+    stub = {name: {"pruning_layers": [1, i], "repair_layers": [i + 1], "pruners": 1_234_567 * i,
+                   "pruners_paper_count": 2_000_000 * i, "adapters": 3_000_700 * i,
+                   "adapters_paper_count": 4_100_000 * i}
+            for i, name in ((1, "LLaVA-1.5-7B"), (2, "LLaVA-1.5-13B"))}
+    monkeypatch.setattr(plugin_params, "counts", stub.__getitem__)
+    plugin_params.main([])
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| LLaVA-1.5-7B | [1, 1] / [2] | 1.235M | 2.000M | 16.56M | 3.001M | 4.100M | 20.15M |",
+        "| LLaVA-1.5-13B | [1, 2] / [3] | 2.469M | 4.000M | 19.70M | 6.001M | 8.200M | 24.87M |"]
+
+
+def test_baselines_benchmark_schedules():
+    """The schedules the docstring gives: VisPruner and random before the LLM, FastV before layer 2 of 8, attention
+    top-k before layers 1 / 4 / 7 at the paper's 96 / 26 / 8 scaled by budget / 64."""
+    baselines = load_benchmark("baselines_benchmark")
+    for method in ("vispruner", "random"):
+        fields = baselines.method_fields(method, 128)
+        assert (fields["pre_llm_keep_count"], fields["pruning_layers"], fields["pruning_keep_counts"]) == (128, [],
+                                                                                                          None)
+    fastv = baselines.method_fields("fastv", 64)
+    assert (fastv["pruning_layers"], fastv["pruning_keep_counts"], fastv["fastv_query"]) == ([2], [64], "last")
+    for budget, counts in ((192, [288, 78, 24]), (128, [192, 52, 16]), (64, [96, 26, 8])):
+        topk = baselines.method_fields("attention_topk", budget)
+        assert (topk["pruning_layers"], topk["pruning_keep_counts"]) == ([1, 4, 7], counts)
+    assert baselines.method_fields("none", None)["pruning_method"] == "none"
+
+
+def test_baselines_benchmark_table_on_a_scripted_clock(monkeypatch, capsys):
+    """The printed table on a small decoder (8 layers, as the placements need) whose head answers token 0 whatever it
+    sees (VisPruner reads the second-to-last of two vision layers), so every method agrees with the full model on
+    every sample; the clock's n-th reading is n**3 s, so each run's time is known: two warm-up rounds read only a
+    start, then each run reads a start and an end, in order."""
+    import itertools
+    import statistics
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    baselines = load_benchmark("baselines_benchmark")
+
+    def small_config():
+        return RcpLlavaConfig(
+            text_config=LlamaConfig(hidden_size=32, num_hidden_layers=8, num_attention_heads=2, intermediate_size=64,
+                                    vocab_size=1000, pad_token_id=0).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=32, image_size=336, patch_size=14).to_dict(),
+            image_token_index=999, image_seq_length=576, pruning_method="none", pruning_layers=[], repair_layers=[])
+
+    model_class = baselines.RcpLlavaForConditionalGeneration
+
+    def answers_zero(config):
+        model = model_class(config)
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+        return model
+
+    monkeypatch.setattr(baselines, "mid_config", small_config)
+    monkeypatch.setattr(baselines, "RcpLlavaForConditionalGeneration", answers_zero)
+    monkeypatch.setattr(baselines, "time", SimpleNamespace(perf_counter=lambda c=itertools.count(): next(c) ** 3))
+    repeats, runs = 3, 13
+    baselines.main(["--samples", "3", "--batch_size", "2", "--repeats", str(repeats), "--text_tokens", "4",
+                    "--threads", str(torch.get_num_threads())])
+    lines = capsys.readouterr().out.splitlines()
+
+    def median_time(run):  # the reading before its start: 2 warm-up rounds of one reading per run, then two each
+        starts = [2 * runs + 2 * runs * r + 2 * run for r in range(repeats)]
+        return statistics.median((s + 1) ** 3 - s ** 3 for s in starts)
+
+    assert f"full prefill: {median_time(0) * 1e3:.1f} ms" in lines
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    expected = []
+    for i, (method, kept, avg) in enumerate(
+            [("vispruner", 192, 192), ("vispruner", 128, 128), ("vispruner", 64, 64), ("random", 192, 192),
+             ("random", 128, 128), ("random", 64, 64), ("fastv", [192], 288), ("fastv", [128], 240),
+             ("fastv", [64], 192), ("attention_topk", [288, 78, 24], 212), ("attention_topk", [192, 52, 16], 166),
+             ("attention_topk", [96, 26, 8], 119)]):
+        label = ("1/3", "2/9", "1/9")[i % 3]
+        expected.append(f"| {method} | {label} | {kept} | {avg} | 100% | {median_time(i + 1) / median_time(0):.3f} |")
+    assert rows == expected

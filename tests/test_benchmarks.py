@@ -472,10 +472,14 @@ def test_compare_prefill_tells_a_changed_file_apart(tmp_path, monkeypatch):
     source = open(modeling_rcp_llava.__file__).read()
     top_k = "order = torch.sort(scores.masked_fill(~valid, float(\"-inf\")), dim=1, descending=True, stable=True)"
     final_norm = "        hidden = lm.norm(hidden)\n"  # the pruned loops' (the stock forward has its own)
-    assert source.count(top_k) == 1 and source.count(final_norm) == 2
+    reported = "            keep_masks=outputs.keep_masks,\n"  # what the model returns as its kept sets
+    inverted = "            keep_masks=None if outputs.keep_masks is None else ~outputs.keep_masks,\n"
+    assert source.count(top_k) == 1 and source.count(final_norm) == 2 and source.count(reported) == 1
     for name, old_source in (("kept sets", source.replace(top_k, top_k.replace("descending=True", "descending=False"))),
                              # the same kept sets, other logits
-                             ("logits", source.replace(final_norm, "        hidden = lm.norm(hidden) * 2\n"))):
+                             ("logits", source.replace(final_norm, "        hidden = lm.norm(hidden) * 2\n")),
+                             # the same logits, other kept sets reported
+                             ("reported sets", source.replace(reported, inverted))):
         old = tmp_path / f"{name}.py"
         old.write_text(old_source)
         out = tmp_path / f"{name}.md"
@@ -625,3 +629,144 @@ def test_efficiency_schedules_shrink_with_the_budget_on_every_preset():
     assert efficiency.rcp_schedule(4, 144, 128)[2:] == ([34, 10, 2], False)  # [134, 38, 9] / 4, rounded half up
     with pytest.raises(ValueError, match=r"cannot be reached with pruning layers \[1, 3, 6\] .* alone average 72\.0"):
         efficiency.rcp_schedule(efficiency.PRESETS["mid"]["text"]["num_hidden_layers"], 576, 10)
+
+
+def test_selection_profile_summarise_takes_medians_and_splits_floor_from_other():
+    """A point's columns from its jobs' times (s): medians in ms, not means; *floor* = module calls - reused; *other*
+    = selection - module calls. `_by_module` sums the calls over the points by role (layer and pruner index
+    dropped)."""
+    load_benchmark("efficiency")  # what the script imports by name from its own folder
+    profile = load_benchmark("selection_profile")
+    k_proj, visual_proj = "model.language_model.layers.4.self_attn.k_proj", "model.rcp_plugins.pruners.4.visual_proj"
+    record = {"point": 0, "layer": 4, "calls": [(k_proj, (1, 9, 8)), (visual_proj, (1, 5, 8))], "reused_calls": 1}
+    times = {"selection": [0.010, 0.001, 0.004], ("call", 0): [0.002, 0.003, 0.0], ("call", 1): [0.004, 0.001, 0.001],
+             ("reused", 0): [0.0005, 0.003, 0.001]}
+    point = profile.summarise(record, times)
+    assert [(name, shape) for name, shape, _ in point["calls"]] == record["calls"]
+    assert [ms for _, _, ms in point["calls"]] == pytest.approx([2.0, 1.0])
+    assert point["point"] == 0 and point["layer"] == 4 and point["reused_calls"] == 1
+    assert point["selection_ms"] == pytest.approx(4.0) and point["module_calls_ms"] == pytest.approx(3.0)
+    assert point["reused_ms"] == pytest.approx(1.0)
+    assert point["floor_ms"] == pytest.approx(2.0) and point["other_ms"] == pytest.approx(1.0)
+    other = {"calls": [("model.language_model.layers.7.self_attn.k_proj", (1, 4, 8), 0.5),
+                       ("model.rcp_plugins.repair_context.encoder", (1, 4, 8), 0.25)]}
+    assert profile._by_module([point, other]) == pytest.approx({"layer.self_attn.k_proj": 2.5,
+                                                                "pruner.visual_proj": 1.0,
+                                                                "model.rcp_plugins.repair_context.encoder": 0.25})
+
+
+def test_selection_profile_markdown_totals_shares_and_aten_calls():
+    """The table's last row sums the points and gives each part as a share of RCP's prefill (not the ideal's); the
+    aten sentence counts RCP's extra calls in the ideal's decoder layers."""
+    load_benchmark("efficiency")
+    profile = load_benchmark("selection_profile")
+    point = lambda p, ms: {"point": p, "layer": p + 1, "rows": 20, "candidates": 16, "kept": 8,  # noqa: E731
+                           "kept_rows": 12, "selection_ms": 4 * ms, "module_calls_ms": 3 * ms, "reused_ms": ms,
+                           "floor_ms": 2 * ms, "other_ms": ms,
+                           "calls": [("model.language_model.layers.1.self_attn.k_proj", (1, 20, 8), 3 * ms)]}
+    aten = {"rcp": {"total": 1300, "per_layer": 100.0, "layers": 900, "outside": 100,
+                    "points": [{"selection": 200, "prune": 100}]},
+            "ideal": {"total": 1100, "per_layer": 100.0, "layers": 1000, "outside": 100,
+                      "points": [{"selection": None, "prune": 0}]}}
+    result = {"method": "rcp-64", "preset": "tiny", "batch_size": 2, "repeats": 3, "points": [point(0, 1.0),
+                                                                                           point(1, 0.5)],
+              "prefill_ms": {"rcp": 50.0, "ideal": 40.0, "x_ideal": 1.3}, "aten_calls": aten}
+    lines = profile.markdown([result], "python x").splitlines()
+    assert "## Batch size 2: RCP prefill 50.0 ms, ideal 40.0 ms (×ideal 1.30, median of the rounds' ratios)" in lines
+    assert "| 0 | 1 | 20 | 16 | 8 | 12 | 4.00 | 3.00 | 1.00 | 2.00 | 1.00 |" in lines
+    assert ("| all | | | | | | 6.00 (12.0%) | 4.50 (9.0%) | 1.50 (3.0%) | **3.00 (6.0%)** | 1.50 (3.0%) |"
+            in lines)
+    assert "Module calls (ms, summed over the points): layer.self_attn.k_proj 4.50" in lines
+    assert ("Aten calls of one prefill (views included): RCP 1300, ideal 1100 (+200: 2.0 decoder layers' worth at 100 "
+            "per layer). Per pruning point, selection / rest of `prune`: RCP 200 / 100; ideal 0 / 0. In all decoder "
+            "layers: RCP 900, ideal 1000 (RCP's pruning layers read their keys from the prior); outside layers and "
+            "pruning: 100 and 100.") in lines
+
+
+def test_selection_profile_times_on_a_scripted_clock(monkeypatch):
+    """`profile` on a clock whose n-th reading lasts n**2 ms (so a mean, a kept warm-up round or an inverted or
+    unpaired ratio each give other numbers): round 0 is dropped from the prefills and from every job of every point,
+    RCP and the ideal alternate (the ideal first in even rounds), the columns are medians over the rounds and
+    ×ideal the median of the rounds' RCP / ideal. Each job runs what it names: the selection afresh (it projects
+    the keys of every row again; a cached prior made it cheaper than a real one), each recorded call on its input,
+    and the reused norm and keys on the kept rows."""
+    import functools
+
+    efficiency = load_benchmark("efficiency")
+    profile = load_benchmark("selection_profile")
+    state = {"depth": 0, "kind": None, "ran": None}
+
+    def record(name, module, args, output):  # the leaf modules a job runs, with their inputs' shapes
+        if state["ran"] is not None:
+            state["ran"].append((name, tuple(args[0].shape)))
+
+    class Recording(profile.RcpLlavaForConditionalGeneration):
+        def forward(self, *args, **kwargs):
+            state["depth"] += 1
+            if state["depth"] == 1:
+                state["kind"] = "rcp" if kwargs.get("visual_keep_masks") is None else "ideal"
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                state["depth"] -= 1
+
+        def post_init(self):
+            super().post_init()
+            for name, module in self.model.named_modules():  # named as the records name them
+                if next(module.children(), None) is None:
+                    module.register_forward_hook(functools.partial(record, name))
+
+    log = []
+
+    def timed(fn):
+        inside = state["depth"] > 0
+        state["ran"] = [] if inside else None
+        fn()
+        seconds = (len(log) + 1) ** 2 / 1e3
+        log.append(("job", seconds, state["ran"]) if inside else (state["kind"], seconds, None))
+        state["ran"] = None
+        return seconds
+
+    monkeypatch.setattr(profile, "RcpLlavaForConditionalGeneration", Recording)
+    monkeypatch.setattr(profile, "_timed", timed)
+    repeats = 3
+    points, prefill, _ = profile.profile("tiny", 64, 1, repeats)
+    rounds = []
+    for kind, seconds, ran in log:
+        if kind != "job" and (not rounds or rounds[-1]["jobs"]):
+            rounds.append({"order": [], "jobs": []})
+        if kind == "job":
+            rounds[-1]["jobs"].append((seconds, ran))
+        else:
+            rounds[-1]["order"].append(kind)
+            rounds[-1][kind] = seconds
+    assert len(rounds) == repeats + 1
+    assert [r["order"] for r in rounds] == [["ideal", "rcp"], ["rcp", "ideal"], ["ideal", "rcp"], ["rcp", "ideal"]]
+    timed_rounds = rounds[1:]
+    ms = lambda values: statistics.median(values) * 1e3  # noqa: E731
+    assert prefill["rcp"] == pytest.approx(ms([r["rcp"] for r in timed_rounds]))
+    assert prefill["ideal"] == pytest.approx(ms([r["ideal"] for r in timed_rounds]))
+    assert prefill["x_ideal"] == pytest.approx(statistics.median(r["rcp"] / r["ideal"] for r in timed_rounds))
+    hidden = efficiency.build_config("tiny").text_config.hidden_size
+    for r in rounds:
+        start = 0
+        for p in points:
+            size = 1 + len(p["calls"]) + p["reused_calls"]
+            block, start = r["jobs"][start:start + size], start + size
+            selection, calls, reused = block[0], block[1:1 + len(p["calls"])], block[1 + len(p["calls"]):]
+            layer = f"language_model.layers.{p['layer']}."
+            assert (layer + "self_attn.k_proj", (1, p["rows"], hidden)) in selection[1]
+            assert [ran for _, ran in calls] == [[(name, shape)] for name, shape, _ in p["calls"]]
+            assert [ran for _, ran in reused] == [[(layer + "input_layernorm", (1, p["kept_rows"], hidden))],
+                                                  [(layer + "self_attn.k_proj", (1, p["kept_rows"], hidden))]]
+        assert start == len(r["jobs"])
+    for i, p in enumerate(points):
+        blocks = []
+        for r in timed_rounds:
+            start = sum(1 + len(q["calls"]) + q["reused_calls"] for q in points[:i])
+            blocks.append([seconds for seconds, _ in r["jobs"][start:start + 1 + len(p["calls"]) + p["reused_calls"]]])
+        n_calls = len(p["calls"])
+        assert p["selection_ms"] == pytest.approx(ms([b[0] for b in blocks]))
+        assert [c[2] for c in p["calls"]] == pytest.approx([ms([b[1 + j] for b in blocks]) for j in range(n_calls)])
+        assert p["reused_ms"] == pytest.approx(sum(ms([b[1 + n_calls + j] for b in blocks]) for j in range(2)))
+        assert p["floor_ms"] == pytest.approx(p["module_calls_ms"] - p["reused_ms"])

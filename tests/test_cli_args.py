@@ -471,13 +471,16 @@ def test_testbed_report_records_its_own_command(tmp_path):
         tmp_path / "out" / "r.md").read_text()
 
 
-@pytest.mark.parametrize("drop, key", [("test", "test"), ("families", "test.families"), ("preset", "preset")])
+@pytest.mark.parametrize("drop, key", [("test", "test"), ("families", "test.families"), ("preset", "preset"),
+                                       ("n", "validation.n")])
 def test_testbed_report_names_a_missing_metrics_key(tmp_path, drop, key):
     """A metrics.json without "test" was a bare KeyError: 'test'."""
     report = load_benchmark("testbed_report")
     metrics = _metrics()
     if drop == "families":
         del metrics["test"]["families"]
+    elif drop == "n":  # the report prints the validation's sample count
+        del metrics["validation"]["n"]
     else:
         del metrics[drop]
     path = tmp_path / "tb" / "metrics.json"
@@ -521,3 +524,37 @@ def test_efficiency_tag_and_lmms_task_name_refuse_a_path(tmp_path, monkeypatch, 
     assert ("argument --name: must be a file name stem (no folder; put the folder in --write_task), got '../x'"
             in result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_testbed_report_puts_every_number_in_its_cell(tmp_path):
+    """The report's table and sentences, cell by cell: families in name order; test accuracy and chance per family;
+    validation on its own sample count; each pruner's overall and per-family accuracy at each budget (1/3 first)."""
+    report = load_benchmark("testbed_report")
+    metrics = {"preset": "deep", "command": "build", "num_visual_tokens": 144, "evaluated_by": "eval",
+               "build_times": {"training_s": 10.0, "evaluation_s": 2.0},
+               "chance": {"counting": 0.25, "attribute": 0.125},
+               "test": {"overall": 0.75, "n": 40, "families": {"counting": 0.5, "attribute": 0.875}},
+               "validation": {"overall": 0.625, "n": 24, "families": {"counting": 0.0, "attribute": 0.0}},
+               "pruning": {"random": {"1/9": {"overall": 0.3, "kept_visual_tokens": 16,
+                                              "families": {"counting": 0.2, "attribute": 0.4}},
+                                      "1/3": {"overall": 0.6, "kept_visual_tokens": 48,
+                                              "families": {"counting": 0.5, "attribute": 0.7}}},
+                           "oracle": {"1/9": {"overall": 0.7, "kept_visual_tokens": 16.4,
+                                              "families": {"counting": 0.6, "attribute": 0.8}},
+                                      "1/3": {"overall": 0.8, "kept_visual_tokens": 47.6,
+                                              "families": {"counting": 0.9, "attribute": 0.65}}}}}
+    text = report.format_report(metrics, "tb", report_command="report")
+    assert text.splitlines() == [
+        "# Testbed `deep`: tb", "",
+        "Built by: `build`; evaluated by `eval`; reported by `report`",
+        "Build times (s): evaluation_s 2.0, training_s 10.0; total 12 s.", "",
+        "Test accuracy **0.750** on 40 samples (validation 0.625 on 24); N = 144 visual tokens.", "",
+        "| family | attribute | counting |", "|---|---|---|",
+        "| test accuracy | 0.875 | 0.500 |",
+        "| chance | 0.125 | 0.250 |", "",
+        "Input-level pruning before the LLM (overall, then per family; kept tokens per image):", "",
+        "| pruner | budget | kept | overall | attribute | counting |", "|---|---|---|---|---|---|",
+        "| random | 1/3 | 48 | 0.600 | 0.700 | 0.500 |",
+        "| random | 1/9 | 16 | 0.300 | 0.400 | 0.200 |",
+        "| oracle | 1/3 | 48 | 0.800 | 0.650 | 0.900 |",
+        "| oracle | 1/9 | 16 | 0.700 | 0.800 | 0.600 |"]

@@ -820,6 +820,11 @@ def test_testbed_diagnostics_question_forms_and_probes(micro, tmp_path):
     assert sum(n for _, n in forms.values()) == sum(form(q) is not None for q in test["question"])
     assert set(probes) == {"size", "colour", "shape"} and all(0.0 <= v <= 1.0 for v in probes.values())
     assert json.loads((tmp_path / "d.json").read_text())["probes"] == probes
+    # --probe_images 2: the first 2 validation images' objects, not the whole split's
+    diagnostics.main(["--folder", str(folder), "--max_samples", "1", "--probe_images", "2", "--output_dir",
+                      str(tmp_path), "--name", "d2"])
+    objects = [len(row["objects"]) for row in load_from_disk(str(folder / "dataset"))["validation"]]
+    assert json.loads((tmp_path / "d2.json").read_text())["objects"] == sum(objects[:2]) < sum(objects)
     with pytest.raises(FileNotFoundError, match="--model"):
         diagnostics.main(["--folder", str(folder), "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path)])
 
@@ -959,3 +964,201 @@ def test_kept_tokens_per_layer_of_a_row_without_an_image_is_zero():
     assert kept_tokens_per_layer(model.config, out.kept_counts, 2, has_image) == [[16, 8, 4, 4], [0, 0, 0, 0]]
     assert kept_tokens_per_layer(model.config, out.kept_counts, 2)[1] == [16, 0, 0, 0]  # without it, as before
     assert kept_tokens_per_layer(model.config, None, 2, [True, False]) == [[16] * 4, [0] * 4]
+
+
+def test_testbed_diagnostics_form_accuracy_groups_and_scores(monkeypatch):
+    """Accuracy per question form with the predictions stubbed: rows of no form are left out, the rest predicted in
+    batches of `batch_size`, each group's accuracy over its own rows, named in the singular for one word."""
+    import rcp_llava.testbed.evaluate as testbed_evaluate
+
+    diagnostics = load_benchmark("testbed_diagnostics")
+    rows = [{"question": q, "answer": a} for q, a in [
+        ("what colour is the ring?", "red"), ("how many rings are there?", "one"),
+        ("what colour is the small ring?", "blue"), ("what colour is the large ring?", "green"),
+        ("what shape is the red object?", "ring"), ("what size is the blue square?", "small")]]
+    said = {"what colour is the ring?": "red", "how many rings are there?": "one", "what colour is the small ring?":
+            "red", "what colour is the large ring?": "green", "what shape is the red object?": "ring",
+            "what size is the blue square?": "large"}
+    batches = []
+
+    def predict(model, processor, batch):
+        batches.append([r["question"] for r in batch])
+        return [said[r["question"]] for r in batch]
+
+    monkeypatch.setattr(testbed_evaluate, "predict", predict)
+    forms = diagnostics.form_accuracy(None, None, rows, batch_size=2)
+    assert forms == {"asks colour, named by 1 word": (1.0, 1), "asks colour, named by 2 words": (0.5, 2),
+                     "asks shape, named by 1 word": (1.0, 1), "asks size, named by 2 words": (0.0, 1)}
+    assert list(forms) == sorted(forms)
+    assert [len(b) for b in batches] == [2, 2, 1] and "how many rings are there?" not in sum(batches, [])
+
+
+def test_testbed_diagnostics_probe_is_scored_on_the_held_out_quarter():
+    """The first 3/4 follow one rule and the last quarter the opposite one: trained on the first 3/4 and scored on
+    the rest, the probe gets the last quarter wrong (scored on its training rows, or trained on a quarter and scored
+    on the rest, it would look right)."""
+    diagnostics = load_benchmark("testbed_diagnostics")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    y[300:] = 1 - y[300:]
+    assert diagnostics.probe_accuracy(x, y) <= 0.1
+
+
+def test_testbed_diagnostics_object_features_are_mean_and_max_of_the_objects_patches():
+    """Per object: its patches' projected features averaged, then their maximum; labels coded by sorted value; rows
+    fed to the model in chunks of `batch_size`."""
+    from types import SimpleNamespace
+
+    diagnostics = load_benchmark("testbed_diagnostics")
+    features = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2) * torch.tensor([1.0, -1.0])  # (B, N, d)
+    chunks = []
+
+    def image_processor(images, return_tensors):
+        chunks.append(list(images))
+        return {"pixel_values": torch.tensor(images)}
+
+    model = SimpleNamespace(model=SimpleNamespace(get_image_features=lambda pixel_values: features[pixel_values]))
+
+    def obj(patches, size, colour, shape):
+        return {"patches": patches, "size": size, "colour": colour, "shape": shape}
+
+    rows = [{"image": 0, "objects": [obj([0, 2], "small", "red", "ring"), obj([3], "large", "blue", "cross")]},
+            {"image": 1, "objects": []},
+            {"image": 2, "objects": [obj([1, 2, 3], "small", "blue", "ring")]}]
+    x, codes = diagnostics.object_features(model, SimpleNamespace(image_processor=image_processor), rows, batch_size=2)
+    assert chunks == [[0, 1], [2]]
+    expected = []
+    for image, patches in ((0, [0, 2]), (0, [3]), (2, [1, 2, 3])):
+        p = features[image, patches]
+        expected.append(torch.cat([p.mean(0), p.amax(0)]))
+    torch.testing.assert_close(x, torch.stack(expected), rtol=0, atol=0)
+    assert codes == {"size": [1, 0, 1], "colour": [1, 0, 0], "shape": [1, 0, 1]}
+
+
+def test_selection_signal_summary_and_its_table_row():
+    """`summarise`: alive tokens, the evidence's share of them and the share of it the point keeps, and each signal's
+    AUC over all alive tokens and over the dropped ones only; `format_markdown` puts them in that order."""
+    selection_signal = load_benchmark("selection_signal")
+    scores = [0.9, 0.2, 0.8, 0.3, 0.1, 0.4]
+    columns = {s: list(scores) for s in selection_signal.SIGNALS}
+    columns["prior"] = [-v for v in scores]
+    # evidence: tokens 0 and 1; kept: 0 and 2. All: 5 of the 8 (evidence, other) pairs ordered right; dropped
+    # (1, 3, 4, 5): 0.2 above 0.1 only, 1 of 3 (over the kept ones it would be 1 of 1)
+    columns["evidence"] = [True, True, False, False, False, False]
+    columns["kept"] = [True, False, True, False, False, False]
+    summary = selection_signal.summarise({3: columns})
+    row = summary["3"]
+    assert (row["alive"], row["evidence_share"], row["evidence_kept"]) == (6, pytest.approx(1 / 3), 0.5)
+    assert row["g_task"] == {"all": 0.625, "dropped": pytest.approx(1 / 3)}
+    assert row["prior"] == {"all": 0.375, "dropped": pytest.approx(2 / 3)}
+    cells = " | ".join("0.375 (0.667)" if s == "prior" else "0.625 (0.333)" for s in selection_signal.SIGNALS)
+    assert f"| 3 | 6 | 0.333 | 0.500 | {cells} |" in selection_signal.format_markdown(summary, "c", 1, "m").splitlines()
+
+
+def _two_point_rcp(folder):
+    """An RCP model on the micro testbed's vision tower and processor with a 4-layer decoder (random weights):
+    points before layers 1 and 2 keeping 32, then 16 of the 64 visual tokens."""
+    from transformers import AutoConfig
+
+    from configuration_rcp_llava import RcpLlavaConfig
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    fields = {k: v for k, v in AutoConfig.from_pretrained(folder / "model").to_dict().items()
+              if k not in ("model_type", "architectures")}
+    fields["text_config"]["num_hidden_layers"] = 4
+    config = RcpLlavaConfig(**fields, pruning_layers=[1, 2], pruning_keep_counts=[32, 16], repair_layers=[3],
+                            pruner_hidden_size=8, repair_bottleneck_size=8)
+    torch.manual_seed(0)
+    return RcpLlavaForConditionalGeneration(config).eval()
+
+
+def test_selection_signal_columns_at_two_pruning_points(micro, monkeypatch):
+    """`collect` at two points: a point's columns cover the tokens alive before it (all 64, then the 32 the first
+    point kept), its kept flags are the tokens it keeps, and g_task / g_repair are minus the gradients of the task and
+    of the repair loss with respect to its cumulative mask M(p) (here both losses stubbed: fixed, different weightings
+    of M at the second point, so that the gradient there is known exactly)."""
+    from datasets import load_from_disk
+    from transformers import AutoProcessor
+
+    import modeling_rcp_llava as M
+    import train_rcp
+
+    selection_signal = load_benchmark("selection_signal")
+    root, folder = micro
+    model = _two_point_rcp(folder)
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(3))
+    masks, prune_mask = {}, M.PrunedPrefill._prune_mask
+
+    def capture(self, layer_idx, *args, **kwargs):  # M(p) as the pruning left it
+        out = prune_mask(self, layer_idx, *args, **kwargs)
+        masks[layer_idx] = self.soft_alive
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"g_task": torch.randn(3, 64, generator=g), "g_repair": torch.randn(3, 64, generator=g)}
+    monkeypatch.setattr(M.PrunedPrefill, "_prune_mask", capture)
+    monkeypatch.setattr(train_rcp, "task_loss", lambda logits, labels: (masks[2] * weights["g_task"]).sum())
+    monkeypatch.setattr(train_rcp, "w2_repair_loss",
+                        lambda student, teacher, answer_mask: (masks[2] * weights["g_repair"]).sum())
+    table = selection_signal.collect(model, AutoProcessor.from_pretrained(folder / "model"), rows, batch_size=3)
+    assert sorted(table) == [1, 2]
+    assert all(len(column) == 3 * 64 for column in table[1].values())
+    assert all(len(column) == 3 * 32 for column in table[2].values())
+    assert torch.tensor(table[1]["kept"]).view(3, 64).sum(1).tolist() == [32, 32, 32]
+    assert torch.tensor(table[2]["kept"]).view(3, 32).sum(1).tolist() == [16, 16, 16]
+    alive = masks[1].detach() > 0.5  # before the second point: what the first kept
+    assert alive.sum(1).tolist() == [32, 32, 32]
+    for signal, w in weights.items():
+        torch.testing.assert_close(torch.tensor(table[2][signal]), -w[alive], rtol=0, atol=0)
+    evidence = torch.zeros(3, 64, dtype=torch.bool)
+    for i in range(3):
+        evidence[i, list(rows[i]["evidence_patches"])] = True
+    assert torch.tensor(table[2]["evidence"]).bool().tolist() == evidence[alive].tolist()
+
+
+def test_selection_signal_teacher_question_is_the_question_rows_mean_attention(micro):
+    """"teacher question": the frozen model's attention at the pruning layer from the question tokens to each visual
+    token, averaged over heads and over the question rows, as the stock model's eager attention reports it (causal:
+    the answer after the question changes nothing)."""
+    from datasets import load_from_disk
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+    from rcp_llava.data import RcpDataCollator
+
+    selection_signal = load_benchmark("selection_signal")
+    root, folder = micro
+    model = RcpLlavaForConditionalGeneration.from_pretrained(root / "rcp").eval()
+    processor = AutoProcessor.from_pretrained(root / "rcp")
+    rows = load_from_disk(str(folder / "dataset"))["test"].select(range(3))
+    table = selection_signal.collect(model, processor, rows, batch_size=3)[1]
+    inputs = RcpDataCollator(processor)(list(rows))
+    stock = LlavaForConditionalGeneration.from_pretrained(folder / "model", attn_implementation="eager").eval()
+    with torch.no_grad():
+        attentions = stock(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "position_ids")},
+                           output_attentions=True).attentions[1]  # (B, H, T, T)
+    question = torch.tensor(table["teacher question"]).view(3, 64)
+    for b in range(3):
+        image = inputs["input_ids"][b] == stock.config.image_token_index
+        rows_b = inputs["question_mask"][b].bool()
+        expected = attentions[b][:, rows_b][:, :, image].mean(0).mean(0)
+        torch.testing.assert_close(question[b], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_selection_signal_refuses_a_model_that_is_not_rcp(micro, tmp_path):
+    """The signals are RCP's (its pruner's gradients and logits): a model saved with another method is refused."""
+    from transformers import AutoProcessor
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    selection_signal = load_benchmark("selection_signal")
+    root, folder = micro
+    other = RcpLlavaForConditionalGeneration.from_pretrained(root / "rcp", pruning_method="random",
+                                                             pruning_keep_counts=[16])
+    other.save_pretrained(tmp_path / "random")
+    AutoProcessor.from_pretrained(root / "rcp").save_pretrained(tmp_path / "random")
+    with pytest.raises(ValueError, match=r"prunes with 'random'; pass an RCP model\.$"):
+        selection_signal.main(["--model", str(tmp_path / "random"), "--data", str(folder / "dataset"), "--split",
+                               "test", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

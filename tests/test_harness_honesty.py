@@ -354,3 +354,62 @@ def test_prefill_benchmark_selection_flops_are_the_measured_overhead():
     overhead = counter.get_total_flops() - llava_flops(config, num_text_tokens=t,
                                                        decoder_tokens_per_layer=schedule).total
     assert prefill.selection_flops(config, t, [n, *counts[:-1]], counts) == pytest.approx(overhead, rel=0.01)
+
+
+def test_prefill_benchmark_selection_flops_scale_with_the_batch():
+    prefill = load_benchmark("prefill_benchmark")
+    config = prefill.mid_config(prefill.scaled_layers(8), [96, 26, 8])
+    one = prefill.selection_flops(config, 40, [576, 96, 26], [96, 26, 8])
+    assert one > 0 and prefill.selection_flops(config, 40, [576, 96, 26], [96, 26, 8], batch_size=3) == 3 * one
+
+
+def test_prefill_benchmark_report_on_a_scripted_clock(monkeypatch, capsys):
+    """The printed report (a narrower decoder), on a clock that advances one second per reading: a stock or
+    unpruned prefill lasts 1 s, a pruned one 7 s (its three selections 1 s each, read inside it). So the time ratio
+    is 7, the overhead 3 s of the pruned prefill's 7; the analytic numbers are `rcp_llava.flops`'s for the schedule
+    the report prints, the selection FLOPs those of the tokens entering each point (576 / 96 / 26), and the KV
+    cache ratio the schedule's."""
+    import itertools
+    from types import SimpleNamespace
+
+    import torch
+
+    from rcp_llava.flops import llava_flops, schedule_tokens_per_layer
+
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from configuration_rcp_llava import RcpLlavaConfig
+
+    prefill = load_benchmark("prefill_benchmark")
+
+    def narrow_config(pruning_layers, keep_counts, num_layers=8):  # mid_config's, narrower: a quick run
+        return RcpLlavaConfig(
+            text_config=LlamaConfig(hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+                                    intermediate_size=128, vocab_size=1000, pad_token_id=0).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, image_size=336, patch_size=14).to_dict(),
+            image_token_index=999, image_seq_length=576, pruning_layers=pruning_layers,
+            repair_layers=[num_layers - 2], pruning_keep_counts=keep_counts, pruner_hidden_size=8,
+            repair_bottleneck_size=8)
+
+    monkeypatch.setattr(prefill, "mid_config", narrow_config)
+    monkeypatch.setattr(prefill, "time", SimpleNamespace(perf_counter=itertools.count().__next__))
+    t, layers, counts = 8, [1, 2, 3], [96, 26, 8]
+    prefill.main(["--repeats", "1", "--text_layers", "4", "--text_tokens", str(t), "--threads",
+                  str(torch.get_num_threads())])
+    out = capsys.readouterr().out
+    config = prefill.mid_config(layers, counts, 4)
+    schedule = schedule_tokens_per_layer(4, t, 576, layers, counts)
+    full, pruned = llava_flops(config, num_text_tokens=t).total, llava_flops(
+        config, num_text_tokens=t, decoder_tokens_per_layer=schedule).total
+    select = prefill.selection_flops(config, t, [576, 96, 26], counts)
+    assert f"schedule: pruners before layers {layers} keep {counts}; tokens per layer {schedule} (full 584)" in out
+    assert "measured prefill-time ratio pruned/full: 7.000\n" in out
+    assert f"analytic FLOPs ratio pruned/full:        {pruned / full:.3f}\n" in out
+    assert f"time ratio / FLOPs ratio:                {7 / (pruned / full):.3f}   (target <= 1.15)" in out
+    assert "pruner overhead: 3000.00 ms = 42.9% of the pruned prefill (target < 5%)" in out
+    assert f"{select / 1e9:.2f} GFLOPs = {select / pruned:.1%} of the pruned prefill's FLOPs" in out
+    assert f"time ratio / FLOPs ratio with the selection FLOPs counted: {7 / ((pruned + select) / full):.3f}" in out
+    assert f"KV cache pruned/full: {sum(schedule) / (4 * 584):.3f}; loop overhead of the RCP model vs stock LLaVA " \
+           "with pruning off: 1.000x" in out
+    assert "| RCP 64-token schedule  |     7000.0 |" in out and "| stock LLaVA            |     1000.0 |" in out
