@@ -4,6 +4,7 @@ dataset ids, tags, cards of every pruning method, train_rcp.py's dataset name, a
 
 import json
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -669,3 +670,95 @@ def test_a_root_card_is_pushed_to_the_resolved_repo(tmp_path, online, monkeypatc
         hub.push_model_card(path, "me/rcp")
     assert str(err.value).endswith(f"Push it later with `push_model_card({str(path)!r}, 'me/rcp')` or "
                                    f"`hf upload me/rcp {path} README.md`.")
+
+
+@pytest.mark.parametrize("subfolder", ["", "../budget_1_9", "/budget_1_9"])
+def test_a_sets_card_checks_its_subfolder_before_anything_else(subfolder, monkeypatch):
+    """A set card's `subfolder` is a folder inside the repo: '' (the repo's root is `subfolder=None`), a '..' or an
+    absolute path gave a snippet loading the plug-ins from no folder of the repo. It is refused before the base
+    model's license is looked up (a Hub request), by the card and by its snippet alike."""
+    monkeypatch.setattr(hub, "base_model_license", lambda base: pytest.fail("looked up the base model's license"))
+    message = rf"^`subfolder={re.escape(repr(subfolder))}` is not a folder inside the repo"
+    with pytest.raises(ValueError, match=message):
+        hub.build_model_card(demo.demo_config(), "me/rcp", base_model="llava-hf/llava-1.5-7b-hf", plugins_only=True,
+                             subfolder=subfolder)
+    with pytest.raises(ValueError, match=message):
+        hub.usage_snippet("me/rcp", plugins_only=True, subfolder=subfolder)
+
+
+def test_a_sets_card_names_the_folder_it_loads_from():
+    """A set card (one set per budget in one repo) says where its set lives, loads it from there, and is titled
+    NAME/SUBFOLDER; without a subfolder nothing of it appears."""
+    built = card(plugins_only=True, base_model="llava-hf/llava-1.5-7b-hf", subfolder="sets/budget_1_9")
+    meta = built.data.to_dict()
+    assert meta["model_name"] == "x/sets/budget_1_9" and meta["rcp_llava"]["subfolder"] == "sets/budget_1_9"
+    assert ("They live in the folder `sets/budget_1_9` of the repo, beside the sets of other budgets (the repo's own "
+            "README.md lists them).") in built.text
+    assert "from_base(base_id, plugins='u/x', subfolder='sets/budget_1_9')" in built.text
+    root = card(plugins_only=True, base_model="llava-hf/llava-1.5-7b-hf")
+    assert root.data.to_dict()["model_name"] == "x" and "subfolder" not in root.data.to_dict()["rcp_llava"]
+    assert "They live in the folder" not in root.text and "from_base(base_id, plugins='u/x')" in root.text
+
+
+def test_the_budgets_cards_row_is_the_sets_own_result():
+    """A set's row shows its own result (not a baseline listed before it, e.g. the full model) and its measured kept
+    tokens (`average_kept_tokens`, where its entries have none); a '|' stays in its cell; a budget given as a number
+    is listed under its text, as YAML keys are read back."""
+    results = {"results": [{"dataset": "VQAv2", "metric": "accuracy", "value": 0.9, "method": "full model",
+                            "baseline": True},
+                           {"dataset": "vqa|val", "metric": "accuracy", "value": 0.5}],
+               "average_kept_tokens": 6.5}
+    built = hub.build_budgets_card("me/rcp", [(64, "budget_64", results)], license="llama2")
+    assert set_rows(built.text) == [r"| 64 | `budget_64` | 6.5 | vqa\|val | accuracy | 0.5 |"]
+    assert built.data.to_dict()["rcp_llava"]["budgets"] == {"64": "budget_64"}
+
+
+def test_the_budgets_card_takes_the_base_models_license(tmp_path):
+    """As a set's card does (`base_model_license`): without `license=`, the root card takes the local base's."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n", encoding="utf-8")
+    assert hub.build_budgets_card("me/rcp", budget_sets()[:1], base_model=str(base)).data.license == "apache-2.0"
+    given = hub.build_budgets_card("me/rcp", budget_sets()[:1], base_model=str(base), license="mit")
+    assert given.data.license == "mit"
+
+
+def test_a_plugin_sets_folder_in_the_repo_is_checked_before_anything_else(tmp_path, online):
+    """`push_rcp_folder(path_in_repo=...)` with a '..' or an absolute path would upload outside the repo's folders
+    (or nowhere): refused before the card is written or the Hub is called."""
+    folder = tmp_path / "budget_1_9"
+    demo.build_demo_model().save_plugins(folder)
+    for bad in ("../budget_1_9", "/budget_1_9", ""):
+        api, written = FakeApi(), []
+        with pytest.raises(ValueError, match=rf"^`path_in_repo={re.escape(repr(bad))}` is not a folder inside the "
+                                             r"repo"):
+            hub.push_rcp_folder(folder, "me/rcp", plugins_only=True, api=api, path_in_repo=bad, card=written.append)
+        assert api.calls == [] and written == []
+
+
+def test_a_root_card_push_without_network_is_a_clear_error(tmp_path, online):
+    """The Hub not answering (a connection error) is `HubUnreachableError`, naming the call that pushes the card
+    later, as for a plug-in folder; the token reaches the upload."""
+    path = tmp_path / "README.md"
+    path.write_text("card", encoding="utf-8")
+    uploads = []
+
+    class Api:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def create_repo(self, repo_id, **kwargs):
+            if self.fail:
+                raise ConnectionError("no route to host")
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_file(self, **kwargs):
+            uploads.append(kwargs)
+            return "commit"
+
+    with pytest.raises(hub.HubUnreachableError, match=r"^Cannot reach the Hub to push the card .*README.md' to "
+                                                      r"'me/rcp' \(ConnectionError: no route to host\)\. Push it "
+                                                      r"again once online with `push_model_card\("):
+        hub.push_model_card(path, "me/rcp", api=Api(fail=True))
+    assert hub.push_model_card(path, "me/rcp", api=Api(fail=False), token="hf_x") == "commit"
+    assert uploads[0]["token"] == "hf_x" and uploads[0]["path_in_repo"] == "README.md"

@@ -758,6 +758,166 @@ def test_a_crop_into_a_pruned_prompt_is_refused():
     assert cache.get_seq_length() == seen - 2
 
 
+def test_a_crop_follows_the_draft_left_and_the_tokens_decoded_after_it():
+    """Cropping part of a verified draft leaves the rest of it croppable, and no more: the prefill's draft length
+    shrinks with each cut (left as it was, a later crop went into the prompt unrefused). A crop of decoded tokens only
+    leaves the prefill's state as it is (its segments' key masks, read with padding), so the next step decodes as
+    after the prompt and the draft's first token alone."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    bsz, length = ids.shape
+    draft = torch.randint(3, 90, (bsz, 3), generator=torch.Generator().manual_seed(1))
+    first, second = torch.tensor([[7]] * bsz), torch.tensor([[8]] * bsz)
+
+    def grown(n):
+        return torch.cat([mask, torch.ones(bsz, n, dtype=mask.dtype)], dim=1)
+
+    with torch.no_grad():
+        answer = torch.zeros(bsz, length + 3, dtype=torch.bool)
+        answer[:, length - 1:] = True
+        cache = model(input_ids=torch.cat([ids, draft], dim=1), attention_mask=grown(3), pixel_values=pixels,
+                      answer_mask=answer, use_cache=True).past_key_values
+        cache.crop(-2)  # the draft's last two tokens: its first stays
+        model(input_ids=first, attention_mask=grown(2), past_key_values=cache)
+        cache.crop(-1)  # the decoded token alone
+        ours = model(input_ids=second, attention_mask=grown(2), past_key_values=cache).logits
+        alone = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True).past_key_values
+        model(input_ids=draft[:, :1], attention_mask=grown(1), past_key_values=alone)
+        theirs = model(input_ids=second, attention_mask=grown(2), past_key_values=alone).logits
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        with pytest.raises(ValueError, match=r"^`crop` would remove 3 tokens from a cache filled by a pruned prefill: "
+                                             r"1 decoded after it and 1 of its prompt"):
+            cache.crop(-3)
+        assert [layer.get_seq_length() for layer in cache.layers] == lengths
+        cache.crop(-2)  # the decoded token and the draft's first
+        assert cache.get_seq_length() == length
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_draft_after_a_prompt_that_ends_on_its_image_is_refused_as_the_prompt_alone(name):
+    """A prompt that ends on its image is refused (a pruner could drop its last token, whose logits generation
+    reads). With a draft verified after it (`answer_mask` from that token, as assisted decoding passes it), the
+    draft's last token is the last valid one: the check must read the prompt's end, not the draft's."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    batch = make_batch([(5, 0, True), (3, 2, True)])
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    bsz, length = ids.shape
+    draft = torch.randint(3, 90, (bsz, 3), generator=torch.Generator().manual_seed(2))
+    answer = torch.zeros(bsz, length + 3, dtype=torch.bool)
+    answer[:, length - 1:] = True
+    message = r"^Row 0 of the batch ends on its image: a pruner could drop the last prompt token"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(input_ids=torch.cat([ids, draft], dim=1), attention_mask=torch.cat([mask, torch.ones_like(draft)], 1),
+              pixel_values=pixels, answer_mask=answer)
+
+
+def test_generation_grows_the_given_masks_over_the_draft():
+    """Assisted decoding's first forward runs the prompt with the draft appended: `prepare_inputs_for_generation`
+    grows a given `question_mask` (a drafted token is no question token) and `answer_mask` (it is an answer position)
+    to the sequence, as `_update_model_kwargs_for_generation` does per generated token. Masks as long as the sequence
+    pass as given."""
+    model = make_model()
+    batch = make_batch(SINGLE)
+    ids = batch["input_ids"]
+    length = ids.shape[1]
+    question = torch.zeros(1, length, dtype=torch.bool)
+    question[:, -3:] = True
+    answer = torch.zeros(1, length, dtype=torch.bool)
+    answer[:, -1] = True
+    longer = torch.cat([ids, torch.tensor([[5, 6, 7]])], dim=1)
+    inputs = model.prepare_inputs_for_generation(longer, attention_mask=torch.ones_like(longer),
+                                                 pixel_values=batch["pixel_values"], question_mask=question,
+                                                 answer_mask=answer, is_first_iteration=True)
+    assert torch.equal(inputs["question_mask"], torch.cat([question, torch.zeros(1, 3, dtype=torch.bool)], dim=1))
+    assert torch.equal(inputs["answer_mask"], torch.cat([answer, torch.ones(1, 3, dtype=torch.bool)], dim=1))
+    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), question_mask=question,
+                                                 answer_mask=answer, is_first_iteration=True)
+    assert inputs["question_mask"] is question and inputs["answer_mask"] is answer
+
+
+def test_with_labels_a_given_answer_mask_does_not_end_the_prompt():
+    """Only without labels does an `answer_mask` end the prompt (a draft verified with it); with labels they say where
+    the prompt ends. A caption labelled right after its image, with the answer mask its labels imply passed
+    explicitly, is run as without it (taken as the prompt's end, its last image token was refused as a prompt that
+    ends on its image)."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(SINGLE)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -4:] = batch["input_ids"][:, -4:]  # the 4 tokens after the image
+    answer = torch.zeros_like(labels, dtype=torch.bool)
+    answer[:, :-1] = labels[:, 1:] != -100  # the default: the last image token on
+    with torch.no_grad():
+        ref = model(**batch, labels=labels)
+        out = model(**batch, labels=labels, answer_mask=answer)
+    assert torch.equal(out.keep_masks, ref.keep_masks) and torch.equal(out.loss, ref.loss)
+
+
+@pytest.mark.parametrize("name", ["rcp", "fastv"])
+def test_an_answer_mask_on_padding_does_not_end_the_prompt(name):
+    """The first answer position ends the prompt among the row's tokens only: a mask built over the padded batch
+    (True on the padding too, and on each row's last token) selects as the default one (the last token alone), not
+    as a prompt ending on the left padding."""
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    batch = make_batch(PADDED)
+    answer = batch["attention_mask"] == 0
+    answer[:, -1] = True
+    with torch.no_grad():
+        ref = model(**batch)
+        out = model(**batch, answer_mask=answer)
+    assert (batch["attention_mask"] == 0).any() and torch.equal(out.keep_masks, ref.keep_masks)
+    torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], rtol=0, atol=1e-6)
+
+
+def test_a_crop_is_refused_past_the_shortest_draft_of_the_batch():
+    """A crop cuts every row alike: rows whose drafts begin at different positions (`answer_mask`) can lose no more
+    than the shortest draft, past which a row's prompt would be cut; once that row is dropped from the batch, the
+    others' longer drafts can go."""
+    model = make_model(randomize_plugins=True)
+    batch = make_batch(PADDED)
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    bsz, length = ids.shape
+    draft = torch.randint(3, 90, (bsz, 3), generator=torch.Generator().manual_seed(1))
+    answer = torch.zeros(bsz, length + 3, dtype=torch.bool)
+    answer[:, length - 2:] = True  # rows 1 and 2: a 4-token draft (the prompt's last token in it)
+    answer[0, length - 2] = False  # row 0: the 3 tokens appended
+    with torch.no_grad():
+        cache = model(input_ids=torch.cat([ids, draft], dim=1), attention_mask=torch.cat([mask, torch.ones_like(draft)],
+                      dim=1), pixel_values=pixels, answer_mask=answer, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"^`crop` would remove 4 tokens from a cache filled by a pruned prefill: 0 "
+                                         r"decoded after it and 1 of its prompt"):
+        cache.crop(-4)
+    cache.batch_select_indices(torch.tensor([1, 2]))  # the draft lengths follow the rows kept
+    cache.crop(-4)
+    assert cache.get_seq_length() == length - 1
+
+
+def test_assisted_decoding_keeps_a_given_answer_mask():
+    """`generate(answer_mask=...)` with an assistant: the caller's mask ends the prompt (here two tokens before its
+    last), as in greedy decoding, and is not replaced by the default (the prompt's last token), which selects
+    otherwise (FastV reads the attention of the prompt's end)."""
+    model = make_model(randomize_plugins=True, **METHODS["fastv"])
+    model.generation_config.pad_token_id = 0
+    assistant = make_model(seed=10, pruning_method="none", pruning_layers=None, repair_layers=None,
+                           pruning_keep_counts=None)
+    assistant.generation_config.update(pad_token_id=0, num_assistant_tokens=4, num_assistant_tokens_schedule="constant",
+                                       assistant_confidence_threshold=0.0)
+    batch = make_batch(SINGLE)
+    answer = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    answer[:, -3:] = True
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, answer_mask=answer)
+    with torch.no_grad():
+        ref = model.generate(**batch, **greedy)
+        ref_masks = model.last_pruning_info.keep_masks
+        model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert not torch.equal(model.last_pruning_info.keep_masks, ref_masks)  # the mask given selects otherwise
+        out = model.generate(**batch, **greedy, assistant_model=assistant)
+    assert torch.equal(model.last_pruning_info.keep_masks, ref_masks) and torch.equal(out, ref)
+
+
 def test_none_decodes_with_prompt_lookup_as_stock():
     model, stock = none_and_stock()
     for m in (model, stock):

@@ -1092,18 +1092,14 @@ def test_push_to_hub_offline_writes_the_card_and_fails_clearly(tmp_path, monkeyp
     assert (out / "plugins" / "README.md").exists()
 
 
-def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkeypatch):
-    """The job's push ignored --hub_revision (it went to main), and a bare --hub_model_id (transformers' Trainer
-    takes one) was uploaded to as given while create_repo made user/NAME, the card's snippet naming the bare name.
-    --budgets with --push_to_hub pushed every budget to the same repo root, each replacing the one before (then it
-    was refused): each set now goes into a folder of its own, its card loading from it, under a root card that
-    lists them; a full model per budget stays refused."""
+def _fake_hub(monkeypatch):
+    """Replace `huggingface_hub.HfApi` by a fake that records its calls (returned, a list): `create_repo` resolves a
+    bare name to `me/NAME`; each upload records its repo, revision, the card it sends (a `ModelCard`), its
+    path_in_repo and, for a folder, the folder's files and allow_patterns."""
     from types import SimpleNamespace
 
     import huggingface_hub
     from huggingface_hub import ModelCard, constants
-
-    from rcp_llava.testbed import build_testbed
 
     calls = []
 
@@ -1129,6 +1125,18 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    return calls
+
+
+def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkeypatch):
+    """The job's push ignored --hub_revision (it went to main), and a bare --hub_model_id (transformers' Trainer
+    takes one) was uploaded to as given while create_repo made user/NAME, the card's snippet naming the bare name.
+    --budgets with --push_to_hub pushed every budget to the same repo root, each replacing the one before (then it
+    was refused): each set now goes into a folder of its own, its card loading from it, under a root card that
+    lists them; a full model per budget stays refused."""
+    from rcp_llava.testbed import build_testbed
+
+    calls = _fake_hub(monkeypatch)
     folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
     argv = ["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
             "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8",
@@ -1150,6 +1158,8 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
         train_rcp.main([a for a in sweep if a != "--push_plugins_only"])
     with pytest.raises(ValueError, match="^--push_to_hub needs --hub_model_id"):  # the sweep names no repo either
         train_rcp.main([a for a in sweep if a not in ("--hub_model_id", "rcp-micro")])
+    with pytest.raises(ValueError, match="^--push_to_hub needs --hub_model_id"):  # an empty one names no repo
+        train_rcp.main(["" if a == "rcp-micro" else a for a in sweep])
     assert not (tmp_path / "sweep").exists()  # refused before anything ran
     calls.clear()
     train_rcp.main(sweep)
@@ -1177,6 +1187,62 @@ def test_push_to_hub_goes_to_the_resolved_repo_and_hub_revision(tmp_path, monkey
         assert row in text, row
     assert "plugins='me/rcp-micro', subfolder='budget_1_2')" in text
     assert (tmp_path / "sweep" / "README.md").read_text(encoding="utf-8") == str(root_card[3])  # written locally too
+
+
+def test_a_resumed_sweep_pushes_the_budget_it_kept_from_an_earlier_run(tmp_path, monkeypatch, capsys):
+    """A --budgets sweep resumed with --push_to_hub --push_plugins_only, one budget finished (without a checkpoint)
+    by an earlier run: that set is kept, not trained again, and must still go up into its folder with its own card
+    and be listed in the root card (dropping kept sets from the push left the root card naming a folder never
+    uploaded). The kept set's card is its own run's: its config, base, and the steps it took by epochs (this run's
+    --max_steps is -1); the --model_card_license goes on every card. The base moved since the earlier run: each set's
+    card names its own, the root card none (the sets were trained on two)."""
+    import shutil
+
+    from rcp_llava.testbed import build_testbed
+
+    calls = _fake_hub(monkeypatch)
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    sweep, moved = tmp_path / "sweep", tmp_path / "moved" / "model"
+    argv = ["--dataset_name_or_path", str(folder / "dataset"), "--pruning_layers", "1", "--repair_layers", "1",
+            "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8", "--output_dir", str(sweep), "--max_steps",
+            "-1", "--num_train_epochs", "1", "--max_train_samples", "4", "--per_device_train_batch_size", "2",
+            "--report_to", "none", "--use_cpu", "--max_eval_samples", "2", "--save_strategy", "no"]
+    first = train_rcp.main(argv + ["--base_model", str(folder / "model"), "--budgets", "1/2"])  # not pushed
+    assert calls == [] and first["1/2"]["max_steps"] == 2  # 4 examples, batch 2, one epoch
+    plugins = (sweep / "budget_1_2" / "plugins" / "rcp_plugins.safetensors").read_bytes()
+    shutil.copytree(folder / "model", moved)
+    capsys.readouterr()
+    results = train_rcp.main(argv + ["--base_model", str(moved), "--budgets", "1/2,1/4", "--resume_from_checkpoint",
+                                     "last", "--push_to_hub", "--hub_model_id", "rcp-micro", "--hub_revision", "v2",
+                                     "--push_plugins_only", "--model_card_license", "mit"])
+    assert "budget 1/2 finished before" in capsys.readouterr().out  # kept, not trained again
+    assert (sweep / "budget_1_2" / "plugins" / "rcp_plugins.safetensors").read_bytes() == plugins
+    assert results["1/2"] == first["1/2"] and json.loads((sweep / "budgets.json").read_text()) == results
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    assert [(c[1], c[2], c[4]) for c in uploads] == [("me/rcp-micro", "v2", "budget_1_2"),
+                                                     ("me/rcp-micro", "v2", "budget_1_4")]
+    for upload, label, base in zip(uploads, ("1/2", "1/4"), (folder / "model", moved)):
+        name = train_rcp.budget_folder_name(label)
+        assert upload[5] == ["README.md", "rcp_config.json", "rcp_plugins.safetensors"]  # the set's own plug-ins
+        card, meta = upload[3], upload[3].data.to_dict()
+        assert meta["model_name"] == f"rcp-micro/{name}" and meta["rcp_llava"]["subfolder"] == name
+        assert f"from_base(base_id, plugins='me/rcp-micro', subfolder='{name}')" in card.text
+        assert meta["rcp_llava"]["visual_token_budget"] == results[label]["visual_token_budget"]
+        assert meta["rcp_llava"]["average_kept_visual_tokens"] == round(
+            results[label]["rcp"]["avg_visual_tokens_per_layer"], 1)
+        assert meta["rcp_llava"]["base_model_path"] == str(base) and meta["license"] == "mit"
+        assert "- `max_steps`: 2\n" in card.text  # the steps its epoch took, not -1
+    assert results["1/2"]["visual_token_budget"] != results["1/4"]["visual_token_budget"]
+    root = calls[-1]
+    assert root[:3] == ("upload_file", "me/rcp-micro", "v2") and root[4] == "README.md"
+    meta = root[3].data.to_dict()
+    assert meta["rcp_llava"]["budgets"] == {"1/2": "budget_1_2", "1/4": "budget_1_4"} and meta["license"] == "mit"
+    assert "base_model_path" not in meta["rcp_llava"] and "a LLaVA base model that was not recorded" in root[3].text
+    for label in ("1/2", "1/4"):
+        rcp = results[label]["rcp"]
+        row = (f"| {label} | `{train_rcp.budget_folder_name(label)}` | {rcp['avg_visual_tokens_per_layer']:.4g} | "
+               f"{results[label]['dataset']} | accuracy | {rcp['accuracy']:.4g} |")
+        assert row in root[3].text, row
 
 
 def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split(tmp_path, monkeypatch):
