@@ -1503,8 +1503,12 @@ def push_budget_sets(root, sets, job, args):
 
     for label, folder, metrics in sets:
         config = AutoConfig.from_pretrained(os.path.join(folder, "model"))
-        push_output(config, folder, metrics.get("base_model"), args, plugins_only=True, license=job.model_card_license,
-                    max_steps=metrics.get("max_steps"), subfolder=os.path.basename(folder))
+        # The set's own run's settings: a budget kept from an earlier run was trained with that run's flags, not this
+        # one's (its card stated this run's seed and learning rate). A metrics.json written before they were recorded
+        # holds its seed and steps only, and the card states just those.
+        settings = metrics.get("training_args") or {k: metrics[k] for k in ("max_steps", "seed") if k in metrics}
+        push_output(config, folder, metrics.get("base_model"), args, settings, plugins_only=True,
+                    license=job.model_card_license, subfolder=os.path.basename(folder))
         print(f"[train_rcp] --budgets: budget {label}'s plug-ins pushed to {args.hub_model_id} "
               f"({os.path.basename(folder)}/).", flush=True)
     bases = {metrics.get("base_model") for _, _, metrics in sets}
@@ -1732,6 +1736,7 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
                # --llava_json file has a train split only), for the model card (rcp_llava.hub)
                "dataset": job.llava_json or job.dataset_name_or_path or f"rcp-llava testbed ({job.testbed_preset})",
                "test_split": job.test_split, "evaluated_split": test_name}
+    metrics["training_args"] = card_training_args(args, metrics["max_steps"])  # what its model card states
     if trainer is not None:
         metrics["grad_norm"] = grad_norm_summary(trainer.grad_norms)
     if calibration is not None:
@@ -1752,8 +1757,8 @@ def _evaluate_and_save(model, processor, splits, collator, job, args, base_model
     _write_json(os.path.join(out, "metrics.json"), metrics)
     print(format_report(metrics), flush=True)
     if push:
-        push_output(model, out, base_model, args, plugins_only=job.push_plugins_only, license=job.model_card_license,
-                    max_steps=metrics["max_steps"])
+        push_output(model, out, base_model, args, metrics["training_args"], plugins_only=job.push_plugins_only,
+                    license=job.model_card_license)
     return metrics
 
 
@@ -1816,17 +1821,26 @@ def save_job_folders(model, processor, out, overwrite=False):
     processor.save_pretrained(os.path.join(out, "model"))
 
 
-def push_output(model, out, base_model, args, plugins_only=False, license=None, max_steps=None, subfolder=None):
+CARD_TRAINING_ARGS = ("learning_rate", "max_steps", "per_device_train_batch_size", "seed", "lambda_task",
+                      "lambda_repair", "lambda_sparse")
+
+
+def card_training_args(args, max_steps):
+    """The training settings a model card states (`CARD_TRAINING_ARGS` of `args`), recorded in the run's metrics.json
+    so that a later push (a --budgets sweep resumed with --push_to_hub) states the run's own. `max_steps`: the steps
+    the run took (the Trainer's count when it trained by epochs: --max_steps -1 made the card say -1)."""
+    return {**{k: getattr(args, k) for k in CARD_TRAINING_ARGS}, "max_steps": max_steps}
+
+
+def push_output(model, out, base_model, args, settings, plugins_only=False, license=None, subfolder=None):
     """Write a model card into the folder to upload, then upload it (`rcp_llava.hub.push_rcp_folder`). `model`: the
-    trained model or its config. `max_steps`: the steps the run took when it trained by epochs (the card said -1).
-    `subfolder`: the repo's folder the plug-ins go into (one set per budget, `run_budgets`)."""
+    trained model or its config. `settings`: the training settings the card states (`card_training_args`, from the
+    run that trained the folder). `subfolder`: the repo's folder the plug-ins go into (one set per budget,
+    `run_budgets`). `args` gives the Hub target (repo, token, revision, private)."""
     from rcp_llava.hub import build_model_card, push_rcp_folder
 
     folder = os.path.join(out, "plugins" if plugins_only else "model")
-    settings = {k: getattr(args, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed",
-                                              "lambda_task", "lambda_repair", "lambda_sparse")}
-    if max_steps is not None:
-        settings["max_steps"] = max_steps
+
     def card(repo_id):  # for the repo the push resolves `--hub_model_id` to ("name" -> "user/name")
         build_model_card(getattr(model, "config", model), repo_id=repo_id, base_model=base_model, plugins_only=plugins_only,
                          eval_results=os.path.join(out, "metrics.json"), training_args=settings, license=license,

@@ -1207,14 +1207,16 @@ def test_a_resumed_sweep_pushes_the_budget_it_kept_from_an_earlier_run(tmp_path,
             "--pruner_hidden_size", "8", "--repair_bottleneck_size", "8", "--output_dir", str(sweep), "--max_steps",
             "-1", "--num_train_epochs", "1", "--max_train_samples", "4", "--per_device_train_batch_size", "2",
             "--report_to", "none", "--use_cpu", "--max_eval_samples", "2", "--save_strategy", "no"]
-    first = train_rcp.main(argv + ["--base_model", str(folder / "model"), "--budgets", "1/2"])  # not pushed
+    first = train_rcp.main(argv + ["--base_model", str(folder / "model"), "--budgets", "1/2", "--seed", "3",
+                                   "--learning_rate", "0.002"])  # not pushed
     assert calls == [] and first["1/2"]["max_steps"] == 2  # 4 examples, batch 2, one epoch
     plugins = (sweep / "budget_1_2" / "plugins" / "rcp_plugins.safetensors").read_bytes()
     shutil.copytree(folder / "model", moved)
     capsys.readouterr()
     results = train_rcp.main(argv + ["--base_model", str(moved), "--budgets", "1/2,1/4", "--resume_from_checkpoint",
                                      "last", "--push_to_hub", "--hub_model_id", "rcp-micro", "--hub_revision", "v2",
-                                     "--push_plugins_only", "--model_card_license", "mit"])
+                                     "--push_plugins_only", "--model_card_license", "mit", "--seed", "7",
+                                     "--learning_rate", "0.5"])
     assert "budget 1/2 finished before" in capsys.readouterr().out  # kept, not trained again
     assert (sweep / "budget_1_2" / "plugins" / "rcp_plugins.safetensors").read_bytes() == plugins
     assert results["1/2"] == first["1/2"] and json.loads((sweep / "budgets.json").read_text()) == results
@@ -1232,6 +1234,9 @@ def test_a_resumed_sweep_pushes_the_budget_it_kept_from_an_earlier_run(tmp_path,
             results[label]["rcp"]["avg_visual_tokens_per_layer"], 1)
         assert meta["rcp_llava"]["base_model_path"] == str(base) and meta["license"] == "mit"
         assert "- `max_steps`: 2\n" in card.text  # the steps its epoch took, not -1
+        # the settings of the run that trained the set (the kept set's card stated this run's seed and rate)
+        seed, rate = ("3", "0.002") if label == "1/2" else ("7", "0.5")
+        assert f"- `seed`: {seed}\n" in card.text and f"- `learning_rate`: {rate}\n" in card.text, label
     assert results["1/2"]["visual_token_budget"] != results["1/4"]["visual_token_budget"]
     root = calls[-1]
     assert root[:3] == ("upload_file", "me/rcp-micro", "v2") and root[4] == "README.md"
@@ -1243,6 +1248,16 @@ def test_a_resumed_sweep_pushes_the_budget_it_kept_from_an_earlier_run(tmp_path,
         row = (f"| {label} | `{train_rcp.budget_folder_name(label)}` | {rcp['avg_visual_tokens_per_layer']:.4g} | "
                f"{results[label]['dataset']} | accuracy | {rcp['accuracy']:.4g} |")
         assert row in root[3].text, row
+    # A set whose metrics.json predates the recorded settings: its card states the seed and steps it does record,
+    # nothing of this run's.
+    metrics_file = sweep / "budget_1_2" / "metrics.json"
+    metrics_file.write_text(json.dumps({k: v for k, v in json.loads(metrics_file.read_text()).items()
+                                        if k != "training_args"}))
+    calls.clear()
+    train_rcp.main(argv + ["--base_model", str(moved), "--budgets", "1/2,1/4", "--resume_from_checkpoint", "last",
+                           "--push_to_hub", "--hub_model_id", "rcp-micro", "--push_plugins_only", "--seed", "9"])
+    card = next(c[3] for c in calls if c[0] == "upload_folder" and c[4] == "budget_1_2")
+    assert card.text.split("## Training\n\n")[1].strip() == "- `max_steps`: 2\n- `seed`: 3"
 
 
 def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split(tmp_path, monkeypatch):
