@@ -217,7 +217,7 @@ def test_fresh_offline_process_loads_through_every_auto_class(saved, tmp_path):
             else:
                 raise SystemExit(f"{{name}} is importable: the test must run without the project")
         import torch
-        torch.set_num_threads(2)
+        torch.set_num_threads({torch.get_num_threads()})  # the parent's (conftest: RCP_TEST_THREADS): equal logits
         from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                                   AutoProcessor, pipeline)
         folder = {str(folder)!r}

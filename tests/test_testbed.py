@@ -28,8 +28,6 @@ from rcp_llava.testbed import (
 from rcp_llava.testbed.scenes import COLOURS, COUNT_WORDS, PLURALS
 
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def micro_test_rows():

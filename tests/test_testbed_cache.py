@@ -19,7 +19,6 @@ from transformers import AutoProcessor, LlavaProcessor
 from rcp_llava.testbed import PRESETS, build_testbed, default_cache_dir, evaluate_accuracy, load_testbed
 
 
-torch.set_num_threads(2)
 MICRO = PRESETS["micro"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
