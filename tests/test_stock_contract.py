@@ -708,6 +708,46 @@ def test_assisted_decoding_gives_greedy_decodings_tokens_where_an_image_is_prune
 
 
 @pytest.mark.parametrize("name", list(METHODS))
+def test_accepted_drafts_decode_as_greedy_decoding(name, monkeypatch):
+    """The assisted test above rejects every draft, so the draft's tokens never stand as the answer: here a candidate
+    generator proposes greedy decoding's own next tokens, all of a 3-token draft or its first only, and the verifying
+    forwards accept them. Accepted draft tokens are answer positions: the repair adapters correct them (the answer
+    mask grown over the draft) and decoding on from them must give greedy decoding's tokens, logits and kept sets."""
+    from transformers.generation.candidate_generator import CandidateGenerator
+
+    class Oracle(CandidateGenerator):  # the reference's next tokens, the draft's tail made wrong after `right`
+        def __init__(self, target, right):
+            self.target, self.right, self.matches = target, right, []
+
+        def get_candidates(self, input_ids, **kwargs):
+            draft = self.target[:, input_ids.shape[1]:input_ids.shape[1] + 3].clone()
+            draft[:, self.right:] = 3 + (draft[:, self.right:] - 2) % 80  # another ordinary token
+            return torch.cat([input_ids, draft], dim=1), None
+
+        def update_candidate_strategy(self, input_ids, scores, num_matches):
+            self.matches.append(num_matches)
+
+    model = make_model(randomize_plugins=True, **METHODS[name])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(SINGLE)
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    with torch.no_grad():
+        ref = model.generate(**batch, **greedy)
+        ref_info = model.last_pruning_info
+        for right in (3, 1):
+            oracle = Oracle(ref.sequences, right)
+            monkeypatch.setattr(model, "_get_candidate_generator", lambda *args, **kwargs: oracle)
+            out = model.generate(**batch, **greedy, prompt_lookup_num_tokens=3)
+            assert torch.equal(out.sequences, ref.sequences), right
+            for ours, theirs in zip(out.logits, ref.logits, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+            assert torch.equal(model.last_pruning_info.keep_masks, ref_info.keep_masks)
+            # drafts were accepted: whole ones (then the one token left), or their first token each time
+            assert oracle.matches == ([3, 3, 1] if right == 3 else [1] * 5), (right, oracle.matches)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
 def test_a_draft_verified_with_its_prompt_selects_and_decodes_as_the_prompt_alone(name):
     """The forward under assisted decoding, called directly on a left-padded batch: prompt + a 3-token draft with
     `answer_mask` from the prompt's last token keeps the prompt's kept sets and logits; cropped back to the prompt,
