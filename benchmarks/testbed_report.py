@@ -62,12 +62,12 @@ def format_report(metrics, folder, report_command=None):
              "| chance | " + " | ".join(f"{chance.get(f, float('nan')):.3f}" for f in families) + " |"]
     pruning = metrics.get("pruning")
     if pruning:
-        budgets = sorted(next(iter(pruning.values())), key=lambda b: -parse_budget(b)[1])  # 1/3, 2/9, 1/9
         lines += ["", "Input-level pruning before the LLM (overall, then per family; kept tokens per image):", "",
                   "| pruner | budget | kept | overall | " + " | ".join(families) + " |",
                   "|---|---|---|---|" + "---|" * len(families)]
         for name, rows in pruning.items():
-            for budget in budgets:
+            # each pruner's own budgets (the first pruner's were read for all: a KeyError where the sets differed)
+            for budget in sorted(rows, key=lambda b: -parse_budget(b)[1]):  # 1/3, 2/9, 1/9
                 r = rows[budget]
                 lines.append(f"| {name} | {budget} | {r['kept_visual_tokens']:.0f} | {r['overall']:.3f} | "
                              + " | ".join(f"{r['families'][f]:.3f}" for f in families) + " |")

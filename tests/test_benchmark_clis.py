@@ -716,6 +716,20 @@ def test_compare_prefill_refuses_an_empty_method_list(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compare_prefill_refuses_the_gpu_preset(tmp_path, monkeypatch):
+    """`--preset llava-1.5-7b` (efficiency.py's GPU shape) built two random 7B models in fp32 on the CPU (about 56 GB):
+    refused before any model, naming the CPU presets."""
+    import modeling_rcp_llava
+
+    compare = load_benchmark("compare_prefill")
+    monkeypatch.setattr(compare, "RcpLlavaForConditionalGeneration", _never)
+    with pytest.raises(ValueError, match=r"^--preset llava-1\.5-7b is efficiency\.py's GPU shape; .* Use a CPU preset: "
+                                         r"mid, mid-32, tiny\.$"):
+        compare.main(["--old", modeling_rcp_llava.__file__, "--preset", "llava-1.5-7b", "--output",
+                      str(tmp_path / "ab.md")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plugin_params_prints_each_count_in_its_column(monkeypatch, capsys):
     """The table: placement, then pruners (ours, with the authors' unused parameters, the paper's), then adapters and
     context likewise, in M, for each model (`counts` stubbed: the columns, not the counting, are under test here)."""

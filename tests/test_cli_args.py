@@ -558,3 +558,18 @@ def test_testbed_report_puts_every_number_in_its_cell(tmp_path):
         "| random | 1/9 | 16 | 0.300 | 0.400 | 0.200 |",
         "| oracle | 1/3 | 48 | 0.800 | 0.650 | 0.900 |",
         "| oracle | 1/9 | 16 | 0.700 | 0.800 | 0.600 |"]
+
+
+def test_testbed_report_reads_each_pruners_own_budgets():
+    """The budgets were read from the first pruner and looked up in every other: pruners measured at different
+    budgets (an oracle at 1/9 only) ended the report with a bare KeyError '1/3'. Each pruner's rows, largest first."""
+    report = load_benchmark("testbed_report")
+    metrics = _metrics()
+    row = lambda kept, acc: {"overall": acc, "kept_visual_tokens": kept,  # noqa: E731
+                             "families": {f: acc for f in metrics["test"]["families"]}}
+    metrics["pruning"] = {"random": {"1/9": row(16, 0.3), "1/3": row(48, 0.6)}, "oracle": {"1/9": row(16, 0.7)}}
+    lines = [line for line in report.format_report(metrics, "tb").splitlines() if line.startswith("| random |")
+             or line.startswith("| oracle |")]
+    assert [line.split(" | ")[:4] for line in lines] == [["| random", "1/3", "48", "0.600"],
+                                                         ["| random", "1/9", "16", "0.300"],
+                                                         ["| oracle", "1/9", "16", "0.700"]]
