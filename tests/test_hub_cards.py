@@ -238,6 +238,13 @@ def test_the_card_describes_the_configs_pruning_method(overrides, description):
 # ------------------------------------------------------------------------------------------------
 
 
+def _job_args(tmp_path):
+    """The training arguments `train_rcp._evaluate_and_save` reads (a TrainingArguments stand-in)."""
+    return SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
+                           disable_tqdm=True, learning_rate=0.001, per_device_train_batch_size=4, lambda_task=1.0,
+                           lambda_repair=2.0, lambda_sparse=3.0)
+
+
 @pytest.mark.parametrize("data, dataset", [
     (dict(), "rcp-llava testbed (deep)"),
     (dict(dataset_name_or_path="/data/my_vqa"), "/data/my_vqa"),
@@ -256,12 +263,14 @@ def test_the_job_records_its_dataset_and_the_card_names_it(tmp_path, monkeypatch
                           base_model=None if not data else "llava-hf/llava-1.5-7b-hf")
     for key, value in data.items():
         setattr(job, key, value)
-    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
-                           disable_tqdm=True)
+    args = _job_args(tmp_path)
     model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3], pruning_keep_counts=None))
     train_rcp._evaluate_and_save(model, None, {"test": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dataset"] == dataset
+    # the settings its card states, recorded for a later push of the folder (a kept --budgets set)
+    assert metrics["training_args"] == {"learning_rate": 0.001, "max_steps": 1, "per_device_train_batch_size": 4,
+                                        "seed": 0, "lambda_task": 1.0, "lambda_repair": 2.0, "lambda_sparse": 3.0}
     # the split the job scored (the column was empty), and a Hub dataset id in model-index (no job's card had one)
     built = card(tmp_path / "metrics.json")
     assert rows(built.text) == [
@@ -284,8 +293,7 @@ def test_a_job_trained_at_fixed_counts_is_not_called_adaptive(tmp_path, monkeypa
     job = SimpleNamespace(test_split="test", max_eval_samples=4, overwrite_output_dir=False, push_plugins_only=False,
                           model_card_license=None, testbed_preset="deep", dataset_name_or_path=None, llava_json=None,
                           base_model=None)
-    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
-                           disable_tqdm=True)
+    args = _job_args(tmp_path)
     for counts, label, report in (([6, 3], "rcp (fixed counts 6:3)", "RCP, trained at counts 6:3"),
                                   (None, "rcp (adaptive)", "RCP, trained (adaptive threshold)")):
         model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3],
@@ -310,8 +318,7 @@ def test_a_job_without_its_test_split_says_nothing_was_evaluated(tmp_path, monke
     job = SimpleNamespace(test_split="test", max_eval_samples=4, overwrite_output_dir=False, push_plugins_only=False,
                           model_card_license=None, testbed_preset="deep", dataset_name_or_path=None,
                           llava_json="data.json", base_model="base")
-    args = SimpleNamespace(sparsity_layers="all", max_steps=1, seed=0, max_grad_norm=1.0, output_dir=str(tmp_path),
-                           disable_tqdm=True)
+    args = _job_args(tmp_path)
     model = SimpleNamespace(config=SimpleNamespace(pruning_layers=[1, 2], repair_layers=[3], pruning_keep_counts=None))
     train_rcp._evaluate_and_save(model, None, {"train": []}, None, job, args, "base", 4.0, 16, 0.0, push=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
