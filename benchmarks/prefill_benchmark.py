@@ -50,21 +50,27 @@ def mid_config(pruning_layers, keep_counts, num_layers=8):
 
 def selection_flops(config, text_tokens, visual_in, visual_out, batch_size=1):
     """Multiply-adds x 2 of choosing the tokens at each pruning point, given the visual tokens entering it and kept
-    after it, beyond what the layer computes on the kept tokens: the layer's k_proj over the rows it then drops (it
-    reuses the kept rows' keys, which the analytic layer count holds) and q_proj over the question rows (the text
-    after the image; the BOS before it is none) for the attention prior (Eq. 4), the prior's scores, and the
-    pruner's visual projection and two P x P maps of the visual tokens (attn_k, the token MLP's first layer). Small
-    elementwise work and the per-image query maps are ignored. (It counted k_proj over the whole sequence, the
-    pruner as two d x P maps and the BOS as a question row: 37% above FlopCounterMode's measured overhead.)"""
+    after it, beyond what the layer computes on the kept tokens -- every matrix product FlopCounterMode counts:
+    - the attention prior (Eq. 4): the layer's k_proj over the rows it then drops (it reuses the kept rows' keys,
+      which the analytic layer count holds), q_proj over the question rows (the text after the image; the BOS
+      before it is none), their scores, and the attention's weighted sum over the question rows;
+    - the pruner (Eqs. 1-3): the question projection of the rows' mean, the query map, the visual projection, the
+      key map and the token MLP's first layer (P x P) on the visual tokens, the query-key scores, the aggregation
+      over the queries and the token MLP's output.
+    Elementwise work (norms, softmax, RoPE) is not counted, as FlopCounterMode does not. (It counted k_proj over the
+    whole sequence, the pruner as two d x P maps and the BOS as a question row: 37% above the measured overhead;
+    then, without the pruner's query-side products and the prior's sum, 0.53% below it.)"""
     tc = config.text_config
-    d, hd = tc.hidden_size, tc.hidden_size // tc.num_attention_heads
-    kv, p = tc.num_key_value_heads * hd, config.pruner_hidden_size
+    d, heads = tc.hidden_size, tc.num_attention_heads
+    hd = d // heads
+    kv, p, nq = tc.num_key_value_heads * hd, config.pruner_hidden_size, config.num_pruning_queries
     lq = text_tokens - 1
     total = 0
     for k, kept in zip(visual_in, visual_out):
         seq = text_tokens + k
-        total += 2 * (k - kept) * d * kv + 2 * lq * d * d + 2 * tc.num_attention_heads * lq * seq * hd
-        total += 2 * k * d * p + 2 * 2 * k * p * p
+        prior = 2 * (k - kept) * d * kv + 2 * lq * d * d + 2 * heads * lq * seq * hd + 2 * heads * lq * seq
+        pruner = 2 * d * p + 2 * nq * p * p + 2 * k * d * p + 2 * 2 * k * p * p + 2 * nq * k * p + 2 * k * nq + 2 * k * p
+        total += prior + pruner
     return total * batch_size
 
 
@@ -156,7 +162,7 @@ def main(argv=None):
     print(f"time ratio / FLOPs ratio:                {time_ratio / flops_ratio:.3f}   (target <= 1.15)")
     print(f"pruner overhead: {overhead * 1e3:.2f} ms = {overhead / med['pruned']:.1%} of the pruned prefill "
           "(target < 5%)")
-    print(f"analytic selection FLOPs (Eq. 4 prior: k_proj of the dropped rows + q rows, scores; pruner linears): "
+    print(f"analytic selection FLOPs (Eq. 4 prior: k_proj of the dropped rows + q rows, scores; pruner products): "
           f"{f_select / 1e9:.2f} GFLOPs = {f_select / f_pruned:.1%} of the pruned prefill's FLOPs")
     print(f"time ratio / FLOPs ratio with the selection FLOPs counted: "
           f"{time_ratio / ((f_pruned + f_select) / f_full):.3f}")
