@@ -56,10 +56,10 @@ def main(argv=None):
         raise FileNotFoundError(f"--old: no file {args.old!r}; pass the other version's modeling_rcp_llava.py.")
     if args.preset not in efficiency.PRESETS:
         raise ValueError(f"--preset {args.preset!r} is unknown; use one of {sorted(efficiency.PRESETS)}.")
-    if args.preset == "llava-1.5-7b":  # two random 7B models in fp32 on the CPU: about 56 GB before the first run
-        raise ValueError("--preset llava-1.5-7b is efficiency.py's GPU shape; compare_prefill runs on the CPU in fp32, "
+    if args.preset not in efficiency.CPU_PRESETS:  # two random 7B models in fp32 on the CPU: about 56 GB
+        raise ValueError(f"--preset {args.preset} is efficiency.py's GPU shape; compare_prefill runs on the CPU in fp32, "
                          "where its two 7B models would take about 56 GB. Use a CPU preset: "
-                         f"{', '.join(sorted(p for p in efficiency.PRESETS if p != 'llava-1.5-7b'))}.")
+                         f"{', '.join(efficiency.CPU_PRESETS)}.")
     batch_sizes = efficiency.positive_ints(args.batch_sizes, "--batch_sizes")
     methods = efficiency.method_configs(args.preset, [192, 128, 64])
     names = [n.strip() for n in args.methods.split(",") if n.strip()]

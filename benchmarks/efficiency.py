@@ -62,6 +62,9 @@ PRESETS = {
                                    intermediate_size=11008),
                          text_tokens=64, dtype="bfloat16", plugin_size=512),
 }
+
+# The presets a CPU can run (the 7B shape is the GPU table's: its fp32 models do not fit in host memory twice).
+CPU_PRESETS = sorted(p for p in PRESETS if p != "llava-1.5-7b")
 PAPER_VISUAL_TOKENS, PAPER_LAYERS = 576, 32
 VOCAB = 32064
 FAMILIES = ("full", "rcp", "ideal", "vispruner", "random", "fastv")

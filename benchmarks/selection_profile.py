@@ -213,7 +213,7 @@ def _by_module(points):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mid", choices=sorted(p for p in efficiency.PRESETS if p != "llava-1.5-7b"),
+    parser.add_argument("--preset", default="mid", choices=efficiency.CPU_PRESETS,
                         help="a CPU preset of benchmarks/efficiency.py")
     parser.add_argument("--budget", type=int, default=128, choices=[192, 128, 64],
                         help="the RCP schedule (visual tokens of 576, the paper's three)")

@@ -65,7 +65,8 @@ from transformers.utils import logging
 
 from configuration_rcp_llava import PRUNING_METHODS
 from modeling_rcp_llava import RcpLlavaForConditionalGeneration, atomic_write, write_text
-from rcp_llava.data import answer_starts, encode_texts, prompt_messages, saved_splits, special_tokens_kwargs
+from rcp_llava.data import (answer_starts, appends_eos, encode_texts, prompt_messages, saved_splits,
+                            special_tokens_kwargs)
 from rcp_llava.evaluation import method_model, method_overrides, uses_rcp_placement
 from rcp_llava.schedule import average_tokens, budget_count, kept_tokens_per_layer, parse_budget
 
@@ -461,8 +462,8 @@ class RcpLlava(lmms):
             # A tokenizer that appends EOS to every text (`add_eos_token`) ends the prompt alone with it too: that
             # EOS is not the continuation's, so it is neither scored nor required of a greedy match.
             eos = self.tokenizer.eos_token_id
-            alone_ends = self.tokenizer(prompt, **special_tokens_kwargs(self.tokenizer, [prompt]))["input_ids"][-1:]
-            tail = int(eos is not None and alone_ends == [eos] and int(ids[-1]) == eos and start < len(ids) - 1)
+            appended = appends_eos(self.tokenizer, special_tokens_kwargs(self.tokenizer, [prompt]))
+            tail = int(appended and int(ids[-1]) == eos and start < len(ids) - 1)
             labels = full["input_ids"].clone()
             labels[:, :start] = -100
             labels[:, len(ids) - tail:] = -100
