@@ -50,12 +50,25 @@ def test_the_stock_forwards_name_is_not_taken_silently():
     assert PRUNING_METHODS["none"] is before and "none" not in SELECTORS
 
 
+def _warn_afresh():
+    """The save warnings are `warning_once` (per process and message): earlier tests may have said them already."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("modeling_rcp_llava").warning_once.cache_clear()
+
+
 def test_a_saved_custom_method_says_how_to_load_it(registry, tmp_path, caplog):
     registry(_Norm)
     model = make_model(pruning_method="largest_norm", repair_layers=[])
+    _warn_afresh()
     with caplog.at_level("WARNING"):
         model.save_pretrained(tmp_path)
     assert "`pruning_method='largest_norm'` is a method of your own" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # once per process: a Trainer saving every checkpoint said it at each one
+        model.save_plugins(tmp_path / "again")
+    assert "a method of your own" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["rcp_config.json", "rcp_plugins.safetensors"]
     SELECTORS.pop("largest_norm")
     PRUNING_METHODS.pop("largest_norm")  # a fresh process: the method is not registered
     from modeling_rcp_llava import RcpLlavaForConditionalGeneration
@@ -82,6 +95,7 @@ def test_a_selector_registered_over_a_built_in_warns_on_save(tmp_path, caplog):
     try:
         model = make_model(pruning_method="random", repair_layers=[])
         for save, folder in ((model.save_pretrained, "mine"), (model.save_plugins, "plugins")):  # RcpTrainer's
+            _warn_afresh()
             caplog.clear()
             with caplog.at_level("WARNING"):
                 save(tmp_path / folder)
