@@ -203,9 +203,9 @@ def _by_module(points):
     for p in points:
         for name, _, ms in p["calls"]:
             parts = name.split(".")
-            if "layers" in parts:  # model.language_model.layers.4.self_attn.k_proj -> layer.self_attn.k_proj
+            if "layers" in parts:  # language_model.layers.4.self_attn.k_proj -> layer.self_attn.k_proj
                 name = "layer." + ".".join(parts[parts.index("layers") + 2:])
-            elif "pruners" in parts:  # model.rcp_plugins.pruners.4.visual_proj -> pruner.visual_proj
+            elif "pruners" in parts:  # rcp_plugins.pruners.4.visual_proj -> pruner.visual_proj
                 name = "pruner." + ".".join(parts[parts.index("pruners") + 2:])
             totals[name] = totals.get(name, 0.0) + ms
     return totals
