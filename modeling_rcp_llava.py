@@ -1099,6 +1099,7 @@ class VisPrunerSelector(TokenSelector):
 
 # The selectors this file defines: a saved folder names its method, and a fresh process runs these by that name.
 BUILTIN_SELECTORS = dict(SELECTORS)
+_BUILTIN_SELECTOR_CLASSES = frozenset(BUILTIN_SELECTORS.values())
 
 
 def _warn_own_method(method):
@@ -1471,7 +1472,18 @@ class PrunedPrefill:
         count = None if self.hidden_visual else self.selector.exact_count(ctx)
         if count is None:
             return keep.sum(1).tolist()
-        return [min(count, alive) for alive in self.row_alive]
+        kept = [min(count, alive) for alive in self.row_alive]
+        # A selector of the user's own is checked where reading the counts costs no device sync (the built-ins' are
+        # tested; checking them would put a read into the prefill that the no-sync tests count).
+        if keep.device.type == "cpu" and type(self.selector) not in _BUILTIN_SELECTOR_CLASSES:
+            actual = keep.sum(1).tolist()
+            if actual != kept:  # a wrong count sizes the pruned rows wrongly, without a word
+                raise ValueError(
+                    f"{type(self.selector).__name__}.exact_count returned {count}, but its `keep` kept {actual} "
+                    f"visual tokens per row (of {self.row_alive} alive) at pruning point {ctx.point}: return the "
+                    "number `keep` leaves every row with an image (at most its alive ones), or None to have the "
+                    "counts read from `keep`.")
+        return kept
 
     def _prune_mask(self, layer_idx, layer, hidden, position_embeddings, mask):
         """Training layout: sample a hard Gumbel-Sigmoid mask with straight-through gradients (Eqs. 6-7) and

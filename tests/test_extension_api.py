@@ -323,3 +323,52 @@ def test_token_positions_follow_logits_to_keep():
     assert torch.equal(last3.token_positions, full.token_positions[:, -3:])
     torch.testing.assert_close(last3.logits, full.logits[:, -3:], rtol=0, atol=1e-6)
     assert torch.equal(picked.token_positions, full.token_positions[:, [0, -1]])
+
+
+def test_an_exact_count_that_keep_does_not_keep_is_named(registry):
+    """`exact_count` sizes the pruned sequence without reading `keep`: a selector whose count was wrong went on with
+    row lengths sized for it, without a word. On CPU, where reading the counts is free, it is checked."""
+    class Overclaims(_Norm):
+        method = PruningMethod("overclaims")
+
+        def keep(self, ctx):  # the top 3 of each row, whatever the point asks
+            return _top_k_mask_of(self.scores(ctx), ctx.valid, 3)
+
+        def exact_count(self, ctx):
+            return ctx.keep_count
+
+    registry(Overclaims)
+    model = make_model(pruning_method="overclaims", repair_layers=[], pruning_keep_counts=[10, 3])
+    batch = make_batch([(2, 4, True), (3, 5, True)])
+    with pytest.raises(ValueError, match=r"Overclaims\.exact_count returned 10, but its `keep` kept \[3, 3\] visual "
+                                         r"tokens per row \(of \[16, 16\] alive\) at pruning point 0: return the "
+                                         r"number `keep` leaves"):
+        model(**batch)
+
+    class Honest(Overclaims):
+        method = PruningMethod("honest_three")
+
+        def exact_count(self, ctx):
+            return 3
+
+    registry(Honest)
+    model.config.pruning_method = "honest_three"
+    honest = model(**batch)  # a true count passes, and prunes as reading the counts from `keep` does
+
+    class Unclaimed(Overclaims):
+        method = PruningMethod("unclaimed_three")
+
+        def exact_count(self, ctx):
+            return None
+
+    registry(Unclaimed)
+    model.config.pruning_method = "unclaimed_three"
+    read = model(**batch)
+    assert honest.kept_counts.tolist() == read.kept_counts.tolist() == [[3, 3], [3, 3]]
+    assert torch.equal(honest.keep_masks, read.keep_masks) and torch.equal(honest.logits, read.logits)
+
+
+def _top_k_mask_of(scores, valid, k):
+    from modeling_rcp_llava import _top_k_mask
+
+    return _top_k_mask(scores, valid, k)
