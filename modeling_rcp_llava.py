@@ -837,7 +837,8 @@ class TokenSelector:
         """The number of tokens `keep` leaves every row with an image (at most its alive ones), when the method
         guarantees one; the decoder loop then sizes the pruned sequence without a host sync. None: data-dependent
         (the loop reads the counts from the device). Top-k at `ctx.keep_count` guarantees it; an overridden
-        `keep` does not, unless it overrides this too."""
+        `keep` does not, unless it overrides this too. On CPU a selector of your own is checked against its `keep`
+        (a ValueError names a wrong count)."""
         return ctx.keep_count if type(self).keep is TokenSelector.keep else None
 
 
