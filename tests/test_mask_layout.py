@@ -87,6 +87,102 @@ def test_dropped_tokens_receive_task_gradient_through_the_soft_key_mask():
     assert keep.grad[0, 1] != 0  # dropped token 1 is visible to queries 1..3 causally
 
 
+# -- the soft key mask with fewer queries than keys (decode-like), in every mask form it is given ------------------
+
+
+def _kept_key_attention(query, key, value, allowed, keep, scale):
+    """Reference by hand: plain attention of each query over the keys it may see AND that are kept (the physical
+    discard), kv head h // groups serving query head h. allowed: (B, 1, L, S) bool; keep: (B, S) 0/1."""
+    groups = query.shape[1] // key.shape[1]
+    heads = torch.arange(query.shape[1]) // groups
+    key, value = key[:, heads], value[:, heads]
+    scores = (query @ key.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~(allowed & keep.bool()[:, None, None, :]), float("-inf"))
+    weights = scores.softmax(-1)  # (B, H, L, S)
+    return (weights @ value).transpose(1, 2), weights
+
+
+@pytest.mark.parametrize("fallback", ["sdpa", "eager"])
+@pytest.mark.parametrize("mask_form", ["none-one-query", "bool", "additive", "padding-2d"])
+def test_soft_key_mask_with_fewer_queries_than_keys_is_attention_over_the_kept_keys(fallback, mask_form):
+    """q_len < kv_len (a decoded token, or a continued prefill): the queries are the LAST positions, query i seeing
+    keys 0 .. S - L + i. Whatever the mask's form -- none (one query: every key), sdpa's bool (B, 1, L, S), eager's
+    additive float, or flash attention's (B, S) padding mask (causal implied, aligned to the last query) -- and with
+    either configured attention (`rcp_fallback_attention`; eager's bool branch is sdpa's mask given to eager), the
+    output is attention over the kept keys alone. GQA (4 query heads on 2 kv heads), left padding in row 1."""
+    from modeling_rcp_llava import soft_key_mask_attention
+
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, kv_heads, q_len, kv_len, head_dim = 2, 4, 2, 3, 7, 8
+    if mask_form == "none-one-query":
+        q_len = 1
+    query = torch.randn(bsz, heads, q_len, head_dim, generator=g, dtype=torch.float64)
+    key = torch.randn(bsz, kv_heads, kv_len, head_dim, generator=g, dtype=torch.float64)
+    value = torch.randn(bsz, kv_heads, kv_len, head_dim, generator=g, dtype=torch.float64)
+    # keys 1, 3, 5 dropped in row 0; 2, 6 in row 1 (key 4 is kept in both: every query keeps a visible key)
+    keep = torch.tensor([[1, 0, 1, 0, 1, 0, 1], [1, 1, 0, 1, 1, 1, 0]], dtype=torch.float64)
+    padding = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)  # row 1 left-padded by 2
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)  # aligned to the last key
+    allowed = causal[None, None] & padding[:, None, None, :]  # (B, 1, L, S)
+    if mask_form == "none-one-query":
+        allowed = torch.ones(bsz, 1, 1, kv_len, dtype=torch.bool)
+        mask = None
+    elif mask_form == "bool":
+        mask = allowed
+    elif mask_form == "additive":
+        mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    else:
+        mask = padding.long()  # as flash attention's mask builder gives it (0/1 ints)
+    scale = head_dim ** -0.5
+    ref_out, ref_weights = _kept_key_attention(query, key, value, allowed, keep, scale)
+    out, weights = soft_key_mask_attention(torch.nn.Module().eval(), query, key, value, mask, scaling=scale,
+                                           rcp_key_keep=keep, rcp_fallback_attention=fallback)
+    assert out.shape == (bsz, q_len, heads, head_dim)
+    # eager's softmax runs in float32 (as transformers' eager attention): 1e-6; sdpa's form stays in float64
+    tol = 1e-6 if fallback == "eager" else 1e-12
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=0)
+    if fallback == "eager":  # its weights are returned, 0 at the dropped keys (as output_attentions reports them)
+        torch.testing.assert_close(weights, ref_weights, atol=tol, rtol=0)
+        assert (weights[..., keep[0] == 0][0] == 0).all() and (weights[..., keep[1] == 0][1] == 0).all()
+    else:
+        assert weights is None
+
+
+def test_the_configured_attention_without_a_name_is_the_modules_own_eager():
+    """The layers before the first pruner run `rcp_fallback_attention` (the model's configured attention), so they
+    equal the teacher's bit for bit. No name (a config that never set `_attn_implementation`) is eager, as the layer
+    itself does: the eager function of the attention's OWN modeling module (Qwen2's, not Llama's, for a Qwen2
+    layer); any other name is the function AttentionInterface registered for it."""
+    import sys
+
+    from transformers import AttentionInterface, LlamaConfig, Qwen2Config
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    from modeling_rcp_llava import SOFT_KEY_MASK_ATTENTION, _configured_attention, soft_key_mask_attention
+
+    small = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    for cls, config in ((LlamaAttention, LlamaConfig(**small)), (Qwen2Attention, Qwen2Config(**small))):
+        module = cls(config, layer_idx=0)
+        own = sys.modules[cls.__module__].eager_attention_forward
+        assert _configured_attention(module, None) is own, cls.__name__
+        assert _configured_attention(module, "eager") is own, cls.__name__
+    # two modules, two functions: a fixed `modeling_llama.eager_attention_forward` would pass the loop above for Llama
+    assert sys.modules[Qwen2Attention.__module__].eager_attention_forward \
+        is not sys.modules[LlamaAttention.__module__].eager_attention_forward
+    assert _configured_attention(module, "sdpa") is AttentionInterface()["sdpa"]
+    assert _configured_attention(module, SOFT_KEY_MASK_ATTENTION) is soft_key_mask_attention  # registered on import
+    # and the fallback itself, with no key weight: the configured function's output (eager: its weights too)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 3, 8, generator=g) for h in (4, 2, 2))
+    module = LlamaAttention(LlamaConfig(**small), layer_idx=0).eval()
+    mask = torch.zeros(1, 1, 3, 3).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), torch.finfo().min)
+    out, weights = soft_key_mask_attention(module, q, k, v, mask, scaling=0.5, rcp_fallback_attention=None)
+    ref_out, ref_weights = sys.modules[LlamaAttention.__module__].eager_attention_forward(module, q, k, v, mask,
+                                                                                          scaling=0.5)
+    assert torch.equal(out, ref_out) and torch.equal(weights, ref_weights)
+
+
 def test_gradient_checkpointing_is_refused_in_mask_layout():
     model = make_model()
     model.activation_checkpointing_enable()

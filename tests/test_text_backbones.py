@@ -3,6 +3,8 @@ backbone -- it ran silently on Granite (its forward scales the embeddings: 0.1 o
 attention prior ignored Qwen3's q/k norms, Gemma2's soft-capping and Cohere's interleaved RoPE (priors 0.3-1.0 off
 the layers' own attention), or crashed deep inside (Gemma3, Phi3, OLMo2, StableLM, Phi)."""
 
+import sys
+
 import pytest
 import torch
 import transformers as tf
@@ -124,3 +126,78 @@ def test_the_prior_itself_refuses_an_attention_it_cannot_compute():
                                                           r"CohereAttention: its rotary embedding is applied "):
         question_attention_probs(lm.layers[0].self_attn, hidden, cos, sin, torch.ones(1, 5, dtype=torch.bool),
                                  torch.tensor([[3, 4]]))
+
+
+def test_the_prior_refuses_a_rotary_table_narrower_than_the_head():
+    """A partial-rotary backbone (StableLM, Phi: RoPE on a fraction of each head) is refused by the model before the
+    loop; a caller who reaches the prior directly with such a cos/sin table is refused there too, by its widths --
+    `_apply_rope` would otherwise fail on a shape, or rotate other dims than the layer does."""
+    lm = _model("qwen2", "random").model.language_model
+    attn = lm.layers[0].self_attn  # head_dim 8
+    hidden = torch.randn(1, 5, 32)
+    cos, sin = lm.rotary_emb(hidden, torch.arange(5).unsqueeze(0))
+    key_valid, rows = torch.ones(1, 5, dtype=torch.bool), torch.tensor([[3, 4]])
+    with torch.no_grad():
+        assert question_attention_probs(attn, hidden, cos, sin, key_valid, rows).shape == (1, 4, 2, 5)  # whole heads
+        with pytest.raises(ValueError, match=r"^The attention prior rotates the whole head \(8 dims\), but this "
+                                             r"backbone's rotary embedding covers 4 \(partial rotary\): use "
+                                             r"`pruning_method='none'` with it\.$"):
+            question_attention_probs(attn, hidden, cos[..., :4], sin[..., :4], key_valid, rows)
+
+
+def _fake_attention_module(monkeypatch, name, apply_rotary_pos_emb):
+    """An attention class defined in a module of its own whose `apply_rotary_pos_emb` is the given function (None:
+    the module defines none), as `_rope_matches` finds a layer's RoPE: by its class's modeling module."""
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    if apply_rotary_pos_emb is not None:
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb
+    monkeypatch.setitem(sys.modules, name, module)
+    cls = type("FakeAttention", (torch.nn.Module,), {"__module__": name})
+    attn = cls()
+    attn.head_dim = 8
+    return attn
+
+
+def test_rope_matches_only_llamas_rotation_and_caches_the_answer_per_class(monkeypatch):
+    """`_rope_matches` compares the module's own `apply_rotary_pos_emb` with `_apply_rope` (halves of the head,
+    Llama's `rotate_half`) on random tensors, once per class: Llama's matches; one that raises, has another signature
+    or rotates interleaved pairs (Cohere's) does not, nor a module without one -- each is then refused rather than
+    scored with another attention. The answer is kept per class in `_ROPE_CONVENTION`."""
+    import modeling_rcp_llava
+    from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
+
+    cache = {}
+    monkeypatch.setattr(modeling_rcp_llava, "_ROPE_CONVENTION", cache)
+
+    def raises(q, k, cos, sin):
+        raise RuntimeError("not this layout")
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # pairs (x0, x1), (x2, x3), ... rotated, cos/sin per pair
+        cos, sin = cos.unsqueeze(unsqueeze_dim)[..., ::2], sin.unsqueeze(unsqueeze_dim)[..., ::2]
+        def rot(x):
+            x1, x2 = x[..., ::2], x[..., 1::2]
+            return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+        return rot(q), rot(k)
+
+    cases = {"llama_like": (llama_rope, True), "raises": (raises, False),
+             "other_signature": (lambda q, cos, sin: (q,), False),  # a TypeError when called as Llama's
+             "interleaved": (interleaved, False), "cohere_like": (cohere_rope, False), "no_rope": (None, False)}
+    attns = {}
+    for name, (apply, expected) in cases.items():
+        attns[name] = _fake_attention_module(monkeypatch, f"fake_rope_{name}", apply)
+        assert modeling_rcp_llava._rope_matches(attns[name]) is expected, name
+        assert cache[type(attns[name])] is expected, name
+    assert len(cache) == len(cases)
+    # cached per class: the module's function is not read again (checked once per class, not per layer or call)
+    monkeypatch.setattr(sys.modules["fake_rope_llama_like"], "apply_rotary_pos_emb", raises)
+    monkeypatch.setattr(sys.modules["fake_rope_raises"], "apply_rotary_pos_emb", llama_rope)
+    assert modeling_rcp_llava._rope_matches(attns["llama_like"]) is True
+    assert modeling_rcp_llava._rope_matches(attns["raises"]) is False
+    # the real layers: Llama's (conftest's backbone) and Mistral's (Llama's rotation, copied) match; Cohere's not
+    for model in (make_model(), _model("mistral", "random"), _model("cohere", "random")):
+        attn = model.model.language_model.layers[0].self_attn
+        assert modeling_rcp_llava._rope_matches(attn) is (type(attn).__name__ != "CohereAttention")

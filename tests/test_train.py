@@ -1260,6 +1260,69 @@ def test_a_resumed_sweep_pushes_the_budget_it_kept_from_an_earlier_run(tmp_path,
     assert card.text.split("## Training\n\n")[1].strip() == "- `max_steps`: 2\n- `seed`: 3"
 
 
+def test_a_non_main_rank_of_a_resumed_sweep_writes_and_pushes_nothing(tmp_path, monkeypatch):
+    """Under torchrun every rank runs `run_budgets`; rank 0 alone writes the summary and pushes (its `run_job`
+    returns the metrics, the others' None). A budget kept from an earlier run (finished without a checkpoint) is read
+    by every rank, so a non-main rank must drop its record too: in a resumed sweep whose budgets were ALL kept, a rank
+    holding the records would rewrite budgets.json and push every set, once per process, racing rank 0. The ranks are
+    faked (`process_index`, which `TrainingArguments` reads from accelerate's state); nothing trains, nothing loads."""
+    calls = _fake_hub(monkeypatch)
+    sweep = tmp_path / "sweep"
+    records = {label: {"visual_token_budget": budget, "seed": 3, "max_steps": 2}
+               for label, budget in (("1/2", 8.0), ("1/4", 4.0))}
+    for label, record in records.items():  # each budget finished by an earlier run, without a checkpoint
+        (sweep / train_rcp.budget_folder_name(label)).mkdir(parents=True)
+        (sweep / train_rcp.budget_folder_name(label) / "metrics.json").write_text(json.dumps(record))
+    earlier = {"1/9": {"visual_token_budget": 1.8}}  # an earlier sweep's summary: its entries stay
+    (sweep / "budgets.json").write_text(json.dumps(earlier))
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    monkeypatch.setattr(train_rcp, "run_job", lambda *a, **k: pytest.fail("a kept budget was trained again"))
+    argv = ["--output_dir", str(sweep), "--budgets", "1/2,1/4", "--resume_from_checkpoint", "last", "--report_to",
+            "none", "--use_cpu"]
+    push = ["--push_to_hub", "--hub_model_id", "rcp-micro", "--push_plugins_only"]
+    monkeypatch.setattr(RcpTrainingArguments, "process_index", property(lambda self: 1))
+    for extra in ([], push):
+        # a non-main rank's results, as its run_job's: None
+        assert train_rcp.main(argv + extra) == {"1/2": None, "1/4": None}, extra
+        assert calls == []  # no push: rank 0 pushes once
+        after = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+        assert after == before, extra  # nothing written: no budgets.json, no root README.md, the records untouched
+    # Rank 0, the same sweep (no push: the records hold no model to push): the kept records go into the summary.
+    monkeypatch.setattr(RcpTrainingArguments, "process_index", property(lambda self: 0))
+    assert train_rcp.main(argv) == records
+    assert json.loads((sweep / "budgets.json").read_text()) == {**earlier, **records}
+
+
+def test_a_non_main_rank_trains_a_budget_but_leaves_its_saving_to_rank_0(tmp_path, monkeypatch):
+    """The same resumed sweep, budget 1/2 kept and 1/4 trained, on a non-main rank (faked as above): the rank trains
+    1/4 with the others (its real `run_job`, one step) but writes none of its folder's files -- evaluation, plugins/,
+    model/ and metrics.json are rank 0's -- nor the summary, and returns None for both budgets."""
+    from rcp_llava.testbed import build_testbed
+
+    calls = _fake_hub(monkeypatch)
+    folder = build_testbed("micro", output_dir=tmp_path / "testbed", pruning_eval=False)
+    sweep = tmp_path / "sweep"
+    (sweep / "budget_1_2").mkdir(parents=True)
+    (sweep / "budget_1_2" / "metrics.json").write_text(json.dumps({"visual_token_budget": 8.0}))
+    trained = []
+    real_train = train_rcp.RcpTrainer.train
+    monkeypatch.setattr(train_rcp.RcpTrainer, "train",
+                        lambda self, **kw: trained.append(self.args.output_dir) or real_train(self, **kw))
+    monkeypatch.setattr(RcpTrainingArguments, "process_index", property(lambda self: 1))
+    results = train_rcp.main(["--base_model", str(folder / "model"), "--dataset_name_or_path", str(folder / "dataset"),
+                              "--pruning_layers", "1", "--repair_layers", "1", "--pruner_hidden_size", "8",
+                              "--repair_bottleneck_size", "8", "--output_dir", str(sweep), "--max_steps", "1",
+                              "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu",
+                              "--max_eval_samples", "2", "--save_strategy", "no", "--budgets", "1/2,1/4",
+                              "--resume_from_checkpoint", "last", "--push_to_hub", "--hub_model_id", "rcp-micro",
+                              "--push_plugins_only"])
+    assert results == {"1/2": None, "1/4": None}
+    assert trained == [str(sweep / "budget_1_4")]  # the rank did train the budget not kept
+    assert calls == []
+    files = sorted(str(p.relative_to(sweep)) for p in sweep.rglob("*") if p.is_file())
+    assert files == ["budget_1_2/metrics.json"], files  # no budget_1_4/{metrics.json,plugins,model}, no budgets.json
+
+
 def test_a_training_jobs_card_puts_a_hub_dataset_in_model_index_with_its_split(tmp_path, monkeypatch):
     """No training job's card held a model-index: its entries had no `dataset_type` (the card's Hub-dataset test), and
     their split column was empty. A local folder named like owner/name is no Hub dataset."""
