@@ -1056,17 +1056,22 @@ class VisPrunerSelector(TokenSelector):
                 f"{vision_feature_select_strategy!r}."
             )
         tower = self.model.vision_tower
-        hidden_states = image_outputs.hidden_states
-        if hidden_states is None and hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
-            raise ValueError(
-                "`pruning_method='vispruner'` ranks patches with the vision tower's hidden states, but the image "
-                "outputs hold none: pass `pixel_values`, or `mm_encoder_outputs` from this model's own "
-                "`model.model.get_image_features(pixel_values)`, which adds them."
-            )
         if not hasattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers"):
             raise ValueError(
                 f"`pruning_method='vispruner'` needs a CLIP-style vision tower with a [CLS] token; got "
                 f"{type(tower).__name__}."
+            )
+        hidden_states = image_outputs.hidden_states
+        # transformers keeps only the selected layer's entry (`output_hidden_states=False` gives [None, h, None]):
+        # the [CLS] attention also reads the layer before it (`vision_hidden_states`)
+        needed = self.vision_hidden_states(vision_feature_layer)
+        if hidden_states is None or any(i >= len(hidden_states) or hidden_states[i] is None for i in needed):
+            held = "none" if hidden_states is None else (
+                f"those of layers {[i for i, h in enumerate(hidden_states) if h is not None]} only (it reads {needed})")
+            raise ValueError(
+                "`pruning_method='vispruner'` ranks patches with the vision tower's hidden states, but the image "
+                f"outputs hold {held}: pass `pixel_values`, or `mm_encoder_outputs` from this model's own "
+                "`model.model.get_image_features(pixel_values)`, which adds them."
             )
         cls_attention = vispruner_cls_attention(tower, hidden_states, vision_feature_layer)
         features = hidden_states[vision_feature_layer][:, 1:]  # pre-projector patch features

@@ -591,6 +591,50 @@ def test_vispruner_with_precomputed_image_outputs_and_beams():
     assert torch.equal(given, ref)
 
 
+def test_vispruner_refuses_precomputed_image_outputs_it_cannot_rank():
+    """VisPruner ranks patches with the vision tower's hidden states. Precomputed `mm_encoder_outputs` without them
+    (features encoded elsewhere: `hidden_states=None`) are refused by name, in `forward` and in `generate`, rather
+    than failing inside the [CLS]-attention; and outputs whose features cover more images than their hidden states
+    (3 feature sets, states of 2 images: not `generate`'s beam repetition, which is a multiple) are refused rather
+    than paired with another image's kept set."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model = make_model(**METHODS["vispruner"])
+    model.generation_config.pad_token_id = 0
+    batch = make_batch(PADDED)  # 3 rows, one image each
+    pixel_values = batch.pop("pixel_values")
+    with torch.no_grad():
+        image = model.model.get_image_features(pixel_values, return_dict=True)
+        two = model.model.get_image_features(pixel_values[:2], return_dict=True)
+    stateless = BaseModelOutputWithPooling(pooler_output=image.pooler_output, hidden_states=None)
+    no_states = (r"^`pruning_method='vispruner'` ranks patches with the vision tower's hidden states, but the image "
+                 r"outputs hold none: pass `pixel_values`, or `mm_encoder_outputs` from this model's own "
+                 r"`model\.model\.get_image_features\(pixel_values\)`, which adds them\.$")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=no_states):
+            model(**batch, mm_encoder_outputs={"image": stateless})
+        with pytest.raises(ValueError, match=no_states):
+            model.generate(**batch, mm_encoder_outputs={"image": stateless}, max_new_tokens=2)
+        # transformers' own form: `output_hidden_states=False` keeps only the feature layer's entry ([None, h, None]),
+        # and the [CLS] attention also reads the layer before it -- a TypeError in layer_norm before this check
+        selected = model.model.get_image_features(pixel_values, return_dict=True, output_hidden_states=False)
+        assert [h is None for h in selected.hidden_states] == [True, False, True]
+        with pytest.raises(ValueError, match=r"^`pruning_method='vispruner'` ranks patches with the vision tower's "
+                                             r"hidden states, but the image outputs hold those of layers \[1\] only "
+                                             r"\(it reads \[0, 1\]\): pass `pixel_values`"):
+            model(**batch, mm_encoder_outputs={"image": selected})
+        mixed = BaseModelOutputWithPooling(pooler_output=image.pooler_output, hidden_states=two.hidden_states)
+        with pytest.raises(ValueError, match=r"^`pruning_method='vispruner'`: the image outputs hold 3 feature sets "
+                                             r"but hidden states of 2 images; pass `pixel_values` instead of "
+                                             r"`mm_encoder_outputs`\.$"):
+            model(**batch, mm_encoder_outputs={"image": mixed})
+        # the model's own outputs, whole, are taken: the kept sets of `pixel_values` (6 of 16 per row)
+        given = model(**batch, mm_encoder_outputs={"image": image})
+        assert model.last_pruning_info.kept_counts[:, 0].tolist() == [6, 6, 6]
+        ref = model(**batch, pixel_values=pixel_values)
+    assert torch.equal(given.logits, ref.logits)
+
+
 def test_a_copied_cache_continues_twice_the_same():
     model = make_model(**METHODS["vispruner"])
     model.generation_config.pad_token_id = 0
