@@ -528,19 +528,29 @@ def _rope_matches(attn_module):
     return _ROPE_CONVENTION[cls]
 
 
+_QK_NORMS = ("q_norm", "k_norm", "query_layernorm", "key_layernorm")  # per head: Qwen3's before RoPE, HunYuan's after
+_OUTPUT_NORMS = ("v_norm", "o_norm", "attn_sub_norm")  # of the values or the attention's output (BitNet)
+
+
 def attention_problem(attn_module):
     """Why `question_attention_probs` cannot compute what `attn_module` attends to (None: it can). It recomputes
     the layer's queries and keys as Llama's attention does -- `q_proj` / `k_proj`, RoPE by `rotate_half`, scaled
-    dot products -- plus the per-head q/k norms of Qwen3 and the NoPE layers of SmolLM3; anything else would give a
-    prior of another attention, silently."""
+    dot products -- plus the per-head q/k norms of Qwen3 (before RoPE) and HunYuan (after it) and the NoPE layers
+    of SmolLM3; anything else would give a prior of another attention, silently."""
     if not all(isinstance(getattr(attn_module, name, None), nn.Module) for name in ("q_proj", "k_proj")):
         return "its attention has no separate `q_proj` / `k_proj` (a fused projection)"
     head_dim = getattr(attn_module, "head_dim", None)
-    for name in ("q_norm", "k_norm"):
+    for name in _QK_NORMS:
         norm = getattr(attn_module, name, None)
         weight = getattr(norm, "weight", None)
         if norm is not None and (weight is None or weight.shape[-1] != head_dim):
             return f"its `{name}` normalises the whole projection, not each head (as OLMo2's)"
+    for name, child in attn_module.named_children():
+        # a norm the prior does not apply changes the scores it recomputes (Differential attention's `groupnorm`
+        # too, whose layer subtracts two softmaxes); norms of the values or the output do not touch the weights
+        is_norm = "norm" in name.lower() or "norm" in type(child).__name__.lower()
+        if is_norm and name not in _QK_NORMS + _OUTPUT_NORMS:
+            return f"its attention has a norm the prior does not reproduce (`{name}`, {type(child).__name__})"
     config = getattr(attn_module, "config", None)
     if getattr(attn_module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
         return "it soft-caps its attention logits (`attn_logit_softcapping`)"
@@ -565,6 +575,9 @@ def text_backbone_problem(language_model, reads_attention):
     multiplier = getattr(lm.config, "embedding_multiplier", None)
     if multiplier not in (None, 1, 1.0):
         return f"its forward scales the input embeddings (`embedding_multiplier={multiplier}`)"
+    if not all(isinstance(getattr(layer, "self_attn", None), nn.Module) for layer in lm.layers):
+        # their cache layers keep a recurrent state, not one key and value per token to drop
+        return "its decoder layers are not all attention layers (a hybrid stack, as Qwen3-Next's linear attention)"
     if not reads_attention:
         return None
     inv_freq = getattr(rotary, "inv_freq", None)
@@ -612,6 +625,8 @@ def question_attention_probs(attn_module, hidden_norm, cos, sin, key_valid, quer
     if getattr(attn_module, "use_rope", True):  # SmolLM3's NoPE layers rotate nothing
         q = _apply_rope(q, _gather_seq(cos, query_slots), _gather_seq(sin, query_slots))
         k = _apply_rope(k, cos, sin)
+    if getattr(attn_module, "query_layernorm", None) is not None:  # HunYuan: RMSNorm per head, after RoPE
+        q, k = attn_module.query_layernorm(q), attn_module.key_layernorm(k)
     compute = torch.promote_types(q.dtype, torch.float32)
     # GQA without copying the keys: each kv head serves `groups` query heads, (B, Hkv, groups * Lq, hd)
     groups = q.shape[1] // k.shape[1]

@@ -30,6 +30,12 @@ BACKBONES = {
     "gemma3": lambda: tf.Gemma3TextConfig(head_dim=8, **TEXT),
     "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, **TEXT),
     "phi": lambda: tf.PhiConfig(**TEXT),
+    "hunyuan": lambda: tf.HunYuanDenseV1Config(head_dim=8, **TEXT),  # per-head q/k RMSNorm after RoPE
+    "hunyuan_moe": lambda: tf.HunYuanMoEV1Config(head_dim=8, num_experts=2, moe_topk=1, **TEXT),
+    "diffllama": lambda: tf.DiffLlamaConfig(**TEXT),  # differential attention: two softmaxes, a groupnorm
+    "qwen3_next": lambda: tf.Qwen3NextConfig(  # linear-attention layers between the attention ones
+        head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, **TEXT),
 }
 METHODS = {
     "rcp": dict(repair_layers=[]),
@@ -50,11 +56,14 @@ ATTENTION_PROBLEMS = {
     "stablelm": r"its rotary embedding covers 2 of the 8 head dims \(partial rotary\)",
     "olmo-clip": r"it clips its queries, keys and values \(`clip_qkv=0\.5`\)",
     "olmoe": r"its `q_norm` normalises the whole projection, not each head \(as OLMo2's\)",
+    "diffllama": r"its attention has a norm the prior does not reproduce \(`groupnorm`, RMSNorm\)",
 }
 LOOP_PROBLEMS = {
     "gemma3": r"its rotary embedding is not one table for every layer \(Gemma3 and OLMo3 keep one per layer type\)",
     "granite": r"its forward scales the input embeddings \(`embedding_multiplier=12\.0`\)",
     "phi": r"its final norm is not `norm`",
+    "qwen3_next": r"its decoder layers are not all attention layers \(a hybrid stack, as Qwen3-Next's linear "
+                  r"attention\)",
 }
 READS_ATTENTION = ("rcp", "attention_topk", "fastv")
 
@@ -65,7 +74,7 @@ def _model(backbone, method):
                       attn_implementation="eager", **METHODS[method])
 
 
-@pytest.mark.parametrize("backbone", ["qwen3", "smollm3", "gemma", "mistral", "qwen2"])
+@pytest.mark.parametrize("backbone", ["qwen3", "smollm3", "gemma", "mistral", "qwen2", "hunyuan", "hunyuan_moe"])
 def test_the_prior_is_the_layers_own_attention(backbone):
     """At every layer, the prior's probabilities of the question rows equal the layer's eager attention weights,
     with the q/k weights scaled up so that the scores are O(1-10), as in a trained model."""
