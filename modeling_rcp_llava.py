@@ -586,7 +586,8 @@ def text_backbone_problem(language_model, reads_attention):
         return f"its rotary embedding covers {2 * inv_freq.shape[-1]} of the {head_dim} head dims (partial rotary)"
     for layer in lm.layers:
         if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
-            return "its decoder layers have no `input_layernorm` (a norm after attention, as OLMo2's)"
+            return ("its decoder layers have no `input_layernorm`, the norm before attention that selection reads "
+                    "(OLMo2 norms after attention; Apertus names its pre-norm `attention_layernorm`)")
         problem = attention_problem(layer.self_attn)
         if problem is not None:
             return problem
@@ -2578,7 +2579,9 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         if past_length > 0:
             raise ValueError(
                 "Pruning needs the image in a prefill that starts from an empty cache, but `past_key_values` already "
-                f"holds {past_length} tokens. Start a new cache for each prompt with an image."
+                f"holds {past_length} tokens. Start a new cache for each prompt with an image (PEFT's prefix tuning "
+                "puts its virtual tokens there: use `pruning_method='none'` with it, or prompt tuning, which prepends "
+                "them to the input)."
             )
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError(
@@ -3139,8 +3142,9 @@ def _check_plugin_shape(plugin_config, hidden_size, num_layers, base_name, plugi
         if expected is not None and expected != actual:
             problems.append(f"`{key}` {expected} (plug-ins) != {actual} (base)")
     if problems:
+        this = repr(base_name) if base_name else "this one (built in code, no name)"  # `name_or_path` is '' then
         raise ValueError(
-            f"The RCP plug-ins {plugins_name!r} were trained for another model than {base_name!r}: "
+            f"The RCP plug-ins {plugins_name!r} were trained for another model than {this}: "
             f"{'; '.join(problems)}. Use the base model named in its {RCP_CONFIG_NAME} "
             f"(`base_model_name_or_path`: {plugin_config.get('base_model_name_or_path')!r})."
         )

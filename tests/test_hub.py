@@ -457,6 +457,17 @@ def test_from_base_mismatch_fails_before_any_tensor(plugin_setup, monkeypatch, f
         RcpLlavaForConditionalGeneration.from_base(str(root / "base"), plugins=str(bad))
 
 
+def test_load_plugins_into_a_model_built_in_code_names_it_so(plugin_setup):
+    """A model built in code has no name (`name_or_path` is ''): the size mismatch read "trained for another model
+    than ''"."""
+    _, root, _ = plugin_setup
+    model = demo.build_demo_model(seed=5, text_config=dict(demo.demo_config().text_config.to_dict(), hidden_size=64))
+    assert model.name_or_path == ""
+    with pytest.raises(ValueError, match=r"were trained for another model than this one \(built in code, no name\): "
+                                         r"`hidden_size` 128 \(plug-ins\) != 64 \(base\)\."):
+        model.load_plugins(str(root / "plugins"))
+
+
 def test_load_plugins_shape_mismatch_fails_before_copy(plugin_setup):
     trained, root, _ = plugin_setup
     model = demo.build_demo_model(seed=5, randomize_plugins=False, pruner_hidden_size=16)

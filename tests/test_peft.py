@@ -307,3 +307,27 @@ def test_plugins_swapped_on_a_model_built_from_plugins_record_the_stock_base(tmp
     assert unnamed.name_or_path == str(tmp_path / "pA") and unnamed.unload().name_or_path == ""
     unnamed.save_plugins(tmp_path / "pD")
     assert json.loads((tmp_path / "pD" / "rcp_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_prefix_tuning_is_refused_with_pruning_and_named_prompt_tuning_trains():
+    """PEFT's prefix tuning hands its virtual tokens to the model as `past_key_values`, which a pruned prefill cannot
+    start from: refused, naming the adapter and the two ways that work. Prompt tuning prepends them to the input
+    embeddings and trains with pruning on; `pruning_method='none'` takes prefix tuning as stock does."""
+    batch = make_batch(PADDED)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    prefix = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    wrapped = peft.get_peft_model(_model(), prefix)
+    with pytest.raises(ValueError, match=r"already holds 4 tokens\. Start a new cache for each prompt with an image "
+                                         r"\(PEFT's prefix tuning puts its virtual tokens there: use "
+                                         r"`pruning_method='none'` with it, or prompt tuning"):
+        wrapped(**batch, labels=labels)
+    stock = peft.get_peft_model(_model(pruning_method="none", pruning_layers=[], repair_layers=[],
+                                       pruning_keep_counts=None), prefix)
+    stock(**batch, labels=labels).loss.backward()
+    assert all(p.grad is not None for n, p in stock.named_parameters() if p.requires_grad)
+    prompt = peft.get_peft_model(_model(), peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM,
+                                                                   num_virtual_tokens=4))
+    out = prompt(**batch, labels=labels)
+    out.loss.backward()
+    assert prompt.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+    assert prompt.base_model.last_pruning_info.kept_counts[:, 0].tolist() == [10, 10, 10]

@@ -32,6 +32,7 @@ BACKBONES = {
     "phi": lambda: tf.PhiConfig(**TEXT),
     "hunyuan": lambda: tf.HunYuanDenseV1Config(head_dim=8, **TEXT),  # per-head q/k RMSNorm after RoPE
     "hunyuan_moe": lambda: tf.HunYuanMoEV1Config(head_dim=8, num_experts=2, moe_topk=1, **TEXT),
+    "apertus": lambda: tf.ApertusConfig(**TEXT),  # its pre-norm is `attention_layernorm`
     "diffllama": lambda: tf.DiffLlamaConfig(**TEXT),  # differential attention: two softmaxes, a groupnorm
     "qwen3_next": lambda: tf.Qwen3NextConfig(  # linear-attention layers between the attention ones
         head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
@@ -52,10 +53,13 @@ ATTENTION_PROBLEMS = {
     "gemma2": r"it soft-caps its attention logits \(`attn_logit_softcapping`\)",
     "cohere": r"its rotary embedding is applied otherwise than Llama's `rotate_half` \(e\.g\. interleaved pairs\)",
     "phi3": r"its attention has no separate `q_proj` / `k_proj` \(a fused projection\)",
-    "olmo2": r"its decoder layers have no `input_layernorm` \(a norm after attention, as OLMo2's\)",
+    "olmo2": r"its decoder layers have no `input_layernorm`, the norm before attention that selection reads \(OLMo2 "
+             r"norms after attention; Apertus names its pre-norm `attention_layernorm`\)",
     "stablelm": r"its rotary embedding covers 2 of the 8 head dims \(partial rotary\)",
     "olmo-clip": r"it clips its queries, keys and values \(`clip_qkv=0\.5`\)",
     "olmoe": r"its `q_norm` normalises the whole projection, not each head \(as OLMo2's\)",
+    "apertus": r"its decoder layers have no `input_layernorm`, the norm before attention that selection reads \(.*"
+               r"Apertus names its pre-norm `attention_layernorm`\)",
     "diffllama": r"its attention has a norm the prior does not reproduce \(`groupnorm`, RMSNorm\)",
 }
 LOOP_PROBLEMS = {
