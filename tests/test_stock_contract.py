@@ -272,12 +272,15 @@ def test_beams_and_several_return_sequences_equal_single_runs(name):
     model = make_model(**METHODS[name])
     model.generation_config.pad_token_id = 0
     batch = make_batch(PADDED[:2])
-    beam = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    beam = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=3, num_return_sequences=2)
     with torch.no_grad():
         together = model.generate(**batch, **beam)
+        info = model.last_pruning_info  # one row per prefill row: each prompt's, num_beams times (the README's rule)
+        assert info.keep_masks.shape[0] == 6 and together.shape[0] == 4
         for i in range(2):
             single = model.generate(**row_inputs(batch, i, PADDED[:2]), **beam)
             assert torch.equal(together[2 * i:2 * i + 2, -3:], single[:, -3:])
+            assert torch.equal(info.keep_masks[3 * i:3 * i + 3], model.last_pruning_info.keep_masks)
 
 
 # 4. Training-free baselines in train mode -------------------------------------------------------------------
