@@ -422,8 +422,9 @@ def answer_metrics(predictions, label_ids, tokenizer):
         got, want = pred[:-1][answer], labels[1:][answer]
         right += int((got == want).sum())
         total += int(answer.sum())
-        predicted.append(tokenizer.decode([int(t) for t in got if t >= 0], skip_special_tokens=True).strip())
-        references.append(tokenizer.decode([int(t) for t in want], skip_special_tokens=True).strip())
+        # special tokens kept: the answers end in EOS, and skipping them scored "red <pad>" as "red </s>"
+        predicted.append(tokenizer.decode([int(t) for t in got if t >= 0]).strip())
+        references.append(tokenizer.decode([int(t) for t in want]).strip())
     exact = load_metric("exact_match").compute(predictions=predicted,
                                                references=[[r] for r in references])["exact_match"]
     return {"answer_exact_match": float(exact), "answer_token_accuracy": right / max(total, 1)}

@@ -1390,11 +1390,15 @@ def test_answer_metrics_hand_computed(micro):
     _, processor, _ = micro
     tok = processor.tokenizer
     red, blue, eos = (tok.convert_tokens_to_ids(w) for w in ("red", "blue", tok.eos_token))
-    labels = torch.tensor([[-100, -100, red, eos], [-100, -100, blue, eos], [-100, red, eos, -100]])
-    # row 0 right (red, </s>); row 1 wrong answer word; row 2 right, its padded column predicted -100
-    predictions = torch.tensor([[0, red, eos, 5], [0, red, eos, 5], [red, eos, -100, -100]])
+    labels = torch.tensor([[-100, -100, red, eos], [-100, -100, blue, eos], [-100, red, eos, -100],
+                           [-100, -100, red, eos]])
+    # row 0 right (red, </s>); row 1 wrong answer word; row 2 right, its padded column predicted -100; row 3 right
+    # word, but another special token (pad) for the EOS: not every answer token right (it decoded equal, skipping both)
+    pad = tok.pad_token_id
+    assert pad != eos
+    predictions = torch.tensor([[0, red, eos, 5], [0, red, eos, 5], [red, eos, -100, -100], [0, red, pad, 5]])
     out = train_rcp.answer_metrics(predictions.numpy(), labels.numpy(), tok)
-    assert out == {"answer_exact_match": pytest.approx(2 / 3), "answer_token_accuracy": pytest.approx(5 / 6)}
+    assert out == {"answer_exact_match": pytest.approx(2 / 4), "answer_token_accuracy": pytest.approx(6 / 8)}
     with pytest.raises(ValueError, match="argmax the logits first"):
         train_rcp.answer_metrics(torch.zeros(3, 4, 7).numpy(), labels.numpy(), tok)
 
