@@ -348,6 +348,12 @@ def load_data(spec="testbed", split="test", max_samples=None, image_folder=None)
     if len(data) and isinstance(data[0]["question"], (list, tuple)):  # scored as the rendered list otherwise
         raise ValueError(f"{spec} split {split!r} holds multi-turn rows (lists of questions): the evaluation "
                          "scores one question per image. Give a single-turn split.")
+    for column in ("question", "answer"):  # a list or null answer was scored as its repr ("['a', 'a']", "None")
+        values = data[column]
+        bad = next((i for i, value in enumerate(values) if not isinstance(value, str)), None)
+        if bad is not None:
+            raise ValueError(f"{spec} split {split!r}: row {bad}'s {column!r} is {values[bad]!r}, not text; the "
+                             "testbed format holds one question and one answer string per row.")
     # Image paths are opened only when a batch reaches them, after the model loaded and earlier datasets ran:
     # the training check (a stat per path, the example and --image_folder named) refuses a missing one now.
     _check_image_column(data, SimpleNamespace(image_column="image", image_folder=image_folder), f"--data {name!r}")

@@ -221,6 +221,23 @@ def _bad(benchmark: str, path: Path, problem: str) -> ValueError:
     return ValueError(f"{benchmark}: {path}: {problem}. Expected layout -- {LAYOUTS[benchmark]}")
 
 
+def _checked(records: List[VqaRecord], benchmark: str, path: Path) -> List[VqaRecord]:
+    """Every record's question and answers are text and its id is unique, or a ValueError names the file and the
+    record: a JSON null or number got through and failed after the model had loaded (a null question in the prompt,
+    a null answer in the metric after every question was generated), and a repeated id merged two questions."""
+    seen = set()
+    for r in records:
+        if not isinstance(r.question, str) or not r.question.strip():
+            raise _bad(benchmark, path, f"question {r.question_id!r}: the question is {r.question!r}, not text")
+        bad = [a for a in r.answers if not isinstance(a, str)]
+        if bad:
+            raise _bad(benchmark, path, f"question {r.question_id!r}: answer {bad[0]!r} is not text")
+        if r.question_id in seen:
+            raise _bad(benchmark, path, f"question id {r.question_id!r} appears twice")
+        seen.add(r.question_id)
+    return records
+
+
 def _find_image(folder: Path, stem: str) -> Optional[Path]:
     for ext in IMAGE_EXTENSIONS:
         candidate = folder / f"{stem}{ext}"
@@ -336,7 +353,7 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
             benchmark=name,
             image_id=str(image_id),
         ))
-    return records
+    return _checked(records, name, questions_file if answers_by_qid is None else Path(annotations))
 
 
 # ----------------------------------------------------------------------------- GQA
@@ -375,7 +392,7 @@ def read_gqa(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRe
             benchmark=name,
             image_id=str(q["imageId"]),
         ))
-    return records
+    return _checked(records, name, path)
 
 
 # ----------------------------------------------------------------------------- POPE
@@ -416,6 +433,9 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
     for row in rows:
         if not isinstance(row, dict) or not {"question_id", "image", "text", "label"} <= row.keys():
             raise _bad(name, file, f"line {row!r} lacks one of 'question_id', 'image', 'text', 'label'")
+        for key in ("image", "text"):  # a null image crashed joining the path, a null question in the prompt
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise _bad(name, file, f"question_id {row['question_id']}: '{key}' is {row[key]!r}, not text")
         if str(row["label"]).strip().lower() not in ("yes", "no"):
             raise _bad(name, file, f"question_id {row['question_id']}: label {row['label']!r} is not 'yes' or 'no'")
         records.append(VqaRecord(
@@ -429,7 +449,7 @@ def _read_pope_file(file: Path, image_dir: Path) -> List[VqaRecord]:
         ))
     if not records:
         raise _bad(name, file, "no questions in the file")
-    return records
+    return _checked(records, name, file)
 
 
 def read_pope(path: PathLike, image_dir: Optional[PathLike] = None) -> List[VqaRecord]:
@@ -510,10 +530,20 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
             raise _bad(name, root / "problems.json", f"problem {pid}: 'choices' is not a list")
         try:
             choices = [str(c) for c in prob["choices"]]
-            index = int(prob["answer"])
+            answer = prob["answer"]
+            # an int (or its digits): int() read 1.7 as option B and true as 1
+            if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+                raise TypeError(answer)
+            index = int(answer)
             question = prob["question"]
+            if not isinstance(question, str):
+                raise TypeError(question)
         except (KeyError, TypeError, ValueError, IndexError):
             raise _bad(name, root / "problems.json", f"problem {pid} lacks a valid 'question'/'choices'/'answer'")
+        if len(choices) > len(OPTION_LETTERS):
+            raise _bad(name, root / "problems.json", f"problem {pid} has {len(choices)} choices; options are "
+                                                     f"lettered {OPTION_LETTERS[0]}-{OPTION_LETTERS[-1]} (at most "
+                                                     f"{len(OPTION_LETTERS)})")
         if not 0 <= index < len(choices):
             raise _bad(name, root / "problems.json",
                        f"problem {pid}: answer index {prob['answer']!r} is outside its {len(choices)} choices")
@@ -539,7 +569,7 @@ def read_scienceqa_img(path: PathLike, split: str = "test", image_dir: Optional[
         found = (f"none of its {len(splits[split])} problem(s) has an 'image'" if splits[split]
                  else "the split lists no problems")
         raise _bad(name, root / "pid_splits.json", f"no image problems in split {split!r} ({found})")
-    return records
+    return _checked(records, name, root / "problems.json")
 
 
 # ----------------------------------------------------------------------------- VizWiz
@@ -588,6 +618,8 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
                 f"of the {path.stem!r} images. Expected layout -- {LAYOUTS[name]}")
     records = []
     for row in data:
+        if not isinstance(row.get("answers", []), list):  # a string would read as one answer per character
+            raise _bad(name, path, f"question {row['image']!r}: 'answers' is {row['answers']!r}, not a list")
         if any(isinstance(a, dict) and "answer" not in a for a in row.get("answers", [])):
             raise _bad(name, path, f"question {row['image']!r} has an answer without 'answer'")
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in row.get("answers", [])]
@@ -602,7 +634,7 @@ def read_vizwiz(path: PathLike, image_dir: Optional[PathLike] = None) -> List[Vq
             benchmark=name,
             image_id=str(row["image"]),
         ))
-    return records
+    return _checked(records, name, path)
 
 
 # ----------------------------------------------------------------------------- MME
@@ -615,7 +647,8 @@ def _parse_mme_txt(txt: Path) -> List[tuple]:
         if not line.strip():
             continue
         parts = line.rstrip("\r\n").split("\t")
-        if len(parts) < 2 or not parts[0].strip() or not parts[-1].strip():
+        # exactly two fields: a third was taken as the answer ("Is it red?<TAB>Yes<TAB>No" read as No)
+        if len(parts) != 2 or not parts[0].strip() or not parts[-1].strip():
             raise _bad("mme", txt, f"line {lineno} is not 'question<TAB>answer': {line!r}")
         answer = parts[-1].strip()
         # The mme metric accepts only yes / no (any case) and would refuse anything else after all generation.
@@ -689,7 +722,7 @@ def read_mme(path: PathLike, subtasks: Optional[Sequence[str]] = None) -> List[V
         raise _bad(name, root, f"sub-task(s) {sorted(wanted - {r.family for r in records})} not found")
     if not records:
         raise _bad(name, root, "no sub-task folder with question txt files")
-    return records
+    return _checked(records, name, root)
 
 
 # ----------------------------------------------------------------------------- MMBench
@@ -763,7 +796,7 @@ def read_mmbench(path: PathLike) -> List[VqaRecord]:
             benchmark=name,
             image_id=str(row["index"]),
         ))
-    return records
+    return _checked(records, name, path)
 
 
 # ----------------------------------------------------------------------------- dispatch

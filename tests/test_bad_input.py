@@ -892,6 +892,27 @@ def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_p
         load_data(str(tmp_path / "data"), split="test")
 
 
+@pytest.mark.parametrize("rows_given, row, shown", [
+    (lambda i, answer: ["a", "a"], 0, r"\['a', 'a'\]"),  # a list column: every row
+    (lambda i, answer: None if i == 2 else answer, 2, "None"),
+])
+def test_a_dataset_folder_whose_answers_are_not_text_is_refused_when_read(micro_testbed, tmp_path, rows_given, row,
+                                                                          shown):
+    """`load_data` (`evaluate_methods.py --data DIR`) checked a testbed-format folder's columns but not their values:
+    a list or null answer was scored as its repr ("['a', 'a']", "None"), and a list switched the scoring mode."""
+    from datasets import Dataset, load_from_disk
+
+    from rcp_llava.evaluation import load_data
+
+    splits = load_from_disk(str(micro_testbed / "dataset"))
+    rows = splits["test"].select(range(3)).to_list()
+    splits["test"] = Dataset.from_list([dict(r, answer=rows_given(i, r["answer"])) for i, r in enumerate(rows)])
+    splits.save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=rf"data split 'test': row {row}'s 'answer' is {shown}, not text; the testbed "
+                                         r"format holds one question and one answer string per row\.$"):
+        load_data(str(tmp_path / "data"), split="test")
+
+
 def test_conversations_are_read_turn_by_turn_and_checked(micro_testbed):
     """The rules of TRL's messages format and of conversation rows, each pinned: a user turn's text parts join with a
     newline, an odd turn count and an empty conversation are refused, a split mixing one- and two-turn rows keeps

@@ -184,8 +184,9 @@ def test_pope_bad_input(tmp_path):
         read_pope(tmp_path / "coco_pope_random.json")
     # a file that is one JSON array (as some POPE copies are) is read whole; a broken one was called "not JSON
     # lines", a format it never claimed to be
-    (tmp_path / "coco_pope_random.json").write_text(f"[{good},\n {good}]")
-    assert [r.question_id for r in read_pope(tmp_path / "coco_pope_random.json")] == ["random/1", "random/1"]
+    second = good.replace('"question_id": 1', '"question_id": 2')
+    (tmp_path / "coco_pope_random.json").write_text(f"[{good},\n {second}]")
+    assert [r.question_id for r in read_pope(tmp_path / "coco_pope_random.json")] == ["random/1", "random/2"]
     (tmp_path / "coco_pope_random.json").write_text(f"[{good},\n {good}")
     with pytest.raises(ValueError, match=r"coco_pope_random.json: starts with '\[' but is not a JSON array \(Expecting "
                                          r"',' delimiter at line 2 column \d+\); write one JSON object per line or a "
@@ -395,12 +396,29 @@ def test_mmbench_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- malformed entries
 
 
-def _vqav2_with(tmp_path, image_id=42, answer=None):
+def _vqav2_with(tmp_path, image_id=42, answer=None, repeat=False):
     write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"data_subtype": "val2014", "questions": [
-        {"image_id": image_id, "question": "How many?", "question_id": 1}]})
+        {"image_id": image_id, "question": "How many?", "question_id": 1}] * (2 if repeat else 1)})
     write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": [
         {"question_id": 1, "answers": [answer or {"answer": "2"}]}]})
     (tmp_path / "val2014").mkdir()
+    return tmp_path
+
+
+def _gqa_with(tmp_path, answer="yes", question="Is it red?"):
+    (tmp_path / "images").mkdir()
+    return write_json(tmp_path / "testdev_balanced_questions.json",
+                      {"q1": {"imageId": "n1", "question": question, "answer": answer}})
+
+
+def _pope_with(tmp_path, image="x.jpg", text="Is there a cat?"):
+    write_pope(tmp_path / "coco_pope_random.json", [{"question_id": 1, "image": image, "text": text, "label": "yes"}])
+    return tmp_path / "coco_pope_random.json"
+
+
+def _mme_with(tmp_path, lines):
+    make_image(tmp_path / "OCR" / "0001.png")
+    (tmp_path / "OCR" / "0001.txt").write_text(lines)
     return tmp_path
 
 
@@ -429,8 +447,49 @@ def _scienceqa_with(tmp_path, problem, split=("5",)):
     (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": ["a", "b"], "answer": 0,
                                                       "image": "image.png"}, split="5")),
      r"^scienceqa_img: .*pid_splits.json: split 'test' is not a list of problem ids"),
+    # JSON nulls and numbers where text belongs: read, then failed after the model loaded (a null question in the
+    # prompt, a null answer in the metric after every question was generated) or in a path join, naming no file
+    (lambda t: read_vqav2(_vqav2_with(t, answer={"answer": None})),
+     r"^vqav2: .*v2_mscoco_val2014_annotations.json: question '1': answer None is not text\. Expected layout"),
+    (lambda t: read_gqa(_gqa_with(t, answer=3)), r"^gqa: .*questions.json: question 'q1': answer 3 is not text"),
+    (lambda t: read_gqa(_gqa_with(t, question=["a", "b"])),
+     r"^gqa: .*questions.json: question 'q1': the question is \['a', 'b'\], not text"),
+    (lambda t: read_pope(_pope_with(t, text=None)),
+     r"^pope: .*coco_pope_random.json: question_id 1: 'text' is None, not text"),
+    (lambda t: read_pope(_pope_with(t, image=None)),
+     r"^pope: .*coco_pope_random.json: question_id 1: 'image' is None, not text"),
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": None, "choices": ["a", "b"], "answer": 0,
+                                                      "image": "image.png"})),
+     r"^scienceqa_img: .*problems.json: problem 5 lacks a valid 'question'/'choices'/'answer'"),
+    # int() read 1.7 as option B and true as 1; an 11th option had no letter (a bare IndexError)
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": ["a", "b"], "answer": 1.7,
+                                                      "image": "image.png"})),
+     r"^scienceqa_img: .*problems.json: problem 5 lacks a valid 'question'/'choices'/'answer'"),
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": ["a", "b"], "answer": True,
+                                                      "image": "image.png"})),
+     r"^scienceqa_img: .*problems.json: problem 5 lacks a valid 'question'/'choices'/'answer'"),
+    (lambda t: read_scienceqa_img(_scienceqa_with(t, {"question": "?", "choices": list("abcdefghijk"), "answer": 0,
+                                                      "image": "image.png"})),
+     r"^scienceqa_img: .*problems.json: problem 5 has 11 choices; options are lettered A-J \(at most 10\)"),
+    # a string of answers was split into characters: 'yes' scored 0 against ['y', 'e', 's']
+    (lambda t: read_vizwiz(write_json(t / "val.json", [{"image": "a.jpg", "question": "?", "answers": "yes"}]),
+                           image_dir=(make_image(t / "val" / "a.jpg") and t / "val")),
+     r"^vizwiz: .*val.json: question 'a.jpg': 'answers' is 'yes', not a list"),
+    # a third field was taken as the answer: "Is it red?<TAB>Yes<TAB>No" read as No
+    (lambda t: read_mme(_mme_with(t, "Is it red?\tYes\tNo\n")),
+     r"^mme: .*0001.txt: line 1 is not 'question<TAB>answer': 'Is it red\?\\tYes\\tNo'"),
+    # a repeated id merged two questions (MMBench's into one circular question)
+    (lambda t: read_vqav2(_vqav2_with(t, repeat=True)),
+     r"^vqav2: .*annotations.json: question id '1' appears twice"),
+    (lambda t: read_mmbench(write_tsv(t / "dup.tsv", MMB_HEADER, [
+        [7, "Which?", "", "red", "blue", "", "", "A", "color", "attribute", base64.b64encode(png_bytes()).decode()],
+        [7, "Which one?", "", "red", "blue", "", "", "B", "color", "attribute", "7"]])),
+     r"^mmbench: .*dup.tsv: question id '7' appears twice"),
 ], ids=["vqav2-answer", "vqav2-image-id", "vizwiz-answer", "scienceqa-problem", "scienceqa-choices",
-        "scienceqa-split"])
+        "scienceqa-split", "vqav2-null-answer", "gqa-number-answer", "gqa-list-question", "pope-null-text",
+        "pope-null-image", "scienceqa-null-question", "scienceqa-float-answer", "scienceqa-bool-answer",
+        "scienceqa-11-choices", "vizwiz-string-answers", "mme-three-fields", "vqav2-repeated-id",
+        "mmbench-repeated-index"])
 def test_malformed_entries_name_the_file_and_the_entry(tmp_path, read, match):
     with pytest.raises(ValueError, match=match):
         read(tmp_path)
