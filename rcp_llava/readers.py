@@ -221,17 +221,19 @@ def _bad(benchmark: str, path: Path, problem: str) -> ValueError:
     return ValueError(f"{benchmark}: {path}: {problem}. Expected layout -- {LAYOUTS[benchmark]}")
 
 
-def _checked(records: List[VqaRecord], benchmark: str, path: Path) -> List[VqaRecord]:
-    """Every record's question and answers are text and its id is unique, or a ValueError names the file and the
-    record: a JSON null or number got through and failed after the model had loaded (a null question in the prompt,
-    a null answer in the metric after every question was generated), and a repeated id merged two questions."""
+def _checked(records: List[VqaRecord], benchmark: str, path: Path, answers_path: Optional[Path] = None
+             ) -> List[VqaRecord]:
+    """Every record's question and answers are text and its id is unique, or a ValueError names the file
+    (`answers_path` for the answers, when they have their own) and the record: a JSON null or number got through and
+    failed after the model had loaded (a null question in the prompt, a null answer in the metric after every
+    question was generated), and a repeated id merged two questions."""
     seen = set()
     for r in records:
         if not isinstance(r.question, str) or not r.question.strip():
             raise _bad(benchmark, path, f"question {r.question_id!r}: the question is {r.question!r}, not text")
         bad = [a for a in r.answers if not isinstance(a, str)]
         if bad:
-            raise _bad(benchmark, path, f"question {r.question_id!r}: answer {bad[0]!r} is not text")
+            raise _bad(benchmark, answers_path or path, f"question {r.question_id!r}: answer {bad[0]!r} is not text")
         if r.question_id in seen:
             raise _bad(benchmark, path, f"question id {r.question_id!r} appears twice")
         seen.add(r.question_id)
@@ -353,7 +355,7 @@ def read_vqav2(path: PathLike, annotations: Optional[PathLike] = None, image_dir
             benchmark=name,
             image_id=str(image_id),
         ))
-    return _checked(records, name, questions_file if answers_by_qid is None else Path(annotations))
+    return _checked(records, name, questions_file, Path(annotations) if annotations is not None else None)
 
 
 # ----------------------------------------------------------------------------- GQA

@@ -480,7 +480,7 @@ def _scienceqa_with(tmp_path, problem, split=("5",)):
      r"^mme: .*0001.txt: line 1 is not 'question<TAB>answer': 'Is it red\?\\tYes\\tNo'"),
     # a repeated id merged two questions (MMBench's into one circular question)
     (lambda t: read_vqav2(_vqav2_with(t, repeat=True)),
-     r"^vqav2: .*annotations.json: question id '1' appears twice"),
+     r"^vqav2: .*questions.json: question id '1' appears twice"),
     (lambda t: read_mmbench(write_tsv(t / "dup.tsv", MMB_HEADER, [
         [7, "Which?", "", "red", "blue", "", "", "A", "color", "attribute", base64.b64encode(png_bytes()).decode()],
         [7, "Which one?", "", "red", "blue", "", "", "B", "color", "attribute", "7"]])),
