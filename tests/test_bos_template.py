@@ -76,6 +76,35 @@ def test_special_tokens_kwargs_decides_per_batch():
         special_tokens_kwargs(tok, ["<s>USER: a", "USER: b"])
 
 
+def test_a_tokenizer_without_bos_keeps_its_special_tokens():
+    """A tokenizer with no BOS (Qwen2's) writes none, so no text starts with it: its special tokens stay on (`{}`).
+    Read as "every text starts with the empty BOS", they were switched off, and an EOS it appends was lost."""
+    tok = sentencepiece_like_processor("ASSISTANT:").tokenizer
+    tok.bos_token = None
+    assert tok.bos_token is None
+    assert special_tokens_kwargs(tok, ["USER: a", "USER: b"]) == {}
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_a_bos_writing_template_with_a_tokenizer_appending_eos_trains_each_answers_eos(multi_turn):
+    """With a template that writes BOS the texts are tokenized without special tokens, so a tokenizer's
+    `add_eos_token` appends nothing: the last token is the answer's own EOS, and it is trained. Asking whether the
+    tokenizer appends EOS with its special tokens on (not as the batch was tokenized) dropped that EOS's label."""
+    processor = sentencepiece_like_processor("ASSISTANT:", add_eos_token=True, bos_in_template=True)
+    tok = processor.tokenizer
+    example = _example()
+    if multi_turn:
+        example = {**example, "question": [example["question"], "What colour?"], "answer": [example["answer"], "Red"]}
+    batch = RcpDataCollator(processor)([example, _example("What colour?", "Red")])
+    for i in range(2):
+        ids = _unpadded(batch["input_ids"][i], batch["attention_mask"][i])
+        labelled = batch["input_ids"][i][batch["labels"][i] != -100].tolist()
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == (2 if multi_turn and i == 0 else 1)
+        assert labelled[-1] == tok.eos_token_id
+        assert labelled.count(tok.eos_token_id) == ids.count(tok.eos_token_id)
+        assert batch["answer_mask"][i].sum() == len(labelled)
+
+
 def test_encode_texts_keeps_the_tokenizers_bos_for_a_template_without_one():
     """llava-hf's template writes no BOS: the tokenizer's own is added, as before."""
     processor = sentencepiece_like_processor("ASSISTANT:")

@@ -220,6 +220,8 @@ def test_budget_is_a_count_when_whole():
     ("dtype=nn", 1, "`dtype` is 'nn'"),
     ("pruning_keep_counts=a:b", 1, "`pruning_keep_counts` is 'a:b'; give one count per pruning layer"),
     ("max_new_tokens=abc", 1, "`max_new_tokens` is 'abc'; give a whole number >= 1"),
+    ("max_new_tokens=0", 1, "`max_new_tokens` is 0; give a whole number >= 1"),  # generated nothing
+    ("", 0, "`batch_size` is 0; give a whole number >= 1"),  # no batch ever held a request
     ("flop_matched=maybe,budget=8", 1, "`flop_matched` is 'maybe'; use true or false"),
     ("flop_matched=true", 1, "`flop_matched=true` sets how `budget` is met; give a `budget` too"),
     ("pruning_keep_counts=6:3,budget=2", 1, r"give `budget` \(2\) or `pruning_keep_counts` \('6:3'\), not both"),
@@ -504,6 +506,128 @@ def test_loglikelihood_scores_the_whole_continuation(demo_folder, generation_pro
         (logprob, _), = lm.loglikelihood([request])
         text = processor.tokenizer.decode(scored[-1]).strip()  # special tokens kept: an appended EOS is not scored
         assert text == continuation.strip() and logprob < 0
+
+
+def _scoring_lm(demo_folder, processor, logits_of):
+    """The wrapper on `processor`, its model replaced by one whose logits are `logits_of(input_ids)` (1, T, V); the
+    labelled tokens and input ids of each call are recorded in the returned list."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    lm = _from_args(demo_folder, "")
+    lm.processor, lm._tokenizer = processor, processor.tokenizer
+    seen = []
+
+    class Model(torch.nn.Module):
+        dtype, config, last_pruning_info = torch.float32, lm.model.config, None  # what the wrapper reads
+
+        def forward(self, input_ids, labels=None, **kwargs):
+            seen.append((input_ids[0].tolist(), input_ids[0][labels[0] != -100].tolist()))
+            return SimpleNamespace(logits=logits_of(input_ids))
+
+    lm._model = Model()
+    lm.task_dict = {"t": {"test": [{"img": Image.new("RGB", (8, 8))}]}}
+    return lm, seen
+
+
+def _loglikelihood_request(context, continuation):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=(context, continuation, lambda d: [d["img"]], 0, "t", "test"))
+
+
+@pytest.mark.parametrize("bos_in_template, continuation, scored", [(False, "</s>", "</s>"),
+                                                                    (True, " two</s>", "two</s>")])
+def test_a_continuation_ending_with_eos_is_scored_with_an_eos_appending_tokenizer(demo_folder, bos_in_template,
+                                                                                  continuation, scored):
+    """A tokenizer appending EOS to every text (`add_eos_token`): the last EOS is not the continuation's and is left
+    out, unless it is all the continuation has (a choice "</s>": the prompt alone ends with the same EOS, so the
+    continuation starts at the last token; left out there too, it scored no token: log-probability 0 and a greedy
+    match). With a template writing BOS the texts are tokenized without special tokens, so nothing is appended and
+    the continuation's own final EOS is scored."""
+    import torch
+    from conftest import sentencepiece_like_processor
+
+    processor = sentencepiece_like_processor("ASSISTANT:", add_eos_token=True, bos_in_template=bos_in_template)
+    eos = processor.tokenizer.eos_token_id
+
+    def never_eos(input_ids):
+        logits = torch.zeros(1, input_ids.shape[1], len(processor.tokenizer))
+        logits[..., eos] = -5.0
+        return logits
+
+    lm, seen = _scoring_lm(demo_folder, processor, never_eos)
+    (logprob, greedy), = lm.loglikelihood([_loglikelihood_request("How many cats?", continuation)])
+    ids, labelled = seen[-1]
+    assert ids.count(eos) == (1 if bos_in_template else 2) and ids[-1] == eos
+    assert processor.tokenizer.decode(labelled).replace(" ", "") == scored and labelled[-1] == eos
+    assert not greedy and logprob < -5
+
+
+def test_greedy_needs_every_continuation_token_and_the_log_probability_sums_them(demo_folder):
+    """`greedy` is lmms-eval's exact-match flag: every continuation token the argmax (one right was read as a
+    match), and the log-probability is the sum of each token's, read off the logits that predict it. A model that
+    predicts each next token with logit 4 (the others 0) gives C * log(e^4 / (e^4 + V - 1)); uniform on the last
+    one, no greedy match and that token at log(1 / V). The continuation may be given as a function of the document,
+    as lmms-eval's tasks may."""
+    import math
+
+    import torch
+    from conftest import sentencepiece_like_processor
+
+    processor = sentencepiece_like_processor("ASSISTANT:")
+    vocab, wrong_last = len(processor.tokenizer), []
+
+    def next_token(input_ids):
+        logits = torch.zeros(1, input_ids.shape[1], vocab)
+        logits[0, torch.arange(input_ids.shape[1] - 1), input_ids[0, 1:]] = 4.0
+        if wrong_last:
+            logits[0, -2] = 0.0
+        return logits
+
+    lm, seen = _scoring_lm(demo_folder, processor, next_token)
+    right, wrong = math.log(math.exp(4) / (math.exp(4) + vocab - 1)), math.log(1 / vocab)
+    request = _loglikelihood_request("How many cats?", lambda doc: " There are two cats")
+    (logprob, greedy), = lm.loglikelihood([request])
+    count = len(seen[-1][1])
+    assert count == len(processor.tokenizer(" There are two cats", add_special_tokens=False)["input_ids"]) > 1
+    assert greedy and logprob == pytest.approx(count * right, abs=1e-4)
+    wrong_last.append(True)
+    (logprob, greedy), = lm.loglikelihood([request])
+    assert not greedy and logprob == pytest.approx((count - 1) * right + wrong, abs=1e-4)
+
+
+def test_a_tasks_image_placeholder_and_whitespace_leave_the_prompt_unchanged(demo_folder):
+    """Tasks write the question as LLaVA's "<image>\\n" + question (and with stray whitespace): the template puts the
+    image first, so the placeholder is removed and the text stripped, and the prompt is the plain question's, one
+    image token (two was the processor's "2 <image> tokens and 1 images"; a newline after the template's image
+    was another prompt than the one the model was evaluated with)."""
+    lm = _from_args(demo_folder, "")
+    plain = lm._prompt("What colour is the shape?")
+    assert lm._prompt("<image>\nWhat colour is the shape? ") == plain
+    assert lm._prompt("  What colour is the shape?\n") == plain
+    assert plain.count(lm.processor.image_token) == 1
+
+
+def test_a_tasks_generation_arguments_reach_generate(demo_folder):
+    """A task's `max_new_tokens` (the model's default when it gives None) and `num_beams` go to `generate`, greedy
+    at temperature 0: the testbed's one-token answers and a beam-search task ran with the model's own settings."""
+    from lmms_eval.api.instance import Instance
+
+    from rcp_llava.demo import demo_image
+
+    lm = _from_args(demo_folder, "max_new_tokens=3")
+    lm.task_dict = {"t": {"test": [{"img": demo_image(seed=1)}]}}
+    seen, generate = [], lm.model.generate
+    lm.model.generate = lambda **kwargs: seen.append(kwargs) or generate(**kwargs)
+    for gen_kwargs in ({"max_new_tokens": 1}, {"max_new_tokens": None}, {"max_new_tokens": 2, "num_beams": 2}):
+        lm.generate_until([Instance("generate_until", ("what colour?", {"until": [], "temperature": 0, **gen_kwargs},
+                                                       lambda d: [d["img"]], 0, "t", "test"), 0,
+                                    {"task": "t", "doc_id": 0, "repeats": 1})])
+    assert [(k["max_new_tokens"], k["num_beams"], k["do_sample"]) for k in seen] == [(1, 1, False), (3, 1, False),
+                                                                                     (2, 2, False)]
 
 
 def test_a_template_writing_bos_gets_one(demo_folder):

@@ -302,6 +302,39 @@ def test_the_collator_runs_the_image_processor_once_and_finds_the_answers_the_tw
     assert batch["answer_mask"].sum(1).tolist() == (batch["labels"] != -100).sum(1).tolist()
 
 
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+def test_answer_starts_counts_only_the_expanded_placeholders_of_any_number_of_images(num_images):
+    """`answer_starts` shifts the text tokens' shared length by the tokens the processor expanded each placeholder
+    into: the batch's image ids less the placeholders in the text. The collator has one image per row, but lmms-eval's
+    `loglikelihood` also scores text-only documents (ScienceQA) and several images (`pruning_method=none`): a shift
+    that assumed one placeholder ("- 1") put the continuation one token late with no image and one early with two.
+    Here against the two-pass reference (the prompts through the processor too), rows left-padded."""
+    from PIL import Image
+
+    from rcp_llava.data import answer_starts, encode_texts, prompt_messages, shared_prefix_length
+
+    processor = sentencepiece_like_processor("ASSISTANT:")
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    questions, answers = ["How many cats are there?", "Red?"], [" There are two cats", " two"]
+    prompts = [processor.apply_chat_template(prompt_messages(q, num_images=num_images), add_generation_prompt=True)
+               for q in questions]
+    fulls = [p + a for p, a in zip(prompts, answers)]
+    images = [Image.new("RGB", (8, 8), (255, 0, 0))] * (2 * num_images) or None
+    full = encode_texts(processor, fulls, images, return_tensors="pt", padding=True)
+    alone = encode_texts(processor, prompts, images, return_tensors="pt", padding=True)
+    lengths = full["attention_mask"].sum(1)
+    starts = answer_starts(processor.tokenizer, full["input_ids"], lengths, fulls, prompts, image_id).tolist()
+    seq, width = full["input_ids"].shape[1], alone["input_ids"].shape[1]
+    expected = []
+    for i in range(2):
+        pad, prompt_pad = seq - int(lengths[i]), width - int(alone["attention_mask"][i].sum())
+        expected.append(pad + shared_prefix_length(full["input_ids"][i, pad:], alone["input_ids"][i, prompt_pad:]))
+    assert starts == expected
+    for i, answer in enumerate(answers):  # and the tokens from there are the answer's
+        assert processor.tokenizer.decode(full["input_ids"][i, starts[i]:]).strip() == answer.strip()
+    assert int((full["input_ids"] == image_id).sum()) == 2 * num_images * (0 if num_images == 0 else 4)
+
+
 @pytest.mark.parametrize("add_eos_token", [False, True])
 def test_a_single_turn_answer_is_trained_with_one_eos(add_eos_token):
     """A tokenizer appending EOS to every text (`add_eos_token`) ended each single-turn row with the answer's EOS and
@@ -772,6 +805,53 @@ def test_a_llava_style_image_placeholder_in_the_question_is_removed(micro):
     image = dataset[0]["image"]
     assert torch.equal(prompt_batch(processor, [llava["question"]], [image])["input_ids"],
                        prompt_batch(processor, [dataset[0]["question"]], [image])["input_ids"])
+
+
+def test_a_conversations_first_question_may_hold_the_llava_placeholder(micro):
+    """`load_llava_json` strips the "<image>" of a record's first question, but a conversation given as lists (a
+    Hub dataset in LLaVA's style) keeps it: the first question is where the image goes, so it is removed there and
+    the batch is the one without it. Only a later turn's placeholder is a second image (refused)."""
+    _, processor, dataset = micro
+    collator = RcpDataCollator(processor)
+    e0, e1 = dataset[0], dataset[1]
+    plain = {**e0, "question": [e0["question"], e1["question"]], "answer": [e0["answer"], e1["answer"]]}
+    llava = {**plain, "question": ["<image>\n" + e0["question"], e1["question"]]}
+    assert collator.problem(llava) is None
+    ours, reference = collator([llava]), collator([plain])
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_a_template_whose_turns_do_not_extend_each_other_is_refused():
+    """The collator cuts the answers out of the rendered text by prefixes: a generation prompt that is not the start
+    of the rendered answer turn, or a conversation whose next turn re-renders the earlier ones (here a count of the
+    user turns written first), has no such cut, and trained on misplaced labels silently. Both are refused."""
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    renamed = sentencepiece_like_processor("BOT:")  # the prompt ends "BOT:", the answer turn "ASSISTANT: ..."
+    with pytest.raises(ValueError, match=r"^The chat template does not render the prompt as a prefix of the full "
+                                         r"conversation\.$"):
+        RcpDataCollator(renamed)([{"image": image, "question": "How many cats?", "answer": "two"}])
+    counted = sentencepiece_like_processor("ASSISTANT:")
+    counted.chat_template = ("{{ messages | selectattr('role', 'equalto', 'user') | list | length }}"
+                             + counted.chat_template)
+    collator = RcpDataCollator(counted)
+    one = {"image": image, "question": ["How many cats?"], "answer": ["two"]}
+    collator([one])  # one turn extends nothing: trained
+    with pytest.raises(ValueError, match=r"^The chat template does not render turn 1 of a conversation as an "
+                                         r"extension of the turns before it; it cannot be trained as one sequence\.$"):
+        collator([{**one, "question": ["How many cats?", "What colour?"], "answer": ["two", "Red"]}])
+
+
+def test_position_ids_count_the_real_tokens_from_zero():
+    """RoPE positions as `generate` counts them for the prompt: 0 at each row's first real token, whatever its left
+    padding (the padding itself at 0). Counted from 1, every prefill position was one past the one `generate` then
+    continues from."""
+    from rcp_llava.data import position_ids_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+    assert position_ids_from_mask(mask.bool()).tolist() == position_ids_from_mask(mask).tolist()
 
 
 def test_encoded_and_undecoded_image_cells_load_as_the_decoded_image(micro, tmp_path):
