@@ -323,6 +323,10 @@ class RcpTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
+        for name in ("seed", "data_seed"):  # numpy's seed range; set_seed refused it after the model loaded, unnamed
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2 ** 32:
+                raise ValueError(f"`{name}` must be in [0, 2**32 - 1], got {value}.")
         for name in ("sparsity_warmup_ratio", "gumbel_anneal_ratio", "gumbel_noise_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
@@ -1345,6 +1349,12 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--resume_from_checkpoint {folder!r}: no such folder.")
     missing = [f for f in CHECKPOINT_FILES if not os.path.exists(os.path.join(folder, f))]
+    steps = checkpoint_steps(folder)
+    if missing and (steps or os.path.isfile(os.path.join(folder, "metrics.json"))):
+        # a run's output folder, not one of its checkpoints: "interrupted while being written" sent the user astray
+        held = f"checkpoint-{steps[0]}" if steps else "no checkpoint-N"
+        raise ValueError(f"--resume_from_checkpoint {folder!r} is a run's output folder (it holds {held}), not a "
+                         "checkpoint: give one of its checkpoint-N folders, or `last` with --output_dir set to it.")
     if missing:
         raise ValueError(f"--resume_from_checkpoint {folder!r} is incomplete (no {', '.join(missing)}): it was "
                          "interrupted while being written. Resume from an earlier checkpoint.")

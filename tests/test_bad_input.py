@@ -28,6 +28,8 @@ TRAINING_ARGS = [
     ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be a positive integer, got 0"),
     ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps` must be a positive integer, got 0"),
     ({"learning_rate": math.nan}, r"`learning_rate` must be a finite number > 0, got nan"),
+    ({"seed": -1}, r"`seed` must be in \[0, 2\*\*32 - 1\], got -1"),  # was set_seed's error, after the model loaded
+    ({"data_seed": 2 ** 32}, r"`data_seed` must be in \[0, 2\*\*32 - 1\], got 4294967296"),
     ({"sparsity_warmup_ratio": 1.5}, r"`sparsity_warmup_ratio` must be in \[0, 1\], got 1.5"),
     ({"gumbel_noise_ratio": math.nan}, r"`gumbel_noise_ratio` must be in \[0, 1\], got nan"),
     ({"gumbel_anneal_ratio": -0.1}, r"`gumbel_anneal_ratio` must be in \[0, 1\], got -0.1"),
@@ -534,11 +536,17 @@ def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     ("last", FileNotFoundError, r"--resume_from_checkpoint last: no complete checkpoint-N in"),
     ("{root}/checkpoint-400", ValueError, r"checkpoint-400' is incomplete \(no rcp_config.json, trainer_state.json\)"),
     ("{root}/checkpoint-9", FileNotFoundError, r"checkpoint-9': no such folder"),
+    # the run's folder itself, not a checkpoint: "interrupted while being written" sent the user astray
+    ("{root}", ValueError, r"^--resume_from_checkpoint '.*' is a run's output folder \(it holds checkpoint-400\), not a "
+                           r"checkpoint: give one of its checkpoint-N folders, or `last` with --output_dir set to it\.$"),
+    ("{root}/finished", ValueError, r"'.*finished' is a run's output folder \(it holds no checkpoint-N\), not a "),
 ])
 def test_resume_refuses_what_cannot_be_resumed(tmp_path, value, error, match):
     from train_rcp import resolve_resume
 
     _checkpoint(tmp_path, 400, complete=False)
+    (tmp_path / "finished").mkdir()  # a run saved without checkpoints: its metrics.json only
+    (tmp_path / "finished" / "metrics.json").write_text("{}")
     with pytest.raises(error, match=match):
         resolve_resume(value.format(root=tmp_path), str(tmp_path))
 
