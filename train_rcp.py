@@ -1329,6 +1329,21 @@ def checkpoint_steps(output_dir):
                   reverse=True)
 
 
+RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt")  # what --save_only_model leaves out (the Trainer's names)
+
+
+def _resumed(folder):
+    """`folder`, warning when it holds the plug-ins and step but not the optimizer's and scheduler's state (saved with
+    --save_only_model): the Trainer then resumes from fresh ones without a word, so the run does not reproduce an
+    uninterrupted one (Adam's moments restart, the schedule's step does not)."""
+    missing = [f for f in RESUME_STATE_FILES if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        logger.warning(f"[train_rcp] resuming from {folder}, which has no {', '.join(missing)} (saved with "
+                       "--save_only_model?): the plug-ins and the step count resume, the optimizer and the learning-"
+                       "rate schedule start afresh, so the run will not match an uninterrupted one.")
+    return folder
+
+
 def resolve_resume(resume_from_checkpoint, output_dir):
     """The checkpoint folder to resume from. "true" / "last" (any case) or True: the newest COMPLETE checkpoint-N in
     `output_dir` (an interrupted save leaves one without all of `CHECKPOINT_FILES`: skipped with a warning naming
@@ -1340,7 +1355,7 @@ def resolve_resume(resume_from_checkpoint, output_dir):
             folder = os.path.join(output_dir, f"checkpoint-{step}")
             missing = [f for f in CHECKPOINT_FILES if not os.path.exists(os.path.join(folder, f))]
             if not missing:
-                return folder
+                return _resumed(folder)
             logger.warning(f"[train_rcp] skipping the incomplete checkpoint {folder} (no {', '.join(missing)}): it "
                            "was interrupted while being written.")
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint-N in "
@@ -1358,7 +1373,7 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     if missing:
         raise ValueError(f"--resume_from_checkpoint {folder!r} is incomplete (no {', '.join(missing)}): it was "
                          "interrupted while being written. Resume from an earlier checkpoint.")
-    return folder
+    return _resumed(folder)
 
 
 def unreachable_budget(config, budget, sparsity_layers):
@@ -1589,6 +1604,12 @@ def run_job(job, args, explicit=()):
         raise ValueError("--do_train false: this script always trains the plug-ins. To score plug-ins without "
                          "training, load them (`RcpLlavaForConditionalGeneration.from_base(BASE, plugins=FOLDER)`) "
                          "and use `rcp_llava.evaluation.evaluate_methods`.")
+    if args.batch_eval_metrics and (args.eval_strategy != "no" or args.do_eval or args.load_best_model_at_end):
+        # transformers would call answer_metrics per batch with `compute_result`, which it does not take: an error
+        # after the model loaded
+        raise ValueError("--batch_eval_metrics is not supported here: the answer metrics (answer_metrics) score the "
+                         "whole evaluation at once, from the token ids preprocess_logits_for_metrics keeps (not the "
+                         "logits). Leave it off.")
     testbed = job.base_model is None
     if testbed:
         for key, value in testbed_job_defaults(job.testbed_preset).items():

@@ -532,6 +532,27 @@ def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path, caplog):
     assert resolve_resume("true", str(tmp_path)) == str(good)
 
 
+def test_resuming_a_checkpoint_without_optimizer_state_warns(tmp_path, caplog):
+    """--save_only_model checkpoints hold no optimizer.pt / scheduler.pt: the Trainer resumed from fresh ones without
+    a word, so the run silently differed from an uninterrupted one. A full checkpoint resumes quietly."""
+    from train_rcp import resolve_resume
+
+    folder = _checkpoint(tmp_path, 200)
+    for value in ("last", str(folder)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert resolve_resume(value, str(tmp_path)) == str(folder)
+        assert (f"resuming from {folder}, which has no optimizer.pt, scheduler.pt (saved with --save_only_model?): "
+                "the plug-ins and the step count resume, the optimizer and the learning-rate schedule start afresh"
+                in caplog.text), value
+    (folder / "optimizer.pt").write_text("x")
+    (folder / "scheduler.pt").write_text("x")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("last", str(tmp_path)) == str(folder)
+    assert "start afresh" not in caplog.text
+
+
 @pytest.mark.parametrize("value, error, match", [
     ("last", FileNotFoundError, r"--resume_from_checkpoint last: no complete checkpoint-N in"),
     ("{root}/checkpoint-400", ValueError, r"checkpoint-400' is incomplete \(no rcp_config.json, trainer_state.json\)"),
@@ -876,6 +897,23 @@ def test_llava_json_skips_text_only_records_and_says_so(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"Record 1 of .*data.json is not a dict with 'conversations' \(and "
                                          r"'image'\), got 'a.png'"):
         load_llava_json(str(_llava_json(tmp_path, [image, "a.png"])), str(tmp_path / "images"))
+
+
+def test_batch_eval_metrics_is_refused_before_anything_loads(micro_testbed, tmp_path, monkeypatch):
+    """transformers calls compute_metrics per batch with `compute_result` under --batch_eval_metrics, which
+    answer_metrics does not take: the run failed in its first evaluation, after the model had loaded."""
+    from transformers import AutoConfig
+
+    import train_rcp
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("the base model was read"))
+    with pytest.raises(ValueError, match=r"^--batch_eval_metrics is not supported here: the answer metrics "
+                                         r"\(answer_metrics\) score the whole evaluation at once"):
+        train_rcp.main(["--base_model", str(micro_testbed / "model"), "--dataset_name_or_path",
+                        str(micro_testbed / "dataset"), "--pruning_layers", "1", "--repair_layers", "1",
+                        "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "--max_steps", "1",
+                        "--eval_strategy", "steps", "--eval_steps", "1", "--batch_eval_metrics"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_multi_turn_test_split_is_refused_before_training(micro_testbed, tmp_path):
