@@ -519,11 +519,13 @@ def build_model_card(config, repo_id, base_model=None, plugins_only=False, eval_
     kept = average_kept_tokens if average_kept_tokens is not None else eval_kept
     if kept is None and spec.plugins and config.pruning_keep_counts is None:
         # evaluate_methods.py measures adaptive RCP beside its fixed-count rows: the adaptive row is this checkpoint's
-        # own count (the card said "not measured" beside a table that held it). One dataset's, unambiguous only.
-        adaptive = [e for e in entries if not e.get("baseline") and (e.get("adaptive") or e.get("budget") == "adaptive")
-                    and e.get("tokens_per_layer") is not None]
+        # own count (the card said "not measured" beside a table that held it). Only when unambiguous: one dataset's,
+        # or the same on every dataset (several datasets' differing counts have no single average to state).
+        adaptive = {e["tokens_per_layer"] for e in entries
+                    if not e.get("baseline") and (e.get("adaptive") or e.get("budget") == "adaptive")
+                    and e.get("tokens_per_layer") is not None}
         if len(adaptive) == 1:
-            kept = adaptive[0]["tokens_per_layer"]
+            (kept,) = adaptive
     n = config.num_visual_tokens
     if kept is not None and not (_finite_number(kept) and 0 <= kept <= n):
         # A count above the model's tokens is another model's result (or a typo): the card would state it as this one's.

@@ -505,6 +505,12 @@ def test_card_reading_edges(tmp_path, monkeypatch):
     card = hub.build_model_card(tiny_config(pruning_keep_counts=None), "me/rcp", base_model="llava-hf/llava-1.5-7b-hf",
                                 eval_results=adaptive, license="llama2")
     assert card.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] is None
+    # the same count on every dataset (evaluate_methods.py over several --data): that count, not "not measured"
+    for entry in adaptive["results"]:
+        entry["rows"][0]["avg_tokens_all_layers"] = 6.0
+    card = hub.build_model_card(tiny_config(pruning_keep_counts=None), "me/rcp", base_model="llava-hf/llava-1.5-7b-hf",
+                                eval_results=adaptive, license="llama2")
+    assert card.data.to_dict()["rcp_llava"]["average_kept_visual_tokens"] == 6.0
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "llava").mkdir(parents=True)
     card = hub.build_model_card(tiny_config(), "me/rcp", base_model="models/llava", license="mit")
