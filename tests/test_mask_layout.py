@@ -171,7 +171,12 @@ def test_the_configured_attention_without_a_name_is_the_modules_own_eager():
     assert sys.modules[Qwen2Attention.__module__].eager_attention_forward \
         is not sys.modules[LlamaAttention.__module__].eager_attention_forward
     assert _configured_attention(module, "sdpa") is AttentionInterface()["sdpa"]
-    assert _configured_attention(module, SOFT_KEY_MASK_ATTENTION) is soft_key_mask_attention  # registered on import
+    # registered on import, under one global name: a copy of this file imported later (a folder loaded with
+    # trust_remote_code, as other tests do) registers its own twin, so the suite compares by what it is, not identity
+    registered = _configured_attention(module, SOFT_KEY_MASK_ATTENTION)
+    assert registered is AttentionInterface()[SOFT_KEY_MASK_ATTENTION]
+    assert registered.__qualname__ == soft_key_mask_attention.__qualname__
+    assert registered.__code__.co_code == soft_key_mask_attention.__code__.co_code
     # and the fallback itself, with no key weight: the configured function's output (eager: its weights too)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 3, 8, generator=g) for h in (4, 2, 2))
