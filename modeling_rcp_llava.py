@@ -1130,14 +1130,14 @@ def _warn_own_method(method):
     fresh process would run without a word). Once per process and message (transformers' `warning_once`): a Trainer
     saving a checkpoint every few hundred steps said it at every one."""
     if method not in BUILTIN_METHODS:
-        logger.warning_once(f"`pruning_method={method!r}` is a method of your own: the saved folder loads only where its "
-                       "selector is registered (`register_pruning_method`) first, or with a built-in "
-                       "`pruning_method=...` given to `from_pretrained`.")
+        logger.warning_once(f"`pruning_method={method!r}` is a method of your own: the saved folder loads only where "
+                            "its selector is registered (`register_pruning_method`) first, or with a built-in "
+                            "`pruning_method=...` given to `from_pretrained`.")
     elif method in SELECTORS and SELECTORS[method] is not BUILTIN_SELECTORS.get(method):
         logger.warning_once(f"`pruning_method={method!r}` runs your own selector ({SELECTORS[method].__name__}), "
-                       "registered over the built-in one: a fresh process loads the saved folder with the built-in "
-                       f"{method!r} unless your selector is registered (`register_pruning_method(..., "
-                       "overwrite=True)`) before loading. Register it under a name of its own to keep them apart.")
+                            "registered over the built-in one: a fresh process loads the saved folder with the "
+                            f"built-in {method!r} unless your selector is registered (`register_pruning_method(..., "
+                            "overwrite=True)`) before loading. Register it under a name of its own to keep them apart.")
 
 
 # ------------------------------------------------------------------------------------------------
