@@ -339,6 +339,36 @@ def aten_calls(model, inputs):
             "per_layer": layers[0] / len(decoder), "points": points, "step": step.total, "step_syncs": step.syncs}
 
 
+def device_kernel_ms(events):
+    """Milliseconds the device spent in kernels (and copies) among profiler `events`: the sum of the self device
+    time of the events that ran on the GPU, as the profiler's own table totals "Self CUDA time" (kineto events;
+    user annotations excluded, since they span kernels already counted). One stream runs them one after another,
+    so this is the GPU's busy time, whatever the host took to queue them."""
+    gpu = (torch.autograd.DeviceType.CUDA,)
+    return sum(e.self_device_time_total for e in events
+               if e.device_type in gpu and not getattr(e, "is_user_annotation", False)) / 1e3
+
+
+def kernel_times(model, inputs):
+    """GPU kernel time of one prefill of `model` on `inputs` and of one decode step on its cache (as `aten_calls`
+    runs them), in ms: {"prefill", "step"}; None off CUDA. Measured with the profiler once, outside the timing:
+    where the wall clock follows the host's dispatch (a GPU at batch 1), this is what the work itself costs -- what
+    CUDA graphs or fused kernels would leave."""
+    if model.device.type != "cuda":
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.no_grad():
+        with torch.profiler.profile(activities=activities) as prof:
+            out = model(**inputs)
+            torch.cuda.synchronize()
+        prefill = device_kernel_ms(prof.events())
+        next_token = out.logits[:, -1:].argmax(-1)
+        with torch.profiler.profile(activities=activities) as prof:
+            model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+    return {"prefill": prefill, "step": device_kernel_ms(prof.events())}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -545,6 +575,8 @@ def main():
             models[name].model._select_tokens = original
         calls = {name: aten_calls(models[name], {**method_inputs[name], "use_cache": True, "logits_to_keep": 1})
                  for name in methods}
+        kernels = {name: kernel_times(models[name], {**method_inputs[name], "use_cache": True, "logits_to_keep": 1})
+                   for name in methods}
 
         full_flops = llava_flops(base.config, num_text_tokens=text_tokens, batch_size=bsz).total
 
@@ -588,9 +620,21 @@ def main():
                 "aten_calls": calls[name]["total"],
                 "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
                 "decode_step_aten_calls": calls[name]["step"], "decode_step_syncs": calls[name]["step_syncs"],
+                # GPU busy time of one prefill / decode step (profiler, outside the timing); None off CUDA
+                "prefill_kernel_ms": kernels[name]["prefill"] if kernels[name] else None,
+                "decode_step_kernel_ms": kernels[name]["step"] if kernels[name] else None,
             })
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
         written = write_outputs(results, args, device, pending=batch_sizes[index + 1:], stem=written)
+
+
+def kernel_cell(row, full):
+    """'prefill / step' GPU kernel ms with the prefill's ratio to full's; 'n/a' where not measured."""
+    if row.get("prefill_kernel_ms") is None:
+        return "n/a"
+    ratio = (f" (×full {row['prefill_kernel_ms'] / full['prefill_kernel_ms']:.3f})"
+             if full.get("prefill_kernel_ms") else "")
+    return f"{row['prefill_kernel_ms']:.2f}{ratio} / {row['decode_step_kernel_ms']:.2f}"
 
 
 def output_stem(args, device):
@@ -622,6 +666,11 @@ def write_outputs(results, args, device, pending=(), stem=None):
              "calls (syncs)*: the same for one decode step as `generate` runs it, and the host syncs among them "
              "(each stops the host from queueing ahead of "
              "a GPU).", ""]
+    kernel_column = any(r.get("prefill_kernel_ms") is not None for r in results)
+    if kernel_column:
+        lines[-2] += (" *GPU kernels ms*: the device's busy time in one prefill / one decode step (the profiler's "
+                      "kernel and copy times, summed; once, outside the timing): what the work costs without the "
+                      "host's dispatch.")
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
                   "going, or stopped, when this was written).", ""]
@@ -631,8 +680,9 @@ def write_outputs(results, args, device, pending=(), stem=None):
         lines += [f"## Batch size {bsz}", "",
                   f"| method | visual tok/layer | prefill ms | ×full | decode ms/tok | ×full | {args.new_tokens}-tok e2e ms | "
                   "KV MiB (analytic) | peak MiB | select ms (% prefill) | net of reused ms (% prefill) | TFLOPs | "
-                  "FLOPs ×full | aten calls (in selection) | step calls (syncs) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "FLOPs ×full | aten calls (in selection) | step calls (syncs) |"
+                  + (" GPU kernels ms (prefill / step) |" if kernel_column else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kernel_column else "")]
         for r in rows:
             note = f" (×ideal {r['prefill_x_ideal']:.2f})" if r["prefill_x_ideal"] is not None else ""
             peak = f"{r['peak_memory_mib']:.0f}" if r["peak_memory_mib"] is not None else "n/a"
@@ -649,7 +699,8 @@ def write_outputs(results, args, device, pending=(), stem=None):
                 f"{r['prefill_x_full']:.3f} | {decode} | {e2e} | "
                 f"{r['kv_cache_mib']:.2f} ({r['kv_cache_analytic_mib']:.2f}) | {peak} | {share} | {net} | {r['analytic_tflops']:.4f} | {r['flops_ratio']:.3f} | "
                 f"{r['aten_calls']} ({r['aten_calls_selection']}) | "
-                f"{r['decode_step_aten_calls']} ({r['decode_step_syncs']}) |")
+                f"{r['decode_step_aten_calls']} ({r['decode_step_syncs']}) |"
+                + (f" {kernel_cell(r, full)} |" if kernel_column else ""))
         lines.append("")
     stem = write_results(stem, markdown="\n".join(lines), overwrite=args.overwrite or not first,
                          data={"command": command, "device": device_name, "results": results,

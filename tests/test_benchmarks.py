@@ -32,7 +32,10 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["full"]["aten_calls"] < rows["ideal-64"]["aten_calls"] < rows["rcp-64"]["aten_calls"]
     assert rows["full"]["aten_calls_selection"] == rows["ideal-64"]["aten_calls_selection"] == 0
     assert rows["rcp-64"]["aten_calls_selection"] > 3 * 50 and rows["vispruner-64"]["aten_calls_selection"] > 0
-    assert "| aten calls (in selection) | step calls (syncs) |" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    assert "| aten calls (in selection) | step calls (syncs) |\n" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    # GPU kernel times exist only on CUDA: None in every CPU row, and no column for them
+    assert {(row["prefill_kernel_ms"], row["decode_step_kernel_ms"]) for row in rows.values()} == {(None, None)}
+    assert "GPU kernels" not in (tmp_path / "efficiency_tiny_cpu.md").read_text()
     # A decode step: the stock model's syncs none for its mask (generate's prompt is unpadded), nor may a pruned one;
     # RCP's repair adapters dispatch more than the unpruned step.
     assert {row["decode_step_syncs"] for row in rows.values()} == {0}
@@ -149,6 +152,61 @@ def test_sync_kind_counts_a_copy_to_the_host_only_from_another_device():
     assert efficiency.sync_kind(to_copy, (torch.empty(2, device="meta"),), {"device": cpu}) == "device_to_host"
     assert efficiency.sync_kind(to_copy, (torch.zeros(2),), {"device": cpu, "dtype": torch.float64}) is None
     assert efficiency.sync_kind(to_copy, (torch.empty(2, device="meta"),), {"dtype": torch.float64}) is None
+
+def test_device_kernel_ms_sums_the_gpu_events_self_time_only():
+    """The GPU's busy time: self device time of the events that ran on the GPU (kernels, copies), as the profiler's
+    table totals it -- not the CPU ops that launched them (their device time is the same kernels again), nor user
+    annotations spanning them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, self_device_time_total=1500, is_user_annotation=False),  # a kernel
+              SimpleNamespace(device_type=cuda, self_device_time_total=250, is_user_annotation=False),   # a memcpy
+              SimpleNamespace(device_type=cpu, self_device_time_total=1750, is_user_annotation=False),   # aten::mm
+              SimpleNamespace(device_type=cuda, self_device_time_total=9000, is_user_annotation=True)]   # a range
+    assert efficiency.device_kernel_ms(events) == 1.75
+    assert efficiency.device_kernel_ms([]) == 0
+
+
+def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tmp_path, monkeypatch):
+    """On the CPU `kernel_times` measures nothing (None); a table whose rows hold GPU kernel times gets a column
+    'prefill (xfull) / step' for them, with n/a where a row lacks them."""
+    import argparse
+
+    import torch
+
+    from conftest import make_model
+
+    efficiency = load_benchmark("efficiency")
+    model = make_model()
+    assert efficiency.kernel_times(model, {"input_ids": torch.tensor([[1, 2]])}) is None
+    base = {"batch_size": 1, "budget": 576, "dtype": "bfloat16", "avg_visual_tokens_per_layer": 576.0,
+            "prefill_ms": 30.0, "prefill_x_full": 1.0, "prefill_x_ideal": None, "decode_ms_per_token": 20.0,
+            "end_to_end_ms": 640.0, "kv_cache_mib": 320.0, "kv_cache_analytic_mib": 320.0, "peak_memory_mib": None,
+            "selection_ms": 0.0, "analytic_tflops": 8.9, "flops_ratio": 1.0, "aten_calls": 3543,
+            "aten_calls_selection": 0, "decode_step_aten_calls": 2459, "decode_step_syncs": 0}
+    results = [{**base, "method": "full", "prefill_kernel_ms": 16.0, "decode_step_kernel_ms": 3.5},
+               {**base, "method": "random-64", "prefill_kernel_ms": 4.0, "decode_step_kernel_ms": 3.25},
+               {**base, "method": "fastv-64", "prefill_kernel_ms": None, "decode_step_kernel_ms": None}]
+    args = argparse.Namespace(preset="tiny", repeats=1, new_tokens=32, threads=1, overwrite=True, tag="",
+                              output_dir=str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["efficiency.py"])
+    efficiency.write_outputs(results, args, torch.device("cpu"))
+    table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    assert "| step calls (syncs) | GPU kernels ms (prefill / step) |\n|---|" in table
+    assert "*GPU kernels ms*: the device's busy time" in table
+    lines = table.splitlines()
+    assert next(line for line in lines if line.startswith("| full |")).endswith(
+        "| 2459 (0) | 16.00 (×full 1.000) / 3.50 |")
+    assert next(line for line in lines if line.startswith("| random-64 |")).endswith(
+        "| 2459 (0) | 4.00 (×full 0.250) / 3.25 |")
+    assert next(line for line in lines if line.startswith("| fastv-64 |")).endswith("| 2459 (0) | n/a |")
+    header = next(line for line in lines if line.startswith("| method |"))
+    assert header.count("|") == lines[lines.index(header) + 1].count("|")
+
 
 def test_aten_calls_split_a_prefill_into_layers_pruning_and_the_rest():
     """selection_profile's *outside* column: the prefill's calls less the decoder layers' and the pruning points'
