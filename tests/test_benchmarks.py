@@ -114,6 +114,49 @@ def test_efficiency_interleaves_the_methods_every_other_round_reversed(tmp_path,
     assert order == forwards + backwards + forwards + backwards + forwards
 
 
+def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monkeypatch):
+    """A profiler session can leave CUPTI hooked into later kernel launches (pytorch/pytorch#144455), so the GPU
+    kernel times are profiled once every batch size is timed: no timed prefill follows a profile. Each row's profile
+    gets its own model and inputs (the ideal's with RCP's kept sets, at its batch size), and the final table carries
+    the values (a CUDA run's `kernel_times`, stood in for on the CPU)."""
+    import torch
+
+    from modeling_rcp_llava import RcpLlavaForConditionalGeneration
+
+    efficiency = load_benchmark("efficiency")
+    events, forward = [], RcpLlavaForConditionalGeneration.forward
+
+    def recording(self, *args, **kwargs):
+        if kwargs.get("use_cache") and kwargs.get("logits_to_keep") == 1 and kwargs.get("past_key_values") is None:
+            events.append("forward")
+        return forward(self, *args, **kwargs)
+
+    def kernel_times(model, inputs):
+        events.append(("profile", model.config.pruning_method, inputs["input_ids"].shape[0],
+                       "visual_keep_masks" in inputs, inputs["use_cache"], inputs["logits_to_keep"]))
+        return {"prefill": 10.0 + len(events), "step": 0.5}
+
+    monkeypatch.setattr(RcpLlavaForConditionalGeneration, "forward", recording)
+    monkeypatch.setattr(efficiency, "kernel_times", kernel_times)
+    monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1,2", "--repeats", "1",
+                                      "--new_tokens", "0", "--budgets", "64", "--output_dir", str(tmp_path)])
+    with torch.no_grad():
+        efficiency.main()
+    profiles = [e for e in events if e != "forward"]
+    assert events[-len(profiles):] == profiles and len(profiles) == 12  # all after the last timed forward
+    methods = {"full": "none", "rcp-64": "rcp", "ideal-64": "rcp", "vispruner-64": "vispruner",
+               "random-64": "random", "fastv-64": "fastv"}
+    assert profiles == [("profile", kind, bsz, name == "ideal-64", True, 1)
+                        for bsz in (1, 2) for name, kind in methods.items()]
+    rows = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())["results"]
+    assert [(r["batch_size"], r["method"], r["decode_step_kernel_ms"]) for r in rows] == [
+        (bsz, name, 0.5) for bsz in (1, 2) for name in methods]
+    first = len(events) - len(profiles)  # the value each profile returned: 10 + the events recorded by then
+    assert [r["prefill_kernel_ms"] for r in rows] == [10.0 + first + i for i in range(1, 13)]
+    table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    assert f"| {10.0 + first + 1:.2f} (×full 1.000) / 0.50 |" in table and "Incomplete" not in table
+
+
 def test_step_clock_passes_scores_through_and_times_the_steps_between_readings():
     import torch
 
