@@ -362,7 +362,13 @@ class RcpPlugins(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-SOFT_KEY_MASK_ATTENTION = "rcp_soft_key_mask"
+# AttentionInterface is one registry per process, and every copy of this file a process imports registers here: the
+# installed module, and each folder loaded with trust_remote_code (transformers imports it as a module of its own).
+# Under one shared name the copy imported last would serve every model, so a Hub snapshot of older code would
+# silently replace the installed function in training; each copy other than the installed one takes a name of its
+# own (hex digits only: transformers reads "flash" / "sdpa" in an implementation's name, a folder's could hold them).
+SOFT_KEY_MASK_ATTENTION = ("rcp_soft_key_mask" if __name__ == "modeling_rcp_llava"
+                           else f"rcp_soft_key_mask_{hashlib.sha256(__name__.encode()).hexdigest()[:12]}")
 # Floor of the renormalisation's denominator in the BACKWARD pass only (the forward stays exact). A row whose kept
 # attention mass sum_j w_ij M_j falls to 1e-8 (a score gap of ~20) otherwise sends |dL/dM| ~ 1e8 into the pruners.
 RENORM_GRAD_FLOOR = 1e-3

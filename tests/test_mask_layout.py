@@ -1,5 +1,8 @@
 """The differentiable ("mask") layout used in training equals physical discard, and trains the plug-ins."""
 
+import re
+import sys
+
 import pytest
 import torch
 from conftest import NUM_VISUAL, make_batch, make_model
@@ -148,6 +151,44 @@ def test_soft_key_mask_with_fewer_queries_than_keys_is_attention_over_the_kept_k
         assert weights is None
 
 
+def test_a_copy_loaded_with_trust_remote_code_registers_its_own_soft_key_mask(tmp_path):
+    """Loading an RCP folder with trust_remote_code imports its modeling file as a module of its own, which registers
+    its soft-key-mask attention on import. Under the shared name it replaced the installed one for every model in
+    the process (a Hub snapshot of older code would then run in the installed model's training); now each copy has
+    its name, both stay registered, and the installed model's training forward runs the installed function."""
+    from transformers import AttentionInterface, AutoModelForImageTextToText
+
+    import modeling_rcp_llava
+
+    make_model().save_pretrained(tmp_path)
+    remote = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    copy = sys.modules[type(remote).__module__]
+    assert copy is not modeling_rcp_llava and copy.__name__.startswith("transformers_modules.")
+    assert copy.SOFT_KEY_MASK_ATTENTION != modeling_rcp_llava.SOFT_KEY_MASK_ATTENTION == "rcp_soft_key_mask"
+    assert re.fullmatch(r"rcp_soft_key_mask_[0-9a-f]{12}", copy.SOFT_KEY_MASK_ATTENTION)
+    registry = AttentionInterface()
+    assert registry[modeling_rcp_llava.SOFT_KEY_MASK_ATTENTION] is modeling_rcp_llava.soft_key_mask_attention
+    assert registry[copy.SOFT_KEY_MASK_ATTENTION] is copy.soft_key_mask_attention
+    # the installed model's mask-layout (training) forward calls its own module's function, not the copy's
+    calls = []
+    for module in (modeling_rcp_llava, copy):
+        original = registry[module.SOFT_KEY_MASK_ATTENTION]
+
+        def counting(*args, _name=module.__name__, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        AttentionInterface.register(module.SOFT_KEY_MASK_ATTENTION, counting)
+    try:
+        model = make_model().train()
+        batch = make_batch(PADDED)
+        model(**batch, labels=batch["input_ids"])
+    finally:
+        for module in (modeling_rcp_llava, copy):
+            AttentionInterface.register(module.SOFT_KEY_MASK_ATTENTION, module.soft_key_mask_attention)
+    assert calls and set(calls) == {"modeling_rcp_llava"}
+
+
 def test_the_configured_attention_without_a_name_is_the_modules_own_eager():
     """The layers before the first pruner run `rcp_fallback_attention` (the model's configured attention), so they
     equal the teacher's bit for bit. No name (a config that never set `_attn_implementation`) is eager, as the layer
@@ -171,12 +212,8 @@ def test_the_configured_attention_without_a_name_is_the_modules_own_eager():
     assert sys.modules[Qwen2Attention.__module__].eager_attention_forward \
         is not sys.modules[LlamaAttention.__module__].eager_attention_forward
     assert _configured_attention(module, "sdpa") is AttentionInterface()["sdpa"]
-    # registered on import, under one global name: a copy of this file imported later (a folder loaded with
-    # trust_remote_code, as other tests do) registers its own twin, so the suite compares by what it is, not identity
-    registered = _configured_attention(module, SOFT_KEY_MASK_ATTENTION)
-    assert registered is AttentionInterface()[SOFT_KEY_MASK_ATTENTION]
-    assert registered.__qualname__ == soft_key_mask_attention.__qualname__
-    assert registered.__code__.co_code == soft_key_mask_attention.__code__.co_code
+    # registered on import, under a name no copy of this file loaded with trust_remote_code takes (test below)
+    assert _configured_attention(module, SOFT_KEY_MASK_ATTENTION) is soft_key_mask_attention
     # and the fallback itself, with no key weight: the configured function's output (eager: its weights too)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 3, 8, generator=g) for h in (4, 2, 2))
