@@ -27,6 +27,7 @@ import argparse
 import collections
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -343,10 +344,11 @@ def device_kernel_ms(events):
     """Milliseconds the device spent in kernels (and copies) among profiler `events`: the sum of the self device
     time of the events that ran on the GPU, as the profiler's own table totals "Self CUDA time" (kineto events;
     user annotations excluded, since they span kernels already counted). One stream runs them one after another,
-    so this is the GPU's busy time, whatever the host took to queue them."""
-    gpu = (torch.autograd.DeviceType.CUDA,)
-    return sum(e.self_device_time_total for e in events
-               if e.device_type in gpu and not getattr(e, "is_user_annotation", False)) / 1e3
+    so this is the GPU's busy time, whatever the host took to queue them. None where no event ran on the GPU (a
+    profiler that recorded no kernels: a 0 would read as free work)."""
+    gpu = [e for e in events
+           if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    return sum(e.self_device_time_total for e in gpu) / 1e3 if gpu else None
 
 
 def kernel_times(model, inputs):
@@ -363,6 +365,7 @@ def kernel_times(model, inputs):
             torch.cuda.synchronize()
         prefill = device_kernel_ms(prof.events())
         next_token = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()  # the argmax is the prefill's, not the step's
         with torch.profiler.profile(activities=activities) as prof:
             model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
@@ -623,28 +626,39 @@ def main():
             })
         profile_inputs[bsz] = method_inputs
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
-        written = write_outputs(results, args, device, pending=batch_sizes[index + 1:], stem=written)
+        written = write_outputs(results, args, device, pending=batch_sizes[index + 1:], stem=written,
+                                kernels_pending=batch_sizes if device.type == "cuda" else ())
 
     # The GPU's own kernel time per method, profiled only once every timing is done: a profiler session can leave
     # CUPTI hooked into every later kernel launch (pytorch/pytorch#144455), which would slow the host-bound runs
-    # timed after it. Off CUDA there is nothing to measure (`kernel_times` is None; the rows keep None).
-    measured = False
-    for row in results:
-        times = kernel_times(models[row["method"]], {**profile_inputs[row["batch_size"]][row["method"]],
-                                                      "use_cache": True, "logits_to_keep": 1})
-        if times is not None:
-            row["prefill_kernel_ms"], row["decode_step_kernel_ms"], measured = times["prefill"], times["step"], True
-    if measured:
-        write_outputs(results, args, device, stem=written)
+    # timed after it. Off CUDA there is nothing to measure (`kernel_times` is None; the rows keep None). Written
+    # after each batch size's profiles; a profile that fails leaves its row's cells empty and loses nothing else.
+    for index, bsz in enumerate(batch_sizes):
+        measured = False
+        for row in (r for r in results if r["batch_size"] == bsz):
+            try:
+                times = kernel_times(models[row["method"]], {**profile_inputs[bsz][row["method"]],
+                                                              "use_cache": True, "logits_to_keep": 1})
+            except Exception as err:  # noqa: BLE001 -- a profiler failure must not cost the timings above
+                print(f"efficiency: GPU kernel times of {row['method']} at batch {bsz} not measured: {err!r}",
+                      file=sys.stderr)
+                continue
+            if times is not None:
+                row["prefill_kernel_ms"], row["decode_step_kernel_ms"] = times["prefill"], times["step"]
+                measured = True
+        if measured:
+            write_outputs(results, args, device, stem=written, kernels_pending=batch_sizes[index + 1:])
 
 
 def kernel_cell(row, full):
     """'prefill / step' GPU kernel ms with the prefill's ratio to full's; 'n/a' where not measured."""
-    if row.get("prefill_kernel_ms") is None:
+    prefill, step = row.get("prefill_kernel_ms"), row.get("decode_step_kernel_ms")
+    if prefill is None and step is None:
         return "n/a"
-    ratio = (f" (×full {row['prefill_kernel_ms'] / full['prefill_kernel_ms']:.3f})"
-             if full.get("prefill_kernel_ms") else "")
-    return f"{row['prefill_kernel_ms']:.2f}{ratio} / {row['decode_step_kernel_ms']:.2f}"
+    ratio = (f" (×full {prefill / full['prefill_kernel_ms']:.3f})"
+             if prefill is not None and full.get("prefill_kernel_ms") else "")
+    return (f"{prefill:.2f}{ratio}" if prefill is not None else "n/a") + (f" / {step:.2f}" if step is not None
+                                                                          else " / n/a")
 
 
 def output_stem(args, device):
@@ -653,8 +667,9 @@ def output_stem(args, device):
                         f"efficiency_{args.preset}_{'gpu' if device.type == 'cuda' else 'cpu'}{tag}")
 
 
-def write_outputs(results, args, device, pending=(), stem=None):
-    """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet (said in both files).
+def write_outputs(results, args, device, pending=(), stem=None, kernels_pending=()):
+    """The markdown / JSON / plot of `results`; `pending`: batch sizes not measured yet, `kernels_pending`: those
+    whose GPU kernel times are not profiled yet (both said in both files).
     Returns the stem written, which the run's next writes pass as `stem` (they replace its own earlier table). The
     first write (stem None) replaces a table another run wrote under the same name since start-up only with
     --overwrite; without, this run's goes to `NAME-2` (`write_results`)."""
@@ -684,6 +699,10 @@ def write_outputs(results, args, device, pending=(), stem=None):
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
                   "going, or stopped, when this was written).", ""]
+    if kernels_pending:
+        lines += [f"**GPU kernel times pending** for batch sizes {', '.join(map(str, kernels_pending))}: profiled "
+                  "once every batch size is timed (a profiler session can slow the runs timed after it); not yet "
+                  "when this was written.", ""]
     for bsz in sorted({r["batch_size"] for r in results}):
         rows = [r for r in results if r["batch_size"] == bsz]
         full = next(r for r in rows if r["method"] == "full")
@@ -714,7 +733,8 @@ def write_outputs(results, args, device, pending=(), stem=None):
         lines.append("")
     stem = write_results(stem, markdown="\n".join(lines), overwrite=args.overwrite or not first,
                          data={"command": command, "device": device_name, "results": results,
-                               "pending_batch_sizes": list(pending)})
+                               "pending_batch_sizes": list(pending),
+                               "pending_kernel_batch_sizes": list(kernels_pending)})
     try:
         import matplotlib
 

@@ -114,7 +114,7 @@ def test_efficiency_interleaves_the_methods_every_other_round_reversed(tmp_path,
     assert order == forwards + backwards + forwards + backwards + forwards
 
 
-def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monkeypatch):
+def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monkeypatch, capsys):
     """A profiler session can leave CUPTI hooked into later kernel launches (pytorch/pytorch#144455), so the GPU
     kernel times are profiled once every batch size is timed: no timed prefill follows a profile. Each row's profile
     gets its own model and inputs (the ideal's with RCP's kept sets, at its batch size), and the final table carries
@@ -132,29 +132,89 @@ def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monk
         return forward(self, *args, **kwargs)
 
     def kernel_times(model, inputs):
+        masks = inputs.get("visual_keep_masks")
         events.append(("profile", model.config.pruning_method, inputs["input_ids"].shape[0],
-                       "visual_keep_masks" in inputs, inputs["use_cache"], inputs["logits_to_keep"]))
+                       None if masks is None else masks.shape[0], inputs["use_cache"], inputs["logits_to_keep"]))
+        if model.config.pruning_method == "fastv" and inputs["input_ids"].shape[0] == 2:
+            raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")  # a profile that fails costs its own cells only
         return {"prefill": 10.0 + len(events), "step": 0.5}
 
     monkeypatch.setattr(RcpLlavaForConditionalGeneration, "forward", recording)
     monkeypatch.setattr(efficiency, "kernel_times", kernel_times)
     monkeypatch.setattr(sys, "argv", ["efficiency.py", "--preset", "tiny", "--batch_sizes", "1,2", "--repeats", "1",
                                       "--new_tokens", "0", "--budgets", "64", "--output_dir", str(tmp_path)])
-    with torch.no_grad():
-        efficiency.main()
+    efficiency.main()  # no grad mode of the test's own: main's profiles are under no_grad by themselves
+    assert "GPU kernel times of fastv-64 at batch 2 not measured: RuntimeError('CUPTI_ERROR_NOT_INITIALIZED')" in (
+        capsys.readouterr().err)
     profiles = [e for e in events if e != "forward"]
     assert events[-len(profiles):] == profiles and len(profiles) == 12  # all after the last timed forward
     methods = {"full": "none", "rcp-64": "rcp", "ideal-64": "rcp", "vispruner-64": "vispruner",
                "random-64": "random", "fastv-64": "fastv"}
-    assert profiles == [("profile", kind, bsz, name == "ideal-64", True, 1)
+    # the ideal's profile replays RCP's kept sets of its own batch size
+    assert profiles == [("profile", kind, bsz, bsz if name == "ideal-64" else None, True, 1)
                         for bsz in (1, 2) for name, kind in methods.items()]
-    rows = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())["results"]
+    data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
+    rows, failed = data["results"], (2, "fastv-64")
+    assert data["pending_kernel_batch_sizes"] == []
     assert [(r["batch_size"], r["method"], r["decode_step_kernel_ms"]) for r in rows] == [
-        (bsz, name, 0.5) for bsz in (1, 2) for name in methods]
+        (bsz, name, None if (bsz, name) == failed else 0.5) for bsz in (1, 2) for name in methods]
     first = len(events) - len(profiles)  # the value each profile returned: 10 + the events recorded by then
-    assert [r["prefill_kernel_ms"] for r in rows] == [10.0 + first + i for i in range(1, 13)]
+    assert [r["prefill_kernel_ms"] for r in rows] == [
+        None if (r["batch_size"], r["method"]) == failed else 10.0 + first + i for i, r in enumerate(rows, 1)]
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
     assert f"| {10.0 + first + 1:.2f} (×full 1.000) / 0.50 |" in table and "Incomplete" not in table
+    fastv = [line for line in table.splitlines() if line.startswith("| fastv-64 |")]  # batch 1, then batch 2
+    assert len(fastv) == 2 and fastv[0].endswith(" / 0.50 |") and fastv[1].endswith("| n/a |")
+    assert "GPU kernel times pending" not in table
+
+
+def test_efficiency_tables_say_the_gpu_kernel_times_are_pending(tmp_path, monkeypatch):
+    """Before the profiles (written after each batch size's timing, on CUDA) both files say which batch sizes'
+    kernel times are still to come."""
+    import argparse
+
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    row = {"method": "full", "batch_size": 1, "budget": 576, "dtype": "bfloat16", "avg_visual_tokens_per_layer": 576.0,
+           "prefill_ms": 30.0, "prefill_x_full": 1.0, "prefill_x_ideal": None, "decode_ms_per_token": None,
+           "end_to_end_ms": None, "kv_cache_mib": 320.0, "kv_cache_analytic_mib": 320.0, "peak_memory_mib": None,
+           "selection_ms": 0.0, "analytic_tflops": 8.9, "flops_ratio": 1.0, "aten_calls": 3543,
+           "aten_calls_selection": 0, "decode_step_aten_calls": 2459, "decode_step_syncs": 0,
+           "prefill_kernel_ms": None, "decode_step_kernel_ms": None}
+    args = argparse.Namespace(preset="tiny", repeats=1, new_tokens=0, threads=1, overwrite=True, tag="",
+                              output_dir=str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["efficiency.py"])
+    efficiency.write_outputs([row], args, torch.device("cpu"), pending=[8], kernels_pending=[1, 8])
+    table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
+    assert "**GPU kernel times pending** for batch sizes 1, 8: profiled once every batch size is timed" in table
+    data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
+    assert data["pending_batch_sizes"] == [8] and data["pending_kernel_batch_sizes"] == [1, 8]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: the profiler's real GPU events")
+def test_device_kernel_ms_reads_real_gpu_events_within_the_wall_clock():
+    """On a GPU: a matmul's profiled kernel time is positive and no longer than the CUDA events around it (one
+    stream's busy time cannot exceed the wall clock); a profile with no GPU work reads None, not 0."""
+    import torch
+
+    efficiency = load_benchmark("efficiency")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start.record()
+        for _ in range(4):
+            a @ a
+        end.record()
+        torch.cuda.synchronize()
+    busy = efficiency.device_kernel_ms(prof.events())
+    assert 0 < busy <= start.elapsed_time(end) * 1.02
+    with torch.profiler.profile(activities=activities) as prof:
+        torch.ones(3).sum()
+    assert efficiency.device_kernel_ms(prof.events()) is None
 
 
 def test_step_clock_passes_scores_through_and_times_the_steps_between_readings():
@@ -211,7 +271,8 @@ def test_device_kernel_ms_sums_the_gpu_events_self_time_only():
               SimpleNamespace(device_type=cpu, self_device_time_total=1750, is_user_annotation=False),   # aten::mm
               SimpleNamespace(device_type=cuda, self_device_time_total=9000, is_user_annotation=True)]   # a range
     assert efficiency.device_kernel_ms(events) == 1.75
-    assert efficiency.device_kernel_ms([]) == 0
+    # no GPU event at all (a profiler that recorded no kernels): unknown, not free
+    assert efficiency.device_kernel_ms([]) is None and efficiency.device_kernel_ms(events[2:]) is None
 
 
 def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tmp_path, monkeypatch):
@@ -247,6 +308,11 @@ def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tm
     assert next(line for line in lines if line.startswith("| random-64 |")).endswith(
         "| 2459 (0) | 4.00 (×full 0.250) / 3.25 |")
     assert next(line for line in lines if line.startswith("| fastv-64 |")).endswith("| 2459 (0) | n/a |")
+    # one part measured: the other reads n/a; no ratio against a full row without a prefill kernel time
+    assert efficiency.kernel_cell({"prefill_kernel_ms": None, "decode_step_kernel_ms": 3.0}, results[0]) == \
+        "n/a / 3.00"
+    assert efficiency.kernel_cell({"prefill_kernel_ms": 4.0, "decode_step_kernel_ms": None}, results[2]) == \
+        "4.00 / n/a"
     header = next(line for line in lines if line.startswith("| method |"))
     assert header.count("|") == lines[lines.index(header) + 1].count("|")
 
@@ -274,12 +340,13 @@ def test_efficiency_writes_after_every_batch_size(tmp_path, monkeypatch):
     efficiency = load_benchmark("efficiency")
     written, original = [], efficiency.write_outputs
 
-    def record(results, args, device, pending=(), stem=None):
-        written_stem = original(results, args, device, pending, stem=stem)
+    def record(results, args, device, pending=(), stem=None, kernels_pending=()):
+        written_stem = original(results, args, device, pending, stem=stem, kernels_pending=kernels_pending)
         stem = tmp_path / "efficiency_tiny_cpu"
         data = json.loads(stem.with_suffix(".json").read_text())
         written.append(({r["batch_size"] for r in data["results"]}, data["pending_batch_sizes"],
                         "**Incomplete**: batch sizes 2 not measured yet" in stem.with_suffix(".md").read_text()))
+        assert data["pending_kernel_batch_sizes"] == []  # on the CPU no kernel times are measured, none pending
         return written_stem
 
     monkeypatch.setattr(efficiency, "write_outputs", record)
