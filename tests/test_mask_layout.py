@@ -156,13 +156,16 @@ def test_a_copy_loaded_with_trust_remote_code_registers_its_own_soft_key_mask(tm
     its soft-key-mask attention on import. Under the shared name it replaced the installed one for every model in
     the process (a Hub snapshot of older code would then run in the installed model's training); now each copy has
     its name, both stay registered, and the installed model's training forward runs the installed function."""
-    from transformers import AttentionInterface, AutoModelForImageTextToText
+    from transformers import AttentionInterface
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     import modeling_rcp_llava
 
     make_model().save_pretrained(tmp_path)
-    remote = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
-    copy = sys.modules[type(remote).__module__]
+    # what `from_pretrained(folder, trust_remote_code=True)` does to find the class (the Auto classes may hand back
+    # the installed class instead, where a test in the same process registered it with them)
+    remote = get_class_from_dynamic_module("modeling_rcp_llava.RcpLlavaForConditionalGeneration", str(tmp_path))
+    copy = sys.modules[remote.__module__]
     assert copy is not modeling_rcp_llava and copy.__name__.startswith("transformers_modules.")
     assert copy.SOFT_KEY_MASK_ATTENTION != modeling_rcp_llava.SOFT_KEY_MASK_ATTENTION == "rcp_soft_key_mask"
     assert re.fullmatch(r"rcp_soft_key_mask_[0-9a-f]{12}", copy.SOFT_KEY_MASK_ATTENTION)
