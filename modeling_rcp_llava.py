@@ -1283,6 +1283,7 @@ class PrunedPrefill:
         self.pruned_sum = hidden.new_zeros(bsz, hidden.shape[-1], dtype=torch.float32)  # (B, d)
         self.pruned_count = hidden.new_zeros(bsz, 1, dtype=torch.float32)  # (B, 1)
         self.retention = []  # per decoder layer, (B,) visual tokens alive / N (differentiable in mask layout)
+        self._retention_of = self._retention_now = None  # the `alive` the last recorded retention was computed from
         # Mask layout: `key_keep` (B, T) is each key's 0/1 weight in attention, and `soft_alive` (B, N) the
         # cumulative mask M with straight-through gradients.
         self.key_keep = torch.ones(bsz, seq, dtype=hidden.dtype, device=device) if self.differentiable else None
@@ -1387,8 +1388,13 @@ class PrunedPrefill:
         n = self.config.num_visual_tokens
         if self.differentiable:
             self.retention.append(self.soft_alive.sum(1) / n)
-        else:
-            self.retention.append(self.alive.sum(1).to(torch.float32) / n)
+            return
+        # `alive` changes only at a pruning point (a new tensor, never in place): the layers between two points share
+        # one (B,) value instead of three ops each, 84 fewer dispatched calls on a 32-layer model with three points
+        # (where a batch-1 GPU prefill's time follows its calls).
+        if self._retention_of is not self.alive:
+            self._retention_of, self._retention_now = self.alive, self.alive.sum(1).to(torch.float32) / n
+        self.retention.append(self._retention_now)
 
     def layer_kwargs(self):
         """Extra kwargs for a decoder layer in the mask layout: the differentiable key weights once a pruner ran,

@@ -510,3 +510,33 @@ def test_training_layout_takes_flash_attentions_padding_mask():
         for i in range(2):
             alone = model(**row_inputs(batch, i, specs), visual_keep_masks=keep[i:i + 1]).logits[0]
             torch.testing.assert_close(out.logits[i, -alone.shape[0]:].detach(), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_retention_is_computed_once_per_pruning_point_and_equals_the_kept_fractions():
+    """`layer_retention` in the physical layout: each layer's fraction of the visual tokens it processes, the kept
+    masks' cumulative count / N (1 before the first point). The layers between two points share one value: it is
+    reduced from `alive` once per point (and once for the layers before the first), not three ops per layer -- 84
+    dispatched calls of a 32-layer prefill with three points, where a batch-1 GPU prefill's time follows its calls."""
+    import modeling_rcp_llava as M
+
+    model = make_model(randomize_plugins=True, pruning_layers=[1, 3], repair_layers=[3], pruning_keep_counts=[12, 5])
+    batch = make_batch([(2, 5, True), (0, 2, True)])
+    sums, original = [], M.PrunedPrefill.record_retention
+
+    def record(run):
+        before = len(run.retention)
+        with CountSyncs() as counter:
+            original(run)
+        assert len(run.retention) == before + 1
+        sums.append(counter.total)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(M.PrunedPrefill, "record_retention", record)
+        out = model(**batch)
+    # layers 0 | 1 2 | 3: a reduction (sum, to, div) at the first layer of each stretch, nothing at the others
+    assert sums == [3, 3, 0, 3]
+    kept = out.keep_masks.sum(-1).float() / NUM_VISUAL  # (B, P): tokens alive after each point
+    expected = torch.stack([torch.ones(2), kept[:, 0], kept[:, 0], kept[:, 1]], dim=1)
+    assert out.layer_retention.shape == (2, 4)
+    assert torch.equal(out.layer_retention, expected)
+    assert kept[:, 0].tolist() == [12 / NUM_VISUAL] * 2 and kept[:, 1].tolist() == [5 / NUM_VISUAL] * 2
