@@ -21,6 +21,11 @@ which average 192.0 visual tokens per layer where Table VI's counts average 196.
 below what the layers before the first pruner already cost (64 of 576 on 8 layers: layer 0 alone averages 72), the
 32-layer counts are kept and the reported tokens per layer say what the schedule costs; the baselines are matched
 to that, not to the name.
+
+Beside the times: the aten calls each prefill and decode step dispatches (and the host syncs among them), and on
+CUDA each method's GPU kernel time for one prefill and one step (the profiler, once every timing is done): where
+the host's dispatch outlasts the kernels (a GPU at batch 1), the wall clock follows the calls and the kernel time
+says what the work itself costs.
 """
 
 import argparse
