@@ -351,16 +351,22 @@ def device_kernel_ms(events):
     user annotations excluded, since they span kernels already counted). One stream runs them one after another,
     so this is the GPU's busy time, whatever the host took to queue them. None where no event ran on the GPU (a
     profiler that recorded no kernels: a 0 would read as free work)."""
-    gpu = [e for e in events
-           if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    gpu = gpu_events(events)
     return sum(e.self_device_time_total for e in gpu) / 1e3 if gpu else None
+
+
+def gpu_events(events):
+    """The profiler `events` that ran on the GPU (kernels, copies, memsets), user annotations excluded."""
+    return [e for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 def kernel_times(model, inputs):
     """GPU kernel time of one prefill of `model` on `inputs` and of one decode step on its cache (as `aten_calls`
-    runs them), in ms: {"prefill", "step"}; None off CUDA. Measured with the profiler once, outside the timing:
-    where the wall clock follows the host's dispatch (a GPU at batch 1), this is what the work itself costs -- what
-    CUDA graphs or fused kernels would leave."""
+    runs them), in ms: {"prefill", "step"}, with the number of GPU events each ran ({"prefill_kernels",
+    "step_kernels"}: many small kernels each take microseconds however little they compute); None off CUDA.
+    Measured with the profiler once, outside the timing: where the wall clock follows the host's dispatch (a GPU at
+    batch 1), this is what the work itself costs -- what CUDA graphs would leave, and fused kernels shorten."""
     if model.device.type != "cuda":
         return None
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -368,13 +374,14 @@ def kernel_times(model, inputs):
         with torch.profiler.profile(activities=activities) as prof:
             out = model(**inputs)
             torch.cuda.synchronize()
-        prefill = device_kernel_ms(prof.events())
+        prefill, prefill_kernels = device_kernel_ms(prof.events()), len(gpu_events(prof.events()))
         next_token = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()  # the argmax is the prefill's, not the step's
         with torch.profiler.profile(activities=activities) as prof:
             model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
-    return {"prefill": prefill, "step": device_kernel_ms(prof.events())}
+    return {"prefill": prefill, "step": device_kernel_ms(prof.events()), "prefill_kernels": prefill_kernels,
+            "step_kernels": len(gpu_events(prof.events()))}
 
 
 def sync(device):
@@ -626,8 +633,10 @@ def main():
                 "aten_calls": calls[name]["total"],
                 "aten_calls_selection": sum(p["selection"] or 0 for p in calls[name]["points"]),
                 "decode_step_aten_calls": calls[name]["step"], "decode_step_syncs": calls[name]["step_syncs"],
-                # GPU busy time of one prefill / decode step: filled in after every batch size's timing (below)
+                # GPU busy time of one prefill / decode step and the GPU events in each: filled in after every
+                # batch size's timing (below)
                 "prefill_kernel_ms": None, "decode_step_kernel_ms": None,
+                "prefill_gpu_kernels": None, "decode_step_gpu_kernels": None,
             })
         profile_inputs[bsz] = method_inputs
         # Written after every batch size: a run stopped at its time limit (a lent device's) keeps what it measured.
@@ -650,20 +659,27 @@ def main():
                 continue
             if times is not None:
                 row["prefill_kernel_ms"], row["decode_step_kernel_ms"] = times["prefill"], times["step"]
+                row["prefill_gpu_kernels"], row["decode_step_gpu_kernels"] = (times["prefill_kernels"],
+                                                                              times["step_kernels"])
                 measured = True
         if measured:
             write_outputs(results, args, device, stem=written, kernels_pending=batch_sizes[index + 1:])
 
 
 def kernel_cell(row, full):
-    """'prefill / step' GPU kernel ms with the prefill's ratio to full's; 'n/a' where not measured."""
+    """'prefill / step' GPU kernel ms with the prefill's ratio to full's, and the GPU events each ran where counted;
+    'n/a' where not measured."""
     prefill, step = row.get("prefill_kernel_ms"), row.get("decode_step_kernel_ms")
     if prefill is None and step is None:
         return "n/a"
     ratio = (f" (×full {prefill / full['prefill_kernel_ms']:.3f})"
              if prefill is not None and full.get("prefill_kernel_ms") else "")
-    return (f"{prefill:.2f}{ratio}" if prefill is not None else "n/a") + (f" / {step:.2f}" if step is not None
+    cell = (f"{prefill:.2f}{ratio}" if prefill is not None else "n/a") + (f" / {step:.2f}" if step is not None
                                                                           else " / n/a")
+    counts = row.get("prefill_gpu_kernels"), row.get("decode_step_gpu_kernels")
+    if None not in counts:
+        cell += f" ({counts[0]} / {counts[1]} kernels)"
+    return cell
 
 
 def output_stem(args, device):
@@ -700,7 +716,7 @@ def write_outputs(results, args, device, pending=(), stem=None, kernels_pending=
     if kernel_column:
         lines[-2] += (" *GPU kernels ms*: the device's busy time in one prefill / one decode step (the profiler's "
                       "kernel and copy times, summed; once, outside the timing): what the work costs without the "
-                      "host's dispatch.")
+                      "host's dispatch; in brackets the GPU events each ran.")
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
                   "going, or stopped, when this was written).", ""]

@@ -34,7 +34,8 @@ def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     assert rows["rcp-64"]["aten_calls_selection"] > 3 * 50 and rows["vispruner-64"]["aten_calls_selection"] > 0
     assert "| aten calls (in selection) | step calls (syncs) |\n" in (tmp_path / "efficiency_tiny_cpu.md").read_text()
     # GPU kernel times exist only on CUDA: None in every CPU row, and no column for them
-    assert {(row["prefill_kernel_ms"], row["decode_step_kernel_ms"]) for row in rows.values()} == {(None, None)}
+    assert {(row["prefill_kernel_ms"], row["decode_step_kernel_ms"], row["prefill_gpu_kernels"],
+             row["decode_step_gpu_kernels"]) for row in rows.values()} == {(None, None, None, None)}
     assert "GPU kernels" not in (tmp_path / "efficiency_tiny_cpu.md").read_text()
     # A decode step: the stock model's syncs none for its mask (generate's prompt is unpadded), nor may a pruned one;
     # RCP's repair adapters dispatch more than the unpruned step.
@@ -137,7 +138,7 @@ def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monk
                        None if masks is None else masks.shape[0], inputs["use_cache"], inputs["logits_to_keep"]))
         if model.config.pruning_method == "fastv" and inputs["input_ids"].shape[0] == 2:
             raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")  # a profile that fails costs its own cells only
-        return {"prefill": 10.0 + len(events), "step": 0.5}
+        return {"prefill": 10.0 + len(events), "step": 0.5, "prefill_kernels": 900 + len(events), "step_kernels": 40}
 
     monkeypatch.setattr(RcpLlavaForConditionalGeneration, "forward", recording)
     monkeypatch.setattr(efficiency, "kernel_times", kernel_times)
@@ -161,10 +162,14 @@ def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monk
     first = len(events) - len(profiles)  # the value each profile returned: 10 + the events recorded by then
     assert [r["prefill_kernel_ms"] for r in rows] == [
         None if (r["batch_size"], r["method"]) == failed else 10.0 + first + i for i, r in enumerate(rows, 1)]
+    assert [(r["prefill_gpu_kernels"], r["decode_step_gpu_kernels"]) for r in rows] == [
+        (None, None) if (r["batch_size"], r["method"]) == failed else (900 + first + i, 40)
+        for i, r in enumerate(rows, 1)]
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
-    assert f"| {10.0 + first + 1:.2f} (×full 1.000) / 0.50 |" in table and "Incomplete" not in table
+    assert f"| {10.0 + first + 1:.2f} (×full 1.000) / 0.50 ({900 + first + 1} / 40 kernels) |" in table
+    assert "Incomplete" not in table
     fastv = [line for line in table.splitlines() if line.startswith("| fastv-64 |")]  # batch 1, then batch 2
-    assert len(fastv) == 2 and fastv[0].endswith(" / 0.50 |") and fastv[1].endswith("| n/a |")
+    assert len(fastv) == 2 and fastv[0].endswith(" / 40 kernels) |") and fastv[1].endswith("| n/a |")
     assert "GPU kernel times pending" not in table
 
 
@@ -212,6 +217,7 @@ def test_device_kernel_ms_reads_real_gpu_events_within_the_wall_clock():
         torch.cuda.synchronize()
     busy = efficiency.device_kernel_ms(prof.events())
     assert 0 < busy <= start.elapsed_time(end) * 1.02
+    assert len(efficiency.gpu_events(prof.events())) >= 4  # one GEMM kernel per product at least
     with torch.profiler.profile(activities=activities) as prof:
         torch.ones(3).sum()
     assert efficiency.device_kernel_ms(prof.events()) is None
@@ -313,6 +319,10 @@ def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tm
         "n/a / 3.00"
     assert efficiency.kernel_cell({"prefill_kernel_ms": 4.0, "decode_step_kernel_ms": None}, results[2]) == \
         "4.00 / n/a"
+    # with the GPU events counted (a CUDA run's rows), in brackets
+    counted = {"prefill_kernel_ms": 8.0, "decode_step_kernel_ms": 3.0, "prefill_gpu_kernels": 4100,
+               "decode_step_gpu_kernels": 2300}
+    assert efficiency.kernel_cell(counted, results[0]) == "8.00 (×full 0.500) / 3.00 (4100 / 2300 kernels)"
     header = next(line for line in lines if line.startswith("| method |"))
     assert header.count("|") == lines[lines.index(header) + 1].count("|")
 
