@@ -361,27 +361,43 @@ def gpu_events(events):
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
-def kernel_times(model, inputs):
+def profile_gpu(run):
+    """`run()` under the profiler, the GPU drained before and after: (the GPU's busy ms, the GPU events) of what it
+    queued (`device_kernel_ms`, `gpu_events`), and what `run` returned."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        result = run()
+        torch.cuda.synchronize()
+    return device_kernel_ms(prof.events()), len(gpu_events(prof.events())), result
+
+
+def kernel_times(model, inputs, repeats=3, measure=profile_gpu):
     """GPU kernel time of one prefill of `model` on `inputs` and of one decode step on its cache (as `aten_calls`
     runs them), in ms: {"prefill", "step"}, with the number of GPU events each ran ({"prefill_kernels",
     "step_kernels"}: many small kernels each take microseconds however little they compute); None off CUDA.
-    Measured with the profiler once, outside the timing: where the wall clock follows the host's dispatch (a GPU at
-    batch 1), this is what the work itself costs -- what CUDA graphs would leave, and fused kernels shorten."""
-    if model.device.type != "cuda":
+    Medians of `repeats` profiled pairs, each step on its own prefill's fresh cache (a step appends to the cache it
+    is given), outside the timing: where the wall clock follows the host's dispatch (a GPU at batch 1), this is
+    what the work itself costs -- what CUDA graphs would leave, and fused kernels shorten. `measure`: how one call
+    is profiled (`profile_gpu`; another stands in for it in the CPU tests)."""
+    if model.device.type != "cuda" and measure is profile_gpu:
         return None
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    prefills, steps = [], []
     with torch.no_grad():
-        with torch.profiler.profile(activities=activities) as prof:
-            out = model(**inputs)
-            torch.cuda.synchronize()
-        prefill, prefill_kernels = device_kernel_ms(prof.events()), len(gpu_events(prof.events()))
-        next_token = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()  # the argmax is the prefill's, not the step's
-        with torch.profiler.profile(activities=activities) as prof:
-            model(input_ids=next_token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-    return {"prefill": prefill, "step": device_kernel_ms(prof.events()), "prefill_kernels": prefill_kernels,
-            "step_kernels": len(gpu_events(prof.events()))}
+        for _ in range(repeats):
+            *prefill, out = measure(lambda: model(**inputs))
+            next_token = out.logits[:, -1:].argmax(-1)  # inside neither profile
+            *step, _ = measure(lambda: model(input_ids=next_token, past_key_values=out.past_key_values,
+                                              use_cache=True, logits_to_keep=1))
+            prefills.append(prefill)
+            steps.append(step)
+
+    def median(values):  # None where a profile saw no GPU event
+        return None if None in values else statistics.median(values)
+
+    return {"prefill": median([ms for ms, _ in prefills]), "step": median([ms for ms, _ in steps]),
+            "prefill_kernels": statistics.median_low([n for _, n in prefills]),
+            "step_kernels": statistics.median_low([n for _, n in steps])}
 
 
 def sync(device):

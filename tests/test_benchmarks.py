@@ -281,6 +281,35 @@ def test_device_kernel_ms_sums_the_gpu_events_self_time_only():
     assert efficiency.device_kernel_ms([]) is None and efficiency.device_kernel_ms(events[2:]) is None
 
 
+def test_kernel_times_take_medians_of_pairs_each_step_on_a_fresh_cache():
+    """Each of `repeats` profiled pairs runs a prefill, then one decode step on that prefill's own cache (a step
+    appends to the cache it gets: reusing one would time steps on a growing cache); the times are the medians, the
+    GPU event counts the lower medians, and a profile that saw no GPU event makes its median None."""
+    import torch
+
+    from conftest import make_batch, make_model
+
+    efficiency = load_benchmark("efficiency")
+    model = make_model()
+    batch = make_batch([(2, 5, True)])
+    lengths, scripted = [], iter([(5.0, 40), (1.0, 9), (7.0, 44), (3.0, 11), (12.0, 42), (8.0, 10)])
+
+    def measure(run):
+        out = run()
+        lengths.append((out.logits.shape[1], out.past_key_values.get_seq_length()))
+        return (*next(scripted), out)
+
+    times = efficiency.kernel_times(model, {**batch, "use_cache": True, "logits_to_keep": 1}, measure=measure)
+    # prefill, step, prefill, step, ...: each step one token on its own prefill's cache (never a grown one's)
+    seen = lengths[0][1]
+    assert lengths == [(1, seen), (1, seen + 1)] * 3
+    assert times == {"prefill": 7.0, "step": 3.0, "prefill_kernels": 42, "step_kernels": 10}  # medians, not means
+    scripted = iter([(5.0, 40), (None, 0), (7.0, 44), (3.0, 11), (12.0, 42), (8.0, 10)])
+    times = efficiency.kernel_times(model, {**batch, "use_cache": True, "logits_to_keep": 1}, measure=measure)
+    assert times["step"] is None and times["prefill"] == 7.0
+    assert efficiency.kernel_times(model, batch) is None  # the real profiler off CUDA: nothing measured
+
+
 def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tmp_path, monkeypatch):
     """On the CPU `kernel_times` measures nothing (None); a table whose rows hold GPU kernel times gets a column
     'prefill (xfull) / step' for them, with n/a where a row lacks them."""
