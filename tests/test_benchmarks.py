@@ -11,6 +11,25 @@ import pytest
 from conftest import ROOT, load_benchmark
 
 
+def table_row(method, **fields):
+    """One efficiency result row as `main` writes it (a GPU-shaped full-token row), for rendering tests; `fields`
+    override or add to it."""
+    return {"method": method, "batch_size": 1, "budget": 576, "dtype": "bfloat16",
+            "avg_visual_tokens_per_layer": 576.0, "prefill_ms": 30.0, "prefill_x_full": 1.0, "prefill_x_ideal": None,
+            "decode_ms_per_token": 20.0, "end_to_end_ms": 640.0, "kv_cache_mib": 320.0, "kv_cache_analytic_mib": 320.0,
+            "peak_memory_mib": None, "selection_ms": 0.0, "analytic_tflops": 8.9, "flops_ratio": 1.0,
+            "aten_calls": 3543, "aten_calls_selection": 0, "decode_step_aten_calls": 2459, "decode_step_syncs": 0,
+            **fields}
+
+
+def table_args(tmp_path, new_tokens):
+    """The command-line arguments `write_outputs` reads, writing into `tmp_path` (tiny preset, CPU names)."""
+    import argparse
+
+    return argparse.Namespace(preset="tiny", repeats=1, new_tokens=new_tokens, threads=1, overwrite=True, tag="",
+                              output_dir=str(tmp_path))
+
+
 def test_efficiency_benchmark_smoke(tmp_path, monkeypatch):
     efficiency = load_benchmark("efficiency")
 
@@ -176,21 +195,14 @@ def test_efficiency_profiles_kernel_times_only_after_every_timing(tmp_path, monk
 def test_efficiency_tables_say_the_gpu_kernel_times_are_pending(tmp_path, monkeypatch):
     """Before the profiles (written after each batch size's timing, on CUDA) both files say which batch sizes'
     kernel times are still to come."""
-    import argparse
-
     import torch
 
     efficiency = load_benchmark("efficiency")
-    row = {"method": "full", "batch_size": 1, "budget": 576, "dtype": "bfloat16", "avg_visual_tokens_per_layer": 576.0,
-           "prefill_ms": 30.0, "prefill_x_full": 1.0, "prefill_x_ideal": None, "decode_ms_per_token": None,
-           "end_to_end_ms": None, "kv_cache_mib": 320.0, "kv_cache_analytic_mib": 320.0, "peak_memory_mib": None,
-           "selection_ms": 0.0, "analytic_tflops": 8.9, "flops_ratio": 1.0, "aten_calls": 3543,
-           "aten_calls_selection": 0, "decode_step_aten_calls": 2459, "decode_step_syncs": 0,
-           "prefill_kernel_ms": None, "decode_step_kernel_ms": None}
-    args = argparse.Namespace(preset="tiny", repeats=1, new_tokens=0, threads=1, overwrite=True, tag="",
-                              output_dir=str(tmp_path))
+    row = table_row("full", decode_ms_per_token=None, end_to_end_ms=None, prefill_kernel_ms=None,
+                    decode_step_kernel_ms=None)
     monkeypatch.setattr(sys, "argv", ["efficiency.py"])
-    efficiency.write_outputs([row], args, torch.device("cpu"), pending=[8], kernels_pending=[1, 8])
+    efficiency.write_outputs([row], table_args(tmp_path, new_tokens=0), torch.device("cpu"), pending=[8],
+                             kernels_pending=[1, 8])
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
     assert "**GPU kernel times pending** for batch sizes 1, 8: profiled once every batch size is timed" in table
     data = json.loads((tmp_path / "efficiency_tiny_cpu.json").read_text())
@@ -313,8 +325,6 @@ def test_kernel_times_take_medians_of_pairs_each_step_on_a_fresh_cache():
 def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tmp_path, monkeypatch):
     """On the CPU `kernel_times` measures nothing (None); a table whose rows hold GPU kernel times gets a column
     'prefill (xfull) / step' for them, with n/a where a row lacks them."""
-    import argparse
-
     import torch
 
     from conftest import make_model
@@ -322,18 +332,11 @@ def test_kernel_times_are_none_off_cuda_and_the_column_appears_only_with_them(tm
     efficiency = load_benchmark("efficiency")
     model = make_model()
     assert efficiency.kernel_times(model, {"input_ids": torch.tensor([[1, 2]])}) is None
-    base = {"batch_size": 1, "budget": 576, "dtype": "bfloat16", "avg_visual_tokens_per_layer": 576.0,
-            "prefill_ms": 30.0, "prefill_x_full": 1.0, "prefill_x_ideal": None, "decode_ms_per_token": 20.0,
-            "end_to_end_ms": 640.0, "kv_cache_mib": 320.0, "kv_cache_analytic_mib": 320.0, "peak_memory_mib": None,
-            "selection_ms": 0.0, "analytic_tflops": 8.9, "flops_ratio": 1.0, "aten_calls": 3543,
-            "aten_calls_selection": 0, "decode_step_aten_calls": 2459, "decode_step_syncs": 0}
-    results = [{**base, "method": "full", "prefill_kernel_ms": 16.0, "decode_step_kernel_ms": 3.5},
-               {**base, "method": "random-64", "prefill_kernel_ms": 4.0, "decode_step_kernel_ms": 3.25},
-               {**base, "method": "fastv-64", "prefill_kernel_ms": None, "decode_step_kernel_ms": None}]
-    args = argparse.Namespace(preset="tiny", repeats=1, new_tokens=32, threads=1, overwrite=True, tag="",
-                              output_dir=str(tmp_path))
+    results = [table_row("full", prefill_kernel_ms=16.0, decode_step_kernel_ms=3.5),
+               table_row("random-64", prefill_kernel_ms=4.0, decode_step_kernel_ms=3.25),
+               table_row("fastv-64", prefill_kernel_ms=None, decode_step_kernel_ms=None)]
     monkeypatch.setattr(sys, "argv", ["efficiency.py"])
-    efficiency.write_outputs(results, args, torch.device("cpu"))
+    efficiency.write_outputs(results, table_args(tmp_path, new_tokens=32), torch.device("cpu"))
     table = (tmp_path / "efficiency_tiny_cpu.md").read_text()
     assert "| step calls (syncs) | GPU kernels ms (prefill / step) |\n|---|" in table
     assert "*GPU kernels ms*: the device's busy time" in table
