@@ -1,0 +1,157 @@
+"""On a GPU: the host syncs the CPU tests count with the op counter, counted by the CUDA driver itself, and a pruned
+model on CUDA computing what it computes on the CPU (issue 19). Skipped without CUDA (CI); run on a lent device.
+
+The CPU tests (`test_prefill_cost`) count syncs as the ops whose result the host must read (`AtenCounter`). Here
+`torch.cuda.set_sync_debug_mode("warn")` makes CUDA itself report every blocking transfer or stream wait -- a copy
+from the host to the device included, which no op of the counter's list is -- so a sync the counter's definition
+misses shows up as a mismatch.
+"""
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from test_prefill_cost import DECODE_METHODS, METHODS, PADDED, UNPADDED, CountSyncs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the driver's own sync reports")
+
+CUDA = "cuda"
+
+
+@contextlib.contextmanager
+def driver_syncs():
+    """Yields a list that, on leaving, holds one message per host sync CUDA reported inside the block (and the op
+    counter's count of the same block as its `.counter`)."""
+    reports = DriverSyncs()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, CountSyncs(device=CUDA) as counter:
+        warnings.simplefilter("always")  # every report, not one per code location
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield reports
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    reports.counter = counter
+    reports.extend(str(w.message) for w in caught if "synchroniz" in str(w.message).lower())
+
+
+class DriverSyncs(list):
+    counter = None
+    pruned = None
+
+
+def on_cuda(batch):
+    return {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def stock_prefill_syncs(batch):
+    stock = make_model(pruning_method="none").to(CUDA)
+    with torch.no_grad(), driver_syncs() as reports:
+        stock(**batch, use_cache=True)
+    return reports
+
+
+@pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fixed_count_prefill_driver_syncs_as_counted_and_no_more_than_stock(method, specs):
+    batch = on_cuda(make_batch(specs))
+    model = make_model(randomize_plugins=True, **METHODS[method]).to(CUDA)
+    with torch.no_grad(), driver_syncs() as reports:
+        model(**batch, use_cache=True)
+    stock = stock_prefill_syncs(batch)
+    assert len(reports) == reports.counter.syncs, (reports, reports.counter.sync_counts)
+    assert len(reports) <= len(stock), (reports.counter.sync_counts, stock.counter.sync_counts)
+
+
+def test_adaptive_prefill_driver_syncs_once_per_point_beyond_stock():
+    batch = on_cuda(make_batch(UNPADDED))
+    model = make_model(randomize_plugins=True, pruning_keep_counts=None).to(CUDA)
+    with torch.no_grad(), driver_syncs() as reports:
+        model(**batch, use_cache=True)
+    assert len(reports) == reports.counter.syncs, (reports, reports.counter.sync_counts)
+    assert len(reports) <= len(stock_prefill_syncs(batch)) + len(model.config.pruning_layers)
+
+
+@pytest.mark.parametrize("step_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("specs", [PADDED, UNPADDED], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("method", sorted(DECODE_METHODS))
+def test_decode_step_driver_syncs_no_more_than_stock(method, specs, step_mask):
+    """The efficiency table's decode steps pass no attention mask: there a pruned step, like a stock one, must not
+    wait for the device at all."""
+
+    def step_syncs(model):
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1) if step_mask else None
+            with driver_syncs() as reports:
+                model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        state = getattr(out.past_key_values, "rcp_state", None)  # a stock model's cache has none
+        reports.pruned = state is not None and bool(state.segment_masks)
+        return reports
+
+    batch = on_cuda(make_batch(specs))
+    pruned = step_syncs(make_model(randomize_plugins=True, **DECODE_METHODS[method]).to(CUDA))
+    stock = step_syncs(make_model(pruning_method="none").to(CUDA))
+    assert pruned.pruned and not stock.pruned  # the step did decode after a pruned prefill
+    assert len(pruned) == pruned.counter.syncs, (pruned, pruned.counter.sync_counts)
+    assert len(pruned) <= len(stock), (pruned.counter.sync_counts, stock.counter.sync_counts)
+    if not step_mask:
+        assert len(pruned) == 0, pruned.counter.sync_counts
+
+
+def test_training_forward_driver_syncs_no_more_than_stock():
+    batch = on_cuda(make_batch(PADDED))
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    model = make_model(randomize_plugins=True).to(CUDA).train()
+    stock = make_model(pruning_method="none").to(CUDA).train()
+    with driver_syncs() as reports:
+        model(**batch, labels=labels).loss.backward()  # the logistic noise drawn on the device: no host sync
+    with driver_syncs() as reference:
+        stock(**batch, labels=labels).loss.backward()
+    assert len(reports) <= len(reference), (reports.counter.sync_counts, reference.counter.sync_counts)
+
+
+# Float64 on both devices: no TF32, no reduced-precision kernels, so the two compute the same numbers to rounding and
+# every ranking (which token is kept) is the same.
+PARITY_METHODS = {name: spec for name, spec in DECODE_METHODS.items() if not name.startswith("random")}
+
+
+@pytest.mark.parametrize("method", sorted(PARITY_METHODS))
+def test_cuda_prefill_and_generation_match_cpu(method):
+    batch = make_batch(PADDED, dtype=torch.float64)
+    cpu = make_model(randomize_plugins=True, dtype=torch.float64, **PARITY_METHODS[method])
+    gpu = make_model(randomize_plugins=True, dtype=torch.float64, **PARITY_METHODS[method]).to(CUDA)
+    with torch.no_grad():
+        ref = cpu(**batch, use_cache=True)
+        out = gpu(**on_cuda(batch), use_cache=True)
+    assert torch.equal(out.keep_masks.cpu(), ref.keep_masks)
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-9, atol=1e-9)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected = cpu.generate(**batch, **kwargs)
+    assert torch.equal(gpu.generate(**on_cuda(batch), **kwargs).cpu(), expected)
+
+
+def test_cuda_training_gradients_match_cpu():
+    """RCP's plug-ins train in the mask layout (soft key weights, straight-through masks): the same loss and plug-in
+    gradients on both devices."""
+    batch = make_batch(PADDED, dtype=torch.float64)
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    grads = {}
+    for device in ("cpu", CUDA):
+        # no dropout, no logistic noise: the two devices draw different random numbers
+        model = make_model(randomize_plugins=True, dtype=torch.float64, query_dropout=0.0,
+                           pruner_dropout=0.0).to(device).train()
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss = model(**inputs, labels=labels.to(device), gumbel_noise=False).loss
+        loss.backward()
+        grads[device] = (loss.detach().cpu(), {name: p.grad.cpu() for name, p in model.named_parameters()
+                                               if p.grad is not None and ".rcp_plugins." in name})
+    torch.testing.assert_close(grads[CUDA][0], grads["cpu"][0], rtol=1e-9, atol=1e-12)
+    assert grads[CUDA][1].keys() == grads["cpu"][1].keys() and grads["cpu"][1]
+    for name, grad in grads["cpu"][1].items():
+        torch.testing.assert_close(grads[CUDA][1][name], grad, rtol=1e-7, atol=1e-10, msg=name)
