@@ -973,7 +973,10 @@ class RandomSelector(TokenSelector):
     def scores(self, ctx):
         points = len(self.config.pruning_points)
         scores = random_point_scores(self.config.pruning_seed, points, self.config.num_visual_tokens)[ctx.point]
-        return scores.to(ctx.ids.device).unsqueeze(0).expand(ctx.ids.shape[0], -1).gather(1, ctx.ids)  # (B, K)
+        # non_blocking: from pageable memory the driver stages the copy and returns without waiting for the queued
+        # kernels; a blocking copy to a GPU waits for them (a host sync per point, as CUDA's sync debug mode shows)
+        scores = scores.to(ctx.ids.device, non_blocking=True)  # (N,)
+        return scores.unsqueeze(0).expand(ctx.ids.shape[0], -1).gather(1, ctx.ids)  # (B, K)
 
 
 def vispruner_cls_attention(vision_tower, hidden_states, vision_feature_layer):

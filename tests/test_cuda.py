@@ -34,7 +34,8 @@ def driver_syncs():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     reports.counter = counter
-    reports.extend(str(w.message) for w in caught if "synchroniz" in str(w.message).lower())
+    # (the first report comes with a notice that the mode is a prototype: not a sync)
+    reports.extend(str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message))
 
 
 class DriverSyncs(list):
@@ -115,8 +116,10 @@ def test_training_forward_driver_syncs_no_more_than_stock():
     assert len(reports) <= len(reference), (reports.counter.sync_counts, reference.counter.sync_counts)
 
 
-# Float64 on both devices: no TF32, no reduced-precision kernels, so the two compute the same numbers to rounding and
-# every ranking (which token is kept) is the same.
+# Float64 on both devices: no TF32, no reduced-precision kernels. Two float32 steps remain, whatever the model's
+# dtype: transformers computes the rotary tables (cos, sin) in float32 and its loss on float32 logits, where the two
+# devices round differently (the logits then differ by up to 6e-8 on the H200, the loss by one float32 ulp). Every
+# ranking (which token is kept) is the same; a wrong kept set or mask would move logits by orders more.
 PARITY_METHODS = {name: spec for name, spec in DECODE_METHODS.items() if not name.startswith("random")}
 
 
@@ -129,7 +132,7 @@ def test_cuda_prefill_and_generation_match_cpu(method):
         ref = cpu(**batch, use_cache=True)
         out = gpu(**on_cuda(batch), use_cache=True)
     assert torch.equal(out.keep_masks.cpu(), ref.keep_masks)
-    torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.logits.cpu(), ref.logits, rtol=1e-5, atol=1e-6)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     expected = cpu.generate(**batch, **kwargs)
     assert torch.equal(gpu.generate(**on_cuda(batch), **kwargs).cpu(), expected)
@@ -151,7 +154,9 @@ def test_cuda_training_gradients_match_cpu():
         loss.backward()
         grads[device] = (loss.detach().cpu(), {name: p.grad.cpu() for name, p in model.named_parameters()
                                                if p.grad is not None and ".rcp_plugins." in name})
-    torch.testing.assert_close(grads[CUDA][0], grads["cpu"][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[CUDA][0], grads["cpu"][0], rtol=1e-6, atol=0.0)  # float32: one ulp is 1e-7
     assert grads[CUDA][1].keys() == grads["cpu"][1].keys() and grads["cpu"][1]
     for name, grad in grads["cpu"][1].items():
-        torch.testing.assert_close(grads[CUDA][1][name], grad, rtol=1e-7, atol=1e-10, msg=name)
+        assert grad.abs().max() > 0, name  # every plug-in is reached by the loss
+        torch.testing.assert_close(grads[CUDA][1][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(),
+                                   msg=name)
