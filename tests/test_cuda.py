@@ -156,7 +156,11 @@ def test_cuda_training_gradients_match_cpu():
                                                if p.grad is not None and ".rcp_plugins." in name})
     torch.testing.assert_close(grads[CUDA][0], grads["cpu"][0], rtol=1e-6, atol=0.0)  # float32: one ulp is 1e-7
     assert grads[CUDA][1].keys() == grads["cpu"][1].keys() and grads["cpu"][1]
+    scale = max(grad.abs().max().item() for grad in grads["cpu"][1].values())
     for name, grad in grads["cpu"][1].items():
-        assert grad.abs().max() > 0, name  # every plug-in is reached by the loss
-        torch.testing.assert_close(grads[CUDA][1][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(),
-                                   msg=name)
+        torch.testing.assert_close(grads[CUDA][1][name], grad, rtol=1e-5, atol=1e-6 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    # Every plug-in is reached by the loss (at least 1e-2 of the largest gradient here), except the pruners' key bias:
+    # it adds q . b_k to every score of a query's row, which softmax ignores, so its gradient is rounding (1e-18).
+    unreached = {name for name, grad in grads["cpu"][1].items() if grad.abs().max() <= 1e-9 * scale}
+    assert unreached == {name for name in grads["cpu"][1] if name.endswith(".attn_k.bias")}, unreached
