@@ -5,7 +5,7 @@
 # schedules (the authors' placements, fixed counts), VisPruner, FastV and random at the same visual tokens per
 # layer; prefill, decode per token, 32-token end-to-end, peak memory, KV bytes (measured and analytic). Writes
 # efficiency_llava-1.5-7b_gpu.{md,json,png} into OUT_DIR (after each batch size: a run stopped at its time limit keeps
-# batch 1's). 158 s on one H200 (2026-12-04; README, 'Measured on one H200').
+# batch 1's). 280 s on one H200 with the GPU kernel times (2026-12-04, e4567bb; README, 'A third run').
 #
 # The lent machine reaches no package registry, and its image holds an older transformers than this package needs
 # (5.17 when last read; setup.cfg asks for 5.23.x). So the wheels it lacks are downloaded beforehand, on a machine
