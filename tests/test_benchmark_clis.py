@@ -37,19 +37,21 @@ COUNTS = [("baselines_benchmark", flag) for flag in ("--repeats", "--samples", "
                                                       "--threads")]
 COUNTS += [("prefill_benchmark", flag) for flag in ("--repeats", "--batch_size", "--threads", "--text_tokens")]
 COUNTS += [("selection_profile", flag) for flag in ("--threads", "--repeats")]
+COUNTS += [("compiled_selection", "--repeats")]
 COUNTS += [("build_testbed", flag) for flag in ("--num_threads", "--eval_max_samples", "--save_steps")]
 
 
 @pytest.mark.parametrize("script, flag", COUNTS, ids=[f"{s}{f}" for s, f in COUNTS])
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_count_flags_stop_at_parsing(script, flag, value, tmp_path, monkeypatch, capsys):
-    if script == "selection_profile":
+    if script in ("selection_profile", "compiled_selection"):
         load_benchmark("efficiency")  # what it imports by name from its own folder
     module = load_benchmark(script)
     for name in ("RcpLlavaForConditionalGeneration", "build_testbed", "profile"):
         if hasattr(module, name):
             monkeypatch.setattr(module, name, _never)
     argv = [flag, value] + (["--output_dir", str(tmp_path / "out")] if script in ("selection_profile",
+                                                                                 "compiled_selection",
                                                                                  "build_testbed") else [])
     with pytest.raises(SystemExit) as raised:
         module.main(argv)
@@ -816,3 +818,47 @@ def test_baselines_benchmark_table_on_a_scripted_clock(monkeypatch, capsys):
         label = ("1/3", "2/9", "1/9")[i % 3]
         expected.append(f"| {method} | {label} | {kept} | {avg} | 100% | {median_time(i + 1) / median_time(0):.3f} |")
     assert rows == expected
+
+
+# -- compiled_selection.py ---------------------------------------------------------------------------------------
+
+
+def test_compiled_selection_times_the_compiled_selector_beside_the_eager_one(tmp_path, monkeypatch):
+    """The compiled column is the selector's `keep` through `torch.compile` (the backend asked for, compiled once
+    per selector class and reused), the eager one the model's own `_select_tokens`; both choose the same tokens."""
+    import torch
+
+    load_benchmark("efficiency")  # the script imports it by name, as from its own folder
+    compiled_selection = load_benchmark("compiled_selection")
+    made = []
+    compile_ = torch.compile
+
+    def spy(fn, **kwargs):
+        made.append((fn.__qualname__, kwargs))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(compiled_selection.torch, "compile", spy)
+    compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--repeats", "2", "--batch_sizes", "1,2",
+                             "--output_dir", str(tmp_path)])
+    assert made == [("RcpSelector.keep", {"backend": "eager", "dynamic": False})]
+    data = json.loads((tmp_path / "compiled_selection_tiny_rcp-128_eager.json").read_text())
+    assert data["command"] == ("python benchmarks/compiled_selection.py --preset tiny --backend eager --repeats 2 "
+                               f"--batch_sizes 1,2 --output_dir {tmp_path}")
+    assert [r["batch_size"] for r in data["results"]] == [1, 2]
+    for row in data["results"]:
+        assert row["same_kept_sets"] and row["logits_max_abs_diff"] == 0.0  # Dynamo's eager backend: the same ops
+        assert 0 < row["eager_selection_ms"] < row["eager_prefill_ms"]
+        assert 0 < row["compiled_selection_ms"] < row["compiled_prefill_ms"]
+        assert 0 < row["eager_selection_share"] < 1 and 0 < row["compiled_selection_share"] < 1
+    table = (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").read_text()
+    assert f"Command: `{data['command']}`" in table and table.count("| True |") == 2
+
+
+def test_compiled_selection_refuses_an_existing_result_before_building(tmp_path, monkeypatch):
+    load_benchmark("efficiency")
+    compiled_selection = load_benchmark("compiled_selection")
+    monkeypatch.setattr(compiled_selection, "RcpLlavaForConditionalGeneration", _never)
+    (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").write_text("kept\n")
+    with pytest.raises(FileExistsError, match=r"compiled_selection_tiny_rcp-128_eager\.md already exist: .*--overwrite"):
+        compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").read_text() == "kept\n"
