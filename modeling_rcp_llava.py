@@ -964,6 +964,14 @@ def random_point_scores(seed, num_points, num_tokens):
     return torch.rand(num_points, num_tokens, generator=g, dtype=torch.float64)
 
 
+@functools.lru_cache(maxsize=32)
+def _random_point_scores_on(seed, num_points, num_tokens, device):
+    """`random_point_scores` on `device`, copied there once per process: a forward then copies nothing (a blocking
+    copy to a GPU waits for every queued kernel, a host sync per pruning point, which CUDA's sync debug mode showed).
+    Read-only: every caller gathers from it."""
+    return random_point_scores(seed, num_points, num_tokens).to(device)
+
+
 @register_pruning_method
 class RandomSelector(TokenSelector):
     """A seeded uniform subset (before the LLM or at `pruning_layers`), the same for every row."""
@@ -972,10 +980,8 @@ class RandomSelector(TokenSelector):
 
     def scores(self, ctx):
         points = len(self.config.pruning_points)
-        scores = random_point_scores(self.config.pruning_seed, points, self.config.num_visual_tokens)[ctx.point]
-        # non_blocking: from pageable memory the driver stages the copy and returns without waiting for the queued
-        # kernels; a blocking copy to a GPU waits for them (a host sync per point, as CUDA's sync debug mode shows)
-        scores = scores.to(ctx.ids.device, non_blocking=True)  # (N,)
+        scores = _random_point_scores_on(self.config.pruning_seed, points, self.config.num_visual_tokens,
+                                         ctx.ids.device)[ctx.point]  # (N,)
         return scores.unsqueeze(0).expand(ctx.ids.shape[0], -1).gather(1, ctx.ids)  # (B, K)
 
 

@@ -19,7 +19,6 @@ Not a library feature: the pruned forward runs eagerly (`torch.compile` of the m
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -37,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=int, default=128, choices=[192, 128, 64], help="RCP's schedule")
     parser.add_argument("--batch_sizes", default="1,8")
     parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (the machines have 2 cores)")
     parser.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
                         help="torch.compile's backend: inductor fuses; eager only traces (a check of this script)")
     parser.add_argument("--output_dir", default=os.path.join(DEFAULT_OUTPUT_DIR, "benchmarks"))
@@ -44,9 +44,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batch_sizes = efficiency.positive_ints(args.batch_sizes, "--batch_sizes")
     stem = os.path.join(args.output_dir, f"compiled_selection_{args.preset}_rcp-{args.budget}_{args.backend}")
-    refuse_existing([stem + ".md", stem + ".json"], args.overwrite)
+    refuse_existing([stem + ".md", stem + ".json"], args.overwrite, choose="--output_dir")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     overrides = efficiency.method_configs(args.preset, [args.budget], families=("rcp",))[f"rcp-{args.budget}"][0]
     model = RcpLlavaForConditionalGeneration(efficiency.build_config(args.preset, **overrides)).eval()
@@ -61,8 +61,8 @@ def main(argv=None):
         start = time.perf_counter()
         if state["compiled"]:
             cls = type(selector)
-            if cls not in compiled:
-                compiled[cls] = torch.compile(cls.keep, backend=args.backend, dynamic=False)
+            if cls not in compiled:  # fullgraph: a graph break raises instead of timing eager ops as compiled
+                compiled[cls] = torch.compile(cls.keep, backend=args.backend, dynamic=False, fullgraph=True)
             keep = compiled[cls](selector, ctx)
         else:
             keep = original(selector, ctx)
@@ -82,7 +82,12 @@ def main(argv=None):
     for bsz in batch_sizes:
         inputs = dict(efficiency.make_inputs(args.preset, bsz), use_cache=True, logits_to_keep=1)
         eager_out, _, _ = prefill(inputs, False)
+        # Each batch size compiles afresh (one graph per pruning point): Dynamo's recompile limit (8 per function)
+        # would otherwise send a later batch size's points back to eager, silently.
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         compiled_out, compile_s, _ = prefill(inputs, True)  # compiles here
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         runs = {False: [], True: []}  # (prefill s, selection s) per round
         for round_index in range(args.repeats):
             for use_compiled in ((False, True) if round_index % 2 else (True, False)):
@@ -98,8 +103,12 @@ def main(argv=None):
                 c[1] / e[1] for e, c in zip(runs[False], runs[True])),
             "same_kept_sets": bool(torch.equal(eager_out.keep_masks, compiled_out.keep_masks)),
             "logits_max_abs_diff": (eager_out.logits - compiled_out.logits).abs().max().item(),
-            "first_compiled_prefill_s": compile_s,
+            "first_compiled_prefill_s": compile_s, "compiled_graphs": graphs,
         })
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:  # a recompile while timing
+            raise RuntimeError(f"batch {bsz}: the compiled selector recompiled after its warm-up "
+                               f"({graphs} -> {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs); its "
+                               "timings would include compilation.")
         print(rows[-1], flush=True)
 
     command = command_line(__file__, argv)
@@ -107,9 +116,11 @@ def main(argv=None):
              f"Command: `{command}`. torch {torch.__version__}, backend `{args.backend}`; median of {args.repeats} "
              "rounds after a warm-up (which compiles), eager and compiled alternating; CPU, 2 threads, fp32, random "
              "weights (plug-ins randomised). *select*: the time inside `_select_tokens`, gross of the work the layer "
-             "reuses (as `efficiency.py`'s *select* column); its share is the median of the per-prefill shares.", "",
+             "reuses (as `efficiency.py`'s *select* column); its share is the median of the per-prefill shares, "
+             "*compiled / eager* the median of the rounds' ratios. *graphs*: compiled at the warm-up (one per "
+             "pruning point, none after it); its time includes Inductor's on-disk cache, warm after a first run.", "",
              "| batch | prefill ms, eager / compiled | select ms, eager (% prefill) | select ms, compiled (% prefill) "
-             "| compiled / eager select | same kept sets | logits max abs diff | first compiled prefill s |",
+             "| compiled / eager select | same kept sets | logits max abs diff | first compiled prefill s (graphs) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -117,7 +128,7 @@ def main(argv=None):
             f"{r['eager_selection_ms']:.2f} ({r['eager_selection_share']:.1%}) | "
             f"{r['compiled_selection_ms']:.2f} ({r['compiled_selection_share']:.1%}) | "
             f"{r['compiled_over_eager_selection']:.2f} | {r['same_kept_sets']} | {r['logits_max_abs_diff']:.1e} | "
-            f"{r['first_compiled_prefill_s']:.1f} |")
+            f"{r['first_compiled_prefill_s']:.1f} ({r['compiled_graphs']}) |")
     written = write_results(stem, "\n".join(lines) + "\n",
                             {"command": command, "torch": torch.__version__, "backend": args.backend,
                              "results": rows}, overwrite=args.overwrite)

@@ -230,7 +230,7 @@ class SelectionTimer:
 
 # Ops whose result the host must read before it can go on (a pipeline stall on a GPU): these, indexing by a boolean
 # mask, a copy from the device to the host, and `Tensor.tolist` (which on a CPU tensor dispatches nothing: counted at
-# the Python level, for tensors on the counted device).
+# the Python level when the counted model runs on a CPU; a device tensor's dispatches a copy to the host).
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "equal", "is_nonzero"}
 BOOLEAN_INDEX_OPS = {"index", "index_put_", "index_put", "_index_put_impl_"}
 
@@ -254,7 +254,8 @@ def sync_kind(func, args, kwargs):
 
 class AtenCounter(TorchDispatchMode):
     """Counts the aten calls dispatched while it is active (`total`) and the host syncs among them, by kind
-    (`sync_counts`; `syncs` their sum); `device`: where the counted model runs (its tensors' `tolist` is a sync)."""
+    (`sync_counts`; `syncs` their sum); `device`: where the counted model runs (on a CPU, its tensors' `tolist`
+    is a sync that dispatches nothing)."""
 
     def __init__(self, device="cpu"):
         super().__init__()
@@ -279,8 +280,8 @@ class AtenCounter(TorchDispatchMode):
 
         def tolist(tensor):
             # On a CPU `tolist` dispatches nothing, so it is counted here; a device tensor's dispatches its copy to
-            # the host, counted as "device_to_host" (counted here too, a CUDA tensor's read counted 2 for the
-            # driver's 1: `tests/test_cuda.py`)
+            # the host, counted as "device_to_host" (it was counted here too, 2 for the 1 sync that PyTorch's CUDA
+            # sync debug mode reports: `tests/test_cuda.py`)
             if tensor.device.type == self.device_type == "cpu":
                 self.sync_counts["tolist"] += 1
             return original(tensor)

@@ -840,12 +840,14 @@ def test_compiled_selection_times_the_compiled_selector_beside_the_eager_one(tmp
     monkeypatch.setattr(compiled_selection.torch, "compile", spy)
     compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--repeats", "2", "--batch_sizes", "1,2",
                              "--output_dir", str(tmp_path)])
-    assert made == [("RcpSelector.keep", {"backend": "eager", "dynamic": False})]
+    assert made == [("RcpSelector.keep", {"backend": "eager", "dynamic": False, "fullgraph": True})]
     data = json.loads((tmp_path / "compiled_selection_tiny_rcp-128_eager.json").read_text())
     assert data["command"] == ("python benchmarks/compiled_selection.py --preset tiny --backend eager --repeats 2 "
                                f"--batch_sizes 1,2 --output_dir {tmp_path}")
     assert [r["batch_size"] for r in data["results"]] == [1, 2]
+    points = len(load_benchmark("efficiency").method_configs("tiny", [128])["rcp-128"][0]["pruning_layers"])
     for row in data["results"]:
+        assert row["compiled_graphs"] == points  # one per pruning point, compiled afresh for each batch size
         assert row["same_kept_sets"] and row["logits_max_abs_diff"] == 0.0  # Dynamo's eager backend: the same ops
         assert 0 < row["eager_selection_ms"] < row["eager_prefill_ms"]
         assert 0 < row["compiled_selection_ms"] < row["compiled_prefill_ms"]
@@ -859,6 +861,7 @@ def test_compiled_selection_refuses_an_existing_result_before_building(tmp_path,
     compiled_selection = load_benchmark("compiled_selection")
     monkeypatch.setattr(compiled_selection, "RcpLlavaForConditionalGeneration", _never)
     (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").write_text("kept\n")
-    with pytest.raises(FileExistsError, match=r"compiled_selection_tiny_rcp-128_eager\.md already exist: .*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"compiled_selection_tiny_rcp-128_eager\.md already exist: choose "
+                                              r"another --output_dir or pass --overwrite"):
         compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--output_dir", str(tmp_path)])
     assert (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").read_text() == "kept\n"
