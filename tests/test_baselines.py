@@ -277,6 +277,28 @@ def test_random_subsets_are_uniform_and_seeded():
     assert not torch.equal(random_point_scores(5, 1, n), random_point_scores(6, 1, n))
 
 
+def test_random_scores_are_drawn_and_moved_once_per_seed_and_device(monkeypatch):
+    """A forward copies nothing to the device: a blocking copy per pruning point was a host sync on a GPU (PyTorch's
+    CUDA sync debug mode, tests/test_cuda.py). Another seed draws again, with the same kept sets as a fresh draw."""
+    import modeling_rcp_llava
+
+    drawn = []
+    draw = modeling_rcp_llava.random_point_scores
+    monkeypatch.setattr(modeling_rcp_llava, "random_point_scores", lambda *a: drawn.append(a) or draw(*a))
+    modeling_rcp_llava._random_point_scores_on.cache_clear()
+    batch = make_batch([(3, 5, True), (1, 3, True)])
+    model = make_model(pruning_method="random", pruning_layers=[1, 2], pruning_keep_counts=[10, 5])
+    with torch.no_grad():
+        first, second = model(**batch).keep_masks, model(**batch).keep_masks
+        model.config.pruning_seed += 1
+        other = model(**batch).keep_masks
+        modeling_rcp_llava._random_point_scores_on.cache_clear()
+        fresh = model(**batch).keep_masks
+    seed = model.config.pruning_seed
+    assert drawn == [(seed - 1, 2, NUM_VISUAL), (seed, 2, NUM_VISUAL), (seed, 2, NUM_VISUAL)]
+    assert torch.equal(first, second) and not torch.equal(first, other) and torch.equal(other, fresh)
+
+
 # 5. The contract, for every method ------------------------------------------------------------
 
 
