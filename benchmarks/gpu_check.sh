@@ -5,7 +5,9 @@
 # schedules (the authors' placements, fixed counts), VisPruner, FastV and random at the same visual tokens per
 # layer; prefill, decode per token, 32-token end-to-end, peak memory, KV bytes (measured and analytic). Writes
 # efficiency_llava-1.5-7b_gpu.{md,json,png} into OUT_DIR (after each batch size: a run stopped at its time limit keeps
-# batch 1's). 280 s on one H200 with the GPU kernel times (2026-12-04, e4567bb; README, 'A third run').
+# batch 1's). 280 s on one H200 with the GPU kernel times (2026-12-04, e4567bb; README, 'A third run'). Before the
+# table it runs the CUDA-only tests, tests/test_cuda.py, into OUT_DIR/cuda_tests.txt (not fatal; 17-27 s there with
+# four pytest-xdist workers, serial here and not yet timed on a GPU).
 #
 # The lent machine reaches no package registry, and its image holds an older transformers than this package needs
 # (5.17 when last read; setup.cfg asks for 5.23.x). So the wheels it lacks are downloaded beforehand, on a machine
@@ -20,8 +22,8 @@
 #
 # Relative WHEEL_DIR / OUT_DIR are read from the repository root (the script runs there). Default OUT_DIR: $OUT (the
 # device tool's folder that comes back) or outputs/benchmarks. A table already in OUT_DIR
-# (efficiency_llava-1.5-7b_gpu.*, its _flash twin or, with --cpu, efficiency_tiny_cpu.*) stops the script before
-# anything is installed or timed, unless --overwrite.
+# (efficiency_llava-1.5-7b_gpu.*, its _flash twin or, with --cpu, efficiency_tiny_cpu.*), or a cuda_tests.txt, stops
+# the script before anything is installed or timed, unless --overwrite.
 #
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # Environment: PYTHON (default python3: the device's python3 holds its torch), RCP_WHEELS (default .whl),
@@ -121,6 +123,7 @@ for stem in "${stems[@]}"; do
     if [[ -e "$out/$stem.$ext" ]]; then existing+=("$out/$stem.$ext"); fi
   done
 done
+if [[ -e "$out/cuda_tests.txt" ]]; then existing+=("$out/cuda_tests.txt"); fi
 if (( ${#existing[@]} )) && (( ! ${#overwrite[@]} )); then
   cpu_flag=""
   if [[ "$mode" == cpu ]]; then cpu_flag=" --cpu"; fi
@@ -166,6 +169,17 @@ EOF
   echo "gpu_check: this checkout does not import here (above); $hint" >&2
   exit 1
 }
+
+# The CUDA-only tests first (tests/test_cuda.py: host syncs as PyTorch's CUDA sync debug mode reports them against the
+# op counter, CPU/CUDA parity; they skip without CUDA), so that one lent call checks them too: their report goes to
+# OUT_DIR/cuda_tests.txt, and a failure is said, not fatal (the table is still made).
+if "$py" -c "import pytest" 2>/dev/null; then
+  tests_rc=0
+  "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py > "$out/cuda_tests.txt" 2>&1 || tests_rc=$?
+  echo "gpu_check: tests/test_cuda.py exit $tests_rc: $(tail -n 1 "$out/cuda_tests.txt") ($out/cuda_tests.txt)"
+else
+  echo "gpu_check: pytest is not installed here: tests/test_cuda.py not run"
+fi
 
 if [[ "$mode" == gpu ]]; then
   "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device (use --cpu)')"

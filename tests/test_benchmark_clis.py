@@ -584,11 +584,18 @@ def test_gpu_check_keeps_an_earlier_table_unless_overwrite(tmp_path):
                              f"pass --overwrite to replace them (bash benchmarks/gpu_check.sh --cpu --overwrite "
                              f"{out}).\n")
     assert (out / "efficiency_tiny_cpu.json").read_text() == "mine"
+    os.remove(out / "efficiency_tiny_cpu.json")
+    (out / "cuda_tests.txt").write_text("an earlier device's report")  # the CUDA tests' report is kept too
+    result, calls = _gpu_check(tmp_path, "--cpu", str(out))
+    assert result.returncode == 1 and calls == [] and f"{out}/cuda_tests.txt already exist" in result.stderr
+    assert (out / "cuda_tests.txt").read_text() == "an earlier device's report"
     result, calls = _gpu_check(tmp_path, "--cpu", "--overwrite", str(out))
     assert result.returncode == 0, result.stderr
     timed = [c for c in calls if c.startswith("benchmarks/efficiency.py --preset tiny")]
     assert timed == [f"benchmarks/efficiency.py --preset tiny --device cpu --batch_sizes 1,2 --repeats 1 "
                      f"--new_tokens 4 --budgets 64 --output_dir {out} --overwrite"]
+    tests = calls.index("-m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py")  # before anything is timed
+    assert tests < calls.index(timed[0]) and calls[tests - 1] == "-c import pytest"
     # a fresh OUT_DIR: no --overwrite passed on (efficiency.py keeps its own refusal)
     os.remove(tmp_path / "calls")
     result, calls = _gpu_check(tmp_path, "--cpu", str(tmp_path / "fresh"))

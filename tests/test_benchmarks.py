@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 import shlex
 import statistics
 import sys
@@ -574,6 +576,13 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert (site / "rcp_carried_probe" / "__init__.py").read_text() == "VALUE = 1\n"
     assert "gpu_check: transformers 5.23" in result.stdout and "gpu_check: done" in result.stdout
     assert "dry run: 16 methods of preset llava-1.5-7b built on the meta device" in result.stdout
+    # the CUDA-only tests ran first, with the checkout and the carried wheels importable; here every one skips
+    report = (tmp_path / "out" / "cuda_tests.txt").read_text()
+    last = report.splitlines()[-1]
+    functions = len(re.findall(r"^def test_", (pathlib.Path(ROOT) / "tests" / "test_cuda.py").read_text(), re.M))
+    skipped = re.match(r"(\d+) skipped in ", last)
+    assert skipped and int(skipped.group(1)) >= functions >= 7, report[-500:]  # each test at least once
+    assert f"gpu_check: tests/test_cuda.py exit 0: {last} ({tmp_path / 'out'}/cuda_tests.txt)" in result.stdout
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mid", "mid-32", "llava-1.5-7b"])
