@@ -500,8 +500,10 @@ def _apply_rope(x, cos, sin):
     more (issue 19)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad):
-        out = x * cos  # `out=` does not support autograd
+    if (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad)) or torch.compiler.is_compiling():
+        # `out=` does not support autograd; compiled (`compile_selection`), Inductor fuses the product anyway, and
+        # its `out=` result kept x's strides, which a later reshape then failed to view
+        out = x * cos
     else:  # contiguous (B, H, L, hd), whatever the strides of x: the scores' matmul then reads it without a copy
         out = torch.mul(x, cos, out=torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype),
                                                 device=x.device))
@@ -978,10 +980,13 @@ class RandomSelector(TokenSelector):
 
     method = PRUNING_METHODS["random"]
 
+    def start(self, prefill):
+        # read here, not in `scores`: a compiled selection (`compile_selection`) cannot trace the cache's lookup
+        self.point_scores = _random_point_scores_on(self.config.pruning_seed, len(self.config.pruning_points),
+                                                    self.config.num_visual_tokens, prefill.slot_orig.device)
+
     def scores(self, ctx):
-        points = len(self.config.pruning_points)
-        scores = _random_point_scores_on(self.config.pruning_seed, points, self.config.num_visual_tokens,
-                                         ctx.ids.device)[ctx.point]  # (N,)
+        scores = self.point_scores[ctx.point]  # (N,)
         return scores.unsqueeze(0).expand(ctx.ids.shape[0], -1).gather(1, ctx.ids)  # (B, K)
 
 
@@ -2143,6 +2148,11 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         self.last_pruning_info = None
         self._generate_prefill = None  # while `generate` runs: a list that receives its prompt's pruning info
         self._backbone_checked = set()  # pruning methods `_check_text_backbone` passed on this model's backbone
+        # `compile_selection`: whether on, with which torch.compile options, and {selector class: its compiled `keep`}
+        # (kept while off: switching back on with the same options recompiles nothing)
+        self.selection_compiled = False
+        self._selection_compile_kwargs = None
+        self._compiled_selection = {}
         self.post_init()
 
     def forward(
@@ -2476,11 +2486,38 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
         return self.rcp_plugins.repair_adapters[str(layer_idx)] if str(layer_idx) in \
             self.rcp_plugins.repair_adapters else None
 
+    def compile_selection(self, enabled=True, **compile_kwargs):
+        """Compile each pruning method's token choice -- its selector's `keep`, some 180 small ops per pruning point
+        for RCP -- with `torch.compile(**compile_kwargs)` (defaults `fullgraph=True`: a graph break raises rather than
+        run part of it eagerly; `dynamic=False`: a graph per shape, whose integers -- the layer, the keep count --
+        stay constants), in inference forwards; `enabled=False` goes back to eager. Returns the model.
+
+        Why a method of its own: the rest of the pruned forward runs eagerly whatever `torch.compile(model)` does
+        (its shapes follow the kept sets: `_pruned_forward`), and on a GPU at small batch sizes the host's dispatch
+        of the selection's ops takes longer than their kernels (issue 19); fused, they are a few kernels. Each new
+        prompt length or batch size compiles again (Dynamo's limits apply: past them a call runs eagerly), and the
+        kept sets are eager selection's up to the fused kernels' rounding, which can break a near tie."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"`enabled` must be True or False, got {enabled!r}; torch.compile's options go as "
+                            "keyword arguments (e.g. `compile_selection(backend='inductor', mode='max-autotune')`).")
+        if enabled:
+            kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+            if kwargs != self._selection_compile_kwargs:  # other options: compile afresh
+                self._selection_compile_kwargs, self._compiled_selection = kwargs, {}
+        self.selection_compiled = enabled
+        return self
+
     def _select_tokens(self, selector, ctx):
         """The one call of every selection decision (profilers wrap it): (B, K) bool, the tokens kept. A selector
         of the user's that returns something else is named here (metadata only: no host sync), not deep in the
         compaction."""
-        keep = selector.keep(ctx)
+        if self.selection_compiled and not ctx.prefill.differentiable and not torch.is_grad_enabled():
+            compiled, cls = self._compiled_selection, type(selector)
+            if cls not in compiled:  # compiled once per method; Dynamo keeps a graph per shape under it
+                compiled[cls] = torch.compile(cls.keep, **self._selection_compile_kwargs)
+            keep = compiled[cls](selector, ctx)
+        else:
+            keep = selector.keep(ctx)
         expected = tuple(ctx.valid.shape)
         if not torch.is_tensor(keep) or keep.dtype != torch.bool or tuple(keep.shape) != expected:
             got = f"{keep.dtype} {tuple(keep.shape)}" if torch.is_tensor(keep) else type(keep).__name__
@@ -3236,6 +3273,12 @@ class RcpLlavaForConditionalGeneration(RcpInitMixin, RcpHubMixin, LlavaForCondit
         finally:
             if lora_on:
                 self.enable_adapters()
+
+    def compile_selection(self, enabled=True, **compile_kwargs):
+        """`RcpLlavaModel.compile_selection`: the token choice of pruned inference forwards compiled with
+        `torch.compile(**compile_kwargs)` (`enabled=False`: eager again). Returns the model."""
+        self.model.compile_selection(enabled, **compile_kwargs)
+        return self
 
     @contextlib.contextmanager
     def pruning_layout(self, layout):

@@ -4,15 +4,16 @@ with the selector's `keep` compiled by `torch.compile` (Inductor: fused C++ kern
     python benchmarks/compiled_selection.py                    # mid preset, rcp-128, batch 1 and 8
     python benchmarks/compiled_selection.py --backend eager    # Dynamo's tracing only, no Inductor: the plumbing, fast
 
-One model (plug-ins randomised) and the efficiency benchmark's prompt (`efficiency.make_inputs`) for both; RCP at the
-efficiency table's schedule (`efficiency.method_configs`). Per batch size, a warm-up of each (the compiled one
+One model (plug-ins randomised), switched by its own `compile_selection`, and the efficiency benchmark's prompt
+(`efficiency.make_inputs`) for both; RCP at the efficiency table's schedule (`efficiency.method_configs`). Per
+batch size, a warm-up of each (the compiled one
 compiles there: one graph per pruning point, whose shapes differ), then `--repeats` rounds of one eager and one
 compiled prefill (`use_cache=True`, `logits_to_keep=1`), their order alternating. Medians of the time inside
 `_select_tokens` (the token choice, as `efficiency.py` measures it, gross of the work the layer reuses), its share of
 the same prefill, and the prefill; the kept sets must be the same (the logits may differ by the compiled kernels'
 summation order: their largest difference is reported).
 
-Not a library feature: the pruned forward runs eagerly (`torch.compile` of the model does not reach it, see
+The rest of the pruned forward runs eagerly (`torch.compile` of the model does not reach it, see
 `RcpLlavaModel._pruned_forward`), and a compiled selector recompiles for each new sequence length and batch size.
 """
 
@@ -54,29 +55,28 @@ def main(argv=None):
         for p in model.model.rcp_plugins.parameters():
             p.normal_(0, 0.05)
     original = model.model._select_tokens
-    compiled = {}  # selector class -> its compiled `keep`
-    state = {"compiled": False, "spans": []}
+    spans = []
 
     def select_tokens(selector, ctx):
         start = time.perf_counter()
-        if state["compiled"]:
-            cls = type(selector)
-            if cls not in compiled:  # fullgraph: a graph break raises instead of timing eager ops as compiled
-                compiled[cls] = torch.compile(cls.keep, backend=args.backend, dynamic=False, fullgraph=True)
-            keep = compiled[cls](selector, ctx)
-        else:
-            keep = original(selector, ctx)
-        state["spans"].append(time.perf_counter() - start)
+        keep = original(selector, ctx)
+        spans.append(time.perf_counter() - start)
         return keep
 
     model.model._select_tokens = select_tokens
 
     def prefill(inputs, use_compiled):
-        state["compiled"], state["spans"] = use_compiled, []
+        # the library's switch (whole graphs, static shapes: a graph break raises instead of timing eager ops as
+        # compiled); its compiled functions are kept while off, so switching back recompiles nothing
+        if use_compiled:
+            model.compile_selection(backend=args.backend)
+        else:
+            model.compile_selection(False)
+        spans.clear()
         start = time.perf_counter()
         with torch.no_grad():
             out = model(**inputs)
-        return out, time.perf_counter() - start, sum(state["spans"])
+        return out, time.perf_counter() - start, sum(spans)
 
     rows = []
     for bsz in batch_sizes:
