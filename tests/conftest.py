@@ -133,6 +133,21 @@ def tiny():
     return make_model()
 
 
+@pytest.fixture
+def compiles(monkeypatch):
+    """The `torch.compile` calls made during the test, as (the function's qualified name, its options); each still
+    compiles."""
+    made = []
+    compile_ = torch.compile
+
+    def spy(fn, **kwargs):
+        made.append((fn.__qualname__, kwargs))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    return made
+
+
 def prompt_states(model, batch):
     """What the decoder's first layer sees, built without the RCP loop: `(h (B, T, D), image (B, T) bool,
     cos_sin)` -- the prompt embeddings with the projected image features scattered in, and the rotary tables."""

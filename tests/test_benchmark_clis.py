@@ -830,45 +830,45 @@ def test_baselines_benchmark_table_on_a_scripted_clock(monkeypatch, capsys):
 # -- compiled_selection.py ---------------------------------------------------------------------------------------
 
 
-def test_compiled_selection_times_the_compiled_selector_beside_the_eager_one(tmp_path, monkeypatch):
-    """The compiled column is the selector's `keep` through `torch.compile` (the backend asked for, compiled once
-    per selector class and reused), the eager one the model's own `_select_tokens`; both choose the same tokens."""
-    import torch
-
+def test_compiled_selection_times_the_compiled_selector_beside_the_eager_one_and_the_ideal(tmp_path, compiles):
+    """The compiled variant is the model's `compile_selection` (its selector's `keep` through `torch.compile` with the
+    backend asked for, compiled once and reused), the eager one plain, the ideal given the eager kept sets; the
+    compiled one keeps the same tokens."""
     load_benchmark("efficiency")  # the script imports it by name, as from its own folder
     compiled_selection = load_benchmark("compiled_selection")
-    made = []
-    compile_ = torch.compile
-
-    def spy(fn, **kwargs):
-        made.append((fn.__qualname__, kwargs))
-        return compile_(fn, **kwargs)
-
-    monkeypatch.setattr(compiled_selection.torch, "compile", spy)
     compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--repeats", "2", "--batch_sizes", "1,2",
                              "--output_dir", str(tmp_path)])
-    assert made == [("RcpSelector.keep", {"backend": "eager", "dynamic": False, "fullgraph": True})]
-    data = json.loads((tmp_path / "compiled_selection_tiny_rcp-128_eager.json").read_text())
+    assert [(name.split(".")[-1], kwargs) for name, kwargs in compiles] == [
+        ("keep", {"fullgraph": True, "dynamic": False, "backend": "eager"})]
+    data = json.loads((tmp_path / "compiled_selection_tiny_cpu_rcp-128_eager.json").read_text())
     assert data["command"] == ("python benchmarks/compiled_selection.py --preset tiny --backend eager --repeats 2 "
                                f"--batch_sizes 1,2 --output_dir {tmp_path}")
+    assert data["device"] == "CPU, 2 threads" and data["dtype"] == "float32"
     assert [r["batch_size"] for r in data["results"]] == [1, 2]
     points = len(load_benchmark("efficiency").method_configs("tiny", [128])["rcp-128"][0]["pruning_layers"])
     for row in data["results"]:
         assert row["compiled_graphs"] == points  # one per pruning point, compiled afresh for each batch size
         assert row["same_kept_sets"] and row["logits_max_abs_diff"] == 0.0  # Dynamo's eager backend: the same ops
-        assert 0 < row["eager_selection_ms"] < row["eager_prefill_ms"]
-        assert 0 < row["compiled_selection_ms"] < row["compiled_prefill_ms"]
-        assert 0 < row["eager_selection_share"] < 1 and 0 < row["compiled_selection_share"] < 1
-    table = (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").read_text()
+        for variant in ("eager", "compiled"):
+            assert 0 < row[f"{variant}_selection_ms"] < row[f"{variant}_prefill_ms"]
+            assert 0 < row[f"{variant}_selection_share"] < 1
+            assert row[f"{variant}_x_ideal"] > 0
+        assert row["ideal_prefill_ms"] > 0
+    table = (tmp_path / "compiled_selection_tiny_cpu_rcp-128_eager.md").read_text()
     assert f"Command: `{data['command']}`" in table and table.count("| True |") == 2
 
 
-def test_compiled_selection_refuses_an_existing_result_before_building(tmp_path, monkeypatch):
+def test_compiled_selection_refuses_before_building(tmp_path, monkeypatch):
+    """An existing result, and the GPU preset on the CPU (a 7B model in float32), stop it before a model is built."""
     load_benchmark("efficiency")
     compiled_selection = load_benchmark("compiled_selection")
     monkeypatch.setattr(compiled_selection, "RcpLlavaForConditionalGeneration", _never)
-    (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").write_text("kept\n")
-    with pytest.raises(FileExistsError, match=r"compiled_selection_tiny_rcp-128_eager\.md already exist: choose "
+    (tmp_path / "compiled_selection_tiny_cpu_rcp-128_eager.md").write_text("kept\n")
+    with pytest.raises(FileExistsError, match=r"compiled_selection_tiny_cpu_rcp-128_eager\.md already exist: choose "
                                               r"another --output_dir or pass --overwrite"):
         compiled_selection.main(["--preset", "tiny", "--backend", "eager", "--output_dir", str(tmp_path)])
-    assert (tmp_path / "compiled_selection_tiny_rcp-128_eager.md").read_text() == "kept\n"
+    assert (tmp_path / "compiled_selection_tiny_cpu_rcp-128_eager.md").read_text() == "kept\n"
+    with pytest.raises(ValueError, match=r"^--preset llava-1\.5-7b is efficiency\.py's GPU shape \(a 7B model\): run "
+                                         r"it with --device cuda, or use a CPU preset: mid, mid-32, tiny\.$"):
+        compiled_selection.main(["--preset", "llava-1.5-7b", "--output_dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()

@@ -23,20 +23,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def compiles(monkeypatch):
-    """The `torch.compile` calls made, as (function's qualified name, options)."""
-    made = []
-    compile_ = torch.compile
-
-    def spy(fn, **kwargs):
-        made.append((fn.__qualname__, kwargs))
-        return compile_(fn, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    return made
-
-
 @pytest.mark.parametrize("method", sorted(DECODE_METHODS))
 def test_every_selector_compiles_whole_and_keeps_eager_outputs(method, compiles):
     batch = make_batch(PADDED)
