@@ -23,13 +23,14 @@ CUDA = "cuda"
 
 
 @contextlib.contextmanager
-def reported_syncs():
+def reported_syncs(count=True):
     """Yields a list that, on leaving, holds one message per synchronizing CUDA call PyTorch reported inside the
-    block (and the op counter's count of the same block as its `.counter`)."""
+    block (and, with `count`, the op counter's count of the same block as its `.counter`)."""
     reports = SyncReports()
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught, CountSyncs(device=CUDA) as counter:
+    counting = CountSyncs(device=CUDA) if count else contextlib.nullcontext()
+    with warnings.catch_warnings(record=True) as caught, counting as counter:
         warnings.simplefilter("always")  # every report, not one per code location
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -191,3 +192,23 @@ def test_cuda_training_gradients_match_cpu():
     key_bias = {name for name in peak if name.endswith(".attn_k.bias")}
     assert key_bias and all(peak[name] < 1e-12 for name in key_bias), peak
     assert all(peak[name] >= 1e-3 for name in peak if name not in key_bias), peak
+
+
+def test_compiled_selection_on_cuda_keeps_the_tokens_and_waits_no_more():
+    """`compile_selection()` on a GPU (Inductor's Triton kernels): eager's kept sets, and a compiled prefill waits for
+    the device no more often than an eager one (counted without the op counter, whose dispatch mode a compiled
+    function would trace)."""
+    torch._dynamo.reset()
+    batch = on_cuda(make_batch(UNPADDED))
+    model = make_model(randomize_plugins=True).to(CUDA)
+    with torch.no_grad():
+        ref = model(**batch, use_cache=True)
+        with reported_syncs(count=False) as eager:
+            model(**batch, use_cache=True)
+        model.compile_selection()
+        model(**batch, use_cache=True)  # compiles: one graph per pruning point
+        with reported_syncs(count=False) as compiled:
+            out = model(**batch, use_cache=True)
+    assert torch.equal(out.keep_masks, ref.keep_masks)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert len(compiled) <= len(eager), (compiled, eager)
