@@ -2488,34 +2488,62 @@ class RcpLlavaModel(RcpInitMixin, RcpHubMixin, LlavaModel):
 
     def compile_selection(self, enabled=True, **compile_kwargs):
         """Compile each pruning method's token choice -- its selector's `keep`, some 180 small ops per pruning point
-        for RCP -- with `torch.compile(**compile_kwargs)` (defaults `fullgraph=True`: a graph break raises rather than
-        run part of it eagerly; `dynamic=False`: a graph per shape, whose integers -- the layer, the keep count --
-        stay constants), in inference forwards; `enabled=False` goes back to eager. Returns the model.
+        for RCP -- with `torch.compile(**compile_kwargs)` (defaults `fullgraph=True`: a graph break fails the compile
+        rather than run part of it eagerly; `dynamic=False`: a graph per shape, whose integers -- the layer, the keep
+        count -- stay constants), in inference forwards (gradients off); `enabled=False` goes back to eager, and its
+        keyword arguments are ignored. Returns the model.
 
         Why a method of its own: the rest of the pruned forward runs eagerly whatever `torch.compile(model)` does
         (its shapes follow the kept sets: `_pruned_forward`), and on a GPU at small batch sizes the host's dispatch
-        of the selection's ops takes longer than their kernels (issue 19); fused, they are a few kernels. Each new
-        prompt length or batch size compiles again (Dynamo's limits apply: past them a call runs eagerly), and the
-        kept sets are eager selection's up to the fused kernels' rounding, which can break a near tie."""
+        of the selection's ops takes longer than their kernels (issue 19); fused, they are a few kernels. The kept
+        sets are eager selection's up to the fused kernels' rounding, which can break a near tie.
+
+        Each new shape -- prompt length, batch size, and with RCP's adaptive threshold the kept counts -- compiles
+        one graph per pruning point, and a method whose `keep` cannot be compiled (a graph break in a selector of
+        your own, Dynamo's recompile limit reached: 8 graphs per function by default,
+        `torch._dynamo.config.recompile_limit`) selects eagerly from then on, with a warning naming it: the outputs
+        stay eager's. Forward hooks on the modules selection calls are traced once (those added later do not run
+        inside the compiled selection, and removed ones still do)."""
         if not isinstance(enabled, bool):
             raise TypeError(f"`enabled` must be True or False, got {enabled!r}; torch.compile's options go as "
                             "keyword arguments (e.g. `compile_selection(backend='inductor', mode='max-autotune')`).")
         if enabled:
             kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-            if kwargs != self._selection_compile_kwargs:  # other options: compile afresh
+            if kwargs != self._selection_compile_kwargs:  # a compiled function is bound to its options
                 self._selection_compile_kwargs, self._compiled_selection = kwargs, {}
         self.selection_compiled = enabled
         return self
+
+    def _compiled_keep(self, selector, ctx):
+        """`selector.keep(ctx)` through its compiled function (`compile_selection`); eagerly, with a warning, once
+        the method cannot be compiled (then never tried again: each failed attempt costs a trace)."""
+        import torch._dynamo  # noqa: F401 -- the exception classes below
+
+        compiled, cls = self._compiled_selection, type(selector)
+        if cls not in compiled:  # compiled once per method; Dynamo keeps a graph per shape under it
+            compiled[cls] = torch.compile(cls.keep, **self._selection_compile_kwargs)
+        if compiled[cls] is None:
+            return selector.keep(ctx)
+        if ctx.prefill.question_width is None:
+            # a question token among the image tokens: its slots are counted on the host (a graph break), so here
+            ctx.question_slots()
+        errors = tuple(getattr(torch._dynamo.exc, name) for name in ("TorchDynamoException", "FailOnRecompileLimitHit")
+                       if hasattr(torch._dynamo.exc, name))
+        try:
+            return compiled[cls](selector, ctx)
+        except errors as err:
+            compiled[cls] = None
+            logger.warning(f"compile_selection: {cls.__name__}.keep could not be compiled ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0][:200]}); this model selects with it eagerly from now "
+                           "on (the same outputs, without the speed-up).")
+            return selector.keep(ctx)
 
     def _select_tokens(self, selector, ctx):
         """The one call of every selection decision (profilers wrap it): (B, K) bool, the tokens kept. A selector
         of the user's that returns something else is named here (metadata only: no host sync), not deep in the
         compaction."""
         if self.selection_compiled and not ctx.prefill.differentiable and not torch.is_grad_enabled():
-            compiled, cls = self._compiled_selection, type(selector)
-            if cls not in compiled:  # compiled once per method; Dynamo keeps a graph per shape under it
-                compiled[cls] = torch.compile(cls.keep, **self._selection_compile_kwargs)
-            keep = compiled[cls](selector, ctx)
+            keep = self._compiled_keep(selector, ctx)
         else:
             keep = selector.keep(ctx)
         expected = tuple(ctx.valid.shape)

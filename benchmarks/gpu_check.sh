@@ -175,7 +175,8 @@ EOF
 # OUT_DIR/cuda_tests.txt, and a failure is said, not fatal (the table is still made).
 if "$py" -c "import pytest" 2>/dev/null; then
   tests_rc=0
-  "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py > "$out/cuda_tests.txt" 2>&1 || tests_rc=$?
+  # (at most 5 minutes: they compile Triton kernels, not yet timed on a GPU; 124 = stopped there)
+  timeout 300 "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda.py > "$out/cuda_tests.txt" 2>&1 || tests_rc=$?
   echo "gpu_check: tests/test_cuda.py exit $tests_rc: $(tail -n 1 "$out/cuda_tests.txt") ($out/cuda_tests.txt)"
 else
   echo "gpu_check: pytest is not installed here: tests/test_cuda.py not run"

@@ -9,6 +9,9 @@ import torch
 from conftest import make_batch, make_model
 from test_prefill_cost import DECODE_METHODS, PADDED
 
+from configuration_rcp_llava import PRUNING_METHODS, PruningMethod
+from modeling_rcp_llava import SELECTORS, TokenSelector, register_pruning_method
+
 
 def graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -34,11 +37,32 @@ def test_every_selector_compiles_whole_and_keeps_eager_outputs(method, compiles)
         out, tokens = model(**batch), model.generate(**batch, **kwargs)
     assert torch.equal(out.keep_masks, ref.keep_masks) and torch.equal(out.logits, ref.logits)
     assert torch.equal(tokens, ref_tokens)
-    selector = type(model.model)._select_tokens  # (the model's own, not a wrapper)
-    assert selector.__qualname__ == "RcpLlavaModel._select_tokens"
     assert len(compiles) == 1 and compiles[0][0].endswith(".keep"), compiles  # the method's keep, compiled once
     assert compiles[0][1] == {"fullgraph": True, "dynamic": False, "backend": "eager"}
-    assert graphs() >= 1  # Dynamo compiled it: not a silent eager run
+    # Dynamo compiled one graph per pruning point (not a silent eager run), and generate's prefill of the same
+    # prompt reused them
+    assert graphs() == len(model.config.pruning_points)
+    assert None not in model.model._compiled_selection.values()
+
+
+def test_the_pruning_layer_still_reuses_what_compiled_selection_computed(monkeypatch):
+    """The prior's normalised input and keys, computed inside the compiled selection, are still handed to the
+    pruning layer (its kept rows), not computed again: bitwise-equal outputs could not tell."""
+    import modeling_rcp_llava
+
+    given = []
+    prune = modeling_rcp_llava.PrunedPrefill.prune
+
+    def recorded(self, *args, **kwargs):
+        out = prune(self, *args, **kwargs)
+        given.append(sorted(self._given[1]) if self._given else None)
+        return out
+
+    monkeypatch.setattr(modeling_rcp_llava.PrunedPrefill, "prune", recorded)
+    model = make_model(randomize_plugins=True)
+    with torch.no_grad():
+        model.compile_selection(backend="eager")(**make_batch(PADDED))
+    assert graphs() == 2 and given == [["input_layernorm", "self_attn.k_proj"]] * 2
 
 
 def test_inductor_keeps_the_same_tokens():
@@ -78,6 +102,71 @@ def test_the_switch_keeps_compiled_functions_and_training_stays_eager(compiles):
     model(**batch, labels=labels).loss.backward()
     with pytest.raises(AssertionError, match="ran the compiled selection"), torch.no_grad():
         model.eval()(**batch)  # the stand-in is reached at inference: the training forward did not skip it by luck
+
+
+class _HostRead(TokenSelector):
+    """A selector of a user's own that reads a tensor on the host: a graph break, which `fullgraph=True` refuses."""
+
+    method = PruningMethod("host_read_compile_test")
+
+    def scores(self, ctx):
+        rows = ctx.valid.float().sum(1).tolist()  # the host read (of floats: Dynamo traces an integer tensor's)
+        norms = ctx.hidden.gather(1, ctx.slots.unsqueeze(-1).expand(-1, -1, ctx.hidden.shape[-1])).norm(dim=-1)
+        return norms + torch.tensor(rows, dtype=norms.dtype).unsqueeze(1) * 0
+
+
+@pytest.fixture
+def host_read_method():
+    register_pruning_method(_HostRead)
+    yield _HostRead
+    SELECTORS.pop(_HostRead.method.name, None)
+    PRUNING_METHODS.pop(_HostRead.method.name, None)
+
+
+def warned(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("compile_selection: ")]
+
+
+def test_a_selector_that_cannot_compile_selects_eagerly_with_a_warning(host_read_method, caplog):
+    batch = make_batch(PADDED)
+    model = make_model(pruning_method=host_read_method.method.name, repair_layers=[])
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        ref = model(**batch)
+        out = model.compile_selection(backend="eager")(**batch)
+        again = model(**batch)  # not traced again
+    assert torch.equal(out.logits, ref.logits) and torch.equal(again.keep_masks, ref.keep_masks)
+    assert len(warned(caplog)) == 1 and warned(caplog)[0].startswith(
+        "compile_selection: _HostRead.keep could not be compiled (Unsupported: ")
+    assert warned(caplog)[0].endswith("this model selects with it eagerly from now on (the same outputs, without the "
+                                      "speed-up).")
+    assert model.model._compiled_selection == {_HostRead: None}
+
+
+def test_past_the_recompile_limit_selection_goes_eager_with_a_warning(caplog):
+    """Each prompt shape compiles a graph per pruning point; past Dynamo's limit (`fullgraph` makes it an error)
+    the method selects eagerly, with the same outputs."""
+    model = make_model(randomize_plugins=True).compile_selection(backend="eager")
+    shapes = [[(3, 5, True), (1, 3, True)], [(2, 4, True)], [(4, 2, True)]]
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad(), caplog.at_level("WARNING"):
+        outs = [model(**make_batch(specs)) for specs in shapes]  # 2 graphs, then a third: past the limit
+        model.compile_selection(False)
+        refs = [model(**make_batch(specs)) for specs in shapes]
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out.logits, ref.logits)
+    assert len(warned(caplog)) == 1 and "(FailOnRecompileLimitHit: " in warned(caplog)[0]
+
+
+def test_a_question_token_on_the_image_compiles_too():
+    """With `question_mask` on image tokens the question's slots are counted on the host (a pruner may drop one):
+    done before the compiled selection, which then traces whole."""
+    batch = make_batch(PADDED)
+    question = batch["attention_mask"].bool() & (batch["input_ids"] != 1)  # text and image tokens alike
+    model = make_model(randomize_plugins=True)
+    with torch.no_grad():
+        ref = model(**batch, question_mask=question)
+        out = model.compile_selection(backend="eager")(**batch, question_mask=question)
+    assert torch.equal(out.logits, ref.logits) and graphs() == 2
+    assert None not in model.model._compiled_selection.values()
 
 
 def test_enabled_must_be_a_bool():

@@ -206,9 +206,13 @@ def test_compiled_selection_on_cuda_keeps_the_tokens_and_waits_no_more():
         with reported_syncs(count=False) as eager:
             model(**batch, use_cache=True)
         model.compile_selection()
+        torch._dynamo.utils.counters.clear()
         model(**batch, use_cache=True)  # compiles: one graph per pruning point
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(model.config.pruning_layers)
         with reported_syncs(count=False) as compiled:
             out = model(**batch, use_cache=True)
+    torch._dynamo.reset()
+    assert None not in model.model._compiled_selection.values()  # compiled, not fallen back to eager
     assert torch.equal(out.keep_masks, ref.keep_masks)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert len(compiled) <= len(eager), (compiled, eager)
