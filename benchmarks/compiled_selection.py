@@ -75,15 +75,7 @@ def main(argv=None):
     original = model.model._select_tokens
     spans = []
 
-    def now():
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(start, end):
-        return start.elapsed_time(end) / 1e3 if device.type == "cuda" else end - start
+    now, seconds = efficiency.device_clock(device)  # CUDA events on a GPU: no wait inside the prefill
 
     def select_tokens(selector, ctx):
         start = now()

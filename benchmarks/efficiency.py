@@ -156,6 +156,22 @@ def method_configs(preset, budgets, families=FAMILIES):
     return {name: spec for name, spec in methods.items() if name.split("-")[0] in families}
 
 
+def device_clock(device):
+    """`(now, seconds)` for timing spans on `device` without waiting for it: `now()` is a CUDA event recorded on a
+    GPU, `time.perf_counter()` on a CPU; `seconds(start, end)` the time between two readings, read once the device
+    has finished."""
+    if torch.device(device).type != "cuda":
+        # looked up at each reading, as the timer did: a stand-in clock patched in later still applies
+        return lambda: time.perf_counter(), lambda start, end: end - start
+
+    def now():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    return now, lambda start, end: start.elapsed_time(end) / 1e3
+
+
 class SelectionTimer:
     """Times one model's token selection inside its forwards, without waiting for the device: CUDA events on a GPU
     (read once the forward's own sync is done), `time.perf_counter` on a CPU.
@@ -168,22 +184,12 @@ class SelectionTimer:
     """
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
+        self._now, self._seconds = device_clock(device)
         self.reset()
 
     def reset(self):
         self.spans = []  # (start, end) per selection
         self.reused = []  # ((start, end), kept rows / all rows) per reused call
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _seconds(self, start, end):
-        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
     def wrap(self, model):
         """Time `model`'s selections from now on; returns the original `_select_tokens` (to put back)."""
@@ -736,8 +742,8 @@ def write_outputs(results, args, device, pending=(), stem=None, kernels_pending=
     kernel_column = any(r.get("prefill_kernel_ms") is not None for r in results)
     if kernel_column:
         lines[-2] += (" *GPU kernels ms*: the device's busy time in one prefill / one decode step (the profiler's "
-                      "kernel and copy times, summed; once, outside the timing): what the work costs without the "
-                      "host's dispatch; in brackets the GPU events each ran.")
+                      "kernel and copy times, summed; medians of three profiles, taken after every timing): what "
+                      "the work costs without the host's dispatch; in brackets the GPU events each ran.")
     if pending:
         lines += [f"**Incomplete**: batch sizes {', '.join(map(str, pending))} not measured yet (the run was still "
                   "going, or stopped, when this was written).", ""]

@@ -63,8 +63,8 @@ def test_reports_and_counter_see_the_same_syncs():
     assert len(reports) == 1 and reports.counter.syncs == 0
 
 
-def on_cuda(batch):
-    return {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()}
+def on_cuda(batch, device=CUDA):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def stock_prefill_syncs(batch):
@@ -172,7 +172,7 @@ def test_cuda_training_gradients_match_cpu():
         # no dropout, no logistic noise: the two devices draw different random numbers
         model = make_model(randomize_plugins=True, dtype=torch.float64, query_dropout=0.0,
                            pruner_dropout=0.0).to(device).train()
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = on_cuda(batch, device)
         loss = model(**inputs, labels=labels.to(device), gumbel_noise=False).loss
         loss.backward()
         plugins = {name: p for name, p in model.named_parameters() if ".rcp_plugins." in name}
